@@ -1,0 +1,139 @@
+"""Who is who: roles, identities, and how they are written into certificates.
+
+An identity is a role plus a name. The certificate's subject CN is derived from both
+(``dev-0042``, ``svc.attestation``, ``op.alice``, ``admin.broker``) so that the broker,
+which only sees the CN (``use_identity_as_username``), and the application, which reads the
+role from the certificate's Extended Key Usage, agree on one identity. Device ids cannot
+contain a dot; every other role's CN does, so no device can ever be named like a service.
+
+The role itself is an Extended Key Usage OID under our private arc (``2.25.<uuid>``, ITU-T
+X.667), next to ``clientAuth``/``serverAuth``; it is never guessed from the name.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final
+
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from edgeward_shared.errors import PolicyError, Reason
+
+#: Edgeward's private OID arc (2.25 = UUID-based OIDs, ITU-T X.667).
+EDGEWARD_ARC: Final = "2.25.313507548936032002923982135168017503322"
+
+
+class Role(StrEnum):
+    DEVICE = "device"
+    SERVICE = "service"
+    OPERATOR = "operator"
+    BROKER_ADMIN = "broker-admin"  # may use $CONTROL (dynamic-security) on the broker
+    BROKER = "broker"  # the broker's TLS server identity; never signs messages
+
+
+class ServiceName(StrEnum):
+    ATTESTATION = "attestation"
+    IDENTITY = "identity"
+    MODEL_DISTRIBUTION = "model-distribution"
+    INFERENCE_GATEWAY = "inference-gateway"
+    REVOCATION = "revocation"
+    TELEMETRY = "telemetry"
+
+
+ROLE_OIDS: Final[dict[Role, x509.ObjectIdentifier]] = {
+    Role.DEVICE: x509.ObjectIdentifier(f"{EDGEWARD_ARC}.1.1"),
+    Role.SERVICE: x509.ObjectIdentifier(f"{EDGEWARD_ARC}.1.2"),
+    Role.OPERATOR: x509.ObjectIdentifier(f"{EDGEWARD_ARC}.1.3"),
+    Role.BROKER_ADMIN: x509.ObjectIdentifier(f"{EDGEWARD_ARC}.1.4"),
+    Role.BROKER: x509.ObjectIdentifier(f"{EDGEWARD_ARC}.1.5"),
+}
+_OID_ROLES: Final = {oid: role for role, oid in ROLE_OIDS.items()}
+
+_CN_PREFIX: Final[dict[Role, str]] = {
+    Role.SERVICE: "svc.",
+    Role.OPERATOR: "op.",
+    Role.BROKER_ADMIN: "admin.",
+    Role.BROKER: "broker.",
+}
+DEVICE_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+NAME_RE: Final = re.compile(r"[a-z][a-z0-9-]{0,31}")
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """A principal of the system. Construct through the classmethods; they validate."""
+
+    role: Role
+    name: str
+
+    def __post_init__(self) -> None:
+        pattern = DEVICE_ID_RE if self.role is Role.DEVICE else NAME_RE
+        if not pattern.fullmatch(self.name):
+            raise ValueError(f"invalid {self.role} name {self.name!r}")
+        if self.role is Role.SERVICE and self.name not in ServiceName.__members__.values():
+            raise ValueError(f"unknown service {self.name!r}")
+
+    @classmethod
+    def device(cls, device_id: str) -> Identity:
+        return cls(Role.DEVICE, device_id)
+
+    @classmethod
+    def service(cls, name: ServiceName | str) -> Identity:
+        return cls(Role.SERVICE, str(name))
+
+    @classmethod
+    def operator(cls, name: str) -> Identity:
+        return cls(Role.OPERATOR, name)
+
+    @property
+    def common_name(self) -> str:
+        """The certificate CN, which is also the MQTT username and client id."""
+        return _CN_PREFIX.get(self.role, "") + self.name
+
+    @classmethod
+    def from_common_name(cls, role: Role, common_name: str) -> Identity:
+        """Rebuild an identity from a certificate's role and CN, checking they agree."""
+        prefix = _CN_PREFIX.get(role, "")
+        if not common_name.startswith(prefix) or (role is Role.DEVICE and "." in common_name):
+            raise PolicyError(
+                Reason.IDENTITY_INVALID, f"CN {common_name!r} does not fit role {role}"
+            )
+        try:
+            return cls(role, common_name[len(prefix) :])
+        except ValueError as exc:
+            raise PolicyError(Reason.IDENTITY_INVALID, str(exc)) from exc
+
+    def __str__(self) -> str:
+        return self.common_name
+
+
+def role_of(cert: x509.Certificate) -> Role:
+    """The one Edgeward role written in a certificate's Extended Key Usage."""
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound as exc:
+        raise PolicyError(Reason.CERT_ROLE_MISSING, "certificate has no EKU") from exc
+    roles = {_OID_ROLES[oid] for oid in eku if oid in _OID_ROLES}
+    if not roles:
+        raise PolicyError(Reason.CERT_ROLE_MISSING, "certificate carries no Edgeward role")
+    if len(roles) > 1:
+        raise PolicyError(Reason.CERT_ROLE_AMBIGUOUS, f"certificate claims {sorted(roles)}")
+    return roles.pop()
+
+
+def identity_of(cert: x509.Certificate) -> Identity:
+    """The identity a certificate names: its role (EKU) and its subject CN, checked together."""
+    cns = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    if len(cns) != 1 or not isinstance(cns[0].value, str):
+        raise PolicyError(Reason.IDENTITY_INVALID, "certificate needs exactly one CN")
+    return Identity.from_common_name(role_of(cert), cns[0].value)
+
+
+def tls_usages(role: Role) -> list[x509.ObjectIdentifier]:
+    """The standard TLS EKUs that go with a role (next to the role OID itself)."""
+    if role is Role.BROKER:
+        return [ExtendedKeyUsageOID.SERVER_AUTH]
+    return [ExtendedKeyUsageOID.CLIENT_AUTH]

@@ -1,0 +1,59 @@
+"""The base of every Edgeward message, and the registry that maps type tags to classes.
+
+A message is a frozen msgspec ``Struct`` encoded as compact JSON, tagged with its versioned
+type (``"type": "edgeward.health.ping.v1"``); unknown fields are refused. The same tag is the
+envelope's ``type`` field, so a verifier knows the class before it decodes anything, and it
+decodes nothing before the signature, signer, topic, time and replay checks have passed.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import ClassVar, Final, TypeVar
+
+import msgspec
+
+from edgeward_shared.errors import MessageError, Reason
+
+TYPE_RE: Final = re.compile(r"^edgeward\.[a-z0-9-]+(\.[a-z0-9-]+)*\.v[0-9]+$")
+
+
+class _TypeTag:
+    """``cls.TYPE``: the class's msgspec tag, i.e. its versioned wire type."""
+
+    def __get__(self, instance: object, owner: type[msgspec.Struct]) -> str:
+        tag = owner.__struct_config__.tag
+        if not isinstance(tag, str):
+            raise TypeError(f"{owner.__name__} has no message type tag")
+        return tag
+
+
+class Message(
+    msgspec.Struct,
+    frozen=True,
+    forbid_unknown_fields=True,
+    kw_only=True,
+    tag_field="type",
+):
+    """Base class; subclasses pass ``tag="edgeward.<domain>.<name>.v<N>"`` (see TYPE_RE)."""
+
+    TYPE: ClassVar[str] = _TypeTag()  # type: ignore[assignment]
+
+
+M = TypeVar("M", bound=Message)
+
+_encoder: Final = msgspec.json.Encoder()
+
+
+def encode_message(message: Message) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_message(payload: bytes, cls: type[M]) -> M:
+    """Decode ``payload`` as exactly ``cls`` (tag included); raise ``MessageError``."""
+    try:
+        return msgspec.json.decode(payload, type=cls)
+    except msgspec.ValidationError as exc:
+        raise MessageError(Reason.MESSAGE_MALFORMED, f"{cls.TYPE}: {exc}") from exc
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise MessageError(Reason.MESSAGE_MALFORMED, f"not JSON: {exc}") from exc

@@ -1,0 +1,156 @@
+"""Who may sign: chain, validity, revocation and role checks for a signer's certificate.
+
+A :class:`TrustStore` holds the trust anchors (root CAs), the known issuing CAs and the set
+of revoked serials. :meth:`TrustStore.signer` turns a leaf certificate (DER, as carried in an
+envelope) into a :class:`Signer` or raises :class:`AuthenticityError` /
+:class:`PolicyError`. Path validation is cryptography's RFC 5280 verifier; the result is
+cached per certificate fingerprint, but the validity window and the revocation set are
+checked again on every call, so a revocation takes effect on the very next message.
+
+Loading the CRL (:func:`load_crl`) verifies its signature against a known issuing CA and
+refuses an expired one: a stale CRL is a reason to fail closed, not to trust everyone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+from edgeward_shared.errors import AuthenticityError, ConfigError, EdgewardError, Reason
+from edgeward_shared.identity import Identity, Role, identity_of
+from edgeward_shared.pki.store import read_certificates
+
+#: Roles whose certificates may sign envelopes (the broker's server identity may not).
+SIGNING_ROLES = frozenset({Role.DEVICE, Role.SERVICE, Role.OPERATOR, Role.BROKER_ADMIN})
+
+
+@dataclass(frozen=True, slots=True)
+class Signer:
+    """A verified signer: who it is and the key its signatures must verify under."""
+
+    identity: Identity
+    public_key: ec.EllipticCurvePublicKey
+    kid: str
+    serial: int
+    valid_from: datetime
+    valid_until: datetime
+
+
+def kid_of(cert_der: bytes) -> str:
+    """The key id of a certificate: lowercase hex SHA-256 of its DER encoding."""
+    return hashlib.sha256(cert_der).hexdigest()
+
+
+class TrustStore:
+    def __init__(
+        self,
+        anchors: Iterable[x509.Certificate],
+        intermediates: Iterable[x509.Certificate],
+        revoked_serials: Iterable[int] = (),
+        cache_size: int = 8192,
+    ) -> None:
+        self._anchors = list(anchors)
+        if not self._anchors:
+            raise ConfigError("config.trust.empty", "a trust store needs at least one root CA")
+        self._store = Store(self._anchors)
+        self._intermediates = list(intermediates)
+        self._revoked = frozenset(revoked_serials)
+        self._cache: OrderedDict[str, Signer] = OrderedDict()
+        self._cache_size = cache_size
+
+    @classmethod
+    def from_bundle(cls, bundle: Path, crl: Path | None = None, *, now: datetime) -> TrustStore:
+        """Roots are the self-issued certificates in ``bundle``; the rest are issuing CAs."""
+        certs = read_certificates(bundle)
+        anchors = [c for c in certs if c.issuer == c.subject]
+        intermediates = [c for c in certs if c.issuer != c.subject]
+        revoked = load_crl(crl, intermediates, now=now) if crl else frozenset()
+        return cls(anchors, intermediates, revoked)
+
+    @property
+    def issuing_cas(self) -> list[x509.Certificate]:
+        return list(self._intermediates)
+
+    def set_revoked(self, serials: Iterable[int]) -> None:
+        """Replace the revoked set; takes effect on the next :meth:`signer` call."""
+        self._revoked = frozenset(serials)
+
+    def is_revoked(self, serial: int) -> bool:
+        return serial in self._revoked
+
+    def signer(self, cert_der: bytes, now: datetime, kid: str | None = None) -> Signer:
+        """Verify ``cert_der`` as a signing certificate valid at ``now``.
+
+        ``kid`` may be passed when the caller has already checked it is ``kid_of(cert_der)``.
+        """
+        kid = kid or kid_of(cert_der)
+        signer = self._cache.get(kid)
+        if signer is None:
+            signer = self._verify_chain(cert_der, kid, now)
+            self._remember(signer)
+        if not signer.valid_from <= now <= signer.valid_until:
+            raise AuthenticityError(Reason.ENVELOPE_CHAIN, "certificate outside validity")
+        if signer.serial in self._revoked:
+            raise AuthenticityError(
+                Reason.ENVELOPE_SIGNER_REVOKED, f"{signer.identity} (serial {signer.serial:x})"
+            )
+        return signer
+
+    def _remember(self, signer: Signer) -> None:
+        self._cache[signer.kid] = signer
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    def _verify_chain(self, cert_der: bytes, kid: str, now: datetime) -> Signer:
+        try:
+            leaf = x509.load_der_x509_certificate(cert_der)
+        except ValueError as exc:
+            raise AuthenticityError(Reason.ENVELOPE_CHAIN, "certificate is not DER") from exc
+        verifier = PolicyBuilder().store(self._store).time(now).build_client_verifier()
+        try:
+            chain = verifier.verify(leaf, self._intermediates).chain
+        except VerificationError as exc:
+            raise AuthenticityError(Reason.ENVELOPE_CHAIN, str(exc)) from exc
+        try:
+            identity = identity_of(leaf)
+        except EdgewardError as exc:
+            raise AuthenticityError(exc.reason, exc.detail) from exc
+        if identity.role not in SIGNING_ROLES:
+            raise AuthenticityError(Reason.TOPIC_ROLE, f"{identity.role} may not sign")
+        public_key = leaf.public_key()
+        if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(
+            public_key.curve, ec.SECP256R1
+        ):
+            raise AuthenticityError(Reason.ENVELOPE_CHAIN, "signer key is not ECDSA P-256")
+        return Signer(
+            identity=identity,
+            public_key=public_key,
+            kid=kid,
+            serial=leaf.serial_number,
+            valid_from=max(c.not_valid_before_utc for c in chain),
+            valid_until=min(c.not_valid_after_utc for c in chain),
+        )
+
+
+def load_crl(path: Path, issuers: Iterable[x509.Certificate], *, now: datetime) -> frozenset[int]:
+    """Revoked serials from the CRL at ``path``, after checking its signature and freshness."""
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError("config.crl.unreadable", f"{path}: {exc}") from exc
+    issuer = next((c for c in issuers if c.subject == crl.issuer), None)
+    pub = issuer.public_key() if issuer else None
+    if not isinstance(pub, ec.EllipticCurvePublicKey) or not crl.is_signature_valid(pub):
+        raise ConfigError("config.crl.signature", f"{path} is not signed by a known issuing CA")
+    next_update = crl.next_update_utc
+    if next_update is None or next_update < now:
+        raise ConfigError("config.crl.expired", f"{path} expired at {next_update}")
+    return frozenset(entry.serial_number for entry in crl)

@@ -1,0 +1,288 @@
+"""The service runtime: bus in, verified messages to handlers, signed messages out.
+
+A :class:`Runtime` is what every Edgeward process (service, device agent, CLI client) runs:
+
+* routes: a topic filter, the message types accepted there, and an async handler that gets
+  an :class:`~edgeward_shared.envelope.Opened` message and returns :class:`Outgoing`
+  messages. Handlers never touch the bus; the runtime signs and publishes what they return.
+* every delivery is verified (:class:`~edgeward_shared.envelope.EnvelopeVerifier`) before
+  any handler sees it; every rejection is logged with its reason id, counted in Prometheus
+  and, on a request topic, answered with a signed :class:`Rejected` so callers don't hang.
+  Authenticity failures are answered with the opaque ``envelope.rejected``.
+* :meth:`Runtime.run` connects, subscribes, dispatches with bounded concurrency inside an
+  ``asyncio.TaskGroup``, reconnects with jittered backoff when the bus fails, and on ``stop``
+  finishes the messages in flight before it returns (graceful shutdown).
+* :meth:`Runtime.request` sends a request and awaits the reply bound to it (``in_reply_to``
+  inside the signed payload: the broker cannot redirect or forge an answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from edgeward_shared.bus.base import Bus, Delivery, topic_matches
+from edgeward_shared.clock import Clock
+from edgeward_shared.envelope import (
+    DEFAULT_TTL_MS,
+    Envelope,
+    EnvelopeVerifier,
+    Opened,
+    SigningKey,
+    seal,
+)
+from edgeward_shared.errors import (
+    AuthenticityError,
+    EdgewardError,
+    MessageError,
+    TransportError,
+)
+from edgeward_shared.identity import Identity
+from edgeward_shared.logs import fields
+from edgeward_shared.messages.base import Message
+from edgeward_shared.messages.common import Rejected
+from edgeward_shared.runtime.backoff import jittered_backoff
+from edgeward_shared.runtime.metrics import RuntimeMetrics
+from edgeward_shared.topics import reply_topic
+
+log = logging.getLogger("edgeward.runtime")
+
+OPAQUE_REJECTION = "envelope.rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A message a handler wants published (signed by the runtime's identity)."""
+
+    topic: str
+    message: Message
+    retain: bool = False
+    ttl_ms: int = DEFAULT_TTL_MS
+
+
+Handler = Callable[[Opened[Any]], Awaitable[Sequence[Outgoing]]]
+Connect = Callable[[], AbstractAsyncContextManager[Bus]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    topic_filter: str  # may be "$share/<group>/..." so instances split the load
+    types: tuple[type[Message], ...]
+    handler: Handler
+
+
+class Runtime:
+    def __init__(
+        self,
+        *,
+        signing_key: SigningKey,
+        verifier: EnvelopeVerifier,
+        clock: Clock,
+        metrics: RuntimeMetrics | None = None,
+        max_in_flight: int = 64,
+    ) -> None:
+        self.signing_key = signing_key
+        self.verifier = verifier
+        self.clock = clock
+        self.metrics = metrics or RuntimeMetrics()
+        self._routes: list[Route] = []
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._bus: Bus | None = None
+        self._pending: dict[str, asyncio.Future[Opened[Any]]] = {}
+        self._served = False
+        self.ready = asyncio.Event()
+
+    @property
+    def identity(self) -> Identity:
+        return self.signing_key.identity
+
+    # ------------------------------------------------------------------ routing
+    def route(
+        self,
+        topic_filter: str,
+        types: Sequence[type[Message]],
+        handler: Handler,
+        *,
+        name: str | None = None,
+    ) -> None:
+        """Deliver messages of ``types`` arriving on ``topic_filter`` to ``handler``."""
+        self._routes.append(Route(name or topic_filter, topic_filter, tuple(types), handler))
+
+    def expect_replies(self, topic_filter: str, types: Sequence[type[Message]]) -> None:
+        """Accept replies (messages with ``in_reply_to``) to our :meth:`request` calls."""
+        self.route(topic_filter, [*types, Rejected], self._resolve_reply, name="replies")
+
+    async def _resolve_reply(self, opened: Opened[Any]) -> Sequence[Outgoing]:
+        in_reply_to = getattr(opened.message, "in_reply_to", None)
+        future = self._pending.pop(in_reply_to, None) if isinstance(in_reply_to, str) else None
+        if future is None:
+            raise MessageError("message.reply.unexpected", "reply to no pending request")
+        if not future.done():
+            future.set_result(opened)
+        return ()
+
+    # ------------------------------------------------------------------ publishing
+    def seal_outgoing(self, outgoing: Outgoing, *, mid: str | None = None) -> bytes:
+        return seal(
+            self.signing_key,
+            outgoing.topic,
+            outgoing.message,
+            now_ms=self.clock.now_ms(),
+            ttl_ms=outgoing.ttl_ms,
+            mid=mid,
+        )
+
+    async def publish(self, outgoing: Outgoing) -> None:
+        bus = self._require_bus()
+        await bus.publish(outgoing.topic, self.seal_outgoing(outgoing), retain=outgoing.retain)
+        self.metrics.published.labels(outgoing.message.TYPE).inc()
+
+    async def request(self, topic: str, message: Message, *, timeout_s: float = 5.0) -> Opened[Any]:
+        """Publish ``message`` on ``topic`` and wait for the reply bound to it."""
+        mid = secrets.token_hex(16)
+        future: asyncio.Future[Opened[Any]] = asyncio.get_running_loop().create_future()
+        self._pending[mid] = future
+        try:
+            raw = self.seal_outgoing(Outgoing(topic, message), mid=mid)
+            await self._require_bus().publish(topic, raw)
+            self.metrics.published.labels(message.TYPE).inc()
+            return await asyncio.wait_for(future, timeout_s)
+        except TimeoutError as exc:
+            raise TransportError("transport.timeout", f"no reply on {topic}") from exc
+        finally:
+            self._pending.pop(mid, None)
+
+    def _require_bus(self) -> Bus:
+        if self._bus is None:
+            raise TransportError("transport.not_connected", "the runtime is not connected")
+        return self._bus
+
+    # ------------------------------------------------------------------ receiving
+    async def handle(self, delivery: Delivery) -> None:
+        """Verify, dispatch and answer one delivery. Never raises for a bad message."""
+        route = next(
+            (r for r in self._routes if topic_matches(r.topic_filter, delivery.topic)), None
+        )
+        started = time.perf_counter()
+        if route is None:
+            self._reject(delivery, EdgewardError("topic.unrouted", delivery.topic))
+            return
+        self.metrics.received.labels(route.name).inc()
+        try:
+            opened = self.verifier.open(
+                delivery.payload, delivery.topic, route.types, now_ms=self.clock.now_ms()
+            )
+            self.metrics.accepted.labels(type(opened.message).TYPE).inc()
+            outgoing = await route.handler(opened)
+            for item in outgoing:
+                await self.publish(item)
+        except EdgewardError as exc:
+            self._reject(delivery, exc)
+            await self._answer_rejection(delivery, exc)
+        except Exception:  # a handler bug must not take the service down
+            log.exception("handler.crashed", extra=fields(route=route.name, topic=delivery.topic))
+            self.metrics.rejected.labels("handler.error").inc()
+        finally:
+            self.metrics.handler_seconds.labels(route.name).observe(time.perf_counter() - started)
+
+    def _reject(self, delivery: Delivery, exc: EdgewardError) -> None:
+        self.metrics.rejected.labels(exc.reason).inc()
+        log.warning(
+            "message.rejected",
+            extra=fields(reason=exc.reason, topic=delivery.topic, detail=exc.detail),
+        )
+
+    async def _answer_rejection(self, delivery: Delivery, exc: EdgewardError) -> None:
+        if isinstance(exc, TransportError) or self._bus is None:
+            return
+        try:
+            answer_on = reply_topic(delivery.topic)
+            mid = msgspec.json.decode(delivery.payload, type=Envelope).mid
+        except (EdgewardError, msgspec.DecodeError, UnicodeDecodeError):
+            return
+        if answer_on is None or len(mid) != 32:
+            return
+        reason = OPAQUE_REJECTION if isinstance(exc, AuthenticityError) else exc.reason
+        try:
+            await self.publish(Outgoing(answer_on, Rejected(in_reply_to=mid, reason=reason)))
+        except (EdgewardError, msgspec.ValidationError):
+            log.warning("rejection.unanswered", extra=fields(topic=delivery.topic))
+
+    # ------------------------------------------------------------------ running
+    async def serve(self, bus: Bus, stop: asyncio.Event) -> None:
+        """Subscribe and dispatch on one connected bus until ``stop`` or the bus fails."""
+        self._bus = bus
+        try:
+            for topic_filter in dict.fromkeys(r.topic_filter for r in self._routes):
+                await bus.subscribe(topic_filter)
+            self.metrics.connected.set(1)
+            self._served = True
+            self.ready.set()
+            async with asyncio.TaskGroup() as group:
+                consumer = group.create_task(self._consume(bus.deliveries(), group))
+                stopper = group.create_task(stop.wait())
+                await asyncio.wait({consumer, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                consumer.cancel()
+                stopper.cancel()
+        finally:
+            self.ready.clear()
+            self.metrics.connected.set(0)
+            self._bus = None
+
+    async def _consume(self, deliveries: AsyncIterator[Delivery], group: asyncio.TaskGroup) -> None:
+        async for delivery in deliveries:
+            await self._slots.acquire()
+            task = group.create_task(self.handle(delivery))
+            task.add_done_callback(lambda _t: self._slots.release())
+        raise TransportError("transport.lost", "the bus closed the connection")
+
+    async def run(
+        self,
+        connect: Connect,
+        stop: asyncio.Event,
+        *,
+        backoff: Callable[[], Iterator[float]] = jittered_backoff,
+    ) -> None:
+        """Serve until ``stop`` is set, reconnecting with jittered backoff on bus failures."""
+        delays = backoff()
+        while not stop.is_set():
+            self._served = False
+            failure = await self._connect_and_serve(connect, stop)
+            if failure is None:
+                continue
+            if self._served:  # we were up: start the backoff sequence again
+                delays = backoff()
+            self.metrics.reconnects.inc()
+            delay = next(delays)
+            log.warning(
+                "bus.disconnected",
+                extra=fields(reason=failure.reason, detail=failure.detail, retry_in_s=delay),
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+
+    async def _connect_and_serve(
+        self, connect: Connect, stop: asyncio.Event
+    ) -> TransportError | None:
+        failure: TransportError | None = None
+        try:
+            async with connect() as bus:
+                await self.serve(bus, stop)
+        except* TransportError as group:
+            failure = _first_leaf(group)
+        return failure
+
+
+def _first_leaf(group: BaseExceptionGroup[TransportError]) -> TransportError:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first

@@ -1,0 +1,42 @@
+"""The one place TLS contexts are built (client side; the broker's side is its config).
+
+TLS 1.2 is the floor, the server is authenticated against our CA bundle (and by name), and
+the client presents its certificate chain. Private keys are read from 0600 files; a key file
+readable by group or others is refused, since the key it holds must be presumed copied.
+"""
+
+from __future__ import annotations
+
+import ssl
+import stat
+from pathlib import Path
+
+from edgeward_shared.errors import ConfigError
+from edgeward_shared.pki.store import IdentityFiles
+
+
+def check_key_permissions(path: Path) -> None:
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError as exc:
+        raise ConfigError("config.key.missing", f"no private key at {path}") from exc
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            "config.key.permissions",
+            f"{path} is accessible by group/others (mode {stat.S_IMODE(mode):o}); chmod 600 it",
+        )
+
+
+def client_context(ca_bundle: Path, identity: IdentityFiles) -> ssl.SSLContext:
+    """An mTLS client context: verify the broker, present ``identity``'s chain."""
+    check_key_permissions(identity.key)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = True
+    context.verify_mode = ssl.CERT_REQUIRED
+    try:
+        context.load_verify_locations(cafile=str(ca_bundle))
+        context.load_cert_chain(certfile=str(identity.chain), keyfile=str(identity.key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("config.tls.unusable", f"cannot load TLS material: {exc}") from exc
+    return context

@@ -1,0 +1,246 @@
+"""The MQTT topic tree: building, parsing, and who may publish or read what.
+
+This module is the single source of the topic scheme. The broker ACL
+(:mod:`edgeward_shared.broker.acl`) and the envelope's signer authorization
+(:func:`authorize_signer`) are both derived from the tables below, so the first wall (the
+broker) and the second (end-to-end signatures) cannot disagree.
+
+Tree (``ew/v1`` is the versioned root)::
+
+    ew/v1/dev/<device-id>/up/<channel>      device -> cloud   (device writes only its own)
+    ew/v1/dev/<device-id>/down/<channel>    cloud  -> device  (writers depend on the channel)
+    ew/v1/svc/<service>/evt/<kind>          events a service publishes for other services
+    ew/v1/svc/<service>/req/<caller-cn>     requests to a service (operator or service caller)
+    ew/v1/svc/<service>/rsp/<caller-cn>     the service's responses to that caller
+    ew/v1/fleet/<kind>[/<item>]             fleet-wide, retained, one owning service per kind
+
+Topic levels that carry identities are validated with the identity rules, so no level can
+contain ``+``, ``#``, ``/`` or a NUL, and a device id never contains a dot.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final
+
+from edgeward_shared.errors import PolicyError, Reason
+from edgeward_shared.identity import DEVICE_ID_RE, Identity, Role, ServiceName
+
+ROOT: Final = "ew/v1"
+MAX_TOPIC_BYTES: Final = 256
+_KIND_RE: Final = re.compile(r"[a-z][a-z0-9-]{0,31}")
+_ITEM_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+class Direction(StrEnum):
+    UP = "up"  # device -> cloud
+    DOWN = "down"  # cloud -> device
+
+
+class Channel(StrEnum):
+    """The kinds of traffic in a device's subtree."""
+
+    HEALTH = "health"  # ping / pong liveness, any service or operator
+    ENROLL = "enroll"  # enrollment and credential activation (attestation service)
+    ATTEST = "attest"  # challenges and quotes (attestation service)
+    CERT = "cert"  # certificate issuance and rotation (identity service)
+    MODEL = "model"  # metadata, chunks, key release (model-distribution service)
+    INFER = "infer"  # inference requests and signed results (inference-gateway)
+    COMMAND = "cmd"  # operators' signed commands down, devices' signed receipts up
+    TELEMETRY = "telemetry"  # device telemetry up (telemetry service)
+
+
+class FleetKind(StrEnum):
+    """Fleet-wide retained topics, each owned (written) by exactly one service."""
+
+    REVOCATIONS = "revocations"
+    TRUST = "trust"
+    MODELS = "models"
+    POLICY = "policy"
+
+
+_ALL_SERVICES: Final = frozenset(Identity.service(s) for s in ServiceName)
+_S = Identity.service
+#: Who may publish to ``down/<channel>`` (beside the role-wide OPERATOR entry).
+CHANNEL_WRITERS: Final[dict[Channel, frozenset[Identity | Role]]] = {
+    Channel.HEALTH: _ALL_SERVICES | {Role.OPERATOR},
+    Channel.ENROLL: frozenset({_S(ServiceName.ATTESTATION)}),
+    Channel.ATTEST: frozenset({_S(ServiceName.ATTESTATION)}),
+    Channel.CERT: frozenset({_S(ServiceName.IDENTITY)}),
+    Channel.MODEL: frozenset({_S(ServiceName.MODEL_DISTRIBUTION)}),
+    Channel.INFER: frozenset({_S(ServiceName.INFERENCE_GATEWAY)}),
+    Channel.COMMAND: frozenset({Role.OPERATOR}),
+    Channel.TELEMETRY: frozenset({_S(ServiceName.TELEMETRY)}),
+}
+#: Who may read ``up/<channel>`` from every device.
+CHANNEL_READERS: Final[dict[Channel, frozenset[Identity | Role]]] = {
+    Channel.HEALTH: _ALL_SERVICES | {Role.OPERATOR},
+    Channel.ENROLL: frozenset({_S(ServiceName.ATTESTATION)}),
+    Channel.ATTEST: frozenset({_S(ServiceName.ATTESTATION)}),
+    Channel.CERT: frozenset({_S(ServiceName.IDENTITY)}),
+    Channel.MODEL: frozenset({_S(ServiceName.MODEL_DISTRIBUTION)}),
+    Channel.INFER: frozenset({_S(ServiceName.INFERENCE_GATEWAY)}),
+    Channel.COMMAND: frozenset({_S(ServiceName.TELEMETRY), Role.OPERATOR}),
+    Channel.TELEMETRY: frozenset({_S(ServiceName.TELEMETRY)}),
+}
+FLEET_OWNERS: Final[dict[FleetKind, Identity]] = {
+    FleetKind.REVOCATIONS: _S(ServiceName.REVOCATION),
+    FleetKind.TRUST: _S(ServiceName.IDENTITY),
+    FleetKind.MODELS: _S(ServiceName.MODEL_DISTRIBUTION),
+    FleetKind.POLICY: _S(ServiceName.ATTESTATION),
+}
+
+
+# ------------------------------------------------------------------------------------ build
+def device_topic(device_id: str, direction: Direction, channel: Channel) -> str:
+    Identity.device(device_id)  # validates
+    return f"{ROOT}/dev/{device_id}/{direction}/{channel}"
+
+
+def service_event_topic(service: ServiceName, kind: str) -> str:
+    _check_kind(kind)
+    return f"{ROOT}/svc/{service}/evt/{kind}"
+
+
+def service_request_topic(service: ServiceName, caller: Identity) -> str:
+    _check_caller(caller)
+    return f"{ROOT}/svc/{service}/req/{caller.common_name}"
+
+
+def service_response_topic(service: ServiceName, caller: Identity) -> str:
+    _check_caller(caller)
+    return f"{ROOT}/svc/{service}/rsp/{caller.common_name}"
+
+
+def fleet_topic(kind: FleetKind, item: str | None = None) -> str:
+    if item is None:
+        return f"{ROOT}/fleet/{kind}"
+    if not _ITEM_RE.fullmatch(item):
+        raise ValueError(f"invalid fleet item {item!r}")
+    return f"{ROOT}/fleet/{kind}/{item}"
+
+
+def shared_subscription(group: str, topic_filter: str) -> str:
+    """An MQTT v5 shared subscription, so several instances of a service split the load."""
+    _check_kind(group)
+    return f"$share/{group}/{topic_filter}"
+
+
+def _check_kind(kind: str) -> None:
+    if not _KIND_RE.fullmatch(kind):
+        raise ValueError(f"invalid topic kind {kind!r}")
+
+
+def _check_caller(caller: Identity) -> None:
+    if caller.role not in (Role.SERVICE, Role.OPERATOR):
+        raise ValueError(f"{caller} cannot call services")
+
+
+# ------------------------------------------------------------------------------------ parse
+@dataclass(frozen=True, slots=True)
+class DeviceTopic:
+    device_id: str
+    direction: Direction
+    channel: Channel
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceTopic:
+    service: ServiceName
+    verb: str  # "evt" | "req" | "rsp"
+    last: str  # event kind, or caller CN for req/rsp
+
+
+@dataclass(frozen=True, slots=True)
+class FleetTopic:
+    kind: FleetKind
+    item: str | None
+
+
+Topic = DeviceTopic | ServiceTopic | FleetTopic
+
+
+def parse_topic(topic: str) -> Topic:
+    """Parse a concrete (wildcard-free) topic, or raise ``PolicyError(topic.invalid)``."""
+    if len(topic.encode()) > MAX_TOPIC_BYTES or "\x00" in topic:
+        raise PolicyError(Reason.TOPIC_INVALID, "topic too long or contains NUL")
+    parts = topic.split("/")
+    if parts[:2] != ROOT.split("/") or len(parts) < 4:
+        raise PolicyError(Reason.TOPIC_INVALID, f"not an Edgeward topic: {topic!r}")
+    try:
+        return _parse_levels(parts[2:])
+    except (ValueError, KeyError) as exc:
+        raise PolicyError(Reason.TOPIC_INVALID, f"unparseable topic {topic!r}") from exc
+
+
+def _parse_levels(levels: list[str]) -> Topic:
+    match levels:
+        case ["dev", device_id, direction, channel] if DEVICE_ID_RE.fullmatch(device_id):
+            return DeviceTopic(device_id, Direction(direction), Channel(channel))
+        case ["svc", service, "evt" | "req" | "rsp" as verb, last]:
+            if verb == "evt":
+                _check_kind(last)
+            return ServiceTopic(ServiceName(service), verb, last)
+        case ["fleet", kind]:
+            return FleetTopic(FleetKind(kind), None)
+        case ["fleet", kind, item] if _ITEM_RE.fullmatch(item):
+            return FleetTopic(FleetKind(kind), item)
+    raise ValueError("no topic form matches")
+
+
+# ------------------------------------------------------------------------- authorization
+def _allowed(who: Identity, principals: frozenset[Identity | Role]) -> bool:
+    return who in principals or who.role in principals
+
+
+def authorize_signer(topic: str, signer: Identity) -> None:
+    """Raise ``PolicyError`` unless ``signer`` may sign a message for ``topic``.
+
+    This mirrors the broker ACL's write side, one level stricter: it binds the signer's
+    identity (not only its connection) to the topic.
+    """
+    parsed = parse_topic(topic)
+    match parsed:
+        case DeviceTopic(device_id, Direction.UP, _):
+            _require_role(signer, Role.DEVICE, topic)
+            if signer.name != device_id:
+                raise PolicyError(Reason.TOPIC_IDENTITY, f"{signer} signed for device {device_id}")
+        case DeviceTopic(_, Direction.DOWN, channel):
+            if not _allowed(signer, CHANNEL_WRITERS[channel]):
+                raise PolicyError(Reason.TOPIC_ROLE, f"{signer} may not send {channel}")
+        case ServiceTopic(service, "req", caller):
+            _check_caller_identity(signer, caller)
+        case ServiceTopic(service, _, _):
+            if signer != Identity.service(service):
+                raise PolicyError(Reason.TOPIC_IDENTITY, f"{signer} is not {service}")
+        case FleetTopic(kind, _):
+            if signer != FLEET_OWNERS[kind]:
+                raise PolicyError(Reason.TOPIC_ROLE, f"{signer} does not own fleet/{kind}")
+
+
+def _require_role(signer: Identity, role: Role, topic: str) -> None:
+    if signer.role is not role:
+        raise PolicyError(Reason.TOPIC_ROLE, f"{signer} ({signer.role}) on {topic}")
+
+
+def _check_caller_identity(signer: Identity, caller_cn: str) -> None:
+    if signer.role not in (Role.SERVICE, Role.OPERATOR):
+        raise PolicyError(Reason.TOPIC_ROLE, f"{signer} cannot call services")
+    if signer.common_name != caller_cn:
+        raise PolicyError(Reason.TOPIC_IDENTITY, f"{signer} wrote in {caller_cn}'s name")
+
+
+def reply_topic(topic: str) -> str | None:
+    """Where the answer to a request received on ``topic`` goes, if it is a request topic.
+
+    A device answers on the same channel of its ``up`` subtree; a service answers the caller
+    on its ``rsp/<caller-cn>`` topic. Events and fleet topics have no reply.
+    """
+    match parse_topic(topic):
+        case DeviceTopic(device_id, Direction.DOWN, channel):
+            return f"{ROOT}/dev/{device_id}/{Direction.UP}/{channel}"
+        case ServiceTopic(service, "req", caller):
+            return f"{ROOT}/svc/{service}/rsp/{caller}"
+    return None
