@@ -91,7 +91,9 @@ def test_operator_may_command_and_roles_can_narrow_further(
 ) -> None:
     operator = memory_pki.signing_key(Identity.operator("alice"))
     raw = _sealed(operator, clock, topic=CMD)
-    assert verifier.open(raw, CMD, [Ping], now_ms=clock.now_ms()).signer.identity.role is Role.OPERATOR
+    assert (
+        verifier.open(raw, CMD, [Ping], now_ms=clock.now_ms()).signer.identity.role is Role.OPERATOR
+    )
     with pytest.raises(AuthenticityError, match="role"):
         verifier.open(
             _sealed(operator, clock, topic=CMD),

@@ -1,0 +1,41 @@
+# Edgeward: thin, self-documenting targets over uv. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+UV_VENV ?= $(HOME)/.cache/edgeward/uv
+export PATH := $(UV_VENV)/bin:$(PATH)
+
+.PHONY: help bootstrap demo test lint typecheck unit integration bench acl clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}'
+
+bootstrap: ## Install system packages, uv and the locked environment (idempotent)
+	@scripts/bootstrap.sh
+
+demo: bootstrap ## Run the demo: fresh PKI, real mosquitto, signed round trip, forged messages
+	uv run edgeward demo
+
+test: bootstrap lint typecheck ## Everything CI runs: lint, types, all tests with coverage
+	uv run pytest --cov --cov-report=term -q
+
+lint: bootstrap ## ruff check + format check
+	uv run ruff check .
+	uv run ruff format --check .
+
+typecheck: bootstrap ## mypy --strict over product code
+	uv run mypy
+
+unit: bootstrap ## Fast tests only (no broker)
+	uv run pytest -q tests/unit tests/property
+
+integration: bootstrap ## Tests against the real mosquitto
+	uv run pytest -q -m broker
+
+bench: bootstrap ## Run every benchmark in bench/ (prints figures, writes bench/results/*.json)
+	@for script in bench/bench_*.py; do echo "## $$script"; uv run python "$$script" || exit 1; done
+
+acl: bootstrap ## Regenerate the committed reference ACL in mosquitto/ from the topic scheme
+	uv run python -c "from edgeward_shared.broker.acl import render_acl; import sys; sys.stdout.write(render_acl())" > mosquitto/edgeward.acl
+
+clean: ## Remove caches and run directories
+	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis .coverage run demo-run bench/results/*.json

@@ -1,0 +1,45 @@
+"""``edgeward``: the operator's command line.
+
+Every sub-command explains itself with ``--help``. Errors are printed as one readable line
+with the reason id and what to do; the exit status is 1 for an Edgeward error, 2 for usage.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from edgeward_cli.broker_cmds import broker
+from edgeward_cli.demo import demo
+from edgeward_cli.pki_cmds import pki
+from edgeward_shared.errors import EdgewardError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="edgeward-cli")
+def cli() -> None:
+    """Edgeward: zero-trust AI inference for edge devices.
+
+    Start with `edgeward demo` to see the signed fabric work on this machine, or
+    `edgeward pki dev-setup` to create a development PKI.
+    """
+
+
+cli.add_command(pki)
+cli.add_command(broker)
+cli.add_command(demo)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except EdgewardError as exc:
+        click.secho(f"error: {exc.diagnostics()}", fg="red", err=True)
+        sys.exit(1)

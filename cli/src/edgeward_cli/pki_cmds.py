@@ -1,0 +1,189 @@
+"""``edgeward pki``: create and run the development/offline PKI on disk."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import click
+
+from edgeward_shared.identity import Identity, Role, ServiceName
+from edgeward_shared.pki.store import PkiStore
+
+DEFAULT_PKI = Path(os.environ.get("EDGEWARD_PKI", "pki"))
+LIFETIMES = {
+    Role.DEVICE: timedelta(days=7),
+    Role.SERVICE: timedelta(days=90),
+    Role.OPERATOR: timedelta(days=30),
+    Role.BROKER_ADMIN: timedelta(days=30),
+    Role.BROKER: timedelta(days=365),
+}
+
+pki_dir_option = click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_PKI,
+    show_default=True,
+    help="PKI directory (env EDGEWARD_PKI).",
+)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@click.group()
+def pki() -> None:
+    """Certificate authority: root and issuing CA, identities, CRL.
+
+    Every certificate carries its role (device, service, operator, broker-admin, broker)
+    in its Extended Key Usage, and every private key is written 0600.
+    """
+
+
+@pki.command()
+@pki_dir_option
+@click.option("--org", default="Edgeward", show_default=True, help="Organisation in subjects.")
+@click.option(
+    "--root-passphrase-env",
+    metavar="VAR",
+    help="Encrypt the root CA key with the passphrase in this environment variable.",
+)
+def init(directory: Path, org: str, root_passphrase_env: str | None) -> None:
+    """Create an offline root CA, an online issuing CA (ECDSA P-256) and an empty CRL."""
+    passphrase = None
+    if root_passphrase_env:
+        value = os.environ.get(root_passphrase_env)
+        if not value:
+            raise click.UsageError(f"environment variable {root_passphrase_env} is empty")
+        passphrase = value.encode()
+    store = PkiStore(directory, org)
+    store.init(_now(), passphrase)
+    click.echo(f"created root and issuing CA in {directory}")
+    click.echo(f"move {directory / 'root' / 'ca.key'} offline: only new issuing CAs need it")
+
+
+@pki.command()
+@pki_dir_option
+@click.argument("role", type=click.Choice([r.value for r in Role]))
+@click.argument("name")
+@click.option("--hours", type=click.IntRange(1), help="Lifetime in hours (default by role).")
+@click.option("--host", "hosts", multiple=True, help="Broker host name or IP (repeatable).")
+def issue(directory: Path, role: str, name: str, hours: int | None, hosts: tuple[str, ...]) -> None:
+    """Issue a key and certificate for ROLE NAME.
+
+    \b
+    Examples:
+      edgeward pki issue device dev-0001
+      edgeward pki issue service attestation
+      edgeward pki issue operator alice --hours 8
+      edgeward pki issue broker local --host 127.0.0.1 --host localhost
+    """
+    identity = _identity(Role(role), name)
+    lifetime = timedelta(hours=hours) if hours else LIFETIMES[identity.role]
+    files = PkiStore(directory).issue(identity, _now(), lifetime, hosts)
+    click.echo(f"issued {identity.common_name} ({identity.role}) -> {files.directory}")
+
+
+def _identity(role: Role, name: str) -> Identity:
+    try:
+        return Identity(role, name)
+    except ValueError as exc:
+        names = ", ".join(s.value for s in ServiceName)
+        hint = f" (services: {names})" if role is Role.SERVICE else ""
+        raise click.BadParameter(f"{exc}{hint}", param_hint="NAME") from exc
+
+
+@pki.command()
+@pki_dir_option
+@click.option("--serial", help="Serial number in hex, as `pki list` shows it.")
+@click.option("--cn", "common_name", help="Revoke every certificate issued to this CN.")
+@click.option("--reason", required=True, help="Why (kept in the PKI's state).")
+def revoke(directory: Path, serial: str | None, common_name: str | None, reason: str) -> None:
+    """Revoke certificates and reissue the CRL (then reload the broker)."""
+    if (serial is None) == (common_name is None):
+        raise click.UsageError("give exactly one of --serial or --cn")
+    store = PkiStore(directory)
+    serials = (
+        [int(serial, 16)]
+        if serial
+        else [r.serial for r in store.issued() if r.common_name == common_name]
+    )
+    if not serials:
+        raise click.UsageError(f"no certificate was issued to {common_name}")
+    for number in serials:
+        changed = store.revoke(number, _now(), reason)
+        click.echo(f"{'revoked' if changed else 'already revoked'}: {number:x}")
+    click.echo(f"CRL rewritten: {store.crl_path} (run `edgeward broker reload` or SIGHUP it)")
+
+
+@pki.command()
+@pki_dir_option
+@click.option("--days", type=click.IntRange(1, 30), default=7, show_default=True)
+def crl(directory: Path, days: int) -> None:
+    """Reissue the CRL (an expired CRL locks every client out of the broker)."""
+    number = PkiStore(directory).write_crl(_now(), timedelta(days=days))
+    click.echo(f"CRL #{number} valid for {days} days")
+
+
+@pki.command(name="list")
+@pki_dir_option
+def list_(directory: Path) -> None:
+    """List issued certificates and whether they are revoked or expired."""
+    store = PkiStore(directory)
+    revoked = store.revoked_serials()
+    now = _now()
+    click.echo(f"{'serial':<42} {'identity':<28} {'role':<13} {'not after':<20} state")
+    for record in store.issued():
+        state = (
+            "revoked"
+            if record.serial in revoked
+            else "expired"
+            if record.not_after < now
+            else "valid"
+        )
+        click.echo(
+            f"{record.serial:<42x} {record.common_name:<28} {record.role:<13} "
+            f"{record.not_after:%Y-%m-%d %H:%M}Z    {state}"
+        )
+
+
+def dev_identities(devices: int, operator: str) -> list[Identity]:
+    """What a development deployment needs: broker, admin, operator, services, devices."""
+    return [
+        Identity(Role.BROKER, "local"),
+        Identity(Role.BROKER_ADMIN, "broker"),
+        Identity.operator(operator),
+        *(Identity.service(s) for s in ServiceName),
+        *(Identity.device(f"dev-{i:04d}") for i in range(1, devices + 1)),
+    ]
+
+
+def create_dev_pki(
+    directory: Path, identities: Iterable[Identity], now: datetime | None = None
+) -> PkiStore:
+    """Create (or extend) a PKI in ``directory`` and issue every identity in it."""
+    store = PkiStore(directory)
+    now = now or _now()
+    if not store.exists():
+        store.init(now)
+    for identity in identities:
+        hosts = ("127.0.0.1", "localhost") if identity.role is Role.BROKER else ()
+        store.issue(identity, now, LIFETIMES[identity.role], hosts)
+    return store
+
+
+@pki.command(name="dev-setup")
+@pki_dir_option
+@click.option("--devices", type=click.IntRange(0, 10_000), default=3, show_default=True)
+@click.option("--operator", default="admin", show_default=True)
+def dev_setup(directory: Path, devices: int, operator: str) -> None:
+    """One step for development: CAs, broker, all services, an operator, the broker
+    admin and DEVICES device certificates (dev-0001, ...)."""
+    identities = dev_identities(devices, operator)
+    with click.progressbar(identities, label="issuing", show_pos=True) as bar:
+        create_dev_pki(directory, bar)
+    click.echo(f"development PKI ready in {directory} ({len(identities)} identities)")

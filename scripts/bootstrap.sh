@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Prepare a fresh Debian/Ubuntu machine for Edgeward: system packages, uv, the project venv.
+# Idempotent and quiet when everything is already there. Used by `make demo` and `make test`.
+set -euo pipefail
+
+APT_PACKAGES=(mosquitto mosquitto-clients openssl ca-certificates python3 python3-venv make)
+UV_VENV="${EDGEWARD_UV_VENV:-$HOME/.cache/edgeward/uv}"
+
+say() { printf '[bootstrap] %s\n' "$*" >&2; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+        || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    say "installing system packages: ${missing[*]}"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null
+fi
+
+# uv: from PyPI into a private venv (a system pip on Debian 12 refuses, PEP 668).
+if ! command -v uv >/dev/null 2>&1; then
+    if [ ! -x "$UV_VENV/bin/uv" ]; then
+        say "installing uv into $UV_VENV"
+        python3 -m venv "$UV_VENV"
+        "$UV_VENV/bin/pip" install --quiet --disable-pip-version-check "uv>=0.8"
+    fi
+    export PATH="$UV_VENV/bin:$PATH"
+fi
+
+say "syncing the project environment (uv.lock)"
+uv sync --locked --all-packages --quiet
