@@ -1,0 +1,130 @@
+"""Service state in a database: SQLite by default, PostgreSQL for a fleet, same service code.
+
+This package owns the storage contract (:mod:`.base`), the SQLite engine (:mod:`.sqlite`)
+and schema migrations (:mod:`.migrations`). What to store, and the SQL, belongs to each
+service (its ``store.py``); which engine to open belongs to its ``__main__``.
+
+Using it::
+
+    db = await SqliteDatabase.open(state_dir / "attestation.db")
+    await migrate(db, component="attestation", migrations=MIGRATIONS)
+    async with db.transaction() as tx:
+        if await tx.execute(
+            "INSERT INTO nonces (nonce, device_id, expires_at) VALUES (:n, :d, :e)"
+            " ON CONFLICT (nonce) DO NOTHING",
+            {"n": nonce, "d": device_id, "e": expires_at},
+        ) == 0:
+            ...  # already used
+    await db.close()
+
+Tests of services use ``await SqliteDatabase.open(":memory:")``: the real engine, private to
+the test and fast, with the same transactions, constraints and errors. No fake is needed.
+
+The portable SQL subset
+-----------------------
+
+Service SQL must run unchanged on SQLite (3.35+) and PostgreSQL (12+):
+
+- One statement per call, named parameters ``:name`` only (no ``?``, ``$1``, ``%s``), never
+  SQL built from values. Do not write ``::`` casts or ``%`` signs; keep ``:word`` out of
+  string literals (the PostgreSQL backend rewrites ``:name`` to ``%(name)s``).
+- Column types: ``BIGINT`` (64-bit integers), ``TEXT`` (UTF-8, no NUL), ``BLOB`` (bytes),
+  ``BOOLEAN`` (``bool`` in and out), ``DOUBLE PRECISION`` (``float``, no NaN). Times are
+  ``BIGINT`` (e.g. Unix seconds or nanoseconds from the injected clock) or ISO 8601 ``TEXT``;
+  no ``TIMESTAMP``/``DATE``/``NUMERIC``/``SERIAL``/``AUTOINCREMENT``: ids come from the
+  application (random or content-derived), or ``max(...) + 1`` inside the transaction.
+- Constraints: ``PRIMARY KEY``, ``UNIQUE``, ``NOT NULL``, ``CHECK``, ``REFERENCES ... ON
+  DELETE CASCADE``, ``DEFAULT <literal>``; ``CREATE [UNIQUE] INDEX IF NOT EXISTS``,
+  ``CREATE TABLE IF NOT EXISTS``, ``ALTER TABLE ... ADD COLUMN``.
+- Statements: ``SELECT`` with joins, ``WHERE``, ``GROUP BY``, ``ORDER BY``, ``LIMIT``,
+  ``OFFSET``, ``WITH [RECURSIVE]``; ``INSERT``, ``UPDATE``, ``DELETE``, ``RETURNING``;
+  ``INSERT ... ON CONFLICT (cols) DO NOTHING`` and ``... DO UPDATE SET c = excluded.c``.
+  Literals ``TRUE``/``FALSE``/``NULL``.
+- Functions: ``count``, ``min``, ``max``, ``coalesce``, ``length`` (of TEXT), ``abs``. Not
+  ``sum``/``avg`` (PostgreSQL returns NUMERIC), not ``lower``/``upper``/``LIKE``/``GLOB``
+  (case rules differ beyond ASCII), no ``datetime()``, ``strftime()``, ``now()``,
+  ``CURRENT_TIMESTAMP``, ``random()``, ``INSERT OR REPLACE``, ``rowid``, ``PRAGMA``,
+  ``STRICT`` tables. ``OFFSET`` only after ``LIMIT``.
+- Alias every expression and any column name a join repeats (``SELECT count(*) AS n``):
+  rows are keyed by column name, and a repeated name is refused.
+- A statement that raises spoils its transaction (PostgreSQL aborts it; SQLite is made to
+  behave the same): leave the block. Use ``ON CONFLICT`` rather than catching
+  :class:`ConstraintError`.
+- Known gaps the SQLite engine cannot catch: it stores a ``str`` in a ``BIGINT`` column
+  where PostgreSQL refuses it (keep values typed), and a boolean *expression* selected as a
+  value (``SELECT a = b AS same``) comes back as ``0``/``1`` (select BOOLEAN columns, or
+  compare in Python).
+
+Adding PostgreSQL (design; not implemented)
+-------------------------------------------
+
+``PostgresDatabase`` in ``storage/postgres.py`` implements the same :class:`Database`
+protocol on ``psycopg_pool.AsyncConnectionPool`` (psycopg 3, ``psycopg[binary,pool]``
+declared by the services that need it, or an extra of this package):
+
+- ``open(conninfo, *, min_size, max_size, acquire_timeout, statement_timeout)`` opens the
+  pool with ``timeout=acquire_timeout`` (waiting for a connection raises
+  ``storage.busy``), ``options='-c statement_timeout=<ms>'`` (``storage.timeout``) and mTLS
+  (``sslmode=verify-full``, client certificate from the service's identity).
+- ``transaction()`` is ``pool.connection()`` then ``conn.transaction()`` at isolation
+  ``SERIALIZABLE``, so concurrent transactions keep the guarantee SQLite's single writer
+  gives; a serialization failure (SQLSTATE 40001) or deadlock (40P01) is retried a bounded
+  number of times by the backend before it surfaces as ``storage.busy``, so the body must
+  be safe to run again (it is: it only touches ``tx``). Many transactions now run at once,
+  across instances: nothing may assume a process-wide lock.
+- ``Transaction`` wraps an ``AsyncCursor``: ``:name`` becomes ``%(name)s`` by a small
+  tokenizer that skips quoted strings and doubles literal ``%``; ``execute`` returns
+  ``cursor.rowcount``; rows come from ``row_factory=dict_row``. ``bytes`` maps to ``bytea``,
+  ``bool`` to ``boolean``, ``int`` to ``bigint``.
+- Text order: SQLite compares TEXT bytewise; the PostgreSQL database is created with
+  ``LC_COLLATE=C`` (``initdb --locale=C`` or ``CREATE DATABASE ... TEMPLATE template0
+  LOCALE 'C'``), so ``ORDER BY``, ``min``/``max`` and unique keys agree.
+- DDL types: on first use the backend runs ``CREATE DOMAIN blob AS bytea`` if it is missing,
+  so ``BLOB`` columns work unchanged (PostgreSQL reports a domain's base type, so values
+  come back as ``bytes``).
+- Errors: SQLSTATE class 23 becomes :class:`ConstraintError`; classes 42 and 22
+  :class:`StatementError`; 08, 53, 57 and pool timeouts ``TransportError``
+  (``storage.unavailable`` / ``storage.busy`` / ``storage.timeout``); 28 (authorization)
+  ``ConfigError``.
+- :func:`migrate` works unchanged: its claim row (``ON CONFLICT DO NOTHING``) makes a
+  second instance wait and then skip, and PostgreSQL DDL is transactional.
+
+Nothing in :class:`Database` or :class:`Transaction` names SQLite: no ``rowid``, no
+``lastrowid``, no pragmas, no cursor, no connection object.
+"""
+
+from edgeward_shared.storage.base import (
+    NO_PARAMS,
+    ConstraintError,
+    Database,
+    Params,
+    Row,
+    StatementError,
+    StorageReason,
+    Transaction,
+    Value,
+)
+from edgeward_shared.storage.migrations import (
+    Migration,
+    MigrationResult,
+    migrate,
+    schema_version,
+)
+from edgeward_shared.storage.sqlite import SqliteDatabase
+
+__all__ = [
+    "NO_PARAMS",
+    "ConstraintError",
+    "Database",
+    "Migration",
+    "MigrationResult",
+    "Params",
+    "Row",
+    "SqliteDatabase",
+    "StatementError",
+    "StorageReason",
+    "Transaction",
+    "Value",
+    "migrate",
+    "schema_version",
+]
