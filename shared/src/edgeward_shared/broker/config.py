@@ -1,0 +1,148 @@
+"""The broker's settings and its configuration file, rendered from the reviewed template.
+
+The template, ``mosquitto/mosquitto.conf.template``, holds every directive and the reason
+for it; this module only fills in paths, the address and the user (:func:`fill_template`
+is pure). It also finds the files a broker needs from the installation: the template
+directory and the dynamic-security plugin. Starting the broker is :mod:`.launcher`'s job.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+from typing import Final
+
+from edgeward_shared.errors import ConfigError
+
+TEMPLATE_NAME: Final = "mosquitto.conf.template"
+ACL_NAME: Final = "edgeward.acl"
+#: Environment variable naming the directory that holds the template (overrides the search).
+MOSQUITTO_DIR_ENV: Final = "EDGEWARD_MOSQUITTO_DIR"
+#: Where Debian/Ubuntu, Fedora and source builds install the plugin.
+DYNSEC_PLUGIN_GLOBS: Final = (
+    "/usr/lib/*/mosquitto_dynamic_security.so",
+    "/usr/lib/mosquitto*/mosquitto_dynamic_security.so",
+    "/usr/lib64/mosquitto*/mosquitto_dynamic_security.so",
+    "/usr/local/lib/mosquitto_dynamic_security.so",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    """Everything that differs between two brokers started from the same template."""
+
+    port: int
+    cafile: Path  # the PKI's trust/ca-bundle.pem
+    certfile: Path  # the broker's chain.pem (leaf + issuing CA)
+    keyfile: Path
+    crlfile: Path  # the issuing CA's CRL
+    acl_file: Path
+    dynsec_plugin: Path
+    dynsec_config: Path
+    log_file: Path
+    run_as_user: str
+    persistence_dir: Path | None = None
+    bind_host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError("config.broker.port", f"port {self.port} is out of range")
+        values = self._plain_values()
+        if self.persistence_dir is not None:
+            values["persistence_dir"] = str(self.persistence_dir)
+        for name, value in values.items():
+            if not value or any(char in value for char in "\n\r\x00"):
+                raise ConfigError("config.broker.value", f"{name} is empty or spans lines")
+
+    def _plain_values(self) -> dict[str, str]:
+        return {
+            "port": str(self.port),
+            "bind_host": self.bind_host,
+            "cafile": str(self.cafile),
+            "certfile": str(self.certfile),
+            "keyfile": str(self.keyfile),
+            "crlfile": str(self.crlfile),
+            "acl_file": str(self.acl_file),
+            "dynsec_plugin": str(self.dynsec_plugin),
+            "dynsec_config": str(self.dynsec_config),
+            "log_file": str(self.log_file),
+            "run_as_user": self.run_as_user,
+        }
+
+    def template_values(self) -> dict[str, str]:
+        """The values for the template's placeholders."""
+        return self._plain_values() | {"persistence": _persistence_lines(self.persistence_dir)}
+
+
+def _persistence_lines(directory: Path | None) -> str:
+    if directory is None:
+        return "persistence false"
+    # persistence_location must end with a slash: mosquitto appends the file name to it.
+    return f"persistence true\npersistence_location {directory}/"
+
+
+def fill_template(template: str, values: Mapping[str, str]) -> str:
+    """Fill every ``${field}`` of ``template``; a missing or unknown field is an error."""
+    parsed = Template(template)
+    if not parsed.is_valid():
+        raise ConfigError("config.broker.template", "malformed ${...} field in the template")
+    wanted = set(parsed.get_identifiers())
+    if wanted != set(values):
+        missing, unused = sorted(wanted - set(values)), sorted(set(values) - wanted)
+        raise ConfigError(
+            "config.broker.template", f"template fields missing {missing}, unused {unused}"
+        )
+    return parsed.substitute(values)
+
+
+def _has_template(directory: Path) -> bool:
+    return (directory / TEMPLATE_NAME).is_file()
+
+
+def find_mosquitto_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """The directory holding the template: ``$EDGEWARD_MOSQUITTO_DIR``, else the repository's
+    ``mosquitto/`` found by walking up from this file."""
+    env = os.environ if environ is None else environ
+    if configured := env.get(MOSQUITTO_DIR_ENV):
+        directory = Path(configured)
+        if not _has_template(directory):
+            raise ConfigError(
+                "config.broker.template", f"{MOSQUITTO_DIR_ENV}={directory} has no {TEMPLATE_NAME}"
+            )
+        return directory
+    for parent in Path(__file__).resolve().parents:
+        if _has_template(parent / "mosquitto"):
+            return parent / "mosquitto"
+    raise ConfigError(
+        "config.broker.template",
+        f"no mosquitto/{TEMPLATE_NAME} above {Path(__file__).parent}; set {MOSQUITTO_DIR_ENV}",
+    )
+
+
+def load_template(mosquitto_dir: Path | None = None) -> str:
+    directory = find_mosquitto_dir() if mosquitto_dir is None else mosquitto_dir
+    try:
+        return (directory / TEMPLATE_NAME).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("config.broker.template", f"cannot read the template: {exc}") from exc
+
+
+def render_config(settings: BrokerSettings, mosquitto_dir: Path | None = None) -> str:
+    """The complete ``mosquitto.conf`` for ``settings``, from the reviewed template."""
+    return fill_template(load_template(mosquitto_dir), settings.template_values())
+
+
+def find_dynsec_plugin(patterns: tuple[str, ...] = DYNSEC_PLUGIN_GLOBS) -> Path:
+    """The installed dynamic-security plugin, or ``ConfigError`` naming where we looked.
+    ``patterns`` are absolute paths with shell wildcards."""
+    for pattern in patterns:
+        if found := sorted(Path("/").glob(pattern.lstrip("/"))):
+            return found[0]
+    raise ConfigError(
+        "config.broker.plugin",
+        f"mosquitto_dynamic_security.so not found in {', '.join(patterns)}: "
+        "install the mosquitto package (2.0 or later)",
+    )

@@ -1,0 +1,319 @@
+"""Run a real Mosquitto with Edgeward's configuration: for tests, demos and development.
+
+:class:`MosquittoBroker` renders the ACL (:mod:`.acl`), the plugin state (:mod:`.dynsec`)
+and the configuration (:mod:`.config`) into a private run directory, starts
+``mosquitto -c``, waits until its TLS listener answers with the broker certificate, and
+makes sure the process does not outlive it (``stop()``, ``with``, and an ``atexit`` hook).
+It blocks for the few milliseconds a start takes; from asyncio, use it around the event
+loop or through ``asyncio.to_thread``. Certificates come from a :class:`PkiStore`; issuing
+them is :mod:`edgeward_shared.pki`'s business, a production deployment's unit files are not
+this module's.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import pwd
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Final, Self
+
+from edgeward_shared.broker.acl import DEFAULT_ADMINS, render_acl
+from edgeward_shared.broker.config import (
+    ACL_NAME,
+    BrokerSettings,
+    find_dynsec_plugin,
+    render_config,
+)
+from edgeward_shared.broker.dynsec import write_initial_config
+from edgeward_shared.errors import ConfigError, TransportError
+from edgeward_shared.identity import Identity, Role
+from edgeward_shared.pki.store import PkiStore
+
+#: The broker's server identity in the PKI (its certificate names the hosts it serves).
+BROKER_IDENTITY: Final = Identity(Role.BROKER, "local")
+#: Debian installs the broker in sbin, which an ordinary user's PATH often lacks.
+_EXTRA_BIN_DIRS: Final = ("/usr/sbin", "/usr/local/sbin")
+_RELOADED: Final = "Reloading config."
+_RUNNING: Final = " running"  # "mosquitto version 2.0.11 running": startup is over
+_PORT_IN_USE: Final = "Address already in use"
+_START_ATTEMPTS: Final = 3
+_POLL_SECONDS: Final = 0.02
+
+
+def find_mosquitto() -> Path:
+    """The ``mosquitto`` binary on PATH (or in sbin), or ``ConfigError``."""
+    search = os.pathsep.join([os.environ.get("PATH", ""), *_EXTRA_BIN_DIRS])
+    found = shutil.which("mosquitto", path=search)
+    if found is None:
+        raise ConfigError(
+            "config.broker.binary", "no mosquitto binary found: install the mosquitto package"
+        )
+    return Path(found)
+
+
+def _current_user() -> str:
+    """Who mosquitto should stay: us. (Only root switches users; for anyone else mosquitto
+    ignores the name, so a uid without a passwd entry may be written as a number.)"""
+    uid = os.geteuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def _tls_listener_answers(host: str, port: int, context: ssl.SSLContext) -> bool:
+    """Whether a TLS server with a certificate we trust for ``host`` listens on ``port``."""
+    try:
+        with (
+            socket.create_connection((host, port), timeout=1.0) as raw,
+            context.wrap_socket(raw, server_hostname=host),
+        ):
+            return True
+    except ssl.SSLCertVerificationError as exc:
+        raise TransportError(
+            "transport.broker.certificate", f"the broker's certificate does not verify: {exc}"
+        ) from exc
+    except ssl.SSLError:
+        return True  # it speaks TLS with our certificate, and refused us for having none
+    except OSError:
+        return False
+
+
+class MosquittoBroker:
+    """One ``mosquitto`` process on a free loopback port, configured from the templates."""
+
+    def __init__(
+        self,
+        pki: PkiStore,
+        run_dir: Path,
+        *,
+        operators: Iterable[Identity] = (),
+        admins: Iterable[Identity] = DEFAULT_ADMINS,
+        broker_identity: Identity = BROKER_IDENTITY,
+        host: str = "127.0.0.1",
+        start_timeout: float = 10.0,
+        stop_timeout: float = 5.0,
+        mosquitto_dir: Path | None = None,
+    ) -> None:
+        self.pki = pki
+        self.run_dir = run_dir
+        self.host = host
+        self._operators = tuple(operators)
+        self._admins = tuple(admins)
+        self._broker_identity = broker_identity
+        self._start_timeout = start_timeout
+        self._stop_timeout = stop_timeout
+        self._mosquitto_dir = mosquitto_dir
+        self._port: int | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._output: IO[bytes] | None = None
+
+    # ------------------------------------------------------------------ paths and state
+    @property
+    def config_path(self) -> Path:
+        return self.run_dir / "mosquitto.conf"
+
+    @property
+    def acl_path(self) -> Path:
+        return self.run_dir / ACL_NAME
+
+    @property
+    def dynsec_path(self) -> Path:
+        return self.run_dir / "dynamic-security.json"
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "mosquitto.log"
+
+    @property
+    def output_path(self) -> Path:
+        """stdout and stderr: messages from before the log file is open land here."""
+        return self.run_dir / "mosquitto.out"
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("the broker has not been started")
+        return self._port
+
+    @property
+    def pid(self) -> int:
+        return self._running().pid
+
+    def _running(self) -> subprocess.Popen[bytes]:
+        if self._process is None:
+            raise RuntimeError("the broker is not running")
+        return self._process
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last lines of the broker's output and log, for diagnostics."""
+        text = []
+        for path in (self.output_path, self.log_path):
+            if path.exists():
+                text += path.read_text(encoding="utf-8", errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> Self:
+        """Render the files, start mosquitto and wait until its TLS listener answers."""
+        if self._process is not None:
+            raise RuntimeError("the broker is already running")
+        binary = find_mosquitto()
+        plugin = find_dynsec_plugin()
+        self._prepare_run_dir()
+        try:
+            self._start_on_some_port(binary, plugin)
+            self._check_log_for_errors()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _prepare_run_dir(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.run_dir.chmod(0o700)
+        _write_private(self.acl_path, render_acl(self._operators, self._admins))
+        write_initial_config(self.dynsec_path)
+
+    def _settings(self, port: int, plugin: Path) -> BrokerSettings:
+        server = self.pki.identity_files(self._broker_identity)
+        return BrokerSettings(
+            port=port,
+            bind_host=self.host,
+            cafile=self.pki.bundle_path,
+            certfile=server.chain,
+            keyfile=server.key,
+            crlfile=self.pki.crl_path,
+            acl_file=self.acl_path,
+            dynsec_plugin=plugin,
+            dynsec_config=self.dynsec_path,
+            log_file=self.log_path,
+            run_as_user=_current_user(),
+        )
+
+    def _start_on_some_port(self, binary: Path, plugin: Path) -> None:
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            self._port = _free_port(self.host)
+            settings = self._settings(self._port, plugin)
+            _write_private(self.config_path, render_config(settings, self._mosquitto_dir))
+            self._spawn(binary)
+            try:
+                self._wait_until_ready()
+            except TransportError:
+                # another process may have taken the port between our probe and the bind
+                if attempt == _START_ATTEMPTS or _PORT_IN_USE not in self.log_tail():
+                    raise
+                self.stop()
+            else:
+                return
+
+    def _spawn(self, binary: Path) -> None:
+        for stale in (self.log_path, self.output_path):
+            stale.unlink(missing_ok=True)
+        self._output = self.output_path.open("wb")
+        self._process = subprocess.Popen(
+            [str(binary), "-c", str(self.config_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=self._output,
+            stderr=subprocess.STDOUT,
+        )
+        atexit.register(self.stop)
+
+    def _wait_until_ready(self) -> None:
+        context = ssl.create_default_context(cafile=self.pki.bundle_path)
+        deadline = time.monotonic() + self._start_timeout
+        while not _tls_listener_answers(self.host, self.port, context):
+            if self._running().poll() is not None:
+                raise TransportError(
+                    "transport.broker.exited", f"mosquitto exited:\n{self.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise TransportError(
+                    "transport.broker.timeout",
+                    f"no TLS listener on {self.host}:{self.port} after "
+                    f"{self._start_timeout} s:\n{self.log_tail()}",
+                )
+            time.sleep(_POLL_SECONDS)
+
+    def _check_log_for_errors(self) -> None:
+        """Fail closed on errors logged while starting (a plugin state that did not load,
+        say); later lines are about clients, such as our own certificate-less probe."""
+        startup = self.log_tail(500).partition(_RUNNING)[0]
+        errors = [line for line in startup.splitlines() if "Error" in line]
+        if errors:
+            raise TransportError(
+                "transport.broker.log", "mosquitto started with errors:\n" + "\n".join(errors)
+            )
+
+    def reload(self, timeout: float = 5.0) -> None:
+        """SIGHUP: mosquitto re-reads its configuration, the ACL file and the CRL (the CRL
+        for new handshakes only). Returns once the broker has logged the reload."""
+        process = self._running()
+        before = self._count_in_log(_RELOADED)
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while self._count_in_log(_RELOADED) <= before:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise TransportError(
+                    "transport.broker.reload", f"mosquitto did not reload:\n{self.log_tail()}"
+                )
+            time.sleep(_POLL_SECONDS)
+
+    def _count_in_log(self, needle: str) -> int:
+        if not self.log_path.exists():
+            return 0
+        return self.log_path.read_text(encoding="utf-8", errors="replace").count(needle)
+
+    def stop(self) -> None:
+        """SIGTERM, wait, then SIGKILL if it has not exited. Safe to call more than once."""
+        process, self._process = self._process, None
+        if process is not None:
+            atexit.unregister(self.stop)
+            _terminate(process, self._stop_timeout)
+        if self._output is not None:
+            self._output.close()
+            self._output = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout)
