@@ -54,7 +54,11 @@ class MemoryPki:
         self.issuing = Issuer(issuing_cert, issuing_key)
 
     def signing_key(
-        self, identity: Identity, lifetime: timedelta = timedelta(days=30), *, offset: timedelta = timedelta()
+        self,
+        identity: Identity,
+        lifetime: timedelta = timedelta(days=30),
+        *,
+        offset: timedelta = timedelta(),
     ) -> SigningKey:
         """A fresh key and certificate for ``identity``, valid from ``now + offset``."""
         key = new_key()

@@ -7,13 +7,17 @@ never silently reused after the broker dropped it. Every network await has a tim
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
+import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -72,6 +76,34 @@ class MqttBus:
             raise TransportError("transport.lost", str(exc)) from exc
 
 
+def _write_eagerly(client: aiomqtt.Client) -> None:
+    """Send queued packets at once instead of on a later event-loop iteration.
+
+    aiomqtt asks paho to tell it when the socket has data to write and then registers a
+    writer through ``call_soon_threadsafe``: every publish costs a self-pipe wake-up and two
+    loop iterations before a byte leaves. Measured on this project's round trip, that alone
+    took the bare aiomqtt echo from 0.70 ms to 1.44 ms p50 (docs/adr/0003). Here, when paho
+    asks from the event loop's own thread, we let it write right away (``loop_write``, its
+    public API for external loops); whatever the socket does not take (EAGAIN, a burst), or a
+    request from another thread (paho's connect runs in an executor), goes to aiomqtt's
+    writer as before, so backpressure still works. Errors are left to aiomqtt's callback.
+    """
+    paho_client = client._client  # aiomqtt exposes no hook for this
+    delegate = paho_client.on_socket_register_write
+    loop_thread = threading.get_ident()
+
+    def register_write(paho: mqtt.Client, userdata: Any, sock: Any) -> None:
+        if threading.get_ident() == loop_thread:
+            with contextlib.suppress(Exception):  # aiomqtt's writer meets it again and reports
+                paho.loop_write()
+            if not paho.want_write():
+                return
+        if delegate is not None:
+            delegate(paho, userdata, sock)
+
+    paho_client.on_socket_register_write = register_write
+
+
 @asynccontextmanager
 async def connect_mqtt(settings: MqttSettings) -> AsyncIterator[MqttBus]:
     """Connect with mTLS; raises ``TransportError`` if the broker is unreachable or refuses."""
@@ -91,6 +123,7 @@ async def connect_mqtt(settings: MqttSettings) -> AsyncIterator[MqttBus]:
         properties=properties,
         clean_start=True,
     )
+    _write_eagerly(client)
     try:
         async with client:
             yield MqttBus(client, settings.timeout_s)

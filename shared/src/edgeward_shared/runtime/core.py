@@ -154,9 +154,10 @@ class Runtime:
         self._pending[mid] = future
         try:
             raw = self.seal_outgoing(Outgoing(topic, message), mid=mid)
-            await self._require_bus().publish(topic, raw)
-            self.metrics.published.labels(message.TYPE).inc()
-            return await asyncio.wait_for(future, timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self._require_bus().publish(topic, raw)
+                self.metrics.published.labels(message.TYPE).inc()
+                return await future
         except TimeoutError as exc:
             raise TransportError("transport.timeout", f"no reply on {topic}") from exc
         finally:
