@@ -44,9 +44,7 @@ def _no_delay() -> Iterator[float]:
 
 
 @asynccontextmanager
-async def _serving(
-    runtime: Runtime, broker: MemoryBroker
-) -> AsyncIterator[asyncio.Event]:
+async def _serving(runtime: Runtime, broker: MemoryBroker) -> AsyncIterator[asyncio.Event]:
     stop = asyncio.Event()
     task = asyncio.create_task(
         runtime.run(lambda: broker.connect(runtime.identity.common_name), stop, backoff=_no_delay)
@@ -143,7 +141,9 @@ async def test_handler_crash_is_counted_and_does_not_stop_the_service(
         calls += 1
         if calls == 1:
             raise RuntimeError("bug")
-        return (Outgoing(UP, Pong(in_reply_to=opened.mid, nonce=opened.message.nonce, uptime_ms=0)),)
+        return (
+            Outgoing(UP, Pong(in_reply_to=opened.mid, nonce=opened.message.nonce, uptime_ms=0)),
+        )
 
     device.route(DOWN, [Ping], flaky)
     service = _runtime(memory_pki, TELEMETRY, clock)

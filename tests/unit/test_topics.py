@@ -136,3 +136,43 @@ def test_only_services_and_operators_call_services() -> None:
     with pytest.raises(ValueError, match="cannot call"):
         service_request_topic(ServiceName.TELEMETRY, DEV_A)
     assert Role.OPERATOR in CHANNEL_WRITERS[Channel.COMMAND]
+
+
+def test_service_instances_are_their_service_for_authorization() -> None:
+    second = Identity.service(ServiceName.ATTESTATION, "2")
+    assert second.common_name == "svc.attestation.2"
+    assert Identity.from_common_name(Role.SERVICE, "svc.attestation.2") == second
+    assert second.principal == ATT
+    authorize_signer("ew/v1/dev/dev-a/down/attest", second)
+    authorize_signer("ew/v1/svc/attestation/evt/failed", second)
+    authorize_signer("ew/v1/svc/identity/req/svc.attestation.2", second)
+    with pytest.raises(PolicyError, match="identity.mismatch"):
+        authorize_signer("ew/v1/svc/identity/req/svc.attestation", second)
+    with pytest.raises(PolicyError):
+        authorize_signer("ew/v1/dev/dev-a/down/cmd", second)
+
+
+@pytest.mark.parametrize(
+    ("role", "name", "instance"),
+    [
+        (Role.DEVICE, "dev-a", "2"),
+        (Role.OPERATOR, "alice", "2"),
+        (Role.SERVICE, "telemetry", "Two"),
+        (Role.SERVICE, "telemetry", "a.b"),
+        (Role.SERVICE, "telemetry", ""),
+    ],
+)
+def test_only_services_have_instances_and_they_are_plain_labels(
+    role: Role, name: str, instance: str
+) -> None:
+    with pytest.raises(ValueError, match="instance"):
+        Identity(role, name, instance)
+
+
+@pytest.mark.parametrize(
+    "cn", ["svc.telemetry.2.3", "svc.telemetry.", "svc.nosuch.2", "op.alice.2"]
+)
+def test_common_names_that_do_not_fit_are_refused(cn: str) -> None:
+    role = Role.OPERATOR if cn.startswith("op.") else Role.SERVICE
+    with pytest.raises(PolicyError, match="identity.invalid"):
+        Identity.from_common_name(role, cn)

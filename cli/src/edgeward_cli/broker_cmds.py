@@ -5,21 +5,39 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 from edgeward_cli.pki_cmds import pki_dir_option
-from edgeward_shared.broker.acl import render_acl
+from edgeward_shared.broker.acl import DEFAULT_ADMINS, render_acl
 from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.identity import Identity, Role
 from edgeward_shared.pki.store import PkiStore
 
 
-def _operators(store: PkiStore) -> list[Identity]:
-    """Operators known to the PKI (each gets its own ACL block)."""
-    names = sorted({r.common_name for r in store.issued() if r.role == Role.OPERATOR})
-    return [Identity.from_common_name(Role.OPERATOR, cn) for cn in names]
+@dataclass(frozen=True)
+class AclPrincipals:
+    """The identities that need their own ACL block, as issued by a PKI."""
+
+    operators: list[Identity]
+    admins: list[Identity]
+    service_instances: list[Identity]
+
+    @classmethod
+    def of(cls, store: PkiStore) -> AclPrincipals:
+        issued = {(Role(r.role), r.common_name) for r in store.issued()}
+        identities = [
+            Identity.from_common_name(role, cn)
+            for role, cn in sorted(issued)
+            if role in (Role.OPERATOR, Role.BROKER_ADMIN, Role.SERVICE)
+        ]
+        return cls(
+            operators=[i for i in identities if i.role is Role.OPERATOR],
+            admins=[i for i in identities if i.role is Role.BROKER_ADMIN] or list(DEFAULT_ADMINS),
+            service_instances=[i for i in identities if i.instance is not None],
+        )
 
 
 @click.group()
@@ -30,8 +48,11 @@ def broker() -> None:
 @broker.command()
 @pki_dir_option
 def acl(directory: Path) -> None:
-    """Print the ACL generated from the topic scheme for this PKI's operators."""
-    click.echo(render_acl(operators=_operators(PkiStore(directory))), nl=False)
+    """Print the ACL generated from the topic scheme for this PKI's operators, broker
+    admins and extra service instances."""
+    principals = AclPrincipals.of(PkiStore(directory))
+    text = render_acl(principals.operators, principals.admins, principals.service_instances)
+    click.echo(text, nl=False)
 
 
 @broker.command()
@@ -51,7 +72,14 @@ def run(directory: Path, run_dir: Path) -> None:
     store = PkiStore(directory)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
-    with MosquittoBroker(store, run_dir, operators=_operators(store)) as running:
+    principals = AclPrincipals.of(store)
+    with MosquittoBroker(
+        store,
+        run_dir,
+        operators=principals.operators,
+        admins=principals.admins,
+        service_instances=principals.service_instances,
+    ) as running:
         click.echo(f"mosquitto pid {running.pid} listening on {running.host}:{running.port}")
         click.echo(f"config and log in {run_dir}; Ctrl-C to stop")
         with contextlib.suppress(KeyboardInterrupt):

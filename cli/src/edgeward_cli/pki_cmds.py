@@ -72,25 +72,38 @@ def init(directory: Path, org: str, root_passphrase_env: str | None) -> None:
 @click.argument("name")
 @click.option("--hours", type=click.IntRange(1), help="Lifetime in hours (default by role).")
 @click.option("--host", "hosts", multiple=True, help="Broker host name or IP (repeatable).")
-def issue(directory: Path, role: str, name: str, hours: int | None, hosts: tuple[str, ...]) -> None:
+@click.option(
+    "--instance",
+    help="For a service: one more instance of it (CN svc.<name>.<instance>), e.g. 2.",
+)
+def issue(  # click passes every parameter by keyword
+    *,
+    directory: Path,
+    role: str,
+    name: str,
+    hours: int | None,
+    hosts: tuple[str, ...],
+    instance: str | None,
+) -> None:
     """Issue a key and certificate for ROLE NAME.
 
     \b
     Examples:
       edgeward pki issue device dev-0001
       edgeward pki issue service attestation
+      edgeward pki issue service attestation --instance 2
       edgeward pki issue operator alice --hours 8
       edgeward pki issue broker local --host 127.0.0.1 --host localhost
     """
-    identity = _identity(Role(role), name)
+    identity = _identity(Role(role), name, instance)
     lifetime = timedelta(hours=hours) if hours else LIFETIMES[identity.role]
     files = PkiStore(directory).issue(identity, _now(), lifetime, hosts)
     click.echo(f"issued {identity.common_name} ({identity.role}) -> {files.directory}")
 
 
-def _identity(role: Role, name: str) -> Identity:
+def _identity(role: Role, name: str, instance: str | None = None) -> Identity:
     try:
-        return Identity(role, name)
+        return Identity(role, name, instance)
     except ValueError as exc:
         names = ", ".join(s.value for s in ServiceName)
         hint = f" (services: {names})" if role is Role.SERVICE else ""

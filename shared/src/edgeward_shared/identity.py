@@ -60,14 +60,22 @@ _CN_PREFIX: Final[dict[Role, str]] = {
 }
 DEVICE_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 NAME_RE: Final = re.compile(r"[a-z][a-z0-9-]{0,31}")
+INSTANCE_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,15}")
 
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """A principal of the system. Construct through the classmethods; they validate."""
+    """A principal of the system. Construct through the classmethods; they validate.
+
+    A service may run as several instances, each with its own certificate (the broker makes
+    the CN the client id, so two connections cannot share one): ``svc.telemetry`` and
+    ``svc.telemetry.2`` are two instances of one principal, :attr:`principal`, which is
+    what authorization looks at. Only services have instances.
+    """
 
     role: Role
     name: str
+    instance: str | None = None
 
     def __post_init__(self) -> None:
         pattern = DEVICE_ID_RE if self.role is Role.DEVICE else NAME_RE
@@ -75,14 +83,23 @@ class Identity:
             raise ValueError(f"invalid {self.role} name {self.name!r}")
         if self.role is Role.SERVICE and self.name not in ServiceName.__members__.values():
             raise ValueError(f"unknown service {self.name!r}")
+        if self.instance is not None and (
+            self.role is not Role.SERVICE or not INSTANCE_RE.fullmatch(self.instance)
+        ):
+            raise ValueError(f"invalid instance {self.instance!r} for a {self.role}")
 
     @classmethod
     def device(cls, device_id: str) -> Identity:
         return cls(Role.DEVICE, device_id)
 
     @classmethod
-    def service(cls, name: ServiceName | str) -> Identity:
-        return cls(Role.SERVICE, str(name))
+    def service(cls, name: ServiceName | str, instance: str | None = None) -> Identity:
+        return cls(Role.SERVICE, str(name), instance)
+
+    @property
+    def principal(self) -> Identity:
+        """The identity authorization is about: a service instance stands for its service."""
+        return self if self.instance is None else Identity(self.role, self.name)
 
     @classmethod
     def operator(cls, name: str) -> Identity:
@@ -91,7 +108,8 @@ class Identity:
     @property
     def common_name(self) -> str:
         """The certificate CN, which is also the MQTT username and client id."""
-        return _CN_PREFIX.get(self.role, "") + self.name
+        suffix = f".{self.instance}" if self.instance is not None else ""
+        return _CN_PREFIX.get(self.role, "") + self.name + suffix
 
     @classmethod
     def from_common_name(cls, role: Role, common_name: str) -> Identity:
@@ -101,8 +119,9 @@ class Identity:
             raise PolicyError(
                 Reason.IDENTITY_INVALID, f"CN {common_name!r} does not fit role {role}"
             )
-        try:
-            return cls(role, common_name[len(prefix) :])
+        name, dot, instance = common_name[len(prefix) :].partition(".")
+        try:  # "svc.telemetry." must not pass for "svc.telemetry": an empty label is refused
+            return cls(role, name, instance if dot else None)
         except ValueError as exc:
             raise PolicyError(Reason.IDENTITY_INVALID, str(exc)) from exc
 

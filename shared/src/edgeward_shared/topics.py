@@ -191,8 +191,9 @@ def _parse_levels(levels: list[str]) -> Topic:
 
 
 # ------------------------------------------------------------------------- authorization
-def _allowed(who: Identity, principals: frozenset[Identity | Role]) -> bool:
-    return who in principals or who.role in principals
+def allowed(who: Identity, principals: frozenset[Identity | Role]) -> bool:
+    """Whether ``who`` (any instance of it) is among ``principals`` or has a listed role."""
+    return who.principal in principals or who.role in principals
 
 
 def authorize_signer(topic: str, signer: Identity) -> None:
@@ -208,15 +209,15 @@ def authorize_signer(topic: str, signer: Identity) -> None:
             if signer.name != device_id:
                 raise PolicyError(Reason.TOPIC_IDENTITY, f"{signer} signed for device {device_id}")
         case DeviceTopic(_, Direction.DOWN, channel):
-            if not _allowed(signer, CHANNEL_WRITERS[channel]):
+            if not allowed(signer, CHANNEL_WRITERS[channel]):
                 raise PolicyError(Reason.TOPIC_ROLE, f"{signer} may not send {channel}")
         case ServiceTopic(service, "req", caller):
             _check_caller_identity(signer, caller)
         case ServiceTopic(service, _, _):
-            if signer != Identity.service(service):
+            if signer.principal != Identity.service(service):
                 raise PolicyError(Reason.TOPIC_IDENTITY, f"{signer} is not {service}")
         case FleetTopic(kind, _):
-            if signer != FLEET_OWNERS[kind]:
+            if signer.principal != FLEET_OWNERS[kind]:
                 raise PolicyError(Reason.TOPIC_ROLE, f"{signer} does not own fleet/{kind}")
 
 

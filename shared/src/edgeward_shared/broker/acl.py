@@ -35,6 +35,7 @@ from edgeward_shared.topics import (
     FLEET_OWNERS,
     ROOT,
     Channel,
+    allowed,
 )
 
 DEFAULT_ADMINS: Final = (Identity(Role.BROKER_ADMIN, "broker"),)
@@ -52,14 +53,8 @@ _HEADER: Final = """\
 """
 
 
-def _allowed(who: Identity, principals: frozenset[Identity | Role]) -> bool:
-    return who in principals or who.role in principals
-
-
 def _channels(who: Identity, table: dict[Channel, frozenset[Identity | Role]]) -> list[str]:
-    return sorted(
-        str(channel) for channel, principals in table.items() if _allowed(who, principals)
-    )
+    return sorted(str(channel) for channel, principals in table.items() if allowed(who, principals))
 
 
 def _line(access: str, topic: str) -> str:
@@ -88,8 +83,8 @@ def _user_header(who: Identity, summary: str) -> list[str]:
     ]
 
 
-def _service_block(service: ServiceName) -> list[str]:
-    who = Identity.service(service)
+def _service_block(who: Identity) -> list[str]:
+    service = who.name
     cn = who.common_name
     lines = _user_header(who, f"Service {cn}: the channels and fleet kinds topics.py gives it.")
     lines += [_line("read", f"{ROOT}/dev/+/up/{ch}") for ch in _channels(who, CHANNEL_READERS)]
@@ -104,7 +99,7 @@ def _service_block(service: ServiceName) -> list[str]:
         _line("write", f"{ROOT}/svc/+/req/{cn}"),
         _line("read", f"{ROOT}/svc/+/rsp/{cn}"),
     ]
-    owned = sorted(str(kind) for kind, owner in FLEET_OWNERS.items() if owner == who)
+    owned = sorted(str(kind) for kind, owner in FLEET_OWNERS.items() if owner == who.principal)
     return lines + [_line("write", f"{ROOT}/fleet/{kind}/#") for kind in owned]
 
 
@@ -141,11 +136,14 @@ def _unique_sorted(identities: Iterable[Identity], role: Role) -> list[Identity]
 def render_acl(
     operators: Iterable[Identity] = (),
     admins: Iterable[Identity] = DEFAULT_ADMINS,
+    service_instances: Iterable[Identity] = (),
 ) -> str:
-    """The complete ACL file: device patterns, one block per service, operator and admin."""
+    """The complete ACL file: device patterns, one block per service (and per extra service
+    instance, e.g. ``svc.telemetry.2``), operator and admin."""
     lines = _device_patterns()
-    for service in sorted(ServiceName, key=str):
-        lines += _service_block(service)
+    services = {Identity.service(name) for name in ServiceName}
+    for who in _unique_sorted([*services, *service_instances], Role.SERVICE):
+        lines += _service_block(who)
     for operator in _unique_sorted(operators, Role.OPERATOR):
         lines += _operator_block(operator)
     for admin in _unique_sorted(admins, Role.BROKER_ADMIN):

@@ -111,6 +111,7 @@ class MosquittoBroker:
         *,
         operators: Iterable[Identity] = (),
         admins: Iterable[Identity] = DEFAULT_ADMINS,
+        service_instances: Iterable[Identity] = (),
         broker_identity: Identity = BROKER_IDENTITY,
         host: str = "127.0.0.1",
         start_timeout: float = 10.0,
@@ -122,6 +123,7 @@ class MosquittoBroker:
         self.host = host
         self._operators = tuple(operators)
         self._admins = tuple(admins)
+        self._service_instances = tuple(service_instances)
         self._broker_identity = broker_identity
         self._start_timeout = start_timeout
         self._stop_timeout = stop_timeout
@@ -194,7 +196,9 @@ class MosquittoBroker:
     def _prepare_run_dir(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.run_dir.chmod(0o700)
-        _write_private(self.acl_path, render_acl(self._operators, self._admins))
+        _write_private(
+            self.acl_path, render_acl(self._operators, self._admins, self._service_instances)
+        )
         write_initial_config(self.dynsec_path)
 
     def _settings(self, port: int, plugin: Path) -> BrokerSettings:
