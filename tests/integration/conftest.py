@@ -4,11 +4,19 @@ own configuration template and generated ACL."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import socket
+import ssl
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
+from edgeward_shared.broker.acl import render_acl
+from edgeward_shared.broker.config import BrokerSettings, render_config
+from edgeward_shared.broker.dynsec import write_initial_config
 from edgeward_shared.broker.launcher import BROKER_IDENTITY, MosquittoBroker
 from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.pki.store import PkiStore, read_certificate
@@ -67,3 +75,94 @@ def broker(pki: PkiStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     run_dir = tmp_path_factory.mktemp("broker") / "run"
     with MosquittoBroker(pki, run_dir, operators=[OPERATOR], admins=[ADMIN]) as running:
         yield running
+
+
+# ------------------------------------------------------------------ testcontainers path
+# The broker contract through testcontainers: the eclipse-mosquitto image, started with the
+# repository's configuration template, generated ACL and the tests' PKI. Only for machines
+# with a Docker engine (`uv sync --group containers && uv run pytest -m containers`);
+# deselected by default and never the only coverage of anything: the same suite runs
+# against the local mosquitto binary everywhere.
+IMAGE = "eclipse-mosquitto:2.0.18"
+PLUGIN = Path("/usr/lib/mosquitto_dynamic_security.so")  # where the image installs it
+PKI_MOUNT, RUN_MOUNT = Path("/edgeward/pki"), Path("/edgeward/run")
+PORT = 8883
+
+
+def _in(mount: Path, pki: PkiStore, path: Path) -> Path:
+    return mount / path.relative_to(pki.dir)
+
+
+@contextmanager
+def mosquitto_container(
+    pki: PkiStore, run_dir: Path, acl_identities: Iterable[Identity]
+) -> Iterator[tuple[str, int]]:
+    """Start the image with our config; yield the (host, port) its TLS listener is on."""
+    from testcontainers.core.container import DockerContainer  # only where Docker exists
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    identities = list(acl_identities)
+    acl = render_acl(
+        operators=[i for i in identities if i.role.value == "operator"],
+        service_instances=[i for i in identities if i.instance is not None],
+    )
+    (run_dir / "edgeward.acl").write_text(acl)
+    write_initial_config(run_dir / "dynamic-security.json")
+    broker = pki.identity_files(BROKER_IDENTITY)
+    settings = BrokerSettings(
+        port=PORT,
+        bind_host="0.0.0.0",  # noqa: S104 - inside the container; Docker maps it to loopback
+        cafile=_in(PKI_MOUNT, pki, pki.bundle_path),
+        certfile=_in(PKI_MOUNT, pki, broker.chain),
+        keyfile=_in(PKI_MOUNT, pki, broker.key),
+        crlfile=_in(PKI_MOUNT, pki, pki.crl_path),
+        acl_file=RUN_MOUNT / "edgeward.acl",
+        dynsec_plugin=PLUGIN,
+        dynsec_config=RUN_MOUNT / "dynamic-security.json",
+        log_file=RUN_MOUNT / "mosquitto.log",
+        run_as_user="root",  # the mounted keys are 0600 and owned by the host user
+    )
+    (run_dir / "mosquitto.conf").write_text(render_config(settings))
+    container = (
+        DockerContainer(IMAGE)
+        .with_exposed_ports(PORT)
+        .with_volume_mapping(str(pki.dir), str(PKI_MOUNT), mode="ro")
+        .with_volume_mapping(str(run_dir), str(RUN_MOUNT), mode="rw")
+        .with_command(f"mosquitto -c {RUN_MOUNT}/mosquitto.conf")
+    )
+    container.start()
+    try:
+        host, port = "127.0.0.1", int(container.get_exposed_port(PORT))
+        _wait_for_tls(host, port, pki)
+        yield host, port
+    finally:
+        container.stop()
+
+
+def _wait_for_tls(host: str, port: int, pki: PkiStore, timeout_s: float = 20.0) -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(pki.bundle_path)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with (
+                socket.create_connection((host, port), timeout=1) as raw,
+                context.wrap_socket(raw, server_hostname=host),
+            ):
+                return
+        except ssl.SSLError:
+            return  # it answered TLS with our broker certificate and wanted a client cert
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"the mosquitto container did not listen on {host}:{port}")
+
+
+@pytest.fixture(scope="module")
+def mosquitto_in_container(
+    fabric_pki: PkiStore, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, int]]:
+    """The broker in the eclipse-mosquitto image (needs ``fabric_pki`` from the test module)."""
+    run_dir = tmp_path_factory.mktemp("container") / "run"
+    identities = [OPERATOR, Identity.service(ServiceName.TELEMETRY, "2")]
+    with mosquitto_container(fabric_pki, run_dir, identities) as address:
+        yield address

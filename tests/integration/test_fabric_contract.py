@@ -107,11 +107,11 @@ def mosquitto(
 
 
 def _mqtt_connect(
-    pki: PkiStore, broker: MosquittoBroker
+    pki: PkiStore, address: BrokerAddress
 ) -> Callable[[Identity], AbstractAsyncContextManager[Bus]]:
     def connect(identity: Identity) -> AbstractAsyncContextManager[Bus]:
         settings = MqttSettings(
-            broker=BrokerAddress(broker.host, broker.port),
+            broker=address,
             ca_bundle=pki.bundle_path,
             identity=pki.identity_files(identity),
             client_id=identity.common_name,
@@ -121,11 +121,18 @@ def _mqtt_connect(
     return connect
 
 
-@pytest.fixture(params=["memory", "mosquitto"])
+@pytest.fixture(
+    params=["memory", "mosquitto", pytest.param("container", marks=pytest.mark.containers)]
+)
 def fabric(request: pytest.FixtureRequest, fabric_pki: PkiStore) -> Fabric:
     if request.param == "mosquitto":
         broker = request.getfixturevalue("mosquitto")
-        return Fabric("mosquitto", fabric_pki, _mqtt_connect(fabric_pki, broker))
+        address = BrokerAddress(broker.host, broker.port)
+        return Fabric("mosquitto", fabric_pki, _mqtt_connect(fabric_pki, address))
+    if request.param == "container":
+        host, port = request.getfixturevalue("mosquitto_in_container")
+        address = BrokerAddress(host, port)
+        return Fabric("container", fabric_pki, _mqtt_connect(fabric_pki, address))
     acl = render_acl(operators=[ALICE], admins=[ADMIN], service_instances=[TELEMETRY_2])
     memory = MemoryBroker(authorize=AclPolicy.parse(acl).allows)
     return Fabric("memory", fabric_pki, lambda identity: memory.connect(identity.common_name))
@@ -277,7 +284,8 @@ async def test_several_instances_of_a_service_share_its_requests(fabric: Fabric)
 # ------------------------------------------------------------------------ real broker only
 @pytest.fixture
 def real(fabric_pki: PkiStore, mosquitto: MosquittoBroker) -> Fabric:
-    return Fabric("mosquitto", fabric_pki, _mqtt_connect(fabric_pki, mosquitto))
+    address = BrokerAddress(mosquitto.host, mosquitto.port)
+    return Fabric("mosquitto", fabric_pki, _mqtt_connect(fabric_pki, address))
 
 
 @pytest.mark.asyncio
