@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from wsgiref.simple_server import WSGIServer
 
@@ -47,7 +48,22 @@ class RuntimeMetrics:
             "edgeward_bus_reconnects_total", "Connection attempts after a failure", registry=r
         )
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> WSGIServer:
-        """Expose ``/metrics`` on ``host:port`` (0 picks a free port; see ``server_port``)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return server
+    def serve(self, port: int, host: str = "127.0.0.1") -> MetricsServer:
+        """Expose ``/metrics`` on ``host:port`` (0 picks a free port) until ``close()``."""
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        return MetricsServer(server, thread)
+
+
+@dataclass(frozen=True)
+class MetricsServer:
+    server: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return self.server.server_port
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)

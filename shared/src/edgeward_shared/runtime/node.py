@@ -78,4 +78,4 @@ async def run_until_signalled(
             with contextlib.suppress(ValueError, RuntimeError):
                 loop.remove_signal_handler(sig)
         if server is not None:
-            server.shutdown()
+            server.close()
