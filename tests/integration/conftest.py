@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeward_shared.broker.acl import render_acl
-from edgeward_shared.broker.config import BrokerSettings, render_config
-from edgeward_shared.broker.dynsec import write_initial_config
+from edgeward_shared.broker import container as container_broker
+from edgeward_shared.broker.container import render_for_container
 from edgeward_shared.broker.launcher import BROKER_IDENTITY, MosquittoBroker
 from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.pki.store import PkiStore, read_certificate
@@ -83,16 +82,6 @@ def broker(pki: PkiStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 # with a Docker engine (`uv sync --group containers && uv run pytest -m containers`);
 # deselected by default and never the only coverage of anything: the same suite runs
 # against the local mosquitto binary everywhere.
-IMAGE = "eclipse-mosquitto:2.0.18"
-PLUGIN = Path("/usr/lib/mosquitto_dynamic_security.so")  # where the image installs it
-PKI_MOUNT, RUN_MOUNT = Path("/edgeward/pki"), Path("/edgeward/run")
-PORT = 8883
-
-
-def _in(mount: Path, pki: PkiStore, path: Path) -> Path:
-    return mount / path.relative_to(pki.dir)
-
-
 @contextmanager
 def mosquitto_container(
     pki: PkiStore, run_dir: Path, acl_identities: Iterable[Identity]
@@ -100,39 +89,17 @@ def mosquitto_container(
     """Start the image with our config; yield the (host, port) its TLS listener is on."""
     from testcontainers.core.container import DockerContainer  # only where Docker exists
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    identities = list(acl_identities)
-    acl = render_acl(
-        operators=[i for i in identities if i.role.value == "operator"],
-        service_instances=[i for i in identities if i.instance is not None],
-    )
-    (run_dir / "edgeward.acl").write_text(acl)
-    write_initial_config(run_dir / "dynamic-security.json")
-    broker = pki.identity_files(BROKER_IDENTITY)
-    settings = BrokerSettings(
-        port=PORT,
-        bind_host="0.0.0.0",  # noqa: S104 - inside the container; Docker maps it to loopback
-        cafile=_in(PKI_MOUNT, pki, pki.bundle_path),
-        certfile=_in(PKI_MOUNT, pki, broker.chain),
-        keyfile=_in(PKI_MOUNT, pki, broker.key),
-        crlfile=_in(PKI_MOUNT, pki, pki.crl_path),
-        acl_file=RUN_MOUNT / "edgeward.acl",
-        dynsec_plugin=PLUGIN,
-        dynsec_config=RUN_MOUNT / "dynamic-security.json",
-        log_file=RUN_MOUNT / "mosquitto.log",
-        run_as_user="root",  # the mounted keys are 0600 and owned by the host user
-    )
-    (run_dir / "mosquitto.conf").write_text(render_config(settings))
+    render_for_container(pki, run_dir, acl_identities)
     container = (
-        DockerContainer(IMAGE)
-        .with_exposed_ports(PORT)
-        .with_volume_mapping(str(pki.dir), str(PKI_MOUNT), mode="ro")
-        .with_volume_mapping(str(run_dir), str(RUN_MOUNT), mode="rw")
-        .with_command(f"mosquitto -c {RUN_MOUNT}/mosquitto.conf")
+        DockerContainer(container_broker.IMAGE)
+        .with_exposed_ports(container_broker.PORT)
+        .with_volume_mapping(str(pki.dir), str(container_broker.PKI_MOUNT), mode="ro")
+        .with_volume_mapping(str(run_dir), str(container_broker.RUN_MOUNT), mode="rw")
+        .with_command(f"mosquitto -c {container_broker.RUN_MOUNT}/mosquitto.conf")
     )
     container.start()
     try:
-        host, port = "127.0.0.1", int(container.get_exposed_port(PORT))
+        host, port = "127.0.0.1", int(container.get_exposed_port(container_broker.PORT))
         _wait_for_tls(host, port, pki)
         yield host, port
     finally:

@@ -11,7 +11,9 @@ from pathlib import Path
 import click
 
 from edgeward_cli.pki_cmds import pki_dir_option
+from edgeward_shared.broker import container
 from edgeward_shared.broker.acl import DEFAULT_ADMINS, render_acl
+from edgeward_shared.broker.container import render_for_container
 from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.identity import Identity, Role
 from edgeward_shared.pki.store import PkiStore
@@ -85,3 +87,24 @@ def run(directory: Path, run_dir: Path) -> None:
         with contextlib.suppress(KeyboardInterrupt):
             done.wait()
     click.echo("broker stopped")
+
+
+@broker.command()
+@pki_dir_option
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("deploy/compose/broker"),
+    show_default=True,
+    help="Directory to write (mounted at /edgeward/run in the container).",
+)
+def render(directory: Path, out: Path) -> None:
+    """Write the broker's config, ACL and plugin state for the eclipse-mosquitto image.
+
+    The PKI directory is mounted read-only at /edgeward/pki (see deploy/compose).
+    """
+    store = PkiStore(directory)
+    principals = AclPrincipals.of(store)
+    identities = [*principals.operators, *principals.admins, *principals.service_instances]
+    config = render_for_container(store, out, identities)
+    click.echo(f"wrote {config} (+ edgeward.acl, dynamic-security.json) for {container.IMAGE}")
