@@ -55,7 +55,10 @@ def render_for_container(pki: PkiStore, out_dir: Path, acl_identities: Iterable[
         dynsec_plugin=PLUGIN,
         dynsec_config=RUN_MOUNT / "dynamic-security.json",
         log_file=RUN_MOUNT / "mosquitto.log",
-        run_as_user="root",  # the mounted keys are 0600 and owned by the host's user
+        # Only used when the container starts as root (testcontainers' default): stay root,
+        # since the mounted keys are 0600 and owned by the host's user. Compose runs the
+        # container as that user instead, and mosquitto then ignores this line.
+        run_as_user="root",
     )
     config = out_dir / "mosquitto.conf"
     config.write_text(render_config(settings), encoding="utf-8")
