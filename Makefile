@@ -1,8 +1,10 @@
 # Edgeward: thin, self-documenting targets over uv. `make help` lists them.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
-UV_VENV ?= $(HOME)/.cache/edgeward/uv
-export PATH := $(UV_VENV)/bin:$(PATH)
+# Where scripts/bootstrap.sh installs uv when it is not on PATH (one variable for both).
+EDGEWARD_UV_VENV ?= $(HOME)/.cache/edgeward/uv
+export EDGEWARD_UV_VENV
+export PATH := $(EDGEWARD_UV_VENV)/bin:$(PATH)
 
 .PHONY: help bootstrap demo test lint typecheck unit integration bench acl clean
 

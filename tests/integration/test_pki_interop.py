@@ -173,3 +173,47 @@ def test_root_key_can_be_encrypted_at_rest(tmp_path: Path, monkeypatch: pytest.M
     )
     assert result.exit_code == 0, result.output
     assert b"ENCRYPTED PRIVATE KEY" in (tmp_path / "p/root/ca.key").read_bytes()
+
+
+def test_an_identity_holds_one_valid_certificate_at_a_time(tmp_path: Path) -> None:
+    runner = CliRunner()
+    directory = str(tmp_path / "pki")
+    assert (
+        runner.invoke(cli, ["pki", "dev-setup", "--dir", directory, "--devices", "1"]).exit_code
+        == 0
+    )
+    again = runner.invoke(cli, ["pki", "issue", "--dir", directory, "device", "dev-0001"])
+    assert again.exit_code == 1
+    assert "already has a valid certificate" in str(again.exception)
+    replaced = runner.invoke(
+        cli, ["pki", "issue", "--dir", directory, "device", "dev-0001", "--replace"]
+    )
+    assert replaced.exit_code == 0, replaced.output
+    store = PkiStore(Path(directory))
+    records = [r for r in store.issued() if r.common_name == "dev-0001"]
+    assert len(records) == 2
+    assert records[0].serial in store.revoked_serials()
+    assert records[1].serial not in store.revoked_serials()
+    rerun = runner.invoke(cli, ["pki", "dev-setup", "--dir", directory, "--devices", "2"])
+    assert rerun.exit_code == 0
+    assert "issued 1, kept" in rerun.output  # only dev-0002 was new
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["pki", "list"], ["pki", "revoke", "--cn", "x", "--reason", "r"], ["broker", "acl"]],
+)
+def test_commands_on_a_missing_pki_say_how_to_make_one(tmp_path: Path, argv: list[str]) -> None:
+    missing = str(tmp_path / "nope")
+    result = CliRunner().invoke(cli, [*argv, "--dir", missing])
+    assert result.exit_code != 0
+    assert "edgeward pki dev-setup" in str(result.exception)
+
+
+def test_demo_refuses_a_directory_it_did_not_make(tmp_path: Path) -> None:
+    (tmp_path / "pki").mkdir()
+    (tmp_path / "pki" / "precious").write_text("a real CA")
+    result = CliRunner().invoke(cli, ["demo", "--workdir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "not made by `edgeward demo`" in result.output
+    assert (tmp_path / "pki" / "precious").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from edgeward_shared.broker.container import render_for_container
 from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.identity import Identity, Role
 from edgeward_shared.pki.store import PkiStore
+
+PID_FILE = "mosquitto.pid"
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ def broker() -> None:
 def acl(directory: Path) -> None:
     """Print the ACL generated from the topic scheme for this PKI's operators, broker
     admins and extra service instances."""
-    principals = AclPrincipals.of(PkiStore(directory))
+    principals = AclPrincipals.of(PkiStore(directory).require())
     text = render_acl(principals.operators, principals.admins, principals.service_instances)
     click.echo(text, nl=False)
 
@@ -71,9 +74,11 @@ def run(directory: Path, run_dir: Path) -> None:
 
     It listens on a free loopback port (printed); clients need a certificate from the PKI.
     """
-    store = PkiStore(directory)
+    store = PkiStore(directory).require()
     done = threading.Event()
+    reload_wanted = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGHUP, lambda *_: reload_wanted.set())
     principals = AclPrincipals.of(store)
     with MosquittoBroker(
         store,
@@ -82,10 +87,18 @@ def run(directory: Path, run_dir: Path) -> None:
         admins=principals.admins,
         service_instances=principals.service_instances,
     ) as running:
+        pid_file = run_dir / PID_FILE
+        pid_file.write_text(f"{running.pid}\n")
         click.echo(f"mosquitto pid {running.pid} listening on {running.host}:{running.port}")
-        click.echo(f"config and log in {run_dir}; Ctrl-C to stop")
+        click.echo(f"config and log in {run_dir}; `edgeward broker reload` re-reads the CRL")
+        click.echo("Ctrl-C or SIGTERM stops it")
         with contextlib.suppress(KeyboardInterrupt):
-            done.wait()
+            while not done.wait(0.2):
+                if reload_wanted.is_set():  # SIGHUP: reload, as mosquitto itself would
+                    reload_wanted.clear()
+                    running.reload()
+                    click.echo("reloaded (CRL and ACL re-read for new connections)")
+        pid_file.unlink(missing_ok=True)
     click.echo("broker stopped")
 
 
@@ -103,8 +116,33 @@ def render(directory: Path, out: Path) -> None:
 
     The PKI directory is mounted read-only at /edgeward/pki (see deploy/compose).
     """
-    store = PkiStore(directory)
+    store = PkiStore(directory).require()
     principals = AclPrincipals.of(store)
     identities = [*principals.operators, *principals.admins, *principals.service_instances]
     config = render_for_container(store, out, identities)
     click.echo(f"wrote {config} (+ edgeward.acl, dynamic-security.json) for {container.IMAGE}")
+
+
+@broker.command()
+@click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("run/broker"),
+    show_default=True,
+    help="The run directory of `edgeward broker run`.",
+)
+def reload(run_dir: Path) -> None:
+    """Make a running `edgeward broker run` re-read its CRL and ACL (after `pki revoke`).
+
+    New connections see the change; connected clients are not cut off by a reload.
+    """
+    pid_file = run_dir / PID_FILE
+    try:
+        pid = int(pid_file.read_text().strip())
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError) as exc:
+        raise click.UsageError(f"no running broker recorded in {pid_file}") from exc
+    if b"mosquitto" not in command:
+        raise click.UsageError(f"pid {pid} in {pid_file} is not mosquitto (stale file?)")
+    os.kill(pid, signal.SIGHUP)
+    click.echo(f"sent SIGHUP to mosquitto pid {pid}")

@@ -61,7 +61,7 @@ def demo(workdir: Path | None) -> None:
     """Run the foundation demo: broker + PKI + a signed round trip + forged messages."""
     temporary = workdir is None
     root = Path(tempfile.mkdtemp(prefix="edgeward-demo-")) if workdir is None else workdir
-    root.mkdir(parents=True, exist_ok=True)
+    _claim(root)
     try:
         with (root / "demo.log").open("a", encoding="utf-8") as log_file:
             configure_logging("demo", stream=log_file)
@@ -73,12 +73,25 @@ def demo(workdir: Path | None) -> None:
             click.echo(f"\nPKI, broker config and logs (demo.log, broker/) kept in {root}")
 
 
+MARKER = ".edgeward-demo"
+
+
+def _claim(root: Path) -> None:
+    """Use ``root`` only if it is new, empty, or an earlier demo's: the demo replaces the
+    PKI inside it, which must never be someone's real one."""
+    if root.exists() and any(root.iterdir()) and not (root / MARKER).exists():
+        raise click.UsageError(
+            f"{root} is not empty and was not made by `edgeward demo`; give a new directory"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).touch()
+
+
 async def _demo(root: Path) -> None:
     _step("1. a fresh PKI: offline root, issuing CA, broker, services, operator, devices")
     pki_dir = root / "pki"
-    if pki_dir.exists():
-        shutil.rmtree(pki_dir)
-    store = create_dev_pki(pki_dir, dev_identities(devices=2, operator=OPERATOR.name))
+    shutil.rmtree(pki_dir, ignore_errors=True)  # ours: _claim() checked the marker
+    store, _ = create_dev_pki(pki_dir, dev_identities(devices=2, operator=OPERATOR.name))
 
     _step("2. the real Mosquitto: mTLS only, CN = username = client id, generated ACL")
     with MosquittoBroker(store, root / "broker", operators=[OPERATOR]) as broker:

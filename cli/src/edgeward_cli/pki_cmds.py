@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -76,6 +77,11 @@ def init(directory: Path, org: str, root_passphrase_env: str | None) -> None:
     "--instance",
     help="For a service: one more instance of it (CN svc.<name>.<instance>), e.g. 2.",
 )
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="The identity already has a valid certificate: revoke it and issue a new one.",
+)
 def issue(  # click passes every parameter by keyword
     *,
     directory: Path,
@@ -84,6 +90,7 @@ def issue(  # click passes every parameter by keyword
     hours: int | None,
     hosts: tuple[str, ...],
     instance: str | None,
+    replace: bool,
 ) -> None:
     """Issue a key and certificate for ROLE NAME.
 
@@ -97,8 +104,10 @@ def issue(  # click passes every parameter by keyword
     """
     identity = _identity(Role(role), name, instance)
     lifetime = timedelta(hours=hours) if hours else LIFETIMES[identity.role]
-    files = PkiStore(directory).issue(identity, _now(), lifetime, hosts)
+    files = PkiStore(directory).issue(identity, _now(), lifetime, hosts, replace=replace)
     click.echo(f"issued {identity.common_name} ({identity.role}) -> {files.directory}")
+    if replace:
+        click.echo("the previous certificate is revoked: reload the broker to apply the CRL")
 
 
 def _identity(role: Role, name: str, instance: str | None = None) -> Identity:
@@ -119,7 +128,7 @@ def revoke(directory: Path, serial: str | None, common_name: str | None, reason:
     """Revoke certificates and reissue the CRL (then reload the broker)."""
     if (serial is None) == (common_name is None):
         raise click.UsageError("give exactly one of --serial or --cn")
-    store = PkiStore(directory)
+    store = PkiStore(directory).require()
     serials = (
         [int(serial, 16)]
         if serial
@@ -130,7 +139,8 @@ def revoke(directory: Path, serial: str | None, common_name: str | None, reason:
     for number in serials:
         changed = store.revoke(number, _now(), reason)
         click.echo(f"{'revoked' if changed else 'already revoked'}: {number:x}")
-    click.echo(f"CRL rewritten: {store.crl_path} (run `edgeward broker reload` or SIGHUP it)")
+    click.echo(f"CRL rewritten: {store.crl_path}")
+    click.echo("apply it to a running broker: `edgeward broker reload` (or SIGHUP mosquitto)")
 
 
 @pki.command()
@@ -138,7 +148,7 @@ def revoke(directory: Path, serial: str | None, common_name: str | None, reason:
 @click.option("--days", type=click.IntRange(1, 30), default=7, show_default=True)
 def crl(directory: Path, days: int) -> None:
     """Reissue the CRL (an expired CRL locks every client out of the broker)."""
-    number = PkiStore(directory).write_crl(_now(), timedelta(days=days))
+    number = PkiStore(directory).require().write_crl(_now(), timedelta(days=days))
     click.echo(f"CRL #{number} valid for {days} days")
 
 
@@ -146,10 +156,10 @@ def crl(directory: Path, days: int) -> None:
 @pki_dir_option
 def list_(directory: Path) -> None:
     """List issued certificates and whether they are revoked or expired."""
-    store = PkiStore(directory)
+    store = PkiStore(directory).require()
     revoked = store.revoked_serials()
     now = _now()
-    click.echo(f"{'serial':<42} {'identity':<28} {'role':<13} {'not after':<20} state")
+    click.echo(f"{'serial':<40} {'identity':<28} {'role':<13} {'not after':<18} state")
     for record in store.issued():
         state = (
             "revoked"
@@ -159,8 +169,8 @@ def list_(directory: Path) -> None:
             else "valid"
         )
         click.echo(
-            f"{record.serial:<42x} {record.common_name:<28} {record.role:<13} "
-            f"{record.not_after:%Y-%m-%d %H:%M}Z    {state}"
+            f"{record.serial:040x} {record.common_name:<28} {record.role:<13} "
+            f"{record.not_after:%Y-%m-%d %H:%M}Z {state}"
         )
 
 
@@ -177,16 +187,21 @@ def dev_identities(devices: int, operator: str) -> list[Identity]:
 
 def create_dev_pki(
     directory: Path, identities: Iterable[Identity], now: datetime | None = None
-) -> PkiStore:
-    """Create (or extend) a PKI in ``directory`` and issue every identity in it."""
+) -> tuple[PkiStore, list[Identity]]:
+    """Create (or extend) a PKI in ``directory``; issue each identity that has no valid
+    certificate yet. Returns the store and the identities it issued."""
     store = PkiStore(directory)
     now = now or _now()
     if not store.exists():
         store.init(now)
+    issued = []
     for identity in identities:
+        if store.current(identity, now):
+            continue
         hosts = ("127.0.0.1", "localhost") if identity.role is Role.BROKER else ()
         store.issue(identity, now, LIFETIMES[identity.role], hosts)
-    return store
+        issued.append(identity)
+    return store, issued
 
 
 @pki.command(name="dev-setup")
@@ -197,6 +212,8 @@ def dev_setup(directory: Path, devices: int, operator: str) -> None:
     """One step for development: CAs, broker, all services, an operator, the broker
     admin and DEVICES device certificates (dev-0001, ...)."""
     identities = dev_identities(devices, operator)
-    with click.progressbar(identities, label="issuing", show_pos=True) as bar:
-        create_dev_pki(directory, bar)
-    click.echo(f"development PKI ready in {directory} ({len(identities)} identities)")
+    with click.progressbar(identities, label="issuing", show_pos=True, file=sys.stderr) as bar:
+        _, issued = create_dev_pki(directory, bar)
+    kept = len(identities) - len(issued)
+    note = f", kept {kept} that already had a valid certificate" if kept else ""
+    click.echo(f"development PKI ready in {directory}: issued {len(issued)}{note}")

@@ -71,21 +71,27 @@ _encoder: Final = msgspec.json.Encoder()
 _decoder: Final = msgspec.json.Decoder(Envelope)
 
 
-def _lp(data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + data
+_U32: Final = struct.Struct(">I").pack
+_TIMES: Final = struct.Struct(">QQ").pack
 
 
 def pae(topic: str, *, type_: str, kid: str, mid: str, iat: int, exp: int, payload: bytes) -> bytes:
     """Pre-authentication encoding: exactly the bytes the signature covers."""
+    t, y, k, m = topic.encode(), type_.encode(), kid.encode(), mid.encode()
     return b"".join(
         (
             DOMAIN_TAG,
-            _lp(topic.encode()),
-            _lp(type_.encode()),
-            _lp(kid.encode()),
-            _lp(mid.encode()),
-            struct.pack(">QQ", iat, exp),
-            _lp(payload),
+            _U32(len(t)),
+            t,
+            _U32(len(y)),
+            y,
+            _U32(len(k)),
+            k,
+            _U32(len(m)),
+            m,
+            _TIMES(iat, exp),
+            _U32(len(payload)),
+            payload,
         )
     )
 

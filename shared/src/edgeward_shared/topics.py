@@ -20,6 +20,7 @@ contain ``+``, ``#``, ``/`` or a NUL, and a device id never contains a dot.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -162,8 +163,12 @@ class FleetTopic:
 Topic = DeviceTopic | ServiceTopic | FleetTopic
 
 
+@functools.lru_cache(maxsize=8192)
 def parse_topic(topic: str) -> Topic:
-    """Parse a concrete (wildcard-free) topic, or raise ``PolicyError(topic.invalid)``."""
+    """Parse a concrete (wildcard-free) topic, or raise ``PolicyError(topic.invalid)``.
+
+    Results are immutable and cached (a fleet reuses a bounded set of topics); failures are
+    not cached, so garbage topics cannot evict good ones by failing."""
     if len(topic.encode()) > MAX_TOPIC_BYTES or "\x00" in topic:
         raise PolicyError(Reason.TOPIC_INVALID, "topic too long or contains NUL")
     parts = topic.split("/")

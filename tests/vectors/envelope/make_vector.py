@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from edgeward_shared.envelope import seal
 from edgeward_shared.identity import Identity
-from edgeward_shared.messages.health import Ping
+from edgeward_shared.messages.health import Pong
 from edgeward_shared.testing import EPOCH_MS, MemoryPki
 
 HERE = Path(__file__).parent
@@ -25,16 +25,15 @@ TOPIC = "ew/v1/dev/dev-0001/up/health"
 def main() -> None:
     pki = MemoryPki(org="Edgeward Vector")
     key = pki.signing_key(Identity.device("dev-0001"))
-    raw = seal(
-        key, TOPIC, Ping(nonce="0f" * 16), now_ms=EPOCH_MS, mid="00112233445566778899aabbccddeeff"
-    )
+    pong = Pong(in_reply_to="ffeeddccbbaa99887766554433221100", nonce="0f" * 16, uptime_ms=4242)
+    raw = seal(key, TOPIC, pong, now_ms=EPOCH_MS, mid="00112233445566778899aabbccddeeff")
     (HERE / "root.pem").write_bytes(pki.root.cert.public_bytes(Encoding.PEM))
     (HERE / "issuing.pem").write_bytes(pki.issuing.cert.public_bytes(Encoding.PEM))
     (HERE / "envelope.json").write_bytes(raw)
     vector = {
         "topic": TOPIC,
         "verify_at_ms": EPOCH_MS + 1_000,
-        "type": Ping.TYPE,
+        "type": Pong.TYPE,
         "signer": "dev-0001",
     }
     (HERE / "vector.json").write_text(json.dumps(vector, indent=2) + "\n")

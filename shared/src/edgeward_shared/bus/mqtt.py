@@ -26,7 +26,7 @@ from edgeward_shared.errors import TransportError
 from edgeward_shared.pki.store import IdentityFiles
 from edgeward_shared.tls import client_context
 
-#: Nagle's algorithm plus delayed ACKs costs ~40 ms per request/response (ARCHITECTURE.md).
+#: Nagle's algorithm plus delayed ACKs costs ~40 ms per request/response (measured, 2.0.11).
 NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
 

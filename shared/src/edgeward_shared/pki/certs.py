@@ -119,7 +119,10 @@ def _aki(issuer_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
 
 def _subject_alt_names(identity: Identity, hosts: Iterable[str]) -> list[x509.GeneralName]:
     if identity.role is not Role.BROKER:
-        return [x509.UniformResourceIdentifier(f"urn:edgeward:{identity.role}:{identity.name}")]
+        label = (
+            identity.name if identity.instance is None else f"{identity.name}.{identity.instance}"
+        )
+        return [x509.UniformResourceIdentifier(f"urn:edgeward:{identity.role}:{label}")]
     names: list[x509.GeneralName] = []
     for host in hosts:
         try:

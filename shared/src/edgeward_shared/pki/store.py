@@ -210,14 +210,52 @@ class PkiStore:
             read_private_key(self.dir / "issuing" / "ca.key"),
         )
 
+    def require(self) -> PkiStore:
+        """``self`` if a PKI exists here; else a ``ConfigError`` that says how to make one."""
+        if not self.exists():
+            raise ConfigError(
+                "config.pki.missing",
+                f"no PKI in {self.dir}: create one with `edgeward pki dev-setup --dir {self.dir}`"
+                " (or `edgeward pki init`)",
+            )
+        return self
+
+    def current(self, identity: Identity, now: datetime) -> list[IssuedRecord]:
+        """Certificates issued to ``identity`` that are neither expired nor revoked."""
+        revoked = self.revoked_serials()
+        return [
+            record
+            for record in self.issued()
+            if record.common_name == identity.common_name
+            and record.not_after > now
+            and record.serial not in revoked
+        ]
+
     def issue(
         self,
         identity: Identity,
         now: datetime,
         lifetime: timedelta,
         hosts: tuple[str, ...] = (),
+        *,
+        replace: bool = False,
     ) -> IdentityFiles:
-        """Issue a fresh key and certificate for ``identity`` (replacing any earlier pair)."""
+        """Issue a fresh key and certificate for ``identity``.
+
+        An identity holds one valid certificate at a time: if it already has one, this
+        refuses unless ``replace``, which revokes the old certificate(s) ("superseded")
+        before the new key overwrites the old one on disk.
+        """
+        self.require()
+        existing = self.current(identity, now)
+        if existing and not replace:
+            raise ConfigError(
+                "config.pki.identity_exists",
+                f"{identity} already has a valid certificate (serial {existing[0].serial:x});"
+                " use --replace to revoke it and issue a new one",
+            )
+        for record in existing:
+            self.revoke(record.serial, now, "superseded")
         issuer = self.issuer()
         key = new_key()
         cert = make_leaf(
@@ -268,6 +306,7 @@ class PkiStore:
         return True
 
     def revoked_serials(self) -> frozenset[int]:
+        self.require()
         return frozenset(entry.serial for entry in self._load_state().revoked)
 
     def write_crl(self, now: datetime, lifetime: timedelta = CRL_LIFETIME) -> int:
