@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -39,6 +40,7 @@ from edgeward_shared.topics import (
     Channel,
     Direction,
     device_topic,
+    enroll_topic,
     service_request_topic,
     service_response_topic,
     shared_subscription,
@@ -51,6 +53,7 @@ TELEMETRY = Identity.service("telemetry")
 TELEMETRY_2 = Identity.service("telemetry", "2")
 ALICE = Identity.operator("alice")
 ADMIN = Identity(Role.BROKER_ADMIN, "broker")
+NEWCOMER = Identity.enrollee("dev-new")
 DOWN_A = device_topic("dev-a", Direction.DOWN, Channel.HEALTH)
 UP_A = device_topic("dev-a", Direction.UP, Channel.HEALTH)
 NONCE = "5a" * 16
@@ -91,7 +94,8 @@ class Fabric:
 
 @pytest.fixture(scope="module")
 def fabric_pki(pki: PkiStore) -> PkiStore:
-    pki.issue(TELEMETRY_2, datetime.now(UTC), timedelta(days=1))
+    for identity in (TELEMETRY_2, NEWCOMER):
+        pki.issue(identity, datetime.now(UTC), timedelta(days=1))
     return pki
 
 
@@ -279,6 +283,31 @@ async def test_several_instances_of_a_service_share_its_requests(fabric: Fabric)
         for rt in instances
     ]
     assert sum(h or 0 for h in handled) == 20  # each request handled exactly once
+
+
+@pytest.mark.asyncio
+async def test_an_enrollee_reaches_only_the_registrar(fabric: Fabric) -> None:
+    """docs/adr/0005: before enrollment a device may talk enrollment and nothing else."""
+    up = enroll_topic("dev-new", Direction.UP)
+    registrar = fabric.runtime(Identity.service(ServiceName.ATTESTATION))
+    seen: list[str] = []
+
+    async def record(opened: Any) -> tuple[()]:
+        seen.append(opened.topic)
+        return ()
+
+    registrar.route(up, [Ping], record)
+    telemetry = fabric.runtime(TELEMETRY)
+    telemetry.route("ew/v1/dev/+/up/health", [Ping], record)
+    newcomer = SigningKey.from_files(fabric.pki.identity_files(NEWCOMER))
+    now = SystemClock().now_ms()
+    async with fabric.serving(registrar, telemetry), fabric.connect(NEWCOMER) as bus:
+        sneaky = device_topic("dev-new", Direction.UP, Channel.HEALTH)
+        await bus.publish(sneaky, seal(newcomer, sneaky, Ping(nonce=NONCE), now_ms=now))
+        await bus.publish(up, seal(newcomer, up, Ping(nonce=NONCE), now_ms=now))
+        assert await _until(lambda: seen == [up])
+        await asyncio.sleep(0.1)
+    assert seen == [up]  # the device-topic publish never reached the telemetry service
 
 
 # ------------------------------------------------------------------------ real broker only

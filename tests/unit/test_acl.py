@@ -118,10 +118,12 @@ def test_the_model_matches_like_mqtt() -> None:
     assert not matches("#", "$CONTROL/dynamic-security/v1")
 
 
-def test_devices_have_no_user_block_only_the_three_patterns(acl: Acl) -> None:
+def test_devices_and_enrollees_have_no_user_block_only_patterns(acl: Acl) -> None:
     assert acl.patterns == [
         Rule("write", "ew/v1/dev/%u/up/#"),
         Rule("read", "ew/v1/dev/%u/down/#"),
+        Rule("write", "ew/v1/enroll/%u/up"),
+        Rule("read", "ew/v1/enroll/%u/down"),
         Rule("read", "ew/v1/fleet/#"),
     ]
     assert not any("." not in cn for cn in acl.users)  # every user block is a dotted CN
@@ -153,6 +155,8 @@ def test_each_service_gets_exactly_what_the_tables_give_it(acl: Acl, service: Se
     expected |= {
         ("write", f"ew/v1/fleet/{k}/#") for k, owner in FLEET_OWNERS.items() if owner == who
     }
+    if service is ServiceName.ATTESTATION:  # the registrar (docs/adr/0005)
+        expected |= {("read", "ew/v1/enroll/+/up"), ("write", "ew/v1/enroll/+/down")}
     assert grants(acl, who) == expected
 
 
@@ -187,7 +191,7 @@ def test_no_one_but_the_admins_gets_wildcards_sys_or_control(acl: Acl) -> None:
     for rule in rules:
         assert rule.access != "readwrite", rule
         assert rule.topic.startswith("ew/v1/"), rule  # so never "#", "+/...", "$SYS", "$CONTROL"
-        assert rule.topic.split("/")[2] in {"dev", "svc", "fleet"}, rule  # one subtree at most
+        assert rule.topic.split("/")[2] in {"dev", "svc", "fleet", "enroll"}, rule
     for rule in acl.users[ADMIN.common_name]:
         assert rule.access == "deny" or not {"#", "+"} & set(rule.topic), rule
 
@@ -195,6 +199,8 @@ def test_no_one_but_the_admins_gets_wildcards_sys_or_control(acl: Acl) -> None:
 def test_every_user_block_first_denies_its_own_pseudo_device_subtree(acl: Acl) -> None:
     for cn, rules in acl.users.items():
         assert rules[0] == Rule("deny", f"ew/v1/dev/{cn}/#")
+        assert rules[1] == Rule("deny", f"ew/v1/enroll/{cn}/#")
+        assert not acl.may(cn, "write", f"ew/v1/enroll/{cn}/up")
         assert not acl.may(cn, "write", f"ew/v1/dev/{cn}/up/attest")
         assert not acl.may(cn, "read", f"ew/v1/dev/{cn}/down/cmd")
 

@@ -42,6 +42,15 @@ POLICY = AclPolicy.parse(
         ("admin.broker", "$CONTROL/dynamic-security/v1", "write", True),
         ("admin.broker", "ew/v1/dev/dev-a/down/cmd", "write", False),
         ("dev+a", "ew/v1/dev/dev+a/up/health", "write", False),
+        ("enroll.dev-n", "ew/v1/enroll/enroll.dev-n/up", "write", True),
+        ("enroll.dev-n", "ew/v1/enroll/enroll.dev-n/down", "read", True),
+        ("enroll.dev-n", "ew/v1/enroll/enroll.dev-m/up", "write", False),
+        ("enroll.dev-n", "ew/v1/dev/dev-n/up/health", "write", False),
+        ("enroll.dev-n", "ew/v1/fleet/revocations", "read", True),
+        ("svc.attestation", "ew/v1/enroll/enroll.dev-n/up", "read", True),
+        ("svc.attestation", "ew/v1/enroll/enroll.dev-n/down", "write", True),
+        ("svc.telemetry", "ew/v1/enroll/enroll.dev-n/up", "read", False),
+        ("svc.telemetry", "ew/v1/enroll/svc.telemetry/up", "write", False),
     ],
 )
 def test_generated_acl_is_evaluated_like_mosquitto(

@@ -10,11 +10,13 @@ from edgeward_shared.topics import (
     Channel,
     DeviceTopic,
     Direction,
+    EnrollTopic,
     FleetKind,
     FleetTopic,
     ServiceTopic,
     authorize_signer,
     device_topic,
+    enroll_topic,
     fleet_topic,
     parse_topic,
     reply_topic,
@@ -176,3 +178,25 @@ def test_common_names_that_do_not_fit_are_refused(cn: str) -> None:
     role = Role.OPERATOR if cn.startswith("op.") else Role.SERVICE
     with pytest.raises(PolicyError, match="identity.invalid"):
         Identity.from_common_name(role, cn)
+
+
+def test_enrollment_topics_belong_to_the_enrollee_and_the_registrar() -> None:
+    up = enroll_topic("dev-n", Direction.UP)
+    assert up == "ew/v1/enroll/enroll.dev-n/up"
+    assert parse_topic(up) == EnrollTopic("dev-n", Direction.UP)
+    authorize_signer(up, Identity.enrollee("dev-n"))
+    for intruder in (Identity.enrollee("dev-m"), Identity.device("dev-n"), ATT, ALICE):
+        with pytest.raises(PolicyError):
+            authorize_signer(up, intruder)
+    down = enroll_topic("dev-n", Direction.DOWN)
+    authorize_signer(down, Identity.service(ServiceName.ATTESTATION, "2"))
+    with pytest.raises(PolicyError):
+        authorize_signer(down, Identity.service(ServiceName.IDENTITY))
+    assert reply_topic(down) == up
+    for bad in (
+        "ew/v1/enroll/dev-n/up",
+        "ew/v1/enroll/enroll.dev.n/up",
+        "ew/v1/enroll/enroll.x/side",
+    ):
+        with pytest.raises(PolicyError, match="topic.invalid"):
+            parse_topic(bad)

@@ -20,6 +20,7 @@ LIFETIMES = {
     Role.OPERATOR: timedelta(days=30),
     Role.BROKER_ADMIN: timedelta(days=30),
     Role.BROKER: timedelta(days=365),
+    Role.ENROLLEE: timedelta(days=30),  # revoked as soon as the device has enrolled
 }
 
 pki_dir_option = click.option(

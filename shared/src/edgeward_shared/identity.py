@@ -32,6 +32,7 @@ class Role(StrEnum):
     OPERATOR = "operator"
     BROKER_ADMIN = "broker-admin"  # may use $CONTROL (dynamic-security) on the broker
     BROKER = "broker"  # the broker's TLS server identity; never signs messages
+    ENROLLEE = "enrollee"  # a device before enrollment: may only enroll (docs/adr/0005)
 
 
 class ServiceName(StrEnum):
@@ -49,6 +50,7 @@ ROLE_OIDS: Final[dict[Role, x509.ObjectIdentifier]] = {
     Role.OPERATOR: x509.ObjectIdentifier(f"{EDGEWARD_ARC}.1.3"),
     Role.BROKER_ADMIN: x509.ObjectIdentifier(f"{EDGEWARD_ARC}.1.4"),
     Role.BROKER: x509.ObjectIdentifier(f"{EDGEWARD_ARC}.1.5"),
+    Role.ENROLLEE: x509.ObjectIdentifier(f"{EDGEWARD_ARC}.1.6"),
 }
 _OID_ROLES: Final = {oid: role for role, oid in ROLE_OIDS.items()}
 
@@ -57,6 +59,7 @@ _CN_PREFIX: Final[dict[Role, str]] = {
     Role.OPERATOR: "op.",
     Role.BROKER_ADMIN: "admin.",
     Role.BROKER: "broker.",
+    Role.ENROLLEE: "enroll.",
 }
 DEVICE_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 NAME_RE: Final = re.compile(r"[a-z][a-z0-9-]{0,31}")
@@ -78,7 +81,7 @@ class Identity:
     instance: str | None = None
 
     def __post_init__(self) -> None:
-        pattern = DEVICE_ID_RE if self.role is Role.DEVICE else NAME_RE
+        pattern = DEVICE_ID_RE if self.role in (Role.DEVICE, Role.ENROLLEE) else NAME_RE
         if not pattern.fullmatch(self.name):
             raise ValueError(f"invalid {self.role} name {self.name!r}")
         if self.role is Role.SERVICE and self.name not in ServiceName.__members__.values():
@@ -104,6 +107,10 @@ class Identity:
     @classmethod
     def operator(cls, name: str) -> Identity:
         return cls(Role.OPERATOR, name)
+
+    @classmethod
+    def enrollee(cls, device_id: str) -> Identity:
+        return cls(Role.ENROLLEE, device_id)
 
     @property
     def common_name(self) -> str:

@@ -9,6 +9,8 @@ Tree (``ew/v1`` is the versioned root)::
 
     ew/v1/dev/<device-id>/up/<channel>      device -> cloud   (device writes only its own)
     ew/v1/dev/<device-id>/down/<channel>    cloud  -> device  (writers depend on the channel)
+    ew/v1/enroll/<enrollee-cn>/up           enrollee -> attestation (docs/adr/0005)
+    ew/v1/enroll/<enrollee-cn>/down         attestation -> enrollee
     ew/v1/svc/<service>/evt/<kind>          events a service publishes for other services
     ew/v1/svc/<service>/req/<caller-cn>     requests to a service (operator or service caller)
     ew/v1/svc/<service>/rsp/<caller-cn>     the service's responses to that caller
@@ -44,7 +46,6 @@ class Channel(StrEnum):
     """The kinds of traffic in a device's subtree."""
 
     HEALTH = "health"  # ping / pong liveness, any service or operator
-    ENROLL = "enroll"  # enrollment and credential activation (attestation service)
     ATTEST = "attest"  # challenges and quotes (attestation service)
     CERT = "cert"  # certificate issuance and rotation (identity service)
     MODEL = "model"  # metadata, chunks, key release (model-distribution service)
@@ -67,7 +68,6 @@ _S = Identity.service
 #: Who may publish to ``down/<channel>`` (beside the role-wide OPERATOR entry).
 CHANNEL_WRITERS: Final[dict[Channel, frozenset[Identity | Role]]] = {
     Channel.HEALTH: _ALL_SERVICES | {Role.OPERATOR},
-    Channel.ENROLL: frozenset({_S(ServiceName.ATTESTATION)}),
     Channel.ATTEST: frozenset({_S(ServiceName.ATTESTATION)}),
     Channel.CERT: frozenset({_S(ServiceName.IDENTITY)}),
     Channel.MODEL: frozenset({_S(ServiceName.MODEL_DISTRIBUTION)}),
@@ -78,7 +78,6 @@ CHANNEL_WRITERS: Final[dict[Channel, frozenset[Identity | Role]]] = {
 #: Who may read ``up/<channel>`` from every device.
 CHANNEL_READERS: Final[dict[Channel, frozenset[Identity | Role]]] = {
     Channel.HEALTH: _ALL_SERVICES | {Role.OPERATOR},
-    Channel.ENROLL: frozenset({_S(ServiceName.ATTESTATION)}),
     Channel.ATTEST: frozenset({_S(ServiceName.ATTESTATION)}),
     Channel.CERT: frozenset({_S(ServiceName.IDENTITY)}),
     Channel.MODEL: frozenset({_S(ServiceName.MODEL_DISTRIBUTION)}),
@@ -98,6 +97,11 @@ FLEET_OWNERS: Final[dict[FleetKind, Identity]] = {
 def device_topic(device_id: str, direction: Direction, channel: Channel) -> str:
     Identity.device(device_id)  # validates
     return f"{ROOT}/dev/{device_id}/{direction}/{channel}"
+
+
+def enroll_topic(device_id: str, direction: Direction) -> str:
+    """The enrollment conversation of the not-yet-enrolled device ``device_id``."""
+    return f"{ROOT}/enroll/{Identity.enrollee(device_id).common_name}/{direction}"
 
 
 def service_event_topic(service: ServiceName, kind: str) -> str:
@@ -148,6 +152,12 @@ class DeviceTopic:
 
 
 @dataclass(frozen=True, slots=True)
+class EnrollTopic:
+    device_id: str
+    direction: Direction
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceTopic:
     service: ServiceName
     verb: str  # "evt" | "req" | "rsp"
@@ -160,7 +170,7 @@ class FleetTopic:
     item: str | None
 
 
-Topic = DeviceTopic | ServiceTopic | FleetTopic
+Topic = DeviceTopic | EnrollTopic | ServiceTopic | FleetTopic
 
 
 @functools.lru_cache(maxsize=8192)
@@ -176,7 +186,7 @@ def parse_topic(topic: str) -> Topic:
         raise PolicyError(Reason.TOPIC_INVALID, f"not an Edgeward topic: {topic!r}")
     try:
         return _parse_levels(parts[2:])
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, PolicyError) as exc:
         raise PolicyError(Reason.TOPIC_INVALID, f"unparseable topic {topic!r}") from exc
 
 
@@ -184,6 +194,9 @@ def _parse_levels(levels: list[str]) -> Topic:
     match levels:
         case ["dev", device_id, direction, channel] if DEVICE_ID_RE.fullmatch(device_id):
             return DeviceTopic(device_id, Direction(direction), Channel(channel))
+        case ["enroll", enrollee, direction] if enrollee.startswith("enroll."):
+            device_id = Identity.from_common_name(Role.ENROLLEE, enrollee).name
+            return EnrollTopic(device_id, Direction(direction))
         case ["svc", service, "evt" | "req" | "rsp" as verb, last]:
             if verb == "evt":
                 _check_kind(last)
@@ -213,6 +226,12 @@ def authorize_signer(topic: str, signer: Identity) -> None:
             _require_role(signer, Role.DEVICE, topic)
             if signer.name != device_id:
                 raise PolicyError(Reason.TOPIC_IDENTITY, f"{signer} signed for device {device_id}")
+        case EnrollTopic(device_id, Direction.UP):
+            if signer != Identity.enrollee(device_id):
+                raise PolicyError(Reason.TOPIC_IDENTITY, f"{signer} on enroll/{device_id}")
+        case EnrollTopic(_, Direction.DOWN):
+            if signer.principal != Identity.service(ServiceName.ATTESTATION):
+                raise PolicyError(Reason.TOPIC_ROLE, f"{signer} may not answer enrollments")
         case DeviceTopic(_, Direction.DOWN, channel):
             if not allowed(signer, CHANNEL_WRITERS[channel]):
                 raise PolicyError(Reason.TOPIC_ROLE, f"{signer} may not send {channel}")
@@ -247,6 +266,8 @@ def reply_topic(topic: str) -> str | None:
     match parse_topic(topic):
         case DeviceTopic(device_id, Direction.DOWN, channel):
             return f"{ROOT}/dev/{device_id}/{Direction.UP}/{channel}"
+        case EnrollTopic(device_id, Direction.DOWN):
+            return enroll_topic(device_id, Direction.UP)
         case ServiceTopic(service, "req", caller):
             return f"{ROOT}/svc/{service}/rsp/{caller}"
     return None

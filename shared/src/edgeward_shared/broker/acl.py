@@ -67,6 +67,10 @@ def _device_patterns() -> list[str]:
         "# A device publishes only in its own up/ subtree and receives only its own down/.",
         f"pattern write {ROOT}/dev/%u/up/#",
         f"pattern read {ROOT}/dev/%u/down/#",
+        "# An enrollee (CN enroll.<device-id>) only talks enrollment (docs/adr/0005). Others",
+        "# get the same two topics under their own CN; the envelope check refuses them there.",
+        f"pattern write {ROOT}/enroll/%u/up",
+        f"pattern read {ROOT}/enroll/%u/down",
         "# Fleet-wide retained topics are public to every authenticated client. Mosquitto",
         "# warns that this pattern has no %u: intended, patterns are the only all-clients rule.",
         f"pattern read {ROOT}/fleet/#",
@@ -78,8 +82,10 @@ def _user_header(who: Identity, summary: str) -> list[str]:
         "",
         f"# {summary}",
         f"user {who.common_name}",
-        f"# CNs with a dot are never devices: no access to the pseudo-device {who.common_name}.",
+        f"# CNs with a dot are never devices: no access to the pseudo-device {who.common_name},",
+        "# nor to the pseudo-enrollment the enrollee pattern would give it.",
         _line("deny", f"{ROOT}/dev/{who.common_name}/#"),
+        _line("deny", f"{ROOT}/enroll/{who.common_name}/#"),
     ]
 
 
@@ -99,6 +105,12 @@ def _service_block(who: Identity) -> list[str]:
         _line("write", f"{ROOT}/svc/+/req/{cn}"),
         _line("read", f"{ROOT}/svc/+/rsp/{cn}"),
     ]
+    if who.principal == Identity.service(ServiceName.ATTESTATION):
+        lines += [
+            "# the registrar: every enrollment conversation",
+            _line("read", f"{ROOT}/enroll/+/up"),
+            _line("write", f"{ROOT}/enroll/+/down"),
+        ]
     owned = sorted(str(kind) for kind, owner in FLEET_OWNERS.items() if owner == who.principal)
     return lines + [_line("write", f"{ROOT}/fleet/{kind}/#") for kind in owned]
 

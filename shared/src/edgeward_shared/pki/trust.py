@@ -29,7 +29,9 @@ from edgeward_shared.identity import Identity, Role, identity_of
 from edgeward_shared.pki.store import read_certificates
 
 #: Roles whose certificates may sign envelopes (the broker's server identity may not).
-SIGNING_ROLES = frozenset({Role.DEVICE, Role.SERVICE, Role.OPERATOR, Role.BROKER_ADMIN})
+SIGNING_ROLES = frozenset(
+    {Role.DEVICE, Role.SERVICE, Role.OPERATOR, Role.BROKER_ADMIN, Role.ENROLLEE}
+)
 
 
 @dataclass(frozen=True, slots=True)
