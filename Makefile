@@ -30,8 +30,8 @@ typecheck: bootstrap ## mypy --strict over product code
 unit: bootstrap ## Fast tests only (no broker)
 	uv run pytest -q tests/unit tests/property
 
-integration: bootstrap ## Tests against the real mosquitto
-	uv run pytest -q -m broker
+integration: bootstrap ## Tests against the real mosquitto and real swtpm
+	uv run pytest -q -m "broker or tpm"
 
 bench: bootstrap ## Run every benchmark in bench/ (prints figures, writes bench/results/*.json)
 	@for script in bench/bench_*.py; do echo "## $$script"; uv run python "$$script" || exit 1; done

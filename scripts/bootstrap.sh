@@ -3,7 +3,9 @@
 # Idempotent and quiet when everything is already there. Used by `make demo` and `make test`.
 set -euo pipefail
 
-APT_PACKAGES=(mosquitto mosquitto-clients openssl ca-certificates python3 python3-venv make)
+APT_PACKAGES=(mosquitto mosquitto-clients openssl ca-certificates python3 python3-venv make
+    # TPM: swtpm devices and tpm2-tools for tests; libtss2-dev + a compiler to build tpm2-pytss
+    swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config gcc python3-dev)
 UV_VENV="${EDGEWARD_UV_VENV:-$HOME/.cache/edgeward/uv}"
 
 say() { printf '[bootstrap] %s\n' "$*" >&2; }

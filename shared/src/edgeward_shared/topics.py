@@ -220,41 +220,38 @@ def authorize_signer(topic: str, signer: Identity) -> None:
     This mirrors the broker ACL's write side, one level stricter: it binds the signer's
     identity (not only its connection) to the topic.
     """
-    parsed = parse_topic(topic)
+    reason = _refusal(parse_topic(topic), signer)
+    if reason is not None:
+        raise PolicyError(reason, f"{signer} ({signer.role}) may not sign on {topic}")
+
+
+def _refusal(parsed: Topic, signer: Identity) -> str | None:  # noqa: PLR0911 - one per form
+    """Why ``signer`` may not sign for ``parsed``, or None if it may."""
     match parsed:
         case DeviceTopic(device_id, Direction.UP, _):
-            _require_role(signer, Role.DEVICE, topic)
-            if signer.name != device_id:
-                raise PolicyError(Reason.TOPIC_IDENTITY, f"{signer} signed for device {device_id}")
-        case EnrollTopic(device_id, Direction.UP):
-            if signer != Identity.enrollee(device_id):
-                raise PolicyError(Reason.TOPIC_IDENTITY, f"{signer} on enroll/{device_id}")
-        case EnrollTopic(_, Direction.DOWN):
-            if signer.principal != Identity.service(ServiceName.ATTESTATION):
-                raise PolicyError(Reason.TOPIC_ROLE, f"{signer} may not answer enrollments")
+            return _unless(signer, Identity.device(device_id))
         case DeviceTopic(_, Direction.DOWN, channel):
-            if not allowed(signer, CHANNEL_WRITERS[channel]):
-                raise PolicyError(Reason.TOPIC_ROLE, f"{signer} may not send {channel}")
-        case ServiceTopic(service, "req", caller):
-            _check_caller_identity(signer, caller)
+            return None if allowed(signer, CHANNEL_WRITERS[channel]) else Reason.TOPIC_ROLE
+        case EnrollTopic(device_id, Direction.UP):
+            return _unless(signer, Identity.enrollee(device_id))
+        case EnrollTopic(_, Direction.DOWN):
+            return _unless(signer.principal, Identity.service(ServiceName.ATTESTATION))
+        case ServiceTopic(_, "req", caller):
+            if signer.role not in (Role.SERVICE, Role.OPERATOR):
+                return Reason.TOPIC_ROLE
+            return None if signer.common_name == caller else Reason.TOPIC_IDENTITY
         case ServiceTopic(service, _, _):
-            if signer.principal != Identity.service(service):
-                raise PolicyError(Reason.TOPIC_IDENTITY, f"{signer} is not {service}")
+            return _unless(signer.principal, Identity.service(service))
         case FleetTopic(kind, _):
-            if signer.principal != FLEET_OWNERS[kind]:
-                raise PolicyError(Reason.TOPIC_ROLE, f"{signer} does not own fleet/{kind}")
+            return _unless(signer.principal, FLEET_OWNERS[kind])
+    return Reason.TOPIC_INVALID
 
 
-def _require_role(signer: Identity, role: Role, topic: str) -> None:
-    if signer.role is not role:
-        raise PolicyError(Reason.TOPIC_ROLE, f"{signer} ({signer.role}) on {topic}")
-
-
-def _check_caller_identity(signer: Identity, caller_cn: str) -> None:
-    if signer.role not in (Role.SERVICE, Role.OPERATOR):
-        raise PolicyError(Reason.TOPIC_ROLE, f"{signer} cannot call services")
-    if signer.common_name != caller_cn:
-        raise PolicyError(Reason.TOPIC_IDENTITY, f"{signer} wrote in {caller_cn}'s name")
+def _unless(who: Identity, expected: Identity) -> str | None:
+    """None if ``who`` is ``expected``; else a wrong role, or the right role but not them."""
+    if who == expected:
+        return None
+    return Reason.TOPIC_IDENTITY if who.role is expected.role else Reason.TOPIC_ROLE
 
 
 def reply_topic(topic: str) -> str | None:

@@ -1,0 +1,1 @@
+"""Edgeward attestation service: pure verification cores (quotes, credential protection)."""

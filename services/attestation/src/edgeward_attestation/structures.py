@@ -1,0 +1,289 @@
+"""TPM 2.0 wire structures the verifier reads, parsed by hand with strict bounds (pure).
+
+It owns unmarshalling (TPM 2.0 Part 2, "Structures"; all integers big-endian) of:
+``TPMS_ATTEST`` for quotes, ``TPMT_SIGNATURE`` with ECDSA, and ``TPM2B_PUBLIC`` /
+``TPMT_PUBLIC`` of ECC keys (AK and EK), plus object names. Every read is bounds-checked;
+a truncated, overlong or extended structure raises :class:`~edgeward_shared.errors.MessageError`
+(or the caller's reason), never ``IndexError``/``struct.error``. Structures are parsed from
+bytes a device sent: nothing here trusts a length field.
+
+It leaves every decision (nonce, PCR policy, counters, signature validity) to ``quote.py``
+and credential protection to ``credential.py``. No tpm2-pytss: the verifier must not need a
+TSS to check a quote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from edgeward_attestation.reasons import AttestationReason
+from edgeward_shared.errors import MessageError
+
+# TPM 2.0 Part 2 constants (Table 7 TPM_GENERATED, Table 9 TPM_ALG_ID, Table 10 TPM_ECC_CURVE,
+# Table 19 TPM_ST, Table 31 TPMA_OBJECT)
+TPM_GENERATED_VALUE: Final = 0xFF544347
+TPM_ST_ATTEST_QUOTE: Final = 0x8018
+ALG_SHA1: Final = 0x0004
+ALG_SHA256: Final = 0x000B
+ALG_SHA384: Final = 0x000C
+ALG_SHA512: Final = 0x000D
+ALG_NULL: Final = 0x0010
+ALG_AES: Final = 0x0006
+ALG_CFB: Final = 0x0043
+ALG_ECDSA: Final = 0x0018
+ALG_ECDAA: Final = 0x001A
+ALG_ECC: Final = 0x0023
+ECC_NIST_P256: Final = 0x0003
+ECC_NIST_P384: Final = 0x0004
+ATTR_FIXED_TPM: Final = 0x00000002
+ATTR_FIXED_PARENT: Final = 0x00000010
+ATTR_SENSITIVE_DATA_ORIGIN: Final = 0x00000020
+ATTR_USER_WITH_AUTH: Final = 0x00000040
+ATTR_RESTRICTED: Final = 0x00010000
+ATTR_DECRYPT: Final = 0x00020000
+ATTR_SIGN: Final = 0x00040000
+
+#: Digest size per hash algorithm id; also the names ``hashlib`` knows them by.
+HASHES: Final[dict[int, tuple[str, int]]] = {
+    ALG_SHA1: ("sha1", 20),
+    ALG_SHA256: ("sha256", 32),
+    ALG_SHA384: ("sha384", 48),
+    ALG_SHA512: ("sha512", 64),
+}
+CURVES: Final[dict[int, ec.EllipticCurve]] = {
+    ECC_NIST_P256: ec.SECP256R1(),
+    ECC_NIST_P384: ec.SECP384R1(),
+}
+_MAX_NAME: Final = 2 + 64  # TPMU_NAME: a TPMT_HA (alg + largest digest)
+_MAX_DIGEST: Final = 64  # TPMU_HA's largest member (SHA-512)
+_MAX_ECC_PARAMETER: Final = 66  # MAX_ECC_KEY_BYTES (P-521)
+_MAX_PCR_SELECT: Final = 4  # PCR_SELECT_MAX for up to 32 PCRs
+_MAX_BANKS: Final = 16  # HASH_COUNT bound for TPML_PCR_SELECTION.count
+
+
+_U16, _U32 = struct.Struct(">H"), struct.Struct(">I")
+_ATTEST_HEADER = struct.Struct(">IH")  # TPMS_ATTEST.magic, .type
+_CLOCK_AND_FIRMWARE = struct.Struct(">QIIBQ")  # TPMS_CLOCK_INFO, firmwareVersion
+_SELECTION_HEADER = struct.Struct(">HB")  # TPMS_PCR_SELECTION.hash, .sizeofSelect
+_SIGNATURE_HEADER = struct.Struct(">HH")  # TPMT_SIGNATURE.sigAlg, TPMS_SIGNATURE_ECDSA.hash
+_BITS_SET = tuple(tuple(bit for bit in range(8) if byte >> bit & 1) for byte in range(256))
+
+
+class Reader:
+    """Big-endian reads over ``data`` that raise ``MessageError(reason)`` past its end."""
+
+    __slots__ = ("_data", "_pos", "_reason")
+
+    def __init__(self, data: bytes, reason: str = AttestationReason.QUOTE_MALFORMED) -> None:
+        self._data = data
+        self._pos = 0
+        self._reason = reason
+
+    def fail(self, detail: str) -> MessageError:
+        return MessageError(self._reason, f"{detail} at offset {self._pos}")
+
+    def fields(self, layout: struct.Struct) -> tuple[int, ...]:
+        """Several fixed-size integers at once (``layout`` is big-endian, no padding)."""
+        if self._pos + layout.size > len(self._data):
+            raise self.fail("truncated")
+        values = layout.unpack_from(self._data, self._pos)
+        self._pos += layout.size
+        return values
+
+    def u16(self) -> int:
+        return self.fields(_U16)[0]
+
+    def u32(self) -> int:
+        return self.fields(_U32)[0]
+
+    def raw(self, size: int) -> bytes:
+        if self._pos + size > len(self._data):
+            raise self.fail("truncated")
+        value = self._data[self._pos : self._pos + size]
+        self._pos += size
+        return value
+
+    def tpm2b(self, limit: int) -> bytes:
+        """A TPM2B_*: a u16 size then that many bytes, the size at most ``limit``."""
+        data, start = self._data, self._pos + 2
+        if start > len(data):
+            raise self.fail("truncated")
+        size = data[start - 2] << 8 | data[start - 1]
+        if size > limit:
+            raise self.fail(f"TPM2B of {size} bytes (at most {limit})")
+        if start + size > len(data):
+            raise self.fail("truncated")
+        self._pos = start + size
+        return data[start : start + size]
+
+    def end(self) -> None:
+        """The structure must end exactly here: trailing bytes are an extension attack."""
+        if self._pos != len(self._data):
+            raise self.fail(f"{len(self._data) - self._pos} trailing bytes")
+
+
+# ---------------------------------------------------------------------- TPMS_ATTEST
+@dataclass(frozen=True, slots=True)
+class ClockInfo:
+    """TPMS_CLOCK_INFO (Part 2, 10.11.1)."""
+
+    clock: int
+    reset_count: int
+    restart_count: int
+    safe: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PcrSelection:
+    """One TPMS_PCR_SELECTION (Part 2, 10.6.2): a bank and the PCR indices it selects."""
+
+    bank: int
+    indices: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class QuoteAttest:
+    """TPMS_ATTEST (Part 2, 10.12.12) whose ``attested`` is a TPMS_QUOTE_INFO (10.12.4)."""
+
+    qualified_signer: bytes
+    extra_data: bytes
+    clock_info: ClockInfo
+    firmware_version: int
+    pcr_selections: tuple[PcrSelection, ...]
+    pcr_digest: bytes
+
+
+def _pcr_selection(reader: Reader) -> PcrSelection:
+    bank, size = reader.fields(_SELECTION_HEADER)
+    if size > _MAX_PCR_SELECT:
+        raise reader.fail(f"sizeofSelect {size}")
+    bitmap = reader.raw(size)  # pcrSelect[n] bit b selects PCR 8n + b
+    indices = tuple(8 * n + bit for n, byte in enumerate(bitmap) for bit in _BITS_SET[byte])
+    return PcrSelection(bank, indices)
+
+
+def parse_quote_attest(data: bytes) -> QuoteAttest:
+    """Unmarshal a TPMS_ATTEST of type TPM_ST_ATTEST_QUOTE; the magic and type come first."""
+    reader = Reader(data)
+    magic, type_ = reader.fields(_ATTEST_HEADER)
+    if magic != TPM_GENERATED_VALUE:  # made by a TPM, not a buffer a caller chose
+        raise MessageError(AttestationReason.QUOTE_MAGIC, "not TPM_GENERATED_VALUE")
+    if type_ != TPM_ST_ATTEST_QUOTE:  # a quote, not a certification or a time stamp
+        raise MessageError(AttestationReason.QUOTE_TYPE, "not TPM_ST_ATTEST_QUOTE")
+    qualified_signer = reader.tpm2b(_MAX_NAME)  # TPM2B_NAME
+    extra_data = reader.tpm2b(_MAX_DIGEST)  # TPM2B_DATA: the caller's qualifyingData
+    # TPMS_CLOCK_INFO (clock, resetCount, restartCount, safe) then firmwareVersion
+    clock, reset_count, restart_count, safe, firmware_version = reader.fields(_CLOCK_AND_FIRMWARE)
+    if safe > 1:  # TPMI_YES_NO
+        raise reader.fail(f"safe = {safe}")
+    count = reader.u32()  # TPML_PCR_SELECTION
+    if count > _MAX_BANKS:
+        raise reader.fail(f"{count} PCR selections")
+    selections = tuple(_pcr_selection(reader) for _ in range(count))
+    pcr_digest = reader.tpm2b(_MAX_DIGEST)  # TPM2B_DIGEST
+    reader.end()
+    return QuoteAttest(
+        qualified_signer,
+        extra_data,
+        ClockInfo(clock, reset_count, restart_count, bool(safe)),
+        firmware_version,
+        selections,
+        pcr_digest,
+    )
+
+
+# ---------------------------------------------------------------------- TPMT_SIGNATURE
+@dataclass(frozen=True, slots=True)
+class EcdsaSignature:
+    """TPMT_SIGNATURE with sigAlg TPM_ALG_ECDSA (Part 2, 11.3.4 / 11.2.3.2)."""
+
+    hash_alg: int
+    r: int
+    s: int
+
+
+def parse_ecdsa_signature(data: bytes) -> EcdsaSignature:
+    """Unmarshal a TPMT_SIGNATURE that must be ECDSA; anything else is a bad signature."""
+    reader = Reader(data, AttestationReason.QUOTE_SIGNATURE)
+    sig_alg, hash_alg = reader.fields(_SIGNATURE_HEADER)
+    if sig_alg != ALG_ECDSA:
+        raise reader.fail("sigAlg is not TPM_ALG_ECDSA")
+    r = reader.tpm2b(_MAX_ECC_PARAMETER)  # TPM2B_ECC_PARAMETER signatureR
+    s = reader.tpm2b(_MAX_ECC_PARAMETER)  # TPM2B_ECC_PARAMETER signatureS
+    reader.end()
+    return EcdsaSignature(hash_alg, int.from_bytes(r, "big"), int.from_bytes(s, "big"))
+
+
+# ---------------------------------------------------------------------- TPMT_PUBLIC (ECC)
+@dataclass(frozen=True, slots=True)
+class EccPublic:
+    """An ECC TPMT_PUBLIC (Part 2, 12.2.4) with TPMS_ECC_PARMS (12.2.3.6); ``raw`` is its bytes."""
+
+    raw: bytes
+    name_alg: int
+    attributes: int
+    auth_policy: bytes
+    symmetric: tuple[int, int, int]  # TPMT_SYM_DEF_OBJECT: (algorithm, keyBits, mode)
+    scheme: tuple[int, int]  # TPMT_ECC_SCHEME: (scheme, hashAlg)
+    curve: int
+    kdf: tuple[int, int]  # TPMT_KDF_SCHEME: (scheme, hashAlg)
+    x: bytes
+    y: bytes
+
+    @property
+    def name(self) -> bytes:
+        """The object's Name (Part 1, 16): nameAlg || H_nameAlg(TPMT_PUBLIC)."""
+        algorithm, _ = HASHES[self.name_alg]
+        return self.name_alg.to_bytes(2, "big") + hashlib.new(algorithm, self.raw).digest()
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        """The point as a ``cryptography`` key (checked to be on the curve)."""
+        numbers = ec.EllipticCurvePublicNumbers(
+            int.from_bytes(self.x, "big"), int.from_bytes(self.y, "big"), CURVES[self.curve]
+        )
+        return numbers.public_key()
+
+    def has(self, attributes: int) -> bool:
+        return self.attributes & attributes == attributes
+
+
+def _pair(reader: Reader) -> tuple[int, int]:
+    """An algorithm id followed by a hashAlg unless it is TPM_ALG_NULL."""
+    algorithm = reader.u16()
+    if algorithm == ALG_NULL:
+        return algorithm, ALG_NULL
+    if algorithm == ALG_ECDAA:  # TPMS_SCHEME_ECDAA also has a count: not an AK we accept
+        raise reader.fail("ECDAA scheme")
+    return algorithm, reader.u16()
+
+
+def _symmetric(reader: Reader) -> tuple[int, int, int]:
+    algorithm = reader.u16()
+    if algorithm == ALG_NULL:
+        return algorithm, 0, ALG_NULL
+    return algorithm, reader.u16(), reader.u16()
+
+
+def parse_ecc_public(data: bytes, reason: str) -> EccPublic:
+    """Unmarshal a TPM2B_PUBLIC holding an ECC TPMT_PUBLIC on a curve we support."""
+    outer = Reader(data, reason)
+    raw = outer.tpm2b(len(data))
+    outer.end()
+    reader = Reader(raw, reason)
+    if reader.u16() != ALG_ECC:
+        raise reader.fail("type is not TPM_ALG_ECC")
+    name_alg, attributes = reader.u16(), reader.u32()
+    if name_alg not in HASHES:
+        raise reader.fail(f"nameAlg {name_alg:#06x}")
+    auth_policy = reader.tpm2b(_MAX_DIGEST)
+    symmetric, scheme, curve, kdf = _symmetric(reader), _pair(reader), reader.u16(), _pair(reader)
+    if curve not in CURVES:
+        raise reader.fail(f"curve {curve:#06x}")
+    x, y = reader.tpm2b(_MAX_ECC_PARAMETER), reader.tpm2b(_MAX_ECC_PARAMETER)
+    reader.end()
+    return EccPublic(raw, name_alg, attributes, auth_policy, symmetric, scheme, curve, kdf, x, y)

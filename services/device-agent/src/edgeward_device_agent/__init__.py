@@ -1,0 +1,1 @@
+"""Edgeward device agent: the TPM layer and the simulated-device helper."""

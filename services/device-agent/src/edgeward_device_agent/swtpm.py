@@ -1,0 +1,374 @@
+"""A simulated device fleet for development and tests: one ``swtpm`` process per device.
+
+It owns: a test "TPM manufacturer" CA (made with ``cryptography``; ``swtpm_localca`` signs
+with it, so the CA certificate is the verifier's manufacturer trust anchor), provisioning
+each device's TPM state with ``swtpm_setup --tpm2 --create-ek-cert --create-platform-cert``
+(RSA-2048 and ECC P-384 EKs, their certificates in NV), starting ``swtpm socket --tpm2`` on
+two consecutive free loopback ports (server N, control N+1, as the ``swtpm:`` TCTI expects)
+with ``--flags not-need-init,startup-clear``, measuring a named boot chain into PCRs 0-7 of
+every active bank, and stopping each process by its PID.
+
+Layout (every directory 0700, the CA key 0600)::
+
+    <root>/ca/{cert.pem,key.pem,serial}     the manufacturer CA (swtpm_localca's statedir)
+    <root>/swtpm_setup.conf, localca.*       swtpm_setup's configuration for this fleet
+    <root>/devices/<name>/                   one TPM's state (tpm2-00.permall) and swtpm.log
+
+It leaves to others: anything a real device does after boot (AK, quotes: :mod:`.tpm`).
+Nothing here is used in production; a real device has a real TPM at ``/dev/tpmrm0``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Final, Self
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from edgeward_device_agent.tpm import PcrBank, Tpm
+
+_PORT_ATTEMPTS: Final = 20
+_READY_TIMEOUT_S: Final = 5.0
+_STOP_TIMEOUT_S: Final = 5.0
+_DEFAULT_WORKERS: Final = 16
+
+
+# ---------------------------------------------------------------------- boot chains
+@dataclass(frozen=True)
+class Measurement:
+    """One named boot component, measured into ``pcr`` as ``H(name)`` in every bank."""
+
+    pcr: int
+    name: str
+
+    def digest(self, bank: PcrBank) -> bytes:
+        return bank.hash(self.name.encode())
+
+
+BootChain = tuple[Measurement, ...]
+
+#: A plausible measured boot into PCRs 0-7 (UEFI PC Client layout), as a reference device.
+GOLDEN_BOOT_CHAIN: Final[BootChain] = (
+    Measurement(0, "firmware: edgeward-fw 1.4.2 (CRTM + UEFI code)"),
+    Measurement(1, "firmware config: edgeward-board rev C"),
+    Measurement(2, "option ROMs: none"),
+    Measurement(3, "option ROM config: none"),
+    Measurement(4, "boot loader: shim 15.7 + grub 2.06"),
+    Measurement(4, "kernel: linux 6.1.0-edgeward"),
+    Measurement(5, "GPT: edgeward disk layout v2"),
+    Measurement(6, "platform state: normal boot"),
+    Measurement(7, "secure boot: enabled, db=Edgeward Platform Key 2026"),
+)
+
+
+def tampered_boot_chain(chain: BootChain = GOLDEN_BOOT_CHAIN) -> BootChain:
+    """``chain`` with its boot loader replaced: what an attacker's bootkit would measure."""
+    return tuple(
+        replace(m, name="boot loader: grub 2.06 (patched, init=/bin/sh)")
+        if m.name.startswith("boot loader")
+        else m
+        for m in chain
+    )
+
+
+def expected_pcrs(chain: BootChain, bank: PcrBank = PcrBank.SHA256) -> dict[int, bytes]:
+    """PCRs 0-7 after ``chain`` is extended from reset: the golden values for an allowlist."""
+    values = dict.fromkeys(range(8), bytes(bank.digest_size))
+    for measurement in chain:
+        values[measurement.pcr] = bank.hash(values[measurement.pcr] + measurement.digest(bank))
+    return values
+
+
+# ---------------------------------------------------------------------- manufacturer CA
+@dataclass(frozen=True)
+class ManufacturerCa:
+    """The test TPM manufacturer's CA: ECDSA P-256, self-signed, key written 0600."""
+
+    directory: Path
+    certificate: x509.Certificate
+
+    @property
+    def cert_path(self) -> Path:
+        return self.directory / "cert.pem"
+
+    @property
+    def key_path(self) -> Path:
+        return self.directory / "key.pem"
+
+    @classmethod
+    def create(cls, directory: Path, name: str = "Edgeward Test TPM Manufacturer CA") -> Self:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=False)
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = datetime.now(UTC)
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .sign(key, hashes.SHA256())
+        )
+        ca = cls(directory, certificate)
+        pem_key = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        fd = os.open(ca.key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(pem_key)
+        ca.cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        (directory / "serial").write_text("1\n")
+        return ca
+
+
+# ---------------------------------------------------------------------- one device
+@dataclass
+class SwtpmDevice:
+    """A running swtpm: its name, state directory, server port and process."""
+
+    name: str
+    state_dir: Path
+    port: int
+    process: subprocess.Popen[bytes] = field(repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def tcti(self) -> str:
+        return f"swtpm:host=127.0.0.1,port={self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def open(self) -> Tpm:
+        """A :class:`Tpm` on this device (the caller closes it)."""
+        return Tpm(self.tcti)
+
+    def stop(self) -> None:
+        """SIGTERM this swtpm by PID, SIGKILL if it has not exited in time (idempotent)."""
+        if not self.running:
+            return
+        os.kill(self.pid, signal.SIGTERM)
+        try:
+            self.process.wait(_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.kill(self.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def measure_boot(tpm: Tpm, chain: BootChain, banks: Sequence[PcrBank]) -> None:
+    """Extend every measurement of ``chain`` into every bank in ``banks``."""
+    for measurement in chain:
+        tpm.extend_pcr(measurement.pcr, {bank: measurement.digest(bank) for bank in banks})
+
+
+def _free_port_pair() -> int:
+    """A loopback port N with N+1 also free at the time of asking (swtpm binds both)."""
+    for _ in range(_PORT_ATTEMPTS):
+        with closing(socket.socket()) as first:
+            first.bind(("127.0.0.1", 0))
+            port: int = first.getsockname()[1]
+            if port >= 65535:
+                continue
+            with closing(socket.socket()) as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no pair of consecutive free loopback ports")
+
+
+def _wait_listening(process: subprocess.Popen[bytes], port: int) -> bool:
+    """Wait until swtpm accepts on its server and control ports (it binds them in turn)."""
+    deadline = time.monotonic() + _READY_TIMEOUT_S
+    pending = [port, port + 1]
+    while pending and process.poll() is None and time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", pending[0]), timeout=1).close()
+        except OSError:
+            time.sleep(0.002)
+            continue
+        pending.pop(0)
+    return not pending and process.poll() is None
+
+
+# ---------------------------------------------------------------------- the fleet
+class SwtpmFleet:
+    """Simulated devices under one root directory, sharing one manufacturer CA.
+
+    Use as a context manager: leaving it stops every swtpm it started (by PID).
+    ``pcr_banks`` are the banks swtpm_setup activates (SHA-1 too, to test bank policy).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        pcr_banks: Sequence[PcrBank] = (PcrBank.SHA256,),
+        ca: ManufacturerCa | None = None,
+    ) -> None:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.root = root
+        self.banks = tuple(pcr_banks)
+        self.ca = ca or ManufacturerCa.create(root / "ca")
+        self.devices: dict[str, SwtpmDevice] = {}
+        self._write_setup_config()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop_all()
+
+    def _write_setup_config(self) -> None:
+        ca = self.ca
+        (self.root / "localca.conf").write_text(
+            f"statedir = {ca.directory}\nsigningkey = {ca.key_path}\n"
+            f"issuercert = {ca.cert_path}\ncertserial = {ca.directory / 'serial'}\n"
+        )
+        (self.root / "localca.options").write_text(
+            "--platform-manufacturer Edgeward\n--platform-version 2.1\n--platform-model swtpm\n"
+        )
+        (self.root / "swtpm_setup.conf").write_text(
+            "create_certs_tool = swtpm_localca\n"
+            f"create_certs_tool_config = {self.root / 'localca.conf'}\n"
+            f"create_certs_tool_options = {self.root / 'localca.options'}\n"
+        )
+
+    # ------------------------------------------------------------------ provisioning
+    def provision(self, name: str) -> Path:
+        """Manufacture a TPM state for ``name``: EKs and their certificates from the CA."""
+        state = self.root / "devices" / name
+        state.parent.mkdir(mode=0o700, exist_ok=True)
+        state.mkdir(mode=0o700)
+        banks = ",".join(bank.name.lower() for bank in self.banks)
+        subprocess.run(
+            [
+                "swtpm_setup", "--tpm2", "--tpm-state", str(state),
+                "--create-ek-cert", "--create-platform-cert",
+                "--pcr-banks", banks, "--config", str(self.root / "swtpm_setup.conf"),
+                "--logfile", str(state / "swtpm_setup.log"),
+            ],
+            check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, timeout=60,
+        )  # fmt: skip
+        return state
+
+    def _spawn(self, name: str, state: Path) -> SwtpmDevice:
+        for _ in range(_PORT_ATTEMPTS):
+            port = _free_port_pair()
+            process = subprocess.Popen(
+                [
+                    "swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state}",
+                    "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
+                    "--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
+                    "--flags", "not-need-init,startup-clear",
+                    "--log", f"file={state / 'swtpm.log'}",
+                ],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            if _wait_listening(process, port):
+                return SwtpmDevice(name, state, port, process)
+            SwtpmDevice(name, state, port, process).stop()  # lost a port race: try others
+        raise RuntimeError(f"swtpm for {name} did not start (see {state / 'swtpm.log'})")
+
+    def boot(self, device: SwtpmDevice, chain: BootChain = GOLDEN_BOOT_CHAIN) -> None:
+        """Measure ``chain`` into the running ``device`` (as its firmware would at boot)."""
+        with device.open() as tpm:
+            measure_boot(tpm, chain, self.banks)
+
+    def start(self, name: str, chain: BootChain = GOLDEN_BOOT_CHAIN) -> SwtpmDevice:
+        """Provision (first time only), start and boot one device."""
+        state = self.root / "devices" / name
+        if not (state / "tpm2-00.permall").exists():
+            self.provision(name)
+        device = self._spawn(name, state)
+        self.devices[name] = device
+        try:
+            self.boot(device, chain)
+        except Exception:
+            device.stop()
+            raise
+        return device
+
+    def start_many(
+        self,
+        names: Iterable[str],
+        chain: BootChain = GOLDEN_BOOT_CHAIN,
+        workers: int = _DEFAULT_WORKERS,
+    ) -> list[SwtpmDevice]:
+        """Start many devices in parallel (swtpm_setup mostly waits, so threads scale)."""
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(lambda name: self.start(name, chain), names))
+
+    def reboot(self, device: SwtpmDevice, chain: BootChain = GOLDEN_BOOT_CHAIN) -> SwtpmDevice:
+        """Stop and restart ``device`` (a TPM reset: resetCount + 1), then boot ``chain``."""
+        device.stop()
+        return self.start(device.name, chain)
+
+    def stop_all(self) -> None:
+        for device in self.devices.values():
+            device.stop()
+
+    @contextmanager
+    def device(self, name: str, chain: BootChain = GOLDEN_BOOT_CHAIN) -> Iterator[SwtpmDevice]:
+        """One device for the duration of a ``with`` block."""
+        device = self.start(name, chain)
+        try:
+            yield device
+        finally:
+            device.stop()
+
+
+__all__ = [
+    "GOLDEN_BOOT_CHAIN",
+    "BootChain",
+    "ManufacturerCa",
+    "Measurement",
+    "SwtpmDevice",
+    "SwtpmFleet",
+    "expected_pcrs",
+    "measure_boot",
+    "tampered_boot_chain",
+]
