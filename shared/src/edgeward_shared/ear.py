@@ -1,0 +1,156 @@
+"""Attestation results as EAR JWTs: issued by the attestation service, checked offline by any
+relying party (inference gateway, model distribution, ...).
+
+Shape (draft-ietf-rats-ear, JWT/ES256 made and checked with PyJWT)::
+
+    header  {"alg": "ES256", "typ": "JWT", "x5c": [<attestation service certificate, DER b64>]}
+    claims  {"eat_profile": "tag:github.com,2023:veraison/ear",
+             "iat": <s>, "exp": <s>, "jti": <result id>, "sub": <device id>,
+             "ear.verifier-id": {"developer": "edgeward", "build": "<version>"},
+             "submods": {"edgeward": {"ear.status": "affirming" | "warning" | "contraindicated",
+                                      "ear.appraisal-policy-id": <policy id>}},
+             "cnf": {"jwk": <the device's session public key, EC P-256 JWK (RFC 7800)>}}
+
+:func:`verify_ear` accepts a result only if its signer's certificate chains to our CA, is
+the attestation service's (role and name, any instance), is not revoked, the signature
+verifies, the result is inside its validity window at the injected ``now`` and it names a
+session key; everything else is ``AuthenticityError``/``MessageError`` with a reason id.
+Whether the status is good enough is the relying party's policy, not this module's.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from typing import Any, Final, Literal, cast
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from edgeward_shared.clock import to_datetime
+from edgeward_shared.envelope import SigningKey
+from edgeward_shared.errors import AuthenticityError, MessageError
+from edgeward_shared.identity import Identity, ServiceName
+from edgeward_shared.pki.trust import TrustStore
+
+EAR_PROFILE: Final = "tag:github.com,2023:veraison/ear"
+SUBMODULE: Final = "edgeward"
+VERIFIER: Final = Identity.service(ServiceName.ATTESTATION)
+MAX_TOKEN_BYTES: Final = 8192
+Status = Literal["affirming", "warning", "contraindicated"]
+_STATUSES: Final = ("affirming", "warning", "contraindicated")
+
+
+class EarReason:
+    MALFORMED: Final = "ear.malformed"
+    SIGNER: Final = "ear.signer.invalid"
+    SIGNATURE: Final = "ear.signature.invalid"
+    EXPIRED: Final = "ear.expired"
+    NOT_YET_VALID: Final = "ear.not_yet_valid"
+
+
+@dataclass(frozen=True, slots=True)
+class AttestationClaims:
+    """What an attestation result asserts (times in seconds since the epoch, as in JWT)."""
+
+    device_id: str
+    status: Status
+    policy_id: str
+    session_key: ec.EllipticCurvePublicKey
+    result_id: str
+    issued_at: int
+    expires_at: int
+
+    @property
+    def session_key_der(self) -> bytes:
+        return self.session_key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+
+def _session_jwk(key: ec.EllipticCurvePublicKey) -> dict[str, Any]:
+    jwk: dict[str, Any] = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key))
+    return jwk
+
+
+def issue_ear(signer: SigningKey, claims: AttestationClaims, *, build: str = "0.1.0") -> str:
+    """Sign ``claims`` as an EAR JWT with the attestation service's key."""
+    if signer.identity.principal != VERIFIER:
+        raise ValueError(f"{signer.identity} is not the attestation service")
+    payload = {
+        "eat_profile": EAR_PROFILE,
+        "iat": claims.issued_at,
+        "exp": claims.expires_at,
+        "jti": claims.result_id,
+        "sub": claims.device_id,
+        "ear.verifier-id": {"developer": "edgeward", "build": build},
+        "submods": {
+            SUBMODULE: {"ear.status": claims.status, "ear.appraisal-policy-id": claims.policy_id}
+        },
+        "cnf": {"jwk": _session_jwk(claims.session_key)},
+    }
+    headers = {"x5c": [base64.b64encode(signer.cert_der).decode()], "typ": "JWT"}
+    return jwt.encode(payload, signer.key, algorithm="ES256", headers=headers)
+
+
+def verify_ear(
+    token: str, trust: TrustStore, *, now_ms: int, leeway_s: int = 30
+) -> AttestationClaims:
+    """Check an EAR offline: signer chain and identity, signature, validity window, shape."""
+    if len(token) > MAX_TOKEN_BYTES:
+        raise MessageError(EarReason.MALFORMED, "attestation result too large")
+    try:
+        header = jwt.get_unverified_header(token)
+        certificate = base64.b64decode(header["x5c"][0], validate=True)
+    except (jwt.PyJWTError, KeyError, IndexError, TypeError, ValueError) as exc:
+        raise MessageError(EarReason.MALFORMED, f"no usable x5c header: {exc}") from exc
+    signer = trust.signer(certificate, to_datetime(now_ms))
+    if signer.identity.principal != VERIFIER:
+        raise AuthenticityError(EarReason.SIGNER, f"signed by {signer.identity}")
+    try:
+        claims = jwt.decode(
+            token,
+            key=signer.public_key,
+            algorithms=["ES256"],
+            options={
+                "require": ["exp", "iat", "jti", "sub"],
+                "verify_exp": False,  # checked below against the injected clock
+                "verify_iat": False,
+                "verify_nbf": False,
+            },
+        )
+    except jwt.InvalidSignatureError as exc:
+        raise AuthenticityError(EarReason.SIGNATURE, "signature does not verify") from exc
+    except jwt.PyJWTError as exc:
+        raise MessageError(EarReason.MALFORMED, str(exc)) from exc
+    parsed = _parse_claims(claims)
+    now_s = now_ms // 1000
+    if parsed.expires_at + leeway_s <= now_s:
+        raise AuthenticityError(EarReason.EXPIRED, f"expired at {parsed.expires_at}")
+    if parsed.issued_at - leeway_s > now_s:
+        raise AuthenticityError(EarReason.NOT_YET_VALID, f"issued at {parsed.issued_at}")
+    return parsed
+
+
+def _parse_claims(claims: dict[str, Any]) -> AttestationClaims:
+    try:
+        submod = claims["submods"][SUBMODULE]
+        key = jwt.algorithms.ECAlgorithm.from_jwk(json.dumps(claims["cnf"]["jwk"]))
+        parsed = AttestationClaims(
+            device_id=str(claims["sub"]),
+            status=cast("Status", submod["ear.status"]),
+            policy_id=str(submod["ear.appraisal-policy-id"]),
+            session_key=cast("ec.EllipticCurvePublicKey", key),
+            result_id=str(claims["jti"]),
+            issued_at=int(claims["iat"]),
+            expires_at=int(claims["exp"]),
+        )
+    except (KeyError, TypeError, ValueError, jwt.PyJWTError) as exc:
+        raise MessageError(EarReason.MALFORMED, f"claims: {exc}") from exc
+    if claims.get("eat_profile") != EAR_PROFILE or parsed.status not in _STATUSES:
+        raise MessageError(EarReason.MALFORMED, "not an Edgeward EAR")
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise MessageError(EarReason.MALFORMED, "the session key is not EC P-256")
+    return parsed

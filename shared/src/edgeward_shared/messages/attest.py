@@ -1,0 +1,64 @@
+"""Attestation: the verifier challenges, the device quotes, the verifier answers with a
+signed attestation result (an EAR JWT, :mod:`edgeward_shared.ear`).
+
+On ``ew/v1/dev/<id>/down/attest`` (attestation service -> device) and ``.../up/attest``;
+failures are also published as events on ``ew/v1/svc/attestation/evt/failed``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+from edgeward_shared.messages.base import Message
+from edgeward_shared.messages.common import MessageId, ReasonId
+
+Status = Literal["affirming", "warning", "contraindicated"]
+PcrIndex = Annotated[int, msgspec.Meta(ge=0, le=23)]
+
+
+class AttestationChallenge(Message, frozen=True, tag="edgeward.attest.challenge.v1"):
+    """Quote these PCRs of this bank over ``qualifyingData = H(nonce ‖ session key)``
+    (docs/adr/0006) before ``expires_at_ms``. The nonce is single use."""
+
+    nonce: Annotated[bytes, msgspec.Meta(min_length=16, max_length=64)]
+    pcr_bank: Literal["sha256"]
+    pcr_selection: Annotated[list[PcrIndex], msgspec.Meta(min_length=1, max_length=24)]
+    expires_at_ms: Annotated[int, msgspec.Meta(ge=0)]
+
+
+class PcrValue(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    index: PcrIndex
+    digest: Annotated[bytes, msgspec.Meta(min_length=20, max_length=64)]
+
+
+class AttestationEvidence(Message, frozen=True, tag="edgeward.attest.evidence.v1"):
+    """The quote: TPMS_ATTEST and TPMT_SIGNATURE as the TPM produced them, the PCR values
+    it covers, and the session public key (DER SubjectPublicKeyInfo, ECDSA P-256) it binds;
+    the device keeps the session private key in memory only."""
+
+    in_reply_to: MessageId
+    session_key: Annotated[bytes, msgspec.Meta(min_length=1, max_length=512)]
+    attest: Annotated[bytes, msgspec.Meta(min_length=1, max_length=2048)]
+    signature: Annotated[bytes, msgspec.Meta(min_length=1, max_length=512)]
+    pcrs: Annotated[list[PcrValue], msgspec.Meta(max_length=24)]
+
+
+class AttestationResult(Message, frozen=True, tag="edgeward.attest.result.v1"):
+    """The verdict. ``ear`` is the signed EAR JWT relying parties check offline; it is empty
+    when the status is ``contraindicated`` (nothing to rely on). ``reasons`` explain it."""
+
+    in_reply_to: MessageId
+    status: Status
+    ear: Annotated[str, msgspec.Meta(max_length=8192)]
+    reasons: Annotated[list[ReasonId], msgspec.Meta(max_length=32)]
+
+
+class AttestationFailed(Message, frozen=True, tag="edgeward.attest.failed.v1"):
+    """Event for the revocation service and the audit log: a device failed attestation."""
+
+    device_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
+    reasons: Annotated[list[ReasonId], msgspec.Meta(min_length=1, max_length=32)]
+    policy_id: Annotated[str, msgspec.Meta(max_length=64)]
+    at_ms: Annotated[int, msgspec.Meta(ge=0)]
