@@ -26,7 +26,6 @@ from edgeward_attestation.quote import (
     ClockState,
     PcrPolicy,
     QuoteVerdict,
-    qualifying_data,
     verify_quote,
 )
 from edgeward_attestation.reasons import AttestationReason as R
@@ -40,6 +39,7 @@ from edgeward_device_agent.swtpm import (
     tampered_boot_chain,
 )
 from edgeward_device_agent.tpm import PcrBank, Quote, Tpm, TpmError
+from edgeward_shared.bindings import qualifying_data
 from edgeward_shared.errors import EdgewardError
 from edgeward_shared.testing import EPOCH_MS
 

@@ -19,7 +19,6 @@ from edgeward_attestation.quote import (
     ClockState,
     PcrPolicy,
     QuoteVerdict,
-    qualifying_data,
     verify_quote,
 )
 from edgeward_attestation.reasons import AttestationReason as R
@@ -31,6 +30,7 @@ from edgeward_attestation.testing import (
     sign_attest,
     software_ak_public,
 )
+from edgeward_shared.bindings import enrollment_proof, qualifying_data
 from edgeward_shared.errors import AuthenticityError, EdgewardError, MessageError, PolicyError
 
 VECTORS = Path(__file__).parents[1] / "vectors" / "tpm"
@@ -352,3 +352,13 @@ def test_ak_public_area_must_be_a_restricted_ecdsa_p256_signing_key(vector: Quot
         with pytest.raises(MessageError) as info:
             AttestationKey.from_tpm2b_public(bad)
         assert info.value.reason == R.AK_INVALID
+
+
+def test_enrollment_proof_binds_secret_device_and_challenge() -> None:
+    proof = enrollment_proof(b"s" * 32, "dev-a", "0" * 32)
+    assert len(proof) == 32
+    assert proof != enrollment_proof(b"s" * 31 + b"t", "dev-a", "0" * 32)
+    assert proof != enrollment_proof(b"s" * 32, "dev-b", "0" * 32)
+    assert proof != enrollment_proof(b"s" * 32, "dev-a", "1" + "0" * 31)
+    with pytest.raises(ValueError, match="never empty"):
+        enrollment_proof(b"", "dev-a", "0" * 32)

@@ -17,7 +17,6 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from edgeward_attestation.quote import qualifying_data
 from edgeward_device_agent.swtpm import (
     GOLDEN_BOOT_CHAIN,
     SwtpmDevice,
@@ -26,6 +25,7 @@ from edgeward_device_agent.swtpm import (
     tampered_boot_chain,
 )
 from edgeward_device_agent.tpm import PcrBank
+from edgeward_shared.bindings import qualifying_data
 from edgeward_shared.testing import EPOCH_MS
 
 HERE = Path(__file__).parent

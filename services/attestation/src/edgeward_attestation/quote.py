@@ -40,33 +40,11 @@ from edgeward_attestation.structures import (
     parse_ecdsa_signature,
     parse_quote_attest,
 )
+from edgeward_shared.bindings import qualifying_data
 from edgeward_shared.errors import AuthenticityError, MessageError, PolicyError
 
-#: Domain tag of the qualifying data (see :func:`qualifying_data`).
-QUALIFYING_DATA_TAG: Final = b"EDGEWARD-QUOTE-V1\x00"
-MIN_NONCE_BYTES: Final = 16
-MAX_NONCE_BYTES: Final = 64
 _ECDSA_SHA256: Final = ec.ECDSA(hashes.SHA256())
 _P256_ORDER_BYTES: Final = 32
-
-
-def qualifying_data(nonce: bytes, session_key: bytes) -> bytes:
-    """The TPM2_Quote ``qualifyingData`` that binds a challenge and a session key.
-
-    ``SHA-256("EDGEWARD-QUOTE-V1\\0" || u16be(len(nonce)) || nonce || u16be(len(key)) || key)``
-    where ``nonce`` is the verifier's raw nonce bytes (16 to 64) and ``key`` the device's
-    session public key as DER SubjectPublicKeyInfo. The lengths make the encoding
-    injective: no bytes can move between nonce and key; the tag keeps the digest from ever
-    meaning anything in another protocol.
-    """
-    if not MIN_NONCE_BYTES <= len(nonce) <= MAX_NONCE_BYTES:
-        raise ValueError(f"a nonce is {MIN_NONCE_BYTES} to {MAX_NONCE_BYTES} bytes")
-    if not 0 < len(session_key) < 1 << 16:
-        raise ValueError("session key must be a non-empty DER SubjectPublicKeyInfo")
-    prefix = QUALIFYING_DATA_TAG + len(nonce).to_bytes(2, "big")
-    return hashlib.sha256(
-        prefix + nonce + len(session_key).to_bytes(2, "big") + session_key
-    ).digest()
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,8 +15,6 @@ from edgeward_shared.messages.common import MessageId
 
 DeviceClass = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9-]{0,31}$")]
 DerCertificate = Annotated[bytes, msgspec.Meta(min_length=1, max_length=4096)]
-#: The label of the enrollment proof, so the activated secret authenticates nothing else.
-PROOF_LABEL = b"EDGEWARD-ENROLL-V1\x00"
 
 
 class EnrollRequest(Message, frozen=True, tag="edgeward.enroll.request.v1"):
@@ -41,8 +39,8 @@ class CredentialChallenge(Message, frozen=True, tag="edgeward.enroll.challenge.v
 
 
 class CredentialProof(Message, frozen=True, tag="edgeward.enroll.proof.v1"):
-    """``proof`` = HMAC-SHA256(secret, PROOF_LABEL || device id || challenge mid): the secret
-    itself never crosses the wire. ``in_reply_to`` is the challenge envelope's mid."""
+    """``proof`` = :func:`edgeward_shared.bindings.enrollment_proof`: the secret itself never
+    crosses the wire. ``in_reply_to`` is the challenge envelope's mid."""
 
     in_reply_to: MessageId
     proof: Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
