@@ -11,6 +11,7 @@ from edgeward_shared.messages.attest import (
     AttestationChallenge,
     AttestationEvidence,
     AttestationFailed,
+    AttestationRequest,
     AttestationResult,
     PcrValue,
 )
@@ -28,6 +29,7 @@ blob = st.binary(min_size=1, max_size=300)
 reason = st.sampled_from(["attestation.pcr.not_allowed", "envelope.replay", "a.b_c"])
 
 messages = st.one_of(
+    st.builds(AttestationRequest, reason=st.sampled_from(["boot", "reconnect", "renew"])),
     st.builds(
         EnrollRequest,
         device_class=st.just("edge-gw"),
@@ -94,6 +96,7 @@ messages = st.one_of(
     ),
 )
 ALL = [
+    AttestationRequest,
     EnrollRequest,
     CredentialChallenge,
     CredentialProof,

@@ -18,6 +18,13 @@ Status = Literal["affirming", "warning", "contraindicated"]
 PcrIndex = Annotated[int, msgspec.Meta(ge=0, le=23)]
 
 
+class AttestationRequest(Message, frozen=True, tag="edgeward.attest.request.v1"):
+    """Device -> verifier: challenge me now (after boot or reconnect, or before my result
+    expires). The verifier answers with an :class:`AttestationChallenge`, rate-limited."""
+
+    reason: Literal["boot", "reconnect", "renew"]
+
+
 class AttestationChallenge(Message, frozen=True, tag="edgeward.attest.challenge.v1"):
     """Quote these PCRs of this bank over ``qualifyingData = H(nonce ‖ session key)``
     (docs/adr/0006) before ``expires_at_ms``. The nonce is single use."""
