@@ -18,12 +18,15 @@ DerCertificate = Annotated[bytes, msgspec.Meta(min_length=1, max_length=4096)]
 
 
 class EnrollRequest(Message, frozen=True, tag="edgeward.enroll.request.v1"):
-    """Enroll me: my TPM's EK certificate (DER, as read from its NV), my AK's public area
+    """Enroll me: my TPM's EK certificate (DER, as read from its NV) and the EK's public
+    area (TPM2B_PUBLIC: its name algorithm and symmetric definition, which credential
+    protection needs; its key must be the certificate's), my AK's public area
     (TPM2B_PUBLIC), and a CSR (DER PKCS#10, ECDSA P-256, CN = my device id) for the device
     certificate I want."""
 
     device_class: DeviceClass
     ek_certificate: DerCertificate
+    ek_public: Annotated[bytes, msgspec.Meta(min_length=1, max_length=1024)]
     ak_public: Annotated[bytes, msgspec.Meta(min_length=1, max_length=1024)]
     csr: Annotated[bytes, msgspec.Meta(min_length=1, max_length=4096)]
 
