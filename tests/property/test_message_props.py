@@ -34,6 +34,7 @@ messages = st.one_of(
         EnrollRequest,
         device_class=st.just("edge-gw"),
         ek_certificate=blob,
+        ek_public=blob,
         ak_public=blob,
         csr=blob,
     ),
