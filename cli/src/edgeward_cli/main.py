@@ -12,7 +12,9 @@ import click
 
 from edgeward_cli.broker_cmds import broker
 from edgeward_cli.demo import demo
+from edgeward_cli.device_cmds import device
 from edgeward_cli.pki_cmds import pki
+from edgeward_cli.policy_cmds import policy
 from edgeward_shared.errors import EdgewardError
 
 
@@ -28,6 +30,8 @@ def cli() -> None:
 
 cli.add_command(pki)
 cli.add_command(broker)
+cli.add_command(device)
+cli.add_command(policy)
 cli.add_command(demo)
 
 

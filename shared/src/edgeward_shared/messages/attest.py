@@ -53,8 +53,8 @@ class AttestationEvidence(Message, frozen=True, tag="edgeward.attest.evidence.v1
 
 
 class AttestationResult(Message, frozen=True, tag="edgeward.attest.result.v1"):
-    """The verdict. ``ear`` is the signed EAR JWT relying parties check offline; it is empty
-    when the status is ``contraindicated`` (nothing to rely on). ``reasons`` explain it."""
+    """The verdict. ``ear`` is the signed EAR JWT relying parties check offline, present only
+    when the status is ``affirming`` (nothing else is to be relied on). ``reasons`` explain it."""
 
     in_reply_to: MessageId
     status: Status

@@ -274,6 +274,41 @@ class PkiStore:
         self._record_issued(cert)
         return files
 
+    def issue_for_key(
+        self,
+        identity: Identity,
+        public_key: ec.EllipticCurvePublicKey,
+        now: datetime,
+        lifetime: timedelta,
+        *,
+        replace: bool = False,
+    ) -> x509.Certificate:
+        """Issue a certificate for ``identity`` over a key the CA did not generate.
+
+        The key comes from a CSR the caller has already checked (the identity service's
+        ``check_device_csr``); the private key stays with its holder, so nothing is written
+        under ``identities/``. The certificate is recorded in ``issued.jsonl`` as
+        :meth:`issue` records it, under the same rule: one valid certificate per identity,
+        an existing one refused unless ``replace``, which revokes it ("superseded") first.
+
+        Like every method here this takes no lock: callers that may run concurrently (several
+        service instances on one PKI directory) serialize their calls themselves.
+        """
+        self.require()
+        existing = self.current(identity, now)
+        if existing and not replace:
+            raise ConfigError(
+                "config.pki.identity_exists",
+                f"{identity} already has a valid certificate (serial {existing[0].serial:x})",
+            )
+        for record in existing:
+            self.revoke(record.serial, now, "superseded")
+        cert = make_leaf(
+            self.issuer(), identity, public_key, org=self.org, now=now, lifetime=lifetime
+        )
+        self._record_issued(cert)
+        return cert
+
     def _record_issued(self, cert: x509.Certificate) -> None:
         identity = identity_of(cert)
         record = IssuedRecord(

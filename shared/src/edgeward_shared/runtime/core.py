@@ -67,6 +67,7 @@ class Outgoing:
     message: Message
     retain: bool = False
     ttl_ms: int = DEFAULT_TTL_MS
+    mid: str | None = None  # set when the handler must know it (e.g. to match a reply)
 
 
 Handler = Callable[[Opened[Any]], Awaitable[Sequence[Outgoing]]]
@@ -115,7 +116,10 @@ class Runtime:
         *,
         name: str | None = None,
     ) -> None:
-        """Deliver messages of ``types`` arriving on ``topic_filter`` to ``handler``."""
+        """Deliver messages of ``types`` arriving on ``topic_filter`` to ``handler``.
+
+        Routes whose filters match the same topic are told apart by message type.
+        """
         self._routes.append(Route(name or topic_filter, topic_filter, tuple(types), handler))
 
     def expect_replies(self, topic_filter: str, types: Sequence[type[Message]]) -> None:
@@ -139,7 +143,7 @@ class Runtime:
             outgoing.message,
             now_ms=self.clock.now_ms(),
             ttl_ms=outgoing.ttl_ms,
-            mid=mid,
+            mid=mid or outgoing.mid,
         )
 
     async def publish(self, outgoing: Outgoing) -> None:
@@ -171,19 +175,21 @@ class Runtime:
     # ------------------------------------------------------------------ receiving
     async def handle(self, delivery: Delivery) -> None:
         """Verify, dispatch and answer one delivery. Never raises for a bad message."""
-        route = next(
-            (r for r in self._routes if topic_matches(r.topic_filter, delivery.topic)), None
-        )
+        routes = [r for r in self._routes if topic_matches(r.topic_filter, delivery.topic)]
         started = time.perf_counter()
-        if route is None:
+        if not routes:
             self._reject(delivery, EdgewardError("topic.unrouted", delivery.topic))
             return
+        route = routes[0]
         self.metrics.received.labels(route.name).inc()
         try:
+            types = [t for r in routes for t in r.types]
             opened = self.verifier.open(
-                delivery.payload, delivery.topic, route.types, now_ms=self.clock.now_ms()
+                delivery.payload, delivery.topic, types, now_ms=self.clock.now_ms()
             )
             self.metrics.accepted.labels(type(opened.message).TYPE).inc()
+            # several routes may share a topic filter: the message's type picks the handler
+            route = next(r for r in routes if type(opened.message) in r.types)
             outgoing = await route.handler(opened)
             for item in outgoing:
                 await self.publish(item)

@@ -1,0 +1,128 @@
+"""``edgeward device``: onboard devices and see their trust state."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+
+from edgeward_cli.ops_client import broker_option, operator_option, operator_session, parse_broker
+from edgeward_cli.pki_cmds import LIFETIMES, pki_dir_option
+from edgeward_shared.identity import Identity, Role, ServiceName
+from edgeward_shared.messages.registry import (
+    DeviceList,
+    DeviceQuery,
+    DeviceStatus,
+    Done,
+    RebindApprove,
+)
+from edgeward_shared.pki.store import PkiStore
+
+
+@click.group()
+def device() -> None:
+    """Devices: enrollment and trust state (from the attestation service)."""
+
+
+@device.command()
+@pki_dir_option
+@click.argument("device_id")
+@click.option("--replace", is_flag=True, help="Re-issue the enrollment certificate.")
+@click.option(
+    "--rebind",
+    metavar="EK_FINGERPRINT",
+    help="Approve re-enrollment of an enrolled device id with another TPM (audited).",
+)
+@operator_option
+@broker_option
+def enroll(  # click passes every parameter by keyword
+    *,
+    directory: Path,
+    device_id: str,
+    replace: bool,
+    rebind: str | None,
+    operator: str,
+    broker: str,
+) -> None:
+    """Prepare DEVICE_ID to enroll: issue its enrollment certificate (CN enroll.<id>).
+
+    The device then proves its TPM to the attestation service and receives its device
+    certificate. With --rebind, also tell the service that this device id may move to the
+    TPM with that EK fingerprint (shown by `edgeward device show`).
+    """
+    try:
+        identity = Identity.enrollee(device_id)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="DEVICE_ID") from exc
+    store = PkiStore(directory).require()
+    files = store.issue(identity, datetime.now(UTC), LIFETIMES[Role.ENROLLEE], replace=replace)
+    click.echo(f"enrollment certificate for {device_id} -> {files.directory}")
+    if rebind:
+        done = asyncio.run(_rebind(directory, operator, broker, device_id, rebind))
+        click.echo(done.detail)
+
+
+async def _rebind(directory: Path, operator: str, broker: str, device_id: str, fp: str) -> Done:
+    async with operator_session(
+        directory, operator, parse_broker(broker), ServiceName.ATTESTATION, [Done]
+    ) as session:
+        return await session.ask(RebindApprove(device_id=device_id, ek_fingerprint=fp), Done)
+
+
+@device.command(name="list")
+@pki_dir_option
+@operator_option
+@broker_option
+def list_(directory: Path, operator: str, broker: str) -> None:
+    """List devices with their trust state and the reason for it."""
+    devices = asyncio.run(_query(directory, operator, broker, None)).devices
+    click.echo(f"{'device':<20} {'class':<14} {'trust':<11} {'last attested':<20} reason")
+    for status in devices:
+        click.echo(
+            f"{status.device_id:<20} {status.device_class:<14} {status.trust:<11} "
+            f"{_when(status.last_attested_at_ms):<20} {status.reason}"
+        )
+
+
+@device.command()
+@pki_dir_option
+@click.argument("device_id")
+@operator_option
+@broker_option
+def show(directory: Path, device_id: str, operator: str, broker: str) -> None:
+    """Show one device: trust state, policy, last attestation, EK fingerprint."""
+    found = asyncio.run(_query(directory, operator, broker, device_id)).devices
+    if not found:
+        raise click.ClickException(f"{device_id} is not enrolled")
+    _print(found[0])
+
+
+async def _query(directory: Path, operator: str, broker: str, device_id: str | None) -> DeviceList:
+    async with operator_session(
+        directory, operator, parse_broker(broker), ServiceName.ATTESTATION, [DeviceList]
+    ) as session:
+        return await session.ask(DeviceQuery(device_id=device_id), DeviceList)
+
+
+def _when(ms: int | None) -> str:
+    if ms is None:
+        return "never"
+    return f"{datetime.fromtimestamp(ms / 1000, UTC):%Y-%m-%d %H:%M:%S}"
+
+
+def _print(status: DeviceStatus) -> None:
+    rows = [
+        ("device", status.device_id),
+        ("class", status.device_class),
+        ("trust", status.trust),
+        ("reason", status.reason),
+        ("policy", status.policy_id or "-"),
+        ("enrolled", _when(status.enrolled_at_ms)),
+        ("last attested", _when(status.last_attested_at_ms)),
+        ("result expires", _when(status.result_expires_at_ms)),
+        ("EK fingerprint", status.ek_fingerprint),
+    ]
+    for label, value in rows:
+        click.echo(f"{label:<15} {value}")

@@ -1,0 +1,117 @@
+"""Wiring the attestation service onto a runtime: routes, the identity-service client, and
+the re-attestation scheduler. No decisions here (``service.py``), no I/O setup (``__main__``).
+
+Routes use the shared subscription group ``attestation`` so that several instances split
+enrollments and evidence; each instance gets the identity service's answers on its own
+``rsp/<its CN>`` topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+
+from cryptography import x509
+
+from edgeward_attestation.ops import OPS_TYPES, Operations
+from edgeward_attestation.service import AttestationService, Settings
+from edgeward_attestation.store import AttestationStore
+from edgeward_shared.errors import EdgewardError, PolicyError
+from edgeward_shared.identity import ServiceName
+from edgeward_shared.logs import fields
+from edgeward_shared.messages.attest import AttestationEvidence, AttestationRequest
+from edgeward_shared.messages.common import Rejected
+from edgeward_shared.messages.enroll import CredentialProof, EnrollRequest
+from edgeward_shared.messages.identity import CertificateIssued, IssueDeviceCertificate
+from edgeward_shared.runtime.core import Runtime
+from edgeward_shared.runtime.health import answer_pings
+from edgeward_shared.topics import (
+    ROOT,
+    service_request_topic,
+    service_response_topic,
+    shared_subscription,
+)
+
+log = logging.getLogger("edgeward.attestation")
+GROUP = "attestation"
+IDENTITY_TIMEOUT_S = 10.0
+
+
+def wire(
+    runtime: Runtime,
+    store: AttestationStore,
+    manufacturers: Sequence[x509.Certificate],
+    settings: Settings | None = None,
+) -> AttestationService:
+    """Register the service's routes on ``runtime`` and return the service."""
+    me = runtime.identity
+    runtime.expect_replies(service_response_topic(ServiceName.IDENTITY, me), [CertificateIssued])
+
+    async def issue_certificate(request: IssueDeviceCertificate) -> CertificateIssued:
+        topic = service_request_topic(ServiceName.IDENTITY, me)
+        reply = await runtime.request(topic, request, timeout_s=IDENTITY_TIMEOUT_S)
+        if isinstance(reply.message, Rejected):
+            raise PolicyError(reply.message.reason, "the identity service refused")
+        if not isinstance(reply.message, CertificateIssued):
+            raise PolicyError("enroll.csr.refused", type(reply.message).__name__)
+        return reply.message
+
+    service = AttestationService(
+        store=store,
+        signing_key=runtime.signing_key,
+        manufacturers=manufacturers,
+        issue_certificate=issue_certificate,
+        clock=runtime.clock,
+        settings=settings,
+    )
+    runtime.route(
+        shared_subscription(GROUP, f"{ROOT}/enroll/+/up"),
+        [EnrollRequest, CredentialProof],
+        service.on_enrollment,
+        name="enroll",
+    )
+    runtime.route(
+        shared_subscription(GROUP, f"{ROOT}/dev/+/up/attest"),
+        [AttestationRequest, AttestationEvidence],
+        service.on_attestation,
+        name="attest",
+    )
+    requests = shared_subscription(GROUP, f"{ROOT}/svc/{ServiceName.ATTESTATION}/req/+")
+    runtime.route(requests, OPS_TYPES, Operations(service), name="ops")
+    answer_pings(runtime, requests)
+    return service
+
+
+async def reattest_forever(
+    runtime: Runtime, service: AttestationService, period_ms: int, stop: asyncio.Event
+) -> None:
+    """Challenge every enrolled device whose last attestation is older than ``period_ms``
+    (and every device never attested). A stale result means "not attested" to relying
+    parties anyway; this keeps honest devices fresh. Runs on one instance (``--scheduler``).
+    """
+    tick = max(0.5, min(period_ms / 4000, 5.0))
+    challenged: dict[str, int] = {}  # an offline device is asked once per period, not per tick
+    while not stop.is_set():
+        if runtime.ready.is_set():
+            await _challenge_due(runtime, service, period_ms, challenged)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), tick)
+
+
+async def _challenge_due(
+    runtime: Runtime, service: AttestationService, period_ms: int, challenged: dict[str, int]
+) -> None:
+    now = runtime.clock.now_ms()
+    for device in await service.store.devices():
+        last = max(device.last_attested_at or 0, challenged.get(device.device_id, 0))
+        if now - last < period_ms:
+            continue
+        challenged[device.device_id] = now
+        try:
+            await runtime.publish(await service.challenge(device.device_id))
+        except EdgewardError as exc:
+            log.warning(
+                "reattest.skipped", extra=fields(device=device.device_id, reason=exc.reason)
+            )

@@ -1,0 +1,115 @@
+"""Enrollment decisions (pure): may this enrollee, with this TPM, become this device?
+
+Checks, in order (docs/adr/0005): the EK certificate parses and is issued by an allowed TPM
+manufacturer CA and valid now; the EK public area describes the certificate's key; the AK
+is a TPM-resident restricted signing key (``keys.AttestationKey``); the device class has an
+approved policy; the device id is not bound to another EK unless an operator approved that
+rebind. What it returns is what MakeCredential and the registry need. Proving that EK and
+AK share a TPM is the credential round trip (``credential.py`` + the device's answer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+
+from edgeward_attestation.keys import AttestationKey, EndorsementKey
+from edgeward_shared.errors import AuthenticityError, MessageError, PolicyError
+from edgeward_shared.messages.enroll import EnrollRequest
+
+
+class EnrollReason:
+    EK_CERT_MALFORMED: Final = "enroll.ek_cert.malformed"
+    EK_CERT_UNTRUSTED: Final = "enroll.ek_cert.untrusted"
+    EK_CERT_EXPIRED: Final = "enroll.ek_cert.expired"
+    EK_MISMATCH: Final = "enroll.ek.mismatch"
+    CLASS_UNKNOWN: Final = "enroll.class.unknown"
+    REBIND: Final = "enroll.device.rebind"
+    CHALLENGE_UNKNOWN: Final = "enroll.challenge.unknown"
+    CHALLENGE_EXPIRED: Final = "enroll.challenge.expired"
+    PROOF_INVALID: Final = "enroll.proof.invalid"
+    CSR_REFUSED: Final = "enroll.csr.refused"
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollmentClaim:
+    """A checked request: the keys to protect a credential to, and what to register."""
+
+    device_id: str
+    device_class: str
+    ek: EndorsementKey
+    ak: AttestationKey
+    ek_fingerprint: str  # hex SHA-256 of the EK's SubjectPublicKeyInfo (DER)
+
+
+def _spki(key: CertificatePublicKeyTypes) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def ek_fingerprint(ek_certificate: x509.Certificate) -> str:
+    return hashlib.sha256(_spki(ek_certificate.public_key())).hexdigest()
+
+
+def _trusted_ek_certificate(
+    der: bytes, manufacturers: Sequence[x509.Certificate], now: datetime
+) -> x509.Certificate:
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError as exc:
+        raise MessageError(EnrollReason.EK_CERT_MALFORMED, "EK certificate is not DER") from exc
+    issuer = next((ca for ca in manufacturers if ca.subject == cert.issuer), None)
+    if issuer is None:
+        raise AuthenticityError(
+            EnrollReason.EK_CERT_UNTRUSTED, f"issuer {cert.issuer.rfc4514_string()}"
+        )
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise AuthenticityError(
+            EnrollReason.EK_CERT_UNTRUSTED, "signature does not verify"
+        ) from exc
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise AuthenticityError(EnrollReason.EK_CERT_EXPIRED, "outside its validity")
+    return cert
+
+
+def check_enroll_request(
+    request: EnrollRequest,
+    *,
+    device_id: str,
+    manufacturers: Sequence[x509.Certificate],
+    known_classes: frozenset[str],
+    bound_ek: str | None,
+    rebind_approved_for: str | None,
+    now: datetime,
+) -> EnrollmentClaim:
+    """Decide whether the enrollee ``device_id`` may continue to credential activation.
+
+    ``bound_ek`` is the fingerprint of the EK the device id is registered with (None if it
+    is new); ``rebind_approved_for`` the EK fingerprint an operator approved for it.
+    """
+    cert = _trusted_ek_certificate(request.ek_certificate, manufacturers, now)
+    ek = EndorsementKey.from_tpm2b_public(request.ek_public)
+    if _spki(ek.key) != _spki(cert.public_key()):
+        raise AuthenticityError(
+            EnrollReason.EK_MISMATCH, "EK public area is not the certificate's key"
+        )
+    ak = AttestationKey.from_tpm2b_public(request.ak_public)
+    if request.device_class not in known_classes:
+        raise PolicyError(
+            EnrollReason.CLASS_UNKNOWN, f"no approved policy for {request.device_class}"
+        )
+    fingerprint = ek_fingerprint(cert)
+    if bound_ek is not None and fingerprint not in (bound_ek, rebind_approved_for):
+        raise PolicyError(EnrollReason.REBIND, f"{device_id} is enrolled with another TPM")
+    return EnrollmentClaim(device_id, request.device_class, ek, ak, fingerprint)

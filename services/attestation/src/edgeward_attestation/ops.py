@@ -1,0 +1,185 @@
+"""Operator requests to the attestation service: the device registry, PCR policies, rebinds.
+
+Requests arrive on ``ew/v1/svc/attestation/req/<caller-cn>``; the runtime has checked that
+the signer *is* that caller. Reading is open to operators and services; every change
+(recording or approving a policy, approving a rebind) needs an operator and is audited with
+the operator's identity. The trust shown for a device is computed at read time: an
+attestation result that has expired is "stale", i.e. not attested.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Final
+
+from edgeward_attestation.policy import policy_from_values
+from edgeward_attestation.service import AttestationService
+from edgeward_attestation.store import DeviceRecord, PolicyRow
+from edgeward_shared.envelope import Opened
+from edgeward_shared.errors import MessageError, PolicyError
+from edgeward_shared.identity import Role
+from edgeward_shared.messages.attest import PcrValue
+from edgeward_shared.messages.base import Message
+from edgeward_shared.messages.registry import (
+    DeviceList,
+    DeviceQuery,
+    DeviceStatus,
+    Done,
+    PolicyApprove,
+    PolicyInfo,
+    PolicyList,
+    PolicyQuery,
+    PolicyRecord,
+    RebindApprove,
+    Trust,
+)
+from edgeward_shared.runtime.core import Outgoing
+from edgeward_shared.topics import reply_topic
+
+OPS_TYPES: Final = (DeviceQuery, PolicyRecord, PolicyApprove, PolicyQuery, RebindApprove)
+
+
+class OpsReason:
+    OPERATOR_REQUIRED: Final = "registry.role.operator_required"
+    POLICY_EXISTS: Final = "policy.exists"
+    POLICY_NOT_APPROVABLE: Final = "policy.not_approvable"
+    POLICY_VALUES: Final = "policy.values.invalid"
+    REFERENCE_DEVICE: Final = "policy.reference_device.invalid"
+
+
+def trust_of(device: DeviceRecord, now_ms: int) -> Trust:
+    if device.state == "untrusted":
+        return "untrusted"
+    if device.state == "trusted":
+        fresh = device.ear_expires_at is not None and device.ear_expires_at > now_ms
+        return "attested" if fresh else "stale"
+    return "enrolled"
+
+
+def device_status(device: DeviceRecord, now_ms: int) -> DeviceStatus:
+    return DeviceStatus(
+        device_id=device.device_id,
+        device_class=device.device_class,
+        trust=trust_of(device, now_ms),
+        reason=device.reason,
+        policy_id=device.policy_id,
+        ek_fingerprint=device.ek_fingerprint,
+        enrolled_at_ms=device.enrolled_at,
+        last_attested_at_ms=device.last_attested_at,
+        result_expires_at_ms=device.ear_expires_at,
+    )
+
+
+class Operations:
+    def __init__(self, service: AttestationService) -> None:
+        self.service = service
+        self.store = service.store
+
+    async def __call__(self, opened: Opened[Any]) -> Sequence[Outgoing]:
+        answer_on = reply_topic(opened.topic)
+        if answer_on is None:
+            raise TypeError(f"wiring bug: {opened.topic} is not a request topic")
+        message: Message = opened.message
+        if isinstance(message, DeviceQuery):
+            return (Outgoing(answer_on, await self._devices(opened.mid, message)),)
+        if isinstance(message, PolicyQuery):
+            return (Outgoing(answer_on, await self._policies(opened.mid, message)),)
+        if opened.signer.identity.role is not Role.OPERATOR:
+            raise PolicyError(OpsReason.OPERATOR_REQUIRED, str(opened.signer.identity))
+        actor = opened.signer.identity.common_name
+        if isinstance(message, PolicyRecord):
+            return await self._record(opened.mid, answer_on, message, actor)
+        if isinstance(message, PolicyApprove):
+            return (Outgoing(answer_on, await self._approve(opened.mid, message, actor)),)
+        if isinstance(message, RebindApprove):
+            now = self.service.clock.now_ms()
+            await self.store.approve_rebind(message.device_id, message.ek_fingerprint, actor, now)
+            done = Done(in_reply_to=opened.mid, detail=f"{message.device_id} may re-enroll")
+            return (Outgoing(answer_on, done),)
+        raise MessageError("message.type.unknown", type(message).__name__)
+
+    async def _devices(self, mid: str, query: DeviceQuery) -> DeviceList:
+        now = self.service.clock.now_ms()
+        devices = await self.store.devices()
+        if query.device_id is not None:
+            devices = [d for d in devices if d.device_id == query.device_id]
+        page = devices[query.offset : query.offset + query.limit]
+        statuses = [device_status(d, now) for d in page]
+        return DeviceList(in_reply_to=mid, devices=statuses, total=len(devices))
+
+    async def _policies(self, mid: str, query: PolicyQuery) -> PolicyList:
+        rows = await self.store.policies(query.device_class)
+        active = {
+            row.device_class: row.policy_id
+            for row in sorted(
+                (r for r in rows if r.approved_at is not None), key=lambda r: r.approved_at or 0
+            )
+        }
+        return PolicyList(in_reply_to=mid, policies=[_info(row, active) for row in rows[:500]])
+
+    async def _record(
+        self, mid: str, answer_on: str, record: PolicyRecord, actor: str
+    ) -> Sequence[Outgoing]:
+        now = self.service.clock.now_ms()
+        selection = sorted(set(record.pcr_selection))
+        policy = None
+        if record.reference_device is None:
+            values = {pcr.index: pcr.digest for pcr in record.pcrs}
+            if sorted(values) != selection or any(len(v) != 32 for v in values.values()):
+                raise MessageError(OpsReason.POLICY_VALUES, "one SHA-256 value per selected PCR")
+            policy = policy_from_values(record.policy_id, record.device_class, values)
+        else:
+            reference = await self.store.device(record.reference_device)
+            if reference is None or reference.device_class != record.device_class:
+                raise PolicyError(
+                    OpsReason.REFERENCE_DEVICE, "not an enrolled device of that class"
+                )
+        added = await self.store.record_policy(
+            policy,
+            policy_id=record.policy_id,
+            device_class=record.device_class,
+            selection=selection,
+            reference_device=record.reference_device,
+            actor=actor,
+            now_ms=now,
+        )
+        if not added:
+            raise PolicyError(OpsReason.POLICY_EXISTS, record.policy_id)
+        replies = [
+            Outgoing(answer_on, Done(in_reply_to=mid, detail=f"{record.policy_id} recorded"))
+        ]
+        if record.reference_device is not None:
+            replies.append(await self.service.challenge(record.reference_device))
+        return replies
+
+    async def _approve(self, mid: str, approve: PolicyApprove, actor: str) -> Done:
+        now = self.service.clock.now_ms()
+        if not await self.store.approve_policy(approve.policy_id, actor, now):
+            raise PolicyError(
+                OpsReason.POLICY_NOT_APPROVABLE, "unknown, still recording, or already approved"
+            )
+        return Done(in_reply_to=mid, detail=f"{approve.policy_id} is active")
+
+
+def _info(row: PolicyRow, active: dict[str, str]) -> PolicyInfo:
+    if row.policy is None:
+        state = "recording"
+    elif row.approved_by is None:
+        state = "recorded"
+    else:
+        state = "active" if active.get(row.device_class) == row.policy_id else "superseded"
+    pcrs = []
+    if row.policy is not None:
+        pcrs = [
+            PcrValue(index=int(i), digest=bytes.fromhex(value))
+            for i, values in sorted(row.policy.allowlist.items(), key=lambda kv: int(kv[0]))
+            for value in values
+        ]
+    return PolicyInfo(
+        policy_id=row.policy_id,
+        device_class=row.device_class,
+        pcrs=pcrs,
+        state=state,  # type: ignore[arg-type]
+        recorded_by=row.recorded_by,
+        approved_by=row.approved_by,
+    )

@@ -1,0 +1,379 @@
+"""The attestation service's handlers: registrar (enrollment) and verifier (attestation).
+
+Each handler takes a verified message (the runtime already checked envelope, signer and
+topic: on ``enroll/enroll.<id>/up`` the signer *is* that enrollee, on ``dev/<id>/up/attest``
+that device) and returns the messages to publish; state goes through the store, decisions
+through the pure cores (``enrollment``, ``credential``, ``quote``). Failures raise
+``EdgewardError`` with a reason id, which the runtime counts, logs and answers with a signed
+``Rejected``; a quote that fails verification is answered ``contraindicated`` and published
+as an ``AttestationFailed`` event for the revocation service.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+from edgeward_attestation.credential import make_credential
+from edgeward_attestation.enrollment import EnrollReason, check_enroll_request
+from edgeward_attestation.policy import ClassPolicy, policy_from_values
+from edgeward_attestation.quote import Challenge, PcrPolicy, verify_quote
+from edgeward_attestation.store import (
+    AttestationStore,
+    DeviceRecord,
+    PendingEnrollment,
+    PolicyRow,
+)
+from edgeward_shared.bindings import enrollment_proof
+from edgeward_shared.clock import Clock, to_datetime
+from edgeward_shared.ear import AttestationClaims, issue_ear
+from edgeward_shared.envelope import Opened, SigningKey
+from edgeward_shared.errors import AuthenticityError, EdgewardError, MessageError, PolicyError
+from edgeward_shared.identity import ServiceName
+from edgeward_shared.logs import fields
+from edgeward_shared.messages.attest import (
+    AttestationChallenge,
+    AttestationEvidence,
+    AttestationFailed,
+    AttestationRequest,
+    AttestationResult,
+)
+from edgeward_shared.messages.base import Message
+from edgeward_shared.messages.enroll import (
+    CredentialChallenge,
+    CredentialProof,
+    Enrolled,
+    EnrollRequest,
+)
+from edgeward_shared.messages.identity import CertificateIssued, IssueDeviceCertificate
+from edgeward_shared.runtime.core import Outgoing
+from edgeward_shared.topics import (
+    Channel,
+    DeviceTopic,
+    Direction,
+    EnrollTopic,
+    device_topic,
+    parse_topic,
+    reply_topic,
+    service_event_topic,
+)
+
+log = logging.getLogger("edgeward.attestation")
+
+IssueCertificate = Callable[[IssueDeviceCertificate], Awaitable[CertificateIssued]]
+
+
+class ServiceReason:
+    DEVICE_UNKNOWN: Final = "attestation.device.unknown"
+    POLICY_MISSING: Final = "attestation.policy.missing"
+    NONCE_UNKNOWN: Final = "attestation.nonce.unknown"
+    SESSION_KEY: Final = "attestation.session_key.invalid"
+    RATE_LIMITED: Final = "attestation.request.rate_limited"
+    AFFIRMING: Final = "attestation.affirming"
+    RECORDED: Final = "attestation.policy.values_recorded"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    enroll_challenge_ms: int = 60_000
+    nonce_lifetime_ms: int = 30_000
+    ear_lifetime_s: int = 600
+    certificate_lifetime_s: int = 24 * 3600
+    request_interval_ms: int = 1_000  # at most one challenge per device per interval, on ask
+
+
+class AttestationService:
+    def __init__(
+        self,
+        *,
+        store: AttestationStore,
+        signing_key: SigningKey,
+        manufacturers: Sequence[x509.Certificate],
+        issue_certificate: IssueCertificate,
+        clock: Clock,
+        settings: Settings | None = None,
+    ) -> None:
+        self.store = store
+        self.signing_key = signing_key
+        self.manufacturers = list(manufacturers)
+        self.issue_certificate = issue_certificate
+        self.clock = clock
+        self.settings = settings or Settings()
+        self._last_asked: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ registrar
+    async def on_enrollment(self, opened: Opened[Any]) -> Sequence[Outgoing]:
+        device_id = _enrollee(opened.topic)
+        message: Message = opened.message
+        if isinstance(message, EnrollRequest):
+            return await self._challenge_enrollee(opened, device_id, message)
+        if isinstance(message, CredentialProof):
+            return await self._complete_enrollment(opened, device_id, message)
+        raise MessageError("message.type.unknown", type(message).__name__)
+
+    async def _challenge_enrollee(
+        self, opened: Opened[Any], device_id: str, request: EnrollRequest
+    ) -> Sequence[Outgoing]:
+        now = self.clock.now_ms()
+        known = await self.store.device(device_id)
+        claim = check_enroll_request(
+            request,
+            device_id=device_id,
+            manufacturers=self.manufacturers,
+            known_classes=await self.store.known_classes(),
+            bound_ek=known.ek_fingerprint if known else None,
+            rebind_approved_for=await self.store.rebind_approved_for(device_id),
+            now=to_datetime(now),
+        )
+        secret = secrets.token_bytes(32)
+        protected = make_credential(claim.ek, claim.ak.name, secret)
+        challenge_mid = secrets.token_hex(16)
+        expires = now + self.settings.enroll_challenge_ms
+        await self.store.add_enrollment(
+            PendingEnrollment(
+                challenge_mid=challenge_mid,
+                device_id=device_id,
+                device_class=claim.device_class,
+                ek_fingerprint=claim.ek_fingerprint,
+                ak_public=request.ak_public,
+                csr=request.csr,
+                secret=secret,
+                expires_at=expires,
+            )
+        )
+        log.info("enroll.challenged", extra=fields(device=device_id, ek=claim.ek_fingerprint[:16]))
+        challenge = CredentialChallenge(
+            in_reply_to=opened.mid,
+            credential_blob=protected.credential_blob,
+            encrypted_secret=protected.encrypted_secret,
+            expires_at_ms=expires,
+        )
+        return (Outgoing(_reply(opened), challenge, mid=challenge_mid),)
+
+    async def _complete_enrollment(
+        self, opened: Opened[Any], device_id: str, proof: CredentialProof
+    ) -> Sequence[Outgoing]:
+        now = self.clock.now_ms()
+        pending = await self.store.take_enrollment(proof.in_reply_to, device_id, now)
+        if pending is None:
+            raise AuthenticityError(EnrollReason.CHALLENGE_UNKNOWN, "no such pending enrollment")
+        if now > pending.expires_at:
+            raise AuthenticityError(EnrollReason.CHALLENGE_EXPIRED, "enrollment challenge expired")
+        expected = enrollment_proof(pending.secret, device_id, pending.challenge_mid)
+        if not hmac.compare_digest(expected, proof.proof):
+            raise AuthenticityError(EnrollReason.PROOF_INVALID, "credential was not activated")
+        try:
+            issued = await self.issue_certificate(
+                IssueDeviceCertificate(
+                    device_id=device_id,
+                    csr=pending.csr,
+                    lifetime_s=self.settings.certificate_lifetime_s,
+                    enrollment=opened.mid,
+                )
+            )
+        except EdgewardError as exc:
+            raise PolicyError(EnrollReason.CSR_REFUSED, exc.reason) from exc
+        await self.store.register(
+            pending, serial=issued.serial, now_ms=now, actor=f"enroll.{device_id}"
+        )
+        log.info("enroll.completed", extra=fields(device=device_id, serial=issued.serial))
+        enrolled = Enrolled(in_reply_to=opened.mid, certificate_chain=issued.certificate_chain)
+        return (Outgoing(_reply(opened), enrolled),)
+
+    # ------------------------------------------------------------------ verifier
+    async def on_attestation(self, opened: Opened[Any]) -> Sequence[Outgoing]:
+        device_id = _device(opened.topic)
+        message: Message = opened.message
+        if isinstance(message, AttestationRequest):
+            return await self._on_request(device_id)
+        if isinstance(message, AttestationEvidence):
+            return await self._on_evidence(opened, device_id, message)
+        raise MessageError("message.type.unknown", type(message).__name__)
+
+    async def _on_request(self, device_id: str) -> Sequence[Outgoing]:
+        now = self.clock.now_ms()
+        last = self._last_asked.get(device_id)
+        if last is not None and now - last < self.settings.request_interval_ms:
+            raise PolicyError(ServiceReason.RATE_LIMITED, f"{device_id} asked too often")
+        self._last_asked[device_id] = now
+        return (await self.challenge(device_id),)
+
+    async def challenge(self, device_id: str) -> Outgoing:
+        """A fresh single-use challenge for ``device_id`` (also used by the scheduler): over
+        the PCRs of a policy it is recording values for, else of its class's policy."""
+        device = await self._device_record(device_id)
+        recording = await self.store.recording_for(device_id)
+        selection = recording.selection if recording else (await self._policy(device)).selection
+        nonce = secrets.token_bytes(32)
+        mid = secrets.token_hex(16)
+        expires = self.clock.now_ms() + self.settings.nonce_lifetime_ms
+        await self.store.add_challenge(mid, device_id, nonce, expires)
+        challenge = AttestationChallenge(
+            nonce=nonce, pcr_bank="sha256", pcr_selection=selection, expires_at_ms=expires
+        )
+        return Outgoing(device_topic(device_id, Direction.DOWN, Channel.ATTEST), challenge, mid=mid)
+
+    async def _on_evidence(
+        self, opened: Opened[Any], device_id: str, evidence: AttestationEvidence
+    ) -> Sequence[Outgoing]:
+        device = await self._device_record(device_id)
+        used = await self.store.use_challenge(evidence.in_reply_to, device_id)
+        if used is None:
+            raise AuthenticityError(
+                ServiceReason.NONCE_UNKNOWN, "unknown, foreign or used challenge"
+            )
+        challenge = Challenge(*used)
+        recording = await self.store.recording_for(device_id)
+        if recording is not None:
+            return await self._record_values(opened, device, recording, evidence, challenge)
+        policy = await self._policy(device)
+        now = self.clock.now_ms()
+        try:
+            session_key = _session_key(evidence.session_key)
+            verdict = verify_quote(
+                evidence.attest,
+                evidence.signature,
+                {pcr.index: pcr.digest for pcr in evidence.pcrs},
+                ak=device.ak_public,
+                challenge=challenge,
+                session_key=evidence.session_key,
+                policy=policy.to_pcr_policy(),
+                previous=device.clock_state,
+                now_ms=now,
+            )
+        except EdgewardError as exc:
+            return await self._contraindicated(opened, device_id, policy, exc.reason, now)
+        claims = AttestationClaims(
+            device_id=device_id,
+            status="affirming",
+            policy_id=policy.policy_id,
+            session_key=session_key,
+            result_id=secrets.token_hex(16),
+            issued_at=now // 1000,
+            expires_at=now // 1000 + self.settings.ear_lifetime_s,
+        )
+        await self.store.record_verdict(
+            device_id,
+            trusted=True,
+            reason=ServiceReason.AFFIRMING,
+            policy_id=policy.policy_id,
+            now_ms=now,
+            ear_expires_at=claims.expires_at * 1000,
+            clock_state=verdict.facts.state,
+        )
+        result = AttestationResult(
+            in_reply_to=opened.mid,
+            status="affirming",
+            ear=issue_ear(self.signing_key, claims),
+            reasons=[],
+        )
+        log.info("attestation.affirming", extra=fields(device=device_id, policy=policy.policy_id))
+        return (Outgoing(_reply(opened), result),)
+
+    async def _record_values(
+        self,
+        opened: Opened[Any],
+        device: DeviceRecord,
+        recording: PolicyRow,
+        evidence: AttestationEvidence,
+        challenge: Challenge,
+    ) -> Sequence[Outgoing]:
+        """A reference device's quote supplies a policy's values: verified in every way
+        (AK, signature, nonce, selection, digest, counters) except the allowlist, which it
+        is about to define. The device gets no attestation result from it."""
+        supplied = {pcr.index: pcr.digest for pcr in evidence.pcrs}
+        candidate = PcrPolicy(
+            selection=frozenset(recording.selection),
+            allowlist={i: frozenset({supplied.get(i, b"")}) for i in recording.selection},
+        )
+        now = self.clock.now_ms()
+        verify_quote(
+            evidence.attest,
+            evidence.signature,
+            supplied,
+            ak=device.ak_public,
+            challenge=challenge,
+            session_key=evidence.session_key,
+            policy=candidate,
+            previous=device.clock_state,
+            now_ms=now,
+        )
+        policy = policy_from_values(recording.policy_id, recording.device_class, supplied)
+        await self.store.complete_recording(policy, now)
+        log.info(
+            "policy.values_recorded",
+            extra=fields(policy=policy.policy_id, device=device.device_id),
+        )
+        result = AttestationResult(
+            in_reply_to=opened.mid, status="warning", ear="", reasons=[ServiceReason.RECORDED]
+        )
+        return (Outgoing(_reply(opened), result),)
+
+    async def _contraindicated(
+        self, opened: Opened[Any], device_id: str, policy: ClassPolicy, reason: str, now: int
+    ) -> Sequence[Outgoing]:
+        await self.store.record_verdict(
+            device_id, trusted=False, reason=reason, policy_id=policy.policy_id, now_ms=now
+        )
+        log.warning("attestation.failed", extra=fields(device=device_id, reason=reason))
+        result = AttestationResult(
+            in_reply_to=opened.mid, status="contraindicated", ear="", reasons=[reason]
+        )
+        event = AttestationFailed(
+            device_id=device_id, reasons=[reason], policy_id=policy.policy_id, at_ms=now
+        )
+        return (
+            Outgoing(_reply(opened), result),
+            Outgoing(service_event_topic(ServiceName.ATTESTATION, "failed"), event),
+        )
+
+    async def _device_record(self, device_id: str) -> DeviceRecord:
+        device = await self.store.device(device_id)
+        if device is None:
+            raise PolicyError(ServiceReason.DEVICE_UNKNOWN, f"{device_id} is not enrolled")
+        return device
+
+    async def _policy(self, device: DeviceRecord) -> ClassPolicy:
+        policy = await self.store.active_policy(device.device_class)
+        if policy is None:
+            raise PolicyError(ServiceReason.POLICY_MISSING, f"no policy for {device.device_class}")
+        return policy
+
+
+def _session_key(der: bytes) -> ec.EllipticCurvePublicKey:
+    try:
+        key = load_der_public_key(der)
+    except ValueError as exc:
+        raise MessageError(ServiceReason.SESSION_KEY, "not a DER public key") from exc
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise MessageError(ServiceReason.SESSION_KEY, "the session key must be EC P-256")
+    return key
+
+
+def _reply(opened: Opened[Any]) -> str:
+    topic = reply_topic(opened.topic)
+    if topic is None:  # the routes only deliver request topics; this is a wiring bug
+        raise RuntimeError(f"no reply topic for {opened.topic}")
+    return topic
+
+
+def _enrollee(topic: str) -> str:
+    parsed = parse_topic(topic)
+    if not isinstance(parsed, EnrollTopic):
+        raise TypeError(f"wiring bug: not an enrollment topic: {topic}")
+    return parsed.device_id
+
+
+def _device(topic: str) -> str:
+    parsed = parse_topic(topic)
+    if not isinstance(parsed, DeviceTopic):
+        raise TypeError(f"wiring bug: not a device topic: {topic}")
+    return parsed.device_id

@@ -1,0 +1,100 @@
+"""Wiring the identity service: configuration, the CA, the database, the runtime.
+
+This module owns :class:`IdentityConfig` (what an operator decides) and turning it into a
+node ready to run: it refuses to start on an unsafe or missing CA key or on an identity that
+is not the identity service's, opens and migrates the database, builds the runtime from
+files (:mod:`edgeward_shared.runtime.node`) and installs the handler (:mod:`.service`).
+Flags, the environment and logging setup are :mod:`.__main__`'s.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from edgeward_identity.ca import IssuingAuthority
+from edgeward_identity.core import DEFAULT_MAX_LIFETIME
+from edgeward_identity.service import IdentityService
+from edgeward_identity.store import COMPONENT, MIGRATIONS
+from edgeward_shared.bus.mqtt import BrokerAddress
+from edgeward_shared.clock import Clock
+from edgeward_shared.errors import ConfigError
+from edgeward_shared.identity import Identity, ServiceName
+from edgeward_shared.logs import fields
+from edgeward_shared.pki.store import IdentityFiles, PkiStore
+from edgeward_shared.runtime.core import Connect, Runtime
+from edgeward_shared.runtime.node import NodeConfig, build_runtime, run_until_signalled
+from edgeward_shared.storage import SqliteDatabase, migrate
+from edgeward_shared.tls import check_key_permissions
+
+log = logging.getLogger("edgeward.identity")
+
+SERVICE = Identity.service(ServiceName.IDENTITY)
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    """Everything one instance of the identity service needs to know."""
+
+    pki_dir: Path  # the PKI directory holding the issuing CA (issuing/ca.key, 0600)
+    identity_dir: Path  # this instance's svc.identity[.<n>] certificate and key
+    db_path: Path  # the service's SQLite database, shared by instances on one host
+    broker: BrokerAddress
+    metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
+    max_lifetime: timedelta = DEFAULT_MAX_LIFETIME  # cap on requested certificate lifetimes
+
+    def node_config(self) -> NodeConfig:
+        store = PkiStore(self.pki_dir)
+        return NodeConfig(
+            identity_dir=self.identity_dir,
+            ca_bundle=store.bundle_path,
+            crl=store.crl_path,
+            broker=self.broker,
+            metrics_port=self.metrics_port,
+        )
+
+
+@asynccontextmanager
+async def identity_node(
+    config: IdentityConfig, clock: Clock | None = None
+) -> AsyncIterator[tuple[Runtime, Connect]]:
+    """A runtime serving the identity service and its bus factory; closes the database at
+    the end. Raises ``ConfigError`` before anything runs if the files are not right."""
+    authority = IssuingAuthority.open(config.pki_dir)
+    check_key_permissions(IdentityFiles(config.identity_dir).key)
+    runtime, connect = build_runtime(config.node_config(), clock)
+    if runtime.identity.principal != SERVICE:
+        raise ConfigError(
+            "config.identity.wrong_service",
+            f"{config.identity_dir} holds {runtime.identity}, not an instance of {SERVICE}",
+        )
+    db = await SqliteDatabase.open(config.db_path)
+    try:
+        await migrate(db, component=COMPONENT, migrations=MIGRATIONS, clock=runtime.clock)
+        service = IdentityService(
+            authority=authority, db=db, clock=runtime.clock, max_lifetime=config.max_lifetime
+        )
+        service.install(runtime)
+        yield runtime, connect
+    finally:
+        await db.close()
+
+
+async def run(config: IdentityConfig) -> None:
+    """Serve until SIGTERM or SIGINT, then finish the requests in flight."""
+    async with identity_node(config) as (runtime, connect):
+        log.info(
+            "identity.started",
+            extra=fields(
+                identity=runtime.identity.common_name,
+                broker=f"{config.broker.host}:{config.broker.port}",
+                db=str(config.db_path),
+                max_lifetime_s=int(config.max_lifetime.total_seconds()),
+            ),
+        )
+        await run_until_signalled(runtime, connect, config.metrics_port)
+    log.info("identity.stopped")

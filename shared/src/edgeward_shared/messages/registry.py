@@ -1,0 +1,103 @@
+"""Operators and the attestation service: device registry queries, PCR policies, rebinds.
+
+On ``ew/v1/svc/attestation/req/op.<name>`` and ``.../rsp/op.<name>``; every request is
+signed by the operator, every change audited by the service with the operator's identity.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+from edgeward_shared.messages.attest import PcrIndex, PcrValue
+from edgeward_shared.messages.base import Message
+from edgeward_shared.messages.common import MessageId, ReasonId
+
+DeviceId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
+DeviceClass = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9-]{0,31}$")]
+PolicyId = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9.-]{0,63}$")]
+Trust = Literal["enrolled", "attested", "stale", "untrusted"]
+
+
+class DeviceQuery(Message, frozen=True, tag="edgeward.registry.query.v1"):
+    """List devices (``device_id`` None) or show one; paged by ``offset``/``limit``."""
+
+    device_id: DeviceId | None = None
+    offset: Annotated[int, msgspec.Meta(ge=0)] = 0
+    limit: Annotated[int, msgspec.Meta(ge=1, le=500)] = 200
+
+
+class DeviceStatus(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A device's standing. ``trust``: ``attested`` (a fresh affirming result), ``stale``
+    (its result expired: not attested), ``untrusted`` (its last quote failed: ``reason``),
+    ``enrolled`` (never attested yet)."""
+
+    device_id: DeviceId
+    device_class: DeviceClass
+    trust: Trust
+    reason: ReasonId
+    policy_id: str | None
+    ek_fingerprint: str
+    enrolled_at_ms: int
+    last_attested_at_ms: int | None
+    result_expires_at_ms: int | None
+
+
+class DeviceList(Message, frozen=True, tag="edgeward.registry.devices.v1"):
+    in_reply_to: MessageId
+    devices: Annotated[list[DeviceStatus], msgspec.Meta(max_length=500)]
+    total: Annotated[int, msgspec.Meta(ge=0)]
+
+
+class PolicyRecord(Message, frozen=True, tag="edgeward.policy.record.v1"):
+    """Record a PCR policy for a device class, pending approval. Either give the golden
+    ``pcrs`` explicitly, or name a ``reference_device`` of that class: its next quote over
+    ``pcr_selection`` (verified in every way but the allowlist) supplies the values."""
+
+    policy_id: PolicyId
+    device_class: DeviceClass
+    pcr_selection: Annotated[list[PcrIndex], msgspec.Meta(min_length=1, max_length=24)]
+    pcrs: Annotated[list[PcrValue], msgspec.Meta(max_length=24)] = msgspec.field(
+        default_factory=list
+    )
+    reference_device: DeviceId | None = None
+
+
+class PolicyApprove(Message, frozen=True, tag="edgeward.policy.approve.v1"):
+    """Make a recorded policy the class's active one (a second operator's act, audited)."""
+
+    policy_id: PolicyId
+
+
+class PolicyQuery(Message, frozen=True, tag="edgeward.policy.query.v1"):
+    device_class: DeviceClass | None = None
+
+
+class PolicyInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    policy_id: PolicyId
+    device_class: DeviceClass
+    pcrs: list[PcrValue]  # allowed values (several per index possible); empty while recording
+    state: Literal["recording", "recorded", "active", "superseded"]
+    recorded_by: str
+    approved_by: str | None
+
+
+class PolicyList(Message, frozen=True, tag="edgeward.policy.list.v1"):
+    in_reply_to: MessageId
+    policies: Annotated[list[PolicyInfo], msgspec.Meta(max_length=500)]
+
+
+class RebindApprove(Message, frozen=True, tag="edgeward.registry.rebind.v1"):
+    """Allow ``device_id`` to re-enroll with the TPM whose EK has this fingerprint (hex
+    SHA-256 of its SubjectPublicKeyInfo): an explicit, audited operator decision."""
+
+    device_id: DeviceId
+    ek_fingerprint: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+
+
+class Done(Message, frozen=True, tag="edgeward.registry.done.v1"):
+    """A change request was carried out."""
+
+    in_reply_to: MessageId
+    detail: Annotated[str, msgspec.Meta(max_length=200)]

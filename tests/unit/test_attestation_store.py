@@ -1,0 +1,154 @@
+"""The attestation service's state: single use of challenges and enrollments, policy life."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+
+from edgeward_attestation.ops import trust_of
+from edgeward_attestation.policy import ClassPolicy, policy_from_values
+from edgeward_attestation.quote import ClockState
+from edgeward_attestation.store import AttestationStore, PendingEnrollment
+from edgeward_shared.storage.sqlite import SqliteDatabase
+
+
+@pytest_asyncio.fixture
+async def store() -> AsyncIterator[AttestationStore]:
+    db = await SqliteDatabase.open(":memory:")
+    store = AttestationStore(db)
+    await store.migrate()
+    yield store
+    await db.close()
+
+
+def _pending(
+    device_id: str = "dev-a", mid: str = "a" * 32, expires: int = 1_000
+) -> PendingEnrollment:
+    return PendingEnrollment(
+        challenge_mid=mid,
+        device_id=device_id,
+        device_class="edge-gw",
+        ek_fingerprint="e" * 64,
+        ak_public=b"ak",
+        csr=b"csr",
+        secret=b"s" * 32,
+        expires_at=expires,
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_challenge_is_used_once_and_only_by_its_device(store: AttestationStore) -> None:
+    await store.add_challenge("c" * 32, "dev-a", b"n" * 32, 5_000)
+    assert await store.use_challenge("c" * 32, "dev-b") is None  # another device's
+    assert await store.use_challenge("c" * 32, "dev-a") == (b"n" * 32, 5_000)
+    assert await store.use_challenge("c" * 32, "dev-a") is None  # replayed
+    assert await store.use_challenge("d" * 32, "dev-a") is None  # unknown
+
+
+@pytest.mark.asyncio
+async def test_a_pending_enrollment_is_taken_once_by_its_device(store: AttestationStore) -> None:
+    await store.add_enrollment(_pending())
+    assert await store.take_enrollment("a" * 32, "dev-b", 0) is None
+    taken = await store.take_enrollment("a" * 32, "dev-a", 0)
+    assert taken is not None
+    assert taken.secret == b"s" * 32
+    assert "s" * 8 not in repr(taken)  # the secret never reaches a log line
+    assert await store.take_enrollment("a" * 32, "dev-a", 0) is None
+
+
+@pytest.mark.asyncio
+async def test_expired_enrollments_are_returned_once_then_purged(store: AttestationStore) -> None:
+    await store.add_enrollment(_pending(mid="a" * 32, expires=100))
+    await store.add_enrollment(_pending(device_id="dev-b", mid="b" * 32, expires=100))
+    expired = await store.take_enrollment("a" * 32, "dev-a", 200)
+    assert expired is not None
+    assert expired.expires_at == 100  # the service refuses it by name
+    assert await store.take_enrollment("b" * 32, "dev-b", 200) is None  # purged meanwhile
+
+
+@pytest.mark.asyncio
+async def test_registration_and_verdicts_drive_the_trust_state(store: AttestationStore) -> None:
+    await store.register(_pending(), serial="1f", now_ms=10, actor="enroll.dev-a")
+    device = await store.device("dev-a")
+    assert device is not None
+    assert trust_of(device, 20) == "enrolled"
+    await store.record_verdict(
+        "dev-a",
+        trusted=True,
+        reason="attestation.affirming",
+        policy_id="p1",
+        now_ms=30,
+        ear_expires_at=1_000,
+        clock_state=ClockState(1, 2, 3),
+    )
+    device = await store.device("dev-a")
+    assert device is not None
+    assert device.clock_state == ClockState(1, 2, 3)
+    assert trust_of(device, 999) == "attested"
+    assert trust_of(device, 1_000) == "stale"  # an expired result means not attested
+    await store.record_verdict(
+        "dev-a", trusted=False, reason="attestation.pcr.not_allowed", policy_id="p1", now_ms=40
+    )
+    device = await store.device("dev-a")
+    assert device is not None
+    assert (trust_of(device, 41), device.reason) == ("untrusted", "attestation.pcr.not_allowed")
+    assert device.clock_state == ClockState(1, 2, 3)  # counters move only on accepted quotes
+    events = [row["event"] for row in await store.audit("dev-a")]
+    assert events == ["enrolled", "attested", "attestation.failed"]
+
+
+@pytest.mark.asyncio
+async def test_policies_are_recorded_then_approved_and_the_newest_approval_wins(
+    store: AttestationStore,
+) -> None:
+    v1 = policy_from_values("gw-1", "edge-gw", {0: b"\x01" * 32})
+    await store.record_policy(
+        v1,
+        policy_id="gw-1",
+        device_class="edge-gw",
+        selection=[0],
+        reference_device=None,
+        actor="op.alice",
+        now_ms=1,
+    )
+    assert await store.active_policy("edge-gw") is None  # recorded is not active
+    assert await store.known_classes() == {"edge-gw"}
+    assert not await store.record_policy(
+        v1,
+        policy_id="gw-1",
+        device_class="edge-gw",
+        selection=[0],
+        reference_device=None,
+        actor="op.bob",
+        now_ms=2,
+    )
+    assert await store.approve_policy("gw-1", "op.bob", 3)
+    assert not await store.approve_policy("gw-1", "op.bob", 4)  # once
+    assert await store.active_policy("edge-gw") == v1
+    await store.record_policy(
+        None,
+        policy_id="gw-2",
+        device_class="edge-gw",
+        selection=[0, 7],
+        reference_device="dev-a",
+        actor="op.alice",
+        now_ms=5,
+    )
+    assert not await store.approve_policy("gw-2", "op.bob", 6)  # still recording
+    recording = await store.recording_for("dev-a")
+    assert recording is not None
+    assert recording.selection == [0, 7]
+    v2 = policy_from_values("gw-2", "edge-gw", {0: b"\x02" * 32, 7: b"\x03" * 32})
+    await store.complete_recording(v2, 7)
+    assert await store.recording_for("dev-a") is None
+    assert await store.approve_policy("gw-2", "op.bob", 8)
+    assert await store.active_policy("edge-gw") == v2
+
+
+def test_a_policy_must_pin_every_selected_pcr() -> None:
+    with pytest.raises(ValueError, match="no allowed value"):
+        ClassPolicy(policy_id="p", device_class="c", allowlist={"0": []})
+    with pytest.raises(ValueError, match="0-23"):
+        ClassPolicy(policy_id="p", device_class="c", allowlist={"24": ["00" * 32]})
