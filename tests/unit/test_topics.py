@@ -122,7 +122,7 @@ def test_reply_topics() -> None:
     assert reply_topic(service_request_topic(ServiceName.TELEMETRY, ALICE)) == (
         service_response_topic(ServiceName.TELEMETRY, ALICE)
     )
-    assert reply_topic("ew/v1/dev/dev-a/up/health") is None
+    assert reply_topic("ew/v1/dev/dev-a/up/attest") == "ew/v1/dev/dev-a/down/attest"
     assert reply_topic("ew/v1/fleet/trust") is None
 
 
@@ -193,6 +193,7 @@ def test_enrollment_topics_belong_to_the_enrollee_and_the_registrar() -> None:
     with pytest.raises(PolicyError):
         authorize_signer(down, Identity.service(ServiceName.IDENTITY))
     assert reply_topic(down) == up
+    assert reply_topic(up) == down
     for bad in (
         "ew/v1/enroll/dev-n/up",
         "ew/v1/enroll/enroll.dev.n/up",

@@ -255,16 +255,19 @@ def _unless(who: Identity, expected: Identity) -> str | None:
 
 
 def reply_topic(topic: str) -> str | None:
-    """Where the answer to a request received on ``topic`` goes, if it is a request topic.
+    """Where the answer to a message received on ``topic`` goes, if it can be answered.
 
-    A device answers on the same channel of its ``up`` subtree; a service answers the caller
-    on its ``rsp/<caller-cn>`` topic. Events and fleet topics have no reply.
+    A device answers on the same channel of its ``up`` subtree, and the cloud answers a
+    device (or an enrollee) on the same channel of its ``down`` subtree; a service answers a
+    caller on its ``rsp/<caller-cn>`` topic. Events, responses and fleet topics have none.
     """
     match parse_topic(topic):
-        case DeviceTopic(device_id, Direction.DOWN, channel):
-            return f"{ROOT}/dev/{device_id}/{Direction.UP}/{channel}"
-        case EnrollTopic(device_id, Direction.DOWN):
-            return enroll_topic(device_id, Direction.UP)
+        case DeviceTopic(device_id, direction, channel):
+            back = Direction.UP if direction is Direction.DOWN else Direction.DOWN
+            return f"{ROOT}/dev/{device_id}/{back}/{channel}"
+        case EnrollTopic(device_id, direction):
+            back = Direction.UP if direction is Direction.DOWN else Direction.DOWN
+            return enroll_topic(device_id, back)
         case ServiceTopic(service, "req", caller):
             return f"{ROOT}/svc/{service}/rsp/{caller}"
     return None

@@ -57,6 +57,8 @@ from edgeward_shared.topics import reply_topic
 log = logging.getLogger("edgeward.runtime")
 
 OPAQUE_REJECTION = "envelope.rejected"
+#: Rejections not worth a reply: a late or unsolicited answer, or the bus itself failing.
+_UNANSWERED = frozenset({"message.reply.unexpected"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,13 +214,16 @@ class Runtime:
     async def _answer_rejection(self, delivery: Delivery, exc: EdgewardError) -> None:
         if isinstance(exc, TransportError) or self._bus is None:
             return
+        if exc.reason in _UNANSWERED:
+            return
         try:
             answer_on = reply_topic(delivery.topic)
-            mid = msgspec.json.decode(delivery.payload, type=Envelope).mid
+            envelope = msgspec.json.decode(delivery.payload, type=Envelope)
         except (EdgewardError, msgspec.DecodeError, UnicodeDecodeError):
             return
-        if answer_on is None or len(mid) != 32:
+        if answer_on is None or envelope.type == Rejected.TYPE:  # never answer an answer
             return
+        mid = envelope.mid
         reason = OPAQUE_REJECTION if isinstance(exc, AuthenticityError) else exc.reason
         try:
             await self.publish(Outgoing(answer_on, Rejected(in_reply_to=mid, reason=reason)))

@@ -1,0 +1,356 @@
+"""The device agent: enroll once, then run as the device and keep itself attested.
+
+:class:`DeviceAgent` wires the pieces and owns the lifecycle (ARCHITECTURE flows 1 and 2)::
+
+    prepare      state directory 0700, provisioned identity, trust bundle and CRL (fail fast)
+    open TPM     in a worker thread; retried with backoff until it answers
+    enroll       (no device certificate yet) as ``enroll.<id>``: :mod:`.enrollment`, retried
+                 with backoff after any rejection, timeout or TPM failure, never giving up
+    run          as ``<id>``: answers pings, challenges and results (:mod:`.attestation`),
+                 sends AttestationRequest on every (re)connection and before the result
+                 expires (:mod:`.schedule`)
+
+Each phase is one :class:`~edgeward_shared.runtime.core.Runtime` (which verifies every
+message and reconnects by itself) serving while the phase's work runs. Both runtimes share
+one metrics registry, beside the agent's own metrics (:mod:`.metrics`).
+
+Failures: a :class:`~edgeward_shared.errors.ConfigError` (missing or unsafe files, an
+expired CRL, a certificate for someone else) ends :meth:`DeviceAgent.run`: nothing will fix
+itself. Everything else is logged with its reason id, counted and retried. The policies
+(retries, challenges, renewal) and why: docs/adr/0008-device-agent-lifecycle.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
+from cryptography import x509
+
+from edgeward_device_agent.attestation import Attester, CurrentAttestation
+from edgeward_device_agent.config import AgentConfig, retry_delays
+from edgeward_device_agent.enrollment import REPLY_TYPES, Enrollment
+from edgeward_device_agent.metrics import AgentMetrics
+from edgeward_device_agent.ports import AgentTpm, Connector, TpmFactory, mqtt_connector
+from edgeward_device_agent.reasons import AgentReason
+from edgeward_device_agent.schedule import RequestReason, RequestSchedule
+from edgeward_device_agent.state import AgentState
+from edgeward_device_agent.status import AttestationState, EnrollmentState, TrustState
+from edgeward_device_agent.tpm import Tpm
+from edgeward_shared.bus.base import Bus
+from edgeward_shared.clock import Clock, SystemClock, from_datetime, to_datetime
+from edgeward_shared.envelope import EnvelopeVerifier, SigningKey
+from edgeward_shared.errors import ConfigError, EdgewardError
+from edgeward_shared.identity import Identity
+from edgeward_shared.logs import fields
+from edgeward_shared.messages.attest import (
+    AttestationChallenge,
+    AttestationRequest,
+    AttestationResult,
+)
+from edgeward_shared.pki.store import IdentityFiles
+from edgeward_shared.pki.trust import TrustStore
+from edgeward_shared.replay import MemoryReplayGuard
+from edgeward_shared.runtime.core import Connect, Outgoing, Runtime
+from edgeward_shared.runtime.health import answer_pings
+from edgeward_shared.runtime.metrics import RuntimeMetrics
+from edgeward_shared.topics import Channel, Direction, device_topic
+
+log = logging.getLogger("edgeward.agent")
+T = TypeVar("T")
+
+
+async def _wait_any(*events: asyncio.Event, seconds: float | None = None) -> None:
+    """Return when any of ``events`` is set, or after ``seconds``."""
+    waiters = [asyncio.create_task(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+class DeviceAgent:
+    """One device's agent. ``await agent.run(stop)``; read :meth:`trust_state` any time.
+
+    ``clock``, ``tpm_factory``, ``connector`` and ``rand`` are injected for tests (a fixed
+    clock, a doctored TPM, the in-memory broker, fixed jitter); production uses the system
+    clock, :class:`~edgeward_device_agent.tpm.Tpm` and mutual-TLS MQTT.
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        clock: Clock | None = None,
+        tpm_factory: TpmFactory = Tpm,
+        connector: Connector | None = None,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.config = config
+        self.state = AgentState(config.state_dir, config.device_id)
+        self.metrics = RuntimeMetrics()
+        self.agent_metrics = AgentMetrics(self.metrics.registry)
+        self._clock = clock or SystemClock()
+        self._tpm_factory = tpm_factory
+        self._connector = connector or mqtt_connector(config.broker, config.ca_bundle)
+        self._rand = rand
+        self._certificate: x509.Certificate | None = None
+        self._runtime: Runtime | None = None
+        self._attester: Attester | None = None
+        self._schedule = RequestSchedule(config.policy, rand)
+        self._connections = 0
+        self._wake = asyncio.Event()
+        self._last_error: str | None = None
+
+    @property
+    def device_id(self) -> str:
+        return self.config.device_id
+
+    # ------------------------------------------------------------------ what others read
+    @property
+    def attestation(self) -> CurrentAttestation | None:
+        """The current attestation (EAR, claims, session private key), if valid right now."""
+        attester = self._attester
+        return attester.current(self._clock.now_ms()) if attester is not None else None
+
+    def trust_state(self) -> TrustState:
+        """A snapshot of the agent's standing (see :class:`TrustState`)."""
+        now = self._clock.now_ms()
+        attester, certificate = self._attester, self._certificate
+        held = attester.held if attester is not None else None
+        verdict = attester.last_verdict if attester is not None else None
+        refusal = attester.last_refusal if attester is not None else None
+        return TrustState(
+            device_id=self.device_id,
+            at_ms=now,
+            enrollment=EnrollmentState.ENROLLED if certificate else EnrollmentState.NOT_ENROLLED,
+            attestation=AttestationState.ATTESTED
+            if self.attestation is not None
+            else AttestationState.UNATTESTED,
+            status=verdict.status if verdict is not None else None,
+            reasons=verdict.reasons if verdict is not None else (),
+            expires_at_ms=held.expires_at_ms if held is not None else None,
+            result_id=held.claims.result_id if held is not None else None,
+            policy_id=held.claims.policy_id if held is not None else None,
+            certificate_not_after_ms=from_datetime(certificate.not_valid_after_utc)
+            if certificate is not None
+            else None,
+            connected=self._runtime is not None and self._runtime.ready.is_set(),
+            last_error=refusal or self._last_error,
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self, stop: asyncio.Event) -> None:
+        """Enroll if needed, then serve as the device until ``stop`` is set."""
+        self._prepare()
+        tpm = await self._open_tpm(stop)
+        if tpm is None:
+            return
+        try:
+            if self._certificate is None and not await self._enroll(tpm, stop):
+                return
+            await self._serve_as_device(tpm, stop)
+        finally:
+            await asyncio.to_thread(tpm.close)
+
+    def _prepare(self) -> None:
+        self.state.prepare()
+        self._trust_store()  # an unreadable bundle or an expired CRL stops us here
+        if self.state.is_enrolled():
+            self._set_certificate(self.state.device_certificate())
+        else:
+            self.state.check_enrollee()
+
+    def _set_certificate(self, certificate: x509.Certificate | None) -> None:
+        self._certificate = certificate
+        self.agent_metrics.enrolled.set(1 if certificate is not None else 0)
+
+    def _failed(self, event: str, exc: EdgewardError) -> None:
+        self._last_error = exc.reason
+        log.error(event, extra=fields(device=self.device_id, reason=exc.reason, detail=exc.detail))
+
+    async def _open_tpm(self, stop: asyncio.Event) -> AgentTpm | None:
+        delays = retry_delays(self.config.policy, self._rand)
+        while not stop.is_set():
+            try:
+                return await asyncio.to_thread(self._tpm_factory, self.config.tcti)
+            except EdgewardError as exc:
+                self._failed("tpm.unavailable", exc)
+            await _wait_any(stop, seconds=next(delays))
+        return None
+
+    # ------------------------------------------------------------------ runtimes
+    def _trust_store(self) -> TrustStore:
+        now = to_datetime(self._clock.now_ms())
+        return TrustStore.from_bundle(self.config.ca_bundle, self.config.crl, now=now)
+
+    def _runtime_for(self, files: IdentityFiles, expected: Identity) -> tuple[Runtime, Connect]:
+        key = SigningKey.from_files(files)
+        if key.identity != expected:
+            raise ConfigError(
+                AgentReason.IDENTITY_MISMATCH, f"{files.cert} names {key.identity}, not {expected}"
+            )
+        runtime = Runtime(
+            signing_key=key,
+            verifier=EnvelopeVerifier(self._trust_store(), MemoryReplayGuard()),
+            clock=self._clock,
+            metrics=self.metrics,
+        )
+        connector = self._connector
+        self._runtime = runtime
+        return runtime, lambda: connector(key.identity, files)
+
+    async def _phase(
+        self, runtime: Runtime, connect: Connect, work: Callable[[], Awaitable[T]]
+    ) -> T:
+        """Serve ``runtime`` while ``work`` runs; a ConfigError of either ends the phase."""
+        phase_stop = asyncio.Event()
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(runtime.run(connect, phase_stop))
+                try:
+                    return await work()
+                finally:
+                    phase_stop.set()
+        except BaseExceptionGroup as failed:
+            raise _first_leaf(failed) from None
+
+    # ------------------------------------------------------------------ enrollment
+    async def _enroll(self, tpm: AgentTpm, stop: asyncio.Event) -> bool:
+        runtime, connect = self._runtime_for(self.state.enrollee, Identity.enrollee(self.device_id))
+        enrollment = Enrollment(
+            self.device_id,
+            self.config.device_class,
+            tpm,
+            self.state,
+            self._clock,
+            self.config.policy.request_timeout_s,
+        )
+        runtime.expect_replies(enrollment.down, REPLY_TYPES)
+        return await self._phase(
+            runtime, connect, lambda: self._enroll_until_done(runtime, enrollment, stop)
+        )
+
+    async def _enroll_until_done(
+        self, runtime: Runtime, enrollment: Enrollment, stop: asyncio.Event
+    ) -> bool:
+        delays = retry_delays(self.config.policy, self._rand)
+        while not stop.is_set():
+            await _wait_any(runtime.ready, stop)
+            if stop.is_set():
+                break
+            if await self._try_enrollment(runtime, enrollment):
+                return True
+            await _wait_any(stop, seconds=next(delays))
+        return False
+
+    async def _try_enrollment(self, runtime: Runtime, enrollment: Enrollment) -> bool:
+        log.info("enrollment.started", extra=fields(device=self.device_id))
+        try:
+            certificate = await enrollment.attempt(runtime)
+        except ConfigError:
+            raise
+        except EdgewardError as exc:
+            self.agent_metrics.enrollment_failures.labels(exc.reason).inc()
+            self._failed("enrollment.failed", exc)
+            return False
+        except Exception:  # a bug must not end a device that nobody can restart by hand
+            log.exception("enrollment.crashed", extra=fields(device=self.device_id))
+            self.agent_metrics.enrollment_failures.labels("agent.enroll.error").inc()
+            self._last_error = "agent.enroll.error"
+            return False
+        self._set_certificate(certificate)
+        self._last_error = None
+        log.info(
+            "enrollment.completed",
+            extra=fields(
+                device=self.device_id,
+                serial=f"{certificate.serial_number:x}",
+                not_after=certificate.not_valid_after_utc.isoformat(),
+            ),
+        )
+        return True
+
+    # ------------------------------------------------------------------ running as the device
+    async def _serve_as_device(self, tpm: AgentTpm, stop: asyncio.Event) -> None:
+        runtime, connect = self._runtime_for(self.state.device, Identity.device(self.device_id))
+        self._attester = Attester(
+            self.device_id,
+            tpm,
+            trust=runtime.verifier.trust,
+            clock=self._clock,
+            policy=self.config.policy,
+            metrics=self.agent_metrics,
+            on_adopted=self._adopted,
+        )
+        answer_pings(runtime, device_topic(self.device_id, Direction.DOWN, Channel.HEALTH))
+        runtime.route(
+            device_topic(self.device_id, Direction.DOWN, Channel.ATTEST),
+            [AttestationChallenge, AttestationResult],
+            self._attester.handle,
+            name="attest",
+        )
+        await self._phase(
+            runtime, self._counted(connect), lambda: self._keep_attested(runtime, stop)
+        )
+
+    def _counted(self, connect: Connect) -> Connect:
+        """``connect``, counting connections and waking the scheduler when one ends."""
+
+        @asynccontextmanager
+        async def counted() -> AsyncIterator[Bus]:
+            async with connect() as bus:
+                self._connections += 1
+                try:
+                    yield bus
+                finally:
+                    self._wake.set()
+
+        return counted
+
+    def _adopted(self, current: CurrentAttestation) -> None:
+        self._schedule.adopted(current)
+        self._wake.set()
+
+    async def _keep_attested(self, runtime: Runtime, stop: asyncio.Event) -> None:
+        """Send AttestationRequest when :class:`RequestSchedule` says so, until ``stop``."""
+        schedule, seen = self._schedule, 0
+        while not stop.is_set():
+            self._wake.clear()
+            if not runtime.ready.is_set():
+                await _wait_any(runtime.ready, stop)
+                continue
+            now = self._clock.now_ms()
+            if self._connections != seen:
+                seen = self._connections
+                schedule.connected(now)
+            reason = schedule.due(now)
+            if reason is not None:
+                schedule.requested(now)
+                await self._request_attestation(runtime, reason)
+                continue
+            pause = min(schedule.wait_s(now), self.config.policy.max_sleep_s)
+            await _wait_any(stop, self._wake, seconds=pause)
+
+    async def _request_attestation(self, runtime: Runtime, reason: RequestReason) -> None:
+        topic = device_topic(self.device_id, Direction.UP, Channel.ATTEST)
+        try:
+            await runtime.publish(Outgoing(topic, AttestationRequest(reason=reason)))
+        except EdgewardError as exc:
+            log.warning(
+                "attestation.request_failed",
+                extra=fields(device=self.device_id, reason=exc.reason, detail=exc.detail),
+            )
+            return
+        self.agent_metrics.attestation_requests.labels(reason).inc()
+        log.info("attestation.requested", extra=fields(device=self.device_id, why=reason))

@@ -1,0 +1,89 @@
+"""The agent's configuration (what the operator sets) and its timing policy (with defaults).
+
+Nothing here reads files or the clock: :class:`AgentConfig` names paths and addresses, the
+agent opens them. :class:`AgentPolicy` holds every timing decision in one place, with the
+reasons for the defaults; ``python -m edgeward_device_agent --help`` exposes each of them.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgeward_shared.bus.mqtt import BrokerAddress
+from edgeward_shared.identity import Identity
+
+#: docs/protocol.md 5.3: ``device_class`` of an enrollment request.
+DEVICE_CLASS_RE = re.compile(r"[a-z][a-z0-9-]{0,31}")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentPolicy:
+    """How long the agent waits, how it retries, and when it renews.
+
+    * ``request_timeout_s``: the wait for each enrollment reply (challenge, certificate);
+      the registrar may call the identity service before it answers.
+    * ``retry_base_s`` / ``retry_cap_s``: every retry (TPM not reachable, enrollment
+      rejected or unanswered, attestation request unanswered) waits
+      ``min(cap, base * 2**n)`` times a jitter in [0.5, 1), so a fleet does not retry in step.
+      Retries never stop: a device in the field has nobody to restart it.
+    * ``renew_fraction``: ask for a fresh attestation when this fraction of the current
+      result's lifetime (``iat`` to ``exp``) has passed (0.8: a fifth of the lifetime left).
+    * ``result_grace_s``: how long after a challenge's expiry the session key made for its
+      evidence waits for a result before it is forgotten.
+    * ``max_sleep_s``: the attestation scheduler re-reads the clock at least this often
+      (wall-clock jumps, a suspended device, a test's clock).
+    """
+
+    request_timeout_s: float = 10.0
+    retry_base_s: float = 1.0
+    retry_cap_s: float = 60.0
+    renew_fraction: float = 0.8
+    result_grace_s: float = 60.0
+    max_sleep_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.renew_fraction < 1.0:
+            raise ValueError("renew_fraction is strictly between 0 and 1")
+        if min(self.request_timeout_s, self.retry_base_s, self.max_sleep_s) <= 0:
+            raise ValueError("timeouts, retry base and sleep bound must be positive")
+        if self.retry_cap_s < self.retry_base_s or self.result_grace_s < 0:
+            raise ValueError("retry cap below its base, or a negative grace")
+
+
+def retry_delays(policy: AgentPolicy, rand: Callable[[], float] = random.random) -> Iterator[float]:
+    """Seconds to wait before retry n = 0, 1, 2, ...: capped exponential, jitter [0.5, 1)."""
+    attempt = 0
+    while True:
+        ceiling = min(policy.retry_cap_s, policy.retry_base_s * 2.0**attempt)
+        yield ceiling * (0.5 + rand() / 2.0)
+        attempt = min(attempt + 1, 32)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """One device agent: who it is, where its TPM, state and trust anchors are, and its broker.
+
+    ``state_dir`` (0700) holds ``enrollee/`` (provisioned: cert.pem, key.pem, chain.pem as
+    ``edgeward pki issue enrollee <id>`` writes them) and ``device/`` (written by the agent
+    at enrollment). ``crl`` is the issuing CA's CRL; the agent refuses to start with an
+    expired one (fail closed), like every other Edgeward process.
+    """
+
+    device_id: str
+    device_class: str
+    tcti: str
+    state_dir: Path
+    ca_bundle: Path
+    crl: Path
+    broker: BrokerAddress
+    metrics_port: int | None = None
+    policy: AgentPolicy = field(default_factory=AgentPolicy)
+
+    def __post_init__(self) -> None:
+        Identity.device(self.device_id)  # raises ValueError for an invalid device id
+        if not DEVICE_CLASS_RE.fullmatch(self.device_class):
+            raise ValueError(f"invalid device class {self.device_class!r}")

@@ -1,0 +1,289 @@
+"""Issue 3 end to end, all parts real: mosquitto with the repository's config, the identity
+and attestation services, device agents on swtpm TPMs, an operator driving the CLI.
+
+A golden device enrolls (EK certificate, credential activation, device certificate) and is
+attested (its EAR verifies offline and binds the agent's session key); a device with a
+tampered boot chain enrolls but is refused with its reason, shown untrusted, and announced
+on the failure event topic; a second TPM claiming an enrolled device id and a TPM from an
+unknown manufacturer cannot enroll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from edgeward_attestation.app import wire
+from edgeward_attestation.service import Settings
+from edgeward_attestation.store import AttestationStore
+from edgeward_cli.main import cli
+from edgeward_device_agent.agent import DeviceAgent
+from edgeward_device_agent.config import AgentConfig
+from edgeward_device_agent.swtpm import (
+    GOLDEN_BOOT_CHAIN,
+    ManufacturerCa,
+    SwtpmFleet,
+    expected_pcrs,
+    tampered_boot_chain,
+)
+from edgeward_identity.app import IdentityConfig, identity_node
+from edgeward_shared.broker.launcher import MosquittoBroker
+from edgeward_shared.bus.mqtt import BrokerAddress
+from edgeward_shared.clock import SystemClock
+from edgeward_shared.ear import verify_ear
+from edgeward_shared.envelope import Opened
+from edgeward_shared.identity import Identity, Role, ServiceName
+from edgeward_shared.messages.attest import AttestationFailed
+from edgeward_shared.pki.store import PkiStore
+from edgeward_shared.pki.trust import TrustStore
+from edgeward_shared.runtime.core import Runtime
+from edgeward_shared.runtime.node import NodeConfig, build_runtime
+from edgeward_shared.storage.sqlite import SqliteDatabase
+from edgeward_shared.topics import service_event_topic
+
+pytestmark = [pytest.mark.tpm, pytest.mark.broker]
+
+ATTESTATION = Identity.service(ServiceName.ATTESTATION)
+IDENTITY = Identity.service(ServiceName.IDENTITY)
+TELEMETRY = Identity.service(ServiceName.TELEMETRY)
+ALICE = Identity.operator("alice")
+DEVICE_CLASS = "edge-gw"
+BOOT_PCRS = sorted(expected_pcrs(GOLDEN_BOOT_CHAIN))
+WAIT = 20.0
+
+
+@dataclass
+class World:
+    root: Path
+    pki: PkiStore
+    broker: MosquittoBroker
+    fleet: SwtpmFleet
+
+    @property
+    def address(self) -> BrokerAddress:
+        return BrokerAddress(self.broker.host, self.broker.port)
+
+    def node(self, identity: Identity) -> NodeConfig:
+        return NodeConfig(
+            identity_dir=self.pki.identity_files(identity).directory,
+            ca_bundle=self.pki.bundle_path,
+            crl=self.pki.crl_path,
+            broker=self.address,
+        )
+
+    def cli(self, *argv: str) -> str:
+        common = [
+            "--dir",
+            str(self.pki.dir),
+            "--operator",
+            "alice",
+            "--broker",
+            f"{self.broker.host}:{self.broker.port}",
+        ]
+        result = CliRunner().invoke(cli, [*argv, *common])
+        assert result.exit_code == 0, (result.output, result.exception)
+        return result.output
+
+    def agent(self, device_id: str, tcti: str, *, replace: bool = False) -> DeviceAgent:
+        files = self.pki.issue(
+            Identity.enrollee(device_id), datetime.now(UTC), timedelta(hours=1), replace=replace
+        )
+        state = self.root / "agents" / f"{device_id}-{len(list((self.root / 'agents').glob('*')))}"
+        (state / "enrollee").mkdir(parents=True, mode=0o700)
+        state.chmod(0o700)
+        for name in ("cert.pem", "key.pem", "chain.pem"):
+            shutil.copy2(files.directory / name, state / "enrollee" / name)
+        config = AgentConfig(
+            device_id=device_id,
+            device_class=DEVICE_CLASS,
+            tcti=tcti,
+            state_dir=state,
+            ca_bundle=self.pki.bundle_path,
+            crl=self.pki.crl_path,
+            broker=self.address,
+        )
+        return DeviceAgent(config)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    root = tmp_path_factory.mktemp("e2e")
+    (root / "agents").mkdir()
+    pki = PkiStore(root / "pki")
+    now = datetime.now(UTC)
+    pki.init(now)
+    pki.issue(Identity(Role.BROKER, "local"), now, timedelta(days=1), ("127.0.0.1", "localhost"))
+    for identity in (ATTESTATION, IDENTITY, TELEMETRY, ALICE):
+        pki.issue(identity, now, timedelta(days=1))
+    with (
+        SwtpmFleet(root / "tpms") as fleet,
+        MosquittoBroker(pki, root / "broker", operators=[ALICE]) as broker,
+    ):
+        yield World(root, pki, broker, fleet)
+
+
+@asynccontextmanager
+async def running(runtime: Runtime, connect: Any) -> AsyncIterator[Runtime]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(runtime.run(connect, stop))
+    try:
+        await asyncio.wait_for(runtime.ready.wait(), WAIT)
+        yield runtime
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, WAIT)
+
+
+@asynccontextmanager
+async def services(world: World) -> AsyncIterator[AttestationStore]:
+    """The identity and attestation services, and a policy for the class (via the CLI)."""
+    db = await SqliteDatabase.open(":memory:")
+    store = AttestationStore(db)
+    await store.migrate()
+    runtime, connect = build_runtime(world.node(ATTESTATION))
+    wire(runtime, store, [world.fleet.ca.certificate], Settings(ear_lifetime_s=120))
+    identity_config = IdentityConfig(
+        pki_dir=world.pki.dir,
+        identity_dir=world.pki.identity_files(IDENTITY).directory,
+        db_path=world.root / "identity.db",
+        broker=world.address,
+    )
+    try:
+        async with (
+            identity_node(identity_config) as (identity_runtime, identity_connect),
+            running(identity_runtime, identity_connect),
+            running(runtime, connect),
+        ):
+            yield store
+    finally:
+        await db.close()
+
+
+@asynccontextmanager
+async def agent_running(agent: DeviceAgent) -> AsyncIterator[DeviceAgent]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    try:
+        yield agent
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, WAIT)
+
+
+async def until(condition: Callable[[], bool], within_s: float = WAIT) -> bool:
+    deadline = asyncio.get_running_loop().time() + within_s
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+def golden_values() -> list[str]:
+    return [f"{i}={digest.hex()}" for i, digest in sorted(expected_pcrs(GOLDEN_BOOT_CHAIN).items())]
+
+
+@pytest.mark.asyncio
+async def test_golden_device_is_attested_and_tampered_device_is_refused(world: World) -> None:
+    good = world.fleet.start("tpm-good", GOLDEN_BOOT_CHAIN)
+    bad = world.fleet.start("tpm-bad", tampered_boot_chain(GOLDEN_BOOT_CHAIN))
+    failures: list[AttestationFailed] = []
+
+    async def collect(opened: Opened[Any]) -> tuple[()]:
+        failures.append(opened.message)
+        return ()
+
+    watcher, watcher_connect = build_runtime(world.node(TELEMETRY))
+    watcher.route(
+        service_event_topic(ServiceName.ATTESTATION, "failed"), [AttestationFailed], collect
+    )
+    async with services(world), running(watcher, watcher_connect):
+        values = [f"--value={v}" for v in golden_values()]
+        pcrs = ",".join(str(i) for i in BOOT_PCRS)
+        await asyncio.to_thread(
+            world.cli, "policy", "record", "gw-1", "--class", DEVICE_CLASS, "--pcrs", pcrs, *values
+        )
+        await asyncio.to_thread(world.cli, "policy", "approve", "gw-1")
+        async with (
+            agent_running(world.agent("dev-good", good.tcti)) as honest,
+            agent_running(world.agent("dev-bad", bad.tcti)) as tampered,
+        ):
+            assert await until(lambda: honest.trust_state().attested), honest.trust_state()
+            assert await until(lambda: bool(failures)), tampered.trust_state()
+            assert tampered.trust_state().enrolled
+            assert not tampered.trust_state().attested
+            current = honest.attestation
+            assert current is not None
+            trust = TrustStore.from_bundle(
+                world.pki.bundle_path, world.pki.crl_path, now=datetime.now(UTC)
+            )
+            claims = verify_ear(current.ear, trust, now_ms=SystemClock().now_ms())
+            assert claims.device_id == "dev-good"
+            assert claims.status == "affirming"
+            assert claims.policy_id == "gw-1"
+            listing = await asyncio.to_thread(world.cli, "device", "list")
+            shown = await asyncio.to_thread(world.cli, "device", "show", "dev-bad")
+    assert failures[0].device_id == "dev-bad"
+    assert failures[0].reasons == ["attestation.pcr.not_allowed"]
+    assert "dev-good" in listing
+    assert "attested" in listing.split("dev-good", 1)[1].splitlines()[0]
+    assert "untrusted" in shown
+    assert "attestation.pcr.not_allowed" in shown
+
+
+@pytest.mark.asyncio
+async def test_a_second_tpm_cannot_take_an_enrolled_device_id(world: World) -> None:
+    first = world.fleet.start("tpm-first", GOLDEN_BOOT_CHAIN)
+    second = world.fleet.start("tpm-second", GOLDEN_BOOT_CHAIN)
+    async with services(world) as store:
+        await store.record_policy(
+            None,
+            policy_id="gw-x",
+            device_class=DEVICE_CLASS,
+            selection=[0],
+            reference_device="nobody",
+            actor="op.alice",
+            now_ms=0,
+        )
+        async with agent_running(world.agent("dev-claimed", first.tcti)) as owner:
+            assert await until(lambda: owner.trust_state().enrolled), owner.trust_state()
+        usurper = world.agent("dev-claimed", second.tcti, replace=True)
+        async with agent_running(usurper):
+            assert await until(lambda: usurper.trust_state().last_error is not None)
+        assert usurper.trust_state().last_error == "enroll.device.rebind"
+        assert not usurper.trust_state().enrolled
+        audit = [row["event"] for row in await store.audit("dev-claimed")]
+    assert audit == ["enrolled"]
+
+
+@pytest.mark.asyncio
+async def test_a_tpm_from_an_unknown_manufacturer_cannot_enroll(world: World) -> None:
+    with SwtpmFleet(
+        world.root / "foreign", ca=ManufacturerCa.create(world.root / "foreign-ca", "Nobody Inc")
+    ) as foreign:
+        tpm = foreign.start("tpm-foreign", GOLDEN_BOOT_CHAIN)
+        async with services(world) as store:
+            await store.record_policy(
+                None,
+                policy_id="gw-y",
+                device_class=DEVICE_CLASS,
+                selection=[0],
+                reference_device="nobody",
+                actor="op.alice",
+                now_ms=0,
+            )
+            agent = world.agent("dev-foreign", tpm.tcti)
+            async with agent_running(agent):
+                assert await until(lambda: agent.trust_state().last_error is not None)
+            assert await store.device("dev-foreign") is None
+    # authenticity failures are opaque on the wire: the agent learns only "rejected"
+    assert agent.trust_state().last_error in {"envelope.rejected", "enroll.ek_cert.untrusted"}
