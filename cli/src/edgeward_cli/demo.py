@@ -17,6 +17,7 @@ from pathlib import Path
 
 import click
 
+from edgeward_cli.demo_attest import attestation_story
 from edgeward_cli.pki_cmds import create_dev_pki, dev_identities
 from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.bus.base import Bus
@@ -58,7 +59,8 @@ def _refused(text: str) -> None:
     help="Keep the PKI, broker config and logs here (default: a temporary directory).",
 )
 def demo(workdir: Path | None) -> None:
-    """Run the foundation demo: broker + PKI + a signed round trip + forged messages."""
+    """Run the demo: PKI, broker, signed messages (forgeries refused), then TPM devices
+    enrolling and being attested, a tampered one refused."""
     temporary = workdir is None
     root = Path(tempfile.mkdtemp(prefix="edgeward-demo-")) if workdir is None else workdir
     _claim(root)
@@ -106,6 +108,7 @@ async def _demo(root: Path) -> None:
             _step("5. what the device counted (Prometheus, edgeward_messages_rejected_total)")
             for reason, count in sorted(_counts(device, "rejected").items()):
                 click.echo(f"   {reason:<34} {int(count)}")
+        await attestation_story(root, store, address)
     click.echo("\nbroker stopped; demo complete")
 
 

@@ -47,3 +47,7 @@ def main() -> None:
     except EdgewardError as exc:
         click.secho(f"error: {exc.diagnostics()}", fg="red", err=True)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

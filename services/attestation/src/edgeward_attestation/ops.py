@@ -122,18 +122,16 @@ class Operations:
     ) -> Sequence[Outgoing]:
         now = self.service.clock.now_ms()
         selection = sorted(set(record.pcr_selection))
-        policy = None
+        policy, reference = None, None
         if record.reference_device is None:
             values = {pcr.index: pcr.digest for pcr in record.pcrs}
             if sorted(values) != selection or any(len(v) != 32 for v in values.values()):
                 raise MessageError(OpsReason.POLICY_VALUES, "one SHA-256 value per selected PCR")
             policy = policy_from_values(record.policy_id, record.device_class, values)
-        else:
+        else:  # a reference device may also enroll later: its class is known from now on
             reference = await self.store.device(record.reference_device)
-            if reference is None or reference.device_class != record.device_class:
-                raise PolicyError(
-                    OpsReason.REFERENCE_DEVICE, "not an enrolled device of that class"
-                )
+            if reference is not None and reference.device_class != record.device_class:
+                raise PolicyError(OpsReason.REFERENCE_DEVICE, "it is of another device class")
         added = await self.store.record_policy(
             policy,
             policy_id=record.policy_id,
@@ -148,8 +146,8 @@ class Operations:
         replies = [
             Outgoing(answer_on, Done(in_reply_to=mid, detail=f"{record.policy_id} recorded"))
         ]
-        if record.reference_device is not None:
-            replies.append(await self.service.challenge(record.reference_device))
+        if reference is not None:  # enrolled already: challenge it now
+            replies.append(await self.service.challenge(reference.device_id))
         return replies
 
     async def _approve(self, mid: str, approve: PolicyApprove, actor: str) -> Done:

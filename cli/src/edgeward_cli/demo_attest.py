@@ -1,0 +1,281 @@
+"""The demo's second act: devices with (simulated) TPMs enroll and are attested.
+
+Everything runs as its own process, started the way an operator would start it: the
+simulated TPMs (``edgeward-swtpm``), the identity and attestation services, one device agent
+per device; the operator records a PCR policy from a reference device, approves it, and
+watches the registry. One device has a tampered boot chain and is refused with its reason.
+Processes are stopped by PID; their logs stay in ``<workdir>/logs``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TypeVar
+
+import click
+
+from edgeward_cli.ops_client import OperatorSession, operator_session
+from edgeward_shared.bus.mqtt import BrokerAddress
+from edgeward_shared.identity import Identity, ServiceName
+from edgeward_shared.messages.health import Ping, Pong
+from edgeward_shared.messages.registry import (
+    DeviceList,
+    DeviceQuery,
+    DeviceStatus,
+    Done,
+    PolicyApprove,
+    PolicyList,
+    PolicyQuery,
+    PolicyRecord,
+)
+from edgeward_shared.pki.store import PkiStore
+
+DEVICE_CLASS = "edge-gw"
+GOLDEN, TAMPERED = "edge-0001", "edge-0002"
+POLICY = "edge-gw-2026-11"
+WAIT_S = 60.0
+T = TypeVar("T")
+
+
+def _say(text: str) -> None:
+    click.secho(f"\n== {text}", bold=True)
+
+
+def _line(text: str) -> None:
+    click.echo(f"   {text}")
+
+
+@asynccontextmanager
+async def _process(root: Path, name: str, *argv: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A child process (``python -m ...``) with its output in ``logs/<name>.log``."""
+    (root / "logs").mkdir(exist_ok=True)
+    with (root / "logs" / f"{name}.log").open("ab") as log:
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", *argv, stdin=asyncio.subprocess.PIPE, stdout=log, stderr=log
+        )
+        try:
+            yield child
+        finally:
+            await _stop(child)
+
+
+async def _stop(child: asyncio.subprocess.Process) -> None:
+    if child.returncode is not None:
+        return
+    child.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(child.wait(), 10)
+    except TimeoutError:
+        child.kill()
+        await child.wait()
+
+
+async def _tpms(root: Path, stack: AsyncExitStack) -> dict[str, str]:
+    """Start the simulated TPMs; returns device name -> TCTI."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "edgeward_device_agent.simulate",
+        "--root",
+        str(root / "tpms"),
+        "--golden",
+        GOLDEN,
+        "--tampered",
+        TAMPERED,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    stack.push_async_callback(_stop, child)
+    if child.stdout is None:  # created with stdout=PIPE above
+        raise RuntimeError("no pipe from edgeward-swtpm")
+    tctis: dict[str, str] = {}
+    while True:
+        line = (await asyncio.wait_for(child.stdout.readline(), WAIT_S)).decode().strip()
+        if line in ("ready", ""):
+            break
+        name, tcti = line.split(" ", 1)
+        tctis[name] = tcti
+    return tctis
+
+
+def _agent_state(root: Path, store: PkiStore, device_id: str) -> Path:
+    files = store.issue(Identity.enrollee(device_id), datetime.now(UTC), timedelta(hours=2))
+    state = root / "agents" / device_id
+    (state / "enrollee").mkdir(parents=True, mode=0o700, exist_ok=True)
+    (root / "agents").chmod(0o700)
+    state.chmod(0o700)
+    for name in ("cert.pem", "key.pem", "chain.pem"):
+        shutil.copy2(files.directory / name, state / "enrollee" / name)
+    return state
+
+
+def _agent_argv(
+    store: PkiStore, broker: BrokerAddress, device_id: str, tcti: str, state: Path
+) -> list[str]:
+    return [
+        "edgeward_device_agent",
+        "--device-id",
+        device_id,
+        "--device-class",
+        DEVICE_CLASS,
+        "--tcti",
+        tcti,
+        "--state-dir",
+        str(state),
+        "--ca-bundle",
+        str(store.bundle_path),
+        "--crl",
+        str(store.crl_path),
+        "--broker-host",
+        broker.host,
+        "--broker-port",
+        str(broker.port),
+        "--retry-base-s",
+        "0.5",
+        "--retry-cap-s",
+        "2",
+    ]
+
+
+async def _until(probe: Callable[[], Awaitable[T]], check: Callable[[T], bool]) -> T:
+    """Ask ``probe`` until ``check`` holds (or the demo's patience runs out)."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        value = await probe()
+        if check(value) or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(0.3)
+
+
+async def _devices(session: OperatorSession) -> list[DeviceStatus]:
+    return (await session.ask(DeviceQuery(), DeviceList)).devices
+
+
+def _show(devices: list[DeviceStatus]) -> None:
+    for status in devices:
+        colour = {"attested": "green", "untrusted": "red"}.get(status.trust, "yellow")
+        trust = click.style(f"{status.trust:<10}", fg=colour)
+        _line(f"{status.device_id:<10} {trust} {status.reason}")
+
+
+async def attestation_story(root: Path, store: PkiStore, broker: BrokerAddress) -> None:
+    async with AsyncExitStack() as stack:
+        _say("6. two devices with TPMs (swtpm): edge-0001 golden, edge-0002 tampered boot chain")
+        tctis = await _tpms(root, stack)
+        for name, tcti in tctis.items():
+            _line(f"{name}: {tcti} (EK certificate from the test manufacturer CA)")
+
+        _say("7. the identity service (online CA) and the attestation service start")
+        common = ["--broker", f"{broker.host}:{broker.port}"]
+        await stack.enter_async_context(
+            _process(
+                root,
+                "identity",
+                "edgeward_identity",
+                "--pki-dir",
+                str(store.dir),
+                "--db",
+                str(root / "state" / "identity.db"),
+                *common,
+            )
+        )
+        await stack.enter_async_context(
+            _process(
+                root,
+                "attestation",
+                "edgeward_attestation",
+                "--identity-dir",
+                str(store.identity_files(Identity.service(ServiceName.ATTESTATION)).directory),
+                "--ca-bundle",
+                str(store.bundle_path),
+                "--crl",
+                str(store.crl_path),
+                "--db",
+                str(root / "state" / "attestation.db"),
+                "--manufacturer-ca",
+                str(root / "tpms" / "ca" / "cert.pem"),
+                "--reattest-period-s",
+                "30",
+                *common,
+            )
+        )
+        session = await stack.enter_async_context(
+            operator_session(
+                store.dir,
+                "admin",
+                broker,
+                ServiceName.ATTESTATION,
+                [DeviceList, PolicyList, Done, Pong],
+            )
+        )
+        await _until(lambda: _ping(session), bool)
+        _line("the attestation service answers a signed ping")
+
+        _say(f"8. operator records policy {POLICY} from reference device {GOLDEN}")
+        record = PolicyRecord(
+            policy_id=POLICY,
+            device_class=DEVICE_CLASS,
+            pcr_selection=list(range(8)),
+            reference_device=GOLDEN,
+        )
+        _line((await session.ask(record, Done)).detail)
+
+        _say(
+            f"9. {GOLDEN} enrolls (EK certificate, credential activation);"
+            " its quote records the values"
+        )
+        await stack.enter_async_context(
+            _process(
+                root,
+                f"agent-{GOLDEN}",
+                *_agent_argv(
+                    store, broker, GOLDEN, tctis[GOLDEN], _agent_state(root, store, GOLDEN)
+                ),
+            )
+        )
+        listing = await _until(
+            lambda: session.ask(PolicyQuery(), PolicyList),
+            lambda found: any(info.pcrs for info in found.policies),
+        )
+        for info in listing.policies:
+            _line(
+                f"{info.policy_id} ({info.state}): "
+                + ", ".join(f"PCR{v.index}={v.digest.hex()[:12]}..." for v in info.pcrs[:4])
+                + " ..."
+            )
+        _line((await session.ask(PolicyApprove(policy_id=POLICY), Done)).detail)
+
+        _say(f"10. {GOLDEN} is attested; {TAMPERED} (tampered boot chain) enrolls and is refused")
+        await stack.enter_async_context(
+            _process(
+                root,
+                f"agent-{TAMPERED}",
+                *_agent_argv(
+                    store, broker, TAMPERED, tctis[TAMPERED], _agent_state(root, store, TAMPERED)
+                ),
+            )
+        )
+        devices = await _until(lambda: _devices(session), _settled)
+        _show(devices)
+        _line("(edgeward device list / show print the same; details in logs/)")
+
+
+def _settled(devices: list[DeviceStatus]) -> bool:
+    states = {d.device_id: d.trust for d in devices}
+    return states.get(GOLDEN) == "attested" and states.get(TAMPERED) == "untrusted"
+
+
+async def _ping(session: OperatorSession) -> bool:
+    try:
+        await session.ask(Ping(nonce="ab" * 16), Pong)
+    except Exception:  # noqa: BLE001 - not up yet
+        return False
+    return True
