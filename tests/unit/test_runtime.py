@@ -250,3 +250,40 @@ async def test_shared_subscription_splits_work_between_instances(
     stop.set()
     await asyncio.gather(*tasks)
     assert seen == {"one": 5, "two": 5}
+
+
+@pytest.mark.asyncio
+async def test_handlers_awaiting_replies_do_not_starve_their_replies(
+    memory_pki: MemoryPki, clock: FixedClock
+) -> None:
+    """A burst larger than the handler slots, each handler awaiting a reply: replies are
+    resolved in the receive loop, so every handler completes (no deadlock until timeout)."""
+    broker = MemoryBroker()
+    alice = Identity.operator("alice")
+    frontend = Runtime(
+        signing_key=memory_pki.signing_key(TELEMETRY),
+        verifier=memory_pki.verifier(),
+        clock=clock,
+        max_in_flight=2,
+    )
+    backend = _runtime(memory_pki, Identity.device("dev-a"), clock)
+    answer_pings(backend, DOWN)
+    frontend.expect_replies(UP, [Pong])
+    done: list[str] = []
+    all_done = asyncio.Event()
+
+    async def relay(opened: Opened[Any]) -> Sequence[Outgoing]:
+        reply = await frontend.request(DOWN, Ping(nonce=NONCE), timeout_s=2)
+        done.append(reply.mid)
+        if len(done) == 6:
+            all_done.set()
+        return ()
+
+    frontend.route(service_request_topic(ServiceName.TELEMETRY, alice), [Ping], relay)
+    caller = _runtime(memory_pki, alice, clock)
+    async with _serving(frontend, broker), _serving(backend, broker), _serving(caller, broker):
+        topic = service_request_topic(ServiceName.TELEMETRY, alice)
+        for _ in range(6):
+            await caller.publish(Outgoing(topic, Ping(nonce=NONCE)))
+        await asyncio.wait_for(all_done.wait(), 1.5)
+    assert len(done) == 6

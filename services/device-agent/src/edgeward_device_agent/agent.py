@@ -25,9 +25,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from cryptography import x509
 
@@ -43,7 +43,7 @@ from edgeward_device_agent.status import AttestationState, EnrollmentState, Trus
 from edgeward_device_agent.tpm import Tpm
 from edgeward_shared.bus.base import Bus
 from edgeward_shared.clock import Clock, SystemClock, from_datetime, to_datetime
-from edgeward_shared.envelope import EnvelopeVerifier, SigningKey
+from edgeward_shared.envelope import EnvelopeVerifier, Opened, SigningKey
 from edgeward_shared.errors import ConfigError, EdgewardError
 from edgeward_shared.identity import Identity
 from edgeward_shared.logs import fields
@@ -52,6 +52,7 @@ from edgeward_shared.messages.attest import (
     AttestationRequest,
     AttestationResult,
 )
+from edgeward_shared.messages.common import Rejected
 from edgeward_shared.pki.store import IdentityFiles
 from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.replay import MemoryReplayGuard
@@ -300,9 +301,21 @@ class DeviceAgent:
             self._attester.handle,
             name="attest",
         )
+        runtime.route(  # the verifier refused something we sent (e.g. asked too often)
+            device_topic(self.device_id, Direction.DOWN, Channel.ATTEST),
+            [Rejected],
+            self._refused,
+            name="attest.refused",
+        )
         await self._phase(
             runtime, self._counted(connect), lambda: self._keep_attested(runtime, stop)
         )
+
+    async def _refused(self, opened: Opened[Any]) -> Sequence[Outgoing]:
+        reason = opened.message.reason
+        self._last_error = reason
+        log.info("attestation.refused", extra=fields(device=self.device_id, reason=reason))
+        return ()
 
     def _counted(self, connect: Connect) -> Connect:
         """``connect``, counting connections and waking the scheduler when one ends."""

@@ -82,6 +82,10 @@ class Route:
     topic_filter: str  # may be "$share/<group>/..." so instances split the load
     types: tuple[type[Message], ...]
     handler: Handler
+    #: handled in the receive loop itself, needing no slot: replies to our own requests.
+    #: Handlers that await a reply hold slots; if the reply needed one too, a burst of
+    #: such handlers would starve their own replies until every request timed out.
+    inline: bool = False
 
 
 class Runtime:
@@ -93,6 +97,7 @@ class Runtime:
         clock: Clock,
         metrics: RuntimeMetrics | None = None,
         max_in_flight: int = 64,
+        max_backlog: int = 10_000,
     ) -> None:
         self.signing_key = signing_key
         self.verifier = verifier
@@ -100,6 +105,7 @@ class Runtime:
         self.metrics = metrics or RuntimeMetrics()
         self._routes: list[Route] = []
         self._slots = asyncio.Semaphore(max_in_flight)
+        self._backlog = asyncio.Semaphore(max_backlog)
         self._bus: Bus | None = None
         self._pending: dict[str, asyncio.Future[Opened[Any]]] = {}
         self._served = False
@@ -117,16 +123,21 @@ class Runtime:
         handler: Handler,
         *,
         name: str | None = None,
+        inline: bool = False,
     ) -> None:
         """Deliver messages of ``types`` arriving on ``topic_filter`` to ``handler``.
 
         Routes whose filters match the same topic are told apart by message type.
         """
-        self._routes.append(Route(name or topic_filter, topic_filter, tuple(types), handler))
+        self._routes.append(
+            Route(name or topic_filter, topic_filter, tuple(types), handler, inline=inline)
+        )
 
     def expect_replies(self, topic_filter: str, types: Sequence[type[Message]]) -> None:
         """Accept replies (messages with ``in_reply_to``) to our :meth:`request` calls."""
-        self.route(topic_filter, [*types, Rejected], self._resolve_reply, name="replies")
+        self.route(
+            topic_filter, [*types, Rejected], self._resolve_reply, name="replies", inline=True
+        )
 
     async def _resolve_reply(self, opened: Opened[Any]) -> Sequence[Outgoing]:
         in_reply_to = getattr(opened.message, "in_reply_to", None)
@@ -253,10 +264,24 @@ class Runtime:
 
     async def _consume(self, deliveries: AsyncIterator[Delivery], group: asyncio.TaskGroup) -> None:
         async for delivery in deliveries:
-            await self._slots.acquire()
-            task = group.create_task(self.handle(delivery))
-            task.add_done_callback(lambda _t: self._slots.release())
+            if self._is_inline(delivery.topic):
+                await self.handle(delivery)  # a reply: verify and resolve, never wait for a slot
+                continue
+            # Keep reading while handlers wait for slots, so replies behind a burst of
+            # requests still arrive; past the backlog bound, stop reading (backpressure).
+            await self._backlog.acquire()
+            group.create_task(self._handle_in_slot(delivery))
         raise TransportError("transport.lost", "the bus closed the connection")
+
+    async def _handle_in_slot(self, delivery: Delivery) -> None:
+        try:
+            async with self._slots:
+                await self.handle(delivery)
+        finally:
+            self._backlog.release()
+
+    def _is_inline(self, topic: str) -> bool:
+        return any(r.inline and topic_matches(r.topic_filter, topic) for r in self._routes)
 
     async def run(
         self,
