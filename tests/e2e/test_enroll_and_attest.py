@@ -14,7 +14,7 @@ import asyncio
 import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgeward_attestation.app import wire
+from edgeward_attestation.policy import policy_from_values
 from edgeward_attestation.service import Settings
 from edgeward_attestation.store import AttestationStore
 from edgeward_cli.main import cli
@@ -287,3 +288,38 @@ async def test_a_tpm_from_an_unknown_manufacturer_cannot_enroll(world: World) ->
             assert await store.device("dev-foreign") is None
     # authenticity failures are opaque on the wire: the agent learns only "rejected"
     assert agent.trust_state().last_error in {"envelope.rejected", "enroll.ek_cert.untrusted"}
+
+
+@pytest.mark.asyncio
+async def test_a_tampered_reboot_is_refused_and_a_golden_one_restores_trust(world: World) -> None:
+    """A reboot forces a fresh attestation: booting a tampered chain makes the device
+    untrusted at once; booting the golden chain again brings it back."""
+    tpm = world.fleet.start("tpm-reboot", GOLDEN_BOOT_CHAIN)
+    async with services(world) as store:
+        policy = policy_from_values("gw-r", DEVICE_CLASS, expected_pcrs(GOLDEN_BOOT_CHAIN))
+        await store.record_policy(
+            policy,
+            policy_id="gw-r",
+            device_class=DEVICE_CLASS,
+            selection=policy.selection,
+            reference_device=None,
+            actor="op.alice",
+            now_ms=0,
+        )
+        await store.approve_policy("gw-r", "op.alice", 1)
+        first = world.agent("dev-reboot", tpm.tcti)
+        async with agent_running(first):
+            assert await until(lambda: first.trust_state().attested), first.trust_state()
+        states = []
+        for chain in (tampered_boot_chain(GOLDEN_BOOT_CHAIN), GOLDEN_BOOT_CHAIN):
+            tpm = world.fleet.reboot(tpm, chain)
+            agent = DeviceAgent(replace(first.config, tcti=tpm.tcti))  # same device, rebooted
+            async with agent_running(agent):
+                assert await until(lambda a=agent: a.trust_state().status is not None)
+                device = await store.device("dev-reboot")
+                assert device is not None
+                states.append((agent.trust_state().status, device.state, device.reason))
+    assert states == [
+        ("contraindicated", "untrusted", "attestation.pcr.not_allowed"),
+        ("affirming", "trusted", "attestation.affirming"),
+    ]
