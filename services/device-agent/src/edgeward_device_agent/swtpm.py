@@ -35,11 +35,11 @@ from types import TracebackType
 from typing import Final, Self
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from edgeward_device_agent.tpm import PcrBank, Tpm
+from edgeward_shared.pki.certs import make_root_ca
 
 _PORT_ATTEMPTS: Final = 20
 _READY_TIMEOUT_S: Final = 5.0
@@ -113,33 +113,9 @@ class ManufacturerCa:
     def create(cls, directory: Path, name: str = "Edgeward Test TPM Manufacturer CA") -> Self:
         directory.mkdir(mode=0o700, parents=True, exist_ok=False)
         key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = datetime.now(UTC)
-        certificate = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + timedelta(days=3650))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-            .sign(key, hashes.SHA256())
+        # the same CA profile as Edgeward's own root (edgeward_shared.pki.certs)
+        certificate = make_root_ca(
+            key, org=name, now=datetime.now(UTC), lifetime=timedelta(days=3650)
         )
         ca = cls(directory, certificate)
         pem_key = key.private_bytes(
