@@ -323,3 +323,23 @@ async def test_a_tampered_reboot_is_refused_and_a_golden_one_restores_trust(worl
         ("contraindicated", "untrusted", "attestation.pcr.not_allowed"),
         ("affirming", "trusted", "attestation.affirming"),
     ]
+
+
+@pytest.mark.asyncio
+async def test_enrolling_revokes_the_enrollment_certificate(world: World) -> None:
+    tpm = world.fleet.start("tpm-once", GOLDEN_BOOT_CHAIN)
+    async with services(world) as store:
+        await store.record_policy(
+            None,
+            policy_id="gw-once",
+            device_class=DEVICE_CLASS,
+            selection=[0],
+            reference_device="nobody",
+            actor="op.alice",
+            now_ms=0,
+        )
+        agent = world.agent("dev-once", tpm.tcti)
+        async with agent_running(agent):
+            assert await until(lambda: agent.trust_state().enrolled), agent.trust_state()
+    enrollee = [r for r in world.pki.issued() if r.common_name == "enroll.dev-once"]
+    assert [r.serial in world.pki.revoked_serials() for r in enrollee] == [True]

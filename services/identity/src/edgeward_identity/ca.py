@@ -115,6 +115,9 @@ class IssuingAuthority:
     ) -> IssuedCertificate:
         with _exclusive(self._store.dir / LOCK_FILE, self._lock_timeout_s):
             cert = self._store.issue_for_key(identity, public_key, now, lifetime, replace=True)
+            # the enrollment identity has done its job: it must not start another (ADR 5)
+            for record in self._store.current(Identity.enrollee(identity.name), now):
+                self._store.revoke(record.serial, now, "enrolled")
             issuer = read_certificate(self._store.issuing_cert_path)
         return IssuedCertificate(cert, issuer)
 
