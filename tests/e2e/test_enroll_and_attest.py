@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from edgeward_attestation.app import wire
+from edgeward_attestation.app import reattest_forever, wire
 from edgeward_attestation.policy import policy_from_values
 from edgeward_attestation.service import Settings
 from edgeward_attestation.store import AttestationStore
@@ -36,6 +36,7 @@ from edgeward_device_agent.swtpm import (
     expected_pcrs,
     tampered_boot_chain,
 )
+from edgeward_device_agent.tpm import PcrBank, Tpm
 from edgeward_identity.app import IdentityConfig, identity_node
 from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.bus.mqtt import BrokerAddress
@@ -145,13 +146,19 @@ async def running(runtime: Runtime, connect: Any) -> AsyncIterator[Runtime]:
 
 
 @asynccontextmanager
-async def services(world: World) -> AsyncIterator[AttestationStore]:
-    """The identity and attestation services, and a policy for the class (via the CLI)."""
+async def services(world: World, reattest_ms: int | None = None) -> AsyncIterator[AttestationStore]:
+    """The identity and attestation services (with periodic re-attestation if asked)."""
     db = await SqliteDatabase.open(":memory:")
     store = AttestationStore(db)
     await store.migrate()
     runtime, connect = build_runtime(world.node(ATTESTATION))
-    wire(runtime, store, [world.fleet.ca.certificate], Settings(ear_lifetime_s=120))
+    service = wire(runtime, store, [world.fleet.ca.certificate], Settings(ear_lifetime_s=120))
+    stop = asyncio.Event()
+    scheduler = (
+        asyncio.create_task(reattest_forever(runtime, service, reattest_ms, stop))
+        if reattest_ms
+        else None
+    )
     identity_config = IdentityConfig(
         pki_dir=world.pki.dir,
         identity_dir=world.pki.identity_files(IDENTITY).directory,
@@ -166,6 +173,9 @@ async def services(world: World) -> AsyncIterator[AttestationStore]:
         ):
             yield store
     finally:
+        stop.set()
+        if scheduler is not None:
+            await scheduler
         await db.close()
 
 
@@ -343,3 +353,37 @@ async def test_enrolling_revokes_the_enrollment_certificate(world: World) -> Non
             assert await until(lambda: agent.trust_state().enrolled), agent.trust_state()
     enrollee = [r for r in world.pki.issued() if r.common_name == "enroll.dev-once"]
     assert [r.serial in world.pki.revoked_serials() for r in enrollee] == [True]
+
+
+@pytest.mark.asyncio
+async def test_tampering_at_run_time_is_caught_within_one_reattestation_period(
+    world: World,
+) -> None:
+    """No reboot: something extends a boot PCR on the running device. The verifier's own
+    schedule challenges it and finds out within one period."""
+    period_ms = 2_000
+    tpm = world.fleet.start("tpm-live", GOLDEN_BOOT_CHAIN)
+    async with services(world, reattest_ms=period_ms) as store:
+        policy = policy_from_values("gw-live", DEVICE_CLASS, expected_pcrs(GOLDEN_BOOT_CHAIN))
+        await store.record_policy(
+            policy,
+            policy_id="gw-live",
+            device_class=DEVICE_CLASS,
+            selection=policy.selection,
+            reference_device=None,
+            actor="op.alice",
+            now_ms=0,
+        )
+        await store.approve_policy("gw-live", "op.alice", 1)
+        agent = world.agent("dev-live", tpm.tcti)
+        async with agent_running(agent):
+            assert await until(lambda: agent.trust_state().attested), agent.trust_state()
+            with Tpm(tpm.tcti) as intruder:  # a second TPM client on the running device
+                intruder.extend_pcr(7, {PcrBank.SHA256: b"\x66" * 32})
+            tampered_at = asyncio.get_running_loop().time()
+            assert await until(lambda: agent.trust_state().status == "contraindicated")
+            caught_after = asyncio.get_running_loop().time() - tampered_at
+        device = await store.device("dev-live")
+    assert device is not None
+    assert (device.state, device.reason) == ("untrusted", "attestation.pcr.not_allowed")
+    assert caught_after <= period_ms / 1000 + 1.0  # one period, plus a tick and a quote
