@@ -199,6 +199,21 @@ async def until(condition: Callable[[], bool], within_s: float = WAIT) -> bool:
     return True
 
 
+async def approve_golden_policy(store: AttestationStore, policy_id: str) -> None:
+    """Record and approve the golden boot chain's PCR values for the class."""
+    policy = policy_from_values(policy_id, DEVICE_CLASS, expected_pcrs(GOLDEN_BOOT_CHAIN))
+    await store.record_policy(
+        policy,
+        policy_id=policy_id,
+        device_class=DEVICE_CLASS,
+        selection=policy.selection,
+        reference_device=None,
+        actor="op.alice",
+        now_ms=0,
+    )
+    await store.approve_policy(policy_id, "op.alice", 1)
+
+
 def golden_values() -> list[str]:
     return [f"{i}={digest.hex()}" for i, digest in sorted(expected_pcrs(GOLDEN_BOOT_CHAIN).items())]
 
@@ -306,17 +321,7 @@ async def test_a_tampered_reboot_is_refused_and_a_golden_one_restores_trust(worl
     untrusted at once; booting the golden chain again brings it back."""
     tpm = world.fleet.start("tpm-reboot", GOLDEN_BOOT_CHAIN)
     async with services(world) as store:
-        policy = policy_from_values("gw-r", DEVICE_CLASS, expected_pcrs(GOLDEN_BOOT_CHAIN))
-        await store.record_policy(
-            policy,
-            policy_id="gw-r",
-            device_class=DEVICE_CLASS,
-            selection=policy.selection,
-            reference_device=None,
-            actor="op.alice",
-            now_ms=0,
-        )
-        await store.approve_policy("gw-r", "op.alice", 1)
+        await approve_golden_policy(store, "gw-r")
         first = world.agent("dev-reboot", tpm.tcti)
         async with agent_running(first):
             assert await until(lambda: first.trust_state().attested), first.trust_state()
@@ -364,17 +369,7 @@ async def test_tampering_at_run_time_is_caught_within_one_reattestation_period(
     period_ms = 2_000
     tpm = world.fleet.start("tpm-live", GOLDEN_BOOT_CHAIN)
     async with services(world, reattest_ms=period_ms) as store:
-        policy = policy_from_values("gw-live", DEVICE_CLASS, expected_pcrs(GOLDEN_BOOT_CHAIN))
-        await store.record_policy(
-            policy,
-            policy_id="gw-live",
-            device_class=DEVICE_CLASS,
-            selection=policy.selection,
-            reference_device=None,
-            actor="op.alice",
-            now_ms=0,
-        )
-        await store.approve_policy("gw-live", "op.alice", 1)
+        await approve_golden_policy(store, "gw-live")
         agent = world.agent("dev-live", tpm.tcti)
         async with agent_running(agent):
             assert await until(lambda: agent.trust_state().attested), agent.trust_state()

@@ -45,10 +45,10 @@ broker_option = click.option(
 
 
 def parse_broker(value: str) -> BrokerAddress:
-    host, _, port = value.rpartition(":")
-    if not host or not port.isdigit():
-        raise click.BadParameter("expected HOST:PORT", param_hint="--broker")
-    return BrokerAddress(host, int(port))
+    try:
+        return BrokerAddress.parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--broker") from exc
 
 
 @dataclass

@@ -22,10 +22,10 @@ from edgeward_shared.storage.sqlite import SqliteDatabase
 
 
 def _broker(value: str) -> BrokerAddress:
-    host, _, port = value.rpartition(":")
-    if not host or not port.isdigit():
-        raise click.BadParameter("expected HOST:PORT, e.g. 127.0.0.1:8883")
-    return BrokerAddress(host, int(port))
+    try:
+        return BrokerAddress.parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--broker") from exc
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

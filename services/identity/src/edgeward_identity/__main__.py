@@ -41,11 +41,10 @@ def _duration(_ctx: click.Context, _param: click.Parameter, value: str) -> timed
 
 def _host_port(_ctx: click.Context, _param: click.Parameter, value: str) -> BrokerAddress:
     """``host:port`` (``[::1]:8883`` for an IPv6 address)."""
-    host, _, port = value.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise click.BadParameter(f"{value!r} is not host:port")
-    return BrokerAddress(host, int(port))
+    try:
+        return BrokerAddress.parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

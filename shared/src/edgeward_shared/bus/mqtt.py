@@ -35,6 +35,15 @@ class BrokerAddress:
     host: str  # checked against the broker certificate's SAN (IP or DNS name)
     port: int
 
+    @classmethod
+    def parse(cls, text: str) -> BrokerAddress:
+        """``HOST:PORT`` (IPv6 as ``[addr]:port``); ``ValueError`` saying what is expected."""
+        host, _, port = text.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:8883)")
+        return cls(host, int(port))
+
 
 @dataclass(frozen=True, slots=True)
 class MqttSettings:
