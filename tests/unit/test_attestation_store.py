@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 import pytest_asyncio
@@ -137,12 +138,17 @@ async def test_policies_are_recorded_then_approved_and_the_newest_approval_wins(
         now_ms=5,
     )
     assert not await store.approve_policy("gw-2", "op.bob", 6)  # still recording
-    recording = await store.recording_for("dev-a")
+    await store.register(_pending(), serial="1f", now_ms=5, actor="enroll.dev-a")
+    device = await store.device("dev-a")
+    assert device is not None
+    recording = await store.recording_for(device)
     assert recording is not None
     assert recording.selection == [0, 7]
+    other_class = replace(device, device_class="camera")  # a reference of another class
+    assert await store.recording_for(other_class) is None
     v2 = policy_from_values("gw-2", "edge-gw", {0: b"\x02" * 32, 7: b"\x03" * 32})
     await store.complete_recording(v2, 7)
-    assert await store.recording_for("dev-a") is None
+    assert await store.recording_for(device) is None
     assert await store.approve_policy("gw-2", "op.bob", 8)
     assert await store.active_policy("edge-gw") == v2
 

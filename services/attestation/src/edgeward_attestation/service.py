@@ -210,7 +210,7 @@ class AttestationService:
         """A fresh single-use challenge for ``device_id`` (also used by the scheduler): over
         the PCRs of a policy it is recording values for, else of its class's policy."""
         device = await self._device_record(device_id)
-        recording = await self.store.recording_for(device_id)
+        recording = await self.store.recording_for(device)
         selection = recording.selection if recording else (await self._policy(device)).selection
         nonce = secrets.token_bytes(32)
         mid = secrets.token_hex(16)
@@ -231,7 +231,7 @@ class AttestationService:
                 ServiceReason.NONCE_UNKNOWN, "unknown, foreign or used challenge"
             )
         challenge = Challenge(*used)
-        recording = await self.store.recording_for(device_id)
+        recording = await self.store.recording_for(device)
         if recording is not None:
             return await self._record_values(opened, device, recording, evidence, challenge)
         policy = await self._policy(device)

@@ -394,13 +394,14 @@ class AttestationStore:
                 )
         return added == 1
 
-    async def recording_for(self, device_id: str) -> PolicyRow | None:
-        """The policy waiting for ``device_id``'s quote to supply its values, if any."""
+    async def recording_for(self, device: DeviceRecord) -> PolicyRow | None:
+        """The policy of the device's own class waiting for its quote to supply the values:
+        a reference device never defines another class's policy."""
         async with self.db.transaction() as tx:
             row = await tx.fetch_one(
-                "SELECT * FROM att_policies WHERE reference_device = :d AND body IS NULL"
-                " ORDER BY recorded_at LIMIT 1",
-                {"d": device_id},
+                "SELECT * FROM att_policies WHERE reference_device = :d AND device_class = :c"
+                " AND body IS NULL ORDER BY recorded_at LIMIT 1",
+                {"d": device.device_id, "c": device.device_class},
             )
         return PolicyRow.from_row(row) if row else None
 
