@@ -59,11 +59,14 @@ def make_pki(root: Path, devices: list[str]) -> PkiStore:
     return pki
 
 
-async def approve_golden_policy(db_path: Path) -> None:
+async def provision_and_approve(db_path: Path, names: list[str]) -> None:
+    """What operators do beforehand: provision the devices, approve the golden policy."""
     db = await SqliteDatabase.open(db_path)
     try:
         store = AttestationStore(db)
         await store.migrate()
+        for name in names:
+            await store.provision(name, "bench", None, "op.bench", 0)
         policy = policy_from_values("bench-1", "bench", expected_pcrs(GOLDEN_BOOT_CHAIN))
         await store.record_policy(
             policy,
@@ -89,7 +92,7 @@ async def spawn(log: Path, *argv: str) -> asyncio.subprocess.Process:
 async def bring_up(
     root: Path, pki: PkiStore, fleet: SwtpmFleet, broker: BrokerAddress, names: list[str]
 ) -> float:
-    await approve_golden_policy(root / "attestation.db")
+    await provision_and_approve(root / "attestation.db", names)
     common = ["--broker", f"{broker.host}:{broker.port}"]
     children = [
         await spawn(

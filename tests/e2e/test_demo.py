@@ -33,6 +33,7 @@ def test_edgeward_demo_runs_the_whole_story(tmp_path: Path) -> None:
     ):
         assert expected in out, expected
     assert any("edge-0001" in line and "attested" in line for line in out.splitlines())
-    tampered = next(line for line in out.splitlines() if line.strip().startswith("edge-0002 "))
+    rows = [line for line in out.splitlines() if line.strip().startswith("edge-0002 ")]
+    tampered = rows[-1]  # the registry row at the end of the story
     assert "untrusted" in tampered
     assert "attestation.pcr.not_allowed" in tampered

@@ -95,6 +95,13 @@ class World:
         assert result.exit_code == 0, (result.output, result.exception)
         return result.output
 
+    async def new_agent(
+        self, store: AttestationStore, device_id: str, tcti: str, *, replace: bool = False
+    ) -> DeviceAgent:
+        """Provision ``device_id`` (as the operator would) and prepare its agent."""
+        await store.provision(device_id, DEVICE_CLASS, None, "op.alice", SystemClock().now_ms())
+        return self.agent(device_id, tcti, replace=replace)
+
     def agent(self, device_id: str, tcti: str, *, replace: bool = False) -> DeviceAgent:
         files = self.pki.issue(
             Identity.enrollee(device_id), datetime.now(UTC), timedelta(hours=1), replace=replace
@@ -232,7 +239,7 @@ async def test_golden_device_is_attested_and_tampered_device_is_refused(world: W
     watcher.route(
         service_event_topic(ServiceName.ATTESTATION, "failed"), [AttestationFailed], collect
     )
-    async with services(world), running(watcher, watcher_connect):
+    async with services(world) as store, running(watcher, watcher_connect):
         values = [f"--value={v}" for v in golden_values()]
         pcrs = ",".join(str(i) for i in BOOT_PCRS)
         await asyncio.to_thread(
@@ -240,8 +247,8 @@ async def test_golden_device_is_attested_and_tampered_device_is_refused(world: W
         )
         await asyncio.to_thread(world.cli, "policy", "approve", "gw-1")
         async with (
-            agent_running(world.agent("dev-good", good.tcti)) as honest,
-            agent_running(world.agent("dev-bad", bad.tcti)) as tampered,
+            agent_running(await world.new_agent(store, "dev-good", good.tcti)) as honest,
+            agent_running(await world.new_agent(store, "dev-bad", bad.tcti)) as tampered,
         ):
             assert await until(lambda: honest.trust_state().attested), honest.trust_state()
             assert await until(lambda: bool(failures)), tampered.trust_state()
@@ -271,24 +278,15 @@ async def test_a_second_tpm_cannot_take_an_enrolled_device_id(world: World) -> N
     first = world.fleet.start("tpm-first", GOLDEN_BOOT_CHAIN)
     second = world.fleet.start("tpm-second", GOLDEN_BOOT_CHAIN)
     async with services(world) as store:
-        await store.record_policy(
-            None,
-            policy_id="gw-x",
-            device_class=DEVICE_CLASS,
-            selection=[0],
-            reference_device="nobody",
-            actor="op.alice",
-            now_ms=0,
-        )
-        async with agent_running(world.agent("dev-claimed", first.tcti)) as owner:
+        async with agent_running(await world.new_agent(store, "dev-claimed", first.tcti)) as owner:
             assert await until(lambda: owner.trust_state().enrolled), owner.trust_state()
-        usurper = world.agent("dev-claimed", second.tcti, replace=True)
+        usurper = await world.new_agent(store, "dev-claimed", second.tcti, replace=True)
         async with agent_running(usurper):
             assert await until(lambda: usurper.trust_state().last_error is not None)
         assert usurper.trust_state().last_error == "enroll.device.rebind"
         assert not usurper.trust_state().enrolled
         audit = [row["event"] for row in await store.audit("dev-claimed")]
-    assert audit == ["enrolled"]
+    assert audit == ["provisioned", "enrolled", "provisioned"]  # the second TPM never enrolled
 
 
 @pytest.mark.asyncio
@@ -298,16 +296,7 @@ async def test_a_tpm_from_an_unknown_manufacturer_cannot_enroll(world: World) ->
     ) as foreign:
         tpm = foreign.start("tpm-foreign", GOLDEN_BOOT_CHAIN)
         async with services(world) as store:
-            await store.record_policy(
-                None,
-                policy_id="gw-y",
-                device_class=DEVICE_CLASS,
-                selection=[0],
-                reference_device="nobody",
-                actor="op.alice",
-                now_ms=0,
-            )
-            agent = world.agent("dev-foreign", tpm.tcti)
+            agent = await world.new_agent(store, "dev-foreign", tpm.tcti)
             async with agent_running(agent):
                 assert await until(lambda: agent.trust_state().last_error is not None)
             assert await store.device("dev-foreign") is None
@@ -322,7 +311,7 @@ async def test_a_tampered_reboot_is_refused_and_a_golden_one_restores_trust(worl
     tpm = world.fleet.start("tpm-reboot", GOLDEN_BOOT_CHAIN)
     async with services(world) as store:
         await approve_golden_policy(store, "gw-r")
-        first = world.agent("dev-reboot", tpm.tcti)
+        first = await world.new_agent(store, "dev-reboot", tpm.tcti)
         async with agent_running(first):
             assert await until(lambda: first.trust_state().attested), first.trust_state()
         states = []
@@ -344,16 +333,7 @@ async def test_a_tampered_reboot_is_refused_and_a_golden_one_restores_trust(worl
 async def test_enrolling_revokes_the_enrollment_certificate(world: World) -> None:
     tpm = world.fleet.start("tpm-once", GOLDEN_BOOT_CHAIN)
     async with services(world) as store:
-        await store.record_policy(
-            None,
-            policy_id="gw-once",
-            device_class=DEVICE_CLASS,
-            selection=[0],
-            reference_device="nobody",
-            actor="op.alice",
-            now_ms=0,
-        )
-        agent = world.agent("dev-once", tpm.tcti)
+        agent = await world.new_agent(store, "dev-once", tpm.tcti)
         async with agent_running(agent):
             assert await until(lambda: agent.trust_state().enrolled), agent.trust_state()
     enrollee = [r for r in world.pki.issued() if r.common_name == "enroll.dev-once"]
@@ -370,7 +350,7 @@ async def test_tampering_at_run_time_is_caught_within_one_reattestation_period(
     tpm = world.fleet.start("tpm-live", GOLDEN_BOOT_CHAIN)
     async with services(world, reattest_ms=period_ms) as store:
         await approve_golden_policy(store, "gw-live")
-        agent = world.agent("dev-live", tpm.tcti)
+        agent = await world.new_agent(store, "dev-live", tpm.tcti)
         async with agent_running(agent):
             assert await until(lambda: agent.trust_state().attested), agent.trust_state()
             with Tpm(tpm.tcti) as intruder:  # a second TPM client on the running device
@@ -382,3 +362,35 @@ async def test_tampering_at_run_time_is_caught_within_one_reattestation_period(
     assert device is not None
     assert (device.state, device.reason) == ("untrusted", "attestation.pcr.not_allowed")
     assert caught_after <= period_ms / 1000 + 1.0  # one period, plus a tick and a quote
+
+
+@pytest.mark.asyncio
+async def test_enrollment_follows_provisioning_not_the_devices_word(world: World) -> None:
+    """Review findings: a device cannot choose its class, enroll unprovisioned, back two ids
+    with one TPM, or re-enroll (and reset its state) without an operator's approval."""
+    tpm = world.fleet.start("tpm-prov", GOLDEN_BOOT_CHAIN)
+
+    async def refusal(agent: DeviceAgent) -> str | None:
+        async with agent_running(agent):
+            await until(lambda: agent.trust_state().last_error is not None)
+        return agent.trust_state().last_error
+
+    async with services(world) as store:
+        assert await refusal(world.agent("dev-nobody", tpm.tcti)) == "enroll.device.not_provisioned"
+        now = SystemClock().now_ms()
+        await store.provision("dev-camera", "camera", None, "op.alice", now)
+        assert await refusal(world.agent("dev-camera", tpm.tcti)) == "enroll.class.mismatch"
+        owner = await world.new_agent(store, "dev-prov", tpm.tcti)
+        async with agent_running(owner):
+            assert await until(lambda: owner.trust_state().enrolled)
+        twin = await world.new_agent(store, "dev-twin", tpm.tcti)
+        assert await refusal(twin) == "enroll.ek.in_use"
+        again = await world.new_agent(store, "dev-prov", tpm.tcti, replace=True)
+        assert await refusal(again) == "enroll.device.rebind"
+        device = await store.device("dev-prov")
+        assert device is not None
+        await store.approve_rebind("dev-prov", device.ek_fingerprint, "op.alice", now)
+        approved = await world.new_agent(store, "dev-prov", tpm.tcti, replace=True)
+        async with agent_running(approved):
+            assert await until(lambda: approved.trust_state().enrolled)
+        assert await store.rebind_approved_for("dev-prov") is None  # used once

@@ -28,6 +28,7 @@ from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.messages.health import Ping, Pong
 from edgeward_shared.messages.registry import (
     DeviceList,
+    DeviceProvision,
     DeviceQuery,
     DeviceStatus,
     Done,
@@ -219,7 +220,11 @@ async def attestation_story(root: Path, store: PkiStore, broker: BrokerAddress) 
         await _until(lambda: _ping(session), bool)
         _line("the attestation service answers a signed ping")
 
-        _say(f"8. operator records policy {POLICY} from reference device {GOLDEN}")
+        _say(f"8. operator provisions {GOLDEN} and {TAMPERED} (class {DEVICE_CLASS}) and records")
+        _line(f"policy {POLICY} from reference device {GOLDEN}")
+        for device_id in (GOLDEN, TAMPERED):
+            provision = DeviceProvision(device_id=device_id, device_class=DEVICE_CLASS)
+            _line((await session.ask(provision, Done)).detail)
         record = PolicyRecord(
             policy_id=POLICY,
             device_class=DEVICE_CLASS,

@@ -11,8 +11,10 @@ import click
 from edgeward_cli.ops_client import broker_option, operator_option, operator_session, parse_broker
 from edgeward_cli.pki_cmds import LIFETIMES, pki_dir_option
 from edgeward_shared.identity import Identity, Role, ServiceName
+from edgeward_shared.messages.base import Message
 from edgeward_shared.messages.registry import (
     DeviceList,
+    DeviceProvision,
     DeviceQuery,
     DeviceStatus,
     Done,
@@ -29,11 +31,13 @@ def device() -> None:
 @device.command()
 @pki_dir_option
 @click.argument("device_id")
+@click.option("--class", "device_class", required=True, help="The device's class (PCR policy).")
+@click.option("--ek", "ek_fingerprint", help="Pin its TPM: the EK fingerprint, if known.")
 @click.option("--replace", is_flag=True, help="Re-issue the enrollment certificate.")
 @click.option(
     "--rebind",
     metavar="EK_FINGERPRINT",
-    help="Approve re-enrollment of an enrolled device id with another TPM (audited).",
+    help="Let an enrolled device id enroll again with the TPM of this EK (audited).",
 )
 @operator_option
 @broker_option
@@ -41,34 +45,45 @@ def enroll(  # click passes every parameter by keyword
     *,
     directory: Path,
     device_id: str,
+    device_class: str,
+    ek_fingerprint: str | None,
     replace: bool,
     rebind: str | None,
     operator: str,
     broker: str,
 ) -> None:
-    """Prepare DEVICE_ID to enroll: issue its enrollment certificate (CN enroll.<id>).
+    """Provision DEVICE_ID: register it (class, optionally its TPM) with the attestation
+    service and issue its enrollment certificate (CN enroll.<id>).
 
     The device then proves its TPM to the attestation service and receives its device
-    certificate. With --rebind, also tell the service that this device id may move to the
-    TPM with that EK fingerprint (shown by `edgeward device show`).
+    certificate; it can enroll only as the class given here. With --rebind, an enrolled
+    device id may enroll again with the TPM of that EK fingerprint (`edgeward device show`).
     """
     try:
         identity = Identity.enrollee(device_id)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="DEVICE_ID") from exc
     store = PkiStore(directory).require()
+    requests: list[Message] = [
+        DeviceProvision(
+            device_id=device_id, device_class=device_class, ek_fingerprint=ek_fingerprint
+        )
+    ]
+    if rebind:
+        requests.append(RebindApprove(device_id=device_id, ek_fingerprint=rebind))
+    for done in asyncio.run(_ask_all(directory, operator, broker, requests)):
+        click.echo(done.detail)
     files = store.issue(identity, datetime.now(UTC), LIFETIMES[Role.ENROLLEE], replace=replace)
     click.echo(f"enrollment certificate for {device_id} -> {files.directory}")
-    if rebind:
-        done = asyncio.run(_rebind(directory, operator, broker, device_id, rebind))
-        click.echo(done.detail)
 
 
-async def _rebind(directory: Path, operator: str, broker: str, device_id: str, fp: str) -> Done:
+async def _ask_all(
+    directory: Path, operator: str, broker: str, requests: list[Message]
+) -> list[Done]:
     async with operator_session(
         directory, operator, parse_broker(broker), ServiceName.ATTESTATION, [Done]
     ) as session:
-        return await session.ask(RebindApprove(device_id=device_id, ek_fingerprint=fp), Done)
+        return [await session.ask(request, Done) for request in requests]
 
 
 @device.command(name="list")

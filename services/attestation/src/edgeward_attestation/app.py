@@ -104,6 +104,7 @@ async def _challenge_due(
     runtime: Runtime, service: AttestationService, period_ms: int, challenged: dict[str, int]
 ) -> None:
     now = runtime.clock.now_ms()
+    await service.store.purge_expired(now)
     for device in await service.store.devices():
         last = max(device.last_attested_at or 0, challenged.get(device.device_id, 0))
         if now - last < period_ms:

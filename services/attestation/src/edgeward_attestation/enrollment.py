@@ -1,11 +1,13 @@
 """Enrollment decisions (pure): may this enrollee, with this TPM, become this device?
 
-Checks, in order (docs/adr/0005): the EK certificate parses and is issued by an allowed TPM
+Checks, in order (docs/adr/0005): an operator provisioned the id, with the class (the
+device's claim must match it); the EK certificate parses and is issued by an allowed TPM
 manufacturer CA and valid now; the EK public area describes the certificate's key; the AK
-is a TPM-resident restricted signing key (``keys.AttestationKey``); the device class has an
-approved policy; the device id is not bound to another EK unless an operator approved that
-rebind. What it returns is what MakeCredential and the registry need. Proving that EK and
-AK share a TPM is the credential round trip (``credential.py`` + the device's answer).
+is a TPM-resident restricted signing key (``keys.AttestationKey``); the EK is the one the
+operator pinned (if any) and backs no other id; an enrolled id re-enrolls only with an
+operator's approval for that EK. What it returns is what MakeCredential and the registry
+need. Proving that EK and AK share a TPM is the credential round trip (``credential.py`` +
+the device's answer).
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ class EnrollReason:
     EK_CERT_UNTRUSTED: Final = "enroll.ek_cert.untrusted"
     EK_CERT_EXPIRED: Final = "enroll.ek_cert.expired"
     EK_MISMATCH: Final = "enroll.ek.mismatch"
-    CLASS_UNKNOWN: Final = "enroll.class.unknown"
+    NOT_PROVISIONED: Final = "enroll.device.not_provisioned"
+    CLASS_MISMATCH: Final = "enroll.class.mismatch"
+    EK_UNEXPECTED: Final = "enroll.ek.unexpected"
+    EK_IN_USE: Final = "enroll.ek.in_use"
     REBIND: Final = "enroll.device.rebind"
     CHALLENGE_UNKNOWN: Final = "enroll.challenge.unknown"
     CHALLENGE_EXPIRED: Final = "enroll.challenge.expired"
@@ -83,21 +88,36 @@ def _trusted_ek_certificate(
     return cert
 
 
+@dataclass(frozen=True, slots=True)
+class Registry:
+    """What the registry knows about the enrollee's id and EK, for :func:`check_enroll_request`."""
+
+    provisioned_class: str | None  # None: no operator provisioned this id
+    expected_ek: str | None  # the EK fingerprint the operator pinned, if any
+    bound_ek: str | None  # the EK the id is enrolled with, if it is
+    rebind_approved_for: str | None  # the EK an operator approved a (re-)enrollment with
+    ek_owner: str | None  # the id the request's EK is already bound to, if any
+
+
 def check_enroll_request(
     request: EnrollRequest,
     *,
     device_id: str,
     manufacturers: Sequence[x509.Certificate],
-    known_classes: frozenset[str],
-    bound_ek: str | None,
-    rebind_approved_for: str | None,
+    registry: Registry,
     now: datetime,
 ) -> EnrollmentClaim:
     """Decide whether the enrollee ``device_id`` may continue to credential activation.
 
-    ``bound_ek`` is the fingerprint of the EK the device id is registered with (None if it
-    is new); ``rebind_approved_for`` the EK fingerprint an operator approved for it.
+    The class is the operator's (provisioning), never the device's word; an enrolled id
+    re-enrolls only with an operator's approval for that EK; one TPM backs one id.
     """
+    if registry.provisioned_class is None:
+        raise PolicyError(EnrollReason.NOT_PROVISIONED, f"{device_id} was not provisioned")
+    if request.device_class != registry.provisioned_class:
+        raise PolicyError(
+            EnrollReason.CLASS_MISMATCH, f"{device_id} is not a {request.device_class}"
+        )
     cert = _trusted_ek_certificate(request.ek_certificate, manufacturers, now)
     ek = EndorsementKey.from_tpm2b_public(request.ek_public)
     if _spki(ek.key) != _spki(cert.public_key()):
@@ -105,11 +125,15 @@ def check_enroll_request(
             EnrollReason.EK_MISMATCH, "EK public area is not the certificate's key"
         )
     ak = AttestationKey.from_tpm2b_public(request.ak_public)
-    if request.device_class not in known_classes:
-        raise PolicyError(
-            EnrollReason.CLASS_UNKNOWN, f"no approved policy for {request.device_class}"
-        )
     fingerprint = ek_fingerprint(cert)
-    if bound_ek is not None and fingerprint not in (bound_ek, rebind_approved_for):
-        raise PolicyError(EnrollReason.REBIND, f"{device_id} is enrolled with another TPM")
-    return EnrollmentClaim(device_id, request.device_class, ek, ak, fingerprint)
+    if registry.expected_ek is not None and fingerprint != registry.expected_ek:
+        raise PolicyError(
+            EnrollReason.EK_UNEXPECTED, f"{device_id} was provisioned with another TPM"
+        )
+    if registry.ek_owner not in (None, device_id):
+        raise PolicyError(EnrollReason.EK_IN_USE, "this TPM backs another device id")
+    if registry.bound_ek is not None and fingerprint != registry.rebind_approved_for:
+        raise PolicyError(
+            EnrollReason.REBIND, f"{device_id} is enrolled; re-enrolling needs approval"
+        )
+    return EnrollmentClaim(device_id, registry.provisioned_class, ek, ak, fingerprint)

@@ -22,6 +22,7 @@ from edgeward_shared.messages.attest import PcrValue
 from edgeward_shared.messages.base import Message
 from edgeward_shared.messages.registry import (
     DeviceList,
+    DeviceProvision,
     DeviceQuery,
     DeviceStatus,
     Done,
@@ -36,7 +37,14 @@ from edgeward_shared.messages.registry import (
 from edgeward_shared.runtime.core import Outgoing
 from edgeward_shared.topics import reply_topic
 
-OPS_TYPES: Final = (DeviceQuery, PolicyRecord, PolicyApprove, PolicyQuery, RebindApprove)
+OPS_TYPES: Final = (
+    DeviceQuery,
+    DeviceProvision,
+    PolicyRecord,
+    PolicyApprove,
+    PolicyQuery,
+    RebindApprove,
+)
 
 
 class OpsReason:
@@ -91,6 +99,13 @@ class Operations:
             return await self._record(opened.mid, answer_on, message, actor)
         if isinstance(message, PolicyApprove):
             return (Outgoing(answer_on, await self._approve(opened.mid, message, actor)),)
+        if isinstance(message, DeviceProvision):
+            now = self.service.clock.now_ms()
+            await self.store.provision(
+                message.device_id, message.device_class, message.ek_fingerprint, actor, now
+            )
+            done = Done(in_reply_to=opened.mid, detail=f"{message.device_id} may enroll")
+            return (Outgoing(answer_on, done),)
         if isinstance(message, RebindApprove):
             now = self.service.clock.now_ms()
             await self.store.approve_rebind(message.device_id, message.ek_fingerprint, actor, now)

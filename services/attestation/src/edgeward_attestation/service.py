@@ -19,11 +19,17 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 from edgeward_attestation.credential import make_credential
-from edgeward_attestation.enrollment import EnrollReason, check_enroll_request
+from edgeward_attestation.enrollment import (
+    EnrollReason,
+    Registry,
+    check_enroll_request,
+    ek_fingerprint,
+)
 from edgeward_attestation.policy import ClassPolicy, policy_from_values
 from edgeward_attestation.quote import Challenge, PcrPolicy, verify_quote
 from edgeward_attestation.store import (
@@ -77,6 +83,7 @@ class ServiceReason:
     NONCE_UNKNOWN: Final = "attestation.nonce.unknown"
     SESSION_KEY: Final = "attestation.session_key.invalid"
     RATE_LIMITED: Final = "attestation.request.rate_limited"
+    CERTIFICATE_SUPERSEDED: Final = "attestation.certificate.superseded"
     AFFIRMING: Final = "attestation.affirming"
     RECORDED: Final = "attestation.policy.values_recorded"
 
@@ -123,14 +130,11 @@ class AttestationService:
         self, opened: Opened[Any], device_id: str, request: EnrollRequest
     ) -> Sequence[Outgoing]:
         now = self.clock.now_ms()
-        known = await self.store.device(device_id)
         claim = check_enroll_request(
             request,
             device_id=device_id,
             manufacturers=self.manufacturers,
-            known_classes=await self.store.known_classes(),
-            bound_ek=known.ek_fingerprint if known else None,
-            rebind_approved_for=await self.store.rebind_approved_for(device_id),
+            registry=await self._registry(device_id, request),
             now=to_datetime(now),
         )
         secret = secrets.token_bytes(32)
@@ -157,6 +161,23 @@ class AttestationService:
             expires_at_ms=expires,
         )
         return (Outgoing(_reply(opened), challenge, mid=challenge_mid),)
+
+    async def _registry(self, device_id: str, request: EnrollRequest) -> Registry:
+        known = await self.store.device(device_id)
+        provisioned = await self.store.provisioned(device_id)
+        try:
+            owner = await self.store.device_with_ek(
+                ek_fingerprint(x509.load_der_x509_certificate(request.ek_certificate))
+            )
+        except ValueError:
+            owner = None  # unreadable: check_enroll_request refuses it by name
+        return Registry(
+            provisioned_class=provisioned[0] if provisioned else None,
+            expected_ek=provisioned[1] if provisioned else None,
+            bound_ek=known.ek_fingerprint if known else None,
+            rebind_approved_for=await self.store.rebind_approved_for(device_id),
+            ek_owner=owner,
+        )
 
     async def _complete_enrollment(
         self, opened: Opened[Any], device_id: str, proof: CredentialProof
@@ -191,6 +212,11 @@ class AttestationService:
     # ------------------------------------------------------------------ verifier
     async def on_attestation(self, opened: Opened[Any]) -> Sequence[Outgoing]:
         device_id = _device(opened.topic)
+        device = await self._device_record(device_id)
+        if device.certificate_serial != f"{opened.signer.serial:x}":
+            raise AuthenticityError(
+                ServiceReason.CERTIFICATE_SUPERSEDED, "not the device's current certificate"
+            )
         message: Message = opened.message
         if isinstance(message, AttestationRequest):
             return await self._on_request(device_id)
@@ -351,7 +377,7 @@ class AttestationService:
 def _session_key(der: bytes) -> ec.EllipticCurvePublicKey:
     try:
         key = load_der_public_key(der)
-    except ValueError as exc:
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise MessageError(ServiceReason.SESSION_KEY, "not a DER public key") from exc
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise MessageError(ServiceReason.SESSION_KEY, "the session key must be EC P-256")

@@ -84,6 +84,15 @@ MIGRATIONS: Final = (
                 actor TEXT NOT NULL
             )""",
             "CREATE INDEX IF NOT EXISTS att_audit_device ON att_audit (device_id, at)",
+            # one TPM, one device id: an EK bound to an id cannot enroll another
+            "CREATE UNIQUE INDEX IF NOT EXISTS att_devices_ek ON att_devices (ek_fingerprint)",
+            """CREATE TABLE att_provisioned (
+                device_id TEXT PRIMARY KEY,
+                device_class TEXT NOT NULL,
+                ek_fingerprint TEXT,
+                provisioned_by TEXT NOT NULL,
+                provisioned_at BIGINT NOT NULL
+            )""",
         ),
     ),
 )
@@ -266,7 +275,12 @@ class AttestationStore:
 
     # ------------------------------------------------------------------ enrollments
     async def add_enrollment(self, pending: PendingEnrollment) -> None:
+        """Store a pending enrollment; it replaces any older one of the same device (one
+        open enrollment per device; the scheduler purges expired ones of everyone)."""
         async with self.db.transaction() as tx:
+            await tx.execute(
+                "DELETE FROM att_enrollments WHERE device_id = :d", {"d": pending.device_id}
+            )
             await tx.execute(
                 "INSERT INTO att_enrollments (challenge_mid, device_id, device_class,"
                 " ek_fingerprint, ak_public, csr, secret, expires_at) VALUES (:m, :d, :c, :ek,"
@@ -309,6 +323,51 @@ class AttestationStore:
             expires_at=int(str(row["expires_at"])),
         )
 
+    async def device_with_ek(self, ek_fingerprint: str) -> str | None:
+        async with self.db.transaction() as tx:
+            row = await tx.fetch_one(
+                "SELECT device_id FROM att_devices WHERE ek_fingerprint = :ek",
+                {"ek": ek_fingerprint},
+            )
+        return None if row is None else str(row["device_id"])
+
+    async def provision(
+        self, device_id: str, device_class: str, ek_fingerprint: str | None, actor: str, now_ms: int
+    ) -> None:
+        """An operator's record that ``device_id`` exists, is of ``device_class`` and
+        (optionally) has the TPM with that EK: enrollment needs it (not the device's word)."""
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                "INSERT INTO att_provisioned (device_id, device_class, ek_fingerprint,"
+                " provisioned_by, provisioned_at) VALUES (:d, :c, :ek, :a, :at)"
+                " ON CONFLICT (device_id) DO UPDATE SET device_class = excluded.device_class,"
+                " ek_fingerprint = excluded.ek_fingerprint,"
+                " provisioned_by = excluded.provisioned_by,"
+                " provisioned_at = excluded.provisioned_at",
+                {"d": device_id, "c": device_class, "ek": ek_fingerprint, "a": actor, "at": now_ms},
+            )
+            await _audit(tx, device_id, "provisioned", device_class, actor, now_ms)
+
+    async def provisioned(self, device_id: str) -> tuple[str, str | None] | None:
+        """(device class, expected EK fingerprint or None) as an operator provisioned it."""
+        async with self.db.transaction() as tx:
+            row = await tx.fetch_one(
+                "SELECT device_class, ek_fingerprint FROM att_provisioned WHERE device_id = :d",
+                {"d": device_id},
+            )
+        return None if row is None else (str(row["device_class"]), _opt_str(row["ek_fingerprint"]))
+
+    async def purge_expired(self, now_ms: int) -> int:
+        """Forget spent or expired challenges and expired enrollments (the scheduler calls it)."""
+        async with self.db.transaction() as tx:
+            gone = await tx.execute(
+                "DELETE FROM att_challenges WHERE expires_at < :t OR used = TRUE", {"t": now_ms}
+            )
+            gone += await tx.execute(
+                "DELETE FROM att_enrollments WHERE expires_at < :t", {"t": now_ms}
+            )
+        return gone
+
     async def rebind_approved_for(self, device_id: str) -> str | None:
         async with self.db.transaction() as tx:
             row = await tx.fetch_one(
@@ -334,6 +393,10 @@ class AttestationStore:
         self, challenge_mid: str, device_id: str, nonce: bytes, expires_at: int
     ) -> None:
         async with self.db.transaction() as tx:
+            await tx.execute(  # one open challenge per device: older ones are spent
+                "UPDATE att_challenges SET used = TRUE WHERE device_id = :d AND used = FALSE",
+                {"d": device_id},
+            )
             await tx.execute(
                 "INSERT INTO att_challenges (challenge_mid, device_id, nonce, expires_at, used)"
                 " VALUES (:m, :d, :n, :exp, FALSE)",
@@ -352,12 +415,6 @@ class AttestationStore:
         if row is None:
             return None
         return _blob(row["nonce"]), int(str(row["expires_at"]))
-
-    async def purge_challenges(self, before_ms: int) -> int:
-        async with self.db.transaction() as tx:
-            return await tx.execute(
-                "DELETE FROM att_challenges WHERE expires_at < :t", {"t": before_ms}
-            )
 
     # ------------------------------------------------------------------ policies
     async def record_policy(
@@ -436,12 +493,6 @@ class AttestationStore:
                 {"c": device_class},
             )
         return None if row is None else decode_policy(_blob(row["body"]))
-
-    async def known_classes(self) -> frozenset[str]:
-        """Classes an operator has recorded a policy for (enrollment needs one)."""
-        async with self.db.transaction() as tx:
-            rows = await tx.fetch_all("SELECT DISTINCT device_class FROM att_policies", {})
-        return frozenset(str(row["device_class"]) for row in rows)
 
     async def policies(self, device_class: str | None) -> list[PolicyRow]:
         async with self.db.transaction() as tx:

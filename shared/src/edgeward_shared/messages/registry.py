@@ -88,9 +88,20 @@ class PolicyList(Message, frozen=True, tag="edgeward.policy.list.v1"):
     policies: Annotated[list[PolicyInfo], msgspec.Meta(max_length=500)]
 
 
+class DeviceProvision(Message, frozen=True, tag="edgeward.registry.provision.v1"):
+    """Record that ``device_id`` exists and is of ``device_class`` (and, if known, has the
+    TPM with this EK fingerprint): a device can enroll only as provisioned, never as the
+    class it claims."""
+
+    device_id: DeviceId
+    device_class: DeviceClass
+    ek_fingerprint: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")] | None = None
+
+
 class RebindApprove(Message, frozen=True, tag="edgeward.registry.rebind.v1"):
-    """Allow ``device_id`` to re-enroll with the TPM whose EK has this fingerprint (hex
-    SHA-256 of its SubjectPublicKeyInfo): an explicit, audited operator decision."""
+    """Allow the enrolled ``device_id`` to enroll again, with the TPM whose EK has this
+    fingerprint (hex SHA-256 of its SubjectPublicKeyInfo; the same TPM or another): an
+    explicit, audited operator decision, used once."""
 
     device_id: DeviceId
     ek_fingerprint: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
