@@ -11,6 +11,7 @@ as an ``AttestationFailed`` event for the revocation service.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import secrets
@@ -30,6 +31,7 @@ from edgeward_attestation.enrollment import (
     check_enroll_request,
     ek_fingerprint,
 )
+from edgeward_attestation.keys import AttestationKey
 from edgeward_attestation.policy import ClassPolicy, policy_from_values
 from edgeward_attestation.quote import Challenge, PcrPolicy, verify_quote
 from edgeward_attestation.store import (
@@ -268,7 +270,7 @@ class AttestationService:
                 evidence.attest,
                 evidence.signature,
                 {pcr.index: pcr.digest for pcr in evidence.pcrs},
-                ak=device.ak_public,
+                ak=_attestation_key(device.ak_public),
                 challenge=challenge,
                 session_key=evidence.session_key,
                 policy=policy.to_pcr_policy(),
@@ -325,7 +327,7 @@ class AttestationService:
             evidence.attest,
             evidence.signature,
             supplied,
-            ak=device.ak_public,
+            ak=_attestation_key(device.ak_public),
             challenge=challenge,
             session_key=evidence.session_key,
             policy=candidate,
@@ -372,6 +374,12 @@ class AttestationService:
         if policy is None:
             raise PolicyError(ServiceReason.POLICY_MISSING, f"no policy for {device.device_class}")
         return policy
+
+
+@functools.lru_cache(maxsize=65536)
+def _attestation_key(tpm2b_public: bytes) -> AttestationKey:
+    """Enrolled AKs, parsed once (a quote's verification is dominated by the rest)."""
+    return AttestationKey.from_tpm2b_public(tpm2b_public)
 
 
 def _session_key(der: bytes) -> ec.EllipticCurvePublicKey:
