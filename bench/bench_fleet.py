@@ -15,7 +15,6 @@ agents.   Usage: bench_fleet.py [N]
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from edgeward_attestation.policy import policy_from_values
 from edgeward_attestation.store import AttestationStore
 from edgeward_device_agent.agent import DeviceAgent
 from edgeward_device_agent.config import AgentConfig
+from edgeward_device_agent.state import AgentState
 from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN, SwtpmFleet, expected_pcrs
 from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.bus.mqtt import BrokerAddress
@@ -50,12 +50,7 @@ def make_pki(root: Path, devices: list[str]) -> PkiStore:
         pki.issue(identity, now, timedelta(days=1))
     for device in devices:
         files = pki.issue(Identity.enrollee(device), now, timedelta(days=1))
-        state = root / "agents" / device / "enrollee"
-        state.mkdir(parents=True, mode=0o700)
-        (root / "agents").chmod(0o700)
-        state.parent.chmod(0o700)
-        for name in ("cert.pem", "key.pem", "chain.pem"):
-            shutil.copy2(files.directory / name, state / name)
+        AgentState(root / "agents" / device, device).install_enrollee(files)
     return pki
 
 

@@ -11,7 +11,6 @@ unknown manufacturer cannot enroll.
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -29,6 +28,7 @@ from edgeward_attestation.store import AttestationStore
 from edgeward_cli.main import cli
 from edgeward_device_agent.agent import DeviceAgent
 from edgeward_device_agent.config import AgentConfig
+from edgeward_device_agent.state import AgentState
 from edgeward_device_agent.swtpm import (
     GOLDEN_BOOT_CHAIN,
     ManufacturerCa,
@@ -107,10 +107,7 @@ class World:
             Identity.enrollee(device_id), datetime.now(UTC), timedelta(hours=1), replace=replace
         )
         state = self.root / "agents" / f"{device_id}-{len(list((self.root / 'agents').glob('*')))}"
-        (state / "enrollee").mkdir(parents=True, mode=0o700)
-        state.chmod(0o700)
-        for name in ("cert.pem", "key.pem", "chain.pem"):
-            shutil.copy2(files.directory / name, state / "enrollee" / name)
+        AgentState(state, device_id).install_enrollee(files)
         config = AgentConfig(
             device_id=device_id,
             device_class=DEVICE_CLASS,

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from edgeward_shared.broker import container as container_broker
+from edgeward_shared.broker.acl import AclPrincipals
 from edgeward_shared.broker.container import render_for_container
 from edgeward_shared.broker.launcher import BROKER_IDENTITY, MosquittoBroker
 from edgeward_shared.identity import Identity, Role, ServiceName
@@ -89,7 +90,7 @@ def mosquitto_container(
     """Start the image with our config; yield the (host, port) its TLS listener is on."""
     from testcontainers.core.container import DockerContainer  # only where Docker exists
 
-    render_for_container(pki, run_dir, acl_identities)
+    render_for_container(pki, run_dir, AclPrincipals.of(acl_identities))
     container = (
         DockerContainer(container_broker.IMAGE)
         .with_exposed_ports(container_broker.PORT)

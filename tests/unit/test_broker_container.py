@@ -8,6 +8,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from edgeward_cli.main import cli
+from edgeward_shared.broker.acl import AclPrincipals
 from edgeward_shared.broker.container import PKI_MOUNT, RUN_MOUNT, render_for_container
 from edgeward_shared.identity import Identity, Role
 from edgeward_shared.pki.store import PkiStore
@@ -18,7 +19,9 @@ def test_rendered_config_points_only_inside_the_container(tmp_path: Path) -> Non
     now = datetime.now(UTC)
     store.init(now)
     store.issue(Identity(Role.BROKER, "local"), now, timedelta(days=1), ("127.0.0.1",))
-    config = render_for_container(store, tmp_path / "run", [Identity.operator("alice")])
+    config = render_for_container(
+        store, tmp_path / "run", AclPrincipals.of([Identity.operator("alice")])
+    )
     text = config.read_text()
     assert str(tmp_path) not in text
     assert f"cafile {PKI_MOUNT}/trust/ca-bundle.pem" in text

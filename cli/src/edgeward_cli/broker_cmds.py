@@ -6,14 +6,13 @@ import contextlib
 import os
 import signal
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 from edgeward_cli.pki_cmds import pki_dir_option
 from edgeward_shared.broker import container
-from edgeward_shared.broker.acl import DEFAULT_ADMINS, render_acl
+from edgeward_shared.broker.acl import AclPrincipals
 from edgeward_shared.broker.container import render_for_container
 from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.identity import Identity, Role
@@ -22,27 +21,10 @@ from edgeward_shared.pki.store import PkiStore
 PID_FILE = "mosquitto.pid"
 
 
-@dataclass(frozen=True)
-class AclPrincipals:
-    """The identities that need their own ACL block, as issued by a PKI."""
-
-    operators: list[Identity]
-    admins: list[Identity]
-    service_instances: list[Identity]
-
-    @classmethod
-    def of(cls, store: PkiStore) -> AclPrincipals:
-        issued = {(Role(r.role), r.common_name) for r in store.issued()}
-        identities = [
-            Identity.from_common_name(role, cn)
-            for role, cn in sorted(issued)
-            if role in (Role.OPERATOR, Role.BROKER_ADMIN, Role.SERVICE)
-        ]
-        return cls(
-            operators=[i for i in identities if i.role is Role.OPERATOR],
-            admins=[i for i in identities if i.role is Role.BROKER_ADMIN] or list(DEFAULT_ADMINS),
-            service_instances=[i for i in identities if i.instance is not None],
-        )
+def _principals(store: PkiStore) -> AclPrincipals:
+    """Operators, admins and extra service instances the PKI has issued certificates to."""
+    issued = sorted({(Role(r.role), r.common_name) for r in store.issued()})
+    return AclPrincipals.of(Identity.from_common_name(role, cn) for role, cn in issued)
 
 
 @click.group()
@@ -55,9 +37,8 @@ def broker() -> None:
 def acl(directory: Path) -> None:
     """Print the ACL generated from the topic scheme for this PKI's operators, broker
     admins and extra service instances."""
-    principals = AclPrincipals.of(PkiStore(directory).require())
-    text = render_acl(principals.operators, principals.admins, principals.service_instances)
-    click.echo(text, nl=False)
+    principals = _principals(PkiStore(directory).require())
+    click.echo(principals.render(), nl=False)
 
 
 @broker.command()
@@ -79,7 +60,7 @@ def run(directory: Path, run_dir: Path) -> None:
     reload_wanted = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGHUP, lambda *_: reload_wanted.set())
-    principals = AclPrincipals.of(store)
+    principals = _principals(store)
     with MosquittoBroker(
         store,
         run_dir,
@@ -117,9 +98,7 @@ def render(directory: Path, out: Path) -> None:
     The PKI directory is mounted read-only at /edgeward/pki (see deploy/compose).
     """
     store = PkiStore(directory).require()
-    principals = AclPrincipals.of(store)
-    identities = [*principals.operators, *principals.admins, *principals.service_instances]
-    config = render_for_container(store, out, identities)
+    config = render_for_container(store, out, _principals(store))
     click.echo(f"wrote {config} (+ edgeward.acl, dynamic-security.json) for {container.IMAGE}")
 
 

@@ -66,6 +66,15 @@ class AgentState:
                 f"{self.root} has mode {mode:o}: the agent's state must be 0700 (chmod 700 it)",
             )
 
+    def install_enrollee(self, source: IdentityFiles) -> None:
+        """Copy a provisioned enrollment identity (``edgeward pki issue enrollee``) into the
+        state directory: what a provisioning station does once per device."""
+        self.prepare()
+        self.enrollee.directory.mkdir(mode=0o700, exist_ok=True)
+        write_private_key(self.enrollee.key, read_private_key(source.key))  # 0600
+        for src, dst in ((source.cert, self.enrollee.cert), (source.chain, self.enrollee.chain)):
+            _write_atomically(dst, src.read_bytes())
+
     # ------------------------------------------------------------------ enrollment status
     def is_enrolled(self) -> bool:
         return self.device.cert.exists()

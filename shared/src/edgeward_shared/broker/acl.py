@@ -25,6 +25,7 @@ envelope check rejects such a device id (:func:`edgeward_shared.topics.parse_top
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Final
 
 from edgeward_shared.broker.dynsec import CONTROL_TOPIC, RESPONSE_TOPIC
@@ -143,6 +144,30 @@ def _unique_sorted(identities: Iterable[Identity], role: Role) -> list[Identity]
         if who.role is not role:
             raise ValueError(f"{who} has role {who.role}, expected {role}")
     return sorted(chosen, key=lambda who: who.common_name)
+
+
+@dataclass(frozen=True, slots=True)
+class AclPrincipals:
+    """The identities that need their own ACL block (beyond the six services)."""
+
+    operators: tuple[Identity, ...]
+    admins: tuple[Identity, ...]
+    service_instances: tuple[Identity, ...]
+
+    @classmethod
+    def of(cls, identities: Iterable[Identity]) -> AclPrincipals:
+        """Sort identities by what the ACL needs of them (others are ignored); without an
+        admin, the default one."""
+        chosen = list(identities)
+        admins = tuple(i for i in chosen if i.role is Role.BROKER_ADMIN) or DEFAULT_ADMINS
+        return cls(
+            operators=tuple(i for i in chosen if i.role is Role.OPERATOR),
+            admins=admins,
+            service_instances=tuple(i for i in chosen if i.instance is not None),
+        )
+
+    def render(self) -> str:
+        return render_acl(self.operators, self.admins, self.service_instances)
 
 
 def render_acl(

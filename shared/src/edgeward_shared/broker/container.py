@@ -9,11 +9,10 @@ test path, so both run exactly the reviewed configuration.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import Final
 
-from edgeward_shared.broker.acl import DEFAULT_ADMINS, render_acl
+from edgeward_shared.broker.acl import AclPrincipals
 from edgeward_shared.broker.config import BrokerSettings, render_config
 from edgeward_shared.broker.dynsec import write_initial_config
 from edgeward_shared.identity import Identity, Role
@@ -31,16 +30,11 @@ def _mounted(pki: PkiStore, path: Path) -> Path:
     return PKI_MOUNT / PurePosixPath(path.relative_to(pki.dir))
 
 
-def render_for_container(pki: PkiStore, out_dir: Path, acl_identities: Iterable[Identity]) -> Path:
+def render_for_container(pki: PkiStore, out_dir: Path, principals: AclPrincipals) -> Path:
     """Write ``mosquitto.conf``, ``edgeward.acl`` and the plugin state into ``out_dir``
     (to be mounted at ``/edgeward/run``); returns the config's path on the host."""
-    identities = list(acl_identities)
     out_dir.mkdir(parents=True, exist_ok=True)
-    acl = render_acl(
-        operators=[i for i in identities if i.role is Role.OPERATOR],
-        admins=[i for i in identities if i.role is Role.BROKER_ADMIN] or DEFAULT_ADMINS,
-        service_instances=[i for i in identities if i.instance is not None],
-    )
+    acl = principals.render()
     (out_dir / "edgeward.acl").write_text(acl, encoding="utf-8")
     write_initial_config(out_dir / "dynamic-security.json")
     broker = pki.identity_files(BROKER)
