@@ -129,6 +129,7 @@ async def bring_up(
                 ca_bundle=pki.bundle_path,
                 crl=pki.crl_path,
                 broker=broker,
+                models=None,  # enrollment and attestation only (bench_model_rollout: models)
             )
         )
         for name, device in zip(names, devices, strict=True)

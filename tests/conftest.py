@@ -7,6 +7,8 @@ import pytest
 from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.testing import FixedClock, MemoryPki
 
+pytest_plugins = ["tests.model_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def memory_pki() -> MemoryPki:

@@ -13,6 +13,7 @@ import click
 from edgeward_cli.broker_cmds import broker
 from edgeward_cli.demo import demo
 from edgeward_cli.device_cmds import device
+from edgeward_cli.model_cmds import model
 from edgeward_cli.pki_cmds import pki
 from edgeward_cli.policy_cmds import policy
 from edgeward_shared.errors import EdgewardError
@@ -32,6 +33,7 @@ cli.add_command(pki)
 cli.add_command(broker)
 cli.add_command(device)
 cli.add_command(policy)
+cli.add_command(model)
 cli.add_command(demo)
 
 

@@ -21,6 +21,7 @@ LIFETIMES = {
     Role.BROKER_ADMIN: timedelta(days=30),
     Role.BROKER: timedelta(days=365),
     Role.ENROLLEE: timedelta(days=30),  # revoked as soon as the device has enrolled
+    Role.SIGNER: timedelta(days=365),  # a build pipeline's model-signing key
 }
 
 pki_dir_option = click.option(

@@ -33,6 +33,7 @@ class Role(StrEnum):
     BROKER_ADMIN = "broker-admin"  # may use $CONTROL (dynamic-security) on the broker
     BROKER = "broker"  # the broker's TLS server identity; never signs messages
     ENROLLEE = "enrollee"  # a device before enrollment: may only enroll (docs/adr/0005)
+    SIGNER = "signer"  # a build pipeline's model-signing key; signs models, never messages
 
 
 class ServiceName(StrEnum):
@@ -51,6 +52,7 @@ ROLE_OIDS: Final[dict[Role, x509.ObjectIdentifier]] = {
     Role.BROKER_ADMIN: x509.ObjectIdentifier(f"{EDGEWARD_ARC}.1.4"),
     Role.BROKER: x509.ObjectIdentifier(f"{EDGEWARD_ARC}.1.5"),
     Role.ENROLLEE: x509.ObjectIdentifier(f"{EDGEWARD_ARC}.1.6"),
+    Role.SIGNER: x509.ObjectIdentifier(f"{EDGEWARD_ARC}.1.7"),
 }
 _OID_ROLES: Final = {oid: role for role, oid in ROLE_OIDS.items()}
 
@@ -60,6 +62,7 @@ _CN_PREFIX: Final[dict[Role, str]] = {
     Role.BROKER_ADMIN: "admin.",
     Role.BROKER: "broker.",
     Role.ENROLLEE: "enroll.",
+    Role.SIGNER: "signer.",
 }
 DEVICE_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 NAME_RE: Final = re.compile(r"[a-z][a-z0-9-]{0,31}")

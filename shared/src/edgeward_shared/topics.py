@@ -52,6 +52,7 @@ class Channel(StrEnum):
     INFER = "infer"  # inference requests and signed results (inference-gateway)
     COMMAND = "cmd"  # operators' signed commands down, devices' signed receipts up
     TELEMETRY = "telemetry"  # device telemetry up (telemetry service)
+    DATA = "data"  # bulk data frames down: model blob chunks, content-addressed (docs/adr/0009)
 
 
 class FleetKind(StrEnum):
@@ -74,6 +75,7 @@ CHANNEL_WRITERS: Final[dict[Channel, frozenset[Identity | Role]]] = {
     Channel.INFER: frozenset({_S(ServiceName.INFERENCE_GATEWAY)}),
     Channel.COMMAND: frozenset({Role.OPERATOR}),
     Channel.TELEMETRY: frozenset({_S(ServiceName.TELEMETRY)}),
+    Channel.DATA: frozenset({_S(ServiceName.MODEL_DISTRIBUTION)}),
 }
 #: Who may read ``up/<channel>`` from every device.
 CHANNEL_READERS: Final[dict[Channel, frozenset[Identity | Role]]] = {
@@ -84,6 +86,7 @@ CHANNEL_READERS: Final[dict[Channel, frozenset[Identity | Role]]] = {
     Channel.INFER: frozenset({_S(ServiceName.INFERENCE_GATEWAY)}),
     Channel.COMMAND: frozenset({_S(ServiceName.TELEMETRY), Role.OPERATOR}),
     Channel.TELEMETRY: frozenset({_S(ServiceName.TELEMETRY)}),
+    Channel.DATA: frozenset(),  # nothing goes up on the data channel
 }
 FLEET_OWNERS: Final[dict[FleetKind, Identity]] = {
     FleetKind.REVOCATIONS: _S(ServiceName.REVOCATION),

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from edgeward_device_agent.agent import DeviceAgent
 from edgeward_device_agent.config import AgentConfig, AgentPolicy
+from edgeward_device_agent.model_manager import ModelPolicy
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.errors import ConfigError
 from edgeward_shared.logs import configure_logging, fields
@@ -52,6 +53,24 @@ def _parser() -> argparse.ArgumentParser:
     ops = parser.add_argument_group("operations")
     ops.add_argument("--metrics-port", type=int, default=None, help="serve /metrics (0: any)")
     ops.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    models = parser.add_argument_group("models")
+    models.add_argument(
+        "--no-models",
+        action="store_true",
+        help="run no models (enrollment and attestation only)",
+    )
+    models.add_argument(
+        "--model-sync-s",
+        type=float,
+        default=ModelPolicy().sync_interval_s,
+        help="ask the distribution service for assigned models this often (and on hints)",
+    )
+    models.add_argument(
+        "--model-pcr",
+        type=int,
+        default=ModelPolicy().model_pcr,
+        help="PCR extended with each model's digest before it is loaded",
+    )
     timing = parser.add_argument_group("timing policy (see AgentPolicy)")
     for name in AgentPolicy.__dataclass_fields__:
         timing.add_argument(
@@ -73,6 +92,9 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         broker=BrokerAddress(args.broker_host, args.broker_port),
         metrics_port=args.metrics_port,
         policy=policy,
+        models=None
+        if args.no_models
+        else ModelPolicy(sync_interval_s=args.model_sync_s, model_pcr=args.model_pcr),
     )
 
 

@@ -35,12 +35,15 @@ from edgeward_device_agent.attestation import Attester, CurrentAttestation
 from edgeward_device_agent.config import AgentConfig, retry_delays
 from edgeward_device_agent.enrollment import REPLY_TYPES, Enrollment
 from edgeward_device_agent.metrics import AgentMetrics
+from edgeward_device_agent.model_manager import ModelManager
+from edgeward_device_agent.model_store import ModelStore
 from edgeward_device_agent.ports import AgentTpm, Connector, TpmFactory, mqtt_connector
 from edgeward_device_agent.reasons import AgentReason
 from edgeward_device_agent.schedule import RequestReason, RequestSchedule
 from edgeward_device_agent.state import AgentState
 from edgeward_device_agent.status import AttestationState, EnrollmentState, TrustState
 from edgeward_device_agent.tpm import Tpm
+from edgeward_device_agent.waits import wait_any
 from edgeward_shared.bus.base import Bus
 from edgeward_shared.clock import Clock, SystemClock, from_datetime, to_datetime
 from edgeward_shared.envelope import EnvelopeVerifier, Opened, SigningKey
@@ -63,16 +66,6 @@ from edgeward_shared.topics import Channel, Direction, device_topic
 
 log = logging.getLogger("edgeward.agent")
 T = TypeVar("T")
-
-
-async def _wait_any(*events: asyncio.Event, seconds: float | None = None) -> None:
-    """Return when any of ``events`` is set, or after ``seconds``."""
-    waiters = [asyncio.create_task(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -112,6 +105,8 @@ class DeviceAgent:
         self._connections = 0
         self._wake = asyncio.Event()
         self._last_error: str | None = None
+        #: the models this device runs (None until it serves as the device, or if disabled)
+        self.models: ModelManager | None = None
 
     @property
     def device_id(self) -> str:
@@ -187,7 +182,7 @@ class DeviceAgent:
                 return await asyncio.to_thread(self._tpm_factory, self.config.tcti)
             except EdgewardError as exc:
                 self._failed("tpm.unavailable", exc)
-            await _wait_any(stop, seconds=next(delays))
+            await wait_any(stop, seconds=next(delays))
         return None
 
     # ------------------------------------------------------------------ runtimes
@@ -247,12 +242,12 @@ class DeviceAgent:
     ) -> bool:
         delays = retry_delays(self.config.policy, self._rand)
         while not stop.is_set():
-            await _wait_any(runtime.ready, stop)
+            await wait_any(runtime.ready, stop)
             if stop.is_set():
                 break
             if await self._try_enrollment(runtime, enrollment):
                 return True
-            await _wait_any(stop, seconds=next(delays))
+            await wait_any(stop, seconds=next(delays))
         return False
 
     async def _try_enrollment(self, runtime: Runtime, enrollment: Enrollment) -> bool:
@@ -307,9 +302,27 @@ class DeviceAgent:
             self._refused,
             name="attest.refused",
         )
-        await self._phase(
-            runtime, self._counted(connect), lambda: self._keep_attested(runtime, stop)
-        )
+        if self.config.models is not None:
+            self.models = ModelManager(
+                self.device_id,
+                ModelStore(self.config.state_dir),
+                trust=lambda: runtime.verifier.trust,
+                clock=self._clock,
+                tpm=tpm,
+                attestation=lambda: self.attestation,
+                device_key=lambda: runtime.signing_key.key,
+                policy=self.config.models,
+            )
+            self.models.install(runtime)
+        await self._phase(runtime, self._counted(connect), lambda: self._run_device(runtime, stop))
+
+    async def _run_device(self, runtime: Runtime, stop: asyncio.Event) -> None:
+        """Keep attested and, beside it, keep the assigned models running."""
+        async with asyncio.TaskGroup() as group:
+            models = group.create_task(self.models.run(runtime, stop)) if self.models else None
+            await self._keep_attested(runtime, stop)
+            if models is not None:
+                models.cancel()  # stopping: do not wait for a sync or a download in flight
 
     async def _refused(self, opened: Opened[Any]) -> Sequence[Outgoing]:
         reason = opened.message.reason
@@ -334,6 +347,8 @@ class DeviceAgent:
     def _adopted(self, current: CurrentAttestation) -> None:
         self._schedule.adopted(current)
         self._wake.set()
+        if self.models is not None:
+            self.models.wake()  # a model waiting for an attestation result can get its key
 
     async def _keep_attested(self, runtime: Runtime, stop: asyncio.Event) -> None:
         """Send AttestationRequest when :class:`RequestSchedule` says so, until ``stop``."""
@@ -341,7 +356,7 @@ class DeviceAgent:
         while not stop.is_set():
             self._wake.clear()
             if not runtime.ready.is_set():
-                await _wait_any(runtime.ready, stop)
+                await wait_any(runtime.ready, stop)
                 continue
             now = self._clock.now_ms()
             if self._connections != seen:
@@ -353,7 +368,7 @@ class DeviceAgent:
                 await self._request_attestation(runtime, reason)
                 continue
             pause = min(schedule.wait_s(now), self.config.policy.max_sleep_s)
-            await _wait_any(stop, self._wake, seconds=pause)
+            await wait_any(stop, self._wake, seconds=pause)
 
     async def _request_attestation(self, runtime: Runtime, reason: RequestReason) -> None:
         topic = device_topic(self.device_id, Direction.UP, Channel.ATTEST)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgeward_device_agent.model_manager import ModelPolicy
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.identity import Identity
 
@@ -85,6 +86,8 @@ class AgentConfig:
     broker: BrokerAddress
     metrics_port: int | None = None
     policy: AgentPolicy = field(default_factory=AgentPolicy)
+    #: how the agent follows the models assigned to it; None: it runs no models
+    models: ModelPolicy | None = field(default_factory=ModelPolicy)
 
     def __post_init__(self) -> None:
         Identity.device(self.device_id)  # raises ValueError for an invalid device id

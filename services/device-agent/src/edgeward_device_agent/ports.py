@@ -9,7 +9,7 @@ broker. Every TPM method blocks: the agent calls them in a worker thread.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Protocol
@@ -38,6 +38,8 @@ class AgentTpm(Protocol):
     def quote(
         self, qualifying_data: bytes, indices: Iterable[int], bank: PcrBank = PcrBank.SHA256
     ) -> Quote: ...
+
+    def extend_pcr(self, index: int, digests: Mapping[PcrBank, bytes]) -> None: ...
 
     def close(self) -> None: ...
 

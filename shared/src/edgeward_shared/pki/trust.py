@@ -88,16 +88,26 @@ class TrustStore:
     def is_revoked(self, serial: int) -> bool:
         return serial in self._revoked
 
-    def signer(self, cert_der: bytes, now: datetime, kid: str | None = None) -> Signer:
-        """Verify ``cert_der`` as a signing certificate valid at ``now``.
+    def signer(
+        self,
+        cert_der: bytes,
+        now: datetime,
+        kid: str | None = None,
+        *,
+        roles: frozenset[Role] = SIGNING_ROLES,
+    ) -> Signer:
+        """Verify ``cert_der`` as a signing certificate of one of ``roles``, valid at ``now``.
 
         ``kid`` may be passed when the caller has already checked it is ``kid_of(cert_der)``.
+        Envelopes take the default ``roles``; model signatures ask for ``{Role.SIGNER}``.
         """
         kid = kid or kid_of(cert_der)
         signer = self._cache.get(kid)
         if signer is None:
             signer = self._verify_chain(cert_der, kid, now)
             self._remember(signer)
+        if signer.identity.role not in roles:
+            raise AuthenticityError(Reason.TOPIC_ROLE, f"{signer.identity.role} may not sign this")
         if not signer.valid_from <= now <= signer.valid_until:
             raise AuthenticityError(Reason.ENVELOPE_CHAIN, "certificate outside validity")
         if signer.serial in self._revoked:
@@ -125,8 +135,6 @@ class TrustStore:
             identity = identity_of(leaf)
         except EdgewardError as exc:
             raise AuthenticityError(exc.reason, exc.detail) from exc
-        if identity.role not in SIGNING_ROLES:
-            raise AuthenticityError(Reason.TOPIC_ROLE, f"{identity.role} may not sign")
         public_key = leaf.public_key()
         if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(
             public_key.curve, ec.SECP256R1

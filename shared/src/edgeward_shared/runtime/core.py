@@ -72,7 +72,17 @@ class Outgoing:
     mid: str | None = None  # set when the handler must know it (e.g. to match a reply)
 
 
-Handler = Callable[[Opened[Any]], Awaitable[Sequence[Outgoing]]]
+@dataclass(frozen=True, slots=True)
+class OutgoingFrame:
+    """A data frame a handler wants published as is (docs/adr/0009)."""
+
+    topic: str
+    frame: bytes
+
+
+Handler = Callable[[Opened[Any]], Awaitable[Sequence[Outgoing | OutgoingFrame]]]
+#: Gets the raw delivery of a data frame (no envelope; see edgeward_shared.models.frames).
+FrameHandler = Callable[[Delivery], Awaitable[None]]
 Connect = Callable[[], AbstractAsyncContextManager[Bus]]
 
 
@@ -86,6 +96,8 @@ class Route:
     #: Handlers that await a reply hold slots; if the reply needed one too, a burst of
     #: such handlers would starve their own replies until every request timed out.
     inline: bool = False
+    #: data frames: not envelopes, authenticated by the handler against signed digests
+    frames: FrameHandler | None = None
 
 
 class Runtime:
@@ -133,6 +145,14 @@ class Runtime:
             Route(name or topic_filter, topic_filter, tuple(types), handler, inline=inline)
         )
 
+    def route_frames(self, topic_filter: str, handler: FrameHandler, *, name: str) -> None:
+        """Deliver raw data frames on ``topic_filter`` to ``handler``, unverified.
+
+        Only for content-addressed bulk data whose digests a signed message already gave
+        (docs/adr/0009); the handler must refuse every frame it did not ask for.
+        """
+        self._routes.append(Route(name, topic_filter, (), _no_handler, frames=handler))
+
     def expect_replies(self, topic_filter: str, types: Sequence[type[Message]]) -> None:
         """Accept replies (messages with ``in_reply_to``) to our :meth:`request` calls."""
         self.route(
@@ -159,14 +179,23 @@ class Runtime:
             mid=mid or outgoing.mid,
         )
 
-    async def publish(self, outgoing: Outgoing) -> None:
+    async def publish(self, outgoing: Outgoing | OutgoingFrame) -> None:
         bus = self._require_bus()
+        if isinstance(outgoing, OutgoingFrame):
+            await bus.publish(outgoing.topic, outgoing.frame)
+            self.metrics.published.labels("frame").inc()
+            return
         await bus.publish(outgoing.topic, self.seal_outgoing(outgoing), retain=outgoing.retain)
         self.metrics.published.labels(outgoing.message.TYPE).inc()
 
-    async def request(self, topic: str, message: Message, *, timeout_s: float = 5.0) -> Opened[Any]:
-        """Publish ``message`` on ``topic`` and wait for the reply bound to it."""
-        mid = secrets.token_hex(16)
+    async def request(
+        self, topic: str, message: Message, *, timeout_s: float = 5.0, mid: str | None = None
+    ) -> Opened[Any]:
+        """Publish ``message`` on ``topic`` and wait for the reply bound to it.
+
+        ``mid`` may be given when the caller must know it before the reply arrives (to match
+        data frames sent in answer, say); it must be fresh (16 random bytes, hex)."""
+        mid = mid or secrets.token_hex(16)
         future: asyncio.Future[Opened[Any]] = asyncio.get_running_loop().create_future()
         self._pending[mid] = future
         try:
@@ -195,6 +224,9 @@ class Runtime:
             return
         route = routes[0]
         self.metrics.received.labels(route.name).inc()
+        if route.frames is not None:
+            await self._handle_frame(route, route.frames, delivery, started)
+            return
         try:
             types = [t for r in routes for t in r.types]
             opened = self.verifier.open(
@@ -210,6 +242,19 @@ class Runtime:
             self._reject(delivery, exc)
             await self._answer_rejection(delivery, exc)
         except Exception:  # a handler bug must not take the service down
+            log.exception("handler.crashed", extra=fields(route=route.name, topic=delivery.topic))
+            self.metrics.rejected.labels("handler.error").inc()
+        finally:
+            self.metrics.handler_seconds.labels(route.name).observe(time.perf_counter() - started)
+
+    async def _handle_frame(
+        self, route: Route, handler: FrameHandler, delivery: Delivery, started: float
+    ) -> None:
+        try:
+            await handler(delivery)
+        except EdgewardError as exc:
+            self._reject(delivery, exc)  # never answered: a frame is not a request
+        except Exception:
             log.exception("handler.crashed", extra=fields(route=route.name, topic=delivery.topic))
             self.metrics.rejected.labels("handler.error").inc()
         finally:
@@ -318,6 +363,11 @@ class Runtime:
         except* TransportError as group:
             failure = _first_leaf(group)
         return failure
+
+
+async def _no_handler(opened: Opened[Any]) -> Sequence[Outgoing | OutgoingFrame]:
+    del opened
+    raise AssertionError("frame routes never open envelopes")  # pragma: no cover
 
 
 def _first_leaf(group: BaseExceptionGroup[TransportError]) -> TransportError:

@@ -1,0 +1,249 @@
+"""``edgeward model``: publish, roll out, revoke and inspect models (ARCHITECTURE flow 3)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from edgeward_cli.ops_client import (
+    OperatorSession,
+    broker_option,
+    operator_option,
+    operator_session,
+    parse_broker,
+)
+from edgeward_cli.pki_cmds import pki_dir_option
+from edgeward_cli.publish import DEFAULT_RUNTIME, BuiltRelease, ReleaseSpec, build_release
+from edgeward_shared.errors import ConfigError, PolicyError
+from edgeward_shared.identity import Identity, Role, ServiceName
+from edgeward_shared.messages.base import Message
+from edgeward_shared.messages.model import (
+    ModelList,
+    ModelQuery,
+    PublishBegin,
+    PublishChunk,
+    PublishChunkAck,
+    PublishCommit,
+    Published,
+    PublishReady,
+    RevokeVersion,
+    RolloutRequest,
+    VersionInfo,
+)
+from edgeward_shared.models.provenance import Tier, sha256_hex
+from edgeward_shared.models.sealing import seal_to_kek
+from edgeward_shared.pki.store import PkiStore
+
+ANSWERS: list[type[Message]] = [PublishReady, PublishChunkAck, Published, ModelList]
+UPLOAD_WINDOW = 4
+Progress = Callable[[int], None]
+
+
+@click.group()
+def model() -> None:
+    """Models: publish (sign + encrypt), roll out to cohorts, revoke, inspect."""
+
+
+@model.command()
+@pki_dir_option
+@click.argument("model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--name", required=True, help="Model name, e.g. ocr-rec (lowercase, digits, .-_).")
+@click.option("--version", "version", type=click.IntRange(1), required=True, help="Monotonic.")
+@click.option(
+    "--tier",
+    type=click.Choice([t.value for t in Tier]),
+    required=True,
+    help="high: key only to attested devices; medium: signed+encrypted; low: signed only.",
+)
+@click.option("--dataset-fingerprint", help="Digest or id of the training data (provenance).")
+@click.option("--runtime", default=DEFAULT_RUNTIME, show_default=True, help="Allowed runtime.")
+@click.option("--signer", default="ci", show_default=True, help="Signing key signer.<name>.")
+@click.option("--days", type=click.IntRange(1, 3650), default=365, show_default=True)
+@operator_option
+@broker_option
+def publish(  # click passes every parameter by keyword
+    *,
+    directory: Path,
+    model_path: Path,
+    name: str,
+    version: int,
+    tier: str,
+    dataset_fingerprint: str | None,
+    runtime: str,
+    signer: str,
+    days: int,
+    operator: str,
+    broker: str,
+) -> None:
+    """Check, sign (OpenSSF model-signing), encrypt and upload MODEL_PATH (ONNX only).
+
+    The signing key is the PKI identity signer.<name> (`edgeward pki issue signer ci`).
+    Nothing is assigned to devices until `edgeward model rollout`.
+    """
+    store = PkiStore(directory).require()
+    try:
+        signer_files = store.identity_files(Identity(Role.SIGNER, signer))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--signer") from exc
+    if not signer_files.cert.exists():
+        raise ConfigError(
+            "config.signer.missing", f"no signer.{signer}: run `edgeward pki issue signer {signer}`"
+        )
+    spec = ReleaseSpec(name, version, Tier(tier), runtime, dataset_fingerprint, days * 86_400_000)
+    started = time.perf_counter()
+    built = build_release(model_path.read_bytes(), spec, signer_files, now_ms=_now_ms())
+    click.echo(
+        f"signed and {'encrypted' if built.data_key else 'kept in the clear'} "
+        f"{name} v{version} ({len(built.blob):,} bytes, digest {built.ref.digest[:16]}…)"
+    )
+
+    async def run() -> Published:
+        async with operator_session(
+            directory, operator, parse_broker(broker), ServiceName.MODEL_DISTRIBUTION, ANSWERS
+        ) as session:
+            with click.progressbar(
+                length=len(built.blob), label="uploading", file=sys.stderr
+            ) as bar:
+                return await upload(session, built, bar.update)
+
+    published = asyncio.run(run())
+    click.echo(
+        f"published {published.name} v{published.version} ({published.tier}) "
+        f"blob {published.blob_digest[:16]}… in {time.perf_counter() - started:.1f} s; "
+        f"roll it out with `edgeward model rollout {name} {version} --device ...`"
+    )
+
+
+async def upload(session: OperatorSession, built: BuiltRelease, progress: Progress) -> Published:
+    """Upload a built release (resuming where the service left off) and commit it."""
+    ready = await session.ask(
+        PublishBegin(
+            provenance=built.provenance,
+            signature=built.signature,
+            signer_cert=built.signer_cert,
+            blob_digest=sha256_hex(built.blob),
+            blob_size=len(built.blob),
+        ),
+        PublishReady,
+    )
+    size = ready.chunk_size
+    count = -(-len(built.blob) // size)
+    progress(min(ready.received * size, len(built.blob)))
+    for start in range(ready.received, count, UPLOAD_WINDOW):
+        indices = range(start, min(start + UPLOAD_WINDOW, count))
+        await asyncio.gather(
+            *(
+                session.ask(
+                    PublishChunk(
+                        upload_id=ready.upload_id,
+                        index=i,
+                        data=built.blob[i * size : (i + 1) * size],
+                    ),
+                    PublishChunkAck,
+                )
+                for i in indices
+            )
+        )
+        progress(sum(len(built.blob[i * size : (i + 1) * size]) for i in indices))
+    sealed = None
+    if built.data_key is not None:
+        kek = serialization.load_der_public_key(ready.kek)
+        if not isinstance(kek, ec.EllipticCurvePublicKey):
+            raise PolicyError("model.upload.invalid", "the service's KEK is not an EC key")
+        sealed = seal_to_kek(built.data_key, kek, built.ref)
+    return await session.ask(PublishCommit(upload_id=ready.upload_id, sealed_key=sealed), Published)
+
+
+@model.command()
+@pki_dir_option
+@click.argument("name")
+@click.argument("version", type=click.IntRange(1))
+@click.option("--device", "devices", multiple=True, help="Add a device to the cohort (repeat).")
+@click.option("--percent", type=click.IntRange(0, 100), default=0, help="Share of the fleet.")
+@operator_option
+@broker_option
+def rollout(  # click passes every parameter by keyword
+    *,
+    directory: Path,
+    name: str,
+    version: int,
+    devices: tuple[str, ...],
+    percent: int,
+    operator: str,
+    broker: str,
+) -> None:
+    """Assign NAME VERSION to a canary cohort (--device) and/or a share of the fleet.
+
+    Run it again with more devices or a higher --percent to promote the next wave; a wave
+    never shrinks (revoke the version instead). Assigned devices are told at once.
+    """
+    request = RolloutRequest(name=name, version=version, devices=list(devices), percent=percent)
+    answer = asyncio.run(_ask(directory, operator, broker, request))
+    for info in answer.versions:
+        click.echo(_describe(info))
+
+
+@model.command()
+@pki_dir_option
+@click.argument("name")
+@click.argument("version", type=click.IntRange(1))
+@click.option("--reason", required=True, help="Why (kept in the service's audit).")
+@operator_option
+@broker_option
+def revoke(
+    *, directory: Path, name: str, version: int, reason: str, operator: str, broker: str
+) -> None:
+    """Revoke NAME VERSION: no more keys or chunks; devices fall back to the previous one."""
+    answer = asyncio.run(
+        _ask(directory, operator, broker, RevokeVersion(name=name, version=version, reason=reason))
+    )
+    for info in answer.versions:
+        click.echo(_describe(info))
+
+
+@model.command(name="list")
+@pki_dir_option
+@click.argument("name", required=False)
+@operator_option
+@broker_option
+def list_(*, directory: Path, name: str | None, operator: str, broker: str) -> None:
+    """List published versions, their rollouts and what each device reported."""
+    answer = asyncio.run(_ask(directory, operator, broker, ModelQuery(name=name)))
+    if not answer.versions:
+        click.echo("no models published")
+    for info in answer.versions:
+        click.echo(_describe(info))
+        for state in info.devices:
+            when = datetime.fromtimestamp(state.at_ms / 1000, UTC)
+            click.echo(
+                f"    {state.device_id:<20} v{state.version} {state.state:<7} "
+                f"{state.reason:<32} {when:%H:%M:%S}Z"
+            )
+
+
+async def _ask(directory: Path, operator: str, broker: str, request: Message) -> ModelList:
+    async with operator_session(
+        directory, operator, parse_broker(broker), ServiceName.MODEL_DISTRIBUTION, ANSWERS
+    ) as session:
+        return await session.ask(request, ModelList)
+
+
+def _describe(info: VersionInfo) -> str:
+    state = "REVOKED" if info.revoked else "published"
+    cohort = ",".join(info.cohort) or "-"
+    return (
+        f"{info.name} v{info.version} [{info.tier}] {state} by {info.published_by}; "
+        f"{info.blob_size:,} bytes; cohort {cohort}; {info.percent}% of the fleet"
+    )
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,156 @@
+"""Fetching a released blob in chunks, with integrity per chunk and resume.
+
+The agent asks the distribution service for windows of chunks (a signed
+:class:`~edgeward_shared.messages.model.ChunkRequest`, at most ``window`` indices); the
+service answers with data frames on ``down/data`` and then a signed ``ChunksSent``. A frame
+is accepted only if it answers a request still open (its ``req``), for that blob and one of
+the indices asked, and its bytes hash to the digest the signed release lists for that index
+(docs/adr/0009). Whatever is missing after ``frame_wait_s`` is asked for again; a refusal
+(a version no longer assigned, say) ends the fetch with its reason id.
+
+Chunks of encrypted blobs are staged on disk as they arrive (ciphertext, checked again on
+resume), so a restart or a lost connection costs only the chunks not yet received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+from dataclasses import dataclass, field
+
+from edgeward_device_agent.model_store import ModelStore
+from edgeward_shared.bus.base import Delivery
+from edgeward_shared.errors import AuthenticityError, MessageError, PolicyError, TransportError
+from edgeward_shared.messages.common import Rejected
+from edgeward_shared.messages.model import ChunkRequest, ChunksSent
+from edgeward_shared.models.frames import decode_frame
+from edgeward_shared.models.reasons import ModelReason
+from edgeward_shared.models.release import BlobInfo, ModelRelease
+from edgeward_shared.runtime.core import Runtime
+from edgeward_shared.topics import Channel, Direction, device_topic
+
+
+@dataclass(frozen=True, slots=True)
+class FetchPolicy:
+    window: int = 16  # chunks per request (the service serves at most 16)
+    parallel: int = 2  # requests in flight
+    request_timeout_s: float = 30.0
+    frame_wait_s: float = 10.0
+    attempts: int = 5
+
+
+@dataclass
+class _Open:
+    info: BlobInfo
+    missing: set[int]
+    got: dict[int, bytes] = field(default_factory=dict)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class ChunkFetcher:
+    def __init__(
+        self, device_id: str, store: ModelStore, policy: FetchPolicy | None = None
+    ) -> None:
+        self.device_id = device_id
+        self.store = store
+        self.policy = policy or FetchPolicy()
+        self.topic = device_topic(device_id, Direction.UP, Channel.MODEL)
+        self.frames_topic = device_topic(device_id, Direction.DOWN, Channel.DATA)
+        self._open: dict[str, _Open] = {}
+        self._persist: set[str] = set()
+
+    # ------------------------------------------------------------------ frames in
+    async def on_frame(self, delivery: Delivery) -> None:
+        """Accept one data frame, or raise with the reason it is refused."""
+        if delivery.topic != self.frames_topic:
+            raise MessageError(ModelReason.CHUNK_UNSOLICITED, delivery.topic)
+        header, data = decode_frame(delivery.payload)
+        request = self._open.get(header.req)
+        if (
+            request is None
+            or header.blob != request.info.digest
+            or header.index not in request.missing
+        ):
+            raise MessageError(ModelReason.CHUNK_UNSOLICITED, f"chunk {header.index}")
+        info = request.info
+        if (
+            len(data) != info.chunk_length(header.index)
+            or hashlib.sha256(data).hexdigest() != info.chunks[header.index]
+        ):
+            raise AuthenticityError(ModelReason.CHUNK_DIGEST, f"chunk {header.index}")
+        if info.digest in self._persist:
+            self.store.stage_chunk(info, header.index, data)
+        request.missing.discard(header.index)
+        request.got[header.index] = data
+        if not request.missing:
+            request.done.set()
+
+    # ------------------------------------------------------------------ fetching
+    async def fetch(self, runtime: Runtime, release: ModelRelease, *, persist: bool) -> bytes:
+        """The whole blob of ``release``, every chunk checked against the signed digests."""
+        info = release.blob
+        chunks = self.store.staged_chunks(info) if persist else {}
+        if persist:
+            self._persist.add(info.digest)
+        try:
+            missing = [i for i in range(len(info.chunks)) if i not in chunks]
+            windows = [
+                missing[i : i + self.policy.window]
+                for i in range(0, len(missing), self.policy.window)
+            ]
+            slots = asyncio.Semaphore(self.policy.parallel)
+
+            async def one(indices: list[int]) -> None:
+                async with slots:
+                    chunks.update(await self._window(runtime, release, indices))
+
+            async with asyncio.TaskGroup() as group:
+                for indices in windows:
+                    group.create_task(one(indices))
+        except* (PolicyError, TransportError, AuthenticityError, MessageError) as failed:
+            raise failed.exceptions[0] from None
+        finally:
+            self._persist.discard(info.digest)
+        blob = b"".join(chunks[i] for i in range(len(info.chunks)))
+        if hashlib.sha256(blob).hexdigest() != info.digest:  # cannot happen if chunks match
+            raise AuthenticityError(ModelReason.BLOB_DIGEST, "assembled blob")
+        return blob
+
+    async def _window(
+        self, runtime: Runtime, release: ModelRelease, indices: list[int]
+    ) -> dict[int, bytes]:
+        got: dict[int, bytes] = {}
+        wanted = set(indices)
+        for _ in range(self.policy.attempts):
+            mid = secrets.token_hex(16)
+            request = _Open(release.blob, set(wanted))
+            self._open[mid] = request
+            try:
+                reply = await runtime.request(
+                    self.topic,
+                    ChunkRequest(
+                        name=release.name,
+                        version=release.version,
+                        blob=release.blob.digest,
+                        indices=sorted(wanted),
+                    ),
+                    timeout_s=self.policy.request_timeout_s,
+                    mid=mid,
+                )
+                if isinstance(reply.message, Rejected):
+                    raise PolicyError(reply.message.reason, "the service refused the chunks")
+                if not isinstance(reply.message, ChunksSent):
+                    raise MessageError(ModelReason.CHUNK_UNSOLICITED, "unexpected reply")
+                if request.missing:
+                    async with asyncio.timeout(self.policy.frame_wait_s):
+                        await request.done.wait()
+            except (TimeoutError, TransportError):
+                pass  # ask again for what is still missing
+            finally:
+                del self._open[mid]
+                got.update(request.got)
+                wanted = request.missing
+            if not wanted:
+                return got
+        raise TransportError("transport.timeout", f"chunks {sorted(wanted)} never arrived")

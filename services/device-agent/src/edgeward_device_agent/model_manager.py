@@ -1,0 +1,420 @@
+"""The device side of the model supply chain (ARCHITECTURE flow 3, issue 4).
+
+:class:`ModelManager` keeps the device's models in line with what the distribution service
+assigns it, trusting nothing on the way::
+
+    sync        signed release documents for the models assigned to this device
+    check       signature, signer and expiry of each document (freeze), then the persisted
+                high-water marks (rollback) and the binding to this device (mix-and-match)
+    fetch       the blob in chunks, each checked against the document's digests (resume)
+    key         for encrypted tiers: the data key, HPKE-wrapped to the session key of this
+                device's current attestation result (tier high needs one that affirms)
+    verify      decrypt in memory, digest, provenance, signer certificate, model-signing
+                bundle, ONNX structure, allowed runtime
+    measure     extend the model PCR with the model's digest before it is loaded, so the
+                next quote shows which model runs
+    load        ``onnxruntime.InferenceSession(bytes)``; then swap it in, raise the
+                high-water mark (fsynced) and report the activation
+
+A failure at any step leaves the previous version serving and is counted and reported with
+its reason id. Plaintext exists only in memory: the blob on disk is ciphertext (tier low,
+shipped in the clear on purpose, is never written at all).
+A model the service stops assigning (its version revoked, say) is unloaded; the device never
+goes back to an older version than one it has run (rollback protection wins).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
+
+import msgspec
+import onnxruntime
+from cryptography.hazmat.primitives.asymmetric import ec
+from packaging.requirements import InvalidRequirement, Requirement
+
+from edgeward_device_agent.model_fetch import ChunkFetcher, FetchPolicy
+from edgeward_device_agent.model_store import ModelStore
+from edgeward_device_agent.tpm import PcrBank
+from edgeward_device_agent.waits import wait_any
+from edgeward_shared.clock import Clock
+from edgeward_shared.envelope import Envelope, EnvelopeVerifier, Opened
+from edgeward_shared.errors import EdgewardError, MessageError, PolicyError
+from edgeward_shared.logs import fields
+from edgeward_shared.messages.common import Rejected
+from edgeward_shared.messages.model import (
+    ActivationReport,
+    ChunksSent,
+    KeyGrant,
+    KeyRequest,
+    ModelAvailable,
+    SyncReply,
+    SyncRequest,
+)
+from edgeward_shared.models.provenance import Provenance, Tier, sha256_hex
+from edgeward_shared.models.reasons import ModelReason
+from edgeward_shared.models.release import (
+    HighWater,
+    ModelRelease,
+    check_release,
+    document_verifier,
+    open_release,
+)
+from edgeward_shared.models.sealing import ModelRef, ReleaseContext, unwrap_on_device
+from edgeward_shared.models.verify import open_release_blob, verify_signed_model
+from edgeward_shared.pki.trust import TrustStore
+from edgeward_shared.runtime.core import Outgoing, Runtime
+from edgeward_shared.topics import Channel, Direction, device_topic
+
+if TYPE_CHECKING:  # attestation -> config -> here: only the type is needed
+    from edgeward_device_agent.attestation import CurrentAttestation
+
+log = logging.getLogger("edgeward.agent.models")
+
+#: The result id a medium-tier key wrapped to the device certificate's key carries.
+DEVICE_CERTIFICATE: Final = "device-certificate"
+MODEL_PCR: Final = 14  # "the next quote shows which model runs" (docs/model-tiers.md)
+
+
+class ModelTpm(Protocol):
+    def extend_pcr(self, index: int, digests: Mapping[PcrBank, bytes]) -> None: ...
+
+
+SessionFactory = Callable[[bytes], Any]
+
+
+def onnx_session(model: bytes) -> Any:
+    """An onnxruntime session created from bytes (the only way a model is ever loaded)."""
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def check_runtime(spec: str) -> None:
+    """Refuse a model whose provenance allows another runtime than the one here."""
+    try:
+        requirement = Requirement(spec)
+        installed = version(requirement.name)
+    except (InvalidRequirement, PackageNotFoundError) as exc:
+        raise PolicyError(ModelReason.RUNTIME_UNSUPPORTED, f"{spec}: {exc}") from exc
+    if requirement.name != "onnxruntime" or not requirement.specifier.contains(
+        installed, prereleases=True
+    ):
+        raise PolicyError(ModelReason.RUNTIME_UNSUPPORTED, f"{spec} (have {installed})")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPolicy:
+    sync_interval_s: float = 60.0
+    model_pcr: int = MODEL_PCR
+    attestation_wait_s: float = 30.0  # tier high waits this long for an attestation
+    request_timeout_s: float = 30.0
+    fetch: FetchPolicy = field(default_factory=FetchPolicy)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    name: str
+    version: int
+    tier: Tier
+    digest: str
+    provenance: Provenance
+    result_id: str | None
+    loaded_at_ms: int
+    expires_at_ms: int  # of the release document it was accepted under
+    session: Any
+
+
+class ModelManager:
+    def __init__(
+        self,
+        device_id: str,
+        store: ModelStore,
+        *,
+        trust: Callable[[], TrustStore],
+        clock: Clock,
+        tpm: ModelTpm,
+        attestation: Callable[[], CurrentAttestation | None],
+        device_key: Callable[[], ec.EllipticCurvePrivateKey],
+        policy: ModelPolicy | None = None,
+        session_factory: SessionFactory = onnx_session,
+        on_change: Callable[[str], None] | None = None,
+    ) -> None:
+        self.device_id = device_id
+        self.store = store
+        self.policy = policy or ModelPolicy()
+        self.loaded: dict[str, LoadedModel] = {}
+        self.last_refusal: str | None = None
+        self._trust = trust
+        self._clock = clock
+        self._tpm = tpm
+        self._attestation = attestation
+        self._device_key = device_key
+        self._session_factory = session_factory
+        self._on_change = on_change
+        self._fetcher = ChunkFetcher(device_id, store, self.policy.fetch)
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self.up = device_topic(device_id, Direction.UP, Channel.MODEL)
+        self.down = device_topic(device_id, Direction.DOWN, Channel.MODEL)
+
+    # ------------------------------------------------------------------ wiring
+    def install(self, runtime: Runtime) -> None:
+        runtime.expect_replies(self.down, [SyncReply, ChunksSent, KeyGrant])
+        runtime.route(self.down, [ModelAvailable], self._hinted, name="model.hint")
+        runtime.route_frames(self._fetcher.frames_topic, self._fetcher.on_frame, name="model.data")
+
+    async def _hinted(self, opened: Opened[Any]) -> Sequence[Outgoing]:
+        log.info("model.hint", extra=fields(device=self.device_id, model=opened.message.name))
+        self._wake.set()
+        return ()
+
+    def wake(self) -> None:
+        """Sync now (a hint, a new attestation result, a revocation)."""
+        self._wake.set()
+
+    async def run(self, runtime: Runtime, stop: asyncio.Event) -> None:
+        """Sync on connect, on every hint and every ``sync_interval_s``, until ``stop``."""
+        self.store.prepare()
+        while not stop.is_set():
+            self._wake.clear()
+            if not runtime.ready.is_set():
+                await wait_any(runtime.ready, stop)
+                continue
+            try:
+                await self.sync(runtime)
+                self.check_freshness()
+            except EdgewardError as exc:
+                log.warning(
+                    "model.sync_failed",
+                    extra=fields(device=self.device_id, reason=exc.reason, detail=exc.detail),
+                )
+            await wait_any(self._wake, stop, seconds=self.policy.sync_interval_s)
+
+    # ------------------------------------------------------------------ sync
+    async def sync(self, runtime: Runtime) -> None:
+        async with self._lock:
+            reply = await runtime.request(
+                self.up, SyncRequest(), timeout_s=self.policy.request_timeout_s
+            )
+            if isinstance(reply.message, Rejected):
+                raise PolicyError(reply.message.reason, "the service refused to sync")
+            if not isinstance(reply.message, SyncReply):
+                raise MessageError(ModelReason.METADATA_MISMATCH, "unexpected sync reply")
+            assigned: dict[str, int] = {}
+            for raw in reply.message.releases:
+                release = await self._consider(runtime, raw)
+                if release is not None:
+                    assigned[release.name] = release.version
+            for name in [n for n, m in self.loaded.items() if assigned.get(n) != m.version]:
+                self._unload(name, "model.unassigned")
+
+    async def _consider(self, runtime: Runtime, raw: bytes) -> ModelRelease | None:
+        """Apply one release document; None if it was refused (counted and reported)."""
+        name, release = "?", None
+        try:
+            name = _peek_name(raw)
+            opened = self._open(raw, name)
+            release = opened.message
+            loaded = self.loaded.get(release.name)
+            if loaded is not None and loaded.version == release.version:
+                self._accept(release, raw)  # re-signed metadata: just fresher
+                self.loaded[release.name] = replace(loaded, expires_at_ms=opened.exp)
+                return release
+            await self._activate(runtime, release, raw, opened.exp)
+        except EdgewardError as exc:
+            self._refused(name, release, exc)
+            if release is not None:
+                await self._report(runtime, release.name, release.version, "failed", exc.reason)
+            return None
+        return release
+
+    def _open(self, raw: bytes, name: str) -> Opened[ModelRelease]:
+        verifier: EnvelopeVerifier = document_verifier(self._trust())
+        opened = open_release(verifier, raw, name, now_ms=self._clock.now_ms())
+        high = self.store.high_water().get(opened.message.name)
+        check_release(opened.message, self.device_id, high)
+        return opened
+
+    def _accept(self, release: ModelRelease, raw: bytes) -> None:
+        mark = HighWater(release.version, release.meta_version, sha256_hex(release.provenance))
+        self.store.raise_high_water(release.name, mark)  # fsynced before it is relied on
+        self.store.save_release(release.name, raw)
+
+    def check_freshness(self) -> list[str]:
+        """Freeze: models whose release document expired without being re-signed. Tier high
+        stops serving (fail closed); the others keep serving, with the alarm raised."""
+        now = self._clock.now_ms()
+        stale = [m for m in self.loaded.values() if m.expires_at_ms <= now]
+        for model in stale:
+            log.error(
+                "model.metadata_expired",
+                extra=fields(device=self.device_id, model=model.name, version=model.version),
+            )
+            if model.tier is Tier.HIGH:
+                self._unload(model.name, ModelReason.METADATA_EXPIRED)
+        return [m.name for m in stale]
+
+    # ------------------------------------------------------------------ activation
+    async def _activate(
+        self, runtime: Runtime, release: ModelRelease, raw: bytes, expires_at_ms: int
+    ) -> None:
+        started = time.perf_counter()
+        encrypted = release.tier.encrypted
+        blob = self.store.blob(release.blob) if encrypted else None
+        if blob is None:
+            blob = await self._fetcher.fetch(runtime, release, persist=encrypted)
+            if encrypted:
+                self.store.keep_blob(release.blob, blob)
+        key, result_id = await self._data_key(runtime, release) if encrypted else (None, None)
+        model = open_release_blob(release, blob, key)
+        provenance = self._verify(release, model)
+        digest = bytes.fromhex(provenance.digest)
+        await asyncio.to_thread(
+            self._tpm.extend_pcr, self.policy.model_pcr, {PcrBank.SHA256: digest}
+        )
+        try:
+            session = await asyncio.to_thread(self._session_factory, model)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise PolicyError(ModelReason.LOAD_FAILED, str(exc)[:200]) from exc
+        del model  # the session holds what it needs; no other copy is kept
+        self._accept(release, raw)
+        self.loaded[release.name] = LoadedModel(
+            name=release.name,
+            version=release.version,
+            tier=release.tier,
+            digest=provenance.digest,
+            provenance=provenance,
+            result_id=result_id,
+            loaded_at_ms=self._clock.now_ms(),
+            expires_at_ms=expires_at_ms,
+            session=session,
+        )
+        log.info(
+            "model.activated",
+            extra=fields(
+                device=self.device_id,
+                model=release.name,
+                version=release.version,
+                tier=str(release.tier),
+                digest=provenance.digest,
+                seconds=round(time.perf_counter() - started, 3),
+            ),
+        )
+        if self._on_change is not None:
+            self._on_change(release.name)
+        await self._report(runtime, release.name, release.version, "active", "model.activated")
+
+    def _verify(self, release: ModelRelease, model: bytes) -> Provenance:
+        provenance = verify_signed_model(
+            model,
+            release.provenance,
+            release.signature,
+            release.signer_cert,
+            self._trust(),
+            now_ms=self._clock.now_ms(),
+        )
+        if (provenance.name, provenance.version, provenance.tier) != (
+            release.name,
+            release.version,
+            release.tier,
+        ):
+            raise PolicyError(ModelReason.METADATA_MISMATCH, "provenance names another model")
+        check_runtime(provenance.runtime)
+        return provenance
+
+    async def _data_key(self, runtime: Runtime, release: ModelRelease) -> tuple[bytes, str]:
+        current = await self._current_attestation(release.tier)
+        request = KeyRequest(
+            name=release.name,
+            version=release.version,
+            ear=current.ear if current is not None else None,
+        )
+        reply = await runtime.request(self.up, request, timeout_s=self.policy.request_timeout_s)
+        grant = reply.message
+        if isinstance(grant, Rejected):
+            raise PolicyError(grant.reason, "the service refused the data key")
+        if not isinstance(grant, KeyGrant) or (grant.name, grant.version) != (
+            release.name,
+            release.version,
+        ):
+            raise PolicyError(ModelReason.KEY_UNWRAP, "a key for another model")
+        digest = msgspec.json.decode(release.provenance)["digest"]
+        context = ReleaseContext(
+            self.device_id, ModelRef(release.name, release.version, digest), grant.result_id
+        )
+        if current is not None and grant.result_id == current.claims.result_id:
+            return unwrap_on_device(
+                grant.wrapped_key, current.session_key, context
+            ), grant.result_id
+        if grant.result_id == DEVICE_CERTIFICATE and release.tier is Tier.MEDIUM:
+            return unwrap_on_device(grant.wrapped_key, self._device_key(), context), grant.result_id
+        raise PolicyError(ModelReason.KEY_UNWRAP, f"key wrapped for {grant.result_id!r}")
+
+    async def _current_attestation(self, tier: Tier) -> CurrentAttestation | None:
+        current = self._attestation()
+        if current is not None or tier is not Tier.HIGH:
+            return current
+        deadline = time.monotonic() + self.policy.attestation_wait_s
+        while current is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            current = self._attestation()
+        if current is None:
+            raise PolicyError(ModelReason.KEY_NO_ATTESTATION, "not attested: no key for tier high")
+        return current
+
+    # ------------------------------------------------------------------ failures
+    def _refused(self, name: str, release: ModelRelease | None, exc: EdgewardError) -> None:
+        self.last_refusal = exc.reason
+        log.warning(
+            "model.refused",
+            extra=fields(
+                device=self.device_id,
+                model=name,
+                version=release.version if release else None,
+                reason=exc.reason,
+                detail=exc.detail,
+            ),
+        )
+
+    def _unload(self, name: str, reason: str) -> None:
+        model = self.loaded.pop(name, None)
+        if model is None:
+            return
+        log.warning(
+            "model.unloaded",
+            extra=fields(device=self.device_id, model=name, version=model.version, reason=reason),
+        )
+        if self._on_change is not None:
+            self._on_change(name)
+
+    async def _report(
+        self,
+        runtime: Runtime,
+        name: str,
+        version: int,
+        state: Literal["active", "failed"],
+        reason: str,
+    ) -> None:
+        report = ActivationReport(name=name, version=version, state=state, reason=reason)
+        try:
+            await runtime.publish(Outgoing(self.up, report))
+        except EdgewardError as exc:
+            log.info("model.report_failed", extra=fields(device=self.device_id, reason=exc.reason))
+
+
+def _peek_name(raw: bytes) -> str:
+    """The model a release document names (unverified: :func:`open_release` binds it)."""
+    try:
+        envelope = msgspec.json.decode(raw, type=Envelope)
+        name = msgspec.json.decode(envelope.payload).get("name")
+    except (msgspec.DecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise MessageError(ModelReason.METADATA_MISMATCH, "not a release document") from exc
+    if not isinstance(name, str):
+        raise MessageError(ModelReason.METADATA_MISMATCH, "release document names no model")
+    return name

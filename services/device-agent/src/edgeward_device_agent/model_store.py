@@ -1,0 +1,158 @@
+"""What the agent keeps on disk about models: never a decrypted byte.
+
+Layout under ``<state>/models`` (directories 0700, files 0600)::
+
+    highwater.json            per model: highest version, newest metadata, provenance digest
+    releases/<name>           the last accepted release document (a signed envelope)
+    blobs/<digest>            complete encrypted blobs (ciphertext only; tier low is never kept)
+    staging/<digest>/<index>  verified chunks of a blob still being fetched (resume)
+
+The high-water file is written atomically and fsynced before a model is used, so neither a
+restart nor a crash can make the agent accept an older version or older metadata again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Final
+
+from edgeward_shared.models.release import BlobInfo, HighWater
+
+_NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+_DIGEST_RE: Final = re.compile(r"[0-9a-f]{64}")
+
+
+def _write_private(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` (0600) atomically; ``durable`` also fsyncs it."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
+    tmp.replace(path)
+    if not durable:
+        return
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+class ModelStore:
+    def __init__(self, state_dir: Path) -> None:
+        self.root = state_dir / "models"
+        self._highwater = self.root / "highwater.json"
+        self._releases = self.root / "releases"
+        self._blobs = self.root / "blobs"
+        self._staging = self.root / "staging"
+
+    def prepare(self) -> None:
+        for directory in (self.root, self._releases, self._blobs, self._staging):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ high-water marks
+    def high_water(self) -> dict[str, HighWater]:
+        try:
+            raw = json.loads(self._highwater.read_bytes())
+        except FileNotFoundError:
+            return {}
+        return {
+            name: HighWater(int(v["version"]), int(v["meta_version"]), str(v["provenance"]))
+            for name, v in raw.items()
+        }
+
+    def raise_high_water(self, name: str, mark: HighWater) -> None:
+        """Record ``mark`` for ``name`` (never lowering what is there)."""
+        marks = self.high_water()
+        old = marks.get(name)
+        if old is not None and (mark.version, mark.meta_version) < (old.version, old.meta_version):
+            return
+        marks[name] = mark
+        data = {
+            n: {
+                "version": m.version,
+                "meta_version": m.meta_version,
+                "provenance": m.provenance_digest,
+            }
+            for n, m in sorted(marks.items())
+        }
+        _write_private(self._highwater, json.dumps(data, indent=1).encode())
+
+    # ------------------------------------------------------------------ release documents
+    def save_release(self, name: str, document: bytes) -> None:
+        _write_private(self._releases / _checked_name(name), document)
+
+    def releases(self) -> dict[str, bytes]:
+        if not self._releases.is_dir():
+            return {}
+        return {
+            path.name: path.read_bytes()
+            for path in sorted(self._releases.iterdir())
+            if _NAME_RE.fullmatch(path.name)
+        }
+
+    def forget_release(self, name: str) -> None:
+        (self._releases / _checked_name(name)).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ blobs and chunks
+    def blob(self, info: BlobInfo) -> bytes | None:
+        """The complete blob, if kept and intact."""
+        path = self._blobs / _checked_digest(info.digest)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        if hashlib.sha256(data).hexdigest() != info.digest:
+            path.unlink(missing_ok=True)  # damaged at rest: fetch it again
+            return None
+        return data
+
+    def keep_blob(self, info: BlobInfo, data: bytes) -> None:
+        _write_private(self._blobs / _checked_digest(info.digest), data)
+        shutil.rmtree(self._staging / info.digest, ignore_errors=True)
+
+    def drop_blobs_except(self, keep: set[str]) -> None:
+        for path in self._blobs.iterdir():
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
+
+    def staged_chunks(self, info: BlobInfo) -> dict[int, bytes]:
+        """Chunks fetched before a restart whose digests still match."""
+        directory = self._staging / _checked_digest(info.digest)
+        found: dict[int, bytes] = {}
+        if not directory.is_dir():
+            return found
+        for path in directory.iterdir():
+            if not path.name.isdigit() or int(path.name) >= len(info.chunks):
+                continue
+            index = int(path.name)
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() == info.chunks[index]:
+                found[index] = data
+        return found
+
+    def stage_chunk(self, info: BlobInfo, index: int, data: bytes) -> None:
+        directory = self._staging / _checked_digest(info.digest)
+        directory.mkdir(mode=0o700, exist_ok=True)
+        # staged chunks are checked against their digests on resume: no fsync needed
+        _write_private(directory / str(index), data, durable=False)
+
+
+def _checked_name(name: str) -> str:
+    if not _NAME_RE.fullmatch(name):
+        raise ValueError(f"invalid model name {name!r}")
+    return name
+
+
+def _checked_digest(digest: str) -> str:
+    if not _DIGEST_RE.fullmatch(digest):
+        raise ValueError(f"invalid digest {digest!r}")
+    return digest

@@ -1,0 +1,1 @@
+"""The model supply chain's pure core: provenance, sealing, distribution metadata, ONNX checks."""

@@ -1,0 +1,63 @@
+"""Data frames: how blob chunks travel to a device, unsigned but content-addressed.
+
+A chunk is the one thing on the bus that is not a signed envelope (docs/adr/0009). Its
+authenticity comes from the signed release document, which lists every chunk's SHA-256:
+a device accepts a frame only for a chunk it asked for, on its own ``down/data`` topic,
+whose bytes hash to the listed digest. A broker can still drop or delay frames; it cannot
+make a device accept a byte the publisher did not produce. Signing each chunk as well would
+cost a second base64 pass over every byte (about 1.8x on the wire) and buy nothing.
+
+Layout (all integers big-endian)::
+
+    magic  b"EWDATA1\\x00"       8 bytes
+    length u16                  of the header
+    header canonical JSON       {"blob": <hex64>, "index": <int>, "req": <hex32 request mid>}
+    data   the chunk bytes      to the end of the message
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Annotated, Final
+
+import msgspec
+
+from edgeward_shared.errors import MessageError
+from edgeward_shared.models.provenance import Hex64
+from edgeward_shared.models.reasons import ModelReason
+
+MAGIC: Final = b"EWDATA1\x00"
+MAX_HEADER_BYTES: Final = 512
+_LEN: Final = struct.Struct(">H")
+
+
+class FrameHeader(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    blob: Hex64
+    index: Annotated[int, msgspec.Meta(ge=0, lt=1 << 20)]
+    req: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}$")]
+
+
+_encoder: Final = msgspec.json.Encoder()
+_decoder: Final = msgspec.json.Decoder(FrameHeader)
+
+
+def encode_frame(header: FrameHeader, data: bytes) -> bytes:
+    head = _encoder.encode(header)
+    return b"".join((MAGIC, _LEN.pack(len(head)), head, data))
+
+
+def decode_frame(raw: bytes) -> tuple[FrameHeader, bytes]:
+    start = len(MAGIC) + _LEN.size
+    if len(raw) < start or not raw.startswith(MAGIC):
+        raise MessageError(ModelReason.FRAME_MALFORMED, "not a data frame")
+    (length,) = _LEN.unpack_from(raw, len(MAGIC))
+    if length > MAX_HEADER_BYTES or len(raw) < start + length:
+        raise MessageError(ModelReason.FRAME_MALFORMED, "header length")
+    head = raw[start : start + length]
+    try:
+        header = _decoder.decode(head)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise MessageError(ModelReason.FRAME_MALFORMED, str(exc)) from exc
+    if _encoder.encode(header) != head:
+        raise MessageError(ModelReason.FRAME_MALFORMED, "header not canonical")
+    return header, raw[start + length :]

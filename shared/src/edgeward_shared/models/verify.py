@@ -1,0 +1,79 @@
+"""One check of a signed model, for the distribution service (at publish) and devices (at load).
+
+:func:`verify_signed_model` accepts ONNX bytes only if, in this order: their digest and size
+are the provenance manifest's; the manifest is current; the signer's certificate chains to
+our CA, holds the ``signer`` role and is not revoked; the model-signing bundle is that key's
+signature over exactly this model and this manifest; and the bytes pass the structural ONNX
+checks (no pickle, no external data, no custom operators, sizes within the caps).
+:func:`open_release_blob` first turns a fetched blob into those bytes, in memory.
+"""
+
+from __future__ import annotations
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from edgeward_shared.clock import to_datetime
+from edgeward_shared.errors import AuthenticityError, PolicyError, Reason
+from edgeward_shared.identity import Role
+from edgeward_shared.models.onnx_check import check_onnx
+from edgeward_shared.models.provenance import Provenance, decode_provenance, sha256_hex
+from edgeward_shared.models.reasons import ModelReason
+from edgeward_shared.models.release import ModelRelease
+from edgeward_shared.models.sealing import ModelRef, decrypt_model
+from edgeward_shared.models.signature import verify_bundle
+from edgeward_shared.pki.trust import TrustStore
+
+SIGNERS = frozenset({Role.SIGNER})
+
+
+def verify_signed_model(
+    model: bytes,
+    provenance_bytes: bytes,
+    signature: bytes,
+    signer_cert: bytes,
+    trust: TrustStore,
+    *,
+    now_ms: int,
+) -> Provenance:
+    provenance = decode_provenance(provenance_bytes)
+    if sha256_hex(model) != provenance.digest or len(model) != provenance.size:
+        raise AuthenticityError(ModelReason.DIGEST_MISMATCH, "the model is not the one signed")
+    if provenance.expires_at_ms <= now_ms:
+        raise PolicyError(ModelReason.METADATA_EXPIRED, "the provenance manifest expired")
+    verify_bundle(
+        signature,
+        signer_key(signer_cert, trust, now_ms=now_ms),
+        model_digest=provenance.digest,
+        provenance_digest=sha256_hex(provenance_bytes),
+    )
+    check_onnx(model)
+    return provenance
+
+
+def signer_key(cert_der: bytes, trust: TrustStore, *, now_ms: int) -> ec.EllipticCurvePublicKey:
+    """The public key of a valid, unrevoked model signer's certificate."""
+    try:
+        return trust.signer(cert_der, to_datetime(now_ms), roles=SIGNERS).public_key
+    except AuthenticityError as exc:
+        if exc.reason == Reason.ENVELOPE_SIGNER_REVOKED:
+            raise AuthenticityError(ModelReason.SIGNER_REVOKED, exc.detail) from exc
+        raise AuthenticityError(ModelReason.SIGNER_UNKNOWN, exc.detail) from exc
+
+
+def open_release_blob(release: ModelRelease, blob: bytes, data_key: bytes | None) -> bytes:
+    """The ONNX bytes of a release's blob: checked against the release, decrypted if the tier
+    is encrypted (the associated data binds name, version and the provenance's digest)."""
+    if len(blob) != release.blob.size or sha256_hex(blob) != release.blob.digest:
+        raise AuthenticityError(ModelReason.BLOB_DIGEST, "the blob is not the one released")
+    if not release.tier.encrypted:
+        return blob
+    if data_key is None:
+        raise PolicyError(ModelReason.TIER_POLICY, f"tier {release.tier} needs its data key")
+    provenance = decode_provenance(release.provenance)
+    if (provenance.name, provenance.version, provenance.tier) != (
+        release.name,
+        release.version,
+        release.tier,
+    ):
+        raise AuthenticityError(ModelReason.METADATA_MISMATCH, "provenance names another model")
+    return decrypt_model(blob, data_key, ModelRef(release.name, release.version, provenance.digest))
