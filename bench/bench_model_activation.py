@@ -1,0 +1,76 @@
+"""Device activation of a real model against bare onnxruntime session creation, same run.
+
+Model: PP-OCRv4 recognition (10.9 MB, from the rapidocr-onnxruntime wheel; nobody here
+trained it). Baseline: ``onnxruntime.InferenceSession(bytes)``. Measured: what the agent
+does between having the blob and the data key and serving the model: blob digest,
+AES-256-GCM decrypt, provenance, model digest, signer certificate chain, model-signing
+bundle, the ONNX gate, runtime check, then the same session creation. Also: building a
+release on the publisher's side (ONNX gate, model-signing signature, encryption).
+Target: activation <= 1.3 x bare session creation.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.models, the model
+
+from _report import Report, median
+from edgeward_device_agent.model_manager import check_runtime, onnx_session
+from edgeward_shared.models.verify import open_release_blob, verify_signed_model
+from edgeward_shared.testing import EPOCH_MS, MemoryPki
+from tests.models import ppocr_model
+from tests.release_builders import built, release_for, signer_files
+
+REPEATS = 7
+
+
+def main() -> None:
+    model = ppocr_model("ch_PP-OCRv4_rec_infer.onnx")
+    pki = MemoryPki()
+    trust = pki.trust_store()
+    with tempfile.TemporaryDirectory() as scratch:
+        signer = signer_files(pki, Path(scratch) / "signer")
+        publish_s = []
+        for _ in range(3):
+            started = time.perf_counter()
+            release = built(model, signer, name="ocr-rec")
+            publish_s.append(time.perf_counter() - started)
+    document = release_for(release, "dev-0001", chunk=192 * 1024)
+
+    def activate() -> object:
+        plaintext = open_release_blob(document, release.blob, release.data_key)
+        provenance = verify_signed_model(
+            plaintext,
+            document.provenance,
+            document.signature,
+            document.signer_cert,
+            trust,
+            now_ms=EPOCH_MS,
+        )
+        check_runtime(provenance.runtime)
+        return onnx_session(plaintext)
+
+    bare, ours = [], []
+    for _ in range(REPEATS):  # interleaved, so drift affects both alike
+        started = time.perf_counter()
+        onnx_session(model)
+        bare.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        activate()
+        ours.append(time.perf_counter() - started)
+
+    report = Report("model_activation")
+    report.add("model_bytes", len(model), "bytes")
+    report.add("publish_build_s", median(publish_s), "s")
+    report.add("bare_session_create_ms", median(bare) * 1000, "ms")
+    report.add("activation_ms", median(ours) * 1000, "ms")
+    report.add("ratio_activation_vs_bare_session", median(ours) / median(bare), "x", "<= 1.3")
+    report.write()
+
+
+if __name__ == "__main__":
+    main()
