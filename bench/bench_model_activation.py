@@ -18,12 +18,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.models, the model
 
+from tests.models import ppocr_model
+from tests.release_builders import built, release_for, signer_files
+
 from _report import Report, median
 from edgeward_device_agent.model_manager import check_runtime, onnx_session
 from edgeward_shared.models.verify import open_release_blob, verify_signed_model
 from edgeward_shared.testing import EPOCH_MS, MemoryPki
-from tests.models import ppocr_model
-from tests.release_builders import built, release_for, signer_files
 
 REPEATS = 7
 
