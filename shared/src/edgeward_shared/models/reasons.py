@@ -57,7 +57,10 @@ class ModelReason:
     VERSION_REVOKED: Final = "model.version.revoked"
     ROLLOUT_INVALID: Final = "model.rollout.invalid"
     UPLOAD_INVALID: Final = "model.upload.invalid"
+    PUBLISHED: Final = "model.published"  # label of an accepted publication (metrics, logs)
     # key release (KMS role)
+    KEY_RELEASED: Final = "model.key.released"  # key log: wrapped to an attested session key
+    KEY_RELEASED_UNATTESTED: Final = "model.key.released_unattested"  # medium, device cert
     KEY_NO_ATTESTATION: Final = "model.key.attestation_missing"
     KEY_ATTESTATION_INVALID: Final = "model.key.attestation_invalid"
     KEY_ATTESTATION_EXPIRED: Final = "model.key.attestation_expired"

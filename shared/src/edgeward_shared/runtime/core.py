@@ -74,10 +74,15 @@ class Outgoing:
 
 @dataclass(frozen=True, slots=True)
 class OutgoingFrame:
-    """A data frame a handler wants published as is (docs/adr/0009)."""
+    """A data frame a handler wants published as is (docs/adr/0009).
+
+    QoS 0 by default: frames are bulk data the receiver asks for again when one is missing
+    (it must, to resume anyway), so waiting for a PUBACK per frame would only serialize the
+    stream (one broker round trip per 192 KiB: measured 5x slower delivery)."""
 
     topic: str
     frame: bytes
+    qos: int = 0
 
 
 Handler = Callable[[Opened[Any]], Awaitable[Sequence[Outgoing | OutgoingFrame]]]
@@ -182,7 +187,7 @@ class Runtime:
     async def publish(self, outgoing: Outgoing | OutgoingFrame) -> None:
         bus = self._require_bus()
         if isinstance(outgoing, OutgoingFrame):
-            await bus.publish(outgoing.topic, outgoing.frame)
+            await bus.publish(outgoing.topic, outgoing.frame, qos=outgoing.qos)
             self.metrics.published.labels("frame").inc()
             return
         await bus.publish(outgoing.topic, self.seal_outgoing(outgoing), retain=outgoing.retain)

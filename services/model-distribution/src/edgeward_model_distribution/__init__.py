@@ -1,0 +1,1 @@
+"""Edgeward's model-distribution service: model store, rollouts, delivery and key release."""

@@ -1,0 +1,177 @@
+"""Wiring the distribution service onto a runtime, and running it as a node.
+
+* :func:`open_state` opens what lives under the state directory: the database
+  (``models.db``, migrated), the blob store and the KEK (created on first start).
+* :func:`wire` builds the :class:`~.service.ModelService` and registers its routes on a
+  runtime: operators' requests on ``$share/model-distribution/ew/v1/svc/model-distribution/req/+``
+  and devices' on ``$share/model-distribution/ew/v1/dev/+/up/model``, so several instances
+  split the load. Tests call it with an in-memory bus; the node does the same with MQTT.
+* :func:`models_node` and :func:`run` are the process: configuration checked before
+  anything runs, then serve until SIGTERM/SIGINT.
+
+Decisions are in :mod:`.core`, :mod:`.verify` and :mod:`.keyrelease`; handlers in
+:mod:`.operator_api` and :mod:`.device_api`; flags in :mod:`.__main__`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from edgeward_model_distribution.blobs import BlobStore, private_dir
+from edgeward_model_distribution.device_api import DEVICE_TYPES, DeviceApi
+from edgeward_model_distribution.kek import load_or_create_kek
+from edgeward_model_distribution.metrics import ModelMetrics
+from edgeward_model_distribution.operator_api import OPERATOR_TYPES, OperatorApi
+from edgeward_model_distribution.service import (
+    DeviceRevoked,
+    ModelService,
+    Settings,
+    never_revoked,
+)
+from edgeward_model_distribution.store import ModelStore
+from edgeward_shared.bus.mqtt import BrokerAddress
+from edgeward_shared.clock import Clock
+from edgeward_shared.errors import ConfigError
+from edgeward_shared.identity import Identity, ServiceName
+from edgeward_shared.logs import fields
+from edgeward_shared.pki.store import IdentityFiles, PkiStore
+from edgeward_shared.runtime.core import Connect, Runtime
+from edgeward_shared.runtime.health import answer_pings
+from edgeward_shared.runtime.node import NodeConfig, build_runtime, run_until_signalled
+from edgeward_shared.storage import SqliteDatabase
+from edgeward_shared.tls import check_key_permissions
+from edgeward_shared.topics import ROOT, shared_subscription
+
+log = logging.getLogger("edgeward.model-distribution")
+
+SERVICE: Final = Identity.service(ServiceName.MODEL_DISTRIBUTION)
+GROUP: Final = "model-distribution"
+DB_FILE: Final = "models.db"
+OPERATOR_REQUESTS: Final = shared_subscription(
+    GROUP, f"{ROOT}/svc/{ServiceName.MODEL_DISTRIBUTION}/req/+"
+)
+DEVICE_REQUESTS: Final = shared_subscription(GROUP, f"{ROOT}/dev/+/up/model")
+
+
+@dataclass
+class State:
+    """What lives under the state directory, opened."""
+
+    db: SqliteDatabase
+    store: ModelStore
+    blobs: BlobStore
+    kek: ec.EllipticCurvePrivateKey
+
+
+@asynccontextmanager
+async def open_state(state_dir: Path) -> AsyncIterator[State]:
+    """Open (creating on first use) the database, blob store and KEK under ``state_dir``."""
+    private_dir(state_dir)
+    blobs = BlobStore(state_dir)
+    kek = load_or_create_kek(state_dir)
+    db = await SqliteDatabase.open(state_dir / DB_FILE)
+    try:
+        store = ModelStore(db)
+        await store.migrate()
+        yield State(db, store, blobs, kek)
+    finally:
+        await db.close()
+
+
+def wire(
+    runtime: Runtime,
+    state: State,
+    *,
+    settings: Settings | None = None,
+    is_device_revoked: DeviceRevoked = never_revoked,
+) -> ModelService:
+    """Register the service's routes on ``runtime`` and return the service.
+
+    ``is_device_revoked`` is the revocation plane's answer for a device id (key release
+    stops for a revoked device even while its certificate is still in the CRL's future).
+    """
+    service = ModelService(
+        state.store,
+        state.blobs,
+        state.kek,
+        runtime.signing_key,
+        runtime.verifier.trust,
+        runtime.clock,
+        settings=settings,
+        metrics=ModelMetrics(runtime.metrics.registry),
+        is_device_revoked=is_device_revoked,
+    )
+    runtime.route(OPERATOR_REQUESTS, OPERATOR_TYPES, OperatorApi(service), name="model-ops")
+    runtime.route(DEVICE_REQUESTS, DEVICE_TYPES, DeviceApi(service), name="model-devices")
+    answer_pings(runtime, OPERATOR_REQUESTS)
+    return service
+
+
+# ------------------------------------------------------------------ the node
+@dataclass(frozen=True, slots=True)
+class ModelsConfig:
+    """Everything one instance of the distribution service needs to know."""
+
+    pki_dir: Path  # holds the CA bundle and the CRL (the CA keys are not needed)
+    identity_dir: Path  # this instance's svc.model-distribution[.<n>] certificate and key
+    state_dir: Path  # database, blobs, uploads and the KEK; shared by instances on one host
+    broker: BrokerAddress
+    metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
+    settings: Settings = field(default_factory=Settings)
+
+    def node_config(self) -> NodeConfig:
+        store = PkiStore(self.pki_dir)
+        return NodeConfig(
+            identity_dir=self.identity_dir,
+            ca_bundle=store.bundle_path,
+            crl=store.crl_path,
+            broker=self.broker,
+            metrics_port=self.metrics_port,
+        )
+
+
+@asynccontextmanager
+async def models_node(
+    config: ModelsConfig,
+    clock: Clock | None = None,
+    is_device_revoked: DeviceRevoked = never_revoked,
+) -> AsyncIterator[tuple[Runtime, Connect, ModelService]]:
+    """A runtime serving the distribution service, its bus factory and the service; the
+    state is closed at the end. Raises ``ConfigError`` before anything runs if the files
+    are not right."""
+    check_key_permissions(IdentityFiles(config.identity_dir).key)
+    runtime, connect = build_runtime(config.node_config(), clock)
+    if runtime.identity.principal != SERVICE:
+        raise ConfigError(
+            "config.identity.wrong_service",
+            f"{config.identity_dir} holds {runtime.identity}, not an instance of {SERVICE}",
+        )
+    async with open_state(config.state_dir) as state:
+        service = wire(
+            runtime, state, settings=config.settings, is_device_revoked=is_device_revoked
+        )
+        yield runtime, connect, service
+
+
+async def run(config: ModelsConfig) -> None:
+    """Serve until SIGTERM or SIGINT, then finish the requests in flight."""
+    async with models_node(config) as (runtime, connect, _service):
+        log.info(
+            "model-distribution.started",
+            extra=fields(
+                identity=runtime.identity.common_name,
+                broker=f"{config.broker.host}:{config.broker.port}",
+                state=str(config.state_dir),
+                metadata_ttl_s=config.settings.metadata_ttl_ms // 1000,
+                chunk_size=config.settings.chunk_size,
+            ),
+        )
+        await run_until_signalled(runtime, connect, config.metrics_port)
+    log.info("model-distribution.stopped")

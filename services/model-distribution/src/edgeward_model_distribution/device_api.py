@@ -1,0 +1,344 @@
+"""Devices' requests: sync, chunks, key release, activation reports.
+
+Requests arrive on ``ew/v1/dev/<id>/up/model`` (shared subscription); the runtime has
+checked that the signer *is* device ``<id>`` and that its certificate is current. Answers go
+to ``ew/v1/dev/<id>/down/model``; chunks to ``ew/v1/dev/<id>/down/data`` as data frames.
+
+* **Sync** returns one signed :class:`~edgeward_shared.models.release.ModelRelease` per model
+  assigned to the device (its highest non-revoked version in a rollout that includes it),
+  sealed for ``ew/v1/fleet/models/<name>`` and expiring after the metadata TTL (never after
+  the provenance itself): a device that stops hearing from us sees its metadata expire.
+* **Chunks** of exactly the blob of the version assigned to the device now, else nothing
+  (``model.chunk.not_assigned``): a revoked version, another device's model or another blob
+  are all "not assigned". At most 16 per request, each read from the content-addressed store
+  and checked against its digest before it leaves.
+* **Key release** follows :mod:`.keyrelease`; every release and refusal is written to the key
+  log with its reason id and the attestation result it concerned, then counted and logged.
+* **Activation reports** are stored for rollout status only (the next quote, not the device's
+  word, shows which model runs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Sequence
+from typing import Any, Final
+
+from edgeward_model_distribution.core import check_chunk_request, chunk_span
+from edgeward_model_distribution.keyrelease import (
+    KeyRefusal,
+    Recipient,
+    Standing,
+    check_release,
+    recipient,
+)
+from edgeward_model_distribution.service import ModelService
+from edgeward_model_distribution.store import (
+    Activation,
+    Assignment,
+    ChunkList,
+    KeyDecision,
+    VersionRecord,
+)
+from edgeward_shared.envelope import Opened, seal
+from edgeward_shared.errors import EdgewardError, MessageError, PolicyError, Reason
+from edgeward_shared.logs import fields
+from edgeward_shared.messages.base import Message
+from edgeward_shared.messages.model import (
+    ActivationReport,
+    ChunkRequest,
+    ChunksSent,
+    KeyGrant,
+    KeyRequest,
+    SyncReply,
+    SyncRequest,
+)
+from edgeward_shared.models.frames import FrameHeader, encode_frame
+from edgeward_shared.models.provenance import Tier
+from edgeward_shared.models.reasons import ModelReason
+from edgeward_shared.models.release import BlobInfo, ModelRelease, release_topic
+from edgeward_shared.models.sealing import ReleaseContext, open_with_kek, wrap_for_device
+from edgeward_shared.runtime.core import Outgoing, OutgoingFrame
+from edgeward_shared.topics import (
+    Channel,
+    DeviceTopic,
+    Direction,
+    device_topic,
+    parse_topic,
+    reply_topic,
+)
+
+log = logging.getLogger("edgeward.model-distribution")
+
+DEVICE_TYPES: Final = (SyncRequest, ChunkRequest, KeyRequest, ActivationReport)
+RELEASED: Final = ModelReason.KEY_RELEASED
+RELEASED_UNATTESTED: Final = ModelReason.KEY_RELEASED_UNATTESTED
+MAX_RELEASE_BYTES: Final = 128 * 1024  # SyncReply's bound on one document
+MAX_RELEASES: Final = 32
+#: A SyncReply travels in an envelope of at most 256 KiB, its documents base64-encoded twice
+#: (once in the reply's payload, once in the envelope): keep 16/9 of their size under this.
+_REPLY_BUDGET: Final = 240 * 1024
+
+
+class DeviceApi:
+    """The route handler for devices' model-channel requests."""
+
+    def __init__(self, service: ModelService) -> None:
+        self.service = service
+        self.store = service.store
+
+    async def __call__(self, opened: Opened[Any]) -> Sequence[Outgoing | OutgoingFrame]:
+        device_id = _device(opened.topic)
+        answer_on = reply_topic(opened.topic)
+        if answer_on is None:  # pragma: no cover - device topics always have one
+            raise TypeError(f"wiring bug: cannot answer on {opened.topic}")
+        message: Message = opened.message
+        match message:
+            case SyncRequest():
+                return (Outgoing(answer_on, await self.sync(opened, device_id)),)
+            case ChunkRequest():
+                return await self.chunks(opened, device_id, message)
+            case KeyRequest():
+                return (Outgoing(answer_on, await self.key(opened, device_id, message)),)
+            case ActivationReport():
+                await self.activation(device_id, message)
+                return ()
+        raise MessageError(Reason.MESSAGE_TYPE_UNKNOWN, type(message).__name__)
+
+    # ------------------------------------------------------------------ sync
+    async def sync(self, opened: Opened[Any], device_id: str) -> SyncReply:
+        now = self.service.clock.now_ms()
+        await self.store.see_device(device_id, now)
+        releases: list[bytes] = []
+        budget = _REPLY_BUDGET
+        for assignment in (await self.store.assignments(device_id))[:MAX_RELEASES]:
+            sealed = await self._release(device_id, assignment, now)
+            if sealed is None:
+                continue
+            cost = len(sealed) * 16 // 9 + 64
+            if len(sealed) > MAX_RELEASE_BYTES or cost > budget:
+                log.error(
+                    "model.sync.truncated",
+                    extra=fields(device=device_id, name=assignment.record.name, size=len(sealed)),
+                )
+                continue
+            budget -= cost
+            releases.append(sealed)
+        self.service.metrics.releases_signed.inc(len(releases))
+        log.info("model.sync", extra=fields(device=device_id, releases=len(releases)))
+        return SyncReply(in_reply_to=opened.mid, releases=releases)
+
+    async def _release(self, device_id: str, assignment: Assignment, now: int) -> bytes | None:
+        """The signed document for one assignment (None if its provenance has expired)."""
+        record = assignment.record
+        ttl = min(self.service.settings.metadata_ttl_ms, record.expires_at - now)
+        if ttl <= 0:
+            log.warning(
+                "model.provenance.expired",
+                extra=fields(name=record.name, version=record.version, device=device_id),
+            )
+            return None
+        release = ModelRelease(
+            device=device_id,
+            name=record.name,
+            version=record.version,
+            tier=record.tier,
+            meta_version=assignment.meta_version,
+            rollout=assignment.rollout.label,
+            provenance=record.provenance,
+            signature=record.signature,
+            signer_cert=record.signer_cert,
+            blob=await self.blob_info(record),
+        )
+        return seal(
+            self.service.signing_key, release_topic(record.name), release, now_ms=now, ttl_ms=ttl
+        )
+
+    async def blob_info(self, record: VersionRecord) -> BlobInfo:
+        """The blob's chunk list at the configured chunk size (computed once per size)."""
+        chunk_size = self.service.settings.chunk_size
+        digests = await self.store.chunk_list(record.blob_digest, chunk_size)
+        if digests is not None:
+            return BlobInfo(
+                digest=record.blob_digest,
+                size=record.blob_size,
+                chunk_size=chunk_size,
+                chunks=digests,
+            )
+        blob = await asyncio.to_thread(self.service.blobs.read, record.blob_digest)
+        info = await self.service.blocking(BlobInfo.of, blob, chunk_size)
+        if info.digest != record.blob_digest or info.size != record.blob_size:
+            log.error("model.blob.corrupt", extra=fields(blob=record.blob_digest))
+            raise PolicyError(ModelReason.BLOB_DIGEST, "the stored blob is damaged")
+        await self.store.save_chunk_list(
+            ChunkList(info.digest, info.chunk_size, tuple(info.chunks))
+        )
+        return info
+
+    # ------------------------------------------------------------------ chunks
+    async def chunks(
+        self, opened: Opened[Any], device_id: str, request: ChunkRequest
+    ) -> Sequence[OutgoingFrame | Outgoing]:
+        try:
+            record = await self._assigned(device_id, request.name, request.version)
+            if record is None or record.blob_digest != request.blob:
+                raise PolicyError(
+                    ModelReason.CHUNK_NOT_ASSIGNED,
+                    f"{request.name} v{request.version} blob {request.blob[:16]}",
+                )
+            info = await self.blob_info(record)
+            indices = check_chunk_request(request.indices, len(info.chunks))
+            data = await asyncio.to_thread(self._read_chunks, info, indices)
+        except EdgewardError as exc:
+            self.service.metrics.chunk_refusals.labels(exc.reason).inc()
+            log.warning(
+                "model.chunks.refused",
+                extra=fields(device=device_id, name=request.name, reason=exc.reason),
+            )
+            raise
+        topic = device_topic(device_id, Direction.DOWN, Channel.DATA)
+        frames = [
+            OutgoingFrame(
+                topic, encode_frame(FrameHeader(blob=info.digest, index=i, req=opened.mid), chunk)
+            )
+            for i, chunk in zip(indices, data, strict=True)
+        ]
+        self.service.metrics.chunks_served.inc(len(frames))
+        self.service.metrics.bytes_served.inc(sum(len(c) for c in data))
+        # after the frames (same connection, same order): the device stops waiting on this
+        done = ChunksSent(in_reply_to=opened.mid, indices=list(indices))
+        return [*frames, Outgoing(device_topic(device_id, Direction.DOWN, Channel.MODEL), done)]
+
+    def _read_chunks(self, info: BlobInfo, indices: Sequence[int]) -> list[bytes]:
+        """Read and check each chunk (a damaged store serves nothing; runs in a thread)."""
+        chunks = []
+        for index in indices:
+            offset, length = chunk_span(info.size, info.chunk_size, index)
+            chunk = self.service.blobs.read_range(info.digest, offset, length)
+            if hashlib.sha256(chunk).hexdigest() != info.chunks[index]:
+                log.error("model.blob.corrupt", extra=fields(blob=info.digest, index=index))
+                raise PolicyError(ModelReason.CHUNK_DIGEST, f"stored chunk {index} is damaged")
+            chunks.append(chunk)
+        return chunks
+
+    async def _assigned(self, device_id: str, name: str, version: int) -> VersionRecord | None:
+        """The version of ``name`` assigned to the device, if it is ``version``."""
+        for assignment in await self.store.assignments(device_id, name):
+            if assignment.record.version == version:
+                return assignment.record
+        return None
+
+    # ------------------------------------------------------------------ key release
+    async def key(self, opened: Opened[Any], device_id: str, request: KeyRequest) -> KeyGrant:
+        now = self.service.clock.now_ms()
+        try:
+            record, target, wrapped = await self._release_key(opened, device_id, request, now)
+        except EdgewardError as exc:
+            await self._log_key(device_id, request, now, refusal=exc)
+            if isinstance(exc, PolicyError):
+                raise
+            raise PolicyError(exc.reason, exc.detail) from exc
+        await self._log_key(device_id, request, now, target=target)
+        return KeyGrant(
+            in_reply_to=opened.mid,
+            name=record.name,
+            version=record.version,
+            result_id=target.result_id,
+            wrapped_key=wrapped,
+        )
+
+    async def _release_key(
+        self, opened: Opened[Any], device_id: str, request: KeyRequest, now: int
+    ) -> tuple[VersionRecord, Recipient, bytes]:
+        record = await self.store.version(request.name, request.version)
+        assigned = await self._assigned(device_id, request.name, request.version)
+        check_release(
+            Standing(
+                exists=record is not None,
+                revoked=record is not None and record.revoked,
+                assigned=assigned is not None,
+                tier=record.tier if record is not None else Tier.HIGH,
+                device_revoked=self.service.is_device_revoked(device_id),
+            )
+        )
+        if record is None or record.sealed_key is None:  # check_release refused these
+            raise RuntimeError("unreachable: an encrypted version without a sealed key")
+        target = recipient(
+            record.tier,
+            request.ear,
+            device_id=device_id,
+            device_key=opened.signer.public_key,
+            trust=self.service.trust,
+            now_ms=now,
+        )
+        data_key = open_with_kek(record.sealed_key, self.service.kek, record.ref)
+        context = ReleaseContext(device_id, record.ref, target.result_id)
+        return record, target, wrap_for_device(data_key, target.public_key, context)
+
+    async def _log_key(
+        self,
+        device_id: str,
+        request: KeyRequest,
+        now: int,
+        *,
+        target: Recipient | None = None,
+        refusal: EdgewardError | None = None,
+    ) -> None:
+        if refusal is not None:
+            reason = refusal.reason
+            result_id = refusal.result_id if isinstance(refusal, KeyRefusal) else None
+        elif target is not None:
+            reason = RELEASED if target.attested else RELEASED_UNATTESTED
+            result_id = target.result_id
+        else:  # pragma: no cover - one of them is always given
+            raise ValueError("a key decision is a release or a refusal")
+        decision = KeyDecision(
+            at=now,
+            device_id=device_id,
+            name=request.name,
+            version=request.version,
+            released=refusal is None,
+            reason=reason,
+            result_id=result_id,
+        )
+        await self.store.log_key_decision(decision)
+        label = "released" if decision.released else "refused"
+        self.service.metrics.key_decisions.labels(label, reason).inc()
+        log.log(
+            logging.INFO if decision.released else logging.WARNING,
+            f"model.key.{label}",
+            extra=fields(
+                device=device_id,
+                name=request.name,
+                version=request.version,
+                reason=reason,
+                result_id=result_id,
+            ),
+        )
+
+    # ------------------------------------------------------------------ activation
+    async def activation(self, device_id: str, report: ActivationReport) -> None:
+        if await self.store.version(report.name, report.version) is None:
+            raise PolicyError(ModelReason.UNKNOWN, f"{report.name} v{report.version}")
+        now = self.service.clock.now_ms()
+        activation = Activation(device_id, report.version, report.state, report.reason, now)
+        await self.store.record_activation(report.name, activation)
+        log.info(
+            "model.activation",
+            extra=fields(
+                device=device_id,
+                name=report.name,
+                version=report.version,
+                state=report.state,
+                reason=report.reason,
+            ),
+        )
+
+
+def _device(topic: str) -> str:
+    parsed = parse_topic(topic)
+    if not isinstance(parsed, DeviceTopic):
+        raise TypeError(f"wiring bug: not a device topic: {topic}")
+    return parsed.device_id

@@ -1,0 +1,45 @@
+"""Prometheus counters of the distribution service, in the runtime's own registry (served on
+the same ``/metrics`` endpoint; tests and instances don't mix)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter
+
+
+@dataclass
+class ModelMetrics:
+    registry: CollectorRegistry
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.key_decisions = Counter(
+            "edgeward_model_key_decisions_total",
+            "Data-key requests answered, by decision (released/refused) and reason id",
+            ["decision", "reason"],
+            registry=r,
+        )
+        self.chunks_served = Counter(
+            "edgeward_model_chunks_served_total", "Blob chunks sent to devices", registry=r
+        )
+        self.bytes_served = Counter(
+            "edgeward_model_bytes_served_total", "Blob bytes sent to devices", registry=r
+        )
+        self.chunk_refusals = Counter(
+            "edgeward_model_chunk_refusals_total",
+            "Chunk requests refused, by reason id",
+            ["reason"],
+            registry=r,
+        )
+        self.publishes = Counter(
+            "edgeward_model_publishes_total",
+            "Publications committed or refused, by reason id (model.published when accepted)",
+            ["reason"],
+            registry=r,
+        )
+        self.releases_signed = Counter(
+            "edgeward_model_releases_signed_total",
+            "Release documents signed for devices' syncs",
+            registry=r,
+        )

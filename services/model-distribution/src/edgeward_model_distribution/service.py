@@ -1,0 +1,99 @@
+"""What the distribution service's handlers share: settings, state, keys, hooks, metrics.
+
+The handlers themselves are :mod:`.operator_api` (publish, roll out, revoke, list) and
+:mod:`.device_api` (sync, chunks, key release, activation reports); :mod:`.app` routes
+them. CPU-heavy or blocking work (hashing, decrypting, ONNX checks, file I/O) goes through
+:meth:`ModelService.blocking`: a worker thread, with bounded concurrency, so the event loop
+keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final, ParamSpec, TypeVar
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from edgeward_model_distribution.blobs import BlobStore
+from edgeward_model_distribution.kek import public_der
+from edgeward_model_distribution.metrics import ModelMetrics
+from edgeward_model_distribution.store import ModelStore
+from edgeward_model_distribution.verify import SEAL_OVERHEAD
+from edgeward_shared.clock import Clock
+from edgeward_shared.envelope import SigningKey
+from edgeward_shared.messages.model import MAX_UPLOAD_CHUNK
+from edgeward_shared.models.onnx_check import DEFAULT_CAPS
+from edgeward_shared.models.release import MAX_CHUNK_BYTES, MAX_DOCUMENT_LIFETIME_MS
+from edgeward_shared.pki.trust import TrustStore
+from edgeward_shared.runtime.metrics import RuntimeMetrics
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+DeviceRevoked = Callable[[str], bool]
+MIN_METADATA_TTL_MS: Final = 60_000
+DEFAULT_METADATA_TTL_MS: Final = 24 * 3600 * 1000
+MIN_CHUNK_BYTES: Final = 1024
+
+
+def never_revoked(device_id: str) -> bool:
+    """The default device-revocation hook: the revocation plane replaces it."""
+    del device_id
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What an operator may tune (``edgeward-models --help`` names each)."""
+
+    metadata_ttl_ms: int = DEFAULT_METADATA_TTL_MS  # release documents expire after this
+    chunk_size: int = MAX_CHUNK_BYTES  # bytes per chunk sent to devices
+    upload_chunk_size: int = MAX_UPLOAD_CHUNK  # bytes per chunk publishers upload
+    max_blob_bytes: int = DEFAULT_CAPS.max_model_bytes + SEAL_OVERHEAD
+    max_parallel_checks: int = 1  # publications decrypted and checked at once (CPU, memory)
+
+    def __post_init__(self) -> None:
+        if not MIN_METADATA_TTL_MS <= self.metadata_ttl_ms <= MAX_DOCUMENT_LIFETIME_MS:
+            raise ValueError("metadata TTL must be between 60 s and 7 days")
+        if not MIN_CHUNK_BYTES <= self.chunk_size <= MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk size must be between 1 KiB and {MAX_CHUNK_BYTES} bytes")
+        if not MIN_CHUNK_BYTES <= self.upload_chunk_size <= MAX_UPLOAD_CHUNK:
+            raise ValueError(f"upload chunk size must be between 1 KiB and {MAX_UPLOAD_CHUNK}")
+        if self.max_blob_bytes <= 0 or self.max_parallel_checks <= 0:
+            raise ValueError("limits must be positive")
+
+
+class ModelService:
+    """The state and collaborators every handler of the service uses."""
+
+    def __init__(  # noqa: PLR0917 - the service's collaborators, each required
+        self,
+        store: ModelStore,
+        blobs: BlobStore,
+        kek: ec.EllipticCurvePrivateKey,
+        signing_key: SigningKey,
+        trust: TrustStore,
+        clock: Clock,
+        *,
+        settings: Settings | None = None,
+        metrics: ModelMetrics | None = None,
+        is_device_revoked: DeviceRevoked = never_revoked,
+    ) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.kek = kek
+        self.kek_public = public_der(kek)
+        self.signing_key = signing_key
+        self.trust = trust
+        self.clock = clock
+        self.settings = settings or Settings()
+        self.metrics = metrics or ModelMetrics(RuntimeMetrics().registry)
+        self.is_device_revoked = is_device_revoked
+        self._checks = asyncio.Semaphore(self.settings.max_parallel_checks)
+
+    async def blocking(self, call: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """Run ``call`` in a worker thread, at most ``max_parallel_checks`` at once."""
+        async with self._checks:
+            return await asyncio.to_thread(call, *args, **kwargs)

@@ -1,0 +1,209 @@
+"""Issue 4 end to end, all parts real: mosquitto, the identity, attestation and
+model-distribution services, device agents on swtpm TPMs, onnxruntime, an operator and a
+build pipeline driving the CLI.
+
+A model is published (signed in the model-signing format, encrypted), rolled out to a
+canary cohort, activated on the attested device (same outputs as onnxruntime on the
+original bytes, its digest measured into PCR 14, no plaintext on disk) and refused to the
+tampered one; the next version replaces it; revoking that version unloads it and the device
+refuses to go back to the older one, also after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from hashlib import sha256
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+from tests.e2e.fabric import (
+    World,
+    agent_running,
+    approve_golden_policy,
+    make_world,
+    running,
+    services,
+    until,
+)
+from tests.models import small_input, small_model
+
+from edgeward_device_agent.agent import DeviceAgent
+from edgeward_device_agent.model_manager import ModelPolicy
+from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN, tampered_boot_chain
+from edgeward_device_agent.tpm import PcrBank, Tpm
+from edgeward_model_distribution.app import ModelsConfig, models_node
+from edgeward_model_distribution.service import ModelService
+from edgeward_shared.identity import Identity, Role, ServiceName
+
+pytestmark = [pytest.mark.tpm, pytest.mark.broker, pytest.mark.slow]
+
+MODELS = Identity.service(ServiceName.MODEL_DISTRIBUTION)
+SIGNER = Identity(Role.SIGNER, "ci")
+WAIT = 30.0
+FAST = ModelPolicy(sync_interval_s=2.0, attestation_wait_s=3.0)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    with make_world(tmp_path_factory.mktemp("models"), (MODELS, SIGNER)) as built:
+        yield built
+
+
+@asynccontextmanager
+async def distribution(world: World) -> AsyncIterator[ModelService]:
+    config = ModelsConfig(
+        pki_dir=world.pki.dir,
+        identity_dir=world.pki.identity_files(MODELS).directory,
+        state_dir=world.root / "model-distribution",
+        broker=world.address,
+    )
+    async with models_node(config) as (runtime, connect, service), running(runtime, connect):
+        yield service
+
+
+def with_models(agent: DeviceAgent) -> DeviceAgent:
+    agent.config = replace(agent.config, models=FAST)
+    return agent
+
+
+def publish(world: World, tmp: Path, name: str, version: int, model: bytes) -> str:
+    source = tmp / f"{name}-{version}.onnx"
+    source.write_bytes(model)
+    try:
+        return world.cli(
+            "model",
+            "publish",
+            str(source),
+            "--name",
+            name,
+            "--version",
+            str(version),
+            "--tier",
+            "high",
+            "--dataset-fingerprint",
+            "sha256:test-data",
+        )
+    finally:
+        source.unlink()  # from here on, the only plaintext is the devices' memory
+
+
+def outputs(session: object, data: np.ndarray) -> list[np.ndarray]:
+    run = session.run  # type: ignore[attr-defined]
+    return list(run(None, {"input": data}))
+
+
+def files_containing(roots: list[Path], needle: bytes, since: float) -> list[Path]:
+    found = []
+    for root in roots:
+        for directory, _, names in os.walk(root):
+            for name in names:
+                path = Path(directory) / name
+                try:
+                    if path.stat().st_mtime >= since and needle in path.read_bytes():
+                        found.append(path)
+                except OSError:
+                    continue
+    return found
+
+
+@pytest.mark.asyncio
+async def test_publish_canary_activate_refuse_update_revoke(world: World, tmp_path: Path) -> None:
+    started = time.time()
+    good = world.fleet.start("tpm-canary", GOLDEN_BOOT_CHAIN)
+    other = world.fleet.start("tpm-other", GOLDEN_BOOT_CHAIN)
+    bad = world.fleet.start("tpm-tampered", tampered_boot_chain(GOLDEN_BOOT_CHAIN))
+    v1, v2 = small_model(seed=1), small_model(seed=2)
+    async with services(world) as store, distribution(world):
+        await approve_golden_policy(store, "gw-models")
+        canary = with_models(await world.new_agent(store, "dev-canary", good.tcti))
+        bystander = with_models(await world.new_agent(store, "dev-other", other.tcti))
+        rogue = with_models(await world.new_agent(store, "dev-rogue", bad.tcti))
+        async with agent_running(canary), agent_running(bystander), agent_running(rogue):
+            assert await until(lambda: canary.trust_state().attested, WAIT), canary.trust_state()
+            assert await until(lambda: rogue.trust_state().enrolled, WAIT)
+
+            published = await asyncio.to_thread(publish, world, tmp_path, "classifier", 1, v1)
+            assert "published classifier v1 (high)" in published
+            await asyncio.to_thread(
+                world.cli,
+                "model",
+                "rollout",
+                "classifier",
+                "1",
+                "--device",
+                "dev-canary",
+                "--device",
+                "dev-rogue",
+            )
+            assert canary.models is not None
+            assert rogue.models is not None
+            assert await until(lambda: "classifier" in canary.models.loaded, WAIT)
+            assert await until(lambda: rogue.models.last_refusal is not None, WAIT)
+
+            loaded = canary.models.loaded["classifier"]
+            assert (loaded.version, loaded.digest) == (1, sha256(v1).hexdigest())
+            assert loaded.result_id is not None  # the key was wrapped to an attested session
+            direct = onnxruntime.InferenceSession(v1, providers=["CPUExecutionProvider"])
+            for got, want in zip(
+                outputs(loaded.session, small_input()), outputs(direct, small_input()), strict=True
+            ):
+                np.testing.assert_array_equal(got, want)
+            assert rogue.models.last_refusal == "model.key.attestation_missing"
+            assert "classifier" not in rogue.models.loaded
+            assert bystander.models is not None
+            assert not bystander.models.loaded
+
+            # the next version replaces the first on the canary
+            await asyncio.to_thread(publish, world, tmp_path, "classifier", 2, v2)
+            await asyncio.to_thread(
+                world.cli, "model", "rollout", "classifier", "2", "--device", "dev-canary"
+            )
+            assert await until(lambda: canary.models.loaded["classifier"].version == 2, WAIT)
+            listing = await asyncio.to_thread(world.cli, "model", "list", "classifier")
+
+            # no plaintext model anywhere on disk: the world's directories, the temp dir
+            needle = v2[len(v2) // 2 : len(v2) // 2 + 64]
+            assert needle in v2
+            assert needle not in v1
+            roots = [world.root, Path(tempfile.gettempdir())]
+            assert files_containing(roots, needle, started) == []
+
+            # revoking v2 unloads it; the device will not go back to v1 (rollback)
+            await asyncio.to_thread(
+                world.cli, "model", "revoke", "classifier", "2", "--reason", "bad weights"
+            )
+            assert await until(lambda: "classifier" not in canary.models.loaded, WAIT)
+            assert await until(lambda: canary.models.last_refusal == "model.version.rollback", WAIT)
+
+        # ... also after a restart: the high-water mark is persisted
+        restarted = DeviceAgent(canary.config)
+        async with agent_running(restarted):
+            assert await until(
+                lambda: (
+                    restarted.models is not None
+                    and restarted.models.last_refusal == "model.version.rollback"
+                ),
+                WAIT,
+            )
+            assert restarted.models is not None
+            assert not restarted.models.loaded
+
+    assert "dev-canary" in listing
+    assert "active" in listing
+    assert "dev-rogue" in listing
+    assert "model.key.attestation_missing" in listing
+    # measured loading: PCR 14 holds the extends of v1 then v2 (swtpm keeps PCRs across
+    # the agent's restarts; the TPM is free once the agent has stopped)
+    expected = bytes(32)
+    for model in (v1, v2):
+        expected = sha256(expected + sha256(model).digest()).digest()
+    with Tpm(good.tcti) as tpm:
+        assert tpm.read_pcrs([14], PcrBank.SHA256)[14] == expected

@@ -1,0 +1,349 @@
+"""The distribution service over a real Mosquitto (marker ``broker``), started as the node
+runs in production (``models_node``: PKI files, state directory, MQTT with mTLS and the
+repository's ACL), two instances sharing one state directory behind the shared
+subscription. An operator publishes a model signed by the ``model-signing`` package itself
+(the publisher CLI's ``build_release``), uploading a window of chunks at a time; it rolls
+the model out to one device, which is told at once, syncs, fetches the blob in chunks over
+``down/data``, gets the data key for its attestation result and decrypts the model. The
+other device gets nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeward_cli.publish import BuiltRelease, ReleaseSpec, build_release
+from edgeward_model_distribution.app import ModelsConfig, models_node
+from edgeward_model_distribution.service import Settings
+from edgeward_shared.broker.launcher import MosquittoBroker
+from edgeward_shared.bus.base import Delivery
+from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings, connect_mqtt
+from edgeward_shared.clock import SystemClock
+from edgeward_shared.ear import AttestationClaims, issue_ear
+from edgeward_shared.envelope import EnvelopeVerifier, SigningKey
+from edgeward_shared.identity import Identity, Role, ServiceName
+from edgeward_shared.messages.base import Message
+from edgeward_shared.messages.common import Rejected
+from edgeward_shared.messages.model import (
+    ChunkRequest,
+    KeyGrant,
+    KeyRequest,
+    ModelAvailable,
+    ModelList,
+    PublishBegin,
+    PublishChunk,
+    PublishChunkAck,
+    PublishCommit,
+    Published,
+    PublishReady,
+    RolloutRequest,
+    SyncReply,
+    SyncRequest,
+)
+from edgeward_shared.models.frames import decode_frame
+from edgeward_shared.models.onnx_check import check_onnx
+from edgeward_shared.models.provenance import Tier
+from edgeward_shared.models.reasons import ModelReason
+from edgeward_shared.models.release import ModelRelease, document_verifier, open_release
+from edgeward_shared.models.sealing import (
+    ReleaseContext,
+    decrypt_model,
+    seal_to_kek,
+    unwrap_on_device,
+)
+from edgeward_shared.pki.store import PkiStore
+from edgeward_shared.pki.trust import TrustStore
+from edgeward_shared.replay import MemoryReplayGuard
+from edgeward_shared.runtime.core import Connect, Outgoing, Runtime
+from edgeward_shared.topics import (
+    Channel,
+    Direction,
+    device_topic,
+    service_request_topic,
+    service_response_topic,
+)
+
+pytestmark = [pytest.mark.broker, pytest.mark.asyncio]
+
+MODELS = Identity.service(ServiceName.MODEL_DISTRIBUTION)
+MODELS_2 = Identity.service(ServiceName.MODEL_DISTRIBUTION, "2")
+ATTESTATION = Identity.service(ServiceName.ATTESTATION)
+OPERATOR = Identity.operator("alice")
+ADMIN = Identity(Role.BROKER_ADMIN, "broker")
+SIGNER = Identity(Role.SIGNER, "ci")
+WAIT_S = 15.0
+WINDOW = 4  # chunks in flight, as the publisher CLI uploads
+
+
+@pytest.fixture(scope="module")
+def models_pki(pki: PkiStore) -> PkiStore:
+    """The session's PKI with a model signer and a second distribution instance."""
+    now = datetime.now(UTC)
+    pki.issue(SIGNER, now, timedelta(days=1))
+    pki.issue(MODELS_2, now, timedelta(days=1))
+    return pki
+
+
+@pytest.fixture(scope="module")
+def mosquitto(
+    models_pki: PkiStore, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MosquittoBroker]:
+    run_dir = tmp_path_factory.mktemp("models") / "broker"
+    with MosquittoBroker(
+        models_pki, run_dir, operators=[OPERATOR], admins=[ADMIN], service_instances=[MODELS_2]
+    ) as running:
+        yield running
+
+
+def _model(floats: int) -> bytes:
+    weights = np.arange(floats, dtype=np.float32).reshape(1, -1)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "broker-test",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, floats])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, floats])],
+        initializer=[numpy_helper.from_array(weights, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return bytes(model.SerializeToString())
+
+
+@dataclass
+class Node:
+    runtime: Runtime
+    connect: Connect
+    inbox: list[Delivery] = field(default_factory=list)
+
+
+def _node(pki: PkiStore, broker: MosquittoBroker, identity: Identity) -> Node:
+    trust = TrustStore.from_bundle(pki.bundle_path, pki.crl_path, now=datetime.now(UTC))
+    runtime = Runtime(
+        signing_key=SigningKey.from_files(pki.identity_files(identity)),
+        verifier=EnvelopeVerifier(trust, MemoryReplayGuard()),
+        clock=SystemClock(),
+    )
+    settings = MqttSettings(
+        broker=BrokerAddress(broker.host, broker.port),
+        ca_bundle=pki.bundle_path,
+        identity=pki.identity_files(identity),
+        client_id=identity.common_name,
+    )
+    return Node(runtime, lambda: connect_mqtt(settings))
+
+
+def _device(pki: PkiStore, broker: MosquittoBroker, device_id: str) -> Node:
+    node = _node(pki, broker, Identity.device(device_id))
+    down = device_topic(device_id, Direction.DOWN, Channel.MODEL)
+    node.runtime.expect_replies(down, [SyncReply, KeyGrant])
+
+    async def hint(opened: Any) -> list[Outgoing]:
+        node.inbox.append(Delivery(opened.topic, b""))
+        return []
+
+    async def frame(delivery: Delivery) -> None:
+        node.inbox.append(delivery)
+
+    node.runtime.route(down, [ModelAvailable], hint, name="hints")
+    node.runtime.route_frames(
+        device_topic(device_id, Direction.DOWN, Channel.DATA), frame, name="frames"
+    )
+    return node
+
+
+@asynccontextmanager
+async def _running(*nodes: tuple[Runtime, Connect]) -> AsyncIterator[None]:
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(rt.run(connect, stop)) for rt, connect in nodes]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(rt.ready.wait() for rt, _ in nodes)), WAIT_S)
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), WAIT_S)
+
+
+async def _until(condition: Callable[[], bool], within_s: float = WAIT_S) -> None:
+    deadline = asyncio.get_running_loop().time() + within_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def _ask(node: Node, topic: str, message: Message) -> Message:
+    answer: Message = (await node.runtime.request(topic, message, timeout_s=WAIT_S)).message
+    return answer
+
+
+async def test_publish_roll_out_sync_fetch_and_key_over_the_broker(
+    models_pki: PkiStore, mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    pki = models_pki
+    model = _model(150_000)  # ~600 KB: 7 upload chunks, 4 device chunks
+    built = build_release(
+        model, ReleaseSpec("ocr", 1, Tier.HIGH), pki.identity_files(SIGNER), now_ms=_now_ms()
+    )
+    operator = _node(pki, mosquitto, OPERATOR)
+    operator.runtime.expect_replies(
+        service_response_topic(ServiceName.MODEL_DISTRIBUTION, OPERATOR),
+        [PublishReady, PublishChunkAck, Published, ModelList],
+    )
+    requests = service_request_topic(ServiceName.MODEL_DISTRIBUTION, OPERATOR)
+    dev_a, dev_b = _device(pki, mosquitto, "dev-a"), _device(pki, mosquitto, "dev-b")
+    state_dir = tmp_path / "state" / "models"
+    async with AsyncExitStack() as stack:
+        instances = []
+        for instance in (MODELS, MODELS_2):
+            config = ModelsConfig(
+                pki_dir=pki.dir,
+                identity_dir=pki.identity_files(instance).directory,
+                state_dir=state_dir,
+                broker=BrokerAddress(mosquitto.host, mosquitto.port),
+                settings=Settings(metadata_ttl_ms=3_600_000),
+            )
+            runtime, connect, _ = await stack.enter_async_context(models_node(config))
+            instances.append((runtime, connect))
+        clients = [(n.runtime, n.connect) for n in (operator, dev_a, dev_b)]
+        await stack.enter_async_context(_running(*instances, *clients))
+
+        # publish: begin, a window of chunks at a time (they race across instances), commit
+        ready = await _ask(operator, requests, _begin(built))
+        assert isinstance(ready, PublishReady), ready
+        size = ready.chunk_size
+        count = -(-len(built.blob) // size)
+        for start in range(0, count, WINDOW):
+            acks = await asyncio.gather(
+                *(
+                    _ask(
+                        operator,
+                        requests,
+                        PublishChunk(
+                            upload_id=ready.upload_id,
+                            index=i,
+                            data=built.blob[i * size : (i + 1) * size],
+                        ),
+                    )
+                    for i in range(start, min(start + WINDOW, count))
+                )
+            )
+            assert all(isinstance(a, PublishChunkAck) for a in acks), acks
+        kek = serialization.load_der_public_key(ready.kek)
+        assert isinstance(kek, ec.EllipticCurvePublicKey)
+        assert built.data_key is not None
+        sealed = seal_to_kek(built.data_key, kek, built.ref)
+        published = await _ask(
+            operator, requests, PublishCommit(upload_id=ready.upload_id, sealed_key=sealed)
+        )
+        assert isinstance(published, Published), published
+
+        # roll out to dev-a: it is told at once
+        listing = await _ask(
+            operator, requests, RolloutRequest(name="ocr", version=1, devices=["dev-a"])
+        )
+        assert isinstance(listing, ModelList)
+        assert listing.versions[0].cohort == ["dev-a"]
+        await _until(lambda: any(d.topic.endswith("/model") for d in dev_a.inbox))
+
+        # sync: one signed, expiring release document for dev-a
+        up_a = device_topic("dev-a", Direction.UP, Channel.MODEL)
+        reply = await _ask(dev_a, up_a, SyncRequest())
+        assert isinstance(reply, SyncReply), reply
+        (raw,) = reply.releases
+        trust = TrustStore.from_bundle(pki.bundle_path, pki.crl_path, now=datetime.now(UTC))
+        document = open_release(document_verifier(trust), raw, "ocr", now_ms=_now_ms()).message
+        assert isinstance(document, ModelRelease)
+        assert (document.device, document.version, document.tier) == ("dev-a", 1, Tier.HIGH)
+        assert len(document.blob.chunks) == 4
+
+        # chunks: frames on down/data, bound to the request
+        mid = secrets.token_hex(16)
+        indices = list(range(len(document.blob.chunks)))
+        request = ChunkRequest(name="ocr", version=1, blob=document.blob.digest, indices=indices)
+        await dev_a.runtime.publish(Outgoing(up_a, request, mid=mid))
+        await _until(lambda: len(_frames(dev_a)) == len(indices))
+        chunks = {}
+        for delivery in _frames(dev_a):
+            header, data = decode_frame(delivery.payload)
+            assert header.req == mid
+            assert hashlib.sha256(data).hexdigest() == document.blob.chunks[header.index]
+            chunks[header.index] = data
+        blob = b"".join(chunks[i] for i in indices)
+        assert hashlib.sha256(blob).hexdigest() == document.blob.digest
+
+        # the key, for an affirming result of dev-a, wrapped to its session key
+        session = ec.generate_private_key(ec.SECP256R1())
+        ear = _ear(pki, "dev-a", session.public_key())
+        grant = await _ask(dev_a, up_a, KeyRequest(name="ocr", version=1, ear=ear))
+        assert isinstance(grant, KeyGrant), grant
+        context = ReleaseContext("dev-a", built.ref, grant.result_id)
+        plaintext = decrypt_model(
+            blob, unwrap_on_device(grant.wrapped_key, session, context), built.ref
+        )
+        assert plaintext == model
+        check_onnx(plaintext)
+
+        # dev-b: not assigned, so no chunks and no key, even with its own affirming result
+        up_b = device_topic("dev-b", Direction.UP, Channel.MODEL)
+        refused = await _ask(
+            dev_b, up_b, ChunkRequest(name="ocr", version=1, blob=document.blob.digest, indices=[0])
+        )
+        assert isinstance(refused, Rejected)
+        assert refused.reason == ModelReason.CHUNK_NOT_ASSIGNED
+        ear_b = _ear(pki, "dev-b", session.public_key())
+        no_key = await _ask(dev_b, up_b, KeyRequest(name="ocr", version=1, ear=ear_b))
+        assert isinstance(no_key, Rejected)
+        assert no_key.reason == ModelReason.NOT_ASSIGNED
+        assert _frames(dev_b) == []
+        handled = [
+            rt.metrics.registry.get_sample_value(
+                "edgeward_messages_accepted_total", {"type": PublishChunk.TYPE}
+            )
+            or 0.0
+            for rt, _ in instances
+        ]
+        assert sum(handled) == count
+    assert not any(model in p.read_bytes() for p in state_dir.rglob("*") if p.is_file())
+
+
+def _frames(node: Node) -> list[Delivery]:
+    return [d for d in node.inbox if d.topic.endswith("/down/data")]
+
+
+def _begin(built: BuiltRelease) -> PublishBegin:
+    return PublishBegin(
+        provenance=built.provenance,
+        signature=built.signature,
+        signer_cert=built.signer_cert,
+        blob_digest=hashlib.sha256(built.blob).hexdigest(),
+        blob_size=len(built.blob),
+    )
+
+
+def _ear(pki: PkiStore, device_id: str, session: ec.EllipticCurvePublicKey) -> str:
+    now_s = _now_ms() // 1000
+    claims = AttestationClaims(
+        device_id=device_id,
+        status="affirming",
+        policy_id="golden",
+        session_key=session,
+        result_id=secrets.token_hex(16),
+        issued_at=now_s,
+        expires_at=now_s + 600,
+    )
+    return issue_ear(SigningKey.from_files(pki.identity_files(ATTESTATION)), claims)
+
+
+def _now_ms() -> int:
+    return SystemClock().now_ms()
