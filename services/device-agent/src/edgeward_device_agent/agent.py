@@ -32,11 +32,14 @@ from typing import Any, TypeVar
 from cryptography import x509
 
 from edgeward_device_agent.attestation import Attester, CurrentAttestation
+from edgeward_device_agent.commands import CommandHandler
 from edgeward_device_agent.config import AgentConfig, retry_delays
 from edgeward_device_agent.enrollment import REPLY_TYPES, Enrollment
+from edgeward_device_agent.ledger import LEDGER_NAME, DeviceLedger
 from edgeward_device_agent.metrics import AgentMetrics
 from edgeward_device_agent.ports import AgentTpm, Connector, TpmFactory, mqtt_connector
 from edgeward_device_agent.reasons import AgentReason
+from edgeward_device_agent.revocations import RevocationHolder, RevocationHook
 from edgeward_device_agent.schedule import RequestReason, RequestSchedule
 from edgeward_device_agent.state import AgentState
 from edgeward_device_agent.status import AttestationState, EnrollmentState, TrustState
@@ -54,7 +57,7 @@ from edgeward_shared.messages.attest import (
 )
 from edgeward_shared.messages.common import Rejected
 from edgeward_shared.pki.store import IdentityFiles
-from edgeward_shared.pki.trust import TrustStore
+from edgeward_shared.pki.trust import TrustStore, load_crl
 from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.runtime.core import Connect, Outgoing, Runtime
 from edgeward_shared.runtime.health import answer_pings
@@ -112,10 +115,29 @@ class DeviceAgent:
         self._connections = 0
         self._wake = asyncio.Event()
         self._last_error: str | None = None
+        # revocations and commands (docs/adr/0009): persisted in the ledger
+        self.ledger = DeviceLedger(config.state_dir / LEDGER_NAME)
+        self.revocations = RevocationHolder(self.ledger, self._clock, self.metrics.registry)
+        self.commands = CommandHandler(
+            config.device_id, self.ledger, self.revocations, self._clock, self.metrics.registry
+        )
 
     @property
     def device_id(self) -> str:
         return self.config.device_id
+
+    @property
+    def stopped(self) -> bool:
+        """True after an acknowledged ``stop`` until a signed ``resume`` (survives restarts);
+        every inference entry point calls :meth:`check_inference_allowed` first."""
+        return self.commands.stopped
+
+    def check_inference_allowed(self) -> None:
+        self.commands.check_inference_allowed()
+
+    def on_revocations(self, hook: RevocationHook) -> None:
+        """``hook(view)`` runs whenever a newer revocation list is accepted."""
+        self.revocations.on_revocations(hook)
 
     # ------------------------------------------------------------------ what others read
     @property
@@ -307,9 +329,17 @@ class DeviceAgent:
             self._refused,
             name="attest.refused",
         )
-        await self._phase(
-            runtime, self._counted(connect), lambda: self._keep_attested(runtime, stop)
-        )
+        now = to_datetime(self._clock.now_ms())
+        crl = load_crl(self.config.crl, runtime.verifier.trust.issuing_cas, now=now)
+        self.revocations.bind_trust(runtime.verifier.trust, crl)
+        self.revocations.attach(runtime)
+        self.commands.attach(runtime)
+        await self._phase(runtime, self._counted(connect), lambda: self._device_work(runtime, stop))
+
+    async def _device_work(self, runtime: Runtime, stop: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.revocations.watch(stop))
+            await self._keep_attested(runtime, stop)
 
     async def _refused(self, opened: Opened[Any]) -> Sequence[Outgoing]:
         reason = opened.message.reason

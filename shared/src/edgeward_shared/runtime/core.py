@@ -86,6 +86,9 @@ class Route:
     #: Handlers that await a reply hold slots; if the reply needed one too, a burst of
     #: such handlers would starve their own replies until every request timed out.
     inline: bool = False
+    #: verifies this route's deliveries instead of the runtime's verifier (a retained list
+    #: checked by version rather than by message id, with its own lifetime bound)
+    verifier: EnvelopeVerifier | None = None
 
 
 class Runtime:
@@ -124,13 +127,22 @@ class Runtime:
         *,
         name: str | None = None,
         inline: bool = False,
+        verifier: EnvelopeVerifier | None = None,
     ) -> None:
         """Deliver messages of ``types`` arriving on ``topic_filter`` to ``handler``.
 
-        Routes whose filters match the same topic are told apart by message type.
+        Routes whose filters match the same topic are told apart by message type (the
+        first matching route's ``verifier``, if any, checks the delivery).
         """
         self._routes.append(
-            Route(name or topic_filter, topic_filter, tuple(types), handler, inline=inline)
+            Route(
+                name or topic_filter,
+                topic_filter,
+                tuple(types),
+                handler,
+                inline=inline,
+                verifier=verifier,
+            )
         )
 
     def expect_replies(self, topic_filter: str, types: Sequence[type[Message]]) -> None:
@@ -197,7 +209,8 @@ class Runtime:
         self.metrics.received.labels(route.name).inc()
         try:
             types = [t for r in routes for t in r.types]
-            opened = self.verifier.open(
+            verifier = route.verifier or self.verifier
+            opened = verifier.open(
                 delivery.payload, delivery.topic, types, now_ms=self.clock.now_ms()
             )
             self.metrics.accepted.labels(type(opened.message).TYPE).inc()
