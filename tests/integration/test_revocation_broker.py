@@ -1,4 +1,4 @@
-"""Revocation against the real mosquitto: the revoked device is kicked and cannot come
+"""Revocation and commands against the real mosquitto: the revoked device is kicked and cannot come
 back (CRL + reload), a good device is untouched, the signed list is retained; and a
 revocation service killed (SIGKILL) in the middle of a revocation completes it after a
 restart. The attacker's view: the revoked device's own certificate and key."""
@@ -17,8 +17,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from edgeward_cli.command_client import require_receipt, send_command
+from edgeward_cli.main import cli
 from edgeward_cli.revoke_cmds import _query, _revoke
+from edgeward_device_agent.commands import CommandHandler
+from edgeward_device_agent.ledger import DeviceLedger
+from edgeward_device_agent.revocations import RevocationHolder
 from edgeward_revocation.app import run_worker, wire
 from edgeward_revocation.effects import DynsecKicker, PkiCrl, SignalReloader
 from edgeward_revocation.store import RevocationStore
@@ -27,6 +33,7 @@ from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings
 from edgeward_shared.envelope import EnvelopeVerifier
 from edgeward_shared.errors import TransportError
 from edgeward_shared.identity import Identity, Role, ServiceName
+from edgeward_shared.messages.command import StopCommand
 from edgeward_shared.messages.revocation import RevocationList, Revoke
 from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.pki.trust import TrustStore
@@ -231,3 +238,52 @@ async def _revoke_when_up(pki: PkiStore, address: str) -> str:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.3)
+
+
+# ------------------------------------------------------------------ a command over the broker
+@pytest.mark.asyncio
+async def test_stop_over_the_broker_with_a_receipt_proved_offline(
+    rev_broker: MosquittoBroker, rev_pki: PkiStore, tmp_path: Path
+) -> None:
+    address = BrokerAddress(rev_broker.host, rev_broker.port)
+    files = rev_pki.identity_files(GOOD)
+    runtime, connect = build_runtime(
+        NodeConfig(files.directory, rev_pki.bundle_path, rev_pki.crl_path, address)
+    )
+    ledger = DeviceLedger(tmp_path / "state" / "ledger.json")
+    holder = RevocationHolder(ledger, runtime.clock, runtime.metrics.registry)
+    commands = CommandHandler(GOOD.name, ledger, holder, runtime.clock, runtime.metrics.registry)
+    commands.attach(runtime)
+    stop = asyncio.Event()
+    task = asyncio.create_task(runtime.run(connect, stop))
+    log = tmp_path / "commands.jsonl"
+    try:
+        await asyncio.wait_for(runtime.ready.wait(), 10)
+        exchange = await send_command(
+            rev_pki,
+            rev_pki.identity_files(ALICE),
+            address,
+            StopCommand(device_id=GOOD.name, reason="maintenance"),
+            log,
+        )
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    receipt = require_receipt(exchange)
+    assert receipt.outcome == "done"
+    assert commands.stopped
+    result = CliRunner().invoke(
+        cli,
+        [
+            "command",
+            "verify",
+            str(log),
+            "--ca-bundle",
+            str(rev_pki.bundle_path),
+            "--crl",
+            str(rev_pki.crl_path),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "command:ok receipt:ok" in result.output
+    assert "every command and receipt verifies" in result.output
