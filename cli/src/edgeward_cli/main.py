@@ -11,11 +11,13 @@ import sys
 import click
 
 from edgeward_cli.broker_cmds import broker
+from edgeward_cli.command_cmds import command
 from edgeward_cli.demo import demo
 from edgeward_cli.device_cmds import device
 from edgeward_cli.model_cmds import model
 from edgeward_cli.pki_cmds import pki
 from edgeward_cli.policy_cmds import policy
+from edgeward_cli.revoke_cmds import revoke
 from edgeward_shared.errors import EdgewardError
 
 
@@ -35,6 +37,8 @@ cli.add_command(device)
 cli.add_command(policy)
 cli.add_command(model)
 cli.add_command(demo)
+cli.add_command(revoke)
+cli.add_command(command)
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import secrets
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Final, Generic
 
@@ -169,6 +169,8 @@ class Opened(Generic[M]):
     mid: str
     iat: int
     exp: int
+    #: the envelope exactly as received (what a receipt's digest binds)
+    raw: bytes = field(default=b"", repr=False)
 
 
 class EnvelopeVerifier:
@@ -223,7 +225,7 @@ class EnvelopeVerifier:
             now_ms,
         )
         message = decode_message(envelope.payload, cls)
-        return Opened(message, signer, topic, envelope.mid, envelope.iat, envelope.exp)
+        return Opened(message, signer, topic, envelope.mid, envelope.iat, envelope.exp, raw)
 
     def _decode(self, raw: bytes) -> Envelope:
         if len(raw) > self.policy.max_envelope_bytes:

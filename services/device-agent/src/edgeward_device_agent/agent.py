@@ -32,13 +32,16 @@ from typing import Any, TypeVar
 from cryptography import x509
 
 from edgeward_device_agent.attestation import Attester, CurrentAttestation
+from edgeward_device_agent.commands import CommandHandler
 from edgeward_device_agent.config import AgentConfig, retry_delays
 from edgeward_device_agent.enrollment import REPLY_TYPES, Enrollment
+from edgeward_device_agent.ledger import LEDGER_NAME, DeviceLedger
 from edgeward_device_agent.metrics import AgentMetrics
 from edgeward_device_agent.model_manager import ModelManager
 from edgeward_device_agent.model_store import ModelStore
 from edgeward_device_agent.ports import AgentTpm, Connector, TpmFactory, mqtt_connector
 from edgeward_device_agent.reasons import AgentReason
+from edgeward_device_agent.revocations import RevocationHolder, RevocationHook
 from edgeward_device_agent.schedule import RequestReason, RequestSchedule
 from edgeward_device_agent.state import AgentState
 from edgeward_device_agent.status import AttestationState, EnrollmentState, TrustState
@@ -57,8 +60,9 @@ from edgeward_shared.messages.attest import (
 )
 from edgeward_shared.messages.common import Rejected
 from edgeward_shared.pki.store import IdentityFiles
-from edgeward_shared.pki.trust import TrustStore
+from edgeward_shared.pki.trust import TrustStore, load_crl
 from edgeward_shared.replay import MemoryReplayGuard
+from edgeward_shared.revocation import RevocationView
 from edgeward_shared.runtime.core import Connect, Outgoing, Runtime
 from edgeward_shared.runtime.health import answer_pings
 from edgeward_shared.runtime.metrics import RuntimeMetrics
@@ -107,10 +111,29 @@ class DeviceAgent:
         self._last_error: str | None = None
         #: the models this device runs (None until it serves as the device, or if disabled)
         self.models: ModelManager | None = None
+        # revocations and commands (docs/adr/0010): persisted in the ledger
+        self.ledger = DeviceLedger(config.state_dir / LEDGER_NAME)
+        self.revocations = RevocationHolder(self.ledger, self._clock, self.metrics.registry)
+        self.commands = CommandHandler(
+            config.device_id, self.ledger, self.revocations, self._clock, self.metrics.registry
+        )
 
     @property
     def device_id(self) -> str:
         return self.config.device_id
+
+    @property
+    def stopped(self) -> bool:
+        """True after an acknowledged ``stop`` until a signed ``resume`` (survives restarts);
+        every inference entry point calls :meth:`check_inference_allowed` first."""
+        return self.commands.stopped
+
+    def check_inference_allowed(self) -> None:
+        self.commands.check_inference_allowed()
+
+    def on_revocations(self, hook: RevocationHook) -> None:
+        """``hook(view)`` runs whenever a newer revocation list is accepted."""
+        self.revocations.on_revocations(hook)
 
     # ------------------------------------------------------------------ what others read
     @property
@@ -302,6 +325,11 @@ class DeviceAgent:
             self._refused,
             name="attest.refused",
         )
+        now = to_datetime(self._clock.now_ms())
+        crl = load_crl(self.config.crl, runtime.verifier.trust.issuing_cas, now=now)
+        self.revocations.bind_trust(runtime.verifier.trust, crl)
+        self.revocations.attach(runtime)
+        self.commands.attach(runtime)
         if self.config.models is not None:
             self.models = ModelManager(
                 self.device_id,
@@ -312,13 +340,22 @@ class DeviceAgent:
                 attestation=lambda: self.attestation,
                 device_key=lambda: runtime.signing_key.key,
                 policy=self.config.models,
+                # the view is replaced by each newer list: look it up at every call
+                revoked=lambda name, version: self.revocations.view.model_revoked(name, version),  # noqa: PLW0108
             )
             self.models.install(runtime)
-        await self._phase(runtime, self._counted(connect), lambda: self._run_device(runtime, stop))
+            self.on_revocations(self._unload_revoked_models)
+        await self._phase(runtime, self._counted(connect), lambda: self._device_work(runtime, stop))
 
-    async def _run_device(self, runtime: Runtime, stop: asyncio.Event) -> None:
-        """Keep attested and, beside it, keep the assigned models running."""
+    def _unload_revoked_models(self, view: RevocationView) -> None:
+        del view  # the model manager asks the current view itself
+        if self.models is not None:
+            self.models.apply_revocations()
+
+    async def _device_work(self, runtime: Runtime, stop: asyncio.Event) -> None:
+        """Keep attested and, beside it, follow revocations and keep the assigned models."""
         async with asyncio.TaskGroup() as group:
+            group.create_task(self.revocations.watch(stop))
             models = group.create_task(self.models.run(runtime, stop)) if self.models else None
             await self._keep_attested(runtime, stop)
             if models is not None:

@@ -144,6 +144,7 @@ class ModelManager:
         policy: ModelPolicy | None = None,
         session_factory: SessionFactory = onnx_session,
         on_change: Callable[[str], None] | None = None,
+        revoked: Callable[[str, int], bool] = lambda _name, _version: False,
     ) -> None:
         self.device_id = device_id
         self.store = store
@@ -157,6 +158,7 @@ class ModelManager:
         self._device_key = device_key
         self._session_factory = session_factory
         self._on_change = on_change
+        self._revoked = revoked  # the revocation plane's list (docs/adr/0010)
         self._fetcher = ChunkFetcher(device_id, store, self.policy.fetch)
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -237,14 +239,23 @@ class ModelManager:
     def _open(self, raw: bytes, name: str) -> Opened[ModelRelease]:
         verifier: EnvelopeVerifier = document_verifier(self._trust())
         opened = open_release(verifier, raw, name, now_ms=self._clock.now_ms())
-        high = self.store.high_water().get(opened.message.name)
-        check_release(opened.message, self.device_id, high)
+        release = opened.message
+        check_release(release, self.device_id, self.store.high_water().get(release.name))
+        if self._revoked(release.name, release.version):
+            raise PolicyError(ModelReason.VERSION_REVOKED, f"{release.name} v{release.version}")
         return opened
 
     def _accept(self, release: ModelRelease, raw: bytes) -> None:
         mark = HighWater(release.version, release.meta_version, sha256_hex(release.provenance))
         self.store.raise_high_water(release.name, mark)  # fsynced before it is relied on
         self.store.save_release(release.name, raw)
+
+    def apply_revocations(self) -> list[str]:
+        """Unload every loaded version the revocation list names; returns their names."""
+        gone = [m.name for m in self.loaded.values() if self._revoked(m.name, m.version)]
+        for name in gone:
+            self._unload(name, ModelReason.VERSION_REVOKED)
+        return gone
 
     def check_freshness(self) -> list[str]:
         """Freeze: models whose release document expired without being re-signed. Tier high

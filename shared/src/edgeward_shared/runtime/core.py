@@ -103,6 +103,9 @@ class Route:
     inline: bool = False
     #: data frames: not envelopes, authenticated by the handler against signed digests
     frames: FrameHandler | None = None
+    #: verifies this route's deliveries instead of the runtime's verifier (a retained list
+    #: checked by version rather than by message id, with its own lifetime bound)
+    verifier: EnvelopeVerifier | None = None
 
 
 class Runtime:
@@ -141,13 +144,22 @@ class Runtime:
         *,
         name: str | None = None,
         inline: bool = False,
+        verifier: EnvelopeVerifier | None = None,
     ) -> None:
         """Deliver messages of ``types`` arriving on ``topic_filter`` to ``handler``.
 
-        Routes whose filters match the same topic are told apart by message type.
+        Routes whose filters match the same topic are told apart by message type (the
+        first matching route's ``verifier``, if any, checks the delivery).
         """
         self._routes.append(
-            Route(name or topic_filter, topic_filter, tuple(types), handler, inline=inline)
+            Route(
+                name or topic_filter,
+                topic_filter,
+                tuple(types),
+                handler,
+                inline=inline,
+                verifier=verifier,
+            )
         )
 
     def route_frames(self, topic_filter: str, handler: FrameHandler, *, name: str) -> None:
@@ -234,7 +246,8 @@ class Runtime:
             return
         try:
             types = [t for r in routes for t in r.types]
-            opened = self.verifier.open(
+            verifier = route.verifier or self.verifier
+            opened = verifier.open(
                 delivery.payload, delivery.topic, types, now_ms=self.clock.now_ms()
             )
             self.metrics.accepted.labels(type(opened.message).TYPE).inc()

@@ -1,0 +1,100 @@
+"""What the device must remember across restarts to stay safe: ``<state>/ledger.json``.
+
+* ``stopped``: an acknowledged ``stop`` holds until a signed ``resume``, reboot or not.
+* ``revocation_version``: the newest revocation list accepted; a restarted agent refuses
+  anything older (no rollback by restarting the device).
+* ``seen``: command ids (``kid:mid``) accepted, each kept until its envelope could no longer
+  be fresh, so a command cannot be replayed after a restart either.
+
+Every change is written before it takes effect outside (a receipt says "stopped" only once
+"stopped" is on disk): temporary file, fsync, rename, fsync of the directory. The file is
+0600 in the 0700 state directory. A file that does not decode stops the agent
+(``ConfigError``): guessing "not stopped, version 0" would be failing open.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Final
+
+import msgspec
+
+from edgeward_shared.errors import AuthenticityError, ConfigError
+
+MAX_SEEN: Final = 100_000
+LEDGER_NAME: Final = "ledger.json"
+
+
+class LedgerState(msgspec.Struct, forbid_unknown_fields=True):
+    stopped: bool = False
+    stopped_by: str | None = None  # mid of the command that stopped the device
+    revocation_version: int = 0
+    seen: dict[str, int] = msgspec.field(default_factory=dict)  # key -> forget after (ms)
+
+
+class DeviceLedger:
+    """The persisted safety state of one device (see the module docstring)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._state = self._load()
+
+    def _load(self) -> LedgerState:
+        try:
+            return msgspec.json.decode(self.path.read_bytes(), type=LedgerState)
+        except FileNotFoundError:
+            return LedgerState()
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError("config.ledger.corrupt", f"{self.path}: {exc}") from exc
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(msgspec.json.encode(self._state))
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(self.path)
+        directory = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+    # ------------------------------------------------------------------ stop / resume
+    @property
+    def stopped(self) -> bool:
+        return self._state.stopped
+
+    @property
+    def stopped_by(self) -> str | None:
+        return self._state.stopped_by
+
+    def set_stopped(self, stopped: bool, by: str | None) -> None:
+        self._state.stopped, self._state.stopped_by = stopped, by if stopped else None
+        self._save()
+
+    # ------------------------------------------------------------------ revocation floor
+    @property
+    def revocation_version(self) -> int:
+        return self._state.revocation_version
+
+    def raise_revocation_version(self, version: int) -> None:
+        if version > self._state.revocation_version:
+            self._state.revocation_version = version
+            self._save()
+
+    # ------------------------------------------------------------------ command replay
+    def record_command(self, key: str, forget_after_ms: int, now_ms: int) -> None:
+        """Remember ``key`` (persisted) or raise ``AuthenticityError(command.replay)``."""
+        seen = self._state.seen
+        for old in [k for k, until in seen.items() if until < now_ms]:
+            del seen[old]
+        if key in seen:
+            raise AuthenticityError("command.replay", "command already received")
+        if len(seen) >= MAX_SEEN:  # fail closed rather than forget an id still fresh
+            raise AuthenticityError("envelope.replay.cache_full", "command ledger is full")
+        seen[key] = forget_after_ms
+        self._save()

@@ -1,0 +1,1 @@
+"""Edgeward's revocation service: one place that takes trust away (docs/adr/0010)."""

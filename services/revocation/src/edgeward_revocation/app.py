@@ -1,0 +1,88 @@
+"""Wiring the revocation service onto a runtime: routes, the worker, the admin kicker.
+No decisions here (``core``/``service``), no configuration (``__main__``).
+
+Requests and attestation events use the shared subscription group ``revocation``, so
+several instances can record revocations; one of them runs the worker (``--worker``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from edgeward_revocation.effects import Kicker, PkiCrl, Reloader
+from edgeward_revocation.service import RevocationService
+from edgeward_revocation.store import RevocationStore
+from edgeward_revocation.worker import RevocationWorker, WorkerSettings
+from edgeward_shared.identity import ServiceName
+from edgeward_shared.messages.attest import AttestationFailed
+from edgeward_shared.messages.revocation import RevocationList, RevocationQuery, Revoke
+from edgeward_shared.runtime.core import Outgoing, Runtime
+from edgeward_shared.runtime.health import answer_pings
+from edgeward_shared.topics import (
+    ROOT,
+    FleetKind,
+    fleet_topic,
+    service_event_topic,
+    shared_subscription,
+)
+
+GROUP = "revocation"
+
+
+@dataclass
+class Wired:
+    service: RevocationService
+    worker: RevocationWorker
+
+
+def wire(
+    runtime: Runtime,
+    store: RevocationStore,
+    pki: PkiCrl,
+    reloader: Reloader,
+    kicker: Kicker,
+    *,
+    settings: WorkerSettings | None = None,
+    auto_revoke: bool = True,
+) -> Wired:
+    settings = settings or WorkerSettings()
+
+    async def publish(revocations: RevocationList) -> None:
+        lifetime = revocations.expires_at_ms - revocations.issued_at_ms
+        topic = fleet_topic(FleetKind.REVOCATIONS)
+        await runtime.publish(Outgoing(topic, revocations, retain=True, ttl_ms=lifetime))
+
+    worker = RevocationWorker(
+        store,
+        pki,
+        reloader,
+        kicker,
+        publish,
+        runtime.clock,
+        runtime.metrics.registry,
+        settings=settings,
+        trust=runtime.verifier.trust,
+    )
+    service = RevocationService(store, pki, runtime.clock, worker.wake, auto_revoke=auto_revoke)
+    requests = shared_subscription(GROUP, f"{ROOT}/svc/{ServiceName.REVOCATION}/req/+")
+    runtime.route(requests, [Revoke, RevocationQuery], service.on_request, name="revoke")
+    answer_pings(runtime, requests)
+    runtime.route(
+        shared_subscription(GROUP, service_event_topic(ServiceName.ATTESTATION, "failed")),
+        [AttestationFailed],
+        service.on_attestation_failed,
+        name="attestation.failed",
+    )
+    return Wired(service, worker)
+
+
+async def run_worker(runtime: Runtime, worker: RevocationWorker, stop: asyncio.Event) -> None:
+    """Start the worker once the runtime first connected (it publishes through it)."""
+    waiter = asyncio.create_task(runtime.ready.wait())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    stopper.cancel()
+    if not stop.is_set():
+        await worker.run(stop)

@@ -1,0 +1,210 @@
+"""The revocation service's hands on the outside world: the CRL, the broker's reload, and
+the broker's dynamic-security kick. Each either confirms what it did or raises
+``TransportError``/``ConfigError``; the worker retries until it confirms.
+
+* :class:`PkiCrl` revokes serials in the PKI store and checks the CRL on disk lists them.
+  The store takes no lock; the identity service writes the same ``issuing/`` files, so
+  every write here holds an ``flock`` on ``issuing/.lock`` (the identity service does not
+  take it yet: see docs/adr/0010, known gaps).
+* :class:`SignalReloader` sends SIGHUP to the mosquitto whose pid ``edgeward broker run``
+  wrote, and, given the broker log, waits until the broker logged the reload.
+* :class:`DynsecKicker` holds one MQTT connection as a broker admin and sends
+  :func:`~edgeward_shared.broker.dynsec.kick_command`, waiting for the plugin's answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import secrets
+import signal
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Final, Protocol
+
+from cryptography import x509
+
+from edgeward_shared.broker.dynsec import (
+    CONTROL_TOPIC,
+    RESPONSE_TOPIC,
+    decode_responses,
+    kick_command,
+    kick_confirmed,
+)
+from edgeward_shared.bus.mqtt import MqttBus, MqttSettings, connect_mqtt
+from edgeward_shared.clock import from_datetime
+from edgeward_shared.errors import ConfigError, EdgewardError, TransportError
+from edgeward_shared.identity import Identity
+from edgeward_shared.pki.store import PkiStore
+from edgeward_shared.pki.trust import load_crl
+from edgeward_shared.runtime.backoff import jittered_backoff
+
+_RELOADED: Final = "Reloading config."
+
+
+class Reloader(Protocol):
+    async def reload(self) -> None: ...
+
+
+class Kicker(Protocol):
+    async def kick(self, username: str) -> None: ...
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+class PkiCrl:
+    """Certificate lookups and CRL writes on one PKI directory (blocking: run in a thread)."""
+
+    def __init__(self, store: PkiStore) -> None:
+        self.store = store.require()
+
+    @property
+    def _lock(self) -> Path:
+        return self.store.dir / "issuing" / ".lock"
+
+    def serials_of(self, identities: list[Identity], now: datetime) -> tuple[int, ...]:
+        """Serials of the current (unexpired, unrevoked) certificates of ``identities``."""
+        return tuple(r.serial for who in identities for r in self.store.current(who, now))
+
+    def owner_of(self, serial: int) -> str | None:
+        """The CN a serial was issued to, or None if this CA never issued it."""
+        return next((r.common_name for r in self.store.issued() if r.serial == serial), None)
+
+    def revoke(self, serials: tuple[int, ...], reason: str, now: datetime) -> None:
+        with _locked(self._lock):
+            for serial in serials:
+                self.store.revoke(serial, now, reason[:64])
+        listed = load_crl(self.store.crl_path, [self.store.issuer().cert], now=now)
+        missing = set(serials) - listed
+        if missing:
+            raise ConfigError("revocation.crl.incomplete", f"not in the CRL: {sorted(missing)}")
+
+    def refresh(self, now: datetime) -> None:
+        with _locked(self._lock):
+            self.store.write_crl(now)
+
+    def expires_at_ms(self) -> int | None:
+        try:
+            crl = x509.load_pem_x509_crl(self.store.crl_path.read_bytes())
+        except (OSError, ValueError):
+            return None
+        update = crl.next_update_utc
+        return None if update is None else from_datetime(update)
+
+
+class SignalReloader:
+    """SIGHUP to the broker named in ``pid_file``; confirmed through ``log_file`` if given."""
+
+    def __init__(self, pid_file: Path, log_file: Path | None, timeout_s: float = 5.0) -> None:
+        self.pid_file, self.log_file, self.timeout_s = pid_file, log_file, timeout_s
+
+    def _pid(self) -> int:
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError) as exc:
+            raise TransportError("revocation.broker.unknown", f"{self.pid_file}: {exc}") from exc
+        if b"mosquitto" not in command:
+            raise TransportError("revocation.broker.unknown", f"pid {pid} is not mosquitto")
+        return pid
+
+    def _reloads(self) -> int:
+        if self.log_file is None or not self.log_file.exists():
+            return 0
+        return self.log_file.read_text(encoding="utf-8", errors="replace").count(_RELOADED)
+
+    async def reload(self) -> None:
+        pid, before = self._pid(), self._reloads()
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except OSError as exc:
+            raise TransportError("revocation.broker.signal", str(exc)) from exc
+        if self.log_file is None:
+            return
+        deadline = time.monotonic() + self.timeout_s
+        while self._reloads() <= before:
+            if time.monotonic() > deadline:
+                raise TransportError("revocation.broker.reload_unconfirmed", str(self.log_file))
+            await asyncio.sleep(0.01)
+
+
+class DynsecKicker:
+    """A broker-admin connection that kicks clients and waits for the plugin's answer."""
+
+    def __init__(self, settings: MqttSettings, timeout_s: float = 5.0) -> None:
+        self._settings = settings
+        self._timeout = timeout_s
+        self._bus: MqttBus | None = None
+        self._waiting: dict[str, asyncio.Future[None]] = {}
+        self.ready = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Keep the admin connection up (jittered backoff) until ``stop``."""
+        delays = jittered_backoff()
+        while not stop.is_set():
+            with contextlib.suppress(EdgewardError):
+                async with connect_mqtt(self._settings) as bus:
+                    await bus.subscribe(RESPONSE_TOPIC)
+                    self._bus = bus
+                    self.ready.set()
+                    delays = jittered_backoff()
+                    await self._serve(bus, stop)
+            self._bus = None
+            self.ready.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), next(delays))
+
+    async def _serve(self, bus: MqttBus, stop: asyncio.Event) -> None:
+        reader = asyncio.create_task(self._read(bus))
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            reader.cancel()
+            stopper.cancel()
+            with contextlib.suppress(asyncio.CancelledError, EdgewardError):
+                await reader
+
+    async def _read(self, bus: MqttBus) -> None:
+        async for delivery in bus.deliveries():
+            try:
+                responses = decode_responses(delivery.payload)
+            except EdgewardError:
+                continue
+            for correlation, future in list(self._waiting.items()):
+                if not future.done() and kick_confirmed(responses, correlation):
+                    future.set_result(None)
+
+    async def kick(self, username: str) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self.ready.wait()
+        except TimeoutError as exc:
+            raise TransportError("revocation.kick.not_connected", "no admin connection") from exc
+        bus = self._bus
+        if bus is None:
+            raise TransportError("revocation.kick.not_connected", "no admin connection")
+        correlation = secrets.token_hex(8)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting[correlation] = future
+        try:
+            async with asyncio.timeout(self._timeout):
+                await bus.publish(CONTROL_TOPIC, kick_command(username, correlation))
+                await future
+        except TimeoutError as exc:
+            raise TransportError("revocation.kick.unconfirmed", username) from exc
+        finally:
+            self._waiting.pop(correlation, None)

@@ -1,0 +1,250 @@
+"""The revocation service's durable state: what is revoked, the jobs that carry each
+revocation out step by step, and every list published.
+
+A revocation is *recorded* in one transaction (its entry, the certificate serials it takes
+away, and its job at step ``recorded``); from then on it cannot be lost, only delayed. Each
+later step is marked only after it was confirmed, so a restarted service resumes every job
+where it stopped (:meth:`RevocationStore.pending`). Steps are idempotent: redoing one
+after a crash between "done" and "marked" is harmless.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Final, cast
+
+from edgeward_revocation.core import Entry, Step
+from edgeward_shared.messages.revocation import JobStatus, Kind
+from edgeward_shared.storage.base import Database, Row
+from edgeward_shared.storage.migrations import Migration, migrate
+
+COMPONENT: Final = "revocation"
+MIGRATIONS: Final = (
+    Migration(
+        1,
+        "entries, serials, jobs, lists",
+        (
+            """CREATE TABLE rev_entries (
+                kind TEXT NOT NULL,
+                subject TEXT NOT NULL,
+                reason TEXT NOT NULL,
+                actor TEXT NOT NULL,
+                at BIGINT NOT NULL,
+                PRIMARY KEY (kind, subject)
+            )""",
+            """CREATE TABLE rev_serials (
+                serial TEXT PRIMARY KEY,
+                job_id TEXT NOT NULL
+            )""",
+            """CREATE TABLE rev_jobs (
+                job_id TEXT PRIMARY KEY,
+                kind TEXT NOT NULL,
+                subject TEXT NOT NULL,
+                reason TEXT NOT NULL,
+                actor TEXT NOT NULL,
+                step TEXT NOT NULL,
+                serials TEXT NOT NULL,
+                kick TEXT NOT NULL,
+                created_at BIGINT NOT NULL,
+                updated_at BIGINT NOT NULL,
+                attempts BIGINT NOT NULL,
+                last_error TEXT,
+                list_version BIGINT
+            )""",
+            "CREATE INDEX IF NOT EXISTS rev_jobs_step ON rev_jobs (step, created_at)",
+            """CREATE TABLE rev_lists (
+                version BIGINT PRIMARY KEY,
+                issued_at BIGINT NOT NULL,
+                expires_at BIGINT NOT NULL,
+                body BLOB NOT NULL
+            )""",
+        ),
+    ),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    job_id: str
+    kind: Kind
+    subject: str
+    reason: str
+    actor: str
+    step: Step
+    serials: tuple[int, ...]
+    kick: tuple[str, ...]
+    created_at: int
+    updated_at: int
+    attempts: int
+    last_error: str | None
+    list_version: int | None
+
+    @classmethod
+    def from_row(cls, row: Row) -> Job:
+        serials, kick = str(row["serials"]), str(row["kick"])
+        version = row["list_version"]
+        error = row["last_error"]
+        return cls(
+            job_id=str(row["job_id"]),
+            kind=cast("Kind", str(row["kind"])),
+            subject=str(row["subject"]),
+            reason=str(row["reason"]),
+            actor=str(row["actor"]),
+            step=cast("Step", str(row["step"])),
+            serials=tuple(int(s, 16) for s in serials.split(",") if s),
+            kick=tuple(k for k in kick.split(",") if k),
+            created_at=int(str(row["created_at"])),
+            updated_at=int(str(row["updated_at"])),
+            attempts=int(str(row["attempts"])),
+            last_error=None if error is None else str(error),
+            list_version=None if version is None else int(str(version)),
+        )
+
+    def status(self) -> JobStatus:
+        return JobStatus(
+            job_id=self.job_id,
+            kind=self.kind,
+            subject=self.subject,
+            reason=self.reason,
+            actor=self.actor,
+            step=self.step,
+            created_at_ms=self.created_at,
+            updated_at_ms=self.updated_at,
+            attempts=self.attempts,
+            last_error=self.last_error,
+            list_version=self.list_version,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PublishedList:
+    version: int
+    issued_at: int
+    expires_at: int
+    body: bytes
+
+
+class RevocationStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def migrate(self) -> None:
+        await migrate(self.db, component=COMPONENT, migrations=MIGRATIONS)
+
+    async def record(
+        self,
+        entry: Entry,
+        *,
+        reason: str,
+        actor: str,
+        serials: tuple[int, ...],
+        kick: tuple[str, ...],
+        now_ms: int,
+    ) -> Job:
+        """The ``recorded`` step: entry, serials and job in one transaction."""
+        job_id = secrets.token_hex(16)
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                "INSERT INTO rev_entries (kind, subject, reason, actor, at) VALUES"
+                " (:k, :s, :r, :a, :at) ON CONFLICT (kind, subject) DO NOTHING",
+                {"k": entry.kind, "s": entry.subject, "r": reason, "a": actor, "at": now_ms},
+            )
+            for serial in serials:
+                await tx.execute(
+                    "INSERT INTO rev_serials (serial, job_id) VALUES (:s, :j)"
+                    " ON CONFLICT (serial) DO NOTHING",
+                    {"s": f"{serial:x}", "j": job_id},
+                )
+            await tx.execute(
+                "INSERT INTO rev_jobs (job_id, kind, subject, reason, actor, step, serials,"
+                " kick, created_at, updated_at, attempts) VALUES (:j, :k, :s, :r, :a,"
+                " 'recorded', :serials, :kick, :at, :at, 0)",
+                {
+                    "j": job_id,
+                    "k": entry.kind,
+                    "s": entry.subject,
+                    "r": reason,
+                    "a": actor,
+                    "serials": ",".join(f"{serial:x}" for serial in serials),
+                    "kick": ",".join(kick),
+                    "at": now_ms,
+                },
+            )
+            row = await tx.fetch_one("SELECT * FROM rev_jobs WHERE job_id = :j", {"j": job_id})
+        assert row is not None  # noqa: S101 - inserted just above, in this transaction
+        return Job.from_row(row)
+
+    async def job(self, job_id: str) -> Job | None:
+        async with self.db.transaction() as tx:
+            row = await tx.fetch_one("SELECT * FROM rev_jobs WHERE job_id = :j", {"j": job_id})
+        return None if row is None else Job.from_row(row)
+
+    async def recent(self, limit: int) -> list[Job]:
+        async with self.db.transaction() as tx:
+            rows = await tx.fetch_all(
+                "SELECT * FROM rev_jobs ORDER BY created_at DESC, job_id LIMIT :n", {"n": limit}
+            )
+        return [Job.from_row(row) for row in rows]
+
+    async def pending(self) -> list[Job]:
+        """Jobs not done yet, oldest first: what a (re)started service carries on with."""
+        async with self.db.transaction() as tx:
+            rows = await tx.fetch_all(
+                "SELECT * FROM rev_jobs WHERE step <> 'done' ORDER BY created_at, job_id", {}
+            )
+        return [Job.from_row(row) for row in rows]
+
+    async def advance(
+        self, job: Job, step: Step, now_ms: int, list_version: int | None = None
+    ) -> Job:
+        """Mark ``step`` confirmed for ``job`` (only from the step it was at)."""
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                "UPDATE rev_jobs SET step = :step, updated_at = :at, last_error = NULL,"
+                " list_version = coalesce(:v, list_version) WHERE job_id = :j AND step = :was",
+                {"step": step, "at": now_ms, "v": list_version, "j": job.job_id, "was": job.step},
+            )
+            row = await tx.fetch_one("SELECT * FROM rev_jobs WHERE job_id = :j", {"j": job.job_id})
+        assert row is not None  # noqa: S101 - jobs are never deleted
+        return Job.from_row(row)
+
+    async def failed(self, job: Job, reason: str, now_ms: int) -> None:
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                "UPDATE rev_jobs SET attempts = attempts + 1, last_error = :e, updated_at = :at"
+                " WHERE job_id = :j",
+                {"e": reason, "at": now_ms, "j": job.job_id},
+            )
+
+    async def entries(self) -> tuple[list[Entry], list[int]]:
+        async with self.db.transaction() as tx:
+            rows = await tx.fetch_all("SELECT kind, subject FROM rev_entries", {})
+            serials = await tx.fetch_all("SELECT serial FROM rev_serials", {})
+        entries = [Entry(cast("Kind", str(r["kind"])), str(r["subject"])) for r in rows]
+        return entries, [int(str(r["serial"]), 16) for r in serials]
+
+    async def next_version(self) -> int:
+        async with self.db.transaction() as tx:
+            row = await tx.fetch_one("SELECT max(version) AS v FROM rev_lists", {})
+        return 1 if row is None or row["v"] is None else int(str(row["v"])) + 1
+
+    async def save_list(self, version: int, issued_at: int, expires_at: int, body: bytes) -> None:
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                "INSERT INTO rev_lists (version, issued_at, expires_at, body) VALUES"
+                " (:v, :i, :e, :b)",
+                {"v": version, "i": issued_at, "e": expires_at, "b": body},
+            )
+
+    async def latest_list(self) -> PublishedList | None:
+        async with self.db.transaction() as tx:
+            row = await tx.fetch_one("SELECT * FROM rev_lists ORDER BY version DESC LIMIT 1", {})
+        if row is None:
+            return None
+        body = row["body"]
+        if not isinstance(body, bytes):
+            raise TypeError("list body is not bytes")
+        return PublishedList(
+            int(str(row["version"])), int(str(row["issued_at"])), int(str(row["expires_at"])), body
+        )

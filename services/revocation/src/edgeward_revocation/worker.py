@@ -1,0 +1,192 @@
+"""Carries every recorded revocation to the end, one confirmed step at a time, and keeps
+the CRL and the revocation list from expiring.
+
+Steps (:data:`~edgeward_revocation.core.STEPS`): ``crl_written`` (the serials are in the
+CRL on disk), ``broker_reloaded`` (mosquitto logged its reload: new handshakes now see the
+CRL), ``list_published`` (a new list version was acknowledged by the broker, retained),
+``done`` (the plugin confirmed the kick of every name). A failed step is recorded with its
+reason, counted, and retried with jittered backoff; the job never goes back and never
+skips. A restarted worker picks every unfinished job up where the database says it is.
+
+One worker per deployment (``--worker`` on one instance): list versions are allocated
+from the database, but two workers would race on the CRL and the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from edgeward_revocation.core import Step, build_list, next_step, refresh_due
+from edgeward_revocation.effects import Kicker, PkiCrl, Reloader
+from edgeward_revocation.store import Job, RevocationStore
+from edgeward_shared.clock import Clock, to_datetime
+from edgeward_shared.errors import EdgewardError
+from edgeward_shared.logs import fields
+from edgeward_shared.messages.base import encode_message
+from edgeward_shared.messages.revocation import RevocationList
+from edgeward_shared.pki.store import CRL_LIFETIME
+from edgeward_shared.pki.trust import TrustStore
+from edgeward_shared.runtime.backoff import jittered_backoff
+
+log = logging.getLogger("edgeward.revocation.worker")
+Publish = Callable[[RevocationList], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    list_lifetime_ms: int = 3600_000  # reissued at half-life: devices alarm within the hour
+    crl_lifetime_ms: int = int(CRL_LIFETIME.total_seconds() * 1000)  # reissued at half-life
+    tick_s: float = 5.0
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.steps = Counter(
+            "edgeward_revocation_steps_total",
+            "Revocation steps attempted, by step and outcome (ok or a reason id)",
+            ["step", "outcome"],
+            registry=registry,
+        )
+        self.completion = Histogram(
+            "edgeward_revocation_completion_seconds",
+            "Time from a revocation's record to its last confirmed step",
+            registry=registry,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0),
+        )
+
+
+class RevocationWorker:
+    def __init__(  # noqa: PLR0917 - the worker's six collaborators, each required
+        self,
+        store: RevocationStore,
+        crl: PkiCrl,
+        reloader: Reloader,
+        kicker: Kicker,
+        publish: Publish,
+        clock: Clock,
+        registry: CollectorRegistry,
+        *,
+        settings: WorkerSettings | None = None,
+        trust: TrustStore | None = None,
+    ) -> None:
+        self.store, self.crl, self.reloader, self.kicker = store, crl, reloader, kicker
+        self._publish = publish
+        self.clock = clock
+        self.settings = settings or WorkerSettings()
+        self.metrics = WorkerMetrics(registry)
+        self.trust = trust
+        self.wake = asyncio.Event()
+        self._published = False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        delays = jittered_backoff()
+        while not stop.is_set():
+            self.wake.clear()
+            healthy = await self.work_once()
+            if healthy:
+                delays = jittered_backoff()
+            pause = self.settings.tick_s if healthy else next(delays)
+            waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(self.wake.wait())]
+            await asyncio.wait(waiters, timeout=pause, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+
+    async def work_once(self) -> bool:
+        """Advance every unfinished job, then keep the list and CRL fresh; False if any
+        step failed (the caller backs off)."""
+        healthy = True
+        for job in await self.store.pending():
+            healthy = await self.advance(job) and healthy
+        return await self.maintain() and healthy
+
+    async def advance(self, job: Job) -> bool:
+        """Take ``job`` through its remaining steps; False at the first failed one."""
+        while (step := next_step(job.kind, job.step)) is not None:
+            try:
+                version = await self._do(step, job)
+            except EdgewardError as exc:
+                self.metrics.steps.labels(step, exc.reason).inc()
+                log.warning(
+                    "revocation.step_failed",
+                    extra=fields(job=job.job_id, step=step, reason=exc.reason, detail=exc.detail),
+                )
+                await self.store.failed(job, exc.reason, self.clock.now_ms())
+                return False
+            self.metrics.steps.labels(step, "ok").inc()
+            job = await self.store.advance(job, step, self.clock.now_ms(), version)
+        self.metrics.completion.observe(max(0, job.updated_at - job.created_at) / 1000)
+        log.info("revocation.done", extra=fields(job=job.job_id, subject=job.subject))
+        return True
+
+    async def _do(self, step: Step, job: Job) -> int | None:
+        match step:
+            case "crl_written":
+                now = to_datetime(self.clock.now_ms())
+                await asyncio.to_thread(self.crl.revoke, job.serials, job.reason, now)
+                if self.trust is not None:  # our own next check refuses them too
+                    self.trust.set_revoked({*self._trusted_revoked(), *job.serials})
+            case "broker_reloaded":
+                await self.reloader.reload()
+            case "list_published":
+                return await self.publish_list()
+            case "done":
+                for name in job.kick:
+                    await self.kicker.kick(name)
+        return None
+
+    def _trusted_revoked(self) -> set[int]:
+        with contextlib.suppress(EdgewardError):
+            return set(self.crl.store.revoked_serials())
+        return set()
+
+    async def publish_list(self) -> int:
+        now = self.clock.now_ms()
+        entries, serials = await self.store.entries()
+        version = await self.store.next_version()
+        revocations = build_list(
+            entries,
+            serials,
+            version=version,
+            now_ms=now,
+            lifetime_ms=self.settings.list_lifetime_ms,
+        )
+        await self.store.save_list(
+            version,
+            revocations.issued_at_ms,
+            revocations.expires_at_ms,
+            encode_message(revocations),
+        )
+        started = time.perf_counter()
+        await self._publish(revocations)
+        self._published = True
+        log.info(
+            "revocation.list_published",
+            extra=fields(version=version, ms=round((time.perf_counter() - started) * 1000, 2)),
+        )
+        return version
+
+    async def maintain(self) -> bool:
+        """Publish a list at start and at half-life; reissue the CRL at half-life."""
+        now = self.clock.now_ms()
+        try:
+            latest = await self.store.latest_list()
+            expires = latest.expires_at if latest is not None else None
+            if not self._published or refresh_due(expires, self.settings.list_lifetime_ms, now):
+                await self.publish_list()
+            crl_expires = await asyncio.to_thread(self.crl.expires_at_ms)
+            if refresh_due(crl_expires, self.settings.crl_lifetime_ms, now):
+                await asyncio.to_thread(self.crl.refresh, to_datetime(now))
+                await self.reloader.reload()
+                log.info("revocation.crl_reissued")
+        except EdgewardError as exc:
+            self.metrics.steps.labels("maintain", exc.reason).inc()
+            log.warning("revocation.maintenance_failed", extra=fields(reason=exc.reason))
+            return False
+        return True

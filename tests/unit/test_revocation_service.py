@@ -1,0 +1,295 @@
+"""The revocation service's core and worker with a real PKI directory and SQLite file, and
+stand-ins for the broker (its reload and kick): steps in order, retried until confirmed,
+resumed by a new process over the same database, never half applied."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from edgeward_revocation.core import (
+    STEPS,
+    Entry,
+    authorize_revoker,
+    build_list,
+    canonical_subject,
+    next_step,
+    should_revoke,
+)
+from edgeward_revocation.effects import PkiCrl
+from edgeward_revocation.service import RevocationService
+from edgeward_revocation.store import RevocationStore
+from edgeward_revocation.worker import RevocationWorker, WorkerSettings
+from edgeward_shared.clock import from_datetime
+from edgeward_shared.errors import PolicyError, TransportError
+from edgeward_shared.identity import Identity, ServiceName
+from edgeward_shared.messages.revocation import RevocationList
+from edgeward_shared.pki.store import PkiStore, read_certificate
+from edgeward_shared.pki.trust import load_crl
+from edgeward_shared.revocation import RevocationView
+from edgeward_shared.storage.sqlite import SqliteDatabase
+from edgeward_shared.testing import FixedClock
+
+ALICE = Identity.operator("alice")
+DAY = timedelta(days=1)
+
+
+# ------------------------------------------------------------------ pure core
+def test_steps_are_ordered_and_list_only_kinds_skip_the_broker() -> None:
+    assert [next_step("device", s) for s in STEPS] == [*STEPS[1:], None]
+    assert next_step("model", "recorded") == "list_published"
+    assert next_step("key", "list_published") == "done"
+
+
+@pytest.mark.parametrize(
+    ("kind", "subject", "canonical"),
+    [
+        ("device", "dev-1", "dev-1"),
+        ("cert", "0x00AB", "ab"),
+        ("model", "ocr@12", "ocr@12"),
+        ("operator", "alice", "alice"),
+        ("key", "ab" * 32, "ab" * 32),
+    ],
+)
+def test_subjects_have_one_spelling(kind: str, subject: str, canonical: str) -> None:
+    assert canonical_subject(kind, subject) == canonical  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kind", "subject"),
+    [
+        ("device", "svc.x"),
+        ("cert", "xyz"),
+        ("model", "ocr"),
+        ("operator", "op.alice"),
+        ("key", "ab"),
+    ],
+)
+def test_malformed_subjects_are_refused(kind: str, subject: str) -> None:
+    with pytest.raises(PolicyError, match="revocation.subject.invalid"):
+        canonical_subject(kind, subject)  # type: ignore[arg-type]
+
+
+def test_who_may_revoke_what() -> None:
+    authorize_revoker(ALICE, "operator")
+    authorize_revoker(Identity.service(ServiceName.TELEMETRY, "2"), "device")
+    authorize_revoker(Identity.service(ServiceName.ATTESTATION), "device")
+    for caller, kind in [
+        (Identity.service(ServiceName.TELEMETRY), "operator"),
+        (Identity.service(ServiceName.MODEL_DISTRIBUTION), "device"),
+        (Identity.device("dev-1"), "device"),
+    ]:
+        with pytest.raises(PolicyError, match="revocation.role.not_allowed"):
+            authorize_revoker(caller, kind)  # type: ignore[arg-type]
+
+
+def test_only_tampering_revokes_automatically() -> None:
+    assert should_revoke(["attestation.pcr.not_allowed"])
+    assert not should_revoke(["attestation.nonce.expired", "attestation.policy.missing"])
+
+
+def test_the_list_is_sorted_and_complete() -> None:
+    entries = [
+        Entry("device", "dev-b"),
+        Entry("device", "dev-a"),
+        Entry("model", "ocr@2"),
+        Entry("cert", "1f"),
+        Entry("operator", "mallory"),
+    ]
+    revocations = build_list(entries, [0x20, 0x1F], version=3, now_ms=10, lifetime_ms=100)
+    assert revocations.devices == ["dev-a", "dev-b"]
+    assert revocations.serials == ["1f", "20"]
+    view = RevocationView.empty().accept(revocations)
+    assert view.model_revoked("ocr", 2)
+    assert view.expires_at_ms == 110
+
+
+# ------------------------------------------------------------------ worker
+class FakeBroker:
+    """Reload and kick stand-ins that fail while ``down``."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.reloads = 0
+        self.kicked: list[str] = []
+        self.published: list[RevocationList] = []
+
+    async def reload(self) -> None:
+        if self.down:
+            raise TransportError("revocation.broker.unknown", "no broker")
+        self.reloads += 1
+
+    async def kick(self, username: str) -> None:
+        if self.down:
+            raise TransportError("revocation.kick.not_connected", "no broker")
+        self.kicked.append(username)
+
+    async def publish(self, revocations: RevocationList) -> None:
+        if self.down:
+            raise TransportError("transport.not_connected", "no broker")
+        self.published.append(revocations)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> PkiStore:
+    store = PkiStore(tmp_path / "pki")
+    now = datetime.now(UTC)
+    store.init(now)
+    for who in (
+        Identity.device("dev-1"),
+        Identity.enrollee("dev-1"),
+        Identity.device("dev-2"),
+        ALICE,
+    ):
+        store.issue(who, now, DAY)
+    return store
+
+
+class Process:
+    """One revocation-service process over the database file (the worker and handlers)."""
+
+    def __init__(self, db: SqliteDatabase, pki: PkiStore, broker: FakeBroker) -> None:
+        self.clock = FixedClock(from_datetime(datetime.now(UTC)))
+        self.store = RevocationStore(db)
+        self.worker = RevocationWorker(
+            self.store,
+            PkiCrl(pki),
+            broker,
+            broker,
+            broker.publish,
+            self.clock,
+            CollectorRegistry(),
+            settings=WorkerSettings(list_lifetime_ms=3600_000),
+        )
+        self.service = RevocationService(self.store, PkiCrl(pki), self.clock, self.worker.wake)
+
+
+def _serial(pki: PkiStore, who: Identity) -> int:
+    return read_certificate(pki.identity_files(who).cert).serial_number
+
+
+@pytest.mark.asyncio
+async def test_a_device_revocation_goes_through_every_step(pki: PkiStore, tmp_path: Path) -> None:
+    broker = FakeBroker()
+    db = await SqliteDatabase.open(tmp_path / "rev.db")
+    try:
+        process = Process(db, pki, broker)
+        await process.store.migrate()
+        job = await process.service.revoke(ALICE, "device", "dev-1", "stolen")
+        assert job.step == "recorded"
+        assert await process.worker.work_once()
+        done = await process.store.job(job.job_id)
+        assert done is not None
+        assert done.step == "done"
+        crl = load_crl(pki.crl_path, [pki.issuer().cert], now=datetime.now(UTC))
+        assert _serial(pki, Identity.device("dev-1")) in crl
+        assert _serial(pki, Identity.enrollee("dev-1")) in crl
+        assert _serial(pki, Identity.device("dev-2")) not in crl
+        assert broker.reloads == 1
+        assert broker.kicked == ["dev-1", "enroll.dev-1"]
+        final = broker.published[-1]
+        assert final.devices == ["dev-1"]
+        assert done.list_version == final.version
+    finally:
+        await db.close()
+
+
+@pytest.mark.asyncio
+async def test_a_revocation_survives_a_dead_broker_and_a_restart(
+    pki: PkiStore, tmp_path: Path
+) -> None:
+    broker = FakeBroker()
+    broker.down = True
+    db = await SqliteDatabase.open(tmp_path / "rev.db")
+    process = Process(db, pki, broker)
+    await process.store.migrate()
+    job = await process.service.revoke(ALICE, "operator", "alice", "left")
+    assert not await process.worker.work_once()  # CRL written, reload failed
+    stuck = await process.store.job(job.job_id)
+    assert stuck is not None
+    assert (stuck.step, stuck.last_error, stuck.attempts) == (
+        "crl_written",
+        "revocation.broker.unknown",
+        1,
+    )
+    await db.close()  # the process dies here
+    broker.down = False
+    db = await SqliteDatabase.open(tmp_path / "rev.db")
+    try:
+        restarted = Process(db, pki, broker)
+        assert [j.job_id for j in await restarted.store.pending()] == [job.job_id]
+        assert await restarted.worker.work_once()
+        done = await restarted.store.job(job.job_id)
+        assert done is not None
+        assert done.step == "done"
+        assert broker.kicked == ["op.alice"]
+        assert broker.published[-1].operators == ["alice"]
+    finally:
+        await db.close()
+
+
+@pytest.mark.asyncio
+async def test_list_versions_only_grow_and_the_list_is_reissued_at_half_life(
+    pki: PkiStore, tmp_path: Path
+) -> None:
+    broker = FakeBroker()
+    db = await SqliteDatabase.open(tmp_path / "rev.db")
+    try:
+        process = Process(db, pki, broker)
+        await process.store.migrate()
+        assert await process.worker.work_once()  # the first list, at start
+        await process.service.revoke(ALICE, "model", "ocr@2", "bad weights")
+        assert await process.worker.work_once()
+        process.clock.advance(1800_000)
+        assert await process.worker.work_once()
+        versions = [revocations.version for revocations in broker.published]
+        assert versions == sorted(set(versions))
+        assert len(versions) == 3
+        assert broker.kicked == []  # a model version has no connection to cut
+        assert broker.reloads == 0
+    finally:
+        await db.close()
+
+
+@pytest.mark.asyncio
+async def test_the_crl_is_reissued_well_before_it_expires(pki: PkiStore, tmp_path: Path) -> None:
+    broker = FakeBroker()
+    db = await SqliteDatabase.open(tmp_path / "rev.db")
+    try:
+        process = Process(db, pki, broker)
+        await process.store.migrate()
+        before = PkiCrl(pki).expires_at_ms()
+        assert before is not None
+        process.clock.ms = before - 3 * 24 * 3600_000  # 3 days left of 7
+        assert await process.worker.work_once()
+        after = PkiCrl(pki).expires_at_ms()
+        assert after is not None
+        assert after > before
+        assert broker.reloads == 1
+    finally:
+        await db.close()
+
+
+@pytest.mark.asyncio
+async def test_an_unknown_serial_and_a_telemetry_operator_revocation_are_refused(
+    pki: PkiStore, tmp_path: Path
+) -> None:
+    db = await SqliteDatabase.open(tmp_path / "rev.db")
+    try:
+        process = Process(db, pki, FakeBroker())
+        await process.store.migrate()
+        with pytest.raises(PolicyError, match="unknown_serial"):
+            await process.service.revoke(ALICE, "cert", "abcdef0123", "x")
+        telemetry = Identity.service(ServiceName.TELEMETRY)
+        with pytest.raises(PolicyError, match="role.not_allowed"):
+            await process.service.revoke(telemetry, "operator", "alice", "x")
+        job = await process.service.revoke(telemetry, "device", "dev-2", "rate alarm")
+        assert job.actor == "svc.telemetry"
+        assert await process.store.pending() == [job]
+    finally:
+        await db.close()
+    await asyncio.sleep(0)
