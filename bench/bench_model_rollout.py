@@ -211,6 +211,7 @@ async def main_async(count: int) -> None:
                     f"{broker.host}:{broker.port}",
                     "--log-level",
                     "WARNING",
+                    "--allow-without-revocations",  # no revocation service in this bench
                 ]
             )
             try:

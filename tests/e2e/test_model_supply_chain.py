@@ -41,11 +41,17 @@ from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN, tampered_boot_chain
 from edgeward_device_agent.tpm import PcrBank, Tpm
 from edgeward_model_distribution.app import ModelsConfig, models_node
 from edgeward_model_distribution.service import ModelService
+from edgeward_shared.clock import SystemClock
 from edgeward_shared.identity import Identity, Role, ServiceName
+from edgeward_shared.messages.revocation import RevocationList, RevokedModel
+from edgeward_shared.runtime.core import Outgoing, Runtime
+from edgeward_shared.runtime.node import build_runtime
+from edgeward_shared.topics import FleetKind, fleet_topic
 
 pytestmark = [pytest.mark.tpm, pytest.mark.broker, pytest.mark.slow]
 
 MODELS = Identity.service(ServiceName.MODEL_DISTRIBUTION)
+REVOCATION = Identity.service(ServiceName.REVOCATION)
 SIGNER = Identity(Role.SIGNER, "ci")
 WAIT = 30.0
 FAST = ModelPolicy(sync_interval_s=2.0, attestation_wait_s=3.0)
@@ -53,8 +59,45 @@ FAST = ModelPolicy(sync_interval_s=2.0, attestation_wait_s=3.0)
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    with make_world(tmp_path_factory.mktemp("models"), (MODELS, SIGNER)) as built:
+    with make_world(tmp_path_factory.mktemp("models"), (MODELS, SIGNER, REVOCATION)) as built:
         yield built
+
+
+class Plane:
+    """The revocation plane's signed, retained list, published as svc.revocation would."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.version = int(time.time())  # above any list an earlier test left retained
+
+    async def publish(
+        self,
+        *,
+        devices: tuple[str, ...] = (),
+        models: tuple[tuple[str, int], ...] = (),
+        lifetime_ms: int = 3_600_000,
+    ) -> None:
+        self.version += 1
+        now = SystemClock().now_ms()
+        listing = RevocationList(
+            version=self.version,
+            issued_at_ms=now,
+            expires_at_ms=now + lifetime_ms,
+            devices=list(devices),
+            serials=[],
+            models=[RevokedModel(name, version) for name, version in models],
+            operators=[],
+            keys=[],
+        )
+        topic = fleet_topic(FleetKind.REVOCATIONS)
+        await self.runtime.publish(Outgoing(topic, listing, retain=True, ttl_ms=lifetime_ms))
+
+
+@asynccontextmanager
+async def plane(world: World) -> AsyncIterator[Plane]:
+    runtime, connect = build_runtime(world.node(REVOCATION))
+    async with running(runtime, connect):
+        yield Plane(runtime)
 
 
 @asynccontextmanager
@@ -121,7 +164,8 @@ async def test_publish_canary_activate_refuse_update_revoke(world: World, tmp_pa
     other = world.fleet.start("tpm-other", GOLDEN_BOOT_CHAIN)
     bad = world.fleet.start("tpm-tampered", tampered_boot_chain(GOLDEN_BOOT_CHAIN))
     v1, v2 = small_model(seed=1), small_model(seed=2)
-    async with services(world) as store, distribution(world):
+    async with services(world) as store, plane(world) as revocations, distribution(world):
+        await revocations.publish()  # the distribution service releases no key without one
         await approve_golden_policy(store, "gw-models")
         canary = with_models(await world.new_agent(store, "dev-canary", good.tcti))
         bystander = with_models(await world.new_agent(store, "dev-other", other.tcti))
@@ -207,3 +251,70 @@ async def test_publish_canary_activate_refuse_update_revoke(world: World, tmp_pa
         expected = sha256(expected + sha256(model).digest()).digest()
     with Tpm(good.tcti) as tpm:
         assert tpm.read_pcrs([14], PcrBank.SHA256)[14] == expected
+
+
+@pytest.mark.asyncio
+async def test_the_revocation_plane_reaches_models_and_keys(world: World, tmp_path: Path) -> None:
+    first = world.fleet.start("tpm-plane-a", GOLDEN_BOOT_CHAIN)
+    second = world.fleet.start("tpm-plane-b", GOLDEN_BOOT_CHAIN)
+    async with services(world) as store, plane(world) as revocations, distribution(world):
+        await revocations.publish()
+        await approve_golden_policy(store, "gw-plane")
+        kept = with_models(await world.new_agent(store, "dev-kept", first.tcti))
+        cut = with_models(await world.new_agent(store, "dev-cut", second.tcti))
+        async with agent_running(kept), agent_running(cut):
+            for agent in (kept, cut):
+                assert await until(lambda a=agent: a.trust_state().attested, WAIT)
+            assert kept.models is not None
+            assert cut.models is not None
+            await asyncio.to_thread(publish, world, tmp_path, "detector", 1, small_model(seed=5))
+            await asyncio.to_thread(
+                world.cli,
+                "model",
+                "rollout",
+                "detector",
+                "1",
+                "--device",
+                "dev-kept",
+                "--device",
+                "dev-cut",
+            )
+            assert await until(lambda: "detector" in kept.models.loaded, WAIT)
+            assert await until(lambda: "detector" in cut.models.loaded, WAIT)
+
+            # a revoked model version: devices unload it, the service stops serving it
+            await revocations.publish(models=(("detector", 1),))
+            assert await until(lambda: "detector" not in kept.models.loaded, WAIT)
+            assert await until(lambda: "detector" not in cut.models.loaded, WAIT)
+            listing = await asyncio.to_thread(world.cli, "model", "list", "detector")
+            assert "REVOKED" in listing
+
+            # a revoked device: no key for the next version; the other device is unaffected
+            await revocations.publish(devices=("dev-cut",), models=(("detector", 1),))
+            await asyncio.to_thread(publish, world, tmp_path, "detector", 2, small_model(seed=6))
+            await asyncio.to_thread(
+                world.cli,
+                "model",
+                "rollout",
+                "detector",
+                "2",
+                "--device",
+                "dev-kept",
+                "--device",
+                "dev-cut",
+            )
+            assert await until(lambda: "detector" in kept.models.loaded, WAIT)
+            assert await until(lambda: cut.models.last_refusal == "model.key.device_revoked", WAIT)
+            assert "detector" not in cut.models.loaded
+
+            # an expired list: key release fails closed for everyone
+            await revocations.publish(devices=("dev-cut",), lifetime_ms=1500)
+            await asyncio.sleep(2.0)
+            await asyncio.to_thread(publish, world, tmp_path, "detector", 3, small_model(seed=7))
+            await asyncio.to_thread(
+                world.cli, "model", "rollout", "detector", "3", "--device", "dev-kept"
+            )
+            assert await until(
+                lambda: kept.models.last_refusal == "model.key.revocations_stale", WAIT
+            )
+            assert kept.models.loaded["detector"].version == 2  # the previous one keeps serving

@@ -211,7 +211,7 @@ async def test_publish_roll_out_sync_fetch_and_key_over_the_broker(
                 identity_dir=pki.identity_files(instance).directory,
                 state_dir=state_dir,
                 broker=BrokerAddress(mosquitto.host, mosquitto.port),
-                settings=Settings(metadata_ttl_ms=3_600_000),
+                settings=Settings(metadata_ttl_ms=3_600_000, require_revocations=False),
             )
             runtime, connect, _ = await stack.enter_async_context(models_node(config))
             instances.append((runtime, connect))

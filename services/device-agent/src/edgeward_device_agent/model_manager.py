@@ -208,16 +208,20 @@ class ModelManager:
                 raise PolicyError(reply.message.reason, "the service refused to sync")
             if not isinstance(reply.message, SyncReply):
                 raise MessageError(ModelReason.METADATA_MISMATCH, "unexpected sync reply")
-            assigned: dict[str, int] = {}
+            offered: dict[str, int] = {}  # every verified document, activated or not
             for raw in reply.message.releases:
                 release = await self._consider(runtime, raw)
                 if release is not None:
-                    assigned[release.name] = release.version
-            for name in [n for n, m in self.loaded.items() if assigned.get(n) != m.version]:
-                self._unload(name, "model.unassigned")
+                    offered[release.name] = release.version
+            # withdrawn (no longer assigned, or assigned below what runs: a revoked version)
+            # models stop; a newer one that failed to activate leaves the running one alone
+            for name, model in list(self.loaded.items()):
+                if offered.get(name, 0) < model.version:
+                    self._unload(name, "model.unassigned")
 
     async def _consider(self, runtime: Runtime, raw: bytes) -> ModelRelease | None:
-        """Apply one release document; None if it was refused (counted and reported)."""
+        """Apply one release document. Returns it if it verified (even if activating what
+        it names then failed: counted and reported); None if the document was refused."""
         name, release = "?", None
         try:
             name = _peek_name(raw)
@@ -233,7 +237,6 @@ class ModelManager:
             self._refused(name, release, exc)
             if release is not None:
                 await self._report(runtime, release.name, release.version, "failed", exc.reason)
-            return None
         return release
 
     def _open(self, raw: bytes, name: str) -> Opened[ModelRelease]:

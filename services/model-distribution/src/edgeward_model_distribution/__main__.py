@@ -117,6 +117,12 @@ def _host_port(_ctx: click.Context, _param: click.Parameter, value: str) -> Brok
     help="Bytes per blob chunk sent to devices (1KiB..192KiB; smaller for slow links).",
 )
 @click.option(
+    "--require-revocations/--allow-without-revocations",
+    default=True,
+    help="Refuse every data key while no current signed revocation list is held (fail"
+    " closed). Allow only in development, without a revocation service.",
+)
+@click.option(
     "--metrics-port",
     type=click.IntRange(0, 65535),
     envvar="EDGEWARD_METRICS_PORT",
@@ -139,6 +145,7 @@ def main(  # click passes every parameter by keyword
     broker: BrokerAddress,
     metadata_ttl_ms: int,
     chunk_size: int,
+    require_revocations: bool,
     metrics_port: int | None,
     log_level: str,
 ) -> None:
@@ -150,7 +157,9 @@ def main(  # click passes every parameter by keyword
     versions. Devices sync signed, expiring release documents, fetch the encrypted blob in
     chunks (only the version assigned to them) and get its data key, HPKE-wrapped to the
     session key of their attestation result (tier high: affirming result required). Every
-    key release and refusal is recorded with its reason.
+    key release and refusal is recorded with its reason. It follows the revocation plane's
+    signed list: revoked devices get no keys, revoked versions stop, and without a current
+    list no key is released at all.
 
     \b
     Example:
@@ -163,7 +172,11 @@ def main(  # click passes every parameter by keyword
         state_dir=state_dir,
         broker=broker,
         metrics_port=metrics_port,
-        settings=Settings(metadata_ttl_ms=metadata_ttl_ms, chunk_size=chunk_size),
+        settings=Settings(
+            metadata_ttl_ms=metadata_ttl_ms,
+            chunk_size=chunk_size,
+            require_revocations=require_revocations,
+        ),
     )
     try:
         asyncio.run(run(config))

@@ -29,6 +29,7 @@ from edgeward_model_distribution.device_api import DEVICE_TYPES, DeviceApi
 from edgeward_model_distribution.kek import load_or_create_kek
 from edgeward_model_distribution.metrics import ModelMetrics
 from edgeward_model_distribution.operator_api import OPERATOR_TYPES, OperatorApi
+from edgeward_model_distribution.revocations import RevocationFollower
 from edgeward_model_distribution.service import (
     DeviceRevoked,
     ModelService,
@@ -38,11 +39,11 @@ from edgeward_model_distribution.service import (
 from edgeward_model_distribution.store import ModelStore
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.clock import Clock
-from edgeward_shared.errors import ConfigError
+from edgeward_shared.errors import ConfigError, PolicyError
 from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.logs import fields
 from edgeward_shared.pki.store import IdentityFiles, PkiStore
-from edgeward_shared.runtime.core import Connect, Runtime
+from edgeward_shared.runtime.core import Connect, Outgoing, OutgoingFrame, Runtime
 from edgeward_shared.runtime.health import answer_pings
 from edgeward_shared.runtime.node import NodeConfig, build_runtime, run_until_signalled
 from edgeward_shared.storage import SqliteDatabase
@@ -52,6 +53,7 @@ from edgeward_shared.topics import ROOT, shared_subscription
 log = logging.getLogger("edgeward.model-distribution")
 
 SERVICE: Final = Identity.service(ServiceName.MODEL_DISTRIBUTION)
+REVOCATION: Final = Identity.service(ServiceName.REVOCATION)
 GROUP: Final = "model-distribution"
 DB_FILE: Final = "models.db"
 OPERATOR_REQUESTS: Final = shared_subscription(
@@ -91,11 +93,14 @@ def wire(
     *,
     settings: Settings | None = None,
     is_device_revoked: DeviceRevoked = never_revoked,
+    revocations: RevocationFollower | None = None,
 ) -> ModelService:
     """Register the service's routes on ``runtime`` and return the service.
 
-    ``is_device_revoked`` is the revocation plane's answer for a device id (key release
-    stops for a revoked device even while its certificate is still in the CRL's future).
+    ``revocations`` follows the revocation plane's signed list (the node always passes
+    one): revoked devices get no keys, revoked versions are revoked here too, and no key
+    is released while the list is missing or expired. Without it (tests),
+    ``is_device_revoked`` answers for devices.
     """
     service = ModelService(
         state.store,
@@ -106,9 +111,24 @@ def wire(
         runtime.clock,
         settings=settings,
         metrics=ModelMetrics(runtime.metrics.registry),
-        is_device_revoked=is_device_revoked,
+        is_device_revoked=revocations.device_revoked if revocations else is_device_revoked,
+        revocations_current=revocations.check_current if revocations else lambda: None,
     )
-    runtime.route(OPERATOR_REQUESTS, OPERATOR_TYPES, OperatorApi(service), name="model-ops")
+    operators = OperatorApi(service)
+    if revocations is not None:
+
+        async def revoked_by_plane(name: str, version: int) -> list[Outgoing | OutgoingFrame]:
+            try:
+                changed = await state.store.revoke(
+                    name, version, "revocation plane", str(REVOCATION), runtime.clock.now_ms()
+                )
+            except PolicyError:  # a version this service never published
+                return []
+            rollout = await state.store.rollout(name, version)
+            return await operators.hints(rollout) if changed and rollout is not None else []
+
+        revocations.attach(runtime, revoked_by_plane)
+    runtime.route(OPERATOR_REQUESTS, OPERATOR_TYPES, operators, name="model-ops")
     runtime.route(DEVICE_REQUESTS, DEVICE_TYPES, DeviceApi(service), name="model-devices")
     answer_pings(runtime, OPERATOR_REQUESTS)
     return service
@@ -141,7 +161,6 @@ class ModelsConfig:
 async def models_node(
     config: ModelsConfig,
     clock: Clock | None = None,
-    is_device_revoked: DeviceRevoked = never_revoked,
 ) -> AsyncIterator[tuple[Runtime, Connect, ModelService]]:
     """A runtime serving the distribution service, its bus factory and the service; the
     state is closed at the end. Raises ``ConfigError`` before anything runs if the files
@@ -154,9 +173,10 @@ async def models_node(
             f"{config.identity_dir} holds {runtime.identity}, not an instance of {SERVICE}",
         )
     async with open_state(config.state_dir) as state:
-        service = wire(
-            runtime, state, settings=config.settings, is_device_revoked=is_device_revoked
+        follower = RevocationFollower(
+            config.state_dir, runtime.clock, required=config.settings.require_revocations
         )
+        service = wire(runtime, state, settings=config.settings, revocations=follower)
         yield runtime, connect, service
 
 

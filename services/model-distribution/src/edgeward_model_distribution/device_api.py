@@ -252,6 +252,7 @@ class DeviceApi:
     async def _release_key(
         self, opened: Opened[Any], device_id: str, request: KeyRequest, now: int
     ) -> tuple[VersionRecord, Recipient, bytes]:
+        self.service.revocations_current()  # no current revocation list: no keys at all
         record = await self.store.version(request.name, request.version)
         assigned = await self._assigned(device_id, request.name, request.version)
         check_release(

@@ -286,7 +286,7 @@ class OperatorApi:
         rollout, changed = await self.store.roll_out(
             request.name, request.version, request.devices, request.percent, actor, now
         )
-        hints = await self._hints(rollout) if changed else []
+        hints = await self.hints(rollout) if changed else []
         log.info(
             "model.rollout",
             extra=fields(
@@ -309,7 +309,7 @@ class OperatorApi:
         now = self.service.clock.now_ms()
         changed = await self.store.revoke(request.name, request.version, request.reason, actor, now)
         rollout = await self.store.rollout(request.name, request.version)
-        hints = await self._hints(rollout) if changed and rollout is not None else []
+        hints = await self.hints(rollout) if changed and rollout is not None else []
         log.warning(
             "model.revoked",
             extra=fields(
@@ -324,7 +324,7 @@ class OperatorApi:
         versions = await self.list_versions(request.name)
         return [Outgoing(answer_on, ModelList(in_reply_to=opened.mid, versions=versions)), *hints]
 
-    async def _hints(self, rollout: Rollout) -> list[Outgoing | OutgoingFrame]:
+    async def hints(self, rollout: Rollout) -> list[Outgoing | OutgoingFrame]:
         """``ModelAvailable`` to every device the rollout reaches that we know of."""
         seen = await self.store.seen_devices()
         targets = sorted(rollout.cohort | {d for d in seen if rollout.includes(d)})

@@ -53,6 +53,8 @@ class Settings:
     upload_chunk_size: int = MAX_UPLOAD_CHUNK  # bytes per chunk publishers upload
     max_blob_bytes: int = DEFAULT_CAPS.max_model_bytes + SEAL_OVERHEAD
     max_parallel_checks: int = 1  # publications decrypted and checked at once (CPU, memory)
+    #: refuse every key while no current revocation list is held (fail closed)
+    require_revocations: bool = True
 
     def __post_init__(self) -> None:
         if not MIN_METADATA_TTL_MS <= self.metadata_ttl_ms <= MAX_DOCUMENT_LIFETIME_MS:
@@ -80,6 +82,7 @@ class ModelService:
         settings: Settings | None = None,
         metrics: ModelMetrics | None = None,
         is_device_revoked: DeviceRevoked = never_revoked,
+        revocations_current: Callable[[], None] = lambda: None,
     ) -> None:
         self.store = store
         self.blobs = blobs
@@ -91,6 +94,8 @@ class ModelService:
         self.settings = settings or Settings()
         self.metrics = metrics or ModelMetrics(RuntimeMetrics().registry)
         self.is_device_revoked = is_device_revoked
+        #: raises ``model.key.revocations_stale`` when keys must not be released
+        self.revocations_current = revocations_current
         self._checks = asyncio.Semaphore(self.settings.max_parallel_checks)
 
     async def blocking(self, call: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
