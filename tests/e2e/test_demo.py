@@ -34,6 +34,16 @@ def test_edgeward_demo_runs_the_whole_story(tmp_path: Path) -> None:
         assert expected in out, expected
     assert any("edge-0001" in line and "attested" in line for line in out.splitlines())
     rows = [line for line in out.splitlines() if line.strip().startswith("edge-0002 ")]
-    tampered = rows[-1]  # the registry row at the end of the story
+    tampered = next(row for row in rows if "may enroll" not in row)  # the registry, act 2
     assert "untrusted" in tampered
     assert "attestation.pcr.not_allowed" in tampered
+    # act 3: the canary cohort; the attested device runs the model, the tampered gets no key
+    models = [line.split() for line in out.splitlines() if line.startswith("         edge-")]
+    assert models[0][:4] == ["edge-0001", "v1", "active", "model.activated"]
+    assert models[1][:4] == ["edge-0002", "v1", "failed", "model.key.attestation_missing"]
+    # act 4: a stop with its verified receipt; a revocation carried out to the handshake
+    assert "-> edge-0001: done (command.done)" in out
+    assert "receipt verified" in out
+    assert "command:ok receipt:ok" in out
+    assert "device edge-0002: done list v" in out
+    assert "refused at the TLS handshake" in out

@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from edgeward_cli.demo_attest import attestation_story
+from edgeward_cli.demo_models import models_story
 from edgeward_cli.pki_cmds import create_dev_pki, dev_identities
 from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.bus.base import Bus
@@ -59,8 +60,10 @@ def _refused(text: str) -> None:
     help="Keep the PKI, broker config and logs here (default: a temporary directory).",
 )
 def demo(workdir: Path | None) -> None:
-    """Run the demo: PKI, broker, signed messages (forgeries refused), then TPM devices
-    enrolling and being attested, a tampered one refused."""
+    """Run the demo: PKI, broker, signed messages (forgeries refused); TPM devices
+    enrolling and being attested, a tampered one refused; a model published, rolled out to
+    a canary cohort, activated on the attested device and refused to the tampered one; a
+    signed stop with its signed receipt; the tampered device revoked and cut off."""
     temporary = workdir is None
     root = Path(tempfile.mkdtemp(prefix="edgeward-demo-")) if workdir is None else workdir
     _claim(root)
@@ -108,7 +111,9 @@ async def _demo(root: Path) -> None:
             _step("5. what the device counted (Prometheus, edgeward_messages_rejected_total)")
             for reason, count in sorted(_counts(device, "rejected").items()):
                 click.echo(f"   {reason:<34} {int(count)}")
-        await attestation_story(root, store, address)
+        await attestation_story(
+            root, store, address, lambda stack: models_story(root, store, broker, stack)
+        )
     click.echo("\nbroker stopped; demo complete")
 
 

@@ -55,7 +55,7 @@ def _line(text: str) -> None:
 
 
 @asynccontextmanager
-async def _process(root: Path, name: str, *argv: str) -> AsyncIterator[asyncio.subprocess.Process]:
+async def process(root: Path, name: str, *argv: str) -> AsyncIterator[asyncio.subprocess.Process]:
     """A child process (``python -m ...``) with its output in ``logs/<name>.log``."""
     (root / "logs").mkdir(exist_ok=True)
     with (root / "logs" / f"{name}.log").open("ab") as log:
@@ -143,6 +143,8 @@ def _agent_argv(
         "0.5",
         "--retry-cap-s",
         "2",
+        "--model-attestation-wait-s",
+        "3",
     ]
 
 
@@ -167,7 +169,13 @@ def _show(devices: list[DeviceStatus]) -> None:
         _line(f"{status.device_id:<10} {trust} {status.reason}")
 
 
-async def attestation_story(root: Path, store: PkiStore, broker: BrokerAddress) -> None:
+async def attestation_story(
+    root: Path,
+    store: PkiStore,
+    broker: BrokerAddress,
+    then: Callable[[AsyncExitStack], Awaitable[None]] | None = None,
+) -> None:
+    """Act 2; ``then`` runs the next acts while the services and devices are still up."""
     async with AsyncExitStack() as stack:
         _say("6. two devices with TPMs (swtpm): edge-0001 golden, edge-0002 tampered boot chain")
         tctis = await _tpms(root, stack)
@@ -177,7 +185,7 @@ async def attestation_story(root: Path, store: PkiStore, broker: BrokerAddress) 
         _say("7. the identity service (online CA) and the attestation service start")
         common = ["--broker", f"{broker.host}:{broker.port}"]
         await stack.enter_async_context(
-            _process(
+            process(
                 root,
                 "identity",
                 "edgeward_identity",
@@ -189,7 +197,7 @@ async def attestation_story(root: Path, store: PkiStore, broker: BrokerAddress) 
             )
         )
         await stack.enter_async_context(
-            _process(
+            process(
                 root,
                 "attestation",
                 "edgeward_attestation",
@@ -208,7 +216,11 @@ async def attestation_story(root: Path, store: PkiStore, broker: BrokerAddress) 
                 *common,
             )
         )
-        session = await stack.enter_async_context(
+        # the operator's own session; closed before the next acts, whose `edgeward` commands
+        # connect as the same operator (one connection per client id)
+        operator = AsyncExitStack()
+        stack.push_async_callback(operator.aclose)
+        session = await operator.enter_async_context(
             operator_session(
                 store.dir,
                 "admin",
@@ -238,7 +250,7 @@ async def attestation_story(root: Path, store: PkiStore, broker: BrokerAddress) 
             " its quote records the values"
         )
         await stack.enter_async_context(
-            _process(
+            process(
                 root,
                 f"agent-{GOLDEN}",
                 *_agent_argv(
@@ -260,7 +272,7 @@ async def attestation_story(root: Path, store: PkiStore, broker: BrokerAddress) 
 
         _say(f"10. {GOLDEN} is attested; {TAMPERED} (tampered boot chain) enrolls and is refused")
         await stack.enter_async_context(
-            _process(
+            process(
                 root,
                 f"agent-{TAMPERED}",
                 *_agent_argv(
@@ -271,6 +283,9 @@ async def attestation_story(root: Path, store: PkiStore, broker: BrokerAddress) 
         devices = await _until(lambda: _devices(session), _settled)
         _show(devices)
         _line("(edgeward device list / show print the same; details in logs/)")
+        if then is not None:
+            await operator.aclose()
+            await then(stack)
 
 
 def _settled(devices: list[DeviceStatus]) -> bool:

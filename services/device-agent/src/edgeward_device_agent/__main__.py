@@ -66,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
         help="ask the distribution service for assigned models this often (and on hints)",
     )
     models.add_argument(
+        "--model-attestation-wait-s",
+        type=float,
+        default=ModelPolicy().attestation_wait_s,
+        help="for a tier-high model, wait this long for an attestation result before asking",
+    )
+    models.add_argument(
         "--model-pcr",
         type=int,
         default=ModelPolicy().model_pcr,
@@ -94,7 +100,11 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         policy=policy,
         models=None
         if args.no_models
-        else ModelPolicy(sync_interval_s=args.model_sync_s, model_pcr=args.model_pcr),
+        else ModelPolicy(
+            sync_interval_s=args.model_sync_s,
+            model_pcr=args.model_pcr,
+            attestation_wait_s=args.model_attestation_wait_s,
+        ),
     )
 
 

@@ -1,0 +1,214 @@
+"""The demo's third and fourth acts, with the devices of the second still running.
+
+Act 3, the model supply chain: the model-distribution and revocation services start; the
+build pipeline publishes a model (ONNX checked, signed in the OpenSSF model-signing
+format, encrypted); the operator rolls it out to a canary cohort; the attested device
+activates it, the tampered one gets no key.
+
+Act 4, taking trust away: the operator stops the attested device with a signed command and
+gets its signed receipt, then revokes the tampered device: the revocation service writes
+the CRL, reloads the broker, publishes the signed list and kicks the device, whose next
+TLS handshake fails.
+
+Operator steps run the real ``edgeward`` command line in a child process, as typed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import click
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeward_cli.demo_attest import GOLDEN, TAMPERED, WAIT_S, process
+from edgeward_shared.broker.launcher import MosquittoBroker
+from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings, connect_mqtt
+from edgeward_shared.errors import EdgewardError
+from edgeward_shared.identity import Identity, Role
+from edgeward_shared.pki.store import IdentityFiles, PkiStore
+
+MODEL = "edge-classifier"
+
+
+def _say(text: str) -> None:
+    click.secho(f"\n== {text}", bold=True)
+
+
+def _line(text: str) -> None:
+    click.echo(f"   {text}")
+
+
+def demo_model() -> bytes:
+    """A small classifier (16 inputs, 4 classes) built here, so the demo needs no download."""
+    weights = numpy_helper.from_array(
+        np.linspace(-1.0, 1.0, 64, dtype=np.float32).reshape(16, 4), "w"
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["input", "w"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["scores"], axis=-1),
+        ],
+        "edge-classifier",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 4])],
+        [weights],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edgeward-demo"
+    )
+    model.ir_version = 8
+    serialized: bytes = model.SerializeToString()
+    return serialized
+
+
+class Cli:
+    """``edgeward ...`` in a child process, with the demo's PKI, broker and operator."""
+
+    def __init__(self, root: Path, store: PkiStore, broker: BrokerAddress) -> None:
+        self.env = {
+            **os.environ,
+            "EDGEWARD_PKI": str(store.dir),
+            "EDGEWARD_BROKER": f"{broker.host}:{broker.port}",
+            "EDGEWARD_OPERATOR": "admin",
+            "EDGEWARD_COMMAND_LOG": str(root / "state" / "commands.jsonl"),
+        }
+
+    async def __call__(self, *argv: str, show: bool = True) -> tuple[int, str]:
+        if show:
+            click.secho(f"   $ edgeward {' '.join(argv)}", fg="cyan")
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "edgeward_cli.main",
+            *argv,
+            env=self.env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        output, _ = await asyncio.wait_for(child.communicate(), WAIT_S)
+        text = output.decode()
+        if show:
+            for row in text.rstrip().splitlines():
+                _line(f"  {row}")
+        return child.returncode or 0, text
+
+
+async def _until(check: Callable[[], Awaitable[bool]]) -> bool:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        if await check():
+            return True
+        await asyncio.sleep(0.5)
+    return False
+
+
+async def models_story(
+    root: Path, store: PkiStore, broker: MosquittoBroker, stack: AsyncExitStack
+) -> None:
+    address = BrokerAddress(broker.host, broker.port)
+    cli = Cli(root, store, address)
+    pid_file = root / "state" / "mosquitto.pid"
+    pid_file.write_text(f"{broker.pid}\n")
+    now = datetime.now(UTC)
+    if not store.current(Identity(Role.SIGNER, "ci"), now):
+        store.issue(Identity(Role.SIGNER, "ci"), now, timedelta(days=30))
+
+    _say("11. the revocation and model-distribution services start (first signed list out)")
+    common = ["--broker", f"{address.host}:{address.port}"]
+    await stack.enter_async_context(
+        process(
+            root,
+            "revocation",
+            "edgeward_revocation",
+            "--pki-dir",
+            str(store.dir),
+            "--db",
+            str(root / "state" / "revocation.db"),
+            "--broker-pid-file",
+            str(pid_file),
+            "--broker-log",
+            str(broker.log_path),
+            "--no-auto-revoke",  # on by default; off here so that act 4 shows each step
+            *common,
+        )
+    )
+    await stack.enter_async_context(
+        process(
+            root,
+            "model-distribution",
+            "edgeward_model_distribution",
+            "--pki-dir",
+            str(store.dir),
+            "--state-dir",
+            str(root / "state" / "models"),
+            *common,
+        )
+    )
+    _line("the distribution service releases no key until it holds a current revocation list")
+    _line("(automatic revocation on failed attestation is off for this demo, on by default)")
+
+    _say(f"12. the build pipeline publishes {MODEL} v1, tier high (signed, encrypted)")
+    source = root / "state" / f"{MODEL}.onnx"
+    source.write_bytes(demo_model())
+    published = await _until(
+        lambda: _ok(
+            cli(
+                *("model", "publish", str(source), "--name", MODEL, "--version", "1"),
+                *("--tier", "high", "--dataset-fingerprint", "sha256:demo"),
+                show=False,
+            )
+        )
+    )
+    source.unlink()  # from here on the plaintext exists only in devices' memory
+    if not published:
+        _line(click.style("the distribution service did not accept the model", fg="red"))
+        return
+    _line(f"published {MODEL} v1: model-signing bundle by signer.ci, AES-256-GCM blob")
+    _line("(check it yourself: model_signing verify key <dir> --signature <bundle> ...)")
+
+    _say(f"13. canary rollout to {GOLDEN} and {TAMPERED}")
+    await cli("model", "rollout", MODEL, "1", "--device", GOLDEN, "--device", TAMPERED)
+    await _until(lambda: _settled(cli))
+    await cli("model", "list", MODEL)
+    _line(f"{GOLDEN}: attested, key wrapped to its session key, model measured into PCR 14")
+    _line(f"{TAMPERED}: not attested, no key: model.key.attestation_missing")
+
+    _say(f"14. a signed stop for {GOLDEN}: the device acts and signs a receipt")
+    await cli("command", "stop", GOLDEN, "--reason", "demo: maintenance window")
+    await cli("command", "list")
+
+    _say(f"15. {TAMPERED} is revoked: CRL, broker reload, signed list, kick")
+    await cli("revoke", "device", TAMPERED, "--reason", "demo: tampered boot chain")
+    refused = await _handshake_refused(root / "agents" / TAMPERED / "device", store, address)
+    _line(
+        f"{TAMPERED} reconnecting with its certificate: "
+        + (click.style("refused at the TLS handshake", fg="green") if refused else "connected!")
+    )
+
+
+async def _ok(call: Awaitable[tuple[int, str]]) -> bool:
+    code, _ = await call
+    return code == 0
+
+
+async def _settled(cli: Cli) -> bool:
+    _, text = await cli("model", "list", MODEL, show=False)
+    rows = {line.split()[0]: line for line in text.splitlines() if line.startswith("    ")}
+    return "active" in rows.get(GOLDEN, "") and "failed" in rows.get(TAMPERED, "")
+
+
+async def _handshake_refused(device_dir: Path, store: PkiStore, broker: BrokerAddress) -> bool:
+    settings = MqttSettings(broker, store.bundle_path, IdentityFiles(device_dir), TAMPERED)
+    try:
+        async with asyncio.timeout(10), connect_mqtt(settings):
+            return False
+    except (EdgewardError, TimeoutError, OSError):
+        return True
