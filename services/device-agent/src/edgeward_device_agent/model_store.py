@@ -5,7 +5,8 @@ Layout under ``<state>/models`` (directories 0700, files 0600)::
     highwater.json            per model: highest version, newest metadata, provenance digest
     releases/<name>           the last accepted release document (a signed envelope)
     blobs/<digest>            complete encrypted blobs (ciphertext only; tier low is never kept)
-    staging/<digest>/<index>  verified chunks of a blob still being fetched (resume)
+    staging/<digest>.part     verified chunks of a blob still being fetched, each at its
+                              offset (resume: checked against the digests again)
 
 The high-water file is written atomically and fsynced before a model is used, so neither a
 restart nor a crash can make the agent accept an older version or older metadata again.
@@ -17,7 +18,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Final
 
@@ -27,18 +27,15 @@ _NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 _DIGEST_RE: Final = re.compile(r"[0-9a-f]{64}")
 
 
-def _write_private(path: Path, data: bytes, *, durable: bool = True) -> None:
-    """Write ``data`` to ``path`` (0600) atomically; ``durable`` also fsyncs it."""
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` (0600) atomically and durably."""
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
-        if durable:
-            handle.flush()
-            os.fsync(handle.fileno())
+        handle.flush()
+        os.fsync(handle.fileno())
     tmp.replace(path)
-    if not durable:
-        return
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)
@@ -53,6 +50,7 @@ class ModelStore:
         self._releases = self.root / "releases"
         self._blobs = self.root / "blobs"
         self._staging = self.root / "staging"
+        self._open_parts: dict[str, int] = {}  # blob digest -> fd of its .part file
 
     def prepare(self) -> None:
         for directory in (self.root, self._releases, self._blobs, self._staging):
@@ -117,7 +115,8 @@ class ModelStore:
 
     def keep_blob(self, info: BlobInfo, data: bytes) -> None:
         _write_private(self._blobs / _checked_digest(info.digest), data)
-        shutil.rmtree(self._staging / info.digest, ignore_errors=True)
+        self._close_part(info.digest)
+        self._part(info).unlink(missing_ok=True)
 
     def drop_blobs_except(self, keep: set[str]) -> None:
         for path in self._blobs.iterdir():
@@ -126,24 +125,35 @@ class ModelStore:
 
     def staged_chunks(self, info: BlobInfo) -> dict[int, bytes]:
         """Chunks fetched before a restart whose digests still match."""
-        directory = self._staging / _checked_digest(info.digest)
+        try:
+            data = self._part(info).read_bytes()
+        except FileNotFoundError:
+            return {}
         found: dict[int, bytes] = {}
-        if not directory.is_dir():
-            return found
-        for path in directory.iterdir():
-            if not path.name.isdigit() or int(path.name) >= len(info.chunks):
-                continue
-            index = int(path.name)
-            data = path.read_bytes()
-            if hashlib.sha256(data).hexdigest() == info.chunks[index]:
-                found[index] = data
+        for index, digest in enumerate(info.chunks):
+            chunk = data[index * info.chunk_size : (index + 1) * info.chunk_size]
+            if len(chunk) == info.chunk_length(index) and hashlib.sha256(chunk).hexdigest() == (
+                digest
+            ):
+                found[index] = chunk
         return found
 
     def stage_chunk(self, info: BlobInfo, index: int, data: bytes) -> None:
-        directory = self._staging / _checked_digest(info.digest)
-        directory.mkdir(mode=0o700, exist_ok=True)
-        # staged chunks are checked against their digests on resume: no fsync needed
-        _write_private(directory / str(index), data, durable=False)
+        """Write one verified chunk at its offset in ``staging/<digest>.part`` (0600). No
+        fsync: staged chunks are checked against their digests again on resume."""
+        fd = self._open_parts.get(info.digest)
+        if fd is None:
+            fd = os.open(self._part(info), os.O_RDWR | os.O_CREAT, 0o600)
+            self._open_parts[info.digest] = fd
+        os.pwrite(fd, data, index * info.chunk_size)
+
+    def _part(self, info: BlobInfo) -> Path:
+        return self._staging / f"{_checked_digest(info.digest)}.part"
+
+    def _close_part(self, digest: str) -> None:
+        fd = self._open_parts.pop(digest, None)
+        if fd is not None:
+            os.close(fd)
 
 
 def _checked_name(name: str) -> str:
