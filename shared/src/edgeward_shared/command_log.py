@@ -28,15 +28,14 @@ from typing import Any, Final
 
 import msgspec
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgeward_shared.clock import from_datetime, to_datetime
 from edgeward_shared.envelope import Envelope, EnvelopeVerifier, Opened
-from edgeward_shared.errors import ConfigError, EdgewardError, PolicyError
+from edgeward_shared.errors import EdgewardError, PolicyError
 from edgeward_shared.identity import Role
 from edgeward_shared.messages.command import COMMAND_TYPES, CommandReceipt
 from edgeward_shared.pki.store import read_certificates
-from edgeward_shared.pki.trust import TrustStore
+from edgeward_shared.pki.trust import TrustStore, read_signed_crl
 from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.topics import DeviceTopic, parse_topic
 
@@ -153,14 +152,7 @@ class OfflineTrust:
 def crl_revocation_times(path: Path, issuers: Iterable[x509.Certificate]) -> dict[int, int]:
     """Serial -> revocation time (ms) from a CRL signed by one of ``issuers``. An expired CRL
     is accepted here: an offline check judges the past, and says which CRL it used."""
-    try:
-        crl = x509.load_pem_x509_crl(path.read_bytes())
-    except (FileNotFoundError, ValueError) as exc:
-        raise ConfigError("config.crl.unreadable", f"{path}: {exc}") from exc
-    issuer = next((c for c in issuers if c.subject == crl.issuer), None)
-    pub = issuer.public_key() if issuer else None
-    if not isinstance(pub, ec.EllipticCurvePublicKey) or not crl.is_signature_valid(pub):
-        raise ConfigError("config.crl.signature", f"{path} is not signed by a known issuing CA")
+    crl = read_signed_crl(path, issuers)
     return {entry.serial_number: _ms(entry.revocation_date_utc) for entry in crl}
 
 

@@ -150,8 +150,10 @@ class TrustStore:
         )
 
 
-def load_crl(path: Path, issuers: Iterable[x509.Certificate], *, now: datetime) -> frozenset[int]:
-    """Revoked serials from the CRL at ``path``, after checking its signature and freshness."""
+def read_signed_crl(
+    path: Path, issuers: Iterable[x509.Certificate]
+) -> x509.CertificateRevocationList:
+    """The CRL at ``path``, after checking it is signed by one of ``issuers`` (not its age)."""
     try:
         crl = x509.load_pem_x509_crl(path.read_bytes())
     except (FileNotFoundError, ValueError) as exc:
@@ -160,6 +162,12 @@ def load_crl(path: Path, issuers: Iterable[x509.Certificate], *, now: datetime) 
     pub = issuer.public_key() if issuer else None
     if not isinstance(pub, ec.EllipticCurvePublicKey) or not crl.is_signature_valid(pub):
         raise ConfigError("config.crl.signature", f"{path} is not signed by a known issuing CA")
+    return crl
+
+
+def load_crl(path: Path, issuers: Iterable[x509.Certificate], *, now: datetime) -> frozenset[int]:
+    """Revoked serials from the CRL at ``path``, after checking its signature and freshness."""
+    crl = read_signed_crl(path, issuers)
     next_update = crl.next_update_utc
     if next_update is None or next_update < now:
         raise ConfigError("config.crl.expired", f"{path} expired at {next_update}")
