@@ -318,3 +318,31 @@ async def test_the_revocation_plane_reaches_models_and_keys(world: World, tmp_pa
                 lambda: kept.models.last_refusal == "model.key.revocations_stale", WAIT
             )
             assert kept.models.loaded["detector"].version == 2  # the previous one keeps serving
+
+
+@pytest.mark.asyncio
+async def test_a_real_model_nobody_here_trained(
+    world: World, tmp_path: Path, ppocr_det_model: bytes
+) -> None:
+    """PP-OCRv4 detection (4.7 MB, 25 chunks) through the whole chain: its outputs on the
+    device equal onnxruntime's on the original bytes."""
+    tpm = world.fleet.start("tpm-ocr", GOLDEN_BOOT_CHAIN)
+    async with services(world) as store, plane(world) as revocations, distribution(world):
+        await revocations.publish()
+        await approve_golden_policy(store, "gw-ocr")
+        device = with_models(await world.new_agent(store, "dev-ocr", tpm.tcti))
+        async with agent_running(device):
+            assert await until(lambda: device.trust_state().attested, WAIT)
+            await asyncio.to_thread(publish, world, tmp_path, "ocr-det", 1, ppocr_det_model)
+            await asyncio.to_thread(
+                world.cli, "model", "rollout", "ocr-det", "1", "--device", "dev-ocr"
+            )
+            assert device.models is not None
+            assert await until(lambda: "ocr-det" in device.models.loaded, WAIT)
+            loaded = device.models.loaded["ocr-det"]
+    image = np.random.default_rng(7).random((1, 3, 64, 96), dtype=np.float32)
+    direct = onnxruntime.InferenceSession(ppocr_det_model, providers=["CPUExecutionProvider"])
+    got = loaded.session.run(None, {"x": image})
+    want = direct.run(None, {"x": image})
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+    assert loaded.digest == sha256(ppocr_det_model).hexdigest()

@@ -311,3 +311,27 @@ def test_frames_round_trip_and_refuse_garbage() -> None:
 
 def _serial(cert_der: bytes) -> int:
     return x509.load_der_x509_certificate(cert_der).serial_number
+
+
+def test_one_flipped_byte_in_the_provenance_manifest_is_refused(
+    pki: MemoryPki, signer: Signer
+) -> None:
+    release = built(small_model(), signer)
+    for position in range(0, len(release.provenance), 7):
+        flipped = bytearray(release.provenance)
+        flipped[position] ^= 0x01
+        with pytest.raises(EdgewardError) as caught:
+            verify_signed_model(
+                small_model(),
+                bytes(flipped),
+                release.signature,
+                release.signer_cert,
+                pki.trust_store(),
+                now_ms=EPOCH_MS,
+            )
+        assert caught.value.reason in {
+            "model.provenance.malformed",  # no longer canonical JSON of a manifest
+            "model.digest.mismatch",  # names other bytes or another size
+            "model.metadata.expired",  # an expiry turned into the past
+            "model.signature.resources_mismatch",  # anything else: not what was signed
+        }
