@@ -1,0 +1,117 @@
+"""Inference on the bus (ARCHITECTURE flow 4, issue 5, docs/protocol.md 5.11).
+
+Clients (operators or services) call the inference gateway on
+``ew/v1/svc/inference-gateway/req/<caller-cn>``; the gateway, the only writer of
+``ew/v1/dev/<id>/down/infer``, asks the device; the device answers on ``up/infer`` with a
+result whose body is signed with the session key bound in its attestation result (on top of
+the envelope's signature by its device certificate). Results of the device's own input
+stream go up the same way, unasked. Accepted results are republished on
+``ew/v1/svc/inference-gateway/evt/result``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+from edgeward_shared.messages.base import Message
+from edgeward_shared.messages.common import MessageId, ReasonId
+from edgeward_shared.messages.registry import DeviceId
+from edgeward_shared.models.provenance import Hex64, ModelName, Version
+
+DType = Literal["float32", "float16", "int64", "int32", "uint8", "bool"]
+MAX_TENSORS = 16
+MAX_TENSOR_BYTES = 160 * 1024  # inputs and outputs travel inside one 256 KiB envelope
+MAX_DIMS = 8
+
+
+class Tensor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A named tensor: dtype, shape and the raw little-endian C-order bytes."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    dtype: DType
+    shape: Annotated[
+        list[Annotated[int, msgspec.Meta(ge=0, le=1 << 24)]], msgspec.Meta(max_length=MAX_DIMS)
+    ]
+    data: Annotated[bytes, msgspec.Meta(max_length=MAX_TENSOR_BYTES)]
+
+
+Tensors = Annotated[list[Tensor], msgspec.Meta(min_length=1, max_length=MAX_TENSORS)]
+
+
+# ------------------------------------------------------------------ client <-> gateway
+class InferCall(Message, frozen=True, tag="edgeward.infer.call.v1"):
+    """Client -> gateway: run ``model`` (the version the device runs, or exactly
+    ``version``) on ``device`` with ``inputs``; answered with :class:`InferAnswer`."""
+
+    device: DeviceId
+    model: ModelName
+    version: Version | None = None
+    inputs: Tensors
+
+
+class InferAnswer(Message, frozen=True, tag="edgeward.infer.answer.v1"):
+    """Gateway -> client: the device's signed result, and whether the gateway accepted it
+    (``reason`` says why not). ``body`` and ``session_sig`` are the device's, unchanged."""
+
+    in_reply_to: MessageId
+    accepted: bool
+    reason: ReasonId
+    body: bytes
+    session_sig: bytes
+
+
+# ------------------------------------------------------------------ gateway <-> device
+class InferRequest(Message, frozen=True, tag="edgeward.infer.request.v1"):
+    """Gateway -> device: infer now (a device answers it with :class:`InferResult` bound to
+    this message's ``mid``, or ``Rejected``: stopped, rate limited, no such model...)."""
+
+    model: ModelName
+    version: Version | None = None
+    inputs: Tensors
+
+
+class ResultBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """What the session key signs (canonical JSON, in this member order)."""
+
+    device: DeviceId
+    model: ModelName
+    version: Version
+    model_digest: Hex64
+    result_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]  # the EAR's jti
+    input_digest: Hex64  # SHA-256 over the canonical inputs (edgeward_shared.inference)
+    seq: Annotated[int, msgspec.Meta(ge=1)]  # per device, strictly increasing
+    at_ms: Annotated[int, msgspec.Meta(ge=0)]
+    source: Literal["request", "stream"]
+    request: MessageId | None  # the InferRequest's mid, for source "request"
+    outputs: Tensors
+
+
+class InferResult(Message, frozen=True, tag="edgeward.infer.result.v1"):
+    """Device -> gateway: ``body`` (canonical :class:`ResultBody`), its signature by the
+    attested session key, and the EAR that binds that key (so any relying party can check
+    the result offline). ``in_reply_to`` is set for answers to an :class:`InferRequest`."""
+
+    in_reply_to: MessageId | None
+    body: Annotated[bytes, msgspec.Meta(max_length=200 * 1024)]
+    session_sig: Annotated[bytes, msgspec.Meta(max_length=80)]
+    ear: Annotated[str, msgspec.Meta(max_length=8192)]
+
+
+class AcceptedResult(Message, frozen=True, tag="edgeward.infer.accepted.v1"):
+    """Gateway event: a result that passed every check, for consumers."""
+
+    device: DeviceId
+    body: bytes
+    session_sig: bytes
+    ear: Annotated[str, msgspec.Meta(max_length=8192)]
+    accepted_at_ms: int
+
+
+class RejectedResult(Message, frozen=True, tag="edgeward.infer.rejected.v1"):
+    """Gateway event: a result refused, with the reason (never its outputs)."""
+
+    device: DeviceId
+    reason: ReasonId
+    at_ms: int
