@@ -26,6 +26,9 @@ MAX_TENSOR_BYTES = 160 * 1024  # inputs and outputs travel inside one 256 KiB en
 MAX_DIMS = 8
 
 
+Dim = Annotated[int, msgspec.Meta(ge=0, le=1 << 24)]
+
+
 class Tensor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A named tensor: dtype, shape and the raw little-endian C-order bytes."""
 
@@ -47,8 +50,8 @@ class InferCall(Message, frozen=True, tag="edgeward.infer.call.v1"):
 
     device: DeviceId
     model: ModelName
-    version: Version | None = None
     inputs: Tensors
+    version: Version | None = None
 
 
 class InferAnswer(Message, frozen=True, tag="edgeward.infer.answer.v1"):
@@ -68,8 +71,8 @@ class InferRequest(Message, frozen=True, tag="edgeward.infer.request.v1"):
     this message's ``mid``, or ``Rejected``: stopped, rate limited, no such model...)."""
 
     model: ModelName
-    version: Version | None = None
     inputs: Tensors
+    version: Version | None = None
 
 
 class ResultBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
