@@ -19,6 +19,7 @@ from pathlib import Path
 
 from edgeward_device_agent.agent import DeviceAgent
 from edgeward_device_agent.config import AgentConfig, AgentPolicy
+from edgeward_device_agent.inference import InferencePolicy
 from edgeward_device_agent.model_manager import ModelPolicy
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.errors import ConfigError
@@ -72,6 +73,18 @@ def _parser() -> argparse.ArgumentParser:
         help="for a tier-high model, wait this long for an attestation result before asking",
     )
     models.add_argument(
+        "--infer-rate",
+        type=float,
+        default=InferencePolicy().rate_per_s,
+        help="inferences per second this device accepts (requests and stream together)",
+    )
+    models.add_argument(
+        "--sensor-period-s",
+        type=float,
+        default=None,
+        help="development sensor: infer on random inputs this often and send the results",
+    )
+    models.add_argument(
         "--model-pcr",
         type=int,
         default=ModelPolicy().model_pcr,
@@ -98,6 +111,11 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         broker=BrokerAddress(args.broker_host, args.broker_port),
         metrics_port=args.metrics_port,
         policy=policy,
+        inference=InferencePolicy(
+            rate_per_s=args.infer_rate,
+            burst=max(1, int(args.infer_rate * 2)),
+            stream_period_s=args.sensor_period_s,
+        ),
         models=None
         if args.no_models
         else ModelPolicy(

@@ -35,6 +35,7 @@ from edgeward_device_agent.attestation import Attester, CurrentAttestation
 from edgeward_device_agent.commands import CommandHandler
 from edgeward_device_agent.config import AgentConfig, retry_delays
 from edgeward_device_agent.enrollment import REPLY_TYPES, Enrollment
+from edgeward_device_agent.inference import DeviceInference
 from edgeward_device_agent.ledger import LEDGER_NAME, DeviceLedger
 from edgeward_device_agent.metrics import AgentMetrics
 from edgeward_device_agent.model_manager import ModelManager
@@ -111,6 +112,8 @@ class DeviceAgent:
         self._last_error: str | None = None
         #: the models this device runs (None until it serves as the device, or if disabled)
         self.models: ModelManager | None = None
+        #: inference requests and the sensor stream (with the models)
+        self.inference: DeviceInference | None = None
         # revocations and commands (docs/adr/0010): persisted in the ledger
         self.ledger = DeviceLedger(config.state_dir / LEDGER_NAME)
         self.revocations = RevocationHolder(self.ledger, self._clock, self.metrics.registry)
@@ -345,6 +348,16 @@ class DeviceAgent:
             )
             self.models.install(runtime)
             self.on_revocations(self._unload_revoked_models)
+            self.inference = DeviceInference(
+                self.device_id,
+                self.models,
+                attestation=lambda: self.attestation,
+                allowed=self.check_inference_allowed,
+                clock=self._clock,
+                state_dir=self.config.state_dir,
+                policy=self.config.inference,
+            )
+            self.inference.install(runtime)
         await self._phase(runtime, self._counted(connect), lambda: self._device_work(runtime, stop))
 
     def _unload_revoked_models(self, view: RevocationView) -> None:
@@ -356,10 +369,14 @@ class DeviceAgent:
         """Keep attested and, beside it, follow revocations and keep the assigned models."""
         async with asyncio.TaskGroup() as group:
             group.create_task(self.revocations.watch(stop))
-            models = group.create_task(self.models.run(runtime, stop)) if self.models else None
+            side = []
+            if self.models is not None:
+                side.append(group.create_task(self.models.run(runtime, stop)))
+            if self.inference is not None:
+                side.append(group.create_task(self.inference.stream(runtime, stop)))
             await self._keep_attested(runtime, stop)
-            if models is not None:
-                models.cancel()  # stopping: do not wait for a sync or a download in flight
+            for task in side:
+                task.cancel()  # stopping: do not wait for a sync, a download or an inference
 
     async def _refused(self, opened: Opened[Any]) -> Sequence[Outgoing]:
         reason = opened.message.reason

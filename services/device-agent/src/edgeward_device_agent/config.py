@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgeward_device_agent.inference import InferencePolicy
 from edgeward_device_agent.model_manager import ModelPolicy
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.identity import Identity
@@ -88,6 +89,8 @@ class AgentConfig:
     policy: AgentPolicy = field(default_factory=AgentPolicy)
     #: how the agent follows the models assigned to it; None: it runs no models
     models: ModelPolicy | None = field(default_factory=ModelPolicy)
+    #: inference requests and the sensor stream (only with ``models``)
+    inference: InferencePolicy = field(default_factory=InferencePolicy)
 
     def __post_init__(self) -> None:
         Identity.device(self.device_id)  # raises ValueError for an invalid device id

@@ -1,0 +1,259 @@
+"""The device's inference entry points: requests from the gateway and its own input stream.
+
+Both paths go through :meth:`DeviceInference.infer`, which refuses (reason ids in
+:class:`~edgeward_shared.inference.InferenceReason`) unless: the device is not stopped (a
+signed ``stop`` holds across restarts), the per-device rate limit allows it (the seed's
+"flooding the inference API to overheat the device"), the device holds a current attestation
+result, and the model is loaded (in the version asked for, if one is). The model runs in the
+executor (the sandboxed worker, :mod:`.sandbox`, or in-process for tier low in development);
+the result body names the model version and digest, the attestation result, the input
+digest, a sequence number and the time, and is signed with the session key the attestation
+result binds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+import numpy as np
+
+from edgeward_device_agent.model_manager import LoadedModel, ModelManager
+from edgeward_shared.clock import Clock
+from edgeward_shared.envelope import Opened
+from edgeward_shared.errors import EdgewardError, PolicyError
+from edgeward_shared.inference import InferenceReason, encode_body, input_digest, sign_result
+from edgeward_shared.logs import fields
+from edgeward_shared.messages.infer import InferRequest, InferResult, ResultBody, Tensor
+from edgeward_shared.runtime.core import Outgoing, Runtime
+from edgeward_shared.topics import Channel, Direction, device_topic
+
+if TYPE_CHECKING:
+    from edgeward_device_agent.attestation import CurrentAttestation
+
+log = logging.getLogger("edgeward.agent.inference")
+
+_DTYPES: Final = {"float32", "float16", "int64", "int32", "uint8", "bool"}
+SEQ_BLOCK: Final = 1000
+
+
+class Executor(Protocol):
+    """Runs a loaded model on inputs (the sandboxed worker, or in-process)."""
+
+    async def run(self, model: LoadedModel, inputs: Sequence[Tensor]) -> list[Tensor]: ...
+
+
+def to_array(tensor: Tensor) -> np.ndarray[Any, Any]:
+    if tensor.dtype not in _DTYPES:
+        raise PolicyError(InferenceReason.INPUT_INVALID, f"dtype {tensor.dtype}")
+    try:
+        return np.frombuffer(tensor.data, dtype=np.dtype(tensor.dtype)).reshape(tensor.shape)
+    except ValueError as exc:
+        raise PolicyError(InferenceReason.INPUT_INVALID, f"{tensor.name}: {exc}") from exc
+
+
+def to_tensor(name: str, array: np.ndarray[Any, Any]) -> Tensor:
+    contiguous = np.ascontiguousarray(array)
+    return Tensor(
+        name=name,
+        dtype=str(contiguous.dtype),  # type: ignore[arg-type]  # checked by the Struct
+        shape=list(contiguous.shape),
+        data=contiguous.tobytes(),
+    )
+
+
+class InProcessExecutor:
+    """onnxruntime in the agent's process (development; the sandbox is the default)."""
+
+    async def run(self, model: LoadedModel, inputs: Sequence[Tensor]) -> list[Tensor]:
+        feeds = {t.name: to_array(t) for t in inputs}
+
+        def run() -> list[Tensor]:
+            names = [o.name for o in model.session.get_outputs()]
+            return [
+                to_tensor(n, a) for n, a in zip(names, model.session.run(None, feeds), strict=True)
+            ]
+
+        try:
+            return await asyncio.to_thread(run)
+        except EdgewardError:
+            raise
+        except Exception as exc:  # onnxruntime's own errors: bad shapes, names, types
+            raise PolicyError(InferenceReason.INPUT_INVALID, str(exc)[:200]) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class InferencePolicy:
+    rate_per_s: float = 20.0  # sustained inferences per second, both paths together
+    burst: int = 40
+    stream_period_s: float | None = None  # the sensor simulator: infer every N s (None: off)
+    stream_model: str | None = None  # which loaded model the stream feeds (None: the first)
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: int, now: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst, self._now = rate, float(burst), now
+        self._tokens, self._at = float(burst), now()
+
+    def take(self) -> bool:
+        now = self._now()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
+class SequenceCounter:
+    """Strictly increasing result numbers across restarts: blocks of ``SEQ_BLOCK`` are
+    reserved on disk (fsynced) before use, so a crash skips numbers, never repeats one."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        try:
+            self._next = int(path.read_text().strip() or 0) + 1
+        except FileNotFoundError:
+            self._next = 1
+        self._reserved = self._next - 1
+
+    def next(self) -> int:
+        if self._next > self._reserved:
+            self._reserved = self._next + SEQ_BLOCK - 1
+            tmp = self._path.with_name(self._path.name + ".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(str(self._reserved))
+                handle.flush()
+                os.fsync(handle.fileno())
+            tmp.replace(self._path)
+        value = self._next
+        self._next += 1
+        return value
+
+
+class DeviceInference:
+    def __init__(
+        self,
+        device_id: str,
+        models: ModelManager,
+        *,
+        attestation: Callable[[], CurrentAttestation | None],
+        allowed: Callable[[], None],
+        clock: Clock,
+        state_dir: Path,
+        executor: Executor | None = None,
+        policy: InferencePolicy | None = None,
+    ) -> None:
+        self.device_id = device_id
+        self.models = models
+        self.policy = policy or InferencePolicy()
+        self.executor: Executor = executor or InProcessExecutor()
+        self._attestation = attestation
+        self._allowed = allowed
+        self._clock = clock
+        self._bucket = TokenBucket(self.policy.rate_per_s, self.policy.burst)
+        self._seq = SequenceCounter(state_dir / "inference.seq")
+        self.up = device_topic(device_id, Direction.UP, Channel.INFER)
+        self.down = device_topic(device_id, Direction.DOWN, Channel.INFER)
+        self.refused: dict[str, int] = {}
+
+    def install(self, runtime: Runtime) -> None:
+        runtime.route(self.down, [InferRequest], self.handle, name="infer")
+
+    async def handle(self, opened: Opened[Any]) -> Sequence[Outgoing]:
+        request: InferRequest = opened.message
+        result = await self.infer(
+            request.model, request.inputs, version=request.version, request=opened.mid
+        )
+        return (Outgoing(self.up, result),)
+
+    async def infer(
+        self,
+        model_name: str,
+        inputs: Sequence[Tensor],
+        *,
+        version: int | None = None,
+        request: str | None = None,
+    ) -> InferResult:
+        """Run one inference and sign its result; raises with a reason id if refused."""
+        try:
+            current, model = self._admit(model_name, version)
+            outputs = await self.executor.run(model, inputs)
+        except EdgewardError as exc:
+            self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
+            raise
+        body = encode_body(
+            ResultBody(
+                device=self.device_id,
+                model=model.name,
+                version=model.version,
+                model_digest=model.digest,
+                result_id=current.claims.result_id,
+                input_digest=input_digest(inputs),
+                seq=self._seq.next(),
+                at_ms=self._clock.now_ms(),
+                source="request" if request is not None else "stream",
+                request=request,
+                outputs=outputs,
+            )
+        )
+        return InferResult(
+            in_reply_to=request,
+            body=body,
+            session_sig=sign_result(body, current.session_key),
+            ear=current.ear,
+        )
+
+    def _admit(
+        self, model_name: str, version: int | None
+    ) -> tuple[CurrentAttestation, LoadedModel]:
+        """The checks before any work, cheapest first."""
+        self._allowed()  # stopped: PolicyError(command.stopped...) from the command handler
+        if not self._bucket.take():
+            raise PolicyError(InferenceReason.RATE_LIMITED, "device inference rate limit")
+        current = self._attestation()
+        if current is None:
+            raise PolicyError(InferenceReason.NOT_ATTESTED, "no current attestation result")
+        model = self.models.loaded.get(model_name)
+        if model is None or (version is not None and model.version != version):
+            raise PolicyError(InferenceReason.NO_MODEL, f"{model_name} v{version or '*'}")
+        return current, model
+
+    # ------------------------------------------------------------------ the sensor stream
+    async def stream(self, runtime: Runtime, stop: asyncio.Event) -> None:
+        """The development sensor: random inputs shaped like the model's, every period."""
+        period = self.policy.stream_period_s
+        if period is None:
+            return
+        rng = np.random.default_rng()
+        while not stop.is_set():
+            await asyncio.sleep(period)
+            name = self.policy.stream_model or next(iter(self.models.loaded), None)
+            model = self.models.loaded.get(name) if name else None
+            if model is None or not runtime.ready.is_set():
+                continue
+            try:
+                result = await self.infer(model.name, sensor_inputs(model, rng))
+                await runtime.publish(Outgoing(self.up, result))
+            except EdgewardError as exc:
+                log.info("inference.stream_skipped", extra=fields(reason=exc.reason))
+
+
+def sensor_inputs(model: LoadedModel, rng: np.random.Generator) -> list[Tensor]:
+    """Random float inputs in the shape the model declares (dynamic dimensions: 1, or 32
+    for spatial ones)."""
+    tensors = []
+    for spec in model.session.get_inputs():
+        shape = [
+            d if isinstance(d, int) and d > 0 else (1 if i == 0 else 32)
+            for i, d in enumerate(spec.shape)
+        ]
+        tensors.append(to_tensor(spec.name, rng.random(shape, dtype=np.float32)))
+    return tensors
