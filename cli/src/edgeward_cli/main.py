@@ -14,6 +14,7 @@ from edgeward_cli.broker_cmds import broker
 from edgeward_cli.command_cmds import command
 from edgeward_cli.demo import demo
 from edgeward_cli.device_cmds import device
+from edgeward_cli.infer_cmds import infer
 from edgeward_cli.model_cmds import model
 from edgeward_cli.pki_cmds import pki
 from edgeward_cli.policy_cmds import policy
@@ -36,6 +37,7 @@ cli.add_command(broker)
 cli.add_command(device)
 cli.add_command(policy)
 cli.add_command(model)
+cli.add_command(infer)
 cli.add_command(demo)
 cli.add_command(revoke)
 cli.add_command(command)
