@@ -36,7 +36,9 @@ from tests.e2e.fabric import (
 from tests.models import small_input, small_model
 
 from edgeward_device_agent.agent import DeviceAgent
-from edgeward_device_agent.model_manager import ModelPolicy
+from edgeward_device_agent.inference import to_array, to_tensor
+from edgeward_device_agent.model_manager import LoadedModel, ModelPolicy
+from edgeward_device_agent.sandboxed import SandboxedModel
 from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN, tampered_boot_chain
 from edgeward_device_agent.tpm import PcrBank, Tpm
 from edgeward_model_distribution.app import ModelsConfig, models_node
@@ -138,6 +140,13 @@ def publish(world: World, tmp: Path, name: str, version: int, model: bytes) -> s
         source.unlink()  # from here on, the only plaintext is the devices' memory
 
 
+async def in_sandbox(loaded: LoadedModel, name: str, data: np.ndarray) -> np.ndarray:
+    """Run the device's loaded model in its sandboxed worker, as the agent does."""
+    assert isinstance(loaded.session, SandboxedModel)  # models never run in the agent
+    (first, *_) = await loaded.session.worker.infer([to_tensor(name, data)])
+    return to_array(first)
+
+
 def outputs(session: object, data: np.ndarray) -> list[np.ndarray]:
     run = session.run  # type: ignore[attr-defined]
     return list(run(None, {"input": data}))
@@ -196,10 +205,8 @@ async def test_publish_canary_activate_refuse_update_revoke(world: World, tmp_pa
             assert (loaded.version, loaded.digest) == (1, sha256(v1).hexdigest())
             assert loaded.result_id is not None  # the key was wrapped to an attested session
             direct = onnxruntime.InferenceSession(v1, providers=["CPUExecutionProvider"])
-            for got, want in zip(
-                outputs(loaded.session, small_input()), outputs(direct, small_input()), strict=True
-            ):
-                np.testing.assert_array_equal(got, want)
+            got = await in_sandbox(loaded, "input", small_input())
+            np.testing.assert_array_equal(got, outputs(direct, small_input())[0])
             assert rogue.models.last_refusal == "model.key.attestation_missing"
             assert "classifier" not in rogue.models.loaded
             assert bystander.models is not None
@@ -340,9 +347,8 @@ async def test_a_real_model_nobody_here_trained(
             assert device.models is not None
             assert await until(lambda: "ocr-det" in device.models.loaded, WAIT)
             loaded = device.models.loaded["ocr-det"]
-    image = np.random.default_rng(7).random((1, 3, 64, 96), dtype=np.float32)
+            image = np.random.default_rng(7).random((1, 3, 64, 96), dtype=np.float32)
+            got = await in_sandbox(loaded, "x", image)
     direct = onnxruntime.InferenceSession(ppocr_det_model, providers=["CPUExecutionProvider"])
-    got = loaded.session.run(None, {"x": image})
-    want = direct.run(None, {"x": image})
-    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, direct.run(None, {"x": image})[0], rtol=1e-5, atol=1e-6)
     assert loaded.digest == sha256(ppocr_det_model).hexdigest()

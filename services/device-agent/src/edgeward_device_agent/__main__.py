@@ -21,6 +21,7 @@ from edgeward_device_agent.agent import DeviceAgent
 from edgeward_device_agent.config import AgentConfig, AgentPolicy
 from edgeward_device_agent.inference import InferencePolicy
 from edgeward_device_agent.model_manager import ModelPolicy
+from edgeward_device_agent.sandbox.supervisor import SandboxPolicy
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.errors import ConfigError
 from edgeward_shared.logs import configure_logging, fields
@@ -73,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
         help="for a tier-high model, wait this long for an attestation result before asking",
     )
     models.add_argument(
+        "--no-sandbox",
+        action="store_true",
+        help="development only: run models in the agent's process (tier-high models refused)",
+    )
+    models.add_argument(
         "--infer-rate",
         type=float,
         default=InferencePolicy().rate_per_s,
@@ -111,6 +117,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         broker=BrokerAddress(args.broker_host, args.broker_port),
         metrics_port=args.metrics_port,
         policy=policy,
+        sandbox=None if args.no_sandbox else SandboxPolicy(),
         inference=InferencePolicy(
             rate_per_s=args.infer_rate,
             burst=max(1, int(args.infer_rate * 2)),

@@ -38,11 +38,12 @@ from edgeward_device_agent.enrollment import REPLY_TYPES, Enrollment
 from edgeward_device_agent.inference import DeviceInference
 from edgeward_device_agent.ledger import LEDGER_NAME, DeviceLedger
 from edgeward_device_agent.metrics import AgentMetrics
-from edgeward_device_agent.model_manager import ModelManager
+from edgeward_device_agent.model_manager import ModelManager, in_process_loader
 from edgeward_device_agent.model_store import ModelStore
 from edgeward_device_agent.ports import AgentTpm, Connector, TpmFactory, mqtt_connector
 from edgeward_device_agent.reasons import AgentReason
 from edgeward_device_agent.revocations import RevocationHolder, RevocationHook
+from edgeward_device_agent.sandboxed import SandboxExecutor, sandbox_loader
 from edgeward_device_agent.schedule import RequestReason, RequestSchedule
 from edgeward_device_agent.state import AgentState
 from edgeward_device_agent.status import AttestationState, EnrollmentState, TrustState
@@ -345,6 +346,9 @@ class DeviceAgent:
                 policy=self.config.models,
                 # the view is replaced by each newer list: look it up at every call
                 revoked=lambda name, version: self.revocations.view.model_revoked(name, version),  # noqa: PLW0108
+                loader=sandbox_loader(self.config.sandbox)
+                if self.config.sandbox is not None
+                else in_process_loader,
             )
             self.models.install(runtime)
             self.on_revocations(self._unload_revoked_models)
@@ -356,6 +360,7 @@ class DeviceAgent:
                 clock=self._clock,
                 state_dir=self.config.state_dir,
                 policy=self.config.inference,
+                executor=SandboxExecutor(),
             )
             self.inference.install(runtime)
         await self._phase(runtime, self._counted(connect), lambda: self._device_work(runtime, stop))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from edgeward_device_agent.inference import InferencePolicy
 from edgeward_device_agent.model_manager import ModelPolicy
+from edgeward_device_agent.sandbox.supervisor import SandboxPolicy
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.identity import Identity
 
@@ -91,6 +92,9 @@ class AgentConfig:
     models: ModelPolicy | None = field(default_factory=ModelPolicy)
     #: inference requests and the sensor stream (only with ``models``)
     inference: InferencePolicy = field(default_factory=InferencePolicy)
+    #: where models run: a sandboxed worker per model (docs/sandbox.md); None: in the
+    #: agent's process (development only: tier-high models are then refused)
+    sandbox: SandboxPolicy | None = field(default_factory=SandboxPolicy)
 
     def __post_init__(self) -> None:
         Identity.device(self.device_id)  # raises ValueError for an invalid device id

@@ -247,10 +247,12 @@ class DeviceInference:
 
 
 def sensor_inputs(model: LoadedModel, rng: np.random.Generator) -> list[Tensor]:
-    """Random float inputs in the shape the model declares (dynamic dimensions: 1, or 32
-    for spatial ones)."""
+    """Random float inputs in the shape the model declares (dynamic dimensions: 1 for the
+    batch, 32 for the others)."""
+    session = model.session
+    specs = session.inputs if hasattr(session, "inputs") else session.get_inputs()
     tensors = []
-    for spec in model.session.get_inputs():
+    for spec in specs:
         shape = [
             d if isinstance(d, int) and d > 0 else (1 if i == 0 else 32)
             for i, d in enumerate(spec.shape)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
@@ -85,7 +85,9 @@ class ModelTpm(Protocol):
     def extend_pcr(self, index: int, digests: Mapping[PcrBank, bytes]) -> None: ...
 
 
-SessionFactory = Callable[[bytes], Any]
+#: Loads verified ONNX bytes for a tier: returns the handle ``LoadedModel.session`` holds
+#: (an onnxruntime session in-process, or a sandboxed worker: :mod:`.sandboxed`).
+Loader = Callable[[bytes, Tier], Awaitable[Any]]
 
 
 def onnx_session(model: bytes) -> Any:
@@ -93,6 +95,14 @@ def onnx_session(model: bytes) -> Any:
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
     return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+async def in_process_loader(model: bytes, tier: Tier) -> Any:
+    """onnxruntime in the agent's own process: development only, never for tier high
+    (which must run in the strict sandbox: fail closed)."""
+    if tier is Tier.HIGH:
+        raise PolicyError(ModelReason.TIER_POLICY, "tier high runs only in the strict sandbox")
+    return await asyncio.to_thread(onnx_session, model)
 
 
 def check_runtime(spec: str) -> None:
@@ -142,7 +152,7 @@ class ModelManager:
         attestation: Callable[[], CurrentAttestation | None],
         device_key: Callable[[], ec.EllipticCurvePrivateKey],
         policy: ModelPolicy | None = None,
-        session_factory: SessionFactory = onnx_session,
+        loader: Loader = in_process_loader,
         on_change: Callable[[str], None] | None = None,
         revoked: Callable[[str, int], bool] = lambda _name, _version: False,
     ) -> None:
@@ -156,7 +166,7 @@ class ModelManager:
         self._tpm = tpm
         self._attestation = attestation
         self._device_key = device_key
-        self._session_factory = session_factory
+        self._loader = loader
         self._on_change = on_change
         self._revoked = revoked  # the revocation plane's list (docs/adr/0010)
         self._fetcher = ChunkFetcher(device_id, store, self.policy.fetch)
@@ -293,11 +303,16 @@ class ModelManager:
             self._tpm.extend_pcr, self.policy.model_pcr, {PcrBank.SHA256: digest}
         )
         try:
-            session = await asyncio.to_thread(self._session_factory, model)
+            session = await self._loader(model, release.tier)
+        except EdgewardError:
+            raise
         except Exception as exc:  # onnxruntime raises its own exception types
             raise PolicyError(ModelReason.LOAD_FAILED, str(exc)[:200]) from exc
-        del model  # the session holds what it needs; no other copy is kept
+        del model  # the session (or the sandboxed worker) holds what it needs
         self._accept(release, raw)
+        previous = self.loaded.get(release.name)
+        if previous is not None:
+            _retire(previous.session)
         self.loaded[release.name] = LoadedModel(
             name=release.name,
             version=release.version,
@@ -398,6 +413,7 @@ class ModelManager:
         model = self.loaded.pop(name, None)
         if model is None:
             return
+        _retire(model.session)
         log.warning(
             "model.unloaded",
             extra=fields(device=self.device_id, model=name, version=model.version, reason=reason),
@@ -418,6 +434,19 @@ class ModelManager:
             await runtime.publish(Outgoing(self.up, report))
         except EdgewardError as exc:
             log.info("model.report_failed", extra=fields(device=self.device_id, reason=exc.reason))
+
+
+_retiring: set[asyncio.Task[Any]] = set()
+
+
+def _retire(session: Any) -> None:
+    """Close a replaced or unloaded model's session (a sandboxed worker is stopped)."""
+    close = getattr(session, "close", None)
+    if close is None or not asyncio.iscoroutinefunction(close):
+        return
+    task = asyncio.get_running_loop().create_task(close())
+    _retiring.add(task)
+    task.add_done_callback(_retiring.discard)
 
 
 def _peek_name(raw: bytes) -> str:

@@ -22,7 +22,9 @@ from edgeward_shared.models.provenance import Hex64, ModelName, Version
 
 DType = Literal["float32", "float16", "int64", "int32", "uint8", "bool"]
 MAX_TENSORS = 16
-MAX_TENSOR_BYTES = 160 * 1024  # inputs and outputs travel inside one 256 KiB envelope
+#: a message's tensor bytes are base64-encoded twice (in the payload, then the envelope):
+#: 128 KiB of raw data keeps one message inside the broker's 256 KiB envelope limit
+MAX_TENSOR_BYTES = 128 * 1024
 MAX_DIMS = 8
 
 

@@ -1,0 +1,85 @@
+"""onnxruntime inside the worker: a session from bytes, tensors in and out (child only).
+
+Owns the two onnxruntime calls (``InferenceSession(bytes)`` and ``run``) and the conversion
+between :class:`~.protocol.Array` and numpy. Importing this module loads numpy, onnx and
+onnxruntime, which the worker does before it drops root (the interpreter and the libraries
+may be readable by root only).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Final
+
+import numpy as np
+import onnxruntime
+
+from edgeward_device_agent.sandbox.protocol import Array
+from edgeward_shared.messages.infer import DType
+
+_DTYPES: Final[dict[str, Any]] = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "int64": np.dtype("<i8"),
+    "int32": np.dtype("<i4"),
+    "uint8": np.dtype("u1"),
+    "bool": np.dtype("?"),
+}
+_NAMES: Final[dict[Any, DType]] = {
+    np.dtype("float32"): "float32",
+    np.dtype("float16"): "float16",
+    np.dtype("int64"): "int64",
+    np.dtype("int32"): "int32",
+    np.dtype("uint8"): "uint8",
+    np.dtype("bool"): "bool",
+}
+_OUT_OF_MEMORY: Final = ("Failed to allocate memory", "bad_alloc", "std::bad_alloc")
+
+
+class InputError(ValueError):
+    """Inputs that do not describe themselves consistently."""
+
+
+class Model:
+    """An onnxruntime session made from model bytes, CPU only, quiet."""
+
+    def __init__(self, model: bytes, *, threads: int) -> None:
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only: stderr is the supervisor's log
+        self._session: Any = onnxruntime.InferenceSession(
+            model, sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        self.inputs = [str(value.name) for value in self._session.get_inputs()]
+        self.outputs = [str(value.name) for value in self._session.get_outputs()]
+
+    def run(self, inputs: list[Array]) -> list[Array]:
+        feed = {array.name: to_numpy(array) for array in inputs}
+        results = self._session.run(None, feed)
+        return [to_array(name, value) for name, value in zip(self.outputs, results, strict=True)]
+
+
+def to_numpy(array: Array) -> Any:
+    dtype = _DTYPES[array.dtype]
+    expected = math.prod(array.shape) * dtype.itemsize
+    if len(array.data) != expected:
+        raise InputError(
+            f"{array.name!r}: {len(array.data)} bytes for {array.dtype}{array.shape}, "
+            f"expected {expected}"
+        )
+    return np.frombuffer(array.data, dtype=dtype).reshape(array.shape)
+
+
+def to_array(name: str, value: Any) -> Array:
+    result = np.ascontiguousarray(value)
+    dtype = _NAMES.get(result.dtype)
+    if dtype is None:
+        raise InputError(f"output {name!r} has dtype {result.dtype}, which has no wire form")
+    little = result.astype(result.dtype.newbyteorder("<"), copy=False)
+    return Array(name=name, dtype=dtype, shape=list(result.shape), data=little.tobytes())
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation that failed (at the address-space limit)."""
+    return isinstance(error, MemoryError) or any(text in str(error) for text in _OUT_OF_MEMORY)
