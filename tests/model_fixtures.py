@@ -26,3 +26,9 @@ def ppocr_rec_model() -> bytes:
 def ppocr_det_model() -> bytes:
     """PP-OCRv4 text detection (4.7 MB)."""
     return ppocr_model("ch_PP-OCRv4_det_infer.onnx")
+
+
+@pytest.fixture(scope="session")
+def ppocr_cls_model() -> bytes:
+    """PP-OCR mobile text-direction classifier (0.6 MB; input float32[1,3,48,192])."""
+    return ppocr_model("ch_ppocr_mobile_v2.0_cls_infer.onnx")

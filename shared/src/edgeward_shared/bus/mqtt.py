@@ -132,6 +132,7 @@ async def connect_mqtt(settings: MqttSettings) -> AsyncIterator[MqttBus]:
         properties=properties,
         clean_start=True,
     )
+    client.pending_calls_threshold = 1000  # QoS 1 bursts are normal for services
     _write_eagerly(client)
     try:
         async with client:

@@ -1,0 +1,1 @@
+"""Edgeward inference gateway: the relying party that accepts only attested results."""

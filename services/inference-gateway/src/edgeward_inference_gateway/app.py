@@ -1,0 +1,197 @@
+"""Wiring the gateway onto a runtime, and running it as a node.
+
+* :func:`open_store` opens ``gateway.db`` under the state directory (migrated).
+* :func:`wire` builds the :class:`~.service.GatewayService` and registers its routes:
+  callers on ``$share/inference-gateway/ew/v1/svc/inference-gateway/req/+``, devices'
+  results and refusals on ``$share/inference-gateway/ew/v1/dev/+/up/infer`` (several
+  instances split both), the revocation list on ``ew/v1/fleet/revocations`` and the
+  distribution service's answers on ``ew/v1/svc/model-distribution/rsp/<our cn>`` (every
+  instance its own). Tests call it with an in-memory bus; the node does the same with MQTT.
+* :func:`admitted` wraps the bus factory with the per-device rate limit (:mod:`.admission`):
+  run the runtime with it, or the limit does not apply.
+* :func:`sweep_forever` answers calls that timed out and stores rejection counts.
+* :func:`gateway_node` and :func:`run` are the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from edgeward_inference_gateway.admission import admitting
+from edgeward_inference_gateway.metrics import GatewayMetrics
+from edgeward_inference_gateway.models import FetchVersions, ModelCatalog, fetch_over_bus
+from edgeward_inference_gateway.revocations import RevocationFollower
+from edgeward_inference_gateway.service import GatewayService, Settings
+from edgeward_inference_gateway.store import GatewayStore
+from edgeward_shared.bus.mqtt import BrokerAddress
+from edgeward_shared.clock import Clock
+from edgeward_shared.errors import ConfigError, EdgewardError
+from edgeward_shared.identity import Identity, ServiceName
+from edgeward_shared.logs import fields
+from edgeward_shared.messages.common import Rejected
+from edgeward_shared.messages.infer import InferCall, InferResult
+from edgeward_shared.pki.store import IdentityFiles, PkiStore
+from edgeward_shared.runtime.core import Connect, Runtime
+from edgeward_shared.runtime.health import answer_pings
+from edgeward_shared.runtime.node import NodeConfig, build_runtime, run_until_signalled
+from edgeward_shared.storage import SqliteDatabase
+from edgeward_shared.tls import check_key_permissions
+from edgeward_shared.topics import ROOT, shared_subscription
+
+log = logging.getLogger("edgeward.inference-gateway")
+
+SERVICE: Final = Identity.service(ServiceName.INFERENCE_GATEWAY)
+GROUP: Final = "inference-gateway"
+DB_FILE: Final = "gateway.db"
+CALLS: Final = shared_subscription(GROUP, f"{ROOT}/svc/{ServiceName.INFERENCE_GATEWAY}/req/+")
+RESULTS: Final = shared_subscription(GROUP, f"{ROOT}/dev/+/up/infer")
+
+
+@asynccontextmanager
+async def open_store(state_dir: Path) -> AsyncIterator[GatewayStore]:
+    """Open (creating on first use, 0700/0600) the database under ``state_dir``."""
+    _private_dir(state_dir)
+    db = await SqliteDatabase.open(state_dir / DB_FILE)
+    try:
+        store = GatewayStore(db)
+        await store.migrate()
+        yield store
+    finally:
+        await db.close()
+
+
+def _private_dir(path: Path) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def wire(
+    runtime: Runtime,
+    store: GatewayStore,
+    revocations: RevocationFollower,
+    *,
+    settings: Settings | None = None,
+    fetch: FetchVersions | None = None,
+) -> GatewayService:
+    """Register the gateway's routes on ``runtime`` and return the service.
+
+    ``fetch`` asks for a model's published versions; by default the distribution service,
+    over the bus. Run the runtime with ``admitted(connect, service)``."""
+    settings = settings or Settings()
+    metrics = GatewayMetrics(runtime.metrics.registry)
+    models = ModelCatalog(
+        fetch or fetch_over_bus(runtime, settings.model_query_timeout_s),
+        runtime.clock,
+        ttl_ms=settings.model_ttl_ms,
+    )
+    service = GatewayService(
+        store,
+        runtime.verifier.trust,
+        runtime.clock,
+        models,
+        revocations,
+        metrics,
+        settings,
+    )
+    revocations.attach(runtime)
+    runtime.route(CALLS, [InferCall], service.on_call, name="infer-calls")
+    runtime.route(RESULTS, [InferResult, Rejected], service.on_device, name="infer-results")
+    answer_pings(runtime, CALLS)
+    return service
+
+
+def admitted(connect: Connect, service: GatewayService) -> Connect:
+    """``connect`` behind the service's per-device rate limit."""
+    return admitting(connect, service.admission)
+
+
+async def sweep_forever(runtime: Runtime, service: GatewayService, stop: asyncio.Event) -> None:
+    """Every ``sweep_interval_ms``: answer timed-out calls, store rejection counts."""
+    interval_s = service.settings.sweep_interval_ms / 1000
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
+        if not runtime.ready.is_set():
+            continue
+        try:
+            for outgoing in await service.sweep(service.admission.drain()):
+                await runtime.publish(outgoing)
+        except EdgewardError as exc:
+            log.warning("sweep.failed", extra=fields(reason=exc.reason, detail=exc.detail))
+
+
+# ------------------------------------------------------------------ the node
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """Everything one instance of the gateway needs to know."""
+
+    pki_dir: Path  # holds the CA bundle and the CRL (the CA keys are not needed)
+    identity_dir: Path  # this instance's svc.inference-gateway[.<n>] certificate and key
+    state_dir: Path  # gateway.db and the revocation floor; shared by instances on one host
+    broker: BrokerAddress
+    metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
+    settings: Settings = field(default_factory=Settings)
+
+    def node_config(self) -> NodeConfig:
+        store = PkiStore(self.pki_dir)
+        return NodeConfig(
+            identity_dir=self.identity_dir,
+            ca_bundle=store.bundle_path,
+            crl=store.crl_path,
+            broker=self.broker,
+            metrics_port=self.metrics_port,
+        )
+
+
+@asynccontextmanager
+async def gateway_node(
+    config: GatewayConfig, clock: Clock | None = None
+) -> AsyncIterator[tuple[Runtime, Connect, GatewayService]]:
+    """A runtime serving the gateway, its (rate-limited) bus factory and the service; the
+    sweep runs in the background while the block does. Raises ``ConfigError`` before
+    anything runs if the files are not right."""
+    check_key_permissions(IdentityFiles(config.identity_dir).key)
+    runtime, connect = build_runtime(config.node_config(), clock)
+    if runtime.identity.principal != SERVICE:
+        raise ConfigError(
+            "config.identity.wrong_service",
+            f"{config.identity_dir} holds {runtime.identity}, not an instance of {SERVICE}",
+        )
+    async with open_store(config.state_dir) as store:
+        follower = RevocationFollower(
+            config.state_dir, required=config.settings.require_revocations
+        )
+        service = wire(runtime, store, follower, settings=config.settings)
+        stop = asyncio.Event()
+        sweeper = asyncio.create_task(sweep_forever(runtime, service, stop))
+        try:
+            yield runtime, admitted(connect, service), service
+        finally:
+            stop.set()
+            await sweeper
+            with contextlib.suppress(EdgewardError):
+                await service.flush_rejections()
+
+
+async def run(config: GatewayConfig) -> None:
+    """Serve until SIGTERM or SIGINT, then finish the results in flight."""
+    async with gateway_node(config) as (runtime, connect, _service):
+        log.info(
+            "inference-gateway.started",
+            extra=fields(
+                identity=runtime.identity.common_name,
+                broker=f"{config.broker.host}:{config.broker.port}",
+                state=str(config.state_dir),
+                require_revocations=config.settings.require_revocations,
+                device_rate=config.settings.device_limit.rate_per_s,
+                caller_rate=config.settings.caller_limit.rate_per_s,
+            ),
+        )
+        await run_until_signalled(runtime, connect, config.metrics_port)
+    log.info("inference-gateway.stopped")

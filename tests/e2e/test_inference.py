@@ -1,0 +1,175 @@
+"""Issue 5 end to end, all parts real: mosquitto, the identity, attestation,
+model-distribution and inference-gateway services, the revocation plane's signed list,
+device agents on swtpm TPMs running models in the sandboxed worker, a client.
+
+A device attests and activates PP-OCR (the mobile text-direction classifier, a real model
+nobody here trained); the client asks for an inference through the gateway; the result is
+accepted and equals a direct onnxruntime run on the original bytes. A stopped device
+answers nothing; a version revoked by the plane gets its results rejected; the device's own
+sensor stream reaches the gateway's event topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime
+import pytest
+from tests.e2e.fabric import (
+    World,
+    agent_running,
+    approve_golden_policy,
+    make_world,
+    running,
+    services,
+    until,
+)
+from tests.e2e.model_fabric import (
+    MODELS,
+    REVOCATION,
+    SIGNER,
+    WAIT,
+    distribution,
+    plane,
+    publish,
+    with_models,
+)
+
+from edgeward_cli.ops_client import operator_session
+from edgeward_device_agent.inference import InferencePolicy, to_array, to_tensor
+from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN
+from edgeward_inference_gateway.app import GatewayConfig, gateway_node
+from edgeward_inference_gateway.service import GatewayService
+from edgeward_shared.envelope import Opened
+from edgeward_shared.identity import Identity, ServiceName
+from edgeward_shared.inference import decode_body, verify_result_signature
+from edgeward_shared.messages.infer import AcceptedResult, InferAnswer, InferCall
+from edgeward_shared.runtime.node import build_runtime
+from edgeward_shared.topics import service_event_topic
+
+pytestmark = [pytest.mark.tpm, pytest.mark.broker, pytest.mark.slow]
+
+GATEWAY = Identity.service(ServiceName.INFERENCE_GATEWAY)
+TELEMETRY = Identity.service(ServiceName.TELEMETRY)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    extra = (MODELS, SIGNER, REVOCATION, GATEWAY)
+    with make_world(tmp_path_factory.mktemp("inference"), extra) as built:
+        yield built
+
+
+@asynccontextmanager
+async def gateway(world: World) -> AsyncIterator[GatewayService]:
+    config = GatewayConfig(
+        pki_dir=world.pki.dir,
+        identity_dir=world.pki.identity_files(GATEWAY).directory,
+        state_dir=world.root / "gateway",
+        broker=world.address,
+    )
+    async with gateway_node(config) as (runtime, connect, service), running(runtime, connect):
+        yield service
+
+
+def classify(image: np.ndarray) -> InferCall:
+    return InferCall(device="dev-infer", model="ocr-cls", inputs=[to_tensor("x", image)])
+
+
+async def call(world: World, request: InferCall) -> InferAnswer:
+    async with operator_session(
+        world.pki.dir, "alice", world.address, ServiceName.INFERENCE_GATEWAY, [InferAnswer]
+    ) as session:
+        return await session.ask(request, InferAnswer)
+
+
+@pytest.mark.asyncio
+async def test_a_cloud_inference_on_a_real_model_is_accepted_and_exact(
+    world: World, tmp_path: Path, ppocr_cls_model: bytes
+) -> None:
+    tpm = world.fleet.start("tpm-infer", GOLDEN_BOOT_CHAIN)
+    stream: list[AcceptedResult] = []
+
+    async def collect(opened: Opened[Any]) -> tuple[()]:
+        stream.append(opened.message)
+        return ()
+
+    watcher, watcher_connect = build_runtime(world.node(TELEMETRY))
+    watcher.route(
+        service_event_topic(ServiceName.INFERENCE_GATEWAY, "result"), [AcceptedResult], collect
+    )
+    async with (
+        services(world) as store,
+        plane(world) as revocations,
+        distribution(world),
+        gateway(world),
+        running(watcher, watcher_connect),
+    ):
+        await revocations.publish()
+        await approve_golden_policy(store, "gw-infer")
+        device = with_models(await world.new_agent(store, "dev-infer", tpm.tcti))
+        device.config = replace(device.config, inference=InferencePolicy(stream_period_s=0.5))
+        async with agent_running(device):
+            assert await until(lambda: device.trust_state().attested, WAIT)
+            await asyncio.to_thread(publish, world, tmp_path, "ocr-cls", 1, ppocr_cls_model)
+            await asyncio.to_thread(
+                world.cli, "model", "rollout", "ocr-cls", "1", "--device", "dev-infer"
+            )
+            assert device.models is not None
+            assert await until(lambda: "ocr-cls" in device.models.loaded, WAIT)
+
+            image = np.random.default_rng(3).random((1, 3, 48, 192), dtype=np.float32)
+            answer = await call(
+                world,
+                classify(image),
+            )
+            assert answer.accepted, answer.reason
+            body = decode_body(answer.body)
+            assert (body.device, body.model, body.version) == ("dev-infer", "ocr-cls", 1)
+            current = device.attestation
+            assert current is not None
+            verify_result_signature(answer.body, answer.session_sig, current.claims.session_key)
+            direct = onnxruntime.InferenceSession(
+                ppocr_cls_model, providers=["CPUExecutionProvider"]
+            )
+            np.testing.assert_allclose(
+                to_array(body.outputs[0]), direct.run(None, {"x": image})[0], rtol=1e-5, atol=1e-6
+            )
+
+            # the device's own sensor stream reaches consumers through the gateway
+            assert await until(
+                lambda: any(decode_body(r.body).source == "stream" for r in stream), WAIT
+            )
+
+            # a stopped device runs nothing (signed stop through the CLI)
+            log = ("--log", str(tmp_path / "commands.jsonl"))
+            await asyncio.to_thread(
+                world.cli, "command", "stop", "dev-infer", "--reason", "e2e", *log
+            )
+            assert await until(lambda: device.stopped, WAIT)
+            stopped = await call(
+                world,
+                classify(image),
+            )
+            assert not stopped.accepted
+            assert stopped.reason == "agent.inference.stopped"
+            await asyncio.to_thread(
+                world.cli, "command", "resume", "dev-infer", "--reason", "e2e", *log
+            )
+            assert await until(lambda: not device.stopped, WAIT)
+
+            # the plane revokes the version: the device unloads it and nothing is accepted
+            await revocations.publish(models=(("ocr-cls", 1),))
+            assert await until(lambda: "ocr-cls" not in device.models.loaded, WAIT)
+            revoked = await call(
+                world,
+                classify(image),
+            )
+            assert not revoked.accepted
+            assert revoked.reason in {"infer.model.not_loaded", "infer.model.revoked"}
