@@ -1,0 +1,197 @@
+"""Request/response inference through the whole system against bare ``session.run``.
+
+One mosquitto (Edgeward's configuration, a fresh PKI). Path measured, per request:
+client (``op.bench``) -> signed ``InferCall`` -> inference gateway -> signed
+``InferRequest`` -> device agent's inference entry point (stop gate, rate limit,
+attestation, model) -> the model in its sandboxed worker process (seccomp, own netns,
+unprivileged) -> result body signed with the attested session key -> signed
+``InferResult`` -> gateway validation (EAR, session signature, standing, assignment, replay
+window, time; stored) -> signed ``InferAnswer`` -> client.
+
+Simulated: the device's attestation (an EAR for its own session key, signed by the
+attestation service's key, checked by the gateway exactly like a real one) and the
+distribution service's answer about assignments (a stand-in ``ModelList``). All parts but the
+sandboxed worker share this process's event loop. Baseline: ``session.run`` on the same
+input, in this process, in the same run.
+
+Targets: added p50 <= 2 ms for the small model; ratio <= 1.2 for the PP-OCR model (the
+mobile text-direction classifier: its 110 KB input fits one message; PP-OCRv4 rec's input
+and output do not).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.models: the models
+
+import numpy as np
+import onnxruntime
+from tests.models import ppocr_model, small_input, small_model
+
+from _report import Report, median, percentile
+from bench_model_rollout import attested, make_pki, node
+from edgeward_cli.ops_client import operator_session
+from edgeward_device_agent.inference import DeviceInference, InferencePolicy, to_tensor
+from edgeward_device_agent.model_manager import LoadedModel
+from edgeward_device_agent.sandboxed import SandboxExecutor, sandbox_loader
+from edgeward_inference_gateway.app import GatewayConfig, gateway_node
+from edgeward_inference_gateway.ratelimit import Limit
+from edgeward_inference_gateway.service import Settings
+from edgeward_inference_gateway.testing import model_list_answers, published_version
+from edgeward_shared.broker.launcher import MosquittoBroker
+from edgeward_shared.bus.mqtt import BrokerAddress
+from edgeward_shared.clock import SystemClock
+from edgeward_shared.identity import Identity, ServiceName
+from edgeward_shared.messages.infer import InferAnswer, InferCall
+from edgeward_shared.messages.model import ModelQuery
+from edgeward_shared.models.provenance import Tier, sha256_hex
+from edgeward_shared.runtime.node import build_runtime
+from edgeward_shared.topics import ROOT, shared_subscription
+
+DEVICE = Identity.device("dev-0001")
+GATEWAY = Identity.service(ServiceName.INFERENCE_GATEWAY)
+MODELS = Identity.service(ServiceName.MODEL_DISTRIBUTION)
+OPERATOR = Identity.operator("bench")
+WARMUP, N = 20, 200
+
+
+async def measure(
+    session: Any, name: str, model: bytes, feed: dict[str, np.ndarray[Any, Any]]
+) -> tuple[list[float], list[float]]:
+    """Latencies (s) of the whole path and of bare session.run, interleaved."""
+    bare = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
+    inputs = [to_tensor(k, v) for k, v in feed.items()]
+    call = InferCall(device=DEVICE.name, model=name, inputs=inputs)
+    ours, base = [], []
+    for i in range(WARMUP + N):
+        started = time.perf_counter()
+        answer = await session.ask(call, InferAnswer)
+        elapsed = time.perf_counter() - started
+        if not answer.accepted:
+            raise RuntimeError(f"not accepted: {answer.reason}")
+        started = time.perf_counter()
+        bare.run(None, feed)
+        direct = time.perf_counter() - started
+        if i >= WARMUP:
+            ours.append(elapsed)
+            base.append(direct)
+    return ours, base
+
+
+async def main_async() -> None:
+    report = Report("inference")
+    models = {
+        "small": (small_model(), {"input": small_input()}),
+        "ppocr-cls": (
+            ppocr_model("ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+            {"x": np.random.default_rng(1).random((1, 3, 48, 192), dtype=np.float32)},
+        ),
+    }
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        pki = make_pki(root / "pki", [DEVICE])
+        pki.issue(GATEWAY, datetime.now(UTC), timedelta(days=1))
+        with MosquittoBroker(pki, root / "broker", operators=[OPERATOR]) as mosquitto:
+            broker = BrokerAddress(mosquitto.host, mosquitto.port)
+            await run(report, pki, broker, root, models)
+    report.write()
+
+
+async def run(
+    report: Report, pki: Any, broker: BrokerAddress, root: Path, models: dict[str, Any]
+) -> None:
+    stop = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+    catalog = {
+        name: [published_version(name, 1, digest=sha256_hex(model), cohort=[DEVICE.name])]
+        for name, (model, _) in models.items()
+    }
+    # the distribution service's answers about assignments
+    stand_in, stand_in_connect = build_runtime(node(pki, MODELS, broker))
+    stand_in.route(
+        shared_subscription("model-distribution", f"{ROOT}/svc/model-distribution/req/+"),
+        [ModelQuery],
+        model_list_answers(catalog),
+    )
+    # the device: its inference entry point, each model in its own sandboxed worker
+    device, device_connect = build_runtime(node(pki, DEVICE, broker))
+    current = attested(pki, DEVICE)
+    load = sandbox_loader()
+    loaded = {}
+    for name, (model, _) in models.items():
+        loaded[name] = LoadedModel(
+            name=name,
+            version=1,
+            tier=Tier.HIGH,
+            digest=sha256_hex(model),
+            provenance=None,  # type: ignore[arg-type]  # not read on this path
+            result_id=current.claims.result_id,
+            loaded_at_ms=0,
+            expires_at_ms=2**62,
+            session=await load(model, Tier.HIGH),
+        )
+    inference = DeviceInference(
+        DEVICE.name,
+        SimpleNamespace(loaded=loaded),  # type: ignore[arg-type]
+        attestation=lambda: current,
+        allowed=lambda: None,
+        clock=SystemClock(),
+        state_dir=root,
+        executor=SandboxExecutor(),
+        policy=InferencePolicy(rate_per_s=10_000, burst=10_000),
+    )
+    inference.install(device)
+    config = GatewayConfig(
+        pki_dir=pki.dir,
+        identity_dir=pki.identity_files(GATEWAY).directory,
+        state_dir=root / "gateway",
+        broker=broker,
+        settings=Settings(  # no revocation service in this bench; limits above its rate
+            require_revocations=False,
+            caller_limit=Limit(rate_per_s=10_000, burst=10_000),
+            device_limit=Limit(rate_per_s=10_000, burst=10_000),
+        ),
+    )
+    async with gateway_node(config) as (gateway, gateway_connect, _service):
+        for runtime, connect in (
+            (stand_in, stand_in_connect),
+            (device, device_connect),
+            (gateway, gateway_connect),
+        ):
+            tasks.append(asyncio.create_task(runtime.run(connect, stop)))
+        await asyncio.wait_for(
+            asyncio.gather(stand_in.ready.wait(), device.ready.wait(), gateway.ready.wait()), 30
+        )
+        async with operator_session(
+            pki.dir, OPERATOR.name, broker, ServiceName.INFERENCE_GATEWAY, [InferAnswer]
+        ) as session:
+            for name, (model, feed) in models.items():
+                ours, base = await measure(session, name, model, feed)
+                added = median(ours) - median(base)
+                report.add(f"{name}_bare_run_p50_ms", median(base) * 1000, "ms")
+                report.add(f"{name}_system_p50_ms", median(ours) * 1000, "ms")
+                report.add(f"{name}_system_p99_ms", percentile(ours, 99) * 1000, "ms")
+                if name == "small":
+                    report.add("small_added_p50_ms", added * 1000, "ms", "<= 2")
+                else:
+                    report.add(f"{name}_ratio_p50", median(ours) / median(base), "x", "<= 1.2")
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for model in loaded.values():
+        await model.session.close()
+
+
+def main() -> None:
+    asyncio.run(main_async())
+
+
+if __name__ == "__main__":
+    main()
