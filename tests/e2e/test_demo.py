@@ -46,4 +46,9 @@ def test_edgeward_demo_runs_the_whole_story(tmp_path: Path) -> None:
     assert "receipt verified" in out
     assert "command:ok receipt:ok" in out
     assert "device edge-0002: done list v" in out
+    # act 5: an accepted inference; a rogue device's results rejected with reasons
+    assert "accepted (infer.result.accepted)" in out
+    assert "dev-0002: infer.device.mismatch" in out
+    assert "dev-0002: infer.attestation.invalid" in out
+    assert "rejected (agent.inference.stopped)" in out
     assert "refused at the TLS handshake" in out

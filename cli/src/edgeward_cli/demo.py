@@ -62,8 +62,9 @@ def _refused(text: str) -> None:
 def demo(workdir: Path | None) -> None:
     """Run the demo: PKI, broker, signed messages (forgeries refused); TPM devices
     enrolling and being attested, a tampered one refused; a model published, rolled out to
-    a canary cohort, activated on the attested device and refused to the tampered one; a
-    signed stop with its signed receipt; the tampered device revoked and cut off."""
+    a canary cohort, activated on the attested device and refused to the tampered one; an
+    inference through the gateway accepted, a rogue device's results rejected; a signed
+    stop with its signed receipt; the tampered device revoked and cut off."""
     temporary = workdir is None
     root = Path(tempfile.mkdtemp(prefix="edgeward-demo-")) if workdir is None else workdir
     _claim(root)

@@ -23,17 +23,25 @@ from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ec
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeward_cli.demo_attest import GOLDEN, TAMPERED, WAIT_S, process
 from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings, connect_mqtt
+from edgeward_shared.envelope import Opened
 from edgeward_shared.errors import EdgewardError
-from edgeward_shared.identity import Identity, Role
+from edgeward_shared.identity import Identity, Role, ServiceName
+from edgeward_shared.inference import sign_result
+from edgeward_shared.messages.infer import AcceptedResult, InferResult, RejectedResult
 from edgeward_shared.pki.store import IdentityFiles, PkiStore
+from edgeward_shared.runtime.core import Outgoing
+from edgeward_shared.runtime.node import NodeConfig, build_runtime
+from edgeward_shared.topics import Channel, Direction, device_topic, service_event_topic
 
 MODEL = "edge-classifier"
 
@@ -181,16 +189,116 @@ async def models_story(
     _line(f"{GOLDEN}: attested, key wrapped to its session key, model measured into PCR 14")
     _line(f"{TAMPERED}: not attested, no key: model.key.attestation_missing")
 
-    _say(f"14. a signed stop for {GOLDEN}: the device acts and signs a receipt")
+    await _inference_act(root, store, address, cli, stack)
+
+    _say(f"16. a signed stop for {GOLDEN}: the device acts and signs a receipt")
     await cli("command", "stop", GOLDEN, "--reason", "demo: maintenance window")
     await cli("command", "list")
+    await cli("infer", GOLDEN, "--model", MODEL, "--random", "1x16")
+    _line("stopped means stopped: no inference until a signed resume, across restarts too")
 
-    _say(f"15. {TAMPERED} is revoked: CRL, broker reload, signed list, kick")
+    _say(f"17. {TAMPERED} is revoked: CRL, broker reload, signed list, kick")
     await cli("revoke", "device", TAMPERED, "--reason", "demo: tampered boot chain")
     refused = await _handshake_refused(root / "agents" / TAMPERED / "device", store, address)
     _line(
         f"{TAMPERED} reconnecting with its certificate: "
         + (click.style("refused at the TLS handshake", fg="green") if refused else "connected!")
+    )
+
+
+async def _inference_act(
+    root: Path, store: PkiStore, address: BrokerAddress, cli: Cli, stack: AsyncExitStack
+) -> None:
+    _say("14. the inference gateway starts; a client asks edge-0001 for an inference")
+    await stack.enter_async_context(
+        process(
+            root,
+            "inference-gateway",
+            "edgeward_inference_gateway",
+            "--pki-dir",
+            str(store.dir),
+            "--state-dir",
+            str(root / "state" / "gateway"),
+            "--broker",
+            f"{address.host}:{address.port}",
+        )
+    )
+    rejected: list[RejectedResult] = []
+    accepted: list[AcceptedResult] = []
+
+    async def watch(opened: Opened[Any]) -> tuple[()]:
+        (rejected if isinstance(opened.message, RejectedResult) else accepted).append(
+            opened.message
+        )
+        return ()
+
+    watcher, connect = build_runtime(_node(store, Identity.service(ServiceName.TELEMETRY), address))
+    watcher.route(
+        service_event_topic(ServiceName.INFERENCE_GATEWAY, "result"), [AcceptedResult], watch
+    )
+    watcher.route(
+        service_event_topic(ServiceName.INFERENCE_GATEWAY, "rejected"), [RejectedResult], watch
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(watcher.run(connect, stop))
+    try:
+        await asyncio.wait_for(watcher.ready.wait(), WAIT_S)
+        served = await _until(
+            lambda: _ok(cli("infer", GOLDEN, "--model", MODEL, "--random", "1x16", show=False))
+        )
+        await cli("infer", GOLDEN, "--model", MODEL, "--random", "1x16")
+        if not served or not accepted:
+            _line(click.style("the gateway accepted nothing", fg="red"))
+            return
+        _line("the device ran it in its sandbox (own netns, seccomp, uid 65534) and signed the")
+        _line("result with its attested session key; the gateway checked it and kept it")
+
+        _say("15. a rogue device (dev-0002, not attested) sends results: rejected, with reasons")
+        await _rogue(store, address, accepted[-1])
+        await _until(lambda: _count(rejected, 2))
+        for event in rejected[-2:]:
+            _line(f"{event.device}: {click.style(event.reason, fg='red')}")
+    finally:
+        stop.set()
+        await task
+
+
+async def _count(events: list[Any], n: int) -> bool:
+    return len(events) >= n
+
+
+async def _rogue(store: PkiStore, address: BrokerAddress, stolen: AcceptedResult) -> None:
+    """dev-0002 replays edge-0001's accepted result, then forges one without attestation."""
+    rogue, connect = build_runtime(_node(store, Identity.device("dev-0002"), address))
+    stop = asyncio.Event()
+    task = asyncio.create_task(rogue.run(connect, stop))
+    try:
+        await asyncio.wait_for(rogue.ready.wait(), WAIT_S)
+        topic = device_topic("dev-0002", Direction.UP, Channel.INFER)
+        replay = InferResult(
+            in_reply_to=None, body=stolen.body, session_sig=stolen.session_sig, ear=stolen.ear
+        )
+        await rogue.publish(Outgoing(topic, replay))
+        forged_key = ec.generate_private_key(ec.SECP256R1())
+        body = stolen.body.replace(b'"device":"edge-0001"', b'"device":"dev-0002"')
+        forged = InferResult(
+            in_reply_to=None,
+            body=body,
+            session_sig=sign_result(body, forged_key),
+            ear="not-an-attestation-result",
+        )
+        await rogue.publish(Outgoing(topic, forged))
+    finally:
+        stop.set()
+        await task
+
+
+def _node(store: PkiStore, identity: Identity, address: BrokerAddress) -> NodeConfig:
+    return NodeConfig(
+        identity_dir=store.identity_files(identity).directory,
+        ca_bundle=store.bundle_path,
+        crl=store.crl_path,
+        broker=address,
     )
 
 
