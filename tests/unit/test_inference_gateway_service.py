@@ -19,7 +19,6 @@ import pytest
 from edgeward_inference_gateway.app import admitted, open_store, wire
 from edgeward_inference_gateway.ratelimit import Limit
 from edgeward_inference_gateway.reasons import GatewayReason
-from edgeward_inference_gateway.revocations import RevocationFollower
 from edgeward_inference_gateway.service import ACCEPTED_TOPIC, GatewayService, Settings
 from edgeward_inference_gateway.testing import (
     Answerer,
@@ -46,6 +45,7 @@ from edgeward_shared.messages.infer import (
 from edgeward_shared.messages.model import ModelQuery, VersionInfo
 from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.runtime.core import Outgoing, Runtime
+from edgeward_shared.runtime.revocations import RevocationFollower
 from edgeward_shared.testing import EPOCH_MS, FixedClock, MemoryPki
 from edgeward_shared.topics import (
     FleetKind,

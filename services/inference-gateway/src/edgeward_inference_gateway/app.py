@@ -27,7 +27,6 @@ from typing import Final
 from edgeward_inference_gateway.admission import admitting
 from edgeward_inference_gateway.metrics import GatewayMetrics
 from edgeward_inference_gateway.models import FetchVersions, ModelCatalog, fetch_over_bus
-from edgeward_inference_gateway.revocations import RevocationFollower
 from edgeward_inference_gateway.service import GatewayService, Settings
 from edgeward_inference_gateway.store import GatewayStore
 from edgeward_shared.bus.mqtt import BrokerAddress
@@ -41,6 +40,7 @@ from edgeward_shared.pki.store import IdentityFiles, PkiStore
 from edgeward_shared.runtime.core import Connect, Runtime
 from edgeward_shared.runtime.health import answer_pings
 from edgeward_shared.runtime.node import NodeConfig, build_runtime, run_until_signalled
+from edgeward_shared.runtime.revocations import RevocationFollower
 from edgeward_shared.storage import SqliteDatabase
 from edgeward_shared.tls import check_key_permissions
 from edgeward_shared.topics import ROOT, shared_subscription

@@ -16,7 +16,7 @@ Decisions are in :mod:`.core`, :mod:`.verify` and :mod:`.keyrelease`; handlers i
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +29,6 @@ from edgeward_model_distribution.device_api import DEVICE_TYPES, DeviceApi
 from edgeward_model_distribution.kek import load_or_create_kek
 from edgeward_model_distribution.metrics import ModelMetrics
 from edgeward_model_distribution.operator_api import OPERATOR_TYPES, OperatorApi
-from edgeward_model_distribution.revocations import RevocationFollower
 from edgeward_model_distribution.service import (
     DeviceRevoked,
     ModelService,
@@ -42,10 +41,13 @@ from edgeward_shared.clock import Clock
 from edgeward_shared.errors import ConfigError, PolicyError
 from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.logs import fields
+from edgeward_shared.models.reasons import ModelReason
 from edgeward_shared.pki.store import IdentityFiles, PkiStore
+from edgeward_shared.revocation import RevocationView
 from edgeward_shared.runtime.core import Connect, Outgoing, OutgoingFrame, Runtime
 from edgeward_shared.runtime.health import answer_pings
 from edgeward_shared.runtime.node import NodeConfig, build_runtime, run_until_signalled
+from edgeward_shared.runtime.revocations import RevocationFollower
 from edgeward_shared.storage import SqliteDatabase
 from edgeward_shared.tls import check_key_permissions
 from edgeward_shared.topics import ROOT, shared_subscription
@@ -112,26 +114,45 @@ def wire(
         settings=settings,
         metrics=ModelMetrics(runtime.metrics.registry),
         is_device_revoked=revocations.device_revoked if revocations else is_device_revoked,
-        revocations_current=revocations.check_current if revocations else lambda: None,
+        revocations_current=_current(revocations, runtime) if revocations else lambda: None,
     )
     operators = OperatorApi(service)
     if revocations is not None:
 
-        async def revoked_by_plane(name: str, version: int) -> list[Outgoing | OutgoingFrame]:
-            try:
-                changed = await state.store.revoke(
-                    name, version, "revocation plane", str(REVOCATION), runtime.clock.now_ms()
-                )
-            except PolicyError:  # a version this service never published
-                return []
-            rollout = await state.store.rollout(name, version)
-            return await operators.hints(rollout) if changed and rollout is not None else []
+        async def newly_revoked(
+            old: RevocationView, new: RevocationView
+        ) -> list[Outgoing | OutgoingFrame]:
+            """Versions a newer list revokes are revoked here too; their devices hinted."""
+            out: list[Outgoing | OutgoingFrame] = []
+            for name, version in sorted(new.models - old.models):
+                try:
+                    changed = await state.store.revoke(
+                        name, version, "revocation plane", str(REVOCATION), runtime.clock.now_ms()
+                    )
+                except PolicyError:  # a version this service never published
+                    continue
+                rollout = await state.store.rollout(name, version)
+                if changed and rollout is not None:
+                    out += await operators.hints(rollout)
+            return out
 
-        revocations.attach(runtime, revoked_by_plane)
+        revocations.on_change = newly_revoked
+        revocations.attach(runtime)
     runtime.route(OPERATOR_REQUESTS, OPERATOR_TYPES, operators, name="model-ops")
     runtime.route(DEVICE_REQUESTS, DEVICE_TYPES, DeviceApi(service), name="model-devices")
     answer_pings(runtime, OPERATOR_REQUESTS)
     return service
+
+
+def _current(revocations: RevocationFollower, runtime: Runtime) -> Callable[[], None]:
+    """Fail closed: no data key while no current revocation list is held."""
+
+    def check() -> None:
+        if not revocations.is_current(runtime.clock.now_ms()):
+            detail = "list expired" if revocations.view.has_list else "no revocation list yet"
+            raise PolicyError(ModelReason.KEY_REVOCATIONS_STALE, detail)
+
+    return check
 
 
 # ------------------------------------------------------------------ the node
@@ -174,7 +195,7 @@ async def models_node(
         )
     async with open_state(config.state_dir) as state:
         follower = RevocationFollower(
-            config.state_dir, runtime.clock, required=config.settings.require_revocations
+            config.state_dir, required=config.settings.require_revocations
         )
         service = wire(runtime, state, settings=config.settings, revocations=follower)
         yield runtime, connect, service

@@ -1,19 +1,19 @@
-"""The revocation plane as the gateway follows it (the pattern of the distribution
-service's follower, docs/adr/0010; services do not import each other).
+"""Following the revocation plane from a service (docs/adr/0010).
 
-The gateway subscribes (every instance, not shared) to the retained, signed list on
-``ew/v1/fleet/revocations`` and keeps the newest one, never an older version: the floor is
-persisted under the state directory. :mod:`.core` asks it whether a device or a model
-version is revoked, and refuses every result while the list is missing or expired
-(``infer.revocations.stale``) unless the operator started the gateway with
-``--allow-without-revocations`` (development only).
+Every instance subscribes (not shared) to the retained, signed list on
+``ew/v1/fleet/revocations``, verified by version rather than by message id
+(:data:`~edgeward_shared.revocation.LIST_VERIFY_POLICY`), and keeps the newest one: never an
+older version, and the floor is persisted under the service's state directory so a restart
+cannot be rolled back either. ``on_change(old, new)`` lets the service act on what a newer
+list adds (and return messages to publish); :meth:`RevocationFollower.is_current` is what a
+service checks before any decision that must fail closed without a current list.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -24,18 +24,20 @@ from edgeward_shared.revocation import LIST_VERIFY_POLICY, RevocationView, Versi
 from edgeward_shared.runtime.core import Outgoing, OutgoingFrame, Runtime
 from edgeward_shared.topics import FleetKind, fleet_topic
 
-log = logging.getLogger("edgeward.inference-gateway.revocations")
+log = logging.getLogger("edgeward.revocations")
 
 FLOOR_FILE: Final = "revocations.version"
+OnChange = Callable[[RevocationView, RevocationView], Awaitable[Sequence[Outgoing | OutgoingFrame]]]
 
 
 class RevocationFollower:
     def __init__(self, state_dir: Path | None, *, required: bool = True) -> None:
-        """``state_dir`` None keeps the floor in memory only (tests)."""
+        """``state_dir`` None keeps the floor in memory only (tests); ``required`` False
+        (development only) makes :meth:`is_current` true without a list."""
         self._floor = state_dir / FLOOR_FILE if state_dir is not None else None
         self.required = required
         self.view = RevocationView.empty(self._read_floor())
-        self.on_change: Callable[[RevocationView], None] | None = None
+        self.on_change: OnChange | None = None
 
     def attach(self, runtime: Runtime) -> None:
         verifier = EnvelopeVerifier(runtime.verifier.trust, VersionedReplay(), LIST_VERIFY_POLICY)
@@ -48,17 +50,27 @@ class RevocationFollower:
         )
 
     async def handle(self, opened: Opened[Any]) -> Sequence[Outgoing | OutgoingFrame]:
-        view = self.view.accept(opened.message)  # PolicyError on rollback: counted upstream
-        if view is not self.view:
-            self._write_floor(view.version)
-            self.view = view
-            log.info(
-                "revocations.accepted",
-                extra=fields(version=view.version, devices=len(view.devices)),
-            )
-            if self.on_change is not None:
-                self.on_change(view)
-        return ()
+        old = self.view
+        new = old.accept(opened.message)  # PolicyError on rollback: counted upstream
+        if new is old:
+            return ()
+        self._write_floor(new.version)
+        self.view = new
+        log.info(
+            "revocations.accepted",
+            extra=fields(version=new.version, devices=len(new.devices), models=len(new.models)),
+        )
+        return await self.on_change(old, new) if self.on_change is not None else ()
+
+    # ------------------------------------------------------------------ questions
+    def is_current(self, now_ms: int) -> bool:
+        return not self.required or not self.view.is_expired(now_ms)
+
+    def device_revoked(self, device_id: str) -> bool:
+        return self.view.device_revoked(device_id)
+
+    def model_revoked(self, name: str, version: int) -> bool:
+        return self.view.model_revoked(name, version)
 
     # ------------------------------------------------------------------ the floor
     def _read_floor(self) -> int:
