@@ -333,6 +333,7 @@ class ModelManager:
                 tier=str(release.tier),
                 digest=provenance.digest,
                 seconds=round(time.perf_counter() - started, 3),
+                confinement=_describe(session),
             ),
         )
         if self._on_change is not None:
@@ -434,6 +435,12 @@ class ModelManager:
             await runtime.publish(Outgoing(self.up, report))
         except EdgewardError as exc:
             log.info("model.report_failed", extra=fields(device=self.device_id, reason=exc.reason))
+
+
+def _describe(session: Any) -> dict[str, str] | str:
+    """How a loaded model is confined (a sandboxed worker tells; in-process says so)."""
+    describe = getattr(session, "describe", None)
+    return describe() if callable(describe) else "in-process"
 
 
 _retiring: set[asyncio.Task[Any]] = set()

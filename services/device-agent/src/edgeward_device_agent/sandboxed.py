@@ -34,6 +34,11 @@ class SandboxedModel:
     async def close(self) -> None:
         await self.worker.close()
 
+    def describe(self) -> dict[str, str]:
+        """What confines this model right now: ``{protection: applied|unavailable|...}``."""
+        protections = self.worker.protections
+        return protections.labels() if protections is not None else {}
+
 
 def sandbox_loader(policy: SandboxPolicy | None = None) -> Loader:
     async def load(model: bytes, tier: Tier) -> Any:
