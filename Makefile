@@ -14,7 +14,7 @@ help: ## List the targets
 bootstrap: ## Install system packages, uv and the locked environment (idempotent)
 	@scripts/bootstrap.sh
 
-demo: bootstrap ## Run the demo: fresh PKI, real mosquitto, signed round trip, forged messages
+demo: bootstrap ## Run the demo: PKI, mosquitto, TPM attestation, models, attested inference, revocation
 	uv run edgeward demo
 
 test: bootstrap lint typecheck ## Everything CI runs: lint, types, all tests with coverage

@@ -194,6 +194,7 @@ async def models_story(
     _say(f"16. a signed stop for {GOLDEN}: the device acts and signs a receipt")
     await cli("command", "stop", GOLDEN, "--reason", "demo: maintenance window")
     await cli("command", "list")
+    _line("and now an inference request (refused, as it must be):")
     await cli("infer", GOLDEN, "--model", MODEL, "--random", "1x16")
     _line("stopped means stopped: no inference until a signed resume, across restarts too")
 

@@ -57,11 +57,16 @@ def infer(  # click passes every parameter by keyword
     """
     if (npy is None) == (random_shape is None):
         raise click.UsageError("give exactly one of --npy or --random")
-    array = (
-        np.load(npy, allow_pickle=False)
-        if npy is not None
-        else np.random.default_rng().random(_shape(str(random_shape)), dtype=np.float32)
-    )
+    if npy is not None:
+        try:
+            array = np.load(npy, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise click.BadParameter(
+                f"{npy} is not a .npy array file (numpy.save; pickles are refused)",
+                param_hint="--npy",
+            ) from exc
+    else:
+        array = np.random.default_rng().random(_shape(str(random_shape)), dtype=np.float32)
     tensor = Tensor(
         name=input_name,
         dtype=str(array.dtype),  # type: ignore[arg-type]  # checked by the Struct

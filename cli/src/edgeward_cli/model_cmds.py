@@ -240,7 +240,7 @@ def _describe(info: VersionInfo) -> str:
     state = "REVOKED" if info.revoked else "published"
     cohort = ",".join(info.cohort) or "-"
     return (
-        f"{info.name} v{info.version} [{info.tier}] {state} by {info.published_by}; "
+        f"{info.name} v{info.version} [{info.tier}] {state}, uploaded by {info.published_by}; "
         f"{info.blob_size:,} bytes; cohort {cohort}; {info.percent}% of the fleet"
     )
 

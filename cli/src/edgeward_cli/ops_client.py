@@ -18,7 +18,7 @@ from typing import TypeVar
 import click
 
 from edgeward_shared.bus.mqtt import BrokerAddress
-from edgeward_shared.errors import PolicyError
+from edgeward_shared.errors import PolicyError, TransportError
 from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.messages.base import Message
 from edgeward_shared.messages.common import Rejected
@@ -87,7 +87,14 @@ async def operator_session(
     stop = asyncio.Event()
     task = asyncio.create_task(runtime.run(connect, stop))
     try:
-        await asyncio.wait_for(runtime.ready.wait(), TIMEOUT_S)
+        try:
+            await asyncio.wait_for(runtime.ready.wait(), TIMEOUT_S)
+        except TimeoutError as exc:
+            raise TransportError(
+                "transport.connect",
+                f"no connection to the broker at {broker.host}:{broker.port} within"
+                f" {TIMEOUT_S:.0f} s: is it running (edgeward broker run), is --broker right?",
+            ) from exc
         yield OperatorSession(runtime, service)
     finally:
         stop.set()

@@ -6,6 +6,7 @@ Configuration, logging, the database and the event loop; everything else is ``ap
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 
 import click
@@ -15,6 +16,7 @@ from edgeward_attestation.app import reattest_forever, wire
 from edgeward_attestation.service import Settings
 from edgeward_attestation.store import AttestationStore
 from edgeward_shared.bus.mqtt import BrokerAddress
+from edgeward_shared.errors import ConfigError
 from edgeward_shared.logs import configure_logging
 from edgeward_shared.pki.store import read_certificates
 from edgeward_shared.runtime.node import NodeConfig, build_runtime, run_until_signalled
@@ -104,21 +106,25 @@ def main(  # click passes every option by keyword
     device certificate from the identity service) and attest them (TPM quotes against the
     device class's PCR policy, EAR results, periodic re-attestation)."""
     configure_logging("attestation", log_level)
-    manufacturers = [cert for path in manufacturer_cas for cert in read_certificates(path)]
-    settings = Settings(
-        ear_lifetime_s=result_lifetime_s, certificate_lifetime_s=certificate_lifetime_s
-    )
-    config = NodeConfig(identity_dir, ca_bundle, crl, _broker(broker), metrics_port)
-    asyncio.run(
-        _serve(
-            config,
-            db_path=db,
-            manufacturers=manufacturers,
-            settings=settings,
-            period_ms=reattest_period_s * 1000,
-            scheduler=scheduler,
+    try:
+        manufacturers = [cert for path in manufacturer_cas for cert in read_certificates(path)]
+        settings = Settings(
+            ear_lifetime_s=result_lifetime_s, certificate_lifetime_s=certificate_lifetime_s
         )
-    )
+        config = NodeConfig(identity_dir, ca_bundle, crl, _broker(broker), metrics_port)
+        asyncio.run(
+            _serve(
+                config,
+                db_path=db,
+                manufacturers=manufacturers,
+                settings=settings,
+                period_ms=reattest_period_s * 1000,
+                scheduler=scheduler,
+            )
+        )
+    except ConfigError as exc:  # nothing a retry could fix: say what to do, exit 2
+        click.secho(f"error: {exc.diagnostics()}", fg="red", err=True)
+        sys.exit(2)
 
 
 async def _serve(
