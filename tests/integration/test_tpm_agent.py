@@ -330,3 +330,18 @@ def test_one_tpm_is_safe_to_share_between_threads(tpm: Tpm) -> None:
     with ThreadPoolExecutor(max_workers=4) as pool:
         attested = list(pool.map(lambda _: _attest(tpm), range(12)))
     assert all(a.verify().accepted for a in attested)
+
+
+@pytest.mark.tpm
+def test_a_fleet_starts_again_on_the_same_root(tmp_path: Path) -> None:
+    """`edgeward-swtpm --root tpms` run twice: the same manufacturer CA, the same TPMs."""
+    with SwtpmFleet(tmp_path / "tpms") as first:
+        device = first.start("tpm-again")
+        with device.open() as tpm:
+            ek_before = tpm.ek_certificate()
+        ca_before = first.ca.certificate
+    with SwtpmFleet(tmp_path / "tpms") as second:
+        assert second.ca.certificate == ca_before
+        device = second.start("tpm-again")
+        with device.open() as tpm:
+            assert tpm.ek_certificate() == ek_before  # the same TPM, not a new one

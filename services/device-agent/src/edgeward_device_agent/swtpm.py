@@ -110,6 +110,14 @@ class ManufacturerCa:
         return self.directory / "key.pem"
 
     @classmethod
+    def open_or_create(cls, directory: Path) -> Self:
+        """The CA already in ``directory`` (a fleet started again), or a new one."""
+        if (directory / "cert.pem").exists():
+            certificate = x509.load_pem_x509_certificate((directory / "cert.pem").read_bytes())
+            return cls(directory, certificate)
+        return cls.create(directory)
+
+    @classmethod
     def create(cls, directory: Path, name: str = "Edgeward Test TPM Manufacturer CA") -> Self:
         directory.mkdir(mode=0o700, parents=True, exist_ok=False)
         key = ec.generate_private_key(ec.SECP256R1())
@@ -223,7 +231,7 @@ class SwtpmFleet:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.root = root
         self.banks = tuple(pcr_banks)
-        self.ca = ca or ManufacturerCa.create(root / "ca")
+        self.ca = ca or ManufacturerCa.open_or_create(root / "ca")
         self.devices: dict[str, SwtpmDevice] = {}
         self._write_setup_config()
 
@@ -258,7 +266,7 @@ class SwtpmFleet:
         """Manufacture a TPM state for ``name``: EKs and their certificates from the CA."""
         state = self.root / "devices" / name
         state.parent.mkdir(mode=0o700, exist_ok=True)
-        state.mkdir(mode=0o700)
+        state.mkdir(mode=0o700, exist_ok=True)  # an interrupted provisioning starts over
         banks = ",".join(bank.name.lower() for bank in self.banks)
         subprocess.run(
             [
