@@ -363,7 +363,13 @@ class DeviceAgent:
                 executor=SandboxExecutor(),
             )
             self.inference.install(runtime)
-        await self._phase(runtime, self._counted(connect), lambda: self._device_work(runtime, stop))
+        try:
+            await self._phase(
+                runtime, self._counted(connect), lambda: self._device_work(runtime, stop)
+            )
+        finally:
+            if self.models is not None:
+                await self.models.close()  # the sandboxed workers end with the agent
 
     def _unload_revoked_models(self, view: RevocationView) -> None:
         del view  # the model manager asks the current view itself

@@ -263,6 +263,15 @@ class ModelManager:
         self.store.raise_high_water(release.name, mark)  # fsynced before it is relied on
         self.store.save_release(release.name, raw)
 
+    async def close(self) -> None:
+        """Stop every loaded model's session (sandboxed workers end) and wait for them."""
+        sessions = [model.session for model in self.loaded.values()]
+        self.loaded.clear()
+        for session in sessions:
+            _retire(session)
+        if _retiring:
+            await asyncio.gather(*_retiring, return_exceptions=True)
+
     def apply_revocations(self) -> list[str]:
         """Unload every loaded version the revocation list names; returns their names."""
         gone = [m.name for m in self.loaded.values() if self._revoked(m.name, m.version)]
