@@ -42,7 +42,6 @@ from edgeward_model_distribution.verify import (
     check_contents,
     check_submission,
 )
-from edgeward_shared.clock import to_datetime
 from edgeward_shared.errors import EdgewardError, MessageError, PolicyError
 from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.models.provenance import Tier, sha256_hex
@@ -305,7 +304,7 @@ def _submission(release: Release) -> Submission:
 
 
 def _check(pki: MemoryPki, submission: Submission, now_ms: int = EPOCH_MS) -> object:
-    return check_submission(submission, pki.trust_store(), now=to_datetime(now_ms), now_ms=now_ms)
+    return check_submission(submission, pki.trust_store(), now_ms=now_ms)
 
 
 def test_a_signed_encrypted_onnx_model_passes_both_stages(pki: MemoryPki) -> None:
@@ -314,9 +313,7 @@ def test_a_signed_encrypted_onnx_model_passes_both_stages(pki: MemoryPki) -> Non
     assert release.data_key is not None
     sealed = seal_to_kek(release.data_key, kek.public_key(), release.ref)
     submission = _submission(release)
-    checked = check_submission(
-        submission, pki.trust_store(), now=to_datetime(EPOCH_MS), now_ms=EPOCH_MS
-    )
+    checked = check_submission(submission, pki.trust_store(), now_ms=EPOCH_MS)
     assert checked.signer == Identity(Role.SIGNER, "ci")
     summary = check_contents(release.blob, submission, checked, sealed, kek)
     assert summary.node_count == 5
@@ -328,9 +325,7 @@ def test_a_pickle_correctly_signed_and_encrypted_is_refused(pki: MemoryPki) -> N
     assert release.data_key is not None
     sealed = seal_to_kek(release.data_key, kek.public_key(), release.ref)
     submission = _submission(release)
-    checked = check_submission(
-        submission, pki.trust_store(), now=to_datetime(EPOCH_MS), now_ms=EPOCH_MS
-    )
+    checked = check_submission(submission, pki.trust_store(), now_ms=EPOCH_MS)
     with pytest.raises(EdgewardError) as caught:
         check_contents(release.blob, submission, checked, sealed, kek)
     assert caught.value.reason == "model.format.pickle"
@@ -341,9 +336,7 @@ def test_publication_refusals_name_what_is_wrong(pki: MemoryPki) -> None:
     release = make_release(small_model(), signer)
     kek = ec.generate_private_key(ec.SECP256R1())
     submission = _submission(release)
-    checked = check_submission(
-        submission, pki.trust_store(), now=to_datetime(EPOCH_MS), now_ms=EPOCH_MS
-    )
+    checked = check_submission(submission, pki.trust_store(), now_ms=EPOCH_MS)
     other_key = seal_to_kek(new_data_key(), kek.public_key(), release.ref)
     foreign_kek = seal_to_kek(
         release.data_key or b"", ec.generate_private_key(ec.SECP256R1()).public_key(), release.ref
@@ -416,7 +409,6 @@ def test_submission_refusals(pki: MemoryPki) -> None:
         check_submission(
             revoked_release,
             pki.trust_store(frozenset({revoked_serial})),
-            now=to_datetime(EPOCH_MS),
             now_ms=EPOCH_MS,
         )
     assert caught.value.reason == ModelReason.SIGNER_REVOKED

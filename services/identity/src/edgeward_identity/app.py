@@ -25,7 +25,7 @@ from edgeward_shared.clock import Clock
 from edgeward_shared.errors import ConfigError
 from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.logs import fields
-from edgeward_shared.pki.store import IdentityFiles, PkiStore
+from edgeward_shared.pki.store import IdentityFiles
 from edgeward_shared.runtime.core import Connect, Runtime
 from edgeward_shared.runtime.node import NodeConfig, build_runtime, run_until_signalled
 from edgeward_shared.storage import SqliteDatabase, migrate
@@ -48,14 +48,7 @@ class IdentityConfig:
     max_lifetime: timedelta = DEFAULT_MAX_LIFETIME  # cap on requested certificate lifetimes
 
     def node_config(self) -> NodeConfig:
-        store = PkiStore(self.pki_dir)
-        return NodeConfig(
-            identity_dir=self.identity_dir,
-            ca_bundle=store.bundle_path,
-            crl=store.crl_path,
-            broker=self.broker,
-            metrics_port=self.metrics_port,
-        )
+        return NodeConfig.from_pki(self.pki_dir, self.identity_dir, self.broker, self.metrics_port)
 
 
 @asynccontextmanager

@@ -36,7 +36,7 @@ from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.logs import fields
 from edgeward_shared.messages.common import Rejected
 from edgeward_shared.messages.infer import InferCall, InferResult
-from edgeward_shared.pki.store import IdentityFiles, PkiStore
+from edgeward_shared.pki.store import IdentityFiles
 from edgeward_shared.runtime.core import Connect, Runtime
 from edgeward_shared.runtime.health import answer_pings
 from edgeward_shared.runtime.node import NodeConfig, build_runtime, run_until_signalled
@@ -139,14 +139,7 @@ class GatewayConfig:
     settings: Settings = field(default_factory=Settings)
 
     def node_config(self) -> NodeConfig:
-        store = PkiStore(self.pki_dir)
-        return NodeConfig(
-            identity_dir=self.identity_dir,
-            ca_bundle=store.bundle_path,
-            crl=store.crl_path,
-            broker=self.broker,
-            metrics_port=self.metrics_port,
-        )
+        return NodeConfig.from_pki(self.pki_dir, self.identity_dir, self.broker, self.metrics_port)
 
 
 @asynccontextmanager

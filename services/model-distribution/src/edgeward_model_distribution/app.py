@@ -42,7 +42,7 @@ from edgeward_shared.errors import ConfigError, PolicyError
 from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.logs import fields
 from edgeward_shared.models.reasons import ModelReason
-from edgeward_shared.pki.store import IdentityFiles, PkiStore
+from edgeward_shared.pki.store import IdentityFiles
 from edgeward_shared.revocation import RevocationView
 from edgeward_shared.runtime.core import Connect, Outgoing, OutgoingFrame, Runtime
 from edgeward_shared.runtime.health import answer_pings
@@ -168,14 +168,7 @@ class ModelsConfig:
     settings: Settings = field(default_factory=Settings)
 
     def node_config(self) -> NodeConfig:
-        store = PkiStore(self.pki_dir)
-        return NodeConfig(
-            identity_dir=self.identity_dir,
-            ca_bundle=store.bundle_path,
-            crl=store.crl_path,
-            broker=self.broker,
-            metrics_port=self.metrics_port,
-        )
+        return NodeConfig.from_pki(self.pki_dir, self.identity_dir, self.broker, self.metrics_port)
 
 
 @asynccontextmanager

@@ -38,7 +38,6 @@ from edgeward_model_distribution.verify import (
     check_contents,
     check_submission,
 )
-from edgeward_shared.clock import to_datetime
 from edgeward_shared.envelope import Opened
 from edgeward_shared.errors import (
     AuthenticityError,
@@ -268,9 +267,7 @@ class OperatorApi:
 
     def _check(self, submission: Submission) -> CheckedSubmission:
         now_ms = self.service.clock.now_ms()
-        return check_submission(
-            submission, self.service.trust, now=to_datetime(now_ms), now_ms=now_ms
-        )
+        return check_submission(submission, self.service.trust, now_ms=now_ms)
 
     async def _upload(self, upload_id: str, actor: str) -> UploadRecord:
         upload = await self.store.upload(upload_id)

@@ -21,12 +21,11 @@ CPU-heavy (hashing, AES-GCM, protobuf parsing): callers run it in a worker threa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from edgeward_shared.errors import AuthenticityError, EdgewardError, PolicyError, Reason
-from edgeward_shared.identity import Identity, Role
+from edgeward_shared.errors import PolicyError
+from edgeward_shared.identity import Identity
 from edgeward_shared.models.onnx_check import OnnxSummary, check_onnx
 from edgeward_shared.models.provenance import Provenance, decode_provenance, sha256_hex
 from edgeward_shared.models.reasons import ModelReason
@@ -38,10 +37,10 @@ from edgeward_shared.models.sealing import (
     open_with_kek,
 )
 from edgeward_shared.models.signature import verify_bundle
-from edgeward_shared.pki.trust import Signer, TrustStore
+from edgeward_shared.models.verify import model_signer
+from edgeward_shared.pki.trust import TrustStore
 
 SEAL_OVERHEAD = NONCE_BYTES + TAG_BYTES
-SIGNER_ROLES = frozenset({Role.SIGNER})
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,28 +64,15 @@ class CheckedSubmission:
         return ModelRef(self.provenance.name, self.provenance.version, self.provenance.digest)
 
 
-def model_signer(trust: TrustStore, cert_der: bytes, now: datetime) -> Signer:
-    """The certificate as a model signer: chain, validity, revocation and role."""
-    try:
-        return trust.signer(cert_der, now, roles=SIGNER_ROLES)
-    except EdgewardError as exc:
-        reason = (
-            ModelReason.SIGNER_REVOKED
-            if exc.reason == Reason.ENVELOPE_SIGNER_REVOKED
-            else ModelReason.SIGNER_UNKNOWN
-        )
-        raise AuthenticityError(reason, f"{exc.reason}: {exc.detail}") from exc
-
-
 def check_submission(
-    submission: Submission, trust: TrustStore, *, now: datetime, now_ms: int
+    submission: Submission, trust: TrustStore, *, now_ms: int
 ) -> CheckedSubmission:
     provenance = decode_provenance(submission.provenance)
     if provenance.expires_at_ms <= now_ms:
         raise PolicyError(
             ModelReason.METADATA_EXPIRED, f"provenance expired at {provenance.expires_at_ms}"
         )
-    signer = model_signer(trust, submission.signer_cert, now)
+    signer = model_signer(submission.signer_cert, trust, now_ms=now_ms)
     verify_bundle(
         submission.signature,
         signer.public_key,

@@ -21,7 +21,7 @@ from edgeward_shared.models.reasons import ModelReason
 from edgeward_shared.models.release import ModelRelease
 from edgeward_shared.models.sealing import ModelRef, decrypt_model
 from edgeward_shared.models.signature import verify_bundle
-from edgeward_shared.pki.trust import TrustStore
+from edgeward_shared.pki.trust import Signer, TrustStore
 
 SIGNERS = frozenset({Role.SIGNER})
 
@@ -50,14 +50,19 @@ def verify_signed_model(
     return provenance
 
 
-def signer_key(cert_der: bytes, trust: TrustStore, *, now_ms: int) -> ec.EllipticCurvePublicKey:
-    """The public key of a valid, unrevoked model signer's certificate."""
+def model_signer(cert_der: bytes, trust: TrustStore, *, now_ms: int) -> Signer:
+    """A valid, unrevoked model signer's certificate (chain, validity, role ``signer``)."""
     try:
-        return trust.signer(cert_der, to_datetime(now_ms), roles=SIGNERS).public_key
+        return trust.signer(cert_der, to_datetime(now_ms), roles=SIGNERS)
     except AuthenticityError as exc:
         if exc.reason == Reason.ENVELOPE_SIGNER_REVOKED:
             raise AuthenticityError(ModelReason.SIGNER_REVOKED, exc.detail) from exc
         raise AuthenticityError(ModelReason.SIGNER_UNKNOWN, exc.detail) from exc
+
+
+def signer_key(cert_der: bytes, trust: TrustStore, *, now_ms: int) -> ec.EllipticCurvePublicKey:
+    """The public key of a valid, unrevoked model signer's certificate."""
+    return model_signer(cert_der, trust, now_ms=now_ms).public_key
 
 
 def open_release_blob(release: ModelRelease, blob: bytes, data_key: bytes | None) -> bytes:

@@ -85,6 +85,10 @@ class TrustStore:
         """Replace the revoked set; takes effect on the next :meth:`signer` call."""
         self._revoked = frozenset(serials)
 
+    @property
+    def revoked_serials(self) -> frozenset[int]:
+        return self._revoked
+
     def is_revoked(self, serial: int) -> bool:
         return serial in self._revoked
 

@@ -19,7 +19,7 @@ from edgeward_shared.bus.base import Bus
 from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings, connect_mqtt
 from edgeward_shared.clock import Clock, SystemClock, to_datetime
 from edgeward_shared.envelope import EnvelopeVerifier, SigningKey, VerifyPolicy
-from edgeward_shared.pki.store import IdentityFiles
+from edgeward_shared.pki.store import IdentityFiles, PkiStore
 from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.runtime.core import Connect, Runtime
@@ -33,6 +33,18 @@ class NodeConfig:
     crl: Path | None  # the issuing CA's CRL; None only where a test says so
     broker: BrokerAddress
     metrics_port: int | None = None  # None: no endpoint; 0: any free port
+
+    @classmethod
+    def from_pki(
+        cls,
+        pki_dir: Path,
+        identity_dir: Path,
+        broker: BrokerAddress,
+        metrics_port: int | None = None,
+    ) -> NodeConfig:
+        """A service's node: trust anchors and CRL from the PKI directory it shares."""
+        store = PkiStore(pki_dir)
+        return cls(identity_dir, store.bundle_path, store.crl_path, broker, metrics_port)
 
 
 def build_runtime(

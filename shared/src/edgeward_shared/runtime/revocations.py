@@ -4,9 +4,12 @@ Every instance subscribes (not shared) to the retained, signed list on
 ``ew/v1/fleet/revocations``, verified by version rather than by message id
 (:data:`~edgeward_shared.revocation.LIST_VERIFY_POLICY`), and keeps the newest one: never an
 older version, and the floor is persisted under the service's state directory so a restart
-cannot be rolled back either. ``on_change(old, new)`` lets the service act on what a newer
-list adds (and return messages to publish); :meth:`RevocationFollower.is_current` is what a
-service checks before any decision that must fail closed without a current list.
+cannot be rolled back either. The certificate serials a list names are added to the runtime's
+trust store (beside the CRL's), so a certificate revoked live stops signing anything this
+service accepts at once, not at its next restart. ``on_change(old, new)`` lets the service
+act on what a newer list adds (and return messages to publish);
+:meth:`RevocationFollower.is_current` is what a service checks before any decision that must
+fail closed without a current list.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any, Final
 from edgeward_shared.envelope import EnvelopeVerifier, Opened
 from edgeward_shared.logs import fields
 from edgeward_shared.messages.revocation import RevocationList
+from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.revocation import LIST_VERIFY_POLICY, RevocationView, VersionedReplay
 from edgeward_shared.runtime.core import Outgoing, OutgoingFrame, Runtime
 from edgeward_shared.topics import FleetKind, fleet_topic
@@ -38,8 +42,12 @@ class RevocationFollower:
         self.required = required
         self.view = RevocationView.empty(self._read_floor())
         self.on_change: OnChange | None = None
+        self._trust: TrustStore | None = None
+        self._crl_serials: frozenset[int] = frozenset()
 
     def attach(self, runtime: Runtime) -> None:
+        self._trust = runtime.verifier.trust
+        self._crl_serials = self._trust.revoked_serials  # as loaded from the CRL at start
         verifier = EnvelopeVerifier(runtime.verifier.trust, VersionedReplay(), LIST_VERIFY_POLICY)
         runtime.route(
             fleet_topic(FleetKind.REVOCATIONS),
@@ -56,6 +64,8 @@ class RevocationFollower:
             return ()
         self._write_floor(new.version)
         self.view = new
+        if self._trust is not None:
+            self._trust.set_revoked(self._crl_serials | new.serials)
         log.info(
             "revocations.accepted",
             extra=fields(version=new.version, devices=len(new.devices), models=len(new.models)),
