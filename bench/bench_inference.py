@@ -36,7 +36,7 @@ import numpy as np
 import onnxruntime
 from tests.models import ppocr_model, small_input, small_model
 
-from _report import Report, median, percentile
+from _report import Report, median, percentile, sized
 from bench_model_rollout import attested, make_pki, node
 from edgeward_cli.ops_client import operator_session
 from edgeward_device_agent.inference import DeviceInference, InferencePolicy, to_tensor
@@ -60,7 +60,7 @@ DEVICE = Identity.device("dev-0001")
 GATEWAY = Identity.service(ServiceName.INFERENCE_GATEWAY)
 MODELS = Identity.service(ServiceName.MODEL_DISTRIBUTION)
 OPERATOR = Identity.operator("bench")
-WARMUP, N = 20, 200
+WARMUP, N = sized((20, 200), (2, 10))
 
 
 async def measure(
