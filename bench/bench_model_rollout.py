@@ -16,10 +16,11 @@ kept, and an attestation source.
 * baseline: bare fan-out: the distribution service's identity publishes the same number of
   bytes, in the same chunk size, on one fleet topic all N devices subscribe to (the broker
   copies each message N times); timed until every subscriber has every byte.
-* measured: from the operator's rollout request until every device holds the blob, every
-  chunk checked against the signed release document (delivery: the target's ratio); then,
-  separately, until every device runs the model (key release, HPKE unwrap, decrypt,
-  signature and ONNX checks, N sandboxed workers started and loaded; reported, no target).
+* measured: from the operator's rollout request until every device holds the blob (kept on
+  disk), every chunk checked against the signed release document (delivery: the target's
+  ratio); then, separately, until every device runs the model (key release, HPKE unwrap,
+  decrypt, signature and ONNX checks, N sandboxed workers started and loaded; reported, no
+  target).
   Key requests are held until delivery is complete, since here all N devices share this
   machine's two cores: each device's attestation result is withheld until then, so its
   manager waits for one (polling every 0.2 s, which the activation figure includes).
@@ -170,8 +171,9 @@ def attested(pki: PkiStore, device: Identity) -> CurrentAttestation:
 
 
 class TimedStore(ModelStore):
-    """A device's model store that notes when it keeps a complete blob: the manager keeps
-    an encrypted tier's blob once every chunk arrived and matched its signed digest."""
+    """A device's model store that notes when it has kept a complete blob (written and
+    fsynced): the manager keeps an encrypted tier's blob once every chunk arrived and
+    matched its signed digest, before it asks for the key."""
 
     def __init__(self, state_dir: Path) -> None:
         super().__init__(state_dir)
