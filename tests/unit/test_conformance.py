@@ -419,3 +419,58 @@ def test_members_with_a_default_may_be_omitted_the_others_must_be_present() -> N
         msgspec.json.decode(commit, type=m.PublishCommit)
     with_null = commit[:-1] + b',"sealed_key":null}'
     assert msgspec.json.decode(with_null, type=m.PublishCommit).sealed_key is None
+
+
+def _presence_from_code() -> set[tuple[str, str, str]]:
+    """(owner, member path, "default" | "null") for every optional or nullable member."""
+    from edgeward_shared.messages.infer import ResultBody
+    from edgeward_shared.models.provenance import Provenance
+
+    found: set[tuple[str, str, str]] = set()
+
+    def visit(owner: str, info: msgspec.inspect.Type, prefix: str) -> None:
+        if isinstance(info, msgspec.inspect.ListType):
+            visit(owner, info.item_type, f"{prefix}[]")
+        elif isinstance(info, msgspec.inspect.UnionType):
+            for member in info.types:
+                visit(owner, member, prefix)
+        elif isinstance(info, msgspec.inspect.StructType):
+            for f in info.fields:
+                path = f"{prefix}.{f.name}" if prefix else f.name
+                nullable = isinstance(f.type, msgspec.inspect.UnionType) and any(
+                    isinstance(t, msgspec.inspect.NoneType) for t in f.type.types
+                )
+                if not f.required:
+                    found.add((owner, path, "default"))
+                elif nullable:
+                    found.add((owner, path, "null"))
+                visit(owner, f.type, path)
+
+    owners: dict[str, type[msgspec.Struct]] = {
+        **registered_types(),
+        "the result `body` (§5.11)": ResultBody,
+        "`provenance.json` (§5.7)": Provenance,
+    }
+    for owner, cls in owners.items():
+        visit(owner, msgspec.inspect.type_info(cls), "")
+    return found
+
+
+def _presence_from_protocol() -> set[tuple[str, str, str]]:
+    text = (KIT.parent / "protocol.md").read_text()
+    section = text.split("### 5.12 ", 1)[1].split("\n## ", 1)[0]
+    found: set[tuple[str, str, str]] = set()
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[0] or cells[0].startswith(("message", "---")):
+            continue
+        owner = cells[0].strip("`") if cells[0].startswith("`edgeward.") else cells[0]
+        for kind, cell in (("default", cells[1]), ("null", cells[2])):
+            for item in filter(None, (part.strip() for part in cell.split(","))):
+                found.add((owner, item.split("`")[1], kind))
+    return found
+
+
+def test_protocol_states_which_members_may_be_omitted_or_null() -> None:
+    """protocol.md 5.12's presence table is exactly what the decoders enforce."""
+    assert _presence_from_protocol() == _presence_from_code()
