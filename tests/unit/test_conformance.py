@@ -474,3 +474,49 @@ def _presence_from_protocol() -> set[tuple[str, str, str]]:
 def test_protocol_states_which_members_may_be_omitted_or_null() -> None:
     """protocol.md 5.12's presence table is exactly what the decoders enforce."""
     assert _presence_from_protocol() == _presence_from_code()
+
+
+# ---------------------------------------------------------------------- the document alone
+def _independent_pae(topic: str, envelope: dict[str, Any], payload: bytes) -> bytes:
+    """protocol.md 3.2, written from the text (no edgeward_shared.envelope)."""
+
+    def field(data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + data
+
+    return (
+        b"EDGEWARD-ENVELOPE-V1\x00"
+        + field(topic.encode())
+        + field(envelope["type"].encode())
+        + field(envelope["kid"].encode())
+        + field(envelope["mid"].encode())
+        + envelope["iat"].to_bytes(8, "big")
+        + envelope["exp"].to_bytes(8, "big")
+        + field(payload)
+    )
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_example_verifies_with_only_the_document_and_a_crypto_library(path: Path) -> None:
+    """What a third party does from protocol.md 3 alone: canonical JSON, kid, PAE, ECDSA."""
+    from cryptography.hazmat.primitives import hashes
+
+    ex = json.loads(path.read_text())
+    raw = ex["envelope"].encode()
+    envelope = json.loads(raw)
+    members = ["v", "type", "kid", "mid", "iat", "exp", "cert", "payload", "sig"]
+    assert list(envelope) == members
+    assert json.dumps(envelope, separators=(",", ":")).encode() == raw
+    cert_der, payload, sig = (
+        base64.b64decode(envelope[name], validate=True) for name in ("cert", "payload", "sig")
+    )
+    for name, data in (("cert", cert_der), ("payload", payload), ("sig", sig)):
+        assert base64.b64encode(data).decode() == envelope[name]
+    assert envelope["kid"] == hashlib.sha256(cert_der).hexdigest()
+    assert envelope["exp"] > envelope["iat"]
+    cert = x509.load_der_x509_certificate(cert_der)
+    issuing = x509.load_pem_x509_certificate((KIT / "pki" / "issuing.pem").read_bytes())
+    cert.verify_directly_issued_by(issuing)
+    key = cert.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    key.verify(sig, _independent_pae(ex["topic"], envelope, payload), ec.ECDSA(hashes.SHA256()))
+    assert payload == ex["payload_text"].encode()
