@@ -90,8 +90,6 @@ from edgeward_shared.topics import (
 
 ROOT = Path(__file__).resolve().parents[2]
 KIT = ROOT / "docs" / "conformance"
-sys.path.insert(0, str(ROOT))
-from tests.models import small_input, small_model  # noqa: E402
 
 ORG = "Edgeward Conformance (TEST ONLY)"
 DEVICE = "dev-0001"
@@ -367,6 +365,8 @@ def main() -> None:
 
 
 def build(manufacturer_pem: bytes, tpm: Any) -> None:
+    from tests.models import small_input, small_model  # the repository root is on sys.path
+
     ek_cert = tpm.ek_certificate()
     ek_der = ek_cert.public_bytes(serialization.Encoding.DER)
     # the kit's clock starts a whole minute after the EK certificate became valid
@@ -1359,4 +1359,5 @@ def render_walkthrough(enrollment_doc: dict[str, Any], attestation_doc: dict[str
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
     main()
