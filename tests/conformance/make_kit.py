@@ -352,19 +352,20 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def main() -> None:
+def main(out: Path = KIT) -> None:
+    """Write the kit into ``out`` (a fresh kit elsewhere: tests/integration)."""
     work = Path(tempfile.mkdtemp(prefix="edgeward-kit-"))
     try:
         with SwtpmFleet(work / "fleet") as fleet:
             device = fleet.start(DEVICE)
             with device.open() as tpm:
-                build(fleet.ca.cert_path.read_bytes(), tpm)
+                build(fleet.ca.cert_path.read_bytes(), tpm, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"conformance kit written under {KIT}")
+    print(f"conformance kit written under {out}")
 
 
-def build(manufacturer_pem: bytes, tpm: Any) -> None:
+def build(manufacturer_pem: bytes, tpm: Any, out: Path) -> None:
     from tests.models import small_input, small_model  # the repository root is on sys.path
 
     ek_cert = tpm.ek_certificate()
@@ -1044,6 +1045,7 @@ def build(manufacturer_pem: bytes, tpm: Any) -> None:
         frame,
         log_lines,
         revoked_serial,
+        out,
     )
 
 
@@ -1185,10 +1187,11 @@ def write_kit(
     frame: bytes,
     log_lines: list[bytes],
     revoked_serial: int,
+    out: Path,
 ) -> None:
     for stale in ("messages", "pki", "tpm"):
-        shutil.rmtree(KIT / stale, ignore_errors=True)
-    pki = KIT / "pki"
+        shutil.rmtree(out / stale, ignore_errors=True)
+    pki = out / "pki"
     pki.mkdir(parents=True)
     (pki / "root.pem").write_bytes(pem(kit.root.cert))
     (pki / "issuing.pem").write_bytes(pem(kit.issuing.cert))
@@ -1210,10 +1213,10 @@ def write_kit(
     (pki / "session.key.pem").write_bytes(key_pem(session_key))
     (pki / "tpm-manufacturer-ca.pem").write_bytes(manufacturer_pem)
     for type_, example in kit.examples.items():
-        write_json(KIT / "messages" / f"{type_}.json", example)
+        write_json(out / "messages" / f"{type_}.json", example)
     header_len = struct.unpack(">H", frame[8:10])[0]
     write_json(
-        KIT / "data-frame.json",
+        out / "data-frame.json",
         {
             "topic": device_topic(DEVICE, Direction.DOWN, Channel.DATA),
             "frame": frame.hex(),
@@ -1230,18 +1233,18 @@ def write_kit(
             "answers": "edgeward.model.chunks.v1 (its mid is the header's req)",
         },
     )
-    (KIT / "commands.jsonl").write_bytes(b"".join(line + b"\n" for line in log_lines))
-    write_json(KIT / "tpm" / "enrollment.json", enrollment_doc)
-    write_json(KIT / "tpm" / "attestation.json", attestation_doc)
-    write_json(KIT / "kit.json", {"start_ms": kit.start_ms, "device": DEVICE})
-    (KIT / "walkthrough.md").write_text(render_walkthrough(enrollment_doc, attestation_doc))
-    write_index(kit.examples)
+    (out / "commands.jsonl").write_bytes(b"".join(line + b"\n" for line in log_lines))
+    write_json(out / "tpm" / "enrollment.json", enrollment_doc)
+    write_json(out / "tpm" / "attestation.json", attestation_doc)
+    write_json(out / "kit.json", {"start_ms": kit.start_ms, "device": DEVICE})
+    (out / "walkthrough.md").write_text(render_walkthrough(enrollment_doc, attestation_doc))
+    write_index(kit.examples, out)
 
 
 INDEX_START, INDEX_END = "<!-- index: make_kit.py -->", "<!-- /index -->"
 
 
-def write_index(examples: dict[str, dict[str, Any]]) -> None:
+def write_index(examples: dict[str, dict[str, Any]], out: Path) -> None:
     """Rewrite the example table between the README's index markers."""
     rows = ["| type | protocol.md | topic | signer | example |", "|---|---|---|---|---|"]
 
@@ -1253,8 +1256,8 @@ def write_index(examples: dict[str, dict[str, Any]]) -> None:
             f"| `{type_}` | §{ex['section']} | `{ex['topic']}` | `{ex['signer']}` | "
             f"[messages/{type_}.json](messages/{type_}.json) |"
         )
-    readme = KIT / "README.md"
-    text = readme.read_text()
+    readme = out / "README.md"
+    text = readme.read_text() if readme.exists() else f"{INDEX_START}{INDEX_END}\n"
     head, _, rest = text.partition(INDEX_START)
     _, _, tail = rest.partition(INDEX_END)
     readme.write_text(f"{head}{INDEX_START}\n" + "\n".join(rows) + f"\n{INDEX_END}{tail}")
