@@ -1,4 +1,4 @@
-"""What an enrollee actually receives on the wire when enrollment fails (protocol.md §6).
+"""What an enrollee or a device actually receives when the registrar refuses (protocol.md §6).
 
 From the attacker's side, over the real runtime and the real attestation service wiring
 (in-memory bus, SQLite in memory): policy refusals name their reason, every authenticity
@@ -26,10 +26,11 @@ import pytest_asyncio
 from cryptography import x509
 
 from edgeward_attestation.app import wire
-from edgeward_attestation.store import AttestationStore
+from edgeward_attestation.store import AttestationStore, PendingEnrollment
 from edgeward_shared.bus.memory import MemoryBroker
 from edgeward_shared.clock import to_datetime
 from edgeward_shared.envelope import EnvelopeVerifier, Opened, SigningKey
+from edgeward_shared.messages.attest import AttestationEvidence, AttestationRequest
 from edgeward_shared.messages.common import Rejected
 from edgeward_shared.messages.enroll import CredentialChallenge, CredentialProof, EnrollRequest
 from edgeward_shared.pki.certs import make_root_ca, new_key
@@ -39,7 +40,7 @@ from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.runtime.core import Runtime
 from edgeward_shared.storage.sqlite import SqliteDatabase
 from edgeward_shared.testing import FixedClock
-from edgeward_shared.topics import Direction, enroll_topic
+from edgeward_shared.topics import Channel, Direction, device_topic, enroll_topic
 
 KIT = Path(__file__).resolve().parents[2] / "docs" / "conformance"
 DEVICE = "dev-0001"
@@ -179,3 +180,40 @@ async def test_a_wrong_proof_and_an_unknown_challenge_are_opaque(store: Attestat
         assert _reason(await registrar.send(unknown)) == OPAQUE
     assert registrar.counted("enroll.proof.invalid") == 1
     assert registrar.counted("enroll.challenge.unknown") == 1
+
+
+@pytest.mark.asyncio
+async def test_a_device_asking_for_challenges_sees_policy_reasons_but_not_nonce_ones(
+    store: AttestationStore,
+) -> None:
+    request, now = _kit_request()
+    device_key = _kit_key(DEVICE)
+    serial = f"{x509.load_der_x509_certificate(device_key.cert_der).serial_number:x}"
+    enrolled = PendingEnrollment(
+        "0" * 32, DEVICE, request.device_class, "e" * 64, request.ak_public, request.csr, b"s", 0
+    )
+    await store.register(enrolled, serial=serial, now_ms=now, actor="test")
+    registrar = Registrar(store, [_manufacturer()], now)
+    device = Runtime(
+        signing_key=device_key,
+        verifier=EnvelopeVerifier(_trust(), MemoryReplayGuard()),
+        clock=registrar.clock,
+    )
+    up = device_topic(DEVICE, Direction.UP, Channel.ATTEST)
+    device.expect_replies(device_topic(DEVICE, Direction.DOWN, Channel.ATTEST), [])
+    evidence_example = json.loads(
+        (KIT / "messages" / f"{AttestationEvidence.TYPE}.json").read_text()
+    )
+    evidence = msgspec.json.decode(
+        evidence_example["payload_text"].encode(), type=AttestationEvidence
+    )
+    async with registrar.running(), _serving(device, registrar.broker):
+        ask = AttestationRequest(reason="boot")
+        first = await device.request(up, ask, timeout_s=2)
+        assert _reason(first) == "attestation.policy.missing"
+        assert _reason(await device.request(up, ask, timeout_s=2)) == (
+            "attestation.request.rate_limited"  # a second ask within a second (protocol.md 7)
+        )
+        stale = msgspec.structs.replace(evidence, in_reply_to=secrets.token_hex(16))
+        assert _reason(await device.request(up, stale, timeout_s=2)) == OPAQUE
+    assert registrar.counted("attestation.nonce.unknown") == 1
