@@ -1176,6 +1176,15 @@ def attestation_walkthrough(
     }
 
 
+PKI_README = """# TEST ONLY
+
+Every private key in this directory (`*.key.pem`) is published test material of the
+conformance kit (docs/conformance/README.md), made by tests/conformance/make_kit.py. The
+CAs here are trusted by nothing but the kit's examples. Never add them to a trust store,
+and never use these keys for anything else.
+"""
+
+
 def write_kit(
     kit: Kit,
     manufacturer_pem: bytes,
@@ -1193,6 +1202,7 @@ def write_kit(
         shutil.rmtree(out / stale, ignore_errors=True)
     pki = out / "pki"
     pki.mkdir(parents=True)
+    (pki / "README.md").write_text(PKI_README)
     (pki / "root.pem").write_bytes(pem(kit.root.cert))
     (pki / "issuing.pem").write_bytes(pem(kit.issuing.cert))
     (pki / "ca-bundle.pem").write_bytes(pem(kit.root.cert) + pem(kit.issuing.cert))
