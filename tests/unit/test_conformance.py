@@ -66,7 +66,7 @@ POLICIES: dict[str, VerifyPolicy] = {
 
 
 def registered_types() -> dict[str, type[Message]]:
-    """Every tagged message class of the shared library (the wire contract)."""
+    """Every tagged message class of Edgeward's packages (the wire contract)."""
     for package in (edgeward_shared.messages, edgeward_shared.models):
         for info in pkgutil.iter_modules(package.__path__, f"{package.__name__}."):
             importlib.import_module(info.name)
@@ -76,7 +76,12 @@ def registered_types() -> dict[str, type[Message]]:
         cls = pending.pop()
         pending.extend(cls.__subclasses__())
         tag = cls.__struct_config__.tag
-        if isinstance(tag, str) and TYPE_RE.fullmatch(tag):
+        # product code only: test modules define messages of their own
+        if (
+            isinstance(tag, str)
+            and TYPE_RE.fullmatch(tag)
+            and cls.__module__.startswith("edgeward_")
+        ):
             found[tag] = cls
     return found
 
