@@ -525,3 +525,65 @@ def test_example_verifies_with_only_the_document_and_a_crypto_library(path: Path
     assert isinstance(key, ec.EllipticCurvePublicKey)
     key.verify(sig, _independent_pae(ex["topic"], envelope, payload), ec.ECDSA(hashes.SHA256()))
     assert payload == ex["payload_text"].encode()
+
+
+def test_tpm_bindings_check_out_from_the_document_alone() -> None:
+    """protocol.md 5.3.1 / 5.4.1 with hashlib, hmac and plain ECDSA: no Edgeward parser."""
+    import hmac
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+    enrollment, quote = tpm_doc("enrollment"), tpm_doc("attestation")
+    ak = {f["field"]: bytes.fromhex(f["hex"]) for f in enrollment["ak_public"]["fields"]}
+    ak_key = ec.EllipticCurvePublicNumbers(
+        int.from_bytes(ak["publicArea.unique.ecc.x"], "big"),
+        int.from_bytes(ak["publicArea.unique.ecc.y"], "big"),
+        ec.SECP256R1(),
+    ).public_key()
+    ak_public = bytes.fromhex(enrollment["ak_public"]["hex"])
+    assert int.from_bytes(ak_public[:2], "big") == len(ak_public) - 2  # TPM2B: size first
+    assert enrollment["ak_name"] == "000b" + hashlib.sha256(ak_public[2:]).hexdigest()
+
+    # qualifyingData = SHA-256(tag || u16 len || nonce || u16 len || session key DER)
+    challenge: attest.AttestationChallenge = message(attest.AttestationChallenge.TYPE)
+    evidence: attest.AttestationEvidence = message(attest.AttestationEvidence.TYPE)
+    nonce, key = challenge.nonce, evidence.session_key
+    qd = hashlib.sha256(
+        b"EDGEWARD-QUOTE-V1\x00"
+        + len(nonce).to_bytes(2, "big")
+        + nonce
+        + len(key).to_bytes(2, "big")
+        + key
+    ).digest()
+    fields = {f["field"]: bytes.fromhex(f["hex"]) for f in quote["attest"]["fields"]}
+    assert fields["magic"] == bytes.fromhex("ff544347")
+    assert fields["extraData"] == qd
+    assert evidence.attest.startswith(bytes.fromhex("ff5443478018"))  # no TPM2B size in front
+
+    # the AK signed SHA-256(attest); TPMT_SIGNATURE = sigAlg, hash, TPM2B r, TPM2B s
+    sig = {f["field"]: bytes.fromhex(f["hex"]) for f in quote["signature"]["fields"]}
+    assert evidence.signature[:4] == bytes.fromhex("0018000b")
+    der = encode_dss_signature(
+        int.from_bytes(sig["signature.ecdsa.signatureR"], "big"),
+        int.from_bytes(sig["signature.ecdsa.signatureS"], "big"),
+    )
+    ak_key.verify(der, evidence.attest, ec.ECDSA(hashes.SHA256()))
+    ordered = sorted(evidence.pcrs, key=lambda pcr: pcr.index)
+    pcr_digest = hashlib.sha256(b"".join(pcr.digest for pcr in ordered)).digest()
+    assert fields["attested.quote.pcrDigest"] == pcr_digest
+
+    # proof = HMAC-SHA256(secret, "EDGEWARD-ENROLL-V1\0" || device id || challenge mid (hex text))
+    secret = bytes.fromhex(enrollment["make_credential"]["secret (TEST ONLY)"])
+    mid = opened(enroll.CredentialChallenge.TYPE).mid
+    expected = hmac.new(
+        secret, b"EDGEWARD-ENROLL-V1\x00" + b"dev-0001" + mid.encode(), hashlib.sha256
+    ).digest()
+    assert message(enroll.CredentialProof.TYPE).proof == expected
+
+    # the EK fingerprint: SHA-256 of the EK certificate's SubjectPublicKeyInfo
+    ek_cert = x509.load_der_x509_certificate(message(enroll.EnrollRequest.TYPE).ek_certificate)
+    spki = ek_cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    assert hashlib.sha256(spki).hexdigest() == enrollment["ek_fingerprint"]
