@@ -92,6 +92,8 @@ class NodeOptions:
         """The runtime's configuration: this instance's identity, the trust anchors, the CRL."""
         if self.identity_dir is None:
             raise ConfigError("config.identity.missing", f"{self.component} has no identity dir")
+        if self.pki_dir is not None and not self.ca_bundle.exists():
+            self.pki.require()  # no PKI at all: say how to make one
         return NodeConfig(
             self.identity_dir, self.ca_bundle, self.crl, self.broker, self.metrics_port
         )
