@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from edgeward_revocation.core import Step, build_list, next_step, refresh_due
-from edgeward_revocation.effects import Kicker, PkiCrl, Reloader
+from edgeward_revocation.effects import ALARM_PREFIXES, Kicker, PkiCrl, Reloader
 from edgeward_revocation.store import Job, RevocationStore
 from edgeward_shared.clock import Clock, to_datetime
 from edgeward_shared.errors import EdgewardError
@@ -52,6 +52,13 @@ class WorkerMetrics:
             "edgeward_revocation_steps_total",
             "Revocation steps attempted, by step and outcome (ok or a reason id)",
             ["step", "outcome"],
+            registry=registry,
+        )
+        self.alarms = Counter(
+            "edgeward_revocation_alarms_total",
+            "Reloads refused or undone because revocation was at risk (a bad CRL, a broker"
+            " that let the revoked canary in), by reason id",
+            ["reason"],
             registry=registry,
         )
         self.completion = Histogram(
@@ -117,6 +124,7 @@ class RevocationWorker:
                     "revocation.step_failed",
                     extra=fields(job=job.job_id, step=step, reason=exc.reason, detail=exc.detail),
                 )
+                self._alarm(exc)
                 await self.store.failed(job, exc.reason, self.clock.now_ms())
                 return False
             self.metrics.steps.labels(step, "ok").inc()
@@ -188,5 +196,12 @@ class RevocationWorker:
         except EdgewardError as exc:
             self.metrics.steps.labels("maintain", exc.reason).inc()
             log.warning("revocation.maintenance_failed", extra=fields(reason=exc.reason))
+            self._alarm(exc)
             return False
         return True
+
+    def _alarm(self, exc: EdgewardError) -> None:
+        """A refused CRL or a broker not enforcing revocation: an error log and a metric."""
+        if exc.reason.startswith(ALARM_PREFIXES):
+            self.metrics.alarms.labels(exc.reason).inc()
+            log.error("revocation.alarm", extra=fields(reason=exc.reason, detail=exc.detail))
