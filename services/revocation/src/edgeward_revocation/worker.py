@@ -154,6 +154,12 @@ class RevocationWorker:
             return set(self.crl.store.revoked_serials())
         return set()
 
+    def republish(self) -> None:
+        """Publish a fresh list at the next turn: the broker may have lost the retained one
+        (a restart without persistence), and until then subscribers would see no list."""
+        self._published = False
+        self.wake.set()
+
     async def publish_list(self) -> int:
         now = self.clock.now_ms()
         entries, serials = await self.store.entries()
