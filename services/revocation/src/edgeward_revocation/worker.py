@@ -55,7 +55,7 @@ class WorkerMetrics:
             registry=registry,
         )
         self.alarms = Counter(
-            "edgeward_revocation_alarms_total",
+            "edgeward_revocation_broker_alarms_total",
             "Reloads refused or undone because revocation was at risk (a bad CRL, a broker"
             " that let the revoked canary in), by reason id",
             ["reason"],
