@@ -23,13 +23,15 @@ listens, its pid and which identities the ACL names; mosquitto reads ``crl.pem``
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -152,6 +154,17 @@ def canary_verdict(host: str, port: int, store: PkiStore, timeout_s: float = 3.0
     return "CONNACK" if early[:1] == b"\x20" else f"unexpected {early!r}"
 
 
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 @dataclass(frozen=True, slots=True)
 class RunFiles:
     """A launched broker's files (see :mod:`.launcher`)."""
@@ -224,7 +237,12 @@ class BrokerReloader:
         ).render()
 
     def reload(self, now: datetime) -> None:
-        """Check, install, SIGHUP, confirm; or restore, reload again and raise."""
+        """Check, install, SIGHUP, confirm; or restore, reload again and raise. Reloads of
+        one run directory (the CLI's, the service's) take turns (``flock``)."""
+        with _locked(self.files.run_dir / ".reload.lock"):
+            self._reload(now)
+
+    def _reload(self, now: datetime) -> None:
         state = read_state(self.files.run_dir)
         try:
             pem = checked_crl(self.store, now)
