@@ -288,3 +288,20 @@ async def test_stop_over_the_broker_with_a_receipt_proved_offline(
     assert result.exit_code == 0, result.output
     assert "command:ok receipt:ok" in result.output
     assert "every command and receipt verifies" in result.output
+
+
+@pytest.mark.asyncio
+async def test_the_service_s_reload_takes_a_revoked_operator_out_of_the_acl(
+    rev_broker: MosquittoBroker, rev_pki: PkiStore, tmp_path: Path
+) -> None:
+    carol = Identity.operator("carol")
+    rev_pki.issue(carol, datetime.now(UTC), LIFETIME)
+    async with service_in_process(rev_pki, rev_broker, tmp_path / "rev.db"):
+        address = f"{rev_broker.host}:{rev_broker.port}"
+        request = Revoke(kind="operator", subject=carol.name, reason="left")
+        job = await _revoke(rev_pki.dir, ALICE.name, address, request, wait=True)
+        assert job.step == "done"
+    acl = rev_broker.acl_path.read_text()
+    assert f"user {carol.common_name}\ntopic deny #\n" in acl  # nothing, not even patterns
+    verdict = tls_verdict(rev_broker, tls_context(rev_pki, carol), carol.common_name)
+    assert verdict == "SSLV3_ALERT_CERTIFICATE_REVOKED"
