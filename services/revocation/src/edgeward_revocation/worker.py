@@ -3,10 +3,11 @@ the CRL and the revocation list from expiring.
 
 Steps (:data:`~edgeward_revocation.core.STEPS`): ``crl_written`` (the serials are in the
 CRL on disk), ``broker_reloaded`` (a checked reload: the CRL passed, mosquitto logged the
-reload, and the revoked canary was refused by a real handshake; docs/adr/0012), ``list_published`` (a new list version was acknowledged by the broker, retained),
-``done`` (the plugin confirmed the kick of every name). A failed step is recorded with its
-reason, counted, and retried with jittered backoff; the job never goes back and never
-skips. A restarted worker picks every unfinished job up where the database says it is.
+reload, and the revoked canary was refused by a real handshake; docs/adr/0012),
+``list_published`` (a new list version was acknowledged by the broker, retained), ``done``
+(the plugin confirmed the kick of every name). A failed step is recorded with its reason,
+counted, and retried with jittered backoff; the job never goes back and never skips. A
+restarted worker picks every unfinished job up where the database says it is.
 
 One worker per deployment (``--worker`` on one instance): list versions are allocated
 from the database, but two workers would race on the CRL and the broker.

@@ -43,7 +43,7 @@ from edgeward_shared.broker.reload import (
     BrokerReloader,
     BrokerState,
     RunFiles,
-    crl_for_start,
+    checked_crl,
     write_state,
 )
 from edgeward_shared.errors import ConfigError, TransportError
@@ -250,7 +250,7 @@ class MosquittoBroker:
         self.run_dir.chmod(0o700)
         now = self._now()
         ensure_canary(self.pki.require(), now)
-        write_atomically(self.crl_path, crl_for_start(self.pki, now), 0o600)
+        write_atomically(self.crl_path, checked_crl(self.pki, now), 0o600)
         _write_private(self.acl_path, self._reloader().render_acl(self._state(), now))
         write_initial_config(self.dynsec_path)
 

@@ -322,8 +322,3 @@ class BrokerReloader:
         write_atomically(self.store.crl_path, good)
         log.warning("broker.reload.crl_restored", extra=fields(path=str(self.store.crl_path)))
         return f"the broker keeps the CRL it has, and {self.store.crl_path} is that CRL again"
-
-
-def crl_for_start(store: PkiStore, now: datetime) -> bytes:
-    """The CRL a broker may start with, or raise: the same check as a reload."""
-    return checked_crl(store, now)
