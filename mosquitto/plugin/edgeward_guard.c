@@ -12,7 +12,8 @@
  *    connection under that client id is ever delivered (Mosquitto re-checks a resumed
  *    session's queue against the ACL and drops what is refused), so a revoked identity's
  *    session cannot hand anything to the next holder of its name. Edgeward's clients
- *    always start clean.
+ *    always start clean. (So `check_retain_source` must stay off: 2.0.11 checks it with a
+ *    zeroed pseudo-client, whose clean start is false.)
  *
  * Every other check is deferred (MOSQ_ERR_PLUGIN_DEFER) to the dynamic-security plugin and
  * the ACL file, which decide as before. The broker calls plugins' ACL callbacks in the
