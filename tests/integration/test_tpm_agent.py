@@ -10,8 +10,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import queue
+import signal
+import socket
 import struct
 import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -345,3 +351,45 @@ def test_a_fleet_starts_again_on_the_same_root(tmp_path: Path) -> None:
         device = second.start("tpm-again")
         with device.open() as tpm:
             assert tpm.ek_certificate() == ek_before  # the same TPM, not a new one
+
+
+def _read_until_ready(process: subprocess.Popen[str], timeout_s: float) -> dict[str, str]:
+    """The ``<name> <tcti>`` lines edgeward-swtpm prints before ``ready``."""
+    lines: queue.Queue[str] = queue.Queue()
+    stdout = process.stdout
+    assert stdout is not None
+    threading.Thread(target=lambda: [lines.put(line) for line in stdout], daemon=True).start()
+    found: dict[str, str] = {}
+    deadline = time.monotonic() + timeout_s
+    while (line := lines.get(timeout=max(0.0, deadline - time.monotonic())).strip()) != "ready":
+        name, tcti = line.split(" ", 1)
+        found[name] = tcti
+    return found
+
+
+def _port_of(tcti: str) -> int:
+    return int(tcti.rsplit("port=", 1)[1])
+
+
+@pytest.mark.tpm
+def test_edgeward_swtpm_outlives_a_closed_stdin_and_stops_on_sigterm(tmp_path: Path) -> None:
+    """Issue 17.6: it exited as soon as its stdin closed (run in the background, from a
+    supervisor, with < /dev/null); now only SIGTERM or SIGINT stops it, and cleanly."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "edgeward_device_agent.simulate", "--root", str(tmp_path / "t"),
+         "--golden", "tpm-bg"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+    ) as process:  # fmt: skip
+        try:
+            tcti = _read_until_ready(process, 60)["tpm-bg"]
+            time.sleep(1.0)  # the old code had read EOF from /dev/null and exited by now
+            assert process.poll() is None
+            with Tpm(tcti) as tpm:  # and it serves
+                assert tpm.ek_certificate()
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(15) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+    with pytest.raises(ConnectionRefusedError):  # its swtpm went with it
+        socket.create_connection(("127.0.0.1", _port_of(tcti)), timeout=1).close()
