@@ -118,7 +118,10 @@ def _service_block(who: Identity) -> list[str]:
 
 def _operator_block(who: Identity) -> list[str]:
     cn = who.common_name
-    lines = _user_header(who, f"Operator {cn}: commands down, receipts up, calls in its name.")
+    summary = f"Operator {cn}: commands down, receipts up, calls in its name."
+    if who.instance is not None:  # docs/adr/0014: same rights, its own client id and topics
+        summary = f"Operator {who.principal}, session {cn}: its rights, calls in its own name."
+    lines = _user_header(who, summary)
     lines += [_line("write", f"{ROOT}/dev/+/down/{ch}") for ch in _channels(who, CHANNEL_WRITERS)]
     lines += [_line("read", f"{ROOT}/dev/+/up/{ch}") for ch in _channels(who, CHANNEL_READERS)]
     return [
@@ -148,7 +151,8 @@ def _unique_sorted(identities: Iterable[Identity], role: Role) -> list[Identity]
 
 @dataclass(frozen=True, slots=True)
 class AclPrincipals:
-    """The identities that need their own ACL block (beyond the six services)."""
+    """The identities that need their own ACL block (beyond the six services): operators
+    and their sessions (``op.alice.2``, docs/adr/0014), admins, extra service instances."""
 
     operators: tuple[Identity, ...]
     admins: tuple[Identity, ...]
@@ -163,7 +167,9 @@ class AclPrincipals:
         return cls(
             operators=tuple(i for i in chosen if i.role is Role.OPERATOR),
             admins=admins,
-            service_instances=tuple(i for i in chosen if i.instance is not None),
+            service_instances=tuple(
+                i for i in chosen if i.role is Role.SERVICE and i.instance is not None
+            ),
         )
 
     def render(self) -> str:
@@ -176,7 +182,8 @@ def render_acl(
     service_instances: Iterable[Identity] = (),
 ) -> str:
     """The complete ACL file: device patterns, one block per service (and per extra service
-    instance, e.g. ``svc.telemetry.2``), operator and admin."""
+    instance, e.g. ``svc.telemetry.2``), operator (and per operator session, ``op.alice.2``:
+    each is a client id of its own) and admin."""
     lines = _device_patterns()
     services = {Identity.service(name) for name in ServiceName}
     for who in _unique_sorted([*services, *service_instances], Role.SERVICE):
