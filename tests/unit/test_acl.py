@@ -197,7 +197,11 @@ def test_an_operator_session_gets_the_operators_rights_under_its_own_cn() -> Non
 
 
 def test_an_admin_gets_the_dynamic_security_api_and_nothing_else(acl: Acl) -> None:
-    assert grants(acl, ADMIN) == {("write", CONTROL_TOPIC), ("read", RESPONSE_TOPIC)}
+    assert grants(acl, ADMIN) == {
+        ("write", CONTROL_TOPIC),
+        ("read", RESPONSE_TOPIC),
+        ("read", "$SYS/broker/log/N"),  # connection notices, for the audit (docs/adr/0014)
+    }
     assert CONTROL_TOPIC == "$CONTROL/dynamic-security/v1"
     assert RESPONSE_TOPIC == "$CONTROL/dynamic-security/v1/response"
 

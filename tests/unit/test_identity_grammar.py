@@ -17,9 +17,9 @@ from pathlib import Path
 import jwt
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from tests.forgery import forge_leaf
 
 from edgeward_device_agent.state import AgentState
 from edgeward_shared.ear import AttestationClaims, issue_ear, verify_ear
@@ -63,34 +63,7 @@ def forge(
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A certificate for ``pretends`` (our profile: role EKU, SAN, key usage) whose subject
     CN is ``common_name``, signed with the issuing CA's key without any name check."""
-    good = pki.signing_key(pretends)
-    template = x509.load_der_x509_certificate(good.cert_der)
-    key = new_key()
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, pki.org),
-                    x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-                ]
-            )
-        )
-        .issuer_name(pki.issuing.cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(template.not_valid_before_utc)
-        .not_valid_after(template.not_valid_after_utc)
-    )
-    for extension in template.extensions:
-        if isinstance(extension.value, x509.AuthorityKeyIdentifier | x509.SubjectKeyIdentifier):
-            continue
-        builder = builder.add_extension(extension.value, extension.critical)
-    ski = pki.issuing.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    builder = builder.add_extension(
-        x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
-    ).add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-    return key, builder.sign(pki.issuing.key, hashes.SHA256())
+    return forge_leaf(pki.issuing, pretends, common_name, org=pki.org, now=pki.now)
 
 
 def _signing_key(

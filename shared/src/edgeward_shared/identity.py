@@ -147,6 +147,19 @@ class Identity:
         return self.common_name
 
 
+def fits_grammar(common_name: str) -> bool:
+    """Whether ``common_name`` is the CN of some identity (docs/protocol.md §4), the role
+    being read from its prefix. For records and alarms only: authorization takes the role
+    from the certificate's EKU (:func:`identity_of`), never from the name."""
+    head = common_name.partition(".")[0] + "."
+    role = next((r for r, prefix in _CN_PREFIX.items() if prefix == head), Role.DEVICE)
+    try:
+        Identity.from_common_name(role, common_name)
+    except PolicyError:
+        return False
+    return True
+
+
 def instances_of(principal: Identity, common_names: Iterable[str]) -> list[Identity]:
     """The identities among ``common_names`` (CNs of ``principal``'s role) that stand for
     ``principal``: itself and its instances, each once, in the order first seen. CNs that

@@ -40,6 +40,8 @@ from edgeward_shared.topics import (
 )
 
 DEFAULT_ADMINS: Final = (Identity(Role.BROKER_ADMIN, "broker"),)
+#: Where Mosquitto publishes its notice-level log lines (``log_dest topic``).
+BROKER_NOTICES: Final = "$SYS/broker/log/N"
 
 _HEADER: Final = """\
 # Edgeward broker ACL (Mosquitto 2.0 acl_file).
@@ -50,7 +52,7 @@ _HEADER: Final = """\
 # client id (use_username_as_clientid). Per user: "deny" lines first, then grants, then the
 # patterns below; anything not granted is denied. "read" = may receive, "write" = may
 # publish. SUBSCRIBE itself is never refused: a forbidden filter simply delivers nothing.
-# No line grants "#", "$SYS" or "$CONTROL", except the broker admins' two lines.
+# No line grants "#", "$SYS" or "$CONTROL", except the broker admins' three lines.
 """
 
 
@@ -135,9 +137,11 @@ def _operator_block(who: Identity) -> list[str]:
 def _admin_block(who: Identity) -> list[str]:
     return [
         *_user_header(who, f"Broker admin {who.common_name}: the dynamic-security API only."),
-        "# commands to the plugin (kick), and the plugin's answers; nothing else",
+        "# commands to the plugin (kick), the plugin's answers, and the broker's notices",
+        "# (connects and disconnects, for `edgeward broker audit`); nothing else",
         _line("write", CONTROL_TOPIC),
         _line("read", RESPONSE_TOPIC),
+        _line("read", BROKER_NOTICES),
     ]
 
 
