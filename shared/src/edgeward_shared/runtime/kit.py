@@ -24,7 +24,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import importlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -197,14 +198,7 @@ def node_options(
             show_envvar=True,
             help="Serve Prometheus /metrics on 127.0.0.1:PORT (0: any free port).  [default: off]",
         ),
-        click.option(
-            "--log-level",
-            type=click.Choice(LOG_LEVELS, case_sensitive=False),
-            default="info",
-            envvar="EDGEWARD_LOG_LEVEL",
-            show_envvar=True,
-            help="JSON logs go to stderr, one object per line.",
-        ),
+        log_level_option(),
     ]
 
     def decorate(function: Command) -> Command:
@@ -241,27 +235,40 @@ def node_options(
     return decorate
 
 
+def log_level_option() -> Callable[[Command], Command]:
+    """``--log-level`` alone, for a helper that is not a node (``edgeward-swtpm``)."""
+    return click.option(
+        "--log-level",
+        type=click.Choice(LOG_LEVELS, case_sensitive=False),
+        default="info",
+        envvar="EDGEWARD_LOG_LEVEL",
+        show_envvar=True,
+        help="JSON logs go to stderr, one object per line.",
+    )
+
+
 def service_main(component: str, log_level: str, main: Callable[[], Awaitable[None]]) -> None:
     """Set up JSON logging, run ``main()`` on a fresh event loop until it returns, and turn a
     refusal to start into one line on stderr and an exit status (never a traceback)."""
     configure_logging(component, log_level)
+    with refusals(component), asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(_call(main))
+
+
+@contextmanager
+def refusals(component: str) -> Iterator[None]:
+    """Turn an :class:`EdgewardError` raised inside into one line on stderr and ``SystemExit``:
+    status 2 for a :class:`ConfigError` (no retry fixes it), 1 for any other."""
     try:
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(_call(main))
-    except ConfigError as exc:
-        _refuse(component, exc, EXIT_CONFIG)
+        yield
     except EdgewardError as exc:
-        _refuse(component, exc, EXIT_REFUSED)
+        line = " ".join(exc.diagnostics().split())  # one line, whatever the detail holds
+        click.echo(f"{component}: error: {line}", err=True)
+        raise SystemExit(EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_REFUSED) from None
 
 
 async def _call(main: Callable[[], Awaitable[None]]) -> None:
     await main()
-
-
-def _refuse(component: str, exc: EdgewardError, status: int) -> None:
-    line = " ".join(exc.diagnostics().split())  # one line, whatever the detail holds
-    click.echo(f"{component}: error: {line}", err=True)
-    raise SystemExit(status)
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
