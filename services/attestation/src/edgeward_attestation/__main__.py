@@ -10,7 +10,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import click
-from cryptography import x509
 
 from edgeward_attestation.app import reattest_forever, wire
 from edgeward_attestation.service import Settings
@@ -100,10 +99,9 @@ def main(  # click passes every option by keyword
     )
 
     async def serve() -> None:
-        manufacturers = [cert for path in manufacturer_cas for cert in read_certificates(path)]
         await _serve(
             node,
-            manufacturers=manufacturers,
+            manufacturer_cas=manufacturer_cas,
             settings=settings,
             period_ms=milliseconds(reattest_period),
             scheduler=scheduler,
@@ -115,12 +113,13 @@ def main(  # click passes every option by keyword
 async def _serve(
     node: NodeOptions,
     *,
-    manufacturers: list[x509.Certificate],
+    manufacturer_cas: tuple[Path, ...],
     settings: Settings,
     period_ms: int,
     scheduler: bool,
 ) -> None:
     runtime, connect = build_node(node.node_config(), SERVICE)
+    manufacturers = [cert for path in manufacturer_cas for cert in read_certificates(path)]
     database = await SqliteDatabase.open(node.database_path)
     try:
         store = AttestationStore(database)
