@@ -56,7 +56,7 @@ from edgeward_shared.messages.model import (
     SyncReply,
     SyncRequest,
 )
-from edgeward_shared.models.provenance import Provenance, Tier, sha256_hex
+from edgeward_shared.models.provenance import Provenance, Tier, decode_provenance, sha256_hex
 from edgeward_shared.models.reasons import ModelReason
 from edgeward_shared.models.release import (
     HighWater,
@@ -383,7 +383,7 @@ class ModelManager:
             release.version,
         ):
             raise PolicyError(ModelReason.KEY_UNWRAP, "a key for another model")
-        digest = msgspec.json.decode(release.provenance)["digest"]
+        digest = decode_provenance(release.provenance).digest
         context = ReleaseContext(
             self.device_id, ModelRef(release.name, release.version, digest), grant.result_id
         )

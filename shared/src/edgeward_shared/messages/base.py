@@ -4,6 +4,12 @@ A message is a frozen msgspec ``Struct`` encoded as compact JSON, tagged with it
 type (``"type": "edgeward.health.ping.v1"``); unknown fields are refused. The same tag is the
 envelope's ``type`` field, so a verifier knows the class before it decodes anything, and it
 decodes nothing before the signature, signer, topic, time and replay checks have passed.
+
+A payload is accepted only in its canonical form: the bytes this module's encoder makes of
+the decoded message (``type`` first, then every member in declaration order, optional ones
+as ``null``, no whitespace). Re-encoding and comparing is what refuses a duplicated member at
+any depth: JSON parsers disagree on which copy wins (msgspec and Python keep the last, others
+the first), so signed bytes with two copies would mean two things (docs/adr/0013).
 """
 
 from __future__ import annotations
@@ -50,10 +56,14 @@ def encode_message(message: Message) -> bytes:
 
 
 def decode_message(payload: bytes, cls: type[M]) -> M:
-    """Decode ``payload`` as exactly ``cls`` (tag included); raise ``MessageError``."""
+    """Decode ``payload`` as exactly ``cls`` (tag included), in canonical form only; raise
+    ``MessageError`` (a duplicated member, at any depth, is not canonical)."""
     try:
-        return msgspec.json.decode(payload, type=cls)
+        message = msgspec.json.decode(payload, type=cls)
     except msgspec.ValidationError as exc:
         raise MessageError(Reason.MESSAGE_MALFORMED, f"{cls.TYPE}: {exc}") from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise MessageError(Reason.MESSAGE_MALFORMED, f"not JSON: {exc}") from exc
+    if _encoder.encode(message) != payload:
+        raise MessageError(Reason.MESSAGE_MALFORMED, f"{cls.TYPE}: not in canonical form")
+    return message
