@@ -117,7 +117,11 @@ def make_world(root: Path, extra: tuple[Identity, ...] = ()) -> Iterator[World]:
         pki.issue(identity, now, timedelta(days=1))
     with (
         SwtpmFleet(root / "tpms") as fleet,
-        MosquittoBroker(pki, root / "broker", operators=[ALICE]) as broker,
+        MosquittoBroker(
+            pki,
+            root / "broker",
+            operators=[ALICE, *(i for i in extra if i.role is Role.OPERATOR)],
+        ) as broker,
     ):
         yield World(root, pki, broker, fleet)
 

@@ -97,7 +97,9 @@ def test_command_naming_two_devices_is_refused(memory_pki: MemoryPki, clock: Fix
 def test_nested_member_twice_is_refused(memory_pki: MemoryPki, clock: FixedClock) -> None:
     key = memory_pki.signing_key(GATEWAY)
     honest = encode_message(
-        InferRequest(model="m", inputs=[Tensor("x", "float32", [1], b"\x00" * 4)])
+        InferRequest(
+            caller="op.alice", model="m", inputs=[Tensor("x", "float32", [1], b"\x00" * 4)]
+        )
     )
     nested = honest.replace(b'"name":"x"', b'"name":"x","name":"y"')
     assert nested != honest

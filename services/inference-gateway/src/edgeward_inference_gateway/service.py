@@ -176,7 +176,9 @@ class GatewayService:
                 deadline_ms=now + self.settings.call_timeout_ms,
             )
         )
-        request = InferRequest(model=call.model, inputs=call.inputs, version=call.version)
+        request = InferRequest(
+            model=call.model, inputs=call.inputs, version=call.version, caller=caller
+        )
         down = device_topic(call.device, Direction.DOWN, Channel.INFER)
         return (Outgoing(down, request, mid=request_mid),)
 
