@@ -97,9 +97,12 @@ def issue_ear(signer: SigningKey, claims: AttestationClaims, *, build: str = "0.
 
 
 def verify_ear(
-    token: str, trust: TrustStore, *, now_ms: int, leeway_s: int = 30
+    token: str, trust: TrustStore, *, now_ms: int, leeway_s: int = 30, expired_ok_s: int = 0
 ) -> AttestationClaims:
-    """Check an EAR offline: signer chain and identity, signature, validity window, shape."""
+    """Check an EAR offline: signer chain and identity, signature, validity window, shape.
+
+    ``expired_ok_s`` accepts a result that expired up to that long ago (a relying party
+    judging a device's degraded, offline results: docs/offline.md); 0 for everything else."""
     if len(token) > MAX_TOKEN_BYTES:
         raise MessageError(EarReason.MALFORMED, "attestation result too large")
     _refuse_duplicate_members(token)
@@ -129,7 +132,7 @@ def verify_ear(
         raise MessageError(EarReason.MALFORMED, str(exc)) from exc
     parsed = _parse_claims(claims)
     now_s = now_ms // 1000
-    if parsed.expires_at + leeway_s <= now_s:
+    if parsed.expires_at + leeway_s + max(0, expired_ok_s) <= now_s:
         raise AuthenticityError(EarReason.EXPIRED, f"expired at {parsed.expires_at}")
     if parsed.issued_at - leeway_s > now_s:
         raise AuthenticityError(EarReason.NOT_YET_VALID, f"issued at {parsed.issued_at}")

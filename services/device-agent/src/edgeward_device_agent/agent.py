@@ -35,7 +35,7 @@ from edgeward_device_agent.attestation import Attester, CurrentAttestation
 from edgeward_device_agent.commands import CommandHandler
 from edgeward_device_agent.config import AgentConfig, retry_delays
 from edgeward_device_agent.enrollment import REPLY_TYPES, Enrollment
-from edgeward_device_agent.inference import DeviceInference
+from edgeward_device_agent.inference import DeviceInference, standing_of
 from edgeward_device_agent.ledger import LEDGER_NAME, DeviceLedger
 from edgeward_device_agent.metrics import AgentMetrics
 from edgeward_device_agent.model_manager import ModelManager, in_process_loader
@@ -355,7 +355,7 @@ class DeviceAgent:
             self.inference = DeviceInference(
                 self.device_id,
                 self.models,
-                attestation=lambda: self.attestation,
+                attestation=lambda: self._attester.held if self._attester else None,
                 allowed=self.check_inference_allowed,
                 clock=self._clock,
                 state_dir=self.config.state_dir,
@@ -385,9 +385,18 @@ class DeviceAgent:
                 side.append(group.create_task(self.models.run(runtime, stop)))
             if self.inference is not None:
                 side.append(group.create_task(self.inference.stream(runtime, stop)))
+            if self.models is not None:  # connected or not: docs/offline.md
+                side.append(group.create_task(self._follow_offline_policy(self.models, stop)))
             await self._keep_attested(runtime, stop)
             for task in side:
                 task.cancel()  # stopping: do not wait for a sync, a download or an inference
+
+    async def _follow_offline_policy(self, models: ModelManager, stop: asyncio.Event) -> None:
+        """Unload what the offline policy no longer keeps, whether the broker answers or not."""
+        while not stop.is_set():
+            held = self._attester.held if self._attester is not None else None
+            models.apply_offline(standing_of(held, self._clock.now_ms()), self.config.offline)
+            await wait_any(stop, seconds=self.config.policy.max_sleep_s)
 
     async def _refused(self, opened: Opened[Any]) -> Sequence[Outgoing]:
         reason = opened.message.reason

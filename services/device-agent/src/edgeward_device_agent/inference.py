@@ -4,12 +4,13 @@ Both paths go through :meth:`DeviceInference.infer`, which refuses (reason ids i
 :class:`~edgeward_shared.inference.InferenceReason`) unless: the device is not stopped (a
 signed ``stop`` holds across restarts), the device's inference budget allows it (the seed's
 "flooding the inference API to overheat the device"; shared fairly between callers, as the
-gateway names them, by :mod:`.fairshare`), the device holds a current attestation result,
-and the model is loaded (in the version asked for, if one is). The model runs in the
-executor (the sandboxed worker, :mod:`.sandbox`, or in-process for tier low in development);
-the result body names the model version and digest, the attestation result, the input
-digest, a sequence number and the time, and is signed with the session key the attestation
-result binds.
+gateway names them, by :mod:`.fairshare`), the device holds an attestation result, the model
+is loaded (in the version asked for, if one is) and the offline policy lets its tier serve
+(:mod:`.offline`: ``attested`` under a current result, ``degraded`` for tiers low and medium
+once it expired). The model runs in the executor (the sandboxed worker, :mod:`.sandbox`, or
+in-process for tier low in development); the result body names the model version and
+digest, the attestation result, the input digest, a sequence number, the time and the mode,
+and is signed with the session key the attestation result binds.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 
 from edgeward_device_agent.fairshare import FairShare, ShareLimits
 from edgeward_device_agent.model_manager import LoadedModel, ModelManager
+from edgeward_device_agent.offline import Mode, Standing, serving_mode
 from edgeward_shared.clock import Clock
 from edgeward_shared.envelope import Opened
 from edgeward_shared.errors import EdgewardError, PolicyError
@@ -107,6 +109,13 @@ class InferencePolicy:
 STREAM_CALLER: Final = ":stream"
 
 
+def standing_of(held: CurrentAttestation | None, now_ms: int) -> Standing | None:
+    """The held attestation as :mod:`.offline` sees it."""
+    if held is None:
+        return None
+    return Standing(expires_at_ms=held.expires_at_ms, valid=held.valid_at(now_ms))
+
+
 class SequenceCounter:
     """Strictly increasing result numbers across restarts: blocks of ``SEQ_BLOCK`` are
     reserved on disk (fsynced) before use, so a crash skips numbers, never repeats one."""
@@ -140,6 +149,7 @@ class DeviceInference:
         device_id: str,
         models: ModelManager,
         *,
+        #: the attestation result held, even expired (None: never, or withdrawn)
         attestation: Callable[[], CurrentAttestation | None],
         allowed: Callable[[], None],
         clock: Clock,
@@ -188,7 +198,7 @@ class DeviceInference:
         """Run one inference for ``caller`` and sign its result; raises with a reason id if
         refused."""
         try:
-            current, model = self._admit(model_name, version, caller)
+            current, model, mode = self._admit(model_name, version, caller)
             outputs = await self.executor.run(model, inputs)
         except EdgewardError as exc:
             self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
@@ -205,6 +215,7 @@ class DeviceInference:
                 at_ms=self._clock.now_ms(),
                 source="request" if request is not None else "stream",
                 request=request,
+                mode=mode.value,
                 outputs=outputs,
             )
         )
@@ -217,18 +228,19 @@ class DeviceInference:
 
     def _admit(
         self, model_name: str, version: int | None, caller: str
-    ) -> tuple[CurrentAttestation, LoadedModel]:
-        """The checks before any work, cheapest first."""
+    ) -> tuple[CurrentAttestation, LoadedModel, Mode]:
+        """The checks before any work, cheapest first; the mode is :mod:`.offline`'s."""
         self._allowed()  # stopped: PolicyError(command.stopped...) from the command handler
         if not self.shares.allow(caller, self._monotonic()):
             raise PolicyError(InferenceReason.RATE_LIMITED, f"{caller} is over its share")
-        current = self._attestation()
-        if current is None:
-            raise PolicyError(InferenceReason.NOT_ATTESTED, "no current attestation result")
+        held = self._attestation()
+        if held is None:
+            raise PolicyError(InferenceReason.NOT_ATTESTED, "no attestation result held")
         model = self.models.loaded.get(model_name)
         if model is None or (version is not None and model.version != version):
             raise PolicyError(InferenceReason.NO_MODEL, f"{model_name} v{version or '*'}")
-        return current, model
+        mode = serving_mode(model.tier, standing_of(held, self._clock.now_ms()))
+        return held, model, mode
 
     # ------------------------------------------------------------------ the sensor stream
     async def stream(self, runtime: Runtime, stop: asyncio.Event) -> None:

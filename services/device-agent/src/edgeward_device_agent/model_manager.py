@@ -40,11 +40,13 @@ from packaging.requirements import InvalidRequirement, Requirement
 
 from edgeward_device_agent.model_fetch import ChunkFetcher, FetchPolicy
 from edgeward_device_agent.model_store import ModelStore
+from edgeward_device_agent.offline import OfflinePolicy, Standing, keep_loaded
 from edgeward_device_agent.tpm import PcrBank
 from edgeward_device_agent.waits import wait_any
 from edgeward_shared.clock import Clock
 from edgeward_shared.envelope import Envelope, EnvelopeVerifier, Opened
 from edgeward_shared.errors import EdgewardError, MessageError, PolicyError
+from edgeward_shared.inference import InferenceReason
 from edgeward_shared.logs import fields
 from edgeward_shared.messages.common import Rejected
 from edgeward_shared.messages.model import (
@@ -277,6 +279,17 @@ class ModelManager:
         gone = [m.name for m in self.loaded.values() if self._revoked(m.name, m.version)]
         for name in gone:
             self._unload(name, ModelReason.VERSION_REVOKED)
+        return gone
+
+    def apply_offline(self, standing: Standing | None, policy: OfflinePolicy) -> list[str]:
+        """Unload what :func:`.offline.keep_loaded` no longer keeps (tier high, its device's
+        attestation result expired past the grace period, or none held); their names."""
+        now = self._clock.now_ms()
+        gone = [
+            m.name for m in self.loaded.values() if not keep_loaded(m.tier, standing, now, policy)
+        ]
+        for name in gone:
+            self._unload(name, InferenceReason.ATTESTATION_EXPIRED)
         return gone
 
     def check_freshness(self) -> list[str]:

@@ -98,6 +98,9 @@ class ResultBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     at_ms: Annotated[int, msgspec.Meta(ge=0)]
     source: Literal["request", "stream"]
     request: MessageId | None  # the InferRequest's mid, for source "request"
+    #: "attested": under a current result; "degraded": the device's result had expired
+    #: (offline, docs/offline.md), the body still names and is signed under the last one
+    mode: Literal["attested", "degraded"]
     outputs: Tensors
 
 
