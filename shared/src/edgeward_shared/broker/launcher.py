@@ -193,6 +193,21 @@ class MosquittoBroker:
             raise
         return self
 
+    def resume(self) -> Self:
+        """Start again after :meth:`stop`, on the same port with the same files: an outage
+        its clients recover from by themselves (they reconnect to the address they know)."""
+        if self._process is not None:
+            raise RuntimeError("the broker is already running")
+        if self._port is None:
+            raise RuntimeError("the broker has never been started: start() it")
+        self._spawn(find_mosquitto())
+        try:
+            self._wait_until_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
     def _prepare_run_dir(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.run_dir.chmod(0o700)
