@@ -32,9 +32,11 @@ from edgeward_device_agent.agent import DeviceAgent
 from edgeward_device_agent.config import AgentPolicy
 from edgeward_device_agent.inference import to_tensor
 from edgeward_device_agent.offline import OfflinePolicy
+from edgeward_device_agent.schedule import RequestReason
 from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN
 from edgeward_shared.errors import EdgewardError
 from edgeward_shared.inference import decode_body
+from edgeward_shared.runtime.core import Runtime
 
 pytestmark = [pytest.mark.tpm, pytest.mark.broker, pytest.mark.slow]
 
@@ -57,6 +59,26 @@ def _publish(world: World, tmp: Path, name: str, tier: str, seed: int) -> None:
         "--dataset-fingerprint", "sha256:test-data",
     )  # fmt: skip
     world.cli("model", "rollout", name, "1", "--device", "dev-off")
+
+
+def _record_what_the_device_sends(device: DeviceAgent) -> list[str]:
+    """Wrap the agent's two senders that run on their own (a test seam): in order."""
+    sent: list[str] = []
+    models = device.models
+    assert models is not None
+    sync, request = models.sync, device._request_attestation
+
+    async def recorded_sync(runtime: Runtime) -> None:
+        sent.append("model.sync")
+        await sync(runtime)
+
+    async def recorded_request(runtime: Runtime, reason: RequestReason) -> None:
+        sent.append(f"attestation.request.{reason}")
+        await request(runtime, reason)
+
+    models.sync = recorded_sync  # type: ignore[method-assign]
+    device._request_attestation = recorded_request  # type: ignore[method-assign]
+    return sent
 
 
 async def _mode(device: DeviceAgent, model: str) -> str:
@@ -97,6 +119,7 @@ async def test_a_broker_outage_longer_than_the_attestation_result(
             assert await _mode(device, "secret") == "attested"
             assert await _mode(device, "public") == "attested"
 
+            sent = _record_what_the_device_sends(device)
             world.broker.stop()  # ------------------------------------------ the outage
             try:
                 held = device.attestation
@@ -112,6 +135,7 @@ async def test_a_broker_outage_longer_than_the_attestation_result(
                 assert await _mode(device, "public") == "degraded"
                 assert not device.trust_state().connected
             finally:
+                sent.clear()
                 world.broker.resume()  # ------------------------------------- it returns
 
             def reattested() -> bool:
@@ -119,6 +143,9 @@ async def test_a_broker_outage_longer_than_the_attestation_result(
                 return current is not None and current.claims.result_id != before
 
             assert await until(reattested, WAIT)
+            # on the new connection, the first thing the device sent was its request
+            assert sent[0] == "attestation.request.reconnect", sent
+            assert "model.sync" in sent
             assert await _mode(device, "public") == "attested"
             # the high-tier model comes back: its key is released against the new result
             assert await until(lambda: "secret" in loaded, WAIT)

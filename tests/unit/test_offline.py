@@ -3,14 +3,18 @@ each mode, and the gateway believing a degraded result only where a tier allows 
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from tests.unit.test_device_inference import _attested, _inputs, _loaded
 
 from edgeward_device_agent.inference import DeviceInference, InferencePolicy
+from edgeward_device_agent.model_manager import ModelManager, ModelPolicy
+from edgeward_device_agent.model_store import ModelStore
 from edgeward_device_agent.offline import (
     Mode,
     OfflinePolicy,
@@ -199,3 +203,57 @@ def test_a_degraded_result_still_needs_an_affirming_ear_and_the_session_signatur
     forged = device.sign(device.body(mode="degraded"), key=other.session_key)
     with pytest.raises(EdgewardError, match="infer.result.signature_invalid"):
         core.validate("dev-a", forged, _context(pki, Tier.LOW, clock.now_ms()))
+
+
+# ------------------------------------------------------------------ the agent's model manager
+def _manager(tmp: Path, clock: FixedClock) -> ModelManager:
+    return ModelManager(
+        "dev-0001",
+        ModelStore(tmp),
+        trust=lambda: None,  # type: ignore[arg-type,return-value]  # not reached
+        clock=clock,
+        tpm=None,  # type: ignore[arg-type]
+        attestation=lambda: None,
+        device_key=lambda: None,  # type: ignore[arg-type,return-value]
+        policy=ModelPolicy(sync_interval_s=60, attestation_wait_s=30),
+    )
+
+
+def test_the_manager_unloads_tier_high_past_the_grace_and_nothing_else(tmp_path: Path) -> None:
+    clock = FixedClock(EXPIRY)
+    models = _manager(tmp_path, clock)
+    for name, tier in (("h", Tier.HIGH), ("m", Tier.MEDIUM), ("l", Tier.LOW)):
+        models.loaded[name] = replace(_loaded(), name=name, tier=tier, session=None)
+    assert models.apply_offline(VALID, POLICY) == []
+    assert models.apply_offline(EXPIRED, POLICY) == []  # inside the grace
+    clock.advance(60_000)
+    assert models.apply_offline(EXPIRED, POLICY) == ["h"]
+    assert sorted(models.loaded) == ["l", "m"]
+    assert models.apply_offline(None, POLICY) == []  # the others stay, whatever happens
+
+
+@pytest.mark.asyncio
+async def test_the_manager_syncs_on_a_connection_only_after_the_agent_asked_to_attest(
+    tmp_path: Path,
+) -> None:
+    models = _manager(tmp_path, FixedClock())
+    synced: list[int] = []
+
+    async def sync(runtime: Any) -> None:
+        synced.append(1)
+
+    models.sync = sync  # type: ignore[method-assign]
+    runtime = SimpleNamespace(ready=asyncio.Event())
+    runtime.ready.set()
+    asked, stop = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(models.run(runtime, stop, asked))  # type: ignore[arg-type]
+    await asyncio.sleep(0.1)
+    assert synced == []  # connected, but the attestation request has not gone out yet
+    asked.set()
+    for _ in range(100):
+        if synced:
+            break
+        await asyncio.sleep(0.01)
+    assert synced == [1]
+    stop.set()
+    await asyncio.wait_for(task, 2)

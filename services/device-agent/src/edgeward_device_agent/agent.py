@@ -110,6 +110,9 @@ class DeviceAgent:
         self._schedule = RequestSchedule(config.policy, rand)
         self._connections = 0
         self._wake = asyncio.Event()
+        #: cleared on each new connection, set once the agent has asked for a challenge on
+        #: it: what else the device sends waits for it (re-attest first, docs/offline.md)
+        self._asked_on_connection = asyncio.Event()
         self._last_error: str | None = None
         #: the models this device runs (None until it serves as the device, or if disabled)
         self.models: ModelManager | None = None
@@ -382,9 +385,15 @@ class DeviceAgent:
             group.create_task(self.revocations.watch(stop))
             side = []
             if self.models is not None:
-                side.append(group.create_task(self.models.run(runtime, stop)))
+                side.append(
+                    group.create_task(self.models.run(runtime, stop, self._asked_on_connection))
+                )
             if self.inference is not None:
-                side.append(group.create_task(self.inference.stream(runtime, stop)))
+                side.append(
+                    group.create_task(
+                        self.inference.stream(runtime, stop, self._asked_on_connection)
+                    )
+                )
             if self.models is not None:  # connected or not: docs/offline.md
                 side.append(group.create_task(self._follow_offline_policy(self.models, stop)))
             await self._keep_attested(runtime, stop)
@@ -411,6 +420,7 @@ class DeviceAgent:
         async def counted() -> AsyncIterator[Bus]:
             async with connect() as bus:
                 self._connections += 1
+                self._asked_on_connection.clear()
                 try:
                     yield bus
                 finally:
@@ -454,5 +464,7 @@ class DeviceAgent:
                 extra=fields(device=self.device_id, reason=exc.reason, detail=exc.detail),
             )
             return
+        finally:
+            self._asked_on_connection.set()
         self.agent_metrics.attestation_requests.labels(reason).inc()
         log.info("attestation.requested", extra=fields(device=self.device_id, why=reason))

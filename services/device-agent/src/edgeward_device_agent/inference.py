@@ -243,8 +243,11 @@ class DeviceInference:
         return held, model, mode
 
     # ------------------------------------------------------------------ the sensor stream
-    async def stream(self, runtime: Runtime, stop: asyncio.Event) -> None:
-        """The development sensor: random inputs shaped like the model's, every period."""
+    async def stream(
+        self, runtime: Runtime, stop: asyncio.Event, after: asyncio.Event | None = None
+    ) -> None:
+        """The development sensor: random inputs shaped like the model's, every period
+        (once ``after`` is set, if given: the agent has asked for a fresh attestation)."""
         period = self.policy.stream_period_s
         if period is None:
             return
@@ -253,7 +256,7 @@ class DeviceInference:
             await asyncio.sleep(period)
             name = self.policy.stream_model or next(iter(self.models.loaded), None)
             model = self.models.loaded.get(name) if name else None
-            if model is None or not runtime.ready.is_set():
+            if model is None or not runtime.ready.is_set() or (after and not after.is_set()):
                 continue
             try:
                 result = await self.infer(model.name, sensor_inputs(model, rng))

@@ -192,14 +192,22 @@ class ModelManager:
         """Sync now (a hint, a new attestation result, a revocation)."""
         self._wake.set()
 
-    async def run(self, runtime: Runtime, stop: asyncio.Event) -> None:
-        """Sync on connect, on every hint and every ``sync_interval_s``, until ``stop``."""
+    async def run(
+        self, runtime: Runtime, stop: asyncio.Event, after: asyncio.Event | None = None
+    ) -> None:
+        """Sync on connect, on every hint and every ``sync_interval_s``, until ``stop``.
+
+        ``after``: on each connection, sync only once it is set (the agent sets it when it
+        has asked for a fresh attestation: docs/offline.md, re-attest before anything else).
+        """
         self.store.prepare()
         while not stop.is_set():
             self._wake.clear()
             if not runtime.ready.is_set():
                 await wait_any(runtime.ready, stop)
                 continue
+            if after is not None and not after.is_set():
+                await wait_any(after, stop, seconds=self.policy.attestation_wait_s)
             try:
                 await self.sync(runtime)
                 self.check_freshness()
