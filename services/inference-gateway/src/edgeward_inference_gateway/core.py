@@ -113,8 +113,11 @@ def check_attestation(
     return claims
 
 
-def open_result(device_id: str, result: InferResult, claims: AttestationClaims) -> ResultBody:
-    body = decode_body(result.body)  # MessageError infer.result.malformed
+def open_result(
+    device_id: str, result: InferResult, claims: AttestationClaims, body: ResultBody | None = None
+) -> ResultBody:
+    """``body``: ``result.body`` already decoded (not yet believed), if the caller has it."""
+    body = body or decode_body(result.body)  # MessageError infer.result.malformed
     if body.device != device_id:
         raise AuthenticityError(R.WRONG_DEVICE, "the body names another device")
     if body.result_id != claims.result_id:
@@ -197,10 +200,10 @@ def verify_result(
     degraded_max_ms: int = 0,
 ) -> Verified:
     """Steps 1-3: who produced it, in which attested state, and whether it still counts."""
-    mode = decode_body(result.body).mode  # parsed only: nothing is believed before step 2
-    grace = degraded_max_ms if mode == "degraded" else 0
+    parsed = decode_body(result.body)  # for its mode: nothing is believed before step 2
+    grace = degraded_max_ms if parsed.mode == "degraded" else 0
     claims = check_attestation(device_id, result.ear, trust, ears, now_ms, expired_ok_ms=grace)
-    body = open_result(device_id, result, claims)
+    body = open_result(device_id, result, claims, parsed)
     check_standing(device_id, revocations, now_ms, required=require_revocations)
     return Verified(device_id, body, claims)
 
