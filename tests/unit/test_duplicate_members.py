@@ -111,34 +111,37 @@ def test_nested_member_twice_is_refused(memory_pki: MemoryPki, clock: FixedClock
     memory_pki.verifier().open(ok, DOWN_INFER, [InferRequest], now_ms=clock.now_ms())
 
 
-@pytest.mark.parametrize(
-    "payload",
-    [
-        # whitespace
-        b'{"type": "edgeward.health.ping.v1", "nonce": "' + NONCE_1.encode() + b'"}',
-        # `type` not first
-        b'{"nonce":"' + NONCE_1.encode() + b'","type":"edgeward.health.ping.v1"}',
-        # an escape where none is needed
-        b'{"type":"edgeward.health.ping.v1","nonce":"\\u0031' + NONCE_1[1:].encode() + b'"}',
-    ],
-    ids=["whitespace", "type-not-first", "escape"],
-)
-def test_second_spellings_of_a_payload_are_refused(
-    payload: bytes, memory_pki: MemoryPki, clock: FixedClock
-) -> None:
-    assert msgspec.json.decode(payload, type=Ping) == Ping(nonce=NONCE_1)  # same meaning
-    with pytest.raises(MessageError, match="canonical"):
-        decode_message(payload, Ping)
+SPELLINGS = [
+    # whitespace
+    b'{"type": "edgeward.health.ping.v1", "nonce": "' + NONCE_1.encode() + b'"}',
+    # `type` not first
+    b'{"nonce":"' + NONCE_1.encode() + b'","type":"edgeward.health.ping.v1"}',
+    # an escape where none is needed
+    b'{"type":"edgeward.health.ping.v1","nonce":"\\u0031' + NONCE_1[1:].encode() + b'"}',
+]
 
 
-def test_an_optional_member_must_be_sent_as_null() -> None:
+@pytest.mark.parametrize("payload", SPELLINGS, ids=["whitespace", "type-not-first", "escape"])
+def test_other_spellings_are_accepted_but_never_with_a_member_twice(payload: bytes) -> None:
+    """protocol.md 5.12: the reference spelling is what to send, not the only one accepted;
+    a repeated member is refused in every spelling."""
+    assert decode_message(payload, Ping) == Ping(nonce=NONCE_1)
+    doubled = payload[:-1] + b',"nonce":"' + NONCE_2.encode() + b'"}'
+    with pytest.raises(MessageError, match="twice"):
+        decode_message(doubled, Ping)
+
+
+def test_a_member_with_a_default_may_be_left_out_but_not_repeated() -> None:
     call = InferCall(device="dev-a", model="m", inputs=[Tensor("x", "bool", [1], b"\x01")])
     canonical = encode_message(call)
     assert canonical.endswith(b',"version":null}')
-    assert decode_message(canonical, InferCall) == call
     omitted = canonical.replace(b',"version":null', b"")
-    with pytest.raises(MessageError, match="canonical"):
-        decode_message(omitted, InferCall)
+    assert decode_message(omitted, InferCall) == call
+    with pytest.raises(MessageError, match="twice"):
+        decode_message(canonical[:-1] + b',"version":3}', InferCall)
+    nested = canonical.replace(b'"dtype":"bool"', b'"dtype":"bool","shape":[1]', 1)
+    with pytest.raises(MessageError, match="twice"):
+        decode_message(nested, InferCall)
 
 
 # ------------------------------------------------------------------ the envelope itself

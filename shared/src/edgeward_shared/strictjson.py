@@ -2,11 +2,11 @@
 
 JSON (RFC 8259 §4) leaves a repeated member name to the parser: Python and msgspec keep the
 last copy, other parsers the first, some refuse. Signed bytes with two copies of a member
-therefore mean different things to different relying parties (docs/adr/0013). Our own
-messages are refused unless canonical (:mod:`edgeward_shared.messages.base`), which rules
-out duplicates; documents made by other tools (JWT segments, model-signing bundles, in-toto
-statements) are parsed here instead, where a duplicate at any depth, ``NaN`` or
-``Infinity`` is an error.
+therefore mean different things to different relying parties (docs/adr/0013). Every
+signed JSON document is checked here: message payloads not in the reference spelling
+(:func:`edgeward_shared.messages.base.decode_message`), EAR JWT segments, model-signing
+bundles and their in-toto statements. A duplicate at any depth, ``NaN`` or ``Infinity`` is
+an error.
 """
 
 from __future__ import annotations

@@ -5,11 +5,12 @@ type (``"type": "edgeward.health.ping.v1"``); unknown fields are refused. The sa
 envelope's ``type`` field, so a verifier knows the class before it decodes anything, and it
 decodes nothing before the signature, signer, topic, time and replay checks have passed.
 
-A payload is accepted only in its canonical form: the bytes this module's encoder makes of
-the decoded message (``type`` first, then every member in declaration order, optional ones
-as ``null``, no whitespace). Re-encoding and comparing is what refuses a duplicated member at
-any depth: JSON parsers disagree on which copy wins (msgspec and Python keep the last, others
-the first), so signed bytes with two copies would mean two things (docs/adr/0013).
+A payload with a member repeated, at any depth, is refused: JSON parsers disagree on which
+copy wins (msgspec and Python keep the last, others the first), so signed bytes with two
+copies would mean two things (docs/adr/0013). The check is nearly free for what the
+reference encoder writes: re-encoding the decoded message gives the same bytes, which then
+cannot hold a repeated member. Only another spelling (allowed: docs/protocol.md §5.12) is
+parsed a second time to look for one.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import ClassVar, Final, TypeVar
 import msgspec
 
 from edgeward_shared.errors import MessageError, Reason
+from edgeward_shared.strictjson import loads_unique
 
 TYPE_RE: Final = re.compile(r"^edgeward\.[a-z0-9-]+(\.[a-z0-9-]+)*\.v[0-9]+$")
 
@@ -56,14 +58,17 @@ def encode_message(message: Message) -> bytes:
 
 
 def decode_message(payload: bytes, cls: type[M]) -> M:
-    """Decode ``payload`` as exactly ``cls`` (tag included), in canonical form only; raise
-    ``MessageError`` (a duplicated member, at any depth, is not canonical)."""
+    """Decode ``payload`` as exactly ``cls`` (tag included); raise ``MessageError``, also
+    for a member repeated at any depth."""
     try:
         message = msgspec.json.decode(payload, type=cls)
     except msgspec.ValidationError as exc:
         raise MessageError(Reason.MESSAGE_MALFORMED, f"{cls.TYPE}: {exc}") from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise MessageError(Reason.MESSAGE_MALFORMED, f"not JSON: {exc}") from exc
-    if _encoder.encode(message) != payload:
-        raise MessageError(Reason.MESSAGE_MALFORMED, f"{cls.TYPE}: not in canonical form")
+    if _encoder.encode(message) != payload:  # not the reference spelling: look closer
+        try:
+            loads_unique(payload)
+        except (ValueError, RecursionError) as exc:
+            raise MessageError(Reason.MESSAGE_MALFORMED, f"{cls.TYPE}: {exc}") from exc
     return message
