@@ -7,8 +7,9 @@
     enroll       (no device certificate yet) as ``enroll.<id>``: :mod:`.enrollment`, retried
                  with backoff after any rejection, timeout or TPM failure, never giving up
     run          as ``<id>``: answers pings, challenges and results (:mod:`.attestation`),
-                 sends AttestationRequest on every (re)connection and before the result
-                 expires (:mod:`.schedule`)
+                 sends AttestationRequest on every (re)connection, before the model sync
+                 and the sensor stream, and before the result expires (:mod:`.schedule`);
+                 unloads what the offline policy no longer keeps (:mod:`.offline`)
 
 Each phase is one :class:`~edgeward_shared.runtime.core.Runtime` (which verifies every
 message and reconnects by itself) serving while the phase's work runs. Both runtimes share
