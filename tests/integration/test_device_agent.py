@@ -303,6 +303,15 @@ class ForeignEkTpm:
     def quote(self, qualifying_data: bytes, indices: Any, bank: PcrBank = PcrBank.SHA256) -> Quote:
         return self.own.quote(qualifying_data, indices, bank)
 
+    def read_pcrs(self, indices: Any, bank: PcrBank = PcrBank.SHA256) -> dict[int, bytes]:
+        return self.own.read_pcrs(indices, bank)
+
+    def seal(self, secret: bytes, indices: Any, bank: PcrBank, values: Any = None) -> bytes:
+        return self.own.seal(secret, indices, bank, values)
+
+    def unseal(self, blob: bytes, indices: Any, bank: PcrBank = PcrBank.SHA256) -> bytes:
+        return self.own.unseal(blob, indices, bank)
+
     def close(self) -> None:
         self.own.close()
         self.foreign.close()
@@ -440,10 +449,13 @@ async def test_a_fresh_device_enrolls_then_attests_renews_and_reconnects(world: 
         assert state.status == "affirming"
         assert world.service.requests == [("dev-fresh", "boot")]
 
-        # the files enrollment wrote: key 0600 in a 0700 directory, a device certificate
+        # the files enrollment wrote: a sealed key 0600 in a 0700 directory, no plain key,
+        # a device certificate
         device_dir = world.root / "dev-fresh" / "device"
         assert stat.S_IMODE((world.root / "dev-fresh").stat().st_mode) == 0o700
-        assert stat.S_IMODE((device_dir / "key.pem").stat().st_mode) == 0o600
+        assert stat.S_IMODE((device_dir / "key.sealed").stat().st_mode) == 0o600
+        assert not (device_dir / "key.pem").exists()
+        assert not (world.root / "dev-fresh" / "enrollee" / "key.pem").exists()
         certificate = read_certificate(device_dir / "cert.pem")
         assert identity_of(certificate) == Identity.device("dev-fresh")  # role device, CN = id
         assert certificate == world.service.issued[0]
