@@ -63,7 +63,12 @@ from edgeward_shared.messages.enroll import (
 )
 from edgeward_shared.messages.health import Ping, Pong
 from edgeward_shared.pki.certs import make_leaf
-from edgeward_shared.pki.store import PkiStore, read_certificate, read_certificates
+from edgeward_shared.pki.store import (
+    PkiStore,
+    read_certificate,
+    read_certificates,
+    write_private_key,
+)
 from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.runtime.core import Outgoing, Runtime
@@ -665,3 +670,23 @@ async def test_an_enrollee_identity_for_another_device_stops_the_agent(world: Wo
     with pytest.raises(EdgewardError) as info:
         await agent.run(asyncio.Event())
     assert info.value.reason == "config.identity.mismatch"
+
+
+async def test_an_older_agents_plain_key_is_sealed_and_shredded_at_start(world: World) -> None:
+    """docs/adr/0016: an enrolled device whose state an older agent wrote (``device/key.pem``
+    in the clear) comes up with the same key, now sealed, and the PEM gone."""
+    agent = world.agent("dev-legacy")
+    async with world.running(world.service.runtime, agent):
+        await _until(lambda: agent.trust_state().attested)
+    key = agent.state.device_key()
+    device_dir = world.root / "dev-legacy" / "device"
+    (device_dir / "key.sealed").unlink()  # the layout before sealing
+    write_private_key(device_dir / "key.pem", key)
+
+    again = world.agent("dev-legacy")
+    async with world.running(world.service.runtime, again):
+        await _until(lambda: again.trust_state().attested)
+    assert not (device_dir / "key.pem").exists()
+    assert (device_dir / "key.sealed").exists()
+    assert _spki(again.state.device_key()) == _spki(key)
+    assert len(world.service.issued) == 1  # the same certificate, no new enrollment

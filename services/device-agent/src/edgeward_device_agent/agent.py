@@ -189,11 +189,11 @@ class DeviceAgent:
             await asyncio.to_thread(tpm.close)
 
     def _prepare(self) -> None:
-        """Every check that needs no TPM; the keys wait for it (:meth:`_unlock`)."""
+        """Every check that needs no TPM; checking the key waits for it (:meth:`_unlock`)."""
         self.state.prepare()
         self._trust_store()  # an unreadable bundle or an expired CRL stops us here
         if self.state.is_enrolled():
-            self.state.check_device_identity()
+            self._set_certificate(self.state.check_device_identity())
         else:
             self.state.check_enrollee()
 
