@@ -232,6 +232,28 @@ def test_a_plain_key_of_an_older_agent_is_sealed_then_shredded(tpm: Tpm, tmp_pat
     assert not store.adopt_plain(plain)
 
 
+def test_a_changed_selection_takes_effect_once_the_key_opened(tpm: Tpm, tmp_path: Path) -> None:
+    path = tmp_path / "key.sealed"
+    key = SealedKeyStore(path, tpm, SealPolicy((1, 2))).create()
+    moved = SealedKeyStore(path, tpm, SealPolicy((0, 5), PcrBank.SHA1))
+    assert moved.load().private_numbers() == key.private_numbers()
+    document = json.loads(path.read_bytes())
+    assert (sorted(document["pcrs"]), document["bank"]) == (["0", "5"], "sha1")
+    reopened = SealedKeyStore(path, tpm, SealPolicy((0, 5), PcrBank.SHA1)).load()  # unsealed
+    assert reopened.private_numbers() == key.private_numbers()
+
+
+def test_a_plain_key_replaces_an_unreadable_sealed_file(tpm: Tpm, tmp_path: Path) -> None:
+    (tmp_path / "key.sealed").write_bytes(b"garbage")
+    plain = tmp_path / "key.pem"
+    key = new_key()
+    write_private_key(plain, key)
+    store = SealedKeyStore(tmp_path / "key.sealed", tpm, SealPolicy((1,)))
+    assert store.adopt_plain(plain)
+    reopened = SealedKeyStore(store.path, tpm, SealPolicy((1,))).load()
+    assert reopened.private_numbers() == key.private_numbers()
+
+
 def test_policy_refuses_resettable_pcrs_and_the_model_pcr(tmp_path: Path) -> None:
     for pcrs, message in (((), "at least one"), ((7, 4), "ascending"), ((16,), "reset")):
         with pytest.raises(ValueError, match=message):

@@ -198,16 +198,19 @@ class SealedKeyStore:
         except ValueError as exc:
             raise DeviceKeyError(KeyReason.MALFORMED, f"{self.path}: {exc}") from exc
         if (tuple(sorted(sealed.pcrs)), bank) != (self.policy.pcrs, self.policy.bank):
-            self._pinned = None
-            self.replace(key)  # the operator chose other PCRs: sealed to them from now on
+            # the operator chose other PCRs: sealed to them (as they are now) from now on
+            self._seal(key, self.sealer.read_pcrs(self.policy.pcrs, self.policy.bank))
         self._key = key
         return key
 
     def replace(self, key: ec.EllipticCurvePrivateKey) -> None:
-        """Seal ``key`` and put it in place of this file's key (atomically)."""
+        """Seal ``key`` and put it in place of this file's key (atomically), to the values
+        the current key is sealed to (or a sibling's, or else the PCRs' current values)."""
+        self._seal(key, self._seal_values())
+
+    def _seal(self, key: ec.EllipticCurvePrivateKey, values: dict[int, bytes]) -> None:
         if not isinstance(key.curve, ec.SECP256R1):
             raise TypeError("the device key is a P-256 key")
-        values = self._seal_values()
         blob = self.sealer.seal(_scalar(key), self.policy.pcrs, self.policy.bank, values)
         sealed = _SealedKey(
             v=FORMAT_VERSION,
@@ -224,8 +227,8 @@ class SealedKeyStore:
         of this file's key, then shred ``pem``. False if there is no such file."""
         if not pem.exists():
             return False
-        self._pinned = None  # a key that was in the clear is sealed to the boot as it is now
-        self.replace(read_private_key(pem))
+        key = read_private_key(pem)  # sealed to the boot as it is now, whatever was here
+        self._seal(key, self.sealer.read_pcrs(self.policy.pcrs, self.policy.bank))
         shred(pem)
         return True
 
