@@ -289,7 +289,8 @@ class SealedKeyStore:
             return DeviceKeyError(
                 KeyReason.WRONG_TPM,
                 f"{self.path} was sealed by another TPM (a state directory copied from another"
-                " device, or this TPM was cleared): this device must be enrolled again",
+                " device, or this TPM was cleared): this device must be enrolled again"
+                " (remove device/, install a new enrollee identity, approve the rebind)",
             )
         if exc.reason == KeyReason.POLICY_FAILED:
             moved = _moved(self.sealer, sealed, bank)
@@ -297,7 +298,8 @@ class SealedKeyStore:
                 KeyReason.POLICY_FAILED,
                 f"{self.path} is sealed to the boot chain it was made under and PCRs {moved}"
                 f" ({bank.name}) now differ: a tampered boot, or a firmware or boot loader"
-                " update (then re-enrol the device)",
+                " update (then re-enrol: remove device/, install a new enrollee identity,"
+                " approve the rebind)",
             )
         return exc
 
