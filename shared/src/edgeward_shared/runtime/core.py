@@ -130,6 +130,8 @@ class Runtime:
         self._pending: dict[str, asyncio.Future[Opened[Any]]] = {}
         self._served = False
         self.ready = asyncio.Event()
+        #: connections served so far: a change means the runtime (re)connected
+        self.connections = 0
 
     @property
     def identity(self) -> Identity:
@@ -313,6 +315,7 @@ class Runtime:
                 await bus.subscribe(topic_filter)
             self.metrics.connected.set(1)
             self._served = True
+            self.connections += 1
             self.ready.set()
             async with asyncio.TaskGroup() as group:
                 consumer = group.create_task(self._consume(bus.deliveries(), group))
