@@ -120,6 +120,16 @@ _DURATION = DurationParam(timedelta(milliseconds=1), timedelta(hours=1))
     " takes effect here within this time; the revocation plane's list, at once.",
 )
 @click.option(
+    "--degraded-max",
+    type=DurationParam(timedelta(0), timedelta(days=7)),
+    default="24h",
+    envvar="EDGEWARD_GATEWAY_DEGRADED_MAX",
+    show_envvar=True,
+    help="Accept a device's degraded (offline) result of a tier-low or tier-medium model if"
+    " its attestation result expired less than this long ago (docs/offline.md); 0s: never."
+    " Tier-high models count only attested results.",
+)
+@click.option(
     "--require-revocations/--allow-without-revocations",
     default=True,
     envvar="EDGEWARD_GATEWAY_REQUIRE_REVOCATIONS",
@@ -137,6 +147,7 @@ def main(  # click passes every parameter by keyword
     max_skew: timedelta,
     call_timeout: timedelta,
     model_ttl: timedelta,
+    degraded_max: timedelta,
     require_revocations: bool,
 ) -> None:
     """Run the inference gateway: the relying party for devices' inference results.
@@ -168,6 +179,7 @@ def main(  # click passes every parameter by keyword
             caller_limit=caller_limit,
             call_timeout_ms=milliseconds(call_timeout),
             model_ttl_ms=milliseconds(model_ttl),
+            degraded_max_ms=milliseconds(degraded_max),
             require_revocations=require_revocations,
         )
     except ValueError as exc:
