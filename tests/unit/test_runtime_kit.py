@@ -8,10 +8,11 @@ from datetime import timedelta
 
 import click
 import pytest
+from click.testing import CliRunner
 
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.errors import ConfigError, TransportError
-from edgeward_shared.runtime.kit import service_main
+from edgeward_shared.runtime.kit import EnvOptions, service_main
 from edgeward_shared.runtime.params import (
     BrokerParam,
     ByteSizeParam,
@@ -135,3 +136,24 @@ def test_a_clean_return_is_a_clean_return() -> None:
 
     service_main("thing", "debug", main)
     assert ran == [True]
+
+
+def test_env_options_name_their_variable_and_require_help() -> None:
+    option = EnvOptions("GATEWAY")
+    assert option.envvar("--max-age") == "EDGEWARD_GATEWAY_MAX_AGE"
+    assert option.envvar("--require-x/--allow-y") == "EDGEWARD_GATEWAY_REQUIRE_X"
+    assert option.envvar("--device-rate", "device_limit") == "EDGEWARD_GATEWAY_DEVICE_RATE"
+    with pytest.raises(ValueError, match="help text"):
+        option("--max-age", default="5s")
+
+    @click.command()
+    @option("--max-age", default="5s", help="How old.")
+    @option("--state-dir", default="s", envvar="EDGEWARD_GATEWAY_STATE", help="Where.")
+    def command(max_age: str, state_dir: str) -> None:
+        click.echo(f"{max_age} {state_dir}")
+
+    result = CliRunner().invoke(
+        command, [], env={"EDGEWARD_GATEWAY_MAX_AGE": "9s", "EDGEWARD_GATEWAY_STATE": "t"}
+    )
+    assert result.output == "9s t\n"
+    assert "EDGEWARD_GATEWAY_MAX_AGE" in CliRunner().invoke(command, ["--help"]).output

@@ -16,12 +16,13 @@ from edgeward_attestation.service import Settings
 from edgeward_attestation.store import AttestationStore
 from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.pki.store import read_certificates
-from edgeward_shared.runtime.kit import NodeOptions, command, node_options
+from edgeward_shared.runtime.kit import EnvOptions, NodeOptions, command, node_options
 from edgeward_shared.runtime.node import build_node, run_until_signalled
 from edgeward_shared.runtime.params import DurationParam, milliseconds
 from edgeward_shared.storage.sqlite import SqliteDatabase
 
 SERVICE = Identity.service(ServiceName.ATTESTATION)
+option = EnvOptions("ATTESTATION")
 
 
 @command()
@@ -33,46 +34,36 @@ SERVICE = Identity.service(ServiceName.ATTESTATION)
     database_help="SQLite database (created 0600): devices, policies, enrollments and"
     " attestation results.",
 )
-@click.option(
+@option(
     "--manufacturer-ca",
     "manufacturer_cas",
     multiple=True,
     required=True,
     type=click.Path(dir_okay=False, path_type=Path),
-    envvar="EDGEWARD_ATTESTATION_MANUFACTURER_CA",
-    show_envvar=True,
     help="PEM file of allowed TPM manufacturer CAs (repeatable; in the environment,"
     " separated by ':').",
 )
-@click.option(
+@option(
     "--reattest-period",
     type=DurationParam(timedelta(seconds=5), timedelta(days=1)),
     default="5m",
-    envvar="EDGEWARD_ATTESTATION_REATTEST_PERIOD",
-    show_envvar=True,
     help="Challenge every attested device again this often (with --scheduler).",
 )
-@click.option(
+@option(
     "--result-lifetime",
     type=DurationParam(timedelta(seconds=30), timedelta(days=1)),
     default="10m",
-    envvar="EDGEWARD_ATTESTATION_RESULT_LIFETIME",
-    show_envvar=True,
     help="Lifetime of an attestation result (EAR).",
 )
-@click.option(
+@option(
     "--certificate-lifetime",
     type=DurationParam(timedelta(minutes=10), timedelta(days=7)),
     default="24h",
-    envvar="EDGEWARD_ATTESTATION_CERTIFICATE_LIFETIME",
-    show_envvar=True,
     help="Lifetime of device certificates issued at enrollment.",
 )
-@click.option(
+@option(
     "--scheduler/--no-scheduler",
     default=True,
-    envvar="EDGEWARD_ATTESTATION_SCHEDULER",
-    show_envvar=True,
     help="Run periodic re-attestation here (one instance of several).",
 )
 def main(  # click passes every option by keyword

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Final
 
@@ -29,11 +29,11 @@ from edgeward_device_agent.model_manager import ModelPolicy
 from edgeward_device_agent.offline import OfflinePolicy
 from edgeward_device_agent.sandbox.supervisor import SandboxPolicy
 from edgeward_shared.logs import fields
-from edgeward_shared.runtime.kit import Command, NodeOptions, command, node_options
+from edgeward_shared.runtime.kit import Command, EnvOptions, NodeOptions, command, node_options
 
 log = logging.getLogger("edgeward.agent")
 _DEFAULTS = AgentPolicy()
-_ENV: Final = "EDGEWARD_AGENT"
+_option: Final = EnvOptions("AGENT")
 
 #: Help for each AgentPolicy timing (its docstring says more); a new field needs a line here
 #: (tests/unit/test_entry_points.py checks that every option has help).
@@ -49,12 +49,6 @@ _TIMING_HELP: Final = {
     " a result.",
     "max_sleep_s": "The attestation scheduler re-reads the clock at least this often (seconds).",
 }
-
-
-def _option(name: str, **kwargs: Any) -> Callable[[Command], Command]:
-    """An agent option with its ``EDGEWARD_AGENT_*`` environment variable, shown in help."""
-    envvar = f"{_ENV}_{name.lstrip('-').split('/')[0].replace('-', '_').upper()}"
-    return click.option(name, envvar=envvar, show_envvar=True, **kwargs)
 
 
 def _timing_options(function: Command) -> Command:

@@ -18,33 +18,29 @@ import click
 
 from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN, SwtpmFleet, tampered_boot_chain
 from edgeward_shared.logs import configure_logging
-from edgeward_shared.runtime.kit import command, log_level_option, refusals
+from edgeward_shared.runtime.kit import EnvOptions, command, log_level_option, refusals
+
+option = EnvOptions("SWTPM")
 
 
 @command("edgeward-swtpm")
-@click.option(
+@option(
     "--root",
     type=click.Path(file_okay=False, path_type=Path),
     required=True,
-    envvar="EDGEWARD_SWTPM_ROOT",
-    show_envvar=True,
     help="Fleet directory (0700): the test manufacturer CA (ca/cert.pem) and one TPM state"
     " per device; kept across runs, so the TPMs and their EK certificates are too.",
 )
-@click.option(
+@option(
     "--golden",
     multiple=True,
     metavar="NAME",
-    envvar="EDGEWARD_SWTPM_GOLDEN",
-    show_envvar=True,
     help="A device booted with the golden boot chain (repeatable).",
 )
-@click.option(
+@option(
     "--tampered",
     multiple=True,
     metavar="NAME",
-    envvar="EDGEWARD_SWTPM_TAMPERED",
-    show_envvar=True,
     help="A device whose boot chain was tampered with (repeatable).",
 )
 @log_level_option()

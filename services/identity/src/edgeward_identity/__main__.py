@@ -10,15 +10,14 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
-import click
-
 from edgeward_identity.app import IdentityConfig, run
 from edgeward_identity.service import MAX_LIFETIME, MIN_LIFETIME
 from edgeward_shared.identity import Identity, ServiceName
-from edgeward_shared.runtime.kit import NodeOptions, command, node_options
+from edgeward_shared.runtime.kit import EnvOptions, NodeOptions, command, node_options
 from edgeward_shared.runtime.params import DurationParam
 
 SERVICE = Identity.service(ServiceName.IDENTITY)
+option = EnvOptions("IDENTITY")
 
 
 @command()
@@ -32,12 +31,10 @@ SERVICE = Identity.service(ServiceName.IDENTITY)
     database_help="SQLite database (created 0600): served requests and issued certificates."
     " Instances on one host share it.",
 )
-@click.option(
+@option(
     "--max-lifetime",
     type=DurationParam(MIN_LIFETIME, MAX_LIFETIME),
     default="24h",
-    envvar="EDGEWARD_IDENTITY_MAX_LIFETIME",
-    show_envvar=True,
     help="Cap on the lifetime of the certificates issued, whatever a request asks for.",
 )
 def main(  # click passes every parameter by keyword

@@ -19,7 +19,7 @@ from edgeward_inference_gateway.core import Freshness
 from edgeward_inference_gateway.ratelimit import Limit
 from edgeward_inference_gateway.service import Settings
 from edgeward_shared.identity import Identity, ServiceName
-from edgeward_shared.runtime.kit import NodeOptions, command, node_options
+from edgeward_shared.runtime.kit import EnvOptions, NodeOptions, command, node_options
 from edgeward_shared.runtime.params import DurationParam, milliseconds
 
 _RATE_RE: Final = re.compile(r"(\d+(?:\.\d+)?)/s(?:,(\d+))?")
@@ -40,6 +40,7 @@ def _limit(_ctx: click.Context, _param: click.Parameter, value: str) -> Limit:
 
 SERVICE = Identity.service(ServiceName.INFERENCE_GATEWAY)
 _DURATION = DurationParam(timedelta(milliseconds=1), timedelta(hours=1))
+option = EnvOptions("GATEWAY")
 
 
 @command()
@@ -50,90 +51,73 @@ _DURATION = DurationParam(timedelta(milliseconds=1), timedelta(hours=1))
     pki_help="PKI directory: the CA bundle (ca-bundle.pem) that device, service and attestation"
     " service certificates must chain to, and the CRL.",
 )
-@click.option(
+@option(
     "--state-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("state/gateway"),
     envvar="EDGEWARD_GATEWAY_STATE",
-    show_envvar=True,
     help="Created 0700: gateway.db (SQLite: accepted results, each device's sequence"
     " mark and anti-replay window, calls waiting for a device, rejection counts) and the"
     " revocation list's version floor. Instances on one host share it (they must: the"
     " sequence check and the answers to calls are decided there).",
 )
-@click.option(
+@option(
     "--device-rate",
     "device_limit",
     metavar="RATE/s[,BURST]",
     default="50/s,100",
     callback=_limit,
-    envvar="EDGEWARD_GATEWAY_DEVICE_RATE",
-    show_envvar=True,
     help="Results (and refusals) accepted from one device, before any cryptography; more"
     " are dropped and counted (infer.rate_limited), so a flooding device cannot starve"
     " the others. Per instance.",
 )
-@click.option(
+@option(
     "--caller-rate",
     "caller_limit",
     metavar="RATE/s[,BURST]",
     default="20/s,40",
     callback=_limit,
-    envvar="EDGEWARD_GATEWAY_CALLER_RATE",
-    show_envvar=True,
     help="Inference calls accepted from one caller (operator or service); more are"
     " refused with infer.rate_limited. Per instance.",
 )
-@click.option(
+@option(
     "--max-age",
     type=_DURATION,
     default="30s",
-    envvar="EDGEWARD_GATEWAY_MAX_AGE",
-    show_envvar=True,
     help="A result whose time (at_ms, signed by the device) is older than this is refused"
     " (infer.time.stale).",
 )
-@click.option(
+@option(
     "--max-skew",
     type=_DURATION,
     default="5s",
-    envvar="EDGEWARD_GATEWAY_MAX_SKEW",
-    show_envvar=True,
     help="How far ahead of this host's clock a result's time may be (infer.time.future).",
 )
-@click.option(
+@option(
     "--call-timeout",
     type=_DURATION,
     default="5s",
-    envvar="EDGEWARD_GATEWAY_CALL_TIMEOUT",
-    show_envvar=True,
     help="A call whose device has not answered by then is answered infer.device.unreachable.",
 )
-@click.option(
+@option(
     "--model-ttl",
     type=_DURATION,
     default="5s",
-    envvar="EDGEWARD_GATEWAY_MODEL_TTL",
-    show_envvar=True,
     help="How long a model's published versions (asked of the model-distribution service)"
     " are believed before they are asked for again. A rollout or a revocation in the store"
     " takes effect here within this time; the revocation plane's list, at once.",
 )
-@click.option(
+@option(
     "--degraded-max",
     type=DurationParam(timedelta(0), timedelta(days=7)),
     default="24h",
-    envvar="EDGEWARD_GATEWAY_DEGRADED_MAX",
-    show_envvar=True,
     help="Accept a device's degraded (offline) result of a tier-low or tier-medium model if"
     " its attestation result expired less than this long ago (docs/offline.md); 0s: never."
     " Tier-high models count only attested results.",
 )
-@click.option(
+@option(
     "--require-revocations/--allow-without-revocations",
     default=True,
-    envvar="EDGEWARD_GATEWAY_REQUIRE_REVOCATIONS",
-    show_envvar=True,
     help="Refuse every result (infer.revocations.stale) while no current signed revocation"
     " list is held: fail closed. Allow only in development, without a revocation service.",
 )

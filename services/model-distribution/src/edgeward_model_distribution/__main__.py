@@ -16,10 +16,11 @@ from edgeward_model_distribution.app import ModelsConfig, run
 from edgeward_model_distribution.service import MIN_CHUNK_BYTES, Settings
 from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.models.release import MAX_CHUNK_BYTES, MAX_DOCUMENT_LIFETIME_MS
-from edgeward_shared.runtime.kit import NodeOptions, command, node_options
+from edgeward_shared.runtime.kit import EnvOptions, NodeOptions, command, node_options
 from edgeward_shared.runtime.params import ByteSizeParam, DurationParam, milliseconds
 
 SERVICE = Identity.service(ServiceName.MODEL_DISTRIBUTION)
+option = EnvOptions("MODELS")
 
 
 @command()
@@ -30,38 +31,31 @@ SERVICE = Identity.service(ServiceName.MODEL_DISTRIBUTION)
     pki_help="PKI directory: the CA bundle (ca-bundle.pem) that certificates of devices,"
     " operators, model signers and the attestation service must chain to, and the CRL.",
 )
-@click.option(
+@option(
     "--state-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("state/models"),
     envvar="EDGEWARD_MODELS_STATE",
-    show_envvar=True,
     help="Created 0700: models.db (SQLite: versions, rollouts, key log), blobs/ (encrypted"
     " models, content-addressed), uploads/ and kek.pem (the key-encryption key, created on"
     " first start, 0600). Instances on one host share it.",
 )
-@click.option(
+@option(
     "--metadata-ttl",
     type=DurationParam(timedelta(seconds=60), timedelta(milliseconds=MAX_DOCUMENT_LIFETIME_MS)),
     default="24h",
-    envvar="EDGEWARD_MODELS_METADATA_TTL",
-    show_envvar=True,
     help="Lifetime of the signed release documents devices get on sync (60s..7d). A device"
     " that has not synced for this long sees its metadata expire (freeze protection).",
 )
-@click.option(
+@option(
     "--chunk-size",
     type=ByteSizeParam(MIN_CHUNK_BYTES, MAX_CHUNK_BYTES),
     default="192KiB",
-    envvar="EDGEWARD_MODELS_CHUNK_SIZE",
-    show_envvar=True,
     help="Bytes per blob chunk sent to devices (1KiB..192KiB; smaller for slow links).",
 )
-@click.option(
+@option(
     "--require-revocations/--allow-without-revocations",
     default=True,
-    envvar="EDGEWARD_MODELS_REQUIRE_REVOCATIONS",
-    show_envvar=True,
     help="Refuse every data key while no current signed revocation list is held (fail"
     " closed). Allow only in development, without a revocation service.",
 )

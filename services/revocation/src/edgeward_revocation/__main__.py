@@ -23,7 +23,7 @@ from edgeward_revocation.worker import WorkerSettings
 from edgeward_shared.bus.mqtt import MqttSettings
 from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.pki.store import IdentityFiles, PkiStore
-from edgeward_shared.runtime.kit import NodeOptions, command, node_options
+from edgeward_shared.runtime.kit import EnvOptions, NodeOptions, command, node_options
 from edgeward_shared.runtime.node import build_node
 from edgeward_shared.runtime.params import DurationParam, milliseconds
 from edgeward_shared.storage.sqlite import SqliteDatabase
@@ -43,6 +43,7 @@ class Options:
 
 
 _path = click.Path(path_type=Path)
+option = EnvOptions("REVOCATION")
 
 
 @command()
@@ -56,49 +57,37 @@ _path = click.Path(path_type=Path)
     database_help="SQLite database (created 0600): revocations, the list's version and the"
     " steps still to confirm.",
 )
-@click.option(
+@option(
     "--broker-pid-file",
     type=_path,
     required=True,
-    envvar="EDGEWARD_REVOCATION_BROKER_PID_FILE",
-    show_envvar=True,
     help="mosquitto.pid in the run directory of `edgeward broker run`: the broker whose CRL"
     " and ACL this service reloads (checked, then confirmed by the revocation canary).",
 )
-@click.option(
+@option(
     "--broker-log",
     type=_path,
-    envvar="EDGEWARD_REVOCATION_BROKER_LOG",
-    show_envvar=True,
     help="mosquitto's log: confirms each reload.  [default: none, reloads are not confirmed]",
 )
-@click.option(
+@option(
     "--admin",
     default="broker",
-    envvar="EDGEWARD_REVOCATION_ADMIN",
-    show_envvar=True,
     help="Broker admin identity (admin.NAME in the PKI) that disconnects revoked clients.",
 )
-@click.option(
+@option(
     "--list-lifetime",
     type=DurationParam(timedelta(minutes=1), timedelta(days=7)),
     default="1h",
-    envvar="EDGEWARD_REVOCATION_LIST_LIFETIME",
-    show_envvar=True,
     help="Lifetime of each signed revocation list (reissued at half-life).",
 )
-@click.option(
+@option(
     "--auto-revoke/--no-auto-revoke",
     default=True,
-    envvar="EDGEWARD_REVOCATION_AUTO_REVOKE",
-    show_envvar=True,
     help="Revoke a device whose attestation fails (as the attestation service reports).",
 )
-@click.option(
+@option(
     "--worker/--no-worker",
     default=True,
-    envvar="EDGEWARD_REVOCATION_WORKER",
-    show_envvar=True,
     help="Run the steps after a revocation here (CRL, reload, list, kick): one instance"
     " of several.",
 )

@@ -61,6 +61,27 @@ def command(name: str | None = None) -> Callable[[Command], click.Command]:
     return click.command(name, context_settings=CONTEXT_SETTINGS)
 
 
+class EnvOptions:
+    """A component's own options: ``option = EnvOptions("GATEWAY")``, then
+    ``@option("--max-age", type=..., default=..., help=...)``. Each gets help text (required)
+    and the environment variable ``EDGEWARD_<ENV>_<NAME>`` (``EDGEWARD_GATEWAY_MAX_AGE``),
+    shown in ``--help``; pass ``envvar=`` to keep an older name."""
+
+    def __init__(self, env: str) -> None:
+        self.prefix = f"EDGEWARD_{env}"
+
+    def envvar(self, *names: str) -> str:
+        """``EDGEWARD_<ENV>_<NAME>`` for an option's first long name (``--x/--no-x``: X)."""
+        name = next(n for n in names if n.startswith("--"))[2:].split("/")[0]
+        return f"{self.prefix}_{name.replace('-', '_').upper()}"
+
+    def __call__(self, *names: str, **settings: Any) -> Callable[[Command], Command]:
+        if not settings.get("help"):
+            raise ValueError(f"{names[0]}: every Edgeward option has help text")
+        settings.setdefault("envvar", self.envvar(*names))
+        return click.option(*names, show_envvar=True, **settings)
+
+
 @dataclass(frozen=True, slots=True)
 class NodeOptions:
     """What :func:`node_options` parsed: where the node's files are and how it runs."""
@@ -122,7 +143,7 @@ def node_options(
     has no PKI directory) takes ``--ca-bundle`` and ``--crl``. ``database``: the default
     path of ``--database`` (omit for a command without one).
     """
-    prefix = f"EDGEWARD_{env}"
+    own = EnvOptions(env)
     options: list[Callable[[Command], Command]] = []
     if trust == "pki":
         options.append(
@@ -139,46 +160,39 @@ def node_options(
         )
     else:
         options += [
-            click.option(
+            own(
                 "--ca-bundle",
                 type=click.Path(dir_okay=False, path_type=Path),
                 required=True,
-                envvar=f"{prefix}_CA_BUNDLE",
-                show_envvar=True,
                 help="Root and issuing CA certificates (PEM) every peer's certificate must"
                 " chain to.",
             ),
-            click.option(
+            own(
                 "--crl",
                 type=click.Path(dir_okay=False, path_type=Path),
                 required=True,
-                envvar=f"{prefix}_CRL",
-                show_envvar=True,
                 help="The issuing CA's CRL (PEM).",
             ),
         ]
     if principal is not None:
         name = principal.common_name
         options.append(
-            click.option(
+            own(
                 "--identity-dir",
                 type=click.Path(file_okay=False, path_type=Path),
-                envvar=f"{prefix}_IDENTITY_DIR",
-                show_envvar=True,
                 help=f"This instance's certificate and key, 0600 ({name} or {name}.<n>)."
                 f"  [default: PKI_DIR/identities/{name}]",
             )
         )
     if database is not None:
         options.append(
-            click.option(
+            own(
                 "--database",
                 "--db",
                 "database",
                 type=click.Path(dir_okay=False, path_type=Path),
                 default=database,
-                envvar=f"{prefix}_DB",
-                show_envvar=True,
+                envvar=f"{own.prefix}_DB",
                 help=database_help,
             )
         )
@@ -191,11 +205,9 @@ def node_options(
             show_envvar=True,
             help="The MQTT broker's TLS listener; the host must match its certificate.",
         ),
-        click.option(
+        own(
             "--metrics-port",
             type=click.IntRange(0, 65535),
-            envvar=f"{prefix}_METRICS_PORT",
-            show_envvar=True,
             help="Serve Prometheus /metrics on 127.0.0.1:PORT (0: any free port).  [default: off]",
         ),
         log_level_option(),
