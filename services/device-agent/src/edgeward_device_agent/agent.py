@@ -8,7 +8,13 @@
                  with backoff after any rejection, timeout or TPM failure, never giving up
     run          as ``<id>``: answers pings, challenges and results (:mod:`.attestation`),
                  sends AttestationRequest on every (re)connection and before the result
-                 expires (:mod:`.schedule`)
+                 expires (:mod:`.schedule`); renews its certificate at
+                 ``cert_renew_fraction`` of its lifetime or on a ``rotate-cert`` command
+                 (:mod:`.renewal`, docs/adr/0015)
+    switch       a renewal ends the run phase: the next one runs on the new certificate and
+                 first tells the identity service so (the old one is then revoked)
+    come back    a certificate that expired (offline, or renewals failing) ends the run
+                 phase too, and the agent enrolls again through its EK (docs/adr/0005)
 
 Each phase is one :class:`~edgeward_shared.runtime.core.Runtime` (which verifies every
 message and reconnects by itself) serving while the phase's work runs. Both runtimes share
@@ -27,7 +33,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from cryptography import x509
 
@@ -42,6 +48,7 @@ from edgeward_device_agent.model_manager import ModelManager, in_process_loader
 from edgeward_device_agent.model_store import ModelStore
 from edgeward_device_agent.ports import AgentTpm, Connector, TpmFactory, mqtt_connector
 from edgeward_device_agent.reasons import AgentReason
+from edgeward_device_agent.renewal import Renewer, due_at_ms, serial_of
 from edgeward_device_agent.revocations import RevocationHolder, RevocationHook
 from edgeward_device_agent.sandboxed import SandboxExecutor, sandbox_loader
 from edgeward_device_agent.schedule import RequestReason, RequestSchedule
@@ -72,6 +79,11 @@ from edgeward_shared.topics import Channel, Direction, device_topic
 
 log = logging.getLogger("edgeward.agent")
 T = TypeVar("T")
+#: How a run phase ended: stopped, switched to a renewed certificate, or expired.
+PhaseEnd = Literal["stopped", "renewed", "expired"]
+#: Attempts at telling the identity service a renewed certificate is in use (then the old
+#: one simply expires).
+SETTLE_ATTEMPTS = 5
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -121,6 +133,20 @@ class DeviceAgent:
         self.commands = CommandHandler(
             config.device_id, self.ledger, self.revocations, self._clock, self.metrics.registry
         )
+        # renewal (docs/adr/0015): one at a time; a renewal ends the run phase
+        self.renewer = Renewer(
+            config.device_id,
+            self.state,
+            self._clock,
+            lambda: self.attestation,
+            config.policy.request_timeout_s,
+        )
+        self.commands.on_rotate_cert(self._rotate_now)
+        self._renewing = asyncio.Lock()
+        self._phase_end = asyncio.Event()
+        self._ended: PhaseEnd = "stopped"
+        self._unsettled: tuple[str, str] | None = None  # (new serial, previous serial)
+        self.renewals = 0
 
     @property
     def device_id(self) -> str:
@@ -180,19 +206,27 @@ class DeviceAgent:
         if tpm is None:
             return
         try:
-            if self._certificate is None and not await self._enroll(tpm, stop):
-                return
-            await self._serve_as_device(tpm, stop)
+            while not stop.is_set():
+                if self._certificate is None and not await self._enroll(tpm, stop):
+                    return
+                ended = await self._serve_as_device(tpm, stop)
+                if ended == "expired":  # back through the EK path (docs/adr/0005)
+                    log.warning("certificate.expired", extra=fields(device=self.device_id))
+                    self._set_certificate(None)
         finally:
             await asyncio.to_thread(tpm.close)
 
     def _prepare(self) -> None:
         self.state.prepare()
         self._trust_store()  # an unreadable bundle or an expired CRL stops us here
-        if self.state.is_enrolled():
-            self._set_certificate(self.state.device_certificate())
-        else:
+        certificate = self.state.device_certificate() if self.state.is_enrolled() else None
+        if certificate is not None and not self._expired(certificate):
+            self._set_certificate(certificate)
+        else:  # never enrolled, or back after its certificate expired: enroll (again)
             self.state.check_enrollee()
+
+    def _expired(self, certificate: x509.Certificate) -> bool:
+        return self._clock.now_ms() >= from_datetime(certificate.not_valid_after_utc)
 
     def _set_certificate(self, certificate: x509.Certificate | None) -> None:
         self._certificate = certificate
@@ -305,8 +339,11 @@ class DeviceAgent:
         return True
 
     # ------------------------------------------------------------------ running as the device
-    async def _serve_as_device(self, tpm: AgentTpm, stop: asyncio.Event) -> None:
+    async def _serve_as_device(self, tpm: AgentTpm, stop: asyncio.Event) -> PhaseEnd:
         runtime, connect = self._runtime_for(self.state.device, Identity.device(self.device_id))
+        self._phase_end.clear()
+        self._ended = "stopped"
+        self.renewer.expect_replies(runtime)
         self._attester = Attester(
             self.device_id,
             tpm,
@@ -370,6 +407,7 @@ class DeviceAgent:
         finally:
             if self.models is not None:
                 await self.models.close()  # the sandboxed workers end with the agent
+        return self._ended
 
     def _unload_revoked_models(self, view: RevocationView) -> None:
         del view  # the model manager asks the current view itself
@@ -380,11 +418,12 @@ class DeviceAgent:
         """Keep attested and, beside it, follow revocations and keep the assigned models."""
         async with asyncio.TaskGroup() as group:
             group.create_task(self.revocations.watch(stop))
-            side = []
+            side = [group.create_task(self._keep_certified(runtime, stop))]
             if self.models is not None:
                 side.append(group.create_task(self.models.run(runtime, stop)))
             if self.inference is not None:
                 side.append(group.create_task(self.inference.stream(runtime, stop)))
+            await self._settle_renewal(runtime, stop)
             await self._keep_attested(runtime, stop)
             for task in side:
                 task.cancel()  # stopping: do not wait for a sync, a download or an inference
@@ -418,10 +457,10 @@ class DeviceAgent:
     async def _keep_attested(self, runtime: Runtime, stop: asyncio.Event) -> None:
         """Send AttestationRequest when :class:`RequestSchedule` says so, until ``stop``."""
         schedule, seen = self._schedule, 0
-        while not stop.is_set():
+        while not stop.is_set() and not self._phase_end.is_set():
             self._wake.clear()
             if not runtime.ready.is_set():
-                await wait_any(runtime.ready, stop)
+                await wait_any(runtime.ready, stop, self._phase_end)
                 continue
             now = self._clock.now_ms()
             if self._connections != seen:
@@ -433,7 +472,7 @@ class DeviceAgent:
                 await self._request_attestation(runtime, reason)
                 continue
             pause = min(schedule.wait_s(now), self.config.policy.max_sleep_s)
-            await wait_any(stop, self._wake, seconds=pause)
+            await wait_any(stop, self._wake, self._phase_end, seconds=pause)
 
     async def _request_attestation(self, runtime: Runtime, reason: RequestReason) -> None:
         topic = device_topic(self.device_id, Direction.UP, Channel.ATTEST)
@@ -447,3 +486,85 @@ class DeviceAgent:
             return
         self.agent_metrics.attestation_requests.labels(reason).inc()
         log.info("attestation.requested", extra=fields(device=self.device_id, why=reason))
+
+    # ------------------------------------------------------------------ renewal (ADR 0015)
+    async def _keep_certified(self, runtime: Runtime, stop: asyncio.Event) -> None:
+        """Renew at ``cert_renew_fraction`` of the certificate's lifetime (retrying with
+        backoff); end the phase when it expires without a renewal."""
+        delays = retry_delays(self.config.policy, self._rand)
+        retry_at = 0
+        while not stop.is_set() and not self._phase_end.is_set():
+            certificate, now = self._certificate, self._clock.now_ms()
+            if certificate is None:
+                return
+            if self._expired(certificate):
+                self._end_phase("expired")
+                return
+            due = max(due_at_ms(certificate, self.config.policy.cert_renew_fraction), retry_at)
+            if now >= due and runtime.ready.is_set():
+                try:
+                    await self._renew(runtime)
+                except EdgewardError as exc:
+                    self._failed("renewal.failed", exc)
+                    retry_at = self._clock.now_ms() + int(next(delays) * 1000)
+                    continue
+                return
+            pause = min(max(0.0, (due - now) / 1000), self.config.policy.max_sleep_s)
+            await wait_any(stop, self._phase_end, seconds=pause)
+
+    async def _rotate_now(self) -> str:
+        """``rotate-cert``: renew at once; the new serial (the phase ends after the receipt)."""
+        runtime = self._runtime
+        if runtime is None:
+            raise ConfigError("agent.renew.not_running", "not running as the device")
+        return serial_of(await self._renew(runtime))
+
+    async def _renew(self, runtime: Runtime) -> x509.Certificate:
+        async with self._renewing:
+            if self._phase_end.is_set():  # already switching: one renewal per phase
+                raise EdgewardError("agent.renew.busy", "the certificate is being switched")
+            previous = self._certificate
+            certificate = await self.renewer.renew(runtime)
+            if previous is not None:
+                self._unsettled = (serial_of(certificate), serial_of(previous))
+            self._set_certificate(certificate)
+            self.renewals += 1
+            self._last_error = None
+            log.info(
+                "certificate.renewed",
+                extra=fields(
+                    device=self.device_id,
+                    serial=serial_of(certificate),
+                    previous=serial_of(previous) if previous is not None else None,
+                    not_after=certificate.not_valid_after_utc.isoformat(),
+                ),
+            )
+            self._end_phase("renewed")
+            return certificate
+
+    def _end_phase(self, ended: PhaseEnd) -> None:
+        self._ended = ended
+        self._phase_end.set()
+
+    async def _settle_renewal(self, runtime: Runtime, stop: asyncio.Event) -> None:
+        """First thing on a renewed certificate: say so (signed with it), so the identity
+        service has the old one revoked; a few attempts, then the old one just expires."""
+        delays = retry_delays(self.config.policy, self._rand)
+        for _ in range(SETTLE_ATTEMPTS):
+            if self._unsettled is None or stop.is_set():
+                return
+            await wait_any(runtime.ready, stop)
+            if stop.is_set():
+                return
+            serial, previous = self._unsettled
+            try:
+                settled = await self.renewer.settle(runtime, serial, previous)
+            except EdgewardError as exc:
+                self._failed("renewal.unsettled", exc)
+                await wait_any(stop, seconds=next(delays))
+                continue
+            self._unsettled = None
+            log.info(
+                "renewal.settled",
+                extra=fields(device=self.device_id, previous=previous, job=settled.job_id),
+            )

@@ -5,10 +5,19 @@ Layout (the directory and each subdirectory 0700, private keys 0600)::
     <state>/enrollee/cert.pem, key.pem, chain.pem   provisioned (`edgeward pki issue enrollee`)
     <state>/device/key.pem                          the device key, made here before enrolling
     <state>/device/chain.pem, cert.pem              written when enrollment succeeds
+    <state>/renewal/key.pem                         a renewal's new key, made before its CSR
+    <state>/renewal/chain.pem, cert.pem, commit     a renewal being switched to
 
 ``device/cert.pem`` is written last and atomically, so its presence is what "enrolled"
-means. Nothing secret from enrollment (the activated credential) and nothing from
-attestation (EARs, session keys) is ever written here: those live in memory only.
+means. A renewal (docs/adr/0015) never touches ``device/`` until its certificate is
+accepted: :meth:`AgentState.new_renewal_key` writes the new key under ``renewal/`` before it
+is used (a certificate is never issued for a lost key), :meth:`AgentState.adopt_renewal`
+stages the chain there, writes the ``commit`` marker, then moves chain, key and certificate
+into ``device/`` (certificate last) and removes the marker. A crash in between leaves the
+marker, and :meth:`AgentState.prepare` finishes the move: the switch-over is all or nothing.
+
+Nothing secret from enrollment (the activated credential) and nothing from attestation
+(EARs, session keys) is ever written here: those live in memory only.
 
 It leaves the TLS use of these files to :mod:`edgeward_shared.tls` (which refuses a key
 readable by group or others) and the protocol to :mod:`.enrollment`.
@@ -55,6 +64,11 @@ class AgentState:
         self.device_id = device_id
         self.enrollee = IdentityFiles(root / "enrollee")
         self.device = IdentityFiles(root / "device")
+        self.renewal = IdentityFiles(root / "renewal")
+
+    @property
+    def _commit_marker(self) -> Path:
+        return self.renewal.directory / "commit"
 
     def prepare(self) -> None:
         """Create the directory 0700 if missing; refuse one that group or others can enter."""
@@ -65,6 +79,8 @@ class AgentState:
                 AgentReason.STATE_PERMISSIONS,
                 f"{self.root} has mode {mode:o}: the agent's state must be 0700 (chmod 700 it)",
             )
+        if self._commit_marker.exists():  # a switch-over was interrupted: finish it
+            self._commit_renewal()
 
     def install_enrollee(self, source: IdentityFiles) -> None:
         """Copy a provisioned enrollment identity (``edgeward pki issue enrollee``) into the
@@ -131,3 +147,52 @@ class AgentState:
         pem = [certificate.public_bytes(serialization.Encoding.PEM) for certificate in chain]
         _write_atomically(self.device.chain, b"".join(pem))
         _write_atomically(self.device.cert, pem[0])
+
+    # ------------------------------------------------------------------ renewal (ADR 0015)
+    def new_renewal_key(self) -> ec.EllipticCurvePrivateKey:
+        """A new P-256 key for a renewal, written 0600 under ``renewal/`` before it is used,
+        so a certificate is never issued for a lost key. Each call makes a new key (a
+        renewal that failed leaves nothing the next one reuses)."""
+        if self._commit_marker.exists():
+            raise RuntimeError("a renewal is being switched to: prepare() finishes it first")
+        self.renewal.directory.mkdir(mode=0o700, exist_ok=True)
+        key = new_key()
+        write_private_key(self.renewal.key, key)
+        return key
+
+    def adopt_renewal(self, chain: Sequence[x509.Certificate]) -> None:
+        """Switch the device to the renewed ``chain`` (leaf first), which must be for the
+        key of :meth:`new_renewal_key`: all of it or, after a crash, all of it at the next
+        :meth:`prepare` (see the module docstring). The old key is gone afterwards."""
+        if not chain:
+            raise ValueError("a certificate chain has at least the device certificate")
+        self._check_identity(chain[0], Identity.device(self.device_id))
+        key = read_private_key(self.renewal.key)
+        if chain[0].public_key() != key.public_key():
+            raise ConfigError(AgentReason.STATE_MISMATCH, "the renewed certificate is not ours")
+        pem = [certificate.public_bytes(serialization.Encoding.PEM) for certificate in chain]
+        _write_atomically(self.renewal.chain, b"".join(pem))
+        _write_atomically(self.renewal.cert, pem[0])
+        _write_atomically(self._commit_marker, b"")
+        self._commit_renewal()
+
+    def _commit_renewal(self) -> None:
+        """Move the staged renewal into ``device/`` (idempotent: only what is left moves)."""
+        for staged, live in (
+            (self.renewal.chain, self.device.chain),
+            (self.renewal.key, self.device.key),
+            (self.renewal.cert, self.device.cert),
+        ):
+            if staged.exists():
+                staged.replace(live)
+        _fsync_directory(self.device.directory)
+        self._commit_marker.unlink()
+        _fsync_directory(self.renewal.directory)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
