@@ -117,6 +117,7 @@ class DeviceAgent:
         self._connector = connector or mqtt_connector(config.broker, config.ca_bundle)
         self._rand = rand
         self._certificate: x509.Certificate | None = None
+        self._received_at_ms: int | None = None
         self._runtime: Runtime | None = None
         self._attester: Attester | None = None
         self._schedule = RequestSchedule(config.policy, rand)
@@ -228,8 +229,12 @@ class DeviceAgent:
     def _expired(self, certificate: x509.Certificate) -> bool:
         return self._clock.now_ms() >= from_datetime(certificate.not_valid_after_utc)
 
-    def _set_certificate(self, certificate: x509.Certificate | None) -> None:
+    def _set_certificate(
+        self, certificate: x509.Certificate | None, *, received: bool = False
+    ) -> None:
+        """``received``: the certificate just arrived (its renewal is timed from now)."""
         self._certificate = certificate
+        self._received_at_ms = self._clock.now_ms() if received else None
         self.agent_metrics.enrolled.set(1 if certificate is not None else 0)
 
     def _failed(self, event: str, exc: EdgewardError) -> None:
@@ -326,7 +331,7 @@ class DeviceAgent:
             self.agent_metrics.enrollment_failures.labels("agent.enroll.error").inc()
             self._last_error = "agent.enroll.error"
             return False
-        self._set_certificate(certificate)
+        self._set_certificate(certificate, received=True)
         self._last_error = None
         log.info(
             "enrollment.completed",
@@ -417,8 +422,10 @@ class DeviceAgent:
     async def _device_work(self, runtime: Runtime, stop: asyncio.Event) -> None:
         """Keep attested and, beside it, follow revocations and keep the assigned models."""
         async with asyncio.TaskGroup() as group:
-            group.create_task(self.revocations.watch(stop))
-            side = [group.create_task(self._keep_certified(runtime, stop))]
+            side = [
+                group.create_task(self.revocations.watch(stop)),
+                group.create_task(self._keep_certified(runtime, stop)),
+            ]
             if self.models is not None:
                 side.append(group.create_task(self.models.run(runtime, stop)))
             if self.inference is not None:
@@ -426,7 +433,7 @@ class DeviceAgent:
             await self._settle_renewal(runtime, stop)
             await self._keep_attested(runtime, stop)
             for task in side:
-                task.cancel()  # stopping: do not wait for a sync, a download or an inference
+                task.cancel()  # stopping or switching: no wait for a sync, download, inference
 
     async def _refused(self, opened: Opened[Any]) -> Sequence[Outgoing]:
         reason = opened.message.reason
@@ -500,7 +507,8 @@ class DeviceAgent:
             if self._expired(certificate):
                 self._end_phase("expired")
                 return
-            due = max(due_at_ms(certificate, self.config.policy.cert_renew_fraction), retry_at)
+            fraction = self.config.policy.cert_renew_fraction
+            due = max(due_at_ms(certificate, fraction, self._received_at_ms), retry_at)
             if now >= due and runtime.ready.is_set():
                 try:
                     await self._renew(runtime)
@@ -527,7 +535,7 @@ class DeviceAgent:
             certificate = await self.renewer.renew(runtime)
             if previous is not None:
                 self._unsettled = (serial_of(certificate), serial_of(previous))
-            self._set_certificate(certificate)
+            self._set_certificate(certificate, received=True)
             self.renewals += 1
             self._last_error = None
             log.info(

@@ -69,9 +69,16 @@ def serial_of(certificate: x509.Certificate) -> str:
     return f"{certificate.serial_number:x}"
 
 
-def due_at_ms(certificate: x509.Certificate, fraction: float) -> int:
-    """When ``fraction`` of the certificate's lifetime (notBefore to notAfter) has passed."""
+def due_at_ms(
+    certificate: x509.Certificate, fraction: float, received_at_ms: int | None = None
+) -> int:
+    """When ``fraction`` of the certificate's lifetime has passed. The lifetime starts at
+    notBefore, or when the agent received the certificate if it knows and that is later:
+    the CA backdates notBefore for clock skew, which for a 5-minute certificate would
+    otherwise put its half-life at the moment it was issued."""
     start = from_datetime(certificate.not_valid_before_utc)
+    if received_at_ms is not None:
+        start = max(start, received_at_ms)
     end = from_datetime(certificate.not_valid_after_utc)
     return start + int(max(0, end - start) * fraction)
 
