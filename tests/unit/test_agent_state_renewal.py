@@ -11,7 +11,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from edgeward_device_agent.renewal import due_at_ms
 from edgeward_device_agent.state import AgentState
+from edgeward_shared.clock import from_datetime
 from edgeward_shared.errors import ConfigError
 from edgeward_shared.identity import Identity
 from edgeward_shared.pki.certs import make_leaf
@@ -102,3 +104,17 @@ def test_a_crash_halfway_through_the_switch_is_finished_at_the_next_start(
     assert current is not None
     assert current.public_key() == key.public_key()
     assert not (restarted.renewal.directory / "commit").exists()
+
+
+def test_renewal_is_due_at_the_fraction_of_the_lifetime_from_receipt() -> None:
+    """The CA backdates notBefore: a 5-minute certificate timed from notBefore would be at
+    half-life when it arrives; timed from its receipt it is not."""
+    pki = MemoryPki()
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _leaf(pki, key)  # notBefore = now - backdate, notAfter = now + 1 h
+    start = from_datetime(cert.not_valid_before_utc)
+    end = from_datetime(cert.not_valid_after_utc)
+    assert due_at_ms(cert, 0.5) == start + (end - start) // 2
+    received = start + 300_000
+    assert due_at_ms(cert, 0.5, received) == received + (end - received) // 2
+    assert due_at_ms(cert, 0.5, start - 1) == due_at_ms(cert, 0.5)  # never before notBefore

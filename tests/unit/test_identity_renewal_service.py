@@ -352,6 +352,43 @@ async def test_a_contraindicated_device_gets_no_certificate_and_the_service_keep
     del key
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("attack", "on_the_wire"),
+    [
+        ("ear_of_another_device", IdentityReason.RENEW_EAR_SUBJECT),
+        ("expired_ear", IdentityReason.RENEW_EAR_EXPIRED),
+        ("forged_binding", "envelope.rejected"),  # authenticity: opaque on the wire
+    ],
+)
+async def test_renewal_refusals_on_the_wire(world: World, attack: str, on_the_wire: str) -> None:
+    device = Device(world)
+    mid = secrets.token_hex(16)
+    _key, csr = device_csr(DEVICE)
+    at = world.clock.now_ms()
+    session = device.session
+    ear = device.ear()
+    if attack == "ear_of_another_device":
+        ear = device.ear(device_id="dev-other")
+    elif attack == "expired_ear":
+        now_s = at // 1000
+        ear = device.ear(issued_at=now_s - 700, expires_at=now_s - 100)
+    elif attack == "forged_binding":
+        session = ec.generate_private_key(ec.SECP256R1())
+    binding = sign_renewal(session, renewal_digest(DEVICE, csr, mid, at))
+    request = RenewCertificate(csr=csr, ear=ear, at_ms=at, binding=binding)
+    async with world.services() as (identity,), world.serving(device.runtime):
+        reply = await device.runtime.request(UP, request, mid=mid, timeout_s=WAIT)
+        counted = identity.metrics.registry.get_sample_value(
+            "edgeward_messages_rejected_total", {"reason": IdentityReason.RENEW_BINDING}
+        )
+    assert isinstance(reply.message, Rejected)
+    assert reply.message.reason == on_the_wire
+    if attack == "forged_binding":  # counted by its real name on the service
+        assert counted == 1
+    assert len([r for r in world.pki.issued() if r.common_name == DEVICE]) == 1
+
+
 async def _until(condition: Any, within_s: float = WAIT) -> None:
     deadline = asyncio.get_running_loop().time() + within_s
     while not condition():

@@ -561,15 +561,15 @@ class DeviceAgent:
         for _ in range(SETTLE_ATTEMPTS):
             if self._unsettled is None or stop.is_set():
                 return
-            await wait_any(runtime.ready, stop)
-            if stop.is_set():
+            await wait_any(runtime.ready, stop, self._phase_end)
+            if stop.is_set() or self._phase_end.is_set():
                 return
             serial, previous = self._unsettled
             try:
                 settled = await self.renewer.settle(runtime, serial, previous)
             except EdgewardError as exc:
                 self._failed("renewal.unsettled", exc)
-                await wait_any(stop, seconds=next(delays))
+                await wait_any(stop, self._phase_end, seconds=next(delays))
                 continue
             self._unsettled = None
             log.info(
