@@ -48,7 +48,7 @@ from edgeward_device_agent.model_manager import ModelManager, in_process_loader
 from edgeward_device_agent.model_store import ModelStore
 from edgeward_device_agent.ports import AgentTpm, Connector, TpmFactory, mqtt_connector
 from edgeward_device_agent.reasons import AgentReason
-from edgeward_device_agent.renewal import Renewer, due_at_ms, serial_of
+from edgeward_device_agent.renewal import RenewalError, Renewer, RenewReason, due_at_ms, serial_of
 from edgeward_device_agent.revocations import RevocationHolder, RevocationHook
 from edgeward_device_agent.sandboxed import SandboxExecutor, sandbox_loader
 from edgeward_device_agent.schedule import RequestReason, RequestSchedule
@@ -524,15 +524,20 @@ class DeviceAgent:
         """``rotate-cert``: renew at once; the new serial (the phase ends after the receipt)."""
         runtime = self._runtime
         if runtime is None:
-            raise ConfigError("agent.renew.not_running", "not running as the device")
+            raise RenewalError(RenewReason.NOT_RUNNING, "not running as the device")
         return serial_of(await self._renew(runtime))
 
     async def _renew(self, runtime: Runtime) -> x509.Certificate:
         async with self._renewing:
             if self._phase_end.is_set():  # already switching: one renewal per phase
-                raise EdgewardError("agent.renew.busy", "the certificate is being switched")
+                raise RenewalError(RenewReason.BUSY, "the certificate is being switched")
             previous = self._certificate
-            certificate = await self.renewer.renew(runtime)
+            try:
+                certificate = await self.renewer.renew(runtime)
+            except EdgewardError as exc:
+                self.agent_metrics.renewals.labels(exc.reason).inc()
+                raise
+            self.agent_metrics.renewals.labels("renewed").inc()
             if previous is not None:
                 self._unsettled = (serial_of(certificate), serial_of(previous))
             self._set_certificate(certificate, received=True)

@@ -62,6 +62,8 @@ class RenewalError(EdgewardError):
 class RenewReason:
     NOT_ATTESTED: Final = "agent.renew.not_attested"
     UNEXPECTED_REPLY: Final = "agent.renew.unexpected_reply"
+    BUSY: Final = "agent.renew.busy"  # a renewal already switched the certificate
+    NOT_RUNNING: Final = "agent.renew.not_running"  # not connected as the device yet
 
 
 def serial_of(certificate: x509.Certificate) -> str:
