@@ -21,7 +21,8 @@ fed on the in-memory bus so that the figure is the service's, not a broker's.
   (from the moment it was sent to its answer) must be under the renewal window: the
   half-lifetime left, and in any case this one minute.
 
-``EDGEWARD_BENCH_SMOKE=1`` runs it with 20 renewals and 20 devices.
+Smoke mode (``EDGEWARD_BENCH_SMOKE=1`` or ``--smoke``) runs it with 20 renewals and 20
+devices.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
-from _report import Report, median, percentile, rate
+from _report import Report, median, percentile, rate, sized
 from edgeward_identity.app import IdentityConfig, identity_node
 from edgeward_identity.testing import device_csr
 from edgeward_shared.bindings import renewal_digest, sign_renewal
@@ -61,9 +62,8 @@ from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.runtime.core import Runtime
 from edgeward_shared.topics import Channel, Direction, device_topic
 
-SMOKE = os.environ.get("EDGEWARD_BENCH_SMOKE") == "1"
-RENEWALS = 20 if SMOKE else 1000
-STORM = 20 if SMOKE else 1000
+RENEWALS = sized(1000, 20)
+STORM = sized(1000, 20)
 SPEEDUP = float(os.environ.get("EDGEWARD_BENCH_STORM_SPEEDUP", "20"))
 MINUTE_S = 60.0
 ATTESTATION = Identity.service(ServiceName.ATTESTATION)
