@@ -1,8 +1,10 @@
 """Certificate renewals against one identity-service instance, against raw ECDSA P-256 signs.
 
 One instance wired as in production (``identity_node``: a real PKI directory with its
-``flock``, ``issued.jsonl`` and CA key, a real SQLite file, the runtime's envelope checks),
-fed on the in-memory bus so that the figure is the service's, not a broker's.
+``flock``, ``issued.jsonl`` and CA key, a real SQLite file, the runtime's envelope checks).
+Each request is handed to the runtime as a delivery (``Runtime.handle``, what its bus
+loop does) and its answer is published on the in-memory bus, so the figure is the
+service's, not a broker's.
 
 * baseline: ``cryptography`` ECDSA P-256 signs of a 32-byte digest, in the same run; and
   the "crypto floor": the four verifies and two signs every renewal needs at least
