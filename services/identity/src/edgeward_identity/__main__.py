@@ -126,8 +126,11 @@ def _host_port(_ctx: click.Context, _param: click.Parameter, value: str) -> Brok
     metavar="CLASS=DURATION",
     multiple=True,
     callback=_class_lifetimes,
+    envvar="EDGEWARD_IDENTITY_CLASS_LIFETIMES",
+    show_envvar=True,
     help="Lifetime of the certificates a device of CLASS renews to (5m to 7d, capped by"
-    " --max-lifetime); repeatable. Other classes get --max-lifetime.",
+    " --max-lifetime); repeatable (the variable: space-separated). Other classes get"
+    " --max-lifetime.",
 )
 @click.option(
     "--log-level",
