@@ -14,8 +14,9 @@ Shape (draft-ietf-rats-ear, JWT/ES256 made and checked with PyJWT)::
 
 :func:`verify_ear` accepts a result only if its signer's certificate chains to our CA, is
 the attestation service's (role and name, any instance), is not revoked, the signature
-verifies, the result is inside its validity window at the injected ``now`` and it names a
-session key; everything else is ``AuthenticityError``/``MessageError`` with a reason id.
+verifies, the result is inside its validity window at the injected ``now``, its ``sub`` is a
+device id (docs/protocol.md §4) and it names a session key; everything else is
+``AuthenticityError``/``MessageError`` with a reason id.
 Whether the status is good enough is the relying party's policy, not this module's.
 """
 
@@ -33,8 +34,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from edgeward_shared.clock import to_datetime
 from edgeward_shared.envelope import SigningKey
 from edgeward_shared.errors import AuthenticityError, MessageError
-from edgeward_shared.identity import Identity, ServiceName
+from edgeward_shared.identity import DEVICE_ID_RE, Identity, ServiceName
 from edgeward_shared.pki.trust import TrustStore
+from edgeward_shared.strictjson import loads_unique
 
 EAR_PROFILE: Final = "tag:github.com,2023:veraison/ear"
 SUBMODULE: Final = "edgeward"
@@ -51,6 +53,7 @@ class EarReason:
     SIGNATURE: Final = "ear.signature.invalid"
     EXPIRED: Final = "ear.expired"
     NOT_YET_VALID: Final = "ear.not_yet_valid"
+    SUBJECT: Final = "ear.subject.invalid"
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,11 +109,15 @@ def issue_ear(signer: SigningKey, claims: AttestationClaims, *, build: str = "0.
 
 
 def verify_ear(
-    token: str, trust: TrustStore, *, now_ms: int, leeway_s: int = 30
+    token: str, trust: TrustStore, *, now_ms: int, leeway_s: int = 30, expired_ok_s: int = 0
 ) -> AttestationClaims:
-    """Check an EAR offline: signer chain and identity, signature, validity window, shape."""
+    """Check an EAR offline: signer chain and identity, signature, validity window, shape.
+
+    ``expired_ok_s`` accepts a result that expired up to that long ago (a relying party
+    judging a device's degraded, offline results: docs/offline.md); 0 for everything else."""
     if len(token) > MAX_TOKEN_BYTES:
         raise MessageError(EarReason.MALFORMED, "attestation result too large")
+    _refuse_duplicate_members(token)
     try:
         header = jwt.get_unverified_header(token)
         certificate = base64.b64decode(header["x5c"][0], validate=True)
@@ -137,7 +144,7 @@ def verify_ear(
         raise MessageError(EarReason.MALFORMED, str(exc)) from exc
     parsed = _parse_claims(claims)
     now_s = now_ms // 1000
-    if parsed.expires_at + leeway_s <= now_s:
+    if parsed.expires_at + leeway_s + max(0, expired_ok_s) <= now_s:
         raise AuthenticityError(EarReason.EXPIRED, f"expired at {parsed.expires_at}")
     if parsed.issued_at - leeway_s > now_s:
         raise AuthenticityError(EarReason.NOT_YET_VALID, f"issued at {parsed.issued_at}")
@@ -150,6 +157,19 @@ def _optional_str(value: object) -> str | None:
     if not isinstance(value, str):
         raise TypeError(f"{DEVICE_CLASS_CLAIM} is not a string")
     return value
+
+
+def _refuse_duplicate_members(token: str) -> None:
+    """PyJWT keeps the last copy of a repeated header or claim member; another verifier may
+    keep the first. Refuse both segments if either repeats a member (docs/adr/0013)."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise MessageError(EarReason.MALFORMED, "not a compact JWS")
+    for part in parts[:2]:
+        try:
+            loads_unique(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+        except (ValueError, RecursionError) as exc:  # incl. binascii.Error, duplicates
+            raise MessageError(EarReason.MALFORMED, f"segment: {exc}") from exc
 
 
 def _parse_claims(claims: dict[str, Any]) -> AttestationClaims:
@@ -172,4 +192,7 @@ def _parse_claims(claims: dict[str, Any]) -> AttestationClaims:
         raise MessageError(EarReason.MALFORMED, "not an Edgeward EAR")
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise MessageError(EarReason.MALFORMED, "the session key is not EC P-256")
+    if not isinstance(claims["sub"], str) or not DEVICE_ID_RE.fullmatch(claims["sub"]):
+        # the device id a relying party logs and binds: the grammar of docs/protocol.md §4
+        raise MessageError(EarReason.SUBJECT, f"sub {claims['sub']!r} is not a device id")
     return parsed

@@ -21,6 +21,7 @@ from edgeward_device_agent.agent import DeviceAgent
 from edgeward_device_agent.config import AgentConfig, AgentPolicy
 from edgeward_device_agent.inference import InferencePolicy
 from edgeward_device_agent.model_manager import ModelPolicy
+from edgeward_device_agent.offline import OfflinePolicy
 from edgeward_device_agent.sandbox.supervisor import SandboxPolicy
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.errors import ConfigError
@@ -96,6 +97,13 @@ def _parser() -> argparse.ArgumentParser:
         default=ModelPolicy().model_pcr,
         help="PCR extended with each model's digest before it is loaded",
     )
+    models.add_argument(
+        "--high-grace-s",
+        type=float,
+        default=OfflinePolicy().high_grace_s,
+        help="offline: keep a tier-high model loaded (serving nothing) this long after the"
+        " attestation result expired, then unload it (docs/offline.md)",
+    )
     timing = parser.add_argument_group("timing policy (see AgentPolicy)")
     for name in AgentPolicy.__dataclass_fields__:
         timing.add_argument(
@@ -118,6 +126,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         metrics_port=args.metrics_port,
         policy=policy,
         sandbox=None if args.no_sandbox else SandboxPolicy(),
+        offline=OfflinePolicy(high_grace_s=args.high_grace_s),
         inference=InferencePolicy(
             rate_per_s=args.infer_rate,
             burst=max(1, int(args.infer_rate * 2)),

@@ -7,10 +7,11 @@
     enroll       (no device certificate yet) as ``enroll.<id>``: :mod:`.enrollment`, retried
                  with backoff after any rejection, timeout or TPM failure, never giving up
     run          as ``<id>``: answers pings, challenges and results (:mod:`.attestation`),
-                 sends AttestationRequest on every (re)connection and before the result
-                 expires (:mod:`.schedule`); renews its certificate at
-                 ``cert_renew_fraction`` of its lifetime or on a ``rotate-cert`` command
-                 (:mod:`.renewal`, docs/adr/0015)
+                 sends AttestationRequest on every (re)connection, before the model sync
+                 and the sensor stream, and before the result expires (:mod:`.schedule`);
+                 unloads what the offline policy no longer keeps (:mod:`.offline`); renews
+                 its certificate at ``cert_renew_fraction`` of its lifetime or on a
+                 ``rotate-cert`` command (:mod:`.renewal`, docs/adr/0015)
     switch       a renewal ends the run phase: the next one runs on the new certificate and
                  first tells the identity service so (the old one is then revoked)
     come back    a certificate that expired (offline, or renewals failing) ends the run
@@ -41,7 +42,7 @@ from edgeward_device_agent.attestation import Attester, CurrentAttestation
 from edgeward_device_agent.commands import CommandHandler
 from edgeward_device_agent.config import AgentConfig, retry_delays
 from edgeward_device_agent.enrollment import REPLY_TYPES, Enrollment
-from edgeward_device_agent.inference import DeviceInference
+from edgeward_device_agent.inference import DeviceInference, standing_of
 from edgeward_device_agent.ledger import LEDGER_NAME, DeviceLedger
 from edgeward_device_agent.metrics import AgentMetrics
 from edgeward_device_agent.model_manager import ModelManager, in_process_loader
@@ -123,6 +124,9 @@ class DeviceAgent:
         self._schedule = RequestSchedule(config.policy, rand)
         self._connections = 0
         self._wake = asyncio.Event()
+        #: cleared on each new connection, set once the agent has asked for a challenge on
+        #: it: what else the device sends waits for it (re-attest first, docs/offline.md)
+        self._asked_on_connection = asyncio.Event()
         self._last_error: str | None = None
         #: the models this device runs (None until it serves as the device, or if disabled)
         self.models: ModelManager | None = None
@@ -397,7 +401,7 @@ class DeviceAgent:
             self.inference = DeviceInference(
                 self.device_id,
                 self.models,
-                attestation=lambda: self.attestation,
+                attestation=lambda: self._attester.held if self._attester else None,
                 allowed=self.check_inference_allowed,
                 clock=self._clock,
                 state_dir=self.config.state_dir,
@@ -427,13 +431,28 @@ class DeviceAgent:
                 group.create_task(self._keep_certified(runtime, stop)),
             ]
             if self.models is not None:
-                side.append(group.create_task(self.models.run(runtime, stop)))
+                side.append(
+                    group.create_task(self.models.run(runtime, stop, self._asked_on_connection))
+                )
             if self.inference is not None:
-                side.append(group.create_task(self.inference.stream(runtime, stop)))
+                side.append(
+                    group.create_task(
+                        self.inference.stream(runtime, stop, self._asked_on_connection)
+                    )
+                )
+            if self.models is not None:  # connected or not: docs/offline.md
+                side.append(group.create_task(self._follow_offline_policy(self.models, stop)))
             await self._settle_renewal(runtime, stop)
             await self._keep_attested(runtime, stop)
             for task in side:
                 task.cancel()  # stopping or switching: no wait for a sync, download, inference
+
+    async def _follow_offline_policy(self, models: ModelManager, stop: asyncio.Event) -> None:
+        """Unload what the offline policy no longer keeps, whether the broker answers or not."""
+        while not stop.is_set():
+            held = self._attester.held if self._attester is not None else None
+            models.apply_offline(standing_of(held, self._clock.now_ms()), self.config.offline)
+            await wait_any(stop, seconds=self.config.policy.max_sleep_s)
 
     async def _refused(self, opened: Opened[Any]) -> Sequence[Outgoing]:
         reason = opened.message.reason
@@ -448,6 +467,7 @@ class DeviceAgent:
         async def counted() -> AsyncIterator[Bus]:
             async with connect() as bus:
                 self._connections += 1
+                self._asked_on_connection.clear()
                 try:
                     yield bus
                 finally:
@@ -491,6 +511,8 @@ class DeviceAgent:
                 extra=fields(device=self.device_id, reason=exc.reason, detail=exc.detail),
             )
             return
+        finally:
+            self._asked_on_connection.set()
         self.agent_metrics.attestation_requests.labels(reason).inc()
         log.info("attestation.requested", extra=fields(device=self.device_id, why=reason))
 

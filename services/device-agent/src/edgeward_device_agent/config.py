@@ -15,6 +15,7 @@ from pathlib import Path
 
 from edgeward_device_agent.inference import InferencePolicy
 from edgeward_device_agent.model_manager import ModelPolicy
+from edgeward_device_agent.offline import OfflinePolicy
 from edgeward_device_agent.sandbox.supervisor import SandboxPolicy
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.identity import Identity
@@ -96,6 +97,8 @@ class AgentConfig:
     models: ModelPolicy | None = field(default_factory=ModelPolicy)
     #: inference requests and the sensor stream (only with ``models``)
     inference: InferencePolicy = field(default_factory=InferencePolicy)
+    #: what keeps serving when the device cannot attest (docs/offline.md)
+    offline: OfflinePolicy = field(default_factory=OfflinePolicy)
     #: where models run: a sandboxed worker per model (docs/sandbox.md); None: in the
     #: agent's process (development only: tier-high models are then refused)
     sandbox: SandboxPolicy | None = field(default_factory=SandboxPolicy)
