@@ -36,7 +36,7 @@ from edgeward_device_agent.config import AgentPolicy
 from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN
 from edgeward_revocation.app import run_worker
 from edgeward_revocation.app import wire as wire_revocation
-from edgeward_revocation.effects import DynsecKicker, PkiCrl, SignalReloader
+from edgeward_revocation.effects import CheckedReloader, DynsecKicker, PkiCrl
 from edgeward_revocation.store import RevocationStore
 from edgeward_shared.bus.mqtt import MqttSettings
 from edgeward_shared.identity import Identity, Role, ServiceName
@@ -58,13 +58,12 @@ LONG_WAIT = 20.0
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     with make_world(tmp_path_factory.mktemp("renewal"), extra=(REVOCATION, ADMIN)) as built:
-        (built.broker.run_dir / "mosquitto.pid").write_text(f"{built.broker.pid}\n")
         yield built
 
 
 @asynccontextmanager
 async def revocation_service(world: World) -> AsyncIterator[None]:
-    """The revocation service in this process: CRL, broker reload (SIGHUP), kick, list."""
+    """The revocation service in this process: CRL, checked broker reload, kick, list."""
     database = await SqliteDatabase.open(world.root / "revocation.db")
     runtime, connect = build_runtime(world.node(REVOCATION))
     store = RevocationStore(database)
@@ -73,7 +72,9 @@ async def revocation_service(world: World) -> AsyncIterator[None]:
     kicker = DynsecKicker(
         MqttSettings(world.address, world.pki.bundle_path, admin, ADMIN.common_name)
     )
-    reloader = SignalReloader(world.broker.run_dir / "mosquitto.pid", world.broker.log_path)
+    reloader = CheckedReloader(
+        world.pki, world.broker.run_dir, runtime.clock, world.broker.log_path
+    )
     wired = wire_revocation(runtime, store, PkiCrl(world.pki), reloader, kicker)
     stop = asyncio.Event()
     tasks = [
