@@ -1,6 +1,7 @@
-"""The device's state directory through a renewal (ADR 0015): the new key is on disk before
-its CSR leaves, the switch-over is all or nothing (a crash halfway is finished at the next
-start), and a certificate for any other key or device is refused."""
+"""The device's state directory through a renewal (ADR 0015): the new key is sealed on disk
+(to the device key's PCR values) before its CSR leaves, the switch-over is all or nothing (a
+crash halfway is finished at the next start), and a certificate for any other key or device
+is refused. The TPM is the unit tests' fake sealer (seals in the clear, checks the PCRs)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from tests.unit.test_device_agent import FakeSealer
 
 from edgeward_device_agent.renewal import due_at_ms
 from edgeward_device_agent.state import AgentState
@@ -17,7 +19,6 @@ from edgeward_shared.clock import from_datetime
 from edgeward_shared.errors import ConfigError
 from edgeward_shared.identity import Identity
 from edgeward_shared.pki.certs import make_leaf
-from edgeward_shared.pki.store import read_private_key
 from edgeward_shared.testing import MemoryPki
 
 DEVICE = "dev-state"
@@ -41,9 +42,17 @@ def enrolled(tmp_path: Path) -> tuple[AgentState, MemoryPki]:
     pki = MemoryPki()
     state = AgentState(tmp_path / "state", DEVICE)
     state.prepare()
+    state.unlock(FakeSealer())
     key = state.device_key()
     state.store_certificate_chain([_leaf(pki, key), pki.issuing.cert])
     return state, pki
+
+
+def _restarted(state: AgentState, sealer: FakeSealer | None = None) -> AgentState:
+    again = AgentState(state.root, DEVICE)
+    again.prepare()
+    again.unlock(sealer or FakeSealer())
+    return again
 
 
 def test_a_renewal_switches_key_and_certificate_together(
@@ -52,14 +61,18 @@ def test_a_renewal_switches_key_and_certificate_together(
     state, pki = enrolled
     old = state.device_certificate()
     key = state.new_renewal_key()
-    assert read_private_key(state.renewal.key).public_key() == key.public_key()  # before use
-    assert state.renewal.key.stat().st_mode & 0o077 == 0
+    pending = state.renewal.directory / "key.sealed"
+    assert pending.stat().st_mode & 0o077 == 0  # sealed and on disk before any CSR
+    assert not state.renewal.key.exists()  # never in the clear
     state.adopt_renewal([_leaf(pki, key), pki.issuing.cert])
-    new = state.device_certificate()  # checks that certificate and key on disk agree
+    new = state.device_certificate()  # checks that certificate and key agree
     assert new is not None
     assert old is not None
     assert new.public_key() == key.public_key() != old.public_key()
-    assert not state.renewal.key.exists()
+    assert not pending.exists()
+    assert state.device_key() == key  # in memory already: no unseal
+    again = _restarted(state)  # the sealed file on disk is the renewed key
+    assert again.device_key().public_key() == key.public_key()
 
 
 def test_a_certificate_for_another_key_or_device_is_not_adopted(
@@ -98,8 +111,7 @@ def test_a_crash_halfway_through_the_switch_is_finished_at_the_next_start(
         patch.setattr(Path, "replace", crash_after_the_first_move)
         with pytest.raises(OSError, match="power cut"):
             state.adopt_renewal([leaf, pki.issuing.cert])
-    restarted = AgentState(state.root, DEVICE)
-    restarted.prepare()
+    restarted = _restarted(state)  # prepare() finishes the move, with no TPM needed
     current = restarted.device_certificate()
     assert current is not None
     assert current.public_key() == key.public_key()

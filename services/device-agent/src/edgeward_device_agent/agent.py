@@ -3,7 +3,9 @@
 :class:`DeviceAgent` wires the pieces and owns the lifecycle (ARCHITECTURE flows 1 and 2)::
 
     prepare      state directory 0700, provisioned identity, trust bundle and CRL (fail fast)
-    open TPM     in a worker thread; retried with backoff until it answers
+    open TPM     in a worker thread; retried with backoff until it answers; then unlock the
+                 state: plain keys are sealed, the keys this run needs are unsealed into
+                 memory (a key sealed by another TPM or to other boot PCRs ends the run)
     enroll       (no device certificate yet) as ``enroll.<id>``: :mod:`.enrollment`, retried
                  with backoff after any rejection, timeout or TPM failure, never giving up
     run          as ``<id>``: answers pings, challenges and results (:mod:`.attestation`),
@@ -69,13 +71,13 @@ from edgeward_shared.messages.attest import (
     AttestationResult,
 )
 from edgeward_shared.messages.common import Rejected
-from edgeward_shared.pki.store import IdentityFiles
 from edgeward_shared.pki.trust import TrustStore, load_crl
 from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.revocation import RevocationView
 from edgeward_shared.runtime.core import Connect, Outgoing, Runtime
 from edgeward_shared.runtime.health import answer_pings
 from edgeward_shared.runtime.metrics import RuntimeMetrics
+from edgeward_shared.tls import TlsIdentity
 from edgeward_shared.topics import Channel, Direction, device_topic
 
 log = logging.getLogger("edgeward.agent")
@@ -110,7 +112,7 @@ class DeviceAgent:
         rand: Callable[[], float] = random.random,
     ) -> None:
         self.config = config
-        self.state = AgentState(config.state_dir, config.device_id)
+        self.state = AgentState(config.state_dir, config.device_id, config.seal)
         self.metrics = RuntimeMetrics()
         self.agent_metrics = AgentMetrics(self.metrics.registry)
         self._clock = clock or SystemClock()
@@ -222,16 +224,33 @@ class DeviceAgent:
             await asyncio.to_thread(tpm.close)
 
     def _prepare(self) -> None:
+        """Every check that needs no TPM; checking the key waits for it (:meth:`_unlock`)."""
         self.state.prepare()
         self._trust_store()  # an unreadable bundle or an expired CRL stops us here
-        certificate = self.state.device_certificate() if self.state.is_enrolled() else None
-        if certificate is not None and not self._expired(certificate):
-            self._set_certificate(certificate)
+        if self._enrolled_and_current():
+            self._set_certificate(self.state.check_device_identity())
         else:  # never enrolled, or back after its certificate expired: enroll (again)
             self.state.check_enrollee()
 
+    def _enrolled_and_current(self) -> bool:
+        """Enrolled, with a certificate that has not expired (no TPM needed)."""
+        if not self.state.is_enrolled():
+            return False
+        return not self._expired(self.state.check_device_identity())
+
     def _expired(self, certificate: x509.Certificate) -> bool:
         return self._clock.now_ms() >= from_datetime(certificate.not_valid_after_utc)
+
+    def _unlock(self, tpm: AgentTpm) -> x509.Certificate | None:
+        """Seal plain keys, unseal the keys this run needs; the device certificate if
+        enrolled and current (checked for the unsealed key). Blocking: runs in a worker
+        thread."""
+        self.state.unlock(tpm)
+        if self._enrolled_and_current():
+            return self.state.device_certificate()
+        self.state.enrollee_key()
+        self.state.device_key()  # made and sealed before enrollment asks for it
+        return None
 
     def _set_certificate(
         self, certificate: x509.Certificate | None, *, received: bool = False
@@ -246,25 +265,43 @@ class DeviceAgent:
         log.error(event, extra=fields(device=self.device_id, reason=exc.reason, detail=exc.detail))
 
     async def _open_tpm(self, stop: asyncio.Event) -> AgentTpm | None:
+        """The TPM, with the state unlocked; a key it cannot unseal ends the run."""
         delays = retry_delays(self.config.policy, self._rand)
         while not stop.is_set():
             try:
-                return await asyncio.to_thread(self._tpm_factory, self.config.tcti)
+                tpm, certificate = await asyncio.to_thread(self._open_and_unlock)
+            except ConfigError as exc:
+                self._failed("agent.keys.unusable", exc)
+                raise
             except EdgewardError as exc:
                 self._failed("tpm.unavailable", exc)
+            else:
+                self._set_certificate(certificate)
+                return tpm
             await wait_any(stop, seconds=next(delays))
         return None
+
+    def _open_and_unlock(self) -> tuple[AgentTpm, x509.Certificate | None]:
+        tpm = self._tpm_factory(self.config.tcti)
+        try:
+            return tpm, self._unlock(tpm)
+        except BaseException:
+            tpm.close()
+            raise
 
     # ------------------------------------------------------------------ runtimes
     def _trust_store(self) -> TrustStore:
         now = to_datetime(self._clock.now_ms())
         return TrustStore.from_bundle(self.config.ca_bundle, self.config.crl, now=now)
 
-    def _runtime_for(self, files: IdentityFiles, expected: Identity) -> tuple[Runtime, Connect]:
-        key = SigningKey.from_files(files)
+    def _runtime_for(
+        self, key: SigningKey, tls: Callable[[], TlsIdentity], expected: Identity
+    ) -> tuple[Runtime, Connect]:
+        """A runtime signing with ``key`` whose connections present ``tls()`` (both held in
+        memory: the keys are unsealed, never read from a file)."""
         if key.identity != expected:
             raise ConfigError(
-                AgentReason.IDENTITY_MISMATCH, f"{files.cert} names {key.identity}, not {expected}"
+                AgentReason.IDENTITY_MISMATCH, f"a certificate for {key.identity}, not {expected}"
             )
         runtime = Runtime(
             signing_key=key,
@@ -274,7 +311,7 @@ class DeviceAgent:
         )
         connector = self._connector
         self._runtime = runtime
-        return runtime, lambda: connector(key.identity, files)
+        return runtime, lambda: connector(key.identity, tls())
 
     async def _phase(
         self, runtime: Runtime, connect: Connect, work: Callable[[], Awaitable[T]]
@@ -293,7 +330,12 @@ class DeviceAgent:
 
     # ------------------------------------------------------------------ enrollment
     async def _enroll(self, tpm: AgentTpm, stop: asyncio.Event) -> bool:
-        runtime, connect = self._runtime_for(self.state.enrollee, Identity.enrollee(self.device_id))
+        await asyncio.to_thread(self.state.enrollee_key)  # unsealed off the loop (come back)
+        runtime, connect = self._runtime_for(
+            self.state.enrollee_signing_key(),
+            self.state.enrollee_tls,
+            Identity.enrollee(self.device_id),
+        )
         enrollment = Enrollment(
             self.device_id,
             self.config.device_class,
@@ -349,7 +391,9 @@ class DeviceAgent:
 
     # ------------------------------------------------------------------ running as the device
     async def _serve_as_device(self, tpm: AgentTpm, stop: asyncio.Event) -> PhaseEnd:
-        runtime, connect = self._runtime_for(self.state.device, Identity.device(self.device_id))
+        runtime, connect = self._runtime_for(
+            self.state.device_signing_key(), self.state.device_tls, Identity.device(self.device_id)
+        )
         self._phase_end.clear()
         self._ended = "stopped"
         self.renewer.expect_replies(runtime)

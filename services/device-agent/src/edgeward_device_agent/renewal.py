@@ -24,6 +24,7 @@ transport reason.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -120,7 +121,7 @@ class Renewer:
         current = self.attestation()
         if current is None or current.status != "affirming":
             raise RenewalError(RenewReason.NOT_ATTESTED, "no affirming attestation to bind to")
-        key = self.state.new_renewal_key()
+        key = await asyncio.to_thread(self.state.new_renewal_key)  # sealed by the TPM
         csr = make_csr(key, self.device_id)
         mid, at_ms = secrets.token_hex(16), self.clock.now_ms()
         binding = sign_renewal(current.session_key, renewal_digest(self.device_id, csr, mid, at_ms))
