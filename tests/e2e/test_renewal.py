@@ -39,6 +39,7 @@ from edgeward_revocation.app import wire as wire_revocation
 from edgeward_revocation.effects import CheckedReloader, DynsecKicker, PkiCrl
 from edgeward_revocation.store import RevocationStore
 from edgeward_shared.bus.mqtt import MqttSettings
+from edgeward_shared.errors import ConfigError
 from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.messages.command import RotateCertCommand
 from edgeward_shared.pki.store import read_certificate
@@ -167,8 +168,9 @@ async def test_a_device_back_after_its_certificate_expired_enrolls_again_by_itse
     world: World,
 ) -> None:
     """Its certificate expired while it was away; the same TPM enrolls again (EK
-    certificate, credential activation, attestation) with no operator; the same state
-    directory with another TPM is refused."""
+    certificate, credential activation, attestation) with no operator. Another TPM does
+    not: neither with the device's state directory copied to it (its sealed keys do not
+    open there) nor with an enrollee identity of its own (the id is bound to the first EK)."""
     tpm = world.fleet.start("tpm-away", GOLDEN_BOOT_CHAIN)
     other = world.fleet.start("tpm-thief", GOLDEN_BOOT_CHAIN)
     async with services(world) as store:
@@ -182,11 +184,15 @@ async def test_a_device_back_after_its_certificate_expired_enrolls_again_by_itse
             assert await until(lambda: back.trust_state().attested), back.trust_state()
         renewed = read_certificate(back.state.device.cert)
         _expire(world, back)
-        thief = DeviceAgent(replace(back.config, tcti=other.tcti))
+        copied = DeviceAgent(replace(back.config, tcti=other.tcti))
+        with pytest.raises(ConfigError) as unsealed:
+            await asyncio.wait_for(copied.run(asyncio.Event()), 20)
+        thief = world.agent("dev-away", other.tcti, replace=True)
         async with agent_running(thief):
             assert await until(lambda: thief.trust_state().last_error is not None)
         audit = [row["event"] for row in await store.audit("dev-away")]
     assert renewed.not_valid_after_utc > datetime.now(UTC)
+    assert unsealed.value.reason.startswith(("tpm.unseal.", "agent.key.")), unsealed.value
     assert thief.trust_state().last_error == "enroll.device.rebind"
     assert not thief.trust_state().enrolled
     assert audit.count("enrolled") == 2  # the device twice, the other TPM never
