@@ -45,6 +45,8 @@ _TIMING_HELP: Final = {
     "retry_cap_s": "Longest retry delay in seconds.",
     "renew_fraction": "Ask for a fresh attestation when this fraction of the current result's"
     " lifetime has passed (0 < f < 1).",
+    "cert_renew_fraction": "Renew the device certificate (a new key, bound to the current"
+    " attestation: docs/adr/0015) when this fraction of its lifetime has passed (0 < f < 1).",
     "result_grace_s": "Seconds after a challenge expires that its session key still waits for"
     " a result.",
     "max_sleep_s": "The attestation scheduler re-reads the clock at least this often (seconds).",

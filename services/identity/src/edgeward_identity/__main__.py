@@ -10,7 +10,10 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
+import click
+
 from edgeward_identity.app import IdentityConfig, run
+from edgeward_identity.renewal import check_class_lifetime
 from edgeward_identity.service import MAX_LIFETIME, MIN_LIFETIME
 from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.runtime.kit import EnvOptions, NodeOptions, command, node_options
@@ -18,6 +21,25 @@ from edgeward_shared.runtime.params import DurationParam
 
 SERVICE = Identity.service(ServiceName.IDENTITY)
 option = EnvOptions("IDENTITY")
+_ANY_LIFETIME = DurationParam(timedelta(0), timedelta(days=3650))  # the class rule decides
+
+
+def _class_lifetimes(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, timedelta]:
+    """``CLASS=DURATION`` pairs (renewed certificates' lifetime per device class)."""
+    lifetimes: dict[str, timedelta] = {}
+    for value in values:
+        device_class, equals, duration = value.partition("=")
+        if not device_class or not equals:
+            raise click.BadParameter(f"{value!r} is not CLASS=DURATION (e.g. edge-gw=6h)")
+        try:
+            lifetimes[device_class] = check_class_lifetime(
+                _ANY_LIFETIME.convert(duration, param, ctx)
+            )
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from exc
+    return lifetimes
 
 
 @command()
@@ -37,10 +59,22 @@ option = EnvOptions("IDENTITY")
     default="24h",
     help="Cap on the lifetime of the certificates issued, whatever a request asks for.",
 )
+@option(
+    "--class-lifetime",
+    "class_lifetimes",
+    metavar="CLASS=DURATION",
+    multiple=True,
+    callback=_class_lifetimes,
+    envvar="EDGEWARD_IDENTITY_CLASS_LIFETIMES",
+    help="Lifetime of the certificates a device of CLASS renews to (5m to 7d, capped by"
+    " --max-lifetime); repeatable (the variable: space-separated). Other classes get"
+    " --max-lifetime.",
+)
 def main(  # click passes every parameter by keyword
     *,
     node: NodeOptions,
     max_lifetime: timedelta,
+    class_lifetimes: dict[str, timedelta],
 ) -> None:
     """Run the identity service: Edgeward's online issuing CA.
 
@@ -48,7 +82,10 @@ def main(  # click passes every parameter by keyword
     ew/v1/svc/identity/req/<caller>) for the attestation service only, each request once
     (remembered in the database, across instances and restarts), replaces the device's
     previous certificate (revoked as superseded in the CRL) and records every certificate
-    it issues. Several instances share the requests (MQTT shared subscription); give each
+    it issues. Devices renew their own certificates (edgeward.identity.renew.v1 on
+    ew/v1/dev/<id>/up/cert) with a fresh affirming attestation and a new key; the old
+    certificate is revoked through the revocation service once the new one is in use.
+    Several instances share the requests (MQTT shared subscription); give each
     its own identity (`edgeward pki issue service identity --instance 2`).
 
     \b
@@ -64,6 +101,7 @@ def main(  # click passes every parameter by keyword
             broker=node.broker,
             metrics_port=node.metrics_port,
             max_lifetime=max_lifetime,
+            class_lifetimes=class_lifetimes,
         )
 
     node.serve(lambda: run(config()))
