@@ -90,6 +90,13 @@ def verify_log(
     """Check every entry, every checkpoint note, and the ``trusted`` checkpoints."""
     report = Report()
     roots: dict[int, bytes] = {}
+    trusted_sizes: set[int] = set()
+    for checkpoint in trusted:  # first, so that a fork is judged against the witness's root
+        if checkpoint.origin != origin:
+            report.findings.append(Finding(NoteReason.ORIGIN, None, detail=checkpoint.origin))
+        else:
+            _add_root(report, roots, checkpoint)
+            trusted_sizes.add(checkpoint.size)
     for note in notes:
         try:
             checkpoint = open_checkpoint(note, verifier, origin=origin)
@@ -97,12 +104,10 @@ def verify_log(
             report.findings.append(Finding(exc.reason, None, detail=exc.detail))
             continue
         _add_root(report, roots, checkpoint)
-    for checkpoint in trusted:
-        if checkpoint.origin != origin:
-            report.findings.append(Finding(NoteReason.ORIGIN, None, detail=checkpoint.origin))
-        else:
-            _add_root(report, roots, checkpoint)
-    walk = _Walk(report, roots, keep_leaves=keep_leaves)
+    # A fork means the log's key signed two histories: its own checkpoints no longer narrow
+    # down where the log went wrong, only the witnesses' do.
+    forked = any(f.reason == VerifyReason.FORK for f in report.findings)
+    walk = _Walk(report, roots, trusted_sizes, forked=forked, keep_leaves=keep_leaves)
     for index, (raw, stored) in enumerate(entries):
         walk.entry(index, raw, stored)
     report.size = walk.edge.size
@@ -123,9 +128,20 @@ def verify_log(
 class _Walk:
     """The streaming pass over the entries: one finding per kind, the first one."""
 
-    def __init__(self, report: Report, roots: dict[int, bytes], *, keep_leaves: bool) -> None:
+    def __init__(
+        self,
+        report: Report,
+        roots: dict[int, bytes],
+        trusted: set[int],
+        *,
+        forked: bool,
+        keep_leaves: bool,
+    ) -> None:
         self.report = report
         self.roots = roots
+        self.trusted = trusted
+        self.forked = forked
+        self.matched_trusted = 0
         self.keep_leaves = keep_leaves
         self.edge = CompactRange()
         self.matched = 0
@@ -158,11 +174,16 @@ class _Walk:
         if expected == self.edge.root():
             if VerifyReason.ROOT_MISMATCH not in self.seen:
                 self.matched = self.edge.size
+                if self.edge.size in self.trusted:
+                    self.matched_trusted = self.edge.size
             return
+        # A witness's root that the log's entries miss, or a log key that signed two
+        # histories: the log's own checkpoints no longer say where it went wrong.
+        doubt = self.forked or self.edge.size in self.trusted
         self.once(
             Finding(
                 VerifyReason.ROOT_MISMATCH,
-                self.matched,
+                self.matched_trusted if doubt else self.matched,
                 self.edge.size,
                 f"entries do not hash to the signed root of size {self.edge.size}",
             )
