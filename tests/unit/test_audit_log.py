@@ -100,7 +100,7 @@ def test_checkpoint_forgeries_are_refused(signer: NoteSigner) -> None:
 
 
 def test_vkey_with_a_wrong_id_is_refused(signer: NoteSigner) -> None:
-    name, _key_id, key = signer.verifier.vkey.split("+")
+    name, _key_id, key = signer.verifier.vkey.split("+", 2)
     with pytest.raises(ValueError, match="id"):
         NoteVerifier.from_vkey(f"{name}+{'0' * 8}+{key}")
 
