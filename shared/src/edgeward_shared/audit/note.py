@@ -119,6 +119,10 @@ class NoteSigner:
         )
         self.verifier = NoteVerifier(name, public)
 
+    def renamed(self, name: str) -> NoteSigner:
+        """The same key under another name (the key id changes with the name)."""
+        return NoteSigner(name, self._key)
+
     @classmethod
     def generate(cls, name: str) -> NoteSigner:
         return cls(name, Ed25519PrivateKey.generate())

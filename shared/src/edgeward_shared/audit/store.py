@@ -33,7 +33,7 @@ from edgeward_shared.audit.merkle import (
     inclusion_proof,
     leaf_hash,
 )
-from edgeward_shared.audit.note import Checkpoint, NoteSigner, sign_checkpoint
+from edgeward_shared.audit.note import Checkpoint, NoteSigner, NoteVerifier, sign_checkpoint
 from edgeward_shared.clock import Clock
 from edgeward_shared.storage import Database, Migration, Transaction, migrate
 
@@ -216,6 +216,11 @@ class AuditLog:
             {"size": edge.size, "note": note, "at": now},
         )
         return note
+
+    @property
+    def verifier(self) -> NoteVerifier:
+        """The public key of this log's checkpoints."""
+        return self._signer.verifier
 
     async def size(self) -> int:
         async with self._db.transaction() as tx:
