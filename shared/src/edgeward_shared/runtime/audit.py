@@ -38,12 +38,18 @@ from edgeward_shared.clock import Clock
 from edgeward_shared.envelope import Opened
 from edgeward_shared.errors import EdgewardError
 from edgeward_shared.logs import fields
+from edgeward_shared.messages.audit import AuditCheckpoint
 from edgeward_shared.messages.base import Message
 from edgeward_shared.messages.common import Rejected
 from edgeward_shared.storage import Database
+from edgeward_shared.topics import FleetKind, fleet_topic
 
 if TYPE_CHECKING:
     from edgeward_shared.runtime.core import Runtime
+
+#: the envelope lifetime of a published checkpoint: the verifier's maximum (5 minutes);
+#: the note inside stays verifiable with the vkey for ever
+CHECKPOINT_TTL_MS: Final = 5 * 60_000
 
 logger = logging.getLogger("edgeward.audit")
 _TYPE: Final = re.compile(r"^edgeward\.(?P<name>.+)\.v[0-9]+$")
@@ -118,6 +124,9 @@ async def enable_audit(
 ) -> LogAppender:
     """Open the service's audit log in ``db`` (key in ``key_dir``) and audit ``runtime``.
 
+    Each checkpoint it signs is published retained on ``ew/v1/fleet/audit/<service>`` as an
+    :class:`AuditCheckpoint` (or handed to ``publish`` instead).
+
     One log per database (instances sharing a database append to one tree). Its origin, also
     its key's name, is ``edgeward/audit/<service CN>/<8 hex of SHA-256(public key)>``: stable
     for that database, and distinct between databases, so two logs never share an origin.
@@ -129,6 +138,18 @@ async def enable_audit(
     log = await AuditLog.open(
         db, signer=signer, origin=origin, clock=runtime.clock, every=every, interval_ms=interval_ms
     )
+    if publish is None:
+        from edgeward_shared.runtime.core import Outgoing  # noqa: PLC0415 (core imports us)
+
+        vkey = signer.verifier.vkey
+        topic = fleet_topic(FleetKind.AUDIT, runtime.identity.name)
+
+        async def publish(note: str) -> None:
+            checkpoint = AuditCheckpoint(note=note, vkey=vkey)
+            await runtime.publish(
+                Outgoing(topic, checkpoint, retain=True, ttl_ms=CHECKPOINT_TTL_MS)
+            )
+
     appender = LogAppender(log, publish)
     logger.info("audit.enabled", extra=fields(origin=origin, vkey=signer.verifier.vkey))
     runtime.audit = DecisionAudit(appender, runtime.identity.common_name, runtime.clock)
