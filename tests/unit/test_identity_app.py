@@ -61,6 +61,8 @@ def test_help_names_every_option_and_its_environment_variable() -> None:
         "EDGEWARD_BROKER",
         "--metrics-port",
         "--max-lifetime",
+        "--class-lifetime",
+        "EDGEWARD_IDENTITY_CLASS_LIFETIMES",
         "24h",
     ):
         assert text in result.output, text
@@ -106,6 +108,9 @@ def test_refuses_to_run_as_another_service(pki: PkiStore) -> None:
         ("--max-lifetime", "30s"),
         ("--max-lifetime", "8d"),
         ("--max-lifetime", "1 week"),
+        ("--class-lifetime", "edge-gw=4m"),  # below the 5-minute floor of a class
+        ("--class-lifetime", "edge-gw=8d"),
+        ("--class-lifetime", "6h"),  # no class
     ],
 )
 def test_refuses_bad_option_values_as_usage_errors(pki: PkiStore, option: str, value: str) -> None:

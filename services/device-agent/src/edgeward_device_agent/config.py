@@ -13,8 +13,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgeward_device_agent.device_keys import SealPolicy
 from edgeward_device_agent.inference import InferencePolicy
 from edgeward_device_agent.model_manager import ModelPolicy
+from edgeward_device_agent.offline import OfflinePolicy
 from edgeward_device_agent.sandbox.supervisor import SandboxPolicy
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.identity import Identity
@@ -38,6 +40,9 @@ class AgentPolicy:
       Retries never stop: a device in the field has nobody to restart it.
     * ``renew_fraction``: ask for a fresh attestation when this fraction of the current
       result's lifetime (``iat`` to ``exp``) has passed (0.8: a fifth of the lifetime left).
+    * ``cert_renew_fraction``: renew the device certificate (a new key, bound to the current
+      attestation: docs/adr/0015) when this fraction of its lifetime has passed (0.5, as
+      SPIRE does: half the lifetime is left to retry through an outage).
     * ``result_grace_s``: how long after a challenge's expiry the session key made for its
       evidence waits for a result before it is forgotten.
     * ``max_sleep_s``: the attestation scheduler re-reads the clock at least this often
@@ -48,12 +53,13 @@ class AgentPolicy:
     retry_base_s: float = 1.0
     retry_cap_s: float = 60.0
     renew_fraction: float = 0.8
+    cert_renew_fraction: float = 0.5
     result_grace_s: float = 60.0
     max_sleep_s: float = 5.0
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.renew_fraction < 1.0:
-            raise ValueError("renew_fraction is strictly between 0 and 1")
+        if not 0.0 < self.renew_fraction < 1.0 or not 0.0 < self.cert_renew_fraction < 1.0:
+            raise ValueError("renew_fraction and cert_renew_fraction are strictly between 0 and 1")
         if min(self.request_timeout_s, self.retry_base_s, self.max_sleep_s) <= 0:
             raise ValueError("timeouts, retry base and sleep bound must be positive")
         if self.retry_cap_s < self.retry_base_s or self.result_grace_s < 0:
@@ -74,9 +80,11 @@ class AgentConfig:
     """One device agent: who it is, where its TPM, state and trust anchors are, and its broker.
 
     ``state_dir`` (0700) holds ``enrollee/`` (provisioned: cert.pem, key.pem, chain.pem as
-    ``edgeward pki issue enrollee <id>`` writes them) and ``device/`` (written by the agent
-    at enrollment). ``crl`` is the issuing CA's CRL; the agent refuses to start with an
-    expired one (fail closed), like every other Edgeward process.
+    ``edgeward pki issue enrollee <id>`` writes them; the agent seals key.pem at its first
+    start) and ``device/`` (written by the agent at enrollment). ``crl`` is the issuing CA's
+    CRL; the agent refuses to start with an expired one (fail closed), like every other
+    Edgeward process. ``seal`` is the PCR policy the keys are sealed to (docs/adr/0016);
+    it may not include the PCR the agent extends with models.
     """
 
     device_id: str
@@ -92,11 +100,20 @@ class AgentConfig:
     models: ModelPolicy | None = field(default_factory=ModelPolicy)
     #: inference requests and the sensor stream (only with ``models``)
     inference: InferencePolicy = field(default_factory=InferencePolicy)
+    #: what keeps serving when the device cannot attest (docs/offline.md)
+    offline: OfflinePolicy = field(default_factory=OfflinePolicy)
     #: where models run: a sandboxed worker per model (docs/sandbox.md); None: in the
     #: agent's process (development only: tier-high models are then refused)
     sandbox: SandboxPolicy | None = field(default_factory=SandboxPolicy)
+    #: the boot PCRs the device's keys are sealed to (docs/adr/0016-device-key-sealing.md)
+    seal: SealPolicy = field(default_factory=SealPolicy)
 
     def __post_init__(self) -> None:
         Identity.device(self.device_id)  # raises ValueError for an invalid device id
         if not DEVICE_CLASS_RE.fullmatch(self.device_class):
             raise ValueError(f"invalid device class {self.device_class!r}")
+        if self.models is not None and self.models.model_pcr in self.seal.pcrs:
+            raise ValueError(
+                f"PCR {self.models.model_pcr} is extended with models at run time:"
+                " the device key cannot be sealed to it"
+            )

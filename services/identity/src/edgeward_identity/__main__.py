@@ -17,6 +17,7 @@ from typing import Final
 import click
 
 from edgeward_identity.app import IdentityConfig, run
+from edgeward_identity.renewal import check_class_lifetime
 from edgeward_identity.service import MAX_LIFETIME, MIN_LIFETIME
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.errors import EdgewardError
@@ -37,6 +38,25 @@ def _duration(_ctx: click.Context, _param: click.Parameter, value: str) -> timed
     if not MIN_LIFETIME <= duration <= MAX_LIFETIME:
         raise click.BadParameter(f"{value!r} is outside 60s..7d")
     return duration
+
+
+def _class_lifetimes(
+    _ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, timedelta]:
+    """``CLASS=DURATION`` pairs (renewed certificates' lifetime per device class)."""
+    lifetimes: dict[str, timedelta] = {}
+    for value in values:
+        device_class, _, duration = value.partition("=")
+        match = _DURATION_RE.fullmatch(duration.strip())
+        if not device_class or match is None:
+            raise click.BadParameter(f"{value!r} is not CLASS=DURATION (e.g. edge-gw=6h)")
+        try:
+            lifetimes[device_class] = check_class_lifetime(
+                timedelta(seconds=int(match[1]) * _UNITS[match[2]])
+            )
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from exc
+    return lifetimes
 
 
 def _host_port(_ctx: click.Context, _param: click.Parameter, value: str) -> BrokerAddress:
@@ -101,6 +121,18 @@ def _host_port(_ctx: click.Context, _param: click.Parameter, value: str) -> Brok
     help="Cap on the lifetime of the certificates issued, whatever a request asks for.",
 )
 @click.option(
+    "--class-lifetime",
+    "class_lifetimes",
+    metavar="CLASS=DURATION",
+    multiple=True,
+    callback=_class_lifetimes,
+    envvar="EDGEWARD_IDENTITY_CLASS_LIFETIMES",
+    show_envvar=True,
+    help="Lifetime of the certificates a device of CLASS renews to (5m to 7d, capped by"
+    " --max-lifetime); repeatable (the variable: space-separated). Other classes get"
+    " --max-lifetime.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
     default="info",
@@ -116,6 +148,7 @@ def main(  # click passes every parameter by keyword
     broker: BrokerAddress,
     metrics_port: int | None,
     max_lifetime: timedelta,
+    class_lifetimes: dict[str, timedelta],
     log_level: str,
 ) -> None:
     """Run the identity service: Edgeward's online issuing CA.
@@ -124,7 +157,10 @@ def main(  # click passes every parameter by keyword
     ew/v1/svc/identity/req/<caller>) for the attestation service only, each request once
     (remembered in the database, across instances and restarts), replaces the device's
     previous certificate (revoked as superseded in the CRL) and records every certificate
-    it issues. Several instances share the requests (MQTT shared subscription); give each
+    it issues. Devices renew their own certificates (edgeward.identity.renew.v1 on
+    ew/v1/dev/<id>/up/cert) with a fresh affirming attestation and a new key; the old
+    certificate is revoked through the revocation service once the new one is in use.
+    Several instances share the requests (MQTT shared subscription); give each
     its own identity (`edgeward pki issue service identity --instance 2`).
 
     \b
@@ -139,6 +175,7 @@ def main(  # click passes every parameter by keyword
         broker=broker,
         metrics_port=metrics_port,
         max_lifetime=max_lifetime,
+        class_lifetimes=class_lifetimes,
     )
     try:
         asyncio.run(run(config))

@@ -265,6 +265,22 @@ class MosquittoBroker:
             raise
         return self
 
+    def resume(self) -> Self:
+        """Start again after :meth:`stop`, on the same port with the same files: an outage
+        its clients recover from by themselves (they reconnect to the address they know)."""
+        if self._process is not None:
+            raise RuntimeError("the broker is already running")
+        if self._port is None:
+            raise RuntimeError("the broker has never been started: start() it")
+        self._spawn(find_mosquitto())
+        try:
+            self._wait_until_ready()
+            write_state(self.run_dir, self._state())  # the new pid
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
     def _state(self) -> BrokerState:
         named = [*self._operators, *self._admins, *self._service_instances]
         return BrokerState(

@@ -34,7 +34,6 @@ from edgeward_shared.bus.base import Bus, Delivery, topic_matches
 from edgeward_shared.clock import Clock
 from edgeward_shared.envelope import (
     DEFAULT_TTL_MS,
-    Envelope,
     EnvelopeVerifier,
     Opened,
     SigningKey,
@@ -294,12 +293,12 @@ class Runtime:
             return
         try:
             answer_on = reply_topic(delivery.topic)
-            envelope = msgspec.json.decode(delivery.payload, type=Envelope)
-        except (EdgewardError, msgspec.DecodeError, UnicodeDecodeError):
+        except EdgewardError:
             return
-        if answer_on is None or envelope.type == Rejected.TYPE:  # never answer an answer
+        # the same rule for every failure, malformed envelopes included (protocol.md §2.3)
+        mid = self.verifier.answerable_mid(delivery.payload)
+        if answer_on is None or mid is None:
             return
-        mid = envelope.mid
         reason = OPAQUE_REJECTION if isinstance(exc, AuthenticityError) else exc.reason
         try:
             await self.publish(Outgoing(answer_on, Rejected(in_reply_to=mid, reason=reason)))
