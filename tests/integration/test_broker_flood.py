@@ -151,6 +151,9 @@ def test_on_a_fresh_broker_max_connections_keeps_the_management_listener_free(
 ) -> None:
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert soft > FLOOD + 64, "the test process itself needs the sockets it floods with"
+    limits = Path(f"/proc/{broker.pid}/limits").read_text(encoding="utf-8")
+    (line,) = (row for row in limits.splitlines() if row.startswith("Max open files"))
+    assert line.split()[3] == str(LIMITS.open_files)  # the launcher set the broker's limit
     with ExitStack() as flood:
         connected = _flood(flood, broker, FLOOD)
         denied = _settled(broker)

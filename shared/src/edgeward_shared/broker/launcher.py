@@ -125,15 +125,16 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def _limit_open_files(limit: int) -> Callable[[], None]:
-    """Run in the child before ``exec``: its soft open-file limit becomes ``limit`` (which
-    :meth:`.ConnectionLimits.within` has kept within the hard limit)."""
-
-    def apply() -> None:
-        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
-
-    return apply
+def _limit_open_files(pid: int, limit: int) -> None:
+    """Set the child's soft open-file limit to ``limit`` (which :meth:`.ConnectionLimits.within`
+    has kept within the hard limit). Done from here right after the fork rather than in a
+    ``preexec_fn`` (not safe with threads): mosquitto opens no listener before it has read its
+    configuration, and the kernel checks the limit at every descriptor it allocates after."""
+    try:
+        _soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, hard))
+    except ProcessLookupError:
+        pass  # it has exited already: waiting for it to listen reports why
 
 
 def effective_limits(wanted: ConnectionLimits) -> ConnectionLimits:
@@ -366,8 +367,8 @@ class MosquittoBroker:
             stdin=subprocess.DEVNULL,
             stdout=self._output,
             stderr=subprocess.STDOUT,
-            preexec_fn=_limit_open_files(self.limits.open_files),  # noqa: PLW1509 - only setrlimit
         )
+        _limit_open_files(self._process.pid, self.limits.open_files)
         atexit.register(self.stop)
 
     def _wait_until_ready(self) -> None:
