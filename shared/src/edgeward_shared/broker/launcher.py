@@ -288,6 +288,7 @@ class MosquittoBroker:
             pid=self._process.pid if self._process is not None else 0,
             host=self.host,
             port=self._port or 0,
+            management_port=self._management_port or 0,
             acl_from_pki=self._acl_from_pki,
             principals=[(str(who.role), who.common_name) for who in named],
         )
