@@ -1,17 +1,20 @@
 """The flood scenario of ``test_broker_flood``, run inside a network namespace of its own.
 
 ``test_broker_flood`` starts this file as ``unshare -rn python flood_scenario.py PKI RUN
-POLICY``: a fresh network namespace (nothing of the host's ruleset is touched, and all of
-it goes away with the process) where it brings loopback up, starts the broker on fixed
-ports, loads the shipped nftables policy (with the test's lower numbers) and plays the
-attacker, a device and an operator. It prints one JSON object with what it measured; the
-test asserts on it. Every loop is bounded in count and time.
+[POLICY [RATE_POLICY]]``: a fresh network namespace (nothing of the host's ruleset is
+touched, and all of it goes away with the process) where it brings loopback up, starts the
+broker on fixed ports, loads the shipped nftables policy (with the test's lower numbers)
+and plays the attacker, a device and an operator; then, with RATE_POLICY (the shipped
+rate, the counts out of its way), opens connections from one address all at once. It
+prints one JSON object with what it measured; the test asserts on it. Every loop is
+bounded in count and time.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import ssl
 import subprocess
@@ -40,6 +43,9 @@ DRIFTER: Final = "127.0.0.3"
 MANY_SOURCES: Final = tuple(f"127.0.1.{n}" for n in range(1, 41))
 FLOOD: Final = 2 * LIMITS.device_max_connections  # half idle TCP, half stalled TLS
 DRIFT: Final = 300  # failed TLS handshakes that drive mosquitto's own count below zero
+RUSHER: Final = "127.0.0.4"
+RUSH: Final = 100  # connections opened at once from one address (the rate limit's phase)
+RUSH_WAIT_S: Final = 0.5
 
 
 def _client_hello() -> bytes:
@@ -112,6 +118,32 @@ def _round_trip(broker: MosquittoBroker, pki: PkiStore) -> float | str:
         service.close()
 
 
+def _rush() -> int:
+    """``RUSH`` connections started at once from one address, closed at once when they
+    connect; how many connected within ``RUSH_WAIT_S`` (a dropped SYN is retried after 1 s)."""
+    pending: list[socket.socket] = []
+    connected = 0
+    try:
+        for _ in range(RUSH):
+            raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            pending.append(raw)
+            raw.setblocking(False)
+            raw.bind((RUSHER, 0))
+            raw.connect_ex(("127.0.0.1", DEVICE_PORT))
+        deadline = time.monotonic() + RUSH_WAIT_S
+        while pending and time.monotonic() < deadline:
+            _, writable, _ = select.select([], pending, [], 0.05)
+            for raw in writable:
+                if raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                    connected += 1
+                pending.remove(raw)
+                raw.close()
+    finally:
+        for raw in pending:
+            raw.close()
+    return connected
+
+
 def _open_files(pid: int) -> int:
     return sum(1 for _ in Path(f"/proc/{pid}/fd").iterdir())
 
@@ -124,7 +156,9 @@ def _device(broker: MosquittoBroker, pki: PkiStore) -> str:
         return f"{type(exc).__name__}: {exc}"
 
 
-def main(pki_dir: Path, run_dir: Path, policy: Path | None) -> dict[str, Any]:
+def main(
+    pki_dir: Path, run_dir: Path, policy: Path | None, rate_policy: Path | None
+) -> dict[str, Any]:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     pki = PkiStore(pki_dir).require()
     result: dict[str, Any] = {"policy": policy is not None}
@@ -154,6 +188,9 @@ def main(pki_dir: Path, run_dir: Path, policy: Path | None) -> dict[str, Any]:
         while (after := _device(broker, pki)) != "CONNACK" and time.monotonic() < deadline:
             time.sleep(0.1)
         result["device_after"] = after
+        if rate_policy is not None:  # replaces the table: the shipped rate, counts out of the way
+            subprocess.run(["nft", "-f", str(rate_policy)], check=True)
+            result["rush_connected"] = _rush()
         result["broker_alive"] = broker.pid > 0 and _alive(broker.pid)
     return result
 
@@ -167,5 +204,5 @@ def _alive(pid: int) -> bool:
 
 
 if __name__ == "__main__":
-    given = Path(sys.argv[3]) if len(sys.argv) > 3 else None
-    print(json.dumps(main(Path(sys.argv[1]), Path(sys.argv[2]), given)))
+    given = [Path(arg) for arg in sys.argv[3:5]] + [None, None]
+    print(json.dumps(main(Path(sys.argv[1]), Path(sys.argv[2]), given[0], given[1])))
