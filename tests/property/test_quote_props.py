@@ -17,6 +17,7 @@ from edgeward_attestation.structures import (
     QuoteAttest,
     parse_ecdsa_signature,
     parse_quote_attest,
+    parse_signature,
 )
 from edgeward_attestation.testing import QuoteVector, marshal_quote_attest
 from edgeward_shared.errors import EdgewardError
@@ -24,6 +25,7 @@ from edgeward_shared.errors import EdgewardError
 VECTORS = Path(__file__).parents[1] / "vectors" / "tpm"
 PYTSS = QuoteVector.load(VECTORS / "pytss")
 TOOLS = QuoteVector.load(VECTORS / "tpm2-tools")
+TOOLS_RSA = QuoteVector.load(VECTORS / "tpm2-tools-rsa")
 
 
 def _verify(vector: QuoteVector, attest: bytes, signature: bytes) -> None:
@@ -46,7 +48,9 @@ def _flip(raw: bytes, index: int, mask: int) -> bytes:
     return bytes(flipped)
 
 
-@pytest.mark.parametrize("vector", [PYTSS, TOOLS], ids=["pytss", "tpm2-tools"])
+@pytest.mark.parametrize(
+    "vector", [PYTSS, TOOLS, TOOLS_RSA], ids=["pytss", "tpm2-tools", "tpm2-tools-rsa"]
+)
 @settings(max_examples=300)
 @given(data=st.data())
 def test_any_single_flipped_byte_of_attest_or_signature_is_rejected(
@@ -69,7 +73,10 @@ def test_parsers_raise_only_typed_errors_on_arbitrary_bytes(data: bytes) -> None
     for parse in (
         parse_quote_attest,
         parse_ecdsa_signature,
+        parse_signature,
         AttestationKey.from_tpm2b_public,
+        AttestationKey.from_tpmt_public,
+        AttestationKey.from_spki,
         EndorsementKey.from_tpm2b_public,
     ):
         with contextlib.suppress(EdgewardError):  # anything else fails the test

@@ -32,12 +32,11 @@ challenge store), AK enrollment and EAR issuance to the service.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import hmac
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final, Literal, TypeVar
+from typing import Final, Literal
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -54,13 +53,13 @@ from edgeward_attestation.structures import (
     ClockInfo,
     EcdsaSignature,
     QuoteAttest,
+    RsaSignature,
     parse_quote_attest,
     parse_signature,
 )
 from edgeward_shared.bindings import qualifying_data
 from edgeward_shared.errors import AuthenticityError, EdgewardError, MessageError, PolicyError
 
-_T = TypeVar("_T")
 _SHA256: Final = hashes.SHA256()
 _ECDSA_SHA256: Final = ec.ECDSA(_SHA256)
 _PKCS1V15: Final = padding.PKCS1v15()
@@ -180,61 +179,78 @@ _AK_LOADERS: Final[dict[str, Callable[[bytes], AttestationKey]]] = {
 }
 
 
-def _check_signature(attest: bytes, signature: bytes, ak: AttestationKey) -> None:
-    """TPMT_SIGNATURE in one of the AK's schemes over the TPMS_ATTEST bytes."""
-    parsed = parse_signature(signature)
-    if isinstance(parsed, EcdsaSignature):
-        if (ALG_ECDSA, parsed.hash_alg) not in ak.schemes:
-            raise AuthenticityError(R.QUOTE_SIGNATURE, "not the AK's scheme (ECDSA-SHA256)")
-        if parsed.r == 0 or parsed.s == 0:
-            raise AuthenticityError(R.QUOTE_SIGNATURE, "r or s is zero")
-        if max(parsed.r, parsed.s).bit_length() > 8 * _P256_ORDER_BYTES:
-            raise AuthenticityError(R.QUOTE_SIGNATURE, "r or s too large for P-256")
-        if not isinstance(ak.key, ec.EllipticCurvePublicKey):  # excluded by its schemes
-            raise AuthenticityError(R.QUOTE_SIGNATURE, "an ECDSA signature for an RSA AK")
-        verify = functools.partial(
-            ak.key.verify, encode_dss_signature(parsed.r, parsed.s), attest, _ECDSA_SHA256
-        )
-    else:
-        if (parsed.sig_alg, parsed.hash_alg) not in ak.schemes:
-            raise AuthenticityError(R.QUOTE_SIGNATURE, "not one of the AK's RSA schemes")
-        if not isinstance(ak.key, rsa.RSAPublicKey):  # excluded by its schemes
-            raise AuthenticityError(R.QUOTE_SIGNATURE, "an RSA signature for an ECC AK")
-        pad = _PKCS1V15 if parsed.sig_alg == ALG_RSASSA else _PSS
-        verify = functools.partial(ak.key.verify, parsed.sig, attest, pad, _SHA256)
+# Each check returns its error (a finding) or ``None``: no exception on the accepted path.
+def _check_ecdsa(attest: bytes, parsed: EcdsaSignature, ak: AttestationKey) -> EdgewardError | None:
+    if (ALG_ECDSA, parsed.hash_alg) not in ak.schemes:
+        return AuthenticityError(R.QUOTE_SIGNATURE, "not the AK's scheme (ECDSA-SHA256)")
+    if parsed.r == 0 or parsed.s == 0:
+        return AuthenticityError(R.QUOTE_SIGNATURE, "r or s is zero")
+    if max(parsed.r, parsed.s).bit_length() > 8 * _P256_ORDER_BYTES:
+        return AuthenticityError(R.QUOTE_SIGNATURE, "r or s too large for P-256")
+    if not isinstance(ak.key, ec.EllipticCurvePublicKey):  # excluded by its schemes
+        return AuthenticityError(R.QUOTE_SIGNATURE, "an ECDSA signature, an RSA AK")
     try:
-        verify()
+        ak.key.verify(encode_dss_signature(parsed.r, parsed.s), attest, _ECDSA_SHA256)
     except InvalidSignature:
-        raise AuthenticityError(R.QUOTE_SIGNATURE, "not signed by the AK") from None
+        return AuthenticityError(R.QUOTE_SIGNATURE, "not signed by the AK")
+    return None
 
 
-def _check_selection(quote: QuoteAttest, policy: PcrPolicy) -> None:
+def _check_rsa(attest: bytes, parsed: RsaSignature, ak: AttestationKey) -> EdgewardError | None:
+    if (parsed.sig_alg, parsed.hash_alg) not in ak.schemes:
+        return AuthenticityError(R.QUOTE_SIGNATURE, "not one of the AK's RSA schemes")
+    if not isinstance(ak.key, rsa.RSAPublicKey):  # excluded by its schemes
+        return AuthenticityError(R.QUOTE_SIGNATURE, "an RSA signature, an ECC AK")
+    pad = _PKCS1V15 if parsed.sig_alg == ALG_RSASSA else _PSS
+    try:
+        ak.key.verify(parsed.sig, attest, pad, _SHA256)
+    except InvalidSignature:
+        return AuthenticityError(R.QUOTE_SIGNATURE, "not signed by the AK")
+    return None
+
+
+def _check_signature(attest: bytes, signature: bytes, ak: AttestationKey) -> EdgewardError | None:
+    """TPMT_SIGNATURE in one of the AK's schemes over the TPMS_ATTEST bytes."""
+    try:
+        parsed = parse_signature(signature)
+    except EdgewardError as exc:
+        return exc
+    if isinstance(parsed, EcdsaSignature):
+        return _check_ecdsa(attest, parsed, ak)
+    return _check_rsa(attest, parsed, ak)
+
+
+def _check_selection(quote: QuoteAttest, policy: PcrPolicy) -> EdgewardError | None:
     """TPML_PCR_SELECTION: exactly one bank, the policy's, with exactly its indices."""
     if len(quote.pcr_selections) != 1 or quote.pcr_selections[0].bank != policy.bank:
         banks = [f"{s.bank:#06x}" for s in quote.pcr_selections]
-        raise PolicyError(R.PCR_BANK, f"quoted banks {banks}, required {policy.bank:#06x}")
+        return PolicyError(R.PCR_BANK, f"quoted banks {banks}, required {policy.bank:#06x}")
     quoted = quote.pcr_selections[0].indices
     if frozenset(quoted) != policy.selection:
-        raise PolicyError(R.PCR_SELECTION, f"quoted PCRs {list(quoted)}")
+        return PolicyError(R.PCR_SELECTION, f"quoted PCRs {list(quoted)}")
+    return None
 
 
-def _check_pcr_values(quote: QuoteAttest, pcr_values: Mapping[int, bytes]) -> dict[int, bytes]:
+def _check_pcr_values(
+    quote: QuoteAttest, pcr_values: Mapping[int, bytes]
+) -> dict[int, bytes] | EdgewardError:
     """The supplied values hash (in selection order, SHA-256: the AK's scheme) to pcrDigest.
 
     One bank: the values are the quote's bank's (a multi-bank quote cannot be given as one
     index-to-value mapping, and is refused here as ``attestation.pcr.values_malformed``).
+    Returns the values (a copy, index to value) or the finding.
     """
-    if len(quote.pcr_selections) != 1 or quote.pcr_selections[0].bank not in HASHES:
-        raise MessageError(R.PCR_VALUES, "PCR values check a quote of exactly one known bank")
-    selection = quote.pcr_selections[0]
-    _, size = HASHES[selection.bank]
-    indices = selection.indices
-    values = [bytes(pcr_values.get(i, b"")) for i in indices]
-    if len(pcr_values) != len(indices) or any(len(value) != size for value in values):
-        raise MessageError(R.PCR_VALUES, f"values for {sorted(pcr_values)}, quoted {indices}")
+    selections = quote.pcr_selections
+    if len(selections) != 1 or selections[0].bank not in HASHES:
+        return MessageError(R.PCR_VALUES, "PCR values check a quote of exactly one known bank")
+    _, size = HASHES[selections[0].bank]
+    indices = selections[0].indices
+    values = [pcr_values.get(i, b"") for i in indices]
+    if len(pcr_values) != len(indices) or {*map(len, values)} - {size}:
+        return MessageError(R.PCR_VALUES, f"values for {sorted(pcr_values)}, quoted {indices}")
     if not hmac.compare_digest(hashlib.sha256(b"".join(values)).digest(), quote.pcr_digest):
-        raise AuthenticityError(R.PCR_DIGEST, "PCR values do not hash to the quoted digest")
-    return dict(zip(indices, values, strict=True))
+        return AuthenticityError(R.PCR_DIGEST, "PCR values do not hash to the quoted digest")
+    return dict(pcr_values)
 
 
 def check_pcr_digest(quote: QuoteAttest | bytes, pcr_values: Mapping[int, bytes]) -> QuoteReport:
@@ -248,19 +264,20 @@ def check_pcr_digest(quote: QuoteAttest | bytes, pcr_values: Mapping[int, bytes]
             quote = parse_quote_attest(quote)
         except EdgewardError as exc:
             return QuoteReport((Finding(exc),), None, None)
-    try:
-        return QuoteReport((), quote, _check_pcr_values(quote, pcr_values))
-    except EdgewardError as exc:
-        return QuoteReport((Finding(exc),), quote, None)
+    checked = _check_pcr_values(quote, pcr_values)
+    if isinstance(checked, EdgewardError):
+        return QuoteReport((Finding(checked),), quote, None)
+    return QuoteReport((), quote, checked)
 
 
-def _check_allowlist(pcrs: Mapping[int, bytes], policy: PcrPolicy) -> None:
+def _check_allowlist(pcrs: Mapping[int, bytes], policy: PcrPolicy) -> EdgewardError | None:
     off = sorted(i for i, value in pcrs.items() if value not in policy.allowlist.get(i, ()))
     if off:
-        raise PolicyError(R.PCR_NOT_ALLOWED, f"PCRs {off} hold values off the allowlist")
+        return PolicyError(R.PCR_NOT_ALLOWED, f"PCRs {off} hold values off the allowlist")
+    return None
 
 
-def _check_monotonic(info: ClockInfo, previous: ClockState | None) -> None:
+def _check_monotonic(info: ClockInfo, previous: ClockState | None) -> EdgewardError | None:
     """TPMS_CLOCK_INFO against the last accepted quote (Part 2, 10.11.1).
 
     resetCount never decreases; restartCount never decreases within one reset. Clock never
@@ -269,31 +286,27 @@ def _check_monotonic(info: ClockInfo, previous: ClockState | None) -> None:
     so itself with ``safe`` = NO; a lower Clock reported as safe is a replayed quote.
     """
     if previous is None:
-        return
+        return None
     if info.reset_count < previous.reset_count:
-        raise AuthenticityError(R.RESET_BACKWARDS, f"{info.reset_count} < {previous.reset_count}")
+        return AuthenticityError(R.RESET_BACKWARDS, f"{info.reset_count} < {previous.reset_count}")
     same_reset = info.reset_count == previous.reset_count
     if same_reset and info.restart_count < previous.restart_count:
-        raise AuthenticityError(R.RESTART_BACKWARDS, "restartCount went backwards")
+        return AuthenticityError(R.RESTART_BACKWARDS, "restartCount went backwards")
     same_boot = same_reset and info.restart_count == previous.restart_count
     if info.clock < previous.clock and (same_boot or info.safe):
-        raise AuthenticityError(R.CLOCK_BACKWARDS, f"clock {info.clock} < {previous.clock}")
+        return AuthenticityError(R.CLOCK_BACKWARDS, f"clock {info.clock} < {previous.clock}")
+    return None
 
 
-def _run(findings: list[Finding], check: Callable[[], _T]) -> _T | None:
-    """``check()``, its error recorded as a finding (then ``None``)."""
+def _load_ak(ak: AttestationKey | bytes, ak_format: AkFormat) -> AttestationKey | EdgewardError:
+    if isinstance(ak, AttestationKey):
+        return ak
+    if ak_format not in _AK_LOADERS:
+        raise ValueError(f"unknown AK format {ak_format!r}")
     try:
-        return check()
+        return _AK_LOADERS[ak_format](ak)
     except EdgewardError as exc:
-        findings.append(Finding(exc))
-        return None
-
-
-def _passes(findings: list[Finding], check: Callable[[], None]) -> bool:
-    """Whether ``check()`` passed; if not, its error is recorded as a finding."""
-    before = len(findings)
-    _run(findings, check)
-    return len(findings) == before
+        return exc
 
 
 def _verify(  # noqa: PLR0917 (the one private core of both entry points)
@@ -307,33 +320,35 @@ def _verify(  # noqa: PLR0917 (the one private core of both entry points)
     previous: ClockState | None,
     expired: bool,
 ) -> QuoteReport:
-    findings: list[Finding] = []
-    if isinstance(ak, AttestationKey):
-        key: AttestationKey | None = ak
-    else:
-        if ak_format not in _AK_LOADERS:
-            raise ValueError(f"unknown AK format {ak_format!r}")
-        key = _run(findings, functools.partial(_AK_LOADERS[ak_format], ak))
-    quote = _run(findings, functools.partial(parse_quote_attest, attest))
-    if quote is None:
-        return QuoteReport(tuple(findings), None, None)
+    errors: list[EdgewardError | None] = []
+    key = _load_ak(ak, ak_format)
+    if isinstance(key, EdgewardError):
+        errors.append(key)
+    try:
+        quote = parse_quote_attest(attest)
+    except EdgewardError as exc:
+        errors.append(exc)
+        return QuoteReport(tuple(Finding(e) for e in errors if e is not None), None, None)
     if expired:
-        findings.append(Finding(AuthenticityError(R.NONCE_EXPIRED, "the challenge expired")))
-    if key is not None:
-        _run(findings, functools.partial(_check_signature, attest, signature, key))
+        errors.append(AuthenticityError(R.NONCE_EXPIRED, "the challenge expired"))
+    if isinstance(key, AttestationKey):
+        errors.append(_check_signature(attest, signature, key))
     if not hmac.compare_digest(quote.extra_data, expected_extra_data):
-        reason = "extraData is not the expected one (this challenge's binding)"
-        findings.append(Finding(AuthenticityError(R.NONCE_MISMATCH, reason)))
-    selected = policy is None or _passes(
-        findings, functools.partial(_check_selection, quote, policy)
-    )
+        detail = "extraData is not the expected one (this challenge's binding)"
+        errors.append(AuthenticityError(R.NONCE_MISMATCH, detail))
+    selection = None if policy is None else _check_selection(quote, policy)
+    errors.append(selection)
     pcrs = None
     if pcr_values is not None:
-        pcrs = _run(findings, functools.partial(_check_pcr_values, quote, pcr_values))
-    if policy is not None and selected and pcrs is not None:
-        _run(findings, functools.partial(_check_allowlist, pcrs, policy))
-    _run(findings, functools.partial(_check_monotonic, quote.clock_info, previous))
-    return QuoteReport(tuple(findings), quote, pcrs)
+        checked = _check_pcr_values(quote, pcr_values)
+        if isinstance(checked, EdgewardError):
+            errors.append(checked)
+        else:
+            pcrs = checked
+    if policy is not None and selection is None and pcrs is not None:
+        errors.append(_check_allowlist(pcrs, policy))
+    errors.append(_check_monotonic(quote.clock_info, previous))
+    return QuoteReport(tuple(Finding(e) for e in errors if e is not None), quote, pcrs)
 
 
 def verify_quote_raw(

@@ -15,6 +15,7 @@ TSS to check a quote.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from dataclasses import dataclass
@@ -168,13 +169,17 @@ class QuoteAttest:
     pcr_digest: bytes
 
 
+@functools.lru_cache(maxsize=256)
+def _selected(bitmap: bytes) -> tuple[int, ...]:
+    """pcrSelect[n] bit b selects PCR 8n + b (cached: a fleet quotes few selections)."""
+    return tuple(8 * n + bit for n, byte in enumerate(bitmap) for bit in _BITS_SET[byte])
+
+
 def _pcr_selection(reader: Reader) -> PcrSelection:
     bank, size = reader.fields(_SELECTION_HEADER)
     if size > _MAX_PCR_SELECT:
         raise reader.fail(f"sizeofSelect {size}")
-    bitmap = reader.raw(size)  # pcrSelect[n] bit b selects PCR 8n + b
-    indices = tuple(8 * n + bit for n, byte in enumerate(bitmap) for bit in _BITS_SET[byte])
-    return PcrSelection(bank, indices)
+    return PcrSelection(bank, _selected(reader.raw(size)))
 
 
 def parse_quote_attest(data: bytes) -> QuoteAttest:
