@@ -271,9 +271,10 @@ def check_pcr_digest(quote: QuoteAttest | bytes, pcr_values: Mapping[int, bytes]
 
 
 def _check_allowlist(pcrs: Mapping[int, bytes], policy: PcrPolicy) -> EdgewardError | None:
-    off = sorted(i for i, value in pcrs.items() if value not in policy.allowlist.get(i, ()))
+    allowlist = policy.allowlist
+    off = [i for i, value in pcrs.items() if value not in allowlist.get(i, ())]
     if off:
-        return PolicyError(R.PCR_NOT_ALLOWED, f"PCRs {off} hold values off the allowlist")
+        return PolicyError(R.PCR_NOT_ALLOWED, f"PCRs {sorted(off)} hold values off the allowlist")
     return None
 
 
@@ -328,7 +329,7 @@ def _verify(  # noqa: PLR0917 (the one private core of both entry points)
         quote = parse_quote_attest(attest)
     except EdgewardError as exc:
         errors.append(exc)
-        return QuoteReport(tuple(Finding(e) for e in errors if e is not None), None, None)
+        return QuoteReport(tuple(map(Finding, filter(None, errors))), None, None)
     if expired:
         errors.append(AuthenticityError(R.NONCE_EXPIRED, "the challenge expired"))
     if isinstance(key, AttestationKey):
@@ -348,7 +349,7 @@ def _verify(  # noqa: PLR0917 (the one private core of both entry points)
     if policy is not None and selection is None and pcrs is not None:
         errors.append(_check_allowlist(pcrs, policy))
     errors.append(_check_monotonic(quote.clock_info, previous))
-    return QuoteReport(tuple(Finding(e) for e in errors if e is not None), quote, pcrs)
+    return QuoteReport(tuple(map(Finding, filter(None, errors))), quote, pcrs)
 
 
 def verify_quote_raw(
