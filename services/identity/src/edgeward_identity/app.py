@@ -23,17 +23,15 @@ from edgeward_identity.service import IdentityService, RevokeCertificate
 from edgeward_identity.store import COMPONENT, MIGRATIONS
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.clock import Clock
-from edgeward_shared.errors import ConfigError, PolicyError
+from edgeward_shared.errors import PolicyError
 from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.logs import fields
 from edgeward_shared.messages.common import Rejected
 from edgeward_shared.messages.revocation import RevocationJob, Revoke
-from edgeward_shared.pki.store import IdentityFiles
 from edgeward_shared.runtime.core import Connect, Runtime
-from edgeward_shared.runtime.node import NodeConfig, build_runtime, run_until_signalled
+from edgeward_shared.runtime.node import NodeConfig, build_node, run_until_signalled
 from edgeward_shared.runtime.revocations import RevocationFollower
 from edgeward_shared.storage import SqliteDatabase, migrate
-from edgeward_shared.tls import check_key_permissions
 from edgeward_shared.topics import service_request_topic, service_response_topic
 
 log = logging.getLogger("edgeward.identity")
@@ -69,13 +67,7 @@ async def identity_node(
     """A runtime serving the identity service and its bus factory; closes the database at
     the end. Raises ``ConfigError`` before anything runs if the files are not right."""
     authority = IssuingAuthority.open(config.pki_dir)
-    check_key_permissions(IdentityFiles(config.identity_dir).key)
-    runtime, connect = build_runtime(config.node_config(), clock)
-    if runtime.identity.principal != SERVICE:
-        raise ConfigError(
-            "config.identity.wrong_service",
-            f"{config.identity_dir} holds {runtime.identity}, not an instance of {SERVICE}",
-        )
+    runtime, connect = build_node(config.node_config(), SERVICE, clock)
     db = await SqliteDatabase.open(config.db_path)
     try:
         await migrate(db, component=COMPONENT, migrations=MIGRATIONS, clock=runtime.clock)
