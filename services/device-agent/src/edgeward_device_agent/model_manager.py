@@ -20,7 +20,10 @@ A failure at any step leaves the previous version serving and is counted and rep
 its reason id. Plaintext exists only in memory: the blob on disk is ciphertext (tier low,
 shipped in the clear on purpose, is never written at all).
 A model the service stops assigning (its version revoked, say) is unloaded; the device never
-goes back to an older version than one it has run (rollback protection wins).
+goes back to an older version than one it has run (rollback protection wins), except on an
+explicit revert: a document naming the aborted version it replaces, with metadata newer
+than any seen (docs/adr/0020). The older version is then fetched, verified and loaded
+*before* the aborted one is retired, so the model never stops serving in between.
 """
 
 from __future__ import annotations
@@ -252,6 +255,17 @@ class ModelManager:
                 self._accept(release, raw)  # re-signed metadata: just fresher
                 self.loaded[release.name] = replace(loaded, expires_at_ms=opened.exp)
                 return release
+            if loaded is not None and release.version < loaded.version:
+                log.warning(
+                    ModelReason.ROLLOUT_REVERT,
+                    extra=fields(
+                        device=self.device_id,
+                        model=release.name,
+                        version=release.version,
+                        reverts=release.reverts,
+                        running=loaded.version,
+                    ),
+                )
             await self._activate(runtime, release, raw, opened.exp)
         except EdgewardError as exc:
             self._refused(name, release, exc)

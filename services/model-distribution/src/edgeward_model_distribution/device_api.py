@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from edgeward_model_distribution.core import check_chunk_request, chunk_span
+from edgeward_model_distribution.gating import RolloutDriver
 from edgeward_model_distribution.keyrelease import (
     KeyRefusal,
     Recipient,
@@ -85,9 +86,10 @@ _REPLY_BUDGET: Final = 240 * 1024
 class DeviceApi:
     """The route handler for devices' model-channel requests."""
 
-    def __init__(self, service: ModelService) -> None:
+    def __init__(self, service: ModelService, driver: RolloutDriver | None = None) -> None:
         self.service = service
         self.store = service.store
+        self.driver = driver
 
     async def __call__(self, opened: Opened[Any]) -> Sequence[Outgoing | OutgoingFrame]:
         device_id = _device(opened.topic)
@@ -97,15 +99,20 @@ class DeviceApi:
         message: Message = opened.message
         match message:
             case SyncRequest():
-                return (Outgoing(answer_on, await self.sync(opened, device_id)),)
+                reply = Outgoing(answer_on, await self.sync(opened, device_id))
+                return (reply, *await self._tick(throttled=True))
             case ChunkRequest():
                 return await self.chunks(opened, device_id, message)
             case KeyRequest():
                 return (Outgoing(answer_on, await self.key(opened, device_id, message)),)
             case ActivationReport():
                 await self.activation(device_id, message)
-                return ()
+                return await self._tick(message.name)
         raise MessageError(Reason.MESSAGE_TYPE_UNKNOWN, type(message).__name__)
+
+    async def _tick(self, name: str | None = None, *, throttled: bool = False) -> list[Outgoing]:
+        """New evidence: evaluate the gated rollouts it may concern (:mod:`.gating`)."""
+        return [] if self.driver is None else await self.driver.tick(name, throttled=throttled)
 
     # ------------------------------------------------------------------ sync
     async def sync(self, opened: Opened[Any], device_id: str) -> SyncReply:
@@ -147,6 +154,7 @@ class DeviceApi:
             tier=record.tier,
             meta_version=assignment.meta_version,
             rollout=assignment.rollout.label,
+            reverts=assignment.reverts,
             provenance=record.provenance,
             signature=record.signature,
             signer_cert=record.signer_cert,

@@ -38,6 +38,12 @@ class ModelMetrics:
             ["reason"],
             registry=r,
         )
+        self.rollout_transitions = Counter(
+            "edgeward_model_rollout_transitions_total",
+            "Gated rollouts entering a phase (aborted: a gate failed or an operator aborted)",
+            ["phase"],
+            registry=r,
+        )
         self.releases_signed = Counter(
             "edgeward_model_releases_signed_total",
             "Release documents signed for devices' syncs",

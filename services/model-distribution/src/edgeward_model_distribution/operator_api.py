@@ -30,6 +30,7 @@ from edgeward_model_distribution.core import (
     chunk_count,
     contiguous,
 )
+from edgeward_model_distribution.gating import RolloutDriver
 from edgeward_model_distribution.service import ModelService
 from edgeward_model_distribution.store import ChunkList, UploadRecord, VersionRecord, begin_key
 from edgeward_model_distribution.verify import (
@@ -61,7 +62,9 @@ from edgeward_shared.messages.model import (
     Published,
     PublishReady,
     RevokeVersion,
+    RolloutControl,
     RolloutRequest,
+    RolloutStart,
     VersionInfo,
 )
 from edgeward_shared.models.reasons import ModelReason
@@ -76,6 +79,8 @@ OPERATOR_TYPES: Final = (
     PublishChunk,
     PublishCommit,
     RolloutRequest,
+    RolloutStart,
+    RolloutControl,
     RevokeVersion,
     ModelQuery,
 )
@@ -88,11 +93,14 @@ _BAD_BYTES: Final = frozenset({ModelReason.BLOB_SIZE, ModelReason.BLOB_DIGEST})
 class OperatorApi:
     """The route handler for operators' and services' requests."""
 
-    def __init__(self, service: ModelService) -> None:
+    def __init__(self, service: ModelService, driver: RolloutDriver) -> None:
         self.service = service
         self.store = service.store
+        self.driver = driver
 
-    async def __call__(self, opened: Opened[Any]) -> Sequence[Outgoing | OutgoingFrame]:
+    async def __call__(  # noqa: PLR0911 - one answer per request type
+        self, opened: Opened[Any]
+    ) -> Sequence[Outgoing | OutgoingFrame]:
         answer_on = reply_topic(opened.topic)
         if answer_on is None:
             raise TypeError(f"wiring bug: {opened.topic} is not a request topic")
@@ -100,6 +108,8 @@ class OperatorApi:
         if isinstance(message, ModelQuery):
             versions = await self.list_versions(message.name)
             return (Outgoing(answer_on, ModelList(in_reply_to=opened.mid, versions=versions)),)
+        if isinstance(message, RolloutControl) and message.verb == "status":
+            return await self.control(opened, message, str(opened.signer.identity), answer_on)
         if opened.signer.identity.role is not Role.OPERATOR:
             raise PolicyError(Reason.TOPIC_ROLE, f"{opened.signer.identity} is not an operator")
         actor = opened.signer.identity.common_name
@@ -117,6 +127,10 @@ class OperatorApi:
                 return await self.roll_out(opened, message, actor, answer_on)
             case RevokeVersion():
                 return await self.revoke(opened, message, actor, answer_on)
+            case RolloutStart():
+                return await self.start_gated(opened, message, actor, answer_on)
+            case RolloutControl():
+                return await self.control(opened, message, actor, answer_on)
         raise MessageError(Reason.MESSAGE_TYPE_UNKNOWN, type(message).__name__)
 
     # ------------------------------------------------------------------ publishing
@@ -299,6 +313,34 @@ class OperatorApi:
         )
         versions = await self.list_versions(request.name)
         return [Outgoing(answer_on, ModelList(in_reply_to=opened.mid, versions=versions)), *hints]
+
+    async def start_gated(
+        self, opened: Opened[Any], request: RolloutStart, actor: str, answer_on: str
+    ) -> Sequence[Outgoing | OutgoingFrame]:
+        """A gated rollout: its canary opens now; the status is the answer."""
+        _, out = await self.driver.begin(request, actor)
+        state, values, seen, more = await self.driver.evaluate(request.name, request.version)
+        status = await self.driver.status(opened.mid, state, values, seen)
+        return [Outgoing(answer_on, status), *out, *more]
+
+    async def control(
+        self, opened: Opened[Any], request: RolloutControl, actor: str, answer_on: str
+    ) -> Sequence[Outgoing | OutgoingFrame]:
+        """promote, pause, resume, abort (operators) or status (anyone who may ask)."""
+        state, values, seen, out = await self.driver.control(request, actor)
+        if request.verb != "status":
+            log.warning(
+                "model.rollout.verb",
+                extra=fields(
+                    operator=actor,
+                    name=request.name,
+                    version=request.version,
+                    verb=request.verb,
+                    phase=str(state.phase),
+                ),
+            )
+        status = await self.driver.status(opened.mid, state, values, seen)
+        return [Outgoing(answer_on, status), *out]
 
     async def revoke(
         self, opened: Opened[Any], request: RevokeVersion, actor: str, answer_on: str
