@@ -184,28 +184,26 @@ class RolloutDriver:
     async def evaluate(
         self, name: str, version: int
     ) -> tuple[State, tuple[GateValue, ...], Observation, list[Outgoing]]:
-        """The rollout's gates now, and the transition they cause (written and announced)."""
+        """The rollout's gates now, and the transitions they cause (written and announced):
+        a wave whose gates already pass on the evidence at hand (soak time 0) is followed
+        at once by the next, up to one move per stage."""
         state = await self._state(name, version)
-        seen = await self.observe(state)
-        values = evaluate(state.plan.gates, seen)
-        now = self.service.clock.now_ms()
         out: list[Outgoing] = []
-        if state.phase in LIVE:
-            moved, change = step(state, values, now)
-        else:
-            moved, change = settle(state, await self._still_running(state))
-        if change is not None and await self.rollouts.transition(
-            state, moved, change, GATE_ACTOR, now, values
-        ):
+        for _ in range(len(state.plan.waves) + 2):
+            seen = await self.observe(state)
+            values = evaluate(state.plan.gates, seen)
+            now = self.service.clock.now_ms()
+            if state.phase in LIVE:
+                moved, change = step(state, values, now)
+            else:
+                moved, change = settle(state, await self._still_running(state))
+            if change is None:
+                break
+            if not await self.rollouts.transition(state, moved, change, GATE_ACTOR, now, values):
+                state = await self._state(name, version)  # another instance moved it
+                continue
             out += await self._announce(moved, change, GATE_ACTOR, now)
             state = moved
-            if state.phase is Phase.ABORTED:  # nothing may run it any more: settle now?
-                settled, done = settle(state, await self._still_running(state))
-                if done is not None and await self.rollouts.transition(
-                    state, settled, done, GATE_ACTOR, now, values
-                ):
-                    out += await self._announce(settled, done, GATE_ACTOR, now)
-                    state = settled
         return state, values, seen, out
 
     async def observe(self, state: State) -> Observation:
@@ -271,7 +269,7 @@ class RolloutDriver:
             for a in await self.store.activations(plan.name, plan.previous)
             if a.state == "active"
         }
-        return sum(1 for d, at in running.items() if back.get(d, -1) < at)
+        return sum(1 for d, at in running.items() if back.get(d, -1) <= at)
 
     async def _announce(self, state: State, change: Change, actor: str, now: int) -> list[Outgoing]:
         self._count(change.new)
