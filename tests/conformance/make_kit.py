@@ -793,6 +793,88 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path) -> None:
         ),
         section="5.7",
     )
+    # a gated rollout of version 2 (§5.7.1): started, its status, an abort and its event
+    rollout_start = kit.emit(
+        "op.alice",
+        op_md_req,
+        m.RolloutStart(
+            name="demo",
+            version=2,
+            devices=[DEVICE],
+            waves=[1, 10, 50, 100],
+            gates=m.GateConfig(min_reported=1, max_failed_pct=5.0, soak_s=600),
+            previous=1,
+        ),
+        section="5.7.1",
+    )
+    kit.emit(
+        "svc.model-distribution",
+        op_md_rsp,
+        m.RolloutStatus(
+            in_reply_to=rollout_start,
+            name="demo",
+            version=2,
+            previous=1,
+            phase="canary",
+            wave="canary",
+            percent=1,
+            waves=[1, 10, 50, 100],
+            targeted=1,
+            reported=0,
+            failed=0,
+            gates=[
+                m.GateStatus("reported", "wait", "0/1", ">= 1"),
+                m.GateStatus("activation", "wait", "0.0% failed", "<= 5%"),
+                m.GateStatus("attestation", "wait", "0.0% affirming", ">= 90%"),
+                m.GateStatus(
+                    "performance",
+                    "pending",
+                    "pending telemetry: no telemetry signals yet (issue 12)",
+                    "<= 10% worse",
+                ),
+                m.GateStatus(
+                    "drift",
+                    "pending",
+                    "pending telemetry: no telemetry signals yet (issue 12)",
+                    "no drift alarm",
+                ),
+            ],
+            reason=None,
+            history=[
+                m.RolloutStep(
+                    at_ms=start + 50_000,
+                    old="canary",
+                    new="canary",
+                    stage=0,
+                    reason="started",
+                    actor="op.alice",
+                )
+            ],
+        ),
+        section="5.7.1",
+    )
+    kit.emit(
+        "op.alice",
+        op_md_req,
+        m.RolloutControl(name="demo", version=2, verb="abort", reason="customer complaint"),
+        section="5.7.1",
+    )
+    kit.emit(
+        "svc.model-distribution",
+        service_event_topic(ServiceName.MODEL_DISTRIBUTION, "rollout"),
+        m.RolloutEvent(
+            name="demo",
+            version=2,
+            previous=1,
+            old="canary",
+            new="aborted",
+            wave="canary",
+            reason="customer complaint",
+            actor="op.alice",
+            at_ms=start + 60_000,
+        ),
+        section="5.7.1",
+    )
     m_up = device_topic(DEVICE, Direction.UP, Channel.MODEL)
     m_down = device_topic(DEVICE, Direction.DOWN, Channel.MODEL)
     sync = kit.emit(DEVICE, m_up, m.SyncRequest(), section="5.7")
