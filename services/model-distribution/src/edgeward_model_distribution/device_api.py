@@ -14,6 +14,8 @@ to ``ew/v1/dev/<id>/down/model``; chunks to ``ew/v1/dev/<id>/down/data`` as data
   and checked against its digest before it leaves.
 * **Key release** follows :mod:`.keyrelease`; every release and refusal is written to the key
   log with its reason id and the attestation result it concerned, then counted and logged.
+* **Rate limits**: each device's syncs and chunk requests go through a token bucket per
+  instance (``model.rate_limited``, counted); a flooding device cannot starve the others.
 * **Activation reports** are stored for rollout status only (the next quote, not the device's
   word, shows which model runs).
 """
@@ -97,6 +99,7 @@ class DeviceApi:
         if answer_on is None:  # pragma: no cover - device topics always have one
             raise TypeError(f"wiring bug: cannot answer on {opened.topic}")
         message: Message = opened.message
+        self._admit(device_id, message)
         match message:
             case SyncRequest():
                 reply = Outgoing(answer_on, await self.sync(opened, device_id))
@@ -109,6 +112,20 @@ class DeviceApi:
                 await self.activation(device_id, message)
                 return await self._tick(message.name)
         raise MessageError(Reason.MESSAGE_TYPE_UNKNOWN, type(message).__name__)
+
+    def _admit(self, device_id: str, message: Message) -> None:
+        """Per-device rate limits on syncs and chunk requests (``model.rate_limited``)."""
+        match message:
+            case SyncRequest():
+                limiter, kind = self.service.sync_limiter, "sync"
+            case ChunkRequest():
+                limiter, kind = self.service.chunk_limiter, "chunks"
+            case _:
+                return
+        if not limiter.allow(device_id, self.service.clock.now_ms()):
+            self.service.metrics.rate_limited.labels(kind).inc()
+            log.warning("model.rate_limited", extra=fields(device=device_id, request=kind))
+            raise PolicyError(ModelReason.RATE_LIMITED, f"too many {kind} requests")
 
     async def _tick(self, name: str | None = None, *, throttled: bool = False) -> list[Outgoing]:
         """New evidence: evaluate the gated rollouts it may concern (:mod:`.gating`)."""

@@ -26,6 +26,7 @@ from typing import Any, Final
 from edgeward_model_distribution.core import (
     Rollout,
     check_monotonic,
+    check_tier,
     check_upload_chunk,
     chunk_count,
     contiguous,
@@ -164,6 +165,8 @@ class OperatorApi:
         checked = self._check(submission)
         highest = await self.store.highest_version(checked.provenance.name)
         check_monotonic(checked.provenance.version, [] if highest is None else [highest])
+        check_tier(checked.provenance.tier, await self.store.current_tier(checked.provenance.name))
+        await self.purge_stale_uploads()
         upload = await self.store.begin_upload(
             UploadRecord(
                 upload_id=secrets.token_hex(16),
@@ -236,6 +239,7 @@ class OperatorApi:
             upload.blob_size,
         )
         checked = self._check(submission)
+        check_tier(checked.provenance.tier, await self.store.current_tier(checked.provenance.name))
         blob = await asyncio.to_thread(service.blobs.read_upload, upload.upload_id)
         try:
             await service.blocking(
@@ -278,6 +282,18 @@ class OperatorApi:
             blob_digest=record.blob_digest,
             model_digest=record.model_digest,
         )
+
+    async def purge_stale_uploads(self) -> int:
+        """Forget uploads nobody touched for ``upload_ttl_ms`` (rows and partial files);
+        runs on every ``PublishBegin``. Returns how many went."""
+        before = self.service.clock.now_ms() - self.service.settings.upload_ttl_ms
+        stale = await self.store.stale_uploads(before)
+        for upload_id in stale:
+            await self.store.drop_upload(upload_id)
+            await asyncio.to_thread(self.service.blobs.discard_upload, upload_id)
+            self.service.metrics.uploads_purged.inc()
+            log.info("model.upload.purged", extra=fields(upload=upload_id))
+        return len(stale)
 
     def _check(self, submission: Submission) -> CheckedSubmission:
         now_ms = self.service.clock.now_ms()

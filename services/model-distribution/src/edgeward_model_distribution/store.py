@@ -366,6 +366,25 @@ class ModelStore:
             )
         return {_int(row["idx"]) for row in rows}
 
+    async def stale_uploads(self, before_ms: int) -> list[str]:
+        """Uploads not touched since ``before_ms`` (to purge)."""
+        async with self.db.transaction() as tx:
+            rows = await tx.fetch_all(
+                "SELECT upload_id FROM mdl_uploads WHERE updated_at < :before ORDER BY upload_id",
+                {"before": before_ms},
+            )
+        return [_str(row["upload_id"]) for row in rows]
+
+    async def current_tier(self, name: str) -> Tier | None:
+        """The tier of the model's highest version not revoked, if any."""
+        async with self.db.transaction() as tx:
+            row = await tx.fetch_one(
+                "SELECT tier FROM mdl_versions WHERE name = :n AND revoked = FALSE"
+                " ORDER BY version DESC LIMIT 1",
+                {"n": name},
+            )
+        return None if row is None else Tier(_str(row["tier"]))
+
     async def drop_upload(self, upload_id: str) -> None:
         """Forget an upload whose bytes turned out wrong (the next begin starts afresh)."""
         async with self.db.transaction() as tx:
