@@ -5,14 +5,17 @@ purged."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 import pytest
 from tests.model_builders import OPERATOR, Fleet, make_release, rejected_reason, running
 from tests.models import small_model
 
 from edgeward_model_distribution.service import Settings
+from edgeward_shared.envelope import Envelope
 from edgeward_shared.messages.model import (
     ChunkRequest,
     ModelList,
@@ -27,6 +30,7 @@ from edgeward_shared.messages.model import (
 )
 from edgeward_shared.models.provenance import Tier, sha256_hex
 from edgeward_shared.models.reasons import ModelReason
+from edgeward_shared.models.release import document_verifier, open_release
 from edgeward_shared.ratelimit import Limit
 from edgeward_shared.runtime.core import Outgoing
 from edgeward_shared.testing import MemoryPki
@@ -127,3 +131,56 @@ async def test_stale_uploads_are_purged(memory_pki: MemoryPki, tmp_path: Path) -
         assert isinstance(fresh, PublishReady)
         assert fresh.received == 0
         assert fresh.upload_id != ready.upload_id
+
+
+async def test_sync_replies_are_paged_under_the_broker_limit(
+    memory_pki: MemoryPki, tmp_path: Path
+) -> None:
+    """40 models assigned to one device: more than one reply can hold (256 KiB, 32
+    documents). Every document arrives exactly once across the pages, each page under the
+    limit, and an offset past the end is an empty last page."""
+    fleet = _fleet(memory_pki, tmp_path, sync_limit=Limit(rate_per_s=1.0, burst=50))
+    names = [f"m{i:02d}" for i in range(40)]
+    async with running(fleet) as (_service, callers):
+        operator, device = callers[OPERATOR.common_name], callers["dev-a"]
+        for name in names:
+            release = make_release(small_model(), fleet.signer_key, name=name, tier=Tier.LOW)
+            assert isinstance(await operator.publish(release), Published)
+            rolled = await operator.ask(RolloutRequest(name=name, version=1, devices=["dev-a"]))
+            assert isinstance(rolled, ModelList)
+        verifier = document_verifier(fleet.trust)
+        got: list[str] = []
+        offset: int | None = 0
+        pages = 0
+        while offset is not None:
+            mid = secrets.token_hex(16)
+            reply = await device.runtime.request(
+                device.request_topic, SyncRequest(offset=offset), timeout_s=5.0
+            )
+            message = reply.message
+            assert isinstance(message, SyncReply), message
+            # the reply as it travelled: sealed, under the broker's 256 KiB
+            sealed = fleet.runtime(fleet.service_key).seal_outgoing(
+                Outgoing(device.request_topic, message), mid=mid
+            )
+            assert len(sealed) < 256 * 1024
+            for raw in message.releases:
+                name = _peek(raw)
+                got.append(
+                    open_release(verifier, raw, name, now_ms=fleet.clock.now_ms()).message.name
+                )
+            pages += 1
+            assert message.next is None or message.next > offset
+            offset = message.next
+        assert pages >= 2
+        assert got == names  # each exactly once, in name order
+        past = await device.ask(SyncRequest(offset=100))
+        assert isinstance(past, SyncReply)
+        assert (past.releases, past.next) == ([], None)
+
+
+def _peek(raw: bytes) -> str:
+    envelope = msgspec.json.decode(raw, type=Envelope)
+    name = msgspec.json.decode(envelope.payload)["name"]
+    assert isinstance(name, str)
+    return name

@@ -53,6 +53,7 @@ from edgeward_shared.inference import InferenceReason
 from edgeward_shared.logs import fields
 from edgeward_shared.messages.common import Rejected
 from edgeward_shared.messages.model import (
+    MAX_SYNC_PAGES,
     ActivationReport,
     ChunksSent,
     KeyGrant,
@@ -224,18 +225,29 @@ class ModelManager:
     # ------------------------------------------------------------------ sync
     async def sync(self, runtime: Runtime) -> None:
         async with self._lock:
-            reply = await runtime.request(
-                self.up, SyncRequest(), timeout_s=self.policy.request_timeout_s
-            )
-            if isinstance(reply.message, Rejected):
-                raise PolicyError(reply.message.reason, "the service refused to sync")
-            if not isinstance(reply.message, SyncReply):
-                raise MessageError(ModelReason.METADATA_MISMATCH, "unexpected sync reply")
             offered: dict[str, int] = {}  # every verified document, activated or not
-            for raw in reply.message.releases:
-                release = await self._consider(runtime, raw)
-                if release is not None:
-                    offered[release.name] = release.version
+            offset: int | None = 0
+            for _ in range(MAX_SYNC_PAGES):  # the service pages replies (each < 256 KiB)
+                if offset is None:
+                    break
+                reply = await runtime.request(
+                    self.up, SyncRequest(offset=offset), timeout_s=self.policy.request_timeout_s
+                )
+                if isinstance(reply.message, Rejected):
+                    raise PolicyError(reply.message.reason, "the service refused to sync")
+                if not isinstance(reply.message, SyncReply):
+                    raise MessageError(ModelReason.METADATA_MISMATCH, "unexpected sync reply")
+                for raw in reply.message.releases:
+                    release = await self._consider(runtime, raw)
+                    if release is not None:
+                        offered[release.name] = release.version
+                following = reply.message.next
+                if following is not None and following <= offset:
+                    raise MessageError(ModelReason.METADATA_MISMATCH, "sync pages go backwards")
+                offset = following
+            else:
+                if offset is not None:  # more pages than any fleet has: keep what runs
+                    raise MessageError(ModelReason.METADATA_MISMATCH, "too many sync pages")
             # withdrawn (no longer assigned, or assigned below what runs: a revoked version)
             # models stop; a newer one that failed to activate leaves the running one alone
             for name, model in list(self.loaded.items()):

@@ -4,7 +4,8 @@ Requests arrive on ``ew/v1/dev/<id>/up/model`` (shared subscription); the runtim
 checked that the signer *is* device ``<id>`` and that its certificate is current. Answers go
 to ``ew/v1/dev/<id>/down/model``; chunks to ``ew/v1/dev/<id>/down/data`` as data frames.
 
-* **Sync** returns one signed :class:`~edgeward_shared.models.release.ModelRelease` per model
+* **Sync** returns, a page at a time (each reply under the broker's 256 KiB, ``next`` naming
+  the next page), one signed :class:`~edgeward_shared.models.release.ModelRelease` per model
   assigned to the device (its highest non-revoked version in a rollout that includes it),
   sealed for ``ew/v1/fleet/models/<name>`` and expiring after the metadata TTL (never after
   the provenance itself): a device that stops hearing from us sees its metadata expire.
@@ -133,26 +134,42 @@ class DeviceApi:
 
     # ------------------------------------------------------------------ sync
     async def sync(self, opened: Opened[Any], device_id: str) -> SyncReply:
+        """One page of the device's documents, from ``offset`` (model-name order): as many
+        as fit the reply's budget (at most 32); ``next`` says where the next page starts."""
         now = self.service.clock.now_ms()
         await self.store.see_device(device_id, now)
+        request: SyncRequest = opened.message
+        assignments = await self.store.assignments(device_id)
         releases: list[bytes] = []
         budget = _REPLY_BUDGET
-        for assignment in (await self.store.assignments(device_id))[:MAX_RELEASES]:
+        index = request.offset
+        while index < len(assignments) and len(releases) < MAX_RELEASES:
+            assignment = assignments[index]
             sealed = await self._release(device_id, assignment, now)
-            if sealed is None:
-                continue
-            cost = len(sealed) * 16 // 9 + 64
-            if len(sealed) > MAX_RELEASE_BYTES or cost > budget:
-                log.error(
-                    "model.sync.truncated",
-                    extra=fields(device=device_id, name=assignment.record.name, size=len(sealed)),
-                )
-                continue
-            budget -= cost
-            releases.append(sealed)
+            if sealed is not None:
+                cost = len(sealed) * 16 // 9 + 64
+                if len(sealed) > MAX_RELEASE_BYTES or cost > _REPLY_BUDGET:
+                    log.error(  # can never be sent, on any page
+                        "model.sync.document_too_large",
+                        extra=fields(
+                            device=device_id, name=assignment.record.name, size=len(sealed)
+                        ),
+                    )
+                elif cost > budget:
+                    break  # the next page starts with it
+                else:
+                    budget -= cost
+                    releases.append(sealed)
+            index += 1
+        following = index if index < len(assignments) else None
         self.service.metrics.releases_signed.inc(len(releases))
-        log.info("model.sync", extra=fields(device=device_id, releases=len(releases)))
-        return SyncReply(in_reply_to=opened.mid, releases=releases)
+        log.info(
+            "model.sync",
+            extra=fields(
+                device=device_id, releases=len(releases), offset=request.offset, next=following
+            ),
+        )
+        return SyncReply(in_reply_to=opened.mid, releases=releases, next=following)
 
     async def _release(self, device_id: str, assignment: Assignment, now: int) -> bytes | None:
         """The signed document for one assignment (None if its provenance has expired)."""

@@ -228,18 +228,28 @@ class ModelList(Message, frozen=True, tag="edgeward.model.list.v1"):
 
 
 # ------------------------------------------------------------------ device <-> service
+#: a device's assignments are paged; a sync asks for at most this many pages
+MAX_SYNC_PAGES: int = 64
+
+
 class SyncRequest(Message, frozen=True, tag="edgeward.model.sync.v1"):
-    """Device -> service: which model versions are assigned to me now?"""
+    """Device -> service: which model versions are assigned to me now? ``offset``: the
+    first assignment (in model-name order) of the page wanted (a reply's ``next``)."""
+
+    offset: Annotated[int, msgspec.Meta(ge=0, le=MAX_SYNC_PAGES * 32)] = 0
 
 
 class SyncReply(Message, frozen=True, tag="edgeward.model.sync-reply.v1"):
     """One signed release document (:class:`edgeward_shared.models.release.ModelRelease`,
-    an envelope of its own) per model assigned to the device."""
+    an envelope of its own) per model assigned to the device, a page at a time (a reply
+    stays under the broker's 256 KiB): ``next`` is the offset of the next page, ``None``
+    on the last."""
 
     in_reply_to: MessageId
     releases: Annotated[
         list[Annotated[bytes, msgspec.Meta(max_length=128 * 1024)]], msgspec.Meta(max_length=32)
     ]
+    next: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
 class ModelAvailable(Message, frozen=True, tag="edgeward.model.available.v1"):
