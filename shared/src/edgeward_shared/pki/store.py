@@ -4,10 +4,16 @@ Layout of a PKI directory (every private key 0600, every directory holding one 0
 
     root/ca.crt, root/ca.key         offline root; move ca.key off the machine after `init`
     issuing/ca.crt, issuing/ca.key   online issuing CA
-    issuing/crl.pem                  the issuing CA's CRL (what the broker loads)
+    issuing/crl.pem                  the CRLs (what the broker loads): the issuing CA's first,
+                                     then one per previous issuing CA still trusted
     issuing/state.json               CRL number and revoked serials (source of crl.pem)
-    issuing/issued.jsonl             one line per certificate issued, append-only
-    trust/ca-bundle.pem              root + issuing CA, for TLS peers and `openssl verify`
+    issuing/issued.jsonl             one line per certificate issued, append-only; each
+                                     line names the issuing CA that signed it
+    previous/<id>/ca.crt, ca.key     an issuing CA replaced by `rotate-issuing`, trusted
+                                     until `retire-issuing` (the overlap; docs/adr/0017)
+    retired/<id>/ca.crt              an issuing CA no longer trusted (its key deleted)
+    trust/ca-bundle.pem              root + issuing CA(s), for TLS peers and `openssl verify`
+    trust/version                    the bundle's version (grows with every change of it)
     identities/<cn>/cert.pem         leaf certificate
     identities/<cn>/key.pem          its private key
     identities/<cn>/chain.pem        leaf + issuing CA, what a TLS client presents
@@ -17,8 +23,11 @@ Pure certificate construction lives in :mod:`edgeward_shared.pki.certs`.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -122,6 +131,9 @@ class IssuedRecord(msgspec.Struct, frozen=True):
     role: str
     not_after: datetime
     fingerprint: str
+    #: fingerprint of the issuing CA that signed it ("" in records written before issuing
+    #: CAs could rotate: the PKI's first issuing CA, see PkiStore.issuer_of)
+    issuer: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,6 +329,7 @@ class PkiStore:
             role=str(identity.role),
             not_after=cert.not_valid_after_utc,
             fingerprint=fingerprint(cert),
+            issuer=fingerprint(read_certificate(self.issuing_cert_path)),
         )
         with self._issued_path.open("ab") as handle:
             handle.write(msgspec.json.encode(record) + b"\n")
@@ -355,7 +368,8 @@ class PkiStore:
             now=now,
             lifetime=lifetime,
         )
-        _write_public(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
+        pem = crl.public_bytes(serialization.Encoding.PEM)
+        _write_public(self.crl_path, pem + self._previous_crls(state, now, lifetime))
         self._save_state(state)
         return state.crl_number
 
@@ -367,3 +381,159 @@ class PkiStore:
 
     def _save_state(self, state: _IssuingState) -> None:
         _write_public(self._state_path, json.dumps(msgspec.to_builtins(state)).encode())
+
+    # ------------------------------------------------------------------ issuing-CA rotation
+    # docs/adr/0017. An overlap: `rotate_issuing` makes a new issuing CA under the same root
+    # and keeps the old one trusted (in the bundle, with its own CRL) but signing nothing
+    # new; `retire_issuing` drops it once no valid certificate it issued remains.
+    @property
+    def trust_version_path(self) -> Path:
+        return self.dir / "trust" / "version"
+
+    def trust_version(self) -> int:
+        """The bundle's version: 1 after `init`, one more for every rotation or retirement."""
+        try:
+            return int(self.trust_version_path.read_text().strip() or 1)
+        except FileNotFoundError:
+            return 1
+
+    def previous_issuers(self) -> list[Issuer]:
+        """Issuing CAs replaced by a rotation and still trusted (oldest first)."""
+        issuers = [
+            Issuer(read_certificate(d / "ca.crt"), read_private_key(d / "ca.key"))
+            for d in sorted((self.dir / "previous").glob("*"))
+            if (d / "ca.crt").exists()
+        ]
+        return sorted(issuers, key=lambda i: i.cert.not_valid_before_utc)
+
+    def trusted_issuing_cas(self) -> list[x509.Certificate]:
+        """The issuing CA, then every previous one still trusted: what the bundle holds."""
+        return [read_certificate(self.issuing_cert_path)] + [
+            i.cert for i in self.previous_issuers()
+        ]
+
+    def issuer_of(self, record: IssuedRecord) -> str:
+        """Fingerprint of the issuing CA that signed ``record``'s certificate."""
+        if record.issuer:
+            return record.issuer
+        legacy = self.dir / "trust" / "legacy-issuer"
+        if legacy.exists():  # written by the first rotation of a PKI with unnamed records
+            return legacy.read_text().strip()
+        return fingerprint(read_certificate(self.issuing_cert_path))
+
+    def issued_by(self, ca: x509.Certificate, now: datetime) -> list[IssuedRecord]:
+        """Certificates ``ca`` issued that are neither expired nor revoked at ``now``."""
+        ca_fp, revoked = fingerprint(ca), self.revoked_serials()
+        return [
+            r
+            for r in self.issued()
+            if self.issuer_of(r) == ca_fp and r.not_after > now and r.serial not in revoked
+        ]
+
+    def rotate_issuing(
+        self,
+        now: datetime,
+        *,
+        root_key: Path | None = None,
+        root_passphrase: bytes | None = None,
+        lifetime: timedelta = ISSUING_LIFETIME,
+    ) -> x509.Certificate:
+        """Make a new issuing CA under the root; the current one becomes a previous CA.
+
+        From now on every certificate is issued by the new CA; the bundle holds root, new
+        and previous CAs and the CRL file one CRL per issuing CA. One overlap at a time:
+        refused while a previous CA is still trusted (retire it first).
+        """
+        self.require()
+        if self.previous_issuers():
+            raise ConfigError(
+                "config.pki.rotation_in_progress",
+                "a previous issuing CA is still trusted: `edgeward pki retire-issuing` first",
+            )
+        root = Issuer(
+            read_certificate(self.root_cert_path),
+            read_private_key(root_key or self.dir / "root" / "ca.key", root_passphrase),
+        )
+        with _pki_lock(self.dir / "issuing" / "identity.lock"):
+            old = self.issuer()
+            old_fp = fingerprint(old.cert)
+            if not (self.dir / "retired").exists() and any(not r.issuer for r in self.issued()):
+                _write_public(self.dir / "trust" / "legacy-issuer", old_fp.encode())
+            generation = 2 + sum(1 for _ in (self.dir / "retired").glob("*"))
+            key = new_key()
+            cert = make_issuing_ca(
+                root,
+                key,
+                org=self.org,
+                now=now,
+                lifetime=lifetime,
+                common_name=f"{self.org} Issuing CA {generation}",
+            )
+            keep = self.dir / "previous" / old_fp[:16]
+            write_private_key(keep / "ca.key", old.key)
+            _write_public(keep / "ca.crt", _pem(old.cert))
+            # the key first: an issuance reads the certificate, then the key, under the lock
+            write_private_key(self.dir / "issuing" / "ca.key", key)
+            _write_public(self.issuing_cert_path, _pem(cert))
+            self.write_crl(now)
+            self._write_bundle()
+        return cert
+
+    def retire_issuing(self, now: datetime, *, force: bool = False) -> x509.Certificate:
+        """Stop trusting the previous issuing CA; returns it.
+
+        Refused (``config.pki.retire_early``) while a certificate it issued is still valid,
+        unless ``force``: those certificates then stop working at once.
+        """
+        self.require()
+        previous = self.previous_issuers()
+        if not previous:
+            raise ConfigError("config.pki.nothing_to_retire", "no previous issuing CA")
+        old = previous[0].cert
+        remaining = self.issued_by(old, now)
+        if remaining and not force:
+            names = ", ".join(sorted({r.common_name for r in remaining})[:10])
+            raise ConfigError(
+                "config.pki.retire_early",
+                f"{len(remaining)} valid certificate(s) of the previous issuing CA remain"
+                f" ({names}): reissue them, or wait until they expire, or --force",
+            )
+        with _pki_lock(self.dir / "issuing" / "identity.lock"):
+            old_fp = fingerprint(old)
+            source = self.dir / "previous" / old_fp[:16]
+            _write_public(self.dir / "retired" / old_fp[:16] / "ca.crt", _pem(old))
+            (source / "ca.key").unlink()  # it never signs again
+            (source / "ca.crt").unlink()
+            source.rmdir()
+            self.write_crl(now)
+            self._write_bundle()
+        return old
+
+    def _previous_crls(self, state: _IssuingState, now: datetime, lifetime: timedelta) -> bytes:
+        """A CRL from every previous issuing CA (same number and entries as the current
+        one's: serials are 159 random bits, so listing another CA's serial revokes nothing
+        of this one's, and one revocation state serves the whole PKI)."""
+        entries = [RevokedEntry(entry.serial, entry.revoked_at) for entry in state.revoked]
+        return b"".join(
+            make_crl(
+                issuer, entries, number=state.crl_number, now=now, lifetime=lifetime
+            ).public_bytes(serialization.Encoding.PEM)
+            for issuer in self.previous_issuers()
+        )
+
+    def _write_bundle(self) -> None:
+        cas = [read_certificate(self.root_cert_path), *self.trusted_issuing_cas()]
+        _write_public(self.bundle_path, b"".join(_pem(c) for c in cas))
+        _write_public(self.trust_version_path, str(self.trust_version() + 1).encode())
+
+
+@contextmanager
+def _pki_lock(path: Path) -> Iterator[None]:
+    """The identity service's issuance lock (edgeward_identity.ca), held while the issuing
+    CA changes so that no certificate is signed with a mix of old and new."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
