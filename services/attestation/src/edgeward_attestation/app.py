@@ -66,6 +66,7 @@ def wire(
         clock=runtime.clock,
         settings=settings,
     )
+    runtime.on_identity_change(service.use_signing_key)  # EARs signed with a reloaded key
     runtime.route(
         shared_subscription(GROUP, f"{ROOT}/enroll/+/up"),
         [EnrollRequest, CredentialProof],

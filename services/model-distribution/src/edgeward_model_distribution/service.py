@@ -98,6 +98,10 @@ class ModelService:
         self.revocations_current = revocations_current
         self._checks = asyncio.Semaphore(self.settings.max_parallel_checks)
 
+    def use_signing_key(self, signing_key: SigningKey) -> None:
+        """Sign key releases with ``signing_key`` from now on (the node reloaded it)."""
+        self.signing_key = signing_key
+
     async def blocking(self, call: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
         """Run ``call`` in a worker thread, at most ``max_parallel_checks`` at once."""
         async with self._checks:

@@ -173,6 +173,11 @@ class Runtime:
             listener(signing_key)
         self.request_reconnect()
 
+    @property
+    def swapping(self) -> bool:
+        """True from :meth:`request_reconnect` until the next connection serves."""
+        return self._swapping
+
     def request_reconnect(self) -> None:
         """Let the current connection go without losing a message and connect again."""
         self._swapping = True
