@@ -221,6 +221,38 @@ def dev_setup(directory: Path, devices: int, operator: str) -> None:
     click.echo(f"development PKI ready in {directory}: issued {len(issued)}{note}")
 
 
+@pki.command()
+@pki_dir_option
+@click.argument("role", type=click.Choice([r.value for r in Role]))
+@click.argument("name")
+@click.option("--hours", type=click.IntRange(1), help="Lifetime in hours (default by role).")
+@click.option("--host", "hosts", multiple=True, help="Broker host name or IP (repeatable).")
+@click.option("--instance", help="For a service: which instance (CN svc.<name>.<instance>).")
+def renew(  # click passes every parameter by keyword
+    *,
+    directory: Path,
+    role: str,
+    name: str,
+    hours: int | None,
+    hosts: tuple[str, ...],
+    instance: str | None,
+) -> None:
+    """A new key and certificate for a running node, which reloads them by itself.
+
+    The previous certificate stays valid so that nothing the node signed meanwhile is
+    refused; revoke it once the node uses the new one (docs/adr/0017).
+    """
+    identity = _identity(Role(role), name, instance)
+    lifetime = timedelta(hours=hours) if hours else LIFETIMES[identity.role]
+    files, replaced = PkiStore(directory).require().renew(identity, _now(), lifetime, hosts)
+    click.echo(f"renewed {identity.common_name} -> {files.directory}")
+    for record in replaced:
+        click.echo(
+            f"once it runs on the new one: edgeward pki revoke --serial {record.serial:x}"
+            " --reason superseded"
+        )
+
+
 # ------------------------------------------------------------------ issuing-CA rotation
 @pki.command(name="rotate-issuing")
 @pki_dir_option

@@ -382,6 +382,38 @@ class PkiStore:
     def _save_state(self, state: _IssuingState) -> None:
         _write_public(self._state_path, json.dumps(msgspec.to_builtins(state)).encode())
 
+    def renew(
+        self,
+        identity: Identity,
+        now: datetime,
+        lifetime: timedelta,
+        hosts: tuple[str, ...] = (),
+    ) -> tuple[IdentityFiles, list[IssuedRecord]]:
+        """A fresh key and certificate for ``identity``, written over its files, *without*
+        revoking the current one: the running node reloads the files and reconnects, and
+        messages it signed meanwhile still verify. Returns the files and the certificates
+        it replaces: revoke them ("superseded") once the node uses the new one (ADR 0017).
+        """
+        self.require()
+        replaced = self.current(identity, now)
+        issuer = self.issuer()
+        key = new_key()
+        cert = make_leaf(
+            issuer,
+            identity,
+            key.public_key(),
+            org=self.org,
+            now=now,
+            lifetime=lifetime,
+            hosts=hosts,
+        )
+        files = self.identity_files(identity)
+        write_private_key(files.key, key)
+        _write_public(files.cert, _pem(cert))
+        _write_public(files.chain, _pem(cert) + _pem(issuer.cert))
+        self._record_issued(cert)
+        return files, replaced
+
     # ------------------------------------------------------------------ issuing-CA rotation
     # docs/adr/0017. An overlap: `rotate_issuing` makes a new issuing CA under the same root
     # and keeps the old one trusted (in the bundle, with its own CRL) but signing nothing
