@@ -34,6 +34,7 @@ from edgeward_shared.runtime.core import Connect, Runtime
 from edgeward_shared.runtime.health import answer_pings
 from edgeward_shared.runtime.material import ReloadReason
 from edgeward_shared.runtime.node import NodeConfig, build_runtime
+from edgeward_shared.runtime.trust import TrustFollower
 from edgeward_shared.topics import (
     Channel,
     Direction,
@@ -284,6 +285,10 @@ async def test_bad_certificates_and_a_garbage_crl_are_refused_and_the_node_keeps
 
 
 # ------------------------------------------------------------------ the issuing CA
+def _last_issuer(pinger: Pinger) -> x509.Name | None:
+    return _issuer_of(pinger.answers[-1]) if pinger.answers else None
+
+
 def _issuer_of(opened: Opened[Any]) -> x509.Name:
     """The issuing CA of the certificate that signed ``opened`` (read from its envelope)."""
     cert = msgspec.json.decode(opened.raw, type=Envelope).cert
@@ -382,3 +387,63 @@ async def test_issuing_ca_rotation_end_to_end_without_an_outage(
         assert issuers[-1] == new_ca.subject
     for node in fleet.nodes:
         assert _reloads(node, "ok") == 1
+
+
+# ------------------------------------------------------------------ the fleet trust bundle
+@pytest.mark.asyncio
+async def test_a_node_without_the_pki_follows_the_signed_trust_bundle(
+    pki: PkiStore, broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """The operator's node holds its own copy of the bundle (and no CRL) and
+    learns the new issuing CA only from ``ew/v1/fleet/trust``, signed by the identity
+    service: without it, the renewed service's answers would not verify."""
+    own = tmp_path / "operator-trust"
+    own.mkdir()
+    shutil.copy(pki.bundle_path, own / "ca-bundle.pem")
+    config = IdentityConfig(
+        pki_dir=pki.dir,
+        identity_dir=pki.identity_files(IDENTITY).directory,
+        db_path=tmp_path / "identity.db",
+        broker=_address(broker),
+    )
+    async with identity_node(config) as service:
+        operator = build_runtime(
+            NodeConfig(
+                pki.identity_files(OPERATOR).directory,
+                own / "ca-bundle.pem",
+                None,
+                _address(broker),
+            )
+        )
+        follower = TrustFollower(own, bundle_file=own / "ca-bundle.pem")
+        follower.attach(operator[0])
+        operator[0].expect_replies(service_response_topic(ServiceName.IDENTITY, OPERATOR), [Pong])
+        pinger = Pinger(operator[0], TO_IDENTITY)
+        async with _serving(service, operator) as stop:
+            pinging = asyncio.create_task(pinger.run(stop))
+            await _until(lambda: follower.version == 1)
+            new_ca = pki.rotate_issuing(datetime.now(UTC))
+            broker.reload()  # before any certificate of the new CA connects
+            service[0].hangup()  # the publisher looks at the version now
+            await _until(lambda: follower.version == 2)
+            assert new_ca in operator[0].verifier.trust.issuing_cas
+            pki.renew(IDENTITY, datetime.now(UTC), DAY)
+            service[0].hangup()
+            await _until(
+                lambda: bool(pinger.answers) and _issuer_of(pinger.answers[-1]) == new_ca.subject
+            )
+            pki.renew(OPERATOR, datetime.now(UTC), DAY)
+            operator[0].hangup()
+            await _until(lambda: _reloads(operator[0], "ok") == 1)
+            await pinger.answered(10)
+            pki.retire_issuing(datetime.now(UTC), force=True)  # dev-a, dev-b and the broker
+            broker.reload()
+            service[0].hangup()
+            await _until(lambda: follower.version == 3)
+            assert operator[0].verifier.trust.issuing_cas == [new_ca]
+            await pinger.answered(10)
+            stop.set()
+            await pinging
+    assert pinger.failures == []
+    assert (own / "trust.version").read_text() == "3"
+    assert (own / "ca-bundle.pem").read_bytes().count(b"BEGIN CERTIFICATE") == 2

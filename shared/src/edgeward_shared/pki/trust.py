@@ -99,6 +99,10 @@ class TrustStore:
         self._crl_revoked = frozenset(crl_revoked)
         self._cache.clear()
 
+    def adopt_issuers(self, intermediates: Iterable[x509.Certificate]) -> None:
+        """Take a new set of issuing CAs (a fleet trust bundle), keeping the revocations."""
+        self.adopt(intermediates, self._crl_revoked)
+
     @property
     def anchors(self) -> list[x509.Certificate]:
         return list(self._anchors)

@@ -204,3 +204,45 @@ def _crl_number(crl: x509.CertificateRevocationList) -> int:
         return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     except x509.ExtensionNotFound:
         return 0
+
+
+class TrustBundleReason:
+    """Reason ids of a refused fleet trust bundle (docs/protocol.md section 6)."""
+
+    ROLLBACK: Final = "trust.bundle.rollback"
+    CHAIN: Final = "trust.bundle.chain"
+    MALFORMED: Final = "trust.bundle.malformed"
+
+
+def check_trust_bundle(
+    issuing_cas_der: Iterable[bytes],
+    version: int,
+    *,
+    floor: int,
+    pinned_roots: Iterable[x509.Certificate],
+    now: datetime,
+) -> bytes | None:
+    """The PEM bundle (pinned roots + issuing CAs) to adopt from a fleet trust bundle, or
+    None if it is the version already adopted (a retained redelivery).
+
+    Refused: a version below ``floor`` (a replayed older bundle would bring back a retired
+    CA), a certificate that does not parse, an issuing CA the pinned root did not sign."""
+    if version < floor:
+        raise PolicyError(TrustBundleReason.ROLLBACK, f"version {version} < {floor}")
+    if version == floor:
+        return None
+    pinned = list(pinned_roots)
+    try:
+        issuing = [x509.load_der_x509_certificate(der) for der in issuing_cas_der]
+    except ValueError as exc:
+        raise PolicyError(TrustBundleReason.MALFORMED, str(exc)) from exc
+    pem = b"".join(_pem(c) for c in [*pinned, *issuing])
+    try:
+        check_bundle(pem, pinned, now)
+    except PolicyError as exc:
+        raise PolicyError(TrustBundleReason.CHAIN, exc.detail) from exc
+    return pem
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
