@@ -9,6 +9,7 @@ import asyncio
 import itertools
 import logging
 import shutil
+import ssl
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from edgeward_shared.bus.memory import MemoryBroker
 from edgeward_shared.clock import from_datetime
 from edgeward_shared.envelope import EnvelopeVerifier, Opened, SigningKey, seal
-from edgeward_shared.errors import PolicyError
+from edgeward_shared.errors import ConfigError, PolicyError
 from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.messages.health import Ping, Pong
 from edgeward_shared.pki.certs import RevokedEntry, make_crl
@@ -37,6 +38,7 @@ from edgeward_shared.runtime.material import (
 )
 from edgeward_shared.runtime.reload import MaterialWatcher
 from edgeward_shared.testing import FixedClock
+from edgeward_shared.tls import client_context_from_memory
 from edgeward_shared.topics import service_request_topic, service_response_topic
 
 IDENTITY = Identity.service(ServiceName.IDENTITY)
@@ -436,3 +438,13 @@ def test_a_swap_to_another_principal_is_a_bug(pki: PkiStore, now_clock: FixedClo
     runtime, _ = _node(pki, now_clock)
     with pytest.raises(ValueError, match="is not"):
         runtime.swap_identity(SigningKey.from_files(pki.identity_files(REVOCATION)))
+
+
+def test_the_tls_context_is_built_from_memory_and_refuses_a_mismatched_key(
+    pki: PkiStore,
+) -> None:
+    bundle = pki.bundle_path.read_bytes()
+    _, chain, key = _files(pki)
+    assert client_context_from_memory(bundle, chain, key).verify_mode == ssl.CERT_REQUIRED
+    with pytest.raises(ConfigError, match=r"config\.tls\.unusable"):
+        client_context_from_memory(bundle, chain, _files(pki, REVOCATION)[2])

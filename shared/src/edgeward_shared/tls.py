@@ -7,6 +7,7 @@ readable by group or others is refused, since the key it holds must be presumed 
 
 from __future__ import annotations
 
+import os
 import ssl
 import stat
 from pathlib import Path
@@ -39,4 +40,24 @@ def client_context(ca_bundle: Path, identity: IdentityFiles) -> ssl.SSLContext:
         context.load_cert_chain(certfile=str(identity.chain), keyfile=str(identity.key))
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError("config.tls.unusable", f"cannot load TLS material: {exc}") from exc
+    return context
+
+
+def client_context_from_memory(ca_bundle: bytes, chain: bytes, key: bytes) -> ssl.SSLContext:
+    """The same mTLS client context from PEM bytes held in memory (a node's reloaded and
+    checked material, docs/adr/0017). ``ssl`` loads a certificate chain only from a path:
+    chain and key go through an anonymous memory file (memfd), never to disk."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = True
+    context.verify_mode = ssl.CERT_REQUIRED
+    fd = os.memfd_create("edgeward-tls", os.MFD_CLOEXEC)
+    try:
+        context.load_verify_locations(cadata=ca_bundle.decode("ascii"))
+        os.write(fd, chain + b"\n" + key)
+        context.load_cert_chain(f"/proc/self/fd/{fd}")
+    except (OSError, ssl.SSLError, UnicodeDecodeError) as exc:
+        raise ConfigError("config.tls.unusable", f"cannot load TLS material: {exc}") from exc
+    finally:
+        os.close(fd)
     return context

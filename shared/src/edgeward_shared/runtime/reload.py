@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from edgeward_shared.runtime.material import (
     check_crls,
     check_identity,
 )
+from edgeward_shared.tls import client_context_from_memory
 
 log = logging.getLogger("edgeward.reload")
 
@@ -57,20 +57,8 @@ class TlsMaterial:
     key: bytes
 
     def context(self) -> ssl.SSLContext:
-        """An mTLS client context (the rules of :func:`edgeward_shared.tls.client_context`)
-        built from memory: the key goes through an anonymous memory file, never to disk."""
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.check_hostname = True
-        context.verify_mode = ssl.CERT_REQUIRED
-        context.load_verify_locations(cadata=self.bundle.decode())
-        fd = os.memfd_create("edgeward-tls", os.MFD_CLOEXEC)
-        try:
-            os.write(fd, self.chain + b"\n" + self.key)
-            context.load_cert_chain(f"/proc/self/fd/{fd}")
-        finally:
-            os.close(fd)
-        return context
+        """An mTLS client context from this material (:mod:`edgeward_shared.tls`)."""
+        return client_context_from_memory(self.bundle, self.chain, self.key)
 
 
 class ReloadMetrics:
