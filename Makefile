@@ -6,7 +6,7 @@ EDGEWARD_UV_VENV ?= $(HOME)/.cache/edgeward/uv
 export EDGEWARD_UV_VENV
 export PATH := $(EDGEWARD_UV_VENV)/bin:$(PATH)
 
-.PHONY: help bootstrap demo test lint typecheck unit integration bench acl clean
+.PHONY: help bootstrap demo test lint typecheck unit integration bench bench-smoke acl clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}'
@@ -33,11 +33,14 @@ unit: bootstrap ## Fast tests only (no broker)
 integration: bootstrap ## Tests against the real mosquitto and real swtpm
 	uv run pytest -q -m "broker or tpm"
 
-bench: bootstrap ## Run every benchmark in bench/ (prints figures, writes bench/results/*.json)
-	@for script in bench/bench_*.py; do echo "## $$script"; uv run python "$$script" || exit 1; done
+bench: bootstrap ## Run every bench/bench_*.py (all of them; fails at the end if any failed)
+	uv run python bench/run_all.py
+
+bench-smoke: bootstrap ## Every benchmark with tiny sizes, a few seconds each (make test runs it too)
+	uv run python bench/run_all.py --smoke
 
 acl: bootstrap ## Regenerate the committed reference ACL in mosquitto/ from the topic scheme
 	uv run python -c "from edgeward_shared.broker.acl import render_acl; import sys; sys.stdout.write(render_acl())" > mosquitto/edgeward.acl
 
 clean: ## Remove caches and run directories
-	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis .coverage run demo-run bench/results/*.json
+	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis .coverage run demo-run bench/results/*.json bench/results/smoke

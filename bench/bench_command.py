@@ -25,7 +25,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from _report import Report, median, percentile
+from _report import Report, median, percentile, sized
 from bench_roundtrip import finish, paho_client, subscribe
 from edgeward_device_agent.commands import CommandHandler
 from edgeward_device_agent.ledger import DeviceLedger
@@ -44,8 +44,9 @@ from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.runtime.node import NodeConfig, build_runtime
 from edgeward_shared.topics import Channel, Direction, FleetKind, device_topic, fleet_topic
 
-N = 300
-WARMUP = 30
+N = sized(300, 20)
+WARMUP = sized(30, 4)
+ROUNDS = sized(2, 1)
 ENVELOPE_BYTES = 1100
 DEVICE = Identity.device("dev-0001")
 ALICE = Identity.operator("alice")
@@ -199,7 +200,7 @@ def main() -> None:
         store = make_pki(Path(tmp) / "pki")
         with MosquittoBroker(store, Path(tmp) / "broker", operators=[ALICE]) as broker:
             asyncio.run(publish_list(store, broker.port))
-            for round_ in range(2):
+            for round_ in range(ROUNDS):
                 child = with_device("paho-device", store, broker.port, Path(tmp))
                 base += paho_round_trips(store, broker.port)
                 finish(child)

@@ -11,14 +11,14 @@ from __future__ import annotations
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from _report import Report, rate
+from _report import Report, rate, sized
 from edgeward_shared.envelope import pae, seal
 from edgeward_shared.identity import Identity
 from edgeward_shared.messages.health import Ping
 from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.testing import EPOCH_MS, MemoryPki
 
-N = 2000
+N = sized(2000, 50)
 TOPIC = "ew/v1/dev/dev-0001/up/health"
 
 

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from _report import Report
+from _report import Report, args, sized
 from edgeward_attestation.policy import policy_from_values
 from edgeward_attestation.store import AttestationStore
 from edgeward_device_agent.agent import DeviceAgent
@@ -151,7 +151,8 @@ async def bring_up(
 
 
 def main() -> None:
-    count = int(sys.argv[1]) if len(sys.argv) > 1 else 200
+    given = args()
+    count = int(given[0]) if given else sized(200, 3)
     LOGS.mkdir(exist_ok=True)
     for old in LOGS.glob("*.log"):
         old.unlink()

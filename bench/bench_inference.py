@@ -9,8 +9,10 @@ unprivileged) -> result body signed with the attested session key -> signed
 window, time; stored) -> signed ``InferAnswer`` -> client.
 
 Simulated: the device's attestation (an EAR for its own session key, signed by the
-attestation service's key, checked by the gateway exactly like a real one) and the
-distribution service's answer about assignments (a stand-in ``ModelList``). All parts but the
+attestation service's key, checked by the gateway exactly like a real one), the
+distribution service's answer about assignments (a stand-in ``ModelList``), and the supply
+chain: the models are loaded into their sandboxed workers here and handed to the device's
+model manager as loaded (``bench_model_rollout`` measures how they get there). All parts but the
 sandboxed worker share this process's event loop. Baseline: ``session.run`` on the same
 input, in this process, in the same run.
 
@@ -27,7 +29,6 @@ import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.models: the models
@@ -36,11 +37,12 @@ import numpy as np
 import onnxruntime
 from tests.models import ppocr_model, small_input, small_model
 
-from _report import Report, median, percentile
-from bench_model_rollout import attested, make_pki, node
+from _report import Report, median, percentile, sized
+from bench_model_rollout import NoTpm, attested, make_pki, node
 from edgeward_cli.ops_client import operator_session
 from edgeward_device_agent.inference import DeviceInference, InferencePolicy, to_tensor
-from edgeward_device_agent.model_manager import LoadedModel
+from edgeward_device_agent.model_manager import LoadedModel, ModelManager
+from edgeward_device_agent.model_store import ModelStore
 from edgeward_device_agent.sandboxed import SandboxExecutor, sandbox_loader
 from edgeward_inference_gateway.app import GatewayConfig, gateway_node
 from edgeward_inference_gateway.ratelimit import Limit
@@ -52,7 +54,7 @@ from edgeward_shared.clock import SystemClock
 from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.messages.infer import InferAnswer, InferCall
 from edgeward_shared.messages.model import ModelQuery
-from edgeward_shared.models.provenance import Tier, sha256_hex
+from edgeward_shared.models.provenance import Provenance, Tier, sha256_hex
 from edgeward_shared.runtime.node import build_runtime
 from edgeward_shared.topics import ROOT, shared_subscription
 
@@ -60,7 +62,7 @@ DEVICE = Identity.device("dev-0001")
 GATEWAY = Identity.service(ServiceName.INFERENCE_GATEWAY)
 MODELS = Identity.service(ServiceName.MODEL_DISTRIBUTION)
 OPERATOR = Identity.operator("bench")
-WARMUP, N = 20, 200
+WARMUP, N = sized((20, 200), (2, 10))
 
 
 async def measure(
@@ -124,15 +126,23 @@ async def run(
     # the device: its inference entry point, each model in its own sandboxed worker
     device, device_connect = build_runtime(node(pki, DEVICE, broker))
     current = attested(pki, DEVICE)
+    manager = ModelManager(
+        DEVICE.name,
+        ModelStore(root / "device"),
+        trust=lambda: device.verifier.trust,
+        clock=SystemClock(),
+        tpm=NoTpm(),
+        attestation=lambda: current,
+        device_key=lambda: device.signing_key.key,
+    )
     load = sandbox_loader()
-    loaded = {}
     for name, (model, _) in models.items():
-        loaded[name] = LoadedModel(
+        manager.loaded[name] = LoadedModel(
             name=name,
             version=1,
             tier=Tier.HIGH,
             digest=sha256_hex(model),
-            provenance=None,  # type: ignore[arg-type]  # not read on this path
+            provenance=provenance(name, model),
             result_id=current.claims.result_id,
             loaded_at_ms=0,
             expires_at_ms=2**62,
@@ -140,7 +150,7 @@ async def run(
         )
     inference = DeviceInference(
         DEVICE.name,
-        SimpleNamespace(loaded=loaded),  # type: ignore[arg-type]
+        manager,
         attestation=lambda: current,
         allowed=lambda: None,
         clock=SystemClock(),
@@ -185,8 +195,24 @@ async def run(
                     report.add(f"{name}_ratio_p50", median(ours) / median(base), "x", "<= 1.2")
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
-    for model in loaded.values():
-        await model.session.close()
+    await manager.close()
+
+
+def provenance(name: str, model: bytes) -> Provenance:
+    """What the model's signed provenance would say (the publisher writes it)."""
+    return Provenance(
+        schema="edgeward.model.provenance.v1",
+        name=name,
+        version=1,
+        digest=sha256_hex(model),
+        size=len(model),
+        tier=Tier.HIGH,
+        runtime="onnxruntime",
+        dataset_fingerprint=None,
+        created_at_ms=0,
+        expires_at_ms=2**62,
+        builder="bench",
+    )
 
 
 def main() -> None:

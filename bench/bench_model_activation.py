@@ -6,7 +6,7 @@ does between having the blob and the data key and serving the model: blob digest
 AES-256-GCM decrypt, provenance, model digest, signer certificate chain, model-signing
 bundle, the ONNX gate, runtime check, then the same session creation. Also: building a
 release on the publisher's side (ONNX gate, model-signing signature, encryption).
-Target: activation <= 1.3 x bare session creation.
+Target: activation <= 1.3 x bare session creation. Smoke mode: the tiny test model.
 """
 
 from __future__ import annotations
@@ -18,25 +18,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.models, the model
 
-from tests.models import ppocr_model
+from tests.models import ppocr_model, small_model
 from tests.release_builders import built, release_for, signer_files
 
-from _report import Report, median
+from _report import Report, median, sized, smoke
 from edgeward_device_agent.model_manager import check_runtime, onnx_session
 from edgeward_shared.models.verify import open_release_blob, verify_signed_model
 from edgeward_shared.testing import EPOCH_MS, MemoryPki
 
-REPEATS = 7
+REPEATS = sized(7, 2)
+BUILDS = sized(3, 1)
 
 
 def main() -> None:
-    model = ppocr_model("ch_PP-OCRv4_rec_infer.onnx")
+    model = ppocr_model("ch_PP-OCRv4_rec_infer.onnx") if not smoke() else small_model()
     pki = MemoryPki()
     trust = pki.trust_store()
     with tempfile.TemporaryDirectory() as scratch:
         signer = signer_files(pki, Path(scratch) / "signer")
         publish_s = []
-        for _ in range(3):
+        for _ in range(BUILDS):
             started = time.perf_counter()
             release = built(model, signer, name="ocr-rec")
             publish_s.append(time.perf_counter() - started)

@@ -5,22 +5,28 @@ One mosquitto (Edgeward's configuration, a fresh PKI). The distribution service 
 own process (``edgeward-models``), as it would in production. N device runtimes run here,
 each with the real :class:`ModelManager` (sync, signed release document, chunk requests,
 data frames checked against the signed digests, key request with an EAR, HPKE unwrap,
-decrypt, signature and ONNX checks, ``InferenceSession(bytes)``). Simulated: the devices'
-TPMs (PCR extends are not performed) and their attestation (each holds an EAR for its own
-session key, signed by the attestation service's key; the distribution service checks it
-exactly as it checks a real one).
+decrypt, signature and ONNX checks) and its production loader: the model (tier high) is
+loaded into a strict sandboxed worker process per device (``InferenceSession(bytes)``
+there). Simulated: the devices' TPMs (PCR extends are not performed) and their attestation
+(each holds an EAR for its own session key, signed by the attestation service's key; the
+distribution service checks it exactly as it checks a real one). The bench drives the
+manager through its constructor only: a model store that notes when the complete blob is
+kept, and an attestation source.
 
 * baseline: bare fan-out: the distribution service's identity publishes the same number of
   bytes, in the same chunk size, on one fleet topic all N devices subscribe to (the broker
   copies each message N times); timed until every subscriber has every byte.
-* measured: from the operator's rollout request until every device holds the blob, every
-  chunk checked against the signed release document (delivery: the target's ratio); then,
-  separately (key requests are held until delivery is complete, since here all N devices
-  share this machine's two cores), until every device runs the model (key release, HPKE
-  unwrap, decrypt, signature and ONNX checks, N session creations; reported, no target).
+* measured: from the operator's rollout request until every device holds the blob (kept on
+  disk), every chunk checked against the signed release document (delivery: the target's
+  ratio); then, separately, until every device runs the model (key release, HPKE unwrap,
+  decrypt, signature and ONNX checks, N sandboxed workers started and loaded; reported, no
+  target).
+  Key requests are held until delivery is complete, since here all N devices share this
+  machine's two cores: each device's attestation result is withheld until then, so its
+  manager waits for one (polling every 0.2 s, which the activation figure includes).
 
-Usage: ``uv run python bench/bench_model_rollout.py [N]`` (default 50).
-Target: delivery <= 2.0 x bare fan-out.
+Usage: ``uv run python bench/bench_model_rollout.py [N]`` (default 50; in smoke mode 2
+devices and the tiny test model). Target: delivery <= 2.0 x bare fan-out.
 """
 
 from __future__ import annotations
@@ -38,15 +44,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.models: the model
 
 from cryptography.hazmat.primitives.asymmetric import ec
-from tests.models import ppocr_model
+from tests.models import ppocr_model, small_model
 
-from _report import Report, median
+from _report import Report, args, median, sized, smoke
 from edgeward_cli.model_cmds import ANSWERS, upload
 from edgeward_cli.ops_client import operator_session
 from edgeward_cli.publish import ReleaseSpec, build_release
 from edgeward_device_agent.attestation import CurrentAttestation
 from edgeward_device_agent.model_manager import ModelManager, ModelPolicy
 from edgeward_device_agent.model_store import ModelStore
+from edgeward_device_agent.sandbox.supervisor import SandboxPolicy
+from edgeward_device_agent.sandboxed import sandbox_loader
 from edgeward_device_agent.tpm import PcrBank
 from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings, connect_mqtt
@@ -57,6 +65,7 @@ from edgeward_shared.errors import EdgewardError
 from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.messages.model import ModelList, ModelQuery, RolloutRequest
 from edgeward_shared.models.provenance import Tier
+from edgeward_shared.models.release import BlobInfo
 from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.runtime.node import NodeConfig, build_runtime
@@ -67,7 +76,11 @@ ATTESTATION = Identity.service(ServiceName.ATTESTATION)
 OPERATOR = Identity.operator("bench")
 SIGNER = Identity(Role.SIGNER, "ci")
 CHUNK = 192 * 1024
-WAIT_S = 600.0
+WAIT_S = sized(600.0, 60.0)
+FANOUTS = sized(3, 1)
+#: All simulated devices' workers run under one uid on this one machine, and RLIMIT_NPROC
+#: counts the tasks of that uid: the per-device default (128) would be shared by N of them.
+SANDBOX = SandboxPolicy(max_processes=4096)
 
 
 class NoTpm:
@@ -157,50 +170,51 @@ def attested(pki: PkiStore, device: Identity) -> CurrentAttestation:
     return CurrentAttestation(ear, verify_ear(ear, trust, now_ms=int(time.time() * 1000)), session)
 
 
+class TimedStore(ModelStore):
+    """A device's model store that notes when it has kept a complete blob (written and
+    fsynced): the manager keeps an encrypted tier's blob once every chunk arrived and
+    matched its signed digest, before it asks for the key."""
+
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__(state_dir)
+        self.kept_at: float | None = None
+
+    def keep_blob(self, info: BlobInfo, data: bytes) -> None:
+        super().keep_blob(info, data)
+        self.kept_at = time.perf_counter()
+
+
 class Device:
-    """One simulated device. Its key request waits at ``gate`` so that, on this machine
-    where all N devices share two cores, delivery is timed without the other devices'
-    activations (session creation) competing for the CPU; activation is timed after."""
+    """One simulated device. Its attestation result is withheld until ``gate`` is set, so
+    its key request waits: on this machine, where all N devices share two cores, delivery
+    is timed without the other devices' activations competing for the CPU; activation is
+    timed after."""
 
     def __init__(
         self, pki: PkiStore, identity: Identity, broker: BrokerAddress, root: Path
     ) -> None:
         self.runtime, self.connect = build_runtime(node(pki, identity, broker))
         current = attested(pki, identity)
-        self.fetched_at: float | None = None
+        self.gate = asyncio.Event()
+        self.store = TimedStore(root / identity.name)
         self.manager = ModelManager(
             identity.name,
-            ModelStore(root / identity.name),
+            self.store,
             trust=lambda: self.runtime.verifier.trust,
             clock=SystemClock(),
             tpm=NoTpm(),
-            attestation=lambda: current,
+            attestation=lambda: current if self.gate.is_set() else None,
             device_key=lambda: self.runtime.signing_key.key,
-            policy=ModelPolicy(sync_interval_s=3600),
+            policy=ModelPolicy(sync_interval_s=3600, attestation_wait_s=WAIT_S),
+            loader=sandbox_loader(SANDBOX),
         )
         (root / identity.name).mkdir(mode=0o700, parents=True)
         self.manager.install(self.runtime)
-        fetch = self.manager._fetcher.fetch
-
-        async def timed_fetch(*args: object, **kwargs: object) -> bytes:
-            blob = await fetch(*args, **kwargs)  # type: ignore[arg-type]
-            self.fetched_at = time.perf_counter()
-            return blob
-
-        self.manager._fetcher.fetch = timed_fetch  # type: ignore[method-assign]
-        self.gate = asyncio.Event()
-        data_key = self.manager._data_key
-
-        async def gated_key(*args: object, **kwargs: object) -> tuple[bytes, str]:
-            await self.gate.wait()
-            return await data_key(*args, **kwargs)  # type: ignore[arg-type]
-
-        self.manager._data_key = gated_key  # type: ignore[method-assign]
 
 
 async def main_async(count: int) -> None:
     report = Report("model_rollout")
-    model = ppocr_model("ch_PP-OCRv4_rec_infer.onnx")
+    model = small_model() if smoke() else ppocr_model("ch_PP-OCRv4_rec_infer.onnx")
     devices = [Identity.device(f"dev-{i:04d}") for i in range(1, count + 1)]
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
@@ -210,7 +224,7 @@ async def main_async(count: int) -> None:
             same_size = model + bytes(28)  # as many bytes as the encrypted blob (nonce, tag)
             # first, while the service's identity is free (the broker allows one connection
             # per client id): the bare fan-out of the same bytes
-            fanouts = [await bare_fanout(pki, broker, devices, same_size) for _ in range(3)]
+            fanouts = [await bare_fanout(pki, broker, devices, same_size) for _ in range(FANOUTS)]
             service = subprocess.Popen(  # noqa: ASYNC220 - started once, before any timing
                 [
                     sys.executable,
@@ -255,11 +269,13 @@ async def run_bench(  # noqa: PLR0917 - the bench's whole world, passed once
         pki.dir, "bench", broker, ServiceName.MODEL_DISTRIBUTION, ANSWERS
     ) as session:
         for _ in range(120):  # the service process is still importing: wait until it answers
-            try:
-                await session.ask(ModelQuery(), ModelList)
+            try:  # (a request sent before it subscribed is never answered: ask again soon)
+                await asyncio.wait_for(session.ask(ModelQuery(), ModelList), 1.0)
                 break
-            except EdgewardError:
-                await asyncio.sleep(0.5)
+            except (EdgewardError, TimeoutError):
+                await asyncio.sleep(0.2)
+        else:
+            raise TimeoutError("the distribution service never answered")
         started = time.perf_counter()
         built = build_release(
             model,
@@ -281,23 +297,27 @@ async def run_bench(  # noqa: PLR0917 - the bench's whole world, passed once
         await session.ask(
             RolloutRequest(name="ocr-rec", version=1, devices=[d.name for d in devices]), ModelList
         )
-        while not all(d.fetched_at for d in fleet):
-            if time.perf_counter() - rollout_started > WAIT_S:
-                raise TimeoutError("delivery did not complete")
-            await asyncio.sleep(0.01)
-        delivered_s = max(d.fetched_at or 0.0 for d in fleet) - rollout_started
-        activation_started = time.perf_counter()
-        for device in fleet:
-            device.gate.set()
-        while not all("ocr-rec" in d.manager.loaded for d in fleet):
-            if time.perf_counter() - activation_started > WAIT_S:
-                raise TimeoutError("activation did not complete")
-            await asyncio.sleep(0.05)
-        activated_s = time.perf_counter() - activation_started
-        stop.set()
-        for task in loops:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            while not all(d.store.kept_at for d in fleet):
+                if time.perf_counter() - rollout_started > WAIT_S:
+                    raise TimeoutError(f"delivery did not complete: {refusals(fleet)}")
+                await asyncio.sleep(0.01)
+            delivered_s = max(d.store.kept_at or 0.0 for d in fleet) - rollout_started
+            activation_started = time.perf_counter()
+            for device in fleet:
+                device.gate.set()
+            while not all("ocr-rec" in d.manager.loaded for d in fleet):
+                if time.perf_counter() - activation_started > WAIT_S:
+                    raise TimeoutError(f"activation did not complete: {refusals(fleet)}")
+                await asyncio.sleep(0.05)
+            activated_s = time.perf_counter() - activation_started
+        finally:
+            stop.set()
+            for task in loops:
+                task.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+            await asyncio.gather(*(d.manager.close() for d in fleet), return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     report.add("devices", len(devices), "")
     report.add("model_bytes", len(model), "bytes")
@@ -308,8 +328,19 @@ async def run_bench(  # noqa: PLR0917 - the bench's whole world, passed once
     return delivered_s, activated_s
 
 
+def refusals(fleet: list[Device]) -> dict[str, int]:
+    """Why devices refused what they were sent so far (reason id -> devices)."""
+    counts: dict[str, int] = {}
+    for device in fleet:
+        reason = device.manager.last_refusal
+        if reason is not None:
+            counts[reason] = counts.get(reason, 0) + 1
+    return counts
+
+
 def main() -> None:
-    count = int(sys.argv[1]) if len(sys.argv) > 1 else 50
+    given = args()
+    count = int(given[0]) if given else sized(50, 2)
     asyncio.run(main_async(count))
 
 

@@ -6,9 +6,10 @@ signature (DER). Measured: ``verify_quote`` on the recorded swtpm quote
 digest, allowlist, counters. Target: verify_quote rate >= 0.7 x raw verify rate.
 
 Then a fleet of swtpm devices in a temporary directory (``EDGEWARD_BENCH_DEVICES``, default
-50): provision + start + measured boot per device with the helper's parallel start, one
-device's restart (start + boot of a provisioned TPM), memory (PSS) per swtpm process, and
-the latency of one ``Tpm.quote`` over PCRs 0-7 (two PCR_Reads + TPM2_Quote).
+50; 2 in smoke mode): provision + start + measured boot per device with the helper's
+parallel start, one device's restart (start + boot of a provisioned TPM), memory (PSS) per
+swtpm process, and the latency of one ``Tpm.quote`` over PCRs 0-7 (two PCR_Reads +
+TPM2_Quote).
 """
 
 from __future__ import annotations
@@ -23,14 +24,17 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from _report import Report, median, rate
+from _report import Report, median, rate, sized
 from edgeward_attestation.keys import AttestationKey
 from edgeward_attestation.quote import ClockState, verify_quote
 from edgeward_attestation.structures import parse_ecdsa_signature
 from edgeward_attestation.testing import QuoteVector
 from edgeward_device_agent.swtpm import SwtpmDevice, SwtpmFleet
 
-N = 1000
+N = sized(1000, 50)
+ROUNDS = sized(7, 2)
+QUOTES = sized(50, 5)
+RESTARTS = sized(10, 1)
 VECTOR = Path(__file__).parents[1] / "tests" / "vectors" / "tpm" / "pytss"
 
 
@@ -41,7 +45,7 @@ def _pss_kb(pid: int) -> int:
     return 0
 
 
-def _interleaved(*fns: Callable[[], object], rounds: int = 7) -> list[float]:
+def _interleaved(*fns: Callable[[], object], rounds: int = ROUNDS) -> list[float]:
     """Best rate of each of ``fns``, measured in alternation so that a noisy neighbour
     (this machine is shared) slows the baseline and the candidate alike."""
     best = [0.0] * len(fns)
@@ -82,7 +86,7 @@ def bench_verify(report: Report) -> None:
 def _quote_latency_ms(device: SwtpmDevice) -> float:
     samples = []
     with device.open() as tpm:
-        for _ in range(50):
+        for _ in range(QUOTES):
             started = time.perf_counter()
             tpm.quote(b"q" * 32, range(8))
             samples.append((time.perf_counter() - started) * 1000)
@@ -90,14 +94,14 @@ def _quote_latency_ms(device: SwtpmDevice) -> float:
 
 
 def bench_fleet(report: Report) -> None:
-    count = int(os.environ.get("EDGEWARD_BENCH_DEVICES", "50"))
+    count = int(os.environ.get("EDGEWARD_BENCH_DEVICES", sized("50", "2")))
     with tempfile.TemporaryDirectory() as tmp, SwtpmFleet(Path(tmp) / "fleet") as fleet:
         started = time.perf_counter()
         devices = fleet.start_many([f"dev-{i:04d}" for i in range(count)])
         elapsed = time.perf_counter() - started
         pss = [_pss_kb(device.pid) for device in devices]
         restarts = []
-        for device in devices[:10]:
+        for device in devices[:RESTARTS]:
             began = time.perf_counter()
             fleet.reboot(device)
             restarts.append((time.perf_counter() - began) * 1000)

@@ -29,7 +29,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from _report import Report, median, percentile
+from _report import Report, median, percentile, sized
 from edgeward_cli.ops_client import operator_session
 from edgeward_revocation.app import run_worker, wire
 from edgeward_revocation.effects import DynsecKicker, PkiCrl, SignalReloader
@@ -44,9 +44,9 @@ from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.runtime.node import NodeConfig, build_runtime
 from edgeward_shared.storage.sqlite import SqliteDatabase
 
-DEVICES = 200
-REVOCATIONS = 30
-KICKS = 15
+DEVICES = sized(200, 8)
+REVOCATIONS = sized(30, 3)
+KICKS = sized(15, 3)
 ALICE = Identity.operator("alice")
 ADMIN = Identity(Role.BROKER_ADMIN, "broker")
 REVOKER = Identity.service(ServiceName.REVOCATION)
@@ -69,6 +69,7 @@ class Device:
     """One connected device: a paho client that records when it is disconnected."""
 
     def __init__(self, store: PkiStore, name: str, port: int) -> None:
+        self.name = name
         files = store.identity_files(Identity.device(name))
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.load_verify_locations(store.bundle_path)
@@ -118,9 +119,7 @@ def bare_kicks(store: PkiStore, port: int, devices: list[Device]) -> list[float]
     samples = []
     for device in devices:
         started = time.perf_counter()
-        admin.publish(
-            CONTROL_TOPIC, kick_command(device.client._client_id.decode(), "bench"), qos=1
-        )
+        admin.publish(CONTROL_TOPIC, kick_command(device.name, "bench"), qos=1)
         assert device.gone.wait(5), "kick lost"
         samples.append(device.gone_at - started)
     admin.loop_stop()
@@ -158,7 +157,7 @@ async def revocations(
             store.dir, ALICE.name, address, ServiceName.REVOCATION, [RevocationJob]
         ) as session:
             for device in devices:
-                name = device.client._client_id.decode()
+                name = device.name
                 started = time.perf_counter()
                 await session.ask(
                     Revoke(kind="device", subject=name, reason="bench"), RevocationJob
@@ -215,7 +214,7 @@ def main() -> None:
             victims = devices[KICKS : KICKS + REVOCATIONS]
             ours = asyncio.run(revocations(store, broker, Path(tmp) / "rev.db", victims))
             still = sum(1 for d in devices[KICKS + REVOCATIONS :] if not d.gone.is_set())
-            refused = handshake_refused(store, broker.port, victims[-1].client._client_id.decode())
+            refused = handshake_refused(store, broker.port, victims[-1].name)
             for device in devices:
                 device.close()
     report = Report("revocation")

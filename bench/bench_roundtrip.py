@@ -29,7 +29,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from _report import Report, median, percentile
+from _report import Report, median, percentile, sized
 from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.identity import Identity, Role, ServiceName
@@ -40,8 +40,9 @@ from edgeward_shared.runtime.health import answer_pings
 from edgeward_shared.runtime.node import NodeConfig, build_runtime
 from edgeward_shared.topics import Channel, Direction, device_topic
 
-N = 1000
-WARMUP = 100
+N = sized(1000, 20)
+WARMUP = sized(100, 5)
+ROUNDS = sized(2, 1)
 ENVELOPE_BYTES = 1160
 DEVICE = Identity.device("dev-0001")
 SERVICE = Identity.service(ServiceName.TELEMETRY)
@@ -186,7 +187,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="edgeward-bench-") as tmp:
         store = make_pki(Path(tmp) / "pki")
         with MosquittoBroker(store, Path(tmp) / "broker") as broker:
-            for _ in range(2):
+            for _ in range(ROUNDS):
                 child = with_device("paho-device", store, broker.port)
                 base += paho_round_trips(store, broker.port)
                 finish(child)

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from edgeward_attestation.app import reattest_forever, wire
 from edgeward_attestation.policy import policy_from_values
@@ -68,6 +68,12 @@ class World:
         )
 
     def cli(self, *argv: str) -> str:
+        result = self.cli_result(*argv)
+        assert result.exit_code == 0, (result.output, result.exception)
+        return result.output
+
+    def cli_result(self, *argv: str) -> Result:
+        """The CLI's outcome as alice, whatever it is."""
         common = [
             "--dir",
             str(self.pki.dir),
@@ -76,9 +82,7 @@ class World:
             "--broker",
             f"{self.broker.host}:{self.broker.port}",
         ]
-        result = CliRunner().invoke(cli, [*argv, *common])
-        assert result.exit_code == 0, (result.output, result.exception)
-        return result.output
+        return CliRunner().invoke(cli, [*argv, *common])
 
     async def new_agent(
         self, store: AttestationStore, device_id: str, tcti: str, *, replace: bool = False
@@ -117,7 +121,9 @@ def make_world(root: Path, extra: tuple[Identity, ...] = ()) -> Iterator[World]:
         pki.issue(identity, now, timedelta(days=1))
     with (
         SwtpmFleet(root / "tpms") as fleet,
-        MosquittoBroker(pki, root / "broker", operators=[ALICE]) as broker,
+        MosquittoBroker(
+            pki, root / "broker", operators=[ALICE, *(i for i in extra if i.role is Role.OPERATOR)]
+        ) as broker,
     ):
         yield World(root, pki, broker, fleet)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -42,7 +42,7 @@ from edgeward_device_agent.tpm import PcrBank, Tpm
 from edgeward_shared.clock import SystemClock
 from edgeward_shared.ear import verify_ear
 from edgeward_shared.envelope import Opened
-from edgeward_shared.identity import ServiceName
+from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.messages.attest import AttestationFailed
 from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.runtime.node import build_runtime
@@ -230,3 +230,26 @@ async def test_enrollment_follows_provisioning_not_the_devices_word(world: World
         async with agent_running(approved):
             assert await until(lambda: approved.trust_state().enrolled)
         assert await store.rebind_approved_for("dev-prov") is None  # used once
+
+
+@pytest.mark.asyncio
+async def test_rebind_without_replace_is_refused_before_anything_is_recorded(
+    world: World,
+) -> None:
+    """Issue 17.6: `device enroll --rebind FP` without --replace recorded the provisioning
+    and the approval, then failed on the still valid enrollment certificate."""
+    world.pki.issue(Identity.enrollee("dev-rebind"), datetime.now(UTC), timedelta(hours=1))
+    fingerprint = "ab" * 32
+    argv = ["device", "enroll", "dev-rebind", "--class", DEVICE_CLASS, "--rebind", fingerprint]
+    async with services(world) as store:
+        refused = await asyncio.to_thread(world.cli_result, *argv)
+        assert refused.exit_code == 2, refused.output
+        assert "--replace" in refused.output
+        assert "nothing was recorded" in refused.output
+        assert await store.provisioned("dev-rebind") is None
+        assert await store.rebind_approved_for("dev-rebind") is None
+        done = await asyncio.to_thread(world.cli, *argv, "--replace")
+        assert "may re-enroll" in done
+        assert await store.provisioned("dev-rebind") == (DEVICE_CLASS, None)
+        assert await store.rebind_approved_for("dev-rebind") == fingerprint
+    assert len(world.pki.current(Identity.enrollee("dev-rebind"), datetime.now(UTC))) == 1

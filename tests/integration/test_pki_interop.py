@@ -45,7 +45,7 @@ def dev_pki(tmp_path_factory: pytest.TempPathFactory) -> PkiStore:
 
 def test_every_certificate_verifies_with_openssl_including_purpose(dev_pki: PkiStore) -> None:
     records = dev_pki.issued()
-    assert len(records) == 3 + 3 + len(ServiceName)
+    assert len(records) == 3 + 3 + 2 + len(ServiceName)  # 2 more operator sessions
     for record in records:
         cert = dev_pki.dir / "identities" / record.common_name / "cert.pem"
         purpose = "sslserver" if record.role == Role.BROKER else "sslclient"

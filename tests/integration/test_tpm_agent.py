@@ -10,8 +10,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import queue
+import shutil
+import signal
+import socket
 import struct
 import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +36,7 @@ from edgeward_attestation.quote import (
     verify_quote,
 )
 from edgeward_attestation.reasons import AttestationReason as R
-from edgeward_attestation.structures import ALG_SHA256
+from edgeward_attestation.structures import ALG_SHA256, parse_quote_attest
 from edgeward_attestation.testing import software_ak_public
 from edgeward_device_agent.swtpm import (
     GOLDEN_BOOT_CHAIN,
@@ -345,3 +352,100 @@ def test_a_fleet_starts_again_on_the_same_root(tmp_path: Path) -> None:
         device = second.start("tpm-again")
         with device.open() as tpm:
             assert tpm.ek_certificate() == ek_before  # the same TPM, not a new one
+
+
+def _read_until_ready(process: subprocess.Popen[str], timeout_s: float) -> dict[str, str]:
+    """The ``<name> <tcti>`` lines edgeward-swtpm prints before ``ready``."""
+    lines: queue.Queue[str] = queue.Queue()
+    stdout = process.stdout
+    assert stdout is not None
+    threading.Thread(target=lambda: [lines.put(line) for line in stdout], daemon=True).start()
+    found: dict[str, str] = {}
+    deadline = time.monotonic() + timeout_s
+    while (line := lines.get(timeout=max(0.0, deadline - time.monotonic())).strip()) != "ready":
+        name, tcti = line.split(" ", 1)
+        found[name] = tcti
+    return found
+
+
+def _port_of(tcti: str) -> int:
+    return int(tcti.rsplit("port=", 1)[1])
+
+
+@pytest.mark.tpm
+def test_edgeward_swtpm_outlives_a_closed_stdin_and_stops_on_sigterm(tmp_path: Path) -> None:
+    """Issue 17.6: it exited as soon as its stdin closed (run in the background, from a
+    supervisor, with < /dev/null); now only SIGTERM or SIGINT stops it, and cleanly."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "edgeward_device_agent.simulate", "--root", str(tmp_path / "t"),
+         "--golden", "tpm-bg"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+    ) as process:  # fmt: skip
+        try:
+            tcti = _read_until_ready(process, 60)["tpm-bg"]
+            time.sleep(1.0)  # the old code had read EOF from /dev/null and exited by now
+            assert process.poll() is None
+            with Tpm(tcti) as tpm:  # and it serves
+                assert tpm.ek_certificate()
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(15) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+    with pytest.raises(ConnectionRefusedError):  # its swtpm went with it
+        socket.create_connection(("127.0.0.1", _port_of(tcti)), timeout=1).close()
+
+
+def _clock_of(attested: Attested) -> tuple[int, int, int, bool]:
+    info = parse_quote_attest(attested.quote.attest).clock_info
+    return info.reset_count, info.restart_count, info.clock, info.safe
+
+
+def _quote_after(device: SwtpmDevice, clock_above_ms: int) -> Attested:
+    """A quote once the TPM's Clock has passed ``clock_above_ms`` (bounded wait)."""
+    deadline = time.monotonic() + 10
+    with device.open() as tpm:
+        while True:
+            attested = _attest(tpm)
+            if _clock_of(attested)[2] > clock_above_ms or time.monotonic() > deadline:
+                return attested
+            time.sleep(0.05)
+
+
+def test_the_clock_rule_on_a_real_tpm_power_loss_orderly_reboot_and_rollback(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """docs/adr/0006 on swtpm. A power loss (stop without TPM2_Shutdown) comes back with a
+    lower Clock and safe = NO: accepted. An orderly TPM2_Shutdown keeps Clock: accepted.
+    The TPM's state rolled back to a copy taken at that shutdown reports the current boot's
+    resetCount with a lower Clock: refused, as a replayed or cloned TPM must be."""
+    device = fleet.fleet.start("dev-clock")
+    try:
+        first = _quote_after(device, 300)
+        state = first.verify().facts.state
+        device = fleet.fleet.reboot(device)  # SIGTERM, no TPM2_Shutdown: power lost
+        lost = _quote_after(device, 0)
+        reset, restart, clock, safe = _clock_of(lost)
+        assert (reset, restart) == (state.reset_count + 1, 0)
+        assert clock < state.clock  # Clock fell back to its last NV copy ...
+        assert not safe  # ... and the TPM says so
+        state = lost.verify(previous=state).facts.state
+        subprocess.run(["tpm2_shutdown", "-T", device.tcti], check=True, timeout=30)
+        device.stop()  # an orderly shutdown: Clock is saved
+        snapshot = tmp_path / "snapshot"
+        shutil.copytree(device.state_dir, snapshot)
+        device = fleet.fleet.start("dev-clock")
+        orderly = _quote_after(device, 0)
+        assert _clock_of(orderly)[2] >= state.clock
+        state = orderly.verify(previous=state).facts.state
+        later = _quote_after(device, state.clock + 300)
+        state = later.verify(previous=state).facts.state
+        device.stop()
+        shutil.rmtree(device.state_dir)
+        shutil.copytree(snapshot, device.state_dir)  # the TPM's NV state rolled back
+        device = fleet.fleet.start("dev-clock")
+        rolled_back = _quote_after(device, 0)
+        assert _clock_of(rolled_back)[:2] == (state.reset_count, state.restart_count)
+        assert rolled_back.reason(previous=state) == R.CLOCK_BACKWARDS
+    finally:
+        device.stop()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from edgeward_shared.broker.acl import render_acl
+from edgeward_shared.broker.acl import AclPrincipals, render_acl
 from edgeward_shared.broker.config import ACL_NAME, find_mosquitto_dir
 from edgeward_shared.broker.dynsec import CONTROL_TOPIC, RESPONSE_TOPIC
 from edgeward_shared.errors import PolicyError
@@ -178,8 +178,30 @@ def test_an_operator_gets_commands_health_and_calls_in_its_own_name(acl: Acl) ->
     }
 
 
+def test_an_operator_session_gets_the_operators_rights_under_its_own_cn() -> None:
+    """docs/adr/0014: op.alice.2 is a client id of its own with op.alice's grants, calling
+    and answered in its own name; it cannot read the answers meant for op.alice."""
+    session = Identity.operator("alice", "2")
+    principals = AclPrincipals.of([ALICE, session, Identity.service(ServiceName.TELEMETRY, "2")])
+    assert principals.operators == (ALICE, session)
+    assert principals.service_instances == (Identity.service(ServiceName.TELEMETRY, "2"),)
+    acl = parse_acl(principals.render())
+    renamed = {
+        (access, topic.replace("op.alice", "op.alice.2")) for access, topic in grants(acl, ALICE)
+    }
+    assert grants(acl, session) == renamed
+    assert acl.may("op.alice.2", "write", "ew/v1/svc/attestation/req/op.alice.2")
+    assert not acl.may("op.alice.2", "write", "ew/v1/svc/attestation/req/op.alice")
+    assert not acl.may("op.alice.2", "read", "ew/v1/svc/attestation/rsp/op.alice")
+    assert not acl.may("op.alice", "read", "ew/v1/svc/attestation/rsp/op.alice.2")
+
+
 def test_an_admin_gets_the_dynamic_security_api_and_nothing_else(acl: Acl) -> None:
-    assert grants(acl, ADMIN) == {("write", CONTROL_TOPIC), ("read", RESPONSE_TOPIC)}
+    assert grants(acl, ADMIN) == {
+        ("write", CONTROL_TOPIC),
+        ("read", RESPONSE_TOPIC),
+        ("read", "$SYS/broker/log/N"),  # connection notices, for the audit (docs/adr/0014)
+    }
     assert CONTROL_TOPIC == "$CONTROL/dynamic-security/v1"
     assert RESPONSE_TOPIC == "$CONTROL/dynamic-security/v1/response"
 

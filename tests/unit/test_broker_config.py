@@ -79,7 +79,6 @@ REQUIRED = {
     "max_keepalive": "60",
     "plugin": "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
     "plugin_opt_config_file": "/run/edgeward/dynamic-security.json",
-    "log_dest": "file /run/edgeward/mosquitto.log",
     "connection_messages": "true",
     "user": "edgeward",
     "persistence": "false",
@@ -89,6 +88,13 @@ REQUIRED = {
 def test_the_config_has_every_required_directive() -> None:
     found = dict(directives(render_config(SETTINGS)))
     assert found | REQUIRED == found  # every required pair is present with that value
+
+
+def test_the_log_goes_to_its_file_and_line_by_line_to_the_admins_topic() -> None:
+    """docs/adr/0014: the text log, and each line as one message for `broker audit`."""
+    found = directives(render_config(SETTINGS))
+    assert ("log_dest", "file /run/edgeward/mosquitto.log") in found
+    assert ("log_dest", "topic") in found
 
 
 def test_there_is_one_listener_and_no_way_around_tls() -> None:

@@ -336,6 +336,33 @@ async def test_a_caller_over_its_rate_is_refused(fleet: Fleet) -> None:
         assert answers[2].reason == R.RATE_LIMITED
 
 
+async def test_an_operators_sessions_share_its_call_rate(fleet: Fleet) -> None:
+    """docs/adr/0014: the limit is the principal's; a second session does not double it."""
+    fleet.settings = Settings(caller_limit=Limit(rate_per_s=1, burst=2))
+    session = Identity.operator("alice", "2")
+    async with running(fleet, instances=1) as world:
+        second = fleet.runtime(session)
+        second.expect_replies(
+            service_response_topic(ServiceName.INFERENCE_GATEWAY, session), [InferAnswer]
+        )
+        stop = asyncio.Event()
+        task = asyncio.create_task(
+            second.run(functools.partial(fleet.broker.connect, session.common_name), stop)
+        )
+        try:
+            await asyncio.wait_for(second.ready.wait(), WAIT_S)
+            first_answers = [await world.call("dev-a") for _ in range(2)]
+            assert all(isinstance(a, InferAnswer) and a.accepted for a in first_answers)
+            call = InferCall(device="dev-a", model="demo", inputs=sample_inputs())
+            topic = service_request_topic(ServiceName.INFERENCE_GATEWAY, session)
+            answer = (await second.request(topic, call, timeout_s=WAIT_S)).message
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, WAIT_S)
+        assert isinstance(answer, Rejected)
+        assert answer.reason == R.RATE_LIMITED
+
+
 async def test_an_answer_computed_on_other_inputs_is_refused_to_the_caller(fleet: Fleet) -> None:
     async with running(fleet, answer=cheating) as world:
         answer = await world.call("dev-a")

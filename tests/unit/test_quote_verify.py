@@ -330,6 +330,74 @@ def test_a_restart_resets_nothing_but_restart_count_may_grow() -> None:
                                                           clock=200)).accepted  # type: ignore[arg-type]  # fmt: skip
 
 
+#: The clock rule (docs/adr/0006), case by case, against a last accepted quote of
+#: resetCount 5, restartCount 2, Clock 1_000_000. Each case re-marshals a recorded quote's
+#: TPMS_ATTEST with other TPMS_CLOCK_INFO values and signs it again. None means accepted.
+PREVIOUS = ClockState(reset_count=5, restart_count=2, clock=1_000_000)
+CLOCK_CASES: list[tuple[str, int, int, int, bool, str | None]] = [
+    # same boot (same resetCount and restartCount)
+    ("same boot, later, safe", 5, 2, 1_000_001, True, None),
+    ("same boot, same Clock", 5, 2, 1_000_000, True, None),
+    ("same boot, later, unsafe", 5, 2, 1_000_001, False, None),
+    ("same boot, lower, safe", 5, 2, 999_999, True, R.CLOCK_BACKWARDS),
+    ("same boot, lower, unsafe", 5, 2, 999_999, False, R.CLOCK_BACKWARDS),
+    # a TPM Restart (restartCount + 1, same resetCount)
+    ("restart, later, safe", 5, 3, 1_000_500, True, None),
+    ("restart, lower, safe", 5, 3, 999_000, True, R.CLOCK_BACKWARDS),
+    ("restart, lower, unsafe", 5, 3, 999_000, False, None),
+    # a TPM Reset (resetCount + 1; restartCount starts again at 0)
+    ("reset, later, safe", 6, 0, 1_000_500, True, None),
+    ("reset, lower, safe", 6, 0, 999_000, True, R.CLOCK_BACKWARDS),
+    ("reset, lower, unsafe", 6, 0, 999_000, False, None),
+    ("reset, Clock 0, unsafe", 6, 0, 0, False, None),
+    ("two resets, lower, unsafe", 7, 4, 10, False, None),
+    # counters going backwards: refused whatever Clock and safe say
+    ("resetCount lower, later, safe", 4, 2, 2_000_000, True, R.RESET_BACKWARDS),
+    ("resetCount lower, lower, unsafe", 4, 9, 10, False, R.RESET_BACKWARDS),
+    ("restartCount lower, later, safe", 5, 1, 2_000_000, True, R.RESTART_BACKWARDS),
+    ("restartCount lower, lower, unsafe", 5, 1, 10, False, R.RESTART_BACKWARDS),
+]
+
+
+@pytest.mark.parametrize(
+    ("reset", "restart", "clock", "safe", "expected"),
+    [case[1:] for case in CLOCK_CASES],
+    ids=[case[0] for case in CLOCK_CASES],
+)
+def test_the_clock_rule_case_by_case(
+    reset: int, restart: int, clock: int, safe: bool, expected: str | None
+) -> None:
+    vector = _load("pytss")
+    variant = _resigned(vector, reset_count=reset, restart_count=restart, clock=clock, safe=safe)
+    parsed = parse_quote_attest(variant["attest"]).clock_info
+    assert (parsed.reset_count, parsed.restart_count, parsed.clock, parsed.safe) == (
+        reset,
+        restart,
+        clock,
+        safe,
+    )
+    if expected is None:
+        verdict = _verify(vector, previous=PREVIOUS, **variant)  # type: ignore[arg-type]
+        assert verdict.facts.state == ClockState(reset, restart, clock)
+    else:
+        assert _reason_of(vector, previous=PREVIOUS, **variant) == expected
+    assert _verify(vector, previous=None, **variant).accepted  # a first quote has no past
+
+
+def test_after_an_accepted_power_loss_the_quotes_from_before_it_stay_refused() -> None:
+    """The lower Clock accepted across a reset becomes the new baseline; the old boot's
+    quotes (and a rolled-back TPM that reports them) are refused by the counters."""
+    vector = _load("pytss")
+    before = _resigned(vector, reset_count=5, restart_count=2, clock=1_000_000, safe=True)
+    after = _resigned(vector, reset_count=6, restart_count=0, clock=900_000, safe=False)
+    first = _verify(vector, previous=None, **before).facts.state  # type: ignore[arg-type]
+    second = _verify(vector, previous=first, **after).facts.state  # type: ignore[arg-type]
+    assert second == ClockState(6, 0, 900_000)
+    assert _reason_of(vector, previous=second, **before) == R.RESET_BACKWARDS
+    rolled_back = _resigned(vector, reset_count=6, restart_count=0, clock=899_000, safe=True)
+    assert _reason_of(vector, previous=second, **rolled_back) == R.CLOCK_BACKWARDS
+
+
 # ---------------------------------------------------------------- inputs and keys
 def test_qualifying_data_is_length_prefixed_and_tagged() -> None:
     key = b"\x30" * 91

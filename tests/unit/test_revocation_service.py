@@ -293,3 +293,34 @@ async def test_an_unknown_serial_and_a_telemetry_operator_revocation_are_refused
     finally:
         await db.close()
     await asyncio.sleep(0)
+
+
+@pytest.mark.asyncio
+async def test_revoking_an_operator_revokes_and_kicks_every_session_of_it(
+    pki: PkiStore, tmp_path: Path
+) -> None:
+    """docs/adr/0014: op.alice.2 is a session of op.alice; revoking alice ends both, and
+    leaves op.alicia (another operator whose name starts alike) alone."""
+    now = datetime.now(UTC)
+    second, other = Identity.operator("alice", "2"), Identity.operator("alicia")
+    pki.issue(second, now, DAY)
+    pki.issue(other, now, DAY)
+    broker = FakeBroker()
+    db = await SqliteDatabase.open(tmp_path / "rev.db")
+    try:
+        process = Process(db, pki, broker)
+        await process.store.migrate()
+        job = await process.service.revoke(second, "operator", "alice", "left")
+        assert await process.worker.work_once()
+        done = await process.store.job(job.job_id)
+        assert done is not None
+        assert done.step == "done"
+        crl = load_crl(pki.crl_path, [pki.issuer().cert], now=datetime.now(UTC))
+        assert {_serial(pki, ALICE), _serial(pki, second)} <= crl
+        assert _serial(pki, other) not in crl
+        assert sorted(broker.kicked) == ["op.alice", "op.alice.2"]
+        revocations = RevocationView.empty().accept(broker.published[-1])
+        assert revocations.operator_revoked(second)
+        assert not revocations.operator_revoked(other)
+    finally:
+        await db.close()

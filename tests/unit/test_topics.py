@@ -154,17 +154,40 @@ def test_service_instances_are_their_service_for_authorization() -> None:
         authorize_signer("ew/v1/dev/dev-a/down/cmd", second)
 
 
+def test_operator_sessions_are_their_operator_for_authorization() -> None:
+    """docs/adr/0014: op.alice.2 is a second session of op.alice, with her rights, answered
+    on its own topics; it may not speak in the name of another session."""
+    session = Identity.operator("alice", "2")
+    assert session.common_name == "op.alice.2"
+    assert Identity.from_common_name(Role.OPERATOR, "op.alice.2") == session
+    assert session.principal == ALICE
+    authorize_signer("ew/v1/dev/dev-a/down/cmd", session)
+    authorize_signer("ew/v1/dev/dev-a/down/health", session)
+    authorize_signer("ew/v1/svc/attestation/req/op.alice.2", session)
+    assert reply_topic("ew/v1/svc/attestation/req/op.alice.2") == (
+        "ew/v1/svc/attestation/rsp/op.alice.2"
+    )
+    for other in ("op.alice", "op.alice.3", "op.bob.2"):
+        with pytest.raises(PolicyError, match="identity.mismatch"):
+            authorize_signer(f"ew/v1/svc/attestation/req/{other}", session)
+    with pytest.raises(PolicyError):
+        authorize_signer("ew/v1/svc/attestation/rsp/op.alice.2", session)
+
+
 @pytest.mark.parametrize(
     ("role", "name", "instance"),
     [
         (Role.DEVICE, "dev-a", "2"),
-        (Role.OPERATOR, "alice", "2"),
+        (Role.ENROLLEE, "dev-a", "2"),
+        (Role.BROKER_ADMIN, "broker", "2"),
+        (Role.OPERATOR, "alice", "Two"),
+        (Role.OPERATOR, "alice", "a.b"),
         (Role.SERVICE, "telemetry", "Two"),
         (Role.SERVICE, "telemetry", "a.b"),
         (Role.SERVICE, "telemetry", ""),
     ],
 )
-def test_only_services_have_instances_and_they_are_plain_labels(
+def test_only_services_and_operators_have_instances_and_they_are_plain_labels(
     role: Role, name: str, instance: str
 ) -> None:
     with pytest.raises(ValueError, match="instance"):
@@ -172,7 +195,8 @@ def test_only_services_have_instances_and_they_are_plain_labels(
 
 
 @pytest.mark.parametrize(
-    "cn", ["svc.telemetry.2.3", "svc.telemetry.", "svc.nosuch.2", "op.alice.2"]
+    "cn",
+    ["svc.telemetry.2.3", "svc.telemetry.", "svc.nosuch.2", "op.alice.", "op.alice.2.3", "op.A.2"],
 )
 def test_common_names_that_do_not_fit_are_refused(cn: str) -> None:
     role = Role.OPERATOR if cn.startswith("op.") else Role.SERVICE

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -19,6 +20,7 @@ import click
 from edgeward_cli.command_client import require_receipt, send_command
 from edgeward_cli.ops_client import broker_option, operator_option, parse_broker
 from edgeward_cli.pki_cmds import pki_dir_option
+from edgeward_cli.sessions import claim_session
 from edgeward_shared.command_log import (
     CommandRecord,
     OfflineTrust,
@@ -27,7 +29,6 @@ from edgeward_shared.command_log import (
     decode_records,
     describe_time,
 )
-from edgeward_shared.identity import Identity
 from edgeward_shared.messages.command import (
     Command,
     ReattestCommand,
@@ -59,10 +60,11 @@ def _send(  # noqa: PLR0917 - one call site per verb, all positional for brevity
     directory: Path, operator: str, broker: str, message: Command, log_path: Path, timeout: float
 ) -> None:
     store = PkiStore(directory).require()
-    files = store.identity_files(Identity.operator(operator))
-    exchange = asyncio.run(
-        send_command(store, files, parse_broker(broker), message, log_path, timeout_s=timeout)
-    )
+    with claim_session(store, operator, datetime.now(UTC)) as session:
+        files = store.identity_files(session)
+        exchange = asyncio.run(
+            send_command(store, files, parse_broker(broker), message, log_path, timeout_s=timeout)
+        )
     receipt = require_receipt(exchange)
     click.echo(
         f"{exchange.record.mid} {message.TYPE} -> {receipt.device_id}: {receipt.outcome}"

@@ -91,7 +91,7 @@ async def _tpms(root: Path, stack: AsyncExitStack) -> dict[str, str]:
         GOLDEN,
         "--tampered",
         TAMPERED,
-        stdin=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
     )
     stack.push_async_callback(_stop, child)

@@ -64,6 +64,8 @@ def enroll(  # click passes every parameter by keyword
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="DEVICE_ID") from exc
     store = PkiStore(directory).require()
+    now = datetime.now(UTC)
+    _refuse_existing_enrollee(store, identity, now, replace=replace)
     requests: list[Message] = [
         DeviceProvision(
             device_id=device_id, device_class=device_class, ek_fingerprint=ek_fingerprint
@@ -73,8 +75,23 @@ def enroll(  # click passes every parameter by keyword
         requests.append(RebindApprove(device_id=device_id, ek_fingerprint=rebind))
     for done in asyncio.run(_ask_all(directory, operator, broker, requests)):
         click.echo(done.detail)
-    files = store.issue(identity, datetime.now(UTC), LIFETIMES[Role.ENROLLEE], replace=replace)
+    files = store.issue(identity, now, LIFETIMES[Role.ENROLLEE], replace=replace)
     click.echo(f"enrollment certificate for {device_id} -> {files.directory}")
+
+
+def _refuse_existing_enrollee(
+    store: PkiStore, identity: Identity, now: datetime, *, replace: bool
+) -> None:
+    """Refuse before anything is recorded: the provisioning and a rebind approval are sent
+    to the attestation service first, so a certificate issue that would then fail
+    (``config.pki.identity_exists``) must be caught here, not after them."""
+    existing = store.current(identity, now)
+    if existing and not replace:
+        raise click.UsageError(
+            f"{identity} already has a valid enrollment certificate (serial"
+            f" {existing[0].serial:x}); nothing was recorded. Pass --replace to revoke it and"
+            " issue a new one (a rebind needs one for the device's new TPM)."
+        )
 
 
 async def _ask_all(

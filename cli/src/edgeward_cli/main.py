@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from edgeward_cli.audit_cmds import audit
 from edgeward_cli.broker_cmds import broker
 from edgeward_cli.command_cmds import command
 from edgeward_cli.demo import demo
@@ -41,6 +42,7 @@ cli.add_command(infer)
 cli.add_command(demo)
 cli.add_command(revoke)
 cli.add_command(command)
+broker.add_command(audit)
 
 
 def main() -> None:

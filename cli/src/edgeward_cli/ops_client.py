@@ -1,7 +1,8 @@
 """An operator's signed conversation with a service over the broker, for CLI commands.
 
-The CLI connects as the operator (``op.<name>`` from the PKI), sends one signed request to
-``ew/v1/svc/<service>/req/op.<name>`` and waits for the signed answer bound to it. A
+The CLI connects as a free session of the operator (``op.<name>`` or ``op.<name>.<n>`` from
+the PKI, :mod:`edgeward_cli.sessions`), sends one signed request to
+``ew/v1/svc/<service>/req/<session CN>`` and waits for the signed answer bound to it. A
 ``Rejected`` answer becomes an error naming the reason id.
 """
 
@@ -12,11 +13,13 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
 import click
 
+from edgeward_cli.sessions import claim_session
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.errors import PolicyError, TransportError
 from edgeward_shared.identity import Identity, ServiceName
@@ -34,7 +37,8 @@ operator_option = click.option(
     "--operator",
     default=lambda: os.environ.get("EDGEWARD_OPERATOR", "admin"),
     show_default="$EDGEWARD_OPERATOR or admin",
-    help="Operator name (its certificate op.<name> is in the PKI).",
+    help="Operator name: any free session of op.<name> in the PKI (op.<name>, op.<name>.2,"
+    " ...), or <name>.<instance> for exactly that session (docs/adr/0014).",
 )
 broker_option = click.option(
     "--broker",
@@ -75,7 +79,19 @@ async def operator_session(
     answers: list[type[Message]],
 ) -> AsyncIterator[OperatorSession]:
     store = PkiStore(pki_dir).require()
-    identity = Identity.operator(operator)
+    with claim_session(store, operator, datetime.now(UTC)) as identity:
+        async with _connected(store, identity, broker, service, answers) as session:
+            yield session
+
+
+@asynccontextmanager
+async def _connected(
+    store: PkiStore,
+    identity: Identity,
+    broker: BrokerAddress,
+    service: ServiceName,
+    answers: list[type[Message]],
+) -> AsyncIterator[OperatorSession]:
     config = NodeConfig(
         identity_dir=store.identity_files(identity).directory,
         ca_bundle=store.bundle_path,

@@ -77,7 +77,8 @@ def init(directory: Path, org: str, root_passphrase_env: str | None) -> None:
 @click.option("--host", "hosts", multiple=True, help="Broker host name or IP (repeatable).")
 @click.option(
     "--instance",
-    help="For a service: one more instance of it (CN svc.<name>.<instance>), e.g. 2.",
+    help="For a service, one more instance of it (CN svc.<name>.<instance>); for an operator,"
+    " one more concurrent session (CN op.<name>.<instance>, docs/adr/0014); e.g. 2.",
 )
 @click.option(
     "--replace",
@@ -102,6 +103,7 @@ def issue(  # click passes every parameter by keyword
       edgeward pki issue service attestation
       edgeward pki issue service attestation --instance 2
       edgeward pki issue operator alice --hours 8
+      edgeward pki issue operator alice --instance 2   (a second concurrent session)
       edgeward pki issue broker local --host 127.0.0.1 --host localhost
     """
     identity = _identity(Role(role), name, instance)
@@ -176,12 +178,14 @@ def list_(directory: Path) -> None:
         )
 
 
-def dev_identities(devices: int, operator: str) -> list[Identity]:
-    """What a development deployment needs: broker, admin, operator, services, devices."""
+def dev_identities(devices: int, operator: str, sessions: int = 1) -> list[Identity]:
+    """What a development deployment needs: broker, admin, operator (``sessions``
+    concurrent sessions of it: op.<name>, op.<name>.2, ...), services, devices."""
     return [
         Identity(Role.BROKER, "local"),
         Identity(Role.BROKER_ADMIN, "broker"),
         Identity.operator(operator),
+        *(Identity.operator(operator, str(n)) for n in range(2, sessions + 1)),
         *(Identity.service(s) for s in ServiceName),
         *(Identity.device(f"dev-{i:04d}") for i in range(1, devices + 1)),
     ]
@@ -210,10 +214,17 @@ def create_dev_pki(
 @pki_dir_option
 @click.option("--devices", type=click.IntRange(0, 10_000), default=3, show_default=True)
 @click.option("--operator", default="admin", show_default=True)
-def dev_setup(directory: Path, devices: int, operator: str) -> None:
-    """One step for development: CAs, broker, all services, an operator, the broker
-    admin and DEVICES device certificates (dev-0001, ...)."""
-    identities = dev_identities(devices, operator)
+@click.option(
+    "--operator-sessions",
+    type=click.IntRange(1, 16),
+    default=3,
+    show_default=True,
+    help="Concurrent CLI sessions of the operator (op.NAME, op.NAME.2, ...).",
+)
+def dev_setup(directory: Path, devices: int, operator: str, operator_sessions: int) -> None:
+    """One step for development: CAs, broker, all services, an operator (with concurrent
+    sessions), the broker admin and DEVICES device certificates (dev-0001, ...)."""
+    identities = dev_identities(devices, operator, operator_sessions)
     with click.progressbar(identities, label="issuing", show_pos=True, file=sys.stderr) as bar:
         _, issued = create_dev_pki(directory, bar)
     kept = len(identities) - len(issued)

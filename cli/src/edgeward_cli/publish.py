@@ -23,9 +23,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from edgeward_shared.identity import identity_of
 from edgeward_shared.models.onnx_check import check_onnx
 from edgeward_shared.models.provenance import (
     SCHEMA,
@@ -79,7 +79,7 @@ def build_release(
             dataset_fingerprint=spec.dataset_fingerprint,
             created_at_ms=now_ms,
             expires_at_ms=now_ms + spec.lifetime_ms,
-            builder=_common_name(cert),
+            builder=identity_of(cert).common_name,  # refuses a CN outside the grammar
         )
     )
     signature = sign_model(model, provenance, signer.key, label=f"{spec.name}-v{spec.version}")
@@ -113,8 +113,3 @@ def sign_model(model: bytes, provenance: bytes, private_key: Path, *, label: str
         return bundle.read_bytes()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _common_name(cert: x509.Certificate) -> str:
-    names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    return str(names[0].value) if names else "unknown"

@@ -13,8 +13,9 @@ Shape (draft-ietf-rats-ear, JWT/ES256 made and checked with PyJWT)::
 
 :func:`verify_ear` accepts a result only if its signer's certificate chains to our CA, is
 the attestation service's (role and name, any instance), is not revoked, the signature
-verifies, the result is inside its validity window at the injected ``now`` and it names a
-session key; everything else is ``AuthenticityError``/``MessageError`` with a reason id.
+verifies, the result is inside its validity window at the injected ``now``, its ``sub`` is a
+device id (docs/protocol.md §4) and it names a session key; everything else is
+``AuthenticityError``/``MessageError`` with a reason id.
 Whether the status is good enough is the relying party's policy, not this module's.
 """
 
@@ -32,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from edgeward_shared.clock import to_datetime
 from edgeward_shared.envelope import SigningKey
 from edgeward_shared.errors import AuthenticityError, MessageError
-from edgeward_shared.identity import Identity, ServiceName
+from edgeward_shared.identity import DEVICE_ID_RE, Identity, ServiceName
 from edgeward_shared.pki.trust import TrustStore
 
 EAR_PROFILE: Final = "tag:github.com,2023:veraison/ear"
@@ -49,6 +50,7 @@ class EarReason:
     SIGNATURE: Final = "ear.signature.invalid"
     EXPIRED: Final = "ear.expired"
     NOT_YET_VALID: Final = "ear.not_yet_valid"
+    SUBJECT: Final = "ear.subject.invalid"
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,4 +155,7 @@ def _parse_claims(claims: dict[str, Any]) -> AttestationClaims:
         raise MessageError(EarReason.MALFORMED, "not an Edgeward EAR")
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise MessageError(EarReason.MALFORMED, "the session key is not EC P-256")
+    if not isinstance(claims["sub"], str) or not DEVICE_ID_RE.fullmatch(claims["sub"]):
+        # the device id a relying party logs and binds: the grammar of docs/protocol.md §4
+        raise MessageError(EarReason.SUBJECT, f"sub {claims['sub']!r} is not a device id")
     return parsed

@@ -13,6 +13,7 @@ X.667), next to ``clientAuth``/``serverAuth``; it is never guessed from the name
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
@@ -67,6 +68,10 @@ _CN_PREFIX: Final[dict[Role, str]] = {
 DEVICE_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 NAME_RE: Final = re.compile(r"[a-z][a-z0-9-]{0,31}")
 INSTANCE_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,15}")
+#: Roles whose principal may hold several certificates (one per connection), told apart by
+#: an instance label after the name: services (``svc.telemetry.2``) and operators
+#: (``op.alice.2``, docs/adr/0014).
+INSTANCE_ROLES: Final = frozenset({Role.SERVICE, Role.OPERATOR})
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +81,9 @@ class Identity:
     A service may run as several instances, each with its own certificate (the broker makes
     the CN the client id, so two connections cannot share one): ``svc.telemetry`` and
     ``svc.telemetry.2`` are two instances of one principal, :attr:`principal`, which is
-    what authorization looks at. Only services have instances.
+    what authorization looks at. An operator likewise holds several sessions at once (a
+    console and a CLI call, docs/adr/0014): ``op.alice`` and ``op.alice.2`` are two
+    sessions of the operator ``op.alice``. Only services and operators have instances.
     """
 
     role: Role
@@ -90,7 +97,7 @@ class Identity:
         if self.role is Role.SERVICE and self.name not in ServiceName.__members__.values():
             raise ValueError(f"unknown service {self.name!r}")
         if self.instance is not None and (
-            self.role is not Role.SERVICE or not INSTANCE_RE.fullmatch(self.instance)
+            self.role not in INSTANCE_ROLES or not INSTANCE_RE.fullmatch(self.instance)
         ):
             raise ValueError(f"invalid instance {self.instance!r} for a {self.role}")
 
@@ -104,12 +111,13 @@ class Identity:
 
     @property
     def principal(self) -> Identity:
-        """The identity authorization is about: a service instance stands for its service."""
+        """The identity authorization is about: a service instance stands for its service,
+        an operator's session for the operator."""
         return self if self.instance is None else Identity(self.role, self.name)
 
     @classmethod
-    def operator(cls, name: str) -> Identity:
-        return cls(Role.OPERATOR, name)
+    def operator(cls, name: str, instance: str | None = None) -> Identity:
+        return cls(Role.OPERATOR, name, instance)
 
     @classmethod
     def enrollee(cls, device_id: str) -> Identity:
@@ -137,6 +145,38 @@ class Identity:
 
     def __str__(self) -> str:
         return self.common_name
+
+
+def fits_grammar(common_name: str) -> bool:
+    """Whether ``common_name`` is the CN of some identity (docs/protocol.md §4), the role
+    being read from its prefix. For records and alarms only: authorization takes the role
+    from the certificate's EKU (:func:`identity_of`), never from the name."""
+    head = common_name.partition(".")[0] + "."
+    role = next((r for r, prefix in _CN_PREFIX.items() if prefix == head), Role.DEVICE)
+    try:
+        Identity.from_common_name(role, common_name)
+    except PolicyError:
+        return False
+    return True
+
+
+def instances_of(principal: Identity, common_names: Iterable[str]) -> list[Identity]:
+    """The identities among ``common_names`` (CNs of ``principal``'s role) that stand for
+    ``principal``: itself and its instances, each once, in the order first seen. CNs that
+    do not fit the grammar are skipped."""
+    found: list[Identity] = []
+    for common_name in common_names:
+        if common_name != principal.common_name and not common_name.startswith(
+            f"{principal.common_name}."
+        ):
+            continue
+        try:
+            who = Identity.from_common_name(principal.role, common_name)
+        except PolicyError:
+            continue
+        if who.principal == principal and who not in found:
+            found.append(who)
+    return found
 
 
 def role_of(cert: x509.Certificate) -> Role:

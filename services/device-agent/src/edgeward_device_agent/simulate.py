@@ -3,8 +3,9 @@
 Starts one swtpm per named device under ``--root`` (state 0700, provisioned once with an EK
 certificate from the root's test manufacturer CA, ``<root>/ca/cert.pem``), boots each with
 the golden or a tampered boot chain, prints one line per device (``<name> <tcti>``) and a
-line ``ready``, then runs until stdin closes or SIGTERM/SIGINT; every swtpm is stopped by
-its PID on the way out.
+line ``ready``, then runs until SIGTERM or SIGINT (Ctrl-C), whatever becomes of its stdin:
+it runs as well in the background, under a supervisor or with stdin from /dev/null. Every
+swtpm is stopped by its PID on the way out.
 """
 
 from __future__ import annotations
@@ -32,11 +33,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _stop_on_eof(stop: threading.Event) -> None:
-    sys.stdin.read()
-    stop.set()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     stop = threading.Event()
@@ -48,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, chain in chains:
             print(f"{name} {fleet.start(name, chain).tcti}", flush=True)
         print("ready", flush=True)
-        threading.Thread(target=_stop_on_eof, args=(stop,), daemon=True).start()
-        stop.wait()
+        stop.wait()  # a signal's handler runs in this thread and ends the wait
     return 0
 
 

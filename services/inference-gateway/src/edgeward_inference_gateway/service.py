@@ -152,7 +152,7 @@ class GatewayService:
         if answer_on is None:
             raise TypeError(f"wiring bug: {opened.topic} is not a request topic")
         now = self.clock.now_ms()
-        caller = opened.signer.identity.common_name
+        caller = opened.signer.identity.principal.common_name  # an operator's sessions share
         if not self.callers.allow(caller, now):
             self.metrics.rate_limited.labels("caller").inc()
             raise PolicyError(R.RATE_LIMITED, f"{caller} is over its call rate")

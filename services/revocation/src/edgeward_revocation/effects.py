@@ -38,7 +38,7 @@ from edgeward_shared.broker.dynsec import (
 from edgeward_shared.bus.mqtt import MqttBus, MqttSettings, connect_mqtt
 from edgeward_shared.clock import from_datetime
 from edgeward_shared.errors import ConfigError, EdgewardError, TransportError
-from edgeward_shared.identity import Identity
+from edgeward_shared.identity import Identity, instances_of
 from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.pki.trust import load_crl
 from edgeward_shared.runtime.backoff import jittered_backoff
@@ -78,6 +78,11 @@ class PkiCrl:
     def serials_of(self, identities: list[Identity], now: datetime) -> tuple[int, ...]:
         """Serials of the current (unexpired, unrevoked) certificates of ``identities``."""
         return tuple(r.serial for who in identities for r in self.store.current(who, now))
+
+    def instances_of(self, principal: Identity) -> list[Identity]:
+        """``principal`` and every instance of it this CA issued a certificate to."""
+        issued = (r.common_name for r in self.store.issued() if r.role == principal.role)
+        return [principal, *(i for i in instances_of(principal, issued) if i != principal)]
 
     def owner_of(self, serial: int) -> str | None:
         """The CN a serial was issued to, or None if this CA never issued it."""

@@ -74,9 +74,11 @@ class RevocationService:
             case "device":
                 who = [Identity.device(subject), Identity.enrollee(subject)]
                 return self.pki.serials_of(who, now), kick_names(kind, subject, None)
-            case "operator":
-                serials = self.pki.serials_of([Identity.operator(subject)], now)
-                return serials, kick_names(kind, subject, None)
+            case "operator":  # the operator and every session of it (docs/adr/0014)
+                sessions = self.pki.instances_of(Identity.operator(subject))
+                serials = self.pki.serials_of(sessions, now)
+                kick = {*kick_names(kind, subject, None), *(s.common_name for s in sessions)}
+                return serials, tuple(sorted(kick))
             case "cert":
                 owner = self.pki.owner_of(int(subject, 16))
                 if owner is None:

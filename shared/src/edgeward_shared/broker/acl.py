@@ -40,6 +40,8 @@ from edgeward_shared.topics import (
 )
 
 DEFAULT_ADMINS: Final = (Identity(Role.BROKER_ADMIN, "broker"),)
+#: Where Mosquitto publishes its notice-level log lines (``log_dest topic``).
+BROKER_NOTICES: Final = "$SYS/broker/log/N"
 
 _HEADER: Final = """\
 # Edgeward broker ACL (Mosquitto 2.0 acl_file).
@@ -50,7 +52,7 @@ _HEADER: Final = """\
 # client id (use_username_as_clientid). Per user: "deny" lines first, then grants, then the
 # patterns below; anything not granted is denied. "read" = may receive, "write" = may
 # publish. SUBSCRIBE itself is never refused: a forbidden filter simply delivers nothing.
-# No line grants "#", "$SYS" or "$CONTROL", except the broker admins' two lines.
+# No line grants "#", "$SYS" or "$CONTROL", except the broker admins' three lines.
 """
 
 
@@ -118,7 +120,10 @@ def _service_block(who: Identity) -> list[str]:
 
 def _operator_block(who: Identity) -> list[str]:
     cn = who.common_name
-    lines = _user_header(who, f"Operator {cn}: commands down, receipts up, calls in its name.")
+    summary = f"Operator {cn}: commands down, receipts up, calls in its name."
+    if who.instance is not None:  # docs/adr/0014: same rights, its own client id and topics
+        summary = f"Operator {who.principal}, session {cn}: its rights, calls in its own name."
+    lines = _user_header(who, summary)
     lines += [_line("write", f"{ROOT}/dev/+/down/{ch}") for ch in _channels(who, CHANNEL_WRITERS)]
     lines += [_line("read", f"{ROOT}/dev/+/up/{ch}") for ch in _channels(who, CHANNEL_READERS)]
     return [
@@ -132,9 +137,11 @@ def _operator_block(who: Identity) -> list[str]:
 def _admin_block(who: Identity) -> list[str]:
     return [
         *_user_header(who, f"Broker admin {who.common_name}: the dynamic-security API only."),
-        "# commands to the plugin (kick), and the plugin's answers; nothing else",
+        "# commands to the plugin (kick), the plugin's answers, and the broker's notices",
+        "# (connects and disconnects, for `edgeward broker audit`); nothing else",
         _line("write", CONTROL_TOPIC),
         _line("read", RESPONSE_TOPIC),
+        _line("read", BROKER_NOTICES),
     ]
 
 
@@ -148,7 +155,8 @@ def _unique_sorted(identities: Iterable[Identity], role: Role) -> list[Identity]
 
 @dataclass(frozen=True, slots=True)
 class AclPrincipals:
-    """The identities that need their own ACL block (beyond the six services)."""
+    """The identities that need their own ACL block (beyond the six services): operators
+    and their sessions (``op.alice.2``, docs/adr/0014), admins, extra service instances."""
 
     operators: tuple[Identity, ...]
     admins: tuple[Identity, ...]
@@ -163,7 +171,9 @@ class AclPrincipals:
         return cls(
             operators=tuple(i for i in chosen if i.role is Role.OPERATOR),
             admins=admins,
-            service_instances=tuple(i for i in chosen if i.instance is not None),
+            service_instances=tuple(
+                i for i in chosen if i.role is Role.SERVICE and i.instance is not None
+            ),
         )
 
     def render(self) -> str:
@@ -176,7 +186,8 @@ def render_acl(
     service_instances: Iterable[Identity] = (),
 ) -> str:
     """The complete ACL file: device patterns, one block per service (and per extra service
-    instance, e.g. ``svc.telemetry.2``), operator and admin."""
+    instance, e.g. ``svc.telemetry.2``), operator (and per operator session, ``op.alice.2``:
+    each is a client id of its own) and admin."""
     lines = _device_patterns()
     services = {Identity.service(name) for name in ServiceName}
     for who in _unique_sorted([*services, *service_instances], Role.SERVICE):
