@@ -7,6 +7,7 @@ at the broker and in envelopes) with requests answered throughout."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import socket
 import ssl
@@ -28,6 +29,7 @@ from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings, connect_mqtt
 from edgeward_shared.envelope import Envelope, Opened, SigningKey, seal
 from edgeward_shared.errors import EdgewardError
 from edgeward_shared.identity import Identity, ServiceName
+from edgeward_shared.logs import fields
 from edgeward_shared.messages.common import Rejected
 from edgeward_shared.messages.health import Ping, Pong
 from edgeward_shared.pki.store import PkiStore, read_certificate
@@ -45,6 +47,7 @@ from edgeward_shared.topics import (
 )
 
 pytestmark = pytest.mark.broker
+log = logging.getLogger("edgeward.test.rotation")
 
 IDENTITY = Identity.service(ServiceName.IDENTITY)
 OPERATOR = Identity.operator("alice")
@@ -108,6 +111,7 @@ class Pinger:
             reply = await self.runtime.request(self.topic, Ping(nonce="70" * 16), timeout_s=WAIT)
         except EdgewardError as exc:
             self.failures.append(exc.reason)
+            log.warning("ping.failed", extra=fields(topic=self.topic, reason=exc.reason))
             return
         if isinstance(reply.message, Rejected):
             self.failures.append(reply.message.reason)
@@ -151,7 +155,9 @@ async def _fleet(pki: PkiStore, broker: MosquittoBroker, tmp_path: Path) -> Asyn
         operator = _node(pki, broker, OPERATOR)
         operator[0].expect_replies(service_response_topic(ServiceName.IDENTITY, OPERATOR), [Pong])
         operator[0].expect_replies(device_topic(DEVICE.name, Direction.UP, Channel.HEALTH), [Pong])
-        stop = await stack.enter_async_context(_serving(service, device, operator))
+        await stack.enter_async_context(_serving(service, device, operator))
+        # the pingers stop first, and their last pings are answered before the nodes stop
+        stop = asyncio.Event()
         fleet = Fleet(
             service[0],
             device[0],
@@ -424,7 +430,8 @@ async def test_a_node_without_the_pki_follows_the_signed_trust_bundle(
         follower.attach(operator[0])
         operator[0].expect_replies(service_response_topic(ServiceName.IDENTITY, OPERATOR), [Pong])
         pinger = Pinger(operator[0], TO_IDENTITY)
-        async with _serving(service, operator) as stop:
+        stop = asyncio.Event()  # the pinger's: it stops before the nodes do
+        async with _serving(service, operator):
             pinging = asyncio.create_task(pinger.run(stop))
             await _until(lambda: follower.version == 1)
             new_ca = pki.rotate_issuing(datetime.now(UTC))
