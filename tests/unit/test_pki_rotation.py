@@ -14,6 +14,8 @@ from click.testing import CliRunner
 from edgeward_cli.main import cli
 from edgeward_shared.errors import ConfigError
 from edgeward_shared.identity import Identity, ServiceName
+from edgeward_shared.pki.canary import canary_files, canary_serial, ensure_canary
+from edgeward_shared.pki.crl_check import CrlError, check_crl_file
 from edgeward_shared.pki.store import IdentityFiles, PkiStore, read_certificate
 
 NOW = datetime.now(UTC)
@@ -138,3 +140,29 @@ def test_the_cli_rotates_lists_and_retires(pki: PkiStore) -> None:
     forced = runner.invoke(cli, [*base, "retire-issuing", "--dir", str(pki.dir), "--force"])
     assert forced.exit_code == 0, forced.output
     assert "retired" in forced.output
+
+
+def test_the_broker_side_check_takes_one_crl_per_trusted_issuing_ca(pki: PkiStore) -> None:
+    """What `broker reload` checks before mosquitto sees the file (docs/adr/0012)."""
+    pki.rotate_issuing(NOW)
+    pem, issuers = pki.crl_path.read_bytes(), pki.trusted_issuing_cas()
+    revoked: set[int] = set()
+    facts = check_crl_file(pem, issuers, pki.revoked_serials(), NOW)
+    assert len(facts) == 2
+    first = pem.split(b"-----END X509 CRL-----")[0] + b"-----END X509 CRL-----\n"
+    with pytest.raises(CrlError, match="1 PEM CRL blocks for 2"):
+        check_crl_file(first, issuers, revoked, NOW)
+    with pytest.raises(CrlError, match="signature"):
+        check_crl_file(pem, list(reversed(issuers)), revoked, NOW)
+
+
+def test_rotation_reissues_the_revocation_canary_from_the_new_ca(pki: PkiStore) -> None:
+    ensure_canary(pki, NOW)
+    old = canary_serial(pki)
+    new_ca = pki.rotate_issuing(NOW)
+    serial = canary_serial(pki)
+    assert serial is not None
+    assert serial != old
+    assert read_certificate(canary_files(pki).cert).issuer == new_ca.subject
+    pki.retire_issuing(NOW, force=True)
+    assert "certificate revoked" in _openssl_verify(pki, canary_files(pki))

@@ -49,6 +49,8 @@ from edgeward_shared.pki.certs import (
     make_root_ca,
     new_key,
 )
+from edgeward_shared.pki.crl_check import check_crl
+from edgeward_shared.pki.crl_file import write_atomically
 
 ROOT_LIFETIME = timedelta(days=3650)
 ISSUING_LIFETIME = timedelta(days=730)
@@ -369,7 +371,10 @@ class PkiStore:
             lifetime=lifetime,
         )
         pem = crl.public_bytes(serialization.Encoding.PEM)
-        _write_public(self.crl_path, pem + self._previous_crls(state, now, lifetime))
+        # checked as the broker will check it, then written in one rename (docs/adr/0012); in
+        # an issuing-CA overlap each previous CA's CRL follows, checked alike (docs/adr/0017)
+        check_crl(pem, self.issuer().cert, (entry.serial for entry in state.revoked), now)
+        write_atomically(self.crl_path, pem + self._previous_crls(state, now, lifetime))
         self._save_state(state)
         return state.crl_number
 
@@ -509,6 +514,10 @@ class PkiStore:
             _write_public(self.issuing_cert_path, _pem(cert))
             self.write_crl(now)
             self._write_bundle()
+        # the broker's revocation canary, from the new CA (imported here: canary uses us)
+        from edgeward_shared.pki.canary import reissue_canary  # noqa: PLC0415
+
+        reissue_canary(self, now)
         return cert
 
     def retire_issuing(self, now: datetime, *, force: bool = False) -> x509.Certificate:
@@ -546,12 +555,13 @@ class PkiStore:
         one's: serials are 159 random bits, so listing another CA's serial revokes nothing
         of this one's, and one revocation state serves the whole PKI)."""
         entries = [RevokedEntry(entry.serial, entry.revoked_at) for entry in state.revoked]
-        return b"".join(
-            make_crl(
-                issuer, entries, number=state.crl_number, now=now, lifetime=lifetime
-            ).public_bytes(serialization.Encoding.PEM)
-            for issuer in self.previous_issuers()
-        )
+        pems = []
+        for issuer in self.previous_issuers():
+            crl = make_crl(issuer, entries, number=state.crl_number, now=now, lifetime=lifetime)
+            pem = crl.public_bytes(serialization.Encoding.PEM)
+            check_crl(pem, issuer.cert, (entry.serial for entry in state.revoked), now)
+            pems.append(pem)
+        return b"".join(pems)
 
     def _write_bundle(self) -> None:
         cas = [read_certificate(self.root_cert_path), *self.trusted_issuing_cas()]

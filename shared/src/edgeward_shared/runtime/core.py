@@ -40,7 +40,6 @@ from edgeward_shared.bus.base import Bus, Delivery, Resumable, Unacknowledged, t
 from edgeward_shared.clock import Clock
 from edgeward_shared.envelope import (
     DEFAULT_TTL_MS,
-    Envelope,
     EnvelopeVerifier,
     Opened,
     SigningKey,
@@ -150,6 +149,8 @@ class Runtime:
         self._identity_listeners: list[Callable[[SigningKey], None]] = []
         self._background: list[Background] = []
         self._hangup: list[Callable[[], None]] = []
+        #: connections served so far: a change means the runtime (re)connected
+        self.connections = 0
 
     @property
     def identity(self) -> Identity:
@@ -360,12 +361,12 @@ class Runtime:
             return
         try:
             answer_on = reply_topic(delivery.topic)
-            envelope = msgspec.json.decode(delivery.payload, type=Envelope)
-        except (EdgewardError, msgspec.DecodeError, UnicodeDecodeError):
+        except EdgewardError:
             return
-        if answer_on is None or envelope.type == Rejected.TYPE:  # never answer an answer
+        # the same rule for every failure, malformed envelopes included (protocol.md §2.3)
+        mid = self.verifier.answerable_mid(delivery.payload)
+        if answer_on is None or mid is None:
             return
-        mid = envelope.mid
         reason = OPAQUE_REJECTION if isinstance(exc, AuthenticityError) else exc.reason
         try:
             await self.publish(Outgoing(answer_on, Rejected(in_reply_to=mid, reason=reason)))
@@ -385,6 +386,7 @@ class Runtime:
             self.metrics.connected.set(1)
             self._served = True
             self._swapping = False
+            self.connections += 1
             self.ready.set()
             async with asyncio.TaskGroup() as group:
                 consumer = group.create_task(self._consume(bus.deliveries(), group))

@@ -21,6 +21,7 @@ from edgeward_shared.bus.base import Bus
 from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings, connect_mqtt
 from edgeward_shared.clock import Clock, SystemClock, to_datetime
 from edgeward_shared.envelope import EnvelopeVerifier, SigningKey, VerifyPolicy
+from edgeward_shared.identity import Role
 from edgeward_shared.pki.store import IdentityFiles, PkiStore
 from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.replay import MemoryReplayGuard
@@ -28,8 +29,9 @@ from edgeward_shared.runtime.core import Connect, Runtime
 from edgeward_shared.runtime.metrics import RuntimeMetrics
 from edgeward_shared.runtime.reload import DEFAULT_INTERVAL_S, MaterialWatcher
 
-#: How long the broker keeps a node's session after it went away: a planned reconnect (new
-#: certificate) or a short outage resumes it and loses nothing queued for the node meanwhile.
+#: How long the broker keeps a service's session after it went away: a planned reconnect (new
+#: certificate) or a short outage resumes it and loses nothing queued for it meanwhile. Only
+#: services: the broker's guard lets no other name resume a session (docs/adr/0012, 0017).
 RESUME_WINDOW_S: Final = 5
 
 
@@ -79,12 +81,13 @@ def build_runtime(
     if config.reload_interval_s is not None:
         runtime.add_background(watcher.run)
         runtime.on_hangup(watcher.kick)
+    resumes = signing_key.identity.role is Role.SERVICE
     settings = MqttSettings(
         broker=config.broker,
         ca_bundle=config.ca_bundle,
         identity=files,
         client_id=signing_key.identity.common_name,
-        session_expiry_s=RESUME_WINDOW_S,
+        session_expiry_s=RESUME_WINDOW_S if resumes else 0,
         tls=watcher.tls_context,
         manual_ack=True,
     )
@@ -94,7 +97,8 @@ def build_runtime(
     async def connect() -> AsyncIterator[Bus]:
         nonlocal connected_once
         # the first connect starts afresh; later ones resume the session the broker kept
-        async with connect_mqtt(replace(settings, clean_start=not connected_once)) as bus:
+        clean = not (resumes and connected_once)
+        async with connect_mqtt(replace(settings, clean_start=clean)) as bus:
             connected_once = True
             yield bus
 
