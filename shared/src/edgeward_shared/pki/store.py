@@ -434,20 +434,24 @@ class PkiStore:
         except FileNotFoundError:
             return 1
 
+    def _previous_dirs(self) -> list[Path]:
+        """Directories of the issuing CAs replaced by a rotation and still trusted, oldest
+        first."""
+        dirs = [d for d in (self.dir / "previous").glob("*") if (d / "ca.crt").exists()]
+        return sorted(dirs, key=lambda d: read_certificate(d / "ca.crt").not_valid_before_utc)
+
     def previous_issuers(self) -> list[Issuer]:
-        """Issuing CAs replaced by a rotation and still trusted (oldest first)."""
-        issuers = [
+        """Issuing CAs replaced by a rotation and still trusted (oldest first), with keys."""
+        return [
             Issuer(read_certificate(d / "ca.crt"), read_private_key(d / "ca.key"))
-            for d in sorted((self.dir / "previous").glob("*"))
-            if (d / "ca.crt").exists()
+            for d in self._previous_dirs()
         ]
-        return sorted(issuers, key=lambda i: i.cert.not_valid_before_utc)
 
     def trusted_issuing_cas(self) -> list[x509.Certificate]:
-        """The issuing CA, then every previous one still trusted: what the bundle holds."""
-        return [read_certificate(self.issuing_cert_path)] + [
-            i.cert for i in self.previous_issuers()
-        ]
+        """The issuing CA, then every previous one still trusted: what the bundle holds
+        (certificates only: no key is read)."""
+        previous = [read_certificate(d / "ca.crt") for d in self._previous_dirs()]
+        return [read_certificate(self.issuing_cert_path), *previous]
 
     def issuer_of(self, record: IssuedRecord) -> str:
         """Fingerprint of the issuing CA that signed ``record``'s certificate."""
@@ -482,7 +486,7 @@ class PkiStore:
         refused while a previous CA is still trusted (retire it first).
         """
         self.require()
-        if self.previous_issuers():
+        if self._previous_dirs():
             raise ConfigError(
                 "config.pki.rotation_in_progress",
                 "a previous issuing CA is still trusted: `edgeward pki retire-issuing` first",
@@ -527,10 +531,10 @@ class PkiStore:
         unless ``force``: those certificates then stop working at once.
         """
         self.require()
-        previous = self.previous_issuers()
+        previous = self._previous_dirs()
         if not previous:
             raise ConfigError("config.pki.nothing_to_retire", "no previous issuing CA")
-        old = previous[0].cert
+        old = read_certificate(previous[0] / "ca.crt")
         remaining = self.issued_by(old, now)
         if remaining and not force:
             names = ", ".join(sorted({r.common_name for r in remaining})[:10])
