@@ -21,8 +21,10 @@ from typing import Any
 
 import msgspec
 import pytest
+from click.testing import CliRunner
 from cryptography import x509
 
+from edgeward_cli.main import cli
 from edgeward_identity.app import IdentityConfig, identity_node
 from edgeward_shared.broker.launcher import BROKER_IDENTITY, MosquittoBroker
 from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings, connect_mqtt
@@ -422,6 +424,13 @@ async def test_issuing_ca_rotation_end_to_end_without_an_outage(
 
 
 # ------------------------------------------------------------------ the fleet trust bundle
+def _cli(*args: str) -> str:
+    result = CliRunner().invoke(cli, list(args))
+    assert result.exit_code == 0, result.output
+    assert "broker reloaded" in result.output
+    return result.output
+
+
 @pytest.mark.asyncio
 async def test_a_node_without_the_pki_follows_the_signed_trust_bundle(
     pki: PkiStore, broker: MosquittoBroker, tmp_path: Path
@@ -455,8 +464,9 @@ async def test_a_node_without_the_pki_follows_the_signed_trust_bundle(
         async with _serving(service, operator):
             pinging = asyncio.create_task(pinger.run(stop))
             await _until(lambda: follower.version == 1)
-            new_ca = pki.rotate_issuing(datetime.now(UTC))
-            broker.reload()  # before any certificate of the new CA connects
+            # the operator's command, which reloads the running broker itself (checked)
+            _cli("pki", "rotate-issuing", "--dir", str(pki.dir), "--run-dir", str(broker.run_dir))
+            new_ca = pki.issuer().cert
             service[0].hangup()  # the publisher looks at the version now
             await _until(lambda: follower.version == 2)
             assert new_ca in operator[0].verifier.trust.issuing_cas
@@ -470,8 +480,8 @@ async def test_a_node_without_the_pki_follows_the_signed_trust_bundle(
                 operator[0].hangup()
                 await _until(lambda: _reloads(operator[0], "ok") == 1 and not operator[0].swapping)
             await pinger.answered(10)
-            pki.retire_issuing(datetime.now(UTC), force=True)  # dev-a, dev-b and the broker
-            broker.reload()
+            retire = ["pki", "retire-issuing", "--force"]  # dev-a, dev-b and the broker remain
+            _cli(*retire, "--dir", str(pki.dir), "--run-dir", str(broker.run_dir))
             service[0].hangup()
             await _until(lambda: follower.version == 3)
             assert operator[0].verifier.trust.issuing_cas == [new_ca]

@@ -125,19 +125,24 @@ def test_records_written_before_rotation_existed_belong_to_the_first_ca(pki: Pki
     assert pki.issued_by(pki.issuer().cert, NOW) == []
 
 
-def test_the_cli_rotates_lists_and_retires(pki: PkiStore) -> None:
+def test_the_cli_rotates_lists_and_retires(pki: PkiStore, tmp_path: Path) -> None:
     runner = CliRunner()
-    base = ["pki"]
-    rotated = runner.invoke(cli, [*base, "rotate-issuing", "--dir", str(pki.dir)])
+    where = ["--dir", str(pki.dir)]
+    run = ["--run-dir", str(tmp_path / "no-broker")]
+    rotated = runner.invoke(cli, ["pki", "rotate-issuing", *where, *run])
     assert rotated.exit_code == 0, rotated.output
     assert "Issuing CA 2" in rotated.output
-    listed = runner.invoke(cli, [*base, "issuers", "--dir", str(pki.dir)])
+    assert "no broker running" in rotated.output
+    listed = runner.invoke(cli, ["pki", "issuers", *where])
     assert "previous" in listed.output
     assert "2 valid" in listed.output
-    early = runner.invoke(cli, [*base, "retire-issuing", "--dir", str(pki.dir)])
+    renewed = runner.invoke(cli, ["pki", "renew", "service", "identity", *where, *run])
+    assert renewed.exit_code == 0, renewed.output
+    assert "--reason superseded" in renewed.output
+    early = runner.invoke(cli, ["pki", "retire-issuing", *where, *run])
     assert isinstance(early.exception, ConfigError)
     assert early.exception.reason == "config.pki.retire_early"
-    forced = runner.invoke(cli, [*base, "retire-issuing", "--dir", str(pki.dir), "--force"])
+    forced = runner.invoke(cli, ["pki", "retire-issuing", *where, *run, "--force"])
     assert forced.exit_code == 0, forced.output
     assert "retired" in forced.output
 

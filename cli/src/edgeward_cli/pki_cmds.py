@@ -306,6 +306,7 @@ def dev_setup(directory: Path, devices: int, operator: str, operator_sessions: i
 @click.option("--hours", type=click.IntRange(1), help="Lifetime in hours (default by role).")
 @click.option("--host", "hosts", multiple=True, help="Broker host name or IP (repeatable).")
 @click.option("--instance", help="For a service: which instance (CN svc.<name>.<instance>).")
+@run_dir_option
 def renew(  # click passes every parameter by keyword
     *,
     directory: Path,
@@ -314,6 +315,7 @@ def renew(  # click passes every parameter by keyword
     hours: int | None,
     hosts: tuple[str, ...],
     instance: str | None,
+    run_dir: Path,
 ) -> None:
     """A new key and certificate for a running node, which reloads them by itself.
 
@@ -322,8 +324,11 @@ def renew(  # click passes every parameter by keyword
     """
     identity = _identity(Role(role), name, instance)
     lifetime = timedelta(hours=hours) if hours else LIFETIMES[identity.role]
-    files, replaced = PkiStore(directory).require().renew(identity, _now(), lifetime, hosts)
+    store = PkiStore(directory).require()
+    files, replaced = store.renew(identity, _now(), lifetime, hosts)
     click.echo(f"renewed {identity.common_name} -> {files.directory}")
+    if identity.role is Role.BROKER:
+        reload_running_broker(store, run_dir)  # its own certificate: read on reload
     for record in replaced:
         click.echo(
             f"once it runs on the new one: edgeward pki revoke --serial {record.serial:x}"
@@ -343,13 +348,19 @@ def renew(  # click passes every parameter by keyword
     "--root-passphrase-env", metavar="VAR", help="The root key's passphrase is in this variable."
 )
 @click.option("--days", type=click.IntRange(1, 3650), default=730, show_default=True)
+@run_dir_option
 def rotate_issuing(
-    directory: Path, root_key: Path | None, root_passphrase_env: str | None, days: int
+    directory: Path,
+    root_key: Path | None,
+    root_passphrase_env: str | None,
+    days: int,
+    run_dir: Path,
 ) -> None:
     """Make a new issuing CA under the same root (docs/adr/0017).
 
-    The old issuing CA stays trusted (the overlap) but signs nothing new. Then: reload the
-    broker, let services and devices renew, and `edgeward pki retire-issuing`.
+    The old issuing CA stays trusted (the overlap) but signs nothing new. A running broker
+    is reloaded (it trusts both); then let every node take the bundle, renew every
+    identity, and `edgeward pki retire-issuing`.
     """
     passphrase = None
     if root_passphrase_env:
@@ -363,19 +374,22 @@ def rotate_issuing(
     )
     click.echo(f"new issuing CA: {cert.subject.rfc4514_string()} (serial {cert.serial_number:x})")
     click.echo(f"trust bundle version {store.trust_version()}: {store.bundle_path}")
-    click.echo("next: `edgeward broker reload`, then reissue every identity (see `pki issuers`)")
+    reload_running_broker(store, run_dir)
+    click.echo("next: SIGHUP the services, then renew every identity (see `pki issuers`)")
 
 
 @pki.command(name="retire-issuing")
 @pki_dir_option
 @click.option("--force", is_flag=True, help="Even if certificates it issued are still valid.")
-def retire_issuing(directory: Path, force: bool) -> None:
+@run_dir_option
+def retire_issuing(directory: Path, force: bool, run_dir: Path) -> None:
     """Stop trusting the previous issuing CA (refused while it has valid certificates)."""
     store = PkiStore(directory).require()
     old = store.retire_issuing(_now(), force=force)
     click.echo(f"retired: {old.subject.rfc4514_string()} (its key is deleted)")
     click.echo(f"trust bundle version {store.trust_version()}: {store.bundle_path}")
-    click.echo("next: `edgeward broker reload`; nodes reload the bundle by themselves")
+    reload_running_broker(store, run_dir)
+    click.echo("next: SIGHUP the services (or wait for their next check, 5 s)")
 
 
 @pki.command()
