@@ -38,7 +38,7 @@ from edgeward_shared.runtime.material import (
 )
 from edgeward_shared.runtime.reload import MaterialWatcher
 from edgeward_shared.testing import FixedClock
-from edgeward_shared.tls import client_context_from_memory
+from edgeward_shared.tls import TlsIdentity, client_context_from_memory
 from edgeward_shared.topics import service_request_topic, service_response_topic
 
 IDENTITY = Identity.service(ServiceName.IDENTITY)
@@ -259,6 +259,7 @@ def test_the_watcher_swaps_in_a_renewed_certificate(pki: PkiStore, now_clock: Fi
         ("foreign_ca", ReloadReason.IDENTITY_CHAIN),
         ("expired", ReloadReason.IDENTITY_EXPIRED),
         ("garbage", ReloadReason.IDENTITY_UNREADABLE),
+        ("readable_key", ReloadReason.IDENTITY_KEY_PERMISSIONS),
     ],
 )
 def test_the_watcher_keeps_the_old_certificate_when_the_new_one_is_bad(
@@ -281,6 +282,9 @@ def test_the_watcher_keeps_the_old_certificate_when_the_new_one_is_bad(
             files = pki.issue(OPERATOR, NOW, DAY, replace=True)  # any other identity
             del files
             pki.issue(IDENTITY, NOW - timedelta(days=2), DAY, replace=True)
+        case "readable_key":
+            pki.issue(IDENTITY, NOW, DAY, replace=True)
+            target.key.chmod(0o644)
         case _:
             target.cert.write_bytes(b"garbage")
     with caplog.at_level(logging.ERROR, "edgeward.reload"):
@@ -444,7 +448,10 @@ def test_the_tls_context_is_built_from_memory_and_refuses_a_mismatched_key(
     pki: PkiStore,
 ) -> None:
     bundle = pki.bundle_path.read_bytes()
-    _, chain, key = _files(pki)
-    assert client_context_from_memory(bundle, chain, key).verify_mode == ssl.CERT_REQUIRED
+    _, chain, _ = _files(pki)
+    key = SigningKey.from_files(pki.identity_files(IDENTITY)).key
+    context = client_context_from_memory(bundle, TlsIdentity(chain, key))
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    other = SigningKey.from_files(pki.identity_files(REVOCATION)).key
     with pytest.raises(ConfigError, match=r"config\.tls\.unusable"):
-        client_context_from_memory(bundle, chain, _files(pki, REVOCATION)[2])
+        client_context_from_memory(bundle, TlsIdentity(chain, other))

@@ -87,21 +87,16 @@ def client_context(ca_bundle: Path, identity: IdentityFiles | TlsIdentity) -> ss
     return context
 
 
-def client_context_from_memory(ca_bundle: bytes, chain: bytes, key: bytes) -> ssl.SSLContext:
-    """The same mTLS client context from PEM bytes held in memory (a node's reloaded and
-    checked material, docs/adr/0017). ``ssl`` loads a certificate chain only from a path:
-    chain and key go through an anonymous memory file (memfd), never to disk."""
+def client_context_from_memory(ca_bundle: bytes, identity: TlsIdentity) -> ssl.SSLContext:
+    """The same mTLS client context with the trust anchors in memory too (a node's reloaded
+    and checked material, docs/adr/0017): nothing is read from a file."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.check_hostname = True
     context.verify_mode = ssl.CERT_REQUIRED
-    fd = os.memfd_create("edgeward-tls", os.MFD_CLOEXEC)
     try:
         context.load_verify_locations(cadata=ca_bundle.decode("ascii"))
-        os.write(fd, chain + b"\n" + key)
-        context.load_cert_chain(f"/proc/self/fd/{fd}")
+        _load_in_memory(context, identity)
     except (OSError, ssl.SSLError, UnicodeDecodeError) as exc:
         raise ConfigError("config.tls.unusable", f"cannot load TLS material: {exc}") from exc
-    finally:
-        os.close(fd)
     return context

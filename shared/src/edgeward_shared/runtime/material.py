@@ -44,6 +44,7 @@ class ReloadReason:
     IDENTITY_EXPIRED: Final = "reload.identity.expired"
     IDENTITY_REVOKED: Final = "reload.identity.revoked"
     IDENTITY_KEY: Final = "reload.identity.key_mismatch"
+    IDENTITY_KEY_PERMISSIONS: Final = "reload.identity.key_permissions"
     BUNDLE_UNREADABLE: Final = "reload.bundle.unreadable"
     BUNDLE_ROOT: Final = "reload.bundle.root"
     BUNDLE_CHAIN: Final = "reload.bundle.chain"

@@ -30,7 +30,7 @@ from cryptography import x509
 from prometheus_client import Counter, Gauge
 
 from edgeward_shared.clock import to_datetime
-from edgeward_shared.errors import PolicyError
+from edgeward_shared.errors import ConfigError, PolicyError
 from edgeward_shared.logs import fields
 from edgeward_shared.pki.store import IdentityFiles
 from edgeward_shared.runtime.core import Runtime
@@ -41,7 +41,7 @@ from edgeward_shared.runtime.material import (
     check_crls,
     check_identity,
 )
-from edgeward_shared.tls import client_context_from_memory
+from edgeward_shared.tls import TlsIdentity, check_key_permissions, client_context_from_memory
 
 log = logging.getLogger("edgeward.reload")
 
@@ -50,15 +50,14 @@ DEFAULT_INTERVAL_S: Final = 5.0
 
 @dataclass(frozen=True, slots=True)
 class TlsMaterial:
-    """What a TLS connect presents and trusts, as accepted (PEM bytes)."""
+    """What a TLS connect trusts (the bundle, PEM) and presents, as accepted."""
 
     bundle: bytes
-    chain: bytes
-    key: bytes
+    identity: TlsIdentity
 
     def context(self) -> ssl.SSLContext:
         """An mTLS client context from this material (:mod:`edgeward_shared.tls`)."""
-        return client_context_from_memory(self.bundle, self.chain, self.key)
+        return client_context_from_memory(self.bundle, self.identity)
 
 
 class ReloadMetrics:
@@ -109,8 +108,9 @@ class MaterialWatcher:
         self._seen: dict[Path, str] = {}
         self._settling: dict[Path, str] = {}
         self._crl_numbers: dict[str, int] = {}
+        check_key_permissions(identity.key)  # as client_context would at each connect
         self.material = TlsMaterial(
-            bundle.read_bytes(), identity.chain.read_bytes(), identity.key.read_bytes()
+            bundle.read_bytes(), TlsIdentity(identity.chain.read_bytes(), runtime.signing_key.key)
         )
         for path in self._watched():
             self._seen[path] = _digest(path)
@@ -180,7 +180,7 @@ class MaterialWatcher:
         trust.adopt(issuing, crls.revoked if crls is not None else ())
         if crls is not None:
             self._note_crls(crls)
-        self.material = TlsMaterial(bundle, self.material.chain, self.material.key)
+        self.material = TlsMaterial(bundle, self.material.identity)
         self.metrics.trust.labels("ok").inc()
         log.info(
             "reload.trust",
@@ -203,6 +203,7 @@ class MaterialWatcher:
             cert = _read(self.files.cert, ReloadReason.IDENTITY_UNREADABLE)
             chain = _read(self.files.chain, ReloadReason.IDENTITY_UNREADABLE)
             key = _read(self.files.key, ReloadReason.IDENTITY_UNREADABLE)
+            _check_permissions(self.files.key)
             signing_key = check_identity(
                 cert, chain, key, principal=runtime.identity, trust=runtime.verifier.trust, now=now
             )
@@ -211,7 +212,7 @@ class MaterialWatcher:
             return False
         if signing_key.cert_der == runtime.signing_key.cert_der:
             return False  # the same certificate (a bundle change, or a file touched)
-        self.material = TlsMaterial(self.material.bundle, chain, key)
+        self.material = TlsMaterial(self.material.bundle, TlsIdentity(chain, signing_key.key))
         runtime.swap_identity(signing_key)
         self._note_identity()
         self.metrics.identity.labels("ok").inc()
@@ -232,6 +233,14 @@ class MaterialWatcher:
     def _watched(self) -> list[Path]:
         paths = [self.files.cert, self.files.chain, self.files.key, self.bundle_path]
         return paths + ([self.crl_path] if self.crl_path is not None else [])
+
+
+def _check_permissions(path: Path) -> None:
+    """A key file others can read must be presumed copied (:mod:`edgeward_shared.tls`)."""
+    try:
+        check_key_permissions(path)
+    except ConfigError as exc:
+        raise PolicyError(ReloadReason.IDENTITY_KEY_PERMISSIONS, exc.detail) from exc
 
 
 def _digest(path: Path) -> str:
