@@ -64,6 +64,7 @@ from edgeward_shared.messages import model as m
 from edgeward_shared.messages import registry as reg
 from edgeward_shared.messages import revocation as rev
 from edgeward_shared.messages.base import Message, encode_message
+from edgeward_shared.messages.trust import TrustBundle
 from edgeward_shared.models.frames import FrameHeader, encode_frame
 from edgeward_shared.models.provenance import Tier
 from edgeward_shared.models.release import BlobInfo, ModelRelease, release_topic
@@ -337,6 +338,12 @@ class Kit:
         self.raw[message.TYPE] = raw
         self.mids[message.TYPE] = mid
         return mid
+
+
+def trust_bundle_example(issuing: x509.Certificate, issued_at_ms: int) -> TrustBundle:
+    """The fleet trust bundle of the kit's PKI (one issuing CA, version 1)."""
+    der = issuing.public_bytes(serialization.Encoding.DER)
+    return TrustBundle(version=1, issued_at_ms=issued_at_ms, issuing_cas=[der])
 
 
 def renewal_examples(
@@ -1156,6 +1163,15 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path) -> None:
         section="5.10",
         ttl_ms=HOUR_MS,
         policy="revocation-list",
+    )
+    # ------------------------------------------------------------------ trust bundle
+    kit.emit(
+        "svc.identity",
+        fleet_topic(FleetKind.TRUST),
+        trust_bundle_example(kit.issuing.cert, kit.now + 1000),
+        section="5.13",
+        ttl_ms=HOUR_MS,
+        policy="trust-bundle",
     )
     op_rev_req = service_request_topic(ServiceName.REVOCATION, alice)
     kit.emit(

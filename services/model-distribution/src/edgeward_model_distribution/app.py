@@ -121,6 +121,7 @@ def wire(
         is_device_revoked=revocations.device_revoked if revocations else is_device_revoked,
         revocations_current=_current(revocations, runtime) if revocations else lambda: None,
     )
+    runtime.on_identity_change(service.use_signing_key)  # releases signed with a reloaded key
     driver = RolloutDriver(service, RolloutStore(state.db))
     operators = OperatorApi(service, driver)
     if revocations is not None:

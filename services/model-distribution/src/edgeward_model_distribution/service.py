@@ -106,6 +106,10 @@ class ModelService:
         self.sync_limiter = KeyedLimiter(self.settings.sync_limit)
         self.chunk_limiter = KeyedLimiter(self.settings.chunk_limit)
 
+    def use_signing_key(self, signing_key: SigningKey) -> None:
+        """Sign key releases with ``signing_key`` from now on (the node reloaded it)."""
+        self.signing_key = signing_key
+
     async def blocking(self, call: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
         """Run ``call`` in a worker thread, at most ``max_parallel_checks`` at once."""
         async with self._checks:
