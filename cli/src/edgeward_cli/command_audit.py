@@ -1,7 +1,7 @@
 """The operator's commands and the devices' receipts, appended to a local audit log.
 
 Beside the command log (``commands.jsonl``) the CLI keeps ``audit.db``: an audit log
-(docs/protocol.md 5.13) with one ``record`` entry per command sent and per receipt
+(docs/protocol.md 5.14) with one ``record`` entry per command sent and per receipt
 received, each with the SHA-256 of the signed envelope as evidence. Its key,
 ``audit-key.pem``, lives in the same directory; ``edgeward audit verify <dir>/audit.db``
 checks it. A failure to record is reported and does not stop the command (the command log,

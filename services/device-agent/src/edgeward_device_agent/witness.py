@@ -1,7 +1,7 @@
 """The device as a witness of the services' audit logs: it keeps the newest checkpoint.
 
 Each service publishes its audit log's checkpoints retained on ``ew/v1/fleet/audit/<svc>``
-(docs/protocol.md 5.13). The runtime checks the envelope (only that service may sign
+(docs/protocol.md 5.14). The runtime checks the envelope (only that service may sign
 there), this handler checks the signed note with the key the envelope carries, and the
 ledger keeps, per log origin, the newest note seen. A checkpoint that is smaller than the
 one kept, or of the same size with another root, is refused and logged
