@@ -329,3 +329,19 @@ async def test_export_round_trips_and_verifies(signer: NoteSigner) -> None:
     with pytest.raises(ValueError, match="line 1"):
         read_export([b'{"kind":"entry","seq":0,"leaf":"","data":""}'])
     await db.close()
+
+
+@pytest.mark.asyncio
+async def test_a_damaged_log_does_not_stop_the_service(signer: NoteSigner, tmp_path: Path) -> None:
+    path = tmp_path / "audit.db"
+    db = await SqliteDatabase.open(path)
+    log = await AuditLog.open(db, signer=signer, origin=ORIGIN, clock=FakeClock())
+    await log.append_many([event(i) for i in range(6)])
+    await db.close()
+    with sqlite3.connect(path) as raw:
+        raw.execute("DELETE FROM audit_nodes")  # the tree's edge is gone
+    db = await SqliteDatabase.open(path)
+    appender = LogAppender(await AuditLog.open(db, signer=signer, origin=ORIGIN, clock=FakeClock()))
+    await appender.record(event(6))  # logged and counted, not raised
+    assert appender.failures == 1
+    await db.close()

@@ -6,10 +6,10 @@ where it decides. :class:`LogAppender` appends to the service's own :class:`Audi
 ``publish`` callback (the app publishes it retained on ``ew/v1/fleet/audit/<log>``).
 :class:`NullAppender` records nothing (tests, and tools that make no decisions).
 
-Recording never takes a service down: a storage failure is logged with reason
-``audit.append.failed`` and counted in :attr:`LogAppender.failures`, and the decision
-stands. Whether a missing audit record should fail the decision closed is an open
-question (docs/adr/0023).
+Recording never takes a service down: a storage failure, or a log whose stored hashes are
+missing or damaged, is logged with reason ``audit.append.failed`` and counted in
+:attr:`LogAppender.failures`, and the decision stands (docs/adr/0023: availability first;
+an alert on the counter is the operator's signal).
 
 :func:`open_audit_key` loads a log's Ed25519 key from a state directory, creating it (0600)
 on first use.
@@ -69,7 +69,7 @@ class LogAppender:
     async def record(self, event: AuditEvent) -> None:
         try:
             _, note = await self.log.append(event)
-        except EdgewardError as exc:
+        except (EdgewardError, LookupError, TypeError) as exc:  # storage, or a damaged log
             self.failures += 1
             log.error(  # noqa: TRY400 (a reason, not a traceback)
                 "%s: %s %s: %s", APPEND_FAILED, event.action, event.subject, exc
@@ -82,7 +82,7 @@ class LogAppender:
         """Sign a checkpoint if one is due by time (call it periodically)."""
         try:
             note = await self.log.tick()
-        except EdgewardError as exc:
+        except (EdgewardError, LookupError, TypeError) as exc:
             log.error("%s: checkpoint: %s", APPEND_FAILED, exc)  # noqa: TRY400
             return
         if note is not None:
