@@ -12,7 +12,7 @@ import shutil
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -27,6 +27,7 @@ from cryptography import x509
 from edgeward_cli.main import cli
 from edgeward_identity.app import IdentityConfig, identity_node
 from edgeward_shared.broker.launcher import BROKER_IDENTITY, MosquittoBroker
+from edgeward_shared.bus.base import Bus
 from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings, connect_mqtt
 from edgeward_shared.envelope import Envelope, Opened, SigningKey, seal
 from edgeward_shared.errors import EdgewardError
@@ -157,8 +158,14 @@ async def _serving(*nodes: tuple[Runtime, Connect]) -> AsyncIterator[asyncio.Eve
 
 
 @asynccontextmanager
-async def _fleet(pki: PkiStore, broker: MosquittoBroker, tmp_path: Path) -> AsyncIterator[Fleet]:
-    """The identity service, a device node and the operator pinging both."""
+async def _fleet(
+    pki: PkiStore,
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    wrap: Callable[[Connect], Connect] | None = None,
+) -> AsyncIterator[Fleet]:
+    """The identity service (its bus factory passed through ``wrap``), a device node and
+    the operator pinging both."""
     async with AsyncExitStack() as stack:
         config = IdentityConfig(
             pki_dir=pki.dir,
@@ -167,6 +174,8 @@ async def _fleet(pki: PkiStore, broker: MosquittoBroker, tmp_path: Path) -> Asyn
             broker=_address(broker),
         )
         service = await stack.enter_async_context(identity_node(config))
+        if wrap is not None:
+            service = (service[0], wrap(service[1]))
         device = _node(pki, broker, DEVICE)
         answer_pings(device[0], TO_DEVICE)
         operator = _node(pki, broker, OPERATOR)
@@ -261,6 +270,42 @@ async def test_a_services_certificate_renewed_while_pings_flow_loses_none(
     assert fleet.to_device.failures == []
     print(f"swap: {swap_s * 1000:.0f} ms from SIGHUP to the first answer under the new serial")
     assert swap_s < 5
+
+
+@pytest.mark.asyncio
+async def test_a_broker_reload_while_a_service_swaps_loses_nothing(
+    pki: PkiStore, broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """Mosquitto 2.0's reload clears every session's ACLs and gives them back to connected
+    clients only: a message routed to a session held offline until its client reconnects
+    is refused and dropped (the publisher still gets its PUBACK). A swap must therefore
+    never leave the session offline (docs/adr/0017): here the broker reloads, and pings
+    flow, just as the service opens its new connection."""
+    connects = 0
+
+    def reload_first(connect: Connect) -> Connect:
+        @asynccontextmanager
+        async def connecting() -> AsyncIterator[Bus]:
+            nonlocal connects
+            connects += 1
+            if connects == 2:  # the swap's new connection, not open yet
+                await asyncio.to_thread(broker.reload)
+                await asyncio.sleep(0.3)  # about 15 pings sent meanwhile
+            async with connect() as bus:
+                yield bus
+
+        return connecting
+
+    async with _fleet(pki, broker, tmp_path, wrap=reload_first) as fleet:
+        await fleet.to_service.answered(10)
+        pki.renew(IDENTITY, datetime.now(UTC), DAY)
+        fleet.service.hangup()
+        await _until(lambda: connects == 2 and fleet.service.ready.is_set())
+        await fleet.to_service.answered(30)
+    assert connects == 2
+    assert fleet.to_service.failures == []
+    assert _reloads(fleet.service, "ok") == 1
+    assert fleet.service.metrics.registry.get_sample_value("edgeward_bus_reconnects_total") == 0
 
 
 @pytest.mark.asyncio

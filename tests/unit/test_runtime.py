@@ -287,3 +287,56 @@ async def test_handlers_awaiting_replies_do_not_starve_their_replies(
             await caller.publish(Outgoing(topic, Ping(nonce=NONCE)))
         await asyncio.wait_for(all_done.wait(), 1.5)
     assert len(done) == 6
+
+
+@pytest.mark.asyncio
+async def test_a_planned_reconnect_opens_the_new_connection_before_closing_the_old(
+    memory_pki: MemoryPki, clock: FixedClock
+) -> None:
+    """Make before break (docs/adr/0017): the broker hands the session over to the new
+    connection, never holding it offline; the old one's close is not counted a reconnect,
+    and a failed new connect still lets the old one go."""
+    broker = MemoryBroker()
+    service = _runtime(memory_pki, TELEMETRY, clock)
+    events: list[str] = []
+    opened = itertools.count(1)
+    failures = 0  # connects to refuse
+
+    @asynccontextmanager
+    async def connect() -> AsyncIterator[Bus]:
+        nonlocal failures
+        n = next(opened)
+        events.append(f"open {n}")
+        try:
+            if failures:
+                failures -= 1
+                raise TransportError("transport.connect", "refused")
+            async with broker.connect(service.identity.common_name) as bus:
+                yield bus
+        finally:
+            events.append(f"close {n}")
+
+    async def connected(count: int) -> None:
+        for _ in range(200):
+            if service.connections == count and service.ready.is_set():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"not connected {count} times: {events}")
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(connect, stop, backoff=_no_delay))
+    try:
+        await connected(1)
+        service.request_reconnect()
+        await connected(2)
+        assert events == ["open 1", "open 2", "close 1"]
+        assert service.metrics.registry.get_sample_value("edgeward_bus_reconnects_total") == 0
+        failures = 1
+        service.request_reconnect()
+        await connected(3)
+        assert events[3:] == ["open 3", "close 3", "close 2", "open 4"]
+        assert service.metrics.registry.get_sample_value("edgeward_bus_reconnects_total") == 1
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 2)
+    assert events[6:] == ["open 4", "close 4"]

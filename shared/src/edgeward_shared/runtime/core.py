@@ -16,9 +16,10 @@ A :class:`Runtime` is what every Edgeward process (service, device agent, CLI cl
   inside the signed payload: the broker cannot redirect or forge an answer).
 * :meth:`Runtime.swap_identity` takes a reloaded signing key and reconnects with it, losing
   no message (docs/adr/0017): the runtime stops taking requests, finishes the ones it took
-  (their replies still arrive), waits for its publishes' PUBACKs, reconnects on the session
-  the broker kept and publishes again whatever was not acknowledged. Messages it never took
-  were never acknowledged: the broker delivers them again on the resumed session. The
+  (their replies still arrive), waits for its publishes' PUBACKs, then connects again while
+  the old connection is still open, so that the broker hands the session over to the new
+  one (never offline), and publishes again whatever was not acknowledged. Messages it never
+  took were never acknowledged: the broker delivers them again on the resumed session. The
   replay cache is the verifier's and outlives the connection.
 """
 
@@ -490,33 +491,62 @@ class Runtime:
         backoff: Callable[[], Iterator[float]],
     ) -> None:
         delays = backoff()
-        while not stop.is_set():
-            self._served = False
-            self._reconnect.clear()
-            failure = await self._connect_and_serve(connect, stop)
-            if failure is None:
-                continue
-            if self._served:  # we were up: start the backoff sequence again
-                delays = backoff()
-            self.metrics.reconnects.inc()
-            delay = next(delays)
-            log.warning(
-                "bus.disconnected",
-                extra=fields(reason=failure.reason, detail=failure.detail, retry_in_s=delay),
-            )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+        held: contextlib.AsyncExitStack | None = None  # a connection let go, still open
+        try:
+            while not stop.is_set():
+                self._served = False
+                self._reconnect.clear()
+                failure, held = await self._connect_and_serve(connect, stop, held)
+                if failure is None:
+                    continue
+                if self._served:  # we were up: start the backoff sequence again
+                    delays = backoff()
+                self.metrics.reconnects.inc()
+                delay = next(delays)
+                log.warning(
+                    "bus.disconnected",
+                    extra=fields(reason=failure.reason, detail=failure.detail, retry_in_s=delay),
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+        finally:
+            await _close_let_go(held)
 
     async def _connect_and_serve(
-        self, connect: Connect, stop: asyncio.Event
-    ) -> TransportError | None:
+        self, connect: Connect, stop: asyncio.Event, held: contextlib.AsyncExitStack | None
+    ) -> tuple[TransportError | None, contextlib.AsyncExitStack | None]:
+        """Connect, close ``held`` (the connection a planned reconnect let go) and serve.
+
+        Make before break (docs/adr/0017): the connection let go stays open until the new
+        one is connected, so the broker hands the session straight over to the new one (a
+        take-over, same client id) and never holds it offline. An offline session is
+        where Mosquitto 2.0 loses messages when it reloads (SIGHUP clears every session's
+        ACLs and gives them back only to connected clients: a message routed to an offline
+        session in between is refused and dropped, measured). Returns the failure, if any,
+        and the connection to hold after a planned reconnect."""
         failure: TransportError | None = None
+        kept: contextlib.AsyncExitStack | None = None
         try:
-            async with connect() as bus:
+            async with contextlib.AsyncExitStack() as stack:
+                try:
+                    bus = await stack.enter_async_context(connect())
+                finally:  # taken over by now (or the connect failed): let it close
+                    await _close_let_go(held)
                 await self.serve(bus, stop)
+                if self._reconnect.is_set() and not stop.is_set():
+                    kept = stack.pop_all()
         except* TransportError as group:
             failure = _first_leaf(group)
-        return failure
+        return failure, kept
+
+
+async def _close_let_go(held: contextlib.AsyncExitStack | None) -> None:
+    """Close a connection a planned reconnect let go. The broker has usually closed it
+    already (taken over): the error that reports is expected, and not a reconnect."""
+    if held is None:
+        return
+    with contextlib.suppress(TransportError, TimeoutError, OSError):
+        await asyncio.wait_for(held.aclose(), SWAP_TIMEOUT_S)
 
 
 async def _no_handler(opened: Opened[Any]) -> Sequence[Outgoing | OutgoingFrame]:
