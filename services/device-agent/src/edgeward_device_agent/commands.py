@@ -4,8 +4,9 @@ Route ``ew/v1/dev/<id>/down/cmd``. The runtime has already checked the envelope 
 signature, time window, the operator role the topic requires, in-process replay); then
 :class:`CommandHandler` checks, in order:
 
-1. the signer is an operator (``command.signer.not_operator``; the topic rule already
-   requires it, checked again here because acting on it is this module's business);
+1. the signer may sign this verb: an operator any, the telemetry service ``stop`` only
+   (``command.signer.not_operator``; :func:`~edgeward_shared.messages.command.may_command`,
+   docs/adr/0022; the topic rule already admits only these two);
 2. the command names this device (``command.target.mismatch``);
 3. it was never received before, across restarts (``command.replay``; the ledger);
 4. the revocation list held is current (else only ``stop`` is obeyed, the safe direction:
@@ -39,7 +40,6 @@ from edgeward_shared.clock import Clock
 from edgeward_shared.command_log import CommandReason, command_digest
 from edgeward_shared.envelope import Opened
 from edgeward_shared.errors import EdgewardError, PolicyError
-from edgeward_shared.identity import Role
 from edgeward_shared.logs import fields
 from edgeward_shared.messages.attest import AttestationRequest
 from edgeward_shared.messages.command import (
@@ -52,6 +52,7 @@ from edgeward_shared.messages.command import (
     RotateCertCommand,
     StopCommand,
     UnloadModelCommand,
+    may_command,
 )
 from edgeward_shared.runtime.core import Outgoing, Runtime
 from edgeward_shared.topics import Channel, Direction, device_topic
@@ -127,8 +128,8 @@ class CommandHandler:
 
     def _admit(self, opened: Opened[Any], command: Command) -> None:
         signer = opened.signer
-        if signer.identity.role is not Role.OPERATOR:
-            raise PolicyError(CommandReason.SIGNER_ROLE, str(signer.identity))
+        if not may_command(signer.identity, type(command)):
+            raise PolicyError(CommandReason.SIGNER_ROLE, f"{signer.identity}: {command.TYPE}")
         if command.device_id != self.device_id:
             raise PolicyError(CommandReason.TARGET, f"for {command.device_id}")
         now = self._clock.now_ms()
