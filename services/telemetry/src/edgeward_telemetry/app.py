@@ -4,7 +4,7 @@ no configuration (``__main__``).
 Reports arrive on ``$share/telemetry/ew/v1/dev/+/up/telemetry`` and the attestation
 service's failures on ``$share/telemetry/ew/v1/svc/attestation/evt/failed``: several
 instances split both (shared subscriptions) and share the device states (:mod:`.store`).
-Reports are opened with a 16 KiB envelope limit (``MAX_REPORT_BYTES``). The revocation
+Reports are opened with a 24 KiB envelope limit (``MAX_REPORT_BYTES``). The revocation
 service's answers come back on ``ew/v1/svc/revocation/rsp/<our cn>`` (each instance its
 own).
 """
