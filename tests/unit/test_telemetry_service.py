@@ -17,6 +17,8 @@ from typing import Any
 import msgspec
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from tests.model_builders import make_ear
+from tests.telemetry_builders import PERIOD_MS, report
 
 from edgeward_shared.bus.memory import MemoryBroker
 from edgeward_shared.envelope import EnvelopeVerifier, Opened, SigningKey, seal
@@ -25,8 +27,8 @@ from edgeward_shared.messages.attest import AttestationFailed
 from edgeward_shared.messages.base import Message
 from edgeward_shared.messages.command import StopCommand, may_command
 from edgeward_shared.messages.common import Rejected
-from edgeward_shared.messages.revocation import JobStatus, RevocationJob, Revoke
 from edgeward_shared.messages.model_types import Tier
+from edgeward_shared.messages.revocation import JobStatus, RevocationJob, Revoke
 from edgeward_shared.messages.telemetry import (
     MAX_MODELS,
     MAX_REPORT_BYTES,
@@ -55,8 +57,6 @@ from edgeward_telemetry.core import BASELINED, DEFAULT_RULES, Detector
 from edgeward_telemetry.rules import Rule
 from edgeward_telemetry.service import TelemetryService
 from edgeward_telemetry.store import TelemetryStore
-from tests.model_builders import make_ear
-from tests.telemetry_builders import PERIOD_MS, report
 
 WAIT_S = 5.0
 INSTANCES = (Identity.service(ServiceName.TELEMETRY), Identity.service(ServiceName.TELEMETRY, "2"))
