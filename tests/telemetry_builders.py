@@ -81,7 +81,7 @@ def report(
     ear: str | None = None,
     rejected: int = 0,
     models: Sequence[ModelReport] | None = None,
-    protections: Sequence[Protection] = (Protection("seccomp", "active"),),
+    protections: Sequence[Protection] = (Protection("seccomp", "applied"),),
     boot_ms: int = 1,
     **model: object,
 ) -> TelemetryReport:

@@ -280,7 +280,7 @@ def test_missing_protections_on_a_high_tier_model_make_a_device_suspect() -> Non
         1,
         now_ms=T0,
         rng=rng,
-        protections=[Protection("seccomp", "missing")],
+        protections=[Protection("seccomp", "unavailable")],
         models=[model_report(rng, tier=Tier.HIGH)],
     )
     [alarm] = detector.ingest(item, state, attested=True, now_ms=T0)

@@ -301,7 +301,7 @@ def test_the_largest_report_the_schema_admits_fits_the_cap() -> None:
     largest = TelemetryReport(
         device_id="d" * 64, boot_ms=2**53, seq=2**53, period_ms=3_600_000, window_end_ms=2**53,
         trust=TrustView(attested=True, stopped=True, offline=True),
-        protections=[Protection("p" * 32, "unsupported")] * 16, models=[model] * MAX_MODELS,
+        protections=[Protection("p" * 32, "unavailable")] * 16, models=[model] * MAX_MODELS,
         rejected=counts, resources=Resources(rss_bytes=2**48, cpu_ms=2**53), ear="x" * 8192,
     )  # fmt: skip
     key = MemoryPki().signing_key(Identity.device("d" * 64))

@@ -57,6 +57,14 @@ from edgeward_device_agent.sandboxed import SandboxExecutor, sandbox_loader
 from edgeward_device_agent.schedule import RequestReason, RequestSchedule
 from edgeward_device_agent.state import AgentState
 from edgeward_device_agent.status import AttestationState, EnrollmentState, TrustState
+from edgeward_device_agent.telemetry import (
+    Snapshot,
+    TelemetryRecorder,
+    describe_all,
+    process_resources,
+    send_reports,
+    worst_protections,
+)
 from edgeward_device_agent.tpm import Tpm
 from edgeward_device_agent.waits import wait_any
 from edgeward_shared.bus.base import Bus
@@ -150,6 +158,14 @@ class DeviceAgent:
         )
         self.commands.on_rotate_cert(self._rotate_now)
         self._renewing = asyncio.Lock()
+        #: the periodic telemetry report's counts (docs/telemetry.md); None: no reports
+        self.telemetry: TelemetryRecorder | None = None
+        if config.telemetry_period_s is not None:
+            self.telemetry = TelemetryRecorder(
+                config.device_id,
+                boot_ms=self._clock.now_ms(),
+                period_ms=int(config.telemetry_period_s * 1000),
+            )
         self._phase_end = asyncio.Event()
         self._ended: PhaseEnd = "stopped"
         self._unsettled: tuple[str, str] | None = None  # (new serial, previous serial)
@@ -451,6 +467,7 @@ class DeviceAgent:
                 state_dir=self.config.state_dir,
                 policy=self.config.inference,
                 executor=SandboxExecutor(),
+                recorder=self.telemetry,
             )
             self.inference.install(runtime)
         try:
@@ -486,10 +503,33 @@ class DeviceAgent:
                 )
             if self.models is not None:  # connected or not: docs/offline.md
                 side.append(group.create_task(self._follow_offline_policy(self.models, stop)))
+            if self.telemetry is not None:
+                side.append(
+                    group.create_task(
+                        send_reports(runtime, self.telemetry, self._telemetry_snapshot, stop)
+                    )
+                )
             await self._settle_renewal(runtime, stop)
             await self._keep_attested(runtime, stop)
             for task in side:
                 task.cancel()  # stopping or switching: no wait for a sync, download, inference
+
+    def _telemetry_snapshot(self) -> Snapshot:
+        """What the report says besides the counts (docs/telemetry.md)."""
+        current = self.attestation
+        held = self._attester.held if self._attester is not None else None
+        loaded = list(self.models.loaded.values()) if self.models is not None else []
+        rss, cpu = process_resources()
+        return Snapshot(
+            now_ms=self._clock.now_ms(),
+            ear=current.ear if current is not None else None,
+            attested=current is not None,
+            stopped=self.stopped,
+            offline=current is None and held is not None,
+            protections=worst_protections(describe_all(loaded)),
+            rss_bytes=rss,
+            cpu_ms=cpu,
+        )
 
     async def _follow_offline_policy(self, models: ModelManager, stop: asyncio.Event) -> None:
         """Unload what the offline policy no longer keeps, whether the broker answers or not."""

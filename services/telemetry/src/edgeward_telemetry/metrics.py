@@ -3,7 +3,7 @@
 Device metrics (one value per report): ``inferences``, ``errors``, ``error_rate``,
 ``rejected``, ``rejected_rate`` (refused requests over all requests), ``latency_p50_ms``,
 ``latency_p99_ms`` (from the fixed buckets: a bucket's upper bound), ``rss_mb``,
-``cpu_share`` (CPU time over the period), ``protections_missing``, ``stopped``,
+``cpu_share`` (CPU time over the period), ``protections_missing`` (not ``applied``), ``stopped``,
 ``offline``. Per model: ``output_psi`` (:mod:`.drift`, computed by the core) and
 ``model_error_rate``.
 """
@@ -73,7 +73,7 @@ def of_report(report: TelemetryReport) -> dict[str, float]:
         "latency_p99_ms": latency_quantile(latency, 0.99),
         "rss_mb": report.resources.rss_bytes / 2**20,
         "cpu_share": report.resources.cpu_ms / report.period_ms,
-        "protections_missing": float(sum(p.state == "missing" for p in report.protections)),
+        "protections_missing": float(sum(p.state != "applied" for p in report.protections)),
         "stopped": float(report.trust.stopped),
         "offline": float(report.trust.offline),
     }

@@ -49,10 +49,11 @@ ClassHistogram = Annotated[list[Count], msgspec.Meta(min_length=CLASS_BINS, max_
 
 
 class Protection(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
-    """One sandbox protection and its state, written ``["seccomp", "active"]``."""
+    """One sandbox protection and its state (the worst over the loaded models' workers),
+    written ``["seccomp", "applied"]``; the states are the sandbox's (docs/sandbox.md)."""
 
     name: ProtectionName
-    state: Literal["active", "missing", "unsupported"]
+    state: Literal["applied", "unavailable", "skipped"]
 
 
 class ModelReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
