@@ -63,6 +63,7 @@ from edgeward_shared.messages import attest, command, common, enroll, health, id
 from edgeward_shared.messages import model as m
 from edgeward_shared.messages import registry as reg
 from edgeward_shared.messages import revocation as rev
+from edgeward_shared.messages import telemetry as tel
 from edgeward_shared.messages.base import Message, encode_message
 from edgeward_shared.models.frames import FrameHeader, encode_frame
 from edgeward_shared.models.provenance import Tier
@@ -449,6 +450,7 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path) -> None:
     kit.identity(Identity.service(ServiceName.MODEL_DISTRIBUTION))
     kit.identity(Identity.service(ServiceName.INFERENCE_GATEWAY))
     kit.identity(Identity.service(ServiceName.REVOCATION))
+    kit.identity(Identity.service(ServiceName.TELEMETRY))
     alice = Identity.operator("alice")
     kit.identity(alice)
     kit.identity(Identity.enrollee(DEVICE))
@@ -1105,6 +1107,72 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path) -> None:
             ],
         ),
         section="5.10",
+    )
+
+    # ------------------------------------------------------------------ telemetry
+    kit.emit(
+        DEVICE,
+        device_topic(DEVICE, Direction.UP, Channel.TELEMETRY),
+        tel.TelemetryReport(
+            device_id=DEVICE,
+            boot_ms=start,
+            seq=3,
+            period_ms=60_000,
+            window_end_ms=kit.now,
+            trust=tel.TrustView(attested=True, stopped=False, offline=False),
+            protections=[
+                tel.Protection("rlimits", "applied"),
+                tel.Protection("seccomp", "applied"),
+            ],
+            models=[
+                tel.ModelReport(
+                    name="demo",
+                    version=1,
+                    digest=ref.digest,
+                    tier=Tier.HIGH,
+                    inferences=120,
+                    errors=1,
+                    latency_ms=[80, 30, 8, 2, 0, 0, 0, 0, 0, 0],
+                    top_score=[0, 0, 0, 0, 1, 3, 9, 21, 40, 46],
+                    top_class=[50, 36, 22, 12, *([0] * 12)],
+                )
+            ],
+            rejected=2,
+            resources=tel.Resources(rss_bytes=83_886_080, cpu_ms=1_250),
+            ear=ear,
+        ),
+        section="5.13",
+    )
+    kit.emit(
+        "svc.telemetry",
+        service_event_topic(ServiceName.TELEMETRY, "alarm"),
+        tel.TelemetryAlarm(
+            rule="output-drift",
+            state="alarm",
+            device_id=DEVICE,
+            metric="output_psi",
+            value=1.75,
+            threshold=0.25,
+            risk="watch",
+            actions=["alarm", "rollout"],
+            at_ms=kit.now,
+            model="demo",
+            version=1,
+        ),
+        section="5.13",
+    )
+    kit.emit(
+        "svc.telemetry",
+        service_event_topic(ServiceName.TELEMETRY, "rollout"),
+        tel.RolloutSignal(
+            model="demo",
+            version=1,
+            advice="hold",
+            rule="output-drift",
+            devices=[DEVICE],
+            at_ms=kit.now,
+        ),
+        section="5.13",
     )
 
     # ------------------------------------------------------------------ write it all
