@@ -24,7 +24,14 @@ from edgeward_telemetry.actions import ActionLimiter
 from edgeward_telemetry.baseline import Baseline
 from edgeward_telemetry.baseline import Settings as BaselineSettings
 from edgeward_telemetry.core import Decision, Detector, DeviceState
-from edgeward_telemetry.drift import PSI_ALARM, ReferenceBuilder, jensen_shannon, psi
+from edgeward_telemetry.drift import (
+    PSI_ALARM,
+    REFERENCE_WEIGHT,
+    ReferenceBuilder,
+    drift_score,
+    jensen_shannon,
+    psi,
+)
 from edgeward_telemetry.fusion import Facts, risk
 from edgeward_telemetry.rules import Rule, RuleState, evaluate, median_mad, quantile
 
@@ -93,6 +100,13 @@ def test_a_reference_weighs_each_device_alike_and_needs_several() -> None:
     assert sum(reference.top_score) == pytest.approx(1.0)
     # too few samples: no vote
     assert ReferenceBuilder().add("dev-z", [1] * 10, [0] * 16) is None
+    # the precomputed comparison is the PSI of the reference taken as 1000 samples
+    current = (histogram(rng, SHIFTED_SCORES, 100), histogram(rng, HONEST_CLASSES, 100))
+    by_hand = max(
+        psi([p * REFERENCE_WEIGHT for p in reference.top_score], current[0]),
+        psi([p * REFERENCE_WEIGHT for p in reference.top_class], current[1]),
+    )
+    assert drift_score(reference, *current) == pytest.approx(by_hand)
 
 
 # ------------------------------------------------------------------ drift end to end (pure)

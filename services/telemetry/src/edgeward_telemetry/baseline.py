@@ -57,13 +57,15 @@ class Baseline(msgspec.Struct):
         """Recompute if the rate limit allows; True if the baseline changed."""
         if self.updated_at_ms is not None and now_ms - self.updated_at_ms < settings.interval_ms:
             return False
+        if self.first_vote_ms is None:
+            return False
+        if self.median is None and now_ms - self.first_vote_ms < settings.interval_ms:
+            return False
         for device, at in list(self.voted_at.items()):
             if now_ms - at > settings.vote_ttl_ms:
                 del self.voted_at[device]
                 del self.votes[device]
-        if len(self.votes) < settings.min_devices or self.first_vote_ms is None:
-            return False
-        if self.median is None and now_ms - self.first_vote_ms < settings.interval_ms:
+        if len(self.votes) < settings.min_devices:
             return False
         target, mad = median_mad(list(self.votes.values()))
         self.updated_at_ms = now_ms

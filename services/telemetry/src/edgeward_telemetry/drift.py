@@ -58,12 +58,34 @@ def jensen_shannon(reference: Sequence[float], current: Sequence[float]) -> floa
 
 
 class Reference(msgspec.Struct, frozen=True):
-    """A model version's frozen reference sketch (probabilities)."""
+    """A model version's frozen reference sketch (probabilities), with its smoothed
+    distributions and their logarithms computed once (:meth:`of`)."""
 
     top_score: list[float]
     top_class: list[float]
     devices: int
     sketches: int
+    score_q: list[float]
+    class_q: list[float]
+    score_log: list[float]
+    class_log: list[float]
+
+    @classmethod
+    def of(
+        cls, top_score: list[float], top_class: list[float], *, devices: int, sketches: int
+    ) -> Reference:
+        score_q = normalise([p * REFERENCE_WEIGHT for p in top_score])
+        class_q = normalise([p * REFERENCE_WEIGHT for p in top_class])
+        return cls(
+            top_score,
+            top_class,
+            devices,
+            sketches,
+            score_q,
+            class_q,
+            [math.log(q) for q in score_q],
+            [math.log(q) for q in class_q],
+        )
 
 
 class ReferenceBuilder(msgspec.Struct):
@@ -87,7 +109,7 @@ class ReferenceBuilder(msgspec.Struct):
         total = sum(self.taken.values())
         if total < self.sketches or len(self.taken) < self.min_devices:
             return None
-        return Reference(
+        return Reference.of(
             [s / total for s in self.score_sum],
             [c / total for c in self.class_sum],
             devices=len(self.taken),
@@ -110,6 +132,19 @@ def drift_score(
     """The larger PSI of the two sketches against the reference; None if too few samples."""
     if sum(top_score) < MIN_SAMPLES:
         return None
-    scores = [p * REFERENCE_WEIGHT for p in reference.top_score]
-    classes = [p * REFERENCE_WEIGHT for p in reference.top_class]
-    return max(psi(scores, top_score), psi(classes, top_class))
+    return max(
+        _psi_against(reference.score_q, reference.score_log, top_score),
+        _psi_against(reference.class_q, reference.class_log, top_class),
+    )
+
+
+def _psi_against(q: list[float], log_q: list[float], counts: Sequence[int]) -> float:
+    """:func:`psi` with the reference's smoothed distribution and logarithms given."""
+    if len(counts) != len(q):
+        raise ValueError("histograms must have the same, non-zero number of bins")
+    total = float(sum(counts)) + PSEUDO_COUNT * len(counts)
+    score = 0.0
+    for count, qi, log_qi in zip(counts, q, log_q, strict=True):
+        p = (count + PSEUDO_COUNT) / total
+        score += (p - qi) * (math.log(p) - log_qi)
+    return score
