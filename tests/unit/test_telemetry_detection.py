@@ -23,7 +23,7 @@ from edgeward_shared.messages.telemetry import Protection
 from edgeward_telemetry.actions import ActionLimiter
 from edgeward_telemetry.baseline import Baseline
 from edgeward_telemetry.baseline import Settings as BaselineSettings
-from edgeward_telemetry.core import Decision, Detector, DeviceState
+from edgeward_telemetry.core import DEFAULT_RULES, Decision, Detector, DeviceState
 from edgeward_telemetry.drift import (
     PSI_ALARM,
     REFERENCE_WEIGHT,
@@ -33,7 +33,14 @@ from edgeward_telemetry.drift import (
     psi,
 )
 from edgeward_telemetry.fusion import Facts, risk
-from edgeward_telemetry.rules import Rule, RuleState, evaluate, median_mad, quantile
+from edgeward_telemetry.rules import (
+    Rule,
+    RuleState,
+    evaluate,
+    median_mad,
+    quantile,
+    with_actions,
+)
 
 T0 = 1_767_225_600_000
 
@@ -328,3 +335,25 @@ def test_actions_are_rate_limited_per_kind_and_per_subject() -> None:
     assert allowed.count(True) == 4  # burst 5, one spent on dev-1
     assert limiter.allow("stop", "dev-50", 3_600_000)  # refilled with time
     assert limiter.allow("revoke", "dev-1", 0)  # another kind, another budget
+
+
+def test_rule_actions_are_configured_per_rule_and_the_alarm_stays() -> None:
+    rules = with_actions(DEFAULT_RULES, "rejected-results=stop+revoke")
+    chosen = {rule.name: rule.actions for rule in rules}
+    assert chosen["rejected-results"] == ("alarm", "stop", "revoke")
+    assert chosen["output-drift"] == ("alarm", "rollout")  # the others untouched
+    assert with_actions(rules, "output-drift=")[0].actions == ("alarm",)
+    with pytest.raises(ValueError, match="unknown action 'reboot'"):
+        with_actions(rules, "output-drift=reboot")
+    with pytest.raises(ValueError, match="unknown rule 'nope'"):
+        with_actions(rules, "nope=stop")
+
+
+def test_the_command_line_takes_rule_actions() -> None:
+    from click.testing import CliRunner
+
+    from edgeward_telemetry.__main__ import main
+
+    result = CliRunner().invoke(main, ["--rule-action", "nope=stop", "--pki-dir", "/nonexistent"])
+    assert result.exit_code == 2
+    assert "unknown rule 'nope'" in result.output

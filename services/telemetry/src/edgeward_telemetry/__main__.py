@@ -17,7 +17,8 @@ from edgeward_shared.runtime.node import build_node, run_until_signalled
 from edgeward_shared.runtime.params import DurationParam, milliseconds
 from edgeward_shared.storage.sqlite import SqliteDatabase
 from edgeward_telemetry.app import wire
-from edgeward_telemetry.core import BASELINED, Detector
+from edgeward_telemetry.core import BASELINED, DEFAULT_RULES, Detector
+from edgeward_telemetry.rules import Rule, with_actions
 from edgeward_telemetry.store import TelemetryStore
 
 SERVICE = Identity.service(ServiceName.TELEMETRY)
@@ -53,12 +54,22 @@ option = EnvOptions("TELEMETRY")
     help="Attested reports (at most 5 per device, from 3 devices at least) that make a"
     " model version's output reference.",
 )
+@option(
+    "--rule-action",
+    "rule_actions",
+    multiple=True,
+    metavar="RULE=ACTION[+ACTION]",
+    help="The actions of a rule (alarm, stop, revoke, rollout; the alarm is always raised),"
+    " e.g. rejected-results=stop+revoke. Repeat for several rules. Defaults:"
+    " docs/telemetry.md.",
+)
 def main(
     *,
     node: NodeOptions,
     baseline_interval: timedelta,
     baseline_bound: float,
     reference_reports: int,
+    rule_actions: tuple[str, ...],
 ) -> None:
     """Run the telemetry service: judge devices' signed reports against rules, the fleet's
     robust baselines and each model version's output reference; fuse them with security
@@ -68,7 +79,14 @@ def main(
     Example:
       edgeward-telemetry --pki-dir pki --broker 127.0.0.1:8883 --db state/telemetry.db
     """
+    rules: tuple[Rule, ...] = DEFAULT_RULES
+    try:
+        for spec in rule_actions:
+            rules = with_actions(rules, spec)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--rule-action") from exc
     detector = Detector(
+        rules=rules,
         baseline_settings={
             metric: msgspec.structs.replace(
                 settings, interval_ms=milliseconds(baseline_interval), bound=baseline_bound

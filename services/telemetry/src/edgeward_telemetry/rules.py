@@ -10,6 +10,7 @@ carries the rule's actions (``alarm``, ``stop``, ``revoke``, ``rollout``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator as op
 from collections.abc import Callable, Sequence
@@ -107,6 +108,25 @@ def evaluate(
             state.in_alarm = False
             transition = "cleared"
     return Datapoint(mean, threshold, transition)
+
+
+ACTIONS: Final[frozenset[str]] = frozenset({"alarm", "stop", "revoke", "rollout"})
+
+
+def with_actions(rules: Sequence[Rule], spec: str) -> tuple[Rule, ...]:
+    """``rules`` with the actions of ``spec`` (``RULE=ACTION[+ACTION...]``), the alarm
+    always kept; ``ValueError`` for an unknown rule or action."""
+    name, _, actions = spec.partition("=")
+    chosen = tuple(dict.fromkeys(["alarm", *filter(None, actions.split("+"))]))
+    unknown = set(chosen) - ACTIONS
+    if unknown:
+        raise ValueError(f"unknown action {min(unknown)!r} (one of {sorted(ACTIONS)})")
+    if name not in {rule.name for rule in rules}:
+        raise ValueError(f"unknown rule {name!r} (one of {sorted(r.name for r in rules)})")
+    return tuple(
+        dataclasses.replace(rule, actions=chosen) if rule.name == name else rule  # type: ignore[arg-type]
+        for rule in rules
+    )
 
 
 def quantile(values: Sequence[float], q: float) -> float:
