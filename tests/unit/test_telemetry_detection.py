@@ -357,3 +357,42 @@ def test_the_command_line_takes_rule_actions() -> None:
     result = CliRunner().invoke(main, ["--rule-action", "nope=stop", "--pki-dir", "/nonexistent"])
     assert result.exit_code == 2
     assert "unknown rule 'nope'" in result.output
+
+
+def test_a_cached_attestation_result_is_verified_again_after_the_recheck_bound() -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from tests.model_builders import make_ear
+
+    from edgeward_shared.identity import Identity, ServiceName
+    from edgeward_shared.testing import MemoryPki
+    from edgeward_telemetry.ears import AttestationCheck
+
+    pki = MemoryPki()
+    attestation = pki.signing_key(Identity.service(ServiceName.ATTESTATION))
+    session = ec.generate_private_key(ec.SECP256R1()).public_key()
+    ear = make_ear(attestation, "dev-1", session, now_ms=T0)
+    check = AttestationCheck(pki.trust_store(), recheck_ms=60_000)
+    check.check(ear, "dev-1", T0)
+    serial = x509.load_der_x509_certificate(attestation.cert_der).serial_number
+    check.trust = pki.trust_store(revoked=frozenset({serial}))  # the verifier's key revoked
+    check.check(ear, "dev-1", T0 + 30_000)  # still within the bound: the cache answers
+    with pytest.raises(PolicyError, match="telemetry.unattested"):
+        check.check(ear, "dev-1", T0 + 60_000)
+    with pytest.raises(PolicyError, match="telemetry.unattested"):
+        check.check(ear, "dev-2", T0)  # another device's result, cached or not
+
+
+def test_rule_runs_of_models_no_longer_reported_are_forgotten() -> None:
+    detector, state, rng = Detector(), DeviceState(), random.Random(6)
+    for seq, version in enumerate((1, 1, 2)):
+        models = [_version(model_report(rng), version)]
+        item = report("dev-1", seq, now_ms=T0, rng=rng, models=models)  # type: ignore[arg-type]
+        detector.ingest(item, state, attested=True, now_ms=T0)
+    assert {k for k in state.rules if "/" in k} == {"output-drift/demo@2"}
+
+
+def _version(model: object, version: int) -> object:
+    import msgspec
+
+    return msgspec.structs.replace(model, version=version)  # type: ignore[type-var]

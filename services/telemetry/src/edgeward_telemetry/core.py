@@ -190,6 +190,7 @@ class Detector:
                 pending.append(
                     (rule, rule.metric, point.value, point.threshold, point.transition, None, None)
                 )
+        self._forget_models(state, report)
         state.risk = self._risk(state)
         decisions += [
             Decision(
@@ -207,6 +208,15 @@ class Detector:
             for rule, metric, value, threshold, transition, model, version in pending
         ]
         return decisions
+
+    @staticmethod
+    def _forget_models(state: DeviceState, report: TelemetryReport) -> None:
+        """Drop the rule runs of model versions the device no longer reports (unless in
+        alarm), so a device's state stays bounded as versions come and go."""
+        current = {f"{model.name}@{model.version}" for model in report.models}
+        for key in [k for k in state.rules if "/" in k]:
+            if key.split("/", 1)[1] not in current and not state.rules[key].in_alarm:
+                del state.rules[key]
 
     def _model_metric(
         self, metric: str, device_id: str, model: ModelReport, attested: bool

@@ -192,13 +192,13 @@ class TelemetryService:
             case "revoke" if device is not None:
                 await self.revoke(device, why)
                 return []
-            case "rollout" if decision.model is not None and decision.version is not None:
+            case "rollout" if device and decision.model and decision.version is not None:
                 signal = RolloutSignal(
                     model=decision.model,
                     version=decision.version,
                     advice="hold",
                     rule=decision.rule,
-                    devices=[device] if device else ["fleet"],
+                    devices=[device],
                     at_ms=now,
                 )
                 return [Outgoing(ROLLOUT_TOPIC, signal)]
