@@ -27,6 +27,7 @@ from edgeward_shared.messages.attest import AttestationFailed
 from edgeward_shared.messages.base import Message
 from edgeward_shared.messages.command import StopCommand, may_command
 from edgeward_shared.messages.common import Rejected
+from edgeward_shared.messages.infer import RejectedResult
 from edgeward_shared.messages.model_types import Tier
 from edgeward_shared.messages.revocation import JobStatus, RevocationJob, Revoke
 from edgeward_shared.messages.telemetry import (
@@ -207,6 +208,7 @@ async def running(
 
         revocation.route(f"{ROOT}/svc/revocation/req/+", [Revoke], on_revoke)
         attestation = runtime(ATTESTATION)
+        gateway = runtime(Identity.service(ServiceName.INFERENCE_GATEWAY))
         world_devices = {}
         for i in range(devices):
             device_id = f"dev-{i}"
@@ -236,6 +238,7 @@ async def running(
             )
             world = World(pki, clock, services, service_runtimes, world_devices, events, revokes)
             world.attestation = attestation  # type: ignore[attr-defined]
+            world.gateway = gateway  # type: ignore[attr-defined]
             yield world
         finally:
             stop.set()
@@ -464,3 +467,34 @@ async def test_an_attestation_failure_makes_the_device_compromised(tmp_path: Pat
             await asyncio.sleep(0.01)
         assert await risk() == "compromised"
         assert shared_subscription("telemetry", topic)  # both instances share the route
+
+
+@pytest.mark.asyncio
+async def test_results_the_gateway_refused_are_a_cloud_side_metric(tmp_path: Path) -> None:
+    """The inference gateway's refusals of a device's results (its evt/rejected events)
+    count between the device's reports; past 20 per period, twice, the rule alarms."""
+    async with running(tmp_path, devices=3) as world:
+        gateway: Runtime = world.gateway  # type: ignore[attr-defined]
+        topic = service_event_topic(ServiceName.INFERENCE_GATEWAY, "rejected")
+        await world.period()
+        for _ in range(2):
+            for _ in range(25):
+                event = RejectedResult(device="dev-1", reason="infer.seq.replayed", at_ms=0)
+                await gateway.publish(Outgoing(topic, event))
+
+            async def counted() -> int:
+                state = await world.services[0].store.device("dev-1")
+                return 0 if state is None else state.gateway_rejected
+
+            for _ in range(300):
+                if await counted() == 25:
+                    break
+                await asyncio.sleep(0.01)
+            assert await counted() == 25
+            await world.period()
+        await until(lambda: len(world.of(TelemetryAlarm)) == 1)
+        [alarm] = world.of(TelemetryAlarm)
+        assert (alarm.rule, alarm.device_id, alarm.value) == ("gateway-rejections", "dev-1", 25.0)
+        state = await world.services[0].store.device("dev-1")
+        assert state is not None
+        assert (state.gateway_rejected, state.risk) == (0, "watch")

@@ -1,8 +1,9 @@
 """Wiring the telemetry service onto a runtime. No decisions here (``core``/``service``),
 no configuration (``__main__``).
 
-Reports arrive on ``$share/telemetry/ew/v1/dev/+/up/telemetry`` and the attestation
-service's failures on ``$share/telemetry/ew/v1/svc/attestation/evt/failed``: several
+Reports arrive on ``$share/telemetry/ew/v1/dev/+/up/telemetry``, the attestation
+service's failures on ``$share/telemetry/ew/v1/svc/attestation/evt/failed`` and the
+inference gateway's refused results on ``.../svc/inference-gateway/evt/rejected``: several
 instances split both (shared subscriptions) and share the device states (:mod:`.store`).
 Reports are opened with a 24 KiB envelope limit (``MAX_REPORT_BYTES``). The revocation
 service's answers come back on ``ew/v1/svc/revocation/rsp/<our cn>`` (each instance its
@@ -16,6 +17,7 @@ from edgeward_shared.errors import PolicyError
 from edgeward_shared.identity import ServiceName
 from edgeward_shared.messages.attest import AttestationFailed
 from edgeward_shared.messages.common import Rejected
+from edgeward_shared.messages.infer import RejectedResult
 from edgeward_shared.messages.revocation import RevocationJob, Revoke
 from edgeward_shared.messages.telemetry import MAX_REPORT_BYTES, TelemetryReport
 from edgeward_shared.runtime.core import Runtime
@@ -90,6 +92,12 @@ def wire(
         [AttestationFailed],
         service.on_attestation_failed,
         name="attestation.failed",
+    )
+    runtime.route(
+        shared_subscription(GROUP, service_event_topic(ServiceName.INFERENCE_GATEWAY, "rejected")),
+        [RejectedResult],
+        service.on_gateway_rejected,
+        name="gateway.rejected",
     )
     answer_pings(runtime, REQUESTS)
     return service

@@ -66,6 +66,14 @@ DEFAULT_RULES: Final = (
         clear_after=3,
     ),
     Rule(
+        "gateway-rejections",
+        "gateway_rejected",
+        "gt",
+        value=20.0,
+        alarm_after=2,
+        clear_after=3,
+    ),
+    Rule(
         "protections-missing", "protections_missing", "gt", value=0.0, alarm_after=1, clear_after=1
     ),
 )
@@ -105,6 +113,8 @@ class DeviceState(msgspec.Struct):
     protections_missing: int = 0
     high_tier_loaded: bool = False
     risk: Risk = "trusted"
+    #: the device's results the inference gateway refused since its last report (cloud-side)
+    gateway_rejected: int = 0
 
     def alarms(self) -> frozenset[str]:
         return frozenset(key.split("/")[0] for key, s in self.rules.items() if s.in_alarm)
@@ -132,6 +142,11 @@ class Detector:
         state.attested = False
         state.risk = self._risk(state)
 
+    @staticmethod
+    def gateway_rejected(state: DeviceState) -> None:
+        """The inference gateway refused one of the device's results (its event)."""
+        state.gateway_rejected = min(state.gateway_rejected + 1, 2**31)
+
     # ------------------------------------------------------------------ reports
     @staticmethod
     def check_order(report: TelemetryReport, state: DeviceState) -> None:
@@ -150,6 +165,8 @@ class Detector:
         state.boot_ms, state.seq = report.boot_ms, report.seq
         state.attested = attested
         values = m.of_report(report)
+        values["gateway_rejected"] = float(state.gateway_rejected)  # since the last report
+        state.gateway_rejected = 0
         state.protections_missing = int(values["protections_missing"])
         state.high_tier_loaded = any(model.tier is Tier.HIGH for model in report.models)
         decisions = self._baselines(report.device_id, values, attested=attested, now_ms=now_ms)

@@ -4,7 +4,9 @@ Device metrics (one value per report): ``inferences``, ``errors``, ``error_rate`
 ``rejected``, ``rejected_rate`` (refused requests over all requests), ``latency_p50_ms``,
 ``latency_p99_ms`` (from the fixed buckets: a bucket's upper bound), ``rss_mb``,
 ``cpu_share`` (CPU time over the period), ``protections_missing`` (not ``applied``), ``stopped``,
-``offline``. Per model: ``output_psi`` (:mod:`.drift`, computed by the core) and
+``offline``; and one the device does not report: ``gateway_rejected``, the results of the
+device the inference gateway refused since its previous report (its ``evt/rejected``). Per
+model: ``output_psi`` (:mod:`.drift`, computed by the core) and
 ``model_error_rate``.
 """
 
@@ -32,6 +34,7 @@ DEVICE_METRICS: Final = frozenset(
         "offline",
         "latency_p50_z",
         "error_rate_z",
+        "gateway_rejected",
     }
 )
 MODEL_METRICS: Final = frozenset({"output_psi", "model_error_rate"})

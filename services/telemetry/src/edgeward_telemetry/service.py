@@ -28,6 +28,7 @@ from edgeward_shared.identity import ServiceName
 from edgeward_shared.logs import fields
 from edgeward_shared.messages.attest import AttestationFailed
 from edgeward_shared.messages.command import StopCommand
+from edgeward_shared.messages.infer import RejectedResult
 from edgeward_shared.messages.telemetry import (
     ActionName,
     RolloutSignal,
@@ -134,6 +135,13 @@ class TelemetryService:
         skew = self.settings.max_skew_ms
         if not now - report.period_ms - skew <= report.window_end_ms <= now + skew:
             raise PolicyError(TelemetryReason.WINDOW, f"window ends at {report.window_end_ms}")
+
+    async def on_gateway_rejected(self, opened: Opened[Any]) -> Sequence[Outgoing]:
+        """A cloud-side fact: the inference gateway refused one of a device's results."""
+        event: RejectedResult = opened.message
+        now = self.clock.now_ms()
+        await self.store.with_device(event.device, now, self.detector.gateway_rejected)
+        return ()
 
     async def on_attestation_failed(self, opened: Opened[Any]) -> Sequence[Outgoing]:
         event: AttestationFailed = opened.message
