@@ -196,7 +196,7 @@ class Detector:
                             )
                         )
                 continue
-            fleet = self._fleet(rule.metric)
+            fleet = self._fleet(rule.metric) if rule.statistic is not None else []
             point = evaluate(
                 rule,
                 state.rules.setdefault(rule.name, RuleState()),

@@ -92,8 +92,12 @@ def evaluate(
     threshold = rule.threshold(fleet)
     if threshold is None or math.isnan(value):
         return None
-    state.window = [*state.window, value][-rule.duration :]
-    mean = sum(state.window) / len(state.window)
+    if rule.duration == 1:
+        state.window = [value]
+        mean = value
+    else:
+        state.window = [*state.window, value][-rule.duration :]
+        mean = sum(state.window) / len(state.window)
     transition: Transition | None = None
     if rule.breaches(mean, threshold):
         state.breaching += 1
