@@ -32,7 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from _report import Report, median, percentile, sized
 from edgeward_cli.ops_client import operator_session
 from edgeward_revocation.app import run_worker, wire
-from edgeward_revocation.effects import DynsecKicker, PkiCrl, SignalReloader
+from edgeward_revocation.effects import CheckedReloader, DynsecKicker, PkiCrl
 from edgeward_revocation.store import RevocationStore
 from edgeward_shared.broker.dynsec import CONTROL_TOPIC, kick_command
 from edgeward_shared.broker.launcher import BROKER_IDENTITY, MosquittoBroker
@@ -141,7 +141,7 @@ async def revocations(
     kicker = DynsecKicker(
         MqttSettings(address, store.bundle_path, store.identity_files(ADMIN), ADMIN.common_name)
     )
-    reloader = SignalReloader(broker.run_dir / "mosquitto.pid", broker.log_path)
+    reloader = CheckedReloader(store, broker.run_dir, runtime.clock, broker.log_path)
     wired = wire(runtime, rev_store, PkiCrl(store), reloader, kicker)
     stop = asyncio.Event()
     tasks = [

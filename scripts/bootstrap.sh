@@ -5,7 +5,9 @@ set -euo pipefail
 
 APT_PACKAGES=(mosquitto mosquitto-clients openssl ca-certificates python3 python3-venv make
     # TPM: swtpm devices and tpm2-tools for tests; libtss2-dev + a compiler to build tpm2-pytss
-    swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config gcc python3-dev)
+    swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config gcc python3-dev
+    # the broker's guard plugin (mosquitto/plugin/edgeward_guard.c) is built against these
+    mosquitto-dev libmosquitto-dev)
 UV_VENV="${EDGEWARD_UV_VENV:-$HOME/.cache/edgeward/uv}"
 
 say() { printf '[bootstrap] %s\n' "$*" >&2; }
@@ -34,6 +36,15 @@ if ! command -v uv >/dev/null 2>&1; then
         "$UV_VENV/bin/pip" install --quiet --disable-pip-version-check "uv>=0.8"
     fi
     export PATH="$UV_VENV/bin:$PATH"
+fi
+
+# The broker's guard plugin: the launcher refuses to start a broker without it.
+GUARD_DIR="$(cd "$(dirname "$0")/.." && pwd)/mosquitto/plugin"
+if [ ! -f "$GUARD_DIR/edgeward_guard.so" ] \
+    || [ "$GUARD_DIR/edgeward_guard.c" -nt "$GUARD_DIR/edgeward_guard.so" ]; then
+    say "building the broker's guard plugin"
+    gcc -std=c11 -Wall -Wextra -Werror -O2 -fPIC -shared \
+        -o "$GUARD_DIR/edgeward_guard.so" "$GUARD_DIR/edgeward_guard.c"
 fi
 
 say "syncing the project environment (uv.lock)"

@@ -922,7 +922,7 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path) -> None:
     request_mid2 = kit.emit(
         "svc.inference-gateway",
         device_topic(DEVICE, Direction.DOWN, Channel.INFER),
-        infer.InferRequest(model="demo", inputs=inputs, version=1),
+        infer.InferRequest(caller="op.alice", model="demo", inputs=inputs, version=1),
         section="5.11",
     )
     session = ort.InferenceSession(onnx, providers=["CPUExecutionProvider"])
@@ -940,6 +940,7 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path) -> None:
             at_ms=kit.now + 1000,
             source="request",
             request=request_mid2,
+            mode="attested",
             outputs=[
                 infer.Tensor(
                     name=out_name, dtype="float32", shape=list(output.shape), data=output.tobytes()

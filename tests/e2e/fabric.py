@@ -141,13 +141,17 @@ async def running(runtime: Runtime, connect: Any) -> AsyncIterator[Runtime]:
 
 
 @asynccontextmanager
-async def services(world: World, reattest_ms: int | None = None) -> AsyncIterator[AttestationStore]:
+async def services(
+    world: World, reattest_ms: int | None = None, ear_lifetime_s: int = 120
+) -> AsyncIterator[AttestationStore]:
     """The identity and attestation services (with periodic re-attestation if asked)."""
     db = await SqliteDatabase.open(":memory:")
     store = AttestationStore(db)
     await store.migrate()
     runtime, connect = build_runtime(world.node(ATTESTATION))
-    service = wire(runtime, store, [world.fleet.ca.certificate], Settings(ear_lifetime_s=120))
+    service = wire(
+        runtime, store, [world.fleet.ca.certificate], Settings(ear_lifetime_s=ear_lifetime_s)
+    )
     stop = asyncio.Event()
     scheduler = (
         asyncio.create_task(reattest_forever(runtime, service, reattest_ms, stop))

@@ -63,7 +63,12 @@ from edgeward_shared.messages.enroll import (
 )
 from edgeward_shared.messages.health import Ping, Pong
 from edgeward_shared.pki.certs import make_leaf
-from edgeward_shared.pki.store import PkiStore, read_certificate, read_certificates
+from edgeward_shared.pki.store import (
+    PkiStore,
+    read_certificate,
+    read_certificates,
+    write_private_key,
+)
 from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.runtime.core import Outgoing, Runtime
@@ -303,6 +308,15 @@ class ForeignEkTpm:
     def quote(self, qualifying_data: bytes, indices: Any, bank: PcrBank = PcrBank.SHA256) -> Quote:
         return self.own.quote(qualifying_data, indices, bank)
 
+    def read_pcrs(self, indices: Any, bank: PcrBank = PcrBank.SHA256) -> dict[int, bytes]:
+        return self.own.read_pcrs(indices, bank)
+
+    def seal(self, secret: bytes, indices: Any, bank: PcrBank, values: Any = None) -> bytes:
+        return self.own.seal(secret, indices, bank, values)
+
+    def unseal(self, blob: bytes, indices: Any, bank: PcrBank = PcrBank.SHA256) -> bytes:
+        return self.own.unseal(blob, indices, bank)
+
     def close(self) -> None:
         self.own.close()
         self.foreign.close()
@@ -440,10 +454,13 @@ async def test_a_fresh_device_enrolls_then_attests_renews_and_reconnects(world: 
         assert state.status == "affirming"
         assert world.service.requests == [("dev-fresh", "boot")]
 
-        # the files enrollment wrote: key 0600 in a 0700 directory, a device certificate
+        # the files enrollment wrote: a sealed key 0600 in a 0700 directory, no plain key,
+        # a device certificate
         device_dir = world.root / "dev-fresh" / "device"
         assert stat.S_IMODE((world.root / "dev-fresh").stat().st_mode) == 0o700
-        assert stat.S_IMODE((device_dir / "key.pem").stat().st_mode) == 0o600
+        assert stat.S_IMODE((device_dir / "key.sealed").stat().st_mode) == 0o600
+        assert not (device_dir / "key.pem").exists()
+        assert not (world.root / "dev-fresh" / "enrollee" / "key.pem").exists()
         certificate = read_certificate(device_dir / "cert.pem")
         assert identity_of(certificate) == Identity.device("dev-fresh")  # role device, CN = id
         assert certificate == world.service.issued[0]
@@ -653,3 +670,23 @@ async def test_an_enrollee_identity_for_another_device_stops_the_agent(world: Wo
     with pytest.raises(EdgewardError) as info:
         await agent.run(asyncio.Event())
     assert info.value.reason == "config.identity.mismatch"
+
+
+async def test_an_older_agents_plain_key_is_sealed_and_shredded_at_start(world: World) -> None:
+    """docs/adr/0016: an enrolled device whose state an older agent wrote (``device/key.pem``
+    in the clear) comes up with the same key, now sealed, and the PEM gone."""
+    agent = world.agent("dev-legacy")
+    async with world.running(world.service.runtime, agent):
+        await _until(lambda: agent.trust_state().attested)
+    key = agent.state.device_key()
+    device_dir = world.root / "dev-legacy" / "device"
+    (device_dir / "key.sealed").unlink()  # the layout before sealing
+    write_private_key(device_dir / "key.pem", key)
+
+    again = world.agent("dev-legacy")
+    async with world.running(world.service.runtime, again):
+        await _until(lambda: again.trust_state().attested)
+    assert not (device_dir / "key.pem").exists()
+    assert (device_dir / "key.sealed").exists()
+    assert _spki(again.state.device_key()) == _spki(key)
+    assert len(world.service.issued) == 1  # the same certificate, no new enrollment

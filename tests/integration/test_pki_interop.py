@@ -12,6 +12,7 @@ from cryptography import x509
 
 from edgeward_cli.main import cli
 from edgeward_shared.identity import Identity, Role, ServiceName, identity_of
+from edgeward_shared.pki.canary import CANARY
 from edgeward_shared.pki.store import PkiStore
 
 
@@ -44,7 +45,7 @@ def dev_pki(tmp_path_factory: pytest.TempPathFactory) -> PkiStore:
 
 
 def test_every_certificate_verifies_with_openssl_including_purpose(dev_pki: PkiStore) -> None:
-    records = dev_pki.issued()
+    records = [r for r in dev_pki.issued() if r.common_name != CANARY.common_name]
     assert len(records) == 3 + 3 + 2 + len(ServiceName)  # 2 more operator sessions
     for record in records:
         cert = dev_pki.dir / "identities" / record.common_name / "cert.pem"
@@ -54,6 +55,13 @@ def test_every_certificate_verifies_with_openssl_including_purpose(dev_pki: PkiS
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip().endswith(": OK")
+
+
+def test_openssl_finds_the_canary_revoked(dev_pki: PkiStore) -> None:
+    cert = dev_pki.identity_files(CANARY).cert
+    result = _openssl_verify(dev_pki, cert, "-crl_check", "-CRLfile", str(dev_pki.crl_path))
+    assert result.returncode != 0
+    assert "certificate revoked" in result.stdout + result.stderr
 
 
 def test_issuing_ca_verifies_against_the_root(dev_pki: PkiStore) -> None:

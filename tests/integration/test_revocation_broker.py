@@ -26,7 +26,7 @@ from edgeward_device_agent.commands import CommandHandler
 from edgeward_device_agent.ledger import DeviceLedger
 from edgeward_device_agent.revocations import RevocationHolder
 from edgeward_revocation.app import run_worker, wire
-from edgeward_revocation.effects import DynsecKicker, PkiCrl, SignalReloader
+from edgeward_revocation.effects import CheckedReloader, DynsecKicker, PkiCrl
 from edgeward_revocation.store import RevocationStore
 from edgeward_shared.broker.launcher import BROKER_IDENTITY, MosquittoBroker
 from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings
@@ -97,7 +97,7 @@ async def service_in_process(
     await store.migrate()
     admin = pki.identity_files(ADMIN)
     kicker = DynsecKicker(MqttSettings(address, pki.bundle_path, admin, ADMIN.common_name))
-    reloader = SignalReloader(broker.run_dir / "mosquitto.pid", broker.log_path)
+    reloader = CheckedReloader(pki, broker.run_dir, runtime.clock, broker.log_path)
     wired = wire(runtime, store, PkiCrl(pki), reloader, kicker)
     stop = asyncio.Event()
     tasks = [
@@ -201,7 +201,8 @@ async def test_a_revocation_completes_after_the_service_is_killed_mid_way(
     rev_broker: MosquittoBroker, rev_pki: PkiStore, tmp_path: Path
 ) -> None:
     late = _connect(rev_broker, rev_pki, LATER)
-    pid_file = tmp_path / "mosquitto.pid"  # missing at first: the reload step cannot confirm
+    # a run directory without the broker at first: the reload step cannot confirm
+    pid_file = tmp_path / "mosquitto.pid"
     db, log = tmp_path / "rev.db", tmp_path / "service.log"
     first = _spawn(rev_pki, rev_broker, db, pid_file, log)
     second: subprocess.Popen[bytes] | None = None
@@ -212,7 +213,7 @@ async def test_a_revocation_completes_after_the_service_is_killed_mid_way(
         os.kill(first.pid, signal.SIGKILL)  # in the middle: CRL written, broker not reloaded
         first.wait(10)
         assert late.is_connected()
-        pid_file.write_text(f"{rev_broker.pid}\n")
+        pid_file = rev_broker.run_dir / "mosquitto.pid"  # the broker's own run directory
         second = _spawn(rev_pki, rev_broker, db, pid_file, log)
         await _wait_for_step(rev_pki, rev_broker, job, "done")
         assert await asyncio.to_thread(late.wait, lambda: bool(late.disconnects))
@@ -287,3 +288,20 @@ async def test_stop_over_the_broker_with_a_receipt_proved_offline(
     assert result.exit_code == 0, result.output
     assert "command:ok receipt:ok" in result.output
     assert "every command and receipt verifies" in result.output
+
+
+@pytest.mark.asyncio
+async def test_the_service_s_reload_takes_a_revoked_operator_out_of_the_acl(
+    rev_broker: MosquittoBroker, rev_pki: PkiStore, tmp_path: Path
+) -> None:
+    carol = Identity.operator("carol")
+    rev_pki.issue(carol, datetime.now(UTC), LIFETIME)
+    async with service_in_process(rev_pki, rev_broker, tmp_path / "rev.db"):
+        address = f"{rev_broker.host}:{rev_broker.port}"
+        request = Revoke(kind="operator", subject=carol.name, reason="left")
+        job = await _revoke(rev_pki.dir, ALICE.name, address, request, wait=True)
+        assert job.step == "done"
+    acl = rev_broker.acl_path.read_text()
+    assert f"user {carol.common_name}\ntopic deny #\n" in acl  # nothing, not even patterns
+    verdict = tls_verdict(rev_broker, tls_context(rev_pki, carol), carol.common_name)
+    assert verdict == "SSLV3_ALERT_CERTIFICATE_REVOKED"

@@ -9,7 +9,7 @@ import asyncio
 import json
 import stat
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry
+from tpm2_pytss.types import TPM2B_PRIVATE
 
 from edgeward_device_agent.agent import DeviceAgent
 from edgeward_device_agent.attestation import MAX_PENDING, Attester
@@ -26,7 +27,14 @@ from edgeward_device_agent.config import AgentConfig, AgentPolicy, retry_delays
 from edgeward_device_agent.metrics import AgentMetrics
 from edgeward_device_agent.schedule import RequestSchedule
 from edgeward_device_agent.state import AgentState
-from edgeward_device_agent.tpm import PcrBank, Quote
+from edgeward_device_agent.tpm import (
+    PcrBank,
+    Quote,
+    TpmError,
+    _sealed_template,
+    _split_sealed,
+    pcr_policy_digest,
+)
 from edgeward_shared.bindings import qualifying_data
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.ear import AttestationClaims, Status, issue_ear
@@ -46,12 +54,48 @@ ATTESTATION = Identity.service(ServiceName.ATTESTATION)
 POLICY = AgentPolicy(retry_base_s=1.0, retry_cap_s=8.0, result_grace_s=60.0)
 
 
-class FakeTpm:
+class FakeSealer:
+    """Seals in the clear (a unit-test seam only): the blob is a real sealed-data public area
+    (its authPolicy the PolicyPCR digest of the values) and the secret as its "private" part;
+    unseal checks the fake PCRs against that policy, as the TPM would."""
+
+    def __init__(self) -> None:
+        self.pcrs: dict[int, bytes] = dict.fromkeys(range(24), bytes(32))
+        self.unseals = 0
+
+    def read_pcrs(self, indices: Iterable[int], bank: PcrBank = PcrBank.SHA256) -> dict[int, bytes]:
+        return {i: self.pcrs[i] for i in indices}
+
+    def seal(
+        self,
+        secret: bytes,
+        pcr_indices: Iterable[int],
+        bank: PcrBank = PcrBank.SHA256,
+        values: Mapping[int, bytes] | None = None,
+    ) -> bytes:
+        chosen = dict(values) if values is not None else self.read_pcrs(pcr_indices)
+        public = _sealed_template(pcr_policy_digest(bank, chosen))
+        return bytes(public.marshal()) + bytes(TPM2B_PRIVATE(secret).marshal())
+
+    def unseal(
+        self, blob: bytes, pcr_indices: Iterable[int], bank: PcrBank = PcrBank.SHA256
+    ) -> bytes:
+        self.unseals += 1
+        public, private = _split_sealed(blob)
+        if bytes(public.publicArea.authPolicy) != pcr_policy_digest(
+            bank, self.read_pcrs(pcr_indices)
+        ):
+            raise TpmError("tpm.unseal.policy_failed", "fake PCRs differ")
+        return bytes(private)
+
+
+class FakeTpm(FakeSealer):
     """Quotes made of the qualifying data; ``gate`` holds a quote until it is set."""
 
     ak_public = b"\x00\x02ak"
 
     def __init__(self, gate: threading.Event | None = None) -> None:
+        super().__init__()
         self.gate = gate
         self.entered = threading.Event()
 
@@ -366,13 +410,26 @@ def test_state_directory_is_made_private_and_an_open_one_is_refused(tmp_path: Pa
     assert info.value.reason == "config.state.permissions"
 
 
-def test_device_key_is_made_once_0600_and_the_certificate_must_match_it(tmp_path: Path) -> None:
+def test_device_key_is_made_once_sealed_0600_and_the_certificate_must_match_it(
+    tmp_path: Path,
+) -> None:
     pki = _pki(tmp_path)
     state = AgentState(tmp_path / "state", DEVICE)
     state.prepare()
+    with pytest.raises(ConfigError) as locked:
+        state.device_key()  # the keys need the TPM
+    assert locked.value.reason == "agent.key.locked"
+    sealer = FakeSealer()
+    state.unlock(sealer)
     key = state.device_key()
-    assert stat.S_IMODE(state.device.key.stat().st_mode) == 0o600
+    sealed = state.device.directory / "key.sealed"
+    assert stat.S_IMODE(sealed.stat().st_mode) == 0o600
+    assert not state.device.key.exists()
     assert state.device_key().private_numbers() == key.private_numbers()
+    again = AgentState(tmp_path / "state", DEVICE)  # a restart: unsealed from the file
+    again.unlock(sealer)
+    assert again.device_key().private_numbers() == key.private_numbers()
+    assert sealer.unseals == 1
     assert not state.is_enrolled()
     now = datetime.now(UTC)
     other = pki.issue(Identity.device(DEVICE), now, timedelta(hours=1))  # its own, other key

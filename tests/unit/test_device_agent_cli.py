@@ -117,3 +117,18 @@ def test_a_configuration_error_exits_2_with_its_reason(tmp_path: Path, pki: PkiS
     assert process.returncode == 2
     failure = next(e for e in _json_lines(errors) if e["event"] == "agent.config_error")
     assert failure["reason"] == "config.state.permissions"
+
+
+def test_seal_flags_become_the_config_and_unsafe_selections_are_refused(
+    tmp_path: Path, pki: PkiStore
+) -> None:
+    default = config_from_args(_parser().parse_args(_args(tmp_path, pki)))
+    assert default.seal.pcrs == tuple(range(8))
+    chosen = config_from_args(
+        _parser().parse_args(_args(tmp_path, pki, "--seal-pcrs", "7,0,4", "--seal-bank", "sha1"))
+    )
+    assert (chosen.seal.pcrs, chosen.seal.bank.name) == ((0, 4, 7), "SHA1")
+    for pcrs in ("0,14", "16", "", "x"):  # the model PCR, a resettable one, none, nonsense
+        with pytest.raises(SystemExit) as info:
+            main([*_args(tmp_path, pki), "--seal-pcrs", pcrs])
+        assert info.value.code == 2

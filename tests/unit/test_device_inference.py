@@ -63,6 +63,7 @@ def _loaded() -> LoadedModel:
 
 class World:
     def __init__(self, tmp: Path, *, rate: float = 1000.0, burst: int = 1000) -> None:
+        self.now_s = 0.0
         self.pki = MemoryPki()
         self.current: CurrentAttestation | None = _attested(self.pki)
         self.stopped = False
@@ -75,6 +76,7 @@ class World:
             clock=FixedClock(),
             state_dir=tmp,
             policy=InferencePolicy(rate_per_s=rate, burst=burst),
+            monotonic=lambda: self.now_s,
         )
 
     def _allowed(self) -> None:
@@ -159,3 +161,26 @@ def test_sequence_numbers_never_repeat_across_restarts(tmp_path: Path) -> None:
     assert min(later) > max(seen)
     assert later == sorted(later)
     assert (tmp_path / "seq").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.asyncio
+async def test_a_flooding_caller_does_not_get_an_honest_one_refused(tmp_path: Path) -> None:
+    """Finding 17.3: op.flood at ~190/s, op.rt at 2/s, on a device whose budget is 20/s."""
+    world = World(tmp_path, rate=20.0, burst=40)
+    refused: dict[str, int] = {}
+    served: dict[str, int] = {}
+    for tick in range(10 * 190):  # ten seconds of flood, in 1/190 s steps
+        world.now_s = tick / 190
+        callers = ["op.flood"] + (["op.rt"] if tick % 95 == 0 else [])
+        for caller in callers:
+            try:
+                await world.inference.infer("classifier", _inputs(), caller=caller)
+                served[caller] = served.get(caller, 0) + 1
+            except EdgewardError as exc:
+                refused[exc.reason] = refused.get(exc.reason, 0) + 1
+                refused[caller] = refused.get(caller, 0) + 1
+    assert served["op.rt"] == 20
+    assert "op.rt" not in refused
+    assert served["op.flood"] <= 40 + 20 * 10 - 20 + 1
+    assert refused["op.flood"] > 1500
+    assert refused["infer.rate_limited"] == refused["op.flood"]  # and for no other reason

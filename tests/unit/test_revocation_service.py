@@ -25,9 +25,10 @@ from edgeward_revocation.service import RevocationService
 from edgeward_revocation.store import RevocationStore
 from edgeward_revocation.worker import RevocationWorker, WorkerSettings
 from edgeward_shared.clock import from_datetime
-from edgeward_shared.errors import PolicyError, TransportError
+from edgeward_shared.errors import EdgewardError, PolicyError, TransportError
 from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.messages.revocation import RevocationList
+from edgeward_shared.pki.crl_check import CrlError, CrlReason
 from edgeward_shared.pki.store import PkiStore, read_certificate
 from edgeward_shared.pki.trust import load_crl
 from edgeward_shared.revocation import RevocationView
@@ -114,6 +115,7 @@ class FakeBroker:
 
     def __init__(self) -> None:
         self.down = False
+        self.reload_error: EdgewardError | None = None
         self.reloads = 0
         self.kicked: list[str] = []
         self.published: list[RevocationList] = []
@@ -121,6 +123,8 @@ class FakeBroker:
     async def reload(self) -> None:
         if self.down:
             raise TransportError("revocation.broker.unknown", "no broker")
+        if self.reload_error is not None:
+            raise self.reload_error
         self.reloads += 1
 
     async def kick(self, username: str) -> None:
@@ -155,6 +159,7 @@ class Process:
     def __init__(self, db: SqliteDatabase, pki: PkiStore, broker: FakeBroker) -> None:
         self.clock = FixedClock(from_datetime(datetime.now(UTC)))
         self.store = RevocationStore(db)
+        self.registry = CollectorRegistry()
         self.worker = RevocationWorker(
             self.store,
             PkiCrl(pki),
@@ -162,7 +167,7 @@ class Process:
             broker,
             broker.publish,
             self.clock,
-            CollectorRegistry(),
+            self.registry,
             settings=WorkerSettings(list_lifetime_ms=3600_000),
         )
         self.service = RevocationService(self.store, PkiCrl(pki), self.clock, self.worker.wake)
@@ -194,6 +199,33 @@ async def test_a_device_revocation_goes_through_every_step(pki: PkiStore, tmp_pa
         final = broker.published[-1]
         assert final.devices == ["dev-1"]
         assert done.list_version == final.version
+    finally:
+        await db.close()
+
+
+@pytest.mark.asyncio
+async def test_a_refused_crl_is_an_alarm_and_the_job_waits(pki: PkiStore, tmp_path: Path) -> None:
+    broker = FakeBroker()
+    broker.reload_error = CrlError(CrlReason.STALE, "nextUpdate passed")
+    db = await SqliteDatabase.open(tmp_path / "rev.db")
+    try:
+        process = Process(db, pki, broker)
+        await process.store.migrate()
+        job = await process.service.revoke(ALICE, "device", "dev-2", "stolen")
+        assert not await process.worker.work_once()
+        stuck = await process.store.job(job.job_id)
+        assert stuck is not None
+        assert (stuck.step, stuck.last_error) == ("crl_written", CrlReason.STALE)
+        alarms = process.registry.get_sample_value(
+            "edgeward_revocation_broker_alarms_total", {"reason": CrlReason.STALE}
+        )
+        assert alarms is not None
+        assert alarms >= 1
+        broker.reload_error = None  # fixed: the job goes on from where it stopped
+        assert await process.worker.work_once()
+        done = await process.store.job(job.job_id)
+        assert done is not None
+        assert done.step == "done"
     finally:
         await db.close()
 

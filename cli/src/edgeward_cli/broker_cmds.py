@@ -3,28 +3,32 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import threading
 from pathlib import Path
 
 import click
 
-from edgeward_cli.pki_cmds import pki_dir_option
+from edgeward_cli.pki_cmds import (
+    PID_FILE,
+    now_utc,
+    pki_dir_option,
+    reload_running_broker,
+    run_dir_option,
+)
 from edgeward_shared.broker import container
 from edgeward_shared.broker.acl import AclPrincipals
 from edgeward_shared.broker.container import render_for_container
 from edgeward_shared.broker.launcher import MosquittoBroker
-from edgeward_shared.identity import Identity, Role
+from edgeward_shared.broker.reload import principals_from_pki
+from edgeward_shared.errors import EdgewardError
 from edgeward_shared.pki.store import PkiStore
-
-PID_FILE = "mosquitto.pid"
 
 
 def _principals(store: PkiStore) -> AclPrincipals:
-    """Operators, admins and extra service instances the PKI has issued certificates to."""
-    issued = sorted({(Role(r.role), r.common_name) for r in store.issued()})
-    return AclPrincipals.of(Identity.from_common_name(role, cn) for role, cn in issued)
+    """Operators, admins and extra service instances with a current certificate, and the
+    identities whose every certificate is revoked (denied everything)."""
+    return principals_from_pki(store, now_utc())
 
 
 @click.group()
@@ -43,31 +47,25 @@ def acl(directory: Path) -> None:
 
 @broker.command()
 @pki_dir_option
+@run_dir_option
 @click.option(
-    "--run-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("run/broker"),
-    show_default=True,
-    help="Where the rendered config, ACL and log go.",
+    "--port",
+    type=click.IntRange(1, 65535),
+    help="Listen on this loopback port (restart on the same address); default: a free one.",
 )
-def run(directory: Path, run_dir: Path) -> None:
+def run(directory: Path, run_dir: Path, port: int | None) -> None:
     """Run the real mosquitto with Edgeward's configuration until Ctrl-C.
 
-    It listens on a free loopback port (printed); clients need a certificate from the PKI.
+    It listens on loopback (the port is printed); clients need a certificate from the PKI.
+    It refuses to start without the guard plugin or on a CRL that is unreadable, not signed
+    by the issuing CA, stale, or missing a revoked serial.
     """
     store = PkiStore(directory).require()
     done = threading.Event()
     reload_wanted = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGHUP, lambda *_: reload_wanted.set())
-    principals = _principals(store)
-    with MosquittoBroker(
-        store,
-        run_dir,
-        operators=principals.operators,
-        admins=principals.admins,
-        service_instances=principals.service_instances,
-    ) as running:
+    with MosquittoBroker(store, run_dir, port=port, acl_from_pki=True) as running:
         pid_file = run_dir / PID_FILE
         pid_file.write_text(f"{running.pid}\n")
         click.echo(f"mosquitto pid {running.pid} listening on {running.host}:{running.port}")
@@ -75,10 +73,14 @@ def run(directory: Path, run_dir: Path) -> None:
         click.echo("Ctrl-C or SIGTERM stops it")
         with contextlib.suppress(KeyboardInterrupt):
             while not done.wait(0.2):
-                if reload_wanted.is_set():  # SIGHUP: reload, as mosquitto itself would
+                if reload_wanted.is_set():  # SIGHUP: a checked reload
                     reload_wanted.clear()
-                    running.reload()
-                    click.echo("reloaded (CRL and ACL re-read for new connections)")
+                    try:
+                        running.reload()
+                    except EdgewardError as exc:
+                        click.echo(f"RELOAD REFUSED {exc.diagnostics()}", err=True)
+                    else:
+                        click.echo("reloaded (CRL and ACL re-read for new connections)")
         pid_file.unlink(missing_ok=True)
     click.echo("broker stopped")
 
@@ -103,25 +105,17 @@ def render(directory: Path, out: Path) -> None:
 
 
 @broker.command()
-@click.option(
-    "--run-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("run/broker"),
-    show_default=True,
-    help="The run directory of `edgeward broker run`.",
-)
-def reload(run_dir: Path) -> None:
-    """Make a running `edgeward broker run` re-read its CRL and ACL (after `pki revoke`).
+@pki_dir_option
+@run_dir_option
+def reload(directory: Path, run_dir: Path) -> None:
+    """Make a running `edgeward broker run` enforce the PKI's CRL and ACL now.
 
-    New connections see the change; connected clients are not cut off by a reload.
+    The CRL is checked first (it parses, the issuing CA signed it, it is fresh, it lists
+    every revoked serial) and refused otherwise; after the reload the revocation canary
+    must be refused by a real handshake, or the last good CRL and ACL are put back. Exits
+    non-zero whenever the broker is not enforcing the new CRL. Connected clients are not
+    cut off by a reload (`edgeward revoke` kicks them).
     """
-    pid_file = run_dir / PID_FILE
-    try:
-        pid = int(pid_file.read_text().strip())
-        command = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError) as exc:
-        raise click.UsageError(f"no running broker recorded in {pid_file}") from exc
-    if b"mosquitto" not in command:
-        raise click.UsageError(f"pid {pid} in {pid_file} is not mosquitto (stale file?)")
-    os.kill(pid, signal.SIGHUP)
-    click.echo(f"sent SIGHUP to mosquitto pid {pid}")
+    store = PkiStore(directory).require()
+    if not reload_running_broker(store, run_dir, required=True):
+        raise click.ClickException(f"no running broker recorded in {run_dir}")

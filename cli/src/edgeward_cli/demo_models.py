@@ -123,7 +123,7 @@ async def models_story(
 ) -> None:
     address = BrokerAddress(broker.host, broker.port)
     cli = Cli(root, store, address)
-    pid_file = root / "state" / "mosquitto.pid"
+    pid_file = broker.run_dir / "mosquitto.pid"  # next to broker.json: checked reloads
     pid_file.write_text(f"{broker.pid}\n")
     now = datetime.now(UTC)
     if not store.current(Identity(Role.SIGNER, "ci"), now):

@@ -10,10 +10,15 @@ from pathlib import Path
 
 import click
 
+from edgeward_shared.broker.reload import BrokerReloader, read_state
+from edgeward_shared.errors import EdgewardError
 from edgeward_shared.identity import Identity, Role, ServiceName
+from edgeward_shared.pki.canary import CANARY, ensure_canary
 from edgeward_shared.pki.store import PkiStore
 
 DEFAULT_PKI = Path(os.environ.get("EDGEWARD_PKI", "pki"))
+DEFAULT_RUN_DIR = Path("run/broker")
+PID_FILE = "mosquitto.pid"
 LIFETIMES = {
     Role.DEVICE: timedelta(days=7),
     Role.SERVICE: timedelta(days=90),
@@ -34,8 +39,48 @@ pki_dir_option = click.option(
 )
 
 
-def _now() -> datetime:
+run_dir_option = click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_RUN_DIR,
+    show_default=True,
+    help="The run directory of `edgeward broker run` (config, ACL, CRL copy, log).",
+)
+
+
+def now_utc() -> datetime:
     return datetime.now(UTC)
+
+
+_now = now_utc
+
+
+def _broker_running(run_dir: Path) -> bool:
+    try:
+        pid = read_state(run_dir).pid
+        return b"mosquitto" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (EdgewardError, OSError):
+        return False
+
+
+def reload_running_broker(store: PkiStore, run_dir: Path, *, required: bool = False) -> bool:
+    """A checked reload of the broker `edgeward broker run` started in ``run_dir``, if one
+    runs there (else False, or an error when ``required``). A refused CRL or a broker that
+    does not refuse the revocation canary is a ``ClickException``: exit status 1."""
+    if not _broker_running(run_dir):
+        if required:
+            raise click.ClickException(f"no running broker recorded in {run_dir}")
+        click.echo(f"no broker running in {run_dir}: it reads the CRL and ACL when it starts")
+        return False
+    try:
+        BrokerReloader(store, run_dir).reload(_now())
+    except EdgewardError as exc:
+        raise click.ClickException(f"broker NOT reloaded: {exc.diagnostics()}") from exc
+    click.echo(
+        f"broker reloaded from {run_dir}: CRL checked, ACL re-rendered,"
+        f" canary {CANARY.common_name} refused"
+    )
+    return True
 
 
 @click.group()
@@ -64,8 +109,10 @@ def init(directory: Path, org: str, root_passphrase_env: str | None) -> None:
             raise click.UsageError(f"environment variable {root_passphrase_env} is empty")
         passphrase = value.encode()
     store = PkiStore(directory, org)
-    store.init(_now(), passphrase)
-    click.echo(f"created root and issuing CA in {directory}")
+    now = _now()
+    store.init(now, passphrase)
+    ensure_canary(store, now)
+    click.echo(f"created root and issuing CA in {directory}, and the revoked canary")
     click.echo(f"move {directory / 'root' / 'ca.key'} offline: only new issuing CAs need it")
 
 
@@ -85,9 +132,11 @@ def init(directory: Path, org: str, root_passphrase_env: str | None) -> None:
     is_flag=True,
     help="The identity already has a valid certificate: revoke it and issue a new one.",
 )
+@run_dir_option
 def issue(  # click passes every parameter by keyword
     *,
     directory: Path,
+    run_dir: Path,
     role: str,
     name: str,
     hours: int | None,
@@ -95,7 +144,7 @@ def issue(  # click passes every parameter by keyword
     instance: str | None,
     replace: bool,
 ) -> None:
-    """Issue a key and certificate for ROLE NAME.
+    """Issue a key and certificate for ROLE NAME; a running broker's ACL follows at once.
 
     \b
     Examples:
@@ -108,10 +157,10 @@ def issue(  # click passes every parameter by keyword
     """
     identity = _identity(Role(role), name, instance)
     lifetime = timedelta(hours=hours) if hours else LIFETIMES[identity.role]
-    files = PkiStore(directory).issue(identity, _now(), lifetime, hosts, replace=replace)
+    store = PkiStore(directory)
+    files = store.issue(identity, _now(), lifetime, hosts, replace=replace)
     click.echo(f"issued {identity.common_name} ({identity.role}) -> {files.directory}")
-    if replace:
-        click.echo("the previous certificate is revoked: reload the broker to apply the CRL")
+    reload_running_broker(store, run_dir)
 
 
 def _identity(role: Role, name: str, instance: str | None = None) -> Identity:
@@ -128,8 +177,13 @@ def _identity(role: Role, name: str, instance: str | None = None) -> Identity:
 @click.option("--serial", help="Serial number in hex, as `pki list` shows it.")
 @click.option("--cn", "common_name", help="Revoke every certificate issued to this CN.")
 @click.option("--reason", required=True, help="Why (kept in the PKI's state).")
-def revoke(directory: Path, serial: str | None, common_name: str | None, reason: str) -> None:
-    """Revoke certificates and reissue the CRL (then reload the broker)."""
+@run_dir_option
+def revoke(
+    directory: Path, serial: str | None, common_name: str | None, reason: str, run_dir: Path
+) -> None:
+    """Revoke certificates, reissue the CRL and apply it (and the ACL) to a running broker.
+
+    Connected clients keep their connection: `edgeward revoke` also kicks them."""
     if (serial is None) == (common_name is None):
         raise click.UsageError("give exactly one of --serial or --cn")
     store = PkiStore(directory).require()
@@ -144,16 +198,28 @@ def revoke(directory: Path, serial: str | None, common_name: str | None, reason:
         changed = store.revoke(number, _now(), reason)
         click.echo(f"{'revoked' if changed else 'already revoked'}: {number:x}")
     click.echo(f"CRL rewritten: {store.crl_path}")
-    click.echo("apply it to a running broker: `edgeward broker reload` (or SIGHUP mosquitto)")
+    reload_running_broker(store, run_dir)
 
 
 @pki.command()
 @pki_dir_option
 @click.option("--days", type=click.IntRange(1, 30), default=7, show_default=True)
-def crl(directory: Path, days: int) -> None:
-    """Reissue the CRL (an expired CRL locks every client out of the broker)."""
-    number = PkiStore(directory).require().write_crl(_now(), timedelta(days=days))
+@run_dir_option
+def crl(directory: Path, days: int, run_dir: Path) -> None:
+    """Reissue the CRL (an expired CRL locks every client out of the broker) and apply it."""
+    store = PkiStore(directory).require()
+    number = store.write_crl(_now(), timedelta(days=days))
     click.echo(f"CRL #{number} valid for {days} days")
+    reload_running_broker(store, run_dir)
+
+
+@pki.command()
+@pki_dir_option
+def canary(directory: Path) -> None:
+    """Make the revocation canary if the PKI has none (older PKIs): a certificate revoked at
+    once, which the broker must refuse after every reload (docs/adr/0012)."""
+    serial = ensure_canary(PkiStore(directory).require(), _now())
+    click.echo(f"canary {CANARY.common_name}: serial {serial:x}, revoked")
 
 
 @pki.command(name="list")
@@ -200,6 +266,7 @@ def create_dev_pki(
     now = now or _now()
     if not store.exists():
         store.init(now)
+    ensure_canary(store, now)
     issued = []
     for identity in identities:
         if store.current(identity, now):

@@ -35,6 +35,7 @@ from edgeward_shared.envelope import SigningKey
 from edgeward_shared.errors import AuthenticityError, MessageError
 from edgeward_shared.identity import DEVICE_ID_RE, Identity, ServiceName
 from edgeward_shared.pki.trust import TrustStore
+from edgeward_shared.strictjson import loads_unique
 
 EAR_PROFILE: Final = "tag:github.com,2023:veraison/ear"
 SUBMODULE: Final = "edgeward"
@@ -98,11 +99,15 @@ def issue_ear(signer: SigningKey, claims: AttestationClaims, *, build: str = "0.
 
 
 def verify_ear(
-    token: str, trust: TrustStore, *, now_ms: int, leeway_s: int = 30
+    token: str, trust: TrustStore, *, now_ms: int, leeway_s: int = 30, expired_ok_s: int = 0
 ) -> AttestationClaims:
-    """Check an EAR offline: signer chain and identity, signature, validity window, shape."""
+    """Check an EAR offline: signer chain and identity, signature, validity window, shape.
+
+    ``expired_ok_s`` accepts a result that expired up to that long ago (a relying party
+    judging a device's degraded, offline results: docs/offline.md); 0 for everything else."""
     if len(token) > MAX_TOKEN_BYTES:
         raise MessageError(EarReason.MALFORMED, "attestation result too large")
+    _refuse_duplicate_members(token)
     try:
         header = jwt.get_unverified_header(token)
         certificate = base64.b64decode(header["x5c"][0], validate=True)
@@ -129,11 +134,24 @@ def verify_ear(
         raise MessageError(EarReason.MALFORMED, str(exc)) from exc
     parsed = _parse_claims(claims)
     now_s = now_ms // 1000
-    if parsed.expires_at + leeway_s <= now_s:
+    if parsed.expires_at + leeway_s + max(0, expired_ok_s) <= now_s:
         raise AuthenticityError(EarReason.EXPIRED, f"expired at {parsed.expires_at}")
     if parsed.issued_at - leeway_s > now_s:
         raise AuthenticityError(EarReason.NOT_YET_VALID, f"issued at {parsed.issued_at}")
     return parsed
+
+
+def _refuse_duplicate_members(token: str) -> None:
+    """PyJWT keeps the last copy of a repeated header or claim member; another verifier may
+    keep the first. Refuse both segments if either repeats a member (docs/adr/0013)."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise MessageError(EarReason.MALFORMED, "not a compact JWS")
+    for part in parts[:2]:
+        try:
+            loads_unique(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+        except (ValueError, RecursionError) as exc:  # incl. binascii.Error, duplicates
+            raise MessageError(EarReason.MALFORMED, f"segment: {exc}") from exc
 
 
 def _parse_claims(claims: dict[str, Any]) -> AttestationClaims:

@@ -20,6 +20,7 @@ only as one of the message classes the caller expects. Byte-level detail: docs/p
 
 from __future__ import annotations
 
+import re
 import secrets
 import struct
 from collections.abc import Sequence
@@ -46,6 +47,7 @@ from edgeward_shared.messages.base import (
 from edgeward_shared.pki.store import IdentityFiles, read_certificate, read_private_key
 from edgeward_shared.pki.trust import Signer, TrustStore, kid_of
 from edgeward_shared.replay import ReplayGuard
+from edgeward_shared.strictjson import loads_unique
 from edgeward_shared.topics import authorize_signer
 
 VERSION: Final = 1
@@ -69,6 +71,8 @@ class Envelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 _encoder: Final = msgspec.json.Encoder()
 _decoder: Final = msgspec.json.Decoder(Envelope)
+_MID_RE: Final = re.compile(r"[0-9a-f]{32}")
+_REJECTED_TYPE: Final = "edgeward.common.rejected.v1"  # messages.common.Rejected.TYPE
 
 
 _U32: Final = struct.Struct(">I").pack
@@ -241,6 +245,25 @@ class EnvelopeVerifier:
         if envelope.kid != kid_of(envelope.cert):
             raise AuthenticityError(Reason.ENVELOPE_SIGNER_KID, "kid does not name cert")
         return envelope
+
+    def answerable_mid(self, raw: bytes) -> str | None:
+        """The ``mid`` a refusal of ``raw`` may name (docs/protocol.md §2.3), or None.
+
+        Whatever failed (spelling, signature, policy), a request is answered when its bytes
+        are a JSON object, within the size limit, with exactly one ``mid`` member of 32
+        lowercase hex chars and no other member repeated, and whose ``type`` is not
+        ``Rejected``'s (an answer is never answered). Read without trusting anything.
+        """
+        if len(raw) > self.policy.max_envelope_bytes:
+            return None
+        try:
+            wrapper = loads_unique(raw)
+        except (ValueError, RecursionError):  # incl. UnicodeDecodeError, DuplicateMemberError
+            return None
+        if not isinstance(wrapper, dict) or wrapper.get("type") == _REJECTED_TYPE:
+            return None
+        mid = wrapper.get("mid")
+        return mid if isinstance(mid, str) and _MID_RE.fullmatch(mid) else None
 
     def _check_time(self, envelope: Envelope, now_ms: int) -> None:
         skew = self.policy.clock_skew_ms

@@ -56,6 +56,8 @@ class InferenceReason:
     WORKER_FAILED: Final = "infer.worker.failed"
     REVOCATIONS_STALE: Final = "infer.revocations.stale"
     DEVICE_UNREACHABLE: Final = "infer.device.unreachable"
+    #: a degraded (offline) result of a model whose tier requires attested results
+    ATTESTATION_REQUIRED: Final = "infer.mode.attestation_required"
 
 
 def input_digest(inputs: Sequence[Tensor]) -> str:

@@ -3,16 +3,56 @@
 TLS 1.2 is the floor, the server is authenticated against our CA bundle (and by name), and
 the client presents its certificate chain. Private keys are read from 0600 files; a key file
 readable by group or others is refused, since the key it holds must be presumed copied.
+
+A client whose key must never be on disk (a device: its key is unsealed by its TPM,
+docs/adr/0016-device-key-sealing.md) passes a :class:`TlsIdentity` instead: the chain and the
+key object, in memory. ``ssl`` loads keys only from a path, so the PEM goes to an anonymous
+memory file (``memfd_create``) read through ``/proc/self/fd/N`` and closed right after: no
+byte of it reaches a file system.
 """
 
 from __future__ import annotations
 
+import os
 import ssl
 import stat
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgeward_shared.errors import ConfigError
 from edgeward_shared.pki.store import IdentityFiles
+
+
+@dataclass(frozen=True, slots=True)
+class TlsIdentity:
+    """A TLS client identity held in memory: the chain TLS presents and its private key.
+
+    ``chain_pem`` is the leaf first, then the issuing CA (what ``chain.pem`` holds). The key
+    is left out of ``repr`` so that no log line can carry it.
+    """
+
+    chain_pem: bytes
+    key: ec.EllipticCurvePrivateKey = field(repr=False)
+
+
+def _load_in_memory(context: ssl.SSLContext, identity: TlsIdentity) -> None:
+    """``load_cert_chain`` from an anonymous memory file (Linux ``memfd_create``)."""
+    if not hasattr(os, "memfd_create"):
+        raise ConfigError("config.tls.unusable", "an in-memory TLS key needs memfd_create (Linux)")
+    pem = identity.key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.memfd_create("edgeward-tls-identity", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, identity.chain_pem + b"\n" + pem)
+        context.load_cert_chain(certfile=f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
 
 
 def check_key_permissions(path: Path) -> None:
@@ -27,16 +67,21 @@ def check_key_permissions(path: Path) -> None:
         )
 
 
-def client_context(ca_bundle: Path, identity: IdentityFiles) -> ssl.SSLContext:
-    """An mTLS client context: verify the broker, present ``identity``'s chain."""
-    check_key_permissions(identity.key)
+def client_context(ca_bundle: Path, identity: IdentityFiles | TlsIdentity) -> ssl.SSLContext:
+    """An mTLS client context: verify the broker, present ``identity``'s chain (from its
+    files, or from memory for a :class:`TlsIdentity`)."""
+    if isinstance(identity, IdentityFiles):
+        check_key_permissions(identity.key)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.check_hostname = True
     context.verify_mode = ssl.CERT_REQUIRED
     try:
         context.load_verify_locations(cafile=str(ca_bundle))
-        context.load_cert_chain(certfile=str(identity.chain), keyfile=str(identity.key))
+        if isinstance(identity, TlsIdentity):
+            _load_in_memory(context, identity)
+        else:
+            context.load_cert_chain(certfile=str(identity.chain), keyfile=str(identity.key))
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError("config.tls.unusable", f"cannot load TLS material: {exc}") from exc
     return context

@@ -19,8 +19,10 @@ from pathlib import Path
 
 from edgeward_device_agent.agent import DeviceAgent
 from edgeward_device_agent.config import AgentConfig, AgentPolicy
+from edgeward_device_agent.device_keys import SealPolicy
 from edgeward_device_agent.inference import InferencePolicy
 from edgeward_device_agent.model_manager import ModelPolicy
+from edgeward_device_agent.offline import OfflinePolicy
 from edgeward_device_agent.sandbox.supervisor import SandboxPolicy
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.errors import ConfigError
@@ -46,6 +48,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     device.add_argument(
         "--state-dir", type=Path, required=True, help="0700 directory: enrollee/ and device/"
+    )
+    device.add_argument(
+        "--seal-pcrs",
+        default=",".join(str(i) for i in SealPolicy().pcrs),
+        help="boot PCRs the device's keys are sealed to (docs/adr/0016); never the model PCR",
+    )
+    device.add_argument(
+        "--seal-bank", default="sha256", choices=["sha1", "sha256"], help="PCR bank of the seal"
     )
     trust = parser.add_argument_group("trust and broker")
     trust.add_argument("--ca-bundle", type=Path, required=True, help="root + issuing CA (PEM)")
@@ -96,6 +106,13 @@ def _parser() -> argparse.ArgumentParser:
         default=ModelPolicy().model_pcr,
         help="PCR extended with each model's digest before it is loaded",
     )
+    models.add_argument(
+        "--high-grace-s",
+        type=float,
+        default=OfflinePolicy().high_grace_s,
+        help="offline: keep a tier-high model loaded (serving nothing) this long after the"
+        " attestation result expired, then unload it (docs/offline.md)",
+    )
     timing = parser.add_argument_group("timing policy (see AgentPolicy)")
     for name in AgentPolicy.__dataclass_fields__:
         timing.add_argument(
@@ -117,7 +134,9 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         broker=BrokerAddress(args.broker_host, args.broker_port),
         metrics_port=args.metrics_port,
         policy=policy,
+        seal=SealPolicy.parse(args.seal_pcrs, args.seal_bank),
         sandbox=None if args.no_sandbox else SandboxPolicy(),
+        offline=OfflinePolicy(high_grace_s=args.high_grace_s),
         inference=InferencePolicy(
             rate_per_s=args.infer_rate,
             burst=max(1, int(args.infer_rate * 2)),

@@ -3,12 +3,15 @@
 :class:`DeviceAgent` wires the pieces and owns the lifecycle (ARCHITECTURE flows 1 and 2)::
 
     prepare      state directory 0700, provisioned identity, trust bundle and CRL (fail fast)
-    open TPM     in a worker thread; retried with backoff until it answers
+    open TPM     in a worker thread; retried with backoff until it answers; then unlock the
+                 state: plain keys are sealed, the keys this run needs are unsealed into
+                 memory (a key sealed by another TPM or to other boot PCRs ends the run)
     enroll       (no device certificate yet) as ``enroll.<id>``: :mod:`.enrollment`, retried
                  with backoff after any rejection, timeout or TPM failure, never giving up
     run          as ``<id>``: answers pings, challenges and results (:mod:`.attestation`),
-                 sends AttestationRequest on every (re)connection and before the result
-                 expires (:mod:`.schedule`)
+                 sends AttestationRequest on every (re)connection, before the model sync
+                 and the sensor stream, and before the result expires (:mod:`.schedule`);
+                 unloads what the offline policy no longer keeps (:mod:`.offline`)
 
 Each phase is one :class:`~edgeward_shared.runtime.core.Runtime` (which verifies every
 message and reconnects by itself) serving while the phase's work runs. Both runtimes share
@@ -35,7 +38,7 @@ from edgeward_device_agent.attestation import Attester, CurrentAttestation
 from edgeward_device_agent.commands import CommandHandler
 from edgeward_device_agent.config import AgentConfig, retry_delays
 from edgeward_device_agent.enrollment import REPLY_TYPES, Enrollment
-from edgeward_device_agent.inference import DeviceInference
+from edgeward_device_agent.inference import DeviceInference, standing_of
 from edgeward_device_agent.ledger import LEDGER_NAME, DeviceLedger
 from edgeward_device_agent.metrics import AgentMetrics
 from edgeward_device_agent.model_manager import ModelManager, in_process_loader
@@ -61,13 +64,13 @@ from edgeward_shared.messages.attest import (
     AttestationResult,
 )
 from edgeward_shared.messages.common import Rejected
-from edgeward_shared.pki.store import IdentityFiles
 from edgeward_shared.pki.trust import TrustStore, load_crl
 from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.revocation import RevocationView
 from edgeward_shared.runtime.core import Connect, Outgoing, Runtime
 from edgeward_shared.runtime.health import answer_pings
 from edgeward_shared.runtime.metrics import RuntimeMetrics
+from edgeward_shared.tls import TlsIdentity
 from edgeward_shared.topics import Channel, Direction, device_topic
 
 log = logging.getLogger("edgeward.agent")
@@ -97,7 +100,7 @@ class DeviceAgent:
         rand: Callable[[], float] = random.random,
     ) -> None:
         self.config = config
-        self.state = AgentState(config.state_dir, config.device_id)
+        self.state = AgentState(config.state_dir, config.device_id, config.seal)
         self.metrics = RuntimeMetrics()
         self.agent_metrics = AgentMetrics(self.metrics.registry)
         self._clock = clock or SystemClock()
@@ -110,6 +113,9 @@ class DeviceAgent:
         self._schedule = RequestSchedule(config.policy, rand)
         self._connections = 0
         self._wake = asyncio.Event()
+        #: cleared on each new connection, set once the agent has asked for a challenge on
+        #: it: what else the device sends waits for it (re-attest first, docs/offline.md)
+        self._asked_on_connection = asyncio.Event()
         self._last_error: str | None = None
         #: the models this device runs (None until it serves as the device, or if disabled)
         self.models: ModelManager | None = None
@@ -187,12 +193,23 @@ class DeviceAgent:
             await asyncio.to_thread(tpm.close)
 
     def _prepare(self) -> None:
+        """Every check that needs no TPM; checking the key waits for it (:meth:`_unlock`)."""
         self.state.prepare()
         self._trust_store()  # an unreadable bundle or an expired CRL stops us here
         if self.state.is_enrolled():
-            self._set_certificate(self.state.device_certificate())
+            self._set_certificate(self.state.check_device_identity())
         else:
             self.state.check_enrollee()
+
+    def _unlock(self, tpm: AgentTpm) -> x509.Certificate | None:
+        """Seal plain keys, unseal the keys this run needs; the device certificate if
+        enrolled (checked for the unsealed key). Blocking: runs in a worker thread."""
+        self.state.unlock(tpm)
+        if self.state.is_enrolled():
+            return self.state.device_certificate()
+        self.state.enrollee_key()
+        self.state.device_key()  # made and sealed before enrollment asks for it
+        return None
 
     def _set_certificate(self, certificate: x509.Certificate | None) -> None:
         self._certificate = certificate
@@ -203,25 +220,43 @@ class DeviceAgent:
         log.error(event, extra=fields(device=self.device_id, reason=exc.reason, detail=exc.detail))
 
     async def _open_tpm(self, stop: asyncio.Event) -> AgentTpm | None:
+        """The TPM, with the state unlocked; a key it cannot unseal ends the run."""
         delays = retry_delays(self.config.policy, self._rand)
         while not stop.is_set():
             try:
-                return await asyncio.to_thread(self._tpm_factory, self.config.tcti)
+                tpm, certificate = await asyncio.to_thread(self._open_and_unlock)
+            except ConfigError as exc:
+                self._failed("agent.keys.unusable", exc)
+                raise
             except EdgewardError as exc:
                 self._failed("tpm.unavailable", exc)
+            else:
+                self._set_certificate(certificate)
+                return tpm
             await wait_any(stop, seconds=next(delays))
         return None
+
+    def _open_and_unlock(self) -> tuple[AgentTpm, x509.Certificate | None]:
+        tpm = self._tpm_factory(self.config.tcti)
+        try:
+            return tpm, self._unlock(tpm)
+        except BaseException:
+            tpm.close()
+            raise
 
     # ------------------------------------------------------------------ runtimes
     def _trust_store(self) -> TrustStore:
         now = to_datetime(self._clock.now_ms())
         return TrustStore.from_bundle(self.config.ca_bundle, self.config.crl, now=now)
 
-    def _runtime_for(self, files: IdentityFiles, expected: Identity) -> tuple[Runtime, Connect]:
-        key = SigningKey.from_files(files)
+    def _runtime_for(
+        self, key: SigningKey, tls: Callable[[], TlsIdentity], expected: Identity
+    ) -> tuple[Runtime, Connect]:
+        """A runtime signing with ``key`` whose connections present ``tls()`` (both held in
+        memory: the keys are unsealed, never read from a file)."""
         if key.identity != expected:
             raise ConfigError(
-                AgentReason.IDENTITY_MISMATCH, f"{files.cert} names {key.identity}, not {expected}"
+                AgentReason.IDENTITY_MISMATCH, f"a certificate for {key.identity}, not {expected}"
             )
         runtime = Runtime(
             signing_key=key,
@@ -231,7 +266,7 @@ class DeviceAgent:
         )
         connector = self._connector
         self._runtime = runtime
-        return runtime, lambda: connector(key.identity, files)
+        return runtime, lambda: connector(key.identity, tls())
 
     async def _phase(
         self, runtime: Runtime, connect: Connect, work: Callable[[], Awaitable[T]]
@@ -250,7 +285,11 @@ class DeviceAgent:
 
     # ------------------------------------------------------------------ enrollment
     async def _enroll(self, tpm: AgentTpm, stop: asyncio.Event) -> bool:
-        runtime, connect = self._runtime_for(self.state.enrollee, Identity.enrollee(self.device_id))
+        runtime, connect = self._runtime_for(
+            self.state.enrollee_signing_key(),
+            self.state.enrollee_tls,
+            Identity.enrollee(self.device_id),
+        )
         enrollment = Enrollment(
             self.device_id,
             self.config.device_class,
@@ -306,7 +345,9 @@ class DeviceAgent:
 
     # ------------------------------------------------------------------ running as the device
     async def _serve_as_device(self, tpm: AgentTpm, stop: asyncio.Event) -> None:
-        runtime, connect = self._runtime_for(self.state.device, Identity.device(self.device_id))
+        runtime, connect = self._runtime_for(
+            self.state.device_signing_key(), self.state.device_tls, Identity.device(self.device_id)
+        )
         self._attester = Attester(
             self.device_id,
             tpm,
@@ -355,7 +396,7 @@ class DeviceAgent:
             self.inference = DeviceInference(
                 self.device_id,
                 self.models,
-                attestation=lambda: self.attestation,
+                attestation=lambda: self._attester.held if self._attester else None,
                 allowed=self.check_inference_allowed,
                 clock=self._clock,
                 state_dir=self.config.state_dir,
@@ -382,12 +423,27 @@ class DeviceAgent:
             group.create_task(self.revocations.watch(stop))
             side = []
             if self.models is not None:
-                side.append(group.create_task(self.models.run(runtime, stop)))
+                side.append(
+                    group.create_task(self.models.run(runtime, stop, self._asked_on_connection))
+                )
             if self.inference is not None:
-                side.append(group.create_task(self.inference.stream(runtime, stop)))
+                side.append(
+                    group.create_task(
+                        self.inference.stream(runtime, stop, self._asked_on_connection)
+                    )
+                )
+            if self.models is not None:  # connected or not: docs/offline.md
+                side.append(group.create_task(self._follow_offline_policy(self.models, stop)))
             await self._keep_attested(runtime, stop)
             for task in side:
                 task.cancel()  # stopping: do not wait for a sync, a download or an inference
+
+    async def _follow_offline_policy(self, models: ModelManager, stop: asyncio.Event) -> None:
+        """Unload what the offline policy no longer keeps, whether the broker answers or not."""
+        while not stop.is_set():
+            held = self._attester.held if self._attester is not None else None
+            models.apply_offline(standing_of(held, self._clock.now_ms()), self.config.offline)
+            await wait_any(stop, seconds=self.config.policy.max_sleep_s)
 
     async def _refused(self, opened: Opened[Any]) -> Sequence[Outgoing]:
         reason = opened.message.reason
@@ -402,6 +458,7 @@ class DeviceAgent:
         async def counted() -> AsyncIterator[Bus]:
             async with connect() as bus:
                 self._connections += 1
+                self._asked_on_connection.clear()
                 try:
                     yield bus
                 finally:
@@ -445,5 +502,7 @@ class DeviceAgent:
                 extra=fields(device=self.device_id, reason=exc.reason, detail=exc.detail),
             )
             return
+        finally:
+            self._asked_on_connection.set()
         self.agent_metrics.attestation_requests.labels(reason).inc()
         log.info("attestation.requested", extra=fields(device=self.device_id, why=reason))

@@ -13,8 +13,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgeward_device_agent.device_keys import SealPolicy
 from edgeward_device_agent.inference import InferencePolicy
 from edgeward_device_agent.model_manager import ModelPolicy
+from edgeward_device_agent.offline import OfflinePolicy
 from edgeward_device_agent.sandbox.supervisor import SandboxPolicy
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.identity import Identity
@@ -74,9 +76,11 @@ class AgentConfig:
     """One device agent: who it is, where its TPM, state and trust anchors are, and its broker.
 
     ``state_dir`` (0700) holds ``enrollee/`` (provisioned: cert.pem, key.pem, chain.pem as
-    ``edgeward pki issue enrollee <id>`` writes them) and ``device/`` (written by the agent
-    at enrollment). ``crl`` is the issuing CA's CRL; the agent refuses to start with an
-    expired one (fail closed), like every other Edgeward process.
+    ``edgeward pki issue enrollee <id>`` writes them; the agent seals key.pem at its first
+    start) and ``device/`` (written by the agent at enrollment). ``crl`` is the issuing CA's
+    CRL; the agent refuses to start with an expired one (fail closed), like every other
+    Edgeward process. ``seal`` is the PCR policy the keys are sealed to (docs/adr/0016);
+    it may not include the PCR the agent extends with models.
     """
 
     device_id: str
@@ -92,11 +96,20 @@ class AgentConfig:
     models: ModelPolicy | None = field(default_factory=ModelPolicy)
     #: inference requests and the sensor stream (only with ``models``)
     inference: InferencePolicy = field(default_factory=InferencePolicy)
+    #: what keeps serving when the device cannot attest (docs/offline.md)
+    offline: OfflinePolicy = field(default_factory=OfflinePolicy)
     #: where models run: a sandboxed worker per model (docs/sandbox.md); None: in the
     #: agent's process (development only: tier-high models are then refused)
     sandbox: SandboxPolicy | None = field(default_factory=SandboxPolicy)
+    #: the boot PCRs the device's keys are sealed to (docs/adr/0016-device-key-sealing.md)
+    seal: SealPolicy = field(default_factory=SealPolicy)
 
     def __post_init__(self) -> None:
         Identity.device(self.device_id)  # raises ValueError for an invalid device id
         if not DEVICE_CLASS_RE.fullmatch(self.device_class):
             raise ValueError(f"invalid device class {self.device_class!r}")
+        if self.models is not None and self.models.model_pcr in self.seal.pcrs:
+            raise ValueError(
+                f"PCR {self.models.model_pcr} is extended with models at run time:"
+                " the device key cannot be sealed to it"
+            )

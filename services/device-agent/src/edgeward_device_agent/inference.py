@@ -2,13 +2,15 @@
 
 Both paths go through :meth:`DeviceInference.infer`, which refuses (reason ids in
 :class:`~edgeward_shared.inference.InferenceReason`) unless: the device is not stopped (a
-signed ``stop`` holds across restarts), the per-device rate limit allows it (the seed's
-"flooding the inference API to overheat the device"), the device holds a current attestation
-result, and the model is loaded (in the version asked for, if one is). The model runs in the
-executor (the sandboxed worker, :mod:`.sandbox`, or in-process for tier low in development);
-the result body names the model version and digest, the attestation result, the input
-digest, a sequence number and the time, and is signed with the session key the attestation
-result binds.
+signed ``stop`` holds across restarts), the device's inference budget allows it (the seed's
+"flooding the inference API to overheat the device"; shared fairly between callers, as the
+gateway names them, by :mod:`.fairshare`), the device holds an attestation result, the model
+is loaded (in the version asked for, if one is) and the offline policy lets its tier serve
+(:mod:`.offline`: ``attested`` under a current result, ``degraded`` for tiers low and medium
+once it expired). The model runs in the executor (the sandboxed worker, :mod:`.sandbox`, or
+in-process for tier low in development); the result body names the model version and
+digest, the attestation result, the input digest, a sequence number, the time and the mode,
+and is signed with the session key the attestation result binds.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import numpy as np
 
+from edgeward_device_agent.fairshare import FairShare, ShareLimits
 from edgeward_device_agent.model_manager import LoadedModel, ModelManager
+from edgeward_device_agent.offline import Mode, Standing, serving_mode
 from edgeward_shared.clock import Clock
 from edgeward_shared.envelope import Opened
 from edgeward_shared.errors import EdgewardError, PolicyError
@@ -90,25 +94,26 @@ class InProcessExecutor:
 
 @dataclass(frozen=True, slots=True)
 class InferencePolicy:
-    rate_per_s: float = 20.0  # sustained inferences per second, both paths together
+    rate_per_s: float = 20.0  # sustained inferences per second, every caller together
     burst: int = 40
     stream_period_s: float | None = None  # the sensor simulator: infer every N s (None: off)
     stream_model: str | None = None  # which loaded model the stream feeds (None: the first)
 
+    @property
+    def shares(self) -> ShareLimits:
+        return ShareLimits(rate_per_s=self.rate_per_s, burst=self.burst)
 
-class TokenBucket:
-    def __init__(self, rate: float, burst: int, now: Callable[[], float] = time.monotonic) -> None:
-        self.rate, self.burst, self._now = rate, float(burst), now
-        self._tokens, self._at = float(burst), now()
 
-    def take(self) -> bool:
-        now = self._now()
-        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
-        self._at = now
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
+#: the fair-share key of the device's own sensor stream (outside the CN grammar: no caller
+#: can be named so)
+STREAM_CALLER: Final = ":stream"
+
+
+def standing_of(held: CurrentAttestation | None, now_ms: int) -> Standing | None:
+    """The held attestation as :mod:`.offline` sees it."""
+    if held is None:
+        return None
+    return Standing(expires_at_ms=held.expires_at_ms, valid=held.valid_at(now_ms))
 
 
 class SequenceCounter:
@@ -144,12 +149,14 @@ class DeviceInference:
         device_id: str,
         models: ModelManager,
         *,
+        #: the attestation result held, even expired (None: never, or withdrawn)
         attestation: Callable[[], CurrentAttestation | None],
         allowed: Callable[[], None],
         clock: Clock,
         state_dir: Path,
         executor: Executor | None = None,
         policy: InferencePolicy | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.device_id = device_id
         self.models = models
@@ -158,7 +165,8 @@ class DeviceInference:
         self._attestation = attestation
         self._allowed = allowed
         self._clock = clock
-        self._bucket = TokenBucket(self.policy.rate_per_s, self.policy.burst)
+        self._monotonic = monotonic
+        self.shares = FairShare(self.policy.shares, monotonic())
         self._seq = SequenceCounter(state_dir / "inference.seq")
         self.up = device_topic(device_id, Direction.UP, Channel.INFER)
         self.down = device_topic(device_id, Direction.DOWN, Channel.INFER)
@@ -170,7 +178,11 @@ class DeviceInference:
     async def handle(self, opened: Opened[Any]) -> Sequence[Outgoing]:
         request: InferRequest = opened.message
         result = await self.infer(
-            request.model, request.inputs, version=request.version, request=opened.mid
+            request.model,
+            request.inputs,
+            version=request.version,
+            request=opened.mid,
+            caller=request.caller,
         )
         return (Outgoing(self.up, result),)
 
@@ -181,10 +193,12 @@ class DeviceInference:
         *,
         version: int | None = None,
         request: str | None = None,
+        caller: str = STREAM_CALLER,
     ) -> InferResult:
-        """Run one inference and sign its result; raises with a reason id if refused."""
+        """Run one inference for ``caller`` and sign its result; raises with a reason id if
+        refused."""
         try:
-            current, model = self._admit(model_name, version)
+            current, model, mode = self._admit(model_name, version, caller)
             outputs = await self.executor.run(model, inputs)
         except EdgewardError as exc:
             self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
@@ -201,6 +215,7 @@ class DeviceInference:
                 at_ms=self._clock.now_ms(),
                 source="request" if request is not None else "stream",
                 request=request,
+                mode=mode.value,
                 outputs=outputs,
             )
         )
@@ -212,23 +227,27 @@ class DeviceInference:
         )
 
     def _admit(
-        self, model_name: str, version: int | None
-    ) -> tuple[CurrentAttestation, LoadedModel]:
-        """The checks before any work, cheapest first."""
+        self, model_name: str, version: int | None, caller: str
+    ) -> tuple[CurrentAttestation, LoadedModel, Mode]:
+        """The checks before any work, cheapest first; the mode is :mod:`.offline`'s."""
         self._allowed()  # stopped: PolicyError(command.stopped...) from the command handler
-        if not self._bucket.take():
-            raise PolicyError(InferenceReason.RATE_LIMITED, "device inference rate limit")
-        current = self._attestation()
-        if current is None:
-            raise PolicyError(InferenceReason.NOT_ATTESTED, "no current attestation result")
+        if not self.shares.allow(caller, self._monotonic()):
+            raise PolicyError(InferenceReason.RATE_LIMITED, f"{caller} is over its share")
+        held = self._attestation()
+        if held is None:
+            raise PolicyError(InferenceReason.NOT_ATTESTED, "no attestation result held")
         model = self.models.loaded.get(model_name)
         if model is None or (version is not None and model.version != version):
             raise PolicyError(InferenceReason.NO_MODEL, f"{model_name} v{version or '*'}")
-        return current, model
+        mode = serving_mode(model.tier, standing_of(held, self._clock.now_ms()))
+        return held, model, mode
 
     # ------------------------------------------------------------------ the sensor stream
-    async def stream(self, runtime: Runtime, stop: asyncio.Event) -> None:
-        """The development sensor: random inputs shaped like the model's, every period."""
+    async def stream(
+        self, runtime: Runtime, stop: asyncio.Event, after: asyncio.Event | None = None
+    ) -> None:
+        """The development sensor: random inputs shaped like the model's, every period
+        (once ``after`` is set, if given: the agent has asked for a fresh attestation)."""
         period = self.policy.stream_period_s
         if period is None:
             return
@@ -237,7 +256,7 @@ class DeviceInference:
             await asyncio.sleep(period)
             name = self.policy.stream_model or next(iter(self.models.loaded), None)
             model = self.models.loaded.get(name) if name else None
-            if model is None or not runtime.ready.is_set():
+            if model is None or not runtime.ready.is_set() or (after and not after.is_set()):
                 continue
             try:
                 result = await self.infer(model.name, sensor_inputs(model, rng))

@@ -40,11 +40,13 @@ from packaging.requirements import InvalidRequirement, Requirement
 
 from edgeward_device_agent.model_fetch import ChunkFetcher, FetchPolicy
 from edgeward_device_agent.model_store import ModelStore
+from edgeward_device_agent.offline import OfflinePolicy, Standing, keep_loaded
 from edgeward_device_agent.tpm import PcrBank
 from edgeward_device_agent.waits import wait_any
 from edgeward_shared.clock import Clock
 from edgeward_shared.envelope import Envelope, EnvelopeVerifier, Opened
 from edgeward_shared.errors import EdgewardError, MessageError, PolicyError
+from edgeward_shared.inference import InferenceReason
 from edgeward_shared.logs import fields
 from edgeward_shared.messages.common import Rejected
 from edgeward_shared.messages.model import (
@@ -56,7 +58,7 @@ from edgeward_shared.messages.model import (
     SyncReply,
     SyncRequest,
 )
-from edgeward_shared.models.provenance import Provenance, Tier, sha256_hex
+from edgeward_shared.models.provenance import Provenance, Tier, decode_provenance, sha256_hex
 from edgeward_shared.models.reasons import ModelReason
 from edgeward_shared.models.release import (
     HighWater,
@@ -190,14 +192,22 @@ class ModelManager:
         """Sync now (a hint, a new attestation result, a revocation)."""
         self._wake.set()
 
-    async def run(self, runtime: Runtime, stop: asyncio.Event) -> None:
-        """Sync on connect, on every hint and every ``sync_interval_s``, until ``stop``."""
+    async def run(
+        self, runtime: Runtime, stop: asyncio.Event, after: asyncio.Event | None = None
+    ) -> None:
+        """Sync on connect, on every hint and every ``sync_interval_s``, until ``stop``.
+
+        ``after``: on each connection, sync only once it is set (the agent sets it when it
+        has asked for a fresh attestation: docs/offline.md, re-attest before anything else).
+        """
         self.store.prepare()
         while not stop.is_set():
             self._wake.clear()
             if not runtime.ready.is_set():
                 await wait_any(runtime.ready, stop)
                 continue
+            if after is not None and not after.is_set():
+                await wait_any(after, stop, seconds=self.policy.attestation_wait_s)
             try:
                 await self.sync(runtime)
                 self.check_freshness()
@@ -277,6 +287,17 @@ class ModelManager:
         gone = [m.name for m in self.loaded.values() if self._revoked(m.name, m.version)]
         for name in gone:
             self._unload(name, ModelReason.VERSION_REVOKED)
+        return gone
+
+    def apply_offline(self, standing: Standing | None, policy: OfflinePolicy) -> list[str]:
+        """Unload what :func:`.offline.keep_loaded` no longer keeps (tier high, its device's
+        attestation result expired past the grace period, or none held); their names."""
+        now = self._clock.now_ms()
+        gone = [
+            m.name for m in self.loaded.values() if not keep_loaded(m.tier, standing, now, policy)
+        ]
+        for name in gone:
+            self._unload(name, InferenceReason.ATTESTATION_EXPIRED)
         return gone
 
     def check_freshness(self) -> list[str]:
@@ -383,7 +404,7 @@ class ModelManager:
             release.version,
         ):
             raise PolicyError(ModelReason.KEY_UNWRAP, "a key for another model")
-        digest = msgspec.json.decode(release.provenance)["digest"]
+        digest = decode_provenance(release.provenance).digest
         context = ReleaseContext(
             self.device_id, ModelRef(release.name, release.version, digest), grant.result_id
         )

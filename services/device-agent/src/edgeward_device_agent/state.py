@@ -1,17 +1,24 @@
 """The agent's state directory: what is provisioned, what enrollment writes, and checks on both.
 
-Layout (the directory and each subdirectory 0700, private keys 0600)::
+Layout (the directory and each subdirectory 0700, key files 0600)::
 
-    <state>/enrollee/cert.pem, key.pem, chain.pem   provisioned (`edgeward pki issue enrollee`)
-    <state>/device/key.pem                          the device key, made here before enrolling
-    <state>/device/chain.pem, cert.pem              written when enrollment succeeds
+    <state>/enrollee/cert.pem, chain.pem   provisioned (`edgeward pki issue enrollee`)
+    <state>/enrollee/key.sealed            its key, sealed by the TPM at the agent's first start
+    <state>/device/key.sealed              the device key, made and sealed here before enrolling
+    <state>/device/chain.pem, cert.pem     written when enrollment succeeds
+
+No private key is on disk in the clear (docs/adr/0016-device-key-sealing.md): each is
+sealed by this device's TPM to its boot PCRs (:mod:`.device_keys`) and unsealed into memory
+only, after :meth:`AgentState.unlock` gave it the TPM. A plain ``key.pem`` found in either
+directory (what the provisioning station installs, or an older agent left) is sealed and
+shredded by :meth:`AgentState.unlock`.
 
 ``device/cert.pem`` is written last and atomically, so its presence is what "enrolled"
 means. Nothing secret from enrollment (the activated credential) and nothing from
 attestation (EARs, session keys) is ever written here: those live in memory only.
 
-It leaves the TLS use of these files to :mod:`edgeward_shared.tls` (which refuses a key
-readable by group or others) and the protocol to :mod:`.enrollment`.
+It leaves the TLS use of the keys to :mod:`edgeward_shared.tls` (:class:`TlsIdentity`, from
+memory) and the protocol to :mod:`.enrollment`.
 """
 
 from __future__ import annotations
@@ -20,21 +27,34 @@ import os
 import stat
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from edgeward_device_agent.device_keys import KeyReason, SealedKeyStore, SealPolicy
+from edgeward_device_agent.ports import KeySealer
 from edgeward_device_agent.reasons import AgentReason
+from edgeward_shared.envelope import SigningKey
 from edgeward_shared.errors import ConfigError, EdgewardError
 from edgeward_shared.identity import Identity, identity_of
-from edgeward_shared.pki.certs import new_key
 from edgeward_shared.pki.store import (
     IdentityFiles,
     read_certificate,
     read_private_key,
     write_private_key,
 )
+from edgeward_shared.tls import TlsIdentity
+
+SEALED_KEY: Final = "key.sealed"
+
+
+def _read_chain(files: IdentityFiles) -> bytes:
+    try:
+        return files.chain.read_bytes()
+    except FileNotFoundError as exc:
+        raise ConfigError("config.cert.missing", f"no certificate chain at {files.chain}") from exc
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -50,11 +70,14 @@ def _write_atomically(path: Path, data: bytes) -> None:
 class AgentState:
     """One device's state directory (see the module docstring for the layout)."""
 
-    def __init__(self, root: Path, device_id: str) -> None:
+    def __init__(self, root: Path, device_id: str, seal: SealPolicy | None = None) -> None:
         self.root = root
         self.device_id = device_id
+        self.seal = seal or SealPolicy()
         self.enrollee = IdentityFiles(root / "enrollee")
         self.device = IdentityFiles(root / "device")
+        self._enrollee_keys: SealedKeyStore | None = None
+        self._device_keys: SealedKeyStore | None = None
 
     def prepare(self) -> None:
         """Create the directory 0700 if missing; refuse one that group or others can enter."""
@@ -75,29 +98,79 @@ class AgentState:
         for src, dst in ((source.cert, self.enrollee.cert), (source.chain, self.enrollee.chain)):
             _write_atomically(dst, src.read_bytes())
 
+    # ------------------------------------------------------------------ the TPM and the keys
+    def unlock(self, sealer: KeySealer) -> None:
+        """Give the state its TPM: seal any plain key found (then shred it). Blocking (TPM
+        calls); the keys themselves are unsealed when first asked for."""
+        enrollee, device = self.enrollee.directory, self.device.directory
+        self._enrollee_keys = SealedKeyStore(enrollee / SEALED_KEY, sealer, self.seal)
+        self._device_keys = SealedKeyStore(device / SEALED_KEY, sealer, self.seal)
+        self._enrollee_keys.adopt_plain(self.enrollee.key)
+        self._device_keys.adopt_plain(self.device.key)
+
+    @property
+    def device_keys(self) -> SealedKeyStore:
+        """The device key's sealed store (after :meth:`unlock`)."""
+        if self._device_keys is None:
+            raise ConfigError(KeyReason.LOCKED, "the state's keys need the TPM: unlock first")
+        return self._device_keys
+
+    @property
+    def enrollee_keys(self) -> SealedKeyStore:
+        """The enrollee key's sealed store (after :meth:`unlock`)."""
+        if self._enrollee_keys is None:
+            raise ConfigError(KeyReason.LOCKED, "the state's keys need the TPM: unlock first")
+        return self._enrollee_keys
+
+    def enrollee_key(self) -> ec.EllipticCurvePrivateKey:
+        """The provisioned enrollee key, unsealed (blocking the first time)."""
+        return self.enrollee_keys.load()
+
+    def enrollee_signing_key(self) -> SigningKey:
+        return SigningKey.from_pair(self.enrollee_key(), read_certificate(self.enrollee.cert))
+
+    def enrollee_tls(self) -> TlsIdentity:
+        return TlsIdentity(_read_chain(self.enrollee), self.enrollee_key())
+
+    def device_signing_key(self) -> SigningKey:
+        return SigningKey.from_pair(self.device_key(), read_certificate(self.device.cert))
+
+    def device_tls(self) -> TlsIdentity:
+        """What TLS presents as the device: ``chain.pem`` and the key, both as they are now
+        (read at each connection, so a renewed certificate and key are picked up)."""
+        return TlsIdentity(_read_chain(self.device), self.device_key())
+
     # ------------------------------------------------------------------ enrollment status
     def is_enrolled(self) -> bool:
         return self.device.cert.exists()
 
     def device_certificate(self) -> x509.Certificate | None:
-        """The device certificate, checked to be this device's and for the key on disk."""
+        """The device certificate, checked to be this device's and for the sealed key (which
+        this unseals: blocking, after :meth:`unlock`)."""
         if not self.is_enrolled():
             return None
-        certificate = read_certificate(self.device.cert)
-        self._check_identity(certificate, Identity.device(self.device_id))
-        key = read_private_key(self.device.key)
-        if certificate.public_key() != key.public_key():
+        certificate = self.check_device_identity()
+        if certificate.public_key() != self.device_key().public_key():
             raise ConfigError(
-                AgentReason.STATE_MISMATCH, f"{self.device.cert} is not for {self.device.key}"
+                AgentReason.STATE_MISMATCH,
+                f"{self.device.cert} is not for the key in {self.device_keys.path}",
             )
         return certificate
 
+    def check_device_identity(self) -> x509.Certificate:
+        """The device certificate, checked to be this device's (no TPM needed)."""
+        certificate = read_certificate(self.device.cert)
+        self._check_identity(certificate, Identity.device(self.device_id))
+        return certificate
+
     def check_enrollee(self) -> None:
-        """The provisioned enrollee identity is present and is ``enroll.<device id>``."""
+        """The provisioned enrollee identity is present and is ``enroll.<device id>``; its key
+        is there, sealed or (not yet sealed) as provisioned (no TPM needed)."""
         self._check_identity(
             read_certificate(self.enrollee.cert), Identity.enrollee(self.device_id)
         )
-        read_private_key(self.enrollee.key)
+        if self.enrollee.key.exists() or not (self.enrollee.directory / SEALED_KEY).exists():
+            read_private_key(self.enrollee.key)
         if not self.enrollee.chain.exists():
             raise ConfigError(
                 "config.cert.missing", f"no certificate chain at {self.enrollee.chain}"
@@ -116,13 +189,13 @@ class AgentState:
 
     # ------------------------------------------------------------------ device key and cert
     def device_key(self) -> ec.EllipticCurvePrivateKey:
-        """The device key: the one on disk (an earlier attempt made it), or a new P-256 key
-        written 0600 before it is used, so a certificate is never issued for a lost key."""
-        if self.device.key.exists():
-            return read_private_key(self.device.key)
-        key = new_key()
-        write_private_key(self.device.key, key)
-        return key
+        """The device key: in memory, or unsealed (an earlier attempt made it), or a new
+        P-256 key sealed and written before it is used, so a certificate is never issued
+        for a lost key. Blocking (TPM) unless in memory already; after :meth:`unlock`."""
+        keys = self.device_keys
+        if keys.cached is not None:
+            return keys.cached
+        return keys.load() if keys.exists() else keys.create()
 
     def store_certificate_chain(self, chain: Sequence[x509.Certificate]) -> None:
         """Write ``chain.pem`` (leaf + issuing CA, what TLS presents), then ``cert.pem``."""

@@ -1,7 +1,8 @@
 """The device's TPM 2.0, through tpm2-pytss's ESAPI: the only module that imports tpm2_pytss.
 
 It owns the TPM side of attestation: the attestation key (AK), the endorsement key (EK) and
-its certificate, PCR reads and extends, quotes and credential activation. It works with any
+its certificate, PCR reads and extends, quotes and credential activation; and sealing a
+small secret (the device's private key) to the boot PCRs. It works with any
 TCTI string: ``swtpm:host=127.0.0.1,port=N`` in development and tests,
 ``device:/dev/tpmrm0`` in production.
 
@@ -18,6 +19,17 @@ Keys (decided in docs/adr/0005-tpm-attestation-key.md):
   ``swtpm_setup --create-ek-cert`` and manufacturers put it. :meth:`Tpm.ek_certificate`
   checks that the certificate's key is the EK the TPM just created.
 
+* The **SRK** is a *primary* storage key of the OWNER hierarchy from the TCG's ECC NIST P-256
+  SRK template (restricted decrypt, AES-128-CFB): also re-created, never persisted. It is the
+  parent of sealed objects, and the salt key of the sessions that carry their secret.
+* A **sealed object** (docs/adr/0016-device-key-sealing.md) is a KEYEDHASH data object
+  under the SRK whose ``authPolicy`` is TPM2_PolicyPCR over chosen PCRs' values, with
+  ``userWithAuth`` clear: only a policy session that satisfies PolicyPCR can unseal it, a
+  password cannot. Its private part is protected by the SRK, which only this TPM can
+  re-create: the blob (:meth:`Tpm.seal`) is useless on another TPM, or after TPM2_Clear.
+  The secret crosses the TPM interface only encrypted (salted sessions with parameter
+  encryption), so a bus interposer does not see it either.
+
 What it leaves to others: nonces, freshness and every trust decision (the attestation
 service's ``verify_quote``), credential creation (``edgeward_attestation.credential``) and
 keeping TPM calls off an event loop (the caller's job: each call blocks on the TPM).
@@ -30,6 +42,7 @@ serialized). Open one instance per TPM.
 from __future__ import annotations
 
 import hashlib
+import struct
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -47,30 +60,42 @@ from tpm2_pytss.constants import (  # type: ignore[import-untyped]
     ESYS_TR,
     TPM2_ALG,
     TPM2_ECC,
+    TPM2_RC,
+    TPM2_SE,
     TPMA_OBJECT,
+    TPMA_SESSION,
 )
 from tpm2_pytss.internal.templates import ek_high_ecc384  # type: ignore[import-untyped]
 from tpm2_pytss.types import (  # type: ignore[import-untyped]
+    TPM2B_DIGEST,
     TPM2B_ECC_PARAMETER,
     TPM2B_ENCRYPTED_SECRET,
     TPM2B_ID_OBJECT,
+    TPM2B_PRIVATE,
     TPM2B_PUBLIC,
     TPM2B_SENSITIVE_CREATE,
+    TPM2B_SENSITIVE_DATA,
     TPML_DIGEST_VALUES,
     TPML_PCR_SELECTION,
     TPMS_ECC_PARMS,
     TPMS_ECC_POINT,
+    TPMS_KEYEDHASH_PARMS,
     TPMS_PCR_SELECTION,
     TPMS_SCHEME_HASH,
+    TPMS_SENSITIVE_CREATE,
     TPMT_ECC_SCHEME,
     TPMT_HA,
     TPMT_KDF_SCHEME,
+    TPMT_KEYEDHASH_SCHEME,
     TPMT_PUBLIC,
+    TPMT_SYM_DEF,
     TPMT_SYM_DEF_OBJECT,
     TPMU_ASYM_SCHEME,
     TPMU_HA,
     TPMU_PUBLIC_ID,
     TPMU_PUBLIC_PARMS,
+    TPMU_SYM_KEY_BITS,
+    TPMU_SYM_MODE,
 )
 
 from edgeward_shared.errors import EdgewardError
@@ -83,6 +108,10 @@ _NV_CHUNK: Final = 512  # below every TPM's TPM2_PT_NV_BUFFER_MAX
 _PCR_COUNT: Final = 24
 _MAX_PCRS_PER_READ: Final = 8  # TPML_DIGEST holds at most 8 digests
 _QUOTE_ATTEMPTS: Final = 3
+#: TPM_CC_PolicyPCR (Part 2, Table 12), hashed into a PolicyPCR policy digest.
+_CC_POLICY_PCR: Final = 0x0000017F
+#: MAX_SYM_DATA: the most a KEYEDHASH sealed-data object holds (Part 2, Table 225).
+MAX_SEALED_BYTES: Final = 128
 
 
 class TpmError(EdgewardError):
@@ -150,15 +179,117 @@ def _ak_template() -> TPM2B_PUBLIC:
     return TPM2B_PUBLIC(publicArea=public)
 
 
-def _selection(bank: PcrBank, indices: Iterable[int]) -> TPML_PCR_SELECTION:
-    """TPML_PCR_SELECTION of one bank (Part 2, 10.6.2 / 10.9.7)."""
+def _bitmap(indices: Iterable[int]) -> bytes:
+    """pcrSelect of a TPMS_PCR_SELECTION with sizeofSelect 3 (PCRs 0-23)."""
     bitmap = bytearray(3)
     for index in indices:
         if not 0 <= index < _PCR_COUNT:
             raise ValueError(f"PCR index out of range: {index}")
         bitmap[index // 8] |= 1 << (index % 8)
-    selection = TPMS_PCR_SELECTION(hash=bank.value, sizeofSelect=3, pcrSelect=bytes(bitmap))
+    return bytes(bitmap)
+
+
+def _selection(bank: PcrBank, indices: Iterable[int]) -> TPML_PCR_SELECTION:
+    """TPML_PCR_SELECTION of one bank (Part 2, 10.6.2 / 10.9.7)."""
+    selection = TPMS_PCR_SELECTION(hash=bank.value, sizeofSelect=3, pcrSelect=_bitmap(indices))
     return TPML_PCR_SELECTION([selection])
+
+
+def pcr_policy_digest(bank: PcrBank, values: Mapping[int, bytes]) -> bytes:
+    """The SHA-256 policy digest of one TPM2_PolicyPCR over ``values`` from a fresh session.
+
+    Part 3, 23.7: ``policyDigest' = H(policyDigest || TPM_CC_PolicyPCR || pcrs || digestTPM)``
+    where ``pcrs`` is the marshalled TPML_PCR_SELECTION (one bank, sizeofSelect 3, as
+    :meth:`Tpm.unseal` sends it) and ``digestTPM`` the session hash (SHA-256) of the
+    selected PCR values concatenated in ascending index order. No TPM needed: a seal can
+    name values the PCRs will have rather than the ones they have now.
+    """
+    if not values:
+        raise ValueError("a PCR policy selects at least one PCR")
+    for index, value in values.items():
+        if len(value) != bank.digest_size:
+            raise ValueError(f"PCR {index}: a {bank.name} value is {bank.digest_size} bytes")
+    pcrs = struct.pack(">IHB", 1, bank.value, 3) + _bitmap(values)
+    digest_tpm = hashlib.sha256(b"".join(values[i] for i in sorted(values))).digest()
+    return hashlib.sha256(
+        bytes(32) + struct.pack(">I", _CC_POLICY_PCR) + pcrs + digest_tpm
+    ).digest()
+
+
+def _sealed_template(policy: bytes) -> TPM2B_PUBLIC:
+    """A KEYEDHASH sealed-data object only ``policy`` opens (Part 2, 12.2.3; no userWithAuth:
+    a password, even the empty one, is refused; no sensitiveDataOrigin: we give the data)."""
+    public = TPMT_PUBLIC(
+        type=TPM2_ALG.KEYEDHASH,
+        nameAlg=TPM2_ALG.SHA256,
+        objectAttributes=TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT,
+        authPolicy=TPM2B_DIGEST(policy),
+        parameters=TPMU_PUBLIC_PARMS(
+            keyedHashDetail=TPMS_KEYEDHASH_PARMS(scheme=TPMT_KEYEDHASH_SCHEME(scheme=TPM2_ALG.NULL))
+        ),
+    )
+    return TPM2B_PUBLIC(publicArea=public)
+
+
+def _srk_template() -> TPM2B_PUBLIC:
+    """The TCG ECC NIST P-256 storage root key template (TCG TPM v2.0 Provisioning
+    Guidance, 7.5.1): a restricted decryption key with AES-128-CFB, empty unique."""
+    attributes = (
+        TPMA_OBJECT.FIXEDTPM
+        | TPMA_OBJECT.FIXEDPARENT
+        | TPMA_OBJECT.SENSITIVEDATAORIGIN
+        | TPMA_OBJECT.USERWITHAUTH
+        | TPMA_OBJECT.NODA
+        | TPMA_OBJECT.RESTRICTED
+        | TPMA_OBJECT.DECRYPT
+    )
+    parameters = TPMS_ECC_PARMS(
+        symmetric=TPMT_SYM_DEF_OBJECT(
+            algorithm=TPM2_ALG.AES,
+            keyBits=TPMU_SYM_KEY_BITS(aes=128),
+            mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB),
+        ),
+        scheme=TPMT_ECC_SCHEME(scheme=TPM2_ALG.NULL),
+        curveID=TPM2_ECC.NIST_P256,
+        kdf=TPMT_KDF_SCHEME(scheme=TPM2_ALG.NULL),
+    )
+    public = TPMT_PUBLIC(
+        type=TPM2_ALG.ECC,
+        nameAlg=TPM2_ALG.SHA256,
+        objectAttributes=attributes,
+        parameters=TPMU_PUBLIC_PARMS(eccDetail=parameters),
+        unique=TPMU_PUBLIC_ID(ecc=TPMS_ECC_POINT()),
+    )
+    return TPM2B_PUBLIC(publicArea=public)
+
+
+def _session_cipher() -> TPMT_SYM_DEF:
+    """AES-128-CFB parameter encryption for the sessions that carry a sealed secret."""
+    return TPMT_SYM_DEF(
+        algorithm=TPM2_ALG.AES,
+        keyBits=TPMU_SYM_KEY_BITS(aes=128),
+        mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB),
+    )
+
+
+def _split_sealed(blob: bytes) -> tuple[TPM2B_PUBLIC, TPM2B_PRIVATE]:
+    """A sealed blob's TPM2B_PUBLIC and TPM2B_PRIVATE (``ValueError`` if malformed)."""
+    try:
+        public, used = TPM2B_PUBLIC.unmarshal(blob)
+        private, rest = TPM2B_PRIVATE.unmarshal(blob[used:])
+    except Exception as exc:  # pytss raises several types on malformed input
+        raise ValueError(f"malformed sealed blob: {exc}") from exc
+    if used + rest != len(blob):
+        raise ValueError("malformed sealed blob: trailing bytes")
+    if public.publicArea.type != TPM2_ALG.KEYEDHASH:
+        raise ValueError("malformed sealed blob: not a sealed-data object")
+    return public, private
+
+
+def sealed_policy(blob: bytes) -> bytes:
+    """The ``authPolicy`` a sealed blob was created with (``ValueError`` if malformed)."""
+    public, _ = _split_sealed(blob)
+    return bytes(public.publicArea.authPolicy)
 
 
 def _selected(selection: TPML_PCR_SELECTION) -> list[int]:
@@ -230,14 +361,29 @@ class Tpm:
             handle, public = self._create_primary(_ak_template())
             self._ak_handle, self._ak_public = handle, public.marshal()
 
-    def _create_primary(self, template: TPM2B_PUBLIC) -> tuple[ESYS_TR, TPM2B_PUBLIC]:
+    def _create_primary(
+        self, template: TPM2B_PUBLIC, hierarchy: ESYS_TR = ESYS_TR.ENDORSEMENT
+    ) -> tuple[ESYS_TR, TPM2B_PUBLIC]:
         try:
             handle, public, _, _, _ = self._esapi.create_primary(
-                TPM2B_SENSITIVE_CREATE(), template, primary_handle=ESYS_TR.ENDORSEMENT
+                TPM2B_SENSITIVE_CREATE(), template, primary_handle=hierarchy
             )
         except TSS2_Exception as exc:
-            raise TpmError(detail=f"CreatePrimary in the endorsement hierarchy: {exc}") from exc
+            raise TpmError(detail=f"CreatePrimary in hierarchy {hierarchy}: {exc}") from exc
         return handle, public
+
+    def _srk(self) -> ESYS_TR:
+        """The SRK, created for one seal or unseal and flushed after it (the caller's job).
+
+        A TPM without a resource manager (swtpm, or ``/dev/tpm0``) holds three transient
+        objects: the AK, the SRK and the sealed object leave no room for the EK, which is
+        flushed here and re-created (deterministically, the same key) when next needed.
+        """
+        if self._ek_handle is not None:
+            self._flush(self._ek_handle)
+            self._ek_handle = self._ek_public = None
+        handle, _ = self._create_primary(_srk_template(), ESYS_TR.OWNER)
+        return handle
 
     @property
     def ak_public(self) -> bytes:
@@ -383,5 +529,113 @@ class Tpm:
                 raise TpmError("tpm.credential.activation_failed", str(exc)) from exc
         return bytes(digest)
 
+    # ------------------------------------------------------------------ sealing
+    def seal(
+        self,
+        secret: bytes,
+        pcr_indices: Iterable[int],
+        bank: PcrBank = PcrBank.SHA256,
+        values: Mapping[int, bytes] | None = None,
+    ) -> bytes:
+        """Seal ``secret`` under the SRK to PolicyPCR over ``pcr_indices`` of ``bank``.
 
-__all__ = ["AK_TEMPLATE_LABEL", "EK_CERT_NV_INDEX", "PcrBank", "Quote", "Tpm", "TpmError"]
+        The policy names ``values`` if given (they must cover exactly ``pcr_indices``), else
+        the PCRs' current values. Returns the blob: TPM2B_PUBLIC || TPM2B_PRIVATE, both
+        marshalled; only this TPM can load it, and only :meth:`unseal` with those PCR values
+        opens it. ``secret`` travels to the TPM encrypted (a session salted with the SRK).
+        """
+        wanted = sorted(set(pcr_indices))
+        if not wanted:
+            raise ValueError("a seal selects at least one PCR")
+        if not 0 < len(secret) <= MAX_SEALED_BYTES:
+            raise ValueError(f"a sealed secret is 1 to {MAX_SEALED_BYTES} bytes")
+        if values is not None and sorted(values) != wanted:
+            raise ValueError("the PCR values given are not those of the selection")
+        with self._lock:
+            pcrs = dict(values) if values is not None else self._read_pcrs(wanted, bank)[1]
+            template = _sealed_template(pcr_policy_digest(bank, pcrs))
+            sensitive = TPM2B_SENSITIVE_CREATE(
+                sensitive=TPMS_SENSITIVE_CREATE(data=TPM2B_SENSITIVE_DATA(secret))
+            )
+            srk = self._srk()
+            try:
+                session = self._start_session(srk, TPM2_SE.HMAC, TPMA_SESSION.DECRYPT)
+                try:
+                    private, public, _, _, _ = self._esapi.create(
+                        srk, sensitive, template, session1=session
+                    )
+                except TSS2_Exception as exc:
+                    raise TpmError("tpm.seal.failed", str(exc)) from exc
+                finally:
+                    self._flush(session)
+            finally:
+                self._flush(srk)
+        return bytes(public.marshal()) + bytes(private.marshal())
+
+    def unseal(
+        self, blob: bytes, pcr_indices: Iterable[int], bank: PcrBank = PcrBank.SHA256
+    ) -> bytes:
+        """The secret :meth:`seal` sealed in ``blob``, through a PolicyPCR session.
+
+        ``tpm.unseal.wrong_tpm``: the blob fails its integrity check under this TPM's SRK
+        (another TPM made it, this one was cleared since, or it was altered);
+        ``tpm.unseal.policy_failed``: the PCRs do not have the values the blob was sealed to
+        (a tampered or changed boot chain); ``tpm.unseal.failed``: anything else (worth a
+        retry). The secret comes back encrypted on the wire (response parameter encryption).
+        """
+        public, private = _split_sealed(blob)
+        selection = _selection(bank, sorted(set(pcr_indices)))
+        with self._lock:
+            srk = self._srk()
+            try:
+                session = self._start_session(srk, TPM2_SE.POLICY, TPMA_SESSION.ENCRYPT)
+                try:
+                    item = self._esapi.load(srk, private, public)
+                except TSS2_Exception as exc:
+                    self._flush(session)
+                    if exc.error == TPM2_RC.INTEGRITY:  # its private part is not our SRK's
+                        raise TpmError(
+                            "tpm.unseal.wrong_tpm",
+                            f"the sealed blob was not made under this TPM's storage key: {exc}",
+                        ) from exc
+                    raise TpmError("tpm.unseal.failed", f"loading the sealed blob: {exc}") from exc
+            finally:
+                self._flush(srk)  # the session's salt and the load needed it; unseal does not
+            try:
+                self._esapi.policy_pcr(session, TPM2B_DIGEST(), selection)
+                return bytes(self._esapi.unseal(item, session1=session))
+            except TSS2_Exception as exc:
+                if exc.error == TPM2_RC.POLICY_FAIL:
+                    raise TpmError(
+                        "tpm.unseal.policy_failed",
+                        f"PCRs {sorted(set(pcr_indices))} ({bank.name}) differ from the values"
+                        " the secret was sealed to",
+                    ) from exc
+                raise TpmError("tpm.unseal.failed", str(exc)) from exc
+            finally:
+                self._flush(session)
+                self._flush(item)
+
+    def _start_session(self, salt_key: ESYS_TR, kind: TPM2_SE, encrypt: TPMA_SESSION) -> ESYS_TR:
+        """A session salted with ``salt_key``, AES-128-CFB parameter encryption ``encrypt``."""
+        try:
+            session = self._esapi.start_auth_session(
+                salt_key, ESYS_TR.NONE, kind, _session_cipher(), TPM2_ALG.SHA256
+            )
+            self._esapi.trsess_set_attributes(session, encrypt | TPMA_SESSION.CONTINUESESSION)
+        except TSS2_Exception as exc:
+            raise TpmError("tpm.session.failed", str(exc)) from exc
+        return session
+
+
+__all__ = [
+    "AK_TEMPLATE_LABEL",
+    "EK_CERT_NV_INDEX",
+    "MAX_SEALED_BYTES",
+    "PcrBank",
+    "Quote",
+    "Tpm",
+    "TpmError",
+    "pcr_policy_digest",
+    "sealed_policy",
+]

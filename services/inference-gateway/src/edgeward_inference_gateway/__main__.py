@@ -41,6 +41,17 @@ def _duration_ms(_ctx: click.Context, param: click.Parameter, value: str) -> int
     return ms
 
 
+def _degraded_ms(_ctx: click.Context, param: click.Parameter, value: str) -> int:
+    """``0s``, ``90m`` or ``24h``: 0 up to 7 days."""
+    match = re.fullmatch(r"(\d+)(ms|s|m|h)", value.strip())
+    if match is None:
+        raise click.BadParameter(f"{value!r} is not a duration like 0s, 90m or 24h")
+    ms = int(match[1]) * {**_UNITS, "h": 3_600_000}[match[2]]
+    if ms > 7 * 24 * 3_600_000:
+        raise click.BadParameter(f"{value!r} is over 7 days ({param.name})")
+    return ms
+
+
 def _limit(_ctx: click.Context, _param: click.Parameter, value: str) -> Limit:
     """``RATE/s[,BURST]``: ``50/s,100`` (the burst defaults to twice the rate)."""
     match = _RATE_RE.fullmatch(value.strip())
@@ -167,6 +178,18 @@ def _host_port(_ctx: click.Context, _param: click.Parameter, value: str) -> Brok
     " takes effect here within this time; the revocation plane's list, at once.",
 )
 @click.option(
+    "--degraded-max",
+    "degraded_max_ms",
+    metavar="DURATION",
+    default="24h",
+    callback=_degraded_ms,
+    envvar="EDGEWARD_GATEWAY_DEGRADED_MAX",
+    show_envvar=True,
+    help="Accept a device's degraded (offline) result of a tier-low or tier-medium model if"
+    " its attestation result expired less than this long ago (docs/offline.md); 0s: never."
+    " Tier-high models count only attested results.",
+)
+@click.option(
     "--require-revocations/--allow-without-revocations",
     default=True,
     help="Refuse every result (infer.revocations.stale) while no current signed revocation"
@@ -199,6 +222,7 @@ def main(  # click passes every parameter by keyword
     max_skew_ms: int,
     call_timeout_ms: int,
     model_ttl_ms: int,
+    degraded_max_ms: int,
     require_revocations: bool,
     metrics_port: int | None,
     log_level: str,
@@ -231,6 +255,7 @@ def main(  # click passes every parameter by keyword
             caller_limit=caller_limit,
             call_timeout_ms=call_timeout_ms,
             model_ttl_ms=model_ttl_ms,
+            degraded_max_ms=degraded_max_ms,
             require_revocations=require_revocations,
         )
     except ValueError as exc:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from edgeward_shared.messages.model import VersionInfo
+from edgeward_shared.models.provenance import Tier
 
 PERCENT_BUCKETS: Final = 100
 PlaneRevoked = Callable[[str, int], bool]
@@ -42,6 +43,7 @@ class Published:
     revoked: bool
     cohort: frozenset[str]
     percent: int
+    tier: Tier = Tier.HIGH  # unknown: the strictest (only attested results count)
 
     @classmethod
     def of(cls, info: VersionInfo) -> Published:
@@ -52,6 +54,7 @@ class Published:
             info.revoked,
             frozenset(info.cohort),
             info.percent,
+            info.tier,
         )
 
     def reaches(self, device_id: str) -> bool:

@@ -10,6 +10,8 @@ No bus, no database, no clock. The checks, in order (ARCHITECTURE flow 4, issue 
 1. attestation (:func:`check_attestation`): the EAR verifies offline
    (``infer.attestation.missing`` / ``.invalid`` / ``.expired``), says ``affirming``
    (``infer.attestation.not_affirming``) and names this device (``infer.device.mismatch``);
+   for a body in ``degraded`` mode (the device's result had expired: docs/offline.md) the
+   EAR may have expired up to ``degraded_max_ms`` ago;
 2. the body (:func:`open_result`): canonical :class:`ResultBody` (``infer.result.malformed``)
    naming this device (``infer.device.mismatch``) and this EAR (``infer.attestation.
    result_mismatch``), signed by the EAR's session key (``infer.result.signature_invalid``);
@@ -17,7 +19,8 @@ No bus, no database, no clock. The checks, in order (ARCHITECTURE flow 4, issue 
    unless the operator opted out) that does not revoke the device (``infer.device.revoked``);
 4. the model (:func:`check_model`): the version is not revoked (``infer.model.revoked``), has
    the published digest (``infer.model.digest_mismatch``) and is the one assigned to the
-   device (``infer.model.not_assigned``);
+   device (``infer.model.not_assigned``); a degraded result counts only for tiers low and
+   medium (``infer.mode.attestation_required``);
 5. the call (:func:`check_answer`): an answer carries the call's request id, model, version
    and input digest (``infer.request.mismatch`` / ``infer.input.mismatch``); a stream
    result claims no request;
@@ -42,6 +45,7 @@ from edgeward_shared.ear import AttestationClaims
 from edgeward_shared.errors import AuthenticityError, PolicyError
 from edgeward_shared.inference import InferenceReason, decode_body, verify_result_signature
 from edgeward_shared.messages.infer import InferResult, ResultBody
+from edgeward_shared.models.provenance import Tier
 from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.revocation import RevocationView
 
@@ -87,14 +91,21 @@ class Context:
     freshness: Freshness
     now_ms: int
     expected: Expected | None = None
+    degraded_max_ms: int = 0
 
 
 def check_attestation(
-    device_id: str, token: str, trust: TrustStore, ears: EarCache, now_ms: int
+    device_id: str,
+    token: str,
+    trust: TrustStore,
+    ears: EarCache,
+    now_ms: int,
+    *,
+    expired_ok_ms: int = 0,
 ) -> AttestationClaims:
     if not token:
         raise AuthenticityError(R.NOT_ATTESTED, "no attestation result")
-    claims = ears.verify(token, trust, now_ms)
+    claims = ears.verify(token, trust, now_ms, expired_ok_ms=expired_ok_ms)
     if claims.status != "affirming":
         raise PolicyError(R.NOT_AFFIRMING, f"attestation status {claims.status}")
     if claims.device_id != device_id:
@@ -102,8 +113,11 @@ def check_attestation(
     return claims
 
 
-def open_result(device_id: str, result: InferResult, claims: AttestationClaims) -> ResultBody:
-    body = decode_body(result.body)  # MessageError infer.result.malformed
+def open_result(
+    device_id: str, result: InferResult, claims: AttestationClaims, body: ResultBody | None = None
+) -> ResultBody:
+    """``body``: ``result.body`` already decoded (not yet believed), if the caller has it."""
+    body = body or decode_body(result.body)  # MessageError infer.result.malformed
     if body.device != device_id:
         raise AuthenticityError(R.WRONG_DEVICE, "the body names another device")
     if body.result_id != claims.result_id:
@@ -141,6 +155,8 @@ def check_model(
         raise PolicyError(R.MODEL_REVOKED, f"{body.model} v{body.version} revoked")
     if published.model_digest != body.model_digest:
         raise PolicyError(GatewayReason.MODEL_DIGEST, f"{body.model} v{body.version}")
+    if body.mode == "degraded" and published.tier is Tier.HIGH:
+        raise PolicyError(R.ATTESTATION_REQUIRED, f"{body.model} is tier high: attested only")
     assigned = assigned_version(device_id, versions, revocations.model_revoked)
     if assigned != body.version:
         raise PolicyError(
@@ -181,10 +197,13 @@ def verify_result(
     revocations: RevocationView,
     require_revocations: bool,
     now_ms: int,
+    degraded_max_ms: int = 0,
 ) -> Verified:
     """Steps 1-3: who produced it, in which attested state, and whether it still counts."""
-    claims = check_attestation(device_id, result.ear, trust, ears, now_ms)
-    body = open_result(device_id, result, claims)
+    parsed = decode_body(result.body)  # for its mode: nothing is believed before step 2
+    grace = degraded_max_ms if parsed.mode == "degraded" else 0
+    claims = check_attestation(device_id, result.ear, trust, ears, now_ms, expired_ok_ms=grace)
+    body = open_result(device_id, result, claims, parsed)
     check_standing(device_id, revocations, now_ms, required=require_revocations)
     return Verified(device_id, body, claims)
 
@@ -216,6 +235,7 @@ def validate(device_id: str, result: InferResult, ctx: Context) -> Verified:
         revocations=ctx.revocations,
         require_revocations=ctx.require_revocations,
         now_ms=ctx.now_ms,
+        degraded_max_ms=ctx.degraded_max_ms,
     )
     check_verified(
         verified,

@@ -42,19 +42,24 @@ class EarCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def verify(self, token: str, trust: TrustStore, now_ms: int) -> AttestationClaims:
-        """The claims of ``token`` if it is a valid EAR at ``now_ms``; else an
-        ``AuthenticityError`` with ``infer.attestation.expired`` or ``.invalid``."""
+    def verify(
+        self, token: str, trust: TrustStore, now_ms: int, *, expired_ok_ms: int = 0
+    ) -> AttestationClaims:
+        """The claims of ``token`` if it is a valid EAR at ``now_ms`` (or expired less than
+        ``expired_ok_ms`` ago); else an ``AuthenticityError`` with
+        ``infer.attestation.expired`` or ``.invalid``."""
         key = hashlib.sha256(token.encode()).digest()
         entry = self._entries.get(key)
         if entry is not None and now_ms - entry.verified_at_ms < self._recheck_ms:
             self._entries.move_to_end(key)
             self.hits += 1
-            _check_window(entry.claims, now_ms)
+            _check_window(entry.claims, now_ms, expired_ok_ms)
             return entry.claims
         self.misses += 1
         try:
-            claims = verify_ear(token, trust, now_ms=now_ms, leeway_s=LEEWAY_S)
+            claims = verify_ear(
+                token, trust, now_ms=now_ms, leeway_s=LEEWAY_S, expired_ok_s=expired_ok_ms // 1000
+            )
         except EdgewardError as exc:
             self._entries.pop(key, None)
             reason = (
@@ -70,10 +75,10 @@ class EarCache:
         return claims
 
 
-def _check_window(claims: AttestationClaims, now_ms: int) -> None:
+def _check_window(claims: AttestationClaims, now_ms: int, expired_ok_ms: int) -> None:
     """verify_ear's validity window, for a cached result."""
     now_s = now_ms // 1000
-    if claims.expires_at + LEEWAY_S <= now_s:
+    if claims.expires_at + LEEWAY_S + max(0, expired_ok_ms) // 1000 <= now_s:
         raise AuthenticityError(
             InferenceReason.ATTESTATION_EXPIRED, f"expired at {claims.expires_at}"
         )

@@ -92,10 +92,15 @@ class Settings:
     #: refuse every result while no current signed revocation list is held (fail closed)
     require_revocations: bool = True
     sweep_interval_ms: int = 250
+    #: a degraded result (tiers low and medium, device offline: docs/offline.md) counts if
+    #: the device's attestation result expired less than this long ago; 0: never
+    degraded_max_ms: int = 24 * 3600 * 1000
 
     def __post_init__(self) -> None:
         if self.call_timeout_ms <= 0 or self.model_ttl_ms < 0 or self.sweep_interval_ms <= 0:
             raise ValueError("timeouts and intervals must be positive")
+        if self.degraded_max_ms < 0:
+            raise ValueError("degraded_max_ms cannot be negative")
         if self.model_query_timeout_s <= 0 or self.ear_cache_size < 1:
             raise ValueError("the model query timeout and EAR cache size must be positive")
 
@@ -176,7 +181,9 @@ class GatewayService:
                 deadline_ms=now + self.settings.call_timeout_ms,
             )
         )
-        request = InferRequest(model=call.model, inputs=call.inputs, version=call.version)
+        request = InferRequest(
+            model=call.model, inputs=call.inputs, version=call.version, caller=caller
+        )
         down = device_topic(call.device, Direction.DOWN, Channel.INFER)
         return (Outgoing(down, request, mid=request_mid),)
 
@@ -261,6 +268,7 @@ class GatewayService:
                 revocations=self.view,
                 require_revocations=self.settings.require_revocations,
                 now_ms=now,
+                degraded_max_ms=self.settings.degraded_max_ms,
             )
         finally:
             if result.ear:

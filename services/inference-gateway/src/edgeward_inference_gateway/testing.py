@@ -128,6 +128,7 @@ class SimulatedDevice:
             at_ms=self.clock.now_ms(),
             source="request" if request is not None else "stream",
             request=request,
+            mode="attested",
             outputs=[msgspec.structs.replace(t, name=f"y{i}") for i, t in enumerate(inputs)],
         )
         return msgspec.structs.replace(body, **overrides) if overrides else body
@@ -182,11 +183,12 @@ def published_version(
     cohort: Sequence[str] = (),
     percent: int = 0,
     revoked: bool = False,
+    tier: Tier = Tier.LOW,
 ) -> VersionInfo:
     return VersionInfo(
         name=name,
         version=version,
-        tier=Tier.LOW,
+        tier=tier,
         model_digest=digest,
         blob_size=len(MODEL_BYTES),
         published_at_ms=0,

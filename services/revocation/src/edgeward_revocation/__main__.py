@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from edgeward_revocation.app import run_worker, wire
-from edgeward_revocation.effects import DynsecKicker, PkiCrl, SignalReloader
+from edgeward_revocation.effects import CheckedReloader, DynsecKicker, PkiCrl
 from edgeward_revocation.store import RevocationStore
 from edgeward_revocation.worker import WorkerSettings
 from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings
@@ -59,7 +59,8 @@ _path = click.Path(path_type=Path)
     "--broker-pid-file",
     type=_path,
     required=True,
-    help="mosquitto's pid (run/broker/mosquitto.pid of `edgeward broker run`): SIGHUP target.",
+    help="mosquitto.pid in the run directory of `edgeward broker run`: the broker whose CRL"
+    " and ACL this service reloads (checked, then confirmed by the revocation canary).",
 )
 @click.option("--broker-log", type=_path, help="mosquitto's log: confirms each reload.")
 @click.option("--admin", default="broker", show_default=True, help="Broker admin name (admin.X).")
@@ -116,7 +117,7 @@ async def _serve(options: Options) -> None:
                 options.broker, pki.bundle_path, options.admin, options.admin.directory.name
             )
         )
-        reloader = SignalReloader(options.pid_file, options.broker_log)
+        reloader = CheckedReloader(pki, options.pid_file.parent, runtime.clock, options.broker_log)
         wired = wire(
             runtime,
             store,

@@ -8,6 +8,7 @@ several instances can record revocations; one of them runs the worker (``--worke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 
 from edgeward_revocation.effects import Kicker, PkiCrl, Reloader
@@ -77,12 +78,33 @@ def wire(
     return Wired(service, worker)
 
 
+#: How often the worker looks whether the runtime reconnected (the list is republished then).
+RECONNECT_POLL_S = 0.2
+
+
 async def run_worker(runtime: Runtime, worker: RevocationWorker, stop: asyncio.Event) -> None:
-    """Start the worker once the runtime first connected (it publishes through it)."""
+    """Start the worker once the runtime first connected (it publishes through it), and
+    have it republish the list after every reconnect (issue 20)."""
     waiter = asyncio.create_task(runtime.ready.wait())
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
     waiter.cancel()
     stopper.cancel()
     if not stop.is_set():
-        await worker.run(stop)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(worker.run(stop))
+            group.create_task(_republish_on_reconnect(runtime, worker, stop))
+
+
+async def _republish_on_reconnect(
+    runtime: Runtime, worker: RevocationWorker, stop: asyncio.Event
+) -> None:
+    """The retained list dies with a broker that keeps no state: publish it again as soon
+    as the runtime is connected again, not at the list's half-life."""
+    seen = runtime.connections
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), RECONNECT_POLL_S)
+        if runtime.connections != seen and runtime.ready.is_set():
+            seen = runtime.connections
+            worker.republish()

@@ -6,8 +6,11 @@ the broker's dynamic-security kick. Each either confirms what it did or raises
   The store takes no lock; the identity service writes the same ``issuing/`` files, so
   every write here holds an ``flock`` on ``issuing/.lock`` (the identity service does not
   take it yet: see docs/adr/0010, known gaps).
-* :class:`SignalReloader` sends SIGHUP to the mosquitto whose pid ``edgeward broker run``
-  wrote, and, given the broker log, waits until the broker logged the reload.
+* :class:`CheckedReloader` reloads the broker ``edgeward broker run`` (or the launcher)
+  started, through :class:`edgeward_shared.broker.reload.BrokerReloader`: the CRL is checked
+  before the broker sees it, the ACL re-rendered from the PKI, and after the SIGHUP the
+  revocation canary must be refused by a real handshake, or the last good files go back.
+  A refusal raises with a ``pki.crl.*`` or ``broker.*`` reason id (docs/adr/0012).
 * :class:`DynsecKicker` holds one MQTT connection as a broker admin and sends
   :func:`~edgeward_shared.broker.dynsec.kick_command`, waiting for the plugin's answer.
 """
@@ -19,8 +22,6 @@ import contextlib
 import fcntl
 import os
 import secrets
-import signal
-import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -35,15 +36,14 @@ from edgeward_shared.broker.dynsec import (
     kick_command,
     kick_confirmed,
 )
+from edgeward_shared.broker.reload import BrokerReloader
 from edgeward_shared.bus.mqtt import MqttBus, MqttSettings, connect_mqtt
-from edgeward_shared.clock import from_datetime
-from edgeward_shared.errors import ConfigError, EdgewardError, TransportError
+from edgeward_shared.clock import Clock, from_datetime, to_datetime
+from edgeward_shared.errors import EdgewardError, TransportError
 from edgeward_shared.identity import Identity, instances_of
+from edgeward_shared.pki.crl_check import check_crl
 from edgeward_shared.pki.store import PkiStore
-from edgeward_shared.pki.trust import load_crl
 from edgeward_shared.runtime.backoff import jittered_backoff
-
-_RELOADED: Final = "Reloading config."
 
 
 class Reloader(Protocol):
@@ -92,10 +92,13 @@ class PkiCrl:
         with _locked(self._lock):
             for serial in serials:
                 self.store.revoke(serial, now, reason[:64])
-        listed = load_crl(self.store.crl_path, [self.store.issuer().cert], now=now)
-        missing = set(serials) - listed
-        if missing:
-            raise ConfigError("revocation.crl.incomplete", f"not in the CRL: {sorted(missing)}")
+        # the same check the broker's reload makes: parses, signed, fresh, every serial listed
+        check_crl(
+            self.store.crl_path.read_bytes(),
+            self.store.issuer().cert,
+            {*self.store.revoked_serials(), *serials},
+            now,
+        )
 
     def refresh(self, now: datetime) -> None:
         with _locked(self._lock):
@@ -110,40 +113,27 @@ class PkiCrl:
         return None if update is None else from_datetime(update)
 
 
-class SignalReloader:
-    """SIGHUP to the broker named in ``pid_file``; confirmed through ``log_file`` if given."""
+class CheckedReloader:
+    """Checked reloads of the broker whose run directory (``broker.json``) is ``run_dir``."""
 
-    def __init__(self, pid_file: Path, log_file: Path | None, timeout_s: float = 5.0) -> None:
-        self.pid_file, self.log_file, self.timeout_s = pid_file, log_file, timeout_s
-
-    def _pid(self) -> int:
-        try:
-            pid = int(self.pid_file.read_text().strip())
-            command = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError) as exc:
-            raise TransportError("revocation.broker.unknown", f"{self.pid_file}: {exc}") from exc
-        if b"mosquitto" not in command:
-            raise TransportError("revocation.broker.unknown", f"pid {pid} is not mosquitto")
-        return pid
-
-    def _reloads(self) -> int:
-        if self.log_file is None or not self.log_file.exists():
-            return 0
-        return self.log_file.read_text(encoding="utf-8", errors="replace").count(_RELOADED)
+    def __init__(
+        self,
+        store: PkiStore,
+        run_dir: Path,
+        clock: Clock,
+        log_file: Path | None = None,
+        timeout_s: float = 5.0,
+    ) -> None:
+        self._reloader = BrokerReloader(store, run_dir, log_path=log_file, timeout_s=timeout_s)
+        self._clock = clock
 
     async def reload(self) -> None:
-        pid, before = self._pid(), self._reloads()
-        try:
-            os.kill(pid, signal.SIGHUP)
-        except OSError as exc:
-            raise TransportError("revocation.broker.signal", str(exc)) from exc
-        if self.log_file is None:
-            return
-        deadline = time.monotonic() + self.timeout_s
-        while self._reloads() <= before:
-            if time.monotonic() > deadline:
-                raise TransportError("revocation.broker.reload_unconfirmed", str(self.log_file))
-            await asyncio.sleep(0.01)
+        now = to_datetime(self._clock.now_ms())
+        await asyncio.to_thread(self._reloader.reload, now)
+
+
+#: Reason ids of a reload that left revocation at risk: alarms, not routine retries.
+ALARM_PREFIXES: Final = ("pki.crl.", "broker.canary.", "broker.reload.")
 
 
 class DynsecKicker:

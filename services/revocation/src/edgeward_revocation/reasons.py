@@ -15,3 +15,6 @@ class RevokeReason:
     RELOAD_FAILED: Final = "revocation.step.reload_failed"
     PUBLISH_FAILED: Final = "revocation.step.publish_failed"
     KICK_FAILED: Final = "revocation.step.kick_failed"
+    # A reload the broker refused or undid is recorded with the shared reason ids:
+    # pki.crl.* (edgeward_shared.pki.crl_check.CrlReason) and broker.reload.* /
+    # broker.canary.* (edgeward_shared.broker.reload.ReloadReason); docs/adr/0012.

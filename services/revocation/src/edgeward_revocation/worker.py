@@ -2,11 +2,12 @@
 the CRL and the revocation list from expiring.
 
 Steps (:data:`~edgeward_revocation.core.STEPS`): ``crl_written`` (the serials are in the
-CRL on disk), ``broker_reloaded`` (mosquitto logged its reload: new handshakes now see the
-CRL), ``list_published`` (a new list version was acknowledged by the broker, retained),
-``done`` (the plugin confirmed the kick of every name). A failed step is recorded with its
-reason, counted, and retried with jittered backoff; the job never goes back and never
-skips. A restarted worker picks every unfinished job up where the database says it is.
+CRL on disk), ``broker_reloaded`` (a checked reload: the CRL passed, mosquitto logged the
+reload, and the revoked canary was refused by a real handshake; docs/adr/0012),
+``list_published`` (a new list version was acknowledged by the broker, retained), ``done``
+(the plugin confirmed the kick of every name). A failed step is recorded with its reason,
+counted, and retried with jittered backoff; the job never goes back and never skips. A
+restarted worker picks every unfinished job up where the database says it is.
 
 One worker per deployment (``--worker`` on one instance): list versions are allocated
 from the database, but two workers would race on the CRL and the broker.
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from edgeward_revocation.core import Step, build_list, next_step, refresh_due
-from edgeward_revocation.effects import Kicker, PkiCrl, Reloader
+from edgeward_revocation.effects import ALARM_PREFIXES, Kicker, PkiCrl, Reloader
 from edgeward_revocation.store import Job, RevocationStore
 from edgeward_shared.clock import Clock, to_datetime
 from edgeward_shared.errors import EdgewardError
@@ -52,6 +53,13 @@ class WorkerMetrics:
             "edgeward_revocation_steps_total",
             "Revocation steps attempted, by step and outcome (ok or a reason id)",
             ["step", "outcome"],
+            registry=registry,
+        )
+        self.alarms = Counter(
+            "edgeward_revocation_broker_alarms_total",
+            "Reloads refused or undone because revocation was at risk (a bad CRL, a broker"
+            " that let the revoked canary in), by reason id",
+            ["reason"],
             registry=registry,
         )
         self.completion = Histogram(
@@ -117,6 +125,7 @@ class RevocationWorker:
                     "revocation.step_failed",
                     extra=fields(job=job.job_id, step=step, reason=exc.reason, detail=exc.detail),
                 )
+                self._alarm(exc)
                 await self.store.failed(job, exc.reason, self.clock.now_ms())
                 return False
             self.metrics.steps.labels(step, "ok").inc()
@@ -145,6 +154,12 @@ class RevocationWorker:
         with contextlib.suppress(EdgewardError):
             return set(self.crl.store.revoked_serials())
         return set()
+
+    def republish(self) -> None:
+        """Publish a fresh list at the next turn: the broker may have lost the retained one
+        (a restart without persistence), and until then subscribers would see no list."""
+        self._published = False
+        self.wake.set()
 
     async def publish_list(self) -> int:
         now = self.clock.now_ms()
@@ -188,5 +203,12 @@ class RevocationWorker:
         except EdgewardError as exc:
             self.metrics.steps.labels("maintain", exc.reason).inc()
             log.warning("revocation.maintenance_failed", extra=fields(reason=exc.reason))
+            self._alarm(exc)
             return False
         return True
+
+    def _alarm(self, exc: EdgewardError) -> None:
+        """A refused CRL or a broker not enforcing revocation: an error log and a metric."""
+        if exc.reason.startswith(ALARM_PREFIXES):
+            self.metrics.alarms.labels(exc.reason).inc()
+            log.error("revocation.alarm", extra=fields(reason=exc.reason, detail=exc.detail))

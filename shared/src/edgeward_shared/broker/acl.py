@@ -145,6 +145,15 @@ def _admin_block(who: Identity) -> list[str]:
     ]
 
 
+def _withdrawn_block(who: Identity) -> list[str]:
+    return [
+        "",
+        f"# {who.common_name}: every certificate revoked; nothing, not even the patterns.",
+        f"user {who.common_name}",
+        _line("deny", "#"),
+    ]
+
+
 def _unique_sorted(identities: Iterable[Identity], role: Role) -> list[Identity]:
     chosen = set(identities)
     for who in chosen:
@@ -161,6 +170,9 @@ class AclPrincipals:
     operators: tuple[Identity, ...]
     admins: tuple[Identity, ...]
     service_instances: tuple[Identity, ...]
+    #: identities whose every certificate is revoked: one ``deny #`` block each, in place
+    #: of any grant (a connection that outlived the revocation can do nothing more)
+    withdrawn: tuple[Identity, ...] = ()
 
     @classmethod
     def of(cls, identities: Iterable[Identity]) -> AclPrincipals:
@@ -177,23 +189,28 @@ class AclPrincipals:
         )
 
     def render(self) -> str:
-        return render_acl(self.operators, self.admins, self.service_instances)
+        return render_acl(self.operators, self.admins, self.service_instances, self.withdrawn)
 
 
 def render_acl(
     operators: Iterable[Identity] = (),
     admins: Iterable[Identity] = DEFAULT_ADMINS,
     service_instances: Iterable[Identity] = (),
+    withdrawn: Iterable[Identity] = (),
 ) -> str:
     """The complete ACL file: device patterns, one block per service (and per extra service
     instance, e.g. ``svc.telemetry.2``), operator (and per operator session, ``op.alice.2``:
-    each is a client id of its own) and admin."""
+    each is a client id of its own) and admin, and a deny-all block for each ``withdrawn``
+    identity instead of whatever it would have had."""
+    gone = {who.common_name: who for who in withdrawn}
     lines = _device_patterns()
     services = {Identity.service(name) for name in ServiceName}
     for who in _unique_sorted([*services, *service_instances], Role.SERVICE):
-        lines += _service_block(who)
+        lines += [] if who.common_name in gone else _service_block(who)
     for operator in _unique_sorted(operators, Role.OPERATOR):
-        lines += _operator_block(operator)
+        lines += [] if operator.common_name in gone else _operator_block(operator)
     for admin in _unique_sorted(admins, Role.BROKER_ADMIN):
-        lines += _admin_block(admin)
+        lines += [] if admin.common_name in gone else _admin_block(admin)
+    for who in sorted(gone.values(), key=lambda who: who.common_name):
+        lines += _withdrawn_block(who)
     return _HEADER + "\n" + "\n".join(lines) + "\n"

@@ -16,11 +16,17 @@ from string import Template
 from typing import Final
 
 from edgeward_shared.errors import ConfigError
+from edgeward_shared.topics import ROOT
 
 TEMPLATE_NAME: Final = "mosquitto.conf.template"
 ACL_NAME: Final = "edgeward.acl"
 #: Environment variable naming the directory that holds the template (overrides the search).
 MOSQUITTO_DIR_ENV: Final = "EDGEWARD_MOSQUITTO_DIR"
+#: The only topics a retained message may live under (docs/protocol.md 2.4).
+RETAIN_PREFIX: Final = f"{ROOT}/fleet/"
+#: Environment variable naming the built guard plugin (overrides the search).
+GUARD_PLUGIN_ENV: Final = "EDGEWARD_GUARD_PLUGIN"
+GUARD_PLUGIN_NAME: Final = "edgeward_guard.so"
 #: Where Debian/Ubuntu, Fedora and source builds install the plugin.
 DYNSEC_PLUGIN_GLOBS: Final = (
     "/usr/lib/*/mosquitto_dynamic_security.so",
@@ -46,6 +52,9 @@ class BrokerSettings:
     run_as_user: str
     persistence_dir: Path | None = None
     bind_host: str = "127.0.0.1"
+    #: Edgeward's guard plugin (:func:`find_guard_plugin`); None only for the container
+    #: image, which lacks it (docs/adr/0012, known gaps).
+    guard_plugin: Path | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -53,6 +62,8 @@ class BrokerSettings:
         values = self._plain_values()
         if self.persistence_dir is not None:
             values["persistence_dir"] = str(self.persistence_dir)
+        if self.guard_plugin is not None:
+            values["guard_plugin"] = str(self.guard_plugin)
         for name, value in values.items():
             if not value or any(char in value for char in "\n\r\x00"):
                 raise ConfigError("config.broker.value", f"{name} is empty or spans lines")
@@ -74,7 +85,10 @@ class BrokerSettings:
 
     def template_values(self) -> dict[str, str]:
         """The values for the template's placeholders."""
-        return self._plain_values() | {"persistence": _persistence_lines(self.persistence_dir)}
+        return self._plain_values() | {
+            "persistence": _persistence_lines(self.persistence_dir),
+            "guard": _guard_lines(self.guard_plugin),
+        }
 
 
 def _persistence_lines(directory: Path | None) -> str:
@@ -82,6 +96,12 @@ def _persistence_lines(directory: Path | None) -> str:
         return "persistence false"
     # persistence_location must end with a slash: mosquitto appends the file name to it.
     return f"persistence true\npersistence_location {directory}/"
+
+
+def _guard_lines(plugin: Path | None) -> str:
+    if plugin is None:
+        return "# (edgeward_guard is not loaded here: see docs/adr/0012, known gaps)"
+    return f"plugin {plugin}\nplugin_opt_retain_prefix {RETAIN_PREFIX}"
 
 
 def fill_template(template: str, values: Mapping[str, str]) -> str:
@@ -146,3 +166,24 @@ def find_dynsec_plugin(patterns: tuple[str, ...] = DYNSEC_PLUGIN_GLOBS) -> Path:
         f"mosquitto_dynamic_security.so not found in {', '.join(patterns)}: "
         "install the mosquitto package (2.0 or later)",
     )
+
+
+def find_guard_plugin(
+    environ: Mapping[str, str] | None = None, mosquitto_dir: Path | None = None
+) -> Path:
+    """Edgeward's guard plugin, built by ``scripts/bootstrap.sh``: ``$EDGEWARD_GUARD_PLUGIN``,
+    else ``plugin/edgeward_guard.so`` in the template directory; or ``ConfigError``. A broker
+    without it would store and serve retained messages anywhere, so there is no fallback."""
+    env = os.environ if environ is None else environ
+    if configured := env.get(GUARD_PLUGIN_ENV):
+        candidate = Path(configured)
+    else:
+        directory = find_mosquitto_dir(env) if mosquitto_dir is None else mosquitto_dir
+        candidate = directory / "plugin" / GUARD_PLUGIN_NAME
+    if not candidate.is_file():
+        raise ConfigError(
+            "config.broker.guard_plugin",
+            f"{candidate} not found: build it with scripts/bootstrap.sh "
+            "(needs the mosquitto-dev and libmosquitto-dev packages)",
+        )
+    return candidate

@@ -4,6 +4,9 @@
 and the configuration (:mod:`.config`) into a private run directory, starts
 ``mosquitto -c``, waits until its TLS listener answers with the broker certificate, and
 makes sure the process does not outlive it (``stop()``, ``with``, and an ``atexit`` hook).
+It refuses to start without the guard plugin or on a CRL that :mod:`.reload` would refuse
+(the broker reads its own checked copy, ``crl.pem`` in the run directory), and it does not
+return until the revocation canary is refused; ``reload()`` is :class:`.reload.BrokerReloader`.
 It blocks for the few milliseconds a start takes; from asyncio, use it around the event
 loop or through ``asyncio.to_thread``. Certificates come from a :class:`PkiStore`; issuing
 them is :mod:`edgeward_shared.pki`'s business, a production deployment's unit files are not
@@ -21,28 +24,38 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Final, Self
 
-from edgeward_shared.broker.acl import DEFAULT_ADMINS, render_acl
+from edgeward_shared.broker.acl import DEFAULT_ADMINS
 from edgeward_shared.broker.config import (
     ACL_NAME,
     BrokerSettings,
     find_dynsec_plugin,
+    find_guard_plugin,
     render_config,
 )
 from edgeward_shared.broker.dynsec import write_initial_config
+from edgeward_shared.broker.reload import (
+    BrokerReloader,
+    BrokerState,
+    RunFiles,
+    checked_crl,
+    write_state,
+)
 from edgeward_shared.errors import ConfigError, TransportError
 from edgeward_shared.identity import Identity, Role
+from edgeward_shared.pki.canary import ensure_canary
+from edgeward_shared.pki.crl_file import write_atomically
 from edgeward_shared.pki.store import PkiStore
 
 #: The broker's server identity in the PKI (its certificate names the hosts it serves).
 BROKER_IDENTITY: Final = Identity(Role.BROKER, "local")
 #: Debian installs the broker in sbin, which an ordinary user's PATH often lacks.
 _EXTRA_BIN_DIRS: Final = ("/usr/sbin", "/usr/local/sbin")
-_RELOADED: Final = "Reloading config."
 _RUNNING: Final = " running"  # "mosquitto version 2.0.11 running": startup is over
 _PORT_IN_USE: Final = "Address already in use"
 _START_ATTEMPTS: Final = 3
@@ -101,8 +114,14 @@ def _tls_listener_answers(host: str, port: int, context: ssl.SSLContext) -> bool
         return False
 
 
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
 class MosquittoBroker:
-    """One ``mosquitto`` process on a free loopback port, configured from the templates."""
+    """One ``mosquitto`` process on a loopback port (``port``, else a free one), configured
+    from the templates. With ``acl_from_pki`` the ACL also names every operator, admin and
+    service instance the PKI has a current certificate for, now and at every reload."""
 
     def __init__(
         self,
@@ -117,6 +136,9 @@ class MosquittoBroker:
         start_timeout: float = 10.0,
         stop_timeout: float = 5.0,
         mosquitto_dir: Path | None = None,
+        port: int | None = None,
+        acl_from_pki: bool = False,
+        now: Callable[[], datetime] = _utc_now,
     ) -> None:
         self.pki = pki
         self.run_dir = run_dir
@@ -128,6 +150,9 @@ class MosquittoBroker:
         self._start_timeout = start_timeout
         self._stop_timeout = stop_timeout
         self._mosquitto_dir = mosquitto_dir
+        self._fixed_port = port
+        self._acl_from_pki = acl_from_pki
+        self._now = now
         self._port: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._output: IO[bytes] | None = None
@@ -140,6 +165,11 @@ class MosquittoBroker:
     @property
     def acl_path(self) -> Path:
         return self.run_dir / ACL_NAME
+
+    @property
+    def crl_path(self) -> Path:
+        """The broker's own copy of the CRL: only ever a checked one."""
+        return RunFiles(self.run_dir).crl
 
     @property
     def dynsec_path(self) -> Path:
@@ -184,24 +214,63 @@ class MosquittoBroker:
             raise RuntimeError("the broker is already running")
         binary = find_mosquitto()
         plugin = find_dynsec_plugin()
+        guard = find_guard_plugin(mosquitto_dir=self._mosquitto_dir)
         self._prepare_run_dir()
         try:
-            self._start_on_some_port(binary, plugin)
+            self._start_on_some_port(binary, plugin, guard)
             self._check_log_for_errors()
+            write_state(self.run_dir, self._state())
+            self._reloader().confirm_revocation(self.host, self.port)
         except BaseException:
             self.stop()
             raise
         return self
 
+    def resume(self) -> Self:
+        """Start again after :meth:`stop`, on the same port with the same files: an outage
+        its clients recover from by themselves (they reconnect to the address they know)."""
+        if self._process is not None:
+            raise RuntimeError("the broker is already running")
+        if self._port is None:
+            raise RuntimeError("the broker has never been started: start() it")
+        self._spawn(find_mosquitto())
+        try:
+            self._wait_until_ready()
+            write_state(self.run_dir, self._state())  # the new pid
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _state(self) -> BrokerState:
+        named = [*self._operators, *self._admins, *self._service_instances]
+        return BrokerState(
+            pid=self._process.pid if self._process is not None else 0,
+            host=self.host,
+            port=self._port or 0,
+            acl_from_pki=self._acl_from_pki,
+            principals=[(str(who.role), who.common_name) for who in named],
+        )
+
+    def _reloader(self) -> BrokerReloader:
+        return BrokerReloader(
+            self.pki,
+            self.run_dir,
+            log_path=self.log_path,
+            send_signal=lambda _pid: self._running().send_signal(signal.SIGHUP),
+        )
+
     def _prepare_run_dir(self) -> None:
+        """The run directory's files; refuses (``CrlError``) a CRL a reload would refuse."""
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.run_dir.chmod(0o700)
-        _write_private(
-            self.acl_path, render_acl(self._operators, self._admins, self._service_instances)
-        )
+        now = self._now()
+        ensure_canary(self.pki.require(), now)
+        write_atomically(self.crl_path, checked_crl(self.pki, now), 0o600)
+        _write_private(self.acl_path, self._reloader().render_acl(self._state(), now))
         write_initial_config(self.dynsec_path)
 
-    def _settings(self, port: int, plugin: Path) -> BrokerSettings:
+    def _settings(self, port: int, plugin: Path, guard: Path) -> BrokerSettings:
         server = self.pki.identity_files(self._broker_identity)
         return BrokerSettings(
             port=port,
@@ -209,25 +278,27 @@ class MosquittoBroker:
             cafile=self.pki.bundle_path,
             certfile=server.chain,
             keyfile=server.key,
-            crlfile=self.pki.crl_path,
+            crlfile=self.crl_path,
             acl_file=self.acl_path,
             dynsec_plugin=plugin,
             dynsec_config=self.dynsec_path,
             log_file=self.log_path,
             run_as_user=_current_user(),
+            guard_plugin=guard,
         )
 
-    def _start_on_some_port(self, binary: Path, plugin: Path) -> None:
-        for attempt in range(1, _START_ATTEMPTS + 1):
-            self._port = _free_port(self.host)
-            settings = self._settings(self._port, plugin)
+    def _start_on_some_port(self, binary: Path, plugin: Path, guard: Path) -> None:
+        attempts = 1 if self._fixed_port is not None else _START_ATTEMPTS
+        for attempt in range(1, attempts + 1):
+            self._port = self._fixed_port or _free_port(self.host)
+            settings = self._settings(self._port, plugin, guard)
             _write_private(self.config_path, render_config(settings, self._mosquitto_dir))
             self._spawn(binary)
             try:
                 self._wait_until_ready()
             except TransportError:
                 # another process may have taken the port between our probe and the bind
-                if attempt == _START_ATTEMPTS or _PORT_IN_USE not in self.log_tail():
+                if attempt == attempts or _PORT_IN_USE not in self.log_tail():
                     raise
                 self.stop()
             else:
@@ -271,24 +342,13 @@ class MosquittoBroker:
                 "transport.broker.log", "mosquitto started with errors:\n" + "\n".join(errors)
             )
 
-    def reload(self, timeout: float = 5.0) -> None:
-        """SIGHUP: mosquitto re-reads its configuration, the ACL file and the CRL (the CRL
-        for new handshakes only). Returns once the broker has logged the reload."""
-        process = self._running()
-        before = self._count_in_log(_RELOADED)
-        process.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + timeout
-        while self._count_in_log(_RELOADED) <= before:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise TransportError(
-                    "transport.broker.reload", f"mosquitto did not reload:\n{self.log_tail()}"
-                )
-            time.sleep(_POLL_SECONDS)
-
-    def _count_in_log(self, needle: str) -> int:
-        if not self.log_path.exists():
-            return 0
-        return self.log_path.read_text(encoding="utf-8", errors="replace").count(needle)
+    def reload(self) -> None:
+        """A checked reload (:meth:`.reload.BrokerReloader.reload`): the PKI's CRL is checked
+        and the ACL re-rendered, then SIGHUP, then the canary must be refused; on failure the
+        last good files are back and the error is raised. Connected clients are not cut off
+        (the CRL applies to new handshakes only)."""
+        self._running()
+        self._reloader().reload(self._now())
 
     def stop(self) -> None:
         """SIGTERM, wait, then SIGKILL if it has not exited. Safe to call more than once."""

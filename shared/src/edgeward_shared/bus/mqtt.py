@@ -25,7 +25,7 @@ from paho.mqtt.properties import Properties
 from edgeward_shared.bus.base import Delivery
 from edgeward_shared.errors import TransportError
 from edgeward_shared.pki.store import IdentityFiles
-from edgeward_shared.tls import client_context
+from edgeward_shared.tls import TlsIdentity, client_context
 
 #: Nagle's algorithm plus delayed ACKs costs ~40 ms per request/response (measured, 2.0.11).
 NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
@@ -50,7 +50,7 @@ class BrokerAddress:
 class MqttSettings:
     broker: BrokerAddress
     ca_bundle: Path
-    identity: IdentityFiles
+    identity: IdentityFiles | TlsIdentity  # files, or in memory (a device's sealed key)
     client_id: str  # the CN: the broker enforces it anyway (use_username_as_clientid)
     keepalive_s: int = 30
     timeout_s: float = 10.0

@@ -68,10 +68,18 @@ class InferAnswer(Message, frozen=True, tag="edgeward.infer.answer.v1"):
 
 
 # ------------------------------------------------------------------ gateway <-> device
+#: an operator's or service's CN (docs/protocol.md §4), as the gateway names a caller
+CallerName = Annotated[
+    str, msgspec.Meta(pattern=r"^[a-z][a-z0-9-]*(\.[a-z0-9-]+){1,2}$", max_length=128)
+]
+
+
 class InferRequest(Message, frozen=True, tag="edgeward.infer.request.v1"):
     """Gateway -> device: infer now (a device answers it with :class:`InferResult` bound to
-    this message's ``mid``, or ``Rejected``: stopped, rate limited, no such model...)."""
+    this message's ``mid``, or ``Rejected``: stopped, over the caller's share, no such
+    model...). ``caller``: who called the gateway, the key of the device's fair share."""
 
+    caller: CallerName
     model: ModelName
     inputs: Tensors
     version: Version | None = None
@@ -90,6 +98,9 @@ class ResultBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     at_ms: Annotated[int, msgspec.Meta(ge=0)]
     source: Literal["request", "stream"]
     request: MessageId | None  # the InferRequest's mid, for source "request"
+    #: "attested": under a current result; "degraded": the device's result had expired
+    #: (offline, docs/offline.md), the body still names and is signed under the last one
+    mode: Literal["attested", "degraded"]
     outputs: Tensors
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 from typing import Any, Final
 
 from cryptography.exceptions import InvalidSignature
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgeward_shared.errors import AuthenticityError, MessageError
 from edgeward_shared.models.reasons import ModelReason
+from edgeward_shared.strictjson import loads_unique
 
 MODEL_FILE: Final = "model.onnx"
 PROVENANCE_FILE: Final = "provenance.json"
@@ -85,8 +85,8 @@ def _load(raw: bytes) -> dict[str, Any]:
     if len(raw) > MAX_BUNDLE_BYTES:
         raise MessageError(ModelReason.SIGNATURE_MALFORMED, f"{len(raw)} bytes")
     try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        value = loads_unique(raw)  # a repeated member (any depth) is refused: ADR 0013
+    except (ValueError, RecursionError) as exc:
         raise MessageError(ModelReason.SIGNATURE_MALFORMED, f"not JSON: {exc}") from exc
     if not isinstance(value, dict):
         raise MessageError(ModelReason.SIGNATURE_MALFORMED, "not a JSON object")

@@ -40,6 +40,8 @@ from edgeward_shared.pki.certs import (
     make_root_ca,
     new_key,
 )
+from edgeward_shared.pki.crl_check import check_crl
+from edgeward_shared.pki.crl_file import write_atomically
 
 ROOT_LIFETIME = timedelta(days=3650)
 ISSUING_LIFETIME = timedelta(days=730)
@@ -355,7 +357,10 @@ class PkiStore:
             now=now,
             lifetime=lifetime,
         )
-        _write_public(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
+        pem = crl.public_bytes(serialization.Encoding.PEM)
+        # checked as the broker will check it, then written in one rename (docs/adr/0012)
+        check_crl(pem, self.issuer().cert, (entry.serial for entry in state.revoked), now)
+        write_atomically(self.crl_path, pem)
         self._save_state(state)
         return state.crl_number
 

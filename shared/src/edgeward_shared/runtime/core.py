@@ -34,7 +34,6 @@ from edgeward_shared.bus.base import Bus, Delivery, topic_matches
 from edgeward_shared.clock import Clock
 from edgeward_shared.envelope import (
     DEFAULT_TTL_MS,
-    Envelope,
     EnvelopeVerifier,
     Opened,
     SigningKey,
@@ -130,6 +129,8 @@ class Runtime:
         self._pending: dict[str, asyncio.Future[Opened[Any]]] = {}
         self._served = False
         self.ready = asyncio.Event()
+        #: connections served so far: a change means the runtime (re)connected
+        self.connections = 0
 
     @property
     def identity(self) -> Identity:
@@ -292,12 +293,12 @@ class Runtime:
             return
         try:
             answer_on = reply_topic(delivery.topic)
-            envelope = msgspec.json.decode(delivery.payload, type=Envelope)
-        except (EdgewardError, msgspec.DecodeError, UnicodeDecodeError):
+        except EdgewardError:
             return
-        if answer_on is None or envelope.type == Rejected.TYPE:  # never answer an answer
+        # the same rule for every failure, malformed envelopes included (protocol.md §2.3)
+        mid = self.verifier.answerable_mid(delivery.payload)
+        if answer_on is None or mid is None:
             return
-        mid = envelope.mid
         reason = OPAQUE_REJECTION if isinstance(exc, AuthenticityError) else exc.reason
         try:
             await self.publish(Outgoing(answer_on, Rejected(in_reply_to=mid, reason=reason)))
@@ -313,6 +314,7 @@ class Runtime:
                 await bus.subscribe(topic_filter)
             self.metrics.connected.set(1)
             self._served = True
+            self.connections += 1
             self.ready.set()
             async with asyncio.TaskGroup() as group:
                 consumer = group.create_task(self._consume(bus.deliveries(), group))
