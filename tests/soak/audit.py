@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgeward_shared.ear import AttestationClaims
 from edgeward_shared.errors import EdgewardError
-from edgeward_shared.inference import verify_result_signature
+from edgeward_shared.inference import decode_body, verify_result_signature
 
 #: a certificate change seen this close to a gap's ends still explains the gap
 RENEWAL_SLACK_S = 3.0
@@ -89,6 +89,17 @@ class SeenEnvelope:
 
 
 @dataclass(frozen=True, slots=True)
+class Call:
+    """One inference call through the gateway, as the soak's client saw it."""
+
+    sent_ms: int
+    device_id: str
+    latency_ms: float
+    accepted: bool
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Violation:
     kind: str
     device_id: str
@@ -130,6 +141,12 @@ def _audit_one(
     if envelope is None:
         return [Violation("result.unobserved", device, f"{where}: no device envelope carried it")]
     found: list[Violation] = []
+    try:
+        mode = decode_body(row.body).mode
+    except EdgewardError as exc:
+        mode = exc.reason
+    if mode != "attested":  # the soak has no outage: nothing should run on an expired EAR
+        found.append(Violation("result.mode", device, f"{where}: {mode}"))
     if envelope.device_id != device:
         found.append(Violation("result.signer", device, f"{where}: signed by {envelope.device_id}"))
     cert = by_kid.get(envelope.kid)
@@ -308,6 +325,33 @@ def lost_devices(history: DeviceHistory, max_gap_s: float) -> list[Violation]:
                     "device.gap.too_long",
                     gap.device_id,
                     f"renewal gap of {gap.seconds:.1f} s > {max_gap_s} s at {gap.start_ms}",
+                )
+            )
+    return found
+
+
+def failed_calls(calls: Iterable[Call], history: DeviceHistory) -> list[Violation]:
+    """Calls not answered with an accepted result, unless a renewal gap of the called
+    device overlaps the call (from sending to the answer, with ``RENEWAL_SLACK_S``)."""
+    slack = int(RENEWAL_SLACK_S * 1000)
+    found = []
+    for call in calls:
+        if call.accepted:
+            continue
+        answered = call.sent_ms + int(call.latency_ms)
+        explained = any(
+            gap.device_id == call.device_id
+            and gap.renewal
+            and gap.start_ms - slack <= answered
+            and call.sent_ms <= gap.end_ms + slack
+            for gap in history.gaps
+        )
+        if not explained:
+            found.append(
+                Violation(
+                    "call.failed",
+                    call.device_id,
+                    f"{call.reason} after {call.latency_ms:.0f} ms, sent at {call.sent_ms}",
                 )
             )
     return found

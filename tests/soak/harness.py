@@ -19,9 +19,11 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sqlite3
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -32,8 +34,8 @@ from typing import Any
 
 from cryptography import x509
 from tests.soak.agents import AgentsSpec, write_spec
-from tests.soak.audit import AcceptedRow, IssuedCertificate
-from tests.soak.probes import OBSERVER, Call, Client, Observer, RssSampler, SeenEnvelope, now_ms
+from tests.soak.audit import AcceptedRow, Call, IssuedCertificate
+from tests.soak.probes import OBSERVER, Client, Observer, RssSampler, SeenEnvelope, now_ms
 
 from edgeward_attestation.policy import policy_from_values
 from edgeward_attestation.store import AttestationStore
@@ -115,6 +117,7 @@ class SoakRecord:
     certificates: list[IssuedCertificate] = field(default_factory=list)
     revoked_at_ms: dict[str, int] = field(default_factory=dict)
     exit_codes: dict[str, int | None] = field(default_factory=dict)
+    metrics: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     pki: PkiStore | None = None
 
 
@@ -196,14 +199,27 @@ async def provision(db_path: Path, devices: list[str]) -> None:
         await db.close()
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
 def service_argv(
-    config: SoakConfig, root: Path, pki: PkiStore, broker: MosquittoBroker, fleet: SwtpmFleet
+    config: SoakConfig,
+    root: Path,
+    pki: PkiStore,
+    broker: MosquittoBroker,
+    fleet: SwtpmFleet,
+    metrics: dict[str, int],
 ) -> dict[str, list[str]]:
-    """Each service's command line: the defaults, but for the lifetimes under test."""
+    """Each service's command line: the defaults, but for the lifetimes under test, and a
+    Prometheus port (``metrics``: service -> port) the soak reads at the end."""
     address = f"{broker.host}:{broker.port}"
     state = root / "state"
     attestation = pki.identity_files(Identity.service(ServiceName.ATTESTATION)).directory
-    return {
+    argv = {
         "identity": [
             *("-m", "edgeward_identity", "--pki-dir", str(pki.dir), "--broker", address),
             *("--db", str(state / "identity.db")),
@@ -235,6 +251,27 @@ def service_argv(
             *("--broker", address, "--state-dir", str(state / "gateway")),
         ],
     }
+    for name, args in argv.items():
+        metrics[name] = free_port()
+        args.extend(("--metrics-port", str(metrics[name])))
+    return argv
+
+
+def scrape(port: int) -> dict[str, dict[str, float]]:
+    """The runtime's counters a soak cares about, from a service's /metrics: rejected
+    messages by reason id, and reconnections (``{"rejected": {...}, "reconnects": {...}}``)."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    found: dict[str, dict[str, float]] = {"rejected": {}, "reconnects": {}}
+    for line in text.splitlines():
+        if line.startswith("edgeward_messages_rejected_total{"):
+            labels, value = line.rsplit(" ", 1)
+            reason = labels.split('reason="', 1)[1].split('"', 1)[0]
+            found["rejected"][reason] = float(value)
+        elif line.startswith("edgeward_bus_reconnects_total "):
+            found["reconnects"]["total"] = float(line.rsplit(" ", 1)[1])
+    return found
 
 
 def connected(broker: MosquittoBroker, common_name: str) -> bool:
@@ -361,7 +398,8 @@ async def _run(
     codes = record.exit_codes
     async with AsyncExitStack() as stack:
         pids = {"mosquitto": broker.pid}
-        for name, argv in service_argv(config, root, pki, broker, fleet).items():
+        ports: dict[str, int] = {}
+        for name, argv in service_argv(config, root, pki, broker, fleet, ports).items():
             process = await stack.enter_async_context(child(root, name, argv, codes))
             pids[name] = process.pid
         for service in SERVICES:
@@ -415,6 +453,11 @@ async def _run(
             stop.set()
             await asyncio.gather(*tasks)
             sampler.sample()  # a last one after the client's calls ended
+            for name, port in ports.items():
+                try:
+                    record.metrics[name] = await asyncio.to_thread(scrape, port)
+                except OSError as exc:
+                    record.metrics[name] = {"unreachable": {str(exc): 1.0}}
         record.rss, record.calls = sampler.samples, client.calls
         record.seen, record.observer_refused = observer.seen, observer.refused
         # leaving the stack stops the agents, then the services (in reverse), each by PID

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from tests.soak.audit import SeenEnvelope, digest
+from tests.soak.audit import Call, SeenEnvelope, digest
 
 from edgeward_cli.ops_client import operator_session
 from edgeward_device_agent.inference import to_tensor
@@ -165,15 +165,6 @@ class Observer:
 
 
 # ---------------------------------------------------------------------- callers
-@dataclass(frozen=True, slots=True)
-class Call:
-    sent_ms: int
-    device_id: str
-    latency_ms: float
-    accepted: bool
-    reason: str
-
-
 @dataclass
 class Client:
     pki: PkiStore

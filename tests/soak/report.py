@@ -16,6 +16,7 @@ from tests.soak.audit import Violation
 from tests.soak.harness import SoakRecord
 
 from edgeward_shared.ear import AttestationClaims, verify_ear
+from edgeward_shared.inference import decode_body
 from edgeward_shared.pki.trust import TrustStore
 
 
@@ -32,6 +33,7 @@ def judge(record: SoakRecord) -> tuple[list[Violation], dict[str, Any]]:
     )
     history = audit.serving_gaps(record.status, record.devices, record.started_ms, record.ended_ms)
     violations += audit.lost_devices(history, config.max_gap_s)
+    violations += audit.failed_calls(record.calls, history)
     violations += audit.silent_devices(
         record.accepted, record.devices, record.started_ms, record.ended_ms, config.max_silence_s
     )
@@ -41,6 +43,9 @@ def judge(record: SoakRecord) -> tuple[list[Violation], dict[str, Any]]:
         record.rss, (warm, warm + window), (record.ended_ms - window, record.ended_ms + 5000)
     )
     violations += missing + audit.grown(drifts, config.rss_tolerance)
+    for name, counters in record.metrics.items():
+        if counters.get("reconnects", {}).get("total", 0) or "unreachable" in counters:
+            violations.append(Violation("service.connection", name, str(counters)))
     for name, code in record.exit_codes.items():
         if code is not None:  # every process must still have been running at the end
             violations.append(Violation("process.exited", name, f"exit status {code}"))
@@ -82,6 +87,7 @@ def summarize(
             "accepted_steady": len(steady),
             "by_source": dict(Counter(row.source for row in steady)),
             "rejected_by_reason": record.rejections,
+            "by_mode": dict(Counter(decode_body(row.body).mode for row in record.accepted)),
             "observed_envelopes": len(record.seen),
             "observer_refused": record.observer_refused,
         },
@@ -91,6 +97,9 @@ def summarize(
             "by_reason": dict(Counter(c.reason for c in record.calls)),
             "p50_ms": _round(audit.percentile(latencies, 0.50)),
             "p99_ms": _round(audit.percentile(latencies, 0.99)),
+        },
+        "services_rejected": {
+            name: counters.get("rejected", {}) for name, counters in record.metrics.items()
         },
         "rss_kb": {
             d.process: {"start": d.start_kb, "end": d.end_kb, "change": round(d.change, 4)}
@@ -138,7 +147,8 @@ def text(summary: dict[str, Any]) -> str:
         f"  calls {calls['accepted']}/{calls['sent']} accepted, p50 {calls['p50_ms']} ms,"
         f" p99 {calls['p99_ms']} ms, {calls['by_reason']}"
     )
-    lines = [head, renewed, accepted, called]
+    rejected = {name: r for name, r in summary["services_rejected"].items() if r}
+    lines = [head, renewed, accepted, called, f"  services rejected {rejected}"]
     for name, rss in summary["rss_kb"].items():
         lines.append(
             f"  rss {name:<20} {rss['start']:>8} kB -> {rss['end']:>8} kB ({rss['change']:+.1%})"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 import jwt
 import pytest
@@ -21,7 +21,8 @@ from tests.soak.audit import AcceptedRow, IssuedCertificate, SeenEnvelope
 from edgeward_shared.clock import from_datetime
 from edgeward_shared.ear import AttestationClaims, Status, issue_ear, verify_ear
 from edgeward_shared.identity import Identity, ServiceName
-from edgeward_shared.inference import sign_result
+from edgeward_shared.inference import encode_body, sign_result
+from edgeward_shared.messages.infer import ResultBody, Tensor
 from edgeward_shared.testing import MemoryPki
 
 DEVICE = "soak-000"
@@ -56,7 +57,26 @@ class Scenario:
         )
         return issue_ear(self.attestation, replace(claims, **changes))
 
-    def row(self, body: bytes = b'{"seq":1}', **changes: Any) -> AcceptedRow:
+    def body(self, mode: Literal["attested", "degraded"] = "attested") -> bytes:
+        return encode_body(
+            ResultBody(
+                device=DEVICE,
+                model="soak-classifier",
+                version=1,
+                model_digest="cd" * 32,
+                result_id="r1",
+                input_digest="ef" * 32,
+                seq=1,
+                at_ms=self.t,
+                source="request",
+                request="01" * 16,
+                mode=mode,
+                outputs=[Tensor(name="scores", dtype="float32", shape=[1], data=bytes(4))],
+            )
+        )
+
+    def row(self, body: bytes | None = None, **changes: Any) -> AcceptedRow:
+        body = self.body() if body is None else body
         fields: dict[str, Any] = {
             "device_id": DEVICE,
             "seq": 1,
@@ -156,7 +176,7 @@ def test_ear_expired_for_another_device_not_affirming_or_not_the_signing_key(
     late = scenario.row(accepted_at_ms=scenario.t + 60_000)
     assert "result.ear.expired" in scenario.kinds(late, scenario.seen(late))
     stranger = ec.generate_private_key(ec.SECP256R1())
-    forged = scenario.row(session_sig=sign_result(b'{"seq":1}', stranger))
+    forged = scenario.row(session_sig=sign_result(scenario.body(), stranger))
     assert scenario.kinds(forged, scenario.seen(forged)) == ["result.ear.cnf"]
     by_someone_else = scenario.pki.signing_key(Identity.device("soak-009"))
     # the same claims, signed by a device's key rather than the attestation service's
@@ -169,6 +189,34 @@ def test_ear_expired_for_another_device_not_affirming_or_not_the_signing_key(
 def test_a_result_signed_by_another_device_is_reported(scenario: Scenario) -> None:
     row = scenario.row()
     assert "result.signer" in scenario.kinds(row, scenario.seen(row, device_id="soak-001"))
+
+
+def test_a_degraded_or_malformed_result_is_reported(scenario: Scenario) -> None:
+    degraded = scenario.row(scenario.body("degraded"))
+    assert scenario.kinds(degraded, scenario.seen(degraded)) == ["result.mode"]
+    malformed = scenario.row(b'{"seq":1}')
+    assert scenario.kinds(malformed, scenario.seen(malformed)) == ["result.mode"]
+
+
+def test_a_failed_call_is_allowed_only_during_a_renewal_gap_of_its_device() -> None:
+    gaps = audit.DeviceHistory(
+        gaps=[
+            audit.Gap(DEVICE, 60_000, 62_000, renewal=True, closed=True),
+            audit.Gap("soak-001", 60_000, 62_000, renewal=False, closed=True),
+        ]
+    )
+
+    def failed(device: str, sent_s: float, latency_ms: float = 5000.0) -> list[str]:
+        call = audit.Call(int(sent_s * 1000), device, latency_ms, False, "infer.device.unreachable")
+        return [v.kind for v in audit.failed_calls([call], gaps)]
+
+    assert failed(DEVICE, 61) == []
+    assert failed(DEVICE, 56) == []  # in flight when the gap began
+    assert failed(DEVICE, 30) == ["call.failed"]
+    assert failed(DEVICE, 66) == ["call.failed"]
+    assert failed("soak-001", 61) == ["call.failed"]  # a gap, but no renewal in it
+    ok = audit.Call(30_000, DEVICE, 9.0, True, "infer.result.accepted")
+    assert audit.failed_calls([ok], gaps) == []
 
 
 # ---------------------------------------------------------------------- devices
