@@ -244,25 +244,36 @@ class Gap:
 @dataclass(frozen=True, slots=True)
 class DeviceHistory:
     gaps: list[Gap] = field(default_factory=list)
-    renewals: dict[str, int] = field(default_factory=dict)  # device -> certificate changes
+    #: device -> the first sample showing each new certificate
+    changes: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def renewals(self) -> dict[str, int]:
+        return {device: len(moments) for device, moments in self.changes.items()}
 
 
-def serving(item: Mapping[str, Any]) -> bool:
-    return bool(item.get("attested")) and bool(item.get("connected"))
+def serving(item: Mapping[str, Any], model: str | None = None) -> bool:
+    """Connected, attested and (if ``model``) running the model: able to answer a call."""
+    loaded = model is None or model in item.get("loaded", ())
+    return bool(item.get("attested")) and bool(item.get("connected")) and loaded
 
 
 def serving_gaps(
-    samples: Sequence[Mapping[str, Any]], devices: Iterable[str], start_ms: int, end_ms: int
+    samples: Sequence[Mapping[str, Any]],
+    devices: Iterable[str],
+    start_ms: int,
+    end_ms: int,
+    model: str | None = None,
 ) -> DeviceHistory:
-    """Stretches in [start_ms, end_ms] in which a device was not serving, and how often each
-    device's certificate changed there. ``samples`` are the agents' status lines, in order."""
+    """Stretches in [start_ms, end_ms] in which a device was not serving (:func:`serving`),
+    and when its certificate changed. ``samples`` are the agents' status lines, in order."""
     window = [s for s in samples if start_ms <= int(s["t_ms"]) <= end_ms]
     history = DeviceHistory()
     for device in devices:
         points = [(int(s["t_ms"]), s["devices"].get(device, {})) for s in window]
         changes = _certificate_changes(points)
-        history.renewals[device] = len(changes)
-        history.gaps.extend(_gaps(device, points, changes, end_ms))
+        history.changes[device] = changes
+        history.gaps.extend(_gaps(device, points, changes, end_ms, model))
     return history
 
 
@@ -283,6 +294,7 @@ def _gaps(
     points: Sequence[tuple[int, Mapping[str, Any]]],
     changes: Sequence[int],
     end_ms: int,
+    model: str | None,
 ) -> list[Gap]:
     gaps, opened = [], None
     slack = int(RENEWAL_SLACK_S * 1000)
@@ -293,7 +305,7 @@ def _gaps(
         return Gap(device, opened, stop, renewal, closed)
 
     for t_ms, item in points:
-        if not serving(item):
+        if not serving(item, model):
             opened = t_ms if opened is None else opened
         elif opened is not None:
             gaps.append(close(t_ms, closed=True))
@@ -331,8 +343,10 @@ def lost_devices(history: DeviceHistory, max_gap_s: float) -> list[Violation]:
 
 
 def failed_calls(calls: Iterable[Call], history: DeviceHistory) -> list[Violation]:
-    """Calls not answered with an accepted result, unless a renewal gap of the called
-    device overlaps the call (from sending to the answer, with ``RENEWAL_SLACK_S``)."""
+    """Calls not answered with an accepted result, unless the called device renewed around
+    the call: a renewal gap overlaps it (from sending to the answer), or a new certificate
+    shows up within ``RENEWAL_SLACK_S`` of it (a gap shorter than the status period is not
+    sampled)."""
     slack = int(RENEWAL_SLACK_S * 1000)
     found = []
     for call in calls:
@@ -345,6 +359,9 @@ def failed_calls(calls: Iterable[Call], history: DeviceHistory) -> list[Violatio
             and gap.start_ms - slack <= answered
             and call.sent_ms <= gap.end_ms + slack
             for gap in history.gaps
+        ) or any(
+            call.sent_ms - slack <= moment <= answered + slack
+            for moment in history.changes.get(call.device_id, ())
         )
         if not explained:
             found.append(

@@ -109,6 +109,7 @@ class SoakRecord:
     bring_up_s: float = 0.0
     status: list[dict[str, Any]] = field(default_factory=list)
     rss: list[tuple[int, dict[str, int]]] = field(default_factory=list)
+    worker_processes: int = 0
     calls: list[Call] = field(default_factory=list)
     seen: dict[str, SeenEnvelope] = field(default_factory=dict)
     observer_refused: dict[str, int] = field(default_factory=dict)
@@ -459,6 +460,7 @@ async def _run(
                 except OSError as exc:
                     record.metrics[name] = {"unreachable": {str(exc): 1.0}}
         record.rss, record.calls = sampler.samples, client.calls
+        record.worker_processes = len(sampler.worker_pids)
         record.seen, record.observer_refused = observer.seen, observer.refused
         # leaving the stack stops the agents, then the services (in reverse), each by PID
     record.status = read_status(status_path)

@@ -2,8 +2,8 @@
 
 * :class:`RssSampler`: ``VmRSS`` of every process of the run, from ``/proc/<pid>/status``,
   every few seconds; the device agents' process's descendants (the models' sandboxed
-  workers) are found anew at each sample, so a worker that is replaced shows up as a new
-  process and the old one as missing.
+  workers) are found anew at each sample and counted as one figure, their sum (a worker
+  is replaced when its device renews), beside the number of workers ever seen.
 * :class:`Observer`: a second instance of the inference gateway's identity
   (``svc.inference-gateway.2``, same broker rights) subscribed without sharing to every
   device's ``up/infer``: it verifies each device envelope and notes which certificate signed
@@ -84,6 +84,8 @@ class RssSampler:
     processes: dict[str, int]
     parent_of_workers: str | None = None
     samples: list[tuple[int, dict[str, int]]] = field(default_factory=list)
+    #: every sandboxed worker seen (a renewal or a crash replaces them)
+    worker_pids: set[int] = field(default_factory=set)
 
     def sample(self) -> None:
         values: dict[str, int] = {}
@@ -92,10 +94,15 @@ class RssSampler:
             if kb is not None:
                 values[name] = kb
         if self.parent_of_workers is not None:
+            # one figure for all: workers come and go (a renewal restarts them), so their
+            # sum is what can be compared over time; how many there were is kept aside
+            total = 0
             for pid in descendants(self.processes[self.parent_of_workers]):
                 kb = rss_kb(pid)
                 if kb is not None:
-                    values[f"worker.{pid}"] = kb
+                    total += kb
+                    self.worker_pids.add(pid)
+            values["workers"] = total
         self.samples.append((now_ms(), values))
 
     async def run(self, period_s: float, stop: asyncio.Event) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from tests.soak import audit
 from tests.soak.audit import Violation
-from tests.soak.harness import SoakRecord
+from tests.soak.harness import MODEL, SoakRecord
 
 from edgeward_shared.ear import AttestationClaims, verify_ear
 from edgeward_shared.inference import decode_body
@@ -31,7 +31,9 @@ def judge(record: SoakRecord) -> tuple[list[Violation], dict[str, Any]]:
     violations = audit.audit_results(
         record.accepted, record.seen, record.certificates, record.revoked_at_ms, verify
     )
-    history = audit.serving_gaps(record.status, record.devices, record.started_ms, record.ended_ms)
+    history = audit.serving_gaps(
+        record.status, record.devices, record.started_ms, record.ended_ms, MODEL
+    )
     violations += audit.lost_devices(history, config.max_gap_s)
     violations += audit.failed_calls(record.calls, history)
     violations += audit.silent_devices(
@@ -63,7 +65,6 @@ def summarize(
     ]
     answered = [c for c in record.calls if c.accepted]
     latencies = [c.latency_ms for c in answered]
-    workers = [d for d in drifts if d.process.startswith("worker.")]
     renewals = list(history.renewals.values())
     minutes = (record.ended_ms - record.started_ms) / 60_000
     return {
@@ -104,14 +105,8 @@ def summarize(
         "rss_kb": {
             d.process: {"start": d.start_kb, "end": d.end_kb, "change": round(d.change, 4)}
             for d in drifts
-            if not d.process.startswith("worker.")
         },
-        "workers": {
-            "count": len(workers),
-            "start_kb_total": sum(d.start_kb for d in workers),
-            "end_kb_total": sum(d.end_kb for d in workers),
-            "max_change": round(max((abs(d.change) for d in workers), default=0.0), 4),
-        },
+        "worker_processes_seen": record.worker_processes,
         "violations": [str(v) for v in violations[:50]],
         "violation_count": len(violations),
     }
@@ -153,10 +148,9 @@ def text(summary: dict[str, Any]) -> str:
         lines.append(
             f"  rss {name:<20} {rss['start']:>8} kB -> {rss['end']:>8} kB ({rss['change']:+.1%})"
         )
-    workers = summary["workers"]
     lines.append(
-        f"  rss {workers['count']} sandboxed workers {workers['start_kb_total']} kB ->"
-        f" {workers['end_kb_total']} kB (largest change {workers['max_change']:.1%})"
+        f"  ('workers': the sum over the sandboxed workers; {summary['worker_processes_seen']}"
+        " worker processes seen in all)"
     )
     lines.append(f"  violations: {summary['violation_count']}")
     lines.extend(f"    {v}" for v in summary["violations"][:15])

@@ -203,7 +203,8 @@ def test_a_failed_call_is_allowed_only_during_a_renewal_gap_of_its_device() -> N
         gaps=[
             audit.Gap(DEVICE, 60_000, 62_000, renewal=True, closed=True),
             audit.Gap("soak-001", 60_000, 62_000, renewal=False, closed=True),
-        ]
+        ],
+        changes={DEVICE: [61_000], "soak-001": [], "soak-002": [120_500]},
     )
 
     def failed(device: str, sent_s: float, latency_ms: float = 5000.0) -> list[str]:
@@ -215,13 +216,16 @@ def test_a_failed_call_is_allowed_only_during_a_renewal_gap_of_its_device() -> N
     assert failed(DEVICE, 30) == ["call.failed"]
     assert failed(DEVICE, 66) == ["call.failed"]
     assert failed("soak-001", 61) == ["call.failed"]  # a gap, but no renewal in it
+    # a renewal too short for the status samples to show a gap still explains a failure
+    assert failed("soak-002", 120, latency_ms=10) == []
+    assert failed("soak-002", 130, latency_ms=10) == ["call.failed"]
     ok = audit.Call(30_000, DEVICE, 9.0, True, "infer.result.accepted")
     assert audit.failed_calls([ok], gaps) == []
 
 
 # ---------------------------------------------------------------------- devices
 def status(t_ms: int, serving: bool, cert: int) -> dict[str, Any]:
-    item = {"attested": serving, "connected": True, "cert_not_after_ms": cert}
+    item = {"attested": serving, "connected": True, "cert_not_after_ms": cert, "loaded": ["m"]}
     return {"t_ms": t_ms, "devices": {DEVICE: item}}
 
 
@@ -240,6 +244,14 @@ def test_a_short_gap_around_a_renewal_is_allowed() -> None:
     assert lost(samples, 99) == []
     history = audit.serving_gaps(samples, [DEVICE], 0, 99_000)
     assert history.renewals == {DEVICE: 1}
+
+
+def test_a_device_without_its_model_is_not_serving() -> None:
+    samples = timeline((0, True, 1), (10, True, 1), (20, True, 1), (99, True, 1))
+    samples[1]["devices"][DEVICE]["loaded"] = []
+    history = audit.serving_gaps(samples, [DEVICE], 0, 99_000, model="m")
+    assert [(g.start_ms, g.end_ms, g.renewal) for g in history.gaps] == [(10_000, 20_000, False)]
+    assert audit.serving_gaps(samples, [DEVICE], 0, 99_000).gaps == []  # no model asked
 
 
 def test_a_gap_without_a_renewal_a_long_one_and_a_device_gone_are_lost() -> None:
@@ -263,14 +275,14 @@ def test_a_device_the_gateway_stops_hearing_from_is_silent(scenario: Scenario) -
 # ---------------------------------------------------------------------- memory
 def test_rss_more_than_ten_percent_off_either_way_or_a_vanished_process_is_reported() -> None:
     samples = [
-        (0, {"gateway": 100_000, "agents": 200_000, "worker.7": 50_000}),
-        (1000, {"gateway": 100_000, "agents": 200_000, "worker.7": 50_000}),
-        (9000, {"gateway": 111_000, "agents": 209_000, "worker.8": 50_000}),
+        (0, {"gateway": 100_000, "agents": 200_000, "revocation": 50_000}),
+        (1000, {"gateway": 100_000, "agents": 200_000, "revocation": 50_000}),
+        (9000, {"gateway": 111_000, "agents": 209_000, "identity": 50_000}),
     ]
     drifts, missing = audit.rss_drift(samples, (0, 1000), (9000, 9000))
     assert {(v.kind, v.device_id) for v in missing} == {
-        ("process.missing", "worker.7"),
-        ("process.missing", "worker.8"),
+        ("process.missing", "revocation"),
+        ("process.missing", "identity"),
     }
     assert [v.device_id for v in audit.grown(drifts, 0.10)] == ["gateway"]
     shrunk = [(0, {"gateway": 100_000}), (9000, {"gateway": 80_000})]
