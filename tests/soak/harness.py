@@ -118,6 +118,7 @@ class SoakRecord:
     certificates: list[IssuedCertificate] = field(default_factory=list)
     revoked_at_ms: dict[str, int] = field(default_factory=dict)
     exit_codes: dict[str, int | None] = field(default_factory=dict)
+    stop_codes: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     pki: PkiStore | None = None
 
@@ -125,10 +126,15 @@ class SoakRecord:
 # ---------------------------------------------------------------------- processes
 @asynccontextmanager
 async def child(
-    root: Path, name: str, argv: list[str], codes: dict[str, int | None]
+    root: Path,
+    name: str,
+    argv: list[str],
+    codes: dict[str, int | None],
+    stopped: dict[str, int],
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """``python argv...`` with its output in ``logs/<name>.log``; SIGTERM by PID on exit,
-    SIGKILL if it has not stopped in 15 s. Its exit status lands in ``codes[name]``."""
+    SIGKILL if it has not stopped in 15 s. ``codes[name]``: its exit status when the block
+    ended (None: still running, as it should be); ``stopped[name]``: after the SIGTERM."""
     (root / "logs").mkdir(exist_ok=True)
     with (root / "logs" / f"{name}.log").open("ab") as log:
         process = await asyncio.create_subprocess_exec(
@@ -141,7 +147,7 @@ async def child(
             if process.returncode is None:
                 process.send_signal(signal.SIGTERM)
                 try:
-                    await asyncio.wait_for(process.wait(), 15)
+                    stopped[name] = await asyncio.wait_for(process.wait(), 15)
                 except TimeoutError:
                     process.kill()
                     await process.wait()
@@ -396,12 +402,12 @@ async def _run(
     config, devices = record.config, record.devices
     address = BrokerAddress(broker.host, broker.port)
     status_path = root / "agents-status.jsonl"
-    codes = record.exit_codes
+    codes, stops = record.exit_codes, record.stop_codes
     async with AsyncExitStack() as stack:
         pids = {"mosquitto": broker.pid}
         ports: dict[str, int] = {}
         for name, argv in service_argv(config, root, pki, broker, fleet, ports).items():
-            process = await stack.enter_async_context(child(root, name, argv, codes))
+            process = await stack.enter_async_context(child(root, name, argv, codes, stops))
             pids[name] = process.pid
         for service in SERVICES:
             cn = Identity.service(service).common_name
@@ -427,7 +433,7 @@ async def _run(
         )
         write_spec(spec, root / "agents-spec.json")
         agents = await stack.enter_async_context(
-            child(root, "agents", [str(AGENTS), str(root / "agents-spec.json")], codes)
+            child(root, "agents", [str(AGENTS), str(root / "agents-spec.json")], codes, stops)
         )
         pids["agents"] = agents.pid
         await until(

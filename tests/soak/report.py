@@ -107,6 +107,7 @@ def summarize(
             for d in drifts
         },
         "worker_processes_seen": record.worker_processes,
+        "exit_after_sigterm": record.stop_codes,
         "violations": [str(v) for v in violations[:50]],
         "violation_count": len(violations),
     }

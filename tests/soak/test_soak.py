@@ -26,8 +26,6 @@ import pytest
 from tests.soak.harness import SoakConfig, run_soak
 from tests.soak.report import judge, text, write
 
-pytestmark = [pytest.mark.tpm, pytest.mark.broker, pytest.mark.slow]
-
 #: Device certificates' lifetime. Two minutes is the issue's figure, and needs devices that
 #: renew (at half-life): without renewal a device dies when its certificate expires, and the
 #: soak says so. Until renewal is merged, a lifetime longer than the run checks the harness.
@@ -48,11 +46,14 @@ def soak(config: SoakConfig, tmp_path: Path) -> None:
     assert not violations, report
 
 
+@pytest.mark.tpm
+@pytest.mark.broker
+@pytest.mark.slow
 def test_soak_three_minutes(tmp_path: Path) -> None:
     soak(THREE_MINUTES, tmp_path)
 
 
-@pytest.mark.soak
+@pytest.mark.soak  # only: `-m "broker or tpm"` (make integration) must not pick it up
 def test_soak_ten_minutes(tmp_path: Path) -> None:
     minutes = float(os.environ.get("EDGEWARD_SOAK_MINUTES", "10"))
     soak(replace(TEN_MINUTES, duration_s=max(600.0, minutes * 60)), tmp_path)
