@@ -50,6 +50,8 @@ from edgeward_shared.bindings import (
     QUALIFYING_DATA_TAG,
     enrollment_proof,
     qualifying_data,
+    renewal_digest,
+    sign_renewal,
 )
 from edgeward_shared.clock import to_datetime
 from edgeward_shared.command_log import CommandRecord, command_digest, encode_record
@@ -337,6 +339,73 @@ class Kit:
         return mid
 
 
+def renewal_examples(
+    kit: Kit, issuing: Issuer, ear: str, session_key: ec.EllipticCurvePrivateKey
+) -> None:
+    """The device renews (a new key, the EAR, the session key's binding over the next
+    envelope's mid), runs on the new certificate and says so; the identity service settles
+    and announces it (protocol.md 5.5)."""
+    cert_up = device_topic(DEVICE, Direction.UP, Channel.CERT)
+    cert_down = device_topic(DEVICE, Direction.DOWN, Channel.CERT)
+    new_key_ = new_key()
+    csr = make_csr(new_key_, DEVICE)
+    next_mid = hashlib.sha256(f"conformance mid {kit.counter + 1}".encode()).hexdigest()[:32]
+    at_ms = kit.now + 1000  # the next tick: the request envelope's iat
+    digest = renewal_digest(DEVICE, csr, next_mid, at_ms)
+    renew_mid = kit.emit(
+        DEVICE,
+        cert_up,
+        identity.RenewCertificate(
+            csr=csr, ear=ear, at_ms=at_ms, binding=sign_renewal(session_key, digest)
+        ),
+        section="5.5",
+        notes={"renewal digest (hex)": digest.hex(), "binding signed by": "pki/session.key.pem"},
+    )
+    if renew_mid != next_mid:
+        raise RuntimeError("the kit's mids are not what the binding assumed")
+    old = kit.keys[DEVICE]
+    renewed_cert = make_leaf(
+        issuing,
+        Identity.device(DEVICE),
+        new_key_.public_key(),
+        org=ORG,
+        now=to_datetime(kit.now),
+        lifetime=timedelta(hours=24),
+    )
+    old_serial = f"{x509.load_der_x509_certificate(old.cert_der).serial_number:x}"
+    new_serial = f"{renewed_cert.serial_number:x}"
+    kit.keys[DEVICE] = SigningKey.from_pair(new_key_, renewed_cert)  # signs "in use" only
+    in_use_mid = kit.emit(
+        DEVICE,
+        cert_up,
+        identity.CertificateInUse(serial=new_serial, previous=old_serial),
+        section="5.5",
+        notes={"signed with the renewed certificate (PEM)": pem(renewed_cert).decode()},
+    )
+    kit.keys[DEVICE] = old
+    kit.emit(
+        "svc.identity",
+        cert_down,
+        identity.RenewalSettled(
+            in_reply_to=in_use_mid,
+            previous=old_serial,
+            job_id=hashlib.sha256(b"conformance revocation job").hexdigest()[:32],
+        ),
+        section="5.5",
+    )
+    kit.emit(
+        "svc.identity",
+        service_event_topic(ServiceName.IDENTITY, "renewed"),
+        identity.CertificateRenewed(
+            device_id=DEVICE,
+            serial=new_serial,
+            previous=old_serial,
+            not_after_ms=int(renewed_cert.not_valid_after_utc.timestamp() * 1000),
+        ),
+        section="5.5",
+    )
+
+
 def make_pki(start_ms: int) -> tuple[Issuer, Issuer]:
     now, lifetime = to_datetime(start_ms), timedelta(days=3650)
     root_key, issuing_key = new_key(), new_key()
@@ -526,6 +595,7 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path) -> None:
             result_id=result_id,
             issued_at=ear_iat,
             expires_at=ear_iat + 600,
+            device_class=DEVICE_CLASS,
         ),
     )
     kit.emit(
@@ -552,6 +622,9 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path) -> None:
     attestation_doc = attestation_walkthrough(
         nonce, session_key, session_der, qd, quote, golden, ak_public, expires
     )
+
+    # ------------------------------------------------------------------ renewal (5.5, ADR 15)
+    renewal_examples(kit, issuing, ear, session_key)
 
     # ------------------------------------------------------------------ health, rejected
     kit.emit(

@@ -38,18 +38,16 @@ from edgeward_model_distribution.service import (
 from edgeward_model_distribution.store import ModelStore
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.clock import Clock
-from edgeward_shared.errors import ConfigError, PolicyError
+from edgeward_shared.errors import PolicyError
 from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.logs import fields
 from edgeward_shared.models.reasons import ModelReason
-from edgeward_shared.pki.store import IdentityFiles
 from edgeward_shared.revocation import RevocationView
 from edgeward_shared.runtime.core import Connect, Outgoing, OutgoingFrame, Runtime
 from edgeward_shared.runtime.health import answer_pings
-from edgeward_shared.runtime.node import NodeConfig, build_runtime, run_until_signalled
+from edgeward_shared.runtime.node import NodeConfig, build_node, run_until_signalled
 from edgeward_shared.runtime.revocations import RevocationFollower
 from edgeward_shared.storage import SqliteDatabase
-from edgeward_shared.tls import check_key_permissions
 from edgeward_shared.topics import ROOT, shared_subscription
 
 log = logging.getLogger("edgeward.model-distribution")
@@ -179,13 +177,7 @@ async def models_node(
     """A runtime serving the distribution service, its bus factory and the service; the
     state is closed at the end. Raises ``ConfigError`` before anything runs if the files
     are not right."""
-    check_key_permissions(IdentityFiles(config.identity_dir).key)
-    runtime, connect = build_runtime(config.node_config(), clock)
-    if runtime.identity.principal != SERVICE:
-        raise ConfigError(
-            "config.identity.wrong_service",
-            f"{config.identity_dir} holds {runtime.identity}, not an instance of {SERVICE}",
-        )
+    runtime, connect = build_node(config.node_config(), SERVICE, clock)
     async with open_state(config.state_dir) as state:
         follower = RevocationFollower(
             config.state_dir, required=config.settings.require_revocations

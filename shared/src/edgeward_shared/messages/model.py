@@ -17,8 +17,8 @@ import msgspec
 
 from edgeward_shared.messages.base import Message
 from edgeward_shared.messages.common import MessageId, ReasonId
+from edgeward_shared.messages.model_types import Hex64, ModelName, Tier, Version
 from edgeward_shared.messages.registry import DeviceId
-from edgeward_shared.models.provenance import Hex64, ModelName, Tier, Version
 
 UploadId = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}$")]
 #: Upload chunks travel inside envelopes (base64 twice): 96 KiB keeps one under 256 KiB.

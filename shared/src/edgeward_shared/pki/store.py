@@ -284,6 +284,7 @@ class PkiStore:
         lifetime: timedelta,
         *,
         replace: bool = False,
+        overlap: bool = False,
     ) -> x509.Certificate:
         """Issue a certificate for ``identity`` over a key the CA did not generate.
 
@@ -291,13 +292,15 @@ class PkiStore:
         ``check_device_csr``); the private key stays with its holder, so nothing is written
         under ``identities/``. The certificate is recorded in ``issued.jsonl`` as
         :meth:`issue` records it, under the same rule: one valid certificate per identity,
-        an existing one refused unless ``replace``, which revokes it ("superseded") first.
+        an existing one refused unless ``replace``, which revokes it ("superseded") first,
+        or ``overlap`` (a renewal), which leaves it valid beside the new one: the renewer has
+        it revoked through the revocation plane once the new one is in use (ADR 0015).
 
         Like every method here this takes no lock: callers that may run concurrently (several
         service instances on one PKI directory) serialize their calls themselves.
         """
         self.require()
-        existing = self.current(identity, now)
+        existing = [] if overlap else self.current(identity, now)
         if existing and not replace:
             raise ConfigError(
                 "config.pki.identity_exists",

@@ -19,11 +19,14 @@ from edgeward_shared.bus.base import Bus
 from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings, connect_mqtt
 from edgeward_shared.clock import Clock, SystemClock, to_datetime
 from edgeward_shared.envelope import EnvelopeVerifier, SigningKey, VerifyPolicy
+from edgeward_shared.errors import ConfigError
+from edgeward_shared.identity import Identity
 from edgeward_shared.pki.store import IdentityFiles, PkiStore
 from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.runtime.core import Connect, Runtime
 from edgeward_shared.runtime.metrics import RuntimeMetrics
+from edgeward_shared.tls import check_key_permissions
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +74,25 @@ def build_runtime(
         async with connect_mqtt(settings) as bus:
             yield bus
 
+    return runtime, connect
+
+
+def build_node(
+    config: NodeConfig,
+    principal: Identity,
+    clock: Clock | None = None,
+    policy: VerifyPolicy | None = None,
+) -> tuple[Runtime, Connect]:
+    """The runtime of one instance of ``principal`` (``svc.x`` or ``svc.x.<n>``) and its bus
+    factory, after the checks every service makes before it starts: its private key is 0600
+    and its certificate names an instance of ``principal``. ``ConfigError`` otherwise."""
+    check_key_permissions(IdentityFiles(config.identity_dir).key)
+    runtime, connect = build_runtime(config, clock, policy)
+    if runtime.identity.principal != principal:
+        raise ConfigError(
+            "config.identity.wrong_service",
+            f"{config.identity_dir} holds {runtime.identity}, not an instance of {principal}",
+        )
     return runtime, connect
 
 
