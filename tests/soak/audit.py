@@ -264,16 +264,23 @@ def serving_gaps(
     start_ms: int,
     end_ms: int,
     model: str | None = None,
+    settle_ms: int = 0,
 ) -> DeviceHistory:
-    """Stretches in [start_ms, end_ms] in which a device was not serving (:func:`serving`),
-    and when its certificate changed. ``samples`` are the agents' status lines, in order."""
-    window = [s for s in samples if start_ms <= int(s["t_ms"]) <= end_ms]
+    """Stretches beginning in [start_ms, end_ms] in which a device was not serving
+    (:func:`serving`), and when its certificate changed. ``samples`` are the agents' status
+    lines, in order; those of the ``settle_ms`` after the end only tell how a stretch open at
+    the end ended (a renewal may be under way when the clock stops)."""
+    window = [s for s in samples if start_ms <= int(s["t_ms"]) <= end_ms + settle_ms]
     history = DeviceHistory()
     for device in devices:
         points = [(int(s["t_ms"]), s["devices"].get(device, {})) for s in window]
         changes = _certificate_changes(points)
         history.changes[device] = changes
-        history.gaps.extend(_gaps(device, points, changes, end_ms, model))
+        if not points:  # never heard of
+            history.gaps.append(Gap(device, start_ms, end_ms, renewal=False, closed=False))
+            continue
+        gaps = _gaps(device, points, changes, end_ms + settle_ms, model)
+        history.gaps.extend(gap for gap in gaps if gap.start_ms <= end_ms)
     return history
 
 
@@ -293,7 +300,7 @@ def _gaps(
     device: str,
     points: Sequence[tuple[int, Mapping[str, Any]]],
     changes: Sequence[int],
-    end_ms: int,
+    last_ms: int,
     model: str | None,
 ) -> list[Gap]:
     gaps, opened = [], None
@@ -310,9 +317,8 @@ def _gaps(
         elif opened is not None:
             gaps.append(close(t_ms, closed=True))
             opened = None
-    if opened is not None or not points:
-        opened = opened if opened is not None else end_ms
-        gaps.append(close(end_ms, closed=False))
+    if opened is not None:
+        gaps.append(close(last_ms, closed=False))
     return gaps
 
 

@@ -32,7 +32,12 @@ def judge(record: SoakRecord) -> tuple[list[Violation], dict[str, Any]]:
         record.accepted, record.seen, record.certificates, record.revoked_at_ms, verify
     )
     history = audit.serving_gaps(
-        record.status, record.devices, record.started_ms, record.ended_ms, MODEL
+        record.status,
+        record.devices,
+        record.started_ms,
+        record.ended_ms,
+        MODEL,
+        settle_ms=int((config.max_gap_s + 2) * 1000),
     )
     violations += audit.lost_devices(history, config.max_gap_s)
     violations += audit.failed_calls(record.calls, history)

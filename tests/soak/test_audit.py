@@ -246,6 +246,18 @@ def test_a_short_gap_around_a_renewal_is_allowed() -> None:
     assert history.renewals == {DEVICE: 1}
 
 
+def test_a_renewal_under_way_when_the_clock_stops_is_judged_by_how_it_ends() -> None:
+    ends_well = timeline((0, True, 1), (98, False, 2), (99, False, 2), (103, True, 2))
+    history = audit.serving_gaps(ends_well, [DEVICE], 0, 99_000, settle_ms=15_000)
+    assert audit.lost_devices(history, 15.0) == []
+    never = timeline((0, True, 1), (98, False, 2), (99, False, 2), (114, False, 2))
+    history = audit.serving_gaps(never, [DEVICE], 0, 99_000, settle_ms=15_000)
+    assert [v.kind for v in audit.lost_devices(history, 15.0)] == ["device.lost"]
+    # a stretch that begins after the end is not the steady phase's
+    later = timeline((0, True, 1), (99, True, 1), (105, False, 1), (110, False, 1))
+    assert audit.serving_gaps(later, [DEVICE], 0, 99_000, settle_ms=15_000).gaps == []
+
+
 def test_a_device_without_its_model_is_not_serving() -> None:
     samples = timeline((0, True, 1), (10, True, 1), (20, True, 1), (99, True, 1))
     samples[1]["devices"][DEVICE]["loaded"] = []
