@@ -36,7 +36,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 from cryptography import x509
 
@@ -82,6 +82,8 @@ from edgeward_shared.tls import TlsIdentity
 from edgeward_shared.topics import Channel, Direction, device_topic
 
 log = logging.getLogger("edgeward.agent")
+#: Certificates renew at ``cert_renew_fraction`` x (1 - SPREAD x rand) of their lifetime.
+CERT_RENEW_SPREAD: Final = 0.2
 T = TypeVar("T")
 #: How a run phase ended: stopped, switched to a renewed certificate, or expired.
 PhaseEnd = Literal["stopped", "renewed", "expired"]
@@ -569,6 +571,9 @@ class DeviceAgent:
         backoff); end the phase when it expires without a renewal."""
         delays = retry_delays(self.config.policy, self._rand)
         retry_at = 0
+        # spread a fleet enrolled together: each certificate renews somewhere in the last
+        # fifth before its fraction, drawn once, so devices do not renew in lockstep
+        fraction = self.config.policy.cert_renew_fraction * (1.0 - CERT_RENEW_SPREAD * self._rand())
         while not stop.is_set() and not self._phase_end.is_set():
             certificate, now = self._certificate, self._clock.now_ms()
             if certificate is None:
@@ -576,7 +581,6 @@ class DeviceAgent:
             if self._expired(certificate):
                 self._end_phase("expired")
                 return
-            fraction = self.config.policy.cert_renew_fraction
             due = max(due_at_ms(certificate, fraction, self._received_at_ms), retry_at)
             if now >= due and runtime.ready.is_set():
                 try:
