@@ -84,6 +84,8 @@ from edgeward_shared.topics import Channel, Direction, device_topic
 log = logging.getLogger("edgeward.agent")
 #: Certificates renew at ``cert_renew_fraction`` x (1 - SPREAD x rand) of their lifetime.
 CERT_RENEW_SPREAD: Final = 0.2
+#: How often the settling of a switched certificate looks for the new connection.
+SWITCH_POLL_S: Final = 0.05
 T = TypeVar("T")
 #: How a run phase ended: stopped, switched to a renewed certificate, or expired.
 PhaseEnd = Literal["stopped", "renewed", "expired"]
@@ -157,6 +159,8 @@ class DeviceAgent:
         self._phase_end = asyncio.Event()
         self._ended: PhaseEnd = "stopped"
         self._unsettled: tuple[str, str] | None = None  # (new serial, previous serial)
+        self._renewed = asyncio.Event()  # a renewal switched the identity in place
+        self._switched_after = 0  # the connection count when it did
         self.renewals = 0
 
     @property
@@ -478,6 +482,7 @@ class DeviceAgent:
             side = [
                 group.create_task(self.revocations.watch(stop)),
                 group.create_task(self._keep_certified(runtime, stop)),
+                group.create_task(self._settle_renewals(runtime, stop)),
             ]
             if self.models is not None:
                 side.append(
@@ -491,7 +496,6 @@ class DeviceAgent:
                 )
             if self.models is not None:  # connected or not: docs/offline.md
                 side.append(group.create_task(self._follow_offline_policy(self.models, stop)))
-            await self._settle_renewal(runtime, stop)
             await self._keep_attested(runtime, stop)
             for task in side:
                 task.cancel()  # stopping or switching: no wait for a sync, download, inference
@@ -589,7 +593,11 @@ class DeviceAgent:
                     self._failed("renewal.failed", exc)
                     retry_at = self._clock.now_ms() + int(next(delays) * 1000)
                     continue
-                return
+                retry_at = 0  # the next certificate's own schedule, freshly spread
+                fraction = self.config.policy.cert_renew_fraction * (
+                    1.0 - CERT_RENEW_SPREAD * self._rand()
+                )
+                continue
             pause = min(max(0.0, (due - now) / 1000), self.config.policy.max_sleep_s)
             await wait_any(stop, self._phase_end, seconds=pause)
 
@@ -625,12 +633,31 @@ class DeviceAgent:
                     not_after=certificate.not_valid_after_utc.isoformat(),
                 ),
             )
-            self._end_phase("renewed")
+            # switch in place: sign with the new key now, reconnect with it without losing
+            # a message; models, workers and the attestation stay (docs/adr/0015)
+            self._switched_after = self._connections
+            runtime.swap_identity(self.state.device_signing_key())
+            self._renewed.set()
             return certificate
 
     def _end_phase(self, ended: PhaseEnd) -> None:
         self._ended = ended
         self._phase_end.set()
+
+    async def _settle_renewals(self, runtime: Runtime, stop: asyncio.Event) -> None:
+        """After each in-place switch, once connected with the new certificate, settle it."""
+        if self._unsettled is not None:  # a renewal of an earlier phase
+            self._renewed.set()
+        while not stop.is_set() and not self._phase_end.is_set():
+            await wait_any(stop, self._phase_end, self._renewed)
+            if stop.is_set() or self._phase_end.is_set():
+                return
+            self._renewed.clear()
+            while self._connections <= self._switched_after or not runtime.ready.is_set():
+                await wait_any(stop, self._phase_end, seconds=SWITCH_POLL_S)
+                if stop.is_set() or self._phase_end.is_set():
+                    return
+            await self._settle_renewal(runtime, stop)
 
     async def _settle_renewal(self, runtime: Runtime, stop: asyncio.Event) -> None:
         """First thing on a renewed certificate: say so (signed with it), so the identity
