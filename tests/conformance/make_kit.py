@@ -38,6 +38,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgeward_attestation.credential import kdfa, kdfe, make_credential
+from edgeward_attestation.eventlog import ALG_SHA256, check_replay
+from edgeward_attestation.eventlog import parse as parse_event_log
 from edgeward_attestation.keys import AttestationKey, EndorsementKey
 from edgeward_attestation.quote import Challenge, PcrPolicy, verify_quote
 from edgeward_attestation.structures import HASHES
@@ -359,13 +361,13 @@ def main(out: Path = KIT) -> None:
         with SwtpmFleet(work / "fleet") as fleet:
             device = fleet.start(DEVICE)
             with device.open() as tpm:
-                build(fleet.ca.cert_path.read_bytes(), tpm, out)
+                build(fleet.ca.cert_path.read_bytes(), tpm, out, device.event_log.read_bytes())
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"conformance kit written under {out}")
 
 
-def build(manufacturer_pem: bytes, tpm: Any, out: Path) -> None:
+def build(manufacturer_pem: bytes, tpm: Any, out: Path, event_log: bytes = b"") -> None:
     from tests.models import small_input, small_model  # the repository root is on sys.path
 
     ek_cert = tpm.ek_certificate()
@@ -499,9 +501,12 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path) -> None:
             attest=quote.attest,
             signature=quote.signature,
             pcrs=pcrs,
+            event_log=event_log,
         ),
         section="5.4",
     )
+    if event_log:  # the boot event log replays to the quoted PCRs (docs/adr/0021)
+        check_replay(parse_event_log(event_log), ALG_SHA256, dict(quote.pcrs))
     golden = expected_pcrs(GOLDEN_BOOT_CHAIN)
     verify_quote(
         quote.attest,

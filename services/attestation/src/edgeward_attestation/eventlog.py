@@ -33,7 +33,7 @@ from edgeward_shared.messages.attest import MAX_EVENT_LOG_BYTES
 
 #: The largest log accepted: the wire cap of ``AttestationEvidence.event_log``.
 MAX_LOG_BYTES: Final = MAX_EVENT_LOG_BYTES
-MAX_EVENTS: Final = 4096
+MAX_EVENTS: Final = 2048
 MAX_EVENT_DATA: Final = 64 * 1024
 MAX_BANKS: Final = 8
 MAX_PCR: Final = 23

@@ -21,6 +21,7 @@ from edgeward_shared.identity import Role
 from edgeward_shared.messages.attest import PcrValue
 from edgeward_shared.messages.base import Message
 from edgeward_shared.messages.registry import (
+    MAX_FINDINGS,
     DeviceList,
     DeviceProvision,
     DeviceQuery,
@@ -64,7 +65,11 @@ def trust_of(device: DeviceRecord, now_ms: int) -> Trust:
     return "enrolled"
 
 
-def device_status(device: DeviceRecord, now_ms: int) -> DeviceStatus:
+def device_status(device: DeviceRecord, now_ms: int, *, findings: bool = False) -> DeviceStatus:
+    """A device's standing; with ``findings`` the events its last verdict named."""
+    listed = list(device.findings[:MAX_FINDINGS]) if findings else []
+    if findings and len(device.findings) > MAX_FINDINGS:
+        listed[-1] = f"... and {len(device.findings) - MAX_FINDINGS + 1} more"
     return DeviceStatus(
         device_id=device.device_id,
         device_class=device.device_class,
@@ -75,6 +80,7 @@ def device_status(device: DeviceRecord, now_ms: int) -> DeviceStatus:
         enrolled_at_ms=device.enrolled_at,
         last_attested_at_ms=device.last_attested_at,
         result_expires_at_ms=device.ear_expires_at,
+        findings=[line[:240] for line in listed],
     )
 
 
@@ -119,7 +125,8 @@ class Operations:
         if query.device_id is not None:
             devices = [d for d in devices if d.device_id == query.device_id]
         page = devices[query.offset : query.offset + query.limit]
-        statuses = [device_status(d, now) for d in page]
+        one = query.device_id is not None  # findings only for one device: lists stay small
+        statuses = [device_status(d, now, findings=one) for d in page]
         return DeviceList(in_reply_to=mid, devices=statuses, total=len(devices))
 
     async def _policies(self, mid: str, query: PolicyQuery) -> PolicyList:

@@ -88,11 +88,13 @@ def merge_policies(new: ClassPolicy, keep: ClassPolicy) -> ClassPolicy:
     }
     states = list(new.reference_states)
     states += [s for s in keep.reference_states if s not in states]
+    if len(states) > MAX_REFERENCE_STATES:
+        raise ValueError(f"more than {MAX_REFERENCE_STATES} reference states: retire some")
     return ClassPolicy(
         policy_id=new.policy_id,
         device_class=new.device_class,
         allowlist=allowlist,
-        reference_states=states[:MAX_REFERENCE_STATES],
+        reference_states=states,
     )
 
 

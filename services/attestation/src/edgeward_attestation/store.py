@@ -11,8 +11,11 @@ proof arrives or the challenge expires, and never logged.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
+
+import msgspec
 
 from edgeward_attestation.policy import ClassPolicy, decode_policy, encode_policy
 from edgeward_attestation.quote import ClockState
@@ -95,6 +98,11 @@ MIGRATIONS: Final = (
             )""",
         ),
     ),
+    Migration(
+        2,
+        "the findings of a device's last verdict (boot event log appraisal, docs/adr/0021)",
+        ("ALTER TABLE att_devices ADD COLUMN findings TEXT",),
+    ),
 )
 
 
@@ -112,6 +120,8 @@ class DeviceRecord:
     ear_expires_at: int | None
     clock_state: ClockState | None
     certificate_serial: str | None
+    #: why the last verdict was what it was, event by event (empty unless it was refused)
+    findings: tuple[str, ...] = ()
 
     @classmethod
     def from_row(cls, row: Row) -> DeviceRecord:
@@ -130,6 +140,7 @@ class DeviceRecord:
             ear_expires_at=_opt_int(row["ear_expires_at"]),
             clock_state=state,
             certificate_serial=_opt_str(row["certificate_serial"]),
+            findings=_findings(row["findings"]),
         )
 
 
@@ -178,6 +189,10 @@ def _blob(value: object) -> bytes:
     if not isinstance(value, bytes):
         raise TypeError(f"expected bytes from the database, got {type(value).__name__}")
     return value
+
+
+def _findings(value: object) -> tuple[str, ...]:
+    return () if value is None else tuple(msgspec.json.decode(str(value), type=list[str]))
 
 
 def _opt_int(value: object) -> int | None:
@@ -247,8 +262,10 @@ class AttestationStore:
         now_ms: int,
         ear_expires_at: int | None = None,
         clock_state: ClockState | None = None,
+        findings: Sequence[str] = (),
     ) -> None:
-        """The outcome of one attestation (counters only move on an accepted quote)."""
+        """The outcome of one attestation (counters only move on an accepted quote) and
+        its findings (the events that differ; replaced by every verdict)."""
         params: dict[str, object] = {
             "d": device_id,
             "state": "trusted" if trusted else "untrusted",
@@ -256,10 +273,11 @@ class AttestationStore:
             "p": policy_id,
             "at": now_ms,
             "exp": ear_expires_at,
+            "f": msgspec.json.encode(list(findings)).decode() if findings else None,
         }
         sql = (
             "UPDATE att_devices SET state = :state, reason = :reason, policy_id = :p,"
-            " last_attested_at = :at, ear_expires_at = :exp"
+            " last_attested_at = :at, ear_expires_at = :exp, findings = :f"
         )
         if clock_state is not None:
             sql += ", reset_count = :rc, restart_count = :sc, clock = :clk"
