@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final
 
-from edgeward_attestation.policy import policy_from_values
-from edgeward_attestation.service import AttestationService
+from edgeward_attestation.policy import ClassPolicy, merge_policies, policy_from_values
+from edgeward_attestation.service import AttestationService, ServiceReason
 from edgeward_attestation.store import DeviceRecord, PolicyRow
 from edgeward_shared.envelope import Opened
 from edgeward_shared.errors import MessageError, PolicyError
@@ -54,6 +54,7 @@ class OpsReason:
     POLICY_NOT_APPROVABLE: Final = "policy.not_approvable"
     POLICY_VALUES: Final = "policy.values.invalid"
     REFERENCE_DEVICE: Final = "policy.reference_device.invalid"
+    KEEP_INVALID: Final = ServiceReason.KEEP_INVALID
 
 
 def trust_of(device: DeviceRecord, now_ms: int) -> Trust:
@@ -150,10 +151,14 @@ class Operations:
             if sorted(values) != selection or any(len(v) != 32 for v in values.values()):
                 raise MessageError(OpsReason.POLICY_VALUES, "one SHA-256 value per selected PCR")
             policy = policy_from_values(record.policy_id, record.device_class, values)
+            kept = await self._kept(record, selection)
+            if kept is not None:
+                policy = self._merged(policy, kept)
         else:  # a reference device may also enroll later: its class is known from now on
             reference = await self.store.device(record.reference_device)
             if reference is not None and reference.device_class != record.device_class:
                 raise PolicyError(OpsReason.REFERENCE_DEVICE, "it is of another device class")
+            await self._kept(record, selection)
         added = await self.store.record_policy(
             policy,
             policy_id=record.policy_id,
@@ -162,6 +167,7 @@ class Operations:
             reference_device=record.reference_device,
             actor=actor,
             now_ms=now,
+            keep_from=record.keep,
         )
         if not added:
             raise PolicyError(OpsReason.POLICY_EXISTS, record.policy_id)
@@ -171,6 +177,24 @@ class Operations:
         if reference is not None:  # enrolled already: challenge it now
             replies.append(await self.service.challenge(reference.device_id))
         return replies
+
+    async def _kept(self, record: PolicyRecord, selection: list[int]) -> ClassPolicy | None:
+        """The recorded policy ``record.keep`` names: of the same class and PCRs."""
+        if record.keep is None:
+            return None
+        row = await self.store.policy(record.keep)
+        if row is None or row.policy is None:
+            raise PolicyError(OpsReason.KEEP_INVALID, f"{record.keep} has no values")
+        if row.device_class != record.device_class or row.selection != selection:
+            raise PolicyError(OpsReason.KEEP_INVALID, f"{record.keep}: other class or PCRs")
+        return row.policy
+
+    @staticmethod
+    def _merged(policy: ClassPolicy, kept: ClassPolicy) -> ClassPolicy:
+        try:
+            return merge_policies(policy, kept)
+        except ValueError as exc:
+            raise PolicyError(OpsReason.KEEP_INVALID, str(exc)) from exc
 
     async def _approve(self, mid: str, approve: PolicyApprove, actor: str) -> Done:
         now = self.service.clock.now_ms()

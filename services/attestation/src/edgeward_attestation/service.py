@@ -34,7 +34,7 @@ from edgeward_attestation.enrollment import (
 )
 from edgeward_attestation.keys import AttestationKey
 from edgeward_attestation.measured_boot import appraise_evidence, quote_policy, recorded_state
-from edgeward_attestation.policy import ClassPolicy, policy_from_values
+from edgeward_attestation.policy import ClassPolicy, merge_policies, policy_from_values
 from edgeward_attestation.quote import Challenge, PcrPolicy, verify_quote
 from edgeward_attestation.reasons import AttestationReason
 from edgeward_attestation.store import (
@@ -91,6 +91,7 @@ class ServiceReason:
     CERTIFICATE_SUPERSEDED: Final = "attestation.certificate.superseded"
     AFFIRMING: Final = "attestation.affirming"
     RECORDED: Final = "attestation.policy.values_recorded"
+    KEEP_INVALID: Final = "policy.keep.invalid"
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,6 +348,12 @@ class AttestationService:
         policy = policy_from_values(
             recording.policy_id, recording.device_class, supplied, reference
         )
+        kept = await self.store.policy(recording.keep_from) if recording.keep_from else None
+        if kept is not None and kept.policy is not None:  # a firmware rollout (ADR 0021)
+            try:
+                policy = merge_policies(policy, kept.policy)
+            except ValueError as exc:
+                raise PolicyError(ServiceReason.KEEP_INVALID, str(exc)) from exc
         await self.store.complete_recording(policy, now)
         log.info(
             "policy.values_recorded",

@@ -101,7 +101,11 @@ MIGRATIONS: Final = (
     Migration(
         2,
         "the findings of a device's last verdict (boot event log appraisal, docs/adr/0021)",
-        ("ALTER TABLE att_devices ADD COLUMN findings TEXT",),
+        (
+            "ALTER TABLE att_devices ADD COLUMN findings TEXT",
+            # a policy recorded to also allow another's states (a firmware rollout)
+            "ALTER TABLE att_policies ADD COLUMN keep_from TEXT",
+        ),
     ),
 )
 
@@ -154,6 +158,7 @@ class PolicyRow:
     recorded_by: str
     approved_by: str | None
     approved_at: int | None
+    keep_from: str | None = None  # merged into this one when its values arrive
 
     @classmethod
     def from_row(cls, row: Row) -> PolicyRow:
@@ -167,6 +172,7 @@ class PolicyRow:
             recorded_by=str(row["recorded_by"]),
             approved_by=_opt_str(row["approved_by"]),
             approved_at=_opt_int(row["approved_at"]),
+            keep_from=_opt_str(row["keep_from"]),
         )
 
 
@@ -445,14 +451,16 @@ class AttestationStore:
         reference_device: str | None,
         actor: str,
         now_ms: int,
+        keep_from: str | None = None,
     ) -> bool:
         """Record a policy pending approval: with its values (``policy``), or to be filled
-        from ``reference_device``'s next quote. False if the id is taken."""
+        from ``reference_device``'s next quote (then merged with ``keep_from``'s). False if
+        the id is taken."""
         async with self.db.transaction() as tx:
             added = await tx.execute(
                 "INSERT INTO att_policies (policy_id, device_class, selection, body,"
-                " reference_device, recorded_by, recorded_at) VALUES (:p, :c, :sel, :b, :ref,"
-                " :a, :at) ON CONFLICT (policy_id) DO NOTHING",
+                " reference_device, recorded_by, recorded_at, keep_from) VALUES (:p, :c, :sel,"
+                " :b, :ref, :a, :at, :keep) ON CONFLICT (policy_id) DO NOTHING",
                 {
                     "p": policy_id,
                     "c": device_class,
@@ -461,6 +469,7 @@ class AttestationStore:
                     "ref": reference_device,
                     "a": actor,
                     "at": now_ms,
+                    "keep": keep_from,
                 },
             )
             if added:
@@ -511,6 +520,13 @@ class AttestationStore:
                 {"c": device_class},
             )
         return None if row is None else decode_policy(_blob(row["body"]))
+
+    async def policy(self, policy_id: str) -> PolicyRow | None:
+        async with self.db.transaction() as tx:
+            row = await tx.fetch_one(
+                "SELECT * FROM att_policies WHERE policy_id = :p", {"p": policy_id}
+            )
+        return PolicyRow.from_row(row) if row else None
 
     async def policies(self, device_class: str | None) -> list[PolicyRow]:
         async with self.db.transaction() as tx:

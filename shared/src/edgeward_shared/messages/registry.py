@@ -71,6 +71,9 @@ class PolicyRecord(Message, frozen=True, tag="edgeward.policy.record.v1"):
         default_factory=list
     )
     reference_device: DeviceId | None = None
+    #: also allow everything this recorded policy (same class and PCRs) allows: the policy
+    #: of a firmware rollout, old and new boot states at once (docs/adr/0021)
+    keep: PolicyId | None = None
 
 
 class PolicyApprove(Message, frozen=True, tag="edgeward.policy.approve.v1"):
