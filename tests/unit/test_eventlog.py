@@ -42,6 +42,7 @@ from edgeward_device_agent.swtpm import (
     event_log,
     expected_pcrs,
     tampered_boot_chain,
+    updated_firmware_chain,
 )
 from edgeward_device_agent.tcg_log import pcr_event2, write_log
 from edgeward_device_agent.tpm import PcrBank
@@ -58,16 +59,6 @@ def reason(data: bytes) -> str:
     with pytest.raises(EdgewardError) as caught:
         parse(data)
     return caught.value.reason
-
-
-def new_firmware() -> tuple[Measurement, ...]:
-    """The golden chain after a firmware update (another firmware volume in PCR 0)."""
-    return tuple(
-        replace(m, measured=b"edgeward-fw 1.5.0 firmware volume")
-        if m.event_type == EventType.EV_POST_CODE
-        else m
-        for m in GOLDEN_BOOT_CHAIN
-    )
 
 
 def policy_of(chain: tuple[Measurement, ...], policy_id: str = "gw-1") -> ClassPolicy:
@@ -283,16 +274,20 @@ def test_events_outside_the_quoted_pcrs_are_not_appraised() -> None:
 
 
 def test_a_rollout_policy_allows_old_and_new_firmware_and_still_refuses_a_bootkit() -> None:
-    old, new = policy_of(GOLDEN_BOOT_CHAIN, "gw-1"), policy_of(new_firmware(), "gw-2")
+    old, new = policy_of(GOLDEN_BOOT_CHAIN, "gw-1"), policy_of(updated_firmware_chain(), "gw-2")
     rollout = merge_policies(new, old)
     assert decode_policy(encode_policy(rollout)) == rollout
     assert len(rollout.reference_states) == 2
-    for chain in (GOLDEN_BOOT_CHAIN, new_firmware()):
+    for chain in (GOLDEN_BOOT_CHAIN, updated_firmware_chain()):
         assert appraise_evidence(event_log(chain), rollout, expected_pcrs(chain)) == []
     # the new firmware alone is refused by the old policy, naming the firmware event
-    findings = appraise_evidence(event_log(new_firmware()), old, expected_pcrs(new_firmware()))
-    assert [(f.pcr, f.event_type) for f in findings] == [(0, "EV_POST_CODE")]
-    bootkit = tampered_boot_chain(new_firmware())
+    new_fw = updated_firmware_chain()
+    findings = appraise_evidence(event_log(new_fw), old, expected_pcrs(new_fw))
+    assert [(f.pcr, f.event_type, f.label) for f in findings] == [
+        (0, "EV_S_CRTM_VERSION", "edgeward-fw 1.5.0"),
+        (0, "EV_POST_CODE", "POST CODE"),
+    ]
+    bootkit = tampered_boot_chain(updated_firmware_chain())
     findings = appraise_evidence(event_log(bootkit), rollout, expected_pcrs(bootkit))
     assert [(f.pcr, f.label) for f in findings] == [(4, "\\EFI\\BOOT\\BOOTX64.EFI")]
 

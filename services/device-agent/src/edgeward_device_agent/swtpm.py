@@ -184,6 +184,20 @@ def tampered_boot_chain(chain: BootChain = GOLDEN_BOOT_CHAIN) -> BootChain:
     )
 
 
+def updated_firmware_chain(
+    chain: BootChain = GOLDEN_BOOT_CHAIN, version: str = "1.5.0"
+) -> BootChain:
+    """``chain`` after a firmware update: another CRTM version and firmware volume (PCR 0)."""
+    return tuple(
+        replace(m, measured=f"edgeward-fw {version} firmware volume".encode())
+        if m.event_type == EventType.EV_POST_CODE
+        else replace(m, event=utf16(f"edgeward-fw {version}\x00"))
+        if m.event_type == EventType.EV_S_CRTM_VERSION
+        else m
+        for m in chain
+    )
+
+
 def expected_pcrs(chain: BootChain, bank: PcrBank = PcrBank.SHA256) -> dict[int, bytes]:
     """PCRs 0-7 after ``chain`` is extended from reset: the golden values for an allowlist."""
     values = dict.fromkeys(range(8), bytes(bank.digest_size))
@@ -468,4 +482,5 @@ __all__ = [
     "expected_pcrs",
     "measure_boot",
     "tampered_boot_chain",
+    "updated_firmware_chain",
 ]
