@@ -157,10 +157,12 @@ def parse(data: bytes) -> EventLog:
     reader = _Reader(data)
     algorithms = _spec_id(reader)
     events: list[Event] = []
-    while not reader.done:
+    at = reader.at
+    while at < len(data):
         if len(events) >= MAX_EVENTS:
             raise _malformed(f"more than {MAX_EVENTS} events")
-        events.append(_event2(reader, len(events) + 1, algorithms))
+        event, at = _event2(data, at, len(events) + 1, algorithms)
+        events.append(event)
     return EventLog(algorithms=algorithms, events=tuple(events))
 
 
@@ -194,24 +196,49 @@ def _spec_id(reader: _Reader) -> tuple[int, ...]:
     return tuple(algorithms)
 
 
-def _event2(reader: _Reader, number: int, algorithms: tuple[int, ...]) -> Event:
-    pcr, event_type = reader.u32("pcr index"), reader.u32("event type")
+_EVENT_HEAD: Final = struct.Struct("<III")
+_U16: Final = struct.Struct("<H")
+_U32: Final = struct.Struct("<I")
+
+
+def _need(data: bytes, at: int, size: int, number: int) -> None:
+    if at + size > len(data):
+        raise _malformed(f"event {number} truncated at byte {at}")
+
+
+def _event2(data: bytes, at: int, number: int, algorithms: tuple[int, ...]) -> tuple[Event, int]:
+    """The ``TCG_PCR_EVENT2`` at ``at`` and the offset after it (``unpack_from`` with
+    explicit bounds: the parser's hot loop)."""
+    _need(data, at, 12, number)
+    pcr, event_type, count = _EVENT_HEAD.unpack_from(data, at)
+    at += 12
     if pcr > MAX_PCR:
         raise _malformed(f"event {number}: PCR {pcr}")
-    count = reader.u32("digest count")
     if count != len(algorithms):
         raise _malformed(f"event {number}: {count} digests for {len(algorithms)} banks")
     digests: dict[int, bytes] = {}
     for _ in range(count):
-        alg = reader.u16("digest algorithm")
+        _need(data, at, 2, number)
+        (alg,) = _U16.unpack_from(data, at)
         if alg not in algorithms or alg in digests:
             raise _malformed(f"event {number}: digest of undeclared or repeated bank 0x{alg:04x}")
-        digests[alg] = reader.take(ALGORITHMS[alg][1], "digest")
-    size = reader.u32("event size")
+        size = ALGORITHMS[alg][1]
+        _need(data, at + 2, size, number)
+        digests[alg] = data[at + 2 : at + 2 + size]
+        at += 2 + size
+    _need(data, at, 4, number)
+    (size,) = _U32.unpack_from(data, at)
     if size > MAX_EVENT_DATA:
         raise _malformed(f"event {number}: {size} bytes of data")
-    data = reader.take(size, "event data")
-    return Event(number=number, pcr=pcr, event_type=event_type, digests=digests, data=data)
+    _need(data, at + 4, size, number)
+    event = Event(
+        number=number,
+        pcr=pcr,
+        event_type=event_type,
+        digests=digests,
+        data=data[at + 4 : at + 4 + size],
+    )
+    return event, at + 4 + size
 
 
 def _hash(alg: int, data: bytes) -> bytes:
