@@ -303,3 +303,31 @@ def test_a_startup_locality_that_the_reference_lacks_is_off_the_allowlist() -> N
     with pytest.raises(EdgewardError) as caught:
         appraise_evidence(log, policy_of(GOLDEN_BOOT_CHAIN), quoted)
     assert caught.value.reason == R.PCR_NOT_ALLOWED
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_any_corruption_is_refused_by_reason_or_appraised_never_crashes(
+    data: st.DataObject,
+) -> None:
+    """Flip bytes anywhere in a real log: the verifier answers with a reason id or
+    findings, never an exception of another kind (services never crash on a message)."""
+    log = bytearray(TAMPERED_LOG)
+    for _ in range(data.draw(st.integers(1, 4))):
+        log[data.draw(st.integers(0, len(log) - 1))] = data.draw(st.integers(0, 255))
+    reason = ""
+    try:
+        findings = appraise_evidence(
+            bytes(log), policy_of(GOLDEN_BOOT_CHAIN), expected_pcrs(tampered_boot_chain())
+        )
+    except EdgewardError as exc:
+        reason, findings = exc.reason, []
+    assert reason == "" or reason.startswith(("attestation.eventlog.", "attestation.pcr."))
+    assert all(f.line() for f in findings)  # labels of garbage still print
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=512))
+def test_random_bytes_are_refused_by_reason(junk: bytes) -> None:
+    with pytest.raises(EdgewardError):
+        parse(junk)
