@@ -20,9 +20,10 @@ demo: bootstrap ## Run the demo: PKI, mosquitto, TPM attestation, models, attest
 test: bootstrap lint typecheck ## Everything CI runs: lint, types, all tests with coverage
 	uv run pytest --cov --cov-report=term -q
 
-lint: bootstrap ## ruff check + format check
+lint: bootstrap ## ruff check (banned APIs included) + format check + import contracts
 	uv run ruff check .
 	uv run ruff format --check .
+	uv run lint-imports
 
 typecheck: bootstrap ## mypy --strict over product code
 	uv run mypy
@@ -43,4 +44,4 @@ acl: bootstrap ## Regenerate the committed reference ACL in mosquitto/ from the 
 	uv run python -c "from edgeward_shared.broker.acl import render_acl; import sys; sys.stdout.write(render_acl())" > mosquitto/edgeward.acl
 
 clean: ## Remove caches and run directories
-	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis .coverage run demo-run bench/results/*.json bench/results/smoke
+	rm -rf .pytest_cache .mypy_cache .ruff_cache .import_linter_cache .hypothesis .coverage run demo-run bench/results/*.json bench/results/smoke

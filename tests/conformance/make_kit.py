@@ -52,6 +52,8 @@ from edgeward_shared.bindings import (
     QUALIFYING_DATA_TAG,
     enrollment_proof,
     qualifying_data,
+    renewal_digest,
+    sign_renewal,
 )
 from edgeward_shared.clock import to_datetime
 from edgeward_shared.command_log import CommandRecord, command_digest, encode_record
@@ -64,6 +66,7 @@ from edgeward_shared.messages import model as m
 from edgeward_shared.messages import registry as reg
 from edgeward_shared.messages import revocation as rev
 from edgeward_shared.messages.base import Message, encode_message
+from edgeward_shared.messages.trust import TrustBundle
 from edgeward_shared.models.frames import FrameHeader, encode_frame
 from edgeward_shared.models.provenance import Tier
 from edgeward_shared.models.release import BlobInfo, ModelRelease, release_topic
@@ -339,6 +342,79 @@ class Kit:
         return mid
 
 
+def trust_bundle_example(issuing: x509.Certificate, issued_at_ms: int) -> TrustBundle:
+    """The fleet trust bundle of the kit's PKI (one issuing CA, version 1)."""
+    der = issuing.public_bytes(serialization.Encoding.DER)
+    return TrustBundle(version=1, issued_at_ms=issued_at_ms, issuing_cas=[der])
+
+
+def renewal_examples(
+    kit: Kit, issuing: Issuer, ear: str, session_key: ec.EllipticCurvePrivateKey
+) -> None:
+    """The device renews (a new key, the EAR, the session key's binding over the next
+    envelope's mid), runs on the new certificate and says so; the identity service settles
+    and announces it (protocol.md 5.5)."""
+    cert_up = device_topic(DEVICE, Direction.UP, Channel.CERT)
+    cert_down = device_topic(DEVICE, Direction.DOWN, Channel.CERT)
+    new_key_ = new_key()
+    csr = make_csr(new_key_, DEVICE)
+    next_mid = hashlib.sha256(f"conformance mid {kit.counter + 1}".encode()).hexdigest()[:32]
+    at_ms = kit.now + 1000  # the next tick: the request envelope's iat
+    digest = renewal_digest(DEVICE, csr, next_mid, at_ms)
+    renew_mid = kit.emit(
+        DEVICE,
+        cert_up,
+        identity.RenewCertificate(
+            csr=csr, ear=ear, at_ms=at_ms, binding=sign_renewal(session_key, digest)
+        ),
+        section="5.5",
+        notes={"renewal digest (hex)": digest.hex(), "binding signed by": "pki/session.key.pem"},
+    )
+    if renew_mid != next_mid:
+        raise RuntimeError("the kit's mids are not what the binding assumed")
+    old = kit.keys[DEVICE]
+    renewed_cert = make_leaf(
+        issuing,
+        Identity.device(DEVICE),
+        new_key_.public_key(),
+        org=ORG,
+        now=to_datetime(kit.now),
+        lifetime=timedelta(hours=24),
+    )
+    old_serial = f"{x509.load_der_x509_certificate(old.cert_der).serial_number:x}"
+    new_serial = f"{renewed_cert.serial_number:x}"
+    kit.keys[DEVICE] = SigningKey.from_pair(new_key_, renewed_cert)  # signs "in use" only
+    in_use_mid = kit.emit(
+        DEVICE,
+        cert_up,
+        identity.CertificateInUse(serial=new_serial, previous=old_serial),
+        section="5.5",
+        notes={"signed with the renewed certificate (PEM)": pem(renewed_cert).decode()},
+    )
+    kit.keys[DEVICE] = old
+    kit.emit(
+        "svc.identity",
+        cert_down,
+        identity.RenewalSettled(
+            in_reply_to=in_use_mid,
+            previous=old_serial,
+            job_id=hashlib.sha256(b"conformance revocation job").hexdigest()[:32],
+        ),
+        section="5.5",
+    )
+    kit.emit(
+        "svc.identity",
+        service_event_topic(ServiceName.IDENTITY, "renewed"),
+        identity.CertificateRenewed(
+            device_id=DEVICE,
+            serial=new_serial,
+            previous=old_serial,
+            not_after_ms=int(renewed_cert.not_valid_after_utc.timestamp() * 1000),
+        ),
+        section="5.5",
+    )
+
+
 def make_pki(start_ms: int) -> tuple[Issuer, Issuer]:
     now, lifetime = to_datetime(start_ms), timedelta(days=3650)
     root_key, issuing_key = new_key(), new_key()
@@ -531,6 +607,7 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path, event_log: bytes = b"") 
             result_id=result_id,
             issued_at=ear_iat,
             expires_at=ear_iat + 600,
+            device_class=DEVICE_CLASS,
         ),
     )
     kit.emit(
@@ -557,6 +634,9 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path, event_log: bytes = b"") 
     attestation_doc = attestation_walkthrough(
         nonce, session_key, session_der, qd, quote, golden, ak_public, expires
     )
+
+    # ------------------------------------------------------------------ renewal (5.5, ADR 15)
+    renewal_examples(kit, issuing, ear, session_key)
 
     # ------------------------------------------------------------------ health, rejected
     kit.emit(
@@ -798,6 +878,88 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path, event_log: bytes = b"") 
         ),
         section="5.7",
     )
+    # a gated rollout of version 2 (§5.7.1): started, its status, an abort and its event
+    rollout_start = kit.emit(
+        "op.alice",
+        op_md_req,
+        m.RolloutStart(
+            name="demo",
+            version=2,
+            devices=[DEVICE],
+            waves=[1, 10, 50, 100],
+            gates=m.GateConfig(min_reported=1, max_failed_pct=5.0, soak_s=600),
+            previous=1,
+        ),
+        section="5.7.1",
+    )
+    kit.emit(
+        "svc.model-distribution",
+        op_md_rsp,
+        m.RolloutStatus(
+            in_reply_to=rollout_start,
+            name="demo",
+            version=2,
+            previous=1,
+            phase="canary",
+            wave="canary",
+            percent=1,
+            waves=[1, 10, 50, 100],
+            targeted=1,
+            reported=0,
+            failed=0,
+            gates=[
+                m.GateStatus("reported", "wait", "0/1", ">= 1"),
+                m.GateStatus("activation", "wait", "0.0% failed", "<= 5%"),
+                m.GateStatus("attestation", "wait", "0.0% affirming", ">= 90%"),
+                m.GateStatus(
+                    "performance",
+                    "pending",
+                    "pending telemetry: no telemetry signals yet (issue 12)",
+                    "<= 10% worse",
+                ),
+                m.GateStatus(
+                    "drift",
+                    "pending",
+                    "pending telemetry: no telemetry signals yet (issue 12)",
+                    "no drift alarm",
+                ),
+            ],
+            reason=None,
+            history=[
+                m.RolloutStep(
+                    at_ms=start + 50_000,
+                    old="canary",
+                    new="canary",
+                    stage=0,
+                    reason="started",
+                    actor="op.alice",
+                )
+            ],
+        ),
+        section="5.7.1",
+    )
+    kit.emit(
+        "op.alice",
+        op_md_req,
+        m.RolloutControl(name="demo", version=2, verb="abort", reason="customer complaint"),
+        section="5.7.1",
+    )
+    kit.emit(
+        "svc.model-distribution",
+        service_event_topic(ServiceName.MODEL_DISTRIBUTION, "rollout"),
+        m.RolloutEvent(
+            name="demo",
+            version=2,
+            previous=1,
+            old="canary",
+            new="aborted",
+            wave="canary",
+            reason="customer complaint",
+            actor="op.alice",
+            at_ms=start + 60_000,
+        ),
+        section="5.7.1",
+    )
     m_up = device_topic(DEVICE, Direction.UP, Channel.MODEL)
     m_down = device_topic(DEVICE, Direction.DOWN, Channel.MODEL)
     sync = kit.emit(DEVICE, m_up, m.SyncRequest(), section="5.7")
@@ -1006,6 +1168,15 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path, event_log: bytes = b"") 
         section="5.10",
         ttl_ms=HOUR_MS,
         policy="revocation-list",
+    )
+    # ------------------------------------------------------------------ trust bundle
+    kit.emit(
+        "svc.identity",
+        fleet_topic(FleetKind.TRUST),
+        trust_bundle_example(kit.issuing.cert, kit.now + 1000),
+        section="5.13",
+        ttl_ms=HOUR_MS,
+        policy="trust-bundle",
     )
     op_rev_req = service_request_topic(ServiceName.REVOCATION, alice)
     kit.emit(

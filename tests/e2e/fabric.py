@@ -151,16 +151,22 @@ async def running(runtime: Runtime, connect: Any) -> AsyncIterator[Runtime]:
 
 @asynccontextmanager
 async def services(
-    world: World, reattest_ms: int | None = None, ear_lifetime_s: int = 120
+    world: World,
+    reattest_ms: int | None = None,
+    ear_lifetime_s: int = 120,
+    *,
+    settings: Settings | None = None,
+    class_lifetimes: dict[str, timedelta] | None = None,
 ) -> AsyncIterator[AttestationStore]:
-    """The identity and attestation services (with periodic re-attestation if asked)."""
+    """The identity and attestation services (with periodic re-attestation if asked;
+    ``settings`` for the attestation service, else its defaults with ``ear_lifetime_s``;
+    ``class_lifetimes`` of renewed certificates for the identity service)."""
     db = await SqliteDatabase.open(":memory:")
     store = AttestationStore(db)
     await store.migrate()
     runtime, connect = build_runtime(world.node(ATTESTATION))
-    service = wire(
-        runtime, store, [world.fleet.ca.certificate], Settings(ear_lifetime_s=ear_lifetime_s)
-    )
+    settings = settings or Settings(ear_lifetime_s=ear_lifetime_s)
+    service = wire(runtime, store, [world.fleet.ca.certificate], settings)
     stop = asyncio.Event()
     scheduler = (
         asyncio.create_task(reattest_forever(runtime, service, reattest_ms, stop))
@@ -172,6 +178,7 @@ async def services(
         identity_dir=world.pki.identity_files(IDENTITY).directory,
         db_path=world.root / "identity.db",
         broker=world.address,
+        class_lifetimes=class_lifetimes or {},
     )
     try:
         async with (

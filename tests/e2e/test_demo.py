@@ -54,3 +54,6 @@ def test_edgeward_demo_runs_the_whole_story(tmp_path: Path) -> None:
     assert "dev-0002: infer.attestation.invalid" in out
     assert "rejected (agent.inference.stopped)" in out
     assert "refused at the TLS handshake" in out
+    # act 18: rotate-cert, its receipt naming the new serial, the old serial revoked
+    assert "the device now runs on certificate serial" in out
+    assert any(line.startswith("   old serial") and "revoked" in line for line in out.splitlines())

@@ -32,6 +32,7 @@ from tests.e2e.fabric import (
     until,
 )
 
+from edgeward_attestation.enrollment import ek_fingerprint
 from edgeward_device_agent.agent import DeviceAgent
 from edgeward_device_agent.swtpm import (
     GOLDEN_BOOT_CHAIN,
@@ -183,14 +184,17 @@ async def test_a_tampered_reboot_cannot_unseal_the_key_and_a_golden_one_restores
 
 
 @pytest.mark.asyncio
-async def test_enrolling_revokes_the_enrollment_certificate(world: World) -> None:
+async def test_enrolling_keeps_the_enrollment_certificate(world: World) -> None:
+    """ADR 0005 (amended): the enrollee identity stays valid after enrolling, so a device
+    back after its certificate expired enrolls again by itself; its only power is to
+    enroll, which needs credential activation in the TPM bound to the id."""
     tpm = world.fleet.start("tpm-once", GOLDEN_BOOT_CHAIN)
     async with services(world) as store:
         agent = await world.new_agent(store, "dev-once", tpm.tcti)
         async with agent_running(agent):
             assert await until(lambda: agent.trust_state().enrolled), agent.trust_state()
     enrollee = [r for r in world.pki.issued() if r.common_name == "enroll.dev-once"]
-    assert [r.serial in world.pki.revoked_serials() for r in enrollee] == [True]
+    assert [r.serial in world.pki.revoked_serials() for r in enrollee] == [False]
 
 
 @pytest.mark.asyncio
@@ -220,8 +224,10 @@ async def test_tampering_at_run_time_is_caught_within_one_reattestation_period(
 @pytest.mark.asyncio
 async def test_enrollment_follows_provisioning_not_the_devices_word(world: World) -> None:
     """Review findings: a device cannot choose its class, enroll unprovisioned, back two ids
-    with one TPM, or re-enroll (and reset its state) without an operator's approval."""
+    with one TPM, or move its id to another TPM without an operator's approval; with its
+    own TPM it enrolls again by itself (ADR 0005, amended)."""
     tpm = world.fleet.start("tpm-prov", GOLDEN_BOOT_CHAIN)
+    other = world.fleet.start("tpm-prov-other", GOLDEN_BOOT_CHAIN)
 
     async def refusal(agent: DeviceAgent) -> str | None:
         async with agent_running(agent):
@@ -239,11 +245,14 @@ async def test_enrollment_follows_provisioning_not_the_devices_word(world: World
         twin = await world.new_agent(store, "dev-twin", tpm.tcti)
         assert await refusal(twin) == "enroll.ek.in_use"
         again = await world.new_agent(store, "dev-prov", tpm.tcti, replace=True)
-        assert await refusal(again) == "enroll.device.rebind"
-        device = await store.device("dev-prov")
-        assert device is not None
-        await store.approve_rebind("dev-prov", device.ek_fingerprint, "op.alice", now)
-        approved = await world.new_agent(store, "dev-prov", tpm.tcti, replace=True)
+        async with agent_running(again):  # the same TPM: no approval needed
+            assert await until(lambda: again.trust_state().enrolled)
+        moved = await world.new_agent(store, "dev-prov", other.tcti, replace=True)
+        assert await refusal(moved) == "enroll.device.rebind"
+        with Tpm(other.tcti) as other_tpm:
+            other_ek = ek_fingerprint(other_tpm.ek_certificate())
+        await store.approve_rebind("dev-prov", other_ek, "op.alice", now)
+        approved = await world.new_agent(store, "dev-prov", other.tcti, replace=True)
         async with agent_running(approved):
             assert await until(lambda: approved.trust_state().enrolled)
         assert await store.rebind_approved_for("dev-prov") is None  # used once

@@ -160,6 +160,41 @@ def test_a_policy_must_pin_every_selected_pcr() -> None:
 
 
 @pytest.mark.asyncio
+async def test_re_enrolling_with_the_same_tpm_keeps_its_counters(store: AttestationStore) -> None:
+    """A device back from a long absence enrolls again with its own EK (ADR 0005): its
+    TPM's counters and clock stay the floor for its next quote; another TPM starts over."""
+    await store.register(_pending(), serial="a1", now_ms=1, actor="enroll.dev-a")
+    state = ClockState(reset_count=3, restart_count=4, clock=5_000)
+    await store.record_verdict(
+        "dev-a", trusted=True, reason="ok", policy_id="p", now_ms=2, clock_state=state
+    )
+    await store.register(_pending(mid="b" * 32), serial="b2", now_ms=3, actor="enroll.dev-a")
+    again = await store.device("dev-a")
+    assert again is not None
+    assert (again.certificate_serial, again.clock_state) == ("b2", state)
+    other_tpm = replace(_pending(mid="c" * 32), ek_fingerprint="f" * 64)
+    await store.register(other_tpm, serial="c3", now_ms=4, actor="enroll.dev-a")
+    rebound = await store.device("dev-a")
+    assert rebound is not None
+    assert rebound.clock_state is None
+
+
+@pytest.mark.asyncio
+async def test_a_renewal_moves_the_serial_only_from_the_current_one(
+    store: AttestationStore,
+) -> None:
+    await store.register(_pending(), serial="a1", now_ms=1, actor="enroll.dev-a")
+    assert not await store.renew_serial("dev-a", "ff", "b2", now_ms=2, actor="svc.identity")
+    assert await store.renew_serial("dev-a", "a1", "b2", now_ms=2, actor="svc.identity")
+    assert not await store.renew_serial("dev-a", "a1", "c3", now_ms=3, actor="svc.identity")
+    device = await store.device("dev-a")
+    assert device is not None
+    assert device.certificate_serial == "b2"
+    events = [row["event"] for row in await store.audit("dev-a")]
+    assert events[-1] == "renewed"
+
+
+@pytest.mark.asyncio
 async def test_a_refusal_s_findings_are_kept_until_the_next_verdict(
     store: AttestationStore,
 ) -> None:

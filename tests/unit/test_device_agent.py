@@ -518,3 +518,36 @@ async def test_an_unreachable_tpm_is_retried_until_stopped(tmp_path: Path) -> No
     state = agent.trust_state()
     assert state.last_error == "tpm.command_failed"
     assert json.loads(json.dumps(state.as_dict()))["attestation"] == "unattested"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("age", "connects_as"), [(timedelta(days=2), "enrollee"), (None, "device")]
+)
+async def test_an_expired_device_certificate_sends_the_agent_back_to_enrollment(
+    tmp_path: Path, age: timedelta | None, connects_as: str
+) -> None:
+    """Back after a long absence (ADR 5): the agent enrolls again as ``enroll.<id>``
+    instead of connecting with a certificate nobody accepts; a valid one is used as is."""
+    pki = _pki(tmp_path)
+    files = pki.issue(Identity.enrollee(DEVICE), datetime.now(UTC), timedelta(hours=1))
+    state = AgentState(tmp_path / "state", DEVICE)
+    state.prepare()
+    files.directory.rename(state.enrollee.directory)
+    issued_at = datetime.now(UTC) - (age or timedelta())
+    state.unlock(FakeSealer())  # the enrollee key is sealed, a device key made and sealed
+    key = state.device_key()
+    cert = pki.issue_for_key(
+        Identity.device(DEVICE), key.public_key(), issued_at, timedelta(days=1), overlap=True
+    )
+    state.store_certificate_chain([cert, pki.issuer().cert])
+    seen: list[Identity] = []
+
+    def record(identity: Identity, _files: Any) -> Any:
+        seen.append(identity)
+        raise ConfigError("config.tls.unusable", "stop here")
+
+    agent = DeviceAgent(_config(tmp_path, pki), tpm_factory=lambda _: FakeTpm(), connector=record)
+    with pytest.raises(ConfigError):
+        await asyncio.wait_for(agent.run(asyncio.Event()), 5)
+    assert [identity.role.value for identity in seen] == [connects_as]

@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
-from edgeward_device_agent.__main__ import _parser, config_from_args, main
+from edgeward_device_agent import __main__ as agent_main
+from edgeward_device_agent.__main__ import main
+from edgeward_device_agent.config import AgentConfig
 from edgeward_shared.identity import Identity
 from edgeward_shared.pki.store import PkiStore
 
@@ -43,25 +46,40 @@ def pki(tmp_path: Path) -> PkiStore:
     return store
 
 
-def test_help_lists_every_config_item(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as info:
-        main(["--help"])
-    assert info.value.code == 0
-    text = capsys.readouterr().out
+def test_help_lists_every_config_item() -> None:
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
     for flag in (
         "--device-id", "--device-class", "--tcti", "--state-dir", "--ca-bundle", "--crl",
-        "--broker-host", "--broker-port", "--metrics-port", "--log-level",
+        "--broker", "--metrics-port", "--log-level", "EDGEWARD_AGENT_STATE_DIR",
         "--request-timeout-s", "--retry-base-s", "--retry-cap-s", "--renew-fraction",
         "--result-grace-s", "--max-sleep-s",
     ):  # fmt: skip
-        assert flag in text
+        assert flag in result.output
 
 
-def test_flags_become_the_config(tmp_path: Path, pki: PkiStore) -> None:
-    args = _parser().parse_args(
-        _args(tmp_path, pki, "--broker-host", "localhost", "--metrics-port", "0")
+def _config(
+    monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> tuple[int, str, AgentConfig | None]:
+    """Run the command with ``args`` up to the agent's start; the config it would run."""
+    seen: list[AgentConfig] = []
+
+    async def start(config: AgentConfig) -> None:
+        seen.append(config)
+
+    monkeypatch.setattr(agent_main, "start", start)
+    result = CliRunner().invoke(main, args)
+    return result.exit_code, result.output, seen[0] if seen else None
+
+
+def test_flags_become_the_config(
+    tmp_path: Path, pki: PkiStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, output, config = _config(
+        monkeypatch, _args(tmp_path, pki, "--broker", "localhost:8883", "--metrics-port", "0")
     )
-    config = config_from_args(args)
+    assert code == 0, output
+    assert config is not None
     assert config.device_id == "dev-cli"
     assert config.broker.host == "localhost"
     assert config.broker.port == 8883
@@ -70,10 +88,28 @@ def test_flags_become_the_config(tmp_path: Path, pki: PkiStore) -> None:
     assert config.policy.renew_fraction == 0.8
 
 
-def test_invalid_flags_are_a_usage_error(tmp_path: Path, pki: PkiStore) -> None:
-    with pytest.raises(SystemExit) as info:
-        main([*_args(tmp_path, pki), "--device-class", "Not A Class"])
-    assert info.value.code == 2
+def test_the_environment_configures_it_too(
+    tmp_path: Path, pki: PkiStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGEWARD_BROKER", "10.0.0.7:8884")
+    monkeypatch.setenv("EDGEWARD_AGENT_RETRY_CAP_S", "7")
+    _, _, config = _config(monkeypatch, _args(tmp_path, pki)[:-2])  # no --retry-cap-s
+    assert config is not None
+    assert (config.broker.host, config.broker.port) == ("10.0.0.7", 8884)
+    assert config.policy.retry_cap_s == 7.0
+
+
+def test_invalid_flags_are_a_usage_error(
+    tmp_path: Path, pki: PkiStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for extra in (
+        ["--device-class", "Not A Class"],
+        ["--broker", "localhost"],  # no port
+        ["--renew-fraction", "1.5"],
+    ):
+        code, output, config = _config(monkeypatch, [*_args(tmp_path, pki), *extra])
+        assert code == 2, (extra, output)
+        assert config is None
 
 
 def _spawn(args: list[str]) -> subprocess.Popen[str]:
@@ -115,20 +151,23 @@ def test_a_configuration_error_exits_2_with_its_reason(tmp_path: Path, pki: PkiS
     process = _spawn(_args(tmp_path, pki))
     _, errors = process.communicate(timeout=20)
     assert process.returncode == 2
-    failure = next(e for e in _json_lines(errors) if e["event"] == "agent.config_error")
-    assert failure["reason"] == "config.state.permissions"
+    refusal = [line for line in errors.splitlines() if not line.startswith("{")]
+    assert len(refusal) == 1, errors  # one line, no traceback
+    assert refusal[0].startswith("device-agent: error: [config.state.permissions]")
 
 
 def test_seal_flags_become_the_config_and_unsafe_selections_are_refused(
-    tmp_path: Path, pki: PkiStore
+    tmp_path: Path, pki: PkiStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    default = config_from_args(_parser().parse_args(_args(tmp_path, pki)))
+    _, _, default = _config(monkeypatch, _args(tmp_path, pki))
+    assert default is not None
     assert default.seal.pcrs == tuple(range(8))
-    chosen = config_from_args(
-        _parser().parse_args(_args(tmp_path, pki, "--seal-pcrs", "7,0,4", "--seal-bank", "sha1"))
+    _, _, chosen = _config(
+        monkeypatch, _args(tmp_path, pki, "--seal-pcrs", "7,0,4", "--seal-bank", "sha1")
     )
+    assert chosen is not None
     assert (chosen.seal.pcrs, chosen.seal.bank.name) == ((0, 4, 7), "SHA1")
     for pcrs in ("0,14", "16", "", "x"):  # the model PCR, a resettable one, none, nonsense
-        with pytest.raises(SystemExit) as info:
-            main([*_args(tmp_path, pki), "--seal-pcrs", pcrs])
-        assert info.value.code == 2
+        code, _, config = _config(monkeypatch, [*_args(tmp_path, pki), "--seal-pcrs", pcrs])
+        assert code == 2
+        assert config is None

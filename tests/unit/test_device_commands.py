@@ -230,7 +230,7 @@ async def test_re_attest_also_asks_the_verifier(fleet: Fleet) -> None:
 
 
 @pytest.mark.asyncio
-async def test_unload_model_calls_the_model_manager_and_rotate_cert_is_not_faked(
+async def test_unload_model_calls_the_model_manager_and_rotate_cert_renews(
     fleet: Fleet,
 ) -> None:
     await fleet.publish_list(revocations(fleet.clock))
@@ -250,7 +250,25 @@ async def test_unload_model_calls_the_model_manager_and_rotate_cert_is_not_faked
         assert unloaded == [("ocr", 3)]
         rotate = RotateCertCommand(device_id=DEVICE, reason="r")
         opened = await answer(bus, fleet.seal(rotate), fleet)
-        assert opened.message.outcome == "failed"
+        assert (opened.message.outcome, opened.message.serial) == ("failed", None)
+
+        async def refused() -> str:
+            raise PolicyError("identity.renew.not_affirming", "contraindicated")
+
+        device.commands.on_rotate_cert(refused)
+        opened = await answer(bus, fleet.seal(rotate), fleet)
+        assert (opened.message.outcome, opened.message.reason) == (
+            "failed",
+            "identity.renew.not_affirming",
+        )
+        assert opened.message.serial is None
+
+        async def renewed() -> str:
+            return "1f2e3d"
+
+        device.commands.on_rotate_cert(renewed)
+        opened = await answer(bus, fleet.seal(rotate), fleet)
+        assert (opened.message.outcome, opened.message.serial) == ("done", "1f2e3d")
 
 
 # ------------------------------------------------------------------ refused by the envelope

@@ -61,6 +61,8 @@ def test_help_names_every_option_and_its_environment_variable() -> None:
         "EDGEWARD_BROKER",
         "--metrics-port",
         "--max-lifetime",
+        "--class-lifetime",
+        "EDGEWARD_IDENTITY_CLASS_LIFETIMES",
         "24h",
     ):
         assert text in result.output, text
@@ -69,31 +71,31 @@ def test_help_names_every_option_and_its_environment_variable() -> None:
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o660])
 def test_refuses_to_start_when_the_ca_key_is_readable_by_others(pki: PkiStore, mode: int) -> None:
     (pki.dir / "issuing" / "ca.key").chmod(mode)
-    code, output, logs = _run(pki)
-    assert code == 1
-    assert "config.key.permissions" in output
+    code, output, _ = _run(pki)
+    assert code == 2  # a configuration error: one line, no traceback
+    assert output.startswith("identity: error: [config.key.permissions]")
+    assert output.count("\n") == 1
     assert "chmod 600" in output
-    assert logs[-1]["event"] == "identity.refused"
-    assert logs[-1]["reason"] == "config.key.permissions"
+    assert not (pki.dir.parent / "state").exists()  # refused before opening anything
     assert not (pki.dir.parent / "state").exists()  # refused before opening anything
 
 
 def test_refuses_to_start_when_its_own_key_is_readable_by_others(pki: PkiStore) -> None:
     pki.identity_files(IDENTITY).key.chmod(0o644)
     code, output, _ = _run(pki)
-    assert code == 1
+    assert code == 2
     assert "config.key.permissions" in output
 
 
 def test_refuses_to_start_without_a_pki(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["--pki-dir", str(tmp_path / "nowhere")])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "config.pki.missing" in result.output
 
 
 def test_refuses_to_run_as_another_service(pki: PkiStore) -> None:
     code, output, _ = _run(pki, "--identity-dir", str(pki.identity_files(TELEMETRY).directory))
-    assert code == 1
+    assert code == 2
     assert "config.identity.wrong_service" in output
 
 
@@ -106,6 +108,9 @@ def test_refuses_to_run_as_another_service(pki: PkiStore) -> None:
         ("--max-lifetime", "30s"),
         ("--max-lifetime", "8d"),
         ("--max-lifetime", "1 week"),
+        ("--class-lifetime", "edge-gw=4m"),  # below the 5-minute floor of a class
+        ("--class-lifetime", "edge-gw=8d"),
+        ("--class-lifetime", "6h"),  # no class
     ],
 )
 def test_refuses_bad_option_values_as_usage_errors(pki: PkiStore, option: str, value: str) -> None:

@@ -92,15 +92,15 @@ def test_refuses_bad_option_values_as_usage_errors(pki: PkiStore, option: str, v
 
 def test_refuses_to_start_when_its_key_is_readable_by_others(pki: PkiStore) -> None:
     pki.identity_files(MODELS).key.chmod(0o644)
-    code, output, logs = _run(pki)
-    assert code == 1
-    assert "config.key.permissions" in output
-    assert logs[-1]["event"] == "model-distribution.refused"
+    code, output, _ = _run(pki)
+    assert code == 2
+    assert output.count("\n") == 1  # one line: no traceback
+    assert output.startswith("model-distribution: error: [config.key.permissions]")
     assert not (pki.dir.parent / "state").exists()  # refused before creating anything
 
 
 def test_refuses_to_run_as_another_service(pki: PkiStore) -> None:
     code, output, _ = _run(pki, "--identity-dir", str(pki.identity_files(TELEMETRY).directory))
-    assert code == 1
+    assert code == 2
     assert "config.identity.wrong_service" in output
     assert not (pki.dir.parent / "state").exists()

@@ -1,7 +1,8 @@
 """verify_quote on recorded quotes (tests/vectors/tpm), attacked field by field.
 
-The vectors come from swtpm through tpm2-pytss and from tpm2_quote (tpm2-tools 5.4); every
-rejection below must carry its own reason id. Flip-any-byte lives in tests/property.
+The vectors come from swtpm through tpm2-pytss and from tpm2_quote (tpm2-tools 5.4, with an
+ECC and an RSA AK); every rejection below must carry its own reason id. Flip-any-byte lives
+in tests/property.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from edgeward_shared.bindings import enrollment_proof, qualifying_data
 from edgeward_shared.errors import AuthenticityError, EdgewardError, MessageError, PolicyError
 
 VECTORS = Path(__file__).parents[1] / "vectors" / "tpm"
-GENUINE = ("pytss", "tpm2-tools")
+GENUINE = ("pytss", "tpm2-tools", "tpm2-tools-rsa")
 
 
 def _load(name: str) -> QuoteVector:
@@ -208,9 +209,11 @@ def test_rejects_truncated_and_extended_structures(vector: QuoteVector) -> None:
 
 def test_rejects_signature_with_another_hash_or_algorithm(vector: QuoteVector) -> None:
     sha1 = vector.signature[:2] + ALG_SHA1.to_bytes(2, "big") + vector.signature[4:]
-    rsassa = (0x0014).to_bytes(2, "big") + vector.signature[2:]
     assert _reason_of(vector, signature=sha1) == R.QUOTE_SIGNATURE
-    assert _reason_of(vector, signature=rsassa) == R.QUOTE_SIGNATURE
+    # relabelled as each other algorithm (ECDSA, RSASSA, RSAPSS) than its own
+    for other in {0x0018, 0x0014, 0x0016} - {int.from_bytes(vector.signature[:2], "big")}:
+        relabelled = other.to_bytes(2, "big") + vector.signature[2:]
+        assert _reason_of(vector, signature=relabelled) == R.QUOTE_SIGNATURE
 
 
 # ---------------------------------------------------------------- PCRs

@@ -17,6 +17,7 @@ from edgeward_revocation.core import (
     authorize_revoker,
     build_list,
     canonical_subject,
+    kick_names,
     next_step,
     should_revoke,
 )
@@ -79,13 +80,24 @@ def test_who_may_revoke_what() -> None:
     authorize_revoker(ALICE, "operator")
     authorize_revoker(Identity.service(ServiceName.TELEMETRY, "2"), "device")
     authorize_revoker(Identity.service(ServiceName.ATTESTATION), "device")
+    authorize_revoker(Identity.service(ServiceName.IDENTITY, "2"), "cert")  # renewals
     for caller, kind in [
         (Identity.service(ServiceName.TELEMETRY), "operator"),
         (Identity.service(ServiceName.MODEL_DISTRIBUTION), "device"),
         (Identity.device("dev-1"), "device"),
+        (Identity.device("dev-1"), "cert"),
+        (Identity.service(ServiceName.IDENTITY), "device"),
+        (Identity.service(ServiceName.IDENTITY), "operator"),
     ]:
         with pytest.raises(PolicyError, match="revocation.role.not_allowed"):
             authorize_revoker(caller, kind)  # type: ignore[arg-type]
+
+
+def test_a_certificate_retired_after_a_renewal_kicks_nobody() -> None:
+    """The device's session already runs on the renewed certificate, same username."""
+    renewer = Identity.service(ServiceName.IDENTITY)
+    assert kick_names("cert", "1a", "dev-1", renewer) == ()
+    assert kick_names("cert", "1a", "dev-1", ALICE) == ("dev-1",)
 
 
 def test_only_tampering_revokes_automatically() -> None:

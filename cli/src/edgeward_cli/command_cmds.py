@@ -71,6 +71,8 @@ def _send(  # noqa: PLR0917 - one call site per verb, all positional for brevity
         f" ({receipt.reason}) at {describe_time(receipt.at_ms)}; receipt verified, kept in"
         f" {log_path}"
     )
+    if receipt.serial is not None:
+        click.echo(f"the device now runs on certificate serial {receipt.serial}")
     if receipt.outcome != "done":
         raise click.ClickException(f"the device answered {receipt.outcome}: {receipt.reason}")
 
@@ -101,7 +103,13 @@ def _verb(name: str, cls: type[Command], summary: str) -> None:
 _verb("stop", StopCommand, "Stop inference on DEVICE_ID until a signed resume (persisted).")
 _verb("resume", ResumeCommand, "Resume inference on DEVICE_ID.")
 _verb("re-attest", ReattestCommand, "Make DEVICE_ID ask for a fresh attestation now.")
-_verb("rotate-cert", RotateCertCommand, "Ask DEVICE_ID to renew its certificate.")
+_verb(
+    "rotate-cert",
+    RotateCertCommand,
+    "Ask DEVICE_ID to renew its certificate now (a new key, bound to its current"
+    " attestation); the receipt names the new serial, and the old certificate is revoked"
+    " once the new one is in use.",
+)
 
 
 @command.command(name="unload-model")

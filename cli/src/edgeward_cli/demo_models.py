@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeward_cli.demo_attest import GOLDEN, TAMPERED, WAIT_S, process
+from edgeward_cli.demo_renewal import renewal_story
 from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings, connect_mqtt
 from edgeward_shared.envelope import Opened
@@ -205,6 +206,8 @@ async def models_story(
         f"{TAMPERED} reconnecting with its certificate: "
         + (click.style("refused at the TLS handshake", fg="green") if refused else "connected!")
     )
+
+    await renewal_story(store, cli, 18)
 
 
 async def _inference_act(

@@ -4,6 +4,9 @@
   nonce and the device's session key (docs/adr/0006, protocol.md 5.4).
 * :func:`enrollment_proof`: the HMAC an enrollee returns instead of the secret it activated
   (docs/adr/0005, protocol.md 5.3).
+* :func:`renewal_digest`: what a device's attested session key signs to bind a certificate
+  renewal to its attestation (docs/adr/0015, protocol.md 5.5); :func:`sign_renewal` and
+  :func:`renewal_signature_valid` make and check that signature.
 """
 
 from __future__ import annotations
@@ -12,12 +15,18 @@ import hashlib
 import hmac
 from typing import Final
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, utils
+
 #: Domain tag of the qualifying data (see :func:`qualifying_data`).
 QUALIFYING_DATA_TAG: Final = b"EDGEWARD-QUOTE-V1\x00"
 MIN_NONCE_BYTES: Final = 16
 MAX_NONCE_BYTES: Final = 64
 #: The label of the enrollment proof, so the activated secret authenticates nothing else.
 PROOF_LABEL: Final = b"EDGEWARD-ENROLL-V1\x00"
+#: Domain tag of the renewal binding (see :func:`renewal_digest`).
+RENEWAL_TAG: Final = b"EDGEWARD-RENEW-V1\x00"
 
 
 def qualifying_data(nonce: bytes, session_key: bytes) -> bytes:
@@ -45,3 +54,40 @@ def enrollment_proof(secret: bytes, device_id: str, challenge_mid: str) -> bytes
         raise ValueError("an activated secret is never empty")
     message = PROOF_LABEL + device_id.encode() + challenge_mid.encode()
     return hmac.new(secret, message, hashlib.sha256).digest()
+
+
+def renewal_digest(device_id: str, csr: bytes, request_id: str, at_ms: int) -> bytes:
+    """The digest a renewal's session-key signature covers.
+
+    ``SHA-256("EDGEWARD-RENEW-V1\\0" || lv(device id) || lv(csr) || lv(request id) ||
+    u64be(at_ms))`` where ``lv(x) = u16be(len(x)) || x`` (strings UTF-8), ``csr`` the DER
+    PKCS#10 request for the new key, ``request id`` the request envelope's ``mid`` (single
+    use: the identity service claims it) and ``at_ms`` the device's time of the request.
+    Length prefixes make it injective; the tag keeps it from meaning anything elsewhere.
+    """
+    if not 0 <= at_ms < 1 << 64:
+        raise ValueError("at_ms is an unsigned 64-bit time")
+    parts = [device_id.encode(), csr, request_id.encode()]
+    if any(not 0 < len(part) < 1 << 16 for part in parts):
+        raise ValueError("device id, CSR and request id are non-empty and below 64 KiB")
+    body = b"".join(len(part).to_bytes(2, "big") + part for part in parts)
+    return hashlib.sha256(RENEWAL_TAG + body + at_ms.to_bytes(8, "big")).digest()
+
+
+_PREHASHED: Final = ec.ECDSA(utils.Prehashed(hashes.SHA256()))
+
+
+def sign_renewal(session_key: ec.EllipticCurvePrivateKey, digest: bytes) -> bytes:
+    """ECDSA P-256 over a :func:`renewal_digest` (DER signature)."""
+    return session_key.sign(digest, _PREHASHED)
+
+
+def renewal_signature_valid(
+    session_key: ec.EllipticCurvePublicKey, digest: bytes, signature: bytes
+) -> bool:
+    """Whether ``signature`` is the session key's over ``digest``."""
+    try:
+        session_key.verify(signature, digest, _PREHASHED)
+    except (InvalidSignature, ValueError):
+        return False
+    return True

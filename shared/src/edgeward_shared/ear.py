@@ -8,7 +8,8 @@ Shape (draft-ietf-rats-ear, JWT/ES256 made and checked with PyJWT)::
              "iat": <s>, "exp": <s>, "jti": <result id>, "sub": <device id>,
              "ear.verifier-id": {"developer": "edgeward", "build": "<version>"},
              "submods": {"edgeward": {"ear.status": "affirming" | "warning" | "contraindicated",
-                                      "ear.appraisal-policy-id": <policy id>}},
+                                      "ear.appraisal-policy-id": <policy id>,
+                                      "edgeward.device-class": <class> (optional)}},
              "cnf": {"jwk": <the device's session public key, EC P-256 JWK (RFC 7800)>}}
 
 :func:`verify_ear` accepts a result only if its signer's certificate chains to our CA, is
@@ -39,6 +40,7 @@ from edgeward_shared.strictjson import loads_unique
 
 EAR_PROFILE: Final = "tag:github.com,2023:veraison/ear"
 SUBMODULE: Final = "edgeward"
+DEVICE_CLASS_CLAIM: Final = "edgeward.device-class"
 VERIFIER: Final = Identity.service(ServiceName.ATTESTATION)
 MAX_TOKEN_BYTES: Final = 8192
 Status = Literal["affirming", "warning", "contraindicated"]
@@ -65,6 +67,9 @@ class AttestationClaims:
     result_id: str
     issued_at: int
     expires_at: int
+    #: the device's class as the operator provisioned it (the identity service picks the
+    #: certificate lifetime by it); None in results that do not name it
+    device_class: str | None = None
 
     @property
     def session_key_der(self) -> bytes:
@@ -78,6 +83,13 @@ def _session_jwk(key: ec.EllipticCurvePublicKey) -> dict[str, Any]:
     return jwk
 
 
+def _submodule(claims: AttestationClaims) -> dict[str, str]:
+    submod = {"ear.status": claims.status, "ear.appraisal-policy-id": claims.policy_id}
+    if claims.device_class is not None:
+        submod[DEVICE_CLASS_CLAIM] = claims.device_class
+    return submod
+
+
 def issue_ear(signer: SigningKey, claims: AttestationClaims, *, build: str = "0.1.0") -> str:
     """Sign ``claims`` as an EAR JWT with the attestation service's key."""
     if signer.identity.principal != VERIFIER:
@@ -89,9 +101,7 @@ def issue_ear(signer: SigningKey, claims: AttestationClaims, *, build: str = "0.
         "jti": claims.result_id,
         "sub": claims.device_id,
         "ear.verifier-id": {"developer": "edgeward", "build": build},
-        "submods": {
-            SUBMODULE: {"ear.status": claims.status, "ear.appraisal-policy-id": claims.policy_id}
-        },
+        "submods": {SUBMODULE: _submodule(claims)},
         "cnf": {"jwk": _session_jwk(claims.session_key)},
     }
     headers = {"x5c": [base64.b64encode(signer.cert_der).decode()], "typ": "JWT"}
@@ -141,6 +151,14 @@ def verify_ear(
     return parsed
 
 
+def _optional_str(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{DEVICE_CLASS_CLAIM} is not a string")
+    return value
+
+
 def _refuse_duplicate_members(token: str) -> None:
     """PyJWT keeps the last copy of a repeated header or claim member; another verifier may
     keep the first. Refuse both segments if either repeats a member (docs/adr/0013)."""
@@ -166,6 +184,7 @@ def _parse_claims(claims: dict[str, Any]) -> AttestationClaims:
             result_id=str(claims["jti"]),
             issued_at=int(claims["iat"]),
             expires_at=int(claims["exp"]),
+            device_class=_optional_str(submod.get(DEVICE_CLASS_CLAIM)),
         )
     except (KeyError, TypeError, ValueError, jwt.PyJWTError) as exc:
         raise MessageError(EarReason.MALFORMED, f"claims: {exc}") from exc

@@ -90,9 +90,15 @@ def _pytss_vector(name: str, device: SwtpmDevice, bank: PcrBank) -> None:
         )
 
 
-def _tools_vector(device: SwtpmDevice, work: Path) -> None:
-    """tpm2_createek + tpm2_createak (AK under the EK) + tpm2_quote, all tpm2-tools 5.4."""
+def _tools_vector(device: SwtpmDevice, work: Path, alg: str = "ecc") -> None:
+    """tpm2_createek + tpm2_createak (AK under the EK) + tpm2_quote, all tpm2-tools 5.4.
+
+    ``alg`` "ecc": ECC EK, ECDSA-SHA256 P-256 AK (``tpm2-tools/``); "rsa": RSA-2048 EK,
+    RSASSA-SHA256 RSA-2048 AK (``tpm2-tools-rsa/``).
+    """
     env = {**os.environ, "TPM2TOOLS_TCTI": device.tcti}
+    scheme = "ecdsa" if alg == "ecc" else "rsassa"
+    name = "tpm2-tools" if alg == "ecc" else "tpm2-tools-rsa"
     nonce, session_key = os.urandom(32), _session_key()
     selection = "sha256:" + ",".join(map(str, SELECTION))
 
@@ -101,7 +107,7 @@ def _tools_vector(device: SwtpmDevice, work: Path) -> None:
         # no resource manager on a bare swtpm: flush what the tool left loaded
         subprocess.run(["tpm2_flushcontext", "-t"], env=env, check=True, capture_output=True)
 
-    tool("tpm2_createek", "-c", "ek.ctx", "-G", "ecc", "-u", "ek.pub")
+    tool("tpm2_createek", "-c", "ek.ctx", "-G", alg, "-u", "ek.pub")
     tool(
         "tpm2_createak",
         "-C",
@@ -109,11 +115,11 @@ def _tools_vector(device: SwtpmDevice, work: Path) -> None:
         "-c",
         "ak.ctx",
         "-G",
-        "ecc",
+        alg,
         "-g",
         "sha256",
         "-s",
-        "ecdsa",
+        scheme,
         "-u",
         "ak.pub",
         "-n",
@@ -141,9 +147,9 @@ def _tools_vector(device: SwtpmDevice, work: Path) -> None:
     values = (work / "pcrs.bin").read_bytes()
     pcrs = {i: values[32 * n : 32 * (n + 1)] for n, i in enumerate(SELECTION)}
     _write(
-        "tpm2-tools",
-        "tpm2-tools 5.4: tpm2_createak (under tpm2_createek's ECC EK) + "
-        "tpm2_quote -g sha256 -F values, on swtpm",
+        name,
+        f"tpm2-tools 5.4: tpm2_createak -G {alg} -s {scheme} (under tpm2_createek's "
+        f"{alg.upper()} EK) + tpm2_quote -g sha256 -F values, on swtpm",
         (work / "ak.pub").read_bytes(),
         (work / "quote.msg").read_bytes(),
         (work / "quote.sig").read_bytes(),
@@ -165,6 +171,7 @@ def main() -> None:
         _pytss_vector("pytss-sha1", golden, PcrBank.SHA1)
         _pytss_vector("pytss-tampered", tampered, PcrBank.SHA256)
         _tools_vector(golden, Path(tmp))
+        _tools_vector(golden, Path(tmp), "rsa")
     print(f"vectors written under {HERE}")
 
 

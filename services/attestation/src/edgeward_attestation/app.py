@@ -24,11 +24,17 @@ from edgeward_shared.logs import fields
 from edgeward_shared.messages.attest import AttestationEvidence, AttestationRequest
 from edgeward_shared.messages.common import Rejected
 from edgeward_shared.messages.enroll import CredentialProof, EnrollRequest
-from edgeward_shared.messages.identity import CertificateIssued, IssueDeviceCertificate
+from edgeward_shared.messages.identity import (
+    CertificateIssued,
+    CertificateRenewed,
+    IssueDeviceCertificate,
+)
 from edgeward_shared.runtime.core import Runtime
 from edgeward_shared.runtime.health import answer_pings
+from edgeward_shared.runtime.revocations import RevocationFollower
 from edgeward_shared.topics import (
     ROOT,
+    service_event_topic,
     service_request_topic,
     service_response_topic,
     shared_subscription,
@@ -44,9 +50,13 @@ def wire(
     store: AttestationStore,
     manufacturers: Sequence[x509.Certificate],
     settings: Settings | None = None,
+    follower: RevocationFollower | None = None,
 ) -> AttestationService:
-    """Register the service's routes on ``runtime`` and return the service."""
+    """Register the service's routes on ``runtime`` and return the service. ``follower``:
+    the revocation plane as this instance follows it (None: one kept in memory)."""
     me = runtime.identity
+    follower = follower or RevocationFollower(None, required=False)
+    follower.attach(runtime)
     runtime.expect_replies(service_response_topic(ServiceName.IDENTITY, me), [CertificateIssued])
 
     async def issue_certificate(request: IssueDeviceCertificate) -> CertificateIssued:
@@ -65,7 +75,9 @@ def wire(
         issue_certificate=issue_certificate,
         clock=runtime.clock,
         settings=settings,
+        device_revoked=follower.device_revoked,
     )
+    runtime.on_identity_change(service.use_signing_key)  # EARs signed with a reloaded key
     runtime.route(
         shared_subscription(GROUP, f"{ROOT}/enroll/+/up"),
         [EnrollRequest, CredentialProof],
@@ -77,6 +89,12 @@ def wire(
         [AttestationRequest, AttestationEvidence],
         service.on_attestation,
         name="attest",
+    )
+    runtime.route(
+        shared_subscription(GROUP, service_event_topic(ServiceName.IDENTITY, "renewed")),
+        [CertificateRenewed],
+        service.on_renewed,
+        name="renewed",
     )
     requests = shared_subscription(GROUP, f"{ROOT}/svc/{ServiceName.ATTESTATION}/req/+")
     runtime.route(requests, OPS_TYPES, Operations(service), name="ops")

@@ -4,8 +4,10 @@ Checks, in order (docs/adr/0005): an operator provisioned the id, with the class
 device's claim must match it); the EK certificate parses and is issued by an allowed TPM
 manufacturer CA and valid now; the EK public area describes the certificate's key; the AK
 is a TPM-resident restricted signing key (``keys.AttestationKey``); the EK is the one the
-operator pinned (if any) and backs no other id; an enrolled id re-enrolls only with an
-operator's approval for that EK. What it returns is what MakeCredential and the registry
+operator pinned (if any) and backs no other id; a device revoked on the revocation plane
+never enrolls again; an enrolled id re-enrolls by itself with the EK it is bound to (a
+device back from a long absence, its certificate expired), and with another EK only with
+an operator's approval for that EK. What it returns is what MakeCredential and the registry
 need. Proving that EK and AK share a TPM is the credential round trip (``credential.py`` +
 the device's answer).
 """
@@ -38,6 +40,7 @@ class EnrollReason:
     EK_UNEXPECTED: Final = "enroll.ek.unexpected"
     EK_IN_USE: Final = "enroll.ek.in_use"
     REBIND: Final = "enroll.device.rebind"
+    REVOKED: Final = "enroll.device.revoked"
     CHALLENGE_UNKNOWN: Final = "enroll.challenge.unknown"
     CHALLENGE_EXPIRED: Final = "enroll.challenge.expired"
     PROOF_INVALID: Final = "enroll.proof.invalid"
@@ -97,6 +100,7 @@ class Registry:
     bound_ek: str | None  # the EK the id is enrolled with, if it is
     rebind_approved_for: str | None  # the EK an operator approved a (re-)enrollment with
     ek_owner: str | None  # the id the request's EK is already bound to, if any
+    revoked: bool = False  # the revocation plane revokes this device id
 
 
 def check_enroll_request(
@@ -109,11 +113,14 @@ def check_enroll_request(
 ) -> EnrollmentClaim:
     """Decide whether the enrollee ``device_id`` may continue to credential activation.
 
-    The class is the operator's (provisioning), never the device's word; an enrolled id
-    re-enrolls only with an operator's approval for that EK; one TPM backs one id.
+    The class is the operator's (provisioning), never the device's word; a revoked id never
+    enrolls; an enrolled id re-enrolls with its own EK by itself, with another EK only with
+    an operator's approval for that EK; one TPM backs one id.
     """
     if registry.provisioned_class is None:
         raise PolicyError(EnrollReason.NOT_PROVISIONED, f"{device_id} was not provisioned")
+    if registry.revoked:
+        raise PolicyError(EnrollReason.REVOKED, f"{device_id} is revoked")
     if request.device_class != registry.provisioned_class:
         raise PolicyError(
             EnrollReason.CLASS_MISMATCH, f"{device_id} is not a {request.device_class}"
@@ -132,8 +139,10 @@ def check_enroll_request(
         )
     if registry.ek_owner not in (None, device_id):
         raise PolicyError(EnrollReason.EK_IN_USE, "this TPM backs another device id")
-    if registry.bound_ek is not None and fingerprint != registry.rebind_approved_for:
+    rebinding = registry.bound_ek is not None and fingerprint != registry.bound_ek
+    if rebinding and fingerprint != registry.rebind_approved_for:
         raise PolicyError(
-            EnrollReason.REBIND, f"{device_id} is enrolled; re-enrolling needs approval"
+            EnrollReason.REBIND,
+            f"{device_id} is bound to another TPM; rebinding needs approval",
         )
     return EnrollmentClaim(device_id, registry.provisioned_class, ek, ak, fingerprint)

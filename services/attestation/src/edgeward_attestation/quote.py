@@ -1,49 +1,71 @@
-"""``verify_quote``: the pure decision whether a TPM2_Quote is fresh, genuine and allowed.
+"""The pure decision whether a TPM2_Quote is genuine, fresh and allowed.
 
-Bytes and explicit context in (the enrolled AK, the challenge, the session key the quote
-must bind, the device class's PCR policy, the last accepted clock state, ``now``), a
-:class:`QuoteVerdict` out, or an :class:`~edgeward_shared.errors.EdgewardError` whose
-``reason`` is one of :class:`~edgeward_attestation.reasons.AttestationReason`:
+Two entry points, one set of checks (docs/adr/0018):
 
-* ``MessageError``      the bytes are not a quote (malformed, wrong magic or type);
-* ``AuthenticityError`` not from this AK, not for this challenge, or not fresh (signature,
-  nonce, PCR digest, counters and clock going backwards);
-* ``PolicyError``       a genuine quote of the wrong bank or selection, or of PCR values
-  the device class does not allow.
+* :func:`verify_quote_raw`, the public verifier API for anyone's quotes: bytes in (the
+  TPMS_ATTEST, the TPMT_SIGNATURE, the AK as TPM2B_PUBLIC, TPMT_PUBLIC or DER SPKI, the
+  extraData the caller expects, optionally the PCR values, a :class:`PcrPolicy` and the last
+  accepted :class:`ClockState`), a :class:`QuoteReport` out that lists **every** finding
+  (each a reason id of :class:`~edgeward_attestation.reasons.AttestationReason` and a typed
+  error), not only the first. It never raises on what the quote says; a caller's misuse
+  (an unknown AK format) is a ``ValueError``. Accepted means: no finding.
+* :func:`verify_quote`, the product's: the extraData is the session-key binding
+  ``qualifyingData = SHA-256(nonce || session key)`` (docs/adr/0006), the challenge has an
+  expiry, the policy is required, and it fails closed: any finding raises the first one's
+  :class:`~edgeward_shared.errors.EdgewardError`:
 
-The checks run in this order, cheapest and most structural first: parse (magic, type,
-bounds), expiry of the challenge, signature, nonce binding, bank and selection, supplied PCR
-values against the quoted digest, allowlist, counters and clock. It leaves single use of
-the nonce (the challenge store), AK enrollment and EAR issuance to the service.
+  * ``MessageError``      the bytes are not a quote or a key (malformed, wrong magic or type);
+  * ``AuthenticityError`` not from this AK, not for this challenge, or not fresh (signature,
+    nonce, PCR digest, counters and clock going backwards);
+  * ``PolicyError``       a genuine quote of the wrong bank or selection, or of PCR values
+    the device class does not allow.
+
+:func:`check_pcr_digest` is the PCR-digest check alone, usable without a policy.
+
+The findings come in this order, cheapest and most structural first: AK, parse (magic, type,
+bounds; nothing after it runs on bytes that do not parse), expiry of the challenge,
+signature (ECDSA P-256, RSASSA or RSAPSS, SHA-256, the AK's own scheme), extraData, bank
+and selection, supplied PCR values against the quoted digest, allowlist (only for values
+shown to hash to the digest), counters and clock. It leaves single use of the nonce (the
+challenge store), AK enrollment and EAR issuance to the service.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from edgeward_attestation.keys import AttestationKey
 from edgeward_attestation.reasons import AttestationReason as R
 from edgeward_attestation.structures import (
+    ALG_ECDSA,
+    ALG_RSASSA,
     ALG_SHA256,
     HASHES,
     ClockInfo,
+    EcdsaSignature,
     QuoteAttest,
-    parse_ecdsa_signature,
+    RsaSignature,
     parse_quote_attest,
+    parse_signature,
 )
 from edgeward_shared.bindings import qualifying_data
-from edgeward_shared.errors import AuthenticityError, MessageError, PolicyError
+from edgeward_shared.errors import AuthenticityError, EdgewardError, MessageError, PolicyError
 
-_ECDSA_SHA256: Final = ec.ECDSA(hashes.SHA256())
+_SHA256: Final = hashes.SHA256()
+_ECDSA_SHA256: Final = ec.ECDSA(_SHA256)
+_PKCS1V15: Final = padding.PKCS1v15()
+#: TPMs sign RSAPSS with a salt as long as the digest or as long as the key allows
+#: (Part 1, Annex B.7, by revision): the verifier accepts any salt length.
+_PSS: Final = padding.PSS(padding.MGF1(_SHA256), padding.PSS.AUTO)
 _P256_ORDER_BYTES: Final = 32
 
 
@@ -111,50 +133,152 @@ class QuoteVerdict:
     accepted: bool = True
 
 
-def _check_signature(attest: bytes, signature: bytes, ak: AttestationKey) -> None:
-    """TPMT_SIGNATURE (ECDSA, SHA-256, r and s at most 32 bytes) over the TPMS_ATTEST bytes."""
-    parsed = parse_ecdsa_signature(signature)
-    if parsed.hash_alg != ALG_SHA256 or parsed.r == 0 or parsed.s == 0:
-        raise AuthenticityError(R.QUOTE_SIGNATURE, "not a SHA-256 ECDSA signature")
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One reason a quote is refused: the typed error, whose ``reason`` is the stable id."""
+
+    error: EdgewardError
+
+    @property
+    def reason(self) -> str:
+        return self.error.reason
+
+
+@dataclass(frozen=True, slots=True)
+class QuoteReport:
+    """What :func:`verify_quote_raw` found. ``accepted`` only with no finding at all.
+
+    ``quote`` is the parsed TPMS_ATTEST (``None`` if it does not parse); ``pcrs`` the PCR
+    values (index to value, in the quote's bank) shown to hash to its pcrDigest, ``None``
+    if none were supplied or they do not.
+    """
+
+    findings: tuple[Finding, ...]
+    quote: QuoteAttest | None
+    pcrs: Mapping[int, bytes] | None
+
+    @property
+    def accepted(self) -> bool:
+        return not self.findings
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        return tuple(finding.reason for finding in self.findings)
+
+    def raise_first(self) -> None:
+        """Fail closed: raise the first finding's error, if any."""
+        if self.findings:
+            raise self.findings[0].error
+
+
+AkFormat = Literal["tpm2b_public", "tpmt_public", "spki"]
+_AK_LOADERS: Final[dict[str, Callable[[bytes], AttestationKey]]] = {
+    "tpm2b_public": AttestationKey.from_tpm2b_public,
+    "tpmt_public": AttestationKey.from_tpmt_public,
+    "spki": AttestationKey.from_spki,
+}
+
+
+# Each check returns its error (a finding) or ``None``: no exception on the accepted path.
+def _check_ecdsa(attest: bytes, parsed: EcdsaSignature, ak: AttestationKey) -> EdgewardError | None:
+    if (ALG_ECDSA, parsed.hash_alg) not in ak.schemes:
+        return AuthenticityError(R.QUOTE_SIGNATURE, "not the AK's scheme (ECDSA-SHA256)")
+    if parsed.r == 0 or parsed.s == 0:
+        return AuthenticityError(R.QUOTE_SIGNATURE, "r or s is zero")
     if max(parsed.r, parsed.s).bit_length() > 8 * _P256_ORDER_BYTES:
-        raise AuthenticityError(R.QUOTE_SIGNATURE, "r or s too large for P-256")
+        return AuthenticityError(R.QUOTE_SIGNATURE, "r or s too large for P-256")
+    if not isinstance(ak.key, ec.EllipticCurvePublicKey):  # excluded by its schemes
+        return AuthenticityError(R.QUOTE_SIGNATURE, "an ECDSA signature, an RSA AK")
     try:
         ak.key.verify(encode_dss_signature(parsed.r, parsed.s), attest, _ECDSA_SHA256)
     except InvalidSignature:
-        raise AuthenticityError(R.QUOTE_SIGNATURE, "not signed by the enrolled AK") from None
+        return AuthenticityError(R.QUOTE_SIGNATURE, "not signed by the AK")
+    return None
 
 
-def _check_selection(quote: QuoteAttest, policy: PcrPolicy) -> None:
+def _check_rsa(attest: bytes, parsed: RsaSignature, ak: AttestationKey) -> EdgewardError | None:
+    if (parsed.sig_alg, parsed.hash_alg) not in ak.schemes:
+        return AuthenticityError(R.QUOTE_SIGNATURE, "not one of the AK's RSA schemes")
+    if not isinstance(ak.key, rsa.RSAPublicKey):  # excluded by its schemes
+        return AuthenticityError(R.QUOTE_SIGNATURE, "an RSA signature, an ECC AK")
+    pad = _PKCS1V15 if parsed.sig_alg == ALG_RSASSA else _PSS
+    try:
+        ak.key.verify(parsed.sig, attest, pad, _SHA256)
+    except InvalidSignature:
+        return AuthenticityError(R.QUOTE_SIGNATURE, "not signed by the AK")
+    return None
+
+
+def _check_signature(attest: bytes, signature: bytes, ak: AttestationKey) -> EdgewardError | None:
+    """TPMT_SIGNATURE in one of the AK's schemes over the TPMS_ATTEST bytes."""
+    try:
+        parsed = parse_signature(signature)
+    except EdgewardError as exc:
+        return exc
+    if isinstance(parsed, EcdsaSignature):
+        return _check_ecdsa(attest, parsed, ak)
+    return _check_rsa(attest, parsed, ak)
+
+
+def _check_selection(quote: QuoteAttest, policy: PcrPolicy) -> EdgewardError | None:
     """TPML_PCR_SELECTION: exactly one bank, the policy's, with exactly its indices."""
     if len(quote.pcr_selections) != 1 or quote.pcr_selections[0].bank != policy.bank:
         banks = [f"{s.bank:#06x}" for s in quote.pcr_selections]
-        raise PolicyError(R.PCR_BANK, f"quoted banks {banks}, required {policy.bank:#06x}")
+        return PolicyError(R.PCR_BANK, f"quoted banks {banks}, required {policy.bank:#06x}")
     quoted = quote.pcr_selections[0].indices
     if frozenset(quoted) != policy.selection:
-        raise PolicyError(R.PCR_SELECTION, f"quoted PCRs {list(quoted)}")
+        return PolicyError(R.PCR_SELECTION, f"quoted PCRs {list(quoted)}")
+    return None
 
 
 def _check_pcr_values(
-    quote: QuoteAttest, pcr_values: Mapping[int, bytes], policy: PcrPolicy
-) -> dict[int, bytes]:
-    """The supplied values hash (in selection order, SHA-256: the AK's scheme) to pcrDigest."""
-    _, size = HASHES[policy.bank]
-    indices = quote.pcr_selections[0].indices
-    values = [bytes(pcr_values.get(i, b"")) for i in indices]
-    if len(pcr_values) != len(indices) or any(len(value) != size for value in values):
-        raise MessageError(R.PCR_VALUES, f"values for {sorted(pcr_values)}, quoted {indices}")
+    quote: QuoteAttest, pcr_values: Mapping[int, bytes]
+) -> dict[int, bytes] | EdgewardError:
+    """The supplied values hash (in selection order, SHA-256: the AK's scheme) to pcrDigest.
+
+    One bank: the values are the quote's bank's (a multi-bank quote cannot be given as one
+    index-to-value mapping, and is refused here as ``attestation.pcr.values_malformed``).
+    Returns the values (a copy, index to value) or the finding.
+    """
+    selections = quote.pcr_selections
+    if len(selections) != 1 or selections[0].bank not in HASHES:
+        return MessageError(R.PCR_VALUES, "PCR values check a quote of exactly one known bank")
+    _, size = HASHES[selections[0].bank]
+    indices = selections[0].indices
+    values = [pcr_values.get(i, b"") for i in indices]
+    if len(pcr_values) != len(indices) or {*map(len, values)} - {size}:
+        return MessageError(R.PCR_VALUES, f"values for {sorted(pcr_values)}, quoted {indices}")
     if not hmac.compare_digest(hashlib.sha256(b"".join(values)).digest(), quote.pcr_digest):
-        raise AuthenticityError(R.PCR_DIGEST, "PCR values do not hash to the quoted digest")
-    return dict(zip(indices, values, strict=True))
+        return AuthenticityError(R.PCR_DIGEST, "PCR values do not hash to the quoted digest")
+    return dict(pcr_values)
 
 
-def _check_allowlist(pcrs: Mapping[int, bytes], policy: PcrPolicy) -> None:
-    off = sorted(i for i, value in pcrs.items() if value not in policy.allowlist[i])
+def check_pcr_digest(quote: QuoteAttest | bytes, pcr_values: Mapping[int, bytes]) -> QuoteReport:
+    """Only whether ``pcr_values`` (index to value) hash to the quote's pcrDigest.
+
+    No signature, no policy: for a caller who verified the quote otherwise, or who wants to
+    know which PCR values a quote commits to. ``quote`` is a parsed or marshalled TPMS_ATTEST.
+    """
+    if isinstance(quote, bytes):
+        try:
+            quote = parse_quote_attest(quote)
+        except EdgewardError as exc:
+            return QuoteReport((Finding(exc),), None, None)
+    checked = _check_pcr_values(quote, pcr_values)
+    if isinstance(checked, EdgewardError):
+        return QuoteReport((Finding(checked),), quote, None)
+    return QuoteReport((), quote, checked)
+
+
+def _check_allowlist(pcrs: Mapping[int, bytes], policy: PcrPolicy) -> EdgewardError | None:
+    allowlist = policy.allowlist
+    off = [i for i, value in pcrs.items() if value not in allowlist.get(i, ())]
     if off:
-        raise PolicyError(R.PCR_NOT_ALLOWED, f"PCRs {off} hold values off the allowlist")
+        return PolicyError(R.PCR_NOT_ALLOWED, f"PCRs {sorted(off)} hold values off the allowlist")
+    return None
 
 
-def _check_monotonic(info: ClockInfo, previous: ClockState | None) -> None:
+def _check_monotonic(info: ClockInfo, previous: ClockState | None) -> EdgewardError | None:
     """TPMS_CLOCK_INFO against the last accepted quote (Part 2, 10.11.1).
 
     resetCount never decreases; restartCount never decreases within one reset. Clock never
@@ -163,15 +287,102 @@ def _check_monotonic(info: ClockInfo, previous: ClockState | None) -> None:
     so itself with ``safe`` = NO; a lower Clock reported as safe is a replayed quote.
     """
     if previous is None:
-        return
+        return None
     if info.reset_count < previous.reset_count:
-        raise AuthenticityError(R.RESET_BACKWARDS, f"{info.reset_count} < {previous.reset_count}")
+        return AuthenticityError(R.RESET_BACKWARDS, f"{info.reset_count} < {previous.reset_count}")
     same_reset = info.reset_count == previous.reset_count
     if same_reset and info.restart_count < previous.restart_count:
-        raise AuthenticityError(R.RESTART_BACKWARDS, "restartCount went backwards")
+        return AuthenticityError(R.RESTART_BACKWARDS, "restartCount went backwards")
     same_boot = same_reset and info.restart_count == previous.restart_count
     if info.clock < previous.clock and (same_boot or info.safe):
-        raise AuthenticityError(R.CLOCK_BACKWARDS, f"clock {info.clock} < {previous.clock}")
+        return AuthenticityError(R.CLOCK_BACKWARDS, f"clock {info.clock} < {previous.clock}")
+    return None
+
+
+def _load_ak(ak: AttestationKey | bytes, ak_format: AkFormat) -> AttestationKey | EdgewardError:
+    if isinstance(ak, AttestationKey):
+        return ak
+    if ak_format not in _AK_LOADERS:
+        raise ValueError(f"unknown AK format {ak_format!r}")
+    try:
+        return _AK_LOADERS[ak_format](ak)
+    except EdgewardError as exc:
+        return exc
+
+
+def _verify(  # noqa: PLR0917 (the one private core of both entry points)
+    attest: bytes,
+    signature: bytes,
+    ak: AttestationKey | bytes,
+    ak_format: AkFormat,
+    expected_extra_data: bytes,
+    pcr_values: Mapping[int, bytes] | None,
+    policy: PcrPolicy | None,
+    previous: ClockState | None,
+    expired: bool,
+) -> QuoteReport:
+    errors: list[EdgewardError | None] = []
+    key = _load_ak(ak, ak_format)
+    if isinstance(key, EdgewardError):
+        errors.append(key)
+    try:
+        quote = parse_quote_attest(attest)
+    except EdgewardError as exc:
+        errors.append(exc)
+        return QuoteReport(tuple(map(Finding, filter(None, errors))), None, None)
+    if expired:
+        errors.append(AuthenticityError(R.NONCE_EXPIRED, "the challenge expired"))
+    if isinstance(key, AttestationKey):
+        errors.append(_check_signature(attest, signature, key))
+    if not hmac.compare_digest(quote.extra_data, expected_extra_data):
+        detail = "extraData is not the expected one (this challenge's binding)"
+        errors.append(AuthenticityError(R.NONCE_MISMATCH, detail))
+    selection = None if policy is None else _check_selection(quote, policy)
+    errors.append(selection)
+    pcrs = None
+    if pcr_values is not None:
+        checked = _check_pcr_values(quote, pcr_values)
+        if isinstance(checked, EdgewardError):
+            errors.append(checked)
+        else:
+            pcrs = checked
+    if policy is not None and selection is None and pcrs is not None:
+        errors.append(_check_allowlist(pcrs, policy))
+    errors.append(_check_monotonic(quote.clock_info, previous))
+    return QuoteReport(tuple(map(Finding, filter(None, errors))), quote, pcrs)
+
+
+def verify_quote_raw(
+    attest: bytes,
+    signature: bytes,
+    ak: AttestationKey | bytes,
+    expected_extra_data: bytes,
+    pcr_values: Mapping[int, bytes] | None = None,
+    *,
+    ak_format: AkFormat = "tpm2b_public",
+    policy: PcrPolicy | None = None,
+    previous: ClockState | None = None,
+) -> QuoteReport:
+    """Check a quote against a raw expected extraData; report every finding.
+
+    ``attest`` is the TPMS_ATTEST (TPM2B_ATTEST's buffer), ``signature`` the marshalled
+    TPMT_SIGNATURE, ``ak`` parsed or as bytes in ``ak_format`` (TPM2B_PUBLIC, TPMT_PUBLIC or
+    DER SubjectPublicKeyInfo), ``expected_extra_data`` what TPMS_ATTEST.extraData must be
+    (compared in constant time). Optional: ``pcr_values`` (index to value, the quote's one
+    bank) are checked against pcrDigest; ``policy`` adds bank, selection and allowlist;
+    ``previous`` adds the counters and clock.
+    """
+    return _verify(
+        attest,
+        signature,
+        ak,
+        ak_format,
+        expected_extra_data,
+        pcr_values,
+        policy,
+        previous,
+        expired=False,
+    )
 
 
 def verify_quote(
@@ -186,25 +397,29 @@ def verify_quote(
     previous: ClockState | None,
     now_ms: int,
 ) -> QuoteVerdict:
-    """Verify a quote; see the module docstring for the checks and the errors.
+    """Verify a quote the product's way; see the module docstring for the checks and errors.
 
     ``attest`` is the TPMS_ATTEST (TPM2B_ATTEST's buffer), ``signature`` the marshalled
     TPMT_SIGNATURE, ``pcr_values`` the PCR values the device supplied (index to digest),
     ``ak`` the enrolled AK (parsed, or its TPM2B_PUBLIC), ``session_key`` the DER
-    SubjectPublicKeyInfo the quote must bind (:func:`qualifying_data`).
+    SubjectPublicKeyInfo the quote must bind (:func:`qualifying_data`). Raises the first
+    finding of :func:`verify_quote_raw` (with the challenge's expiry) if there is any.
     """
-    key = ak if isinstance(ak, AttestationKey) else AttestationKey.from_tpm2b_public(ak)
-    expected = qualifying_data(challenge.nonce, session_key)
-    quote = parse_quote_attest(attest)
-    if now_ms > challenge.expires_at_ms:
-        raise AuthenticityError(R.NONCE_EXPIRED, "the challenge expired")
-    _check_signature(attest, signature, key)
-    if not hmac.compare_digest(quote.extra_data, expected):
-        raise AuthenticityError(R.NONCE_MISMATCH, "extraData is not this challenge's binding")
-    _check_selection(quote, policy)
-    pcrs = _check_pcr_values(quote, pcr_values, policy)
-    _check_allowlist(pcrs, policy)
-    _check_monotonic(quote.clock_info, previous)
+    report = _verify(
+        attest,
+        signature,
+        ak,
+        "tpm2b_public",
+        qualifying_data(challenge.nonce, session_key),
+        pcr_values,
+        policy,
+        previous,
+        expired=now_ms > challenge.expires_at_ms,
+    )
+    report.raise_first()
+    quote, pcrs = report.quote, report.pcrs
+    if quote is None or pcrs is None:  # no finding means both were checked
+        raise RuntimeError("an accepted report without a quote or PCR values")
     facts = QuoteFacts(
         quote.clock_info,
         quote.firmware_version,

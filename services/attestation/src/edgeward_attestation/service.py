@@ -64,7 +64,11 @@ from edgeward_shared.messages.enroll import (
     Enrolled,
     EnrollRequest,
 )
-from edgeward_shared.messages.identity import CertificateIssued, IssueDeviceCertificate
+from edgeward_shared.messages.identity import (
+    CertificateIssued,
+    CertificateRenewed,
+    IssueDeviceCertificate,
+)
 from edgeward_shared.runtime.core import Outgoing
 from edgeward_shared.topics import (
     Channel,
@@ -113,7 +117,11 @@ class AttestationService:
         issue_certificate: IssueCertificate,
         clock: Clock,
         settings: Settings | None = None,
+        device_revoked: Callable[[str], bool] = lambda _device_id: False,
     ) -> None:
+        """``device_revoked``: whether the revocation plane revokes a device id (such a
+        device never enrolls again)."""
+        self.device_revoked = device_revoked
         self.store = store
         self.signing_key = signing_key
         self.manufacturers = list(manufacturers)
@@ -121,6 +129,10 @@ class AttestationService:
         self.clock = clock
         self.settings = settings or Settings()
         self._last_asked: dict[str, int] = {}
+
+    def use_signing_key(self, signing_key: SigningKey) -> None:
+        """Sign EARs with ``signing_key`` from now on (the node reloaded its identity)."""
+        self.signing_key = signing_key
 
     # ------------------------------------------------------------------ registrar
     async def on_enrollment(self, opened: Opened[Any]) -> Sequence[Outgoing]:
@@ -183,6 +195,7 @@ class AttestationService:
             bound_ek=known.ek_fingerprint if known else None,
             rebind_approved_for=await self.store.rebind_approved_for(device_id),
             ek_owner=owner,
+            revoked=self.device_revoked(device_id),
         )
 
     async def _complete_enrollment(
@@ -214,6 +227,23 @@ class AttestationService:
         log.info("enroll.completed", extra=fields(device=device_id, serial=issued.serial))
         enrolled = Enrolled(in_reply_to=opened.mid, certificate_chain=issued.certificate_chain)
         return (Outgoing(_reply(opened), enrolled),)
+
+    async def on_renewed(self, opened: Opened[Any]) -> Sequence[Outgoing]:
+        """The identity service says a device runs on a renewed certificate (docs/adr/0015):
+        follow its serial, so the device attests with it. Only from the current serial."""
+        event: CertificateRenewed = opened.message
+        followed = await self.store.renew_serial(
+            event.device_id,
+            event.previous,
+            event.serial,
+            now_ms=self.clock.now_ms(),
+            actor=opened.signer.identity.common_name,
+        )
+        log.info(
+            "device.renewed",
+            extra=fields(device=event.device_id, serial=event.serial, followed=followed),
+        )
+        return ()
 
     # ------------------------------------------------------------------ verifier
     async def on_attestation(self, opened: Opened[Any]) -> Sequence[Outgoing]:
@@ -297,6 +327,7 @@ class AttestationService:
             result_id=secrets.token_hex(16),
             issued_at=now // 1000,
             expires_at=now // 1000 + self.settings.ear_lifetime_s,
+            device_class=device.device_class,
         )
         await self.store.record_verdict(
             device_id,

@@ -232,15 +232,25 @@ class AttestationStore:
     async def register(
         self, pending: PendingEnrollment, *, serial: str, now_ms: int, actor: str
     ) -> None:
-        """Bind the device id to its EK and AK (replacing an approved rebind) and audit it."""
+        """Bind the device id to its EK and AK (replacing an approved rebind) and audit it.
+
+        Re-enrolling with the same EK (a device back from a long absence) keeps the TPM's
+        reset/restart counters and clock: they belong to the TPM, and a quote must still
+        not go back in time after the re-enrollment."""
         async with self.db.transaction() as tx:
+            kept = await tx.fetch_one(
+                "SELECT reset_count, restart_count, clock FROM att_devices"
+                " WHERE device_id = :d AND ek_fingerprint = :ek",
+                {"d": pending.device_id, "ek": pending.ek_fingerprint},
+            )
             await tx.execute(
                 "DELETE FROM att_devices WHERE device_id = :d", {"d": pending.device_id}
             )
             await tx.execute(
                 "INSERT INTO att_devices (device_id, device_class, ek_fingerprint, ak_public,"
-                " enrolled_at, state, reason, certificate_serial) VALUES (:d, :c, :ek, :ak,"
-                " :at, 'enrolled', 'enroll.completed', :serial)",
+                " enrolled_at, state, reason, certificate_serial, reset_count, restart_count,"
+                " clock) VALUES (:d, :c, :ek, :ak, :at, 'enrolled', 'enroll.completed',"
+                " :serial, :rc, :sc, :clk)",
                 {
                     "d": pending.device_id,
                     "c": pending.device_class,
@@ -248,6 +258,9 @@ class AttestationStore:
                     "ak": pending.ak_public,
                     "at": now_ms,
                     "serial": serial,
+                    "rc": kept["reset_count"] if kept else None,
+                    "sc": kept["restart_count"] if kept else None,
+                    "clk": kept["clock"] if kept else None,
                 },
             )
             await tx.execute(
@@ -296,6 +309,21 @@ class AttestationStore:
             await tx.execute(sql + " WHERE device_id = :d", params)
             event = "attested" if trusted else "attestation.failed"
             await _audit(tx, device_id, event, reason, "svc.attestation", now_ms)
+
+    async def renew_serial(
+        self, device_id: str, previous: str, serial: str, *, now_ms: int, actor: str
+    ) -> bool:
+        """The device now runs on ``serial`` (a renewal of ``previous``, docs/adr/0015);
+        False if ``previous`` is not its current serial (a stale or foreign event)."""
+        async with self.db.transaction() as tx:
+            changed = await tx.execute(
+                "UPDATE att_devices SET certificate_serial = :s"
+                " WHERE device_id = :d AND certificate_serial = :p",
+                {"s": serial, "d": device_id, "p": previous},
+            )
+            if changed:
+                await _audit(tx, device_id, "renewed", "identity.renewed", actor, now_ms)
+        return changed == 1
 
     # ------------------------------------------------------------------ enrollments
     async def add_enrollment(self, pending: PendingEnrollment) -> None:

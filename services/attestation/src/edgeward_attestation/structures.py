@@ -1,11 +1,12 @@
 """TPM 2.0 wire structures the verifier reads, parsed by hand with strict bounds (pure).
 
 It owns unmarshalling (TPM 2.0 Part 2, "Structures"; all integers big-endian) of:
-``TPMS_ATTEST`` for quotes, ``TPMT_SIGNATURE`` with ECDSA, and ``TPM2B_PUBLIC`` /
-``TPMT_PUBLIC`` of ECC keys (AK and EK), plus object names. Every read is bounds-checked;
-a truncated, overlong or extended structure raises :class:`~edgeward_shared.errors.MessageError`
-(or the caller's reason), never ``IndexError``/``struct.error``. Structures are parsed from
-bytes a device sent: nothing here trusts a length field.
+``TPMS_ATTEST`` for quotes, ``TPMT_SIGNATURE`` with ECDSA, RSASSA or RSAPSS, and
+``TPM2B_PUBLIC`` / ``TPMT_PUBLIC`` of ECC and RSA keys (AK and EK), plus object names.
+Every read is bounds-checked; a truncated, overlong or extended structure raises
+:class:`~edgeward_shared.errors.MessageError` (or the caller's reason), never
+``IndexError``/``struct.error``. Structures are parsed from bytes a device sent: nothing
+here trusts a length field.
 
 It leaves every decision (nonce, PCR policy, counters, signature validity) to ``quote.py``
 and credential protection to ``credential.py``. No tpm2-pytss: the verifier must not need a
@@ -14,12 +15,13 @@ TSS to check a quote.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from dataclasses import dataclass
 from typing import Final
 
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from edgeward_attestation.reasons import AttestationReason
 from edgeward_shared.errors import MessageError
@@ -28,6 +30,7 @@ from edgeward_shared.errors import MessageError
 # Table 19 TPM_ST, Table 31 TPMA_OBJECT)
 TPM_GENERATED_VALUE: Final = 0xFF544347
 TPM_ST_ATTEST_QUOTE: Final = 0x8018
+ALG_RSA: Final = 0x0001
 ALG_SHA1: Final = 0x0004
 ALG_SHA256: Final = 0x000B
 ALG_SHA384: Final = 0x000C
@@ -35,6 +38,10 @@ ALG_SHA512: Final = 0x000D
 ALG_NULL: Final = 0x0010
 ALG_AES: Final = 0x0006
 ALG_CFB: Final = 0x0043
+ALG_RSASSA: Final = 0x0014
+ALG_RSAES: Final = 0x0015
+ALG_RSAPSS: Final = 0x0016
+ALG_OAEP: Final = 0x0017
 ALG_ECDSA: Final = 0x0018
 ALG_ECDAA: Final = 0x001A
 ALG_ECC: Final = 0x0023
@@ -62,6 +69,9 @@ CURVES: Final[dict[int, ec.EllipticCurve]] = {
 _MAX_NAME: Final = 2 + 64  # TPMU_NAME: a TPMT_HA (alg + largest digest)
 _MAX_DIGEST: Final = 64  # TPMU_HA's largest member (SHA-512)
 _MAX_ECC_PARAMETER: Final = 66  # MAX_ECC_KEY_BYTES (P-521)
+_MAX_RSA_KEY_BYTES: Final = 512  # MAX_RSA_KEY_BYTES (RSA-4096)
+#: TPMS_RSA_PARMS.exponent: 0 stands for the default, 2^16 + 1 (Part 2, 12.2.3.5)
+RSA_DEFAULT_EXPONENT: Final = 65537
 _MAX_PCR_SELECT: Final = 4  # PCR_SELECT_MAX for up to 32 PCRs
 _MAX_BANKS: Final = 16  # HASH_COUNT bound for TPML_PCR_SELECTION.count
 
@@ -70,7 +80,8 @@ _U16, _U32 = struct.Struct(">H"), struct.Struct(">I")
 _ATTEST_HEADER = struct.Struct(">IH")  # TPMS_ATTEST.magic, .type
 _CLOCK_AND_FIRMWARE = struct.Struct(">QIIBQ")  # TPMS_CLOCK_INFO, firmwareVersion
 _SELECTION_HEADER = struct.Struct(">HB")  # TPMS_PCR_SELECTION.hash, .sizeofSelect
-_SIGNATURE_HEADER = struct.Struct(">HH")  # TPMT_SIGNATURE.sigAlg, TPMS_SIGNATURE_ECDSA.hash
+_SIGNATURE_HEADER = struct.Struct(">HH")  # TPMT_SIGNATURE.sigAlg, TPMS_SIGNATURE_*.hash
+_RSA_PARAMETERS = struct.Struct(">HI")  # TPMS_RSA_PARMS.keyBits, .exponent
 _BITS_SET = tuple(tuple(bit for bit in range(8) if byte >> bit & 1) for byte in range(256))
 
 
@@ -158,13 +169,17 @@ class QuoteAttest:
     pcr_digest: bytes
 
 
+@functools.lru_cache(maxsize=256)
+def _selected(bitmap: bytes) -> tuple[int, ...]:
+    """pcrSelect[n] bit b selects PCR 8n + b (cached: a fleet quotes few selections)."""
+    return tuple(8 * n + bit for n, byte in enumerate(bitmap) for bit in _BITS_SET[byte])
+
+
 def _pcr_selection(reader: Reader) -> PcrSelection:
     bank, size = reader.fields(_SELECTION_HEADER)
     if size > _MAX_PCR_SELECT:
         raise reader.fail(f"sizeofSelect {size}")
-    bitmap = reader.raw(size)  # pcrSelect[n] bit b selects PCR 8n + b
-    indices = tuple(8 * n + bit for n, byte in enumerate(bitmap) for bit in _BITS_SET[byte])
-    return PcrSelection(bank, indices)
+    return PcrSelection(bank, _selected(reader.raw(size)))
 
 
 def parse_quote_attest(data: bytes) -> QuoteAttest:
@@ -207,19 +222,40 @@ class EcdsaSignature:
     s: int
 
 
+@dataclass(frozen=True, slots=True)
+class RsaSignature:
+    """TPMT_SIGNATURE with sigAlg TPM_ALG_RSASSA or TPM_ALG_RSAPSS (Part 2, 11.2.3.1)."""
+
+    sig_alg: int
+    hash_alg: int
+    sig: bytes
+
+
 def parse_ecdsa_signature(data: bytes) -> EcdsaSignature:
     """Unmarshal a TPMT_SIGNATURE that must be ECDSA; anything else is a bad signature."""
+    parsed = parse_signature(data)
+    if not isinstance(parsed, EcdsaSignature):
+        raise MessageError(AttestationReason.QUOTE_SIGNATURE, "sigAlg is not TPM_ALG_ECDSA")
+    return parsed
+
+
+def parse_signature(data: bytes) -> EcdsaSignature | RsaSignature:
+    """Unmarshal a TPMT_SIGNATURE of ECDSA, RSASSA or RSAPSS; others are a bad signature."""
     reader = Reader(data, AttestationReason.QUOTE_SIGNATURE)
     sig_alg, hash_alg = reader.fields(_SIGNATURE_HEADER)
-    if sig_alg != ALG_ECDSA:
-        raise reader.fail("sigAlg is not TPM_ALG_ECDSA")
-    r = reader.tpm2b(_MAX_ECC_PARAMETER)  # TPM2B_ECC_PARAMETER signatureR
-    s = reader.tpm2b(_MAX_ECC_PARAMETER)  # TPM2B_ECC_PARAMETER signatureS
-    reader.end()
-    return EcdsaSignature(hash_alg, int.from_bytes(r, "big"), int.from_bytes(s, "big"))
+    if sig_alg == ALG_ECDSA:
+        r = reader.tpm2b(_MAX_ECC_PARAMETER)  # TPM2B_ECC_PARAMETER signatureR
+        s = reader.tpm2b(_MAX_ECC_PARAMETER)  # TPM2B_ECC_PARAMETER signatureS
+        reader.end()
+        return EcdsaSignature(hash_alg, int.from_bytes(r, "big"), int.from_bytes(s, "big"))
+    if sig_alg in (ALG_RSASSA, ALG_RSAPSS):
+        sig = reader.tpm2b(_MAX_RSA_KEY_BYTES)  # TPM2B_PUBLIC_KEY_RSA
+        reader.end()
+        return RsaSignature(sig_alg, hash_alg, sig)
+    raise reader.fail(f"sigAlg {sig_alg:#06x} is not ECDSA, RSASSA or RSAPSS")
 
 
-# ---------------------------------------------------------------------- TPMT_PUBLIC (ECC)
+# ---------------------------------------------------------------------- TPMT_PUBLIC
 @dataclass(frozen=True, slots=True)
 class EccPublic:
     """An ECC TPMT_PUBLIC (Part 2, 12.2.4) with TPMS_ECC_PARMS (12.2.3.6); ``raw`` is its bytes."""
@@ -269,21 +305,96 @@ def _symmetric(reader: Reader) -> tuple[int, int, int]:
     return algorithm, reader.u16(), reader.u16()
 
 
-def parse_ecc_public(data: bytes, reason: str) -> EccPublic:
-    """Unmarshal a TPM2B_PUBLIC holding an ECC TPMT_PUBLIC on a curve we support."""
-    outer = Reader(data, reason)
-    raw = outer.tpm2b(len(data))
-    outer.end()
+@dataclass(frozen=True, slots=True)
+class RsaPublic:
+    """An RSA TPMT_PUBLIC (Part 2, 12.2.4) with TPMS_RSA_PARMS (12.2.3.5); ``raw`` is its bytes.
+
+    ``exponent`` is the real exponent: the wire's 0 (the default) is already 65537 here.
+    """
+
+    raw: bytes
+    name_alg: int
+    attributes: int
+    auth_policy: bytes
+    symmetric: tuple[int, int, int]  # TPMT_SYM_DEF_OBJECT: (algorithm, keyBits, mode)
+    scheme: tuple[int, int]  # TPMT_RSA_SCHEME: (scheme, hashAlg)
+    key_bits: int
+    exponent: int
+    modulus: bytes
+
+    @property
+    def name(self) -> bytes:
+        """The object's Name (Part 1, 16): nameAlg || H_nameAlg(TPMT_PUBLIC)."""
+        algorithm, _ = HASHES[self.name_alg]
+        return self.name_alg.to_bytes(2, "big") + hashlib.new(algorithm, self.raw).digest()
+
+    def public_key(self) -> rsa.RSAPublicKey:
+        """The modulus and exponent as a ``cryptography`` key (``ValueError`` if unfit)."""
+        modulus = int.from_bytes(self.modulus, "big")
+        if len(self.modulus) * 8 != self.key_bits or modulus.bit_length() != self.key_bits:
+            raise ValueError(f"the modulus is not a {self.key_bits}-bit number")
+        return rsa.RSAPublicNumbers(self.exponent, modulus).public_key()
+
+    def has(self, attributes: int) -> bool:
+        return self.attributes & attributes == attributes
+
+
+#: A parsed TPMT_PUBLIC of either kind.
+PublicArea = EccPublic | RsaPublic
+
+
+def _rsa_scheme(reader: Reader) -> tuple[int, int]:
+    """TPMT_RSA_SCHEME: RSAES has no details (an empty TPMS_ENC_SCHEME_RSAES)."""
+    algorithm = reader.u16()
+    if algorithm in (ALG_NULL, ALG_RSAES):
+        return algorithm, ALG_NULL
+    return algorithm, reader.u16()
+
+
+def parse_tpmt_public(raw: bytes, reason: str) -> PublicArea:
+    """Unmarshal a TPMT_PUBLIC (no size prefix) of an ECC or RSA key."""
     reader = Reader(raw, reason)
-    if reader.u16() != ALG_ECC:
-        raise reader.fail("type is not TPM_ALG_ECC")
-    name_alg, attributes = reader.u16(), reader.u32()
+    type_, name_alg, attributes = reader.u16(), reader.u16(), reader.u32()
+    if type_ not in (ALG_ECC, ALG_RSA):
+        raise reader.fail(f"type {type_:#06x} is neither TPM_ALG_ECC nor TPM_ALG_RSA")
     if name_alg not in HASHES:
         raise reader.fail(f"nameAlg {name_alg:#06x}")
     auth_policy = reader.tpm2b(_MAX_DIGEST)
+    if type_ == ALG_RSA:
+        symmetric, rsa_scheme = _symmetric(reader), _rsa_scheme(reader)
+        key_bits, exponent = reader.fields(_RSA_PARAMETERS)
+        modulus = reader.tpm2b(_MAX_RSA_KEY_BYTES)
+        reader.end()
+        return RsaPublic(
+            raw,
+            name_alg,
+            attributes,
+            auth_policy,
+            symmetric,
+            rsa_scheme,
+            key_bits,
+            exponent or RSA_DEFAULT_EXPONENT,
+            modulus,
+        )
     symmetric, scheme, curve, kdf = _symmetric(reader), _pair(reader), reader.u16(), _pair(reader)
     if curve not in CURVES:
         raise reader.fail(f"curve {curve:#06x}")
     x, y = reader.tpm2b(_MAX_ECC_PARAMETER), reader.tpm2b(_MAX_ECC_PARAMETER)
     reader.end()
     return EccPublic(raw, name_alg, attributes, auth_policy, symmetric, scheme, curve, kdf, x, y)
+
+
+def parse_public(data: bytes, reason: str) -> PublicArea:
+    """Unmarshal a TPM2B_PUBLIC (size-prefixed TPMT_PUBLIC) of an ECC or RSA key."""
+    outer = Reader(data, reason)
+    raw = outer.tpm2b(len(data))
+    outer.end()
+    return parse_tpmt_public(raw, reason)
+
+
+def parse_ecc_public(data: bytes, reason: str) -> EccPublic:
+    """Unmarshal a TPM2B_PUBLIC holding an ECC TPMT_PUBLIC on a curve we support."""
+    area = parse_public(data, reason)
+    if not isinstance(area, EccPublic):
+        raise MessageError(reason, "type is not TPM_ALG_ECC")
+    return area

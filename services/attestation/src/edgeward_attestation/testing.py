@@ -1,6 +1,6 @@
 """Test doubles for attestation, as product code: TPM structures made in software.
 
-A software "AK" (a P-256 key with an AK's TPMT_PUBLIC, in no TPM), TPMS_ATTEST and
+A software "AK" (a P-256 or RSA key with an AK's TPMT_PUBLIC, in no TPM), TPMS_ATTEST and
 TPMT_SIGNATURE marshalling (the inverse of ``structures``), so that tests and benchmarks can
 build quotes an attacker could build: re-signed tampered quotes, quotes from a key that no
 TPM holds, structures with any field changed. Nothing here is used by production wiring;
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Self
 
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from edgeward_attestation.quote import Challenge, PcrPolicy
@@ -25,6 +25,9 @@ from edgeward_attestation.structures import (
     ALG_ECC,
     ALG_ECDSA,
     ALG_NULL,
+    ALG_RSA,
+    ALG_RSAES,
+    ALG_RSASSA,
     ALG_SHA256,
     ATTR_FIXED_PARENT,
     ATTR_FIXED_TPM,
@@ -74,6 +77,47 @@ def software_ak_public(key: ec.EllipticCurvePublicKey) -> bytes:
         + _tpm2b(numbers.y.to_bytes(32, "big"))
     )
     return _tpm2b(area)
+
+
+def software_rsa_ak_public(
+    key: rsa.RSAPublicKey,
+    scheme: int = ALG_RSASSA,
+    *,
+    attributes: int = _AK_ATTRIBUTES,
+    hash_alg: int = ALG_SHA256,
+    exponent: int | None = 0,
+    symmetric: int = ALG_NULL,
+) -> bytes:
+    """A TPM2B_PUBLIC with an RSA AK's template around a software RSA key.
+
+    ``exponent`` is the wire field: 0 (the default, meaning 65537) or ``None`` for the key's
+    own exponent written out. The keyword arguments make unfit AKs for tests.
+    """
+    numbers = key.public_numbers()
+    written = numbers.e if exponent is None else exponent
+    symmetric_def = _u16(symmetric) if symmetric == ALG_NULL else _u16(symmetric) + bytes(4)
+    area = (
+        _u16(ALG_RSA)
+        + _u16(ALG_SHA256)
+        + attributes.to_bytes(4, "big")
+        + _tpm2b(b"")  # authPolicy
+        + symmetric_def
+        + _u16(scheme)
+        + (b"" if scheme in {ALG_NULL, ALG_RSAES} else _u16(hash_alg))
+        + _u16(key.key_size)
+        + written.to_bytes(4, "big")
+        + _tpm2b(numbers.n.to_bytes((key.key_size + 7) // 8, "big"))
+    )
+    return _tpm2b(area)
+
+
+def sign_attest_rsa(key: rsa.RSAPrivateKey, attest: bytes, scheme: int = ALG_RSASSA) -> bytes:
+    """A TPMT_SIGNATURE (RSASSA or RSAPSS with a digest-sized salt, SHA-256) by a software key."""
+    if scheme == ALG_RSASSA:
+        pad: padding.AsymmetricPadding = padding.PKCS1v15()
+    else:
+        pad = padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.DIGEST_LENGTH)
+    return _u16(scheme) + _u16(ALG_SHA256) + _tpm2b(key.sign(attest, pad, hashes.SHA256()))
 
 
 def _selection(selection: PcrSelection) -> bytes:

@@ -1,21 +1,25 @@
 """``python -m edgeward_device_agent`` / ``edgeward-agent``: run one device agent.
 
-Flags for every :class:`~edgeward_device_agent.config.AgentConfig` item and every
+The service kit's shape (:mod:`edgeward_shared.runtime.kit`): flags, each with an
+``EDGEWARD_AGENT_*`` environment variable, for every
+:class:`~edgeward_device_agent.config.AgentConfig` item and every
 :class:`~edgeward_device_agent.config.AgentPolicy` timing, JSON logs on stderr, an optional
 Prometheus ``/metrics`` port, and a graceful stop on SIGTERM or SIGINT (messages in flight
 finish, the TPM context is closed). Exit status: 0 after a stop, 2 for a configuration
-error (its diagnostics are logged), which no retry could fix.
+error, said in one line on stderr, which no retry could fix.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import Any, Final
+
+import click
 
 from edgeward_device_agent.agent import DeviceAgent
 from edgeward_device_agent.config import AgentConfig, AgentPolicy
@@ -24,132 +28,166 @@ from edgeward_device_agent.inference import InferencePolicy
 from edgeward_device_agent.model_manager import ModelPolicy
 from edgeward_device_agent.offline import OfflinePolicy
 from edgeward_device_agent.sandbox.supervisor import SandboxPolicy
-from edgeward_shared.bus.mqtt import BrokerAddress
-from edgeward_shared.errors import ConfigError
-from edgeward_shared.logs import configure_logging, fields
+from edgeward_shared.logs import fields
+from edgeward_shared.runtime.kit import Command, EnvOptions, NodeOptions, command, node_options
 
 log = logging.getLogger("edgeward.agent")
 _DEFAULTS = AgentPolicy()
+_option: Final = EnvOptions("AGENT")
+
+#: Help for each AgentPolicy timing (its docstring says more); a new field needs a line here
+#: (tests/unit/test_entry_points.py checks that every option has help).
+_TIMING_HELP: Final = {
+    "request_timeout_s": "Seconds to wait for each enrollment reply (generous: at power-on a"
+    " whole site enrolls at once).",
+    "retry_base_s": "First retry delay in seconds; doubles per retry up to --retry-cap-s,"
+    " with jitter. Retries never stop.",
+    "retry_cap_s": "Longest retry delay in seconds.",
+    "renew_fraction": "Ask for a fresh attestation when this fraction of the current result's"
+    " lifetime has passed (0 < f < 1).",
+    "cert_renew_fraction": "Renew the device certificate (a new key, bound to the current"
+    " attestation: docs/adr/0015) when this fraction of its lifetime has passed (0 < f < 1).",
+    "result_grace_s": "Seconds after a challenge expires that its session key still waits for"
+    " a result.",
+    "max_sleep_s": "The attestation scheduler re-reads the clock at least this often (seconds).",
+}
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="edgeward-agent",
-        description="Edgeward device agent: enroll with the TPM, then attest and serve.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    device = parser.add_argument_group("device")
-    device.add_argument("--device-id", required=True, help="the device id (certificate CN)")
-    device.add_argument("--device-class", required=True, help="e.g. camera-v2 (PCR policy)")
-    device.add_argument(
-        "--tcti",
-        default="device:/dev/tpmrm0",
-        help="TPM: device:/dev/tpmrm0, or swtpm:host=127.0.0.1,port=N in development",
-    )
-    device.add_argument(
-        "--state-dir", type=Path, required=True, help="0700 directory: enrollee/ and device/"
-    )
-    device.add_argument(
-        "--seal-pcrs",
-        default=",".join(str(i) for i in SealPolicy().pcrs),
-        help="boot PCRs the device's keys are sealed to (docs/adr/0016); never the model PCR",
-    )
-    device.add_argument(
-        "--seal-bank", default="sha256", choices=["sha1", "sha256"], help="PCR bank of the seal"
-    )
-    trust = parser.add_argument_group("trust and broker")
-    trust.add_argument("--ca-bundle", type=Path, required=True, help="root + issuing CA (PEM)")
-    trust.add_argument("--crl", type=Path, required=True, help="the issuing CA's CRL (PEM)")
-    trust.add_argument("--broker-host", default="127.0.0.1", help="as in the broker's SAN")
-    trust.add_argument("--broker-port", type=int, default=8883)
-    ops = parser.add_argument_group("operations")
-    ops.add_argument("--metrics-port", type=int, default=None, help="serve /metrics (0: any)")
-    ops.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    models = parser.add_argument_group("models")
-    models.add_argument(
-        "--no-models",
-        action="store_true",
-        help="run no models (enrollment and attestation only)",
-    )
-    models.add_argument(
-        "--model-sync-s",
-        type=float,
-        default=ModelPolicy().sync_interval_s,
-        help="ask the distribution service for assigned models this often (and on hints)",
-    )
-    models.add_argument(
-        "--model-attestation-wait-s",
-        type=float,
-        default=ModelPolicy().attestation_wait_s,
-        help="for a tier-high model, wait this long for an attestation result before asking",
-    )
-    models.add_argument(
-        "--no-sandbox",
-        action="store_true",
-        help="development only: run models in the agent's process (tier-high models refused)",
-    )
-    models.add_argument(
-        "--infer-rate",
-        type=float,
-        default=InferencePolicy().rate_per_s,
-        help="inferences per second this device accepts (requests and stream together)",
-    )
-    models.add_argument(
-        "--sensor-period-s",
-        type=float,
-        default=None,
-        help="development sensor: infer on random inputs this often and send the results",
-    )
-    models.add_argument(
-        "--model-pcr",
-        type=int,
-        default=ModelPolicy().model_pcr,
-        help="PCR extended with each model's digest before it is loaded",
-    )
-    models.add_argument(
-        "--high-grace-s",
-        type=float,
-        default=OfflinePolicy().high_grace_s,
-        help="offline: keep a tier-high model loaded (serving nothing) this long after the"
-        " attestation result expired, then unload it (docs/offline.md)",
-    )
-    timing = parser.add_argument_group("timing policy (see AgentPolicy)")
-    for name in AgentPolicy.__dataclass_fields__:
-        timing.add_argument(
-            f"--{name.replace('_', '-')}", type=float, default=getattr(_DEFAULTS, name)
-        )
-    return parser
+def _timing_options(function: Command) -> Command:
+    for name in reversed(AgentPolicy.__dataclass_fields__):
+        function = _option(
+            f"--{name.replace('_', '-')}",
+            type=float,
+            default=getattr(_DEFAULTS, name),
+            help=_TIMING_HELP.get(name),
+        )(function)
+    return function
 
 
-def config_from_args(args: argparse.Namespace) -> AgentConfig:
-    """The :class:`AgentConfig` the parsed flags describe (``ValueError`` if invalid)."""
-    policy = AgentPolicy(**{name: getattr(args, name) for name in AgentPolicy.__dataclass_fields__})
+@command("edgeward-agent")
+@node_options("device-agent", env="AGENT", trust="files")
+@_option("--device-id", required=True, help="The device id (its certificate's CN).")
+@_option("--device-class", required=True, help="The device class, e.g. camera-v2 (PCR policy).")
+@_option(
+    "--tcti",
+    default="device:/dev/tpmrm0",
+    help="The TPM: device:/dev/tpmrm0, or swtpm:host=127.0.0.1,port=N in development.",
+)
+@_option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="0700 directory: enrollee/ (the enrollment identity) and device/ (what enrolling"
+    " made: the device certificate and its sealed key).",
+)
+@_option(
+    "--seal-pcrs",
+    default=",".join(str(i) for i in SealPolicy().pcrs),
+    help="Boot PCRs the device's keys are sealed to (docs/adr/0016); never the model PCR.",
+)
+@_option(
+    "--seal-bank",
+    type=click.Choice(["sha1", "sha256"]),
+    default="sha256",
+    help="PCR bank of the seal.",
+)
+@_option("--no-models", is_flag=True, help="Run no models (enrollment and attestation only).")
+@_option(
+    "--model-sync-s",
+    type=float,
+    default=ModelPolicy().sync_interval_s,
+    help="Ask the distribution service for assigned models this often, in seconds (and on hints).",
+)
+@_option(
+    "--model-attestation-wait-s",
+    type=float,
+    default=ModelPolicy().attestation_wait_s,
+    help="For a tier-high model, wait this long (seconds) for an attestation result before"
+    " asking for its key.",
+)
+@_option(
+    "--no-sandbox",
+    is_flag=True,
+    help="Development only: run models in the agent's process (tier-high models refused).",
+)
+@_option(
+    "--infer-rate",
+    type=float,
+    default=InferencePolicy().rate_per_s,
+    help="Inferences per second this device accepts (requests and stream together).",
+)
+@_option(
+    "--sensor-period-s",
+    type=float,
+    help="Development sensor: infer on random inputs this often (seconds) and send the"
+    " results.  [default: off]",
+)
+@_option(
+    "--model-pcr",
+    type=int,
+    default=ModelPolicy().model_pcr,
+    help="PCR extended with each model's digest before it is loaded.",
+)
+@_option(
+    "--high-grace-s",
+    type=float,
+    default=OfflinePolicy().high_grace_s,
+    help="Offline: keep a tier-high model loaded (serving nothing) this long (seconds) after"
+    " the attestation result expired, then unload it (docs/offline.md).",
+)
+@_timing_options
+def main(*, node: NodeOptions, **options: Any) -> None:
+    """Run one device agent: enroll with the TPM (EK certificate, credential activation),
+    then attest (TPM quotes for the attestation service) and serve: fetch the models
+    assigned to it, run them sandboxed, sign results with the session key its attestation
+    result binds, answer operators' commands with signed receipts.
+
+    \b
+    Example:
+      edgeward-agent --device-id edge-0001 --device-class edge-gw --tcti swtpm:... \\
+          --state-dir state/edge-0001 --ca-bundle pki/trust/ca-bundle.pem \\
+          --crl pki/issuing/crl.pem --broker 127.0.0.1:8883
+    """
+    try:
+        config = agent_config(node, **options)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    node.serve(lambda: start(config))
+
+
+def agent_config(node: NodeOptions, **options: Any) -> AgentConfig:
+    """The :class:`AgentConfig` the options describe (``ValueError`` if invalid)."""
+    policy = AgentPolicy(**{name: options[name] for name in AgentPolicy.__dataclass_fields__})
+    rate: float = options["infer_rate"]
     return AgentConfig(
-        device_id=args.device_id,
-        device_class=args.device_class,
-        tcti=args.tcti,
-        state_dir=args.state_dir,
-        ca_bundle=args.ca_bundle,
-        crl=args.crl,
-        broker=BrokerAddress(args.broker_host, args.broker_port),
-        metrics_port=args.metrics_port,
+        device_id=options["device_id"],
+        device_class=options["device_class"],
+        tcti=options["tcti"],
+        state_dir=options["state_dir"],
+        ca_bundle=node.ca_bundle,
+        crl=node.crl,
+        broker=node.broker,
+        metrics_port=node.metrics_port,
         policy=policy,
-        seal=SealPolicy.parse(args.seal_pcrs, args.seal_bank),
-        sandbox=None if args.no_sandbox else SandboxPolicy(),
-        offline=OfflinePolicy(high_grace_s=args.high_grace_s),
+        seal=SealPolicy.parse(options["seal_pcrs"], options["seal_bank"]),
+        sandbox=None if options["no_sandbox"] else SandboxPolicy(),
+        offline=OfflinePolicy(high_grace_s=options["high_grace_s"]),
         inference=InferencePolicy(
-            rate_per_s=args.infer_rate,
-            burst=max(1, int(args.infer_rate * 2)),
-            stream_period_s=args.sensor_period_s,
+            rate_per_s=rate, burst=max(1, int(rate * 2)), stream_period_s=options["sensor_period_s"]
         ),
         models=None
-        if args.no_models
+        if options["no_models"]
         else ModelPolicy(
-            sync_interval_s=args.model_sync_s,
-            model_pcr=args.model_pcr,
-            attestation_wait_s=args.model_attestation_wait_s,
+            sync_interval_s=options["model_sync_s"],
+            model_pcr=options["model_pcr"],
+            attestation_wait_s=options["model_attestation_wait_s"],
         ),
     )
+
+
+def start(config: AgentConfig) -> Awaitable[None]:
+    """The agent ``config`` describes, running (tests replace this to see the config)."""
+    return run_agent(DeviceAgent(config))
 
 
 async def run_agent(agent: DeviceAgent) -> None:
@@ -172,25 +210,5 @@ async def run_agent(agent: DeviceAgent) -> None:
         log.info("agent.stopped", extra=fields(device=agent.device_id))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        parser.error(str(exc))
-    configure_logging("device-agent", args.log_level)
-    try:
-        asyncio.run(run_agent(DeviceAgent(config)))
-    except ConfigError as exc:
-        failure = exc
-    else:
-        return 0
-    log.error(
-        "agent.config_error", extra=fields(reason=failure.reason, detail=failure.diagnostics())
-    )
-    return 2
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

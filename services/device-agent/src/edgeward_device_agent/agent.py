@@ -11,7 +11,13 @@
     run          as ``<id>``: answers pings, challenges and results (:mod:`.attestation`),
                  sends AttestationRequest on every (re)connection, before the model sync
                  and the sensor stream, and before the result expires (:mod:`.schedule`);
-                 unloads what the offline policy no longer keeps (:mod:`.offline`)
+                 unloads what the offline policy no longer keeps (:mod:`.offline`); renews
+                 its certificate at ``cert_renew_fraction`` of its lifetime or on a
+                 ``rotate-cert`` command (:mod:`.renewal`, docs/adr/0015)
+    switch       a renewal ends the run phase: the next one runs on the new certificate and
+                 first tells the identity service so (the old one is then revoked)
+    come back    a certificate that expired (offline, or renewals failing) ends the run
+                 phase too, and the agent enrolls again through its EK (docs/adr/0005)
 
 Each phase is one :class:`~edgeward_shared.runtime.core.Runtime` (which verifies every
 message and reconnects by itself) serving while the phase's work runs. Both runtimes share
@@ -31,7 +37,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from cryptography import x509
 
@@ -47,6 +53,7 @@ from edgeward_device_agent.model_manager import ModelManager, in_process_loader
 from edgeward_device_agent.model_store import ModelStore
 from edgeward_device_agent.ports import AgentTpm, Connector, TpmFactory, mqtt_connector
 from edgeward_device_agent.reasons import AgentReason
+from edgeward_device_agent.renewal import RenewalError, Renewer, RenewReason, due_at_ms, serial_of
 from edgeward_device_agent.revocations import RevocationHolder, RevocationHook
 from edgeward_device_agent.sandboxed import SandboxExecutor, sandbox_loader
 from edgeward_device_agent.schedule import RequestReason, RequestSchedule
@@ -77,6 +84,11 @@ from edgeward_shared.topics import Channel, Direction, device_topic
 
 log = logging.getLogger("edgeward.agent")
 T = TypeVar("T")
+#: How a run phase ended: stopped, switched to a renewed certificate, or expired.
+PhaseEnd = Literal["stopped", "renewed", "expired"]
+#: Attempts at telling the identity service a renewed certificate is in use (then the old
+#: one simply expires).
+SETTLE_ATTEMPTS = 5
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -110,6 +122,7 @@ class DeviceAgent:
         self._connector = connector or mqtt_connector(config.broker, config.ca_bundle)
         self._rand = rand
         self._certificate: x509.Certificate | None = None
+        self._received_at_ms: int | None = None
         self._runtime: Runtime | None = None
         self._attester: Attester | None = None
         self._schedule = RequestSchedule(config.policy, rand)
@@ -129,6 +142,20 @@ class DeviceAgent:
         self.commands = CommandHandler(
             config.device_id, self.ledger, self.revocations, self._clock, self.metrics.registry
         )
+        # renewal (docs/adr/0015): one at a time; a renewal ends the run phase
+        self.renewer = Renewer(
+            config.device_id,
+            self.state,
+            self._clock,
+            lambda: self.attestation,
+            config.policy.request_timeout_s,
+        )
+        self.commands.on_rotate_cert(self._rotate_now)
+        self._renewing = asyncio.Lock()
+        self._phase_end = asyncio.Event()
+        self._ended: PhaseEnd = "stopped"
+        self._unsettled: tuple[str, str] | None = None  # (new serial, previous serial)
+        self.renewals = 0
 
     @property
     def device_id(self) -> str:
@@ -188,9 +215,13 @@ class DeviceAgent:
         if tpm is None:
             return
         try:
-            if self._certificate is None and not await self._enroll(tpm, stop):
-                return
-            await self._serve_as_device(tpm, stop)
+            while not stop.is_set():
+                if self._certificate is None and not await self._enroll(tpm, stop):
+                    return
+                ended = await self._serve_as_device(tpm, stop)
+                if ended == "expired":  # back through the EK path (docs/adr/0005)
+                    log.warning("certificate.expired", extra=fields(device=self.device_id))
+                    self._set_certificate(None)
         finally:
             await asyncio.to_thread(tpm.close)
 
@@ -198,23 +229,37 @@ class DeviceAgent:
         """Every check that needs no TPM; checking the key waits for it (:meth:`_unlock`)."""
         self.state.prepare()
         self._trust_store()  # an unreadable bundle or an expired CRL stops us here
-        if self.state.is_enrolled():
+        if self._enrolled_and_current():
             self._set_certificate(self.state.check_device_identity())
-        else:
+        else:  # never enrolled, or back after its certificate expired: enroll (again)
             self.state.check_enrollee()
+
+    def _enrolled_and_current(self) -> bool:
+        """Enrolled, with a certificate that has not expired (no TPM needed)."""
+        if not self.state.is_enrolled():
+            return False
+        return not self._expired(self.state.check_device_identity())
+
+    def _expired(self, certificate: x509.Certificate) -> bool:
+        return self._clock.now_ms() >= from_datetime(certificate.not_valid_after_utc)
 
     def _unlock(self, tpm: AgentTpm) -> x509.Certificate | None:
         """Seal plain keys, unseal the keys this run needs; the device certificate if
-        enrolled (checked for the unsealed key). Blocking: runs in a worker thread."""
+        enrolled and current (checked for the unsealed key). Blocking: runs in a worker
+        thread."""
         self.state.unlock(tpm)
-        if self.state.is_enrolled():
+        if self._enrolled_and_current():
             return self.state.device_certificate()
         self.state.enrollee_key()
         self.state.device_key()  # made and sealed before enrollment asks for it
         return None
 
-    def _set_certificate(self, certificate: x509.Certificate | None) -> None:
+    def _set_certificate(
+        self, certificate: x509.Certificate | None, *, received: bool = False
+    ) -> None:
+        """``received``: the certificate just arrived (its renewal is timed from now)."""
         self._certificate = certificate
+        self._received_at_ms = self._clock.now_ms() if received else None
         self.agent_metrics.enrolled.set(1 if certificate is not None else 0)
 
     def _failed(self, event: str, exc: EdgewardError) -> None:
@@ -287,6 +332,7 @@ class DeviceAgent:
 
     # ------------------------------------------------------------------ enrollment
     async def _enroll(self, tpm: AgentTpm, stop: asyncio.Event) -> bool:
+        await asyncio.to_thread(self.state.enrollee_key)  # unsealed off the loop (come back)
         runtime, connect = self._runtime_for(
             self.state.enrollee_signing_key(),
             self.state.enrollee_tls,
@@ -333,7 +379,7 @@ class DeviceAgent:
             self.agent_metrics.enrollment_failures.labels("agent.enroll.error").inc()
             self._last_error = "agent.enroll.error"
             return False
-        self._set_certificate(certificate)
+        self._set_certificate(certificate, received=True)
         self._last_error = None
         log.info(
             "enrollment.completed",
@@ -346,10 +392,13 @@ class DeviceAgent:
         return True
 
     # ------------------------------------------------------------------ running as the device
-    async def _serve_as_device(self, tpm: AgentTpm, stop: asyncio.Event) -> None:
+    async def _serve_as_device(self, tpm: AgentTpm, stop: asyncio.Event) -> PhaseEnd:
         runtime, connect = self._runtime_for(
             self.state.device_signing_key(), self.state.device_tls, Identity.device(self.device_id)
         )
+        self._phase_end.clear()
+        self._ended = "stopped"
+        self.renewer.expect_replies(runtime)
         self._attester = Attester(
             self.device_id,
             tpm,
@@ -414,6 +463,7 @@ class DeviceAgent:
         finally:
             if self.models is not None:
                 await self.models.close()  # the sandboxed workers end with the agent
+        return self._ended
 
     def _unload_revoked_models(self, view: RevocationView) -> None:
         del view  # the model manager asks the current view itself
@@ -423,8 +473,10 @@ class DeviceAgent:
     async def _device_work(self, runtime: Runtime, stop: asyncio.Event) -> None:
         """Keep attested and, beside it, follow revocations and keep the assigned models."""
         async with asyncio.TaskGroup() as group:
-            group.create_task(self.revocations.watch(stop))
-            side = []
+            side = [
+                group.create_task(self.revocations.watch(stop)),
+                group.create_task(self._keep_certified(runtime, stop)),
+            ]
             if self.models is not None:
                 side.append(
                     group.create_task(self.models.run(runtime, stop, self._asked_on_connection))
@@ -437,9 +489,10 @@ class DeviceAgent:
                 )
             if self.models is not None:  # connected or not: docs/offline.md
                 side.append(group.create_task(self._follow_offline_policy(self.models, stop)))
+            await self._settle_renewal(runtime, stop)
             await self._keep_attested(runtime, stop)
             for task in side:
-                task.cancel()  # stopping: do not wait for a sync, a download or an inference
+                task.cancel()  # stopping or switching: no wait for a sync, download, inference
 
     async def _follow_offline_policy(self, models: ModelManager, stop: asyncio.Event) -> None:
         """Unload what the offline policy no longer keeps, whether the broker answers or not."""
@@ -478,10 +531,10 @@ class DeviceAgent:
     async def _keep_attested(self, runtime: Runtime, stop: asyncio.Event) -> None:
         """Send AttestationRequest when :class:`RequestSchedule` says so, until ``stop``."""
         schedule, seen = self._schedule, 0
-        while not stop.is_set():
+        while not stop.is_set() and not self._phase_end.is_set():
             self._wake.clear()
             if not runtime.ready.is_set():
-                await wait_any(runtime.ready, stop)
+                await wait_any(runtime.ready, stop, self._phase_end)
                 continue
             now = self._clock.now_ms()
             if self._connections != seen:
@@ -493,7 +546,7 @@ class DeviceAgent:
                 await self._request_attestation(runtime, reason)
                 continue
             pause = min(schedule.wait_s(now), self.config.policy.max_sleep_s)
-            await wait_any(stop, self._wake, seconds=pause)
+            await wait_any(stop, self._wake, self._phase_end, seconds=pause)
 
     async def _request_attestation(self, runtime: Runtime, reason: RequestReason) -> None:
         topic = device_topic(self.device_id, Direction.UP, Channel.ATTEST)
@@ -509,3 +562,91 @@ class DeviceAgent:
             self._asked_on_connection.set()
         self.agent_metrics.attestation_requests.labels(reason).inc()
         log.info("attestation.requested", extra=fields(device=self.device_id, why=reason))
+
+    # ------------------------------------------------------------------ renewal (ADR 0015)
+    async def _keep_certified(self, runtime: Runtime, stop: asyncio.Event) -> None:
+        """Renew at ``cert_renew_fraction`` of the certificate's lifetime (retrying with
+        backoff); end the phase when it expires without a renewal."""
+        delays = retry_delays(self.config.policy, self._rand)
+        retry_at = 0
+        while not stop.is_set() and not self._phase_end.is_set():
+            certificate, now = self._certificate, self._clock.now_ms()
+            if certificate is None:
+                return
+            if self._expired(certificate):
+                self._end_phase("expired")
+                return
+            fraction = self.config.policy.cert_renew_fraction
+            due = max(due_at_ms(certificate, fraction, self._received_at_ms), retry_at)
+            if now >= due and runtime.ready.is_set():
+                try:
+                    await self._renew(runtime)
+                except EdgewardError as exc:
+                    self._failed("renewal.failed", exc)
+                    retry_at = self._clock.now_ms() + int(next(delays) * 1000)
+                    continue
+                return
+            pause = min(max(0.0, (due - now) / 1000), self.config.policy.max_sleep_s)
+            await wait_any(stop, self._phase_end, seconds=pause)
+
+    async def _rotate_now(self) -> str:
+        """``rotate-cert``: renew at once; the new serial (the phase ends after the receipt)."""
+        runtime = self._runtime
+        if runtime is None:
+            raise RenewalError(RenewReason.NOT_RUNNING, "not running as the device")
+        return serial_of(await self._renew(runtime))
+
+    async def _renew(self, runtime: Runtime) -> x509.Certificate:
+        async with self._renewing:
+            if self._phase_end.is_set():  # already switching: one renewal per phase
+                raise RenewalError(RenewReason.BUSY, "the certificate is being switched")
+            previous = self._certificate
+            try:
+                certificate = await self.renewer.renew(runtime)
+            except EdgewardError as exc:
+                self.agent_metrics.renewals.labels(exc.reason).inc()
+                raise
+            self.agent_metrics.renewals.labels("renewed").inc()
+            if previous is not None:
+                self._unsettled = (serial_of(certificate), serial_of(previous))
+            self._set_certificate(certificate, received=True)
+            self.renewals += 1
+            self._last_error = None
+            log.info(
+                "certificate.renewed",
+                extra=fields(
+                    device=self.device_id,
+                    serial=serial_of(certificate),
+                    previous=serial_of(previous) if previous is not None else None,
+                    not_after=certificate.not_valid_after_utc.isoformat(),
+                ),
+            )
+            self._end_phase("renewed")
+            return certificate
+
+    def _end_phase(self, ended: PhaseEnd) -> None:
+        self._ended = ended
+        self._phase_end.set()
+
+    async def _settle_renewal(self, runtime: Runtime, stop: asyncio.Event) -> None:
+        """First thing on a renewed certificate: say so (signed with it), so the identity
+        service has the old one revoked; a few attempts, then the old one just expires."""
+        delays = retry_delays(self.config.policy, self._rand)
+        for _ in range(SETTLE_ATTEMPTS):
+            if self._unsettled is None or stop.is_set():
+                return
+            await wait_any(runtime.ready, stop, self._phase_end)
+            if stop.is_set() or self._phase_end.is_set():
+                return
+            serial, previous = self._unsettled
+            try:
+                settled = await self.renewer.settle(runtime, serial, previous)
+            except EdgewardError as exc:
+                self._failed("renewal.unsettled", exc)
+                await wait_any(stop, self._phase_end, seconds=next(delays))
+                continue
+            self._unsettled = None
+            log.info(
+                "renewal.settled",
+                extra=fields(device=self.device_id, previous=previous, job=settled.job_id),
+            )

@@ -20,14 +20,15 @@ counted (``edgeward_agent_commands_total{verb,outcome,reason}``) and logged.
 
 ``stop`` is written to the ledger before its receipt leaves; :attr:`stopped` gates every
 inference entry point until a ``resume``. ``re-attest`` also sends an AttestationRequest;
-``unload-model`` calls the hooks the model manager registers; ``rotate-cert`` answers
-``failed`` (``command.verb.unavailable``) until the identity service offers rotation.
+``unload-model`` calls the hooks the model manager registers; ``rotate-cert`` renews the
+device certificate now (the hook the agent registers, docs/adr/0015) and its receipt names
+the new serial, or answers ``failed`` with the renewal's reason id.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
@@ -37,7 +38,7 @@ from edgeward_device_agent.revocations import RevocationHolder
 from edgeward_shared.clock import Clock
 from edgeward_shared.command_log import CommandReason, command_digest
 from edgeward_shared.envelope import Opened
-from edgeward_shared.errors import PolicyError
+from edgeward_shared.errors import EdgewardError, PolicyError
 from edgeward_shared.identity import Role
 from edgeward_shared.logs import fields
 from edgeward_shared.messages.attest import AttestationRequest
@@ -57,6 +58,8 @@ from edgeward_shared.topics import Channel, Direction, device_topic
 
 log = logging.getLogger("edgeward.agent.commands")
 UnloadHook = Callable[[str, int], bool]
+#: Renews the device certificate now; returns the new serial (lowercase hex).
+RotateHook = Callable[[], Awaitable[str]]
 INFERENCE_STOPPED = "agent.inference.stopped"
 
 
@@ -79,6 +82,7 @@ class CommandHandler:
         self._clock = clock
         self._skew = clock_skew_ms
         self._unload_hooks: list[UnloadHook] = []
+        self._rotate: RotateHook | None = None
         self.counted = Counter(
             "edgeward_agent_commands_total",
             "Commands decided, by verb, outcome and reason id",
@@ -99,6 +103,10 @@ class CommandHandler:
         """``hook(name, version)`` unloads a model version; True if it was loaded."""
         self._unload_hooks.append(hook)
 
+    def on_rotate_cert(self, hook: RotateHook) -> None:
+        """``await hook()`` renews the device certificate and returns the new serial."""
+        self._rotate = hook
+
     def attach(self, runtime: Runtime) -> None:
         runtime.route(
             device_topic(self.device_id, Direction.DOWN, Channel.COMMAND),
@@ -114,8 +122,8 @@ class CommandHandler:
             self._admit(opened, command)
         except PolicyError as refused:
             return self._answer(opened, verb, "rejected", refused.reason)
-        outcome, reason, extra = self._act(opened, command)
-        return [*self._answer(opened, verb, outcome, reason), *extra]
+        outcome, reason, extra, serial = await self._act(opened, command)
+        return [*self._answer(opened, verb, outcome, reason, serial), *extra]
 
     def _admit(self, opened: Opened[Any], command: Command) -> None:
         signer = opened.signer
@@ -135,7 +143,24 @@ class CommandHandler:
         if view.signer_revoked(signer.identity, signer.serial, signer.kid):
             raise PolicyError(CommandReason.SIGNER_REVOKED, str(signer.identity))
 
-    def _act(
+    async def _act(
+        self, opened: Opened[Any], command: Command
+    ) -> tuple[Outcome, str, Sequence[Outgoing], str | None]:
+        if isinstance(command, RotateCertCommand):
+            return await self._rotate_cert()
+        outcome, reason, extra = self._act_now(opened, command)
+        return outcome, reason, extra, None
+
+    async def _rotate_cert(self) -> tuple[Outcome, str, Sequence[Outgoing], str | None]:
+        if self._rotate is None:
+            return "failed", CommandReason.UNSUPPORTED, (), None
+        try:
+            serial = await self._rotate()
+        except EdgewardError as exc:
+            return "failed", exc.reason, (), None
+        return "done", CommandReason.DONE, (), serial
+
+    def _act_now(
         self, opened: Opened[Any], command: Command
     ) -> tuple[Outcome, str, Sequence[Outgoing]]:
         match command:
@@ -155,12 +180,15 @@ class CommandHandler:
                     CommandReason.DONE,
                     (Outgoing(topic, AttestationRequest(reason="renew")),),
                 )
-            case RotateCertCommand():
-                return "failed", CommandReason.UNSUPPORTED, ()
         return "done", CommandReason.DONE, ()
 
     def _answer(
-        self, opened: Opened[Any], verb: str, outcome: Outcome, reason: str
+        self,
+        opened: Opened[Any],
+        verb: str,
+        outcome: Outcome,
+        reason: str,
+        serial: str | None = None,
     ) -> Sequence[Outgoing]:
         self.counted.labels(verb, outcome, reason).inc()
         level = logging.INFO if outcome == "done" else logging.WARNING
@@ -174,6 +202,7 @@ class CommandHandler:
                 reason=reason,
                 operator=str(opened.signer.identity),
                 mid=opened.mid,
+                serial=serial,
             ),
         )
         receipt = CommandReceipt(
@@ -183,5 +212,6 @@ class CommandHandler:
             outcome=outcome,
             reason=reason,
             at_ms=self._clock.now_ms(),
+            serial=serial,
         )
         return (Outgoing(device_topic(self.device_id, Direction.UP, Channel.COMMAND), receipt),)

@@ -40,6 +40,9 @@ class AgentPolicy:
       Retries never stop: a device in the field has nobody to restart it.
     * ``renew_fraction``: ask for a fresh attestation when this fraction of the current
       result's lifetime (``iat`` to ``exp``) has passed (0.8: a fifth of the lifetime left).
+    * ``cert_renew_fraction``: renew the device certificate (a new key, bound to the current
+      attestation: docs/adr/0015) when this fraction of its lifetime has passed (0.5, as
+      SPIRE does: half the lifetime is left to retry through an outage).
     * ``result_grace_s``: how long after a challenge's expiry the session key made for its
       evidence waits for a result before it is forgotten.
     * ``max_sleep_s``: the attestation scheduler re-reads the clock at least this often
@@ -50,12 +53,13 @@ class AgentPolicy:
     retry_base_s: float = 1.0
     retry_cap_s: float = 60.0
     renew_fraction: float = 0.8
+    cert_renew_fraction: float = 0.5
     result_grace_s: float = 60.0
     max_sleep_s: float = 5.0
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.renew_fraction < 1.0:
-            raise ValueError("renew_fraction is strictly between 0 and 1")
+        if not 0.0 < self.renew_fraction < 1.0 or not 0.0 < self.cert_renew_fraction < 1.0:
+            raise ValueError("renew_fraction and cert_renew_fraction are strictly between 0 and 1")
         if min(self.request_timeout_s, self.retry_base_s, self.max_sleep_s) <= 0:
             raise ValueError("timeouts, retry base and sleep bound must be positive")
         if self.retry_cap_s < self.retry_base_s or self.result_grace_s < 0:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,7 @@ from edgeward_shared.messages.enroll import (
     Enrolled,
     EnrollRequest,
 )
+from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.runtime.core import Runtime
 from edgeward_shared.topics import Direction, enroll_topic
 
@@ -144,20 +146,39 @@ class Enrollment:
         self, enrolled: Enrolled, runtime: Runtime, key: ec.EllipticCurvePrivateKey
     ) -> list[x509.Certificate]:
         """The chain, if its leaf is this device's certificate for ``key`` from our CA."""
-        invalid = AgentReason.ENROLL_CERTIFICATE_INVALID
-        trust = runtime.verifier.trust
-        try:
-            chain = [x509.load_der_x509_certificate(der) for der in enrolled.certificate_chain]
-            identity = identity_of(chain[0])
-            trust.signer(enrolled.certificate_chain[0], to_datetime(self.clock.now_ms()))
-        except ValueError as exc:
-            raise EnrollmentError(invalid, f"not DER certificates: {exc}") from exc
-        except EdgewardError as exc:
-            raise EnrollmentError(invalid, f"[{exc.reason}] {exc.detail}") from exc
-        if identity != Identity.device(self.device_id):
-            raise EnrollmentError(invalid, f"issued to {identity}")
-        if chain[0].public_key() != key.public_key():
-            raise EnrollmentError(invalid, "the certificate is not for the device key")
-        if any(extra not in trust.issuing_cas for extra in chain[1:]):
-            raise EnrollmentError(invalid, "the chain holds more than our issuing CA")
-        return chain
+        return accept_chain(
+            enrolled.certificate_chain,
+            trust=runtime.verifier.trust,
+            now_ms=self.clock.now_ms(),
+            device_id=self.device_id,
+            key=key,
+        )
+
+
+def accept_chain(
+    chain_der: Sequence[bytes],
+    *,
+    trust: TrustStore,
+    now_ms: int,
+    device_id: str,
+    key: ec.EllipticCurvePrivateKey,
+) -> list[x509.Certificate]:
+    """``chain_der`` parsed, if its leaf is ``device_id``'s certificate for ``key``, valid
+    now and chaining to our CA, and the rest of it is our issuing CA (enrollment and
+    renewal alike); ``EnrollmentError(agent.enroll.certificate_invalid)`` otherwise."""
+    invalid = AgentReason.ENROLL_CERTIFICATE_INVALID
+    try:
+        chain = [x509.load_der_x509_certificate(der) for der in chain_der]
+        identity = identity_of(chain[0])
+        trust.signer(chain_der[0], to_datetime(now_ms))
+    except (ValueError, IndexError) as exc:
+        raise EnrollmentError(invalid, f"not DER certificates: {exc}") from exc
+    except EdgewardError as exc:
+        raise EnrollmentError(invalid, f"[{exc.reason}] {exc.detail}") from exc
+    if identity != Identity.device(device_id):
+        raise EnrollmentError(invalid, f"issued to {identity}")
+    if chain[0].public_key() != key.public_key():
+        raise EnrollmentError(invalid, "the certificate is not for the device key")
+    if any(extra not in trust.issuing_cas for extra in chain[1:]):
+        raise EnrollmentError(invalid, "the chain holds more than our issuing CA")
+    return chain

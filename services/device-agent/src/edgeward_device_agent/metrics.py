@@ -43,6 +43,12 @@ class AgentMetrics:
             ["reason"],
             registry=r,
         )
+        self.renewals = Counter(
+            "edgeward_agent_renewals_total",
+            "Certificate renewals: renewed, or the reason id of a failed one",
+            ["outcome"],
+            registry=r,
+        )
         self.attestation_expiry = Gauge(
             "edgeward_agent_attestation_expires_timestamp_seconds",
             "Expiry of the attestation result held (0: none)",

@@ -10,43 +10,62 @@ swtpm is stopped by its PID on the way out.
 
 from __future__ import annotations
 
-import argparse
 import signal
-import sys
 import threading
 from pathlib import Path
 
+import click
+
 from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN, SwtpmFleet, tampered_boot_chain
+from edgeward_shared.logs import configure_logging
+from edgeward_shared.runtime.kit import EnvOptions, command, log_level_option, refusals
+
+option = EnvOptions("SWTPM")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgeward-swtpm", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", type=Path, required=True, help="fleet directory (0700)")
-    parser.add_argument("--golden", nargs="*", default=[], metavar="NAME", help="golden devices")
-    parser.add_argument(
-        "--tampered",
-        nargs="*",
-        default=[],
-        metavar="NAME",
-        help="devices whose boot chain was tampered with",
-    )
-    return parser
+@command("edgeward-swtpm")
+@option(
+    "--root",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Fleet directory (0700): the test manufacturer CA (ca/cert.pem) and one TPM state"
+    " per device; kept across runs, so the TPMs and their EK certificates are too.",
+)
+@option(
+    "--golden",
+    multiple=True,
+    metavar="NAME",
+    help="A device booted with the golden boot chain (repeatable).",
+)
+@option(
+    "--tampered",
+    multiple=True,
+    metavar="NAME",
+    help="A device whose boot chain was tampered with (repeatable).",
+)
+@log_level_option()
+def main(*, root: Path, golden: tuple[str, ...], tampered: tuple[str, ...], log_level: str) -> None:
+    """Simulated TPMs for development and the demo (never for production).
 
+    Starts one swtpm per named device, prints one line per device (`<name> <tcti>`) and a
+    line `ready`, then runs until SIGTERM or SIGINT, whatever becomes of its stdin.
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    \b
+    Example:
+      edgeward-swtpm --root tpms --golden edge-0001 --tampered edge-0002
+    """
+    configure_logging("swtpm", log_level)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    with SwtpmFleet(args.root) as fleet:
-        chains = [(n, GOLDEN_BOOT_CHAIN) for n in args.golden]
-        chains += [(n, tampered_boot_chain(GOLDEN_BOOT_CHAIN)) for n in args.tampered]
+    with refusals("swtpm"), SwtpmFleet(root) as fleet:
+        chains = [(n, GOLDEN_BOOT_CHAIN) for n in golden]
+        chains += [(n, tampered_boot_chain(GOLDEN_BOOT_CHAIN)) for n in tampered]
         for name, chain in chains:
-            print(f"{name} {fleet.start(name, chain).tcti}", flush=True)
-        print("ready", flush=True)
+            click.echo(f"{name} {fleet.start(name, chain).tcti}")
+        click.echo("ready")
         stop.wait()  # a signal's handler runs in this thread and ends the wait
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -6,6 +6,8 @@ Layout (the directory and each subdirectory 0700, key files 0600)::
     <state>/enrollee/key.sealed            its key, sealed by the TPM at the agent's first start
     <state>/device/key.sealed              the device key, made and sealed here before enrolling
     <state>/device/chain.pem, cert.pem     written when enrollment succeeds
+    <state>/renewal/key.sealed             a renewal's new key, sealed before its CSR leaves
+    <state>/renewal/chain.pem, cert.pem, commit   a renewal being switched to
 
 No private key is on disk in the clear (docs/adr/0016-device-key-sealing.md): each is
 sealed by this device's TPM to its boot PCRs (:mod:`.device_keys`) and unsealed into memory
@@ -14,7 +16,15 @@ directory (what the provisioning station installs, or an older agent left) is se
 shredded by :meth:`AgentState.unlock`.
 
 ``device/cert.pem`` is written last and atomically, so its presence is what "enrolled"
-means. Nothing secret from enrollment (the activated credential) and nothing from
+means. A renewal (docs/adr/0015) never touches ``device/`` until its certificate is
+accepted: :meth:`AgentState.new_renewal_key` seals a new key under ``renewal/`` (to the PCR
+values the device key is sealed to) before it is used, so a certificate is never issued for
+a lost key; :meth:`AgentState.adopt_renewal` stages the chain there, writes the ``commit``
+marker, then moves chain, sealed key and certificate into ``device/`` (certificate last) and
+removes the marker. A crash in between leaves the marker, and :meth:`AgentState.prepare`
+finishes the move: the switch-over is all or nothing.
+
+Nothing secret from enrollment (the activated credential) and nothing from
 attestation (EARs, session keys) is ever written here: those live in memory only.
 
 It leaves the TLS use of the keys to :mod:`edgeward_shared.tls` (:class:`TlsIdentity`, from
@@ -76,8 +86,14 @@ class AgentState:
         self.seal = seal or SealPolicy()
         self.enrollee = IdentityFiles(root / "enrollee")
         self.device = IdentityFiles(root / "device")
+        self.renewal = IdentityFiles(root / "renewal")
         self._enrollee_keys: SealedKeyStore | None = None
         self._device_keys: SealedKeyStore | None = None
+        self._renewal_keys: SealedKeyStore | None = None
+
+    @property
+    def _commit_marker(self) -> Path:
+        return self.renewal.directory / "commit"
 
     def prepare(self) -> None:
         """Create the directory 0700 if missing; refuse one that group or others can enter."""
@@ -88,6 +104,8 @@ class AgentState:
                 AgentReason.STATE_PERMISSIONS,
                 f"{self.root} has mode {mode:o}: the agent's state must be 0700 (chmod 700 it)",
             )
+        if self._commit_marker.exists():  # a switch-over was interrupted: finish it
+            self._commit_renewal()
 
     def install_enrollee(self, source: IdentityFiles) -> None:
         """Copy a provisioned enrollment identity (``edgeward pki issue enrollee``) into the
@@ -204,3 +222,61 @@ class AgentState:
         pem = [certificate.public_bytes(serialization.Encoding.PEM) for certificate in chain]
         _write_atomically(self.device.chain, b"".join(pem))
         _write_atomically(self.device.cert, pem[0])
+
+    # ------------------------------------------------------------------ renewal (ADR 0015)
+    def new_renewal_key(self) -> ec.EllipticCurvePrivateKey:
+        """A new P-256 key for a renewal, sealed to the PCR values the device key is sealed
+        to and written under ``renewal/`` before it is used, so a certificate is never issued
+        for a lost key. Each call makes a new key. Blocking (TPM); after :meth:`unlock`."""
+        if self._commit_marker.exists():
+            raise RuntimeError("a renewal is being switched to: prepare() finishes it first")
+        self.renewal.directory.mkdir(mode=0o700, exist_ok=True)
+        store = self.device_keys.sibling(self.renewal.directory / SEALED_KEY)
+        key = store.create()
+        self._renewal_keys = store
+        return key
+
+    def adopt_renewal(self, chain: Sequence[x509.Certificate]) -> None:
+        """Switch the device to the renewed ``chain`` (leaf first), which must be for the
+        key of :meth:`new_renewal_key`: all of it or, after a crash, all of it at the next
+        :meth:`prepare` (see the module docstring). The old key is gone afterwards."""
+        if not chain:
+            raise ValueError("a certificate chain has at least the device certificate")
+        store = self._renewal_keys
+        key = store.cached if store is not None else None
+        if store is None or key is None:
+            raise ConfigError(AgentReason.STATE_MISMATCH, "no renewal key in this run")
+        self._check_identity(chain[0], Identity.device(self.device_id))
+        if chain[0].public_key() != key.public_key():
+            raise ConfigError(AgentReason.STATE_MISMATCH, "the renewed certificate is not ours")
+        pem = [certificate.public_bytes(serialization.Encoding.PEM) for certificate in chain]
+        _write_atomically(self.renewal.chain, b"".join(pem))
+        _write_atomically(self.renewal.cert, pem[0])
+        _write_atomically(self._commit_marker, b"")
+        self._commit_renewal()
+        # the device key's store now holds the renewed key (in memory already: no unseal)
+        self._device_keys = SealedKeyStore(
+            self.device.directory / SEALED_KEY, store.sealer, self.seal, _key=key
+        )
+        self._renewal_keys = None
+
+    def _commit_renewal(self) -> None:
+        """Move the staged renewal into ``device/`` (idempotent: only what is left moves)."""
+        for staged, live in (
+            (self.renewal.chain, self.device.chain),
+            (self.renewal.directory / SEALED_KEY, self.device.directory / SEALED_KEY),
+            (self.renewal.cert, self.device.cert),
+        ):
+            if staged.exists():
+                staged.replace(live)
+        _fsync_directory(self.device.directory)
+        self._commit_marker.unlink()
+        _fsync_directory(self.renewal.directory)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

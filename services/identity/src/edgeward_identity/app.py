@@ -3,33 +3,39 @@
 This module owns :class:`IdentityConfig` (what an operator decides) and turning it into a
 node ready to run: it refuses to start on an unsafe or missing CA key or on an identity that
 is not the identity service's, opens and migrates the database, builds the runtime from
-files (:mod:`edgeward_shared.runtime.node`) and installs the handler (:mod:`.service`).
+files (:mod:`edgeward_shared.runtime.node`), installs the handler (:mod:`.service`) and the
+publisher of the fleet's trust bundle (:mod:`edgeward_shared.runtime.trust`).
 Flags, the environment and logging setup are :mod:`.__main__`'s.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
 from edgeward_identity.ca import IssuingAuthority
 from edgeward_identity.core import DEFAULT_MAX_LIFETIME
-from edgeward_identity.service import IdentityService
+from edgeward_identity.renewal import check_class_lifetime
+from edgeward_identity.service import IdentityService, RevokeCertificate
 from edgeward_identity.store import COMPONENT, MIGRATIONS
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.clock import Clock
-from edgeward_shared.errors import ConfigError
+from edgeward_shared.errors import PolicyError
 from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.logs import fields
-from edgeward_shared.pki.store import IdentityFiles
+from edgeward_shared.messages.common import Rejected
+from edgeward_shared.messages.revocation import RevocationJob, Revoke
+from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.runtime.core import Connect, Runtime
-from edgeward_shared.runtime.node import NodeConfig, build_runtime, run_until_signalled
+from edgeward_shared.runtime.node import NodeConfig, build_node, run_until_signalled
+from edgeward_shared.runtime.revocations import RevocationFollower
+from edgeward_shared.runtime.trust import TrustPublisher
 from edgeward_shared.storage import SqliteDatabase, migrate
-from edgeward_shared.tls import check_key_permissions
+from edgeward_shared.topics import service_request_topic, service_response_topic
 
 log = logging.getLogger("edgeward.identity")
 
@@ -46,6 +52,12 @@ class IdentityConfig:
     broker: BrokerAddress
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
     max_lifetime: timedelta = DEFAULT_MAX_LIFETIME  # cap on requested certificate lifetimes
+    #: renewed certificates' lifetime per device class (5 min to 7 days; others: the cap)
+    class_lifetimes: Mapping[str, timedelta] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for lifetime in self.class_lifetimes.values():
+            check_class_lifetime(lifetime)
 
     def node_config(self) -> NodeConfig:
         return NodeConfig.from_pki(self.pki_dir, self.identity_dir, self.broker, self.metrics_port)
@@ -58,23 +70,50 @@ async def identity_node(
     """A runtime serving the identity service and its bus factory; closes the database at
     the end. Raises ``ConfigError`` before anything runs if the files are not right."""
     authority = IssuingAuthority.open(config.pki_dir)
-    check_key_permissions(IdentityFiles(config.identity_dir).key)
-    runtime, connect = build_runtime(config.node_config(), clock)
-    if runtime.identity.principal != SERVICE:
-        raise ConfigError(
-            "config.identity.wrong_service",
-            f"{config.identity_dir} holds {runtime.identity}, not an instance of {SERVICE}",
-        )
+    runtime, connect = build_node(config.node_config(), SERVICE, clock)
     db = await SqliteDatabase.open(config.db_path)
     try:
         await migrate(db, component=COMPONENT, migrations=MIGRATIONS, clock=runtime.clock)
+        follower = RevocationFollower(config.db_path.parent, required=False)
+        follower.attach(runtime)
         service = IdentityService(
-            authority=authority, db=db, clock=runtime.clock, max_lifetime=config.max_lifetime
+            authority=authority,
+            db=db,
+            clock=runtime.clock,
+            max_lifetime=config.max_lifetime,
+            class_lifetimes=config.class_lifetimes,
+            revocations=follower,
+            revoke=revocation_client(runtime),
         )
         service.install(runtime)
+        # the fleet's trust bundle, retained on ew/v1/fleet/trust (docs/adr/0017)
+        runtime.add_background(TrustPublisher(runtime, PkiStore(config.pki_dir)).run)
         yield runtime, connect
     finally:
         await db.close()
+
+
+#: How long the identity service waits for the revocation service to record a revocation.
+REVOCATION_TIMEOUT_S = 10.0
+
+
+def revocation_client(runtime: Runtime) -> RevokeCertificate:
+    """Ask the revocation service (in this instance's name) to revoke a certificate serial;
+    returns the job id once the revocation is durably recorded."""
+    me = runtime.identity
+    runtime.expect_replies(service_response_topic(ServiceName.REVOCATION, me), [RevocationJob])
+
+    async def revoke(serial: str, reason: str) -> str:
+        request = Revoke(kind="cert", subject=serial, reason=reason)
+        topic = service_request_topic(ServiceName.REVOCATION, me)
+        reply = await runtime.request(topic, request, timeout_s=REVOCATION_TIMEOUT_S)
+        if isinstance(reply.message, Rejected):
+            raise PolicyError(reply.message.reason, "the revocation service refused")
+        if not isinstance(reply.message, RevocationJob) or not reply.message.jobs:
+            raise PolicyError("identity.renew.revocation_refused", type(reply.message).TYPE)
+        return reply.message.jobs[0].job_id
+
+    return revoke
 
 
 async def run(config: IdentityConfig) -> None:

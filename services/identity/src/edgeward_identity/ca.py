@@ -101,10 +101,18 @@ class IssuingAuthority:
         public_key: ec.EllipticCurvePublicKey,
         now: datetime,
         lifetime: timedelta,
+        *,
+        renewal: bool = False,
     ) -> IssuedCertificate:
-        """Issue ``device_id``'s certificate for ``public_key``, revoking its previous one."""
+        """Issue ``device_id``'s certificate for ``public_key``. An enrollment revokes the
+        device's previous certificate at once (the CRL); a ``renewal`` leaves it valid: it
+        is revoked through the revocation plane once the new one is in use (ADR 0015).
+
+        The enrollee identity ``enroll.<id>`` stays valid (ADR 0005): its only power is to
+        enroll, which needs credential activation in the TPM bound to the id, and a device
+        back from a long absence enrolls again with it."""
         identity = Identity.device(device_id)
-        return await asyncio.to_thread(self._issue, identity, public_key, now, lifetime)
+        return await asyncio.to_thread(self._issue, identity, public_key, now, lifetime, renewal)
 
     def _issue(
         self,
@@ -112,12 +120,12 @@ class IssuingAuthority:
         public_key: ec.EllipticCurvePublicKey,
         now: datetime,
         lifetime: timedelta,
+        renewal: bool,
     ) -> IssuedCertificate:
         with _exclusive(self._store.dir / LOCK_FILE, self._lock_timeout_s):
-            cert = self._store.issue_for_key(identity, public_key, now, lifetime, replace=True)
-            # the enrollment identity has done its job: it must not start another (ADR 5)
-            for record in self._store.current(Identity.enrollee(identity.name), now):
-                self._store.revoke(record.serial, now, "enrolled")
+            cert = self._store.issue_for_key(
+                identity, public_key, now, lifetime, replace=not renewal, overlap=renewal
+            )
             issuer = read_certificate(self._store.issuing_cert_path)
         return IssuedCertificate(cert, issuer)
 

@@ -24,5 +24,21 @@ class IdentityReason:
     CSR_ALGORITHM: Final = "identity.csr.algorithm"
     CSR_SIGNATURE: Final = "identity.csr.signature"
     CSR_SUBJECT: Final = "identity.csr.subject"
+    # a device's renewal (docs/adr/0015): who, the attestation, its binding, the key
+    RENEW_CALLER: Final = "identity.renew.caller"
+    RENEW_REVOKED: Final = "identity.renew.revoked"
+    RENEW_STALE: Final = "identity.renew.stale"
+    RENEW_EAR_INVALID: Final = "identity.renew.ear_invalid"
+    RENEW_EAR_EXPIRED: Final = "identity.renew.ear_expired"
+    RENEW_NOT_AFFIRMING: Final = "identity.renew.not_affirming"
+    RENEW_EAR_SUBJECT: Final = "identity.renew.ear_subject"
+    RENEW_BINDING: Final = "identity.renew.binding"
+    RENEW_SAME_KEY: Final = "identity.renew.same_key"
+    RENEW_REPLAYED: Final = "identity.renew.replayed"
+    # the device says it runs on the renewed certificate
+    RENEW_NOT_IN_USE: Final = "identity.renew.not_in_use"
+    RENEW_UNKNOWN: Final = "identity.renew.unknown"
+    # the revocation service did not take the old certificate (retryable, not answered)
+    RENEW_REVOCATION_UNAVAILABLE: Final = "identity.renew.revocation_unavailable"
     # the issuing CA on disk is held by another writer for too long (retryable, not answered)
     CA_BUSY: Final = "identity.ca.busy"

@@ -15,7 +15,10 @@ Tables::
                            issuance (``seq``: a gap or a repeat shows tampering): serial (hex,
                            as on the wire), device, validity, SHA-256 fingerprint, the DER
                            itself, who asked (signer CN) and the enrollment it concluded (the
-                           proof envelope's mid).
+                           proof envelope's mid; ``ear:<result id>`` for a renewal).
+    identity_renewals      one row per renewal (docs/adr/0015): the new serial, the device,
+                           the serial it replaces, and once the device proved it runs on the
+                           new one, when and the revocation job that retires the old one.
 
 Times are integer milliseconds since the Unix epoch (UTC), as everywhere in the protocol.
 """
@@ -62,6 +65,21 @@ MIGRATIONS: Final = (
             """
             CREATE INDEX IF NOT EXISTS identity_certificates_by_device
             ON identity_certificates (device_id, seq)
+            """,
+        ),
+    ),
+    Migration(
+        2,
+        "renewals",
+        (
+            """
+            CREATE TABLE identity_renewals (
+                serial TEXT PRIMARY KEY REFERENCES identity_certificates (serial),
+                device_id TEXT NOT NULL,
+                previous_serial TEXT NOT NULL,
+                settled_at_ms BIGINT,
+                revocation_job TEXT
+            )
             """,
         ),
     ),
@@ -119,6 +137,18 @@ SELECT seq, serial, device_id, request_mid, requester, enrollment, fingerprint,
        not_before_ms, not_after_ms, issued_at_ms, certificate
 FROM identity_certificates WHERE device_id = :device_id ORDER BY seq
 """
+_RENEWAL: Final = """
+INSERT INTO identity_renewals (serial, device_id, previous_serial)
+VALUES (:serial, :device_id, :previous_serial)
+"""
+_RENEWAL_OF: Final = """
+SELECT serial, device_id, previous_serial, settled_at_ms, revocation_job
+FROM identity_renewals WHERE serial = :serial
+"""
+_SETTLE: Final = """
+UPDATE identity_renewals SET settled_at_ms = :at_ms, revocation_job = :job
+WHERE serial = :serial AND settled_at_ms IS NULL
+"""
 _REQUEST_COUNT: Final = "SELECT count(*) AS n FROM identity_requests"
 
 
@@ -154,3 +184,32 @@ def _as_int(row: Row | None, column: str) -> int:
     if type(value) is not int:
         raise TypeError(f"{column} is {value!r}, not an integer")
     return value
+
+
+class RenewalRow(msgspec.Struct, frozen=True, kw_only=True):
+    """A renewal as recorded; ``revocation_job`` once the old certificate is being revoked."""
+
+    serial: str
+    device_id: str
+    previous_serial: str
+    settled_at_ms: int | None
+    revocation_job: str | None
+
+
+async def record_renewal(tx: Transaction, serial: str, device_id: str, previous: str) -> None:
+    """Note that ``serial`` renews ``previous`` (in the transaction that issued it)."""
+    await tx.execute(
+        _RENEWAL, {"serial": serial, "device_id": device_id, "previous_serial": previous}
+    )
+
+
+async def renewal_of(db: Database, serial: str) -> RenewalRow | None:
+    async with db.transaction() as tx:
+        row = await tx.fetch_one(_RENEWAL_OF, {"serial": serial})
+    return None if row is None else msgspec.convert(dict(row), RenewalRow)
+
+
+async def settle_renewal(db: Database, serial: str, job_id: str, at_ms: int) -> None:
+    """Record that the renewal to ``serial`` is in use and its predecessor being revoked."""
+    async with db.transaction() as tx:
+        await tx.execute(_SETTLE, {"serial": serial, "job": job_id, "at_ms": at_ms})

@@ -31,18 +31,16 @@ from edgeward_inference_gateway.service import GatewayService, Settings
 from edgeward_inference_gateway.store import GatewayStore
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.clock import Clock
-from edgeward_shared.errors import ConfigError, EdgewardError
+from edgeward_shared.errors import EdgewardError
 from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.logs import fields
 from edgeward_shared.messages.common import Rejected
 from edgeward_shared.messages.infer import InferCall, InferResult
-from edgeward_shared.pki.store import IdentityFiles
 from edgeward_shared.runtime.core import Connect, Runtime
 from edgeward_shared.runtime.health import answer_pings
-from edgeward_shared.runtime.node import NodeConfig, build_runtime, run_until_signalled
+from edgeward_shared.runtime.node import NodeConfig, build_node, run_until_signalled
 from edgeward_shared.runtime.revocations import RevocationFollower
 from edgeward_shared.storage import SqliteDatabase
-from edgeward_shared.tls import check_key_permissions
 from edgeward_shared.topics import ROOT, shared_subscription
 
 log = logging.getLogger("edgeward.inference-gateway")
@@ -149,13 +147,7 @@ async def gateway_node(
     """A runtime serving the gateway, its (rate-limited) bus factory and the service; the
     sweep runs in the background while the block does. Raises ``ConfigError`` before
     anything runs if the files are not right."""
-    check_key_permissions(IdentityFiles(config.identity_dir).key)
-    runtime, connect = build_runtime(config.node_config(), clock)
-    if runtime.identity.principal != SERVICE:
-        raise ConfigError(
-            "config.identity.wrong_service",
-            f"{config.identity_dir} holds {runtime.identity}, not an instance of {SERVICE}",
-        )
+    runtime, connect = build_node(config.node_config(), SERVICE, clock)
     async with open_store(config.state_dir) as store:
         follower = RevocationFollower(
             config.state_dir, required=config.settings.require_revocations

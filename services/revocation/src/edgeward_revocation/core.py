@@ -81,17 +81,31 @@ def canonical_subject(kind: Kind, subject: str) -> str:
 
 def authorize_revoker(caller: Identity, kind: Kind) -> None:
     """Operators revoke anything; the telemetry service (its alarms) and the attestation
-    service (failed quotes) only devices."""
+    service (failed quotes) only devices; the identity service only certificates (a renewed
+    device's previous one, docs/adr/0015)."""
     if caller.role is Role.OPERATOR:
         return
     automatic = {Identity.service(ServiceName.TELEMETRY), Identity.service(ServiceName.ATTESTATION)}
     if caller.principal in automatic and kind == "device":
         return
+    if caller.principal == RENEWER and kind == "cert":
+        return
     raise PolicyError(RevokeReason.ROLE, f"{caller} may not revoke a {kind}")
 
 
-def kick_names(kind: Kind, subject: str, serial_owner: str | None) -> tuple[str, ...]:
-    """The MQTT usernames (certificate CNs) to disconnect."""
+#: The identity service: it revokes the certificate a renewal replaced, once the device has
+#: proved it runs on the new one (so that session is not to be kicked: it is the new one's).
+RENEWER: Final = Identity.service(ServiceName.IDENTITY)
+
+
+def kick_names(
+    kind: Kind, subject: str, serial_owner: str | None, caller: Identity | None = None
+) -> tuple[str, ...]:
+    """The MQTT usernames (certificate CNs) to disconnect. None for a certificate the
+    identity service retires after a renewal: the device's session already runs on the
+    new certificate under the same username, and kicking it would cut the renewed device."""
+    if kind == "cert" and caller is not None and caller.principal == RENEWER:
+        return ()
     match kind:
         case "device":
             return (subject, Identity.enrollee(subject).common_name)

@@ -51,7 +51,9 @@ class RevocationService:
         authorize_revoker(caller, kind)
         subject = canonical_subject(kind, subject)
         now = self.clock.now_ms()
-        serials, kick = await asyncio.to_thread(self._lookup, kind, subject, to_datetime(now))
+        serials, kick = await asyncio.to_thread(
+            self._lookup, kind, subject, to_datetime(now), caller
+        )
         job = await self.store.record(
             Entry(kind, subject),
             reason=reason,
@@ -68,7 +70,7 @@ class RevocationService:
         return job
 
     def _lookup(
-        self, kind: Kind, subject: str, now: datetime
+        self, kind: Kind, subject: str, now: datetime, caller: Identity
     ) -> tuple[tuple[int, ...], tuple[str, ...]]:
         match kind:
             case "device":
@@ -83,7 +85,7 @@ class RevocationService:
                 owner = self.pki.owner_of(int(subject, 16))
                 if owner is None:
                     raise PolicyError(RevokeReason.UNKNOWN_SERIAL, f"serial {subject}")
-                return (int(subject, 16),), kick_names(kind, subject, owner)
+                return (int(subject, 16),), kick_names(kind, subject, owner, caller)
         return (), ()
 
     async def on_request(self, opened: Opened[Any]) -> Sequence[Outgoing]:

@@ -56,7 +56,8 @@ class ReattestCommand(Message, frozen=True, tag="edgeward.command.re-attest.v1")
 
 
 class RotateCertCommand(Message, frozen=True, tag="edgeward.command.rotate-cert.v1"):
-    """Renew the device certificate (needs the identity service's rotation flow)."""
+    """Renew the device certificate now (a new key, bound to the current attestation); the
+    receipt's ``serial`` names the new certificate."""
 
     device_id: DeviceId
     reason: Why
@@ -84,7 +85,8 @@ class CommandReceipt(Message, frozen=True, tag="edgeward.command.receipt.v1"):
     """The device's answer, signed by its device key: it binds the exact command envelope
     (``command_digest`` = lowercase hex SHA-256 of the envelope bytes as received), the
     command's ``mid`` (``in_reply_to``), the device's own id, the outcome (``reason`` says
-    why) and the device's time of the decision."""
+    why) and the device's time of the decision; ``serial`` only for a ``rotate-cert`` that
+    was done (the new certificate's)."""
 
     in_reply_to: MessageId
     command_digest: Digest
@@ -92,3 +94,5 @@ class CommandReceipt(Message, frozen=True, tag="edgeward.command.receipt.v1"):
     outcome: Outcome
     reason: ReasonId
     at_ms: Annotated[int, msgspec.Meta(ge=0)]
+    #: ``rotate-cert`` done: the serial (lowercase hex) of the certificate it renewed to
+    serial: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{1,40}$")] | None = None

@@ -17,8 +17,8 @@ import msgspec
 
 from edgeward_shared.messages.base import Message
 from edgeward_shared.messages.common import MessageId, ReasonId
+from edgeward_shared.messages.model_types import Hex64, ModelName, Version
 from edgeward_shared.messages.registry import DeviceId
-from edgeward_shared.models.provenance import Hex64, ModelName, Version
 
 DType = Literal["float32", "float16", "int64", "int32", "uint8", "bool"]
 MAX_TENSORS = 16

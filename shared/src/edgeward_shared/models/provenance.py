@@ -8,34 +8,31 @@ Nobody re-encodes a provenance manifest: its bytes are hashed and compared, neve
 from __future__ import annotations
 
 import hashlib
-import re
-from enum import StrEnum
 from typing import Annotated, Final, Literal
 
 import msgspec
 
 from edgeward_shared.errors import MessageError
+from edgeward_shared.messages.model_types import MODEL_NAME_RE, Hex64, ModelName, Tier, Version
 from edgeward_shared.models.reasons import ModelReason
 
+# the wire's model types are the messages' (messages never import models); re-exported here
+__all__ = [
+    "MAX_PROVENANCE_BYTES",
+    "MODEL_NAME_RE",
+    "SCHEMA",
+    "Hex64",
+    "ModelName",
+    "Provenance",
+    "Tier",
+    "Version",
+    "decode_provenance",
+    "encode_provenance",
+    "sha256_hex",
+]
+
 SCHEMA: Final = "edgeward.model.provenance.v1"
-MODEL_NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 MAX_PROVENANCE_BYTES: Final = 8192
-
-Hex64 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
-ModelName = Annotated[str, msgspec.Meta(pattern=f"^{MODEL_NAME_RE.pattern}$")]
-Version = Annotated[int, msgspec.Meta(ge=1, le=2**53)]
-
-
-class Tier(StrEnum):
-    """Protection tiers (docs/model-tiers.md)."""
-
-    HIGH = "high"  # signed + encrypted, key only for an affirming attestation, strict sandbox
-    MEDIUM = "medium"  # signed + encrypted, key for the enrolled device, attestation recommended
-    LOW = "low"  # signed only, shipped in the clear
-
-    @property
-    def encrypted(self) -> bool:
-        return self is not Tier.LOW
 
 
 class Provenance(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

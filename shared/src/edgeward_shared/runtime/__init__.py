@@ -1,5 +1,6 @@
 """The service runtime every Edgeward process runs: verified routing (:mod:`.core`),
-liveness (:mod:`.health`), reconnect backoff, metrics, and wiring from files (:mod:`.node`)."""
+liveness (:mod:`.health`), reconnect backoff, metrics, wiring from files (:mod:`.node`), and
+the one command-line shape of every entry point (:mod:`.kit`, :mod:`.params`)."""
 
 from edgeward_shared.runtime.core import Outgoing, Route, Runtime
 

@@ -1,0 +1,293 @@
+"""The one shape of every Edgeward command line: services, the device agent and helpers.
+
+It owns:
+
+- :func:`command`: the click command every entry point is (``-h``/``--help``, defaults
+  shown, one width);
+- :func:`node_options`: the options every node has, in one order, each with help text and
+  an ``EDGEWARD_*`` environment variable: ``--pki-dir`` (or ``--ca-bundle`` and ``--crl``
+  on a device), ``--identity-dir``, ``--database``, ``--broker``, ``--metrics-port``,
+  ``--log-level``. The command receives them as one :class:`NodeOptions` (``node=``);
+- :func:`service_main`: JSON logs, the event loop (uvloop when it is installed), and a
+  refusal to start (a :class:`~edgeward_shared.errors.ConfigError`: missing files, a key
+  readable by others, a database schema newer than the code) turned into one line on
+  stderr and exit status 2, never a traceback. Status 1 is any other refusal
+  (:class:`~edgeward_shared.errors.EdgewardError`) before the service ran.
+
+Environment variables: ``EDGEWARD_PKI``, ``EDGEWARD_BROKER`` and ``EDGEWARD_LOG_LEVEL`` are
+shared by every process on a host; the others are per component (``EDGEWARD_<ENV>_...``),
+since two services on one host have two identities, databases and metrics ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import click
+
+from edgeward_shared.bus.mqtt import BrokerAddress
+from edgeward_shared.errors import ConfigError, EdgewardError
+from edgeward_shared.identity import Identity
+from edgeward_shared.logs import configure_logging
+from edgeward_shared.pki.store import PkiStore
+from edgeward_shared.runtime.node import NodeConfig
+from edgeward_shared.runtime.params import BrokerParam
+
+#: Exit status of a refusal to start that no retry fixes (click's usage errors share it).
+EXIT_CONFIG: Final = 2
+#: Exit status of any other refusal before the service ran (the broker was unreachable, ...).
+EXIT_REFUSED: Final = 1
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+DEFAULT_BROKER: Final = "127.0.0.1:8883"
+CONTEXT_SETTINGS: Final[dict[str, Any]] = {
+    "help_option_names": ["-h", "--help"],
+    "show_default": True,
+    "max_content_width": 100,
+}
+
+Trust = Literal["pki", "files"]
+Command = Callable[..., None]
+
+
+def command(name: str | None = None) -> Callable[[Command], click.Command]:
+    """``@click.command`` with the settings every Edgeward entry point shares."""
+    return click.command(name, context_settings=CONTEXT_SETTINGS)
+
+
+class EnvOptions:
+    """A component's own options: ``option = EnvOptions("GATEWAY")``, then
+    ``@option("--max-age", type=..., default=..., help=...)``. Each gets help text (required)
+    and the environment variable ``EDGEWARD_<ENV>_<NAME>`` (``EDGEWARD_GATEWAY_MAX_AGE``),
+    shown in ``--help``; pass ``envvar=`` to keep an older name."""
+
+    def __init__(self, env: str) -> None:
+        self.prefix = f"EDGEWARD_{env}"
+
+    def envvar(self, *names: str) -> str:
+        """``EDGEWARD_<ENV>_<NAME>`` for an option's first long name (``--x/--no-x``: X)."""
+        name = next(n for n in names if n.startswith("--"))[2:].split("/")[0]
+        return f"{self.prefix}_{name.replace('-', '_').upper()}"
+
+    def __call__(self, *names: str, **settings: Any) -> Callable[[Command], Command]:
+        if not settings.get("help"):
+            raise ValueError(f"{names[0]}: every Edgeward option has help text")
+        settings.setdefault("envvar", self.envvar(*names))
+        return click.option(*names, show_envvar=True, **settings)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeOptions:
+    """What :func:`node_options` parsed: where the node's files are and how it runs."""
+
+    component: str  # the name in the logs: "revocation", "device-agent", ...
+    broker: BrokerAddress
+    metrics_port: int | None  # None: no /metrics endpoint; 0: any free port
+    log_level: str
+    ca_bundle: Path
+    crl: Path
+    pki_dir: Path | None = None  # None on a device, which holds no PKI directory
+    identity_dir: Path | None = None  # None where the command manages its own identities
+    database: Path | None = None
+
+    @property
+    def pki(self) -> PkiStore:
+        """The PKI directory (``ConfigError`` if the command has none)."""
+        if self.pki_dir is None:
+            raise ConfigError("config.pki.missing", f"{self.component} takes no --pki-dir")
+        return PkiStore(self.pki_dir)
+
+    @property
+    def database_path(self) -> Path:
+        """``--database`` (``ConfigError`` if the command has none)."""
+        if self.database is None:
+            raise ConfigError("config.database.missing", f"{self.component} takes no --database")
+        return self.database
+
+    def node_config(self) -> NodeConfig:
+        """The runtime's configuration: this instance's identity, the trust anchors, the CRL."""
+        if self.identity_dir is None:
+            raise ConfigError("config.identity.missing", f"{self.component} has no identity dir")
+        if self.pki_dir is not None and not self.ca_bundle.exists():
+            self.pki.require()  # no PKI at all: say how to make one
+        return NodeConfig(
+            self.identity_dir, self.ca_bundle, self.crl, self.broker, self.metrics_port
+        )
+
+    def serve(self, main: Callable[[], Awaitable[None]]) -> None:
+        """:func:`service_main` for this node."""
+        service_main(self.component, self.log_level, main)
+
+
+def node_options(
+    component: str,
+    *,
+    env: str,
+    principal: Identity | None = None,
+    trust: Trust = "pki",
+    database: Path | None = None,
+    pki_help: str | None = None,
+    database_help: str = "SQLite database (created 0600).",
+) -> Callable[[Command], Command]:
+    """The node's options, before the command's own; the command gets ``node=NodeOptions``.
+
+    ``principal``: the service whose instance this is; ``--identity-dir`` defaults to its
+    directory in the PKI (omit for a command with no identity of its own). ``trust``:
+    ``"pki"`` reads the CA bundle and CRL from ``--pki-dir``; ``"files"`` (a device, which
+    has no PKI directory) takes ``--ca-bundle`` and ``--crl``. ``database``: the default
+    path of ``--database`` (omit for a command without one).
+    """
+    own = EnvOptions(env)
+    options: list[Callable[[Command], Command]] = []
+    if trust == "pki":
+        options.append(
+            click.option(
+                "--pki-dir",
+                type=click.Path(file_okay=False, path_type=Path),
+                default=Path("pki"),
+                envvar="EDGEWARD_PKI",
+                show_envvar=True,
+                help=pki_help
+                or "PKI directory: the CA bundle (trust/ca-bundle.pem) every peer's certificate"
+                " must chain to, and the CRL (issuing/crl.pem).",
+            )
+        )
+    else:
+        options += [
+            own(
+                "--ca-bundle",
+                type=click.Path(dir_okay=False, path_type=Path),
+                required=True,
+                help="Root and issuing CA certificates (PEM) every peer's certificate must"
+                " chain to.",
+            ),
+            own(
+                "--crl",
+                type=click.Path(dir_okay=False, path_type=Path),
+                required=True,
+                help="The issuing CA's CRL (PEM).",
+            ),
+        ]
+    if principal is not None:
+        name = principal.common_name
+        options.append(
+            own(
+                "--identity-dir",
+                type=click.Path(file_okay=False, path_type=Path),
+                help=f"This instance's certificate and key, 0600 ({name} or {name}.<n>)."
+                f"  [default: PKI_DIR/identities/{name}]",
+            )
+        )
+    if database is not None:
+        options.append(
+            own(
+                "--database",
+                "--db",
+                "database",
+                type=click.Path(dir_okay=False, path_type=Path),
+                default=database,
+                envvar=f"{own.prefix}_DB",
+                help=database_help,
+            )
+        )
+    options += [
+        click.option(
+            "--broker",
+            type=BrokerParam(),
+            default=DEFAULT_BROKER,
+            envvar="EDGEWARD_BROKER",
+            show_envvar=True,
+            help="The MQTT broker's TLS listener; the host must match its certificate.",
+        ),
+        own(
+            "--metrics-port",
+            type=click.IntRange(0, 65535),
+            help="Serve Prometheus /metrics on 127.0.0.1:PORT (0: any free port).  [default: off]",
+        ),
+        log_level_option(),
+    ]
+
+    def decorate(function: Command) -> Command:
+        @functools.wraps(function)
+        def wrapper(**kwargs: Any) -> None:
+            pki_dir: Path | None = kwargs.pop("pki_dir", None)
+            identity_dir: Path | None = kwargs.pop("identity_dir", None)
+            if pki_dir is not None:
+                store = PkiStore(pki_dir)
+                ca_bundle, crl = store.bundle_path, store.crl_path
+                if principal is not None and identity_dir is None:
+                    identity_dir = store.identity_files(principal).directory
+            else:
+                ca_bundle, crl = kwargs.pop("ca_bundle"), kwargs.pop("crl")
+            node = NodeOptions(
+                component=component,
+                broker=kwargs.pop("broker"),
+                metrics_port=kwargs.pop("metrics_port"),
+                log_level=kwargs.pop("log_level"),
+                ca_bundle=ca_bundle,
+                crl=crl,
+                pki_dir=pki_dir,
+                identity_dir=identity_dir,
+                database=kwargs.pop("database", None),
+            )
+            function(node=node, **kwargs)
+
+        # click lists parameters in the reverse order of decoration: the node's come first
+        decorated: Command = wrapper
+        for option in reversed(options):
+            decorated = option(decorated)
+        return decorated
+
+    return decorate
+
+
+def log_level_option() -> Callable[[Command], Command]:
+    """``--log-level`` alone, for a helper that is not a node (``edgeward-swtpm``)."""
+    return click.option(
+        "--log-level",
+        type=click.Choice(LOG_LEVELS, case_sensitive=False),
+        default="info",
+        envvar="EDGEWARD_LOG_LEVEL",
+        show_envvar=True,
+        help="JSON logs go to stderr, one object per line.",
+    )
+
+
+def service_main(component: str, log_level: str, main: Callable[[], Awaitable[None]]) -> None:
+    """Set up JSON logging, run ``main()`` on a fresh event loop until it returns, and turn a
+    refusal to start into one line on stderr and an exit status (never a traceback)."""
+    configure_logging(component, log_level)
+    with refusals(component), asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(_call(main))
+
+
+@contextmanager
+def refusals(component: str) -> Iterator[None]:
+    """Turn an :class:`EdgewardError` raised inside into one line on stderr and ``SystemExit``:
+    status 2 for a :class:`ConfigError` (no retry fixes it), 1 for any other."""
+    try:
+        yield
+    except EdgewardError as exc:
+        line = " ".join(exc.diagnostics().split())  # one line, whatever the detail holds
+        click.echo(f"{component}: error: {line}", err=True)
+        raise SystemExit(EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_REFUSED) from None
+
+
+async def _call(main: Callable[[], Awaitable[None]]) -> None:
+    await main()
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when uvloop is installed (it is optional), else asyncio's default."""
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory

@@ -1,0 +1,62 @@
+"""``until``: wait, bounded in time, for an event or a condition; one implementation for the
+tests, the benchmarks and the demo (which each grew their own ``_until``).
+
+An :class:`asyncio.Event` is awaited, not polled. A condition (a function returning
+``bool``, or a coroutine function that does, such as a query over the broker) is checked at
+once and then again after each pause, the pauses growing from ``every_s`` to ``max_every_s``
+so a slow condition does not spin. Either way the wait ends with :class:`TimeoutError`
+naming what was awaited, never with a silent ``False``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+Condition = Callable[[], bool] | Callable[[], Awaitable[bool]]
+
+DEFAULT_WITHIN_S: Final = 10.0
+DEFAULT_EVERY_S: Final = 0.005
+DEFAULT_MAX_EVERY_S: Final = 0.25
+
+
+async def until(
+    what: asyncio.Event | Condition,
+    *,
+    within_s: float = DEFAULT_WITHIN_S,
+    every_s: float = DEFAULT_EVERY_S,
+    max_every_s: float = DEFAULT_MAX_EVERY_S,
+    why: str | None = None,
+) -> None:
+    """Return as soon as ``what`` holds; ``TimeoutError`` after ``within_s`` seconds."""
+    if within_s <= 0 or every_s <= 0 or max_every_s < every_s:
+        raise ValueError("within_s and every_s must be positive, max_every_s >= every_s")
+    deadline = asyncio.timeout(within_s)
+    try:
+        async with deadline:
+            if isinstance(what, asyncio.Event):
+                await what.wait()
+                return
+            pause = every_s
+            while not await _holds(what):
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, max_every_s)
+    except TimeoutError:
+        if not deadline.expired():
+            raise  # the condition itself timed out: its error, not ours
+        raise TimeoutError(f"{why or _name(what)} did not hold within {within_s} s") from None
+
+
+async def _holds(condition: Condition) -> bool:
+    result = condition()
+    if inspect.isawaitable(result):
+        return bool(await result)
+    return bool(result)
+
+
+def _name(what: object) -> str:
+    if isinstance(what, asyncio.Event):
+        return "the event"
+    return getattr(what, "__qualname__", None) or repr(what)
