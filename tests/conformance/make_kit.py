@@ -37,6 +37,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from edgeward_attestation.appraise import reference_state
 from edgeward_attestation.credential import kdfa, kdfe, make_credential
 from edgeward_attestation.eventlog import ALG_SHA256, check_replay
 from edgeward_attestation.eventlog import parse as parse_event_log
@@ -581,8 +582,11 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path, event_log: bytes = b"") 
         ),
         section="5.4",
     )
-    if event_log:  # the boot event log replays to the quoted PCRs (docs/adr/0021)
+    boot_states: list[str] = []  # the policy recorded from this quote's log (ADR 0021)
+    if event_log:  # the boot event log replays to the quoted PCRs
         check_replay(parse_event_log(event_log), ALG_SHA256, dict(quote.pcrs))
+        state = reference_state(POLICY_ID, parse_event_log(event_log), SELECTION)
+        boot_states.append(f"{POLICY_ID}: {len(state.events)} events")
     golden = expected_pcrs(GOLDEN_BOOT_CHAIN)
     verify_quote(
         quote.attest,
@@ -735,6 +739,7 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path, event_log: bytes = b"") 
                     state="active",
                     recorded_by="op.alice",
                     approved_by="op.bob",
+                    boot_states=boot_states,
                 )
             ],
         ),

@@ -99,6 +99,7 @@ async def test_the_verdict_names_the_boot_events_that_differ(world: World) -> No
                 "--pcrs", PCRS, "--from-device", "dev-newfw", "--keep", "boot-1",
             )  # fmt: skip
             rollout = await values_of(store, "boot-2")
+            policies = await asyncio.to_thread(world.cli, "policy", "list")
             await asyncio.to_thread(world.cli, "policy", "approve", "boot-2")
             assert await until(lambda: updated.trust_state().attested), updated.trust_state()
             assert not tampered.trust_state().attested
@@ -121,5 +122,8 @@ async def test_the_verdict_names_the_boot_events_that_differ(world: World) -> No
     assert "PCR 0 EV_POST_CODE" in shown_new
     assert "PCR 4" not in listing  # findings only when one device is shown
     assert len(rollout.reference_states) == 2
+    boot_2 = policies.split("boot-2  class=", 1)[1]
+    assert "boot state boot-2: 20 events" in boot_2  # the new firmware's, PCRs 0-7
+    assert "boot state boot-1: 20 events" in boot_2  # kept from boot-1
     assert old_fw is not None
     assert (old_fw.policy_id, old_fw.reason) == ("boot-2", "attestation.affirming")

@@ -140,6 +140,8 @@ def list_(directory: Path, device_class: str | None, operator: str, broker: str)
         )
         for value in info.pcrs:
             click.echo(f"    PCR {value.index:>2} = {value.digest.hex()}")
+        for state in info.boot_states:  # reference boot event logs (docs/adr/0021)
+            click.echo(f"    boot state {state}")
 
 
 async def _ask(directory: Path, operator: str, broker: str, request: Message, answer: type[M]) -> M:

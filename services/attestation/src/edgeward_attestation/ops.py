@@ -226,4 +226,8 @@ def _info(row: PolicyRow, active: dict[str, str]) -> PolicyInfo:
         state=state,  # type: ignore[arg-type]
         recorded_by=row.recorded_by,
         approved_by=row.approved_by,
+        boot_states=[
+            f"{state.name}: {len(state.events)} events"
+            for state in (row.policy.reference_states if row.policy else [])
+        ],
     )

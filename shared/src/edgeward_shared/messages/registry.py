@@ -93,6 +93,11 @@ class PolicyInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     state: Literal["recording", "recorded", "active", "superseded"]
     recorded_by: str
     approved_by: str | None
+    #: the boot event logs it allows, as ``<name>: <n> events`` (docs/adr/0021); empty: it
+    #: checks PCR values only
+    boot_states: Annotated[
+        list[Annotated[str, msgspec.Meta(max_length=100)]], msgspec.Meta(max_length=8)
+    ] = msgspec.field(default_factory=list)
 
 
 class PolicyList(Message, frozen=True, tag="edgeward.policy.list.v1"):
