@@ -5,8 +5,10 @@ with it, so the CA certificate is the verifier's manufacturer trust anchor), pro
 each device's TPM state with ``swtpm_setup --tpm2 --create-ek-cert --create-platform-cert``
 (RSA-2048 and ECC P-384 EKs, their certificates in NV), starting ``swtpm socket --tpm2`` on
 two consecutive free loopback ports (server N, control N+1, as the ``swtpm:`` TCTI expects)
-with ``--flags not-need-init,startup-clear``, measuring a named boot chain into PCRs 0-7 of
-every active bank, and stopping each process by its PID.
+with ``--flags not-need-init,startup-clear``, measuring a named boot chain (TCG events:
+firmware, Secure Boot variables, separators, boot loader and kernel images in PCRs 0-7, the
+kernel command line in PCR 8) into every active bank while writing its TCG event log
+(:mod:`.tcg_log`, docs/adr/0021), and stopping each process by its PID.
 
 Layout (every directory 0700, the CA key 0600)::
 
