@@ -61,6 +61,7 @@ from edgeward_device_agent.state import AgentState
 from edgeward_device_agent.status import AttestationState, EnrollmentState, TrustState
 from edgeward_device_agent.tpm import Tpm
 from edgeward_device_agent.waits import wait_any
+from edgeward_device_agent.witness import AuditWitness
 from edgeward_shared.bus.base import Bus
 from edgeward_shared.clock import Clock, SystemClock, from_datetime, to_datetime
 from edgeward_shared.envelope import EnvelopeVerifier, Opened, SigningKey
@@ -139,6 +140,7 @@ class DeviceAgent:
         # revocations and commands (docs/adr/0010): persisted in the ledger
         self.ledger = DeviceLedger(config.state_dir / LEDGER_NAME)
         self.revocations = RevocationHolder(self.ledger, self._clock, self.metrics.registry)
+        self.witness = AuditWitness(self.ledger)  # audit checkpoints (docs/adr/0023)
         self.commands = CommandHandler(
             config.device_id, self.ledger, self.revocations, self._clock, self.metrics.registry
         )
@@ -427,6 +429,7 @@ class DeviceAgent:
         self.revocations.bind_trust(runtime.verifier.trust, crl)
         self.revocations.attach(runtime)
         self.commands.attach(runtime)
+        self.witness.attach(runtime)
         if self.config.models is not None:
             self.models = ModelManager(
                 self.device_id,
