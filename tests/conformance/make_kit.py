@@ -38,7 +38,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edgeward_attestation.appraise import reference_state
 from edgeward_attestation.credential import kdfa, kdfe, make_credential
+from edgeward_attestation.eventlog import ALG_SHA256, check_replay
+from edgeward_attestation.eventlog import parse as parse_event_log
 from edgeward_attestation.keys import AttestationKey, EndorsementKey
 from edgeward_attestation.quote import Challenge, PcrPolicy, verify_quote
 from edgeward_attestation.structures import HASHES
@@ -440,13 +443,13 @@ def main(out: Path = KIT) -> None:
         with SwtpmFleet(work / "fleet") as fleet:
             device = fleet.start(DEVICE)
             with device.open() as tpm:
-                build(fleet.ca.cert_path.read_bytes(), tpm, out)
+                build(fleet.ca.cert_path.read_bytes(), tpm, out, device.event_log.read_bytes())
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"conformance kit written under {out}")
 
 
-def build(manufacturer_pem: bytes, tpm: Any, out: Path) -> None:
+def build(manufacturer_pem: bytes, tpm: Any, out: Path, event_log: bytes = b"") -> None:
     from tests.models import small_input, small_model  # the repository root is on sys.path
 
     ek_cert = tpm.ek_certificate()
@@ -580,9 +583,15 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path) -> None:
             attest=quote.attest,
             signature=quote.signature,
             pcrs=pcrs,
+            event_log=event_log,
         ),
         section="5.4",
     )
+    boot_states: list[str] = []  # the policy recorded from this quote's log (ADR 0021)
+    if event_log:  # the boot event log replays to the quoted PCRs
+        check_replay(parse_event_log(event_log), ALG_SHA256, dict(quote.pcrs))
+        state = reference_state(POLICY_ID, parse_event_log(event_log), SELECTION)
+        boot_states.append(f"{POLICY_ID}: {len(state.events)} events")
     golden = expected_pcrs(GOLDEN_BOOT_CHAIN)
     verify_quote(
         quote.attest,
@@ -735,6 +744,7 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path) -> None:
                     state="active",
                     recorded_by="op.alice",
                     approved_by="op.bob",
+                    boot_states=boot_states,
                 )
             ],
         ),

@@ -32,6 +32,7 @@ itself. Everything else is logged with its reason id, counted and retried. The p
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -41,6 +42,7 @@ from typing import Any, Final, Literal, TypeVar
 from cryptography import x509
 
 from edgeward_device_agent.attestation import Attester, CurrentAttestation
+from edgeward_device_agent.boot_log import event_log_path, read_event_log
 from edgeward_device_agent.commands import CommandHandler
 from edgeward_device_agent.config import AgentConfig, retry_delays
 from edgeward_device_agent.enrollment import REPLY_TYPES, Enrollment
@@ -413,6 +415,7 @@ class DeviceAgent:
             policy=self.config.policy,
             metrics=self.agent_metrics,
             on_adopted=self._adopted,
+            event_log=functools.partial(read_event_log, event_log_path(self.config.event_log)),
         )
         answer_pings(runtime, device_topic(self.device_id, Direction.DOWN, Channel.HEALTH))
         runtime.route(
