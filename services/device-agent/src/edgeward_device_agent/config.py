@@ -109,6 +109,9 @@ class AgentConfig:
     seal: SealPolicy = field(default_factory=SealPolicy)
     #: a signed telemetry report every this many seconds (docs/telemetry.md); None: none
     telemetry_period_s: float | None = None
+    #: the TCG boot event log sent with each quote (docs/adr/0021); None: ``$EDGEWARD_EVENT_LOG``
+    #: if set, else Linux's ``/sys/kernel/security/tpm0/binary_bios_measurements``
+    event_log: Path | None = None
 
     def __post_init__(self) -> None:
         Identity.device(self.device_id)  # raises ValueError for an invalid device id

@@ -1,4 +1,4 @@
-"""The device's periodic telemetry report (docs/telemetry.md, docs/protocol.md §5.14).
+"""The device's periodic telemetry report (docs/telemetry.md, docs/protocol.md §5.15).
 
 :class:`TelemetryRecorder` counts what inference does, per model version: how many ran and
 failed, how long they took (fixed latency buckets) and what they answered (the top score

@@ -13,7 +13,7 @@ towards the fleet's baselines only if it verifies and affirms (docs/telemetry.md
 Events (``ew/v1/svc/telemetry/evt/<kind>``, signed by the telemetry service):
 ``alarm`` (:class:`TelemetryAlarm`), ``rollout`` (:class:`RolloutSignal`, which the
 model-distribution service's rollout logic may consume).
-Contract: docs/protocol.md §5.14, reason ids §6.
+Contract: docs/protocol.md §5.15, reason ids §6.
 """
 
 from __future__ import annotations
