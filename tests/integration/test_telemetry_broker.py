@@ -31,6 +31,7 @@ from edgeward_shared.messages.command import CommandReceipt
 from edgeward_shared.messages.common import Rejected
 from edgeward_shared.messages.telemetry import TelemetryAlarm, TelemetryReport
 from edgeward_shared.pki.store import PkiStore
+from edgeward_shared.runtime.audit import enable_audit
 from edgeward_shared.runtime.core import Connect, Outgoing, Runtime
 from edgeward_shared.runtime.node import NodeConfig, build_node, build_runtime
 from edgeward_shared.storage.sqlite import SqliteDatabase
@@ -108,13 +109,17 @@ async def test_rising_rejected_results_stop_the_device_end_to_end(
     async with AsyncExitStack() as stack:
         nodes: list[tuple[Runtime, Connect]] = []
         services = []
+        audits = []
         for identity in (TELEMETRY, TELEMETRY_2):
             database = await SqliteDatabase.open(tmp_path / "telemetry.db")
             stack.push_async_callback(database.close)
             store = TelemetryStore(database)
             await store.migrate()
             runtime, connect = build_node(_config(pki, mosquitto, identity), TELEMETRY)
-            services.append(wire(runtime, store))
+            # as __main__ does: every decision and action in the audit log (one per database)
+            audit = await enable_audit(runtime, database, tmp_path)
+            services.append(wire(runtime, store, audit=audit))
+            audits.append(audit)
             nodes.append((runtime, connect))
         operator, operator_connect = build_runtime(_config(pki, mosquitto, OPERATOR))
         events: list[Opened[Any]] = []
@@ -193,3 +198,7 @@ async def test_rising_rejected_results_stop_the_device_end_to_end(
             bare = report("dev-b", 99, now_ms=operator.clock.now_ms(), rng=rng)
             await runtime_b.publish(Outgoing(topic, bare))
             await _until(lambda: [a.message.reason for a in answers_b] == ["telemetry.unattested"])
+        # the audit log (shared by both instances) holds every report judged and the stop
+        size = await audits[0].log.size()
+        assert size >= 2 * 5 + 1 + 2  # the reports, the refusal, the stop and its alarm
+        assert not any(a.failures for a in audits)

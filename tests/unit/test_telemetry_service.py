@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from tests.model_builders import make_ear
 from tests.telemetry_builders import PERIOD_MS, report
 
+from edgeward_shared.audit.appender import MemoryAppender
 from edgeward_shared.bus.memory import MemoryBroker
 from edgeward_shared.envelope import EnvelopeVerifier, Opened, SigningKey, seal
 from edgeward_shared.identity import Identity, ServiceName
@@ -168,6 +169,7 @@ async def running(
 
     async with AsyncExitStack() as stack:
         services, service_runtimes = [], []
+        audit = MemoryAppender()  # both instances' actions (the log itself: shared/audit)
         for identity in INSTANCES:
             db = await SqliteDatabase.open(tmp_path / "telemetry.db")
             stack.push_async_callback(db.close)
@@ -181,7 +183,7 @@ async def running(
             detector = Detector(
                 rules=rules, baseline_settings=small, reference_sketches=6, reference_devices=3
             )
-            services.append(wire(rt, store, detector=detector))
+            services.append(wire(rt, store, detector=detector, audit=audit))
             service_runtimes.append(rt)
         events: list[Opened[Any]] = []
 
@@ -239,6 +241,7 @@ async def running(
             world = World(pki, clock, services, service_runtimes, world_devices, events, revokes)
             world.attestation = attestation  # type: ignore[attr-defined]
             world.gateway = gateway  # type: ignore[attr-defined]
+            world.audit = audit  # type: ignore[attr-defined]
             yield world
         finally:
             stop.set()
@@ -426,6 +429,14 @@ async def test_rising_rejected_results_stop_the_device_with_a_command_it_can_ver
         for _ in range(3):
             await world.period(**{"dev-1": {"rejected": 5000}})
         assert len(device.commands) == 1
+        # every action is in the audit log: what, on whom, why
+        audit: MemoryAppender = world.audit  # type: ignore[attr-defined]
+        actions = [(e.action, e.decision, e.reason, e.subject) for e in audit.events]
+        assert actions == [
+            ("telemetry.stop", "allow", "rule.rejected-results", "dev-1"),
+            ("telemetry.alarm", "allow", "rule.rejected-results", "dev-1"),
+        ]
+        assert audit.events[0].actor == command.signer.identity.common_name  # the instance
         assert all(not d.commands for d in world.devices.values() if d is not device)
 
 

@@ -12,6 +12,7 @@ import click
 import msgspec
 
 from edgeward_shared.identity import Identity, ServiceName
+from edgeward_shared.runtime.audit import enable_audit
 from edgeward_shared.runtime.kit import EnvOptions, NodeOptions, command, node_options
 from edgeward_shared.runtime.node import build_node, run_until_signalled
 from edgeward_shared.runtime.params import DurationParam, milliseconds
@@ -102,7 +103,9 @@ def main(
         try:
             store = TelemetryStore(database)
             await store.migrate()
-            wire(runtime, store, detector=detector)
+            # every decision on a message, and every action, in the audit log (ADR 23)
+            audit = await enable_audit(runtime, database, node.database_path.parent)
+            wire(runtime, store, detector=detector, audit=audit)
             await run_until_signalled(runtime, connect, node.metrics_port)
         finally:
             await database.close()

@@ -12,6 +12,7 @@ own).
 
 from __future__ import annotations
 
+from edgeward_shared.audit.appender import Appender
 from edgeward_shared.envelope import EnvelopeVerifier, VerifyPolicy
 from edgeward_shared.errors import PolicyError
 from edgeward_shared.identity import ServiceName
@@ -32,7 +33,7 @@ from edgeward_shared.topics import (
 from edgeward_telemetry.actions import ActionLimiter
 from edgeward_telemetry.core import Detector
 from edgeward_telemetry.ears import AttestationCheck
-from edgeward_telemetry.service import Auditor, Settings, TelemetryService
+from edgeward_telemetry.service import Settings, TelemetryService
 from edgeward_telemetry.store import TelemetryStore
 
 GROUP = "telemetry"
@@ -48,7 +49,7 @@ def wire(
     detector: Detector | None = None,
     limiter: ActionLimiter | None = None,
     settings: Settings | None = None,
-    audit: Auditor | None = None,
+    audit: Appender | None = None,
 ) -> TelemetryService:
     """Register the telemetry service's routes on ``runtime``; return the service."""
     trust = runtime.verifier.trust
@@ -75,6 +76,7 @@ def wire(
         revoke=revoke,
         limiter=limiter,
         audit=audit,
+        actor=runtime.identity.common_name,
         settings=settings,
     )
     capped = EnvelopeVerifier(

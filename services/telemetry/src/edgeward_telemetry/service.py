@@ -9,7 +9,8 @@ device (``telemetry.report.stale``). Then :class:`~.core.Detector` judges it ins
 device's transaction (:mod:`.store`) and each decision's actions go through
 :class:`~.actions.ActionLimiter`: an alarm event, a ``stop`` command to the device, a
 ``Revoke`` request to the revocation service, a rollout signal. Every action, taken or
-refused by the limiter, is logged (``telemetry.action``) and counted.
+refused by the limiter, is logged (``telemetry.action``), counted, and appended to the
+service's tamper-evident audit log when it has one (``telemetry.<action>``, docs/adr/0023).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter
 
+from edgeward_shared.audit.appender import Appender
+from edgeward_shared.audit.entry import AuditEvent
+from edgeward_shared.audit.entry import Decision as Verdict
 from edgeward_shared.clock import Clock
 from edgeward_shared.envelope import Opened
 from edgeward_shared.errors import EdgewardError, PolicyError
@@ -57,8 +61,7 @@ ROLLOUT_TOPIC: Final = service_event_topic(ServiceName.TELEMETRY, "rollout")
 MAX_SKEW_MS: Final = 30_000
 #: Sends a ``Revoke`` (kind ``device``) for the device with the reason; raises on refusal.
 Revoker = Callable[[str, str], Awaitable[None]]
-#: Appends one action to the audit log, if there is one (docs/telemetry.md).
-Auditor = Callable[[dict[str, object]], Awaitable[None]]
+_AUDIT_VERDICT: Final = {"taken": Verdict.ALLOW, "rate_limited": Verdict.DENY}
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +80,8 @@ class TelemetryService:
         *,
         revoke: Revoker,
         limiter: ActionLimiter | None = None,
-        audit: Auditor | None = None,
+        actor: str = "svc.telemetry",
+        audit: Appender | None = None,
         settings: Settings | None = None,
     ) -> None:
         self.detector = detector
@@ -87,6 +91,7 @@ class TelemetryService:
         self.revoke = revoke
         self.limiter = limiter or ActionLimiter()
         self.audit = audit
+        self.actor = actor
         self.settings = settings or Settings()
         self.reports = Counter(
             "edgeward_telemetry_reports_total",
@@ -230,8 +235,28 @@ class TelemetryService:
         }
         level = logging.INFO if outcome == "taken" else logging.WARNING
         log.log(level, "telemetry.action", extra=fields(**entry))
-        if self.audit is not None:
-            await self.audit(entry)
+        if self.audit is not None:  # the tamper-evident log (docs/adr/0023)
+            if outcome == "rate_limited":
+                reason = TelemetryReason.RATE_LIMITED
+            try:
+                event = AuditEvent(
+                    actor=self.actor,
+                    action=f"telemetry.{action}",
+                    decision=_AUDIT_VERDICT.get(outcome, Verdict.DENY),
+                    reason=reason or f"rule.{decision.rule}",
+                    subject=decision.device_id or decision.rule,
+                    at_ms=now,
+                )
+            except ValueError:  # not recordable as given: keep the fact that it happened
+                event = AuditEvent(
+                    actor=self.actor,
+                    action=f"telemetry.{action}",
+                    decision=_AUDIT_VERDICT.get(outcome, Verdict.DENY),
+                    reason="audit.reason.unrecordable",
+                    subject=self.actor,
+                    at_ms=now,
+                )
+            await self.audit.record(event)
 
 
 def _finite(value: float) -> float:
