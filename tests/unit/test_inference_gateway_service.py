@@ -54,6 +54,7 @@ from edgeward_shared.topics import (
     service_request_topic,
     service_response_topic,
 )
+from edgeward_shared.until import until
 
 pytestmark = pytest.mark.asyncio
 
@@ -69,14 +70,6 @@ ATTESTATION = Identity.service(ServiceName.ATTESTATION)
 TELEMETRY = Identity.service(ServiceName.TELEMETRY)
 OPERATOR = Identity.operator("alice")
 RESULTS = "edgeward_gateway_results_total"
-
-
-async def until(condition: Callable[[], bool], within_s: float = WAIT_S) -> None:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError("the condition did not hold in time")
-        await asyncio.sleep(0.005)
 
 
 @dataclass
