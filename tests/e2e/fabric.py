@@ -37,7 +37,7 @@ from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.runtime.node import NodeConfig, build_runtime
 from edgeward_shared.storage.sqlite import SqliteDatabase
 from edgeward_shared.testing.nodes import running, running_tasks
-from edgeward_shared.until import until as wait_until
+from edgeward_shared.until import holds_within
 
 ATTESTATION = Identity.service(ServiceName.ATTESTATION)
 IDENTITY = Identity.service(ServiceName.IDENTITY)
@@ -181,11 +181,7 @@ async def agent_running(agent: DeviceAgent) -> AsyncIterator[DeviceAgent]:
 
 async def until(condition: Callable[[], bool], within_s: float = WAIT) -> bool:
     """True once ``condition`` holds, False after ``within_s`` (``assert await until(...)``)."""
-    try:
-        await wait_until(condition, within_s=within_s, every_s=0.05)
-    except TimeoutError:
-        return False
-    return True
+    return await holds_within(condition, within_s=within_s, every_s=0.05)
 
 
 async def approve_golden_policy(store: AttestationStore, policy_id: str) -> None:

@@ -18,8 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -43,6 +42,7 @@ from edgeward_shared.pki.store import IdentityFiles, PkiStore
 from edgeward_shared.runtime.core import Outgoing
 from edgeward_shared.runtime.node import NodeConfig, build_runtime
 from edgeward_shared.topics import Channel, Direction, device_topic, service_event_topic
+from edgeward_shared.until import Condition, holds_within
 
 MODEL = "edge-classifier"
 
@@ -110,13 +110,8 @@ class Cli:
         return child.returncode or 0, text
 
 
-async def _until(check: Callable[[], Awaitable[bool]]) -> bool:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        if await check():
-            return True
-        await asyncio.sleep(0.5)
-    return False
+async def _until(check: Condition) -> bool:
+    return await holds_within(check, within_s=WAIT_S, every_s=0.5, max_every_s=0.5)
 
 
 async def models_story(
