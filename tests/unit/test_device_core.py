@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from edgeward_device_agent.core import (
     Admission,
@@ -192,19 +193,11 @@ class World:
 def world() -> World:
     pki = MemoryPki()
     session = new_key()
-    claims = AttestationClaims(
-        device_id=DEVICE,
-        status="affirming",
-        policy_id="p",
-        session_key=session.public_key(),
-        result_id="r",
-        issued_at=0,
-        expires_at=1,
-    )
+    spki = session.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     return World(
         pki,
         pki.signing_key(ATTESTATION),
-        claims.session_key_der,
+        spki,
         session.public_key(),
     )
 
