@@ -38,7 +38,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edgeward_attestation.appraise import reference_state
 from edgeward_attestation.credential import kdfa, kdfe, make_credential
+from edgeward_attestation.eventlog import ALG_SHA256, check_replay
+from edgeward_attestation.eventlog import parse as parse_event_log
 from edgeward_attestation.keys import AttestationKey, EndorsementKey
 from edgeward_attestation.quote import Challenge, PcrPolicy, verify_quote
 from edgeward_attestation.structures import HASHES
@@ -67,6 +70,7 @@ from edgeward_shared.messages import attest, command, common, enroll, health, id
 from edgeward_shared.messages import model as m
 from edgeward_shared.messages import registry as reg
 from edgeward_shared.messages import revocation as rev
+from edgeward_shared.messages import telemetry as tel
 from edgeward_shared.messages.audit import AuditCheckpoint
 from edgeward_shared.messages.base import Message, encode_message
 from edgeward_shared.messages.trust import TrustBundle
@@ -440,13 +444,13 @@ def main(out: Path = KIT) -> None:
         with SwtpmFleet(work / "fleet") as fleet:
             device = fleet.start(DEVICE)
             with device.open() as tpm:
-                build(fleet.ca.cert_path.read_bytes(), tpm, out)
+                build(fleet.ca.cert_path.read_bytes(), tpm, out, device.event_log.read_bytes())
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"conformance kit written under {out}")
 
 
-def build(manufacturer_pem: bytes, tpm: Any, out: Path) -> None:
+def build(manufacturer_pem: bytes, tpm: Any, out: Path, event_log: bytes = b"") -> None:
     from tests.models import small_input, small_model  # the repository root is on sys.path
 
     ek_cert = tpm.ek_certificate()
@@ -461,6 +465,7 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path) -> None:
     kit.identity(Identity.service(ServiceName.MODEL_DISTRIBUTION))
     kit.identity(Identity.service(ServiceName.INFERENCE_GATEWAY))
     kit.identity(Identity.service(ServiceName.REVOCATION))
+    kit.identity(Identity.service(ServiceName.TELEMETRY))
     alice = Identity.operator("alice")
     kit.identity(alice)
     kit.identity(Identity.enrollee(DEVICE))
@@ -580,9 +585,15 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path) -> None:
             attest=quote.attest,
             signature=quote.signature,
             pcrs=pcrs,
+            event_log=event_log,
         ),
         section="5.4",
     )
+    boot_states: list[str] = []  # the policy recorded from this quote's log (ADR 0021)
+    if event_log:  # the boot event log replays to the quoted PCRs
+        check_replay(parse_event_log(event_log), ALG_SHA256, dict(quote.pcrs))
+        state = reference_state(POLICY_ID, parse_event_log(event_log), SELECTION)
+        boot_states.append(f"{POLICY_ID}: {len(state.events)} events")
     golden = expected_pcrs(GOLDEN_BOOT_CHAIN)
     verify_quote(
         quote.attest,
@@ -735,6 +746,7 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path) -> None:
                     state="active",
                     recorded_by="op.alice",
                     approved_by="op.bob",
+                    boot_states=boot_states,
                 )
             ],
         ),
@@ -1210,6 +1222,71 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path) -> None:
         section="5.10",
     )
 
+    # ------------------------------------------------------------------ telemetry
+    kit.emit(
+        DEVICE,
+        device_topic(DEVICE, Direction.UP, Channel.TELEMETRY),
+        tel.TelemetryReport(
+            device_id=DEVICE,
+            boot_ms=start,
+            seq=3,
+            period_ms=60_000,
+            window_end_ms=kit.now,
+            trust=tel.TrustView(attested=True, stopped=False, offline=False),
+            protections=[
+                tel.Protection("rlimits", "applied"),
+                tel.Protection("seccomp", "applied"),
+            ],
+            models=[
+                tel.ModelReport(
+                    name="demo",
+                    version=1,
+                    digest=ref.digest,
+                    tier=Tier.HIGH,
+                    inferences=120,
+                    errors=1,
+                    latency_ms=[80, 30, 8, 2, 0, 0, 0, 0, 0, 0],
+                    top_score=[0, 0, 0, 0, 1, 3, 9, 21, 40, 46],
+                    top_class=[50, 36, 22, 12, *([0] * 12)],
+                )
+            ],
+            rejected=2,
+            resources=tel.Resources(rss_bytes=83_886_080, cpu_ms=1_250),
+            ear=ear,
+        ),
+        section="5.15",
+    )
+    kit.emit(
+        "svc.telemetry",
+        service_event_topic(ServiceName.TELEMETRY, "alarm"),
+        tel.TelemetryAlarm(
+            rule="output-drift",
+            state="alarm",
+            device_id=DEVICE,
+            metric="output_psi",
+            value=1.75,
+            threshold=0.25,
+            risk="watch",
+            actions=["alarm", "rollout"],
+            at_ms=kit.now,
+            model="demo",
+            version=1,
+        ),
+        section="5.15",
+    )
+    kit.emit(
+        "svc.telemetry",
+        service_event_topic(ServiceName.TELEMETRY, "rollout"),
+        tel.RolloutSignal(
+            model="demo",
+            version=1,
+            advice="hold",
+            rule="output-drift",
+            devices=[DEVICE],
+            at_ms=kit.now,
+        ),
+        section="5.15",
+    )
     # ------------------------------------------------------------------ audit log
     audit_origin = "edgeward/audit/svc.revocation/0c0ffee0"
     audit_key = NoteSigner(

@@ -75,7 +75,8 @@ CHANNEL_WRITERS: Final[dict[Channel, frozenset[Identity | Role]]] = {
     Channel.CERT: frozenset({_S(ServiceName.IDENTITY)}),
     Channel.MODEL: frozenset({_S(ServiceName.MODEL_DISTRIBUTION)}),
     Channel.INFER: frozenset({_S(ServiceName.INFERENCE_GATEWAY)}),
-    Channel.COMMAND: frozenset({Role.OPERATOR}),
+    # the telemetry service signs only ``stop`` there (messages.command.may_command, ADR 22)
+    Channel.COMMAND: frozenset({Role.OPERATOR, _S(ServiceName.TELEMETRY)}),
     Channel.TELEMETRY: frozenset({_S(ServiceName.TELEMETRY)}),
     Channel.DATA: frozenset({_S(ServiceName.MODEL_DISTRIBUTION)}),
 }
