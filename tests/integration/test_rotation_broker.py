@@ -294,7 +294,7 @@ async def test_a_broker_reload_while_a_service_swaps_loses_nothing(
         await fleet.to_service.answered(10)
         pki.renew(IDENTITY, datetime.now(UTC), DAY)
         fleet.service.hangup()
-        await _until(lambda: connects == 2 and fleet.service.ready.is_set())
+        await until(lambda: connects == 2 and fleet.service.ready.is_set())
         await fleet.to_service.answered(30)
     assert connects == 2
     assert fleet.to_service.failures == []
