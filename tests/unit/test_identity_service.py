@@ -274,7 +274,7 @@ async def test_every_certificate_is_recorded_with_its_requester_and_enrollment(
     assert record.request_mid == reply.message.in_reply_to
     assert record.certificate == reply.message.certificate_chain[0]
     assert record.not_after_ms == reply.message.not_after_ms
-    assert deployment.issued_to("dev-0002") == [int(reply.message.serial, 16)]  # issued.jsonl
+    assert deployment.issued_to("dev-0002") == [int(reply.message.serial, 16)]  # issuing/ca.db
 
 
 @pytest.mark.asyncio
