@@ -19,15 +19,28 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from tests.legacy_pki import make_legacy
+from tests.unit.test_identity_service import (  # the identity service as production wires it
+    ATTESTATION,
+    IDENTITY,
+    WAIT,
+    Deployment,
+    _req,
+    _request,
+)
 
 import edgeward_shared.pki.store as store_module
 from edgeward_identity.ca import IssuingAuthority, ReissuePolicy
 from edgeward_identity.reasons import IdentityReason
+from edgeward_identity.testing import device_csr
+from edgeward_shared.clock import to_datetime
 from edgeward_shared.errors import ConfigError, PolicyError
 from edgeward_shared.identity import Identity
+from edgeward_shared.messages.common import Rejected
+from edgeward_shared.messages.identity import CertificateIssued, IssueDeviceCertificate
 from edgeward_shared.pki.ca_db import CA_DB
 from edgeward_shared.pki.crl_check import check_crl
 from edgeward_shared.pki.store import PkiStore, ReissueCap, read_certificate
+from edgeward_shared.testing import FixedClock
 
 NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
 HOUR = timedelta(hours=1)
@@ -277,3 +290,50 @@ def test_the_old_lock_files_are_no_longer_used(pki: PkiStore) -> None:
     pki.rotate_issuing(NOW)
     assert not (pki.dir / "issuing" / "identity.lock").exists()
     assert not (pki.dir / "issuing" / ".lock").exists()
+
+
+# ------------------------------------------------------------------------ from the wire
+@pytest.fixture
+def wired(tmp_path: Path) -> Deployment:
+    clock = FixedClock()
+    store = PkiStore(tmp_path / "pki")
+    store.init(to_datetime(clock.now_ms()))
+    for identity in (ATTESTATION, IDENTITY):
+        store.issue(identity, to_datetime(clock.now_ms()), timedelta(days=30))
+    return Deployment(store, tmp_path / "state" / "identity.db", clock)
+
+
+@pytest.mark.asyncio
+async def test_a_registrar_that_churns_one_device_is_refused_past_the_cap(
+    wired: Deployment,
+) -> None:
+    """The default cap, through the service as production wires it: a day-long certificate
+    renews twice a day at half-life, plus 6 more: the 9th enrollment of one device within
+    the day is a signed ``Rejected`` (``identity.reissue.capped``), nothing issued, and
+    the request not consumed; another device is served."""
+    attestation = wired.caller(ATTESTATION)
+    day = 86_400
+
+    def enroll(device: str) -> IssueDeviceCertificate:
+        return _request(device, device_csr(device)[1], day)
+
+    async with wired.identity_service(), wired.serving(attestation):
+        for _ in range(8):
+            reply = await attestation.request(
+                _req(ATTESTATION),
+                enroll("dev-churn"),
+                timeout_s=WAIT,
+            )
+            assert isinstance(reply.message, CertificateIssued)
+        refused = await attestation.request(
+            _req(ATTESTATION),
+            enroll("dev-churn"),
+            timeout_s=WAIT,
+        )
+        other = await attestation.request(_req(ATTESTATION), enroll("dev-calm"), timeout_s=WAIT)
+    assert isinstance(refused.message, Rejected)
+    assert refused.message.reason == "identity.reissue.capped"
+    assert len(wired.issued_to("dev-churn")) == 8
+    assert len(await wired.certificates("dev-churn")) == 8
+    assert isinstance(other.message, CertificateIssued)
+    assert await wired.requests_served() == 8 + 1  # the refused one was rolled back
