@@ -33,6 +33,7 @@ times are Unix milliseconds, UTC)::
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -189,7 +190,9 @@ class CaDatabase:
             try:
                 yield Tx(connection)
             except BaseException:
-                connection.execute("ROLLBACK")
+                if connection.in_transaction:  # SQLite may have rolled back already
+                    with contextlib.suppress(sqlite3.Error):
+                        connection.execute("ROLLBACK")
                 raise
             try:
                 connection.execute("COMMIT")

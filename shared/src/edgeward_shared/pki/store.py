@@ -25,11 +25,11 @@ transaction on ``ca.db``: issuing (the checks, the superseded certificates revok
 certificate signed and recorded, the CRL re-signed), revoking, re-signing the CRL, rotating
 and retiring the issuing CA. SQLite's write lock serializes them across threads and
 processes (the CLI, the identity and revocation services). Files come *after* the commit:
-an identity's key and certificate, then ``crl.pem``, published from the database under its
-write lock and only if newer than the file. A crash after the commit leaves a recorded
-certificate whose files may be missing (revocable, re-issuable) and a CRL file one step
-behind, published again by the next operation on the store; never a certificate the
-database does not know, nor a CRL number used twice.
+an identity's key and certificate, then ``crl.pem``: the newest CRL the database holds,
+written under its write lock (so never an older one over a newer one). A crash after the
+commit leaves a recorded certificate whose files may be missing (revocable, re-issuable)
+and a CRL file one step behind, published again by the next ``PkiStore``'s first
+transaction; never a certificate the database does not know, nor a CRL number used twice.
 """
 
 from __future__ import annotations
@@ -679,7 +679,7 @@ def _current(tx: Tx, identity: Identity, now: datetime) -> list[IssuedRecord]:
         _CURRENT,
         {"cn": identity.common_name, "now": from_datetime(now)},
     )
-    return [_record(row) for row in rows if _record(row).not_after > now]
+    return [_record(row) for row in rows]
 
 
 def _check_cap(tx: Tx, identity: Identity, now: datetime, cap: ReissueCap) -> None:
