@@ -36,8 +36,12 @@ import onnxruntime as ort
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edgeward_attestation.appraise import reference_state
 from edgeward_attestation.credential import kdfa, kdfe, make_credential
+from edgeward_attestation.eventlog import ALG_SHA256, check_replay
+from edgeward_attestation.eventlog import parse as parse_event_log
 from edgeward_attestation.keys import AttestationKey, EndorsementKey
 from edgeward_attestation.quote import Challenge, PcrPolicy, verify_quote
 from edgeward_attestation.structures import HASHES
@@ -45,6 +49,9 @@ from edgeward_cli.publish import ReleaseSpec, build_release
 from edgeward_device_agent.enrollment import make_csr
 from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN, SwtpmFleet, expected_pcrs
 from edgeward_device_agent.tpm import PcrBank
+from edgeward_shared.audit.entry import AuditEntry, AuditEvent, Decision, encode_entry
+from edgeward_shared.audit.merkle import CompactRange, leaf_hash
+from edgeward_shared.audit.note import Checkpoint, NoteSigner, sign_checkpoint
 from edgeward_shared.bindings import (
     PROOF_LABEL,
     QUALIFYING_DATA_TAG,
@@ -63,6 +70,7 @@ from edgeward_shared.messages import attest, command, common, enroll, health, id
 from edgeward_shared.messages import model as m
 from edgeward_shared.messages import registry as reg
 from edgeward_shared.messages import revocation as rev
+from edgeward_shared.messages.audit import AuditCheckpoint
 from edgeward_shared.messages.base import Message, encode_message
 from edgeward_shared.messages.trust import TrustBundle
 from edgeward_shared.models.frames import FrameHeader, encode_frame
@@ -327,8 +335,8 @@ class Kit:
             "verify_at_ms": iat + 1000,
             "policy": policy,
             "payload": json.loads(payload),
-            "payload_text": payload.decode("ascii"),
-            "envelope": raw.decode("ascii"),
+            "payload_text": payload.decode(),  # UTF-8: the audit note has an em dash
+            "envelope": raw.decode(),
         }
         if notes:
             example["notes"] = notes
@@ -435,13 +443,13 @@ def main(out: Path = KIT) -> None:
         with SwtpmFleet(work / "fleet") as fleet:
             device = fleet.start(DEVICE)
             with device.open() as tpm:
-                build(fleet.ca.cert_path.read_bytes(), tpm, out)
+                build(fleet.ca.cert_path.read_bytes(), tpm, out, device.event_log.read_bytes())
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"conformance kit written under {out}")
 
 
-def build(manufacturer_pem: bytes, tpm: Any, out: Path) -> None:
+def build(manufacturer_pem: bytes, tpm: Any, out: Path, event_log: bytes = b"") -> None:
     from tests.models import small_input, small_model  # the repository root is on sys.path
 
     ek_cert = tpm.ek_certificate()
@@ -575,9 +583,15 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path) -> None:
             attest=quote.attest,
             signature=quote.signature,
             pcrs=pcrs,
+            event_log=event_log,
         ),
         section="5.4",
     )
+    boot_states: list[str] = []  # the policy recorded from this quote's log (ADR 0021)
+    if event_log:  # the boot event log replays to the quoted PCRs
+        check_replay(parse_event_log(event_log), ALG_SHA256, dict(quote.pcrs))
+        state = reference_state(POLICY_ID, parse_event_log(event_log), SELECTION)
+        boot_states.append(f"{POLICY_ID}: {len(state.events)} events")
     golden = expected_pcrs(GOLDEN_BOOT_CHAIN)
     verify_quote(
         quote.attest,
@@ -730,6 +744,7 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path) -> None:
                     state="active",
                     recorded_by="op.alice",
                     approved_by="op.bob",
+                    boot_states=boot_states,
                 )
             ],
         ),
@@ -1203,6 +1218,50 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path) -> None:
             ],
         ),
         section="5.10",
+    )
+
+    # ------------------------------------------------------------------ audit log
+    audit_origin = "edgeward/audit/svc.revocation/0c0ffee0"
+    audit_key = NoteSigner(
+        audit_origin,
+        Ed25519PrivateKey.from_private_bytes(
+            hashlib.sha256(b"edgeward conformance audit key").digest()
+        ),
+    )
+    audit_entries = [
+        encode_entry(
+            AuditEntry.at(
+                seq,
+                AuditEvent(
+                    actor="svc.revocation",
+                    action="revocation.revoke",
+                    decision=Decision.ALLOW if seq != 1 else Decision.DENY,
+                    reason="revocation.job" if seq != 1 else "revocation.subject.unknown",
+                    subject="op.alice",
+                    at_ms=kit.now - 3000 + seq,
+                    evidence=hashlib.sha256(f"request {seq}".encode()).hexdigest(),
+                ),
+            )
+        )
+        for seq in range(3)
+    ]
+    audit_edge = CompactRange()
+    for raw_entry in audit_entries:
+        audit_edge.append(leaf_hash(raw_entry))
+    audit_note = sign_checkpoint(
+        Checkpoint(audit_origin, audit_edge.size, audit_edge.root()), audit_key
+    )
+    kit.emit(
+        "svc.revocation",
+        fleet_topic(FleetKind.AUDIT, "revocation"),
+        AuditCheckpoint(note=audit_note, vkey=audit_key.verifier.vkey),
+        section="5.14",
+        ttl_ms=5 * 60_000,
+        notes={
+            "entries": [raw_entry.decode() for raw_entry in audit_entries],
+            "leaf_hashes": [leaf_hash(raw_entry).hex() for raw_entry in audit_entries],
+            "root": audit_edge.root().hex(),
+        },
     )
 
     # ------------------------------------------------------------------ write it all

@@ -85,13 +85,21 @@ class World:
         return CliRunner().invoke(cli, [*argv, *common])
 
     async def new_agent(
-        self, store: AttestationStore, device_id: str, tcti: str, *, replace: bool = False
+        self,
+        store: AttestationStore,
+        device_id: str,
+        tcti: str,
+        *,
+        replace: bool = False,
+        event_log: Path | None = None,
     ) -> DeviceAgent:
         """Provision ``device_id`` (as the operator would) and prepare its agent."""
         await store.provision(device_id, DEVICE_CLASS, None, "op.alice", SystemClock().now_ms())
-        return self.agent(device_id, tcti, replace=replace)
+        return self.agent(device_id, tcti, replace=replace, event_log=event_log)
 
-    def agent(self, device_id: str, tcti: str, *, replace: bool = False) -> DeviceAgent:
+    def agent(
+        self, device_id: str, tcti: str, *, replace: bool = False, event_log: Path | None = None
+    ) -> DeviceAgent:
         files = self.pki.issue(
             Identity.enrollee(device_id), datetime.now(UTC), timedelta(hours=1), replace=replace
         )
@@ -105,6 +113,7 @@ class World:
             ca_bundle=self.pki.bundle_path,
             crl=self.pki.crl_path,
             broker=self.address,
+            event_log=event_log,
         )
         return DeviceAgent(config)
 

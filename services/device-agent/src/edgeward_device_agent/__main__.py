@@ -91,6 +91,13 @@ def _timing_options(function: Command) -> Command:
     default="sha256",
     help="PCR bank of the seal.",
 )
+@_option(
+    "--event-log",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The TCG boot event log sent with every quote (docs/adr/0021).  [default:"
+    " $EDGEWARD_EVENT_LOG, else /sys/kernel/security/tpm0/binary_bios_measurements]",
+)
 @_option("--no-models", is_flag=True, help="Run no models (enrollment and attestation only).")
 @_option(
     "--model-sync-s",
@@ -170,6 +177,7 @@ def agent_config(node: NodeOptions, **options: Any) -> AgentConfig:
         metrics_port=node.metrics_port,
         policy=policy,
         seal=SealPolicy.parse(options["seal_pcrs"], options["seal_bank"]),
+        event_log=options["event_log"],
         sandbox=None if options["no_sandbox"] else SandboxPolicy(),
         offline=OfflinePolicy(high_grace_s=options["high_grace_s"]),
         inference=InferencePolicy(

@@ -4,7 +4,8 @@ It owns, on ``ew/v1/dev/<id>/down/attest``:
 
 * **Challenges** (:class:`AttestationChallenge`): a fresh in-memory ECDSA P-256 session
   key per challenge, a TPM2_Quote (in a worker thread) over the challenge's PCRs with
-  ``qualifyingData = H(nonce ‖ session key)``, answered with :class:`AttestationEvidence`.
+  ``qualifyingData = H(nonce ‖ session key)``, answered with :class:`AttestationEvidence`,
+  which also carries the boot event log (:mod:`.boot_log`, read after the quote).
   Policy: a challenge already expired when it arrives, or by the time the quote is done,
   is refused (``agent.attest.challenge_expired``); one quote at a time, and a challenge
   arriving while a quote is in flight is refused at once (``agent.attest.busy``) rather
@@ -134,8 +135,10 @@ class Attester:
         policy: AgentPolicy,
         metrics: AgentMetrics,
         on_adopted: Callable[[CurrentAttestation], None] = lambda _current: None,
+        event_log: Callable[[], bytes] = lambda: b"",
     ) -> None:
         self._device_id = device_id
+        self._event_log = event_log
         self._tpm = tpm
         self._trust = trust
         self._clock = clock
@@ -187,6 +190,7 @@ class Attester:
                 challenge.pcr_selection,
                 _BANKS[challenge.pcr_bank],
             )
+            boot_log = await asyncio.to_thread(self._event_log)
         finally:
             self._quoting = False
         self._check_fresh(challenge)  # the verifier would refuse late evidence anyway
@@ -200,6 +204,7 @@ class Attester:
             attest=quote.attest,
             signature=quote.signature,
             pcrs=[PcrValue(index=i, digest=d) for i, d in sorted(quote.pcrs.items())],
+            event_log=boot_log,
         )
         return (Outgoing(answer_on, evidence, mid=evidence_mid),)
 

@@ -107,6 +107,9 @@ class AgentConfig:
     sandbox: SandboxPolicy | None = field(default_factory=SandboxPolicy)
     #: the boot PCRs the device's keys are sealed to (docs/adr/0016-device-key-sealing.md)
     seal: SealPolicy = field(default_factory=SealPolicy)
+    #: the TCG boot event log sent with each quote (docs/adr/0021); None: ``$EDGEWARD_EVENT_LOG``
+    #: if set, else Linux's ``/sys/kernel/security/tpm0/binary_bios_measurements``
+    event_log: Path | None = None
 
     def __post_init__(self) -> None:
         Identity.device(self.device_id)  # raises ValueError for an invalid device id
