@@ -1,7 +1,7 @@
 """Certificate renewals against one identity-service instance, against raw ECDSA P-256 signs.
 
-One instance wired as in production (``identity_node``: a real PKI directory with its
-``flock``, ``issued.jsonl`` and CA key, a real SQLite file, the runtime's envelope checks).
+One instance wired as in production (``identity_node``: a real PKI directory with its CA
+key and ``issuing/ca.db``, a real SQLite file, the runtime's envelope checks).
 Each request is handed to the runtime as a delivery (``Runtime.handle``, what its bus
 loop does) and its answer is published on the in-memory bus, so the figure is the
 service's, not a broker's.

@@ -5,7 +5,7 @@ else gets, replays across instances and restarts, malformed input, and re-issuan
 from __future__ import annotations
 
 import asyncio
-import fcntl
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from edgeward_identity.app import IdentityConfig, identity_node
-from edgeward_identity.ca import LOCK_FILE, IssuingAuthority
+from edgeward_identity.ca import IssuingAuthority
 from edgeward_identity.core import DEFAULT_MAX_LIFETIME
 from edgeward_identity.reasons import IdentityReason
 from edgeward_identity.service import IdentityService
@@ -37,6 +37,7 @@ from edgeward_shared.messages.base import Message
 from edgeward_shared.messages.common import Rejected
 from edgeward_shared.messages.health import Ping, Pong
 from edgeward_shared.messages.identity import CertificateIssued, IssueDeviceCertificate
+from edgeward_shared.pki.ca_db import CA_DB
 from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.pki.trust import Signer, TrustStore, load_crl
 from edgeward_shared.replay import MemoryReplayGuard
@@ -258,7 +259,7 @@ async def test_every_certificate_is_recorded_with_its_requester_and_enrollment(
     assert record.request_mid == reply.message.in_reply_to
     assert record.certificate == reply.message.certificate_chain[0]
     assert record.not_after_ms == reply.message.not_after_ms
-    assert deployment.issued_to("dev-0002") == [int(reply.message.serial, 16)]  # issued.jsonl
+    assert deployment.issued_to("dev-0002") == [int(reply.message.serial, 16)]  # issuing/ca.db
 
 
 @pytest.mark.asyncio
@@ -581,25 +582,29 @@ async def test_concurrent_requests_through_two_instances_leave_one_valid_certifi
 # ------------------------------------------------------------------------ the CA's lock
 @pytest.mark.asyncio
 async def test_issuance_waits_for_another_holder_of_the_ca_lock(deployment: Deployment) -> None:
-    """Another writer of the PKI directory (an instance on another event loop, a tool)
-    holding ``issuing/identity.lock`` delays issuance; past the bound it is a retryable
-    ``identity.ca.busy``, and nothing was issued."""
+    """Another writer of the CA (an instance on another event loop, a tool) holding the
+    write lock of ``issuing/ca.db`` delays issuance; past the bound it is a retryable
+    ``identity.ca.busy``, and nothing was issued (docs/adr/0025)."""
     now = to_datetime(deployment.clock.now_ms())
     key = device_csr("dev-0012")[0].public_key()
-    with (deployment.pki.dir / LOCK_FILE).open("a") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
+    deployment.issued_to("dev-0012")  # the database exists and is migrated
+    held = sqlite3.connect(deployment.pki.dir / CA_DB, isolation_level=None)
+    try:
+        held.execute("BEGIN IMMEDIATE")
         hurried = IssuingAuthority.open(deployment.pki.dir, lock_timeout_s=0.05)
         with pytest.raises(TransportError) as caught:
             await hurried.issue_device_certificate("dev-0012", key, now, timedelta(hours=1))
         assert caught.value.reason == IdentityReason.CA_BUSY
-        assert deployment.issued_to("dev-0012") == []
         patient = IssuingAuthority.open(deployment.pki.dir)
         waiting = asyncio.create_task(
             patient.issue_device_certificate("dev-0012", key, now, timedelta(hours=1))
         )
         await asyncio.sleep(0.1)
         assert not waiting.done()
-    issued = await asyncio.wait_for(waiting, WAIT)  # the lock was released with the file
+    finally:
+        held.execute("ROLLBACK")
+        held.close()
+    issued = await asyncio.wait_for(waiting, WAIT)  # the lock was released with the rollback
     assert deployment.issued_to("dev-0012") == [issued.certificate.serial_number]
 
 

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from tests.legacy_pki import make_legacy
 
 from edgeward_cli.main import cli
 from edgeward_shared.errors import ConfigError
@@ -113,12 +113,10 @@ def test_one_overlap_at_a_time(pki: PkiStore) -> None:
 
 
 def test_records_written_before_rotation_existed_belong_to_the_first_ca(pki: PkiStore) -> None:
-    """issued.jsonl lines without an issuer (older PKIs) count for the CA they came from."""
-    path = pki.dir / "issuing" / "issued.jsonl"
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
-    for line in lines:
-        del line["issuer"]
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    """issued.jsonl lines without an issuer (older PKIs, imported into ca.db) count for the
+    CA they came from."""
+    make_legacy(pki, with_issuer=False)
+    pki = PkiStore(pki.dir)
     first = pki.issuer().cert
     pki.rotate_issuing(NOW)
     assert {r.common_name for r in pki.issued_by(first, NOW)} == {"dev-a", "svc.identity"}

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from edgeward_identity.app import IdentityConfig, run
+from edgeward_identity.ca import ReissuePolicy
 from edgeward_identity.renewal import check_class_lifetime
 from edgeward_identity.service import MAX_LIFETIME, MIN_LIFETIME
 from edgeward_shared.identity import Identity, ServiceName
@@ -70,11 +71,28 @@ def _class_lifetimes(
     " --max-lifetime); repeatable (the variable: space-separated). Other classes get"
     " --max-lifetime.",
 )
+@option(
+    "--reissue-extra",
+    type=click.IntRange(1, 1000),
+    default=6,
+    show_default=True,
+    help="Certificates a device may get within --reissue-window beyond its renewals at"
+    " half-life (re-enrolments, early renewals); one more is refused"
+    " (identity.reissue.capped).",
+)
+@option(
+    "--reissue-window",
+    type=DurationParam(timedelta(minutes=1), timedelta(days=30)),
+    default="24h",
+    help="The sliding window of the re-issue cap.",
+)
 def main(  # click passes every parameter by keyword
     *,
     node: NodeOptions,
     max_lifetime: timedelta,
     class_lifetimes: dict[str, timedelta],
+    reissue_extra: int,
+    reissue_window: timedelta,
 ) -> None:
     """Run the identity service: Edgeward's online issuing CA.
 
@@ -102,6 +120,7 @@ def main(  # click passes every parameter by keyword
             metrics_port=node.metrics_port,
             max_lifetime=max_lifetime,
             class_lifetimes=class_lifetimes,
+            reissue=ReissuePolicy(reissue_extra, reissue_window),
         )
 
     node.serve(lambda: run(config()))

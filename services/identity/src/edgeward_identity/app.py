@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from edgeward_identity.ca import IssuingAuthority
+from edgeward_identity.ca import IssuingAuthority, ReissuePolicy
 from edgeward_identity.core import DEFAULT_MAX_LIFETIME
 from edgeward_identity.renewal import check_class_lifetime
 from edgeward_identity.service import IdentityService, RevokeCertificate
@@ -55,6 +55,8 @@ class IdentityConfig:
     max_lifetime: timedelta = DEFAULT_MAX_LIFETIME  # cap on requested certificate lifetimes
     #: renewed certificates' lifetime per device class (5 min to 7 days; others: the cap)
     class_lifetimes: Mapping[str, timedelta] = field(default_factory=dict)
+    #: the cap on certificates per device (docs/adr/0025)
+    reissue: ReissuePolicy = field(default_factory=ReissuePolicy)
 
     def __post_init__(self) -> None:
         for lifetime in self.class_lifetimes.values():
@@ -70,7 +72,7 @@ async def identity_node(
 ) -> AsyncIterator[tuple[Runtime, Connect]]:
     """A runtime serving the identity service and its bus factory; closes the database at
     the end. Raises ``ConfigError`` before anything runs if the files are not right."""
-    authority = IssuingAuthority.open(config.pki_dir)
+    authority = IssuingAuthority.open(config.pki_dir, policy=config.reissue)
     runtime, connect = build_node(config.node_config(), SERVICE, clock)
     db = await SqliteDatabase.open(config.db_path)
     try:

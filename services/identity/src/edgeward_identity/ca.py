@@ -1,28 +1,30 @@
 """The issuing CA as the identity service uses it: a PKI directory, one writer at a time.
 
 This module owns the service's access to the CA on disk: opening it (refusing a CA key that
-group or others can read), and issuing a device certificate for a checked public key,
-replacing the device's previous one. The certificate profile is
-:mod:`edgeward_shared.pki.certs`'s; the layout, ``issued.jsonl`` and the CRL are
-:class:`~edgeward_shared.pki.store.PkiStore`'s.
+group or others can read), issuing a device certificate for a checked public key (replacing
+the device's previous one, or beside it for a renewal), and the cap on re-issues per device.
+The certificate profile is :mod:`edgeward_shared.pki.certs`'s; the records, the CRL and the
+transaction are :class:`~edgeward_shared.pki.store.PkiStore`'s (``issuing/ca.db``).
 
-Concurrency. ``PkiStore`` appends to ``issued.jsonl`` and rewrites ``issuing/state.json``
-(revoked serials, CRL number) with no lock of its own, so two writers can lose a revocation
-or reuse a CRL number. Here every issuance runs on a worker thread (ECDSA signing and file
-I/O stay off the event loop) holding an exclusive ``flock`` on ``issuing/identity.lock``:
-that serializes the threads of one instance and the instances of the service sharing the
-directory on one host. Tools that do not take the lock (``edgeward pki revoke``) are not
-serialized with it; run them when the service is stopped, or teach them the lock.
+Concurrency (docs/adr/0025). Each issuance is one ``PkiStore`` transaction on ``ca.db``,
+the same the CLI and the revocation service use: SQLite's write lock serializes it with
+every other writer of the CA, in this process or another, and it waits at most
+``lock_timeout_s`` for them (then ``identity.ca.busy``, retryable). It runs on a worker
+thread: ECDSA signing and SQLite stay off the event loop.
+
+The re-issue cap. A device (by id) gets at most ``extra`` certificates within ``window``
+beyond those its renewals at half-life need: for a certificate of lifetime L the limit is
+``extra + ceil(window / (L / 2))`` certificates issued to it within ``window`` before now,
+renewals and re-enrolments alike; one more is refused (``identity.reissue.capped``). So a
+class with 5-minute certificates (288 renewals a day at half-life) is not starved, while a
+registrar or device that churns certificates is stopped after ``extra`` more than its
+schedule; a device renewing earlier than half-life spends its ``extra`` on it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import os
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -38,16 +40,31 @@ from edgeward_shared.clock import from_datetime
 from edgeward_shared.errors import TransportError
 from edgeward_shared.identity import Identity
 from edgeward_shared.pki.certs import fingerprint
-from edgeward_shared.pki.store import PkiStore, read_certificate
+from edgeward_shared.pki.store import PkiStore, ReissueCap
+from edgeward_shared.storage.base import StorageReason
 from edgeward_shared.tls import check_key_permissions
 
 #: Where PkiStore keeps the issuing CA's private key (its layout, docs in pki/store.py).
 ISSUING_KEY: Final = Path("issuing") / "ca.key"
-#: The lock every issuance by this service holds (created 0600 next to the CA's state).
-LOCK_FILE: Final = Path("issuing") / "identity.lock"
 #: How long an issuance waits for another writer before giving up (``identity.ca.busy``).
 LOCK_TIMEOUT_S: Final = 10.0
-_LOCK_POLL_S: Final = 0.01
+
+
+@dataclass(frozen=True, slots=True)
+class ReissuePolicy:
+    """The cap on certificates per device (see the module docstring)."""
+
+    extra: int = 6
+    window: timedelta = timedelta(hours=24)
+
+    def __post_init__(self) -> None:
+        if self.extra < 1 or self.window <= timedelta(0):
+            raise ValueError("a reissue policy needs extra >= 1 and a positive window")
+
+    def cap_for(self, lifetime: timedelta) -> ReissueCap:
+        """The cap for an issuance of ``lifetime``: room for its half-life renewals."""
+        renewals = math.ceil(self.window / (lifetime / 2))
+        return ReissueCap(self.extra + renewals, self.window, IdentityReason.REISSUE_CAPPED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,18 +99,24 @@ class IssuedCertificate:
 class IssuingAuthority:
     """Issues device certificates from one PKI directory (see the module docstring)."""
 
-    def __init__(self, store: PkiStore, lock_timeout_s: float = LOCK_TIMEOUT_S) -> None:
+    def __init__(self, store: PkiStore, policy: ReissuePolicy | None = None) -> None:
         self._store = store
-        self._lock_timeout_s = lock_timeout_s
+        self._policy = policy or ReissuePolicy()
 
     @classmethod
-    def open(cls, pki_dir: Path, lock_timeout_s: float = LOCK_TIMEOUT_S) -> IssuingAuthority:
+    def open(
+        cls,
+        pki_dir: Path,
+        lock_timeout_s: float = LOCK_TIMEOUT_S,
+        policy: ReissuePolicy | None = None,
+    ) -> IssuingAuthority:
         """The CA in ``pki_dir``; ``ConfigError`` if it is missing, unreadable or its key
         is accessible by group or others."""
         PkiStore(pki_dir).require()
         check_key_permissions(pki_dir / ISSUING_KEY)
         issuer = PkiStore(pki_dir).issuer()  # unreadable key or cert: fail now, not later
-        return cls(PkiStore(pki_dir, _organization(issuer.cert)), lock_timeout_s)
+        store = PkiStore(pki_dir, _organization(issuer.cert), busy_timeout=lock_timeout_s)
+        return cls(store, policy)
 
     async def issue_device_certificate(
         self,
@@ -110,7 +133,9 @@ class IssuingAuthority:
 
         The enrollee identity ``enroll.<id>`` stays valid (ADR 0005): its only power is to
         enroll, which needs credential activation in the TPM bound to the id, and a device
-        back from a long absence enrolls again with it."""
+        back from a long absence enrolls again with it.
+
+        Refused (``identity.reissue.capped``) past the device's re-issue cap."""
         identity = Identity.device(device_id)
         return await asyncio.to_thread(self._issue, identity, public_key, now, lifetime, renewal)
 
@@ -122,11 +147,20 @@ class IssuingAuthority:
         lifetime: timedelta,
         renewal: bool,
     ) -> IssuedCertificate:
-        with _exclusive(self._store.dir / LOCK_FILE, self._lock_timeout_s):
-            cert = self._store.issue_for_key(
-                identity, public_key, now, lifetime, replace=not renewal, overlap=renewal
+        try:
+            cert, issuer = self._store.issue_for_key_with_issuer(
+                identity,
+                public_key,
+                now,
+                lifetime,
+                replace=not renewal,
+                overlap=renewal,
+                cap=self._policy.cap_for(lifetime),
             )
-            issuer = read_certificate(self._store.issuing_cert_path)
+        except TransportError as exc:
+            if exc.reason != StorageReason.BUSY:
+                raise
+            raise TransportError(IdentityReason.CA_BUSY, exc.detail) from exc
         return IssuedCertificate(cert, issuer)
 
 
@@ -135,24 +169,3 @@ def _organization(cert: x509.Certificate) -> str:
     names = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
     value = names[0].value if names else None
     return value if isinstance(value, str) else "Edgeward"
-
-
-@contextmanager
-def _exclusive(path: Path, timeout_s: float) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (blocking this thread, at most ``timeout_s``)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TransportError(
-                        IdentityReason.CA_BUSY, f"{path} stayed locked for {timeout_s} s"
-                    ) from None
-                time.sleep(_LOCK_POLL_S)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock

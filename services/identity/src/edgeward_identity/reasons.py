@@ -40,5 +40,7 @@ class IdentityReason:
     RENEW_UNKNOWN: Final = "identity.renew.unknown"
     # the revocation service did not take the old certificate (retryable, not answered)
     RENEW_REVOCATION_UNAVAILABLE: Final = "identity.renew.revocation_unavailable"
+    # the device already had its cap of certificates within the window (docs/adr/0025)
+    REISSUE_CAPPED: Final = "identity.reissue.capped"
     # the issuing CA on disk is held by another writer for too long (retryable, not answered)
     CA_BUSY: Final = "identity.ca.busy"

@@ -18,7 +18,7 @@ One request, in order (docs/protocol.md §5.5):
    recorded with the requester and the enrollment it concludes;
 4. ``CertificateIssued`` goes to the reply topic, ``rsp/<caller-cn>``.
 
-If the transaction fails after the CA signed, the certificate exists (``issued.jsonl``) but
+If the transaction fails after the CA signed, the certificate exists (``issuing/ca.db``) but
 was never delivered; the registrar's retry, a new request, supersedes it. ``Ping`` on the
 same topics is answered too, for liveness checks by any service or operator.
 

@@ -3,9 +3,9 @@ the broker's dynamic-security kick. Each either confirms what it did or raises
 ``TransportError``/``ConfigError``; the worker retries until it confirms.
 
 * :class:`PkiCrl` revokes serials in the PKI store and checks the CRL on disk lists them.
-  The store takes no lock; the identity service writes the same ``issuing/`` files, so
-  every write here holds an ``flock`` on ``issuing/.lock`` (the identity service does not
-  take it yet: see docs/adr/0010, known gaps).
+  Each revocation (all the serials of one job) is one transaction of the store on
+  ``issuing/ca.db``, serialized with the identity service's issuances and the CLI by
+  SQLite's write lock (docs/adr/0025).
 * :class:`CheckedReloader` reloads the broker ``edgeward broker run`` (or the launcher)
   started, through :class:`edgeward_shared.broker.reload.BrokerReloader`: the CRL is checked
   before the broker sees it, the ACL re-rendered from the PKI, and after the SIGHUP the
@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import os
 import secrets
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Final, Protocol
@@ -54,26 +51,11 @@ class Kicker(Protocol):
     async def kick(self, username: str) -> None: ...
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
 class PkiCrl:
     """Certificate lookups and CRL writes on one PKI directory (blocking: run in a thread)."""
 
     def __init__(self, store: PkiStore) -> None:
         self.store = store.require()
-
-    @property
-    def _lock(self) -> Path:
-        return self.store.dir / "issuing" / ".lock"
 
     def serials_of(self, identities: list[Identity], now: datetime) -> tuple[int, ...]:
         """Serials of the current (unexpired, unrevoked) certificates of ``identities``."""
@@ -89,9 +71,7 @@ class PkiCrl:
         return next((r.common_name for r in self.store.issued() if r.serial == serial), None)
 
     def revoke(self, serials: tuple[int, ...], reason: str, now: datetime) -> None:
-        with _locked(self._lock):
-            for serial in serials:
-                self.store.revoke(serial, now, reason[:64])
+        self.store.revoke_many(serials, now, reason[:64])
         # the same check the broker's reload makes: parses, signed, fresh, every serial listed
         check_crl(
             self.store.crl_path.read_bytes(),
@@ -101,8 +81,7 @@ class PkiCrl:
         )
 
     def refresh(self, now: datetime) -> None:
-        with _locked(self._lock):
-            self.store.write_crl(now)
+        self.store.write_crl(now)
 
     def expires_at_ms(self) -> int | None:
         try:

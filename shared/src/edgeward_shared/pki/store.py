@@ -6,9 +6,9 @@ Layout of a PKI directory (every private key 0600, every directory holding one 0
     issuing/ca.crt, issuing/ca.key   online issuing CA
     issuing/crl.pem                  the CRLs (what the broker loads): the issuing CA's first,
                                      then one per previous issuing CA still trusted
-    issuing/state.json               CRL number and revoked serials (source of crl.pem)
-    issuing/issued.jsonl             one line per certificate issued, append-only; each
-                                     line names the issuing CA that signed it
+    issuing/ca.db                    SQLite (0600): every certificate issued (with the CA
+                                     that signed it), revocations, CRL numbers, the CRL
+                                     file last signed (docs/adr/0025, pki/ca_db.py)
     previous/<id>/ca.crt, ca.key     an issuing CA replaced by `rotate-issuing`, trusted
                                      until `retire-issuing` (the overlap; docs/adr/0017)
     retired/<id>/ca.crt              an issuing CA no longer trusted (its key deleted)
@@ -19,26 +19,38 @@ Layout of a PKI directory (every private key 0600, every directory holding one 0
     identities/<cn>/chain.pem        leaf + issuing CA, what a TLS client presents
 
 Pure certificate construction lives in :mod:`edgeward_shared.pki.certs`.
+
+Transactions (docs/adr/0025). Every change of the CA's state is one ``BEGIN IMMEDIATE``
+transaction on ``ca.db``: issuing (the checks, the superseded certificates revoked, the
+certificate signed and recorded, the CRL re-signed), revoking, re-signing the CRL, rotating
+and retiring the issuing CA. SQLite's write lock serializes them across threads and
+processes (the CLI, the identity and revocation services). Files come *after* the commit:
+an identity's key and certificate, then ``crl.pem``: the newest CRL the database holds,
+written under its write lock (so never an older one over a newer one). A crash after the
+commit leaves a recorded certificate whose files may be missing (revocable, re-issuable)
+and a CRL file one step behind, published again by the next ``PkiStore``'s first
+transaction; never a certificate the database does not know, nor a CRL number used twice.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Final
 
 import msgspec
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from edgeward_shared.errors import ConfigError
+from edgeward_shared.clock import from_datetime, to_datetime
+from edgeward_shared.errors import ConfigError, PolicyError
 from edgeward_shared.identity import Identity, identity_of
+from edgeward_shared.pki.ca_db import CaDatabase, Tx
 from edgeward_shared.pki.certs import (
     Issuer,
     RevokedEntry,
@@ -116,15 +128,18 @@ def _write_public(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-class _RevokedRecord(msgspec.Struct, frozen=True):
-    serial: int
-    revoked_at: datetime
-    reason: str
+@dataclass(frozen=True, slots=True)
+class ReissueCap:
+    """At most ``limit`` certificates per identity issued within ``window`` before now
+    (renewals and re-enrolments alike); one more is refused with ``reason``."""
 
+    limit: int
+    window: timedelta
+    reason: str = "pki.reissue.capped"
 
-class _IssuingState(msgspec.Struct):
-    crl_number: int = 0
-    revoked: list[_RevokedRecord] = msgspec.field(default_factory=list)
+    def __post_init__(self) -> None:
+        if self.limit < 1 or self.window <= timedelta(0):
+            raise ValueError("a reissue cap needs a positive limit and window")
 
 
 class IssuedRecord(msgspec.Struct, frozen=True):
@@ -160,9 +175,13 @@ class IdentityFiles:
 class PkiStore:
     """One PKI directory. Methods take ``now`` explicitly; nothing here reads the clock."""
 
-    def __init__(self, directory: Path, org: str = "Edgeward") -> None:
+    def __init__(self, directory: Path, org: str = "Edgeward", busy_timeout: float = 10.0) -> None:
+        """``busy_timeout``: how long a transaction waits for another writer of the CA
+        (then ``storage.busy``)."""
         self.dir = directory
         self.org = org
+        self.db = CaDatabase(directory, busy_timeout)
+        self._checked_publication = False
 
     # ------------------------------------------------------------------ paths
     @property
@@ -180,14 +199,6 @@ class PkiStore:
     @property
     def bundle_path(self) -> Path:
         return self.dir / "trust" / "ca-bundle.pem"
-
-    @property
-    def _state_path(self) -> Path:
-        return self.dir / "issuing" / "state.json"
-
-    @property
-    def _issued_path(self) -> Path:
-        return self.dir / "issuing" / "issued.jsonl"
 
     def identity_files(self, identity: Identity) -> IdentityFiles:
         return IdentityFiles(self.dir / "identities" / identity.common_name)
@@ -215,7 +226,6 @@ class PkiStore:
         write_private_key(self.dir / "issuing" / "ca.key", issuing_key)
         _write_public(self.issuing_cert_path, _pem(issuing_cert))
         _write_public(self.bundle_path, _pem(root_cert) + _pem(issuing_cert))
-        self._save_state(_IssuingState())
         self.write_crl(now)
 
     def issuer(self) -> Issuer:
@@ -236,14 +246,9 @@ class PkiStore:
 
     def current(self, identity: Identity, now: datetime) -> list[IssuedRecord]:
         """Certificates issued to ``identity`` that are neither expired nor revoked."""
-        revoked = self.revoked_serials()
-        return [
-            record
-            for record in self.issued()
-            if record.common_name == identity.common_name
-            and record.not_after > now
-            and record.serial not in revoked
-        ]
+        self.require()
+        with self._tx() as tx:
+            return _current(tx, identity, now)
 
     def issue(
         self,
@@ -261,32 +266,17 @@ class PkiStore:
         before the new key overwrites the old one on disk.
         """
         self.require()
-        existing = self.current(identity, now)
-        if existing and not replace:
-            raise ConfigError(
-                "config.pki.identity_exists",
-                f"{identity} already has a valid certificate (serial {existing[0].serial:x});"
-                " use --replace to revoke it and issue a new one",
-            )
-        for record in existing:
-            self.revoke(record.serial, now, "superseded")
-        issuer = self.issuer()
         key = new_key()
-        cert = make_leaf(
-            issuer,
+        cert, issuer, _ = self._issue_one(
             identity,
             key.public_key(),
-            org=self.org,
-            now=now,
-            lifetime=lifetime,
-            hosts=hosts,
+            now,
+            lifetime,
+            hosts,
+            replace=replace,
+            hint=" use --replace to revoke it and issue a new one",
         )
-        files = self.identity_files(identity)
-        write_private_key(files.key, key)
-        _write_public(files.cert, _pem(cert))
-        _write_public(files.chain, _pem(cert) + _pem(issuer.cert))
-        self._record_issued(cert)
-        return files
+        return self._write_identity(identity, key, cert, issuer)
 
     def issue_for_key(
         self,
@@ -297,98 +287,202 @@ class PkiStore:
         *,
         replace: bool = False,
         overlap: bool = False,
+        cap: ReissueCap | None = None,
     ) -> x509.Certificate:
         """Issue a certificate for ``identity`` over a key the CA did not generate.
 
         The key comes from a CSR the caller has already checked (the identity service's
         ``check_device_csr``); the private key stays with its holder, so nothing is written
-        under ``identities/``. The certificate is recorded in ``issued.jsonl`` as
+        under ``identities/``. The certificate is recorded in ``ca.db`` as
         :meth:`issue` records it, under the same rule: one valid certificate per identity,
         an existing one refused unless ``replace``, which revokes it ("superseded") first,
         or ``overlap`` (a renewal), which leaves it valid beside the new one: the renewer has
         it revoked through the revocation plane once the new one is in use (ADR 0015).
 
-        Like every method here this takes no lock: callers that may run concurrently (several
-        service instances on one PKI directory) serialize their calls themselves.
+        One transaction (docs/adr/0025): the checks, the revocations, the signature and the
+        record; with ``cap``, refused (``cap.reason``) when ``identity`` already had
+        ``cap.limit`` certificates issued within ``cap.window``.
         """
-        self.require()
-        existing = [] if overlap else self.current(identity, now)
-        if existing and not replace:
-            raise ConfigError(
-                "config.pki.identity_exists",
-                f"{identity} already has a valid certificate (serial {existing[0].serial:x})",
-            )
-        for record in existing:
-            self.revoke(record.serial, now, "superseded")
-        cert = make_leaf(
-            self.issuer(), identity, public_key, org=self.org, now=now, lifetime=lifetime
-        )
-        self._record_issued(cert)
-        return cert
+        return self.issue_for_key_with_issuer(
+            identity, public_key, now, lifetime, replace=replace, overlap=overlap, cap=cap
+        )[0]
 
-    def _record_issued(self, cert: x509.Certificate) -> None:
-        identity = identity_of(cert)
-        record = IssuedRecord(
-            serial=cert.serial_number,
-            common_name=identity.common_name,
-            role=str(identity.role),
-            not_after=cert.not_valid_after_utc,
-            fingerprint=fingerprint(cert),
-            issuer=fingerprint(read_certificate(self.issuing_cert_path)),
+    def issue_for_key_with_issuer(
+        self,
+        identity: Identity,
+        public_key: ec.EllipticCurvePublicKey,
+        now: datetime,
+        lifetime: timedelta,
+        *,
+        replace: bool = False,
+        overlap: bool = False,
+        cap: ReissueCap | None = None,
+    ) -> tuple[x509.Certificate, x509.Certificate]:
+        """:meth:`issue_for_key`, and the issuing CA's certificate that signed it (read in
+        the same transaction: a rotation cannot come between)."""
+        self.require()
+        cert, issuer, _ = self._issue_one(
+            identity, public_key, now, lifetime, (), replace=replace, overlap=overlap, cap=cap
         )
-        with self._issued_path.open("ab") as handle:
-            handle.write(msgspec.json.encode(record) + b"\n")
+        return cert, issuer.cert
+
+    def _issue_one(
+        self,
+        identity: Identity,
+        public_key: ec.EllipticCurvePublicKey,
+        now: datetime,
+        lifetime: timedelta,
+        hosts: tuple[str, ...],
+        *,
+        replace: bool = False,
+        overlap: bool = False,
+        cap: ReissueCap | None = None,
+        hint: str = "",
+    ) -> tuple[x509.Certificate, Issuer, list[IssuedRecord]]:
+        """The one transaction of an issuance; the certificate, its issuer, and the
+        certificates it leaves valid beside it (``overlap``) or revoked (``replace``)."""
+        with self._tx() as tx:
+            existing = _current(tx, identity, now)
+            if existing and not (replace or overlap):
+                raise ConfigError(
+                    "config.pki.identity_exists",
+                    f"{identity} already has a valid certificate"
+                    f" (serial {existing[0].serial:x});{hint}",
+                )
+            if cap is not None:
+                _check_cap(tx, identity, now, cap)
+            revoking = [] if overlap else existing
+            for record in revoking:
+                _insert_revoked(tx, record.serial, now, "superseded")
+            issuer = self.issuer()
+            cert = make_leaf(
+                issuer, identity, public_key, org=self.org, now=now, lifetime=lifetime, hosts=hosts
+            )
+            _insert_issued(tx, cert, fingerprint(issuer.cert), now)
+            if revoking:
+                self._sign_crl(tx, now, CRL_LIFETIME)
+        if revoking:
+            self._publish()
+        return cert, issuer, existing
+
+    def _write_identity(
+        self,
+        identity: Identity,
+        key: ec.EllipticCurvePrivateKey,
+        cert: x509.Certificate,
+        issuer: Issuer,
+    ) -> IdentityFiles:
+        """After the commit: the key, the certificate and the chain (each in one rename)."""
+        files = self.identity_files(identity)
+        write_private_key(files.key, key)
+        _write_public(files.cert, _pem(cert))
+        _write_public(files.chain, _pem(cert) + _pem(issuer.cert))
+        return files
 
     def issued(self) -> list[IssuedRecord]:
-        if not self._issued_path.exists():
+        """Every certificate this CA issued, in the order they were recorded."""
+        if not self.exists():
             return []
-        lines = self._issued_path.read_bytes().splitlines()
-        return [msgspec.json.decode(line, type=IssuedRecord) for line in lines if line]
+        with self._tx() as tx:
+            return _issued(tx)
+
+    @contextmanager
+    def _tx(self) -> Iterator[Tx]:
+        """A transaction on ``ca.db``. The first one of this object first publishes the CRL
+        the database holds if the file holds an older one (a crash came between a commit
+        and its publication); an unreadable file is left to the CRL checks (docs/adr/0012)
+        until the next CRL is signed."""
+        if not self._checked_publication:
+            self._checked_publication = True
+            self._publish(only_if_behind=True)
+        with self.db.transaction() as tx:
+            yield tx
+
+    def _publish(self, *, only_if_behind: bool = False) -> None:
+        """Write ``crl.pem`` from the database: the newest CRL it holds, whoever signed it,
+        under the write lock, so two publishers never put an older CRL over a newer one.
+        ``only_if_behind``: only if the file holds a readable CRL with a lower number."""
+        with self.db.transaction() as tx:
+            row = tx.one("SELECT number, pem FROM pki_crl_file WHERE id = 1")
+            if row is None:
+                return
+            number, pem = row["number"], row["pem"]
+            if not isinstance(number, int) or not isinstance(pem, bytes):
+                raise ConfigError("config.pki.corrupt", f"pki_crl_file holds {number!r}")
+            if only_if_behind and not 0 <= _file_crl_number(self.crl_path) < number:
+                return
+            write_atomically(self.crl_path, pem)
 
     # ------------------------------------------------------------------ revocation
     def revoke(self, serial: int, now: datetime, reason: str) -> bool:
         """Add ``serial`` to the CRL and reissue it. Returns False if already revoked."""
-        state = self._load_state()
-        if any(entry.serial == serial for entry in state.revoked):
-            return False
-        if not any(record.serial == serial for record in self.issued()):
-            raise ConfigError("config.pki.unknown_serial", f"serial {serial:x} was not issued")
-        state.revoked.append(_RevokedRecord(serial, now, reason))
-        self._save_state(state)
-        self.write_crl(now)
-        return True
+        return self.revoke_many((serial,), now, reason) == 1
+
+    def revoke_many(self, serials: Iterable[int], now: datetime, reason: str) -> int:
+        """Revoke every serial not yet revoked and reissue the CRL, in one transaction;
+        how many were newly revoked. A serial this CA never issued refuses them all
+        (``config.pki.unknown_serial``)."""
+        self.require()
+        with self._tx() as tx:
+            fresh = 0
+            for serial in serials:
+                if _is_revoked(tx, serial):
+                    continue
+                if (
+                    tx.one("SELECT 1 AS x FROM pki_issued WHERE serial = :s", {"s": f"{serial:x}"})
+                    is None
+                ):
+                    raise ConfigError(
+                        "config.pki.unknown_serial", f"serial {serial:x} was not issued"
+                    )
+                _insert_revoked(tx, serial, now, reason)
+                fresh += 1
+            if fresh:
+                self._sign_crl(tx, now, CRL_LIFETIME)
+        if fresh:
+            self._publish()
+        return fresh
 
     def revoked_serials(self) -> frozenset[int]:
         self.require()
-        return frozenset(entry.serial for entry in self._load_state().revoked)
+        with self._tx() as tx:
+            return frozenset(serial for serial, _ in _revoked(tx))
 
     def write_crl(self, now: datetime, lifetime: timedelta = CRL_LIFETIME) -> int:
         """Reissue the CRL with a higher number; returns that number."""
-        state = self._load_state()
-        state.crl_number += 1
-        crl = make_crl(
-            self.issuer(),
-            [RevokedEntry(entry.serial, entry.revoked_at) for entry in state.revoked],
-            number=state.crl_number,
-            now=now,
-            lifetime=lifetime,
+        with self._tx() as tx:
+            number = self._sign_crl(tx, now, lifetime)
+        self._publish()
+        return number
+
+    def _sign_crl(self, tx: Tx, now: datetime, lifetime: timedelta) -> int:
+        """In ``tx``: a CRL from every trusted issuing CA with the next number (above every
+        number any CA of this PKI ever used), checked as the broker will check it (docs/adr/
+        0012), stored as the next ``crl.pem``; returns its number."""
+        last = tx.one("SELECT coalesce(max(number), 0) AS n FROM pki_crls")
+        number = int(str(last["n"] if last else 0)) + 1
+        revoked = _revoked(tx)
+        entries = [RevokedEntry(serial, at) for serial, at in revoked]
+        pems = []
+        # the issuing CA's CRL first, then each previous CA's, same number and entries
+        # (serials are 159 random bits, so listing another CA's serial revokes nothing of
+        # this one's, and one revocation state serves the whole PKI; docs/adr/0017)
+        for issuer in (self.issuer(), *self.previous_issuers()):
+            crl = make_crl(issuer, entries, number=number, now=now, lifetime=lifetime)
+            pem = crl.public_bytes(serialization.Encoding.PEM)
+            check_crl(pem, issuer.cert, (serial for serial, _ in revoked), now)
+            pems.append(pem)
+            tx.execute(
+                "INSERT INTO pki_crls (issuer, number, signed_at_ms) VALUES (:i, :n, :at)"
+                " ON CONFLICT (issuer) DO UPDATE SET number = :n, signed_at_ms = :at",
+                {"i": fingerprint(issuer.cert), "n": number, "at": from_datetime(now)},
+            )
+        tx.execute(
+            "INSERT INTO pki_crl_file (id, number, pem) VALUES (1, :n, :pem)"
+            " ON CONFLICT (id) DO UPDATE SET number = :n, pem = :pem",
+            {"n": number, "pem": b"".join(pems)},
         )
-        pem = crl.public_bytes(serialization.Encoding.PEM)
-        # checked as the broker will check it, then written in one rename (docs/adr/0012); in
-        # an issuing-CA overlap each previous CA's CRL follows, checked alike (docs/adr/0017)
-        check_crl(pem, self.issuer().cert, (entry.serial for entry in state.revoked), now)
-        write_atomically(self.crl_path, pem + self._previous_crls(state, now, lifetime))
-        self._save_state(state)
-        return state.crl_number
-
-    def _load_state(self) -> _IssuingState:
-        try:
-            return msgspec.json.decode(self._state_path.read_bytes(), type=_IssuingState)
-        except FileNotFoundError as exc:
-            raise ConfigError("config.pki.missing", f"no PKI in {self.dir}") from exc
-
-    def _save_state(self, state: _IssuingState) -> None:
-        _write_public(self._state_path, json.dumps(msgspec.to_builtins(state)).encode())
+        return number
 
     def renew(
         self,
@@ -403,24 +497,11 @@ class PkiStore:
         it replaces: revoke them ("superseded") once the node uses the new one (ADR 0017).
         """
         self.require()
-        replaced = self.current(identity, now)
-        issuer = self.issuer()
         key = new_key()
-        cert = make_leaf(
-            issuer,
-            identity,
-            key.public_key(),
-            org=self.org,
-            now=now,
-            lifetime=lifetime,
-            hosts=hosts,
+        cert, issuer, replaced = self._issue_one(
+            identity, key.public_key(), now, lifetime, hosts, overlap=True
         )
-        files = self.identity_files(identity)
-        write_private_key(files.key, key)
-        _write_public(files.cert, _pem(cert))
-        _write_public(files.chain, _pem(cert) + _pem(issuer.cert))
-        self._record_issued(cert)
-        return files, replaced
+        return self._write_identity(identity, key, cert, issuer), replaced
 
     # ------------------------------------------------------------------ issuing-CA rotation
     # docs/adr/0017. An overlap: `rotate_issuing` makes a new issuing CA under the same root
@@ -498,10 +579,10 @@ class PkiStore:
             read_certificate(self.root_cert_path),
             read_private_key(root_key or self.dir / "root" / "ca.key", root_passphrase),
         )
-        with _pki_lock(self.dir / "issuing" / "identity.lock"):
+        with self._tx() as tx:  # no issuance signs with a mix of old and new meanwhile
             old = self.issuer()
             old_fp = fingerprint(old.cert)
-            if not (self.dir / "retired").exists() and any(not r.issuer for r in self.issued()):
+            if not (self.dir / "retired").exists() and any(not r.issuer for r in _issued(tx)):
                 _write_public(self.dir / "trust" / "legacy-issuer", old_fp.encode())
             generation = 2 + sum(1 for _ in (self.dir / "retired").glob("*"))
             key = new_key()
@@ -516,11 +597,13 @@ class PkiStore:
             keep = self.dir / "previous" / old_fp[:16]
             write_private_key(keep / "ca.key", old.key)
             _write_public(keep / "ca.crt", _pem(old.cert))
-            # the key first: an issuance reads the certificate, then the key, under the lock
+            # the key first: an issuance reads the certificate, then the key, in its
+            # transaction (which cannot run beside this one)
             write_private_key(self.dir / "issuing" / "ca.key", key)
             _write_public(self.issuing_cert_path, _pem(cert))
-            self.write_crl(now)
+            self._sign_crl(tx, now, CRL_LIFETIME)
             self._write_bundle()
+        self._publish()
         # the broker's revocation canary, from the new CA (imported here: canary uses us)
         from edgeward_shared.pki.canary import reissue_canary  # noqa: PLC0415
 
@@ -546,29 +629,17 @@ class PkiStore:
                 f"{len(remaining)} valid certificate(s) of the previous issuing CA remain"
                 f" ({names}): reissue them, or wait until they expire, or --force",
             )
-        with _pki_lock(self.dir / "issuing" / "identity.lock"):
+        with self._tx() as tx:
             old_fp = fingerprint(old)
             source = self.dir / "previous" / old_fp[:16]
             _write_public(self.dir / "retired" / old_fp[:16] / "ca.crt", _pem(old))
             (source / "ca.key").unlink()  # it never signs again
             (source / "ca.crt").unlink()
             source.rmdir()
-            self.write_crl(now)
+            self._sign_crl(tx, now, CRL_LIFETIME)
             self._write_bundle()
+        self._publish()
         return old
-
-    def _previous_crls(self, state: _IssuingState, now: datetime, lifetime: timedelta) -> bytes:
-        """A CRL from every previous issuing CA (same number and entries as the current
-        one's: serials are 159 random bits, so listing another CA's serial revokes nothing
-        of this one's, and one revocation state serves the whole PKI)."""
-        entries = [RevokedEntry(entry.serial, entry.revoked_at) for entry in state.revoked]
-        pems = []
-        for issuer in self.previous_issuers():
-            crl = make_crl(issuer, entries, number=state.crl_number, now=now, lifetime=lifetime)
-            pem = crl.public_bytes(serialization.Encoding.PEM)
-            check_crl(pem, issuer.cert, (entry.serial for entry in state.revoked), now)
-            pems.append(pem)
-        return b"".join(pems)
 
     def _write_bundle(self) -> None:
         cas = [read_certificate(self.root_cert_path), *self.trusted_issuing_cas()]
@@ -576,13 +647,96 @@ class PkiStore:
         _write_public(self.trust_version_path, str(self.trust_version() + 1).encode())
 
 
-@contextmanager
-def _pki_lock(path: Path) -> Iterator[None]:
-    """The identity service's issuance lock (edgeward_identity.ca), held while the issuing
-    CA changes so that no certificate is signed with a mix of old and new."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+# ---------------------------------------------------------------------- in a transaction
+_ALL: Final = """
+SELECT serial, common_name, role, issuer, not_after_ms, fingerprint FROM pki_issued
+ORDER BY rowid
+"""
+_CURRENT: Final = """
+SELECT serial, common_name, role, issuer, not_after_ms, fingerprint FROM pki_issued
+WHERE common_name = :cn AND not_after_ms > :now
+AND serial NOT IN (SELECT serial FROM pki_revoked) ORDER BY rowid
+"""
+
+
+def _record(row: dict[str, object]) -> IssuedRecord:
+    return IssuedRecord(
+        serial=int(str(row["serial"]), 16),
+        common_name=str(row["common_name"]),
+        role=str(row["role"]),
+        not_after=to_datetime(int(str(row["not_after_ms"]))),
+        fingerprint=str(row["fingerprint"]),
+        issuer=str(row["issuer"]),
+    )
+
+
+def _issued(tx: Tx) -> list[IssuedRecord]:
+    return [_record(row) for row in tx.rows(_ALL)]
+
+
+def _current(tx: Tx, identity: Identity, now: datetime) -> list[IssuedRecord]:
+    rows = tx.rows(
+        _CURRENT,
+        {"cn": identity.common_name, "now": from_datetime(now)},
+    )
+    return [_record(row) for row in rows]
+
+
+def _check_cap(tx: Tx, identity: Identity, now: datetime, cap: ReissueCap) -> None:
+    row = tx.one(
+        "SELECT count(*) AS n FROM pki_issued WHERE common_name = :cn AND issued_at_ms > :since",
+        {"cn": identity.common_name, "since": from_datetime(now - cap.window)},
+    )
+    count = int(str(row["n"] if row else 0))
+    if count >= cap.limit:
+        raise PolicyError(
+            cap.reason,
+            f"{identity} was issued {count} certificates within {cap.window} (at most {cap.limit})",
+        )
+
+
+def _insert_issued(tx: Tx, cert: x509.Certificate, issuer_fp: str, now: datetime) -> None:
+    identity = identity_of(cert)
+    tx.execute(
+        "INSERT INTO pki_issued (serial, common_name, role, issuer, not_after_ms,"
+        " issued_at_ms, fingerprint, certificate) VALUES (:serial, :cn, :role, :issuer,"
+        " :not_after, :at, :fp, :der)",
+        {
+            "serial": f"{cert.serial_number:x}",
+            "cn": identity.common_name,
+            "role": str(identity.role),
+            "issuer": issuer_fp,
+            "not_after": from_datetime(cert.not_valid_after_utc),
+            "at": from_datetime(now),
+            "fp": fingerprint(cert),
+            "der": cert.public_bytes(serialization.Encoding.DER),
+        },
+    )
+
+
+def _is_revoked(tx: Tx, serial: int) -> bool:
+    return (
+        tx.one("SELECT 1 AS x FROM pki_revoked WHERE serial = :s", {"s": f"{serial:x}"}) is not None
+    )
+
+
+def _insert_revoked(tx: Tx, serial: int, now: datetime, reason: str) -> None:
+    tx.execute(
+        "INSERT INTO pki_revoked (serial, revoked_at_ms, reason) VALUES (:s, :at, :r)",
+        {"s": f"{serial:x}", "at": from_datetime(now), "r": reason},
+    )
+
+
+def _revoked(tx: Tx) -> list[tuple[int, datetime]]:
+    rows = tx.rows("SELECT serial, revoked_at_ms FROM pki_revoked ORDER BY rowid")
+    return [(int(str(r["serial"]), 16), to_datetime(int(str(r["revoked_at_ms"])))) for r in rows]
+
+
+def _file_crl_number(path: Path) -> int:
+    """The number of the first CRL in ``path``; -1 if it is missing or unreadable."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+        first = path.read_bytes().split(b"-----END X509 CRL-----", 1)[0]
+        crl = x509.load_pem_x509_crl(first + b"-----END X509 CRL-----\n")
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return -1
