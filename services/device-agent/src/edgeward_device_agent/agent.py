@@ -36,7 +36,7 @@ import functools
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Final, Literal, TypeVar
 
 from cryptography import x509
@@ -68,6 +68,12 @@ from edgeward_device_agent.telemetry import (
     worst_protections,
 )
 from edgeward_device_agent.tpm import Tpm
+from edgeward_device_agent.trust_files import (
+    adopted_bundle,
+    current_bundle,
+    load_trust,
+    trust_dir,
+)
 from edgeward_device_agent.waits import wait_any
 from edgeward_device_agent.witness import AuditWitness
 from edgeward_shared.bus.base import Bus
@@ -82,12 +88,14 @@ from edgeward_shared.messages.attest import (
     AttestationResult,
 )
 from edgeward_shared.messages.common import Rejected
-from edgeward_shared.pki.trust import TrustStore, load_crl
+from edgeward_shared.pki.store import IdentityFiles
+from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.revocation import RevocationView
 from edgeward_shared.runtime.core import Connect, Outgoing, Runtime
 from edgeward_shared.runtime.health import answer_pings
 from edgeward_shared.runtime.metrics import RuntimeMetrics
+from edgeward_shared.runtime.trust import TrustFollower
 from edgeward_shared.tls import TlsIdentity
 from edgeward_shared.topics import Channel, Direction, device_topic
 
@@ -132,7 +140,11 @@ class DeviceAgent:
         self.agent_metrics = AgentMetrics(self.metrics.registry)
         self._clock = clock or SystemClock()
         self._tpm_factory = tpm_factory
-        self._connector = connector or mqtt_connector(config.broker, config.ca_bundle)
+        self._connector = connector or self._mqtt_connect
+        #: the fleet trust bundle (docs/adr/0017): adopted at once, kept in the state dir
+        self.trust = TrustFollower(
+            trust_dir(config.state_dir), bundle_file=adopted_bundle(config.state_dir)
+        )
         self._rand = rand
         self._certificate: x509.Certificate | None = None
         self._received_at_ms: int | None = None
@@ -252,6 +264,7 @@ class DeviceAgent:
     def _prepare(self) -> None:
         """Every check that needs no TPM; checking the key waits for it (:meth:`_unlock`)."""
         self.state.prepare()
+        trust_dir(self.config.state_dir).mkdir(mode=0o700, exist_ok=True)
         self._trust_store()  # an unreadable bundle or an expired CRL stops us here
         if self._enrolled_and_current():
             self._set_certificate(self.state.check_device_identity())
@@ -317,8 +330,16 @@ class DeviceAgent:
 
     # ------------------------------------------------------------------ runtimes
     def _trust_store(self) -> TrustStore:
+        """The adopted bundle if there is one (else the provisioned one), with the CRLs."""
         now = to_datetime(self._clock.now_ms())
-        return TrustStore.from_bundle(self.config.ca_bundle, self.config.crl, now=now)
+        return load_trust(self.config.state_dir, self.config.ca_bundle, self.config.crl, now=now)
+
+    def _mqtt_connect(
+        self, identity: Identity, tls: IdentityFiles | TlsIdentity
+    ) -> AbstractAsyncContextManager[Bus]:
+        """Mutual-TLS MQTT, verifying the broker against the bundle held at this connect."""
+        bundle = current_bundle(self.config.state_dir, self.config.ca_bundle)
+        return mqtt_connector(self.config.broker, bundle)(identity, tls)
 
     def _runtime_for(
         self, key: SigningKey, tls: Callable[[], TlsIdentity], expected: Identity
@@ -446,9 +467,9 @@ class DeviceAgent:
             self._refused,
             name="attest.refused",
         )
-        now = to_datetime(self._clock.now_ms())
-        crl = load_crl(self.config.crl, runtime.verifier.trust.issuing_cas, now=now)
-        self.revocations.bind_trust(runtime.verifier.trust, crl)
+        # a fresh store holds only its CRLs' serials (loaded by _trust_store)
+        self.revocations.bind_trust(runtime.verifier.trust, runtime.verifier.trust.revoked_serials)
+        self.trust.attach(runtime)
         self.revocations.attach(runtime)
         self.commands.attach(runtime)
         self.witness.attach(runtime)

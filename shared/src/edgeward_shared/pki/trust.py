@@ -200,14 +200,25 @@ def parse_crls(data: bytes) -> list[x509.CertificateRevocationList]:
     return [x509.load_pem_x509_crl(block) for block in blocks]
 
 
-def load_crls(path: Path, issuers: Iterable[x509.Certificate], *, now: datetime) -> frozenset[int]:
+def load_crls(
+    path: Path,
+    issuers: Iterable[x509.Certificate],
+    *,
+    now: datetime,
+    required: Iterable[x509.Certificate] | None = None,
+) -> frozenset[int]:
     """Revoked serials from every CRL in the file at ``path``.
 
     Each CRL must be signed by one of ``issuers`` and not expired, and every issuer must
     have one (an issuing CA whose revocations are unknown is a reason to fail closed), as
     ``openssl verify -crl_check`` and the broker require.
+
+    ``required`` (a device following the fleet trust bundle, docs/adr/0017): only those
+    issuers must have a CRL, and a CRL of an issuer outside ``issuers`` (a retired CA's)
+    is skipped rather than refused; a CRL of one of ``issuers`` is still checked.
     """
     issuers = list(issuers)
+    must_cover = issuers if required is None else list(required)
     try:
         crls = parse_crls(path.read_bytes())
     except (FileNotFoundError, ValueError) as exc:
@@ -216,6 +227,8 @@ def load_crls(path: Path, issuers: Iterable[x509.Certificate], *, now: datetime)
     covered: set[x509.Name] = set()
     for crl in crls:
         issuer = next((c for c in issuers if c.subject == crl.issuer), None)
+        if issuer is None and required is not None:
+            continue  # a retired issuing CA's: nothing it issued is trusted any more
         pub = issuer.public_key() if issuer else None
         if not isinstance(pub, ec.EllipticCurvePublicKey) or not crl.is_signature_valid(pub):
             raise ConfigError("config.crl.signature", f"{path}: a CRL not signed by a known CA")
@@ -224,7 +237,7 @@ def load_crls(path: Path, issuers: Iterable[x509.Certificate], *, now: datetime)
             raise ConfigError("config.crl.expired", f"{path}: {crl.issuer} expired {next_update}")
         covered.add(crl.issuer)
         serials.update(entry.serial_number for entry in crl)
-    missing = [c.subject.rfc4514_string() for c in issuers if c.subject not in covered]
+    missing = [c.subject.rfc4514_string() for c in must_cover if c.subject not in covered]
     if missing:
         raise ConfigError("config.crl.missing", f"{path} has no CRL for {', '.join(missing)}")
     return frozenset(serials)
