@@ -11,6 +11,11 @@ They are reached only through :func:`paho_of` and :func:`disconnected_of`, and o
 aiomqtt release listed in :data:`KNOWN_AIOMQTT`: any other refuses to connect with
 ``ConfigError(config.aiomqtt.unknown)`` naming the version, instead of failing later in a
 way that looks like a network fault.
+
+paho does not close the TLS socket whose handshake fails (a broker killed or still starting
+resets the connection mid-handshake): the socket is lost with the exception and left to the
+garbage collector, which warns (``ResourceWarning: unclosed ssl.SSLSocket``). Every context
+this module hands to paho therefore builds :class:`_ClosedOnFailedHandshake` sockets.
 """
 
 from __future__ import annotations
@@ -231,6 +236,28 @@ def _write_eagerly(client: aiomqtt.Client) -> None:
     paho_client.on_socket_register_write = register_write
 
 
+class _ClosedOnFailedHandshake(ssl.SSLSocket):
+    """A TLS socket that closes itself when its handshake fails.
+
+    paho's ``_ssl_wrap_socket`` (2.2) calls ``do_handshake`` and lets the error propagate
+    without closing the socket it just wrapped; nothing else holds it, so it was only
+    reclaimed by the garbage collector, with a ``ResourceWarning``. Installed through the
+    context's documented ``sslsocket_class``.
+    """
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
+
+
+def _closing_on_failed_handshake(context: ssl.SSLContext) -> ssl.SSLContext:
+    context.sslsocket_class = _ClosedOnFailedHandshake
+    return context
+
+
 @asynccontextmanager
 async def connect_mqtt(settings: MqttSettings) -> AsyncIterator[MqttBus]:
     """Connect with mTLS; raises ``TransportError`` if the broker is unreachable or refuses.
@@ -242,6 +269,7 @@ async def connect_mqtt(settings: MqttSettings) -> AsyncIterator[MqttBus]:
         context = settings.tls()
     else:
         context = client_context(settings.ca_bundle, settings.identity)
+    context = _closing_on_failed_handshake(context)
     properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     properties.SessionExpiryInterval = settings.session_expiry_s
     client = aiomqtt.Client(
