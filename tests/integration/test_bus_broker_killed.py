@@ -2,14 +2,20 @@
 behind in that client: paho (2.2) does not close the socket whose handshake failed, and the
 garbage collector used to find it unclosed (``ResourceWarning``, an error under this suite's
 ``filterwarnings = error``); the bus must close it itself. The client then connects to the
-broker started again on the same port."""
+broker started again on the same port. And a broker that completes the handshake but never
+answers CONNECT (stalled) sees the client hang up when it gives up: the socket paho still
+holds is closed, not left registered on the event loop."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import signal
+import socket
+import ssl
+import threading
 import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -85,4 +91,48 @@ async def test_a_broker_killed_during_the_tls_handshake_leaves_no_unclosed_socke
         await asyncio.to_thread(broker.resume)
         async with connect_mqtt(settings) as bus:  # and the client comes back
             await bus.subscribe("ew/v1/fleet/#")
+    assert _unclosed_sockets() == []
+
+
+def _stalled_broker(
+    pki: PkiStore, listener: socket.socket, hung_up: threading.Event
+) -> threading.Thread:
+    """Accept one client, complete TLS, read its CONNECT, never answer; set ``hung_up``
+    when the client closes its end."""
+    files = pki.identity_files(BROKER_IDENTITY)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(files.cert, files.key)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with context.wrap_socket(conn, server_side=True) as tls:
+            tls.settimeout(10.0)
+            assert tls.recv(4096)  # CONNECT
+            with contextlib.suppress(OSError):
+                if tls.recv(4096) == b"":
+                    hung_up.set()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.asyncio
+async def test_a_broker_that_never_answers_connect_sees_the_client_hang_up(
+    tmp_path: Path,
+) -> None:
+    pki = _pki(tmp_path / "pki")
+    hung_up = threading.Event()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        server = _stalled_broker(pki, listener, hung_up)
+        settings = MqttSettings(
+            BrokerAddress("127.0.0.1", listener.getsockname()[1]),
+            pki.bundle_path,
+            pki.identity_files(SERVICE),
+            SERVICE.common_name,
+            timeout_s=1.0,
+        )
+        assert await _connect_fails(settings) == "transport.connect"  # no CONNACK in time
+        await asyncio.to_thread(server.join, 10.0)
+    assert hung_up.is_set(), "the client's socket was left open"
     assert _unclosed_sockets() == []

@@ -15,7 +15,10 @@ way that looks like a network fault.
 paho does not close the TLS socket whose handshake fails (a broker killed or still starting
 resets the connection mid-handshake): the socket is lost with the exception and left to the
 garbage collector, which warns (``ResourceWarning: unclosed ssl.SSLSocket``). Every context
-this module hands to paho therefore builds :class:`_ClosedOnFailedHandshake` sockets.
+this module hands to paho therefore builds :class:`_ClosedOnFailedHandshake` sockets. And
+when aiomqtt gives up on a connection paho still holds open (no CONNACK in time, a
+DISCONNECT never acknowledged, a cancelled exit), :func:`connect_mqtt` closes that socket
+itself before dropping the client.
 """
 
 from __future__ import annotations
@@ -258,6 +261,27 @@ def _closing_on_failed_handshake(context: ssl.SSLContext) -> ssl.SSLContext:
     return context
 
 
+def _close_socket_of(client: aiomqtt.Client) -> None:
+    """Close the socket paho still holds for a client we are dropping.
+
+    Usually paho closed it already (the connection ended, or DISCONNECT was acknowledged).
+    Not when aiomqtt gave up first: a CONNACK that never came within the timeout, a
+    DISCONNECT never acknowledged, an exit cancelled by a timeout. The socket then stayed
+    registered on the event loop, unclosed (``ResourceWarning`` when collected). Its
+    unregister and close hooks (aiomqtt's: take it off the loop) run first, as paho's own
+    close does."""
+    paho = paho_of(client)
+    sock = paho.socket()
+    if sock is None or sock.fileno() == -1:
+        return
+    userdata = paho.user_data_get()
+    for hook in (paho.on_socket_unregister_write, paho.on_socket_close):
+        if hook is not None:
+            with contextlib.suppress(Exception):  # closing it matters more
+                hook(paho, userdata, sock)
+    sock.close()
+
+
 @asynccontextmanager
 async def connect_mqtt(settings: MqttSettings) -> AsyncIterator[MqttBus]:
     """Connect with mTLS; raises ``TransportError`` if the broker is unreachable or refuses.
@@ -296,3 +320,5 @@ async def connect_mqtt(settings: MqttSettings) -> AsyncIterator[MqttBus]:
             yield MqttBus(client, settings.timeout_s, manual_ack=settings.manual_ack)
     except aiomqtt.MqttError as exc:
         raise TransportError("transport.connect", str(exc)) from exc
+    finally:
+        _close_socket_of(client)
