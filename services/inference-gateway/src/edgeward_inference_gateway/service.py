@@ -76,6 +76,9 @@ R = InferenceReason
 ACCEPTED_TOPIC: Final = service_event_topic(ServiceName.INFERENCE_GATEWAY, "result")
 REJECTED_TOPIC: Final = service_event_topic(ServiceName.INFERENCE_GATEWAY, "rejected")
 MAX_PENDING_REJECTIONS: Final = 10_000
+#: calls this instance forwarded, remembered so that their answer needs no database read
+#: when it lands here (it may land on another instance: that one reads the database)
+MAX_LOCAL_PENDING: Final = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +147,9 @@ class GatewayService:
         self._device_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
+        #: this instance's own waiting calls, by request mid (a cache of ``gw_pending``:
+        #: the row, claimed in the result's commit, still decides who answers)
+        self._local: dict[str, Pending] = {}
 
     @property
     def view(self) -> RevocationView:
@@ -169,18 +175,20 @@ class GatewayService:
             self.metrics.answers.labels(exc.reason).inc()
             return (Outgoing(answer_on, _refusal(opened.mid, exc.reason)),)
         request_mid = secrets.token_hex(16)
-        await self.store.add_pending(
-            Pending(
-                request_mid=request_mid,
-                call_mid=opened.mid,
-                answer_topic=answer_on,
-                device_id=call.device,
-                model=call.model,
-                version=call.version,
-                input_digest=input_digest(call.inputs),
-                deadline_ms=now + self.settings.call_timeout_ms,
-            )
+        pending = Pending(
+            request_mid=request_mid,
+            call_mid=opened.mid,
+            answer_topic=answer_on,
+            device_id=call.device,
+            model=call.model,
+            version=call.version,
+            input_digest=input_digest(call.inputs),
+            deadline_ms=now + self.settings.call_timeout_ms,
         )
+        await self.store.add_pending(pending)
+        if len(self._local) >= MAX_LOCAL_PENDING:
+            del self._local[next(iter(self._local))]  # the oldest: its answer reads the db
+        self._local[request_mid] = pending
         request = InferRequest(
             model=call.model, inputs=call.inputs, version=call.version, caller=caller
         )
@@ -204,7 +212,7 @@ class GatewayService:
 
     async def _refused_by_device(self, device_id: str, refusal: Rejected) -> Sequence[Outgoing]:
         """The device would not run a call: pass its reason to the caller."""
-        pending = await self.store.pending(refusal.in_reply_to)
+        pending = await self._pending(refusal.in_reply_to)
         if pending is None or pending.device_id != device_id:
             return ()
         done = await self.writer.submit(Commit(None, claim=pending.request_mid))
@@ -218,7 +226,7 @@ class GatewayService:
         pending: Pending | None = None
         try:
             if result.in_reply_to is not None:
-                pending = await self.store.pending(result.in_reply_to)
+                pending = await self._pending(result.in_reply_to)
                 if pending is None or pending.device_id != device_id:
                     pending = None
                     raise PolicyError(GatewayReason.REQUEST_UNKNOWN, "no such call waiting")
@@ -256,6 +264,13 @@ class GatewayService:
             self.metrics.answers.labels(GatewayReason.ACCEPTED).inc()
             out.append(Outgoing(pending.answer_topic, _answer(pending, result, None)))
         return out
+
+    async def _pending(self, request_mid: str) -> Pending | None:
+        """The waiting call ``request_mid`` answers: this instance's own from memory (taken
+        out: whatever the claim says, no second answer lands here for it), else the
+        database's."""
+        local = self._local.pop(request_mid, None)
+        return local if local is not None else await self.store.pending(request_mid)
 
     def _verify(self, device_id: str, result: InferResult, now: int) -> core.Verified:
         hits = self.ears.hits
@@ -318,6 +333,9 @@ class GatewayService:
             self._count_rejection(device_id, R.RATE_LIMITED, now, count)
         await self.flush_rejections()
         out = []
+        # past their deadline, whoever answered them (another instance, or the sweep below)
+        for mid in [m for m, p in self._local.items() if p.deadline_ms <= now]:
+            del self._local[mid]
         for pending in await self.store.claim_expired(now):
             self.metrics.answers.labels(R.DEVICE_UNREACHABLE).inc()
             out.append(
