@@ -46,6 +46,7 @@ from edgeward_shared.messages.model import (
     PublishCommit,
     Published,
     PublishReady,
+    RolloutStatus,
     SyncReply,
 )
 from edgeward_shared.models.provenance import (
@@ -291,6 +292,7 @@ REPLY_TYPES: list[type[Message]] = [
     PublishChunkAck,
     Published,
     ModelList,
+    RolloutStatus,
     Pong,
 ]
 DEVICE_REPLY_TYPES: list[type[Message]] = [SyncReply, KeyGrant]

@@ -12,7 +12,8 @@
  *    connection under that client id is ever delivered (Mosquitto re-checks a resumed
  *    session's queue against the ACL and drops what is refused), so a revoked identity's
  *    session cannot hand anything to the next holder of its name. Edgeward's clients
- *    always start clean. (So `check_retain_source` must stay off: 2.0.11 checks it with a
+ *    always start clean, except services (username svc.*), which resume their own short
+ *    session after a reconnect with a reloaded certificate (docs/adr/0017). (So `check_retain_source` must stay off: 2.0.11 checks it with a
  *    zeroed pseudo-client, whose clean start is false.)
  *
  * Every other check is deferred (MOSQ_ERR_PLUGIN_DEFER) to the dynamic-security plugin and
@@ -32,6 +33,15 @@ static mosquitto_plugin_id_t *plugin_id = NULL;
 static char *retain_prefix = NULL;
 static size_t retain_prefix_len = 0;
 
+/* A service's name (svc.<name>[.<instance>]) is never bound to another party: the only
+ * next holder of it is the same service with a renewed certificate, which resumes its
+ * session on purpose to lose nothing across the reconnect (docs/adr/0017). */
+static bool is_service(struct mosquitto *client)
+{
+    const char *username = mosquitto_client_username(client);
+    return username != NULL && strncmp(username, "svc.", 4) == 0;
+}
+
 static int acl_check(int event, void *event_data, void *userdata)
 {
     struct mosquitto_evt_acl_check *ed = event_data;
@@ -41,7 +51,7 @@ static int acl_check(int event, void *event_data, void *userdata)
     if(ed->access != MOSQ_ACL_READ && ed->access != MOSQ_ACL_WRITE){
         return MOSQ_ERR_PLUGIN_DEFER; /* SUBSCRIBE / UNSUBSCRIBE: the ACL file's business */
     }
-    if(!mosquitto_client_clean_session(ed->client)){
+    if(!mosquitto_client_clean_session(ed->client) && !is_service(ed->client)){
         return MOSQ_ERR_ACL_DENIED;
     }
     if(ed->retain && (ed->topic == NULL

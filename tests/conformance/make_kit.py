@@ -64,6 +64,7 @@ from edgeward_shared.messages import model as m
 from edgeward_shared.messages import registry as reg
 from edgeward_shared.messages import revocation as rev
 from edgeward_shared.messages.base import Message, encode_message
+from edgeward_shared.messages.trust import TrustBundle
 from edgeward_shared.models.frames import FrameHeader, encode_frame
 from edgeward_shared.models.provenance import Tier
 from edgeward_shared.models.release import BlobInfo, ModelRelease, release_topic
@@ -337,6 +338,12 @@ class Kit:
         self.raw[message.TYPE] = raw
         self.mids[message.TYPE] = mid
         return mid
+
+
+def trust_bundle_example(issuing: x509.Certificate, issued_at_ms: int) -> TrustBundle:
+    """The fleet trust bundle of the kit's PKI (one issuing CA, version 1)."""
+    der = issuing.public_bytes(serialization.Encoding.DER)
+    return TrustBundle(version=1, issued_at_ms=issued_at_ms, issuing_cas=[der])
 
 
 def renewal_examples(
@@ -866,6 +873,88 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path) -> None:
         ),
         section="5.7",
     )
+    # a gated rollout of version 2 (§5.7.1): started, its status, an abort and its event
+    rollout_start = kit.emit(
+        "op.alice",
+        op_md_req,
+        m.RolloutStart(
+            name="demo",
+            version=2,
+            devices=[DEVICE],
+            waves=[1, 10, 50, 100],
+            gates=m.GateConfig(min_reported=1, max_failed_pct=5.0, soak_s=600),
+            previous=1,
+        ),
+        section="5.7.1",
+    )
+    kit.emit(
+        "svc.model-distribution",
+        op_md_rsp,
+        m.RolloutStatus(
+            in_reply_to=rollout_start,
+            name="demo",
+            version=2,
+            previous=1,
+            phase="canary",
+            wave="canary",
+            percent=1,
+            waves=[1, 10, 50, 100],
+            targeted=1,
+            reported=0,
+            failed=0,
+            gates=[
+                m.GateStatus("reported", "wait", "0/1", ">= 1"),
+                m.GateStatus("activation", "wait", "0.0% failed", "<= 5%"),
+                m.GateStatus("attestation", "wait", "0.0% affirming", ">= 90%"),
+                m.GateStatus(
+                    "performance",
+                    "pending",
+                    "pending telemetry: no telemetry signals yet (issue 12)",
+                    "<= 10% worse",
+                ),
+                m.GateStatus(
+                    "drift",
+                    "pending",
+                    "pending telemetry: no telemetry signals yet (issue 12)",
+                    "no drift alarm",
+                ),
+            ],
+            reason=None,
+            history=[
+                m.RolloutStep(
+                    at_ms=start + 50_000,
+                    old="canary",
+                    new="canary",
+                    stage=0,
+                    reason="started",
+                    actor="op.alice",
+                )
+            ],
+        ),
+        section="5.7.1",
+    )
+    kit.emit(
+        "op.alice",
+        op_md_req,
+        m.RolloutControl(name="demo", version=2, verb="abort", reason="customer complaint"),
+        section="5.7.1",
+    )
+    kit.emit(
+        "svc.model-distribution",
+        service_event_topic(ServiceName.MODEL_DISTRIBUTION, "rollout"),
+        m.RolloutEvent(
+            name="demo",
+            version=2,
+            previous=1,
+            old="canary",
+            new="aborted",
+            wave="canary",
+            reason="customer complaint",
+            actor="op.alice",
+            at_ms=start + 60_000,
+        ),
+        section="5.7.1",
+    )
     m_up = device_topic(DEVICE, Direction.UP, Channel.MODEL)
     m_down = device_topic(DEVICE, Direction.DOWN, Channel.MODEL)
     sync = kit.emit(DEVICE, m_up, m.SyncRequest(), section="5.7")
@@ -1074,6 +1163,15 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path) -> None:
         section="5.10",
         ttl_ms=HOUR_MS,
         policy="revocation-list",
+    )
+    # ------------------------------------------------------------------ trust bundle
+    kit.emit(
+        "svc.identity",
+        fleet_topic(FleetKind.TRUST),
+        trust_bundle_example(kit.issuing.cert, kit.now + 1000),
+        section="5.13",
+        ttl_ms=HOUR_MS,
+        policy="trust-bundle",
     )
     op_rev_req = service_request_topic(ServiceName.REVOCATION, alice)
     kit.emit(

@@ -27,6 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeward_cli.publish import BuiltRelease, ReleaseSpec, build_release
 from edgeward_model_distribution.app import ModelsConfig, models_node
+from edgeward_model_distribution.gating import EVENT_TOPIC
 from edgeward_model_distribution.service import Settings
 from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.bus.base import Delivery
@@ -35,10 +36,13 @@ from edgeward_shared.clock import SystemClock
 from edgeward_shared.ear import AttestationClaims, issue_ear
 from edgeward_shared.envelope import EnvelopeVerifier, SigningKey
 from edgeward_shared.identity import Identity, Role, ServiceName
+from edgeward_shared.messages.attest import AttestationFailed
 from edgeward_shared.messages.base import Message
 from edgeward_shared.messages.common import Rejected
 from edgeward_shared.messages.model import (
+    ActivationReport,
     ChunkRequest,
+    GateConfig,
     KeyGrant,
     KeyRequest,
     ModelAvailable,
@@ -49,7 +53,11 @@ from edgeward_shared.messages.model import (
     PublishCommit,
     Published,
     PublishReady,
+    RolloutControl,
+    RolloutEvent,
     RolloutRequest,
+    RolloutStart,
+    RolloutStatus,
     SyncReply,
     SyncRequest,
 )
@@ -72,6 +80,7 @@ from edgeward_shared.topics import (
     Channel,
     Direction,
     device_topic,
+    service_event_topic,
     service_request_topic,
     service_response_topic,
 )
@@ -347,3 +356,151 @@ def _ear(pki: PkiStore, device_id: str, session: ec.EllipticCurvePublicKey) -> s
 
 def _now_ms() -> int:
     return SystemClock().now_ms()
+
+
+async def _publish(operator: Node, requests: str, built: BuiltRelease) -> None:
+    ready = await _ask(operator, requests, _begin(built))
+    assert isinstance(ready, PublishReady), ready
+    size = ready.chunk_size
+    for i in range(-(-len(built.blob) // size)):
+        chunk = PublishChunk(
+            upload_id=ready.upload_id, index=i, data=built.blob[i * size : (i + 1) * size]
+        )
+        assert isinstance(await _ask(operator, requests, chunk), PublishChunkAck)
+    kek = serialization.load_der_public_key(ready.kek)
+    assert isinstance(kek, ec.EllipticCurvePublicKey)
+    assert built.data_key is not None
+    commit = PublishCommit(
+        upload_id=ready.upload_id, sealed_key=seal_to_kek(built.data_key, kek, built.ref)
+    )
+    assert isinstance(await _ask(operator, requests, commit), Published)
+
+
+async def test_a_contraindicated_canary_aborts_a_gated_rollout_over_the_broker(
+    models_pki: PkiStore, mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    """The attestation service's signed failure event reaches the distribution service
+    through the broker (ACL and shared subscription as deployed, two instances); the gated
+    rollout of v2 aborts on its attestation gate, the operator's alert goes out on the
+    service's event topic, and the canary is re-assigned v1 by a signed revert document.
+    A device forging the same event on the attestation topic is refused by the broker."""
+    pki = models_pki
+    operator = _node(pki, mosquitto, OPERATOR)
+    operator.runtime.expect_replies(
+        service_response_topic(ServiceName.MODEL_DISTRIBUTION, OPERATOR),
+        [PublishReady, PublishChunkAck, Published, ModelList, RolloutStatus],
+    )
+    requests = service_request_topic(ServiceName.MODEL_DISTRIBUTION, OPERATOR)
+    device = _device(pki, mosquitto, "dev-b")
+    attestation = _node(pki, mosquitto, ATTESTATION)
+    watcher = _node(pki, mosquitto, Identity.service(ServiceName.REVOCATION))
+    events: list[RolloutEvent] = []
+
+    async def alert(opened: Any) -> list[Outgoing]:
+        events.append(opened.message)
+        return []
+
+    watcher.runtime.route(EVENT_TOPIC, [RolloutEvent], alert, name="rollout-events")
+    state_dir = tmp_path / "state" / "rollouts"
+    async with AsyncExitStack() as stack:
+        instances = []
+        for instance in (MODELS, MODELS_2):
+            config = ModelsConfig(
+                pki_dir=pki.dir,
+                identity_dir=pki.identity_files(instance).directory,
+                state_dir=state_dir,
+                broker=BrokerAddress(mosquitto.host, mosquitto.port),
+                settings=Settings(metadata_ttl_ms=3_600_000, require_revocations=False),
+            )
+            runtime, connect, _ = await stack.enter_async_context(models_node(config))
+            instances.append((runtime, connect))
+        clients = [(n.runtime, n.connect) for n in (operator, device, attestation, watcher)]
+        await stack.enter_async_context(_running(*instances, *clients))
+        for version in (1, 2):
+            built = build_release(
+                _model(1000 + version),
+                ReleaseSpec("gated", version, Tier.HIGH),
+                pki.identity_files(SIGNER),
+                now_ms=_now_ms(),
+            )
+            await _publish(operator, requests, built)
+        listing = await _ask(
+            operator, requests, RolloutRequest(name="gated", version=1, devices=["dev-b"])
+        )
+        assert isinstance(listing, ModelList)
+        up = device_topic("dev-b", Direction.UP, Channel.MODEL)
+        session = ec.generate_private_key(ec.SECP256R1())
+        start = RolloutStart(
+            name="gated", version=2, devices=["dev-b"], waves=[1, 100],
+            gates=GateConfig(min_reported=1, soak_s=3600),
+        )  # fmt: skip
+        status = await _ask(operator, requests, start)
+        assert isinstance(status, RolloutStatus), status
+        assert (status.phase, status.previous) == ("canary", 1)
+        grant = await _ask(
+            device,
+            up,
+            KeyRequest(name="gated", version=2, ear=_ear(pki, "dev-b", session.public_key())),
+        )
+        assert isinstance(grant, KeyGrant), grant
+        await device.runtime.publish(
+            Outgoing(
+                up,
+                ActivationReport(name="gated", version=2, state="active", reason="model.activated"),
+            )
+        )
+        control = RolloutControl(name="gated", version=2, verb="status")
+
+        async def phase() -> str:
+            answer = await _ask(operator, requests, control)
+            assert isinstance(answer, RolloutStatus), answer
+            return answer.phase
+
+        deadline = asyncio.get_running_loop().time() + WAIT_S
+        while {g.gate: g.state for g in (await _ask(operator, requests, control)).gates}.get(  # type: ignore[attr-defined]
+            "attestation"
+        ) != "pass":
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+        assert await phase() == "canary"  # healthy, soaking
+
+        # a device cannot speak for the attestation service: the broker drops it
+        forged = AttestationFailed(
+            device_id="dev-b", reasons=["attest.x"], policy_id="p", at_ms=_now_ms()
+        )
+        failed_topic = service_event_topic(ServiceName.ATTESTATION, "failed")
+        await device.runtime.publish(Outgoing(failed_topic, forged))
+        await asyncio.sleep(0.5)
+        assert await phase() == "canary"
+
+        # the attestation service's own event aborts the rollout
+        event = AttestationFailed(
+            device_id="dev-b",
+            reasons=["attestation.pcr.mismatch"],
+            policy_id="golden",
+            at_ms=_now_ms(),
+        )
+        await attestation.runtime.publish(Outgoing(failed_topic, event))
+        await _until(lambda: any(e.new == "aborted" for e in events))
+        (aborted,) = [e for e in events if e.new == "aborted"]
+        assert (aborted.reason, aborted.actor, aborted.previous) == ("gate.attestation", "gate", 1)
+        assert await phase() == "aborted"  # dev-b still runs v2
+        await _until(lambda: sum(d.topic.endswith("/down/model") for d in device.inbox) >= 2)
+        reply = await _ask(device, up, SyncRequest())
+        assert isinstance(reply, SyncReply), reply
+        trust = TrustStore.from_bundle(pki.bundle_path, pki.crl_path, now=datetime.now(UTC))
+        (raw,) = reply.releases
+        back = open_release(document_verifier(trust), raw, "gated", now_ms=_now_ms()).message
+        assert (back.version, back.reverts) == (1, 2)
+        await asyncio.sleep(0.01)  # a later activation than v2's
+        await device.runtime.publish(
+            Outgoing(
+                up,
+                ActivationReport(name="gated", version=1, state="active", reason="model.activated"),
+            )
+        )
+        deadline = asyncio.get_running_loop().time() + WAIT_S
+        while await phase() != "rolled-back":
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+        await _until(lambda: any(e.new == "rolled-back" for e in events))

@@ -244,6 +244,28 @@ def test_a_resumed_session_gets_nothing_queued_and_a_revoked_one_is_not_resumed(
     assert verdict == REVOKED_ALERT
 
 
+def test_a_service_resumes_its_own_session_and_gets_what_was_queued(
+    guard_broker: MosquittoBroker, guard_pki: PkiStore, clients: list[Client]
+) -> None:
+    """The one exception (docs/adr/0017): a service's name is never bound to another party,
+    and it resumes its short session after a reconnect with a renewed certificate so that
+    nothing sent to it in between is lost."""
+    requests = service_request_topic(ServiceName.REVOCATION, ATTESTATION)
+    service = _open(clients, guard_pki, guard_broker, REVOCATION, expiry_s=5)
+    assert service.subscribe(requests) == 1
+    service.close()
+    sender = _open(clients, guard_pki, guard_broker, ATTESTATION)
+    assert sender.publish(requests, b"queued while away") == 0
+
+    guard_pki.renew(REVOCATION, datetime.now(UTC), LIFETIME)  # the same name, a new certificate
+    resumed = _open(clients, guard_pki, guard_broker, REVOCATION, clean_start=False, expiry_s=5)
+    assert resumed.connack is not None
+    assert resumed.connack[0] is True
+    resumed.wait_for(requests, b"queued while away")
+    event = service_event_topic(ServiceName.REVOCATION, "revoked")
+    assert resumed.publish(event) in ACCEPTED
+
+
 # ------------------------------------------------------------------ the ACL follows the PKI
 def _cli(*args: str) -> str:
     result = CliRunner().invoke(cli, list(args))

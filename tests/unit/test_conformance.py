@@ -55,6 +55,7 @@ from edgeward_shared.pki.store import read_certificates
 from edgeward_shared.pki.trust import TrustStore, read_signed_crl
 from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.revocation import LIST_VERIFY_POLICY
+from edgeward_shared.runtime.trust import BUNDLE_VERIFY_POLICY
 
 KIT = Path(__file__).resolve().parents[2] / "docs" / "conformance"
 EXAMPLES = sorted((KIT / "messages").glob("*.json"))
@@ -62,6 +63,7 @@ POLICIES: dict[str, VerifyPolicy] = {
     "default": VerifyPolicy(),
     "release-document": DOCUMENT_POLICY,
     "revocation-list": LIST_VERIFY_POLICY,
+    "trust-bundle": BUNDLE_VERIFY_POLICY,
 }
 
 

@@ -300,6 +300,38 @@ def test_high_water_rules(signer: Signer) -> None:
     )
 
 
+def test_an_explicit_revert_may_go_below_the_high_water_but_never_replays(
+    signer: Signer,
+) -> None:
+    """docs/adr/0020: back to v2 from an aborted v3, only with metadata newer than any the
+    device has seen, and only from a version the document names as reverted."""
+    older = release_for(built(small_model(), signer, version=2), "dev-0001", meta_version=9)
+    digest = hashlib.sha256(b"v3 provenance").hexdigest()
+    running_v3 = HighWater(3, 7, digest)
+    revert = msgspec.structs.replace(older, reverts=3)
+    check_release(revert, "dev-0001", running_v3)
+    # the same older document without the revert marker: a rollback
+    assert _reason(lambda: check_release(older, "dev-0001", running_v3)) == (
+        "model.version.rollback"
+    )
+    # a revert of v3 does not take a device that already runs v4 back
+    assert _reason(lambda: check_release(revert, "dev-0001", HighWater(4, 7, digest))) == (
+        "model.version.rollback"
+    )
+    # a replayed revert (metadata not newer than what the device holds) is refused
+    for meta in (7, 8):
+        stale = msgspec.structs.replace(revert, meta_version=meta)
+        running = HighWater(3, 8, digest) if meta == 8 else running_v3
+        assert _reason(lambda d=stale, r=running: check_release(d, "dev-0001", r)) == (
+            "model.metadata.rollback"
+        )
+    # nonsense: "reverting" to a version at or above the one it reverts
+    upwards = msgspec.structs.replace(older, reverts=2)
+    assert _reason(lambda: check_release(upwards, "dev-0001", running_v3)) == (
+        "model.version.rollback"
+    )
+
+
 # ------------------------------------------------------------------ data frames
 def test_frames_round_trip_and_refuse_garbage() -> None:
     header = FrameHeader(blob="ab" * 32, index=3, req="cd" * 16)

@@ -151,7 +151,12 @@ def test_high_water_marks_survive_and_never_go_down(tmp_path: Path) -> None:
     store.prepare()
     digest = hashlib.sha256(b"p").hexdigest()
     store.raise_high_water("demo", HighWater(3, 7, digest))
-    store.raise_high_water("demo", HighWater(2, 9, digest))  # lower version: ignored
+    store.raise_high_water("demo", HighWater(4, 6, digest))  # older metadata: ignored
+    store.raise_high_water("demo", HighWater(2, 7, digest))  # same metadata, lower: ignored
     assert ModelStore(tmp_path).high_water()["demo"] == HighWater(3, 7, digest)
+    # newer metadata orders the service's decisions: an explicit revert (docs/adr/0020),
+    # which check_release admitted before, may lower the version
+    store.raise_high_water("demo", HighWater(2, 9, digest))
+    assert ModelStore(tmp_path).high_water()["demo"] == HighWater(2, 9, digest)
     mode = (tmp_path / "models" / "highwater.json").stat().st_mode & 0o777
     assert mode == 0o600

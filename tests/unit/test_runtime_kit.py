@@ -12,11 +12,13 @@ from click.testing import CliRunner
 
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.errors import ConfigError, TransportError
+from edgeward_shared.ratelimit import Limit
 from edgeward_shared.runtime.kit import EnvOptions, service_main
 from edgeward_shared.runtime.params import (
     BrokerParam,
     ByteSizeParam,
     DurationParam,
+    RateLimitParam,
     format_duration,
     milliseconds,
 )
@@ -86,6 +88,22 @@ def test_sizes_parse(text: str, expected: int) -> None:
 def test_bad_or_out_of_bounds_sizes_are_refused(text: str) -> None:
     with pytest.raises(click.BadParameter):
         SIZE.convert(text, None, None)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("50/s:200", Limit(50.0, 200)), ("0.5:1", Limit(0.5, 1)), (" 1/s:20 ", Limit(1.0, 20))],
+)
+def test_rate_limits_parse(text: str, expected: Limit) -> None:
+    assert RateLimitParam(100.0, 1000).convert(text, None, None) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["", "50", "50/s", "0:10", "101:10", "1:0", "1:1001", "-1:5", "x:y"]
+)
+def test_bad_or_out_of_bounds_rate_limits_are_refused(text: str) -> None:
+    with pytest.raises(click.BadParameter):
+        RateLimitParam(100.0, 1000).convert(text, None, None)
 
 
 def test_broker_addresses_parse_and_bad_ones_are_refused() -> None:

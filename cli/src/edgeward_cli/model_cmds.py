@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import click
+import msgspec
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -26,6 +27,8 @@ from edgeward_shared.errors import ConfigError, PolicyError
 from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.messages.base import Message
 from edgeward_shared.messages.model import (
+    Exponential,
+    GateConfig,
     ModelList,
     ModelQuery,
     PublishBegin,
@@ -35,14 +38,31 @@ from edgeward_shared.messages.model import (
     Published,
     PublishReady,
     RevokeVersion,
+    RolloutControl,
     RolloutRequest,
+    RolloutStart,
+    RolloutStatus,
     VersionInfo,
 )
 from edgeward_shared.models.provenance import Tier, sha256_hex
 from edgeward_shared.models.sealing import seal_to_kek
 from edgeward_shared.pki.store import PkiStore
 
-ANSWERS: list[type[Message]] = [PublishReady, PublishChunkAck, Published, ModelList]
+ANSWERS: list[type[Message]] = [
+    PublishReady,
+    PublishChunkAck,
+    Published,
+    ModelList,
+    RolloutStatus,
+]
+#: ``--gate`` names and the GateConfig field each sets
+GATE_OPTIONS: dict[str, str] = {
+    "min-reported": "min_reported",
+    "max-failed": "max_failed_pct",
+    "min-affirming": "min_affirming_pct",
+    "max-regression": "max_regression_pct",
+    "soak": "soak_s",
+}
 UPLOAD_WINDOW = 4
 Progress = Callable[[int], None]
 
@@ -168,27 +188,154 @@ async def upload(session: OperatorSession, built: BuiltRelease, progress: Progre
 @click.argument("version", type=click.IntRange(1))
 @click.option("--device", "devices", multiple=True, help="Add a device to the cohort (repeat).")
 @click.option("--percent", type=click.IntRange(0, 100), default=0, help="Share of the fleet.")
+@click.option("--waves", help="Gated: wave percentages, e.g. 1,10,50,100 (the last is 100).")
+@click.option("--exponential", help="Gated: START:FACTOR, e.g. 1:2 (1, 2, 4, ... 100 %).")
+@click.option(
+    "--gate",
+    "gates",
+    multiple=True,
+    help="Gated: NAME=VALUE (repeat): min-reported (1), max-failed % (10), min-affirming %"
+    " (90), max-regression % (10, pending telemetry), soak seconds (300).",
+)
+@click.option("--previous", type=click.IntRange(1), help="Gated: the version to go back to.")
+@click.option("--manual", is_flag=True, help="Gated: waves advance only on `promote`.")
 @operator_option
 @broker_option
-def rollout(  # click passes every parameter by keyword
+def rollout(
     *,
     directory: Path,
     name: str,
     version: int,
     devices: tuple[str, ...],
     percent: int,
+    waves: str | None,
+    exponential: str | None,
+    gates: tuple[str, ...],
+    previous: int | None,
+    manual: bool,
     operator: str,
     broker: str,
 ) -> None:
     """Assign NAME VERSION to a canary cohort (--device) and/or a share of the fleet.
 
-    Run it again with more devices or a higher --percent to promote the next wave; a wave
-    never shrinks (revoke the version instead). Assigned devices are told at once.
+    By hand: run it again with more devices or a higher --percent to promote the next wave;
+    a wave never shrinks (revoke the version instead). Gated (--waves or --exponential):
+    the canary (--device plus the first wave) opens now and each wave advances when its
+    gates pass; a failed gate aborts the rollout and sends its devices back to the previous
+    version. Assigned devices are told at once.
     """
-    request = RolloutRequest(name=name, version=version, devices=list(devices), percent=percent)
-    answer = asyncio.run(_ask(directory, operator, broker, request))
-    for info in answer.versions:
-        click.echo(_describe(info))
+    if waves is None and exponential is None:
+        if gates or previous is not None or manual:
+            raise click.UsageError("--gate, --previous and --manual need --waves or --exponential")
+        request = RolloutRequest(name=name, version=version, devices=list(devices), percent=percent)
+        answer = asyncio.run(_ask(directory, operator, broker, request))
+        for info in answer.versions:
+            click.echo(_describe(info))
+        return
+    start = gated_request(
+        name, version, list(devices), waves, exponential, gates, previous=previous, manual=manual
+    )
+    click.echo(describe_status(asyncio.run(_ask_status(directory, operator, broker, start))))
+
+
+def gated_request(  # noqa: PLR0917 - the command's options, parsed
+    name: str,
+    version: int,
+    devices: list[str],
+    waves: str | None,
+    exponential: str | None,
+    gates: tuple[str, ...],
+    *,
+    previous: int | None = None,
+    manual: bool = False,
+) -> RolloutStart:
+    """The ``RolloutStart`` the options describe (``click.BadParameter`` if they don't)."""
+    if (waves is None) == (exponential is None):
+        raise click.BadParameter("give --waves or --exponential, not both")
+    wave_list: list[int] = []
+    growth = None
+    try:
+        if waves is not None:
+            wave_list = [int(w) for w in waves.split(",")]
+        elif exponential is not None:
+            start, factor = exponential.split(":")
+            growth = msgspec.convert({"start": int(start), "factor": float(factor)}, Exponential)
+    except (ValueError, msgspec.ValidationError) as exc:
+        raise click.BadParameter(f"waves: {exc}") from exc
+    config: dict[str, float | int] = {}
+    for gate in gates:
+        key, _, value = gate.partition("=")
+        field = GATE_OPTIONS.get(key.strip())
+        if field is None or not value:
+            raise click.BadParameter(f"--gate {gate!r}: one of {', '.join(GATE_OPTIONS)}=VALUE")
+        try:
+            config[field] = int(value) if field in {"min_reported", "soak_s"} else float(value)
+        except ValueError as exc:
+            raise click.BadParameter(f"--gate {gate!r}: {exc}") from exc
+    try:
+        return RolloutStart(
+            name=name,
+            version=version,
+            devices=devices,
+            waves=wave_list,
+            exponential=growth,
+            gates=msgspec.convert(config, GateConfig),
+            previous=previous,
+            manual=manual,
+        )
+    except (msgspec.ValidationError, ValueError) as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _control(verb: str, doc: str) -> None:
+    """Register ``edgeward model <verb> NAME VERSION``."""
+
+    @model.command(name=verb, help=doc)
+    @pki_dir_option
+    @click.argument("name")
+    @click.argument("version", type=click.IntRange(1))
+    @click.option("--reason", default="", help="Why (kept in the rollout's audit history).")
+    @operator_option
+    @broker_option
+    def control(
+        *, directory: Path, name: str, version: int, reason: str, operator: str, broker: str
+    ) -> None:
+        request = RolloutControl(name=name, version=version, verb=verb, reason=reason)  # type: ignore[arg-type]
+        click.echo(describe_status(asyncio.run(_ask_status(directory, operator, broker, request))))
+
+    del control
+
+
+_control("promote", "Move a gated rollout of NAME VERSION to its next wave now.")
+_control("pause", "Hold a gated rollout where it is (a failed gate still aborts it).")
+_control("resume", "Let a paused gated rollout advance again.")
+_control("abort", "Stop a gated rollout; its devices go back to the previous version.")
+_control("status", "Where a gated rollout stands: wave, devices, gate values, history.")
+
+
+def describe_status(status: RolloutStatus) -> str:
+    """The progress view ``rollout``, ``status`` and the other verbs print."""
+    back = f"v{status.previous}" if status.previous is not None else "nothing"
+    lines = [
+        (
+            f"{status.name} v{status.version}: {status.phase}, {status.wave} ({status.percent}% of"
+            f" the fleet; waves {','.join(map(str, status.waves))}); back to {back} on abort"
+        ),
+        f"  devices: {status.reported} of {status.targeted} reported, {status.failed} failed",
+    ]
+    if status.reason:
+        lines.append(f"  reason: {status.reason}")
+    lines += [
+        f"  gate {g.gate:<12} {g.state.upper():<8} {g.value}  (needs {g.threshold})"
+        for g in status.gates
+    ]
+    for step in status.history[-10:]:
+        when = datetime.fromtimestamp(step.at_ms / 1000, UTC)
+        lines.append(
+            f"  {when:%Y-%m-%d %H:%M:%S}Z {step.old} -> {step.new} (stage {step.stage})"
+            f" by {step.actor}: {step.reason}"
+        )
+    return "\n".join(lines)
 
 
 @model.command()
@@ -234,6 +381,15 @@ async def _ask(directory: Path, operator: str, broker: str, request: Message) ->
         directory, operator, parse_broker(broker), ServiceName.MODEL_DISTRIBUTION, ANSWERS
     ) as session:
         return await session.ask(request, ModelList)
+
+
+async def _ask_status(
+    directory: Path, operator: str, broker: str, request: Message
+) -> RolloutStatus:
+    async with operator_session(
+        directory, operator, parse_broker(broker), ServiceName.MODEL_DISTRIBUTION, ANSWERS
+    ) as session:
+        return await session.ask(request, RolloutStatus)
 
 
 def _describe(info: VersionInfo) -> str:

@@ -297,3 +297,111 @@ def dev_setup(directory: Path, devices: int, operator: str, operator_sessions: i
     kept = len(identities) - len(issued)
     note = f", kept {kept} that already had a valid certificate" if kept else ""
     click.echo(f"development PKI ready in {directory}: issued {len(issued)}{note}")
+
+
+@pki.command()
+@pki_dir_option
+@click.argument("role", type=click.Choice([r.value for r in Role]))
+@click.argument("name")
+@click.option("--hours", type=click.IntRange(1), help="Lifetime in hours (default by role).")
+@click.option("--host", "hosts", multiple=True, help="Broker host name or IP (repeatable).")
+@click.option("--instance", help="For a service: which instance (CN svc.<name>.<instance>).")
+@run_dir_option
+def renew(  # click passes every parameter by keyword
+    *,
+    directory: Path,
+    role: str,
+    name: str,
+    hours: int | None,
+    hosts: tuple[str, ...],
+    instance: str | None,
+    run_dir: Path,
+) -> None:
+    """A new key and certificate for a running node, which reloads them by itself.
+
+    The previous certificate stays valid so that nothing the node signed meanwhile is
+    refused; revoke it once the node uses the new one (docs/adr/0017).
+    """
+    identity = _identity(Role(role), name, instance)
+    lifetime = timedelta(hours=hours) if hours else LIFETIMES[identity.role]
+    store = PkiStore(directory).require()
+    files, replaced = store.renew(identity, _now(), lifetime, hosts)
+    click.echo(f"renewed {identity.common_name} -> {files.directory}")
+    if identity.role is Role.BROKER:
+        reload_running_broker(store, run_dir)  # its own certificate: read on reload
+    for record in replaced:
+        click.echo(
+            f"once it runs on the new one: edgeward pki revoke --serial {record.serial:x}"
+            " --reason superseded"
+        )
+
+
+# ------------------------------------------------------------------ issuing-CA rotation
+@pki.command(name="rotate-issuing")
+@pki_dir_option
+@click.option(
+    "--root-key",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The root CA key, if it was moved offline (default: root/ca.key in the PKI).",
+)
+@click.option(
+    "--root-passphrase-env", metavar="VAR", help="The root key's passphrase is in this variable."
+)
+@click.option("--days", type=click.IntRange(1, 3650), default=730, show_default=True)
+@run_dir_option
+def rotate_issuing(
+    directory: Path,
+    root_key: Path | None,
+    root_passphrase_env: str | None,
+    days: int,
+    run_dir: Path,
+) -> None:
+    """Make a new issuing CA under the same root (docs/adr/0017).
+
+    The old issuing CA stays trusted (the overlap) but signs nothing new. A running broker
+    is reloaded (it trusts both); then let every node take the bundle, renew every
+    identity, and `edgeward pki retire-issuing`.
+    """
+    passphrase = None
+    if root_passphrase_env:
+        value = os.environ.get(root_passphrase_env)
+        if not value:
+            raise click.UsageError(f"environment variable {root_passphrase_env} is empty")
+        passphrase = value.encode()
+    store = PkiStore(directory).require()
+    cert = store.rotate_issuing(
+        _now(), root_key=root_key, root_passphrase=passphrase, lifetime=timedelta(days=days)
+    )
+    click.echo(f"new issuing CA: {cert.subject.rfc4514_string()} (serial {cert.serial_number:x})")
+    click.echo(f"trust bundle version {store.trust_version()}: {store.bundle_path}")
+    reload_running_broker(store, run_dir)
+    click.echo("next: SIGHUP the services, then renew every identity (see `pki issuers`)")
+
+
+@pki.command(name="retire-issuing")
+@pki_dir_option
+@click.option("--force", is_flag=True, help="Even if certificates it issued are still valid.")
+@run_dir_option
+def retire_issuing(directory: Path, force: bool, run_dir: Path) -> None:
+    """Stop trusting the previous issuing CA (refused while it has valid certificates)."""
+    store = PkiStore(directory).require()
+    old = store.retire_issuing(_now(), force=force)
+    click.echo(f"retired: {old.subject.rfc4514_string()} (its key is deleted)")
+    click.echo(f"trust bundle version {store.trust_version()}: {store.bundle_path}")
+    reload_running_broker(store, run_dir)
+    click.echo("next: SIGHUP the services (or wait for their next check, 5 s)")
+
+
+@pki.command()
+@pki_dir_option
+def issuers(directory: Path) -> None:
+    """The trusted issuing CAs and how many valid certificates each has issued."""
+    store = PkiStore(directory).require()
+    now = _now()
+    for index, ca in enumerate(store.trusted_issuing_cas()):
+        state = "issuing" if index == 0 else "previous"
+        valid = len(store.issued_by(ca, now))
+        click.echo(
+            f"{state:<9} {ca.subject.rfc4514_string():<40} until "
+            f"{ca.not_valid_after_utc:%Y-%m-%d} {valid} valid certificate(s)"
+        )

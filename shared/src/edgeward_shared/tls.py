@@ -85,3 +85,18 @@ def client_context(ca_bundle: Path, identity: IdentityFiles | TlsIdentity) -> ss
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError("config.tls.unusable", f"cannot load TLS material: {exc}") from exc
     return context
+
+
+def client_context_from_memory(ca_bundle: bytes, identity: TlsIdentity) -> ssl.SSLContext:
+    """The same mTLS client context with the trust anchors in memory too (a node's reloaded
+    and checked material, docs/adr/0017): nothing is read from a file."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = True
+    context.verify_mode = ssl.CERT_REQUIRED
+    try:
+        context.load_verify_locations(cadata=ca_bundle.decode("ascii"))
+        _load_in_memory(context, identity)
+    except (OSError, ssl.SSLError, UnicodeDecodeError) as exc:
+        raise ConfigError("config.tls.unusable", f"cannot load TLS material: {exc}") from exc
+    return context

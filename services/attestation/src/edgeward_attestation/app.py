@@ -77,6 +77,7 @@ def wire(
         settings=settings,
         device_revoked=follower.device_revoked,
     )
+    runtime.on_identity_change(service.use_signing_key)  # EARs signed with a reloaded key
     runtime.route(
         shared_subscription(GROUP, f"{ROOT}/enroll/+/up"),
         [EnrollRequest, CredentialProof],

@@ -126,6 +126,10 @@ class AttestationService:
         self.settings = settings or Settings()
         self._last_asked: dict[str, int] = {}
 
+    def use_signing_key(self, signing_key: SigningKey) -> None:
+        """Sign EARs with ``signing_key`` from now on (the node reloaded its identity)."""
+        self.signing_key = signing_key
+
     # ------------------------------------------------------------------ registrar
     async def on_enrollment(self, opened: Opened[Any]) -> Sequence[Outgoing]:
         device_id = _enrollee(opened.topic)

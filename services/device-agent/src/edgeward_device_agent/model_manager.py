@@ -20,7 +20,10 @@ A failure at any step leaves the previous version serving and is counted and rep
 its reason id. Plaintext exists only in memory: the blob on disk is ciphertext (tier low,
 shipped in the clear on purpose, is never written at all).
 A model the service stops assigning (its version revoked, say) is unloaded; the device never
-goes back to an older version than one it has run (rollback protection wins).
+goes back to an older version than one it has run (rollback protection wins), except on an
+explicit revert: a document naming the aborted version it replaces, with metadata newer
+than any seen (docs/adr/0020). The older version is then fetched, verified and loaded
+*before* the aborted one is retired, so the model never stops serving in between.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from edgeward_shared.inference import InferenceReason
 from edgeward_shared.logs import fields
 from edgeward_shared.messages.common import Rejected
 from edgeward_shared.messages.model import (
+    MAX_SYNC_PAGES,
     ActivationReport,
     ChunksSent,
     KeyGrant,
@@ -221,18 +225,29 @@ class ModelManager:
     # ------------------------------------------------------------------ sync
     async def sync(self, runtime: Runtime) -> None:
         async with self._lock:
-            reply = await runtime.request(
-                self.up, SyncRequest(), timeout_s=self.policy.request_timeout_s
-            )
-            if isinstance(reply.message, Rejected):
-                raise PolicyError(reply.message.reason, "the service refused to sync")
-            if not isinstance(reply.message, SyncReply):
-                raise MessageError(ModelReason.METADATA_MISMATCH, "unexpected sync reply")
             offered: dict[str, int] = {}  # every verified document, activated or not
-            for raw in reply.message.releases:
-                release = await self._consider(runtime, raw)
-                if release is not None:
-                    offered[release.name] = release.version
+            offset: int | None = 0
+            for _ in range(MAX_SYNC_PAGES):  # the service pages replies (each < 256 KiB)
+                if offset is None:
+                    break
+                reply = await runtime.request(
+                    self.up, SyncRequest(offset=offset), timeout_s=self.policy.request_timeout_s
+                )
+                if isinstance(reply.message, Rejected):
+                    raise PolicyError(reply.message.reason, "the service refused to sync")
+                if not isinstance(reply.message, SyncReply):
+                    raise MessageError(ModelReason.METADATA_MISMATCH, "unexpected sync reply")
+                for raw in reply.message.releases:
+                    release = await self._consider(runtime, raw)
+                    if release is not None:
+                        offered[release.name] = release.version
+                following = reply.message.next
+                if following is not None and following <= offset:
+                    raise MessageError(ModelReason.METADATA_MISMATCH, "sync pages go backwards")
+                offset = following
+            else:
+                if offset is not None:  # more pages than any fleet has: keep what runs
+                    raise MessageError(ModelReason.METADATA_MISMATCH, "too many sync pages")
             # withdrawn (no longer assigned, or assigned below what runs: a revoked version)
             # models stop; a newer one that failed to activate leaves the running one alone
             for name, model in list(self.loaded.items()):
@@ -252,6 +267,17 @@ class ModelManager:
                 self._accept(release, raw)  # re-signed metadata: just fresher
                 self.loaded[release.name] = replace(loaded, expires_at_ms=opened.exp)
                 return release
+            if loaded is not None and release.version < loaded.version:
+                log.warning(
+                    ModelReason.ROLLOUT_REVERT,
+                    extra=fields(
+                        device=self.device_id,
+                        model=release.name,
+                        version=release.version,
+                        reverts=release.reverts,
+                        running=loaded.version,
+                    ),
+                )
             await self._activate(runtime, release, raw, opened.exp)
         except EdgewardError as exc:
             self._refused(name, release, exc)

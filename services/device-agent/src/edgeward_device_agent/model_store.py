@@ -68,10 +68,11 @@ class ModelStore:
         }
 
     def raise_high_water(self, name: str, mark: HighWater) -> None:
-        """Record ``mark`` for ``name`` (never lowering what is there)."""
+        """Record ``mark`` for ``name`` unless what is there supersedes it (newer metadata
+        wins, an explicit revert to an older version included: docs/adr/0020)."""
         marks = self.high_water()
         old = marks.get(name)
-        if old is not None and (mark.version, mark.meta_version) < (old.version, old.meta_version):
+        if old is not None and not old.replaced_by(mark):
             return
         marks[name] = mark
         data = {

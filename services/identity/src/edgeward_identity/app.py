@@ -3,7 +3,8 @@
 This module owns :class:`IdentityConfig` (what an operator decides) and turning it into a
 node ready to run: it refuses to start on an unsafe or missing CA key or on an identity that
 is not the identity service's, opens and migrates the database, builds the runtime from
-files (:mod:`edgeward_shared.runtime.node`) and installs the handler (:mod:`.service`).
+files (:mod:`edgeward_shared.runtime.node`), installs the handler (:mod:`.service`) and the
+publisher of the fleet's trust bundle (:mod:`edgeward_shared.runtime.trust`).
 Flags, the environment and logging setup are :mod:`.__main__`'s.
 """
 
@@ -28,9 +29,11 @@ from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.logs import fields
 from edgeward_shared.messages.common import Rejected
 from edgeward_shared.messages.revocation import RevocationJob, Revoke
+from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.runtime.core import Connect, Runtime
 from edgeward_shared.runtime.node import NodeConfig, build_node, run_until_signalled
 from edgeward_shared.runtime.revocations import RevocationFollower
+from edgeward_shared.runtime.trust import TrustPublisher
 from edgeward_shared.storage import SqliteDatabase, migrate
 from edgeward_shared.topics import service_request_topic, service_response_topic
 
@@ -83,6 +86,8 @@ async def identity_node(
             revoke=revocation_client(runtime),
         )
         service.install(runtime)
+        # the fleet's trust bundle, retained on ew/v1/fleet/trust (docs/adr/0017)
+        runtime.add_background(TrustPublisher(runtime, PkiStore(config.pki_dir)).run)
         yield runtime, connect
     finally:
         await db.close()

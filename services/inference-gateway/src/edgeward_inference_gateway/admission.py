@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 
 from edgeward_inference_gateway.metrics import GatewayMetrics
 from edgeward_inference_gateway.ratelimit import KeyedLimiter
-from edgeward_shared.bus.base import Bus, Delivery
+from edgeward_shared.bus.base import Bus, Delivery, Resumable, Unacknowledged
 from edgeward_shared.clock import Clock
 from edgeward_shared.inference import InferenceReason
 from edgeward_shared.runtime.core import Connect
@@ -70,6 +70,18 @@ class _AdmittingBus:
         async for delivery in self._inner.deliveries():
             if self._admission.admit(delivery):
                 yield delivery
+            else:
+                delivery.ack()  # refused by the rate limit: taken, and not to come again
+
+    async def drain(self, timeout_s: float) -> list[Unacknowledged]:
+        """The inner bus's unacknowledged publishes, if it keeps any (docs/adr/0017)."""
+        if isinstance(self._inner, Resumable):
+            return await self._inner.drain(timeout_s)
+        return []
+
+    async def end_session(self, timeout_s: float) -> None:
+        if isinstance(self._inner, Resumable):
+            await self._inner.end_session(timeout_s)
 
 
 def admitting(connect: Connect, admission: Admission) -> Connect:

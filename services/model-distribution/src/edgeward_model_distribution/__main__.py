@@ -16,8 +16,14 @@ from edgeward_model_distribution.app import ModelsConfig, run
 from edgeward_model_distribution.service import MIN_CHUNK_BYTES, Settings
 from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.models.release import MAX_CHUNK_BYTES, MAX_DOCUMENT_LIFETIME_MS
+from edgeward_shared.ratelimit import Limit
 from edgeward_shared.runtime.kit import EnvOptions, NodeOptions, command, node_options
-from edgeward_shared.runtime.params import ByteSizeParam, DurationParam, milliseconds
+from edgeward_shared.runtime.params import (
+    ByteSizeParam,
+    DurationParam,
+    RateLimitParam,
+    milliseconds,
+)
 
 SERVICE = Identity.service(ServiceName.MODEL_DISTRIBUTION)
 option = EnvOptions("MODELS")
@@ -54,6 +60,25 @@ option = EnvOptions("MODELS")
     help="Bytes per blob chunk sent to devices (1KiB..192KiB; smaller for slow links).",
 )
 @option(
+    "--sync-limit",
+    type=RateLimitParam(1000.0, 100_000),
+    default="1/s:20",
+    help="Per-device limit on sync requests (model.rate_limited beyond it).",
+)
+@option(
+    "--chunk-limit",
+    type=RateLimitParam(10_000.0, 1_000_000),
+    default="50/s:200",
+    help="Per-device limit on chunk requests (model.rate_limited beyond it).",
+)
+@option(
+    "--upload-ttl",
+    type=DurationParam(timedelta(minutes=5), timedelta(days=30)),
+    default="24h",
+    help="An upload nobody touched for this long is purged (its rows and partial file) at"
+    " the next publication.",
+)
+@option(
     "--require-revocations/--allow-without-revocations",
     default=True,
     help="Refuse every data key while no current signed revocation list is held (fail"
@@ -65,6 +90,9 @@ def main(  # click passes every parameter by keyword
     state_dir: Path,
     metadata_ttl: timedelta,
     chunk_size: int,
+    sync_limit: Limit,
+    chunk_limit: Limit,
+    upload_ttl: timedelta,
     require_revocations: bool,
 ) -> None:
     """Run the model-distribution service: model store, rollouts, delivery, key release.
@@ -94,6 +122,9 @@ def main(  # click passes every parameter by keyword
             settings=Settings(
                 metadata_ttl_ms=milliseconds(metadata_ttl),
                 chunk_size=chunk_size,
+                sync_limit=sync_limit,
+                chunk_limit=chunk_limit,
+                upload_ttl_ms=milliseconds(upload_ttl),
                 require_revocations=require_revocations,
             ),
         )

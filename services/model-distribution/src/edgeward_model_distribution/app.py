@@ -16,19 +16,21 @@ Decisions are in :mod:`.core`, :mod:`.verify` and :mod:`.keyrelease`; handlers i
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgeward_model_distribution.blobs import BlobStore, private_dir
 from edgeward_model_distribution.device_api import DEVICE_TYPES, DeviceApi
+from edgeward_model_distribution.gating import RolloutDriver
 from edgeward_model_distribution.kek import load_or_create_kek
 from edgeward_model_distribution.metrics import ModelMetrics
 from edgeward_model_distribution.operator_api import OPERATOR_TYPES, OperatorApi
+from edgeward_model_distribution.rollout_store import RolloutStore
 from edgeward_model_distribution.service import (
     DeviceRevoked,
     ModelService,
@@ -38,17 +40,19 @@ from edgeward_model_distribution.service import (
 from edgeward_model_distribution.store import ModelStore
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.clock import Clock
+from edgeward_shared.envelope import Opened
 from edgeward_shared.errors import PolicyError
 from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.logs import fields
+from edgeward_shared.messages.attest import AttestationFailed
 from edgeward_shared.models.reasons import ModelReason
 from edgeward_shared.revocation import RevocationView
-from edgeward_shared.runtime.core import Connect, Outgoing, OutgoingFrame, Runtime
+from edgeward_shared.runtime.core import Connect, Handler, Outgoing, OutgoingFrame, Runtime
 from edgeward_shared.runtime.health import answer_pings
 from edgeward_shared.runtime.node import NodeConfig, build_node, run_until_signalled
 from edgeward_shared.runtime.revocations import RevocationFollower
 from edgeward_shared.storage import SqliteDatabase
-from edgeward_shared.topics import ROOT, shared_subscription
+from edgeward_shared.topics import ROOT, service_event_topic, shared_subscription
 
 log = logging.getLogger("edgeward.model-distribution")
 
@@ -60,6 +64,9 @@ OPERATOR_REQUESTS: Final = shared_subscription(
     GROUP, f"{ROOT}/svc/{ServiceName.MODEL_DISTRIBUTION}/req/+"
 )
 DEVICE_REQUESTS: Final = shared_subscription(GROUP, f"{ROOT}/dev/+/up/model")
+ATTESTATION_FAILED: Final = shared_subscription(
+    GROUP, service_event_topic(ServiceName.ATTESTATION, "failed")
+)
 
 
 @dataclass
@@ -114,7 +121,9 @@ def wire(
         is_device_revoked=revocations.device_revoked if revocations else is_device_revoked,
         revocations_current=_current(revocations, runtime) if revocations else lambda: None,
     )
-    operators = OperatorApi(service)
+    runtime.on_identity_change(service.use_signing_key)  # releases signed with a reloaded key
+    driver = RolloutDriver(service, RolloutStore(state.db))
+    operators = OperatorApi(service, driver)
     if revocations is not None:
 
         async def newly_revoked(
@@ -137,9 +146,21 @@ def wire(
         revocations.on_change = newly_revoked
         revocations.attach(runtime)
     runtime.route(OPERATOR_REQUESTS, OPERATOR_TYPES, operators, name="model-ops")
-    runtime.route(DEVICE_REQUESTS, DEVICE_TYPES, DeviceApi(service), name="model-devices")
+    runtime.route(DEVICE_REQUESTS, DEVICE_TYPES, DeviceApi(service, driver), name="model-devices")
+    runtime.route(ATTESTATION_FAILED, [AttestationFailed], _follow(driver), name="attest-failed")
     answer_pings(runtime, OPERATOR_REQUESTS)
     return service
+
+
+def _follow(driver: RolloutDriver) -> Handler:
+    """The attestation service's signed failures count against the gated rollouts."""
+
+    async def failed(opened: Opened[Any]) -> Sequence[Outgoing | OutgoingFrame]:
+        event: AttestationFailed = opened.message
+        await driver.rollouts.attestation_failed(event.device_id, event.reasons[0], event.at_ms)
+        return await driver.tick()
+
+    return failed
 
 
 def _current(revocations: RevocationFollower, runtime: Runtime) -> Callable[[], None]:

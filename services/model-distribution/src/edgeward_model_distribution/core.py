@@ -21,6 +21,7 @@ from typing import Final
 
 from edgeward_shared.errors import MessageError, PolicyError, Reason
 from edgeward_shared.messages.model import MAX_CHUNK_REQUEST
+from edgeward_shared.models.provenance import Tier
 from edgeward_shared.models.reasons import ModelReason
 
 PERCENT_BUCKETS: Final = 100
@@ -85,6 +86,19 @@ def check_monotonic(version: int, published: Iterable[int]) -> None:
         raise PolicyError(
             ModelReason.VERSION_NOT_MONOTONIC, f"version {version} is not above {highest}"
         )
+
+
+#: how much each tier protects a model (a new version may not protect it less)
+_TIER_RANK: Final = {Tier.LOW: 0, Tier.MEDIUM: 1, Tier.HIGH: 2}
+
+
+def check_tier(tier: Tier, current: Tier | None) -> None:
+    """A new version's tier is at least that of the model's current version (the highest
+    one not revoked): a downgrade would hand a model that needed attestation, or
+    encryption, to devices without them (``model.tier.downgrade``). Publishing under a new
+    name is the explicit way to change a model's protection."""
+    if current is not None and _TIER_RANK[tier] < _TIER_RANK[current]:
+        raise PolicyError(ModelReason.TIER_DOWNGRADE, f"{tier} after {current}")
 
 
 def promote(

@@ -4,7 +4,8 @@ Requests arrive on ``ew/v1/dev/<id>/up/model`` (shared subscription); the runtim
 checked that the signer *is* device ``<id>`` and that its certificate is current. Answers go
 to ``ew/v1/dev/<id>/down/model``; chunks to ``ew/v1/dev/<id>/down/data`` as data frames.
 
-* **Sync** returns one signed :class:`~edgeward_shared.models.release.ModelRelease` per model
+* **Sync** returns, a page at a time (each reply under the broker's 256 KiB, ``next`` naming
+  the next page), one signed :class:`~edgeward_shared.models.release.ModelRelease` per model
   assigned to the device (its highest non-revoked version in a rollout that includes it),
   sealed for ``ew/v1/fleet/models/<name>`` and expiring after the metadata TTL (never after
   the provenance itself): a device that stops hearing from us sees its metadata expire.
@@ -14,6 +15,8 @@ to ``ew/v1/dev/<id>/down/model``; chunks to ``ew/v1/dev/<id>/down/data`` as data
   and checked against its digest before it leaves.
 * **Key release** follows :mod:`.keyrelease`; every release and refusal is written to the key
   log with its reason id and the attestation result it concerned, then counted and logged.
+* **Rate limits**: each device's syncs and chunk requests go through a token bucket per
+  instance (``model.rate_limited``, counted); a flooding device cannot starve the others.
 * **Activation reports** are stored for rollout status only (the next quote, not the device's
   word, shows which model runs).
 """
@@ -27,6 +30,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from edgeward_model_distribution.core import check_chunk_request, chunk_span
+from edgeward_model_distribution.gating import RolloutDriver
 from edgeward_model_distribution.keyrelease import (
     KeyRefusal,
     Recipient,
@@ -85,9 +89,10 @@ _REPLY_BUDGET: Final = 240 * 1024
 class DeviceApi:
     """The route handler for devices' model-channel requests."""
 
-    def __init__(self, service: ModelService) -> None:
+    def __init__(self, service: ModelService, driver: RolloutDriver | None = None) -> None:
         self.service = service
         self.store = service.store
+        self.driver = driver
 
     async def __call__(self, opened: Opened[Any]) -> Sequence[Outgoing | OutgoingFrame]:
         device_id = _device(opened.topic)
@@ -95,40 +100,76 @@ class DeviceApi:
         if answer_on is None:  # pragma: no cover - device topics always have one
             raise TypeError(f"wiring bug: cannot answer on {opened.topic}")
         message: Message = opened.message
+        self._admit(device_id, message)
         match message:
             case SyncRequest():
-                return (Outgoing(answer_on, await self.sync(opened, device_id)),)
+                reply = Outgoing(answer_on, await self.sync(opened, device_id))
+                return (reply, *await self._tick(throttled=True))
             case ChunkRequest():
                 return await self.chunks(opened, device_id, message)
             case KeyRequest():
                 return (Outgoing(answer_on, await self.key(opened, device_id, message)),)
             case ActivationReport():
                 await self.activation(device_id, message)
-                return ()
+                return await self._tick(message.name)
         raise MessageError(Reason.MESSAGE_TYPE_UNKNOWN, type(message).__name__)
+
+    def _admit(self, device_id: str, message: Message) -> None:
+        """Per-device rate limits on syncs and chunk requests (``model.rate_limited``)."""
+        match message:
+            case SyncRequest():
+                limiter, kind = self.service.sync_limiter, "sync"
+            case ChunkRequest():
+                limiter, kind = self.service.chunk_limiter, "chunks"
+            case _:
+                return
+        if not limiter.allow(device_id, self.service.clock.now_ms()):
+            self.service.metrics.rate_limited.labels(kind).inc()
+            log.warning("model.rate_limited", extra=fields(device=device_id, request=kind))
+            raise PolicyError(ModelReason.RATE_LIMITED, f"too many {kind} requests")
+
+    async def _tick(self, name: str | None = None, *, throttled: bool = False) -> list[Outgoing]:
+        """New evidence: evaluate the gated rollouts it may concern (:mod:`.gating`)."""
+        return [] if self.driver is None else await self.driver.tick(name, throttled=throttled)
 
     # ------------------------------------------------------------------ sync
     async def sync(self, opened: Opened[Any], device_id: str) -> SyncReply:
+        """One page of the device's documents, from ``offset`` (model-name order): as many
+        as fit the reply's budget (at most 32); ``next`` says where the next page starts."""
         now = self.service.clock.now_ms()
         await self.store.see_device(device_id, now)
+        request: SyncRequest = opened.message
+        assignments = await self.store.assignments(device_id)
         releases: list[bytes] = []
         budget = _REPLY_BUDGET
-        for assignment in (await self.store.assignments(device_id))[:MAX_RELEASES]:
+        index = request.offset
+        while index < len(assignments) and len(releases) < MAX_RELEASES:
+            assignment = assignments[index]
             sealed = await self._release(device_id, assignment, now)
-            if sealed is None:
-                continue
-            cost = len(sealed) * 16 // 9 + 64
-            if len(sealed) > MAX_RELEASE_BYTES or cost > budget:
-                log.error(
-                    "model.sync.truncated",
-                    extra=fields(device=device_id, name=assignment.record.name, size=len(sealed)),
-                )
-                continue
-            budget -= cost
-            releases.append(sealed)
+            if sealed is not None:
+                cost = len(sealed) * 16 // 9 + 64
+                if len(sealed) > MAX_RELEASE_BYTES or cost > _REPLY_BUDGET:
+                    log.error(  # can never be sent, on any page
+                        "model.sync.document_too_large",
+                        extra=fields(
+                            device=device_id, name=assignment.record.name, size=len(sealed)
+                        ),
+                    )
+                elif cost > budget:
+                    break  # the next page starts with it
+                else:
+                    budget -= cost
+                    releases.append(sealed)
+            index += 1
+        following = index if index < len(assignments) else None
         self.service.metrics.releases_signed.inc(len(releases))
-        log.info("model.sync", extra=fields(device=device_id, releases=len(releases)))
-        return SyncReply(in_reply_to=opened.mid, releases=releases)
+        log.info(
+            "model.sync",
+            extra=fields(
+                device=device_id, releases=len(releases), offset=request.offset, next=following
+            ),
+        )
+        return SyncReply(in_reply_to=opened.mid, releases=releases, next=following)
 
     async def _release(self, device_id: str, assignment: Assignment, now: int) -> bytes | None:
         """The signed document for one assignment (None if its provenance has expired)."""
@@ -147,6 +188,7 @@ class DeviceApi:
             tier=record.tier,
             meta_version=assignment.meta_version,
             rollout=assignment.rollout.label,
+            reverts=assignment.reverts,
             provenance=record.provenance,
             signature=record.signature,
             signer_cert=record.signer_cert,

@@ -38,6 +38,23 @@ class ModelMetrics:
             ["reason"],
             registry=r,
         )
+        self.rate_limited = Counter(
+            "edgeward_model_rate_limited_total",
+            "Device requests refused with model.rate_limited, by request (sync/chunks)",
+            ["request"],
+            registry=r,
+        )
+        self.uploads_purged = Counter(
+            "edgeward_model_uploads_purged_total",
+            "Stale uploads purged (rows and partial file)",
+            registry=r,
+        )
+        self.rollout_transitions = Counter(
+            "edgeward_model_rollout_transitions_total",
+            "Gated rollouts entering a phase (aborted: a gate failed or an operator aborted)",
+            ["phase"],
+            registry=r,
+        )
         self.releases_signed = Counter(
             "edgeward_model_releases_signed_total",
             "Release documents signed for devices' syncs",

@@ -26,10 +26,12 @@ from typing import Any, Final
 from edgeward_model_distribution.core import (
     Rollout,
     check_monotonic,
+    check_tier,
     check_upload_chunk,
     chunk_count,
     contiguous,
 )
+from edgeward_model_distribution.gating import RolloutDriver
 from edgeward_model_distribution.service import ModelService
 from edgeward_model_distribution.store import ChunkList, UploadRecord, VersionRecord, begin_key
 from edgeward_model_distribution.verify import (
@@ -61,7 +63,9 @@ from edgeward_shared.messages.model import (
     Published,
     PublishReady,
     RevokeVersion,
+    RolloutControl,
     RolloutRequest,
+    RolloutStart,
     VersionInfo,
 )
 from edgeward_shared.models.reasons import ModelReason
@@ -76,6 +80,8 @@ OPERATOR_TYPES: Final = (
     PublishChunk,
     PublishCommit,
     RolloutRequest,
+    RolloutStart,
+    RolloutControl,
     RevokeVersion,
     ModelQuery,
 )
@@ -88,11 +94,14 @@ _BAD_BYTES: Final = frozenset({ModelReason.BLOB_SIZE, ModelReason.BLOB_DIGEST})
 class OperatorApi:
     """The route handler for operators' and services' requests."""
 
-    def __init__(self, service: ModelService) -> None:
+    def __init__(self, service: ModelService, driver: RolloutDriver) -> None:
         self.service = service
         self.store = service.store
+        self.driver = driver
 
-    async def __call__(self, opened: Opened[Any]) -> Sequence[Outgoing | OutgoingFrame]:
+    async def __call__(  # noqa: PLR0911 - one answer per request type
+        self, opened: Opened[Any]
+    ) -> Sequence[Outgoing | OutgoingFrame]:
         answer_on = reply_topic(opened.topic)
         if answer_on is None:
             raise TypeError(f"wiring bug: {opened.topic} is not a request topic")
@@ -100,6 +109,8 @@ class OperatorApi:
         if isinstance(message, ModelQuery):
             versions = await self.list_versions(message.name)
             return (Outgoing(answer_on, ModelList(in_reply_to=opened.mid, versions=versions)),)
+        if isinstance(message, RolloutControl) and message.verb == "status":
+            return await self.control(opened, message, str(opened.signer.identity), answer_on)
         if opened.signer.identity.role is not Role.OPERATOR:
             raise PolicyError(Reason.TOPIC_ROLE, f"{opened.signer.identity} is not an operator")
         actor = opened.signer.identity.common_name
@@ -117,6 +128,10 @@ class OperatorApi:
                 return await self.roll_out(opened, message, actor, answer_on)
             case RevokeVersion():
                 return await self.revoke(opened, message, actor, answer_on)
+            case RolloutStart():
+                return await self.start_gated(opened, message, actor, answer_on)
+            case RolloutControl():
+                return await self.control(opened, message, actor, answer_on)
         raise MessageError(Reason.MESSAGE_TYPE_UNKNOWN, type(message).__name__)
 
     # ------------------------------------------------------------------ publishing
@@ -150,6 +165,8 @@ class OperatorApi:
         checked = self._check(submission)
         highest = await self.store.highest_version(checked.provenance.name)
         check_monotonic(checked.provenance.version, [] if highest is None else [highest])
+        check_tier(checked.provenance.tier, await self.store.current_tier(checked.provenance.name))
+        await self.purge_stale_uploads()
         upload = await self.store.begin_upload(
             UploadRecord(
                 upload_id=secrets.token_hex(16),
@@ -222,6 +239,7 @@ class OperatorApi:
             upload.blob_size,
         )
         checked = self._check(submission)
+        check_tier(checked.provenance.tier, await self.store.current_tier(checked.provenance.name))
         blob = await asyncio.to_thread(service.blobs.read_upload, upload.upload_id)
         try:
             await service.blocking(
@@ -265,6 +283,18 @@ class OperatorApi:
             model_digest=record.model_digest,
         )
 
+    async def purge_stale_uploads(self) -> int:
+        """Forget uploads nobody touched for ``upload_ttl_ms`` (rows and partial files);
+        runs on every ``PublishBegin``. Returns how many went."""
+        before = self.service.clock.now_ms() - self.service.settings.upload_ttl_ms
+        stale = await self.store.stale_uploads(before)
+        for upload_id in stale:
+            await self.store.drop_upload(upload_id)
+            await asyncio.to_thread(self.service.blobs.discard_upload, upload_id)
+            self.service.metrics.uploads_purged.inc()
+            log.info("model.upload.purged", extra=fields(upload=upload_id))
+        return len(stale)
+
     def _check(self, submission: Submission) -> CheckedSubmission:
         now_ms = self.service.clock.now_ms()
         return check_submission(submission, self.service.trust, now_ms=now_ms)
@@ -299,6 +329,34 @@ class OperatorApi:
         )
         versions = await self.list_versions(request.name)
         return [Outgoing(answer_on, ModelList(in_reply_to=opened.mid, versions=versions)), *hints]
+
+    async def start_gated(
+        self, opened: Opened[Any], request: RolloutStart, actor: str, answer_on: str
+    ) -> Sequence[Outgoing | OutgoingFrame]:
+        """A gated rollout: its canary opens now; the status is the answer."""
+        _, out = await self.driver.begin(request, actor)
+        state, values, seen, more = await self.driver.evaluate(request.name, request.version)
+        status = await self.driver.status(opened.mid, state, values, seen)
+        return [Outgoing(answer_on, status), *out, *more]
+
+    async def control(
+        self, opened: Opened[Any], request: RolloutControl, actor: str, answer_on: str
+    ) -> Sequence[Outgoing | OutgoingFrame]:
+        """promote, pause, resume, abort (operators) or status (anyone who may ask)."""
+        state, values, seen, out = await self.driver.control(request, actor)
+        if request.verb != "status":
+            log.warning(
+                "model.rollout.verb",
+                extra=fields(
+                    operator=actor,
+                    name=request.name,
+                    version=request.version,
+                    verb=request.verb,
+                    phase=str(state.phase),
+                ),
+            )
+        status = await self.driver.status(opened.mid, state, values, seen)
+        return [Outgoing(answer_on, status), *out]
 
     async def revoke(
         self, opened: Opened[Any], request: RevokeVersion, actor: str, answer_on: str

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, ParamSpec, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -27,6 +27,7 @@ from edgeward_shared.messages.model import MAX_UPLOAD_CHUNK
 from edgeward_shared.models.onnx_check import DEFAULT_CAPS
 from edgeward_shared.models.release import MAX_CHUNK_BYTES, MAX_DOCUMENT_LIFETIME_MS
 from edgeward_shared.pki.trust import TrustStore
+from edgeward_shared.ratelimit import KeyedLimiter, Limit
 from edgeward_shared.runtime.metrics import RuntimeMetrics
 
 _P = ParamSpec("_P")
@@ -55,6 +56,11 @@ class Settings:
     max_parallel_checks: int = 1  # publications decrypted and checked at once (CPU, memory)
     #: refuse every key while no current revocation list is held (fail closed)
     require_revocations: bool = True
+    #: per device and instance: syncs (a second each, bursts of 20) and chunk requests
+    sync_limit: Limit = field(default_factory=lambda: Limit(rate_per_s=1.0, burst=20))
+    chunk_limit: Limit = field(default_factory=lambda: Limit(rate_per_s=50.0, burst=200))
+    #: an upload not touched for this long is purged (its rows and its partial file)
+    upload_ttl_ms: int = 24 * 3600 * 1000
 
     def __post_init__(self) -> None:
         if not MIN_METADATA_TTL_MS <= self.metadata_ttl_ms <= MAX_DOCUMENT_LIFETIME_MS:
@@ -63,7 +69,7 @@ class Settings:
             raise ValueError(f"chunk size must be between 1 KiB and {MAX_CHUNK_BYTES} bytes")
         if not MIN_CHUNK_BYTES <= self.upload_chunk_size <= MAX_UPLOAD_CHUNK:
             raise ValueError(f"upload chunk size must be between 1 KiB and {MAX_UPLOAD_CHUNK}")
-        if self.max_blob_bytes <= 0 or self.max_parallel_checks <= 0:
+        if self.max_blob_bytes <= 0 or self.max_parallel_checks <= 0 or self.upload_ttl_ms <= 0:
             raise ValueError("limits must be positive")
 
 
@@ -97,6 +103,12 @@ class ModelService:
         #: raises ``model.key.revocations_stale`` when keys must not be released
         self.revocations_current = revocations_current
         self._checks = asyncio.Semaphore(self.settings.max_parallel_checks)
+        self.sync_limiter = KeyedLimiter(self.settings.sync_limit)
+        self.chunk_limiter = KeyedLimiter(self.settings.chunk_limit)
+
+    def use_signing_key(self, signing_key: SigningKey) -> None:
+        """Sign key releases with ``signing_key`` from now on (the node reloaded it)."""
+        self.signing_key = signing_key
 
     async def blocking(self, call: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
         """Run ``call`` in a worker thread, at most ``max_parallel_checks`` at once."""

@@ -130,6 +130,51 @@ MIGRATIONS: Final = (
             "CREATE INDEX IF NOT EXISTS mdl_key_log_device ON mdl_key_log (device_id, at)",
         ),
     ),
+    Migration(
+        2,
+        "gated rollouts, their audit history, attestation failures seen",
+        (
+            """CREATE TABLE mdl_plans (
+                name TEXT NOT NULL,
+                version BIGINT NOT NULL,
+                previous BIGINT,
+                waves TEXT NOT NULL,
+                gates TEXT NOT NULL,
+                auto BOOLEAN NOT NULL,
+                phase TEXT NOT NULL,
+                stage BIGINT NOT NULL,
+                stage_since BIGINT NOT NULL,
+                paused_from TEXT,
+                reason TEXT,
+                started_by TEXT NOT NULL,
+                started_at BIGINT NOT NULL,
+                updated_at BIGINT NOT NULL,
+                PRIMARY KEY (name, version),
+                FOREIGN KEY (name, version) REFERENCES mdl_versions (name, version)
+            )""",
+            """CREATE TABLE mdl_rollout_history (
+                seq BIGINT PRIMARY KEY,
+                at BIGINT NOT NULL,
+                name TEXT NOT NULL,
+                version BIGINT NOT NULL,
+                old_phase TEXT NOT NULL,
+                new_phase TEXT NOT NULL,
+                stage BIGINT NOT NULL,
+                reason TEXT NOT NULL,
+                actor TEXT NOT NULL,
+                gates TEXT NOT NULL
+            )""",
+            (
+                "CREATE INDEX IF NOT EXISTS mdl_rollout_history_v"
+                " ON mdl_rollout_history (name, version)"
+            ),
+            """CREATE TABLE mdl_attestation_failures (
+                device_id TEXT PRIMARY KEY,
+                at BIGINT NOT NULL,
+                reason TEXT NOT NULL
+            )""",
+        ),
+    ),
 )
 
 
@@ -252,6 +297,8 @@ class Assignment:
     record: VersionRecord
     rollout: Rollout
     meta_version: int
+    #: an aborted rollout of a newer version this assignment sends the device back from
+    reverts: int | None = None
 
 
 class ModelStore:
@@ -319,6 +366,25 @@ class ModelStore:
             )
         return {_int(row["idx"]) for row in rows}
 
+    async def stale_uploads(self, before_ms: int) -> list[str]:
+        """Uploads not touched since ``before_ms`` (to purge)."""
+        async with self.db.transaction() as tx:
+            rows = await tx.fetch_all(
+                "SELECT upload_id FROM mdl_uploads WHERE updated_at < :before ORDER BY upload_id",
+                {"before": before_ms},
+            )
+        return [_str(row["upload_id"]) for row in rows]
+
+    async def current_tier(self, name: str) -> Tier | None:
+        """The tier of the model's highest version not revoked, if any."""
+        async with self.db.transaction() as tx:
+            row = await tx.fetch_one(
+                "SELECT tier FROM mdl_versions WHERE name = :n AND revoked = FALSE"
+                " ORDER BY version DESC LIMIT 1",
+                {"n": name},
+            )
+        return None if row is None else Tier(_str(row["tier"]))
+
     async def drop_upload(self, upload_id: str) -> None:
         """Forget an upload whose bytes turned out wrong (the next begin starts afresh)."""
         async with self.db.transaction() as tx:
@@ -364,7 +430,7 @@ class ModelStore:
                 "DELETE FROM mdl_upload_chunks WHERE upload_id = :id", {"id": upload_id}
             )
             await tx.execute("DELETE FROM mdl_uploads WHERE upload_id = :id", {"id": upload_id})
-            return await _bump_meta(tx, record.name)
+            return await bump_meta(tx, record.name)
 
     async def version(self, name: str, version: int) -> VersionRecord | None:
         async with self.db.transaction() as tx:
@@ -405,7 +471,7 @@ class ModelStore:
                 if exists is None:
                     raise PolicyError(ModelReason.UNKNOWN, f"{name} v{version}")
                 return False
-            await _bump_meta(tx, name)
+            await bump_meta(tx, name)
         return True
 
     async def meta_version(self, name: str) -> int:
@@ -435,7 +501,15 @@ class ModelStore:
                 raise PolicyError(ModelReason.UNKNOWN, f"{name} v{version} is not published")
             if bool(row["revoked"]):
                 raise PolicyError(ModelReason.VERSION_REVOKED, f"{name} v{version}")
-            current = await _rollout(tx, name, version)
+            gated = await tx.fetch_one(
+                "SELECT phase FROM mdl_plans WHERE name = :n AND version = :v",
+                {"n": name, "v": version},
+            )
+            if gated is not None:
+                raise PolicyError(
+                    ModelReason.ROLLOUT_STATE, "a gated rollout moves by promote, not by hand"
+                )
+            current = await read_rollout(tx, name, version)
             new = promote(current, name, version, devices, percent)
             if new is None:
                 if current is None:  # pragma: no cover - promote never returns None then
@@ -462,12 +536,12 @@ class ModelStore:
                     " VALUES (:n, :v, :d, :at) ON CONFLICT (name, version, device_id) DO NOTHING",
                     {"n": name, "v": version, "d": device_id, "at": now_ms},
                 )
-            await _bump_meta(tx, name)
+            await bump_meta(tx, name)
         return new, True
 
     async def rollout(self, name: str, version: int) -> Rollout | None:
         async with self.db.transaction() as tx:
-            return await _rollout(tx, name, version)
+            return await read_rollout(tx, name, version)
 
     async def assignments(self, device_id: str, name: str | None = None) -> list[Assignment]:
         """The version of each model (or of ``name``) assigned to ``device_id`` now."""
@@ -506,11 +580,17 @@ class ModelStore:
                 )
                 if record_row is None or meta_row is None:  # pragma: no cover - same tx
                     raise RuntimeError("assignment vanished")
+                reverted = await tx.fetch_one(
+                    "SELECT max(version) AS v FROM mdl_plans WHERE name = :n AND version > :v"
+                    " AND phase IN ('aborted', 'rolled-back')",
+                    {"n": model, "v": chosen.version},
+                )
                 result.append(
                     Assignment(
                         VersionRecord.from_row(record_row),
                         chosen.rollout,
                         _int(meta_row["meta_version"]),
+                        None if reverted is None or reverted["v"] is None else _int(reverted["v"]),
                     )
                 )
         return result
@@ -602,18 +682,31 @@ class ModelStore:
                 "SELECT * FROM mdl_key_log WHERE (:d IS NULL OR device_id = :d) ORDER BY seq",
                 {"d": device_id},
             )
-        return [
-            KeyDecision(
-                at=_int(row["at"]),
-                device_id=_str(row["device_id"]),
-                name=_str(row["name"]),
-                version=_int(row["version"]),
-                released=row["decision"] == "released",
-                reason=_str(row["reason"]),
-                result_id=None if row["result_id"] is None else _str(row["result_id"]),
+        return _decisions(rows)
+
+    async def key_log_of(self, name: str, version: int) -> list[KeyDecision]:
+        """Every key decision about one version, oldest first."""
+        async with self.db.transaction() as tx:
+            rows = await tx.fetch_all(
+                "SELECT * FROM mdl_key_log WHERE name = :n AND version = :v ORDER BY seq",
+                {"n": name, "v": version},
             )
-            for row in rows
-        ]
+        return _decisions(rows)
+
+
+def _decisions(rows: Sequence[Row]) -> list[KeyDecision]:
+    return [
+        KeyDecision(
+            at=_int(row["at"]),
+            device_id=_str(row["device_id"]),
+            name=_str(row["name"]),
+            version=_int(row["version"]),
+            released=row["decision"] == "released",
+            reason=_str(row["reason"]),
+            result_id=None if row["result_id"] is None else _str(row["result_id"]),
+        )
+        for row in rows
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -640,7 +733,7 @@ async def _save_chunks(tx: Transaction, chunks: ChunkList) -> None:
     )
 
 
-async def _bump_meta(tx: Transaction, name: str) -> int:
+async def bump_meta(tx: Transaction, name: str) -> int:
     row = await tx.fetch_one(
         "INSERT INTO mdl_meta (name, meta_version) VALUES (:n, 1) ON CONFLICT (name)"
         " DO UPDATE SET meta_version = mdl_meta.meta_version + 1 RETURNING meta_version",
@@ -651,7 +744,7 @@ async def _bump_meta(tx: Transaction, name: str) -> int:
     return _int(row["meta_version"])
 
 
-async def _rollout(tx: Transaction, name: str, version: int) -> Rollout | None:
+async def read_rollout(tx: Transaction, name: str, version: int) -> Rollout | None:
     row = await tx.fetch_one(
         "SELECT percent, wave FROM mdl_rollouts WHERE name = :n AND version = :v",
         {"n": name, "v": version},

@@ -45,7 +45,7 @@ from edgeward_shared.errors import ConfigError, EdgewardError, TransportError
 from edgeward_shared.identity import Identity, Role
 from edgeward_shared.logs import fields
 from edgeward_shared.pki.canary import CANARY, canary_files, canary_serial
-from edgeward_shared.pki.crl_check import CrlError, check_crl
+from edgeward_shared.pki.crl_check import CrlError, check_crl_file
 from edgeward_shared.pki.crl_file import write_atomically
 from edgeward_shared.pki.store import PkiStore
 
@@ -198,7 +198,8 @@ def checked_crl(store: PkiStore, now: datetime) -> bytes:
         pem = store.crl_path.read_bytes()
     except OSError as exc:
         raise CrlError("pki.crl.unparseable", f"{store.crl_path}: {exc}") from exc
-    check_crl(pem, store.issuer().cert, store.revoked_serials(), now)
+    # one CRL per trusted issuing CA (two during an issuing-CA overlap, docs/adr/0017)
+    check_crl_file(pem, store.trusted_issuing_cas(), store.revoked_serials(), now)
     return pem
 
 
@@ -310,7 +311,8 @@ class BrokerReloader:
         problem = ""
         try:
             good = self.files.crl.read_bytes()
-            check_crl(good, self.store.issuer().cert, self.store.revoked_serials(), now)
+            issuers = self.store.trusted_issuing_cas()
+            check_crl_file(good, issuers, self.store.revoked_serials(), now)
         except (OSError, EdgewardError) as exc:
             problem = str(exc)
         if problem:

@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+def _acked() -> None:
+    """Nothing to acknowledge (QoS 0, a retained copy, the in-memory bus)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """A message as the bus delivered it: nothing about it is trusted yet."""
+    """A message as the bus delivered it: nothing about it is trusted yet.
+
+    ``ack`` tells the broker we have it (a QoS 1 PUBACK). The runtime calls it once it has
+    taken the message for handling; one never acknowledged is delivered again when the
+    session resumes (docs/adr/0017)."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+    ack: Callable[[], None] = field(default=_acked, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Unacknowledged:
+    """A QoS 1 publish the broker had not acknowledged when a connection was let go."""
 
     topic: str
     payload: bytes
@@ -27,6 +45,23 @@ class Bus(Protocol):
 
     def deliveries(self) -> AsyncIterator[Delivery]:
         """Every message delivered on this connection, in order, until it closes."""
+        ...
+
+
+@runtime_checkable
+class Resumable(Protocol):
+    """A bus whose session the broker keeps for a while after the connection ends (so that
+    a reconnect resumes it), that can hand back its unacknowledged publishes before it is
+    let go, and end its session for good on a clean stop."""
+
+    async def drain(self, timeout_s: float) -> list[Unacknowledged]:
+        """Wait up to ``timeout_s`` for every QoS 1 publish in flight to be acknowledged;
+        return those that were not (to publish again on the next connection)."""
+        ...
+
+    async def end_session(self, timeout_s: float) -> None:
+        """Disconnect and tell the broker to drop the session now (a clean stop: nothing
+        may stay queued for a node that is not coming back)."""
         ...
 
 

@@ -7,13 +7,16 @@ never silently reused after the broker dropped it. Every network await has a tim
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import socket
+import ssl
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edgeward_shared.bus.base import Delivery
+from edgeward_shared.bus.base import Delivery, Unacknowledged
 from edgeward_shared.errors import TransportError
 from edgeward_shared.pki.store import IdentityFiles
 from edgeward_shared.tls import TlsIdentity, client_context
@@ -55,6 +58,15 @@ class MqttSettings:
     keepalive_s: int = 30
     timeout_s: float = 10.0
     session_expiry_s: int = 0  # 0: nothing queued for us while we are away
+    #: False resumes the session the broker kept (session_expiry_s > 0): what was queued
+    #: for us, and what we had not acknowledged, is delivered again (docs/adr/0017)
+    clean_start: bool = True
+    #: builds the TLS context at each connect from material held in memory (a node that
+    #: reloads its identity); None reads ``ca_bundle`` and ``identity`` from disk
+    tls: Callable[[], ssl.SSLContext] | None = None
+    #: acknowledge a QoS 1 delivery only when the consumer calls ``Delivery.ack`` (the
+    #: runtime does, once it took the message); False: on arrival, as paho does by default
+    manual_ack: bool = False
 
 
 #: QoS 1 publishes in flight (sent, PUBACK not yet seen) before ``publish`` waits for one.
@@ -62,10 +74,15 @@ PUBLISH_WINDOW = 32
 
 
 class MqttBus:
-    def __init__(self, client: aiomqtt.Client, timeout_s: float) -> None:
+    def __init__(
+        self, client: aiomqtt.Client, timeout_s: float, *, manual_ack: bool = False
+    ) -> None:
         self._client = client
         self._timeout = timeout_s
-        self._in_flight: collections.deque[mqtt.MQTTMessageInfo] = collections.deque()
+        self._manual_ack = manual_ack
+        self._in_flight: collections.deque[tuple[mqtt.MQTTMessageInfo, Unacknowledged]] = (
+            collections.deque()
+        )
 
     async def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
@@ -79,7 +96,7 @@ class MqttBus:
         ``PUBLISH_WINDOW`` publishes may be unacknowledged; past that, a publish waits for
         its PUBACK (back-pressure on a slow broker).
         """
-        while self._in_flight and self._in_flight[0].is_published():
+        while self._in_flight and self._in_flight[0][0].is_published():
             self._in_flight.popleft()
         if qos == 0 or len(self._in_flight) >= PUBLISH_WINDOW:
             try:
@@ -92,7 +109,30 @@ class MqttBus:
         info = self._client._client.publish(topic, payload, qos, retain)  # paho: no wait
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise TransportError("transport.publish", mqtt.error_string(info.rc))
-        self._in_flight.append(info)
+        self._in_flight.append((info, Unacknowledged(topic, payload, retain)))
+
+    async def drain(self, timeout_s: float) -> list[Unacknowledged]:
+        """Wait for the PUBACKs of the publishes in flight; return the ones still missing."""
+        deadline = time.monotonic() + timeout_s
+        while self._in_flight and time.monotonic() < deadline:
+            if self._in_flight[0][0].is_published():
+                self._in_flight.popleft()
+            else:
+                await asyncio.sleep(0.005)
+        missing = [message for info, message in self._in_flight if not info.is_published()]
+        self._in_flight.clear()
+        return missing
+
+    async def end_session(self, timeout_s: float) -> None:
+        """DISCONNECT with Session Expiry Interval 0 (MQTT 5 3.14.2.2.2): the broker drops
+        our session now instead of queueing our share of shared subscriptions for it."""
+        properties = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = 0
+        paho = self._client._client
+        if paho.disconnect(properties=properties) != mqtt.MQTT_ERR_SUCCESS:
+            return
+        with contextlib.suppress(TimeoutError, aiomqtt.MqttError):
+            await asyncio.wait_for(asyncio.shield(self._client._disconnected), timeout_s)
 
     async def subscribe(self, topic_filter: str, *, qos: int = 1) -> None:
         try:
@@ -103,9 +143,20 @@ class MqttBus:
     async def deliveries(self) -> AsyncIterator[Delivery]:
         try:
             async for message in self._client.messages:
-                yield Delivery(message.topic.value, bytes(message.payload), message.retain)
+                delivery = Delivery(message.topic.value, bytes(message.payload), message.retain)
+                if self._manual_ack and message.qos > 0:
+                    delivery = replace(delivery, ack=self._acknowledger(message.mid, message.qos))
+                yield delivery
         except aiomqtt.MqttError as exc:
             raise TransportError("transport.lost", str(exc)) from exc
+
+    def _acknowledger(self, mid: int, qos: int) -> Callable[[], None]:
+        paho = self._client._client
+
+        def ack() -> None:
+            paho.ack(mid, qos)  # a closed connection: the broker delivers it again
+
+        return ack
 
 
 def _write_eagerly(client: aiomqtt.Client) -> None:
@@ -139,7 +190,10 @@ def _write_eagerly(client: aiomqtt.Client) -> None:
 @asynccontextmanager
 async def connect_mqtt(settings: MqttSettings) -> AsyncIterator[MqttBus]:
     """Connect with mTLS; raises ``TransportError`` if the broker is unreachable or refuses."""
-    context = client_context(settings.ca_bundle, settings.identity)
+    if settings.tls is not None:
+        context = settings.tls()
+    else:
+        context = client_context(settings.ca_bundle, settings.identity)
     properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     properties.SessionExpiryInterval = settings.session_expiry_s
     client = aiomqtt.Client(
@@ -153,12 +207,15 @@ async def connect_mqtt(settings: MqttSettings) -> AsyncIterator[MqttBus]:
         timeout=settings.timeout_s,
         socket_options=NODELAY,
         properties=properties,
-        clean_start=True,
+        clean_start=settings.clean_start,
     )
     client.pending_calls_threshold = 1000  # QoS 1 bursts are normal for services
+    # acknowledge a QoS 1 delivery when the runtime takes it (Delivery.ack), not on arrival:
+    # what it never took is delivered again on a resumed session
+    client._client.manual_ack_set(settings.manual_ack)
     _write_eagerly(client)
     try:
         async with client:
-            yield MqttBus(client, settings.timeout_s)
+            yield MqttBus(client, settings.timeout_s, manual_ack=settings.manual_ack)
     except aiomqtt.MqttError as exc:
         raise TransportError("transport.connect", str(exc)) from exc

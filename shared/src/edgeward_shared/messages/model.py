@@ -88,6 +88,108 @@ class RolloutRequest(Message, frozen=True, tag="edgeward.model.rollout.v1"):
     percent: Annotated[int, msgspec.Meta(ge=0, le=100)] = 0
 
 
+class GateConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A gated rollout's per-wave gates (defaults in docs/protocol.md §5.10)."""
+
+    min_reported: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 1
+    max_failed_pct: Annotated[float, msgspec.Meta(ge=0, le=100)] = 10.0
+    min_affirming_pct: Annotated[float, msgspec.Meta(ge=0, le=100)] = 90.0
+    max_regression_pct: Annotated[float, msgspec.Meta(ge=0, le=100)] = 10.0
+    soak_s: Annotated[int, msgspec.Meta(ge=0, le=30 * 24 * 3600)] = 300
+
+
+class Exponential(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Waves from ``start`` % growing by ``factor`` each time, the last one 100 %."""
+
+    start: Annotated[int, msgspec.Meta(ge=1, le=100)]
+    factor: Annotated[float, msgspec.Meta(gt=1, le=100)]
+
+
+class RolloutStart(Message, frozen=True, tag="edgeward.model.rollout-start.v1"):
+    """Start a gated rollout: a canary (``devices`` plus the first wave), then ``waves``
+    (percentages, strictly increasing, the last 100) or ``exponential`` growth; each wave
+    advances only when its gates pass (by itself unless ``manual``), and a failed gate
+    aborts it and sends its devices back to ``previous`` (default: the highest older
+    version with a rollout that is not revoked). Answered with a :class:`RolloutStatus`."""
+
+    name: ModelName
+    version: Version
+    devices: Annotated[list[DeviceId], msgspec.Meta(max_length=10_000)] = msgspec.field(
+        default_factory=list
+    )
+    waves: Annotated[
+        list[Annotated[int, msgspec.Meta(ge=1, le=100)]], msgspec.Meta(max_length=32)
+    ] = msgspec.field(default_factory=list)
+    exponential: Exponential | None = None
+    gates: GateConfig = msgspec.field(default_factory=GateConfig)
+    previous: Version | None = None
+    manual: bool = False
+
+
+class RolloutControl(Message, frozen=True, tag="edgeward.model.rollout-control.v1"):
+    """An operator's verb on a gated rollout; answered with a :class:`RolloutStatus`."""
+
+    name: ModelName
+    version: Version
+    verb: Literal["promote", "pause", "resume", "abort", "status"]
+    reason: Annotated[str, msgspec.Meta(max_length=256)] = ""
+
+
+class GateStatus(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    gate: Literal["reported", "activation", "attestation", "performance", "drift"]
+    state: Literal["pass", "wait", "fail", "pending"]
+    value: Annotated[str, msgspec.Meta(max_length=128)]
+    threshold: Annotated[str, msgspec.Meta(max_length=64)]
+
+
+class RolloutStep(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One line of a rollout's audit history."""
+
+    at_ms: int
+    old: str
+    new: str
+    stage: int
+    reason: Annotated[str, msgspec.Meta(max_length=300)]
+    actor: Annotated[str, msgspec.Meta(max_length=128)]
+
+
+RolloutPhase = Literal["canary", "waves", "complete", "paused", "aborted", "rolled-back"]
+
+
+class RolloutStatus(Message, frozen=True, tag="edgeward.model.rollout-status.v1"):
+    """Where a gated rollout stands: its wave, its devices, each gate's value now."""
+
+    in_reply_to: MessageId
+    name: ModelName
+    version: Version
+    previous: Version | None
+    phase: RolloutPhase
+    wave: Annotated[str, msgspec.Meta(max_length=16)]  # canary, wave-1, ...
+    percent: Annotated[int, msgspec.Meta(ge=0, le=100)]
+    waves: Annotated[list[int], msgspec.Meta(max_length=32)]
+    targeted: int  # known devices the rollout reaches now
+    reported: int  # of them, reported on this version
+    failed: int
+    gates: Annotated[list[GateStatus], msgspec.Meta(max_length=8)]
+    reason: Annotated[str, msgspec.Meta(max_length=300)] | None
+    history: Annotated[list[RolloutStep], msgspec.Meta(max_length=1000)]
+
+
+class RolloutEvent(Message, frozen=True, tag="edgeward.model.rollout-event.v1"):
+    """Service event on ``ew/v1/svc/model-distribution/evt/rollout``: a gated rollout
+    changed phase or wave (an abort is the operator's alert)."""
+
+    name: ModelName
+    version: Version
+    previous: Version | None
+    old: RolloutPhase
+    new: RolloutPhase
+    wave: Annotated[str, msgspec.Meta(max_length=16)]
+    reason: Annotated[str, msgspec.Meta(max_length=300)]
+    actor: Annotated[str, msgspec.Meta(max_length=128)]
+    at_ms: int
+
+
 class RevokeVersion(Message, frozen=True, tag="edgeward.model.revoke.v1"):
     name: ModelName
     version: Version
@@ -126,18 +228,28 @@ class ModelList(Message, frozen=True, tag="edgeward.model.list.v1"):
 
 
 # ------------------------------------------------------------------ device <-> service
+#: a device's assignments are paged; a sync asks for at most this many pages
+MAX_SYNC_PAGES: int = 64
+
+
 class SyncRequest(Message, frozen=True, tag="edgeward.model.sync.v1"):
-    """Device -> service: which model versions are assigned to me now?"""
+    """Device -> service: which model versions are assigned to me now? ``offset``: the
+    first assignment (in model-name order) of the page wanted (a reply's ``next``)."""
+
+    offset: Annotated[int, msgspec.Meta(ge=0, le=MAX_SYNC_PAGES * 32)] = 0
 
 
 class SyncReply(Message, frozen=True, tag="edgeward.model.sync-reply.v1"):
     """One signed release document (:class:`edgeward_shared.models.release.ModelRelease`,
-    an envelope of its own) per model assigned to the device."""
+    an envelope of its own) per model assigned to the device, a page at a time (a reply
+    stays under the broker's 256 KiB): ``next`` is the offset of the next page, ``None``
+    on the last."""
 
     in_reply_to: MessageId
     releases: Annotated[
         list[Annotated[bytes, msgspec.Meta(max_length=128 * 1024)]], msgspec.Meta(max_length=32)
     ]
+    next: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
 class ModelAvailable(Message, frozen=True, tag="edgeward.model.available.v1"):

@@ -56,7 +56,13 @@ class ModelReason:
     NOT_ASSIGNED: Final = "model.version.not_assigned"
     VERSION_REVOKED: Final = "model.version.revoked"
     ROLLOUT_INVALID: Final = "model.rollout.invalid"
+    ROLLOUT_STATE: Final = "model.rollout.state"  # the verb does not fit the rollout's state
+    ROLLOUT_UNKNOWN: Final = "model.rollout.unknown"  # no gated rollout of that version
+    ROLLOUT_ABORTED: Final = "model.rollout.aborted"  # event/audit: a gate failed or an operator
+    ROLLOUT_REVERT: Final = "model.rollout.revert"  # device: an explicit revert was accepted
     UPLOAD_INVALID: Final = "model.upload.invalid"
+    TIER_DOWNGRADE: Final = "model.tier.downgrade"  # a new version less protected than the last
+    RATE_LIMITED: Final = "model.rate_limited"  # a device's syncs or chunk requests, too many
     PUBLISHED: Final = "model.published"  # label of an accepted publication (metrics, logs)
     # key release (KMS role)
     KEY_RELEASED: Final = "model.key.released"  # key log: wrapped to an attested session key

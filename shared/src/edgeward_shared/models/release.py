@@ -12,7 +12,11 @@ the document and checks it again after a restart.
 What a device refuses (reason ids in :class:`~.reasons.ModelReason`):
 
 * rollback: a model version below the highest it has ever accepted for that model, or
-  metadata older (``meta_version``) than the newest it has seen, both persisted;
+  metadata older (``meta_version``) than the newest it has seen, both persisted. One
+  exception, the explicit revert of an aborted rollout (docs/adr/0020): a document whose
+  ``reverts`` names a version at or above the device's high-water may assign an older
+  version, but only with metadata strictly newer than any the device has seen, so an old
+  document replayed is still refused;
 * freeze: a document past its ``exp`` (the service re-signs on every sync, so a device that
   stops hearing from it sees its metadata expire and alarms);
 * mix-and-match: the same version with another provenance, or a document for another
@@ -92,6 +96,10 @@ class ModelRelease(Message, frozen=True, tag="edgeward.model.release.v1"):
     signature: Annotated[bytes, msgspec.Meta(max_length=64 * 1024)]
     signer_cert: Annotated[bytes, msgspec.Meta(max_length=4096)]
     blob: BlobInfo
+    #: set when this document sends the device back from an aborted rollout of a newer
+    #: version (docs/adr/0020): the aborted version; the device may go below its high-water
+    #: down to ``version`` if that high-water is at most ``reverts``
+    reverts: Version | None = None
 
 
 def release_topic(name: str) -> str:
@@ -135,6 +143,14 @@ class HighWater:
     meta_version: int
     provenance_digest: str
 
+    def replaced_by(self, mark: HighWater) -> bool:
+        """Whether ``mark`` supersedes this one: newer metadata (the service's counter orders
+        its decisions, an explicit revert included), or the same metadata and no older
+        version."""
+        if mark.meta_version != self.meta_version:
+            return mark.meta_version > self.meta_version
+        return mark.version >= self.version
+
 
 def check_release(release: ModelRelease, device_id: str, high: HighWater | None) -> None:
     """The rollback and mix-and-match rules, against what this device accepted before."""
@@ -147,9 +163,16 @@ def check_release(release: ModelRelease, device_id: str, high: HighWater | None)
             ModelReason.METADATA_ROLLBACK, f"meta {release.meta_version} < {high.meta_version}"
         )
     if release.version < high.version:
-        raise PolicyError(
-            ModelReason.VERSION_ROLLBACK, f"version {release.version} < {high.version}"
-        )
+        revert = release.reverts is not None and release.version < release.reverts
+        if not revert or release.reverts is None or release.reverts < high.version:
+            raise PolicyError(
+                ModelReason.VERSION_ROLLBACK, f"version {release.version} < {high.version}"
+            )
+        if release.meta_version <= high.meta_version:  # a revert is a new decision, never a replay
+            raise PolicyError(
+                ModelReason.METADATA_ROLLBACK,
+                f"revert at meta {release.meta_version} <= {high.meta_version}",
+            )
     provenance_digest = hashlib.sha256(release.provenance).hexdigest()
     if release.version == high.version and provenance_digest != high.provenance_digest:
         raise PolicyError(ModelReason.METADATA_MISMATCH, "same version, other provenance")

@@ -58,3 +58,15 @@ def ensure_canary(store: PkiStore, now: datetime) -> int:
     serial = read_certificate(files.cert).serial_number
     store.revoke(serial, now, CANARY_REASON)
     return serial
+
+
+def reissue_canary(store: PkiStore, now: datetime) -> int | None:
+    """After an issuing-CA rotation: the canary again, issued by the CA issuing now and
+    revoked (a canary of a CA later retired would be refused as unknown, not as revoked,
+    and prove nothing). None if the PKI has no canary yet (the broker makes one)."""
+    if not canary_files(store).cert.exists():
+        return None
+    files = store.issue(CANARY, now, _LIFETIME, replace=True)
+    serial = read_certificate(files.cert).serial_number
+    store.revoke(serial, now, CANARY_REASON)
+    return serial

@@ -97,11 +97,14 @@ def make_issuing_ca(
     org: str,
     now: datetime,
     lifetime: timedelta,
+    common_name: str | None = None,
 ) -> x509.Certificate:
+    """An issuing CA under ``root``; ``common_name`` tells apart the generations of issuing
+    CAs that overlap during a rotation (CRLs and chains are matched by issuer name)."""
     not_after = min(now + lifetime, root.cert.not_valid_after_utc)
     builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(f"{org} Issuing CA", org))
+        .subject_name(_name(common_name or f"{org} Issuing CA", org))
         .issuer_name(root.cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())

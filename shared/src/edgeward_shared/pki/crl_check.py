@@ -94,3 +94,21 @@ def check_crl(
     except x509.ExtensionNotFound:
         number = None
     return CrlFacts(number, this_update, next_update, serials)
+
+
+def check_crl_file(
+    pem: bytes, issuers: Iterable[x509.Certificate], revoked: Iterable[int], now: datetime
+) -> list[CrlFacts]:
+    """:func:`check_crl` for a CRL file holding one CRL per trusted issuing CA, in the
+    order of ``issuers`` (the one issuing now first; while a previous issuing CA is still
+    trusted, its CRL follows: docs/adr/0017). Each must pass, and list every revoked serial."""
+    issuers, revoked = list(issuers), frozenset(revoked)
+    blocks = [_PEM_CRL + block for block in pem.split(_PEM_CRL)[1:]]
+    if len(blocks) != len(issuers):
+        raise CrlError(
+            CrlReason.UNPARSEABLE, f"{len(blocks)} PEM CRL blocks for {len(issuers)} issuing CAs"
+        )
+    return [
+        check_crl(block, issuer, revoked, now)
+        for block, issuer in zip(blocks, issuers, strict=True)
+    ]

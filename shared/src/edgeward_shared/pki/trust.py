@@ -14,6 +14,7 @@ refuses an expired one: a stale CRL is a reason to fail closed, not to trust eve
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ class TrustStore:
         self._store = Store(self._anchors)
         self._intermediates = list(intermediates)
         self._revoked = frozenset(revoked_serials)
+        self._crl_revoked: frozenset[int] = frozenset()  # replaced by a CRL reload
         self._cache: OrderedDict[str, Signer] = OrderedDict()
         self._cache_size = cache_size
 
@@ -74,7 +76,7 @@ class TrustStore:
         certs = read_certificates(bundle)
         anchors = [c for c in certs if c.issuer == c.subject]
         intermediates = [c for c in certs if c.issuer != c.subject]
-        revoked = load_crl(crl, intermediates, now=now) if crl else frozenset()
+        revoked = load_crls(crl, intermediates, now=now) if crl else frozenset()
         return cls(anchors, intermediates, revoked)
 
     @property
@@ -85,12 +87,32 @@ class TrustStore:
         """Replace the revoked set; takes effect on the next :meth:`signer` call."""
         self._revoked = frozenset(serials)
 
+    def adopt(self, intermediates: Iterable[x509.Certificate], crl_revoked: Iterable[int]) -> None:
+        """Take a reloaded set of issuing CAs and the serials their CRLs revoke.
+
+        The anchors stay (a root is pinned for the life of the process). Cached chain
+        results are dropped, so a retired issuing CA stops vouching for anyone at once.
+        Serials given to :meth:`set_revoked` stay revoked as well: a CRL reload never
+        un-revokes what the revocation plane revoked.
+        """
+        self._intermediates = list(intermediates)
+        self._crl_revoked = frozenset(crl_revoked)
+        self._cache.clear()
+
+    def adopt_issuers(self, intermediates: Iterable[x509.Certificate]) -> None:
+        """Take a new set of issuing CAs (a fleet trust bundle), keeping the revocations."""
+        self.adopt(intermediates, self._crl_revoked)
+
+    @property
+    def anchors(self) -> list[x509.Certificate]:
+        return list(self._anchors)
+
     @property
     def revoked_serials(self) -> frozenset[int]:
-        return self._revoked
+        return self._revoked | self._crl_revoked
 
     def is_revoked(self, serial: int) -> bool:
-        return serial in self._revoked
+        return serial in self._revoked or serial in self._crl_revoked
 
     def signer(
         self,
@@ -114,7 +136,7 @@ class TrustStore:
             raise AuthenticityError(Reason.TOPIC_ROLE, f"{signer.identity.role} may not sign this")
         if not signer.valid_from <= now <= signer.valid_until:
             raise AuthenticityError(Reason.ENVELOPE_CHAIN, "certificate outside validity")
-        if signer.serial in self._revoked:
+        if self.is_revoked(signer.serial):
             raise AuthenticityError(
                 Reason.ENVELOPE_SIGNER_REVOKED, f"{signer.identity} (serial {signer.serial:x})"
             )
@@ -167,6 +189,48 @@ def read_signed_crl(
     if not isinstance(pub, ec.EllipticCurvePublicKey) or not crl.is_signature_valid(pub):
         raise ConfigError("config.crl.signature", f"{path} is not signed by a known issuing CA")
     return crl
+
+
+def parse_crls(data: bytes) -> list[x509.CertificateRevocationList]:
+    """Every CRL in a PEM file (one per issuing CA while two overlap); ``ValueError`` if a
+    block is not one, or if there is none."""
+    blocks = _CRL_PEM.findall(data)
+    if not blocks:
+        raise ValueError("no PEM CRL found")
+    return [x509.load_pem_x509_crl(block) for block in blocks]
+
+
+def load_crls(path: Path, issuers: Iterable[x509.Certificate], *, now: datetime) -> frozenset[int]:
+    """Revoked serials from every CRL in the file at ``path``.
+
+    Each CRL must be signed by one of ``issuers`` and not expired, and every issuer must
+    have one (an issuing CA whose revocations are unknown is a reason to fail closed), as
+    ``openssl verify -crl_check`` and the broker require.
+    """
+    issuers = list(issuers)
+    try:
+        crls = parse_crls(path.read_bytes())
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError("config.crl.unreadable", f"{path}: {exc}") from exc
+    serials: set[int] = set()
+    covered: set[x509.Name] = set()
+    for crl in crls:
+        issuer = next((c for c in issuers if c.subject == crl.issuer), None)
+        pub = issuer.public_key() if issuer else None
+        if not isinstance(pub, ec.EllipticCurvePublicKey) or not crl.is_signature_valid(pub):
+            raise ConfigError("config.crl.signature", f"{path}: a CRL not signed by a known CA")
+        next_update = crl.next_update_utc
+        if next_update is None or next_update < now:
+            raise ConfigError("config.crl.expired", f"{path}: {crl.issuer} expired {next_update}")
+        covered.add(crl.issuer)
+        serials.update(entry.serial_number for entry in crl)
+    missing = [c.subject.rfc4514_string() for c in issuers if c.subject not in covered]
+    if missing:
+        raise ConfigError("config.crl.missing", f"{path} has no CRL for {', '.join(missing)}")
+    return frozenset(serials)
+
+
+_CRL_PEM = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
 
 
 def load_crl(path: Path, issuers: Iterable[x509.Certificate], *, now: datetime) -> frozenset[int]:

@@ -14,6 +14,12 @@ A :class:`Runtime` is what every Edgeward process (service, device agent, CLI cl
   finishes the messages in flight before it returns (graceful shutdown).
 * :meth:`Runtime.request` sends a request and awaits the reply bound to it (``in_reply_to``
   inside the signed payload: the broker cannot redirect or forge an answer).
+* :meth:`Runtime.swap_identity` takes a reloaded signing key and reconnects with it, losing
+  no message (docs/adr/0017): the runtime stops taking requests, finishes the ones it took
+  (their replies still arrive), waits for its publishes' PUBACKs, reconnects on the session
+  the broker kept and publishes again whatever was not acknowledged. Messages it never took
+  were never acknowledged: the broker delivers them again on the resumed session. The
+  replay cache is the verifier's and outlives the connection.
 """
 
 from __future__ import annotations
@@ -23,14 +29,14 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
-from edgeward_shared.bus.base import Bus, Delivery, topic_matches
+from edgeward_shared.bus.base import Bus, Delivery, Resumable, Unacknowledged, topic_matches
 from edgeward_shared.clock import Clock
 from edgeward_shared.envelope import (
     DEFAULT_TTL_MS,
@@ -58,6 +64,8 @@ log = logging.getLogger("edgeward.runtime")
 OPAQUE_REJECTION = "envelope.rejected"
 #: Rejections not worth a reply: a late or unsolicited answer, or the bus itself failing.
 _UNANSWERED = frozenset({"message.reply.unexpected"})
+#: How long a planned reconnect waits for PUBACKs, and a publish for the new connection.
+SWAP_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +96,8 @@ Handler = Callable[[Opened[Any]], Awaitable[Sequence[Outgoing | OutgoingFrame]]]
 #: Gets the raw delivery of a data frame (no envelope; see edgeward_shared.models.frames).
 FrameHandler = Callable[[Delivery], Awaitable[None]]
 Connect = Callable[[], AbstractAsyncContextManager[Bus]]
+#: Runs beside the bus loop until the event is set (a file watcher, say).
+Background = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,12 +142,62 @@ class Runtime:
         self._pending: dict[str, asyncio.Future[Opened[Any]]] = {}
         self._served = False
         self.ready = asyncio.Event()
+        self._reconnect = asyncio.Event()  # a planned reconnect: new TLS material
+        self._swapping = False
+        self._draining = False  # letting a connection go: take nothing new
+        self._carry: list[Unacknowledged] = []  # not acknowledged before a planned reconnect
+        self._taken = 0  # messages taken and not yet handled
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._identity_listeners: list[Callable[[SigningKey], None]] = []
+        self._background: list[Background] = []
+        self._hangup: list[Callable[[], None]] = []
         #: connections served so far: a change means the runtime (re)connected
         self.connections = 0
 
     @property
     def identity(self) -> Identity:
         return self.signing_key.identity
+
+    # ------------------------------------------------------------------ reloads
+    def on_identity_change(self, listener: Callable[[SigningKey], None]) -> None:
+        """Call ``listener`` with the new key whenever :meth:`swap_identity` takes one
+        (for services that sign with ``runtime.signing_key`` outside the runtime)."""
+        self._identity_listeners.append(listener)
+
+    def swap_identity(self, signing_key: SigningKey) -> None:
+        """Sign with ``signing_key`` from now on and reconnect with the new TLS material.
+
+        The caller has checked the material (:mod:`edgeward_shared.runtime.material`); the
+        principal may not change (``ValueError``)."""
+        if signing_key.identity.principal != self.identity.principal:
+            raise ValueError(f"{signing_key.identity} is not {self.identity}")
+        self.signing_key = signing_key
+        for listener in self._identity_listeners:
+            listener(signing_key)
+        self.request_reconnect()
+
+    @property
+    def swapping(self) -> bool:
+        """True from :meth:`request_reconnect` until the next connection serves."""
+        return self._swapping
+
+    def request_reconnect(self) -> None:
+        """Let the current connection go without losing a message and connect again."""
+        self._swapping = True
+        self._reconnect.set()
+
+    def add_background(self, task: Background) -> None:
+        """Run ``task`` beside the bus loop in :meth:`run` (it must return once told to stop)."""
+        self._background.append(task)
+
+    def on_hangup(self, callback: Callable[[], None]) -> None:
+        self._hangup.append(callback)
+
+    def hangup(self) -> None:
+        """SIGHUP: every hangup callback (reload the files now)."""
+        for callback in self._hangup:
+            callback()
 
     # ------------------------------------------------------------------ routing
     def route(
@@ -213,7 +273,7 @@ class Runtime:
         )
 
     async def publish(self, outgoing: Outgoing | OutgoingFrame) -> None:
-        bus = self._require_bus()
+        bus = await self._bus_for_publish()
         if isinstance(outgoing, OutgoingFrame):
             await bus.publish(outgoing.topic, outgoing.frame, qos=outgoing.qos)
             self.metrics.published.labels("frame").inc()
@@ -232,15 +292,23 @@ class Runtime:
         future: asyncio.Future[Opened[Any]] = asyncio.get_running_loop().create_future()
         self._pending[mid] = future
         try:
-            raw = self.seal_outgoing(Outgoing(topic, message), mid=mid)
             async with asyncio.timeout(timeout_s):
-                await self._require_bus().publish(topic, raw)
+                bus = await self._bus_for_publish()
+                raw = self.seal_outgoing(Outgoing(topic, message), mid=mid)
+                await bus.publish(topic, raw)
                 self.metrics.published.labels(message.TYPE).inc()
                 return await future
         except TimeoutError as exc:
             raise TransportError("transport.timeout", f"no reply on {topic}") from exc
         finally:
             self._pending.pop(mid, None)
+
+    async def _bus_for_publish(self) -> Bus:
+        """The bus; during a planned reconnect, the next one (waiting up to SWAP_TIMEOUT_S)."""
+        if self._bus is None and self._swapping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.ready.wait(), SWAP_TIMEOUT_S)
+        return self._require_bus()
 
     def _require_bus(self) -> Bus:
         if self._bus is None:
@@ -331,29 +399,62 @@ class Runtime:
         try:
             for topic_filter in dict.fromkeys(r.topic_filter for r in self._routes):
                 await bus.subscribe(topic_filter)
+            carried, self._carry = self._carry, []
+            for message in carried:  # not acknowledged on the previous connection
+                await bus.publish(message.topic, message.payload, retain=message.retain)
             self.metrics.connected.set(1)
             self._served = True
+            self._swapping = False
             self.connections += 1
             self.ready.set()
             async with asyncio.TaskGroup() as group:
                 consumer = group.create_task(self._consume(bus.deliveries(), group))
                 stopper = group.create_task(stop.wait())
-                await asyncio.wait({consumer, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                consumer.cancel()
+                swapper = group.create_task(self._reconnect.wait())
+                await asyncio.wait(
+                    {consumer, stopper, swapper}, return_when=asyncio.FIRST_COMPLETED
+                )
                 stopper.cancel()
+                swapper.cancel()
+                if self._reconnect.is_set() and not consumer.done() and not stop.is_set():
+                    await self._let_go(bus, consumer)
+                consumer.cancel()
+            if stop.is_set() and isinstance(bus, Resumable):
+                await bus.end_session(SWAP_TIMEOUT_S)  # a clean stop: nothing queued for us
         finally:
             self.ready.clear()
             self.metrics.connected.set(0)
             self._bus = None
 
+    async def _let_go(self, bus: Bus, consumer: asyncio.Task[None]) -> None:
+        """Before a planned reconnect: take nothing new (left unacknowledged, the broker
+        delivers it again), finish what was taken while replies still arrive, then collect
+        the publishes the broker has not acknowledged, to send again."""
+        self._draining = True
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), SWAP_TIMEOUT_S)
+        finally:
+            self._draining = False
+        consumer.cancel()
+        if isinstance(bus, Resumable):
+            self._carry = await bus.drain(SWAP_TIMEOUT_S)
+        log.info("bus.reconnecting", extra=fields(carried=len(self._carry)))
+
     async def _consume(self, deliveries: AsyncIterator[Delivery], group: asyncio.TaskGroup) -> None:
         async for delivery in deliveries:
             if self._is_inline(delivery.topic):
                 await self.handle(delivery)  # a reply: verify and resolve, never wait for a slot
+                delivery.ack()
                 continue
+            if self._draining:
+                continue  # not taken, not acknowledged: it comes again after the reconnect
             # Keep reading while handlers wait for slots, so replies behind a burst of
             # requests still arrive; past the backlog bound, stop reading (backpressure).
             await self._backlog.acquire()
+            self._taken += 1
+            self._idle.clear()
+            delivery.ack()
             group.create_task(self._handle_in_slot(delivery))
         raise TransportError("transport.lost", "the bus closed the connection")
 
@@ -363,6 +464,9 @@ class Runtime:
                 await self.handle(delivery)
         finally:
             self._backlog.release()
+            self._taken -= 1
+            if self._taken == 0:
+                self._idle.set()
 
     def _is_inline(self, topic: str) -> bool:
         return any(r.inline and topic_matches(r.topic_filter, topic) for r in self._routes)
@@ -374,10 +478,23 @@ class Runtime:
         *,
         backoff: Callable[[], Iterator[float]] = jittered_backoff,
     ) -> None:
-        """Serve until ``stop`` is set, reconnecting with jittered backoff on bus failures."""
+        """Serve until ``stop`` is set, reconnecting with jittered backoff on bus failures
+        (at once after a planned reconnect). Background tasks run beside it."""
+        async with asyncio.TaskGroup() as group:
+            for task in self._background:
+                group.create_task(task(stop))
+            await self._run_bus(connect, stop, backoff)
+
+    async def _run_bus(
+        self,
+        connect: Connect,
+        stop: asyncio.Event,
+        backoff: Callable[[], Iterator[float]],
+    ) -> None:
         delays = backoff()
         while not stop.is_set():
             self._served = False
+            self._reconnect.clear()
             failure = await self._connect_and_serve(connect, stop)
             if failure is None:
                 continue

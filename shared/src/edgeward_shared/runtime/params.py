@@ -1,6 +1,7 @@
 """Click parameter types every Edgeward command line shares: a broker address
 (``HOST:PORT``), a duration with bounds (``500ms``, ``90s``, ``30m``, ``24h``, ``7d``) and a
-byte size with bounds (``65536``, ``64KiB``, ``10MB``).
+byte size with bounds (``65536``, ``64KiB``, ``10MB``) and a rate limit (``RATE/s:BURST``,
+e.g. ``50/s:200``).
 
 Each converts once, at the edge, into the value the code uses (:class:`BrokerAddress`,
 :class:`~datetime.timedelta`, ``int`` bytes) and refuses anything else as a usage error
@@ -17,6 +18,7 @@ from typing import Final
 import click
 
 from edgeward_shared.bus.mqtt import BrokerAddress
+from edgeward_shared.ratelimit import Limit
 
 _DURATION_RE: Final = re.compile(r"(\d+)(ms|s|m|h|d)?")
 _DURATION_UNITS: Final = {
@@ -26,6 +28,7 @@ _DURATION_UNITS: Final = {
     "h": timedelta(hours=1),
     "d": timedelta(days=1),
 }
+_RATE_RE: Final = re.compile(r"(\d+(?:\.\d+)?)(?:/s)?:(\d+)")
 _SIZE_RE: Final = re.compile(r"(\d+)\s*([A-Za-z]*)")
 # binary multiples (KiB, and the bare letters K/M/G, which everyone reads as binary) and
 # decimal ones (KB, MB, GB, as disks and links are sold)
@@ -143,3 +146,33 @@ class ByteSizeParam(click.ParamType[int]):
     @property
     def bounds(self) -> str:
         return f"{format_size(self.minimum)}..{format_size(self.maximum)}"
+
+
+class RateLimitParam(click.ParamType[Limit]):
+    """A token-bucket limit ``RATE/s:BURST`` (``/s`` optional): ``50/s:200`` refills 50
+    tokens a second and holds at most 200; the rate is at most ``max_rate`` per second."""
+
+    name = "RATE/s:BURST"
+
+    def __init__(self, max_rate: float, max_burst: int) -> None:
+        if max_rate <= 0 or max_burst < 1:
+            raise ValueError("a rate limit's bounds must be positive")
+        self.max_rate = max_rate
+        self.max_burst = max_burst
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> Limit:
+        if isinstance(value, Limit):
+            return value
+        match = _RATE_RE.fullmatch(str(value).strip())
+        if match is None:
+            self.fail(f"{value!r} is not a rate limit like 50/s:200", param, ctx)
+        rate, burst = float(match[1]), int(match[2])
+        if not (0 < rate <= self.max_rate and 1 <= burst <= self.max_burst):
+            self.fail(
+                f"{value!r} is outside 0..{self.max_rate:g}/s with a burst of 1..{self.max_burst}",
+                param,
+                ctx,
+            )
+        return Limit(rate_per_s=rate, burst=burst)
