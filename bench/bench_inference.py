@@ -25,7 +25,9 @@ no model, measured in the same run over the same mTLS broker and ACLs: a client 
 on the gateway's request topic, a relay with the gateway's identity passes it to the
 device's ``down/infer``, a relay with the device's identity sends it back on ``up/infer``,
 and the gateway relay answers on the client's response topic. The small model's added
-p50 is reported against it (target: <= 1.5x the floor).
+p50 is reported against it (target: <= 1.5x the floor). The binary path (docs/adr/0024;
+not yet on the call path): a 900 KiB camera frame and a 1 MiB output as tensor frames over
+one broker hop, reassembled and checked against their signed spec's SHA-256.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ from edgeward_shared.messages.model import ModelQuery
 from edgeward_shared.models.provenance import Provenance, Tier, sha256_hex
 from edgeward_shared.runtime.kit import loop_factory
 from edgeward_shared.runtime.node import build_runtime
+from edgeward_shared.tensorframes import Reassembler, frames, spec_of
 from edgeward_shared.topics import (
     ROOT,
     Channel,
@@ -152,6 +155,43 @@ async def transport_floor(pki: Any, broker: BrokerAddress, size: int) -> list[fl
     return latencies
 
 
+async def binary_transfer(pki: Any, broker: BrokerAddress, data: bytes) -> list[float]:
+    """Latencies (s) of one tensor's frames, caller to gateway, reassembled and checked
+    against their spec (docs/adr/0024): the binary path's transport cost for real sizes."""
+    request = f"{ROOT}/svc/{ServiceName.INFERENCE_GATEWAY}/req/{MODELS.common_name}"
+    spec = spec_of("x", "uint8", [len(data)], data)
+
+    def settings(identity: Identity) -> MqttSettings:
+        return MqttSettings(
+            broker=broker,
+            ca_bundle=pki.bundle_path,
+            identity=pki.identity_files(identity),
+            client_id=identity.common_name,
+        )
+
+    latencies = []
+    async with (
+        connect_mqtt(settings(MODELS)) as caller,
+        connect_mqtt(settings(GATEWAY)) as gateway,
+    ):
+        await gateway.subscribe(request)
+        deliveries = gateway.deliveries()
+        reassembler = Reassembler()
+        for i in range(WARMUP + N):
+            call = f"{i:032x}"
+            started = time.perf_counter()
+            reassembler.expect(MODELS.common_name, call, [spec], deadline_ms=2**62)
+            for frame in frames(call, [data]):
+                await caller.publish(request, frame)
+            done = None
+            while done is None:
+                delivery = await asyncio.wait_for(anext(deliveries), 10)
+                done = reassembler.feed(MODELS.common_name, delivery.payload)
+            if i >= WARMUP:
+                latencies.append(time.perf_counter() - started)
+    return latencies
+
+
 async def main_async() -> None:
     report = Report("inference")
     models = {
@@ -169,6 +209,9 @@ async def main_async() -> None:
             broker = BrokerAddress(mosquitto.host, mosquitto.port)
             floor = await transport_floor(pki, broker, 1024)  # about a small call's size
             report.add("transport_floor_p50_ms", median(floor) * 1000, "ms")
+            for label, size in (("camera_frame_900k", 640 * 480 * 3), ("ocr_output_1m", 1 << 20)):
+                moved = await binary_transfer(pki, broker, bytes(size))
+                report.add(f"binary_{label}_one_hop_p50_ms", median(moved) * 1000, "ms")
             await run(report, pki, broker, root, models, median(floor))
     report.write()
 
