@@ -212,7 +212,7 @@ class GatewayService:
 
     async def _refused_by_device(self, device_id: str, refusal: Rejected) -> Sequence[Outgoing]:
         """The device would not run a call: pass its reason to the caller."""
-        pending = await self._pending(refusal.in_reply_to)
+        pending = await self._pending(refusal.in_reply_to, device_id)
         if pending is None or pending.device_id != device_id:
             return ()
         done = await self.writer.submit(Commit(None, claim=pending.request_mid))
@@ -226,7 +226,7 @@ class GatewayService:
         pending: Pending | None = None
         try:
             if result.in_reply_to is not None:
-                pending = await self._pending(result.in_reply_to)
+                pending = await self._pending(result.in_reply_to, device_id)
                 if pending is None or pending.device_id != device_id:
                     pending = None
                     raise PolicyError(GatewayReason.REQUEST_UNKNOWN, "no such call waiting")
@@ -265,12 +265,16 @@ class GatewayService:
             out.append(Outgoing(pending.answer_topic, _answer(pending, result, None)))
         return out
 
-    async def _pending(self, request_mid: str) -> Pending | None:
-        """The waiting call ``request_mid`` answers: this instance's own from memory (taken
-        out: whatever the claim says, no second answer lands here for it), else the
-        database's."""
-        local = self._local.pop(request_mid, None)
-        return local if local is not None else await self.store.pending(request_mid)
+    async def _pending(self, request_mid: str, device_id: str) -> Pending | None:
+        """The waiting call ``request_mid`` answers: this instance's own from memory, taken
+        out once its device answers (the claim in the commit still decides who replies;
+        a second answer reads the database, where the claimed row is gone), else the
+        database's. Another device naming the call leaves it in place."""
+        local = self._local.get(request_mid)
+        if local is not None and local.device_id == device_id:
+            del self._local[request_mid]
+            return local
+        return await self.store.pending(request_mid)
 
     def _verify(self, device_id: str, result: InferResult, now: int) -> core.Verified:
         hits = self.ears.hits
