@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgeward_shared.errors import EdgewardError, MessageError, PolicyError
+from edgeward_shared.messages.infer import TensorSpec
 from edgeward_shared.tensorframes import (
     CHUNK_BYTES,
     MAGIC,
@@ -20,11 +21,13 @@ from edgeward_shared.tensorframes import (
     Limits,
     Reassembler,
     TensorReason,
-    TensorSpec,
     check_spec,
+    chunk_count,
     decode_frame,
     encode_frame,
     frames,
+    relay_mid,
+    relayed,
     spec_of,
 )
 
@@ -55,7 +58,7 @@ def test_a_camera_frame_and_an_ocr_output_round_trip() -> None:
         spec_of("y", "float32", [1, 40, 6625], ocr),
     ]
     raw = list(frames(CALL, [image, ocr]))
-    assert len(raw) == specs[0].chunks + specs[1].chunks == 5 + 6
+    assert len(raw) == chunk_count(specs[0]) + chunk_count(specs[1]) == 5 + 6
     assert all(len(f) <= CHUNK_BYTES + 256 for f in raw)  # inside the broker's 256 KiB
     assert _reassemble(specs, raw) == [image, ocr]
 
@@ -234,3 +237,74 @@ def test_a_spec_decodes_strictly() -> None:
             b'{"name":"x","dtype":"complex64","shape":[1],"size":8,"sha256":"' + b"0" * 64 + b'"}',
             type=TensorSpec,
         )
+
+
+def test_frames_before_their_message_are_held_then_fed() -> None:
+    data = os.urandom(2 * CHUNK_BYTES + 3)
+    spec = spec_of("x", "uint8", [len(data)], data)
+    raw = list(frames(CALL, [data]))
+    r = Reassembler(Limits(early_ms=100))
+    r.hold("dev-1", raw[0], now_ms=0)
+    r.hold("dev-1", raw[2], now_ms=0)
+    assert r.expect("dev-1", CALL, [spec], deadline_ms=1000) is None
+    done = r.feed("dev-1", raw[1])
+    assert done is not None
+    assert done[1] == [data]
+
+
+def test_a_call_may_complete_from_held_frames_alone() -> None:
+    data = os.urandom(10)
+    spec = spec_of("x", "uint8", [10], data)
+    r = Reassembler()
+    r.hold("dev-1", next(frames(CALL, [data])), now_ms=0)
+    done = r.expect("dev-1", CALL, [spec], deadline_ms=1000)
+    assert done is not None
+    assert done[1] == [data]
+
+
+def test_held_frames_are_bounded_and_expire() -> None:
+    data = os.urandom(100)
+    spec = spec_of("x", "uint8", [100], data)
+    raw = next(frames(CALL, [data]))
+    r = Reassembler(Limits(early_ms=100, max_early_bytes=len(raw) + 10))
+    r.hold("dev-1", raw, now_ms=0)
+    with pytest.raises(PolicyError) as caught:
+        r.hold("dev-1", next(frames(OTHER, [data])), now_ms=0)
+    assert caught.value.reason == TensorReason.BUSY
+    r.expire(100)  # gone: the message came too late for them
+    assert r.expect("dev-1", CALL, [spec], deadline_ms=1000) is None
+    r.hold("dev-1", next(frames(OTHER, [data])), now_ms=200)  # room again
+
+
+def test_held_frames_from_another_sender_do_not_join() -> None:
+    data = os.urandom(10)
+    spec = spec_of("x", "uint8", [10], data)
+    r = Reassembler()
+    r.hold("dev-2", next(frames(CALL, [data])), now_ms=0)
+    assert r.expect("dev-1", CALL, [spec], deadline_ms=1000) is None
+
+
+def test_a_tampered_held_frame_fails_the_call_when_it_completes() -> None:
+    data = os.urandom(10)
+    spec = spec_of("x", "uint8", [10], data)
+    raw = bytearray(next(frames(CALL, [data])))
+    raw[-1] ^= 1
+    r = Reassembler()
+    r.hold("dev-1", bytes(raw), now_ms=0)
+    with pytest.raises(MessageError) as caught:
+        r.expect("dev-1", CALL, [spec], deadline_ms=1000)
+    assert caught.value.reason == TensorReason.DIGEST_MISMATCH
+
+
+def test_the_relay_renames_the_frame_and_drops_its_destination() -> None:
+    data = os.urandom(10)
+    raw = next(frames(CALL, [data], to="dev-1"))
+    to, out = relayed(raw, "op.alice")
+    header, chunk = decode_frame(out)
+    assert to == "dev-1"
+    assert (header.call, header.to, bytes(chunk)) == (relay_mid("op.alice", CALL), None, data)
+    assert relay_mid("op.alice", CALL) != relay_mid("op.bob", CALL)
+    with pytest.raises(MessageError):  # nowhere to go
+        relayed(next(frames(CALL, [data])))
+    to, out = relayed(next(frames(CALL, [data], to="op.alice")))  # an output: name kept
+    assert (to, decode_frame(out)[0].call) == ("op.alice", CALL)

@@ -14,7 +14,7 @@ Layout (all integers big-endian)::
     magic  b"EWTENS1\\x00"       8 bytes
     length u16                  of the header
     header canonical JSON       {"call": <hex32 mid of the signed message>, "t": <tensor
-                                 index>, "i": <chunk index>}
+                                 index>, "i": <chunk index>[, "to": <destination>]}
     data   the chunk bytes      to the end of the message
 
 This module owns the codec and the bounded reassembly (pure: no I/O, no clock; times are
@@ -36,8 +36,7 @@ from typing import Annotated, Final
 import msgspec
 
 from edgeward_shared.errors import MessageError, PolicyError
-from edgeward_shared.messages.infer import DType
-from edgeward_shared.messages.model_types import Hex64
+from edgeward_shared.messages.infer import DType, TensorSpec
 
 MAGIC: Final = b"EWTENS1\x00"
 MAX_HEADER_BYTES: Final = 256
@@ -66,34 +65,34 @@ class TensorReason:
     BUSY: Final = "infer.tensor.busy"  # too many calls or bytes being reassembled
 
 
-Dim = Annotated[int, msgspec.Meta(ge=0, le=1 << 24)]
+def chunk_count(spec: TensorSpec) -> int:
+    return max(1, math.ceil(spec.size / CHUNK_BYTES))
 
 
-class TensorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A tensor as a signed header names it: its bytes travel in frames."""
-
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-    dtype: DType
-    shape: Annotated[list[Dim], msgspec.Meta(max_length=MAX_DIMS)]
-    size: Annotated[int, msgspec.Meta(ge=0, le=1 << 40)]  # the cap: check_spec, with its reason
-    sha256: Hex64
-
-    @property
-    def chunks(self) -> int:
-        return max(1, math.ceil(self.size / CHUNK_BYTES))
-
-
-class FrameHeader(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class FrameHeader(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     call: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}$")]
     t: Annotated[int, msgspec.Meta(ge=0, lt=MAX_TENSORS)]
     i: Annotated[int, msgspec.Meta(ge=0, lt=1 << 20)]
+    #: where the gateway relays the frame: a device id (a caller's input frames) or a
+    #: caller CN (a device's output frames); absent on a relayed frame
+    to: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9.-]{0,127}$")] | None = None
+
+
+def relay_mid(caller: str, call: str) -> str:
+    """The mid of the request the gateway forwards for ``caller``'s call ``call``: every
+    gateway instance, and the caller, derive the same one, so a relayed frame needs no
+    state to be addressed (call mids are unique per caller: the envelope's replay guard)."""
+    digest = hashlib.sha256(b"EDGEWARD-RELAY-V1\x00" + caller.encode() + b"\x00" + call.encode())
+    return digest.hexdigest()[:32]
 
 
 _encoder: Final = msgspec.json.Encoder()
 _decoder: Final = msgspec.json.Decoder(FrameHeader)
 
 
-def spec_of(name: str, dtype: DType, shape: Sequence[int], data: bytes | memoryview) -> TensorSpec:
+def spec_of(
+    name: str, dtype: DType, shape: Sequence[int], data: bytes | bytearray | memoryview
+) -> TensorSpec:
     """The spec of raw tensor bytes (checked: size = product of shape x item size)."""
     spec = TensorSpec(
         name=name,
@@ -145,7 +144,9 @@ def decode_frame(raw: bytes) -> tuple[FrameHeader, memoryview]:
     return header, memoryview(raw)[start + length :]
 
 
-def frames(call: str, tensors: Sequence[bytes | memoryview]) -> Iterator[bytes]:
+def frames(
+    call: str, tensors: Sequence[bytes | bytearray | memoryview], to: str | None = None
+) -> Iterator[bytes]:
     """Every frame of ``tensors`` (in order) for the signed message ``call``; an empty
     tensor still gets its one (empty) frame, so a receiver knows it arrived."""
     for t, data in enumerate(tensors):
@@ -153,7 +154,19 @@ def frames(call: str, tensors: Sequence[bytes | memoryview]) -> Iterator[bytes]:
         count = max(1, math.ceil(len(view) / CHUNK_BYTES))
         for i in range(count):
             chunk = view[i * CHUNK_BYTES : (i + 1) * CHUNK_BYTES]
-            yield encode_frame(FrameHeader(call=call, t=t, i=i), chunk)
+            yield encode_frame(FrameHeader(call=call, t=t, i=i, to=to), chunk)
+
+
+def relayed(raw: bytes, caller: str | None = None) -> tuple[str, bytes]:
+    """The gateway's relay of a frame: (its destination, the frame for it, without ``to``).
+    ``caller``: a caller's input frame, renamed to the request's mid (:func:`relay_mid`);
+    None: a device's output frame, already named by the request's mid. Raises for a frame
+    without a destination."""
+    header, data = decode_frame(raw)
+    if header.to is None:
+        raise MessageError(TensorReason.FRAME_MALFORMED, "no destination")
+    call = header.call if caller is None else relay_mid(caller, header.call)
+    return header.to, encode_frame(FrameHeader(call=call, t=header.t, i=header.i), data)
 
 
 # ------------------------------------------------------------------ reassembly
@@ -174,6 +187,10 @@ class _Assembly:
 class Limits:
     max_open: int = 64  # calls being reassembled at once, per receiver
     max_bytes: int = 64 * 1024 * 1024  # their announced bytes together
+    #: frames that arrived before their signed message (relayed by another gateway
+    #: instance than the message): kept this long, up to these many bytes together
+    early_ms: int = 2_000
+    max_early_bytes: int = 32 * 1024 * 1024
 
 
 class Reassembler:
@@ -187,13 +204,33 @@ class Reassembler:
         self.limits = limits or Limits()
         self._open: dict[tuple[str, str], _Assembly] = {}
         self._bytes = 0
+        #: frames before their message, per key: (arrived at, the raw frames)
+        self._early: dict[tuple[str, str], tuple[int, list[bytes]]] = {}
+        self._early_bytes = 0
+
+    def hold(self, sender: str, raw: bytes, now_ms: int) -> None:
+        """Keep a frame for a call not (yet) expected, for ``Limits.early_ms``: its signed
+        message may still be on its way. Refused (``infer.tensor.busy``) beyond the
+        bounds; malformed frames are refused at once."""
+        header, _ = decode_frame(raw)
+        key = (sender, header.call)
+        if key in self._open:
+            raise MessageError(TensorReason.FRAME_MALFORMED, "expected: feed it")
+        if self._early_bytes + len(raw) > self.limits.max_early_bytes:
+            raise PolicyError(TensorReason.BUSY, f"{self._early_bytes} early bytes held")
+        held = self._early.setdefault(key, (now_ms, []))
+        held[1].append(raw)
+        self._early_bytes += len(raw)
 
     @property
     def open_calls(self) -> int:
         return len(self._open)
 
-    def expect(self, sender: str, call: str, specs: Sequence[TensorSpec], deadline_ms: int) -> None:
-        """Announce the tensors of an accepted signed message (raises if over bounds)."""
+    def expect(
+        self, sender: str, call: str, specs: Sequence[TensorSpec], deadline_ms: int
+    ) -> tuple[str, list[bytearray]] | None:
+        """Announce the tensors of an accepted signed message (raises if over bounds); the
+        frames held for it are fed at once, so it may complete here (as :meth:`feed`)."""
         if not specs or len(specs) > MAX_TENSORS:
             raise MessageError(TensorReason.SPEC_INVALID, f"{len(specs)} tensors")
         for spec in specs:
@@ -209,9 +246,22 @@ class Reassembler:
             deadline_ms=deadline_ms,
             buffers=[bytearray(s.size) for s in specs],
             seen=[set() for _ in specs],
-            missing=sum(s.chunks for s in specs),
+            missing=sum(chunk_count(s) for s in specs),
         )
         self._bytes += size
+        done = None
+        _, early = self._early.pop(key, (0, []))
+        self._early_bytes -= sum(len(raw) for raw in early)
+        for raw in early:
+            if key not in self._open:
+                break  # completed or dropped (digest mismatch raised)
+            try:
+                done = self.feed(sender, raw)
+            except MessageError as exc:
+                if exc.reason == TensorReason.DIGEST_MISMATCH:
+                    raise
+                continue  # a bad early frame counts as missing, as a dropped one
+        return done
 
     def feed(self, sender: str, raw: bytes) -> tuple[str, list[bytearray]] | None:
         """Take one frame from ``sender``; returns ``(call, tensors)`` once every chunk of
@@ -225,8 +275,8 @@ class Reassembler:
         if header.t >= len(assembly.specs):
             raise MessageError(TensorReason.FRAME_RANGE, f"tensor {header.t}")
         spec = assembly.specs[header.t]
-        if header.i >= spec.chunks:
-            raise MessageError(TensorReason.FRAME_RANGE, f"chunk {header.i} of {spec.chunks}")
+        if header.i >= chunk_count(spec):
+            raise MessageError(TensorReason.FRAME_RANGE, f"chunk {header.i} of {chunk_count(spec)}")
         start = header.i * CHUNK_BYTES
         if len(data) != min(CHUNK_BYTES, spec.size - start):
             raise MessageError(TensorReason.FRAME_RANGE, f"chunk {header.i}: {len(data)} bytes")
@@ -248,7 +298,11 @@ class Reassembler:
         return self._drop((sender, call)) is not None
 
     def expire(self, now_ms: int) -> list[tuple[str, str]]:
-        """Drop the assemblies past their deadline; returns their (sender, call) keys."""
+        """Drop the assemblies past their deadline, and early frames past theirs; returns
+        the (sender, call) keys of the assemblies dropped."""
+        for key in [k for k, (at, _) in self._early.items() if at + self.limits.early_ms <= now_ms]:
+            _, early = self._early.pop(key)
+            self._early_bytes -= sum(len(raw) for raw in early)
         late = [key for key, a in self._open.items() if a.deadline_ms <= now_ms]
         for key in late:
             self._drop(key)

@@ -29,18 +29,20 @@ from edgeward_inference_gateway.metrics import GatewayMetrics
 from edgeward_inference_gateway.models import FetchVersions, ModelCatalog, fetch_over_bus
 from edgeward_inference_gateway.service import GatewayService, Settings
 from edgeward_inference_gateway.store import GatewayStore
+from edgeward_shared.bus.base import Delivery
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.clock import Clock
 from edgeward_shared.errors import EdgewardError
 from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.logs import fields
 from edgeward_shared.messages.common import Rejected
-from edgeward_shared.messages.infer import InferCall, InferResult
+from edgeward_shared.messages.infer import InferCall, InferCallV2, InferResult
 from edgeward_shared.runtime.core import Connect, Runtime
 from edgeward_shared.runtime.health import answer_pings
 from edgeward_shared.runtime.node import NodeConfig, build_node, run_until_signalled
 from edgeward_shared.runtime.revocations import RevocationFollower
 from edgeward_shared.storage import SqliteDatabase
+from edgeward_shared.tensorframes import MAGIC
 from edgeward_shared.topics import ROOT, shared_subscription
 
 log = logging.getLogger("edgeward.inference-gateway")
@@ -98,8 +100,18 @@ def wire(
         settings,
     )
     revocations.attach(runtime)
-    runtime.route(CALLS, [InferCall], service.on_call, name="infer-calls")
+    runtime.route(CALLS, [InferCall, InferCallV2], service.on_call, name="infer-calls")
     runtime.route(RESULTS, [InferResult, Rejected], service.on_device, name="infer-results")
+
+    async def relay_input(delivery: Delivery) -> None:
+        await runtime.publish(service.relay_input(delivery))
+
+    async def relay_output(delivery: Delivery) -> None:
+        await runtime.publish(service.relay_output(delivery))
+
+    # tensor frames share the topics of the signed messages they follow (docs/adr/0024)
+    runtime.route_frames(CALLS, relay_input, name="infer-input-frames", magic=MAGIC)
+    runtime.route_frames(RESULTS, relay_output, name="infer-output-frames", magic=MAGIC)
     answer_pings(runtime, CALLS)
     return service
 

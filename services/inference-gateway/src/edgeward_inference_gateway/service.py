@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 import weakref
 from collections import Counter
@@ -42,25 +43,30 @@ from edgeward_inference_gateway.ratelimit import KeyedLimiter, Limit
 from edgeward_inference_gateway.reasons import GatewayReason
 from edgeward_inference_gateway.store import Commit, GatewayStore, Pending, ResultRecord
 from edgeward_inference_gateway.writer import ResultWriter
+from edgeward_shared.bus.base import Delivery
 from edgeward_shared.clock import Clock
 from edgeward_shared.envelope import Opened
-from edgeward_shared.errors import EdgewardError, PolicyError
+from edgeward_shared.errors import EdgewardError, MessageError, PolicyError
 from edgeward_shared.identity import ServiceName
-from edgeward_shared.inference import InferenceReason, input_digest
+from edgeward_shared.inference import InferenceReason, input_digest, spec_digest
 from edgeward_shared.logs import fields
 from edgeward_shared.messages.common import Rejected
 from edgeward_shared.messages.infer import (
     AcceptedResult,
     InferAnswer,
     InferCall,
+    InferCallV2,
     InferRequest,
+    InferRequestV2,
     InferResult,
     RejectedResult,
 )
 from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.revocation import RevocationView
-from edgeward_shared.runtime.core import Outgoing
+from edgeward_shared.runtime.core import Outgoing, OutgoingFrame
+from edgeward_shared.tensorframes import TensorReason, check_spec, relay_mid, relayed
 from edgeward_shared.topics import (
+    ROOT,
     Channel,
     DeviceTopic,
     Direction,
@@ -79,6 +85,9 @@ MAX_PENDING_REJECTIONS: Final = 10_000
 #: calls this instance forwarded, remembered so that their answer needs no database read
 #: when it lands here (it may land on another instance: that one reads the database)
 MAX_LOCAL_PENDING: Final = 10_000
+FRAME_LIMIT: Final = Limit(rate_per_s=2_000, burst=4_000)
+ANSWERS_PREFIX: Final = f"{ROOT}/svc/{ServiceName.INFERENCE_GATEWAY}/rsp"
+_CALLER: Final = re.compile(r"^[a-z][a-z0-9-]*(\.[a-z0-9-]+){1,2}$")  # CallerName
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +147,8 @@ class GatewayService:
         self.settings = settings or Settings()
         self.ears = EarCache(self.settings.ear_cache_size)
         self.callers = KeyedLimiter(self.settings.caller_limit, capacity=10_000)
+        #: tensor frames relayed per caller and per device (a 16 MiB tensor is 86 frames)
+        self.frames = KeyedLimiter(FRAME_LIMIT, capacity=10_000)
         self.writer = ResultWriter(store)
         #: the per-device limit in front of the runtime (set by ``app.wire``)
         self.admission = Admission(KeyedLimiter(self.settings.device_limit), clock, metrics)
@@ -158,7 +169,7 @@ class GatewayService:
 
     # ------------------------------------------------------------------ calls
     async def on_call(self, opened: Opened[Any]) -> Sequence[Outgoing]:
-        call: InferCall = opened.message
+        call: InferCall | InferCallV2 = opened.message
         answer_on = reply_topic(opened.topic)
         if answer_on is None:
             raise TypeError(f"wiring bug: {opened.topic} is not a request topic")
@@ -171,10 +182,16 @@ class GatewayService:
             core.check_standing(
                 call.device, self.view, now, required=self.settings.require_revocations
             )
-        except PolicyError as exc:
+            if isinstance(call, InferCallV2):
+                for spec in call.inputs:
+                    check_spec(spec)  # infer.tensor.too_large / spec_invalid
+        except EdgewardError as exc:
             self.metrics.answers.labels(exc.reason).inc()
             return (Outgoing(answer_on, _refusal(opened.mid, exc.reason)),)
-        request_mid = secrets.token_hex(16)
+        connection = opened.topic.rsplit("/", 1)[1]  # the caller's session, as its topic names it
+        binary = isinstance(call, InferCallV2)
+        # binary: every instance, and the caller, derive the request's mid (tensorframes)
+        request_mid = relay_mid(connection, opened.mid) if binary else secrets.token_hex(16)
         pending = Pending(
             request_mid=request_mid,
             call_mid=opened.mid,
@@ -182,18 +199,66 @@ class GatewayService:
             device_id=call.device,
             model=call.model,
             version=call.version,
-            input_digest=input_digest(call.inputs),
+            input_digest=(
+                spec_digest(call.inputs)
+                if isinstance(call, InferCallV2)
+                else input_digest(call.inputs)
+            ),
             deadline_ms=now + self.settings.call_timeout_ms,
         )
         await self.store.add_pending(pending)
         if len(self._local) >= MAX_LOCAL_PENDING:
             del self._local[next(iter(self._local))]  # the oldest: its answer reads the db
         self._local[request_mid] = pending
-        request = InferRequest(
-            model=call.model, inputs=call.inputs, version=call.version, caller=caller
-        )
+        request: InferRequest | InferRequestV2
+        if isinstance(call, InferCallV2):
+            request = InferRequestV2(
+                caller=caller,
+                reply_to=connection,
+                model=call.model,
+                inputs=call.inputs,
+                version=call.version,
+            )
+        else:
+            request = InferRequest(
+                model=call.model, inputs=call.inputs, version=call.version, caller=caller
+            )
         down = device_topic(call.device, Direction.DOWN, Channel.INFER)
         return (Outgoing(down, request, mid=request_mid),)
+
+    # ------------------------------------------------------------------ tensor frames
+    def relay_input(self, delivery: Delivery) -> OutgoingFrame:
+        """A caller's input frame (on ``req/<caller>``: the broker's ACL names the sender)
+        to the device its header names, renamed to the request's mid. Stateless: the call
+        may be on another instance; the device checks the bytes against the signed specs."""
+        caller = delivery.topic.rsplit("/", 1)[1]
+        self._frame_budget(f"caller:{caller}")
+        to, frame = relayed(delivery.payload, caller)
+        try:
+            down = device_topic(to, Direction.DOWN, Channel.INFER)
+        except ValueError as exc:
+            raise MessageError(TensorReason.FRAME_MALFORMED, "not a device") from exc
+        self.metrics.frames.labels("input").inc()
+        return OutgoingFrame(down, frame, qos=1)
+
+    def relay_output(self, delivery: Delivery) -> OutgoingFrame:
+        """A device's output frame (on its ``up/infer``) to the response topic of the
+        caller its header names. The caller checks the bytes against the specs in the
+        device's signed body, and drops frames for no call of its own."""
+        parsed = parse_topic(delivery.topic)
+        if not isinstance(parsed, DeviceTopic):
+            raise TypeError(f"wiring bug: {delivery.topic} is not a device topic")
+        self._frame_budget(f"device:{parsed.device_id}")
+        to, frame = relayed(delivery.payload)
+        if not _CALLER.fullmatch(to):
+            raise MessageError(TensorReason.FRAME_MALFORMED, "not a caller")
+        self.metrics.frames.labels("output").inc()
+        return OutgoingFrame(f"{ANSWERS_PREFIX}/{to}", frame, qos=1)
+
+    def _frame_budget(self, key: str) -> None:
+        if not self.frames.allow(key, self.clock.now_ms()):
+            self.metrics.rate_limited.labels("frames").inc()
+            raise PolicyError(R.RATE_LIMITED, f"{key} is over its frame rate")
 
     # ------------------------------------------------------------------ device messages
     async def on_device(self, opened: Opened[Any]) -> Sequence[Outgoing]:
