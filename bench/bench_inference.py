@@ -27,9 +27,9 @@ no model, measured in the same run over the same mTLS broker and ACLs: a client 
 on the gateway's request topic, a relay with the gateway's identity passes it to the
 device's ``down/infer``, a relay with the device's identity sends it back on ``up/infer``,
 and the gateway relay answers on the client's response topic. The small model's added
-p50 is reported against it (target: <= 1.5x the floor). The binary path (docs/adr/0024;
-not yet on the call path): a 900 KiB camera frame and a 1 MiB output as tensor frames over
-one broker hop, reassembled and checked against their signed spec's SHA-256.
+p50 is reported against it (target: <= 1.5x the floor). The binary transport alone: a
+900 KiB camera frame and a 1 MiB output as tensor frames over one broker hop, reassembled
+and checked against their spec's SHA-256.
 """
 
 from __future__ import annotations
