@@ -15,6 +15,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +43,18 @@ from tests.e2e.model_fabric import (
 )
 
 from edgeward_cli.ops_client import operator_session
+from edgeward_cli.sessions import claim_session
 from edgeward_device_agent.inference import InferencePolicy, to_array, to_tensor
 from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN
 from edgeward_inference_gateway.app import GatewayConfig, gateway_node
 from edgeward_inference_gateway.service import GatewayService
 from edgeward_shared.envelope import Opened
 from edgeward_shared.identity import Identity, ServiceName
-from edgeward_shared.inference import decode_body, verify_result_signature
+from edgeward_shared.infer_client import BinaryAnswer, BinaryInference, Input
+from edgeward_shared.inference import decode_any_body, decode_body, verify_result_signature
 from edgeward_shared.messages.infer import AcceptedResult, InferAnswer, InferCall
-from edgeward_shared.runtime.node import build_runtime
-from edgeward_shared.topics import service_event_topic
+from edgeward_shared.runtime.node import NodeConfig, build_runtime
+from edgeward_shared.topics import service_event_topic, service_response_topic
 
 pytestmark = [pytest.mark.tpm, pytest.mark.broker, pytest.mark.slow]
 
@@ -80,6 +83,25 @@ async def gateway(world: World) -> AsyncIterator[GatewayService]:
 
 def classify(image: np.ndarray) -> InferCall:
     return InferCall(device="dev-infer", model="ocr-cls", inputs=[to_tensor("x", image)])
+
+
+async def call_binary(world: World, image: np.ndarray) -> BinaryAnswer:
+    """An operator session's binary call (docs/adr/0024): specs signed, bytes as frames."""
+    with claim_session(world.pki, "alice", datetime.now(UTC)) as identity:
+        config = NodeConfig(
+            identity_dir=world.pki.identity_files(identity).directory,
+            ca_bundle=world.pki.bundle_path,
+            crl=world.pki.crl_path,
+            broker=world.address,
+        )
+        runtime, connect = build_runtime(config)
+        runtime.expect_replies(
+            service_response_topic(ServiceName.INFERENCE_GATEWAY, identity), [InferAnswer]
+        )
+        caller = BinaryInference(runtime)
+        async with running(runtime, connect):
+            tensor = Input("x", "float32", image.shape, image.tobytes())
+            return await caller.call("dev-infer", "ocr-cls", [tensor], timeout_s=WAIT)
 
 
 async def call(world: World, request: InferCall) -> InferAnswer:
@@ -142,9 +164,24 @@ async def test_a_cloud_inference_on_a_real_model_is_accepted_and_exact(
                 to_array(body.outputs[0]), direct.run(None, {"x": image})[0], rtol=1e-5, atol=1e-6
             )
 
+            # the same through the binary path: frames both ways, checked at both ends
+            binary = await call_binary(world, image)
+            assert binary.answer.accepted, binary.answer.reason
+            assert binary.body is not None
+            verify_result_signature(
+                binary.answer.body, binary.answer.session_sig, current.claims.session_key
+            )
+            (spec,) = binary.body.output_specs
+            np.testing.assert_allclose(
+                np.frombuffer(binary.outputs[0], dtype=spec.dtype).reshape(spec.shape),
+                direct.run(None, {"x": image})[0],
+                rtol=1e-5,
+                atol=1e-6,
+            )
+
             # the device's own sensor stream reaches consumers through the gateway
             assert await until(
-                lambda: any(decode_body(r.body).source == "stream" for r in stream), WAIT
+                lambda: any(decode_any_body(r.body).source == "stream" for r in stream), WAIT
             )
 
             # a stopped device runs nothing (signed stop through the CLI)
