@@ -77,11 +77,15 @@ class BinaryInference:
         *,
         version: int | None = None,
         timeout_s: float = 10.0,
+        on_behalf_of: str | None = None,
     ) -> BinaryAnswer:
+        """``on_behalf_of``: only the gateway's own HTTPS front may name a caller."""
         mid = secrets.token_hex(16)
         request = relay_mid(self.runtime.identity.common_name, mid)
         specs = [spec_of(i.name, i.dtype, i.shape, i.data) for i in inputs]
-        call = InferCallV2(device=device, model=model, inputs=specs, version=version)
+        call = InferCallV2(
+            device=device, model=model, inputs=specs, version=version, on_behalf_of=on_behalf_of
+        )
         outputs: asyncio.Future[list[bytearray]] = asyncio.get_running_loop().create_future()
         self._waiting[request] = outputs
         try:

@@ -47,7 +47,7 @@ from edgeward_shared.bus.base import Delivery
 from edgeward_shared.clock import Clock
 from edgeward_shared.envelope import Opened
 from edgeward_shared.errors import EdgewardError, MessageError, PolicyError
-from edgeward_shared.identity import ServiceName
+from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.inference import InferenceReason, input_digest, spec_digest
 from edgeward_shared.logs import fields
 from edgeward_shared.messages.common import Rejected
@@ -85,6 +85,7 @@ MAX_PENDING_REJECTIONS: Final = 10_000
 #: calls this instance forwarded, remembered so that their answer needs no database read
 #: when it lands here (it may land on another instance: that one reads the database)
 MAX_LOCAL_PENDING: Final = 10_000
+GATEWAY: Final = Identity.service(ServiceName.INFERENCE_GATEWAY)
 FRAME_LIMIT: Final = Limit(rate_per_s=2_000, burst=4_000)
 ANSWERS_PREFIX: Final = f"{ROOT}/svc/{ServiceName.INFERENCE_GATEWAY}/rsp"
 _CALLER: Final = re.compile(r"^[a-z][a-z0-9-]*(\.[a-z0-9-]+){1,2}$")  # CallerName
@@ -158,6 +159,9 @@ class GatewayService:
         self._device_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
+        #: the HTTPS front's caller (set by ``app.wire``) and the port it serves on
+        self.https_caller: Any = None
+        self.https_port: int | None = None
         #: this instance's own waiting calls, by request mid (a cache of ``gw_pending``:
         #: the row, claimed in the result's commit, still decides who answers)
         self._local: dict[str, Pending] = {}
@@ -175,6 +179,10 @@ class GatewayService:
             raise TypeError(f"wiring bug: {opened.topic} is not a request topic")
         now = self.clock.now_ms()
         caller = opened.signer.identity.principal.common_name  # an operator's sessions share
+        if isinstance(call, InferCallV2) and call.on_behalf_of is not None:
+            if opened.signer.identity.principal != GATEWAY:  # only our HTTPS front names one
+                raise PolicyError(GatewayReason.CALLER_FORBIDDEN, f"{caller} named a caller")
+            caller = call.on_behalf_of
         if not self.callers.allow(caller, now):
             self.metrics.rate_limited.labels("caller").inc()
             raise PolicyError(R.RATE_LIMITED, f"{caller} is over its call rate")

@@ -79,6 +79,14 @@ class InferCallV2(Message, frozen=True, tag="edgeward.infer.call.v2"):
     model: ModelName
     inputs: Specs
     version: Version | None = None
+    #: the caller the gateway's own HTTPS front calls for (its client certificate's CN);
+    #: refused from anyone but the gateway (``infer.caller.forbidden``)
+    on_behalf_of: (
+        Annotated[
+            str, msgspec.Meta(pattern=r"^[a-z][a-z0-9-]*(\.[a-z0-9-]+){1,2}$", max_length=128)
+        ]
+        | None
+    ) = None
 
 
 class InferAnswer(Message, frozen=True, tag="edgeward.infer.answer.v1"):
