@@ -38,6 +38,7 @@ from edgeward_shared.errors import EdgewardError
 from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.infer_client import BinaryInference, Input
 from edgeward_shared.inference import spec_digest, verify_result_signature
+from edgeward_shared.messages.common import Rejected
 from edgeward_shared.messages.infer import InferAnswer, InferCallV2, TensorSpec
 from edgeward_shared.messages.model import VersionInfo
 from edgeward_shared.models.provenance import Tier
@@ -266,3 +267,16 @@ async def test_a_tampered_input_frame_is_refused_by_the_device(tmp_path: Path) -
             False,
             TensorReason.DIGEST_MISMATCH,
         )
+
+
+@pytest.mark.asyncio
+async def test_only_the_gateway_may_call_on_behalf_of_someone(tmp_path: Path) -> None:
+    async with running(tmp_path) as world:
+        spec = spec_of("x", "uint8", [4], b"abcd")
+        call = InferCallV2(device=DEVICE, model="rec", inputs=[spec], on_behalf_of="op.bob")
+        reply = await world.caller.runtime.request(
+            world.caller.request_topic, call, timeout_s=WAIT_S
+        )
+        assert isinstance(reply.message, Rejected)
+        assert reply.message.reason == GatewayReason.CALLER_FORBIDDEN
+        assert world.device.assembly.open_calls == 0  # nothing forwarded

@@ -75,7 +75,7 @@ def parse_infer(body: bytes, header_length: int | None) -> OipRequest:
     head = body if header_length is None else body[:header_length]
     try:
         doc = json.loads(head)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise _bad("the header is not JSON") from exc
     if not isinstance(doc, dict):
         raise _bad("the header is not an object")
@@ -142,7 +142,7 @@ def _input(item: dict[str, Any], body: bytes, offset: int, binary: bool) -> tupl
         raise _bad(f"{name}: data")
     try:
         array = np.asarray(data, dtype=np.dtype(dtype))
-    except (TypeError, ValueError, OverflowError) as exc:
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise _bad(f"{name}: data of another type") from exc
     if array.size != math.prod(shape):
         raise _bad(f"{name}: {array.size} values for shape {shape}")
