@@ -20,7 +20,8 @@ Targets: added p50 <= 2 ms for the small model; ratio <= 1.2 for the PP-OCR mode
 mobile text-direction classifier: its 110 KB input fits one message). The binary path
 (``edgeward.infer.call.v2``, docs/adr/0024) is measured for those two and for PP-OCRv4 rec
 (184 KB in, 1 MB out) and det (a 640x480 frame), each against bare ``session.run``
-(target 1.3x for rec and det, issue 13).
+(target 1.3x for rec and det, issue 13), and through the HTTPS front (the Open Inference
+Protocol) with an unmodified ``tritonclient.http``, JSON and binary tensors.
 
 The transport floor (issue 13): the same four broker hops with no envelope, no check and
 no model, measured in the same run over the same mTLS broker and ACLs: a client publishes
@@ -57,13 +58,14 @@ from edgeward_device_agent.model_manager import LoadedModel, ModelManager
 from edgeward_device_agent.model_store import ModelStore
 from edgeward_device_agent.sandboxed import SandboxExecutor, sandbox_loader
 from edgeward_inference_gateway.app import GatewayConfig, gateway_node
+from edgeward_inference_gateway.oip import HttpsConfig
 from edgeward_inference_gateway.ratelimit import Limit
 from edgeward_inference_gateway.service import Settings
 from edgeward_inference_gateway.testing import model_list_answers, published_version
 from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings, connect_mqtt
 from edgeward_shared.clock import SystemClock
-from edgeward_shared.identity import Identity, ServiceName
+from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.infer_client import BinaryInference, Input
 from edgeward_shared.messages.infer import InferAnswer, InferCall
 from edgeward_shared.messages.model import ModelQuery
@@ -85,6 +87,7 @@ GATEWAY = Identity.service(ServiceName.INFERENCE_GATEWAY)
 MODELS = Identity.service(ServiceName.MODEL_DISTRIBUTION)
 OPERATOR = Identity.operator("bench")
 CALLER = Identity.service(ServiceName.TELEMETRY)  # any service may call the gateway
+HTTPS = Identity(Role.BROKER, "oip")  # the HTTPS front's server identity (serverAuth)
 WARMUP, N = sized((20, 200), (2, 10))
 #: the big models' runs (warm-up, measured): seconds each on a small machine
 BINARY_RUNS = {
@@ -228,6 +231,70 @@ async def measure_binary(
     return ours, base
 
 
+async def until_port(service: Any) -> None:
+    for _ in range(500):
+        if service.https_port is not None:
+            return
+        await asyncio.sleep(0.01)
+    raise RuntimeError("the HTTPS front did not start")
+
+
+def measure_triton(  # noqa: PLR0917 - the bench's parts
+    pki: Any,
+    port: int,
+    name: str,
+    model: bytes,
+    feed: dict[str, np.ndarray[Any, Any]],
+    binary_data: bool,
+) -> tuple[list[float], list[float]]:
+    """The OIP path: tritonclient.http over HTTPS with an operator's certificate (its own
+    thread: tritonclient runs on gevent)."""
+    import ssl
+
+    import tritonclient.http as httpclient
+
+    files = pki.identity_files(CALLER)
+
+    def context(*_args: Any, **_kwargs: Any) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(pki.bundle_path))
+        ctx.load_cert_chain(str(files.cert), str(files.key))
+        return ctx
+
+    client = httpclient.InferenceServerClient(
+        f"127.0.0.1:{port}", ssl=True, ssl_context_factory=context, network_timeout=60
+    )
+    bare = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
+    outputs = [
+        httpclient.InferRequestedOutput(o.name, binary_data=binary_data) for o in bare.get_outputs()
+    ]
+    warmup, n = BINARY_RUNS.get(name, (WARMUP, N))
+    ours, base = [], []
+    try:
+        for i in range(warmup + n):
+            inputs = []
+            for key, value in feed.items():
+                tensor = httpclient.InferInput(key, list(value.shape), "FP32")
+                tensor.set_data_from_numpy(value, binary_data=binary_data)
+                inputs.append(tensor)
+            started = time.perf_counter()
+            client.infer(
+                name,
+                inputs,
+                outputs=outputs,
+                parameters={"edgeward_device": DEVICE.name},
+            )
+            elapsed = time.perf_counter() - started
+            started = time.perf_counter()
+            bare.run(None, feed)
+            direct = time.perf_counter() - started
+            if i >= warmup:
+                ours.append(elapsed)
+                base.append(direct)
+    finally:
+        client.close()
+    return ours, base
+
+
 async def main_async() -> None:
     report = Report("inference")
     models = {
@@ -253,6 +320,7 @@ async def main_async() -> None:
         pki = make_pki(root / "pki", [DEVICE])
         pki.issue(GATEWAY, datetime.now(UTC), timedelta(days=1))
         pki.issue(CALLER, datetime.now(UTC), timedelta(days=1))
+        pki.issue(HTTPS, datetime.now(UTC), timedelta(days=1), ("127.0.0.1",))
         with MosquittoBroker(pki, root / "broker", operators=[OPERATOR]) as mosquitto:
             broker = BrokerAddress(mosquitto.host, mosquitto.port)
             floor = await transport_floor(pki, broker, 1024)  # about a small call's size
@@ -264,7 +332,7 @@ async def main_async() -> None:
     report.write()
 
 
-async def run(  # noqa: PLR0917 - the bench's parts
+async def run(  # noqa: PLR0915, PLR0917 - the bench's parts
     report: Report,
     pki: Any,
     broker: BrokerAddress,
@@ -332,8 +400,15 @@ async def run(  # noqa: PLR0917 - the bench's parts
             caller_limit=Limit(rate_per_s=10_000, burst=10_000),
             device_limit=Limit(rate_per_s=10_000, burst=10_000),
         ),
+        https=HttpsConfig(  # the Open Inference Protocol front
+            host="127.0.0.1",
+            port=0,
+            identity_dir=pki.identity_files(HTTPS).directory,
+            ca_bundle=pki.bundle_path,
+            crl=pki.crl_path,
+        ),
     )
-    async with gateway_node(config) as (gateway, gateway_connect, _service):
+    async with gateway_node(config) as (gateway, gateway_connect, service):
         for runtime, connect in (
             (stand_in, stand_in_connect),
             (device, device_connect),
@@ -362,6 +437,19 @@ async def run(  # noqa: PLR0917 - the bench's parts
                     report.add(f"{name}_bare_run_p50_ms", median(base) * 1000, "ms")
                 target = "<= 1.3" if name in binary else "<= 1.2"
                 report.add(f"{name}_binary_ratio_p50", median(ours) / median(base), "x", target)
+        # the same models through the HTTPS front, with an unmodified tritonclient
+        await until_port(service)
+        assert service.https_port is not None
+        for name, (model, feed) in {**models, **binary}.items():
+            for binary_data in (False, True):
+                if name == "ppocr-det" and not binary_data:
+                    continue  # 921,600 floats as JSON: measured once is enough (it is slow)
+                ours, base = await asyncio.to_thread(
+                    measure_triton, pki, service.https_port, name, model, feed, binary_data
+                )
+                kind = "binary" if binary_data else "json"
+                report.add(f"{name}_oip_{kind}_p50_ms", median(ours) * 1000, "ms")
+                report.add(f"{name}_oip_{kind}_ratio_p50", median(ours) / median(base), "x")
         async with operator_session(
             pki.dir, OPERATOR.name, broker, ServiceName.INFERENCE_GATEWAY, [InferAnswer]
         ) as session:
