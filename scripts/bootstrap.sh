@@ -7,7 +7,9 @@ APT_PACKAGES=(mosquitto mosquitto-clients openssl ca-certificates python3 python
     # TPM: swtpm devices and tpm2-tools for tests; libtss2-dev + a compiler to build tpm2-pytss
     swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config gcc python3-dev
     # the broker's guard plugin (mosquitto/plugin/edgeward_guard.c) is built against these
-    mosquitto-dev libmosquitto-dev)
+    mosquitto-dev libmosquitto-dev
+    # the flood test loads deploy/nftables/edgeward-broker.nft in a namespace of its own
+    nftables iproute2 util-linux)
 UV_VENV="${EDGEWARD_UV_VENV:-$HOME/.cache/edgeward/uv}"
 
 say() { printf '[bootstrap] %s\n' "$*" >&2; }

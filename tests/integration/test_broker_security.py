@@ -163,10 +163,11 @@ class Peer:
             return self._changed.wait_for(condition, timeout)
 
     # actions
-    def connect(self, broker: MosquittoBroker) -> str:
-        """``"accepted"``, or why the broker refused; fails the test if it does not answer."""
+    def connect(self, broker: MosquittoBroker, port: int | None = None) -> str:
+        """``"accepted"``, or why the broker refused; fails the test if it does not answer.
+        ``port``: another of the broker's listeners (the management listener)."""
         try:
-            self.client.connect(broker.host, broker.port, keepalive=30)
+            self.client.connect(broker.host, port or broker.port, keepalive=30)
         except (ssl.SSLError, OSError) as exc:
             return f"refused during the handshake: {exc}"
         self.client.loop_start()

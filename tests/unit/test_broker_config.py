@@ -14,8 +14,10 @@ import pytest
 
 from edgeward_shared.broker.config import (
     MOSQUITTO_DIR_ENV,
+    RESERVED_FILES,
     TEMPLATE_NAME,
     BrokerSettings,
+    ConnectionLimits,
     fill_template,
     find_dynsec_plugin,
     find_mosquitto_dir,
@@ -86,8 +88,8 @@ REQUIRED = {
 
 
 def test_the_config_has_every_required_directive() -> None:
-    found = dict(directives(render_config(SETTINGS)))
-    assert found | REQUIRED == found  # every required pair is present with that value
+    found = directives(render_config(SETTINGS))
+    assert set(REQUIRED.items()) <= set(found)  # every required pair, with that value
 
 
 def test_the_log_goes_to_its_file_and_line_by_line_to_the_admins_topic() -> None:
@@ -97,11 +99,34 @@ def test_the_log_goes_to_its_file_and_line_by_line_to_the_admins_topic() -> None
     assert ("log_dest", "topic") in found
 
 
-def test_there_is_one_listener_and_no_way_around_tls() -> None:
-    names = [name for name, _ in directives(render_config(SETTINGS))]
-    assert names.count("listener") == 1
-    listener_at = names.index("listener")
-    assert {"cafile", "certfile", "keyfile", "require_certificate"} <= set(names[listener_at:])
+TLS_PER_LISTENER = {
+    "max_connections",
+    "cafile",
+    "certfile",
+    "keyfile",
+    "crlfile",
+    "tls_version",
+    "ciphers",
+    "require_certificate",
+    "use_identity_as_username",
+    "use_username_as_clientid",
+}
+
+
+def test_there_are_two_tls_listeners_and_no_way_around_tls() -> None:
+    """The device listener and the management listener (docs/adr/0019), each with every
+    TLS directive and its own max_connections: mosquitto keeps these per listener."""
+    found = directives(render_config(SETTINGS))
+    names = [name for name, _ in found]
+    assert names.count("listener") == 2
+    first, second = (at for at, name in enumerate(names) if name == "listener")
+    assert set(names[first:second]) >= TLS_PER_LISTENER
+    assert set(names[second:]) >= TLS_PER_LISTENER
+    assert (found[first][1], found[second][1]) == ("8883 127.0.0.1", "8884 127.0.0.1")
+    same = TLS_PER_LISTENER - {"max_connections"}
+    device = {name: value for name, value in found[first:second] if name in same}
+    management = {name: value for name, value in found[second:] if name in same}
+    assert device == management, "the two listeners' TLS settings differ"
     for forbidden in (
         "port",
         "bind_address",
@@ -127,6 +152,38 @@ def test_persistence_is_off_unless_a_directory_is_given() -> None:
     assert ("persistence", "true") in directives(rendered)
     assert ("persistence_location", "/var/lib/edgeward/") in directives(rendered)
     assert "persistence_location" not in render_config(SETTINGS).replace("# ", "")
+
+
+def test_the_open_file_limit_is_split_between_the_listeners() -> None:
+    """docs/adr/0019: devices get what the management listener and the broker's own files
+    leave; the sum never exceeds the open-file limit."""
+    limits = ConnectionLimits(open_files=256, management_max_connections=32)
+    assert limits.device_max_connections == 256 - 32 - RESERVED_FILES
+    rendered = directives(render_config(replace(SETTINGS, limits=limits)))
+    bounds = [int(value) for name, value in rendered if name == "max_connections"]
+    assert bounds == [limits.device_max_connections, 32]
+    assert sum(bounds) + RESERVED_FILES == 256
+
+
+def test_limits_are_lowered_to_the_hard_limit_and_refused_when_too_small() -> None:
+    wanted = ConnectionLimits(open_files=4096)
+    assert wanted.within(1024) == ConnectionLimits(open_files=1024)
+    assert wanted.within(-1) == wanted  # RLIM_INFINITY
+    assert wanted.within(8192) == wanted
+    with pytest.raises(ConfigError) as refused:
+        ConnectionLimits(open_files=100)
+    assert refused.value.reason == "config.broker.open_files"
+    with pytest.raises(ConfigError) as refused:
+        ConnectionLimits(open_files=256, management_max_connections=65)
+    assert refused.value.reason == "config.broker.max_connections"
+
+
+def test_the_management_listener_is_the_next_port_unless_given() -> None:
+    assert ("listener", "8884 127.0.0.1") in directives(render_config(SETTINGS))
+    moved = replace(SETTINGS, management_port=9000, management_host="10.9.0.1")
+    assert ("listener", "9000 10.9.0.1") in directives(render_config(moved))
+    with pytest.raises(ConfigError):
+        replace(SETTINGS, management_port=8883)
 
 
 def test_the_bind_host_comes_from_the_settings() -> None:

@@ -18,6 +18,7 @@ from edgeward_cli.pki_cmds import (
 )
 from edgeward_shared.broker import container
 from edgeward_shared.broker.acl import AclPrincipals
+from edgeward_shared.broker.config import DEFAULT_OPEN_FILES, MIN_OPEN_FILES, ConnectionLimits
 from edgeward_shared.broker.container import render_for_container
 from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.broker.reload import principals_from_pki
@@ -53,22 +54,55 @@ def acl(directory: Path) -> None:
     type=click.IntRange(1, 65535),
     help="Listen on this loopback port (restart on the same address); default: a free one.",
 )
-def run(directory: Path, run_dir: Path, port: int | None) -> None:
+@click.option(
+    "--management-port",
+    type=click.IntRange(1, 65535),
+    help="The management listener (operators, admins, services); default: --port + 1.",
+)
+@click.option(
+    "--open-files",
+    type=click.IntRange(MIN_OPEN_FILES),
+    default=DEFAULT_OPEN_FILES,
+    show_default=True,
+    help="The broker's open-file limit (within the hard limit), split between the two"
+    " listeners' max_connections (docs/adr/0019).",
+)
+def run(
+    directory: Path, run_dir: Path, port: int | None, management_port: int | None, open_files: int
+) -> None:
     """Run the real mosquitto with Edgeward's configuration until Ctrl-C.
 
-    It listens on loopback (the port is printed); clients need a certificate from the PKI.
-    It refuses to start without the guard plugin or on a CRL that is unreadable, not signed
-    by the issuing CA, stale, or missing a revoked serial.
+    It listens on loopback (the ports are printed): devices on the device listener,
+    operators, admins and services on the management listener; clients need a certificate
+    from the PKI. It refuses to start without the guard plugin or on a CRL that is
+    unreadable, not signed by the issuing CA, stale, or missing a revoked serial.
     """
     store = PkiStore(directory).require()
+    try:
+        limits = ConnectionLimits(open_files=open_files)
+    except EdgewardError as exc:
+        raise click.BadParameter(exc.diagnostics(), param_hint="--open-files") from exc
     done = threading.Event()
     reload_wanted = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGHUP, lambda *_: reload_wanted.set())
-    with MosquittoBroker(store, run_dir, port=port, acl_from_pki=True) as running:
+    with MosquittoBroker(
+        store,
+        run_dir,
+        port=port,
+        management_port=management_port,
+        acl_from_pki=True,
+        limits=limits,
+    ) as running:
         pid_file = run_dir / PID_FILE
         pid_file.write_text(f"{running.pid}\n")
-        click.echo(f"mosquitto pid {running.pid} listening on {running.host}:{running.port}")
+        click.echo(
+            f"mosquitto pid {running.pid} listening on {running.host}:{running.port}"
+            f" (devices) and {running.host}:{running.management_port} (management);"
+            f" {running.limits.open_files} open files, max_connections"
+            f" {running.limits.device_max_connections} and"
+            f" {running.limits.management_max_connections}"
+        )
         click.echo(f"config and log in {run_dir}; `edgeward broker reload` re-reads the CRL")
         click.echo("Ctrl-C or SIGTERM stops it")
         with contextlib.suppress(KeyboardInterrupt):

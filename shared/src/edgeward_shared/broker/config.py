@@ -1,9 +1,10 @@
 """The broker's settings and its configuration file, rendered from the reviewed template.
 
 The template, ``mosquitto/mosquitto.conf.template``, holds every directive and the reason
-for it; this module only fills in paths, the address and the user (:func:`fill_template`
-is pure). It also finds the files a broker needs from the installation: the template
-directory and the dynamic-security plugin. Starting the broker is :mod:`.launcher`'s job.
+for it; this module only fills in paths, the addresses, the user and the connection limits
+(:func:`fill_template` and :class:`ConnectionLimits` are pure). It also finds the files a
+broker needs from the installation: the template directory and the dynamic-security
+plugin. Starting the broker is :mod:`.launcher`'s job.
 """
 
 from __future__ import annotations
@@ -36,6 +37,58 @@ DYNSEC_PLUGIN_GLOBS: Final = (
 )
 
 
+#: Descriptors mosquitto needs besides client sockets: listeners, log, epoll, plugin and
+#: persistence files, the CRL and certificates while a listener reloads them.
+RESERVED_FILES: Final = 64
+#: The management listener's bound: operators, admins and every service instance.
+MANAGEMENT_MAX_CONNECTIONS: Final = 64
+#: The broker's open-file limit unless configured (the launcher and the systemd unit).
+DEFAULT_OPEN_FILES: Final = 4096
+#: The smallest open-file limit that leaves the device listener some room.
+MIN_OPEN_FILES: Final = 256
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """Pre-authentication limits (docs/adr/0019): the process's open-file limit, split so
+    that the device listener's ``max_connections`` plus the management listener's plus
+    :data:`RESERVED_FILES` never exceed it. A flood on the device listener then meets
+    ``max_connections`` (each extra socket closed at once) long before ``accept()`` fails
+    with EMFILE, which would lock out every listener."""
+
+    open_files: int = DEFAULT_OPEN_FILES
+    management_max_connections: int = MANAGEMENT_MAX_CONNECTIONS
+
+    def __post_init__(self) -> None:
+        if self.open_files < MIN_OPEN_FILES:
+            raise ConfigError(
+                "config.broker.open_files",
+                f"open-file limit {self.open_files} is below {MIN_OPEN_FILES}",
+            )
+        if not 0 < self.management_max_connections <= self.open_files // 4:
+            raise ConfigError(
+                "config.broker.max_connections",
+                f"management max_connections {self.management_max_connections} must be"
+                f" between 1 and a quarter of the open-file limit ({self.open_files // 4})",
+            )
+
+    @property
+    def device_max_connections(self) -> int:
+        """What is left for devices: the open-file limit minus the management listener's
+        share and the broker's own files."""
+        return self.open_files - self.management_max_connections - RESERVED_FILES
+
+    def within(self, hard_limit: int) -> ConnectionLimits:
+        """These limits lowered to a process whose hard open-file limit is ``hard_limit``
+        (``RLIM_INFINITY`` is negative and changes nothing)."""
+        if hard_limit < 0 or hard_limit >= self.open_files:
+            return self
+        return ConnectionLimits(hard_limit, self.management_max_connections)
+
+
+DEFAULT_LIMITS: Final = ConnectionLimits()
+
+
 @dataclass(frozen=True, slots=True)
 class BrokerSettings:
     """Everything that differs between two brokers started from the same template."""
@@ -55,10 +108,18 @@ class BrokerSettings:
     #: Edgeward's guard plugin (:func:`find_guard_plugin`); None only for the container
     #: image, which lacks it (docs/adr/0012, known gaps).
     guard_plugin: Path | None = None
+    #: The management listener (operators, admins, services): the next port by default,
+    #: on ``bind_host`` unless ``management_host`` is given.
+    management_port: int | None = None
+    management_host: str | None = None
+    limits: ConnectionLimits = DEFAULT_LIMITS
 
     def __post_init__(self) -> None:
-        if not 0 < self.port < 65536:
-            raise ConfigError("config.broker.port", f"port {self.port} is out of range")
+        for port in (self.port, self.management_port_or_default):
+            if not 0 < port < 65536:
+                raise ConfigError("config.broker.port", f"port {port} is out of range")
+        if self.management_port_or_default == self.port:
+            raise ConfigError("config.broker.port", "the two listeners need two ports")
         values = self._plain_values()
         if self.persistence_dir is not None:
             values["persistence_dir"] = str(self.persistence_dir)
@@ -68,10 +129,18 @@ class BrokerSettings:
             if not value or any(char in value for char in "\n\r\x00"):
                 raise ConfigError("config.broker.value", f"{name} is empty or spans lines")
 
+    @property
+    def management_port_or_default(self) -> int:
+        return self.port + 1 if self.management_port is None else self.management_port
+
     def _plain_values(self) -> dict[str, str]:
         return {
             "port": str(self.port),
             "bind_host": self.bind_host,
+            "management_port": str(self.management_port_or_default),
+            "management_host": self.management_host or self.bind_host,
+            "max_connections": str(self.limits.device_max_connections),
+            "management_max_connections": str(self.limits.management_max_connections),
             "cafile": str(self.cafile),
             "certfile": str(self.certfile),
             "keyfile": str(self.keyfile),

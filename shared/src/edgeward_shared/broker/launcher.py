@@ -7,6 +7,10 @@ makes sure the process does not outlive it (``stop()``, ``with``, and an ``atexi
 It refuses to start without the guard plugin or on a CRL that :mod:`.reload` would refuse
 (the broker reads its own checked copy, ``crl.pem`` in the run directory), and it does not
 return until the revocation canary is refused; ``reload()`` is :class:`.reload.BrokerReloader`.
+It opens two listeners (docs/adr/0019): the device listener on ``port`` and the management
+listener (operators, admins, services) on ``management_port``, each with its own
+``max_connections``, and it sets the broker's open-file limit (``RLIMIT_NOFILE``, soft,
+within the hard limit) to what :class:`.config.ConnectionLimits` split between them.
 It blocks for the few milliseconds a start takes; from asyncio, use it around the event
 loop or through ``asyncio.to_thread``. Certificates come from a :class:`PkiStore`; issuing
 them is :mod:`edgeward_shared.pki`'s business, a production deployment's unit files are not
@@ -18,6 +22,7 @@ from __future__ import annotations
 import atexit
 import os
 import pwd
+import resource
 import shutil
 import signal
 import socket
@@ -33,7 +38,9 @@ from typing import IO, Final, Self
 from edgeward_shared.broker.acl import DEFAULT_ADMINS
 from edgeward_shared.broker.config import (
     ACL_NAME,
+    DEFAULT_LIMITS,
     BrokerSettings,
+    ConnectionLimits,
     find_dynsec_plugin,
     find_guard_plugin,
     render_config,
@@ -118,10 +125,30 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def _limit_open_files(pid: int, limit: int) -> None:
+    """Set the child's soft open-file limit to ``limit`` (which :meth:`.ConnectionLimits.within`
+    has kept within the hard limit). Done from here right after the fork rather than in a
+    ``preexec_fn`` (not safe with threads): mosquitto opens no listener before it has read its
+    configuration, and the kernel checks the limit at every descriptor it allocates after."""
+    try:
+        _soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, hard))
+    except ProcessLookupError:
+        pass  # it has exited already: waiting for it to listen reports why
+
+
+def effective_limits(wanted: ConnectionLimits) -> ConnectionLimits:
+    """``wanted`` lowered to this process's hard open-file limit (the child inherits it)."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return wanted.within(hard)
+
+
 class MosquittoBroker:
     """One ``mosquitto`` process on a loopback port (``port``, else a free one), configured
-    from the templates. With ``acl_from_pki`` the ACL also names every operator, admin and
-    service instance the PKI has a current certificate for, now and at every reload."""
+    from the templates, with its management listener on ``management_port`` (by default
+    the next port when ``port`` is given, else another free one). With ``acl_from_pki`` the
+    ACL also names every operator, admin and service instance the PKI has a current
+    certificate for, now and at every reload."""
 
     def __init__(
         self,
@@ -139,6 +166,8 @@ class MosquittoBroker:
         port: int | None = None,
         acl_from_pki: bool = False,
         now: Callable[[], datetime] = _utc_now,
+        management_port: int | None = None,
+        limits: ConnectionLimits = DEFAULT_LIMITS,
     ) -> None:
         self.pki = pki
         self.run_dir = run_dir
@@ -151,6 +180,9 @@ class MosquittoBroker:
         self._stop_timeout = stop_timeout
         self._mosquitto_dir = mosquitto_dir
         self._fixed_port = port
+        self._fixed_management_port = management_port
+        self.limits = effective_limits(limits)
+        self._management_port: int | None = None
         self._acl_from_pki = acl_from_pki
         self._now = now
         self._port: int | None = None
@@ -191,6 +223,13 @@ class MosquittoBroker:
         return self._port
 
     @property
+    def management_port(self) -> int:
+        """The management listener's port (operators, admins, services)."""
+        if self._management_port is None:
+            raise RuntimeError("the broker has not been started")
+        return self._management_port
+
+    @property
     def pid(self) -> int:
         return self._running().pid
 
@@ -221,6 +260,7 @@ class MosquittoBroker:
             self._check_log_for_errors()
             write_state(self.run_dir, self._state())
             self._reloader().confirm_revocation(self.host, self.port)
+            self._reloader().confirm_revocation(self.host, self.management_port)
         except BaseException:
             self.stop()
             raise
@@ -248,6 +288,7 @@ class MosquittoBroker:
             pid=self._process.pid if self._process is not None else 0,
             host=self.host,
             port=self._port or 0,
+            management_port=self._management_port or 0,
             acl_from_pki=self._acl_from_pki,
             principals=[(str(who.role), who.common_name) for who in named],
         )
@@ -270,7 +311,9 @@ class MosquittoBroker:
         _write_private(self.acl_path, self._reloader().render_acl(self._state(), now))
         write_initial_config(self.dynsec_path)
 
-    def _settings(self, port: int, plugin: Path, guard: Path) -> BrokerSettings:
+    def _settings(
+        self, port: int, management_port: int, plugin: Path, guard: Path
+    ) -> BrokerSettings:
         server = self.pki.identity_files(self._broker_identity)
         return BrokerSettings(
             port=port,
@@ -285,13 +328,16 @@ class MosquittoBroker:
             log_file=self.log_path,
             run_as_user=_current_user(),
             guard_plugin=guard,
+            management_port=management_port,
+            limits=self.limits,
         )
 
     def _start_on_some_port(self, binary: Path, plugin: Path, guard: Path) -> None:
         attempts = 1 if self._fixed_port is not None else _START_ATTEMPTS
         for attempt in range(1, attempts + 1):
             self._port = self._fixed_port or _free_port(self.host)
-            settings = self._settings(self._port, plugin, guard)
+            self._management_port = self._pick_management_port(self._port)
+            settings = self._settings(self._port, self._management_port, plugin, guard)
             _write_private(self.config_path, render_config(settings, self._mosquitto_dir))
             self._spawn(binary)
             try:
@@ -304,6 +350,15 @@ class MosquittoBroker:
             else:
                 return
 
+    def _pick_management_port(self, port: int) -> int:
+        if self._fixed_management_port is not None:
+            return self._fixed_management_port
+        if self._fixed_port is not None:
+            return self._fixed_port + 1  # stable: a restart comes back on both addresses
+        while (candidate := _free_port(self.host)) == port:
+            pass
+        return candidate
+
     def _spawn(self, binary: Path) -> None:
         for stale in (self.log_path, self.output_path):
             stale.unlink(missing_ok=True)
@@ -314,12 +369,16 @@ class MosquittoBroker:
             stdout=self._output,
             stderr=subprocess.STDOUT,
         )
+        _limit_open_files(self._process.pid, self.limits.open_files)
         atexit.register(self.stop)
 
     def _wait_until_ready(self) -> None:
         context = ssl.create_default_context(cafile=self.pki.bundle_path)
         deadline = time.monotonic() + self._start_timeout
-        while not _tls_listener_answers(self.host, self.port, context):
+        while not all(
+            _tls_listener_answers(self.host, port, context)
+            for port in (self.port, self.management_port)
+        ):
             if self._running().poll() is not None:
                 raise TransportError(
                     "transport.broker.exited", f"mosquitto exited:\n{self.log_tail()}"
@@ -327,7 +386,8 @@ class MosquittoBroker:
             if time.monotonic() > deadline:
                 raise TransportError(
                     "transport.broker.timeout",
-                    f"no TLS listener on {self.host}:{self.port} after "
+                    f"no TLS listeners on {self.host}:{self.port} and"
+                    f" :{self.management_port} after "
                     f"{self._start_timeout} s:\n{self.log_tail()}",
                 )
             time.sleep(_POLL_SECONDS)

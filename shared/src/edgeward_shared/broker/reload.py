@@ -84,6 +84,8 @@ class BrokerState(msgspec.Struct, frozen=True):
     acl_from_pki: bool
     #: identities named explicitly when the broker started, as (role, CN)
     principals: list[tuple[str, str]] = msgspec.field(default_factory=list)
+    #: the management listener (docs/adr/0019); 0 in a broker.json from before it
+    management_port: int = 0
 
     def identities(self) -> list[Identity]:
         return [Identity.from_common_name(Role(role), cn) for role, cn in self.principals]
@@ -290,7 +292,10 @@ class BrokerReloader:
             if time.monotonic() > deadline:
                 raise TransportError(ReloadReason.UNCONFIRMED, f"nothing logged in {self.log_path}")
             time.sleep(_POLL_S)
-        self.confirm_revocation(state.host, state.port)
+        # each listener loads the CRL for itself: both must refuse the canary
+        for port in (state.port, state.management_port):
+            if port:
+                self.confirm_revocation(state.host, port)
 
     def confirm_revocation(self, host: str, port: int) -> None:
         """Raise unless the broker refuses the canary as revoked."""
