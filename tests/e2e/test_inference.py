@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import onnxruntime
 import pytest
+from cryptography import x509
 from tests.e2e.fabric import (
     World,
     agent_running,
@@ -179,6 +180,12 @@ async def test_a_cloud_inference_on_a_real_model_is_accepted_and_exact(
     watcher.route(
         service_event_topic(ServiceName.INFERENCE_GATEWAY, "result"), [AcceptedResult], collect
     )
+    # an operator whose certificate is revoked before the gateway starts (the CRL it loads)
+    mallory = Identity.operator("mallory")
+    if not world.pki.identity_files(mallory).cert.exists():
+        files = world.pki.issue(mallory, datetime.now(UTC), timedelta(days=1))
+        serial = x509.load_pem_x509_certificate(files.cert.read_bytes()).serial_number
+        world.pki.revoke(serial, datetime.now(UTC), "keyCompromise")
     async with (
         services(world) as store,
         plane(world) as revocations,
@@ -266,6 +273,8 @@ async def test_a_cloud_inference_on_a_real_model_is_accepted_and_exact(
                 await asyncio.to_thread(triton_infer, world, port, intruder, image, binary=True)
             with pytest.raises(Exception):  # noqa: B017, PT011 - TLS: gevent's own error types
                 await asyncio.to_thread(triton_infer, world, port, None, image, binary=True)
+            with pytest.raises(Exception, match="(?i)closed|revoked|ssl|eof|reset"):  # the CRL
+                await asyncio.to_thread(triton_infer, world, port, mallory, image, binary=True)
 
             # the device's own sensor stream reaches consumers through the gateway
             assert await until(
