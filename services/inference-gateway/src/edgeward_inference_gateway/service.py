@@ -86,7 +86,7 @@ MAX_PENDING_REJECTIONS: Final = 10_000
 #: when it lands here (it may land on another instance: that one reads the database)
 MAX_LOCAL_PENDING: Final = 10_000
 GATEWAY: Final = Identity.service(ServiceName.INFERENCE_GATEWAY)
-FRAME_LIMIT: Final = Limit(rate_per_s=2_000, burst=4_000)
+FRAME_LIMIT: Final = Limit(rate_per_s=500, burst=1_000)  # 96 MiB/s; a 16 MiB tensor: 86
 ANSWERS_PREFIX: Final = f"{ROOT}/svc/{ServiceName.INFERENCE_GATEWAY}/rsp"
 _CALLER: Final = re.compile(r"^[a-z][a-z0-9-]*(\.[a-z0-9-]+){1,2}$")  # CallerName
 
