@@ -42,6 +42,7 @@ from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.runtime.node import NodeConfig, build_runtime
+from edgeward_shared.testing.nodes import running
 from edgeward_shared.topics import Channel, Direction, FleetKind, device_topic, fleet_topic
 
 N = sized(300, 20)
@@ -137,14 +138,10 @@ async def edgeward_device(store: PkiStore, port: int, state: Path) -> None:
     holder.attach(runtime)
     commands = CommandHandler(DEVICE.name, ledger, holder, runtime.clock, runtime.metrics.registry)
     commands.attach(runtime)
-    stop = asyncio.Event()
-    task = asyncio.create_task(runtime.run(connect, stop))
-    await asyncio.wait_for(runtime.ready.wait(), 10)
-    await asyncio.wait_for(has_list.wait(), 10)
-    print("ready", flush=True)
-    await asyncio.to_thread(sys.stdin.read)
-    stop.set()
-    await task
+    async with running(runtime, connect, within_s=10):
+        await asyncio.wait_for(has_list.wait(), 10)
+        print("ready", flush=True)
+        await asyncio.to_thread(sys.stdin.read)
 
 
 async def command_round_trips(store: PkiStore, port: int) -> list[float]:

@@ -30,6 +30,7 @@ devices.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import random
 import secrets
@@ -62,6 +63,7 @@ from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.runtime.core import Runtime
+from edgeward_shared.testing.nodes import running
 from edgeward_shared.topics import Channel, Direction, device_topic
 
 RENEWALS = sized(1000, 20)
@@ -140,10 +142,8 @@ async def identity_service(store: PkiStore, root: Path) -> AsyncIterator[tuple[R
     broker = MemoryBroker()
     answers: list[tuple[float, str, bytes]] = []
     async with identity_node(config) as (runtime, _connect):
-        stop = asyncio.Event()
-        task = asyncio.create_task(runtime.run(lambda: broker.connect("svc.identity"), stop))
-        await asyncio.wait_for(runtime.ready.wait(), 10)
-        async with broker.connect("probe") as probe:
+        connect = functools.partial(broker.connect, "svc.identity")
+        async with running(runtime, connect, within_s=10), broker.connect("probe") as probe:
             await probe.subscribe("ew/v1/dev/+/down/cert")
 
             async def collect() -> None:
@@ -155,8 +155,6 @@ async def identity_service(store: PkiStore, root: Path) -> AsyncIterator[tuple[R
                 yield runtime, answers
             finally:
                 collector.cancel()
-                stop.set()
-                await task
 
 
 def check_answers(store: PkiStore, answers: list, expected: int) -> int:

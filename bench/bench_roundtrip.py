@@ -38,6 +38,7 @@ from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.runtime.core import Runtime
 from edgeward_shared.runtime.health import answer_pings
 from edgeward_shared.runtime.node import NodeConfig, build_runtime
+from edgeward_shared.testing.nodes import running
 from edgeward_shared.topics import Channel, Direction, device_topic
 
 N = sized(1000, 20)
@@ -133,30 +134,22 @@ def node(store: PkiStore, identity: Identity, port: int) -> tuple[Runtime, objec
 async def runtime_device(store: PkiStore, port: int) -> None:
     device, connect = node(store, DEVICE, port)
     answer_pings(device, DOWN)
-    stop = asyncio.Event()
-    task = asyncio.create_task(device.run(connect, stop))  # type: ignore[arg-type]
-    await asyncio.wait_for(device.ready.wait(), 10)
-    print("ready", flush=True)
-    await asyncio.to_thread(sys.stdin.read)
-    stop.set()
-    await task
+    async with running(device, connect, within_s=10):
+        print("ready", flush=True)
+        await asyncio.to_thread(sys.stdin.read)
 
 
 async def runtime_round_trips(store: PkiStore, port: int) -> list[float]:
     service, connect = node(store, SERVICE, port)
     service.expect_replies(UP, [Pong])
-    stop = asyncio.Event()
-    task = asyncio.create_task(service.run(connect, stop))  # type: ignore[arg-type]
-    await asyncio.wait_for(service.ready.wait(), 10)
     samples = []
     ping = Ping(nonce="ab" * 16)
-    for i in range(N + WARMUP):
-        started = time.perf_counter()
-        await service.request(DOWN, ping, timeout_s=5)
-        if i >= WARMUP:
-            samples.append(time.perf_counter() - started)
-    stop.set()
-    await task
+    async with running(service, connect, within_s=10):
+        for i in range(N + WARMUP):
+            started = time.perf_counter()
+            await service.request(DOWN, ping, timeout_s=5)
+            if i >= WARMUP:
+                samples.append(time.perf_counter() - started)
     return samples
 
 

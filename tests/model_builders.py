@@ -11,7 +11,6 @@ checks that the service also accepts a bundle the package itself made (via the C
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import functools
 import hashlib
@@ -70,6 +69,7 @@ from edgeward_shared.models.signature import (
 from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.runtime.core import Runtime
 from edgeward_shared.testing import EPOCH_MS, FixedClock, MemoryPki
+from edgeward_shared.testing.nodes import running_nodes
 from edgeward_shared.topics import (
     Channel,
     Direction,
@@ -338,18 +338,12 @@ async def running(
             runtime.route(down, [ModelAvailable], _hint(caller.inbox), name="hints")
             callers[device_id] = caller
             runtimes.append(runtime)
-        stop = asyncio.Event()
-        tasks = [
-            asyncio.create_task(rt.run(functools.partial(fleet.broker.connect, cn), stop))
+        nodes = [
+            (rt, functools.partial(fleet.broker.connect, rt.identity.common_name))
             for rt in runtimes
-            for cn in (rt.identity.common_name,)
         ]
-        try:
-            await asyncio.wait_for(asyncio.gather(*(rt.ready.wait() for rt in runtimes)), WAIT_S)
+        async with running_nodes(*nodes, within_s=WAIT_S):
             yield service, callers
-        finally:
-            stop.set()
-            await asyncio.wait_for(asyncio.gather(*tasks), WAIT_S)
 
 
 def _collect(inbox: list[Delivery]) -> Callable[[Delivery], Any]:

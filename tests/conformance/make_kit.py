@@ -36,8 +36,12 @@ import onnxruntime as ort
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edgeward_attestation.appraise import reference_state
 from edgeward_attestation.credential import kdfa, kdfe, make_credential
+from edgeward_attestation.eventlog import ALG_SHA256, check_replay
+from edgeward_attestation.eventlog import parse as parse_event_log
 from edgeward_attestation.keys import AttestationKey, EndorsementKey
 from edgeward_attestation.quote import Challenge, PcrPolicy, verify_quote
 from edgeward_attestation.structures import HASHES
@@ -45,6 +49,9 @@ from edgeward_cli.publish import ReleaseSpec, build_release
 from edgeward_device_agent.enrollment import make_csr
 from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN, SwtpmFleet, expected_pcrs
 from edgeward_device_agent.tpm import PcrBank
+from edgeward_shared.audit.entry import AuditEntry, AuditEvent, Decision, encode_entry
+from edgeward_shared.audit.merkle import CompactRange, leaf_hash
+from edgeward_shared.audit.note import Checkpoint, NoteSigner, sign_checkpoint
 from edgeward_shared.bindings import (
     PROOF_LABEL,
     QUALIFYING_DATA_TAG,
@@ -63,6 +70,8 @@ from edgeward_shared.messages import attest, command, common, enroll, health, id
 from edgeward_shared.messages import model as m
 from edgeward_shared.messages import registry as reg
 from edgeward_shared.messages import revocation as rev
+from edgeward_shared.messages import telemetry as tel
+from edgeward_shared.messages.audit import AuditCheckpoint
 from edgeward_shared.messages.base import Message, encode_message
 from edgeward_shared.messages.trust import TrustBundle
 from edgeward_shared.models.frames import FrameHeader, encode_frame
@@ -328,8 +337,8 @@ class Kit:
             "verify_at_ms": iat + 1000,
             "policy": policy,
             "payload": json.loads(payload),
-            "payload_text": payload.decode("ascii"),
-            "envelope": raw.decode("ascii"),
+            "payload_text": payload.decode(),  # UTF-8: the audit note has an em dash
+            "envelope": raw.decode(),
         }
         if notes:
             example["notes"] = notes
@@ -436,13 +445,13 @@ def main(out: Path = KIT) -> None:
         with SwtpmFleet(work / "fleet") as fleet:
             device = fleet.start(DEVICE)
             with device.open() as tpm:
-                build(fleet.ca.cert_path.read_bytes(), tpm, out)
+                build(fleet.ca.cert_path.read_bytes(), tpm, out, device.event_log.read_bytes())
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"conformance kit written under {out}")
 
 
-def build(manufacturer_pem: bytes, tpm: Any, out: Path) -> None:
+def build(manufacturer_pem: bytes, tpm: Any, out: Path, event_log: bytes = b"") -> None:
     from tests.models import small_input, small_model  # the repository root is on sys.path
 
     ek_cert = tpm.ek_certificate()
@@ -457,6 +466,7 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path) -> None:
     kit.identity(Identity.service(ServiceName.MODEL_DISTRIBUTION))
     kit.identity(Identity.service(ServiceName.INFERENCE_GATEWAY))
     kit.identity(Identity.service(ServiceName.REVOCATION))
+    kit.identity(Identity.service(ServiceName.TELEMETRY))
     alice = Identity.operator("alice")
     kit.identity(alice)
     kit.identity(Identity.enrollee(DEVICE))
@@ -576,9 +586,15 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path) -> None:
             attest=quote.attest,
             signature=quote.signature,
             pcrs=pcrs,
+            event_log=event_log,
         ),
         section="5.4",
     )
+    boot_states: list[str] = []  # the policy recorded from this quote's log (ADR 0021)
+    if event_log:  # the boot event log replays to the quoted PCRs
+        check_replay(parse_event_log(event_log), ALG_SHA256, dict(quote.pcrs))
+        state = reference_state(POLICY_ID, parse_event_log(event_log), SELECTION)
+        boot_states.append(f"{POLICY_ID}: {len(state.events)} events")
     golden = expected_pcrs(GOLDEN_BOOT_CHAIN)
     verify_quote(
         quote.attest,
@@ -731,6 +747,7 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path) -> None:
                     state="active",
                     recorded_by="op.alice",
                     approved_by="op.bob",
+                    boot_states=boot_states,
                 )
             ],
         ),
@@ -1229,6 +1246,115 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path) -> None:
             ],
         ),
         section="5.10",
+    )
+
+    # ------------------------------------------------------------------ telemetry
+    kit.emit(
+        DEVICE,
+        device_topic(DEVICE, Direction.UP, Channel.TELEMETRY),
+        tel.TelemetryReport(
+            device_id=DEVICE,
+            boot_ms=start,
+            seq=3,
+            period_ms=60_000,
+            window_end_ms=kit.now,
+            trust=tel.TrustView(attested=True, stopped=False, offline=False),
+            protections=[
+                tel.Protection("rlimits", "applied"),
+                tel.Protection("seccomp", "applied"),
+            ],
+            models=[
+                tel.ModelReport(
+                    name="demo",
+                    version=1,
+                    digest=ref.digest,
+                    tier=Tier.HIGH,
+                    inferences=120,
+                    errors=1,
+                    latency_ms=[80, 30, 8, 2, 0, 0, 0, 0, 0, 0],
+                    top_score=[0, 0, 0, 0, 1, 3, 9, 21, 40, 46],
+                    top_class=[50, 36, 22, 12, *([0] * 12)],
+                )
+            ],
+            rejected=2,
+            resources=tel.Resources(rss_bytes=83_886_080, cpu_ms=1_250),
+            ear=ear,
+        ),
+        section="5.15",
+    )
+    kit.emit(
+        "svc.telemetry",
+        service_event_topic(ServiceName.TELEMETRY, "alarm"),
+        tel.TelemetryAlarm(
+            rule="output-drift",
+            state="alarm",
+            device_id=DEVICE,
+            metric="output_psi",
+            value=1.75,
+            threshold=0.25,
+            risk="watch",
+            actions=["alarm", "rollout"],
+            at_ms=kit.now,
+            model="demo",
+            version=1,
+        ),
+        section="5.15",
+    )
+    kit.emit(
+        "svc.telemetry",
+        service_event_topic(ServiceName.TELEMETRY, "rollout"),
+        tel.RolloutSignal(
+            model="demo",
+            version=1,
+            advice="hold",
+            rule="output-drift",
+            devices=[DEVICE],
+            at_ms=kit.now,
+        ),
+        section="5.15",
+    )
+    # ------------------------------------------------------------------ audit log
+    audit_origin = "edgeward/audit/svc.revocation/0c0ffee0"
+    audit_key = NoteSigner(
+        audit_origin,
+        Ed25519PrivateKey.from_private_bytes(
+            hashlib.sha256(b"edgeward conformance audit key").digest()
+        ),
+    )
+    audit_entries = [
+        encode_entry(
+            AuditEntry.at(
+                seq,
+                AuditEvent(
+                    actor="svc.revocation",
+                    action="revocation.revoke",
+                    decision=Decision.ALLOW if seq != 1 else Decision.DENY,
+                    reason="revocation.job" if seq != 1 else "revocation.subject.unknown",
+                    subject="op.alice",
+                    at_ms=kit.now - 3000 + seq,
+                    evidence=hashlib.sha256(f"request {seq}".encode()).hexdigest(),
+                ),
+            )
+        )
+        for seq in range(3)
+    ]
+    audit_edge = CompactRange()
+    for raw_entry in audit_entries:
+        audit_edge.append(leaf_hash(raw_entry))
+    audit_note = sign_checkpoint(
+        Checkpoint(audit_origin, audit_edge.size, audit_edge.root()), audit_key
+    )
+    kit.emit(
+        "svc.revocation",
+        fleet_topic(FleetKind.AUDIT, "revocation"),
+        AuditCheckpoint(note=audit_note, vkey=audit_key.verifier.vkey),
+        section="5.14",
+        ttl_ms=5 * 60_000,
+        notes={
+            "entries": [raw_entry.decode() for raw_entry in audit_entries],
+            "leaf_hashes": [leaf_hash(raw_entry).hex() for raw_entry in audit_entries],
+            "root": audit_edge.root().hex(),
+        },
     )
 
     # ------------------------------------------------------------------ write it all

@@ -12,7 +12,6 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from click.testing import CliRunner, Result
 
@@ -35,9 +34,10 @@ from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.clock import SystemClock
 from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.pki.store import PkiStore
-from edgeward_shared.runtime.core import Runtime
 from edgeward_shared.runtime.node import NodeConfig, build_runtime
 from edgeward_shared.storage.sqlite import SqliteDatabase
+from edgeward_shared.testing.nodes import running, running_tasks
+from edgeward_shared.until import holds_within
 
 ATTESTATION = Identity.service(ServiceName.ATTESTATION)
 IDENTITY = Identity.service(ServiceName.IDENTITY)
@@ -85,13 +85,21 @@ class World:
         return CliRunner().invoke(cli, [*argv, *common])
 
     async def new_agent(
-        self, store: AttestationStore, device_id: str, tcti: str, *, replace: bool = False
+        self,
+        store: AttestationStore,
+        device_id: str,
+        tcti: str,
+        *,
+        replace: bool = False,
+        event_log: Path | None = None,
     ) -> DeviceAgent:
         """Provision ``device_id`` (as the operator would) and prepare its agent."""
         await store.provision(device_id, DEVICE_CLASS, None, "op.alice", SystemClock().now_ms())
-        return self.agent(device_id, tcti, replace=replace)
+        return self.agent(device_id, tcti, replace=replace, event_log=event_log)
 
-    def agent(self, device_id: str, tcti: str, *, replace: bool = False) -> DeviceAgent:
+    def agent(
+        self, device_id: str, tcti: str, *, replace: bool = False, event_log: Path | None = None
+    ) -> DeviceAgent:
         files = self.pki.issue(
             Identity.enrollee(device_id), datetime.now(UTC), timedelta(hours=1), replace=replace
         )
@@ -105,6 +113,7 @@ class World:
             ca_bundle=self.pki.bundle_path,
             crl=self.pki.crl_path,
             broker=self.address,
+            event_log=event_log,
         )
         return DeviceAgent(config)
 
@@ -126,18 +135,6 @@ def make_world(root: Path, extra: tuple[Identity, ...] = ()) -> Iterator[World]:
         ) as broker,
     ):
         yield World(root, pki, broker, fleet)
-
-
-@asynccontextmanager
-async def running(runtime: Runtime, connect: Any) -> AsyncIterator[Runtime]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(runtime.run(connect, stop))
-    try:
-        await asyncio.wait_for(runtime.ready.wait(), WAIT)
-        yield runtime
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, WAIT)
 
 
 @asynccontextmanager
@@ -187,22 +184,13 @@ async def services(
 
 @asynccontextmanager
 async def agent_running(agent: DeviceAgent) -> AsyncIterator[DeviceAgent]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(agent.run(stop))
-    try:
+    async with running_tasks(agent.run, within_s=WAIT):
         yield agent
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, WAIT)
 
 
 async def until(condition: Callable[[], bool], within_s: float = WAIT) -> bool:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
+    """True once ``condition`` holds, False after ``within_s`` (``assert await until(...)``)."""
+    return await holds_within(condition, within_s=within_s, every_s=0.05)
 
 
 async def approve_golden_policy(store: AttestationStore, policy_id: str) -> None:

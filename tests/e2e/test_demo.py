@@ -36,7 +36,9 @@ def test_edgeward_demo_runs_the_whole_story(tmp_path: Path) -> None:
     rows = [line for line in out.splitlines() if line.strip().startswith("edge-0002 ")]
     tampered = next(row for row in rows if "may enroll" not in row)  # the registry, act 2
     assert "untrusted" in tampered
-    assert "attestation.pcr.not_allowed" in tampered
+    assert "attestation.eventlog.event_mismatch" in tampered
+    # the boot event that differs, named (docs/adr/0021)
+    assert "edge-0002: PCR 4 EV_EFI_BOOT_SERVICES_APPLICATION \\EFI\\BOOT\\BOOTX64.EFI" in out
     # act 3: the canary cohort; the attested device runs the model, the tampered gets no key
     models = [line.split() for line in out.splitlines() if line.startswith("         edge-")]
     assert models[0][:4] == ["edge-0001", "v1", "active", "model.activated"]

@@ -12,6 +12,7 @@ refuses. Every time comes from one ``FixedClock``: nothing sleeps to make time p
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import os
 import secrets
@@ -73,7 +74,9 @@ from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.runtime.core import Outgoing, Runtime
 from edgeward_shared.testing import FixedClock, MemoryPki
+from edgeward_shared.testing.nodes import running_tasks
 from edgeward_shared.topics import Channel, Direction, device_topic, enroll_topic
+from edgeward_shared.until import until
 
 pytestmark = [pytest.mark.tpm, pytest.mark.asyncio]
 
@@ -88,13 +91,6 @@ EAR_LIFETIME_S = 600
 WAIT_S = 10.0
 POLICY = AgentPolicy(request_timeout_s=2.0, retry_base_s=0.02, retry_cap_s=0.1, max_sleep_s=0.02)
 Tamper = Literal["none", "session_key", "subject"]
-
-
-async def _until(condition: Callable[[], bool], within_s: float = WAIT_S) -> None:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 def _trust(pki: PkiStore, clock: FixedClock) -> TrustStore:
@@ -363,16 +359,10 @@ class World:
 
     @asynccontextmanager
     async def running(self, *parties: Runtime | DeviceAgent) -> AsyncIterator[None]:
-        stop = asyncio.Event()
-        tasks = [asyncio.create_task(self._run(party, stop)) for party in parties]
-        try:
-            for party in parties:
-                if isinstance(party, Runtime):
-                    await asyncio.wait_for(party.ready.wait(), WAIT_S)
+        runs = [functools.partial(self._run, party) for party in parties]
+        ready = [party.ready for party in parties if isinstance(party, Runtime)]
+        async with running_tasks(*runs, ready=ready, within_s=WAIT_S):
             yield
-        finally:
-            stop.set()
-            await asyncio.wait_for(asyncio.gather(*tasks), WAIT_S)
 
     def _run(self, party: Runtime | DeviceAgent, stop: asyncio.Event) -> Any:
         if isinstance(party, DeviceAgent):
@@ -447,7 +437,7 @@ async def test_a_fresh_device_enrolls_then_attests_renews_and_reconnects(world: 
     agent = world.agent("dev-fresh")
     assert not agent.trust_state().enrolled
     async with world.running(world.service.runtime, agent):
-        await _until(lambda: agent.trust_state().attested)
+        await until(lambda: agent.trust_state().attested)
         state = agent.trust_state()
         assert state.enrolled
         assert state.connected
@@ -478,7 +468,7 @@ async def test_a_fresh_device_enrolls_then_attests_renews_and_reconnects(world: 
 
         # 80 % of the result's lifetime later the agent asks again, and adopts the new one
         world.clock.advance(int(EAR_LIFETIME_S * 1000 * 0.8) + 1)
-        await _until(lambda: agent.trust_state().result_id != state.result_id)
+        await until(lambda: agent.trust_state().result_id != state.result_id)
         assert world.service.requests[-1] == ("dev-fresh", "renew")
         renewed = agent.attestation
         assert renewed is not None
@@ -486,13 +476,13 @@ async def test_a_fresh_device_enrolls_then_attests_renews_and_reconnects(world: 
 
         # kicked by the broker: the runtime reconnects and the agent asks for a challenge
         world.broker.disconnect("dev-fresh")
-        await _until(lambda: ("dev-fresh", "reconnect") in world.service.requests)
-        await _until(lambda: len(world.service.results) == 3 and agent.trust_state().attested)
+        await until(lambda: ("dev-fresh", "reconnect") in world.service.requests)
+        await until(lambda: len(world.service.results) == 3 and agent.trust_state().attested)
 
     # a restarted agent is enrolled already: it connects as the device and boots again
     again = world.agent("dev-fresh")
     async with world.running(world.service.runtime, again):
-        await _until(lambda: again.trust_state().attested)
+        await until(lambda: again.trust_state().attested)
     assert len(world.service.issued) == 1
     assert world.service.credential_challenges == 1
     assert world.service.requests[-1] == ("dev-fresh", "boot")
@@ -503,7 +493,7 @@ async def test_results_bound_to_another_session_key_or_device_are_not_adopted(
 ) -> None:
     agent, service = world.agent("dev-keys"), world.service
     async with world.running(service.runtime, agent):
-        await _until(lambda: agent.trust_state().attested)
+        await until(lambda: agent.trust_state().attested)
         before = agent.trust_state()
         for tamper, reason in (
             ("session_key", "agent.attest.result.session_key_mismatch"),
@@ -511,9 +501,9 @@ async def test_results_bound_to_another_session_key_or_device_are_not_adopted(
         ):
             service.tamper = tamper  # type: ignore[assignment]
             await service.runtime.publish(service.challenge_for("dev-keys"))
-            await _until(lambda reason=reason: _refused(agent, reason) == 1)
+            await until(lambda reason=reason: _refused(agent, reason) == 1)
             assert _rejected(agent, reason) == 1  # counted by the runtime too
-        await _until(lambda: service.refusals.count("agent.attest.result.subject_mismatch") == 1)
+        await until(lambda: service.refusals.count("agent.attest.result.subject_mismatch") == 1)
         after = agent.trust_state()
         assert after.attested
         assert after.result_id == before.result_id
@@ -521,7 +511,7 @@ async def test_results_bound_to_another_session_key_or_device_are_not_adopted(
 
         service.tamper = "none"
         await service.runtime.publish(service.challenge_for("dev-keys"))
-        await _until(lambda: agent.trust_state().result_id != before.result_id)
+        await until(lambda: agent.trust_state().result_id != before.result_id)
         assert agent.trust_state().last_error is None
 
 
@@ -529,7 +519,7 @@ async def test_a_tpm_showing_another_tpms_ek_cannot_enroll(world: World) -> None
     tpm_a, tpm_b = world.tpms
     agent = world.agent("dev-chimera", lambda _: ForeignEkTpm(Tpm(tpm_a.tcti), Tpm(tpm_b.tcti)))
     async with world.running(world.service.runtime, agent):
-        await _until(lambda: world.service.credential_challenges >= 3)  # it keeps retrying
+        await until(lambda: world.service.credential_challenges >= 3)  # it keeps retrying
         state = agent.trust_state()
     assert not state.enrolled
     assert not state.attested
@@ -548,7 +538,7 @@ async def test_a_refused_enrollment_is_retried_until_it_succeeds(world: World) -
     world.service.refuse_enrollments = ["enroll.class.unknown", "enroll.device.rebind"]
     agent = world.agent("dev-patient")
     async with world.running(world.service.runtime, agent):
-        await _until(lambda: agent.trust_state().attested)
+        await until(lambda: agent.trust_state().attested)
     registry = agent.metrics.registry
     for reason in ("enroll.class.unknown", "enroll.device.rebind"):
         labels = {"reason": reason}
@@ -560,7 +550,7 @@ async def test_a_certificate_for_another_device_or_key_is_not_kept(world: World)
     world.service.misissue = ["other-device", "other-key"]
     agent = world.agent("dev-careful")
     async with world.running(world.service.runtime, agent):
-        await _until(lambda: agent.trust_state().attested)
+        await until(lambda: agent.trust_state().attested)
     failures = agent.metrics.registry.get_sample_value(
         "edgeward_agent_enrollment_failures_total", {"reason": "agent.enroll.certificate_invalid"}
     )
@@ -592,11 +582,11 @@ async def test_malformed_and_forged_messages_on_its_topics_do_not_crash_it(world
         in_reply_to=secrets.token_hex(16), status="affirming", ear="x.y.z", reasons=[]
     )
     async with world.running(service.runtime, agent):
-        await _until(lambda: agent.trust_state().attested)
+        await until(lambda: agent.trust_state().attested)
         before = agent.trust_state()
         service.withhold_results = True
         await service.runtime.publish(service.challenge_for("dev-junk"))
-        await _until(lambda: len(service.evidence) == 2)
+        await until(lambda: len(service.evidence) == 2)
         withheld = service.evidence[-1].mid
         garbage_ear = AttestationResult(
             in_reply_to=withheld, status="affirming", ear="not-a-jwt", reasons=[]
@@ -616,7 +606,7 @@ async def test_malformed_and_forged_messages_on_its_topics_do_not_crash_it(world
                 await raw.publish(attest, payload)
             await raw.publish(health, b"\x00not an envelope")
             await raw.publish(health, seal(mallory, health, Ping(nonce="00" * 16), now_ms=0))
-        await _until(lambda: _rejected(agent, "ear.malformed") == 1)
+        await until(lambda: _rejected(agent, "ear.malformed") == 1)
         expected = {
             "envelope.malformed": 6,
             "message.too_large": 1,
@@ -636,18 +626,18 @@ async def test_malformed_and_forged_messages_on_its_topics_do_not_crash_it(world
         assert (await _ping(world, "dev-junk")).in_reply_to
         service.withhold_results = False
         await service.runtime.publish(service.challenge_for("dev-junk"))
-        await _until(lambda: agent.trust_state().result_id != before.result_id)
+        await until(lambda: agent.trust_state().result_id != before.result_id)
 
 
 async def test_a_contraindicated_verdict_withdraws_the_attestation(world: World) -> None:
     agent, service = world.agent("dev-tampered"), world.service
     async with world.running(service.runtime, agent):
-        await _until(lambda: agent.trust_state().attested)
+        await until(lambda: agent.trust_state().attested)
         service.enrolled["dev-tampered"] = AttestationKey.from_tpm2b_public(
             _other_ak(world)
         )  # the verifier now expects another AK: the next quote does not verify
         await service.runtime.publish(service.challenge_for("dev-tampered"))
-        await _until(lambda: agent.trust_state().status == "contraindicated")
+        await until(lambda: agent.trust_state().status == "contraindicated")
     state = agent.trust_state()
     assert not state.attested
     assert agent.attestation is None
@@ -677,7 +667,7 @@ async def test_an_older_agents_plain_key_is_sealed_and_shredded_at_start(world: 
     in the clear) comes up with the same key, now sealed, and the PEM gone."""
     agent = world.agent("dev-legacy")
     async with world.running(world.service.runtime, agent):
-        await _until(lambda: agent.trust_state().attested)
+        await until(lambda: agent.trust_state().attested)
     key = agent.state.device_key()
     device_dir = world.root / "dev-legacy" / "device"
     (device_dir / "key.sealed").unlink()  # the layout before sealing
@@ -685,7 +675,7 @@ async def test_an_older_agents_plain_key_is_sealed_and_shredded_at_start(world: 
 
     again = world.agent("dev-legacy")
     async with world.running(world.service.runtime, again):
-        await _until(lambda: again.trust_state().attested)
+        await until(lambda: again.trust_state().attested)
     assert not (device_dir / "key.pem").exists()
     assert (device_dir / "key.sealed").exists()
     assert _spki(again.state.device_key()) == _spki(key)

@@ -45,6 +45,7 @@ from edgeward_shared.topics import (
     service_response_topic,
     shared_subscription,
 )
+from edgeward_shared.until import until
 
 pytestmark = pytest.mark.broker
 
@@ -149,15 +150,6 @@ def _rejected(runtime: Runtime, reason: str) -> float:
     return value or 0.0
 
 
-async def _until(condition: Callable[[], bool], within_s: float = WAIT) -> bool:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
-
-
 # ------------------------------------------------------------------------ both buses
 @pytest.mark.asyncio
 async def test_signed_request_and_answer_between_service_and_device(fabric: Fabric) -> None:
@@ -202,7 +194,7 @@ async def test_rogue_device_is_stopped_by_the_acl_and_relayed_forgeries_by_the_e
                 await relay.publish(DOWN_A, payload)
             await relay.publish(DOWN_A, genuine)
             await relay.publish(DOWN_A, genuine)  # a replay
-            assert await _until(lambda: _rejected(device, "envelope.replay") == 1)
+            await until(lambda: _rejected(device, "envelope.replay") == 1, within_s=WAIT)
         for reason in attempts:
             assert _rejected(device, reason) == 1, reason
         received = device.metrics.registry.get_sample_value(
@@ -249,7 +241,7 @@ async def test_malformed_payloads_of_every_kind_are_rejected_and_service_keeps_s
                 for s in m.samples
                 if s.name.endswith("_total")
             )
-            assert await _until(lambda: total() == len(payloads))
+            await until(lambda: total() == len(payloads), within_s=WAIT)
         reply = await service.request(DOWN_A, Ping(nonce=NONCE), timeout_s=WAIT)
     assert isinstance(reply.message, Pong)
     assert _rejected(device, "envelope.malformed") >= 8
@@ -305,7 +297,7 @@ async def test_an_enrollee_reaches_only_the_registrar(fabric: Fabric) -> None:
         sneaky = device_topic("dev-new", Direction.UP, Channel.HEALTH)
         await bus.publish(sneaky, seal(newcomer, sneaky, Ping(nonce=NONCE), now_ms=now))
         await bus.publish(up, seal(newcomer, up, Ping(nonce=NONCE), now_ms=now))
-        assert await _until(lambda: seen == [up])
+        await until(lambda: seen == [up], within_s=WAIT)
         await asyncio.sleep(0.1)
     assert seen == [up]  # the device-topic publish never reached the telemetry service
 
@@ -355,7 +347,7 @@ async def test_runtime_reconnects_by_itself_after_the_broker_kicks_it(real: Fabr
     async with real.serving(device, service):
         async with real.connect(ADMIN) as admin:
             await admin.publish(CONTROL_TOPIC, kick_command(DEV_A.common_name))
-        assert await _until(lambda: not device.ready.is_set(), 2)
+        await until(lambda: not device.ready.is_set(), within_s=2)
         await asyncio.wait_for(device.ready.wait(), WAIT)
         reply = await service.request(DOWN_A, Ping(nonce=NONCE), timeout_s=WAIT)
     assert isinstance(reply.message, Pong)

@@ -13,8 +13,8 @@ import socket
 import subprocess
 import sys
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Iterator
+from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,18 +26,15 @@ from edgeward_identity.app import IdentityConfig, identity_node
 from edgeward_identity.store import requests_served
 from edgeward_identity.testing import device_csr
 from edgeward_shared.broker.launcher import MosquittoBroker
-from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings, connect_mqtt
-from edgeward_shared.clock import SystemClock
-from edgeward_shared.envelope import EnvelopeVerifier, SigningKey
+from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.errors import TransportError
 from edgeward_shared.identity import Identity, Role, ServiceName, identity_of
 from edgeward_shared.messages.health import Ping, Pong
 from edgeward_shared.messages.identity import CertificateIssued, IssueDeviceCertificate
 from edgeward_shared.pki.store import PkiStore
-from edgeward_shared.pki.trust import TrustStore
-from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.runtime.core import Connect, Runtime
 from edgeward_shared.storage import SqliteDatabase
+from edgeward_shared.testing.nodes import broker_node, running_nodes
 from edgeward_shared.topics import service_request_topic, service_response_topic
 
 pytestmark = pytest.mark.broker
@@ -88,35 +85,11 @@ def _config(pki: PkiStore, broker: MosquittoBroker, instance: Identity, db: Path
     )
 
 
-def _attestation(pki: PkiStore, broker: MosquittoBroker) -> tuple[Runtime, MqttSettings]:
-    trust = TrustStore.from_bundle(pki.bundle_path, pki.crl_path, now=datetime.now(UTC))
-    runtime = Runtime(
-        signing_key=SigningKey.from_files(pki.identity_files(ATTESTATION)),
-        verifier=EnvelopeVerifier(trust, MemoryReplayGuard()),
-        clock=SystemClock(),
-    )
+def _attestation(pki: PkiStore, broker: MosquittoBroker) -> tuple[Runtime, Connect]:
+    runtime, connect = broker_node(pki, ATTESTATION, BrokerAddress(broker.host, broker.port))
     answers = service_response_topic(ServiceName.IDENTITY, ATTESTATION)
     runtime.expect_replies(answers, [CertificateIssued, Pong])
-    settings = MqttSettings(
-        broker=BrokerAddress(broker.host, broker.port),
-        ca_bundle=pki.bundle_path,
-        identity=pki.identity_files(ATTESTATION),
-        client_id=ATTESTATION.common_name,
-    )
-    return runtime, settings
-
-
-@asynccontextmanager
-async def _running(*nodes: tuple[Runtime, Connect]) -> AsyncIterator[None]:
-    """Run each (runtime, connect) pair until the block ends."""
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(rt.run(connect, stop)) for rt, connect in nodes]
-    try:
-        await asyncio.wait_for(asyncio.gather(*(rt.ready.wait() for rt, _ in nodes)), WAIT)
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
+    return runtime, connect
 
 
 def _request(device_id: str) -> IssueDeviceCertificate:
@@ -164,7 +137,7 @@ async def _served(db: Path) -> int:
 async def test_two_instances_answer_every_request_exactly_once(
     identity_pki: PkiStore, mosquitto: MosquittoBroker, db_path: Path, tmp_path: Path
 ) -> None:
-    attestation, settings = _attestation(identity_pki, mosquitto)
+    attestation, connect = _attestation(identity_pki, mosquitto)
     count = 24
     device_ids = [f"idt-{i:03d}" for i in range(count)]
     async with AsyncExitStack() as stack:
@@ -172,9 +145,7 @@ async def test_two_instances_answer_every_request_exactly_once(
         for instance in (IDENTITY, IDENTITY_2):
             config = _config(identity_pki, mosquitto, instance, db_path)
             instances.append(await stack.enter_async_context(identity_node(config)))
-        await stack.enter_async_context(
-            _running(*instances, (attestation, lambda: connect_mqtt(settings)))
-        )
+        await stack.enter_async_context(running_nodes(*instances, (attestation, connect)))
         replies = await asyncio.gather(
             *(
                 attestation.request(REQUESTS, _request(device_id), timeout_s=WAIT)
@@ -212,11 +183,11 @@ async def test_two_instances_answer_every_request_exactly_once(
 async def test_reissued_certificate_verifies_and_the_old_one_is_revoked_for_openssl(
     identity_pki: PkiStore, mosquitto: MosquittoBroker, db_path: Path, tmp_path: Path
 ) -> None:
-    attestation, settings = _attestation(identity_pki, mosquitto)
+    attestation, connect = _attestation(identity_pki, mosquitto)
     config = _config(identity_pki, mosquitto, IDENTITY, db_path)
     async with (
         identity_node(config) as node,
-        _running(node, (attestation, lambda: connect_mqtt(settings))),
+        running_nodes(node, (attestation, connect)),
     ):
         old = await attestation.request(REQUESTS, _request("idt-reissue"), timeout_s=WAIT)
         new = await attestation.request(REQUESTS, _request("idt-reissue"), timeout_s=WAIT)
@@ -265,12 +236,12 @@ async def test_the_command_serves_exposes_metrics_and_stops_on_sigterm(
         "--metrics-port", str(metrics_port),
         "--max-lifetime", "30m",
     ]  # fmt: skip
-    attestation, settings = _attestation(identity_pki, mosquitto)
+    attestation, connect = _attestation(identity_pki, mosquitto)
     process = await asyncio.create_subprocess_exec(
         *command, stderr=asyncio.subprocess.PIPE, cwd=tmp_path
     )
     try:
-        async with _running((attestation, lambda: connect_mqtt(settings))):
+        async with running_nodes((attestation, connect)):
             await _ping_until_answered(attestation)
             reply = await attestation.request(REQUESTS, _request("idt-command"), timeout_s=WAIT)
             scraped = await asyncio.to_thread(_scrape, metrics_port)

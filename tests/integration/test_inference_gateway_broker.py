@@ -7,9 +7,8 @@ the device's own stream results are accepted and published; a rogue device's res
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,9 @@ from edgeward_inference_gateway.testing import (
     sample_inputs,
 )
 from edgeward_shared.broker.launcher import MosquittoBroker
-from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings, connect_mqtt
+from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.clock import SystemClock
-from edgeward_shared.envelope import EnvelopeVerifier, Opened, SigningKey
+from edgeward_shared.envelope import Opened, SigningKey
 from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.inference import InferenceReason, verify_result_signature
 from edgeward_shared.messages.infer import (
@@ -41,9 +40,8 @@ from edgeward_shared.messages.infer import (
 )
 from edgeward_shared.messages.model import ModelQuery
 from edgeward_shared.pki.store import PkiStore
-from edgeward_shared.pki.trust import TrustStore
-from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.runtime.core import Connect, Outgoing, Runtime
+from edgeward_shared.testing.nodes import broker_node, running_nodes
 from edgeward_shared.topics import (
     FleetKind,
     fleet_topic,
@@ -51,6 +49,7 @@ from edgeward_shared.topics import (
     service_request_topic,
     service_response_topic,
 )
+from edgeward_shared.until import until
 
 pytestmark = [pytest.mark.broker, pytest.mark.asyncio]
 
@@ -84,38 +83,7 @@ def mosquitto(
 
 
 def _runtime(pki: PkiStore, broker: MosquittoBroker, identity: Identity) -> tuple[Runtime, Connect]:
-    trust = TrustStore.from_bundle(pki.bundle_path, pki.crl_path, now=datetime.now(UTC))
-    runtime = Runtime(
-        signing_key=SigningKey.from_files(pki.identity_files(identity)),
-        verifier=EnvelopeVerifier(trust, MemoryReplayGuard()),
-        clock=SystemClock(),
-    )
-    settings = MqttSettings(
-        broker=BrokerAddress(broker.host, broker.port),
-        ca_bundle=pki.bundle_path,
-        identity=pki.identity_files(identity),
-        client_id=identity.common_name,
-    )
-    return runtime, lambda: connect_mqtt(settings)
-
-
-@asynccontextmanager
-async def _running(*nodes: tuple[Runtime, Connect]) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(rt.run(connect, stop)) for rt, connect in nodes]
-    try:
-        await asyncio.wait_for(asyncio.gather(*(rt.ready.wait() for rt, _ in nodes)), WAIT_S)
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), WAIT_S)
-
-
-async def _until(condition: Callable[[], bool], within_s: float = WAIT_S) -> None:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
+    return broker_node(pki, identity, BrokerAddress(broker.host, broker.port))
 
 
 async def test_attested_results_accepted_and_a_rogue_devices_rejected_over_the_broker(
@@ -181,14 +149,14 @@ async def test_attested_results_accepted_and_a_rogue_devices_rejected_over_the_b
             instances.append((runtime, connect, service))
         nodes = [(rt, c) for rt, c, _ in instances]
         others = [(models, models_connect), revocation, operator, device_a, device_b, telemetry]
-        await stack.enter_async_context(_running(*nodes, *others))
+        await stack.enter_async_context(running_nodes(*nodes, *others))
 
         # the signed revocation list, retained: both instances follow it
         listing = revocation_list(1, now_ms=clock.now_ms())
         await revocation[0].publish(
             Outgoing(fleet_topic(FleetKind.REVOCATIONS), listing, retain=True)
         )
-        await _until(lambda: all(s.view.version == 1 for _, _, s in instances))
+        await until(lambda: all(s.view.version == 1 for _, _, s in instances), within_s=WAIT_S)
 
         # calls: the device's signed result comes back, accepted, whichever instance got it
         calls = service_request_topic(ServiceName.INFERENCE_GATEWAY, OPERATOR)
@@ -203,14 +171,14 @@ async def test_attested_results_accepted_and_a_rogue_devices_rejected_over_the_b
         # the device's own stream
         for _ in range(4):
             await device_a[0].publish(Outgoing(honest.up, honest.stream_result()))
-        await _until(lambda: len(accepted("dev-a")) == 8)
+        await until(lambda: len(accepted("dev-a")) == 8, within_s=WAIT_S)
 
         # the rogue: dev-a's attestation and key, its own body; no attestation; a forged body
         await device_b[0].publish(Outgoing(rogue.up, honest.sign(rogue.body())))
         await device_b[0].publish(Outgoing(rogue.up, rogue.sign(rogue.body(), ear="")))
         forged = rogue.sign(rogue.body(), key=honest.session_key)
         await device_b[0].publish(Outgoing(rogue.up, forged))
-        await _until(lambda: len(rejected("dev-b")) == 3)
+        await until(lambda: len(rejected("dev-b")) == 3, within_s=WAIT_S)
         assert sorted(rejected("dev-b")) == sorted(
             [R.WRONG_DEVICE, R.NOT_ATTESTED, R.SESSION_SIGNATURE]
         )

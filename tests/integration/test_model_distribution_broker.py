@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Iterator
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,10 +31,10 @@ from edgeward_model_distribution.gating import EVENT_TOPIC
 from edgeward_model_distribution.service import Settings
 from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.bus.base import Delivery
-from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings, connect_mqtt
+from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.clock import SystemClock
 from edgeward_shared.ear import AttestationClaims, issue_ear
-from edgeward_shared.envelope import EnvelopeVerifier, SigningKey
+from edgeward_shared.envelope import SigningKey
 from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.messages.attest import AttestationFailed
 from edgeward_shared.messages.base import Message
@@ -74,8 +74,8 @@ from edgeward_shared.models.sealing import (
 )
 from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.pki.trust import TrustStore
-from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.runtime.core import Connect, Outgoing, Runtime
+from edgeward_shared.testing.nodes import broker_node, running_nodes
 from edgeward_shared.topics import (
     Channel,
     Direction,
@@ -84,6 +84,7 @@ from edgeward_shared.topics import (
     service_request_topic,
     service_response_topic,
 )
+from edgeward_shared.until import until
 
 pytestmark = [pytest.mark.broker, pytest.mark.asyncio]
 
@@ -138,19 +139,7 @@ class Node:
 
 
 def _node(pki: PkiStore, broker: MosquittoBroker, identity: Identity) -> Node:
-    trust = TrustStore.from_bundle(pki.bundle_path, pki.crl_path, now=datetime.now(UTC))
-    runtime = Runtime(
-        signing_key=SigningKey.from_files(pki.identity_files(identity)),
-        verifier=EnvelopeVerifier(trust, MemoryReplayGuard()),
-        clock=SystemClock(),
-    )
-    settings = MqttSettings(
-        broker=BrokerAddress(broker.host, broker.port),
-        ca_bundle=pki.bundle_path,
-        identity=pki.identity_files(identity),
-        client_id=identity.common_name,
-    )
-    return Node(runtime, lambda: connect_mqtt(settings))
+    return Node(*broker_node(pki, identity, BrokerAddress(broker.host, broker.port)))
 
 
 def _device(pki: PkiStore, broker: MosquittoBroker, device_id: str) -> Node:
@@ -170,25 +159,6 @@ def _device(pki: PkiStore, broker: MosquittoBroker, device_id: str) -> Node:
         device_topic(device_id, Direction.DOWN, Channel.DATA), frame, name="frames"
     )
     return node
-
-
-@asynccontextmanager
-async def _running(*nodes: tuple[Runtime, Connect]) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(rt.run(connect, stop)) for rt, connect in nodes]
-    try:
-        await asyncio.wait_for(asyncio.gather(*(rt.ready.wait() for rt, _ in nodes)), WAIT_S)
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), WAIT_S)
-
-
-async def _until(condition: Callable[[], bool], within_s: float = WAIT_S) -> None:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def _ask(node: Node, topic: str, message: Message) -> Message:
@@ -225,7 +195,7 @@ async def test_publish_roll_out_sync_fetch_and_key_over_the_broker(
             runtime, connect, _ = await stack.enter_async_context(models_node(config))
             instances.append((runtime, connect))
         clients = [(n.runtime, n.connect) for n in (operator, dev_a, dev_b)]
-        await stack.enter_async_context(_running(*instances, *clients))
+        await stack.enter_async_context(running_nodes(*instances, *clients))
 
         # publish: begin, a window of chunks at a time (they race across instances), commit
         ready = await _ask(operator, requests, _begin(built))
@@ -263,7 +233,7 @@ async def test_publish_roll_out_sync_fetch_and_key_over_the_broker(
         )
         assert isinstance(listing, ModelList)
         assert listing.versions[0].cohort == ["dev-a"]
-        await _until(lambda: any(d.topic.endswith("/model") for d in dev_a.inbox))
+        await until(lambda: any(d.topic.endswith("/model") for d in dev_a.inbox), within_s=WAIT_S)
 
         # sync: one signed, expiring release document for dev-a
         up_a = device_topic("dev-a", Direction.UP, Channel.MODEL)
@@ -281,7 +251,7 @@ async def test_publish_roll_out_sync_fetch_and_key_over_the_broker(
         indices = list(range(len(document.blob.chunks)))
         request = ChunkRequest(name="ocr", version=1, blob=document.blob.digest, indices=indices)
         await dev_a.runtime.publish(Outgoing(up_a, request, mid=mid))
-        await _until(lambda: len(_frames(dev_a)) == len(indices))
+        await until(lambda: len(_frames(dev_a)) == len(indices), within_s=WAIT_S)
         chunks = {}
         for delivery in _frames(dev_a):
             header, data = decode_frame(delivery.payload)
@@ -415,7 +385,7 @@ async def test_a_contraindicated_canary_aborts_a_gated_rollout_over_the_broker(
             runtime, connect, _ = await stack.enter_async_context(models_node(config))
             instances.append((runtime, connect))
         clients = [(n.runtime, n.connect) for n in (operator, device, attestation, watcher)]
-        await stack.enter_async_context(_running(*instances, *clients))
+        await stack.enter_async_context(running_nodes(*instances, *clients))
         for version in (1, 2):
             built = build_release(
                 _model(1000 + version),
@@ -481,11 +451,13 @@ async def test_a_contraindicated_canary_aborts_a_gated_rollout_over_the_broker(
             at_ms=_now_ms(),
         )
         await attestation.runtime.publish(Outgoing(failed_topic, event))
-        await _until(lambda: any(e.new == "aborted" for e in events))
+        await until(lambda: any(e.new == "aborted" for e in events), within_s=WAIT_S)
         (aborted,) = [e for e in events if e.new == "aborted"]
         assert (aborted.reason, aborted.actor, aborted.previous) == ("gate.attestation", "gate", 1)
         assert await phase() == "aborted"  # dev-b still runs v2
-        await _until(lambda: sum(d.topic.endswith("/down/model") for d in device.inbox) >= 2)
+        await until(
+            lambda: sum(d.topic.endswith("/down/model") for d in device.inbox) >= 2, within_s=WAIT_S
+        )
         reply = await _ask(device, up, SyncRequest())
         assert isinstance(reply, SyncReply), reply
         trust = TrustStore.from_bundle(pki.bundle_path, pki.crl_path, now=datetime.now(UTC))
@@ -503,4 +475,4 @@ async def test_a_contraindicated_canary_aborts_a_gated_rollout_over_the_broker(
         while await phase() != "rolled-back":
             assert asyncio.get_running_loop().time() < deadline
             await asyncio.sleep(0.05)
-        await _until(lambda: any(e.new == "rolled-back" for e in events))
+        await until(lambda: any(e.new == "rolled-back" for e in events), within_s=WAIT_S)

@@ -28,6 +28,11 @@ from edgeward_device_agent.revocations import RevocationHolder
 from edgeward_revocation.app import run_worker, wire
 from edgeward_revocation.effects import CheckedReloader, DynsecKicker, PkiCrl
 from edgeward_revocation.store import RevocationStore
+from edgeward_shared.audit import evidence_digest, open_audit_key
+from edgeward_shared.audit.entry import decode_entry
+from edgeward_shared.audit.note import parse_checkpoint
+from edgeward_shared.audit.store import read_log
+from edgeward_shared.audit.verify import verify_log
 from edgeward_shared.broker.launcher import BROKER_IDENTITY, MosquittoBroker
 from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings
 from edgeward_shared.envelope import EnvelopeVerifier
@@ -288,6 +293,19 @@ async def test_stop_over_the_broker_with_a_receipt_proved_offline(
     assert result.exit_code == 0, result.output
     assert "command:ok receipt:ok" in result.output
     assert "every command and receipt verifies" in result.output
+    # the command and its receipt are also in the operator's audit log (docs/adr/0023)
+    db = await SqliteDatabase.open(tmp_path / "audit.db")
+    entries, notes = await read_log(db)
+    await db.close()
+    recorded = [decode_entry(raw) for raw, _ in entries]
+    assert [(e.action, e.reason, e.subject) for e in recorded] == [
+        ("command.stop", "command.sent", GOOD.name),
+        ("command.receipt", "command.receipt", GOOD.name),
+    ]
+    assert recorded[0].evidence == evidence_digest(exchange.record.command)
+    origin = parse_checkpoint(notes[-1])[0].origin
+    key = open_audit_key(tmp_path, "x").renamed(origin)
+    assert verify_log(entries, notes, key.verifier, origin=origin).ok
 
 
 @pytest.mark.asyncio

@@ -47,6 +47,7 @@ from edgeward_shared.topics import (
     service_request_topic,
     service_response_topic,
 )
+from edgeward_shared.until import until
 
 pytestmark = pytest.mark.broker
 log = logging.getLogger("edgeward.test.rotation")
@@ -141,7 +142,7 @@ class Pinger:
     async def answered(self, more: int) -> None:
         """Wait until ``more`` further pings were answered."""
         target = len(self.answers) + more
-        await _until(lambda: len(self.answers) >= target)
+        await until(lambda: len(self.answers) >= target)
 
 
 @asynccontextmanager
@@ -219,13 +220,6 @@ def _reloads(runtime: Runtime, outcome: str, name: str = IDENTITY_RELOADS) -> fl
     return runtime.metrics.registry.get_sample_value(name, {"outcome": outcome}) or 0.0
 
 
-async def _until(condition: Any, within_s: float = WAIT) -> None:
-    """Poll ``condition`` (state other tasks change, with no event to wait on)."""
-    async with asyncio.timeout(within_s):
-        while not condition():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-
-
 def _serial(pki: PkiStore, identity: Identity) -> int:
     return read_certificate(pki.identity_files(identity).cert).serial_number
 
@@ -242,7 +236,7 @@ async def test_a_services_certificate_renewed_while_pings_flow_loses_none(
         new = _serial(pki, IDENTITY)
         started = time.perf_counter()
         fleet.service.hangup()
-        await _until(lambda: new in fleet.to_service.serials())
+        await until(lambda: new in fleet.to_service.serials())
         swap_s = time.perf_counter() - started
         # the old certificate is revoked once the new one is in use, and the CRL applied
         for record in replaced:
@@ -283,21 +277,21 @@ async def test_bad_certificates_and_a_garbage_crl_are_refused_and_the_node_keeps
             for name in ("cert.pem", "chain.pem", "key.pem"):
                 shutil.copy(source / name, target.directory / name)
             fleet.service.hangup()
-            await _until(lambda reason=reason: _reloads(fleet.service, reason) == 1)
+            await until(lambda reason=reason: _reloads(fleet.service, reason) == 1)
             await fleet.to_service.answered(10)
         pki.issue(IDENTITY, datetime.now(UTC) - 2 * DAY, DAY, replace=True)  # expired
         fleet.service.hangup()
-        await _until(lambda: _reloads(fleet.service, ReloadReason.IDENTITY_EXPIRED) == 1)
+        await until(lambda: _reloads(fleet.service, ReloadReason.IDENTITY_EXPIRED) == 1)
         await fleet.to_service.answered(10)
         # a garbage CRL: refused, the old one (with its revocations) kept
         revoked = _serial(pki, LATE_DEVICE)
         pki.revoke(revoked, datetime.now(UTC), "keyCompromise")
         fleet.service.hangup()
         trust = fleet.service.verifier.trust
-        await _until(lambda: trust.is_revoked(revoked))
+        await until(lambda: trust.is_revoked(revoked))
         pki.crl_path.write_bytes(GARBAGE_CRL)
         fleet.service.hangup()
-        await _until(
+        await until(
             lambda: _reloads(fleet.service, ReloadReason.CRL_UNREADABLE, TRUST_RELOADS) == 1
         )
         assert trust.is_revoked(revoked)
@@ -362,22 +356,22 @@ async def test_issuing_ca_rotation_end_to_end_without_an_outage(
         broker.reload()
         fleet.reload_all()
         for node in fleet.nodes:
-            await _until(lambda node=node: len(node.verifier.trust.issuing_cas) == 2)
+            await until(lambda node=node: len(node.verifier.trust.issuing_cas) == 2)
         await fleet.to_service.answered(10)
         # 2. every identity renewed by the new CA; nodes reload; old certificates revoked.
         #    The service under load; the device node and the operator (no resumed session:
         #    docs/adr/0017) while nothing is sent to them
         replaced = pki.renew(IDENTITY, datetime.now(UTC), DAY)[1]
         fleet.service.hangup()
-        await _until(lambda: _reloads(fleet.service, "ok") == 1)
+        await until(lambda: _reloads(fleet.service, "ok") == 1)
         async with fleet.to_device.paused(), fleet.to_service.paused():
             for node, identity in ((fleet.device, DEVICE), (fleet.operator, OPERATOR)):
                 replaced += pki.renew(identity, datetime.now(UTC), DAY)[1]
                 node.hangup()
-                await _until(lambda node=node: _reloads(node, "ok") == 1 and not node.swapping)
+                await until(lambda node=node: _reloads(node, "ok") == 1 and not node.swapping)
         pki.renew(BROKER_IDENTITY, datetime.now(UTC), DAY, ("127.0.0.1", "localhost"))
         for pinger in (fleet.to_service, fleet.to_device):
-            await _until(
+            await until(
                 lambda pinger=pinger: (
                     bool(pinger.answers) and _issuer_of(pinger.answers[-1]) == new_ca.subject
                 )
@@ -395,7 +389,7 @@ async def test_issuing_ca_rotation_end_to_end_without_an_outage(
         broker.reload()
         fleet.reload_all()
         for node in fleet.nodes:
-            await _until(lambda node=node: len(node.verifier.trust.issuing_cas) == 1)
+            await until(lambda node=node: len(node.verifier.trust.issuing_cas) == 1)
         await fleet.to_service.answered(20)
         await fleet.to_device.answered(20)
         # 4. the old CA's certificate is refused: at the broker, and in an envelope
@@ -463,27 +457,27 @@ async def test_a_node_without_the_pki_follows_the_signed_trust_bundle(
         stop = asyncio.Event()  # the pinger's: it stops before the nodes do
         async with _serving(service, operator):
             pinging = asyncio.create_task(pinger.run(stop))
-            await _until(lambda: follower.version == 1)
+            await until(lambda: follower.version == 1)
             # the operator's command, which reloads the running broker itself (checked)
             _cli("pki", "rotate-issuing", "--dir", str(pki.dir), "--run-dir", str(broker.run_dir))
             new_ca = pki.issuer().cert
             service[0].hangup()  # the publisher looks at the version now
-            await _until(lambda: follower.version == 2)
+            await until(lambda: follower.version == 2)
             assert new_ca in operator[0].verifier.trust.issuing_cas
             pki.renew(IDENTITY, datetime.now(UTC), DAY)
             service[0].hangup()
-            await _until(
+            await until(
                 lambda: bool(pinger.answers) and _issuer_of(pinger.answers[-1]) == new_ca.subject
             )
             async with pinger.paused():  # the operator resumes no session (ADR 0017)
                 pki.renew(OPERATOR, datetime.now(UTC), DAY)
                 operator[0].hangup()
-                await _until(lambda: _reloads(operator[0], "ok") == 1 and not operator[0].swapping)
+                await until(lambda: _reloads(operator[0], "ok") == 1 and not operator[0].swapping)
             await pinger.answered(10)
             retire = ["pki", "retire-issuing", "--force"]  # dev-a, dev-b and the broker remain
             _cli(*retire, "--dir", str(pki.dir), "--run-dir", str(broker.run_dir))
             service[0].hangup()
-            await _until(lambda: follower.version == 3)
+            await until(lambda: follower.version == 3)
             assert operator[0].verifier.trust.issuing_cas == [new_ca]
             await pinger.answered(10)
             stop.set()

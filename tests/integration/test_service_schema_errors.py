@@ -42,6 +42,7 @@ ENTRIES: Final = (
     Entry("edgeward-attestation", ServiceName.ATTESTATION, "attestation", None),
     Entry("edgeward-gateway", ServiceName.INFERENCE_GATEWAY, "inference-gateway", "gateway.db"),
     Entry("edgeward-models", ServiceName.MODEL_DISTRIBUTION, "model-distribution", "models.db"),
+    Entry("edgeward-telemetry", ServiceName.TELEMETRY, "telemetry", None),
 )
 
 

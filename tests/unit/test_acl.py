@@ -155,6 +155,7 @@ def test_each_service_gets_exactly_what_the_tables_give_it(acl: Acl, service: Se
     expected |= {
         ("write", f"ew/v1/fleet/{k}/#") for k, owner in FLEET_OWNERS.items() if owner == who
     }
+    expected.add(("write", f"ew/v1/fleet/audit/{service}"))  # its audit checkpoints only
     if service is ServiceName.ATTESTATION:  # the registrar (docs/adr/0005)
         expected |= {("read", "ew/v1/enroll/+/up"), ("write", "ew/v1/enroll/+/down")}
     assert grants(acl, who) == expected
@@ -163,7 +164,21 @@ def test_each_service_gets_exactly_what_the_tables_give_it(acl: Acl, service: Se
 def test_the_telemetry_service_reads_command_receipts_and_writes_no_fleet_kind(acl: Acl) -> None:
     telemetry = grants(acl, Identity.service(ServiceName.TELEMETRY))
     assert ("read", "ew/v1/dev/+/up/cmd") in telemetry
-    assert not any(topic.startswith("ew/v1/fleet") for _, topic in telemetry)
+    fleet = {topic for _, topic in telemetry if topic.startswith("ew/v1/fleet")}
+    assert fleet == {"ew/v1/fleet/audit/telemetry"}  # its own audit checkpoints, nothing else
+
+
+def test_a_service_may_sign_only_its_own_audit_checkpoints() -> None:
+    own = fleet_topic(FleetKind.AUDIT, "revocation")
+    authorize_signer(own, Identity.service(ServiceName.REVOCATION))
+    for topic, signer in (
+        (own, Identity.service(ServiceName.IDENTITY)),
+        (own, Identity.device("dev-a")),
+        (fleet_topic(FleetKind.AUDIT, "nobody"), Identity.service(ServiceName.REVOCATION)),
+        (fleet_topic(FleetKind.AUDIT), Identity.service(ServiceName.REVOCATION)),
+    ):
+        with pytest.raises(PolicyError):
+            authorize_signer(topic, signer)
 
 
 def test_an_operator_gets_commands_health_and_calls_in_its_own_name(acl: Acl) -> None:

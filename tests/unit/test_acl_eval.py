@@ -29,7 +29,8 @@ POLICY = AclPolicy.parse(
         ("dev-a", "ew/v1/fleet/revocations", "write", False),
         ("dev-a", "$CONTROL/dynamic-security/v1", "write", False),
         ("svc.telemetry", "ew/v1/dev/dev-a/down/health", "write", True),
-        ("svc.telemetry", "ew/v1/dev/dev-a/down/cmd", "write", False),
+        ("svc.telemetry", "ew/v1/dev/dev-a/down/cmd", "write", True),  # stop only: ADR 22
+        ("svc.attestation", "ew/v1/dev/dev-a/down/cmd", "write", False),
         ("svc.telemetry", "ew/v1/dev/svc.telemetry/up/attest", "write", False),
         ("svc.telemetry.2", "ew/v1/dev/dev-a/up/telemetry", "read", True),
         ("svc.telemetry.2", "ew/v1/svc/telemetry/rsp/op.alice", "write", True),

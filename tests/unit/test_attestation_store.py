@@ -192,3 +192,46 @@ async def test_a_renewal_moves_the_serial_only_from_the_current_one(
     assert device.certificate_serial == "b2"
     events = [row["event"] for row in await store.audit("dev-a")]
     assert events[-1] == "renewed"
+
+
+@pytest.mark.asyncio
+async def test_a_refusal_s_findings_are_kept_until_the_next_verdict(
+    store: AttestationStore,
+) -> None:
+    await store.register(_pending(), serial="1f", now_ms=10, actor="enroll.dev-a")
+    lines = ["PCR 4 EV_EFI_BOOT_SERVICES_APPLICATION \\EFI\\BOOT\\BOOTX64.EFI: expected a, found b"]
+    await store.record_verdict(
+        "dev-a",
+        trusted=False,
+        reason="attestation.eventlog.event_mismatch",
+        policy_id="gw-1",
+        now_ms=20,
+        findings=lines,
+    )
+    device = await store.device("dev-a")
+    assert device is not None
+    assert device.findings == tuple(lines)
+    await store.record_verdict(
+        "dev-a", trusted=True, reason="attestation.affirming", policy_id="gw-1", now_ms=30
+    )
+    device = await store.device("dev-a")
+    assert device is not None
+    assert device.findings == ()
+
+
+@pytest.mark.asyncio
+async def test_a_rollout_policy_remembers_which_policy_it_keeps(store: AttestationStore) -> None:
+    await store.record_policy(
+        None,
+        policy_id="gw-2",
+        device_class="edge-gw",
+        selection=[0, 7],
+        reference_device="dev-new",
+        actor="op.alice",
+        now_ms=1,
+        keep_from="gw-1",
+    )
+    row = await store.policy("gw-2")
+    assert row is not None
+    assert (row.keep_from, row.policy, row.reference_device) == ("gw-1", None, "dev-new")
+    assert await store.policy("gw-9") is None

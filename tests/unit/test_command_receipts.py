@@ -186,6 +186,10 @@ def test_records_without_receipt_or_from_a_service_are_not_proven(
     assert check_record(CommandRecord(DEVICE, DOWN, world.command(), UP), trust).receipt_reason == (
         CommandReason.RECEIPT_MISSING
     )
-    service = world.pki.signing_key(Identity.service(ServiceName.TELEMETRY))
+    service = world.pki.signing_key(Identity.service(ServiceName.ATTESTATION))
     check = check_record(CommandRecord(DEVICE, DOWN, world.command(service), UP), trust)
     assert check.command_reason == "policy.role.not_allowed"
+    # the telemetry service may sign a stop (ADR 22): its command verifies
+    telemetry = world.pki.signing_key(Identity.service(ServiceName.TELEMETRY))
+    check = check_record(CommandRecord(DEVICE, DOWN, world.command(telemetry), UP), trust)
+    assert check.command_reason is None

@@ -307,8 +307,8 @@ async def test_commands_refused_by_the_envelope_check(
     match attack:
         case "device-signed":
             key = fleet.device_key
-        case "service-signed":
-            key = fleet.pki.signing_key(Identity.service(ServiceName.TELEMETRY))
+        case "service-signed":  # a service other than telemetry (ADR 22)
+            key = fleet.pki.signing_key(Identity.service(ServiceName.ATTESTATION))
         case "foreign-operator":
             key = foreign.signing_key(ALICE)
         case "unknown-verb":
@@ -330,6 +330,25 @@ async def test_commands_refused_by_the_envelope_check(
         bob = fleet.pki.signing_key(Identity.operator("bob"))
         good = await answer(bus, fleet.seal(stop(), bob), fleet)
         assert good.message.outcome == "done"
+
+
+@pytest.mark.asyncio
+async def test_the_telemetry_service_may_stop_a_device_and_nothing_else(fleet: Fleet) -> None:
+    """ADR 22: a stop signed by svc.telemetry is obeyed; a resume (or any other verb) signed
+    by it is answered with a rejected receipt, and the device stays stopped."""
+    await fleet.publish_list(revocations(fleet.clock))
+    telemetry = fleet.pki.signing_key(Identity.service(ServiceName.TELEMETRY, "2"))
+    async with fleet.device() as device, operator(fleet) as bus:
+        done = await answer(bus, fleet.seal(stop(), telemetry), fleet)
+        assert (done.message.outcome, done.message.reason) == ("done", "command.done")
+        assert device.commands.stopped
+        resume = ResumeCommand(device_id=DEVICE, reason="telemetry wants it back")
+        refused = await answer(bus, fleet.seal(resume, telemetry), fleet)
+        assert (refused.message.outcome, refused.message.reason) == (
+            "rejected",
+            "command.signer.not_operator",
+        )
+        assert device.commands.stopped
 
 
 def _serial(key: SigningKey) -> int:

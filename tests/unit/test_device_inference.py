@@ -21,6 +21,7 @@ from edgeward_device_agent.inference import (
     to_tensor,
 )
 from edgeward_device_agent.model_manager import LoadedModel
+from edgeward_device_agent.telemetry import Snapshot, TelemetryRecorder, top_of
 from edgeward_shared.ear import AttestationClaims, issue_ear, verify_ear
 from edgeward_shared.errors import EdgewardError, PolicyError
 from edgeward_shared.identity import Identity, ServiceName
@@ -77,6 +78,7 @@ class World:
             state_dir=tmp,
             policy=InferencePolicy(rate_per_s=rate, burst=burst),
             monotonic=lambda: self.now_s,
+            recorder=TelemetryRecorder(DEVICE, boot_ms=1, period_ms=60_000),
         )
 
     def _allowed(self) -> None:
@@ -136,6 +138,38 @@ async def test_refusals_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(EdgewardError, match="infer.input.invalid"):
         await world.inference.infer("classifier", bad)
     assert world.inference.refused["infer.model.not_loaded"] == 2
+    # the telemetry report counts the refusals and the failed run of the real model
+    assert world.inference.recorder is not None
+    assert world.inference.recorder.rejected == 4
+
+
+@pytest.mark.asyncio
+async def test_inference_feeds_the_telemetry_report(tmp_path: Path) -> None:
+    """Each run of the real model lands in the period's counts: its latency bucket, its
+    top score and argmax class (as read from the model's output), a failure as an error."""
+    world = World(tmp_path)
+    direct = onnxruntime.InferenceSession(small_model(), providers=["CPUExecutionProvider"])
+    output = direct.run(None, {"input": small_input()})[0][0]
+    expected = top_of([to_tensor("out", np.asarray([output]))])
+    assert expected is not None
+    for _ in range(3):
+        await world.inference.infer("classifier", _inputs())
+    with pytest.raises(EdgewardError, match="infer.input.invalid"):
+        await world.inference.infer(
+            "classifier", [to_tensor("input", np.zeros((1, 3), np.float32))]
+        )
+    recorder = world.inference.recorder
+    assert recorder is not None
+    snapshot = Snapshot(EPOCH_MS, None, True, False, False, {}, 0, 0)
+    [model] = recorder.report(snapshot).models
+    assert (model.name, model.version, model.tier, model.inferences, model.errors) == (
+        "classifier", 2, Tier.HIGH, 4, 1,
+    )  # fmt: skip
+    assert model.latency_ms[0] == 4  # the monotonic clock of the test does not move
+    score, label = expected
+    assert sum(model.top_score) == 3
+    assert model.top_score[min(9, max(0, int(score * 10)))] == 3
+    assert model.top_class[min(15, label)] == 3
 
 
 @pytest.mark.asyncio

@@ -54,6 +54,7 @@ from edgeward_shared.topics import (
     service_event_topic,
     service_request_topic,
 )
+from edgeward_shared.until import until
 
 DEVICE = "dev-renew"
 ATTESTATION = Identity.service(ServiceName.ATTESTATION)
@@ -303,10 +304,10 @@ async def test_a_replayed_renewal_gets_nothing_from_another_instance(world: Worl
         task = asyncio.create_task(collect())
         async with world.broker.connect(DEVICE) as bus:
             await bus.publish(UP, raw)
-            await _until(lambda: len(answers) == 1)
+            await until(lambda: len(answers) == 1)
         async with world.services(IDENTITY_2), world.broker.connect(DEVICE) as bus:
             await bus.publish(UP, raw)  # both instances get it now (shared: one of them)
-            await _until(lambda: len(answers) == 2)
+            await until(lambda: len(answers) == 2)
         task.cancel()
     assert isinstance(answers[0].message, CertificateIssued)
     assert answers[1].message.reason == IdentityReason.RENEW_REPLAYED
@@ -387,11 +388,3 @@ async def test_renewal_refusals_on_the_wire(world: World, attack: str, on_the_wi
     if attack == "forged_binding":  # counted by its real name on the service
         assert counted == 1
     assert len([r for r in world.pki.issued() if r.common_name == DEVICE]) == 1
-
-
-async def _until(condition: Any, within_s: float = WAIT) -> None:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError("the condition did not hold in time")
-        await asyncio.sleep(0.005)

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,9 @@ from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.runtime.core import Runtime
 from edgeward_shared.storage import SqliteDatabase, migrate
 from edgeward_shared.testing import FixedClock
+from edgeward_shared.testing.nodes import running_nodes
 from edgeward_shared.topics import service_request_topic, service_response_topic
+from edgeward_shared.until import until
 
 ATTESTATION = Identity.service(ServiceName.ATTESTATION)
 ATTESTATION_2 = Identity.service(ServiceName.ATTESTATION, "2")
@@ -67,17 +70,9 @@ def _req(caller: Identity) -> str:
     return service_request_topic(ServiceName.IDENTITY, caller)
 
 
-async def _until(condition: Callable[[], bool], within_s: float = WAIT) -> None:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError("the condition did not hold in time")
-        await asyncio.sleep(0.005)
-
-
 async def _one_more(answers: list[Opened[Any]]) -> None:
     count = len(answers)
-    await _until(lambda: len(answers) > count)
+    await until(lambda: len(answers) > count)
 
 
 @dataclass
@@ -120,19 +115,9 @@ class Deployment:
 
     @asynccontextmanager
     async def serving(self, *runtimes: Runtime) -> AsyncIterator[None]:
-        stop = asyncio.Event()
-        tasks = [
-            asyncio.create_task(
-                rt.run(lambda rt=rt: self.broker.connect(rt.identity.common_name), stop)
-            )
-            for rt in runtimes
-        ]
-        try:
-            await asyncio.wait_for(asyncio.gather(*(rt.ready.wait() for rt in runtimes)), WAIT)
+        nodes = [(rt, partial(self.broker.connect, rt.identity.common_name)) for rt in runtimes]
+        async with running_nodes(*nodes, within_s=WAIT):
             yield
-        finally:
-            stop.set()
-            await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
 
     @asynccontextmanager
     async def identity_service(
@@ -354,7 +339,7 @@ async def test_a_device_cannot_sign_a_request_at_all(deployment: Deployment) -> 
     async with deployment.identity_service() as (service,), deployment.answers() as answers:
         for topic in (_req(ATTESTATION), "ew/v1/svc/identity/req/dev-a"):
             await deployment.publish(topic, seal(device, topic, request, now_ms=now))
-        await _until(lambda: len(answers) == 2)
+        await until(lambda: len(answers) == 2)
     assert [a.message.reason for a in answers] == ["policy.role.not_allowed"] * 2
     own = x509.load_der_x509_certificate(deployment.key(DEV_A).cert_der).serial_number
     assert deployment.issued_to("dev-a") == [own]  # the fixture's, and nothing new
@@ -428,7 +413,7 @@ async def test_a_request_is_refused_after_a_restart(deployment: Deployment) -> N
     for expected in (CertificateIssued, Rejected):
         async with deployment.identity_service(), deployment.answers() as answers:
             await deployment.publish(topic, raw)
-            await _until(lambda: len(answers) == 1)
+            await until(lambda: len(answers) == 1)
         assert isinstance(answers[0].message, expected)
     assert answers[0].message.reason == IdentityReason.REQUEST_REPLAYED
     assert len(deployment.issued_to("dev-0007")) == 1
@@ -527,7 +512,7 @@ async def test_the_service_survives_malformed_payloads_and_keeps_serving(
             await deployment.publish(topic, seal(key, topic, message, now_ms=now))
         for csr in refused_csrs.values():
             await deployment.publish(topic, seal(key, topic, _request("dev-0009", csr), now_ms=now))
-        await _until(lambda: len(answers) == len(loose) + len(refused_csrs))
+        await until(lambda: len(answers) == len(loose) + len(refused_csrs))
         reply = await attestation.request(topic, _request("dev-0009", good_csr), timeout_s=WAIT)
     assert isinstance(reply.message, CertificateIssued)
     reasons = [a.message.reason for a in answers[: len(loose) + len(refused_csrs)]]

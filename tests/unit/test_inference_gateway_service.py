@@ -47,6 +47,7 @@ from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.runtime.core import Outgoing, Runtime
 from edgeward_shared.runtime.revocations import RevocationFollower
 from edgeward_shared.testing import EPOCH_MS, FixedClock, MemoryPki
+from edgeward_shared.testing.nodes import running_nodes
 from edgeward_shared.topics import (
     FleetKind,
     fleet_topic,
@@ -54,6 +55,7 @@ from edgeward_shared.topics import (
     service_request_topic,
     service_response_topic,
 )
+from edgeward_shared.until import until
 
 pytestmark = pytest.mark.asyncio
 
@@ -69,14 +71,6 @@ ATTESTATION = Identity.service(ServiceName.ATTESTATION)
 TELEMETRY = Identity.service(ServiceName.TELEMETRY)
 OPERATOR = Identity.operator("alice")
 RESULTS = "edgeward_gateway_results_total"
-
-
-async def until(condition: Callable[[], bool], within_s: float = WAIT_S) -> None:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError("the condition did not hold in time")
-        await asyncio.sleep(0.005)
 
 
 @dataclass
@@ -232,19 +226,13 @@ async def running(
             simulated[device_id] = (device, runtime)
         others = (models, revocation, operator, telemetry, *(r for _, r in simulated.values()))
         runtimes += [(runtime, connect(runtime)) for runtime in others]
-        stop = asyncio.Event()
-        tasks = [asyncio.create_task(rt.run(c, stop)) for rt, c in runtimes]
-        try:
-            await asyncio.wait_for(asyncio.gather(*(rt.ready.wait() for rt, _ in runtimes)), WAIT_S)
+        async with running_nodes(*runtimes, within_s=WAIT_S):
             world = Running(
                 fleet, gateways, gateway_runtimes, operator, revocation, simulated, events, queries
             )
             if revocations:
                 await world.revoke(1)
             yield world
-        finally:
-            stop.set()
-            await asyncio.wait_for(asyncio.gather(*tasks), WAIT_S)
 
 
 @pytest.fixture

@@ -4,9 +4,7 @@ purged."""
 
 from __future__ import annotations
 
-import asyncio
 import secrets
-from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -34,16 +32,9 @@ from edgeward_shared.models.release import document_verifier, open_release
 from edgeward_shared.ratelimit import Limit
 from edgeward_shared.runtime.core import Outgoing
 from edgeward_shared.testing import MemoryPki
+from edgeward_shared.until import until
 
 pytestmark = pytest.mark.asyncio
-
-
-async def _until(condition: Callable[[], bool], within_s: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError("the condition did not hold in time")
-        await asyncio.sleep(0.005)
 
 
 def _fleet(memory_pki: MemoryPki, tmp_path: Path, **settings: object) -> Fleet:
@@ -76,7 +67,7 @@ async def test_syncs_and_chunk_requests_are_rate_limited_per_device(
         ask = ChunkRequest(name="demo", version=1, blob=sha256_hex(release.blob), indices=[0])
         for _ in range(2):  # served: a frame each (and chunks-sent)
             await flooder.runtime.publish(Outgoing(flooder.request_topic, ask))
-        await _until(lambda: len(flooder.frames()) == 2)
+        await until(lambda: len(flooder.frames()) == 2)
         assert rejected_reason(await flooder.ask(ask)) == ModelReason.RATE_LIMITED
         assert len(flooder.frames()) == 2
         metric = service.metrics.rate_limited

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -63,6 +62,7 @@ from edgeward_shared.models.sealing import (
 )
 from edgeward_shared.runtime.core import Outgoing
 from edgeward_shared.testing import MemoryPki
+from edgeward_shared.until import until
 
 pytestmark = pytest.mark.asyncio
 
@@ -70,14 +70,6 @@ pytestmark = pytest.mark.asyncio
 @pytest.fixture
 def fleet(memory_pki: MemoryPki, tmp_path: Path) -> Fleet:
     return Fleet(memory_pki, tmp_path / "state")
-
-
-async def _until(condition: Callable[[], bool], within_s: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError("the condition did not hold in time")
-        await asyncio.sleep(0.005)
 
 
 async def _published(operator: Caller, release: Release) -> Published:
@@ -125,7 +117,7 @@ async def _fetch(device: Caller, release: ModelRelease, indices: list[int]) -> d
     )
     before = len(device.frames())
     await device.runtime.publish(Outgoing(device.request_topic, request, mid=mid))
-    await _until(lambda: len(device.frames()) >= before + len(set(indices)))
+    await until(lambda: len(device.frames()) >= before + len(set(indices)))
     chunks = {}
     for delivery in device.frames()[before:]:
         header, data = decode_frame(delivery.payload)
@@ -168,7 +160,7 @@ async def test_publish_roll_out_sync_fetch_and_release_a_key(fleet: Fleet) -> No
         assert published.model_digest == release.ref.digest
         listing = await _roll_out(operator, "demo", 1, ["dev-a"])
         assert listing.versions[0].cohort == ["dev-a"]
-        await _until(lambda: len(device.hints()) == 1)  # told at once: sync now
+        await until(lambda: len(device.hints()) == 1)  # told at once: sync now
         assert callers["dev-b"].hints() == []
 
         (document,) = await _sync(fleet, device, "dev-a")
@@ -434,7 +426,7 @@ async def test_a_percentage_reaches_seen_devices_inside_it(fleet: Fleet) -> None
         inside = {d for d in ("dev-b", "dev-c") if in_rollout("demo", 1, d, (), percent)}
         await _roll_out(operator, "demo", 1, ["dev-a"], percent)
         expected = {"dev-a"} | inside
-        await _until(lambda: {d for d in expected if callers[d].hints()} == expected)
+        await until(lambda: {d for d in expected if callers[d].hints()} == expected)
         for device_id in ("dev-b", "dev-c"):
             documents = await _sync(fleet, callers[device_id], device_id)
             assert [d.version for d in documents] == ([1] if device_id in inside else [])
@@ -457,7 +449,7 @@ async def test_revoking_a_version_falls_back_and_stops_chunks_and_keys(fleet: Fl
         listing = await operator.ask(RevokeVersion(name="demo", version=2, reason="drift"))
         assert isinstance(listing, ModelList)
         assert [v.revoked for v in listing.versions] == [False, True]
-        await _until(lambda: len(device.hints()) > hints)  # told to sync again
+        await until(lambda: len(device.hints()) > hints)  # told to sync again
         (fallback,) = await _sync(fleet, device, "dev-a")
         assert fallback.version == 1
         assert fallback.meta_version > document.meta_version  # newer metadata, older model

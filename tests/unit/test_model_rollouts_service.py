@@ -7,7 +7,6 @@ announced as a signed event and counted."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +51,7 @@ from edgeward_shared.models.release import ModelRelease, document_verifier, open
 from edgeward_shared.runtime.core import Outgoing, Runtime
 from edgeward_shared.testing import MemoryPki
 from edgeward_shared.topics import service_event_topic
+from edgeward_shared.until import until
 
 pytestmark = pytest.mark.asyncio
 
@@ -61,14 +61,6 @@ NOW_GATES = GateConfig(min_reported=1, soak_s=0)
 @pytest.fixture
 def fleet(memory_pki: MemoryPki, tmp_path: Path) -> Fleet:
     return Fleet(memory_pki, tmp_path / "state")
-
-
-async def _until(condition: Callable[[], bool], within_s: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError("the condition did not hold in time")
-        await asyncio.sleep(0.005)
 
 
 async def _sync(fleet: Fleet, device: Caller) -> list[ModelRelease]:
@@ -193,7 +185,7 @@ async def test_a_healthy_rollout_walks_its_waves_to_complete(fleet: Fleet) -> No
         (canary,) = await _sync(fleet, dev_a)
         assert (canary.version, canary.reverts) == (2, None)
         await _take(fleet, dev_a, "dev-a", 2)
-        await _until(lambda: [e.new for e in events][-1:] == ["complete"])
+        await until(lambda: [e.new for e in events][-1:] == ["complete"])
         status = await _status(operator)
         assert status.phase == "complete"
         assert status.percent == 100
@@ -229,12 +221,12 @@ async def test_a_canary_that_fails_to_activate_is_aborted_and_sent_back(fleet: F
         assert canary.version == 2
         hints = len(dev_a.hints())
         await _take(fleet, dev_a, "dev-a", 2, ok=False)  # key refused: not affirming
-        await _until(lambda: "rolled-back" in [e.new for e in events])
+        await until(lambda: "rolled-back" in [e.new for e in events])
         aborted = [e for e in events if e.new == "aborted"]
         assert [(e.reason, e.actor, e.previous) for e in aborted] == [
             ("gate.activation", "gate", 1)
         ]
-        await _until(lambda: len(dev_a.hints()) > hints)  # told to sync at once
+        await until(lambda: len(dev_a.hints()) > hints)  # told to sync at once
         (back,) = await _sync(fleet, dev_a)
         # the previous version, re-assigned explicitly, with strictly newer metadata
         assert (back.version, back.reverts) == (1, 2)
@@ -284,14 +276,14 @@ async def test_a_canary_that_turns_contraindicated_is_aborted(fleet: Fleet) -> N
         await attestation.publish(
             Outgoing(service_event_topic(ServiceName.ATTESTATION, "failed"), failed)
         )
-        await _until(lambda: service.metrics is not None and _counter(service, "aborted") == 1)
+        await until(lambda: service.metrics is not None and _counter(service, "aborted") == 1)
         status = await _status(operator)
         assert (status.phase, status.reason) == ("aborted", "gate.attestation")
         (back,) = await _sync(fleet, dev_a)
         assert (back.version, back.reverts) == (1, 2)
         fleet.clock.advance(1000)
         await _take(fleet, dev_a, "dev-a", 1)  # v1 running again (the device re-attested)
-        await _until(lambda: _counter(service, "rolled-back") == 1)
+        await until(lambda: _counter(service, "rolled-back") == 1)
         assert (await _status(operator)).phase == "rolled-back"
         await _unfollow(follower)
 
@@ -379,7 +371,7 @@ async def test_an_operator_abort_sends_devices_back(fleet: Fleet) -> None:
         assert (await _status(operator)).phase == "aborted"  # dev-a still runs v2
         fleet.clock.advance(1000)
         await _take(fleet, dev_a, "dev-a", 1)
-        await _until(lambda: _counter(service, "rolled-back") == 1)
+        await until(lambda: _counter(service, "rolled-back") == 1)
         status = await _status(operator)
         assert [(h.new, h.actor) for h in status.history][-2:] == [
             ("aborted", "op.alice"),

@@ -102,7 +102,9 @@ def test_a_certificate_retired_after_a_renewal_kicks_nobody() -> None:
 
 def test_only_tampering_revokes_automatically() -> None:
     assert should_revoke(["attestation.pcr.not_allowed"])
+    assert should_revoke(["attestation.eventlog.event_mismatch"])
     assert not should_revoke(["attestation.nonce.expired", "attestation.policy.missing"])
+    assert not should_revoke(["attestation.eventlog.missing", "attestation.eventlog.malformed"])
 
 
 def test_the_list_is_sorted_and_complete() -> None:

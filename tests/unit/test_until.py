@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from edgeward_shared.until import until
+from edgeward_shared.until import holds_within, until
 
 
 @pytest.mark.asyncio
@@ -99,3 +99,12 @@ async def test_nonsense_bounds_are_refused() -> None:
         await until(asyncio.Event(), within_s=0)
     with pytest.raises(ValueError, match="positive"):
         await until(asyncio.Event(), every_s=0.5, max_every_s=0.1)
+
+
+@pytest.mark.asyncio
+async def test_holds_within_answers_instead_of_raising() -> None:
+    event = asyncio.Event()
+    assert not await holds_within(event, within_s=0.05)
+    event.set()
+    assert await holds_within(event, within_s=0.05)
+    assert not await holds_within(lambda: False, within_s=0.05, every_s=0.01, max_every_s=0.01)

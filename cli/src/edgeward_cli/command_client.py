@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeward_cli.command_audit import audit_command
 from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings, connect_mqtt
 from edgeward_shared.clock import Clock, SystemClock, to_datetime
 from edgeward_shared.command_log import CommandRecord, check_receipt, encode_record
@@ -69,6 +70,15 @@ async def send_command(
         raw = seal(key, down, command, now_ms=clock.now_ms(), ttl_ms=COMMAND_TTL_MS)
         exchange = Exchange(CommandRecord(command.device_id, down, raw, up))
         append_record(log, exchange.record)
+        await audit_command(
+            log.parent,
+            key.identity.common_name,
+            command.device_id,
+            message_type=command.TYPE,
+            envelope=raw,
+            reason="command.sent",
+            clock=clock,
+        )
         await bus.publish(down, raw)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
@@ -77,6 +87,15 @@ async def send_command(
                         break
     if exchange.receipt is not None:
         append_record(log, exchange.record)
+        await audit_command(
+            log.parent,
+            key.identity.common_name,
+            command.device_id,
+            message_type=exchange.receipt.TYPE,
+            envelope=exchange.record.receipt or b"",
+            reason="command.receipt",
+            clock=clock,
+        )
     return exchange
 
 

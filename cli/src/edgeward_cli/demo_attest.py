@@ -10,6 +10,7 @@ Processes are stopped by PID; their logs stay in ``<workdir>/logs``.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import signal
 import sys
@@ -55,12 +56,21 @@ def _line(text: str) -> None:
 
 
 @asynccontextmanager
-async def process(root: Path, name: str, *argv: str) -> AsyncIterator[asyncio.subprocess.Process]:
-    """A child process (``python -m ...``) with its output in ``logs/<name>.log``."""
+async def process(
+    root: Path, name: str, *argv: str, env: dict[str, str] | None = None
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A child process (``python -m ...``) with its output in ``logs/<name>.log`` and
+    ``env`` added to its environment."""
     (root / "logs").mkdir(exist_ok=True)
     with (root / "logs" / f"{name}.log").open("ab") as log:
         child = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", *argv, stdin=asyncio.subprocess.PIPE, stdout=log, stderr=log
+            sys.executable,
+            "-m",
+            *argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=log,
+            stderr=log,
+            env={**os.environ, **(env or {})},
         )
         try:
             yield child
@@ -105,6 +115,14 @@ async def _tpms(root: Path, stack: AsyncExitStack) -> dict[str, str]:
         name, tcti = line.split(" ", 1)
         tctis[name] = tcti
     return tctis
+
+
+def _boot_log(root: Path, name: str) -> dict[str, str]:
+    """The agent's boot event log (``EDGEWARD_EVENT_LOG``): the one its swtpm's boot chain
+    wrote (``edgeward_device_agent.swtpm``: ``devices/<name>/binary_bios_measurements``)."""
+    return {
+        "EDGEWARD_EVENT_LOG": str(root / "tpms" / "devices" / name / "binary_bios_measurements")
+    }
 
 
 def _agent_state(root: Path, store: PkiStore, device_id: str) -> Path:
@@ -250,6 +268,7 @@ async def attestation_story(
                 *_agent_argv(
                     store, broker, GOLDEN, tctis[GOLDEN], _agent_state(root, store, GOLDEN)
                 ),
+                env=_boot_log(root, GOLDEN),
             )
         )
         listing = await _until(
@@ -272,10 +291,14 @@ async def attestation_story(
                 *_agent_argv(
                     store, broker, TAMPERED, tctis[TAMPERED], _agent_state(root, store, TAMPERED)
                 ),
+                env=_boot_log(root, TAMPERED),
             )
         )
         devices = await _until(lambda: _devices(session), _settled)
         _show(devices)
+        shown = await session.ask(DeviceQuery(device_id=TAMPERED), DeviceList)
+        for status in shown.devices:  # the boot event that differs (docs/adr/0021)
+            _line(f"{TAMPERED}: " + (status.findings[0] if status.findings else "(no findings)"))
         _line("(edgeward device list / show print the same; details in logs/)")
         if then is not None:
             await operator.aclose()

@@ -18,8 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,7 +41,9 @@ from edgeward_shared.messages.infer import AcceptedResult, InferResult, Rejected
 from edgeward_shared.pki.store import IdentityFiles, PkiStore
 from edgeward_shared.runtime.core import Outgoing
 from edgeward_shared.runtime.node import NodeConfig, build_runtime
+from edgeward_shared.testing.nodes import running
 from edgeward_shared.topics import Channel, Direction, device_topic, service_event_topic
+from edgeward_shared.until import Condition, holds_within
 
 MODEL = "edge-classifier"
 
@@ -110,13 +111,8 @@ class Cli:
         return child.returncode or 0, text
 
 
-async def _until(check: Callable[[], Awaitable[bool]]) -> bool:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        if await check():
-            return True
-        await asyncio.sleep(0.5)
-    return False
+async def _until(check: Condition) -> bool:
+    return await holds_within(check, within_s=WAIT_S, every_s=0.5, max_every_s=0.5)
 
 
 async def models_story(
@@ -243,10 +239,7 @@ async def _inference_act(
     watcher.route(
         service_event_topic(ServiceName.INFERENCE_GATEWAY, "rejected"), [RejectedResult], watch
     )
-    stop = asyncio.Event()
-    task = asyncio.create_task(watcher.run(connect, stop))
-    try:
-        await asyncio.wait_for(watcher.ready.wait(), WAIT_S)
+    async with running(watcher, connect, within_s=WAIT_S):
         served = await _until(
             lambda: _ok(cli("infer", GOLDEN, "--model", MODEL, "--random", "1x16", show=False))
         )
@@ -262,9 +255,6 @@ async def _inference_act(
         await _until(lambda: _count(rejected, 2))
         for event in rejected[-2:]:
             _line(f"{event.device}: {click.style(event.reason, fg='red')}")
-    finally:
-        stop.set()
-        await task
 
 
 async def _count(events: list[Any], n: int) -> bool:
@@ -274,10 +264,7 @@ async def _count(events: list[Any], n: int) -> bool:
 async def _rogue(store: PkiStore, address: BrokerAddress, stolen: AcceptedResult) -> None:
     """dev-0002 replays edge-0001's accepted result, then forges one without attestation."""
     rogue, connect = build_runtime(_node(store, Identity.device("dev-0002"), address))
-    stop = asyncio.Event()
-    task = asyncio.create_task(rogue.run(connect, stop))
-    try:
-        await asyncio.wait_for(rogue.ready.wait(), WAIT_S)
+    async with running(rogue, connect, within_s=WAIT_S):
         topic = device_topic("dev-0002", Direction.UP, Channel.INFER)
         replay = InferResult(
             in_reply_to=None, body=stolen.body, session_sig=stolen.session_sig, ear=stolen.ear
@@ -292,9 +279,6 @@ async def _rogue(store: PkiStore, address: BrokerAddress, stolen: AcceptedResult
             ear="not-an-attestation-result",
         )
         await rogue.publish(Outgoing(topic, forged))
-    finally:
-        stop.set()
-        await task
 
 
 def _node(store: PkiStore, identity: Identity, address: BrokerAddress) -> NodeConfig:

@@ -10,8 +10,6 @@ same renewal runs by itself at half of every certificate's lifetime (docs/adr/00
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Awaitable, Callable
 
 import click
@@ -19,6 +17,7 @@ import click
 from edgeward_cli.demo_attest import GOLDEN, WAIT_S
 from edgeward_shared.identity import Identity
 from edgeward_shared.pki.store import PkiStore
+from edgeward_shared.until import Condition, holds_within
 
 
 def _say(text: str) -> None:
@@ -37,13 +36,8 @@ def _current_serial(store: PkiStore) -> str | None:
     return f"{live[-1].serial:x}" if live else None
 
 
-async def _until(check: Callable[[], bool]) -> bool:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        await asyncio.sleep(0.3)
-    return False
+async def _until(check: Condition) -> bool:
+    return await holds_within(check, within_s=WAIT_S, every_s=0.3, max_every_s=0.3)
 
 
 async def renewal_story(

@@ -124,7 +124,8 @@ def list_(directory: Path, operator: str, broker: str) -> None:
 @operator_option
 @broker_option
 def show(directory: Path, device_id: str, operator: str, broker: str) -> None:
-    """Show one device: trust state, policy, last attestation, EK fingerprint."""
+    """Show one device: trust state, policy, last attestation, EK fingerprint, and the boot
+    events that differ from the policy's reference when its boot was refused."""
     found = asyncio.run(_query(directory, operator, broker, device_id)).devices
     if not found:
         raise click.ClickException(f"{device_id} is not enrolled")
@@ -158,3 +159,5 @@ def _print(status: DeviceStatus) -> None:
     ]
     for label, value in rows:
         click.echo(f"{label:<15} {value}")
+    for number, finding in enumerate(status.findings):
+        click.echo(f"{'findings' if number == 0 else '':<15} {finding}")

@@ -11,6 +11,7 @@ import sys
 import click
 
 from edgeward_cli.audit_cmds import audit
+from edgeward_cli.auditlog_cmds import audit_log
 from edgeward_cli.broker_cmds import broker
 from edgeward_cli.command_cmds import command
 from edgeward_cli.demo import demo
@@ -42,6 +43,7 @@ cli.add_command(infer)
 cli.add_command(demo)
 cli.add_command(revoke)
 cli.add_command(command)
+cli.add_command(audit_log)
 broker.add_command(audit)
 
 

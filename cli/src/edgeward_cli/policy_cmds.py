@@ -64,6 +64,11 @@ def policy() -> None:
 @click.option("--pcrs", "selection", default="0-7", show_default=True, help="PCR selection.")
 @click.option("--from-device", help="Reference device whose next quote supplies the values.")
 @click.option("--value", "values", multiple=True, metavar="INDEX=HEX", help="Golden value.")
+@click.option(
+    "--keep",
+    metavar="POLICY_ID",
+    help="Also allow what this recorded policy allows (a firmware rollout: old and new).",
+)
 @operator_option
 @broker_option
 def record(  # click passes every parameter by keyword
@@ -74,6 +79,7 @@ def record(  # click passes every parameter by keyword
     selection: str,
     from_device: str | None,
     values: tuple[str, ...],
+    keep: str | None,
     operator: str,
     broker: str,
 ) -> None:
@@ -84,6 +90,8 @@ def record(  # click passes every parameter by keyword
       edgeward policy record gw-2026-11 --class edge-gw --pcrs 0-7 --from-device dev-0001
     From golden values:
       edgeward policy record gw-2026-11 --class edge-gw --pcrs 0,7 --value 0=ab12... --value 7=...
+    During a firmware rollout (devices on the old and the new firmware both attest):
+      edgeward policy record gw-2027-01 --class edge-gw --from-device dev-new-fw --keep gw-2026-11
     """
     if (from_device is None) == (not values):
         raise click.UsageError("give either --from-device or --value (not both)")
@@ -93,6 +101,7 @@ def record(  # click passes every parameter by keyword
         pcr_selection=_selection(selection),
         pcrs=_values(values),
         reference_device=from_device,
+        keep=keep,
     )
     click.echo(asyncio.run(_ask(directory, operator, broker, request, Done)).detail)
     if from_device:
@@ -131,6 +140,8 @@ def list_(directory: Path, device_class: str | None, operator: str, broker: str)
         )
         for value in info.pcrs:
             click.echo(f"    PCR {value.index:>2} = {value.digest.hex()}")
+        for state in info.boot_states:  # reference boot event logs (docs/adr/0021)
+            click.echo(f"    boot state {state}")
 
 
 async def _ask(directory: Path, operator: str, broker: str, request: Message, answer: type[M]) -> M:

@@ -33,7 +33,7 @@ from edgeward_shared.clock import from_datetime, to_datetime
 from edgeward_shared.envelope import Envelope, EnvelopeVerifier, Opened
 from edgeward_shared.errors import EdgewardError, PolicyError
 from edgeward_shared.identity import Role
-from edgeward_shared.messages.command import COMMAND_TYPES, CommandReceipt
+from edgeward_shared.messages.command import COMMAND_TYPES, CommandReceipt, may_command
 from edgeward_shared.pki.store import read_certificates
 from edgeward_shared.pki.trust import TrustStore, read_signed_crl
 from edgeward_shared.replay import MemoryReplayGuard
@@ -185,7 +185,7 @@ def check_record(record: CommandRecord, trust: OfflineTrust) -> RecordCheck:
     receipt_reason: str | None = CommandReason.RECEIPT_MISSING
     try:
         command = _open_at(record.command, record.topic, COMMAND_TYPES, trust)
-        if command.signer.identity.role is not Role.OPERATOR:
+        if not may_command(command.signer.identity, type(command.message)):
             raise PolicyError(CommandReason.SIGNER_ROLE, str(command.signer.identity))
         operator, command_at = str(command.signer.identity), command.iat
         verb = command.message.TYPE

@@ -126,6 +126,11 @@ class SigningKey:
 DEFAULT_TTL_MS: Final = 30_000
 
 
+def new_mid() -> str:
+    """A fresh envelope mid: 128 bits from the system's CSPRNG, lowercase hex."""
+    return secrets.token_hex(16)
+
+
 def seal(
     key: SigningKey,
     topic: str,
@@ -136,7 +141,7 @@ def seal(
     mid: str | None = None,
 ) -> bytes:
     """Sign ``message`` for publication on ``topic``; returns the envelope's bytes."""
-    mid = mid if mid is not None else secrets.token_hex(16)
+    mid = mid if mid is not None else new_mid()
     payload = encode_message(message)
     exp = now_ms + ttl_ms
     to_sign = pae(

@@ -15,6 +15,7 @@ Tree (``ew/v1`` is the versioned root)::
     ew/v1/svc/<service>/req/<caller-cn>     requests to a service (operator or service caller)
     ew/v1/svc/<service>/rsp/<caller-cn>     the service's responses to that caller
     ew/v1/fleet/<kind>[/<item>]             fleet-wide, retained, one owning service per kind
+    ew/v1/fleet/audit/<service>             a service's audit checkpoints (that service only)
 
 Topic levels that carry identities are validated with the identity rules, so no level can
 contain ``+``, ``#``, ``/`` or a NUL, and a device id never contains a dot.
@@ -62,6 +63,7 @@ class FleetKind(StrEnum):
     TRUST = "trust"
     MODELS = "models"
     POLICY = "policy"
+    AUDIT = "audit"  # one item per service: ew/v1/fleet/audit/<service> (docs/adr/0023)
 
 
 _ALL_SERVICES: Final = frozenset(Identity.service(s) for s in ServiceName)
@@ -73,7 +75,8 @@ CHANNEL_WRITERS: Final[dict[Channel, frozenset[Identity | Role]]] = {
     Channel.CERT: frozenset({_S(ServiceName.IDENTITY)}),
     Channel.MODEL: frozenset({_S(ServiceName.MODEL_DISTRIBUTION)}),
     Channel.INFER: frozenset({_S(ServiceName.INFERENCE_GATEWAY)}),
-    Channel.COMMAND: frozenset({Role.OPERATOR}),
+    # the telemetry service signs only ``stop`` there (messages.command.may_command, ADR 22)
+    Channel.COMMAND: frozenset({Role.OPERATOR, _S(ServiceName.TELEMETRY)}),
     Channel.TELEMETRY: frozenset({_S(ServiceName.TELEMETRY)}),
     Channel.DATA: frozenset({_S(ServiceName.MODEL_DISTRIBUTION)}),
 }
@@ -88,6 +91,8 @@ CHANNEL_READERS: Final[dict[Channel, frozenset[Identity | Role]]] = {
     Channel.TELEMETRY: frozenset({_S(ServiceName.TELEMETRY)}),
     Channel.DATA: frozenset(),  # nothing goes up on the data channel
 }
+_SERVICE_ITEMS: Final = frozenset(str(name) for name in ServiceName)
+#: Single-owner fleet kinds; ``audit`` is per service (each writes its own item).
 FLEET_OWNERS: Final[dict[FleetKind, Identity]] = {
     FleetKind.REVOCATIONS: _S(ServiceName.REVOCATION),
     FleetKind.TRUST: _S(ServiceName.IDENTITY),
@@ -245,6 +250,10 @@ def _refusal(parsed: Topic, signer: Identity) -> str | None:  # noqa: PLR0911 - 
             return None if signer.common_name == caller else Reason.TOPIC_IDENTITY
         case ServiceTopic(service, _, _):
             return _unless(signer.principal, Identity.service(service))
+        case FleetTopic(FleetKind.AUDIT, item):  # each service its own checkpoints
+            if item not in _SERVICE_ITEMS:
+                return Reason.TOPIC_INVALID
+            return _unless(signer.principal, Identity.service(ServiceName(item)))
         case FleetTopic(kind, _):
             return _unless(signer.principal, FLEET_OWNERS[kind])
     return Reason.TOPIC_INVALID

@@ -5,7 +5,9 @@ An :class:`asyncio.Event` is awaited, not polled. A condition (a function return
 ``bool``, or a coroutine function that does, such as a query over the broker) is checked at
 once and then again after each pause, the pauses growing from ``every_s`` to ``max_every_s``
 so a slow condition does not spin. Either way the wait ends with :class:`TimeoutError`
-naming what was awaited, never with a silent ``False``.
+naming what was awaited, never with a silent ``False``; :func:`holds_within` is the one
+spelled-out exception, for callers that report a wait rather than fail on it (the demo,
+``assert await holds_within(...)``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,21 @@ async def until(
         if not deadline.expired():
             raise  # the condition itself timed out: its error, not ours
         raise TimeoutError(f"{why or _name(what)} did not hold within {within_s} s") from None
+
+
+async def holds_within(
+    what: asyncio.Event | Condition,
+    *,
+    within_s: float = DEFAULT_WITHIN_S,
+    every_s: float = DEFAULT_EVERY_S,
+    max_every_s: float = DEFAULT_MAX_EVERY_S,
+) -> bool:
+    """:func:`until`, answering True once ``what`` holds and False after ``within_s``."""
+    try:
+        await until(what, within_s=within_s, every_s=every_s, max_every_s=max_every_s)
+    except TimeoutError:
+        return False
+    return True
 
 
 async def _holds(condition: Condition) -> bool:

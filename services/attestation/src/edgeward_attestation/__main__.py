@@ -16,6 +16,7 @@ from edgeward_attestation.service import Settings
 from edgeward_attestation.store import AttestationStore
 from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.pki.store import read_certificates
+from edgeward_shared.runtime.audit import enable_audit
 from edgeward_shared.runtime.kit import EnvOptions, NodeOptions, command, node_options
 from edgeward_shared.runtime.node import build_node, run_until_signalled
 from edgeward_shared.runtime.params import DurationParam, milliseconds
@@ -115,6 +116,7 @@ async def _serve(
     try:
         store = AttestationStore(database)
         await store.migrate()
+        await enable_audit(runtime, database, node.database_path.parent)  # docs/adr/0023
         service = wire(runtime, store, manufacturers, settings)
         stop = asyncio.Event()
         tasks = []

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final
 
-from edgeward_attestation.policy import policy_from_values
-from edgeward_attestation.service import AttestationService
+from edgeward_attestation.policy import ClassPolicy, merge_policies, policy_from_values
+from edgeward_attestation.service import AttestationService, ServiceReason
 from edgeward_attestation.store import DeviceRecord, PolicyRow
 from edgeward_shared.envelope import Opened
 from edgeward_shared.errors import MessageError, PolicyError
@@ -21,6 +21,7 @@ from edgeward_shared.identity import Role
 from edgeward_shared.messages.attest import PcrValue
 from edgeward_shared.messages.base import Message
 from edgeward_shared.messages.registry import (
+    MAX_FINDINGS,
     DeviceList,
     DeviceProvision,
     DeviceQuery,
@@ -53,6 +54,7 @@ class OpsReason:
     POLICY_NOT_APPROVABLE: Final = "policy.not_approvable"
     POLICY_VALUES: Final = "policy.values.invalid"
     REFERENCE_DEVICE: Final = "policy.reference_device.invalid"
+    KEEP_INVALID: Final = ServiceReason.KEEP_INVALID
 
 
 def trust_of(device: DeviceRecord, now_ms: int) -> Trust:
@@ -64,7 +66,11 @@ def trust_of(device: DeviceRecord, now_ms: int) -> Trust:
     return "enrolled"
 
 
-def device_status(device: DeviceRecord, now_ms: int) -> DeviceStatus:
+def device_status(device: DeviceRecord, now_ms: int, *, findings: bool = False) -> DeviceStatus:
+    """A device's standing; with ``findings`` the events its last verdict named."""
+    listed = list(device.findings[:MAX_FINDINGS]) if findings else []
+    if findings and len(device.findings) > MAX_FINDINGS:
+        listed[-1] = f"... and {len(device.findings) - MAX_FINDINGS + 1} more"
     return DeviceStatus(
         device_id=device.device_id,
         device_class=device.device_class,
@@ -75,6 +81,7 @@ def device_status(device: DeviceRecord, now_ms: int) -> DeviceStatus:
         enrolled_at_ms=device.enrolled_at,
         last_attested_at_ms=device.last_attested_at,
         result_expires_at_ms=device.ear_expires_at,
+        findings=[line[:240] for line in listed],
     )
 
 
@@ -119,7 +126,8 @@ class Operations:
         if query.device_id is not None:
             devices = [d for d in devices if d.device_id == query.device_id]
         page = devices[query.offset : query.offset + query.limit]
-        statuses = [device_status(d, now) for d in page]
+        one = query.device_id is not None  # findings only for one device: lists stay small
+        statuses = [device_status(d, now, findings=one) for d in page]
         return DeviceList(in_reply_to=mid, devices=statuses, total=len(devices))
 
     async def _policies(self, mid: str, query: PolicyQuery) -> PolicyList:
@@ -143,10 +151,14 @@ class Operations:
             if sorted(values) != selection or any(len(v) != 32 for v in values.values()):
                 raise MessageError(OpsReason.POLICY_VALUES, "one SHA-256 value per selected PCR")
             policy = policy_from_values(record.policy_id, record.device_class, values)
+            kept = await self._kept(record, selection)
+            if kept is not None:
+                policy = self._merged(policy, kept)
         else:  # a reference device may also enroll later: its class is known from now on
             reference = await self.store.device(record.reference_device)
             if reference is not None and reference.device_class != record.device_class:
                 raise PolicyError(OpsReason.REFERENCE_DEVICE, "it is of another device class")
+            await self._kept(record, selection)
         added = await self.store.record_policy(
             policy,
             policy_id=record.policy_id,
@@ -155,6 +167,7 @@ class Operations:
             reference_device=record.reference_device,
             actor=actor,
             now_ms=now,
+            keep_from=record.keep,
         )
         if not added:
             raise PolicyError(OpsReason.POLICY_EXISTS, record.policy_id)
@@ -164,6 +177,24 @@ class Operations:
         if reference is not None:  # enrolled already: challenge it now
             replies.append(await self.service.challenge(reference.device_id))
         return replies
+
+    async def _kept(self, record: PolicyRecord, selection: list[int]) -> ClassPolicy | None:
+        """The recorded policy ``record.keep`` names: of the same class and PCRs."""
+        if record.keep is None:
+            return None
+        row = await self.store.policy(record.keep)
+        if row is None or row.policy is None:
+            raise PolicyError(OpsReason.KEEP_INVALID, f"{record.keep} has no values")
+        if row.device_class != record.device_class or row.selection != selection:
+            raise PolicyError(OpsReason.KEEP_INVALID, f"{record.keep}: other class or PCRs")
+        return row.policy
+
+    @staticmethod
+    def _merged(policy: ClassPolicy, kept: ClassPolicy) -> ClassPolicy:
+        try:
+            return merge_policies(policy, kept)
+        except ValueError as exc:
+            raise PolicyError(OpsReason.KEEP_INVALID, str(exc)) from exc
 
     async def _approve(self, mid: str, approve: PolicyApprove, actor: str) -> Done:
         now = self.service.clock.now_ms()
@@ -195,4 +226,8 @@ def _info(row: PolicyRow, active: dict[str, str]) -> PolicyInfo:
         state=state,  # type: ignore[arg-type]
         recorded_by=row.recorded_by,
         approved_by=row.approved_by,
+        boot_states=[
+            f"{state.name}: {len(state.events)} events"
+            for state in (row.policy.reference_states if row.policy else [])
+        ],
     )

@@ -4,6 +4,11 @@ an operator approved (stored as JSON, turned into a :class:`~.quote.PcrPolicy` t
 A policy is recorded from a reference device's quoted values (``edgeward policy record``)
 and becomes active only when an operator approves it; a class without an active policy
 cannot enroll or attest (fail closed).
+
+A policy recorded from a reference device that sent its boot event log also holds that
+log's events as a reference state (:mod:`.appraise`); the verifier then appraises every
+device's log against the policy's states (docs/adr/0021). Several states may be allowed
+at once (old and new firmware during a rollout): :func:`merge_policies`.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from typing import Annotated
 
 import msgspec
 
+from edgeward_attestation.appraise import MAX_REFERENCE_STATES, ReferenceState
 from edgeward_attestation.quote import PcrPolicy
 from edgeward_attestation.structures import ALG_SHA256
 
@@ -27,9 +33,17 @@ class ClassPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     device_class: DeviceClass
     #: PCR index (as a string, JSON keys) -> allowed values (hex SHA-256 digests)
     allowlist: dict[str, list[HexDigest]]
+    #: the boot event logs this policy allows, each as a whole (empty: PCR values only)
+    reference_states: Annotated[
+        list[ReferenceState], msgspec.Meta(max_length=MAX_REFERENCE_STATES)
+    ] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.to_pcr_policy()  # validates indices and coverage
+        pcrs = set(self.selection)
+        for state in self.reference_states:
+            if any(event.pcr not in pcrs for event in state.events):
+                raise ValueError(f"policy {self.policy_id}: a reference event outside the PCRs")
 
     def to_pcr_policy(self) -> PcrPolicy:
         try:
@@ -47,10 +61,41 @@ class ClassPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return sorted(int(i) for i in self.allowlist)
 
 
-def policy_from_values(policy_id: str, device_class: str, pcrs: dict[int, bytes]) -> ClassPolicy:
-    """A policy allowing exactly the given PCR values (recorded from a reference device)."""
+def policy_from_values(
+    policy_id: str,
+    device_class: str,
+    pcrs: dict[int, bytes],
+    reference: ReferenceState | None = None,
+) -> ClassPolicy:
+    """A policy allowing exactly the given PCR values (recorded from a reference device),
+    and its boot event log's events if it sent one."""
     allowlist = {str(i): [value.hex()] for i, value in sorted(pcrs.items())}
-    return ClassPolicy(policy_id=policy_id, device_class=device_class, allowlist=allowlist)
+    return ClassPolicy(
+        policy_id=policy_id,
+        device_class=device_class,
+        allowlist=allowlist,
+        reference_states=[reference] if reference else [],
+    )
+
+
+def merge_policies(new: ClassPolicy, keep: ClassPolicy) -> ClassPolicy:
+    """``new`` also allowing everything ``keep`` allows (same PCRs): the policy of a
+    firmware rollout, under which devices on the old and the new firmware both attest."""
+    if new.selection != keep.selection or new.device_class != keep.device_class:
+        raise ValueError("only policies of one class over the same PCRs can be merged")
+    allowlist = {
+        i: sorted(set(values) | set(keep.allowlist[i])) for i, values in new.allowlist.items()
+    }
+    states = list(new.reference_states)
+    states += [s for s in keep.reference_states if s not in states]
+    if len(states) > MAX_REFERENCE_STATES:
+        raise ValueError(f"more than {MAX_REFERENCE_STATES} reference states: retire some")
+    return ClassPolicy(
+        policy_id=new.policy_id,
+        device_class=new.device_class,
+        allowlist=allowlist,
+        reference_states=states,
+    )
 
 
 def encode_policy(policy: ClassPolicy) -> bytes:

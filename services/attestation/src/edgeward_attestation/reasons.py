@@ -33,3 +33,9 @@ class AttestationReason:
     # keys given to the verifier (AK at enrollment, EK for credential protection)
     AK_INVALID: Final = "attestation.ak.invalid"
     EK_INVALID: Final = "attestation.ek.invalid"
+    # the boot event log sent with the quote (eventlog.py, appraise.py; docs/adr/0021)
+    EVENTLOG_MISSING: Final = "attestation.eventlog.missing"
+    EVENTLOG_MALFORMED: Final = "attestation.eventlog.malformed"
+    EVENTLOG_ALGORITHM: Final = "attestation.eventlog.algorithm"
+    EVENTLOG_REPLAY: Final = "attestation.eventlog.replay_mismatch"
+    EVENTLOG_EVENTS: Final = "attestation.eventlog.event_mismatch"

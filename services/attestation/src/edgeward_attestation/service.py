@@ -24,6 +24,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
+from edgeward_attestation.appraise import Finding
 from edgeward_attestation.credential import make_credential
 from edgeward_attestation.enrollment import (
     EnrollReason,
@@ -32,8 +33,10 @@ from edgeward_attestation.enrollment import (
     ek_fingerprint,
 )
 from edgeward_attestation.keys import AttestationKey
-from edgeward_attestation.policy import ClassPolicy, policy_from_values
+from edgeward_attestation.measured_boot import appraise_evidence, quote_policy, recorded_state
+from edgeward_attestation.policy import ClassPolicy, merge_policies, policy_from_values
 from edgeward_attestation.quote import Challenge, PcrPolicy, verify_quote
+from edgeward_attestation.reasons import AttestationReason
 from edgeward_attestation.store import (
     AttestationStore,
     DeviceRecord,
@@ -92,6 +95,7 @@ class ServiceReason:
     CERTIFICATE_SUPERSEDED: Final = "attestation.certificate.superseded"
     AFFIRMING: Final = "attestation.affirming"
     RECORDED: Final = "attestation.policy.values_recorded"
+    KEEP_INVALID: Final = "policy.keep.invalid"
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,21 +298,27 @@ class AttestationService:
             return await self._record_values(opened, device, recording, evidence, challenge)
         policy = await self._policy(device)
         now = self.clock.now_ms()
+        supplied = {pcr.index: pcr.digest for pcr in evidence.pcrs}
         try:
             session_key = _session_key(evidence.session_key)
             verdict = verify_quote(
                 evidence.attest,
                 evidence.signature,
-                {pcr.index: pcr.digest for pcr in evidence.pcrs},
+                supplied,
                 ak=_attestation_key(device.ak_public),
                 challenge=challenge,
                 session_key=evidence.session_key,
-                policy=policy.to_pcr_policy(),
+                policy=quote_policy(policy, supplied),  # the event log's appraisal follows
                 previous=device.clock_state,
                 now_ms=now,
             )
+            findings = appraise_evidence(evidence.event_log, policy, verdict.facts.pcrs)
         except EdgewardError as exc:
             return await self._contraindicated(opened, device_id, policy, exc.reason, now)
+        if findings:
+            return await self._contraindicated(
+                opened, device_id, policy, AttestationReason.EVENTLOG_EVENTS, now, findings
+            )
         claims = AttestationClaims(
             device_id=device_id,
             status="affirming",
@@ -365,7 +375,16 @@ class AttestationService:
             previous=device.clock_state,
             now_ms=now,
         )
-        policy = policy_from_values(recording.policy_id, recording.device_class, supplied)
+        reference = recorded_state(recording.policy_id, evidence.event_log, supplied)
+        policy = policy_from_values(
+            recording.policy_id, recording.device_class, supplied, reference
+        )
+        kept = await self.store.policy(recording.keep_from) if recording.keep_from else None
+        if kept is not None and kept.policy is not None:  # a firmware rollout (ADR 0021)
+            try:
+                policy = merge_policies(policy, kept.policy)
+            except ValueError as exc:
+                raise PolicyError(ServiceReason.KEEP_INVALID, str(exc)) from exc
         await self.store.complete_recording(policy, now)
         log.info(
             "policy.values_recorded",
@@ -376,13 +395,27 @@ class AttestationService:
         )
         return (Outgoing(_reply(opened), result),)
 
-    async def _contraindicated(
-        self, opened: Opened[Any], device_id: str, policy: ClassPolicy, reason: str, now: int
+    async def _contraindicated(  # noqa: PLR0917 - the verdict's parts
+        self,
+        opened: Opened[Any],
+        device_id: str,
+        policy: ClassPolicy,
+        reason: str,
+        now: int,
+        findings: Sequence[Finding] = (),
     ) -> Sequence[Outgoing]:
+        lines = [finding.line() for finding in findings]
         await self.store.record_verdict(
-            device_id, trusted=False, reason=reason, policy_id=policy.policy_id, now_ms=now
+            device_id,
+            trusted=False,
+            reason=reason,
+            policy_id=policy.policy_id,
+            now_ms=now,
+            findings=lines,
         )
-        log.warning("attestation.failed", extra=fields(device=device_id, reason=reason))
+        log.warning(
+            "attestation.failed", extra=fields(device=device_id, reason=reason, findings=lines)
+        )
         result = AttestationResult(
             in_reply_to=opened.mid, status="contraindicated", ear="", reasons=[reason]
         )

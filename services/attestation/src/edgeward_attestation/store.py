@@ -11,8 +11,11 @@ proof arrives or the challenge expires, and never logged.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
+
+import msgspec
 
 from edgeward_attestation.policy import ClassPolicy, decode_policy, encode_policy
 from edgeward_attestation.quote import ClockState
@@ -95,6 +98,15 @@ MIGRATIONS: Final = (
             )""",
         ),
     ),
+    Migration(
+        2,
+        "the findings of a device's last verdict (boot event log appraisal, docs/adr/0021)",
+        (
+            "ALTER TABLE att_devices ADD COLUMN findings TEXT",
+            # a policy recorded to also allow another's states (a firmware rollout)
+            "ALTER TABLE att_policies ADD COLUMN keep_from TEXT",
+        ),
+    ),
 )
 
 
@@ -112,6 +124,8 @@ class DeviceRecord:
     ear_expires_at: int | None
     clock_state: ClockState | None
     certificate_serial: str | None
+    #: why the last verdict was what it was, event by event (empty unless it was refused)
+    findings: tuple[str, ...] = ()
 
     @classmethod
     def from_row(cls, row: Row) -> DeviceRecord:
@@ -130,6 +144,7 @@ class DeviceRecord:
             ear_expires_at=_opt_int(row["ear_expires_at"]),
             clock_state=state,
             certificate_serial=_opt_str(row["certificate_serial"]),
+            findings=_findings(row["findings"]),
         )
 
 
@@ -143,6 +158,7 @@ class PolicyRow:
     recorded_by: str
     approved_by: str | None
     approved_at: int | None
+    keep_from: str | None = None  # merged into this one when its values arrive
 
     @classmethod
     def from_row(cls, row: Row) -> PolicyRow:
@@ -156,6 +172,7 @@ class PolicyRow:
             recorded_by=str(row["recorded_by"]),
             approved_by=_opt_str(row["approved_by"]),
             approved_at=_opt_int(row["approved_at"]),
+            keep_from=_opt_str(row["keep_from"]),
         )
 
 
@@ -178,6 +195,10 @@ def _blob(value: object) -> bytes:
     if not isinstance(value, bytes):
         raise TypeError(f"expected bytes from the database, got {type(value).__name__}")
     return value
+
+
+def _findings(value: object) -> tuple[str, ...]:
+    return () if value is None else tuple(msgspec.json.decode(str(value), type=list[str]))
 
 
 def _opt_int(value: object) -> int | None:
@@ -260,8 +281,10 @@ class AttestationStore:
         now_ms: int,
         ear_expires_at: int | None = None,
         clock_state: ClockState | None = None,
+        findings: Sequence[str] = (),
     ) -> None:
-        """The outcome of one attestation (counters only move on an accepted quote)."""
+        """The outcome of one attestation (counters only move on an accepted quote) and
+        its findings (the events that differ; replaced by every verdict)."""
         params: dict[str, object] = {
             "d": device_id,
             "state": "trusted" if trusted else "untrusted",
@@ -269,10 +292,11 @@ class AttestationStore:
             "p": policy_id,
             "at": now_ms,
             "exp": ear_expires_at,
+            "f": msgspec.json.encode(list(findings)).decode() if findings else None,
         }
         sql = (
             "UPDATE att_devices SET state = :state, reason = :reason, policy_id = :p,"
-            " last_attested_at = :at, ear_expires_at = :exp"
+            " last_attested_at = :at, ear_expires_at = :exp, findings = :f"
         )
         if clock_state is not None:
             sql += ", reset_count = :rc, restart_count = :sc, clock = :clk"
@@ -455,14 +479,16 @@ class AttestationStore:
         reference_device: str | None,
         actor: str,
         now_ms: int,
+        keep_from: str | None = None,
     ) -> bool:
         """Record a policy pending approval: with its values (``policy``), or to be filled
-        from ``reference_device``'s next quote. False if the id is taken."""
+        from ``reference_device``'s next quote (then merged with ``keep_from``'s). False if
+        the id is taken."""
         async with self.db.transaction() as tx:
             added = await tx.execute(
                 "INSERT INTO att_policies (policy_id, device_class, selection, body,"
-                " reference_device, recorded_by, recorded_at) VALUES (:p, :c, :sel, :b, :ref,"
-                " :a, :at) ON CONFLICT (policy_id) DO NOTHING",
+                " reference_device, recorded_by, recorded_at, keep_from) VALUES (:p, :c, :sel,"
+                " :b, :ref, :a, :at, :keep) ON CONFLICT (policy_id) DO NOTHING",
                 {
                     "p": policy_id,
                     "c": device_class,
@@ -471,6 +497,7 @@ class AttestationStore:
                     "ref": reference_device,
                     "a": actor,
                     "at": now_ms,
+                    "keep": keep_from,
                 },
             )
             if added:
@@ -521,6 +548,13 @@ class AttestationStore:
                 {"c": device_class},
             )
         return None if row is None else decode_policy(_blob(row["body"]))
+
+    async def policy(self, policy_id: str) -> PolicyRow | None:
+        async with self.db.transaction() as tx:
+            row = await tx.fetch_one(
+                "SELECT * FROM att_policies WHERE policy_id = :p", {"p": policy_id}
+            )
+        return PolicyRow.from_row(row) if row else None
 
     async def policies(self, device_class: str | None) -> list[PolicyRow]:
         async with self.db.transaction() as tx:

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Awaitable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Final
 
@@ -30,6 +31,7 @@ from edgeward_device_agent.offline import OfflinePolicy
 from edgeward_device_agent.sandbox.supervisor import SandboxPolicy
 from edgeward_shared.logs import fields
 from edgeward_shared.runtime.kit import Command, EnvOptions, NodeOptions, command, node_options
+from edgeward_shared.runtime.params import DurationParam
 
 log = logging.getLogger("edgeward.agent")
 _DEFAULTS = AgentPolicy()
@@ -91,6 +93,13 @@ def _timing_options(function: Command) -> Command:
     default="sha256",
     help="PCR bank of the seal.",
 )
+@_option(
+    "--event-log",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The TCG boot event log sent with every quote (docs/adr/0021).  [default:"
+    " $EDGEWARD_EVENT_LOG, else /sys/kernel/security/tpm0/binary_bios_measurements]",
+)
 @_option("--no-models", is_flag=True, help="Run no models (enrollment and attestation only).")
 @_option(
     "--model-sync-s",
@@ -135,6 +144,13 @@ def _timing_options(function: Command) -> Command:
     help="Offline: keep a tier-high model loaded (serving nothing) this long (seconds) after"
     " the attestation result expired, then unload it (docs/offline.md).",
 )
+@_option(
+    "--telemetry-period",
+    type=DurationParam(timedelta(0), timedelta(hours=1)),
+    default="60s",
+    help="Send a signed telemetry report (models, protections, inference counts, latency,"
+    " output sketch, resources, trust view) this often; 0s: none (docs/telemetry.md).",
+)
 @_timing_options
 def main(*, node: NodeOptions, **options: Any) -> None:
     """Run one device agent: enroll with the TPM (EK certificate, credential activation),
@@ -170,11 +186,13 @@ def agent_config(node: NodeOptions, **options: Any) -> AgentConfig:
         metrics_port=node.metrics_port,
         policy=policy,
         seal=SealPolicy.parse(options["seal_pcrs"], options["seal_bank"]),
+        event_log=options["event_log"],
         sandbox=None if options["no_sandbox"] else SandboxPolicy(),
         offline=OfflinePolicy(high_grace_s=options["high_grace_s"]),
         inference=InferencePolicy(
             rate_per_s=rate, burst=max(1, int(rate * 2)), stream_period_s=options["sensor_period_s"]
         ),
+        telemetry_period_s=_telemetry_period(options["telemetry_period"]),
         models=None
         if options["no_models"]
         else ModelPolicy(
@@ -183,6 +201,13 @@ def agent_config(node: NodeOptions, **options: Any) -> AgentConfig:
             attestation_wait_s=options["model_attestation_wait_s"],
         ),
     )
+
+
+def _telemetry_period(period: timedelta) -> float | None:
+    seconds = period.total_seconds()
+    if seconds and seconds < 1:
+        raise ValueError("--telemetry-period: 0s (none) or at least 1s")
+    return seconds or None
 
 
 def start(config: AgentConfig) -> Awaitable[None]:

@@ -32,15 +32,17 @@ itself. Everything else is logged with its reason id, counted and retried. The p
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 from cryptography import x509
 
 from edgeward_device_agent.attestation import Attester, CurrentAttestation
+from edgeward_device_agent.boot_log import event_log_path, read_event_log
 from edgeward_device_agent.commands import CommandHandler
 from edgeward_device_agent.config import AgentConfig, retry_delays
 from edgeward_device_agent.enrollment import REPLY_TYPES, Enrollment
@@ -57,8 +59,17 @@ from edgeward_device_agent.sandboxed import SandboxExecutor, sandbox_loader
 from edgeward_device_agent.schedule import RequestReason, RequestSchedule
 from edgeward_device_agent.state import AgentState
 from edgeward_device_agent.status import AttestationState, EnrollmentState, TrustState
+from edgeward_device_agent.telemetry import (
+    Snapshot,
+    TelemetryRecorder,
+    describe_all,
+    process_resources,
+    send_reports,
+    worst_protections,
+)
 from edgeward_device_agent.tpm import Tpm
 from edgeward_device_agent.waits import wait_any
+from edgeward_device_agent.witness import AuditWitness
 from edgeward_shared.bus.base import Bus
 from edgeward_shared.clock import Clock, SystemClock, from_datetime, to_datetime
 from edgeward_shared.envelope import EnvelopeVerifier, Opened, SigningKey
@@ -81,6 +92,10 @@ from edgeward_shared.tls import TlsIdentity
 from edgeward_shared.topics import Channel, Direction, device_topic
 
 log = logging.getLogger("edgeward.agent")
+#: Certificates renew at ``cert_renew_fraction`` x (1 - SPREAD x rand) of their lifetime.
+CERT_RENEW_SPREAD: Final = 0.2
+#: How often the settling of a switched certificate looks for the new connection.
+SWITCH_POLL_S: Final = 0.05
 T = TypeVar("T")
 #: How a run phase ended: stopped, switched to a renewed certificate, or expired.
 PhaseEnd = Literal["stopped", "renewed", "expired"]
@@ -137,6 +152,7 @@ class DeviceAgent:
         # revocations and commands (docs/adr/0010): persisted in the ledger
         self.ledger = DeviceLedger(config.state_dir / LEDGER_NAME)
         self.revocations = RevocationHolder(self.ledger, self._clock, self.metrics.registry)
+        self.witness = AuditWitness(self.ledger)  # audit checkpoints (docs/adr/0023)
         self.commands = CommandHandler(
             config.device_id, self.ledger, self.revocations, self._clock, self.metrics.registry
         )
@@ -150,9 +166,19 @@ class DeviceAgent:
         )
         self.commands.on_rotate_cert(self._rotate_now)
         self._renewing = asyncio.Lock()
+        #: the periodic telemetry report's counts (docs/telemetry.md); None: no reports
+        self.telemetry: TelemetryRecorder | None = None
+        if config.telemetry_period_s is not None:
+            self.telemetry = TelemetryRecorder(
+                config.device_id,
+                boot_ms=self._clock.now_ms(),
+                period_ms=int(config.telemetry_period_s * 1000),
+            )
         self._phase_end = asyncio.Event()
         self._ended: PhaseEnd = "stopped"
         self._unsettled: tuple[str, str] | None = None  # (new serial, previous serial)
+        self._renewed = asyncio.Event()  # a renewal switched the identity in place
+        self._switched_after = 0  # the connection count when it did
         self.renewals = 0
 
     @property
@@ -405,6 +431,7 @@ class DeviceAgent:
             policy=self.config.policy,
             metrics=self.agent_metrics,
             on_adopted=self._adopted,
+            event_log=functools.partial(read_event_log, event_log_path(self.config.event_log)),
         )
         answer_pings(runtime, device_topic(self.device_id, Direction.DOWN, Channel.HEALTH))
         runtime.route(
@@ -424,6 +451,7 @@ class DeviceAgent:
         self.revocations.bind_trust(runtime.verifier.trust, crl)
         self.revocations.attach(runtime)
         self.commands.attach(runtime)
+        self.witness.attach(runtime)
         if self.config.models is not None:
             self.models = ModelManager(
                 self.device_id,
@@ -451,6 +479,7 @@ class DeviceAgent:
                 state_dir=self.config.state_dir,
                 policy=self.config.inference,
                 executor=SandboxExecutor(),
+                recorder=self.telemetry,
             )
             self.inference.install(runtime)
         try:
@@ -473,6 +502,7 @@ class DeviceAgent:
             side = [
                 group.create_task(self.revocations.watch(stop)),
                 group.create_task(self._keep_certified(runtime, stop)),
+                group.create_task(self._settle_renewals(runtime, stop)),
             ]
             if self.models is not None:
                 side.append(
@@ -486,10 +516,32 @@ class DeviceAgent:
                 )
             if self.models is not None:  # connected or not: docs/offline.md
                 side.append(group.create_task(self._follow_offline_policy(self.models, stop)))
-            await self._settle_renewal(runtime, stop)
+            if self.telemetry is not None:
+                side.append(
+                    group.create_task(
+                        send_reports(runtime, self.telemetry, self._telemetry_snapshot, stop)
+                    )
+                )
             await self._keep_attested(runtime, stop)
             for task in side:
                 task.cancel()  # stopping or switching: no wait for a sync, download, inference
+
+    def _telemetry_snapshot(self) -> Snapshot:
+        """What the report says besides the counts (docs/telemetry.md)."""
+        current = self.attestation
+        held = self._attester.held if self._attester is not None else None
+        loaded = list(self.models.loaded.values()) if self.models is not None else []
+        rss, cpu = process_resources()
+        return Snapshot(
+            now_ms=self._clock.now_ms(),
+            ear=current.ear if current is not None else None,
+            attested=current is not None,
+            stopped=self.stopped,
+            offline=current is None and held is not None,
+            protections=worst_protections(describe_all(loaded)),
+            rss_bytes=rss,
+            cpu_ms=cpu,
+        )
 
     async def _follow_offline_policy(self, models: ModelManager, stop: asyncio.Event) -> None:
         """Unload what the offline policy no longer keeps, whether the broker answers or not."""
@@ -566,6 +618,9 @@ class DeviceAgent:
         backoff); end the phase when it expires without a renewal."""
         delays = retry_delays(self.config.policy, self._rand)
         retry_at = 0
+        # spread a fleet enrolled together: each certificate renews somewhere in the last
+        # fifth before its fraction, drawn once, so devices do not renew in lockstep
+        fraction = self.config.policy.cert_renew_fraction * (1.0 - CERT_RENEW_SPREAD * self._rand())
         while not stop.is_set() and not self._phase_end.is_set():
             certificate, now = self._certificate, self._clock.now_ms()
             if certificate is None:
@@ -573,7 +628,6 @@ class DeviceAgent:
             if self._expired(certificate):
                 self._end_phase("expired")
                 return
-            fraction = self.config.policy.cert_renew_fraction
             due = max(due_at_ms(certificate, fraction, self._received_at_ms), retry_at)
             if now >= due and runtime.ready.is_set():
                 try:
@@ -582,7 +636,11 @@ class DeviceAgent:
                     self._failed("renewal.failed", exc)
                     retry_at = self._clock.now_ms() + int(next(delays) * 1000)
                     continue
-                return
+                retry_at = 0  # the next certificate's own schedule, freshly spread
+                fraction = self.config.policy.cert_renew_fraction * (
+                    1.0 - CERT_RENEW_SPREAD * self._rand()
+                )
+                continue
             pause = min(max(0.0, (due - now) / 1000), self.config.policy.max_sleep_s)
             await wait_any(stop, self._phase_end, seconds=pause)
 
@@ -618,12 +676,31 @@ class DeviceAgent:
                     not_after=certificate.not_valid_after_utc.isoformat(),
                 ),
             )
-            self._end_phase("renewed")
+            # switch in place: sign with the new key now, reconnect with it without losing
+            # a message; models, workers and the attestation stay (docs/adr/0015)
+            self._switched_after = self._connections
+            runtime.swap_identity(self.state.device_signing_key())
+            self._renewed.set()
             return certificate
 
     def _end_phase(self, ended: PhaseEnd) -> None:
         self._ended = ended
         self._phase_end.set()
+
+    async def _settle_renewals(self, runtime: Runtime, stop: asyncio.Event) -> None:
+        """After each in-place switch, once connected with the new certificate, settle it."""
+        if self._unsettled is not None:  # a renewal of an earlier phase
+            self._renewed.set()
+        while not stop.is_set() and not self._phase_end.is_set():
+            await wait_any(stop, self._phase_end, self._renewed)
+            if stop.is_set() or self._phase_end.is_set():
+                return
+            self._renewed.clear()
+            while self._connections <= self._switched_after or not runtime.ready.is_set():
+                await wait_any(stop, self._phase_end, seconds=SWITCH_POLL_S)
+                if stop.is_set() or self._phase_end.is_set():
+                    return
+            await self._settle_renewal(runtime, stop)
 
     async def _settle_renewal(self, runtime: Runtime, stop: asyncio.Event) -> None:
         """First thing on a renewed certificate: say so (signed with it), so the identity

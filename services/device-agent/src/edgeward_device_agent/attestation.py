@@ -4,7 +4,8 @@ It owns, on ``ew/v1/dev/<id>/down/attest``:
 
 * **Challenges** (:class:`AttestationChallenge`): a fresh in-memory ECDSA P-256 session
   key per challenge, a TPM2_Quote (in a worker thread) over the challenge's PCRs with
-  ``qualifyingData = H(nonce ‖ session key)``, answered with :class:`AttestationEvidence`.
+  ``qualifyingData = H(nonce ‖ session key)``, answered with :class:`AttestationEvidence`,
+  which also carries the boot event log (:mod:`.boot_log`, read after the quote).
   Policy: a challenge already expired when it arrives, or by the time the quote is done,
   is refused (``agent.attest.challenge_expired``); one quote at a time, and a challenge
   arriving while a quote is in flight is refused at once (``agent.attest.busy``) rather
@@ -20,6 +21,8 @@ It owns, on ``ew/v1/dev/<id>/down/attest``:
   verdict withdraws the current result at once (fail closed: the verifier no longer vouches
   for this device); a verdict without an EAR that is not contraindicated (``warning`` when
   the quote only supplied reference values) is recorded and changes nothing else.
+  The decision is :func:`edgeward_device_agent.core.decide_result` (pure); this module
+  carries it out.
 * The **current attestation** (:class:`CurrentAttestation`): the EAR, its claims and the
   session private key it binds, in memory only, for components that sign with it.
 
@@ -31,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -40,14 +42,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgeward_device_agent.config import AgentPolicy
+from edgeward_device_agent.core import ATTESTED, Adopt, Withdraw, decide_result
 from edgeward_device_agent.metrics import AgentMetrics
 from edgeward_device_agent.ports import AgentTpm
 from edgeward_device_agent.reasons import AgentReason
 from edgeward_device_agent.tpm import PcrBank
 from edgeward_shared.bindings import qualifying_data
 from edgeward_shared.clock import Clock
-from edgeward_shared.ear import AttestationClaims, Status, verify_ear
-from edgeward_shared.envelope import Opened
+from edgeward_shared.ear import AttestationClaims, Status
+from edgeward_shared.envelope import Opened, new_mid
 from edgeward_shared.errors import EdgewardError, MessageError, PolicyError
 from edgeward_shared.logs import fields
 from edgeward_shared.messages.attest import (
@@ -56,6 +59,7 @@ from edgeward_shared.messages.attest import (
     AttestationResult,
     PcrValue,
 )
+from edgeward_shared.pki.certs import new_key
 from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.runtime.core import Outgoing
 from edgeward_shared.topics import reply_topic
@@ -65,7 +69,6 @@ log = logging.getLogger("edgeward.agent.attestation")
 #: Evidence awaiting a result at once; older entries are forgotten first.
 MAX_PENDING: Final = 4
 _BANKS: Final = {"sha256": PcrBank.SHA256}
-_ATTESTED: Final = ("affirming", "warning")
 
 
 def _spki(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -95,7 +98,7 @@ class CurrentAttestation:
         return self.claims.expires_at * 1000
 
     def valid_at(self, now_ms: int) -> bool:
-        return self.status in _ATTESTED and now_ms < self.expires_at_ms
+        return self.status in ATTESTED and now_ms < self.expires_at_ms
 
     def renew_at_ms(self, fraction: float) -> int:
         """When ``fraction`` of the lifetime from ``iat`` to ``exp`` has passed."""
@@ -134,14 +137,20 @@ class Attester:
         policy: AgentPolicy,
         metrics: AgentMetrics,
         on_adopted: Callable[[CurrentAttestation], None] = lambda _current: None,
+        event_log: Callable[[], bytes] = lambda: b"",
+        session_keys: Callable[[], ec.EllipticCurvePrivateKey] = new_key,
+        message_ids: Callable[[], str] = new_mid,
     ) -> None:
         self._device_id = device_id
+        self._event_log = event_log
         self._tpm = tpm
         self._trust = trust
         self._clock = clock
         self._grace_ms = int(policy.result_grace_s * 1000)
         self._metrics = metrics
         self._on_adopted = on_adopted
+        self._session_keys = session_keys  # randomness, injected like the clock
+        self._message_ids = message_ids
         self._quoting = False
         self._pending: dict[str, _Pending] = {}  # by the evidence envelope's mid
         self._current: CurrentAttestation | None = None
@@ -179,7 +188,7 @@ class Attester:
             raise PolicyError(AgentReason.CHALLENGE_BUSY, "a quote is in flight")
         self._quoting = True
         try:
-            session_key = ec.generate_private_key(ec.SECP256R1())
+            session_key = self._session_keys()
             spki = _spki(session_key)
             quote = await asyncio.to_thread(
                 self._tpm.quote,
@@ -187,10 +196,11 @@ class Attester:
                 challenge.pcr_selection,
                 _BANKS[challenge.pcr_bank],
             )
+            boot_log = await asyncio.to_thread(self._event_log)
         finally:
             self._quoting = False
         self._check_fresh(challenge)  # the verifier would refuse late evidence anyway
-        evidence_mid = secrets.token_hex(16)
+        evidence_mid = self._message_ids()
         answer_by = challenge.expires_at_ms + self._grace_ms
         self._remember(evidence_mid, _Pending(session_key, spki, answer_by))
         self._metrics.evidence.inc()
@@ -200,6 +210,7 @@ class Attester:
             attest=quote.attest,
             signature=quote.signature,
             pcrs=[PcrValue(index=i, digest=d) for i, d in sorted(quote.pcrs.items())],
+            event_log=boot_log,
         )
         return (Outgoing(answer_on, evidence, mid=evidence_mid),)
 
@@ -219,43 +230,30 @@ class Attester:
 
     # ------------------------------------------------------------------ results
     def _receive(self, result: AttestationResult) -> None:
+        """Carry out :func:`.core.decide_result`'s decision on ``result``."""
         now = self._clock.now_ms()
         self._forget_stale(now)
+        pending = self._pending.get(result.in_reply_to)
         try:
-            pending = self._pending.get(result.in_reply_to)
-            if pending is None:
-                raise PolicyError(AgentReason.RESULT_UNSOLICITED, "answers no evidence we await")
-            current = self._appraise(result, pending, now)
+            decision = decide_result(
+                result,
+                None if pending is None else pending.spki,
+                device_id=self._device_id,
+                trust=self._trust,
+                now_ms=now,
+            )
         except EdgewardError as exc:
             self._refuse(exc)
             raise
         self._settle(result.in_reply_to)
         self.last_verdict = Verdict(result.status, tuple(result.reasons), now)
-        if current is not None and current.status in _ATTESTED:
-            self._adopt(current)
-        elif result.status == "contraindicated":
-            self._withdraw(result)
-        else:  # a verdict with nothing to rely on (e.g. values recorded): state unchanged
-            log.info("attestation.verdict", extra=self._verdict_fields(result))
-
-    def _appraise(
-        self, result: AttestationResult, pending: _Pending, now_ms: int
-    ) -> CurrentAttestation | None:
-        """The attestation ``result`` carries, checked against the evidence it answers."""
-        if not result.ear:
-            if result.status == "affirming":
-                raise MessageError(AgentReason.RESULT_EAR_MISSING, "affirming without an EAR")
-            return None
-        claims = verify_ear(result.ear, self._trust, now_ms=now_ms)
-        if claims.device_id != self._device_id:
-            raise PolicyError(AgentReason.RESULT_SUBJECT, f"for {claims.device_id!r}")
-        if claims.session_key_der != pending.spki:
-            raise PolicyError(AgentReason.RESULT_SESSION_KEY, "binds another session key")
-        if claims.status != result.status:
-            raise PolicyError(AgentReason.RESULT_STATUS, f"{claims.status} in {result.status}")
-        if claims.expires_at * 1000 <= now_ms:
-            raise PolicyError(AgentReason.RESULT_EXPIRED, f"expired at {claims.expires_at}")
-        return CurrentAttestation(result.ear, claims, pending.session_key)
+        match decision:
+            case Adopt(claims=claims) if pending is not None:
+                self._adopt(CurrentAttestation(result.ear, claims, pending.session_key))
+            case Withdraw():
+                self._withdraw(result)
+            case _:  # a verdict with nothing to rely on (e.g. values recorded): state unchanged
+                log.info("attestation.verdict", extra=self._verdict_fields(result))
 
     def _settle(self, evidence_mid: str) -> None:
         """Forget the evidence a result answered, and any sent before it."""

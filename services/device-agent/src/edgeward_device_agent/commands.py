@@ -2,10 +2,12 @@
 
 Route ``ew/v1/dev/<id>/down/cmd``. The runtime has already checked the envelope (chain,
 signature, time window, the operator role the topic requires, in-process replay); then
-:class:`CommandHandler` checks, in order:
+:class:`CommandHandler` carries out the pure decision of
+:func:`edgeward_device_agent.core.admit_command`, which checks, in order:
 
-1. the signer is an operator (``command.signer.not_operator``; the topic rule already
-   requires it, checked again here because acting on it is this module's business);
+1. the signer may sign this verb: an operator any, the telemetry service ``stop`` only
+   (``command.signer.not_operator``; :func:`~edgeward_shared.messages.command.may_command`,
+   docs/adr/0022; the topic rule already admits only these two);
 2. the command names this device (``command.target.mismatch``);
 3. it was never received before, across restarts (``command.replay``; the ledger);
 4. the revocation list held is current (else only ``stop`` is obeyed, the safe direction:
@@ -33,13 +35,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
+from edgeward_device_agent.core import ReplayRecord, admit_command
 from edgeward_device_agent.ledger import DeviceLedger
 from edgeward_device_agent.revocations import RevocationHolder
 from edgeward_shared.clock import Clock
 from edgeward_shared.command_log import CommandReason, command_digest
 from edgeward_shared.envelope import Opened
 from edgeward_shared.errors import EdgewardError, PolicyError
-from edgeward_shared.identity import Role
 from edgeward_shared.logs import fields
 from edgeward_shared.messages.attest import AttestationRequest
 from edgeward_shared.messages.command import (
@@ -126,22 +128,30 @@ class CommandHandler:
         return [*self._answer(opened, verb, outcome, reason, serial), *extra]
 
     def _admit(self, opened: Opened[Any], command: Command) -> None:
-        signer = opened.signer
-        if signer.identity.role is not Role.OPERATOR:
-            raise PolicyError(CommandReason.SIGNER_ROLE, str(signer.identity))
-        if command.device_id != self.device_id:
-            raise PolicyError(CommandReason.TARGET, f"for {command.device_id}")
+        """Carry out :func:`admit_command`'s decision: persist the replay record, then
+        raise ``PolicyError`` with the refusal, if any (a replay raises from the ledger)."""
         now = self._clock.now_ms()
+        admission = admit_command(
+            command,
+            opened.signer,
+            mid=opened.mid,
+            exp_ms=opened.exp,
+            device_id=self.device_id,
+            revocations=self._revocations.view,
+            now_ms=now,
+            clock_skew_ms=self._skew,
+        )
+        if admission.record is not None:
+            self._record(admission.record, command, now)
+        if admission.refusal is not None:
+            raise PolicyError(admission.refusal.reason, admission.refusal.detail)
+
+    def _record(self, record: ReplayRecord, command: Command, now_ms: int) -> None:
         try:  # persisted before anything is done: a replay after a restart is refused too
-            self._ledger.record_command(f"{signer.kid}:{opened.mid}", opened.exp + self._skew, now)
+            self._ledger.record_command(record.key, record.forget_after_ms, now_ms)
         except Exception:
             self.counted.labels(command.TYPE.split(".")[2], "refused", CommandReason.REPLAY).inc()
             raise
-        view = self._revocations.view
-        if view.is_expired(now) and not isinstance(command, StopCommand):
-            raise PolicyError(CommandReason.REVOCATIONS_STALE, f"list v{view.version}")
-        if view.signer_revoked(signer.identity, signer.serial, signer.kid):
-            raise PolicyError(CommandReason.SIGNER_REVOKED, str(signer.identity))
 
     async def _act(
         self, opened: Opened[Any], command: Command

@@ -107,9 +107,16 @@ class AgentConfig:
     sandbox: SandboxPolicy | None = field(default_factory=SandboxPolicy)
     #: the boot PCRs the device's keys are sealed to (docs/adr/0016-device-key-sealing.md)
     seal: SealPolicy = field(default_factory=SealPolicy)
+    #: a signed telemetry report every this many seconds (docs/telemetry.md); None: none
+    telemetry_period_s: float | None = None
+    #: the TCG boot event log sent with each quote (docs/adr/0021); None: ``$EDGEWARD_EVENT_LOG``
+    #: if set, else Linux's ``/sys/kernel/security/tpm0/binary_bios_measurements``
+    event_log: Path | None = None
 
     def __post_init__(self) -> None:
         Identity.device(self.device_id)  # raises ValueError for an invalid device id
+        if self.telemetry_period_s is not None and not 1 <= self.telemetry_period_s <= 3600:
+            raise ValueError("the telemetry period is between 1 s and 1 h")
         if not DEVICE_CLASS_RE.fullmatch(self.device_class):
             raise ValueError(f"invalid device class {self.device_class!r}")
         if self.models is not None and self.models.model_pcr in self.seal.pcrs:

@@ -29,6 +29,7 @@ import numpy as np
 from edgeward_device_agent.fairshare import FairShare, ShareLimits
 from edgeward_device_agent.model_manager import LoadedModel, ModelManager
 from edgeward_device_agent.offline import Mode, Standing, serving_mode
+from edgeward_device_agent.telemetry import TelemetryRecorder
 from edgeward_shared.bus.base import Delivery
 from edgeward_shared.clock import Clock
 from edgeward_shared.envelope import Opened
@@ -191,8 +192,11 @@ class DeviceInference:
         executor: Executor | None = None,
         policy: InferencePolicy | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        recorder: TelemetryRecorder | None = None,
     ) -> None:
         self.device_id = device_id
+        #: counts for the periodic telemetry report (None: no telemetry)
+        self.recorder = recorder
         self.models = models
         self.policy = policy or InferencePolicy()
         self.executor: Executor = executor or InProcessExecutor()
@@ -285,10 +289,19 @@ class DeviceInference:
         ]
         try:
             current, model, mode = self._admit(request.model, request.version, request.caller)
+        except EdgewardError as exc:
+            self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
+            if self.recorder is not None:
+                self.recorder.refused()
+            raise
+        started = self._monotonic()
+        try:
             outputs = await self.executor.run(model, inputs)
         except EdgewardError as exc:
             self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
+            self._observed(model, started, None)
             raise
+        self._observed(model, started, outputs)
         specs = [spec_of(t.name, t.dtype, t.shape, t.data) for t in outputs]
         body = encode_body(
             ResultBodyV2(
@@ -347,10 +360,19 @@ class DeviceInference:
         refused."""
         try:
             current, model, mode = self._admit(model_name, version, caller)
+        except EdgewardError as exc:
+            self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
+            if self.recorder is not None:
+                self.recorder.refused()
+            raise
+        started = self._monotonic()
+        try:
             outputs = await self.executor.run(model, inputs)
         except EdgewardError as exc:
             self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
+            self._observed(model, started, None)
             raise
+        self._observed(model, started, outputs)
         body = encode_body(
             ResultBody(
                 device=self.device_id,
@@ -373,6 +395,20 @@ class DeviceInference:
             session_sig=sign_result(body, current.session_key),
             ear=current.ear,
         )
+
+    def _observed(
+        self, model: LoadedModel, started: float, outputs: Sequence[Tensor] | None
+    ) -> None:
+        if self.recorder is not None:
+            seconds = self._monotonic() - started
+            self.recorder.observed(
+                model.name,
+                model.version,
+                model.tier,
+                model.digest,
+                seconds=seconds,
+                outputs=outputs,
+            )
 
     def _admit(
         self, model_name: str, version: int | None, caller: str

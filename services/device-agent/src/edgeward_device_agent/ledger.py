@@ -3,6 +3,8 @@
 * ``stopped``: an acknowledged ``stop`` holds until a signed ``resume``, reboot or not.
 * ``revocation_version``: the newest revocation list accepted; a restarted agent refuses
   anything older (no rollback by restarting the device).
+* ``audit``: per audit log, the newest signed checkpoint seen (witness.py), so that a
+  later truncation of the log can be proven.
 * ``seen``: command ids (``kid:mid``) accepted, each kept until its envelope could no longer
   be fresh, so a command cannot be replayed after a restart either.
 
@@ -20,9 +22,10 @@ from typing import Final
 
 import msgspec
 
-from edgeward_shared.errors import AuthenticityError, ConfigError
+from edgeward_shared.errors import AuthenticityError, ConfigError, PolicyError
 
 MAX_SEEN: Final = 100_000
+MAX_AUDIT_LOGS: Final = 256
 LEDGER_NAME: Final = "ledger.json"
 
 
@@ -31,6 +34,7 @@ class LedgerState(msgspec.Struct, forbid_unknown_fields=True):
     stopped_by: str | None = None  # mid of the command that stopped the device
     revocation_version: int = 0
     seen: dict[str, int] = msgspec.field(default_factory=dict)  # key -> forget after (ms)
+    audit: dict[str, str] = msgspec.field(default_factory=dict)  # log origin -> newest note
 
 
 class DeviceLedger:
@@ -85,6 +89,17 @@ class DeviceLedger:
         if version > self._state.revocation_version:
             self._state.revocation_version = version
             self._save()
+
+    # ------------------------------------------------------------------ audit witness
+    def audit_checkpoint(self, origin: str) -> str | None:
+        """The newest checkpoint note kept for the audit log ``origin`` (witness.py)."""
+        return self._state.audit.get(origin)
+
+    def keep_audit_checkpoint(self, origin: str, note: str) -> None:
+        if origin not in self._state.audit and len(self._state.audit) >= MAX_AUDIT_LOGS:
+            raise PolicyError("audit.witness.full", "too many audit logs to witness")
+        self._state.audit[origin] = note
+        self._save()
 
     # ------------------------------------------------------------------ command replay
     def record_command(self, key: str, forget_after_ms: int, now_ms: int) -> None:

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from edgeward_device_agent.model_store import ModelStore
 from edgeward_shared.bus.base import Delivery
+from edgeward_shared.envelope import new_mid
 from edgeward_shared.errors import AuthenticityError, MessageError, PolicyError, TransportError
 from edgeward_shared.messages.common import Rejected
 from edgeward_shared.messages.model import ChunkRequest, ChunksSent
@@ -50,9 +51,15 @@ class _Open:
 
 class ChunkFetcher:
     def __init__(
-        self, device_id: str, store: ModelStore, policy: FetchPolicy | None = None
+        self,
+        device_id: str,
+        store: ModelStore,
+        policy: FetchPolicy | None = None,
+        *,
+        message_ids: Callable[[], str] = new_mid,
     ) -> None:
         self.device_id = device_id
+        self._message_ids = message_ids  # randomness, injected like the clock
         self.store = store
         self.policy = policy or FetchPolicy()
         self.topic = device_topic(device_id, Direction.UP, Channel.MODEL)
@@ -122,7 +129,7 @@ class ChunkFetcher:
         got: dict[int, bytes] = {}
         wanted = set(indices)
         for _ in range(self.policy.attempts):
-            mid = secrets.token_hex(16)
+            mid = self._message_ids()
             request = _Open(release.blob, set(wanted))
             self._open[mid] = request
             try:

@@ -25,7 +25,6 @@ transport reason.
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -37,7 +36,7 @@ from edgeward_device_agent.enrollment import accept_chain, make_csr
 from edgeward_device_agent.state import AgentState
 from edgeward_shared.bindings import renewal_digest, sign_renewal
 from edgeward_shared.clock import Clock, from_datetime
-from edgeward_shared.envelope import Opened
+from edgeward_shared.envelope import Opened, new_mid
 from edgeward_shared.errors import EdgewardError
 from edgeward_shared.messages.base import Message
 from edgeward_shared.messages.common import Rejected
@@ -104,6 +103,7 @@ class Renewer:
     clock: Clock
     attestation: Callable[[], CurrentAttestation | None]
     timeout_s: float
+    message_ids: Callable[[], str] = new_mid  # randomness, injected like the clock
 
     @property
     def up(self) -> str:
@@ -123,7 +123,7 @@ class Renewer:
             raise RenewalError(RenewReason.NOT_ATTESTED, "no affirming attestation to bind to")
         key = await asyncio.to_thread(self.state.new_renewal_key)  # sealed by the TPM
         csr = make_csr(key, self.device_id)
-        mid, at_ms = secrets.token_hex(16), self.clock.now_ms()
+        mid, at_ms = self.message_ids(), self.clock.now_ms()
         binding = sign_renewal(current.session_key, renewal_digest(self.device_id, csr, mid, at_ms))
         request = RenewCertificate(csr=csr, ear=current.ear, at_ms=at_ms, binding=binding)
         reply = await runtime.request(self.up, request, timeout_s=self.timeout_s, mid=mid)

@@ -5,14 +5,17 @@ with it, so the CA certificate is the verifier's manufacturer trust anchor), pro
 each device's TPM state with ``swtpm_setup --tpm2 --create-ek-cert --create-platform-cert``
 (RSA-2048 and ECC P-384 EKs, their certificates in NV), starting ``swtpm socket --tpm2`` on
 two consecutive free loopback ports (server N, control N+1, as the ``swtpm:`` TCTI expects)
-with ``--flags not-need-init,startup-clear``, measuring a named boot chain into PCRs 0-7 of
-every active bank, and stopping each process by its PID.
+with ``--flags not-need-init,startup-clear``, measuring a named boot chain (TCG events:
+firmware, Secure Boot variables, separators, boot loader and kernel images in PCRs 0-7, the
+kernel command line in PCR 8) into every active bank while writing its TCG event log
+(:mod:`.tcg_log`, docs/adr/0021), and stopping each process by its PID.
 
 Layout (every directory 0700, the CA key 0600)::
 
     <root>/ca/{cert.pem,key.pem,serial}     the manufacturer CA (swtpm_localca's statedir)
     <root>/swtpm_setup.conf, localca.*       swtpm_setup's configuration for this fleet
-    <root>/devices/<name>/                   one TPM's state (tpm2-00.permall) and swtpm.log
+    <root>/devices/<name>/                   one TPM's state (tpm2-00.permall), swtpm.log and
+                                             binary_bios_measurements (its boot event log)
 
 It leaves to others: anything a real device does after boot (AK, quotes: :mod:`.tpm`).
 Nothing here is used in production; a real device has a real TPM at ``/dev/tpmrm0``.
@@ -20,11 +23,13 @@ Nothing here is used in production; a real device has a real TPM at ``/dev/tpmrm
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
@@ -38,6 +43,19 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from edgeward_device_agent.tcg_log import (
+    EFI_CERT_SHA256,
+    EFI_CERT_X509,
+    EFI_GLOBAL_VARIABLE,
+    EFI_IMAGE_SECURITY_DATABASE,
+    EventType,
+    image_load_event,
+    pcr_event2,
+    signature_list,
+    utf16,
+    variable_data,
+    write_log,
+)
 from edgeward_device_agent.tpm import PcrBank, Tpm
 from edgeward_shared.pki.certs import make_root_ca
 
@@ -45,41 +63,138 @@ _PORT_ATTEMPTS: Final = 20
 _READY_TIMEOUT_S: Final = 5.0
 _STOP_TIMEOUT_S: Final = 5.0
 _DEFAULT_WORKERS: Final = 16
+#: the file in a device's state directory holding its boot event log
+EVENT_LOG_NAME: Final = "binary_bios_measurements"
 
 
 # ---------------------------------------------------------------------- boot chains
 @dataclass(frozen=True)
 class Measurement:
-    """One named boot component, measured into ``pcr`` as ``H(name)`` in every bank."""
+    """One boot event: logged as ``event_type`` with ``event`` data, extended into ``pcr``
+    as ``H(measured)`` in every bank (``measured`` is the event data itself unless the
+    firmware hashes something else, like an image's contents). ``name`` is a label."""
 
     pcr: int
     name: str
+    event_type: int = EventType.EV_POST_CODE
+    event: bytes = b""
+    measured: bytes | None = None
 
     def digest(self, bank: PcrBank) -> bytes:
-        return bank.hash(self.name.encode())
+        return bank.hash(self.event if self.measured is None else self.measured)
+
+    def log_record(self, banks: Sequence[PcrBank]) -> bytes:
+        """This event as a ``TCG_PCR_EVENT2`` of the crypto-agile log."""
+        digests = {bank: self.digest(bank) for bank in banks}
+        return pcr_event2(self.pcr, self.event_type, digests, self.event)
 
 
 BootChain = tuple[Measurement, ...]
 
-#: A plausible measured boot into PCRs 0-7 (UEFI PC Client layout), as a reference device.
+_SEPARATOR: Final = b"\x00\x00\x00\x00"
+_BOOT_LOADER: Final = "boot loader"
+
+
+def _variable(pcr: int, guid: uuid.UUID, name: str, data: bytes) -> Measurement:
+    kind = EventType.EV_EFI_VARIABLE_DRIVER_CONFIG if pcr == 7 else EventType.EV_EFI_VARIABLE_BOOT
+    return Measurement(pcr, f"variable {name}", kind, variable_data(guid, name, data))
+
+
+def _image(name: str, path: str, contents: str) -> Measurement:
+    """A PE image the firmware loads: logged by path, extended with its (simulated) hash."""
+    return Measurement(
+        4,
+        name,
+        EventType.EV_EFI_BOOT_SERVICES_APPLICATION,
+        image_load_event(path, 1 << 20),
+        measured=contents.encode(),
+    )
+
+
+def _key(label: str) -> bytes:
+    """Stand-in bytes for a certificate (deterministic, so golden PCRs are fixed)."""
+    return f"edgeward development key: {label}".encode()
+
+
+def _separators(pcrs: Iterable[int]) -> BootChain:
+    return tuple(Measurement(i, "separator", EventType.EV_SEPARATOR, _SEPARATOR) for i in pcrs)
+
+
+#: A plausible UEFI measured boot (PC Client layout) of a reference device: firmware in 0,
+#: boot variables in 1, Secure Boot state and keys in 7, separators in 0-7, then the boot
+#: loader and kernel images in 4 and the boot loader's command line in 8 (EV_IPL).
 GOLDEN_BOOT_CHAIN: Final[BootChain] = (
-    Measurement(0, "firmware: edgeward-fw 1.4.2 (CRTM + UEFI code)"),
-    Measurement(1, "firmware config: edgeward-board rev C"),
-    Measurement(2, "option ROMs: none"),
-    Measurement(3, "option ROM config: none"),
-    Measurement(4, "boot loader: shim 15.7 + grub 2.06"),
-    Measurement(4, "kernel: linux 6.1.0-edgeward"),
-    Measurement(5, "GPT: edgeward disk layout v2"),
-    Measurement(6, "platform state: normal boot"),
-    Measurement(7, "secure boot: enabled, db=Edgeward Platform Key 2026"),
+    Measurement(0, "firmware version", EventType.EV_S_CRTM_VERSION, utf16("edgeward-fw 1.4.2\x00")),
+    Measurement(
+        0,
+        "firmware: edgeward-fw 1.4.2 (CRTM + UEFI code)",
+        EventType.EV_POST_CODE,
+        b"POST CODE",
+        measured=b"edgeward-fw 1.4.2 firmware volume",
+    ),
+    _variable(7, EFI_GLOBAL_VARIABLE, "SecureBoot", b"\x01"),
+    _variable(
+        7, EFI_GLOBAL_VARIABLE, "PK", signature_list(EFI_CERT_X509, [_key("Edgeward PK 2026")])
+    ),
+    _variable(
+        7, EFI_GLOBAL_VARIABLE, "KEK", signature_list(EFI_CERT_X509, [_key("Edgeward KEK 2026")])
+    ),
+    _variable(
+        7,
+        EFI_IMAGE_SECURITY_DATABASE,
+        "db",
+        signature_list(EFI_CERT_X509, [_key("Edgeward Platform Key 2026")]),
+    ),
+    _variable(
+        7,
+        EFI_IMAGE_SECURITY_DATABASE,
+        "dbx",
+        signature_list(EFI_CERT_SHA256, [hashlib.sha256(b"revoked grub 2.04").digest()]),
+    ),
+    _variable(1, EFI_GLOBAL_VARIABLE, "BootOrder", b"\x01\x00"),
+    Measurement(
+        4,
+        "ready to boot",
+        EventType.EV_EFI_ACTION,
+        b"Calling EFI Application from Boot Option",
+    ),
+    *_separators(range(8)),
+    _image(
+        f"{_BOOT_LOADER}: shim 15.7 + grub 2.06",
+        "\\EFI\\BOOT\\BOOTX64.EFI",
+        "shim 15.7 + grub 2.06",
+    ),
+    _image("kernel: linux 6.1.0-edgeward", "\\vmlinuz-6.1.0-edgeward", "linux 6.1.0-edgeward"),
+    Measurement(
+        8,
+        "kernel command line",
+        EventType.EV_IPL,
+        b"kernel_cmdline: /vmlinuz-6.1.0-edgeward root=/dev/vda2 ro\x00",
+        measured=b"/vmlinuz-6.1.0-edgeward root=/dev/vda2 ro",  # grub hashes the bare line
+    ),
+    Measurement(5, "exit boot services", EventType.EV_EFI_ACTION, b"Exit Boot Services Invocation"),
 )
 
 
 def tampered_boot_chain(chain: BootChain = GOLDEN_BOOT_CHAIN) -> BootChain:
     """``chain`` with its boot loader replaced: what an attacker's bootkit would measure."""
     return tuple(
-        replace(m, name="boot loader: grub 2.06 (patched, init=/bin/sh)")
-        if m.name.startswith("boot loader")
+        replace(m, measured=b"grub 2.06 (patched, init=/bin/sh)")
+        if m.name.startswith(_BOOT_LOADER)
+        else m
+        for m in chain
+    )
+
+
+def updated_firmware_chain(
+    chain: BootChain = GOLDEN_BOOT_CHAIN, version: str = "1.5.0"
+) -> BootChain:
+    """``chain`` after a firmware update: another CRTM version and firmware volume (PCR 0)."""
+    return tuple(
+        replace(m, measured=f"edgeward-fw {version} firmware volume".encode())
+        if m.event_type == EventType.EV_POST_CODE
+        else replace(m, event=utf16(f"edgeward-fw {version}\x00"))
+        if m.event_type == EventType.EV_S_CRTM_VERSION
         else m
         for m in chain
     )
@@ -89,8 +204,14 @@ def expected_pcrs(chain: BootChain, bank: PcrBank = PcrBank.SHA256) -> dict[int,
     """PCRs 0-7 after ``chain`` is extended from reset: the golden values for an allowlist."""
     values = dict.fromkeys(range(8), bytes(bank.digest_size))
     for measurement in chain:
-        values[measurement.pcr] = bank.hash(values[measurement.pcr] + measurement.digest(bank))
+        if measurement.pcr in values:
+            values[measurement.pcr] = bank.hash(values[measurement.pcr] + measurement.digest(bank))
     return values
+
+
+def event_log(chain: BootChain, banks: Sequence[PcrBank] = (PcrBank.SHA256,)) -> bytes:
+    """The TCG PC Client event log (crypto-agile, ``binary_bios_measurements``) of ``chain``."""
+    return write_log([m.log_record(banks) for m in chain], banks)
 
 
 # ---------------------------------------------------------------------- manufacturer CA
@@ -156,6 +277,11 @@ class SwtpmDevice:
     @property
     def tcti(self) -> str:
         return f"swtpm:host=127.0.0.1,port={self.port}"
+
+    @property
+    def event_log(self) -> Path:
+        """Where this device's boot event log is (its ``binary_bios_measurements``)."""
+        return self.state_dir / EVENT_LOG_NAME
 
     @property
     def running(self) -> bool:
@@ -301,6 +427,7 @@ class SwtpmFleet:
         """Measure ``chain`` into the running ``device`` (as its firmware would at boot)."""
         with device.open() as tpm:
             measure_boot(tpm, chain, self.banks)
+        device.event_log.write_bytes(event_log(chain, self.banks))
 
     def start(self, name: str, chain: BootChain = GOLDEN_BOOT_CHAIN) -> SwtpmDevice:
         """Provision (first time only), start and boot one device."""
@@ -346,13 +473,16 @@ class SwtpmFleet:
 
 
 __all__ = [
+    "EVENT_LOG_NAME",
     "GOLDEN_BOOT_CHAIN",
     "BootChain",
     "ManufacturerCa",
     "Measurement",
     "SwtpmDevice",
     "SwtpmFleet",
+    "event_log",
     "expected_pcrs",
     "measure_boot",
     "tampered_boot_chain",
+    "updated_firmware_chain",
 ]

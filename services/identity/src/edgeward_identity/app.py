@@ -30,6 +30,7 @@ from edgeward_shared.logs import fields
 from edgeward_shared.messages.common import Rejected
 from edgeward_shared.messages.revocation import RevocationJob, Revoke
 from edgeward_shared.pki.store import PkiStore
+from edgeward_shared.runtime.audit import enable_audit
 from edgeward_shared.runtime.core import Connect, Runtime
 from edgeward_shared.runtime.node import NodeConfig, build_node, run_until_signalled
 from edgeward_shared.runtime.revocations import RevocationFollower
@@ -74,6 +75,7 @@ async def identity_node(
     db = await SqliteDatabase.open(config.db_path)
     try:
         await migrate(db, component=COMPONENT, migrations=MIGRATIONS, clock=runtime.clock)
+        await enable_audit(runtime, db, config.db_path.parent)  # docs/adr/0023
         follower = RevocationFollower(config.db_path.parent, required=False)
         follower.attach(runtime)
         service = IdentityService(

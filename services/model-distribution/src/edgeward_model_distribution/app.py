@@ -47,6 +47,7 @@ from edgeward_shared.logs import fields
 from edgeward_shared.messages.attest import AttestationFailed
 from edgeward_shared.models.reasons import ModelReason
 from edgeward_shared.revocation import RevocationView
+from edgeward_shared.runtime.audit import enable_audit
 from edgeward_shared.runtime.core import Connect, Handler, Outgoing, OutgoingFrame, Runtime
 from edgeward_shared.runtime.health import answer_pings
 from edgeward_shared.runtime.node import NodeConfig, build_node, run_until_signalled
@@ -200,6 +201,7 @@ async def models_node(
     are not right."""
     runtime, connect = build_node(config.node_config(), SERVICE, clock)
     async with open_state(config.state_dir) as state:
+        await enable_audit(runtime, state.db, config.state_dir)  # docs/adr/0023
         follower = RevocationFollower(
             config.state_dir, required=config.settings.require_revocations
         )

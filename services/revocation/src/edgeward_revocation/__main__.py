@@ -23,6 +23,7 @@ from edgeward_revocation.worker import WorkerSettings
 from edgeward_shared.bus.mqtt import MqttSettings
 from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.pki.store import IdentityFiles, PkiStore
+from edgeward_shared.runtime.audit import enable_audit
 from edgeward_shared.runtime.kit import EnvOptions, NodeOptions, command, node_options
 from edgeward_shared.runtime.node import build_node
 from edgeward_shared.runtime.params import DurationParam, milliseconds
@@ -134,6 +135,7 @@ async def _serve(pki: PkiStore, options: Options) -> None:
     try:
         store = RevocationStore(database)
         await store.migrate()
+        await enable_audit(runtime, database, node.database_path.parent)  # docs/adr/0023
         kicker = DynsecKicker(
             MqttSettings(node.broker, pki.bundle_path, options.admin, options.admin.directory.name)
         )

@@ -39,6 +39,9 @@ AUTO_REVOKE_REASONS: Final = frozenset(
     {
         "attestation.pcr.not_allowed",
         "attestation.pcr.digest_mismatch",
+        # boot events off every reference state (docs/adr/0021); a log that merely fails
+        # to parse or replay, or is missing, is not taken as tampering by itself
+        "attestation.eventlog.event_mismatch",
         "attestation.quote.signature",
         "attestation.quote.magic",
         "attestation.quote.type",

@@ -36,6 +36,7 @@ from edgeward_shared.topics import (
     FLEET_OWNERS,
     ROOT,
     Channel,
+    FleetKind,
     allowed,
 )
 
@@ -115,6 +116,8 @@ def _service_block(who: Identity) -> list[str]:
             _line("write", f"{ROOT}/enroll/+/down"),
         ]
     owned = sorted(str(kind) for kind, owner in FLEET_OWNERS.items() if owner == who.principal)
+    lines += ["# its audit log's checkpoints (docs/adr/0023)"]
+    lines += [_line("write", f"{ROOT}/fleet/{FleetKind.AUDIT}/{service}")]
     return lines + [_line("write", f"{ROOT}/fleet/{kind}/#") for kind in owned]
 
 

@@ -3,6 +3,14 @@
 :func:`connect_mqtt` opens one connection and yields a :class:`MqttBus`; reconnecting with
 backoff is the runtime's loop (:mod:`edgeward_shared.runtime`), so a connection object is
 never silently reused after the broker dropped it. Every network await has a timeout.
+
+Two private attributes of ``aiomqtt.Client`` are used (docs/adr/0003): ``_client``, the paho
+client (eager writes, pipelined publishes, manual acknowledgement, DISCONNECT with
+properties) and ``_disconnected``, the future aiomqtt resolves when the connection ends.
+They are reached only through :func:`paho_of` and :func:`disconnected_of`, and only on an
+aiomqtt release listed in :data:`KNOWN_AIOMQTT`: any other refuses to connect with
+``ConfigError(config.aiomqtt.unknown)`` naming the version, instead of failing later in a
+way that looks like a network fault.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import aiomqtt
 import paho.mqtt.client as mqtt
@@ -26,9 +34,45 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgeward_shared.bus.base import Delivery, Unacknowledged
-from edgeward_shared.errors import TransportError
+from edgeward_shared.errors import ConfigError, TransportError
 from edgeward_shared.pki.store import IdentityFiles
 from edgeward_shared.tls import TlsIdentity, client_context
+
+#: aiomqtt releases (major.minor) whose private ``_client`` and ``_disconnected`` this module
+#: was checked against; extend only after reading that release's ``client.py``.
+KNOWN_AIOMQTT: Final = frozenset({"2.4", "2.5"})
+AIOMQTT_UNKNOWN: Final = "config.aiomqtt.unknown"
+
+
+def check_aiomqtt(version: str) -> None:
+    """Raise ``ConfigError(config.aiomqtt.unknown)`` unless ``version`` is a known release."""
+    major_minor = ".".join(version.split(".")[:2])
+    if major_minor not in KNOWN_AIOMQTT:
+        raise ConfigError(
+            AIOMQTT_UNKNOWN,
+            f"aiomqtt {version} is not one of {', '.join(sorted(KNOWN_AIOMQTT))}.x, whose "
+            "private Client._client and Client._disconnected edgeward_shared.bus.mqtt uses "
+            "(docs/adr/0003)",
+        )
+
+
+def paho_of(client: aiomqtt.Client) -> mqtt.Client:
+    """The paho client inside ``client`` (private in aiomqtt; see the module docstring)."""
+    paho = getattr(client, "_client", None)
+    if not isinstance(paho, mqtt.Client):
+        raise ConfigError(AIOMQTT_UNKNOWN, f"aiomqtt {aiomqtt.__version__}: no paho Client._client")
+    return paho
+
+
+def disconnected_of(client: aiomqtt.Client) -> asyncio.Future[None]:
+    """The future aiomqtt resolves when the connection ends (private; see the docstring)."""
+    future = getattr(client, "_disconnected", None)
+    if not isinstance(future, asyncio.Future):
+        raise ConfigError(
+            AIOMQTT_UNKNOWN, f"aiomqtt {aiomqtt.__version__}: no Client._disconnected future"
+        )
+    return future
+
 
 #: Nagle's algorithm plus delayed ACKs costs ~40 ms per request/response (measured, 2.0.11).
 NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
@@ -106,7 +150,7 @@ class MqttBus:
             except aiomqtt.MqttError as exc:
                 raise TransportError("transport.publish", str(exc)) from exc
             return
-        info = self._client._client.publish(topic, payload, qos, retain)  # paho: no wait
+        info = paho_of(self._client).publish(topic, payload, qos, retain)  # paho: no wait
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise TransportError("transport.publish", mqtt.error_string(info.rc))
         self._in_flight.append((info, Unacknowledged(topic, payload, retain)))
@@ -128,11 +172,11 @@ class MqttBus:
         our session now instead of queueing our share of shared subscriptions for it."""
         properties = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = 0
-        paho = self._client._client
+        paho = paho_of(self._client)
         if paho.disconnect(properties=properties) != mqtt.MQTT_ERR_SUCCESS:
             return
         with contextlib.suppress(TimeoutError, aiomqtt.MqttError):
-            await asyncio.wait_for(asyncio.shield(self._client._disconnected), timeout_s)
+            await asyncio.wait_for(asyncio.shield(disconnected_of(self._client)), timeout_s)
 
     async def subscribe(self, topic_filter: str, *, qos: int = 1) -> None:
         try:
@@ -151,7 +195,7 @@ class MqttBus:
             raise TransportError("transport.lost", str(exc)) from exc
 
     def _acknowledger(self, mid: int, qos: int) -> Callable[[], None]:
-        paho = self._client._client
+        paho = paho_of(self._client)
 
         def ack() -> None:
             paho.ack(mid, qos)  # a closed connection: the broker delivers it again
@@ -171,7 +215,7 @@ def _write_eagerly(client: aiomqtt.Client) -> None:
     request from another thread (paho's connect runs in an executor), goes to aiomqtt's
     writer as before, so backpressure still works. Errors are left to aiomqtt's callback.
     """
-    paho_client = client._client  # aiomqtt exposes no hook for this
+    paho_client = paho_of(client)  # aiomqtt exposes no hook for this
     delegate = paho_client.on_socket_register_write
     loop_thread = threading.get_ident()
 
@@ -189,7 +233,11 @@ def _write_eagerly(client: aiomqtt.Client) -> None:
 
 @asynccontextmanager
 async def connect_mqtt(settings: MqttSettings) -> AsyncIterator[MqttBus]:
-    """Connect with mTLS; raises ``TransportError`` if the broker is unreachable or refuses."""
+    """Connect with mTLS; raises ``TransportError`` if the broker is unreachable or refuses.
+
+    Raises ``ConfigError(config.aiomqtt.unknown)`` on an aiomqtt this module does not know.
+    """
+    check_aiomqtt(aiomqtt.__version__)
     if settings.tls is not None:
         context = settings.tls()
     else:
@@ -212,7 +260,8 @@ async def connect_mqtt(settings: MqttSettings) -> AsyncIterator[MqttBus]:
     client.pending_calls_threshold = 1000  # QoS 1 bursts are normal for services
     # acknowledge a QoS 1 delivery when the runtime takes it (Delivery.ack), not on arrival:
     # what it never took is delivered again on a resumed session
-    client._client.manual_ack_set(settings.manual_ack)
+    paho_of(client).manual_ack_set(settings.manual_ack)
+    disconnected_of(client)  # present before we rely on it in end_session
     _write_eagerly(client)
     try:
         async with client:

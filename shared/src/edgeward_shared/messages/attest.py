@@ -7,7 +7,7 @@ failures are also published as events on ``ew/v1/svc/attestation/evt/failed``.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 import msgspec
 
@@ -16,6 +16,9 @@ from edgeward_shared.messages.common import MessageId, ReasonId
 
 Status = Literal["affirming", "warning", "contraindicated"]
 PcrIndex = Annotated[int, msgspec.Meta(ge=0, le=23)]
+#: The largest boot event log a device may send (docs/protocol.md 7.1): twice base64-encoded
+#: (message in envelope) it still fits the broker's 256 KiB payload limit with the rest.
+MAX_EVENT_LOG_BYTES: Final = 128 * 1024
 
 
 class AttestationRequest(Message, frozen=True, tag="edgeward.attest.request.v1"):
@@ -43,13 +46,16 @@ class PcrValue(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class AttestationEvidence(Message, frozen=True, tag="edgeward.attest.evidence.v1"):
     """The quote: TPMS_ATTEST and TPMT_SIGNATURE as the TPM produced them, the PCR values
     it covers, and the session public key (DER SubjectPublicKeyInfo, ECDSA P-256) it binds;
-    the device keeps the session private key in memory only."""
+    the device keeps the session private key in memory only. ``event_log`` is the TCG PC
+    Client boot event log (crypto-agile, as Linux's ``binary_bios_measurements``), empty
+    when the device has none; the verifier replays it against the quoted PCRs."""
 
     in_reply_to: MessageId
     session_key: Annotated[bytes, msgspec.Meta(min_length=1, max_length=512)]
     attest: Annotated[bytes, msgspec.Meta(min_length=1, max_length=2048)]
     signature: Annotated[bytes, msgspec.Meta(min_length=1, max_length=512)]
     pcrs: Annotated[list[PcrValue], msgspec.Meta(max_length=24)]
+    event_log: Annotated[bytes, msgspec.Meta(max_length=MAX_EVENT_LOG_BYTES)] = b""
 
 
 class AttestationResult(Message, frozen=True, tag="edgeward.attest.result.v1"):

@@ -1,6 +1,7 @@
 """Operators' signed commands to one device, and the device's signed receipts.
 
-On ``ew/v1/dev/<id>/down/cmd`` (operator -> device; only the operator role may sign there)
+On ``ew/v1/dev/<id>/down/cmd`` (operator -> device; the operator role signs every verb, the
+telemetry service only ``stop``: :func:`may_command`, docs/adr/0022)
 and ``ew/v1/dev/<id>/up/cmd`` (the device's receipt; read by operators and telemetry).
 The set is closed and typed: one message type per verb, each naming its target device, so
 an unknown verb is an unknown type and an extra field is a malformed message. Nothing in a
@@ -14,6 +15,7 @@ from typing import Annotated, Final, Literal
 
 import msgspec
 
+from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.messages.base import Message
 from edgeward_shared.messages.common import MessageId, ReasonId
 
@@ -96,3 +98,19 @@ class CommandReceipt(Message, frozen=True, tag="edgeward.command.receipt.v1"):
     at_ms: Annotated[int, msgspec.Meta(ge=0)]
     #: ``rotate-cert`` done: the serial (lowercase hex) of the certificate it renewed to
     serial: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{1,40}$")] | None = None
+
+
+#: Services that may sign a command, and the only verbs each may: the telemetry service may
+#: stop a device (the safe direction, like the attestation service revoking one), never
+#: resume it or anything else (docs/adr/0022).
+SERVICE_COMMANDS: Final[dict[Identity, frozenset[type[Command]]]] = {
+    Identity.service(ServiceName.TELEMETRY): frozenset({StopCommand}),
+}
+
+
+def may_command(signer: Identity, command: type[Command]) -> bool:
+    """Whether ``signer`` (any instance of it) may sign a ``command``: an operator any verb,
+    a service of :data:`SERVICE_COMMANDS` its verbs, nobody else anything."""
+    if signer.role is Role.OPERATOR:
+        return True
+    return command in SERVICE_COMMANDS.get(signer.principal, frozenset())

@@ -6,7 +6,7 @@ signed by the operator, every change audited by the service with the operator's 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 import msgspec
 
@@ -18,6 +18,10 @@ DeviceId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}
 DeviceClass = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9-]{0,31}$")]
 PolicyId = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9.-]{0,63}$")]
 Trust = Literal["enrolled", "attested", "stale", "untrusted"]
+
+
+#: Findings listed per device (the rest are counted in a last line).
+MAX_FINDINGS: Final = 16
 
 
 class DeviceQuery(Message, frozen=True, tag="edgeward.registry.query.v1"):
@@ -42,6 +46,11 @@ class DeviceStatus(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     enrolled_at_ms: int
     last_attested_at_ms: int | None
     result_expires_at_ms: int | None
+    #: the boot events that differ from the policy's reference (docs/adr/0021), one line
+    #: each; only when one device is shown (``DeviceQuery.device_id``), else empty
+    findings: Annotated[
+        list[Annotated[str, msgspec.Meta(max_length=240)]], msgspec.Meta(max_length=MAX_FINDINGS)
+    ] = msgspec.field(default_factory=list)
 
 
 class DeviceList(Message, frozen=True, tag="edgeward.registry.devices.v1"):
@@ -62,6 +71,9 @@ class PolicyRecord(Message, frozen=True, tag="edgeward.policy.record.v1"):
         default_factory=list
     )
     reference_device: DeviceId | None = None
+    #: also allow everything this recorded policy (same class and PCRs) allows: the policy
+    #: of a firmware rollout, old and new boot states at once (docs/adr/0021)
+    keep: PolicyId | None = None
 
 
 class PolicyApprove(Message, frozen=True, tag="edgeward.policy.approve.v1"):
@@ -81,6 +93,11 @@ class PolicyInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     state: Literal["recording", "recorded", "active", "superseded"]
     recorded_by: str
     approved_by: str | None
+    #: the boot event logs it allows, as ``<name>: <n> events`` (docs/adr/0021); empty: it
+    #: checks PCR values only
+    boot_states: Annotated[
+        list[Annotated[str, msgspec.Meta(max_length=100)]], msgspec.Meta(max_length=8)
+    ] = msgspec.field(default_factory=list)
 
 
 class PolicyList(Message, frozen=True, tag="edgeward.policy.list.v1"):

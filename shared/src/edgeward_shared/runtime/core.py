@@ -55,6 +55,7 @@ from edgeward_shared.identity import Identity
 from edgeward_shared.logs import fields
 from edgeward_shared.messages.base import Message
 from edgeward_shared.messages.common import Rejected
+from edgeward_shared.runtime.audit import DecisionAudit
 from edgeward_shared.runtime.backoff import jittered_backoff
 from edgeward_shared.runtime.metrics import RuntimeMetrics
 from edgeward_shared.topics import reply_topic
@@ -118,6 +119,8 @@ class Route:
     #: verifies this route's deliveries instead of the runtime's verifier (a retained list
     #: checked by version rather than by message id, with its own lifetime bound)
     verifier: EnvelopeVerifier | None = None
+    #: its decisions go to the audit log when the runtime has one (not replies: docs/adr/0023)
+    audited: bool = True
 
 
 class Runtime:
@@ -154,6 +157,8 @@ class Runtime:
         self._hangup: list[Callable[[], None]] = []
         #: connections served so far: a change means the runtime (re)connected
         self.connections = 0
+        #: records every decision on an audited route (runtime.audit.enable_audit sets it)
+        self.audit: DecisionAudit | None = None
 
     @property
     def identity(self) -> Identity:
@@ -209,6 +214,7 @@ class Runtime:
         name: str | None = None,
         inline: bool = False,
         verifier: EnvelopeVerifier | None = None,
+        audited: bool = True,
     ) -> None:
         """Deliver messages of ``types`` arriving on ``topic_filter`` to ``handler``.
 
@@ -223,6 +229,7 @@ class Runtime:
                 handler,
                 inline=inline,
                 verifier=verifier,
+                audited=audited,
             )
         )
 
@@ -249,7 +256,12 @@ class Runtime:
     def expect_replies(self, topic_filter: str, types: Sequence[type[Message]]) -> None:
         """Accept replies (messages with ``in_reply_to``) to our :meth:`request` calls."""
         self.route(
-            topic_filter, [*types, Rejected], self._resolve_reply, name="replies", inline=True
+            topic_filter,
+            [*types, Rejected],
+            self._resolve_reply,
+            name="replies",
+            inline=True,
+            audited=False,
         )
 
     async def _resolve_reply(self, opened: Opened[Any]) -> Sequence[Outgoing]:
@@ -332,6 +344,7 @@ class Runtime:
             await self._handle_frame(route, route.frames, delivery, started)
             return
         routes = envelopes
+        opened: Opened[Any] | None = None
         try:
             types = [t for r in routes for t in r.types]
             verifier = route.verifier or self.verifier
@@ -342,10 +355,14 @@ class Runtime:
             # several routes may share a topic filter: the message's type picks the handler
             route = next(r for r in routes if type(opened.message) in r.types)
             outgoing = await route.handler(opened)
+            if self.audit is not None and route.audited:  # recorded before it is answered
+                await self.audit.handled(opened, outgoing)
             for item in outgoing:
                 await self.publish(item)
         except EdgewardError as exc:
             self._reject(delivery, exc)
+            if self.audit is not None and route.audited:
+                await self.audit.refused(delivery.payload, delivery.topic, opened, exc)
             await self._answer_rejection(delivery, exc)
         except Exception:  # a handler bug must not take the service down
             log.exception("handler.crashed", extra=fields(route=route.name, topic=delivery.topic))

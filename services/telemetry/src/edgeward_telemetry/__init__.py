@@ -1,0 +1,1 @@
+"""Edgeward telemetry service: fleet health and anomaly detection (docs/telemetry.md)."""

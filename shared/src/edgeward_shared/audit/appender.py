@@ -1,0 +1,112 @@
+"""The one interface services record security decisions through, and its implementations.
+
+A service holds an :class:`Appender` and calls ``await appender.record(AuditEvent(...))``
+where it decides. :class:`LogAppender` appends to the service's own :class:`AuditLog`
+(durable before ``record`` returns) and hands every checkpoint it signs to an optional
+``publish`` callback (the app publishes it retained on ``ew/v1/fleet/audit/<log>``).
+:class:`NullAppender` records nothing (tests, and tools that make no decisions).
+
+Recording never takes a service down: a storage failure, or a log whose stored hashes are
+missing or damaged, is logged with reason ``audit.append.failed`` and counted in
+:attr:`LogAppender.failures`, and the decision stands (docs/adr/0023: availability first;
+an alert on the counter is the operator's signal).
+
+:func:`open_audit_key` loads a log's Ed25519 key from a state directory, creating it (0600)
+on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Final, Protocol
+
+from edgeward_shared.audit.entry import AuditEvent
+from edgeward_shared.audit.note import NoteSigner
+from edgeward_shared.audit.store import AuditLog
+from edgeward_shared.errors import EdgewardError
+
+log = logging.getLogger("edgeward.audit")
+APPEND_FAILED: Final = "audit.append.failed"
+KEY_FILE: Final = "audit-key.pem"
+
+Publish = Callable[[str], Awaitable[None]]
+
+
+class Appender(Protocol):
+    """Where a service records its security decisions."""
+
+    async def record(self, event: AuditEvent) -> None: ...
+
+
+class NullAppender:
+    """Records nothing."""
+
+    async def record(self, event: AuditEvent) -> None:  # noqa: ARG002 (the protocol's)
+        return None
+
+
+class MemoryAppender:
+    """Keeps events in a list (a unit test's seam)."""
+
+    def __init__(self) -> None:
+        self.events: list[AuditEvent] = []
+
+    async def record(self, event: AuditEvent) -> None:
+        self.events.append(event)
+
+
+class LogAppender:
+    """Appends to an :class:`AuditLog`; publishes the checkpoints it signs."""
+
+    def __init__(self, audit_log: AuditLog, publish: Publish | None = None) -> None:
+        self.log = audit_log
+        self._publish = publish
+        self.failures = 0
+
+    async def record(self, event: AuditEvent) -> None:
+        try:
+            _, note = await self.log.append(event)
+        except (EdgewardError, LookupError, TypeError) as exc:  # storage, or a damaged log
+            self.failures += 1
+            log.error(  # noqa: TRY400 (a reason, not a traceback)
+                "%s: %s %s: %s", APPEND_FAILED, event.action, event.subject, exc
+            )
+            return
+        if note is not None:
+            await self._announce(note)
+
+    async def tick(self) -> None:
+        """Sign a checkpoint if one is due by time (call it periodically)."""
+        try:
+            note = await self.log.tick()
+        except (EdgewardError, LookupError, TypeError) as exc:
+            log.error("%s: checkpoint: %s", APPEND_FAILED, exc)  # noqa: TRY400
+            return
+        if note is not None:
+            await self._announce(note)
+
+    async def _announce(self, note: str) -> None:
+        if self._publish is None:
+            return
+        try:
+            await self._publish(note)
+        except EdgewardError as exc:  # the checkpoint is stored; the next one supersedes it
+            log.warning("audit: checkpoint not published: %s", exc)
+
+
+def open_audit_key(state_dir: Path, name: str) -> NoteSigner:
+    """The log's Ed25519 key from ``state_dir/audit-key.pem``, created 0600 if missing."""
+    path = state_dir / KEY_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        return NoteSigner.from_pem(name, path.read_bytes())
+    signer = NoteSigner.generate(name)
+    with os.fdopen(fd, "wb") as out:
+        out.write(signer.to_pem())
+        out.flush()
+        os.fsync(out.fileno())
+    return signer

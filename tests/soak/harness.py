@@ -1,0 +1,523 @@
+"""The time-compressed soak's world and run (issue 10, Tests): bring up, run, collect.
+
+Everything the soak watches runs as its own process, started as an operator would start it:
+mosquitto (the repository's config), the identity, attestation (with periodic
+re-attestation), revocation, model-distribution and inference-gateway services
+(``python -m <service>``), one swtpm per device, and one process for the device agents
+(:mod:`tests.soak.agents`) whose children are the models' sandboxed workers. This process
+runs the PKI, the operator's steps (the ``edgeward`` CLI in a child process), an inference
+client, the wire observer and the RSS sampler (:mod:`tests.soak.probes`).
+
+:func:`run_soak` returns a :class:`SoakRecord`: everything the run left behind, read from
+the services' own databases, the final CRL, the agents' status lines and the probes. The
+verdicts are :mod:`tests.soak.audit`'s; the README says what is checked and why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sqlite3
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from tests.soak.agents import AgentsSpec, write_spec
+from tests.soak.audit import AcceptedRow, Call, IssuedCertificate
+from tests.soak.probes import OBSERVER, Client, Observer, RssSampler, SeenEnvelope, now_ms
+
+from edgeward_attestation.policy import policy_from_values
+from edgeward_attestation.store import AttestationStore
+from edgeward_cli.demo_models import demo_model
+from edgeward_device_agent.state import AgentState
+from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN, SwtpmFleet, expected_pcrs
+from edgeward_shared.broker.launcher import MosquittoBroker
+from edgeward_shared.bus.mqtt import BrokerAddress
+from edgeward_shared.identity import Identity, Role, ServiceName
+from edgeward_shared.pki.store import PkiStore
+from edgeward_shared.storage.sqlite import SqliteDatabase
+
+DEVICE_CLASS = "soak"
+POLICY = "soak-1"
+MODEL = "soak-classifier"
+SERVICES = (
+    ServiceName.IDENTITY,
+    ServiceName.ATTESTATION,
+    ServiceName.REVOCATION,
+    ServiceName.MODEL_DISTRIBUTION,
+    ServiceName.INFERENCE_GATEWAY,
+)
+ALICE = Identity.operator("alice")
+ALICE_CLI = Identity(Role.OPERATOR, "alice", "2")  # the CLI's session; the client holds alice
+SIGNER = Identity(Role.SIGNER, "ci")
+ADMIN = Identity(Role.BROKER_ADMIN, "broker")
+AGENTS = Path(__file__).with_name("agents.py")
+
+
+@dataclass(frozen=True, slots=True)
+class SoakConfig:
+    """The knobs; the README says how each default was chosen."""
+
+    devices: int = 20
+    #: the steady phase: from "every device attested and serving its model" to the end
+    duration_s: float = 180.0
+    #: RSS baseline: the median over [warmup_s, warmup_s + rss_window_s] of the steady phase
+    warmup_s: float = 60.0
+    rss_window_s: float = 20.0
+    rss_period_s: float = 4.0
+    rss_tolerance: float = 0.10
+    #: the device certificates the identity service issues (its --max-lifetime: 60 s..7 d)
+    cert_lifetime_s: int = 120
+    #: attestation results (EARs); devices ask for a fresh one at 0.8 of it
+    ear_lifetime_s: int = 60
+    reattest_period_s: int = 30
+    #: inference calls through the gateway, round-robin over the fleet
+    calls_per_s: float = 2.0
+    #: each device's own sensor stream (results nobody asked for)
+    stream_period_s: float = 10.0
+    #: a renewal's allowed stretch without serving (README: "bounded renewal gaps")
+    max_gap_s: float = 15.0
+    status_period_s: float = 1.0
+    bring_up_s: float = 120.0
+
+    @property
+    def max_silence_s(self) -> float:
+        """The longest a serving device may go without an accepted result at the gateway."""
+        return 3 * self.stream_period_s + self.max_gap_s
+
+
+@dataclass
+class SoakRecord:
+    """What a run left behind (plain data, for :mod:`tests.soak.audit`)."""
+
+    config: SoakConfig
+    root: Path
+    devices: list[str]
+    started_ms: int = 0  # the steady phase
+    ended_ms: int = 0
+    bring_up_s: float = 0.0
+    status: list[dict[str, Any]] = field(default_factory=list)
+    rss: list[tuple[int, dict[str, int]]] = field(default_factory=list)
+    worker_processes: int = 0
+    calls: list[Call] = field(default_factory=list)
+    seen: dict[str, SeenEnvelope] = field(default_factory=dict)
+    observer_refused: dict[str, int] = field(default_factory=dict)
+    accepted: list[AcceptedRow] = field(default_factory=list)
+    rejections: dict[str, int] = field(default_factory=dict)
+    certificates: list[IssuedCertificate] = field(default_factory=list)
+    revoked_at_ms: dict[str, int] = field(default_factory=dict)
+    exit_codes: dict[str, int | None] = field(default_factory=dict)
+    stop_codes: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    pki: PkiStore | None = None
+
+
+# ---------------------------------------------------------------------- processes
+@asynccontextmanager
+async def child(
+    root: Path,
+    name: str,
+    argv: list[str],
+    codes: dict[str, int | None],
+    stopped: dict[str, int],
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``python argv...`` with its output in ``logs/<name>.log``; SIGTERM by PID on exit,
+    SIGKILL if it has not stopped in 15 s. ``codes[name]``: its exit status when the block
+    ended (None: still running, as it should be); ``stopped[name]``: after the SIGTERM."""
+    (root / "logs").mkdir(exist_ok=True)
+    with (root / "logs" / f"{name}.log").open("ab") as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log
+        )
+        try:
+            yield process
+        finally:
+            codes[name] = process.returncode  # None: it was still running, as it should
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    stopped[name] = await asyncio.wait_for(process.wait(), 15)
+                except TimeoutError:
+                    process.kill()
+                    await process.wait()
+                    codes[f"{name}.killed"] = -9
+
+
+async def until(check: Callable[[], bool], within_s: float, what: str) -> None:
+    deadline = time.monotonic() + within_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"soak bring-up: {what} within {within_s:.0f} s")
+        await asyncio.sleep(0.5)
+
+
+# ---------------------------------------------------------------------- bring-up
+def make_pki(root: Path, devices: list[str]) -> PkiStore:
+    pki = PkiStore(root / "pki")
+    now = datetime.now(UTC)
+    pki.init(now)
+    pki.issue(Identity(Role.BROKER, "local"), now, timedelta(days=1), ("127.0.0.1", "localhost"))
+    for identity in (
+        *(Identity.service(name) for name in SERVICES),
+        OBSERVER,
+        ALICE,
+        ALICE_CLI,
+        SIGNER,
+        ADMIN,
+    ):
+        pki.issue(identity, now, timedelta(days=1))
+    for device in devices:
+        files = pki.issue(Identity.enrollee(device), now, timedelta(days=1))
+        AgentState(root / "agents" / device, device).install_enrollee(files)
+    return pki
+
+
+async def provision(db_path: Path, devices: list[str]) -> None:
+    """What operators do beforehand: provision the devices, approve the golden policy."""
+    db = await SqliteDatabase.open(db_path)
+    try:
+        store = AttestationStore(db)
+        await store.migrate()
+        for device in devices:
+            await store.provision(device, DEVICE_CLASS, None, "op.alice", now_ms())
+        policy = policy_from_values(POLICY, DEVICE_CLASS, expected_pcrs(GOLDEN_BOOT_CHAIN))
+        await store.record_policy(
+            policy,
+            policy_id=POLICY,
+            device_class=DEVICE_CLASS,
+            selection=policy.selection,
+            reference_device=None,
+            actor="op.alice",
+            now_ms=now_ms(),
+        )
+        await store.approve_policy(POLICY, "op.alice", now_ms())
+    finally:
+        await db.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def service_argv(
+    config: SoakConfig,
+    root: Path,
+    pki: PkiStore,
+    broker: MosquittoBroker,
+    fleet: SwtpmFleet,
+    metrics: dict[str, int],
+) -> dict[str, list[str]]:
+    """Each service's command line: the defaults, but for the lifetimes under test, and a
+    Prometheus port (``metrics``: service -> port) the soak reads at the end."""
+    address = f"{broker.host}:{broker.port}"
+    state = root / "state"
+    argv = {
+        "identity": [
+            *("-m", "edgeward_identity", "--pki-dir", str(pki.dir), "--broker", address),
+            *("--db", str(state / "identity.db")),
+            # caps every device certificate, at enrollment and at renewal
+            *("--max-lifetime", f"{config.cert_lifetime_s}s"),
+        ],
+        "attestation": [
+            *("-m", "edgeward_attestation", "--pki-dir", str(pki.dir), "--broker", address),
+            *("--db", str(state / "attestation.db")),
+            *("--manufacturer-ca", str(fleet.ca.cert_path)),
+            *("--reattest-period", f"{config.reattest_period_s}s"),
+            *("--result-lifetime", f"{config.ear_lifetime_s}s"),
+            # what devices ask for at enrolment (its floor is 10 minutes): the identity
+            # service's --max-lifetime caps it, and renewals
+            *("--certificate-lifetime", f"{max(600, config.cert_lifetime_s)}s"),
+        ],
+        "revocation": [
+            *("-m", "edgeward_revocation", "--pki-dir", str(pki.dir), "--broker", address),
+            *("--db", str(state / "revocation.db")),
+            *("--broker-pid-file", str(state / "mosquitto.pid")),
+            *("--broker-log", str(broker.log_path)),
+        ],
+        "model-distribution": [
+            *("-m", "edgeward_model_distribution", "--pki-dir", str(pki.dir)),
+            *("--broker", address, "--state-dir", str(state / "models")),
+        ],
+        "inference-gateway": [
+            *("-m", "edgeward_inference_gateway", "--pki-dir", str(pki.dir)),
+            *("--broker", address, "--state-dir", str(state / "gateway")),
+        ],
+    }
+    for name, args in argv.items():
+        metrics[name] = free_port()
+        args.extend(("--metrics-port", str(metrics[name])))
+    return argv
+
+
+def scrape(port: int) -> dict[str, dict[str, float]]:
+    """The runtime's counters a soak cares about, from a service's /metrics: rejected
+    messages by reason id, and reconnections (``{"rejected": {...}, "reconnects": {...}}``)."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    found: dict[str, dict[str, float]] = {"rejected": {}, "reconnects": {}}
+    for line in text.splitlines():
+        if line.startswith("edgeward_messages_rejected_total{"):
+            labels, value = line.rsplit(" ", 1)
+            reason = labels.split('reason="', 1)[1].split('"', 1)[0]
+            found["rejected"][reason] = float(value)
+        elif line.startswith("edgeward_bus_reconnects_total "):
+            found["reconnects"]["total"] = float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def connected(broker: MosquittoBroker, common_name: str) -> bool:
+    """Whether the broker's log shows ``common_name`` connecting (its notice line)."""
+    try:
+        text = broker.log_path.read_text(errors="replace")
+    except FileNotFoundError:
+        return False
+    return f" as {common_name} " in text
+
+
+async def edgeward(root: Path, pki: PkiStore, broker: MosquittoBroker, *argv: str) -> str:
+    """``edgeward ARGV`` in a child process, as alice's second session."""
+    env = {
+        **os.environ,
+        "EDGEWARD_PKI": str(pki.dir),
+        "EDGEWARD_BROKER": f"{broker.host}:{broker.port}",
+        "EDGEWARD_OPERATOR": "alice.2",
+        "EDGEWARD_COMMAND_LOG": str(root / "state" / "commands.jsonl"),
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "edgeward_cli.main",
+        *argv,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 60)
+    text = output.decode()
+    if process.returncode != 0:
+        raise RuntimeError(f"edgeward {' '.join(argv)}: exit {process.returncode}\n{text}")
+    return text
+
+
+async def publish_and_roll_out(
+    root: Path, pki: PkiStore, broker: MosquittoBroker, devices: list[str]
+) -> None:
+    source = root / "state" / f"{MODEL}.onnx"
+    source.write_bytes(demo_model())
+    publish = ("model", "publish", str(source), "--name", MODEL, "--version", "1")
+    provenance = ("--dataset-fingerprint", "sha256:soak")
+    deadline = time.monotonic() + 60
+    while True:  # the distribution service may not have subscribed yet
+        try:
+            await edgeward(root, pki, broker, *publish, "--tier", "high", *provenance)
+            break
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(1.0)
+    source.unlink()
+    cohort = [arg for device in devices for arg in ("--device", device)]
+    await edgeward(root, pki, broker, "model", "rollout", MODEL, "1", *cohort)
+
+
+def read_status(path: Path) -> list[dict[str, Any]]:
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # the last line, half written
+    return out
+
+
+def latest(path: Path) -> dict[str, Any]:
+    status = read_status(path)
+    return status[-1]["devices"] if status else {}
+
+
+def all_serving(path: Path, devices: list[str]) -> bool:
+    current = latest(path)
+    return all(
+        current.get(d, {}).get("attested")
+        and current.get(d, {}).get("connected")
+        and MODEL in current.get(d, {}).get("loaded", [])
+        for d in devices
+    )
+
+
+# ---------------------------------------------------------------------- the run
+async def run_soak(root: Path, config: SoakConfig) -> SoakRecord:
+    devices = [f"soak-{i:03d}" for i in range(config.devices)]
+    record = SoakRecord(config, root, devices)
+    (root / "state").mkdir(parents=True)
+    pki = await asyncio.to_thread(make_pki, root, devices)
+    record.pki = pki
+    started = time.monotonic()
+    with SwtpmFleet(root / "tpms") as fleet:
+        with ThreadPoolExecutor(max_workers=8) as pool:  # swtpm_setup mostly waits
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: list(pool.map(fleet.provision, devices))
+            )
+        tpms = await asyncio.to_thread(fleet.start_many, devices, GOLDEN_BOOT_CHAIN)
+        with MosquittoBroker(
+            pki, root / "broker", operators=[ALICE, ALICE_CLI], service_instances=[OBSERVER]
+        ) as broker:
+            (root / "state" / "mosquitto.pid").write_text(f"{broker.pid}\n")
+            await provision(root / "state" / "attestation.db", devices)
+            await _run(record, root, pki, broker, fleet, [t.tcti for t in tpms], started)
+    record.bring_up_s = record.bring_up_s or time.monotonic() - started
+    _collect(record, root, pki)
+    return record
+
+
+async def _run(
+    record: SoakRecord,
+    root: Path,
+    pki: PkiStore,
+    broker: MosquittoBroker,
+    fleet: SwtpmFleet,
+    tctis: list[str],
+    started: float,
+) -> None:
+    config, devices = record.config, record.devices
+    address = BrokerAddress(broker.host, broker.port)
+    status_path = root / "agents-status.jsonl"
+    codes, stops = record.exit_codes, record.stop_codes
+    async with AsyncExitStack() as stack:
+        pids = {"mosquitto": broker.pid}
+        ports: dict[str, int] = {}
+        for name, argv in service_argv(config, root, pki, broker, fleet, ports).items():
+            process = await stack.enter_async_context(child(root, name, argv, codes, stops))
+            pids[name] = process.pid
+        for service in SERVICES:
+            cn = Identity.service(service).common_name
+            await until(lambda cn=cn: connected(broker, cn), 60, f"{cn} connected")
+        await publish_and_roll_out(root, pki, broker, devices)
+
+        spec = AgentsSpec(
+            devices=[
+                {"device_id": d, "tcti": t, "state_dir": str(root / "agents" / d)}
+                for d, t in zip(devices, tctis, strict=True)
+            ],
+            device_class=DEVICE_CLASS,
+            ca_bundle=str(pki.bundle_path),
+            crl=str(pki.crl_path),
+            broker_host=broker.host,
+            broker_port=broker.port,
+            status_path=str(status_path),
+            sample_period_s=config.status_period_s,
+            stream_period_s=config.stream_period_s,
+            infer_rate_per_s=5.0,
+            model_sync_s=15.0,
+            policy={"retry_base_s": 0.5, "retry_cap_s": 5.0},
+        )
+        write_spec(spec, root / "agents-spec.json")
+        agents = await stack.enter_async_context(
+            child(root, "agents", [str(AGENTS), str(root / "agents-spec.json")], codes, stops)
+        )
+        pids["agents"] = agents.pid
+        await until(
+            lambda: all_serving(status_path, devices),
+            config.bring_up_s,
+            f"every device attested and serving {MODEL} (last: {latest(status_path)})",
+        )
+        record.bring_up_s = time.monotonic() - started
+
+        stop = asyncio.Event()
+        observer = Observer(pki, address)
+        observing = asyncio.Event()
+        sampler = RssSampler(pids, parent_of_workers="agents")
+        client = Client(pki, address, "alice", devices, MODEL)
+        tasks = [asyncio.create_task(observer.run(observing, stop))]
+        await asyncio.wait_for(observing.wait(), 20)
+        record.started_ms = now_ms()
+        tasks.append(asyncio.create_task(sampler.run(config.rss_period_s, stop)))
+        tasks.append(asyncio.create_task(client.run(config.calls_per_s, stop)))
+        try:
+            await asyncio.sleep(config.duration_s)
+        finally:
+            record.ended_ms = now_ms()
+            stop.set()
+            await asyncio.gather(*tasks)
+            sampler.sample()  # a last one after the client's calls ended
+            for name, port in ports.items():
+                try:
+                    record.metrics[name] = await asyncio.to_thread(scrape, port)
+                except OSError as exc:
+                    record.metrics[name] = {"unreachable": {str(exc): 1.0}}
+        # a renewal may be under way: give every device the gap bound to serve again (the
+        # audit reads these samples only to see how a stretch open at the end ended)
+        with contextlib.suppress(TimeoutError):
+            await until(lambda: all_serving(status_path, devices), config.max_gap_s + 2, "settled")
+        record.rss, record.calls = sampler.samples, client.calls
+        record.worker_processes = len(sampler.worker_pids)
+        record.seen, record.observer_refused = observer.seen, observer.refused
+        # leaving the stack stops the agents, then the services (in reverse), each by PID
+    record.status = read_status(status_path)
+
+
+# ---------------------------------------------------------------------- collecting
+def _rows(db: Path, query: str) -> list[sqlite3.Row]:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        conn.row_factory = sqlite3.Row
+        return list(conn.execute(query))
+
+
+def _collect(record: SoakRecord, root: Path, pki: PkiStore) -> None:
+    state = root / "state"
+    record.accepted = [
+        AcceptedRow(
+            device_id=row["device_id"],
+            seq=row["seq"],
+            ear_id=row["ear_id"],
+            source=row["source"],
+            at_ms=row["at_ms"],
+            accepted_at_ms=row["accepted_at_ms"],
+            body=bytes(row["body"]),
+            session_sig=bytes(row["session_sig"]),
+        )
+        for row in _rows(state / "gateway" / "gateway.db", "SELECT * FROM gw_results")
+    ]
+    record.rejections = {
+        row["reason"]: row["n"]
+        for row in _rows(
+            state / "gateway" / "gateway.db",
+            "SELECT reason, sum(count) AS n FROM gw_rejections GROUP BY reason",
+        )
+    }
+    record.certificates = [
+        IssuedCertificate(
+            serial=row["serial"],
+            device_id=row["device_id"],
+            fingerprint=row["fingerprint"],
+            not_before_ms=row["not_before_ms"],
+            not_after_ms=row["not_after_ms"],
+            issued_at_ms=row["issued_at_ms"],
+        )
+        for row in _rows(state / "identity.db", "SELECT * FROM identity_certificates")
+    ]
+    crl = x509.load_pem_x509_crl(pki.crl_path.read_bytes())
+    record.revoked_at_ms = {  # whole seconds in a CRL: the latest the revocation can have been
+        f"{entry.serial_number:x}": int(entry.revocation_date_utc.timestamp()) * 1000 + 999
+        for entry in crl
+    }

@@ -1,0 +1,167 @@
+"""The soak's verdict and summary: :func:`judge` runs every check of :mod:`tests.soak.audit`
+on a :class:`~tests.soak.harness.SoakRecord` and returns the violations and a summary
+(devices, renewals, results, calls, latency, RSS per process) for the log and a JSON file."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tests.soak import audit
+from tests.soak.audit import Violation
+from tests.soak.harness import MODEL, SoakRecord
+
+from edgeward_shared.ear import AttestationClaims, verify_ear
+from edgeward_shared.inference import decode_body
+from edgeward_shared.pki.trust import TrustStore
+
+
+def judge(record: SoakRecord) -> tuple[list[Violation], dict[str, Any]]:
+    config = record.config
+    assert record.pki is not None
+    trust = TrustStore.from_bundle(record.pki.bundle_path, now=datetime.now(UTC))
+
+    def verify(token: str, now_ms: int) -> AttestationClaims:
+        return verify_ear(token, trust, now_ms=now_ms, leeway_s=0)
+
+    violations = audit.audit_results(
+        record.accepted, record.seen, record.certificates, record.revoked_at_ms, verify
+    )
+    history = audit.serving_gaps(
+        record.status,
+        record.devices,
+        record.started_ms,
+        record.ended_ms,
+        MODEL,
+        settle_ms=int((config.max_gap_s + 2) * 1000),
+    )
+    violations += audit.lost_devices(history, config.max_gap_s)
+    violations += audit.failed_calls(record.calls, history)
+    violations += audit.silent_devices(
+        record.accepted, record.devices, record.started_ms, record.ended_ms, config.max_silence_s
+    )
+    warm = record.started_ms + int(config.warmup_s * 1000)
+    window = int(config.rss_window_s * 1000)
+    drifts, missing = audit.rss_drift(
+        record.rss, (warm, warm + window), (record.ended_ms - window, record.ended_ms + 5000)
+    )
+    violations += missing + audit.grown(drifts, config.rss_tolerance)
+    for name, counters in record.metrics.items():
+        if counters.get("reconnects", {}).get("total", 0) or "unreachable" in counters:
+            violations.append(Violation("service.connection", name, str(counters)))
+    for name, code in record.exit_codes.items():
+        if code is not None:  # every process must still have been running at the end
+            violations.append(Violation("process.exited", name, f"exit status {code}"))
+    return violations, summarize(record, history, drifts, violations)
+
+
+def summarize(
+    record: SoakRecord,
+    history: audit.DeviceHistory,
+    drifts: list[audit.Drift],
+    violations: list[Violation],
+) -> dict[str, Any]:
+    steady = [
+        row for row in record.accepted if record.started_ms <= row.accepted_at_ms <= record.ended_ms
+    ]
+    answered = [c for c in record.calls if c.accepted]
+    latencies = [c.latency_ms for c in answered]
+    renewals = list(history.renewals.values())
+    minutes = (record.ended_ms - record.started_ms) / 60_000
+    return {
+        "config": asdict(record.config),
+        "steady_minutes": round(minutes, 2),
+        "bring_up_s": round(record.bring_up_s, 1),
+        "devices": len(record.devices),
+        "renewals": {
+            "total": sum(renewals),
+            "per_device_min": min(renewals, default=0),
+            "per_device_max": max(renewals, default=0),
+            "certificates_issued": len(record.certificates),
+            "serials_revoked": len(record.revoked_at_ms),
+        },
+        "gaps": {
+            "count": len(history.gaps),
+            "max_s": max((g.seconds for g in history.gaps), default=0.0),
+        },
+        "results": {
+            "accepted_total": len(record.accepted),
+            "accepted_steady": len(steady),
+            "by_source": dict(Counter(row.source for row in steady)),
+            "rejected_by_reason": record.rejections,
+            "by_mode": dict(Counter(decode_body(row.body).mode for row in record.accepted)),
+            "observed_envelopes": len(record.seen),
+            "observer_refused": record.observer_refused,
+        },
+        "calls": {
+            "sent": len(record.calls),
+            "accepted": len(answered),
+            "by_reason": dict(Counter(c.reason for c in record.calls)),
+            "p50_ms": _round(audit.percentile(latencies, 0.50)),
+            "p99_ms": _round(audit.percentile(latencies, 0.99)),
+        },
+        "services_rejected": {
+            name: counters.get("rejected", {}) for name, counters in record.metrics.items()
+        },
+        "rss_kb": {
+            d.process: {"start": d.start_kb, "end": d.end_kb, "change": round(d.change, 4)}
+            for d in drifts
+        },
+        "worker_processes_seen": record.worker_processes,
+        "exit_after_sigterm": record.stop_codes,
+        "violations": [str(v) for v in violations[:50]],
+        "violation_count": len(violations),
+    }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def text(summary: dict[str, Any]) -> str:
+    """A few lines for the test log and the assertion messages."""
+    renewals, gaps, results, calls = (
+        summary["renewals"],
+        summary["gaps"],
+        summary["results"],
+        summary["calls"],
+    )
+    head = (
+        f"soak: {summary['devices']} devices, {summary['steady_minutes']} min steady"
+        f" (bring-up {summary['bring_up_s']} s)"
+    )
+    renewed = (
+        f"  renewals seen {renewals['total']}"
+        f" (per device {renewals['per_device_min']}..{renewals['per_device_max']}),"
+        f" certificates issued {renewals['certificates_issued']},"
+        f" gaps {gaps['count']} (max {gaps['max_s']:.1f} s)"
+    )
+    accepted = (
+        f"  results accepted {results['accepted_steady']} in the steady phase"
+        f" {results['by_source']}, rejected {results['rejected_by_reason']}"
+    )
+    called = (
+        f"  calls {calls['accepted']}/{calls['sent']} accepted, p50 {calls['p50_ms']} ms,"
+        f" p99 {calls['p99_ms']} ms, {calls['by_reason']}"
+    )
+    rejected = {name: r for name, r in summary["services_rejected"].items() if r}
+    lines = [head, renewed, accepted, called, f"  services rejected {rejected}"]
+    for name, rss in summary["rss_kb"].items():
+        lines.append(
+            f"  rss {name:<20} {rss['start']:>8} kB -> {rss['end']:>8} kB ({rss['change']:+.1%})"
+        )
+    lines.append(
+        f"  ('workers': the sum over the sandboxed workers; {summary['worker_processes_seen']}"
+        " worker processes seen in all)"
+    )
+    lines.append(f"  violations: {summary['violation_count']}")
+    lines.extend(f"    {v}" for v in summary["violations"][:15])
+    return "\n".join(lines)
+
+
+def write(summary: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(summary, indent=2, sort_keys=True))
