@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeward_shared.broker.launcher import BROKER_IDENTITY, MosquittoBroker
+from edgeward_shared.broker.launcher import BROKER_IDENTITY, MosquittoBroker, free_port_pair
 from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.topics import FleetKind, fleet_topic
@@ -42,17 +41,10 @@ def restart_pki(tmp_path: Path) -> PkiStore:
     return store
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def first_broker(restart_pki: PkiStore, tmp_path: Path) -> Iterator[MosquittoBroker]:
     with MosquittoBroker(
-        restart_pki, tmp_path / "run", admins=[ADMIN], port=_free_port()
+        restart_pki, tmp_path / "run", admins=[ADMIN], port=free_port_pair()
     ) as running:
         yield running
 

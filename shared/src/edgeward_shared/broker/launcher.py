@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import os
 import pwd
+import random
 import resource
 import shutil
 import signal
@@ -90,11 +91,43 @@ def _current_user() -> str:
         return str(uid)
 
 
-def _free_port(host: str) -> int:
+#: Where listening ports are picked when none is fixed: below the kernel's ephemeral range,
+#: which outgoing connections draw from (a client reconnecting while the broker restarts
+#: could otherwise hold the broker's port as its own local port).
+_LISTEN_PORTS_FROM: Final = 20_000
+_EPHEMERAL_RANGE: Final = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default
+
+
+def _bindable(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        port: int = probe.getsockname()[1]
-        return port
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port_pair(host: str = "127.0.0.1") -> int:
+    """A port ``p`` with ``p`` and ``p + 1`` free on ``host`` (a broker's device and
+    management listeners), both outside the ephemeral range; ``RuntimeError`` if none."""
+    low, high = _LISTEN_PORTS_FROM, _ephemeral_start() - 2
+    rand = random.SystemRandom()
+    for _ in range(200):
+        port = rand.randrange(low, max(low + 1, high))
+        if _bindable(host, port) and _bindable(host, port + 1):
+            return port
+    raise RuntimeError(f"no two free ports in {low}..{high} on {host}")
+
+
+def _free_port(host: str) -> int:
+    return free_port_pair(host)
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -353,11 +386,8 @@ class MosquittoBroker:
     def _pick_management_port(self, port: int) -> int:
         if self._fixed_management_port is not None:
             return self._fixed_management_port
-        if self._fixed_port is not None:
-            return self._fixed_port + 1  # stable: a restart comes back on both addresses
-        while (candidate := _free_port(self.host)) == port:
-            pass
-        return candidate
+        # port + 1, free when the port was picked (free_port_pair); stable across a restart
+        return port + 1
 
     def _spawn(self, binary: Path) -> None:
         for stale in (self.log_path, self.output_path):
