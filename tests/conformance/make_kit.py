@@ -88,6 +88,7 @@ from edgeward_shared.pki.certs import (
     new_key,
 )
 from edgeward_shared.pki.store import IdentityFiles
+from edgeward_shared.tensorframes import frames, relay_mid, relayed, spec_of
 from edgeward_shared.topics import (
     Channel,
     Direction,
@@ -1161,6 +1162,31 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path, event_log: bytes = b"") 
         infer.RejectedResult(device=DEVICE, reason="infer.seq.replayed", at_ms=kit.now),
         section="5.11",
     )
+    # binary tensors (docs/adr/0024): specs in the signed messages, bytes in tensor frames
+    data_in = small_input().astype("<f4").tobytes()
+    specs = [spec_of("input", "float32", [1, 16], data_in)]
+    call2_mid = kit.emit(
+        "op.alice",
+        service_request_topic(ServiceName.INFERENCE_GATEWAY, alice),
+        infer.InferCallV2(device=DEVICE, model="demo", inputs=specs),
+        section="5.11",
+        notes={
+            "then": "one tensor frame per 192 KiB of each input, to the device (tensor-frame.json)"
+        },
+    )
+    kit.emit(
+        "svc.inference-gateway",
+        device_topic(DEVICE, Direction.DOWN, Channel.INFER),
+        infer.InferRequestV2(
+            caller="op.alice", reply_to="op.alice", model="demo", inputs=specs, version=1
+        ),
+        section="5.11",
+        notes={
+            "mid": "on the wire, relay_mid(reply_to, the call's mid): for the call example, "
+            + relay_mid("op.alice", call2_mid)
+        },
+    )
+    tensor_frame = next(frames(call2_mid, [data_in], to=DEVICE))
 
     # ------------------------------------------------------------------ revocation
     revoked_serial = x509.random_serial_number()
@@ -1344,6 +1370,7 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path, event_log: bytes = b"") 
         log_lines,
         revoked_serial,
         out,
+        tensor_frame=tensor_frame,
     )
 
 
@@ -1495,6 +1522,8 @@ def write_kit(
     log_lines: list[bytes],
     revoked_serial: int,
     out: Path,
+    *,
+    tensor_frame: bytes,
 ) -> None:
     for stale in ("messages", "pki", "tpm"):
         shutil.rmtree(out / stale, ignore_errors=True)
@@ -1539,6 +1568,33 @@ def write_kit(
                 {"field": "chunk bytes", "hex": frame[10 + header_len :].hex()},
             ],
             "answers": "edgeward.model.chunks.v1 (its mid is the header's req)",
+        },
+    )
+    tensor_len = struct.unpack(">H", tensor_frame[8:10])[0]
+    write_json(
+        out / "tensor-frame.json",
+        {
+            "topic": service_request_topic(
+                ServiceName.INFERENCE_GATEWAY, Identity.operator("alice")
+            ),
+            "frame": tensor_frame.hex(),
+            "fields": [
+                {"field": "magic", "hex": tensor_frame[:8].hex(), "value": "EWTENS1 NUL"},
+                {
+                    "field": "u16be(len header)",
+                    "hex": tensor_frame[8:10].hex(),
+                    "value": tensor_len,
+                },
+                {
+                    "field": "header (canonical JSON)",
+                    "hex": tensor_frame[10 : 10 + tensor_len].hex(),
+                    "value": tensor_frame[10 : 10 + tensor_len].decode(),
+                },
+                {"field": "chunk bytes", "hex": tensor_frame[10 + tensor_len :].hex()},
+            ],
+            "follows": "edgeward.infer.call.v2 (its mid is the header's call; its inputs[0]"
+            " gives this tensor's size and sha256)",
+            "relayed_as": relayed(tensor_frame, "op.alice")[1].hex(),
         },
     )
     (out / "commands.jsonl").write_bytes(b"".join(line + b"\n" for line in log_lines))

@@ -271,6 +271,44 @@ async def test_a_call_is_answered_with_the_devices_signed_result_and_published(
         assert len(world.model_queries) <= 2
 
 
+async def test_an_answer_to_this_instances_call_needs_no_database_read(fleet: Fleet) -> None:
+    async with running(fleet, instances=1) as world:
+        store = world.gateways[0].store
+        reads: list[str] = []
+        read = store.pending
+
+        async def counted(request_mid: str) -> Any:
+            reads.append(request_mid)
+            return await read(request_mid)
+
+        store.pending = counted  # type: ignore[method-assign]
+        answers = [await world.call("dev-a") for _ in range(3)]
+        assert all(isinstance(a, InferAnswer) and a.accepted for a in answers), answers
+        assert reads == []
+        assert world.gateways[0]._local == {}  # answered: nothing left behind
+
+
+async def test_another_device_naming_a_call_does_not_disturb_it(fleet: Fleet) -> None:
+    async with running(fleet, instances=1, answering=False) as world:
+        gateway = world.gateways[0]
+        pending = asyncio.create_task(world.call("dev-a"))
+        await until(lambda: len(gateway._local) == 1)
+        (mid,) = gateway._local
+        dev_a, _ = world.devices["dev-a"]
+        dev_b, _ = world.devices["dev-b"]
+        await world.send("dev-b", dev_b.sign(dev_b.body(request=mid), in_reply_to=mid))
+        await until(lambda: len(world.rejected()) == 1)
+        assert world.rejected()[0].reason == GatewayReason.REQUEST_UNKNOWN
+        assert list(gateway._local) == [mid]  # still this instance's, for dev-a
+        await world.send(
+            "dev-a", dev_a.sign(dev_a.body(sample_inputs(), request=mid), in_reply_to=mid)
+        )
+        answer = await pending
+        assert isinstance(answer, InferAnswer)
+        assert (answer.accepted, answer.reason) == (True, GatewayReason.ACCEPTED)
+        assert gateway._local == {}
+
+
 def refusing(device: SimulatedDevice) -> Answerer:
     async def refuse(opened: Opened[Any]) -> Sequence[Outgoing]:
         return (Outgoing(device.up, Rejected(in_reply_to=opened.mid, reason=R.STOPPED)),)
@@ -304,6 +342,7 @@ async def test_a_call_to_a_silent_device_times_out_as_unreachable(fleet: Fleet) 
         answer = await pending
         assert isinstance(answer, InferAnswer)
         assert (answer.accepted, answer.reason) == (False, R.DEVICE_UNREACHABLE)
+        assert all(g._local == {} for g in world.gateways)  # forgotten past the deadline
 
 
 async def test_a_call_to_a_revoked_device_is_refused_without_asking_it(fleet: Fleet) -> None:

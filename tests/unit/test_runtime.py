@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from edgeward_shared.bus.base import Bus
+from edgeward_shared.bus.base import Bus, Delivery
 from edgeward_shared.bus.memory import MemoryBroker
 from edgeward_shared.envelope import Opened, seal
 from edgeward_shared.errors import TransportError
@@ -340,3 +340,49 @@ async def test_a_planned_reconnect_opens_the_new_connection_before_closing_the_o
         stop.set()
         await asyncio.wait_for(task, 2)
     assert events[6:] == ["open 4", "close 4"]
+
+
+@pytest.mark.asyncio
+async def test_frames_and_envelopes_share_a_topic_told_apart_by_the_magic(
+    memory_pki: MemoryPki, clock: FixedClock
+) -> None:
+    """Tensor frames (docs/adr/0024) travel on the topic of the signed message they follow."""
+
+    device = _runtime(memory_pki, Identity.device("dev-a"), clock)
+    pings: list[Opened[Any]] = []
+    frames: list[bytes] = []
+
+    async def on_ping(opened: Opened[Any]) -> Sequence[Outgoing]:
+        pings.append(opened)
+        return ()
+
+    async def on_frame(delivery: Delivery) -> None:
+        frames.append(delivery.payload)
+
+    device.route_frames(DOWN, on_frame, name="frames", magic=b"EWTEST1\x00")
+    device.route(DOWN, [Ping], on_ping)
+    sealed = seal(memory_pki.signing_key(TELEMETRY), DOWN, Ping(nonce=NONCE), now_ms=clock.now_ms())
+    await device.handle(Delivery(DOWN, b"EWTEST1\x00payload"))
+    await device.handle(Delivery(DOWN, sealed))
+    await device.handle(Delivery(DOWN, b"EWOTHER\x00payload"))  # neither: a bad envelope
+    assert frames == [b"EWTEST1\x00payload"]
+    assert [p.message for p in pings] == [Ping(nonce=NONCE)]
+    assert _rejections(device, "envelope.malformed") == 1
+    with pytest.raises(ValueError, match="magic"):
+        device.route_frames(DOWN, on_frame, name="json", magic=b"{")
+
+
+@pytest.mark.asyncio
+async def test_a_frames_only_topic_still_gives_its_handler_everything(
+    memory_pki: MemoryPki, clock: FixedClock
+) -> None:
+
+    device = _runtime(memory_pki, Identity.device("dev-a"), clock)
+    frames: list[bytes] = []
+
+    async def on_frame(delivery: Delivery) -> None:
+        frames.append(delivery.payload)
+
+    device.route_frames(DOWN, on_frame, name="frames", magic=b"EWTEST1\x00")
+    await device.handle(Delivery(DOWN, b"not a frame"))  # the handler refuses it
+    assert frames == [b"not a frame"]

@@ -238,6 +238,35 @@ async def test_connection_is_set_up_for_durability(db_path: Path) -> None:
         await db.close()
 
 
+@pytest.mark.asyncio
+async def test_a_light_transaction_skips_only_its_own_fsync(db_path: Path) -> None:
+    db = await SqliteDatabase.open(db_path)
+    try:
+        await _create(db, COUNTER_TABLE)
+        async with db.transaction(durable=False) as tx:
+            assert await tx.fetch_one("PRAGMA synchronous") == {"synchronous": 1}  # NORMAL
+            await tx.execute("INSERT INTO counter (id, n) VALUES (1, 1)")
+        async with db.transaction() as tx:
+            assert await tx.fetch_one("PRAGMA synchronous") == {"synchronous": 2}  # FULL
+
+        async def light_then_fail() -> None:
+            async with db.transaction(durable=False) as tx:
+                await tx.execute("INSERT INTO counter (id, n) VALUES (2, 2)")
+                _ = 1 / 0
+
+        with pytest.raises(ZeroDivisionError):  # a light one failing half-way ...
+            await light_then_fail()
+        async with db.transaction() as tx:  # ... leaves the next durable one durable
+            assert await tx.fetch_one("PRAGMA synchronous") == {"synchronous": 2}
+    finally:
+        await db.close()
+    db = await SqliteDatabase.open(db_path)
+    try:
+        assert await _all(db, "SELECT id, n FROM counter") == [{"id": 1, "n": 1}]
+    finally:
+        await db.close()
+
+
 # ------------------------------------------------------------------ files on disk
 
 

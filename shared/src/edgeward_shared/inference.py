@@ -24,12 +24,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgeward_shared.errors import AuthenticityError, MessageError
-from edgeward_shared.messages.infer import ResultBody, Tensor
+from edgeward_shared.messages.infer import ResultBody, ResultBodyV2, Tensor, TensorSpec
 
 RESULT_TAG: Final = b"EDGEWARD-RESULT-V1\x00"
 _ECDSA: Final = ec.ECDSA(hashes.SHA256())
 _encoder: Final = msgspec.json.Encoder()
 _decoder: Final = msgspec.json.Decoder(ResultBody)
+_decoder_v2: Final = msgspec.json.Decoder(ResultBodyV2)
 
 
 class InferenceReason:
@@ -71,13 +72,41 @@ def input_digest(inputs: Sequence[Tensor]) -> str:
     return digest.hexdigest()
 
 
-def encode_body(body: ResultBody) -> bytes:
+def spec_digest(inputs: Sequence[TensorSpec]) -> str:
+    """:func:`input_digest` of binary inputs: over each spec (name, dtype, SHA-256 of the
+    bytes, size, shape), so it names the bytes as exactly as the v1 digest does."""
+    digest = hashlib.sha256(b"EDGEWARD-INPUTS-V2\x00")
+    for spec in inputs:
+        for part in (spec.name.encode(), spec.dtype.encode(), bytes.fromhex(spec.sha256)):
+            digest.update(struct.pack(">Q", len(part)) + part)
+        digest.update(struct.pack(">QI", spec.size, len(spec.shape)))
+        for dim in spec.shape:
+            digest.update(struct.pack(">Q", dim))
+    return digest.hexdigest()
+
+
+def encode_body(body: ResultBody | ResultBodyV2) -> bytes:
     return _encoder.encode(body)
 
 
 def decode_body(raw: bytes) -> ResultBody:
     try:
         body = _decoder.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise MessageError(InferenceReason.BODY_MALFORMED, str(exc)) from exc
+    if _encoder.encode(body) != raw:
+        raise MessageError(InferenceReason.BODY_MALFORMED, "not in canonical form")
+    return body
+
+
+def decode_any_body(raw: bytes) -> ResultBody | ResultBodyV2:
+    """A v1 body (outputs inline) or a v2 body (``output_specs``: binary outputs)."""
+    try:
+        return decode_body(raw)
+    except MessageError:
+        pass
+    try:
+        body = _decoder_v2.decode(raw)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise MessageError(InferenceReason.BODY_MALFORMED, str(exc)) from exc
     if _encoder.encode(body) != raw:

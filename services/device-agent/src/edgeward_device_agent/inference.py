@@ -30,13 +30,36 @@ from edgeward_device_agent.fairshare import FairShare, ShareLimits
 from edgeward_device_agent.model_manager import LoadedModel, ModelManager
 from edgeward_device_agent.offline import Mode, Standing, serving_mode
 from edgeward_device_agent.telemetry import TelemetryRecorder
+from edgeward_shared.bus.base import Delivery
 from edgeward_shared.clock import Clock
 from edgeward_shared.envelope import Opened
-from edgeward_shared.errors import EdgewardError, PolicyError
-from edgeward_shared.inference import InferenceReason, encode_body, input_digest, sign_result
+from edgeward_shared.errors import EdgewardError, MessageError, PolicyError
+from edgeward_shared.inference import (
+    InferenceReason,
+    encode_body,
+    input_digest,
+    sign_result,
+    spec_digest,
+)
 from edgeward_shared.logs import fields
-from edgeward_shared.messages.infer import InferRequest, InferResult, ResultBody, Tensor
-from edgeward_shared.runtime.core import Outgoing, Runtime
+from edgeward_shared.messages.common import Rejected
+from edgeward_shared.messages.infer import (
+    InferRequest,
+    InferRequestV2,
+    InferResult,
+    ResultBody,
+    ResultBodyV2,
+    Tensor,
+)
+from edgeward_shared.runtime.core import Outgoing, OutgoingFrame, Runtime
+from edgeward_shared.tensorframes import (
+    MAGIC,
+    Reassembler,
+    TensorReason,
+    decode_frame,
+    frames,
+    spec_of,
+)
 from edgeward_shared.topics import Channel, Direction, device_topic
 
 if TYPE_CHECKING:
@@ -46,6 +69,17 @@ log = logging.getLogger("edgeward.agent.inference")
 
 _DTYPES: Final = {"float32", "float16", "int64", "int32", "uint8", "bool"}
 SEQ_BLOCK: Final = 1000
+#: how long a binary request waits for its input frames
+FRAMES_WAIT_MS: Final = 5_000
+#: the sender of every frame on ``down/infer`` (only the gateway may publish there)
+_GATEWAY: Final = "gateway"
+
+
+def _frame_call(raw: bytes) -> str | None:
+    try:
+        return decode_frame(raw)[0].call
+    except MessageError:
+        return None
 
 
 class Executor(Protocol):
@@ -175,12 +209,20 @@ class DeviceInference:
         self.up = device_topic(device_id, Direction.UP, Channel.INFER)
         self.down = device_topic(device_id, Direction.DOWN, Channel.INFER)
         self.refused: dict[str, int] = {}
+        #: binary requests waiting for their input frames, by request mid
+        self.assembly = Reassembler()
+        self._waiting: dict[str, InferRequestV2] = {}
+        self._runtime: Runtime | None = None
 
     def install(self, runtime: Runtime) -> None:
-        runtime.route(self.down, [InferRequest], self.handle, name="infer")
+        self._runtime = runtime
+        runtime.route(self.down, [InferRequest, InferRequestV2], self.handle, name="infer")
+        runtime.route_frames(self.down, self.on_frame, name="infer-frames", magic=MAGIC)
 
-    async def handle(self, opened: Opened[Any]) -> Sequence[Outgoing]:
-        request: InferRequest = opened.message
+    async def handle(self, opened: Opened[Any]) -> Sequence[Outgoing | OutgoingFrame]:
+        request: InferRequest | InferRequestV2 = opened.message
+        if isinstance(request, InferRequestV2):
+            return await self._binary_request(opened.mid, request)
         result = await self.infer(
             request.model,
             request.inputs,
@@ -189,6 +231,121 @@ class DeviceInference:
             caller=request.caller,
         )
         return (Outgoing(self.up, result),)
+
+    # ------------------------------------------------------------------ binary tensors
+    async def _binary_request(
+        self, mid: str, request: InferRequestV2
+    ) -> Sequence[Outgoing | OutgoingFrame]:
+        """Wait for the request's input frames (some may be here already), then run."""
+        now = self._clock.now_ms()
+        self._expire(now)
+        try:
+            done = self.assembly.expect(_GATEWAY, mid, request.inputs, now + FRAMES_WAIT_MS)
+        except EdgewardError as exc:
+            self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
+            raise  # answered with Rejected(reason) by the runtime
+        if done is None:
+            self._waiting[mid] = request
+            return ()
+        return await self._run_binary(mid, request, done[1])
+
+    async def on_frame(self, delivery: Delivery) -> None:
+        """An input frame, relayed by the gateway (only it may write ``down/infer``)."""
+        now = self._clock.now_ms()
+        self._expire(now)
+        try:
+            done = self.assembly.feed(_GATEWAY, delivery.payload)
+        except PolicyError as exc:
+            if exc.reason != TensorReason.FRAME_UNEXPECTED:
+                raise
+            self.assembly.hold(_GATEWAY, delivery.payload, now)  # before its request, maybe
+            return
+        except MessageError as exc:
+            call = _frame_call(delivery.payload)
+            request = self._waiting.pop(call, None) if call is not None else None
+            if request is not None and exc.reason == TensorReason.DIGEST_MISMATCH:
+                await self._refuse(call or "", exc.reason)
+            raise
+        if done is None:
+            return
+        call, data = done
+        request = self._waiting.pop(call, None)
+        if request is None:
+            return
+        try:
+            outgoing = await self._run_binary(call, request, data)
+        except EdgewardError as exc:
+            await self._refuse(call, exc.reason)
+            return
+        for item in outgoing:
+            await self._publish(item)
+
+    async def _run_binary(
+        self, mid: str, request: InferRequestV2, data: list[bytearray]
+    ) -> Sequence[Outgoing | OutgoingFrame]:
+        inputs = [
+            Tensor(name=s.name, dtype=s.dtype, shape=s.shape, data=bytes(d))
+            for s, d in zip(request.inputs, data, strict=True)
+        ]
+        try:
+            current, model, mode = self._admit(request.model, request.version, request.caller)
+        except EdgewardError as exc:
+            self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
+            if self.recorder is not None:
+                self.recorder.refused()
+            raise
+        started = self._monotonic()
+        try:
+            outputs = await self.executor.run(model, inputs)
+        except EdgewardError as exc:
+            self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
+            self._observed(model, started, None)
+            raise
+        self._observed(model, started, outputs)
+        specs = [spec_of(t.name, t.dtype, t.shape, t.data) for t in outputs]
+        body = encode_body(
+            ResultBodyV2(
+                device=self.device_id,
+                model=model.name,
+                version=model.version,
+                model_digest=model.digest,
+                result_id=current.claims.result_id,
+                input_digest=spec_digest(request.inputs),
+                seq=self._seq.next(),
+                at_ms=self._clock.now_ms(),
+                source="request",
+                request=mid,
+                mode=mode.value,
+                output_specs=specs,
+            )
+        )
+        result = InferResult(
+            in_reply_to=mid,
+            body=body,
+            session_sig=sign_result(body, current.session_key),
+            ear=current.ear,
+        )
+        out: list[Outgoing | OutgoingFrame] = [Outgoing(self.up, result)]
+        out += [
+            OutgoingFrame(self.up, frame, qos=1)
+            for frame in frames(mid, [t.data for t in outputs], to=request.reply_to)
+        ]
+        return out
+
+    async def _refuse(self, mid: str, reason: str) -> None:
+        await self._publish(Outgoing(self.up, Rejected(in_reply_to=mid, reason=reason)))
+
+    async def _publish(self, item: Outgoing | OutgoingFrame) -> None:
+        if self._runtime is None:
+            raise RuntimeError("install() the inference entry point first")
+        await self._runtime.publish(item)
+
+    def _expire(self, now: int) -> None:
+        for _, call in self.assembly.expire(now):
+            if self._waiting.pop(call, None) is not None:
+                self.refused[TensorReason.INCOMPLETE] = (
+                    self.refused.get(TensorReason.INCOMPLETE, 0) + 1
+                )
 
     async def infer(
         self,

@@ -16,6 +16,7 @@ import click
 
 from edgeward_inference_gateway.app import GatewayConfig, run
 from edgeward_inference_gateway.core import Freshness
+from edgeward_inference_gateway.oip import HttpsConfig
 from edgeward_inference_gateway.ratelimit import Limit
 from edgeward_inference_gateway.service import Settings
 from edgeward_shared.identity import Identity, ServiceName
@@ -121,6 +122,29 @@ option = EnvOptions("GATEWAY")
     help="Refuse every result (infer.revocations.stale) while no current signed revocation"
     " list is held: fail closed. Allow only in development, without a revocation service.",
 )
+@option(
+    "--https-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve the Open Inference Protocol (KServe v2 REST, Triton's binary tensors) over"
+    " HTTPS on this port (0: any free port); unset: no HTTP front. Clients present an"
+    " operator or service certificate of this PKI; the target device is the request"
+    " parameter edgeward_device (docs/protocol.md 5.11).",
+)
+@option(
+    "--https-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="The address the HTTPS front listens on.",
+)
+@option(
+    "--https-identity-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="cert.pem and key.pem of the HTTPS front's server identity (a server certificate of"
+    " this PKI, EKU serverAuth, naming the host clients connect to). Required with"
+    " --https-port.",
+)
 def main(  # click passes every parameter by keyword
     *,
     node: NodeOptions,
@@ -133,6 +157,9 @@ def main(  # click passes every parameter by keyword
     model_ttl: timedelta,
     degraded_max: timedelta,
     require_revocations: bool,
+    https_port: int | None,
+    https_host: str,
+    https_identity_dir: Path | None,
 ) -> None:
     """Run the inference gateway: the relying party for devices' inference results.
 
@@ -168,6 +195,8 @@ def main(  # click passes every parameter by keyword
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
+    if https_port is not None and https_identity_dir is None:
+        raise click.UsageError("--https-port needs --https-identity-dir")
 
     def config() -> GatewayConfig:  # inside serve: a ConfigError is a one-line refusal
         return GatewayConfig(
@@ -177,6 +206,15 @@ def main(  # click passes every parameter by keyword
             broker=node.broker,
             metrics_port=node.metrics_port,
             settings=settings,
+            https=None
+            if https_port is None or https_identity_dir is None
+            else HttpsConfig(
+                host=https_host,
+                port=https_port,
+                identity_dir=https_identity_dir,
+                ca_bundle=node.pki.bundle_path,
+                crl=node.pki.crl_path,
+            ),
         )
 
     node.serve(lambda: run(config()))

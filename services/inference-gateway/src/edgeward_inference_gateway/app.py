@@ -27,21 +27,25 @@ from typing import Final
 from edgeward_inference_gateway.admission import admitting
 from edgeward_inference_gateway.metrics import GatewayMetrics
 from edgeward_inference_gateway.models import FetchVersions, ModelCatalog, fetch_over_bus
+from edgeward_inference_gateway.oip import HttpsConfig, serve_https
 from edgeward_inference_gateway.service import GatewayService, Settings
 from edgeward_inference_gateway.store import GatewayStore
+from edgeward_shared.bus.base import Delivery
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.clock import Clock
 from edgeward_shared.errors import EdgewardError
 from edgeward_shared.identity import Identity, ServiceName
+from edgeward_shared.infer_client import BinaryInference
 from edgeward_shared.logs import fields
 from edgeward_shared.messages.common import Rejected
-from edgeward_shared.messages.infer import InferCall, InferResult
+from edgeward_shared.messages.infer import InferAnswer, InferCall, InferCallV2, InferResult
 from edgeward_shared.runtime.core import Connect, Runtime
 from edgeward_shared.runtime.health import answer_pings
 from edgeward_shared.runtime.node import NodeConfig, build_node, run_until_signalled
 from edgeward_shared.runtime.revocations import RevocationFollower
 from edgeward_shared.storage import SqliteDatabase
-from edgeward_shared.topics import ROOT, shared_subscription
+from edgeward_shared.tensorframes import MAGIC
+from edgeward_shared.topics import ROOT, service_response_topic, shared_subscription
 
 log = logging.getLogger("edgeward.inference-gateway")
 
@@ -98,8 +102,19 @@ def wire(
         settings,
     )
     revocations.attach(runtime)
-    runtime.route(CALLS, [InferCall], service.on_call, name="infer-calls")
+    service.https_caller = https_caller(runtime)
+    runtime.route(CALLS, [InferCall, InferCallV2], service.on_call, name="infer-calls")
     runtime.route(RESULTS, [InferResult, Rejected], service.on_device, name="infer-results")
+
+    async def relay_input(delivery: Delivery) -> None:
+        await runtime.publish(service.relay_input(delivery))
+
+    async def relay_output(delivery: Delivery) -> None:
+        await runtime.publish(service.relay_output(delivery))
+
+    # tensor frames share the topics of the signed messages they follow (docs/adr/0024)
+    runtime.route_frames(CALLS, relay_input, name="infer-input-frames", magic=MAGIC)
+    runtime.route_frames(RESULTS, relay_output, name="infer-output-frames", magic=MAGIC)
     answer_pings(runtime, CALLS)
     return service
 
@@ -135,6 +150,7 @@ class GatewayConfig:
     broker: BrokerAddress
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
     settings: Settings = field(default_factory=Settings)
+    https: HttpsConfig | None = None  # the Open Inference Protocol front (None: off)
 
     def node_config(self) -> NodeConfig:
         return NodeConfig.from_pki(self.pki_dir, self.identity_dir, self.broker, self.metrics_port)
@@ -154,14 +170,36 @@ async def gateway_node(
         )
         service = wire(runtime, store, follower, settings=config.settings)
         stop = asyncio.Event()
-        sweeper = asyncio.create_task(sweep_forever(runtime, service, stop))
+        background = [asyncio.create_task(sweep_forever(runtime, service, stop))]
+        if config.https is not None:
+            background.append(asyncio.create_task(_https(config.https, runtime, service, stop)))
         try:
             yield runtime, admitted(connect, service), service
         finally:
             stop.set()
-            await sweeper
+            await asyncio.gather(*background)
             with contextlib.suppress(EdgewardError):
                 await service.flush_rejections()
+
+
+async def _https(
+    config: HttpsConfig, runtime: Runtime, service: GatewayService, stop: asyncio.Event
+) -> None:
+    """The HTTPS front calls through the bus like any caller (its own response topic)."""
+
+    def started(port: int) -> None:
+        service.https_port = port
+        log.info("inference-gateway.https", extra=fields(host=config.host, port=port))
+
+    await serve_https(config, runtime, service.https_caller, service.models, stop, started=started)
+
+
+def https_caller(runtime: Runtime) -> BinaryInference:
+    """The HTTPS front's side of binary calls: register before the runtime runs."""
+    runtime.expect_replies(
+        service_response_topic(ServiceName.INFERENCE_GATEWAY, runtime.identity), [InferAnswer]
+    )
+    return BinaryInference(runtime)
 
 
 async def run(config: GatewayConfig) -> None:

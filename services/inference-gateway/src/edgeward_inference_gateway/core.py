@@ -12,7 +12,8 @@ No bus, no database, no clock. The checks, in order (ARCHITECTURE flow 4, issue 
    (``infer.attestation.not_affirming``) and names this device (``infer.device.mismatch``);
    for a body in ``degraded`` mode (the device's result had expired: docs/offline.md) the
    EAR may have expired up to ``degraded_max_ms`` ago;
-2. the body (:func:`open_result`): canonical :class:`ResultBody` (``infer.result.malformed``)
+2. the body (:func:`open_result`): canonical :class:`ResultBody` or :class:`ResultBodyV2`
+   (``infer.result.malformed``)
    naming this device (``infer.device.mismatch``) and this EAR (``infer.attestation.
    result_mismatch``), signed by the EAR's session key (``infer.result.signature_invalid``);
 3. standing (:func:`check_standing`): a current revocation list (``infer.revocations.stale``,
@@ -43,13 +44,19 @@ from edgeward_inference_gateway.ears import EarCache
 from edgeward_inference_gateway.reasons import GatewayReason
 from edgeward_shared.ear import AttestationClaims
 from edgeward_shared.errors import AuthenticityError, PolicyError
-from edgeward_shared.inference import InferenceReason, decode_body, verify_result_signature
-from edgeward_shared.messages.infer import InferResult, ResultBody
+from edgeward_shared.inference import (
+    InferenceReason,
+    decode_any_body,
+    verify_result_signature,
+)
+from edgeward_shared.messages.infer import InferResult, ResultBody, ResultBodyV2
 from edgeward_shared.models.provenance import Tier
 from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.revocation import RevocationView
 
 R = InferenceReason
+#: a v1 body (outputs inline) or a v2 one (binary outputs, named by their specs)
+AnyBody = ResultBody | ResultBodyV2
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +82,7 @@ class Expected:
 @dataclass(frozen=True, slots=True)
 class Verified:
     device_id: str
-    body: ResultBody
+    body: AnyBody
     claims: AttestationClaims
 
 
@@ -114,10 +121,10 @@ def check_attestation(
 
 
 def open_result(
-    device_id: str, result: InferResult, claims: AttestationClaims, body: ResultBody | None = None
-) -> ResultBody:
+    device_id: str, result: InferResult, claims: AttestationClaims, body: AnyBody | None = None
+) -> AnyBody:
     """``body``: ``result.body`` already decoded (not yet believed), if the caller has it."""
-    body = body or decode_body(result.body)  # MessageError infer.result.malformed
+    body = body or decode_any_body(result.body)  # MessageError infer.result.malformed
     if body.device != device_id:
         raise AuthenticityError(R.WRONG_DEVICE, "the body names another device")
     if body.result_id != claims.result_id:
@@ -142,7 +149,7 @@ def check_standing(
 
 
 def check_model(
-    device_id: str, body: ResultBody, versions: Sequence[Published], revocations: RevocationView
+    device_id: str, body: AnyBody, versions: Sequence[Published], revocations: RevocationView
 ) -> None:
     if revocations.model_revoked(body.model, body.version):
         raise PolicyError(R.MODEL_REVOKED, f"{body.model} v{body.version} revoked (plane)")
@@ -164,7 +171,7 @@ def check_model(
         )
 
 
-def check_answer(body: ResultBody, result: InferResult, expected: Expected | None) -> None:
+def check_answer(body: AnyBody, result: InferResult, expected: Expected | None) -> None:
     if expected is None:
         if body.source != "stream" or body.request is not None or result.in_reply_to:
             raise PolicyError(GatewayReason.REQUEST_MISMATCH, "an unasked result claims a call")
@@ -181,7 +188,7 @@ def check_answer(body: ResultBody, result: InferResult, expected: Expected | Non
         raise PolicyError(GatewayReason.INPUT_MISMATCH, "computed on other inputs")
 
 
-def check_time(body: ResultBody, now_ms: int, freshness: Freshness) -> None:
+def check_time(body: AnyBody, now_ms: int, freshness: Freshness) -> None:
     if body.at_ms < now_ms - freshness.max_age_ms:
         raise PolicyError(R.STALE, f"result from {now_ms - body.at_ms} ms ago")
     if body.at_ms > now_ms + freshness.max_skew_ms:
@@ -200,7 +207,7 @@ def verify_result(
     degraded_max_ms: int = 0,
 ) -> Verified:
     """Steps 1-3: who produced it, in which attested state, and whether it still counts."""
-    parsed = decode_body(result.body)  # for its mode: nothing is believed before step 2
+    parsed = decode_any_body(result.body)  # for its mode: nothing is believed before step 2
     grace = degraded_max_ms if parsed.mode == "degraded" else 0
     claims = check_attestation(device_id, result.ear, trust, ears, now_ms, expired_ok_ms=grace)
     body = open_result(device_id, result, claims, parsed)

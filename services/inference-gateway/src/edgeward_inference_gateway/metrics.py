@@ -22,7 +22,8 @@ class GatewayMetrics:
         )
         self.rate_limited = Counter(
             "edgeward_gateway_rate_limited_total",
-            "Messages dropped by a rate limit before any cryptography, by kind (device/caller)",
+            "Messages dropped by a rate limit before any cryptography,"
+            " by kind (device/caller/frames)",
             ["kind"],
             registry=r,
         )
@@ -30,6 +31,12 @@ class GatewayMetrics:
             "edgeward_gateway_answers_total",
             "Answers to callers' InferCalls, by reason id (infer.result.accepted when accepted)",
             ["reason"],
+            registry=r,
+        )
+        self.frames = Counter(
+            "edgeward_gateway_frames_relayed_total",
+            "Tensor frames relayed, by direction (input: caller to device; output: back)",
+            ["direction"],
             registry=r,
         )
         self.ear_cache = Counter(

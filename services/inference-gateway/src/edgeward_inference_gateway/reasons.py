@@ -25,6 +25,8 @@ class GatewayReason:
     MODEL_DIGEST: Final = "infer.model.digest_mismatch"
     #: the model-distribution service did not answer: fail closed
     MODELS_UNAVAILABLE: Final = "infer.models.unavailable"
+    #: a call naming the caller it is made for (on_behalf_of), from anyone but the gateway
+    CALLER_FORBIDDEN: Final = "infer.caller.forbidden"
 
 
 #: Reason ids that come from devices and go back to callers unchanged.

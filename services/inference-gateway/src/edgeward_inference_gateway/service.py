@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 import weakref
 from collections import Counter
@@ -42,25 +43,30 @@ from edgeward_inference_gateway.ratelimit import KeyedLimiter, Limit
 from edgeward_inference_gateway.reasons import GatewayReason
 from edgeward_inference_gateway.store import Commit, GatewayStore, Pending, ResultRecord
 from edgeward_inference_gateway.writer import ResultWriter
+from edgeward_shared.bus.base import Delivery
 from edgeward_shared.clock import Clock
 from edgeward_shared.envelope import Opened
-from edgeward_shared.errors import EdgewardError, PolicyError
-from edgeward_shared.identity import ServiceName
-from edgeward_shared.inference import InferenceReason, input_digest
+from edgeward_shared.errors import EdgewardError, MessageError, PolicyError
+from edgeward_shared.identity import Identity, ServiceName
+from edgeward_shared.inference import InferenceReason, input_digest, spec_digest
 from edgeward_shared.logs import fields
 from edgeward_shared.messages.common import Rejected
 from edgeward_shared.messages.infer import (
     AcceptedResult,
     InferAnswer,
     InferCall,
+    InferCallV2,
     InferRequest,
+    InferRequestV2,
     InferResult,
     RejectedResult,
 )
 from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.revocation import RevocationView
-from edgeward_shared.runtime.core import Outgoing
+from edgeward_shared.runtime.core import Outgoing, OutgoingFrame
+from edgeward_shared.tensorframes import TensorReason, check_spec, relay_mid, relayed
 from edgeward_shared.topics import (
+    ROOT,
     Channel,
     DeviceTopic,
     Direction,
@@ -76,6 +82,13 @@ R = InferenceReason
 ACCEPTED_TOPIC: Final = service_event_topic(ServiceName.INFERENCE_GATEWAY, "result")
 REJECTED_TOPIC: Final = service_event_topic(ServiceName.INFERENCE_GATEWAY, "rejected")
 MAX_PENDING_REJECTIONS: Final = 10_000
+#: calls this instance forwarded, remembered so that their answer needs no database read
+#: when it lands here (it may land on another instance: that one reads the database)
+MAX_LOCAL_PENDING: Final = 10_000
+GATEWAY: Final = Identity.service(ServiceName.INFERENCE_GATEWAY)
+FRAME_LIMIT: Final = Limit(rate_per_s=500, burst=1_000)  # 96 MiB/s; a 16 MiB tensor: 86
+ANSWERS_PREFIX: Final = f"{ROOT}/svc/{ServiceName.INFERENCE_GATEWAY}/rsp"
+_CALLER: Final = re.compile(r"^[a-z][a-z0-9-]*(\.[a-z0-9-]+){1,2}$")  # CallerName
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +148,8 @@ class GatewayService:
         self.settings = settings or Settings()
         self.ears = EarCache(self.settings.ear_cache_size)
         self.callers = KeyedLimiter(self.settings.caller_limit, capacity=10_000)
+        #: tensor frames relayed per caller and per device (a 16 MiB tensor is 86 frames)
+        self.frames = KeyedLimiter(FRAME_LIMIT, capacity=10_000)
         self.writer = ResultWriter(store)
         #: the per-device limit in front of the runtime (set by ``app.wire``)
         self.admission = Admission(KeyedLimiter(self.settings.device_limit), clock, metrics)
@@ -144,6 +159,12 @@ class GatewayService:
         self._device_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
+        #: the HTTPS front's caller (set by ``app.wire``) and the port it serves on
+        self.https_caller: Any = None
+        self.https_port: int | None = None
+        #: this instance's own waiting calls, by request mid (a cache of ``gw_pending``:
+        #: the row, claimed in the result's commit, still decides who answers)
+        self._local: dict[str, Pending] = {}
 
     @property
     def view(self) -> RevocationView:
@@ -152,12 +173,16 @@ class GatewayService:
 
     # ------------------------------------------------------------------ calls
     async def on_call(self, opened: Opened[Any]) -> Sequence[Outgoing]:
-        call: InferCall = opened.message
+        call: InferCall | InferCallV2 = opened.message
         answer_on = reply_topic(opened.topic)
         if answer_on is None:
             raise TypeError(f"wiring bug: {opened.topic} is not a request topic")
         now = self.clock.now_ms()
         caller = opened.signer.identity.principal.common_name  # an operator's sessions share
+        if isinstance(call, InferCallV2) and call.on_behalf_of is not None:
+            if opened.signer.identity.principal != GATEWAY:  # only our HTTPS front names one
+                raise PolicyError(GatewayReason.CALLER_FORBIDDEN, f"{caller} named a caller")
+            caller = call.on_behalf_of
         if not self.callers.allow(caller, now):
             self.metrics.rate_limited.labels("caller").inc()
             raise PolicyError(R.RATE_LIMITED, f"{caller} is over its call rate")
@@ -165,27 +190,83 @@ class GatewayService:
             core.check_standing(
                 call.device, self.view, now, required=self.settings.require_revocations
             )
-        except PolicyError as exc:
+            if isinstance(call, InferCallV2):
+                for spec in call.inputs:
+                    check_spec(spec)  # infer.tensor.too_large / spec_invalid
+        except EdgewardError as exc:
             self.metrics.answers.labels(exc.reason).inc()
             return (Outgoing(answer_on, _refusal(opened.mid, exc.reason)),)
-        request_mid = secrets.token_hex(16)
-        await self.store.add_pending(
-            Pending(
-                request_mid=request_mid,
-                call_mid=opened.mid,
-                answer_topic=answer_on,
-                device_id=call.device,
+        connection = opened.topic.rsplit("/", 1)[1]  # the caller's session, as its topic names it
+        binary = isinstance(call, InferCallV2)
+        # binary: every instance, and the caller, derive the request's mid (tensorframes)
+        request_mid = relay_mid(connection, opened.mid) if binary else secrets.token_hex(16)
+        pending = Pending(
+            request_mid=request_mid,
+            call_mid=opened.mid,
+            answer_topic=answer_on,
+            device_id=call.device,
+            model=call.model,
+            version=call.version,
+            input_digest=(
+                spec_digest(call.inputs)
+                if isinstance(call, InferCallV2)
+                else input_digest(call.inputs)
+            ),
+            deadline_ms=now + self.settings.call_timeout_ms,
+        )
+        await self.store.add_pending(pending)
+        if len(self._local) >= MAX_LOCAL_PENDING:
+            del self._local[next(iter(self._local))]  # the oldest: its answer reads the db
+        self._local[request_mid] = pending
+        request: InferRequest | InferRequestV2
+        if isinstance(call, InferCallV2):
+            request = InferRequestV2(
+                caller=caller,
+                reply_to=connection,
                 model=call.model,
+                inputs=call.inputs,
                 version=call.version,
-                input_digest=input_digest(call.inputs),
-                deadline_ms=now + self.settings.call_timeout_ms,
             )
-        )
-        request = InferRequest(
-            model=call.model, inputs=call.inputs, version=call.version, caller=caller
-        )
+        else:
+            request = InferRequest(
+                model=call.model, inputs=call.inputs, version=call.version, caller=caller
+            )
         down = device_topic(call.device, Direction.DOWN, Channel.INFER)
         return (Outgoing(down, request, mid=request_mid),)
+
+    # ------------------------------------------------------------------ tensor frames
+    def relay_input(self, delivery: Delivery) -> OutgoingFrame:
+        """A caller's input frame (on ``req/<caller>``: the broker's ACL names the sender)
+        to the device its header names, renamed to the request's mid. Stateless: the call
+        may be on another instance; the device checks the bytes against the signed specs."""
+        caller = delivery.topic.rsplit("/", 1)[1]
+        self._frame_budget(f"caller:{caller}")
+        to, frame = relayed(delivery.payload, caller)
+        try:
+            down = device_topic(to, Direction.DOWN, Channel.INFER)
+        except ValueError as exc:
+            raise MessageError(TensorReason.FRAME_MALFORMED, "not a device") from exc
+        self.metrics.frames.labels("input").inc()
+        return OutgoingFrame(down, frame, qos=1)
+
+    def relay_output(self, delivery: Delivery) -> OutgoingFrame:
+        """A device's output frame (on its ``up/infer``) to the response topic of the
+        caller its header names. The caller checks the bytes against the specs in the
+        device's signed body, and drops frames for no call of its own."""
+        parsed = parse_topic(delivery.topic)
+        if not isinstance(parsed, DeviceTopic):
+            raise TypeError(f"wiring bug: {delivery.topic} is not a device topic")
+        self._frame_budget(f"device:{parsed.device_id}")
+        to, frame = relayed(delivery.payload)
+        if not _CALLER.fullmatch(to):
+            raise MessageError(TensorReason.FRAME_MALFORMED, "not a caller")
+        self.metrics.frames.labels("output").inc()
+        return OutgoingFrame(f"{ANSWERS_PREFIX}/{to}", frame, qos=1)
+
+    def _frame_budget(self, key: str) -> None:
+        if not self.frames.allow(key, self.clock.now_ms()):
+            self.metrics.rate_limited.labels("frames").inc()
+            raise PolicyError(R.RATE_LIMITED, f"{key} is over its frame rate")
 
     # ------------------------------------------------------------------ device messages
     async def on_device(self, opened: Opened[Any]) -> Sequence[Outgoing]:
@@ -204,7 +285,7 @@ class GatewayService:
 
     async def _refused_by_device(self, device_id: str, refusal: Rejected) -> Sequence[Outgoing]:
         """The device would not run a call: pass its reason to the caller."""
-        pending = await self.store.pending(refusal.in_reply_to)
+        pending = await self._pending(refusal.in_reply_to, device_id)
         if pending is None or pending.device_id != device_id:
             return ()
         done = await self.writer.submit(Commit(None, claim=pending.request_mid))
@@ -218,7 +299,7 @@ class GatewayService:
         pending: Pending | None = None
         try:
             if result.in_reply_to is not None:
-                pending = await self.store.pending(result.in_reply_to)
+                pending = await self._pending(result.in_reply_to, device_id)
                 if pending is None or pending.device_id != device_id:
                     pending = None
                     raise PolicyError(GatewayReason.REQUEST_UNKNOWN, "no such call waiting")
@@ -256,6 +337,17 @@ class GatewayService:
             self.metrics.answers.labels(GatewayReason.ACCEPTED).inc()
             out.append(Outgoing(pending.answer_topic, _answer(pending, result, None)))
         return out
+
+    async def _pending(self, request_mid: str, device_id: str) -> Pending | None:
+        """The waiting call ``request_mid`` answers: this instance's own from memory, taken
+        out once its device answers (the claim in the commit still decides who replies;
+        a second answer reads the database, where the claimed row is gone), else the
+        database's. Another device naming the call leaves it in place."""
+        local = self._local.get(request_mid)
+        if local is not None and local.device_id == device_id:
+            del self._local[request_mid]
+            return local
+        return await self.store.pending(request_mid)
 
     def _verify(self, device_id: str, result: InferResult, now: int) -> core.Verified:
         hits = self.ears.hits
@@ -318,6 +410,9 @@ class GatewayService:
             self._count_rejection(device_id, R.RATE_LIMITED, now, count)
         await self.flush_rejections()
         out = []
+        # past their deadline, whoever answered them (another instance, or the sweep below)
+        for mid in [m for m, p in self._local.items() if p.deadline_ms <= now]:
+            del self._local[mid]
         for pending in await self.store.claim_expired(now):
             self.metrics.answers.labels(R.DEVICE_UNREACHABLE).inc()
             out.append(

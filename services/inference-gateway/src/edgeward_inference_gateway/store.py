@@ -149,7 +149,10 @@ class GatewayStore:
 
     # ------------------------------------------------------------------ waiting calls
     async def add_pending(self, pending: Pending) -> None:
-        async with self.db.transaction() as tx:
+        """Record a waiting call, without an fsync: it lives seconds, and after a power
+        cut its caller has long given up (the device's answer is then refused as
+        ``infer.request.unknown``, as any answer to a call no instance holds)."""
+        async with self.db.transaction(durable=False) as tx:
             await tx.execute(
                 "INSERT INTO gw_pending (request_mid, call_mid, answer_topic, device_id, model,"
                 " version, input_digest, deadline_ms) VALUES (:r, :c, :t, :d, :m, :v, :i, :x)",

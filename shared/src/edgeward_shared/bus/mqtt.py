@@ -11,6 +11,14 @@ They are reached only through :func:`paho_of` and :func:`disconnected_of`, and o
 aiomqtt release listed in :data:`KNOWN_AIOMQTT`: any other refuses to connect with
 ``ConfigError(config.aiomqtt.unknown)`` naming the version, instead of failing later in a
 way that looks like a network fault.
+
+paho does not close the TLS socket whose handshake fails (a broker killed or still starting
+resets the connection mid-handshake): the socket is lost with the exception and left to the
+garbage collector, which warns (``ResourceWarning: unclosed ssl.SSLSocket``). Every context
+this module hands to paho therefore builds :class:`_ClosedOnFailedHandshake` sockets. And
+when aiomqtt gives up on a connection paho still holds open (no CONNACK in time, a
+DISCONNECT never acknowledged, a cancelled exit), :func:`connect_mqtt` closes that socket
+itself before dropping the client.
 """
 
 from __future__ import annotations
@@ -231,6 +239,49 @@ def _write_eagerly(client: aiomqtt.Client) -> None:
     paho_client.on_socket_register_write = register_write
 
 
+class _ClosedOnFailedHandshake(ssl.SSLSocket):
+    """A TLS socket that closes itself when its handshake fails.
+
+    paho's ``_ssl_wrap_socket`` (2.2) calls ``do_handshake`` and lets the error propagate
+    without closing the socket it just wrapped; nothing else holds it, so it was only
+    reclaimed by the garbage collector, with a ``ResourceWarning``. Installed through the
+    context's documented ``sslsocket_class``.
+    """
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
+
+
+def _closing_on_failed_handshake(context: ssl.SSLContext) -> ssl.SSLContext:
+    context.sslsocket_class = _ClosedOnFailedHandshake
+    return context
+
+
+def _close_socket_of(client: aiomqtt.Client) -> None:
+    """Close the socket paho still holds for a client we are dropping.
+
+    Usually paho closed it already (the connection ended, or DISCONNECT was acknowledged).
+    Not when aiomqtt gave up first: a CONNACK that never came within the timeout, a
+    DISCONNECT never acknowledged, an exit cancelled by a timeout. The socket then stayed
+    registered on the event loop, unclosed (``ResourceWarning`` when collected). Its
+    unregister and close hooks (aiomqtt's: take it off the loop) run first, as paho's own
+    close does."""
+    paho = paho_of(client)
+    sock = paho.socket()
+    if sock is None or sock.fileno() == -1:
+        return
+    userdata = paho.user_data_get()
+    for hook in (paho.on_socket_unregister_write, paho.on_socket_close):
+        if hook is not None:
+            with contextlib.suppress(Exception):  # closing it matters more
+                hook(paho, userdata, sock)
+    sock.close()
+
+
 @asynccontextmanager
 async def connect_mqtt(settings: MqttSettings) -> AsyncIterator[MqttBus]:
     """Connect with mTLS; raises ``TransportError`` if the broker is unreachable or refuses.
@@ -242,6 +293,7 @@ async def connect_mqtt(settings: MqttSettings) -> AsyncIterator[MqttBus]:
         context = settings.tls()
     else:
         context = client_context(settings.ca_bundle, settings.identity)
+    context = _closing_on_failed_handshake(context)
     properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     properties.SessionExpiryInterval = settings.session_expiry_s
     client = aiomqtt.Client(
@@ -268,3 +320,5 @@ async def connect_mqtt(settings: MqttSettings) -> AsyncIterator[MqttBus]:
             yield MqttBus(client, settings.timeout_s, manual_ack=settings.manual_ack)
     except aiomqtt.MqttError as exc:
         raise TransportError("transport.connect", str(exc)) from exc
+    finally:
+        _close_socket_of(client)

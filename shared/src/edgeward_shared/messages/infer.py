@@ -36,13 +36,26 @@ class Tensor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
     dtype: DType
-    shape: Annotated[
-        list[Annotated[int, msgspec.Meta(ge=0, le=1 << 24)]], msgspec.Meta(max_length=MAX_DIMS)
-    ]
+    shape: Annotated[list[Dim], msgspec.Meta(max_length=MAX_DIMS)]
     data: Annotated[bytes, msgspec.Meta(max_length=MAX_TENSOR_BYTES)]
 
 
 Tensors = Annotated[list[Tensor], msgspec.Meta(min_length=1, max_length=MAX_TENSORS)]
+
+
+class TensorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A tensor as a signed message names it; its bytes travel in tensor frames
+    (:mod:`edgeward_shared.tensorframes`, docs/adr/0024). ``size`` is capped (16 MiB) by
+    the receiver, with its own reason id, not here."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    dtype: DType
+    shape: Annotated[list[Dim], msgspec.Meta(max_length=MAX_DIMS)]
+    size: Annotated[int, msgspec.Meta(ge=0, le=1 << 40)]
+    sha256: Hex64
+
+
+Specs = Annotated[list[TensorSpec], msgspec.Meta(min_length=1, max_length=MAX_TENSORS)]
 
 
 # ------------------------------------------------------------------ client <-> gateway
@@ -54,6 +67,26 @@ class InferCall(Message, frozen=True, tag="edgeward.infer.call.v1"):
     model: ModelName
     inputs: Tensors
     version: Version | None = None
+
+
+class InferCallV2(Message, frozen=True, tag="edgeward.infer.call.v2"):
+    """Client -> gateway, binary tensors: as :class:`InferCall`, the inputs named by their
+    specs; their bytes follow as tensor frames addressed to ``device``. Answered with
+    :class:`InferAnswer` whose body is a :class:`ResultBodyV2`, its outputs following as
+    tensor frames (docs/protocol.md 5.11)."""
+
+    device: DeviceId
+    model: ModelName
+    inputs: Specs
+    version: Version | None = None
+    #: the caller the gateway's own HTTPS front calls for (its client certificate's CN);
+    #: refused from anyone but the gateway (``infer.caller.forbidden``)
+    on_behalf_of: (
+        Annotated[
+            str, msgspec.Meta(pattern=r"^[a-z][a-z0-9-]*(\.[a-z0-9-]+){1,2}$", max_length=128)
+        ]
+        | None
+    ) = None
 
 
 class InferAnswer(Message, frozen=True, tag="edgeward.infer.answer.v1"):
@@ -85,6 +118,20 @@ class InferRequest(Message, frozen=True, tag="edgeward.infer.request.v1"):
     version: Version | None = None
 
 
+class InferRequestV2(Message, frozen=True, tag="edgeward.infer.request.v2"):
+    """Gateway -> device, binary tensors: as :class:`InferRequest`, the inputs named by
+    their specs (copied from the caller's :class:`InferCallV2`), their bytes following as
+    tensor frames under this message's ``mid``."""
+
+    caller: CallerName
+    #: the connection that called (an operator's session, docs/adr/0014): the device
+    #: addresses its output frames to it, the gateway relays them to its response topic
+    reply_to: CallerName
+    model: ModelName
+    inputs: Specs
+    version: Version | None = None
+
+
 class ResultBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """What the session key signs (canonical JSON, in this member order)."""
 
@@ -102,6 +149,25 @@ class ResultBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     #: (offline, docs/offline.md), the body still names and is signed under the last one
     mode: Literal["attested", "degraded"]
     outputs: Tensors
+
+
+class ResultBodyV2(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """What the session key signs for a binary call (canonical JSON, in this member order):
+    as :class:`ResultBody`, the outputs named by their specs (the signature covers every
+    output's SHA-256); ``input_digest`` is over the input specs."""
+
+    device: DeviceId
+    model: ModelName
+    version: Version
+    model_digest: Hex64
+    result_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    input_digest: Hex64
+    seq: Annotated[int, msgspec.Meta(ge=1)]
+    at_ms: Annotated[int, msgspec.Meta(ge=0)]
+    source: Literal["request", "stream"]
+    request: MessageId | None
+    mode: Literal["attested", "degraded"]
+    output_specs: Specs
 
 
 class InferResult(Message, frozen=True, tag="edgeward.infer.result.v1"):

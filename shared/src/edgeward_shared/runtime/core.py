@@ -114,6 +114,9 @@ class Route:
     inline: bool = False
     #: data frames: not envelopes, authenticated by the handler against signed digests
     frames: FrameHandler | None = None
+    #: the frames' first bytes, when they share their topic with envelopes (None: the
+    #: route takes every delivery on its filter)
+    magic: bytes | None = None
     #: verifies this route's deliveries instead of the runtime's verifier (a retained list
     #: checked by version rather than by message id, with its own lifetime bound)
     verifier: EnvelopeVerifier | None = None
@@ -231,13 +234,25 @@ class Runtime:
             )
         )
 
-    def route_frames(self, topic_filter: str, handler: FrameHandler, *, name: str) -> None:
+    def route_frames(
+        self,
+        topic_filter: str,
+        handler: FrameHandler,
+        *,
+        name: str,
+        magic: bytes | None = None,
+    ) -> None:
         """Deliver raw data frames on ``topic_filter`` to ``handler``, unverified.
 
         Only for content-addressed bulk data whose digests a signed message already gave
-        (docs/adr/0009); the handler must refuse every frame it did not ask for.
+        (docs/adr/0009, 0024); the handler must refuse every frame it did not ask for.
+        With ``magic``, only deliveries starting with it are frames: the topic may also
+        carry envelopes for the other routes (an envelope never starts with a frame's
+        magic: it is JSON).
         """
-        self._routes.append(Route(name, topic_filter, (), _no_handler, frames=handler))
+        if magic is not None and (not magic or magic.startswith(b"{")):
+            raise ValueError("a frame magic must be non-empty and not look like JSON")
+        self._routes.append(Route(name, topic_filter, (), _no_handler, frames=handler, magic=magic))
 
     def expect_replies(self, topic_filter: str, types: Sequence[type[Message]]) -> None:
         """Accept replies (messages with ``in_reply_to``) to our :meth:`request` calls."""
@@ -321,11 +336,15 @@ class Runtime:
         if not routes:
             self._reject(delivery, EdgewardError("topic.unrouted", delivery.topic))
             return
-        route = routes[0]
+        envelopes = [r for r in routes if r.frames is None]
+        # an envelope, unless it is a frame; a topic of frames only gives its handler
+        # whatever arrives (the handler refuses what is not a frame)
+        route = _frame_route(routes, delivery.payload) or (envelopes or routes)[0]
         self.metrics.received.labels(route.name).inc()
         if route.frames is not None:
             await self._handle_frame(route, route.frames, delivery, started)
             return
+        routes = envelopes
         opened: Opened[Any] | None = None
         try:
             types = [t for r in routes for t in r.types]
@@ -557,3 +576,14 @@ async def _no_handler(opened: Opened[Any]) -> Sequence[Outgoing | OutgoingFrame]
 def _first_leaf(group: BaseExceptionGroup[TransportError]) -> TransportError:
     first = group.exceptions[0]
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+def _frame_route(routes: Sequence[Route], payload: bytes) -> Route | None:
+    """The frame route a delivery goes to: the first whose magic it starts with, or the
+    first route if that one takes every delivery (a frames-only topic); None: envelope."""
+    if routes[0].frames is not None and routes[0].magic is None:
+        return routes[0]
+    for route in routes:
+        if route.frames is not None and route.magic and payload.startswith(route.magic):
+            return route
+    return None

@@ -263,7 +263,7 @@ def service_main(component: str, log_level: str, main: Callable[[], Awaitable[No
     """Set up JSON logging, run ``main()`` on a fresh event loop until it returns, and turn a
     refusal to start into one line on stderr and an exit status (never a traceback)."""
     configure_logging(component, log_level)
-    with refusals(component), asyncio.Runner(loop_factory=_loop_factory()) as runner:
+    with refusals(component), asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(_call(main))
 
 
@@ -283,8 +283,9 @@ async def _call(main: Callable[[], Awaitable[None]]) -> None:
     await main()
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's loop when uvloop is installed (it is optional), else asyncio's default."""
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop (a dependency on Linux; optional elsewhere), else asyncio's default
+    (benches run on it too, to measure what services run)."""
     try:
         uvloop = importlib.import_module("uvloop")
     except ImportError:

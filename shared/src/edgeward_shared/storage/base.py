@@ -126,8 +126,13 @@ class Database(Protocol):
     database over a connection.
     """
 
-    def transaction(self) -> AbstractAsyncContextManager[Transaction]:
-        """Begin a read-write transaction when the returned context manager is entered."""
+    def transaction(self, *, durable: bool = True) -> AbstractAsyncContextManager[Transaction]:
+        """Begin a read-write transaction when the returned context manager is entered.
+
+        ``durable=False`` lets the backend skip flushing this commit to stable storage
+        (SQLite ``synchronous=NORMAL``; PostgreSQL ``SET LOCAL synchronous_commit = off``):
+        it survives a killed process but may be lost to a power cut, never half-applied,
+        and a later durable commit makes it durable. For short-lived rows only."""
         ...
 
     async def close(self) -> None:

@@ -16,7 +16,10 @@ How the connection is set up, and why:
   survives a killed process, but not a power cut or kernel panic: a transaction reported
   committed could vanish. Edge hosts lose power; a consumed nonce, a revocation version or
   an audit record that reappears or vanishes after a reboot is a security bug (replay,
-  rollback, a gap in the audit chain). One fsync per commit is the price.
+  rollback, a gap in the audit chain). One fsync per commit is the price. The one
+  exception is asked for by name: ``transaction(durable=False)`` (a row that lives
+  seconds, such as a call waiting for a device) commits under ``NORMAL``; every other
+  transaction sets ``FULL`` again when it begins.
 - ``foreign_keys=ON`` (SQLite's default is off), ``trusted_schema=OFF`` (a schema cannot
   call functions with side effects).
 - The file is created 0600, its directory 0700 when we create it; an existing file readable
@@ -136,18 +139,23 @@ class SqliteDatabase:
             acquire_timeout=acquire_timeout,
         )
 
-    def transaction(self) -> AbstractAsyncContextManager[Transaction]:
-        """Begin ``BEGIN IMMEDIATE`` on entry; commit on normal exit, roll back otherwise."""
-        return self._transaction()
+    def transaction(self, *, durable: bool = True) -> AbstractAsyncContextManager[Transaction]:
+        """Begin ``BEGIN IMMEDIATE`` on entry; commit on normal exit, roll back otherwise.
+
+        ``durable=False``: this commit is not fsynced (``synchronous=NORMAL`` for it alone):
+        it survives a killed process, and the next durable commit makes it durable too,
+        but a power cut may lose it. Only for rows worth less than an fsync (a waiting
+        call that lives seconds), never for a trust decision."""
+        return self._transaction(durable)
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[Transaction]:
+    async def _transaction(self, durable: bool = True) -> AsyncIterator[Transaction]:
         await self._acquire()
         tx = _SqliteTransaction(self)
         try:
-            await self._run(_begin)
+            await self._run(_begin if durable else _begin_light)
             yield tx
-            await self._commit(tx)
+            await self._commit(tx, durable)
         except BaseException:
             tx.end()
             await self._roll_back()
@@ -155,14 +163,14 @@ class SqliteDatabase:
         finally:
             self._release()
 
-    async def _commit(self, tx: _SqliteTransaction) -> None:
+    async def _commit(self, tx: _SqliteTransaction, durable: bool = True) -> None:
         if tx.spoiled:  # PostgreSQL would refuse too: never commit half a transaction
             raise RuntimeError(
                 "storage: a statement of this transaction failed, so it was rolled back;"
                 " leave the transaction when one of its statements raises"
             )
         tx.end()
-        await self._run(_commit)
+        await self._run(_commit if durable else _commit_light)
 
     async def close(self) -> None:
         """Wait (bounded) for the running transaction, then close the connection and thread."""
@@ -395,11 +403,27 @@ def _prepare_file(path: Path) -> None:
 def _begin(connection: sqlite3.Connection) -> None:
     if connection.in_transaction:  # a rollback that failed earlier; never commit leftovers
         connection.execute("ROLLBACK")
+    # every durable transaction sets it again: a light one that failed half-way cannot
+    # leave the connection without fsyncs
+    connection.execute("PRAGMA synchronous = FULL")
     connection.execute("BEGIN IMMEDIATE")
 
 
 def _commit(connection: sqlite3.Connection) -> None:
     connection.execute("COMMIT")
+
+
+def _begin_light(connection: sqlite3.Connection) -> None:
+    """Begin a transaction whose commit is not fsynced (the pragma applies outside one)."""
+    if connection.in_transaction:
+        connection.execute("ROLLBACK")
+    connection.execute("PRAGMA synchronous = NORMAL")
+    connection.execute("BEGIN IMMEDIATE")
+
+
+def _commit_light(connection: sqlite3.Connection) -> None:
+    connection.execute("COMMIT")
+    connection.execute("PRAGMA synchronous = FULL")  # and _begin sets it again anyway
 
 
 def _roll_back_quietly(connection: sqlite3.Connection) -> str | None:
