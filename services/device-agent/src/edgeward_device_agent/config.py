@@ -81,10 +81,11 @@ class AgentConfig:
 
     ``state_dir`` (0700) holds ``enrollee/`` (provisioned: cert.pem, key.pem, chain.pem as
     ``edgeward pki issue enrollee <id>`` writes them; the agent seals key.pem at its first
-    start) and ``device/`` (written by the agent at enrollment). ``crl`` is the issuing CA's
-    CRL; the agent refuses to start with an expired one (fail closed), like every other
-    Edgeward process. ``seal`` is the PCR policy the keys are sealed to (docs/adr/0016);
-    it may not include the PCR the agent extends with models.
+    start), ``device/`` (written by the agent at enrollment) and ``trust/`` (the fleet trust
+    bundle it adopted, used instead of ``ca_bundle`` once there, docs/adr/0017). ``crl`` is
+    the issuing CAs' CRLs; the agent refuses to start with an expired one (fail closed),
+    like every other Edgeward process. ``seal`` is the PCR policy the keys are sealed to
+    (docs/adr/0016); it may not include the PCR the agent extends with models.
     """
 
     device_id: str

@@ -32,3 +32,5 @@ class AgentReason:
     STATE_PERMISSIONS: Final = "config.state.permissions"
     STATE_MISMATCH: Final = "config.state.mismatch"
     IDENTITY_MISMATCH: Final = "config.identity.mismatch"
+    #: the adopted fleet trust bundle in the state dir is not the provisioned root's
+    TRUST_ADOPTED: Final = "config.trust.adopted"

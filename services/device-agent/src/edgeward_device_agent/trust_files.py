@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Final
 
+from edgeward_device_agent.reasons import AgentReason
 from edgeward_shared.errors import ConfigError, PolicyError
 from edgeward_shared.pki.store import read_certificates
 from edgeward_shared.pki.trust import TrustStore, load_crls
@@ -49,6 +50,6 @@ def load_trust(state_dir: Path, provisioned: Path, crl: Path, *, now: datetime) 
     try:
         issuing = check_bundle(adopted.read_bytes(), roots, now)
     except PolicyError as exc:  # not what the follower wrote: fail closed
-        raise ConfigError("config.trust.adopted", f"{adopted}: {exc.detail}") from exc
+        raise ConfigError(AgentReason.TRUST_ADOPTED, f"{adopted}: {exc.detail}") from exc
     required = [c for c in certs if c.issuer != c.subject and c in issuing]
     return TrustStore(roots, issuing, load_crls(crl, issuing, now=now, required=required))
