@@ -287,21 +287,9 @@ class DeviceInference:
             Tensor(name=s.name, dtype=s.dtype, shape=s.shape, data=bytes(d))
             for s, d in zip(request.inputs, data, strict=True)
         ]
-        try:
-            current, model, mode = self._admit(request.model, request.version, request.caller)
-        except EdgewardError as exc:
-            self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
-            if self.recorder is not None:
-                self.recorder.refused()
-            raise
-        started = self._monotonic()
-        try:
-            outputs = await self.executor.run(model, inputs)
-        except EdgewardError as exc:
-            self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
-            self._observed(model, started, None)
-            raise
-        self._observed(model, started, outputs)
+        current, model, mode, outputs = await self._admitted_run(
+            request.model, request.version, request.caller, inputs
+        )
         specs = [spec_of(t.name, t.dtype, t.shape, t.data) for t in outputs]
         body = encode_body(
             ResultBodyV2(
@@ -358,21 +346,9 @@ class DeviceInference:
     ) -> InferResult:
         """Run one inference for ``caller`` and sign its result; raises with a reason id if
         refused."""
-        try:
-            current, model, mode = self._admit(model_name, version, caller)
-        except EdgewardError as exc:
-            self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
-            if self.recorder is not None:
-                self.recorder.refused()
-            raise
-        started = self._monotonic()
-        try:
-            outputs = await self.executor.run(model, inputs)
-        except EdgewardError as exc:
-            self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
-            self._observed(model, started, None)
-            raise
-        self._observed(model, started, outputs)
+        current, model, mode, outputs = await self._admitted_run(
+            model_name, version, caller, inputs
+        )
         body = encode_body(
             ResultBody(
                 device=self.device_id,
@@ -409,6 +385,28 @@ class DeviceInference:
                 seconds=seconds,
                 outputs=outputs,
             )
+
+    async def _admitted_run(
+        self, model_name: str, version: int | None, caller: str, inputs: Sequence[Tensor]
+    ) -> tuple[CurrentAttestation, LoadedModel, Mode, list[Tensor]]:
+        """Admit the call (:meth:`_admit`), run it in the executor and record both: every
+        refusal counted by its reason, every run observed (latency, outputs) for telemetry."""
+        try:
+            current, model, mode = self._admit(model_name, version, caller)
+        except EdgewardError as exc:
+            self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
+            if self.recorder is not None:
+                self.recorder.refused()
+            raise
+        started = self._monotonic()
+        try:
+            outputs = await self.executor.run(model, inputs)
+        except EdgewardError as exc:
+            self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
+            self._observed(model, started, None)
+            raise
+        self._observed(model, started, outputs)
+        return current, model, mode, outputs
 
     def _admit(
         self, model_name: str, version: int | None, caller: str
