@@ -130,3 +130,18 @@ def test_renewal_is_due_at_the_fraction_of_the_lifetime_from_receipt() -> None:
     received = start + 300_000
     assert due_at_ms(cert, 0.5, received) == received + (end - received) // 2
     assert due_at_ms(cert, 0.5, start - 1) == due_at_ms(cert, 0.5)  # never before notBefore
+
+
+def test_a_pending_settlement_survives_a_restart_until_cleared(
+    enrolled: tuple[AgentState, MemoryPki],
+) -> None:
+    """A renewal not yet settled with the identity service is remembered across a restart
+    (else the verifier, following the settled serial, would refuse the device for good)."""
+    state, _ = enrolled
+    assert state.unsettled() is None
+    state.record_unsettled("2b", "1a")
+    again = _restarted(state)
+    assert again.unsettled() == ("2b", "1a")
+    again.clear_unsettled()
+    assert _restarted(state).unsettled() is None
+    again.clear_unsettled()  # idempotent

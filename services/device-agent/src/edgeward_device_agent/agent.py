@@ -685,6 +685,7 @@ class DeviceAgent:
             self.agent_metrics.renewals.labels("renewed").inc()
             if previous is not None:
                 self._unsettled = (serial_of(certificate), serial_of(previous))
+                self.state.record_unsettled(*self._unsettled)
             self._set_certificate(certificate, received=True)
             self.renewals += 1
             self._last_error = None
@@ -710,7 +711,13 @@ class DeviceAgent:
 
     async def _settle_renewals(self, runtime: Runtime, stop: asyncio.Event) -> None:
         """After each in-place switch, once connected with the new certificate, settle it."""
-        if self._unsettled is not None:  # a renewal of an earlier phase
+        if self._unsettled is None:  # a renewal of an earlier run, not settled before it ended
+            pending, current = self.state.unsettled(), self._certificate
+            if pending is not None and current is not None and pending[0] == serial_of(current):
+                self._unsettled = pending
+            elif pending is not None:  # for a certificate this device no longer uses
+                self.state.clear_unsettled()
+        if self._unsettled is not None:  # a renewal of an earlier phase or run
             self._renewed.set()
         while not stop.is_set() and not self._phase_end.is_set():
             await wait_any(stop, self._phase_end, self._renewed)
@@ -741,6 +748,7 @@ class DeviceAgent:
                 await wait_any(stop, self._phase_end, seconds=next(delays))
                 continue
             self._unsettled = None
+            self.state.clear_unsettled()
             log.info(
                 "renewal.settled",
                 extra=fields(device=self.device_id, previous=previous, job=settled.job_id),

@@ -58,6 +58,8 @@ from edgeward_shared.pki.store import (
 from edgeward_shared.tls import TlsIdentity
 
 SEALED_KEY: Final = "key.sealed"
+#: ``<serial> <previous>`` of a renewal not yet settled with the identity service.
+UNSETTLED: Final = "unsettled"
 
 
 def _read_chain(files: IdentityFiles) -> bytes:
@@ -272,6 +274,28 @@ class AgentState:
         _fsync_directory(self.device.directory)
         self._commit_marker.unlink()
         _fsync_directory(self.renewal.directory)
+
+    # ------------------------------------------------------------------ pending settlement
+    @property
+    def _unsettled_path(self) -> Path:
+        return self.device.directory / UNSETTLED
+
+    def record_unsettled(self, serial: str, previous: str) -> None:
+        """Remember (durably) that ``serial`` replaced ``previous`` and the identity service
+        has not yet been told it is in use: a restart in between must still say so, or the
+        verifier, which follows the settled serial, would keep refusing the device."""
+        _write_atomically(self._unsettled_path, f"{serial} {previous}".encode())
+
+    def unsettled(self) -> tuple[str, str] | None:
+        """The pending ``(serial, previous)``, if a renewal was not settled yet."""
+        try:
+            serial, previous = self._unsettled_path.read_text().split()
+        except (FileNotFoundError, ValueError):
+            return None
+        return serial, previous
+
+    def clear_unsettled(self) -> None:
+        self._unsettled_path.unlink(missing_ok=True)
 
 
 def _fsync_directory(directory: Path) -> None:
