@@ -170,6 +170,11 @@ async def test_the_identity_service_publishes_and_a_node_follows(
         # republished before the retained copy can expire
         clock.advance(TTL_MS // 7 + 1)
         assert await publisher.publish_if_due() is True
+        assert await publisher.publish_if_due() is False
+        # and at once after a reconnection (a restarted broker lost the retained copy)
+        identity.connections += 1
+        assert await publisher.publish_if_due() is True
+        assert await publisher.publish_if_due() is False
 
 
 @pytest.mark.asyncio

@@ -71,20 +71,24 @@ class TrustPublisher:
         self.interval_s = interval_s
         self.republish_ms = republish_ms
         self._published: tuple[int, int] | None = None  # (version, at ms)
+        self._on_connection = -1  # the runtime's connection count at the last publication
         self._kick = asyncio.Event()
         runtime.on_hangup(self._kick.set)  # SIGHUP: look at the version now
 
     async def publish_if_due(self) -> bool:
-        """Publish if the version changed or the retained copy is due; True if it did."""
+        """Publish if the version changed, the retained copy is due, or the runtime has
+        reconnected since (a restarted broker without persistence lost it: docs/adr/0019);
+        True if it did."""
         now = self.runtime.clock.now_ms()
         version = self.pki.trust_version()
-        if self._published is not None:
+        if self._published is not None and self._on_connection == self.runtime.connections:
             last_version, last_at = self._published
             if last_version == version and now - last_at < self.republish_ms:
                 return False
         message = bundle_message(self.pki, now)
         await self.runtime.publish(Outgoing(TOPIC, message, retain=True, ttl_ms=TTL_MS))
         self._published = (version, now)
+        self._on_connection = self.runtime.connections
         log.info("trust.published", extra=fields(version=version, cas=len(message.issuing_cas)))
         return True
 
@@ -97,7 +101,7 @@ class TrustPublisher:
                 except EdgewardError as exc:  # not connected, the PKI unreadable: next time
                     log.warning("trust.unpublished", extra=fields(reason=exc.reason))
             waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(self._kick.wait())]
-            if not self.runtime.ready.is_set():  # publish as soon as it connects
+            if not self.runtime.ready.is_set():  # publish as soon as it (re)connects
                 waiters.append(asyncio.create_task(self.runtime.ready.wait()))
             await asyncio.wait(waiters, timeout=self.interval_s, return_when="FIRST_COMPLETED")
             for waiter in waiters:
