@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Final
@@ -36,6 +35,7 @@ from typing import Annotated, Final
 import msgspec
 
 from edgeward_shared.errors import MessageError, PolicyError
+from edgeward_shared.framing import FrameCodec
 from edgeward_shared.messages.infer import DType, TensorSpec
 
 MAGIC: Final = b"EWTENS1\x00"
@@ -47,7 +47,6 @@ MAX_DIMS: Final = 8
 #: chunk bytes per frame: a frame (header <= 256 B, topic, properties) stays well inside the
 #: broker's 256 KiB message_size_limit (edgeward_shared.broker.config)
 CHUNK_BYTES: Final = 192 * 1024
-_LEN: Final = struct.Struct(">H")
 _ITEMSIZE: Final = {"float32": 4, "float16": 2, "int64": 8, "int32": 4, "uint8": 1, "bool": 1}
 
 
@@ -86,8 +85,13 @@ def relay_mid(caller: str, call: str) -> str:
     return digest.hexdigest()[:32]
 
 
-_encoder: Final = msgspec.json.Encoder()
-_decoder: Final = msgspec.json.Decoder(FrameHeader)
+_codec: Final = FrameCodec(
+    MAGIC,
+    FrameHeader,
+    max_header_bytes=MAX_HEADER_BYTES,
+    malformed=TensorReason.FRAME_MALFORMED,
+    what="tensor frame",
+)
 
 
 def spec_of(
@@ -119,29 +123,15 @@ def check_spec(spec: TensorSpec) -> None:
 
 
 def encode_frame(header: FrameHeader, data: bytes | memoryview) -> bytes:
-    head = _encoder.encode(header)
-    return b"".join((MAGIC, _LEN.pack(len(head)), head, data))
+    return _codec.encode(header, data)
 
 
 def is_frame(raw: bytes) -> bool:
-    return raw.startswith(MAGIC)
+    return _codec.is_frame(raw)
 
 
 def decode_frame(raw: bytes) -> tuple[FrameHeader, memoryview]:
-    start = len(MAGIC) + _LEN.size
-    if len(raw) < start or not raw.startswith(MAGIC):
-        raise MessageError(TensorReason.FRAME_MALFORMED, "not a tensor frame")
-    (length,) = _LEN.unpack_from(raw, len(MAGIC))
-    if length > MAX_HEADER_BYTES or len(raw) < start + length:
-        raise MessageError(TensorReason.FRAME_MALFORMED, "header length")
-    head = raw[start : start + length]
-    try:
-        header = _decoder.decode(head)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise MessageError(TensorReason.FRAME_MALFORMED, str(exc)) from exc
-    if _encoder.encode(header) != head:
-        raise MessageError(TensorReason.FRAME_MALFORMED, "header not canonical")
-    return header, memoryview(raw)[start + length :]
+    return _codec.decode(raw)
 
 
 def frames(

@@ -17,18 +17,16 @@ Layout (all integers big-endian)::
 
 from __future__ import annotations
 
-import struct
 from typing import Annotated, Final
 
 import msgspec
 
-from edgeward_shared.errors import MessageError
+from edgeward_shared.framing import FrameCodec
 from edgeward_shared.models.provenance import Hex64
 from edgeward_shared.models.reasons import ModelReason
 
 MAGIC: Final = b"EWDATA1\x00"
 MAX_HEADER_BYTES: Final = 512
-_LEN: Final = struct.Struct(">H")
 
 
 class FrameHeader(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -37,27 +35,19 @@ class FrameHeader(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     req: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{32}$")]
 
 
-_encoder: Final = msgspec.json.Encoder()
-_decoder: Final = msgspec.json.Decoder(FrameHeader)
+_codec: Final = FrameCodec(
+    MAGIC,
+    FrameHeader,
+    max_header_bytes=MAX_HEADER_BYTES,
+    malformed=ModelReason.FRAME_MALFORMED,
+    what="data frame",
+)
 
 
 def encode_frame(header: FrameHeader, data: bytes) -> bytes:
-    head = _encoder.encode(header)
-    return b"".join((MAGIC, _LEN.pack(len(head)), head, data))
+    return _codec.encode(header, data)
 
 
 def decode_frame(raw: bytes) -> tuple[FrameHeader, bytes]:
-    start = len(MAGIC) + _LEN.size
-    if len(raw) < start or not raw.startswith(MAGIC):
-        raise MessageError(ModelReason.FRAME_MALFORMED, "not a data frame")
-    (length,) = _LEN.unpack_from(raw, len(MAGIC))
-    if length > MAX_HEADER_BYTES or len(raw) < start + length:
-        raise MessageError(ModelReason.FRAME_MALFORMED, "header length")
-    head = raw[start : start + length]
-    try:
-        header = _decoder.decode(head)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise MessageError(ModelReason.FRAME_MALFORMED, str(exc)) from exc
-    if _encoder.encode(header) != head:
-        raise MessageError(ModelReason.FRAME_MALFORMED, "header not canonical")
-    return header, raw[start + length :]
+    header, data = _codec.decode(raw)
+    return header, bytes(data)
