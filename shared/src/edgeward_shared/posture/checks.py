@@ -130,17 +130,28 @@ def luks2_tpm_bindings(header: bytes) -> list[str]:
 
 
 def _clevis_uses_tpm2(token: dict[str, object]) -> bool:
-    """A Clevis token's JWE protected header names the tpm2 pin (directly or in sss)."""
+    """A Clevis token's JWE protected header names the tpm2 pin, directly or inside an
+    ``sss`` (Shamir) pin's nested JWEs."""
     jwe = token.get("jwe")
     protected = jwe.get("protected") if isinstance(jwe, dict) else None
-    if not isinstance(protected, str):
-        return False
+    return isinstance(protected, str) and "tpm2" in _pins(protected, depth=0)
+
+
+def _pins(protected: str, depth: int) -> set[str]:
+    """The pins a JWE protected header (base64url) names, nested ``sss`` pins included."""
     try:
         decoded = base64.urlsafe_b64decode(protected + "=" * (-len(protected) % 4))
         clevis = json.loads(decoded).get("clevis", {})
+        pin = clevis.get("pin")
     except (ValueError, binascii.Error, AttributeError):
-        return False
-    return "tpm2" in json.dumps(clevis)
+        return set()
+    pins = {pin} if isinstance(pin, str) else set()
+    nested = clevis.get("sss", {}).get("jwe", []) if pin == "sss" else []
+    if depth < 4 and isinstance(nested, list):  # noqa: PLR2004 - clevis nests shallowly
+        for compact in nested:
+            if isinstance(compact, str):
+                pins |= _pins(compact.split(".", 1)[0], depth + 1)
+    return pins
 
 
 @dataclass(frozen=True, slots=True)

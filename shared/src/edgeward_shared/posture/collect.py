@@ -256,7 +256,6 @@ def _versions(system: System, kernel: str | None) -> PostureItem:
         ).replace("\n", " ")
         or None,
         "dated": system.read_text(f"{dmi}/bios_date"),
-        "TPM firmware": system.read_text("/sys/class/tpm/tpm0/device/description"),
     }
     return checks.versions(kernel, firmware)
 
