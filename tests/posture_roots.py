@@ -87,8 +87,11 @@ def hardened_root(root: Path) -> Path:
     )
     write(root, "/proc/1/cmdline", b"/sbin/init\0")
     write(root, "/proc/1/status", "Name:\tsystemd\nUid:\t0\t0\t0\t0\n")
-    write(root, "/proc/self/mountinfo", "22 1 253:0 / / ro,relatime shared:1 - ext4 /dev/mapper/root ro\n"
-          "23 22 0:21 / /run rw,nosuid,nodev shared:2 - tmpfs tmpfs rw,mode=755\n")  # fmt: skip
+    mounts = [
+        "22 1 253:0 / / ro,relatime shared:1 - ext4 /dev/mapper/root ro",
+        "23 22 0:21 / /run rw,nosuid,nodev shared:2 - tmpfs tmpfs rw,mode=755",
+    ]
+    write(root, "/proc/self/mountinfo", "\n".join(mounts) + "\n")
     write(
         root, "/etc/rsyslog.conf", 'module(load="imuxsock")\n$IncludeConfig /etc/rsyslog.d/*.conf\n'
     )

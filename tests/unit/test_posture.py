@@ -198,7 +198,8 @@ BROKEN: dict[str, tuple[str, Breaker, str]] = {
         Item.FIREWALL,
         _put(
             "/etc/nftables.conf",
-            "table inet f {\n chain input { type filter hook input priority 0; policy accept; }\n}\n",
+            "table inet f {\n chain input { type filter hook input priority 0; policy accept; }"
+            "\n}\n",
         ),
         "fail",
     ),
@@ -385,11 +386,15 @@ def test_the_report_round_trips_and_its_digest_is_over_its_exact_bytes() -> None
         b"{}",
         b'{"type":"edgeward.posture.report.v1","collected_at_ms":1,"items":[],"extra":1}',
         b'{"type":"edgeward.posture.report.v1","collected_at_ms":1,"collected_at_ms":2,"items":[]}',
-        b'{"type":"edgeward.posture.report.v1","collected_at_ms":1,"items":['
-        b'{"item":"ssh","outcome":"pass","evidence":""},'
-        b'{"item":"ssh","outcome":"fail","evidence":""}]}',
-        b'{"type":"edgeward.posture.report.v1","collected_at_ms":1,"items":['
-        b'{"item":"ssh","outcome":"maybe","evidence":""}]}',
+        (
+            b'{"type":"edgeward.posture.report.v1","collected_at_ms":1,"items":['
+            b'{"item":"ssh","outcome":"pass","evidence":""},'
+            b'{"item":"ssh","outcome":"fail","evidence":""}]}'
+        ),
+        (
+            b'{"type":"edgeward.posture.report.v1","collected_at_ms":1,"items":['
+            b'{"item":"ssh","outcome":"maybe","evidence":""}]}'
+        ),
         b" " * (17 * 1024),
     ],
     ids=[
@@ -400,7 +405,7 @@ def test_the_report_round_trips_and_its_digest_is_over_its_exact_bytes() -> None
         "repeated item",
         "bad outcome",
         "too large",
-    ],  # fmt: skip
+    ],
 )
 def test_malformed_reports_are_refused_by_name(data: bytes) -> None:
     with pytest.raises(MessageError) as info:
