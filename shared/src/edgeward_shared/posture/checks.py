@@ -147,7 +147,7 @@ def _pins(protected: str, depth: int) -> set[str]:
         return set()
     pins = {pin} if isinstance(pin, str) else set()
     nested = clevis.get("sss", {}).get("jwe", []) if pin == "sss" else []
-    if depth < 4 and isinstance(nested, list):  # noqa: PLR2004 - clevis nests shallowly
+    if depth < 4 and isinstance(nested, list):
         for compact in nested:
             if isinstance(compact, str):
                 pins |= _pins(compact.split(".", 1)[0], depth + 1)
