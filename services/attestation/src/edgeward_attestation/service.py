@@ -34,7 +34,7 @@ from edgeward_attestation.enrollment import (
 from edgeward_attestation.keys import AttestationKey
 from edgeward_attestation.measured_boot import appraise_evidence, quote_policy, recorded_state
 from edgeward_attestation.policy import ClassPolicy, merge_policies, policy_from_values
-from edgeward_attestation.quote import Challenge, PcrPolicy, verify_quote
+from edgeward_attestation.quote import Challenge, ClockState, PcrPolicy, verify_quote
 from edgeward_attestation.reasons import AttestationReason
 from edgeward_attestation.store import (
     AttestationStore,
@@ -113,6 +113,27 @@ class Settings:
     ear_lifetime_s: int = 600
     certificate_lifetime_s: int = 24 * 3600
     request_interval_ms: int = 1_000  # at most one challenge per device per interval, on ask
+
+
+@dataclass(frozen=True, slots=True)
+class _Appraisal:
+    """What a verified quote established: its session key and clock, the posture report
+    it bound (decoded, and its bytes) and the required items that report leaves unmet."""
+
+    session_key: ec.EllipticCurvePublicKey
+    clock_state: ClockState
+    report: PostureReport | None
+    posture: bytes | None
+    unmet: tuple[PostureItem, ...]
+
+    def claim(self) -> PostureClaim | None:
+        if self.report is None or self.posture is None:
+            return None
+        return PostureClaim(
+            digest=report_digest(self.posture).hex(),
+            items={entry.item: entry.outcome for entry in self.report.items},
+            unmet=tuple(entry.item for entry in self.unmet),
+        )
 
 
 class AttestationService:
@@ -339,29 +360,43 @@ class AttestationService:
             return await self._contraindicated(
                 opened, device_id, policy, PostureReason.UNMET, now, lines, posture
             )
+        appraisal = _Appraisal(session_key, verdict.facts.state, report, posture, tuple(unmet))
+        return await self._attested(opened, device, policy, appraisal, now)
+
+    async def _attested(
+        self,
+        opened: Opened[Any],
+        device: DeviceRecord,
+        policy: ClassPolicy,
+        appraisal: _Appraisal,
+        now: int,
+    ) -> Sequence[Outgoing]:
+        """An EAR for a verified quote: ``affirming``, or ``warning`` when the policy
+        says so for unmet posture items (docs/adr/0026)."""
+        unmet = appraisal.unmet
         status: Status = "warning" if unmet else "affirming"
         claims = AttestationClaims(
-            device_id=device_id,
+            device_id=device.device_id,
             status=status,
             policy_id=policy.policy_id,
-            session_key=session_key,
+            session_key=appraisal.session_key,
             result_id=secrets.token_hex(16),
             issued_at=now // 1000,
             expires_at=now // 1000 + self.settings.ear_lifetime_s,
             device_class=device.device_class,
-            posture=None if report is None else _posture_claim(evidence.posture, report, unmet),
+            posture=appraisal.claim(),
         )
         reason = PostureReason.UNMET if unmet else ServiceReason.AFFIRMING
         await self.store.record_verdict(
-            device_id,
+            device.device_id,
             trusted=True,
             reason=reason,
             policy_id=policy.policy_id,
             now_ms=now,
             ear_expires_at=claims.expires_at * 1000,
-            clock_state=verdict.facts.state,
+            clock_state=appraisal.clock_state,
             findings=finding_lines(unmet),
-            posture=posture,
+            posture=appraisal.posture,
         )
         result = AttestationResult(
             in_reply_to=opened.mid,
@@ -371,7 +406,7 @@ class AttestationService:
         )
         log.info(
             f"attestation.{status}",
-            extra=fields(device=device_id, policy=policy.policy_id, reasons=result.reasons),
+            extra=fields(device=device.device_id, policy=policy.policy_id, reasons=result.reasons),
         )
         return (Outgoing(_reply(opened), result),)
 
