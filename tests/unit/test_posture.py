@@ -58,6 +58,7 @@ from edgeward_shared.posture.collect import collect, is_edgeward
 from edgeward_shared.posture.report import (
     ITEMS,
     Item,
+    PostureItem,
     PostureReport,
     decode_report,
     encode_report,
@@ -574,3 +575,25 @@ def test_the_posture_command_prints_the_table_and_enforces_requirements(
     refused = runner.invoke(cli, ["posture", "--root", str(stock), "--require", "ssh"])
     assert refused.exit_code == 1
     assert "ssh (fail)" in refused.output
+
+
+_items = st.lists(
+    st.builds(
+        item,
+        st.sampled_from(ITEMS),
+        st.sampled_from(["pass", "fail", "unknown"]),
+        st.text(max_size=300),
+    ),
+    max_size=len(ITEMS),
+    unique_by=lambda entry: entry.item,
+)
+
+
+@given(st.integers(min_value=0, max_value=2**63), _items)
+def test_any_report_round_trips_through_its_bytes(
+    collected_at: int, items: list[PostureItem]
+) -> None:
+    report = PostureReport(collected_at_ms=collected_at, items=items)
+    data = encode_report(report)
+    assert decode_report(data) == report
+    assert encode_report(decode_report(data)) == data  # one spelling: the digest is stable
