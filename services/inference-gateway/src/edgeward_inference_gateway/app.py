@@ -9,7 +9,8 @@
   instance its own). Tests call it with an in-memory bus; the node does the same with MQTT.
 * :func:`admitted` wraps the bus factory with the per-device rate limit (:mod:`.admission`):
   run the runtime with it, or the limit does not apply.
-* :func:`sweep_forever` answers calls that timed out and stores rejection counts.
+* :func:`sweep_forever` answers calls that timed out and stores rejection counts;
+  :func:`prune_forever` deletes results past their retention, in batches.
 * :func:`gateway_node` and :func:`run` are the process.
 """
 
@@ -139,6 +140,20 @@ async def sweep_forever(runtime: Runtime, service: GatewayService, stop: asyncio
             log.warning("sweep.failed", extra=fields(reason=exc.reason, detail=exc.detail))
 
 
+async def prune_forever(runtime: Runtime, service: GatewayService, stop: asyncio.Event) -> None:
+    """Every ``prune_interval_ms``: delete results past their retention, in batches."""
+    interval_s = service.settings.prune_interval_ms / 1000
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
+        if stop.is_set() or not runtime.ready.is_set():
+            continue
+        try:
+            await service.prune()
+        except EdgewardError as exc:
+            log.warning("prune.failed", extra=fields(reason=exc.reason, detail=exc.detail))
+
+
 # ------------------------------------------------------------------ the node
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
@@ -170,7 +185,10 @@ async def gateway_node(
         )
         service = wire(runtime, store, follower, settings=config.settings)
         stop = asyncio.Event()
-        background = [asyncio.create_task(sweep_forever(runtime, service, stop))]
+        background = [
+            asyncio.create_task(sweep_forever(runtime, service, stop)),
+            asyncio.create_task(prune_forever(runtime, service, stop)),
+        ]
         if config.https is not None:
             background.append(asyncio.create_task(_https(config.https, runtime, service, stop)))
         try:
@@ -191,7 +209,15 @@ async def _https(
         service.https_port = port
         log.info("inference-gateway.https", extra=fields(host=config.host, port=port))
 
-    await serve_https(config, runtime, service.https_caller, service.models, stop, started=started)
+    await serve_https(
+        config,
+        runtime,
+        service.https_caller,
+        service.models,
+        stop,
+        started=started,
+        route=service.route,
+    )
 
 
 def https_caller(runtime: Runtime) -> BinaryInference:

@@ -12,8 +12,8 @@ revoked neither in the store nor by the revocation plane, that reaches it.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Final
 
 from edgeward_shared.messages.model import VersionInfo
@@ -44,6 +44,8 @@ class Published:
     cohort: frozenset[str]
     percent: int
     tier: Tier = Tier.HIGH  # unknown: the strictest (only attested results count)
+    #: devices whose last report on this version was ``active``, with its time
+    active: Mapping[str, int] = field(default_factory=dict, hash=False, compare=False)
 
     @classmethod
     def of(cls, info: VersionInfo) -> Published:
@@ -55,6 +57,7 @@ class Published:
             frozenset(info.cohort),
             info.percent,
             info.tier,
+            {d.device_id: d.at_ms for d in info.devices if d.state == "active"},
         )
 
     def reaches(self, device_id: str) -> bool:
@@ -79,3 +82,10 @@ def assigned_version(
         if not v.revoked and not plane_revoked(v.name, v.version) and v.reaches(device_id)
     )
     return max(eligible, default=None)
+
+
+def activated_version(device_id: str, versions: Sequence[Published]) -> int | None:
+    """The version the device reported active last (its activation reports, as the
+    distribution service lists them), or None."""
+    reported = [(v.active[device_id], v.version) for v in versions if device_id in v.active]
+    return max(reported)[1] if reported else None

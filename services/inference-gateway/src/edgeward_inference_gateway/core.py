@@ -36,10 +36,10 @@ high-water mark.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from edgeward_inference_gateway.assignment import Published, assigned_version
+from edgeward_inference_gateway.assignment import Published, activated_version, assigned_version
 from edgeward_inference_gateway.ears import EarCache
 from edgeward_inference_gateway.reasons import GatewayReason
 from edgeward_shared.ear import AttestationClaims
@@ -165,10 +165,34 @@ def check_model(
     if body.mode == "degraded" and published.tier is Tier.HIGH:
         raise PolicyError(R.ATTESTATION_REQUIRED, f"{body.model} is tier high: attested only")
     assigned = assigned_version(device_id, versions, revocations.model_revoked)
-    if assigned != body.version:
-        raise PolicyError(
-            R.MODEL_NOT_ASSIGNED, f"{body.model} v{body.version}; assigned: {assigned}"
-        )
+    if assigned == body.version:
+        return
+    # the version the device last reported active still counts while a newer one is
+    # assigned but not yet reported active (it fetches, verifies, then swaps)
+    running = activated_version(device_id, versions)
+    if assigned is not None and running == body.version and body.version < assigned:
+        return
+    raise PolicyError(R.MODEL_NOT_ASSIGNED, f"{body.model} v{body.version}; assigned: {assigned}")
+
+
+def routable(
+    seen: Iterable[str],
+    versions: Sequence[Published],
+    revocations: RevocationView,
+    version: int | None,
+) -> list[str]:
+    """Of the devices ``seen`` running the model (their results accepted lately), those a
+    call may go to now: not revoked, the model still assigned (``version``, if the caller
+    names one). Sorted; the device still has to answer with a result that passes
+    :func:`validate` (routing only picks, it proves nothing)."""
+    chosen = []
+    for device_id in sorted(set(seen)):
+        if revocations.device_revoked(device_id):
+            continue
+        assigned = assigned_version(device_id, versions, revocations.model_revoked)
+        if assigned is not None and (version is None or assigned == version):
+            chosen.append(device_id)
+    return chosen
 
 
 def check_answer(body: AnyBody, result: InferResult, expected: Expected | None) -> None:

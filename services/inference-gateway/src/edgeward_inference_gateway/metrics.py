@@ -39,6 +39,11 @@ class GatewayMetrics:
             ["direction"],
             registry=r,
         )
+        self.pruned = Counter(
+            "edgeward_gateway_results_pruned_total",
+            "Accepted results deleted past their retention",
+            registry=r,
+        )
         self.ear_cache = Counter(
             "edgeward_gateway_ear_cache_total",
             "Attestation results looked up, by result (hit/miss)",

@@ -5,12 +5,14 @@ certificates from the Edgeward PKI (docs/adr/0024, docs/protocol.md 5.11).
 * ``GET /v2/models/{model}`` (metadata: the published versions; the inputs and outputs are
   the device's business, the gateway never holds the model), ``/v2/models/{model}/ready``;
 * ``POST /v2/models/{model}[/versions/{v}]/infer``: JSON tensors or Triton's binary tensor
-  extension (:mod:`.oip_core`). The device is the request parameter ``edgeward_device``.
+  extension (:mod:`.oip_core`). The device is the request parameter ``edgeward_device``;
+  without it, any attested device running the model (``GatewayService.route``).
   The call goes the binary way over the bus (:class:`~edgeward_shared.infer_client.
   BinaryInference`, ``on_behalf_of`` the client certificate's CN, so rate limits and the
   device's fair share count the HTTP caller); the response's parameters carry the
   evidence: device, EAR result id, model digest, the signed body and its session
-  signature, base64 (``edgeward infer verify`` checks them offline).
+  signature (base64) and the EAR (``edgeward infer verify`` checks them offline:
+  :mod:`edgeward_shared.evidence`).
 
 TLS: the server certificate is a server identity of the PKI; a client must present a
 certificate chaining to the CA bundle and not on the CRL (else the handshake fails); the
@@ -37,7 +39,13 @@ from uvicorn import Config, Server
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from edgeward_inference_gateway.models import ModelCatalog
-from edgeward_inference_gateway.oip_core import OipError, parse_infer, render_infer
+from edgeward_inference_gateway.oip_core import (
+    DEVICE_PARAMETER,
+    OipError,
+    parse_infer,
+    render_infer,
+)
+from edgeward_inference_gateway.reasons import GatewayReason
 from edgeward_shared.errors import EdgewardError
 from edgeward_shared.identity import Role, identity_of
 from edgeward_shared.infer_client import BinaryInference, Input
@@ -53,7 +61,10 @@ _STATUS: Final = {
     InferenceReason.DEVICE_UNREACHABLE: 504,
     "transport.timeout": 504,
     InferenceReason.NO_MODEL: 404,
+    GatewayReason.NO_DEVICE: 503,
 }
+#: a device for a call that names none (model, version), or an EdgewardError
+Router = Callable[[str, int | None], Awaitable[str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +99,12 @@ def server_context(config: HttpsConfig) -> ssl.SSLContext:
     return context
 
 
-def app(caller: BinaryInference, catalog: ModelCatalog, ready: Callable[[], bool]) -> Starlette:
+def app(
+    caller: BinaryInference,
+    catalog: ModelCatalog,
+    ready: Callable[[], bool],
+    route: Router | None = None,
+) -> Starlette:
     async def live(_request: Request) -> Response:
         return JSONResponse({"live": True})
 
@@ -121,11 +137,13 @@ def app(caller: BinaryInference, catalog: ModelCatalog, ready: Callable[[], bool
             who = _caller(request)
             header = request.headers.get("inference-header-content-length")
             parsed = parse_infer(await request.body(), int(header) if header else None)
+            wanted = int(version) if version else None
+            device = parsed.device or await _routed(route, name, wanted)
             answer = await caller.call(
-                parsed.device,
+                device,
                 name,
                 [Input(i.name, i.dtype, i.shape, i.data) for i in parsed.inputs],
-                version=int(version) if version else None,
+                version=wanted,
                 on_behalf_of=who,
             )
         except OipError as exc:
@@ -145,6 +163,7 @@ def app(caller: BinaryInference, catalog: ModelCatalog, ready: Callable[[], bool
             "edgeward_body": base64.b64encode(answer.answer.body).decode(),
             "edgeward_session_sig": base64.b64encode(answer.answer.session_sig).decode(),
             "edgeward_mode": body.mode,
+            "edgeward_ear": answer.answer.ear,
         }
         payload, head = render_infer(
             body.model,
@@ -167,6 +186,12 @@ def app(caller: BinaryInference, catalog: ModelCatalog, ready: Callable[[], bool
             Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
         ]
     )
+
+
+async def _routed(route: Router | None, model: str, version: int | None) -> str:
+    if route is None:
+        raise OipError(400, "oip.device.missing", DEVICE_PARAMETER)
+    return await route(model, version)
 
 
 def _caller(request: Request) -> str:
@@ -201,11 +226,12 @@ async def serve_https(
     stop: asyncio.Event,
     *,
     started: Callable[[int], Awaitable[None] | None] | None = None,
+    route: Router | None = None,
 ) -> None:
     """Serve until ``stop``; ``started`` gets the bound port (0 in the config: any)."""
     server = Server(
         Config(
-            app(caller, catalog, runtime.ready.is_set),
+            app(caller, catalog, runtime.ready.is_set, route),
             host=config.host,
             port=config.port,
             http=_PeerH11,

@@ -2,9 +2,9 @@
 requests in, responses out, no I/O (docs/adr/0024, docs/protocol.md 5.11).
 
 * :func:`parse_infer`: the body of ``POST /v2/models/{model}/infer`` into the target device
-  (request parameter ``edgeward_device``), the input tensors and which outputs to return as
-  binary. With the ``Inference-Header-Content-Length`` header, the JSON header is that many
-  bytes and each input with ``parameters.binary_data_size`` takes its bytes, in order, from
+  (request parameter ``edgeward_device``; absent: the front routes the call), the input
+  tensors and which outputs to return as binary. With the
+  ``Inference-Header-Content-Length`` header, the JSON header is that many bytes and each input with ``parameters.binary_data_size`` takes its bytes, in order, from
   what follows; otherwise each input's ``data`` is a (flat or nested) JSON list.
 * :func:`render_infer`: the response: outputs as JSON lists, or as binary data after the
   JSON header (``binary_data_output`` in the request's parameters, or ``binary_data`` per
@@ -23,17 +23,11 @@ from typing import Any, Final
 
 import numpy as np
 
+from edgeward_shared.evidence import OIP_DATATYPES
 from edgeward_shared.messages.infer import DType, TensorSpec
 
 #: OIP datatype <-> ours
-DATATYPES: Final[dict[str, DType]] = {
-    "FP32": "float32",
-    "FP16": "float16",
-    "INT64": "int64",
-    "INT32": "int32",
-    "UINT8": "uint8",
-    "BOOL": "bool",
-}
+DATATYPES: Final[dict[str, DType]] = OIP_DATATYPES
 OIP_TYPES: Final = {ours: theirs for theirs, ours in DATATYPES.items()}
 DEVICE_PARAMETER: Final = "edgeward_device"
 MAX_HEADER_BYTES: Final = 1 << 20
@@ -57,7 +51,7 @@ class OipInput:
 
 @dataclass(frozen=True, slots=True)
 class OipRequest:
-    device: str
+    device: str | None  # None: route to any attested device running the model
     inputs: list[OipInput]
     request_id: str | None
     binary_all: bool  # parameters.binary_data_output
@@ -81,8 +75,8 @@ def parse_infer(body: bytes, header_length: int | None) -> OipRequest:
         raise _bad("the header is not an object")
     parameters = _object(doc.get("parameters", {}), "parameters")
     device = parameters.get(DEVICE_PARAMETER)
-    if not isinstance(device, str):
-        raise OipError(400, "oip.device.missing", f"parameters.{DEVICE_PARAMETER}")
+    if device is not None and not isinstance(device, str):
+        raise _bad(f"parameters.{DEVICE_PARAMETER} is not a string")
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise _bad("inputs")

@@ -27,6 +27,8 @@ class GatewayReason:
     MODELS_UNAVAILABLE: Final = "infer.models.unavailable"
     #: a call naming the caller it is made for (on_behalf_of), from anyone but the gateway
     CALLER_FORBIDDEN: Final = "infer.caller.forbidden"
+    #: a call naming no device: no attested device is known to run the model (routing)
+    NO_DEVICE: Final = "infer.route.no_device"
 
 
 #: Reason ids that come from devices and go back to callers unchanged.

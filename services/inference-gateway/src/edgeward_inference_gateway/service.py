@@ -62,6 +62,7 @@ from edgeward_shared.messages.infer import (
     RejectedResult,
 )
 from edgeward_shared.pki.trust import TrustStore
+from edgeward_shared.ratelimit import CallerLimiter, LeasedLimiter, LocalLimiter
 from edgeward_shared.revocation import RevocationView
 from edgeward_shared.runtime.core import Outgoing, OutgoingFrame
 from edgeward_shared.tensorframes import TensorReason, check_spec, relay_mid, relayed
@@ -108,6 +109,14 @@ class Settings:
     #: a degraded result (tiers low and medium, device offline: docs/offline.md) counts if
     #: the device's attestation result expired less than this long ago; 0: never
     degraded_max_ms: int = 24 * 3600 * 1000
+    #: the caller limit holds across every instance sharing the database (leased tokens)
+    fleet_caller_limit: bool = True
+    #: accepted results are kept this long, then pruned in batches (0: kept for ever)
+    result_retention_ms: int = 7 * 24 * 3600 * 1000
+    prune_batch: int = 500
+    prune_interval_ms: int = 60_000
+    #: a call naming no device goes to one whose result on the model was accepted this recently
+    route_window_ms: int = 10 * 60 * 1000
 
     def __post_init__(self) -> None:
         if self.call_timeout_ms <= 0 or self.model_ttl_ms < 0 or self.sweep_interval_ms <= 0:
@@ -116,6 +125,10 @@ class Settings:
             raise ValueError("degraded_max_ms cannot be negative")
         if self.model_query_timeout_s <= 0 or self.ear_cache_size < 1:
             raise ValueError("the model query timeout and EAR cache size must be positive")
+        if self.result_retention_ms < 0 or self.prune_batch < 1 or self.prune_interval_ms <= 0:
+            raise ValueError("retention cannot be negative, batch and interval must be positive")
+        if self.route_window_ms <= 0:
+            raise ValueError("the routing window must be positive")
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +160,12 @@ class GatewayService:
         self.metrics = metrics
         self.settings = settings or Settings()
         self.ears = EarCache(self.settings.ear_cache_size)
-        self.callers = KeyedLimiter(self.settings.caller_limit, capacity=10_000)
+        self.callers: CallerLimiter = (
+            LeasedLimiter(store, self.settings.caller_limit)
+            if self.settings.fleet_caller_limit
+            else LocalLimiter(self.settings.caller_limit, capacity=10_000)
+        )
+        self._route_turn = 0
         #: tensor frames relayed per caller and per device (a 16 MiB tensor is 86 frames)
         self.frames = KeyedLimiter(FRAME_LIMIT, capacity=10_000)
         self.writer = ResultWriter(store)
@@ -183,7 +201,7 @@ class GatewayService:
             if opened.signer.identity.principal != GATEWAY:  # only our HTTPS front names one
                 raise PolicyError(GatewayReason.CALLER_FORBIDDEN, f"{caller} named a caller")
             caller = call.on_behalf_of
-        if not self.callers.allow(caller, now):
+        if not await self.callers.allow(caller, now):
             self.metrics.rate_limited.labels("caller").inc()
             raise PolicyError(R.RATE_LIMITED, f"{caller} is over its call rate")
         try:
@@ -233,6 +251,21 @@ class GatewayService:
             )
         down = device_topic(call.device, Direction.DOWN, Channel.INFER)
         return (Outgoing(down, request, mid=request_mid),)
+
+    async def route(self, model: str, version: int | None = None) -> str:
+        """A device for a call that names none: one whose result on ``model`` some
+        instance accepted within ``route_window_ms`` (it was attested and ran the model),
+        not revoked, the model (``version``) still assigned to it; in turn. Raises
+        ``infer.route.no_device``. The answer is checked as any other (routing proves
+        nothing)."""
+        now = self.clock.now_ms()
+        seen = await self.store.recent_devices(model, now - self.settings.route_window_ms)
+        versions = await self.models.versions(model) if seen else []
+        chosen = core.routable(seen, versions, self.view, version)
+        if not chosen:
+            raise PolicyError(GatewayReason.NO_DEVICE, f"no attested device known to run {model}")
+        self._route_turn += 1
+        return chosen[self._route_turn % len(chosen)]
 
     # ------------------------------------------------------------------ tensor frames
     def relay_input(self, delivery: Delivery) -> OutgoingFrame:
@@ -420,6 +453,24 @@ class GatewayService:
             )
         return out
 
+    async def prune(self) -> int:
+        """Delete results past their retention, a batch per transaction (the writer and
+        the other instances get the database between batches); how many went."""
+        if self.settings.result_retention_ms == 0:
+            return 0
+        before = self.clock.now_ms() - self.settings.result_retention_ms
+        total = 0
+        while True:
+            gone = await self.store.prune_results(before, self.settings.prune_batch)
+            total += gone
+            if gone < self.settings.prune_batch:
+                break
+            await asyncio.sleep(0)
+        if total:
+            self.metrics.pruned.inc(total)
+            log.info("results.pruned", extra=fields(count=total, before_ms=before))
+        return total
+
     async def flush_rejections(self) -> None:
         counts = {key: (n, self._rejected_at[key]) for key, n in self._rejections.items()}
         self._rejections.clear()
@@ -470,6 +521,7 @@ def _answer(pending: Pending, result: InferResult, reason: str | None) -> InferA
         reason=reason or GatewayReason.ACCEPTED,
         body=result.body,
         session_sig=result.session_sig,
+        ear=result.ear,
     )
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from edgeward_inference_gateway.sequence import advance
+from edgeward_shared.ratelimit import Limit, refill_milli
 from edgeward_shared.storage import Database, Migration, Row, Transaction, migrate
 
 COMPONENT: Final = "inference-gateway"
@@ -68,6 +69,18 @@ MIGRATIONS: Final = (
                 last_at_ms BIGINT NOT NULL,
                 PRIMARY KEY (device_id, reason)
             )""",
+        ),
+    ),
+    Migration(
+        2,
+        "fleet-wide caller rate limits; results by model for routing",
+        (
+            """CREATE TABLE gw_buckets (
+                key TEXT PRIMARY KEY,
+                milli BIGINT NOT NULL,
+                updated_ms BIGINT NOT NULL
+            )""",
+            "CREATE INDEX IF NOT EXISTS gw_results_model ON gw_results (model, accepted_at_ms)",
         ),
     ),
 )
@@ -230,6 +243,51 @@ class GatewayStore:
                 {"d": device_id, "n": limit},
             )
         return [_record(row) for row in rows]
+
+    async def recent_devices(self, model: str, since_ms: int, limit: int = 1000) -> list[str]:
+        """Devices with a result on ``model`` accepted since ``since_ms`` (any instance)."""
+        async with self.db.transaction() as tx:
+            rows = await tx.fetch_all(
+                "SELECT DISTINCT device_id FROM gw_results"
+                " WHERE model = :m AND accepted_at_ms >= :t LIMIT :n",
+                {"m": model, "t": since_ms, "n": limit},
+            )
+        return [str(row["device_id"]) for row in rows]
+
+    async def prune_results(self, before_ms: int, batch: int) -> int:
+        """Delete up to ``batch`` results accepted before ``before_ms`` (oldest first); how
+        many went. The sequence marks are apart (``gw_device_seq``): replays stay refused."""
+        async with self.db.transaction() as tx:
+            rows = await tx.fetch_all(
+                "DELETE FROM gw_results WHERE (device_id, seq) IN (SELECT device_id, seq"
+                " FROM gw_results WHERE accepted_at_ms < :t ORDER BY accepted_at_ms LIMIT :n)"
+                " RETURNING seq",
+                {"t": before_ms, "n": batch},
+            )
+        return len(rows)
+
+    # ------------------------------------------------------------------ rate limits
+    async def take_tokens(self, key: str, limit: Limit, want: int, now_ms: int) -> int:
+        """:class:`~edgeward_shared.ratelimit.SharedBuckets`: up to ``want`` tokens from
+        ``key``'s bucket, read and written under the write lock (no fsync: a power cut
+        can at worst give a caller its tokens back)."""
+        async with self.db.transaction(durable=False) as tx:
+            row = await tx.fetch_one(
+                "SELECT milli, updated_ms FROM gw_buckets WHERE key = :k", {"k": key}
+            )
+            if row is None:
+                milli = limit.burst * 1000
+            else:
+                milli = refill_milli(_int(row["milli"]), _int(row["updated_ms"]), now_ms, limit)
+            got = min(want, milli // 1000)
+            updated = now_ms if row is None else max(now_ms, _int(row["updated_ms"]))
+            await tx.execute(
+                "INSERT INTO gw_buckets (key, milli, updated_ms) VALUES (:k, :m, :u)"
+                " ON CONFLICT (key) DO UPDATE SET milli = excluded.milli,"
+                " updated_ms = excluded.updated_ms",
+                {"k": key, "m": milli - got * 1000, "u": updated},
+            )
+        return got
 
     # ------------------------------------------------------------------ rejections
     async def add_rejections(self, counts: Mapping[tuple[str, str], tuple[int, int]]) -> None:

@@ -32,7 +32,7 @@ from edgeward_shared.ear import AttestationClaims, Status, issue_ear
 from edgeward_shared.envelope import Opened, SigningKey
 from edgeward_shared.inference import encode_body, input_digest, sign_result
 from edgeward_shared.messages.infer import InferRequest, InferResult, ResultBody, Tensor
-from edgeward_shared.messages.model import ModelList, ModelQuery, VersionInfo
+from edgeward_shared.messages.model import DeviceModelState, ModelList, ModelQuery, VersionInfo
 from edgeward_shared.messages.revocation import RevocationList, RevokedModel
 from edgeward_shared.models.provenance import Tier
 from edgeward_shared.runtime.core import Outgoing
@@ -184,7 +184,9 @@ def published_version(
     percent: int = 0,
     revoked: bool = False,
     tier: Tier = Tier.LOW,
+    active: Mapping[str, int] | None = None,
 ) -> VersionInfo:
+    """``active``: devices that reported this version active, and when."""
     return VersionInfo(
         name=name,
         version=version,
@@ -196,7 +198,12 @@ def published_version(
         revoked=revoked,
         cohort=list(cohort),
         percent=percent,
-        devices=[],
+        devices=[
+            DeviceModelState(
+                device_id=d, version=version, state="active", reason="model.activated", at_ms=t
+            )
+            for d, t in (active or {}).items()
+        ],
     )
 
 

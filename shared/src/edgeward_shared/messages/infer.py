@@ -89,15 +89,19 @@ class InferCallV2(Message, frozen=True, tag="edgeward.infer.call.v2"):
     ) = None
 
 
-class InferAnswer(Message, frozen=True, tag="edgeward.infer.answer.v1"):
+class InferAnswer(Message, frozen=True, omit_defaults=True, tag="edgeward.infer.answer.v1"):
     """Gateway -> client: the device's signed result, and whether the gateway accepted it
-    (``reason`` says why not). ``body`` and ``session_sig`` are the device's, unchanged."""
+    (``reason`` says why not). ``body`` and ``session_sig`` are the device's, unchanged;
+    ``ear`` is the attestation result the device sent with them (binds its session key),
+    so the client can check the answer offline (``edgeward_shared.evidence``); omitted
+    when empty (a refusal)."""
 
     in_reply_to: MessageId
     accepted: bool
     reason: ReasonId
     body: bytes
     session_sig: bytes
+    ear: Annotated[str, msgspec.Meta(max_length=8192)] = ""
 
 
 # ------------------------------------------------------------------ gateway <-> device
