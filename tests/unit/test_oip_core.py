@@ -29,6 +29,7 @@ def _header(**extra: object) -> dict[str, object]:
 def test_json_tensors_are_read_in_c_order() -> None:
     parsed = parse_infer(json.dumps(_header()).encode(), None)
     assert parsed.device == "dev-a"
+    assert parse_infer(json.dumps(_header(parameters={})).encode(), None).device is None
     (tensor,) = parsed.inputs
     assert (tensor.name, tensor.dtype, tensor.shape) == ("x", "float32", [1, 2, 3])
     assert tensor.data == IMAGE.tobytes()
@@ -59,7 +60,7 @@ def test_binary_tensors_follow_the_header() -> None:
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
-        ({"parameters": {}}, "oip.device.missing"),
+        ({"parameters": {"edgeward_device": 7}}, "oip.request.malformed"),
         ({"inputs": []}, "oip.request.malformed"),
         (
             {"inputs": [{"name": "x", "shape": [2], "datatype": "FP64", "data": [1, 2]}]},

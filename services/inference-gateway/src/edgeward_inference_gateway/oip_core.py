@@ -4,8 +4,9 @@ requests in, responses out, no I/O (docs/adr/0024, docs/protocol.md 5.11).
 * :func:`parse_infer`: the body of ``POST /v2/models/{model}/infer`` into the target device
   (request parameter ``edgeward_device``; absent: the front routes the call), the input
   tensors and which outputs to return as binary. With the
-  ``Inference-Header-Content-Length`` header, the JSON header is that many bytes and each input with ``parameters.binary_data_size`` takes its bytes, in order, from
-  what follows; otherwise each input's ``data`` is a (flat or nested) JSON list.
+  ``Inference-Header-Content-Length`` header, the JSON header is that many bytes and each
+  input with ``parameters.binary_data_size`` takes its bytes, in order, from what follows;
+  otherwise each input's ``data`` is a (flat or nested) JSON list.
 * :func:`render_infer`: the response: outputs as JSON lists, or as binary data after the
   JSON header (``binary_data_output`` in the request's parameters, or ``binary_data`` per
   output), with the device's evidence in ``parameters``.
