@@ -31,6 +31,7 @@ from edgeward_inference_gateway.testing import (
 )
 from edgeward_shared.bus.memory import MemoryBroker
 from edgeward_shared.envelope import EnvelopeVerifier, Opened, SigningKey
+from edgeward_shared.errors import PolicyError
 from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.inference import InferenceReason, decode_body, verify_result_signature
 from edgeward_shared.messages.common import Rejected
@@ -595,3 +596,123 @@ async def test_accepted_events_carry_the_devices_bytes(fleet: Fleet) -> None:
             result.session_sig,
             result.ear,
         )
+
+
+# ------------------------------------------------------------------ issue 13 leftovers
+async def test_the_caller_limit_holds_across_two_instances(fleet: Fleet) -> None:
+    """Fleet-wide: two instances share one bucket per caller (the clock stands still, so
+    nothing refills); each instance served some of the calls. Per instance, the same
+    calls would have got twice the burst."""
+    fleet.settings = Settings(caller_limit=Limit(rate_per_s=1, burst=4))
+    async with running(fleet, instances=2) as world:
+        answers = [await world.call("dev-a") for _ in range(12)]
+        accepted = [a for a in answers if isinstance(a, InferAnswer) and a.accepted]
+        refused = [a for a in answers if isinstance(a, Rejected)]
+        assert len(accepted) == 4
+        assert {a.reason for a in refused} == {R.RATE_LIMITED}
+        assert all(g.callers.takes > 0 for g in world.gateways)  # type: ignore[attr-defined]
+    fleet.settings = Settings(caller_limit=Limit(rate_per_s=1, burst=4), fleet_caller_limit=False)
+    fleet.state_dir = fleet.state_dir.with_name("local-limits")
+    async with running(fleet, instances=2) as world:
+        answers = [await world.call("dev-a") for _ in range(12)]
+        assert sum(isinstance(a, InferAnswer) and a.accepted for a in answers) > 4
+
+
+async def test_an_answer_carries_the_attestation_result_for_offline_checks(
+    fleet: Fleet,
+) -> None:
+    async with running(fleet, instances=1) as world:
+        answer = await world.call("dev-a")
+        device, _ = world.devices["dev-a"]
+        assert isinstance(answer, InferAnswer)
+        assert answer.accepted
+        assert answer.ear == device.ear
+
+
+async def test_a_call_naming_no_device_goes_to_an_attested_device_running_the_model(
+    fleet: Fleet,
+) -> None:
+    fleet.settings = Settings(route_window_ms=60_000)
+    async with running(fleet, instances=2) as world:
+        gateway = world.gateways[0]
+        with pytest.raises(PolicyError) as caught:
+            await gateway.route("demo")
+        assert caught.value.reason == GatewayReason.NO_DEVICE
+        device, _ = world.devices["dev-b"]
+        await world.send("dev-b", device.stream_result())  # accepted by either instance
+        await until(lambda: len(world.accepted("dev-b")) == 1)
+        assert {await g.route("demo") for g in world.gateways for _ in range(3)} == {"dev-b"}
+        with pytest.raises(PolicyError):  # another version than the one assigned
+            await gateway.route("demo", 2)
+        with pytest.raises(PolicyError):  # another model
+            await gateway.route("ocr")
+        await world.revoke(2, devices=["dev-b"])  # revoked: never routed to
+        with pytest.raises(PolicyError):
+            await gateway.route("demo")
+        await world.revoke(3)
+        assert await gateway.route("demo") == "dev-b"
+        fleet.clock.advance(60_001)  # nothing accepted from it lately
+        with pytest.raises(PolicyError):
+            await gateway.route("demo")
+
+
+async def test_results_past_their_retention_are_pruned_in_batches(fleet: Fleet) -> None:
+    fleet.settings = Settings(result_retention_ms=10_000, prune_batch=2)
+    async with running(fleet, instances=1) as world:
+        gateway = world.gateways[0]
+        device, _ = world.devices["dev-a"]
+        old = [device.stream_result() for _ in range(5)]
+        for result in old:
+            await world.send("dev-a", result)
+        await until(lambda: len(world.accepted("dev-a")) == 5)
+        batches: list[int] = []
+        prune = gateway.store.prune_results
+
+        async def counted(before_ms: int, batch: int) -> int:
+            batches.append(await prune(before_ms, batch))
+            return batches[-1]
+
+        gateway.store.prune_results = counted  # type: ignore[method-assign]
+        assert await gateway.prune() == 0  # nothing old enough yet
+        fleet.clock.advance(10_001)
+        device.reattest()
+        await world.send("dev-a", device.stream_result())
+        await until(lambda: len(world.accepted("dev-a")) == 6)
+        assert await gateway.prune() == 5
+        assert batches[-3:] == [2, 2, 1]  # a transaction per batch
+        kept = await gateway.store.results("dev-a")
+        assert [r.seq for r in kept] == [6]
+        assert gateway.metrics.sample("edgeward_gateway_results_pruned_total", {}) == 5
+        await world.send("dev-a", old[2])  # a pruned result replayed: still refused
+        await until(lambda: len(world.rejected("dev-a")) == 1)
+        assert world.rejected("dev-a")[0].reason in {R.SEQ_REPLAYED, R.STALE}
+
+
+async def test_the_previous_version_counts_until_the_device_reports_the_new_one_active(
+    fleet: Fleet,
+) -> None:
+    fleet.settings = Settings(model_ttl_ms=1000)
+    fleet.catalog["demo"] = [
+        published_version("demo", 1, cohort=["dev-a"], active={"dev-a": EPOCH_MS}),
+        published_version("demo", 2, cohort=["dev-a"]),  # assigned, not yet activated
+    ]
+    async with running(fleet, instances=1) as world:
+        device, _ = world.devices["dev-a"]
+        await world.send("dev-a", device.stream_result())  # v1, still running
+        await until(lambda: len(world.accepted("dev-a")) == 1)
+        device.version = 3  # never published: refused
+        await world.send("dev-a", device.stream_result())
+        await until(lambda: len(world.rejected("dev-a")) == 1)
+        assert world.rejected("dev-a")[0].reason == R.MODEL_NOT_ASSIGNED
+        fleet.catalog["demo"] = [
+            published_version("demo", 1, cohort=["dev-a"], active={"dev-a": EPOCH_MS}),
+            published_version("demo", 2, cohort=["dev-a"], active={"dev-a": EPOCH_MS + 1}),
+        ]
+        fleet.clock.advance(1001)  # the cached list ages out
+        device.version = 1  # after reporting v2 active: v1 no longer counts
+        await world.send("dev-a", device.stream_result())
+        await until(lambda: len(world.rejected("dev-a")) == 2)
+        assert world.rejected("dev-a")[1].reason == R.MODEL_NOT_ASSIGNED
+        device.version = 2
+        await world.send("dev-a", device.stream_result())
+        await until(lambda: len(world.accepted("dev-a")) == 2)
