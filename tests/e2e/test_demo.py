@@ -50,6 +50,8 @@ def test_edgeward_demo_runs_the_whole_story(tmp_path: Path) -> None:
     assert "device edge-0002: done list v" in out
     # act 5: an accepted inference; a rogue device's results rejected with reasons
     assert "accepted (infer.result.accepted)" in out
+    assert "answered by edge-0001 (no device named: routed to it)" in out
+    assert "evidence verified: EAR" in out
     assert "dev-0002: infer.device.mismatch" in out
     assert "dev-0002: infer.attestation.invalid" in out
     assert "rejected (agent.inference.stopped)" in out

@@ -53,10 +53,12 @@ from edgeward_inference_gateway.app import GatewayConfig, gateway_node
 from edgeward_inference_gateway.oip import HttpsConfig
 from edgeward_inference_gateway.service import GatewayService
 from edgeward_shared.envelope import Opened
+from edgeward_shared.evidence import EvidenceError, Output, evidence_of, verify_evidence
 from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.infer_client import BinaryAnswer, BinaryInference, Input
 from edgeward_shared.inference import decode_any_body, decode_body, verify_result_signature
 from edgeward_shared.messages.infer import AcceptedResult, InferAnswer, InferCall
+from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.runtime.node import NodeConfig, build_runtime
 from edgeward_shared.topics import service_event_topic, service_response_topic
 
@@ -137,7 +139,13 @@ def triton(world: World, port: int, client: Identity | None) -> Any:
 
 
 def triton_infer(
-    world: World, port: int, client: Identity | None, image: np.ndarray, *, binary: bool
+    world: World,
+    port: int,
+    client: Identity | None,
+    image: np.ndarray,
+    *,
+    binary: bool,
+    device: str | None = "dev-infer",
 ) -> Any:
     import tritonclient.http as httpclient
 
@@ -152,7 +160,7 @@ def triton_infer(
             "ocr-cls",
             [tensor],
             outputs=[wanted],
-            parameters={"edgeward_device": "dev-infer"},
+            parameters={"edgeward_device": device} if device else None,
         )
     finally:
         triton_client.close()
@@ -265,6 +273,35 @@ async def test_a_cloud_inference_on_a_real_model_is_accepted_and_exact(
                         base64.b64decode(evidence["edgeward_session_sig"]),
                         current.claims.session_key,
                     )
+                    # offline, with only the CA bundle (edgeward infer verify)
+                    name = "save_infer_model/scale_0.tmp_1"
+                    got = result.as_numpy(name)
+                    output = Output(name, "float32", list(got.shape), got.tobytes())
+                    verified = verify_evidence(
+                        evidence_of(evidence),
+                        [output],
+                        TrustStore.from_bundle(world.pki.bundle_path, now=datetime.now(UTC)),
+                        device="dev-infer",
+                    )
+                    assert verified.claims.result_id == current.claims.result_id
+                    tampered = Output(name, "float32", list(got.shape), (got + 1).tobytes())
+                    with pytest.raises(EvidenceError, match="evidence.output.mismatch"):
+                        verify_evidence(
+                            evidence_of(evidence),
+                            [tampered],
+                            TrustStore.from_bundle(world.pki.bundle_path, now=datetime.now(UTC)),
+                        )
+                # no device named: routed to the attested device running the model
+                routed = await asyncio.to_thread(
+                    triton_infer, world, port, alice, image, binary=True, device=None
+                )
+                assert routed.get_response()["parameters"]["edgeward_device"] == "dev-infer"
+                np.testing.assert_allclose(
+                    routed.as_numpy("save_infer_model/scale_0.tmp_1"),
+                    direct.run(None, {"x": image})[0],
+                    rtol=1e-5,
+                    atol=1e-6,
+                )
             # a device certificate is refused (403); no certificate fails the handshake
             intruder = Identity.device("dev-intruder")
             if not world.pki.identity_files(intruder).cert.exists():

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeward_cli.demo_attest import GOLDEN, TAMPERED, WAIT_S, process
+from edgeward_cli.demo_oip import https_args, triton_act
 from edgeward_cli.demo_renewal import renewal_story
 from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings, connect_mqtt
@@ -210,6 +211,7 @@ async def _inference_act(
     root: Path, store: PkiStore, address: BrokerAddress, cli: Cli, stack: AsyncExitStack
 ) -> None:
     _say("14. the inference gateway starts; a client asks edge-0001 for an inference")
+    https_port, https = https_args(store)
     await stack.enter_async_context(
         process(
             root,
@@ -221,6 +223,7 @@ async def _inference_act(
             str(root / "state" / "gateway"),
             "--broker",
             f"{address.host}:{address.port}",
+            *https,
         )
     )
     rejected: list[RejectedResult] = []
@@ -249,6 +252,7 @@ async def _inference_act(
             return
         _line("the device ran it in its sandbox (own netns, seccomp, uid 65534) and signed the")
         _line("result with its attested session key; the gateway checked it and kept it")
+        await triton_act(store, https_port, MODEL, _say, _line)
 
         _say("15. a rogue device (dev-0002, not attested) sends results: rejected, with reasons")
         await _rogue(store, address, accepted[-1])
