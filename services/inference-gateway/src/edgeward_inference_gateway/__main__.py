@@ -117,6 +117,27 @@ option = EnvOptions("GATEWAY")
     " Tier-high models count only attested results.",
 )
 @option(
+    "--result-retention",
+    type=DurationParam(timedelta(0), timedelta(days=3650)),
+    default="7d",
+    help="Accepted results are kept this long, then deleted in batches in the background"
+    " (the sequence marks stay: a replay is still refused); 0s: kept for ever.",
+)
+@option(
+    "--route-window",
+    type=DurationParam(timedelta(seconds=1), timedelta(days=7)),
+    default="10m",
+    help="An HTTPS call naming no device (no edgeward_device parameter) goes to a device"
+    " whose result on the model some instance accepted this recently, not revoked, the model"
+    " still assigned to it.",
+)
+@option(
+    "--fleet-caller-limit/--local-caller-limit",
+    default=True,
+    help="The caller limit holds across every instance sharing the state directory's"
+    " database (a shared bucket, leased a few tokens at a time), or per instance.",
+)
+@option(
     "--require-revocations/--allow-without-revocations",
     default=True,
     help="Refuse every result (infer.revocations.stale) while no current signed revocation"
@@ -157,6 +178,9 @@ def main(  # click passes every parameter by keyword
     model_ttl: timedelta,
     degraded_max: timedelta,
     require_revocations: bool,
+    result_retention: timedelta,
+    route_window: timedelta,
+    fleet_caller_limit: bool,
     https_port: int | None,
     https_host: str,
     https_identity_dir: Path | None,
@@ -192,6 +216,9 @@ def main(  # click passes every parameter by keyword
             model_ttl_ms=milliseconds(model_ttl),
             degraded_max_ms=milliseconds(degraded_max),
             require_revocations=require_revocations,
+            result_retention_ms=milliseconds(result_retention),
+            route_window_ms=milliseconds(route_window),
+            fleet_caller_limit=fleet_caller_limit,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
