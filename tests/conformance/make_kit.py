@@ -1162,6 +1162,7 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path, event_log: bytes = b"") 
             reason="infer.accepted",
             body=body,
             session_sig=session_sig,
+            ear=ear,
         ),
         section="5.11",
     )
