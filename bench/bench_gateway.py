@@ -276,6 +276,9 @@ async def run_fleet(  # noqa: PLR0915, PLR0917 - the bench's whole world, in ord
     report.add("accepted_results_per_s", total / elapsed, "results/s")
     report.add("gateway_cpu_per_result_us", gateway_cpu / total * 1e6, "us")
     report.add("gateway_cpu_share", gateway_cpu / elapsed, "cores")
+    raw = report.figures.get("raw_ecdsa_p256_verify_per_s")
+    if raw:  # issue 13: one instance's accepted results/s against raw verify/s, same run
+        report.add("accepted_vs_raw_verify", total / elapsed / raw, "x", ">= 0.15")
 
 
 def cpu_seconds(pid: int) -> float:
