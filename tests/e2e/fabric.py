@@ -23,7 +23,7 @@ from edgeward_cli.main import cli
 from edgeward_device_agent.agent import DeviceAgent
 from edgeward_device_agent.config import AgentConfig
 from edgeward_device_agent.state import AgentState
-from edgeward_device_agent.swtpm import (
+from edgeward_device_sim.swtpm import (
     GOLDEN_BOOT_CHAIN,
     SwtpmFleet,
     expected_pcrs,

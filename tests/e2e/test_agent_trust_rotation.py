@@ -39,8 +39,8 @@ from edgeward_attestation.store import AttestationStore
 from edgeward_cli.command_client import send_command
 from edgeward_cli.main import cli
 from edgeward_device_agent.agent import DeviceAgent
-from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN
 from edgeward_device_agent.trust_files import adopted_bundle
+from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN
 from edgeward_identity.app import IdentityConfig, identity_node
 from edgeward_shared.messages.command import RotateCertCommand
 from edgeward_shared.pki.store import read_certificate, read_certificates

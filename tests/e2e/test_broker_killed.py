@@ -41,7 +41,7 @@ from edgeward_attestation.store import AttestationStore
 from edgeward_cli.ops_client import operator_session
 from edgeward_device_agent.agent import DeviceAgent
 from edgeward_device_agent.inference import to_tensor
-from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN
+from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN
 from edgeward_inference_gateway.app import GatewayConfig, gateway_node
 from edgeward_inference_gateway.service import GatewayService
 from edgeward_shared.broker.launcher import MosquittoBroker

@@ -40,7 +40,7 @@ from tests.models import small_input, small_model
 
 from edgeward_cli.ops_client import operator_session
 from edgeward_device_agent.inference import to_tensor
-from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN
+from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN
 from edgeward_inference_gateway.app import GatewayConfig, gateway_node
 from edgeward_inference_gateway.ratelimit import Limit
 from edgeward_inference_gateway.service import GatewayService, Settings

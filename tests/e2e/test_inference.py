@@ -48,7 +48,7 @@ from tests.e2e.model_fabric import (
 from edgeward_cli.ops_client import operator_session
 from edgeward_cli.sessions import claim_session
 from edgeward_device_agent.inference import InferencePolicy, to_array, to_tensor
-from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN
+from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN
 from edgeward_inference_gateway.app import GatewayConfig, gateway_node
 from edgeward_inference_gateway.oip import HttpsConfig
 from edgeward_inference_gateway.service import GatewayService

@@ -39,7 +39,7 @@ from tests.e2e.model_fabric import (
 from tests.models import small_model
 
 from edgeward_device_agent.agent import DeviceAgent
-from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN
+from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN
 
 pytestmark = [pytest.mark.tpm, pytest.mark.broker, pytest.mark.slow]
 

@@ -45,8 +45,8 @@ from tests.e2e.model_fabric import (
 from tests.models import small_input, small_model
 
 from edgeward_device_agent.agent import DeviceAgent
-from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN, tampered_boot_chain
 from edgeward_device_agent.tpm import PcrBank, Tpm
+from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN, tampered_boot_chain
 
 pytestmark = [pytest.mark.tpm, pytest.mark.broker, pytest.mark.slow]
 

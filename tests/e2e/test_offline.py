@@ -33,7 +33,7 @@ from edgeward_device_agent.config import AgentPolicy
 from edgeward_device_agent.inference import to_tensor
 from edgeward_device_agent.offline import OfflinePolicy
 from edgeward_device_agent.schedule import RequestReason
-from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN
+from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN
 from edgeward_shared.errors import EdgewardError
 from edgeward_shared.inference import decode_body
 from edgeward_shared.runtime.core import Runtime

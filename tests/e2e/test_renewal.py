@@ -34,7 +34,7 @@ from edgeward_attestation.store import AttestationStore, DeviceRecord
 from edgeward_cli.command_client import send_command
 from edgeward_device_agent.agent import DeviceAgent
 from edgeward_device_agent.config import AgentPolicy
-from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN
+from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN
 from edgeward_revocation.app import run_worker
 from edgeward_revocation.app import wire as wire_revocation
 from edgeward_revocation.effects import CheckedReloader, DynsecKicker, PkiCrl

@@ -36,8 +36,8 @@ from edgeward_attestation.quote import Challenge, PcrPolicy, verify_quote
 from edgeward_device_agent.agent import DeviceAgent
 from edgeward_device_agent.config import AgentConfig, AgentPolicy
 from edgeward_device_agent.ports import AgentTpm
-from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN, SwtpmDevice, SwtpmFleet, expected_pcrs
 from edgeward_device_agent.tpm import PcrBank, Quote, Tpm
+from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN, SwtpmDevice, SwtpmFleet, expected_pcrs
 from edgeward_shared.bindings import enrollment_proof
 from edgeward_shared.broker.acl import render_acl
 from edgeward_shared.broker.acl_eval import AclPolicy

@@ -42,7 +42,7 @@ from edgeward_attestation.policy import policy_from_values
 from edgeward_attestation.store import AttestationStore
 from edgeward_cli.demo_models import demo_model
 from edgeward_device_agent.state import AgentState
-from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN, SwtpmFleet, expected_pcrs
+from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN, SwtpmFleet, expected_pcrs
 from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.identity import Identity, Role, ServiceName

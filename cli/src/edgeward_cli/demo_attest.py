@@ -94,7 +94,7 @@ async def _tpms(root: Path, stack: AsyncExitStack) -> dict[str, str]:
     child = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "edgeward_device_agent.simulate",
+        "edgeward_device_sim.simulate",
         "--root",
         str(root / "tpms"),
         "--golden",
@@ -119,7 +119,7 @@ async def _tpms(root: Path, stack: AsyncExitStack) -> dict[str, str]:
 
 def _boot_log(root: Path, name: str) -> dict[str, str]:
     """The agent's boot event log (``EDGEWARD_EVENT_LOG``): the one its swtpm's boot chain
-    wrote (``edgeward_device_agent.swtpm``: ``devices/<name>/binary_bios_measurements``)."""
+    wrote (``edgeward_device_sim.swtpm``: ``devices/<name>/binary_bios_measurements``)."""
     return {
         "EDGEWARD_EVENT_LOG": str(root / "tpms" / "devices" / name / "binary_bios_measurements")
     }

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN, SwtpmFleet, tampered_boot_chain
+from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN, SwtpmFleet, tampered_boot_chain
 from edgeward_shared.logs import configure_logging
 from edgeward_shared.runtime.kit import EnvOptions, command, log_level_option, refusals
 

@@ -43,7 +43,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from edgeward_device_agent.tcg_log import (
+from edgeward_device_agent.tpm import PcrBank, Tpm
+from edgeward_device_sim.tcg_log import (
     EFI_CERT_SHA256,
     EFI_CERT_X509,
     EFI_GLOBAL_VARIABLE,
@@ -56,7 +57,6 @@ from edgeward_device_agent.tcg_log import (
     variable_data,
     write_log,
 )
-from edgeward_device_agent.tpm import PcrBank, Tpm
 from edgeward_shared.pki.certs import make_root_ca
 
 _PORT_ATTEMPTS: Final = 20
