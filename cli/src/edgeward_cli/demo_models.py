@@ -26,13 +26,13 @@ from typing import Any
 
 import click
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric import ec
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeward_cli.demo_attest import GOLDEN, TAMPERED, WAIT_S, process
 from edgeward_cli.demo_renewal import renewal_story
 from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings, connect_mqtt
+from edgeward_shared.crypto.keys import new_key
 from edgeward_shared.envelope import Opened
 from edgeward_shared.errors import EdgewardError
 from edgeward_shared.identity import Identity, Role, ServiceName
@@ -270,7 +270,7 @@ async def _rogue(store: PkiStore, address: BrokerAddress, stolen: AcceptedResult
             in_reply_to=None, body=stolen.body, session_sig=stolen.session_sig, ear=stolen.ear
         )
         await rogue.publish(Outgoing(topic, replay))
-        forged_key = ec.generate_private_key(ec.SECP256R1())
+        forged_key = new_key()
         body = stolen.body.replace(b'"device":"edge-0001"', b'"device":"dev-0002"')
         forged = InferResult(
             in_reply_to=None,

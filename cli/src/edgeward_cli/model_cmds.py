@@ -11,8 +11,6 @@ from pathlib import Path
 
 import click
 import msgspec
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgeward_cli.ops_client import (
     OperatorSession,
@@ -23,6 +21,7 @@ from edgeward_cli.ops_client import (
 )
 from edgeward_cli.pki_cmds import pki_dir_option
 from edgeward_cli.publish import DEFAULT_RUNTIME, BuiltRelease, ReleaseSpec, build_release
+from edgeward_shared.crypto.keys import load_public_key_der
 from edgeward_shared.errors import ConfigError, PolicyError
 from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.messages.base import Message
@@ -175,9 +174,10 @@ async def upload(session: OperatorSession, built: BuiltRelease, progress: Progre
         progress(sum(len(built.blob[i * size : (i + 1) * size]) for i in indices))
     sealed = None
     if built.data_key is not None:
-        kek = serialization.load_der_public_key(ready.kek)
-        if not isinstance(kek, ec.EllipticCurvePublicKey):
-            raise PolicyError("model.upload.invalid", "the service's KEK is not an EC key")
+        try:
+            kek = load_public_key_der(ready.kek)
+        except ValueError as exc:
+            raise PolicyError("model.upload.invalid", "the service's KEK is not an EC key") from exc
         sealed = seal_to_kek(built.data_key, kek, built.ref)
     return await session.ask(PublishCommit(upload_id=ready.upload_id, sealed_key=sealed), Published)
 
