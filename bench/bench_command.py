@@ -41,8 +41,8 @@ from edgeward_shared.messages.revocation import RevocationList
 from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.replay import MemoryReplayGuard
-from edgeward_shared.runtime.node import NodeConfig, build_runtime
-from edgeward_shared.testing.nodes import running
+from edgeward_shared.runtime.node import build_runtime
+from edgeward_shared.testing.nodes import node_config, running
 from edgeward_shared.topics import Channel, Direction, FleetKind, device_topic, fleet_topic
 
 N = sized(300, 20)
@@ -124,13 +124,7 @@ async def publish_list(store: PkiStore, port: int) -> None:
 
 
 async def edgeward_device(store: PkiStore, port: int, state: Path) -> None:
-    config = NodeConfig(
-        store.identity_files(DEVICE).directory,
-        store.bundle_path,
-        store.crl_path,
-        BrokerAddress("127.0.0.1", port),
-    )
-    runtime, connect = build_runtime(config)
+    runtime, connect = build_runtime(node_config(store, DEVICE, BrokerAddress("127.0.0.1", port)))
     ledger = DeviceLedger(state / "ledger.json")
     holder = RevocationHolder(ledger, runtime.clock, runtime.metrics.registry)
     has_list = asyncio.Event()

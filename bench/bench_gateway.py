@@ -59,8 +59,9 @@ from edgeward_shared.messages.model import ModelQuery
 from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.revocation import RevocationView
 from edgeward_shared.runtime.core import Outgoing, Runtime
-from edgeward_shared.runtime.node import NodeConfig, build_runtime
+from edgeward_shared.runtime.node import build_runtime
 from edgeward_shared.testing import EPOCH_MS, FixedClock, MemoryPki
+from edgeward_shared.testing.nodes import node_config
 from edgeward_shared.topics import FleetKind, fleet_topic, service_event_topic
 
 N = sized(2000, 100)
@@ -146,15 +147,6 @@ def make_pki(directory: Path, devices: Sequence[Identity]) -> PkiStore:
     return store
 
 
-def node(pki: PkiStore, identity: Identity, broker: BrokerAddress) -> NodeConfig:
-    return NodeConfig(
-        identity_dir=pki.identity_files(identity).directory,
-        ca_bundle=pki.bundle_path,
-        crl=pki.crl_path,
-        broker=broker,
-    )
-
-
 async def over_broker(report: Report, count: int, per_device: int) -> None:
     devices = [Identity.device(f"dev-{i:04d}") for i in range(1, count + 1)]
     with tempfile.TemporaryDirectory() as scratch:
@@ -207,7 +199,7 @@ async def run_fleet(  # noqa: PLR0915, PLR0917 - the bench's whole world, in ord
     connects: list[Any] = []
 
     def add(identity: Identity) -> Runtime:
-        runtime, connect = build_runtime(node(pki, identity, broker))
+        runtime, connect = build_runtime(node_config(pki, identity, broker))
         helpers.append(runtime)
         connects.append(connect)
         return runtime

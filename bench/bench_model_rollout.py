@@ -68,8 +68,10 @@ from edgeward_shared.models.provenance import Tier
 from edgeward_shared.models.release import BlobInfo
 from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.pki.trust import TrustStore
-from edgeward_shared.runtime.node import NodeConfig, build_runtime
+from edgeward_shared.runtime.node import build_runtime
+from edgeward_shared.testing.nodes import node_config
 from edgeward_shared.topics import FleetKind, fleet_topic
+from edgeward_shared.until import holds_within
 
 MODELS = Identity.service(ServiceName.MODEL_DISTRIBUTION)
 ATTESTATION = Identity.service(ServiceName.ATTESTATION)
@@ -98,15 +100,6 @@ def make_pki(directory: Path, devices: list[Identity]) -> PkiStore:
     for identity in (MODELS, ATTESTATION, OPERATOR, SIGNER, *devices):
         store.issue(identity, now, timedelta(days=1))
     return store
-
-
-def node(pki: PkiStore, identity: Identity, broker: BrokerAddress) -> NodeConfig:
-    return NodeConfig(
-        identity_dir=pki.identity_files(identity).directory,
-        ca_bundle=pki.bundle_path,
-        crl=pki.crl_path,
-        broker=broker,
-    )
 
 
 # ------------------------------------------------------------------ baseline
@@ -193,7 +186,7 @@ class Device:
     def __init__(
         self, pki: PkiStore, identity: Identity, broker: BrokerAddress, root: Path
     ) -> None:
-        self.runtime, self.connect = build_runtime(node(pki, identity, broker))
+        self.runtime, self.connect = build_runtime(node_config(pki, identity, broker))
         current = attested(pki, identity)
         self.gate = asyncio.Event()
         self.store = TimedStore(root / identity.name)
@@ -298,18 +291,16 @@ async def run_bench(  # noqa: PLR0917 - the bench's whole world, passed once
             RolloutRequest(name="ocr-rec", version=1, devices=[d.name for d in devices]), ModelList
         )
         try:
-            while not all(d.store.kept_at for d in fleet):
-                if time.perf_counter() - rollout_started > WAIT_S:
-                    raise TimeoutError(f"delivery did not complete: {refusals(fleet)}")
-                await asyncio.sleep(0.01)
+            if not await holds_within(lambda: all(d.store.kept_at for d in fleet), within_s=WAIT_S):
+                raise TimeoutError(f"delivery did not complete: {refusals(fleet)}")
             delivered_s = max(d.store.kept_at or 0.0 for d in fleet) - rollout_started
             activation_started = time.perf_counter()
             for device in fleet:
                 device.gate.set()
-            while not all("ocr-rec" in d.manager.loaded for d in fleet):
-                if time.perf_counter() - activation_started > WAIT_S:
-                    raise TimeoutError(f"activation did not complete: {refusals(fleet)}")
-                await asyncio.sleep(0.05)
+            if not await holds_within(
+                lambda: all("ocr-rec" in d.manager.loaded for d in fleet), within_s=WAIT_S
+            ):
+                raise TimeoutError(f"activation did not complete: {refusals(fleet)}")
             activated_s = time.perf_counter() - activation_started
         finally:
             stop.set()

@@ -41,8 +41,9 @@ from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.logs import configure_logging
 from edgeward_shared.messages.revocation import RevocationJob, Revoke
 from edgeward_shared.pki.store import PkiStore
-from edgeward_shared.runtime.node import NodeConfig, build_runtime
+from edgeward_shared.runtime.node import build_runtime
 from edgeward_shared.storage.sqlite import SqliteDatabase
+from edgeward_shared.testing.nodes import node_config
 
 DEVICES = sized(200, 8)
 REVOCATIONS = sized(30, 3)
@@ -132,10 +133,7 @@ async def revocations(
 ) -> list[float]:
     address = BrokerAddress("127.0.0.1", broker.port)
     database = await SqliteDatabase.open(db)
-    me = store.identity_files(REVOKER)
-    runtime, connect = build_runtime(
-        NodeConfig(me.directory, store.bundle_path, store.crl_path, address)
-    )
+    runtime, connect = build_runtime(node_config(store, REVOKER, address))
     rev_store = RevocationStore(database)
     await rev_store.migrate()
     kicker = DynsecKicker(

@@ -37,8 +37,8 @@ from edgeward_shared.messages.health import Ping, Pong
 from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.runtime.core import Runtime
 from edgeward_shared.runtime.health import answer_pings
-from edgeward_shared.runtime.node import NodeConfig, build_runtime
-from edgeward_shared.testing.nodes import running
+from edgeward_shared.runtime.node import build_runtime
+from edgeward_shared.testing.nodes import node_config, running
 from edgeward_shared.topics import Channel, Direction, device_topic
 
 N = sized(1000, 20)
@@ -122,13 +122,7 @@ def paho_round_trips(store: PkiStore, port: int) -> list[float]:
 
 # ------------------------------------------------------------------------------ runtime
 def node(store: PkiStore, identity: Identity, port: int) -> tuple[Runtime, object]:
-    config = NodeConfig(
-        identity_dir=store.identity_files(identity).directory,
-        ca_bundle=store.bundle_path,
-        crl=store.crl_path,
-        broker=BrokerAddress("127.0.0.1", port),
-    )
-    return build_runtime(config)
+    return build_runtime(node_config(store, identity, BrokerAddress("127.0.0.1", port)))
 
 
 async def runtime_device(store: PkiStore, port: int) -> None:

@@ -27,15 +27,14 @@ from edgeward_shared.bus.base import Bus
 from edgeward_shared.bus.memory import MemoryBroker
 from edgeward_shared.bus.mqtt import BrokerAddress, MqttBus, MqttSettings, connect_mqtt
 from edgeward_shared.clock import SystemClock
-from edgeward_shared.envelope import EnvelopeVerifier, SigningKey, seal
+from edgeward_shared.envelope import SigningKey, seal
 from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.messages.health import Ping, Pong
 from edgeward_shared.pki.store import PkiStore
-from edgeward_shared.pki.trust import TrustStore
-from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.runtime.core import Runtime
 from edgeward_shared.runtime.health import answer_pings
 from edgeward_shared.testing import MemoryPki
+from edgeward_shared.testing.nodes import file_runtime
 from edgeward_shared.topics import (
     Channel,
     Direction,
@@ -70,13 +69,7 @@ class Fabric:
     connect: Callable[[Identity], AbstractAsyncContextManager[Bus]]
 
     def runtime(self, identity: Identity) -> Runtime:
-        now = datetime.now(UTC)
-        trust = TrustStore.from_bundle(self.pki.bundle_path, self.pki.crl_path, now=now)
-        return Runtime(
-            signing_key=SigningKey.from_files(self.pki.identity_files(identity)),
-            verifier=EnvelopeVerifier(trust, MemoryReplayGuard()),
-            clock=SystemClock(),
-        )
+        return file_runtime(self.pki, identity)
 
     @asynccontextmanager
     async def serving(self, *runtimes: Runtime) -> AsyncIterator[None]:

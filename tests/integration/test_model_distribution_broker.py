@@ -84,7 +84,7 @@ from edgeward_shared.topics import (
     service_request_topic,
     service_response_topic,
 )
-from edgeward_shared.until import until
+from edgeward_shared.until import until, until_value
 
 pytestmark = [pytest.mark.broker, pytest.mark.asyncio]
 
@@ -426,12 +426,12 @@ async def test_a_contraindicated_canary_aborts_a_gated_rollout_over_the_broker(
             assert isinstance(answer, RolloutStatus), answer
             return answer.phase
 
-        deadline = asyncio.get_running_loop().time() + WAIT_S
-        while {g.gate: g.state for g in (await _ask(operator, requests, control)).gates}.get(  # type: ignore[attr-defined]
-            "attestation"
-        ) != "pass":
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.05)
+        await until_value(
+            lambda: _ask(operator, requests, control),
+            lambda status: {g.gate: g.state for g in status.gates}.get("attestation") == "pass",
+            within_s=WAIT_S,
+            why="the attestation gate passing",
+        )
         assert await phase() == "canary"  # healthy, soaking
 
         # a device cannot speak for the attestation service: the broker drops it
@@ -471,8 +471,5 @@ async def test_a_contraindicated_canary_aborts_a_gated_rollout_over_the_broker(
                 ActivationReport(name="gated", version=1, state="active", reason="model.activated"),
             )
         )
-        deadline = asyncio.get_running_loop().time() + WAIT_S
-        while await phase() != "rolled-back":
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.05)
+        await until_value(phase, lambda found: found == "rolled-back", within_s=WAIT_S)
         await until(lambda: any(e.new == "rolled-back" for e in events), within_s=WAIT_S)

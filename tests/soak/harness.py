@@ -25,7 +25,7 @@ import sqlite3
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -48,6 +48,7 @@ from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.storage.sqlite import SqliteDatabase
+from edgeward_shared.until import until
 
 DEVICE_CLASS = "soak"
 POLICY = "soak-1"
@@ -153,14 +154,6 @@ async def child(
                     process.kill()
                     await process.wait()
                     codes[f"{name}.killed"] = -9
-
-
-async def until(check: Callable[[], bool], within_s: float, what: str) -> None:
-    deadline = time.monotonic() + within_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"soak bring-up: {what} within {within_s:.0f} s")
-        await asyncio.sleep(0.5)
 
 
 # ---------------------------------------------------------------------- bring-up
@@ -411,7 +404,9 @@ async def _run(
             pids[name] = process.pid
         for service in SERVICES:
             cn = Identity.service(service).common_name
-            await until(lambda cn=cn: connected(broker, cn), 60, f"{cn} connected")
+            await until(
+                lambda cn=cn: connected(broker, cn), within_s=60, why=f"soak: {cn} connected"
+            )
         await publish_and_roll_out(root, pki, broker, devices)
 
         spec = AgentsSpec(
@@ -438,8 +433,8 @@ async def _run(
         pids["agents"] = agents.pid
         await until(
             lambda: all_serving(status_path, devices),
-            config.bring_up_s,
-            f"every device attested and serving {MODEL} (last: {latest(status_path)})",
+            within_s=config.bring_up_s,
+            why=f"soak: every device attested and serving {MODEL} (last: {latest(status_path)})",
         )
         record.bring_up_s = time.monotonic() - started
 
@@ -468,7 +463,11 @@ async def _run(
         # a renewal may be under way: give every device the gap bound to serve again (the
         # audit reads these samples only to see how a stretch open at the end ended)
         with contextlib.suppress(TimeoutError):
-            await until(lambda: all_serving(status_path, devices), config.max_gap_s + 2, "settled")
+            await until(
+                lambda: all_serving(status_path, devices),
+                within_s=config.max_gap_s + 2,
+                why="soak: settled",
+            )
         record.rss, record.calls = sampler.samples, client.calls
         record.worker_processes = len(sampler.worker_pids)
         record.seen, record.observer_refused = observer.seen, observer.refused

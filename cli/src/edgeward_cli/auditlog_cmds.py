@@ -36,6 +36,7 @@ from edgeward_shared.audit.note import Checkpoint, NoteVerifier, open_checkpoint
 from edgeward_shared.audit.store import read_log
 from edgeward_shared.audit.verify import Report, verify_log
 from edgeward_shared.errors import ConfigError, PolicyError
+from edgeward_shared.runtime.params import DIRECTORY, FILE
 from edgeward_shared.storage import SqliteDatabase
 
 VERIFY_FAILED: Final = "audit.verify.failed"
@@ -91,7 +92,7 @@ def audit_log() -> None:
 )
 @click.option(
     "--witness-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=DIRECTORY,
     default=DEFAULT_WITNESS_DIR,
     show_default=True,
     help="Where `edgeward audit keep` stores the operator's checkpoints.",
@@ -163,7 +164,7 @@ def _proofs(report: Report, trusted: list[Checkpoint], entry: int | None) -> Non
 
 @audit_log.command()
 @click.argument("db", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out", type=FILE)
 @click.option("--vkey", default="", help="Written into the header (informational).")
 def export(db: Path, out: Path, vkey: str) -> None:
     """Write the audit log in DB to OUT as JSON lines (entries, then checkpoints)."""
@@ -183,7 +184,7 @@ def export(db: Path, out: Path, vkey: str) -> None:
 @click.option("--vkey", required=True, help="The log's verifier key: name+id+base64 key.")
 @click.option(
     "--witness-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=DIRECTORY,
     default=DEFAULT_WITNESS_DIR,
     show_default=True,
 )

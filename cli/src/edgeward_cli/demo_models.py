@@ -28,7 +28,7 @@ import click
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeward_cli.demo_attest import GOLDEN, TAMPERED, WAIT_S, process
+from edgeward_cli.demo_attest import GOLDEN, TAMPERED, WAIT_S, patiently, process
 from edgeward_cli.demo_renewal import renewal_story
 from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings, connect_mqtt
@@ -43,7 +43,6 @@ from edgeward_shared.runtime.core import Outgoing
 from edgeward_shared.runtime.node import NodeConfig, build_runtime
 from edgeward_shared.testing.nodes import running
 from edgeward_shared.topics import Channel, Direction, device_topic, service_event_topic
-from edgeward_shared.until import Condition, holds_within
 
 MODEL = "edge-classifier"
 
@@ -111,10 +110,6 @@ class Cli:
         return child.returncode or 0, text
 
 
-async def _until(check: Condition) -> bool:
-    return await holds_within(check, within_s=WAIT_S, every_s=0.5, max_every_s=0.5)
-
-
 async def models_story(
     root: Path, store: PkiStore, broker: MosquittoBroker, stack: AsyncExitStack
 ) -> None:
@@ -163,7 +158,7 @@ async def models_story(
     _say(f"12. the build pipeline publishes {MODEL} v1, tier high (signed, encrypted)")
     source = root / "state" / f"{MODEL}.onnx"
     source.write_bytes(demo_model())
-    published = await _until(
+    published = await patiently(
         lambda: _ok(
             cli(
                 *("model", "publish", str(source), "--name", MODEL, "--version", "1"),
@@ -181,7 +176,7 @@ async def models_story(
 
     _say(f"13. canary rollout to {GOLDEN} and {TAMPERED}")
     await cli("model", "rollout", MODEL, "1", "--device", GOLDEN, "--device", TAMPERED)
-    await _until(lambda: _settled(cli))
+    await patiently(lambda: _settled(cli))
     await cli("model", "list", MODEL)
     _line(f"{GOLDEN}: attested, key wrapped to its session key, model measured into PCR 14")
     _line(f"{TAMPERED}: not attested, no key: model.key.attestation_missing")
@@ -240,7 +235,7 @@ async def _inference_act(
         service_event_topic(ServiceName.INFERENCE_GATEWAY, "rejected"), [RejectedResult], watch
     )
     async with running(watcher, connect, within_s=WAIT_S):
-        served = await _until(
+        served = await patiently(
             lambda: _ok(cli("infer", GOLDEN, "--model", MODEL, "--random", "1x16", show=False))
         )
         await cli("infer", GOLDEN, "--model", MODEL, "--random", "1x16")
@@ -252,7 +247,7 @@ async def _inference_act(
 
         _say("15. a rogue device (dev-0002, not attested) sends results: rejected, with reasons")
         await _rogue(store, address, accepted[-1])
-        await _until(lambda: _count(rejected, 2))
+        await patiently(lambda: _count(rejected, 2))
         for event in rejected[-2:]:
             _line(f"{event.device}: {click.style(event.reason, fg='red')}")
 

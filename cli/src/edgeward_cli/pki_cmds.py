@@ -15,6 +15,7 @@ from edgeward_shared.errors import EdgewardError
 from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.pki.canary import CANARY, ensure_canary
 from edgeward_shared.pki.store import PkiStore
+from edgeward_shared.runtime.params import DIRECTORY
 
 DEFAULT_PKI = Path(os.environ.get("EDGEWARD_PKI", "pki"))
 DEFAULT_RUN_DIR = Path("run/broker")
@@ -32,7 +33,7 @@ LIFETIMES = {
 pki_dir_option = click.option(
     "--dir",
     "directory",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=DIRECTORY,
     default=DEFAULT_PKI,
     show_default=True,
     help="PKI directory (env EDGEWARD_PKI).",
@@ -41,7 +42,7 @@ pki_dir_option = click.option(
 
 run_dir_option = click.option(
     "--run-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=DIRECTORY,
     default=DEFAULT_RUN_DIR,
     show_default=True,
     help="The run directory of `edgeward broker run` (config, ACL, CRL copy, log).",
