@@ -75,6 +75,15 @@ def _witness_file(directory: Path, origin: str) -> Path:
     return directory / (_SAFE.sub("_", origin) + ".checkpoint")
 
 
+witness_dir_option = click.option(
+    "--witness-dir",
+    type=DIRECTORY,
+    default=DEFAULT_WITNESS_DIR,
+    show_default=True,
+    help="Where `edgeward audit keep` stores the operator's checkpoints.",
+)
+
+
 @click.group("audit")
 def audit_log() -> None:
     """Check the services' tamper-evident audit logs offline (docs/protocol.md 5)."""
@@ -90,13 +99,7 @@ def audit_log() -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="A checkpoint kept by a device or operator (repeatable).",
 )
-@click.option(
-    "--witness-dir",
-    type=DIRECTORY,
-    default=DEFAULT_WITNESS_DIR,
-    show_default=True,
-    help="Where `edgeward audit keep` stores the operator's checkpoints.",
-)
+@witness_dir_option
 @click.option("--entry", type=int, help="Also prove entry N is in the newest checkpoint.")
 def verify(
     log: Path, vkey: str, checkpoints: tuple[Path, ...], witness_dir: Path, entry: int | None
@@ -182,12 +185,7 @@ def export(db: Path, out: Path, vkey: str) -> None:
 @audit_log.command()
 @click.argument("note", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--vkey", required=True, help="The log's verifier key: name+id+base64 key.")
-@click.option(
-    "--witness-dir",
-    type=DIRECTORY,
-    default=DEFAULT_WITNESS_DIR,
-    show_default=True,
-)
+@witness_dir_option
 @click.option(
     "--log",
     "log_path",

@@ -49,7 +49,13 @@ log_option = click.option(
     help="The operator's command log (signed commands and receipts).",
 )
 reason_option = click.option("--reason", required=True, help="Why (signed into the command).")
-timeout_option = click.option("--timeout", type=float, default=10.0, show_default=True)
+timeout_option = click.option(
+    "--timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for the device's signed receipt.",
+)
 
 
 @click.group()
@@ -185,8 +191,8 @@ def status(directory: Path, command_id: str, log_path: Path) -> None:
 
 @command.command()
 @click.argument("log_file", type=FILE)
-@click.option("--ca-bundle", type=FILE, required=True)
-@click.option("--crl", type=FILE, required=True)
+@click.option("--ca-bundle", type=FILE, required=True, help="The CA bundle (PEM) to check with.")
+@click.option("--crl", type=FILE, required=True, help="The CRL (PEM) judging revocation.")
 def verify(log_file: Path, ca_bundle: Path, crl: Path) -> None:
     """Offline proof: re-check every command and receipt in LOG_FILE with only the CA
     bundle and the CRL (revocation judged at signing time). Exit 1 if any fails."""

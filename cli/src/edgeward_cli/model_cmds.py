@@ -85,7 +85,13 @@ def model() -> None:
 @click.option("--dataset-fingerprint", help="Digest or id of the training data (provenance).")
 @click.option("--runtime", default=DEFAULT_RUNTIME, show_default=True, help="Allowed runtime.")
 @click.option("--signer", default="ci", show_default=True, help="Signing key signer.<name>.")
-@click.option("--days", type=click.IntRange(1, 3650), default=365, show_default=True)
+@click.option(
+    "--days",
+    type=click.IntRange(1, 3650),
+    default=365,
+    show_default=True,
+    help="How long the signed provenance stays valid (its expiry), in days.",
+)
 @operator_option
 @broker_option
 def publish(  # click passes every parameter by keyword

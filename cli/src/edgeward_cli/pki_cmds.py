@@ -204,7 +204,13 @@ def revoke(
 
 @pki.command()
 @pki_dir_option
-@click.option("--days", type=click.IntRange(1, 30), default=7, show_default=True)
+@click.option(
+    "--days",
+    type=click.IntRange(1, 30),
+    default=7,
+    show_default=True,
+    help="Validity of the new CRL (its nextUpdate); reissue it before then.",
+)
 @run_dir_option
 def crl(directory: Path, days: int, run_dir: Path) -> None:
     """Reissue the CRL (an expired CRL locks every client out of the broker) and apply it."""
@@ -280,8 +286,14 @@ def create_dev_pki(
 
 @pki.command(name="dev-setup")
 @pki_dir_option
-@click.option("--devices", type=click.IntRange(0, 10_000), default=3, show_default=True)
-@click.option("--operator", default="admin", show_default=True)
+@click.option(
+    "--devices",
+    type=click.IntRange(0, 10_000),
+    default=3,
+    show_default=True,
+    help="How many device certificates to issue (dev-0001, dev-0002, ...).",
+)
+@click.option("--operator", default="admin", show_default=True, help="The operator: op.NAME.")
 @click.option(
     "--operator-sessions",
     type=click.IntRange(1, 16),
@@ -348,7 +360,13 @@ def renew(  # click passes every parameter by keyword
 @click.option(
     "--root-passphrase-env", metavar="VAR", help="The root key's passphrase is in this variable."
 )
-@click.option("--days", type=click.IntRange(1, 3650), default=730, show_default=True)
+@click.option(
+    "--days",
+    type=click.IntRange(1, 3650),
+    default=730,
+    show_default=True,
+    help="Validity of the new issuing CA certificate.",
+)
 @run_dir_option
 def rotate_issuing(
     directory: Path,
