@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.models: the model
@@ -69,7 +69,7 @@ from edgeward_shared.models.release import BlobInfo
 from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.runtime.node import build_runtime
-from edgeward_shared.testing.nodes import node_config
+from edgeward_shared.testing.nodes import local_pki, node_config
 from edgeward_shared.topics import FleetKind, fleet_topic
 from edgeward_shared.until import holds_within
 
@@ -93,13 +93,7 @@ class NoTpm:
 
 
 def make_pki(directory: Path, devices: list[Identity]) -> PkiStore:
-    store = PkiStore(directory)
-    now = datetime.now(UTC)
-    store.init(now)
-    store.issue(Identity(Role.BROKER, "local"), now, timedelta(days=1), ("127.0.0.1",))
-    for identity in (MODELS, ATTESTATION, OPERATOR, SIGNER, *devices):
-        store.issue(identity, now, timedelta(days=1))
-    return store
+    return local_pki(directory, MODELS, ATTESTATION, OPERATOR, SIGNER, *devices)
 
 
 # ------------------------------------------------------------------ baseline

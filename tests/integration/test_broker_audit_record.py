@@ -10,7 +10,7 @@ import json
 import ssl
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -24,6 +24,7 @@ from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.identity import Identity, Role
 from edgeward_shared.pki.store import PkiStore, write_private_key
+from edgeward_shared.testing.nodes import local_pki
 from edgeward_shared.until import until
 
 pytestmark = pytest.mark.broker
@@ -37,12 +38,7 @@ WAIT_S = 10.0
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PkiStore, MosquittoBroker]]:
     root = tmp_path_factory.mktemp("audit")
-    pki = PkiStore(root / "pki")
-    now = datetime.now(UTC)
-    pki.init(now)
-    pki.issue(Identity(Role.BROKER, "local"), now, timedelta(days=1), ("127.0.0.1", "localhost"))
-    for who in (AUDITOR, DEV):
-        pki.issue(who, now, timedelta(days=1))
+    pki = local_pki(root / "pki", AUDITOR, DEV)
     with MosquittoBroker(pki, root / "broker", admins=[AUDITOR]) as broker:
         yield pki, broker
 

@@ -21,7 +21,7 @@ import stat
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,7 +73,7 @@ from edgeward_shared.pki.store import (
 from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.runtime.core import Outgoing, Runtime
 from edgeward_shared.testing import FixedClock, MemoryPki
-from edgeward_shared.testing.nodes import file_runtime, running_tasks
+from edgeward_shared.testing.nodes import file_runtime, local_pki, running_tasks
 from edgeward_shared.topics import Channel, Direction, device_topic, enroll_topic
 from edgeward_shared.until import until
 
@@ -363,12 +363,8 @@ class World:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> PkiStore:
-    now = datetime.now(UTC)
-    store = PkiStore(tmp_path_factory.mktemp("agent-pki") / "pki")
-    store.init(now)
-    for identity in (ATTESTATION, ATTESTATION_2, TELEMETRY):
-        store.issue(identity, now, timedelta(days=1))
-    return store
+    directory = tmp_path_factory.mktemp("agent-pki") / "pki"
+    return local_pki(directory, ATTESTATION, ATTESTATION_2, TELEMETRY, broker=False)
 
 
 @pytest.fixture(scope="module")

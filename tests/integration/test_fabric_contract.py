@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from tests.integration.instances import instance_broker
 
 from edgeward_shared.broker.acl import render_acl
 from edgeward_shared.broker.acl_eval import AclPolicy
@@ -97,10 +98,7 @@ def fabric_pki(pki: PkiStore) -> PkiStore:
 def mosquitto(
     fabric_pki: PkiStore, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[MosquittoBroker]:
-    run_dir = tmp_path_factory.mktemp("fabric") / "broker"
-    with MosquittoBroker(
-        fabric_pki, run_dir, operators=[ALICE], admins=[ADMIN], service_instances=[TELEMETRY_2]
-    ) as running:
+    with instance_broker(fabric_pki, tmp_path_factory, "fabric", TELEMETRY_2) as running:
         yield running
 
 

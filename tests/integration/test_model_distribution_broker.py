@@ -24,6 +24,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from onnx import TensorProto, helper, numpy_helper
+from tests.integration.instances import instance_broker
 
 from edgeward_cli.publish import BuiltRelease, ReleaseSpec, build_release
 from edgeward_model_distribution.app import ModelsConfig, models_node
@@ -111,10 +112,7 @@ def models_pki(pki: PkiStore) -> PkiStore:
 def mosquitto(
     models_pki: PkiStore, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[MosquittoBroker]:
-    run_dir = tmp_path_factory.mktemp("models") / "broker"
-    with MosquittoBroker(
-        models_pki, run_dir, operators=[OPERATOR], admins=[ADMIN], service_instances=[MODELS_2]
-    ) as running:
+    with instance_broker(models_pki, tmp_path_factory, "models", MODELS_2) as running:
         yield running
 
 

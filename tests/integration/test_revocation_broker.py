@@ -33,7 +33,7 @@ from edgeward_shared.audit.entry import decode_entry
 from edgeward_shared.audit.note import parse_checkpoint
 from edgeward_shared.audit.store import read_log
 from edgeward_shared.audit.verify import verify_log
-from edgeward_shared.broker.launcher import BROKER_IDENTITY, MosquittoBroker
+from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings
 from edgeward_shared.envelope import EnvelopeVerifier
 from edgeward_shared.errors import TransportError
@@ -45,7 +45,7 @@ from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.revocation import LIST_VERIFY_POLICY, VersionedReplay
 from edgeward_shared.runtime.node import build_runtime
 from edgeward_shared.storage.sqlite import SqliteDatabase
-from edgeward_shared.testing.nodes import node_config
+from edgeward_shared.testing.nodes import local_pki, node_config
 from edgeward_shared.topics import FleetKind, fleet_topic
 from edgeward_shared.until import until_value
 
@@ -65,13 +65,8 @@ LIFETIME = timedelta(days=1)
 
 @pytest.fixture(scope="module")
 def rev_pki(tmp_path_factory: pytest.TempPathFactory) -> PkiStore:
-    store = PkiStore(tmp_path_factory.mktemp("rev-pki") / "pki")
-    now = datetime.now(UTC)
-    store.init(now)
-    store.issue(BROKER_IDENTITY, now, LIFETIME, hosts=("127.0.0.1", "localhost"))
-    for who in (GOOD, BAD, LATER, ALICE, ADMIN, Identity.service(ServiceName.REVOCATION)):
-        store.issue(who, now, LIFETIME)
-    return store
+    who = (GOOD, BAD, LATER, ALICE, ADMIN, Identity.service(ServiceName.REVOCATION))
+    return local_pki(tmp_path_factory.mktemp("rev-pki") / "pki", *who, lifetime=LIFETIME)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from tests.integration.instances import instance_broker
 from tests.model_builders import make_ear
 from tests.telemetry_builders import report
 
@@ -63,14 +64,7 @@ def telemetry_pki(pki: PkiStore) -> PkiStore:
 def mosquitto(
     telemetry_pki: PkiStore, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[MosquittoBroker]:
-    run_dir = tmp_path_factory.mktemp("telemetry") / "broker"
-    with MosquittoBroker(
-        telemetry_pki,
-        run_dir,
-        operators=[OPERATOR],
-        admins=[ADMIN],
-        service_instances=[TELEMETRY_2],
-    ) as running:
+    with instance_broker(telemetry_pki, tmp_path_factory, "telemetry", TELEMETRY_2) as running:
         yield running
 
 

@@ -48,6 +48,7 @@ from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.storage.sqlite import SqliteDatabase
+from edgeward_shared.testing.nodes import local_pki
 from edgeward_shared.until import until
 
 DEVICE_CLASS = "soak"
@@ -158,19 +159,9 @@ async def child(
 
 # ---------------------------------------------------------------------- bring-up
 def make_pki(root: Path, devices: list[str]) -> PkiStore:
-    pki = PkiStore(root / "pki")
+    services = (Identity.service(name) for name in SERVICES)
+    pki = local_pki(root / "pki", *services, OBSERVER, ALICE, ALICE_CLI, SIGNER, ADMIN)
     now = datetime.now(UTC)
-    pki.init(now)
-    pki.issue(Identity(Role.BROKER, "local"), now, timedelta(days=1), ("127.0.0.1", "localhost"))
-    for identity in (
-        *(Identity.service(name) for name in SERVICES),
-        OBSERVER,
-        ALICE,
-        ALICE_CLI,
-        SIGNER,
-        ADMIN,
-    ):
-        pki.issue(identity, now, timedelta(days=1))
     for device in devices:
         files = pki.issue(Identity.enrollee(device), now, timedelta(days=1))
         AgentState(root / "agents" / device, device).install_enrollee(files)

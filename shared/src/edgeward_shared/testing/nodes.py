@@ -8,6 +8,8 @@ One set of builders and running helpers instead of a copy in each test module:
   :class:`PkiStore`, on the real broker at a :class:`BrokerAddress` (mTLS; no reload watcher,
   no resumed session: what a test peer needs; services are built by
   :func:`edgeward_shared.runtime.node.build_node`);
+* :func:`local_pki`: a fresh PKI with a certificate for a loopback broker and for each
+  identity a test names;
 * :func:`node_config`: the :class:`NodeConfig` of an identity's files in a :class:`PkiStore`
   (for :func:`edgeward_shared.runtime.node.build_runtime`, a service's ``wire``);
 * :func:`file_runtime`: a runtime signing with an identity's files and trusting the PKI's
@@ -27,8 +29,11 @@ import contextlib
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Final
 
+from edgeward_shared.broker.launcher import BROKER_IDENTITY
 from edgeward_shared.bus.memory import MemoryBroker
 from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings, connect_mqtt
 from edgeward_shared.clock import Clock, SystemClock, to_datetime
@@ -59,6 +64,25 @@ def memory_node(
         clock=clock or FixedClock(),
     )
     return runtime, functools.partial(broker.connect, identity.common_name)
+
+
+def local_pki(
+    directory: Path,
+    *identities: Identity,
+    broker: bool = True,
+    lifetime: timedelta = timedelta(days=1),
+) -> PkiStore:
+    """A fresh PKI in ``directory``: root and issuing CA, a certificate for the broker on
+    loopback (``127.0.0.1``, ``localhost``; unless ``broker`` is false) and one for each of
+    ``identities``, all valid from now for ``lifetime``."""
+    now = datetime.now(UTC)
+    pki = PkiStore(directory)
+    pki.init(now)
+    if broker:
+        pki.issue(BROKER_IDENTITY, now, lifetime, ("127.0.0.1", "localhost"))
+    for identity in identities:
+        pki.issue(identity, now, lifetime)
+    return pki
 
 
 def node_config(pki: PkiStore, identity: Identity, broker: BrokerAddress) -> NodeConfig:
