@@ -24,6 +24,7 @@ from typing import Final
 
 import click
 
+from edgeward_cli.pki_cmds import directory_option
 from edgeward_shared.audit.export import export_lines, read_export
 from edgeward_shared.audit.merkle import (
     LeafSource,
@@ -36,7 +37,7 @@ from edgeward_shared.audit.note import Checkpoint, NoteVerifier, open_checkpoint
 from edgeward_shared.audit.store import read_log
 from edgeward_shared.audit.verify import Report, verify_log
 from edgeward_shared.errors import ConfigError, PolicyError
-from edgeward_shared.runtime.params import DIRECTORY, FILE
+from edgeward_shared.runtime.params import FILE
 from edgeward_shared.storage import SqliteDatabase
 
 VERIFY_FAILED: Final = "audit.verify.failed"
@@ -75,12 +76,10 @@ def _witness_file(directory: Path, origin: str) -> Path:
     return directory / (_SAFE.sub("_", origin) + ".checkpoint")
 
 
-witness_dir_option = click.option(
+witness_dir_option = directory_option(
     "--witness-dir",
-    type=DIRECTORY,
-    default=DEFAULT_WITNESS_DIR,
-    show_default=True,
-    help="Where `edgeward audit keep` stores the operator's checkpoints.",
+    DEFAULT_WITNESS_DIR,
+    "Where `edgeward audit keep` stores the operator's checkpoints.",
 )
 
 

@@ -19,7 +19,7 @@ from edgeward_cli.ops_client import (
     operator_session,
     parse_broker,
 )
-from edgeward_cli.pki_cmds import pki_dir_option
+from edgeward_cli.pki_cmds import days_option, pki_dir_option
 from edgeward_cli.publish import DEFAULT_RUNTIME, BuiltRelease, ReleaseSpec, build_release
 from edgeward_shared.crypto.keys import load_public_key_der
 from edgeward_shared.errors import ConfigError, PolicyError
@@ -85,13 +85,7 @@ def model() -> None:
 @click.option("--dataset-fingerprint", help="Digest or id of the training data (provenance).")
 @click.option("--runtime", default=DEFAULT_RUNTIME, show_default=True, help="Allowed runtime.")
 @click.option("--signer", default="ci", show_default=True, help="Signing key signer.<name>.")
-@click.option(
-    "--days",
-    type=click.IntRange(1, 3650),
-    default=365,
-    show_default=True,
-    help="How long the signed provenance stays valid (its expiry), in days.",
-)
+@days_option(365, 3650, "the signed provenance (its expiry)")
 @operator_option
 @broker_option
 def publish(  # click passes every parameter by keyword
