@@ -3,4 +3,4 @@ production): simulated TPMs (``swtpm``: one swtpm process per device, provisione
 certificate from a test manufacturer CA, booted with a golden or tampered chain), the TCG
 event log of that simulated boot (``tcg_log``), and the ``edgeward-swtpm`` command
 (``simulate``). No production package imports it (import contract
-``production-imports-no-simulation``, docs/adr/0026)."""
+``production-imports-no-simulation``, docs/adr/0027)."""

@@ -1,6 +1,6 @@
 """The crypto recipes: the one place, with the shared recipes built on it (envelope, pki,
 ear, inference, models), that imports ``cryptography.hazmat`` (ruff banned-api TID251,
-docs/adr/0026).
+docs/adr/0027).
 
 * :mod:`.keys`: the key types (ECDSA P-256 is Edgeward's), generation, PEM/DER encoding and
   strict loading (a key of another type or curve is refused, never used);
