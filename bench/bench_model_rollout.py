@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.models: the model
@@ -68,8 +68,10 @@ from edgeward_shared.models.provenance import Tier
 from edgeward_shared.models.release import BlobInfo
 from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.pki.trust import TrustStore
-from edgeward_shared.runtime.node import NodeConfig, build_runtime
+from edgeward_shared.runtime.node import build_runtime
+from edgeward_shared.testing.nodes import local_pki, node_config
 from edgeward_shared.topics import FleetKind, fleet_topic
+from edgeward_shared.until import holds_within
 
 MODELS = Identity.service(ServiceName.MODEL_DISTRIBUTION)
 ATTESTATION = Identity.service(ServiceName.ATTESTATION)
@@ -91,22 +93,7 @@ class NoTpm:
 
 
 def make_pki(directory: Path, devices: list[Identity]) -> PkiStore:
-    store = PkiStore(directory)
-    now = datetime.now(UTC)
-    store.init(now)
-    store.issue(Identity(Role.BROKER, "local"), now, timedelta(days=1), ("127.0.0.1",))
-    for identity in (MODELS, ATTESTATION, OPERATOR, SIGNER, *devices):
-        store.issue(identity, now, timedelta(days=1))
-    return store
-
-
-def node(pki: PkiStore, identity: Identity, broker: BrokerAddress) -> NodeConfig:
-    return NodeConfig(
-        identity_dir=pki.identity_files(identity).directory,
-        ca_bundle=pki.bundle_path,
-        crl=pki.crl_path,
-        broker=broker,
-    )
+    return local_pki(directory, MODELS, ATTESTATION, OPERATOR, SIGNER, *devices)
 
 
 # ------------------------------------------------------------------ baseline
@@ -193,7 +180,7 @@ class Device:
     def __init__(
         self, pki: PkiStore, identity: Identity, broker: BrokerAddress, root: Path
     ) -> None:
-        self.runtime, self.connect = build_runtime(node(pki, identity, broker))
+        self.runtime, self.connect = build_runtime(node_config(pki, identity, broker))
         current = attested(pki, identity)
         self.gate = asyncio.Event()
         self.store = TimedStore(root / identity.name)
@@ -298,18 +285,16 @@ async def run_bench(  # noqa: PLR0917 - the bench's whole world, passed once
             RolloutRequest(name="ocr-rec", version=1, devices=[d.name for d in devices]), ModelList
         )
         try:
-            while not all(d.store.kept_at for d in fleet):
-                if time.perf_counter() - rollout_started > WAIT_S:
-                    raise TimeoutError(f"delivery did not complete: {refusals(fleet)}")
-                await asyncio.sleep(0.01)
+            if not await holds_within(lambda: all(d.store.kept_at for d in fleet), within_s=WAIT_S):
+                raise TimeoutError(f"delivery did not complete: {refusals(fleet)}")
             delivered_s = max(d.store.kept_at or 0.0 for d in fleet) - rollout_started
             activation_started = time.perf_counter()
             for device in fleet:
                 device.gate.set()
-            while not all("ocr-rec" in d.manager.loaded for d in fleet):
-                if time.perf_counter() - activation_started > WAIT_S:
-                    raise TimeoutError(f"activation did not complete: {refusals(fleet)}")
-                await asyncio.sleep(0.05)
+            if not await holds_within(
+                lambda: all("ocr-rec" in d.manager.loaded for d in fleet), within_s=WAIT_S
+            ):
+                raise TimeoutError(f"activation did not complete: {refusals(fleet)}")
             activated_s = time.perf_counter() - activation_started
         finally:
             stop.set()

@@ -47,8 +47,8 @@ from edgeward_attestation.quote import Challenge, PcrPolicy, verify_quote
 from edgeward_attestation.structures import HASHES
 from edgeward_cli.publish import ReleaseSpec, build_release
 from edgeward_device_agent.enrollment import make_csr
-from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN, SwtpmFleet, expected_pcrs
 from edgeward_device_agent.tpm import PcrBank
+from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN, SwtpmFleet, expected_pcrs
 from edgeward_shared.audit.entry import AuditEntry, AuditEvent, Decision, encode_entry
 from edgeward_shared.audit.merkle import CompactRange, leaf_hash
 from edgeward_shared.audit.note import Checkpoint, NoteSigner, sign_checkpoint

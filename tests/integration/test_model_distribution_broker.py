@@ -24,6 +24,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from onnx import TensorProto, helper, numpy_helper
+from tests.integration.instances import instance_broker
 
 from edgeward_cli.publish import BuiltRelease, ReleaseSpec, build_release
 from edgeward_model_distribution.app import ModelsConfig, models_node
@@ -84,7 +85,7 @@ from edgeward_shared.topics import (
     service_request_topic,
     service_response_topic,
 )
-from edgeward_shared.until import until
+from edgeward_shared.until import until, until_value
 
 pytestmark = [pytest.mark.broker, pytest.mark.asyncio]
 
@@ -111,10 +112,7 @@ def models_pki(pki: PkiStore) -> PkiStore:
 def mosquitto(
     models_pki: PkiStore, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[MosquittoBroker]:
-    run_dir = tmp_path_factory.mktemp("models") / "broker"
-    with MosquittoBroker(
-        models_pki, run_dir, operators=[OPERATOR], admins=[ADMIN], service_instances=[MODELS_2]
-    ) as running:
+    with instance_broker(models_pki, tmp_path_factory, "models", MODELS_2) as running:
         yield running
 
 
@@ -426,12 +424,12 @@ async def test_a_contraindicated_canary_aborts_a_gated_rollout_over_the_broker(
             assert isinstance(answer, RolloutStatus), answer
             return answer.phase
 
-        deadline = asyncio.get_running_loop().time() + WAIT_S
-        while {g.gate: g.state for g in (await _ask(operator, requests, control)).gates}.get(  # type: ignore[attr-defined]
-            "attestation"
-        ) != "pass":
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.05)
+        await until_value(
+            lambda: _ask(operator, requests, control),
+            lambda status: {g.gate: g.state for g in status.gates}.get("attestation") == "pass",
+            within_s=WAIT_S,
+            why="the attestation gate passing",
+        )
         assert await phase() == "canary"  # healthy, soaking
 
         # a device cannot speak for the attestation service: the broker drops it
@@ -471,8 +469,5 @@ async def test_a_contraindicated_canary_aborts_a_gated_rollout_over_the_broker(
                 ActivationReport(name="gated", version=1, state="active", reason="model.activated"),
             )
         )
-        deadline = asyncio.get_running_loop().time() + WAIT_S
-        while await phase() != "rolled-back":
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.05)
+        await until_value(phase, lambda found: found == "rolled-back", within_s=WAIT_S)
         await until(lambda: any(e.new == "rolled-back" for e in events), within_s=WAIT_S)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +54,7 @@ from edgeward_shared.topics import (
     service_event_topic,
     shared_subscription,
 )
+from edgeward_shared.until import until
 from edgeward_telemetry.app import wire
 from edgeward_telemetry.core import BASELINED, DEFAULT_RULES, Detector
 from edgeward_telemetry.rules import Rule
@@ -65,14 +66,6 @@ INSTANCES = (Identity.service(ServiceName.TELEMETRY), Identity.service(ServiceNa
 ATTESTATION = Identity.service(ServiceName.ATTESTATION)
 REVOCATION = Identity.service(ServiceName.REVOCATION)
 OPERATOR = Identity.operator("alice")
-
-
-async def until(condition: Callable[[], bool], within_s: float = WAIT_S) -> None:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError("the condition did not hold in time")
-        await asyncio.sleep(0.005)
 
 
 @dataclass

@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 import msgspec
 import onnxruntime
-from cryptography.hazmat.primitives.asymmetric import ec
 from packaging.requirements import InvalidRequirement, Requirement
 
 from edgeward_device_agent.model_fetch import ChunkFetcher, FetchPolicy
@@ -47,6 +46,7 @@ from edgeward_device_agent.offline import OfflinePolicy, Standing, keep_loaded
 from edgeward_device_agent.tpm import PcrBank
 from edgeward_device_agent.waits import wait_any
 from edgeward_shared.clock import Clock
+from edgeward_shared.crypto.keys import PrivateKey
 from edgeward_shared.envelope import Envelope, EnvelopeVerifier, Opened
 from edgeward_shared.errors import EdgewardError, MessageError, PolicyError
 from edgeward_shared.inference import InferenceReason
@@ -156,7 +156,7 @@ class ModelManager:
         clock: Clock,
         tpm: ModelTpm,
         attestation: Callable[[], CurrentAttestation | None],
-        device_key: Callable[[], ec.EllipticCurvePrivateKey],
+        device_key: Callable[[], PrivateKey],
         policy: ModelPolicy | None = None,
         loader: Loader = in_process_loader,
         on_change: Callable[[str], None] | None = None,

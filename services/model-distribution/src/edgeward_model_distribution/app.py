@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from edgeward_model_distribution.blobs import BlobStore, private_dir
 from edgeward_model_distribution.device_api import DEVICE_TYPES, DeviceApi
 from edgeward_model_distribution.gating import RolloutDriver
@@ -40,6 +38,7 @@ from edgeward_model_distribution.service import (
 from edgeward_model_distribution.store import ModelStore
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.clock import Clock
+from edgeward_shared.crypto.keys import PrivateKey
 from edgeward_shared.envelope import Opened
 from edgeward_shared.errors import PolicyError
 from edgeward_shared.identity import Identity, ServiceName
@@ -77,7 +76,7 @@ class State:
     db: SqliteDatabase
     store: ModelStore
     blobs: BlobStore
-    kek: ec.EllipticCurvePrivateKey
+    kek: PrivateKey
 
 
 @asynccontextmanager

@@ -14,14 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, ParamSpec, TypeVar
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from edgeward_model_distribution.blobs import BlobStore
 from edgeward_model_distribution.kek import public_der
 from edgeward_model_distribution.metrics import ModelMetrics
 from edgeward_model_distribution.store import ModelStore
 from edgeward_model_distribution.verify import SEAL_OVERHEAD
 from edgeward_shared.clock import Clock
+from edgeward_shared.crypto.keys import PrivateKey
 from edgeward_shared.envelope import SigningKey
 from edgeward_shared.messages.model import MAX_UPLOAD_CHUNK
 from edgeward_shared.models.onnx_check import DEFAULT_CAPS
@@ -80,7 +79,7 @@ class ModelService:
         self,
         store: ModelStore,
         blobs: BlobStore,
-        kek: ec.EllipticCurvePrivateKey,
+        kek: PrivateKey,
         signing_key: SigningKey,
         trust: TrustStore,
         clock: Clock,

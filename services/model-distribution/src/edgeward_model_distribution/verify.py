@@ -22,8 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
+from edgeward_shared.crypto.keys import PrivateKey
 from edgeward_shared.errors import PolicyError
 from edgeward_shared.identity import Identity
 from edgeward_shared.models.onnx_check import OnnxSummary, check_onnx
@@ -94,7 +93,7 @@ def check_contents(
     submission: Submission,
     checked: CheckedSubmission,
     sealed_key: bytes | None,
-    kek: ec.EllipticCurvePrivateKey,
+    kek: PrivateKey,
 ) -> OnnxSummary:
     """Check the uploaded blob end to end; returns the accepted model's ONNX summary."""
     if len(blob) != submission.blob_size:

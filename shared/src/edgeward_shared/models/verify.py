@@ -10,9 +10,8 @@ checks (no pickle, no external data, no custom operators, sizes within the caps)
 
 from __future__ import annotations
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from edgeward_shared.clock import to_datetime
+from edgeward_shared.crypto.keys import PublicKey
 from edgeward_shared.errors import AuthenticityError, PolicyError, Reason
 from edgeward_shared.identity import Role
 from edgeward_shared.models.onnx_check import check_onnx
@@ -60,7 +59,7 @@ def model_signer(cert_der: bytes, trust: TrustStore, *, now_ms: int) -> Signer:
         raise AuthenticityError(ModelReason.SIGNER_UNKNOWN, exc.detail) from exc
 
 
-def signer_key(cert_der: bytes, trust: TrustStore, *, now_ms: int) -> ec.EllipticCurvePublicKey:
+def signer_key(cert_der: bytes, trust: TrustStore, *, now_ms: int) -> PublicKey:
     """The public key of a valid, unrevoked model signer's certificate."""
     return model_signer(cert_der, trust, now_ms=now_ms).public_key
 

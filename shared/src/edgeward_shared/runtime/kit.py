@@ -38,7 +38,7 @@ from edgeward_shared.identity import Identity
 from edgeward_shared.logs import configure_logging
 from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.runtime.node import NodeConfig
-from edgeward_shared.runtime.params import BrokerParam
+from edgeward_shared.runtime.params import DIRECTORY, FILE, BrokerParam
 
 #: Exit status of a refusal to start that no retry fixes (click's usage errors share it).
 EXIT_CONFIG: Final = 2
@@ -149,7 +149,7 @@ def node_options(
         options.append(
             click.option(
                 "--pki-dir",
-                type=click.Path(file_okay=False, path_type=Path),
+                type=DIRECTORY,
                 default=Path("pki"),
                 envvar="EDGEWARD_PKI",
                 show_envvar=True,
@@ -162,14 +162,14 @@ def node_options(
         options += [
             own(
                 "--ca-bundle",
-                type=click.Path(dir_okay=False, path_type=Path),
+                type=FILE,
                 required=True,
                 help="Root and issuing CA certificates (PEM) every peer's certificate must"
                 " chain to.",
             ),
             own(
                 "--crl",
-                type=click.Path(dir_okay=False, path_type=Path),
+                type=FILE,
                 required=True,
                 help="The issuing CA's CRL (PEM).",
             ),
@@ -179,7 +179,7 @@ def node_options(
         options.append(
             own(
                 "--identity-dir",
-                type=click.Path(file_okay=False, path_type=Path),
+                type=DIRECTORY,
                 help=f"This instance's certificate and key, 0600 ({name} or {name}.<n>)."
                 f"  [default: PKI_DIR/identities/{name}]",
             )
@@ -190,7 +190,7 @@ def node_options(
                 "--database",
                 "--db",
                 "database",
-                type=click.Path(dir_okay=False, path_type=Path),
+                type=FILE,
                 default=database,
                 envvar=f"{own.prefix}_DB",
                 help=database_help,

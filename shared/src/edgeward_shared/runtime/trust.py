@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from edgeward_shared.clock import to_datetime
+from edgeward_shared.crypto.certs import to_der
 from edgeward_shared.envelope import EnvelopeVerifier, Opened, VerifyPolicy
 from edgeward_shared.errors import EdgewardError
 from edgeward_shared.logs import fields
@@ -53,7 +53,7 @@ def bundle_message(pki: PkiStore, now_ms: int) -> TrustBundle:
     return TrustBundle(
         version=pki.trust_version(),
         issued_at_ms=now_ms,
-        issuing_cas=[c.public_bytes(serialization.Encoding.DER) for c in pki.trusted_issuing_cas()],
+        issuing_cas=[to_der(c) for c in pki.trusted_issuing_cas()],
     )
 
 
