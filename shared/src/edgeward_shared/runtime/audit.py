@@ -17,7 +17,12 @@ subject     the signer's CN (``dev-0001``, ``op.alice``), or the topic when unve
 evidence    SHA-256 of the envelope bytes as delivered (the exact request judged)
 ==========  ===============================================================================
 
-:func:`enable_audit` opens the log in the service's database and key directory and hands
+:func:Only decisions worth recording are appended (:mod:`edgeward_shared.audit.kinds`): every
+security decision, and routine traffic (pings, telemetry reports, inference calls, syncs)
+only when it is refused; the routine deliveries passed over are counted
+(:attr:`DecisionAudit.routine_skipped`).
+
+`enable_audit` opens the log in the service's database and key directory and hands
 the hook to the runtime; services that want finer facts (an attestation verdict's detail)
 record them through the same :class:`~edgeward_shared.audit.appender.Appender`.
 """
@@ -33,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from edgeward_shared.audit.appender import Appender, LogAppender, Publish, open_audit_key
 from edgeward_shared.audit.entry import AuditEvent, Decision, evidence_digest
+from edgeward_shared.audit.kinds import must_record
 from edgeward_shared.audit.store import AuditLog
 from edgeward_shared.clock import Clock
 from edgeward_shared.envelope import Opened
@@ -70,6 +76,7 @@ class DecisionAudit:
         self.appender = appender
         self._actor = actor
         self._clock = clock
+        self.routine_skipped = 0  # routine deliveries answered, not recorded
 
     async def handled(self, opened: Opened[Any], outgoing: Sequence[object]) -> None:
         messages = [getattr(item, "message", None) for item in outgoing]
@@ -90,10 +97,14 @@ class DecisionAudit:
     async def _record(
         self, opened: Opened[Any] | None, decision: Decision, reason: str, raw: bytes, topic: str
     ) -> None:
+        action = action_of(opened.message.TYPE) if opened else UNVERIFIED
+        if not must_record(action, decision):
+            self.routine_skipped += 1
+            return
         try:
             event = AuditEvent(
                 actor=self._actor,
-                action=action_of(opened.message.TYPE) if opened else UNVERIFIED,
+                action=action,
                 decision=decision,
                 reason=reason,
                 subject=opened.signer.identity.common_name if opened else topic,
@@ -151,6 +162,10 @@ async def enable_audit(
             )
 
     appender = LogAppender(log, publish)
+    # the retained checkpoint dies with a broker that keeps no state: publish the newest
+    # again on every connection (the first one too: the broker may have restarted while
+    # this service was down), not only when the next one is signed (issue 20)
+    runtime.on_connect(appender.republish_quietly)
     logger.info("audit.enabled", extra=fields(origin=origin, vkey=signer.verifier.vkey))
     runtime.audit = DecisionAudit(appender, runtime.identity.common_name, runtime.clock)
     return appender
