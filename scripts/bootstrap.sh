@@ -9,7 +9,9 @@ APT_PACKAGES=(mosquitto mosquitto-clients openssl ca-certificates python3 python
     # the broker's guard plugin (mosquitto/plugin/edgeward_guard.c) is built against these
     mosquitto-dev libmosquitto-dev
     # the flood test loads deploy/nftables/edgeward-broker.nft in a namespace of its own
-    nftables iproute2 util-linux)
+    nftables iproute2 util-linux
+    # the syslog shipping tests send RFC 5425 (syslog over TLS) to a real rsyslog
+    rsyslog rsyslog-openssl)
 UV_VENV="${EDGEWARD_UV_VENV:-$HOME/.cache/edgeward/uv}"
 
 say() { printf '[bootstrap] %s\n' "$*" >&2; }

@@ -104,7 +104,9 @@ def main(
             store = TelemetryStore(database)
             await store.migrate()
             # every decision on a message, and every action, in the audit log (ADR 23)
-            audit = await enable_audit(runtime, database, node.database_path.parent)
+            audit = await enable_audit(  # docs/adr/0023; shipped with --syslog (0026)
+                runtime, database, node.database_path.parent, syslog=node.syslog_settings()
+            )
             wire(runtime, store, detector=detector, audit=audit)
             await run_until_signalled(runtime, connect, node.metrics_port)
         finally:

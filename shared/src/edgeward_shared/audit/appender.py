@@ -78,9 +78,14 @@ class LogAppender:
         self._max_batch = max_batch
         self._pending: list[tuple[AuditEvent, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._committed: list[Callable[[], None]] = []
         self.failures = 0
         self.commits = 0  # transactions (fsyncs) so far
         self.appended = 0  # entries committed so far
+
+    def on_commit(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` after each commit (the syslog feed wakes up on it)."""
+        self._committed.append(callback)
 
     async def record(self, event: AuditEvent) -> None:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -109,6 +114,8 @@ class LogAppender:
             else:
                 self.commits += 1
                 self.appended += len(batch)
+                for callback in self._committed:
+                    callback()
             finally:  # recording fails open: the callers go on either way
                 for _, done in batch:
                     if not done.done():

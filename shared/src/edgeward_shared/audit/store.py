@@ -248,6 +248,15 @@ class AuditLog:
             )
         return str(row["note"]) if row else None
 
+    async def entries_from(self, seq: int, limit: int) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` ``(seq, canonical entry bytes)`` from ``seq`` on (for shipping)."""
+        async with self._db.transaction(durable=False) as tx:
+            rows = await tx.fetch_all(
+                "SELECT seq, entry FROM audit_entries WHERE seq >= :seq ORDER BY seq LIMIT :n",
+                {"seq": seq, "n": limit},
+            )
+        return [(_int(r["seq"]), _bytes(r["entry"])) for r in rows]
+
     async def inclusion_proof(self, seq: int, size: int) -> list[bytes]:
         """The audit path of entry ``seq`` in the tree of ``size`` entries."""
         recorder = KeyRecorder()

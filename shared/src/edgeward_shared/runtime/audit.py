@@ -47,6 +47,7 @@ from edgeward_shared.logs import fields
 from edgeward_shared.messages.audit import AuditCheckpoint
 from edgeward_shared.messages.base import Message
 from edgeward_shared.messages.common import Rejected
+from edgeward_shared.runtime.syslog import SyslogSettings, enable_syslog
 from edgeward_shared.storage import Database
 from edgeward_shared.topics import FleetKind, fleet_topic
 
@@ -132,8 +133,12 @@ async def enable_audit(
     publish: Publish | None = None,
     every: int = 256,
     interval_ms: int = 10_000,
+    syslog: SyslogSettings | None = None,
 ) -> LogAppender:
     """Open the service's audit log in ``db`` (key in ``key_dir``) and audit ``runtime``.
+
+    With ``syslog``, its entries and the WARNING+ records are also shipped to a collector
+    (:mod:`edgeward_shared.runtime.syslog`).
 
     Each checkpoint it signs is published retained on ``ew/v1/fleet/audit/<service>`` as an
     :class:`AuditCheckpoint` (or handed to ``publish`` instead).
@@ -168,4 +173,6 @@ async def enable_audit(
     runtime.on_connect(appender.republish_quietly)
     logger.info("audit.enabled", extra=fields(origin=origin, vkey=signer.verifier.vkey))
     runtime.audit = DecisionAudit(appender, runtime.identity.common_name, runtime.clock)
+    if syslog is not None:
+        await enable_syslog(runtime, syslog, audit=appender, component=runtime.identity.name)
     return appender

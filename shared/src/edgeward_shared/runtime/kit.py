@@ -36,9 +36,10 @@ from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.errors import ConfigError, EdgewardError
 from edgeward_shared.identity import Identity
 from edgeward_shared.logs import configure_logging
-from edgeward_shared.pki.store import PkiStore
+from edgeward_shared.pki.store import IdentityFiles, PkiStore
 from edgeward_shared.runtime.node import NodeConfig
 from edgeward_shared.runtime.params import BrokerParam
+from edgeward_shared.runtime.syslog import SPOOL_FILE, SyslogSettings
 
 #: Exit status of a refusal to start that no retry fixes (click's usage errors share it).
 EXIT_CONFIG: Final = 2
@@ -95,6 +96,21 @@ class NodeOptions:
     pki_dir: Path | None = None  # None on a device, which holds no PKI directory
     identity_dir: Path | None = None  # None where the command manages its own identities
     database: Path | None = None
+    syslog: BrokerAddress | None = None  # the RFC 5425 collector, if audit is shipped
+    syslog_ca: Path | None = None  # its CA bundle (default: ca_bundle)
+
+    def syslog_settings(self) -> SyslogSettings | None:
+        """Where to ship the audit log and security records (None: ``--syslog`` unset)."""
+        if self.syslog is None:
+            return None
+        if self.identity_dir is None:
+            raise ConfigError("config.identity.missing", f"{self.component} has no identity dir")
+        return SyslogSettings(
+            collector=self.syslog,
+            ca=self.syslog_ca or self.ca_bundle,
+            identity=IdentityFiles(self.identity_dir),
+            spool=self.database_path.parent / SPOOL_FILE,
+        )
 
     @property
     def pki(self) -> PkiStore:
@@ -185,7 +201,7 @@ def node_options(
             )
         )
     if database is not None:
-        options.append(
+        options += [
             own(
                 "--database",
                 "--db",
@@ -194,8 +210,25 @@ def node_options(
                 default=database,
                 envvar=f"{own.prefix}_DB",
                 help=database_help,
-            )
-        )
+            ),
+            click.option(
+                "--syslog",
+                type=BrokerParam(),
+                envvar="EDGEWARD_SYSLOG",
+                show_envvar=True,
+                help="Ship the audit log and WARNING+ records as RFC 5424 syslog over TLS"
+                " (RFC 5425) to this collector, from a spool beside the database"
+                " (docs/telemetry.md).  [default: off]",
+            ),
+            click.option(
+                "--syslog-ca",
+                type=click.Path(dir_okay=False, path_type=Path),
+                envvar="EDGEWARD_SYSLOG_CA",
+                show_envvar=True,
+                help="CA bundle the collector's certificate must chain to.  [default: the"
+                " node's CA bundle]",
+            ),
+        ]
     options += [
         click.option(
             "--broker",
@@ -235,6 +268,8 @@ def node_options(
                 pki_dir=pki_dir,
                 identity_dir=identity_dir,
                 database=kwargs.pop("database", None),
+                syslog=kwargs.pop("syslog", None),
+                syslog_ca=kwargs.pop("syslog_ca", None),
             )
             function(node=node, **kwargs)
 
