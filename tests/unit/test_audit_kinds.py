@@ -7,7 +7,7 @@ import pkgutil
 
 import pytest
 
-import edgeward_shared.messages as messages_pkg
+import edgeward_shared
 from edgeward_shared.audit.entry import Decision
 from edgeward_shared.audit.kinds import (
     ROUTINE,
@@ -21,8 +21,9 @@ from edgeward_shared.runtime.audit import action_of
 
 
 def _all_message_types() -> set[str]:
-    for module in pkgutil.iter_modules(messages_pkg.__path__):
-        importlib.import_module(f"{messages_pkg.__name__}.{module.name}")
+    # every module of the shared library: wire types live beside messages/ too
+    for module in pkgutil.walk_packages(edgeward_shared.__path__, "edgeward_shared."):
+        importlib.import_module(module.name)
     found: set[str] = set()
     stack: list[type[Message]] = [Message]
     while stack:

@@ -71,6 +71,7 @@ SECURITY_DECISIONS: Final = frozenset(
         "model.publish.begin",
         "model.publish.commit",
         "model.published",
+        "model.release",
         "model.rollout",
         "model.rollout-start",
         "model.rollout-control",
@@ -80,6 +81,7 @@ SECURITY_DECISIONS: Final = frozenset(
         "telemetry.rollout",
         "telemetry.stop",
         "telemetry.revoke",
+        "telemetry.aggregate",  # a differentially private release spends privacy budget
         # an envelope that did not verify (always a denial)
         "envelope.open",
     }
