@@ -32,9 +32,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
+
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from edgeward_shared.audit.appender import Appender, LogAppender, Publish, open_audit_key
 from edgeward_shared.audit.entry import AuditEvent, Decision, evidence_digest
@@ -125,6 +128,28 @@ class DecisionAudit:
         await self.appender.record(event)
 
 
+class _AuditCollector(Collector):
+    """The audit log's counters, read from the appender at scrape time."""
+
+    def __init__(self, appender: LogAppender, decisions: DecisionAudit) -> None:
+        self._appender = appender
+        self._decisions = decisions
+
+    def collect(self) -> Iterator[Metric]:
+        figures = (
+            ("edgeward_audit_entries", "Audit entries committed", self._appender.appended),
+            ("edgeward_audit_commits", "Audit commits (fsyncs)", self._appender.commits),
+            ("edgeward_audit_append_failures", "Audit entries that could not be appended",
+             self._appender.failures),
+            ("edgeward_audit_routine_skipped", "Routine deliveries answered and not recorded",
+             self._decisions.routine_skipped),
+        )  # fmt: skip
+        for name, text, value in figures:
+            family = CounterMetricFamily(name, text)
+            family.add_metric([], value)
+            yield family
+
+
 async def enable_audit(
     runtime: Runtime,
     db: Database,
@@ -173,6 +198,7 @@ async def enable_audit(
     runtime.on_connect(appender.republish_quietly)
     logger.info("audit.enabled", extra=fields(origin=origin, vkey=signer.verifier.vkey))
     runtime.audit = DecisionAudit(appender, runtime.identity.common_name, runtime.clock)
+    runtime.metrics.registry.register(_AuditCollector(appender, runtime.audit))
     if syslog is not None:
         await enable_syslog(runtime, syslog, audit=appender, component=runtime.identity.name)
     return appender
