@@ -83,8 +83,7 @@ option = EnvOptions("TELEMETRY")
     "--privacy-budget",
     type=click.FloatRange(0.001, 100.0),
     default=1.0,
-    help="The epsilon all aggregates of a UTC day may spend together (the ledger refuses"
-    " past it).",
+    help="The epsilon all aggregates of a UTC day may spend together (the ledger refuses past it).",
 )
 def main(
     *,
