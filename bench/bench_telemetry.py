@@ -8,9 +8,10 @@ cached), and judging it (:class:`edgeward_telemetry.core.Detector`: metrics, dri
 rules, fusion) against an in-memory device state: ``ingest_per_s``, target >= 0.5 x raw
 verify. Both are measured back to back in each of 5 rounds (the load of a shared machine
 drifts); the ratio is the median of the rounds' ratios, the rates the best rounds'. The
-whole handler with the device state in SQLite (one transaction per report) is measured too (``handler_sqlite_per_s``). Detection latency: periods from the first
-shifted report (output drift) or the first refused burst (rejected results) to the alarm,
-in a fleet of honest devices that raise none.
+whole handler with the device state in SQLite (one transaction per report) is measured
+too (``handler_sqlite_per_s``). Detection latency: periods from the first shifted report
+(output drift) or the first refused burst (rejected results) to the alarm, in a fleet of
+honest devices that raise none.
 """
 
 from __future__ import annotations
