@@ -122,7 +122,7 @@ GROUP_CHILD = textwrap.dedent(
 
 
 def test_kill_9_loses_no_entry_acknowledged_by_a_group_commit(tmp_path: Path) -> None:
-    # 64 concurrent writers share commits (docs/adr/0026); each is acknowledged only once
+    # 64 concurrent writers share commits (docs/adr/0027); each is acknowledged only once
     # its own commit returned, so every acknowledged subject must be in the log
     state = tmp_path / "state"
     state.mkdir(mode=0o700)

@@ -1,6 +1,6 @@
 """Every retained ``fleet/`` state is back soon after a ``kill -9`` of mosquitto and a
 restart on its port (issue 20): the broker keeps no retained state, so each owner publishes
-its state again as soon as it has reconnected (``Runtime.on_connect``, docs/adr/0019, 0026).
+its state again as soon as it has reconnected (``Runtime.on_connect``, docs/adr/0019, 0027).
 
 Owners, all in process on the real broker: the revocation service (the signed list), the
 identity service's trust publisher (the trust bundle), and the audit logs of the telemetry

@@ -202,7 +202,7 @@ async def test_rising_rejected_results_stop_the_device_end_to_end(
             await _until(lambda: [a.message.reason for a in answers_b] == ["telemetry.unattested"])
         # the audit log (shared by both instances) holds the security decisions: the
         # refused report, the stop and its alarm, and one private aggregate released (the
-        # ledger lets one instance per period); accepted reports are routine (ADR 26)
+        # ledger lets one instance per period); accepted reports are routine (ADR 27)
         entries, _ = await read_log(database)
         recorded = sorted(
             (e.action, e.decision, e.reason) for e in (decode_entry(raw) for raw, _ in entries)

@@ -116,7 +116,7 @@ async def _serve(
     try:
         store = AttestationStore(database)
         await store.migrate()
-        await enable_audit(  # docs/adr/0023; shipped with --syslog (0026)
+        await enable_audit(  # docs/adr/0023; shipped with --syslog (0027)
             runtime, database, node.database_path.parent, syslog=node.syslog_settings()
         )
         service = wire(runtime, store, manufacturers, settings)

@@ -58,7 +58,7 @@ class IdentityConfig:
     class_lifetimes: Mapping[str, timedelta] = field(default_factory=dict)
     #: the cap on certificates per device (docs/adr/0025)
     reissue: ReissuePolicy = field(default_factory=ReissuePolicy)
-    #: where the audit log is shipped (RFC 5425), if anywhere (docs/adr/0026)
+    #: where the audit log is shipped (RFC 5425), if anywhere (docs/adr/0027)
     syslog: SyslogSettings | None = None
 
     def __post_init__(self) -> None:
@@ -80,7 +80,7 @@ async def identity_node(
     db = await SqliteDatabase.open(config.db_path)
     try:
         await migrate(db, component=COMPONENT, migrations=MIGRATIONS, clock=runtime.clock)
-        await enable_audit(  # docs/adr/0023; shipped when a collector is set (0026)
+        await enable_audit(  # docs/adr/0023; shipped when a collector is set (0027)
             runtime, db, config.db_path.parent, syslog=config.syslog
         )
         follower = RevocationFollower(config.db_path.parent, required=False)

@@ -135,7 +135,7 @@ async def _serve(pki: PkiStore, options: Options) -> None:
     try:
         store = RevocationStore(database)
         await store.migrate()
-        await enable_audit(  # docs/adr/0023; shipped with --syslog (0026)
+        await enable_audit(  # docs/adr/0023; shipped with --syslog (0027)
             runtime, database, node.database_path.parent, syslog=node.syslog_settings()
         )
         kicker = DynsecKicker(

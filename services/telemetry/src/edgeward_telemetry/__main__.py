@@ -133,7 +133,7 @@ def main(
             store = TelemetryStore(database)
             await store.migrate()
             # every decision on a message, and every action, in the audit log (ADR 23)
-            audit = await enable_audit(  # docs/adr/0023; shipped with --syslog (0026)
+            audit = await enable_audit(  # docs/adr/0023; shipped with --syslog (0027)
                 runtime, database, node.database_path.parent, syslog=node.syslog_settings()
             )
             wire(runtime, store, detector=detector, audit=audit, settings=settings)

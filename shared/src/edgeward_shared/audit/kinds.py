@@ -1,5 +1,5 @@
 """Which decisions go into the audit log: security decisions always, routine traffic only
-when it is refused (docs/adr/0026).
+when it is refused (docs/adr/0027).
 
 Pure: an action id (``attest.evidence``, the request type without ``edgeward.`` and its
 version, or an id a service records itself) and the decision in, a yes/no out.

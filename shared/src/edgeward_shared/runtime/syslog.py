@@ -5,7 +5,7 @@
 loggers, wakes the feed after every audit commit, and runs the feed and the shipper beside
 the runtime's bus loop (:meth:`Runtime.add_background`). The shipper's metrics go to the
 runtime's registry. What is shipped and the delivery rules: :mod:`.syslog.shipper`,
-docs/adr/0026.
+docs/adr/0027.
 """
 
 from __future__ import annotations

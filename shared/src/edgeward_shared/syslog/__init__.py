@@ -2,5 +2,5 @@
 
 Modules: :mod:`.rfc5424` (the message and frame, pure), :mod:`.spool` (the SQLite spool),
 :mod:`.shipper` (the feeds and the TLS sender). Wiring: ``edgeward_shared.runtime.syslog``.
-Decisions: docs/adr/0026.
+Decisions: docs/adr/0027.
 """

@@ -1,5 +1,5 @@
 """Ships a service's audit entries and security log records to a syslog collector as RFC
-5424 messages over TLS (RFC 5425), at least once, from a durable spool (docs/adr/0026).
+5424 messages over TLS (RFC 5425), at least once, from a durable spool (docs/adr/0027).
 
 Three parts, each a task of the service:
 
