@@ -109,3 +109,23 @@ async def test_the_spool_keeps_order_bounds_itself_and_forgets_only_what_was_con
     reopened = await SyslogSpool.open(await SqliteDatabase.open(tmp_path / "spool.db"))
     assert [f for _, f in await reopened.peek(0, 10)] == [b"h"]  # durable
     assert await reopened.audit_next() == 3
+
+
+@pytest.mark.asyncio
+async def test_a_record_logged_from_another_thread_wakes_the_feed_on_its_loop() -> None:
+    import asyncio
+    import threading
+
+    from edgeward_shared.syslog.shipper import LogFeed, SyslogMetrics
+
+    feed = LogFeed(ORIGIN, "telemetry", SyslogMetrics())
+    woken = asyncio.Event()
+    feed.wake = woken.set
+    record = logging.LogRecord("edgeward.storage", logging.WARNING, "f", 1, "storage.busy",
+                               None, None)  # fmt: skip
+    worker = threading.Thread(target=feed.emit, args=(record,))
+    worker.start()
+    worker.join()
+    await asyncio.wait_for(woken.wait(), 2)
+    [spooled] = feed.take()
+    assert b" storage.busy " in spooled

@@ -30,6 +30,7 @@ import logging
 import os
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -165,8 +166,15 @@ class LogFeed(logging.Handler):
         self._origin = origin
         self._formatter = JsonFormatter(component)
         self._metrics = metrics
-        self._queue: collections.deque[bytes] = collections.deque()
+        self._queue: collections.deque[bytes] = collections.deque()  # appends: thread-safe
         self.wake: Callable[[], None] = lambda: None
+        # records may come from any thread (SQLite's worker, the metrics server): the feed's
+        # event is the event loop's, so it is set from the loop's thread only
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+        self._loop_thread = threading.get_ident()
 
     def emit(self, record: logging.LogRecord) -> None:
         if not record.name.startswith("edgeward") or record.name.startswith(log.name):
@@ -179,7 +187,10 @@ class LogFeed(logging.Handler):
         except ValueError:  # an event id or field the format cannot carry: not fatal
             self._metrics.dropped.labels("log").inc()
             return
-        self.wake()
+        if self._loop is None or threading.get_ident() == self._loop_thread:
+            self.wake()
+        elif not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.wake)
 
     def take(self) -> list[bytes]:
         taken = list(self._queue)
