@@ -5,6 +5,7 @@ entry of the audit log is received, none lost (issue 11, "Remote log shipping").
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -21,9 +22,18 @@ from typing import Final
 import pytest
 
 from edgeward_shared.audit import AuditEvent, AuditLog, Decision, LogAppender, NoteSigner
+from edgeward_shared.bus.memory import MemoryBroker
+from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.clock import SystemClock
+from edgeward_shared.envelope import EnvelopeVerifier, seal
 from edgeward_shared.identity import Identity, ServiceName
+from edgeward_shared.messages.health import Ping
 from edgeward_shared.pki.store import PkiStore
+from edgeward_shared.replay import MemoryReplayGuard
+from edgeward_shared.runtime.audit import enable_audit
+from edgeward_shared.runtime.core import Runtime
+from edgeward_shared.runtime.health import answer_pings
+from edgeward_shared.runtime.syslog import SPOOL_FILE, SyslogSettings
 from edgeward_shared.storage import SqliteDatabase
 from edgeward_shared.syslog.shipper import (
     SETTLE_S,
@@ -35,7 +45,9 @@ from edgeward_shared.syslog.shipper import (
     SyslogTarget,
 )
 from edgeward_shared.syslog.spool import SyslogSpool
+from edgeward_shared.testing import MemoryPki
 from edgeward_shared.tls import client_context
+from edgeward_shared.topics import service_request_topic
 
 from .rsyslog import Rsyslog
 
@@ -265,3 +277,53 @@ def test_a_shipper_killed_9_loses_nothing_after_its_restart(
         f" all received {caught_up:.2f} s after the restart ({len(received) - len(set(received))}"
         " duplicates)"
     )
+
+
+@pytest.mark.asyncio
+async def test_a_service_runtime_with_a_collector_ships_its_refusals(
+    pki: PkiStore, rsyslog: Rsyslog, tmp_path: Path
+) -> None:
+    # the wiring every service uses (enable_audit(..., syslog=...)): a forged request is
+    # refused, recorded in the audit log, and both the entry and the runtime's
+    # message.rejected record reach rsyslog
+    memory = MemoryPki()
+    broker = MemoryBroker()
+    runtime = Runtime(
+        signing_key=memory.signing_key(TELEMETRY),
+        verifier=EnvelopeVerifier(memory.trust_store(), MemoryReplayGuard()),
+        clock=SystemClock(),
+    )
+    topic = service_request_topic(ServiceName.TELEMETRY, Identity.operator("alice"))
+    answer_pings(runtime, topic)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    db = await SqliteDatabase.open(state / "telemetry.db")
+    settings = SyslogSettings(
+        collector=BrokerAddress("127.0.0.1", rsyslog.port),
+        ca=pki.bundle_path,
+        identity=pki.identity_files(TELEMETRY),
+        spool=state / SPOOL_FILE,
+    )
+    audit = await enable_audit(runtime, db, state, syslog=settings)
+    forged = seal(
+        MemoryPki(org="Mallory").signing_key(Identity.operator("alice")),
+        topic,
+        Ping(nonce="ab" * 16),
+        now_ms=runtime.clock.now_ms(),
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(runtime.run(lambda: broker.connect(TELEMETRY.common_name), stop))
+    try:
+        await asyncio.wait_for(runtime.ready.wait(), 5)
+        async with broker.connect("op.alice") as raw:
+            await raw.publish(topic, forged)
+        assert await _wait(lambda: rsyslog.audit_seqs() == [0], 15)
+        assert await _wait(lambda: rsyslog.records("message.rejected"), 5)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await db.close()
+    [line] = [msg for msgid, msg in rsyslog.lines() if msgid == "audit"]
+    entry = json.loads(line)
+    assert (entry["action"], entry["decision"]) == ("envelope.open", "deny")
+    assert audit.appended == 1

@@ -99,8 +99,9 @@ class NodeOptions:
     syslog: BrokerAddress | None = None  # the RFC 5425 collector, if audit is shipped
     syslog_ca: Path | None = None  # its CA bundle (default: ca_bundle)
 
-    def syslog_settings(self) -> SyslogSettings | None:
-        """Where to ship the audit log and security records (None: ``--syslog`` unset)."""
+    def syslog_settings(self, state_dir: Path | None = None) -> SyslogSettings | None:
+        """Where to ship the audit log and security records (None: ``--syslog`` unset); the
+        spool goes to ``state_dir`` (default: the database's directory)."""
         if self.syslog is None:
             return None
         if self.identity_dir is None:
@@ -109,7 +110,7 @@ class NodeOptions:
             collector=self.syslog,
             ca=self.syslog_ca or self.ca_bundle,
             identity=IdentityFiles(self.identity_dir),
-            spool=self.database_path.parent / SPOOL_FILE,
+            spool=(state_dir or self.database_path.parent) / SPOOL_FILE,
         )
 
     @property
@@ -150,6 +151,7 @@ def node_options(
     database: Path | None = None,
     pki_help: str | None = None,
     database_help: str = "SQLite database (created 0600).",
+    syslog: bool | None = None,
 ) -> Callable[[Command], Command]:
     """The node's options, before the command's own; the command gets ``node=NodeOptions``.
 
@@ -157,7 +159,9 @@ def node_options(
     directory in the PKI (omit for a command with no identity of its own). ``trust``:
     ``"pki"`` reads the CA bundle and CRL from ``--pki-dir``; ``"files"`` (a device, which
     has no PKI directory) takes ``--ca-bundle`` and ``--crl``. ``database``: the default
-    path of ``--database`` (omit for a command without one).
+    path of ``--database`` (omit for a command without one). ``syslog``: offer
+    ``--syslog``/``--syslog-ca`` (default: when there is a database; a service with a state
+    directory instead asks for them).
     """
     own = EnvOptions(env)
     options: list[Callable[[Command], Command]] = []
@@ -201,7 +205,7 @@ def node_options(
             )
         )
     if database is not None:
-        options += [
+        options.append(
             own(
                 "--database",
                 "--db",
@@ -210,14 +214,18 @@ def node_options(
                 default=database,
                 envvar=f"{own.prefix}_DB",
                 help=database_help,
-            ),
+            )
+        )
+    offer_syslog = database is not None if syslog is None else syslog
+    if offer_syslog:
+        options += [
             click.option(
                 "--syslog",
                 type=BrokerParam(),
                 envvar="EDGEWARD_SYSLOG",
                 show_envvar=True,
                 help="Ship the audit log and WARNING+ records as RFC 5424 syslog over TLS"
-                " (RFC 5425) to this collector, from a spool beside the database"
+                " (RFC 5425) to this collector, from a spool beside the service's state"
                 " (docs/telemetry.md).  [default: off]",
             ),
             click.option(
