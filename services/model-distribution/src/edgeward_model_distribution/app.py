@@ -142,6 +142,8 @@ def wire(
                 rollout = await state.store.rollout(name, version)
                 if changed and rollout is not None:
                     out += await operators.hints(rollout)
+                if changed:
+                    out.append(service.cohort_closed(name, version))
             return out
 
         revocations.on_change = newly_revoked

@@ -12,7 +12,10 @@ to ``ew/v1/dev/<id>/down/model``; chunks to ``ew/v1/dev/<id>/down/data`` as data
 * **Chunks** of exactly the blob of the version assigned to the device now, else nothing
   (``model.chunk.not_assigned``): a revoked version, another device's model or another blob
   are all "not assigned". At most 16 per request, each read from the content-addressed store
-  and checked against its digest before it leaves.
+  and checked against its digest before it leaves. They go out once for the whole cohort on
+  the version's cohort topic (docs/adr/0026, :mod:`.fanout`): the device is first named a
+  member (the broker delivers that topic to members only), then each chunk not already on
+  its way to it is published there.
 * **Key release** follows :mod:`.keyrelease`; every release and refusal is written to the key
   log with its reason id and the attestation result it concerned, then counted and logged.
 * **Rate limits**: each device's syncs and chunk requests go through a token bucket per
@@ -46,6 +49,7 @@ from edgeward_model_distribution.store import (
     KeyDecision,
     VersionRecord,
 )
+from edgeward_shared.broker.cohorts import CohortOp, membership_update
 from edgeward_shared.envelope import Opened, seal
 from edgeward_shared.errors import EdgewardError, MessageError, PolicyError, Reason
 from edgeward_shared.logs import fields
@@ -66,9 +70,11 @@ from edgeward_shared.models.release import BlobInfo, ModelRelease, release_topic
 from edgeward_shared.models.sealing import ReleaseContext, open_with_kek, wrap_for_device
 from edgeward_shared.runtime.core import Outgoing, OutgoingFrame
 from edgeward_shared.topics import (
+    COHORT_CONTROL,
     Channel,
     DeviceTopic,
     Direction,
+    cohort_topic,
     device_topic,
     parse_topic,
     reply_topic,
@@ -128,7 +134,9 @@ class DeviceApi:
             log.warning("model.rate_limited", extra=fields(device=device_id, request=kind))
             raise PolicyError(ModelReason.RATE_LIMITED, f"too many {kind} requests")
 
-    async def _tick(self, name: str | None = None, *, throttled: bool = False) -> list[Outgoing]:
+    async def _tick(
+        self, name: str | None = None, *, throttled: bool = False
+    ) -> list[Outgoing | OutgoingFrame]:
         """New evidence: evaluate the gated rollouts it may concern (:mod:`.gating`)."""
         return [] if self.driver is None else await self.driver.tick(name, throttled=throttled)
 
@@ -232,7 +240,9 @@ class DeviceApi:
                 )
             info = await self.blob_info(record)
             indices = check_chunk_request(request.indices, len(info.chunks))
-            data = await asyncio.to_thread(self._read_chunks, info, indices)
+            topic = cohort_topic(record.name, record.version)
+            send = self.service.fanout.to_send(topic, device_id, indices)
+            data = await asyncio.to_thread(self._read_chunks, info, send)
         except EdgewardError as exc:
             self.service.metrics.chunk_refusals.labels(exc.reason).inc()
             log.warning(
@@ -240,16 +250,23 @@ class DeviceApi:
                 extra=fields(device=device_id, name=request.name, reason=exc.reason),
             )
             raise
-        topic = device_topic(device_id, Direction.DOWN, Channel.DATA)
+        # a member first (same connection, so the broker applies it before the frames)
+        member = membership_update(CohortOp.ADD, topic, [device_id])
         frames = [
-            OutgoingFrame(
-                topic, encode_frame(FrameHeader(blob=info.digest, index=i, req=opened.mid), chunk)
-            )
-            for i, chunk in zip(indices, data, strict=True)
+            OutgoingFrame(COHORT_CONTROL, member, qos=1),
+            *(
+                OutgoingFrame(
+                    topic,
+                    encode_frame(FrameHeader(blob=info.digest, index=i, req=opened.mid), chunk),
+                )
+                for i, chunk in zip(send, data, strict=True)
+            ),
         ]
-        self.service.metrics.chunks_served.inc(len(frames))
+        self.service.metrics.chunks_served.inc(len(send))
+        self.service.metrics.chunks_shared.inc(len(indices) - len(send))
         self.service.metrics.bytes_served.inc(sum(len(c) for c in data))
-        # after the frames (same connection, same order): the device stops waiting on this
+        # after the frames (same connection, same order): the device stops waiting on this;
+        # a shared chunk may still be on its way (the device waits its frame wait for it)
         done = ChunksSent(in_reply_to=opened.mid, indices=list(indices))
         return [*frames, Outgoing(device_topic(device_id, Direction.DOWN, Channel.MODEL), done)]
 

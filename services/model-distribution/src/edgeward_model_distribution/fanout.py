@@ -1,0 +1,63 @@
+"""Broker-side fan-out of a version's chunks (docs/adr/0026): pure bookkeeping.
+
+Every device assigned a version fetches the same ciphertext, so the service publishes each
+chunk once on the version's cohort topic and the broker copies it to the cohort's members
+(the guard plugin lets only them read it). A chunk request still comes from each device, is
+rate-limited and checked against its assignment; before serving it the service names the
+device a member (idempotent; it also restores membership a restarted broker forgot). Then
+each requested chunk is published, unless the same chunk went out on that topic *after*
+this device became a member, less than ``share_window_s`` ago: it is already on its way to
+the device. A device that lost a frame asks again after its frame wait (longer than the
+window), and gets it again. What two instances of the service do not share costs only a
+duplicate frame.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Final
+
+#: Entries kept before the old ones are dropped (a dropped entry costs one extra frame).
+MAX_ENTRIES: Final = 200_000
+
+
+class Fanout:
+    def __init__(
+        self, *, share_window_s: float = 1.0, monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
+        if share_window_s < 0:
+            raise ValueError("the share window cannot be negative")
+        self.share_window_s = share_window_s
+        self._monotonic = monotonic
+        self._joined: dict[tuple[str, str], float] = {}  # (topic, device) -> member since
+        self._sent: dict[tuple[str, int], float] = {}  # (topic, chunk index) -> last sent
+
+    def is_member(self, topic: str, device_id: str) -> bool:
+        return (topic, device_id) in self._joined
+
+    def to_send(self, topic: str, device_id: str, indices: Sequence[int]) -> list[int]:
+        """Which of ``indices`` to publish now for ``device_id`` (who is a member from now on,
+        if it was not already); records them as sent."""
+        now = self._monotonic()
+        self._prune(now)
+        joined = self._joined.setdefault((topic, device_id), now)
+        send = []
+        for index in indices:
+            sent = self._sent.get((topic, index))
+            if sent is not None and sent > joined and now - sent < self.share_window_s:
+                continue  # published after it joined, moments ago: already on its way
+            self._sent[(topic, index)] = now
+            send.append(index)
+        return send
+
+    def forget(self, topic: str) -> None:
+        """The cohort is gone (its version revoked): members and sent chunks alike."""
+        self._joined = {k: v for k, v in self._joined.items() if k[0] != topic}
+        self._sent = {k: v for k, v in self._sent.items() if k[0] != topic}
+
+    def _prune(self, now: float) -> None:
+        if len(self._sent) > MAX_ENTRIES:
+            self._sent = {k: v for k, v in self._sent.items() if now - v < self.share_window_s}
+        if len(self._joined) > MAX_ENTRIES:
+            self._joined.clear()  # members are named again on their next request
