@@ -109,8 +109,12 @@ class DeviceApi:
         self._admit(device_id, message)
         match message:
             case SyncRequest():
-                reply = Outgoing(answer_on, await self.sync(opened, device_id))
-                return (reply, *await self._tick(throttled=True))
+                page, versions = await self.sync(opened, device_id)
+                # members of the offered versions' cohorts before the reply: whatever those
+                # topics carry from now on reaches the device (docs/adr/0026)
+                joined = [self._member(device_id, name, version) for name, version in versions]
+                reply = Outgoing(answer_on, page)
+                return (*joined, reply, *await self._tick(throttled=True))
             case ChunkRequest():
                 return await self.chunks(opened, device_id, message)
             case KeyRequest():
@@ -141,14 +145,18 @@ class DeviceApi:
         return [] if self.driver is None else await self.driver.tick(name, throttled=throttled)
 
     # ------------------------------------------------------------------ sync
-    async def sync(self, opened: Opened[Any], device_id: str) -> SyncReply:
+    async def sync(
+        self, opened: Opened[Any], device_id: str
+    ) -> tuple[SyncReply, list[tuple[str, int]]]:
         """One page of the device's documents, from ``offset`` (model-name order): as many
-        as fit the reply's budget (at most 32); ``next`` says where the next page starts."""
+        as fit the reply's budget (at most 32); ``next`` says where the next page starts.
+        Also the versions the page offers."""
         now = self.service.clock.now_ms()
         await self.store.see_device(device_id, now)
         request: SyncRequest = opened.message
         assignments = await self.store.assignments(device_id)
         releases: list[bytes] = []
+        versions: list[tuple[str, int]] = []
         budget = _REPLY_BUDGET
         index = request.offset
         while index < len(assignments) and len(releases) < MAX_RELEASES:
@@ -168,6 +176,7 @@ class DeviceApi:
                 else:
                     budget -= cost
                     releases.append(sealed)
+                    versions.append((assignment.record.name, assignment.record.version))
             index += 1
         following = index if index < len(assignments) else None
         self.service.metrics.releases_signed.inc(len(releases))
@@ -177,7 +186,15 @@ class DeviceApi:
                 device=device_id, releases=len(releases), offset=request.offset, next=following
             ),
         )
-        return SyncReply(in_reply_to=opened.mid, releases=releases, next=following)
+        return SyncReply(in_reply_to=opened.mid, releases=releases, next=following), versions
+
+    def _member(self, device_id: str, name: str, version: int) -> OutgoingFrame:
+        """Name the device a member of the version's cohort (idempotent; it also restores
+        what a restarted broker forgot)."""
+        topic = cohort_topic(name, version)
+        self.service.fanout.join(topic, device_id)
+        update = membership_update(CohortOp.ADD, topic, [device_id])
+        return OutgoingFrame(COHORT_CONTROL, update, qos=1)
 
     async def _release(self, device_id: str, assignment: Assignment, now: int) -> bytes | None:
         """The signed document for one assignment (None if its provenance has expired)."""
@@ -251,9 +268,8 @@ class DeviceApi:
             )
             raise
         # a member first (same connection, so the broker applies it before the frames)
-        member = membership_update(CohortOp.ADD, topic, [device_id])
         frames = [
-            OutgoingFrame(COHORT_CONTROL, member, qos=1),
+            self._member(device_id, record.name, record.version),
             *(
                 OutgoingFrame(
                     topic,

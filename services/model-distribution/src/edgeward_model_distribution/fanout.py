@@ -2,14 +2,14 @@
 
 Every device assigned a version fetches the same ciphertext, so the service publishes each
 chunk once on the version's cohort topic and the broker copies it to the cohort's members
-(the guard plugin lets only them read it). A chunk request still comes from each device, is
-rate-limited and checked against its assignment; before serving it the service names the
-device a member (idempotent; it also restores membership a restarted broker forgot). Then
-each requested chunk is published, unless the same chunk went out on that topic *after*
-this device became a member, less than ``share_window_s`` ago: it is already on its way to
-the device. A device that lost a frame asks again after its frame wait (longer than the
-window), and gets it again. What two instances of the service do not share costs only a
-duplicate frame.
+(the guard plugin lets only them read it). A device is named a member when a sync offers
+it the version, before its first chunk request, and again before each request is served
+(idempotent; it also restores what a restarted broker forgot). A chunk request still comes
+from each device, is rate-limited and checked against its assignment. Each requested chunk
+is then published, unless the same chunk went out on that topic *after* this device became
+a member, less than ``share_window_s`` ago: it is already on its way to the device. A
+device that lost a frame asks again after its frame wait (longer than the window) and gets
+it again. What two instances of the service do not share costs only a duplicate frame.
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ class Fanout:
 
     def is_member(self, topic: str, device_id: str) -> bool:
         return (topic, device_id) in self._joined
+
+    def join(self, topic: str, device_id: str) -> None:
+        """The device is (named) a member from now on, if it was not already: it is offered
+        the version (sync), before it asks for any chunk."""
+        self._joined.setdefault((topic, device_id), self._monotonic())
 
     def to_send(self, topic: str, device_id: str, indices: Sequence[int]) -> list[int]:
         """Which of ``indices`` to publish now for ``device_id`` (who is a member from now on,
