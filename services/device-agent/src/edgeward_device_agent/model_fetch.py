@@ -13,7 +13,12 @@ The service publishes each chunk once for the whole cohort on the version's coho
 delivers only what its cohorts carry). A frame there is accepted for a blob being fetched,
 on that version's topic, for a chunk not yet held, with the same digest check; it need not
 answer this device's own request (another member's request sent it), and a chunk that
-arrives before this device asked for it is kept, so it is never asked for.
+arrives before this device asked for it is kept, so it is never asked for. Frames for a
+blob whose fetch has not begun yet (the service names the device a member when a sync
+offers the version, and other members' chunks may arrive before this device starts) are
+held, unchecked, up to ``early_bytes`` (oldest dropped first), and checked against the
+signed digests once the fetch begins. A chunk already held arrives again when another
+member asks for it: ignored.
 
 Chunks of encrypted blobs are staged on disk as they arrive (ciphertext, checked again on
 resume), so a restart or a lost connection costs only the chunks not yet received.
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -46,6 +52,8 @@ class FetchPolicy:
     request_timeout_s: float = 30.0
     frame_wait_s: float = 10.0
     attempts: int = 5
+    #: cohort frames held for a fetch not begun yet (docs/adr/0026)
+    early_bytes: int = 16 * 1024 * 1024
 
 
 @dataclass
@@ -91,6 +99,9 @@ class ChunkFetcher:
         self._open: dict[str, _Open] = {}
         self._blobs: dict[str, _Blob] = {}
         self._persist: set[str] = set()
+        #: (topic, blob, index) -> bytes: cohort frames before their fetch began, unchecked
+        self._held: OrderedDict[tuple[str, str, int], bytes] = OrderedDict()
+        self._held_bytes = 0
 
     # ------------------------------------------------------------------ frames in
     async def on_frame(self, delivery: Delivery) -> None:
@@ -116,8 +127,13 @@ class ChunkFetcher:
         topic, not held yet, matching its signed digest."""
         header, data = decode_frame(delivery.payload)
         blob = self._blobs.get(header.blob)
-        if blob is None or delivery.topic != blob.topic or header.index not in blob.pending:
+        if blob is None:
+            self._hold((delivery.topic, header.blob, header.index), data)
+            return
+        if delivery.topic != blob.topic:
             raise MessageError(ModelReason.CHUNK_UNSOLICITED, f"chunk {header.index}")
+        if header.index not in blob.pending:
+            return  # held already: another member asked for it again
         request = next(
             (
                 r
@@ -132,6 +148,31 @@ class ChunkFetcher:
             request.take(header.index, data)
         else:
             blob.early[header.index] = data
+
+    def _hold(self, key: tuple[str, str, int], data: bytes) -> None:
+        if key in self._held or len(data) > self.policy.early_bytes:
+            return
+        self._held[key] = data
+        self._held_bytes += len(data)
+        while self._held_bytes > self.policy.early_bytes:
+            _, dropped = self._held.popitem(last=False)
+            self._held_bytes -= len(dropped)
+
+    def _take_held(self, blob: _Blob) -> None:
+        """Frames that came for ``blob`` before its fetch began: the ones that match their
+        signed digests count as received."""
+        for key in [k for k in self._held if k[0] == blob.topic and k[1] == blob.info.digest]:
+            data = self._held.pop(key)
+            self._held_bytes -= len(data)
+            index = key[2]
+            if index not in blob.pending:
+                continue
+            try:
+                self._check(blob.info, index, data)
+            except AuthenticityError:
+                continue  # asked for like any other missing chunk
+            blob.pending.discard(index)
+            blob.early[index] = data
 
     def _check(self, info: BlobInfo, index: int, data: bytes) -> None:
         if len(data) != info.chunk_length(index) or (
@@ -151,6 +192,7 @@ class ChunkFetcher:
         missing = [i for i in range(len(info.chunks)) if i not in chunks]
         blob = _Blob(cohort_topic(release.name, release.version), info, set(missing))
         self._blobs[info.digest] = blob
+        self._take_held(blob)
         try:
             windows = [
                 missing[i : i + self.policy.window]

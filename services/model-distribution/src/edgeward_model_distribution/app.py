@@ -149,7 +149,12 @@ def wire(
         revocations.on_change = newly_revoked
         revocations.attach(runtime)
     runtime.route(OPERATOR_REQUESTS, OPERATOR_TYPES, operators, name="model-ops")
-    runtime.route(DEVICE_REQUESTS, DEVICE_TYPES, DeviceApi(service, driver), name="model-devices")
+    runtime.route(
+        DEVICE_REQUESTS,
+        DEVICE_TYPES,
+        DeviceApi(service, runtime.publish, driver),
+        name="model-devices",
+    )
     runtime.route(ATTESTATION_FAILED, [AttestationFailed], _follow(driver), name="attest-failed")
     answer_pings(runtime, OPERATOR_REQUESTS)
     return service

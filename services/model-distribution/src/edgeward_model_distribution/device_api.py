@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 from edgeward_model_distribution.core import check_chunk_request, chunk_span
@@ -95,10 +95,17 @@ _REPLY_BUDGET: Final = 240 * 1024
 class DeviceApi:
     """The route handler for devices' model-channel requests."""
 
-    def __init__(self, service: ModelService, driver: RolloutDriver | None = None) -> None:
+    def __init__(
+        self,
+        service: ModelService,
+        publish: Callable[[OutgoingFrame], Awaitable[None]],
+        driver: RolloutDriver | None = None,
+    ) -> None:
         self.service = service
         self.store = service.store
         self.driver = driver
+        #: the runtime's publish: membership updates go out inline (see :meth:`_join`)
+        self._publish = publish
 
     async def __call__(self, opened: Opened[Any]) -> Sequence[Outgoing | OutgoingFrame]:
         device_id = _device(opened.topic)
@@ -112,9 +119,10 @@ class DeviceApi:
                 page, versions = await self.sync(opened, device_id)
                 # members of the offered versions' cohorts before the reply: whatever those
                 # topics carry from now on reaches the device (docs/adr/0026)
-                joined = [self._member(device_id, name, version) for name, version in versions]
+                for name, version in versions:
+                    await self._join(device_id, name, version)
                 reply = Outgoing(answer_on, page)
-                return (*joined, reply, *await self._tick(throttled=True))
+                return (reply, *await self._tick(throttled=True))
             case ChunkRequest():
                 return await self.chunks(opened, device_id, message)
             case KeyRequest():
@@ -188,13 +196,15 @@ class DeviceApi:
         )
         return SyncReply(in_reply_to=opened.mid, releases=releases, next=following), versions
 
-    def _member(self, device_id: str, name: str, version: int) -> OutgoingFrame:
+    async def _join(self, device_id: str, name: str, version: int) -> None:
         """Name the device a member of the version's cohort (idempotent; it also restores
-        what a restarted broker forgot)."""
+        what a restarted broker forgot). Published inline, and the device counted a member
+        only once the update is queued on the connection: a frame the fan-out decides to
+        send after that is queued after it, so the broker delivers it to the device."""
         topic = cohort_topic(name, version)
-        self.service.fanout.join(topic, device_id)
         update = membership_update(CohortOp.ADD, topic, [device_id])
-        return OutgoingFrame(COHORT_CONTROL, update, qos=1)
+        await self._publish(OutgoingFrame(COHORT_CONTROL, update, qos=1))
+        self.service.fanout.join(topic, device_id)
 
     async def _release(self, device_id: str, assignment: Assignment, now: int) -> bytes | None:
         """The signed document for one assignment (None if its provenance has expired)."""
@@ -257,6 +267,7 @@ class DeviceApi:
                 )
             info = await self.blob_info(record)
             indices = check_chunk_request(request.indices, len(info.chunks))
+            await self._join(device_id, record.name, record.version)
             topic = cohort_topic(record.name, record.version)
             send = self.service.fanout.to_send(topic, device_id, indices)
             data = await asyncio.to_thread(self._read_chunks, info, send)
@@ -267,16 +278,11 @@ class DeviceApi:
                 extra=fields(device=device_id, name=request.name, reason=exc.reason),
             )
             raise
-        # a member first (same connection, so the broker applies it before the frames)
         frames = [
-            self._member(device_id, record.name, record.version),
-            *(
-                OutgoingFrame(
-                    topic,
-                    encode_frame(FrameHeader(blob=info.digest, index=i, req=opened.mid), chunk),
-                )
-                for i, chunk in zip(send, data, strict=True)
-            ),
+            OutgoingFrame(
+                topic, encode_frame(FrameHeader(blob=info.digest, index=i, req=opened.mid), chunk)
+            )
+            for i, chunk in zip(send, data, strict=True)
         ]
         self.service.metrics.chunks_served.inc(len(send))
         self.service.metrics.chunks_shared.inc(len(indices) - len(send))

@@ -37,8 +37,8 @@ class Fanout:
         return (topic, device_id) in self._joined
 
     def join(self, topic: str, device_id: str) -> None:
-        """The device is (named) a member from now on, if it was not already: it is offered
-        the version (sync), before it asks for any chunk."""
+        """The device is a member from now on, if it was not already: call it once the
+        update naming it is queued on the connection, before any frame decided later."""
         self._joined.setdefault((topic, device_id), self._monotonic())
 
     def to_send(self, topic: str, device_id: str, indices: Sequence[int]) -> list[int]:
@@ -46,7 +46,7 @@ class Fanout:
         if it was not already); records them as sent."""
         now = self._monotonic()
         self._prune(now)
-        joined = self._joined.setdefault((topic, device_id), now)
+        joined = self._joined.setdefault((topic, device_id), now)  # (callers join first)
         send = []
         for index in indices:
             sent = self._sent.get((topic, index))
