@@ -178,6 +178,14 @@ class TimedStore(ModelStore):
     def __init__(self, state_dir: Path) -> None:
         super().__init__(state_dir)
         self.kept_at: float | None = None
+        self.staged: set[int] = set()
+        self.received_at: float | None = None  # the last chunk checked and staged
+
+    def stage_chunk(self, info: BlobInfo, index: int, data: bytes) -> None:
+        super().stage_chunk(info, index, data)
+        self.staged.add(index)
+        if len(self.staged) == len(info.chunks):
+            self.received_at = time.perf_counter()
 
     def keep_blob(self, info: BlobInfo, data: bytes) -> None:
         super().keep_blob(info, data)
@@ -303,6 +311,9 @@ async def run_bench(  # noqa: PLR0917 - the bench's whole world, passed once
                     raise TimeoutError(f"delivery did not complete: {refusals(fleet)}")
                 await asyncio.sleep(0.01)
             delivered_s = max(d.store.kept_at or 0.0 for d in fleet) - rollout_started
+            received_s = max(d.store.received_at or 0.0 for d in fleet) - rollout_started
+            spread = sorted((d.store.received_at or 0.0) - rollout_started for d in fleet)
+            print("DEBUG received", [round(x, 2) for x in spread], file=sys.stderr)
             activation_started = time.perf_counter()
             for device in fleet:
                 device.gate.set()
@@ -323,6 +334,7 @@ async def run_bench(  # noqa: PLR0917 - the bench's whole world, passed once
     report.add("model_bytes", len(model), "bytes")
     report.add("publish_build_s", build_s, "s")
     report.add("publish_total_s", publish_s, "s")
+    report.add("rollout_received_s", received_s, "s")
     report.add("rollout_delivered_s", delivered_s, "s")
     report.add("rollout_activation_after_delivery_s", activated_s, "s")
     return delivered_s, activated_s

@@ -46,14 +46,21 @@ class Clock:
 
 def test_a_chunk_on_its_way_to_a_member_is_not_sent_again() -> None:
     clock = Clock()
-    fanout = Fanout(share_window_s=1.0, monotonic=clock)
-    assert fanout.to_send(TOPIC, "dev-a", [0, 1]) == [0, 1]  # joins, then 0 and 1 go out
+    fanout = Fanout(share_window_s=30.0, monotonic=clock)
+    fanout.join(TOPIC, "dev-a")
+    clock.now += 0.1
+    assert fanout.to_send(TOPIC, "dev-a", [0, 1]) == [0, 1]
     clock.now += 0.1
     assert fanout.to_send(TOPIC, "dev-b", [0, 1, 2]) == [0, 1, 2]  # joined after they left
+    clock.now += 5.0  # a's request waited in the queue: 2 went out after a joined
+    assert fanout.to_send(TOPIC, "dev-a", [2, 3]) == [3]
     clock.now += 0.1
-    assert fanout.to_send(TOPIC, "dev-a", [1, 2]) == []  # b's 1 and 2 went out after a joined
-    clock.now += 1.0
-    assert fanout.to_send(TOPIC, "dev-a", [2]) == [2]  # lost after all: asked again later
+    assert fanout.to_send(TOPIC, "dev-a", [2]) == [2]  # asked again: it was lost
+    clock.now += 31.0
+    fanout.join(TOPIC, "dev-c")
+    assert fanout.to_send(TOPIC, "dev-b", [4]) == [4]
+    clock.now += 31.0  # long after: held frames may have been dropped; send again
+    assert fanout.to_send(TOPIC, "dev-c", [4, 5]) == [4, 5]
     assert fanout.to_send(cohort_topic("demo", 2), "dev-a", [2]) == [2]  # another cohort
 
 
@@ -124,9 +131,9 @@ async def test_one_publish_per_chunk_for_the_cohort_nothing_for_others(
             assert sorted(got) == indices
             assert all(hashlib.sha256(got[i]).hexdigest() == document.blob.chunks[i] for i in got)
             assert {d.topic for d in caller.frames()} == {TOPIC}
-        served = service.metrics.chunks_served._value.get()
-        assert served == len(indices)  # once for both
-        assert service.metrics.chunks_shared._value.get() == len(indices)
+        shared = service.metrics.chunks_shared
+        await until(lambda: shared._value.get() == len(indices))  # b's request: nothing new
+        assert service.metrics.chunks_served._value.get() == len(indices)  # once for both
         # dev-c is not assigned: refused, and it read nothing of what went to the cohort
         assert rejected_reason(await c.ask(ask)) == ModelReason.CHUNK_NOT_ASSIGNED
         assert c.frames() == []

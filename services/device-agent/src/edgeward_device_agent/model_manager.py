@@ -352,8 +352,8 @@ class ModelManager:
         blob = self.store.blob(release.blob) if encrypted else None
         if blob is None:
             blob = await self._fetcher.fetch(runtime, release, persist=encrypted)
-            if encrypted:
-                self.store.keep_blob(release.blob, blob)
+            if encrypted:  # written and fsynced off the event loop (megabytes)
+                await asyncio.to_thread(self.store.keep_blob, release.blob, blob)
         key, result_id = await self._data_key(runtime, release) if encrypted else (None, None)
         model = open_release_blob(release, blob, key)
         provenance = self._verify(release, model)

@@ -66,8 +66,8 @@ class Settings:
     #: an upload not touched for this long is purged (its rows and its partial file)
     upload_ttl_ms: int = 24 * 3600 * 1000
     #: a chunk published on a cohort topic this recently is not published again for a
-    #: member that joined before it (docs/adr/0026); below the devices' frame wait (10 s)
-    share_window_s: float = 1.0
+    #: member that joined before it and asks for it the first time (docs/adr/0026)
+    share_window_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not MIN_METADATA_TTL_MS <= self.metadata_ttl_ms <= MAX_DOCUMENT_LIFETIME_MS:
@@ -78,8 +78,8 @@ class Settings:
             raise ValueError(f"upload chunk size must be between 1 KiB and {MAX_UPLOAD_CHUNK}")
         if self.max_blob_bytes <= 0 or self.max_parallel_checks <= 0 or self.upload_ttl_ms <= 0:
             raise ValueError("limits must be positive")
-        if not 0 <= self.share_window_s < 10:
-            raise ValueError("the share window must be below the devices' frame wait (10 s)")
+        if self.share_window_s < 0:
+            raise ValueError("the share window cannot be negative")
 
 
 class ModelService:

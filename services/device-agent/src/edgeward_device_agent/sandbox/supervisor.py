@@ -46,6 +46,7 @@ from edgeward_device_agent.sandbox.protocol import (
     Failed,
     FrameError,
     Limits,
+    Load,
     Outputs,
     Probe,
     ProbeReport,
@@ -239,8 +240,11 @@ class InferenceWorker:
     def policy(self) -> SandboxPolicy:
         return self._policy
 
-    async def load(self, model: bytes, *, strict: bool) -> Protections:
-        """Check ``model``, start a new worker with it, then retire the previous one.
+    async def load(
+        self, model: bytes, *, strict: bool, pool: WarmPool | None = None
+    ) -> Protections:
+        """Check ``model``, start a new worker with it (an idle one from ``pool`` if it has
+        one), then retire the previous one.
 
         ``strict`` (tier high): refuse unless every protection is applied. Until the new
         worker is ready the previous one keeps serving; if the new one fails, it still does.
@@ -249,7 +253,11 @@ class InferenceWorker:
             raise TypeError("the model must be bytes")
         await asyncio.to_thread(check_onnx, model, self._policy.caps)
         async with self._lock:
-            child, protections = await self._spawn(model, strict=strict)
+            try:
+                child, protections = await self._spawn(model, strict=strict, pool=pool)
+            finally:
+                if pool is not None:
+                    pool.refill(strict=strict)
             previous, self._child = self._child, child
             self._model, self._strict = model, strict
             if previous is not None:
@@ -303,31 +311,23 @@ class InferenceWorker:
         self._child = child
         return child
 
-    async def _spawn(self, model: bytes, *, strict: bool) -> tuple[_Child, Protections]:
-        """A new worker with ``model`` loaded, or an error (and no worker left running)."""
+    async def _spawn(
+        self, model: bytes, *, strict: bool, pool: WarmPool | None = None
+    ) -> tuple[_Child, Protections]:
+        """A new worker with ``model`` loaded, or an error (and no worker left running).
+        From ``pool``, if it has an idle one: already confined, its libraries imported."""
         policy = self._policy
-        fd = await asyncio.to_thread(_sealed_memfd, model)
-        try:
-            process = await asyncio.create_subprocess_exec(
-                policy.python,
-                "-I",  # no PYTHON* variables, no user site, no script directory on sys.path
-                "-B",
-                "-m",
-                "edgeward_device_agent.sandbox.worker",
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                pass_fds=(fd,),
-                env=_worker_env(),
-                cwd="/",
-                start_new_session=True,  # the terminal's signals are the agent's to relay
-            )
-        except OSError as error:
-            raise SandboxError(SandboxReason.LOAD_FAILED, f"cannot start: {error}") from error
-        finally:
-            os.close(fd)
-        child = _Child(process)
-        setup = encode_frame(policy.setup(fd, len(model), strict=strict))
+        spare = pool.take(policy, strict=strict) if pool is not None else None
+        if spare is not None:
+            child, setup = spare, encode_frame(Load(model))
+        else:
+            fd = await asyncio.to_thread(_sealed_memfd, model)
+            try:
+                child = await _start_process(policy, (fd,))
+            finally:
+                os.close(fd)
+            setup = encode_frame(policy.setup(fd, len(model), strict=strict))
+        process = child.process
         try:
             reply = await self._exchange(child, setup, policy.load_timeout_s)
         except SandboxError as error:
@@ -389,6 +389,86 @@ class InferenceWorker:
             await child.stop(kill=kill)
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+async def _start_process(policy: SandboxPolicy, fds: tuple[int, ...]) -> _Child:
+    try:
+        process = await asyncio.create_subprocess_exec(
+            policy.python,
+            "-I",  # no PYTHON* variables, no user site, no script directory on sys.path
+            "-B",
+            "-m",
+            "edgeward_device_agent.sandbox.worker",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            pass_fds=fds,
+            env=_worker_env(),
+            cwd="/",
+            start_new_session=True,  # the terminal's signals are the agent's to relay
+        )
+    except OSError as error:
+        raise SandboxError(SandboxReason.LOAD_FAILED, f"cannot start: {error}") from error
+    return _Child(process)
+
+
+class WarmPool:
+    """Workers started before there is a model: confined (limits, namespace, seccomp, the
+    unprivileged user) with their libraries imported, idle until a :class:`Load`. A load
+    from the pool skips the interpreter's start and the imports, which cost more than the
+    session itself for a small model. One spare per strictness, for one policy; a spare
+    taken is replaced once the load that took it is done (not during it: they would share
+    the CPU). :meth:`close` stops the spares."""
+
+    def __init__(self, policy: SandboxPolicy | None = None) -> None:
+        self.policy = policy or SandboxPolicy()
+        self._spares: dict[bool, _Child] = {}
+        self._starting: dict[bool, asyncio.Task[None]] = {}
+
+    async def prestart(self, *, strict: bool) -> None:
+        """Have an idle worker ready for ``strict`` loads (waits until it is started)."""
+        self.refill(strict=strict)
+        task = self._starting.get(strict)
+        if task is not None:
+            await asyncio.shield(task)
+
+    def refill(self, *, strict: bool) -> None:
+        """Start a spare for ``strict`` in the background, unless there is one."""
+        spare = self._spares.get(strict)
+        if (spare is not None and spare.alive) or strict in self._starting:
+            return
+        task = asyncio.create_task(self._start(strict))
+        self._starting[strict] = task
+        task.add_done_callback(lambda _t: self._starting.pop(strict, None))
+
+    def spare_pid(self, *, strict: bool) -> int | None:
+        """The idle worker's pid, if one is ready for ``strict``."""
+        spare = self._spares.get(strict)
+        return spare.process.pid if spare is not None and spare.alive else None
+
+    def take(self, policy: SandboxPolicy, *, strict: bool) -> _Child | None:
+        """An idle worker for ``policy`` and ``strict``, if one is ready."""
+        if policy != self.policy:
+            return None
+        spare = self._spares.pop(strict, None)
+        return spare if spare is not None and spare.alive else None
+
+    async def close(self) -> None:
+        for task in list(self._starting.values()):
+            task.cancel()
+        await asyncio.gather(*self._starting.values(), return_exceptions=True)
+        spares, self._spares = list(self._spares.values()), {}
+        for spare in spares:
+            await spare.stop(kill=False)
+
+    async def _start(self, strict: bool) -> None:
+        try:
+            child = await _start_process(self.policy, ())
+            await child.send(encode_frame(self.policy.setup(-1, 0, strict=strict)))
+        except (SandboxError, OSError) as error:  # no spare: loads start their own
+            log.warning("no warm inference worker: %s", error)
+            return
+        self._spares[strict] = child
 
 
 def _sealed_memfd(model: bytes) -> int:
