@@ -22,7 +22,7 @@ from edgeward_device_agent.sandbox.supervisor import InferenceWorker, SandboxPol
 from edgeward_shared.errors import EdgewardError, PolicyError
 from edgeward_shared.inference import InferenceReason
 from edgeward_shared.messages.infer import Tensor
-from edgeward_shared.models.onnx_check import OnnxInput, check_onnx
+from edgeward_shared.models.onnx_check import OnnxInput
 from edgeward_shared.models.provenance import Tier
 
 
@@ -48,13 +48,15 @@ def sandbox_loader(policy: SandboxPolicy | None = None, pool: WarmPool | None = 
     start and import onnxruntime."""
 
     async def load(model: bytes, tier: Tier) -> Any:
-        summary = check_onnx(model, (policy or SandboxPolicy()).caps)
         worker = InferenceWorker(policy)
         try:
-            await worker.load(model, strict=tier is Tier.HIGH, pool=pool)
+            await worker.load(model, strict=tier is Tier.HIGH, pool=pool)  # checks it first
         except BaseException:
             await worker.close()
             raise
+        summary = worker.summary
+        if summary is None:  # pragma: no cover - set by every successful load
+            raise RuntimeError("a loaded worker without its model's summary")
         return SandboxedModel(worker, tuple(summary.inputs))
 
     return load

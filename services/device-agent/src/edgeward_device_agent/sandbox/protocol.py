@@ -106,6 +106,12 @@ Request = Setup | Load | Run | Probe
 # ---------------------------------------------------------------- worker -> supervisor
 
 
+class Idle(msgspec.Struct, frozen=True, tag="idle", forbid_unknown_fields=True):
+    """A warm worker is confined, its libraries imported: send the :class:`Load`."""
+
+    protections: Protections
+
+
 class Ready(msgspec.Struct, frozen=True, tag="ready", forbid_unknown_fields=True):
     protections: Protections
     inputs: list[str]
@@ -133,7 +139,7 @@ class ProbeReport(msgspec.Struct, frozen=True, tag="probe_report", forbid_unknow
     facts: dict[str, str]
 
 
-Reply = Ready | Outputs | Failed | ProbeReport
+Reply = Idle | Ready | Outputs | Failed | ProbeReport
 
 _encoder: Final = msgspec.msgpack.Encoder()
 _request_decoder: Final[msgspec.msgpack.Decoder[Request]] = msgspec.msgpack.Decoder(Request)

@@ -45,6 +45,7 @@ from edgeward_device_agent.sandbox.protocol import (
     Caps,
     Failed,
     FrameError,
+    Idle,
     Limits,
     Load,
     Outputs,
@@ -62,7 +63,7 @@ from edgeward_device_agent.sandbox.protocol import (
 from edgeward_device_agent.sandbox.reasons import SandboxError, SandboxReason
 from edgeward_shared.errors import EdgewardError, MessageError, PolicyError
 from edgeward_shared.messages.infer import Tensor
-from edgeward_shared.models.onnx_check import DEFAULT_CAPS, OnnxCaps, check_onnx
+from edgeward_shared.models.onnx_check import DEFAULT_CAPS, OnnxCaps, OnnxSummary, check_onnx
 
 log = logging.getLogger("edgeward.agent.sandbox")
 
@@ -219,6 +220,7 @@ class InferenceWorker:
         self._protections: Protections | None = None
         self._restarts = 0
         self._background: set[asyncio.Task[None]] = set()
+        self._summary: OnnxSummary | None = None
 
     @property
     def restarts(self) -> int:
@@ -237,6 +239,11 @@ class InferenceWorker:
         return child.process.pid if child is not None and child.alive else None
 
     @property
+    def summary(self) -> OnnxSummary | None:
+        """What the check of the model loaded now found (its inputs, for callers)."""
+        return self._summary
+
+    @property
     def policy(self) -> SandboxPolicy:
         return self._policy
 
@@ -251,7 +258,7 @@ class InferenceWorker:
         """
         if not isinstance(model, bytes):
             raise TypeError("the model must be bytes")
-        await asyncio.to_thread(check_onnx, model, self._policy.caps)
+        summary = await asyncio.to_thread(check_onnx, model, self._policy.caps)
         async with self._lock:
             try:
                 child, protections = await self._spawn(model, strict=strict, pool=pool)
@@ -259,7 +266,7 @@ class InferenceWorker:
                 if pool is not None:
                     pool.refill(strict=strict)
             previous, self._child = self._child, child
-            self._model, self._strict = model, strict
+            self._model, self._strict, self._summary = model, strict, summary
             if previous is not None:
                 await previous.stop(kill=False)
             return protections
@@ -462,11 +469,27 @@ class WarmPool:
             await spare.stop(kill=False)
 
     async def _start(self, strict: bool) -> None:
+        """A spare, once it says it is confined and idle; else none (loads start their
+        own worker, and report why)."""
         try:
             child = await _start_process(self.policy, ())
-            await child.send(encode_frame(self.policy.setup(-1, 0, strict=strict)))
-        except (SandboxError, OSError) as error:  # no spare: loads start their own
+        except SandboxError as error:
             log.warning("no warm inference worker: %s", error)
+            return
+        try:
+            async with asyncio.timeout(self.policy.load_timeout_s):
+                await child.send(encode_frame(self.policy.setup(-1, 0, strict=strict)))
+                reply = await child.receive(self.policy.max_frame_bytes)
+        except (TimeoutError, OSError, EOFError, asyncio.IncompleteReadError, FrameError) as error:
+            log.warning("no warm inference worker: %s", error)
+            await child.stop(kill=True)
+            return
+        except BaseException:
+            await child.stop(kill=True)
+            raise
+        if not isinstance(reply, Idle):  # e.g. strict, and a protection is missing
+            log.warning("no warm inference worker: %s", type(reply).__name__)
+            await child.stop(kill=not isinstance(reply, Failed))
             return
         self._spares[strict] = child
 

@@ -36,6 +36,7 @@ from edgeward_device_agent.sandbox.protocol import (
     PROBE_ENV,
     Failed,
     FrameError,
+    Idle,
     Load,
     Outputs,
     Probe,
@@ -110,6 +111,7 @@ def _start(setup: Setup, send: _Send, *, probe_enabled: bool) -> Model | None:
         send(Failed(SandboxReason.PROTECTION_UNAVAILABLE, missing, "policy", protections))
         return None
     if setup.model_fd < 0:  # warm: the model comes when there is one
+        send(Idle(protections))
         load = read_request(_STDIN, setup.max_frame_bytes)
         if not isinstance(load, Load):
             send(Failed(SandboxReason.REQUEST_UNKNOWN, type(load).__name__))
