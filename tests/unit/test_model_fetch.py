@@ -200,16 +200,17 @@ async def test_cohort_frames_count_whoever_asked_and_early_ones_are_held(tmp_pat
     assert service.asked == [[2, 3], [4, 5, 7]]  # 0, 1 held; 2 again; 6 came early
 
     other = _release(os.urandom(8 * CHUNK))
+
+    class Misdirected(FakeService):
+        async def request(self, topic: str, message: Any, *, timeout_s: float, mid: str) -> Any:
+            header = FrameHeader(blob=message.blob, index=0, req=mid)
+            data = other.blob.digest.encode()  # anything: the topic is wrong
+            await fetcher.on_cohort_frame(
+                Delivery("ew/v1/cohort/demo/2", encode_frame(header, data))
+            )
+            raise AssertionError("unreachable")
+
+    misdirected = Misdirected(fetcher, blob)
     with pytest.raises(EdgewardError) as refused:
-
-        class Misdirected(FakeService):
-            async def request(self, topic: str, message: Any, *, timeout_s: float, mid: str) -> Any:
-                header = FrameHeader(blob=message.blob, index=0, req=mid)
-                data = other.blob.digest.encode()  # anything: the topic is wrong
-                await fetcher.on_cohort_frame(
-                    Delivery("ew/v1/cohort/demo/2", encode_frame(header, data))
-                )
-                raise AssertionError("unreachable")
-
-        await fetcher.fetch(Misdirected(fetcher, blob), other, persist=False)  # type: ignore[arg-type]
+        await fetcher.fetch(misdirected, other, persist=False)  # type: ignore[arg-type]
     assert refused.value.reason == "model.chunk.unsolicited"
