@@ -478,8 +478,9 @@ class DeviceAgent:
         if self.config.models is not None:
             # a worker started, confined and idle before any model arrives: an activation
             # (tier high: strict) does not wait for an interpreter and onnxruntime's import
-            if self.config.sandbox is not None and self._warm is None:
-                self._warm = WarmPool(self.config.sandbox)
+            sandbox = self.config.sandbox
+            if sandbox is not None and sandbox.warm and self._warm is None:
+                self._warm = WarmPool(sandbox)
                 self._warm.refill(strict=True)
             self.models = ModelManager(
                 self.device_id,
@@ -492,8 +493,8 @@ class DeviceAgent:
                 policy=self.config.models,
                 # the view is replaced by each newer list: look it up at every call
                 revoked=lambda name, version: self.revocations.view.model_revoked(name, version),  # noqa: PLW0108
-                loader=sandbox_loader(self.config.sandbox, self._warm)
-                if self._warm is not None
+                loader=sandbox_loader(sandbox, self._warm)
+                if sandbox is not None
                 else in_process_loader,
             )
             self.models.install(runtime)

@@ -99,6 +99,10 @@ class SandboxPolicy:
     max_frame_bytes: int = DEFAULT_MAX_FRAME
     python: str = field(default=sys.executable)
     unsafe_skip: frozenset[Protection] = frozenset()
+    #: the agent keeps one worker started, confined and idle for the next strict load
+    #: (:class:`WarmPool`): an activation skips the interpreter's start and the imports, at
+    #: the cost of one idle process (its libraries' memory)
+    warm: bool = True
 
     def __post_init__(self) -> None:
         if min(self.memory_bytes, self.cpu_seconds, self.max_fds, self.max_processes) <= 0:
