@@ -64,6 +64,26 @@ def test_a_chunk_on_its_way_to_a_member_is_not_sent_again() -> None:
     assert fanout.to_send(cohort_topic("demo", 2), "dev-a", [2]) == [2]  # another cohort
 
 
+def test_members_are_named_again_after_the_service_reconnects() -> None:
+    """A restarted broker forgot its members: named again on the new connection, a device
+    is a member from then on, and what went out before is sent again when it asks."""
+    clock = Clock()
+    fanout = Fanout(monotonic=clock)
+    fanout.join(TOPIC, "dev-a", 1)
+    assert fanout.announced(TOPIC, "dev-a", 1)
+    clock.now += 0.1
+    assert fanout.to_send(TOPIC, "dev-b", [0]) == [0]  # a's on its way
+    fanout.join(TOPIC, "dev-a", 1)  # the same connection: nothing changes
+    assert fanout.to_send(TOPIC, "dev-a", [0]) == []
+    assert not fanout.announced(TOPIC, "dev-a", 2)
+    clock.now += 0.1
+    fanout.join(TOPIC, "dev-a", 2)  # after a reconnection
+    assert fanout.to_send(TOPIC, "dev-a", [1]) == [1]
+    clock.now += 0.1
+    assert fanout.to_send(TOPIC, "dev-b", [2]) == [2]
+    assert fanout.to_send(TOPIC, "dev-a", [2]) == []  # sent after a joined again
+
+
 def test_forgetting_a_cohort_sends_everything_again() -> None:
     clock = Clock()
     fanout = Fanout(monotonic=clock)

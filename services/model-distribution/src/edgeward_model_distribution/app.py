@@ -152,7 +152,7 @@ def wire(
     runtime.route(
         DEVICE_REQUESTS,
         DEVICE_TYPES,
-        DeviceApi(service, runtime.publish, driver),
+        DeviceApi(service, runtime.publish, driver, lambda: runtime.connections),
         name="model-devices",
     )
     runtime.route(ATTESTATION_FAILED, [AttestationFailed], _follow(driver), name="attest-failed")

@@ -100,12 +100,15 @@ class DeviceApi:
         service: ModelService,
         publish: Callable[[OutgoingFrame], Awaitable[None]],
         driver: RolloutDriver | None = None,
+        connection: Callable[[], int] = lambda: 0,
     ) -> None:
         self.service = service
         self.store = service.store
         self.driver = driver
         #: the runtime's publish: membership updates go out inline (see :meth:`_join`)
         self._publish = publish
+        #: the runtime's connection count: members are named again on a new connection
+        self._connection = connection
 
     async def __call__(self, opened: Opened[Any]) -> Sequence[Outgoing | OutgoingFrame]:
         device_id = _device(opened.topic)
@@ -197,14 +200,18 @@ class DeviceApi:
         return SyncReply(in_reply_to=opened.mid, releases=releases, next=following), versions
 
     async def _join(self, device_id: str, name: str, version: int) -> None:
-        """Name the device a member of the version's cohort (idempotent; it also restores
-        what a restarted broker forgot). Published inline, and the device counted a member
-        only once the update is queued on the connection: a frame the fan-out decides to
-        send after that is queued after it, so the broker delivers it to the device."""
+        """Name the device a member of the version's cohort, unless it was on this
+        connection already (a restarted broker forgets members). Published inline, and the
+        device counted a member only once the update is queued on the connection: a frame
+        the fan-out decides to send after that is queued after it, so the broker delivers
+        it to the device."""
         topic = cohort_topic(name, version)
+        connection = self._connection()
+        if self.service.fanout.announced(topic, device_id, connection):
+            return  # the broker knows it (no wait behind the frames in flight)
         update = membership_update(CohortOp.ADD, topic, [device_id])
         await self._publish(OutgoingFrame(COHORT_CONTROL, update, qos=1))
-        self.service.fanout.join(topic, device_id)
+        self.service.fanout.join(topic, device_id, connection)
 
     async def _release(self, device_id: str, assignment: Assignment, now: int) -> bytes | None:
         """The signed document for one assignment (None if its provenance has expired)."""
