@@ -48,7 +48,9 @@ from edgeward_shared.topics import Channel, Direction, cohort_topic, device_topi
 @dataclass(frozen=True, slots=True)
 class FetchPolicy:
     window: int = 16  # chunks per request (the service serves at most 16)
-    parallel: int = 4  # requests in flight: 64 chunks (12 MiB at 192 KiB), the blob of most models at once
+    #: requests in flight: 64 chunks (12 MiB at 192 KiB), most models at once; the cohort
+    #: shares each chunk, so the fastest member paces the publication (docs/adr/0027)
+    parallel: int = 4
     request_timeout_s: float = 30.0
     frame_wait_s: float = 10.0
     attempts: int = 5
