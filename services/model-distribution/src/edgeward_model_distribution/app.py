@@ -142,12 +142,19 @@ def wire(
                 rollout = await state.store.rollout(name, version)
                 if changed and rollout is not None:
                     out += await operators.hints(rollout)
+                if changed:
+                    out.append(service.cohort_closed(name, version))
             return out
 
         revocations.on_change = newly_revoked
         revocations.attach(runtime)
     runtime.route(OPERATOR_REQUESTS, OPERATOR_TYPES, operators, name="model-ops")
-    runtime.route(DEVICE_REQUESTS, DEVICE_TYPES, DeviceApi(service, driver), name="model-devices")
+    runtime.route(
+        DEVICE_REQUESTS,
+        DEVICE_TYPES,
+        DeviceApi(service, runtime.publish, driver, lambda: runtime.connections),
+        name="model-devices",
+    )
     runtime.route(ATTESTATION_FAILED, [AttestationFailed], _follow(driver), name="attest-failed")
     answer_pings(runtime, OPERATOR_REQUESTS)
     return service
