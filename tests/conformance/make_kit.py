@@ -1331,6 +1331,20 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path, event_log: bytes = b"") 
         ),
         section="5.15",
     )
+    kit.emit(
+        "svc.telemetry",
+        service_event_topic(ServiceName.TELEMETRY, "aggregate"),
+        tel.FleetAggregate(
+            at_ms=kit.now,
+            devices={"trusted": 118, "watch": 4, "suspect": 0, "compromised": 1},
+            inferences=1_203_117,
+            epsilon=0.1,
+            day="2026-01-01",
+            spent=0.3,
+            budget=1.0,
+        ),
+        section="5.15",
+    )
     # ------------------------------------------------------------------ audit log
     audit_origin = "edgeward/audit/svc.revocation/0c0ffee0"
     audit_key = NoteSigner(

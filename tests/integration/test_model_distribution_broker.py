@@ -78,8 +78,11 @@ from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.runtime.core import Connect, Outgoing, Runtime
 from edgeward_shared.testing.nodes import broker_node, running_nodes
 from edgeward_shared.topics import (
+    COHORT_FILTER,
+    COHORT_PREFIX,
     Channel,
     Direction,
+    cohort_topic,
     device_topic,
     service_event_topic,
     service_request_topic,
@@ -156,6 +159,9 @@ def _device(pki: PkiStore, broker: MosquittoBroker, device_id: str) -> Node:
     node.runtime.route_frames(
         device_topic(device_id, Direction.DOWN, Channel.DATA), frame, name="frames"
     )
+    # chunks come once per version on its cohort topic; the broker delivers them to the
+    # cohort's members only (docs/adr/0027): every device subscribes, dev-b gets nothing
+    node.runtime.route_frames(COHORT_FILTER, frame, name="cohort-frames")
     return node
 
 
@@ -244,7 +250,7 @@ async def test_publish_roll_out_sync_fetch_and_key_over_the_broker(
         assert (document.device, document.version, document.tier) == ("dev-a", 1, Tier.HIGH)
         assert len(document.blob.chunks) == 4
 
-        # chunks: frames on down/data, bound to the request
+        # chunks: frames on the version's cohort topic, caused by this request
         mid = secrets.token_hex(16)
         indices = list(range(len(document.blob.chunks)))
         request = ChunkRequest(name="ocr", version=1, blob=document.blob.digest, indices=indices)
@@ -253,6 +259,7 @@ async def test_publish_roll_out_sync_fetch_and_key_over_the_broker(
         chunks = {}
         for delivery in _frames(dev_a):
             header, data = decode_frame(delivery.payload)
+            assert delivery.topic == cohort_topic("ocr", 1)
             assert header.req == mid
             assert hashlib.sha256(data).hexdigest() == document.blob.chunks[header.index]
             chunks[header.index] = data
@@ -295,7 +302,9 @@ async def test_publish_roll_out_sync_fetch_and_key_over_the_broker(
 
 
 def _frames(node: Node) -> list[Delivery]:
-    return [d for d in node.inbox if d.topic.endswith("/down/data")]
+    return [
+        d for d in node.inbox if d.topic.endswith("/down/data") or d.topic.startswith(COHORT_PREFIX)
+    ]
 
 
 def _begin(built: BuiltRelease) -> PublishBegin:

@@ -34,6 +34,8 @@ NODE_ORDER = (
     "--crl",
     "--identity-dir",
     "--database",
+    "--syslog",  # with a database: the audit log shipped (docs/adr/0028)
+    "--syslog-ca",
     "--broker",
     "--metrics-port",
     "--log-level",

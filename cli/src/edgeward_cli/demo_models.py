@@ -182,6 +182,7 @@ async def models_story(
     _line(f"{GOLDEN}: attested, key wrapped to its session key, model measured into PCR 14")
     _line(f"{TAMPERED}: not attested, no key: model.key.attestation_missing")
 
+    await _bad_version_act(root, cli)
     await _inference_act(root, store, address, cli, stack)
 
     _say(f"16. a signed stop for {GOLDEN}: the device acts and signs a receipt")
@@ -200,6 +201,39 @@ async def models_story(
     )
 
     await renewal_story(store, cli, 18)
+
+
+async def _bad_version_act(root: Path, cli: Cli) -> None:
+    """A bad v2, rolled out gated: the canary cannot activate it, the activation gate aborts
+    the rollout by itself and the canary is sent back to v1 (which it never stopped running)."""
+    _say(f"13b. a bad {MODEL} v2, rolled out gated: canary {GOLDEN}, then 100 %")
+    source = root / "state" / f"{MODEL}-v2.onnx"
+    source.write_bytes(demo_model())
+    await cli(
+        *("model", "publish", str(source), "--name", MODEL, "--version", "2"),
+        *("--tier", "high", "--runtime", "onnxruntime<1.0"),  # a runtime no device has
+        show=False,
+    )
+    source.unlink()
+    _line("v2's signed provenance allows only onnxruntime<1.0: no device can activate it")
+    await cli(
+        *("model", "rollout", MODEL, "2", "--device", GOLDEN),
+        *("--waves", "1,100", "--gate", "soak=0"),
+    )
+    rolled_back = await _until(lambda: _phase(cli, 2, "rolled-back"))
+    await cli("model", "status", MODEL, "2")
+    if rolled_back:
+        _line(
+            click.style("aborted by its activation gate, without anyone's help", fg="green")
+            + f"; {GOLDEN} went back to v1 by a signed revert (it never stopped serving v1)"
+        )
+    else:
+        _line(click.style("the rollout did not roll back", fg="red"))
+
+
+async def _phase(cli: Cli, version: int, phase: str) -> bool:
+    _, text = await cli("model", "status", MODEL, str(version), show=False)
+    return f"v{version}: {phase}," in text
 
 
 async def _inference_act(

@@ -114,7 +114,9 @@ async def _serve(
     try:
         store = AttestationStore(database)
         await store.migrate()
-        await enable_audit(runtime, database, node.database_path.parent)  # docs/adr/0023
+        await enable_audit(  # docs/adr/0023; shipped with --syslog (0028)
+            runtime, database, node.database_path.parent, syslog=node.syslog_settings()
+        )
         service = wire(runtime, store, manufacturers, settings)
         stop = asyncio.Event()
         tasks = []

@@ -33,6 +33,7 @@ option = EnvOptions("MODELS")
     "model-distribution",
     env="MODELS",
     principal=SERVICE,
+    syslog=True,
     pki_help="PKI directory: the CA bundle (ca-bundle.pem) that certificates of devices,"
     " operators, model signers and the attestation service must chain to, and the CRL.",
 )
@@ -118,6 +119,7 @@ def main(  # click passes every parameter by keyword
             state_dir=state_dir,
             broker=node.broker,
             metrics_port=node.metrics_port,
+            syslog=node.syslog_settings(state_dir),
             settings=Settings(
                 metadata_ttl_ms=milliseconds(metadata_ttl),
                 chunk_size=chunk_size,

@@ -74,6 +74,12 @@ class TrustPublisher:
         self._on_connection = -1  # the runtime's connection count at the last publication
         self._kick = asyncio.Event()
         runtime.on_hangup(self._kick.set)  # SIGHUP: look at the version now
+        # a new connection may be to a restarted broker that lost the retained bundle:
+        # look now, not at the next interval (issue 20: back within 5 s of reconnecting)
+        runtime.on_connect(self._connected)
+
+    async def _connected(self) -> None:
+        self._kick.set()
 
     async def publish_if_due(self) -> bool:
         """Publish if the version changed, the retained copy is due, or the runtime has
