@@ -89,7 +89,6 @@ def mosquitto_container(
 ) -> Iterator[tuple[str, int]]:
     """Start the image with our config; yield the (host, port) its TLS listener is on."""
     from testcontainers.core.container import DockerContainer
-
     from tests.containers.engine import HARDENED, build_images, hand_over
 
     build_images("broker")

@@ -16,10 +16,10 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import click
 
@@ -53,6 +53,15 @@ def _say(text: str) -> None:
 
 def _line(text: str) -> None:
     click.echo(f"   {text}")
+
+
+class Start(Protocol):
+    """Starts one part of the story by module name: :func:`process` by default; the
+    containers tests start the services from their images instead (docs/adr/0026)."""
+
+    def __call__(
+        self, root: Path, name: str, *argv: str, env: dict[str, str] | None = None
+    ) -> AbstractAsyncContextManager[object]: ...
 
 
 @asynccontextmanager
@@ -190,8 +199,10 @@ async def attestation_story(
     store: PkiStore,
     broker: BrokerAddress,
     then: Callable[[AsyncExitStack], Awaitable[None]] | None = None,
+    start: Start = process,
 ) -> None:
-    """Act 2; ``then`` runs the next acts while the services and devices are still up."""
+    """Act 2; ``then`` runs the next acts while the services and devices are still up;
+    ``start`` starts the services and agents."""
     async with AsyncExitStack() as stack:
         _say("6. two devices with TPMs (swtpm): edge-0001 golden, edge-0002 tampered boot chain")
         tctis = await _tpms(root, stack)
@@ -201,7 +212,7 @@ async def attestation_story(
         _say("7. the identity service (online CA) and the attestation service start")
         common = ["--broker", f"{broker.host}:{broker.port}"]
         await stack.enter_async_context(
-            process(
+            start(
                 root,
                 "identity",
                 "edgeward_identity",
@@ -213,7 +224,7 @@ async def attestation_story(
             )
         )
         await stack.enter_async_context(
-            process(
+            start(
                 root,
                 "attestation",
                 "edgeward_attestation",
@@ -262,7 +273,7 @@ async def attestation_story(
             " its quote records the values"
         )
         await stack.enter_async_context(
-            process(
+            start(
                 root,
                 f"agent-{GOLDEN}",
                 *_agent_argv(
@@ -285,7 +296,7 @@ async def attestation_story(
 
         _say(f"10. {GOLDEN} is attested; {TAMPERED} (tampered boot chain) enrolls and is refused")
         await stack.enter_async_context(
-            process(
+            start(
                 root,
                 f"agent-{TAMPERED}",
                 *_agent_argv(

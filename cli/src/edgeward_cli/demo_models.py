@@ -22,16 +22,15 @@ from collections.abc import Awaitable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import click
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeward_cli.demo_attest import GOLDEN, TAMPERED, WAIT_S, process
+from edgeward_cli.demo_attest import GOLDEN, TAMPERED, WAIT_S, Start, process
 from edgeward_cli.demo_renewal import renewal_story
-from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings, connect_mqtt
 from edgeward_shared.envelope import Opened
 from edgeward_shared.errors import EdgewardError
@@ -46,6 +45,22 @@ from edgeward_shared.topics import Channel, Direction, device_topic, service_eve
 from edgeward_shared.until import Condition, holds_within
 
 MODEL = "edge-classifier"
+
+
+class RunningBroker(Protocol):
+    """What the acts need of the broker: a :class:`MosquittoBroker`, or the broker image
+    (tests/containers) whose run directory the revocation service shares."""
+
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def pid(self) -> int: ...
+    @property
+    def run_dir(self) -> Path: ...
+    @property
+    def log_path(self) -> Path: ...
 
 
 def _say(text: str) -> None:
@@ -116,7 +131,11 @@ async def _until(check: Condition) -> bool:
 
 
 async def models_story(
-    root: Path, store: PkiStore, broker: MosquittoBroker, stack: AsyncExitStack
+    root: Path,
+    store: PkiStore,
+    broker: RunningBroker,
+    stack: AsyncExitStack,
+    start: Start = process,
 ) -> None:
     address = BrokerAddress(broker.host, broker.port)
     cli = Cli(root, store, address)
@@ -129,7 +148,7 @@ async def models_story(
     _say("11. the revocation and model-distribution services start (first signed list out)")
     common = ["--broker", f"{address.host}:{address.port}"]
     await stack.enter_async_context(
-        process(
+        start(
             root,
             "revocation",
             "edgeward_revocation",
@@ -146,7 +165,7 @@ async def models_story(
         )
     )
     await stack.enter_async_context(
-        process(
+        start(
             root,
             "model-distribution",
             "edgeward_model_distribution",
@@ -186,7 +205,7 @@ async def models_story(
     _line(f"{GOLDEN}: attested, key wrapped to its session key, model measured into PCR 14")
     _line(f"{TAMPERED}: not attested, no key: model.key.attestation_missing")
 
-    await _inference_act(root, store, address, cli, stack)
+    await _inference_act(root, store, address, cli, stack, start=start)
 
     _say(f"16. a signed stop for {GOLDEN}: the device acts and signs a receipt")
     await cli("command", "stop", GOLDEN, "--reason", "demo: maintenance window")
@@ -207,11 +226,17 @@ async def models_story(
 
 
 async def _inference_act(
-    root: Path, store: PkiStore, address: BrokerAddress, cli: Cli, stack: AsyncExitStack
+    root: Path,
+    store: PkiStore,
+    address: BrokerAddress,
+    cli: Cli,
+    stack: AsyncExitStack,
+    *,
+    start: Start,
 ) -> None:
     _say("14. the inference gateway starts; a client asks edge-0001 for an inference")
     await stack.enter_async_context(
-        process(
+        start(
             root,
             "inference-gateway",
             "edgeward_inference_gateway",

@@ -53,11 +53,19 @@ def _mounted(pki: PkiStore, path: Path) -> Path:
 
 
 def render_for_container(
-    pki: PkiStore, out_dir: Path, principals: AclPrincipals, now: datetime | None = None
+    pki: PkiStore,
+    out_dir: Path,
+    principals: AclPrincipals,
+    *,
+    now: datetime | None = None,
+    port: int = PORT,
+    bind_host: str = "0.0.0.0",  # noqa: S104 - in the container's own network namespace
 ) -> Path:
     """Write ``mosquitto.conf``, ``edgeward.acl``, ``crl.pem``, the plugin state and
     ``broker.json`` into ``out_dir`` (to be mounted at ``/edgeward/run``); returns the
-    config's path on the host. Issues the revocation canary into ``pki`` if it has none."""
+    config's path on the host. Issues the revocation canary into ``pki`` if it has none.
+    ``port`` and ``bind_host``: for a container in the host's network namespace (tests);
+    the management listener is on the next port."""
     moment = now or datetime.now(UTC)
     out_dir.mkdir(parents=True, exist_ok=True)
     ensure_canary(pki, moment)
@@ -66,8 +74,8 @@ def render_for_container(
     state = BrokerState(
         pid=PID_IN_CONTAINER,
         host="127.0.0.1",  # seen from the broker's network namespace
-        port=PORT,
-        management_port=MANAGEMENT_PORT,
+        port=port,
+        management_port=port + 1,
         acl_from_pki=True,
         principals=[(str(who.role), who.common_name) for who in named],
     )
@@ -77,9 +85,9 @@ def render_for_container(
     write_initial_config(out_dir / "dynamic-security.json")
     broker = pki.identity_files(BROKER)
     settings = BrokerSettings(
-        port=PORT,
-        bind_host="0.0.0.0",  # noqa: S104 - inside the container; publish it on loopback only
-        management_port=MANAGEMENT_PORT,
+        port=port,
+        bind_host=bind_host,
+        management_port=port + 1,
         cafile=_mounted(pki, pki.bundle_path),
         certfile=_mounted(pki, broker.chain),
         keyfile=_mounted(pki, broker.key),
