@@ -6,7 +6,7 @@ EDGEWARD_UV_VENV ?= $(HOME)/.cache/edgeward/uv
 export EDGEWARD_UV_VENV
 export PATH := $(EDGEWARD_UV_VENV)/bin:$(PATH)
 
-.PHONY: help bootstrap demo test lint typecheck unit integration bench bench-smoke acl clean
+.PHONY: help bootstrap demo test lint typecheck unit integration bench bench-smoke acl clean images
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ unit: bootstrap ## Fast tests only (no broker)
 
 integration: bootstrap ## Tests against the real mosquitto and real swtpm
 	uv run pytest -q -m "broker or tpm"
+
+images: bootstrap ## Build the images (deploy/images); unchanged inputs: no rebuild. IMAGES="broker gateway" picks some
+	scripts/containers.sh images $(IMAGES)
 
 bench: bootstrap ## Run every bench/bench_*.py (all of them; fails at the end if any failed)
 	uv run python bench/run_all.py
