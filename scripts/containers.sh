@@ -11,6 +11,8 @@
 #                                        hash matches its label is not rebuilt
 #   scripts/containers.sh env            print the exports a client needs (eval "$(...)")
 #   scripts/containers.sh requirements   regenerate deploy/images/requirements/ from uv.lock
+#   scripts/containers.sh compose ARGS   docker compose (a Docker engine) or podman-compose,
+#                                        on deploy/compose/compose.yaml
 #   scripts/containers.sh stop-api       stop the API service this script started (by pid)
 #
 # Environment: EDGEWARD_ENGINE (docker|podman, default: docker if its engine answers, else
@@ -225,5 +227,10 @@ case "${1:-}" in
     engine) engine ;;
     requirements) requirements ;;
     stop-api) stop_api ;;
+    compose)
+        shift
+        file="$ROOT/deploy/compose/compose.yaml"
+        if [ "$(engine)" = docker ]; then exec docker compose -f "$file" "$@"; fi
+        exec podman-compose -f "$file" "$@" ;;
     *) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

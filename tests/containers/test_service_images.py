@@ -125,7 +125,7 @@ async def _story(root: Path, store: PkiStore, broker: ImageBroker) -> None:
     async def then(stack: AsyncExitStack) -> None:
         await models_story(root, store, broker, stack, start)
 
-    await attestation_story(root, store, address, then, start)
+    await attestation_story(root, store, address, then, start=start)
 
 
 def test_the_story_runs_against_the_service_images(

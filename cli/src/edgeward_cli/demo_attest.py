@@ -134,7 +134,8 @@ def _boot_log(root: Path, name: str) -> dict[str, str]:
     }
 
 
-def _agent_state(root: Path, store: PkiStore, device_id: str) -> Path:
+def agent_state(root: Path, store: PkiStore, device_id: str) -> Path:
+    """The agent's state directory with fresh enrollee credentials."""
     files = store.issue(Identity.enrollee(device_id), datetime.now(UTC), timedelta(hours=2))
     state = root / "agents" / device_id
     (state / "enrollee").mkdir(parents=True, mode=0o700, exist_ok=True)
@@ -199,13 +200,18 @@ async def attestation_story(
     store: PkiStore,
     broker: BrokerAddress,
     then: Callable[[AsyncExitStack], Awaitable[None]] | None = None,
+    *,
     start: Start = process,
+    devices_running: bool = False,
 ) -> None:
     """Act 2; ``then`` runs the next acts while the services and devices are still up;
-    ``start`` starts the services and agents."""
+    ``start`` starts the services and agents. ``devices_running``: the devices (swtpm and
+    agent, enrollee credentials in ``root/agents``) run already, as in deploy/compose."""
     async with AsyncExitStack() as stack:
         _say("6. two devices with TPMs (swtpm): edge-0001 golden, edge-0002 tampered boot chain")
-        tctis = await _tpms(root, stack)
+        tctis = {} if devices_running else await _tpms(root, stack)
+        if devices_running:
+            _line("(each runs in its own container: swtpm and agent, deploy/compose)")
         for name, tcti in tctis.items():
             _line(f"{name}: {tcti} (EK certificate from the test manufacturer CA)")
 
@@ -272,16 +278,17 @@ async def attestation_story(
             f"9. {GOLDEN} enrolls (EK certificate, credential activation);"
             " its quote records the values"
         )
-        await stack.enter_async_context(
-            start(
-                root,
-                f"agent-{GOLDEN}",
-                *_agent_argv(
-                    store, broker, GOLDEN, tctis[GOLDEN], _agent_state(root, store, GOLDEN)
-                ),
-                env=_boot_log(root, GOLDEN),
+        if not devices_running:
+            await stack.enter_async_context(
+                start(
+                    root,
+                    f"agent-{GOLDEN}",
+                    *_agent_argv(
+                        store, broker, GOLDEN, tctis[GOLDEN], agent_state(root, store, GOLDEN)
+                    ),
+                    env=_boot_log(root, GOLDEN),
+                )
             )
-        )
         listing = await _until(
             lambda: session.ask(PolicyQuery(), PolicyList),
             lambda found: any(info.pcrs for info in found.policies),
@@ -295,16 +302,17 @@ async def attestation_story(
         _line((await session.ask(PolicyApprove(policy_id=POLICY), Done)).detail)
 
         _say(f"10. {GOLDEN} is attested; {TAMPERED} (tampered boot chain) enrolls and is refused")
-        await stack.enter_async_context(
-            start(
-                root,
-                f"agent-{TAMPERED}",
-                *_agent_argv(
-                    store, broker, TAMPERED, tctis[TAMPERED], _agent_state(root, store, TAMPERED)
-                ),
-                env=_boot_log(root, TAMPERED),
+        if not devices_running:
+            await stack.enter_async_context(
+                start(
+                    root,
+                    f"agent-{TAMPERED}",
+                    *_agent_argv(
+                        store, broker, TAMPERED, tctis[TAMPERED], agent_state(root, store, TAMPERED)
+                    ),
+                    env=_boot_log(root, TAMPERED),
+                )
             )
-        )
         devices = await _until(lambda: _devices(session), _settled)
         _show(devices)
         shown = await session.ask(DeviceQuery(device_id=TAMPERED), DeviceList)
