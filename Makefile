@@ -38,7 +38,7 @@ images: bootstrap ## Build the images (deploy/images); unchanged inputs: no rebu
 	scripts/containers.sh images $(IMAGES)
 
 STACK_DIR ?= $(CURDIR)/run/stack
-stack: bootstrap ## The whole system in containers (deploy/compose) and its smoke story; stack-down removes it
+stack: bootstrap stack-down ## The whole system in containers (deploy/compose) and its smoke story; stack-down removes it
 	scripts/containers.sh images
 	uv run python deploy/compose/stack.py prepare --dir $(STACK_DIR)
 	@started=$$(date +%s%N); \
@@ -46,8 +46,9 @@ stack: bootstrap ## The whole system in containers (deploy/compose) and its smok
 	echo "[stack] compose up: $$(( ($$(date +%s%N) - started) / 1000000 )) ms"
 	uv run python deploy/compose/stack.py smoke --dir $(STACK_DIR)
 
-stack-down: ## Stop and remove the stack's containers (its state stays in run/stack)
-	EDGEWARD_STACK=$(STACK_DIR) scripts/containers.sh compose down
+stack-down: ## Remove the stack: its containers and its state (run/stack)
+	@if [ -d $(STACK_DIR) ]; then EDGEWARD_STACK=$(STACK_DIR) scripts/containers.sh compose down -t 5 >/dev/null 2>&1 || true; fi
+	rm -rf $(STACK_DIR)
 
 bench: bootstrap ## Run every bench/bench_*.py (all of them; fails at the end if any failed)
 	uv run python bench/run_all.py

@@ -29,7 +29,11 @@ SUITE=bookworm
 MIRROR="${EDGEWARD_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 BASE_RECIPE="debootstrap --variant=minbase $SUITE $MIRROR v1"
 ALL_IMAGES=(broker attestation identity models revocation gateway telemetry device)
-APT_PACKAGES=(podman runc debootstrap podman-compose netavark aardvark-dns)
+APT_PACKAGES=(podman runc debootstrap netavark aardvark-dns python3-venv)
+# Debian's podman-compose (1.0.3) ignores `pid:` and mistranslates `network_mode: service:`,
+# which the revocation sidecar needs: a pinned one from PyPI, in a private venv
+PODMAN_COMPOSE="podman-compose==1.6.0"
+PODMAN_COMPOSE_VENV="${EDGEWARD_PODMAN_COMPOSE_VENV:-$HOME/.cache/edgeward/podman-compose}"
 
 say() { printf '[containers] %s\n' "$*" >&2; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -85,6 +89,11 @@ setup() {
         as_root apt-get update -qq
         as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
             --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+    if ! "$PODMAN_COMPOSE_VENV/bin/podman-compose" version >/dev/null 2>&1; then
+        say "installing $PODMAN_COMPOSE into $PODMAN_COMPOSE_VENV"
+        python3 -m venv "$PODMAN_COMPOSE_VENV"
+        "$PODMAN_COMPOSE_VENV/bin/pip" install --quiet --disable-pip-version-check "$PODMAN_COMPOSE"
     fi
     # crun refuses this kind of host's hybrid cgroup layout; podman's default ulimits try to
     # raise the limits and fail with EPERM in an unprivileged CI container.
@@ -231,6 +240,6 @@ case "${1:-}" in
         shift
         file="$ROOT/deploy/compose/compose.yaml"
         if [ "$(engine)" = docker ]; then exec docker compose -f "$file" "$@"; fi
-        exec podman-compose -f "$file" "$@" ;;
+        exec "$PODMAN_COMPOSE_VENV/bin/podman-compose" -f "$file" "$@" ;;
     *) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

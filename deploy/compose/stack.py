@@ -38,11 +38,14 @@ from edgeward_device_agent.swtpm import ManufacturerCa
 from edgeward_shared.broker.container import render_for_container
 from edgeward_shared.broker.reload import principals_from_pki
 from edgeward_shared.bus.mqtt import BrokerAddress
-from edgeward_shared.identity import Identity, Role
+from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.pki.store import PkiStore
 
 IMAGE_UID = 65532
 OPERATOR = "admin"
+#: the smoke story watches the gateway's events as a second telemetry instance (the
+#: telemetry service itself is svc.telemetry)
+OBSERVER = Identity.service(ServiceName.TELEMETRY, "2")
 _dir = click.option(
     "--dir",
     "root",
@@ -67,16 +70,17 @@ def prepare(root: Path) -> None:
     store, _ = create_dev_pki(
         root / "pki", dev_identities(devices=2, operator=OPERATOR), broker_hosts=hosts
     )
-    signer = Identity(Role.SIGNER, "ci")
-    if not store.current(signer, now):
-        store.issue(signer, now, timedelta(days=30))
+    for extra in (Identity(Role.SIGNER, "ci"), OBSERVER):
+        if not store.current(extra, now):
+            store.issue(extra, now, timedelta(days=30))
     render_for_container(store, root / "broker", principals_from_pki(store, now))
     ManufacturerCa.open_or_create(root / "tpm-ca")
     for device in (GOLDEN, TAMPERED):
-        if not (root / "agents" / device / "device").exists():  # not yet enrolled
+        if not (root / "agents" / device / "enrollee" / "cert.pem").exists():
             agent_state(root, store, device)
     for name in ("identity", "attestation", "revocation", "models", "gateway", "telemetry"):
-        (root / "state" / name).mkdir(parents=True, exist_ok=True)
+        (root / "state" / name).mkdir(parents=True, mode=0o700, exist_ok=True)
+        (root / "state" / name).chmod(0o700)
     if os.geteuid() == 0:
         for directory, _, files in os.walk(root):
             os.chown(directory, IMAGE_UID, IMAGE_UID)
@@ -110,6 +114,7 @@ _STEPS = (
     "model.activated",
     "model.key.attestation_missing",
     "accepted (infer.result.accepted)",
+    "dev-0002: infer.attestation.invalid",
     "receipt verified",
     "device edge-0002: done list v",
     "refused at the TLS handshake",
@@ -149,7 +154,7 @@ async def _story(root: Path, store: PkiStore, address: BrokerAddress) -> None:
     broker = _StackBroker(root, address)
 
     async def then(stack: AsyncExitStack) -> None:
-        await models_story(root, store, broker, stack, _running)
+        await models_story(root, store, broker, stack, _running, OBSERVER)
 
     await attestation_story(root, store, address, then, start=_running, devices_running=True)
 

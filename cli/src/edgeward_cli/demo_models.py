@@ -136,7 +136,10 @@ async def models_story(
     broker: RunningBroker,
     stack: AsyncExitStack,
     start: Start = process,
+    observer: Identity = Identity.service(ServiceName.TELEMETRY),
 ) -> None:
+    """Acts 3 and 4; ``observer`` watches the gateway's events (another instance where the
+    telemetry service itself runs, as in deploy/compose)."""
     address = BrokerAddress(broker.host, broker.port)
     cli = Cli(root, store, address)
     pid_file = broker.run_dir / "mosquitto.pid"  # next to broker.json: checked reloads
@@ -205,7 +208,7 @@ async def models_story(
     _line(f"{GOLDEN}: attested, key wrapped to its session key, model measured into PCR 14")
     _line(f"{TAMPERED}: not attested, no key: model.key.attestation_missing")
 
-    await _inference_act(root, store, address, cli, stack, start=start)
+    await _inference_act(root, store, address, cli, stack, start=start, observer=observer)
 
     _say(f"16. a signed stop for {GOLDEN}: the device acts and signs a receipt")
     await cli("command", "stop", GOLDEN, "--reason", "demo: maintenance window")
@@ -233,6 +236,7 @@ async def _inference_act(
     stack: AsyncExitStack,
     *,
     start: Start,
+    observer: Identity,
 ) -> None:
     _say("14. the inference gateway starts; a client asks edge-0001 for an inference")
     await stack.enter_async_context(
@@ -257,7 +261,7 @@ async def _inference_act(
         )
         return ()
 
-    watcher, connect = build_runtime(_node(store, Identity.service(ServiceName.TELEMETRY), address))
+    watcher, connect = build_runtime(_node(store, observer, address))
     watcher.route(
         service_event_topic(ServiceName.INFERENCE_GATEWAY, "result"), [AcceptedResult], watch
     )
