@@ -154,7 +154,7 @@ async def _story(root: Path, store: PkiStore, address: BrokerAddress) -> None:
     broker = _StackBroker(root, address)
 
     async def then(stack: AsyncExitStack) -> None:
-        await models_story(root, store, broker, stack, _running, OBSERVER)
+        await models_story(root, store, broker, stack, start=_running, observer=OBSERVER)
 
     await attestation_story(root, store, address, then, start=_running, devices_running=True)
 

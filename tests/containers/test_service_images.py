@@ -123,7 +123,7 @@ async def _story(root: Path, store: PkiStore, broker: ImageBroker) -> None:
     address = BrokerAddress(broker.host, broker.port)
 
     async def then(stack: AsyncExitStack) -> None:
-        await models_story(root, store, broker, stack, start)
+        await models_story(root, store, broker, stack, start=start)
 
     await attestation_story(root, store, address, then, start=start)
 

@@ -45,6 +45,8 @@ from edgeward_shared.topics import Channel, Direction, device_topic, service_eve
 from edgeward_shared.until import Condition, holds_within
 
 MODEL = "edge-classifier"
+#: who watches the gateway's events in act 14 (by default the telemetry service's identity)
+OBSERVER = Identity.service(ServiceName.TELEMETRY)
 
 
 class RunningBroker(Protocol):
@@ -135,8 +137,9 @@ async def models_story(
     store: PkiStore,
     broker: RunningBroker,
     stack: AsyncExitStack,
+    *,
     start: Start = process,
-    observer: Identity = Identity.service(ServiceName.TELEMETRY),
+    observer: Identity = OBSERVER,
 ) -> None:
     """Acts 3 and 4; ``observer`` watches the gateway's events (another instance where the
     telemetry service itself runs, as in deploy/compose)."""
