@@ -1,5 +1,6 @@
-"""``edgeward-simdevice``: one simulated device, its swtpm and its agent in one process tree
-(the device image's entry point, for compose stacks and tests; never for production).
+"""``python -m edgeward_device_agent.simdevice``: one simulated device, its swtpm and its
+agent in one process tree (the device image's entry point, for compose stacks; never for
+production; not an installed command: it passes every option it does not know to the agent).
 
 Starts the device's swtpm under ``--tpm-root`` (provisioned once, with an EK certificate from
 the test manufacturer CA in ``--manufacturer-ca``, shared by every simulated device and read
