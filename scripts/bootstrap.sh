@@ -58,7 +58,7 @@ if [ ! -f "$GUARD_DIR/edgeward_guard.so" ] \
         -o "$GUARD_DIR/edgeward_guard.so" "$GUARD_DIR/edgeward_guard.c"
 fi
 
-# containers (docs/adr/0026): podman, runc, debootstrap and the Docker API socket, unless a
+# containers (docs/adr/0027): podman, runc, debootstrap and the Docker API socket, unless a
 # Docker engine answers; the containers tests run in `make test`
 "$(dirname "$0")/containers.sh" setup
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Containers for Edgeward without a Docker engine, and with one (docs/adr/0026).
+# Containers for Edgeward without a Docker engine, and with one (docs/adr/0027).
 #
 #   scripts/containers.sh setup          podman + runc + debootstrap, containers.conf, the
 #                                        Docker API socket (idempotent; skipped when a Docker
@@ -98,7 +98,7 @@ setup() {
     # crun refuses this kind of host's hybrid cgroup layout; podman's default ulimits try to
     # raise the limits and fail with EPERM in an unprivileged CI container.
     write_if_changed /etc/containers/containers.conf <<'EOF'
-# written by edgeward scripts/containers.sh (docs/adr/0026)
+# written by edgeward scripts/containers.sh (docs/adr/0027)
 [containers]
 default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
 

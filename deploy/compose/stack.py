@@ -1,4 +1,4 @@
-"""`make stack`'s two halves around `compose up` (docs/adr/0026).
+"""`make stack`'s two halves around `compose up` (docs/adr/0027).
 
     uv run python deploy/compose/stack.py prepare --dir run/stack
     uv run python deploy/compose/stack.py smoke --dir run/stack

@@ -1,5 +1,5 @@
 """The container engine of the ``containers`` tests: ``scripts/containers.sh`` prepares it
-(podman's Docker API when no Docker engine answers, docs/adr/0026) and builds the images
+(podman's Docker API when no Docker engine answers, docs/adr/0027) and builds the images
 (cached by the hash of their inputs, so a second run costs nothing).
 
 Nothing here skips: a machine that cannot run containers fails these tests, loudly.

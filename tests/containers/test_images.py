@@ -1,4 +1,4 @@
-"""What every image promises (deploy/images/Containerfile, docs/adr/0026), checked on the
+"""What every image promises (deploy/images/Containerfile, docs/adr/0027), checked on the
 built images from the attacker's side: no shell or package tool anywhere in the file
 system (a foothold gets no interpreter but Python, no way to install one), a non-root user,
 a bounded size, and an entry point that starts on a read-only root without capabilities.

@@ -82,7 +82,7 @@ def broker(pki: PkiStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 # The broker contract through testcontainers: Edgeward's broker image (deploy/images), started
 # with the repository's configuration template, generated ACL and the tests' PKI, hardened as
 # deploy/compose runs it. Runs in `make test` (podman's Docker API where no Docker engine
-# exists, docs/adr/0026); the same suite also runs against the local mosquitto binary.
+# exists, docs/adr/0027); the same suite also runs against the local mosquitto binary.
 @contextmanager
 def mosquitto_container(
     pki: PkiStore, run_dir: Path, acl_identities: Iterable[Identity]

@@ -57,7 +57,7 @@ def _line(text: str) -> None:
 
 class Start(Protocol):
     """Starts one part of the story by module name: :func:`process` by default; the
-    containers tests start the services from their images instead (docs/adr/0026)."""
+    containers tests start the services from their images instead (docs/adr/0027)."""
 
     def __call__(
         self, root: Path, name: str, *argv: str, env: dict[str, str] | None = None
