@@ -60,5 +60,9 @@ if [ ! -f "$GUARD_DIR/edgeward_guard.so" ] \
         -o "$GUARD_DIR/edgeward_guard.so" "$GUARD_DIR/edgeward_guard.c"
 fi
 
+# containers (docs/adr/0030): podman, runc, debootstrap and the Docker API socket, unless a
+# Docker engine answers; the containers tests run in `make test`
+"$(dirname "$0")/containers.sh" setup
+
 say "syncing the project environment (uv.lock)"
 uv sync --locked --all-packages --quiet
