@@ -133,7 +133,7 @@ class Pages:
                 return await handler(request, operator, link)
             except Denied as exc:
                 log.info(
-                    "self.console.request.refused",
+                    "console.request.refused",
                     extra=fields(
                         reason=exc.reason, path=request.url.path, who=str(operator.identity)
                     ),
@@ -145,6 +145,11 @@ class Pages:
                     exc.status,
                     reason=exc.reason,
                     detail=exc.detail,
+                )
+            except Exception:  # one request fails, the console serves on
+                log.exception("console.request.failed", extra=fields(path=request.url.path))
+                return self.render(
+                    request, operator, "error.html", 500, reason="console.internal", detail=""
                 )
 
         return endpoint
@@ -261,7 +266,7 @@ class Pages:
                 SentCommand(mid, device_id, verb, reason, str(link.identity), _now_ms())
             )
         log.info(
-            "self.console.action",
+            "console.action",
             extra=fields(
                 verb=verb,
                 device=device_id,
@@ -315,7 +320,7 @@ class Pages:
             RolloutStatus,
         )
         log.info(
-            "self.console.action",
+            "console.action",
             extra=fields(verb=verb, model=f"{name}@{version}", operator=str(operator.identity)),
         )
         return RedirectResponse("/models", status_code=303)
