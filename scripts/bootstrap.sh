@@ -9,7 +9,10 @@ APT_PACKAGES=(mosquitto mosquitto-clients openssl ca-certificates python3 python
     # the broker's guard plugin (mosquitto/plugin/edgeward_guard.c) is built against these
     mosquitto-dev libmosquitto-dev
     # the flood test loads deploy/nftables/edgeward-broker.nft in a namespace of its own
-    nftables iproute2 util-linux)
+    nftables iproute2 util-linux
+    # the operator console's browser tests: Debian's chromium and its WebDriver (Selenium),
+    # NSS tools for the client certificate, openssl's pkcs12 (above)
+    chromium chromium-driver libnss3-tools)
 UV_VENV="${EDGEWARD_UV_VENV:-$HOME/.cache/edgeward/uv}"
 
 say() { printf '[bootstrap] %s\n' "$*" >&2; }

@@ -101,6 +101,10 @@ def demo_fleet(root: Path) -> Iterator[DemoFleet]:
             except subprocess.TimeoutExpired:
                 process.terminate()
                 process.wait(30)
+        for pipe in (process.stdin, process.stdout):
+            if pipe is not None:
+                pipe.close()
+        process.wait(30)
 
 
 def nss_home(home: Path, pki: PkiStore, who: Identity) -> Path:
