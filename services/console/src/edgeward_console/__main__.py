@@ -15,10 +15,11 @@ import sys
 from pathlib import Path
 
 import click
+import uvloop
 
 from edgeward_console.access import CrlSerials, Gate
 from edgeward_console.feed import Feed
-from edgeward_console.links import Links
+from edgeward_console.links import Links, sample_trust
 from edgeward_console.server import HttpsConfig, serve
 from edgeward_console.web import Console
 from edgeward_shared.bus.mqtt import BrokerAddress
@@ -78,7 +79,8 @@ def main(  # noqa: PLR0917 - click passes every option
         ca_bundle=store.bundle_path,
         crl=store.crl_path,
     )
-    asyncio.run(_run(store, BrokerAddress.parse(broker), https, _audit_logs(audit_log), tick))
+    # uvloop under uvicorn (and the bus runtime beside it)
+    uvloop.run(_run(store, BrokerAddress.parse(broker), https, _audit_logs(audit_log), tick))
 
 
 async def _run(
@@ -102,9 +104,12 @@ async def _run(
     def started(port: int) -> None:
         print(f"console https://{https.host}:{port}/", flush=True)
 
+    sampler = asyncio.create_task(sample_trust(links, feed, stop))
     try:
         await serve(https, console, stop, started=started)
     finally:
+        stop.set()
+        await sampler
         await links.close()
 
 

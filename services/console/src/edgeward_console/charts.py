@@ -69,6 +69,7 @@ def _open(title: str) -> str:
     return (
         f'<svg class="chart" viewBox="0 0 {W} {H}" role="img" aria-label="{escape(title)}"'
         f' xmlns="http://www.w3.org/2000/svg"><title>{escape(title)}</title>'
+        f'<text class="caption" x="{PAD}" y="{PAD - 16}">{escape(title)}</text>'
     )
 
 

@@ -41,7 +41,7 @@ from edgeward_shared.messages.command import CommandReceipt
 from edgeward_shared.messages.common import Rejected
 from edgeward_shared.messages.infer import AcceptedResult, RejectedResult
 from edgeward_shared.messages.model import ModelList, RolloutEvent, RolloutStatus
-from edgeward_shared.messages.registry import DeviceList, Done, PolicyList
+from edgeward_shared.messages.registry import DeviceList, DeviceQuery, Done, PolicyList
 from edgeward_shared.messages.revocation import RevocationJob
 from edgeward_shared.messages.telemetry import TelemetryAlarm
 from edgeward_shared.pki.store import PkiStore
@@ -276,3 +276,24 @@ def _unlock(fd: int) -> None:
     with contextlib.suppress(OSError):
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+async def sample_trust(links: Links, feed: Feed, stop: asyncio.Event, every_s: float = 5.0) -> None:
+    """Sample the fleet's trust counts for the chart while any console session is connected
+    (the registry is asked in that session's name; nothing is sampled before a login)."""
+    while not stop.is_set():
+        link = links.any_link()
+        if link is not None:
+            try:
+                listing = await link.ask(
+                    ServiceName.ATTESTATION, DeviceQuery(limit=500), DeviceList
+                )
+            except Denied as exc:
+                log.info("console.sample.failed", extra=fields(reason=exc.reason))
+            else:
+                tally: dict[str, int] = {}
+                for device in listing.devices:
+                    tally[device.trust] = tally.get(device.trust, 0) + 1
+                feed.sample_trust(link.runtime.clock.now_ms(), tally)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)

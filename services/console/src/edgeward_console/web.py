@@ -379,12 +379,15 @@ class Pages:
         rejected = len(self.console.feed.rejected)
         progress: dict[str, list[tuple[float, float]]] = {}
         data = await self.rollouts_data(link)
+        now_ms = _now_ms()
+        starts = [s.history[0].at_ms for s in data["statuses"].values() if s.history]
+        origin = min(starts, default=now_ms)
         for (name, version), status in data["statuses"].items():
-            points = []
-            for step in status.history:
-                percent = status.waves[step.stage - 1] if 0 < step.stage <= len(status.waves) else 0
-                points.append((step.at_ms / 1000, float(percent)))
-            points.append((_now_ms() / 1000, float(status.percent)))
+            points = [
+                ((step.at_ms - origin) / 1000, float(_wave_percent(status.waves, step.stage)))
+                for step in status.history
+            ]
+            points.append(((now_ms - origin) / 1000, float(status.percent)))
             progress[f"{name} v{version}"] = points
         return self.render(
             request,
@@ -405,7 +408,9 @@ class Pages:
                     ("rejected", float(rejected)),
                 ],
             ),
-            progress_chart=charts.line_chart("Rollout progress (% of the fleet)", progress),
+            progress_chart=charts.line_chart(
+                "Rollout progress (% of the fleet, by seconds)", progress
+            ),
         )
 
     # ------------------------------------------------------------------ live updates
@@ -494,6 +499,11 @@ class Guard:
 # ---------------------------------------------------------------------- helpers
 def _now_ms() -> int:
     return int(datetime.now(UTC).timestamp() * 1000)
+
+
+def _wave_percent(waves: list[int], stage: int) -> int:
+    """The share of the fleet at ``stage`` (0 = canary: the first wave's)."""
+    return waves[stage] if 0 <= stage < len(waves) else 100
 
 
 def _device_id(value: str) -> str:
