@@ -14,17 +14,22 @@ import ssl
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from edgeward_console.access import CrlSerials, Gate
 from edgeward_console.feed import Feed
 from edgeward_console.links import Links
+from edgeward_console.reasons import Denied
 from edgeward_console.server import HttpsConfig, serve
 from edgeward_console.web import Console
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.pki.store import PkiStore
+from edgeward_shared.revocation import RevocationView
 
 SERVER = Identity(Role.BROKER, "console")
 ALICE = Identity.operator("alice")
@@ -172,3 +177,16 @@ def test_an_operator_revoked_while_the_console_runs_is_refused(
     assert (status, text.strip()) == (403, "403 console.caller.revoked")
     # alice is untouched
     assert _call(console_port, _context(pki, ALICE), "GET", "/static/console.css")[0] == 200
+
+
+def test_an_unreadable_crl_fails_closed(tmp_path: Path) -> None:
+    """The gate refuses everyone while the CRL file cannot be read."""
+    gate = Gate(CrlSerials(tmp_path / "missing.pem"), RevocationView.empty)
+    pki = PkiStore(tmp_path / "pki")
+    now = datetime.now(UTC)
+    pki.init(now)
+    pki.issue(ALICE, now, timedelta(days=1))
+    der = pki.identity_files(ALICE).cert.read_bytes()
+    with pytest.raises(Denied) as refused:
+        gate.admit(x509.load_pem_x509_certificate(der).public_bytes(Encoding.DER))
+    assert (refused.value.status, refused.value.reason) == (503, "console.crl.unreadable")

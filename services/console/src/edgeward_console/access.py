@@ -80,8 +80,12 @@ class Gate:
             raise Denied(403, ConsoleReason.NOT_OPERATOR, f"role {identity.role}")
         kid = hashlib.sha256(der).hexdigest()
         view = self._revocations()
+        try:
+            crl = self._crl.current()
+        except (OSError, ValueError) as exc:  # fail closed: no CRL, no console
+            raise Denied(503, ConsoleReason.CRL, type(exc).__name__) from exc
         if (
-            cert.serial_number in self._crl.current()
+            cert.serial_number in crl
             or cert.serial_number in view.serials
             or kid in view.keys
             or identity.principal.common_name in view.operators

@@ -9,6 +9,7 @@ class ConsoleReason:
     NO_CERTIFICATE: Final = "console.caller.unauthenticated"
     NOT_OPERATOR: Final = "console.caller.not_operator"
     REVOKED: Final = "console.caller.revoked"
+    CRL: Final = "console.crl.unreadable"
     CSRF: Final = "console.csrf.invalid"
     NO_SESSION: Final = "console.session.missing"
     SESSION_BUSY: Final = "console.session.busy"
