@@ -47,7 +47,16 @@ class DemoFleet:
 
     def cli(self, *argv: str) -> str:
         """``edgeward ...`` as the demo's operator (a session the console does not hold)."""
-        result = subprocess.run(
+        result = self._run(argv)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    def cli_ok(self, *argv: str) -> bool:
+        """Whether ``edgeward ...`` succeeded."""
+        return self._run(argv).returncode == 0
+
+    def _run(self, argv: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
             [sys.executable, "-m", "edgeward_cli.main", *argv],
             env={
                 **os.environ,
@@ -60,8 +69,6 @@ class DemoFleet:
             timeout=60,
             check=False,
         )
-        assert result.returncode == 0, result.stdout + result.stderr
-        return result.stdout
 
 
 @contextmanager

@@ -189,10 +189,18 @@ def test_the_audit_checkpoint_verifies_and_a_proof_downloads(
 
 
 def test_charts_and_revocations(fleet: DemoFleet, operator: WebDriver) -> None:
+    # an inference the console sees (the gateway's signed result event), on a running device
+    fleet.cli("command", "resume", "edge-0001", "--reason", "charts")
+    deadline = time.monotonic() + WAIT_S
+    while not fleet.cli_ok("infer", "edge-0001", "--model", "edge-classifier", "--random", "1x16"):
+        assert time.monotonic() < deadline, "no inference accepted"
+        time.sleep(1)
     operator.get(fleet.url + "charts")
     for chart in ("chart-trust", "chart-progress", "chart-latency", "chart-errors"):
         assert operator.find_elements(By.CSS_SELECTOR, f"#{chart} svg")
     assert operator.find_elements(By.CSS_SELECTOR, "#chart-trust polyline")
+    assert operator.find_elements(By.CSS_SELECTOR, "#chart-progress polyline")
+    assert "edge-classifier v2" in operator.find_element(By.ID, "chart-latency").text
     screenshot(operator, "09-charts")
     operator.get(fleet.url + "revocations")
     assert "version" in operator.find_element(By.ID, "list").text
