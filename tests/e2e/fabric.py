@@ -92,13 +92,22 @@ class World:
         *,
         replace: bool = False,
         event_log: Path | None = None,
+        posture_root: Path | None = None,
     ) -> DeviceAgent:
         """Provision ``device_id`` (as the operator would) and prepare its agent."""
         await store.provision(device_id, DEVICE_CLASS, None, "op.alice", SystemClock().now_ms())
-        return self.agent(device_id, tcti, replace=replace, event_log=event_log)
+        return self.agent(
+            device_id, tcti, replace=replace, event_log=event_log, posture_root=posture_root
+        )
 
     def agent(
-        self, device_id: str, tcti: str, *, replace: bool = False, event_log: Path | None = None
+        self,
+        device_id: str,
+        tcti: str,
+        *,
+        replace: bool = False,
+        event_log: Path | None = None,
+        posture_root: Path | None = None,
     ) -> DeviceAgent:
         files = self.pki.issue(
             Identity.enrollee(device_id), datetime.now(UTC), timedelta(hours=1), replace=replace
@@ -114,6 +123,7 @@ class World:
             crl=self.pki.crl_path,
             broker=self.address,
             event_log=event_log,
+            posture_root=posture_root,
         )
         return DeviceAgent(config)
 

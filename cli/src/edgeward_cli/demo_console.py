@@ -1,4 +1,4 @@
-"""The demo's last act: the operator console (docs/adr/0026) over the running fleet.
+"""The demo's last act: the operator console (docs/adr/0027) over the running fleet.
 
 It starts ``edgeward-console`` as its own process, prints its URL, and shows that it serves
 the demo fleet to the operator's certificate. When the demo runs in a terminal (or with

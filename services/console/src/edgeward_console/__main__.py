@@ -1,4 +1,4 @@
-"""``edgeward-console``: the operator console over HTTPS (docs/adr/0026).
+"""``edgeward-console``: the operator console over HTTPS (docs/adr/0027).
 
     edgeward-console --pki-dir PKI --broker 127.0.0.1:8883 --listen 127.0.0.1:8443 \\
         --server-identity broker.console --audit-log revocation=state/revocation.db

@@ -1,7 +1,7 @@
 """The console's connections to the bus: one operator session per signed-in operator.
 
 The console signs for the authenticated operator with that operator's *console session*
-(``op.<name>.console``, docs/adr/0014 and 0026): a certificate of the operator's principal,
+(``op.<name>.console``, docs/adr/0014 and 0027): a certificate of the operator's principal,
 issued for the console and kept in the PKI directory, so every request, command and
 revocation the console sends is signed in the operator's name and audited as
 ``op.<name>.console``. The console holds the session's ``session.lock`` (the CLI's
