@@ -168,3 +168,17 @@ def test_charts_escape_their_labels_and_draw_their_data() -> None:
     assert bars.count("<rect") == 2
     assert "3.0 ms" in bars
     assert "no data yet" in charts.line_chart("t", {})
+
+
+def test_posture_summary_counts_outcomes_and_names_unmet_requirements() -> None:
+    from edgeward_shared.posture.report import PostureItem
+
+    items = [
+        PostureItem(item="disk-encryption", outcome="fail", evidence="no LUKS2 header"),
+        PostureItem(item="firewall", outcome="pass", evidence="nft ruleset loaded"),
+        PostureItem(item="ssh", outcome="unknown", evidence=""),
+    ]
+    assert views.posture_summary(items, []) == "posture 1 pass, 1 fail, 1 unknown"
+    summary = views.posture_summary(items, ["disk-encryption", "firewall", "secure-boot"])
+    assert summary.endswith("(required, not passed: disk-encryption, secure-boot)")
+    assert views.posture_summary([], ["firewall"]) == "no posture report"

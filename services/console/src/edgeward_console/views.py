@@ -13,6 +13,7 @@ from edgeward_console.feed import SentCommand
 from edgeward_shared.messages.command import CommandReceipt
 from edgeward_shared.messages.model import VersionInfo
 from edgeward_shared.messages.registry import DeviceStatus, PolicyInfo
+from edgeward_shared.posture.report import PostureItem
 
 STATES: Final = ("attested", "stale", "untrusted", "enrolled")
 _FINDING_PCR: Final = re.compile(r"^PCR (\d+) ")
@@ -38,6 +39,19 @@ class FleetRow:
     posture: str
 
 
+def posture_summary(items: Sequence[PostureItem], required: Sequence[str]) -> str:
+    """``posture 5 pass, 1 fail (required: disk-encryption)``, or ``no posture report``."""
+    if not items:
+        return "no posture report"
+    tally = Counter(i.outcome for i in items)
+    text = "posture " + ", ".join(
+        f"{tally[o]} {o}" for o in ("pass", "fail", "unknown") if tally[o]
+    )
+    unmet = [i.item for i in items if i.item in required and i.outcome != "pass"]
+    unmet += [r for r in required if r not in {i.item for i in items}]
+    return text + (f" (required, not passed: {', '.join(unmet)})" if unmet else "")
+
+
 def fleet_rows(  # noqa: PLR0917 - the facts of one table
     devices: Sequence[DeviceStatus],
     cert_expiry_ms: Mapping[str, int],
@@ -45,6 +59,7 @@ def fleet_rows(  # noqa: PLR0917 - the facts of one table
     revoked: frozenset[str],
     stopped: frozenset[str],
     now_ms: int,
+    postures: Mapping[str, str] | None = None,
 ) -> list[FleetRow]:
     running = models_by_device(versions)
     rows = []
@@ -58,6 +73,8 @@ def fleet_rows(  # noqa: PLR0917 - the facts of one table
         if d.findings:
             posture.append(f"{len(d.findings)} boot finding(s)")
         posture.append(f"policy {d.policy_id}" if d.policy_id else "no policy")
+        if postures and d.device_id in postures:
+            posture.append(postures[d.device_id])
         rows.append(
             FleetRow(
                 device_id=d.device_id,

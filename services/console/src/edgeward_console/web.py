@@ -48,7 +48,13 @@ from edgeward_shared.messages.command import (
     StopCommand,
 )
 from edgeward_shared.messages.model import ModelList, ModelQuery, RolloutControl, RolloutStatus
-from edgeward_shared.messages.registry import DeviceList, DeviceQuery, PolicyList, PolicyQuery
+from edgeward_shared.messages.registry import (
+    DeviceList,
+    DeviceQuery,
+    DeviceStatus,
+    PolicyList,
+    PolicyQuery,
+)
 from edgeward_shared.messages.revocation import RevocationJob, RevocationQuery, Revoke
 from edgeward_shared.pki.store import PkiStore
 
@@ -72,6 +78,8 @@ DEVICE_VERBS: Final[dict[str, type[Message]]] = {
     "rotate-cert": RotateCertCommand,
 }
 ROLLOUT_VERBS: Final = ("promote", "pause", "resume", "abort")
+POSTURE_FLEET_MAX: Final = 64
+POSTURE_TTL_MS: Final = 30_000
 STATIC: Final = Path(__file__).parent / "static"
 
 
@@ -84,6 +92,7 @@ class Console:
     csrf: Csrf = field(default_factory=Csrf)
     audit_logs: dict[str, Path] = field(default_factory=dict)
     tick_s: float = 2.0
+    postures: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
 def templates() -> Environment:
@@ -170,6 +179,7 @@ class Pages:
             self.console.links.view().devices,
             views.stopped_devices(self.console.feed.commands, self.console.feed.receipts),
             now_ms,
+            await self.postures(link, devices, now_ms),
         )
         state = request.query_params.get("state", "")
         query = request.query_params.get("q", "")
@@ -181,6 +191,35 @@ class Pages:
             "q": query,
             "states": views.STATES,
         }
+
+    async def postures(
+        self, link: Link, devices: list[DeviceStatus], now_ms: int
+    ) -> dict[str, str]:
+        """Each device's posture summary: the registry gives posture only for one device
+        at a time, so it is asked per device (fleets up to POSTURE_FLEET_MAX devices),
+        each answer kept POSTURE_TTL_MS."""
+        if len(devices) > POSTURE_FLEET_MAX:
+            return {}
+        cache = self.console.postures
+        stale = [d for d in devices if now_ms - cache.get(d.device_id, (0, ""))[0] > POSTURE_TTL_MS]
+        if stale:
+            policies = (await link.ask(ServiceName.ATTESTATION, PolicyQuery(), PolicyList)).policies
+            answers = await asyncio.gather(
+                *(
+                    link.ask(
+                        ServiceName.ATTESTATION, DeviceQuery(device_id=d.device_id), DeviceList
+                    )
+                    for d in stale
+                ),
+                return_exceptions=True,
+            )
+            for d, answer in zip(stale, answers, strict=True):
+                if isinstance(answer, DeviceList) and answer.devices:
+                    policy = views.active_policy(policies, d.device_class)
+                    required = policy.posture_required if policy else []
+                    summary = views.posture_summary(answer.devices[0].posture, required)
+                    cache[d.device_id] = (now_ms, summary)
+        return {d.device_id: cache[d.device_id][1] for d in devices if d.device_id in cache}
 
     async def fleet(self, request: Request, operator: Operator, link: Link) -> Response:
         return self.render(request, operator, "fleet.html", **await self.fleet_data(request, link))
