@@ -126,6 +126,15 @@ def test_stop_a_device_and_see_the_receipt(fleet: DemoFleet, operator: WebDriver
     assert "command.done" in row.text
     screenshot(operator, "04-stop-receipt")
     _no_script_ran(operator)
+    # the console's command log: both envelopes re-verified offline, the receipt bound
+    log = fleet.root / "state" / "console-commands.jsonl"
+    out = fleet.cli(
+        *("command", "verify", str(log)),
+        *("--ca-bundle", str(fleet.pki.bundle_path), "--crl", str(fleet.pki.crl_path)),
+    )
+    assert "edge-0001" in out
+    assert "command:ok receipt:ok" in out
+    assert "every command and receipt verifies" in out
 
 
 def test_a_rollouts_wave_progress_updates_live(

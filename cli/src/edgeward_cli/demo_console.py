@@ -54,6 +54,7 @@ async def console_act(
             *("--pki-dir", str(store.dir), "--broker", f"{broker.host}:{broker.port}"),
             *("--listen", "127.0.0.1:0"),
             *(arg for log in logs for arg in ("--audit-log", log)),
+            *("--command-log", str(state / "console-commands.jsonl")),
         )
     )
     url = await _url(root / "logs" / "console.log")

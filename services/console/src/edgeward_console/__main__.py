@@ -59,6 +59,11 @@ def _audit_logs(values: tuple[str, ...]) -> dict[str, Path]:
     "--audit-log", multiple=True, help="SERVICE=PATH of a service's database (read-only)."
 )
 @click.option("--tick", type=float, default=2.0, show_default=True, help="live-update period, s")
+@click.option(
+    "--command-log",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Append each command and its receipt (JSON lines, `edgeward command verify` reads it).",
+)
 def main(  # noqa: PLR0917 - click passes every option
     pki_dir: Path,
     broker: str,
@@ -66,6 +71,7 @@ def main(  # noqa: PLR0917 - click passes every option
     server_identity: str,
     audit_log: tuple[str, ...],
     tick: float,
+    command_log: Path | None,
 ) -> None:
     """Serve the operator console."""
     configure_logging("console")
@@ -80,14 +86,20 @@ def main(  # noqa: PLR0917 - click passes every option
         crl=store.crl_path,
     )
     # uvloop under uvicorn (and the bus runtime beside it)
-    uvloop.run(_run(store, BrokerAddress.parse(broker), https, _audit_logs(audit_log), tick))
+    logs = _audit_logs(audit_log)
+    uvloop.run(_run(store, BrokerAddress.parse(broker), https, logs, tick, command_log))
 
 
-async def _run(
-    store: PkiStore, broker: BrokerAddress, https: HttpsConfig, logs: dict[str, Path], tick: float
+async def _run(  # noqa: PLR0917 - the options, parsed
+    store: PkiStore,
+    broker: BrokerAddress,
+    https: HttpsConfig,
+    logs: dict[str, Path],
+    tick: float,
+    command_log: Path | None,
 ) -> None:
     feed = Feed()
-    links = Links(store, broker, feed)
+    links = Links(store, broker, feed, command_log)
     console = Console(
         store=store,
         gate=Gate(CrlSerials(store.crl_path), links.view),
@@ -95,6 +107,7 @@ async def _run(
         feed=feed,
         audit_logs=logs,
         tick_s=tick,
+        command_log=command_log,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Final
 
+from edgeward_shared.command_log import CommandRecord
 from edgeward_shared.messages.attest import AttestationFailed
 from edgeward_shared.messages.audit import AuditCheckpoint
 from edgeward_shared.messages.command import CommandReceipt
@@ -56,6 +57,8 @@ class Feed:
 
     commands: deque[SentCommand] = field(default_factory=lambda: deque(maxlen=KEEP))
     receipts: dict[str, CommandReceipt] = field(default_factory=dict)
+    #: command-log records awaiting their receipt, by command mid
+    records: dict[str, CommandRecord] = field(default_factory=dict)
     rollouts: deque[RolloutEvent] = field(default_factory=lambda: deque(maxlen=KEEP))
     failures: deque[AttestationFailed] = field(default_factory=lambda: deque(maxlen=KEEP))
     alarms: deque[TelemetryAlarm] = field(default_factory=lambda: deque(maxlen=KEEP))

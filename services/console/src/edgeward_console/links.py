@@ -30,6 +30,7 @@ import msgspec
 from edgeward_console.feed import Feed, Latency
 from edgeward_console.reasons import ConsoleReason, Denied
 from edgeward_shared.bus.mqtt import BrokerAddress
+from edgeward_shared.command_log import CommandRecord, encode_record
 from edgeward_shared.envelope import Opened
 from edgeward_shared.errors import EdgewardError
 from edgeward_shared.identity import Identity, ServiceName
@@ -108,19 +109,27 @@ class Link:
             raise Denied(502, "message.type.mismatch", type(reply.message).__name__)
         return reply.message
 
-    async def command(self, device_id: str, message: Message, mid: str) -> None:
-        """Sign and publish a command (60 s lifetime, docs/protocol.md 5.9)."""
+    async def command(self, device_id: str, message: Message, mid: str) -> CommandRecord:
+        """Sign and publish a command (60 s lifetime, docs/protocol.md 5.9); returns its
+        command-log record (the envelope exactly as published)."""
         topic = device_topic(device_id, Direction.DOWN, Channel.COMMAND)
+        raw = self.runtime.seal_outgoing(Outgoing(topic, message, ttl_ms=60_000), mid=mid)
         try:
-            await self.runtime.publish(Outgoing(topic, message, ttl_ms=60_000, mid=mid))
+            # sealed here so that the log holds the bytes the device verifies: published as is
+            await self.runtime.publish(OutgoingFrame(topic, raw, qos=1))
         except EdgewardError as exc:
             raise Denied(503, ConsoleReason.SERVICE, f"broker: {exc.reason}") from exc
+        receipts = device_topic(device_id, Direction.UP, Channel.COMMAND)
+        return CommandRecord(device_id=device_id, topic=topic, command=raw, receipt_topic=receipts)
 
 
 class Links:
     """The console's sessions, connected on first use and kept until :meth:`close`."""
 
-    def __init__(self, store: PkiStore, broker: BrokerAddress, feed: Feed) -> None:
+    def __init__(
+        self, store: PkiStore, broker: BrokerAddress, feed: Feed, command_log: Path | None = None
+    ) -> None:
+        self._command_log = command_log
         self._store = store
         self._broker = broker
         self._feed = feed
@@ -183,6 +192,11 @@ class Links:
 
         async def receipt(opened: Opened[Any]) -> Sequence[Outgoing | OutgoingFrame]:
             feed.receipt(opened.message)
+            record = feed.records.pop(opened.message.in_reply_to, None)
+            if record is not None and self._command_log is not None:
+                await asyncio.to_thread(
+                    append_record, self._command_log, record.with_receipt(opened.raw)
+                )
             return ()
 
         async def rollout(opened: Opened[Any]) -> Sequence[Outgoing | OutgoingFrame]:
@@ -260,6 +274,13 @@ class Links:
                 await asyncio.wait_for(link.task, TIMEOUT_S)
             _unlock(link.lock_fd)
         self._links.clear()
+
+
+def append_record(log: Path, record: CommandRecord) -> None:
+    """One line of the command log (docs/protocol.md 5.9; the CLI's format)."""
+    log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with log.open("ab") as handle:
+        handle.write(encode_record(record) + b"\n")
 
 
 def _lock(path: Path) -> int | None:

@@ -36,8 +36,9 @@ from edgeward_console import audit, charts, views
 from edgeward_console.access import Gate, Operator
 from edgeward_console.csrf import Csrf, same_origin
 from edgeward_console.feed import Feed, SentCommand
-from edgeward_console.links import Link, Links
+from edgeward_console.links import Link, Links, append_record
 from edgeward_console.reasons import ConsoleReason, Denied
+from edgeward_shared.command_log import CommandRecord
 from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.logs import fields
 from edgeward_shared.messages.base import Message
@@ -93,6 +94,16 @@ class Console:
     audit_logs: dict[str, Path] = field(default_factory=dict)
     tick_s: float = 2.0
     postures: dict[str, tuple[int, str]] = field(default_factory=dict)
+    command_log: Path | None = None
+
+    async def log_command(self, mid: str, record: CommandRecord) -> None:
+        """The command in the command log now, and again with its receipt when it comes."""
+        if self.command_log is None:
+            return
+        if len(self.feed.records) >= 1000:
+            self.feed.records.pop(next(iter(self.feed.records)))
+        self.feed.records[mid] = record
+        await asyncio.to_thread(append_record, self.command_log, record)
 
 
 def templates() -> Environment:
@@ -298,9 +309,10 @@ class Pages:
             )
         else:
             mid = secrets.token_hex(16)
-            await link.command(
+            record = await link.command(
                 device_id, DEVICE_VERBS[verb](device_id=device_id, reason=reason), mid
             )
+            await self.console.log_command(mid, record)
             self.console.feed.sent(
                 SentCommand(mid, device_id, verb, reason, str(link.identity), _now_ms())
             )
