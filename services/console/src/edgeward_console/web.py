@@ -185,7 +185,7 @@ class Pages:
         self.console.feed.sample_trust(now_ms, counts)
         rows = views.fleet_rows(
             devices,
-            _cert_expiry(self.console.store),
+            await asyncio.to_thread(_cert_expiry, self.console.store),
             versions,
             self.console.links.view().devices,
             views.stopped_devices(self.console.feed.commands, self.console.feed.receipts),
@@ -256,11 +256,9 @@ class Pages:
             entries = await _entries(path, service, self.console)
             trail.extend((service, e) for e in entries if e.subject == device_id)
         trail.sort(key=lambda item: item[1].at_ms, reverse=True)
-        certs = [
-            r
-            for r in self.console.store.issued()
-            if r.common_name == device_id and r.role == Role.DEVICE
-        ]
+        issued = await asyncio.to_thread(self.console.store.issued)
+        revoked = await asyncio.to_thread(self.console.store.revoked_serials)
+        certs = [r for r in issued if r.common_name == device_id and r.role == Role.DEVICE]
         return self.render(
             request,
             operator,
@@ -270,7 +268,7 @@ class Pages:
             pcrs=views.pcr_rows(policy, status.findings),
             failures=[f for f in self.console.feed.failures if f.device_id == device_id],
             certs=sorted(certs, key=lambda r: r.not_after, reverse=True),
-            revoked_serials=self.console.store.revoked_serials(),
+            revoked_serials=revoked,
             commands=views.command_rows(
                 self.console.feed.commands, self.console.feed.receipts, device_id
             ),
