@@ -37,6 +37,7 @@ from edgeward_console.access import Gate, Operator
 from edgeward_console.csrf import Csrf, same_origin
 from edgeward_console.feed import Feed, SentCommand
 from edgeward_console.links import Link, Links, append_record
+from edgeward_console.metrics import ConsoleMetrics
 from edgeward_console.reasons import ConsoleReason, Denied
 from edgeward_shared.command_log import CommandRecord
 from edgeward_shared.identity import Identity, Role, ServiceName
@@ -95,6 +96,7 @@ class Console:
     tick_s: float = 2.0
     postures: dict[str, tuple[int, str]] = field(default_factory=dict)
     command_log: Path | None = None
+    metrics: ConsoleMetrics = field(default_factory=ConsoleMetrics)
 
     async def log_command(self, mid: str, record: CommandRecord) -> None:
         """The command in the command log now, and again with its receipt when it comes."""
@@ -150,8 +152,9 @@ class Pages:
                     form = await request.form()
                     self._check_csrf(request, operator, form.get("csrf"))
                 link = await self.console.links.for_operator(operator.identity)
-                return await handler(request, operator, link)
+                response = await handler(request, operator, link)
             except Denied as exc:
+                self.console.metrics.requests.labels(exc.reason).inc()
                 log.info(
                     "console.request.refused",
                     extra=fields(
@@ -167,10 +170,13 @@ class Pages:
                     detail=exc.detail,
                 )
             except Exception:  # one request fails, the console serves on
+                self.console.metrics.requests.labels("console.internal").inc()
                 log.exception("console.request.failed", extra=fields(path=request.url.path))
                 return self.render(
                     request, operator, "error.html", 500, reason="console.internal", detail=""
                 )
+            self.console.metrics.requests.labels("ok").inc()
+            return response
 
         return endpoint
 
@@ -314,6 +320,7 @@ class Pages:
             self.console.feed.sent(
                 SentCommand(mid, device_id, verb, reason, str(link.identity), _now_ms())
             )
+        self.console.metrics.actions.labels(verb).inc()
         log.info(
             "console.action",
             extra=fields(
@@ -368,6 +375,7 @@ class Pages:
             RolloutControl(name=name, version=version, verb=verb, reason=reason),  # type: ignore[arg-type]
             RolloutStatus,
         )
+        self.console.metrics.actions.labels(verb).inc()
         log.info(
             "console.action",
             extra=fields(verb=verb, model=f"{name}@{version}", operator=str(operator.identity)),
