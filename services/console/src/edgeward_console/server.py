@@ -17,7 +17,8 @@ from pathlib import Path
 from uvicorn import Config, Server
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from edgeward_console.web import PEER, Console, Guard, app
+from edgeward_console.guard import PEER, Guard
+from edgeward_console.web import Console, app
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,8 +29,6 @@ from starlette.responses import (
 )
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Receive, Scope, Send
-from starlette.types import Message as AsgiMessage
 
 from edgeward_console import audit, charts, views
 from edgeward_console.access import Gate, Operator
@@ -61,18 +59,6 @@ from edgeward_shared.messages.revocation import RevocationJob, RevocationQuery, 
 from edgeward_shared.pki.store import PkiStore
 
 log = logging.getLogger("edgeward.console")
-PEER: Final = "edgeward_peer_der"
-CSP: Final = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self';"
-    " connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
-)
-HEADERS: Final = [
-    (b"content-security-policy", CSP.encode()),
-    (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"same-origin"),  # no-referrer would send Origin: null
-    (b"x-frame-options", b"DENY"),
-    (b"cache-control", b"no-store"),
-]
 DEVICE_VERBS: Final[dict[str, type[Message]]] = {
     "stop": StopCommand,
     "resume": ResumeCommand,
@@ -516,43 +502,6 @@ def app(console: Console) -> Starlette:
     return Starlette(routes=Pages(console).routes())
 
 
-class Guard:
-    """ASGI middleware: admit operators only, add the security headers to every response."""
-
-    def __init__(self, inner: ASGIApp, gate: Gate) -> None:
-        self.inner = inner
-        self.gate = gate
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.inner(scope, receive, send)
-            return
-
-        async def secured(message: AsgiMessage) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *HEADERS]
-            await send(message)
-
-        state = scope.setdefault("state", {})
-        try:
-            state["operator"] = self.gate.admit(state.get(PEER))
-        except Denied as exc:
-            log.info(
-                "console.caller.refused", extra=fields(reason=exc.reason, path=scope.get("path"))
-            )
-            body = f"{exc.status} {exc.reason}\n".encode()
-            await secured(
-                {
-                    "type": "http.response.start",
-                    "status": exc.status,
-                    "headers": [(b"content-type", b"text/plain; charset=utf-8")],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
-            return
-        await self.inner(scope, receive, secured)
-
-
 # ---------------------------------------------------------------------- helpers
 def _now_ms() -> int:
     return int(datetime.now(UTC).timestamp() * 1000)
@@ -617,4 +566,5 @@ async def _audit_state(service: str, path: Path, console: Console) -> audit.LogS
         state = audit.LogState(service)
         state.findings.append(f"unreadable: {type(exc).__name__}")
         return state
-    return audit.judge(service, raw, console.feed.checkpoints.get(service))
+    # hashing every entry is CPU work: off the event loop
+    return await asyncio.to_thread(audit.judge, service, raw, console.feed.checkpoints.get(service))
