@@ -217,6 +217,29 @@ def test_charts_and_revocations(fleet: DemoFleet, operator: WebDriver) -> None:
     screenshot(operator, "10-revocations")
 
 
+def test_revoke_through_the_console_with_a_hostile_reason(
+    fleet: DemoFleet, operator: WebDriver
+) -> None:
+    """The tampered device (already revoked by the demo) revoked again from its page: the
+    revocation service records the job with the console session as actor and keeps the
+    reason, which the Revocations page shows as text."""
+    operator.get(fleet.url + "device/edge-0002")
+    operator.find_element(By.ID, "action-revoke").click()
+    operator.find_element(By.ID, "reason").send_keys(HOSTILE)
+    operator.find_element(By.ID, "confirm").click()
+    _wait(operator, lambda d: d.find_elements(By.ID, "device-id"), "back on the device page")
+    operator.get(fleet.url + "revocations")
+    jobs = [
+        row.text
+        for row in operator.find_elements(By.CSS_SELECTOR, "tr[data-subject=edge-0002]")
+        if HOSTILE in row.text
+    ]
+    assert jobs, "the console's revocation job is not listed"
+    assert "op.admin.console" in jobs[0]
+    screenshot(operator, "11-revoked-from-the-console")
+    _no_script_ran(operator)
+
+
 def test_a_hostile_device_id_in_the_address_renders_as_text(
     fleet: DemoFleet, operator: WebDriver
 ) -> None:
