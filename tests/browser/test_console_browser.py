@@ -151,6 +151,11 @@ def test_a_rollouts_wave_progress_updates_live(
         *("--waves", "10,50,100", "--manual"),
     )
     operator.get(fleet.url + "models")
+    version = operator.find_element(
+        By.CSS_SELECTOR, "tr[data-model=edge-classifier][data-version='2']"
+    )
+    assert version.find_element(By.CSS_SELECTOR, "td.signer").text == "signer.ci"  # provenance
+    assert "sha256:demo" in version.text
     section = "section[data-rollout='edge-classifier@2']"
     _wait(operator, lambda d: _attr(d, section, "data-phase") == "canary", "the canary")
     heading = operator.find_element(By.TAG_NAME, "h1")
