@@ -63,7 +63,9 @@ class DemoFleet:
                 "EDGEWARD_PKI": str(self.root / "pki"),
                 "EDGEWARD_BROKER": self.broker,
                 "EDGEWARD_OPERATOR": "admin",
+                "EDGEWARD_COMMAND_LOG": str(self.root / "state" / "commands.jsonl"),
             },
+            cwd=self.root,  # any other relative default lands in the demo's directory
             capture_output=True,
             text=True,
             timeout=60,
