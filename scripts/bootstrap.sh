@@ -15,7 +15,10 @@ APT_PACKAGES=(mosquitto mosquitto-clients openssl ca-certificates python3 python
     # `sshd -t` (its service is left disabled below)
     wireguard-tools openssh-server shellcheck systemd kmod rsyslog cryptsetup-bin gettext-base
     # the syslog shipping tests send RFC 5425 (syslog over TLS) to a real rsyslog
-    rsyslog-openssl)
+    rsyslog-openssl
+    # the operator console's browser tests: Debian's chromium and its WebDriver (Selenium),
+    # NSS tools for the client certificate, openssl's pkcs12 (above)
+    chromium chromium-driver libnss3-tools)
 UV_VENV="${EDGEWARD_UV_VENV:-$HOME/.cache/edgeward/uv}"
 
 say() { printf '[bootstrap] %s\n' "$*" >&2; }
