@@ -1,5 +1,5 @@
 """Checking an inference answer's attestation evidence offline (``edgeward infer verify``,
-docs/protocol.md 5.11, docs/adr/0029).
+docs/protocol.md 5.11, docs/adr/0032).
 
 The gateway's Open Inference Protocol front returns, in the response's ``parameters``, the
 device's evidence: ``edgeward_device``, ``edgeward_result_id``, ``edgeward_model_digest``,

@@ -6,7 +6,7 @@ admitted message takes one. :class:`KeyedLimiter` keeps one bucket per key in a 
 LRU map: forgetting a key only gives it a full bucket again, never more than ``burst``.
 Pure: time comes in as ``now_ms``.
 
-Fleet-wide limits (docs/adr/0029): :class:`CallerLimiter` is what a handler asks;
+Fleet-wide limits (docs/adr/0032): :class:`CallerLimiter` is what a handler asks;
 :class:`LocalLimiter` keeps one instance's buckets, :class:`LeasedLimiter` one bucket per key
 for every instance, in a :class:`SharedBuckets` store (the service's database), taken a few
 tokens at a time.
