@@ -28,6 +28,7 @@ from edgeward_device_agent.swtpm import (
     SwtpmFleet,
     expected_pcrs,
 )
+from edgeward_device_agent.tpm import TpmKeys
 from edgeward_identity.app import IdentityConfig, identity_node
 from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.bus.mqtt import BrokerAddress
@@ -92,13 +93,20 @@ class World:
         *,
         replace: bool = False,
         event_log: Path | None = None,
+        keys: TpmKeys = TpmKeys.ECC,
     ) -> DeviceAgent:
         """Provision ``device_id`` (as the operator would) and prepare its agent."""
         await store.provision(device_id, DEVICE_CLASS, None, "op.alice", SystemClock().now_ms())
-        return self.agent(device_id, tcti, replace=replace, event_log=event_log)
+        return self.agent(device_id, tcti, replace=replace, event_log=event_log, keys=keys)
 
     def agent(
-        self, device_id: str, tcti: str, *, replace: bool = False, event_log: Path | None = None
+        self,
+        device_id: str,
+        tcti: str,
+        *,
+        replace: bool = False,
+        event_log: Path | None = None,
+        keys: TpmKeys = TpmKeys.ECC,
     ) -> DeviceAgent:
         files = self.pki.issue(
             Identity.enrollee(device_id), datetime.now(UTC), timedelta(hours=1), replace=replace
@@ -114,13 +122,17 @@ class World:
             crl=self.pki.crl_path,
             broker=self.address,
             event_log=event_log,
+            tpm_keys=keys,
         )
         return DeviceAgent(config)
 
 
 @contextmanager
-def make_world(root: Path, extra: tuple[Identity, ...] = ()) -> Iterator[World]:
-    """A fresh PKI (broker, services, alice and ``extra``), broker and swtpm fleet."""
+def make_world(
+    root: Path, extra: tuple[Identity, ...] = (), keys: TpmKeys = TpmKeys.ECC
+) -> Iterator[World]:
+    """A fresh PKI (broker, services, alice and ``extra``), broker and swtpm fleet (whose
+    TPMs have only an RSA EK certificate with ``keys`` RSA)."""
     (root / "agents").mkdir()
     pki = PkiStore(root / "pki")
     now = datetime.now(UTC)
@@ -129,7 +141,7 @@ def make_world(root: Path, extra: tuple[Identity, ...] = ()) -> Iterator[World]:
     for identity in (ATTESTATION, IDENTITY, TELEMETRY, ALICE, *extra):
         pki.issue(identity, now, timedelta(days=1))
     with (
-        SwtpmFleet(root / "tpms") as fleet,
+        SwtpmFleet(root / "tpms", keys=keys) as fleet,
         MosquittoBroker(
             pki, root / "broker", operators=[ALICE, *(i for i in extra if i.role is Role.OPERATOR)]
         ) as broker,

@@ -29,6 +29,7 @@ from edgeward_device_agent.inference import InferencePolicy
 from edgeward_device_agent.model_manager import ModelPolicy
 from edgeward_device_agent.offline import OfflinePolicy
 from edgeward_device_agent.sandbox.supervisor import SandboxPolicy
+from edgeward_device_agent.tpm import TpmKeys
 from edgeward_shared.logs import fields
 from edgeward_shared.runtime.kit import Command, EnvOptions, NodeOptions, command, node_options
 from edgeward_shared.runtime.params import DurationParam
@@ -74,6 +75,13 @@ def _timing_options(function: Command) -> Command:
     "--tcti",
     default="device:/dev/tpmrm0",
     help="The TPM: device:/dev/tpmrm0, or swtpm:host=127.0.0.1,port=N in development.",
+)
+@_option(
+    "--tpm-keys",
+    type=click.Choice([k.value for k in TpmKeys]),
+    default=TpmKeys.ECC.value,
+    help="The EK and AK kind: ecc (P-384 EK, P-256 ECDSA AK), rsa (RSA-2048 EK and AK,"
+    " RSASSA) or rsa-pss (RSA-2048 EK and AK, RSAPSS); docs/adr/0018.",
 )
 @_option(
     "--state-dir",
@@ -179,6 +187,7 @@ def agent_config(node: NodeOptions, **options: Any) -> AgentConfig:
         device_id=options["device_id"],
         device_class=options["device_class"],
         tcti=options["tcti"],
+        tpm_keys=TpmKeys(options["tpm_keys"]),
         state_dir=options["state_dir"],
         ca_bundle=node.ca_bundle,
         crl=node.crl,

@@ -130,7 +130,7 @@ class DeviceAgent:
         config: AgentConfig,
         *,
         clock: Clock | None = None,
-        tpm_factory: TpmFactory = Tpm,
+        tpm_factory: TpmFactory | None = None,
         connector: Connector | None = None,
         rand: Callable[[], float] = random.random,
     ) -> None:
@@ -139,7 +139,7 @@ class DeviceAgent:
         self.metrics = RuntimeMetrics()
         self.agent_metrics = AgentMetrics(self.metrics.registry)
         self._clock = clock or SystemClock()
-        self._tpm_factory = tpm_factory
+        self._tpm_factory = tpm_factory or functools.partial(Tpm, keys=config.tpm_keys)
         self._connector = connector or self._mqtt_connect
         #: the fleet trust bundle (docs/adr/0017): adopted at once, kept in the state dir
         self.trust = TrustFollower(

@@ -17,6 +17,11 @@ Layout (every directory 0700, the CA key 0600)::
     <root>/devices/<name>/                   one TPM's state (tpm2-00.permall), swtpm.log and
                                              binary_bios_measurements (its boot event log)
 
+A fleet made with ``keys=TpmKeys.RSA`` (or ``RSA_PSS``) stands for TPMs whose manufacturer
+certified only an RSA EK, as many deployed TPMs and vTPMs do: at provisioning the ECC EK
+certificate is removed from NV (``tpm2_nvundefine`` with platform authorization, as a
+manufacturer could have left it out), and :meth:`SwtpmDevice.open` makes RSA keys.
+
 It leaves to others: anything a real device does after boot (AK, quotes: :mod:`.tpm`).
 Nothing here is used in production; a real device has a real TPM at ``/dev/tpmrm0``.
 """
@@ -56,7 +61,7 @@ from edgeward_device_agent.tcg_log import (
     variable_data,
     write_log,
 )
-from edgeward_device_agent.tpm import PcrBank, Tpm
+from edgeward_device_agent.tpm import EK_CERT_NV_INDEX, PcrBank, Tpm, TpmKeys
 from edgeward_shared.pki.certs import make_root_ca
 
 _PORT_ATTEMPTS: Final = 20
@@ -269,6 +274,8 @@ class SwtpmDevice:
     state_dir: Path
     port: int
     process: subprocess.Popen[bytes] = field(repr=False)
+    #: the kind of EK and AK this device's agent uses (its fleet's)
+    keys: TpmKeys = TpmKeys.ECC
 
     @property
     def pid(self) -> int:
@@ -288,8 +295,8 @@ class SwtpmDevice:
         return self.process.poll() is None
 
     def open(self) -> Tpm:
-        """A :class:`Tpm` on this device (the caller closes it)."""
-        return Tpm(self.tcti)
+        """A :class:`Tpm` on this device, with its kind of keys (the caller closes it)."""
+        return Tpm(self.tcti, self.keys)
 
     def stop(self) -> None:
         """SIGTERM this swtpm by PID, SIGKILL if it has not exited in time (idempotent)."""
@@ -307,6 +314,16 @@ def measure_boot(tpm: Tpm, chain: BootChain, banks: Sequence[PcrBank]) -> None:
     """Extend every measurement of ``chain`` into every bank in ``banks``."""
     for measurement in chain:
         tpm.extend_pcr(measurement.pcr, {bank: measurement.digest(bank) for bank in banks})
+
+
+def _remove_ecc_ek_certificate(device: SwtpmDevice) -> None:
+    """Leave only the RSA EK certified: undefine the ECC EK certificate's NV index (swtpm_setup
+    defined it with platform authorization, empty on a fresh swtpm)."""
+    subprocess.run(
+        ["tpm2_nvundefine", f"{EK_CERT_NV_INDEX:#010x}", "-C", "p"],
+        env={**os.environ, "TPM2TOOLS_TCTI": device.tcti},
+        check=True, stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
+    )  # fmt: skip
 
 
 def _free_port_pair() -> int:
@@ -353,9 +370,11 @@ class SwtpmFleet:
         root: Path,
         pcr_banks: Sequence[PcrBank] = (PcrBank.SHA256,),
         ca: ManufacturerCa | None = None,
+        keys: TpmKeys = TpmKeys.ECC,
     ) -> None:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.root = root
+        self.keys = keys
         self.banks = tuple(pcr_banks)
         self.ca = ca or ManufacturerCa.open_or_create(root / "ca")
         self.devices: dict[str, SwtpmDevice] = {}
@@ -419,7 +438,7 @@ class SwtpmFleet:
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
             if _wait_listening(process, port):
-                return SwtpmDevice(name, state, port, process)
+                return SwtpmDevice(name, state, port, process, self.keys)
             SwtpmDevice(name, state, port, process).stop()  # lost a port race: try others
         raise RuntimeError(f"swtpm for {name} did not start (see {state / 'swtpm.log'})")
 
@@ -432,11 +451,14 @@ class SwtpmFleet:
     def start(self, name: str, chain: BootChain = GOLDEN_BOOT_CHAIN) -> SwtpmDevice:
         """Provision (first time only), start and boot one device."""
         state = self.root / "devices" / name
-        if not (state / "tpm2-00.permall").exists():
+        fresh = not (state / "tpm2-00.permall").exists()
+        if fresh:
             self.provision(name)
         device = self._spawn(name, state)
         self.devices[name] = device
         try:
+            if fresh and self.keys.is_rsa:
+                _remove_ecc_ek_certificate(device)
             self.boot(device, chain)
         except Exception:
             device.stop()
