@@ -94,10 +94,13 @@ class World:
         replace: bool = False,
         event_log: Path | None = None,
         keys: TpmKeys = TpmKeys.ECC,
+        ima_log: Path | None = None,
     ) -> DeviceAgent:
         """Provision ``device_id`` (as the operator would) and prepare its agent."""
         await store.provision(device_id, DEVICE_CLASS, None, "op.alice", SystemClock().now_ms())
-        return self.agent(device_id, tcti, replace=replace, event_log=event_log, keys=keys)
+        return self.agent(
+            device_id, tcti, replace=replace, event_log=event_log, keys=keys, ima_log=ima_log
+        )
 
     def agent(
         self,
@@ -107,6 +110,7 @@ class World:
         replace: bool = False,
         event_log: Path | None = None,
         keys: TpmKeys = TpmKeys.ECC,
+        ima_log: Path | None = None,
     ) -> DeviceAgent:
         files = self.pki.issue(
             Identity.enrollee(device_id), datetime.now(UTC), timedelta(hours=1), replace=replace
@@ -123,6 +127,8 @@ class World:
             broker=self.address,
             event_log=event_log,
             tpm_keys=keys,
+            # no IMA log unless asked: $EDGEWARD_IMA_LOG or the host's own must not leak in
+            ima_log=ima_log or self.root / "no-ima-log",
         )
         return DeviceAgent(config)
 

@@ -9,6 +9,10 @@ A policy recorded from a reference device that sent its boot event log also hold
 log's events as a reference state (:mod:`.appraise`); the verifier then appraises every
 device's log against the policy's states (docs/adr/0021). Several states may be allowed
 at once (old and new firmware during a rollout): :func:`merge_policies`.
+
+A policy recorded over PCR 10 from a reference device that sent its IMA log holds an IMA
+allowlist instead of a value for PCR 10 (:mod:`.ima`, docs/adr/0026): PCR 10 changes with
+every file measured, so the log is replayed against it and each entry appraised.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Annotated
 import msgspec
 
 from edgeward_attestation.appraise import MAX_REFERENCE_STATES, ReferenceState
+from edgeward_attestation.ima import IMA_PCR, ImaPolicy, merge_allowlists
 from edgeward_attestation.quote import PcrPolicy
 from edgeward_attestation.structures import ALG_SHA256
 
@@ -37,9 +42,13 @@ class ClassPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     reference_states: Annotated[
         list[ReferenceState], msgspec.Meta(max_length=MAX_REFERENCE_STATES)
     ] = msgspec.field(default_factory=list)
+    #: the files PCR 10's IMA log may show (None: PCR 10, if selected, is a value like others)
+    ima: ImaPolicy | None = None
 
     def __post_init__(self) -> None:
         self.to_pcr_policy()  # validates indices and coverage
+        if self.ima is not None and str(IMA_PCR) in self.allowlist:
+            raise ValueError(f"policy {self.policy_id}: PCR {IMA_PCR} is appraised by IMA")
         pcrs = set(self.selection)
         for state in self.reference_states:
             if any(event.pcr not in pcrs for event in state.events):
@@ -58,7 +67,9 @@ class ClassPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     @property
     def selection(self) -> list[int]:
-        return sorted(int(i) for i in self.allowlist)
+        """The PCRs a device quotes: those with values, and PCR 10 with an IMA allowlist."""
+        ima = [IMA_PCR] if self.ima is not None else []
+        return sorted([*(int(i) for i in self.allowlist), *ima])
 
 
 def policy_from_values(
@@ -66,15 +77,20 @@ def policy_from_values(
     device_class: str,
     pcrs: dict[int, bytes],
     reference: ReferenceState | None = None,
+    ima: ImaPolicy | None = None,
 ) -> ClassPolicy:
     """A policy allowing exactly the given PCR values (recorded from a reference device),
-    and its boot event log's events if it sent one."""
-    allowlist = {str(i): [value.hex()] for i, value in sorted(pcrs.items())}
+    its boot event log's events if it sent one, and its IMA log's files if it sent one
+    (PCR 10's value is then not allowlisted)."""
+    allowlist = {
+        str(i): [value.hex()] for i, value in sorted(pcrs.items()) if ima is None or i != IMA_PCR
+    }
     return ClassPolicy(
         policy_id=policy_id,
         device_class=device_class,
         allowlist=allowlist,
         reference_states=[reference] if reference else [],
+        ima=ima,
     )
 
 
@@ -90,11 +106,15 @@ def merge_policies(new: ClassPolicy, keep: ClassPolicy) -> ClassPolicy:
     states += [s for s in keep.reference_states if s not in states]
     if len(states) > MAX_REFERENCE_STATES:
         raise ValueError(f"more than {MAX_REFERENCE_STATES} reference states: retire some")
+    ima = new.ima
+    if ima is not None and keep.ima is not None:
+        ima = merge_allowlists(ima, keep.ima)
     return ClassPolicy(
         policy_id=new.policy_id,
         device_class=new.device_class,
         allowlist=allowlist,
         reference_states=states,
+        ima=ima,
     )
 
 

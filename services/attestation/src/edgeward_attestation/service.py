@@ -32,8 +32,15 @@ from edgeward_attestation.enrollment import (
     check_enroll_request,
     ek_fingerprint,
 )
+from edgeward_attestation.ima import IMA_PCR, ImaFinding
 from edgeward_attestation.keys import AttestationKey
-from edgeward_attestation.measured_boot import appraise_evidence, quote_policy, recorded_state
+from edgeward_attestation.measured_boot import (
+    appraise_evidence,
+    appraise_runtime,
+    quote_policy,
+    recorded_allowlist,
+    recorded_state,
+)
 from edgeward_attestation.policy import ClassPolicy, merge_policies, policy_from_values
 from edgeward_attestation.quote import Challenge, PcrPolicy, verify_quote
 from edgeward_attestation.reasons import AttestationReason
@@ -56,6 +63,7 @@ from edgeward_shared.messages.attest import (
     AttestationFailed,
     AttestationRequest,
     AttestationResult,
+    ImaCursor,
 )
 from edgeward_shared.messages.base import Message
 from edgeward_shared.messages.enroll import (
@@ -273,13 +281,25 @@ class AttestationService:
         the PCRs of a policy it is recording values for, else of its class's policy."""
         device = await self._device_record(device_id)
         recording = await self.store.recording_for(device)
-        selection = recording.selection if recording else (await self._policy(device)).selection
+        cursor = None
+        if recording:
+            selection = recording.selection  # a reference device sends its whole IMA log
+        else:
+            policy = await self._policy(device)
+            selection = policy.selection
+            progress = await self.store.ima_progress(device_id, policy.policy_id)
+            if policy.ima is not None and progress is not None:
+                cursor = ImaCursor(reset_count=progress.reset_count, entries=progress.entries)
         nonce = secrets.token_bytes(32)
         mid = secrets.token_hex(16)
         expires = self.clock.now_ms() + self.settings.nonce_lifetime_ms
         await self.store.add_challenge(mid, device_id, nonce, expires)
         challenge = AttestationChallenge(
-            nonce=nonce, pcr_bank="sha256", pcr_selection=selection, expires_at_ms=expires
+            nonce=nonce,
+            pcr_bank="sha256",
+            pcr_selection=selection,
+            expires_at_ms=expires,
+            ima_cursor=cursor,
         )
         return Outgoing(device_topic(device_id, Direction.DOWN, Channel.ATTEST), challenge, mid=mid)
 
@@ -313,11 +333,25 @@ class AttestationService:
                 now_ms=now,
             )
             findings = appraise_evidence(evidence.event_log, policy, verdict.facts.pcrs)
+            ima_findings, ima_progress = appraise_runtime(
+                evidence.ima_log,
+                evidence.ima_offset,
+                policy,
+                verdict.facts.pcrs,
+                verdict.facts.state.reset_count,
+                await self.store.ima_progress(device_id, policy.policy_id),
+            )
         except EdgewardError as exc:
+            if exc.reason == AttestationReason.IMA_GAP:  # start over from the log's start
+                await self.store.set_ima_progress(device_id, None, None)
             return await self._contraindicated(opened, device_id, policy, exc.reason, now)
         if findings:
             return await self._contraindicated(
                 opened, device_id, policy, AttestationReason.EVENTLOG_EVENTS, now, findings
+            )
+        if ima_findings:  # the progress stays where it was: the boot stays tainted
+            return await self._contraindicated(
+                opened, device_id, policy, AttestationReason.IMA_NOT_ALLOWED, now, ima_findings
             )
         claims = AttestationClaims(
             device_id=device_id,
@@ -338,6 +372,8 @@ class AttestationService:
             ear_expires_at=claims.expires_at * 1000,
             clock_state=verdict.facts.state,
         )
+        if ima_progress is not None:
+            await self.store.set_ima_progress(device_id, policy.policy_id, ima_progress)
         result = AttestationResult(
             in_reply_to=opened.mid,
             status="affirming",
@@ -375,9 +411,11 @@ class AttestationService:
             previous=device.clock_state,
             now_ms=now,
         )
-        reference = recorded_state(recording.policy_id, evidence.event_log, supplied)
+        ima = recorded_allowlist(evidence.ima_log, supplied) if evidence.ima_offset == 0 else None
+        boot = {i: v for i, v in supplied.items() if ima is None or i != IMA_PCR}
+        reference = recorded_state(recording.policy_id, evidence.event_log, boot)
         policy = policy_from_values(
-            recording.policy_id, recording.device_class, supplied, reference
+            recording.policy_id, recording.device_class, supplied, reference, ima
         )
         kept = await self.store.policy(recording.keep_from) if recording.keep_from else None
         if kept is not None and kept.policy is not None:  # a firmware rollout (ADR 0021)
@@ -402,7 +440,7 @@ class AttestationService:
         policy: ClassPolicy,
         reason: str,
         now: int,
-        findings: Sequence[Finding] = (),
+        findings: Sequence[Finding | ImaFinding] = (),
     ) -> Sequence[Outgoing]:
         lines = [finding.line() for finding in findings]
         await self.store.record_verdict(

@@ -108,6 +108,14 @@ def _timing_options(function: Command) -> Command:
     help="The TCG boot event log sent with every quote (docs/adr/0021).  [default:"
     " $EDGEWARD_EVENT_LOG, else /sys/kernel/security/tpm0/binary_bios_measurements]",
 )
+@_option(
+    "--ima-log",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The IMA runtime measurement log (binary) sent with quotes, incrementally"
+    " (docs/adr/0026).  [default: $EDGEWARD_IMA_LOG, else"
+    " /sys/kernel/security/ima/binary_runtime_measurements]",
+)
 @_option("--no-models", is_flag=True, help="Run no models (enrollment and attestation only).")
 @_option(
     "--model-sync-s",
@@ -196,6 +204,7 @@ def agent_config(node: NodeOptions, **options: Any) -> AgentConfig:
         policy=policy,
         seal=SealPolicy.parse(options["seal_pcrs"], options["seal_bank"]),
         event_log=options["event_log"],
+        ima_log=options["ima_log"],
         sandbox=None if options["no_sandbox"] else SandboxPolicy(),
         offline=OfflinePolicy(high_grace_s=options["high_grace_s"]),
         inference=InferencePolicy(

@@ -46,6 +46,7 @@ from edgeward_device_agent.boot_log import event_log_path, read_event_log
 from edgeward_device_agent.commands import CommandHandler
 from edgeward_device_agent.config import AgentConfig, retry_delays
 from edgeward_device_agent.enrollment import REPLY_TYPES, Enrollment
+from edgeward_device_agent.ima_log import ima_log_path, read_ima_log
 from edgeward_device_agent.inference import DeviceInference, standing_of
 from edgeward_device_agent.ledger import LEDGER_NAME, DeviceLedger
 from edgeward_device_agent.metrics import AgentMetrics
@@ -453,6 +454,7 @@ class DeviceAgent:
             metrics=self.agent_metrics,
             on_adopted=self._adopted,
             event_log=functools.partial(read_event_log, event_log_path(self.config.event_log)),
+            ima_log=functools.partial(read_ima_log, ima_log_path(self.config.ima_log)),
         )
         answer_pings(runtime, device_topic(self.device_id, Direction.DOWN, Channel.HEALTH))
         runtime.route(

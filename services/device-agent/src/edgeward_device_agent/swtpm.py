@@ -8,14 +8,17 @@ two consecutive free loopback ports (server N, control N+1, as the ``swtpm:`` TC
 with ``--flags not-need-init,startup-clear``, measuring a named boot chain (TCG events:
 firmware, Secure Boot variables, separators, boot loader and kernel images in PCRs 0-7, the
 kernel command line in PCR 8) into every active bank while writing its TCG event log
-(:mod:`.tcg_log`, docs/adr/0021), and stopping each process by its PID.
+(:mod:`.tcg_log`, docs/adr/0021), then the files its kernel's IMA measures after boot into
+PCR 10 with their IMA log (:mod:`.ima_log`, docs/adr/0026), and stopping each process by
+its PID.
 
 Layout (every directory 0700, the CA key 0600)::
 
     <root>/ca/{cert.pem,key.pem,serial}     the manufacturer CA (swtpm_localca's statedir)
     <root>/swtpm_setup.conf, localca.*       swtpm_setup's configuration for this fleet
-    <root>/devices/<name>/                   one TPM's state (tpm2-00.permall), swtpm.log and
+    <root>/devices/<name>/                   one TPM's state (tpm2-00.permall), swtpm.log,
                                              binary_bios_measurements (its boot event log)
+                                             and binary_runtime_measurements (its IMA log)
 
 A fleet made with ``keys=TpmKeys.RSA`` (or ``RSA_PSS``) stands for TPMs whose manufacturer
 certified only an RSA EK, as many deployed TPMs and vTPMs do: at provisioning the ECC EK
@@ -48,6 +51,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from edgeward_device_agent.ima_log import IMA_PCR, RuntimeFile, runtime_log, template_data
 from edgeward_device_agent.tcg_log import (
     EFI_CERT_SHA256,
     EFI_CERT_X509,
@@ -70,6 +74,8 @@ _STOP_TIMEOUT_S: Final = 5.0
 _DEFAULT_WORKERS: Final = 16
 #: the file in a device's state directory holding its boot event log
 EVENT_LOG_NAME: Final = "binary_bios_measurements"
+#: the file holding its IMA runtime measurement log (docs/adr/0026)
+IMA_LOG_NAME: Final = "binary_runtime_measurements"
 
 
 # ---------------------------------------------------------------------- boot chains
@@ -205,6 +211,27 @@ def updated_firmware_chain(
     )
 
 
+#: What a reference device's kernel measures after boot (IMA, PCR 10), in order.
+GOLDEN_RUNTIME: Final[tuple[RuntimeFile, ...]] = (
+    RuntimeFile("/usr/lib/systemd/systemd", b"systemd 252"),
+    RuntimeFile("/usr/bin/python3.12", b"python 3.12.3"),
+    RuntimeFile("/usr/bin/edgeward-agent", b"edgeward agent 1.0"),
+    RuntimeFile("/usr/lib/x86_64-linux-gnu/libonnxruntime.so.1", b"onnxruntime 1.20"),
+    RuntimeFile("/etc/edgeward/agent.toml", b"[agent]\nclass = edge-gw\n"),
+)
+
+
+def tampered_runtime(files: tuple[RuntimeFile, ...] = GOLDEN_RUNTIME) -> tuple[RuntimeFile, ...]:
+    """``files`` with the agent binary replaced by a trojaned one, and a dropped binary run."""
+    swapped = tuple(
+        replace(f, contents=b"edgeward agent 1.0 (patched)")
+        if f.path == "/usr/bin/edgeward-agent"
+        else f
+        for f in files
+    )
+    return (*swapped, RuntimeFile("/tmp/.x/miner", b"xmrig"))  # noqa: S108 - its path, logged
+
+
 def expected_pcrs(chain: BootChain, bank: PcrBank = PcrBank.SHA256) -> dict[int, bytes]:
     """PCRs 0-7 after ``chain`` is extended from reset: the golden values for an allowlist."""
     values = dict.fromkeys(range(8), bytes(bank.digest_size))
@@ -289,6 +316,11 @@ class SwtpmDevice:
     def event_log(self) -> Path:
         """Where this device's boot event log is (its ``binary_bios_measurements``)."""
         return self.state_dir / EVENT_LOG_NAME
+
+    @property
+    def ima_log(self) -> Path:
+        """Where this device's IMA log is (its ``binary_runtime_measurements``)."""
+        return self.state_dir / IMA_LOG_NAME
 
     @property
     def running(self) -> bool:
@@ -442,13 +474,29 @@ class SwtpmFleet:
             SwtpmDevice(name, state, port, process).stop()  # lost a port race: try others
         raise RuntimeError(f"swtpm for {name} did not start (see {state / 'swtpm.log'})")
 
-    def boot(self, device: SwtpmDevice, chain: BootChain = GOLDEN_BOOT_CHAIN) -> None:
-        """Measure ``chain`` into the running ``device`` (as its firmware would at boot)."""
+    def boot(
+        self,
+        device: SwtpmDevice,
+        chain: BootChain = GOLDEN_BOOT_CHAIN,
+        runtime: tuple[RuntimeFile, ...] = GOLDEN_RUNTIME,
+    ) -> None:
+        """Measure ``chain`` into the running ``device`` (as its firmware would at boot),
+        then ``runtime`` into PCR 10 (as its kernel's IMA would), writing both logs."""
+        entries = runtime_log(expected_pcrs(chain), runtime)
         with device.open() as tpm:
             measure_boot(tpm, chain, self.banks)
+            for entry in entries:
+                data = template_data(entry)
+                tpm.extend_pcr(IMA_PCR, {bank: bank.hash(data) for bank in self.banks})
         device.event_log.write_bytes(event_log(chain, self.banks))
+        device.ima_log.write_bytes(b"".join(entries))
 
-    def start(self, name: str, chain: BootChain = GOLDEN_BOOT_CHAIN) -> SwtpmDevice:
+    def start(
+        self,
+        name: str,
+        chain: BootChain = GOLDEN_BOOT_CHAIN,
+        runtime: tuple[RuntimeFile, ...] = GOLDEN_RUNTIME,
+    ) -> SwtpmDevice:
         """Provision (first time only), start and boot one device."""
         state = self.root / "devices" / name
         fresh = not (state / "tpm2-00.permall").exists()
@@ -459,7 +507,7 @@ class SwtpmFleet:
         try:
             if fresh and self.keys.is_rsa:
                 _remove_ecc_ek_certificate(device)
-            self.boot(device, chain)
+            self.boot(device, chain, runtime)
         except Exception:
             device.stop()
             raise
@@ -475,10 +523,15 @@ class SwtpmFleet:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             return list(pool.map(lambda name: self.start(name, chain), names))
 
-    def reboot(self, device: SwtpmDevice, chain: BootChain = GOLDEN_BOOT_CHAIN) -> SwtpmDevice:
+    def reboot(
+        self,
+        device: SwtpmDevice,
+        chain: BootChain = GOLDEN_BOOT_CHAIN,
+        runtime: tuple[RuntimeFile, ...] = GOLDEN_RUNTIME,
+    ) -> SwtpmDevice:
         """Stop and restart ``device`` (a TPM reset: resetCount + 1), then boot ``chain``."""
         device.stop()
-        return self.start(device.name, chain)
+        return self.start(device.name, chain, runtime)
 
     def stop_all(self) -> None:
         for device in self.devices.values():
@@ -497,6 +550,8 @@ class SwtpmFleet:
 __all__ = [
     "EVENT_LOG_NAME",
     "GOLDEN_BOOT_CHAIN",
+    "GOLDEN_RUNTIME",
+    "IMA_LOG_NAME",
     "BootChain",
     "ManufacturerCa",
     "Measurement",
@@ -506,5 +561,6 @@ __all__ = [
     "expected_pcrs",
     "measure_boot",
     "tampered_boot_chain",
+    "tampered_runtime",
     "updated_firmware_chain",
 ]
