@@ -58,6 +58,7 @@ from edgeward_shared.errors import AuthenticityError, EdgewardError, MessageErro
 from edgeward_shared.identity import ServiceName
 from edgeward_shared.logs import fields
 from edgeward_shared.messages.attest import (
+    MAX_EVENT_LOG_BYTES,
     AttestationChallenge,
     AttestationEvidence,
     AttestationFailed,
@@ -307,6 +308,8 @@ class AttestationService:
         self, opened: Opened[Any], device_id: str, evidence: AttestationEvidence
     ) -> Sequence[Outgoing]:
         device = await self._device_record(device_id)
+        if len(evidence.event_log) + len(evidence.ima_log) > MAX_EVENT_LOG_BYTES:
+            raise MessageError(AttestationReason.IMA_MALFORMED, "the two logs exceed the cap")
         used = await self.store.use_challenge(evidence.in_reply_to, device_id)
         if used is None:
             raise AuthenticityError(
