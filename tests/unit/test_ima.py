@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -23,6 +24,9 @@ from edgeward_attestation.ima import (
 from edgeward_attestation.measured_boot import appraise_runtime, recorded_allowlist
 from edgeward_attestation.policy import ClassPolicy, decode_policy, encode_policy
 from edgeward_attestation.reasons import AttestationReason as R
+from edgeward_attestation.structures import parse_quote_attest
+from edgeward_attestation.testing import QuoteVector
+from edgeward_device_agent.attestation import _ima_part, _reset_count
 from edgeward_device_agent.ima_log import (
     RuntimeFile,
     entries_from,
@@ -37,6 +41,9 @@ from edgeward_device_agent.swtpm import (
     tampered_runtime,
 )
 from edgeward_shared.errors import EdgewardError
+from edgeward_shared.messages.attest import MAX_EVENT_LOG_BYTES, ImaCursor
+
+VECTORS = Path(__file__).parents[1] / "vectors" / "tpm"
 
 BOOT = expected_pcrs(GOLDEN_BOOT_CHAIN)
 
@@ -198,3 +205,20 @@ def test_the_device_sends_whole_entries_after_the_cursor_within_its_budget() -> 
     offset, part = entries_from(GOLDEN, 0, offsets[2] + 1)  # budget: two entries and a byte
     assert (offset, part) == (0, GOLDEN[: offsets[2]])
     assert entry_offsets(GOLDEN + b"\x0a\x00") == offsets  # a partial entry is left out
+
+
+def test_the_agent_sends_after_the_cursor_only_within_the_same_boot() -> None:
+    attest = QuoteVector.load(VECTORS / "pytss").attest  # a real swtpm quote
+    reset = parse_quote_attest(attest).clock_info.reset_count
+    assert _reset_count(attest) == reset
+    assert _reset_count(attest[:20]) is None
+    offsets = entry_offsets(GOLDEN)
+    same_boot = ImaCursor(reset_count=reset, entries=3)
+    assert _ima_part(GOLDEN, same_boot, attest, 0) == (3, GOLDEN[offsets[3] :])
+    rebooted = ImaCursor(reset_count=reset + 1, entries=3)
+    assert _ima_part(GOLDEN, rebooted, attest, 0) == (0, GOLDEN)
+    assert _ima_part(GOLDEN, None, attest, 0) == (0, GOLDEN)
+    # the boot event log leaves less room: whole entries only, the earliest first
+    room = MAX_EVENT_LOG_BYTES - offsets[2]
+    assert _ima_part(GOLDEN, None, attest, room) == (0, GOLDEN[: offsets[2]])
+    assert _ima_part(b"", same_boot, attest, 0) == (0, b"")

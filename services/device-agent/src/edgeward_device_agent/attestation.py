@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgeward_device_agent.config import AgentPolicy
 from edgeward_device_agent.core import ATTESTED, Adopt, Withdraw, decide_result
-from edgeward_device_agent.ima_log import entries_from
+from edgeward_device_agent.ima_log import IMA_PCR, entries_from
 from edgeward_device_agent.metrics import AgentMetrics
 from edgeward_device_agent.ports import AgentTpm
 from edgeward_device_agent.reasons import AgentReason
@@ -226,7 +226,11 @@ class Attester:
             )
             boot_log = await asyncio.to_thread(self._event_log)
             # read after the quote: the log then covers at least what PCR 10 holds
-            runtime_log = await asyncio.to_thread(self._ima_log)
+            runtime_log = (
+                await asyncio.to_thread(self._ima_log)
+                if IMA_PCR in challenge.pcr_selection  # else no policy looks at it
+                else b""
+            )
         finally:
             self._quoting = False
         self._check_fresh(challenge)  # the verifier would refuse late evidence anyway
