@@ -95,11 +95,18 @@ class World:
         event_log: Path | None = None,
         keys: TpmKeys = TpmKeys.ECC,
         ima_log: Path | None = None,
+        posture_root: Path | None = None,
     ) -> DeviceAgent:
         """Provision ``device_id`` (as the operator would) and prepare its agent."""
         await store.provision(device_id, DEVICE_CLASS, None, "op.alice", SystemClock().now_ms())
         return self.agent(
-            device_id, tcti, replace=replace, event_log=event_log, keys=keys, ima_log=ima_log
+            device_id,
+            tcti,
+            replace=replace,
+            event_log=event_log,
+            keys=keys,
+            ima_log=ima_log,
+            posture_root=posture_root,
         )
 
     def agent(
@@ -111,6 +118,7 @@ class World:
         event_log: Path | None = None,
         keys: TpmKeys = TpmKeys.ECC,
         ima_log: Path | None = None,
+        posture_root: Path | None = None,
     ) -> DeviceAgent:
         files = self.pki.issue(
             Identity.enrollee(device_id), datetime.now(UTC), timedelta(hours=1), replace=replace
@@ -129,6 +137,7 @@ class World:
             tpm_keys=keys,
             # no IMA log unless asked: $EDGEWARD_IMA_LOG or the host's own must not leak in
             ima_log=ima_log or self.root / "no-ima-log",
+            posture_root=posture_root,
         )
         return DeviceAgent(config)
 

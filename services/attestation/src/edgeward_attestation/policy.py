@@ -11,13 +11,17 @@ device's log against the policy's states (docs/adr/0021). Several states may be 
 at once (old and new firmware during a rollout): :func:`merge_policies`.
 
 A policy recorded over PCR 10 from a reference device that sent its IMA log holds an IMA
-allowlist instead of a value for PCR 10 (:mod:`.ima`, docs/adr/0026): PCR 10 changes with
+allowlist instead of a value for PCR 10 (:mod:`.ima`, docs/adr/0027): PCR 10 changes with
 every file measured, so the log is replayed against it and each entry appraised.
+
+A policy may also require posture items (seed 000's checklist, docs/adr/0026): a device
+whose posture report does not show one of them as ``pass`` gets the verdict the policy
+names for it (``posture_failure``: ``warning`` or ``contraindicated``).
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -25,10 +29,28 @@ from edgeward_attestation.appraise import MAX_REFERENCE_STATES, ReferenceState
 from edgeward_attestation.ima import IMA_PCR, ImaPolicy, merge_allowlists
 from edgeward_attestation.quote import PcrPolicy
 from edgeward_attestation.structures import ALG_SHA256
+from edgeward_shared.posture.report import ITEMS, ItemId
 
 PolicyId = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9.-]{0,63}$")]
 DeviceClass = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9-]{0,31}$")]
 HexDigest = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+PostureFailure = Literal["warning", "contraindicated"]
+
+
+class PostureRequirements(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The posture items a class requires, and the verdict when one is not ``pass``."""
+
+    required: Annotated[list[ItemId], msgspec.Meta(max_length=len(ITEMS))] = msgspec.field(
+        default_factory=list
+    )
+    failure: PostureFailure = "contraindicated"
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.required) - set(ITEMS))
+        if unknown:
+            raise ValueError(f"unknown posture items {unknown}; known: {', '.join(ITEMS)}")
+        if len(set(self.required)) != len(self.required):
+            raise ValueError("a posture item is required once")
 
 
 class ClassPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -44,6 +66,8 @@ class ClassPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ] = msgspec.field(default_factory=list)
     #: the files PCR 10's IMA log may show (None: PCR 10, if selected, is a value like others)
     ima: ImaPolicy | None = None
+    #: the posture items required, and the verdict when one is unmet (docs/adr/0026)
+    posture: PostureRequirements = msgspec.field(default_factory=PostureRequirements)
 
     def __post_init__(self) -> None:
         self.to_pcr_policy()  # validates indices and coverage
@@ -77,11 +101,13 @@ def policy_from_values(
     device_class: str,
     pcrs: dict[int, bytes],
     reference: ReferenceState | None = None,
+    posture: PostureRequirements | None = None,
+    *,
     ima: ImaPolicy | None = None,
 ) -> ClassPolicy:
     """A policy allowing exactly the given PCR values (recorded from a reference device),
-    its boot event log's events if it sent one, and its IMA log's files if it sent one
-    (PCR 10's value is then not allowlisted)."""
+    its boot event log's events if it sent one, requiring ``posture``; with ``ima`` (the
+    reference device's IMA log's files) PCR 10's value is not allowlisted."""
     allowlist = {
         str(i): [value.hex()] for i, value in sorted(pcrs.items()) if ima is None or i != IMA_PCR
     }
@@ -91,12 +117,14 @@ def policy_from_values(
         allowlist=allowlist,
         reference_states=[reference] if reference else [],
         ima=ima,
+        posture=posture or PostureRequirements(),
     )
 
 
 def merge_policies(new: ClassPolicy, keep: ClassPolicy) -> ClassPolicy:
     """``new`` also allowing everything ``keep`` allows (same PCRs): the policy of a
-    firmware rollout, under which devices on the old and the new firmware both attest."""
+    firmware rollout, under which devices on the old and the new firmware both attest.
+    The posture requirements are ``new``'s."""
     if new.selection != keep.selection or new.device_class != keep.device_class:
         raise ValueError("only policies of one class over the same PCRs can be merged")
     allowlist = {
@@ -115,6 +143,7 @@ def merge_policies(new: ClassPolicy, keep: ClassPolicy) -> ClassPolicy:
         allowlist=allowlist,
         reference_states=states,
         ima=ima,
+        posture=new.posture,
     )
 
 

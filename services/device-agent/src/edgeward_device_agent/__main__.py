@@ -113,9 +113,17 @@ def _timing_options(function: Command) -> Command:
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     help="The IMA runtime measurement log (binary) sent with quotes, incrementally"
-    " (docs/adr/0026).  [default: $EDGEWARD_IMA_LOG, else"
+    " (docs/adr/0027).  [default: $EDGEWARD_IMA_LOG, else"
     " /sys/kernel/security/ima/binary_runtime_measurements]",
 )
+@_option(
+    "--posture-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("/"),
+    show_default=True,
+    help="Report the posture of the system below this root with every quote (docs/adr/0026).",
+)
+@_option("--no-posture", is_flag=True, help="Send no posture report (simulated devices).")
 @_option("--no-models", is_flag=True, help="Run no models (enrollment and attestation only).")
 @_option(
     "--model-sync-s",
@@ -205,6 +213,7 @@ def agent_config(node: NodeOptions, **options: Any) -> AgentConfig:
         seal=SealPolicy.parse(options["seal_pcrs"], options["seal_bank"]),
         event_log=options["event_log"],
         ima_log=options["ima_log"],
+        posture_root=None if options["no_posture"] else options["posture_root"],
         sandbox=None if options["no_sandbox"] else SandboxPolicy(),
         offline=OfflinePolicy(high_grace_s=options["high_grace_s"]),
         inference=InferencePolicy(

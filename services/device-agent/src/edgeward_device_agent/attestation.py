@@ -5,7 +5,9 @@ It owns, on ``ew/v1/dev/<id>/down/attest``:
 * **Challenges** (:class:`AttestationChallenge`): a fresh in-memory ECDSA P-256 session
   key per challenge, a TPM2_Quote (in a worker thread) over the challenge's PCRs with
   ``qualifyingData = H(nonce ‖ session key)``, answered with :class:`AttestationEvidence`,
-  which also carries the boot event log (:mod:`.boot_log`, read after the quote).
+  which also carries the boot event log (:mod:`.boot_log`, read after the quote) and,
+  when the agent reports posture (:mod:`.posture`, collected before the quote), the
+  posture report whose digest the quote then binds (binding version 2, docs/adr/0026).
   Policy: a challenge already expired when it arrives, or by the time the quote is done,
   is refused (``agent.attest.challenge_expired``); one quote at a time, and a challenge
   arriving while a quote is in flight is refused at once (``agent.attest.busy``) rather
@@ -48,7 +50,7 @@ from edgeward_device_agent.metrics import AgentMetrics
 from edgeward_device_agent.ports import AgentTpm
 from edgeward_device_agent.reasons import AgentReason
 from edgeward_device_agent.tpm import PcrBank
-from edgeward_shared.bindings import qualifying_data
+from edgeward_shared.bindings import qualifying_data, qualifying_data_v2
 from edgeward_shared.clock import Clock
 from edgeward_shared.ear import AttestationClaims, Status
 from edgeward_shared.envelope import Opened, new_mid
@@ -64,6 +66,7 @@ from edgeward_shared.messages.attest import (
 )
 from edgeward_shared.pki.certs import new_key
 from edgeward_shared.pki.trust import TrustStore
+from edgeward_shared.posture.report import report_digest
 from edgeward_shared.runtime.core import Outgoing
 from edgeward_shared.topics import reply_topic
 
@@ -140,7 +143,7 @@ def _reset_count(attest: bytes) -> int | None:
 
 
 def _ima_part(log: bytes, cursor: ImaCursor | None, attest: bytes, used: int) -> tuple[int, bytes]:
-    """The IMA entries to send (docs/adr/0026): after the verifier's cursor if this TPM was
+    """The IMA entries to send (docs/adr/0027): after the verifier's cursor if this TPM was
     not reset since, else from the start; within what the boot log leaves of the cap."""
     if not log:
         return 0, b""
@@ -165,12 +168,14 @@ class Attester:
         on_adopted: Callable[[CurrentAttestation], None] = lambda _current: None,
         event_log: Callable[[], bytes] = lambda: b"",
         ima_log: Callable[[], bytes] = lambda: b"",
+        posture: Callable[[], bytes] | None = None,
         session_keys: Callable[[], ec.EllipticCurvePrivateKey] = new_key,
         message_ids: Callable[[], str] = new_mid,
     ) -> None:
         self._device_id = device_id
         self._event_log = event_log
         self._ima_log = ima_log
+        self._posture = posture
         self._tpm = tpm
         self._trust = trust
         self._clock = clock
@@ -218,9 +223,15 @@ class Attester:
         try:
             session_key = self._session_keys()
             spki = _spki(session_key)
+            posture = await asyncio.to_thread(self._posture) if self._posture else b""
+            binding = (
+                qualifying_data_v2(challenge.nonce, spki, report_digest(posture))
+                if posture
+                else qualifying_data(challenge.nonce, spki)
+            )
             quote = await asyncio.to_thread(
                 self._tpm.quote,
-                qualifying_data(challenge.nonce, spki),
+                binding,
                 challenge.pcr_selection,
                 _BANKS[challenge.pcr_bank],
             )
@@ -239,7 +250,7 @@ class Attester:
         self._remember(evidence_mid, _Pending(session_key, spki, answer_by))
         self._metrics.evidence.inc()
         ima_offset, ima_chunk = _ima_part(
-            runtime_log, challenge.ima_cursor, quote.attest, len(boot_log)
+            runtime_log, challenge.ima_cursor, quote.attest, len(boot_log) + len(posture)
         )
         evidence = AttestationEvidence(
             in_reply_to=opened.mid,
@@ -250,6 +261,7 @@ class Attester:
             event_log=boot_log,
             ima_log=ima_chunk,
             ima_offset=ima_offset,
+            posture=posture,
         )
         return (Outgoing(answer_on, evidence, mid=evidence_mid),)
 

@@ -114,12 +114,16 @@ class AgentConfig:
     #: the TCG boot event log sent with each quote (docs/adr/0021); None: ``$EDGEWARD_EVENT_LOG``
     #: if set, else Linux's ``/sys/kernel/security/tpm0/binary_bios_measurements``
     event_log: Path | None = None
-    #: the IMA runtime log sent with each quote (docs/adr/0026); None: ``$EDGEWARD_IMA_LOG``
+    #: the IMA runtime log sent with each quote (docs/adr/0027); None: ``$EDGEWARD_IMA_LOG``
     #: if set, else ``/sys/kernel/security/ima/binary_runtime_measurements``
     ima_log: Path | None = None
     #: the kind of EK and AK (docs/adr/0018): ECC by default, RSA-2048 for a TPM whose
     #: manufacturer certified only an RSA EK
     tpm_keys: TpmKeys = TpmKeys.ECC
+    #: report the posture of the system below this root with each quote (docs/adr/0026):
+    #: ``/`` on a device (``python -m edgeward_device_agent`` defaults to it); None: no
+    #: report (simulated fleets: their host's posture is not theirs)
+    posture_root: Path | None = None
 
     def __post_init__(self) -> None:
         Identity.device(self.device_id)  # raises ValueError for an invalid device id

@@ -9,7 +9,7 @@ with ``--flags not-need-init,startup-clear``, measuring a named boot chain (TCG 
 firmware, Secure Boot variables, separators, boot loader and kernel images in PCRs 0-7, the
 kernel command line in PCR 8) into every active bank while writing its TCG event log
 (:mod:`.tcg_log`, docs/adr/0021), then the files its kernel's IMA measures after boot into
-PCR 10 with their IMA log (:mod:`.ima_log`, docs/adr/0026), and stopping each process by
+PCR 10 with their IMA log (:mod:`.ima_log`, docs/adr/0027), and stopping each process by
 its PID.
 
 Layout (every directory 0700, the CA key 0600)::
@@ -74,7 +74,7 @@ _STOP_TIMEOUT_S: Final = 5.0
 _DEFAULT_WORKERS: Final = 16
 #: the file in a device's state directory holding its boot event log
 EVENT_LOG_NAME: Final = "binary_bios_measurements"
-#: the file holding its IMA runtime measurement log (docs/adr/0026)
+#: the file holding its IMA runtime measurement log (docs/adr/0027)
 IMA_LOG_NAME: Final = "binary_runtime_measurements"
 
 

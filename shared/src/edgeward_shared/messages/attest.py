@@ -19,6 +19,8 @@ PcrIndex = Annotated[int, msgspec.Meta(ge=0, le=23)]
 #: The largest boot event log a device may send (docs/protocol.md 7.1): twice base64-encoded
 #: (message in envelope) it still fits the broker's 256 KiB payload limit with the rest.
 MAX_EVENT_LOG_BYTES: Final = 128 * 1024
+#: The largest posture report (edgeward_shared.posture.report.MAX_REPORT_BYTES).
+MAX_POSTURE_BYTES: Final = 16 * 1024
 
 
 class AttestationRequest(Message, frozen=True, tag="edgeward.attest.request.v1"):
@@ -36,10 +38,13 @@ class ImaCursor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     entries: Annotated[int, msgspec.Meta(ge=0, le=1 << 24)]
 
 
-class AttestationChallenge(Message, frozen=True, tag="edgeward.attest.challenge.v1"):
+class AttestationChallenge(
+    Message, frozen=True, omit_defaults=True, tag="edgeward.attest.challenge.v1"
+):
     """Quote these PCRs of this bank over ``qualifyingData = H(nonce ‖ session key)``
     (docs/adr/0006) before ``expires_at_ms``. The nonce is single use. ``ima_cursor``: send
-    the IMA log's entries after it if the TPM was not reset since, else all of them."""
+    the IMA log's entries after it if the TPM was not reset since, else all of them
+    (docs/adr/0027; left out of the encoding when null)."""
 
     nonce: Annotated[bytes, msgspec.Meta(min_length=16, max_length=64)]
     pcr_bank: Literal["sha256"]
@@ -53,7 +58,9 @@ class PcrValue(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     digest: Annotated[bytes, msgspec.Meta(min_length=20, max_length=64)]
 
 
-class AttestationEvidence(Message, frozen=True, tag="edgeward.attest.evidence.v1"):
+class AttestationEvidence(
+    Message, frozen=True, omit_defaults=True, tag="edgeward.attest.evidence.v1"
+):
     """The quote: TPMS_ATTEST and TPMT_SIGNATURE as the TPM produced them, the PCR values
     it covers, and the session public key (DER SubjectPublicKeyInfo, ECDSA P-256) it binds;
     the device keeps the session private key in memory only. ``event_log`` is the TCG PC
@@ -61,7 +68,12 @@ class AttestationEvidence(Message, frozen=True, tag="edgeward.attest.evidence.v1
     when the device has none; the verifier replays it against the quoted PCRs.
     ``ima_log`` is a run of whole entries of the binary IMA log (Linux's
     ``binary_runtime_measurements``), from entry number ``ima_offset``; with
-    ``event_log`` at most ``MAX_EVENT_LOG_BYTES`` together."""
+    ``event_log`` at most ``MAX_EVENT_LOG_BYTES`` together (docs/adr/0027).
+    ``posture`` is the device's posture report (:mod:`edgeward_shared.posture.report`, its
+    exact bytes); when present the quote binds its digest (binding version 2,
+    :func:`edgeward_shared.bindings.qualifying_data_v2`), else version 1 applies. Members at
+    their defaults are left out of the encoding (a verifier from before posture reports or
+    IMA logs accepts a device that sends none)."""
 
     in_reply_to: MessageId
     session_key: Annotated[bytes, msgspec.Meta(min_length=1, max_length=512)]
@@ -71,6 +83,7 @@ class AttestationEvidence(Message, frozen=True, tag="edgeward.attest.evidence.v1
     event_log: Annotated[bytes, msgspec.Meta(max_length=MAX_EVENT_LOG_BYTES)] = b""
     ima_log: Annotated[bytes, msgspec.Meta(max_length=MAX_EVENT_LOG_BYTES)] = b""
     ima_offset: Annotated[int, msgspec.Meta(ge=0, le=1 << 24)] = 0
+    posture: Annotated[bytes, msgspec.Meta(max_length=MAX_POSTURE_BYTES)] = b""
 
 
 class AttestationResult(Message, frozen=True, tag="edgeward.attest.result.v1"):
