@@ -213,7 +213,8 @@ def appraise(
     entries: Sequence[ImaEntry], policy: ImaPolicy, pcrs: Mapping[int, bytes]
 ) -> list[ImaFinding]:
     """Every covered entry that the allowlist (or, for boot_aggregate, the quoted boot
-    PCRs) does not allow; violations (a file measured while open for writing) too."""
+    PCRs, when they are quoted) does not allow; violations (a file measured while open
+    for writing) too."""
     findings: list[ImaFinding] = []
     for entry in entries:
         found = f"{entry.algorithm}:{entry.digest.hex()}"
@@ -222,6 +223,8 @@ def appraise(
             continue
         if entry.path == BOOT_AGGREGATE:
             allowed = boot_aggregates(pcrs)
+            if not allowed:  # boot PCRs not quoted: nothing to compare it with
+                continue
         else:
             allowed = set(policy.allowlist.get(entry.path, ()))
         if entry.algorithm != "sha256" or entry.digest.hex() not in allowed:
