@@ -23,7 +23,6 @@ import ssl
 import tempfile
 import threading
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -35,14 +34,15 @@ from edgeward_revocation.app import run_worker, wire
 from edgeward_revocation.effects import CheckedReloader, DynsecKicker, PkiCrl
 from edgeward_revocation.store import RevocationStore
 from edgeward_shared.broker.dynsec import CONTROL_TOPIC, kick_command
-from edgeward_shared.broker.launcher import BROKER_IDENTITY, MosquittoBroker
+from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings
 from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.logs import configure_logging
 from edgeward_shared.messages.revocation import RevocationJob, Revoke
 from edgeward_shared.pki.store import PkiStore
-from edgeward_shared.runtime.node import NodeConfig, build_runtime
+from edgeward_shared.runtime.node import build_runtime
 from edgeward_shared.storage.sqlite import SqliteDatabase
+from edgeward_shared.testing.nodes import local_pki, node_config
 
 DEVICES = sized(200, 8)
 REVOCATIONS = sized(30, 3)
@@ -53,16 +53,8 @@ REVOKER = Identity.service(ServiceName.REVOCATION)
 
 
 def make_pki(directory: Path) -> PkiStore:
-    store = PkiStore(directory)
-    now = datetime.now(UTC)
-    store.init(now)
-    day = timedelta(days=1)
-    store.issue(BROKER_IDENTITY, now, day, ("127.0.0.1", "localhost"))
-    for identity in (ALICE, ADMIN, REVOKER):
-        store.issue(identity, now, day)
-    for i in range(DEVICES):
-        store.issue(Identity.device(f"dev-{i:04d}"), now, day)
-    return store
+    devices = (Identity.device(f"dev-{i:04d}") for i in range(DEVICES))
+    return local_pki(directory, ALICE, ADMIN, REVOKER, *devices)
 
 
 class Device:
@@ -132,10 +124,7 @@ async def revocations(
 ) -> list[float]:
     address = BrokerAddress("127.0.0.1", broker.port)
     database = await SqliteDatabase.open(db)
-    me = store.identity_files(REVOKER)
-    runtime, connect = build_runtime(
-        NodeConfig(me.directory, store.bundle_path, store.crl_path, address)
-    )
+    runtime, connect = build_runtime(node_config(store, REVOKER, address))
     rev_store = RevocationStore(database)
     await rev_store.migrate()
     kicker = DynsecKicker(

@@ -13,7 +13,9 @@ APT_PACKAGES=(mosquitto mosquitto-clients openssl ca-certificates python3 python
     # deploy/device/ is checked by each file's own tool (tests/integration/test_device_config.py);
     # cryptsetup writes the LUKS2 headers the posture check reads; openssh-server only for
     # `sshd -t` (its service is left disabled below)
-    wireguard-tools openssh-server shellcheck systemd kmod rsyslog cryptsetup-bin gettext-base)
+    wireguard-tools openssh-server shellcheck systemd kmod rsyslog cryptsetup-bin gettext-base
+    # the syslog shipping tests send RFC 5425 (syslog over TLS) to a real rsyslog
+    rsyslog-openssl)
 UV_VENV="${EDGEWARD_UV_VENV:-$HOME/.cache/edgeward/uv}"
 
 say() { printf '[bootstrap] %s\n' "$*" >&2; }

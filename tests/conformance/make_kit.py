@@ -47,8 +47,8 @@ from edgeward_attestation.quote import Challenge, PcrPolicy, verify_quote
 from edgeward_attestation.structures import HASHES
 from edgeward_cli.publish import ReleaseSpec, build_release
 from edgeward_device_agent.enrollment import make_csr
-from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN, SwtpmFleet, expected_pcrs
 from edgeward_device_agent.tpm import PcrBank
+from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN, SwtpmFleet, expected_pcrs
 from edgeward_shared.audit.entry import AuditEntry, AuditEvent, Decision, encode_entry
 from edgeward_shared.audit.merkle import CompactRange, leaf_hash
 from edgeward_shared.audit.note import Checkpoint, NoteSigner, sign_checkpoint
@@ -1327,6 +1327,20 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path, event_log: bytes = b"") 
             rule="output-drift",
             devices=[DEVICE],
             at_ms=kit.now,
+        ),
+        section="5.15",
+    )
+    kit.emit(
+        "svc.telemetry",
+        service_event_topic(ServiceName.TELEMETRY, "aggregate"),
+        tel.FleetAggregate(
+            at_ms=kit.now,
+            devices={"trusted": 118, "watch": 4, "suspect": 0, "compromised": 1},
+            inferences=1_203_117,
+            epsilon=0.1,
+            day="2026-01-01",
+            spent=0.3,
+            budget=1.0,
         ),
         section="5.15",
     )

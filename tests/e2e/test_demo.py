@@ -49,6 +49,9 @@ def test_edgeward_demo_runs_the_whole_story(tmp_path: Path) -> None:
     assert "command:ok receipt:ok" in out
     assert "device edge-0002: done list v" in out
     # act 5: an accepted inference; a rogue device's results rejected with reasons
+    # a bad version rolled out gated: aborted by its gate, the canary back on v1 (issue 12)
+    assert "aborted by its activation gate, without anyone's help" in out
+    assert "canary -> aborted (stage 0) by gate: gate.activation" in out
     assert "accepted (infer.result.accepted)" in out
     assert "dev-0002: infer.device.mismatch" in out
     assert "dev-0002: infer.attestation.invalid" in out

@@ -1,7 +1,7 @@
 """Issue 19's IMA half end to end, all parts real: mosquitto with the repository's config,
 the identity and attestation services, device agents on swtpm TPMs whose development boot
 wrote a real IMA log (binary ``ima-ng``) and extended PCR 10 with it, an operator driving
-the CLI (docs/adr/0027).
+the CLI (docs/adr/0029).
 
 The operator records a policy over PCRs 0-7 and 10 from a reference device: its boot log
 gives the reference events, its IMA log the allowlist. A device that runs a trojaned agent
@@ -33,12 +33,12 @@ from edgeward_attestation.ima import ImaProgress
 from edgeward_attestation.store import AttestationStore
 from edgeward_device_agent.agent import DeviceAgent
 from edgeward_device_agent.ima_log import IMA_PCR, ima_entry, template_data
-from edgeward_device_agent.swtpm import (
+from edgeward_device_agent.tpm import PcrBank
+from edgeward_device_sim.swtpm import (
     GOLDEN_BOOT_CHAIN,
     SwtpmDevice,
     tampered_runtime,
 )
-from edgeward_device_agent.tpm import PcrBank
 
 pytestmark = [pytest.mark.tpm, pytest.mark.broker]
 PCRS = ",".join(str(i) for i in [*BOOT_PCRS, IMA_PCR])

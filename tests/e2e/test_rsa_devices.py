@@ -29,8 +29,8 @@ from tests.e2e.fabric import (
 
 from edgeward_attestation.keys import AttestationKey
 from edgeward_attestation.structures import ALG_RSAPSS, ALG_RSASSA, RsaPublic
-from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN, tampered_boot_chain
 from edgeward_device_agent.tpm import TpmKeys
+from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN, tampered_boot_chain
 from edgeward_shared.clock import SystemClock
 from edgeward_shared.ear import verify_ear
 from edgeward_shared.pki.trust import TrustStore

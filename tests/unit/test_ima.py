@@ -1,4 +1,4 @@
-"""The IMA runtime log (docs/adr/0027): the device's writer and splitter against the
+"""The IMA runtime log (docs/adr/0029): the device's writer and splitter against the
 verifier's parser, replay of PCR 10, allowlist appraisal, incremental progress, and an
 attacker's edits of the log (each refused, never accepted silently)."""
 
@@ -34,7 +34,7 @@ from edgeward_device_agent.ima_log import (
     ima_entry,
     runtime_log,
 )
-from edgeward_device_agent.swtpm import (
+from edgeward_device_sim.swtpm import (
     GOLDEN_BOOT_CHAIN,
     GOLDEN_RUNTIME,
     expected_pcrs,

@@ -11,7 +11,7 @@ import asyncio
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -32,8 +32,10 @@ from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.runtime.core import Connect, Runtime
 from edgeward_shared.runtime.health import answer_pings
 from edgeward_shared.runtime.node import NodeConfig, build_runtime
+from edgeward_shared.runtime.params import DIRECTORY
 from edgeward_shared.testing import MemoryPki
 from edgeward_shared.topics import Channel, Direction, device_topic
+from edgeward_shared.until import holds_within
 
 DEVICE = Identity.device("dev-0001")
 ROGUE = Identity.device("dev-0002")
@@ -56,7 +58,7 @@ def _refused(text: str) -> None:
 @click.command()
 @click.option(
     "--workdir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=DIRECTORY,
     help="Keep the PKI, broker config and logs here (default: a temporary directory).",
 )
 def demo(workdir: Path | None) -> None:
@@ -182,7 +184,7 @@ async def _attacks(store: PkiStore, address: BrokerAddress, device: Runtime, svc
     # operator's, standing in for a compromised broker or relay): the second wall must hold.
     async with _raw_bus(store, OPERATOR, address) as bus:
         await bus.publish(topic, genuine)
-        await _wait_for(lambda: _counts(device, "accepted").get(Ping.TYPE, 0) >= 2)
+        await holds_within(lambda: _counts(device, "accepted").get(Ping.TYPE, 0) >= 2, within_s=3)
         _ok("a genuine signed ping from svc.telemetry, relayed once")
         for label, payload in attempts:
             before = _counts(device, "rejected")
@@ -192,7 +194,7 @@ async def _attacks(store: PkiStore, address: BrokerAddress, device: Runtime, svc
     async with _raw_bus(store, ROGUE, address) as bus:
         before = _counts(device, "received")
         await bus.publish(topic, genuine)
-        if not await _wait_for(lambda: _counts(device, "received") != before, 0.5):
+        if not await holds_within(lambda: _counts(device, "received") != before, within_s=0.5):
             _refused(
                 "by the broker: dev-0002 publishing on dev-0001's topic (ACL: never delivered)"
             )
@@ -200,15 +202,6 @@ async def _attacks(store: PkiStore, address: BrokerAddress, device: Runtime, svc
 
 def _ping(byte: str) -> Ping:
     return Ping(nonce=byte * 16)
-
-
-async def _wait_for(condition: Callable[[], bool], timeout_s: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        await asyncio.sleep(0.01)
-    return condition()
 
 
 async def _next_rejection(runtime: Runtime, before: dict[str, float]) -> str | None:

@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -39,11 +38,14 @@ from edgeward_shared.messages.registry import (
     PolicyRecord,
 )
 from edgeward_shared.pki.store import PkiStore
+from edgeward_shared.until import Condition, holds_within, value_within
 
 DEVICE_CLASS = "edge-gw"
 GOLDEN, TAMPERED = "edge-0001", "edge-0002"
 POLICY = "edge-gw-2026-11"
 WAIT_S = 60.0
+#: How often the demo asks again while it waits (a query over the broker, a CLI call).
+PACE_S = 0.3
 T = TypeVar("T")
 
 
@@ -94,7 +96,7 @@ async def _tpms(root: Path, stack: AsyncExitStack) -> dict[str, str]:
     child = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "edgeward_device_agent.simulate",
+        "edgeward_device_sim.simulate",
         "--root",
         str(root / "tpms"),
         "--golden",
@@ -120,7 +122,7 @@ async def _tpms(root: Path, stack: AsyncExitStack) -> dict[str, str]:
 def _boot_log(root: Path, name: str) -> dict[str, str]:
     """The agent's boot event log (``EDGEWARD_EVENT_LOG``) and IMA log (``EDGEWARD_IMA_LOG``):
     the ones its swtpm's development boot wrote (``devices/<name>/binary_bios_measurements``
-    and ``binary_runtime_measurements``: docs/adr/0021, 0027)."""
+    and ``binary_runtime_measurements``: docs/adr/0021, 0029)."""
     device = root / "tpms" / "devices" / name
     return {
         "EDGEWARD_EVENT_LOG": str(device / "binary_bios_measurements"),
@@ -167,14 +169,15 @@ def _agent_argv(
     ]
 
 
-async def _until(probe: Callable[[], Awaitable[T]], check: Callable[[T], bool]) -> T:
-    """Ask ``probe`` until ``check`` holds (or the demo's patience runs out)."""
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        value = await probe()
-        if check(value) or time.monotonic() > deadline:
-            return value
-        await asyncio.sleep(0.3)
+async def patiently(check: Condition, every_s: float = PACE_S) -> bool:
+    """The demo's wait for a condition: re-checked every ``every_s`` for up to ``WAIT_S``;
+    True once it holds, False if it never did (the demo reports it and goes on)."""
+    return await holds_within(check, within_s=WAIT_S, every_s=every_s, max_every_s=every_s)
+
+
+async def patient_answer(probe: Callable[[], Awaitable[T]], check: Callable[[T], bool]) -> T:
+    """Ask ``probe`` until ``check`` holds (or the demo's patience runs out): its last answer."""
+    return await value_within(probe, check, within_s=WAIT_S, every_s=PACE_S, max_every_s=PACE_S)
 
 
 async def _devices(session: OperatorSession) -> list[DeviceStatus]:
@@ -244,7 +247,7 @@ async def attestation_story(
                 [DeviceList, PolicyList, Done, Pong],
             )
         )
-        await _until(lambda: _ping(session), bool)
+        await patient_answer(lambda: _ping(session), bool)
         _line("the attestation service answers a signed ping")
 
         _say(f"8. operator provisions {GOLDEN} and {TAMPERED} (class {DEVICE_CLASS}) and records")
@@ -255,7 +258,7 @@ async def attestation_story(
         record = PolicyRecord(
             policy_id=POLICY,
             device_class=DEVICE_CLASS,
-            pcr_selection=[*range(8), 10],  # 10: the IMA log's allowlist (docs/adr/0027)
+            pcr_selection=[*range(8), 10],  # 10: the IMA log's allowlist (docs/adr/0029)
             reference_device=GOLDEN,
         )
         _line((await session.ask(record, Done)).detail)
@@ -274,7 +277,7 @@ async def attestation_story(
                 env=_boot_log(root, GOLDEN),
             )
         )
-        listing = await _until(
+        listing = await patient_answer(
             lambda: session.ask(PolicyQuery(), PolicyList),
             lambda found: any(info.pcrs for info in found.policies),
         )
@@ -297,7 +300,7 @@ async def attestation_story(
                 env=_boot_log(root, TAMPERED),
             )
         )
-        devices = await _until(lambda: _devices(session), _settled)
+        devices = await patient_answer(lambda: _devices(session), _settled)
         _show(devices)
         shown = await session.ask(DeviceQuery(device_id=TAMPERED), DeviceList)
         for status in shown.devices:  # the boot event that differs (docs/adr/0021)

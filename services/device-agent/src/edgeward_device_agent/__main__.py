@@ -32,7 +32,7 @@ from edgeward_device_agent.sandbox.supervisor import SandboxPolicy
 from edgeward_device_agent.tpm import TpmKeys
 from edgeward_shared.logs import fields
 from edgeward_shared.runtime.kit import Command, EnvOptions, NodeOptions, command, node_options
-from edgeward_shared.runtime.params import DurationParam
+from edgeward_shared.runtime.params import DIRECTORY, FILE, DurationParam
 
 log = logging.getLogger("edgeward.agent")
 _DEFAULTS = AgentPolicy()
@@ -85,7 +85,7 @@ def _timing_options(function: Command) -> Command:
 )
 @_option(
     "--state-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=DIRECTORY,
     required=True,
     help="0700 directory: enrollee/ (the enrollment identity) and device/ (what enrolling"
     " made: the device certificate and its sealed key).",
@@ -103,7 +103,7 @@ def _timing_options(function: Command) -> Command:
 )
 @_option(
     "--event-log",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FILE,
     default=None,
     help="The TCG boot event log sent with every quote (docs/adr/0021).  [default:"
     " $EDGEWARD_EVENT_LOG, else /sys/kernel/security/tpm0/binary_bios_measurements]",
@@ -113,12 +113,12 @@ def _timing_options(function: Command) -> Command:
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     help="The IMA runtime measurement log (binary) sent with quotes, incrementally"
-    " (docs/adr/0027).  [default: $EDGEWARD_IMA_LOG, else"
+    " (docs/adr/0029).  [default: $EDGEWARD_IMA_LOG, else"
     " /sys/kernel/security/ima/binary_runtime_measurements]",
 )
 @_option(
     "--posture-root",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=DIRECTORY,
     default=Path("/"),
     show_default=True,
     help="Report the posture of the system below this root with every quote (docs/adr/0026).",

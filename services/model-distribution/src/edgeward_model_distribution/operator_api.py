@@ -365,6 +365,8 @@ class OperatorApi:
         changed = await self.store.revoke(request.name, request.version, request.reason, actor, now)
         rollout = await self.store.rollout(request.name, request.version)
         hints = await self.hints(rollout) if changed and rollout is not None else []
+        if changed:
+            hints.append(self.service.cohort_closed(request.name, request.version))
         log.warning(
             "model.revoked",
             extra=fields(

@@ -135,7 +135,9 @@ async def _serve(pki: PkiStore, options: Options) -> None:
     try:
         store = RevocationStore(database)
         await store.migrate()
-        await enable_audit(runtime, database, node.database_path.parent)  # docs/adr/0023
+        await enable_audit(  # docs/adr/0023; shipped with --syslog (0028)
+            runtime, database, node.database_path.parent, syslog=node.syslog_settings()
+        )
         kicker = DynsecKicker(
             MqttSettings(node.broker, pki.bundle_path, options.admin, options.admin.directory.name)
         )

@@ -36,9 +36,10 @@ from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.errors import ConfigError, EdgewardError
 from edgeward_shared.identity import Identity
 from edgeward_shared.logs import configure_logging
-from edgeward_shared.pki.store import PkiStore
+from edgeward_shared.pki.store import IdentityFiles, PkiStore
 from edgeward_shared.runtime.node import NodeConfig
-from edgeward_shared.runtime.params import BrokerParam
+from edgeward_shared.runtime.params import DIRECTORY, FILE, BrokerParam
+from edgeward_shared.runtime.syslog import SPOOL_FILE, SyslogSettings
 
 #: Exit status of a refusal to start that no retry fixes (click's usage errors share it).
 EXIT_CONFIG: Final = 2
@@ -95,6 +96,22 @@ class NodeOptions:
     pki_dir: Path | None = None  # None on a device, which holds no PKI directory
     identity_dir: Path | None = None  # None where the command manages its own identities
     database: Path | None = None
+    syslog: BrokerAddress | None = None  # the RFC 5425 collector, if audit is shipped
+    syslog_ca: Path | None = None  # its CA bundle (default: ca_bundle)
+
+    def syslog_settings(self, state_dir: Path | None = None) -> SyslogSettings | None:
+        """Where to ship the audit log and security records (None: ``--syslog`` unset); the
+        spool goes to ``state_dir`` (default: the database's directory)."""
+        if self.syslog is None:
+            return None
+        if self.identity_dir is None:
+            raise ConfigError("config.identity.missing", f"{self.component} has no identity dir")
+        return SyslogSettings(
+            collector=self.syslog,
+            ca=self.syslog_ca or self.ca_bundle,
+            identity=IdentityFiles(self.identity_dir),
+            spool=(state_dir or self.database_path.parent) / SPOOL_FILE,
+        )
 
     @property
     def pki(self) -> PkiStore:
@@ -134,6 +151,7 @@ def node_options(
     database: Path | None = None,
     pki_help: str | None = None,
     database_help: str = "SQLite database (created 0600).",
+    syslog: bool | None = None,
 ) -> Callable[[Command], Command]:
     """The node's options, before the command's own; the command gets ``node=NodeOptions``.
 
@@ -141,7 +159,9 @@ def node_options(
     directory in the PKI (omit for a command with no identity of its own). ``trust``:
     ``"pki"`` reads the CA bundle and CRL from ``--pki-dir``; ``"files"`` (a device, which
     has no PKI directory) takes ``--ca-bundle`` and ``--crl``. ``database``: the default
-    path of ``--database`` (omit for a command without one).
+    path of ``--database`` (omit for a command without one). ``syslog``: offer
+    ``--syslog``/``--syslog-ca`` (default: when there is a database; a service with a state
+    directory instead asks for them).
     """
     own = EnvOptions(env)
     options: list[Callable[[Command], Command]] = []
@@ -149,7 +169,7 @@ def node_options(
         options.append(
             click.option(
                 "--pki-dir",
-                type=click.Path(file_okay=False, path_type=Path),
+                type=DIRECTORY,
                 default=Path("pki"),
                 envvar="EDGEWARD_PKI",
                 show_envvar=True,
@@ -162,14 +182,14 @@ def node_options(
         options += [
             own(
                 "--ca-bundle",
-                type=click.Path(dir_okay=False, path_type=Path),
+                type=FILE,
                 required=True,
                 help="Root and issuing CA certificates (PEM) every peer's certificate must"
                 " chain to.",
             ),
             own(
                 "--crl",
-                type=click.Path(dir_okay=False, path_type=Path),
+                type=FILE,
                 required=True,
                 help="The issuing CA's CRL (PEM).",
             ),
@@ -179,7 +199,7 @@ def node_options(
         options.append(
             own(
                 "--identity-dir",
-                type=click.Path(file_okay=False, path_type=Path),
+                type=DIRECTORY,
                 help=f"This instance's certificate and key, 0600 ({name} or {name}.<n>)."
                 f"  [default: PKI_DIR/identities/{name}]",
             )
@@ -190,12 +210,33 @@ def node_options(
                 "--database",
                 "--db",
                 "database",
-                type=click.Path(dir_okay=False, path_type=Path),
+                type=FILE,
                 default=database,
                 envvar=f"{own.prefix}_DB",
                 help=database_help,
             )
         )
+    offer_syslog = database is not None if syslog is None else syslog
+    if offer_syslog:
+        options += [
+            click.option(
+                "--syslog",
+                type=BrokerParam(),
+                envvar="EDGEWARD_SYSLOG",
+                show_envvar=True,
+                help="Ship the audit log and WARNING+ records as RFC 5424 syslog over TLS"
+                " (RFC 5425) to this collector, from a spool beside the service's state"
+                " (docs/telemetry.md).  [default: off]",
+            ),
+            click.option(
+                "--syslog-ca",
+                type=click.Path(dir_okay=False, path_type=Path),
+                envvar="EDGEWARD_SYSLOG_CA",
+                show_envvar=True,
+                help="CA bundle the collector's certificate must chain to.  [default: the"
+                " node's CA bundle]",
+            ),
+        ]
     options += [
         click.option(
             "--broker",
@@ -235,6 +276,8 @@ def node_options(
                 pki_dir=pki_dir,
                 identity_dir=identity_dir,
                 database=kwargs.pop("database", None),
+                syslog=kwargs.pop("syslog", None),
+                syslog_ca=kwargs.pop("syslog_ca", None),
             )
             function(node=node, **kwargs)
 
