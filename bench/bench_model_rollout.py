@@ -19,7 +19,7 @@ kept, and an attestation source.
 * measured: from the operator's rollout request until every device has received every chunk
   and checked it against the signed release document (delivery, the target's ratio: the
   service publishes each chunk once on the version's cohort topic and the broker copies it
-  to the members, docs/adr/0027), and until every device has kept the whole blob on disk,
+  to the members, docs/adr/0029), and until every device has kept the whole blob on disk,
   written and fsynced (``kept``, reported: the bare fan-out writes nothing); then,
   separately, until every device runs the model (key release, HPKE unwrap,
   decrypt, signature and ONNX checks, N sandboxed workers started and loaded; reported, no

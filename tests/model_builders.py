@@ -341,7 +341,7 @@ async def running(
                 _collect(caller.inbox),
                 name="frames",
             )
-            # chunks come once per version on its cohort topic (docs/adr/0027), delivered by
+            # chunks come once per version on its cohort topic (docs/adr/0029), delivered by
             # the broker to the cohort's members only
             runtime.route_frames(COHORT_FILTER, _collect(caller.inbox), name="cohort-frames")
             runtime.route(down, [ModelAvailable], _hint(caller.inbox), name="hints")

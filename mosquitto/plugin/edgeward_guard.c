@@ -16,7 +16,7 @@
  *    session after a reconnect with a reloaded certificate (docs/adr/0017). (So `check_retain_source` must stay off: 2.0.11 checks it with a
  *    zeroed pseudo-client, whose clean start is false.)
  *
- * 3. Cohort topics (docs/adr/0027): a topic under plugin_opt_cohort_prefix (e.g.
+ * 3. Cohort topics (docs/adr/0029): a topic under plugin_opt_cohort_prefix (e.g.
  *    "ew/v1/cohort/") is delivered only to the members of that topic's cohort; nobody else
  *    reads it, whatever they subscribed to (the ACL file grants no read there, so without
  *    this plugin nobody would). The model-distribution service publishes each model chunk

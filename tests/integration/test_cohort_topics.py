@@ -1,4 +1,4 @@
-"""Cohort topics (docs/adr/0027), from the attacker's side against a real mosquitto with the
+"""Cohort topics (docs/adr/0029), from the attacker's side against a real mosquitto with the
 guard plugin: a version's chunks are published once on ``ew/v1/cohort/<model>/<version>``
 and the broker delivers them to the members the distribution service named, nobody else.
 

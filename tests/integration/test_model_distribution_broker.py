@@ -160,7 +160,7 @@ def _device(pki: PkiStore, broker: MosquittoBroker, device_id: str) -> Node:
         device_topic(device_id, Direction.DOWN, Channel.DATA), frame, name="frames"
     )
     # chunks come once per version on its cohort topic; the broker delivers them to the
-    # cohort's members only (docs/adr/0027): every device subscribes, dev-b gets nothing
+    # cohort's members only (docs/adr/0029): every device subscribes, dev-b gets nothing
     node.runtime.route_frames(COHORT_FILTER, frame, name="cohort-frames")
     return node
 

@@ -158,7 +158,7 @@ def test_each_service_gets_exactly_what_the_tables_give_it(acl: Acl, service: Se
     expected.add(("write", f"ew/v1/fleet/audit/{service}"))  # its audit checkpoints only
     if service is ServiceName.ATTESTATION:  # the registrar (docs/adr/0005)
         expected |= {("read", "ew/v1/enroll/+/up"), ("write", "ew/v1/enroll/+/down")}
-    if service is ServiceName.MODEL_DISTRIBUTION:  # cohort topics (docs/adr/0027)
+    if service is ServiceName.MODEL_DISTRIBUTION:  # cohort topics (docs/adr/0029)
         expected.add(("write", "ew/v1/cohort/#"))  # nobody reads: the guard plugin decides
     assert grants(acl, who) == expected
 

@@ -1,4 +1,4 @@
-"""Broker-side fan-out of model chunks (docs/adr/0027): the bookkeeping (pure), the
+"""Broker-side fan-out of model chunks (docs/adr/0029): the bookkeeping (pure), the
 membership updates the guard plugin reads, and the service on the in-memory broker (which
 applies the plugin's cohort rule): a chunk two members ask for together is published once
 and reaches both; a device outside the cohort gets nothing; revoking closes the cohort."""

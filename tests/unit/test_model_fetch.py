@@ -167,7 +167,7 @@ COHORT = "ew/v1/cohort/demo/1"
 
 @pytest.mark.asyncio
 async def test_cohort_frames_count_whoever_asked_and_early_ones_are_held(tmp_path: Path) -> None:
-    """Chunks published once for the cohort (docs/adr/0027): frames another member's request
+    """Chunks published once for the cohort (docs/adr/0029): frames another member's request
     caused, even before this device's fetch began, are used (after the digest check) and
     never asked for; a tampered or misdirected one is not; duplicates are ignored."""
     blob = os.urandom(8 * CHUNK)

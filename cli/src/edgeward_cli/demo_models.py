@@ -219,7 +219,7 @@ async def _bad_version_act(root: Path, cli: Cli) -> None:
         *("model", "rollout", MODEL, "2", "--device", GOLDEN),
         *("--waves", "1,100", "--gate", "soak=0"),
     )
-    rolled_back = await _until(lambda: _phase(cli, 2, "rolled-back"))
+    rolled_back = await patiently(lambda: _phase(cli, 2, "rolled-back"), every_s=0.5)
     await cli("model", "status", MODEL, "2")
     if rolled_back:
         _line(

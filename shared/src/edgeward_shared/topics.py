@@ -18,7 +18,7 @@ Tree (``ew/v1`` is the versioned root)::
     ew/v1/fleet/audit/<service>             a service's audit checkpoints (that service only)
     ew/v1/cohort/<model>/<version>          a version's chunks, once for all its devices; the
                                             broker delivers them to that cohort's members only
-                                            (docs/adr/0027); not envelopes, never parsed here
+                                            (docs/adr/0029); not envelopes, never parsed here
 
 Topic levels that carry identities are validated with the identity rules, so no level can
 contain ``+``, ``#``, ``/`` or a NUL, and a device id never contains a dot.
@@ -69,7 +69,7 @@ class FleetKind(StrEnum):
     AUDIT = "audit"  # one item per service: ew/v1/fleet/audit/<service> (docs/adr/0023)
 
 
-#: Cohort topics (docs/adr/0027): model chunks published once per version; the broker's
+#: Cohort topics (docs/adr/0029): model chunks published once per version; the broker's
 #: guard plugin delivers them only to the members the distribution service names on
 #: :data:`COHORT_CONTROL`. Nobody else reads them; only that service writes.
 COHORT_PREFIX: Final = f"{ROOT}/cohort/"

@@ -9,7 +9,7 @@ the indices asked, and its bytes hash to the digest the signed release lists for
 (a version no longer assigned, say) ends the fetch with its reason id.
 
 The service publishes each chunk once for the whole cohort on the version's cohort topic
-(docs/adr/0027), which the device subscribes to once (``ew/v1/cohort/#``: the broker
+(docs/adr/0029), which the device subscribes to once (``ew/v1/cohort/#``: the broker
 delivers only what its cohorts carry). A frame there is accepted for a blob being fetched,
 on that version's topic, for a chunk not yet held, with the same digest check; it need not
 answer this device's own request (another member's request sent it), and a chunk that
@@ -49,12 +49,12 @@ from edgeward_shared.topics import Channel, Direction, cohort_topic, device_topi
 class FetchPolicy:
     window: int = 16  # chunks per request (the service serves at most 16)
     #: requests in flight: 64 chunks (12 MiB at 192 KiB), most models at once; the cohort
-    #: shares each chunk, so the fastest member paces the publication (docs/adr/0027)
+    #: shares each chunk, so the fastest member paces the publication (docs/adr/0029)
     parallel: int = 4
     request_timeout_s: float = 30.0
     frame_wait_s: float = 10.0
     attempts: int = 5
-    #: cohort frames held for a fetch not begun yet (docs/adr/0027)
+    #: cohort frames held for a fetch not begun yet (docs/adr/0029)
     early_bytes: int = 16 * 1024 * 1024
 
 

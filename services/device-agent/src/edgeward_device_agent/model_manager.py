@@ -186,7 +186,7 @@ class ModelManager:
         runtime.expect_replies(self.down, [SyncReply, ChunksSent, KeyGrant])
         runtime.route(self.down, [ModelAvailable], self._hinted, name="model.hint")
         runtime.route_frames(self._fetcher.frames_topic, self._fetcher.on_frame, name="model.data")
-        # chunks published once per version for its cohort (docs/adr/0027): the broker
+        # chunks published once per version for its cohort (docs/adr/0029): the broker
         # delivers what this device's cohorts carry, nothing else
         runtime.route_frames(COHORT_FILTER, self._fetcher.on_cohort_frame, name="model.cohort")
 

@@ -13,7 +13,7 @@ to ``ew/v1/dev/<id>/down/model``; chunks to ``ew/v1/dev/<id>/down/data`` as data
   (``model.chunk.not_assigned``): a revoked version, another device's model or another blob
   are all "not assigned". At most 16 per request, each read from the content-addressed store
   and checked against its digest before it leaves. They go out once for the whole cohort on
-  the version's cohort topic (docs/adr/0027, :mod:`.fanout`): the device is first named a
+  the version's cohort topic (docs/adr/0029, :mod:`.fanout`): the device is first named a
   member (the broker delivers that topic to members only), then each chunk not already on
   its way to it is published there.
 * **Key release** follows :mod:`.keyrelease`; every release and refusal is written to the key
@@ -121,7 +121,7 @@ class DeviceApi:
             case SyncRequest():
                 page, versions = await self.sync(opened, device_id)
                 # members of the offered versions' cohorts before the reply: whatever those
-                # topics carry from now on reaches the device (docs/adr/0027)
+                # topics carry from now on reaches the device (docs/adr/0029)
                 for name, version in versions:
                     await self._join(device_id, name, version)
                 reply = Outgoing(answer_on, page)

@@ -1,4 +1,4 @@
-"""Broker-side fan-out of a version's chunks (docs/adr/0027): pure bookkeeping.
+"""Broker-side fan-out of a version's chunks (docs/adr/0029): pure bookkeeping.
 
 Every device assigned a version fetches the same ciphertext, so the service publishes each
 chunk once on the version's cohort topic and the broker copies it to the cohort's members

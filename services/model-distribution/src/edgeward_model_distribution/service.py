@@ -65,7 +65,7 @@ class Settings:
     #: an upload not touched for this long is purged (its rows and its partial file)
     upload_ttl_ms: int = 24 * 3600 * 1000
     #: a chunk published on a cohort topic this recently is not published again for a
-    #: member that joined before it and asks for it the first time (docs/adr/0027)
+    #: member that joined before it and asks for it the first time (docs/adr/0029)
     share_window_s: float = 30.0
 
     def __post_init__(self) -> None:
@@ -117,7 +117,7 @@ class ModelService:
 
     def cohort_closed(self, name: str, version: int) -> OutgoingFrame:
         """The version was revoked: its cohort topic has no member from now on (the broker
-        stops delivering it at once, docs/adr/0027)."""
+        stops delivering it at once, docs/adr/0029)."""
         topic = cohort_topic(name, version)
         self.fanout.forget(topic)
         return OutgoingFrame(COHORT_CONTROL, membership_update(CohortOp.REPLACE, topic, ()), qos=1)

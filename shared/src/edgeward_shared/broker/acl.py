@@ -120,7 +120,7 @@ def _service_block(who: Identity) -> list[str]:
     if who.principal == COHORT_WRITER:
         lines += [
             "# model chunks, once per version for its whole cohort; the guard plugin delivers",
-            "# them to the members this service names on evt/cohort only (docs/adr/0027)",
+            "# them to the members this service names on evt/cohort only (docs/adr/0029)",
             _line("write", COHORT_FILTER),
         ]
     owned = sorted(str(kind) for kind, owner in FLEET_OWNERS.items() if owner == who.principal)

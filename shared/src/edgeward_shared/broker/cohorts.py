@@ -1,5 +1,5 @@
 """Membership updates for cohort topics, as the broker's guard plugin reads them
-(``mosquitto/plugin/edgeward_guard.c``, rule 3; docs/adr/0027). Pure: names in, bytes out.
+(``mosquitto/plugin/edgeward_guard.c``, rule 3; docs/adr/0029). Pure: names in, bytes out.
 
 A cohort topic (``ew/v1/cohort/<model>/<version>``) carries a version's chunks once for
 every device it is assigned to; the broker delivers them to the members of that topic's

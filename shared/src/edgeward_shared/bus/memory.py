@@ -5,7 +5,7 @@ messages (an empty retained payload clears them; shared subscriptions get none),
 subscriptions (``$share/<group>/...``, round-robin within a group), per-connection ordering.
 An optional ``authorize`` hook stands in for the broker ACL: a denied publish is dropped (as
 Mosquitto drops it after answering 135) and a denied delivery is not made. Cohort topics are
-delivered to their members only, as the guard plugin does (docs/adr/0027).
+delivered to their members only, as the guard plugin does (docs/adr/0029).
 
 This is product code (importable, typed), not a mock: the same contract tests run against it
 and against the real Mosquitto.
