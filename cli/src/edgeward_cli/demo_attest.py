@@ -122,7 +122,7 @@ async def _tpms(root: Path, stack: AsyncExitStack) -> dict[str, str]:
 def _boot_log(root: Path, name: str) -> dict[str, str]:
     """The agent's boot event log (``EDGEWARD_EVENT_LOG``) and IMA log (``EDGEWARD_IMA_LOG``):
     the ones its swtpm's development boot wrote (``devices/<name>/binary_bios_measurements``
-    and ``binary_runtime_measurements``: docs/adr/0021, 0029)."""
+    and ``binary_runtime_measurements``: docs/adr/0021, 0030)."""
     device = root / "tpms" / "devices" / name
     return {
         "EDGEWARD_EVENT_LOG": str(device / "binary_bios_measurements"),
@@ -258,7 +258,7 @@ async def attestation_story(
         record = PolicyRecord(
             policy_id=POLICY,
             device_class=DEVICE_CLASS,
-            pcr_selection=[*range(8), 10],  # 10: the IMA log's allowlist (docs/adr/0029)
+            pcr_selection=[*range(8), 10],  # 10: the IMA log's allowlist (docs/adr/0030)
             reference_device=GOLDEN,
         )
         _line((await session.ask(record, Done)).detail)
