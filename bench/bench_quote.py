@@ -234,7 +234,7 @@ def bench_event_log(report: Report) -> None:
 
 
 def bench_ima(report: Report, quotes: float) -> None:
-    """The IMA log (docs/adr/0030): the first attestation after boot of a device that ran
+    """The IMA log (docs/adr/0032): the first attestation after boot of a device that ran
     1000 files (1000 ``ima-ng`` entries: parsed, replayed onto PCR 10, appraised against an
     allowlist of those files) and a later, incremental one (the 20 entries measured since),
     against the quote check alone (``quotes``, same run)."""

@@ -75,7 +75,7 @@ from edgeward_shared.messages.audit import AuditCheckpoint
 from edgeward_shared.messages.base import Message, encode_message
 from edgeward_shared.messages.trust import TrustBundle
 from edgeward_shared.models.frames import FrameHeader, encode_frame
-from edgeward_shared.models.provenance import Tier
+from edgeward_shared.models.provenance import Tier, decode_provenance
 from edgeward_shared.models.release import BlobInfo, ModelRelease, release_topic
 from edgeward_shared.models.sealing import ReleaseContext, seal_to_kek, wrap_for_device
 from edgeward_shared.pki.certs import (
@@ -903,6 +903,9 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path, event_log: bytes = b"") 
                             at_ms=start + 40_000,
                         )
                     ],
+                    signer=decode_provenance(release.provenance).builder,
+                    dataset_fingerprint=decode_provenance(release.provenance).dataset_fingerprint,
+                    expires_at_ms=decode_provenance(release.provenance).expires_at_ms,
                 )
             ],
         ),

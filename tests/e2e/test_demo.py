@@ -60,3 +60,6 @@ def test_edgeward_demo_runs_the_whole_story(tmp_path: Path) -> None:
     # act 18: rotate-cert, its receipt naming the new serial, the old serial revoked
     assert "the device now runs on certificate serial" in out
     assert any(line.startswith("   old serial") and "revoked" in line for line in out.splitlines())
+    # the operator console (docs/adr/0026): its URL, and the demo fleet it serves
+    assert "   console https://127.0.0.1:" in out
+    assert "the console shows: edge-0001 attested, edge-0002 untrusted" in out

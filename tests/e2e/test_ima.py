@@ -1,7 +1,7 @@
 """Issue 19's IMA half end to end, all parts real: mosquitto with the repository's config,
 the identity and attestation services, device agents on swtpm TPMs whose development boot
 wrote a real IMA log (binary ``ima-ng``) and extended PCR 10 with it, an operator driving
-the CLI (docs/adr/0030).
+the CLI (docs/adr/0032).
 
 The operator records a policy over PCRs 0-7 and 10 from a reference device: its boot log
 gives the reference events, its IMA log the allowlist. A device that runs a trojaned agent

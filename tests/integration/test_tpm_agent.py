@@ -398,7 +398,7 @@ def test_edgeward_swtpm_outlives_a_closed_stdin_and_stops_on_sigterm(tmp_path: P
 
 @pytest.mark.tpm
 def test_edgeward_swtpm_makes_tpms_with_only_an_rsa_ek_certificate(tmp_path: Path) -> None:
-    """``--tpm-keys rsa`` (docs/adr/0030): the TPM's manufacturer certified only its RSA EK;
+    """``--tpm-keys rsa`` (docs/adr/0032): the TPM's manufacturer certified only its RSA EK;
     an agent with RSA keys enrols with it, one with ECC keys finds no certificate."""
     root = tmp_path / "t"
     with subprocess.Popen(

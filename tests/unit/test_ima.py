@@ -1,4 +1,4 @@
-"""The IMA runtime log (docs/adr/0030): the device's writer and splitter against the
+"""The IMA runtime log (docs/adr/0032): the device's writer and splitter against the
 verifier's parser, replay of PCR 10, allowlist appraisal, incremental progress, and an
 attacker's edits of the log (each refused, never accepted silently)."""
 

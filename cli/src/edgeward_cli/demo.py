@@ -12,12 +12,13 @@ import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import click
 
 from edgeward_cli.demo_attest import attestation_story
+from edgeward_cli.demo_console import console_act, console_identities
 from edgeward_cli.demo_models import models_story
 from edgeward_cli.pki_cmds import create_dev_pki, dev_identities
 from edgeward_shared.broker.launcher import MosquittoBroker
@@ -99,10 +100,14 @@ async def _demo(root: Path) -> None:
     _step("1. a fresh PKI: offline root, issuing CA, broker, services, operator, devices")
     pki_dir = root / "pki"
     shutil.rmtree(pki_dir, ignore_errors=True)  # ours: _claim() checked the marker
-    store, _ = create_dev_pki(pki_dir, dev_identities(devices=2, operator=OPERATOR.name))
+    store, _ = create_dev_pki(
+        pki_dir,
+        [*dev_identities(devices=2, operator=OPERATOR.name), *console_identities(OPERATOR.name)],
+    )
 
     _step("2. the real Mosquitto: mTLS only, CN = username = client id, generated ACL")
-    with MosquittoBroker(store, root / "broker", operators=[OPERATOR]) as broker:
+    sessions = [OPERATOR, Identity.operator(OPERATOR.name, "console")]
+    with MosquittoBroker(store, root / "broker", operators=sessions) as broker:
         click.echo(f"   mosquitto pid {broker.pid} on {broker.host}:{broker.port} (TLS)")
         address = BrokerAddress(broker.host, broker.port)
         async with _node(store, DEVICE, address) as device, _node(store, SERVICE, address) as svc:
@@ -114,10 +119,15 @@ async def _demo(root: Path) -> None:
             _step("5. what the device counted (Prometheus, edgeward_messages_rejected_total)")
             for reason, count in sorted(_counts(device, "rejected").items()):
                 click.echo(f"   {reason:<34} {int(count)}")
-        await attestation_story(
-            root, store, address, lambda stack: models_story(root, store, broker, stack)
-        )
+        await attestation_story(root, store, address, lambda stack: _acts(store, broker, stack))
     click.echo("\nbroker stopped; demo complete")
+
+
+async def _acts(store: PkiStore, broker: MosquittoBroker, stack: AsyncExitStack) -> None:
+    root = store.dir.parent
+    await models_story(root, store, broker, stack)
+    address = BrokerAddress(broker.host, broker.port)
+    await console_act(root, store, address, stack, OPERATOR.name)
 
 
 @asynccontextmanager

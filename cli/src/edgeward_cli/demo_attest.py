@@ -15,10 +15,10 @@ import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import click
 
@@ -55,6 +55,15 @@ def _say(text: str) -> None:
 
 def _line(text: str) -> None:
     click.echo(f"   {text}")
+
+
+class Start(Protocol):
+    """Starts one part of the story by module name: :func:`process` by default; the
+    containers tests start the services from their images instead (docs/adr/0030)."""
+
+    def __call__(
+        self, root: Path, name: str, *argv: str, env: dict[str, str] | None = None
+    ) -> AbstractAsyncContextManager[object]: ...
 
 
 @asynccontextmanager
@@ -122,7 +131,7 @@ async def _tpms(root: Path, stack: AsyncExitStack) -> dict[str, str]:
 def _boot_log(root: Path, name: str) -> dict[str, str]:
     """The agent's boot event log (``EDGEWARD_EVENT_LOG``) and IMA log (``EDGEWARD_IMA_LOG``):
     the ones its swtpm's development boot wrote (``devices/<name>/binary_bios_measurements``
-    and ``binary_runtime_measurements``: docs/adr/0021, 0030)."""
+    and ``binary_runtime_measurements``: docs/adr/0021, 0032)."""
     device = root / "tpms" / "devices" / name
     return {
         "EDGEWARD_EVENT_LOG": str(device / "binary_bios_measurements"),
@@ -130,7 +139,8 @@ def _boot_log(root: Path, name: str) -> dict[str, str]:
     }
 
 
-def _agent_state(root: Path, store: PkiStore, device_id: str) -> Path:
+def agent_state(root: Path, store: PkiStore, device_id: str) -> Path:
+    """The agent's state directory with fresh enrollee credentials."""
     files = store.issue(Identity.enrollee(device_id), datetime.now(UTC), timedelta(hours=2))
     state = root / "agents" / device_id
     (state / "enrollee").mkdir(parents=True, mode=0o700, exist_ok=True)
@@ -196,18 +206,25 @@ async def attestation_story(
     store: PkiStore,
     broker: BrokerAddress,
     then: Callable[[AsyncExitStack], Awaitable[None]] | None = None,
+    *,
+    start: Start = process,
+    devices_running: bool = False,
 ) -> None:
-    """Act 2; ``then`` runs the next acts while the services and devices are still up."""
+    """Act 2; ``then`` runs the next acts while the services and devices are still up;
+    ``start`` starts the services and agents. ``devices_running``: the devices (swtpm and
+    agent, enrollee credentials in ``root/agents``) run already, as in deploy/compose."""
     async with AsyncExitStack() as stack:
         _say("6. two devices with TPMs (swtpm): edge-0001 golden, edge-0002 tampered boot chain")
-        tctis = await _tpms(root, stack)
+        tctis = {} if devices_running else await _tpms(root, stack)
+        if devices_running:
+            _line("(each runs in its own container: swtpm and agent, deploy/compose)")
         for name, tcti in tctis.items():
             _line(f"{name}: {tcti} (EK certificate from the test manufacturer CA)")
 
         _say("7. the identity service (online CA) and the attestation service start")
         common = ["--broker", f"{broker.host}:{broker.port}"]
         await stack.enter_async_context(
-            process(
+            start(
                 root,
                 "identity",
                 "edgeward_identity",
@@ -219,7 +236,7 @@ async def attestation_story(
             )
         )
         await stack.enter_async_context(
-            process(
+            start(
                 root,
                 "attestation",
                 "edgeward_attestation",
@@ -258,7 +275,7 @@ async def attestation_story(
         record = PolicyRecord(
             policy_id=POLICY,
             device_class=DEVICE_CLASS,
-            pcr_selection=[*range(8), 10],  # 10: the IMA log's allowlist (docs/adr/0030)
+            pcr_selection=[*range(8), 10],  # 10: the IMA log's allowlist (docs/adr/0032)
             reference_device=GOLDEN,
         )
         _line((await session.ask(record, Done)).detail)
@@ -267,16 +284,17 @@ async def attestation_story(
             f"9. {GOLDEN} enrolls (EK certificate, credential activation);"
             " its quote records the values"
         )
-        await stack.enter_async_context(
-            process(
-                root,
-                f"agent-{GOLDEN}",
-                *_agent_argv(
-                    store, broker, GOLDEN, tctis[GOLDEN], _agent_state(root, store, GOLDEN)
-                ),
-                env=_boot_log(root, GOLDEN),
+        if not devices_running:
+            await stack.enter_async_context(
+                start(
+                    root,
+                    f"agent-{GOLDEN}",
+                    *_agent_argv(
+                        store, broker, GOLDEN, tctis[GOLDEN], agent_state(root, store, GOLDEN)
+                    ),
+                    env=_boot_log(root, GOLDEN),
+                )
             )
-        )
         listing = await patient_answer(
             lambda: session.ask(PolicyQuery(), PolicyList),
             lambda found: any(info.pcrs for info in found.policies),
@@ -290,16 +308,17 @@ async def attestation_story(
         _line((await session.ask(PolicyApprove(policy_id=POLICY), Done)).detail)
 
         _say(f"10. {GOLDEN} is attested; {TAMPERED} (tampered boot chain) enrolls and is refused")
-        await stack.enter_async_context(
-            process(
-                root,
-                f"agent-{TAMPERED}",
-                *_agent_argv(
-                    store, broker, TAMPERED, tctis[TAMPERED], _agent_state(root, store, TAMPERED)
-                ),
-                env=_boot_log(root, TAMPERED),
+        if not devices_running:
+            await stack.enter_async_context(
+                start(
+                    root,
+                    f"agent-{TAMPERED}",
+                    *_agent_argv(
+                        store, broker, TAMPERED, tctis[TAMPERED], agent_state(root, store, TAMPERED)
+                    ),
+                    env=_boot_log(root, TAMPERED),
+                )
             )
-        )
         devices = await patient_answer(lambda: _devices(session), _settled)
         _show(devices)
         shown = await session.ask(DeviceQuery(device_id=TAMPERED), DeviceList)

@@ -22,15 +22,14 @@ from collections.abc import Awaitable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import click
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeward_cli.demo_attest import GOLDEN, TAMPERED, WAIT_S, patiently, process
+from edgeward_cli.demo_attest import GOLDEN, TAMPERED, WAIT_S, Start, patiently, process
 from edgeward_cli.demo_renewal import renewal_story
-from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings, connect_mqtt
 from edgeward_shared.crypto.keys import new_key
 from edgeward_shared.envelope import Opened
@@ -45,6 +44,24 @@ from edgeward_shared.testing.nodes import running
 from edgeward_shared.topics import Channel, Direction, device_topic, service_event_topic
 
 MODEL = "edge-classifier"
+#: who watches the gateway's events in act 14 (by default the telemetry service's identity)
+OBSERVER = Identity.service(ServiceName.TELEMETRY)
+
+
+class RunningBroker(Protocol):
+    """What the acts need of the broker: a :class:`MosquittoBroker`, or the broker image
+    (tests/containers) whose run directory the revocation service shares."""
+
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def pid(self) -> int: ...
+    @property
+    def run_dir(self) -> Path: ...
+    @property
+    def log_path(self) -> Path: ...
 
 
 def _say(text: str) -> None:
@@ -111,8 +128,16 @@ class Cli:
 
 
 async def models_story(
-    root: Path, store: PkiStore, broker: MosquittoBroker, stack: AsyncExitStack
+    root: Path,
+    store: PkiStore,
+    broker: RunningBroker,
+    stack: AsyncExitStack,
+    *,
+    start: Start = process,
+    observer: Identity = OBSERVER,
 ) -> None:
+    """Acts 3 and 4; ``observer`` watches the gateway's events (another instance where the
+    telemetry service itself runs, as in deploy/compose)."""
     address = BrokerAddress(broker.host, broker.port)
     cli = Cli(root, store, address)
     pid_file = broker.run_dir / "mosquitto.pid"  # next to broker.json: checked reloads
@@ -124,7 +149,7 @@ async def models_story(
     _say("11. the revocation and model-distribution services start (first signed list out)")
     common = ["--broker", f"{address.host}:{address.port}"]
     await stack.enter_async_context(
-        process(
+        start(
             root,
             "revocation",
             "edgeward_revocation",
@@ -141,7 +166,7 @@ async def models_story(
         )
     )
     await stack.enter_async_context(
-        process(
+        start(
             root,
             "model-distribution",
             "edgeward_model_distribution",
@@ -182,7 +207,7 @@ async def models_story(
     _line(f"{TAMPERED}: not attested, no key: model.key.attestation_missing")
 
     await _bad_version_act(root, cli)
-    await _inference_act(root, store, address, cli, stack)
+    await _inference_act(root, store, address, cli, stack, start=start, observer=observer)
 
     _say(f"16. a signed stop for {GOLDEN}: the device acts and signs a receipt")
     await cli("command", "stop", GOLDEN, "--reason", "demo: maintenance window")
@@ -236,11 +261,18 @@ async def _phase(cli: Cli, version: int, phase: str) -> bool:
 
 
 async def _inference_act(
-    root: Path, store: PkiStore, address: BrokerAddress, cli: Cli, stack: AsyncExitStack
+    root: Path,
+    store: PkiStore,
+    address: BrokerAddress,
+    cli: Cli,
+    stack: AsyncExitStack,
+    *,
+    start: Start,
+    observer: Identity,
 ) -> None:
     _say("14. the inference gateway starts; a client asks edge-0001 for an inference")
     await stack.enter_async_context(
-        process(
+        start(
             root,
             "inference-gateway",
             "edgeward_inference_gateway",
@@ -261,7 +293,7 @@ async def _inference_act(
         )
         return ()
 
-    watcher, connect = build_runtime(_node(store, Identity.service(ServiceName.TELEMETRY), address))
+    watcher, connect = build_runtime(_node(store, observer, address))
     watcher.route(
         service_event_topic(ServiceName.INFERENCE_GATEWAY, "result"), [AcceptedResult], watch
     )

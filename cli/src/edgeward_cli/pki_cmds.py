@@ -276,10 +276,14 @@ def dev_identities(devices: int, operator: str, sessions: int = 1) -> list[Ident
 
 
 def create_dev_pki(
-    directory: Path, identities: Iterable[Identity], now: datetime | None = None
+    directory: Path,
+    identities: Iterable[Identity],
+    now: datetime | None = None,
+    broker_hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
 ) -> tuple[PkiStore, list[Identity]]:
     """Create (or extend) a PKI in ``directory``; issue each identity that has no valid
-    certificate yet. Returns the store and the identities it issued."""
+    certificate yet (the broker's for ``broker_hosts``). Returns the store and the
+    identities it issued."""
     store = PkiStore(directory)
     now = now or _now()
     if not store.exists():
@@ -289,7 +293,7 @@ def create_dev_pki(
     for identity in identities:
         if store.current(identity, now):
             continue
-        hosts = ("127.0.0.1", "localhost") if identity.role is Role.BROKER else ()
+        hosts = broker_hosts if identity.role is Role.BROKER else ()
         store.issue(identity, now, LIFETIMES[identity.role], hosts)
         issued.append(identity)
     return store, issued

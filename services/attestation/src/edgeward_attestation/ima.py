@@ -1,6 +1,6 @@
 """The IMA runtime measurement log: parsing, replaying PCR 10, appraising against an allowlist.
 
-It owns the verifier's side of Linux IMA (docs/adr/0030): the binary log the kernel exposes
+It owns the verifier's side of Linux IMA (docs/adr/0032): the binary log the kernel exposes
 as ``/sys/kernel/security/ima/binary_runtime_measurements``, in its host (little-endian)
 format, templates ``ima-ng`` and ``ima-sig``. Each entry is::
 

@@ -14,7 +14,7 @@ device's evidence, after the quote itself verified (signature, nonce, digest, co
 
 3. :func:`appraise_runtime`: with an IMA allowlist, the IMA log's entries the verifier has
    not verified yet are replayed onto PCR 10 from where it stopped (:class:`.ima.ImaProgress`)
-   and appraised (``attestation.ima.*``, docs/adr/0030).
+   and appraised (``attestation.ima.*``, docs/adr/0032).
 
 A policy without reference states is appraised as before, by PCR values alone. Pure.
 """

@@ -11,7 +11,7 @@ device's log against the policy's states (docs/adr/0021). Several states may be 
 at once (old and new firmware during a rollout): :func:`merge_policies`.
 
 A policy recorded over PCR 10 from a reference device that sent its IMA log holds an IMA
-allowlist instead of a value for PCR 10 (:mod:`.ima`, docs/adr/0030): PCR 10 changes with
+allowlist instead of a value for PCR 10 (:mod:`.ima`, docs/adr/0032): PCR 10 changes with
 every file measured, so the log is replayed against it and each entry appraised.
 
 A policy may also require posture items (seed 000's checklist, docs/adr/0026): a device

@@ -123,7 +123,7 @@ MIGRATIONS: Final = (
     ),
     Migration(
         4,
-        "how much of a device's IMA log is verified, per boot and policy (docs/adr/0030)",
+        "how much of a device's IMA log is verified, per boot and policy (docs/adr/0032)",
         (
             "ALTER TABLE att_devices ADD COLUMN ima_policy_id TEXT",
             "ALTER TABLE att_devices ADD COLUMN ima_reset_count BIGINT",

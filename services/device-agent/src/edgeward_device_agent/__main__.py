@@ -113,7 +113,7 @@ def _timing_options(function: Command) -> Command:
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     help="The IMA runtime measurement log (binary) sent with quotes, incrementally"
-    " (docs/adr/0030).  [default: $EDGEWARD_IMA_LOG, else"
+    " (docs/adr/0032).  [default: $EDGEWARD_IMA_LOG, else"
     " /sys/kernel/security/ima/binary_runtime_measurements]",
 )
 @_option(

@@ -139,7 +139,7 @@ def _reset_count(attest: bytes) -> int | None:
 
 
 def _ima_part(log: bytes, cursor: ImaCursor | None, attest: bytes, used: int) -> tuple[int, bytes]:
-    """The IMA entries to send (docs/adr/0030): after the verifier's cursor if this TPM was
+    """The IMA entries to send (docs/adr/0032): after the verifier's cursor if this TPM was
     not reset since, else from the start; within what the boot log leaves of the cap."""
     if not log:
         return 0, b""

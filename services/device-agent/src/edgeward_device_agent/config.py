@@ -114,7 +114,7 @@ class AgentConfig:
     #: the TCG boot event log sent with each quote (docs/adr/0021); None: ``$EDGEWARD_EVENT_LOG``
     #: if set, else Linux's ``/sys/kernel/security/tpm0/binary_bios_measurements``
     event_log: Path | None = None
-    #: the IMA runtime log sent with each quote (docs/adr/0030); None: ``$EDGEWARD_IMA_LOG``
+    #: the IMA runtime log sent with each quote (docs/adr/0032); None: ``$EDGEWARD_IMA_LOG``
     #: if set, else ``/sys/kernel/security/ima/binary_runtime_measurements``
     ima_log: Path | None = None
     #: the kind of EK and AK (docs/adr/0018): ECC by default, RSA-2048 for a TPM whose

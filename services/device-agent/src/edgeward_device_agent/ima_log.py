@@ -1,5 +1,5 @@
 """The IMA runtime measurement log on the device: writing one (development) and sending a
-part of it (docs/adr/0030).
+part of it (docs/adr/0032).
 
 Linux exposes the log as ``/sys/kernel/security/ima/binary_runtime_measurements`` in its
 host (little-endian) format: per entry ``u32 pcr | SHA-1 template digest | u32 name length |

@@ -42,7 +42,7 @@ AUTO_REVOKE_REASONS: Final = frozenset(
         # boot events off every reference state (docs/adr/0021); a log that merely fails
         # to parse or replay, or is missing, is not taken as tampering by itself
         "attestation.eventlog.event_mismatch",
-        # a file off the IMA allowlist ran (docs/adr/0030); gaps, missing or malformed IMA
+        # a file off the IMA allowlist ran (docs/adr/0032); gaps, missing or malformed IMA
         # logs are not taken as tampering by themselves
         "attestation.ima.not_allowed",
         "attestation.quote.signature",

@@ -44,7 +44,7 @@ class AttestationChallenge(
     """Quote these PCRs of this bank over ``qualifyingData = H(nonce ‖ session key)``
     (docs/adr/0006) before ``expires_at_ms``. The nonce is single use. ``ima_cursor``: send
     the IMA log's entries after it if the TPM was not reset since, else all of them
-    (docs/adr/0030; left out of the encoding when null)."""
+    (docs/adr/0032; left out of the encoding when null)."""
 
     nonce: Annotated[bytes, msgspec.Meta(min_length=16, max_length=64)]
     pcr_bank: Literal["sha256"]
@@ -68,7 +68,7 @@ class AttestationEvidence(
     when the device has none; the verifier replays it against the quoted PCRs.
     ``ima_log`` is a run of whole entries of the binary IMA log (Linux's
     ``binary_runtime_measurements``), from entry number ``ima_offset``; with
-    ``event_log`` at most ``MAX_EVENT_LOG_BYTES`` together (docs/adr/0030).
+    ``event_log`` at most ``MAX_EVENT_LOG_BYTES`` together (docs/adr/0032).
     ``posture`` is the device's posture report (:mod:`edgeward_shared.posture.report`, its
     exact bytes); when present the quote binds its digest (binding version 2,
     :func:`edgeward_shared.bindings.qualifying_data_v2`), else version 1 applies. Members at
