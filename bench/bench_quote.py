@@ -230,6 +230,51 @@ def bench_event_log(report: Report) -> None:
     report.add("event_log_appraisals_per_s", appraisals, "logs/s")
     report.add("verify_quote_alone_per_s", quotes, "quotes/s")
     report.add("ratio_quote_plus_log_vs_quote_alone", 1 / (1 + quotes / appraisals), "x")
+    bench_ima(report, quotes)
+
+
+def bench_ima(report: Report, quotes: float) -> None:
+    """The IMA log (docs/adr/0033): the first attestation after boot of a device that ran
+    1000 files (1000 ``ima-ng`` entries: parsed, replayed onto PCR 10, appraised against an
+    allowlist of those files) and a later, incremental one (the 20 entries measured since),
+    against the quote check alone (``quotes``, same run)."""
+    import hashlib
+
+    from edgeward_attestation.ima import allowlist_of, extend, parse
+    from edgeward_attestation.measured_boot import appraise_runtime
+    from edgeward_attestation.policy import ClassPolicy
+    from edgeward_device_agent.ima_log import ima_entry
+
+    entries = [
+        ima_entry(f"/usr/lib/x86_64-linux-gnu/lib{i:04d}.so.1", hashlib.sha256(b"%d" % i).digest())
+        for i in range(1020)
+    ]
+    full, later = b"".join(entries[:1000]), b"".join(entries[1000:])
+    policy = ClassPolicy(
+        policy_id="bench",
+        device_class="bench",
+        allowlist={"0": ["00" * 32]},
+        ima=allowlist_of(parse(full + later)),
+    )
+    after_boot = {0: bytes(32), 10: extend(bytes(32), parse(full))}
+    first = appraise_runtime(full, 0, policy, after_boot, 1, None)[1]
+    assert first is not None
+    now = {0: bytes(32), 10: extend(first.pcr, parse(later))}
+
+    def whole() -> None:
+        if appraise_runtime(full, 0, policy, after_boot, 1, None)[0]:
+            raise AssertionError("the allowlisted log must appraise clean")
+
+    def incremental() -> None:
+        if appraise_runtime(later, first.entries, policy, now, 1, first)[0]:
+            raise AssertionError("the allowlisted entries must appraise clean")
+
+    wholes, increments = _interleaved(whole, incremental, rounds=3)
+    report.add("ima_log_bytes_1000_entries", len(full), "bytes")
+    report.add("ima_appraisals_1000_entries_per_s", wholes, "logs/s")
+    report.add("ima_appraisals_20_new_entries_per_s", increments, "logs/s")
+    report.add("ratio_quote_plus_ima_1000_vs_quote_alone", 1 / (1 + quotes / wholes), "x")
+    report.add("ratio_quote_plus_ima_20_vs_quote_alone", 1 / (1 + quotes / increments), "x")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from edgeward_cli.main import cli
 from edgeward_device_agent.agent import DeviceAgent
 from edgeward_device_agent.config import AgentConfig
 from edgeward_device_agent.state import AgentState
+from edgeward_device_agent.tpm import TpmKeys
 from edgeward_device_sim.swtpm import (
     GOLDEN_BOOT_CHAIN,
     SwtpmFleet,
@@ -88,12 +89,20 @@ class World:
         *,
         replace: bool = False,
         event_log: Path | None = None,
+        keys: TpmKeys = TpmKeys.ECC,
+        ima_log: Path | None = None,
         posture_root: Path | None = None,
     ) -> DeviceAgent:
         """Provision ``device_id`` (as the operator would) and prepare its agent."""
         await store.provision(device_id, DEVICE_CLASS, None, "op.alice", SystemClock().now_ms())
         return self.agent(
-            device_id, tcti, replace=replace, event_log=event_log, posture_root=posture_root
+            device_id,
+            tcti,
+            replace=replace,
+            event_log=event_log,
+            keys=keys,
+            ima_log=ima_log,
+            posture_root=posture_root,
         )
 
     def agent(
@@ -103,6 +112,8 @@ class World:
         *,
         replace: bool = False,
         event_log: Path | None = None,
+        keys: TpmKeys = TpmKeys.ECC,
+        ima_log: Path | None = None,
         posture_root: Path | None = None,
     ) -> DeviceAgent:
         files = self.pki.issue(
@@ -119,14 +130,20 @@ class World:
             crl=self.pki.crl_path,
             broker=self.address,
             event_log=event_log,
+            tpm_keys=keys,
+            # no IMA log unless asked: $EDGEWARD_IMA_LOG or the host's own must not leak in
+            ima_log=ima_log or self.root / "no-ima-log",
             posture_root=posture_root,
         )
         return DeviceAgent(config)
 
 
 @contextmanager
-def make_world(root: Path, extra: tuple[Identity, ...] = ()) -> Iterator[World]:
-    """A fresh PKI (broker, services, alice and ``extra``), broker and swtpm fleet."""
+def make_world(
+    root: Path, extra: tuple[Identity, ...] = (), keys: TpmKeys = TpmKeys.ECC
+) -> Iterator[World]:
+    """A fresh PKI (broker, services, alice and ``extra``), broker and swtpm fleet (whose
+    TPMs have only an RSA EK certificate with ``keys`` RSA)."""
     (root / "agents").mkdir()
     pki = PkiStore(root / "pki")
     now = datetime.now(UTC)
@@ -135,7 +152,7 @@ def make_world(root: Path, extra: tuple[Identity, ...] = ()) -> Iterator[World]:
     for identity in (ATTESTATION, IDENTITY, TELEMETRY, ALICE, *extra):
         pki.issue(identity, now, timedelta(days=1))
     with (
-        SwtpmFleet(root / "tpms") as fleet,
+        SwtpmFleet(root / "tpms", keys=keys) as fleet,
         MosquittoBroker(
             pki, root / "broker", operators=[ALICE, *(i for i in extra if i.role is Role.OPERATOR)]
         ) as broker,

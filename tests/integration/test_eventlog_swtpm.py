@@ -8,6 +8,7 @@ PCRs; and a real quote's PCRs refuse the other device's log.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import subprocess
 from collections.abc import Iterator
@@ -15,6 +16,8 @@ from collections.abc import Iterator
 import pytest
 
 from edgeward_attestation.eventlog import ALG_SHA256, check_replay, parse, replay
+from edgeward_attestation.ima import IMA_PCR, extend
+from edgeward_attestation.ima import parse as parse_ima
 from edgeward_attestation.reasons import AttestationReason as R
 from edgeward_device_agent.tpm import PcrBank
 from edgeward_device_sim.swtpm import (
@@ -28,7 +31,8 @@ from edgeward_shared.errors import EdgewardError
 
 pytestmark = pytest.mark.tpm
 
-PCRS = range(17)  # 17-22 are the DRTM PCRs: all ones until a dynamic launch
+#: 17-22 are the DRTM PCRs (all ones until a dynamic launch); 10 is IMA's (its own log)
+PCRS = [i for i in range(17) if i != IMA_PCR]
 ALG = {PcrBank.SHA1: 0x0004, PcrBank.SHA256: ALG_SHA256}
 
 
@@ -54,6 +58,23 @@ def test_replay_reproduces_the_real_pcrs(
         real = tpm.read_pcrs(PCRS, bank)
     assert replay(log, ALG[bank], PCRS) == real
     assert real[4] != bytes(bank.digest_size)  # the chain really extended something
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["golden", "tampered"])
+def test_the_ima_log_reproduces_the_real_pcr_10(
+    devices: tuple[SwtpmDevice, SwtpmDevice], which: int
+) -> None:
+    """docs/adr/0026: what the verifier replays is what swtpm holds, in both banks."""
+    device = devices[which]
+    entries = parse_ima(device.ima_log.read_bytes())
+    with device.open() as tpm:
+        real = {bank: tpm.read_pcrs([IMA_PCR], bank)[IMA_PCR] for bank in PcrBank}
+    assert extend(bytes(32), entries) == real[PcrBank.SHA256]
+    sha1 = bytes(20)
+    for entry in entries:
+        sha1 = hashlib.sha1(sha1 + hashlib.sha1(entry.template_data).digest()).digest()  # noqa: S324
+    assert sha1 == real[PcrBank.SHA1]
+    assert entries[0].path == "boot_aggregate"
 
 
 def test_tpm2_eventlog_computes_the_real_pcrs(devices: tuple[SwtpmDevice, SwtpmDevice]) -> None:

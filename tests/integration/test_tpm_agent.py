@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from edgeward_attestation.credential import make_credential
 from edgeward_attestation.keys import AttestationKey, EndorsementKey
@@ -38,7 +38,7 @@ from edgeward_attestation.quote import (
 from edgeward_attestation.reasons import AttestationReason as R
 from edgeward_attestation.structures import ALG_SHA256, parse_quote_attest
 from edgeward_attestation.testing import software_ak_public
-from edgeward_device_agent.tpm import PcrBank, Quote, Tpm, TpmError
+from edgeward_device_agent.tpm import PcrBank, Quote, Tpm, TpmError, TpmKeys
 from edgeward_device_sim.swtpm import (
     GOLDEN_BOOT_CHAIN,
     SwtpmDevice,
@@ -394,6 +394,31 @@ def test_edgeward_swtpm_outlives_a_closed_stdin_and_stops_on_sigterm(tmp_path: P
                 process.kill()
     with pytest.raises(ConnectionRefusedError):  # its swtpm went with it
         socket.create_connection(("127.0.0.1", _port_of(tcti)), timeout=1).close()
+
+
+@pytest.mark.tpm
+def test_edgeward_swtpm_makes_tpms_with_only_an_rsa_ek_certificate(tmp_path: Path) -> None:
+    """``--tpm-keys rsa`` (docs/adr/0033): the TPM's manufacturer certified only its RSA EK;
+    an agent with RSA keys enrols with it, one with ECC keys finds no certificate."""
+    root = tmp_path / "t"
+    with subprocess.Popen(
+        [sys.executable, "-m", "edgeward_device_sim.simulate", "--root", str(root),
+         "--golden", "tpm-rsa", "--tpm-keys", "rsa"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+    ) as process:  # fmt: skip
+        try:
+            tcti = _read_until_ready(process, 60)["tpm-rsa"]
+            with Tpm(tcti, TpmKeys.RSA) as tpm:
+                assert isinstance(tpm.ek_certificate().public_key(), rsa.RSAPublicKey)
+            with Tpm(tcti, TpmKeys.ECC) as tpm, pytest.raises(TpmError) as missing:
+                tpm.ek_certificate()
+            assert missing.value.reason == "tpm.nv.read_failed"
+            assert (root / "devices" / "tpm-rsa" / "binary_runtime_measurements").stat().st_size
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(15) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
 
 
 def _clock_of(attested: Attested) -> tuple[int, int, int, bool]:

@@ -1,13 +1,15 @@
-"""RSA EKs and AKs on a real swtpm, driven by tpm2-tools, against the verifier's RSA side
-(marker ``tpm``: swtpm and tpm2-tools needed).
+"""RSA EKs and AKs on a real swtpm against the verifier's RSA side (marker ``tpm``: swtpm
+and tpm2-tools needed). The fleet's TPMs have only an RSA EK certificate (docs/adr/0018).
 
-The device agent makes ECC keys only (device-side RSA is a later step), so the RSA keys
-here come from tpm2-tools itself: ``tpm2_createek -G rsa`` (the TCG default RSA-2048 EK
-template, whose certificate swtpm_setup wrote to NV 0x01c00002) and ``tpm2_createak -G rsa``
-under it, with RSASSA or RSAPSS. Checked: the registrar's enrolment decision with the RSA
-EK certificate, MakeCredential to the RSA EK recovered by ``tpm2_activatecredential`` (and
-not for another AK), ``tpm2_quote`` RSA quotes accepted by ``verify_quote_raw`` and by
-``tpm2_checkquote``, and each refused when mutated.
+First with keys from tpm2-tools, an independent stack: ``tpm2_createek -G rsa`` (the TCG
+default RSA-2048 EK template, whose certificate swtpm_setup wrote to NV 0x01c00002) and
+``tpm2_createak -G rsa`` under it, with RSASSA or RSAPSS. Checked: the registrar's
+enrolment decision with the RSA EK certificate, MakeCredential to the RSA EK recovered by
+``tpm2_activatecredential`` (and not for another AK), ``tpm2_quote`` RSA quotes accepted by
+``verify_quote_raw`` and by ``tpm2_checkquote``, and each refused when mutated. Then the
+agent's own RSA keys (``Tpm(tcti, TpmKeys.RSA | RSA_PSS)``): enrolment decision,
+credential activation through the EK's PolicySecret session, quotes accepted by
+``verify_quote_raw`` and ``tpm2_checkquote`` and refused when mutated.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from edgeward_attestation.credential import make_credential
@@ -35,7 +38,7 @@ from edgeward_attestation.structures import (
     RsaPublic,
     parse_signature,
 )
-from edgeward_device_agent.tpm import PcrBank
+from edgeward_device_agent.tpm import PcrBank, Tpm, TpmError, TpmKeys
 from edgeward_device_sim.swtpm import SwtpmDevice, SwtpmFleet
 from edgeward_shared.errors import AuthenticityError, EdgewardError
 from edgeward_shared.messages.enroll import EnrollRequest
@@ -77,7 +80,7 @@ class RsaTpm:
 @pytest.fixture(scope="module")
 def rsa_tpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RsaTpm]:
     root = tmp_path_factory.mktemp("swtpm-rsa")
-    with SwtpmFleet(root / "fleet", pcr_banks=(PcrBank.SHA256,)) as fleet:
+    with SwtpmFleet(root / "fleet", pcr_banks=(PcrBank.SHA256,), keys=TpmKeys.RSA) as fleet:
         tools = Tools(fleet.start("dev-rsa"), root)
         tools.run("tpm2_createek", "-c", "ek.ctx", "-G", "rsa", "-u", "ek.pub")
         tools.run("tpm2_nvread", RSA_EK_CERT_NV_INDEX, "-C", "o", "-o", "ek.der")
@@ -321,3 +324,101 @@ def test_errors_stay_typed_for_garbage_in_place_of_the_rsa_signature(rsa_tpm: Rs
         report = quote.verify(signature=signature)
         assert report.reasons == (R.QUOTE_SIGNATURE,)
         assert all(isinstance(f.error, EdgewardError) for f in report.findings)
+
+
+# ---------------------------------------------------------------- the agent's own RSA keys
+@pytest.fixture(scope="module")
+def agent_device(rsa_tpm: RsaTpm) -> SwtpmDevice:
+    """Another TPM of the RSA fleet for the agent's Tpm (tpm2-tools flushes every transient
+    object of its own TPM after each command)."""
+    return rsa_tpm.fleet.start("dev-agent-rsa")
+
+
+@pytest.mark.parametrize(
+    ("keys", "sig_alg"), [(TpmKeys.RSA, ALG_RSASSA), (TpmKeys.RSA_PSS, ALG_RSAPSS)]
+)
+def test_the_agents_rsa_keys_enrol_and_activate_a_credential(
+    agent_device: SwtpmDevice, rsa_tpm: RsaTpm, keys: TpmKeys, sig_alg: int
+) -> None:
+    with Tpm(agent_device.tcti, keys) as tpm:
+        certificate = tpm.ek_certificate()
+        ek_public, ak_public = tpm.ek_public(), tpm.ak_public
+        ak = AttestationKey.from_tpm2b_public(ak_public)
+        assert ak.schemes == frozenset({(sig_alg, ALG_SHA256)})
+        request = EnrollRequest(
+            device_class="camera",
+            ek_certificate=certificate.public_bytes(serialization.Encoding.DER),
+            ek_public=ek_public,
+            ak_public=ak_public,
+            csr=b"not checked by this decision",
+        )
+        claim = check_enroll_request(
+            request,
+            device_id="dev-agent-rsa",
+            manufacturers=[rsa_tpm.fleet.ca.certificate],
+            registry=Registry("camera", None, None, None, None),
+            now=datetime.now(UTC),
+        )
+        assert isinstance(claim.ek.key, rsa.RSAPublicKey)
+        secret = os.urandom(32)
+        protected = make_credential(claim.ek, claim.ak.name, secret)
+        assert tpm.activate_credential(protected.credential_blob, protected.encrypted_secret) == (
+            secret
+        )
+        other = make_credential(claim.ek, b"\x00\x0b" + bytes(32), secret)  # another AK's name
+        with pytest.raises(TpmError) as refused:
+            tpm.activate_credential(other.credential_blob, other.encrypted_secret)
+        assert refused.value.reason == "tpm.credential.activation_failed"
+
+
+def test_an_rsa_only_tpm_has_no_ecc_ek_certificate(agent_device: SwtpmDevice) -> None:
+    with Tpm(agent_device.tcti, TpmKeys.ECC) as tpm, pytest.raises(TpmError) as missing:
+        tpm.ek_certificate()
+    assert missing.value.reason == "tpm.nv.read_failed"
+
+
+@pytest.mark.parametrize("keys", [TpmKeys.RSA, TpmKeys.RSA_PSS])
+def test_the_agents_rsa_quotes_verify_and_each_mutation_is_refused(
+    agent_device: SwtpmDevice, keys: TpmKeys
+) -> None:
+    extra_data = os.urandom(32)
+    with Tpm(agent_device.tcti, keys) as tpm:
+        made = tpm.quote(extra_data, SELECTION)
+        quote = RsaQuote(tpm.ak_public, made.attest, made.signature, extra_data, dict(made.pcrs))
+    assert quote.verify().accepted, quote.verify().reasons
+    flipped = bytearray(quote.signature)
+    flipped[-1] ^= 0x01
+    assert quote.verify(signature=bytes(flipped)).reasons == (R.QUOTE_SIGNATURE,)
+    assert quote.verify(expected_extra_data=bytes(32)).reasons == (R.NONCE_MISMATCH,)
+    assert quote.verify(pcr_values={**quote.pcrs, 4: bytes(32)}).reasons == (R.PCR_DIGEST,)
+
+
+@pytest.mark.parametrize(
+    "keys", [TpmKeys.RSA, pytest.param(TpmKeys.RSA_PSS, marks=_CHECKQUOTE_PSS)]
+)
+def test_tpm2_checkquote_accepts_the_agents_rsa_quote(
+    agent_device: SwtpmDevice, rsa_tpm: RsaTpm, keys: TpmKeys
+) -> None:
+    extra_data = os.urandom(32)
+    with Tpm(agent_device.tcti, keys) as tpm:
+        quote = tpm.quote(extra_data, SELECTION)
+        ak_public = tpm.ak_public
+    report = verify_quote_raw(quote.attest, quote.signature, ak_public, extra_data, quote.pcrs)
+    assert report.accepted, report.reasons  # our verifier, whatever tpm2_checkquote says
+    work = rsa_tpm.tools.work / f"agent-{keys.value}"
+    work.mkdir(exist_ok=True)
+    (work / "ak.pub").write_bytes(ak_public)
+    (work / "quote.msg").write_bytes(quote.attest)
+    (work / "quote.sig").write_bytes(quote.signature)
+    (work / "pcrs.serialized").write_bytes(_tools_pcr_file(dict(quote.pcrs)))
+
+    def checkquote(qualification: str) -> subprocess.CompletedProcess[str]:
+        args = ["-u", "ak.pub", "-m", "quote.msg", "-s", "quote.sig", "-f", "pcrs.serialized"]
+        return subprocess.run(
+            ["tpm2_checkquote", *args, "-g", "sha256", "-q", qualification],
+            cwd=work, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+
+    accepted = checkquote(extra_data.hex())
+    assert accepted.returncode == 0, accepted.stderr
+    assert checkquote("00" * 32).returncode != 0

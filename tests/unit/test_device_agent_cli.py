@@ -22,6 +22,7 @@ from click.testing import CliRunner
 from edgeward_device_agent import __main__ as agent_main
 from edgeward_device_agent.__main__ import main
 from edgeward_device_agent.config import AgentConfig
+from edgeward_device_agent.tpm import TpmKeys
 from edgeward_shared.identity import Identity
 from edgeward_shared.pki.store import PkiStore
 
@@ -86,6 +87,20 @@ def test_flags_become_the_config(
     assert config.metrics_port == 0
     assert config.policy.retry_cap_s == 0.1
     assert config.policy.renew_fraction == 0.8
+    assert config.tpm_keys is TpmKeys.ECC  # the default
+
+
+@pytest.mark.parametrize("kind", ["rsa", "rsa-pss"])
+def test_the_tpm_keys_flag_selects_rsa_keys(
+    tmp_path: Path, pki: PkiStore, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    code, output, config = _config(monkeypatch, _args(tmp_path, pki, "--tpm-keys", kind))
+    assert code == 0, output
+    assert config is not None
+    assert config.tpm_keys is TpmKeys(kind)
+    code, output, _ = _config(monkeypatch, _args(tmp_path, pki, "--tpm-keys", "rsa-4096"))
+    assert code == 2
+    assert "rsa-4096" in output
 
 
 def test_the_environment_configures_it_too(

@@ -3,7 +3,10 @@ verified with the public API, and each mechanical mutation refused with its reas
 
 None of these was made by Edgeward: keylime's checkquote test (RSA AK as SPKI, one PCR),
 go-tpm-tools' Google Compute Engine attestation (RSA AK as TPMT_PUBLIC, SHA-1, SHA-256 and
-SHA-384 banks of 24 PCRs), and keylime's MakeCredential outputs for an RSA and an ECC EK.
+SHA-384 banks of 24 PCRs), cmc's TPM verifier test (RSA AK from a certificate, two PCRs),
+vaportpm's fixtures from Google Cloud (TDX and SEV) and AWS Nitro vTPMs (ECC P-256 AKs,
+SHA-256 and SHA-384 banks of 24 PCRs), and keylime's MakeCredential outputs for an RSA and
+an ECC EK.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from edgeward_attestation.quote import QuoteReport, check_pcr_digest, verify_quo
 from edgeward_attestation.reasons import AttestationReason as R
 from edgeward_attestation.structures import (
     HASHES,
+    EcdsaSignature,
     RsaPublic,
     RsaSignature,
     parse_quote_attest,
@@ -83,9 +87,16 @@ def _flip(raw: bytes, index: int) -> bytes:
     return bytes(changed)
 
 
-def test_there_are_rsa_vectors_from_two_projects_with_their_provenance() -> None:
-    sources = {_load(name).meta["source"].split(" ")[0] for name in QUOTES}
-    assert sources == {"keylime", "go-tpm-tools"}
+def _kind(peer: PeerQuote) -> str:
+    return "ecc" if isinstance(parse_signature(peer.signature), EcdsaSignature) else "rsa"
+
+
+def test_there_are_ecc_and_rsa_vectors_from_other_projects_with_their_provenance() -> None:
+    by_kind: dict[str, set[str]] = {"ecc": set(), "rsa": set()}
+    for name in QUOTES:
+        peer = _load(name)
+        by_kind[_kind(peer)].add(peer.meta["source"].split(" ")[0])
+    assert by_kind == {"ecc": {"vaportpm"}, "rsa": {"keylime", "go-tpm-tools", "cmc"}}
     for name in QUOTES:
         meta = _load(name).meta
         assert len(meta["commit"]) == 40
@@ -102,7 +113,12 @@ def test_each_peer_quote_verifies_with_the_raw_api(peer: PeerQuote) -> None:
     assert quote is not None
     assert quote.extra_data == peer.extra_data
     assert HASHES[quote.pcr_selections[0].bank][0] == peer.meta["bank"]
-    assert isinstance(parse_signature(peer.signature), RsaSignature)
+    signature = parse_signature(peer.signature)
+    key = AttestationKey.from_spki(peer.ak) if peer.meta["ak_format"] == "spki" else None
+    if isinstance(signature, EcdsaSignature):
+        assert key is None or isinstance(key.key, ec.EllipticCurvePublicKey)
+    else:
+        assert isinstance(signature, RsaSignature)
     assert check_pcr_digest(peer.attest, peer.pcrs).accepted
 
 

@@ -103,6 +103,9 @@ def test_a_certificate_retired_after_a_renewal_kicks_nobody() -> None:
 def test_only_tampering_revokes_automatically() -> None:
     assert should_revoke(["attestation.pcr.not_allowed"])
     assert should_revoke(["attestation.eventlog.event_mismatch"])
+    assert should_revoke(["attestation.ima.not_allowed"])
+    assert not should_revoke(["attestation.ima.gap"])
+    assert not should_revoke(["attestation.ima.missing"])
     assert not should_revoke(["attestation.nonce.expired", "attestation.policy.missing"])
     assert not should_revoke(["attestation.eventlog.missing", "attestation.eventlog.malformed"])
 

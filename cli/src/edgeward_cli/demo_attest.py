@@ -129,10 +129,13 @@ async def _tpms(root: Path, stack: AsyncExitStack) -> dict[str, str]:
 
 
 def _boot_log(root: Path, name: str) -> dict[str, str]:
-    """The agent's boot event log (``EDGEWARD_EVENT_LOG``): the one its swtpm's boot chain
-    wrote (``edgeward_device_sim.swtpm``: ``devices/<name>/binary_bios_measurements``)."""
+    """The agent's boot event log (``EDGEWARD_EVENT_LOG``) and IMA log (``EDGEWARD_IMA_LOG``):
+    the ones its swtpm's development boot wrote (``devices/<name>/binary_bios_measurements``
+    and ``binary_runtime_measurements``: docs/adr/0021, 0033)."""
+    device = root / "tpms" / "devices" / name
     return {
-        "EDGEWARD_EVENT_LOG": str(root / "tpms" / "devices" / name / "binary_bios_measurements")
+        "EDGEWARD_EVENT_LOG": str(device / "binary_bios_measurements"),
+        "EDGEWARD_IMA_LOG": str(device / "binary_runtime_measurements"),
     }
 
 
@@ -272,7 +275,7 @@ async def attestation_story(
         record = PolicyRecord(
             policy_id=POLICY,
             device_class=DEVICE_CLASS,
-            pcr_selection=list(range(8)),
+            pcr_selection=[*range(8), 10],  # 10: the IMA log's allowlist (docs/adr/0033)
             reference_device=GOLDEN,
         )
         _line((await session.ask(record, Done)).detail)

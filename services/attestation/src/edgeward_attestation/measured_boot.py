@@ -12,6 +12,10 @@ device's evidence, after the quote itself verified (signature, nonce, digest, co
    ``attestation.eventlog.event_mismatch``), or none and then the deferred allowlist is
    checked too (``attestation.pcr.not_allowed``: e.g. a different startup locality).
 
+3. :func:`appraise_runtime`: with an IMA allowlist, the IMA log's entries the verifier has
+   not verified yet are replayed onto PCR 10 from where it stopped (:class:`.ima.ImaProgress`)
+   and appraised (``attestation.ima.*``, docs/adr/0033).
+
 A policy without reference states is appraised as before, by PCR values alone. Pure.
 """
 
@@ -21,6 +25,16 @@ from collections.abc import Mapping
 
 from edgeward_attestation.appraise import Finding, ReferenceState, appraise, reference_state
 from edgeward_attestation.eventlog import ALG_SHA256, check_replay, parse
+from edgeward_attestation.ima import (
+    IMA_PCR,
+    ImaFinding,
+    ImaPolicy,
+    ImaProgress,
+    allowlist_of,
+)
+from edgeward_attestation.ima import appraise as appraise_ima
+from edgeward_attestation.ima import parse as parse_ima
+from edgeward_attestation.ima import replay as replay_ima
 from edgeward_attestation.policy import ClassPolicy
 from edgeward_attestation.quote import PcrPolicy
 from edgeward_attestation.reasons import AttestationReason
@@ -28,10 +42,15 @@ from edgeward_shared.errors import PolicyError
 
 
 def quote_policy(policy: ClassPolicy, supplied: Mapping[int, bytes]) -> PcrPolicy:
-    """What ``verify_quote`` checks: the allowlist, or with reference states any values."""
-    if not policy.reference_states:
-        return policy.to_pcr_policy()
+    """What ``verify_quote`` checks: the allowlist, or with reference states any values;
+    PCR 10 with an IMA allowlist is any value (its log is appraised instead)."""
     selection = frozenset(policy.selection)
+    if not policy.reference_states:
+        values = policy.to_pcr_policy()
+        if policy.ima is None:
+            return values
+        allow = {**values.allowlist, IMA_PCR: frozenset({supplied.get(IMA_PCR, b"")})}
+        return PcrPolicy(selection=selection, allowlist=allow)
     anything = {i: frozenset({supplied.get(i, b"")}) for i in selection}
     return PcrPolicy(selection=selection, allowlist=anything)
 
@@ -42,6 +61,8 @@ def appraise_evidence(
     """The findings of a quote's (verified) PCRs and its event log under ``policy``."""
     if not policy.reference_states:
         return []
+    if policy.ima is not None:  # PCR 10 is the IMA log's, not the boot log's
+        quoted = {i: v for i, v in quoted.items() if i != IMA_PCR}
     if not event_log:
         raise PolicyError(AttestationReason.EVENTLOG_MISSING, "the policy appraises event logs")
     log = parse(event_log)
@@ -49,10 +70,48 @@ def appraise_evidence(
     findings = appraise(log, quoted, policy.reference_states)
     if not findings:
         allow = policy.to_pcr_policy().allowlist
-        off = sorted(i for i, value in quoted.items() if value not in allow[i])
+        off = sorted(i for i, value in quoted.items() if i in allow and value not in allow[i])
         if off:
             raise PolicyError(AttestationReason.PCR_NOT_ALLOWED, f"PCRs {off}")
     return findings
+
+
+def appraise_runtime(  # noqa: PLR0917 - the evidence's parts and the progress
+    ima_log: bytes,
+    offset: int,
+    policy: ClassPolicy,
+    quoted: Mapping[int, bytes],
+    reset_count: int,
+    progress: ImaProgress | None,
+) -> tuple[list[ImaFinding], ImaProgress | None]:
+    """The findings of the IMA entries from ``offset`` (replayed from ``progress`` or, at
+    offset 0, from reset) and the progress to remember if the verdict is affirming."""
+    if policy.ima is None:
+        return [], None
+    start = bytes(32)
+    if offset:
+        if progress is None or (progress.reset_count, progress.entries) != (reset_count, offset):
+            raise PolicyError(
+                AttestationReason.IMA_GAP, f"entries from {offset}, verified: {progress}"
+            )
+        start = progress.pcr
+    quoted_ima = quoted[IMA_PCR]
+    if not ima_log and start != quoted_ima:
+        raise PolicyError(AttestationReason.IMA_MISSING, "the policy appraises the IMA log")
+    entries = parse_ima(ima_log)
+    covered = replay_ima(entries, start, quoted_ima)
+    findings = appraise_ima(entries[:covered], policy.ima, quoted)
+    return findings, ImaProgress(reset_count, offset + covered, quoted_ima)
+
+
+def recorded_allowlist(ima_log: bytes, quoted: Mapping[int, bytes]) -> ImaPolicy | None:
+    """A reference device's IMA log (replayed from reset against its verified PCR 10) as an
+    allowlist, or None when it sent none or PCR 10 is not recorded."""
+    if not ima_log or IMA_PCR not in quoted:
+        return None
+    entries = parse_ima(ima_log)
+    covered = replay_ima(entries, bytes(32), quoted[IMA_PCR])
+    return allowlist_of(entries[:covered])
 
 
 def recorded_state(
@@ -67,4 +126,10 @@ def recorded_state(
     return reference_state(name, log, quoted)
 
 
-__all__ = ["appraise_evidence", "quote_policy", "recorded_state"]
+__all__ = [
+    "appraise_evidence",
+    "appraise_runtime",
+    "quote_policy",
+    "recorded_allowlist",
+    "recorded_state",
+]

@@ -10,6 +10,10 @@ log's events as a reference state (:mod:`.appraise`); the verifier then appraise
 device's log against the policy's states (docs/adr/0021). Several states may be allowed
 at once (old and new firmware during a rollout): :func:`merge_policies`.
 
+A policy recorded over PCR 10 from a reference device that sent its IMA log holds an IMA
+allowlist instead of a value for PCR 10 (:mod:`.ima`, docs/adr/0033): PCR 10 changes with
+every file measured, so the log is replayed against it and each entry appraised.
+
 A policy may also require posture items (seed 000's checklist, docs/adr/0026): a device
 whose posture report does not show one of them as ``pass`` gets the verdict the policy
 names for it (``posture_failure``: ``warning`` or ``contraindicated``).
@@ -22,6 +26,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from edgeward_attestation.appraise import MAX_REFERENCE_STATES, ReferenceState
+from edgeward_attestation.ima import IMA_PCR, ImaPolicy, merge_allowlists
 from edgeward_attestation.quote import PcrPolicy
 from edgeward_attestation.structures import ALG_SHA256
 from edgeward_shared.posture.report import ITEMS, ItemId
@@ -59,11 +64,15 @@ class ClassPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     reference_states: Annotated[
         list[ReferenceState], msgspec.Meta(max_length=MAX_REFERENCE_STATES)
     ] = msgspec.field(default_factory=list)
+    #: the files PCR 10's IMA log may show (None: PCR 10, if selected, is a value like others)
+    ima: ImaPolicy | None = None
     #: the posture items required, and the verdict when one is unmet (docs/adr/0026)
     posture: PostureRequirements = msgspec.field(default_factory=PostureRequirements)
 
     def __post_init__(self) -> None:
         self.to_pcr_policy()  # validates indices and coverage
+        if self.ima is not None and str(IMA_PCR) in self.allowlist:
+            raise ValueError(f"policy {self.policy_id}: PCR {IMA_PCR} is appraised by IMA")
         pcrs = set(self.selection)
         for state in self.reference_states:
             if any(event.pcr not in pcrs for event in state.events):
@@ -82,7 +91,9 @@ class ClassPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     @property
     def selection(self) -> list[int]:
-        return sorted(int(i) for i in self.allowlist)
+        """The PCRs a device quotes: those with values, and PCR 10 with an IMA allowlist."""
+        ima = [IMA_PCR] if self.ima is not None else []
+        return sorted([*(int(i) for i in self.allowlist), *ima])
 
 
 def policy_from_values(
@@ -91,15 +102,21 @@ def policy_from_values(
     pcrs: dict[int, bytes],
     reference: ReferenceState | None = None,
     posture: PostureRequirements | None = None,
+    *,
+    ima: ImaPolicy | None = None,
 ) -> ClassPolicy:
     """A policy allowing exactly the given PCR values (recorded from a reference device),
-    and its boot event log's events if it sent one, requiring ``posture``."""
-    allowlist = {str(i): [value.hex()] for i, value in sorted(pcrs.items())}
+    its boot event log's events if it sent one, requiring ``posture``; with ``ima`` (the
+    reference device's IMA log's files) PCR 10's value is not allowlisted."""
+    allowlist = {
+        str(i): [value.hex()] for i, value in sorted(pcrs.items()) if ima is None or i != IMA_PCR
+    }
     return ClassPolicy(
         policy_id=policy_id,
         device_class=device_class,
         allowlist=allowlist,
         reference_states=[reference] if reference else [],
+        ima=ima,
         posture=posture or PostureRequirements(),
     )
 
@@ -117,11 +134,15 @@ def merge_policies(new: ClassPolicy, keep: ClassPolicy) -> ClassPolicy:
     states += [s for s in keep.reference_states if s not in states]
     if len(states) > MAX_REFERENCE_STATES:
         raise ValueError(f"more than {MAX_REFERENCE_STATES} reference states: retire some")
+    ima = new.ima
+    if ima is not None and keep.ima is not None:
+        ima = merge_allowlists(ima, keep.ima)
     return ClassPolicy(
         policy_id=new.policy_id,
         device_class=new.device_class,
         allowlist=allowlist,
         reference_states=states,
+        ima=ima,
         posture=new.posture,
     )
 

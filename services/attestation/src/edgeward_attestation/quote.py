@@ -246,7 +246,7 @@ def _check_pcr_values(
     _, size = HASHES[selections[0].bank]
     indices = selections[0].indices
     values = [pcr_values.get(i, b"") for i in indices]
-    if len(pcr_values) != len(indices) or {*map(len, values)} - {size}:
+    if len(pcr_values) != len(indices) or any(len(value) != size for value in values):
         return MessageError(R.PCR_VALUES, f"values for {sorted(pcr_values)}, quoted {indices}")
     if not hmac.compare_digest(hashlib.sha256(b"".join(values)).digest(), quote.pcr_digest):
         return AuthenticityError(R.PCR_DIGEST, "PCR values do not hash to the quoted digest")

@@ -39,3 +39,9 @@ class AttestationReason:
     EVENTLOG_ALGORITHM: Final = "attestation.eventlog.algorithm"
     EVENTLOG_REPLAY: Final = "attestation.eventlog.replay_mismatch"
     EVENTLOG_EVENTS: Final = "attestation.eventlog.event_mismatch"
+    # the IMA runtime log sent with the quote, PCR 10 (ima.py; docs/adr/0033)
+    IMA_MISSING: Final = "attestation.ima.missing"
+    IMA_MALFORMED: Final = "attestation.ima.malformed"
+    IMA_REPLAY: Final = "attestation.ima.replay_mismatch"
+    IMA_GAP: Final = "attestation.ima.gap"
+    IMA_NOT_ALLOWED: Final = "attestation.ima.not_allowed"

@@ -28,8 +28,15 @@ from edgeward_attestation.enrollment import (
     check_enroll_request,
     ek_fingerprint,
 )
+from edgeward_attestation.ima import IMA_PCR
 from edgeward_attestation.keys import AttestationKey
-from edgeward_attestation.measured_boot import appraise_evidence, quote_policy, recorded_state
+from edgeward_attestation.measured_boot import (
+    appraise_evidence,
+    appraise_runtime,
+    quote_policy,
+    recorded_allowlist,
+    recorded_state,
+)
 from edgeward_attestation.policy import ClassPolicy, merge_policies, policy_from_values
 from edgeward_attestation.quote import Challenge, ClockState, PcrPolicy, verify_quote
 from edgeward_attestation.reasons import AttestationReason
@@ -48,11 +55,13 @@ from edgeward_shared.errors import AuthenticityError, EdgewardError, MessageErro
 from edgeward_shared.identity import ServiceName
 from edgeward_shared.logs import fields
 from edgeward_shared.messages.attest import (
+    MAX_EVENT_LOG_BYTES,
     AttestationChallenge,
     AttestationEvidence,
     AttestationFailed,
     AttestationRequest,
     AttestationResult,
+    ImaCursor,
 )
 from edgeward_shared.messages.base import Message
 from edgeward_shared.messages.enroll import (
@@ -300,13 +309,25 @@ class AttestationService:
         the PCRs of a policy it is recording values for, else of its class's policy."""
         device = await self._device_record(device_id)
         recording = await self.store.recording_for(device)
-        selection = recording.selection if recording else (await self._policy(device)).selection
+        cursor = None
+        if recording:
+            selection = recording.selection  # a reference device sends its whole IMA log
+        else:
+            policy = await self._policy(device)
+            selection = policy.selection
+            progress = await self.store.ima_progress(device_id, policy.policy_id)
+            if policy.ima is not None and progress is not None:
+                cursor = ImaCursor(reset_count=progress.reset_count, entries=progress.entries)
         nonce = secrets.token_bytes(32)
         mid = secrets.token_hex(16)
         expires = self.clock.now_ms() + self.settings.nonce_lifetime_ms
         await self.store.add_challenge(mid, device_id, nonce, expires)
         challenge = AttestationChallenge(
-            nonce=nonce, pcr_bank="sha256", pcr_selection=selection, expires_at_ms=expires
+            nonce=nonce,
+            pcr_bank="sha256",
+            pcr_selection=selection,
+            expires_at_ms=expires,
+            ima_cursor=cursor,
         )
         return Outgoing(device_topic(device_id, Direction.DOWN, Channel.ATTEST), challenge, mid=mid)
 
@@ -314,6 +335,8 @@ class AttestationService:
         self, opened: Opened[Any], device_id: str, evidence: AttestationEvidence
     ) -> Sequence[Outgoing]:
         device = await self._device_record(device_id)
+        if len(evidence.event_log) + len(evidence.ima_log) > MAX_EVENT_LOG_BYTES:
+            raise MessageError(AttestationReason.IMA_MALFORMED, "the two logs exceed the cap")
         used = await self.store.use_challenge(evidence.in_reply_to, device_id)
         if used is None:
             raise AuthenticityError(
@@ -342,13 +365,29 @@ class AttestationService:
                 posture_digest=digest,
             )
             findings = appraise_evidence(evidence.event_log, policy, verdict.facts.pcrs)
+            ima_findings, ima_progress = appraise_runtime(
+                evidence.ima_log,
+                evidence.ima_offset,
+                policy,
+                verdict.facts.pcrs,
+                verdict.facts.state.reset_count,
+                await self.store.ima_progress(device_id, policy.policy_id),
+            )
             report = decode_report(evidence.posture) if evidence.posture else None
         except EdgewardError as exc:
+            if exc.reason == AttestationReason.IMA_GAP:  # start over from the log's start
+                await self.store.set_ima_progress(device_id, None, None)
             return await self._contraindicated(opened, device_id, policy, exc.reason, now)
         posture = evidence.posture or None  # bound by the verified quote from here on
         if findings:
             lines = [finding.line() for finding in findings]
             reason = AttestationReason.EVENTLOG_EVENTS
+            return await self._contraindicated(
+                opened, device_id, policy, reason, now, lines, posture
+            )
+        if ima_findings:  # the progress stays where it was: the boot stays tainted
+            lines = [finding.line() for finding in ima_findings]
+            reason = AttestationReason.IMA_NOT_ALLOWED
             return await self._contraindicated(
                 opened, device_id, policy, reason, now, lines, posture
             )
@@ -358,6 +397,8 @@ class AttestationService:
             return await self._contraindicated(
                 opened, device_id, policy, PostureReason.UNMET, now, lines, posture
             )
+        if ima_progress is not None:  # a trusted verdict follows: remember what it covered
+            await self.store.set_ima_progress(device_id, policy.policy_id, ima_progress)
         appraisal = _Appraisal(session_key, verdict.facts.state, report, posture, tuple(unmet))
         return await self._attested(opened, device, policy, appraisal, now)
 
@@ -437,9 +478,16 @@ class AttestationService:
             now_ms=now,
             posture_digest=report_digest(evidence.posture) if evidence.posture else None,
         )
-        reference = recorded_state(recording.policy_id, evidence.event_log, supplied)
+        ima = recorded_allowlist(evidence.ima_log, supplied) if evidence.ima_offset == 0 else None
+        boot = {i: v for i, v in supplied.items() if ima is None or i != IMA_PCR}
+        reference = recorded_state(recording.policy_id, evidence.event_log, boot)
         policy = policy_from_values(
-            recording.policy_id, recording.device_class, supplied, reference, recording.posture
+            recording.policy_id,
+            recording.device_class,
+            supplied,
+            reference,
+            recording.posture,
+            ima=ima,
         )
         kept = await self.store.policy(recording.keep_from) if recording.keep_from else None
         if kept is not None and kept.policy is not None:  # a firmware rollout (ADR 0021)

@@ -17,6 +17,7 @@ from typing import Final
 
 import msgspec
 
+from edgeward_attestation.ima import ImaProgress
 from edgeward_attestation.policy import (
     ClassPolicy,
     PostureRequirements,
@@ -118,6 +119,16 @@ MIGRATIONS: Final = (
         (
             "ALTER TABLE att_devices ADD COLUMN posture BLOB",
             "ALTER TABLE att_policies ADD COLUMN posture TEXT",
+        ),
+    ),
+    Migration(
+        4,
+        "how much of a device's IMA log is verified, per boot and policy (docs/adr/0033)",
+        (
+            "ALTER TABLE att_devices ADD COLUMN ima_policy_id TEXT",
+            "ALTER TABLE att_devices ADD COLUMN ima_reset_count BIGINT",
+            "ALTER TABLE att_devices ADD COLUMN ima_entries BIGINT",
+            "ALTER TABLE att_devices ADD COLUMN ima_pcr TEXT",
         ),
     ),
 )
@@ -336,6 +347,41 @@ class AttestationStore:
             await tx.execute(sql + " WHERE device_id = :d", params)
             event = "attested" if trusted else "attestation.failed"
             await _audit(tx, device_id, event, reason, "svc.attestation", now_ms)
+
+    async def ima_progress(self, device_id: str, policy_id: str) -> ImaProgress | None:
+        """What the verifier verified of the device's IMA log under ``policy_id`` (another
+        policy's progress does not count: its allowlist may differ)."""
+        async with self.db.transaction() as tx:
+            row = await tx.fetch_one(
+                "SELECT ima_reset_count, ima_entries, ima_pcr FROM att_devices"
+                " WHERE device_id = :d AND ima_policy_id = :p",
+                {"d": device_id, "p": policy_id},
+            )
+        if row is None or row["ima_pcr"] is None:
+            return None
+        return ImaProgress(
+            int(str(row["ima_reset_count"])),
+            int(str(row["ima_entries"])),
+            bytes.fromhex(str(row["ima_pcr"])),
+        )
+
+    async def set_ima_progress(
+        self, device_id: str, policy_id: str | None, progress: ImaProgress | None
+    ) -> None:
+        """Remember (or forget, with None) the device's verified IMA progress."""
+        params: dict[str, object] = {
+            "d": device_id,
+            "p": policy_id if progress else None,
+            "rc": progress.reset_count if progress else None,
+            "n": progress.entries if progress else None,
+            "v": progress.pcr.hex() if progress else None,
+        }
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                "UPDATE att_devices SET ima_policy_id = :p, ima_reset_count = :rc,"
+                " ima_entries = :n, ima_pcr = :v WHERE device_id = :d",
+                params,
+            )
 
     async def renew_serial(
         self, device_id: str, previous: str, serial: str, *, now_ms: int, actor: str

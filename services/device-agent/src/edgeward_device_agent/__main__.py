@@ -29,6 +29,7 @@ from edgeward_device_agent.inference import InferencePolicy
 from edgeward_device_agent.model_manager import ModelPolicy
 from edgeward_device_agent.offline import OfflinePolicy
 from edgeward_device_agent.sandbox.supervisor import SandboxPolicy
+from edgeward_device_agent.tpm import TpmKeys
 from edgeward_shared.logs import fields
 from edgeward_shared.runtime.kit import Command, EnvOptions, NodeOptions, command, node_options
 from edgeward_shared.runtime.params import DIRECTORY, FILE, DurationParam
@@ -76,6 +77,13 @@ def _timing_options(function: Command) -> Command:
     help="The TPM: device:/dev/tpmrm0, or swtpm:host=127.0.0.1,port=N in development.",
 )
 @_option(
+    "--tpm-keys",
+    type=click.Choice([k.value for k in TpmKeys]),
+    default=TpmKeys.ECC.value,
+    help="The EK and AK kind: ecc (P-384 EK, P-256 ECDSA AK), rsa (RSA-2048 EK and AK,"
+    " RSASSA) or rsa-pss (RSA-2048 EK and AK, RSAPSS); docs/adr/0018.",
+)
+@_option(
     "--state-dir",
     type=DIRECTORY,
     required=True,
@@ -99,6 +107,14 @@ def _timing_options(function: Command) -> Command:
     default=None,
     help="The TCG boot event log sent with every quote (docs/adr/0021).  [default:"
     " $EDGEWARD_EVENT_LOG, else /sys/kernel/security/tpm0/binary_bios_measurements]",
+)
+@_option(
+    "--ima-log",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The IMA runtime measurement log (binary) sent with quotes, incrementally"
+    " (docs/adr/0033).  [default: $EDGEWARD_IMA_LOG, else"
+    " /sys/kernel/security/ima/binary_runtime_measurements]",
 )
 @_option(
     "--posture-root",
@@ -187,6 +203,7 @@ def agent_config(node: NodeOptions, **options: Any) -> AgentConfig:
         device_id=options["device_id"],
         device_class=options["device_class"],
         tcti=options["tcti"],
+        tpm_keys=TpmKeys(options["tpm_keys"]),
         state_dir=options["state_dir"],
         ca_bundle=node.ca_bundle,
         crl=node.crl,
@@ -195,6 +212,7 @@ def agent_config(node: NodeOptions, **options: Any) -> AgentConfig:
         policy=policy,
         seal=SealPolicy.parse(options["seal_pcrs"], options["seal_bank"]),
         event_log=options["event_log"],
+        ima_log=options["ima_log"],
         posture_root=None if options["no_posture"] else options["posture_root"],
         sandbox=None if options["no_sandbox"] else SandboxPolicy(),
         offline=OfflinePolicy(high_grace_s=options["high_grace_s"]),

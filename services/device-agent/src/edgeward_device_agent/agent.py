@@ -46,6 +46,7 @@ from edgeward_device_agent.boot_log import event_log_path, read_event_log
 from edgeward_device_agent.commands import CommandHandler
 from edgeward_device_agent.config import AgentConfig, retry_delays
 from edgeward_device_agent.enrollment import REPLY_TYPES, Enrollment
+from edgeward_device_agent.ima_log import ima_log_path, read_ima_log
 from edgeward_device_agent.inference import DeviceInference, standing_of
 from edgeward_device_agent.ledger import LEDGER_NAME, DeviceLedger
 from edgeward_device_agent.metrics import AgentMetrics
@@ -132,7 +133,7 @@ class DeviceAgent:
         config: AgentConfig,
         *,
         clock: Clock | None = None,
-        tpm_factory: TpmFactory = Tpm,
+        tpm_factory: TpmFactory | None = None,
         connector: Connector | None = None,
         rand: Callable[[], float] = random.random,
     ) -> None:
@@ -141,7 +142,7 @@ class DeviceAgent:
         self.metrics = RuntimeMetrics()
         self.agent_metrics = AgentMetrics(self.metrics.registry)
         self._clock = clock or SystemClock()
-        self._tpm_factory = tpm_factory
+        self._tpm_factory = tpm_factory or functools.partial(Tpm, keys=config.tpm_keys)
         self._connector = connector or self._mqtt_connect
         #: the fleet trust bundle (docs/adr/0017): adopted at once, kept in the state dir
         self.trust = TrustFollower(
@@ -456,6 +457,7 @@ class DeviceAgent:
             metrics=self.agent_metrics,
             on_adopted=self._adopted,
             event_log=functools.partial(read_event_log, event_log_path(self.config.event_log)),
+            ima_log=functools.partial(read_ima_log, ima_log_path(self.config.ima_log)),
             posture=None
             if self.config.posture_root is None
             else posture_reader(self.config.posture_root, self._clock),

@@ -42,6 +42,7 @@ from typing import Any, Final
 
 from edgeward_device_agent.config import AgentPolicy
 from edgeward_device_agent.core import ATTESTED, Adopt, Withdraw, decide_result
+from edgeward_device_agent.ima_log import IMA_PCR, entries_from
 from edgeward_device_agent.metrics import AgentMetrics
 from edgeward_device_agent.ports import AgentTpm
 from edgeward_device_agent.reasons import AgentReason
@@ -54,9 +55,11 @@ from edgeward_shared.envelope import Opened, new_mid
 from edgeward_shared.errors import EdgewardError, MessageError, PolicyError
 from edgeward_shared.logs import fields
 from edgeward_shared.messages.attest import (
+    MAX_EVENT_LOG_BYTES,
     AttestationChallenge,
     AttestationEvidence,
     AttestationResult,
+    ImaCursor,
     PcrValue,
 )
 from edgeward_shared.pki.certs import new_key
@@ -123,6 +126,29 @@ class _Pending:
     answer_by_ms: int
 
 
+def _reset_count(attest: bytes) -> int | None:
+    """TPMS_ATTEST's clockInfo.resetCount (Part 2, 10.12.12), None if it is too short."""
+    try:
+        pos = 6  # magic, type
+        for _ in range(2):  # qualifiedSigner, extraData (TPM2B)
+            pos += 2 + int.from_bytes(attest[pos : pos + 2], "big")
+        value = attest[pos + 8 : pos + 12]  # after clock (u64)
+    except IndexError:
+        return None
+    return int.from_bytes(value, "big") if len(value) == 4 else None
+
+
+def _ima_part(log: bytes, cursor: ImaCursor | None, attest: bytes, used: int) -> tuple[int, bytes]:
+    """The IMA entries to send (docs/adr/0033): after the verifier's cursor if this TPM was
+    not reset since, else from the start; within what the boot log leaves of the cap."""
+    if not log:
+        return 0, b""
+    first = 0
+    if cursor is not None and cursor.reset_count == _reset_count(attest):
+        first = cursor.entries
+    return entries_from(log, first, MAX_EVENT_LOG_BYTES - used)
+
+
 class Attester:
     """The handler of ``dev/<id>/down/attest`` and the keeper of the current attestation."""
 
@@ -137,12 +163,14 @@ class Attester:
         metrics: AgentMetrics,
         on_adopted: Callable[[CurrentAttestation], None] = lambda _current: None,
         event_log: Callable[[], bytes] = lambda: b"",
+        ima_log: Callable[[], bytes] = lambda: b"",
         posture: Callable[[], bytes] | None = None,
         session_keys: Callable[[], PrivateKey] = new_key,
         message_ids: Callable[[], str] = new_mid,
     ) -> None:
         self._device_id = device_id
         self._event_log = event_log
+        self._ima_log = ima_log
         self._posture = posture
         self._tpm = tpm
         self._trust = trust
@@ -204,6 +232,12 @@ class Attester:
                 _BANKS[challenge.pcr_bank],
             )
             boot_log = await asyncio.to_thread(self._event_log)
+            # read after the quote: the log then covers at least what PCR 10 holds
+            runtime_log = (
+                await asyncio.to_thread(self._ima_log)
+                if IMA_PCR in challenge.pcr_selection  # else no policy looks at it
+                else b""
+            )
         finally:
             self._quoting = False
         self._check_fresh(challenge)  # the verifier would refuse late evidence anyway
@@ -211,6 +245,9 @@ class Attester:
         answer_by = challenge.expires_at_ms + self._grace_ms
         self._remember(evidence_mid, _Pending(session_key, spki, answer_by))
         self._metrics.evidence.inc()
+        ima_offset, ima_chunk = _ima_part(
+            runtime_log, challenge.ima_cursor, quote.attest, len(boot_log) + len(posture)
+        )
         evidence = AttestationEvidence(
             in_reply_to=opened.mid,
             session_key=spki,
@@ -218,6 +255,8 @@ class Attester:
             signature=quote.signature,
             pcrs=[PcrValue(index=i, digest=d) for i, d in sorted(quote.pcrs.items())],
             event_log=boot_log,
+            ima_log=ima_chunk,
+            ima_offset=ima_offset,
             posture=posture,
         )
         return (Outgoing(answer_on, evidence, mid=evidence_mid),)

@@ -18,6 +18,7 @@ from edgeward_device_agent.inference import InferencePolicy
 from edgeward_device_agent.model_manager import ModelPolicy
 from edgeward_device_agent.offline import OfflinePolicy
 from edgeward_device_agent.sandbox.supervisor import SandboxPolicy
+from edgeward_device_agent.tpm import TpmKeys
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.identity import Identity
 
@@ -113,6 +114,12 @@ class AgentConfig:
     #: the TCG boot event log sent with each quote (docs/adr/0021); None: ``$EDGEWARD_EVENT_LOG``
     #: if set, else Linux's ``/sys/kernel/security/tpm0/binary_bios_measurements``
     event_log: Path | None = None
+    #: the IMA runtime log sent with each quote (docs/adr/0033); None: ``$EDGEWARD_IMA_LOG``
+    #: if set, else ``/sys/kernel/security/ima/binary_runtime_measurements``
+    ima_log: Path | None = None
+    #: the kind of EK and AK (docs/adr/0018): ECC by default, RSA-2048 for a TPM whose
+    #: manufacturer certified only an RSA EK
+    tpm_keys: TpmKeys = TpmKeys.ECC
     #: report the posture of the system below this root with each quote (docs/adr/0026):
     #: ``/`` on a device (``python -m edgeward_device_agent`` defaults to it); None: no
     #: report (simulated fleets: their host's posture is not theirs)

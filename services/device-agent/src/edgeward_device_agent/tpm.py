@@ -18,6 +18,12 @@ Keys (decided in docs/adr/0005-tpm-attestation-key.md):
   Profile, template H-3); its certificate is read from NV index ``0x01C00016``, where
   ``swtpm_setup --create-ek-cert`` and manufacturers put it. :meth:`Tpm.ek_certificate`
   checks that the certificate's key is the EK the TPM just created.
+* **RSA keys** (:class:`TpmKeys`, docs/adr/0018): for a TPM whose manufacturer certified
+  only an RSA EK, or a fleet that wants RSA AKs, ``TpmKeys.RSA`` / ``TpmKeys.RSA_PSS`` make
+  the EK from the TCG default RSA-2048 template (L-1: AES-128-CFB, its certificate at NV
+  ``0x01C00002``) and an RSA-2048 AK signing RSASSA-SHA256 or RSAPSS-SHA256, from the same
+  label. The L-1 EK has no ``userWithAuth``: using it in TPM2_ActivateCredential takes a
+  policy session satisfying its authPolicy, TPM2_PolicySecret(TPM_RH_ENDORSEMENT).
 
 * The **SRK** is a *primary* storage key of the OWNER hierarchy from the TCG's ECC NIST P-256
   SRK template (restricted decrypt, AES-128-CFB): also re-created, never persisted. It is the
@@ -51,7 +57,7 @@ from types import TracebackType
 from typing import Final, Self
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 # tpm2-pytss 3.0.0 has partial annotations and no py.typed: its objects are Any here, and
 # this module's own signatures carry the types (only bytes, ints and our dataclasses leave it).
@@ -65,7 +71,10 @@ from tpm2_pytss.constants import (  # type: ignore[import-untyped]
     TPMA_OBJECT,
     TPMA_SESSION,
 )
-from tpm2_pytss.internal.templates import ek_high_ecc384  # type: ignore[import-untyped]
+from tpm2_pytss.internal.templates import (  # type: ignore[import-untyped]
+    ek_high_ecc384,
+    ek_rsa2048,
+)
 from tpm2_pytss.types import (  # type: ignore[import-untyped]
     TPM2B_DIGEST,
     TPM2B_ECC_PARAMETER,
@@ -81,6 +90,7 @@ from tpm2_pytss.types import (  # type: ignore[import-untyped]
     TPMS_ECC_POINT,
     TPMS_KEYEDHASH_PARMS,
     TPMS_PCR_SELECTION,
+    TPMS_RSA_PARMS,
     TPMS_SCHEME_HASH,
     TPMS_SENSITIVE_CREATE,
     TPMT_ECC_SCHEME,
@@ -88,6 +98,7 @@ from tpm2_pytss.types import (  # type: ignore[import-untyped]
     TPMT_KDF_SCHEME,
     TPMT_KEYEDHASH_SCHEME,
     TPMT_PUBLIC,
+    TPMT_RSA_SCHEME,
     TPMT_SYM_DEF,
     TPMT_SYM_DEF_OBJECT,
     TPMU_ASYM_SCHEME,
@@ -104,6 +115,8 @@ from edgeward_shared.errors import EdgewardError
 AK_TEMPLATE_LABEL: Final = hashlib.sha256(b"edgeward attestation key v1").digest()
 #: NV index of the ECC NIST P-384 EK certificate (TCG EK Credential Profile, high range).
 EK_CERT_NV_INDEX: Final = 0x01C00016
+#: NV index of the RSA-2048 EK certificate (TCG EK Credential Profile, template L-1).
+RSA_EK_CERT_NV_INDEX: Final = 0x01C00002
 _NV_CHUNK: Final = 512  # below every TPM's TPM2_PT_NV_BUFFER_MAX
 _PCR_COUNT: Final = 24
 _MAX_PCRS_PER_READ: Final = 8  # TPML_DIGEST holds at most 8 digests
@@ -118,6 +131,22 @@ class TpmError(EdgewardError):
     """The TPM refused or failed a command (never a verdict about a peer)."""
 
     default_reason = "tpm.command_failed"
+
+
+class TpmKeys(Enum):
+    """Which kind of EK and AK the agent uses (docs/adr/0018); ECC is the default."""
+
+    ECC = "ecc"  # EK: ECC NIST P-384 (H-3); AK: P-256 ECDSA-SHA256
+    RSA = "rsa"  # EK: RSA-2048 (L-1); AK: RSA-2048 RSASSA-SHA256
+    RSA_PSS = "rsa-pss"  # EK: RSA-2048 (L-1); AK: RSA-2048 RSAPSS-SHA256
+
+    @property
+    def is_rsa(self) -> bool:
+        return self is not TpmKeys.ECC
+
+    @property
+    def ek_cert_index(self) -> int:
+        return RSA_EK_CERT_NV_INDEX if self.is_rsa else EK_CERT_NV_INDEX
 
 
 class PcrBank(Enum):
@@ -148,7 +177,49 @@ class Quote:
     pcrs: Mapping[int, bytes]
 
 
-def _ak_template() -> TPM2B_PUBLIC:
+_AK_ATTRIBUTES: Final = (
+    TPMA_OBJECT.FIXEDTPM
+    | TPMA_OBJECT.FIXEDPARENT
+    | TPMA_OBJECT.SENSITIVEDATAORIGIN
+    | TPMA_OBJECT.USERWITHAUTH
+    | TPMA_OBJECT.RESTRICTED
+    | TPMA_OBJECT.SIGN_ENCRYPT
+)
+
+
+def _ak_template(keys: TpmKeys = TpmKeys.ECC) -> TPM2B_PUBLIC:
+    """The AK's template for ``keys`` (ECC P-256 or RSA-2048)."""
+    return _rsa_ak_template(keys) if keys.is_rsa else _ecc_ak_template()
+
+
+def _rsa_ak_template(keys: TpmKeys) -> TPM2B_PUBLIC:
+    """A restricted RSA-2048 signing key, RSASSA or RSAPSS with SHA-256 (Part 2, 12.2.3.5):
+    exponent 0 (65537), symmetric NULL; the label seeds the key through ``unique``."""
+    algorithm = TPM2_ALG.RSAPSS if keys is TpmKeys.RSA_PSS else TPM2_ALG.RSASSA
+    details = TPMS_SCHEME_HASH(hashAlg=TPM2_ALG.SHA256)
+    scheme = TPMT_RSA_SCHEME(
+        scheme=algorithm,
+        details=TPMU_ASYM_SCHEME(rsapss=details)
+        if keys is TpmKeys.RSA_PSS
+        else TPMU_ASYM_SCHEME(rsassa=details),
+    )
+    parameters = TPMS_RSA_PARMS(
+        symmetric=TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL),
+        scheme=scheme,
+        keyBits=2048,
+        exponent=0,
+    )
+    public = TPMT_PUBLIC(
+        type=TPM2_ALG.RSA,
+        nameAlg=TPM2_ALG.SHA256,
+        objectAttributes=_AK_ATTRIBUTES,
+        parameters=TPMU_PUBLIC_PARMS(rsaDetail=parameters),
+        unique=TPMU_PUBLIC_ID(rsa=AK_TEMPLATE_LABEL),
+    )
+    return TPM2B_PUBLIC(publicArea=public)
+
+
+def _ecc_ak_template() -> TPM2B_PUBLIC:
     """TPMT_PUBLIC of the AK: restricted ECDSA-SHA256 P-256 signing key (Part 2, 12.2.3)."""
     attributes = (
         TPMA_OBJECT.FIXEDTPM
@@ -301,16 +372,31 @@ def _selected(selection: TPML_PCR_SELECTION) -> list[int]:
     return indices
 
 
-def _ec_point(public: TPM2B_PUBLIC) -> tuple[bytes, bytes]:
-    point = public.publicArea.unique.ecc
-    return bytes(point.x), bytes(point.y)
+def _ek_key(public: TPM2B_PUBLIC) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
+    """The EK's public key (P-384 for H-3, RSA for L-1) as a ``cryptography`` key."""
+    area = public.publicArea
+    if area.type == TPM2_ALG.RSA:
+        exponent = area.parameters.rsaDetail.exponent or 65537
+        modulus = int.from_bytes(bytes(area.unique.rsa), "big")
+        return rsa.RSAPublicNumbers(exponent, modulus).public_key()
+    point = area.unique.ecc
+    x, y = (int.from_bytes(bytes(c), "big") for c in (point.x, point.y))
+    return ec.EllipticCurvePublicNumbers(x, y, ec.SECP384R1()).public_key()
+
+
+def _der_prefix(raw: bytes) -> bytes:
+    """The DER SEQUENCE at the start of an NV index (some pad the certificate after it)."""
+    if len(raw) < 4 or raw[0] != 0x30 or raw[1] != 0x82:
+        return raw  # let the parser name the problem
+    return raw[: 4 + int.from_bytes(raw[2:4], "big")]
 
 
 class Tpm:
     """One TPM, through one ESAPI context; see the module docstring for keys and threads."""
 
-    def __init__(self, tcti: str) -> None:
+    def __init__(self, tcti: str, keys: TpmKeys = TpmKeys.ECC) -> None:
         self._lock = threading.Lock()
+        self.keys = keys
         try:
             self._esapi = ESAPI(tcti)
         except TSS2_Exception as exc:
@@ -358,7 +444,7 @@ class Tpm:
     # ------------------------------------------------------------------ keys
     def _create_ak(self) -> None:
         with self._lock:
-            handle, public = self._create_primary(_ak_template())
+            handle, public = self._create_primary(_ak_template(self.keys))
             self._ak_handle, self._ak_public = handle, public.marshal()
 
     def _create_primary(
@@ -397,27 +483,26 @@ class Tpm:
 
     def _ensure_ek(self) -> tuple[ESYS_TR, TPM2B_PUBLIC]:
         if self._ek_handle is None or self._ek_public is None:
-            self._ek_handle, self._ek_public = self._create_primary(ek_high_ecc384.template)
+            template = ek_rsa2048.template if self.keys.is_rsa else ek_high_ecc384.template
+            self._ek_handle, self._ek_public = self._create_primary(template)
         return self._ek_handle, self._ek_public
 
     def ek_public(self) -> bytes:
-        """The EK's TPM2B_PUBLIC, marshalled (ECC NIST P-384, nameAlg SHA-384, AES-256-CFB)."""
+        """The EK's TPM2B_PUBLIC, marshalled: ECC NIST P-384, nameAlg SHA-384, AES-256-CFB
+        (H-3), or with RSA keys RSA-2048, nameAlg SHA-256, AES-128-CFB (L-1)."""
         with self._lock:
             return bytes(self._ensure_ek()[1].marshal())
 
     def ek_certificate(self) -> x509.Certificate:
         """The EK certificate from NV, checked to certify the EK this TPM re-created."""
         with self._lock:
-            der = self._read_nv(EK_CERT_NV_INDEX)
+            der = self._read_nv(self.keys.ek_cert_index)
             _, public = self._ensure_ek()
-        certificate = x509.load_der_x509_certificate(der)
-        key = certificate.public_key()
-        x, y = _ec_point(public)
-        if not isinstance(key, ec.EllipticCurvePublicKey) or key.public_numbers() != (
-            ec.EllipticCurvePublicNumbers(
-                int.from_bytes(x, "big"), int.from_bytes(y, "big"), ec.SECP384R1()
-            )
-        ):
+        try:
+            certificate = x509.load_der_x509_certificate(_der_prefix(der))
+        except ValueError as exc:
+            raise TpmError("tpm.ek.certificate_invalid", f"EK certificate: {exc}") from exc
+        if certificate.public_key() != _ek_key(public):
             raise TpmError("tpm.ek.certificate_mismatch", "EK certificate is not for this EK")
         return certificate
 
@@ -523,11 +608,37 @@ class Tpm:
         with self._lock:
             ek_handle, _ = self._ensure_ek()
             assert self._ak_handle is not None  # noqa: S101 - set in __init__
+            session = self._ek_policy_session() if self.keys.is_rsa else ESYS_TR.PASSWORD
             try:
-                digest = self._esapi.activate_credential(self._ak_handle, ek_handle, blob, secret)
+                digest = self._esapi.activate_credential(
+                    self._ak_handle, ek_handle, blob, secret, session2=session
+                )
             except TSS2_Exception as exc:
                 raise TpmError("tpm.credential.activation_failed", str(exc)) from exc
+            finally:
+                if session != ESYS_TR.PASSWORD:
+                    self._flush(session)
         return bytes(digest)
+
+    def _ek_policy_session(self) -> ESYS_TR:
+        """A policy session satisfying the L-1 EK's authPolicy: PolicySecret(TPM_RH_ENDORSEMENT)
+        with the endorsement hierarchy's (empty) auth value (EK Credential Profile, 2.1.5)."""
+        try:
+            session = self._esapi.start_auth_session(
+                ESYS_TR.NONE,
+                ESYS_TR.NONE,
+                TPM2_SE.POLICY,
+                TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL),
+                TPM2_ALG.SHA256,
+            )
+        except TSS2_Exception as exc:
+            raise TpmError("tpm.session.failed", str(exc)) from exc
+        try:
+            self._esapi.policy_secret(ESYS_TR.ENDORSEMENT, session, b"", b"", b"", 0)
+        except TSS2_Exception as exc:
+            self._flush(session)
+            raise TpmError("tpm.credential.activation_failed", f"PolicySecret: {exc}") from exc
+        return session
 
     # ------------------------------------------------------------------ sealing
     def seal(
@@ -632,10 +743,12 @@ __all__ = [
     "AK_TEMPLATE_LABEL",
     "EK_CERT_NV_INDEX",
     "MAX_SEALED_BYTES",
+    "RSA_EK_CERT_NV_INDEX",
     "PcrBank",
     "Quote",
     "Tpm",
     "TpmError",
+    "TpmKeys",
     "pcr_policy_digest",
     "sealed_policy",
 ]

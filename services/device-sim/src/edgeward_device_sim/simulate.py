@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from edgeward_device_agent.tpm import TpmKeys
 from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN, SwtpmFleet, tampered_boot_chain
 from edgeward_shared.logs import configure_logging
 from edgeward_shared.runtime.kit import EnvOptions, command, log_level_option, refusals
@@ -44,8 +45,23 @@ option = EnvOptions("SWTPM")
     metavar="NAME",
     help="A device whose boot chain was tampered with (repeatable).",
 )
+@option(
+    "--tpm-keys",
+    type=click.Choice([k.value for k in TpmKeys]),
+    default=TpmKeys.ECC.value,
+    show_default=True,
+    help="The devices' kind of keys: with rsa or rsa-pss, new TPMs get only an RSA EK"
+    " certificate (give the agents the same --tpm-keys).",
+)
 @log_level_option()
-def main(*, root: Path, golden: tuple[str, ...], tampered: tuple[str, ...], log_level: str) -> None:
+def main(
+    *,
+    root: Path,
+    golden: tuple[str, ...],
+    tampered: tuple[str, ...],
+    tpm_keys: str,
+    log_level: str,
+) -> None:
     """Simulated TPMs for development and the demo (never for production).
 
     Starts one swtpm per named device, prints one line per device (`<name> <tcti>`) and a
@@ -59,7 +75,7 @@ def main(*, root: Path, golden: tuple[str, ...], tampered: tuple[str, ...], log_
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    with refusals("swtpm"), SwtpmFleet(root) as fleet:
+    with refusals("swtpm"), SwtpmFleet(root, keys=TpmKeys(tpm_keys)) as fleet:
         chains = [(n, GOLDEN_BOOT_CHAIN) for n in golden]
         chains += [(n, tampered_boot_chain(GOLDEN_BOOT_CHAIN)) for n in tampered]
         for name, chain in chains:

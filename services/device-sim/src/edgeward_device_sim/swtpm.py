@@ -8,14 +8,22 @@ two consecutive free loopback ports (server N, control N+1, as the ``swtpm:`` TC
 with ``--flags not-need-init,startup-clear``, measuring a named boot chain (TCG events:
 firmware, Secure Boot variables, separators, boot loader and kernel images in PCRs 0-7, the
 kernel command line in PCR 8) into every active bank while writing its TCG event log
-(:mod:`.tcg_log`, docs/adr/0021), and stopping each process by its PID.
+(:mod:`.tcg_log`, docs/adr/0021), then the files its kernel's IMA measures after boot into
+PCR 10 with their IMA log (:mod:`.ima_log`, docs/adr/0027), and stopping each process by
+its PID.
 
 Layout (every directory 0700, the CA key 0600)::
 
     <root>/ca/{cert.pem,key.pem,serial}     the manufacturer CA (swtpm_localca's statedir)
     <root>/swtpm_setup.conf, localca.*       swtpm_setup's configuration for this fleet
-    <root>/devices/<name>/                   one TPM's state (tpm2-00.permall), swtpm.log and
+    <root>/devices/<name>/                   one TPM's state (tpm2-00.permall), swtpm.log,
                                              binary_bios_measurements (its boot event log)
+                                             and binary_runtime_measurements (its IMA log)
+
+A fleet made with ``keys=TpmKeys.RSA`` (or ``RSA_PSS``) stands for TPMs whose manufacturer
+certified only an RSA EK, as many deployed TPMs and vTPMs do: at provisioning the ECC EK
+certificate is removed from NV (``tpm2_nvundefine`` with platform authorization, as a
+manufacturer could have left it out), and :meth:`SwtpmDevice.open` makes RSA keys.
 
 It leaves to others: anything a real device does after boot (AK, quotes: :mod:`.tpm`).
 Nothing here is used in production; a real device has a real TPM at ``/dev/tpmrm0``.
@@ -40,7 +48,8 @@ from typing import Final, Self
 
 from cryptography import x509
 
-from edgeward_device_agent.tpm import PcrBank, Tpm
+from edgeward_device_agent.ima_log import IMA_PCR, RuntimeFile, runtime_log, template_data
+from edgeward_device_agent.tpm import EK_CERT_NV_INDEX, PcrBank, Tpm, TpmKeys
 from edgeward_device_sim.tcg_log import (
     EFI_CERT_SHA256,
     EFI_CERT_X509,
@@ -64,6 +73,8 @@ _STOP_TIMEOUT_S: Final = 5.0
 _DEFAULT_WORKERS: Final = 16
 #: the file in a device's state directory holding its boot event log
 EVENT_LOG_NAME: Final = "binary_bios_measurements"
+#: the file holding its IMA runtime measurement log (docs/adr/0027)
+IMA_LOG_NAME: Final = "binary_runtime_measurements"
 
 
 # ---------------------------------------------------------------------- boot chains
@@ -199,6 +210,27 @@ def updated_firmware_chain(
     )
 
 
+#: What a reference device's kernel measures after boot (IMA, PCR 10), in order.
+GOLDEN_RUNTIME: Final[tuple[RuntimeFile, ...]] = (
+    RuntimeFile("/usr/lib/systemd/systemd", b"systemd 252"),
+    RuntimeFile("/usr/bin/python3.12", b"python 3.12.3"),
+    RuntimeFile("/usr/bin/edgeward-agent", b"edgeward agent 1.0"),
+    RuntimeFile("/usr/lib/x86_64-linux-gnu/libonnxruntime.so.1", b"onnxruntime 1.20"),
+    RuntimeFile("/etc/edgeward/agent.toml", b"[agent]\nclass = edge-gw\n"),
+)
+
+
+def tampered_runtime(files: tuple[RuntimeFile, ...] = GOLDEN_RUNTIME) -> tuple[RuntimeFile, ...]:
+    """``files`` with the agent binary replaced by a trojaned one, and a dropped binary run."""
+    swapped = tuple(
+        replace(f, contents=b"edgeward agent 1.0 (patched)")
+        if f.path == "/usr/bin/edgeward-agent"
+        else f
+        for f in files
+    )
+    return (*swapped, RuntimeFile("/tmp/.x/miner", b"xmrig"))  # noqa: S108 - its path, logged
+
+
 def expected_pcrs(chain: BootChain, bank: PcrBank = PcrBank.SHA256) -> dict[int, bytes]:
     """PCRs 0-7 after ``chain`` is extended from reset: the golden values for an allowlist."""
     values = dict.fromkeys(range(8), bytes(bank.digest_size))
@@ -264,6 +296,8 @@ class SwtpmDevice:
     state_dir: Path
     port: int
     process: subprocess.Popen[bytes] = field(repr=False)
+    #: the kind of EK and AK this device's agent uses (its fleet's)
+    keys: TpmKeys = TpmKeys.ECC
 
     @property
     def pid(self) -> int:
@@ -279,12 +313,17 @@ class SwtpmDevice:
         return self.state_dir / EVENT_LOG_NAME
 
     @property
+    def ima_log(self) -> Path:
+        """Where this device's IMA log is (its ``binary_runtime_measurements``)."""
+        return self.state_dir / IMA_LOG_NAME
+
+    @property
     def running(self) -> bool:
         return self.process.poll() is None
 
     def open(self) -> Tpm:
-        """A :class:`Tpm` on this device (the caller closes it)."""
-        return Tpm(self.tcti)
+        """A :class:`Tpm` on this device, with its kind of keys (the caller closes it)."""
+        return Tpm(self.tcti, self.keys)
 
     def stop(self) -> None:
         """SIGTERM this swtpm by PID, SIGKILL if it has not exited in time (idempotent)."""
@@ -302,6 +341,16 @@ def measure_boot(tpm: Tpm, chain: BootChain, banks: Sequence[PcrBank]) -> None:
     """Extend every measurement of ``chain`` into every bank in ``banks``."""
     for measurement in chain:
         tpm.extend_pcr(measurement.pcr, {bank: measurement.digest(bank) for bank in banks})
+
+
+def _remove_ecc_ek_certificate(device: SwtpmDevice) -> None:
+    """Leave only the RSA EK certified: undefine the ECC EK certificate's NV index (swtpm_setup
+    defined it with platform authorization, empty on a fresh swtpm)."""
+    subprocess.run(
+        ["tpm2_nvundefine", f"{EK_CERT_NV_INDEX:#010x}", "-C", "p"],
+        env={**os.environ, "TPM2TOOLS_TCTI": device.tcti},
+        check=True, stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
+    )  # fmt: skip
 
 
 def _free_port_pair() -> int:
@@ -348,9 +397,11 @@ class SwtpmFleet:
         root: Path,
         pcr_banks: Sequence[PcrBank] = (PcrBank.SHA256,),
         ca: ManufacturerCa | None = None,
+        keys: TpmKeys = TpmKeys.ECC,
     ) -> None:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.root = root
+        self.keys = keys
         self.banks = tuple(pcr_banks)
         self.ca = ca or ManufacturerCa.open_or_create(root / "ca")
         self.devices: dict[str, SwtpmDevice] = {}
@@ -409,25 +460,44 @@ class SwtpmFleet:
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
             if _wait_listening(process, port):
-                return SwtpmDevice(name, state, port, process)
+                return SwtpmDevice(name, state, port, process, self.keys)
             SwtpmDevice(name, state, port, process).stop()  # lost a port race: try others
         raise RuntimeError(f"swtpm for {name} did not start (see {state / 'swtpm.log'})")
 
-    def boot(self, device: SwtpmDevice, chain: BootChain = GOLDEN_BOOT_CHAIN) -> None:
-        """Measure ``chain`` into the running ``device`` (as its firmware would at boot)."""
+    def boot(
+        self,
+        device: SwtpmDevice,
+        chain: BootChain = GOLDEN_BOOT_CHAIN,
+        runtime: tuple[RuntimeFile, ...] = GOLDEN_RUNTIME,
+    ) -> None:
+        """Measure ``chain`` into the running ``device`` (as its firmware would at boot),
+        then ``runtime`` into PCR 10 (as its kernel's IMA would), writing both logs."""
+        entries = runtime_log(expected_pcrs(chain), runtime)
         with device.open() as tpm:
             measure_boot(tpm, chain, self.banks)
+            for entry in entries:
+                data = template_data(entry)
+                tpm.extend_pcr(IMA_PCR, {bank: bank.hash(data) for bank in self.banks})
         device.event_log.write_bytes(event_log(chain, self.banks))
+        device.ima_log.write_bytes(b"".join(entries))
 
-    def start(self, name: str, chain: BootChain = GOLDEN_BOOT_CHAIN) -> SwtpmDevice:
+    def start(
+        self,
+        name: str,
+        chain: BootChain = GOLDEN_BOOT_CHAIN,
+        runtime: tuple[RuntimeFile, ...] = GOLDEN_RUNTIME,
+    ) -> SwtpmDevice:
         """Provision (first time only), start and boot one device."""
         state = self.root / "devices" / name
-        if not (state / "tpm2-00.permall").exists():
+        fresh = not (state / "tpm2-00.permall").exists()
+        if fresh:
             self.provision(name)
         device = self._spawn(name, state)
         self.devices[name] = device
         try:
-            self.boot(device, chain)
+            if fresh and self.keys.is_rsa:
+                _remove_ecc_ek_certificate(device)
+            self.boot(device, chain, runtime)
         except Exception:
             device.stop()
             raise
@@ -443,10 +513,15 @@ class SwtpmFleet:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             return list(pool.map(lambda name: self.start(name, chain), names))
 
-    def reboot(self, device: SwtpmDevice, chain: BootChain = GOLDEN_BOOT_CHAIN) -> SwtpmDevice:
+    def reboot(
+        self,
+        device: SwtpmDevice,
+        chain: BootChain = GOLDEN_BOOT_CHAIN,
+        runtime: tuple[RuntimeFile, ...] = GOLDEN_RUNTIME,
+    ) -> SwtpmDevice:
         """Stop and restart ``device`` (a TPM reset: resetCount + 1), then boot ``chain``."""
         device.stop()
-        return self.start(device.name, chain)
+        return self.start(device.name, chain, runtime)
 
     def stop_all(self) -> None:
         for device in self.devices.values():
@@ -465,6 +540,8 @@ class SwtpmFleet:
 __all__ = [
     "EVENT_LOG_NAME",
     "GOLDEN_BOOT_CHAIN",
+    "GOLDEN_RUNTIME",
+    "IMA_LOG_NAME",
     "BootChain",
     "ManufacturerCa",
     "Measurement",
@@ -474,5 +551,6 @@ __all__ = [
     "expected_pcrs",
     "measure_boot",
     "tampered_boot_chain",
+    "tampered_runtime",
     "updated_firmware_chain",
 ]

@@ -42,6 +42,9 @@ AUTO_REVOKE_REASONS: Final = frozenset(
         # boot events off every reference state (docs/adr/0021); a log that merely fails
         # to parse or replay, or is missing, is not taken as tampering by itself
         "attestation.eventlog.event_mismatch",
+        # a file off the IMA allowlist ran (docs/adr/0033); gaps, missing or malformed IMA
+        # logs are not taken as tampering by themselves
+        "attestation.ima.not_allowed",
         "attestation.quote.signature",
         "attestation.quote.magic",
         "attestation.quote.type",

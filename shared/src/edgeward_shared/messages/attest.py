@@ -30,14 +30,27 @@ class AttestationRequest(Message, frozen=True, tag="edgeward.attest.request.v1")
     reason: Literal["boot", "reconnect", "renew"]
 
 
-class AttestationChallenge(Message, frozen=True, tag="edgeward.attest.challenge.v1"):
+class ImaCursor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How much of a boot's IMA log the verifier has verified: ``entries`` entries, while
+    the TPM's resetCount was ``reset_count`` (docs/adr/0026)."""
+
+    reset_count: Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF)]
+    entries: Annotated[int, msgspec.Meta(ge=0, le=1 << 24)]
+
+
+class AttestationChallenge(
+    Message, frozen=True, omit_defaults=True, tag="edgeward.attest.challenge.v1"
+):
     """Quote these PCRs of this bank over ``qualifyingData = H(nonce ‖ session key)``
-    (docs/adr/0006) before ``expires_at_ms``. The nonce is single use."""
+    (docs/adr/0006) before ``expires_at_ms``. The nonce is single use. ``ima_cursor``: send
+    the IMA log's entries after it if the TPM was not reset since, else all of them
+    (docs/adr/0033; left out of the encoding when null)."""
 
     nonce: Annotated[bytes, msgspec.Meta(min_length=16, max_length=64)]
     pcr_bank: Literal["sha256"]
     pcr_selection: Annotated[list[PcrIndex], msgspec.Meta(min_length=1, max_length=24)]
     expires_at_ms: Annotated[int, msgspec.Meta(ge=0)]
+    ima_cursor: ImaCursor | None = None
 
 
 class PcrValue(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -53,11 +66,14 @@ class AttestationEvidence(
     the device keeps the session private key in memory only. ``event_log`` is the TCG PC
     Client boot event log (crypto-agile, as Linux's ``binary_bios_measurements``), empty
     when the device has none; the verifier replays it against the quoted PCRs.
+    ``ima_log`` is a run of whole entries of the binary IMA log (Linux's
+    ``binary_runtime_measurements``), from entry number ``ima_offset``; with
+    ``event_log`` at most ``MAX_EVENT_LOG_BYTES`` together (docs/adr/0033).
     ``posture`` is the device's posture report (:mod:`edgeward_shared.posture.report`, its
     exact bytes); when present the quote binds its digest (binding version 2,
-    :func:`edgeward_shared.bindings.qualifying_data_v2`), else version 1 applies. Both are
-    left out of the encoding when empty (a verifier from before posture reports accepts a
-    device that sends none)."""
+    :func:`edgeward_shared.bindings.qualifying_data_v2`), else version 1 applies. Members at
+    their defaults are left out of the encoding (a verifier from before posture reports or
+    IMA logs accepts a device that sends none)."""
 
     in_reply_to: MessageId
     session_key: Annotated[bytes, msgspec.Meta(min_length=1, max_length=512)]
@@ -65,6 +81,8 @@ class AttestationEvidence(
     signature: Annotated[bytes, msgspec.Meta(min_length=1, max_length=512)]
     pcrs: Annotated[list[PcrValue], msgspec.Meta(max_length=24)]
     event_log: Annotated[bytes, msgspec.Meta(max_length=MAX_EVENT_LOG_BYTES)] = b""
+    ima_log: Annotated[bytes, msgspec.Meta(max_length=MAX_EVENT_LOG_BYTES)] = b""
+    ima_offset: Annotated[int, msgspec.Meta(ge=0, le=1 << 24)] = 0
     posture: Annotated[bytes, msgspec.Meta(max_length=MAX_POSTURE_BYTES)] = b""
 
 

@@ -1,15 +1,19 @@
 """Extract the peer quote vectors in this directory from other projects' checkouts (README.md).
 
-Usage (from the repository root, with git checkouts of the two projects at the commits the
+Usage (from the repository root, with git checkouts of the projects at the commits the
 README names)::
 
     uv run python tests/vectors/tpm/peer/extract.py \\
         --keylime ../keylime --keylime-commit <sha> \\
-        --go-tpm-tools ../go-tpm-tools --go-tpm-tools-commit <sha>
+        --go-tpm-tools ../go-tpm-tools --go-tpm-tools-commit <sha> \\
+        --vaportpm ../vaportpm --vaportpm-commit <sha> \\
+        --cmc ../cmc --cmc-commit <sha>
 
-Only data is taken: the keylime unit test's base64 literals (read with ``ast``, not run) and
+Only data is taken: the keylime unit test's base64 literals (read with ``ast``, not run),
 go-tpm-tools' recorded ``Attestation`` protobuf (decoded here by its wire format, so no
-protobuf dependency). The output is deterministic: re-running writes the same bytes.
+protobuf dependency), vaportpm's JSON fixtures, and the hex and PEM literals of cmc's Go
+test (read with regular expressions, not compiled). The output is deterministic:
+re-running writes the same bytes.
 """
 
 from __future__ import annotations
@@ -18,10 +22,14 @@ import argparse
 import ast
 import base64
 import json
+import re
 import struct
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 HERE = Path(__file__).parent
 KEYLIME_TEST = "keylime/tpm/tpm_util_test.py"
@@ -235,15 +243,115 @@ def go_tpm_tools(checkout: Path, commit: str) -> None:
         _write(f"go-tpm-tools-gce-{HASH_NAMES[bank]}", meta, ak, attest, signature)
 
 
+# ---------------------------------------------------------------------- vaportpm
+VAPORTPM_FIXTURES = {
+    "vaportpm-gcp-tdx-ecc": "crates/vaportpm-verify/test-gcp-tdx-fixture.json",
+    "vaportpm-gcp-amd-ecc": "crates/vaportpm-verify/test-gcp-amd-fixture.json",
+    "vaportpm-nitro-ecc": "crates/vaportpm-verify/test-nitro-fixture.json",
+}
+
+
+def _tpmt_ecdsa(der: bytes) -> bytes:
+    """A DER ECDSA signature as the TPMT_SIGNATURE a TPM returned (ECDSA, SHA-256, r, s as
+    32-byte TPM2B_ECC_PARAMETERs): vaportpm keeps the signature DER-encoded."""
+    r, s = decode_dss_signature(der)
+    param = b"\x00\x20"
+    return b"\x00\x18\x00\x0b" + param + r.to_bytes(32, "big") + param + s.to_bytes(32, "big")
+
+
+def vaportpm(checkout: Path, commit: str) -> None:
+    for name, path in VAPORTPM_FIXTURES.items():
+        fixture = json.loads((checkout / path).read_text())
+        point = fixture["ak_pubkeys"]["ecc_p256"]
+        key = ec.EllipticCurvePublicNumbers(
+            int(point["x"], 16), int(point["y"], 16), ec.SECP256R1()
+        ).public_key()
+        spki = key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        ((bank, values),) = fixture["pcrs"].items()
+        quote = fixture["attestation"]["tpm"]["ecc_p256"]
+        where = "AWS EC2 Nitro TPM" if "nitro" in name else "Google Cloud vTPM"
+        meta = {
+            "source": "vaportpm (https://github.com/lockboot/vaportpm), MIT OR Apache-2.0",
+            "commit": commit,
+            "path": f"{path}: attestation.tpm.ecc_p256, ak_pubkeys.ecc_p256, pcrs, nonce",
+            "what": f"a {where} ({name.split('-')[-2]}): an ECC P-256 AK (x, y; here DER "
+            "SPKI), an ECDSA-SHA256 quote over all 24 PCRs of one bank (the signature kept "
+            "DER-encoded by vaportpm; here as the TPMT_SIGNATURE, same r and s), the PCR "
+            "values, the nonce as extraData",
+            "ak_format": "spki",
+            "extra_data": fixture["nonce"],
+            "bank": bank,
+            "pcrs": {str(i): v for i, v in sorted(values.items(), key=lambda kv: int(kv[0]))},
+        }
+        attest = bytes.fromhex(quote["attest_data"])
+        _write(name, meta, spki, attest, _tpmt_ecdsa(bytes.fromhex(quote["signature"])))
+
+
+# ---------------------------------------------------------------------- cmc
+CMC_TEST = "verifier/tpm_test.go"
+
+
+def _go_hex(source: str, name: str) -> bytes:
+    found = re.search(rf"\b{name}, _ = hex\.DecodeString\(\"([0-9a-f]+)\"\)", source)
+    if found is None:
+        raise ValueError(f"no {name} in {CMC_TEST}")
+    return bytes.fromhex(found.group(1))
+
+
+def cmc(checkout: Path, commit: str) -> None:
+    """Fraunhofer AISEC's cmc: an RSA AK in a certificate, a quote over PCRs 1 and 4."""
+    source = (checkout / CMC_TEST).read_text()
+    pem = re.search(
+        r"validAk = conv\(\[\]byte\(\"(-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----)",
+        source,
+    )
+    if pem is None:
+        raise ValueError(f"no validAk in {CMC_TEST}")
+    certificate = x509.load_pem_x509_certificate(pem.group(1).replace("\\n", "\n").encode())
+    spki = certificate.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    nonce = re.search(r"validTpmNonce = \[\]byte\{([^}]*)\}", source)
+    if nonce is None:
+        raise ValueError(f"no validTpmNonce in {CMC_TEST}")
+    extra = bytes(int(b, 16) for b in nonce.group(1).replace(" ", "").split(","))
+    # validArtifactsSummary: the PCR values (TYPE_PCR_SUMMARY) of PCRs 1 and 4
+    summary = source[source.index("validArtifactsSummary = ") :]
+    summary = summary[: summary.index("\n\t}\n")]
+    values = re.findall(r'Index: (\d+),.*?Content: dec\("([0-9a-f]{64})"\)', summary, re.DOTALL)
+    pcrs = dict(values)
+    meta = {
+        "source": "cmc (https://github.com/Fraunhofer-AISEC/cmc), Apache-2.0",
+        "commit": commit,
+        "path": f"{CMC_TEST}: validQuote, validSignature, validAk, validTpmNonce, PCRs 1 and 4",
+        "what": "an RSA-2048 AK (in its certificate validAk; here DER SPKI), an RSASSA-SHA256 "
+        "quote over SHA-256 PCRs 1 and 4, the nonce as extraData, the PCR values",
+        "ak_format": "spki",
+        "extra_data": extra.hex(),
+        "bank": "sha256",
+        "pcrs": {i: pcrs[i] for i in sorted(pcrs, key=int)},
+    }
+    attest, signature = _go_hex(source, "validQuote"), _go_hex(source, "validSignature")
+    _write("cmc-rsa", meta, spki, attest, signature)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--keylime", type=Path, required=True)
     parser.add_argument("--keylime-commit", required=True)
     parser.add_argument("--go-tpm-tools", type=Path, required=True)
     parser.add_argument("--go-tpm-tools-commit", required=True)
+    parser.add_argument("--vaportpm", type=Path, required=True)
+    parser.add_argument("--vaportpm-commit", required=True)
+    parser.add_argument("--cmc", type=Path, required=True)
+    parser.add_argument("--cmc-commit", required=True)
     args = parser.parse_args()
     keylime(args.keylime, args.keylime_commit)
     go_tpm_tools(args.go_tpm_tools, args.go_tpm_tools_commit)
+    vaportpm(args.vaportpm, args.vaportpm_commit)
+    cmc(args.cmc, args.cmc_commit)
 
 
 if __name__ == "__main__":
