@@ -9,7 +9,9 @@ APT_PACKAGES=(mosquitto mosquitto-clients openssl ca-certificates python3 python
     # the broker's guard plugin (mosquitto/plugin/edgeward_guard.c) is built against these
     mosquitto-dev libmosquitto-dev
     # the flood test loads deploy/nftables/edgeward-broker.nft in a namespace of its own
-    nftables iproute2 util-linux)
+    nftables iproute2 util-linux
+    # PostgreSQL: the fleet backend; the store suites start a server of their own (initdb)
+    postgresql)
 UV_VENV="${EDGEWARD_UV_VENV:-$HOME/.cache/edgeward/uv}"
 
 say() { printf '[bootstrap] %s\n' "$*" >&2; }

@@ -110,6 +110,8 @@ from edgeward_shared.storage.migrations import (
     migrate,
     schema_version,
 )
+from edgeward_shared.storage.opening import open_database
+from edgeward_shared.storage.postgres import PostgresDatabase, is_url
 from edgeward_shared.storage.sqlite import SqliteDatabase
 
 __all__ = [
@@ -119,12 +121,15 @@ __all__ = [
     "Migration",
     "MigrationResult",
     "Params",
+    "PostgresDatabase",
     "Row",
     "SqliteDatabase",
     "StatementError",
     "StorageReason",
     "Transaction",
     "Value",
+    "is_url",
     "migrate",
+    "open_database",
     "schema_version",
 ]
