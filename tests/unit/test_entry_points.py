@@ -34,6 +34,7 @@ NODE_ORDER = (
     "--crl",
     "--identity-dir",
     "--database",
+    "--local-dir",
     "--broker",
     "--metrics-port",
     "--log-level",

@@ -20,7 +20,6 @@ from edgeward_shared.runtime.audit import enable_audit
 from edgeward_shared.runtime.kit import EnvOptions, NodeOptions, command, node_options
 from edgeward_shared.runtime.node import build_node, run_until_signalled
 from edgeward_shared.runtime.params import DurationParam, milliseconds
-from edgeward_shared.storage.sqlite import SqliteDatabase
 
 SERVICE = Identity.service(ServiceName.ATTESTATION)
 option = EnvOptions("ATTESTATION")
@@ -112,11 +111,11 @@ async def _serve(
 ) -> None:
     runtime, connect = build_node(node.node_config(), SERVICE)
     manufacturers = [cert for path in manufacturer_cas for cert in read_certificates(path)]
-    database = await SqliteDatabase.open(node.database_path)
+    database = await node.open_database()
     try:
         store = AttestationStore(database)
         await store.migrate()
-        await enable_audit(runtime, database, node.database_path.parent)  # docs/adr/0023
+        await enable_audit(runtime, database, node.local_dir)  # docs/adr/0023
         service = wire(runtime, store, manufacturers, settings)
         stop = asyncio.Event()
         tasks = []

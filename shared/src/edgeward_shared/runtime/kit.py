@@ -38,7 +38,8 @@ from edgeward_shared.identity import Identity
 from edgeward_shared.logs import configure_logging
 from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.runtime.node import NodeConfig
-from edgeward_shared.runtime.params import BrokerParam
+from edgeward_shared.runtime.params import BrokerParam, DatabaseParam
+from edgeward_shared.storage import Database, open_database
 
 #: Exit status of a refusal to start that no retry fixes (click's usage errors share it).
 EXIT_CONFIG: Final = 2
@@ -94,7 +95,8 @@ class NodeOptions:
     crl: Path
     pki_dir: Path | None = None  # None on a device, which holds no PKI directory
     identity_dir: Path | None = None  # None where the command manages its own identities
-    database: Path | None = None
+    database: Path | str | None = None  # a SQLite file, or a postgresql:// URL
+    state_dir: Path | None = None  # --local-dir: this host's files beside the database
 
     @property
     def pki(self) -> PkiStore:
@@ -105,10 +107,32 @@ class NodeOptions:
 
     @property
     def database_path(self) -> Path:
-        """``--database`` (``ConfigError`` if the command has none)."""
+        """``--database`` as a SQLite file (``ConfigError`` if it is a URL, or missing)."""
+        if not isinstance(self.database, Path):
+            raise ConfigError(
+                "config.database.missing", f"{self.component}: --database is not a SQLite file"
+            )
+        return self.database
+
+    @property
+    def local_dir(self) -> Path:
+        """This host's private files (the audit key, the revocation floor): ``--local-dir``,
+        else the SQLite file's directory, else ``state`` (``ConfigError`` without
+        ``--database``)."""
+        if self.state_dir is not None:
+            return self.state_dir
+        if isinstance(self.database, Path):
+            return self.database.parent
         if self.database is None:
             raise ConfigError("config.database.missing", f"{self.component} takes no --database")
-        return self.database
+        return Path("state")
+
+    async def open_database(self) -> Database:
+        """Open ``--database``: the SQLite file, or the PostgreSQL database of the URL, whose
+        transactions are serialized across this component's instances (docs/adr/0026)."""
+        if self.database is None:
+            raise ConfigError("config.database.missing", f"{self.component} takes no --database")
+        return await open_database(self.database, scope=self.component)
 
     def node_config(self) -> NodeConfig:
         """The runtime's configuration: this instance's identity, the trust anchors, the CRL."""
@@ -132,8 +156,10 @@ def node_options(
     principal: Identity | None = None,
     trust: Trust = "pki",
     database: Path | None = None,
+    database_url_only: bool = False,
     pki_help: str | None = None,
     database_help: str = "SQLite database (created 0600).",
+    database_url_help: str = " Or a postgresql:// URL: instances on many hosts share it.",
 ) -> Callable[[Command], Command]:
     """The node's options, before the command's own; the command gets ``node=NodeOptions``.
 
@@ -141,7 +167,9 @@ def node_options(
     directory in the PKI (omit for a command with no identity of its own). ``trust``:
     ``"pki"`` reads the CA bundle and CRL from ``--pki-dir``; ``"files"`` (a device, which
     has no PKI directory) takes ``--ca-bundle`` and ``--crl``. ``database``: the default
-    path of ``--database`` (omit for a command without one).
+    path of ``--database`` (omit for a command without one); ``database_url_only``: a
+    ``--database`` that is off by default and takes only a ``postgresql://`` URL (for a
+    service keeping its SQLite file in a state directory of its own).
     """
     own = EnvOptions(env)
     options: list[Callable[[Command], Command]] = []
@@ -184,16 +212,36 @@ def node_options(
                 f"  [default: PKI_DIR/identities/{name}]",
             )
         )
-    if database is not None:
+    if database_url_only:
+        options.append(
+            own(
+                "--database",
+                "database",
+                type=DatabaseParam(url_only=True),
+                default=None,
+                help="A postgresql:// URL: keep the state every instance shares there instead"
+                " of in the state directory's SQLite file, so instances may run on many hosts.",
+            )
+        )
+    elif database is not None:
         options.append(
             own(
                 "--database",
                 "--db",
                 "database",
-                type=click.Path(dir_okay=False, path_type=Path),
+                type=DatabaseParam(),
                 default=database,
                 envvar=f"{own.prefix}_DB",
-                help=database_help,
+                help=database_help + database_url_help,
+            )
+        )
+        options.append(
+            own(
+                "--local-dir",
+                "local_dir",
+                type=click.Path(file_okay=False, path_type=Path),
+                help="This host's private files (the audit log's key, the revocation floor)."
+                "  [default: the SQLite file's directory, or ./state with a URL]",
             )
         )
     options += [
@@ -235,6 +283,7 @@ def node_options(
                 pki_dir=pki_dir,
                 identity_dir=identity_dir,
                 database=kwargs.pop("database", None),
+                state_dir=kwargs.pop("local_dir", None),
             )
             function(node=node, **kwargs)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
+from pathlib import Path
 from typing import Final
 
 import click
@@ -176,3 +177,26 @@ class RateLimitParam(click.ParamType[Limit]):
                 ctx,
             )
         return Limit(rate_per_s=rate, burst=burst)
+
+
+class DatabaseParam(click.ParamType[Path | str]):
+    """``--database``: a ``postgresql://`` URL (kept as text) or a SQLite file path."""
+
+    name = "path|url"
+
+    def __init__(self, *, url_only: bool = False) -> None:
+        self.url_only = url_only
+        if url_only:
+            self.name = "url"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> Path | str:
+        if isinstance(value, Path):
+            return value
+        text = str(value)
+        if text.startswith(("postgresql://", "postgres://")):
+            return text
+        if "://" in text or self.url_only:
+            self.fail(f"{text!r}: only postgresql:// URLs or file paths are databases", param, ctx)
+        return Path(text)
