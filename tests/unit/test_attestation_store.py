@@ -1,27 +1,26 @@
-"""The attestation service's state: single use of challenges and enrollments, policy life."""
+"""The attestation service's state: single use of challenges and enrollments, policy life
+(on both engines)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import pytest
 import pytest_asyncio
+from tests.conftest import OpenDatabase
 
 from edgeward_attestation.ops import trust_of
 from edgeward_attestation.policy import ClassPolicy, policy_from_values
 from edgeward_attestation.quote import ClockState
 from edgeward_attestation.store import AttestationStore, PendingEnrollment
-from edgeward_shared.storage.sqlite import SqliteDatabase
 
 
 @pytest_asyncio.fixture
-async def store() -> AsyncIterator[AttestationStore]:
-    db = await SqliteDatabase.open(":memory:")
-    store = AttestationStore(db)
+async def store(open_db: OpenDatabase) -> AttestationStore:
+    """On SQLite and on a real PostgreSQL (tests/conftest.py)."""
+    store = AttestationStore(await open_db())
     await store.migrate()
-    yield store
-    await db.close()
+    return store
 
 
 def _pending(

@@ -559,7 +559,7 @@ class AttestationStore:
     async def policies(self, device_class: str | None) -> list[PolicyRow]:
         async with self.db.transaction() as tx:
             rows = await tx.fetch_all(
-                "SELECT * FROM att_policies WHERE (:c IS NULL OR device_class = :c)"
+                "SELECT * FROM att_policies WHERE (CAST(:c AS TEXT) IS NULL OR device_class = :c)"
                 " ORDER BY device_class, recorded_at, policy_id",
                 {"c": device_class},
             )

@@ -45,6 +45,8 @@ Service SQL must run unchanged on SQLite (3.35+) and PostgreSQL (12+):
   (case rules differ beyond ASCII), no ``datetime()``, ``strftime()``, ``now()``,
   ``CURRENT_TIMESTAMP``, ``random()``, ``INSERT OR REPLACE``, ``rowid``, ``PRAGMA``,
   ``STRICT`` tables. ``OFFSET`` only after ``LIMIT``.
+- A parameter whose type only its value tells (``:n IS NULL``, ``SELECT :x``) is cast:
+  ``CAST(:n AS TEXT) IS NULL``; PostgreSQL cannot type a bare NULL parameter.
 - Alias every expression and any column name a join repeats (``SELECT count(*) AS n``):
   rows are keyed by column name, and a repeated name is refused.
 - A statement that raises spoils its transaction (PostgreSQL aborts it; SQLite is made to
