@@ -90,6 +90,8 @@ class ServiceReason:
     DEVICE_UNKNOWN: Final = "attestation.device.unknown"
     POLICY_MISSING: Final = "attestation.policy.missing"
     NONCE_UNKNOWN: Final = "attestation.nonce.unknown"
+    #: another instance recorded a verdict for the device while this one verified its quote
+    VERDICT_SUPERSEDED: Final = "attestation.verdict.superseded"
     SESSION_KEY: Final = "attestation.session_key.invalid"
     RATE_LIMITED: Final = "attestation.request.rate_limited"
     CERTIFICATE_SUPERSEDED: Final = "attestation.certificate.superseded"
@@ -329,7 +331,7 @@ class AttestationService:
             expires_at=now // 1000 + self.settings.ear_lifetime_s,
             device_class=device.device_class,
         )
-        await self.store.record_verdict(
+        if not await self.store.record_verdict(
             device_id,
             trusted=True,
             reason=ServiceReason.AFFIRMING,
@@ -337,7 +339,12 @@ class AttestationService:
             now_ms=now,
             ear_expires_at=claims.expires_at * 1000,
             clock_state=verdict.facts.state,
-        )
+            read_version=device.verdict_version,
+        ):
+            # fail closed: no EAR on counters another instance has moved since they were read
+            raise AuthenticityError(
+                ServiceReason.VERDICT_SUPERSEDED, "a newer verdict landed during verification"
+            )
         result = AttestationResult(
             in_reply_to=opened.mid,
             status="affirming",

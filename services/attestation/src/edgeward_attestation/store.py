@@ -107,6 +107,11 @@ MIGRATIONS: Final = (
             "ALTER TABLE att_policies ADD COLUMN keep_from TEXT",
         ),
     ),
+    Migration(
+        3,
+        "a version per device verdict: instances compare and set (docs/adr/0026)",
+        ("ALTER TABLE att_devices ADD COLUMN verdict_version BIGINT NOT NULL DEFAULT 0",),
+    ),
 )
 
 
@@ -126,6 +131,8 @@ class DeviceRecord:
     certificate_serial: str | None
     #: why the last verdict was what it was, event by event (empty unless it was refused)
     findings: tuple[str, ...] = ()
+    #: bumped by every verdict: an affirming one is written only over the version it read
+    verdict_version: int = 0
 
     @classmethod
     def from_row(cls, row: Row) -> DeviceRecord:
@@ -145,6 +152,7 @@ class DeviceRecord:
             clock_state=state,
             certificate_serial=_opt_str(row["certificate_serial"]),
             findings=_findings(row["findings"]),
+            verdict_version=int(str(row["verdict_version"])),
         )
 
 
@@ -282,9 +290,16 @@ class AttestationStore:
         ear_expires_at: int | None = None,
         clock_state: ClockState | None = None,
         findings: Sequence[str] = (),
-    ) -> None:
+        read_version: int | None = None,
+    ) -> bool:
         """The outcome of one attestation (counters only move on an accepted quote) and
-        its findings (the events that differ; replaced by every verdict)."""
+        its findings (the events that differ; replaced by every verdict).
+
+        ``read_version``: the device's ``verdict_version`` when its counters were read for
+        this verdict. The verdict is then written only if no other verdict landed since
+        (compare and set: another instance may have judged a newer quote meanwhile, and
+        counters must never move back); False if it did not. A refusal passes ``None``:
+        it always lands, because a failed attestation must never be lost to a race."""
         params: dict[str, object] = {
             "d": device_id,
             "state": "trusted" if trusted else "untrusted",
@@ -296,7 +311,8 @@ class AttestationStore:
         }
         sql = (
             "UPDATE att_devices SET state = :state, reason = :reason, policy_id = :p,"
-            " last_attested_at = :at, ear_expires_at = :exp, findings = :f"
+            " last_attested_at = :at, ear_expires_at = :exp, findings = :f,"
+            " verdict_version = verdict_version + 1"
         )
         if clock_state is not None:
             sql += ", reset_count = :rc, restart_count = :sc, clock = :clk"
@@ -305,10 +321,16 @@ class AttestationStore:
                 "sc": clock_state.restart_count,
                 "clk": clock_state.clock,
             }
+        where = " WHERE device_id = :d"
+        if read_version is not None:
+            where += " AND verdict_version = :v"
+            params["v"] = read_version
         async with self.db.transaction() as tx:
-            await tx.execute(sql + " WHERE device_id = :d", params)
+            if await tx.execute(sql + where, params) == 0:
+                return False
             event = "attested" if trusted else "attestation.failed"
             await _audit(tx, device_id, event, reason, "svc.attestation", now_ms)
+        return True
 
     async def renew_serial(
         self, device_id: str, previous: str, serial: str, *, now_ms: int, actor: str
