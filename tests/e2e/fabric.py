@@ -7,6 +7,7 @@ attestation services as runtimes; device agents; an operator driving the CLI.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from edgeward_attestation.service import Settings
 from edgeward_attestation.store import AttestationStore
 from edgeward_cli.main import cli
 from edgeward_device_agent.agent import DeviceAgent
-from edgeward_device_agent.config import AgentConfig
+from edgeward_device_agent.config import AgentConfig, AgentPolicy
 from edgeward_device_agent.state import AgentState
 from edgeward_device_agent.swtpm import (
     GOLDEN_BOOT_CHAIN,
@@ -92,13 +93,20 @@ class World:
         *,
         replace: bool = False,
         event_log: Path | None = None,
+        policy: AgentPolicy | None = None,
     ) -> DeviceAgent:
         """Provision ``device_id`` (as the operator would) and prepare its agent."""
         await store.provision(device_id, DEVICE_CLASS, None, "op.alice", SystemClock().now_ms())
-        return self.agent(device_id, tcti, replace=replace, event_log=event_log)
+        return self.agent(device_id, tcti, replace=replace, event_log=event_log, policy=policy)
 
     def agent(
-        self, device_id: str, tcti: str, *, replace: bool = False, event_log: Path | None = None
+        self,
+        device_id: str,
+        tcti: str,
+        *,
+        replace: bool = False,
+        event_log: Path | None = None,
+        policy: AgentPolicy | None = None,
     ) -> DeviceAgent:
         files = self.pki.issue(
             Identity.enrollee(device_id), datetime.now(UTC), timedelta(hours=1), replace=replace
@@ -115,6 +123,8 @@ class World:
             broker=self.address,
             event_log=event_log,
         )
+        if policy is not None:
+            config = dataclasses.replace(config, policy=policy)
         return DeviceAgent(config)
 
 
@@ -131,7 +141,10 @@ def make_world(root: Path, extra: tuple[Identity, ...] = ()) -> Iterator[World]:
     with (
         SwtpmFleet(root / "tpms") as fleet,
         MosquittoBroker(
-            pki, root / "broker", operators=[ALICE, *(i for i in extra if i.role is Role.OPERATOR)]
+            pki,
+            root / "broker",
+            operators=[ALICE, *(i for i in extra if i.role is Role.OPERATOR)],
+            service_instances=[i for i in extra if i.role is Role.SERVICE],
         ) as broker,
     ):
         yield World(root, pki, broker, fleet)

@@ -147,6 +147,7 @@ class PostgresDatabase:
         self._acquire_timeout = acquire_timeout
         self._owners: set[asyncio.Task[object]] = set()
         self._closed = False
+        self._failures_seen = 0
 
     @classmethod
     async def open(
@@ -277,17 +278,24 @@ class PostgresDatabase:
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[_Conn]:
+        failures = self._connect_failures()
         try:
             async with self._pool.connection(timeout=self._acquire_timeout) as conn:
+                self._failures_seen = self._connect_failures()
                 yield conn
         except PoolTimeout:
-            reason = StorageReason.BUSY if self._pool.get_stats().get("pool_size", 0) else None
+            # the server is away if the pool failed to connect meanwhile; else it is busy
+            away = self._connect_failures() > max(failures, self._failures_seen)
             raise TransportError(
-                reason or StorageReason.UNAVAILABLE,
+                StorageReason.UNAVAILABLE if away else StorageReason.BUSY,
                 f"no PostgreSQL connection for {self._scope} within {self._acquire_timeout} s",
             ) from None
         except psycopg.OperationalError as exc:
             raise _translate(exc) from exc
+
+    def _connect_failures(self) -> int:
+        stats = self._pool.get_stats()
+        return stats.get("connections_errors", 0) + stats.get("returns_bad", 0)
 
     async def _bounded(self, call: Awaitable[_T]) -> _T:
         """Await a driver call, at most a little longer than the server's own bound."""
