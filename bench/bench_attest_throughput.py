@@ -142,7 +142,7 @@ class World:
     manufacturer_ca: Path
 
 
-async def spawn(world: World, name: str, *argv: str) -> asyncio.subprocess.Process:
+async def spawn(name: str, *argv: str) -> asyncio.subprocess.Process:
     with (LOGS / f"{name}.log").open("ab") as out:
         return await asyncio.create_subprocess_exec(
             sys.executable, "-m", *argv, stdout=out, stderr=out
@@ -166,9 +166,8 @@ async def attestation(
     processes = []
     try:
         for identity in identities:
-            processes.append(
+            processes.append(  # noqa: PERF401 (each start awaited in turn)
                 await spawn(
-                    world,
                     f"{tag}-{identity.common_name}",
                     "edgeward_attestation",
                     "--pki-dir",
@@ -225,7 +224,6 @@ async def run_phases(world: World, fleet: SwtpmFleet, names: list[str], report: 
         for db in (sqlite_db, pg_db):
             await prepare(db, names)
         identity = await spawn(
-            world,
             "identity",
             "edgeward_identity",
             "--pki-dir",
