@@ -19,6 +19,7 @@ session and the 200 clients share this process and the machine's two cores with 
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 import tempfile
 import threading
@@ -44,7 +45,8 @@ from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.runtime.node import NodeConfig, build_runtime
 from edgeward_shared.storage.sqlite import SqliteDatabase
 
-DEVICES = sized(200, 8)
+#: EDGEWARD_BENCH_DEVICES overrides (docs/scaling.md measures revocation at 1,000 devices)
+DEVICES = int(os.environ.get("EDGEWARD_BENCH_DEVICES", sized(200, 8)))
 REVOCATIONS = sized(30, 3)
 KICKS = sized(15, 3)
 ALICE = Identity.operator("alice")
