@@ -101,6 +101,21 @@ async def test_two_instances_racing_affirming_verdicts_land_exactly_one(
 
 
 @pytest.mark.asyncio
+async def test_the_request_rate_limit_is_shared_by_every_instance(open_db: OpenDatabase) -> None:
+    instances = [AttestationStore(await open_db()) for _ in range(2)]
+    await instances[0].migrate()
+    await instances[1].migrate()
+    await instances[0].register(_pending(), serial="1f", now_ms=10, actor="enroll.dev-a")
+    granted = await asyncio.gather(
+        *(instances[i % 2].claim_request("dev-a", 5_000, 1_000) for i in range(8))
+    )
+    assert granted.count(True) == 1  # one challenge per interval, whichever instance asks
+    assert not await instances[1].claim_request("dev-a", 5_999, 1_000)
+    assert await instances[1].claim_request("dev-a", 6_000, 1_000)
+    assert not await instances[0].claim_request("dev-unknown", 6_000, 1_000)
+
+
+@pytest.mark.asyncio
 async def test_expired_enrollments_are_returned_once_then_purged(store: AttestationStore) -> None:
     await store.add_enrollment(_pending(mid="a" * 32, expires=100))
     await store.add_enrollment(_pending(device_id="dev-b", mid="b" * 32, expires=100))

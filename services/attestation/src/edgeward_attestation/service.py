@@ -130,7 +130,6 @@ class AttestationService:
         self.issue_certificate = issue_certificate
         self.clock = clock
         self.settings = settings or Settings()
-        self._last_asked: dict[str, int] = {}
 
     def use_signing_key(self, signing_key: SigningKey) -> None:
         """Sign EARs with ``signing_key`` from now on (the node reloaded its identity)."""
@@ -264,10 +263,11 @@ class AttestationService:
 
     async def _on_request(self, device_id: str) -> Sequence[Outgoing]:
         now = self.clock.now_ms()
-        last = self._last_asked.get(device_id)
-        if last is not None and now - last < self.settings.request_interval_ms:
+        # in the database, not in memory: with several instances behind the shared
+        # subscription, a per-instance bound would let each of them challenge the device
+        # (and every new challenge retires the one before: docs/adr/0026)
+        if not await self.store.claim_request(device_id, now, self.settings.request_interval_ms):
             raise PolicyError(ServiceReason.RATE_LIMITED, f"{device_id} asked too often")
-        self._last_asked[device_id] = now
         return (await self.challenge(device_id),)
 
     async def challenge(self, device_id: str) -> Outgoing:

@@ -109,8 +109,11 @@ MIGRATIONS: Final = (
     ),
     Migration(
         3,
-        "a version per device verdict: instances compare and set (docs/adr/0026)",
-        ("ALTER TABLE att_devices ADD COLUMN verdict_version BIGINT NOT NULL DEFAULT 0",),
+        "a version per device verdict and its last request: shared by instances (ADR 0026)",
+        (
+            "ALTER TABLE att_devices ADD COLUMN verdict_version BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE att_devices ADD COLUMN asked_at BIGINT",
+        ),
     ),
 )
 
@@ -346,6 +349,17 @@ class AttestationStore:
             if changed:
                 await _audit(tx, device_id, "renewed", "identity.renewed", actor, now_ms)
         return changed == 1
+
+    async def claim_request(self, device_id: str, now_ms: int, interval_ms: int) -> bool:
+        """Whether the device may be challenged on its request now: not asked within
+        ``interval_ms`` (compare and set, so the bound holds across every instance)."""
+        async with self.db.transaction(durable=False) as tx:
+            claimed = await tx.execute(
+                "UPDATE att_devices SET asked_at = :now WHERE device_id = :d"
+                " AND (asked_at IS NULL OR asked_at <= :cutoff)",
+                {"d": device_id, "now": now_ms, "cutoff": now_ms - interval_ms},
+            )
+        return claimed == 1
 
     # ------------------------------------------------------------------ enrollments
     async def add_enrollment(self, pending: PendingEnrollment) -> None:
