@@ -61,7 +61,7 @@ IDENTITY = Identity.service(ServiceName.IDENTITY)
 WARMUP_S = sized(8.0, 3.0)
 WINDOW_S = sized(20.0, 3.0)
 POLICY = AgentPolicy(
-    request_timeout_s=5.0, retry_base_s=0.5, retry_cap_s=2.0, renew_fraction=0.04, max_sleep_s=0.1
+    request_timeout_s=10.0, retry_base_s=2.0, retry_cap_s=8.0, renew_fraction=0.04, max_sleep_s=0.1
 )
 LOGS = Path(tempfile.gettempdir()) / "edgeward-bench-attest-throughput"
 VECTOR = Path(__file__).parents[1] / "tests" / "vectors" / "tpm" / "pytss"

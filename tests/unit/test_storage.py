@@ -105,6 +105,19 @@ async def test_round_trips_every_portable_type(db: Database) -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_read_only_transaction_reads_and_refuses_writes(db: Database) -> None:
+    await _create(db, COUNTER_TABLE, "INSERT INTO counter (id, n) VALUES (1, 7)")
+    async with db.transaction(read_only=True) as tx:
+        assert await tx.fetch_one("SELECT n FROM counter WHERE id = 1") == {"n": 7}
+    with pytest.raises(StatementError):
+        async with db.transaction(read_only=True) as tx:
+            await tx.execute("UPDATE counter SET n = 8 WHERE id = 1")
+    async with db.transaction() as tx:  # the next transaction may write again
+        assert await tx.execute("UPDATE counter SET n = 9 WHERE id = 1") == 1
+    assert await _all(db, "SELECT n FROM counter") == [{"n": 9}]
+
+
+@pytest.mark.asyncio
 async def test_fetch_one_and_row_counts(db: Database) -> None:
     await _create(db, "CREATE TABLE kv (k TEXT PRIMARY KEY, v BIGINT NOT NULL)")
     upsert = "INSERT INTO kv (k, v) VALUES (:k, :v) ON CONFLICT (k) DO UPDATE SET v = excluded.v"

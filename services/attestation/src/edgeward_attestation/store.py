@@ -229,14 +229,14 @@ class AttestationStore:
 
     # ------------------------------------------------------------------ registry
     async def device(self, device_id: str) -> DeviceRecord | None:
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(read_only=True) as tx:
             row = await tx.fetch_one(
                 "SELECT * FROM att_devices WHERE device_id = :d", {"d": device_id}
             )
         return DeviceRecord.from_row(row) if row else None
 
     async def devices(self) -> list[DeviceRecord]:
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(read_only=True) as tx:
             rows = await tx.fetch_all("SELECT * FROM att_devices ORDER BY device_id", {})
         return [DeviceRecord.from_row(row) for row in rows]
 
@@ -412,7 +412,7 @@ class AttestationStore:
         )
 
     async def device_with_ek(self, ek_fingerprint: str) -> str | None:
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(read_only=True) as tx:
             row = await tx.fetch_one(
                 "SELECT device_id FROM att_devices WHERE ek_fingerprint = :ek",
                 {"ek": ek_fingerprint},
@@ -438,7 +438,7 @@ class AttestationStore:
 
     async def provisioned(self, device_id: str) -> tuple[str, str | None] | None:
         """(device class, expected EK fingerprint or None) as an operator provisioned it."""
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(read_only=True) as tx:
             row = await tx.fetch_one(
                 "SELECT device_class, ek_fingerprint FROM att_provisioned WHERE device_id = :d",
                 {"d": device_id},
@@ -457,7 +457,7 @@ class AttestationStore:
         return gone
 
     async def rebind_approved_for(self, device_id: str) -> str | None:
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(read_only=True) as tx:
             row = await tx.fetch_one(
                 "SELECT ek_fingerprint FROM att_rebinds WHERE device_id = :d", {"d": device_id}
             )
@@ -545,7 +545,7 @@ class AttestationStore:
     async def recording_for(self, device: DeviceRecord) -> PolicyRow | None:
         """The policy of the device's own class waiting for its quote to supply the values:
         a reference device never defines another class's policy."""
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(read_only=True) as tx:
             row = await tx.fetch_one(
                 "SELECT * FROM att_policies WHERE reference_device = :d AND device_class = :c"
                 " AND body IS NULL ORDER BY recorded_at LIMIT 1",
@@ -577,7 +577,7 @@ class AttestationStore:
 
     async def active_policy(self, device_class: str) -> ClassPolicy | None:
         """The most recently approved policy of a class."""
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(read_only=True) as tx:
             row = await tx.fetch_one(
                 "SELECT body FROM att_policies WHERE device_class = :c AND approved_by IS NOT"
                 " NULL ORDER BY approved_at DESC, policy_id DESC LIMIT 1",
@@ -586,14 +586,14 @@ class AttestationStore:
         return None if row is None else decode_policy(_blob(row["body"]))
 
     async def policy(self, policy_id: str) -> PolicyRow | None:
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(read_only=True) as tx:
             row = await tx.fetch_one(
                 "SELECT * FROM att_policies WHERE policy_id = :p", {"p": policy_id}
             )
         return PolicyRow.from_row(row) if row else None
 
     async def policies(self, device_class: str | None) -> list[PolicyRow]:
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(read_only=True) as tx:
             rows = await tx.fetch_all(
                 "SELECT * FROM att_policies WHERE (CAST(:c AS TEXT) IS NULL OR device_class = :c)"
                 " ORDER BY device_class, recorded_at, policy_id",
@@ -602,7 +602,7 @@ class AttestationStore:
         return [PolicyRow.from_row(row) for row in rows]
 
     async def audit(self, device_id: str) -> list[Row]:
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(read_only=True) as tx:
             return await tx.fetch_all(
                 "SELECT at, event, reason, actor FROM att_audit WHERE device_id = :d"
                 " ORDER BY at, event_id",

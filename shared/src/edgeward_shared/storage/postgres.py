@@ -228,16 +228,21 @@ class PostgresDatabase:
                 )
             await self._bounded(conn.execute(_BLOB_DOMAIN))
 
-    def transaction(self, *, durable: bool = True) -> AbstractAsyncContextManager[Transaction]:
+    def transaction(
+        self, *, durable: bool = True, read_only: bool = False
+    ) -> AbstractAsyncContextManager[Transaction]:
         """Take a connection, ``BEGIN``, then the scope's lock; commit on normal exit.
+
+        ``read_only=True``: ``SET TRANSACTION READ ONLY`` and no scope lock (readers never
+        queue behind writers; each statement sees every commit made before it).
 
         ``durable=False``: ``SET LOCAL synchronous_commit = off`` (survives a killed
         process and a server crash loses at most the last few such commits, never half of
         one). Only for rows worth less than a flush, never a trust decision."""
-        return self._transaction(durable)
+        return self._transaction(durable, read_only)
 
     @asynccontextmanager
-    async def _transaction(self, durable: bool) -> AsyncIterator[Transaction]:
+    async def _transaction(self, durable: bool, read_only: bool) -> AsyncIterator[Transaction]:
         task = asyncio.current_task()
         if task is not None and task in self._owners:
             raise RuntimeError("storage: transactions do not nest; this task already holds one")
@@ -250,7 +255,7 @@ class PostgresDatabase:
                 tx = _PostgresTransaction(self, conn)
                 try:
                     async with conn.transaction():
-                        await self._bounded(conn.execute(self._begin_sql(durable)))
+                        await self._bounded(conn.execute(self._begin_sql(durable, read_only)))
                         yield tx
                         if tx.spoiled:
                             raise RuntimeError(
@@ -267,10 +272,12 @@ class PostgresDatabase:
             if task is not None:
                 self._owners.discard(task)
 
-    def _begin_sql(self, durable: bool) -> bytes:
+    def _begin_sql(self, durable: bool, read_only: bool) -> bytes:
         """The first statements of every transaction, in one round trip (no parameters:
         the key is our own integer)."""
         ms = int(self._statement_timeout * 1000)
+        if read_only:
+            return f"SET TRANSACTION READ ONLY; SET LOCAL statement_timeout = {ms}".encode()
         light = "" if durable else "SET LOCAL synchronous_commit = off; "
         return (
             f"SET LOCAL statement_timeout = {ms}; {light}SELECT pg_advisory_xact_lock({self._key})"
