@@ -14,10 +14,10 @@ keeps the guarantee the SQLite engine gives one host (docs/adr/0026):
   the commit or rollback, and by PostgreSQL when a killed instance's connection drops.
 - **Bounded waits.** ``acquire_timeout`` bounds waiting for a pooled connection
   (``storage.busy``; ``storage.unavailable`` when the server cannot be reached at all);
-  ``statement_timeout`` is set on the server (``storage.timeout``) and also bounds each call
+  ``statement_timeout`` is set on each connection (``storage.timeout``) and also bounds each call
   on the client, so a server that stops answering is an error, not a hang.
-- **Recovery without an operator.** Connections come from ``psycopg_pool``; each is checked
-  when it is handed out, a broken one is replaced, and the pool reconnects in the
+- **Recovery without an operator.** Connections come from ``psycopg_pool``; a broken one
+  fails the transaction using it and is replaced, and the pool reconnects in the
   background. While the server is away every transaction fails closed
   (``storage.unavailable``); when it is back the next one succeeds.
 - **Portable SQL.** ``:name`` parameters become ``%(name)s`` (a small tokenizer that skips
@@ -43,6 +43,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
@@ -175,13 +176,15 @@ class PostgresDatabase:
                 raise ValueError(f"{label} must be a positive number of seconds")
         if not scope:
             raise ValueError("scope must name the service whose transactions it serializes")
+        # No check when a connection is handed out (it would cost a round trip per
+        # transaction): a broken one fails its transaction (storage.unavailable, fail
+        # closed) and the pool discards it and connects again.
         pool: AsyncConnectionPool[_Conn] = AsyncConnectionPool(
-            conninfo,
+            _with_statement_timeout(conninfo, statement_timeout),
             min_size=min_size,
             max_size=max_size,
             timeout=acquire_timeout,
             open=False,
-            check=AsyncConnectionPool.check_connection,
             reconnect_timeout=24 * 3600.0,  # keep trying: an outage is not a reason to stop
             kwargs={
                 "row_factory": dict_row,
@@ -254,8 +257,11 @@ class PostgresDatabase:
             async with self._connection() as conn:
                 tx = _PostgresTransaction(self, conn)
                 try:
+                    if conn.read_only != read_only:  # idle: changes the next BEGIN only
+                        await conn.set_read_only(read_only)
                     async with conn.transaction():
-                        await self._bounded(conn.execute(self._begin_sql(durable, read_only)))
+                        if not read_only:  # readers never wait for the scope's writer
+                            await self._bounded(conn.execute(self._begin_sql(durable)))
                         yield tx
                         if tx.spoiled:
                             raise RuntimeError(
@@ -272,16 +278,11 @@ class PostgresDatabase:
             if task is not None:
                 self._owners.discard(task)
 
-    def _begin_sql(self, durable: bool, read_only: bool) -> bytes:
-        """The first statements of every transaction, in one round trip (no parameters:
-        the key is our own integer)."""
-        ms = int(self._statement_timeout * 1000)
-        if read_only:
-            return f"SET TRANSACTION READ ONLY; SET LOCAL statement_timeout = {ms}".encode()
-        light = "" if durable else "SET LOCAL synchronous_commit = off; "
-        return (
-            f"SET LOCAL statement_timeout = {ms}; {light}SELECT pg_advisory_xact_lock({self._key})"
-        ).encode()
+    def _begin_sql(self, durable: bool) -> bytes:
+        """The first statements of a read-write transaction, in one round trip (no
+        parameters: the key is our own integer)."""
+        light = "SET LOCAL synchronous_commit = off; " if not durable else ""
+        return f"{light}SELECT pg_advisory_xact_lock({self._key})".encode()
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[_Conn]:
@@ -415,6 +416,14 @@ def _translate(exc: psycopg.Error) -> EdgewardError:
     ):
         return TransportError(StorageReason.UNAVAILABLE, detail)
     return StatementError(detail=detail)
+
+
+def _with_statement_timeout(conninfo: str, seconds: float) -> str:
+    """``conninfo`` with ``-c statement_timeout=<ms>`` added to its ``options`` (kept)."""
+    params = conninfo_to_dict(conninfo)
+    options = str(params.get("options") or "")
+    params["options"] = f"{options} -c statement_timeout={int(seconds * 1000)}".strip()
+    return make_conninfo("", **params)
 
 
 def _redacted(conninfo: str) -> str:
