@@ -39,6 +39,7 @@ TELEMETRY = Identity.service(ServiceName.TELEMETRY)
 PUBLISHERS = sized(8, 2)
 MESSAGES = sized(40_000, 400)
 PAYLOAD = b"t" * 512
+CONNECT_BOUND_S = sized(180.0, 30.0)
 
 
 def make_pki(directory: Path, count: int) -> PkiStore:
@@ -96,17 +97,21 @@ def main() -> None:
             devices = [
                 client(store, Identity.device(f"dev-{i:04d}"), broker.port) for i in range(count)
             ]
-            for _, connected in devices:
-                if not connected.wait(120):
-                    raise TimeoutError("a device did not connect within 120 s")
+            deadline = started + CONNECT_BOUND_S
+            for _, connected in devices:  # bounded: count who made it, do not hang
+                connected.wait(max(0.0, deadline - time.perf_counter()))
+            up = sum(connected.is_set() for _, connected in devices)
             connect_s = time.perf_counter() - started
+            if up == 0:
+                raise TimeoutError(f"no device connected within {CONNECT_BOUND_S} s")
             time.sleep(1.0)
             loaded_kb = rss_kb(pid)
-            report.add("devices_connected", count, "connections")
-            report.add("connect_rate_per_s", count / connect_s, "connections/s")
+            report.add("devices_asked", count, "connections")
+            report.add("devices_connected", up, "connections")
+            report.add("connect_rate_per_s", up / connect_s, "connections/s")
             report.add("broker_rss_idle_kb", idle_kb, "KiB")
             report.add("broker_rss_connected_kb", loaded_kb, "KiB")
-            report.add("broker_rss_per_connection_kb", (loaded_kb - idle_kb) / count, "KiB")
+            report.add("broker_rss_per_connection_kb", (loaded_kb - idle_kb) / up, "KiB")
             delivered_per_s, share = throughput(store, broker.port, pid, devices)
             report.add("qos1_delivered_per_s", delivered_per_s, "messages/s")
             report.add("broker_cpu_share_during_messages", share, "cores")
@@ -140,12 +145,12 @@ def throughput(
     subscriber.subscribe(f"{ROOT}/dev/+/up/{Channel.TELEMETRY}", qos=1)
     if not subscribed.wait(10):
         raise TimeoutError("the subscription was not acknowledged")
-    publishers = devices[:PUBLISHERS]
+    publishers = [d for d in devices if d[1].is_set()][:PUBLISHERS]
     per = MESSAGES // len(publishers)
 
     def publish(index: int) -> None:
         mqtt, _ = publishers[index]
-        topic = device_topic(f"dev-{index:04d}", Direction.UP, Channel.TELEMETRY)
+        topic = device_topic(str(mqtt._client_id.decode()), Direction.UP, Channel.TELEMETRY)
         for _ in range(per):
             info = mqtt.publish(topic, PAYLOAD, qos=1)
             while info.rc == paho.MQTT_ERR_QUEUE_SIZE:  # paho's own queue is full: wait
