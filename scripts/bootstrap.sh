@@ -10,6 +10,10 @@ APT_PACKAGES=(mosquitto mosquitto-clients openssl ca-certificates python3 python
     mosquitto-dev libmosquitto-dev
     # the flood test loads deploy/nftables/edgeward-broker.nft in a namespace of its own
     nftables iproute2 util-linux
+    # deploy/device/ is checked by each file's own tool (tests/integration/test_device_config.py);
+    # cryptsetup writes the LUKS2 headers the posture check reads; openssh-server only for
+    # `sshd -t` (its service is left disabled below)
+    wireguard-tools openssh-server shellcheck systemd kmod rsyslog cryptsetup-bin gettext-base
     # PostgreSQL: the fleet backend; the store suites start a server of their own (initdb)
     postgresql)
 UV_VENV="${EDGEWARD_UV_VENV:-$HOME/.cache/edgeward/uv}"
@@ -30,6 +34,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         "${missing[@]}" >/dev/null
+    # sshd is here for `sshd -t` only: a machine that had no SSH server does not get one
+    if printf '%s\n' "${missing[@]}" | grep -qx openssh-server && command -v systemctl >/dev/null \
+        && [ -d /run/systemd/system ]; then
+        as_root systemctl disable --now ssh.service ssh.socket >/dev/null 2>&1 || true
+    fi
 fi
 
 # uv: from PyPI into a private venv (a system pip on Debian 12 refuses, PEP 668).

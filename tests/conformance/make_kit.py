@@ -54,15 +54,15 @@ from edgeward_shared.audit.merkle import CompactRange, leaf_hash
 from edgeward_shared.audit.note import Checkpoint, NoteSigner, sign_checkpoint
 from edgeward_shared.bindings import (
     PROOF_LABEL,
-    QUALIFYING_DATA_TAG,
+    QUALIFYING_DATA_V2_TAG,
     enrollment_proof,
-    qualifying_data,
+    qualifying_data_v2,
     renewal_digest,
     sign_renewal,
 )
 from edgeward_shared.clock import to_datetime
 from edgeward_shared.command_log import CommandRecord, command_digest, encode_record
-from edgeward_shared.ear import AttestationClaims, issue_ear
+from edgeward_shared.ear import AttestationClaims, PostureClaim, issue_ear
 from edgeward_shared.envelope import SigningKey, pae, seal
 from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.inference import encode_body, input_digest, sign_result
@@ -88,6 +88,8 @@ from edgeward_shared.pki.certs import (
     new_key,
 )
 from edgeward_shared.pki.store import IdentityFiles
+from edgeward_shared.posture.collect import collect
+from edgeward_shared.posture.report import decode_report, encode_report, report_digest
 from edgeward_shared.tensorframes import frames, relay_mid, relayed, spec_of
 from edgeward_shared.topics import (
     Channel,
@@ -574,7 +576,8 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path, event_log: bytes = b"") 
     )
     session_key = ec.generate_private_key(ec.SECP256R1())
     session_der = spki(session_key.public_key())
-    qd = qualifying_data(nonce, session_der)
+    posture_bytes = commissioned_posture(kit.now + 1000)  # binding version 2 (ADR 0026)
+    qd = qualifying_data_v2(nonce, session_der, report_digest(posture_bytes))
     quote = tpm.quote(qd, SELECTION, PcrBank.SHA256)
     pcrs = [attest.PcrValue(index=i, digest=quote.pcrs[i]) for i in SELECTION]
     evidence_mid = kit.emit(
@@ -587,6 +590,7 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path, event_log: bytes = b"") 
             signature=quote.signature,
             pcrs=pcrs,
             event_log=event_log,
+            posture=posture_bytes,
         ),
         section="5.4",
     )
@@ -606,7 +610,9 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path, event_log: bytes = b"") 
         policy=PcrPolicy(frozenset(SELECTION), {i: frozenset({golden[i]}) for i in SELECTION}),
         previous=None,
         now_ms=kit.now + 1000,
+        posture_digest=report_digest(posture_bytes),
     )
+    posture_report = decode_report(posture_bytes)
     result_id = hashlib.sha256(b"conformance result").hexdigest()[:32]
     ear_iat = (kit.now + 1000) // 1000
     ear = issue_ear(
@@ -620,6 +626,11 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path, event_log: bytes = b"") 
             issued_at=ear_iat,
             expires_at=ear_iat + 600,
             device_class=DEVICE_CLASS,
+            posture=PostureClaim(
+                digest=report_digest(posture_bytes).hex(),
+                items={entry.item: entry.outcome for entry in posture_report.items},
+                unmet=(),
+            ),
         ),
     )
     kit.emit(
@@ -644,7 +655,7 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path, event_log: bytes = b"") 
         section="5.4",
     )
     attestation_doc = attestation_walkthrough(
-        nonce, session_key, session_der, qd, quote, golden, ak_public, expires
+        nonce, session_key, session_der, (qd, posture_bytes), quote, golden, ak_public, expires
     )
 
     # ------------------------------------------------------------------ renewal (5.5, ADR 15)
@@ -709,6 +720,8 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path, event_log: bytes = b"") 
                     enrolled_at_ms=start + 6000,
                     last_attested_at_ms=start + 11_000,
                     result_expires_at_ms=start + 11_000 + 600_000,
+                    posture=list(decode_report(posture_bytes).items),
+                    posture_collected_at_ms=decode_report(posture_bytes).collected_at_ms,
                 )
             ],
             total=1,
@@ -723,6 +736,8 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path, event_log: bytes = b"") 
             device_class=DEVICE_CLASS,
             pcr_selection=SELECTION,
             pcrs=[attest.PcrValue(index=i, digest=golden[i]) for i in SELECTION],
+            require=["ssh", "firewall", "non-root"],
+            on_posture_failure="warning",
         ),
         section="5.6",
     )
@@ -748,6 +763,8 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path, event_log: bytes = b"") 
                     recorded_by="op.alice",
                     approved_by="op.bob",
                     boot_states=boot_states,
+                    posture_required=["ssh", "firewall", "non-root"],
+                    posture_failure="warning",
                 )
             ],
         ),
@@ -1441,22 +1458,38 @@ def enrollment_walkthrough(
     }
 
 
+def commissioned_posture(now_ms: int) -> bytes:
+    """The posture report of a device commissioned by deploy/device/README.md (a fake root
+    built from the shipped configuration, tests/posture_roots.py), encoded."""
+    from tests.posture_roots import hardened_root  # the repository root is on sys.path
+
+    work = Path(tempfile.mkdtemp(prefix="edgeward-kit-posture-"))
+    try:
+        return encode_report(collect(hardened_root(work / "root"), now_ms=now_ms))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def attestation_walkthrough(
     nonce: bytes,
     session_key: ec.EllipticCurvePrivateKey,
     session_der: bytes,
-    qd: bytes,
+    binding: tuple[bytes, bytes],
     quote: Any,
     golden: dict[int, bytes],
     ak_public: bytes,
     expires: int,
 ) -> dict[str, Any]:
+    qd, posture = binding
+    posture_digest = report_digest(posture)
     qd_input = (
-        QUALIFYING_DATA_TAG
+        QUALIFYING_DATA_V2_TAG
         + struct.pack(">H", len(nonce))
         + nonce
         + struct.pack(">H", len(session_der))
         + session_der
+        + struct.pack(">H", len(posture_digest))
+        + posture_digest
     )
     concatenated = b"".join(quote.pcrs[i] for i in SELECTION)
     session_hex = session_key.private_numbers().private_value.to_bytes(32, "big").hex()
@@ -1471,9 +1504,9 @@ def attestation_walkthrough(
             "input": qd_input.hex(),
             "input_fields": [
                 {
-                    "field": "tag",
-                    "hex": QUALIFYING_DATA_TAG.hex(),
-                    "value": "EDGEWARD-QUOTE-V1 NUL",
+                    "field": "tag (binding version 2)",
+                    "hex": QUALIFYING_DATA_V2_TAG.hex(),
+                    "value": "EDGEWARD-QUOTE-V2 NUL",
                 },
                 {"field": "u16be(len nonce)", "hex": f"{len(nonce):04x}", "value": len(nonce)},
                 {"field": "nonce", "hex": nonce.hex()},
@@ -1483,6 +1516,11 @@ def attestation_walkthrough(
                     "value": len(session_der),
                 },
                 {"field": "session key (DER SubjectPublicKeyInfo)", "hex": session_der.hex()},
+                {"field": "u16be(len posture digest)", "hex": "0020", "value": 32},
+                {
+                    "field": "SHA-256 of the posture report (the evidence's `posture` bytes)",
+                    "hex": posture_digest.hex(),
+                },
             ],
             "sha256": qd.hex(),
         },

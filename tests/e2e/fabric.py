@@ -93,11 +93,19 @@ class World:
         *,
         replace: bool = False,
         event_log: Path | None = None,
+        posture_root: Path | None = None,
         policy: AgentPolicy | None = None,
     ) -> DeviceAgent:
         """Provision ``device_id`` (as the operator would) and prepare its agent."""
         await store.provision(device_id, DEVICE_CLASS, None, "op.alice", SystemClock().now_ms())
-        return self.agent(device_id, tcti, replace=replace, event_log=event_log, policy=policy)
+        return self.agent(
+            device_id,
+            tcti,
+            replace=replace,
+            event_log=event_log,
+            posture_root=posture_root,
+            policy=policy,
+        )
 
     def agent(
         self,
@@ -106,6 +114,7 @@ class World:
         *,
         replace: bool = False,
         event_log: Path | None = None,
+        posture_root: Path | None = None,
         policy: AgentPolicy | None = None,
     ) -> DeviceAgent:
         files = self.pki.issue(
@@ -122,6 +131,7 @@ class World:
             crl=self.pki.crl_path,
             broker=self.address,
             event_log=event_log,
+            posture_root=posture_root,
         )
         if policy is not None:
             config = dataclasses.replace(config, policy=policy)

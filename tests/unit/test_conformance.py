@@ -30,7 +30,7 @@ from edgeward_attestation.enrollment import Registry, check_enroll_request
 from edgeward_attestation.keys import AttestationKey, EndorsementKey
 from edgeward_attestation.quote import Challenge, PcrPolicy, verify_quote
 from edgeward_attestation.structures import parse_ecc_public, parse_quote_attest
-from edgeward_shared.bindings import enrollment_proof, qualifying_data
+from edgeward_shared.bindings import enrollment_proof, qualifying_data_v2
 from edgeward_shared.clock import to_datetime
 from edgeward_shared.command_log import OfflineTrust, check_record, command_digest, decode_records
 from edgeward_shared.ear import verify_ear
@@ -53,6 +53,7 @@ from edgeward_shared.models.sealing import (
 from edgeward_shared.models.signature import verify_bundle
 from edgeward_shared.pki.store import read_certificates
 from edgeward_shared.pki.trust import TrustStore, read_signed_crl
+from edgeward_shared.posture.report import decode_report, report_digest
 from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.revocation import LIST_VERIFY_POLICY
 from edgeward_shared.runtime.trust import BUNDLE_VERIFY_POLICY
@@ -276,7 +277,9 @@ def test_quote_verifies_and_binds_nonce_and_session_key() -> None:
     evidence = opened(attest.AttestationEvidence.TYPE)
     ev: attest.AttestationEvidence = evidence.message
     assert ev.in_reply_to == opened(attest.AttestationChallenge.TYPE).mid
-    qd = qualifying_data(challenge.nonce, ev.session_key)
+    # binding version 2: the quote also covers the posture report's digest (ADR 0026)
+    assert decode_report(ev.posture).items
+    qd = qualifying_data_v2(challenge.nonce, ev.session_key, report_digest(ev.posture))
     assert qd.hex() == doc["qualifying_data"]["sha256"]
     assert hashlib.sha256(bytes.fromhex(doc["qualifying_data"]["input"])).digest() == qd
     assert parse_quote_attest(ev.attest).extra_data == qd
@@ -294,6 +297,7 @@ def test_quote_verifies_and_binds_nonce_and_session_key() -> None:
         policy=PcrPolicy(frozenset(golden), {i: frozenset({v}) for i, v in golden.items()}),
         previous=None,
         now_ms=evidence.iat,
+        posture_digest=report_digest(ev.posture),
     )
     concatenated = b"".join(pcr.digest for pcr in sorted(ev.pcrs, key=lambda p: p.index))
     assert parse_quote_attest(ev.attest).pcr_digest == hashlib.sha256(concatenated).digest()
@@ -547,16 +551,20 @@ def test_tpm_bindings_check_out_from_the_document_alone() -> None:
     assert int.from_bytes(ak_public[:2], "big") == len(ak_public) - 2  # TPM2B: size first
     assert enrollment["ak_name"] == "000b" + hashlib.sha256(ak_public[2:]).hexdigest()
 
-    # qualifyingData = SHA-256(tag || u16 len || nonce || u16 len || session key DER)
+    # binding version 2 (the evidence carries a posture report): qualifyingData =
+    # SHA-256(tag || u16 len || nonce || u16 len || session key DER || u16 32 || SHA-256(report))
     challenge: attest.AttestationChallenge = message(attest.AttestationChallenge.TYPE)
     evidence: attest.AttestationEvidence = message(attest.AttestationEvidence.TYPE)
     nonce, key = challenge.nonce, evidence.session_key
+    report = hashlib.sha256(evidence.posture).digest()
     qd = hashlib.sha256(
-        b"EDGEWARD-QUOTE-V1\x00"
+        b"EDGEWARD-QUOTE-V2\x00"
         + len(nonce).to_bytes(2, "big")
         + nonce
         + len(key).to_bytes(2, "big")
         + key
+        + len(report).to_bytes(2, "big")
+        + report
     ).digest()
     fields = {f["field"]: bytes.fromhex(f["hex"]) for f in quote["attest"]["fields"]}
     assert fields["magic"] == bytes.fromhex("ff544347")

@@ -10,6 +10,7 @@ import click
 
 from edgeward_cli.ops_client import broker_option, operator_option, operator_session, parse_broker
 from edgeward_cli.pki_cmds import LIFETIMES, pki_dir_option
+from edgeward_cli.posture_cmds import posture_table
 from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.messages.base import Message
 from edgeward_shared.messages.registry import (
@@ -161,3 +162,9 @@ def _print(status: DeviceStatus) -> None:
         click.echo(f"{label:<15} {value}")
     for number, finding in enumerate(status.findings):
         click.echo(f"{'findings' if number == 0 else '':<15} {finding}")
+    if status.posture:  # the last posture report a verified quote bound (docs/adr/0026)
+        click.echo(f"{'posture':<15} collected {_when(status.posture_collected_at_ms)}")
+        for line in posture_table(status.posture):
+            click.echo(f"  {line}")
+    else:
+        click.echo(f"{'posture':<15} (no report)")

@@ -20,6 +20,7 @@ from edgeward_cli.infer_cmds import infer
 from edgeward_cli.model_cmds import model
 from edgeward_cli.pki_cmds import pki
 from edgeward_cli.policy_cmds import policy
+from edgeward_cli.posture_cmds import posture
 from edgeward_cli.revoke_cmds import revoke
 from edgeward_shared.errors import EdgewardError
 
@@ -38,6 +39,7 @@ cli.add_command(pki)
 cli.add_command(broker)
 cli.add_command(device)
 cli.add_command(policy)
+cli.add_command(posture)
 cli.add_command(model)
 cli.add_command(infer)
 cli.add_command(demo)

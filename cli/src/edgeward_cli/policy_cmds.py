@@ -25,6 +25,7 @@ from edgeward_shared.messages.registry import (
     PolicyQuery,
     PolicyRecord,
 )
+from edgeward_shared.posture.report import ITEMS
 
 
 def _selection(value: str) -> list[int]:
@@ -69,6 +70,20 @@ def policy() -> None:
     metavar="POLICY_ID",
     help="Also allow what this recorded policy allows (a firmware rollout: old and new).",
 )
+@click.option(
+    "--require",
+    "required",
+    multiple=True,
+    type=click.Choice(ITEMS),
+    help="A posture item devices of the class must pass (repeatable; docs/adr/0026).",
+)
+@click.option(
+    "--on-posture-failure",
+    type=click.Choice(["warning", "contraindicated"]),
+    default="contraindicated",
+    show_default=True,
+    help="The verdict when a required posture item is not pass.",
+)
 @operator_option
 @broker_option
 def record(  # click passes every parameter by keyword
@@ -80,6 +95,8 @@ def record(  # click passes every parameter by keyword
     from_device: str | None,
     values: tuple[str, ...],
     keep: str | None,
+    required: tuple[str, ...],
+    on_posture_failure: str,
     operator: str,
     broker: str,
 ) -> None:
@@ -92,6 +109,9 @@ def record(  # click passes every parameter by keyword
       edgeward policy record gw-2026-11 --class edge-gw --pcrs 0,7 --value 0=ab12... --value 7=...
     During a firmware rollout (devices on the old and the new firmware both attest):
       edgeward policy record gw-2027-01 --class edge-gw --from-device dev-new-fw --keep gw-2026-11
+    Requiring posture items (a device failing one gets a warning result instead):
+      edgeward policy record gw-2026-12 --class edge-gw --from-device dev-0001 \\
+        --require ssh --require firewall --on-posture-failure warning
     """
     if (from_device is None) == (not values):
         raise click.UsageError("give either --from-device or --value (not both)")
@@ -102,6 +122,8 @@ def record(  # click passes every parameter by keyword
         pcrs=_values(values),
         reference_device=from_device,
         keep=keep,
+        require=list(required),
+        on_posture_failure=on_posture_failure,  # type: ignore[arg-type] # click.Choice
     )
     click.echo(asyncio.run(_ask(directory, operator, broker, request, Done)).detail)
     if from_device:
@@ -142,6 +164,9 @@ def list_(directory: Path, device_class: str | None, operator: str, broker: str)
             click.echo(f"    PCR {value.index:>2} = {value.digest.hex()}")
         for state in info.boot_states:  # reference boot event logs (docs/adr/0021)
             click.echo(f"    boot state {state}")
+        if info.posture_required:  # docs/adr/0026
+            required = ", ".join(info.posture_required)
+            click.echo(f"    requires posture {required} (else {info.posture_failure})")
 
 
 async def _ask(directory: Path, operator: str, broker: str, request: Message, answer: type[M]) -> M:

@@ -1,7 +1,9 @@
 """Byte-exact bindings both ends of attestation and enrollment compute (device and verifier).
 
 * :func:`qualifying_data`: what a TPM2_Quote's ``qualifyingData`` must be for a challenge
-  nonce and the device's session key (docs/adr/0006, protocol.md 5.4).
+  nonce and the device's session key (docs/adr/0006, protocol.md 5.4): binding version 1;
+  :func:`qualifying_data_v2` also binds the device's posture report (docs/adr/0026),
+  version 2, used whenever evidence carries a report.
 * :func:`enrollment_proof`: the HMAC an enrollee returns instead of the secret it activated
   (docs/adr/0005, protocol.md 5.3).
 * :func:`renewal_digest`: what a device's attested session key signs to bind a certificate
@@ -21,6 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, utils
 
 #: Domain tag of the qualifying data (see :func:`qualifying_data`).
 QUALIFYING_DATA_TAG: Final = b"EDGEWARD-QUOTE-V1\x00"
+#: Domain tag of binding version 2 (see :func:`qualifying_data_v2`).
+QUALIFYING_DATA_V2_TAG: Final = b"EDGEWARD-QUOTE-V2\x00"
 MIN_NONCE_BYTES: Final = 16
 MAX_NONCE_BYTES: Final = 64
 #: The label of the enrollment proof, so the activated secret authenticates nothing else.
@@ -46,6 +50,27 @@ def qualifying_data(nonce: bytes, session_key: bytes) -> bytes:
     return hashlib.sha256(
         prefix + nonce + len(session_key).to_bytes(2, "big") + session_key
     ).digest()
+
+
+def qualifying_data_v2(nonce: bytes, session_key: bytes, posture_digest: bytes) -> bytes:
+    """Binding version 2: also the SHA-256 of the posture report sent with the quote.
+
+    ``SHA-256("EDGEWARD-QUOTE-V2\\0" || u16be(len(nonce)) || nonce || u16be(len(key)) || key
+    || u16be(32) || SHA-256(report bytes))``: the report the verifier appraises is the one
+    the TPM's quote over this challenge covers, so it cannot be replayed from another
+    attestation or swapped in transit. Another tag than version 1: no digest of one version
+    can be taken for the other.
+    """
+    if len(posture_digest) != 32:
+        raise ValueError("the posture digest is a SHA-256 digest (32 bytes)")
+    if not MIN_NONCE_BYTES <= len(nonce) <= MAX_NONCE_BYTES:
+        raise ValueError(f"a nonce is {MIN_NONCE_BYTES} to {MAX_NONCE_BYTES} bytes")
+    if not 0 < len(session_key) < 1 << 16:
+        raise ValueError("session key must be a non-empty DER SubjectPublicKeyInfo")
+    body = b"".join(
+        len(part).to_bytes(2, "big") + part for part in (nonce, session_key, posture_digest)
+    )
+    return hashlib.sha256(QUALIFYING_DATA_V2_TAG + body).digest()
 
 
 def enrollment_proof(secret: bytes, device_id: str, challenge_mid: str) -> bytes:

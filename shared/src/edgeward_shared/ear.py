@@ -9,7 +9,11 @@ Shape (draft-ietf-rats-ear, JWT/ES256 made and checked with PyJWT)::
              "ear.verifier-id": {"developer": "edgeward", "build": "<version>"},
              "submods": {"edgeward": {"ear.status": "affirming" | "warning" | "contraindicated",
                                       "ear.appraisal-policy-id": <policy id>,
-                                      "edgeward.device-class": <class> (optional)}},
+                                      "edgeward.device-class": <class> (optional),
+                                      "ear.trustworthiness-vector": {"configuration": <n>},
+                                      "edgeward.posture": {"digest": <hex>,
+                                          "items": {<item id>: "pass"|"fail"|"unknown"},
+                                          "unmet": [<item id>]}  (both optional: posture)}},
              "cnf": {"jwk": <the device's session public key, EC P-256 JWK (RFC 7800)>}}
 
 :func:`verify_ear` accepts a result only if its signer's certificate chains to our CA, is
@@ -41,6 +45,14 @@ from edgeward_shared.strictjson import loads_unique
 EAR_PROFILE: Final = "tag:github.com,2023:veraison/ear"
 SUBMODULE: Final = "edgeward"
 DEVICE_CLASS_CLAIM: Final = "edgeward.device-class"
+#: The device's posture report as appraised (docs/adr/0026): its digest, each item's
+#: outcome and the policy's required items it did not meet.
+POSTURE_CLAIM: Final = "edgeward.posture"
+TRUST_VECTOR: Final = "ear.trustworthiness-vector"
+#: AR4SI ``configuration`` values (draft-ietf-rats-ar4si): what the posture appraisal means.
+APPROVED_CONFIG: Final = 2
+UNSAFE_CONFIG: Final = 32
+UNAVAIL_CONFIG_ELEMS: Final = 36
 VERIFIER: Final = Identity.service(ServiceName.ATTESTATION)
 MAX_TOKEN_BYTES: Final = 8192
 Status = Literal["affirming", "warning", "contraindicated"]
@@ -57,6 +69,25 @@ class EarReason:
 
 
 @dataclass(frozen=True, slots=True)
+class PostureClaim:
+    """The posture part of a result: the report's SHA-256 (hex), each item's outcome, and
+    the required items it did not meet (empty: every requirement met)."""
+
+    digest: str
+    items: dict[str, str]
+    unmet: tuple[str, ...] = ()
+
+    @property
+    def configuration(self) -> int:
+        """The AR4SI ``configuration`` claim this appraisal makes."""
+        if not self.unmet:
+            return APPROVED_CONFIG
+        if all(self.items.get(i, "unknown") == "unknown" for i in self.unmet):
+            return UNAVAIL_CONFIG_ELEMS
+        return UNSAFE_CONFIG
+
+
+@dataclass(frozen=True, slots=True)
 class AttestationClaims:
     """What an attestation result asserts (times in seconds since the epoch, as in JWT)."""
 
@@ -70,6 +101,8 @@ class AttestationClaims:
     #: the device's class as the operator provisioned it (the identity service picks the
     #: certificate lifetime by it); None in results that do not name it
     device_class: str | None = None
+    #: the device's posture as appraised; None in results without a posture report
+    posture: PostureClaim | None = None
 
     @property
     def session_key_der(self) -> bytes:
@@ -83,10 +116,20 @@ def _session_jwk(key: ec.EllipticCurvePublicKey) -> dict[str, Any]:
     return jwk
 
 
-def _submodule(claims: AttestationClaims) -> dict[str, str]:
-    submod = {"ear.status": claims.status, "ear.appraisal-policy-id": claims.policy_id}
+def _submodule(claims: AttestationClaims) -> dict[str, Any]:
+    submod: dict[str, Any] = {
+        "ear.status": claims.status,
+        "ear.appraisal-policy-id": claims.policy_id,
+    }
     if claims.device_class is not None:
         submod[DEVICE_CLASS_CLAIM] = claims.device_class
+    if claims.posture is not None:
+        submod[TRUST_VECTOR] = {"configuration": claims.posture.configuration}
+        submod[POSTURE_CLAIM] = {
+            "digest": claims.posture.digest,
+            "items": claims.posture.items,
+            "unmet": list(claims.posture.unmet),
+        }
     return submod
 
 
@@ -159,6 +202,21 @@ def _optional_str(value: object) -> str | None:
     return value
 
 
+def _posture(value: object) -> PostureClaim | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TypeError(f"{POSTURE_CLAIM} is not an object")
+    digest, items, unmet = value["digest"], value["items"], value["unmet"]
+    if not isinstance(digest, str) or not isinstance(items, dict) or not isinstance(unmet, list):
+        raise TypeError(f"{POSTURE_CLAIM}: digest, items or unmet of the wrong type")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in items.items()):
+        raise TypeError(f"{POSTURE_CLAIM}: items are strings")
+    if not all(isinstance(i, str) for i in unmet):
+        raise TypeError(f"{POSTURE_CLAIM}: unmet are item ids")
+    return PostureClaim(digest=digest, items=dict(items), unmet=tuple(unmet))
+
+
 def _refuse_duplicate_members(token: str) -> None:
     """PyJWT keeps the last copy of a repeated header or claim member; another verifier may
     keep the first. Refuse both segments if either repeats a member (docs/adr/0013)."""
@@ -185,6 +243,7 @@ def _parse_claims(claims: dict[str, Any]) -> AttestationClaims:
             issued_at=int(claims["iat"]),
             expires_at=int(claims["exp"]),
             device_class=_optional_str(submod.get(DEVICE_CLASS_CLAIM)),
+            posture=_posture(submod.get(POSTURE_CLAIM)),
         )
     except (KeyError, TypeError, ValueError, jwt.PyJWTError) as exc:
         raise MessageError(EarReason.MALFORMED, f"claims: {exc}") from exc

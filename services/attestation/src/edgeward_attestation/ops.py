@@ -12,7 +12,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final
 
-from edgeward_attestation.policy import ClassPolicy, merge_policies, policy_from_values
+from edgeward_attestation.policy import (
+    ClassPolicy,
+    PostureRequirements,
+    merge_policies,
+    policy_from_values,
+)
 from edgeward_attestation.service import AttestationService, ServiceReason
 from edgeward_attestation.store import DeviceRecord, PolicyRow
 from edgeward_shared.envelope import Opened
@@ -35,6 +40,7 @@ from edgeward_shared.messages.registry import (
     RebindApprove,
     Trust,
 )
+from edgeward_shared.posture.report import decode_report
 from edgeward_shared.runtime.core import Outgoing
 from edgeward_shared.topics import reply_topic
 
@@ -53,6 +59,7 @@ class OpsReason:
     POLICY_EXISTS: Final = "policy.exists"
     POLICY_NOT_APPROVABLE: Final = "policy.not_approvable"
     POLICY_VALUES: Final = "policy.values.invalid"
+    POSTURE_ITEMS: Final = "policy.posture.invalid"
     REFERENCE_DEVICE: Final = "policy.reference_device.invalid"
     KEEP_INVALID: Final = ServiceReason.KEEP_INVALID
 
@@ -67,10 +74,12 @@ def trust_of(device: DeviceRecord, now_ms: int) -> Trust:
 
 
 def device_status(device: DeviceRecord, now_ms: int, *, findings: bool = False) -> DeviceStatus:
-    """A device's standing; with ``findings`` the events its last verdict named."""
+    """A device's standing; with ``findings`` the events its last verdict named and its
+    last posture report."""
     listed = list(device.findings[:MAX_FINDINGS]) if findings else []
     if findings and len(device.findings) > MAX_FINDINGS:
         listed[-1] = f"... and {len(device.findings) - MAX_FINDINGS + 1} more"
+    report = decode_report(device.posture) if findings and device.posture else None
     return DeviceStatus(
         device_id=device.device_id,
         device_class=device.device_class,
@@ -82,6 +91,8 @@ def device_status(device: DeviceRecord, now_ms: int, *, findings: bool = False) 
         last_attested_at_ms=device.last_attested_at,
         result_expires_at_ms=device.ear_expires_at,
         findings=[line[:240] for line in listed],
+        posture=list(report.items) if report else [],
+        posture_collected_at_ms=report.collected_at_ms if report else None,
     )
 
 
@@ -145,12 +156,15 @@ class Operations:
     ) -> Sequence[Outgoing]:
         now = self.service.clock.now_ms()
         selection = sorted(set(record.pcr_selection))
+        posture = _requirements(record)
         policy, reference = None, None
         if record.reference_device is None:
             values = {pcr.index: pcr.digest for pcr in record.pcrs}
             if sorted(values) != selection or any(len(v) != 32 for v in values.values()):
                 raise MessageError(OpsReason.POLICY_VALUES, "one SHA-256 value per selected PCR")
-            policy = policy_from_values(record.policy_id, record.device_class, values)
+            policy = policy_from_values(
+                record.policy_id, record.device_class, values, posture=posture
+            )
             kept = await self._kept(record, selection)
             if kept is not None:
                 policy = self._merged(policy, kept)
@@ -168,6 +182,7 @@ class Operations:
             actor=actor,
             now_ms=now,
             keep_from=record.keep,
+            posture=posture,
         )
         if not added:
             raise PolicyError(OpsReason.POLICY_EXISTS, record.policy_id)
@@ -205,6 +220,13 @@ class Operations:
         return Done(in_reply_to=mid, detail=f"{approve.policy_id} is active")
 
 
+def _requirements(record: PolicyRecord) -> PostureRequirements:
+    try:
+        return PostureRequirements(required=record.require, failure=record.on_posture_failure)
+    except ValueError as exc:
+        raise MessageError(OpsReason.POSTURE_ITEMS, str(exc)) from exc
+
+
 def _info(row: PolicyRow, active: dict[str, str]) -> PolicyInfo:
     if row.policy is None:
         state = "recording"
@@ -212,6 +234,7 @@ def _info(row: PolicyRow, active: dict[str, str]) -> PolicyInfo:
         state = "recorded"
     else:
         state = "active" if active.get(row.device_class) == row.policy_id else "superseded"
+    posture = row.policy.posture if row.policy else row.posture or PostureRequirements()
     pcrs = []
     if row.policy is not None:
         pcrs = [
@@ -230,4 +253,6 @@ def _info(row: PolicyRow, active: dict[str, str]) -> PolicyInfo:
             f"{state.name}: {len(state.events)} events"
             for state in (row.policy.reference_states if row.policy else [])
         ],
+        posture_required=list(posture.required),
+        posture_failure=posture.failure,
     )

@@ -9,21 +9,43 @@ A policy recorded from a reference device that sent its boot event log also hold
 log's events as a reference state (:mod:`.appraise`); the verifier then appraises every
 device's log against the policy's states (docs/adr/0021). Several states may be allowed
 at once (old and new firmware during a rollout): :func:`merge_policies`.
+
+A policy may also require posture items (seed 000's checklist, docs/adr/0026): a device
+whose posture report does not show one of them as ``pass`` gets the verdict the policy
+names for it (``posture_failure``: ``warning`` or ``contraindicated``).
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
 from edgeward_attestation.appraise import MAX_REFERENCE_STATES, ReferenceState
 from edgeward_attestation.quote import PcrPolicy
 from edgeward_attestation.structures import ALG_SHA256
+from edgeward_shared.posture.report import ITEMS, ItemId
 
 PolicyId = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9.-]{0,63}$")]
 DeviceClass = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9-]{0,31}$")]
 HexDigest = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+PostureFailure = Literal["warning", "contraindicated"]
+
+
+class PostureRequirements(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The posture items a class requires, and the verdict when one is not ``pass``."""
+
+    required: Annotated[list[ItemId], msgspec.Meta(max_length=len(ITEMS))] = msgspec.field(
+        default_factory=list
+    )
+    failure: PostureFailure = "contraindicated"
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.required) - set(ITEMS))
+        if unknown:
+            raise ValueError(f"unknown posture items {unknown}; known: {', '.join(ITEMS)}")
+        if len(set(self.required)) != len(self.required):
+            raise ValueError("a posture item is required once")
 
 
 class ClassPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -37,6 +59,8 @@ class ClassPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     reference_states: Annotated[
         list[ReferenceState], msgspec.Meta(max_length=MAX_REFERENCE_STATES)
     ] = msgspec.field(default_factory=list)
+    #: the posture items required, and the verdict when one is unmet (docs/adr/0026)
+    posture: PostureRequirements = msgspec.field(default_factory=PostureRequirements)
 
     def __post_init__(self) -> None:
         self.to_pcr_policy()  # validates indices and coverage
@@ -66,21 +90,24 @@ def policy_from_values(
     device_class: str,
     pcrs: dict[int, bytes],
     reference: ReferenceState | None = None,
+    posture: PostureRequirements | None = None,
 ) -> ClassPolicy:
     """A policy allowing exactly the given PCR values (recorded from a reference device),
-    and its boot event log's events if it sent one."""
+    and its boot event log's events if it sent one, requiring ``posture``."""
     allowlist = {str(i): [value.hex()] for i, value in sorted(pcrs.items())}
     return ClassPolicy(
         policy_id=policy_id,
         device_class=device_class,
         allowlist=allowlist,
         reference_states=[reference] if reference else [],
+        posture=posture or PostureRequirements(),
     )
 
 
 def merge_policies(new: ClassPolicy, keep: ClassPolicy) -> ClassPolicy:
     """``new`` also allowing everything ``keep`` allows (same PCRs): the policy of a
-    firmware rollout, under which devices on the old and the new firmware both attest."""
+    firmware rollout, under which devices on the old and the new firmware both attest.
+    The posture requirements are ``new``'s."""
     if new.selection != keep.selection or new.device_class != keep.device_class:
         raise ValueError("only policies of one class over the same PCRs can be merged")
     allowlist = {
@@ -95,6 +122,7 @@ def merge_policies(new: ClassPolicy, keep: ClassPolicy) -> ClassPolicy:
         device_class=new.device_class,
         allowlist=allowlist,
         reference_states=states,
+        posture=new.posture,
     )
 
 

@@ -57,7 +57,7 @@ from edgeward_attestation.structures import (
     parse_quote_attest,
     parse_signature,
 )
-from edgeward_shared.bindings import qualifying_data
+from edgeward_shared.bindings import qualifying_data, qualifying_data_v2
 from edgeward_shared.errors import AuthenticityError, EdgewardError, MessageError, PolicyError
 
 _SHA256: Final = hashes.SHA256()
@@ -396,13 +396,16 @@ def verify_quote(
     policy: PcrPolicy,
     previous: ClockState | None,
     now_ms: int,
+    posture_digest: bytes | None = None,
 ) -> QuoteVerdict:
     """Verify a quote the product's way; see the module docstring for the checks and errors.
 
     ``attest`` is the TPMS_ATTEST (TPM2B_ATTEST's buffer), ``signature`` the marshalled
     TPMT_SIGNATURE, ``pcr_values`` the PCR values the device supplied (index to digest),
     ``ak`` the enrolled AK (parsed, or its TPM2B_PUBLIC), ``session_key`` the DER
-    SubjectPublicKeyInfo the quote must bind (:func:`qualifying_data`). Raises the first
+    SubjectPublicKeyInfo the quote must bind (:func:`qualifying_data`; with
+    ``posture_digest``, the SHA-256 of the posture report sent with it, binding version 2:
+    :func:`qualifying_data_v2`, docs/adr/0026). Raises the first
     finding of :func:`verify_quote_raw` (with the challenge's expiry) if there is any.
     """
     report = _verify(
@@ -410,7 +413,9 @@ def verify_quote(
         signature,
         ak,
         "tpm2b_public",
-        qualifying_data(challenge.nonce, session_key),
+        qualifying_data(challenge.nonce, session_key)
+        if posture_digest is None
+        else qualifying_data_v2(challenge.nonce, session_key, posture_digest),
         pcr_values,
         policy,
         previous,

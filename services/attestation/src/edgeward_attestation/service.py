@@ -24,7 +24,6 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
-from edgeward_attestation.appraise import Finding
 from edgeward_attestation.credential import make_credential
 from edgeward_attestation.enrollment import (
     EnrollReason,
@@ -35,7 +34,7 @@ from edgeward_attestation.enrollment import (
 from edgeward_attestation.keys import AttestationKey
 from edgeward_attestation.measured_boot import appraise_evidence, quote_policy, recorded_state
 from edgeward_attestation.policy import ClassPolicy, merge_policies, policy_from_values
-from edgeward_attestation.quote import Challenge, PcrPolicy, verify_quote
+from edgeward_attestation.quote import Challenge, ClockState, PcrPolicy, verify_quote
 from edgeward_attestation.reasons import AttestationReason
 from edgeward_attestation.store import (
     AttestationStore,
@@ -45,7 +44,7 @@ from edgeward_attestation.store import (
 )
 from edgeward_shared.bindings import enrollment_proof
 from edgeward_shared.clock import Clock, to_datetime
-from edgeward_shared.ear import AttestationClaims, issue_ear
+from edgeward_shared.ear import AttestationClaims, PostureClaim, Status, issue_ear
 from edgeward_shared.envelope import Opened, SigningKey
 from edgeward_shared.errors import AuthenticityError, EdgewardError, MessageError, PolicyError
 from edgeward_shared.identity import ServiceName
@@ -68,6 +67,15 @@ from edgeward_shared.messages.identity import (
     CertificateIssued,
     CertificateRenewed,
     IssueDeviceCertificate,
+)
+from edgeward_shared.posture.report import (
+    PostureItem,
+    PostureReason,
+    PostureReport,
+    decode_report,
+    finding_lines,
+    report_digest,
+    unmet_requirements,
 )
 from edgeward_shared.runtime.core import Outgoing
 from edgeward_shared.topics import (
@@ -107,6 +115,27 @@ class Settings:
     ear_lifetime_s: int = 600
     certificate_lifetime_s: int = 24 * 3600
     request_interval_ms: int = 1_000  # at most one challenge per device per interval, on ask
+
+
+@dataclass(frozen=True, slots=True)
+class _Appraisal:
+    """What a verified quote established: its session key and clock, the posture report
+    it bound (decoded, and its bytes) and the required items that report leaves unmet."""
+
+    session_key: ec.EllipticCurvePublicKey
+    clock_state: ClockState
+    report: PostureReport | None
+    posture: bytes | None
+    unmet: tuple[PostureItem, ...]
+
+    def claim(self) -> PostureClaim | None:
+        if self.report is None or self.posture is None:
+            return None
+        return PostureClaim(
+            digest=report_digest(self.posture).hex(),
+            items={entry.item: entry.outcome for entry in self.report.items},
+            unmet=tuple(entry.item for entry in self.unmet),
+        )
 
 
 class AttestationService:
@@ -265,7 +294,7 @@ class AttestationService:
         now = self.clock.now_ms()
         # in the database, not in memory: with several instances behind the shared
         # subscription, a per-instance bound would let each of them challenge the device
-        # (and every new challenge retires the one before: docs/adr/0026)
+        # (and every new challenge retires the one before: docs/adr/0027)
         if not await self.store.claim_request(device_id, now, self.settings.request_interval_ms):
             raise PolicyError(ServiceReason.RATE_LIMITED, f"{device_id} asked too often")
         return (await self.challenge(device_id),)
@@ -301,6 +330,7 @@ class AttestationService:
         policy = await self._policy(device)
         now = self.clock.now_ms()
         supplied = {pcr.index: pcr.digest for pcr in evidence.pcrs}
+        digest = report_digest(evidence.posture) if evidence.posture else None
         try:
             session_key = _session_key(evidence.session_key)
             verdict = verify_quote(
@@ -313,32 +343,62 @@ class AttestationService:
                 policy=quote_policy(policy, supplied),  # the event log's appraisal follows
                 previous=device.clock_state,
                 now_ms=now,
+                posture_digest=digest,
             )
             findings = appraise_evidence(evidence.event_log, policy, verdict.facts.pcrs)
+            report = decode_report(evidence.posture) if evidence.posture else None
         except EdgewardError as exc:
             return await self._contraindicated(opened, device_id, policy, exc.reason, now)
+        posture = evidence.posture or None  # bound by the verified quote from here on
         if findings:
+            lines = [finding.line() for finding in findings]
+            reason = AttestationReason.EVENTLOG_EVENTS
             return await self._contraindicated(
-                opened, device_id, policy, AttestationReason.EVENTLOG_EVENTS, now, findings
+                opened, device_id, policy, reason, now, lines, posture
             )
+        unmet = unmet_requirements(report, policy.posture.required)
+        if unmet and policy.posture.failure == "contraindicated":
+            lines = finding_lines(unmet)
+            return await self._contraindicated(
+                opened, device_id, policy, PostureReason.UNMET, now, lines, posture
+            )
+        appraisal = _Appraisal(session_key, verdict.facts.state, report, posture, tuple(unmet))
+        return await self._attested(opened, device, policy, appraisal, now)
+
+    async def _attested(
+        self,
+        opened: Opened[Any],
+        device: DeviceRecord,
+        policy: ClassPolicy,
+        appraisal: _Appraisal,
+        now: int,
+    ) -> Sequence[Outgoing]:
+        """An EAR for a verified quote: ``affirming``, or ``warning`` when the policy
+        says so for unmet posture items (docs/adr/0026)."""
+        unmet = appraisal.unmet
+        status: Status = "warning" if unmet else "affirming"
         claims = AttestationClaims(
-            device_id=device_id,
-            status="affirming",
+            device_id=device.device_id,
+            status=status,
             policy_id=policy.policy_id,
-            session_key=session_key,
+            session_key=appraisal.session_key,
             result_id=secrets.token_hex(16),
             issued_at=now // 1000,
             expires_at=now // 1000 + self.settings.ear_lifetime_s,
             device_class=device.device_class,
+            posture=appraisal.claim(),
         )
+        reason = PostureReason.UNMET if unmet else ServiceReason.AFFIRMING
         if not await self.store.record_verdict(
-            device_id,
+            device.device_id,
             trusted=True,
-            reason=ServiceReason.AFFIRMING,
+            reason=reason,
             policy_id=policy.policy_id,
             now_ms=now,
             ear_expires_at=claims.expires_at * 1000,
-            clock_state=verdict.facts.state,
+            clock_state=appraisal.clock_state,
+            findings=finding_lines(unmet),
+            posture=appraisal.posture,
             read_version=device.verdict_version,
         ):
             # fail closed: no EAR on counters another instance has moved since they were read
@@ -347,11 +407,14 @@ class AttestationService:
             )
         result = AttestationResult(
             in_reply_to=opened.mid,
-            status="affirming",
+            status=status,
             ear=issue_ear(self.signing_key, claims),
-            reasons=[],
+            reasons=[reason] if unmet else [],
         )
-        log.info("attestation.affirming", extra=fields(device=device_id, policy=policy.policy_id))
+        log.info(
+            f"attestation.{status}",
+            extra=fields(device=device.device_id, policy=policy.policy_id, reasons=result.reasons),
+        )
         return (Outgoing(_reply(opened), result),)
 
     async def _record_values(
@@ -381,10 +444,11 @@ class AttestationService:
             policy=candidate,
             previous=device.clock_state,
             now_ms=now,
+            posture_digest=report_digest(evidence.posture) if evidence.posture else None,
         )
         reference = recorded_state(recording.policy_id, evidence.event_log, supplied)
         policy = policy_from_values(
-            recording.policy_id, recording.device_class, supplied, reference
+            recording.policy_id, recording.device_class, supplied, reference, recording.posture
         )
         kept = await self.store.policy(recording.keep_from) if recording.keep_from else None
         if kept is not None and kept.policy is not None:  # a firmware rollout (ADR 0021)
@@ -409,9 +473,11 @@ class AttestationService:
         policy: ClassPolicy,
         reason: str,
         now: int,
-        findings: Sequence[Finding] = (),
+        lines: Sequence[str] = (),
+        posture: bytes | None = None,
     ) -> Sequence[Outgoing]:
-        lines = [finding.line() for finding in findings]
+        """``lines``: the findings (boot events or posture items); ``posture`` the report
+        the verified quote bound (None: the quote did not verify, the last one stays)."""
         await self.store.record_verdict(
             device_id,
             trusted=False,
@@ -419,6 +485,7 @@ class AttestationService:
             policy_id=policy.policy_id,
             now_ms=now,
             findings=lines,
+            posture=posture,
         )
         log.warning(
             "attestation.failed", extra=fields(device=device_id, reason=reason, findings=lines)
@@ -445,6 +512,16 @@ class AttestationService:
         if policy is None:
             raise PolicyError(ServiceReason.POLICY_MISSING, f"no policy for {device.device_class}")
         return policy
+
+
+def _posture_claim(
+    data: bytes, report: PostureReport, unmet: Sequence[PostureItem]
+) -> PostureClaim:
+    return PostureClaim(
+        digest=report_digest(data).hex(),
+        items={entry.item: entry.outcome for entry in report.items},
+        unmet=tuple(entry.item for entry in unmet),
+    )
 
 
 @functools.lru_cache(maxsize=65536)

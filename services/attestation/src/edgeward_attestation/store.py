@@ -17,7 +17,12 @@ from typing import Final
 
 import msgspec
 
-from edgeward_attestation.policy import ClassPolicy, decode_policy, encode_policy
+from edgeward_attestation.policy import (
+    ClassPolicy,
+    PostureRequirements,
+    decode_policy,
+    encode_policy,
+)
 from edgeward_attestation.quote import ClockState
 from edgeward_shared.storage.base import Database, Row, Transaction
 from edgeward_shared.storage.migrations import Migration, migrate
@@ -109,7 +114,15 @@ MIGRATIONS: Final = (
     ),
     Migration(
         3,
-        "a version per device verdict and its last request: shared by instances (ADR 0026)",
+        "a device's last posture report, a recording policy's posture requirements (ADR 0026)",
+        (
+            "ALTER TABLE att_devices ADD COLUMN posture BLOB",
+            "ALTER TABLE att_policies ADD COLUMN posture TEXT",
+        ),
+    ),
+    Migration(
+        4,
+        "a version per device verdict and its last request: shared by instances (ADR 0027)",
         (
             "ALTER TABLE att_devices ADD COLUMN verdict_version BIGINT NOT NULL DEFAULT 0",
             "ALTER TABLE att_devices ADD COLUMN asked_at BIGINT",
@@ -134,6 +147,8 @@ class DeviceRecord:
     certificate_serial: str | None
     #: why the last verdict was what it was, event by event (empty unless it was refused)
     findings: tuple[str, ...] = ()
+    #: the posture report (its bytes) of the last evidence whose quote bound it
+    posture: bytes | None = None
     #: bumped by every verdict: an affirming one is written only over the version it read
     verdict_version: int = 0
 
@@ -155,6 +170,7 @@ class DeviceRecord:
             clock_state=state,
             certificate_serial=_opt_str(row["certificate_serial"]),
             findings=_findings(row["findings"]),
+            posture=None if row["posture"] is None else _blob(row["posture"]),
             verdict_version=int(str(row["verdict_version"])),
         )
 
@@ -170,6 +186,8 @@ class PolicyRow:
     approved_by: str | None
     approved_at: int | None
     keep_from: str | None = None  # merged into this one when its values arrive
+    #: a recording policy's posture requirements, until its values arrive
+    posture: PostureRequirements | None = None
 
     @classmethod
     def from_row(cls, row: Row) -> PolicyRow:
@@ -184,6 +202,9 @@ class PolicyRow:
             approved_by=_opt_str(row["approved_by"]),
             approved_at=_opt_int(row["approved_at"]),
             keep_from=_opt_str(row["keep_from"]),
+            posture=None
+            if row["posture"] is None
+            else msgspec.json.decode(str(row["posture"]), type=PostureRequirements),
         )
 
 
@@ -293,10 +314,13 @@ class AttestationStore:
         ear_expires_at: int | None = None,
         clock_state: ClockState | None = None,
         findings: Sequence[str] = (),
+        posture: bytes | None = None,
         read_version: int | None = None,
     ) -> bool:
         """The outcome of one attestation (counters only move on an accepted quote) and
-        its findings (the events that differ; replaced by every verdict).
+        its findings (the events that differ; replaced by every verdict). ``posture``: the
+        report the verified quote bound, kept as the device's last posture (None: the
+        last one stays).
 
         ``read_version``: the device's ``verdict_version`` when its counters were read for
         this verdict. The verdict is then written only if no other verdict landed since
@@ -324,6 +348,9 @@ class AttestationStore:
                 "sc": clock_state.restart_count,
                 "clk": clock_state.clock,
             }
+        if posture is not None:
+            sql += ", posture = :posture"
+            params["posture"] = posture
         where = " WHERE device_id = :d"
         if read_version is not None:
             where += " AND verdict_version = :v"
@@ -516,15 +543,17 @@ class AttestationStore:
         actor: str,
         now_ms: int,
         keep_from: str | None = None,
+        posture: PostureRequirements | None = None,
     ) -> bool:
         """Record a policy pending approval: with its values (``policy``), or to be filled
-        from ``reference_device``'s next quote (then merged with ``keep_from``'s). False if
-        the id is taken."""
+        from ``reference_device``'s next quote (then merged with ``keep_from``'s, requiring
+        ``posture``). False if the id is taken."""
         async with self.db.transaction() as tx:
             added = await tx.execute(
                 "INSERT INTO att_policies (policy_id, device_class, selection, body,"
-                " reference_device, recorded_by, recorded_at, keep_from) VALUES (:p, :c, :sel,"
-                " :b, :ref, :a, :at, :keep) ON CONFLICT (policy_id) DO NOTHING",
+                " reference_device, recorded_by, recorded_at, keep_from, posture) VALUES (:p,"
+                " :c, :sel, :b, :ref, :a, :at, :keep, :posture) ON CONFLICT (policy_id) DO"
+                " NOTHING",
                 {
                     "p": policy_id,
                     "c": device_class,
@@ -534,6 +563,7 @@ class AttestationStore:
                     "a": actor,
                     "at": now_ms,
                     "keep": keep_from,
+                    "posture": msgspec.json.encode(posture).decode() if posture else None,
                 },
             )
             if added:

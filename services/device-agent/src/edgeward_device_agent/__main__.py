@@ -100,6 +100,14 @@ def _timing_options(function: Command) -> Command:
     help="The TCG boot event log sent with every quote (docs/adr/0021).  [default:"
     " $EDGEWARD_EVENT_LOG, else /sys/kernel/security/tpm0/binary_bios_measurements]",
 )
+@_option(
+    "--posture-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("/"),
+    show_default=True,
+    help="Report the posture of the system below this root with every quote (docs/adr/0026).",
+)
+@_option("--no-posture", is_flag=True, help="Send no posture report (simulated devices).")
 @_option("--no-models", is_flag=True, help="Run no models (enrollment and attestation only).")
 @_option(
     "--model-sync-s",
@@ -187,6 +195,7 @@ def agent_config(node: NodeOptions, **options: Any) -> AgentConfig:
         policy=policy,
         seal=SealPolicy.parse(options["seal_pcrs"], options["seal_bank"]),
         event_log=options["event_log"],
+        posture_root=None if options["no_posture"] else options["posture_root"],
         sandbox=None if options["no_sandbox"] else SandboxPolicy(),
         offline=OfflinePolicy(high_grace_s=options["high_grace_s"]),
         inference=InferencePolicy(

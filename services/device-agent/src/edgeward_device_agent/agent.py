@@ -52,6 +52,7 @@ from edgeward_device_agent.metrics import AgentMetrics
 from edgeward_device_agent.model_manager import ModelManager, in_process_loader
 from edgeward_device_agent.model_store import ModelStore
 from edgeward_device_agent.ports import AgentTpm, Connector, TpmFactory, mqtt_connector
+from edgeward_device_agent.posture import posture_reader
 from edgeward_device_agent.reasons import AgentReason
 from edgeward_device_agent.renewal import RenewalError, Renewer, RenewReason, due_at_ms, serial_of
 from edgeward_device_agent.revocations import RevocationHolder, RevocationHook
@@ -453,6 +454,9 @@ class DeviceAgent:
             metrics=self.agent_metrics,
             on_adopted=self._adopted,
             event_log=functools.partial(read_event_log, event_log_path(self.config.event_log)),
+            posture=None
+            if self.config.posture_root is None
+            else posture_reader(self.config.posture_root, self._clock),
         )
         answer_pings(runtime, device_topic(self.device_id, Direction.DOWN, Channel.HEALTH))
         runtime.route(

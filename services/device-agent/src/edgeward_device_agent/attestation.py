@@ -5,7 +5,9 @@ It owns, on ``ew/v1/dev/<id>/down/attest``:
 * **Challenges** (:class:`AttestationChallenge`): a fresh in-memory ECDSA P-256 session
   key per challenge, a TPM2_Quote (in a worker thread) over the challenge's PCRs with
   ``qualifyingData = H(nonce ‖ session key)``, answered with :class:`AttestationEvidence`,
-  which also carries the boot event log (:mod:`.boot_log`, read after the quote).
+  which also carries the boot event log (:mod:`.boot_log`, read after the quote) and,
+  when the agent reports posture (:mod:`.posture`, collected before the quote), the
+  posture report whose digest the quote then binds (binding version 2, docs/adr/0026).
   Policy: a challenge already expired when it arrives, or by the time the quote is done,
   is refused (``agent.attest.challenge_expired``); one quote at a time, and a challenge
   arriving while a quote is in flight is refused at once (``agent.attest.busy``) rather
@@ -47,7 +49,7 @@ from edgeward_device_agent.metrics import AgentMetrics
 from edgeward_device_agent.ports import AgentTpm
 from edgeward_device_agent.reasons import AgentReason
 from edgeward_device_agent.tpm import PcrBank
-from edgeward_shared.bindings import qualifying_data
+from edgeward_shared.bindings import qualifying_data, qualifying_data_v2
 from edgeward_shared.clock import Clock
 from edgeward_shared.ear import AttestationClaims, Status
 from edgeward_shared.envelope import Opened, new_mid
@@ -61,6 +63,7 @@ from edgeward_shared.messages.attest import (
 )
 from edgeward_shared.pki.certs import new_key
 from edgeward_shared.pki.trust import TrustStore
+from edgeward_shared.posture.report import report_digest
 from edgeward_shared.runtime.core import Outgoing
 from edgeward_shared.topics import reply_topic
 
@@ -138,11 +141,13 @@ class Attester:
         metrics: AgentMetrics,
         on_adopted: Callable[[CurrentAttestation], None] = lambda _current: None,
         event_log: Callable[[], bytes] = lambda: b"",
+        posture: Callable[[], bytes] | None = None,
         session_keys: Callable[[], ec.EllipticCurvePrivateKey] = new_key,
         message_ids: Callable[[], str] = new_mid,
     ) -> None:
         self._device_id = device_id
         self._event_log = event_log
+        self._posture = posture
         self._tpm = tpm
         self._trust = trust
         self._clock = clock
@@ -190,9 +195,15 @@ class Attester:
         try:
             session_key = self._session_keys()
             spki = _spki(session_key)
+            posture = await asyncio.to_thread(self._posture) if self._posture else b""
+            binding = (
+                qualifying_data_v2(challenge.nonce, spki, report_digest(posture))
+                if posture
+                else qualifying_data(challenge.nonce, spki)
+            )
             quote = await asyncio.to_thread(
                 self._tpm.quote,
-                qualifying_data(challenge.nonce, spki),
+                binding,
                 challenge.pcr_selection,
                 _BANKS[challenge.pcr_bank],
             )
@@ -211,6 +222,7 @@ class Attester:
             signature=quote.signature,
             pcrs=[PcrValue(index=i, digest=d) for i, d in sorted(quote.pcrs.items())],
             event_log=boot_log,
+            posture=posture,
         )
         return (Outgoing(answer_on, evidence, mid=evidence_mid),)
 

@@ -113,6 +113,10 @@ class AgentConfig:
     #: the TCG boot event log sent with each quote (docs/adr/0021); None: ``$EDGEWARD_EVENT_LOG``
     #: if set, else Linux's ``/sys/kernel/security/tpm0/binary_bios_measurements``
     event_log: Path | None = None
+    #: report the posture of the system below this root with each quote (docs/adr/0026):
+    #: ``/`` on a device (``python -m edgeward_device_agent`` defaults to it); None: no
+    #: report (simulated fleets: their host's posture is not theirs)
+    posture_root: Path | None = None
 
     def __post_init__(self) -> None:
         Identity.device(self.device_id)  # raises ValueError for an invalid device id

@@ -19,6 +19,8 @@ PcrIndex = Annotated[int, msgspec.Meta(ge=0, le=23)]
 #: The largest boot event log a device may send (docs/protocol.md 7.1): twice base64-encoded
 #: (message in envelope) it still fits the broker's 256 KiB payload limit with the rest.
 MAX_EVENT_LOG_BYTES: Final = 128 * 1024
+#: The largest posture report (edgeward_shared.posture.report.MAX_REPORT_BYTES).
+MAX_POSTURE_BYTES: Final = 16 * 1024
 
 
 class AttestationRequest(Message, frozen=True, tag="edgeward.attest.request.v1"):
@@ -43,12 +45,19 @@ class PcrValue(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     digest: Annotated[bytes, msgspec.Meta(min_length=20, max_length=64)]
 
 
-class AttestationEvidence(Message, frozen=True, tag="edgeward.attest.evidence.v1"):
+class AttestationEvidence(
+    Message, frozen=True, omit_defaults=True, tag="edgeward.attest.evidence.v1"
+):
     """The quote: TPMS_ATTEST and TPMT_SIGNATURE as the TPM produced them, the PCR values
     it covers, and the session public key (DER SubjectPublicKeyInfo, ECDSA P-256) it binds;
     the device keeps the session private key in memory only. ``event_log`` is the TCG PC
     Client boot event log (crypto-agile, as Linux's ``binary_bios_measurements``), empty
-    when the device has none; the verifier replays it against the quoted PCRs."""
+    when the device has none; the verifier replays it against the quoted PCRs.
+    ``posture`` is the device's posture report (:mod:`edgeward_shared.posture.report`, its
+    exact bytes); when present the quote binds its digest (binding version 2,
+    :func:`edgeward_shared.bindings.qualifying_data_v2`), else version 1 applies. Both are
+    left out of the encoding when empty (a verifier from before posture reports accepts a
+    device that sends none)."""
 
     in_reply_to: MessageId
     session_key: Annotated[bytes, msgspec.Meta(min_length=1, max_length=512)]
@@ -56,6 +65,7 @@ class AttestationEvidence(Message, frozen=True, tag="edgeward.attest.evidence.v1
     signature: Annotated[bytes, msgspec.Meta(min_length=1, max_length=512)]
     pcrs: Annotated[list[PcrValue], msgspec.Meta(max_length=24)]
     event_log: Annotated[bytes, msgspec.Meta(max_length=MAX_EVENT_LOG_BYTES)] = b""
+    posture: Annotated[bytes, msgspec.Meta(max_length=MAX_POSTURE_BYTES)] = b""
 
 
 class AttestationResult(Message, frozen=True, tag="edgeward.attest.result.v1"):

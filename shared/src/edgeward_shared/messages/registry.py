@@ -13,10 +13,13 @@ import msgspec
 from edgeward_shared.messages.attest import PcrIndex, PcrValue
 from edgeward_shared.messages.base import Message
 from edgeward_shared.messages.common import MessageId, ReasonId
+from edgeward_shared.posture.report import MAX_ITEMS, ItemId, PostureItem
 
 DeviceId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
 DeviceClass = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9-]{0,31}$")]
 PolicyId = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9.-]{0,63}$")]
+#: The verdict a class policy gives a device whose posture misses a required item.
+PostureFailure = Literal["warning", "contraindicated"]
 Trust = Literal["enrolled", "attested", "stale", "untrusted"]
 
 
@@ -51,6 +54,12 @@ class DeviceStatus(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     findings: Annotated[
         list[Annotated[str, msgspec.Meta(max_length=240)]], msgspec.Meta(max_length=MAX_FINDINGS)
     ] = msgspec.field(default_factory=list)
+    #: the device's last posture report bound by a verified quote (docs/adr/0026), item by
+    #: item, and when the device collected it; only when one device is shown
+    posture: Annotated[list[PostureItem], msgspec.Meta(max_length=MAX_ITEMS)] = msgspec.field(
+        default_factory=list
+    )
+    posture_collected_at_ms: int | None = None
 
 
 class DeviceList(Message, frozen=True, tag="edgeward.registry.devices.v1"):
@@ -74,6 +83,12 @@ class PolicyRecord(Message, frozen=True, tag="edgeward.policy.record.v1"):
     #: also allow everything this recorded policy (same class and PCRs) allows: the policy
     #: of a firmware rollout, old and new boot states at once (docs/adr/0021)
     keep: PolicyId | None = None
+    #: posture items a device of the class must show as ``pass`` (docs/adr/0026), and the
+    #: verdict when one does not
+    require: Annotated[list[ItemId], msgspec.Meta(max_length=MAX_ITEMS)] = msgspec.field(
+        default_factory=list
+    )
+    on_posture_failure: PostureFailure = "contraindicated"
 
 
 class PolicyApprove(Message, frozen=True, tag="edgeward.policy.approve.v1"):
@@ -98,6 +113,11 @@ class PolicyInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     boot_states: Annotated[
         list[Annotated[str, msgspec.Meta(max_length=100)]], msgspec.Meta(max_length=8)
     ] = msgspec.field(default_factory=list)
+    #: the posture items it requires (docs/adr/0026) and the verdict when one is unmet
+    posture_required: Annotated[list[ItemId], msgspec.Meta(max_length=MAX_ITEMS)] = msgspec.field(
+        default_factory=list
+    )
+    posture_failure: PostureFailure = "contraindicated"
 
 
 class PolicyList(Message, frozen=True, tag="edgeward.policy.list.v1"):

@@ -129,7 +129,7 @@ class NodeOptions:
 
     async def open_database(self) -> Database:
         """Open ``--database``: the SQLite file, or the PostgreSQL database of the URL, whose
-        transactions are serialized across this component's instances (docs/adr/0026)."""
+        transactions are serialized across this component's instances (docs/adr/0027)."""
         if self.database is None:
             raise ConfigError("config.database.missing", f"{self.component} takes no --database")
         return await open_database(self.database, scope=self.component)
