@@ -7,7 +7,9 @@ are about the broker, not the agents.
 * connections: N devices connect (TLS handshake with a client certificate each); reported:
   the connect rate, and the broker's resident memory before and after (per connection).
 * messages: P of those devices publish QoS 1 telemetry-sized payloads (512 bytes) on their
-  own ``up/telemetry`` topics as fast as paho lets them, while one service client
+  own ``up/telemetry`` topics as fast as paho and a window of 2,000 unreceived messages
+  (flow control: past ``max_queued_messages`` Mosquitto drops QoS 1) let them, while one
+  service client
   (svc.telemetry) subscribed to ``ew/v1/dev/+/up/telemetry`` counts what arrives; reported:
   messages delivered per second end to end, and the broker's CPU share meanwhile. The
   publishers run in this Python process: when the broker's CPU share is well below one
@@ -40,6 +42,7 @@ PUBLISHERS = sized(8, 2)
 MESSAGES = sized(40_000, 400)
 PAYLOAD = b"t" * 512
 CONNECT_BOUND_S = sized(180.0, 30.0)
+WINDOW = 2000  # below the broker's max_queued_messages (5000)
 
 
 def make_pki(directory: Path, count: int) -> PkiStore:
@@ -66,7 +69,7 @@ def client(store: PkiStore, identity: Identity, port: int) -> tuple[paho.Client,
     mqtt.max_inflight_messages_set(100)
     connected = threading.Event()
     mqtt.on_connect = lambda *_: connected.set()
-    mqtt.connect_async("127.0.0.1", port, keepalive=120)
+    mqtt.connect("127.0.0.1", port, keepalive=60)  # the handshake, here and now
     mqtt.loop_start()
     return mqtt, connected
 
@@ -146,12 +149,20 @@ def throughput(
     if not subscribed.wait(10):
         raise TimeoutError("the subscription was not acknowledged")
     publishers = [d for d in devices if d[1].is_set()][:PUBLISHERS]
+    names = [f"dev-{i:04d}" for i, d in enumerate(devices) if d[1].is_set()][:PUBLISHERS]
     per = MESSAGES // len(publishers)
+
+    sent = [0] * len(publishers)
 
     def publish(index: int) -> None:
         mqtt, _ = publishers[index]
-        topic = device_topic(str(mqtt._client_id.decode()), Direction.UP, Channel.TELEMETRY)
+        topic = device_topic(names[index], Direction.UP, Channel.TELEMETRY)
         for _ in range(per):
+            # flow control: never more than WINDOW messages queued for the subscriber, or
+            # Mosquitto drops QoS 1 messages past max_queued_messages (ARCHITECTURE.md)
+            while sum(sent) - received > WINDOW:
+                time.sleep(0.0005)
+            sent[index] += 1
             info = mqtt.publish(topic, PAYLOAD, qos=1)
             while info.rc == paho.MQTT_ERR_QUEUE_SIZE:  # paho's own queue is full: wait
                 time.sleep(0.001)
