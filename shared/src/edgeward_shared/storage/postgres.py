@@ -16,8 +16,8 @@ keeps the guarantee the SQLite engine gives one host (docs/adr/0027):
   (``storage.busy``; ``storage.unavailable`` when the server cannot be reached at all);
   ``statement_timeout`` is set on each connection (``storage.timeout``) and also bounds each call
   on the client, so a server that stops answering is an error, not a hang.
-- **Recovery without an operator.** Connections come from ``psycopg_pool``; a broken one
-  fails the transaction using it and is replaced, and the pool reconnects in the
+- **Recovery without an operator.** Connections come from ``psycopg_pool``; each is checked
+  when it is handed out, a broken one is replaced, and the pool reconnects in the
   background. While the server is away every transaction fails closed
   (``storage.unavailable``); when it is back the next one succeeds.
 - **Portable SQL.** ``:name`` parameters become ``%(name)s`` (a small tokenizer that skips
@@ -176,15 +176,15 @@ class PostgresDatabase:
                 raise ValueError(f"{label} must be a positive number of seconds")
         if not scope:
             raise ValueError("scope must name the service whose transactions it serializes")
-        # No check when a connection is handed out (it would cost a round trip per
-        # transaction): a broken one fails its transaction (storage.unavailable, fail
-        # closed) and the pool discards it and connects again.
+        # Each connection is checked when handed out (one round trip): after a server
+        # restart, a stale one is replaced instead of failing a transaction.
         pool: AsyncConnectionPool[_Conn] = AsyncConnectionPool(
             _with_statement_timeout(conninfo, statement_timeout),
             min_size=min_size,
             max_size=max_size,
             timeout=acquire_timeout,
             open=False,
+            check=AsyncConnectionPool.check_connection,
             reconnect_timeout=24 * 3600.0,  # keep trying: an outage is not a reason to stop
             kwargs={
                 "row_factory": dict_row,
