@@ -20,12 +20,16 @@ Usage: bench_broker_limits.py [N]   (smoke: 10 devices, a short burst)
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
 import ssl
 import tempfile
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -86,47 +90,83 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+#: paho's loop uses select(), which cannot watch a descriptor above 1023 (FD_SETSIZE), and
+#: each client holds three: so the devices are spread over processes of at most this many
+PER_PROCESS = 250
+
+
+def hold(store_dir: str, names: list[str], port: int, out: Connection, stop: Event) -> None:
+    """A child process: connect ``names`` one after another, report, hold until told."""
+    store = PkiStore(Path(store_dir))
+    clients = []
+    for name in names:
+        with contextlib.suppress(OSError):
+            clients.append(client(store, Identity.device(name), port))
+    deadline = time.monotonic() + CONNECT_BOUND_S
+    for _, connected in clients:
+        connected.wait(max(0.0, deadline - time.monotonic()))
+    out.send(sum(connected.is_set() for _, connected in clients))
+    stop.wait()
+    for mqtt, _ in clients:
+        mqtt.disconnect()
+        mqtt.loop_stop()
+
+
 def main() -> None:
     given = args()
     count = int(given[0]) if given else sized(1000, 10)
     report = Report("broker_limits")
+    names = [f"dev-{i:04d}" for i in range(count)]
+    context = multiprocessing.get_context("fork")
     with tempfile.TemporaryDirectory(prefix="edgeward-broker-limits-") as tmp:
         root = Path(tmp)
-        store = make_pki(root / "pki", count)
+        store = make_pki(root / "pki", count + PUBLISHERS)
         with MosquittoBroker(store, root / "broker") as broker:
             pid = broker.pid
             idle_kb = rss_kb(pid)
+            stop = context.Event()
+            pipes, children = [], []
             started = time.perf_counter()
-            devices = [
-                client(store, Identity.device(f"dev-{i:04d}"), broker.port) for i in range(count)
-            ]
-            deadline = started + CONNECT_BOUND_S
-            for _, connected in devices:  # bounded: count who made it, do not hang
-                connected.wait(max(0.0, deadline - time.perf_counter()))
-            up = sum(connected.is_set() for _, connected in devices)
-            connect_s = time.perf_counter() - started
-            if up == 0:
-                raise TimeoutError(f"no device connected within {CONNECT_BOUND_S} s")
-            time.sleep(1.0)
-            loaded_kb = rss_kb(pid)
-            report.add("devices_asked", count, "connections")
-            report.add("devices_connected", up, "connections")
-            report.add("connect_rate_per_s", up / connect_s, "connections/s")
-            report.add("broker_rss_idle_kb", idle_kb, "KiB")
-            report.add("broker_rss_connected_kb", loaded_kb, "KiB")
-            report.add("broker_rss_per_connection_kb", (loaded_kb - idle_kb) / up, "KiB")
-            delivered_per_s, share = throughput(store, broker.port, pid, devices)
-            report.add("qos1_delivered_per_s", delivered_per_s, "messages/s")
-            report.add("broker_cpu_share_during_messages", share, "cores")
-            for mqtt, _ in devices:
-                mqtt.disconnect()
-                mqtt.loop_stop()
+            for first in range(0, count, PER_PROCESS):
+                receive, send = context.Pipe(duplex=False)
+                child = context.Process(
+                    target=hold,
+                    args=(
+                        str(store.dir),
+                        names[first : first + PER_PROCESS],
+                        broker.port,
+                        send,
+                        stop,
+                    ),
+                )
+                child.start()
+                pipes.append(receive)
+                children.append(child)
+            try:
+                up = sum(int(pipe.recv()) for pipe in pipes)
+                connect_s = time.perf_counter() - started
+                if up == 0:
+                    raise TimeoutError(f"no device connected within {CONNECT_BOUND_S} s")
+                time.sleep(1.0)
+                loaded_kb = rss_kb(pid)
+                report.add("devices_asked", count, "connections")
+                report.add("devices_connected", up, "connections")
+                report.add("connect_rate_per_s", up / connect_s, "connections/s")
+                report.add("broker_rss_idle_kb", idle_kb, "KiB")
+                report.add("broker_rss_connected_kb", loaded_kb, "KiB")
+                report.add("broker_rss_per_connection_kb", (loaded_kb - idle_kb) / up, "KiB")
+                publishers = [f"dev-{i:04d}" for i in range(count, count + PUBLISHERS)]
+                delivered_per_s, share = throughput(store, broker.port, pid, publishers)
+                report.add("qos1_delivered_per_s", delivered_per_s, "messages/s")
+                report.add("broker_cpu_share_during_messages", share, "cores")
+            finally:
+                stop.set()
+                for child in children:
+                    child.join(30)
     report.write()
 
 
-def throughput(
-    store: PkiStore, port: int, pid: int, devices: list[tuple[paho.Client, threading.Event]]
-) -> tuple[float, float]:
+def throughput(store: PkiStore, port: int, pid: int, names: list[str]) -> tuple[float, float]:
     """QoS 1 publishes from PUBLISHERS devices to one subscribing service."""
     subscriber, connected = client(store, TELEMETRY, port)
     if not connected.wait(10):
@@ -148,8 +188,10 @@ def throughput(
     subscriber.subscribe(f"{ROOT}/dev/+/up/{Channel.TELEMETRY}", qos=1)
     if not subscribed.wait(10):
         raise TimeoutError("the subscription was not acknowledged")
-    publishers = [d for d in devices if d[1].is_set()][:PUBLISHERS]
-    names = [f"dev-{i:04d}" for i, d in enumerate(devices) if d[1].is_set()][:PUBLISHERS]
+    publishers = [client(store, Identity.device(name), port) for name in names]
+    for _, ready in publishers:
+        if not ready.wait(10):
+            raise TimeoutError("a publisher did not connect")
     per = MESSAGES // len(publishers)
 
     sent = [0] * len(publishers)
@@ -178,8 +220,9 @@ def throughput(
         raise TimeoutError(f"only {received} of {MESSAGES} messages arrived")
     elapsed = time.perf_counter() - started
     share = (cpu_s(pid) - cpu0) / elapsed
-    subscriber.disconnect()
-    subscriber.loop_stop()
+    for mqtt, _ in [*publishers, (subscriber, connected)]:
+        mqtt.disconnect()
+        mqtt.loop_stop()
     return received / elapsed, share
 
 
