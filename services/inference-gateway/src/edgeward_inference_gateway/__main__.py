@@ -49,7 +49,7 @@ option = EnvOptions("GATEWAY")
     "inference-gateway",
     env="GATEWAY",
     principal=SERVICE,
-    database_url_only=True,
+    database_optional=True,
     pki_help="PKI directory: the CA bundle (ca-bundle.pem) that device, service and attestation"
     " service certificates must chain to, and the CRL.",
 )
@@ -204,7 +204,7 @@ def main(  # click passes every parameter by keyword
             pki_dir=node.pki.dir,
             identity_dir=node.node_config().identity_dir,
             state_dir=state_dir,
-            database=node.database if isinstance(node.database, str) else None,
+            database=node.database,
             broker=node.broker,
             metrics_port=node.metrics_port,
             settings=settings,

@@ -57,7 +57,9 @@ RESULTS: Final = shared_subscription(GROUP, f"{ROOT}/dev/+/up/infer")
 
 
 @asynccontextmanager
-async def open_store(state_dir: Path, database: str | None = None) -> AsyncIterator[GatewayStore]:
+async def open_store(
+    state_dir: Path, database: Path | str | None = None
+) -> AsyncIterator[GatewayStore]:
     """Open (creating on first use, 0700/0600) the database under ``state_dir``, or the
     PostgreSQL database ``database`` names (shared by every instance, on any host)."""
     _private_dir(state_dir)
@@ -149,7 +151,7 @@ class GatewayConfig:
     identity_dir: Path  # this instance's svc.inference-gateway[.<n>] certificate and key
     state_dir: Path  # gateway.db and the revocation floor; shared by instances on one host
     broker: BrokerAddress
-    database: str | None = None  # a postgresql:// URL instead of state_dir/gateway.db
+    database: Path | str | None = None  # a postgresql:// URL or a file, not state_dir/gateway.db
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
     settings: Settings = field(default_factory=Settings)
     https: HttpsConfig | None = None  # the Open Inference Protocol front (None: off)

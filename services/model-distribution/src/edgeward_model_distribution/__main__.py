@@ -34,7 +34,7 @@ option = EnvOptions("MODELS")
     "model-distribution",
     env="MODELS",
     principal=SERVICE,
-    database_url_only=True,
+    database_optional=True,
     pki_help="PKI directory: the CA bundle (ca-bundle.pem) that certificates of devices,"
     " operators, model signers and the attestation service must chain to, and the CRL.",
 )
@@ -118,7 +118,7 @@ def main(  # click passes every parameter by keyword
             pki_dir=node.pki.dir,
             identity_dir=node.node_config().identity_dir,
             state_dir=state_dir,
-            database=node.database if isinstance(node.database, str) else None,
+            database=node.database,
             broker=node.broker,
             metrics_port=node.metrics_port,
             settings=Settings(

@@ -81,7 +81,7 @@ class State:
 
 
 @asynccontextmanager
-async def open_state(state_dir: Path, database: str | None = None) -> AsyncIterator[State]:
+async def open_state(state_dir: Path, database: Path | str | None = None) -> AsyncIterator[State]:
     """Open (creating on first use) the database, blob store and KEK under ``state_dir``
     (the database: the PostgreSQL one ``database`` names, if given; the blobs and the KEK
     then sit on storage every instance shares)."""
@@ -186,7 +186,7 @@ class ModelsConfig:
     identity_dir: Path  # this instance's svc.model-distribution[.<n>] certificate and key
     state_dir: Path  # database, blobs, uploads and the KEK; shared by instances on one host
     broker: BrokerAddress
-    database: str | None = None  # a postgresql:// URL instead of state_dir/models.db
+    database: Path | str | None = None  # a postgresql:// URL or a file, not state_dir/models.db
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
     settings: Settings = field(default_factory=Settings)
 

@@ -156,7 +156,7 @@ def node_options(
     principal: Identity | None = None,
     trust: Trust = "pki",
     database: Path | None = None,
-    database_url_only: bool = False,
+    database_optional: bool = False,
     pki_help: str | None = None,
     database_help: str = "SQLite database (created 0600).",
     database_url_help: str = " Or a postgresql:// URL: instances on many hosts share it.",
@@ -167,9 +167,9 @@ def node_options(
     directory in the PKI (omit for a command with no identity of its own). ``trust``:
     ``"pki"`` reads the CA bundle and CRL from ``--pki-dir``; ``"files"`` (a device, which
     has no PKI directory) takes ``--ca-bundle`` and ``--crl``. ``database``: the default
-    path of ``--database`` (omit for a command without one); ``database_url_only``: a
-    ``--database`` that is off by default and takes only a ``postgresql://`` URL (for a
-    service keeping its SQLite file in a state directory of its own).
+    path of ``--database`` (omit for a command without one); ``database_optional``: a
+    ``--database`` without a default (a service keeping its SQLite file in a state
+    directory of its own uses it there unless told otherwise).
     """
     own = EnvOptions(env)
     options: list[Callable[[Command], Command]] = []
@@ -212,15 +212,15 @@ def node_options(
                 f"  [default: PKI_DIR/identities/{name}]",
             )
         )
-    if database_url_only:
+    if database_optional:
         options.append(
             own(
                 "--database",
                 "database",
-                type=DatabaseParam(url_only=True),
+                type=DatabaseParam(),
                 default=None,
-                help="A postgresql:// URL: keep the state every instance shares there instead"
-                " of in the state directory's SQLite file, so instances may run on many hosts.",
+                help="A postgresql:// URL (instances on many hosts share it) or a SQLite file,"
+                " instead of the state directory's SQLite file.",
             )
         )
     elif database is not None:

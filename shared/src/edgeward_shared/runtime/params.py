@@ -184,11 +184,6 @@ class DatabaseParam(click.ParamType[Path | str]):
 
     name = "path|url"
 
-    def __init__(self, *, url_only: bool = False) -> None:
-        self.url_only = url_only
-        if url_only:
-            self.name = "url"
-
     def convert(
         self, value: object, param: click.Parameter | None, ctx: click.Context | None
     ) -> Path | str:
@@ -197,6 +192,6 @@ class DatabaseParam(click.ParamType[Path | str]):
         text = str(value)
         if text.startswith(("postgresql://", "postgres://")):
             return text
-        if "://" in text or self.url_only:
+        if "://" in text:
             self.fail(f"{text!r}: only postgresql:// URLs or file paths are databases", param, ctx)
         return Path(text)
