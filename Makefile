@@ -6,7 +6,7 @@ EDGEWARD_UV_VENV ?= $(HOME)/.cache/edgeward/uv
 export EDGEWARD_UV_VENV
 export PATH := $(EDGEWARD_UV_VENV)/bin:$(PATH)
 
-.PHONY: help bootstrap demo test lint typecheck unit integration bench bench-smoke acl clean
+.PHONY: help bootstrap demo test lint typecheck unit integration bench bench-smoke acl clean images stack stack-down
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}'
@@ -33,6 +33,22 @@ unit: bootstrap ## Fast tests only (no broker)
 
 integration: bootstrap ## Tests against the real mosquitto and real swtpm
 	uv run pytest -q -m "broker or tpm"
+
+images: bootstrap ## Build the images (deploy/images); unchanged inputs: no rebuild. IMAGES="broker gateway" picks some
+	scripts/containers.sh images $(IMAGES)
+
+STACK_DIR ?= $(CURDIR)/run/stack
+stack: bootstrap stack-down ## The whole system in containers (deploy/compose) and its smoke story; stack-down removes it
+	scripts/containers.sh images
+	uv run python deploy/compose/stack.py prepare --dir $(STACK_DIR)
+	@started=$$(date +%s%N); \
+	EDGEWARD_STACK=$(STACK_DIR) scripts/containers.sh compose up -d && \
+	echo "[stack] compose up: $$(( ($$(date +%s%N) - started) / 1000000 )) ms"
+	uv run python deploy/compose/stack.py smoke --dir $(STACK_DIR)
+
+stack-down: ## Remove the stack: its containers and its state (run/stack)
+	@if [ -d $(STACK_DIR) ]; then EDGEWARD_STACK=$(STACK_DIR) scripts/containers.sh compose down -t 5 >/dev/null 2>&1 || true; fi
+	rm -rf $(STACK_DIR)
 
 bench: bootstrap ## Run every bench/bench_*.py (all of them; fails at the end if any failed)
 	uv run python bench/run_all.py

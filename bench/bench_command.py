@@ -22,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 from _report import Report, median, percentile, sized
@@ -35,14 +35,14 @@ from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings, connect_mqtt
 from edgeward_shared.clock import SystemClock
 from edgeward_shared.command_log import check_receipt
 from edgeward_shared.envelope import EnvelopeVerifier, SigningKey, seal
-from edgeward_shared.identity import Identity, Role, ServiceName
+from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.messages.command import CommandReceipt, ResumeCommand, StopCommand
 from edgeward_shared.messages.revocation import RevocationList
 from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.replay import MemoryReplayGuard
-from edgeward_shared.runtime.node import NodeConfig, build_runtime
-from edgeward_shared.testing.nodes import running
+from edgeward_shared.runtime.node import build_runtime
+from edgeward_shared.testing.nodes import local_pki, node_config, running
 from edgeward_shared.topics import Channel, Direction, FleetKind, device_topic, fleet_topic
 
 N = sized(300, 20)
@@ -57,13 +57,7 @@ UP = device_topic(DEVICE.name, Direction.UP, Channel.COMMAND)
 
 
 def make_pki(directory: Path) -> PkiStore:
-    store = PkiStore(directory)
-    now = datetime.now(UTC)
-    store.init(now)
-    store.issue(Identity(Role.BROKER, "local"), now, timedelta(days=1), ("127.0.0.1", "localhost"))
-    for identity in (DEVICE, ALICE, REVOKER):
-        store.issue(identity, now, timedelta(days=1))
-    return store
+    return local_pki(directory, DEVICE, ALICE, REVOKER)
 
 
 # ------------------------------------------------------------------------------ paho
@@ -124,13 +118,7 @@ async def publish_list(store: PkiStore, port: int) -> None:
 
 
 async def edgeward_device(store: PkiStore, port: int, state: Path) -> None:
-    config = NodeConfig(
-        store.identity_files(DEVICE).directory,
-        store.bundle_path,
-        store.crl_path,
-        BrokerAddress("127.0.0.1", port),
-    )
-    runtime, connect = build_runtime(config)
+    runtime, connect = build_runtime(node_config(store, DEVICE, BrokerAddress("127.0.0.1", port)))
     ledger = DeviceLedger(state / "ledger.json")
     holder = RevocationHolder(ledger, runtime.clock, runtime.metrics.registry)
     has_list = asyncio.Event()

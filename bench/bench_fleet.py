@@ -29,25 +29,22 @@ from edgeward_attestation.store import AttestationStore
 from edgeward_device_agent.agent import DeviceAgent
 from edgeward_device_agent.config import AgentConfig
 from edgeward_device_agent.state import AgentState
-from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN, SwtpmFleet, expected_pcrs
+from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN, SwtpmFleet, expected_pcrs
 from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.bus.mqtt import BrokerAddress
-from edgeward_shared.identity import Identity, Role, ServiceName
+from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.logs import configure_logging
 from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.storage.sqlite import SqliteDatabase
+from edgeward_shared.testing.nodes import local_pki
 
 ATTESTATION = Identity.service(ServiceName.ATTESTATION)
 LOGS = Path(tempfile.gettempdir()) / "edgeward-bench-fleet"  # kept for a post-mortem
 
 
 def make_pki(root: Path, devices: list[str]) -> PkiStore:
-    pki = PkiStore(root / "pki")
+    pki = local_pki(root / "pki", ATTESTATION, Identity.service(ServiceName.IDENTITY))
     now = datetime.now(UTC)
-    pki.init(now)
-    pki.issue(Identity(Role.BROKER, "local"), now, timedelta(days=1), ("127.0.0.1", "localhost"))
-    for identity in (ATTESTATION, Identity.service(ServiceName.IDENTITY)):
-        pki.issue(identity, now, timedelta(days=1))
     for device in devices:
         files = pki.issue(Identity.enrollee(device), now, timedelta(days=1))
         AgentState(root / "agents" / device, device).install_enrollee(files)

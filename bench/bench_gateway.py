@@ -30,7 +30,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -52,15 +51,16 @@ from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.clock import SystemClock
 from edgeward_shared.envelope import Opened, SigningKey
-from edgeward_shared.identity import Identity, Role, ServiceName
+from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.inference import RESULT_TAG
 from edgeward_shared.messages.infer import AcceptedResult, InferResult
 from edgeward_shared.messages.model import ModelQuery
 from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.revocation import RevocationView
 from edgeward_shared.runtime.core import Outgoing, Runtime
-from edgeward_shared.runtime.node import NodeConfig, build_runtime
+from edgeward_shared.runtime.node import build_runtime
 from edgeward_shared.testing import EPOCH_MS, FixedClock, MemoryPki
+from edgeward_shared.testing.nodes import local_pki, node_config
 from edgeward_shared.topics import FleetKind, fleet_topic, service_event_topic
 
 N = sized(2000, 100)
@@ -137,22 +137,7 @@ def _with(context: core.Context, ears: EarCache) -> core.Context:
 
 # ------------------------------------------------------------------ over the broker
 def make_pki(directory: Path, devices: Sequence[Identity]) -> PkiStore:
-    store = PkiStore(directory)
-    now = datetime.now(UTC)
-    store.init(now)
-    store.issue(Identity(Role.BROKER, "local"), now, timedelta(days=1), ("127.0.0.1",))
-    for identity in (GATEWAY, MODELS, REVOCATION, ATTESTATION, TELEMETRY, *devices):
-        store.issue(identity, now, timedelta(days=1))
-    return store
-
-
-def node(pki: PkiStore, identity: Identity, broker: BrokerAddress) -> NodeConfig:
-    return NodeConfig(
-        identity_dir=pki.identity_files(identity).directory,
-        ca_bundle=pki.bundle_path,
-        crl=pki.crl_path,
-        broker=broker,
-    )
+    return local_pki(directory, GATEWAY, MODELS, REVOCATION, ATTESTATION, TELEMETRY, *devices)
 
 
 async def over_broker(report: Report, count: int, per_device: int) -> None:
@@ -207,7 +192,7 @@ async def run_fleet(  # noqa: PLR0915, PLR0917 - the bench's whole world, in ord
     connects: list[Any] = []
 
     def add(identity: Identity) -> Runtime:
-        runtime, connect = build_runtime(node(pki, identity, broker))
+        runtime, connect = build_runtime(node_config(pki, identity, broker))
         helpers.append(runtime)
         connects.append(connect)
         return runtime

@@ -38,7 +38,7 @@ from edgeward_attestation.keys import AttestationKey
 from edgeward_attestation.quote import ClockState, verify_quote, verify_quote_raw
 from edgeward_attestation.structures import RsaSignature, parse_ecdsa_signature, parse_signature
 from edgeward_attestation.testing import QuoteVector
-from edgeward_device_agent.swtpm import SwtpmDevice, SwtpmFleet
+from edgeward_device_sim.swtpm import SwtpmDevice, SwtpmFleet
 
 N = sized(1000, 50)
 ROUNDS = sized(7, 2)
@@ -196,9 +196,9 @@ def bench_event_log(report: Report) -> None:
     from edgeward_attestation.eventlog import ALG_SHA256, parse, replay
     from edgeward_attestation.measured_boot import appraise_evidence, recorded_state
     from edgeward_attestation.policy import policy_from_values
-    from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN, Measurement, event_log
-    from edgeward_device_agent.tcg_log import EventType
     from edgeward_device_agent.tpm import PcrBank
+    from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN, Measurement, event_log
+    from edgeward_device_sim.tcg_log import EventType
 
     filler = tuple(
         Measurement(2, f"driver {i}", EventType.EV_POST_CODE, f"option ROM {i:03d}".encode())

@@ -63,7 +63,7 @@ from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.runtime.core import Runtime
-from edgeward_shared.testing.nodes import running
+from edgeward_shared.testing.nodes import local_pki, running
 from edgeward_shared.topics import Channel, Direction, device_topic
 
 RENEWALS = sized(1000, 20)
@@ -83,12 +83,7 @@ class Request:
 
 
 def make_pki(directory: Path) -> PkiStore:
-    store = PkiStore(directory)
-    now = datetime.now(UTC)
-    store.init(now)
-    for identity in (ATTESTATION, IDENTITY):
-        store.issue(identity, now, timedelta(days=1))
-    return store
+    return local_pki(directory, ATTESTATION, IDENTITY, broker=False)
 
 
 def make_requests(store: PkiStore, count: int, prefix: str) -> list[Request]:

@@ -25,7 +25,6 @@ import ssl
 import tempfile
 import threading
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +38,15 @@ from edgeward_revocation.app import run_worker, wire
 from edgeward_revocation.effects import CheckedReloader, DynsecKicker, PkiCrl
 from edgeward_revocation.store import RevocationStore
 from edgeward_shared.broker.dynsec import CONTROL_TOPIC, kick_command
-from edgeward_shared.broker.launcher import BROKER_IDENTITY, MosquittoBroker
+from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings
 from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.logs import configure_logging
 from edgeward_shared.messages.revocation import RevocationJob, Revoke
 from edgeward_shared.pki.store import PkiStore
-from edgeward_shared.runtime.node import NodeConfig, build_runtime
+from edgeward_shared.runtime.node import build_runtime
 from edgeward_shared.storage.sqlite import SqliteDatabase
+from edgeward_shared.testing.nodes import local_pki, node_config
 
 #: EDGEWARD_BENCH_DEVICES overrides: the devices this process connects and revokes (paho's
 #: select() limits one process to ~340 clients)
@@ -62,16 +62,8 @@ REVOKER = Identity.service(ServiceName.REVOCATION)
 
 
 def make_pki(directory: Path) -> PkiStore:
-    store = PkiStore(directory)
-    now = datetime.now(UTC)
-    store.init(now)
-    day = timedelta(days=1)
-    store.issue(BROKER_IDENTITY, now, day, ("127.0.0.1", "localhost"))
-    for identity in (ALICE, ADMIN, REVOKER):
-        store.issue(identity, now, day)
-    for i in range(DEVICES + IDLE):
-        store.issue(Identity.device(f"dev-{i:04d}"), now, day)
-    return store
+    devices = (Identity.device(f"dev-{i:04d}") for i in range(DEVICES + IDLE))
+    return local_pki(directory, ALICE, ADMIN, REVOKER, *devices)
 
 
 class Device:
@@ -141,10 +133,7 @@ async def revocations(
 ) -> list[float]:
     address = BrokerAddress("127.0.0.1", broker.port)
     database = await SqliteDatabase.open(db)
-    me = store.identity_files(REVOKER)
-    runtime, connect = build_runtime(
-        NodeConfig(me.directory, store.bundle_path, store.crl_path, address)
-    )
+    runtime, connect = build_runtime(node_config(store, REVOKER, address))
     rev_store = RevocationStore(database)
     await rev_store.migrate()
     kicker = DynsecKicker(

@@ -23,7 +23,6 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -32,13 +31,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 from _report import Report, median, percentile, sized
 from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.bus.mqtt import BrokerAddress
-from edgeward_shared.identity import Identity, Role, ServiceName
+from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.messages.health import Ping, Pong
 from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.runtime.core import Runtime
 from edgeward_shared.runtime.health import answer_pings
-from edgeward_shared.runtime.node import NodeConfig, build_runtime
-from edgeward_shared.testing.nodes import running
+from edgeward_shared.runtime.node import build_runtime
+from edgeward_shared.testing.nodes import local_pki, node_config, running
 from edgeward_shared.topics import Channel, Direction, device_topic
 
 N = sized(1000, 20)
@@ -52,14 +51,7 @@ UP = device_topic(DEVICE.name, Direction.UP, Channel.HEALTH)
 
 
 def make_pki(directory: Path) -> PkiStore:
-    store = PkiStore(directory)
-    now = datetime.now(UTC)
-    store.init(now)
-    hosts = ("127.0.0.1", "localhost")
-    store.issue(Identity(Role.BROKER, "local"), now, timedelta(days=1), hosts)
-    for identity in (DEVICE, SERVICE):
-        store.issue(identity, now, timedelta(days=1))
-    return store
+    return local_pki(directory, DEVICE, SERVICE)
 
 
 # ------------------------------------------------------------------------------ bare paho
@@ -122,13 +114,7 @@ def paho_round_trips(store: PkiStore, port: int) -> list[float]:
 
 # ------------------------------------------------------------------------------ runtime
 def node(store: PkiStore, identity: Identity, port: int) -> tuple[Runtime, object]:
-    config = NodeConfig(
-        identity_dir=store.identity_files(identity).directory,
-        ca_bundle=store.bundle_path,
-        crl=store.crl_path,
-        broker=BrokerAddress("127.0.0.1", port),
-    )
-    return build_runtime(config)
+    return build_runtime(node_config(store, identity, BrokerAddress("127.0.0.1", port)))
 
 
 async def runtime_device(store: PkiStore, port: int) -> None:

@@ -6,16 +6,19 @@ Measured: opening a report (envelope with the 24 KiB cap, chain, signature, time
 right, replay, schema), checking its attestation result (verified once per token, then
 cached), and judging it (:class:`edgeward_telemetry.core.Detector`: metrics, drift, votes,
 rules, fusion) against an in-memory device state: ``ingest_per_s``, target >= 0.5 x raw
-verify. The whole handler with the device state in SQLite (one transaction per report)
-is measured too (``handler_sqlite_per_s``). Detection latency: periods from the first
-shifted report (output drift) or the first refused burst (rejected results) to the alarm,
-in a fleet of honest devices that raise none.
+verify. Both are measured back to back in each of 5 rounds (the load of a shared machine
+drifts); the ratio is the median of the rounds' ratios, the rates the best rounds'. The
+whole handler with the device state in SQLite (one transaction per report) is measured
+too (``handler_sqlite_per_s``). Detection latency: periods from the first shifted report
+(output drift) or the first refused burst (rejected results) to the alarm, in a fleet of
+honest devices that raise none.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -44,6 +47,7 @@ from edgeward_telemetry.service import TelemetryService
 from edgeward_telemetry.store import TelemetryStore
 
 N = sized(2000, 40)
+ROUNDS = sized(5, 1)
 DEVICES = sized(50, 5)
 
 
@@ -67,10 +71,16 @@ def _fleet(pki: MemoryPki) -> tuple[list[bytes], list[str]]:
     return raws, topics
 
 
-def _ingest_rate(pki: MemoryPki, raws: list[bytes], topics: list[str], repeats: int = 3) -> float:
+def _ingest_rate(
+    pki: MemoryPki,
+    raws: list[bytes],
+    topics: list[str],
+    repeats: int = 3,
+    check: AttestationCheck | None = None,
+) -> float:
     """Best of ``repeats`` passes over the reports, each with a fresh replay guard and fresh
     device states (a report is accepted once), the attestation cache kept warm."""
-    check = AttestationCheck(pki.trust_store())
+    check = check or AttestationCheck(pki.trust_store())
     best = float("inf")
     for _ in range(repeats):
         verifier = EnvelopeVerifier(
@@ -163,8 +173,18 @@ def main() -> None:
     ecdsa = ec.ECDSA(hashes.SHA256())
     signature = key.key.sign(signed, ecdsa)
     public = key.key.public_key()
-    raw_verify = rate(lambda: public.verify(signature, signed, ecdsa), N)
-    ingest = _ingest_rate(pki, raws, topics)
+    # Paired rounds: the machine is shared, and its load drifts over seconds. A baseline
+    # measured first and the ingest measured later compare two different machines; each
+    # round measures both back to back, and the ratio is the median of the rounds' ratios.
+    check = AttestationCheck(pki.trust_store())
+    _ingest_rate(pki, raws[:DEVICES], topics[:DEVICES], 1, check)  # warm the EAR cache
+    pairs = []
+    for _ in range(ROUNDS):
+        base = rate(lambda: public.verify(signature, signed, ecdsa), N, repeats=2)
+        pairs.append((base, _ingest_rate(pki, raws, topics, 2, check)))
+    raw_verify = max(b for b, _ in pairs)
+    ingest = max(i for _, i in pairs)
+    ratio = statistics.median(i / b for b, i in pairs)
     handler = asyncio.run(_handler_rate(pki, raws, topics))
 
     report_ = Report("telemetry")
@@ -172,7 +192,7 @@ def main() -> None:
     report_.add("ingest_per_s", ingest, "reports/s")
     report_.add("handler_sqlite_per_s", handler, "reports/s")
     report_.add("report_envelope_bytes", sum(map(len, raws)) / len(raws), "bytes")
-    report_.add("ratio_ingest_vs_raw_verify", ingest / raw_verify, "x", ">= 0.5")
+    report_.add("ratio_ingest_vs_raw_verify", ratio, "x", ">= 0.5")
     report_.add("detect_drift_periods", _latency("drift"), "periods", "<= 2")
     report_.add("detect_rejected_periods", _latency("rejected"), "periods", "<= 3")
     report_.write()

@@ -14,6 +14,11 @@ APT_PACKAGES=(mosquitto mosquitto-clients openssl ca-certificates python3 python
     # cryptsetup writes the LUKS2 headers the posture check reads; openssh-server only for
     # `sshd -t` (its service is left disabled below)
     wireguard-tools openssh-server shellcheck systemd kmod rsyslog cryptsetup-bin gettext-base
+    # the syslog shipping tests send RFC 5425 (syslog over TLS) to a real rsyslog
+    rsyslog-openssl
+    # the operator console's browser tests: Debian's chromium and its WebDriver (Selenium),
+    # NSS tools for the client certificate, openssl's pkcs12 (above)
+    chromium chromium-driver libnss3-tools
     # PostgreSQL: the fleet backend; the store suites start a server of their own (initdb)
     postgresql)
 UV_VENV="${EDGEWARD_UV_VENV:-$HOME/.cache/edgeward/uv}"
@@ -59,6 +64,10 @@ if [ ! -f "$GUARD_DIR/edgeward_guard.so" ] \
     gcc -std=c11 -Wall -Wextra -Werror -O2 -fPIC -shared \
         -o "$GUARD_DIR/edgeward_guard.so" "$GUARD_DIR/edgeward_guard.c"
 fi
+
+# containers (docs/adr/0030): podman, runc, debootstrap and the Docker API socket, unless a
+# Docker engine answers; the containers tests run in `make test`
+"$(dirname "$0")/containers.sh" setup
 
 say "syncing the project environment (uv.lock)"
 uv sync --locked --all-packages --quiet

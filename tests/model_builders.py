@@ -71,6 +71,8 @@ from edgeward_shared.runtime.core import Runtime
 from edgeward_shared.testing import EPOCH_MS, FixedClock, MemoryPki
 from edgeward_shared.testing.nodes import running_nodes
 from edgeward_shared.topics import (
+    COHORT_FILTER,
+    COHORT_PREFIX,
     Channel,
     Direction,
     device_topic,
@@ -282,7 +284,11 @@ class Caller:
         return await self.ask(PublishCommit(upload_id=ready.upload_id, sealed_key=key))
 
     def frames(self) -> list[Delivery]:
-        return [d for d in self.inbox if d.topic.endswith("/down/data")]
+        return [
+            d
+            for d in self.inbox
+            if d.topic.endswith("/down/data") or d.topic.startswith(COHORT_PREFIX)
+        ]
 
     def hints(self) -> list[Delivery]:
         return [d for d in self.inbox if d.topic.endswith("/down/model")]
@@ -336,6 +342,9 @@ async def running(
                 _collect(caller.inbox),
                 name="frames",
             )
+            # chunks come once per version on its cohort topic (docs/adr/0029), delivered by
+            # the broker to the cohort's members only
+            runtime.route_frames(COHORT_FILTER, _collect(caller.inbox), name="cohort-frames")
             runtime.route(down, [ModelAvailable], _hint(caller.inbox), name="hints")
             callers[device_id] = caller
             runtimes.append(runtime)

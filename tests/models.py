@@ -78,6 +78,14 @@ def small_model(seed: int = 0) -> bytes:
     return small_model_proto(seed).SerializeToString()
 
 
+def padded_model(size: int, seed: int = 0) -> bytes:
+    """The tiny classifier made about ``size`` bytes long (a documentation string), for
+    tests that need a blob of several chunks."""
+    proto = small_model_proto(seed)
+    proto.doc_string = "x" * max(0, size - proto.ByteSize())
+    return proto.SerializeToString()
+
+
 def small_input() -> npt.NDArray[np.float32]:
     """A fixed input for the tiny classifier."""
     return np.linspace(-1.0, 1.0, INPUT_DIM, dtype=np.float32).reshape(1, INPUT_DIM)

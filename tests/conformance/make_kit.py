@@ -47,8 +47,8 @@ from edgeward_attestation.quote import Challenge, PcrPolicy, verify_quote
 from edgeward_attestation.structures import HASHES
 from edgeward_cli.publish import ReleaseSpec, build_release
 from edgeward_device_agent.enrollment import make_csr
-from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN, SwtpmFleet, expected_pcrs
 from edgeward_device_agent.tpm import PcrBank
+from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN, SwtpmFleet, expected_pcrs
 from edgeward_shared.audit.entry import AuditEntry, AuditEvent, Decision, encode_entry
 from edgeward_shared.audit.merkle import CompactRange, leaf_hash
 from edgeward_shared.audit.note import Checkpoint, NoteSigner, sign_checkpoint
@@ -75,7 +75,7 @@ from edgeward_shared.messages.audit import AuditCheckpoint
 from edgeward_shared.messages.base import Message, encode_message
 from edgeward_shared.messages.trust import TrustBundle
 from edgeward_shared.models.frames import FrameHeader, encode_frame
-from edgeward_shared.models.provenance import Tier
+from edgeward_shared.models.provenance import Tier, decode_provenance
 from edgeward_shared.models.release import BlobInfo, ModelRelease, release_topic
 from edgeward_shared.models.sealing import ReleaseContext, seal_to_kek, wrap_for_device
 from edgeward_shared.pki.certs import (
@@ -903,6 +903,9 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path, event_log: bytes = b"") 
                             at_ms=start + 40_000,
                         )
                     ],
+                    signer=decode_provenance(release.provenance).builder,
+                    dataset_fingerprint=decode_provenance(release.provenance).dataset_fingerprint,
+                    expires_at_ms=decode_provenance(release.provenance).expires_at_ms,
                 )
             ],
         ),
@@ -1327,6 +1330,20 @@ def build(manufacturer_pem: bytes, tpm: Any, out: Path, event_log: bytes = b"") 
             rule="output-drift",
             devices=[DEVICE],
             at_ms=kit.now,
+        ),
+        section="5.15",
+    )
+    kit.emit(
+        "svc.telemetry",
+        service_event_topic(ServiceName.TELEMETRY, "aggregate"),
+        tel.FleetAggregate(
+            at_ms=kit.now,
+            devices={"trusted": 118, "watch": 4, "suspect": 0, "compromised": 1},
+            inferences=1_203_117,
+            epsilon=0.1,
+            day="2026-01-01",
+            spent=0.3,
+            budget=1.0,
         ),
         section="5.15",
     )

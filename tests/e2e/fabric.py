@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Iterator
+import functools
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -24,7 +25,7 @@ from edgeward_cli.main import cli
 from edgeward_device_agent.agent import DeviceAgent
 from edgeward_device_agent.config import AgentConfig, AgentPolicy
 from edgeward_device_agent.state import AgentState
-from edgeward_device_agent.swtpm import (
+from edgeward_device_sim.swtpm import (
     GOLDEN_BOOT_CHAIN,
     SwtpmFleet,
     expected_pcrs,
@@ -37,7 +38,7 @@ from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.runtime.node import NodeConfig, build_runtime
 from edgeward_shared.storage.sqlite import SqliteDatabase
-from edgeward_shared.testing.nodes import running, running_tasks
+from edgeward_shared.testing.nodes import node_config, running, running_tasks
 from edgeward_shared.until import holds_within
 
 ATTESTATION = Identity.service(ServiceName.ATTESTATION)
@@ -61,12 +62,7 @@ class World:
         return BrokerAddress(self.broker.host, self.broker.port)
 
     def node(self, identity: Identity) -> NodeConfig:
-        return NodeConfig(
-            identity_dir=self.pki.identity_files(identity).directory,
-            ca_bundle=self.pki.bundle_path,
-            crl=self.pki.crl_path,
-            broker=self.address,
-        )
+        return node_config(self.pki, identity, self.address)
 
     def cli(self, *argv: str) -> str:
         result = self.cli_result(*argv)
@@ -211,9 +207,9 @@ async def agent_running(agent: DeviceAgent) -> AsyncIterator[DeviceAgent]:
         yield agent
 
 
-async def until(condition: Callable[[], bool], within_s: float = WAIT) -> bool:
-    """True once ``condition`` holds, False after ``within_s`` (``assert await until(...)``)."""
-    return await holds_within(condition, within_s=within_s, every_s=0.05)
+#: :func:`edgeward_shared.until.holds_within` with the e2e patience: True once ``condition``
+#: holds, False after ``within_s`` (``WAIT`` unless given): ``assert await until(...), state``.
+until = functools.partial(holds_within, within_s=WAIT)
 
 
 async def approve_golden_policy(store: AttestationStore, policy_id: str) -> None:

@@ -39,8 +39,8 @@ from edgeward_attestation.store import AttestationStore
 from edgeward_cli.command_client import send_command
 from edgeward_cli.main import cli
 from edgeward_device_agent.agent import DeviceAgent
-from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN
 from edgeward_device_agent.trust_files import adopted_bundle
+from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN
 from edgeward_identity.app import IdentityConfig, identity_node
 from edgeward_shared.messages.command import RotateCertCommand
 from edgeward_shared.pki.store import read_certificate, read_certificates
@@ -157,8 +157,12 @@ async def test_the_agent_follows_an_issuing_ca_rotation_with_no_outage(world: Wo
                 == new_ca.subject.rfc4514_string()
             )
             running_services.attestation.hangup()
-            assert await until(lambda: _reloads(running_services.attestation) > before, LONG_WAIT)
-            assert await until(lambda: not running_services.attestation.swapping, LONG_WAIT)
+            assert await until(
+                lambda: _reloads(running_services.attestation) > before, within_s=LONG_WAIT
+            )
+            assert await until(
+                lambda: not running_services.attestation.swapping, within_s=LONG_WAIT
+            )
             since_ms = (int(datetime.now(UTC).timestamp()) + 1) * 1000
             assert await until(
                 lambda: (
@@ -166,7 +170,7 @@ async def test_the_agent_follows_an_issuing_ca_rotation_with_no_outage(world: Wo
                     and agent.attestation.issued_at_ms >= since_ms
                     and agent.trust_state().attested
                 ),
-                LONG_WAIT,
+                within_s=LONG_WAIT,
             ), agent.trust_state()
 
             # renewal: the device's next certificate comes from the new CA
@@ -185,7 +189,7 @@ async def test_the_agent_follows_an_issuing_ca_rotation_with_no_outage(world: Wo
             assert renewed.issuer == new_ca.subject
             # settled: the identity service believed the device's word signed under the new
             # CA, had the old certificate revoked, and the device attests with the new one
-            assert await until(lambda: previous in world.pki.revoked_serials(), LONG_WAIT)
+            assert await until(lambda: previous in world.pki.revoked_serials(), within_s=LONG_WAIT)
             since_ms = (int(datetime.now(UTC).timestamp()) + 1) * 1000
             assert await until(
                 lambda: (
@@ -193,7 +197,7 @@ async def test_the_agent_follows_an_issuing_ca_rotation_with_no_outage(world: Wo
                     and agent.attestation.issued_at_ms >= since_ms
                     and agent.trust_state().attested
                 ),
-                LONG_WAIT,
+                within_s=LONG_WAIT,
             ), agent.trust_state()
 
         # the device's own static files still know only the old CA
@@ -201,6 +205,8 @@ async def test_the_agent_follows_an_issuing_ca_rotation_with_no_outage(world: Wo
         back = DeviceAgent(config)
         assert new_ca in back._trust_store().issuing_cas
         async with agent_running(back):
-            assert await until(lambda: back.trust_state().attested, LONG_WAIT), back.trust_state()
+            assert await until(lambda: back.trust_state().attested, within_s=LONG_WAIT), (
+                back.trust_state()
+            )
             assert back.trust.version == 2
             assert read_certificate(back.state.device.cert).issuer == new_ca.subject

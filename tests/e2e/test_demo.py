@@ -49,6 +49,9 @@ def test_edgeward_demo_runs_the_whole_story(tmp_path: Path) -> None:
     assert "command:ok receipt:ok" in out
     assert "device edge-0002: done list v" in out
     # act 5: an accepted inference; a rogue device's results rejected with reasons
+    # a bad version rolled out gated: aborted by its gate, the canary back on v1 (issue 12)
+    assert "aborted by its activation gate, without anyone's help" in out
+    assert "canary -> aborted (stage 0) by gate: gate.activation" in out
     assert "accepted (infer.result.accepted)" in out
     assert "dev-0002: infer.device.mismatch" in out
     assert "dev-0002: infer.attestation.invalid" in out
@@ -57,3 +60,6 @@ def test_edgeward_demo_runs_the_whole_story(tmp_path: Path) -> None:
     # act 18: rotate-cert, its receipt naming the new serial, the old serial revoked
     assert "the device now runs on certificate serial" in out
     assert any(line.startswith("   old serial") and "revoked" in line for line in out.splitlines())
+    # the operator console (docs/adr/0026): its URL, and the demo fleet it serves
+    assert "   console https://127.0.0.1:" in out
+    assert "the console shows: edge-0001 attested, edge-0002 untrusted" in out

@@ -32,7 +32,7 @@ from tests.e2e.fabric import (
 )
 
 from edgeward_device_agent.agent import DeviceAgent
-from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN
+from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN
 from edgeward_shared.bus.mqtt import MqttSettings, connect_mqtt
 from edgeward_shared.clock import SystemClock
 from edgeward_shared.envelope import EnvelopeVerifier, SigningKey, kid_of, seal

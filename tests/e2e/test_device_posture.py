@@ -34,7 +34,7 @@ from tests.e2e.fabric import (
 from tests.posture_roots import DEVICE_CONFIG, hardened_root
 
 from edgeward_device_agent.agent import DeviceAgent
-from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN, expected_pcrs
+from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN, expected_pcrs
 from edgeward_shared.clock import SystemClock
 from edgeward_shared.ear import UNSAFE_CONFIG, AttestationClaims, verify_ear
 from edgeward_shared.envelope import Opened

@@ -34,14 +34,14 @@ from tests.e2e.fabric import (
 
 from edgeward_attestation.enrollment import ek_fingerprint
 from edgeward_device_agent.agent import DeviceAgent
-from edgeward_device_agent.swtpm import (
+from edgeward_device_agent.tpm import PcrBank, Tpm
+from edgeward_device_sim.swtpm import (
     GOLDEN_BOOT_CHAIN,
     ManufacturerCa,
     SwtpmFleet,
     expected_pcrs,
     tampered_boot_chain,
 )
-from edgeward_device_agent.tpm import PcrBank, Tpm
 from edgeward_shared.clock import SystemClock
 from edgeward_shared.ear import verify_ear
 from edgeward_shared.envelope import Opened

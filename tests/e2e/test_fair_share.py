@@ -40,7 +40,7 @@ from tests.models import small_input, small_model
 
 from edgeward_cli.ops_client import operator_session
 from edgeward_device_agent.inference import to_tensor
-from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN
+from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN
 from edgeward_inference_gateway.app import GatewayConfig, gateway_node
 from edgeward_inference_gateway.ratelimit import Limit
 from edgeward_inference_gateway.service import GatewayService, Settings
@@ -115,13 +115,13 @@ async def test_a_flooding_caller_does_not_get_an_honest_caller_refused(
         await approve_golden_policy(store, "gw-fair")
         device = with_models(await world.new_agent(store, "dev-fair", tpm.tcti))
         async with agent_running(device):
-            assert await until(lambda: device.trust_state().attested, WAIT)
+            assert await until(lambda: device.trust_state().attested, within_s=WAIT)
             await asyncio.to_thread(publish, world, tmp_path, "tiny", 1, small_model())
             await asyncio.to_thread(
                 world.cli, "model", "rollout", "tiny", "1", "--device", "dev-fair"
             )
             assert device.models is not None
-            assert await until(lambda: "tiny" in device.models.loaded, WAIT)
+            assert await until(lambda: "tiny" in device.models.loaded, within_s=WAIT)
             assert device.inference is not None
 
             stop, sent = asyncio.Event(), [0]

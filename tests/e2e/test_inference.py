@@ -48,7 +48,7 @@ from tests.e2e.model_fabric import (
 from edgeward_cli.ops_client import operator_session
 from edgeward_cli.sessions import claim_session
 from edgeward_device_agent.inference import InferencePolicy, to_array, to_tensor
-from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN
+from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN
 from edgeward_inference_gateway.app import GatewayConfig, gateway_node
 from edgeward_inference_gateway.oip import HttpsConfig
 from edgeward_inference_gateway.service import GatewayService
@@ -57,7 +57,7 @@ from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.infer_client import BinaryAnswer, BinaryInference, Input
 from edgeward_shared.inference import decode_any_body, decode_body, verify_result_signature
 from edgeward_shared.messages.infer import AcceptedResult, InferAnswer, InferCall
-from edgeward_shared.runtime.node import NodeConfig, build_runtime
+from edgeward_shared.runtime.node import build_runtime
 from edgeward_shared.topics import service_event_topic, service_response_topic
 
 pytestmark = [pytest.mark.tpm, pytest.mark.broker, pytest.mark.slow]
@@ -104,13 +104,7 @@ def classify(image: np.ndarray) -> InferCall:
 async def call_binary(world: World, image: np.ndarray) -> BinaryAnswer:
     """An operator session's binary call (docs/adr/0024): specs signed, bytes as frames."""
     with claim_session(world.pki, "alice", datetime.now(UTC)) as identity:
-        config = NodeConfig(
-            identity_dir=world.pki.identity_files(identity).directory,
-            ca_bundle=world.pki.bundle_path,
-            crl=world.pki.crl_path,
-            broker=world.address,
-        )
-        runtime, connect = build_runtime(config)
+        runtime, connect = build_runtime(world.node(identity))
         runtime.expect_replies(
             service_response_topic(ServiceName.INFERENCE_GATEWAY, identity), [InferAnswer]
         )
@@ -198,13 +192,13 @@ async def test_a_cloud_inference_on_a_real_model_is_accepted_and_exact(
         device = with_models(await world.new_agent(store, "dev-infer", tpm.tcti))
         device.config = replace(device.config, inference=InferencePolicy(stream_period_s=0.5))
         async with agent_running(device):
-            assert await until(lambda: device.trust_state().attested, WAIT)
+            assert await until(lambda: device.trust_state().attested, within_s=WAIT)
             await asyncio.to_thread(publish, world, tmp_path, "ocr-cls", 1, ppocr_cls_model)
             await asyncio.to_thread(
                 world.cli, "model", "rollout", "ocr-cls", "1", "--device", "dev-infer"
             )
             assert device.models is not None
-            assert await until(lambda: "ocr-cls" in device.models.loaded, WAIT)
+            assert await until(lambda: "ocr-cls" in device.models.loaded, within_s=WAIT)
 
             image = np.random.default_rng(3).random((1, 3, 48, 192), dtype=np.float32)
             answer = await call(
@@ -278,7 +272,8 @@ async def test_a_cloud_inference_on_a_real_model_is_accepted_and_exact(
 
             # the device's own sensor stream reaches consumers through the gateway
             assert await until(
-                lambda: any(decode_any_body(r.body).source == "stream" for r in stream), WAIT
+                lambda: any(decode_any_body(r.body).source == "stream" for r in stream),
+                within_s=WAIT,
             )
 
             # a stopped device runs nothing (signed stop through the CLI)
@@ -286,7 +281,7 @@ async def test_a_cloud_inference_on_a_real_model_is_accepted_and_exact(
             await asyncio.to_thread(
                 world.cli, "command", "stop", "dev-infer", "--reason", "e2e", *log
             )
-            assert await until(lambda: device.stopped, WAIT)
+            assert await until(lambda: device.stopped, within_s=WAIT)
             stopped = await call(
                 world,
                 classify(image),
@@ -296,11 +291,11 @@ async def test_a_cloud_inference_on_a_real_model_is_accepted_and_exact(
             await asyncio.to_thread(
                 world.cli, "command", "resume", "dev-infer", "--reason", "e2e", *log
             )
-            assert await until(lambda: not device.stopped, WAIT)
+            assert await until(lambda: not device.stopped, within_s=WAIT)
 
             # the plane revokes the version: the device unloads it and nothing is accepted
             await revocations.publish(models=(("ocr-cls", 1),))
-            assert await until(lambda: "ocr-cls" not in device.models.loaded, WAIT)
+            assert await until(lambda: "ocr-cls" not in device.models.loaded, within_s=WAIT)
             revoked = await call(
                 world,
                 classify(image),

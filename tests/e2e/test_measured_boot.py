@@ -31,7 +31,7 @@ from tests.e2e.fabric import (
 from edgeward_attestation.policy import ClassPolicy
 from edgeward_attestation.store import AttestationStore
 from edgeward_device_agent.agent import DeviceAgent
-from edgeward_device_agent.swtpm import (
+from edgeward_device_sim.swtpm import (
     GOLDEN_BOOT_CHAIN,
     tampered_boot_chain,
     updated_firmware_chain,

@@ -39,7 +39,8 @@ from tests.e2e.model_fabric import (
 from tests.models import small_model
 
 from edgeward_device_agent.agent import DeviceAgent
-from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN
+from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN
+from edgeward_shared.until import holds_within
 
 pytestmark = [pytest.mark.tpm, pytest.mark.broker, pytest.mark.slow]
 
@@ -85,12 +86,7 @@ async def _phase(world: World, version: int, phase: str) -> bool:
         text = await asyncio.to_thread(_status, world, version)
         return f"v{version}: {phase}," in text
 
-    deadline = asyncio.get_running_loop().time() + WAIT
-    while asyncio.get_running_loop().time() < deadline:
-        if await reached():
-            return True
-        await asyncio.sleep(0.5)
-    return False
+    return await holds_within(reached, within_s=WAIT, every_s=0.5, max_every_s=0.5)
 
 
 @pytest.mark.asyncio
@@ -103,14 +99,14 @@ async def test_failed_canary_aborts_itself_and_an_abort_goes_back_without_a_gap(
         await approve_golden_policy(store, "gw-rollouts")
         canary = with_models(await world.new_agent(store, "dev-roll", tpm.tcti))
         async with agent_running(canary):
-            assert await until(lambda: canary.trust_state().attested, WAIT)
+            assert await until(lambda: canary.trust_state().attested, within_s=WAIT)
             assert canary.models is not None
             models = canary.models
             await asyncio.to_thread(publish, world, tmp_path, NAME, 1, small_model(seed=11))
             await asyncio.to_thread(
                 world.cli, "model", "rollout", NAME, "1", "--device", "dev-roll"
             )
-            assert await until(lambda: NAME in models.loaded, WAIT)
+            assert await until(lambda: NAME in models.loaded, within_s=WAIT)
 
             # v2 cannot activate here: its provenance allows only a runtime we do not have
             source = tmp_path / "v2.onnx"
@@ -129,7 +125,9 @@ async def test_failed_canary_aborts_itself_and_an_abort_goes_back_without_a_gap(
                 assert f"{NAME} v2: canary" in started
                 assert "pending telemetry" in started
                 assert await _phase(world, 2, "rolled-back")
-                assert await until(lambda: models.last_refusal == "model.runtime.unsupported", WAIT)
+                assert await until(
+                    lambda: models.last_refusal == "model.runtime.unsupported", within_s=WAIT
+                )
             assert served == [1]  # v1 served all along
             status = await asyncio.to_thread(_status, world, 2)
             assert "reason: gate.activation" in status
@@ -145,14 +143,14 @@ async def test_failed_canary_aborts_itself_and_an_abort_goes_back_without_a_gap(
                 "--waves", "1,100", "--manual",
             )  # fmt: skip
             assert await until(lambda: models.loaded.get(NAME) is not None
-                               and models.loaded[NAME].version == 3, WAIT)  # fmt: skip
+                               and models.loaded[NAME].version == 3, within_s=WAIT)  # fmt: skip
             assert await _phase(world, 3, "canary")  # manual: waits for promote
             async with watching(canary) as served:
                 aborted = await asyncio.to_thread(
                     world.cli, "model", "abort", NAME, "3", "--reason", "customer complaint"
                 )
                 assert f"{NAME} v3: aborted" in aborted
-                assert await until(lambda: models.loaded[NAME].version == 1, WAIT)
+                assert await until(lambda: models.loaded[NAME].version == 1, within_s=WAIT)
                 assert await _phase(world, 3, "rolled-back")
             assert served == [3, 1]  # straight from v3 to v1: never nothing loaded
             mark = models.store.high_water()[NAME]

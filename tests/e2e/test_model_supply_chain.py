@@ -45,8 +45,8 @@ from tests.e2e.model_fabric import (
 from tests.models import small_input, small_model
 
 from edgeward_device_agent.agent import DeviceAgent
-from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN, tampered_boot_chain
 from edgeward_device_agent.tpm import PcrBank, Tpm
+from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN, tampered_boot_chain
 
 pytestmark = [pytest.mark.tpm, pytest.mark.broker, pytest.mark.slow]
 
@@ -88,8 +88,10 @@ async def test_publish_canary_activate_refuse_update_revoke(world: World, tmp_pa
         bystander = with_models(await world.new_agent(store, "dev-other", other.tcti))
         rogue = with_models(await world.new_agent(store, "dev-rogue", bad.tcti))
         async with agent_running(canary), agent_running(bystander), agent_running(rogue):
-            assert await until(lambda: canary.trust_state().attested, WAIT), canary.trust_state()
-            assert await until(lambda: rogue.trust_state().enrolled, WAIT)
+            assert await until(lambda: canary.trust_state().attested, within_s=WAIT), (
+                canary.trust_state()
+            )
+            assert await until(lambda: rogue.trust_state().enrolled, within_s=WAIT)
 
             published = await asyncio.to_thread(publish, world, tmp_path, "classifier", 1, v1)
             assert "published classifier v1 (high)" in published
@@ -106,8 +108,8 @@ async def test_publish_canary_activate_refuse_update_revoke(world: World, tmp_pa
             )
             assert canary.models is not None
             assert rogue.models is not None
-            assert await until(lambda: "classifier" in canary.models.loaded, WAIT)
-            assert await until(lambda: rogue.models.last_refusal is not None, WAIT)
+            assert await until(lambda: "classifier" in canary.models.loaded, within_s=WAIT)
+            assert await until(lambda: rogue.models.last_refusal is not None, within_s=WAIT)
 
             loaded = canary.models.loaded["classifier"]
             assert (loaded.version, loaded.digest) == (1, sha256(v1).hexdigest())
@@ -125,7 +127,9 @@ async def test_publish_canary_activate_refuse_update_revoke(world: World, tmp_pa
             await asyncio.to_thread(
                 world.cli, "model", "rollout", "classifier", "2", "--device", "dev-canary"
             )
-            assert await until(lambda: canary.models.loaded["classifier"].version == 2, WAIT)
+            assert await until(
+                lambda: canary.models.loaded["classifier"].version == 2, within_s=WAIT
+            )
             listing = await asyncio.to_thread(world.cli, "model", "list", "classifier")
 
             # no plaintext model anywhere on disk: the world's directories, the temp dir
@@ -142,8 +146,10 @@ async def test_publish_canary_activate_refuse_update_revoke(world: World, tmp_pa
             await asyncio.to_thread(
                 world.cli, "model", "revoke", "classifier", "2", "--reason", "bad weights"
             )
-            assert await until(lambda: "classifier" not in canary.models.loaded, WAIT)
-            assert await until(lambda: canary.models.last_refusal == "model.version.rollback", WAIT)
+            assert await until(lambda: "classifier" not in canary.models.loaded, within_s=WAIT)
+            assert await until(
+                lambda: canary.models.last_refusal == "model.version.rollback", within_s=WAIT
+            )
 
         # ... also after a restart: the high-water mark is persisted
         restarted = DeviceAgent(canary.config)
@@ -153,7 +159,7 @@ async def test_publish_canary_activate_refuse_update_revoke(world: World, tmp_pa
                     restarted.models is not None
                     and restarted.models.last_refusal == "model.version.rollback"
                 ),
-                WAIT,
+                within_s=WAIT,
             )
             assert restarted.models is not None
             assert not restarted.models.loaded
@@ -182,7 +188,7 @@ async def test_the_revocation_plane_reaches_models_and_keys(world: World, tmp_pa
         cut = with_models(await world.new_agent(store, "dev-cut", second.tcti))
         async with agent_running(kept), agent_running(cut):
             for agent in (kept, cut):
-                assert await until(lambda a=agent: a.trust_state().attested, WAIT)
+                assert await until(lambda a=agent: a.trust_state().attested, within_s=WAIT)
             assert kept.models is not None
             assert cut.models is not None
             await asyncio.to_thread(publish, world, tmp_path, "detector", 1, small_model(seed=5))
@@ -197,13 +203,13 @@ async def test_the_revocation_plane_reaches_models_and_keys(world: World, tmp_pa
                 "--device",
                 "dev-cut",
             )
-            assert await until(lambda: "detector" in kept.models.loaded, WAIT)
-            assert await until(lambda: "detector" in cut.models.loaded, WAIT)
+            assert await until(lambda: "detector" in kept.models.loaded, within_s=WAIT)
+            assert await until(lambda: "detector" in cut.models.loaded, within_s=WAIT)
 
             # a revoked model version: devices unload it, the service stops serving it
             await revocations.publish(models=(("detector", 1),))
-            assert await until(lambda: "detector" not in kept.models.loaded, WAIT)
-            assert await until(lambda: "detector" not in cut.models.loaded, WAIT)
+            assert await until(lambda: "detector" not in kept.models.loaded, within_s=WAIT)
+            assert await until(lambda: "detector" not in cut.models.loaded, within_s=WAIT)
             listing = await asyncio.to_thread(world.cli, "model", "list", "detector")
             assert "REVOKED" in listing
 
@@ -221,8 +227,10 @@ async def test_the_revocation_plane_reaches_models_and_keys(world: World, tmp_pa
                 "--device",
                 "dev-cut",
             )
-            assert await until(lambda: "detector" in kept.models.loaded, WAIT)
-            assert await until(lambda: cut.models.last_refusal == "model.key.device_revoked", WAIT)
+            assert await until(lambda: "detector" in kept.models.loaded, within_s=WAIT)
+            assert await until(
+                lambda: cut.models.last_refusal == "model.key.device_revoked", within_s=WAIT
+            )
             assert "detector" not in cut.models.loaded
 
             # an expired list: key release fails closed for everyone
@@ -233,7 +241,7 @@ async def test_the_revocation_plane_reaches_models_and_keys(world: World, tmp_pa
                 world.cli, "model", "rollout", "detector", "3", "--device", "dev-kept"
             )
             assert await until(
-                lambda: kept.models.last_refusal == "model.key.revocations_stale", WAIT
+                lambda: kept.models.last_refusal == "model.key.revocations_stale", within_s=WAIT
             )
             assert kept.models.loaded["detector"].version == 2  # the previous one keeps serving
 
@@ -250,13 +258,13 @@ async def test_a_real_model_nobody_here_trained(
         await approve_golden_policy(store, "gw-ocr")
         device = with_models(await world.new_agent(store, "dev-ocr", tpm.tcti))
         async with agent_running(device):
-            assert await until(lambda: device.trust_state().attested, WAIT)
+            assert await until(lambda: device.trust_state().attested, within_s=WAIT)
             await asyncio.to_thread(publish, world, tmp_path, "ocr-det", 1, ppocr_det_model)
             await asyncio.to_thread(
                 world.cli, "model", "rollout", "ocr-det", "1", "--device", "dev-ocr"
             )
             assert device.models is not None
-            assert await until(lambda: "ocr-det" in device.models.loaded, WAIT)
+            assert await until(lambda: "ocr-det" in device.models.loaded, within_s=WAIT)
             loaded = device.models.loaded["ocr-det"]
             image = np.random.default_rng(7).random((1, 3, 64, 96), dtype=np.float32)
             got = await in_sandbox(loaded, "x", image)

@@ -33,7 +33,7 @@ from edgeward_device_agent.config import AgentPolicy
 from edgeward_device_agent.inference import to_tensor
 from edgeward_device_agent.offline import OfflinePolicy
 from edgeward_device_agent.schedule import RequestReason
-from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN
+from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN
 from edgeward_shared.errors import EdgewardError
 from edgeward_shared.inference import decode_body
 from edgeward_shared.runtime.core import Runtime
@@ -110,12 +110,12 @@ async def test_a_broker_outage_longer_than_the_attestation_result(
             offline=OfflinePolicy(high_grace_s=GRACE_S),
         )
         async with agent_running(device):
-            assert await until(lambda: device.trust_state().attested, WAIT)
+            assert await until(lambda: device.trust_state().attested, within_s=WAIT)
             await asyncio.to_thread(_publish, world, tmp_path, "secret", "high", 1)
             await asyncio.to_thread(_publish, world, tmp_path, "public", "low", 2)
             assert device.models is not None
             loaded = device.models.loaded
-            assert await until(lambda: {"secret", "public"} <= loaded.keys(), WAIT)
+            assert await until(lambda: {"secret", "public"} <= loaded.keys(), within_s=WAIT)
             assert await _mode(device, "secret") == "attested"
             assert await _mode(device, "public") == "attested"
 
@@ -125,12 +125,12 @@ async def test_a_broker_outage_longer_than_the_attestation_result(
                 held = device.attestation
                 assert held is not None
                 before = held.claims.result_id
-                assert await until(lambda: device.attestation is None, EAR_LIFETIME_S + 2)
+                assert await until(lambda: device.attestation is None, within_s=EAR_LIFETIME_S + 2)
                 # expired: tier high refuses (still loaded, inside its grace), low degrades
                 assert "secret" in loaded
                 assert await _mode(device, "secret") == "infer.attestation.expired"
                 assert await _mode(device, "public") == "degraded"
-                assert await until(lambda: "secret" not in loaded, GRACE_S + 2)
+                assert await until(lambda: "secret" not in loaded, within_s=GRACE_S + 2)
                 assert await _mode(device, "secret") == "infer.model.not_loaded"
                 assert await _mode(device, "public") == "degraded"
                 assert not device.trust_state().connected
@@ -142,11 +142,11 @@ async def test_a_broker_outage_longer_than_the_attestation_result(
                 current = device.attestation
                 return current is not None and current.claims.result_id != before
 
-            assert await until(reattested, WAIT)
+            assert await until(reattested, within_s=WAIT)
             # on the new connection, the first thing the device sent was its request
             assert sent[0] == "attestation.request.reconnect", sent
             assert "model.sync" in sent
             assert await _mode(device, "public") == "attested"
             # the high-tier model comes back: its key is released against the new result
-            assert await until(lambda: "secret" in loaded, WAIT)
+            assert await until(lambda: "secret" in loaded, within_s=WAIT)
             assert await _mode(device, "secret") == "attested"

@@ -34,7 +34,7 @@ from edgeward_attestation.store import AttestationStore, DeviceRecord
 from edgeward_cli.command_client import send_command
 from edgeward_device_agent.agent import DeviceAgent
 from edgeward_device_agent.config import AgentPolicy
-from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN
+from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN
 from edgeward_revocation.app import run_worker
 from edgeward_revocation.app import wire as wire_revocation
 from edgeward_revocation.effects import CheckedReloader, DynsecKicker, PkiCrl
@@ -46,6 +46,7 @@ from edgeward_shared.messages.command import RotateCertCommand
 from edgeward_shared.pki.store import read_certificate
 from edgeward_shared.runtime.node import build_runtime
 from edgeward_shared.storage.sqlite import SqliteDatabase
+from edgeward_shared.until import value_within
 
 pytestmark = [pytest.mark.tpm, pytest.mark.broker]
 
@@ -117,11 +118,11 @@ async def test_a_device_renews_by_itself_and_its_old_certificate_is_revoked(
             assert await until(lambda: agent.trust_state().attested), agent.trust_state()
             first = _serial(agent)
             first_key = read_certificate(agent.state.device.cert).public_key()
-            assert await until(lambda: agent.renewals >= 1, LONG_WAIT), agent.trust_state()
+            assert await until(lambda: agent.renewals >= 1, within_s=LONG_WAIT), agent.trust_state()
             second = _serial(agent)
             # the device attests again, now with the renewed certificate
             assert await until(lambda: agent.trust_state().attested), agent.trust_state()
-            assert await until(lambda: _revoked(world, first), LONG_WAIT)
+            assert await until(lambda: _revoked(world, first), within_s=LONG_WAIT)
             # the attestation is kept across the in-place switch: wait for the registry
             device = await _followed(store, "dev-renew", lambda: _serial(agent))
             renewed = read_certificate(agent.state.device.cert)
@@ -141,13 +142,11 @@ async def _followed(
     """The registry's record once it names the device's current certificate (the identity
     service's ``renewed`` event reaches the attestation service a moment after the switch),
     or the last record read after LONG_WAIT."""
-    deadline = asyncio.get_running_loop().time() + LONG_WAIT
-    while True:
-        device = await store.device(device_id)
-        done = device is not None and device.certificate_serial == serial()
-        if done or asyncio.get_running_loop().time() > deadline:
-            return device
-        await asyncio.sleep(0.05)
+    return await value_within(
+        lambda: store.device(device_id),
+        lambda device: device is not None and device.certificate_serial == serial(),
+        within_s=LONG_WAIT,
+    )
 
 
 @pytest.mark.asyncio
@@ -171,7 +170,7 @@ async def test_rotate_cert_renews_now_and_the_receipt_names_the_new_serial(world
             assert exchange.receipt.outcome == "done", exchange.receipt
             new = exchange.receipt.serial
             assert new is not None
-            assert await until(lambda: _revoked(world, old), LONG_WAIT)
+            assert await until(lambda: _revoked(world, old), within_s=LONG_WAIT)
             assert await until(lambda: agent.trust_state().attested), agent.trust_state()
             device = await _followed(store, "dev-rotate", lambda: new)
     assert new != old

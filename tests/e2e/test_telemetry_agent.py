@@ -27,7 +27,7 @@ from tests.e2e.fabric import (
 )
 
 from edgeward_device_agent.agent import DeviceAgent
-from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN, tampered_boot_chain
+from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN, tampered_boot_chain
 from edgeward_shared.runtime.node import build_node
 from edgeward_shared.storage.sqlite import SqliteDatabase
 from edgeward_telemetry.app import wire

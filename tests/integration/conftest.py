@@ -4,6 +4,7 @@ own configuration template and generated ACL."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 import ssl
 import time
@@ -78,25 +79,28 @@ def broker(pki: PkiStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 # ------------------------------------------------------------------ testcontainers path
-# The broker contract through testcontainers: the eclipse-mosquitto image, started with the
-# repository's configuration template, generated ACL and the tests' PKI. Only for machines
-# with a Docker engine (`uv sync --group containers && uv run pytest -m containers`);
-# deselected by default and never the only coverage of anything: the same suite runs
-# against the local mosquitto binary everywhere.
+# The broker contract through testcontainers: Edgeward's broker image (deploy/images), started
+# with the repository's configuration template, generated ACL and the tests' PKI, hardened as
+# deploy/compose runs it. Runs in `make test` (podman's Docker API where no Docker engine
+# exists, docs/adr/0030); the same suite also runs against the local mosquitto binary.
 @contextmanager
 def mosquitto_container(
     pki: PkiStore, run_dir: Path, acl_identities: Iterable[Identity]
 ) -> Iterator[tuple[str, int]]:
     """Start the image with our config; yield the (host, port) its TLS listener is on."""
-    from testcontainers.core.container import DockerContainer  # only where Docker exists
+    from testcontainers.core.container import DockerContainer
+    from tests.containers.engine import HARDENED, build_images, hand_over
 
-    render_for_container(pki, run_dir, AclPrincipals.of(acl_identities))
+    build_images("broker")
+    mounted = run_dir.parent / "pki"  # a copy the container's user may read
+    shutil.copytree(pki.dir, mounted)
+    render_for_container(PkiStore(mounted), run_dir, AclPrincipals.of(acl_identities))
+    user = hand_over([mounted, run_dir])
     container = (
-        DockerContainer(container_broker.IMAGE)
+        DockerContainer(container_broker.IMAGE, user=user, **HARDENED)
         .with_exposed_ports(container_broker.PORT)
-        .with_volume_mapping(str(pki.dir), str(container_broker.PKI_MOUNT), mode="ro")
+        .with_volume_mapping(str(mounted), str(container_broker.PKI_MOUNT), mode="ro")
         .with_volume_mapping(str(run_dir), str(container_broker.RUN_MOUNT), mode="rw")
-        .with_command(f"mosquitto -c {container_broker.RUN_MOUNT}/mosquitto.conf")
     )
     container.start()
     try:

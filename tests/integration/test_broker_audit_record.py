@@ -9,9 +9,8 @@ import asyncio
 import json
 import ssl
 import threading
-import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -25,6 +24,8 @@ from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.identity import Identity, Role
 from edgeward_shared.pki.store import PkiStore, write_private_key
+from edgeward_shared.testing.nodes import local_pki
+from edgeward_shared.until import until
 
 pytestmark = pytest.mark.broker
 
@@ -37,12 +38,7 @@ WAIT_S = 10.0
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PkiStore, MosquittoBroker]]:
     root = tmp_path_factory.mktemp("audit")
-    pki = PkiStore(root / "pki")
-    now = datetime.now(UTC)
-    pki.init(now)
-    pki.issue(Identity(Role.BROKER, "local"), now, timedelta(days=1), ("127.0.0.1", "localhost"))
-    for who in (AUDITOR, DEV):
-        pki.issue(who, now, timedelta(days=1))
+    pki = local_pki(root / "pki", AUDITOR, DEV)
     with MosquittoBroker(pki, root / "broker", admins=[AUDITOR]) as broker:
         yield pki, broker
 
@@ -83,11 +79,12 @@ def _records(out: Path) -> list[dict[str, object]]:
 
 
 async def _wait_for(out: Path, client_id: str, kind: str) -> None:
-    deadline = time.monotonic() + WAIT_S
     event = f"broker.client.{kind}"
-    while not any(r["client_id"] == client_id and r["event"] == event for r in _records(out)):
-        assert time.monotonic() < deadline, f"no {event} of {client_id!r} in {_records(out)}"
-        await asyncio.sleep(0.05)
+    await until(
+        lambda: any(r["client_id"] == client_id and r["event"] == event for r in _records(out)),
+        within_s=WAIT_S,
+        why=f"a {event} record of {client_id!r}",
+    )
 
 
 @pytest.mark.asyncio
@@ -106,11 +103,14 @@ async def test_a_newline_in_a_cn_forges_the_text_log_but_not_the_connection_reco
     )  # fmt: skip
     honest = pki.identity_files(DEV)
     try:
-        deadline = time.monotonic() + WAIT_S  # the recorder subscribes in its own time
-        while not any(r["client_id"] == "dev-1" for r in _records(out)):
-            assert time.monotonic() < deadline, "the recorder never saw a connection"
+
+        async def seen_after_connecting() -> bool:  # the recorder subscribes in its own time
+            if any(r["client_id"] == "dev-1" for r in _records(out)):
+                return True
             await asyncio.to_thread(_connect_once, broker, pki, honest.chain, honest.key)
-            await asyncio.sleep(0.2)
+            return False
+
+        await until(seen_after_connecting, within_s=WAIT_S, every_s=0.2, max_every_s=0.2)
         chain, key = _forged_files(pki, tmp_path / "forged")
         await asyncio.to_thread(_connect_once, broker, pki, chain, key)
         await _wait_for(out, FORGED_CN, "connected")

@@ -31,16 +31,16 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final
 
 import pytest
 
 from edgeward_shared.broker.config import RESERVED_FILES, ConnectionLimits
-from edgeward_shared.broker.launcher import BROKER_IDENTITY, MosquittoBroker
+from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.pki.store import PkiStore
+from edgeward_shared.testing.nodes import local_pki
 
 from .test_broker_security import Peer, tls_context, tls_verdict
 
@@ -60,13 +60,7 @@ ANSWERED_WITHIN_S: Final = 2.0
 
 @pytest.fixture
 def flood_pki(tmp_path: Path) -> PkiStore:
-    now = datetime.now(UTC)
-    store = PkiStore(tmp_path / "pki")
-    store.init(now)
-    store.issue(BROKER_IDENTITY, now, timedelta(days=1), hosts=("127.0.0.1", "localhost"))
-    for who in (OPERATOR, SERVICE, DEVICE):
-        store.issue(who, now, timedelta(days=1))
-    return store
+    return local_pki(tmp_path / "pki", OPERATOR, SERVICE, DEVICE)
 
 
 @pytest.fixture

@@ -9,14 +9,14 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from edgeward_shared.broker.launcher import BROKER_IDENTITY, MosquittoBroker, free_port_pair
+from edgeward_shared.broker.launcher import MosquittoBroker, free_port_pair
 from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.pki.store import PkiStore
+from edgeward_shared.testing.nodes import local_pki
 from edgeward_shared.topics import FleetKind, fleet_topic
 
 from .test_broker_security import Peer, tls_context
@@ -32,13 +32,7 @@ BACK_WITHIN_S = 10.0
 
 @pytest.fixture
 def restart_pki(tmp_path: Path) -> PkiStore:
-    now = datetime.now(UTC)
-    store = PkiStore(tmp_path / "pki")
-    store.init(now)
-    store.issue(BROKER_IDENTITY, now, timedelta(days=1), hosts=("127.0.0.1", "localhost"))
-    for who in (READER, ADMIN, Identity.service(ServiceName.REVOCATION)):
-        store.issue(who, now, timedelta(days=1))
-    return store
+    return local_pki(tmp_path / "pki", READER, ADMIN, Identity.service(ServiceName.REVOCATION))
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ import socket
 import ssl
 import threading
 import warnings
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings, connect_mqtt
 from edgeward_shared.errors import TransportError
 from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.pki.store import PkiStore
+from edgeward_shared.testing.nodes import local_pki
 
 pytestmark = pytest.mark.broker
 
@@ -36,12 +36,7 @@ HANDSHAKE_UNDER_WAY_S = 0.5
 
 
 def _pki(root: Path) -> PkiStore:
-    now = datetime.now(UTC)
-    store = PkiStore(root)
-    store.init(now)
-    store.issue(BROKER_IDENTITY, now, timedelta(days=1), hosts=("127.0.0.1", "localhost"))
-    store.issue(SERVICE, now, timedelta(days=1))
-    return store
+    return local_pki(root, SERVICE)
 
 
 async def _connect_fails(settings: MqttSettings) -> str:

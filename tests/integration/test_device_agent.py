@@ -21,7 +21,7 @@ import stat
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,8 +36,8 @@ from edgeward_attestation.quote import Challenge, PcrPolicy, verify_quote
 from edgeward_device_agent.agent import DeviceAgent
 from edgeward_device_agent.config import AgentConfig, AgentPolicy
 from edgeward_device_agent.ports import AgentTpm
-from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN, SwtpmDevice, SwtpmFleet, expected_pcrs
 from edgeward_device_agent.tpm import PcrBank, Quote, Tpm
+from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN, SwtpmDevice, SwtpmFleet, expected_pcrs
 from edgeward_shared.bindings import enrollment_proof
 from edgeward_shared.broker.acl import render_acl
 from edgeward_shared.broker.acl_eval import AclPolicy
@@ -45,7 +45,7 @@ from edgeward_shared.bus.memory import MemoryBroker
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.clock import SystemClock, to_datetime
 from edgeward_shared.ear import AttestationClaims, issue_ear, verify_ear
-from edgeward_shared.envelope import EnvelopeVerifier, Opened, SigningKey, seal
+from edgeward_shared.envelope import Opened, SigningKey, seal
 from edgeward_shared.errors import EdgewardError
 from edgeward_shared.identity import Identity, ServiceName, identity_of
 from edgeward_shared.messages.attest import (
@@ -71,10 +71,9 @@ from edgeward_shared.pki.store import (
     write_private_key,
 )
 from edgeward_shared.pki.trust import TrustStore
-from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.runtime.core import Outgoing, Runtime
 from edgeward_shared.testing import FixedClock, MemoryPki
-from edgeward_shared.testing.nodes import running_tasks
+from edgeward_shared.testing.nodes import file_runtime, local_pki, running_tasks
 from edgeward_shared.topics import Channel, Direction, device_topic, enroll_topic
 from edgeward_shared.until import until
 
@@ -97,14 +96,6 @@ def _trust(pki: PkiStore, clock: FixedClock) -> TrustStore:
     return TrustStore.from_bundle(pki.bundle_path, pki.crl_path, now=to_datetime(clock.now_ms()))
 
 
-def _runtime(pki: PkiStore, identity: Identity, clock: FixedClock) -> Runtime:
-    return Runtime(
-        signing_key=SigningKey.from_files(pki.identity_files(identity)),
-        verifier=EnvelopeVerifier(_trust(pki, clock), MemoryReplayGuard()),
-        clock=clock,
-    )
-
-
 # ------------------------------------------------------------------ a stand-in attestation service
 @dataclass
 class _Enrolling:
@@ -119,7 +110,7 @@ class StandInAttestationService:
 
     def __init__(self, pki: PkiStore, manufacturer: x509.Certificate, clock: FixedClock) -> None:
         self.pki, self.manufacturer, self.clock = pki, manufacturer, clock
-        self.runtime = _runtime(pki, ATTESTATION, clock)
+        self.runtime = file_runtime(pki, ATTESTATION, clock)
         self.runtime.route("ew/v1/enroll/+/up", [EnrollRequest, CredentialProof], self._enroll)
         self.runtime.route(
             "ew/v1/dev/+/up/attest",
@@ -372,12 +363,8 @@ class World:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> PkiStore:
-    now = datetime.now(UTC)
-    store = PkiStore(tmp_path_factory.mktemp("agent-pki") / "pki")
-    store.init(now)
-    for identity in (ATTESTATION, ATTESTATION_2, TELEMETRY):
-        store.issue(identity, now, timedelta(days=1))
-    return store
+    directory = tmp_path_factory.mktemp("agent-pki") / "pki"
+    return local_pki(directory, ATTESTATION, ATTESTATION_2, TELEMETRY, broker=False)
 
 
 @pytest.fixture(scope="module")
@@ -413,7 +400,7 @@ def _refused(agent: DeviceAgent, reason: str) -> float:
 
 
 async def _ping(world: World, device_id: str) -> Pong:
-    telemetry = _runtime(world.pki, TELEMETRY, world.clock)
+    telemetry = file_runtime(world.pki, TELEMETRY, world.clock)
     telemetry.expect_replies(device_topic(device_id, Direction.UP, Channel.HEALTH), [Pong])
     async with world.running(telemetry):
         reply = await telemetry.request(

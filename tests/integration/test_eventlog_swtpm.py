@@ -16,14 +16,14 @@ import pytest
 
 from edgeward_attestation.eventlog import ALG_SHA256, check_replay, parse, replay
 from edgeward_attestation.reasons import AttestationReason as R
-from edgeward_device_agent.swtpm import (
+from edgeward_device_agent.tpm import PcrBank
+from edgeward_device_sim.swtpm import (
     EVENT_LOG_NAME,
     GOLDEN_BOOT_CHAIN,
     SwtpmDevice,
     SwtpmFleet,
     tampered_boot_chain,
 )
-from edgeward_device_agent.tpm import PcrBank
 from edgeward_shared.errors import EdgewardError
 
 pytestmark = pytest.mark.tpm

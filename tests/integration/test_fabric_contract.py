@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from tests.integration.instances import instance_broker
 
 from edgeward_shared.broker.acl import render_acl
 from edgeward_shared.broker.acl_eval import AclPolicy
@@ -27,15 +28,14 @@ from edgeward_shared.bus.base import Bus
 from edgeward_shared.bus.memory import MemoryBroker
 from edgeward_shared.bus.mqtt import BrokerAddress, MqttBus, MqttSettings, connect_mqtt
 from edgeward_shared.clock import SystemClock
-from edgeward_shared.envelope import EnvelopeVerifier, SigningKey, seal
+from edgeward_shared.envelope import SigningKey, seal
 from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.messages.health import Ping, Pong
 from edgeward_shared.pki.store import PkiStore
-from edgeward_shared.pki.trust import TrustStore
-from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.runtime.core import Runtime
 from edgeward_shared.runtime.health import answer_pings
 from edgeward_shared.testing import MemoryPki
+from edgeward_shared.testing.nodes import file_runtime
 from edgeward_shared.topics import (
     Channel,
     Direction,
@@ -70,13 +70,7 @@ class Fabric:
     connect: Callable[[Identity], AbstractAsyncContextManager[Bus]]
 
     def runtime(self, identity: Identity) -> Runtime:
-        now = datetime.now(UTC)
-        trust = TrustStore.from_bundle(self.pki.bundle_path, self.pki.crl_path, now=now)
-        return Runtime(
-            signing_key=SigningKey.from_files(self.pki.identity_files(identity)),
-            verifier=EnvelopeVerifier(trust, MemoryReplayGuard()),
-            clock=SystemClock(),
-        )
+        return file_runtime(self.pki, identity)
 
     @asynccontextmanager
     async def serving(self, *runtimes: Runtime) -> AsyncIterator[None]:
@@ -104,10 +98,7 @@ def fabric_pki(pki: PkiStore) -> PkiStore:
 def mosquitto(
     fabric_pki: PkiStore, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[MosquittoBroker]:
-    run_dir = tmp_path_factory.mktemp("fabric") / "broker"
-    with MosquittoBroker(
-        fabric_pki, run_dir, operators=[ALICE], admins=[ADMIN], service_instances=[TELEMETRY_2]
-    ) as running:
+    with instance_broker(fabric_pki, tmp_path_factory, "fabric", TELEMETRY_2) as running:
         yield running
 
 

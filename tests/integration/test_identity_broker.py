@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from tests.integration.instances import instance_broker
 
 from edgeward_identity.app import IdentityConfig, identity_node
 from edgeward_identity.store import requests_served
@@ -60,14 +61,7 @@ def identity_pki(pki: PkiStore) -> PkiStore:
 def mosquitto(
     identity_pki: PkiStore, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[MosquittoBroker]:
-    run_dir = tmp_path_factory.mktemp("identity") / "broker"
-    with MosquittoBroker(
-        identity_pki,
-        run_dir,
-        operators=[OPERATOR],
-        admins=[ADMIN],
-        service_instances=[IDENTITY_2],
-    ) as running:
+    with instance_broker(identity_pki, tmp_path_factory, "identity", IDENTITY_2) as running:
         yield running
 
 

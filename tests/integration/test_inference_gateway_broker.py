@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.integration.instances import instance_broker
 
 from edgeward_inference_gateway.app import GatewayConfig, gateway_node
 from edgeward_inference_gateway.reasons import GatewayReason
@@ -75,10 +76,7 @@ def gateway_pki(pki: PkiStore) -> PkiStore:
 def mosquitto(
     gateway_pki: PkiStore, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[MosquittoBroker]:
-    run_dir = tmp_path_factory.mktemp("gateway") / "broker"
-    with MosquittoBroker(
-        gateway_pki, run_dir, operators=[OPERATOR], admins=[ADMIN], service_instances=[GATEWAY_2]
-    ) as running:
+    with instance_broker(gateway_pki, tmp_path_factory, "gateway", GATEWAY_2) as running:
         yield running
 
 

@@ -25,13 +25,6 @@ from tpm2_pytss.types import TPM2B_DIGEST, TPM2B_SENSITIVE_CREATE, TPMT_SYM_DEF
 from edgeward_device_agent.config import AgentConfig
 from edgeward_device_agent.device_keys import SealedKeyStore, SealPolicy
 from edgeward_device_agent.state import AgentState
-from edgeward_device_agent.swtpm import (
-    GOLDEN_BOOT_CHAIN,
-    SwtpmDevice,
-    SwtpmFleet,
-    expected_pcrs,
-    tampered_boot_chain,
-)
 from edgeward_device_agent.tpm import (
     PcrBank,
     Tpm,
@@ -41,6 +34,13 @@ from edgeward_device_agent.tpm import (
     _srk_template,
     pcr_policy_digest,
     sealed_policy,
+)
+from edgeward_device_sim.swtpm import (
+    GOLDEN_BOOT_CHAIN,
+    SwtpmDevice,
+    SwtpmFleet,
+    expected_pcrs,
+    tampered_boot_chain,
 )
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.errors import ConfigError

@@ -24,6 +24,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from onnx import TensorProto, helper, numpy_helper
+from tests.integration.instances import instance_broker
 
 from edgeward_cli.publish import BuiltRelease, ReleaseSpec, build_release
 from edgeward_model_distribution.app import ModelsConfig, models_node
@@ -77,14 +78,17 @@ from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.runtime.core import Connect, Outgoing, Runtime
 from edgeward_shared.testing.nodes import broker_node, running_nodes
 from edgeward_shared.topics import (
+    COHORT_FILTER,
+    COHORT_PREFIX,
     Channel,
     Direction,
+    cohort_topic,
     device_topic,
     service_event_topic,
     service_request_topic,
     service_response_topic,
 )
-from edgeward_shared.until import until
+from edgeward_shared.until import until, until_value
 
 pytestmark = [pytest.mark.broker, pytest.mark.asyncio]
 
@@ -111,10 +115,7 @@ def models_pki(pki: PkiStore) -> PkiStore:
 def mosquitto(
     models_pki: PkiStore, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[MosquittoBroker]:
-    run_dir = tmp_path_factory.mktemp("models") / "broker"
-    with MosquittoBroker(
-        models_pki, run_dir, operators=[OPERATOR], admins=[ADMIN], service_instances=[MODELS_2]
-    ) as running:
+    with instance_broker(models_pki, tmp_path_factory, "models", MODELS_2) as running:
         yield running
 
 
@@ -158,6 +159,9 @@ def _device(pki: PkiStore, broker: MosquittoBroker, device_id: str) -> Node:
     node.runtime.route_frames(
         device_topic(device_id, Direction.DOWN, Channel.DATA), frame, name="frames"
     )
+    # chunks come once per version on its cohort topic; the broker delivers them to the
+    # cohort's members only (docs/adr/0029): every device subscribes, dev-b gets nothing
+    node.runtime.route_frames(COHORT_FILTER, frame, name="cohort-frames")
     return node
 
 
@@ -246,7 +250,7 @@ async def test_publish_roll_out_sync_fetch_and_key_over_the_broker(
         assert (document.device, document.version, document.tier) == ("dev-a", 1, Tier.HIGH)
         assert len(document.blob.chunks) == 4
 
-        # chunks: frames on down/data, bound to the request
+        # chunks: frames on the version's cohort topic, caused by this request
         mid = secrets.token_hex(16)
         indices = list(range(len(document.blob.chunks)))
         request = ChunkRequest(name="ocr", version=1, blob=document.blob.digest, indices=indices)
@@ -255,6 +259,7 @@ async def test_publish_roll_out_sync_fetch_and_key_over_the_broker(
         chunks = {}
         for delivery in _frames(dev_a):
             header, data = decode_frame(delivery.payload)
+            assert delivery.topic == cohort_topic("ocr", 1)
             assert header.req == mid
             assert hashlib.sha256(data).hexdigest() == document.blob.chunks[header.index]
             chunks[header.index] = data
@@ -297,7 +302,9 @@ async def test_publish_roll_out_sync_fetch_and_key_over_the_broker(
 
 
 def _frames(node: Node) -> list[Delivery]:
-    return [d for d in node.inbox if d.topic.endswith("/down/data")]
+    return [
+        d for d in node.inbox if d.topic.endswith("/down/data") or d.topic.startswith(COHORT_PREFIX)
+    ]
 
 
 def _begin(built: BuiltRelease) -> PublishBegin:
@@ -426,12 +433,12 @@ async def test_a_contraindicated_canary_aborts_a_gated_rollout_over_the_broker(
             assert isinstance(answer, RolloutStatus), answer
             return answer.phase
 
-        deadline = asyncio.get_running_loop().time() + WAIT_S
-        while {g.gate: g.state for g in (await _ask(operator, requests, control)).gates}.get(  # type: ignore[attr-defined]
-            "attestation"
-        ) != "pass":
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.05)
+        await until_value(
+            lambda: _ask(operator, requests, control),
+            lambda status: {g.gate: g.state for g in status.gates}.get("attestation") == "pass",
+            within_s=WAIT_S,
+            why="the attestation gate passing",
+        )
         assert await phase() == "canary"  # healthy, soaking
 
         # a device cannot speak for the attestation service: the broker drops it
@@ -471,8 +478,5 @@ async def test_a_contraindicated_canary_aborts_a_gated_rollout_over_the_broker(
                 ActivationReport(name="gated", version=1, state="active", reason="model.activated"),
             )
         )
-        deadline = asyncio.get_running_loop().time() + WAIT_S
-        while await phase() != "rolled-back":
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.05)
+        await until_value(phase, lambda found: found == "rolled-back", within_s=WAIT_S)
         await until(lambda: any(e.new == "rolled-back" for e in events), within_s=WAIT_S)

@@ -30,11 +30,12 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgeward_cli.main import cli
-from edgeward_shared.broker.launcher import BROKER_IDENTITY, MosquittoBroker
+from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.broker.reload import REVOKED_ALERT
 from edgeward_shared.errors import ConfigError
 from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.pki.store import PkiStore, read_certificate
+from edgeward_shared.testing.nodes import local_pki
 from edgeward_shared.topics import (
     Channel,
     Direction,
@@ -139,13 +140,8 @@ class Client:
 
 @pytest.fixture(scope="module")
 def guard_pki(tmp_path_factory: pytest.TempPathFactory) -> PkiStore:
-    now = datetime.now(UTC)
-    store = PkiStore(tmp_path_factory.mktemp("guard-pki") / "pki")
-    store.init(now)
-    store.issue(BROKER_IDENTITY, now, LIFETIME, hosts=("127.0.0.1", "localhost"))
-    for who in (DEV_A, DEV_B, ATTESTATION, REVOCATION, Identity(Role.BROKER_ADMIN, "broker")):
-        store.issue(who, now, LIFETIME)
-    return store
+    who = (DEV_A, DEV_B, ATTESTATION, REVOCATION, Identity(Role.BROKER_ADMIN, "broker"))
+    return local_pki(tmp_path_factory.mktemp("guard-pki") / "pki", *who, lifetime=LIFETIME)
 
 
 @pytest.fixture(scope="module")

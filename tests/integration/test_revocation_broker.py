@@ -33,7 +33,7 @@ from edgeward_shared.audit.entry import decode_entry
 from edgeward_shared.audit.note import parse_checkpoint
 from edgeward_shared.audit.store import read_log
 from edgeward_shared.audit.verify import verify_log
-from edgeward_shared.broker.launcher import BROKER_IDENTITY, MosquittoBroker
+from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings
 from edgeward_shared.envelope import EnvelopeVerifier
 from edgeward_shared.errors import TransportError
@@ -43,9 +43,11 @@ from edgeward_shared.messages.revocation import RevocationList, Revoke
 from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.revocation import LIST_VERIFY_POLICY, VersionedReplay
-from edgeward_shared.runtime.node import NodeConfig, build_runtime
+from edgeward_shared.runtime.node import build_runtime
 from edgeward_shared.storage.sqlite import SqliteDatabase
+from edgeward_shared.testing.nodes import local_pki, node_config
 from edgeward_shared.topics import FleetKind, fleet_topic
+from edgeward_shared.until import until_value
 
 from .test_broker_security import ADMINISTRATIVE_ACTION, Peer, tls_context, tls_verdict
 
@@ -63,13 +65,8 @@ LIFETIME = timedelta(days=1)
 
 @pytest.fixture(scope="module")
 def rev_pki(tmp_path_factory: pytest.TempPathFactory) -> PkiStore:
-    store = PkiStore(tmp_path_factory.mktemp("rev-pki") / "pki")
-    now = datetime.now(UTC)
-    store.init(now)
-    store.issue(BROKER_IDENTITY, now, LIFETIME, hosts=("127.0.0.1", "localhost"))
-    for who in (GOOD, BAD, LATER, ALICE, ADMIN, Identity.service(ServiceName.REVOCATION)):
-        store.issue(who, now, LIFETIME)
-    return store
+    who = (GOOD, BAD, LATER, ALICE, ADMIN, Identity.service(ServiceName.REVOCATION))
+    return local_pki(tmp_path_factory.mktemp("rev-pki") / "pki", *who, lifetime=LIFETIME)
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +91,8 @@ async def service_in_process(
 ) -> AsyncIterator[None]:
     database = await SqliteDatabase.open(db)
     address = BrokerAddress(broker.host, broker.port)
-    me = pki.identity_files(Identity.service(ServiceName.REVOCATION))
-    runtime, connect = build_runtime(
-        NodeConfig(me.directory, pki.bundle_path, pki.crl_path, address)
-    )
+    me = Identity.service(ServiceName.REVOCATION)
+    runtime, connect = build_runtime(node_config(pki, me, address))
     store = RevocationStore(database)
     await store.migrate()
     admin = pki.identity_files(ADMIN)
@@ -194,10 +189,14 @@ async def _job_step(pki: PkiStore, broker: MosquittoBroker, job_id: str) -> str:
 async def _wait_for_step(
     pki: PkiStore, broker: MosquittoBroker, job_id: str, step: str, timeout_s: float = 20.0
 ) -> None:
-    deadline = time.monotonic() + timeout_s
-    while (found := await _job_step(pki, broker, job_id)) != step:
-        assert time.monotonic() < deadline, f"job stayed at {found}, not {step}"
-        await asyncio.sleep(0.2)
+    await until_value(
+        lambda: _job_step(pki, broker, job_id),
+        lambda found: found == step,
+        within_s=timeout_s,
+        every_s=0.2,
+        max_every_s=0.2,
+        why=f"job {job_id} at step {step}",
+    )
 
 
 @pytest.mark.slow
@@ -252,10 +251,7 @@ async def test_stop_over_the_broker_with_a_receipt_proved_offline(
     rev_broker: MosquittoBroker, rev_pki: PkiStore, tmp_path: Path
 ) -> None:
     address = BrokerAddress(rev_broker.host, rev_broker.port)
-    files = rev_pki.identity_files(GOOD)
-    runtime, connect = build_runtime(
-        NodeConfig(files.directory, rev_pki.bundle_path, rev_pki.crl_path, address)
-    )
+    runtime, connect = build_runtime(node_config(rev_pki, GOOD, address))
     ledger = DeviceLedger(tmp_path / "state" / "ledger.json")
     holder = RevocationHolder(ledger, runtime.clock, runtime.metrics.registry)
     commands = CommandHandler(GOOD.name, ledger, holder, runtime.clock, runtime.metrics.registry)

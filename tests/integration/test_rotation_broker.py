@@ -41,6 +41,7 @@ from edgeward_shared.runtime.health import answer_pings
 from edgeward_shared.runtime.material import ReloadReason
 from edgeward_shared.runtime.node import NodeConfig, build_runtime
 from edgeward_shared.runtime.trust import TrustFollower
+from edgeward_shared.testing.nodes import local_pki
 from edgeward_shared.topics import (
     Channel,
     Direction,
@@ -66,13 +67,7 @@ TO_DEVICE = device_topic(DEVICE.name, Direction.DOWN, Channel.HEALTH)
 
 @pytest.fixture
 def pki(tmp_path: Path) -> PkiStore:
-    now = datetime.now(UTC)
-    store = PkiStore(tmp_path / "pki")
-    store.init(now)
-    store.issue(BROKER_IDENTITY, now, DAY, hosts=("127.0.0.1", "localhost"))
-    for identity in (IDENTITY, OPERATOR, DEVICE, LATE_DEVICE):
-        store.issue(identity, now, DAY)
-    return store
+    return local_pki(tmp_path / "pki", IDENTITY, OPERATOR, DEVICE, LATE_DEVICE, lifetime=DAY)
 
 
 @pytest.fixture

@@ -454,3 +454,62 @@ async def test_loading_replaces_the_worker(make_worker: Callable[..., InferenceW
         os.kill(last, 0)  # closed: nothing left running
     with pytest.raises(RuntimeError, match="load"):
         await worker.infer(small_inputs())
+
+
+# ---------------------------------------------------------------- the warm pool
+
+
+@AS_ROOT
+async def test_a_warm_worker_is_confined_before_it_gets_a_model() -> None:
+    """A pre-started idle worker (its interpreter started, libraries imported, confined)
+    takes the model sent to it, applies every protection, and answers as a cold one does;
+    the pool starts the next spare once the load is done."""
+    policy = SandboxPolicy()
+    pool = supervisor.WarmPool(policy)
+    worker = InferenceWorker(policy)
+    try:
+        await pool.prestart(strict=True)
+        spare_pid = pool.spare_pid(strict=True)
+        assert spare_pid is not None
+        assert pool.spare_pid(strict=False) is None
+        protections = await worker.load(small_model(), strict=True, pool=pool)
+        assert worker.pid == spare_pid  # the warm one, not a new process
+        assert protections.complete, protections
+        facts = (await worker.probe(actions=["read"])).facts
+        assert facts["uid"] == "(65534, 65534, 65534)"
+        assert facts["seccomp"] == "['2']"
+        [output] = await worker.infer(small_inputs())
+        expected = ort.InferenceSession(small_model()).run(None, {"input": small_input()})[0]
+        np.testing.assert_array_equal(
+            np.frombuffer(output.data, np.float32).reshape(1, 4), expected
+        )
+        await pool.prestart(strict=True)  # refilled after the load
+        assert pool.spare_pid(strict=True) not in {None, spare_pid}
+        assert pool.take(SandboxPolicy(threads=2), strict=True) is None  # another policy
+    finally:
+        await worker.close()
+        await pool.close()
+
+
+async def test_a_warm_worker_refuses_what_a_cold_one_refuses() -> None:
+    """Strict without every protection, and a hostile model checked inside: the same
+    refusals through the pool, and no worker left serving."""
+    policy = SandboxPolicy(unsafe_skip=frozenset({Protection.SECCOMP}))
+    pool = supervisor.WarmPool(policy)
+    try:
+        await pool.prestart(strict=True)
+        worker = InferenceWorker(policy)
+        with pytest.raises(EdgewardError) as refused:
+            await worker.load(small_model(), strict=True, pool=pool)
+        assert refused.value.reason in {
+            SandboxReason.PROTECTION_UNAVAILABLE,
+            SandboxReason.LOAD_FAILED,  # the spare had refused and gone before the model
+        }
+        assert worker.pid is None
+        await pool.prestart(strict=False)
+        lenient = InferenceWorker(policy)
+        await lenient.load(small_model(), strict=False, pool=pool)
+        assert lenient.pid is not None
+        await lenient.close()
+    finally:
+        await pool.close()

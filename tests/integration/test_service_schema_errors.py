@@ -14,7 +14,6 @@ import socket
 import sqlite3
 import subprocess
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final
 
@@ -23,6 +22,7 @@ import pytest
 from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.storage.base import StorageReason
+from edgeward_shared.testing.nodes import local_pki
 
 #: Long enough for a cold interpreter to import a service; a hang is a failure.
 EXIT_WITHIN_S: Final = 60.0
@@ -55,12 +55,8 @@ def _closed_port() -> int:
 
 @pytest.fixture(scope="module")
 def schema_pki(tmp_path_factory: pytest.TempPathFactory) -> PkiStore:
-    now = datetime.now(UTC)
-    store = PkiStore(tmp_path_factory.mktemp("schema") / "pki")
-    store.init(now)
-    for entry in ENTRIES:
-        store.issue(Identity.service(entry.service), now, timedelta(days=1))
-    return store
+    services = (Identity.service(entry.service) for entry in ENTRIES)
+    return local_pki(tmp_path_factory.mktemp("schema") / "pki", *services, broker=False)
 
 
 def _newer_schema(path: Path, component: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,12 +17,15 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from tests.integration.instances import instance_broker
 from tests.model_builders import make_ear
 from tests.telemetry_builders import report
 
 from edgeward_device_agent.commands import CommandHandler
 from edgeward_device_agent.ledger import DeviceLedger
 from edgeward_device_agent.revocations import RevocationHolder
+from edgeward_shared.audit.entry import decode_entry
+from edgeward_shared.audit.store import read_log
 from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.envelope import Opened, SigningKey
@@ -35,7 +38,9 @@ from edgeward_shared.runtime.audit import enable_audit
 from edgeward_shared.runtime.core import Connect, Outgoing, Runtime
 from edgeward_shared.runtime.node import NodeConfig, build_node, build_runtime
 from edgeward_shared.storage.sqlite import SqliteDatabase
+from edgeward_shared.testing.nodes import node_config
 from edgeward_shared.topics import Channel, Direction, device_topic, service_event_topic
+from edgeward_shared.until import until
 from edgeward_telemetry.app import wire
 from edgeward_telemetry.store import TelemetryStore
 
@@ -61,24 +66,12 @@ def telemetry_pki(pki: PkiStore) -> PkiStore:
 def mosquitto(
     telemetry_pki: PkiStore, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[MosquittoBroker]:
-    run_dir = tmp_path_factory.mktemp("telemetry") / "broker"
-    with MosquittoBroker(
-        telemetry_pki,
-        run_dir,
-        operators=[OPERATOR],
-        admins=[ADMIN],
-        service_instances=[TELEMETRY_2],
-    ) as running:
+    with instance_broker(telemetry_pki, tmp_path_factory, "telemetry", TELEMETRY_2) as running:
         yield running
 
 
 def _config(pki: PkiStore, broker: MosquittoBroker, identity: Identity) -> NodeConfig:
-    return NodeConfig(
-        pki.identity_files(identity).directory,
-        pki.bundle_path,
-        pki.crl_path,
-        BrokerAddress(broker.host, broker.port),
-    )
+    return node_config(pki, identity, BrokerAddress(broker.host, broker.port))
 
 
 @asynccontextmanager
@@ -91,13 +84,6 @@ async def _running(*nodes: tuple[Runtime, Connect]) -> AsyncIterator[None]:
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), WAIT_S)
-
-
-async def _until(condition: Callable[[], bool], within_s: float = WAIT_S) -> None:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def test_rising_rejected_results_stop_the_device_end_to_end(
@@ -179,10 +165,10 @@ async def test_rising_rejected_results_stop_the_device_end_to_end(
                     await runtime.publish(
                         Outgoing(topic, signed_report(name, seq, rejected=rejected))
                     )
-                await _until(lambda seq=seq: accepted() == 2 * seq)
+                await until(lambda seq=seq: accepted() == 2 * seq)
             _, commands_a, _ = devices["dev-a"]
-            await _until(lambda: commands_a.stopped)
-            await _until(lambda: any(isinstance(e.message, CommandReceipt) for e in events))
+            await until(lambda: commands_a.stopped)
+            await until(lambda: any(isinstance(e.message, CommandReceipt) for e in events))
             [receipt] = [e.message for e in events if isinstance(e.message, CommandReceipt)]
             assert (receipt.device_id, receipt.outcome, receipt.reason) == (
                 "dev-a", "done", "command.done",
@@ -197,8 +183,18 @@ async def test_rising_rejected_results_stop_the_device_end_to_end(
             topic = device_topic("dev-b", Direction.UP, Channel.TELEMETRY)
             bare = report("dev-b", 99, now_ms=operator.clock.now_ms(), rng=rng)
             await runtime_b.publish(Outgoing(topic, bare))
-            await _until(lambda: [a.message.reason for a in answers_b] == ["telemetry.unattested"])
-        # the audit log (shared by both instances) holds every report judged and the stop
-        size = await audits[0].log.size()
-        assert size >= 2 * 5 + 1 + 2  # the reports, the refusal, the stop and its alarm
+            await until(lambda: [a.message.reason for a in answers_b] == ["telemetry.unattested"])
+        # the audit log (shared by both instances) holds the security decisions: the
+        # refused report, the stop and its alarm, and one private aggregate released (the
+        # ledger lets one instance per period); accepted reports are routine (ADR 28)
+        entries, _ = await read_log(database)
+        recorded = sorted(
+            (e.action, e.decision, e.reason) for e in (decode_entry(raw) for raw, _ in entries)
+        )
+        assert recorded == [
+            ("telemetry.aggregate", "allow", "telemetry.privacy.released"),
+            ("telemetry.alarm", "allow", "rule.rejected-results"),
+            ("telemetry.report", "deny", "telemetry.unattested"),
+            ("telemetry.stop", "allow", "rule.rejected-results"),
+        ]
         assert not any(a.failures for a in audits)

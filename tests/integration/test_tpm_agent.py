@@ -38,14 +38,14 @@ from edgeward_attestation.quote import (
 from edgeward_attestation.reasons import AttestationReason as R
 from edgeward_attestation.structures import ALG_SHA256, parse_quote_attest
 from edgeward_attestation.testing import software_ak_public
-from edgeward_device_agent.swtpm import (
+from edgeward_device_agent.tpm import PcrBank, Quote, Tpm, TpmError
+from edgeward_device_sim.swtpm import (
     GOLDEN_BOOT_CHAIN,
     SwtpmDevice,
     SwtpmFleet,
     expected_pcrs,
     tampered_boot_chain,
 )
-from edgeward_device_agent.tpm import PcrBank, Quote, Tpm, TpmError
 from edgeward_shared.bindings import qualifying_data
 from edgeward_shared.errors import EdgewardError
 from edgeward_shared.testing import EPOCH_MS
@@ -377,7 +377,7 @@ def test_edgeward_swtpm_outlives_a_closed_stdin_and_stops_on_sigterm(tmp_path: P
     """Issue 17.6: it exited as soon as its stdin closed (run in the background, from a
     supervisor, with < /dev/null); now only SIGTERM or SIGINT stops it, and cleanly."""
     with subprocess.Popen(
-        [sys.executable, "-m", "edgeward_device_agent.simulate", "--root", str(tmp_path / "t"),
+        [sys.executable, "-m", "edgeward_device_sim.simulate", "--root", str(tmp_path / "t"),
          "--golden", "tpm-bg"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
     ) as process:  # fmt: skip

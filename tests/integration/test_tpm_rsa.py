@@ -35,8 +35,8 @@ from edgeward_attestation.structures import (
     RsaPublic,
     parse_signature,
 )
-from edgeward_device_agent.swtpm import SwtpmDevice, SwtpmFleet
 from edgeward_device_agent.tpm import PcrBank
+from edgeward_device_sim.swtpm import SwtpmDevice, SwtpmFleet
 from edgeward_shared.errors import AuthenticityError, EdgewardError
 from edgeward_shared.messages.enroll import EnrollRequest
 

@@ -25,7 +25,7 @@ import sqlite3
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -42,12 +42,14 @@ from edgeward_attestation.policy import policy_from_values
 from edgeward_attestation.store import AttestationStore
 from edgeward_cli.demo_models import demo_model
 from edgeward_device_agent.state import AgentState
-from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN, SwtpmFleet, expected_pcrs
+from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN, SwtpmFleet, expected_pcrs
 from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.storage.sqlite import SqliteDatabase
+from edgeward_shared.testing.nodes import local_pki
+from edgeward_shared.until import until
 
 DEVICE_CLASS = "soak"
 POLICY = "soak-1"
@@ -155,29 +157,11 @@ async def child(
                     codes[f"{name}.killed"] = -9
 
 
-async def until(check: Callable[[], bool], within_s: float, what: str) -> None:
-    deadline = time.monotonic() + within_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"soak bring-up: {what} within {within_s:.0f} s")
-        await asyncio.sleep(0.5)
-
-
 # ---------------------------------------------------------------------- bring-up
 def make_pki(root: Path, devices: list[str]) -> PkiStore:
-    pki = PkiStore(root / "pki")
+    services = (Identity.service(name) for name in SERVICES)
+    pki = local_pki(root / "pki", *services, OBSERVER, ALICE, ALICE_CLI, SIGNER, ADMIN)
     now = datetime.now(UTC)
-    pki.init(now)
-    pki.issue(Identity(Role.BROKER, "local"), now, timedelta(days=1), ("127.0.0.1", "localhost"))
-    for identity in (
-        *(Identity.service(name) for name in SERVICES),
-        OBSERVER,
-        ALICE,
-        ALICE_CLI,
-        SIGNER,
-        ADMIN,
-    ):
-        pki.issue(identity, now, timedelta(days=1))
     for device in devices:
         files = pki.issue(Identity.enrollee(device), now, timedelta(days=1))
         AgentState(root / "agents" / device, device).install_enrollee(files)
@@ -411,7 +395,9 @@ async def _run(
             pids[name] = process.pid
         for service in SERVICES:
             cn = Identity.service(service).common_name
-            await until(lambda cn=cn: connected(broker, cn), 60, f"{cn} connected")
+            await until(
+                lambda cn=cn: connected(broker, cn), within_s=60, why=f"soak: {cn} connected"
+            )
         await publish_and_roll_out(root, pki, broker, devices)
 
         spec = AgentsSpec(
@@ -438,8 +424,8 @@ async def _run(
         pids["agents"] = agents.pid
         await until(
             lambda: all_serving(status_path, devices),
-            config.bring_up_s,
-            f"every device attested and serving {MODEL} (last: {latest(status_path)})",
+            within_s=config.bring_up_s,
+            why=f"soak: every device attested and serving {MODEL} (last: {latest(status_path)})",
         )
         record.bring_up_s = time.monotonic() - started
 
@@ -468,7 +454,11 @@ async def _run(
         # a renewal may be under way: give every device the gap bound to serve again (the
         # audit reads these samples only to see how a stretch open at the end ended)
         with contextlib.suppress(TimeoutError):
-            await until(lambda: all_serving(status_path, devices), config.max_gap_s + 2, "settled")
+            await until(
+                lambda: all_serving(status_path, devices),
+                within_s=config.max_gap_s + 2,
+                why="soak: settled",
+            )
         record.rss, record.calls = sampler.samples, client.calls
         record.worker_processes = len(sampler.worker_pids)
         record.seen, record.observer_refused = observer.seen, observer.refused

@@ -158,6 +158,8 @@ def test_each_service_gets_exactly_what_the_tables_give_it(acl: Acl, service: Se
     expected.add(("write", f"ew/v1/fleet/audit/{service}"))  # its audit checkpoints only
     if service is ServiceName.ATTESTATION:  # the registrar (docs/adr/0005)
         expected |= {("read", "ew/v1/enroll/+/up"), ("write", "ew/v1/enroll/+/down")}
+    if service is ServiceName.MODEL_DISTRIBUTION:  # cohort topics (docs/adr/0029)
+        expected.add(("write", "ew/v1/cohort/#"))  # nobody reads: the guard plugin decides
     assert grants(acl, who) == expected
 
 
@@ -228,7 +230,7 @@ def test_no_one_but_the_admins_gets_wildcards_sys_or_control(acl: Acl) -> None:
     for rule in rules:
         assert rule.access != "readwrite", rule
         assert rule.topic.startswith("ew/v1/"), rule  # so never "#", "+/...", "$SYS", "$CONTROL"
-        assert rule.topic.split("/")[2] in {"dev", "svc", "fleet", "enroll"}, rule
+        assert rule.topic.split("/")[2] in {"dev", "svc", "fleet", "enroll", "cohort"}, rule
     for rule in acl.users[ADMIN.common_name]:
         assert rule.access == "deny" or not {"#", "+"} & set(rule.topic), rule
 

@@ -48,6 +48,7 @@ from edgeward_shared.runtime.revocations import RevocationFollower
 from edgeward_shared.tensorframes import MAX_TENSOR_BYTES, TensorReason, spec_of
 from edgeward_shared.testing import EPOCH_MS, FixedClock, MemoryPki
 from edgeward_shared.topics import service_response_topic
+from edgeward_shared.until import until
 
 DEVICE = "dev-a"
 GATEWAYS = (
@@ -166,14 +167,6 @@ async def running(tmp: Path) -> AsyncIterator[World]:
         finally:
             stop.set()
             await asyncio.wait_for(asyncio.gather(*tasks), 10)
-
-
-async def until(condition: Any, within_s: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError("the condition did not hold in time")
-        await asyncio.sleep(0.005)
 
 
 def _direct(name: str, feed: dict[str, np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:

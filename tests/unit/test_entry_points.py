@@ -35,6 +35,8 @@ NODE_ORDER = (
     "--identity-dir",
     "--database",
     "--local-dir",
+    "--syslog",  # with a database: the audit log shipped (docs/adr/0028)
+    "--syslog-ca",
     "--broker",
     "--metrics-port",
     "--log-level",
@@ -176,3 +178,32 @@ def test_a_missing_pki_is_one_line_and_exit_2(
     (line,) = result.stderr.splitlines()  # one line: no traceback, no log record
     assert re.fullmatch(r"[\w-]+: error: \[config\.pki\.missing\] no PKI in .*", line), line
     assert list(tmp_path.iterdir()) == []  # refused before it created anything
+
+
+def _operator_commands() -> Iterator[tuple[str, click.Command]]:
+    """Every command of the operator's ``edgeward`` (``cli/pyproject.toml``), sub-commands
+    included, with its full name."""
+    scripts = tomllib.loads((ROOT / "cli" / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"edgeward": "edgeward_cli.main:main"}
+    from edgeward_cli.main import cli
+
+    pending: list[tuple[str, click.Command]] = [("edgeward", cli)]
+    while pending:
+        name, command = pending.pop()
+        yield name, command
+        if isinstance(command, click.Group):
+            pending += [(f"{name} {sub}", c) for sub, c in command.commands.items()]
+
+
+def test_every_option_of_the_operator_cli_has_help() -> None:
+    commands = dict(_operator_commands())
+    assert {"edgeward pki dev-setup", "edgeward command stop", "edgeward audit keep"} <= set(
+        commands
+    )
+    missing = [
+        f"{name} {option.opts[0]}"
+        for name, command in commands.items()
+        for option in _options(command)
+        if not option.help
+    ]
+    assert missing == []

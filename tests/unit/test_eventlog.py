@@ -36,7 +36,8 @@ from edgeward_attestation.policy import (
     policy_from_values,
 )
 from edgeward_attestation.reasons import AttestationReason as R
-from edgeward_device_agent.swtpm import (
+from edgeward_device_agent.tpm import PcrBank
+from edgeward_device_sim.swtpm import (
     GOLDEN_BOOT_CHAIN,
     Measurement,
     event_log,
@@ -44,8 +45,7 @@ from edgeward_device_agent.swtpm import (
     tampered_boot_chain,
     updated_firmware_chain,
 )
-from edgeward_device_agent.tcg_log import pcr_event2, write_log
-from edgeward_device_agent.tpm import PcrBank
+from edgeward_device_sim.tcg_log import pcr_event2, write_log
 from edgeward_shared.errors import EdgewardError
 
 BOOT = list(range(8))

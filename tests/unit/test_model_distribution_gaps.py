@@ -65,7 +65,7 @@ async def test_syncs_and_chunk_requests_are_rate_limited_per_device(
         assert isinstance(first, SyncReply)  # one token back a second later
 
         ask = ChunkRequest(name="demo", version=1, blob=sha256_hex(release.blob), indices=[0])
-        for _ in range(2):  # served: a frame each (and chunks-sent)
+        for _ in range(2):  # served: a frame each (asked again: lost, docs/adr/0029)
             await flooder.runtime.publish(Outgoing(flooder.request_topic, ask))
         await until(lambda: len(flooder.frames()) == 2)
         assert rejected_reason(await flooder.ask(ask)) == ModelReason.RATE_LIMITED

@@ -160,3 +160,57 @@ def test_high_water_marks_survive_and_never_go_down(tmp_path: Path) -> None:
     assert ModelStore(tmp_path).high_water()["demo"] == HighWater(2, 9, digest)
     mode = (tmp_path / "models" / "highwater.json").stat().st_mode & 0o777
     assert mode == 0o600
+
+
+COHORT = "ew/v1/cohort/demo/1"
+
+
+@pytest.mark.asyncio
+async def test_cohort_frames_count_whoever_asked_and_early_ones_are_held(tmp_path: Path) -> None:
+    """Chunks published once for the cohort (docs/adr/0029): frames another member's request
+    caused, even before this device's fetch began, are used (after the digest check) and
+    never asked for; a tampered or misdirected one is not; duplicates are ignored."""
+    blob = os.urandom(8 * CHUNK)
+    release = _release(blob)
+    store = ModelStore(tmp_path)
+    store.prepare()
+    fetcher = ChunkFetcher(DEVICE, store, FetchPolicy(window=4, frame_wait_s=0.2))
+
+    def frame(index: int, data: bytes | None = None, topic: str = COHORT) -> Delivery:
+        chunk = blob[index * CHUNK : (index + 1) * CHUNK] if data is None else data
+        header = FrameHeader(blob=release.blob.digest, index=index, req="ef" * 16)
+        return Delivery(topic, encode_frame(header, chunk))
+
+    # before the fetch: 0 and 1 as published, 2 tampered with (held unchecked, then dropped)
+    for early in (frame(0), frame(1), frame(1), frame(2, b"x" * CHUNK)):
+        await fetcher.on_cohort_frame(early)
+
+    class Cohort(FakeService):
+        async def request(self, topic: str, message: Any, *, timeout_s: float, mid: str) -> Any:
+            self.asked.append(list(message.indices))
+            for index in message.indices:  # sent once for the cohort: another member's req
+                await self.fetcher.on_cohort_frame(frame(index))
+                await self.fetcher.on_cohort_frame(frame(index))  # a member asked again
+                if index == 3:  # ... and one more, for the next window, ahead of time
+                    await self.fetcher.on_cohort_frame(frame(6))
+            return Reply(ChunksSent(in_reply_to=mid, indices=list(message.indices)))
+
+    service = Cohort(fetcher, blob)
+    assert await fetcher.fetch(service, release, persist=False) == blob  # type: ignore[arg-type]
+    assert service.asked == [[2, 3], [4, 5, 7]]  # 0, 1 held; 2 again; 6 came early
+
+    other = _release(os.urandom(8 * CHUNK))
+
+    class Misdirected(FakeService):
+        async def request(self, topic: str, message: Any, *, timeout_s: float, mid: str) -> Any:
+            header = FrameHeader(blob=message.blob, index=0, req=mid)
+            data = other.blob.digest.encode()  # anything: the topic is wrong
+            await fetcher.on_cohort_frame(
+                Delivery("ew/v1/cohort/demo/2", encode_frame(header, data))
+            )
+            raise AssertionError("unreachable")
+
+    misdirected = Misdirected(fetcher, blob)
+    with pytest.raises(EdgewardError) as refused:
+        await fetcher.fetch(misdirected, other, persist=False)  # type: ignore[arg-type]
+    assert refused.value.reason == "model.chunk.unsolicited"

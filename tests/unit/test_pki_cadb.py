@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from tests.legacy_pki import make_legacy
 from tests.unit.test_identity_service import (  # the identity service as production wires it
@@ -82,7 +83,7 @@ def test_the_database_is_private_and_keeps_each_certificate(pki: PkiStore) -> No
     with pki.db.transaction() as tx:
         row = tx.one("SELECT * FROM pki_issued WHERE serial = :s", {"s": f"{cert.serial_number:x}"})
     assert row is not None
-    assert row["certificate"] == cert.public_bytes(store_module.serialization.Encoding.DER)
+    assert row["certificate"] == cert.public_bytes(serialization.Encoding.DER)
     assert row["common_name"] == "dev-a"
     assert row["issuer"] == store_module.fingerprint(pki.issuer().cert)
     assert not (pki.dir / "issuing" / "issued.jsonl").exists()

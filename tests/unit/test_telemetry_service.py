@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +33,7 @@ from edgeward_shared.messages.revocation import JobStatus, RevocationJob, Revoke
 from edgeward_shared.messages.telemetry import (
     MAX_MODELS,
     MAX_REPORT_BYTES,
+    FleetAggregate,
     ModelReport,
     Protection,
     Resources,
@@ -53,10 +54,11 @@ from edgeward_shared.topics import (
     service_event_topic,
     shared_subscription,
 )
+from edgeward_shared.until import until
 from edgeward_telemetry.app import wire
 from edgeward_telemetry.core import BASELINED, DEFAULT_RULES, Detector
 from edgeward_telemetry.rules import Rule
-from edgeward_telemetry.service import TelemetryService
+from edgeward_telemetry.service import Settings, TelemetryService
 from edgeward_telemetry.store import TelemetryStore
 
 WAIT_S = 5.0
@@ -64,14 +66,6 @@ INSTANCES = (Identity.service(ServiceName.TELEMETRY), Identity.service(ServiceNa
 ATTESTATION = Identity.service(ServiceName.ATTESTATION)
 REVOCATION = Identity.service(ServiceName.REVOCATION)
 OPERATOR = Identity.operator("alice")
-
-
-async def until(condition: Callable[[], bool], within_s: float = WAIT_S) -> None:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError("the condition did not hold in time")
-        await asyncio.sleep(0.005)
 
 
 @dataclass
@@ -182,7 +176,8 @@ async def running(
             detector = Detector(
                 rules=rules, baseline_settings=small, reference_sketches=6, reference_devices=3
             )
-            services.append(wire(rt, store, detector=detector, audit=audit))
+            quiet = Settings(aggregate_period_ms=0)  # the private aggregate: test_fleet_privacy
+            services.append(wire(rt, store, detector=detector, audit=audit, settings=quiet))
             service_runtimes.append(rt)
         events: list[Opened[Any]] = []
 
@@ -191,7 +186,9 @@ async def running(
             return ()
 
         operator = runtime(OPERATOR)
-        operator.route(f"{ROOT}/svc/telemetry/evt/+", [TelemetryAlarm, RolloutSignal], record)
+        operator.route(
+            f"{ROOT}/svc/telemetry/evt/+", [TelemetryAlarm, RolloutSignal, FleetAggregate], record
+        )
         revokes: list[Opened[Any]] = []
         revocation = runtime(REVOCATION)
 

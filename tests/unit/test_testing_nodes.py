@@ -8,15 +8,29 @@ ready, one that ends early without an error.
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
+from cryptography import x509
 
+from edgeward_shared.broker.launcher import BROKER_IDENTITY
 from edgeward_shared.bus.memory import MemoryBroker
+from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.messages.health import Ping, Pong
+from edgeward_shared.pki.store import read_certificate
 from edgeward_shared.runtime.health import answer_pings
 from edgeward_shared.testing import FixedClock, MemoryPki
-from edgeward_shared.testing.nodes import memory_node, running, running_nodes, running_tasks
+from edgeward_shared.testing.nodes import (
+    file_runtime,
+    local_pki,
+    memory_node,
+    node_config,
+    running,
+    running_nodes,
+    running_tasks,
+)
 from edgeward_shared.topics import Channel, Direction, device_topic
 from edgeward_shared.until import until
 
@@ -85,3 +99,28 @@ async def test_runs_without_ready_events_are_stopped_when_the_block_ends() -> No
     async with running_tasks(worker, within_s=5) as stop:
         assert not stop.is_set()
     await until(stopped, within_s=1)
+
+
+async def test_local_pki_issues_the_broker_and_each_identity(tmp_path: Path) -> None:
+    device, service = Identity.device("dev-0001"), Identity.service(ServiceName.IDENTITY)
+    pki = local_pki(tmp_path / "pki", device, service, lifetime=timedelta(hours=2))
+    now = datetime.now(UTC)
+    for identity in (device, service, BROKER_IDENTITY):
+        assert pki.current(identity, now), identity
+    broker = read_certificate(pki.identity_files(BROKER_IDENTITY).cert)
+    names = broker.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in names.get_values_for_type(x509.DNSName)
+    leaf = read_certificate(pki.identity_files(device).cert)
+    assert leaf.not_valid_after_utc - leaf.not_valid_before_utc <= timedelta(hours=2, minutes=5)
+    bare = local_pki(tmp_path / "bare", device, broker=False)
+    assert not bare.current(BROKER_IDENTITY, now)
+
+
+async def test_node_config_names_the_identity_files_and_the_pki(tmp_path: Path) -> None:
+    device = Identity.device("dev-0001")
+    pki = local_pki(tmp_path / "pki", device)
+    config = node_config(pki, device, BrokerAddress("127.0.0.1", 8883))
+    assert config.identity_dir == pki.identity_files(device).directory
+    assert (config.ca_bundle, config.crl) == (pki.bundle_path, pki.crl_path)
+    runtime = file_runtime(pki, device)
+    assert runtime.identity == device

@@ -16,13 +16,12 @@ from cryptography.hazmat.primitives import serialization
 
 from edgeward_shared.bus.memory import MemoryBroker
 from edgeward_shared.clock import from_datetime
-from edgeward_shared.envelope import EnvelopeVerifier, SigningKey, seal
+from edgeward_shared.envelope import SigningKey, seal
 from edgeward_shared.errors import PolicyError
 from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.messages.trust import TrustBundle
 from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.pki.trust import TrustStore
-from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.runtime.core import Connect, Runtime
 from edgeward_shared.runtime.material import TrustBundleReason, check_trust_bundle
 from edgeward_shared.runtime.trust import (
@@ -33,6 +32,7 @@ from edgeward_shared.runtime.trust import (
     bundle_message,
 )
 from edgeward_shared.testing import FixedClock
+from edgeward_shared.testing.nodes import file_runtime
 
 IDENTITY = Identity.service(ServiceName.IDENTITY)
 REVOCATION = Identity.service(ServiceName.REVOCATION)
@@ -53,15 +53,6 @@ def pki(tmp_path: Path) -> PkiStore:
 @pytest.fixture
 def clock() -> FixedClock:
     return FixedClock(from_datetime(NOW))
-
-
-def _runtime(pki: PkiStore, identity: Identity, clock: FixedClock) -> Runtime:
-    trust = TrustStore.from_bundle(pki.bundle_path, pki.crl_path, now=NOW)
-    return Runtime(
-        signing_key=SigningKey.from_files(pki.identity_files(identity)),
-        verifier=EnvelopeVerifier(trust, MemoryReplayGuard()),
-        clock=clock,
-    )
 
 
 def _no_delay() -> Iterator[float]:
@@ -141,9 +132,9 @@ async def test_the_identity_service_publishes_and_a_node_follows(
     pki: PkiStore, clock: FixedClock, tmp_path: Path
 ) -> None:
     broker = MemoryBroker()
-    identity = _runtime(pki, IDENTITY, clock)
+    identity = file_runtime(pki, IDENTITY, clock)
     publisher = TrustPublisher(identity, pki)
-    device = _runtime(pki, DEVICE, clock)
+    device = file_runtime(pki, DEVICE, clock)
     bundle_file = tmp_path / "device" / "ca-bundle.pem"
     bundle_file.parent.mkdir()
     follower = TrustFollower(tmp_path / "device", bundle_file=bundle_file)
@@ -182,7 +173,7 @@ async def test_a_bundle_signed_by_another_service_or_replayed_older_is_refused(
     pki: PkiStore, clock: FixedClock
 ) -> None:
     broker = MemoryBroker()
-    device = _runtime(pki, DEVICE, clock)
+    device = file_runtime(pki, DEVICE, clock)
     follower = TrustFollower(None)
     follower.attach(device)
     old = bundle_message(pki, clock.now_ms())

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from edgeward_shared.until import holds_within, until
+from edgeward_shared.until import holds_within, until, until_value, value_within
 
 
 @pytest.mark.asyncio
@@ -108,3 +108,45 @@ async def test_holds_within_answers_instead_of_raising() -> None:
     event.set()
     assert await holds_within(event, within_s=0.05)
     assert not await holds_within(lambda: False, within_s=0.05, every_s=0.01, max_every_s=0.01)
+
+
+@pytest.mark.asyncio
+async def test_until_value_answers_the_first_answer_that_passes() -> None:
+    answers = iter([1, 2, 3, 4])
+    assert await until_value(lambda: next(answers), lambda n: n >= 3, within_s=1) == 3
+
+
+@pytest.mark.asyncio
+async def test_until_value_awaits_an_async_probe() -> None:
+    state = {"n": 0}
+
+    async def probe() -> int:
+        state["n"] += 1
+        return state["n"]
+
+    assert await until_value(probe, lambda n: n == 2, within_s=1) == 2
+
+
+@pytest.mark.asyncio
+async def test_until_value_that_runs_out_names_the_last_answer() -> None:
+    with pytest.raises(
+        TimeoutError, match=r"the phase did not hold within .*last answer: 'canary'"
+    ):
+        await until_value(lambda: "canary", lambda p: p == "done", within_s=0.05, why="the phase")
+
+
+@pytest.mark.asyncio
+async def test_value_within_answers_the_last_answer_either_way() -> None:
+    assert await value_within(lambda: "canary", lambda p: p == "done", within_s=0.05) == "canary"
+    answers = iter(["a", "b", "done", "later"])
+    assert await value_within(lambda: next(answers), lambda p: p == "done", within_s=1) == "done"
+
+
+@pytest.mark.asyncio
+async def test_value_within_without_a_single_answer_is_a_timeout() -> None:
+    async def never() -> int:
+        await asyncio.sleep(1)
+        return 0
+
+    with pytest.raises(TimeoutError):
+        await value_within(never, lambda n: n == 0, within_s=0.05)

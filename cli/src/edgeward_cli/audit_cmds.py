@@ -32,6 +32,7 @@ from edgeward_shared.errors import ConfigError, TransportError
 from edgeward_shared.identity import Identity, Role
 from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.runtime.backoff import jittered_backoff
+from edgeward_shared.runtime.params import FILE
 
 
 def _append(out: Path, record: dict[str, object]) -> None:
@@ -115,7 +116,7 @@ async def _until_stopped(work: Coroutine[object, object, None], stop: asyncio.Ev
 @click.option("--admin", default="audit", show_default=True, help="Broker admin NAME (admin.NAME).")
 @click.option(
     "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FILE,
     default=Path("state/broker-audit.jsonl"),
     show_default=True,
     help="Where the records are appended (JSON lines).",

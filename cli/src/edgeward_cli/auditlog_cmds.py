@@ -24,6 +24,7 @@ from typing import Final
 
 import click
 
+from edgeward_cli.pki_cmds import directory_option
 from edgeward_shared.audit.export import export_lines, read_export
 from edgeward_shared.audit.merkle import (
     LeafSource,
@@ -36,6 +37,7 @@ from edgeward_shared.audit.note import Checkpoint, NoteVerifier, open_checkpoint
 from edgeward_shared.audit.store import read_log
 from edgeward_shared.audit.verify import Report, verify_log
 from edgeward_shared.errors import ConfigError, PolicyError
+from edgeward_shared.runtime.params import FILE
 from edgeward_shared.storage import SqliteDatabase
 
 VERIFY_FAILED: Final = "audit.verify.failed"
@@ -74,6 +76,13 @@ def _witness_file(directory: Path, origin: str) -> Path:
     return directory / (_SAFE.sub("_", origin) + ".checkpoint")
 
 
+witness_dir_option = directory_option(
+    "--witness-dir",
+    DEFAULT_WITNESS_DIR,
+    "Where `edgeward audit keep` stores the operator's checkpoints.",
+)
+
+
 @click.group("audit")
 def audit_log() -> None:
     """Check the services' tamper-evident audit logs offline (docs/protocol.md 5)."""
@@ -89,13 +98,7 @@ def audit_log() -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="A checkpoint kept by a device or operator (repeatable).",
 )
-@click.option(
-    "--witness-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=DEFAULT_WITNESS_DIR,
-    show_default=True,
-    help="Where `edgeward audit keep` stores the operator's checkpoints.",
-)
+@witness_dir_option
 @click.option("--entry", type=int, help="Also prove entry N is in the newest checkpoint.")
 def verify(
     log: Path, vkey: str, checkpoints: tuple[Path, ...], witness_dir: Path, entry: int | None
@@ -163,7 +166,7 @@ def _proofs(report: Report, trusted: list[Checkpoint], entry: int | None) -> Non
 
 @audit_log.command()
 @click.argument("db", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out", type=FILE)
 @click.option("--vkey", default="", help="Written into the header (informational).")
 def export(db: Path, out: Path, vkey: str) -> None:
     """Write the audit log in DB to OUT as JSON lines (entries, then checkpoints)."""
@@ -181,12 +184,7 @@ def export(db: Path, out: Path, vkey: str) -> None:
 @audit_log.command()
 @click.argument("note", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--vkey", required=True, help="The log's verifier key: name+id+base64 key.")
-@click.option(
-    "--witness-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=DEFAULT_WITNESS_DIR,
-    show_default=True,
-)
+@witness_dir_option
 @click.option(
     "--log",
     "log_path",

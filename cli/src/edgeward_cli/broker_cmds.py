@@ -24,6 +24,7 @@ from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.broker.reload import principals_from_pki
 from edgeward_shared.errors import EdgewardError
 from edgeward_shared.pki.store import PkiStore
+from edgeward_shared.runtime.params import DIRECTORY
 
 
 def _principals(store: PkiStore) -> AclPrincipals:
@@ -123,7 +124,7 @@ def run(
 @pki_dir_option
 @click.option(
     "--out",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=DIRECTORY,
     default=Path("deploy/compose/broker"),
     show_default=True,
     help="Directory to write (mounted at /edgeward/run in the container).",

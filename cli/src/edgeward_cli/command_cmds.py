@@ -38,17 +38,24 @@ from edgeward_shared.messages.command import (
     UnloadModelCommand,
 )
 from edgeward_shared.pki.store import PkiStore
+from edgeward_shared.runtime.params import FILE
 
 log_option = click.option(
     "--log",
     "log_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FILE,
     default=lambda: Path(os.environ.get("EDGEWARD_COMMAND_LOG", "state/commands.jsonl")),
     show_default="$EDGEWARD_COMMAND_LOG or state/commands.jsonl",
     help="The operator's command log (signed commands and receipts).",
 )
 reason_option = click.option("--reason", required=True, help="Why (signed into the command).")
-timeout_option = click.option("--timeout", type=float, default=10.0, show_default=True)
+timeout_option = click.option(
+    "--timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for the device's signed receipt.",
+)
 
 
 @click.group()
@@ -183,9 +190,9 @@ def status(directory: Path, command_id: str, log_path: Path) -> None:
 
 
 @command.command()
-@click.argument("log_file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--ca-bundle", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@click.option("--crl", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.argument("log_file", type=FILE)
+@click.option("--ca-bundle", type=FILE, required=True, help="The CA bundle (PEM) to check with.")
+@click.option("--crl", type=FILE, required=True, help="The CRL (PEM) judging revocation.")
 def verify(log_file: Path, ca_bundle: Path, crl: Path) -> None:
     """Offline proof: re-check every command and receipt in LOG_FILE with only the CA
     bundle and the CRL (revocation judged at signing time). Exit 1 if any fails."""

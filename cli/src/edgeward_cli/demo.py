@@ -11,13 +11,14 @@ import asyncio
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import click
 
 from edgeward_cli.demo_attest import attestation_story
+from edgeward_cli.demo_console import console_act, console_identities
 from edgeward_cli.demo_models import models_story
 from edgeward_cli.pki_cmds import create_dev_pki, dev_identities
 from edgeward_shared.broker.launcher import MosquittoBroker
@@ -32,8 +33,10 @@ from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.runtime.core import Connect, Runtime
 from edgeward_shared.runtime.health import answer_pings
 from edgeward_shared.runtime.node import NodeConfig, build_runtime
+from edgeward_shared.runtime.params import DIRECTORY
 from edgeward_shared.testing import MemoryPki
 from edgeward_shared.topics import Channel, Direction, device_topic
+from edgeward_shared.until import holds_within
 
 DEVICE = Identity.device("dev-0001")
 ROGUE = Identity.device("dev-0002")
@@ -56,7 +59,7 @@ def _refused(text: str) -> None:
 @click.command()
 @click.option(
     "--workdir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=DIRECTORY,
     help="Keep the PKI, broker config and logs here (default: a temporary directory).",
 )
 def demo(workdir: Path | None) -> None:
@@ -97,10 +100,14 @@ async def _demo(root: Path) -> None:
     _step("1. a fresh PKI: offline root, issuing CA, broker, services, operator, devices")
     pki_dir = root / "pki"
     shutil.rmtree(pki_dir, ignore_errors=True)  # ours: _claim() checked the marker
-    store, _ = create_dev_pki(pki_dir, dev_identities(devices=2, operator=OPERATOR.name))
+    store, _ = create_dev_pki(
+        pki_dir,
+        [*dev_identities(devices=2, operator=OPERATOR.name), *console_identities(OPERATOR.name)],
+    )
 
     _step("2. the real Mosquitto: mTLS only, CN = username = client id, generated ACL")
-    with MosquittoBroker(store, root / "broker", operators=[OPERATOR]) as broker:
+    sessions = [OPERATOR, Identity.operator(OPERATOR.name, "console")]
+    with MosquittoBroker(store, root / "broker", operators=sessions) as broker:
         click.echo(f"   mosquitto pid {broker.pid} on {broker.host}:{broker.port} (TLS)")
         address = BrokerAddress(broker.host, broker.port)
         async with _node(store, DEVICE, address) as device, _node(store, SERVICE, address) as svc:
@@ -112,10 +119,15 @@ async def _demo(root: Path) -> None:
             _step("5. what the device counted (Prometheus, edgeward_messages_rejected_total)")
             for reason, count in sorted(_counts(device, "rejected").items()):
                 click.echo(f"   {reason:<34} {int(count)}")
-        await attestation_story(
-            root, store, address, lambda stack: models_story(root, store, broker, stack)
-        )
+        await attestation_story(root, store, address, lambda stack: _acts(store, broker, stack))
     click.echo("\nbroker stopped; demo complete")
+
+
+async def _acts(store: PkiStore, broker: MosquittoBroker, stack: AsyncExitStack) -> None:
+    root = store.dir.parent
+    await models_story(root, store, broker, stack)
+    address = BrokerAddress(broker.host, broker.port)
+    await console_act(root, store, address, stack, OPERATOR.name)
 
 
 @asynccontextmanager
@@ -182,7 +194,7 @@ async def _attacks(store: PkiStore, address: BrokerAddress, device: Runtime, svc
     # operator's, standing in for a compromised broker or relay): the second wall must hold.
     async with _raw_bus(store, OPERATOR, address) as bus:
         await bus.publish(topic, genuine)
-        await _wait_for(lambda: _counts(device, "accepted").get(Ping.TYPE, 0) >= 2)
+        await holds_within(lambda: _counts(device, "accepted").get(Ping.TYPE, 0) >= 2, within_s=3)
         _ok("a genuine signed ping from svc.telemetry, relayed once")
         for label, payload in attempts:
             before = _counts(device, "rejected")
@@ -192,7 +204,7 @@ async def _attacks(store: PkiStore, address: BrokerAddress, device: Runtime, svc
     async with _raw_bus(store, ROGUE, address) as bus:
         before = _counts(device, "received")
         await bus.publish(topic, genuine)
-        if not await _wait_for(lambda: _counts(device, "received") != before, 0.5):
+        if not await holds_within(lambda: _counts(device, "received") != before, within_s=0.5):
             _refused(
                 "by the broker: dev-0002 publishing on dev-0001's topic (ACL: never delivered)"
             )
@@ -200,15 +212,6 @@ async def _attacks(store: PkiStore, address: BrokerAddress, device: Runtime, svc
 
 def _ping(byte: str) -> Ping:
     return Ping(nonce=byte * 16)
-
-
-async def _wait_for(condition: Callable[[], bool], timeout_s: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        await asyncio.sleep(0.01)
-    return condition()
 
 
 async def _next_rejection(runtime: Runtime, before: dict[str, float]) -> str | None:

@@ -14,12 +14,11 @@ import os
 import shutil
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import click
 
@@ -39,11 +38,14 @@ from edgeward_shared.messages.registry import (
     PolicyRecord,
 )
 from edgeward_shared.pki.store import PkiStore
+from edgeward_shared.until import Condition, holds_within, value_within
 
 DEVICE_CLASS = "edge-gw"
 GOLDEN, TAMPERED = "edge-0001", "edge-0002"
 POLICY = "edge-gw-2026-11"
 WAIT_S = 60.0
+#: How often the demo asks again while it waits (a query over the broker, a CLI call).
+PACE_S = 0.3
 T = TypeVar("T")
 
 
@@ -53,6 +55,15 @@ def _say(text: str) -> None:
 
 def _line(text: str) -> None:
     click.echo(f"   {text}")
+
+
+class Start(Protocol):
+    """Starts one part of the story by module name: :func:`process` by default; the
+    containers tests start the services from their images instead (docs/adr/0030)."""
+
+    def __call__(
+        self, root: Path, name: str, *argv: str, env: dict[str, str] | None = None
+    ) -> AbstractAsyncContextManager[object]: ...
 
 
 @asynccontextmanager
@@ -94,7 +105,7 @@ async def _tpms(root: Path, stack: AsyncExitStack) -> dict[str, str]:
     child = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "edgeward_device_agent.simulate",
+        "edgeward_device_sim.simulate",
         "--root",
         str(root / "tpms"),
         "--golden",
@@ -119,13 +130,14 @@ async def _tpms(root: Path, stack: AsyncExitStack) -> dict[str, str]:
 
 def _boot_log(root: Path, name: str) -> dict[str, str]:
     """The agent's boot event log (``EDGEWARD_EVENT_LOG``): the one its swtpm's boot chain
-    wrote (``edgeward_device_agent.swtpm``: ``devices/<name>/binary_bios_measurements``)."""
+    wrote (``edgeward_device_sim.swtpm``: ``devices/<name>/binary_bios_measurements``)."""
     return {
         "EDGEWARD_EVENT_LOG": str(root / "tpms" / "devices" / name / "binary_bios_measurements")
     }
 
 
-def _agent_state(root: Path, store: PkiStore, device_id: str) -> Path:
+def agent_state(root: Path, store: PkiStore, device_id: str) -> Path:
+    """The agent's state directory with fresh enrollee credentials."""
     files = store.issue(Identity.enrollee(device_id), datetime.now(UTC), timedelta(hours=2))
     state = root / "agents" / device_id
     (state / "enrollee").mkdir(parents=True, mode=0o700, exist_ok=True)
@@ -164,14 +176,15 @@ def _agent_argv(
     ]
 
 
-async def _until(probe: Callable[[], Awaitable[T]], check: Callable[[T], bool]) -> T:
-    """Ask ``probe`` until ``check`` holds (or the demo's patience runs out)."""
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        value = await probe()
-        if check(value) or time.monotonic() > deadline:
-            return value
-        await asyncio.sleep(0.3)
+async def patiently(check: Condition, every_s: float = PACE_S) -> bool:
+    """The demo's wait for a condition: re-checked every ``every_s`` for up to ``WAIT_S``;
+    True once it holds, False if it never did (the demo reports it and goes on)."""
+    return await holds_within(check, within_s=WAIT_S, every_s=every_s, max_every_s=every_s)
+
+
+async def patient_answer(probe: Callable[[], Awaitable[T]], check: Callable[[T], bool]) -> T:
+    """Ask ``probe`` until ``check`` holds (or the demo's patience runs out): its last answer."""
+    return await value_within(probe, check, within_s=WAIT_S, every_s=PACE_S, max_every_s=PACE_S)
 
 
 async def _devices(session: OperatorSession) -> list[DeviceStatus]:
@@ -190,18 +203,25 @@ async def attestation_story(
     store: PkiStore,
     broker: BrokerAddress,
     then: Callable[[AsyncExitStack], Awaitable[None]] | None = None,
+    *,
+    start: Start = process,
+    devices_running: bool = False,
 ) -> None:
-    """Act 2; ``then`` runs the next acts while the services and devices are still up."""
+    """Act 2; ``then`` runs the next acts while the services and devices are still up;
+    ``start`` starts the services and agents. ``devices_running``: the devices (swtpm and
+    agent, enrollee credentials in ``root/agents``) run already, as in deploy/compose."""
     async with AsyncExitStack() as stack:
         _say("6. two devices with TPMs (swtpm): edge-0001 golden, edge-0002 tampered boot chain")
-        tctis = await _tpms(root, stack)
+        tctis = {} if devices_running else await _tpms(root, stack)
+        if devices_running:
+            _line("(each runs in its own container: swtpm and agent, deploy/compose)")
         for name, tcti in tctis.items():
             _line(f"{name}: {tcti} (EK certificate from the test manufacturer CA)")
 
         _say("7. the identity service (online CA) and the attestation service start")
         common = ["--broker", f"{broker.host}:{broker.port}"]
         await stack.enter_async_context(
-            process(
+            start(
                 root,
                 "identity",
                 "edgeward_identity",
@@ -213,7 +233,7 @@ async def attestation_story(
             )
         )
         await stack.enter_async_context(
-            process(
+            start(
                 root,
                 "attestation",
                 "edgeward_attestation",
@@ -241,7 +261,7 @@ async def attestation_story(
                 [DeviceList, PolicyList, Done, Pong],
             )
         )
-        await _until(lambda: _ping(session), bool)
+        await patient_answer(lambda: _ping(session), bool)
         _line("the attestation service answers a signed ping")
 
         _say(f"8. operator provisions {GOLDEN} and {TAMPERED} (class {DEVICE_CLASS}) and records")
@@ -261,17 +281,18 @@ async def attestation_story(
             f"9. {GOLDEN} enrolls (EK certificate, credential activation);"
             " its quote records the values"
         )
-        await stack.enter_async_context(
-            process(
-                root,
-                f"agent-{GOLDEN}",
-                *_agent_argv(
-                    store, broker, GOLDEN, tctis[GOLDEN], _agent_state(root, store, GOLDEN)
-                ),
-                env=_boot_log(root, GOLDEN),
+        if not devices_running:
+            await stack.enter_async_context(
+                start(
+                    root,
+                    f"agent-{GOLDEN}",
+                    *_agent_argv(
+                        store, broker, GOLDEN, tctis[GOLDEN], agent_state(root, store, GOLDEN)
+                    ),
+                    env=_boot_log(root, GOLDEN),
+                )
             )
-        )
-        listing = await _until(
+        listing = await patient_answer(
             lambda: session.ask(PolicyQuery(), PolicyList),
             lambda found: any(info.pcrs for info in found.policies),
         )
@@ -284,17 +305,18 @@ async def attestation_story(
         _line((await session.ask(PolicyApprove(policy_id=POLICY), Done)).detail)
 
         _say(f"10. {GOLDEN} is attested; {TAMPERED} (tampered boot chain) enrolls and is refused")
-        await stack.enter_async_context(
-            process(
-                root,
-                f"agent-{TAMPERED}",
-                *_agent_argv(
-                    store, broker, TAMPERED, tctis[TAMPERED], _agent_state(root, store, TAMPERED)
-                ),
-                env=_boot_log(root, TAMPERED),
+        if not devices_running:
+            await stack.enter_async_context(
+                start(
+                    root,
+                    f"agent-{TAMPERED}",
+                    *_agent_argv(
+                        store, broker, TAMPERED, tctis[TAMPERED], agent_state(root, store, TAMPERED)
+                    ),
+                    env=_boot_log(root, TAMPERED),
+                )
             )
-        )
-        devices = await _until(lambda: _devices(session), _settled)
+        devices = await patient_answer(lambda: _devices(session), _settled)
         _show(devices)
         shown = await session.ask(DeviceQuery(device_id=TAMPERED), DeviceList)
         for status in shown.devices:  # the boot event that differs (docs/adr/0021)

@@ -22,17 +22,16 @@ from collections.abc import Awaitable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import click
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric import ec
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeward_cli.demo_attest import GOLDEN, TAMPERED, WAIT_S, process
+from edgeward_cli.demo_attest import GOLDEN, TAMPERED, WAIT_S, Start, patiently, process
 from edgeward_cli.demo_renewal import renewal_story
-from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings, connect_mqtt
+from edgeward_shared.crypto.keys import new_key
 from edgeward_shared.envelope import Opened
 from edgeward_shared.errors import EdgewardError
 from edgeward_shared.identity import Identity, Role, ServiceName
@@ -43,9 +42,26 @@ from edgeward_shared.runtime.core import Outgoing
 from edgeward_shared.runtime.node import NodeConfig, build_runtime
 from edgeward_shared.testing.nodes import running
 from edgeward_shared.topics import Channel, Direction, device_topic, service_event_topic
-from edgeward_shared.until import Condition, holds_within
 
 MODEL = "edge-classifier"
+#: who watches the gateway's events in act 14 (by default the telemetry service's identity)
+OBSERVER = Identity.service(ServiceName.TELEMETRY)
+
+
+class RunningBroker(Protocol):
+    """What the acts need of the broker: a :class:`MosquittoBroker`, or the broker image
+    (tests/containers) whose run directory the revocation service shares."""
+
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def pid(self) -> int: ...
+    @property
+    def run_dir(self) -> Path: ...
+    @property
+    def log_path(self) -> Path: ...
 
 
 def _say(text: str) -> None:
@@ -111,13 +127,17 @@ class Cli:
         return child.returncode or 0, text
 
 
-async def _until(check: Condition) -> bool:
-    return await holds_within(check, within_s=WAIT_S, every_s=0.5, max_every_s=0.5)
-
-
 async def models_story(
-    root: Path, store: PkiStore, broker: MosquittoBroker, stack: AsyncExitStack
+    root: Path,
+    store: PkiStore,
+    broker: RunningBroker,
+    stack: AsyncExitStack,
+    *,
+    start: Start = process,
+    observer: Identity = OBSERVER,
 ) -> None:
+    """Acts 3 and 4; ``observer`` watches the gateway's events (another instance where the
+    telemetry service itself runs, as in deploy/compose)."""
     address = BrokerAddress(broker.host, broker.port)
     cli = Cli(root, store, address)
     pid_file = broker.run_dir / "mosquitto.pid"  # next to broker.json: checked reloads
@@ -129,7 +149,7 @@ async def models_story(
     _say("11. the revocation and model-distribution services start (first signed list out)")
     common = ["--broker", f"{address.host}:{address.port}"]
     await stack.enter_async_context(
-        process(
+        start(
             root,
             "revocation",
             "edgeward_revocation",
@@ -146,7 +166,7 @@ async def models_story(
         )
     )
     await stack.enter_async_context(
-        process(
+        start(
             root,
             "model-distribution",
             "edgeward_model_distribution",
@@ -163,7 +183,7 @@ async def models_story(
     _say(f"12. the build pipeline publishes {MODEL} v1, tier high (signed, encrypted)")
     source = root / "state" / f"{MODEL}.onnx"
     source.write_bytes(demo_model())
-    published = await _until(
+    published = await patiently(
         lambda: _ok(
             cli(
                 *("model", "publish", str(source), "--name", MODEL, "--version", "1"),
@@ -181,12 +201,13 @@ async def models_story(
 
     _say(f"13. canary rollout to {GOLDEN} and {TAMPERED}")
     await cli("model", "rollout", MODEL, "1", "--device", GOLDEN, "--device", TAMPERED)
-    await _until(lambda: _settled(cli))
+    await patiently(lambda: _settled(cli))
     await cli("model", "list", MODEL)
     _line(f"{GOLDEN}: attested, key wrapped to its session key, model measured into PCR 14")
     _line(f"{TAMPERED}: not attested, no key: model.key.attestation_missing")
 
-    await _inference_act(root, store, address, cli, stack)
+    await _bad_version_act(root, cli)
+    await _inference_act(root, store, address, cli, stack, start=start, observer=observer)
 
     _say(f"16. a signed stop for {GOLDEN}: the device acts and signs a receipt")
     await cli("command", "stop", GOLDEN, "--reason", "demo: maintenance window")
@@ -206,12 +227,52 @@ async def models_story(
     await renewal_story(store, cli, 18)
 
 
+async def _bad_version_act(root: Path, cli: Cli) -> None:
+    """A bad v2, rolled out gated: the canary cannot activate it, the activation gate aborts
+    the rollout by itself and the canary is sent back to v1 (which it never stopped running)."""
+    _say(f"13b. a bad {MODEL} v2, rolled out gated: canary {GOLDEN}, then 100 %")
+    source = root / "state" / f"{MODEL}-v2.onnx"
+    source.write_bytes(demo_model())
+    await cli(
+        *("model", "publish", str(source), "--name", MODEL, "--version", "2"),
+        *("--tier", "high", "--runtime", "onnxruntime<1.0"),  # a runtime no device has
+        show=False,
+    )
+    source.unlink()
+    _line("v2's signed provenance allows only onnxruntime<1.0: no device can activate it")
+    await cli(
+        *("model", "rollout", MODEL, "2", "--device", GOLDEN),
+        *("--waves", "1,100", "--gate", "soak=0"),
+    )
+    rolled_back = await patiently(lambda: _phase(cli, 2, "rolled-back"), every_s=0.5)
+    await cli("model", "status", MODEL, "2")
+    if rolled_back:
+        _line(
+            click.style("aborted by its activation gate, without anyone's help", fg="green")
+            + f"; {GOLDEN} went back to v1 by a signed revert (it never stopped serving v1)"
+        )
+    else:
+        _line(click.style("the rollout did not roll back", fg="red"))
+
+
+async def _phase(cli: Cli, version: int, phase: str) -> bool:
+    _, text = await cli("model", "status", MODEL, str(version), show=False)
+    return f"v{version}: {phase}," in text
+
+
 async def _inference_act(
-    root: Path, store: PkiStore, address: BrokerAddress, cli: Cli, stack: AsyncExitStack
+    root: Path,
+    store: PkiStore,
+    address: BrokerAddress,
+    cli: Cli,
+    stack: AsyncExitStack,
+    *,
+    start: Start,
+    observer: Identity,
 ) -> None:
     _say("14. the inference gateway starts; a client asks edge-0001 for an inference")
     await stack.enter_async_context(
-        process(
+        start(
             root,
             "inference-gateway",
             "edgeward_inference_gateway",
@@ -232,7 +293,7 @@ async def _inference_act(
         )
         return ()
 
-    watcher, connect = build_runtime(_node(store, Identity.service(ServiceName.TELEMETRY), address))
+    watcher, connect = build_runtime(_node(store, observer, address))
     watcher.route(
         service_event_topic(ServiceName.INFERENCE_GATEWAY, "result"), [AcceptedResult], watch
     )
@@ -240,7 +301,7 @@ async def _inference_act(
         service_event_topic(ServiceName.INFERENCE_GATEWAY, "rejected"), [RejectedResult], watch
     )
     async with running(watcher, connect, within_s=WAIT_S):
-        served = await _until(
+        served = await patiently(
             lambda: _ok(cli("infer", GOLDEN, "--model", MODEL, "--random", "1x16", show=False))
         )
         await cli("infer", GOLDEN, "--model", MODEL, "--random", "1x16")
@@ -252,7 +313,7 @@ async def _inference_act(
 
         _say("15. a rogue device (dev-0002, not attested) sends results: rejected, with reasons")
         await _rogue(store, address, accepted[-1])
-        await _until(lambda: _count(rejected, 2))
+        await patiently(lambda: _count(rejected, 2))
         for event in rejected[-2:]:
             _line(f"{event.device}: {click.style(event.reason, fg='red')}")
 
@@ -270,7 +331,7 @@ async def _rogue(store: PkiStore, address: BrokerAddress, stolen: AcceptedResult
             in_reply_to=None, body=stolen.body, session_sig=stolen.session_sig, ear=stolen.ear
         )
         await rogue.publish(Outgoing(topic, replay))
-        forged_key = ec.generate_private_key(ec.SECP256R1())
+        forged_key = new_key()
         body = stolen.body.replace(b'"device":"edge-0001"', b'"device":"dev-0002"')
         forged = InferResult(
             in_reply_to=None,

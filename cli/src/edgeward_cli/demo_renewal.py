@@ -14,10 +14,9 @@ from collections.abc import Awaitable, Callable
 
 import click
 
-from edgeward_cli.demo_attest import GOLDEN, WAIT_S
+from edgeward_cli.demo_attest import GOLDEN, patiently
 from edgeward_shared.identity import Identity
 from edgeward_shared.pki.store import PkiStore
-from edgeward_shared.until import Condition, holds_within
 
 
 def _say(text: str) -> None:
@@ -36,10 +35,6 @@ def _current_serial(store: PkiStore) -> str | None:
     return f"{live[-1].serial:x}" if live else None
 
 
-async def _until(check: Condition) -> bool:
-    return await holds_within(check, within_s=WAIT_S, every_s=0.3, max_every_s=0.3)
-
-
 async def renewal_story(
     store: PkiStore, cli: Callable[..., Awaitable[tuple[int, str]]], act: int
 ) -> None:
@@ -55,7 +50,7 @@ async def renewal_story(
     if code != 0 or new is None or before is None:
         _line(click.style("the device did not renew", fg="red"))
         return
-    revoked = await _until(lambda: int(before, 16) in store.revoked_serials())
+    revoked = await patiently(lambda: int(before, 16) in store.revoked_serials())
     verdict = click.style("revoked", fg="green") if revoked else click.style("valid!", fg="red")
     _line(f"old serial {before}: {verdict} (the revocation service: CRL, reload, signed list)")
     _line(f"new serial {new}: issued only for an affirming EAR naming the device, with a")

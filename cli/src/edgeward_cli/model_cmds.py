@@ -11,8 +11,6 @@ from pathlib import Path
 
 import click
 import msgspec
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgeward_cli.ops_client import (
     OperatorSession,
@@ -21,8 +19,9 @@ from edgeward_cli.ops_client import (
     operator_session,
     parse_broker,
 )
-from edgeward_cli.pki_cmds import pki_dir_option
+from edgeward_cli.pki_cmds import days_option, pki_dir_option
 from edgeward_cli.publish import DEFAULT_RUNTIME, BuiltRelease, ReleaseSpec, build_release
+from edgeward_shared.crypto.keys import load_public_key_der
 from edgeward_shared.errors import ConfigError, PolicyError
 from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.messages.base import Message
@@ -86,7 +85,7 @@ def model() -> None:
 @click.option("--dataset-fingerprint", help="Digest or id of the training data (provenance).")
 @click.option("--runtime", default=DEFAULT_RUNTIME, show_default=True, help="Allowed runtime.")
 @click.option("--signer", default="ci", show_default=True, help="Signing key signer.<name>.")
-@click.option("--days", type=click.IntRange(1, 3650), default=365, show_default=True)
+@days_option(365, 3650, "the signed provenance (its expiry)")
 @operator_option
 @broker_option
 def publish(  # click passes every parameter by keyword
@@ -175,9 +174,10 @@ async def upload(session: OperatorSession, built: BuiltRelease, progress: Progre
         progress(sum(len(built.blob[i * size : (i + 1) * size]) for i in indices))
     sealed = None
     if built.data_key is not None:
-        kek = serialization.load_der_public_key(ready.kek)
-        if not isinstance(kek, ec.EllipticCurvePublicKey):
-            raise PolicyError("model.upload.invalid", "the service's KEK is not an EC key")
+        try:
+            kek = load_public_key_der(ready.kek)
+        except ValueError as exc:
+            raise PolicyError("model.upload.invalid", "the service's KEK is not an EC key") from exc
         sealed = seal_to_kek(built.data_key, kek, built.ref)
     return await session.ask(PublishCommit(upload_id=ready.upload_id, sealed_key=sealed), Published)
 

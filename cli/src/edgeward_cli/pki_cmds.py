@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
@@ -15,6 +16,7 @@ from edgeward_shared.errors import EdgewardError
 from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.pki.canary import CANARY, ensure_canary
 from edgeward_shared.pki.store import PkiStore
+from edgeward_shared.runtime.params import DIRECTORY
 
 DEFAULT_PKI = Path(os.environ.get("EDGEWARD_PKI", "pki"))
 DEFAULT_RUN_DIR = Path("run/broker")
@@ -32,19 +34,35 @@ LIFETIMES = {
 pki_dir_option = click.option(
     "--dir",
     "directory",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=DIRECTORY,
     default=DEFAULT_PKI,
     show_default=True,
     help="PKI directory (env EDGEWARD_PKI).",
 )
 
 
-run_dir_option = click.option(
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def days_option(default: int, most: int, what: str) -> Callable[[F], F]:
+    """``--days``: how long ``what`` stays valid, 1 to ``most`` days."""
+    text, kinds = f"Validity of {what}, in days.", click.IntRange(1, most)
+    return click.option("--days", type=kinds, default=default, show_default=True, help=text)
+
+
+_DEVICES = click.IntRange(0, 10_000)
+_DEVICES_HELP = "How many device certificates to issue (dev-0001, dev-0002, ...)."
+
+
+def directory_option(name: str, default: Path, text: str) -> Callable[[F], F]:
+    """A directory option with a default, shown in ``--help``."""
+    return click.option(name, type=DIRECTORY, default=default, show_default=True, help=text)
+
+
+run_dir_option = directory_option(
     "--run-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=DEFAULT_RUN_DIR,
-    show_default=True,
-    help="The run directory of `edgeward broker run` (config, ACL, CRL copy, log).",
+    DEFAULT_RUN_DIR,
+    "The run directory of `edgeward broker run` (config, ACL, CRL copy, log).",
 )
 
 
@@ -203,7 +221,7 @@ def revoke(
 
 @pki.command()
 @pki_dir_option
-@click.option("--days", type=click.IntRange(1, 30), default=7, show_default=True)
+@days_option(7, 30, "the new CRL (its nextUpdate; reissue it before then)")
 @run_dir_option
 def crl(directory: Path, days: int, run_dir: Path) -> None:
     """Reissue the CRL (an expired CRL locks every client out of the broker) and apply it."""
@@ -258,10 +276,14 @@ def dev_identities(devices: int, operator: str, sessions: int = 1) -> list[Ident
 
 
 def create_dev_pki(
-    directory: Path, identities: Iterable[Identity], now: datetime | None = None
+    directory: Path,
+    identities: Iterable[Identity],
+    now: datetime | None = None,
+    broker_hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
 ) -> tuple[PkiStore, list[Identity]]:
     """Create (or extend) a PKI in ``directory``; issue each identity that has no valid
-    certificate yet. Returns the store and the identities it issued."""
+    certificate yet (the broker's for ``broker_hosts``). Returns the store and the
+    identities it issued."""
     store = PkiStore(directory)
     now = now or _now()
     if not store.exists():
@@ -271,7 +293,7 @@ def create_dev_pki(
     for identity in identities:
         if store.current(identity, now):
             continue
-        hosts = ("127.0.0.1", "localhost") if identity.role is Role.BROKER else ()
+        hosts = broker_hosts if identity.role is Role.BROKER else ()
         store.issue(identity, now, LIFETIMES[identity.role], hosts)
         issued.append(identity)
     return store, issued
@@ -279,8 +301,8 @@ def create_dev_pki(
 
 @pki.command(name="dev-setup")
 @pki_dir_option
-@click.option("--devices", type=click.IntRange(0, 10_000), default=3, show_default=True)
-@click.option("--operator", default="admin", show_default=True)
+@click.option("--devices", type=_DEVICES, default=3, show_default=True, help=_DEVICES_HELP)
+@click.option("--operator", default="admin", show_default=True, help="The operator: op.NAME.")
 @click.option(
     "--operator-sessions",
     type=click.IntRange(1, 16),
@@ -347,7 +369,7 @@ def renew(  # click passes every parameter by keyword
 @click.option(
     "--root-passphrase-env", metavar="VAR", help="The root key's passphrase is in this variable."
 )
-@click.option("--days", type=click.IntRange(1, 3650), default=730, show_default=True)
+@days_option(730, 3650, "the new issuing CA certificate")
 @run_dir_option
 def rotate_issuing(
     directory: Path,

@@ -23,8 +23,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-
+from edgeward_shared.crypto.certs import to_der
 from edgeward_shared.identity import identity_of
 from edgeward_shared.models.onnx_check import check_onnx
 from edgeward_shared.models.provenance import (
@@ -91,7 +90,7 @@ def build_release(
         tier=spec.tier,
         provenance=provenance,
         signature=signature,
-        signer_cert=cert.public_bytes(serialization.Encoding.DER),
+        signer_cert=to_der(cert),
         blob=blob,
         data_key=data_key,
     )

@@ -17,9 +17,8 @@ import hashlib
 import hmac
 from typing import Final
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, utils
+from edgeward_shared.crypto import signatures
+from edgeward_shared.crypto.keys import PrivateKey, PublicKey
 
 #: Domain tag of the qualifying data (see :func:`qualifying_data`).
 QUALIFYING_DATA_TAG: Final = b"EDGEWARD-QUOTE-V1\x00"
@@ -99,20 +98,11 @@ def renewal_digest(device_id: str, csr: bytes, request_id: str, at_ms: int) -> b
     return hashlib.sha256(RENEWAL_TAG + body + at_ms.to_bytes(8, "big")).digest()
 
 
-_PREHASHED: Final = ec.ECDSA(utils.Prehashed(hashes.SHA256()))
-
-
-def sign_renewal(session_key: ec.EllipticCurvePrivateKey, digest: bytes) -> bytes:
+def sign_renewal(session_key: PrivateKey, digest: bytes) -> bytes:
     """ECDSA P-256 over a :func:`renewal_digest` (DER signature)."""
-    return session_key.sign(digest, _PREHASHED)
+    return signatures.sign_digest(session_key, digest)
 
 
-def renewal_signature_valid(
-    session_key: ec.EllipticCurvePublicKey, digest: bytes, signature: bytes
-) -> bool:
+def renewal_signature_valid(session_key: PublicKey, digest: bytes, signature: bytes) -> bool:
     """Whether ``signature`` is the session key's over ``digest``."""
-    try:
-        session_key.verify(signature, digest, _PREHASHED)
-    except (InvalidSignature, ValueError):
-        return False
-    return True
+    return signatures.verify_digest(session_key, signature, digest)

@@ -32,10 +32,9 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, cast
 
 import jwt
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgeward_shared.clock import to_datetime
+from edgeward_shared.crypto.keys import PublicKey, is_p256, public_key_der
 from edgeward_shared.envelope import SigningKey
 from edgeward_shared.errors import AuthenticityError, MessageError
 from edgeward_shared.identity import DEVICE_ID_RE, Identity, ServiceName
@@ -94,7 +93,7 @@ class AttestationClaims:
     device_id: str
     status: Status
     policy_id: str
-    session_key: ec.EllipticCurvePublicKey
+    session_key: PublicKey
     result_id: str
     issued_at: int
     expires_at: int
@@ -106,12 +105,10 @@ class AttestationClaims:
 
     @property
     def session_key_der(self) -> bytes:
-        return self.session_key.public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        return public_key_der(self.session_key)
 
 
-def _session_jwk(key: ec.EllipticCurvePublicKey) -> dict[str, Any]:
+def _session_jwk(key: PublicKey) -> dict[str, Any]:
     jwk: dict[str, Any] = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key))
     return jwk
 
@@ -238,7 +235,7 @@ def _parse_claims(claims: dict[str, Any]) -> AttestationClaims:
             device_id=str(claims["sub"]),
             status=cast("Status", submod["ear.status"]),
             policy_id=str(submod["ear.appraisal-policy-id"]),
-            session_key=cast("ec.EllipticCurvePublicKey", key),
+            session_key=cast("PublicKey", key),
             result_id=str(claims["jti"]),
             issued_at=int(claims["iat"]),
             expires_at=int(claims["exp"]),
@@ -249,7 +246,7 @@ def _parse_claims(claims: dict[str, Any]) -> AttestationClaims:
         raise MessageError(EarReason.MALFORMED, f"claims: {exc}") from exc
     if claims.get("eat_profile") != EAR_PROFILE or parsed.status not in _STATUSES:
         raise MessageError(EarReason.MALFORMED, "not an Edgeward EAR")
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+    if not is_p256(key):
         raise MessageError(EarReason.MALFORMED, "the session key is not EC P-256")
     if not isinstance(claims["sub"], str) or not DEVICE_ID_RE.fullmatch(claims["sub"]):
         # the device id a relying party logs and binds: the grammar of docs/protocol.md §4

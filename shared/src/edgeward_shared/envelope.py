@@ -30,11 +30,11 @@ from typing import Annotated, Final, Generic
 
 import msgspec
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgeward_shared.clock import to_datetime
+from edgeward_shared.crypto import signatures
+from edgeward_shared.crypto.certs import to_der
+from edgeward_shared.crypto.keys import PrivateKey
 from edgeward_shared.errors import AuthenticityError, MessageError, Reason
 from edgeward_shared.identity import Identity, Role, identity_of
 from edgeward_shared.messages.base import (
@@ -52,7 +52,6 @@ from edgeward_shared.topics import authorize_signer
 
 VERSION: Final = 1
 DOMAIN_TAG: Final = b"EDGEWARD-ENVELOPE-V1\x00"
-_ECDSA: Final = ec.ECDSA(hashes.SHA256())
 
 
 class Envelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -105,13 +104,13 @@ class SigningKey:
     """An identity's private key and certificate, ready to seal envelopes."""
 
     identity: Identity
-    key: ec.EllipticCurvePrivateKey
+    key: PrivateKey
     cert_der: bytes
     kid: str
 
     @classmethod
-    def from_pair(cls, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> SigningKey:
-        der = cert.public_bytes(serialization.Encoding.DER)
+    def from_pair(cls, key: PrivateKey, cert: x509.Certificate) -> SigningKey:
+        der = to_der(cert)
         return cls(identity_of(cert), key, der, kid_of(der))
 
     @classmethod
@@ -156,7 +155,7 @@ def seal(
         exp=exp,
         cert=key.cert_der,
         payload=payload,
-        sig=key.key.sign(to_sign, _ECDSA),
+        sig=signatures.sign(key.key, to_sign),
     )
     return _encoder.encode(envelope)
 
@@ -217,10 +216,8 @@ class EnvelopeVerifier:
             exp=envelope.exp,
             payload=envelope.payload,
         )
-        try:
-            signer.public_key.verify(envelope.sig, signed, _ECDSA)
-        except InvalidSignature as exc:
-            raise AuthenticityError(Reason.ENVELOPE_SIGNATURE, "signature does not verify") from exc
+        if not signatures.verify(signer.public_key, envelope.sig, signed):
+            raise AuthenticityError(Reason.ENVELOPE_SIGNATURE, "signature does not verify")
         self._check_time(envelope, now_ms)
         authorize_signer(topic, signer.identity)
         if roles is not None and signer.identity.role not in roles:

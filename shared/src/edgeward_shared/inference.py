@@ -19,15 +19,13 @@ from collections.abc import Sequence
 from typing import Final
 
 import msgspec
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
 
+from edgeward_shared.crypto import signatures
+from edgeward_shared.crypto.keys import PrivateKey, PublicKey
 from edgeward_shared.errors import AuthenticityError, MessageError
 from edgeward_shared.messages.infer import ResultBody, ResultBodyV2, Tensor, TensorSpec
 
 RESULT_TAG: Final = b"EDGEWARD-RESULT-V1\x00"
-_ECDSA: Final = ec.ECDSA(hashes.SHA256())
 _encoder: Final = msgspec.json.Encoder()
 _decoder: Final = msgspec.json.Decoder(ResultBody)
 _decoder_v2: Final = msgspec.json.Decoder(ResultBodyV2)
@@ -114,14 +112,10 @@ def decode_any_body(raw: bytes) -> ResultBody | ResultBodyV2:
     return body
 
 
-def sign_result(body: bytes, session_key: ec.EllipticCurvePrivateKey) -> bytes:
-    return session_key.sign(RESULT_TAG + body, _ECDSA)
+def sign_result(body: bytes, session_key: PrivateKey) -> bytes:
+    return signatures.sign(session_key, RESULT_TAG + body)
 
 
-def verify_result_signature(
-    body: bytes, signature: bytes, session_key: ec.EllipticCurvePublicKey
-) -> None:
-    try:
-        session_key.verify(signature, RESULT_TAG + body, _ECDSA)
-    except InvalidSignature as exc:
-        raise AuthenticityError(InferenceReason.SESSION_SIGNATURE, "session signature") from exc
+def verify_result_signature(body: bytes, signature: bytes, session_key: PublicKey) -> None:
+    if not signatures.verify(session_key, signature, RESULT_TAG + body):
+        raise AuthenticityError(InferenceReason.SESSION_SIGNATURE, "session signature")

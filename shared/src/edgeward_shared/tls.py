@@ -19,9 +19,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
+from edgeward_shared.crypto.keys import PrivateKey, private_key_pem
 from edgeward_shared.errors import ConfigError
 from edgeward_shared.pki.store import IdentityFiles
 
@@ -35,18 +33,14 @@ class TlsIdentity:
     """
 
     chain_pem: bytes
-    key: ec.EllipticCurvePrivateKey = field(repr=False)
+    key: PrivateKey = field(repr=False)
 
 
 def _load_in_memory(context: ssl.SSLContext, identity: TlsIdentity) -> None:
     """``load_cert_chain`` from an anonymous memory file (Linux ``memfd_create``)."""
     if not hasattr(os, "memfd_create"):
         raise ConfigError("config.tls.unusable", "an in-memory TLS key needs memfd_create (Linux)")
-    pem = identity.key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+    pem = private_key_pem(identity.key)
     fd = os.memfd_create("edgeward-tls-identity", os.MFD_CLOEXEC)
     try:
         os.write(fd, identity.chain_pem + b"\n" + pem)

@@ -16,6 +16,9 @@ Tree (``ew/v1`` is the versioned root)::
     ew/v1/svc/<service>/rsp/<caller-cn>     the service's responses to that caller
     ew/v1/fleet/<kind>[/<item>]             fleet-wide, retained, one owning service per kind
     ew/v1/fleet/audit/<service>             a service's audit checkpoints (that service only)
+    ew/v1/cohort/<model>/<version>          a version's chunks, once for all its devices; the
+                                            broker delivers them to that cohort's members only
+                                            (docs/adr/0029); not envelopes, never parsed here
 
 Topic levels that carry identities are validated with the identity rules, so no level can
 contain ``+``, ``#``, ``/`` or a NUL, and a device id never contains a dot.
@@ -66,6 +69,16 @@ class FleetKind(StrEnum):
     AUDIT = "audit"  # one item per service: ew/v1/fleet/audit/<service> (docs/adr/0023)
 
 
+#: Cohort topics (docs/adr/0029): model chunks published once per version; the broker's
+#: guard plugin delivers them only to the members the distribution service names on
+#: :data:`COHORT_CONTROL`. Nobody else reads them; only that service writes.
+COHORT_PREFIX: Final = f"{ROOT}/cohort/"
+COHORT_WRITER: Final = Identity.service(ServiceName.MODEL_DISTRIBUTION)
+COHORT_CONTROL: Final = f"{ROOT}/svc/{ServiceName.MODEL_DISTRIBUTION}/evt/cohort"
+#: The filter a device subscribes to once: the broker decides, message by message, what of
+#: it the device may read.
+COHORT_FILTER: Final = f"{ROOT}/cohort/#"
+
 _ALL_SERVICES: Final = frozenset(Identity.service(s) for s in ServiceName)
 _S = Identity.service
 #: Who may publish to ``down/<channel>`` (beside the role-wide OPERATOR entry).
@@ -105,6 +118,14 @@ FLEET_OWNERS: Final[dict[FleetKind, Identity]] = {
 def device_topic(device_id: str, direction: Direction, channel: Channel) -> str:
     Identity.device(device_id)  # validates
     return f"{ROOT}/dev/{device_id}/{direction}/{channel}"
+
+
+def cohort_topic(name: str, version: int) -> str:
+    """The cohort topic of one model version (``name`` is a model name: no ``/``, ``+``,
+    ``#``)."""
+    if not _ITEM_RE.fullmatch(name) or version < 1:
+        raise ValueError(f"invalid cohort {name!r} v{version}")
+    return f"{COHORT_PREFIX}{name}/{version}"
 
 
 def enroll_topic(device_id: str, direction: Direction) -> str:

@@ -17,14 +17,14 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from edgeward_device_agent.swtpm import (
+from edgeward_device_agent.tpm import PcrBank
+from edgeward_device_sim.swtpm import (
     GOLDEN_BOOT_CHAIN,
     SwtpmDevice,
     SwtpmFleet,
     expected_pcrs,
     tampered_boot_chain,
 )
-from edgeward_device_agent.tpm import PcrBank
 from edgeward_shared.bindings import qualifying_data
 from edgeward_shared.testing import EPOCH_MS
 

@@ -9,8 +9,6 @@ import asyncio
 from datetime import timedelta
 from pathlib import Path
 
-import click
-
 from edgeward_attestation.app import reattest_forever, wire
 from edgeward_attestation.service import Settings
 from edgeward_attestation.store import AttestationStore
@@ -19,7 +17,7 @@ from edgeward_shared.pki.store import read_certificates
 from edgeward_shared.runtime.audit import enable_audit
 from edgeward_shared.runtime.kit import EnvOptions, NodeOptions, command, node_options
 from edgeward_shared.runtime.node import build_node, run_until_signalled
-from edgeward_shared.runtime.params import DurationParam, milliseconds
+from edgeward_shared.runtime.params import FILE, DurationParam, milliseconds
 
 SERVICE = Identity.service(ServiceName.ATTESTATION)
 option = EnvOptions("ATTESTATION")
@@ -39,7 +37,7 @@ option = EnvOptions("ATTESTATION")
     "manufacturer_cas",
     multiple=True,
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FILE,
     help="PEM file of allowed TPM manufacturer CAs (repeatable; in the environment,"
     " separated by ':').",
 )
@@ -115,7 +113,9 @@ async def _serve(
     try:
         store = AttestationStore(database)
         await store.migrate()
-        await enable_audit(runtime, database, node.local_dir)  # docs/adr/0023
+        await enable_audit(  # docs/adr/0023; shipped with --syslog (0028)
+            runtime, database, node.local_dir, syslog=node.syslog_settings()
+        )
         service = wire(runtime, store, manufacturers, settings)
         stop = asyncio.Event()
         tasks = []

@@ -22,10 +22,9 @@ from typing import Final
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from edgeward_attestation.keys import AttestationKey, EndorsementKey
+from edgeward_shared.crypto.keys import AnyPublicKey, public_key_der
 from edgeward_shared.errors import AuthenticityError, MessageError, PolicyError
 from edgeward_shared.messages.enroll import EnrollRequest
 
@@ -58,10 +57,8 @@ class EnrollmentClaim:
     ek_fingerprint: str  # hex SHA-256 of the EK's SubjectPublicKeyInfo (DER)
 
 
-def _spki(key: CertificatePublicKeyTypes) -> bytes:
-    return key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+def _spki(key: AnyPublicKey) -> bytes:
+    return public_key_der(key)
 
 
 def ek_fingerprint(ek_certificate: x509.Certificate) -> str:

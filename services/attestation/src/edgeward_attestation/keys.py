@@ -23,10 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, Self
 
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.serialization import load_der_public_key
-
 from edgeward_attestation.reasons import AttestationReason
 from edgeward_attestation.structures import (
     ALG_AES,
@@ -49,6 +45,7 @@ from edgeward_attestation.structures import (
     parse_public,
     parse_tpmt_public,
 )
+from edgeward_shared.crypto.keys import PublicKey, RsaPublicKey, is_p256, load_any_public_key_der
 from edgeward_shared.errors import MessageError
 
 _AK_ATTRIBUTES: Final = (
@@ -62,7 +59,7 @@ ECC_AK_SCHEMES: Final = frozenset({(ALG_ECDSA, ALG_SHA256)})
 RSA_AK_SCHEMES: Final = frozenset({(ALG_RSASSA, ALG_SHA256), (ALG_RSAPSS, ALG_SHA256)})
 
 #: A key a quote's signature can be checked with.
-VerifyingKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+VerifyingKey = PublicKey | RsaPublicKey
 
 
 def _public_key(area: PublicArea, reason: str) -> VerifyingKey:
@@ -116,12 +113,12 @@ class AttestationKey:
         """A DER SubjectPublicKeyInfo: P-256, or RSA-2048/3072. No TPM attribute is known."""
         reason = AttestationReason.AK_INVALID
         try:
-            key = load_der_public_key(der)
-        except (ValueError, UnsupportedAlgorithm) as exc:
+            key = load_any_public_key_der(der)
+        except ValueError as exc:
             raise MessageError(reason, "not a DER SubjectPublicKeyInfo") from exc
-        if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        if is_p256(key):
             return cls(None, key, ECC_AK_SCHEMES)
-        if isinstance(key, rsa.RSAPublicKey) and key.key_size in RSA_KEY_BITS:
+        if isinstance(key, RsaPublicKey) and key.key_size in RSA_KEY_BITS:
             return cls(None, key, RSA_AK_SCHEMES)
         raise MessageError(reason, "an AK is a P-256 or RSA-2048/3072 key")
 
@@ -144,7 +141,7 @@ class EndorsementKey:
     """A device's ECC or RSA EK: the target of MakeCredential (TPM 2.0 Part 1, 24)."""
 
     public_area: PublicArea
-    key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+    key: PublicKey | RsaPublicKey
 
     @classmethod
     def from_tpm2b_public(cls, data: bytes) -> Self:

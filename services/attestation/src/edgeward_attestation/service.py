@@ -20,9 +20,6 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 from edgeward_attestation.credential import make_credential
 from edgeward_attestation.enrollment import (
@@ -44,6 +41,7 @@ from edgeward_attestation.store import (
 )
 from edgeward_shared.bindings import enrollment_proof
 from edgeward_shared.clock import Clock, to_datetime
+from edgeward_shared.crypto.keys import PublicKey, is_p256, load_any_public_key_der
 from edgeward_shared.ear import AttestationClaims, PostureClaim, Status, issue_ear
 from edgeward_shared.envelope import Opened, SigningKey
 from edgeward_shared.errors import AuthenticityError, EdgewardError, MessageError, PolicyError
@@ -122,7 +120,7 @@ class _Appraisal:
     """What a verified quote established: its session key and clock, the posture report
     it bound (decoded, and its bytes) and the required items that report leaves unmet."""
 
-    session_key: ec.EllipticCurvePublicKey
+    session_key: PublicKey
     clock_state: ClockState
     report: PostureReport | None
     posture: bytes | None
@@ -294,7 +292,7 @@ class AttestationService:
         now = self.clock.now_ms()
         # in the database, not in memory: with several instances behind the shared
         # subscription, a per-instance bound would let each of them challenge the device
-        # (and every new challenge retires the one before: docs/adr/0027)
+        # (and every new challenge retires the one before: docs/adr/0032)
         if not await self.store.claim_request(device_id, now, self.settings.request_interval_ms):
             raise PolicyError(ServiceReason.RATE_LIMITED, f"{device_id} asked too often")
         return (await self.challenge(device_id),)
@@ -530,12 +528,12 @@ def _attestation_key(tpm2b_public: bytes) -> AttestationKey:
     return AttestationKey.from_tpm2b_public(tpm2b_public)
 
 
-def _session_key(der: bytes) -> ec.EllipticCurvePublicKey:
+def _session_key(der: bytes) -> PublicKey:
     try:
-        key = load_der_public_key(der)
-    except (ValueError, UnsupportedAlgorithm) as exc:
+        key = load_any_public_key_der(der)
+    except ValueError as exc:
         raise MessageError(ServiceReason.SESSION_KEY, "not a DER public key") from exc
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+    if not is_p256(key):
         raise MessageError(ServiceReason.SESSION_KEY, "the session key must be EC P-256")
     return key
 

@@ -122,7 +122,7 @@ MIGRATIONS: Final = (
     ),
     Migration(
         4,
-        "a version per device verdict and its last request: shared by instances (ADR 0027)",
+        "a version per device verdict and its last request: shared by instances (ADR 0032)",
         (
             "ALTER TABLE att_devices ADD COLUMN verdict_version BIGINT NOT NULL DEFAULT 0",
             "ALTER TABLE att_devices ADD COLUMN asked_at BIGINT",

@@ -21,9 +21,16 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-
 from edgeward_attestation.reasons import AttestationReason
+from edgeward_shared.crypto.keys import (
+    P256,
+    P384,
+    Curve,
+    PublicKey,
+    RsaPublicKey,
+    public_key_from_point,
+    rsa_public_key,
+)
 from edgeward_shared.errors import MessageError
 
 # TPM 2.0 Part 2 constants (Table 7 TPM_GENERATED, Table 9 TPM_ALG_ID, Table 10 TPM_ECC_CURVE,
@@ -62,9 +69,9 @@ HASHES: Final[dict[int, tuple[str, int]]] = {
     ALG_SHA384: ("sha384", 48),
     ALG_SHA512: ("sha512", 64),
 }
-CURVES: Final[dict[int, ec.EllipticCurve]] = {
-    ECC_NIST_P256: ec.SECP256R1(),
-    ECC_NIST_P384: ec.SECP384R1(),
+CURVES: Final[dict[int, Curve]] = {
+    ECC_NIST_P256: P256,
+    ECC_NIST_P384: P384,
 }
 _MAX_NAME: Final = 2 + 64  # TPMU_NAME: a TPMT_HA (alg + largest digest)
 _MAX_DIGEST: Final = 64  # TPMU_HA's largest member (SHA-512)
@@ -277,12 +284,10 @@ class EccPublic:
         algorithm, _ = HASHES[self.name_alg]
         return self.name_alg.to_bytes(2, "big") + hashlib.new(algorithm, self.raw).digest()
 
-    def public_key(self) -> ec.EllipticCurvePublicKey:
+    def public_key(self) -> PublicKey:
         """The point as a ``cryptography`` key (checked to be on the curve)."""
-        numbers = ec.EllipticCurvePublicNumbers(
-            int.from_bytes(self.x, "big"), int.from_bytes(self.y, "big"), CURVES[self.curve]
-        )
-        return numbers.public_key()
+        x, y = int.from_bytes(self.x, "big"), int.from_bytes(self.y, "big")
+        return public_key_from_point(x, y, CURVES[self.curve])
 
     def has(self, attributes: int) -> bool:
         return self.attributes & attributes == attributes
@@ -328,12 +333,12 @@ class RsaPublic:
         algorithm, _ = HASHES[self.name_alg]
         return self.name_alg.to_bytes(2, "big") + hashlib.new(algorithm, self.raw).digest()
 
-    def public_key(self) -> rsa.RSAPublicKey:
+    def public_key(self) -> RsaPublicKey:
         """The modulus and exponent as a ``cryptography`` key (``ValueError`` if unfit)."""
         modulus = int.from_bytes(self.modulus, "big")
         if len(self.modulus) * 8 != self.key_bits or modulus.bit_length() != self.key_bits:
             raise ValueError(f"the modulus is not a {self.key_bits}-bit number")
-        return rsa.RSAPublicNumbers(self.exponent, modulus).public_key()
+        return rsa_public_key(self.exponent, modulus)
 
     def has(self, attributes: int) -> bool:
         return self.attributes & attributes == attributes

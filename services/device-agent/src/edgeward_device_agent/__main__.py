@@ -31,7 +31,7 @@ from edgeward_device_agent.offline import OfflinePolicy
 from edgeward_device_agent.sandbox.supervisor import SandboxPolicy
 from edgeward_shared.logs import fields
 from edgeward_shared.runtime.kit import Command, EnvOptions, NodeOptions, command, node_options
-from edgeward_shared.runtime.params import DurationParam
+from edgeward_shared.runtime.params import DIRECTORY, FILE, DurationParam
 
 log = logging.getLogger("edgeward.agent")
 _DEFAULTS = AgentPolicy()
@@ -77,7 +77,7 @@ def _timing_options(function: Command) -> Command:
 )
 @_option(
     "--state-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=DIRECTORY,
     required=True,
     help="0700 directory: enrollee/ (the enrollment identity) and device/ (what enrolling"
     " made: the device certificate and its sealed key).",
@@ -95,14 +95,14 @@ def _timing_options(function: Command) -> Command:
 )
 @_option(
     "--event-log",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FILE,
     default=None,
     help="The TCG boot event log sent with every quote (docs/adr/0021).  [default:"
     " $EDGEWARD_EVENT_LOG, else /sys/kernel/security/tpm0/binary_bios_measurements]",
 )
 @_option(
     "--posture-root",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=DIRECTORY,
     default=Path("/"),
     show_default=True,
     help="Report the posture of the system below this root with every quote (docs/adr/0026).",

@@ -56,6 +56,7 @@ from edgeward_device_agent.posture import posture_reader
 from edgeward_device_agent.reasons import AgentReason
 from edgeward_device_agent.renewal import RenewalError, Renewer, RenewReason, due_at_ms, serial_of
 from edgeward_device_agent.revocations import RevocationHolder, RevocationHook
+from edgeward_device_agent.sandbox.supervisor import WarmPool
 from edgeward_device_agent.sandboxed import SandboxExecutor, sandbox_loader
 from edgeward_device_agent.schedule import RequestReason, RequestSchedule
 from edgeward_device_agent.state import AgentState
@@ -160,6 +161,7 @@ class DeviceAgent:
         self._last_error: str | None = None
         #: the models this device runs (None until it serves as the device, or if disabled)
         self.models: ModelManager | None = None
+        self._warm: WarmPool | None = None  # idle sandboxed workers, started with the models
         #: inference requests and the sensor stream (with the models)
         self.inference: DeviceInference | None = None
         # revocations and commands (docs/adr/0010): persisted in the ledger
@@ -478,6 +480,12 @@ class DeviceAgent:
         self.commands.attach(runtime)
         self.witness.attach(runtime)
         if self.config.models is not None:
+            # a worker started, confined and idle before any model arrives: an activation
+            # (tier high: strict) does not wait for an interpreter and onnxruntime's import
+            sandbox = self.config.sandbox
+            if sandbox is not None and sandbox.warm and self._warm is None:
+                self._warm = WarmPool(sandbox)
+                self._warm.refill(strict=True)
             self.models = ModelManager(
                 self.device_id,
                 ModelStore(self.config.state_dir),
@@ -489,8 +497,8 @@ class DeviceAgent:
                 policy=self.config.models,
                 # the view is replaced by each newer list: look it up at every call
                 revoked=lambda name, version: self.revocations.view.model_revoked(name, version),  # noqa: PLW0108
-                loader=sandbox_loader(self.config.sandbox)
-                if self.config.sandbox is not None
+                loader=sandbox_loader(sandbox, self._warm)
+                if sandbox is not None
                 else in_process_loader,
             )
             self.models.install(runtime)
@@ -514,6 +522,9 @@ class DeviceAgent:
         finally:
             if self.models is not None:
                 await self.models.close()  # the sandboxed workers end with the agent
+            if self._warm is not None:
+                await self._warm.close()
+                self._warm = None
         return self._ended
 
     def _unload_revoked_models(self, view: RevocationView) -> None:

@@ -40,9 +40,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from edgeward_device_agent.config import AgentPolicy
 from edgeward_device_agent.core import ATTESTED, Adopt, Withdraw, decide_result
 from edgeward_device_agent.metrics import AgentMetrics
@@ -51,6 +48,7 @@ from edgeward_device_agent.reasons import AgentReason
 from edgeward_device_agent.tpm import PcrBank
 from edgeward_shared.bindings import qualifying_data, qualifying_data_v2
 from edgeward_shared.clock import Clock
+from edgeward_shared.crypto.keys import PrivateKey, public_key_der
 from edgeward_shared.ear import AttestationClaims, Status
 from edgeward_shared.envelope import Opened, new_mid
 from edgeward_shared.errors import EdgewardError, MessageError, PolicyError
@@ -74,10 +72,8 @@ MAX_PENDING: Final = 4
 _BANKS: Final = {"sha256": PcrBank.SHA256}
 
 
-def _spki(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+def _spki(key: PrivateKey) -> bytes:
+    return public_key_der(key.public_key())
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +82,7 @@ class CurrentAttestation:
 
     ear: str = field(repr=False)
     claims: AttestationClaims
-    session_key: ec.EllipticCurvePrivateKey = field(repr=False)
+    session_key: PrivateKey = field(repr=False)
 
     @property
     def status(self) -> Status:
@@ -122,7 +118,7 @@ class Verdict:
 class _Pending:
     """Evidence sent and awaiting its result: the session key it binds, until when."""
 
-    session_key: ec.EllipticCurvePrivateKey = field(repr=False)
+    session_key: PrivateKey = field(repr=False)
     spki: bytes
     answer_by_ms: int
 
@@ -142,7 +138,7 @@ class Attester:
         on_adopted: Callable[[CurrentAttestation], None] = lambda _current: None,
         event_log: Callable[[], bytes] = lambda: b"",
         posture: Callable[[], bytes] | None = None,
-        session_keys: Callable[[], ec.EllipticCurvePrivateKey] = new_key,
+        session_keys: Callable[[], PrivateKey] = new_key,
         message_ids: Callable[[], str] = new_mid,
     ) -> None:
         self._device_id = device_id

@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Final, Literal
 
 import msgspec
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgeward_device_agent.ports import KeySealer
 from edgeward_device_agent.tpm import PcrBank, TpmError, pcr_policy_digest, sealed_policy
+from edgeward_shared.crypto.keys import PrivateKey, key_from_secret, on_p256
 from edgeward_shared.errors import ConfigError
 from edgeward_shared.pki.certs import new_key
 from edgeward_shared.pki.store import read_private_key
@@ -134,14 +134,14 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _scalar(key: ec.EllipticCurvePrivateKey) -> bytes:
+def _scalar(key: PrivateKey) -> bytes:
     return key.private_numbers().private_value.to_bytes(_SCALAR_BYTES, "big")
 
 
-def _key_from_scalar(secret: bytes) -> ec.EllipticCurvePrivateKey:
+def _key_from_scalar(secret: bytes) -> PrivateKey:
     if len(secret) != _SCALAR_BYTES:
         raise ValueError("not a P-256 private scalar")
-    return ec.derive_private_key(int.from_bytes(secret, "big"), ec.SECP256R1())
+    return key_from_secret(secret)
 
 
 @dataclass
@@ -158,13 +158,13 @@ class SealedKeyStore:
     sealer: KeySealer = field(repr=False)
     policy: SealPolicy = field(default_factory=SealPolicy)
     _pinned: dict[int, bytes] | None = field(default=None, repr=False)
-    _key: ec.EllipticCurvePrivateKey | None = field(default=None, repr=False)
+    _key: PrivateKey | None = field(default=None, repr=False)
 
     def exists(self) -> bool:
         return self.path.exists()
 
     @property
-    def cached(self) -> ec.EllipticCurvePrivateKey | None:
+    def cached(self) -> PrivateKey | None:
         """The key if this store has it in memory already (no TPM call)."""
         return self._key
 
@@ -174,14 +174,14 @@ class SealedKeyStore:
         return SealedKeyStore(path, self.sealer, self.policy, pinned)
 
     # ------------------------------------------------------------------ the key
-    def create(self) -> ec.EllipticCurvePrivateKey:
+    def create(self) -> PrivateKey:
         """A new P-256 key, sealed and written before it is returned (so a certificate is
         never requested for a key that a crash would lose)."""
         key = new_key()
         self.replace(key)
         return key
 
-    def load(self) -> ec.EllipticCurvePrivateKey:
+    def load(self) -> PrivateKey:
         """The key: from memory, or unsealed from the file (:class:`DeviceKeyError` if this
         TPM, as it booted, cannot open it). A file sealed to another selection than the
         policy's is sealed again to the policy's, once it opened."""
@@ -203,13 +203,13 @@ class SealedKeyStore:
         self._key = key
         return key
 
-    def replace(self, key: ec.EllipticCurvePrivateKey) -> None:
+    def replace(self, key: PrivateKey) -> None:
         """Seal ``key`` and put it in place of this file's key (atomically), to the values
         the current key is sealed to (or a sibling's, or else the PCRs' current values)."""
         self._seal(key, self._seal_values())
 
-    def _seal(self, key: ec.EllipticCurvePrivateKey, values: dict[int, bytes]) -> None:
-        if not isinstance(key.curve, ec.SECP256R1):
+    def _seal(self, key: PrivateKey, values: dict[int, bytes]) -> None:
+        if not on_p256(key):
             raise TypeError("the device key is a P-256 key")
         blob = self.sealer.seal(_scalar(key), self.policy.pcrs, self.policy.bank, values)
         sealed = _SealedKey(

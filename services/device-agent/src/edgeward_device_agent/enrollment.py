@@ -27,8 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from edgeward_device_agent.ports import AgentTpm
@@ -36,6 +34,9 @@ from edgeward_device_agent.reasons import AgentReason
 from edgeward_device_agent.state import AgentState
 from edgeward_shared.bindings import enrollment_proof
 from edgeward_shared.clock import Clock, to_datetime
+from edgeward_shared.crypto.certs import csr as build_csr
+from edgeward_shared.crypto.certs import to_der
+from edgeward_shared.crypto.keys import PrivateKey
 from edgeward_shared.envelope import Opened
 from edgeward_shared.errors import EdgewardError
 from edgeward_shared.identity import Identity, identity_of
@@ -68,11 +69,11 @@ class EnrollmentRejectedError(EnrollmentError):
     """The registrar answered ``Rejected``; ``reason`` is its reason id."""
 
 
-def make_csr(key: ec.EllipticCurvePrivateKey, device_id: str) -> bytes:
+def make_csr(key: PrivateKey, device_id: str) -> bytes:
     """A DER PKCS#10 request, CN = the device id, signed with the device key (ECDSA-SHA256)."""
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
-    csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
-    return csr.public_bytes(serialization.Encoding.DER)
+    csr = build_csr(key, subject)
+    return to_der(csr)
 
 
 def _expect(opened: Opened[Any], kind: type[Message]) -> Any:
@@ -120,12 +121,12 @@ class Enrollment:
         self.state.store_certificate_chain(chain)
         return chain[0]
 
-    async def _request(self, key: ec.EllipticCurvePrivateKey) -> EnrollRequest:
+    async def _request(self, key: PrivateKey) -> EnrollRequest:
         ek_certificate = await asyncio.to_thread(self.tpm.ek_certificate)
         ek_public = await asyncio.to_thread(self.tpm.ek_public)
         return EnrollRequest(
             device_class=self.device_class,
-            ek_certificate=ek_certificate.public_bytes(serialization.Encoding.DER),
+            ek_certificate=to_der(ek_certificate),
             ek_public=ek_public,
             ak_public=self.tpm.ak_public,
             csr=make_csr(key, self.device_id),
@@ -143,7 +144,7 @@ class Enrollment:
         )
 
     def _accept(
-        self, enrolled: Enrolled, runtime: Runtime, key: ec.EllipticCurvePrivateKey
+        self, enrolled: Enrolled, runtime: Runtime, key: PrivateKey
     ) -> list[x509.Certificate]:
         """The chain, if its leaf is this device's certificate for ``key`` from our CA."""
         return accept_chain(
@@ -161,7 +162,7 @@ def accept_chain(
     trust: TrustStore,
     now_ms: int,
     device_id: str,
-    key: ec.EllipticCurvePrivateKey,
+    key: PrivateKey,
 ) -> list[x509.Certificate]:
     """``chain_der`` parsed, if its leaf is ``device_id``'s certificate for ``key``, valid
     now and chaining to our CA, and the rest of it is our issuing CA (enrollment and

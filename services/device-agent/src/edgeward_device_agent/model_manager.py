@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 import msgspec
 import onnxruntime
-from cryptography.hazmat.primitives.asymmetric import ec
 from packaging.requirements import InvalidRequirement, Requirement
 
 from edgeward_device_agent.model_fetch import ChunkFetcher, FetchPolicy
@@ -47,6 +46,7 @@ from edgeward_device_agent.offline import OfflinePolicy, Standing, keep_loaded
 from edgeward_device_agent.tpm import PcrBank
 from edgeward_device_agent.waits import wait_any
 from edgeward_shared.clock import Clock
+from edgeward_shared.crypto.keys import PrivateKey
 from edgeward_shared.envelope import Envelope, EnvelopeVerifier, Opened
 from edgeward_shared.errors import EdgewardError, MessageError, PolicyError
 from edgeward_shared.inference import InferenceReason
@@ -75,7 +75,7 @@ from edgeward_shared.models.sealing import ModelRef, ReleaseContext, unwrap_on_d
 from edgeward_shared.models.verify import open_release_blob, verify_signed_model
 from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.runtime.core import Outgoing, Runtime
-from edgeward_shared.topics import Channel, Direction, device_topic
+from edgeward_shared.topics import COHORT_FILTER, Channel, Direction, device_topic
 
 if TYPE_CHECKING:  # attestation -> config -> here: only the type is needed
     from edgeward_device_agent.attestation import CurrentAttestation
@@ -156,7 +156,7 @@ class ModelManager:
         clock: Clock,
         tpm: ModelTpm,
         attestation: Callable[[], CurrentAttestation | None],
-        device_key: Callable[[], ec.EllipticCurvePrivateKey],
+        device_key: Callable[[], PrivateKey],
         policy: ModelPolicy | None = None,
         loader: Loader = in_process_loader,
         on_change: Callable[[str], None] | None = None,
@@ -186,6 +186,9 @@ class ModelManager:
         runtime.expect_replies(self.down, [SyncReply, ChunksSent, KeyGrant])
         runtime.route(self.down, [ModelAvailable], self._hinted, name="model.hint")
         runtime.route_frames(self._fetcher.frames_topic, self._fetcher.on_frame, name="model.data")
+        # chunks published once per version for its cohort (docs/adr/0029): the broker
+        # delivers what this device's cohorts carry, nothing else
+        runtime.route_frames(COHORT_FILTER, self._fetcher.on_cohort_frame, name="model.cohort")
 
     async def _hinted(self, opened: Opened[Any]) -> Sequence[Outgoing]:
         log.info("model.hint", extra=fields(device=self.device_id, model=opened.message.name))
@@ -349,8 +352,8 @@ class ModelManager:
         blob = self.store.blob(release.blob) if encrypted else None
         if blob is None:
             blob = await self._fetcher.fetch(runtime, release, persist=encrypted)
-            if encrypted:
-                self.store.keep_blob(release.blob, blob)
+            if encrypted:  # written and fsynced off the event loop (megabytes)
+                await asyncio.to_thread(self.store.keep_blob, release.blob, blob)
         key, result_id = await self._data_key(runtime, release) if encrypted else (None, None)
         model = open_release_blob(release, blob, key)
         provenance = self._verify(release, model)

@@ -2,8 +2,10 @@
 
 :func:`sandbox_loader` is the model manager's loader in production: every model version
 gets its own worker process (no network, seccomp, unprivileged, resource limits, the model
-from a sealed memfd); tier ``high`` demands every protection (``strict``: fail closed),
-the other tiers run with what the kernel allows and report what is missing.
+from a sealed memfd, or sent to a warm worker that was started, confined and idle before
+there was a model: :class:`~.sandbox.supervisor.WarmPool`); tier ``high`` demands every
+protection (``strict``: fail closed), the other tiers run with what the kernel allows and
+report what is missing.
 :class:`SandboxExecutor` runs inferences there, mapping the worker's failures to the
 inference reason ids a gateway sees.
 """
@@ -16,11 +18,11 @@ from typing import Any
 
 from edgeward_device_agent.inference import InProcessExecutor
 from edgeward_device_agent.model_manager import LoadedModel, Loader
-from edgeward_device_agent.sandbox.supervisor import InferenceWorker, SandboxPolicy
+from edgeward_device_agent.sandbox.supervisor import InferenceWorker, SandboxPolicy, WarmPool
 from edgeward_shared.errors import EdgewardError, PolicyError
 from edgeward_shared.inference import InferenceReason
 from edgeward_shared.messages.infer import Tensor
-from edgeward_shared.models.onnx_check import OnnxInput, check_onnx
+from edgeward_shared.models.onnx_check import OnnxInput
 from edgeward_shared.models.provenance import Tier
 
 
@@ -40,15 +42,21 @@ class SandboxedModel:
         return protections.labels() if protections is not None else {}
 
 
-def sandbox_loader(policy: SandboxPolicy | None = None) -> Loader:
+def sandbox_loader(policy: SandboxPolicy | None = None, pool: WarmPool | None = None) -> Loader:
+    """Each model in its own worker; from ``pool`` (pre-started idle workers for the same
+    policy) when it has one ready, so an activation does not wait for an interpreter to
+    start and import onnxruntime."""
+
     async def load(model: bytes, tier: Tier) -> Any:
-        summary = check_onnx(model, (policy or SandboxPolicy()).caps)
         worker = InferenceWorker(policy)
         try:
-            await worker.load(model, strict=tier is Tier.HIGH)
+            await worker.load(model, strict=tier is Tier.HIGH, pool=pool)  # checks it first
         except BaseException:
             await worker.close()
             raise
+        summary = worker.summary
+        if summary is None:  # pragma: no cover - set by every successful load
+            raise RuntimeError("a loaded worker without its model's summary")
         return SandboxedModel(worker, tuple(summary.inputs))
 
     return load

@@ -40,12 +40,12 @@ from pathlib import Path
 from typing import Final
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgeward_device_agent.device_keys import KeyReason, SealedKeyStore, SealPolicy
 from edgeward_device_agent.ports import KeySealer
 from edgeward_device_agent.reasons import AgentReason
+from edgeward_shared.crypto.certs import to_pem
+from edgeward_shared.crypto.keys import PrivateKey
 from edgeward_shared.envelope import SigningKey
 from edgeward_shared.errors import ConfigError, EdgewardError
 from edgeward_shared.identity import Identity, identity_of
@@ -142,7 +142,7 @@ class AgentState:
             raise ConfigError(KeyReason.LOCKED, "the state's keys need the TPM: unlock first")
         return self._enrollee_keys
 
-    def enrollee_key(self) -> ec.EllipticCurvePrivateKey:
+    def enrollee_key(self) -> PrivateKey:
         """The provisioned enrollee key, unsealed (blocking the first time)."""
         return self.enrollee_keys.load()
 
@@ -208,7 +208,7 @@ class AgentState:
             )
 
     # ------------------------------------------------------------------ device key and cert
-    def device_key(self) -> ec.EllipticCurvePrivateKey:
+    def device_key(self) -> PrivateKey:
         """The device key: in memory, or unsealed (an earlier attempt made it), or a new
         P-256 key sealed and written before it is used, so a certificate is never issued
         for a lost key. Blocking (TPM) unless in memory already; after :meth:`unlock`."""
@@ -221,12 +221,12 @@ class AgentState:
         """Write ``chain.pem`` (leaf + issuing CA, what TLS presents), then ``cert.pem``."""
         if not chain:
             raise ValueError("a certificate chain has at least the device certificate")
-        pem = [certificate.public_bytes(serialization.Encoding.PEM) for certificate in chain]
+        pem = [to_pem(certificate) for certificate in chain]
         _write_atomically(self.device.chain, b"".join(pem))
         _write_atomically(self.device.cert, pem[0])
 
     # ------------------------------------------------------------------ renewal (ADR 0015)
-    def new_renewal_key(self) -> ec.EllipticCurvePrivateKey:
+    def new_renewal_key(self) -> PrivateKey:
         """A new P-256 key for a renewal, sealed to the PCR values the device key is sealed
         to and written under ``renewal/`` before it is used, so a certificate is never issued
         for a lost key. Each call makes a new key. Blocking (TPM); after :meth:`unlock`."""
@@ -251,7 +251,7 @@ class AgentState:
         self._check_identity(chain[0], Identity.device(self.device_id))
         if chain[0].public_key() != key.public_key():
             raise ConfigError(AgentReason.STATE_MISMATCH, "the renewed certificate is not ours")
-        pem = [certificate.public_bytes(serialization.Encoding.PEM) for certificate in chain]
+        pem = [to_pem(certificate) for certificate in chain]
         _write_atomically(self.renewal.chain, b"".join(pem))
         _write_atomically(self.renewal.cert, pem[0])
         _write_atomically(self._commit_marker, b"")

@@ -122,6 +122,7 @@ def main(  # click passes every parameter by keyword
             max_lifetime=max_lifetime,
             class_lifetimes=class_lifetimes,
             reissue=ReissuePolicy(reissue_extra, reissue_window),
+            syslog=node.syslog_settings(),
         )
 
     node.serve(lambda: run(config()))

@@ -34,6 +34,7 @@ from edgeward_shared.runtime.audit import enable_audit
 from edgeward_shared.runtime.core import Connect, Runtime
 from edgeward_shared.runtime.node import NodeConfig, build_node, run_until_signalled
 from edgeward_shared.runtime.revocations import RevocationFollower
+from edgeward_shared.runtime.syslog import SyslogSettings
 from edgeward_shared.runtime.trust import TrustPublisher
 from edgeward_shared.storage import migrate, open_database
 from edgeward_shared.topics import service_request_topic, service_response_topic
@@ -57,6 +58,8 @@ class IdentityConfig:
     class_lifetimes: Mapping[str, timedelta] = field(default_factory=dict)
     #: the cap on certificates per device (docs/adr/0025)
     reissue: ReissuePolicy = field(default_factory=ReissuePolicy)
+    #: where the audit log is shipped (RFC 5425), if anywhere (docs/adr/0028)
+    syslog: SyslogSettings | None = None
     #: this host's files (audit key, revocation floor); default: the SQLite file's directory
     state_dir: Path | None = None
 
@@ -85,7 +88,9 @@ async def identity_node(
     db = await open_database(config.db_path, scope=COMPONENT)
     try:
         await migrate(db, component=COMPONENT, migrations=MIGRATIONS, clock=runtime.clock)
-        await enable_audit(runtime, db, config.local_dir)  # docs/adr/0023
+        await enable_audit(  # docs/adr/0023; shipped when a collector is set (0028)
+            runtime, db, config.local_dir, syslog=config.syslog
+        )
         follower = RevocationFollower(config.local_dir, required=False)
         follower.attach(runtime)
         service = IdentityService(

@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Final
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from edgeward_identity.reasons import IdentityReason
 from edgeward_shared.clock import from_datetime
+from edgeward_shared.crypto.certs import to_der
+from edgeward_shared.crypto.keys import PublicKey
 from edgeward_shared.errors import TransportError
 from edgeward_shared.identity import Identity
 from edgeward_shared.pki.certs import fingerprint
@@ -77,7 +77,7 @@ class IssuedCertificate:
     @property
     def chain_der(self) -> list[bytes]:
         """Leaf then issuing CA, DER: what ``CertificateIssued`` carries."""
-        return [c.public_bytes(serialization.Encoding.DER) for c in (self.certificate, self.issuer)]
+        return [to_der(c) for c in (self.certificate, self.issuer)]
 
     @property
     def serial_hex(self) -> str:
@@ -121,7 +121,7 @@ class IssuingAuthority:
     async def issue_device_certificate(
         self,
         device_id: str,
-        public_key: ec.EllipticCurvePublicKey,
+        public_key: PublicKey,
         now: datetime,
         lifetime: timedelta,
         *,
@@ -142,7 +142,7 @@ class IssuingAuthority:
     def _issue(
         self,
         identity: Identity,
-        public_key: ec.EllipticCurvePublicKey,
+        public_key: PublicKey,
         now: datetime,
         lifetime: timedelta,
         renewal: bool,

@@ -23,10 +23,10 @@ from typing import Final
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 
 from edgeward_identity.reasons import IdentityReason
+from edgeward_shared.crypto.keys import PublicKey, is_p256
 from edgeward_shared.errors import MessageError, PolicyError
 from edgeward_shared.identity import Identity, ServiceName
 
@@ -39,7 +39,7 @@ DEFAULT_MAX_LIFETIME: Final = timedelta(hours=24)
 REGISTRAR: Final = Identity.service(ServiceName.ATTESTATION)
 
 
-def check_device_csr(csr_der: bytes, device_id: str) -> ec.EllipticCurvePublicKey:
+def check_device_csr(csr_der: bytes, device_id: str) -> PublicKey:
     """The ECDSA P-256 public key of ``csr_der`` if it is an acceptable CSR for ``device_id``.
 
     Checked from the outside in: size, DER structure, key type, signature algorithm,
@@ -76,20 +76,20 @@ def _der_length(length: int) -> bytes:
     return bytes((0x80 | len(octets),)) + octets
 
 
-def _p256_key(csr: x509.CertificateSigningRequest) -> ec.EllipticCurvePublicKey:
+def _p256_key(csr: x509.CertificateSigningRequest) -> PublicKey:
     try:  # the SubjectPublicKeyInfo is parsed only here
         key = csr.public_key()
     except UnsupportedAlgorithm as exc:
         raise PolicyError(IdentityReason.CSR_KEY_TYPE, f"unsupported key: {exc}") from exc
     except ValueError as exc:
         raise MessageError(IdentityReason.CSR_MALFORMED, f"unreadable public key: {exc}") from exc
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+    if not is_p256(key):
         raise PolicyError(IdentityReason.CSR_KEY_TYPE, f"{_describe(key)} is not ECDSA P-256")
     return key
 
 
 def _describe(key: object) -> str:
-    if isinstance(key, ec.EllipticCurvePublicKey):
+    if isinstance(key, PublicKey):
         return f"EC key on {key.curve.name}"
     return type(key).__name__
 

@@ -31,12 +31,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Final
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from edgeward_identity.core import check_device_csr
 from edgeward_identity.reasons import IdentityReason
 from edgeward_shared.bindings import renewal_digest, renewal_signature_valid
+from edgeward_shared.crypto.keys import PublicKey, public_key_der
 from edgeward_shared.ear import AttestationClaims, EarReason, verify_ear
 from edgeward_shared.errors import AuthenticityError, EdgewardError, PolicyError
 from edgeward_shared.identity import Role
@@ -56,7 +54,7 @@ class RenewalGrant:
     """A renewal every check accepted: for whom, the new key, and the attestation behind it."""
 
     device_id: str
-    public_key: ec.EllipticCurvePublicKey
+    public_key: PublicKey
     attestation: AttestationClaims
 
 
@@ -100,10 +98,8 @@ def _attestation(token: str, trust: TrustStore, now_ms: int) -> AttestationClaim
         raise AuthenticityError(IdentityReason.RENEW_EAR_INVALID, f"[{exc.reason}]") from exc
 
 
-def _spki(key: ec.EllipticCurvePublicKey) -> bytes:
-    return key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+def _spki(key: PublicKey) -> bytes:
+    return public_key_der(key)
 
 
 def renewal_lifetime(

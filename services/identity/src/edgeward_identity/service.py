@@ -40,8 +40,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Final
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from edgeward_identity.ca import IssuedCertificate, IssuingAuthority
 from edgeward_identity.core import (
     DEFAULT_MAX_LIFETIME,
@@ -67,6 +65,7 @@ from edgeward_identity.store import (
     settle_renewal,
 )
 from edgeward_shared.clock import Clock, from_datetime, to_datetime
+from edgeward_shared.crypto.keys import PublicKey
 from edgeward_shared.envelope import Opened
 from edgeward_shared.errors import MessageError, PolicyError, Reason, TransportError
 from edgeward_shared.identity import ServiceName
@@ -277,7 +276,7 @@ class IdentityService:
         self,
         opened: Opened[Any],
         device_id: str,
-        public_key: ec.EllipticCurvePublicKey,
+        public_key: PublicKey,
         lifetime: timedelta,
         *,
         enrollment: str,

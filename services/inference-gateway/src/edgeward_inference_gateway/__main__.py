@@ -21,7 +21,7 @@ from edgeward_inference_gateway.ratelimit import Limit
 from edgeward_inference_gateway.service import Settings
 from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.runtime.kit import EnvOptions, NodeOptions, command, node_options
-from edgeward_shared.runtime.params import DurationParam, milliseconds
+from edgeward_shared.runtime.params import DIRECTORY, DurationParam, milliseconds
 
 _RATE_RE: Final = re.compile(r"(\d+(?:\.\d+)?)/s(?:,(\d+))?")
 
@@ -55,7 +55,7 @@ option = EnvOptions("GATEWAY")
 )
 @option(
     "--state-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=DIRECTORY,
     default=Path("state/gateway"),
     envvar="EDGEWARD_GATEWAY_STATE",
     help="Created 0700: gateway.db (SQLite: accepted results, each device's sequence"
@@ -140,7 +140,7 @@ option = EnvOptions("GATEWAY")
 )
 @option(
     "--https-identity-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=DIRECTORY,
     default=None,
     help="cert.pem and key.pem of the HTTPS front's server identity (a server certificate of"
     " this PKI, EKU serverAuth, naming the host clients connect to). Required with"

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgeward_shared.clock import Clock
+from edgeward_shared.crypto.keys import PrivateKey, PublicKey, new_key
 from edgeward_shared.ear import AttestationClaims, Status, issue_ear
 from edgeward_shared.envelope import Opened, SigningKey
 from edgeward_shared.inference import encode_body, input_digest, sign_result
@@ -45,7 +45,7 @@ MODEL_DIGEST = hashlib.sha256(MODEL_BYTES).hexdigest()
 def make_ear(
     attestation: SigningKey,
     device_id: str,
-    session_key: ec.EllipticCurvePublicKey,
+    session_key: PublicKey,
     *,
     now_ms: int,
     status: Status = "affirming",
@@ -80,9 +80,7 @@ class SimulatedDevice:
     model_digest: str = MODEL_DIGEST
     status: Status = "affirming"
     ear_lifetime_s: int = 600
-    session_key: ec.EllipticCurvePrivateKey = field(
-        default_factory=lambda: ec.generate_private_key(ec.SECP256R1())
-    )
+    session_key: PrivateKey = field(default_factory=new_key)
     seq: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def __post_init__(self) -> None:
@@ -138,7 +136,7 @@ class SimulatedDevice:
         body: ResultBody | bytes,
         *,
         in_reply_to: str | None = None,
-        key: ec.EllipticCurvePrivateKey | None = None,
+        key: PrivateKey | None = None,
         ear: str | None = None,
     ) -> InferResult:
         raw = body if isinstance(body, bytes) else encode_body(body)

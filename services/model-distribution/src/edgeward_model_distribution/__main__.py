@@ -10,8 +10,6 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
-import click
-
 from edgeward_model_distribution.app import ModelsConfig, run
 from edgeward_model_distribution.service import MIN_CHUNK_BYTES, Settings
 from edgeward_shared.identity import Identity, ServiceName
@@ -19,6 +17,7 @@ from edgeward_shared.models.release import MAX_CHUNK_BYTES, MAX_DOCUMENT_LIFETIM
 from edgeward_shared.ratelimit import Limit
 from edgeward_shared.runtime.kit import EnvOptions, NodeOptions, command, node_options
 from edgeward_shared.runtime.params import (
+    DIRECTORY,
     ByteSizeParam,
     DurationParam,
     RateLimitParam,
@@ -35,12 +34,13 @@ option = EnvOptions("MODELS")
     env="MODELS",
     principal=SERVICE,
     database_optional=True,
+    syslog=True,
     pki_help="PKI directory: the CA bundle (ca-bundle.pem) that certificates of devices,"
     " operators, model signers and the attestation service must chain to, and the CRL.",
 )
 @option(
     "--state-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=DIRECTORY,
     default=Path("state/models"),
     envvar="EDGEWARD_MODELS_STATE",
     help="Created 0700: models.db (SQLite: versions, rollouts, key log), blobs/ (encrypted"
@@ -121,6 +121,7 @@ def main(  # click passes every parameter by keyword
             database=node.database,
             broker=node.broker,
             metrics_port=node.metrics_port,
+            syslog=node.syslog_settings(state_dir),
             settings=Settings(
                 metadata_ttl_ms=milliseconds(metadata_ttl),
                 chunk_size=chunk_size,

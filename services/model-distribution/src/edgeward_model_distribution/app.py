@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from edgeward_model_distribution.blobs import BlobStore, private_dir
 from edgeward_model_distribution.device_api import DEVICE_TYPES, DeviceApi
 from edgeward_model_distribution.gating import RolloutDriver
@@ -40,6 +38,7 @@ from edgeward_model_distribution.service import (
 from edgeward_model_distribution.store import ModelStore
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.clock import Clock
+from edgeward_shared.crypto.keys import PrivateKey
 from edgeward_shared.envelope import Opened
 from edgeward_shared.errors import PolicyError
 from edgeward_shared.identity import Identity, ServiceName
@@ -52,6 +51,7 @@ from edgeward_shared.runtime.core import Connect, Handler, Outgoing, OutgoingFra
 from edgeward_shared.runtime.health import answer_pings
 from edgeward_shared.runtime.node import NodeConfig, build_node, run_until_signalled
 from edgeward_shared.runtime.revocations import RevocationFollower
+from edgeward_shared.runtime.syslog import SyslogSettings
 from edgeward_shared.storage import Database, open_database
 from edgeward_shared.topics import ROOT, service_event_topic, shared_subscription
 
@@ -77,7 +77,7 @@ class State:
     db: Database
     store: ModelStore
     blobs: BlobStore
-    kek: ec.EllipticCurvePrivateKey
+    kek: PrivateKey
 
 
 @asynccontextmanager
@@ -144,12 +144,19 @@ def wire(
                 rollout = await state.store.rollout(name, version)
                 if changed and rollout is not None:
                     out += await operators.hints(rollout)
+                if changed:
+                    out.append(service.cohort_closed(name, version))
             return out
 
         revocations.on_change = newly_revoked
         revocations.attach(runtime)
     runtime.route(OPERATOR_REQUESTS, OPERATOR_TYPES, operators, name="model-ops")
-    runtime.route(DEVICE_REQUESTS, DEVICE_TYPES, DeviceApi(service, driver), name="model-devices")
+    runtime.route(
+        DEVICE_REQUESTS,
+        DEVICE_TYPES,
+        DeviceApi(service, runtime.publish, driver, lambda: runtime.connections),
+        name="model-devices",
+    )
     runtime.route(ATTESTATION_FAILED, [AttestationFailed], _follow(driver), name="attest-failed")
     answer_pings(runtime, OPERATOR_REQUESTS)
     return service
@@ -189,6 +196,8 @@ class ModelsConfig:
     database: Path | str | None = None  # a postgresql:// URL or a file, not state_dir/models.db
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
     settings: Settings = field(default_factory=Settings)
+    #: where the audit log is shipped (RFC 5425), if anywhere (docs/adr/0028)
+    syslog: SyslogSettings | None = None
 
     def node_config(self) -> NodeConfig:
         return NodeConfig.from_pki(self.pki_dir, self.identity_dir, self.broker, self.metrics_port)
@@ -204,7 +213,9 @@ async def models_node(
     are not right."""
     runtime, connect = build_node(config.node_config(), SERVICE, clock)
     async with open_state(config.state_dir, config.database) as state:
-        await enable_audit(runtime, state.db, config.state_dir)  # docs/adr/0023
+        await enable_audit(  # docs/adr/0023; shipped when a collector is set (0028)
+            runtime, state.db, config.state_dir, syslog=config.syslog
+        )
         follower = RevocationFollower(
             config.state_dir, required=config.settings.require_revocations
         )

@@ -12,7 +12,10 @@ to ``ew/v1/dev/<id>/down/model``; chunks to ``ew/v1/dev/<id>/down/data`` as data
 * **Chunks** of exactly the blob of the version assigned to the device now, else nothing
   (``model.chunk.not_assigned``): a revoked version, another device's model or another blob
   are all "not assigned". At most 16 per request, each read from the content-addressed store
-  and checked against its digest before it leaves.
+  and checked against its digest before it leaves. They go out once for the whole cohort on
+  the version's cohort topic (docs/adr/0029, :mod:`.fanout`): the device is first named a
+  member (the broker delivers that topic to members only), then each chunk not already on
+  its way to it is published there.
 * **Key release** follows :mod:`.keyrelease`; every release and refusal is written to the key
   log with its reason id and the attestation result it concerned, then counted and logged.
 * **Rate limits**: each device's syncs and chunk requests go through a token bucket per
@@ -26,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 from edgeward_model_distribution.core import check_chunk_request, chunk_span
@@ -46,6 +49,7 @@ from edgeward_model_distribution.store import (
     KeyDecision,
     VersionRecord,
 )
+from edgeward_shared.broker.cohorts import CohortOp, membership_update
 from edgeward_shared.envelope import Opened, seal
 from edgeward_shared.errors import EdgewardError, MessageError, PolicyError, Reason
 from edgeward_shared.logs import fields
@@ -66,9 +70,11 @@ from edgeward_shared.models.release import BlobInfo, ModelRelease, release_topic
 from edgeward_shared.models.sealing import ReleaseContext, open_with_kek, wrap_for_device
 from edgeward_shared.runtime.core import Outgoing, OutgoingFrame
 from edgeward_shared.topics import (
+    COHORT_CONTROL,
     Channel,
     DeviceTopic,
     Direction,
+    cohort_topic,
     device_topic,
     parse_topic,
     reply_topic,
@@ -89,10 +95,20 @@ _REPLY_BUDGET: Final = 240 * 1024
 class DeviceApi:
     """The route handler for devices' model-channel requests."""
 
-    def __init__(self, service: ModelService, driver: RolloutDriver | None = None) -> None:
+    def __init__(
+        self,
+        service: ModelService,
+        publish: Callable[[OutgoingFrame], Awaitable[None]],
+        driver: RolloutDriver | None = None,
+        connection: Callable[[], int] = lambda: 0,
+    ) -> None:
         self.service = service
         self.store = service.store
         self.driver = driver
+        #: the runtime's publish: membership updates go out inline (see :meth:`_join`)
+        self._publish = publish
+        #: the runtime's connection count: members are named again on a new connection
+        self._connection = connection
 
     async def __call__(self, opened: Opened[Any]) -> Sequence[Outgoing | OutgoingFrame]:
         device_id = _device(opened.topic)
@@ -103,7 +119,12 @@ class DeviceApi:
         self._admit(device_id, message)
         match message:
             case SyncRequest():
-                reply = Outgoing(answer_on, await self.sync(opened, device_id))
+                page, versions = await self.sync(opened, device_id)
+                # members of the offered versions' cohorts before the reply: whatever those
+                # topics carry from now on reaches the device (docs/adr/0029)
+                for name, version in versions:
+                    await self._join(device_id, name, version)
+                reply = Outgoing(answer_on, page)
                 return (reply, *await self._tick(throttled=True))
             case ChunkRequest():
                 return await self.chunks(opened, device_id, message)
@@ -128,19 +149,25 @@ class DeviceApi:
             log.warning("model.rate_limited", extra=fields(device=device_id, request=kind))
             raise PolicyError(ModelReason.RATE_LIMITED, f"too many {kind} requests")
 
-    async def _tick(self, name: str | None = None, *, throttled: bool = False) -> list[Outgoing]:
+    async def _tick(
+        self, name: str | None = None, *, throttled: bool = False
+    ) -> list[Outgoing | OutgoingFrame]:
         """New evidence: evaluate the gated rollouts it may concern (:mod:`.gating`)."""
         return [] if self.driver is None else await self.driver.tick(name, throttled=throttled)
 
     # ------------------------------------------------------------------ sync
-    async def sync(self, opened: Opened[Any], device_id: str) -> SyncReply:
+    async def sync(
+        self, opened: Opened[Any], device_id: str
+    ) -> tuple[SyncReply, list[tuple[str, int]]]:
         """One page of the device's documents, from ``offset`` (model-name order): as many
-        as fit the reply's budget (at most 32); ``next`` says where the next page starts."""
+        as fit the reply's budget (at most 32); ``next`` says where the next page starts.
+        Also the versions the page offers."""
         now = self.service.clock.now_ms()
         await self.store.see_device(device_id, now)
         request: SyncRequest = opened.message
         assignments = await self.store.assignments(device_id)
         releases: list[bytes] = []
+        versions: list[tuple[str, int]] = []
         budget = _REPLY_BUDGET
         index = request.offset
         while index < len(assignments) and len(releases) < MAX_RELEASES:
@@ -160,6 +187,7 @@ class DeviceApi:
                 else:
                     budget -= cost
                     releases.append(sealed)
+                    versions.append((assignment.record.name, assignment.record.version))
             index += 1
         following = index if index < len(assignments) else None
         self.service.metrics.releases_signed.inc(len(releases))
@@ -169,7 +197,21 @@ class DeviceApi:
                 device=device_id, releases=len(releases), offset=request.offset, next=following
             ),
         )
-        return SyncReply(in_reply_to=opened.mid, releases=releases, next=following)
+        return SyncReply(in_reply_to=opened.mid, releases=releases, next=following), versions
+
+    async def _join(self, device_id: str, name: str, version: int) -> None:
+        """Name the device a member of the version's cohort, unless it was on this
+        connection already (a restarted broker forgets members). Published inline, and the
+        device counted a member only once the update is queued on the connection: a frame
+        the fan-out decides to send after that is queued after it, so the broker delivers
+        it to the device."""
+        topic = cohort_topic(name, version)
+        connection = self._connection()
+        if self.service.fanout.announced(topic, device_id, connection):
+            return  # the broker knows it (no wait behind the frames in flight)
+        update = membership_update(CohortOp.ADD, topic, [device_id])
+        await self._publish(OutgoingFrame(COHORT_CONTROL, update, qos=1))
+        self.service.fanout.join(topic, device_id, connection)
 
     async def _release(self, device_id: str, assignment: Assignment, now: int) -> bytes | None:
         """The signed document for one assignment (None if its provenance has expired)."""
@@ -232,7 +274,10 @@ class DeviceApi:
                 )
             info = await self.blob_info(record)
             indices = check_chunk_request(request.indices, len(info.chunks))
-            data = await asyncio.to_thread(self._read_chunks, info, indices)
+            await self._join(device_id, record.name, record.version)
+            topic = cohort_topic(record.name, record.version)
+            send = self.service.fanout.to_send(topic, device_id, indices)
+            data = await asyncio.to_thread(self._read_chunks, info, send)
         except EdgewardError as exc:
             self.service.metrics.chunk_refusals.labels(exc.reason).inc()
             log.warning(
@@ -240,16 +285,17 @@ class DeviceApi:
                 extra=fields(device=device_id, name=request.name, reason=exc.reason),
             )
             raise
-        topic = device_topic(device_id, Direction.DOWN, Channel.DATA)
         frames = [
             OutgoingFrame(
                 topic, encode_frame(FrameHeader(blob=info.digest, index=i, req=opened.mid), chunk)
             )
-            for i, chunk in zip(indices, data, strict=True)
+            for i, chunk in zip(send, data, strict=True)
         ]
-        self.service.metrics.chunks_served.inc(len(frames))
+        self.service.metrics.chunks_served.inc(len(send))
+        self.service.metrics.chunks_shared.inc(len(indices) - len(send))
         self.service.metrics.bytes_served.inc(sum(len(c) for c in data))
-        # after the frames (same connection, same order): the device stops waiting on this
+        # after the frames (same connection, same order): the device stops waiting on this;
+        # a shared chunk may still be on its way (the device waits its frame wait for it)
         done = ChunksSent(in_reply_to=opened.mid, indices=list(indices))
         return [*frames, Outgoing(device_topic(device_id, Direction.DOWN, Channel.MODEL), done)]
 

@@ -58,7 +58,7 @@ from edgeward_shared.messages.model import (
     RolloutStep,
 )
 from edgeward_shared.models.reasons import ModelReason
-from edgeward_shared.runtime.core import Outgoing
+from edgeward_shared.runtime.core import Outgoing, OutgoingFrame
 from edgeward_shared.topics import Channel, Direction, device_topic, service_event_topic
 
 log = logging.getLogger("edgeward.model-distribution")
@@ -79,7 +79,9 @@ class RolloutDriver:
         self._last_tick: dict[tuple[str, int], int] = {}
 
     # ------------------------------------------------------------------ operator verbs
-    async def begin(self, request: RolloutStart, actor: str) -> tuple[State, list[Outgoing]]:
+    async def begin(
+        self, request: RolloutStart, actor: str
+    ) -> tuple[State, list[Outgoing | OutgoingFrame]]:
         if bool(request.waves) == (request.exponential is not None):
             raise PolicyError(ModelReason.ROLLOUT_INVALID, "give waves or exponential, not both")
         waves = (
@@ -112,7 +114,9 @@ class RolloutDriver:
         state = start(plan, now)
         await self.rollouts.start(state, actor, now)
         self._count(Phase.CANARY)
-        out = [self._event(Change(Phase.CANARY, Phase.CANARY, 0, "started"), state, actor, now)]
+        out: list[Outgoing | OutgoingFrame] = [
+            self._event(Change(Phase.CANARY, Phase.CANARY, 0, "started"), state, actor, now)
+        ]
         out += await self._hints(plan.name, plan.version)
         log.info(
             "model.rollout.started",
@@ -129,9 +133,9 @@ class RolloutDriver:
 
     async def control(
         self, request: RolloutControl, actor: str
-    ) -> tuple[State, tuple[GateValue, ...], Observation, list[Outgoing]]:
+    ) -> tuple[State, tuple[GateValue, ...], Observation, list[Outgoing | OutgoingFrame]]:
         state = await self._state(request.name, request.version)
-        out: list[Outgoing] = []
+        out: list[Outgoing | OutgoingFrame] = []
         if request.verb != "status":
             now = self.service.clock.now_ms()
             moved, change = command(state, Verb(request.verb), now, request.reason or request.verb)
@@ -169,10 +173,12 @@ class RolloutDriver:
         )
 
     # ------------------------------------------------------------------ evaluation
-    async def tick(self, name: str | None = None, *, throttled: bool = False) -> list[Outgoing]:
+    async def tick(
+        self, name: str | None = None, *, throttled: bool = False
+    ) -> list[Outgoing | OutgoingFrame]:
         """Evaluate every unsettled rollout (of ``name``); ``throttled``: each at most once
         a second (the sync path)."""
-        out: list[Outgoing] = []
+        out: list[Outgoing | OutgoingFrame] = []
         now = self.service.clock.now_ms()
         for key in await self.rollouts.unsettled(name):
             if throttled and now - self._last_tick.get(key, -SYNC_TICK_MS) < SYNC_TICK_MS:
@@ -183,12 +189,12 @@ class RolloutDriver:
 
     async def evaluate(
         self, name: str, version: int
-    ) -> tuple[State, tuple[GateValue, ...], Observation, list[Outgoing]]:
+    ) -> tuple[State, tuple[GateValue, ...], Observation, list[Outgoing | OutgoingFrame]]:
         """The rollout's gates now, and the transitions they cause (written and announced):
         a wave whose gates already pass on the evidence at hand (soak time 0) is followed
         at once by the next, up to one move per stage."""
         state = await self._state(name, version)
-        out: list[Outgoing] = []
+        out: list[Outgoing | OutgoingFrame] = []
         for _ in range(len(state.plan.waves) + 2):
             seen = await self.observe(state)
             values = evaluate(state.plan.gates, seen)
@@ -271,7 +277,9 @@ class RolloutDriver:
         }
         return sum(1 for d, at in running.items() if back.get(d, -1) <= at)
 
-    async def _announce(self, state: State, change: Change, actor: str, now: int) -> list[Outgoing]:
+    async def _announce(
+        self, state: State, change: Change, actor: str, now: int
+    ) -> list[Outgoing | OutgoingFrame]:
         self._count(change.new)
         plan = state.plan
         level = logging.ERROR if change.new is Phase.ABORTED else logging.INFO
@@ -289,7 +297,9 @@ class RolloutDriver:
                 previous=plan.previous,
             ),
         )
-        out = [self._event(change, state, actor, now)]
+        out: list[Outgoing | OutgoingFrame] = [self._event(change, state, actor, now)]
+        if change.new is Phase.ABORTED:  # the version is revoked: so is its cohort topic
+            out.append(self.service.cohort_closed(plan.name, plan.version))
         if change.new is Phase.ABORTED or (change.stage != 0 and change.new is Phase.WAVES):
             out += await self._hints(plan.name, plan.version)
         return out

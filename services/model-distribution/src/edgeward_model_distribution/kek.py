@@ -19,9 +19,13 @@ import secrets
 from pathlib import Path
 from typing import Final
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
+from edgeward_shared.crypto.keys import (
+    PrivateKey,
+    new_key,
+    on_p256,
+    private_key_pem,
+    public_key_der,
+)
 from edgeward_shared.errors import ConfigError
 from edgeward_shared.pki.store import read_private_key
 from edgeward_shared.tls import check_key_permissions
@@ -29,31 +33,25 @@ from edgeward_shared.tls import check_key_permissions
 KEK_FILE: Final = "kek.pem"
 
 
-def load_or_create_kek(state_dir: Path) -> ec.EllipticCurvePrivateKey:
+def load_or_create_kek(state_dir: Path) -> PrivateKey:
     path = state_dir / KEK_FILE
     if not path.exists():
         _create(path)
     check_key_permissions(path)
     key = read_private_key(path)
-    if not isinstance(key.curve, ec.SECP256R1):
+    if not on_p256(key):
         raise ConfigError("config.key.type", f"{path} must be an EC P-256 key")
     return key
 
 
-def public_der(key: ec.EllipticCurvePrivateKey) -> bytes:
+def public_der(key: PrivateKey) -> bytes:
     """The KEK's public key as DER SubjectPublicKeyInfo (what ``PublishReady`` carries)."""
-    return key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    return public_key_der(key.public_key())
 
 
 def _create(path: Path) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+    pem = private_key_pem(new_key())
     tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:

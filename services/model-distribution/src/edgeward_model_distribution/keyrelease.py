@@ -25,8 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
+from edgeward_shared.crypto.keys import PublicKey
 from edgeward_shared.ear import EarReason, verify_ear
 from edgeward_shared.errors import EdgewardError, PolicyError
 from edgeward_shared.models.provenance import Tier
@@ -48,7 +47,7 @@ class KeyRefusal(PolicyError):  # noqa: N818 - a refusal, not a bug
 class Recipient:
     """Whom the data key is wrapped to."""
 
-    public_key: ec.EllipticCurvePublicKey
+    public_key: PublicKey
     result_id: str  # the EAR's ``jti``, or ``device-certificate``
     attested: bool
 
@@ -83,7 +82,7 @@ def recipient(
     ear: str | None,
     *,
     device_id: str,
-    device_key: ec.EllipticCurvePublicKey,
+    device_key: PublicKey,
     trust: TrustStore,
     now_ms: int,
 ) -> Recipient:

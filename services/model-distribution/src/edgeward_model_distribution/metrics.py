@@ -21,7 +21,14 @@ class ModelMetrics:
             registry=r,
         )
         self.chunks_served = Counter(
-            "edgeward_model_chunks_served_total", "Blob chunks sent to devices", registry=r
+            "edgeward_model_chunks_served_total",
+            "Blob chunks published on cohort topics (the broker copies each to the members)",
+            registry=r,
+        )
+        self.chunks_shared = Counter(
+            "edgeward_model_chunks_shared_total",
+            "Chunks a device asked for that were already on their way to it (not published)",
+            registry=r,
         )
         self.bytes_served = Counter(
             "edgeward_model_bytes_served_total", "Blob bytes sent to devices", registry=r

@@ -68,6 +68,7 @@ from edgeward_shared.messages.model import (
     RolloutStart,
     VersionInfo,
 )
+from edgeward_shared.models.provenance import decode_provenance
 from edgeward_shared.models.reasons import ModelReason
 from edgeward_shared.models.release import BlobInfo
 from edgeward_shared.runtime.core import Outgoing, OutgoingFrame
@@ -365,6 +366,8 @@ class OperatorApi:
         changed = await self.store.revoke(request.name, request.version, request.reason, actor, now)
         rollout = await self.store.rollout(request.name, request.version)
         hints = await self.hints(rollout) if changed and rollout is not None else []
+        if changed:
+            hints.append(self.service.cohort_closed(request.name, request.version))
         log.warning(
             "model.revoked",
             extra=fields(
@@ -414,9 +417,20 @@ class OperatorApi:
                     cohort=sorted(rollout.cohort) if rollout else [],
                     percent=rollout.percent if rollout else 0,
                     devices=states,
+                    signer=record.signer,
+                    dataset_fingerprint=_dataset(record.provenance),
+                    expires_at_ms=record.expires_at,
                 )
             )
         return infos
+
+
+def _dataset(provenance: bytes) -> str | None:
+    """The stored provenance's dataset fingerprint (checked at publish; None if absent)."""
+    try:
+        return decode_provenance(provenance).dataset_fingerprint
+    except MessageError:  # stored only after it verified: never expected
+        return None
 
 
 def _announced(submission: Submission) -> tuple[bytes, bytes, bytes, str, int]:

@@ -14,21 +14,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, ParamSpec, TypeVar
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from edgeward_model_distribution.blobs import BlobStore
+from edgeward_model_distribution.fanout import Fanout
 from edgeward_model_distribution.kek import public_der
 from edgeward_model_distribution.metrics import ModelMetrics
 from edgeward_model_distribution.store import ModelStore
 from edgeward_model_distribution.verify import SEAL_OVERHEAD
+from edgeward_shared.broker.cohorts import CohortOp, membership_update
 from edgeward_shared.clock import Clock
+from edgeward_shared.crypto.keys import PrivateKey
 from edgeward_shared.envelope import SigningKey
 from edgeward_shared.messages.model import MAX_UPLOAD_CHUNK
 from edgeward_shared.models.onnx_check import DEFAULT_CAPS
 from edgeward_shared.models.release import MAX_CHUNK_BYTES, MAX_DOCUMENT_LIFETIME_MS
 from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.ratelimit import KeyedLimiter, Limit
+from edgeward_shared.runtime.core import OutgoingFrame
 from edgeward_shared.runtime.metrics import RuntimeMetrics
+from edgeward_shared.topics import COHORT_CONTROL, cohort_topic
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -61,6 +64,9 @@ class Settings:
     chunk_limit: Limit = field(default_factory=lambda: Limit(rate_per_s=50.0, burst=200))
     #: an upload not touched for this long is purged (its rows and its partial file)
     upload_ttl_ms: int = 24 * 3600 * 1000
+    #: a chunk published on a cohort topic this recently is not published again for a
+    #: member that joined before it and asks for it the first time (docs/adr/0029)
+    share_window_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not MIN_METADATA_TTL_MS <= self.metadata_ttl_ms <= MAX_DOCUMENT_LIFETIME_MS:
@@ -71,6 +77,8 @@ class Settings:
             raise ValueError(f"upload chunk size must be between 1 KiB and {MAX_UPLOAD_CHUNK}")
         if self.max_blob_bytes <= 0 or self.max_parallel_checks <= 0 or self.upload_ttl_ms <= 0:
             raise ValueError("limits must be positive")
+        if self.share_window_s < 0:
+            raise ValueError("the share window cannot be negative")
 
 
 class ModelService:
@@ -80,7 +88,7 @@ class ModelService:
         self,
         store: ModelStore,
         blobs: BlobStore,
-        kek: ec.EllipticCurvePrivateKey,
+        kek: PrivateKey,
         signing_key: SigningKey,
         trust: TrustStore,
         clock: Clock,
@@ -105,6 +113,14 @@ class ModelService:
         self._checks = asyncio.Semaphore(self.settings.max_parallel_checks)
         self.sync_limiter = KeyedLimiter(self.settings.sync_limit)
         self.chunk_limiter = KeyedLimiter(self.settings.chunk_limit)
+        self.fanout = Fanout(share_window_s=self.settings.share_window_s)
+
+    def cohort_closed(self, name: str, version: int) -> OutgoingFrame:
+        """The version was revoked: its cohort topic has no member from now on (the broker
+        stops delivering it at once, docs/adr/0029)."""
+        topic = cohort_topic(name, version)
+        self.fanout.forget(topic)
+        return OutgoingFrame(COHORT_CONTROL, membership_update(CohortOp.REPLACE, topic, ()), qos=1)
 
     def use_signing_key(self, signing_key: SigningKey) -> None:
         """Sign key releases with ``signing_key`` from now on (the node reloaded it)."""

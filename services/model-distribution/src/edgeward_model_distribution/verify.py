@@ -1,13 +1,15 @@
 """What a publication must prove before it is stored: pure checks over the bytes an operator
 sent, the trust store, the key-encryption key and an explicit ``now``.
 
-Two stages, both fail closed with a :class:`~edgeward_shared.models.reasons.ModelReason`:
+Two stages, both fail closed with a :class:`~edgeward_shared.models.reasons.ModelReason`,
+made of the two halves of the devices' own check
+(:func:`edgeward_shared.models.verify.verify_signed_model`), so publisher and devices
+accept exactly the same models:
 
-* :func:`check_submission` (at ``PublishBegin``, again at ``PublishCommit``): the provenance
-  manifest decodes (canonical bytes only) and has not expired; the signer's certificate
-  chains to our CA, is not revoked and has the ``signer`` role; the OpenSSF model-signing
-  bundle is that key's signature over exactly the provenance bytes and the model digest the
-  provenance names; the announced blob size fits the tier.
+* :func:`check_submission` (at ``PublishBegin``, again at ``PublishCommit``): the signed
+  manifest (:func:`~edgeward_shared.models.verify.verify_manifest`: canonical, not expired,
+  a valid unrevoked ``signer``, the OpenSSF model-signing bundle over exactly these
+  provenance bytes and the model digest they name); the announced blob size fits the tier.
 * :func:`check_contents` (at ``PublishCommit``, over the whole blob): size and SHA-256 as
   announced; for an encrypted tier the data key (HPKE-sealed to the KEK) opens and decrypts
   the blob under the associated data of exactly this name, version and digest; the
@@ -22,12 +24,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
+from edgeward_shared.crypto.keys import PrivateKey
 from edgeward_shared.errors import PolicyError
 from edgeward_shared.identity import Identity
 from edgeward_shared.models.onnx_check import OnnxSummary, check_onnx
-from edgeward_shared.models.provenance import Provenance, decode_provenance, sha256_hex
+from edgeward_shared.models.provenance import Provenance, sha256_hex
 from edgeward_shared.models.reasons import ModelReason
 from edgeward_shared.models.sealing import (
     NONCE_BYTES,
@@ -36,8 +37,7 @@ from edgeward_shared.models.sealing import (
     decrypt_model,
     open_with_kek,
 )
-from edgeward_shared.models.signature import verify_bundle
-from edgeward_shared.models.verify import model_signer
+from edgeward_shared.models.verify import check_model_digest, verify_manifest
 from edgeward_shared.pki.trust import TrustStore
 
 SEAL_OVERHEAD = NONCE_BYTES + TAG_BYTES
@@ -67,17 +67,12 @@ class CheckedSubmission:
 def check_submission(
     submission: Submission, trust: TrustStore, *, now_ms: int
 ) -> CheckedSubmission:
-    provenance = decode_provenance(submission.provenance)
-    if provenance.expires_at_ms <= now_ms:
-        raise PolicyError(
-            ModelReason.METADATA_EXPIRED, f"provenance expired at {provenance.expires_at_ms}"
-        )
-    signer = model_signer(submission.signer_cert, trust, now_ms=now_ms)
-    verify_bundle(
+    provenance, signer = verify_manifest(
+        submission.provenance,
         submission.signature,
-        signer.public_key,
-        model_digest=provenance.digest,
-        provenance_digest=sha256_hex(submission.provenance),
+        submission.signer_cert,
+        trust,
+        now_ms=now_ms,
     )
     expected_size = provenance.size + (SEAL_OVERHEAD if provenance.tier.encrypted else 0)
     if submission.blob_size != expected_size:
@@ -94,7 +89,7 @@ def check_contents(
     submission: Submission,
     checked: CheckedSubmission,
     sealed_key: bytes | None,
-    kek: ec.EllipticCurvePrivateKey,
+    kek: PrivateKey,
 ) -> OnnxSummary:
     """Check the uploaded blob end to end; returns the accepted model's ONNX summary."""
     if len(blob) != submission.blob_size:
@@ -111,6 +106,5 @@ def check_contents(
         if sealed_key is not None:
             raise PolicyError(ModelReason.UPLOAD_INVALID, "tier low is not encrypted")
         plaintext = blob
-    if len(plaintext) != provenance.size or sha256_hex(plaintext) != provenance.digest:
-        raise PolicyError(ModelReason.DIGEST_MISMATCH, "the model is not the one signed")
+    check_model_digest(plaintext, provenance)
     return check_onnx(plaintext)

@@ -134,7 +134,9 @@ async def _serve(pki: PkiStore, options: Options) -> None:
     try:
         store = RevocationStore(database)
         await store.migrate()
-        await enable_audit(runtime, database, node.local_dir)  # docs/adr/0023
+        await enable_audit(  # docs/adr/0023; shipped with --syslog (0028)
+            runtime, database, node.local_dir, syslog=node.syslog_settings()
+        )
         kicker = DynsecKicker(
             MqttSettings(node.broker, pki.bundle_path, options.admin, options.admin.directory.name)
         )

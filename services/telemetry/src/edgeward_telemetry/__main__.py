@@ -18,7 +18,9 @@ from edgeward_shared.runtime.node import build_node, run_until_signalled
 from edgeward_shared.runtime.params import DurationParam, milliseconds
 from edgeward_telemetry.app import wire
 from edgeward_telemetry.core import BASELINED, DEFAULT_RULES, Detector
+from edgeward_telemetry.privacy import PrivacySettings
 from edgeward_telemetry.rules import Rule, with_actions
+from edgeward_telemetry.service import Settings
 from edgeward_telemetry.store import TelemetryStore
 
 SERVICE = Identity.service(ServiceName.TELEMETRY)
@@ -63,6 +65,25 @@ option = EnvOptions("TELEMETRY")
     " e.g. rejected-results=stop+revoke. Repeat for several rules. Defaults:"
     " docs/telemetry.md.",
 )
+@option(
+    "--aggregate-period",
+    type=DurationParam(timedelta(0), timedelta(days=1)),
+    default="1h",
+    help="How often the differentially private fleet aggregate is published on"
+    " ew/v1/svc/telemetry/evt/aggregate (0: never).",
+)
+@option(
+    "--privacy-epsilon",
+    type=click.FloatRange(0.001, 10.0),
+    default=0.1,
+    help="The epsilon each aggregate spends (Laplace noise of scale sensitivity/epsilon).",
+)
+@option(
+    "--privacy-budget",
+    type=click.FloatRange(0.001, 100.0),
+    default=1.0,
+    help="The epsilon all aggregates of a UTC day may spend together (the ledger refuses past it).",
+)
 def main(
     *,
     node: NodeOptions,
@@ -70,6 +91,9 @@ def main(
     baseline_bound: float,
     reference_reports: int,
     rule_actions: tuple[str, ...],
+    aggregate_period: timedelta,
+    privacy_epsilon: float,
+    privacy_budget: float,
 ) -> None:
     """Run the telemetry service: judge devices' signed reports against rules, the fleet's
     robust baselines and each model version's output reference; fuse them with security
@@ -95,6 +119,11 @@ def main(
         },
         reference_sketches=reference_reports,
     )
+    try:
+        privacy = PrivacySettings(privacy_epsilon, privacy_budget)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--privacy-epsilon") from exc
+    settings = Settings(aggregate_period_ms=milliseconds(aggregate_period), privacy=privacy)
 
     async def serve() -> None:
         runtime, connect = build_node(node.node_config(), SERVICE)
@@ -103,8 +132,10 @@ def main(
             store = TelemetryStore(database)
             await store.migrate()
             # every decision on a message, and every action, in the audit log (ADR 23)
-            audit = await enable_audit(runtime, database, node.local_dir)
-            wire(runtime, store, detector=detector, audit=audit)
+            audit = await enable_audit(  # docs/adr/0023; shipped with --syslog (0028)
+                runtime, database, node.local_dir, syslog=node.syslog_settings()
+            )
+            wire(runtime, store, detector=detector, audit=audit, settings=settings)
             await run_until_signalled(runtime, connect, node.metrics_port)
         finally:
             await database.close()

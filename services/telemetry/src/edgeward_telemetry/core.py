@@ -115,6 +115,8 @@ class DeviceState(msgspec.Struct):
     risk: Risk = "trusted"
     #: the device's results the inference gateway refused since its last report (cloud-side)
     gateway_rejected: int = 0
+    #: inferences in the last accepted report's period (the fleet aggregate sums them)
+    last_inferences: int = 0
 
     def alarms(self) -> frozenset[str]:
         return frozenset(key.split("/")[0] for key, s in self.rules.items() if s.in_alarm)
@@ -168,6 +170,7 @@ class Detector:
         values["gateway_rejected"] = float(state.gateway_rejected)  # since the last report
         state.gateway_rejected = 0
         state.protections_missing = int(values["protections_missing"])
+        state.last_inferences = int(values["inferences"])
         state.high_tier_loaded = any(model.tier is Tier.HIGH for model in report.models)
         decisions = self._baselines(report.device_id, values, attested=attested, now_ms=now_ms)
         for name, z_of in _Z_OF.items():

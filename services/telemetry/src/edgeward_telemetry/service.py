@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter
@@ -51,6 +51,8 @@ from edgeward_shared.topics import (
 from edgeward_telemetry.actions import ActionLimiter
 from edgeward_telemetry.core import Decision, Detector, DeviceState
 from edgeward_telemetry.ears import AttestationCheck
+from edgeward_telemetry.fleet import FleetView
+from edgeward_telemetry.privacy import PrivacySettings
 from edgeward_telemetry.reasons import TelemetryReason
 from edgeward_telemetry.store import TelemetryStore
 
@@ -67,6 +69,9 @@ _AUDIT_VERDICT: Final = {"taken": Verdict.ALLOW, "rate_limited": Verdict.DENY}
 @dataclass(frozen=True, slots=True)
 class Settings:
     max_skew_ms: int = MAX_SKEW_MS
+    #: how often the differentially private fleet aggregate is published (0: never)
+    aggregate_period_ms: int = 3_600_000
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
 
 class TelemetryService:
@@ -93,6 +98,7 @@ class TelemetryService:
         self.audit = audit
         self.actor = actor
         self.settings = settings or Settings()
+        self.fleet: FleetView | None = None  # the fleet view wire() runs beside it
         self.reports = Counter(
             "edgeward_telemetry_reports_total",
             "Device reports by outcome (accepted, or the reason id of the refusal)",

@@ -32,6 +32,20 @@ MIGRATIONS: Final = (
             )""",
         ),
     ),
+    Migration(
+        2,
+        "privacy budget ledger",
+        (
+            # one row per release of a differentially private aggregate: the slot makes
+            # one release per aggregate period across instances; epsilon in millionths
+            """CREATE TABLE tel_privacy_ledger (
+                slot BIGINT PRIMARY KEY,
+                day TEXT NOT NULL,
+                epsilon_micros BIGINT NOT NULL,
+                released_at BIGINT NOT NULL
+            )""",
+        ),
+    ),
 )
 T = TypeVar("T")
 _encoder: Final = msgspec.json.Encoder()
@@ -63,6 +77,50 @@ class TelemetryStore:
             )
         return result
 
+    async def fleet(self, since_ms: int) -> list[tuple[str, DeviceState]]:
+        """Every device whose state changed since ``since_ms``."""
+        async with self.db.transaction(durable=False) as tx:
+            rows = await tx.fetch_all(
+                "SELECT device_id, state FROM tel_devices WHERE updated_at >= :since",
+                {"since": since_ms},
+            )
+        return [(str(r["device_id"]), _decoder.decode(_as_bytes(r["state"]))) for r in rows]
+
+    async def spend(
+        self, slot: int, day: str, epsilon: float, budget: float, now_ms: int
+    ) -> float | None:
+        """Record a release in ``slot`` spending ``epsilon`` of ``day``'s ``budget``, in one
+        transaction; the day's spending with it, or None when the slot was taken (another
+        instance released) or the budget would be passed (nothing recorded)."""
+        micros = round(epsilon * 1_000_000)
+        async with self.db.transaction() as tx:
+            taken = await tx.fetch_one(
+                "SELECT slot FROM tel_privacy_ledger WHERE slot = :slot", {"slot": slot}
+            )
+            row = await tx.fetch_one(
+                "SELECT coalesce(sum(epsilon_micros), 0) AS spent FROM tel_privacy_ledger"
+                " WHERE day = :day",
+                {"day": day},
+            )
+            spent = _count(row["spent"]) if row else 0
+            if taken is not None or spent + micros > round(budget * 1_000_000):
+                return None
+            await tx.execute(
+                "INSERT INTO tel_privacy_ledger (slot, day, epsilon_micros, released_at)"
+                " VALUES (:slot, :day, :e, :at)",
+                {"slot": slot, "day": day, "e": micros, "at": now_ms},
+            )
+        return (spent + micros) / 1_000_000
+
+    async def spent(self, day: str) -> float:
+        async with self.db.transaction(durable=False) as tx:
+            row = await tx.fetch_one(
+                "SELECT coalesce(sum(epsilon_micros), 0) AS spent FROM tel_privacy_ledger"
+                " WHERE day = :day",
+                {"day": day},
+            )
+        return (_count(row["spent"]) if row else 0) / 1_000_000
+
     async def device(self, device_id: str) -> DeviceState | None:
         async with self.db.transaction() as tx:
             row = await tx.fetch_one(
@@ -77,3 +135,9 @@ def _as_bytes(value: object) -> bytes:
     if isinstance(value, str):
         return value.encode()
     raise TypeError(f"unexpected column type {type(value).__name__}")
+
+
+def _count(value: object) -> int:
+    if type(value) is not int:
+        raise TypeError(f"telemetry store: expected an integer, got {type(value).__name__}")
+    return value

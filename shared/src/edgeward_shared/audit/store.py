@@ -101,6 +101,22 @@ async def fetch_subtrees(tx: Transaction, keys: Sequence[tuple[int, int]]) -> Ma
     return MappingSource(found)
 
 
+#: rows per INSERT statement (3 parameters each: far below SQLite's and PostgreSQL's limits)
+_ROWS_PER_INSERT: Final = 256
+
+
+async def _insert_rows(
+    tx: Transaction, table: str, columns: tuple[str, ...], rows: Sequence[dict[str, object]]
+) -> None:
+    for begin in range(0, len(rows), _ROWS_PER_INSERT):
+        chunk = rows[begin : begin + _ROWS_PER_INSERT]
+        values = ", ".join(
+            "(" + ", ".join(f":{c}{n}" for c in columns) + ")" for n in range(len(chunk))
+        )
+        params = {f"{c}{n}": row[c] for n, row in enumerate(chunk) for c in columns}
+        await tx.execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES {values}", params)  # noqa: S608 (fixed names)
+
+
 class AuditLog:
     """One append-only Merkle log with batched signed checkpoints (see the module text)."""
 
@@ -155,20 +171,19 @@ class AuditLog:
         async with self._db.transaction() as tx:
             edge = await self._load_edge(tx)
             start = edge.size
-            nodes: list[tuple[int, int, bytes]] = []
+            rows: list[dict[str, object]] = []
+            nodes: list[dict[str, object]] = []
             for offset, event in enumerate(events):
                 raw = encode_entry(AuditEntry.at(start + offset, event))
                 leaf = leaf_hash(raw)
-                await tx.execute(
-                    "INSERT INTO audit_entries (seq, entry, leaf) VALUES (:seq, :entry, :leaf)",
-                    {"seq": start + offset, "entry": raw, "leaf": leaf},
+                rows.append({"seq": start + offset, "entry": raw, "leaf": leaf})
+                edge.append(
+                    leaf,
+                    lambda level, idx, h: nodes.append({"level": level, "idx": idx, "hash": h}),
                 )
-                edge.append(leaf, lambda level, idx, h: nodes.append((level, idx, h)))
-            for level, idx, h in nodes:
-                await tx.execute(
-                    "INSERT INTO audit_nodes (level, idx, hash) VALUES (:level, :idx, :hash)",
-                    {"level": level, "idx": idx, "hash": h},
-                )
+            # one multi-row INSERT per table and chunk: a batch costs a few statements
+            await _insert_rows(tx, "audit_entries", ("seq", "entry", "leaf"), rows)
+            await _insert_rows(tx, "audit_nodes", ("level", "idx", "hash"), nodes)
             note = await self._maybe_checkpoint(tx, edge, force=False)
         self._edge = edge
         return list(range(start, start + len(events))), note
@@ -232,6 +247,15 @@ class AuditLog:
                 "SELECT note FROM audit_checkpoints ORDER BY size DESC LIMIT 1"
             )
         return str(row["note"]) if row else None
+
+    async def entries_from(self, seq: int, limit: int) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` ``(seq, canonical entry bytes)`` from ``seq`` on (for shipping)."""
+        async with self._db.transaction(durable=False) as tx:
+            rows = await tx.fetch_all(
+                "SELECT seq, entry FROM audit_entries WHERE seq >= :seq ORDER BY seq LIMIT :n",
+                {"seq": seq, "n": limit},
+            )
+        return [(_int(r["seq"]), _bytes(r["entry"])) for r in rows]
 
     async def inclusion_proof(self, seq: int, size: int) -> list[bytes]:
         """The audit path of entry ``seq`` in the tree of ``size`` entries."""

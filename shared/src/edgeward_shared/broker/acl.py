@@ -33,6 +33,8 @@ from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.topics import (
     CHANNEL_READERS,
     CHANNEL_WRITERS,
+    COHORT_FILTER,
+    COHORT_WRITER,
     FLEET_OWNERS,
     ROOT,
     Channel,
@@ -114,6 +116,12 @@ def _service_block(who: Identity) -> list[str]:
             "# the registrar: every enrollment conversation",
             _line("read", f"{ROOT}/enroll/+/up"),
             _line("write", f"{ROOT}/enroll/+/down"),
+        ]
+    if who.principal == COHORT_WRITER:
+        lines += [
+            "# model chunks, once per version for its whole cohort; the guard plugin delivers",
+            "# them to the members this service names on evt/cohort only (docs/adr/0029)",
+            _line("write", COHORT_FILTER),
         ]
     owned = sorted(str(kind) for kind, owner in FLEET_OWNERS.items() if owner == who.principal)
     lines += ["# its audit log's checkpoints (docs/adr/0023)"]

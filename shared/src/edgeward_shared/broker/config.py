@@ -17,7 +17,7 @@ from string import Template
 from typing import Final
 
 from edgeward_shared.errors import ConfigError
-from edgeward_shared.topics import ROOT
+from edgeward_shared.topics import COHORT_CONTROL, COHORT_PREFIX, COHORT_WRITER, ROOT
 
 TEMPLATE_NAME: Final = "mosquitto.conf.template"
 ACL_NAME: Final = "edgeward.acl"
@@ -170,7 +170,12 @@ def _persistence_lines(directory: Path | None) -> str:
 def _guard_lines(plugin: Path | None) -> str:
     if plugin is None:
         return "# (edgeward_guard is not loaded here: see docs/adr/0012, known gaps)"
-    return f"plugin {plugin}\nplugin_opt_retain_prefix {RETAIN_PREFIX}"
+    return (
+        f"plugin {plugin}\nplugin_opt_retain_prefix {RETAIN_PREFIX}\n"
+        f"plugin_opt_cohort_prefix {COHORT_PREFIX}\n"
+        f"plugin_opt_cohort_control {COHORT_CONTROL}\n"
+        f"plugin_opt_cohort_writer {COHORT_WRITER.common_name}"
+    )
 
 
 def fill_template(template: str, values: Mapping[str, str]) -> str:

@@ -4,7 +4,8 @@ Semantics kept from MQTT because code relies on them: topic-filter matching, ret
 messages (an empty retained payload clears them; shared subscriptions get none), shared
 subscriptions (``$share/<group>/...``, round-robin within a group), per-connection ordering.
 An optional ``authorize`` hook stands in for the broker ACL: a denied publish is dropped (as
-Mosquitto drops it after answering 135) and a denied delivery is not made.
+Mosquitto drops it after answering 135) and a denied delivery is not made. Cohort topics are
+delivered to their members only, as the guard plugin does (docs/adr/0029).
 
 This is product code (importable, typed), not a mock: the same contract tests run against it
 and against the real Mosquitto.
@@ -19,8 +20,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
+from edgeward_shared.broker.cohorts import apply_update
 from edgeward_shared.bus.base import Delivery, strip_share, topic_matches
 from edgeward_shared.errors import TransportError
+from edgeward_shared.topics import COHORT_CONTROL, COHORT_PREFIX
 
 Access = Literal["read", "write"]
 Authorize = Callable[[str, str, Access], bool]
@@ -77,6 +80,7 @@ class MemoryBroker:
         self._clients: dict[str, MemoryBus] = {}
         self._retained: dict[str, bytes] = {}
         self._share_cursor: dict[tuple[str, str], itertools.count[int]] = {}
+        self.cohorts: dict[str, set[str]] = {}  # cohort topic -> members (the guard plugin)
 
     @asynccontextmanager
     async def connect(self, username: str) -> AsyncIterator[MemoryBus]:
@@ -101,12 +105,16 @@ class MemoryBroker:
             bus.close()
 
     def _allowed(self, username: str, topic: str, access: Access) -> bool:
+        if access == "read" and topic.startswith(COHORT_PREFIX):
+            return username in self.cohorts.get(topic, ())
         return self._authorize is None or self._authorize(username, topic, access)
 
     def route(self, sender: MemoryBus, topic: str, payload: bytes, retain: bool) -> None:
         if not self._allowed(sender.username, topic, "write"):
             sender.denied_publishes += 1
             return
+        if topic == COHORT_CONTROL:
+            apply_update(self.cohorts, sender.username, payload)
         if retain:
             if payload:
                 self._retained[topic] = payload

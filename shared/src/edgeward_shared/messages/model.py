@@ -220,6 +220,11 @@ class VersionInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cohort: Annotated[list[DeviceId], msgspec.Meta(max_length=10_000)]
     percent: int
     devices: Annotated[list[DeviceModelState], msgspec.Meta(max_length=10_000)]
+    #: the provenance's signer (the model-signing certificate's CN, checked at publish),
+    #: its dataset fingerprint and expiry: what an operator reads next to the version
+    signer: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    dataset_fingerprint: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    expires_at_ms: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 class ModelList(Message, frozen=True, tag="edgeward.model.list.v1"):

@@ -18,7 +18,7 @@ Contract: docs/protocol.md §5.15, reason ids §6.
 
 from __future__ import annotations
 
-from typing import Annotated, Final, Literal
+from typing import Annotated, Final, Literal, get_args
 
 import msgspec
 
@@ -104,6 +104,7 @@ class TelemetryReport(Message, frozen=True, tag="edgeward.telemetry.report.v1"):
 
 AlarmState = Literal["alarm", "cleared"]
 Risk = Literal["trusted", "watch", "suspect", "compromised"]
+RISKS: Final[tuple[Risk, ...]] = get_args(Risk)
 ActionName = Literal["alarm", "stop", "revoke", "rollout"]
 
 
@@ -135,3 +136,20 @@ class RolloutSignal(Message, frozen=True, tag="edgeward.telemetry.rollout.v1"):
     rule: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_.-]{0,63}$")]
     devices: Annotated[list[DeviceId], msgspec.Meta(min_length=1, max_length=64)]
     at_ms: Millis
+
+
+class FleetAggregate(Message, frozen=True, tag="edgeward.telemetry.aggregate.v1"):
+    """Fleet health for readers beyond operators, on ``ew/v1/svc/telemetry/evt/aggregate``,
+    differentially private (docs/telemetry.md, "Privacy"): every count carries Laplace
+    noise for ``epsilon``, rounded and clamped at 0. ``devices``: devices that reported in
+    the last hour, per risk state; ``inferences``: their last periods' inferences, each
+    device clamped. ``spent`` of ``budget`` is the day's (``day``, UTC) epsilon so far,
+    this release included."""
+
+    at_ms: Millis
+    devices: dict[Risk, Annotated[int, msgspec.Meta(ge=0)]]
+    inferences: Annotated[int, msgspec.Meta(ge=0)]
+    epsilon: Annotated[float, msgspec.Meta(gt=0)]
+    day: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")]
+    spent: Annotated[float, msgspec.Meta(ge=0)]
+    budget: Annotated[float, msgspec.Meta(gt=0)]

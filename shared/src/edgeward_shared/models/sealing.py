@@ -16,23 +16,18 @@ Every ``info`` and associated data is a length-prefixed encoding (no ambiguity).
 
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass
 from typing import Final
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hpke
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
+from edgeward_shared.crypto import aead
+from edgeward_shared.crypto.keys import PrivateKey, PublicKey
 from edgeward_shared.errors import AuthenticityError
 from edgeward_shared.models.reasons import ModelReason
 
-DATA_KEY_BYTES: Final = 32
-NONCE_BYTES: Final = 12
-TAG_BYTES: Final = 16
-SUITE: Final = hpke.Suite(hpke.KEM.P256, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+DATA_KEY_BYTES: Final = aead.KEY_BYTES
+NONCE_BYTES: Final = aead.NONCE_BYTES
+TAG_BYTES: Final = aead.TAG_BYTES
 _BLOB_LABEL: Final = b"edgeward/model-blob/v1"
 _KEK_LABEL: Final = b"edgeward/model-key/kek/v1"
 _DEVICE_LABEL: Final = b"edgeward/model-key/device/v1"
@@ -64,12 +59,11 @@ class ModelRef:
 
 
 def new_data_key() -> bytes:
-    return os.urandom(DATA_KEY_BYTES)
+    return aead.new_key()
 
 
 def encrypt_model(plaintext: bytes, data_key: bytes, ref: ModelRef) -> bytes:
-    nonce = os.urandom(NONCE_BYTES)
-    return nonce + AESGCM(data_key).encrypt(nonce, plaintext, ref.associated_data())
+    return aead.gcm_seal(data_key, plaintext, ref.associated_data())
 
 
 def decrypt_model(blob: bytes, data_key: bytes, ref: ModelRef) -> bytes:
@@ -77,19 +71,17 @@ def decrypt_model(blob: bytes, data_key: bytes, ref: ModelRef) -> bytes:
     if len(blob) < NONCE_BYTES + TAG_BYTES or len(data_key) != DATA_KEY_BYTES:
         raise AuthenticityError(ModelReason.BLOB_DECRYPT, "blob or key has the wrong size")
     try:
-        return AESGCM(data_key).decrypt(
-            blob[:NONCE_BYTES], blob[NONCE_BYTES:], ref.associated_data()
-        )
-    except InvalidTag as exc:
+        return aead.gcm_open(data_key, blob, ref.associated_data())
+    except aead.OpenError as exc:
         raise AuthenticityError(ModelReason.BLOB_DECRYPT, "authentication tag") from exc
 
 
 # ------------------------------------------------------------------ key encryption key
-def seal_to_kek(data_key: bytes, kek: ec.EllipticCurvePublicKey, ref: ModelRef) -> bytes:
-    return SUITE.encrypt(data_key, kek, info=_encode(_KEK_LABEL, ref.associated_data()))
+def seal_to_kek(data_key: bytes, kek: PublicKey, ref: ModelRef) -> bytes:
+    return aead.hpke_seal(data_key, kek, info=_encode(_KEK_LABEL, ref.associated_data()))
 
 
-def open_with_kek(sealed: bytes, kek: ec.EllipticCurvePrivateKey, ref: ModelRef) -> bytes:
+def open_with_kek(sealed: bytes, kek: PrivateKey, ref: ModelRef) -> bytes:
     return _open(sealed, kek, _encode(_KEK_LABEL, ref.associated_data()))
 
 
@@ -106,22 +98,18 @@ class ReleaseContext:
         return _encode(_DEVICE_LABEL, self.device_id, self.ref.associated_data(), self.result_id)
 
 
-def wrap_for_device(
-    data_key: bytes, session_key: ec.EllipticCurvePublicKey, context: ReleaseContext
-) -> bytes:
-    return SUITE.encrypt(data_key, session_key, info=context.info())
+def wrap_for_device(data_key: bytes, session_key: PublicKey, context: ReleaseContext) -> bytes:
+    return aead.hpke_seal(data_key, session_key, info=context.info())
 
 
-def unwrap_on_device(
-    wrapped: bytes, session_key: ec.EllipticCurvePrivateKey, context: ReleaseContext
-) -> bytes:
+def unwrap_on_device(wrapped: bytes, session_key: PrivateKey, context: ReleaseContext) -> bytes:
     return _open(wrapped, session_key, context.info())
 
 
-def _open(sealed: bytes, key: ec.EllipticCurvePrivateKey, info: bytes) -> bytes:
+def _open(sealed: bytes, key: PrivateKey, info: bytes) -> bytes:
     try:
-        data_key = SUITE.decrypt(sealed, key, info=info)
-    except (InvalidTag, ValueError) as exc:
+        data_key = aead.hpke_open(sealed, key, info)
+    except aead.OpenError as exc:
         raise AuthenticityError(ModelReason.KEY_UNWRAP, "HPKE open failed") from exc
     if len(data_key) != DATA_KEY_BYTES:
         raise AuthenticityError(ModelReason.KEY_UNWRAP, "not a data key")

@@ -23,10 +23,8 @@ import binascii
 import hashlib
 from typing import Any, Final
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
+from edgeward_shared.crypto import signatures
+from edgeward_shared.crypto.keys import PublicKey, public_key_pem
 from edgeward_shared.errors import AuthenticityError, MessageError
 from edgeward_shared.models.reasons import ModelReason
 from edgeward_shared.strictjson import loads_unique
@@ -40,11 +38,9 @@ STATEMENT_TYPE: Final = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE: Final = "https://model_signing/signature/v1.0"
 
 
-def key_hint(public_key: ec.EllipticCurvePublicKey) -> str:
+def key_hint(public_key: PublicKey) -> str:
     """The key identifier model-signing writes into a bundle: SHA-256 of the PEM SPKI."""
-    pem = public_key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    pem = public_key_pem(public_key)
     return hashlib.sha256(pem).hexdigest()
 
 
@@ -54,7 +50,7 @@ def dsse_pae(payload_type: str, payload: bytes) -> bytes:
 
 def verify_bundle(
     bundle: bytes,
-    public_key: ec.EllipticCurvePublicKey,
+    public_key: PublicKey,
     *,
     model_digest: str,
     provenance_digest: str,
@@ -74,10 +70,8 @@ def verify_bundle(
         raise MessageError(ModelReason.SIGNATURE_MALFORMED, "not a model-signing DSSE bundle")
     if hint != key_hint(public_key):
         raise AuthenticityError(ModelReason.SIGNER_UNKNOWN, "bundle names another key")
-    try:
-        public_key.verify(sig, dsse_pae(PAYLOAD_TYPE, payload), ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature as exc:
-        raise AuthenticityError(ModelReason.SIGNATURE_INVALID, "DSSE signature") from exc
+    if not signatures.verify(public_key, sig, dsse_pae(PAYLOAD_TYPE, payload)):
+        raise AuthenticityError(ModelReason.SIGNATURE_INVALID, "DSSE signature")
     _check_statement(_load(payload), model_digest, provenance_digest)
 
 

@@ -1,18 +1,20 @@
 """One check of a signed model, for the distribution service (at publish) and devices (at load).
 
 :func:`verify_signed_model` accepts ONNX bytes only if, in this order: their digest and size
-are the provenance manifest's; the manifest is current; the signer's certificate chains to
-our CA, holds the ``signer`` role and is not revoked; the model-signing bundle is that key's
-signature over exactly this model and this manifest; and the bytes pass the structural ONNX
-checks (no pickle, no external data, no custom operators, sizes within the caps).
+are the provenance manifest's (:func:`check_model_digest`); the manifest is current; the
+signer's certificate chains to our CA, holds the ``signer`` role and is not revoked; the
+model-signing bundle is that key's signature over exactly this model and this manifest
+(:func:`verify_manifest`); and the bytes pass the structural ONNX checks (no pickle, no
+external data, no custom operators, sizes within the caps). The distribution service runs
+the same two halves at publish (the manifest at ``begin``, the bytes at ``commit``): one
+check, not two copies of it.
 :func:`open_release_blob` first turns a fetched blob into those bytes, in memory.
 """
 
 from __future__ import annotations
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from edgeward_shared.clock import to_datetime
+from edgeward_shared.crypto.keys import PublicKey
 from edgeward_shared.errors import AuthenticityError, PolicyError, Reason
 from edgeward_shared.identity import Role
 from edgeward_shared.models.onnx_check import check_onnx
@@ -36,18 +38,41 @@ def verify_signed_model(
     now_ms: int,
 ) -> Provenance:
     provenance = decode_provenance(provenance_bytes)
-    if sha256_hex(model) != provenance.digest or len(model) != provenance.size:
-        raise AuthenticityError(ModelReason.DIGEST_MISMATCH, "the model is not the one signed")
+    check_model_digest(model, provenance)
+    verify_manifest(provenance_bytes, signature, signer_cert, trust, now_ms=now_ms)
+    check_onnx(model)
+    return provenance
+
+
+def verify_manifest(
+    provenance_bytes: bytes,
+    signature: bytes,
+    signer_cert: bytes,
+    trust: TrustStore,
+    *,
+    now_ms: int,
+) -> tuple[Provenance, Signer]:
+    """The signed half of the check, before there are model bytes (the distribution
+    service's ``publish.begin``): the manifest is current, its signer a valid, unrevoked
+    ``signer``, and the bundle that signer's signature over exactly this manifest and the
+    model digest it names."""
+    provenance = decode_provenance(provenance_bytes)
     if provenance.expires_at_ms <= now_ms:
         raise PolicyError(ModelReason.METADATA_EXPIRED, "the provenance manifest expired")
+    signer = model_signer(signer_cert, trust, now_ms=now_ms)
     verify_bundle(
         signature,
-        signer_key(signer_cert, trust, now_ms=now_ms),
+        signer.public_key,
         model_digest=provenance.digest,
         provenance_digest=sha256_hex(provenance_bytes),
     )
-    check_onnx(model)
-    return provenance
+    return provenance, signer
+
+
+def check_model_digest(model: bytes, provenance: Provenance) -> None:
+    """The bytes are the model the manifest names (digest and size)."""
+    if len(model) != provenance.size or sha256_hex(model) != provenance.digest:
+        raise AuthenticityError(ModelReason.DIGEST_MISMATCH, "the model is not the one signed")
 
 
 def model_signer(cert_der: bytes, trust: TrustStore, *, now_ms: int) -> Signer:
@@ -60,7 +85,7 @@ def model_signer(cert_der: bytes, trust: TrustStore, *, now_ms: int) -> Signer:
         raise AuthenticityError(ModelReason.SIGNER_UNKNOWN, exc.detail) from exc
 
 
-def signer_key(cert_der: bytes, trust: TrustStore, *, now_ms: int) -> ec.EllipticCurvePublicKey:
+def signer_key(cert_der: bytes, trust: TrustStore, *, now_ms: int) -> PublicKey:
     """The public key of a valid, unrevoked model signer's certificate."""
     return model_signer(cert_der, trust, now_ms=now_ms).public_key
 

@@ -21,17 +21,17 @@ from datetime import datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from edgeward_shared.crypto import certs, keys
+from edgeward_shared.crypto.keys import PrivateKey, PublicKey
 from edgeward_shared.identity import ROLE_OIDS, Identity, Role, tls_usages
+
+#: The profile's key (P-256); its recipe is :func:`edgeward_shared.crypto.keys.new_key`.
+new_key = keys.new_key
 
 #: Certificates are backdated this much so that small clock skew does not reject them.
 BACKDATE = timedelta(minutes=5)
-
-
-def new_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +39,7 @@ class Issuer:
     """A CA that can sign: its certificate and its private key."""
 
     cert: x509.Certificate
-    key: ec.EllipticCurvePrivateKey
+    key: PrivateKey
 
 
 def _name(common_name: str, org: str) -> x509.Name:
@@ -52,7 +52,7 @@ def _name(common_name: str, org: str) -> x509.Name:
 
 
 def _ca_extensions(
-    builder: x509.CertificateBuilder, key: ec.EllipticCurvePrivateKey, path_length: int
+    builder: x509.CertificateBuilder, key: PrivateKey, path_length: int
 ) -> x509.CertificateBuilder:
     return (
         builder.add_extension(x509.BasicConstraints(ca=True, path_length=path_length), True)
@@ -75,7 +75,7 @@ def _ca_extensions(
 
 
 def make_root_ca(
-    key: ec.EllipticCurvePrivateKey, *, org: str, now: datetime, lifetime: timedelta
+    key: PrivateKey, *, org: str, now: datetime, lifetime: timedelta
 ) -> x509.Certificate:
     name = _name(f"{org} Root CA", org)
     builder = (
@@ -92,7 +92,7 @@ def make_root_ca(
 
 def make_issuing_ca(
     root: Issuer,
-    key: ec.EllipticCurvePrivateKey,
+    key: PrivateKey,
     *,
     org: str,
     now: datetime,
@@ -138,7 +138,7 @@ def _subject_alt_names(identity: Identity, hosts: Iterable[str]) -> list[x509.Ge
 def make_leaf(
     issuer: Issuer,
     identity: Identity,
-    public_key: ec.EllipticCurvePublicKey,
+    public_key: PublicKey,
     *,
     org: str,
     now: datetime,
@@ -218,4 +218,4 @@ def make_crl(
 
 def fingerprint(cert: x509.Certificate) -> str:
     """Hex SHA-256 of the certificate's DER: the key id used in envelopes."""
-    return cert.fingerprint(hashes.SHA256()).hex()
+    return certs.fingerprint(cert)

@@ -22,8 +22,8 @@ from datetime import datetime, timedelta
 from typing import Final
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
 
+from edgeward_shared.crypto.keys import PublicKey
 from edgeward_shared.errors import ConfigError
 
 _PEM_CRL: Final = b"-----BEGIN X509 CRL-----"
@@ -66,7 +66,7 @@ def _parse(pem: bytes) -> x509.CertificateRevocationList:
 
 def _check_signature(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> None:
     key = issuer.public_key()
-    if crl.issuer != issuer.subject or not isinstance(key, ec.EllipticCurvePublicKey):
+    if crl.issuer != issuer.subject or not isinstance(key, PublicKey):
         raise CrlError(CrlReason.SIGNATURE, f"issued by {crl.issuer.rfc4514_string()}")
     if not crl.is_signature_valid(key):
         raise CrlError(CrlReason.SIGNATURE, "the issuing CA's key did not sign it")

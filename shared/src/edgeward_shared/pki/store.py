@@ -44,10 +44,16 @@ from typing import Final
 
 import msgspec
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgeward_shared.clock import from_datetime, to_datetime
+from edgeward_shared.crypto.certs import to_der, to_pem
+from edgeward_shared.crypto.keys import (
+    KeyTypeError,
+    PrivateKey,
+    PublicKey,
+    load_private_key_pem,
+    private_key_pem,
+)
 from edgeward_shared.errors import ConfigError, PolicyError
 from edgeward_shared.identity import Identity, identity_of
 from edgeward_shared.pki.ca_db import CaDatabase, Tx
@@ -69,18 +75,9 @@ ISSUING_LIFETIME = timedelta(days=730)
 CRL_LIFETIME = timedelta(days=7)
 
 
-def write_private_key(
-    path: Path, key: ec.EllipticCurvePrivateKey, passphrase: bytes | None = None
-) -> None:
+def write_private_key(path: Path, key: PrivateKey, passphrase: bytes | None = None) -> None:
     """Write a PEM private key created with mode 0600 (never world- or group-readable)."""
-    encryption: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(passphrase)
-        if passphrase
-        else serialization.NoEncryption()
-    )
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
-    )
+    pem = private_key_pem(key, passphrase)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -89,16 +86,15 @@ def write_private_key(
     tmp.replace(path)
 
 
-def read_private_key(path: Path, passphrase: bytes | None = None) -> ec.EllipticCurvePrivateKey:
+def read_private_key(path: Path, passphrase: bytes | None = None) -> PrivateKey:
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), passphrase)
+        return load_private_key_pem(path.read_bytes(), passphrase)
     except FileNotFoundError as exc:
         raise ConfigError("config.key.missing", f"no private key at {path}") from exc
+    except KeyTypeError as exc:
+        raise ConfigError("config.key.type", f"{path} is not an EC private key") from exc
     except (ValueError, TypeError) as exc:
         raise ConfigError("config.key.unreadable", f"{path}: {exc}") from exc
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ConfigError("config.key.type", f"{path} is not an EC private key")
-    return key
 
 
 def read_certificate(path: Path) -> x509.Certificate:
@@ -118,7 +114,7 @@ def read_certificates(path: Path) -> list[x509.Certificate]:
 
 
 def _pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
+    return to_pem(cert)
 
 
 def _write_public(path: Path, data: bytes) -> None:
@@ -281,7 +277,7 @@ class PkiStore:
     def issue_for_key(
         self,
         identity: Identity,
-        public_key: ec.EllipticCurvePublicKey,
+        public_key: PublicKey,
         now: datetime,
         lifetime: timedelta,
         *,
@@ -310,7 +306,7 @@ class PkiStore:
     def issue_for_key_with_issuer(
         self,
         identity: Identity,
-        public_key: ec.EllipticCurvePublicKey,
+        public_key: PublicKey,
         now: datetime,
         lifetime: timedelta,
         *,
@@ -329,7 +325,7 @@ class PkiStore:
     def _issue_one(
         self,
         identity: Identity,
-        public_key: ec.EllipticCurvePublicKey,
+        public_key: PublicKey,
         now: datetime,
         lifetime: timedelta,
         hosts: tuple[str, ...],
@@ -368,7 +364,7 @@ class PkiStore:
     def _write_identity(
         self,
         identity: Identity,
-        key: ec.EllipticCurvePrivateKey,
+        key: PrivateKey,
         cert: x509.Certificate,
         issuer: Issuer,
     ) -> IdentityFiles:
@@ -469,7 +465,7 @@ class PkiStore:
         # this one's, and one revocation state serves the whole PKI; docs/adr/0017)
         for issuer in (self.issuer(), *self.previous_issuers()):
             crl = make_crl(issuer, entries, number=number, now=now, lifetime=lifetime)
-            pem = crl.public_bytes(serialization.Encoding.PEM)
+            pem = to_pem(crl)
             check_crl(pem, issuer.cert, (serial for serial, _ in revoked), now)
             pems.append(pem)
             tx.execute(
@@ -709,7 +705,7 @@ def _insert_issued(tx: Tx, cert: x509.Certificate, issuer_fp: str, now: datetime
             "not_after": from_datetime(cert.not_valid_after_utc),
             "at": from_datetime(now),
             "fp": fingerprint(cert),
-            "der": cert.public_bytes(serialization.Encoding.DER),
+            "der": to_der(cert),
         },
     )
 

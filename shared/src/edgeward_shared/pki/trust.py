@@ -22,9 +22,9 @@ from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
+from edgeward_shared.crypto.keys import PublicKey, is_p256
 from edgeward_shared.errors import AuthenticityError, ConfigError, EdgewardError, Reason
 from edgeward_shared.identity import Identity, Role, identity_of
 from edgeward_shared.pki.store import read_certificates
@@ -40,7 +40,7 @@ class Signer:
     """A verified signer: who it is and the key its signatures must verify under."""
 
     identity: Identity
-    public_key: ec.EllipticCurvePublicKey
+    public_key: PublicKey
     kid: str
     serial: int
     valid_from: datetime
@@ -162,9 +162,7 @@ class TrustStore:
         except EdgewardError as exc:
             raise AuthenticityError(exc.reason, exc.detail) from exc
         public_key = leaf.public_key()
-        if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(
-            public_key.curve, ec.SECP256R1
-        ):
+        if not is_p256(public_key):
             raise AuthenticityError(Reason.ENVELOPE_CHAIN, "signer key is not ECDSA P-256")
         return Signer(
             identity=identity,
@@ -186,7 +184,7 @@ def read_signed_crl(
         raise ConfigError("config.crl.unreadable", f"{path}: {exc}") from exc
     issuer = next((c for c in issuers if c.subject == crl.issuer), None)
     pub = issuer.public_key() if issuer else None
-    if not isinstance(pub, ec.EllipticCurvePublicKey) or not crl.is_signature_valid(pub):
+    if not isinstance(pub, PublicKey) or not crl.is_signature_valid(pub):
         raise ConfigError("config.crl.signature", f"{path} is not signed by a known issuing CA")
     return crl
 
@@ -230,7 +228,7 @@ def load_crls(
         if issuer is None and required is not None:
             continue  # a retired issuing CA's: nothing it issued is trusted any more
         pub = issuer.public_key() if issuer else None
-        if not isinstance(pub, ec.EllipticCurvePublicKey) or not crl.is_signature_valid(pub):
+        if not isinstance(pub, PublicKey) or not crl.is_signature_valid(pub):
             raise ConfigError("config.crl.signature", f"{path}: a CRL not signed by a known CA")
         next_update = crl.next_update_utc
         if next_update is None or next_update < now:

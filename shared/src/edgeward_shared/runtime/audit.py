@@ -17,7 +17,12 @@ subject     the signer's CN (``dev-0001``, ``op.alice``), or the topic when unve
 evidence    SHA-256 of the envelope bytes as delivered (the exact request judged)
 ==========  ===============================================================================
 
-:func:`enable_audit` opens the log in the service's database and key directory and hands
+:func:Only decisions worth recording are appended (:mod:`edgeward_shared.audit.kinds`): every
+security decision, and routine traffic (pings, telemetry reports, inference calls, syncs)
+only when it is refused; the routine deliveries passed over are counted
+(:attr:`DecisionAudit.routine_skipped`).
+
+`enable_audit` opens the log in the service's database and key directory and hands
 the hook to the runtime; services that want finer facts (an attestation verdict's detail)
 record them through the same :class:`~edgeward_shared.audit.appender.Appender`.
 """
@@ -27,12 +32,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
 from edgeward_shared.audit.appender import Appender, LogAppender, Publish, open_audit_key
 from edgeward_shared.audit.entry import AuditEvent, Decision, evidence_digest
+from edgeward_shared.audit.kinds import must_record
 from edgeward_shared.audit.store import AuditLog
 from edgeward_shared.clock import Clock
 from edgeward_shared.envelope import Opened
@@ -41,6 +50,7 @@ from edgeward_shared.logs import fields
 from edgeward_shared.messages.audit import AuditCheckpoint
 from edgeward_shared.messages.base import Message
 from edgeward_shared.messages.common import Rejected
+from edgeward_shared.runtime.syslog import SyslogSettings, enable_syslog
 from edgeward_shared.storage import Database
 from edgeward_shared.topics import FleetKind, fleet_topic
 
@@ -70,6 +80,7 @@ class DecisionAudit:
         self.appender = appender
         self._actor = actor
         self._clock = clock
+        self.routine_skipped = 0  # routine deliveries answered, not recorded
 
     async def handled(self, opened: Opened[Any], outgoing: Sequence[object]) -> None:
         messages = [getattr(item, "message", None) for item in outgoing]
@@ -90,10 +101,14 @@ class DecisionAudit:
     async def _record(
         self, opened: Opened[Any] | None, decision: Decision, reason: str, raw: bytes, topic: str
     ) -> None:
+        action = action_of(opened.message.TYPE) if opened else UNVERIFIED
+        if not must_record(action, decision):
+            self.routine_skipped += 1
+            return
         try:
             event = AuditEvent(
                 actor=self._actor,
-                action=action_of(opened.message.TYPE) if opened else UNVERIFIED,
+                action=action,
                 decision=decision,
                 reason=reason,
                 subject=opened.signer.identity.common_name if opened else topic,
@@ -113,6 +128,28 @@ class DecisionAudit:
         await self.appender.record(event)
 
 
+class _AuditCollector(Collector):
+    """The audit log's counters, read from the appender at scrape time."""
+
+    def __init__(self, appender: LogAppender, decisions: DecisionAudit) -> None:
+        self._appender = appender
+        self._decisions = decisions
+
+    def collect(self) -> Iterator[Metric]:
+        figures = (
+            ("edgeward_audit_entries", "Audit entries committed", self._appender.appended),
+            ("edgeward_audit_commits", "Audit commits (fsyncs)", self._appender.commits),
+            ("edgeward_audit_append_failures", "Audit entries that could not be appended",
+             self._appender.failures),
+            ("edgeward_audit_routine_skipped", "Routine deliveries answered and not recorded",
+             self._decisions.routine_skipped),
+        )  # fmt: skip
+        for name, text, value in figures:
+            family = CounterMetricFamily(name, text)
+            family.add_metric([], value)
+            yield family
+
+
 async def enable_audit(
     runtime: Runtime,
     db: Database,
@@ -121,8 +158,12 @@ async def enable_audit(
     publish: Publish | None = None,
     every: int = 256,
     interval_ms: int = 10_000,
+    syslog: SyslogSettings | None = None,
 ) -> LogAppender:
     """Open the service's audit log in ``db`` (key in ``key_dir``) and audit ``runtime``.
+
+    With ``syslog``, its entries and the WARNING+ records are also shipped to a collector
+    (:mod:`edgeward_shared.runtime.syslog`).
 
     Each checkpoint it signs is published retained on ``ew/v1/fleet/audit/<service>`` as an
     :class:`AuditCheckpoint` (or handed to ``publish`` instead).
@@ -151,6 +192,13 @@ async def enable_audit(
             )
 
     appender = LogAppender(log, publish)
+    # the retained checkpoint dies with a broker that keeps no state: publish the newest
+    # again on every connection (the first one too: the broker may have restarted while
+    # this service was down), not only when the next one is signed (issue 20)
+    runtime.on_connect(appender.republish_quietly)
     logger.info("audit.enabled", extra=fields(origin=origin, vkey=signer.verifier.vkey))
     runtime.audit = DecisionAudit(appender, runtime.identity.common_name, runtime.clock)
+    runtime.metrics.registry.register(_AuditCollector(appender, runtime.audit))
+    if syslog is not None:
+        await enable_syslog(runtime, syslog, audit=appender, component=runtime.identity.name)
     return appender

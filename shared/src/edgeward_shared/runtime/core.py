@@ -156,6 +156,7 @@ class Runtime:
         self._identity_listeners: list[Callable[[SigningKey], None]] = []
         self._background: list[Background] = []
         self._hangup: list[Callable[[], None]] = []
+        self._on_connect: list[Callable[[], Awaitable[None]]] = []
         #: connections served so far: a change means the runtime (re)connected
         self.connections = 0
         #: records every decision on an audited route (runtime.audit.enable_audit sets it)
@@ -196,6 +197,15 @@ class Runtime:
     def add_background(self, task: Background) -> None:
         """Run ``task`` beside the bus loop in :meth:`run` (it must return once told to stop)."""
         self._background.append(task)
+
+    def on_connect(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run ``callback`` each time a connection starts serving (the first one included).
+
+        For the owners of retained ``fleet/`` state: a broker restarted without persistence
+        has lost it, so they publish it again at once (issue 20, docs/adr/0019). It runs
+        beside the receive loop on that connection and is cancelled with it; a failure is
+        logged, never fatal."""
+        self._on_connect.append(callback)
 
     def on_hangup(self, callback: Callable[[], None]) -> None:
         self._hangup.append(callback)
@@ -427,6 +437,8 @@ class Runtime:
             self.ready.set()
             async with asyncio.TaskGroup() as group:
                 consumer = group.create_task(self._consume(bus.deliveries(), group))
+                for callback in self._on_connect:
+                    group.create_task(_connected(callback))
                 stopper = group.create_task(stop.wait())
                 swapper = group.create_task(self._reconnect.wait())
                 await asyncio.wait(
@@ -557,6 +569,15 @@ class Runtime:
         except* TransportError as group:
             failure = _first_leaf(group)
         return failure, kept
+
+
+async def _connected(callback: Callable[[], Awaitable[None]]) -> None:
+    try:
+        await callback()
+    except EdgewardError as exc:  # a republish that fails must not take the connection down
+        log.warning("bus.on_connect.failed", extra=fields(reason=exc.reason, detail=exc.detail))
+    except Exception:
+        log.exception("bus.on_connect.failed")
 
 
 async def _close_let_go(held: contextlib.AsyncExitStack | None) -> None:

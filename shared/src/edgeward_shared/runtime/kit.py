@@ -36,9 +36,10 @@ from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.errors import ConfigError, EdgewardError
 from edgeward_shared.identity import Identity
 from edgeward_shared.logs import configure_logging
-from edgeward_shared.pki.store import PkiStore
+from edgeward_shared.pki.store import IdentityFiles, PkiStore
 from edgeward_shared.runtime.node import NodeConfig
-from edgeward_shared.runtime.params import BrokerParam, DatabaseParam
+from edgeward_shared.runtime.params import DIRECTORY, FILE, BrokerParam, DatabaseParam
+from edgeward_shared.runtime.syslog import SPOOL_FILE, SyslogSettings
 from edgeward_shared.storage import Database, open_database
 
 #: Exit status of a refusal to start that no retry fixes (click's usage errors share it).
@@ -97,6 +98,22 @@ class NodeOptions:
     identity_dir: Path | None = None  # None where the command manages its own identities
     database: Path | str | None = None  # a SQLite file, or a postgresql:// URL
     state_dir: Path | None = None  # --local-dir: this host's files beside the database
+    syslog: BrokerAddress | None = None  # the RFC 5425 collector, if audit is shipped
+    syslog_ca: Path | None = None  # its CA bundle (default: ca_bundle)
+
+    def syslog_settings(self, state_dir: Path | None = None) -> SyslogSettings | None:
+        """Where to ship the audit log and security records (None: ``--syslog`` unset); the
+        spool goes to ``state_dir`` (default: :attr:`local_dir`)."""
+        if self.syslog is None:
+            return None
+        if self.identity_dir is None:
+            raise ConfigError("config.identity.missing", f"{self.component} has no identity dir")
+        return SyslogSettings(
+            collector=self.syslog,
+            ca=self.syslog_ca or self.ca_bundle,
+            identity=IdentityFiles(self.identity_dir),
+            spool=(state_dir or self.local_dir) / SPOOL_FILE,
+        )
 
     @property
     def pki(self) -> PkiStore:
@@ -129,7 +146,7 @@ class NodeOptions:
 
     async def open_database(self) -> Database:
         """Open ``--database``: the SQLite file, or the PostgreSQL database of the URL, whose
-        transactions are serialized across this component's instances (docs/adr/0027)."""
+        transactions are serialized across this component's instances (docs/adr/0032)."""
         if self.database is None:
             raise ConfigError("config.database.missing", f"{self.component} takes no --database")
         return await open_database(self.database, scope=self.component)
@@ -160,6 +177,7 @@ def node_options(
     pki_help: str | None = None,
     database_help: str = "SQLite database (created 0600).",
     database_url_help: str = " Or a postgresql:// URL: instances on many hosts share it.",
+    syslog: bool | None = None,
 ) -> Callable[[Command], Command]:
     """The node's options, before the command's own; the command gets ``node=NodeOptions``.
 
@@ -169,7 +187,9 @@ def node_options(
     has no PKI directory) takes ``--ca-bundle`` and ``--crl``. ``database``: the default
     path of ``--database`` (omit for a command without one); ``database_optional``: a
     ``--database`` without a default (a service keeping its SQLite file in a state
-    directory of its own uses it there unless told otherwise).
+    directory of its own uses it there unless told otherwise). ``syslog``: offer
+    ``--syslog``/``--syslog-ca`` (default: when there is a database; a service with a state
+    directory instead asks for them).
     """
     own = EnvOptions(env)
     options: list[Callable[[Command], Command]] = []
@@ -177,7 +197,7 @@ def node_options(
         options.append(
             click.option(
                 "--pki-dir",
-                type=click.Path(file_okay=False, path_type=Path),
+                type=DIRECTORY,
                 default=Path("pki"),
                 envvar="EDGEWARD_PKI",
                 show_envvar=True,
@@ -190,14 +210,14 @@ def node_options(
         options += [
             own(
                 "--ca-bundle",
-                type=click.Path(dir_okay=False, path_type=Path),
+                type=FILE,
                 required=True,
                 help="Root and issuing CA certificates (PEM) every peer's certificate must"
                 " chain to.",
             ),
             own(
                 "--crl",
-                type=click.Path(dir_okay=False, path_type=Path),
+                type=FILE,
                 required=True,
                 help="The issuing CA's CRL (PEM).",
             ),
@@ -207,7 +227,7 @@ def node_options(
         options.append(
             own(
                 "--identity-dir",
-                type=click.Path(file_okay=False, path_type=Path),
+                type=DIRECTORY,
                 help=f"This instance's certificate and key, 0600 ({name} or {name}.<n>)."
                 f"  [default: PKI_DIR/identities/{name}]",
             )
@@ -239,11 +259,32 @@ def node_options(
             own(
                 "--local-dir",
                 "local_dir",
-                type=click.Path(file_okay=False, path_type=Path),
+                type=DIRECTORY,
                 help="This host's private files (the audit log's key, the revocation floor)."
                 "  [default: the SQLite file's directory, or ./state with a URL]",
             )
         )
+    offer_syslog = database is not None if syslog is None else syslog
+    if offer_syslog:
+        options += [
+            click.option(
+                "--syslog",
+                type=BrokerParam(),
+                envvar="EDGEWARD_SYSLOG",
+                show_envvar=True,
+                help="Ship the audit log and WARNING+ records as RFC 5424 syslog over TLS"
+                " (RFC 5425) to this collector, from a spool beside the service's state"
+                " (docs/telemetry.md).  [default: off]",
+            ),
+            click.option(
+                "--syslog-ca",
+                type=click.Path(dir_okay=False, path_type=Path),
+                envvar="EDGEWARD_SYSLOG_CA",
+                show_envvar=True,
+                help="CA bundle the collector's certificate must chain to.  [default: the"
+                " node's CA bundle]",
+            ),
+        ]
     options += [
         click.option(
             "--broker",
@@ -284,6 +325,8 @@ def node_options(
                 identity_dir=identity_dir,
                 database=kwargs.pop("database", None),
                 state_dir=kwargs.pop("local_dir", None),
+                syslog=kwargs.pop("syslog", None),
+                syslog_ca=kwargs.pop("syslog_ca", None),
             )
             function(node=node, **kwargs)
 

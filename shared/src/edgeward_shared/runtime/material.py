@@ -26,9 +26,9 @@ from typing import Final
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
+from edgeward_shared.crypto.certs import to_der, to_pem
+from edgeward_shared.crypto.keys import PublicKey, load_private_key_pem
 from edgeward_shared.envelope import SigningKey
 from edgeward_shared.errors import EdgewardError, PolicyError
 from edgeward_shared.identity import Identity
@@ -110,9 +110,7 @@ def check_crls(
         name = crl.issuer.rfc4514_string()
         issuer = next((c for c in issuing if c.subject == crl.issuer), None)
         public_key = issuer.public_key() if issuer is not None else None
-        if not isinstance(public_key, ec.EllipticCurvePublicKey) or not crl.is_signature_valid(
-            public_key
-        ):
+        if not isinstance(public_key, PublicKey) or not crl.is_signature_valid(public_key):
             raise PolicyError(ReloadReason.CRL_SIGNATURE, f"{name}: not a trusted CA's CRL")
         next_update = crl.next_update_utc
         if next_update is None or next_update < now:
@@ -143,11 +141,9 @@ def check_identity(
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
         chain = x509.load_pem_x509_certificates(chain_pem)
-        key = serialization.load_pem_private_key(key_pem, None)
+        key = load_private_key_pem(key_pem)
     except (ValueError, TypeError) as exc:
         raise PolicyError(ReloadReason.IDENTITY_UNREADABLE, str(exc)) from exc
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise PolicyError(ReloadReason.IDENTITY_UNREADABLE, "the key is not an EC key")
     if not chain or _der(chain[0]) != _der(cert):
         raise PolicyError(ReloadReason.IDENTITY_CHAIN, "chain.pem does not start with cert.pem")
     if key.public_key().public_numbers() != _ec_public(cert).public_numbers():
@@ -175,12 +171,12 @@ def check_identity(
 
 
 def _der(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.DER)
+    return to_der(cert)
 
 
-def _ec_public(cert: x509.Certificate) -> ec.EllipticCurvePublicKey:
+def _ec_public(cert: x509.Certificate) -> PublicKey:
     public_key = cert.public_key()
-    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+    if not isinstance(public_key, PublicKey):
         raise PolicyError(ReloadReason.IDENTITY_UNREADABLE, "the certificate's key is not EC")
     return public_key
 
@@ -246,4 +242,4 @@ def check_trust_bundle(
 
 
 def _pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
+    return to_pem(cert)

@@ -21,6 +21,11 @@ import click
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.ratelimit import Limit
 
+#: A directory option's type (a ``Path``; need not exist yet).
+DIRECTORY: Final = click.Path(file_okay=False, path_type=Path)
+#: A file option's type (a ``Path``; need not exist yet).
+FILE: Final = click.Path(dir_okay=False, path_type=Path)
+
 _DURATION_RE: Final = re.compile(r"(\d+)(ms|s|m|h|d)?")
 _DURATION_UNITS: Final = {
     "ms": timedelta(milliseconds=1),

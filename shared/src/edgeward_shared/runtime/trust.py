@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from edgeward_shared.clock import to_datetime
+from edgeward_shared.crypto.certs import to_der
 from edgeward_shared.envelope import EnvelopeVerifier, Opened, VerifyPolicy
 from edgeward_shared.errors import EdgewardError
 from edgeward_shared.logs import fields
@@ -53,7 +53,7 @@ def bundle_message(pki: PkiStore, now_ms: int) -> TrustBundle:
     return TrustBundle(
         version=pki.trust_version(),
         issued_at_ms=now_ms,
-        issuing_cas=[c.public_bytes(serialization.Encoding.DER) for c in pki.trusted_issuing_cas()],
+        issuing_cas=[to_der(c) for c in pki.trusted_issuing_cas()],
     )
 
 
@@ -74,6 +74,12 @@ class TrustPublisher:
         self._on_connection = -1  # the runtime's connection count at the last publication
         self._kick = asyncio.Event()
         runtime.on_hangup(self._kick.set)  # SIGHUP: look at the version now
+        # a new connection may be to a restarted broker that lost the retained bundle:
+        # look now, not at the next interval (issue 20: back within 5 s of reconnecting)
+        runtime.on_connect(self._connected)
+
+    async def _connected(self) -> None:
+        self._kick.set()
 
     async def publish_if_due(self) -> bool:
         """Publish if the version changed, the retained copy is due, or the runtime has

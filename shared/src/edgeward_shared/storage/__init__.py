@@ -59,7 +59,7 @@ Service SQL must run unchanged on SQLite (3.35+) and PostgreSQL (12+):
   value (``SELECT a = b AS same``) comes back as ``0``/``1`` (select BOOLEAN columns, or
   compare in Python).
 
-PostgreSQL (:mod:`.postgres`, docs/adr/0027)
+PostgreSQL (:mod:`.postgres`, docs/adr/0032)
 --------------------------------------------
 
 ``await open_database("postgresql://...", scope="attestation")`` opens

@@ -1,7 +1,7 @@
 """PostgreSQL behind the :class:`~edgeward_shared.storage.base.Database` protocol (psycopg 3).
 
 Many instances of a service, on many hosts, share one PostgreSQL database; this engine
-keeps the guarantee the SQLite engine gives one host (docs/adr/0027):
+keeps the guarantee the SQLite engine gives one host (docs/adr/0032):
 
 - **One writer per scope.** Every transaction begins with
   ``pg_advisory_xact_lock(<scope key>)`` at ``READ COMMITTED``: transactions of one scope

@@ -8,6 +8,12 @@ One set of builders and running helpers instead of a copy in each test module:
   :class:`PkiStore`, on the real broker at a :class:`BrokerAddress` (mTLS; no reload watcher,
   no resumed session: what a test peer needs; services are built by
   :func:`edgeward_shared.runtime.node.build_node`);
+* :func:`local_pki`: a fresh PKI with a certificate for a loopback broker and for each
+  identity a test names;
+* :func:`node_config`: the :class:`NodeConfig` of an identity's files in a :class:`PkiStore`
+  (for :func:`edgeward_shared.runtime.node.build_runtime`, a service's ``wire``);
+* :func:`file_runtime`: a runtime signing with an identity's files and trusting the PKI's
+  bundle and CRL, not yet on any bus;
 * :func:`running` / :func:`running_nodes`: run nodes until the block ends, once they are all
   ready; :func:`running_tasks` for anything with a ``run(stop)`` (a device agent).
 
@@ -23,8 +29,11 @@ import contextlib
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Final
 
+from edgeward_shared.broker.launcher import BROKER_IDENTITY
 from edgeward_shared.bus.memory import MemoryBroker
 from edgeward_shared.bus.mqtt import BrokerAddress, MqttSettings, connect_mqtt
 from edgeward_shared.clock import Clock, SystemClock, to_datetime
@@ -34,6 +43,7 @@ from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.runtime.core import Connect, Runtime
+from edgeward_shared.runtime.node import NodeConfig
 from edgeward_shared.testing import FixedClock, MemoryPki
 
 #: How long a node may take to be ready, and to stop, unless told otherwise.
@@ -56,24 +66,53 @@ def memory_node(
     return runtime, functools.partial(broker.connect, identity.common_name)
 
 
-def broker_node(
-    pki: PkiStore, identity: Identity, broker: BrokerAddress, clock: Clock | None = None
-) -> Node:
-    """A runtime for ``identity``'s files in ``pki``, connecting to the broker over mTLS."""
+def local_pki(
+    directory: Path,
+    *identities: Identity,
+    broker: bool = True,
+    lifetime: timedelta = timedelta(days=1),
+) -> PkiStore:
+    """A fresh PKI in ``directory``: root and issuing CA, a certificate for the broker on
+    loopback (``127.0.0.1``, ``localhost``; unless ``broker`` is false) and one for each of
+    ``identities``, all valid from now for ``lifetime``."""
+    now = datetime.now(UTC)
+    pki = PkiStore(directory)
+    pki.init(now)
+    if broker:
+        pki.issue(BROKER_IDENTITY, now, lifetime, ("127.0.0.1", "localhost"))
+    for identity in identities:
+        pki.issue(identity, now, lifetime)
+    return pki
+
+
+def node_config(pki: PkiStore, identity: Identity, broker: BrokerAddress) -> NodeConfig:
+    """The node of ``identity``'s files in ``pki`` on the broker at ``broker``."""
+    return NodeConfig(pki.identity_files(identity).directory, pki.bundle_path, pki.crl_path, broker)
+
+
+def file_runtime(pki: PkiStore, identity: Identity, clock: Clock | None = None) -> Runtime:
+    """A runtime signing with ``identity``'s files in ``pki``, trusting its bundle and CRL
+    as of ``clock``'s time (no bus yet: run it with a connect of the caller's)."""
     clock = clock or SystemClock()
     trust = TrustStore.from_bundle(pki.bundle_path, pki.crl_path, now=to_datetime(clock.now_ms()))
-    runtime = Runtime(
+    return Runtime(
         signing_key=SigningKey.from_files(pki.identity_files(identity)),
         verifier=EnvelopeVerifier(trust, MemoryReplayGuard()),
         clock=clock,
     )
+
+
+def broker_node(
+    pki: PkiStore, identity: Identity, broker: BrokerAddress, clock: Clock | None = None
+) -> Node:
+    """A runtime for ``identity``'s files in ``pki``, connecting to the broker over mTLS."""
     settings = MqttSettings(
         broker=broker,
         ca_bundle=pki.bundle_path,
         identity=pki.identity_files(identity),
         client_id=identity.common_name,
     )
-    return runtime, functools.partial(connect_mqtt, settings)
+    return file_runtime(pki, identity, clock), functools.partial(connect_mqtt, settings)
 
 
 @asynccontextmanager

@@ -67,7 +67,9 @@ class Caps(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Setup(msgspec.Struct, frozen=True, tag="setup", forbid_unknown_fields=True):
-    """Confine yourself, then load the model in the sealed memfd ``model_fd``."""
+    """Confine yourself, then load the model in the sealed memfd ``model_fd``; with
+    ``model_fd`` -1 (a warm worker, started before there is a model), wait confined and
+    idle for a :class:`Load`."""
 
     model_fd: int
     model_size: int
@@ -79,6 +81,12 @@ class Setup(msgspec.Struct, frozen=True, tag="setup", forbid_unknown_fields=True
     threads: int
     max_frame_bytes: int
     skip: list[str]  # protections the policy names in unsafe_skip
+
+
+class Load(msgspec.Struct, frozen=True, tag="load", forbid_unknown_fields=True):
+    """The model for a warm worker (its own copy: nobody can change it after the check)."""
+
+    model: bytes
 
 
 class Run(msgspec.Struct, frozen=True, tag="run", forbid_unknown_fields=True):
@@ -93,9 +101,15 @@ class Probe(msgspec.Struct, frozen=True, tag="probe", forbid_unknown_fields=True
     write_dir: str | None = None
 
 
-Request = Setup | Run | Probe
+Request = Setup | Load | Run | Probe
 
 # ---------------------------------------------------------------- worker -> supervisor
+
+
+class Idle(msgspec.Struct, frozen=True, tag="idle", forbid_unknown_fields=True):
+    """A warm worker is confined, its libraries imported: send the :class:`Load`."""
+
+    protections: Protections
 
 
 class Ready(msgspec.Struct, frozen=True, tag="ready", forbid_unknown_fields=True):
@@ -125,7 +139,7 @@ class ProbeReport(msgspec.Struct, frozen=True, tag="probe_report", forbid_unknow
     facts: dict[str, str]
 
 
-Reply = Ready | Outputs | Failed | ProbeReport
+Reply = Idle | Ready | Outputs | Failed | ProbeReport
 
 _encoder: Final = msgspec.msgpack.Encoder()
 _request_decoder: Final[msgspec.msgpack.Decoder[Request]] = msgspec.msgpack.Decoder(Request)

@@ -45,7 +45,9 @@ from edgeward_device_agent.sandbox.protocol import (
     Caps,
     Failed,
     FrameError,
+    Idle,
     Limits,
+    Load,
     Outputs,
     Probe,
     ProbeReport,
@@ -61,7 +63,7 @@ from edgeward_device_agent.sandbox.protocol import (
 from edgeward_device_agent.sandbox.reasons import SandboxError, SandboxReason
 from edgeward_shared.errors import EdgewardError, MessageError, PolicyError
 from edgeward_shared.messages.infer import Tensor
-from edgeward_shared.models.onnx_check import DEFAULT_CAPS, OnnxCaps, check_onnx
+from edgeward_shared.models.onnx_check import DEFAULT_CAPS, OnnxCaps, OnnxSummary, check_onnx
 
 log = logging.getLogger("edgeward.agent.sandbox")
 
@@ -97,6 +99,10 @@ class SandboxPolicy:
     max_frame_bytes: int = DEFAULT_MAX_FRAME
     python: str = field(default=sys.executable)
     unsafe_skip: frozenset[Protection] = frozenset()
+    #: the agent keeps one worker started, confined and idle for the next strict load
+    #: (:class:`WarmPool`): an activation skips the interpreter's start and the imports, at
+    #: the cost of one idle process (its libraries' memory)
+    warm: bool = True
 
     def __post_init__(self) -> None:
         if min(self.memory_bytes, self.cpu_seconds, self.max_fds, self.max_processes) <= 0:
@@ -218,6 +224,7 @@ class InferenceWorker:
         self._protections: Protections | None = None
         self._restarts = 0
         self._background: set[asyncio.Task[None]] = set()
+        self._summary: OnnxSummary | None = None
 
     @property
     def restarts(self) -> int:
@@ -236,22 +243,34 @@ class InferenceWorker:
         return child.process.pid if child is not None and child.alive else None
 
     @property
+    def summary(self) -> OnnxSummary | None:
+        """What the check of the model loaded now found (its inputs, for callers)."""
+        return self._summary
+
+    @property
     def policy(self) -> SandboxPolicy:
         return self._policy
 
-    async def load(self, model: bytes, *, strict: bool) -> Protections:
-        """Check ``model``, start a new worker with it, then retire the previous one.
+    async def load(
+        self, model: bytes, *, strict: bool, pool: WarmPool | None = None
+    ) -> Protections:
+        """Check ``model``, start a new worker with it (an idle one from ``pool`` if it has
+        one), then retire the previous one.
 
         ``strict`` (tier high): refuse unless every protection is applied. Until the new
         worker is ready the previous one keeps serving; if the new one fails, it still does.
         """
         if not isinstance(model, bytes):
             raise TypeError("the model must be bytes")
-        await asyncio.to_thread(check_onnx, model, self._policy.caps)
+        summary = await asyncio.to_thread(check_onnx, model, self._policy.caps)
         async with self._lock:
-            child, protections = await self._spawn(model, strict=strict)
+            try:
+                child, protections = await self._spawn(model, strict=strict, pool=pool)
+            finally:
+                if pool is not None:
+                    pool.refill(strict=strict)
             previous, self._child = self._child, child
-            self._model, self._strict = model, strict
+            self._model, self._strict, self._summary = model, strict, summary
             if previous is not None:
                 await previous.stop(kill=False)
             return protections
@@ -303,31 +322,23 @@ class InferenceWorker:
         self._child = child
         return child
 
-    async def _spawn(self, model: bytes, *, strict: bool) -> tuple[_Child, Protections]:
-        """A new worker with ``model`` loaded, or an error (and no worker left running)."""
+    async def _spawn(
+        self, model: bytes, *, strict: bool, pool: WarmPool | None = None
+    ) -> tuple[_Child, Protections]:
+        """A new worker with ``model`` loaded, or an error (and no worker left running).
+        From ``pool``, if it has an idle one: already confined, its libraries imported."""
         policy = self._policy
-        fd = await asyncio.to_thread(_sealed_memfd, model)
-        try:
-            process = await asyncio.create_subprocess_exec(
-                policy.python,
-                "-I",  # no PYTHON* variables, no user site, no script directory on sys.path
-                "-B",
-                "-m",
-                "edgeward_device_agent.sandbox.worker",
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                pass_fds=(fd,),
-                env=_worker_env(),
-                cwd="/",
-                start_new_session=True,  # the terminal's signals are the agent's to relay
-            )
-        except OSError as error:
-            raise SandboxError(SandboxReason.LOAD_FAILED, f"cannot start: {error}") from error
-        finally:
-            os.close(fd)
-        child = _Child(process)
-        setup = encode_frame(policy.setup(fd, len(model), strict=strict))
+        spare = pool.take(policy, strict=strict) if pool is not None else None
+        if spare is not None:
+            child, setup = spare, encode_frame(Load(model))
+        else:
+            fd = await asyncio.to_thread(_sealed_memfd, model)
+            try:
+                child = await _start_process(policy, (fd,))
+            finally:
+                os.close(fd)
+            setup = encode_frame(policy.setup(fd, len(model), strict=strict))
+        process = child.process
         try:
             reply = await self._exchange(child, setup, policy.load_timeout_s)
         except SandboxError as error:
@@ -389,6 +400,102 @@ class InferenceWorker:
             await child.stop(kill=kill)
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+async def _start_process(policy: SandboxPolicy, fds: tuple[int, ...]) -> _Child:
+    try:
+        process = await asyncio.create_subprocess_exec(
+            policy.python,
+            "-I",  # no PYTHON* variables, no user site, no script directory on sys.path
+            "-B",
+            "-m",
+            "edgeward_device_agent.sandbox.worker",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            pass_fds=fds,
+            env=_worker_env(),
+            cwd="/",
+            start_new_session=True,  # the terminal's signals are the agent's to relay
+        )
+    except OSError as error:
+        raise SandboxError(SandboxReason.LOAD_FAILED, f"cannot start: {error}") from error
+    return _Child(process)
+
+
+class WarmPool:
+    """Workers started before there is a model: confined (limits, namespace, seccomp, the
+    unprivileged user) with their libraries imported, idle until a :class:`Load`. A load
+    from the pool skips the interpreter's start and the imports, which cost more than the
+    session itself for a small model. One spare per strictness, for one policy; a spare
+    taken is replaced once the load that took it is done (not during it: they would share
+    the CPU). :meth:`close` stops the spares."""
+
+    def __init__(self, policy: SandboxPolicy | None = None) -> None:
+        self.policy = policy or SandboxPolicy()
+        self._spares: dict[bool, _Child] = {}
+        self._starting: dict[bool, asyncio.Task[None]] = {}
+
+    async def prestart(self, *, strict: bool) -> None:
+        """Have an idle worker ready for ``strict`` loads (waits until it is started)."""
+        self.refill(strict=strict)
+        task = self._starting.get(strict)
+        if task is not None:
+            await asyncio.shield(task)
+
+    def refill(self, *, strict: bool) -> None:
+        """Start a spare for ``strict`` in the background, unless there is one."""
+        spare = self._spares.get(strict)
+        if (spare is not None and spare.alive) or strict in self._starting:
+            return
+        task = asyncio.create_task(self._start(strict))
+        self._starting[strict] = task
+        task.add_done_callback(lambda _t: self._starting.pop(strict, None))
+
+    def spare_pid(self, *, strict: bool) -> int | None:
+        """The idle worker's pid, if one is ready for ``strict``."""
+        spare = self._spares.get(strict)
+        return spare.process.pid if spare is not None and spare.alive else None
+
+    def take(self, policy: SandboxPolicy, *, strict: bool) -> _Child | None:
+        """An idle worker for ``policy`` and ``strict``, if one is ready."""
+        if policy != self.policy:
+            return None
+        spare = self._spares.pop(strict, None)
+        return spare if spare is not None and spare.alive else None
+
+    async def close(self) -> None:
+        for task in list(self._starting.values()):
+            task.cancel()
+        await asyncio.gather(*self._starting.values(), return_exceptions=True)
+        spares, self._spares = list(self._spares.values()), {}
+        for spare in spares:
+            await spare.stop(kill=False)
+
+    async def _start(self, strict: bool) -> None:
+        """A spare, once it says it is confined and idle; else none (loads start their
+        own worker, and report why)."""
+        try:
+            child = await _start_process(self.policy, ())
+        except SandboxError as error:
+            log.warning("no warm inference worker: %s", error)
+            return
+        try:
+            async with asyncio.timeout(self.policy.load_timeout_s):
+                await child.send(encode_frame(self.policy.setup(-1, 0, strict=strict)))
+                reply = await child.receive(self.policy.max_frame_bytes)
+        except (TimeoutError, OSError, EOFError, asyncio.IncompleteReadError, FrameError) as error:
+            log.warning("no warm inference worker: %s", error)
+            await child.stop(kill=True)
+            return
+        except BaseException:
+            await child.stop(kill=True)
+            raise
+        if not isinstance(reply, Idle):  # e.g. strict, and a protection is missing
+            log.warning("no warm inference worker: %s", type(reply).__name__)
+            await child.stop(kill=not isinstance(reply, Failed))
+            return
+        self._spares[strict] = child
 
 
 def _sealed_memfd(model: bytes) -> int:

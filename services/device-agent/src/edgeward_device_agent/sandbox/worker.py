@@ -9,9 +9,11 @@ stdout (:mod:`.protocol`), the model in a sealed memfd it inherits. In order:
 3. import numpy, onnx and onnxruntime (while still root: they may be readable by root only);
 4. drop to the unprivileged user, ``no_new_privs``, install the seccomp filter;
 5. refuse to go on, under ``strict``, if any protection is missing;
-6. read the model from the memfd (its seals must forbid writing and resizing), check it with
-   ``check_onnx`` and only then hand it to onnxruntime: the model is parsed and the
-   session's threads are created under the filter;
+6. read the model from the memfd (its seals must forbid writing and resizing), or, for a
+   warm worker (``model_fd`` -1, started before there was a model), wait idle, confined,
+   for a :class:`~.protocol.Load` on stdin; check it with ``check_onnx`` and only then hand
+   it to onnxruntime: the model is parsed and the session's threads are created under the
+   filter;
 7. answer :class:`~.protocol.Run` (and, when tests enable it, :class:`~.protocol.Probe`)
    until stdin closes.
 
@@ -34,6 +36,8 @@ from edgeward_device_agent.sandbox.protocol import (
     PROBE_ENV,
     Failed,
     FrameError,
+    Idle,
+    Load,
     Outputs,
     Probe,
     Ready,
@@ -106,11 +110,19 @@ def _start(setup: Setup, send: _Send, *, probe_enabled: bool) -> Model | None:
         missing = ", ".join(protections.missing)
         send(Failed(SandboxReason.PROTECTION_UNAVAILABLE, missing, "policy", protections))
         return None
-    try:
-        data = _read_model(setup.model_fd, setup.model_size)
-    except (OSError, ValueError) as error:
-        send(Failed(SandboxReason.LOAD_FAILED, f"model memfd: {error}"))
-        return None
+    if setup.model_fd < 0:  # warm: the model comes when there is one
+        send(Idle(protections))
+        load = read_request(_STDIN, setup.max_frame_bytes)
+        if not isinstance(load, Load):
+            send(Failed(SandboxReason.REQUEST_UNKNOWN, type(load).__name__))
+            return None
+        data = load.model
+    else:
+        try:
+            data = _read_model(setup.model_fd, setup.model_size)
+        except (OSError, ValueError) as error:
+            send(Failed(SandboxReason.LOAD_FAILED, f"model memfd: {error}"))
+            return None
     refusal = _check(data, setup)
     if refusal is not None:
         send(refusal)

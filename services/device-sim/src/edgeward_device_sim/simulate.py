@@ -16,9 +16,10 @@ from pathlib import Path
 
 import click
 
-from edgeward_device_agent.swtpm import GOLDEN_BOOT_CHAIN, SwtpmFleet, tampered_boot_chain
+from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN, SwtpmFleet, tampered_boot_chain
 from edgeward_shared.logs import configure_logging
 from edgeward_shared.runtime.kit import EnvOptions, command, log_level_option, refusals
+from edgeward_shared.runtime.params import DIRECTORY
 
 option = EnvOptions("SWTPM")
 
@@ -26,7 +27,7 @@ option = EnvOptions("SWTPM")
 @command("edgeward-swtpm")
 @option(
     "--root",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=DIRECTORY,
     required=True,
     help="Fleet directory (0700): the test manufacturer CA (ca/cert.pem) and one TPM state"
     " per device; kept across runs, so the TPMs and their EK certificates are too.",

@@ -36,14 +36,12 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import TracebackType
 from typing import Final, Self
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
-from edgeward_device_agent.tcg_log import (
+from edgeward_device_agent.tpm import PcrBank, Tpm
+from edgeward_device_sim.tcg_log import (
     EFI_CERT_SHA256,
     EFI_CERT_X509,
     EFI_GLOBAL_VARIABLE,
@@ -56,7 +54,8 @@ from edgeward_device_agent.tcg_log import (
     variable_data,
     write_log,
 )
-from edgeward_device_agent.tpm import PcrBank, Tpm
+from edgeward_shared.crypto.certs import to_pem
+from edgeward_shared.crypto.keys import new_key, private_key_pem
 from edgeward_shared.pki.certs import make_root_ca
 
 _PORT_ATTEMPTS: Final = 20
@@ -241,21 +240,17 @@ class ManufacturerCa:
     @classmethod
     def create(cls, directory: Path, name: str = "Edgeward Test TPM Manufacturer CA") -> Self:
         directory.mkdir(mode=0o700, parents=True, exist_ok=False)
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = new_key()
         # the same CA profile as Edgeward's own root (edgeward_shared.pki.certs)
         certificate = make_root_ca(
             key, org=name, now=datetime.now(UTC), lifetime=timedelta(days=3650)
         )
         ca = cls(directory, certificate)
-        pem_key = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        pem_key = private_key_pem(key)
         fd = os.open(ca.key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as out:
             out.write(pem_key)
-        ca.cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        ca.cert_path.write_bytes(to_pem(certificate))
         (directory / "serial").write_text("1\n")
         return ca
 
@@ -364,12 +359,7 @@ class SwtpmFleet:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *_: object) -> None:
         self.stop_all()
 
     def _write_setup_config(self) -> None:

@@ -1,0 +1,1 @@
+"""Edgeward operator console (issue 16, docs/adr/0031)."""
