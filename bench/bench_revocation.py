@@ -19,16 +19,20 @@ session and the 200 clients share this process and the machine's two cores with 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import os
 import ssl
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from _report import Report, median, percentile, sized
+from bench_broker_limits import PER_PROCESS, hold
 from edgeward_cli.ops_client import operator_session
 from edgeward_revocation.app import run_worker, wire
 from edgeward_revocation.effects import CheckedReloader, DynsecKicker, PkiCrl
@@ -44,7 +48,12 @@ from edgeward_shared.runtime.node import build_runtime
 from edgeward_shared.storage.sqlite import SqliteDatabase
 from edgeward_shared.testing.nodes import local_pki, node_config
 
-DEVICES = sized(200, 8)
+#: EDGEWARD_BENCH_DEVICES overrides: the devices this process connects and revokes (paho's
+#: select() limits one process to ~340 clients)
+DEVICES = int(os.environ.get("EDGEWARD_BENCH_DEVICES", sized(200, 8)))
+#: EDGEWARD_BENCH_IDLE_DEVICES: more connected devices, held by child processes, so that the
+#: broker carries a larger fleet while the revocations are timed (docs/scaling.md: 1,000)
+IDLE = int(os.environ.get("EDGEWARD_BENCH_IDLE_DEVICES", "0"))
 REVOCATIONS = sized(30, 3)
 KICKS = sized(15, 3)
 ALICE = Identity.operator("alice")
@@ -53,7 +62,7 @@ REVOKER = Identity.service(ServiceName.REVOCATION)
 
 
 def make_pki(directory: Path) -> PkiStore:
-    devices = (Identity.device(f"dev-{i:04d}") for i in range(DEVICES))
+    devices = (Identity.device(f"dev-{i:04d}") for i in range(DEVICES + IDLE))
     return local_pki(directory, ALICE, ADMIN, REVOKER, *devices)
 
 
@@ -186,6 +195,35 @@ def handshake_refused(store: PkiStore, port: int, name: str) -> bool:
     return False
 
 
+class IdleFleet:
+    """Devices held connected by child processes (bench_broker_limits.hold), ~250 each."""
+
+    def __init__(self, stop: Any, children: list[Any], connected: int) -> None:
+        self.stop, self.children, self.connected = stop, children, connected
+
+    def release(self) -> int:
+        self.stop.set()
+        for child in self.children:
+            child.join(30)
+        return self.connected
+
+
+def hold_idle(store: PkiStore, port: int) -> IdleFleet:
+    context = multiprocessing.get_context("fork")
+    stop = context.Event()
+    names = [f"dev-{i:04d}" for i in range(DEVICES, DEVICES + IDLE)]
+    pipes, children = [], []
+    for first in range(0, len(names), PER_PROCESS):
+        receive, send = context.Pipe(duplex=False)
+        child = context.Process(
+            target=hold, args=(str(store.dir), names[first : first + PER_PROCESS], port, send, stop)
+        )
+        child.start()
+        pipes.append(receive)
+        children.append(child)
+    return IdleFleet(stop, children, sum(int(pipe.recv()) for pipe in pipes))
+
+
 def main() -> None:
     configure_logging("bench", "WARNING")
     with tempfile.TemporaryDirectory(prefix="edgeward-bench-") as tmp:
@@ -194,6 +232,7 @@ def main() -> None:
             store, Path(tmp) / "broker", operators=[ALICE], admins=[ADMIN]
         ) as broker:
             (broker.run_dir / "mosquitto.pid").write_text(f"{broker.pid}\n")
+            idle = hold_idle(store, broker.port)
             started = time.perf_counter()
             devices = [Device(store, f"dev-{i:04d}", broker.port) for i in range(DEVICES)]
             for device in devices:
@@ -206,8 +245,9 @@ def main() -> None:
             refused = handshake_refused(store, broker.port, victims[-1].name)
             for device in devices:
                 device.close()
+            idle_up = idle.release()
     report = Report("revocation")
-    report.add("devices_connected", DEVICES, "devices")
+    report.add("devices_connected", DEVICES + idle_up, "devices")
     report.add("connect_all_s", connect_s, "s")
     report.add("bare_kick_p50_ms", median(base) * 1000, "ms")
     report.add("revoke_to_disconnect_p50_ms", median(ours) * 1000, "ms")

@@ -18,7 +18,9 @@ APT_PACKAGES=(mosquitto mosquitto-clients openssl ca-certificates python3 python
     rsyslog-openssl
     # the operator console's browser tests: Debian's chromium and its WebDriver (Selenium),
     # NSS tools for the client certificate, openssl's pkcs12 (above)
-    chromium chromium-driver libnss3-tools)
+    chromium chromium-driver libnss3-tools
+    # PostgreSQL: the fleet backend; the store suites start a server of their own (initdb)
+    postgresql)
 UV_VENV="${EDGEWARD_UV_VENV:-$HOME/.cache/edgeward/uv}"
 
 say() { printf '[bootstrap] %s\n' "$*" >&2; }

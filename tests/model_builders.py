@@ -229,6 +229,7 @@ class Fleet:
 
     pki: MemoryPki
     state_dir: Path
+    database: str | None = None  # a postgresql:// URL (else SQLite in the state directory)
     clock: FixedClock = field(default_factory=lambda: FixedClock(EPOCH_MS))
     broker: MemoryBroker = field(default_factory=MemoryBroker)
     revoked_serials: set[int] = field(default_factory=set)
@@ -313,7 +314,7 @@ async def running(
 ) -> AsyncIterator[tuple[ModelService, dict[str, Caller]]]:
     """The service and its callers, each on the in-memory broker, until the block ends."""
     async with AsyncExitStack() as stack:
-        state: State = await stack.enter_async_context(open_state(fleet.state_dir))
+        state: State = await stack.enter_async_context(open_state(fleet.state_dir, fleet.database))
         service_runtime = fleet.runtime(fleet.service_key)
         service = wire(
             service_runtime,

@@ -7,6 +7,7 @@ attestation services as runtimes; device agents; an operator driving the CLI.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -22,7 +23,7 @@ from edgeward_attestation.service import Settings
 from edgeward_attestation.store import AttestationStore
 from edgeward_cli.main import cli
 from edgeward_device_agent.agent import DeviceAgent
-from edgeward_device_agent.config import AgentConfig
+from edgeward_device_agent.config import AgentConfig, AgentPolicy
 from edgeward_device_agent.state import AgentState
 from edgeward_device_agent.tpm import TpmKeys
 from edgeward_device_sim.swtpm import (
@@ -92,6 +93,7 @@ class World:
         keys: TpmKeys = TpmKeys.ECC,
         ima_log: Path | None = None,
         posture_root: Path | None = None,
+        policy: AgentPolicy | None = None,
     ) -> DeviceAgent:
         """Provision ``device_id`` (as the operator would) and prepare its agent."""
         await store.provision(device_id, DEVICE_CLASS, None, "op.alice", SystemClock().now_ms())
@@ -103,6 +105,7 @@ class World:
             keys=keys,
             ima_log=ima_log,
             posture_root=posture_root,
+            policy=policy,
         )
 
     def agent(
@@ -115,6 +118,7 @@ class World:
         keys: TpmKeys = TpmKeys.ECC,
         ima_log: Path | None = None,
         posture_root: Path | None = None,
+        policy: AgentPolicy | None = None,
     ) -> DeviceAgent:
         files = self.pki.issue(
             Identity.enrollee(device_id), datetime.now(UTC), timedelta(hours=1), replace=replace
@@ -135,6 +139,8 @@ class World:
             ima_log=ima_log or self.root / "no-ima-log",
             posture_root=posture_root,
         )
+        if policy is not None:
+            config = dataclasses.replace(config, policy=policy)
         return DeviceAgent(config)
 
 
@@ -154,7 +160,10 @@ def make_world(
     with (
         SwtpmFleet(root / "tpms", keys=keys) as fleet,
         MosquittoBroker(
-            pki, root / "broker", operators=[ALICE, *(i for i in extra if i.role is Role.OPERATOR)]
+            pki,
+            root / "broker",
+            operators=[ALICE, *(i for i in extra if i.role is Role.OPERATOR)],
+            service_instances=[i for i in extra if i.role is Role.SERVICE],
         ) as broker,
     ):
         yield World(root, pki, broker, fleet)

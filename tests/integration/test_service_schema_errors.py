@@ -98,8 +98,8 @@ def _argv(entry: Entry, pki: PkiStore, tmp: Path) -> list[str]:
         "--state-dir": tmp / "state",
         "--broker-pid-file": tmp / "mosquitto.pid",
     }
-    if entry.db_file is not None:
-        db = tmp / "state" / entry.db_file
+    if entry.db_file is not None and "--database" not in options:
+        db = tmp / "state" / entry.db_file  # --database, when offered, takes precedence
     _newer_schema(db, entry.component)
     argv = [command]
     for option, value in values.items():

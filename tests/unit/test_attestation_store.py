@@ -1,27 +1,27 @@
-"""The attestation service's state: single use of challenges and enrollments, policy life."""
+"""The attestation service's state: single use of challenges and enrollments, policy life
+(on both engines)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
 from dataclasses import replace
 
 import pytest
 import pytest_asyncio
+from tests.conftest import OpenDatabase
 
 from edgeward_attestation.ops import trust_of
 from edgeward_attestation.policy import ClassPolicy, policy_from_values
 from edgeward_attestation.quote import ClockState
 from edgeward_attestation.store import AttestationStore, PendingEnrollment
-from edgeward_shared.storage.sqlite import SqliteDatabase
 
 
 @pytest_asyncio.fixture
-async def store() -> AsyncIterator[AttestationStore]:
-    db = await SqliteDatabase.open(":memory:")
-    store = AttestationStore(db)
+async def store(open_db: OpenDatabase) -> AttestationStore:
+    """On SQLite and on a real PostgreSQL (tests/conftest.py)."""
+    store = AttestationStore(await open_db())
     await store.migrate()
-    yield store
-    await db.close()
+    return store
 
 
 def _pending(
@@ -57,6 +57,62 @@ async def test_a_pending_enrollment_is_taken_once_by_its_device(store: Attestati
     assert taken.secret == b"s" * 32
     assert "s" * 8 not in repr(taken)  # the secret never reaches a log line
     assert await store.take_enrollment("a" * 32, "dev-a", 0) is None
+
+
+@pytest.mark.asyncio
+async def test_two_instances_racing_affirming_verdicts_land_exactly_one(
+    open_db: OpenDatabase,
+) -> None:
+    """Two instances verified two quotes of one device against the same counters: only one
+    verdict may land, or the counters could move back (compare and set on the version)."""
+    instances = [AttestationStore(await open_db()) for _ in range(2)]
+    await instances[0].migrate()
+    await instances[1].migrate()
+    await instances[0].register(_pending(), serial="1f", now_ms=10, actor="enroll.dev-a")
+    read = await instances[1].device("dev-a")
+    assert read is not None
+
+    async def affirm(store: AttestationStore, clock: int) -> bool:
+        return await store.record_verdict(
+            "dev-a",
+            trusted=True,
+            reason="attestation.affirming",
+            policy_id="p1",
+            now_ms=30,
+            ear_expires_at=1_000,
+            clock_state=ClockState(1, 2, clock),
+            read_version=read.verdict_version,
+        )
+
+    landed = await asyncio.gather(*(affirm(instances[i % 2], 100 + i) for i in range(10)))
+    assert landed.count(True) == 1
+    device = await instances[0].device("dev-a")
+    assert device is not None
+    assert device.verdict_version == read.verdict_version + 1
+    assert device.clock_state == ClockState(1, 2, 100 + landed.index(True))
+    # a refusal always lands, whatever was read: a failed attestation is never lost
+    assert await instances[1].record_verdict(
+        "dev-a", trusted=False, reason="attestation.pcr.not_allowed", policy_id="p1", now_ms=40
+    )
+    device = await instances[0].device("dev-a")
+    assert device is not None
+    assert device.state == "untrusted"
+    assert [r["event"] for r in await instances[0].audit("dev-a")].count("attested") == 1
+
+
+@pytest.mark.asyncio
+async def test_the_request_rate_limit_is_shared_by_every_instance(open_db: OpenDatabase) -> None:
+    instances = [AttestationStore(await open_db()) for _ in range(2)]
+    await instances[0].migrate()
+    await instances[1].migrate()
+    await instances[0].register(_pending(), serial="1f", now_ms=10, actor="enroll.dev-a")
+    granted = await asyncio.gather(
+        *(instances[i % 2].claim_request("dev-a", 5_000, 1_000) for i in range(8))
+    )
+    assert granted.count(True) == 1  # one challenge per interval, whichever instance asks
+    assert not await instances[1].claim_request("dev-a", 5_999, 1_000)
+    assert await instances[1].claim_request("dev-a", 6_000, 1_000)
+    assert not await instances[0].claim_request("dev-unknown", 6_000, 1_000)
 
 
 @pytest.mark.asyncio

@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from tests.conftest import OpenDatabase
 
 from edgeward_shared.audit import AuditEvent, AuditLog, Decision, LogAppender, NoteSigner
 from edgeward_shared.audit.entry import AuditEntry, decode_entry, encode_entry
@@ -123,10 +124,10 @@ def test_entry_bytes_are_canonical_and_decoded_strictly() -> None:
 # ----------------------------------------------------------------------- the SQLite log
 @pytest.mark.asyncio
 async def test_log_appends_batches_checkpoints_and_proves(
-    signer: NoteSigner, tmp_path: Path
+    signer: NoteSigner, open_db: OpenDatabase
 ) -> None:
     clock = FakeClock()
-    db = await SqliteDatabase.open(tmp_path / "audit.db")
+    db = await open_db()
     log = await AuditLog.open(db, signer=signer, origin=ORIGIN, clock=clock, every=10)
     notes = []
     for i in range(37):
@@ -148,7 +149,7 @@ async def test_log_appends_batches_checkpoints_and_proves(
         assert verify_consistency(old.size, 37, old.root, tail.root, proof)
     await db.close()
     # Reopened (another process, say): it resumes the same tree from the stored edge.
-    db = await SqliteDatabase.open(tmp_path / "audit.db")
+    db = await open_db()
     again = await AuditLog.open(db, signer=signer, origin=ORIGIN, clock=clock, every=10)
     seq, _ = await again.append(event(37))
     assert seq == 37
@@ -161,10 +162,12 @@ async def test_log_appends_batches_checkpoints_and_proves(
 
 
 @pytest.mark.asyncio
-async def test_two_writers_on_one_file_keep_one_tree(signer: NoteSigner, tmp_path: Path) -> None:
+async def test_two_writers_on_one_database_keep_one_tree(
+    signer: NoteSigner, open_db: OpenDatabase
+) -> None:
     clock = FakeClock()
-    db1 = await SqliteDatabase.open(tmp_path / "audit.db")
-    db2 = await SqliteDatabase.open(tmp_path / "audit.db")
+    db1 = await open_db()
+    db2 = await open_db()
     a = await AuditLog.open(db1, signer=signer, origin=ORIGIN, clock=clock, every=4)
     b = await AuditLog.open(db2, signer=signer, origin=ORIGIN, clock=clock, every=4)
     for i in range(20):
@@ -179,8 +182,8 @@ async def test_two_writers_on_one_file_keep_one_tree(signer: NoteSigner, tmp_pat
 
 
 @pytest.mark.asyncio
-async def test_appender_publishes_checkpoints(signer: NoteSigner) -> None:
-    db = await SqliteDatabase.open(":memory:")
+async def test_appender_publishes_checkpoints(signer: NoteSigner, open_db: OpenDatabase) -> None:
+    db = await open_db()
     log = await AuditLog.open(db, signer=signer, origin=ORIGIN, clock=FakeClock(), every=2)
     published: list[str] = []
 
@@ -314,8 +317,8 @@ async def test_a_device_checkpoint_proves_a_later_truncation(
 
 # ------------------------------------------------------------------------------ export
 @pytest.mark.asyncio
-async def test_export_round_trips_and_verifies(signer: NoteSigner) -> None:
-    db = await SqliteDatabase.open(":memory:")
+async def test_export_round_trips_and_verifies(signer: NoteSigner, open_db: OpenDatabase) -> None:
+    db = await open_db()
     log = await AuditLog.open(db, signer=signer, origin=ORIGIN, clock=FakeClock(), every=3)
     await log.append_many([event(i) for i in range(10)])
     await log.tick(force=True)

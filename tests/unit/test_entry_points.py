@@ -34,6 +34,7 @@ NODE_ORDER = (
     "--crl",
     "--identity-dir",
     "--database",
+    "--local-dir",
     "--syslog",  # with a database: the audit log shipped (docs/adr/0028)
     "--syslog-ca",
     "--broker",

@@ -42,7 +42,7 @@ from edgeward_shared.pki.store import PkiStore
 from edgeward_shared.pki.trust import Signer, TrustStore, load_crl
 from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.runtime.core import Runtime
-from edgeward_shared.storage import SqliteDatabase, migrate
+from edgeward_shared.storage import SqliteDatabase, is_url, migrate, open_database
 from edgeward_shared.testing import FixedClock
 from edgeward_shared.testing.nodes import running_nodes
 from edgeward_shared.topics import service_request_topic, service_response_topic
@@ -82,7 +82,8 @@ class Deployment:
     instances of the identity service and its callers."""
 
     pki: PkiStore
-    db_path: Path
+    db_path: Path | str  # a SQLite file, or a postgresql:// URL
+    local_dir: Path
     clock: FixedClock = field(default_factory=FixedClock)
     broker: MemoryBroker = field(default_factory=MemoryBroker)
 
@@ -110,6 +111,7 @@ class Deployment:
             pki_dir=self.pki.dir,
             identity_dir=self.pki.identity_files(instance).directory,
             db_path=self.db_path,
+            state_dir=self.local_dir,
             broker=BrokerAddress("127.0.0.1", 8883),  # unused: the tests bring their bus
             max_lifetime=max_lifetime,
         )
@@ -165,14 +167,14 @@ class Deployment:
             await bus.publish(topic, raw)
 
     async def certificates(self, device_id: str) -> list[Any]:
-        db = await SqliteDatabase.open(self.db_path)
+        db = await open_database(self.db_path, scope="identity")
         try:
             return await certificates_of(db, device_id)
         finally:
             await db.close()
 
     async def requests_served(self) -> int:
-        db = await SqliteDatabase.open(self.db_path)
+        db = await open_database(self.db_path, scope="identity")
         try:
             return await requests_served(db)
         finally:
@@ -183,14 +185,15 @@ class Deployment:
 
 
 @pytest.fixture
-def deployment(tmp_path: Path) -> Deployment:
+def deployment(tmp_path: Path, database_url: str) -> Deployment:
     clock = FixedClock()
     now = to_datetime(clock.now_ms())
     store = PkiStore(tmp_path / "pki")
     store.init(now)
     for identity in (ATTESTATION, ATTESTATION_2, IDENTITY, IDENTITY_2, TELEMETRY, ALICE, DEV_A):
         store.issue(identity, now, timedelta(days=30))
-    return Deployment(store, tmp_path / "state" / "identity.db", clock)
+    database: Path | str = database_url if is_url(database_url) else Path(database_url)
+    return Deployment(store, database, tmp_path / "state", clock)
 
 
 def _leaf(issued: CertificateIssued) -> x509.Certificate:

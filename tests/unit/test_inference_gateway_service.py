@@ -80,6 +80,7 @@ class Fleet:
 
     pki: MemoryPki
     state_dir: Path
+    database: str | None = None  # a postgresql:// URL shared by the instances (else SQLite)
     clock: FixedClock = field(default_factory=lambda: FixedClock(EPOCH_MS))
     broker: MemoryBroker = field(default_factory=MemoryBroker)
     catalog: dict[str, list[VersionInfo]] = field(default_factory=dict)
@@ -181,7 +182,7 @@ async def running(
 
         gateways, gateway_runtimes = [], []
         for identity in GATEWAYS[:instances]:
-            store = await stack.enter_async_context(open_store(fleet.state_dir))
+            store = await stack.enter_async_context(open_store(fleet.state_dir, fleet.database))
             runtime = fleet.runtime(identity)
             follower = RevocationFollower(
                 fleet.state_dir, required=fleet.settings.require_revocations
@@ -237,8 +238,10 @@ async def running(
 
 
 @pytest.fixture
-def fleet(memory_pki: MemoryPki, tmp_path: Path) -> Fleet:
-    return Fleet(memory_pki, tmp_path / "gateway")
+def fleet(memory_pki: MemoryPki, tmp_path: Path, database_url: str) -> Fleet:
+    """Two gateway instances on one database: a SQLite file, or a real PostgreSQL."""
+    url = database_url if database_url.startswith("postgresql://") else None
+    return Fleet(memory_pki, tmp_path / "gateway", url)
 
 
 # ------------------------------------------------------------------ calls

@@ -68,8 +68,10 @@ pytestmark = pytest.mark.asyncio
 
 
 @pytest.fixture
-def fleet(memory_pki: MemoryPki, tmp_path: Path) -> Fleet:
-    return Fleet(memory_pki, tmp_path / "state")
+def fleet(memory_pki: MemoryPki, tmp_path: Path, database_url: str) -> Fleet:
+    """The service on a SQLite file in its state directory, or on a real PostgreSQL."""
+    url = database_url if database_url.startswith("postgresql://") else None
+    return Fleet(memory_pki, tmp_path / "state", url)
 
 
 async def _published(operator: Caller, release: Release) -> Published:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 from cryptography.hazmat.primitives.asymmetric import ec
+from tests.conftest import OpenDatabase
 
 from edgeward_model_distribution.blobs import BlobStore
 from edgeward_model_distribution.kek import KEK_FILE, load_or_create_kek, public_der
@@ -19,7 +19,6 @@ from edgeward_model_distribution.store import ChunkList, ModelStore, VersionReco
 from edgeward_shared.errors import ConfigError, PolicyError
 from edgeward_shared.models.provenance import Tier
 from edgeward_shared.models.reasons import ModelReason
-from edgeward_shared.storage import SqliteDatabase
 
 
 # ------------------------------------------------------------------ blobs
@@ -103,13 +102,12 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest_asyncio.fixture
-async def store(db_path: Path) -> AsyncIterator[ModelStore]:
-    db = await SqliteDatabase.open(db_path)
-    store = ModelStore(db)
+async def store(open_db: OpenDatabase) -> ModelStore:
+    """On SQLite and on a real PostgreSQL (tests/conftest.py)."""
+    store = ModelStore(await open_db())
     await store.migrate()
     await store.migrate()  # idempotent
-    yield store
-    await db.close()
+    return store
 
 
 def _record(version: int, name: str = "demo") -> VersionRecord:
@@ -156,23 +154,19 @@ async def test_every_change_to_a_model_bumps_its_meta_version(store: ModelStore)
 
 
 @pytest.mark.asyncio
-async def test_two_instances_cannot_both_publish_one_version(db_path: Path) -> None:
-    databases = [await SqliteDatabase.open(db_path) for _ in range(2)]
-    try:
-        stores = [ModelStore(db) for db in databases]
-        await stores[0].migrate()
-        await stores[1].migrate()
-        results = await asyncio.gather(
-            *(s.publish(_record(3), "u" * 32, _chunks(_record(3))) for s in stores),
-            return_exceptions=True,
-        )
-        refusals = [r for r in results if isinstance(r, PolicyError)]
-        assert len(refusals) == 1
-        assert refusals[0].reason == ModelReason.VERSION_NOT_MONOTONIC
-        assert [v.version for v in await stores[1].versions("demo")] == [3]
-    finally:
-        for db in databases:
-            await db.close()
+async def test_two_instances_cannot_both_publish_one_version(open_db: OpenDatabase) -> None:
+    databases = [await open_db() for _ in range(2)]
+    stores = [ModelStore(db) for db in databases]
+    await stores[0].migrate()
+    await stores[1].migrate()
+    results = await asyncio.gather(
+        *(s.publish(_record(3), "u" * 32, _chunks(_record(3))) for s in stores),
+        return_exceptions=True,
+    )
+    refusals = [r for r in results if isinstance(r, PolicyError)]
+    assert len(refusals) == 1
+    assert refusals[0].reason == ModelReason.VERSION_NOT_MONOTONIC
+    assert [v.version for v in await stores[1].versions("demo")] == [3]
 
 
 @pytest.mark.asyncio

@@ -59,8 +59,10 @@ NOW_GATES = GateConfig(min_reported=1, soak_s=0)
 
 
 @pytest.fixture
-def fleet(memory_pki: MemoryPki, tmp_path: Path) -> Fleet:
-    return Fleet(memory_pki, tmp_path / "state")
+def fleet(memory_pki: MemoryPki, tmp_path: Path, database_url: str) -> Fleet:
+    """Rollouts on a SQLite file, or on a real PostgreSQL."""
+    url = database_url if database_url.startswith("postgresql://") else None
+    return Fleet(memory_pki, tmp_path / "state", url)
 
 
 async def _sync(fleet: Fleet, device: Caller) -> list[ModelRelease]:

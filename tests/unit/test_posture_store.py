@@ -3,17 +3,15 @@ posture requirements (migration 3, docs/adr/0026), and the registry shows them."
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 import pytest_asyncio
+from tests.conftest import OpenDatabase
 
 from edgeward_attestation.ops import device_status
 from edgeward_attestation.policy import PostureRequirements, policy_from_values
 from edgeward_attestation.store import MIGRATIONS, AttestationStore, PendingEnrollment
 from edgeward_shared.posture.report import Item, PostureReport, encode_report, item
 from edgeward_shared.storage.migrations import migrate
-from edgeward_shared.storage.sqlite import SqliteDatabase
 
 REPORT = encode_report(
     PostureReport(
@@ -24,19 +22,17 @@ REPORT = encode_report(
 
 
 @pytest_asyncio.fixture
-async def store() -> AsyncIterator[AttestationStore]:
-    db = await SqliteDatabase.open(":memory:")
-    try:
-        # a database from before posture: migrations 1-2 only, a device enrolled there
-        await migrate(db, component="attestation", migrations=MIGRATIONS[:2])
-        before = AttestationStore(db)
-        pending = PendingEnrollment("c" * 32, "dev-a", "edge-gw", "ek", b"ak", b"csr", b"s", 10)
-        await before.register(pending, serial="01", now_ms=1, actor="enroll.dev-a")
-        store = AttestationStore(db)
-        await store.migrate()
-        yield store
-    finally:
-        await db.close()
+async def store(open_db: OpenDatabase) -> AttestationStore:
+    """On SQLite and on a real PostgreSQL (tests/conftest.py)."""
+    db = await open_db()
+    # a database from before posture: migrations 1-2 only, a device enrolled there
+    await migrate(db, component="attestation", migrations=MIGRATIONS[:2])
+    before = AttestationStore(db)
+    pending = PendingEnrollment("c" * 32, "dev-a", "edge-gw", "ek", b"ak", b"csr", b"s", 10)
+    await before.register(pending, serial="01", now_ms=1, actor="enroll.dev-a")
+    store = AttestationStore(db)
+    await store.migrate()
+    return store
 
 
 @pytest.mark.asyncio

@@ -33,7 +33,7 @@ from edgeward_shared.pki.crl_check import CrlError, CrlReason
 from edgeward_shared.pki.store import PkiStore, read_certificate
 from edgeward_shared.pki.trust import load_crl
 from edgeward_shared.revocation import RevocationView
-from edgeward_shared.storage.sqlite import SqliteDatabase
+from edgeward_shared.storage import Database, open_database
 from edgeward_shared.testing import FixedClock
 
 ALICE = Identity.operator("alice")
@@ -173,7 +173,7 @@ def pki(tmp_path: Path) -> PkiStore:
 class Process:
     """One revocation-service process over the database file (the worker and handlers)."""
 
-    def __init__(self, db: SqliteDatabase, pki: PkiStore, broker: FakeBroker) -> None:
+    def __init__(self, db: Database, pki: PkiStore, broker: FakeBroker) -> None:
         self.clock = FixedClock(from_datetime(datetime.now(UTC)))
         self.store = RevocationStore(db)
         self.registry = CollectorRegistry()
@@ -195,9 +195,11 @@ def _serial(pki: PkiStore, who: Identity) -> int:
 
 
 @pytest.mark.asyncio
-async def test_a_device_revocation_goes_through_every_step(pki: PkiStore, tmp_path: Path) -> None:
+async def test_a_device_revocation_goes_through_every_step(
+    database_url: str, pki: PkiStore, tmp_path: Path
+) -> None:
     broker = FakeBroker()
-    db = await SqliteDatabase.open(tmp_path / "rev.db")
+    db = await open_database(database_url, scope="revocation")
     try:
         process = Process(db, pki, broker)
         await process.store.migrate()
@@ -221,10 +223,12 @@ async def test_a_device_revocation_goes_through_every_step(pki: PkiStore, tmp_pa
 
 
 @pytest.mark.asyncio
-async def test_a_refused_crl_is_an_alarm_and_the_job_waits(pki: PkiStore, tmp_path: Path) -> None:
+async def test_a_refused_crl_is_an_alarm_and_the_job_waits(
+    database_url: str, pki: PkiStore, tmp_path: Path
+) -> None:
     broker = FakeBroker()
     broker.reload_error = CrlError(CrlReason.STALE, "nextUpdate passed")
-    db = await SqliteDatabase.open(tmp_path / "rev.db")
+    db = await open_database(database_url, scope="revocation")
     try:
         process = Process(db, pki, broker)
         await process.store.migrate()
@@ -249,11 +253,11 @@ async def test_a_refused_crl_is_an_alarm_and_the_job_waits(pki: PkiStore, tmp_pa
 
 @pytest.mark.asyncio
 async def test_a_revocation_survives_a_dead_broker_and_a_restart(
-    pki: PkiStore, tmp_path: Path
+    database_url: str, pki: PkiStore, tmp_path: Path
 ) -> None:
     broker = FakeBroker()
     broker.down = True
-    db = await SqliteDatabase.open(tmp_path / "rev.db")
+    db = await open_database(database_url, scope="revocation")
     process = Process(db, pki, broker)
     await process.store.migrate()
     job = await process.service.revoke(ALICE, "operator", "alice", "left")
@@ -267,7 +271,7 @@ async def test_a_revocation_survives_a_dead_broker_and_a_restart(
     )
     await db.close()  # the process dies here
     broker.down = False
-    db = await SqliteDatabase.open(tmp_path / "rev.db")
+    db = await open_database(database_url, scope="revocation")
     try:
         restarted = Process(db, pki, broker)
         assert [j.job_id for j in await restarted.store.pending()] == [job.job_id]
@@ -283,10 +287,10 @@ async def test_a_revocation_survives_a_dead_broker_and_a_restart(
 
 @pytest.mark.asyncio
 async def test_list_versions_only_grow_and_the_list_is_reissued_at_half_life(
-    pki: PkiStore, tmp_path: Path
+    database_url: str, pki: PkiStore, tmp_path: Path
 ) -> None:
     broker = FakeBroker()
-    db = await SqliteDatabase.open(tmp_path / "rev.db")
+    db = await open_database(database_url, scope="revocation")
     try:
         process = Process(db, pki, broker)
         await process.store.migrate()
@@ -305,9 +309,11 @@ async def test_list_versions_only_grow_and_the_list_is_reissued_at_half_life(
 
 
 @pytest.mark.asyncio
-async def test_the_crl_is_reissued_well_before_it_expires(pki: PkiStore, tmp_path: Path) -> None:
+async def test_the_crl_is_reissued_well_before_it_expires(
+    database_url: str, pki: PkiStore, tmp_path: Path
+) -> None:
     broker = FakeBroker()
-    db = await SqliteDatabase.open(tmp_path / "rev.db")
+    db = await open_database(database_url, scope="revocation")
     try:
         process = Process(db, pki, broker)
         await process.store.migrate()
@@ -325,9 +331,9 @@ async def test_the_crl_is_reissued_well_before_it_expires(pki: PkiStore, tmp_pat
 
 @pytest.mark.asyncio
 async def test_an_unknown_serial_and_a_telemetry_operator_revocation_are_refused(
-    pki: PkiStore, tmp_path: Path
+    database_url: str, pki: PkiStore, tmp_path: Path
 ) -> None:
-    db = await SqliteDatabase.open(tmp_path / "rev.db")
+    db = await open_database(database_url, scope="revocation")
     try:
         process = Process(db, pki, FakeBroker())
         await process.store.migrate()
@@ -346,7 +352,7 @@ async def test_an_unknown_serial_and_a_telemetry_operator_revocation_are_refused
 
 @pytest.mark.asyncio
 async def test_revoking_an_operator_revokes_and_kicks_every_session_of_it(
-    pki: PkiStore, tmp_path: Path
+    database_url: str, pki: PkiStore, tmp_path: Path
 ) -> None:
     """docs/adr/0014: op.alice.2 is a session of op.alice; revoking alice ends both, and
     leaves op.alicia (another operator whose name starts alike) alone."""
@@ -355,7 +361,7 @@ async def test_revoking_an_operator_revokes_and_kicks_every_session_of_it(
     pki.issue(second, now, DAY)
     pki.issue(other, now, DAY)
     broker = FakeBroker()
-    db = await SqliteDatabase.open(tmp_path / "rev.db")
+    db = await open_database(database_url, scope="revocation")
     try:
         process = Process(db, pki, broker)
         await process.store.migrate()

@@ -1,4 +1,6 @@
-"""The storage layer on real SQLite: durability, atomicity, serialization, bounds, migrations."""
+"""The storage layer on real SQLite and a real PostgreSQL: durability, atomicity,
+serialization, bounds, migrations. Tests taking ``db`` or ``open_db`` run on both engines
+(tests/conftest.py); those taking ``db_path`` are about the SQLite file itself."""
 
 from __future__ import annotations
 
@@ -9,12 +11,12 @@ import signal
 import stat
 import sys
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from tests.conftest import OpenDatabase
 
 from edgeward_shared.errors import ConfigError, EdgewardError, TransportError
 from edgeward_shared.storage import (
@@ -38,10 +40,8 @@ SLOW_COUNT = (
 
 
 @pytest_asyncio.fixture
-async def db() -> AsyncIterator[SqliteDatabase]:
-    database = await SqliteDatabase.open(":memory:")
-    yield database
-    await database.close()
+async def db(open_db: OpenDatabase) -> Database:
+    return await open_db()
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def _reason(excinfo: pytest.ExceptionInfo[EdgewardError]) -> str:
 
 
 @pytest.mark.asyncio
-async def test_round_trips_every_portable_type(db: SqliteDatabase) -> None:
+async def test_round_trips_every_portable_type(db: Database) -> None:
     await _create(
         db,
         "CREATE TABLE t (i BIGINT, s TEXT, b BLOB, f BOOLEAN, d DOUBLE PRECISION, z TEXT)",
@@ -95,7 +95,9 @@ async def test_round_trips_every_portable_type(db: SqliteDatabase) -> None:
     values = {"i": -(2**63), "s": "ünï ✓", "b": b"\x00\xff", "f": True, "d": 0.5, "z": None}
     async with db.transaction() as tx:
         await tx.execute("INSERT INTO t VALUES (:i, :s, :b, :f, :d, :z)", values)
-        await tx.execute("INSERT INTO t VALUES (:i, '', x'', FALSE, -1.0, NULL)", {"i": 2**63 - 1})
+        await tx.execute(
+            "INSERT INTO t VALUES (:i, '', :b, FALSE, -1.0, NULL)", {"i": 2**63 - 1, "b": b""}
+        )
         rows = await tx.fetch_all("SELECT i, s, b, f, d, z FROM t ORDER BY i")
     assert rows == [values, {"i": 2**63 - 1, "s": "", "b": b"", "f": False, "d": -1.0, "z": None}]
     assert type(rows[0]["f"]) is bool  # BOOLEAN comes back as bool, as from PostgreSQL
@@ -103,7 +105,20 @@ async def test_round_trips_every_portable_type(db: SqliteDatabase) -> None:
 
 
 @pytest.mark.asyncio
-async def test_fetch_one_and_row_counts(db: SqliteDatabase) -> None:
+async def test_a_read_only_transaction_reads_and_refuses_writes(db: Database) -> None:
+    await _create(db, COUNTER_TABLE, "INSERT INTO counter (id, n) VALUES (1, 7)")
+    async with db.transaction(read_only=True) as tx:
+        assert await tx.fetch_one("SELECT n FROM counter WHERE id = 1") == {"n": 7}
+    with pytest.raises(StatementError):
+        async with db.transaction(read_only=True) as tx:
+            await tx.execute("UPDATE counter SET n = 8 WHERE id = 1")
+    async with db.transaction() as tx:  # the next transaction may write again
+        assert await tx.execute("UPDATE counter SET n = 9 WHERE id = 1") == 1
+    assert await _all(db, "SELECT n FROM counter") == [{"n": 9}]
+
+
+@pytest.mark.asyncio
+async def test_fetch_one_and_row_counts(db: Database) -> None:
     await _create(db, "CREATE TABLE kv (k TEXT PRIMARY KEY, v BIGINT NOT NULL)")
     upsert = "INSERT INTO kv (k, v) VALUES (:k, :v) ON CONFLICT (k) DO UPDATE SET v = excluded.v"
     async with db.transaction() as tx:
@@ -136,7 +151,7 @@ async def test_fetch_one_and_row_counts(db: SqliteDatabase) -> None:
     ],
 )
 async def test_rejected_sql_is_a_statement_error(
-    db: SqliteDatabase, sql: str, params: dict[str, object]
+    db: Database, sql: str, params: dict[str, object]
 ) -> None:
     with pytest.raises(StatementError) as excinfo:
         async with db.transaction() as tx:
@@ -165,7 +180,7 @@ class _Colour(enum.IntEnum):
     ],
 )
 async def test_refuses_values_the_engines_would_store_differently(
-    db: SqliteDatabase, value: object, error: type[Exception]
+    db: Database, value: object, error: type[Exception]
 ) -> None:
     async with db.transaction() as tx:
         with pytest.raises(error):
@@ -312,7 +327,7 @@ async def test_refuses_a_file_that_is_not_a_database(db_path: Path) -> None:
 
 
 @pytest.mark.asyncio
-async def test_failing_transaction_rolls_back_completely(db: SqliteDatabase) -> None:
+async def test_failing_transaction_rolls_back_completely(db: Database) -> None:
     await _create(db, COUNTER_TABLE, "INSERT INTO counter (id, n) VALUES (1, 0)")
 
     async def write_then_fail() -> None:
@@ -330,7 +345,7 @@ async def test_failing_transaction_rolls_back_completely(db: SqliteDatabase) -> 
 
 
 @pytest.mark.asyncio
-async def test_cancelled_transaction_rolls_back(db: SqliteDatabase) -> None:
+async def test_cancelled_transaction_rolls_back(db: Database) -> None:
     await _create(db, COUNTER_TABLE)
     inside = asyncio.Event()
 
@@ -349,7 +364,7 @@ async def test_cancelled_transaction_rolls_back(db: SqliteDatabase) -> None:
 
 
 @pytest.mark.asyncio
-async def test_a_failed_statement_spoils_its_transaction(db: SqliteDatabase) -> None:
+async def test_a_failed_statement_spoils_its_transaction(db: Database) -> None:
     await _create(db, "CREATE TABLE kv (k TEXT PRIMARY KEY)", "INSERT INTO kv VALUES ('a')")
 
     async def swallow_the_conflict() -> None:
@@ -368,7 +383,7 @@ async def test_a_failed_statement_spoils_its_transaction(db: SqliteDatabase) -> 
 
 
 @pytest.mark.asyncio
-async def test_foreign_keys_are_enforced(db: SqliteDatabase) -> None:
+async def test_foreign_keys_are_enforced(db: Database) -> None:
     await _create(
         db,
         "CREATE TABLE devices (id TEXT PRIMARY KEY)",
@@ -380,7 +395,7 @@ async def test_foreign_keys_are_enforced(db: SqliteDatabase) -> None:
 
 
 @pytest.mark.asyncio
-async def test_misuse_raises_runtime_error(db: SqliteDatabase) -> None:
+async def test_misuse_raises_runtime_error(db: Database) -> None:
     async with db.transaction() as tx:
         with pytest.raises(RuntimeError, match="nest"):
             async with db.transaction():
@@ -399,7 +414,7 @@ async def test_misuse_raises_runtime_error(db: SqliteDatabase) -> None:
 
 
 @pytest.mark.asyncio
-async def test_concurrent_increments_serialize(db: SqliteDatabase) -> None:
+async def test_concurrent_increments_serialize(db: Database) -> None:
     await _create(db, COUNTER_TABLE, "INSERT INTO counter (id, n) VALUES (1, 0)")
 
     async def increment() -> None:
@@ -416,9 +431,9 @@ async def test_concurrent_increments_serialize(db: SqliteDatabase) -> None:
 
 
 @pytest.mark.asyncio
-async def test_two_connections_to_one_file_serialize(db_path: Path) -> None:
-    first = await SqliteDatabase.open(db_path)
-    second = await SqliteDatabase.open(db_path)
+async def test_two_instances_on_one_database_serialize(open_db: OpenDatabase) -> None:
+    first = await open_db()
+    second = await open_db()
     try:
         await _create(first, COUNTER_TABLE, "INSERT INTO counter (id, n) VALUES (1, 0)")
 
@@ -439,7 +454,7 @@ async def test_two_connections_to_one_file_serialize(db_path: Path) -> None:
 
 
 @pytest.mark.asyncio
-async def test_event_loop_keeps_ticking_during_a_slow_query(db: SqliteDatabase) -> None:
+async def test_event_loop_keeps_ticking_during_a_slow_query(db: Database) -> None:
     ticks: list[float] = []
     done = asyncio.Event()
 
@@ -564,7 +579,7 @@ DEVICES_V2 = Migration(
 
 
 @pytest.mark.asyncio
-async def test_migrations_apply_once_and_are_idempotent(db: SqliteDatabase) -> None:
+async def test_migrations_apply_once_and_are_idempotent(db: Database) -> None:
     clock = FixedClock()
     first = await migrate(db, component="attestation", migrations=[DEVICES_V1], clock=clock)
     assert (first.version, first.applied) == (1, (1,))
@@ -594,7 +609,7 @@ async def test_migrations_apply_once_and_are_idempotent(db: SqliteDatabase) -> N
 
 
 @pytest.mark.asyncio
-async def test_migrations_refuse_a_newer_database(db: SqliteDatabase) -> None:
+async def test_migrations_refuse_a_newer_database(db: Database) -> None:
     await migrate(db, component="attestation", migrations=[DEVICES_V1, DEVICES_V2])
     with pytest.raises(ConfigError) as excinfo:
         await migrate(db, component="attestation", migrations=[DEVICES_V1])
@@ -602,7 +617,7 @@ async def test_migrations_refuse_a_newer_database(db: SqliteDatabase) -> None:
 
 
 @pytest.mark.asyncio
-async def test_migrations_refuse_edited_history(db: SqliteDatabase) -> None:
+async def test_migrations_refuse_edited_history(db: Database) -> None:
     await migrate(db, component="attestation", migrations=[DEVICES_V1])
     renamed = Migration(1, "create the devices table", DEVICES_V1.sql)
     with pytest.raises(ConfigError) as excinfo:
@@ -613,7 +628,7 @@ async def test_migrations_refuse_edited_history(db: SqliteDatabase) -> None:
 
 @pytest.mark.asyncio
 async def test_migrations_refuse_a_version_inserted_before_an_applied_one(
-    db: SqliteDatabase,
+    db: Database,
 ) -> None:
     later = Migration(3, "later", ("CREATE TABLE later (x BIGINT)",))
     await migrate(db, component="attestation", migrations=[DEVICES_V1, later])
@@ -623,7 +638,7 @@ async def test_migrations_refuse_a_version_inserted_before_an_applied_one(
 
 
 @pytest.mark.asyncio
-async def test_a_failing_migration_leaves_no_trace(db: SqliteDatabase) -> None:
+async def test_a_failing_migration_leaves_no_trace(db: Database) -> None:
     broken = Migration(
         2, "half broken", ("CREATE TABLE half (x BIGINT)", "CREATE TABLE devices (id TEXT)")
     )
@@ -636,8 +651,8 @@ async def test_a_failing_migration_leaves_no_trace(db: SqliteDatabase) -> None:
 
 
 @pytest.mark.asyncio
-async def test_components_share_a_database_independently(db_path: Path) -> None:
-    db = await SqliteDatabase.open(db_path)
+async def test_components_share_a_database_independently(open_db: OpenDatabase) -> None:
+    db = await open_db()
     try:
         telemetry = Migration(1, "create events", ("CREATE TABLE events (id BIGINT)",))
         await migrate(db, component="attestation", migrations=[DEVICES_V1, DEVICES_V2])
@@ -651,12 +666,12 @@ async def test_components_share_a_database_independently(db_path: Path) -> None:
 
 
 @pytest.mark.asyncio
-async def test_concurrent_migrators_apply_each_migration_once(db_path: Path) -> None:
-    # Two instances starting together on one file (two connections).
+async def test_concurrent_migrators_apply_each_migration_once(open_db: OpenDatabase) -> None:
+    # Two instances starting together on one database (two connections).
     counting = Migration(3, "seed", ("INSERT INTO devices (id, class) VALUES ('seed', 'x')",))
     plan = [DEVICES_V1, DEVICES_V2, counting]
-    first = await SqliteDatabase.open(db_path)
-    second = await SqliteDatabase.open(db_path)
+    first = await open_db()
+    second = await open_db()
     try:
         results = await asyncio.gather(
             migrate(first, component="attestation", migrations=plan),
@@ -681,7 +696,7 @@ def test_migration_plans_are_checked() -> None:
 
 
 @pytest.mark.asyncio
-async def test_migrate_checks_order_and_component(db: SqliteDatabase) -> None:
+async def test_migrate_checks_order_and_component(db: Database) -> None:
     with pytest.raises(ValueError, match="increase"):
         await migrate(db, component="attestation", migrations=[DEVICES_V2, DEVICES_V1])
     with pytest.raises(ValueError, match="component"):

@@ -11,7 +11,6 @@ import random
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -45,7 +44,7 @@ from edgeward_shared.messages.telemetry import (
 )
 from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.runtime.core import Outgoing, Runtime
-from edgeward_shared.storage.sqlite import SqliteDatabase
+from edgeward_shared.storage import open_database
 from edgeward_shared.testing import EPOCH_MS, FixedClock, MemoryPki
 from edgeward_shared.topics import (
     ROOT,
@@ -145,7 +144,7 @@ class World:
 
 @asynccontextmanager
 async def running(
-    tmp_path: Path, devices: int = 6, rules: Sequence[Rule] = DEFAULT_RULES
+    database_url: str, devices: int = 6, rules: Sequence[Rule] = DEFAULT_RULES
 ) -> AsyncIterator[World]:
     pki = MemoryPki()
     clock = FixedClock(EPOCH_MS)
@@ -165,7 +164,7 @@ async def running(
         services, service_runtimes = [], []
         audit = MemoryAppender()  # both instances' actions (the log itself: shared/audit)
         for identity in INSTANCES:
-            db = await SqliteDatabase.open(tmp_path / "telemetry.db")
+            db = await open_database(database_url, scope="telemetry")
             stack.push_async_callback(db.close)
             store = TelemetryStore(db)
             await store.migrate()
@@ -251,8 +250,8 @@ def rejected(world: World, reason: str) -> float:
 
 # ------------------------------------------------------------------ the attacker's side
 @pytest.mark.asyncio
-async def test_a_malformed_report_is_rejected_with_its_reason(tmp_path: Path) -> None:
-    async with running(tmp_path, devices=1) as world:
+async def test_a_malformed_report_is_rejected_with_its_reason(database_url: str) -> None:
+    async with running(database_url, devices=1) as world:
         device = world.devices["dev-0"]
         good = msgspec.json.decode(msgspec.json.encode(world.report(device)))
         good["models"][0]["top_score"] = [1, 2, 3]  # not the fixed bins
@@ -281,8 +280,8 @@ class _Loose(Message, frozen=True, tag=TelemetryReport.TYPE):
 
 
 @pytest.mark.asyncio
-async def test_an_oversize_report_is_refused_before_anything_is_decoded(tmp_path: Path) -> None:
-    async with running(tmp_path, devices=1) as world:
+async def test_an_oversize_report_is_refused_before_anything_is_decoded(database_url: str) -> None:
+    async with running(database_url, devices=1) as world:
         device = world.devices["dev-0"]
         body = msgspec.json.decode(msgspec.json.encode(world.report(device)))
         body.pop("type")
@@ -313,8 +312,8 @@ def test_the_largest_report_the_schema_admits_fits_the_cap() -> None:
 
 
 @pytest.mark.asyncio
-async def test_a_replayed_report_counts_once(tmp_path: Path) -> None:
-    async with running(tmp_path, devices=1) as world:
+async def test_a_replayed_report_counts_once(database_url: str) -> None:
+    async with running(database_url, devices=1) as world:
         device = world.devices["dev-0"]
         raw = seal(
             device.key, device.up, world.report(device), now_ms=world.clock.now_ms(), ttl_ms=60_000
@@ -333,9 +332,9 @@ async def test_a_replayed_report_counts_once(tmp_path: Path) -> None:
 @pytest.mark.asyncio
 @pytest.mark.parametrize("attack", ["none", "contraindicated", "other-device", "expired", "forged"])
 async def test_an_unattested_report_is_refused_and_reaches_no_baseline(
-    tmp_path: Path, attack: str
+    database_url: str, attack: str
 ) -> None:
-    async with running(tmp_path, devices=3) as world:
+    async with running(database_url, devices=3) as world:
         for _ in range(3):  # the fleet has baselines
             await world.period()
         device = world.devices["dev-0"]
@@ -367,8 +366,8 @@ async def test_an_unattested_report_is_refused_and_reaches_no_baseline(
 
 
 @pytest.mark.asyncio
-async def test_a_report_for_another_device_or_another_time_is_refused(tmp_path: Path) -> None:
-    async with running(tmp_path, devices=2) as world:
+async def test_a_report_for_another_device_or_another_time_is_refused(database_url: str) -> None:
+    async with running(database_url, devices=2) as world:
         device = world.devices["dev-0"]
         other = msgspec.structs.replace(world.report(device), device_id="dev-1")
         await world.send(device, other)
@@ -381,10 +380,10 @@ async def test_a_report_for_another_device_or_another_time_is_refused(tmp_path: 
 
 # ------------------------------------------------------------------ actions
 @pytest.mark.asyncio
-async def test_drift_on_one_device_raises_an_alarm_and_a_rollout_signal(tmp_path: Path) -> None:
+async def test_drift_on_one_device_raises_an_alarm_and_a_rollout_signal(database_url: str) -> None:
     # five devices: the broker deals reports to the two instances in turn, so each instance
     # sees every device (with an even count, each would see half of the devices only)
-    async with running(tmp_path, devices=5) as world:
+    async with running(database_url, devices=5) as world:
         for _ in range(4):
             await world.period()
         assert all("demo@1" in s.detector.references for s in world.services)
@@ -406,9 +405,9 @@ async def test_drift_on_one_device_raises_an_alarm_and_a_rollout_signal(tmp_path
 
 @pytest.mark.asyncio
 async def test_rising_rejected_results_stop_the_device_with_a_command_it_can_verify(
-    tmp_path: Path,
+    database_url: str,
 ) -> None:
-    async with running(tmp_path, devices=4) as world:
+    async with running(database_url, devices=4) as world:
         for _ in range(2):
             await world.period()
         for step in range(1, 4):
@@ -439,11 +438,11 @@ async def test_rising_rejected_results_stop_the_device_with_a_command_it_can_ver
 
 @pytest.mark.asyncio
 async def test_a_revoke_rule_sends_the_revocation_service_a_device_revocation(
-    tmp_path: Path,
+    database_url: str,
 ) -> None:
     rules = (Rule("rejected-results", "rejected_rate", "gt", value=0.5, alarm_after=2,
                   actions=("alarm", "revoke")),)  # fmt: skip
-    async with running(tmp_path, devices=3, rules=rules) as world:
+    async with running(database_url, devices=3, rules=rules) as world:
         await world.period()
         for _ in range(2):
             await world.period(**{"dev-0": {"rejected": 1000}})
@@ -456,8 +455,8 @@ async def test_a_revoke_rule_sends_the_revocation_service_a_device_revocation(
 
 
 @pytest.mark.asyncio
-async def test_an_attestation_failure_makes_the_device_compromised(tmp_path: Path) -> None:
-    async with running(tmp_path, devices=1) as world:
+async def test_an_attestation_failure_makes_the_device_compromised(database_url: str) -> None:
+    async with running(database_url, devices=1) as world:
         event = AttestationFailed(
             device_id="dev-0", reasons=["attestation.pcr.not_allowed"], policy_id="p", at_ms=0
         )
@@ -478,10 +477,10 @@ async def test_an_attestation_failure_makes_the_device_compromised(tmp_path: Pat
 
 
 @pytest.mark.asyncio
-async def test_results_the_gateway_refused_are_a_cloud_side_metric(tmp_path: Path) -> None:
+async def test_results_the_gateway_refused_are_a_cloud_side_metric(database_url: str) -> None:
     """The inference gateway's refusals of a device's results (its evt/rejected events)
     count between the device's reports; past 20 per period, twice, the rule alarms."""
-    async with running(tmp_path, devices=3) as world:
+    async with running(database_url, devices=3) as world:
         gateway: Runtime = world.gateway  # type: ignore[attr-defined]
         topic = service_event_topic(ServiceName.INFERENCE_GATEWAY, "rejected")
         await world.period()

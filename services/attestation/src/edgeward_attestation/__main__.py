@@ -18,7 +18,6 @@ from edgeward_shared.runtime.audit import enable_audit
 from edgeward_shared.runtime.kit import EnvOptions, NodeOptions, command, node_options
 from edgeward_shared.runtime.node import build_node, run_until_signalled
 from edgeward_shared.runtime.params import FILE, DurationParam, milliseconds
-from edgeward_shared.storage.sqlite import SqliteDatabase
 
 SERVICE = Identity.service(ServiceName.ATTESTATION)
 option = EnvOptions("ATTESTATION")
@@ -110,12 +109,12 @@ async def _serve(
 ) -> None:
     runtime, connect = build_node(node.node_config(), SERVICE)
     manufacturers = [cert for path in manufacturer_cas for cert in read_certificates(path)]
-    database = await SqliteDatabase.open(node.database_path)
+    database = await node.open_database()
     try:
         store = AttestationStore(database)
         await store.migrate()
         await enable_audit(  # docs/adr/0023; shipped with --syslog (0028)
-            runtime, database, node.database_path.parent, syslog=node.syslog_settings()
+            runtime, database, node.local_dir, syslog=node.syslog_settings()
         )
         service = wire(runtime, store, manufacturers, settings)
         stop = asyncio.Event()

@@ -105,6 +105,8 @@ class ServiceReason:
     DEVICE_UNKNOWN: Final = "attestation.device.unknown"
     POLICY_MISSING: Final = "attestation.policy.missing"
     NONCE_UNKNOWN: Final = "attestation.nonce.unknown"
+    #: another instance recorded a verdict for the device while this one verified its quote
+    VERDICT_SUPERSEDED: Final = "attestation.verdict.superseded"
     SESSION_KEY: Final = "attestation.session_key.invalid"
     RATE_LIMITED: Final = "attestation.request.rate_limited"
     CERTIFICATE_SUPERSEDED: Final = "attestation.certificate.superseded"
@@ -164,7 +166,6 @@ class AttestationService:
         self.issue_certificate = issue_certificate
         self.clock = clock
         self.settings = settings or Settings()
-        self._last_asked: dict[str, int] = {}
 
     def use_signing_key(self, signing_key: SigningKey) -> None:
         """Sign EARs with ``signing_key`` from now on (the node reloaded its identity)."""
@@ -298,10 +299,11 @@ class AttestationService:
 
     async def _on_request(self, device_id: str) -> Sequence[Outgoing]:
         now = self.clock.now_ms()
-        last = self._last_asked.get(device_id)
-        if last is not None and now - last < self.settings.request_interval_ms:
+        # in the database, not in memory: with several instances behind the shared
+        # subscription, a per-instance bound would let each of them challenge the device
+        # (and every new challenge retires the one before: docs/adr/0034)
+        if not await self.store.claim_request(device_id, now, self.settings.request_interval_ms):
             raise PolicyError(ServiceReason.RATE_LIMITED, f"{device_id} asked too often")
-        self._last_asked[device_id] = now
         return (await self.challenge(device_id),)
 
     async def challenge(self, device_id: str) -> Outgoing:
@@ -426,7 +428,7 @@ class AttestationService:
             posture=appraisal.claim(),
         )
         reason = PostureReason.UNMET if unmet else ServiceReason.AFFIRMING
-        await self.store.record_verdict(
+        if not await self.store.record_verdict(
             device.device_id,
             trusted=True,
             reason=reason,
@@ -436,7 +438,12 @@ class AttestationService:
             clock_state=appraisal.clock_state,
             findings=finding_lines(unmet),
             posture=appraisal.posture,
-        )
+            read_version=device.verdict_version,
+        ):
+            # fail closed: no EAR on counters another instance has moved since they were read
+            raise AuthenticityError(
+                ServiceReason.VERDICT_SUPERSEDED, "a newer verdict landed during verification"
+            )
         result = AttestationResult(
             in_reply_to=opened.mid,
             status=status,

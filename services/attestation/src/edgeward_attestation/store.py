@@ -131,6 +131,14 @@ MIGRATIONS: Final = (
             "ALTER TABLE att_devices ADD COLUMN ima_pcr TEXT",
         ),
     ),
+    Migration(
+        5,
+        "a version per device verdict and its last request: shared by instances (ADR 0034)",
+        (
+            "ALTER TABLE att_devices ADD COLUMN verdict_version BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE att_devices ADD COLUMN asked_at BIGINT",
+        ),
+    ),
 )
 
 
@@ -152,6 +160,8 @@ class DeviceRecord:
     findings: tuple[str, ...] = ()
     #: the posture report (its bytes) of the last evidence whose quote bound it
     posture: bytes | None = None
+    #: bumped by every verdict: an affirming one is written only over the version it read
+    verdict_version: int = 0
 
     @classmethod
     def from_row(cls, row: Row) -> DeviceRecord:
@@ -172,6 +182,7 @@ class DeviceRecord:
             certificate_serial=_opt_str(row["certificate_serial"]),
             findings=_findings(row["findings"]),
             posture=None if row["posture"] is None else _blob(row["posture"]),
+            verdict_version=int(str(row["verdict_version"])),
         )
 
 
@@ -250,14 +261,14 @@ class AttestationStore:
 
     # ------------------------------------------------------------------ registry
     async def device(self, device_id: str) -> DeviceRecord | None:
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(read_only=True) as tx:
             row = await tx.fetch_one(
                 "SELECT * FROM att_devices WHERE device_id = :d", {"d": device_id}
             )
         return DeviceRecord.from_row(row) if row else None
 
     async def devices(self) -> list[DeviceRecord]:
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(read_only=True) as tx:
             rows = await tx.fetch_all("SELECT * FROM att_devices ORDER BY device_id", {})
         return [DeviceRecord.from_row(row) for row in rows]
 
@@ -315,11 +326,18 @@ class AttestationStore:
         clock_state: ClockState | None = None,
         findings: Sequence[str] = (),
         posture: bytes | None = None,
-    ) -> None:
+        read_version: int | None = None,
+    ) -> bool:
         """The outcome of one attestation (counters only move on an accepted quote) and
         its findings (the events that differ; replaced by every verdict). ``posture``: the
         report the verified quote bound, kept as the device's last posture (None: the
-        last one stays)."""
+        last one stays).
+
+        ``read_version``: the device's ``verdict_version`` when its counters were read for
+        this verdict. The verdict is then written only if no other verdict landed since
+        (compare and set: another instance may have judged a newer quote meanwhile, and
+        counters must never move back); False if it did not. A refusal passes ``None``:
+        it always lands, because a failed attestation must never be lost to a race."""
         params: dict[str, object] = {
             "d": device_id,
             "state": "trusted" if trusted else "untrusted",
@@ -331,7 +349,8 @@ class AttestationStore:
         }
         sql = (
             "UPDATE att_devices SET state = :state, reason = :reason, policy_id = :p,"
-            " last_attested_at = :at, ear_expires_at = :exp, findings = :f"
+            " last_attested_at = :at, ear_expires_at = :exp, findings = :f,"
+            " verdict_version = verdict_version + 1"
         )
         if clock_state is not None:
             sql += ", reset_count = :rc, restart_count = :sc, clock = :clk"
@@ -343,10 +362,16 @@ class AttestationStore:
         if posture is not None:
             sql += ", posture = :posture"
             params["posture"] = posture
+        where = " WHERE device_id = :d"
+        if read_version is not None:
+            where += " AND verdict_version = :v"
+            params["v"] = read_version
         async with self.db.transaction() as tx:
-            await tx.execute(sql + " WHERE device_id = :d", params)
+            if await tx.execute(sql + where, params) == 0:
+                return False
             event = "attested" if trusted else "attestation.failed"
             await _audit(tx, device_id, event, reason, "svc.attestation", now_ms)
+        return True
 
     async def ima_progress(self, device_id: str, policy_id: str) -> ImaProgress | None:
         """What the verifier verified of the device's IMA log under ``policy_id`` (another
@@ -397,6 +422,17 @@ class AttestationStore:
             if changed:
                 await _audit(tx, device_id, "renewed", "identity.renewed", actor, now_ms)
         return changed == 1
+
+    async def claim_request(self, device_id: str, now_ms: int, interval_ms: int) -> bool:
+        """Whether the device may be challenged on its request now: not asked within
+        ``interval_ms`` (compare and set, so the bound holds across every instance)."""
+        async with self.db.transaction(durable=False) as tx:
+            claimed = await tx.execute(
+                "UPDATE att_devices SET asked_at = :now WHERE device_id = :d"
+                " AND (asked_at IS NULL OR asked_at <= :cutoff)",
+                {"d": device_id, "now": now_ms, "cutoff": now_ms - interval_ms},
+            )
+        return claimed == 1
 
     # ------------------------------------------------------------------ enrollments
     async def add_enrollment(self, pending: PendingEnrollment) -> None:
@@ -449,7 +485,7 @@ class AttestationStore:
         )
 
     async def device_with_ek(self, ek_fingerprint: str) -> str | None:
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(read_only=True) as tx:
             row = await tx.fetch_one(
                 "SELECT device_id FROM att_devices WHERE ek_fingerprint = :ek",
                 {"ek": ek_fingerprint},
@@ -475,7 +511,7 @@ class AttestationStore:
 
     async def provisioned(self, device_id: str) -> tuple[str, str | None] | None:
         """(device class, expected EK fingerprint or None) as an operator provisioned it."""
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(read_only=True) as tx:
             row = await tx.fetch_one(
                 "SELECT device_class, ek_fingerprint FROM att_provisioned WHERE device_id = :d",
                 {"d": device_id},
@@ -494,7 +530,7 @@ class AttestationStore:
         return gone
 
     async def rebind_approved_for(self, device_id: str) -> str | None:
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(read_only=True) as tx:
             row = await tx.fetch_one(
                 "SELECT ek_fingerprint FROM att_rebinds WHERE device_id = :d", {"d": device_id}
             )
@@ -585,7 +621,7 @@ class AttestationStore:
     async def recording_for(self, device: DeviceRecord) -> PolicyRow | None:
         """The policy of the device's own class waiting for its quote to supply the values:
         a reference device never defines another class's policy."""
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(read_only=True) as tx:
             row = await tx.fetch_one(
                 "SELECT * FROM att_policies WHERE reference_device = :d AND device_class = :c"
                 " AND body IS NULL ORDER BY recorded_at LIMIT 1",
@@ -617,7 +653,7 @@ class AttestationStore:
 
     async def active_policy(self, device_class: str) -> ClassPolicy | None:
         """The most recently approved policy of a class."""
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(read_only=True) as tx:
             row = await tx.fetch_one(
                 "SELECT body FROM att_policies WHERE device_class = :c AND approved_by IS NOT"
                 " NULL ORDER BY approved_at DESC, policy_id DESC LIMIT 1",
@@ -626,23 +662,23 @@ class AttestationStore:
         return None if row is None else decode_policy(_blob(row["body"]))
 
     async def policy(self, policy_id: str) -> PolicyRow | None:
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(read_only=True) as tx:
             row = await tx.fetch_one(
                 "SELECT * FROM att_policies WHERE policy_id = :p", {"p": policy_id}
             )
         return PolicyRow.from_row(row) if row else None
 
     async def policies(self, device_class: str | None) -> list[PolicyRow]:
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(read_only=True) as tx:
             rows = await tx.fetch_all(
-                "SELECT * FROM att_policies WHERE (:c IS NULL OR device_class = :c)"
+                "SELECT * FROM att_policies WHERE (CAST(:c AS TEXT) IS NULL OR device_class = :c)"
                 " ORDER BY device_class, recorded_at, policy_id",
                 {"c": device_class},
             )
         return [PolicyRow.from_row(row) for row in rows]
 
     async def audit(self, device_id: str) -> list[Row]:
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(read_only=True) as tx:
             return await tx.fetch_all(
                 "SELECT at, event, reason, actor FROM att_audit WHERE device_id = :d"
                 " ORDER BY at, event_id",

@@ -115,7 +115,8 @@ def main(  # click passes every parameter by keyword
         return IdentityConfig(
             pki_dir=node.pki.dir,
             identity_dir=node.node_config().identity_dir,
-            db_path=node.database_path,
+            db_path=node.database if node.database is not None else node.database_path,
+            state_dir=node.state_dir,
             broker=node.broker,
             metrics_port=node.metrics_port,
             max_lifetime=max_lifetime,

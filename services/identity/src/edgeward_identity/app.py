@@ -36,7 +36,7 @@ from edgeward_shared.runtime.node import NodeConfig, build_node, run_until_signa
 from edgeward_shared.runtime.revocations import RevocationFollower
 from edgeward_shared.runtime.syslog import SyslogSettings
 from edgeward_shared.runtime.trust import TrustPublisher
-from edgeward_shared.storage import SqliteDatabase, migrate
+from edgeward_shared.storage import migrate, open_database
 from edgeward_shared.topics import service_request_topic, service_response_topic
 
 log = logging.getLogger("edgeward.identity")
@@ -50,7 +50,7 @@ class IdentityConfig:
 
     pki_dir: Path  # the PKI directory holding the issuing CA (issuing/ca.key, 0600)
     identity_dir: Path  # this instance's svc.identity[.<n>] certificate and key
-    db_path: Path  # the service's SQLite database, shared by instances on one host
+    db_path: Path | str  # a SQLite file (instances on one host), or a postgresql:// URL
     broker: BrokerAddress
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
     max_lifetime: timedelta = DEFAULT_MAX_LIFETIME  # cap on requested certificate lifetimes
@@ -60,6 +60,14 @@ class IdentityConfig:
     reissue: ReissuePolicy = field(default_factory=ReissuePolicy)
     #: where the audit log is shipped (RFC 5425), if anywhere (docs/adr/0028)
     syslog: SyslogSettings | None = None
+    #: this host's files (audit key, revocation floor); default: the SQLite file's directory
+    state_dir: Path | None = None
+
+    @property
+    def local_dir(self) -> Path:
+        if self.state_dir is not None:
+            return self.state_dir
+        return self.db_path.parent if isinstance(self.db_path, Path) else Path("state")
 
     def __post_init__(self) -> None:
         for lifetime in self.class_lifetimes.values():
@@ -77,13 +85,13 @@ async def identity_node(
     the end. Raises ``ConfigError`` before anything runs if the files are not right."""
     authority = IssuingAuthority.open(config.pki_dir, policy=config.reissue)
     runtime, connect = build_node(config.node_config(), SERVICE, clock)
-    db = await SqliteDatabase.open(config.db_path)
+    db = await open_database(config.db_path, scope=COMPONENT)
     try:
         await migrate(db, component=COMPONENT, migrations=MIGRATIONS, clock=runtime.clock)
         await enable_audit(  # docs/adr/0023; shipped when a collector is set (0028)
-            runtime, db, config.db_path.parent, syslog=config.syslog
+            runtime, db, config.local_dir, syslog=config.syslog
         )
-        follower = RevocationFollower(config.db_path.parent, required=False)
+        follower = RevocationFollower(config.local_dir, required=False)
         follower.attach(runtime)
         service = IdentityService(
             authority=authority,
@@ -133,9 +141,14 @@ async def run(config: IdentityConfig) -> None:
             extra=fields(
                 identity=runtime.identity.common_name,
                 broker=f"{config.broker.host}:{config.broker.port}",
-                db=str(config.db_path),
+                db=_redacted(config.db_path),
                 max_lifetime_s=int(config.max_lifetime.total_seconds()),
             ),
         )
         await run_until_signalled(runtime, connect, config.metrics_port)
     log.info("identity.stopped")
+
+
+def _redacted(database: Path | str) -> str:
+    """The database for a log line: a path, or a URL without its password."""
+    return str(database) if isinstance(database, Path) else database.split("@")[-1]

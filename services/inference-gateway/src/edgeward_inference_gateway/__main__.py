@@ -49,6 +49,7 @@ option = EnvOptions("GATEWAY")
     "inference-gateway",
     env="GATEWAY",
     principal=SERVICE,
+    database_optional=True,
     pki_help="PKI directory: the CA bundle (ca-bundle.pem) that device, service and attestation"
     " service certificates must chain to, and the CRL.",
 )
@@ -230,6 +231,7 @@ def main(  # click passes every parameter by keyword
             pki_dir=node.pki.dir,
             identity_dir=node.node_config().identity_dir,
             state_dir=state_dir,
+            database=node.database,
             broker=node.broker,
             metrics_port=node.metrics_port,
             settings=settings,

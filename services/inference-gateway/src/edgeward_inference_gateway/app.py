@@ -44,7 +44,7 @@ from edgeward_shared.runtime.core import Connect, Runtime
 from edgeward_shared.runtime.health import answer_pings
 from edgeward_shared.runtime.node import NodeConfig, build_node, run_until_signalled
 from edgeward_shared.runtime.revocations import RevocationFollower
-from edgeward_shared.storage import SqliteDatabase
+from edgeward_shared.storage import Database, open_database
 from edgeward_shared.tensorframes import MAGIC
 from edgeward_shared.topics import ROOT, service_response_topic, shared_subscription
 
@@ -58,10 +58,13 @@ RESULTS: Final = shared_subscription(GROUP, f"{ROOT}/dev/+/up/infer")
 
 
 @asynccontextmanager
-async def open_store(state_dir: Path) -> AsyncIterator[GatewayStore]:
-    """Open (creating on first use, 0700/0600) the database under ``state_dir``."""
+async def open_store(
+    state_dir: Path, database: Path | str | None = None
+) -> AsyncIterator[GatewayStore]:
+    """Open (creating on first use, 0700/0600) the database under ``state_dir``, or the
+    PostgreSQL database ``database`` names (shared by every instance, on any host)."""
     _private_dir(state_dir)
-    db = await SqliteDatabase.open(state_dir / DB_FILE)
+    db: Database = await open_database(database or state_dir / DB_FILE, scope=GROUP)
     try:
         store = GatewayStore(db)
         await store.migrate()
@@ -163,6 +166,7 @@ class GatewayConfig:
     identity_dir: Path  # this instance's svc.inference-gateway[.<n>] certificate and key
     state_dir: Path  # gateway.db and the revocation floor; shared by instances on one host
     broker: BrokerAddress
+    database: Path | str | None = None  # a postgresql:// URL or a file, not state_dir/gateway.db
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
     settings: Settings = field(default_factory=Settings)
     https: HttpsConfig | None = None  # the Open Inference Protocol front (None: off)
@@ -179,7 +183,7 @@ async def gateway_node(
     sweep runs in the background while the block does. Raises ``ConfigError`` before
     anything runs if the files are not right."""
     runtime, connect = build_node(config.node_config(), SERVICE, clock)
-    async with open_store(config.state_dir) as store:
+    async with open_store(config.state_dir, config.database) as store:
         follower = RevocationFollower(
             config.state_dir, required=config.settings.require_revocations
         )

@@ -33,6 +33,7 @@ option = EnvOptions("MODELS")
     "model-distribution",
     env="MODELS",
     principal=SERVICE,
+    database_optional=True,
     syslog=True,
     pki_help="PKI directory: the CA bundle (ca-bundle.pem) that certificates of devices,"
     " operators, model signers and the attestation service must chain to, and the CRL.",
@@ -117,6 +118,7 @@ def main(  # click passes every parameter by keyword
             pki_dir=node.pki.dir,
             identity_dir=node.node_config().identity_dir,
             state_dir=state_dir,
+            database=node.database,
             broker=node.broker,
             metrics_port=node.metrics_port,
             syslog=node.syslog_settings(state_dir),

@@ -52,7 +52,7 @@ from edgeward_shared.runtime.health import answer_pings
 from edgeward_shared.runtime.node import NodeConfig, build_node, run_until_signalled
 from edgeward_shared.runtime.revocations import RevocationFollower
 from edgeward_shared.runtime.syslog import SyslogSettings
-from edgeward_shared.storage import SqliteDatabase
+from edgeward_shared.storage import Database, open_database
 from edgeward_shared.topics import ROOT, service_event_topic, shared_subscription
 
 log = logging.getLogger("edgeward.model-distribution")
@@ -74,19 +74,21 @@ ATTESTATION_FAILED: Final = shared_subscription(
 class State:
     """What lives under the state directory, opened."""
 
-    db: SqliteDatabase
+    db: Database
     store: ModelStore
     blobs: BlobStore
     kek: PrivateKey
 
 
 @asynccontextmanager
-async def open_state(state_dir: Path) -> AsyncIterator[State]:
-    """Open (creating on first use) the database, blob store and KEK under ``state_dir``."""
+async def open_state(state_dir: Path, database: Path | str | None = None) -> AsyncIterator[State]:
+    """Open (creating on first use) the database, blob store and KEK under ``state_dir``
+    (the database: the PostgreSQL one ``database`` names, if given; the blobs and the KEK
+    then sit on storage every instance shares)."""
     private_dir(state_dir)
     blobs = BlobStore(state_dir)
     kek = load_or_create_kek(state_dir)
-    db = await SqliteDatabase.open(state_dir / DB_FILE)
+    db = await open_database(database or state_dir / DB_FILE, scope="model-distribution")
     try:
         store = ModelStore(db)
         await store.migrate()
@@ -191,6 +193,7 @@ class ModelsConfig:
     identity_dir: Path  # this instance's svc.model-distribution[.<n>] certificate and key
     state_dir: Path  # database, blobs, uploads and the KEK; shared by instances on one host
     broker: BrokerAddress
+    database: Path | str | None = None  # a postgresql:// URL or a file, not state_dir/models.db
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
     settings: Settings = field(default_factory=Settings)
     #: where the audit log is shipped (RFC 5425), if anywhere (docs/adr/0028)
@@ -209,7 +212,7 @@ async def models_node(
     state is closed at the end. Raises ``ConfigError`` before anything runs if the files
     are not right."""
     runtime, connect = build_node(config.node_config(), SERVICE, clock)
-    async with open_state(config.state_dir) as state:
+    async with open_state(config.state_dir, config.database) as state:
         await enable_audit(  # docs/adr/0023; shipped when a collector is set (0028)
             runtime, state.db, config.state_dir, syslog=config.syslog
         )

@@ -102,7 +102,8 @@ class RolloutStore:
         async with self.db.transaction() as tx:
             rows = await tx.fetch_all(
                 "SELECT name, version FROM mdl_plans WHERE phase NOT IN ('complete',"
-                " 'rolled-back') AND (:n IS NULL OR name = :n) ORDER BY name, version",
+                " 'rolled-back') AND (CAST(:n AS TEXT) IS NULL OR name = :n)"
+                " ORDER BY name, version",
                 {"n": name},
             )
         return [(_str(r["name"]), _int(r["version"])) for r in rows]

@@ -443,7 +443,8 @@ class ModelStore:
     async def versions(self, name: str | None = None) -> list[VersionRecord]:
         async with self.db.transaction() as tx:
             rows = await tx.fetch_all(
-                "SELECT * FROM mdl_versions WHERE (:n IS NULL OR name = :n) ORDER BY name, version",
+                "SELECT * FROM mdl_versions WHERE (CAST(:n AS TEXT) IS NULL OR name = :n)"
+                " ORDER BY name, version",
                 {"n": name},
             )
         return [VersionRecord.from_row(row) for row in rows]
@@ -549,12 +550,13 @@ class ModelStore:
             rows = await tx.fetch_all(
                 "SELECT v.name AS name, v.version AS version, v.revoked AS revoked,"
                 " r.percent AS percent, r.wave AS wave FROM mdl_versions v JOIN mdl_rollouts r"
-                " ON r.name = v.name AND r.version = v.version WHERE (:n IS NULL OR v.name = :n)",
+                " ON r.name = v.name AND r.version = v.version"
+                " WHERE (CAST(:n AS TEXT) IS NULL OR v.name = :n)",
                 {"n": name},
             )
             member_rows = await tx.fetch_all(
                 "SELECT name, version FROM mdl_cohorts WHERE device_id = :d"
-                " AND (:n IS NULL OR name = :n)",
+                " AND (CAST(:n AS TEXT) IS NULL OR name = :n)",
                 {"d": device_id, "n": name},
             )
             members = {(_str(r["name"]), _int(r["version"])) for r in member_rows}
@@ -679,7 +681,8 @@ class ModelStore:
     async def key_log(self, device_id: str | None = None) -> list[KeyDecision]:
         async with self.db.transaction() as tx:
             rows = await tx.fetch_all(
-                "SELECT * FROM mdl_key_log WHERE (:d IS NULL OR device_id = :d) ORDER BY seq",
+                "SELECT * FROM mdl_key_log WHERE (CAST(:d AS TEXT) IS NULL OR device_id = :d)"
+                " ORDER BY seq",
                 {"d": device_id},
             )
         return _decisions(rows)

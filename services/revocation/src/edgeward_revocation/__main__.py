@@ -27,7 +27,6 @@ from edgeward_shared.runtime.audit import enable_audit
 from edgeward_shared.runtime.kit import EnvOptions, NodeOptions, command, node_options
 from edgeward_shared.runtime.node import build_node
 from edgeward_shared.runtime.params import DurationParam, milliseconds
-from edgeward_shared.storage.sqlite import SqliteDatabase
 
 SERVICE = Identity.service(ServiceName.REVOCATION)
 
@@ -131,12 +130,12 @@ def main(  # click passes every option by keyword
 async def _serve(pki: PkiStore, options: Options) -> None:
     node = options.node
     runtime, connect = build_node(node.node_config(), SERVICE)
-    database = await SqliteDatabase.open(node.database_path)
+    database = await node.open_database()
     try:
         store = RevocationStore(database)
         await store.migrate()
         await enable_audit(  # docs/adr/0023; shipped with --syslog (0028)
-            runtime, database, node.database_path.parent, syslog=node.syslog_settings()
+            runtime, database, node.local_dir, syslog=node.syslog_settings()
         )
         kicker = DynsecKicker(
             MqttSettings(node.broker, pki.bundle_path, options.admin, options.admin.directory.name)

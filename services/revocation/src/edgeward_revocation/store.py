@@ -229,13 +229,16 @@ class RevocationStore:
             row = await tx.fetch_one("SELECT max(version) AS v FROM rev_lists", {})
         return 1 if row is None or row["v"] is None else int(str(row["v"])) + 1
 
-    async def save_list(self, version: int, issued_at: int, expires_at: int, body: bytes) -> None:
+    async def save_list(self, version: int, issued_at: int, expires_at: int, body: bytes) -> bool:
+        """Claim ``version`` for this list; False if another worker saved one under it first
+        (compare and set: versions only grow, and never name two lists)."""
         async with self.db.transaction() as tx:
-            await tx.execute(
+            saved = await tx.execute(
                 "INSERT INTO rev_lists (version, issued_at, expires_at, body) VALUES"
-                " (:v, :i, :e, :b)",
+                " (:v, :i, :e, :b) ON CONFLICT (version) DO NOTHING",
                 {"v": version, "i": issued_at, "e": expires_at, "b": body},
             )
+        return saved == 1
 
     async def latest_list(self) -> PublishedList | None:
         async with self.db.transaction() as tx:

@@ -28,13 +28,17 @@ from edgeward_revocation.core import Step, build_list, next_step, refresh_due
 from edgeward_revocation.effects import ALARM_PREFIXES, Kicker, PkiCrl, Reloader
 from edgeward_revocation.store import Job, RevocationStore
 from edgeward_shared.clock import Clock, to_datetime
-from edgeward_shared.errors import EdgewardError
+from edgeward_shared.errors import EdgewardError, TransportError
 from edgeward_shared.logs import fields
 from edgeward_shared.messages.base import encode_message
 from edgeward_shared.messages.revocation import RevocationList
 from edgeward_shared.pki.store import CRL_LIFETIME
 from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.runtime.backoff import jittered_backoff
+from edgeward_shared.storage.base import StorageReason
+
+#: How often a worker recomputes a list whose version another worker took meanwhile.
+LIST_CLAIM_ATTEMPTS = 5
 
 log = logging.getLogger("edgeward.revocation.worker")
 Publish = Callable[[RevocationList], Awaitable[None]]
@@ -163,21 +167,25 @@ class RevocationWorker:
 
     async def publish_list(self) -> int:
         now = self.clock.now_ms()
-        entries, serials = await self.store.entries()
-        version = await self.store.next_version()
-        revocations = build_list(
-            entries,
-            serials,
-            version=version,
-            now_ms=now,
-            lifetime_ms=self.settings.list_lifetime_ms,
-        )
-        await self.store.save_list(
-            version,
-            revocations.issued_at_ms,
-            revocations.expires_at_ms,
-            encode_message(revocations),
-        )
+        for _ in range(LIST_CLAIM_ATTEMPTS):  # another worker may claim the version first
+            entries, serials = await self.store.entries()
+            version = await self.store.next_version()
+            revocations = build_list(
+                entries,
+                serials,
+                version=version,
+                now_ms=now,
+                lifetime_ms=self.settings.list_lifetime_ms,
+            )
+            if await self.store.save_list(
+                version,
+                revocations.issued_at_ms,
+                revocations.expires_at_ms,
+                encode_message(revocations),
+            ):
+                break
+        else:
+            raise TransportError(StorageReason.BUSY, "revocation list version kept being taken")
         started = time.perf_counter()
         await self._publish(revocations)
         self._published = True

@@ -16,7 +16,6 @@ from edgeward_shared.runtime.audit import enable_audit
 from edgeward_shared.runtime.kit import EnvOptions, NodeOptions, command, node_options
 from edgeward_shared.runtime.node import build_node, run_until_signalled
 from edgeward_shared.runtime.params import DurationParam, milliseconds
-from edgeward_shared.storage.sqlite import SqliteDatabase
 from edgeward_telemetry.app import wire
 from edgeward_telemetry.core import BASELINED, DEFAULT_RULES, Detector
 from edgeward_telemetry.privacy import PrivacySettings
@@ -128,13 +127,13 @@ def main(
 
     async def serve() -> None:
         runtime, connect = build_node(node.node_config(), SERVICE)
-        database = await SqliteDatabase.open(node.database_path)
+        database = await node.open_database()
         try:
             store = TelemetryStore(database)
             await store.migrate()
             # every decision on a message, and every action, in the audit log (ADR 23)
             audit = await enable_audit(  # docs/adr/0023; shipped with --syslog (0028)
-                runtime, database, node.database_path.parent, syslog=node.syslog_settings()
+                runtime, database, node.local_dir, syslog=node.syslog_settings()
             )
             wire(runtime, store, detector=detector, audit=audit, settings=settings)
             await run_until_signalled(runtime, connect, node.metrics_port)

@@ -165,7 +165,9 @@ class LogAppender:
 
 
 def open_audit_key(state_dir: Path, name: str) -> NoteSigner:
-    """The log's Ed25519 key from ``state_dir/audit-key.pem``, created 0600 if missing."""
+    """The log's Ed25519 key from ``state_dir/audit-key.pem``, created 0600 if missing (and
+    the directory 0700: with a PostgreSQL database nothing else creates it)."""
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = state_dir / KEY_FILE
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)

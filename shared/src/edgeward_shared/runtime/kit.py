@@ -38,8 +38,9 @@ from edgeward_shared.identity import Identity
 from edgeward_shared.logs import configure_logging
 from edgeward_shared.pki.store import IdentityFiles, PkiStore
 from edgeward_shared.runtime.node import NodeConfig
-from edgeward_shared.runtime.params import DIRECTORY, FILE, BrokerParam
+from edgeward_shared.runtime.params import DIRECTORY, FILE, BrokerParam, DatabaseParam
 from edgeward_shared.runtime.syslog import SPOOL_FILE, SyslogSettings
+from edgeward_shared.storage import Database, open_database
 
 #: Exit status of a refusal to start that no retry fixes (click's usage errors share it).
 EXIT_CONFIG: Final = 2
@@ -95,13 +96,14 @@ class NodeOptions:
     crl: Path
     pki_dir: Path | None = None  # None on a device, which holds no PKI directory
     identity_dir: Path | None = None  # None where the command manages its own identities
-    database: Path | None = None
+    database: Path | str | None = None  # a SQLite file, or a postgresql:// URL
+    state_dir: Path | None = None  # --local-dir: this host's files beside the database
     syslog: BrokerAddress | None = None  # the RFC 5425 collector, if audit is shipped
     syslog_ca: Path | None = None  # its CA bundle (default: ca_bundle)
 
     def syslog_settings(self, state_dir: Path | None = None) -> SyslogSettings | None:
         """Where to ship the audit log and security records (None: ``--syslog`` unset); the
-        spool goes to ``state_dir`` (default: the database's directory)."""
+        spool goes to ``state_dir`` (default: :attr:`local_dir`)."""
         if self.syslog is None:
             return None
         if self.identity_dir is None:
@@ -110,7 +112,7 @@ class NodeOptions:
             collector=self.syslog,
             ca=self.syslog_ca or self.ca_bundle,
             identity=IdentityFiles(self.identity_dir),
-            spool=(state_dir or self.database_path.parent) / SPOOL_FILE,
+            spool=(state_dir or self.local_dir) / SPOOL_FILE,
         )
 
     @property
@@ -122,10 +124,32 @@ class NodeOptions:
 
     @property
     def database_path(self) -> Path:
-        """``--database`` (``ConfigError`` if the command has none)."""
+        """``--database`` as a SQLite file (``ConfigError`` if it is a URL, or missing)."""
+        if not isinstance(self.database, Path):
+            raise ConfigError(
+                "config.database.missing", f"{self.component}: --database is not a SQLite file"
+            )
+        return self.database
+
+    @property
+    def local_dir(self) -> Path:
+        """This host's private files (the audit key, the revocation floor): ``--local-dir``,
+        else the SQLite file's directory, else ``state`` (``ConfigError`` without
+        ``--database``)."""
+        if self.state_dir is not None:
+            return self.state_dir
+        if isinstance(self.database, Path):
+            return self.database.parent
         if self.database is None:
             raise ConfigError("config.database.missing", f"{self.component} takes no --database")
-        return self.database
+        return Path("state")
+
+    async def open_database(self) -> Database:
+        """Open ``--database``: the SQLite file, or the PostgreSQL database of the URL, whose
+        transactions are serialized across this component's instances (docs/adr/0034)."""
+        if self.database is None:
+            raise ConfigError("config.database.missing", f"{self.component} takes no --database")
+        return await open_database(self.database, scope=self.component)
 
     def node_config(self) -> NodeConfig:
         """The runtime's configuration: this instance's identity, the trust anchors, the CRL."""
@@ -149,8 +173,10 @@ def node_options(
     principal: Identity | None = None,
     trust: Trust = "pki",
     database: Path | None = None,
+    database_optional: bool = False,
     pki_help: str | None = None,
     database_help: str = "SQLite database (created 0600).",
+    database_url_help: str = " Or a postgresql:// URL: instances on many hosts share it.",
     syslog: bool | None = None,
 ) -> Callable[[Command], Command]:
     """The node's options, before the command's own; the command gets ``node=NodeOptions``.
@@ -159,7 +185,9 @@ def node_options(
     directory in the PKI (omit for a command with no identity of its own). ``trust``:
     ``"pki"`` reads the CA bundle and CRL from ``--pki-dir``; ``"files"`` (a device, which
     has no PKI directory) takes ``--ca-bundle`` and ``--crl``. ``database``: the default
-    path of ``--database`` (omit for a command without one). ``syslog``: offer
+    path of ``--database`` (omit for a command without one); ``database_optional``: a
+    ``--database`` without a default (a service keeping its SQLite file in a state
+    directory of its own uses it there unless told otherwise). ``syslog``: offer
     ``--syslog``/``--syslog-ca`` (default: when there is a database; a service with a state
     directory instead asks for them).
     """
@@ -204,16 +232,36 @@ def node_options(
                 f"  [default: PKI_DIR/identities/{name}]",
             )
         )
-    if database is not None:
+    if database_optional:
+        options.append(
+            own(
+                "--database",
+                "database",
+                type=DatabaseParam(),
+                default=None,
+                help="A postgresql:// URL (instances on many hosts share it) or a SQLite file,"
+                " instead of the state directory's SQLite file.",
+            )
+        )
+    elif database is not None:
         options.append(
             own(
                 "--database",
                 "--db",
                 "database",
-                type=FILE,
+                type=DatabaseParam(),
                 default=database,
                 envvar=f"{own.prefix}_DB",
-                help=database_help,
+                help=database_help + database_url_help,
+            )
+        )
+        options.append(
+            own(
+                "--local-dir",
+                "local_dir",
+                type=DIRECTORY,
+                help="This host's private files (the audit log's key, the revocation floor)."
+                "  [default: the SQLite file's directory, or ./state with a URL]",
             )
         )
     offer_syslog = database is not None if syslog is None else syslog
@@ -276,6 +324,7 @@ def node_options(
                 pki_dir=pki_dir,
                 identity_dir=identity_dir,
                 database=kwargs.pop("database", None),
+                state_dir=kwargs.pop("local_dir", None),
                 syslog=kwargs.pop("syslog", None),
                 syslog_ca=kwargs.pop("syslog_ca", None),
             )

@@ -182,3 +182,21 @@ class RateLimitParam(click.ParamType[Limit]):
                 ctx,
             )
         return Limit(rate_per_s=rate, burst=burst)
+
+
+class DatabaseParam(click.ParamType[Path | str]):
+    """``--database``: a ``postgresql://`` URL (kept as text) or a SQLite file path."""
+
+    name = "path|url"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> Path | str:
+        if isinstance(value, Path):
+            return value
+        text = str(value)
+        if text.startswith(("postgresql://", "postgres://")):
+            return text
+        if "://" in text:
+            self.fail(f"{text!r}: only postgresql:// URLs or file paths are databases", param, ctx)
+        return Path(text)

@@ -1,8 +1,10 @@
 """Service state in a database: SQLite by default, PostgreSQL for a fleet, same service code.
 
-This package owns the storage contract (:mod:`.base`), the SQLite engine (:mod:`.sqlite`)
-and schema migrations (:mod:`.migrations`). What to store, and the SQL, belongs to each
-service (its ``store.py``); which engine to open belongs to its ``__main__``.
+This package owns the storage contract (:mod:`.base`), the SQLite engine (:mod:`.sqlite`),
+the PostgreSQL engine (:mod:`.postgres`), which one a ``--database`` names
+(:mod:`.opening`) and schema migrations (:mod:`.migrations`). What to store, and the SQL,
+belongs to each service (its ``store.py``); which engine to open belongs to its
+``__main__``.
 
 Using it::
 
@@ -45,6 +47,8 @@ Service SQL must run unchanged on SQLite (3.35+) and PostgreSQL (12+):
   (case rules differ beyond ASCII), no ``datetime()``, ``strftime()``, ``now()``,
   ``CURRENT_TIMESTAMP``, ``random()``, ``INSERT OR REPLACE``, ``rowid``, ``PRAGMA``,
   ``STRICT`` tables. ``OFFSET`` only after ``LIMIT``.
+- A parameter whose type only its value tells (``:n IS NULL``, ``SELECT :x``) is cast:
+  ``CAST(:n AS TEXT) IS NULL``; PostgreSQL cannot type a bare NULL parameter.
 - Alias every expression and any column name a join repeats (``SELECT count(*) AS n``):
   rows are keyed by column name, and a repeated name is refused.
 - A statement that raises spoils its transaction (PostgreSQL aborts it; SQLite is made to
@@ -55,39 +59,17 @@ Service SQL must run unchanged on SQLite (3.35+) and PostgreSQL (12+):
   value (``SELECT a = b AS same``) comes back as ``0``/``1`` (select BOOLEAN columns, or
   compare in Python).
 
-Adding PostgreSQL (design; not implemented)
--------------------------------------------
+PostgreSQL (:mod:`.postgres`, docs/adr/0034)
+--------------------------------------------
 
-``PostgresDatabase`` in ``storage/postgres.py`` implements the same :class:`Database`
-protocol on ``psycopg_pool.AsyncConnectionPool`` (psycopg 3, ``psycopg[binary,pool]``
-declared by the services that need it, or an extra of this package):
-
-- ``open(conninfo, *, min_size, max_size, acquire_timeout, statement_timeout)`` opens the
-  pool with ``timeout=acquire_timeout`` (waiting for a connection raises
-  ``storage.busy``), ``options='-c statement_timeout=<ms>'`` (``storage.timeout``) and mTLS
-  (``sslmode=verify-full``, client certificate from the service's identity).
-- ``transaction()`` is ``pool.connection()`` then ``conn.transaction()`` at isolation
-  ``SERIALIZABLE``, so concurrent transactions keep the guarantee SQLite's single writer
-  gives; a serialization failure (SQLSTATE 40001) or deadlock (40P01) is retried a bounded
-  number of times by the backend before it surfaces as ``storage.busy``, so the body must
-  be safe to run again (it is: it only touches ``tx``). Many transactions now run at once,
-  across instances: nothing may assume a process-wide lock.
-- ``Transaction`` wraps an ``AsyncCursor``: ``:name`` becomes ``%(name)s`` by a small
-  tokenizer that skips quoted strings and doubles literal ``%``; ``execute`` returns
-  ``cursor.rowcount``; rows come from ``row_factory=dict_row``. ``bytes`` maps to ``bytea``,
-  ``bool`` to ``boolean``, ``int`` to ``bigint``.
-- Text order: SQLite compares TEXT bytewise; the PostgreSQL database is created with
-  ``LC_COLLATE=C`` (``initdb --locale=C`` or ``CREATE DATABASE ... TEMPLATE template0
-  LOCALE 'C'``), so ``ORDER BY``, ``min``/``max`` and unique keys agree.
-- DDL types: on first use the backend runs ``CREATE DOMAIN blob AS bytea`` if it is missing,
-  so ``BLOB`` columns work unchanged (PostgreSQL reports a domain's base type, so values
-  come back as ``bytes``).
-- Errors: SQLSTATE class 23 becomes :class:`ConstraintError`; classes 42 and 22
-  :class:`StatementError`; 08, 53, 57 and pool timeouts ``TransportError``
-  (``storage.unavailable`` / ``storage.busy`` / ``storage.timeout``); 28 (authorization)
-  ``ConfigError``.
-- :func:`migrate` works unchanged: its claim row (``ON CONFLICT DO NOTHING``) makes a
-  second instance wait and then skip, and PostgreSQL DDL is transactional.
+``await open_database("postgresql://...", scope="attestation")`` opens
+:class:`PostgresDatabase`, the same protocol on a psycopg 3 connection pool: instances on
+many hosts share it. Each transaction takes the scope's advisory lock first, so a service's
+transactions are serial across all its instances, as on one SQLite file; a server that goes
+away makes transactions fail (``storage.unavailable``) until it is back, with no restart.
+``:name`` is rewritten to ``%(name)s``; ``BLOB`` is a domain over ``bytea``; the database
+must sort text bytewise (``LC_COLLATE`` C). SQLSTATE class 23 is :class:`ConstraintError`,
+40001/40P01 ``storage.busy``, 57014 ``storage.timeout``, 08/53/57 ``storage.unavailable``.
 
 Nothing in :class:`Database` or :class:`Transaction` names SQLite: no ``rowid``, no
 ``lastrowid``, no pragmas, no cursor, no connection object.
@@ -110,6 +92,8 @@ from edgeward_shared.storage.migrations import (
     migrate,
     schema_version,
 )
+from edgeward_shared.storage.opening import open_database
+from edgeward_shared.storage.postgres import PostgresDatabase, is_url
 from edgeward_shared.storage.sqlite import SqliteDatabase
 
 __all__ = [
@@ -119,12 +103,15 @@ __all__ = [
     "Migration",
     "MigrationResult",
     "Params",
+    "PostgresDatabase",
     "Row",
     "SqliteDatabase",
     "StatementError",
     "StorageReason",
     "Transaction",
     "Value",
+    "is_url",
     "migrate",
+    "open_database",
     "schema_version",
 ]

@@ -126,13 +126,20 @@ class Database(Protocol):
     database over a connection.
     """
 
-    def transaction(self, *, durable: bool = True) -> AbstractAsyncContextManager[Transaction]:
+    def transaction(
+        self, *, durable: bool = True, read_only: bool = False
+    ) -> AbstractAsyncContextManager[Transaction]:
         """Begin a read-write transaction when the returned context manager is entered.
 
         ``durable=False`` lets the backend skip flushing this commit to stable storage
         (SQLite ``synchronous=NORMAL``; PostgreSQL ``SET LOCAL synchronous_commit = off``):
         it survives a killed process but may be lost to a power cut, never half-applied,
-        and a later durable commit makes it durable. For short-lived rows only."""
+        and a later durable commit makes it durable. For short-lived rows only.
+
+        ``read_only=True``: the transaction only reads (a write raises
+        :class:`StatementError`). It sees every commit made before it began but does not
+        queue behind writers (on PostgreSQL it takes no scope lock), so it must not be the
+        read half of a read-modify-write: do that in one read-write transaction."""
         ...
 
     async def close(self) -> None:

@@ -139,21 +139,29 @@ class SqliteDatabase:
             acquire_timeout=acquire_timeout,
         )
 
-    def transaction(self, *, durable: bool = True) -> AbstractAsyncContextManager[Transaction]:
+    def transaction(
+        self, *, durable: bool = True, read_only: bool = False
+    ) -> AbstractAsyncContextManager[Transaction]:
         """Begin ``BEGIN IMMEDIATE`` on entry; commit on normal exit, roll back otherwise.
+
+        ``read_only=True``: a deferred ``BEGIN`` under ``PRAGMA query_only`` (a write
+        raises ``StatementError``); it takes no write lock.
 
         ``durable=False``: this commit is not fsynced (``synchronous=NORMAL`` for it alone):
         it survives a killed process, and the next durable commit makes it durable too,
         but a power cut may lose it. Only for rows worth less than an fsync (a waiting
         call that lives seconds), never for a trust decision."""
-        return self._transaction(durable)
+        return self._transaction(durable, read_only)
 
     @asynccontextmanager
-    async def _transaction(self, durable: bool = True) -> AsyncIterator[Transaction]:
+    async def _transaction(
+        self, durable: bool = True, read_only: bool = False
+    ) -> AsyncIterator[Transaction]:
         await self._acquire()
-        tx = _SqliteTransaction(self)
+        tx = _SqliteTransaction(self, read_only=read_only)
+        begin = _begin_read if read_only else _begin if durable else _begin_light
         try:
-            await self._run(_begin if durable else _begin_light)
+            await self._run(begin)
             yield tx
             await self._commit(tx, durable)
         except BaseException:
@@ -244,9 +252,10 @@ class _TxState(Enum):
 class _SqliteTransaction:
     """The ``tx`` of ``async with db.transaction() as tx``; see the Transaction protocol."""
 
-    def __init__(self, db: SqliteDatabase) -> None:
+    def __init__(self, db: SqliteDatabase, *, read_only: bool = False) -> None:
         self._db = db
         self._state = _TxState.OPEN
+        self._read_only = read_only
 
     @property
     def spoiled(self) -> bool:
@@ -271,6 +280,11 @@ class _SqliteTransaction:
             raise RuntimeError("storage: a statement of this transaction failed; leave it")
         try:
             return await self._db._run(operation)
+        except ConfigError as exc:
+            self._state = _TxState.SPOILED
+            if self._read_only and exc.reason == StorageReason.FILE_NOT_WRITABLE:
+                raise StatementError(detail=f"a write in a read-only transaction: {exc}") from exc
+            raise
         except BaseException:
             self._state = _TxState.SPOILED
             raise
@@ -406,11 +420,21 @@ def _begin(connection: sqlite3.Connection) -> None:
     # every durable transaction sets it again: a light one that failed half-way cannot
     # leave the connection without fsyncs
     connection.execute("PRAGMA synchronous = FULL")
+    connection.execute("PRAGMA query_only = OFF")
     connection.execute("BEGIN IMMEDIATE")
 
 
 def _commit(connection: sqlite3.Connection) -> None:
     connection.execute("COMMIT")
+    connection.execute("PRAGMA query_only = OFF")  # after a read-only transaction
+
+
+def _begin_read(connection: sqlite3.Connection) -> None:
+    """A deferred transaction that refuses writes (no write lock, nothing to fsync)."""
+    if connection.in_transaction:
+        connection.execute("ROLLBACK")
+    connection.execute("PRAGMA query_only = ON")
+    connection.execute("BEGIN")
 
 
 def _begin_light(connection: sqlite3.Connection) -> None:
@@ -418,6 +442,7 @@ def _begin_light(connection: sqlite3.Connection) -> None:
     if connection.in_transaction:
         connection.execute("ROLLBACK")
     connection.execute("PRAGMA synchronous = NORMAL")
+    connection.execute("PRAGMA query_only = OFF")
     connection.execute("BEGIN IMMEDIATE")
 
 
@@ -431,6 +456,7 @@ def _roll_back_quietly(connection: sqlite3.Connection) -> str | None:
     try:
         if connection.in_transaction:
             connection.execute("ROLLBACK")
+        connection.execute("PRAGMA query_only = OFF")
     except sqlite3.Error as exc:
         return str(exc)
     return None
