@@ -140,33 +140,34 @@ def test_stop_a_device_and_see_the_receipt(fleet: DemoFleet, operator: WebDriver
 def test_a_rollouts_wave_progress_updates_live(
     fleet: DemoFleet, operator: WebDriver, tmp_path: Path
 ) -> None:
+    # v2 is the demo's bad version (act 13b), aborted and rolled back by its gate
     model = tmp_path / "model.onnx"
     model.write_bytes(demo_model())
     fleet.cli(
-        *("model", "publish", str(model), "--name", "edge-classifier", "--version", "2"),
+        *("model", "publish", str(model), "--name", "edge-classifier", "--version", "3"),
         *("--tier", "high", "--dataset-fingerprint", "sha256:demo"),
     )
     fleet.cli(
-        *("model", "rollout", "edge-classifier", "2", "--device", "edge-0001"),
+        *("model", "rollout", "edge-classifier", "3", "--device", "edge-0001"),
         *("--waves", "10,50,100", "--manual"),
     )
     operator.get(fleet.url + "models")
     version = operator.find_element(
-        By.CSS_SELECTOR, "tr[data-model=edge-classifier][data-version='2']"
+        By.CSS_SELECTOR, "tr[data-model=edge-classifier][data-version='3']"
     )
     assert version.find_element(By.CSS_SELECTOR, "td.signer").text == "signer.ci"  # provenance
     assert "sha256:demo" in version.text
-    section = "section[data-rollout='edge-classifier@2']"
+    section = "section[data-rollout='edge-classifier@3']"
     _wait(operator, lambda d: _attr(d, section, "data-phase") == "canary", "the canary")
     heading = operator.find_element(By.TAG_NAME, "h1")
     screenshot(operator, "05-rollout-canary")
-    fleet.cli("model", "promote", "edge-classifier", "2", "--reason", "from the CLI")
+    fleet.cli("model", "promote", "edge-classifier", "3", "--reason", "from the CLI")
     _wait(operator, lambda d: _attr(d, section, "data-wave") == "wave-1", "wave-1, live")
     assert heading.text == "Models"  # the same document: updated in place, not reloaded
     assert _attr(operator, section, "data-percent") == "50"
     screenshot(operator, "06-rollout-wave-1-live")
     # pause it from the console, with a hostile reason that the service keeps
-    operator.find_element(By.ID, "rollout-pause-edge-classifier-2").click()
+    operator.find_element(By.ID, "rollout-pause-edge-classifier-3").click()
     operator.find_element(By.ID, "reason").send_keys(HOSTILE)
     operator.find_element(By.ID, "confirm").click()
     _wait(operator, lambda d: _attr(d, section, "data-phase") == "paused", "paused")
@@ -214,7 +215,7 @@ def test_charts_and_revocations(fleet: DemoFleet, operator: WebDriver) -> None:
         assert operator.find_elements(By.CSS_SELECTOR, f"#{chart} svg")
     assert operator.find_elements(By.CSS_SELECTOR, "#chart-trust polyline")
     assert operator.find_elements(By.CSS_SELECTOR, "#chart-progress polyline")
-    assert "edge-classifier v2" in operator.find_element(By.ID, "chart-latency").text
+    assert "edge-classifier v3" in operator.find_element(By.ID, "chart-latency").text
     screenshot(operator, "09-charts")
     operator.get(fleet.url + "revocations")
     assert "version" in operator.find_element(By.ID, "list").text
