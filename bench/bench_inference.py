@@ -51,7 +51,7 @@ import onnxruntime
 from tests.models import ppocr_model, small_input, small_model
 
 from _report import Report, median, percentile, sized
-from bench_model_rollout import NoTpm, attested, make_pki, node
+from bench_model_rollout import NoTpm, attested, make_pki
 from edgeward_cli.ops_client import operator_session
 from edgeward_device_agent.inference import DeviceInference, InferencePolicy, to_tensor
 from edgeward_device_agent.model_manager import LoadedModel, ModelManager
@@ -73,6 +73,7 @@ from edgeward_shared.models.provenance import Provenance, Tier, sha256_hex
 from edgeward_shared.runtime.kit import loop_factory
 from edgeward_shared.runtime.node import build_runtime
 from edgeward_shared.tensorframes import Reassembler, frames, spec_of
+from edgeward_shared.testing.nodes import node_config
 from edgeward_shared.topics import (
     ROOT,
     Channel,
@@ -348,14 +349,14 @@ async def run(  # noqa: PLR0915, PLR0917 - the bench's parts
         for name, (model, _) in {**models, **binary}.items()
     }
     # the distribution service's answers about assignments
-    stand_in, stand_in_connect = build_runtime(node(pki, MODELS, broker))
+    stand_in, stand_in_connect = build_runtime(node_config(pki, MODELS, broker))
     stand_in.route(
         shared_subscription("model-distribution", f"{ROOT}/svc/model-distribution/req/+"),
         [ModelQuery],
         model_list_answers(catalog),
     )
     # the device: its inference entry point, each model in its own sandboxed worker
-    device, device_connect = build_runtime(node(pki, DEVICE, broker))
+    device, device_connect = build_runtime(node_config(pki, DEVICE, broker))
     current = attested(pki, DEVICE)
     manager = ModelManager(
         DEVICE.name,
@@ -419,7 +420,7 @@ async def run(  # noqa: PLR0915, PLR0917 - the bench's parts
             asyncio.gather(stand_in.ready.wait(), device.ready.wait(), gateway.ready.wait()), 30
         )
         # a service calling with binary tensors (its own runtime: the frames' route)
-        caller_rt, caller_connect = build_runtime(node(pki, CALLER, broker))
+        caller_rt, caller_connect = build_runtime(node_config(pki, CALLER, broker))
         caller_rt.expect_replies(
             service_response_topic(ServiceName.INFERENCE_GATEWAY, CALLER), [InferAnswer]
         )
