@@ -602,7 +602,9 @@ async def test_accepted_events_carry_the_devices_bytes(fleet: Fleet) -> None:
 
 
 # ------------------------------------------------------------------ issue 13 leftovers
-async def test_the_caller_limit_holds_across_two_instances(fleet: Fleet) -> None:
+async def test_the_caller_limit_holds_across_two_instances(
+    fleet: Fleet, request: pytest.FixtureRequest
+) -> None:
     """Fleet-wide: two instances share one bucket per caller (the clock stands still, so
     nothing refills); each instance served some of the calls. Per instance, the same
     calls would have got twice the burst."""
@@ -615,7 +617,9 @@ async def test_the_caller_limit_holds_across_two_instances(fleet: Fleet) -> None
         assert {a.reason for a in refused} == {R.RATE_LIMITED}
         assert all(g.callers.takes > 0 for g in world.gateways)  # type: ignore[attr-defined]
     fleet.settings = Settings(caller_limit=Limit(rate_per_s=1, burst=4), fleet_caller_limit=False)
-    fleet.state_dir = fleet.state_dir.with_name("local-limits")
+    fleet.state_dir = fleet.state_dir.with_name("local-limits")  # fresh state: no replays
+    if fleet.database is not None:
+        fleet.database = request.getfixturevalue("postgres_server").fresh_url()
     async with running(fleet, instances=2) as world:
         answers = [await world.call("dev-a") for _ in range(12)]
         assert sum(isinstance(a, InferAnswer) and a.accepted for a in answers) > 4

@@ -301,7 +301,7 @@ def wired(tmp_path: Path) -> Deployment:
     store.init(to_datetime(clock.now_ms()))
     for identity in (ATTESTATION, IDENTITY):
         store.issue(identity, to_datetime(clock.now_ms()), timedelta(days=30))
-    return Deployment(store, tmp_path / "state" / "identity.db", clock)
+    return Deployment(store, tmp_path / "state" / "identity.db", tmp_path / "state", clock)
 
 
 @pytest.mark.asyncio
