@@ -197,6 +197,17 @@ def test_spki_aks_are_p256_or_rsa_only() -> None:
         _ = ak.name
 
 
+def test_an_ak_whose_schemes_are_not_of_its_key_kind_cannot_be_built() -> None:
+    """The quote check trusts that an RSA scheme means an RSA key (no type check per quote):
+    the invariant is enforced where an AttestationKey is made, even made by hand."""
+    rsa_public, ecc_public = rsa_key().public_key(), ecc_key().public_key()
+    ecdsa, rsassa = frozenset({(ALG_ECDSA, ALG_SHA256)}), frozenset({(0x0014, ALG_SHA256)})
+    for key, schemes in ((rsa_public, ecdsa), (ecc_public, rsassa), (ecc_public, frozenset())):
+        with pytest.raises(ValueError, match="of its key's kind"):
+            AttestationKey(None, key, schemes)
+    assert AttestationKey(None, rsa_public, rsassa).schemes == rsassa
+
+
 def test_parse_public_reads_rsaes_without_a_hash_and_refuses_other_types() -> None:
     public = software_rsa_ak_public(rsa_key().public_key(), ALG_RSAES)
     area = parse_public(public, "x")

@@ -302,9 +302,9 @@ def test_rejects_clock_going_backwards_within_one_boot(vector: QuoteVector) -> N
 
 def _resigned(vector: QuoteVector, **clock: int | bool) -> dict[str, bytes]:
     quote = parse_quote_attest(vector.attest)
-    info = dataclasses.replace(quote.clock_info, **clock)  # type: ignore[arg-type]
+    info = quote.clock_info._replace(**clock)  # type: ignore[arg-type]
     key = ec.generate_private_key(ec.SECP256R1())
-    attest = marshal_quote_attest(dataclasses.replace(quote, clock_info=info))
+    attest = marshal_quote_attest(quote._replace(clock_info=info))
     return {
         "attest": attest,
         "signature": sign_attest(key, attest),

@@ -96,6 +96,13 @@ class AttestationKey:
     key: VerifyingKey
     schemes: frozenset[tuple[int, int]]
 
+    def __post_init__(self) -> None:
+        # The invariant the quote check relies on without re-checking the key's type on
+        # every quote: a scheme of one kind (ECDSA or RSA) implies a key of that kind.
+        kind = RSA_AK_SCHEMES if isinstance(self.key, RsaPublicKey) else ECC_AK_SCHEMES
+        if not self.schemes or not self.schemes <= kind:
+            raise ValueError("an AK's signature schemes must be of its key's kind")
+
     @classmethod
     def from_tpm2b_public(cls, data: bytes) -> Self:
         """Parse and check a marshalled TPM2B_PUBLIC (``attestation.ak.invalid`` if unfit)."""

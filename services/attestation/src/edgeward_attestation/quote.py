@@ -36,7 +36,7 @@ import hashlib
 import hmac
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, NamedTuple, cast
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -107,8 +107,7 @@ class PcrPolicy:
             raise ValueError(f"unknown PCR bank {self.bank:#06x}")
 
 
-@dataclass(frozen=True, slots=True)
-class QuoteFacts:
+class QuoteFacts(NamedTuple):
     """What an accepted quote says, for the attestation result and the next verification."""
 
     clock_info: ClockInfo
@@ -124,8 +123,7 @@ class QuoteFacts:
         return ClockState(info.reset_count, info.restart_count, info.clock)
 
 
-@dataclass(frozen=True, slots=True)
-class QuoteVerdict:
+class QuoteVerdict(NamedTuple):
     """An accepted quote (rejections raise): its facts and when it was verified."""
 
     facts: QuoteFacts
@@ -133,8 +131,7 @@ class QuoteVerdict:
     accepted: bool = True
 
 
-@dataclass(frozen=True, slots=True)
-class Finding:
+class Finding(NamedTuple):
     """One reason a quote is refused: the typed error, whose ``reason`` is the stable id."""
 
     error: EdgewardError
@@ -144,8 +141,7 @@ class Finding:
         return self.error.reason
 
 
-@dataclass(frozen=True, slots=True)
-class QuoteReport:
+class QuoteReport(NamedTuple):
     """What :func:`verify_quote_raw` found. ``accepted`` only with no finding at all.
 
     ``quote`` is the parsed TPMS_ATTEST (``None`` if it does not parse); ``pcrs`` the PCR
@@ -187,10 +183,9 @@ def _check_ecdsa(attest: bytes, parsed: EcdsaSignature, ak: AttestationKey) -> E
         return AuthenticityError(R.QUOTE_SIGNATURE, "r or s is zero")
     if max(parsed.r, parsed.s).bit_length() > 8 * _P256_ORDER_BYTES:
         return AuthenticityError(R.QUOTE_SIGNATURE, "r or s too large for P-256")
-    if not isinstance(ak.key, ec.EllipticCurvePublicKey):  # excluded by its schemes
-        return AuthenticityError(R.QUOTE_SIGNATURE, "an ECDSA signature, an RSA AK")
+    key = cast("ec.EllipticCurvePublicKey", ak.key)  # an ECDSA scheme: AttestationKey's invariant
     try:
-        ak.key.verify(encode_dss_signature(parsed.r, parsed.s), attest, _ECDSA_SHA256)
+        key.verify(encode_dss_signature(parsed.r, parsed.s), attest, _ECDSA_SHA256)
     except InvalidSignature:
         return AuthenticityError(R.QUOTE_SIGNATURE, "not signed by the AK")
     return None
@@ -199,11 +194,10 @@ def _check_ecdsa(attest: bytes, parsed: EcdsaSignature, ak: AttestationKey) -> E
 def _check_rsa(attest: bytes, parsed: RsaSignature, ak: AttestationKey) -> EdgewardError | None:
     if (parsed.sig_alg, parsed.hash_alg) not in ak.schemes:
         return AuthenticityError(R.QUOTE_SIGNATURE, "not one of the AK's RSA schemes")
-    if not isinstance(ak.key, rsa.RSAPublicKey):  # excluded by its schemes
-        return AuthenticityError(R.QUOTE_SIGNATURE, "an RSA signature, an ECC AK")
+    key = cast("rsa.RSAPublicKey", ak.key)  # an RSA scheme: AttestationKey's invariant
     pad = _PKCS1V15 if parsed.sig_alg == ALG_RSASSA else _PSS
     try:
-        ak.key.verify(parsed.sig, attest, pad, _SHA256)
+        key.verify(parsed.sig, attest, pad, _SHA256)
     except InvalidSignature:
         return AuthenticityError(R.QUOTE_SIGNATURE, "not signed by the AK")
     return None
@@ -241,13 +235,16 @@ def _check_pcr_values(
     Returns the values (a copy, index to value) or the finding.
     """
     selections = quote.pcr_selections
-    if len(selections) != 1 or selections[0].bank not in HASHES:
+    known = HASHES.get(selections[0][0]) if len(selections) == 1 else None
+    if known is None:
         return MessageError(R.PCR_VALUES, "PCR values check a quote of exactly one known bank")
-    _, size = HASHES[selections[0].bank]
-    indices = selections[0].indices
-    values = [pcr_values.get(i, b"") for i in indices]
-    if len(pcr_values) != len(indices) or any(len(value) != size for value in values):
+    size, indices = known[1], selections[0][1]
+    values = [pcr_values.get(i, b"") for i in indices]  # a missing one fails on its size
+    if len(pcr_values) != len(indices):
         return MessageError(R.PCR_VALUES, f"values for {sorted(pcr_values)}, quoted {indices}")
+    for value in values:
+        if len(value) != size:
+            return MessageError(R.PCR_VALUES, f"values for {sorted(pcr_values)}, quoted {indices}")
     if not hmac.compare_digest(hashlib.sha256(b"".join(values)).digest(), quote.pcr_digest):
         return AuthenticityError(R.PCR_DIGEST, "PCR values do not hash to the quoted digest")
     return dict(pcr_values)
@@ -272,9 +269,10 @@ def check_pcr_digest(quote: QuoteAttest | bytes, pcr_values: Mapping[int, bytes]
 
 def _check_allowlist(pcrs: Mapping[int, bytes], policy: PcrPolicy) -> EdgewardError | None:
     allowlist = policy.allowlist
-    off = [i for i, value in pcrs.items() if value not in allowlist.get(i, ())]
-    if off:
-        return PolicyError(R.PCR_NOT_ALLOWED, f"PCRs {sorted(off)} hold values off the allowlist")
+    for i, value in pcrs.items():
+        if value not in allowlist.get(i, ()):
+            off = sorted(j for j, v in pcrs.items() if v not in allowlist.get(j, ()))
+            return PolicyError(R.PCR_NOT_ALLOWED, f"PCRs {off} hold values off the allowlist")
     return None
 
 
@@ -321,24 +319,25 @@ def _verify(  # noqa: PLR0917 (the one private core of both entry points)
     previous: ClockState | None,
     expired: bool,
 ) -> QuoteReport:
-    errors: list[EdgewardError | None] = []
+    errors: list[EdgewardError] = []  # only findings: the accepted path appends nothing
     key = _load_ak(ak, ak_format)
-    if isinstance(key, EdgewardError):
+    if not isinstance(key, AttestationKey):
         errors.append(key)
     try:
         quote = parse_quote_attest(attest)
     except EdgewardError as exc:
         errors.append(exc)
-        return QuoteReport(tuple(map(Finding, filter(None, errors))), None, None)
+        return QuoteReport(tuple(map(Finding, errors)), None, None)
     if expired:
         errors.append(AuthenticityError(R.NONCE_EXPIRED, "the challenge expired"))
-    if isinstance(key, AttestationKey):
-        errors.append(_check_signature(attest, signature, key))
+    if isinstance(key, AttestationKey) and (found := _check_signature(attest, signature, key)):
+        errors.append(found)
     if not hmac.compare_digest(quote.extra_data, expected_extra_data):
         detail = "extraData is not the expected one (this challenge's binding)"
         errors.append(AuthenticityError(R.NONCE_MISMATCH, detail))
     selection = None if policy is None else _check_selection(quote, policy)
-    errors.append(selection)
+    if selection is not None:
+        errors.append(selection)
     pcrs = None
     if pcr_values is not None:
         checked = _check_pcr_values(quote, pcr_values)
@@ -347,9 +346,12 @@ def _verify(  # noqa: PLR0917 (the one private core of both entry points)
         else:
             pcrs = checked
     if policy is not None and selection is None and pcrs is not None:
-        errors.append(_check_allowlist(pcrs, policy))
-    errors.append(_check_monotonic(quote.clock_info, previous))
-    return QuoteReport(tuple(map(Finding, filter(None, errors))), quote, pcrs)
+        allowed = _check_allowlist(pcrs, policy)
+        if allowed is not None:
+            errors.append(allowed)
+    if found := _check_monotonic(quote.clock_info, previous):
+        errors.append(found)
+    return QuoteReport(tuple(map(Finding, errors)) if errors else (), quote, pcrs)
 
 
 def verify_quote_raw(

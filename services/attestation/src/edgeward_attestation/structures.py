@@ -18,8 +18,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from edgeward_attestation.reasons import AttestationReason
 from edgeward_shared.crypto.keys import (
@@ -147,9 +148,12 @@ class Reader:
 
 
 # ---------------------------------------------------------------------- TPMS_ATTEST
-@dataclass(frozen=True, slots=True)
-class ClockInfo:
-    """TPMS_CLOCK_INFO (Part 2, 10.11.1)."""
+class ClockInfo(NamedTuple):
+    """TPMS_CLOCK_INFO (Part 2, 10.11.1).
+
+    The parsed wire structures are named tuples, not frozen dataclasses: as immutable, and
+    three times cheaper to build, which is a measurable share of a quote check next to an
+    RSA-2048 verify (bench_quote)."""
 
     clock: int
     reset_count: int
@@ -157,16 +161,14 @@ class ClockInfo:
     safe: bool
 
 
-@dataclass(frozen=True, slots=True)
-class PcrSelection:
+class PcrSelection(NamedTuple):
     """One TPMS_PCR_SELECTION (Part 2, 10.6.2): a bank and the PCR indices it selects."""
 
     bank: int
     indices: tuple[int, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class QuoteAttest:
+class QuoteAttest(NamedTuple):
     """TPMS_ATTEST (Part 2, 10.12.12) whose ``attested`` is a TPMS_QUOTE_INFO (10.12.4)."""
 
     qualified_signer: bytes
@@ -183,22 +185,34 @@ def _selected(bitmap: bytes) -> tuple[int, ...]:
     return tuple(8 * n + bit for n, byte in enumerate(bitmap) for bit in _BITS_SET[byte])
 
 
+@functools.lru_cache(maxsize=256)
+def _selection(bank: int, bitmap: bytes) -> PcrSelection:
+    """A TPMS_PCR_SELECTION, built once per distinct (bank, pcrSelect): it is immutable."""
+    return PcrSelection(bank, _selected(bitmap))
+
+
 def _fail(offset: int, detail: str) -> MessageError:
     return MessageError(AttestationReason.QUOTE_MALFORMED, f"{detail} at offset {offset}")
 
 
-def _tpm2b(data: bytes, pos: int, limit: int) -> tuple[bytes, int]:
+def _signature_fail(offset: int, detail: str) -> MessageError:
+    return MessageError(AttestationReason.QUOTE_SIGNATURE, f"{detail} at offset {offset}")
+
+
+def _tpm2b(
+    data: bytes, pos: int, limit: int, fail: Callable[[int, str], MessageError] = _fail
+) -> tuple[bytes, int]:
     """A TPM2B_* at ``pos`` (u16 size, then that many bytes, the size at most ``limit``)
     and the offset after it."""
     start = pos + 2
     if start > len(data):
-        raise _fail(pos, "truncated")
+        raise fail(pos, "truncated")
     size = data[pos] << 8 | data[pos + 1]
     if size > limit:
-        raise _fail(pos, f"TPM2B of {size} bytes (at most {limit})")
+        raise fail(pos, f"TPM2B of {size} bytes (at most {limit})")
     end = start + size
     if end > len(data):
-        raise _fail(pos, "truncated")
+        raise fail(pos, "truncated")
     return data[start:end], end
 
 
@@ -238,7 +252,7 @@ def parse_quote_attest(data: bytes) -> QuoteAttest:
         pos += _SELECTION_HEADER.size
         if pos + size > len(data):
             raise _fail(pos, "truncated")
-        selections.append(PcrSelection(bank, _selected(data[pos : pos + size])))
+        selections.append(_selection(bank, data[pos : pos + size]))
         pos += size
     pcr_digest, pos = _tpm2b(data, pos, _MAX_DIGEST)  # TPM2B_DIGEST
     if pos != len(data):  # trailing bytes are an extension attack
@@ -254,8 +268,7 @@ def parse_quote_attest(data: bytes) -> QuoteAttest:
 
 
 # ---------------------------------------------------------------------- TPMT_SIGNATURE
-@dataclass(frozen=True, slots=True)
-class EcdsaSignature:
+class EcdsaSignature(NamedTuple):
     """TPMT_SIGNATURE with sigAlg TPM_ALG_ECDSA (Part 2, 11.3.4 / 11.2.3.2)."""
 
     hash_alg: int
@@ -263,8 +276,7 @@ class EcdsaSignature:
     s: int
 
 
-@dataclass(frozen=True, slots=True)
-class RsaSignature:
+class RsaSignature(NamedTuple):
     """TPMT_SIGNATURE with sigAlg TPM_ALG_RSASSA or TPM_ALG_RSAPSS (Part 2, 11.2.3.1)."""
 
     sig_alg: int
@@ -281,19 +293,25 @@ def parse_ecdsa_signature(data: bytes) -> EcdsaSignature:
 
 
 def parse_signature(data: bytes) -> EcdsaSignature | RsaSignature:
-    """Unmarshal a TPMT_SIGNATURE of ECDSA, RSASSA or RSAPSS; others are a bad signature."""
-    reader = Reader(data, AttestationReason.QUOTE_SIGNATURE)
-    sig_alg, hash_alg = reader.fields(_SIGNATURE_HEADER)
-    if sig_alg == ALG_ECDSA:
-        r = reader.tpm2b(_MAX_ECC_PARAMETER)  # TPM2B_ECC_PARAMETER signatureR
-        s = reader.tpm2b(_MAX_ECC_PARAMETER)  # TPM2B_ECC_PARAMETER signatureS
-        reader.end()
-        return EcdsaSignature(hash_alg, int.from_bytes(r, "big"), int.from_bytes(s, "big"))
-    if sig_alg in (ALG_RSASSA, ALG_RSAPSS):
-        sig = reader.tpm2b(_MAX_RSA_KEY_BYTES)  # TPM2B_PUBLIC_KEY_RSA
-        reader.end()
+    """Unmarshal a TPMT_SIGNATURE of ECDSA, RSASSA or RSAPSS; others are a bad signature.
+
+    Explicit offsets, like :func:`parse_quote_attest`: it runs on every quote."""
+    if len(data) < _SIGNATURE_HEADER.size:
+        raise _signature_fail(0, "truncated")
+    sig_alg, hash_alg = _SIGNATURE_HEADER.unpack_from(data)
+    pos = _SIGNATURE_HEADER.size
+    if sig_alg in {ALG_RSASSA, ALG_RSAPSS}:
+        sig, pos = _tpm2b(data, pos, _MAX_RSA_KEY_BYTES, _signature_fail)  # TPM2B_PUBLIC_KEY_RSA
+        if pos != len(data):
+            raise _signature_fail(pos, f"{len(data) - pos} trailing bytes")
         return RsaSignature(sig_alg, hash_alg, sig)
-    raise reader.fail(f"sigAlg {sig_alg:#06x} is not ECDSA, RSASSA or RSAPSS")
+    if sig_alg == ALG_ECDSA:
+        r, pos = _tpm2b(data, pos, _MAX_ECC_PARAMETER, _signature_fail)  # signatureR
+        s, pos = _tpm2b(data, pos, _MAX_ECC_PARAMETER, _signature_fail)  # signatureS
+        if pos != len(data):
+            raise _signature_fail(pos, f"{len(data) - pos} trailing bytes")
+        return EcdsaSignature(hash_alg, int.from_bytes(r, "big"), int.from_bytes(s, "big"))
+    raise _signature_fail(0, f"sigAlg {sig_alg:#06x} is not ECDSA, RSASSA or RSAPSS")
 
 
 # ---------------------------------------------------------------------- TPMT_PUBLIC
