@@ -7,6 +7,8 @@ import math
 import random
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from tests.telemetry_builders import (
     HONEST_CLASSES,
     HONEST_SCORES,
@@ -25,8 +27,10 @@ from edgeward_telemetry.baseline import Baseline
 from edgeward_telemetry.baseline import Settings as BaselineSettings
 from edgeward_telemetry.core import DEFAULT_RULES, Decision, Detector, DeviceState
 from edgeward_telemetry.drift import (
+    MIN_SAMPLES,
     PSI_ALARM,
     REFERENCE_WEIGHT,
+    Reference,
     ReferenceBuilder,
     drift_score,
     jensen_shannon,
@@ -82,6 +86,23 @@ def test_psi_and_js_are_zero_for_equal_distributions_and_grow_with_the_shift() -
     assert 0.5 < jensen_shannon(honest, shifted) <= 1.0
     with pytest.raises(ValueError, match="same"):
         psi([1, 2], [1, 2, 3])
+
+
+@given(
+    reference=st.lists(st.integers(0, 50), min_size=4, max_size=4).filter(any),
+    counts=st.lists(st.integers(0, 10**7), min_size=8, max_size=8).filter(
+        lambda c: sum(c[:4]) >= MIN_SAMPLES
+    ),
+)
+def test_the_fast_drift_score_is_the_reference_psi(reference: list[int], counts: list[int]) -> None:
+    """drift_score (a table of logarithms, the reference's kept) equals psi on every count,
+    within the table (below 4096) and past it."""
+    probabilities = [r / sum(reference) for r in reference]
+    frozen = Reference.of(probabilities, probabilities, devices=3, sketches=3)
+    weighted = [p * REFERENCE_WEIGHT for p in probabilities]
+    score, klass = counts[:4], counts[4:]
+    expected = max(psi(weighted, score), psi(weighted, klass))
+    assert drift_score(frozen, score, klass) == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
 def test_sampled_honest_sketches_stay_far_below_the_threshold() -> None:
@@ -195,6 +216,33 @@ def test_a_fleet_statistic_threshold_and_a_duration_window() -> None:
         Rule("bad", "x", "gt", value=1.0, statistic="p50")
     with pytest.raises(ValueError, match="alarm at least"):
         Rule("bad", "x", "gt", value=1.0, actions=("stop",))
+
+
+def test_a_fleet_statistic_is_kept_for_an_interval_so_a_sudden_shift_is_not_the_norm() -> None:
+    """The fleet threshold is worked out again when a device joins the vote, or once per
+    baseline interval: three of five devices jumping together breach it at once, and only
+    the next interval's statistic takes their new level in (and they clear)."""
+    rule = Rule("lat", "latency_p99_ms", "gt", statistic="p50", factor=2.0, alarm_after=1,
+                clear_after=1)  # fmt: skip
+    detector = Detector(rules=(rule,))
+    rng = random.Random(3)
+    states = {f"d{i}": DeviceState() for i in range(5)}
+    interval = detector.baseline_settings["latency_p99_ms"].interval_ms
+
+    def period(seq: int, now_ms: int, slow: set[str]) -> dict[str, str]:
+        seen = {}
+        for name, state in states.items():
+            item = report(name, seq, now_ms=now_ms, rng=rng,
+                          latency_ms=400.0 if name in slow else 20.0)  # fmt: skip
+            for decision in detector.ingest(item, state, attested=True, now_ms=now_ms):
+                seen[name] = decision.transition
+        return seen
+
+    assert period(1, T0, set()) == {}
+    slow = {"d0", "d1", "d2"}
+    assert period(2, T0 + 1_000, slow) == dict.fromkeys(sorted(slow), "alarm")
+    assert period(3, T0 + 2_000, slow) == {}  # still breaching, already in alarm
+    assert period(4, T0 + 1_000 + interval, slow) == dict.fromkeys(sorted(slow), "cleared")
 
 
 def test_median_and_mad() -> None:

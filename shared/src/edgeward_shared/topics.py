@@ -254,8 +254,14 @@ def authorize_signer(topic: str, signer: Identity) -> None:
         raise PolicyError(reason, f"{signer} ({signer.role}) may not sign on {topic}")
 
 
+@functools.lru_cache(maxsize=8192)
 def _refusal(parsed: Topic, signer: Identity) -> str | None:  # noqa: PLR0911 - one per form
-    """Why ``signer`` may not sign for ``parsed``, or None if it may."""
+    """Why ``signer`` may not sign for ``parsed``, or None if it may.
+
+    Pure over immutable arguments, so cached like :func:`parse_topic`: every envelope is
+    checked, and the answer for a device's own topics is the same each time. Only signers
+    whose certificate and signature have verified get here, so the cache holds the fleet's
+    identities, not an attacker's choice."""
     match parsed:
         case DeviceTopic(device_id, Direction.UP, _):
             return _unless(signer, Identity.device(device_id))

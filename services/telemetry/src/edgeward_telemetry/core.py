@@ -31,7 +31,7 @@ from edgeward_telemetry.baseline import Settings as BaselineSettings
 from edgeward_telemetry.drift import Reference, ReferenceBuilder, drift_score
 from edgeward_telemetry.fusion import Facts, risk
 from edgeward_telemetry.reasons import TelemetryReason
-from edgeward_telemetry.rules import Rule, RuleState, Transition, evaluate
+from edgeward_telemetry.rules import Rule, RuleState, Transition, evaluate, evaluate_at
 
 #: The rules the service runs unless configured otherwise (docs/telemetry.md).
 DEFAULT_RULES: Final = (
@@ -132,6 +132,8 @@ class Detector:
     references: dict[str, Reference] = field(default_factory=dict)
     learning: dict[str, ReferenceBuilder] = field(default_factory=dict)
     baseline_alarms: set[str] = field(default_factory=set)
+    #: per rule with a fleet statistic: when, over how many votes, and the threshold
+    fleet_thresholds: dict[str, tuple[int, int, float | None]] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ security facts
     def unattested(self, state: DeviceState) -> None:
@@ -180,12 +182,14 @@ class Detector:
             if baseline is not None and settings is not None:
                 values[name] = baseline.z(values[z_of], settings)
         pending: list[tuple[Rule, str, float, float, Transition, str | None, int | None]] = []
+        runs = state.rules
         for rule in self.rules:
             if rule.metric in m.MODEL_METRICS:
                 for model in report.models:
                     value = self._model_metric(rule.metric, report.device_id, model, attested)
                     key = f"{rule.name}/{model.name}@{model.version}"
-                    point = evaluate(rule, state.rules.setdefault(key, RuleState()), value, [])
+                    run = runs.get(key) or runs.setdefault(key, RuleState())
+                    point = evaluate(rule, run, value, ())
                     if point is not None and point.transition is not None:
                         pending.append(
                             (
@@ -199,12 +203,11 @@ class Detector:
                             )
                         )
                 continue
-            fleet = self._fleet(rule.metric) if rule.statistic is not None else []
-            point = evaluate(
+            point = evaluate_at(
                 rule,
-                state.rules.setdefault(rule.name, RuleState()),
+                runs.get(rule.name) or runs.setdefault(rule.name, RuleState()),
                 values.get(rule.metric, math.nan),
-                fleet,
+                rule.value if rule.statistic is None else self._fleet_threshold(rule, now_ms),
             )
             if point is not None and point.transition is not None:
                 pending.append(
@@ -302,9 +305,23 @@ class Detector:
                 )
         return decisions
 
-    def _fleet(self, metric: str) -> list[float]:
-        baseline = self.baselines.get(metric)
-        return list(baseline.votes.values()) if baseline is not None else []
+    def _fleet_threshold(self, rule: Rule, now_ms: int) -> float | None:
+        """``rule``'s fleet-statistic threshold over the attested devices' votes.
+
+        Kept between reports: worked out again when a device joins or leaves the vote, and
+        otherwise at most once per baseline interval. Every attested report votes, and a
+        statistic over the whole fleet on each report would make a report's cost grow with
+        the size of the fleet."""
+        baseline = self.baselines.get(rule.metric)
+        if baseline is None:
+            return None
+        settings = self.baseline_settings.get(rule.metric)
+        interval = settings.interval_ms if settings is not None else 0
+        kept = self.fleet_thresholds.get(rule.name)
+        if kept is None or kept[1] != len(baseline.votes) or now_ms - kept[0] >= interval:
+            kept = (now_ms, len(baseline.votes), rule.threshold(list(baseline.votes.values())))
+            self.fleet_thresholds[rule.name] = kept
+        return kept[2]
 
     def _risk(self, state: DeviceState) -> Risk:
         return risk(

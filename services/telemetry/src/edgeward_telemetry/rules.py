@@ -89,7 +89,14 @@ def evaluate(
 ) -> Datapoint | None:
     """Add one datapoint to ``state`` (mutated); the transition it causes, if any. None
     when there is no threshold yet (a fleet statistic with no fleet)."""
-    threshold = rule.threshold(fleet)
+    return evaluate_at(rule, state, value, rule.threshold(fleet))
+
+
+def evaluate_at(
+    rule: Rule, state: RuleState, value: float, threshold: float | None
+) -> Datapoint | None:
+    """:func:`evaluate` with the rule's threshold already worked out (a caller that keeps
+    a fleet statistic between reports)."""
     if threshold is None or math.isnan(value):
         return None
     if rule.duration == 1:
