@@ -65,6 +65,18 @@ if [ ! -f "$GUARD_DIR/edgeward_guard.so" ] \
         -o "$GUARD_DIR/edgeward_guard.so" "$GUARD_DIR/edgeward_guard.c"
 fi
 
+# The console's browser tests log in with a client certificate. Chromium (since 156.0.8078.114)
+# waits at its certificate picker in headless mode, which no WebDriver can answer: a managed
+# policy picks the certificate for the loopback console only, and only one issued by an
+# Edgeward issuing CA. Nothing else of chromium's behaviour changes.
+CHROMIUM_POLICY=/etc/chromium/policies/managed/edgeward-loopback-console.json
+CHROMIUM_WANT='{"AutoSelectCertificateForUrls": ["{\"pattern\":\"https://127.0.0.1:*\",\"filter\":{\"ISSUER\":{\"CN\":\"Edgeward Issuing CA\"}}}"]}'
+if [ "$(cat "$CHROMIUM_POLICY" 2>/dev/null)" != "$CHROMIUM_WANT" ]; then
+    say "writing $CHROMIUM_POLICY (client certificate for the loopback console)"
+    as_root mkdir -p "$(dirname "$CHROMIUM_POLICY")"
+    printf '%s\n' "$CHROMIUM_WANT" | as_root tee "$CHROMIUM_POLICY" >/dev/null
+fi
+
 # containers (docs/adr/0030): podman, runc, debootstrap and the Docker API socket, unless a
 # Docker engine answers; the containers tests run in `make test`
 "$(dirname "$0")/containers.sh" setup

@@ -29,7 +29,9 @@ SUITE=bookworm
 MIRROR="${EDGEWARD_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 BASE_RECIPE="debootstrap --variant=minbase $SUITE $MIRROR v1"
 ALL_IMAGES=(broker attestation identity models revocation gateway telemetry device)
-APT_PACKAGES=(podman runc debootstrap netavark aardvark-dns python3-venv)
+# netavark 1.4 (bookworm) sets up a container's network with iptables, which a minimal host
+# lacks: without it every RUN step and every container fails with "netavark: No such file"
+APT_PACKAGES=(podman runc debootstrap netavark aardvark-dns iptables python3-venv)
 # Debian's podman-compose (1.0.3) ignores `pid:` and mistranslates `network_mode: service:`,
 # which the revocation sidecar needs: a pinned one from PyPI, in a private venv
 PODMAN_COMPOSE="podman-compose==1.6.0"

@@ -161,6 +161,13 @@ def browser(home: Path, downloads: Path | None = None) -> Iterator[WebDriver]:
         "--disable-gpu",
         f"--user-data-dir={home / 'profile'}",
         "--window-size=1400,1000",
+        # this machine's network is closed: without these, chromium's own background
+        # connections (updates, sync, QUIC probes) are refused by the dozen and stall it
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-quic",
+        "--no-first-run",
     ):
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})

@@ -108,6 +108,9 @@ class SoakRecord:
     root: Path
     devices: list[str]
     started_ms: int = 0  # the steady phase
+    #: when the observer's subscription was acknowledged: a result produced before it may
+    #: have crossed the wire unseen, so the audit of signers covers only those after it
+    observing_ms: int = 0
     ended_ms: int = 0
     bring_up_s: float = 0.0
     status: list[dict[str, Any]] = field(default_factory=list)
@@ -436,7 +439,7 @@ async def _run(
         client = Client(pki, address, "alice", devices, MODEL)
         tasks = [asyncio.create_task(observer.run(observing, stop))]
         await asyncio.wait_for(observing.wait(), 20)
-        record.started_ms = now_ms()
+        record.observing_ms = record.started_ms = now_ms()
         tasks.append(asyncio.create_task(sampler.run(config.rss_period_s, stop)))
         tasks.append(asyncio.create_task(client.run(config.calls_per_s, stop)))
         try:

@@ -29,7 +29,7 @@ def judge(record: SoakRecord) -> tuple[list[Violation], dict[str, Any]]:
         return verify_ear(token, trust, now_ms=now_ms, leeway_s=0)
 
     violations = audit.audit_results(
-        record.accepted, record.seen, record.certificates, record.revoked_at_ms, verify
+        audited(record), record.seen, record.certificates, record.revoked_at_ms, verify
     )
     history = audit.serving_gaps(
         record.status,
@@ -57,6 +57,11 @@ def judge(record: SoakRecord) -> tuple[list[Violation], dict[str, Any]]:
         if code is not None:  # every process must still have been running at the end
             violations.append(Violation("process.exited", name, f"exit status {code}"))
     return violations, summarize(record, history, drifts, violations)
+
+
+def audited(record: SoakRecord) -> list[audit.AcceptedRow]:
+    """The accepted results the observer was subscribed for: produced after it was."""
+    return [row for row in record.accepted if row.at_ms >= record.observing_ms]
 
 
 def summarize(
@@ -95,6 +100,7 @@ def summarize(
             "rejected_by_reason": record.rejections,
             "by_mode": dict(Counter(decode_body(row.body).mode for row in record.accepted)),
             "observed_envelopes": len(record.seen),
+            "audited": len(audited(record)),
             "observer_refused": record.observer_refused,
         },
         "calls": {
@@ -142,7 +148,8 @@ def text(summary: dict[str, Any]) -> str:
     )
     accepted = (
         f"  results accepted {results['accepted_steady']} in the steady phase"
-        f" {results['by_source']}, rejected {results['rejected_by_reason']}"
+        f" {results['by_source']}, rejected {results['rejected_by_reason']},"
+        f" {results['audited']} audited against the wire"
     )
     called = (
         f"  calls {calls['accepted']}/{calls['sent']} accepted, p50 {calls['p50_ms']} ms,"

@@ -42,6 +42,7 @@ def soak(config: SoakConfig, tmp_path: Path) -> None:
     print(report)  # the soak's figures (also in soak-summary.json)
     assert summary["devices"] == config.devices, report
     assert summary["results"]["accepted_steady"] > 0, report
+    assert summary["results"]["audited"] > 0, report  # the signer audit saw results
     assert summary["calls"]["accepted"] > 0, report
     # the soak is about renewal: each device renewed at every half-life the run spans
     due = int(config.duration_s // (config.cert_lifetime_s / 2)) - 1
