@@ -35,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Literal, NamedTuple, cast
 
 from cryptography.exceptions import InvalidSignature
@@ -97,6 +97,8 @@ class PcrPolicy:
     selection: frozenset[int]
     allowlist: Mapping[int, frozenset[bytes]]
     bank: int = ALG_SHA256
+    #: the selection in ascending order, as a quote lists it (derived)
+    indices: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.selection or not all(0 <= i < 24 for i in self.selection):
@@ -105,6 +107,8 @@ class PcrPolicy:
             raise ValueError("the allowlist must cover exactly the selected PCRs")
         if self.bank not in HASHES:
             raise ValueError(f"unknown PCR bank {self.bank:#06x}")
+        # the selection as a quote lists it (ascending): compared as is, on every quote
+        object.__setattr__(self, "indices", tuple(sorted(self.selection)))
 
 
 class QuoteFacts(NamedTuple):
@@ -219,8 +223,8 @@ def _check_selection(quote: QuoteAttest, policy: PcrPolicy) -> EdgewardError | N
     if len(quote.pcr_selections) != 1 or quote.pcr_selections[0].bank != policy.bank:
         banks = [f"{s.bank:#06x}" for s in quote.pcr_selections]
         return PolicyError(R.PCR_BANK, f"quoted banks {banks}, required {policy.bank:#06x}")
-    quoted = quote.pcr_selections[0].indices
-    if frozenset(quoted) != policy.selection:
+    quoted = quote.pcr_selections[0].indices  # ascending, like policy.indices
+    if quoted != policy.indices:
         return PolicyError(R.PCR_SELECTION, f"quoted PCRs {list(quoted)}")
     return None
 
