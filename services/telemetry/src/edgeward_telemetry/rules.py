@@ -15,7 +15,7 @@ import math
 import operator as op
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, NamedTuple
 
 import msgspec
 
@@ -77,8 +77,9 @@ class RuleState(msgspec.Struct):
 Transition = Literal["alarm", "cleared"]
 
 
-@dataclass(frozen=True, slots=True)
-class Datapoint:
+class Datapoint(NamedTuple):
+    """One evaluated datapoint (a named tuple: several are made per report)."""
+
     value: float
     threshold: float
     transition: Transition | None
@@ -100,7 +101,11 @@ def evaluate_at(
     if threshold is None or math.isnan(value):
         return None
     if rule.duration == 1:
-        state.window = [value]
+        window = state.window
+        if len(window) == 1:
+            window[0] = value
+        else:
+            state.window = [value]
         mean = value
     else:
         state.window = [*state.window, value][-rule.duration :]
