@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from tests.conftest import OpenDatabase
 
 from edgeward_shared.audit.appender import MemoryAppender
 from edgeward_shared.audit.entry import Decision
@@ -82,9 +83,11 @@ def _with(state_risk: Risk, attested: bool, inferences: int) -> Callable[[Device
 
 @pytest.mark.asyncio
 async def test_the_budget_ledger_allows_one_release_per_slot_and_stops_at_the_budget(
-    tmp_path: Path,
+    open_db: OpenDatabase,
 ) -> None:
-    store = await _store(tmp_path)
+    """On SQLite and on PostgreSQL (whose ``sum`` of a BIGINT is a NUMERIC)."""
+    store = TelemetryStore(await open_db())
+    await store.migrate()
     clock = FixedClock(EPOCH_MS)
     audit = MemoryAppender()
     settings = PrivacySettings(epsilon_per_release=0.3, epsilon_per_day=1.0)
@@ -122,7 +125,6 @@ async def test_the_budget_ledger_allows_one_release_per_slot_and_stops_at_the_bu
     # a new UTC day has a new budget
     clock.advance(86_400_000)
     assert await views[0].release(period) is not None
-    await store.db.close()
 
 
 @pytest.mark.asyncio

@@ -52,6 +52,13 @@ _encoder: Final = msgspec.json.Encoder()
 _decoder: Final = msgspec.json.Decoder(DeviceState)
 
 
+#: a day's spending; PostgreSQL's sum of a BIGINT is a NUMERIC (a Decimal), hence the cast
+_SPENT: Final = (
+    "SELECT CAST(coalesce(sum(epsilon_micros), 0) AS BIGINT) AS spent"
+    " FROM tel_privacy_ledger WHERE day = :day"
+)
+
+
 class TelemetryStore:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -98,8 +105,7 @@ class TelemetryStore:
                 "SELECT slot FROM tel_privacy_ledger WHERE slot = :slot", {"slot": slot}
             )
             row = await tx.fetch_one(
-                "SELECT coalesce(sum(epsilon_micros), 0) AS spent FROM tel_privacy_ledger"
-                " WHERE day = :day",
+                _SPENT,
                 {"day": day},
             )
             spent = _count(row["spent"]) if row else 0
@@ -115,8 +121,7 @@ class TelemetryStore:
     async def spent(self, day: str) -> float:
         async with self.db.transaction(durable=False) as tx:
             row = await tx.fetch_one(
-                "SELECT coalesce(sum(epsilon_micros), 0) AS spent FROM tel_privacy_ledger"
-                " WHERE day = :day",
+                _SPENT,
                 {"day": day},
             )
         return (_count(row["spent"]) if row else 0) / 1_000_000
