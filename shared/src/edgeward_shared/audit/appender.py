@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Final, Protocol
@@ -166,16 +167,27 @@ class LogAppender:
 
 def open_audit_key(state_dir: Path, name: str) -> NoteSigner:
     """The log's Ed25519 key from ``state_dir/audit-key.pem``, created 0600 if missing (and
-    the directory 0700: with a PostgreSQL database nothing else creates it)."""
+    the directory 0700: with a PostgreSQL database nothing else creates it).
+
+    Instances that share the directory may start at once: the key is written whole to a
+    file of its own and linked into place, so a reader never sees a half-written key, and
+    the instance that lost the race uses the winner's."""
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = state_dir / KEY_FILE
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except FileExistsError:
+    if path.exists():
         return NoteSigner.from_pem(name, path.read_bytes())
     signer = NoteSigner.generate(name)
-    with os.fdopen(fd, "wb") as out:
-        out.write(signer.to_pem())
-        out.flush()
-        os.fsync(out.fileno())
+    tmp = state_dir / f".{KEY_FILE}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(signer.to_pem())
+            out.flush()
+            os.fsync(out.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:  # another instance created it first: its key is the log's
+            return NoteSigner.from_pem(name, path.read_bytes())
+    finally:
+        tmp.unlink()
     return signer
