@@ -304,11 +304,25 @@ class AttestationService:
         # (and every new challenge retires the one before: docs/adr/0034)
         if not await self.store.claim_request(device_id, now, self.settings.request_interval_ms):
             raise PolicyError(ServiceReason.RATE_LIMITED, f"{device_id} asked too often")
+        # A device asks again when a challenge is slow to come (a fleet powering on at once,
+        # a loaded verifier). Answering each ask with a new challenge would retire the one
+        # already on its way, whose quote then fails as nonce.unknown, and the device asks
+        # again: a livelock. The open challenge is sent again instead, while at least half
+        # its life is left (docs/protocol.md 5.4.1).
+        still_open = await self.store.open_challenge(
+            device_id, now + self.settings.nonce_lifetime_ms // 2
+        )
+        if still_open is not None:
+            return (await self.challenge(device_id, reissue=still_open),)
         return (await self.challenge(device_id),)
 
-    async def challenge(self, device_id: str) -> Outgoing:
+    async def challenge(
+        self, device_id: str, *, reissue: tuple[str, bytes, int] | None = None
+    ) -> Outgoing:
         """A fresh single-use challenge for ``device_id`` (also used by the scheduler): over
-        the PCRs of a policy it is recording values for, else of its class's policy."""
+        the PCRs of a policy it is recording values for, else of its class's policy.
+        ``reissue`` (mid, nonce, expiry): send that open challenge again instead, with the
+        same mid, nonce and expiry (the device's replay guard drops a second copy)."""
         device = await self._device_record(device_id)
         recording = await self.store.recording_for(device)
         cursor = None
@@ -320,10 +334,13 @@ class AttestationService:
             progress = await self.store.ima_progress(device_id, policy.policy_id)
             if policy.ima is not None and progress is not None:
                 cursor = ImaCursor(reset_count=progress.reset_count, entries=progress.entries)
-        nonce = secrets.token_bytes(32)
-        mid = secrets.token_hex(16)
-        expires = self.clock.now_ms() + self.settings.nonce_lifetime_ms
-        await self.store.add_challenge(mid, device_id, nonce, expires)
+        if reissue is not None:
+            mid, nonce, expires = reissue
+        else:
+            nonce = secrets.token_bytes(32)
+            mid = secrets.token_hex(16)
+            expires = self.clock.now_ms() + self.settings.nonce_lifetime_ms
+            await self.store.add_challenge(mid, device_id, nonce, expires)
         challenge = AttestationChallenge(
             nonce=nonce,
             pcr_bank="sha256",

@@ -564,6 +564,22 @@ class AttestationStore:
                 {"m": challenge_mid, "d": device_id, "n": nonce, "exp": expires_at},
             )
 
+    async def open_challenge(
+        self, device_id: str, valid_until_ms: int
+    ) -> tuple[str, bytes, int] | None:
+        """The device's open challenge (mid, nonce, expiry) if it is still valid at
+        ``valid_until_ms``; None if it has none (used, retired, or expiring before)."""
+        async with self.db.transaction(durable=False) as tx:
+            row = await tx.fetch_one(
+                "SELECT challenge_mid, nonce, expires_at FROM att_challenges"
+                " WHERE device_id = :d AND used = FALSE AND expires_at > :t"
+                " ORDER BY expires_at DESC LIMIT 1",
+                {"d": device_id, "t": valid_until_ms},
+            )
+        if row is None:
+            return None
+        return str(row["challenge_mid"]), _blob(row["nonce"]), int(str(row["expires_at"]))
+
     async def use_challenge(self, challenge_mid: str, device_id: str) -> tuple[bytes, int] | None:
         """Mark a challenge used and return (nonce, expiry), or None if unknown, another
         device's, or already used: the one place a nonce is consumed."""
