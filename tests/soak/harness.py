@@ -111,6 +111,7 @@ class SoakRecord:
     #: when the observer's subscription was acknowledged: a result produced before it may
     #: have crossed the wire unseen, so the audit of signers covers only those after it
     observing_ms: int = 0
+    observed_until_ms: int = 0  # when the observer stopped watching
     ended_ms: int = 0
     bring_up_s: float = 0.0
     status: list[dict[str, Any]] = field(default_factory=list)
@@ -437,7 +438,12 @@ async def _run(
         observing = asyncio.Event()
         sampler = RssSampler(pids, parent_of_workers="agents")
         client = Client(pki, address, "alice", devices, MODEL)
-        tasks = [asyncio.create_task(observer.run(observing, stop))]
+        # the observer watches past the steady phase (through the settling below): the
+        # devices keep producing results until the stack stops them
+        unobserve = asyncio.Event()
+        watching = asyncio.create_task(observer.run(observing, unobserve))
+        stack.callback(unobserve.set)  # on a failure too, before the agents stop
+        tasks: list[asyncio.Task[None]] = []
         await asyncio.wait_for(observing.wait(), 20)
         record.observing_ms = record.started_ms = now_ms()
         tasks.append(asyncio.create_task(sampler.run(config.rss_period_s, stop)))
@@ -462,6 +468,9 @@ async def _run(
                 within_s=config.max_gap_s + 2,
                 why="soak: settled",
             )
+        unobserve.set()
+        await watching
+        record.observed_until_ms = now_ms()
         record.rss, record.calls = sampler.samples, client.calls
         record.worker_processes = len(sampler.worker_pids)
         record.seen, record.observer_refused = observer.seen, observer.refused

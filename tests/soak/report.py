@@ -59,9 +59,15 @@ def judge(record: SoakRecord) -> tuple[list[Violation], dict[str, Any]]:
     return violations, summarize(record, history, drifts, violations)
 
 
+#: a result produced this close to the observer's stop may reach the wire after it
+PUBLISH_SLACK_MS = 5_000
+
+
 def audited(record: SoakRecord) -> list[audit.AcceptedRow]:
-    """The accepted results the observer was subscribed for: produced after it was."""
-    return [row for row in record.accepted if row.at_ms >= record.observing_ms]
+    """The accepted results the observer was watching for: produced after its subscription
+    and well before it stopped (a device keeps producing until the stack stops it)."""
+    last = record.observed_until_ms - PUBLISH_SLACK_MS
+    return [row for row in record.accepted if record.observing_ms <= row.at_ms <= last]
 
 
 def summarize(
@@ -150,6 +156,7 @@ def text(summary: dict[str, Any]) -> str:
         f"  results accepted {results['accepted_steady']} in the steady phase"
         f" {results['by_source']}, rejected {results['rejected_by_reason']},"
         f" {results['audited']} audited against the wire"
+        f" (observer refused {results['observer_refused']})"
     )
     called = (
         f"  calls {calls['accepted']}/{calls['sent']} accepted, p50 {calls['p50_ms']} ms,"
