@@ -122,3 +122,18 @@ async def test_asking_within_the_interval_is_still_refused(
     with pytest.raises(PolicyError) as refused:
         await _ask(service)
     assert refused.value.reason == ServiceReason.RATE_LIMITED
+
+
+@pytest.mark.asyncio
+async def test_the_scheduler_does_not_retire_a_challenge_on_its_way(
+    world: tuple[AttestationService, AttestationStore, FixedClock],
+) -> None:
+    service, store, clock = world
+    mid, _ = await _ask(service)
+    clock.advance(5_000)
+    assert await service.scheduled_challenge(DEVICE) is None  # the asked-for one is on its way
+    assert await store.use_challenge(mid, DEVICE) is not None  # and still answerable
+    scheduled = await service.scheduled_challenge(DEVICE)  # none open: a new one
+    assert scheduled is not None
+    assert isinstance(scheduled.message, AttestationChallenge)
+    assert scheduled.mid != mid

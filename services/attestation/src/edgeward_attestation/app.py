@@ -129,7 +129,9 @@ async def _challenge_due(
             continue
         challenged[device.device_id] = now
         try:
-            await runtime.publish(await service.challenge(device.device_id))
+            outgoing = await service.scheduled_challenge(device.device_id)
+            if outgoing is not None:  # else the device's open challenge is on its way
+                await runtime.publish(outgoing)
         except EdgewardError as exc:
             log.warning(
                 "reattest.skipped", extra=fields(device=device.device_id, reason=exc.reason)

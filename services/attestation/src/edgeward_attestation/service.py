@@ -316,6 +316,15 @@ class AttestationService:
             return (await self.challenge(device_id, reissue=still_open),)
         return (await self.challenge(device_id),)
 
+    async def scheduled_challenge(self, device_id: str) -> Outgoing | None:
+        """The re-attestation scheduler's challenge, or None while one is already on its way
+        to the device (asked for, or sent before) with half its life left: a second one
+        would retire it under the device's answer."""
+        valid_until = self.clock.now_ms() + self.settings.nonce_lifetime_ms // 2
+        if await self.store.open_challenge(device_id, valid_until) is not None:
+            return None
+        return await self.challenge(device_id)
+
     async def challenge(
         self, device_id: str, *, reissue: tuple[str, bytes, int] | None = None
     ) -> Outgoing:
