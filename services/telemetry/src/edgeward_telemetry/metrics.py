@@ -61,10 +61,16 @@ def latency_quantile(histogram: Sequence[int], q: float) -> float:
 
 
 def of_report(report: TelemetryReport) -> dict[str, float]:
-    inferences = sum(m.inferences for m in report.models)
-    errors = sum(m.errors for m in report.models)
-    latency = [sum(column) for column in zip(*(m.latency_ms for m in report.models), strict=True)]
-    latency = latency or [0] * (len(LATENCY_BUCKETS_MS) + 1)
+    models = report.models
+    latency: Sequence[int]
+    if len(models) == 1:  # the usual case: one model, its own figures
+        only = models[0]
+        inferences, errors, latency = only.inferences, only.errors, only.latency_ms
+    else:
+        inferences = sum(m.inferences for m in models)
+        errors = sum(m.errors for m in models)
+        columns = zip(*(m.latency_ms for m in models), strict=True)
+        latency = [sum(column) for column in columns] or [0] * (len(LATENCY_BUCKETS_MS) + 1)
     requests = inferences + report.rejected
     return {
         "inferences": float(inferences),
