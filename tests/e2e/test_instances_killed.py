@@ -15,6 +15,20 @@ services' own counters.
   answered twice; every result sent once the victim's MQTT session has expired is stored,
   every call made then is answered accepted (by the survivor); the victim's waiting calls
   are all claimed.
+- **identity**: devices renew their certificates (real CSRs for new keys, bound to an EAR
+  signed with the attestation service's key), each request sent twice as a redelivery.
+  No serial is given twice and no request gets two certificates; each certificate a device
+  got is recorded once, as the renewal of its certificate, for the key it asked for, in the
+  service's table and in the CA's ledger; every renewal asked after the takeover is served.
+- **revocation**: an operator revokes devices while one instance (and its worker) is
+  killed. Every device is answered and its job done, its serial in the CRL and in the
+  signed list a subscriber sees, its certificate refused by the broker; one job per
+  request however often it was delivered.
+
+The killed instance's MQTT session outlives it by ``RESUME_WINDOW_S`` (docs/adr/0017): the
+broker hands that session its share of every shared subscription until it expires, and the
+share is lost (measured here: about half the gateway's results for those 5 s). Nothing
+accepted is lost, since no instance accepted it; the takeover is checked from then on.
 """
 
 from __future__ import annotations
@@ -48,10 +62,12 @@ from edgeward_inference_gateway.testing import (
     sample_inputs,
 )
 from edgeward_shared.bindings import renewal_digest, sign_renewal
+from edgeward_shared.bus.mqtt import MqttSettings, connect_mqtt
 from edgeward_shared.clock import SystemClock
 from edgeward_shared.crypto.keys import PrivateKey, new_key, public_key_der
-from edgeward_shared.envelope import Opened, SigningKey, new_mid
-from edgeward_shared.identity import Identity, ServiceName
+from edgeward_shared.envelope import EnvelopeVerifier, Opened, SigningKey, new_mid
+from edgeward_shared.errors import EdgewardError
+from edgeward_shared.identity import Identity, Role, ServiceName
 from edgeward_shared.inference import decode_body
 from edgeward_shared.messages.common import Rejected
 from edgeward_shared.messages.identity import CertificateIssued, RenewCertificate
@@ -63,7 +79,10 @@ from edgeward_shared.messages.infer import (
     RejectedResult,
 )
 from edgeward_shared.messages.model import ModelQuery
+from edgeward_shared.messages.revocation import RevocationJob, RevocationList, Revoke
 from edgeward_shared.pki.store import read_certificate
+from edgeward_shared.replay import MemoryReplayGuard
+from edgeward_shared.revocation import LIST_VERIFY_POLICY
 from edgeward_shared.runtime.core import OPAQUE_REJECTION, Outgoing, Runtime
 from edgeward_shared.runtime.node import RESUME_WINDOW_S
 from edgeward_shared.storage import PostgresDatabase
@@ -92,6 +111,9 @@ GW_DEVICES = tuple(f"gw-{index}" for index in range(4))
 MODEL_QUERIES = f"{ROOT}/svc/{ServiceName.MODEL_DISTRIBUTION}/req/+"
 IDENTITY_2 = Identity.service(ServiceName.IDENTITY, "2")
 ID_DEVICES = tuple(f"id-{index}" for index in range(6))
+REVOCATION_2 = Identity.service(ServiceName.REVOCATION, "2")
+ADMIN = Identity(Role.BROKER_ADMIN, "broker")  # the revocation service kicks as it
+RV_DEVICES = tuple(f"rv-{index}" for index in range(12))
 #: what the second delivery of a renewal served already gets: refused by the instance that
 #: saw it (its replay cache: an opaque refusal) or by the other (the request's row)
 REDELIVERY_REASONS = {IdentityReason.RENEW_REPLAYED, OPAQUE_REJECTION}
@@ -104,8 +126,9 @@ TAKEOVER_S = RESUME_WINDOW_S + 1.0
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    devices = map(Identity.device, (*GW_DEVICES, *ID_DEVICES))
-    extra = (GATEWAY, GATEWAY_2, MODELS, REVOCATION, IDENTITY_2, *devices)
+    devices = map(Identity.device, (*GW_DEVICES, *ID_DEVICES, *RV_DEVICES))
+    services = (GATEWAY, GATEWAY_2, MODELS, REVOCATION, REVOCATION_2, IDENTITY_2)
+    extra = (*services, ADMIN, *devices)
     with make_world(tmp_path_factory.mktemp("killed"), extra=extra) as built:
         yield built
 
@@ -515,3 +538,164 @@ async def test_identity_kill_9_under_renewals_issues_each_certificate_once(
     assert late - set(got) == set()
     # a request is refused only as the second delivery of one served already
     assert {r for reasons in renewals.refused.values() for r in reasons} <= REDELIVERY_REASONS
+
+
+# ====================================================================== revocation
+@dataclass
+class Revocations:
+    """The operator's revocations and every answer it got; the lists a subscriber saw."""
+
+    operator: Runtime
+    asked: dict[str, tuple[str, float]] = field(default_factory=dict)  # mid -> device, when
+    jobs: dict[str, list[str]] = field(default_factory=dict)  # mid -> job ids answered
+    answered: dict[str, asyncio.Event] = field(default_factory=dict)
+    lists: list[RevocationList] = field(default_factory=list)
+
+    async def on_answer(self, opened: Opened[Any]) -> Sequence[Outgoing]:
+        message = opened.message
+        if isinstance(message, RevocationJob):
+            self.jobs.setdefault(message.in_reply_to, []).extend(j.job_id for j in message.jobs)
+            self.answered.setdefault(message.in_reply_to, asyncio.Event()).set()
+        return ()
+
+    async def on_list(self, opened: Opened[Any]) -> Sequence[Outgoing]:
+        self.lists.append(opened.message)
+        return ()
+
+    async def revoke(self, device_id: str) -> None:
+        """Revoke ``device_id``: each request sent twice (a redelivery), asked again with a
+        new request when no answer came within 3 s, as an operator would."""
+        topic = service_request_topic(ServiceName.REVOCATION, ALICE)
+        while True:
+            mid = new_mid()
+            self.asked[mid] = (device_id, time.monotonic())
+            request = Revoke(kind="device", subject=device_id, reason="test: killed instance")
+            for _ in range(2):
+                with contextlib.suppress(Exception):
+                    await self.operator.publish(Outgoing(topic, request, mid=mid))
+            answered = self.answered.setdefault(mid, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(answered.wait(), 3.0)
+                return
+
+
+async def _revocation_rows(url: str) -> list[tuple[str, str, str]]:
+    """Every job: (job id, subject, step)."""
+    db = await PostgresDatabase.open(url, scope="test-observer")
+    try:
+        async with db.transaction() as tx:
+            rows = await tx.fetch_all("SELECT job_id, subject, step FROM rev_jobs")
+    finally:
+        await db.close()
+    return [(str(r["job_id"]), str(r["subject"]), str(r["step"])) for r in rows]
+
+
+async def _refused(world: World, device_id: str) -> bool:
+    """True if the broker refuses a new connection with the device's certificate."""
+    identity = Identity.device(device_id)
+    settings = MqttSettings(
+        broker=world.address,
+        ca_bundle=world.pki.bundle_path,
+        identity=world.pki.identity_files(identity),
+        client_id=identity.common_name,
+    )
+    try:
+        async with connect_mqtt(settings):
+            return False
+    except EdgewardError:
+        return True
+
+
+@pytest.mark.asyncio
+async def test_revocation_kill_9_while_revoking_each_revocation_takes_effect_once(
+    world: World, postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    url = postgres_server.fresh_url()
+    operator = _node(world, ALICE)
+    revocations = Revocations(operator[0])
+    operator[0].route(
+        service_response_topic(ServiceName.REVOCATION, ALICE),
+        [RevocationJob],
+        revocations.on_answer,
+    )
+    observer = _node(world, TELEMETRY)
+    lists = EnvelopeVerifier(observer[0].verifier.trust, MemoryReplayGuard(), LIST_VERIFY_POLICY)
+    observer[0].route(
+        fleet_topic(FleetKind.REVOCATIONS), [RevocationList], revocations.on_list, verifier=lists
+    )
+    serials = {
+        d: read_certificate(world.pki.identity_files(Identity.device(d)).cert).serial_number
+        for d in RV_DEVICES
+    }
+    assert not any(await asyncio.gather(*(_refused(world, d) for d in RV_DEVICES)))
+    instances: list[ServiceProcess] = []
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(_stop_all, instances)
+        for identity in (REVOCATION, REVOCATION_2):
+            args = [
+                "--database",
+                url,
+                "--local-dir",
+                str(tmp_path / "revocation"),  # the audit key: one per database, shared here
+                "--broker-pid-file",
+                str(world.broker.run_dir / "mosquitto.pid"),
+                "--broker-log",
+                str(world.broker.log_path),
+            ]
+            instances.append(
+                await start_service(world, "edgeward_revocation", identity, args, tmp_path)
+            )
+        await stack.enter_async_context(running_nodes(operator, observer))
+        half = len(RV_DEVICES) // 2
+        await asyncio.gather(*(revocations.revoke(d) for d in RV_DEVICES[:half]))
+        victim, survivor = instances
+        jobs = 'type="edgeward.revocation.job.v1"'
+        published = "edgeward_messages_published_total"
+        assert victim.metric(published, jobs) >= 1  # both took requests before the kill
+        assert survivor.metric(published, jobs) >= 1
+        # revoke the rest while one instance is killed (its worker too, mid-job perhaps)
+        rest = asyncio.gather(*(revocations.revoke(d) for d in RV_DEVICES[half:]))
+        await asyncio.sleep(0.2)
+        await victim.kill()
+        taken_over = time.monotonic() + TAKEOVER_S
+        await rest
+        await asyncio.sleep(max(0.0, taken_over - time.monotonic()))
+
+        async def all_done() -> bool:
+            rows = await _revocation_rows(url)
+            return bool(rows) and all(step == "done" for _, _, step in rows)
+
+        for _ in range(int(WAIT_S / 0.3)):  # the survivor's worker finishes every job
+            if await all_done():
+                break
+            await asyncio.sleep(0.3)
+        assert await all_done(), await _revocation_rows(url)
+        assert await _eventually(
+            lambda: (
+                bool(revocations.lists) and set(RV_DEVICES) <= set(revocations.lists[-1].devices)
+            )
+        ), revocations.lists[-1:] if revocations.lists else None
+
+    rows = await _revocation_rows(url)
+    by_job = {job_id: subject for job_id, subject, _ in rows}
+    # every revocation asked: answered (the operator asked again until it was), its job
+    # done; and the revocation took effect: CRL, the signed list, the broker's handshake
+    answered = {mid: ids for mid, ids in revocations.jobs.items() if ids}
+    assert {revocations.asked[mid][0] for mid in answered} == set(RV_DEVICES)
+    for mid, ids in answered.items():
+        assert {by_job.get(job_id) for job_id in ids} == {revocations.asked[mid][0]}, mid
+    revoked = await asyncio.to_thread(world.pki.revoked_serials)
+    assert {d for d, serial in serials.items() if serial not in revoked} == set()
+    assert all(await asyncio.gather(*(_refused(world, d) for d in RV_DEVICES)))
+    # the survivor took over: each request asked once the victim's session was gone was
+    # answered (none had to be asked again)
+    late = {mid for mid, (_, at) in revocations.asked.items() if at >= taken_over}
+    assert late - set(answered) == set()
+    versions = [listing.version for listing in revocations.lists]
+    assert versions == sorted(versions)  # never back
+    # nothing applied twice: one job per request however often it was delivered (each was
+    # sent twice); a second job for a device comes only from a second request
+    assert [mid for mid, ids in answered.items() if len(set(ids)) > 1] == []
+    per_device = Counter(subject for subject in by_job.values())
+    asked_per_device = Counter(device for device, _ in revocations.asked.values())
+    assert {d: n for d, n in per_device.items() if n > asked_per_device[d]} == {}
