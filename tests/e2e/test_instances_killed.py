@@ -24,6 +24,11 @@ services' own counters.
   killed. Every device is answered and its job done, its serial in the CRL and in the
   signed list a subscriber sees, its certificate refused by the broker; one job per
   request however often it was delivered.
+- **model-distribution**: devices with an attestation result ask for a published, rolled
+  out tier-high model's data key. Every grant unwraps (with the device's session key,
+  bound to the device, the version and its result) to the version's one data key; the key
+  log numbers its decisions without gap or repeat, has every grant a device got and never
+  more releases to a device than it asked for; every request after the takeover granted.
 
 The killed instance's MQTT session outlives it by ``RESUME_WINDOW_S`` (docs/adr/0017): the
 broker hands that session its share of every shared subscription until it expires, and the
@@ -41,14 +46,16 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography import x509
 from tests.e2e.fabric import IDENTITY, World, make_world
-from tests.e2e.model_fabric import MODELS, REVOCATION
+from tests.e2e.model_fabric import MODELS, REVOCATION, SIGNER, publish
 from tests.e2e.service_processes import ServiceProcess, start_service
+from tests.models import small_model
 
 from edgeward_device_agent.enrollment import make_csr
 from edgeward_identity.reasons import IdentityReason
@@ -78,8 +85,9 @@ from edgeward_shared.messages.infer import (
     InferRequest,
     RejectedResult,
 )
-from edgeward_shared.messages.model import ModelQuery
+from edgeward_shared.messages.model import KeyGrant, KeyRequest, ModelQuery
 from edgeward_shared.messages.revocation import RevocationJob, RevocationList, Revoke
+from edgeward_shared.models.sealing import ModelRef, ReleaseContext, unwrap_on_device
 from edgeward_shared.pki.store import read_certificate
 from edgeward_shared.replay import MemoryReplayGuard
 from edgeward_shared.revocation import LIST_VERIFY_POLICY
@@ -114,6 +122,8 @@ ID_DEVICES = tuple(f"id-{index}" for index in range(6))
 REVOCATION_2 = Identity.service(ServiceName.REVOCATION, "2")
 ADMIN = Identity(Role.BROKER_ADMIN, "broker")  # the revocation service kicks as it
 RV_DEVICES = tuple(f"rv-{index}" for index in range(12))
+MODELS_2 = Identity.service(ServiceName.MODEL_DISTRIBUTION, "2")
+MD_DEVICES = tuple(f"md-{index}" for index in range(6))
 #: what the second delivery of a renewal served already gets: refused by the instance that
 #: saw it (its replay cache: an opaque refusal) or by the other (the request's row)
 REDELIVERY_REASONS = {IdentityReason.RENEW_REPLAYED, OPAQUE_REJECTION}
@@ -126,9 +136,9 @@ TAKEOVER_S = RESUME_WINDOW_S + 1.0
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    devices = map(Identity.device, (*GW_DEVICES, *ID_DEVICES, *RV_DEVICES))
-    services = (GATEWAY, GATEWAY_2, MODELS, REVOCATION, REVOCATION_2, IDENTITY_2)
-    extra = (*services, ADMIN, *devices)
+    devices = map(Identity.device, (*GW_DEVICES, *ID_DEVICES, *RV_DEVICES, *MD_DEVICES))
+    services = (GATEWAY, GATEWAY_2, MODELS, MODELS_2, REVOCATION, REVOCATION_2, IDENTITY_2)
+    extra = (*services, ADMIN, SIGNER, *devices)
     with make_world(tmp_path_factory.mktemp("killed"), extra=extra) as built:
         yield built
 
@@ -699,3 +709,145 @@ async def test_revocation_kill_9_while_revoking_each_revocation_takes_effect_onc
     per_device = Counter(subject for subject in by_job.values())
     asked_per_device = Counter(device for device, _ in revocations.asked.values())
     assert {d: n for d, n in per_device.items() if n > asked_per_device[d]} == {}
+
+
+# ====================================================================== model-distribution
+@dataclass
+class KeyReleases:
+    """The data keys each device asked for and what it unwrapped, as the devices saw it."""
+
+    ears: dict[str, tuple[str, PrivateKey, str]]  # device -> EAR, session key, its result id
+    ref: ModelRef
+    asked: dict[str, tuple[str, float]] = field(default_factory=dict)  # mid -> device, when
+    grants: dict[str, list[bytes]] = field(default_factory=dict)  # mid -> keys unwrapped
+    refused: dict[str, list[str]] = field(default_factory=dict)  # mid -> reasons
+    answered: dict[str, asyncio.Event] = field(default_factory=dict)
+
+    def on_answer(self, device_id: str) -> Any:
+        async def answer(opened: Opened[Any]) -> Sequence[Outgoing]:
+            message = opened.message
+            if isinstance(message, KeyGrant):
+                _, session_key, result_id = self.ears[device_id]
+                context = ReleaseContext(device_id, self.ref, result_id)
+                assert message.result_id == result_id
+                key = unwrap_on_device(message.wrapped_key, session_key, context)
+                self.grants.setdefault(message.in_reply_to, []).append(key)
+                self.answered.setdefault(message.in_reply_to, asyncio.Event()).set()
+            elif isinstance(message, Rejected):
+                self.refused.setdefault(message.in_reply_to, []).append(message.reason)
+            return ()
+
+        return answer
+
+    async def ask(self, node: Runtime, device_id: str, stop: asyncio.Event) -> None:
+        """One key request at a time, the next once the key came or after 3 s."""
+        ear, _, _ = self.ears[device_id]
+        up = device_topic(device_id, Direction.UP, Channel.MODEL)
+        request = KeyRequest(name=self.ref.name, version=self.ref.version, ear=ear)
+        while not stop.is_set():
+            mid = new_mid()
+            self.asked[mid] = (device_id, time.monotonic())
+            with contextlib.suppress(Exception):
+                await node.publish(Outgoing(up, request, mid=mid))
+            await _first(self.answered.setdefault(mid, asyncio.Event()), stop, within_s=3.0)
+
+
+async def _key_log(url: str) -> list[tuple[int, str, str, str]]:
+    """Every key decision: (seq, device, decision, result id)."""
+    db = await PostgresDatabase.open(url, scope="test-observer")
+    try:
+        async with db.transaction() as tx:
+            rows = await tx.fetch_all(
+                "SELECT seq, device_id, decision, result_id FROM mdl_key_log ORDER BY seq"
+            )
+    finally:
+        await db.close()
+    return [
+        (int(str(r["seq"])), str(r["device_id"]), str(r["decision"]), str(r["result_id"]))
+        for r in rows
+    ]
+
+
+@pytest.mark.asyncio
+async def test_model_distribution_kill_9_under_key_releases_logs_each_release_once(
+    world: World, postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    url = postgres_server.fresh_url()
+    clock = SystemClock()
+    model = small_model(seed=7)
+    ref = ModelRef("killed-cls", 1, sha256(model).hexdigest())
+    attestation = SigningKey.from_files(world.pki.identity_files(ATTESTATION))
+    ears = {}
+    for device_id in MD_DEVICES:
+        session_key, result_id = new_key(), new_mid()
+        ear = make_ear(
+            attestation,
+            device_id,
+            session_key.public_key(),
+            now_ms=clock.now_ms(),
+            result_id=result_id,
+        )
+        ears[device_id] = (ear, session_key, result_id)
+    releases = KeyReleases(ears, ref)
+    plane = _node(world, REVOCATION)
+    nodes = {}
+    for device_id in MD_DEVICES:
+        node = _node(world, Identity.device(device_id))
+        down = device_topic(device_id, Direction.DOWN, Channel.MODEL)
+        node[0].route(down, [KeyGrant, Rejected], releases.on_answer(device_id))
+        nodes[device_id] = node
+    instances: list[ServiceProcess] = []
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(_stop_all, instances)
+        await stack.enter_async_context(running_nodes(plane, *nodes.values()))
+        listing = revocation_list(int(time.time()) + 1, now_ms=clock.now_ms())
+        await plane[0].publish(Outgoing(fleet_topic(FleetKind.REVOCATIONS), listing, retain=True))
+        args = ["--database", url, "--state-dir", str(tmp_path / "models")]  # blobs, KEK
+        for identity in (MODELS, MODELS_2):  # one after the other: the first makes the KEK
+            module = "edgeward_model_distribution"
+            started = await start_service(world, module, identity, args, tmp_path)
+            instances.append(started)
+        published = await asyncio.to_thread(publish, world, tmp_path, ref.name, 1, model)
+        assert f"published {ref.name} v1 (high)" in published
+        devices = [arg for d in MD_DEVICES for arg in ("--device", d)]
+        await asyncio.to_thread(world.cli, "model", "rollout", ref.name, "1", *devices)
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(releases.ask(nodes[d][0], d, stop)) for d in MD_DEVICES]
+        try:
+            sent = "edgeward_messages_published_total"
+            grants = 'type="edgeward.model.key-grant.v1"'
+            assert await _eventually(lambda: all(i.metric(sent, grants) >= 5 for i in instances))
+            victim, survivor = instances
+            before = survivor.metric(sent, grants)
+            await victim.kill()
+            taken_over = time.monotonic() + TAKEOVER_S
+            await asyncio.sleep(TAKEOVER_S + 3.0)  # key requests go on to the survivor alone
+            assert survivor.metric(sent, grants) > before
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
+        await asyncio.sleep(1.0)  # the answers in flight
+
+    log = await _key_log(url)
+    granted = {mid: keys for mid, keys in releases.grants.items() if keys}
+    # one data key for the version, every grant unwrapping to it with the device's session
+    # key (bound to the device, the version and its attestation result), one per request
+    assert len({key for keys in granted.values() for key in keys}) == 1
+    assert [mid for mid, keys in granted.items() if len(keys) > 1] == []
+    assert releases.refused == {}
+    # the key log: one entry per decision, numbered without gap or repeat across instances;
+    # every grant a device got logged as a release to it (nothing accepted lost), and no
+    # device released more often than it asked (nothing applied twice)
+    assert [seq for seq, *_ in log] == list(range(1, len(log) + 1))
+    assert {decision for _, _, decision, _ in log} == {"released"}
+    released = Counter(device for _, device, _, _ in log)
+    asked = Counter(device for device, _ in releases.asked.values())
+    got = Counter(releases.asked[mid][0] for mid in granted)
+    for device_id in MD_DEVICES:
+        assert got[device_id] <= released[device_id] <= asked[device_id], device_id
+    assert all(result == ears[device][2] for _, device, _, result in log)  # its own EAR's
+    # the survivor took over: every request asked once the victim's session was gone was
+    # granted
+    late = {mid for mid, (_, at) in releases.asked.items() if at >= taken_over}
+    assert len(late) >= 2 * len(MD_DEVICES), len(late)
+    assert late - set(granted) == set()
