@@ -14,12 +14,14 @@ after a crash between "done" and "marked" is harmless.
 from __future__ import annotations
 
 import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Final, cast
 
 from edgeward_revocation.core import Entry, Step
 from edgeward_shared.messages.revocation import JobStatus, Kind
-from edgeward_shared.storage.base import Database, Row
+from edgeward_shared.storage.base import Database, Row, Transaction
 from edgeward_shared.storage.migrations import Migration, migrate
 
 COMPONENT: Final = "revocation"
@@ -275,12 +277,25 @@ class RevocationStore:
 
     async def latest_list(self) -> PublishedList | None:
         async with self.db.transaction() as tx:
-            row = await tx.fetch_one("SELECT * FROM rev_lists ORDER BY version DESC LIMIT 1", {})
-        if row is None:
-            return None
-        body = row["body"]
-        if not isinstance(body, bytes):
-            raise TypeError("list body is not bytes")
-        return PublishedList(
-            int(str(row["version"])), int(str(row["issued_at"])), int(str(row["expires_at"])), body
-        )
+            return await _newest(tx)
+
+    @asynccontextmanager
+    async def newest_list_locked(self) -> AsyncIterator[PublishedList | None]:
+        """The newest list saved, while this service's write lock is held (every instance's
+        transactions are serial: docs/adr/0034). A list published inside the block is the
+        newest when it goes out, and no other instance publishes before the block ends:
+        lists go out in the order of their versions."""
+        async with self.db.transaction() as tx:
+            yield await _newest(tx)
+
+
+async def _newest(tx: Transaction) -> PublishedList | None:
+    row = await tx.fetch_one("SELECT * FROM rev_lists ORDER BY version DESC LIMIT 1", {})
+    if row is None:
+        return None
+    body = row["body"]
+    if not isinstance(body, bytes):
+        raise TypeError("list body is not bytes")
+    return PublishedList(
+        int(str(row["version"])), int(str(row["issued_at"])), int(str(row["expires_at"])), body
+    )
