@@ -6,11 +6,11 @@ from __future__ import annotations
 import random
 import statistics
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from tests.conftest import OpenDatabase
 
 from edgeward_shared.audit.appender import MemoryAppender
 from edgeward_shared.audit.entry import Decision
@@ -19,7 +19,6 @@ from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.messages.attest import AttestationFailed
 from edgeward_shared.messages.infer import RejectedResult
 from edgeward_shared.messages.telemetry import Risk
-from edgeward_shared.storage.sqlite import SqliteDatabase
 from edgeward_shared.testing import EPOCH_MS, FixedClock, MemoryPki
 from edgeward_shared.topics import service_event_topic
 from edgeward_telemetry.core import DeviceState
@@ -64,9 +63,9 @@ def test_the_settings_refuse_a_release_bigger_than_the_day() -> None:
         PrivacySettings(epsilon_per_release=2.0, epsilon_per_day=1.0)
 
 
-async def _store(tmp_path: Path) -> TelemetryStore:
-    db = await SqliteDatabase.open(tmp_path / "telemetry.db")
-    store = TelemetryStore(db)
+async def _store(open_db: OpenDatabase) -> TelemetryStore:
+    """The store on SQLite and on PostgreSQL (whose ``sum`` of a BIGINT is a numeric)."""
+    store = TelemetryStore(await open_db())
     await store.migrate()
     return store
 
@@ -82,9 +81,9 @@ def _with(state_risk: Risk, attested: bool, inferences: int) -> Callable[[Device
 
 @pytest.mark.asyncio
 async def test_the_budget_ledger_allows_one_release_per_slot_and_stops_at_the_budget(
-    tmp_path: Path,
+    open_db: OpenDatabase,
 ) -> None:
-    store = await _store(tmp_path)
+    store = await _store(open_db)
     clock = FixedClock(EPOCH_MS)
     audit = MemoryAppender()
     settings = PrivacySettings(epsilon_per_release=0.3, epsilon_per_day=1.0)
@@ -126,8 +125,8 @@ async def test_the_budget_ledger_allows_one_release_per_slot_and_stops_at_the_bu
 
 
 @pytest.mark.asyncio
-async def test_fleet_gauges_count_active_devices_by_risk(tmp_path: Path) -> None:
-    store = await _store(tmp_path)
+async def test_fleet_gauges_count_active_devices_by_risk(open_db: OpenDatabase) -> None:
+    store = await _store(open_db)
     clock = FixedClock(EPOCH_MS)
     registry = CollectorRegistry()
     view = FleetView(store, clock, registry)
@@ -144,9 +143,9 @@ async def test_fleet_gauges_count_active_devices_by_risk(tmp_path: Path) -> None
 
 @pytest.mark.asyncio
 async def test_other_services_events_become_cloud_side_metrics(
-    tmp_path: Path, memory_pki: MemoryPki
+    open_db: OpenDatabase, memory_pki: MemoryPki
 ) -> None:
-    store = await _store(tmp_path)
+    store = await _store(open_db)
     clock = FixedClock(EPOCH_MS)
     registry = CollectorRegistry()
     view = FleetView(store, clock, registry)

@@ -98,7 +98,8 @@ class TelemetryStore:
                 "SELECT slot FROM tel_privacy_ledger WHERE slot = :slot", {"slot": slot}
             )
             row = await tx.fetch_one(
-                "SELECT coalesce(sum(epsilon_micros), 0) AS spent FROM tel_privacy_ledger"
+                "SELECT CAST(coalesce(sum(epsilon_micros), 0) AS BIGINT) AS spent"
+                " FROM tel_privacy_ledger"
                 " WHERE day = :day",
                 {"day": day},
             )
@@ -115,7 +116,8 @@ class TelemetryStore:
     async def spent(self, day: str) -> float:
         async with self.db.transaction(durable=False) as tx:
             row = await tx.fetch_one(
-                "SELECT coalesce(sum(epsilon_micros), 0) AS spent FROM tel_privacy_ledger"
+                "SELECT CAST(coalesce(sum(epsilon_micros), 0) AS BIGINT) AS spent"
+                " FROM tel_privacy_ledger"
                 " WHERE day = :day",
                 {"day": day},
             )
