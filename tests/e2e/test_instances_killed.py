@@ -29,6 +29,10 @@ services' own counters.
   bound to the device, the version and its result) to the version's one data key; the key
   log numbers its decisions without gap or repeat, has every grant a device got and never
   more releases to a device than it asked for; every request after the takeover granted.
+- **telemetry**: devices send signed, attested reports, each twice. Read from each
+  device's stored state (its report mark, and a rule's healthy run, which counts the
+  reports judged): never more reports judged than sent; after the takeover every report
+  is judged exactly once and the last one is the device's mark.
 
 The killed instance's MQTT session outlives it by ``RESUME_WINDOW_S`` (docs/adr/0017): the
 broker hands that session its share of every shared subscription until it expires, and the
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import secrets
 import time
 from collections import Counter
@@ -56,6 +61,7 @@ from tests.e2e.fabric import IDENTITY, World, make_world
 from tests.e2e.model_fabric import MODELS, REVOCATION, SIGNER, publish
 from tests.e2e.service_processes import ServiceProcess, start_service
 from tests.models import small_model
+from tests.telemetry_builders import report
 
 from edgeward_device_agent.enrollment import make_csr
 from edgeward_identity.reasons import IdentityReason
@@ -107,6 +113,7 @@ from edgeward_shared.topics import (
     service_request_topic,
     service_response_topic,
 )
+from edgeward_telemetry.store import TelemetryStore
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -124,6 +131,11 @@ ADMIN = Identity(Role.BROKER_ADMIN, "broker")  # the revocation service kicks as
 RV_DEVICES = tuple(f"rv-{index}" for index in range(12))
 MODELS_2 = Identity.service(ServiceName.MODEL_DISTRIBUTION, "2")
 MD_DEVICES = tuple(f"md-{index}" for index in range(6))
+TELEMETRY_2 = Identity.service(ServiceName.TELEMETRY, "2")
+TL_DEVICES = tuple(f"tl-{index}" for index in range(4))
+#: a rule every report is judged by and an honest one never breaches: its healthy run
+#: counts the device's reports ingested
+COUNTING_RULE = "gateway-rejections"
 #: what the second delivery of a renewal served already gets: refused by the instance that
 #: saw it (its replay cache: an opaque refusal) or by the other (the request's row)
 REDELIVERY_REASONS = {IdentityReason.RENEW_REPLAYED, OPAQUE_REJECTION}
@@ -136,8 +148,8 @@ TAKEOVER_S = RESUME_WINDOW_S + 1.0
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    devices = map(Identity.device, (*GW_DEVICES, *ID_DEVICES, *MD_DEVICES))
-    services = (GATEWAY, GATEWAY_2, MODELS, MODELS_2, REVOCATION, IDENTITY_2)
+    devices = map(Identity.device, (*GW_DEVICES, *ID_DEVICES, *MD_DEVICES, *TL_DEVICES))
+    services = (GATEWAY, GATEWAY_2, MODELS, MODELS_2, REVOCATION, IDENTITY_2, TELEMETRY_2)
     extra = (*services, SIGNER, *devices)
     with make_world(tmp_path_factory.mktemp("killed"), extra=extra) as built:
         yield built
@@ -861,3 +873,103 @@ async def test_model_distribution_kill_9_under_key_releases_logs_each_release_on
     late = {mid for mid, (_, at) in releases.asked.items() if at >= taken_over}
     assert len(late) >= 2 * len(MD_DEVICES), len(late)
     assert late - set(granted) == set()
+
+
+# ====================================================================== telemetry
+@dataclass
+class Reports:
+    """Each device's signed reports, numbered from 1, each sent twice (a redelivery)."""
+
+    ears: dict[str, str]
+    rng: random.Random = field(default_factory=lambda: random.Random(18))
+    sent: dict[str, int] = field(default_factory=dict)  # device -> last seq sent
+
+    async def send(self, node: Runtime, device_id: str, stop: asyncio.Event) -> None:
+        """A report every 0.1 s until ``stop`` is set (one device's reports are far apart
+        in production; here the next never overtakes the one before)."""
+        up = device_topic(device_id, Direction.UP, Channel.TELEMETRY)
+        while not stop.is_set():
+            seq = self.sent.get(device_id, 0) + 1
+            self.sent[device_id] = seq
+            now = SystemClock().now_ms()
+            message = report(device_id, seq, now_ms=now, rng=self.rng, ear=self.ears[device_id])
+            mid = new_mid()
+            for _ in range(2):
+                with contextlib.suppress(Exception):
+                    await node.publish(Outgoing(up, message, mid=mid))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.1)
+
+    async def run(self, nodes: dict[str, Node], seconds: float) -> None:
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(self.send(n[0], d, stop)) for d, n in nodes.items()]
+        await asyncio.sleep(seconds)
+        stop.set()
+        await asyncio.gather(*tasks)
+
+
+async def _ingested(url: str) -> dict[str, tuple[int, int]]:
+    """Each device's last accepted seq, and how many of its reports were judged: a rule
+    evaluated on every report (``COUNTING_RULE``) counts one healthy datapoint per report
+    ingested, and honest reports never breach it."""
+    db = await PostgresDatabase.open(url, scope="test-observer")
+    try:
+        store = TelemetryStore(db)
+        states = {d: await store.device(d) for d in TL_DEVICES}
+    finally:
+        await db.close()
+    return {
+        d: (state.seq, state.rules[COUNTING_RULE].healthy)
+        for d, state in states.items()
+        if state is not None
+    }
+
+
+@pytest.mark.asyncio
+async def test_telemetry_kill_9_under_reports_ingests_each_report_once(
+    world: World, postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    url = postgres_server.fresh_url()
+    clock = SystemClock()
+    attestation = SigningKey.from_files(world.pki.identity_files(ATTESTATION))
+    ears = {
+        d: make_ear(attestation, d, new_key().public_key(), now_ms=clock.now_ms())
+        for d in TL_DEVICES
+    }
+    reports = Reports(ears)
+    nodes = {d: _node(world, Identity.device(d)) for d in TL_DEVICES}
+    instances: list[ServiceProcess] = []
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(_stop_all, instances)
+        for identity in (TELEMETRY, TELEMETRY_2):
+            args = ["--database", url, "--local-dir", str(tmp_path / "telemetry")]
+            started = await start_service(world, "edgeward_telemetry", identity, args, tmp_path)
+            instances.append(started)
+        await stack.enter_async_context(running_nodes(*nodes.values()))
+        counted = ("edgeward_telemetry_reports_total", 'outcome="accepted"')
+        first = asyncio.create_task(reports.run(nodes, 2.0))
+        assert await _eventually(lambda: all(i.metric(*counted) >= 5 for i in instances))
+        await first
+        victim, survivor = instances
+        await victim.kill()
+        await reports.run(nodes, TAKEOVER_S)  # reports go on through the kill
+        await asyncio.sleep(1.0)
+        before = await _ingested(url)
+        sent_before = dict(reports.sent)
+        accepted = survivor.metric(*counted)
+        await reports.run(nodes, 3.0)  # the survivor alone
+        await asyncio.sleep(1.0)
+        after = await _ingested(url)
+        assert survivor.metric(*counted) > accepted
+
+    # nothing applied twice (each report was sent twice): up to the takeover, never more
+    # reports judged than the device sent
+    assert set(before) == set(TL_DEVICES)
+    for device_id, (mark, judged) in before.items():
+        assert judged <= mark <= sent_before[device_id], device_id
+    # the survivor took over, losing nothing: every report sent after the takeover is
+    # judged, exactly once, and the last is each device's mark
+    for device_id, (mark, judged) in after.items():
+        sent_after = reports.sent[device_id] - sent_before[device_id]
+        assert sent_after >= 20, sent_after
+        assert (mark, judged - before[device_id][1]) == (reports.sent[device_id], sent_after)
