@@ -20,12 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import socket
-import sys
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -41,6 +36,7 @@ from tests.e2e.fabric import (
     make_world,
     running,
 )
+from tests.e2e.service_processes import ServiceProcess, start_service
 
 from edgeward_attestation.store import AttestationStore
 from edgeward_device_agent.agent import DeviceAgent
@@ -80,22 +76,6 @@ def server() -> Iterator[PostgresServer]:
 
 
 @dataclass
-class Instance:
-    identity: Identity
-    process: asyncio.subprocess.Process
-    metrics_port: int
-
-    def published(self) -> float:
-        """Signed messages this instance published (results, challenges), from /metrics."""
-        return _metric_sum(self.metrics_port, "edgeward_messages_published_total")
-
-    def rejected(self, reason: str) -> float:
-        return _metric_sum(
-            self.metrics_port, "edgeward_messages_rejected_total", f'reason="{reason}"'
-        )
-
-
-@dataclass
 class Watch:
     """Every result each device adopted (by result id), sampled every 50 ms."""
 
@@ -117,79 +97,25 @@ class Watch:
         return {d for d, seen in self.adopted.items() if any(at >= ms for at in seen.values())}
 
 
-def _metric_sum(port: int, name: str, label: str = "") -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
-        text = answer.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and label in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-async def _start_instance(world: World, identity: Identity, url: str, root: Path) -> Instance:
-    port = _free_port()
-    argv = [
-        "-m",
-        "edgeward_attestation",
-        "--pki-dir",
-        str(world.pki.dir),
-        "--identity-dir",
-        str(world.pki.identity_files(identity).directory),
+async def _start_instance(world: World, identity: Identity, url: str, root: Path) -> ServiceProcess:
+    args = [
         "--database",
         url,
         "--local-dir",
         str(root / "attestation"),  # the audit key: one per database, shared here
-        "--broker",
-        f"{world.broker.host}:{world.broker.port}",
-        "--metrics-port",
-        str(port),
         "--manufacturer-ca",
         str(world.fleet.ca.cert_path),
         "--result-lifetime",
         "30s",
         "--no-scheduler",
-        "--log-level",
-        "warning",
     ]
-    log = (root / f"{identity.common_name}.log").open("ab")
-    try:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, *argv, stdout=log, stderr=log, env={**os.environ}
-        )
-    finally:
-        log.close()
-    instance = Instance(identity, process, port)
-    deadline = time.monotonic() + 30.0
-    while True:  # ready once it serves /metrics and is connected
-        with contextlib.suppress(OSError):
-            if _metric_sum(port, "edgeward_bus_connected") >= 1:
-                return instance
-        if process.returncode is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{identity.common_name} did not start; see {root}")
-        await asyncio.sleep(0.2)
-
-
-async def _stop(instance: Instance) -> None:
-    if instance.process.returncode is None:
-        instance.process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(instance.process.wait(), 15.0)
-        except TimeoutError:
-            instance.process.kill()
-            await instance.process.wait()
+    return await start_service(world, "edgeward_attestation", identity, args, root)
 
 
 @asynccontextmanager
 async def fleet_on(
     world: World, url: str, root: Path, name: str
-) -> AsyncIterator[tuple[list[Instance], Watch, AttestationStore]]:
+) -> AsyncIterator[tuple[list[ServiceProcess], Watch, AttestationStore]]:
     """Two attestation instances on ``url``, the identity service, ``DEVICES`` agents."""
     await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
     async with AsyncExitStack() as stack:
@@ -198,11 +124,11 @@ async def fleet_on(
         store = AttestationStore(db)
         await store.migrate()
         await approve_golden_policy(store, f"{name}-1")
-        instances: list[Instance] = []
+        instances: list[ServiceProcess] = []
         for identity in (ATTESTATION, ATTESTATION_2):
             instance = await _start_instance(world, identity, url, root)
             instances.append(instance)
-            stack.push_async_callback(_stop, instance)
+            stack.push_async_callback(instance.stop)
         identity_config = IdentityConfig(
             pki_dir=world.pki.dir,
             identity_dir=world.pki.identity_files(IDENTITY).directory,
@@ -267,8 +193,7 @@ async def test_kill_9_of_one_instance_under_load_loses_nothing_and_the_other_tak
         assert await _eventually(lambda: all(i.published() > DEVICES for i in instances))
         victim, survivor = instances
         before = survivor.published()
-        victim.process.send_signal(signal.SIGKILL)
-        await victim.process.wait()
+        await victim.kill()
         killed_at = int(time.time() * 1000)
         assert await _eventually(lambda: watch.fresh_since(killed_at) == set(watch.agents)), (
             watch.fresh_since(killed_at)

@@ -46,8 +46,17 @@ class RevocationService:
         self.wake = wake
         self.auto_revoke = auto_revoke
 
-    async def revoke(self, caller: Identity, kind: Kind, subject: str, reason: str) -> Job:
-        """Record a revocation (its job starts at ``recorded``) and wake the worker."""
+    async def revoke(
+        self,
+        caller: Identity,
+        kind: Kind,
+        subject: str,
+        reason: str,
+        *,
+        request: str | None = None,
+    ) -> Job:
+        """Record a revocation (its job starts at ``recorded``) and wake the worker.
+        ``request``: the asking message's mid; asked again, the same job is returned."""
         authorize_revoker(caller, kind)
         subject = canonical_subject(kind, subject)
         now = self.clock.now_ms()
@@ -61,6 +70,7 @@ class RevocationService:
             serials=serials,
             kick=kick,
             now_ms=now,
+            request=request,
         )
         log.info(
             "revocation.recorded",
@@ -95,7 +105,11 @@ class RevocationService:
         message = opened.message
         if isinstance(message, Revoke):
             job = await self.revoke(
-                opened.signer.identity, message.kind, message.subject, message.reason
+                opened.signer.identity,
+                message.kind,
+                message.subject,
+                message.reason,
+                request=opened.mid,
             )
             jobs = [job]
         elif isinstance(message, RevocationQuery):
@@ -121,6 +135,7 @@ class RevocationService:
                 "device",
                 event.device_id,
                 "attestation failed: " + ",".join(event.reasons)[:150],
+                request=opened.mid,
             )
         else:
             log.info(

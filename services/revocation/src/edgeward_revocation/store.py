@@ -2,7 +2,10 @@
 revocation out step by step, and every list published.
 
 A revocation is *recorded* in one transaction (its entry, the certificate serials it takes
-away, and its job at step ``recorded``); from then on it cannot be lost, only delayed. Each
+away, its job at step ``recorded``, and the request it answers); from then on it cannot be
+lost, only delayed. A request is recorded once: delivered again (to this instance or
+another, after a crash, by a broker that hands an unacknowledged message to another member
+of the shared subscription), it names the job it made the first time. Each
 later step is marked only after it was confirmed, so a restarted service resumes every job
 where it stopped (:meth:`RevocationStore.pending`). Steps are idempotent: redoing one
 after a crash between "done" and "marked" is harmless.
@@ -11,12 +14,14 @@ after a crash between "done" and "marked" is harmless.
 from __future__ import annotations
 
 import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Final, cast
 
 from edgeward_revocation.core import Entry, Step
 from edgeward_shared.messages.revocation import JobStatus, Kind
-from edgeward_shared.storage.base import Database, Row
+from edgeward_shared.storage.base import Database, Row, Transaction
 from edgeward_shared.storage.migrations import Migration, migrate
 
 COMPONENT: Final = "revocation"
@@ -58,6 +63,19 @@ MIGRATIONS: Final = (
                 issued_at BIGINT NOT NULL,
                 expires_at BIGINT NOT NULL,
                 body BLOB NOT NULL
+            )""",
+        ),
+    ),
+    Migration(
+        2,
+        "each revocation request recorded once (the job it made)",
+        (
+            """CREATE TABLE rev_requests (
+                actor TEXT NOT NULL,
+                mid TEXT NOT NULL,
+                job_id TEXT NOT NULL REFERENCES rev_jobs (job_id),
+                at BIGINT NOT NULL,
+                PRIMARY KEY (actor, mid)
             )""",
         ),
     ),
@@ -141,10 +159,22 @@ class RevocationStore:
         serials: tuple[int, ...],
         kick: tuple[str, ...],
         now_ms: int,
+        request: str | None = None,
     ) -> Job:
-        """The ``recorded`` step: entry, serials and job in one transaction."""
+        """The ``recorded`` step: entry, serials and job in one transaction. ``request``:
+        the mid of the message asking (signed by ``actor``); asked again, the job it made
+        then is returned and nothing is recorded (the transactions of every instance are
+        serial: docs/adr/0034)."""
         job_id = secrets.token_hex(16)
         async with self.db.transaction() as tx:
+            if request is not None:
+                made = await tx.fetch_one(
+                    "SELECT j.* FROM rev_requests r JOIN rev_jobs j ON j.job_id = r.job_id"
+                    " WHERE r.actor = :a AND r.mid = :m",
+                    {"a": actor, "m": request},
+                )
+                if made is not None:
+                    return Job.from_row(made)
             await tx.execute(
                 "INSERT INTO rev_entries (kind, subject, reason, actor, at) VALUES"
                 " (:k, :s, :r, :a, :at) ON CONFLICT (kind, subject) DO NOTHING",
@@ -171,6 +201,11 @@ class RevocationStore:
                     "at": now_ms,
                 },
             )
+            if request is not None:
+                await tx.execute(
+                    "INSERT INTO rev_requests (actor, mid, job_id, at) VALUES (:a, :m, :j, :at)",
+                    {"a": actor, "m": request, "j": job_id, "at": now_ms},
+                )
             row = await tx.fetch_one("SELECT * FROM rev_jobs WHERE job_id = :j", {"j": job_id})
         assert row is not None  # noqa: S101 - inserted just above, in this transaction
         return Job.from_row(row)
@@ -242,12 +277,25 @@ class RevocationStore:
 
     async def latest_list(self) -> PublishedList | None:
         async with self.db.transaction() as tx:
-            row = await tx.fetch_one("SELECT * FROM rev_lists ORDER BY version DESC LIMIT 1", {})
-        if row is None:
-            return None
-        body = row["body"]
-        if not isinstance(body, bytes):
-            raise TypeError("list body is not bytes")
-        return PublishedList(
-            int(str(row["version"])), int(str(row["issued_at"])), int(str(row["expires_at"])), body
-        )
+            return await _newest(tx)
+
+    @asynccontextmanager
+    async def newest_list_locked(self) -> AsyncIterator[PublishedList | None]:
+        """The newest list saved, while this service's write lock is held (every instance's
+        transactions are serial: docs/adr/0034). A list published inside the block is the
+        newest when it goes out, and no other instance publishes before the block ends:
+        lists go out in the order of their versions."""
+        async with self.db.transaction() as tx:
+            yield await _newest(tx)
+
+
+async def _newest(tx: Transaction) -> PublishedList | None:
+    row = await tx.fetch_one("SELECT * FROM rev_lists ORDER BY version DESC LIMIT 1", {})
+    if row is None:
+        return None
+    body = row["body"]
+    if not isinstance(body, bytes):
+        raise TypeError("list body is not bytes")
+    return PublishedList(
+        int(str(row["version"])), int(str(row["issued_at"])), int(str(row["expires_at"])), body
+    )

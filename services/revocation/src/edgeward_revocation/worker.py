@@ -9,8 +9,10 @@ reload, and the revoked canary was refused by a real handshake; docs/adr/0012),
 counted, and retried with jittered backoff; the job never goes back and never skips. A
 restarted worker picks every unfinished job up where the database says it is.
 
-One worker per deployment (``--worker`` on one instance): list versions are allocated
-from the database, but two workers would race on the CRL and the broker.
+Every instance may run a worker (docs/adr/0034): a step is marked only from the step it
+was at, the steps are idempotent (the CRL's serials, a checked reload, a kick), a list
+version is claimed in the database and lists are published in version order under the
+service's write lock (:meth:`RevocationWorker._publish_newest`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from edgeward_revocation.store import Job, RevocationStore
 from edgeward_shared.clock import Clock, to_datetime
 from edgeward_shared.errors import EdgewardError, TransportError
 from edgeward_shared.logs import fields
-from edgeward_shared.messages.base import encode_message
+from edgeward_shared.messages.base import decode_message, encode_message
 from edgeward_shared.messages.revocation import RevocationList
 from edgeward_shared.pki.store import CRL_LIFETIME
 from edgeward_shared.pki.trust import TrustStore
@@ -187,13 +189,31 @@ class RevocationWorker:
         else:
             raise TransportError(StorageReason.BUSY, "revocation list version kept being taken")
         started = time.perf_counter()
-        await self._publish(revocations)
+        published = await self._publish_newest()
         self._published = True
         log.info(
             "revocation.list_published",
-            extra=fields(version=version, ms=round((time.perf_counter() - started) * 1000, 2)),
+            extra=fields(
+                version=version,
+                published=published,
+                ms=round((time.perf_counter() - started) * 1000, 2),
+            ),
         )
         return version
+
+    async def _publish_newest(self) -> int:
+        """Publish the newest list saved, under the service's write lock; its version.
+
+        Two workers that saved versions 3 and 4 could otherwise publish 4, then 3: the
+        retained list would go back, and a subscriber arriving then would miss what 4
+        added. Under the lock the lists go out in version order, and a worker whose
+        version another overtook publishes the newer list, which holds every entry of its
+        own (entries are never removed)."""
+        async with self.store.newest_list_locked() as newest:
+            if newest is None:  # saved just before, and lists are never deleted
+                raise TransportError(StorageReason.BUSY, "no revocation list saved")
+            await self._publish(decode_message(newest.body, RevocationList))
+        return newest.version
 
     async def maintain(self) -> bool:
         """Publish a list at start and at half-life; reissue the CRL at half-life."""
