@@ -67,7 +67,7 @@ async def test_rsa_devices_enrol_and_attest_and_a_tampered_one_is_named(world: W
                 world.cli, "policy", "record", "rsa-1", "--class", DEVICE_CLASS,
                 "--pcrs", PCRS, "--from-device", "dev-rsa-ref",
             )  # fmt: skip
-            for _ in range(200):
+            for _ in range(600):  # up to 60 s: a loaded CI machine quotes slowly
                 row = await store.policy("rsa-1")
                 if row is not None and row.policy is not None:
                     break
