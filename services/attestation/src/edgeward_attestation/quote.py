@@ -28,12 +28,18 @@ signature (ECDSA P-256, RSASSA or RSAPSS, SHA-256, the AK's own scheme), extraDa
 and selection, supplied PCR values against the quoted digest, allowlist (only for values
 shown to hash to the digest), counters and clock. It leaves single use of the nonce (the
 challenge store), AK enrollment and EAR issuance to the service.
+
+PCR values that are exactly one of the policy's known states (:attr:`PcrPolicy.golden`)
+pass the digest and allowlist checks at once (docs/adr/0018, amended for issue 19).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+import itertools
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal, NamedTuple, cast
@@ -67,6 +73,9 @@ _PKCS1V15: Final = padding.PKCS1v15()
 #: (Part 1, Annex B.7, by revision): the verifier accepts any salt length.
 _PSS: Final = padding.PSS(padding.MGF1(_SHA256), padding.PSS.AUTO)
 _P256_ORDER_BYTES: Final = 32
+#: The most allowed combinations of PCR values a policy precomputes digests for
+#: (:attr:`PcrPolicy.golden`); an allowlist with more is checked value by value.
+MAX_GOLDEN_STATES: Final = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +108,8 @@ class PcrPolicy:
     bank: int = ALG_SHA256
     #: the selection in ascending order, as a quote lists it (derived)
     indices: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    #: every allowed (index, value) pair, so that a quote's values are checked in one call
+    allowed: frozenset[tuple[int, bytes]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.selection or not all(0 <= i < 24 for i in self.selection):
@@ -109,6 +120,28 @@ class PcrPolicy:
             raise ValueError(f"unknown PCR bank {self.bank:#06x}")
         # the selection as a quote lists it (ascending): compared as is, on every quote
         object.__setattr__(self, "indices", tuple(sorted(self.selection)))
+        pairs = frozenset((i, value) for i, values in self.allowlist.items() for value in values)
+        object.__setattr__(self, "allowed", pairs)
+
+    @functools.cached_property
+    def golden(self) -> Mapping[bytes, Mapping[int, bytes]]:
+        """The pcrDigest of each allowed combination of values, to the values, when the
+        allowlist has at most :data:`MAX_GOLDEN_STATES` combinations (else empty).
+
+        A quote of one of these digests whose supplied values are exactly that combination
+        passes the digest and allowlist checks at once, with no hashing: a fleet quotes a
+        few known states over and over. Anything else takes the general checks. Computed
+        on first use (a policy built for one quote pays one digest, as the checks would)."""
+        size = HASHES[self.bank][1]
+        choices = [sorted(self.allowlist[i]) for i in self.indices]
+        if math.prod(map(len, choices)) > MAX_GOLDEN_STATES:
+            return {}
+        states: dict[bytes, Mapping[int, bytes]] = {}
+        for values in itertools.product(*choices):
+            if all(len(value) == size for value in values):
+                digest = hashlib.sha256(b"".join(values)).digest()
+                states[digest] = dict(zip(self.indices, values, strict=True))
+        return states
 
 
 class QuoteFacts(NamedTuple):
@@ -272,12 +305,29 @@ def check_pcr_digest(quote: QuoteAttest | bytes, pcr_values: Mapping[int, bytes]
 
 
 def _check_allowlist(pcrs: Mapping[int, bytes], policy: PcrPolicy) -> EdgewardError | None:
-    allowlist = policy.allowlist
-    for i, value in pcrs.items():
-        if value not in allowlist.get(i, ()):
-            off = sorted(j for j, v in pcrs.items() if v not in allowlist.get(j, ()))
-            return PolicyError(R.PCR_NOT_ALLOWED, f"PCRs {off} hold values off the allowlist")
-    return None
+    if policy.allowed.issuperset(pcrs.items()):
+        return None
+    off = sorted(i for i, value in pcrs.items() if (i, value) not in policy.allowed)
+    return PolicyError(R.PCR_NOT_ALLOWED, f"PCRs {off} hold values off the allowlist")
+
+
+def _check_pcrs(
+    quote: QuoteAttest, pcr_values: Mapping[int, bytes], policy: PcrPolicy | None
+) -> tuple[dict[int, bytes] | None, EdgewardError | None]:
+    """The supplied values against pcrDigest, then against ``policy``'s allowlist (a policy
+    whose bank and selection the quote has; ``None``: no allowlist). Returns the values if
+    they hash to the digest, and the finding if any.
+
+    Values that are exactly one of the policy's known states (:attr:`PcrPolicy.golden`) are
+    both at once, without hashing: that state's digest is the quote's."""
+    if policy is not None:
+        state = policy.golden.get(quote.pcr_digest)
+        if state is not None and state == pcr_values:
+            return dict(state), None
+    checked = _check_pcr_values(quote, pcr_values)
+    if isinstance(checked, EdgewardError):
+        return None, checked
+    return checked, None if policy is None else _check_allowlist(checked, policy)
 
 
 def _check_monotonic(info: ClockInfo, previous: ClockState | None) -> EdgewardError | None:
@@ -322,8 +372,10 @@ def _verify(  # noqa: PLR0917 (the one private core of both entry points)
     policy: PcrPolicy | None,
     previous: ClockState | None,
     expired: bool,
-) -> QuoteReport:
-    errors: list[EdgewardError] = []  # only findings: the accepted path appends nothing
+) -> tuple[list[EdgewardError], QuoteAttest | None, dict[int, bytes] | None]:
+    """Every finding (the accepted path appends none), the parsed quote and the PCR values
+    shown to hash to its digest; :class:`QuoteReport`'s fields, not yet wrapped."""
+    errors: list[EdgewardError] = []
     key = _load_ak(ak, ak_format)
     if not isinstance(key, AttestationKey):
         errors.append(key)
@@ -331,7 +383,7 @@ def _verify(  # noqa: PLR0917 (the one private core of both entry points)
         quote = parse_quote_attest(attest)
     except EdgewardError as exc:
         errors.append(exc)
-        return QuoteReport(tuple(map(Finding, errors)), None, None)
+        return errors, None, None
     if expired:
         errors.append(AuthenticityError(R.NONCE_EXPIRED, "the challenge expired"))
     if isinstance(key, AttestationKey) and (found := _check_signature(attest, signature, key)):
@@ -344,18 +396,12 @@ def _verify(  # noqa: PLR0917 (the one private core of both entry points)
         errors.append(selection)
     pcrs = None
     if pcr_values is not None:
-        checked = _check_pcr_values(quote, pcr_values)
-        if isinstance(checked, EdgewardError):
-            errors.append(checked)
-        else:
-            pcrs = checked
-    if policy is not None and selection is None and pcrs is not None:
-        allowed = _check_allowlist(pcrs, policy)
-        if allowed is not None:
-            errors.append(allowed)
+        pcrs, found = _check_pcrs(quote, pcr_values, policy if selection is None else None)
+        if found is not None:
+            errors.append(found)
     if found := _check_monotonic(quote.clock_info, previous):
         errors.append(found)
-    return QuoteReport(tuple(map(Finding, errors)) if errors else (), quote, pcrs)
+    return errors, quote, pcrs
 
 
 def verify_quote_raw(
@@ -378,7 +424,7 @@ def verify_quote_raw(
     bank) are checked against pcrDigest; ``policy`` adds bank, selection and allowlist;
     ``previous`` adds the counters and clock.
     """
-    return _verify(
+    errors, quote, pcrs = _verify(
         attest,
         signature,
         ak,
@@ -389,6 +435,7 @@ def verify_quote_raw(
         previous,
         expired=False,
     )
+    return QuoteReport(tuple(map(Finding, errors)), quote, pcrs)
 
 
 def verify_quote(
@@ -414,7 +461,7 @@ def verify_quote(
     :func:`qualifying_data_v2`, docs/adr/0026). Raises the first
     finding of :func:`verify_quote_raw` (with the challenge's expiry) if there is any.
     """
-    report = _verify(
+    errors, quote, pcrs = _verify(
         attest,
         signature,
         ak,
@@ -427,8 +474,8 @@ def verify_quote(
         previous,
         expired=now_ms > challenge.expires_at_ms,
     )
-    report.raise_first()
-    quote, pcrs = report.quote, report.pcrs
+    if errors:  # fail closed on the first finding
+        raise errors[0]
     if quote is None or pcrs is None:  # no finding means both were checked
         raise RuntimeError("an accepted report without a quote or PCR values")
     facts = QuoteFacts(

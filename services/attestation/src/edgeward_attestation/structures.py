@@ -91,6 +91,7 @@ _CLOCK_FIRMWARE_COUNT = struct.Struct(">QIIBQI")  # the same, then TPML_PCR_SELE
 _SELECTION_HEADER = struct.Struct(">HB")  # TPMS_PCR_SELECTION.hash, .sizeofSelect
 _SIGNATURE_HEADER = struct.Struct(">HH")  # TPMT_SIGNATURE.sigAlg, TPMS_SIGNATURE_*.hash
 _RSA_PARAMETERS = struct.Struct(">HI")  # TPMS_RSA_PARMS.keyBits, .exponent
+_RSA_SIGNATURES: Final = frozenset({ALG_RSASSA, ALG_RSAPSS})
 _BITS_SET = tuple(tuple(bit for bit in range(8) if byte >> bit & 1) for byte in range(256))
 
 
@@ -216,11 +217,83 @@ def _tpm2b(
     return data[start:end], end
 
 
+class _Layout(NamedTuple):
+    """A one-bank quote's TPMS_ATTEST of one shape, read with one ``struct`` call.
+
+    ``sizes`` are the size fields the shape fixes, in wire order: qualifiedSigner's,
+    extraData's, TPML_PCR_SELECTION.count (1), sizeofSelect and pcrDigest's."""
+
+    struct: struct.Struct
+    sizes: tuple[int, int, int, int, int]
+
+
+#: Shapes seen in quotes that parsed, by total length (a fleet quotes a handful); bounded.
+_LAYOUTS: Final[dict[int, _Layout]] = {}
+_MAX_LAYOUTS: Final = 64
+
+
+def _learn_layout(length: int, quote: QuoteAttest) -> None:
+    """Remember the shape of a one-bank quote that parsed, for :func:`_parse_known_layout`."""
+    if len(quote.pcr_selections) != 1 or len(_LAYOUTS) >= _MAX_LAYOUTS:
+        return
+    signer, extra, digest = (
+        len(quote.qualified_signer), len(quote.extra_data), len(quote.pcr_digest)
+    )  # fmt: skip
+    select = length - (_ATTEST_HEADER.size + 2 + signer + 2 + extra)
+    select -= _CLOCK_FIRMWARE_COUNT.size + _SELECTION_HEADER.size + 2 + digest
+    layout = struct.Struct(f">IHH{signer}sH{extra}sQIIBQIHB{select}sH{digest}s")
+    if layout.size == length:
+        _LAYOUTS[length] = _Layout(layout, (signer, extra, 1, select, digest))
+
+
+def _parse_known_layout(data: bytes, layout: _Layout) -> QuoteAttest | None:
+    """The quote in one ``unpack`` if it has ``layout``'s shape, else ``None``.
+
+    Every size field is compared with the shape's (they were checked against their bounds
+    when the shape was learned), as are the magic, the type and ``safe``; the length is the
+    struct's, so nothing trails. Anything else goes to the field-by-field parser, which
+    also names what is wrong."""
+    (
+        magic, type_, signer_size, signer, extra_size, extra, clock, reset_count,
+        restart_count, safe, firmware_version, count, bank, select_size, select,
+        digest_size, digest,
+    ) = layout.struct.unpack(data)  # fmt: skip
+    if (
+        magic != TPM_GENERATED_VALUE
+        or type_ != TPM_ST_ATTEST_QUOTE
+        or safe > 1
+        or (signer_size, extra_size, count, select_size, digest_size) != layout.sizes
+    ):
+        return None
+    return QuoteAttest(
+        signer,
+        extra,
+        ClockInfo(clock, reset_count, restart_count, safe == 1),
+        firmware_version,
+        (_selection(bank, select),),
+        digest,
+    )
+
+
 def parse_quote_attest(data: bytes) -> QuoteAttest:
     """Unmarshal a TPMS_ATTEST of type TPM_ST_ATTEST_QUOTE; the magic and type come first.
 
-    Read in one function with explicit offsets (not :class:`Reader`): it runs on every
-    quote, and its cost is most of the verifier's fixed cost next to an RSA verify."""
+    A quote of a shape already seen (the same length and size fields, one bank) is read in
+    one ``struct`` call; any other goes through :func:`_parse_fields`, which learns its
+    shape once it parsed. Both apply the same checks: the fast path only accepts what the
+    field-by-field parser accepted for that shape."""
+    layout = _LAYOUTS.get(len(data))
+    if layout is not None and (quote := _parse_known_layout(data, layout)) is not None:
+        return quote
+    quote = _parse_fields(data)
+    if layout is None:
+        _learn_layout(len(data), quote)
+    return quote
+
+
+def _parse_fields(data: bytes) -> QuoteAttest:
+    """Unmarshal a TPMS_ATTEST field by field, with explicit offsets (not :class:`Reader`):
+    every bound checked, every failure named with its offset."""
     if len(data) < _ATTEST_HEADER.size:
         raise _fail(0, "truncated")
     magic, type_ = _ATTEST_HEADER.unpack_from(data)
@@ -300,7 +373,11 @@ def parse_signature(data: bytes) -> EcdsaSignature | RsaSignature:
         raise _signature_fail(0, "truncated")
     sig_alg, hash_alg = _SIGNATURE_HEADER.unpack_from(data)
     pos = _SIGNATURE_HEADER.size
-    if sig_alg in {ALG_RSASSA, ALG_RSAPSS}:
+    if sig_alg in _RSA_SIGNATURES:
+        # the usual case at once: one TPM2B filling the rest, within its bound
+        size = data[pos] << 8 | data[pos + 1] if len(data) > pos + 1 else -1
+        if 0 <= size <= _MAX_RSA_KEY_BYTES and pos + 2 + size == len(data):
+            return RsaSignature(sig_alg, hash_alg, data[pos + 2 :])
         sig, pos = _tpm2b(data, pos, _MAX_RSA_KEY_BYTES, _signature_fail)  # TPM2B_PUBLIC_KEY_RSA
         if pos != len(data):
             raise _signature_fail(pos, f"{len(data) - pos} trailing bytes")
