@@ -2,7 +2,8 @@
 
 Three shortcuts run on every quote: a TPMS_ATTEST of a shape already seen is read with one
 ``struct`` call, an RSA TPMT_SIGNATURE with one size check, and PCR values that are exactly
-one of a policy's known states skip hashing and the allowlist walk. Each is attacked here
+one of a policy's known states skip hashing and the allowlist walk; the attestation
+service decodes a stored policy and builds its PCR policy once. Each is attacked here
 where it could differ from the general path: same length but another shape, size fields
 that lie, a known digest with other values, an allowlist too large to precompute.
 """
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from edgeward_attestation.measured_boot import pcr_policy, quote_policy
+from edgeward_attestation.policy import ClassPolicy, decode_policy, encode_policy
 from edgeward_attestation.quote import MAX_GOLDEN_STATES, PcrPolicy, verify_quote
 from edgeward_attestation.reasons import AttestationReason as R
 from edgeward_attestation.structures import (
@@ -140,3 +143,21 @@ def test_known_states_cover_every_small_combination_of_right_sized_values() -> N
     }
     assert _check(golden, policy, dict(golden.pcrs)) is None
     assert _check(tampered, policy, dict(tampered.pcrs)) is None
+
+
+def test_a_stored_policy_is_decoded_and_turned_into_a_pcr_policy_once() -> None:
+    vector = QuoteVector.load(VECTORS / "pytss")
+    allow = {str(i): [v.hex()] for i, v in vector.golden_pcrs.items()}
+    body = encode_policy(ClassPolicy(policy_id="p-1", device_class="cam", allowlist=allow))
+    policy = decode_policy(body)
+    assert decode_policy(bytes(body)) is policy  # one object per stored body
+    assert pcr_policy(policy) is pcr_policy(policy)
+    assert pcr_policy(policy) == policy.to_pcr_policy()
+    other = decode_policy(body.replace(b"p-1", b"p-2"))
+    assert pcr_policy(other) is not pcr_policy(policy)
+    # another class's values are another policy: the cache is by object, never by equality
+    tampered = QuoteVector.load(VECTORS / "pytss-tampered")
+    assert _check(tampered, quote_policy(policy, tampered.pcrs), dict(tampered.pcrs)) == (
+        R.PCR_NOT_ALLOWED
+    )
+    assert _check(vector, quote_policy(policy, vector.pcrs), dict(vector.pcrs)) is None

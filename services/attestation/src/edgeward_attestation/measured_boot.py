@@ -40,19 +40,37 @@ from edgeward_attestation.quote import PcrPolicy
 from edgeward_attestation.reasons import AttestationReason
 from edgeward_shared.errors import PolicyError
 
+#: :meth:`ClassPolicy.to_pcr_policy` of the policies in use, by identity: the store decodes
+#: each stored policy once (:func:`.policy.decode_policy`), so every quote of a class finds
+#: its PCR policy (and its known states) built. An entry holds its policy, so its id cannot
+#: be reused while it is here; bounded.
+_PCR_POLICIES: dict[int, tuple[ClassPolicy, PcrPolicy]] = {}
+_MAX_PCR_POLICIES = 256
+
+
+def pcr_policy(policy: ClassPolicy) -> PcrPolicy:
+    """``policy.to_pcr_policy()``, built once per policy object."""
+    cached = _PCR_POLICIES.get(id(policy))
+    if cached is not None and cached[0] is policy:
+        return cached[1]
+    built = policy.to_pcr_policy()
+    if len(_PCR_POLICIES) >= _MAX_PCR_POLICIES:
+        _PCR_POLICIES.clear()
+    _PCR_POLICIES[id(policy)] = (policy, built)
+    return built
+
 
 def quote_policy(policy: ClassPolicy, supplied: Mapping[int, bytes]) -> PcrPolicy:
     """What ``verify_quote`` checks: the allowlist, or with reference states any values;
     PCR 10 with an IMA allowlist is any value (its log is appraised instead)."""
-    selection = frozenset(policy.selection)
-    if not policy.reference_states:
-        values = policy.to_pcr_policy()
-        if policy.ima is None:
-            return values
-        allow = {**values.allowlist, IMA_PCR: frozenset({supplied.get(IMA_PCR, b"")})}
-        return PcrPolicy(selection=selection, allowlist=allow)
-    anything = {i: frozenset({supplied.get(i, b"")}) for i in selection}
-    return PcrPolicy(selection=selection, allowlist=anything)
+    if policy.reference_states:
+        anything = {i: frozenset({supplied.get(i, b"")}) for i in policy.selection}
+        return PcrPolicy(selection=frozenset(anything), allowlist=anything)
+    values = pcr_policy(policy)
+    if policy.ima is None:
+        return values
+    allow = {**values.allowlist, IMA_PCR: frozenset({supplied.get(IMA_PCR, b"")})}
+    return PcrPolicy(selection=frozenset(allow), allowlist=allow)
 
 
 def appraise_evidence(
@@ -69,7 +87,7 @@ def appraise_evidence(
     check_replay(log, ALG_SHA256, quoted)
     findings = appraise(log, quoted, policy.reference_states)
     if not findings:
-        allow = policy.to_pcr_policy().allowlist
+        allow = pcr_policy(policy).allowlist
         off = sorted(i for i, value in quoted.items() if i in allow and value not in allow[i])
         if off:
             raise PolicyError(AttestationReason.PCR_NOT_ALLOWED, f"PCRs {off}")
@@ -129,6 +147,7 @@ def recorded_state(
 __all__ = [
     "appraise_evidence",
     "appraise_runtime",
+    "pcr_policy",
     "quote_policy",
     "recorded_allowlist",
     "recorded_state",

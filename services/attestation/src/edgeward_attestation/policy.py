@@ -21,6 +21,7 @@ names for it (``posture_failure``: ``warning`` or ``contraindicated``).
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Literal
 
 import msgspec
@@ -151,5 +152,8 @@ def encode_policy(policy: ClassPolicy) -> bytes:
     return msgspec.json.encode(policy)
 
 
+@functools.lru_cache(maxsize=256)
 def decode_policy(data: bytes) -> ClassPolicy:
+    """A stored or submitted policy, decoded and validated once per distinct body: every
+    quote of a class reads its policy, and a policy is immutable (frozen)."""
     return msgspec.json.decode(data, type=ClassPolicy)
