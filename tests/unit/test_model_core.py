@@ -367,3 +367,30 @@ def test_one_flipped_byte_in_the_provenance_manifest_is_refused(
             "model.metadata.expired",  # an expiry turned into the past
             "model.signature.resources_mismatch",  # anything else: not what was signed
         }
+
+
+def test_a_large_blob_is_hashed_while_it_is_decrypted_and_its_digest_still_decides(
+    signer: Signer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past PARALLEL_DIGEST_BYTES the blob's digest is computed on a helper thread while the
+    blob is decrypted; the plaintext comes back only with a matching digest, and a blob that
+    fails both checks is reported by its digest, as a small one is."""
+    from edgeward_cli import publish
+    from edgeward_shared.models.verify import PARALLEL_DIGEST_BYTES
+
+    monkeypatch.setattr(publish, "check_onnx", lambda data: None)  # any bytes will do here
+    payload = bytes(range(256)) * (PARALLEL_DIGEST_BYTES // 128)
+    release, other = built(payload, signer, version=1), built(payload, signer, version=2)
+    document = release_for(release, "dev-0001")
+    assert len(release.blob) >= PARALLEL_DIGEST_BYTES
+    assert open_release_blob(document, release.blob, release.data_key) == payload
+    tampered = bytearray(release.blob)
+    tampered[len(tampered) // 2] ^= 1
+    for key in (release.data_key, other.data_key):  # the digest fails; with it, the tag
+        assert _reason(lambda k=key: open_release_blob(document, bytes(tampered), k)) == (
+            "model.blob.digest_mismatch"
+        )
+    assert _reason(lambda: open_release_blob(document, release.blob, other.data_key)) == (
+        "model.blob.decrypt_failed"
+    )
+    assert _reason(lambda: open_release_blob(document, release.blob, None)) == ("model.tier.policy")

@@ -29,6 +29,7 @@ than any seen (docs/adr/0020). The older version is then fetched, verified and l
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -114,14 +115,21 @@ async def in_process_loader(model: bytes, tier: Tier) -> Any:
 def check_runtime(spec: str) -> None:
     """Refuse a model whose provenance allows another runtime than the one here."""
     try:
-        requirement = Requirement(spec)
-        installed = version(requirement.name)
+        requirement, installed = _requirement(spec)
     except (InvalidRequirement, PackageNotFoundError) as exc:
         raise PolicyError(ModelReason.RUNTIME_UNSUPPORTED, f"{spec}: {exc}") from exc
     if requirement.name != "onnxruntime" or not requirement.specifier.contains(
         installed, prereleases=True
     ):
         raise PolicyError(ModelReason.RUNTIME_UNSUPPORTED, f"{spec} (have {installed})")
+
+
+@functools.lru_cache(maxsize=64)
+def _requirement(spec: str) -> tuple[Requirement, str]:
+    """A provenance's runtime requirement, parsed, and the installed version of what it names
+    (read from the package metadata once: a millisecond per activation otherwise)."""
+    requirement = Requirement(spec)
+    return requirement, version(requirement.name)
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,8 +41,9 @@ def gcm_open(key: bytes, sealed: bytes, associated_data: bytes) -> bytes:
     """The plaintext of :func:`gcm_seal`'s output; :class:`OpenError` unless it authenticates."""
     if len(sealed) < NONCE_BYTES + TAG_BYTES:
         raise OpenError("shorter than a nonce and a tag")
+    view = memoryview(sealed)  # no copy of the ciphertext (megabytes for a model)
     try:
-        return AESGCM(key).decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], associated_data)
+        return AESGCM(key).decrypt(view[:NONCE_BYTES], view[NONCE_BYTES:], associated_data)
     except (InvalidTag, ValueError) as exc:
         raise OpenError("authentication tag") from exc
 

@@ -13,9 +13,12 @@ check, not two copies of it.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from typing import Final
+
 from edgeward_shared.clock import to_datetime
 from edgeward_shared.crypto.keys import PublicKey
-from edgeward_shared.errors import AuthenticityError, PolicyError, Reason
+from edgeward_shared.errors import AuthenticityError, EdgewardError, PolicyError, Reason
 from edgeward_shared.identity import Role
 from edgeward_shared.models.onnx_check import check_onnx
 from edgeward_shared.models.provenance import Provenance, decode_provenance, sha256_hex
@@ -26,6 +29,8 @@ from edgeward_shared.models.signature import verify_bundle
 from edgeward_shared.pki.trust import Signer, TrustStore
 
 SIGNERS = frozenset({Role.SIGNER})
+#: An encrypted blob this large is hashed while it is decrypted (:func:`open_release_blob`).
+PARALLEL_DIGEST_BYTES: Final = 1 << 20
 
 
 def verify_signed_model(
@@ -92,9 +97,36 @@ def signer_key(cert_der: bytes, trust: TrustStore, *, now_ms: int) -> PublicKey:
 
 def open_release_blob(release: ModelRelease, blob: bytes, data_key: bytes | None) -> bytes:
     """The ONNX bytes of a release's blob: checked against the release, decrypted if the tier
-    is encrypted (the associated data binds name, version and the provenance's digest)."""
-    if len(blob) != release.blob.size or sha256_hex(blob) != release.blob.digest:
+    is encrypted (the associated data binds name, version and the provenance's digest).
+
+    A blob's digest is always checked, and its failure is the one reported whatever else
+    fails. A large encrypted blob is hashed on a helper thread while it is decrypted
+    (``hashlib`` releases the GIL): two passes over megabytes overlap, and the plaintext is
+    returned only once the digest matched."""
+    if len(blob) != release.blob.size:
         raise AuthenticityError(ModelReason.BLOB_DIGEST, "the blob is not the one released")
+    if not release.tier.encrypted or len(blob) < PARALLEL_DIGEST_BYTES:
+        _check_blob_digest(sha256_hex(blob), release)
+        return _decrypt_blob(release, blob, data_key)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-digest") as pool:
+        digest = pool.submit(sha256_hex, blob)
+        try:
+            plaintext = _decrypt_blob(release, blob, data_key)
+        except EdgewardError:
+            _check_blob_digest(digest.result(), release)  # the blob's own failure first
+            raise
+        _check_blob_digest(digest.result(), release)
+    return plaintext
+
+
+def _check_blob_digest(digest: str, release: ModelRelease) -> None:
+    if digest != release.blob.digest:
+        raise AuthenticityError(ModelReason.BLOB_DIGEST, "the blob is not the one released")
+
+
+def _decrypt_blob(release: ModelRelease, blob: bytes, data_key: bytes | None) -> bytes:
+    """The plaintext of a blob of this release (its digest checked apart): the blob itself
+    for a tier that is not encrypted."""
     if not release.tier.encrypted:
         return blob
     if data_key is None:
