@@ -475,6 +475,9 @@ async def test_a_warm_worker_is_confined_before_it_gets_a_model() -> None:
         protections = await worker.load(small_model(), strict=True, pool=pool)
         assert worker.pid == spare_pid  # the warm one, not a new process
         assert protections.complete, protections
+        # it warmed up while it waited, confined: a failure would be on its stderr
+        assert worker._child is not None
+        assert "warm-up failed" not in worker._child.tail()
         facts = (await worker.probe(actions=["read"])).facts
         assert facts["uid"] == "(65534, 65534, 65534)"
         assert facts["seccomp"] == "['2']"

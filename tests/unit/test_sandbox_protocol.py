@@ -152,3 +152,12 @@ def test_model_memfd_is_sealed() -> None:
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, 0)
     finally:
         os.close(fd)
+
+
+def test_the_warm_up_model_passes_the_checks_and_computes() -> None:
+    """A spare worker's warm-up (runtime.warm_up) must pass the ONNX checks and run on the
+    installed onnxruntime: an IR version or opset it refuses would make every spare log a
+    failure and lose the warm-up. It checks its own output (1 + 1 = 2)."""
+    from edgeward_device_agent.sandbox import runtime
+
+    runtime.warm_up(1)

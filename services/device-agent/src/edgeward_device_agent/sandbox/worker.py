@@ -111,6 +111,7 @@ def _start(setup: Setup, send: _Send, *, probe_enabled: bool) -> Model | None:
         send(Failed(SandboxReason.PROTECTION_UNAVAILABLE, missing, "policy", protections))
         return None
     if setup.model_fd < 0:  # warm: the model comes when there is one
+        _warm_up(setup.threads)
         send(Idle(protections))
         load = read_request(_STDIN, setup.max_frame_bytes)
         if not isinstance(load, Load):
@@ -142,6 +143,21 @@ def _import_libraries(*, probe_enabled: bool) -> None:
 
     if probe_enabled:
         from edgeward_device_agent.sandbox import probe  # noqa: PLC0415, F401
+
+
+def _warm_up(threads: int) -> None:
+    """A spare worker loads a one-node model while it waits, confined as for a real one, so
+    that the real load does not pay the libraries' first-use costs (``runtime.warm_up``).
+    An optimisation only: if it fails, the worker still waits for its model (the real load
+    reports any failure)."""
+    from edgeward_device_agent.sandbox import runtime  # noqa: PLC0415
+
+    try:
+        runtime.warm_up(threads)
+    except Exception as error:  # onnxruntime raises its own, untyped, errors
+        if runtime.out_of_memory(error):
+            raise _MemoryExhaustedError from error
+        os.write(2, f"edgeward worker: warm-up failed: {error!s:.300}\n".encode())
 
 
 def _read_model(fd: int, size: int) -> bytes:
