@@ -307,3 +307,39 @@ def test_replay_guard_forgets_only_after_expiry_and_fails_closed_when_full() -> 
         guard.check_and_record("a", forget_after_ms=100, now_ms=100)
     guard.check_and_record("c", forget_after_ms=300, now_ms=101)  # "a" is forgotten now
     assert len(guard) == 2
+
+
+# ---------------------------------------------------------------- the trust store's known certs
+def test_a_kid_naming_a_certificate_already_known_cannot_carry_another(
+    memory_pki: MemoryPki, device_key: SigningKey, verifier: EnvelopeVerifier, clock: FixedClock
+) -> None:
+    """A certificate verified before is recognised by its kid and exact bytes (no digest);
+    another certificate under that kid is still refused as a kid that does not name it."""
+    other = memory_pki.signing_key(Identity.device("dev-a"))
+    verifier.open(_sealed(other, clock), UP, [Ping], now_ms=clock.now_ms())  # other is known
+    raw = _rewrite(_sealed(device_key, clock), kid=other.kid)
+    with pytest.raises(AuthenticityError, match="kid_mismatch"):
+        verifier.open(raw, UP, [Ping], now_ms=clock.now_ms())
+
+
+def test_a_wrong_kid_given_to_the_trust_store_never_names_a_certificate(
+    memory_pki: MemoryPki, device_key: SigningKey, verifier: EnvelopeVerifier, clock: FixedClock
+) -> None:
+    """``TrustStore.signer(kid=...)`` trusts its caller's kid; a wrong one is not remembered,
+    so an envelope cannot use it to skip the kid check."""
+    fake_kid = "0" * 64
+    verifier.trust.signer(device_key.cert_der, memory_pki.now, kid=fake_kid)
+    raw = _rewrite(_sealed(device_key, clock), kid=fake_kid)
+    with pytest.raises(AuthenticityError, match="kid_mismatch"):
+        verifier.open(raw, UP, [Ping], now_ms=clock.now_ms())
+
+
+def test_a_known_certificate_is_refused_once_its_validity_ends(
+    memory_pki: MemoryPki, verifier: EnvelopeVerifier, clock: FixedClock
+) -> None:
+    short = memory_pki.signing_key(Identity.device("dev-a"), lifetime=timedelta(minutes=10))
+    verifier.open(_sealed(short, clock), UP, [Ping], now_ms=clock.now_ms())  # known now
+    signer = verifier.trust.signer(short.cert_der, memory_pki.now)
+    after = signer.window_ms[1] + 1
+    with pytest.raises(AuthenticityError, match="chain_invalid"):
+        verifier.open(_sealed(short, clock), UP, [Ping], now_ms=after)

@@ -31,7 +31,6 @@ from typing import Annotated, Final, Generic
 import msgspec
 from cryptography import x509
 
-from edgeward_shared.clock import to_datetime
 from edgeward_shared.crypto import signatures
 from edgeward_shared.crypto.certs import to_der
 from edgeward_shared.crypto.keys import PrivateKey
@@ -206,7 +205,8 @@ class EnvelopeVerifier:
         Raises ``MessageError``, ``AuthenticityError`` or ``PolicyError`` with a reason id.
         """
         envelope = self._decode(raw)
-        signer = self.trust.signer(envelope.cert, to_datetime(now_ms), kid=envelope.kid)
+        # the kid must name the cert (envelope.signer.kid), then chain, validity, revocation
+        signer = self.trust.envelope_signer(envelope.cert, envelope.kid, now_ms)
         signed = pae(
             topic,
             type_=envelope.type,
@@ -244,8 +244,6 @@ class EnvelopeVerifier:
             raise MessageError(Reason.ENVELOPE_MALFORMED, "envelope is not in canonical form")
         if envelope.v != VERSION:
             raise MessageError(Reason.ENVELOPE_VERSION, f"version {envelope.v}")
-        if envelope.kid != kid_of(envelope.cert):
-            raise AuthenticityError(Reason.ENVELOPE_SIGNER_KID, "kid does not name cert")
         return envelope
 
     def answerable_mid(self, raw: bytes) -> str | None:

@@ -86,6 +86,7 @@ BASELINED: Final = {
     "rejected_rate": BaselineSettings(floor=0.05),
 }
 _Z_OF: Final = {"latency_p50_z": "latency_p50_ms", "error_rate_z": "error_rate"}
+_NO_ALARMS: Final[frozenset[str]] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +120,8 @@ class DeviceState(msgspec.Struct):
     last_inferences: int = 0
 
     def alarms(self) -> frozenset[str]:
-        return frozenset(key.split("/")[0] for key, s in self.rules.items() if s.in_alarm)
+        in_alarm = [key for key, s in self.rules.items() if s.in_alarm]
+        return frozenset(key.split("/")[0] for key in in_alarm) if in_alarm else _NO_ALARMS
 
 
 @dataclass
@@ -134,6 +136,11 @@ class Detector:
     baseline_alarms: set[str] = field(default_factory=set)
     #: per rule with a fleet statistic: when, over how many votes, and the threshold
     fleet_thresholds: dict[str, tuple[int, int, float | None]] = field(default_factory=dict)
+    #: how many of ``rules`` are per model (derived)
+    _model_rules: int = field(init=False, repr=False, compare=False, default=0)
+
+    def __post_init__(self) -> None:
+        self._model_rules = sum(rule.metric in m.MODEL_METRICS for rule in self.rules)
 
     # ------------------------------------------------------------------ security facts
     def unattested(self, state: DeviceState) -> None:
@@ -213,7 +220,10 @@ class Detector:
                 pending.append(
                     (rule, rule.metric, point.value, point.threshold, point.transition, None, None)
                 )
-        self._forget_models(state, report)
+        # nothing to forget while the device has exactly the runs of this report's models
+        model_rules = self._model_rules
+        if len(runs) != len(self.rules) - model_rules + model_rules * len(report.models):
+            self._forget_models(state, report)
         state.risk = self._risk(state)
         decisions += [
             Decision(

@@ -1,5 +1,6 @@
 """The attestation result a report carries, checked: verified offline (:func:`verify_ear`)
-once per token and then served from a bounded cache keyed by the token's SHA-256, its
+once per token and then served from a bounded cache keyed by the token (its SHA-256 past
+:data:`MAX_KEY_CHARS`, so the cache's memory stays bounded by its capacity), its
 validity window re-checked against the clock on every use and the whole token verified
 again after ``recheck_ms`` (so a revoked attestation-service certificate stops counting
 within that bound). A report counts as attested only
@@ -18,6 +19,9 @@ from edgeward_shared.pki.trust import TrustStore
 from edgeward_telemetry.reasons import TelemetryReason
 
 LEEWAY_S: Final = 30
+#: A token this long or shorter is its own cache key (a str hashes once, in C); a longer
+#: one is keyed by its SHA-256. An EAR is about 1 KiB.
+MAX_KEY_CHARS: Final = 4096
 
 
 class AttestationCheck:
@@ -25,14 +29,16 @@ class AttestationCheck:
         self.trust = trust
         self._capacity = capacity
         self._recheck_ms = recheck_ms
-        self._cache: OrderedDict[bytes, tuple[AttestationClaims, int]] = OrderedDict()
+        self._cache: OrderedDict[str | bytes, tuple[AttestationClaims, int]] = OrderedDict()
 
     def check(self, token: str | None, device_id: str, now_ms: int) -> AttestationClaims:
         """The claims of a current, affirming result for ``device_id``; else
         ``PolicyError(telemetry.unattested)`` (the detail says why, for the logs)."""
         if token is None:
             raise PolicyError(TelemetryReason.UNATTESTED, "the report carries no result")
-        key = hashlib.sha256(token.encode()).digest()
+        key: str | bytes = token
+        if len(token) > MAX_KEY_CHARS:
+            key = hashlib.sha256(token.encode()).digest()
         cached = self._cache.get(key)
         if cached is None or now_ms - cached[1] >= self._recheck_ms:
             self._cache.pop(key, None)

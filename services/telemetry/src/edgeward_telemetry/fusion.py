@@ -3,7 +3,7 @@ docs/telemetry.md, first matching row wins)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from edgeward_shared.messages.telemetry import Risk
 
@@ -12,8 +12,9 @@ from edgeward_shared.messages.telemetry import Risk
 BEHAVIOUR_RULES = frozenset({"output-drift", "latency-outlier", "error-outlier", "latency-fleet"})
 
 
-@dataclass(frozen=True, slots=True)
-class Facts:
+class Facts(NamedTuple):
+    """A device's facts (a named tuple: one is made for every report)."""
+
     attestation_failed: bool  # the attestation service reported a failed quote
     attested: bool  # the last report carried an affirming, current attestation result
     protections_missing: int

@@ -17,13 +17,14 @@ import hashlib
 import re
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
+from edgeward_shared.clock import from_datetime, to_datetime
 from edgeward_shared.crypto.keys import PublicKey, is_p256
 from edgeward_shared.errors import AuthenticityError, ConfigError, EdgewardError, Reason
 from edgeward_shared.identity import Identity, Role, identity_of
@@ -45,6 +46,15 @@ class Signer:
     serial: int
     valid_from: datetime
     valid_until: datetime
+    #: the certificate (DER) that ``kid`` names, when the trust store verified it: a later
+    #: envelope that carries exactly these bytes under this kid needs no digest of them
+    cert_der: bytes = field(default=b"", repr=False, compare=False)
+    #: the validity window in ms since the epoch (derived)
+    window_ms: tuple[int, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        window = (from_datetime(self.valid_from), from_datetime(self.valid_until))
+        object.__setattr__(self, "window_ms", window)
 
 
 def kid_of(cert_der: bytes) -> str:
@@ -131,10 +141,34 @@ class TrustStore:
         signer = self._cache.get(kid)
         if signer is None:
             signer = self._verify_chain(cert_der, kid, now)
-            self._remember(signer)
+            if signer.kid == kid_of(cert_der):  # a caller's wrong kid never names a cert here
+                self._remember(signer)
         if signer.identity.role not in roles:
             raise AuthenticityError(Reason.TOPIC_ROLE, f"{signer.identity.role} may not sign this")
         if not signer.valid_from <= now <= signer.valid_until:
+            raise AuthenticityError(Reason.ENVELOPE_CHAIN, "certificate outside validity")
+        if self.is_revoked(signer.serial):
+            raise AuthenticityError(
+                Reason.ENVELOPE_SIGNER_REVOKED, f"{signer.identity} (serial {signer.serial:x})"
+            )
+        return signer
+
+    def envelope_signer(self, cert_der: bytes, kid: str, now_ms: int) -> Signer:
+        """:meth:`signer` (default roles) for an envelope whose ``kid`` claims to be
+        ``kid_of(cert_der)``: ``AuthenticityError(envelope.signer.kid)`` if it is not.
+
+        A certificate this store verified before under ``kid``, sent again as the same
+        bytes, is known to be what ``kid`` names without hashing it; its validity window,
+        role and revocation are checked again, in milliseconds, as :meth:`signer` does."""
+        signer = self._cache.get(kid)
+        if signer is None or signer.cert_der != cert_der:
+            if kid != kid_of(cert_der):
+                raise AuthenticityError(Reason.ENVELOPE_SIGNER_KID, "kid does not name cert")
+            return self.signer(cert_der, to_datetime(now_ms), kid=kid)
+        if signer.identity.role not in SIGNING_ROLES:
+            raise AuthenticityError(Reason.TOPIC_ROLE, f"{signer.identity.role} may not sign this")
+        valid_from, valid_until = signer.window_ms
+        if not valid_from <= now_ms <= valid_until:
             raise AuthenticityError(Reason.ENVELOPE_CHAIN, "certificate outside validity")
         if self.is_revoked(signer.serial):
             raise AuthenticityError(
@@ -171,6 +205,7 @@ class TrustStore:
             serial=leaf.serial_number,
             valid_from=max(c.not_valid_before_utc for c in chain),
             valid_until=min(c.not_valid_after_utc for c in chain),
+            cert_der=cert_der,
         )
 
 
