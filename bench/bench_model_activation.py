@@ -33,8 +33,9 @@ from _report import Report, median, sized, smoke
 from edgeward_device_agent.model_manager import check_runtime, onnx_session
 from edgeward_device_agent.sandbox.supervisor import SandboxPolicy, WarmPool
 from edgeward_device_agent.sandboxed import SandboxedModel, sandbox_loader
+from edgeward_shared.models.onnx_check import OnnxSummary
 from edgeward_shared.models.provenance import Tier
-from edgeward_shared.models.verify import open_release_blob, verify_signed_model
+from edgeward_shared.models.verify import check_signed_model, open_release_blob, verify_signed_model
 from edgeward_shared.testing import EPOCH_MS, MemoryPki
 
 REPEATS = sized(7, 2)
@@ -54,10 +55,11 @@ def main() -> None:
             publish_s.append(time.perf_counter() - started)
     document = release_for(release, "dev-0001", chunk=192 * 1024)
 
-    def activate_checks() -> bytes:
-        """Everything before the session: decrypt, provenance, signature, ONNX gate."""
+    def activate_checks() -> tuple[bytes, OnnxSummary]:
+        """Everything before the session: decrypt, provenance, signature, ONNX gate; the
+        gate's findings go to the loader, as the agent's do."""
         plaintext = open_release_blob(document, release.blob, release.data_key)
-        provenance = verify_signed_model(
+        provenance, summary = check_signed_model(
             plaintext,
             document.provenance,
             document.signature,
@@ -66,7 +68,7 @@ def main() -> None:
             now_ms=EPOCH_MS,
         )
         check_runtime(provenance.runtime)
-        return plaintext
+        return plaintext, summary
 
     def activate() -> object:
         plaintext = open_release_blob(document, release.blob, release.data_key)
@@ -126,8 +128,8 @@ async def sandboxed_activations(checks: object, model: bytes) -> tuple[list[floa
             onnx_session(model)
             bare.append(time.perf_counter() - started)
             started = time.perf_counter()
-            plaintext = checks()  # type: ignore[operator]
-            loaded = await load(plaintext, tier)
+            plaintext, summary = checks()  # type: ignore[operator]
+            loaded = await load(plaintext, tier, summary)
             ours.append(time.perf_counter() - started)
             assert isinstance(loaded, SandboxedModel)
             await loaded.close()

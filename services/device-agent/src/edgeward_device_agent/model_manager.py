@@ -63,6 +63,7 @@ from edgeward_shared.messages.model import (
     SyncReply,
     SyncRequest,
 )
+from edgeward_shared.models.onnx_check import OnnxSummary
 from edgeward_shared.models.provenance import Provenance, Tier, decode_provenance, sha256_hex
 from edgeward_shared.models.reasons import ModelReason
 from edgeward_shared.models.release import (
@@ -73,7 +74,7 @@ from edgeward_shared.models.release import (
     open_release,
 )
 from edgeward_shared.models.sealing import ModelRef, ReleaseContext, unwrap_on_device
-from edgeward_shared.models.verify import open_release_blob, verify_signed_model
+from edgeward_shared.models.verify import check_signed_model, open_release_blob
 from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.runtime.core import Outgoing, Runtime
 from edgeward_shared.topics import COHORT_FILTER, Channel, Direction, device_topic
@@ -94,7 +95,9 @@ class ModelTpm(Protocol):
 
 #: Loads verified ONNX bytes for a tier: returns the handle ``LoadedModel.session`` holds
 #: (an onnxruntime session in-process, or a sandboxed worker: :mod:`.sandboxed`).
-Loader = Callable[[bytes, Tier], Awaitable[Any]]
+#: Its third argument: what the ONNX checks (default caps) found in exactly these bytes, when
+#: the caller ran them, so that a loader which checks too need not again (or None).
+Loader = Callable[[bytes, Tier, OnnxSummary | None], Awaitable[Any]]
 
 
 def onnx_session(model: bytes) -> Any:
@@ -104,9 +107,10 @@ def onnx_session(model: bytes) -> Any:
     return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-async def in_process_loader(model: bytes, tier: Tier) -> Any:
+async def in_process_loader(model: bytes, tier: Tier, checked: OnnxSummary | None = None) -> Any:
     """onnxruntime in the agent's own process: development only, never for tier high
     (which must run in the strict sandbox: fail closed)."""
+    del checked  # the caller's checks are the only ones on this path
     if tier is Tier.HIGH:
         raise PolicyError(ModelReason.TIER_POLICY, "tier high runs only in the strict sandbox")
     return await asyncio.to_thread(onnx_session, model)
@@ -364,13 +368,13 @@ class ModelManager:
                 await asyncio.to_thread(self.store.keep_blob, release.blob, blob)
         key, result_id = await self._data_key(runtime, release) if encrypted else (None, None)
         model = open_release_blob(release, blob, key)
-        provenance = self._verify(release, model)
+        provenance, summary = self._verify(release, model)
         digest = bytes.fromhex(provenance.digest)
         await asyncio.to_thread(
             self._tpm.extend_pcr, self.policy.model_pcr, {PcrBank.SHA256: digest}
         )
         try:
-            session = await self._loader(model, release.tier)
+            session = await self._loader(model, release.tier, summary)
         except EdgewardError:
             raise
         except Exception as exc:  # onnxruntime raises its own exception types
@@ -407,8 +411,8 @@ class ModelManager:
             self._on_change(release.name)
         await self._report(runtime, release.name, release.version, "active", "model.activated")
 
-    def _verify(self, release: ModelRelease, model: bytes) -> Provenance:
-        provenance = verify_signed_model(
+    def _verify(self, release: ModelRelease, model: bytes) -> tuple[Provenance, OnnxSummary]:
+        provenance, summary = check_signed_model(
             model,
             release.provenance,
             release.signature,
@@ -423,7 +427,7 @@ class ModelManager:
         ):
             raise PolicyError(ModelReason.METADATA_MISMATCH, "provenance names another model")
         check_runtime(provenance.runtime)
-        return provenance
+        return provenance, summary
 
     async def _data_key(self, runtime: Runtime, release: ModelRelease) -> tuple[bytes, str]:
         current = await self._current_attestation(release.tier)

@@ -20,7 +20,7 @@ from edgeward_shared.clock import to_datetime
 from edgeward_shared.crypto.keys import PublicKey
 from edgeward_shared.errors import AuthenticityError, EdgewardError, PolicyError, Reason
 from edgeward_shared.identity import Role
-from edgeward_shared.models.onnx_check import check_onnx
+from edgeward_shared.models.onnx_check import OnnxSummary, check_onnx
 from edgeward_shared.models.provenance import Provenance, decode_provenance, sha256_hex
 from edgeward_shared.models.reasons import ModelReason
 from edgeward_shared.models.release import ModelRelease
@@ -42,11 +42,26 @@ def verify_signed_model(
     *,
     now_ms: int,
 ) -> Provenance:
+    return check_signed_model(
+        model, provenance_bytes, signature, signer_cert, trust, now_ms=now_ms
+    )[0]
+
+
+def check_signed_model(
+    model: bytes,
+    provenance_bytes: bytes,
+    signature: bytes,
+    signer_cert: bytes,
+    trust: TrustStore,
+    *,
+    now_ms: int,
+) -> tuple[Provenance, OnnxSummary]:
+    """:func:`verify_signed_model`, with what the ONNX checks (default caps) found: a loader
+    that would run the same checks on the same bytes can take that instead."""
     provenance = decode_provenance(provenance_bytes)
     check_model_digest(model, provenance)
     verify_manifest(provenance_bytes, signature, signer_cert, trust, now_ms=now_ms)
-    check_onnx(model)
-    return provenance
+    return provenance, check_onnx(model)
 
 
 def verify_manifest(

@@ -252,17 +252,30 @@ class InferenceWorker:
         return self._policy
 
     async def load(
-        self, model: bytes, *, strict: bool, pool: WarmPool | None = None
+        self,
+        model: bytes,
+        *,
+        strict: bool,
+        pool: WarmPool | None = None,
+        checked: OnnxSummary | None = None,
     ) -> Protections:
         """Check ``model``, start a new worker with it (an idle one from ``pool`` if it has
         one), then retire the previous one.
+
+        ``checked``: what ``check_onnx(model)`` with the default caps returned, if the
+        caller ran it on exactly these bytes (the agent does, verifying the signed model):
+        with a policy of the default caps, the check is not run a second time here. The
+        worker runs it again in any case, confined, before onnxruntime sees the bytes.
 
         ``strict`` (tier high): refuse unless every protection is applied. Until the new
         worker is ready the previous one keeps serving; if the new one fails, it still does.
         """
         if not isinstance(model, bytes):
             raise TypeError("the model must be bytes")
-        summary = await asyncio.to_thread(check_onnx, model, self._policy.caps)
+        if checked is not None and self._policy.caps == DEFAULT_CAPS:
+            summary = checked
+        else:
+            summary = await asyncio.to_thread(check_onnx, model, self._policy.caps)
         async with self._lock:
             try:
                 child, protections = await self._spawn(model, strict=strict, pool=pool)
@@ -420,7 +433,24 @@ async def _start_process(policy: SandboxPolicy, fds: tuple[int, ...]) -> _Child:
         )
     except OSError as error:
         raise SandboxError(SandboxReason.LOAD_FAILED, f"cannot start: {error}") from error
+    _widen_pipe(process)
     return _Child(process)
+
+
+#: The worker's stdin pipe holds this much (Linux's default is 64 KiB: a 10 MB model would
+#: cross it in ~170 wake-ups of each side); 1 MiB is what an unprivileged process may ask
+#: (/proc/sys/fs/pipe-max-size).
+PIPE_BYTES: Final = 1 << 20
+
+
+def _widen_pipe(process: asyncio.subprocess.Process) -> None:
+    """Ask for a :data:`PIPE_BYTES` pipe to the worker; an optimisation only (a kernel that
+    refuses keeps the default)."""
+    transport = process.stdin.transport if process.stdin is not None else None
+    pipe = transport.get_extra_info("pipe") if transport is not None else None
+    if pipe is not None:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
 
 
 class WarmPool:
