@@ -24,9 +24,9 @@ import re
 import secrets
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Final, Generic
+from typing import Annotated, Final, Generic, NamedTuple
 
 import msgspec
 from cryptography import x509
@@ -166,9 +166,9 @@ class VerifyPolicy:
     clock_skew_ms: int = 30_000
 
 
-@dataclass(frozen=True, slots=True)
-class Opened(Generic[M]):
-    """A message that passed every check, with who signed it and when."""
+class Opened(NamedTuple, Generic[M]):
+    """A message that passed every check, with who signed it and when (a named tuple: one
+    is made for every message received, four times cheaper than a frozen dataclass)."""
 
     message: M
     signer: Signer
@@ -177,7 +177,13 @@ class Opened(Generic[M]):
     iat: int
     exp: int
     #: the envelope exactly as received (what a receipt's digest binds)
-    raw: bytes = field(default=b"", repr=False)
+    raw: bytes = b""
+
+    def __repr__(self) -> str:  # without ``raw`` (kilobytes, in logs)
+        return (
+            f"Opened(message={self.message!r}, signer={self.signer!r}, topic={self.topic!r},"
+            f" mid={self.mid!r}, iat={self.iat}, exp={self.exp})"
+        )
 
 
 class EnvelopeVerifier:

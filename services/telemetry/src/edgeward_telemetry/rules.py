@@ -111,7 +111,7 @@ def evaluate_at(
         state.window = [*state.window, value][-rule.duration :]
         mean = sum(state.window) / len(state.window)
     transition: Transition | None = None
-    if rule.breaches(mean, threshold):
+    if _OPERATORS[rule.operator](mean, threshold):  # rule.breaches, without the call
         state.breaching += 1
         state.healthy = 0
         if not state.in_alarm and state.breaching >= rule.alarm_after:
