@@ -361,14 +361,16 @@ class ModelManager:
     ) -> None:
         started = time.perf_counter()
         encrypted = release.tier.encrypted
-        blob = self.store.blob(release.blob) if encrypted else None
+        # megabytes read, hashed, decrypted and parsed: off the event loop, which keeps
+        # serving inference, heartbeats and the broker's keepalives meanwhile
+        blob = await asyncio.to_thread(self.store.blob, release.blob) if encrypted else None
         if blob is None:
             blob = await self._fetcher.fetch(runtime, release, persist=encrypted)
             if encrypted:  # written and fsynced off the event loop (megabytes)
                 await asyncio.to_thread(self.store.keep_blob, release.blob, blob)
         key, result_id = await self._data_key(runtime, release) if encrypted else (None, None)
-        model = open_release_blob(release, blob, key)
-        provenance, summary = self._verify(release, model)
+        model = await asyncio.to_thread(open_release_blob, release, blob, key)
+        provenance, summary = await asyncio.to_thread(self._verify, release, model)
         digest = bytes.fromhex(provenance.digest)
         await asyncio.to_thread(
             self._tpm.extend_pcr, self.policy.model_pcr, {PcrBank.SHA256: digest}
