@@ -21,11 +21,14 @@ from tests.e2e.fabric import DEVICE_CLASS, approve_golden_policy
 
 from edgeward_attestation.service import AttestationService, ServiceReason, Settings
 from edgeward_attestation.store import AttestationStore, PendingEnrollment
-from edgeward_shared.envelope import SigningKey
+from edgeward_shared.envelope import Opened, SigningKey
 from edgeward_shared.errors import PolicyError
+from edgeward_shared.identity import Identity
 from edgeward_shared.messages.attest import AttestationChallenge
+from edgeward_shared.messages.common import Rejected
 from edgeward_shared.messages.enroll import EnrollRequest
 from edgeward_shared.pki.store import read_certificate, read_private_key
+from edgeward_shared.pki.trust import Signer
 from edgeward_shared.storage.sqlite import SqliteDatabase
 from edgeward_shared.testing import FixedClock
 
@@ -137,3 +140,33 @@ async def test_the_scheduler_does_not_retire_a_challenge_on_its_way(
     assert scheduled is not None
     assert isinstance(scheduled.message, AttestationChallenge)
     assert scheduled.mid != mid
+
+
+@pytest.mark.asyncio
+async def test_a_device_refusing_a_challenge_sent_again_is_counted_not_an_error(
+    world: tuple[AttestationService, AttestationStore, FixedClock],
+) -> None:
+    """The device's replay guard refuses a challenge it had already received (same mid):
+    its ``Rejected`` is logged and counted by reason, not taken for an unknown message
+    type, and the challenge stays answerable."""
+    service, store, clock = world
+    mid, _ = await _ask(service)
+    clock.advance(1_500)
+    await _ask(service)  # the same challenge again
+    device_key = _kit_key(DEVICE)
+    cert = x509.load_der_x509_certificate(device_key.cert_der)
+    signer = Signer(
+        Identity.device(DEVICE),
+        device_key.key.public_key(),
+        device_key.kid,
+        cert.serial_number,
+        cert.not_valid_before_utc,
+        cert.not_valid_after_utc,
+    )
+    refusal = Rejected(in_reply_to=mid, reason="envelope.rejected")
+    topic = f"ew/v1/dev/{DEVICE}/up/attest"
+    opened = Opened(refusal, signer, topic, "cd" * 16, clock.now_ms(), clock.now_ms() + 30_000)
+    assert await service.on_attestation(opened) == ()
+    counted = service.device_refusals.labels(reason="envelope.rejected")._value.get()
+    assert counted == 1
+    assert await store.use_challenge(mid, DEVICE) is not None

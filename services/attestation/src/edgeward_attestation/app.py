@@ -76,6 +76,7 @@ def wire(
         clock=runtime.clock,
         settings=settings,
         device_revoked=follower.device_revoked,
+        registry=runtime.metrics.registry,
     )
     runtime.on_identity_change(service.use_signing_key)  # EARs signed with a reloaded key
     runtime.route(
@@ -86,7 +87,7 @@ def wire(
     )
     runtime.route(
         shared_subscription(GROUP, f"{ROOT}/dev/+/up/attest"),
-        [AttestationRequest, AttestationEvidence],
+        [AttestationRequest, AttestationEvidence, Rejected],
         service.on_attestation,
         name="attest",
     )

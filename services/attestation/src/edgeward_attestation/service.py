@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from cryptography import x509
+from prometheus_client import CollectorRegistry, Counter
 
 from edgeward_attestation.credential import make_credential
 from edgeward_attestation.enrollment import (
@@ -64,6 +65,7 @@ from edgeward_shared.messages.attest import (
     ImaCursor,
 )
 from edgeward_shared.messages.base import Message
+from edgeward_shared.messages.common import Rejected
 from edgeward_shared.messages.enroll import (
     CredentialChallenge,
     CredentialProof,
@@ -156,10 +158,17 @@ class AttestationService:
         clock: Clock,
         settings: Settings | None = None,
         device_revoked: Callable[[str], bool] = lambda _device_id: False,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         """``device_revoked``: whether the revocation plane revokes a device id (such a
-        device never enrolls again)."""
+        device never enrolls again); ``registry``: where its own metrics go (the runtime's)."""
         self.device_revoked = device_revoked
+        self.device_refusals = Counter(
+            "edgeward_attestation_challenges_refused_total",
+            "Challenges a device answered with Rejected, by the device's reason",
+            ["reason"],
+            registry=registry if registry is not None else CollectorRegistry(),
+        )
         self.store = store
         self.signing_key = signing_key
         self.manufacturers = list(manufacturers)
@@ -295,7 +304,21 @@ class AttestationService:
             return await self._on_request(device_id)
         if isinstance(message, AttestationEvidence):
             return await self._on_evidence(opened, device_id, message)
+        if isinstance(message, Rejected):  # the device refused one of our challenges
+            return self._on_refused(device_id, message)
         raise MessageError("message.type.unknown", type(message).__name__)
+
+    def _on_refused(self, device_id: str, refusal: Rejected) -> Sequence[Outgoing]:
+        """A device's ``Rejected`` of a challenge (§5.4): logged and counted by its reason,
+        never answered. The usual one is ``envelope.rejected`` for a challenge sent again
+        (same mid) that the device had already received; the challenge stays open until
+        its evidence comes or it expires."""
+        self.device_refusals.labels(reason=refusal.reason).inc()
+        log.info(
+            "challenge.refused",
+            extra=fields(device=device_id, challenge=refusal.in_reply_to, reason=refusal.reason),
+        )
+        return ()
 
     async def _on_request(self, device_id: str) -> Sequence[Outgoing]:
         now = self.clock.now_ms()
