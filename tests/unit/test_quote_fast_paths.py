@@ -31,6 +31,13 @@ VECTORS = Path(__file__).parents[1] / "vectors" / "tpm"
 NAMES = ("pytss", "tpm2-tools", "tpm2-tools-rsa", "pytss-sha1", "pytss-tampered")
 
 
+@pytest.fixture(autouse=True)
+def _no_shapes_learned() -> None:
+    """Every test starts with no shape learned (the table is bounded and process-wide:
+    other tests' quotes could have filled it)."""
+    _LAYOUTS.clear()
+
+
 @pytest.fixture(params=NAMES)
 def vector(request: pytest.FixtureRequest) -> QuoteVector:
     return QuoteVector.load(VECTORS / request.param)
