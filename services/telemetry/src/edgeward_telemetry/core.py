@@ -31,7 +31,7 @@ from edgeward_telemetry.baseline import Settings as BaselineSettings
 from edgeward_telemetry.drift import Reference, ReferenceBuilder, drift_score
 from edgeward_telemetry.fusion import Facts, risk
 from edgeward_telemetry.reasons import TelemetryReason
-from edgeward_telemetry.rules import Rule, RuleState, Transition, evaluate, evaluate_at
+from edgeward_telemetry.rules import Rule, RuleState, Transition, evaluate_at
 
 #: The rules the service runs unless configured otherwise (docs/telemetry.md).
 DEFAULT_RULES: Final = (
@@ -180,7 +180,10 @@ class Detector:
         state.gateway_rejected = 0
         state.protections_missing = int(values["protections_missing"])
         state.last_inferences = int(values["inferences"])
-        state.high_tier_loaded = any(model.tier is Tier.HIGH for model in report.models)
+        state.high_tier_loaded = False
+        for model in report.models:
+            if model.tier is Tier.HIGH:
+                state.high_tier_loaded = True
         decisions = self._baselines(report.device_id, values, attested=attested, now_ms=now_ms)
         for name, z_of in _Z_OF.items():
             baseline = self.baselines.get(z_of)
@@ -196,7 +199,7 @@ class Detector:
                     value = self._model_metric(rule.metric, report.device_id, model, attested)
                     key = f"{rule.name}/{model.name}@{model.version}"
                     run = runs.get(key) or runs.setdefault(key, RuleState())
-                    point = evaluate(rule, run, value, ())
+                    point = evaluate_at(rule, run, value, rule.threshold(()))
                     if point is not None and point.transition is not None:
                         pending.append(
                             (
@@ -279,7 +282,9 @@ class Detector:
     ) -> list[Decision]:
         decisions: list[Decision] = []
         for metric, settings in self.baseline_settings.items():
-            baseline = self.baselines.setdefault(metric, Baseline())
+            baseline = self.baselines.get(metric)
+            if baseline is None:  # not setdefault: no Baseline built on every report
+                baseline = self.baselines[metric] = Baseline()
             baseline.vote(device_id, values[metric], attested=attested, now_ms=now_ms)
             if not baseline.update(settings, now_ms):
                 continue

@@ -23,8 +23,10 @@ class Facts(NamedTuple):
 
 
 def risk(facts: Facts) -> Risk:
-    behaviour = len(facts.alarms & BEHAVIOUR_RULES)
-    security = len(facts.alarms - BEHAVIOUR_RULES)
+    behaviour = security = 0
+    if facts.alarms:
+        behaviour = len(facts.alarms & BEHAVIOUR_RULES)
+        security = len(facts.alarms) - behaviour
     if facts.attestation_failed:
         return "compromised"
     if not facts.attested:
