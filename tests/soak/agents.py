@@ -33,6 +33,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
@@ -277,6 +278,9 @@ async def run(spec: AgentsSpec) -> int:
         agents = [timed(agent, flows) for agent in agents]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # every TPM call of every device goes through asyncio.to_thread: a device has its own
+    # CPU, here hundreds share asyncio's default of min(32, cores + 4) threads
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=min(64, 8 + len(agents) // 8)))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     sampler = asyncio.create_task(

@@ -108,6 +108,9 @@ class SoakConfig:
     start_rate_per_s: float | None = None
     #: threads starting swtpm processes (each: spawn, wait for its ports, measure the boot)
     tpm_workers: int = 8
+    #: renewals' revocations share one signed list at most this often (the revocation
+    #: service's --renewal-list-interval; 0: a list each, which a large fleet cannot take)
+    renewal_list_interval_s: int = 0
     #: the p99 (ms) each timed flow must stay within: attest, renew, call, accept (README);
     #: a flow not named is reported, not checked
     p99_bounds_ms: tuple[tuple[str, float], ...] = ()
@@ -155,6 +158,8 @@ class SoakRecord:
     #: the services' counters when the steady phase started (``metrics`` at its end)
     metrics_start: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     flows: list[FlowTiming] = field(default_factory=list)  # attest and renew, device-side
+    #: the revocation service's jobs: (kind, step, created_at, updated_at) each
+    revocation_jobs: list[tuple[str, str, int, int]] = field(default_factory=list)
     pki: PkiStore | None = None
 
 
@@ -262,8 +267,10 @@ def service_argv(
         "revocation": [
             *("-m", "edgeward_revocation", "--pki-dir", str(pki.dir), "--broker", address),
             *("--db", str(state / "revocation.db")),
-            *("--broker-pid-file", str(state / "mosquitto.pid")),
+            # its directory is the broker's run directory (broker.json: what to reload)
+            *("--broker-pid-file", str(broker.run_dir / "mosquitto.pid")),
             *("--broker-log", str(broker.log_path)),
+            *("--renewal-list-interval", f"{config.renewal_list_interval_s}s"),
         ],
         "model-distribution": [
             *("-m", "edgeward_model_distribution", "--pki-dir", str(pki.dir)),
@@ -647,6 +654,10 @@ def _collect(record: SoakRecord, root: Path, pki: PkiStore) -> None:
             issued_at_ms=row["issued_at_ms"],
         )
         for row in _rows(state / "identity.db", "SELECT * FROM identity_certificates")
+    ]
+    record.revocation_jobs = [
+        (row["kind"], row["step"], row["created_at"], row["updated_at"])
+        for row in _rows(state / "revocation.db", "SELECT * FROM rev_jobs")
     ]
     crl = x509.load_pem_x509_crl(pki.crl_path.read_bytes())
     record.revoked_at_ms = {  # whole seconds in a CRL: the latest the revocation can have been

@@ -57,6 +57,19 @@ def rss_kb(pid: int) -> int | None:
     return None  # a zombie has no VmRSS line
 
 
+def pss_kb(pid: int) -> int | None:
+    """The proportional set size: shared pages divided among the processes sharing them
+    (what a thousand swtpm processes cost together; their RSS counts libtpms and OpenSSL
+    once per process)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return None
+
+
 def descendants(pid: int) -> list[int]:
     """Every live descendant of ``pid`` (one pass over /proc)."""
     children: dict[int, list[int]] = {}
@@ -98,6 +111,7 @@ class RssSampler:
                 values[name] = kb
         for name, pids in self.sums.items():
             values[name] = sum(rss_kb(pid) or 0 for pid in pids)
+            values[f"{name} (PSS)"] = sum(pss_kb(pid) or 0 for pid in pids)
         if self.parent_of_workers is not None:
             # one figure for all: workers come and go (a renewal restarts them), so their
             # sum is what can be compared over time; how many there were is kept aside

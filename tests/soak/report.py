@@ -57,6 +57,13 @@ def judge(record: SoakRecord) -> tuple[list[Violation], dict[str, Any]]:
         record.rss, (warm, warm + window), (record.ended_ms - window, record.ended_ms + 5000)
     )
     violations += missing + audit.grown(drifts, config.rss_tolerance)
+    # every revocation the renewals caused was carried out (CRL, broker reload, signed list),
+    # but for those begun in the last half-minute
+    for kind, step, created, _ in record.revocation_jobs:
+        if step != "done" and created < record.ended_ms - UNFINISHED_GRACE_MS:
+            violations.append(
+                Violation("revocation.unfinished", kind, f"at {step}, from {created}")
+            )
     for name, counters in record.metrics.items():
         if counters.get("reconnects", {}).get("total", 0) or "unreachable" in counters:
             violations.append(Violation("service.connection", name, str(counters)))
@@ -77,7 +84,13 @@ def timings(record: SoakRecord) -> list[audit.FlowTiming]:
         audit.FlowTiming("accept", r.device_id, r.at_ms, r.accepted_at_ms - r.at_ms, True)
         for r in record.accepted
     ]
-    return [*record.flows, *calls, *accepts]
+    # a renewed device's previous certificate revoked: recorded to done (CRL written, broker
+    # reloaded, signed list published), from the revocation service's jobs
+    revokes = [
+        audit.FlowTiming("revoke", kind, created, updated - created, step == "done")
+        for kind, step, created, updated in record.revocation_jobs
+    ]
+    return [*record.flows, *calls, *accepts, *revokes]
 
 
 def messages_per_s(record: SoakRecord) -> dict[str, float]:
@@ -95,6 +108,8 @@ def messages_per_s(record: SoakRecord) -> dict[str, float]:
     return out
 
 
+#: a revocation begun this close to the end may still be under way
+UNFINISHED_GRACE_MS = 30_000
 #: a result produced this close to the observer's stop may reach the wire after it
 PUBLISH_SLACK_MS = 5_000
 
@@ -167,8 +182,9 @@ def summarize(
             for flow, values in sorted(flows.items())
         },
         "flow_failures": dict(Counter(f"{t.flow}" for t in record.flows if not t.ok)),
-        "attestations": len([t for t in record.flows if t.flow == "attest" and t.ok]),
+        "attestations": len(flows.get("attest", [])),  # adopted, in the steady phase
         "messages_per_s": messages_per_s(record),
+        "revocation_jobs": dict(Counter(step for _, step, _, _ in record.revocation_jobs)),
         "services_rejected": {
             name: counters.get("rejected", {}) for name, counters in record.metrics.items()
         },
@@ -221,7 +237,8 @@ def text(summary: dict[str, Any]) -> str:
     lines = [head, renewed, accepted, called, f"  services rejected {rejected}"]
     lines.append(
         f"  messages/s (services' counters) {summary['messages_per_s']},"
-        f" attestations {summary['attestations']}, failed flows {summary['flow_failures']}"
+        f" attestations {summary['attestations']}, failed flows {summary['flow_failures']},"
+        f" revocation jobs by step {summary['revocation_jobs']}"
     )
     for flow, figures in summary["flows"].items():
         lines.append(
