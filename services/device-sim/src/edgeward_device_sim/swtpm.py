@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -68,6 +69,12 @@ from edgeward_shared.crypto.keys import new_key, private_key_pem
 from edgeward_shared.pki.certs import make_root_ca
 
 _PORT_ATTEMPTS: Final = 20
+#: swtpm's port pairs come from below Linux's default ephemeral range (32768-60999), where
+#: connect() takes its client ports: each probe of a starting swtpm and each TPM session
+#: leaves one in TIME_WAIT for a minute, and a thousand devices started in a minute left no
+#: pair free there ("no pair of consecutive free loopback ports").
+_PAIR_RANGE: Final = (10_000, 32_000)
+_PAIR_ATTEMPTS: Final = 1_000
 _READY_TIMEOUT_S: Final = 5.0
 _STOP_TIMEOUT_S: Final = 5.0
 _DEFAULT_WORKERS: Final = 16
@@ -354,20 +361,21 @@ def _remove_ecc_ek_certificate(device: SwtpmDevice) -> None:
 
 
 def _free_port_pair() -> int:
-    """A loopback port N with N+1 also free at the time of asking (swtpm binds both)."""
-    for _ in range(_PORT_ATTEMPTS):
-        with closing(socket.socket()) as first:
-            first.bind(("127.0.0.1", 0))
-            port: int = first.getsockname()[1]
-            if port >= 65535:
+    """A loopback port N with N+1 also free at the time of asking (swtpm binds both),
+    drawn from :data:`_PAIR_RANGE`."""
+    for _ in range(_PAIR_ATTEMPTS):
+        port = _PAIRS.randrange(*_PAIR_RANGE)
+        with closing(socket.socket()) as first, closing(socket.socket()) as second:
+            try:
+                first.bind(("127.0.0.1", port))
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
                 continue
-            with closing(socket.socket()) as second:
-                try:
-                    second.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-                return port
+            return port
     raise RuntimeError("no pair of consecutive free loopback ports")
+
+
+_PAIRS = random.SystemRandom()  # not seeded alike in processes started together
 
 
 def _wait_listening(process: subprocess.Popen[bytes], port: int) -> bool:
