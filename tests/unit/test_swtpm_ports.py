@@ -29,3 +29,13 @@ def test_a_thousand_pairs_held_at_once_are_found_below_the_ephemeral_range() -> 
                 sock.bind(("127.0.0.1", each))
             ports.add(port)
         assert len(ports) == 1000
+
+
+def test_ports_handed_out_but_not_yet_bound_are_not_drawn_again() -> None:
+    taken: set[int] = set()
+    for _ in range(2000):  # nothing is bound here: only ``taken`` keeps the pairs apart
+        port = _free_port_pair(taken)
+        assert port not in taken
+        assert port + 1 not in taken
+        taken.update((port, port + 1))
+    assert len(taken) == 4000

@@ -37,6 +37,7 @@ import random
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -360,11 +361,16 @@ def _remove_ecc_ek_certificate(device: SwtpmDevice) -> None:
     )  # fmt: skip
 
 
-def _free_port_pair() -> int:
+def _free_port_pair(taken: set[int] | None = None) -> int:
     """A loopback port N with N+1 also free at the time of asking (swtpm binds both),
-    drawn from :data:`_PAIR_RANGE`."""
+    drawn from :data:`_PAIR_RANGE`, and neither in ``taken``: the ports already handed to
+    a swtpm that may not have bound them yet (the caller adds N and N+1 under its lock;
+    two devices started together once drew overlapping pairs, and the second's probes
+    found the first's swtpm listening)."""
     for _ in range(_PAIR_ATTEMPTS):
         port = _PAIRS.randrange(*_PAIR_RANGE)
+        if taken is not None and (port in taken or port + 1 in taken):
+            continue
         with closing(socket.socket()) as first, closing(socket.socket()) as second:
             try:
                 first.bind(("127.0.0.1", port))
@@ -413,6 +419,8 @@ class SwtpmFleet:
         self.banks = tuple(pcr_banks)
         self.ca = ca or ManufacturerCa.open_or_create(root / "ca")
         self.devices: dict[str, SwtpmDevice] = {}
+        self._ports: set[int] = set()  # handed to a swtpm of this fleet (never reused)
+        self._ports_lock = threading.Lock()
         self._write_setup_config()
 
     def __enter__(self) -> Self:
@@ -456,7 +464,9 @@ class SwtpmFleet:
 
     def _spawn(self, name: str, state: Path) -> SwtpmDevice:
         for _ in range(_PORT_ATTEMPTS):
-            port = _free_port_pair()
+            with self._ports_lock:  # start_many spawns from several threads
+                port = _free_port_pair(self._ports)
+                self._ports.update((port, port + 1))
             process = subprocess.Popen(
                 [
                     "swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state}",
