@@ -23,6 +23,9 @@ Three questions, each answered from records rather than from the processes' own 
 * **Did any process grow?** (:func:`rss_drift`) ``VmRSS`` of every process: the median of
   the samples in a window after warm-up against the median of the last window; flat means
   within ``tolerance`` either way.
+* **Were the flows fast enough?** (:func:`slow_flows`) The 99th percentile of each timed
+  flow (attestation challenge to result, renewal request to certificate, inference call,
+  result produced to accepted) against its documented bound.
 """
 
 from __future__ import annotations
@@ -273,7 +276,8 @@ def serving_gaps(
     window = [s for s in samples if start_ms <= int(s["t_ms"]) <= end_ms + settle_ms]
     history = DeviceHistory()
     for device in devices:
-        points = [(int(s["t_ms"]), s["devices"].get(device, {})) for s in window]
+        # several agents' processes write their own lines: a line names only its devices
+        points = [(int(s["t_ms"]), s["devices"][device]) for s in window if device in s["devices"]]
         changes = _certificate_changes(points)
         history.changes[device] = changes
         if not points:  # never heard of
@@ -320,6 +324,15 @@ def _gaps(
     if opened is not None:
         gaps.append(close(last_ms, closed=False))
     return gaps
+
+
+def merged(*histories: DeviceHistory) -> DeviceHistory:
+    """One history of several (devices judged by different standards: serving or not)."""
+    history = DeviceHistory()
+    for each in histories:
+        history.gaps.extend(each.gaps)
+        history.changes.update(each.changes)
+    return history
 
 
 def lost_devices(history: DeviceHistory, max_gap_s: float) -> list[Violation]:
@@ -467,3 +480,41 @@ def percentile(values: Sequence[float], fraction: float) -> float | None:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
     return ordered[index]
+
+
+# ---------------------------------------------------------------------- flows
+@dataclass(frozen=True, slots=True)
+class FlowTiming:
+    """One timed flow: an attestation, a renewal, a call, a result's way to the gateway."""
+
+    flow: str
+    device_id: str
+    t_ms: int  # when it started
+    ms: float
+    ok: bool
+
+
+def flow_latencies(
+    timings: Iterable[FlowTiming], start_ms: int, end_ms: int
+) -> dict[str, list[float]]:
+    """The latencies of the successful flows that started in [start_ms, end_ms], by flow."""
+    found: dict[str, list[float]] = {}
+    for timing in timings:
+        if timing.ok and start_ms <= timing.t_ms <= end_ms:
+            found.setdefault(timing.flow, []).append(timing.ms)
+    return found
+
+
+def slow_flows(
+    latencies: Mapping[str, Sequence[float]], bounds_ms: Mapping[str, float]
+) -> list[Violation]:
+    """A flow whose p99 is above its bound, or a bounded flow never seen."""
+    found = []
+    for flow, bound in sorted(bounds_ms.items()):
+        p99 = percentile(latencies.get(flow, ()), 0.99)
+        if p99 is None:
+            found.append(Violation("flow.unseen", flow, f"no {flow} in the steady phase"))
+        elif p99 > bound:
+            detail = f"p99 {p99:.0f} ms > {bound:.0f} ms over {len(latencies[flow])}"
+            found.append(Violation("flow.slow", flow, detail))
+    return found

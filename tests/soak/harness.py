@@ -3,8 +3,9 @@
 Everything the soak watches runs as its own process, started as an operator would start it:
 mosquitto (the repository's config), the identity, attestation (with periodic
 re-attestation), revocation, model-distribution and inference-gateway services
-(``python -m <service>``), one swtpm per device, and one process for the device agents
-(:mod:`tests.soak.agents`) whose children are the models' sandboxed workers. This process
+(``python -m <service>``), one swtpm per device, and one or more processes for the device
+agents (:mod:`tests.soak.agents`, at most ``agents_per_process`` devices each) whose
+children are the models' sandboxed workers (of the ``serving`` devices only). This process
 runs the PKI, the operator's steps (the ``edgeward`` CLI in a child process), an inference
 client, the wire observer and the RSS sampler (:mod:`tests.soak.probes`).
 
@@ -35,14 +36,19 @@ from typing import Any
 
 from cryptography import x509
 from tests.soak.agents import AgentsSpec, write_spec
-from tests.soak.audit import AcceptedRow, Call, IssuedCertificate
+from tests.soak.audit import AcceptedRow, Call, FlowTiming, IssuedCertificate
 from tests.soak.probes import OBSERVER, Client, Observer, RssSampler, SeenEnvelope, now_ms
 
 from edgeward_attestation.policy import policy_from_values
 from edgeward_attestation.store import AttestationStore
 from edgeward_cli.demo_models import demo_model
 from edgeward_device_agent.state import AgentState
-from edgeward_device_sim.swtpm import GOLDEN_BOOT_CHAIN, SwtpmFleet, expected_pcrs
+from edgeward_device_sim.swtpm import (
+    GOLDEN_BOOT_CHAIN,
+    SwtpmDevice,
+    SwtpmFleet,
+    expected_pcrs,
+)
 from edgeward_shared.broker.launcher import MosquittoBroker
 from edgeward_shared.bus.mqtt import BrokerAddress
 from edgeward_shared.identity import Identity, Role, ServiceName
@@ -93,11 +99,30 @@ class SoakConfig:
     max_gap_s: float = 15.0
     status_period_s: float = 1.0
     bring_up_s: float = 120.0
+    #: how many devices follow the model and serve inference (None: all of them); the
+    #: others enrol, attest and renew, and are judged by that (README)
+    serving: int | None = None
+    #: devices per agents' process (paho's select() loop stops near 340 clients)
+    agents_per_process: int = 250
+    #: devices started a second, the whole fleet (None: all at once): enrolment's pace
+    start_rate_per_s: float | None = None
+    #: threads starting swtpm processes (each: spawn, wait for its ports, measure the boot)
+    tpm_workers: int = 8
+    #: renewals' revocations share one signed list at most this often (the revocation
+    #: service's --renewal-list-interval; 0: a list each, which a large fleet cannot take)
+    renewal_list_interval_s: int = 0
+    #: the p99 (ms) each timed flow must stay within: attest, renew, call, accept (README);
+    #: a flow not named is reported, not checked
+    p99_bounds_ms: tuple[tuple[str, float], ...] = ()
 
     @property
     def max_silence_s(self) -> float:
         """The longest a serving device may go without an accepted result at the gateway."""
         return 3 * self.stream_period_s + self.max_gap_s
+
+    @property
+    def serving_devices(self) -> int:
+        return self.devices if self.serving is None else min(self.serving, self.devices)
 
 
 @dataclass
@@ -107,6 +132,7 @@ class SoakRecord:
     config: SoakConfig
     root: Path
     devices: list[str]
+    serving: list[str] = field(default_factory=list)  # those that run the model
     started_ms: int = 0  # the steady phase
     #: when the observer's subscription was acknowledged: a result produced before it may
     #: have crossed the wire unseen, so the audit of signers covers only those after it
@@ -114,6 +140,8 @@ class SoakRecord:
     observed_until_ms: int = 0  # when the observer stopped watching
     ended_ms: int = 0
     bring_up_s: float = 0.0
+    tpm_provision_s: float = 0.0  # swtpm_setup for every device (before the clock above)
+    agent_processes: int = 0
     status: list[dict[str, Any]] = field(default_factory=list)
     rss: list[tuple[int, dict[str, int]]] = field(default_factory=list)
     worker_processes: int = 0
@@ -127,6 +155,11 @@ class SoakRecord:
     exit_codes: dict[str, int | None] = field(default_factory=dict)
     stop_codes: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    #: the services' counters when the steady phase started (``metrics`` at its end)
+    metrics_start: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    flows: list[FlowTiming] = field(default_factory=list)  # attest and renew, device-side
+    #: the revocation service's jobs: (kind, step, created_at, updated_at) each
+    revocation_jobs: list[tuple[str, str, int, int]] = field(default_factory=list)
     pki: PkiStore | None = None
 
 
@@ -207,7 +240,7 @@ def service_argv(
     root: Path,
     pki: PkiStore,
     broker: MosquittoBroker,
-    fleet: SwtpmFleet,
+    manufacturer_ca: Path,
     metrics: dict[str, int],
 ) -> dict[str, list[str]]:
     """Each service's command line: the defaults, but for the lifetimes under test, and a
@@ -224,7 +257,7 @@ def service_argv(
         "attestation": [
             *("-m", "edgeward_attestation", "--pki-dir", str(pki.dir), "--broker", address),
             *("--db", str(state / "attestation.db")),
-            *("--manufacturer-ca", str(fleet.ca.cert_path)),
+            *("--manufacturer-ca", str(manufacturer_ca)),
             *("--reattest-period", f"{config.reattest_period_s}s"),
             *("--result-lifetime", f"{config.ear_lifetime_s}s"),
             # what devices ask for at enrolment (its floor is 10 minutes): the identity
@@ -234,8 +267,10 @@ def service_argv(
         "revocation": [
             *("-m", "edgeward_revocation", "--pki-dir", str(pki.dir), "--broker", address),
             *("--db", str(state / "revocation.db")),
-            *("--broker-pid-file", str(state / "mosquitto.pid")),
+            # its directory is the broker's run directory (broker.json: what to reload)
+            *("--broker-pid-file", str(broker.run_dir / "mosquitto.pid")),
             *("--broker-log", str(broker.log_path)),
+            *("--renewal-list-interval", f"{config.renewal_list_interval_s}s"),
         ],
         "model-distribution": [
             *("-m", "edgeward_model_distribution", "--pki-dir", str(pki.dir)),
@@ -258,8 +293,15 @@ def scrape(port: int) -> dict[str, dict[str, float]]:
     url = f"http://127.0.0.1:{port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()
-    found: dict[str, dict[str, float]] = {"rejected": {}, "reconnects": {}}
+    found: dict[str, dict[str, float]] = {
+        "rejected": {},
+        "reconnects": {},
+        "messages": {"received": 0.0, "published": 0.0},
+    }
     for line in text.splitlines():
+        for kind in ("received", "published"):
+            if line.startswith(f"edgeward_messages_{kind}_total{{"):
+                found["messages"][kind] += float(line.rsplit(" ", 1)[1])
         if line.startswith("edgeward_messages_rejected_total{"):
             labels, value = line.rsplit(" ", 1)
             reason = labels.split('reason="', 1)[1].split('"', 1)[0]
@@ -324,39 +366,106 @@ async def publish_and_roll_out(
     await edgeward(root, pki, broker, "model", "rollout", MODEL, "1", *cohort)
 
 
-def read_status(path: Path) -> list[dict[str, Any]]:
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        return []
+#: what the audit reads of a device's status line (the rest is for a post-mortem)
+KEPT = ("attested", "connected", "cert_not_after_ms", "loaded")
+
+
+def read_status(*paths: Path) -> list[dict[str, Any]]:
+    """Every status line of every agents' process, in time order, with only :data:`KEPT`."""
     out = []
-    for line in lines:
+    for path in paths:
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # the last line, half written
+            lines = path.read_text().splitlines()
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            try:
+                sample = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the last line, half written
+            devices = sample["devices"]
+            for device, item in devices.items():
+                devices[device] = {key: item.get(key) for key in KEPT}
+            out.append(sample)
+    out.sort(key=lambda sample: int(sample["t_ms"]))
     return out
 
 
-def latest(path: Path) -> dict[str, Any]:
-    status = read_status(path)
-    return status[-1]["devices"] if status else {}
+def last_line(path: Path, tail: int = 1 << 18) -> dict[str, Any]:
+    """The last complete status line of one process (read from the file's end)."""
+    try:
+        with path.open("rb") as file:
+            size = file.seek(0, os.SEEK_END)
+            file.seek(max(0, size - tail))
+            lines = file.read().split(b"\n")
+    except FileNotFoundError:
+        return {}
+    for line in reversed(lines):
+        try:
+            sample: dict[str, Any] = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        return sample
+    return {}
 
 
-def all_serving(path: Path, devices: list[str]) -> bool:
-    current = latest(path)
+def latest(*paths: Path) -> dict[str, Any]:
+    current: dict[str, Any] = {}
+    for path in paths:
+        current.update(last_line(path).get("devices", {}))
+    return current
+
+
+def all_serving(paths: list[Path], devices: list[str], serving: list[str]) -> bool:
+    """Every device connected and attested, and the ``serving`` ones running the model."""
+    current, runs_model = latest(*paths), set(serving)
     return all(
         current.get(d, {}).get("attested")
         and current.get(d, {}).get("connected")
-        and MODEL in current.get(d, {}).get("loaded", [])
+        and (d not in runs_model or MODEL in current.get(d, {}).get("loaded", []))
         for d in devices
     )
 
 
+def not_ready(paths: list[Path], devices: list[str], serving: list[str]) -> str:
+    """How many devices are not there yet, for a timeout's message."""
+    current, runs_model = latest(*paths), set(serving)
+    waiting = [
+        d
+        for d in devices
+        if not (
+            current.get(d, {}).get("attested")
+            and current.get(d, {}).get("connected")
+            and (d not in runs_model or MODEL in current.get(d, {}).get("loaded", []))
+        )
+    ]
+    return (
+        f"{len(waiting)} of {len(devices)} not ready, e.g. {[current.get(d) for d in waiting[:3]]}"
+    )
+
+
+def read_flows(*paths: Path) -> list[FlowTiming]:
+    found = []
+    for path in paths:
+        try:
+            lines = path.read_text().splitlines()
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            ok = item["outcome"] in ("adopted", "renewed")
+            found.append(FlowTiming(item["flow"], item["device"], item["t_ms"], item["ms"], ok))
+    return found
+
+
 # ---------------------------------------------------------------------- the run
 async def run_soak(root: Path, config: SoakConfig) -> SoakRecord:
-    devices = [f"soak-{i:03d}" for i in range(config.devices)]
-    record = SoakRecord(config, root, devices)
+    width = 3 if config.devices <= 1000 else 4
+    devices = [f"soak-{i:0{width}d}" for i in range(config.devices)]
+    record = SoakRecord(config, root, devices, serving=devices[: config.serving_devices])
     (root / "state").mkdir(parents=True)
     pki = await asyncio.to_thread(make_pki, root, devices)
     record.pki = pki
@@ -366,13 +475,16 @@ async def run_soak(root: Path, config: SoakConfig) -> SoakRecord:
             await asyncio.get_running_loop().run_in_executor(
                 None, lambda: list(pool.map(fleet.provision, devices))
             )
-        tpms = await asyncio.to_thread(fleet.start_many, devices, GOLDEN_BOOT_CHAIN)
+        record.tpm_provision_s = time.monotonic() - started
+        tpms = await asyncio.to_thread(
+            fleet.start_many, devices, GOLDEN_BOOT_CHAIN, config.tpm_workers
+        )
         with MosquittoBroker(
             pki, root / "broker", operators=[ALICE, ALICE_CLI], service_instances=[OBSERVER]
         ) as broker:
             (root / "state" / "mosquitto.pid").write_text(f"{broker.pid}\n")
             await provision(root / "state" / "attestation.db", devices)
-            await _run(record, root, pki, broker, fleet, [t.tcti for t in tpms], started)
+            await _run(record, root, pki, broker, fleet.ca.cert_path, started, tpms)
     record.bring_up_s = record.bring_up_s or time.monotonic() - started
     _collect(record, root, pki)
     return record
@@ -383,18 +495,26 @@ async def _run(
     root: Path,
     pki: PkiStore,
     broker: MosquittoBroker,
-    fleet: SwtpmFleet,
-    tctis: list[str],
+    manufacturer_ca: Path,
     started: float,
+    tpms: list[SwtpmDevice],
 ) -> None:
-    config, devices = record.config, record.devices
+    config, devices, serving = record.config, record.devices, record.serving
     address = BrokerAddress(broker.host, broker.port)
-    status_path = root / "agents-status.jsonl"
+    groups = [
+        devices[i : i + config.agents_per_process]
+        for i in range(0, len(devices), config.agents_per_process)
+    ]
+    one = len(groups) == 1  # one process: named as before ("agents", agents-status.jsonl)
+    names = ["agents"] if one else [f"agents-{i}" for i in range(len(groups))]
+    status_paths = [root / f"{name}-status.jsonl" for name in names]
+    flows_paths = [root / f"{name}-flows.jsonl" for name in names]
+    record.agent_processes = len(groups)
     codes, stops = record.exit_codes, record.stop_codes
     async with AsyncExitStack() as stack:
         pids = {"mosquitto": broker.pid}
         ports: dict[str, int] = {}
-        for name, argv in service_argv(config, root, pki, broker, fleet, ports).items():
+        for name, argv in service_argv(config, root, pki, broker, manufacturer_ca, ports).items():
             process = await stack.enter_async_context(child(root, name, argv, codes, stops))
             pids[name] = process.pid
         for service in SERVICES:
@@ -402,42 +522,55 @@ async def _run(
             await until(
                 lambda cn=cn: connected(broker, cn), within_s=60, why=f"soak: {cn} connected"
             )
-        await publish_and_roll_out(root, pki, broker, devices)
+        await publish_and_roll_out(root, pki, broker, serving)
 
-        spec = AgentsSpec(
-            devices=[
-                {"device_id": d, "tcti": t, "state_dir": str(root / "agents" / d)}
-                for d, t in zip(devices, tctis, strict=True)
-            ],
-            device_class=DEVICE_CLASS,
-            ca_bundle=str(pki.bundle_path),
-            crl=str(pki.crl_path),
-            broker_host=broker.host,
-            broker_port=broker.port,
-            status_path=str(status_path),
-            sample_period_s=config.status_period_s,
-            stream_period_s=config.stream_period_s,
-            infer_rate_per_s=5.0,
-            model_sync_s=15.0,
-            policy={"retry_base_s": 0.5, "retry_cap_s": 5.0},
-        )
-        write_spec(spec, root / "agents-spec.json")
-        agents = await stack.enter_async_context(
-            child(root, "agents", [str(AGENTS), str(root / "agents-spec.json")], codes, stops)
-        )
-        pids["agents"] = agents.pid
-        await until(
-            lambda: all_serving(status_path, devices),
-            within_s=config.bring_up_s,
-            why=f"soak: every device attested and serving {MODEL} (last: {latest(status_path)})",
-        )
+        tcti = {tpm.name: tpm.tcti for tpm in tpms}
+        rate = config.start_rate_per_s
+        for name, group, status_path, flows_path in zip(
+            names, groups, status_paths, flows_paths, strict=True
+        ):
+            spec = AgentsSpec(
+                devices=[
+                    {"device_id": d, "tcti": tcti[d], "state_dir": str(root / "agents" / d)}
+                    for d in group
+                ],
+                device_class=DEVICE_CLASS,
+                ca_bundle=str(pki.bundle_path),
+                crl=str(pki.crl_path),
+                broker_host=broker.host,
+                broker_port=broker.port,
+                status_path=str(status_path),
+                sample_period_s=config.status_period_s,
+                stream_period_s=config.stream_period_s,
+                infer_rate_per_s=5.0,
+                model_sync_s=15.0,
+                policy={"retry_base_s": 0.5, "retry_cap_s": 5.0},
+                serving=[d for d in group if d in set(serving)],
+                flows_path=str(flows_path),
+                # the fleet's pace, shared by the processes
+                start_rate_per_s=None if rate is None else rate / len(groups),
+            )
+            write_spec(spec, root / f"{name}-spec.json")
+            argv = [str(AGENTS), str(root / f"{name}-spec.json")]
+            agents = await stack.enter_async_context(child(root, name, argv, codes, stops))
+            pids[name] = agents.pid
+        try:
+            await until(
+                lambda: all_serving(status_paths, devices, serving),
+                within_s=config.bring_up_s,
+            )
+        except TimeoutError as exc:
+            ready = not_ready(status_paths, devices, serving)
+            raise TimeoutError(f"soak: every device attested and serving ({ready})") from exc
         record.bring_up_s = time.monotonic() - started
 
         stop = asyncio.Event()
         observer = Observer(pki, address)
         observing = asyncio.Event()
-        sampler = RssSampler(pids, parent_of_workers="agents")
-        client = Client(pki, address, "alice", devices, MODEL)
+        sampler = RssSampler(
+            pids, parent_of_workers=tuple(names), sums={"swtpm": tuple(t.pid for t in tpms)}
+        )
+        client = Client(pki, address, "alice", serving, MODEL)
         # the observer watches past the steady phase (through the settling below): the
         # devices keep producing results until the stack stops them
         unobserve = asyncio.Event()
@@ -446,6 +579,9 @@ async def _run(
         tasks: list[asyncio.Task[None]] = []
         await asyncio.wait_for(observing.wait(), 20)
         record.observing_ms = record.started_ms = now_ms()
+        for name, port in ports.items():  # messages/s: these counters against the last ones
+            with contextlib.suppress(OSError):
+                record.metrics_start[name] = await asyncio.to_thread(scrape, port)
         tasks.append(asyncio.create_task(sampler.run(config.rss_period_s, stop)))
         tasks.append(asyncio.create_task(client.run(config.calls_per_s, stop)))
         try:
@@ -464,7 +600,7 @@ async def _run(
         # audit reads these samples only to see how a stretch open at the end ended)
         with contextlib.suppress(TimeoutError):
             await until(
-                lambda: all_serving(status_path, devices),
+                lambda: all_serving(status_paths, devices, serving),
                 within_s=config.max_gap_s + 2,
                 why="soak: settled",
             )
@@ -475,7 +611,8 @@ async def _run(
         record.worker_processes = len(sampler.worker_pids)
         record.seen, record.observer_refused = observer.seen, observer.refused
         # leaving the stack stops the agents, then the services (in reverse), each by PID
-    record.status = read_status(status_path)
+    record.status = read_status(*status_paths)
+    record.flows = read_flows(*flows_paths)
 
 
 # ---------------------------------------------------------------------- collecting
@@ -517,6 +654,10 @@ def _collect(record: SoakRecord, root: Path, pki: PkiStore) -> None:
             issued_at_ms=row["issued_at_ms"],
         )
         for row in _rows(state / "identity.db", "SELECT * FROM identity_certificates")
+    ]
+    record.revocation_jobs = [
+        (row["kind"], row["step"], row["created_at"], row["updated_at"])
+        for row in _rows(state / "revocation.db", "SELECT * FROM rev_jobs")
     ]
     crl = x509.load_pem_x509_crl(pki.crl_path.read_bytes())
     record.revoked_at_ms = {  # whole seconds in a CRL: the latest the revocation can have been

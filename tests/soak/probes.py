@@ -1,7 +1,7 @@
 """What the soak runs beside the fleet to watch it (no tests here).
 
 * :class:`RssSampler`: ``VmRSS`` of every process of the run, from ``/proc/<pid>/status``,
-  every few seconds; the device agents' process's descendants (the models' sandboxed
+  every few seconds; the device agents' processes' descendants (the models' sandboxed
   workers) are found anew at each sample and counted as one figure, their sum (a worker
   is replaced when its device renews), beside the number of workers ever seen.
 * :class:`Observer`: a second instance of the inference gateway's identity
@@ -57,6 +57,19 @@ def rss_kb(pid: int) -> int | None:
     return None  # a zombie has no VmRSS line
 
 
+def pss_kb(pid: int) -> int | None:
+    """The proportional set size: shared pages divided among the processes sharing them
+    (what a thousand swtpm processes cost together; their RSS counts libtpms and OpenSSL
+    once per process)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return None
+
+
 def descendants(pid: int) -> list[int]:
     """Every live descendant of ``pid`` (one pass over /proc)."""
     children: dict[int, list[int]] = {}
@@ -79,13 +92,16 @@ def descendants(pid: int) -> list[int]:
 
 @dataclass
 class RssSampler:
-    """Samples ``processes`` (name -> pid) and the descendants of ``parent_of_workers``."""
+    """Samples ``processes`` (name -> pid) and the descendants of ``parent_of_workers``
+    (one name or several)."""
 
     processes: dict[str, int]
-    parent_of_workers: str | None = None
+    parent_of_workers: str | tuple[str, ...] | None = None
     samples: list[tuple[int, dict[str, int]]] = field(default_factory=list)
     #: every sandboxed worker seen (a renewal or a crash replaces them)
     worker_pids: set[int] = field(default_factory=set)
+    #: processes measured as one figure, their sum (name -> pids: e.g. every swtpm)
+    sums: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def sample(self) -> None:
         values: dict[str, int] = {}
@@ -93,11 +109,17 @@ class RssSampler:
             kb = rss_kb(pid)
             if kb is not None:
                 values[name] = kb
+        for name, pids in self.sums.items():
+            values[name] = sum(rss_kb(pid) or 0 for pid in pids)
+            values[f"{name} (PSS)"] = sum(pss_kb(pid) or 0 for pid in pids)
         if self.parent_of_workers is not None:
             # one figure for all: workers come and go (a renewal restarts them), so their
             # sum is what can be compared over time; how many there were is kept aside
             total = 0
-            for pid in descendants(self.processes[self.parent_of_workers]):
+            parents = self.parent_of_workers
+            names = (parents,) if isinstance(parents, str) else parents
+            workers = (pid for name in names for pid in descendants(self.processes[name]))
+            for pid in workers:
                 kb = rss_kb(pid)
                 if kb is not None:
                     total += kb

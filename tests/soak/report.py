@@ -1,6 +1,7 @@
 """The soak's verdict and summary: :func:`judge` runs every check of :mod:`tests.soak.audit`
 on a :class:`~tests.soak.harness.SoakRecord` and returns the violations and a summary
-(devices, renewals, results, calls, latency, RSS per process) for the log and a JSON file."""
+(devices, renewals, results, calls, latency per flow, messages/s, RSS per process) for the
+log and a JSON file."""
 
 from __future__ import annotations
 
@@ -31,34 +32,84 @@ def judge(record: SoakRecord) -> tuple[list[Violation], dict[str, Any]]:
     violations = audit.audit_results(
         audited(record), record.seen, record.certificates, record.revoked_at_ms, verify
     )
-    history = audit.serving_gaps(
-        record.status,
-        record.devices,
-        record.started_ms,
-        record.ended_ms,
-        MODEL,
-        settle_ms=int((config.max_gap_s + 2) * 1000),
+    settle_ms = int((config.max_gap_s + 2) * 1000)
+    serving = set(record.serving)
+    others = [device for device in record.devices if device not in serving]
+    # serving devices must run the model; the others only stay connected and attested
+    history = audit.merged(
+        audit.serving_gaps(
+            record.status, record.serving, record.started_ms, record.ended_ms, MODEL, settle_ms
+        ),
+        audit.serving_gaps(
+            record.status, others, record.started_ms, record.ended_ms, None, settle_ms
+        ),
     )
     violations += audit.lost_devices(history, config.max_gap_s)
     violations += audit.failed_calls(record.calls, history)
     violations += audit.silent_devices(
-        record.accepted, record.devices, record.started_ms, record.ended_ms, config.max_silence_s
+        record.accepted, record.serving, record.started_ms, record.ended_ms, config.max_silence_s
     )
+    latencies = audit.flow_latencies(timings(record), record.started_ms, record.ended_ms)
+    violations += audit.slow_flows(latencies, dict(config.p99_bounds_ms))
     warm = record.started_ms + int(config.warmup_s * 1000)
     window = int(config.rss_window_s * 1000)
     drifts, missing = audit.rss_drift(
         record.rss, (warm, warm + window), (record.ended_ms - window, record.ended_ms + 5000)
     )
     violations += missing + audit.grown(drifts, config.rss_tolerance)
+    # every revocation the renewals caused was carried out (CRL, broker reload, signed list),
+    # but for those begun in the last half-minute
+    for kind, step, created, _ in record.revocation_jobs:
+        if step != "done" and created < record.ended_ms - UNFINISHED_GRACE_MS:
+            violations.append(
+                Violation("revocation.unfinished", kind, f"at {step}, from {created}")
+            )
     for name, counters in record.metrics.items():
         if counters.get("reconnects", {}).get("total", 0) or "unreachable" in counters:
             violations.append(Violation("service.connection", name, str(counters)))
     for name, code in record.exit_codes.items():
         if code is not None:  # every process must still have been running at the end
             violations.append(Violation("process.exited", name, f"exit status {code}"))
-    return violations, summarize(record, history, drifts, violations)
+    return violations, summarize(record, history, drifts, violations, latencies)
 
 
+def timings(record: SoakRecord) -> list[audit.FlowTiming]:
+    """Every timed flow: the devices' attestations and renewals, the client's calls, and
+    each accepted result's way from the device (``at_ms``) to the gateway's acceptance."""
+    calls = [
+        audit.FlowTiming("call", c.device_id, c.sent_ms, c.latency_ms, c.accepted)
+        for c in record.calls
+    ]
+    accepts = [
+        audit.FlowTiming("accept", r.device_id, r.at_ms, r.accepted_at_ms - r.at_ms, True)
+        for r in record.accepted
+    ]
+    # a renewed device's previous certificate revoked: recorded to done (CRL written, broker
+    # reloaded, signed list published), from the revocation service's jobs
+    revokes = [
+        audit.FlowTiming("revoke", kind, created, updated - created, step == "done")
+        for kind, step, created, updated in record.revocation_jobs
+    ]
+    return [*record.flows, *calls, *accepts, *revokes]
+
+
+def messages_per_s(record: SoakRecord) -> dict[str, float]:
+    """Messages the services received and published in the steady phase, per second (their
+    own counters, read at its start and its end)."""
+    seconds = max(1e-3, (record.ended_ms - record.started_ms) / 1000)
+    out: dict[str, float] = {}
+    for kind in ("received", "published"):
+        total = 0.0
+        for name, end in record.metrics.items():
+            start = record.metrics_start.get(name, {}).get("messages", {}).get(kind, 0.0)
+            total += end.get("messages", {}).get(kind, 0.0) - start
+        out[kind] = round(total / seconds, 1)
+    out["total"] = round(out["received"] + out["published"], 1)
+    return out
+
+
+#: a revocation begun this close to the end may still be under way
+UNFINISHED_GRACE_MS = 30_000
 #: a result produced this close to the observer's stop may reach the wire after it
 PUBLISH_SLACK_MS = 5_000
 
@@ -75,6 +126,7 @@ def summarize(
     history: audit.DeviceHistory,
     drifts: list[audit.Drift],
     violations: list[Violation],
+    flows: dict[str, list[float]],
 ) -> dict[str, Any]:
     steady = [
         row for row in record.accepted if record.started_ms <= row.accepted_at_ms <= record.ended_ms
@@ -87,7 +139,10 @@ def summarize(
         "config": asdict(record.config),
         "steady_minutes": round(minutes, 2),
         "bring_up_s": round(record.bring_up_s, 1),
+        "tpm_provision_s": round(record.tpm_provision_s, 1),
         "devices": len(record.devices),
+        "serving": len(record.serving),
+        "agent_processes": record.agent_processes,
         "renewals": {
             "total": sum(renewals),
             "per_device_min": min(renewals, default=0),
@@ -116,6 +171,20 @@ def summarize(
             "p50_ms": _round(audit.percentile(latencies, 0.50)),
             "p99_ms": _round(audit.percentile(latencies, 0.99)),
         },
+        "flows": {
+            flow: {
+                "count": len(values),
+                "p50_ms": _round(audit.percentile(values, 0.50)),
+                "p99_ms": _round(audit.percentile(values, 0.99)),
+                "max_ms": _round(max(values)),
+                "bound_ms": dict(record.config.p99_bounds_ms).get(flow),
+            }
+            for flow, values in sorted(flows.items())
+        },
+        "flow_failures": dict(Counter(f"{t.flow}" for t in record.flows if not t.ok)),
+        "attestations": len(flows.get("attest", [])),  # adopted, in the steady phase
+        "messages_per_s": messages_per_s(record),
+        "revocation_jobs": dict(Counter(step for _, step, _, _ in record.revocation_jobs)),
         "services_rejected": {
             name: counters.get("rejected", {}) for name, counters in record.metrics.items()
         },
@@ -143,8 +212,10 @@ def text(summary: dict[str, Any]) -> str:
         summary["calls"],
     )
     head = (
-        f"soak: {summary['devices']} devices, {summary['steady_minutes']} min steady"
-        f" (bring-up {summary['bring_up_s']} s)"
+        f"soak: {summary['devices']} devices ({summary['serving']} serving,"
+        f" {summary['agent_processes']} agents' processes), {summary['steady_minutes']} min"
+        f" steady (bring-up {summary['bring_up_s']} s, of which swtpm_setup"
+        f" {summary['tpm_provision_s']} s)"
     )
     renewed = (
         f"  renewals seen {renewals['total']}"
@@ -164,6 +235,17 @@ def text(summary: dict[str, Any]) -> str:
     )
     rejected = {name: r for name, r in summary["services_rejected"].items() if r}
     lines = [head, renewed, accepted, called, f"  services rejected {rejected}"]
+    lines.append(
+        f"  messages/s (services' counters) {summary['messages_per_s']},"
+        f" attestations {summary['attestations']}, failed flows {summary['flow_failures']},"
+        f" revocation jobs by step {summary['revocation_jobs']}"
+    )
+    for flow, figures in summary["flows"].items():
+        lines.append(
+            f"  flow {flow:<7} n={figures['count']:<6} p50 {figures['p50_ms']} ms"
+            f" p99 {figures['p99_ms']} ms max {figures['max_ms']} ms"
+            f" (bound {figures['bound_ms']})"
+        )
     for name, rss in summary["rss_kb"].items():
         lines.append(
             f"  rss {name:<20} {rss['start']:>8} kB -> {rss['end']:>8} kB ({rss['change']:+.1%})"

@@ -3,7 +3,9 @@
 Results signed after their certificate expired or was revoked, with a certificate the
 identity service never issued, with an EAR that had expired, named another device, was not
 affirming or whose key did not sign the result, and a result nobody saw on the wire; devices
-that stopped serving without a renewal, for too long, or for good; a process that grew.
+that stopped serving without a renewal, for too long, or for good (judged with or without
+the model, from the lines of several agents' processes); a process that grew; a flow whose
+p99 went over its bound.
 """
 
 from __future__ import annotations
@@ -266,6 +268,25 @@ def test_a_device_without_its_model_is_not_serving() -> None:
     assert audit.serving_gaps(samples, [DEVICE], 0, 99_000).gaps == []  # no model asked
 
 
+def test_lines_of_other_processes_do_not_open_a_gap() -> None:
+    mine = timeline((0, True, 1), (10, True, 1), (20, True, 1), (99, True, 1))
+    theirs = [{"t_ms": t * 1000 + 500, "devices": {"soak-999": {}}} for t in range(0, 99, 5)]
+    samples = sorted(mine + theirs, key=lambda s: int(s["t_ms"]))
+    assert audit.serving_gaps(samples, [DEVICE], 0, 99_000).gaps == []
+    assert lost(samples, 99) == []
+
+
+def test_devices_judged_with_and_without_the_model_are_merged() -> None:
+    samples = timeline((0, True, 1), (10, True, 1), (99, True, 1))
+    samples[1]["devices"][DEVICE]["loaded"] = []  # a non-serving device loads nothing
+    with_model = audit.serving_gaps(samples, [DEVICE], 0, 99_000, model="m")
+    without = audit.serving_gaps(samples, [], 0, 99_000, model=None)
+    history = audit.merged(with_model, without)
+    assert [g.device_id for g in history.gaps] == [DEVICE]
+    assert history.renewals == {DEVICE: 0}
+    assert audit.merged(audit.serving_gaps(samples, [DEVICE], 0, 99_000)).gaps == []
+
+
 def test_a_gap_without_a_renewal_a_long_one_and_a_device_gone_are_lost() -> None:
     unexplained = timeline((0, True, 1), (10, False, 1), (12, True, 1), (99, True, 1))
     assert lost(unexplained, 99) == ["device.gap.unexplained"]
@@ -306,3 +327,18 @@ def test_percentile() -> None:
     values = [float(v) for v in range(1, 101)]
     assert audit.percentile(values, 0.99) == 99.0
     assert audit.percentile([], 0.99) is None
+
+
+# ---------------------------------------------------------------------- flows
+def test_a_flow_over_its_bound_or_never_seen_is_reported() -> None:
+    timings = [audit.FlowTiming("attest", DEVICE, 10_000 + i, float(i), True) for i in range(100)]
+    timings.append(audit.FlowTiming("attest", DEVICE, 10_500, 90_000.0, False))  # failed: out
+    timings.append(audit.FlowTiming("attest", DEVICE, 500, 90_000.0, True))  # before: out
+    timings.append(audit.FlowTiming("renew", DEVICE, 20_000, 6_000.0, True))
+    latencies = audit.flow_latencies(timings, 1_000, 60_000)
+    assert audit.percentile(latencies["attest"], 0.99) == 98.0
+    assert audit.slow_flows(latencies, {"attest": 100.0}) == []
+    kinds = {(v.kind, v.device_id) for v in audit.slow_flows(latencies, {
+        "attest": 50.0, "renew": 5_000.0, "call": 2_000.0,
+    })}  # fmt: skip
+    assert kinds == {("flow.slow", "attest"), ("flow.slow", "renew"), ("flow.unseen", "call")}

@@ -379,3 +379,50 @@ async def test_revoking_an_operator_revokes_and_kicks_every_session_of_it(
         assert not revocations.operator_revoked(other)
     finally:
         await db.close()
+
+
+@pytest.mark.asyncio
+async def test_renewals_share_a_list_at_most_once_per_interval(
+    database_url: str, pki: PkiStore, tmp_path: Path
+) -> None:
+    """A fleet renewing must not receive one list per device (N² deliveries): the
+    revocations of renewed certificates wait for the next list, at most one per interval;
+    their CRL and broker steps do not wait, and a device revocation publishes at once."""
+    broker = FakeBroker()
+    db = await open_database(database_url, scope="revocation")
+    try:
+        process = Process(db, pki, broker)
+        process.worker.settings = WorkerSettings(
+            list_lifetime_ms=3600_000, renewal_list_interval_ms=10_000
+        )
+        await process.store.migrate()
+        identity = Identity.service(ServiceName.IDENTITY)
+        assert await process.worker.work_once()  # the first list, at start
+        first = f"{_serial(pki, Identity.device('dev-1')):x}"
+        second = f"{_serial(pki, Identity.device('dev-2')):x}"
+        one = await process.service.revoke(identity, "cert", first, "superseded by 2")
+        assert await process.worker.work_once()  # within the interval of the first list
+        waiting = await process.store.job(one.job_id)
+        assert waiting is not None
+        assert waiting.step == "broker_reloaded"  # CRL written and reloaded, list to come
+        assert len(broker.published) == 1
+        two = await process.service.revoke(identity, "cert", second, "superseded by 3")
+        assert await process.worker.work_once()
+        assert len(broker.published) == 1
+        process.clock.advance(10_000)
+        assert await process.worker.work_once()
+        assert len(broker.published) == 2  # one list for both
+        assert broker.published[-1].serials == sorted([first, second])
+        for job in (one, two):
+            done = await process.store.job(job.job_id)
+            assert done is not None
+            assert (done.step, done.list_version) == ("done", broker.published[-1].version)
+        assert broker.reloads == 2
+        device = await process.service.revoke(ALICE, "device", "dev-1", "stolen")
+        assert await process.worker.work_once()  # not a renewal's: its own list, at once
+        assert len(broker.published) == 3
+        done = await process.store.job(device.job_id)
+        assert done is not None
+        assert done.step == "done"
+    finally:
+        await db.close()

@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -68,6 +70,12 @@ from edgeward_shared.crypto.keys import new_key, private_key_pem
 from edgeward_shared.pki.certs import make_root_ca
 
 _PORT_ATTEMPTS: Final = 20
+#: swtpm's port pairs come from below Linux's default ephemeral range (32768-60999), where
+#: connect() takes its client ports: each probe of a starting swtpm and each TPM session
+#: leaves one in TIME_WAIT for a minute, and a thousand devices started in a minute left no
+#: pair free there ("no pair of consecutive free loopback ports").
+_PAIR_RANGE: Final = (10_000, 32_000)
+_PAIR_ATTEMPTS: Final = 1_000
 _READY_TIMEOUT_S: Final = 5.0
 _STOP_TIMEOUT_S: Final = 5.0
 _DEFAULT_WORKERS: Final = 16
@@ -353,21 +361,27 @@ def _remove_ecc_ek_certificate(device: SwtpmDevice) -> None:
     )  # fmt: skip
 
 
-def _free_port_pair() -> int:
-    """A loopback port N with N+1 also free at the time of asking (swtpm binds both)."""
-    for _ in range(_PORT_ATTEMPTS):
-        with closing(socket.socket()) as first:
-            first.bind(("127.0.0.1", 0))
-            port: int = first.getsockname()[1]
-            if port >= 65535:
+def _free_port_pair(taken: set[int] | None = None) -> int:
+    """A loopback port N with N+1 also free at the time of asking (swtpm binds both),
+    drawn from :data:`_PAIR_RANGE`, and neither in ``taken``: the ports already handed to
+    a swtpm that may not have bound them yet (the caller adds N and N+1 under its lock;
+    two devices started together once drew overlapping pairs, and the second's probes
+    found the first's swtpm listening)."""
+    for _ in range(_PAIR_ATTEMPTS):
+        port = _PAIRS.randrange(*_PAIR_RANGE)
+        if taken is not None and (port in taken or port + 1 in taken):
+            continue
+        with closing(socket.socket()) as first, closing(socket.socket()) as second:
+            try:
+                first.bind(("127.0.0.1", port))
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
                 continue
-            with closing(socket.socket()) as second:
-                try:
-                    second.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-                return port
+            return port
     raise RuntimeError("no pair of consecutive free loopback ports")
+
+
+_PAIRS = random.SystemRandom()  # not seeded alike in processes started together
 
 
 def _wait_listening(process: subprocess.Popen[bytes], port: int) -> bool:
@@ -405,6 +419,8 @@ class SwtpmFleet:
         self.banks = tuple(pcr_banks)
         self.ca = ca or ManufacturerCa.open_or_create(root / "ca")
         self.devices: dict[str, SwtpmDevice] = {}
+        self._ports: set[int] = set()  # handed to a swtpm of this fleet (never reused)
+        self._ports_lock = threading.Lock()
         self._write_setup_config()
 
     def __enter__(self) -> Self:
@@ -448,7 +464,9 @@ class SwtpmFleet:
 
     def _spawn(self, name: str, state: Path) -> SwtpmDevice:
         for _ in range(_PORT_ATTEMPTS):
-            port = _free_port_pair()
+            with self._ports_lock:  # start_many spawns from several threads
+                port = _free_port_pair(self._ports)
+                self._ports.update((port, port + 1))
             process = subprocess.Popen(
                 [
                     "swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state}",

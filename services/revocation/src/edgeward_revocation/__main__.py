@@ -81,6 +81,16 @@ option = EnvOptions("REVOCATION")
     help="Lifetime of each signed revocation list (reissued at half-life).",
 )
 @option(
+    "--renewal-list-interval",
+    type=DurationParam(timedelta(0), timedelta(hours=1)),
+    default="0s",
+    help="Revocations of renewed devices' previous certificates (asked by the identity"
+    " service) share one signed list published at most this often, instead of one list"
+    " each (every list goes to every device: a fleet renewing together would otherwise"
+    " receive one per device). Their CRL and broker reload are not delayed; every other"
+    " revocation publishes at once. 0s: one list each.",
+)
+@option(
     "--auto-revoke/--no-auto-revoke",
     default=True,
     help="Revoke a device whose attestation fails (as the attestation service reports).",
@@ -98,6 +108,7 @@ def main(  # click passes every option by keyword
     broker_log: Path | None,
     admin: str,
     list_lifetime: timedelta,
+    renewal_list_interval: timedelta,
     auto_revoke: bool,
     worker: bool,
 ) -> None:
@@ -118,7 +129,10 @@ def main(  # click passes every option by keyword
             admin=pki.identity_files(Identity(Role.BROKER_ADMIN, admin)),
             pid_file=broker_pid_file,
             broker_log=broker_log,
-            settings=WorkerSettings(list_lifetime_ms=milliseconds(list_lifetime)),
+            settings=WorkerSettings(
+                list_lifetime_ms=milliseconds(list_lifetime),
+                renewal_list_interval_ms=milliseconds(renewal_list_interval),
+            ),
             auto_revoke=auto_revoke,
             worker=worker,
         )

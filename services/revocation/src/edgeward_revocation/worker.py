@@ -9,6 +9,14 @@ reload, and the revoked canary was refused by a real handshake; docs/adr/0012),
 counted, and retried with jittered backoff; the job never goes back and never skips. A
 restarted worker picks every unfinished job up where the database says it is.
 
+Every list goes to every device and service. A renewal retires the device's previous
+certificate through a revocation (docs/adr/0015), so a fleet of N devices renewing would
+receive N lists, each as long as everything revoked so far: N² deliveries. With
+``renewal_list_interval_ms`` set, these revocations (kind ``cert``, asked by the identity
+service) wait at ``list_published`` for the next list this worker publishes, at most one
+list per interval for them all, unless a list already published holds their serials (their
+CRL and broker steps are not delayed). Every other revocation publishes at once.
+
 Every instance may run a worker (docs/adr/0034): a step is marked only from the step it
 was at, the steps are idempotent (the CRL's serials, a checked reload, a kick), a list
 version is claimed in the database and lists are published in version order under the
@@ -23,6 +31,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -31,6 +40,7 @@ from edgeward_revocation.effects import ALARM_PREFIXES, Kicker, PkiCrl, Reloader
 from edgeward_revocation.store import Job, RevocationStore
 from edgeward_shared.clock import Clock, to_datetime
 from edgeward_shared.errors import EdgewardError, TransportError
+from edgeward_shared.identity import Identity, ServiceName
 from edgeward_shared.logs import fields
 from edgeward_shared.messages.base import decode_message, encode_message
 from edgeward_shared.messages.revocation import RevocationList
@@ -44,6 +54,8 @@ LIST_CLAIM_ATTEMPTS = 5
 
 log = logging.getLogger("edgeward.revocation.worker")
 Publish = Callable[[RevocationList], Awaitable[None]]
+#: who revokes a renewed device's previous certificate (this, or an instance of it)
+RENEWALS: Final = str(Identity.service(ServiceName.IDENTITY))
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +63,8 @@ class WorkerSettings:
     list_lifetime_ms: int = 3600_000  # reissued at half-life: devices alarm within the hour
     crl_lifetime_ms: int = int(CRL_LIFETIME.total_seconds() * 1000)  # reissued at half-life
     tick_s: float = 5.0
+    #: renewals' revocations share a list published at most this often (0: one list each)
+    renewal_list_interval_ms: int = 0
 
 
 class WorkerMetrics:
@@ -98,6 +112,9 @@ class RevocationWorker:
         self.trust = trust
         self.wake = asyncio.Event()
         self._published = False
+        self._last_list: RevocationList | None = None  # the newest this worker published
+        self._last_list_ms = 0
+        self._waiting = False  # a renewal's revocation waits for the next list
 
     async def run(self, stop: asyncio.Event) -> None:
         delays = jittered_backoff()
@@ -107,6 +124,9 @@ class RevocationWorker:
             if healthy:
                 delays = jittered_backoff()
             pause = self.settings.tick_s if healthy else next(delays)
+            if healthy and self._waiting:  # come back when the next list may go out
+                due_ms = self._last_list_ms + self.settings.renewal_list_interval_ms
+                pause = min(pause, max(0.05, (due_ms - self.clock.now_ms()) / 1000))
             waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(self.wake.wait())]
             await asyncio.wait(waiters, timeout=pause, return_when=asyncio.FIRST_COMPLETED)
             for waiter in waiters:
@@ -115,7 +135,7 @@ class RevocationWorker:
     async def work_once(self) -> bool:
         """Advance every unfinished job, then keep the list and CRL fresh; False if any
         step failed (the caller backs off)."""
-        healthy = True
+        healthy, self._waiting = True, False
         for job in await self.store.pending():
             healthy = await self.advance(job) and healthy
         return await self.maintain() and healthy
@@ -123,6 +143,9 @@ class RevocationWorker:
     async def advance(self, job: Job) -> bool:
         """Take ``job`` through its remaining steps; False at the first failed one."""
         while (step := next_step(job.kind, job.step)) is not None:
+            if step == "list_published" and self._waits_for_list(job):
+                self._waiting = True
+                return True  # at a later turn, with the others
             try:
                 version = await self._do(step, job)
             except EdgewardError as exc:
@@ -150,11 +173,35 @@ class RevocationWorker:
             case "broker_reloaded":
                 await self.reloader.reload()
             case "list_published":
-                return await self.publish_list()
+                listed = self._listed_in(job)
+                return listed if listed is not None else await self.publish_list()
             case "done":
                 for name in job.kick:
                     await self.kicker.kick(name)
         return None
+
+    def _listed_in(self, job: Job) -> int | None:
+        """The version of the list this worker last published if it holds ``job``'s serials
+        and ``job`` is a renewal's (which may rely on a list published for another)."""
+        listed = self._last_list
+        if listed is None or not self._batched(job):
+            return None
+        serials = set(listed.serials)
+        return listed.version if all(f"{s:x}" in serials for s in job.serials) else None
+
+    def _batched(self, job: Job) -> bool:
+        return (
+            self.settings.renewal_list_interval_ms > 0
+            and job.kind == "cert"
+            and (job.actor == RENEWALS or job.actor.startswith(f"{RENEWALS}."))  # any instance
+        )
+
+    def _waits_for_list(self, job: Job) -> bool:
+        """A renewal's revocation not in a published list, the last list too recent."""
+        if not self._batched(job) or self._listed_in(job) is not None:
+            return False
+        since = self.clock.now_ms() - self._last_list_ms
+        return self._last_list is not None and since < self.settings.renewal_list_interval_ms
 
     def _trusted_revoked(self) -> set[int]:
         with contextlib.suppress(EdgewardError):
@@ -212,7 +259,9 @@ class RevocationWorker:
         async with self.store.newest_list_locked() as newest:
             if newest is None:  # saved just before, and lists are never deleted
                 raise TransportError(StorageReason.BUSY, "no revocation list saved")
-            await self._publish(decode_message(newest.body, RevocationList))
+            revocations = decode_message(newest.body, RevocationList)
+            await self._publish(revocations)
+        self._last_list, self._last_list_ms = revocations, self.clock.now_ms()
         return newest.version
 
     async def maintain(self) -> bool:
