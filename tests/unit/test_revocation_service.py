@@ -412,7 +412,7 @@ async def test_renewals_share_a_list_at_most_once_per_interval(
         process.clock.advance(10_000)
         assert await process.worker.work_once()
         assert len(broker.published) == 2  # one list for both
-        assert broker.published[-1].serials == sorted([first, second])
+        assert set(broker.published[-1].serials) == {first, second}
         for job in (one, two):
             done = await process.store.job(job.job_id)
             assert done is not None
