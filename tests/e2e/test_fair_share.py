@@ -54,7 +54,11 @@ pytestmark = [pytest.mark.tpm, pytest.mark.broker, pytest.mark.slow]
 
 GATEWAY = Identity.service(ServiceName.INFERENCE_GATEWAY)
 FLOOD = Identity.operator("flood")
-FLOOD_PER_S = 100  # five times the device's budget (20/s, burst 40)
+#: three times the device's budget (20/s, burst 40). Five times (100/s) put more signed
+#: traffic through this one process (flooder, gateway, device, all verifying) than a 2-core
+#: CI machine carries: an honest call then timed out in the queue (1 run in 3), which is
+#: the machine's limit, not the fair share this test is about.
+FLOOD_PER_S = 60
 HONEST_CALLS = 12  # at 2/s
 
 
