@@ -373,20 +373,11 @@ KEPT = ("attested", "connected", "cert_not_after_ms", "loaded")
 def read_status(*paths: Path) -> list[dict[str, Any]]:
     """Every status line of every agents' process, in time order, with only :data:`KEPT`."""
     out = []
-    for path in paths:
-        try:
-            lines = path.read_text().splitlines()
-        except FileNotFoundError:
-            continue
-        for line in lines:
-            try:
-                sample = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # the last line, half written
-            devices = sample["devices"]
-            for device, item in devices.items():
-                devices[device] = {key: item.get(key) for key in KEPT}
-            out.append(sample)
+    for sample in _json_lines(paths):
+        devices = sample["devices"]
+        for device, item in devices.items():
+            devices[device] = {key: item.get(key) for key in KEPT}
+        out.append(sample)
     out.sort(key=lambda sample: int(sample["t_ms"]))
     return out
 
@@ -446,6 +437,14 @@ def not_ready(paths: list[Path], devices: list[str], serving: list[str]) -> str:
 
 def read_flows(*paths: Path) -> list[FlowTiming]:
     found = []
+    for item in _json_lines(paths):
+        ok = item["outcome"] in ("adopted", "renewed")
+        found.append(FlowTiming(item["flow"], item["device"], item["t_ms"], item["ms"], ok))
+    return found
+
+
+def _json_lines(paths: tuple[Path, ...]) -> Iterator[dict[str, Any]]:
+    """Every JSON line of the files that exist (a half-written last line is skipped)."""
     for path in paths:
         try:
             lines = path.read_text().splitlines()
@@ -453,12 +452,9 @@ def read_flows(*paths: Path) -> list[FlowTiming]:
             continue
         for line in lines:
             try:
-                item = json.loads(line)
+                yield json.loads(line)
             except json.JSONDecodeError:
                 continue
-            ok = item["outcome"] in ("adopted", "renewed")
-            found.append(FlowTiming(item["flow"], item["device"], item["t_ms"], item["ms"], ok))
-    return found
 
 
 # ---------------------------------------------------------------------- the run
