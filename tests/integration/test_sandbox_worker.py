@@ -40,8 +40,9 @@ from edgeward_device_agent.sandbox.protections import Protection
 from edgeward_device_agent.sandbox.protocol import PROBE_ENV
 from edgeward_device_agent.sandbox.reasons import SandboxError, SandboxReason
 from edgeward_device_agent.sandbox.supervisor import InferenceWorker, SandboxPolicy
-from edgeward_shared.errors import EdgewardError, MessageError, PolicyError
+from edgeward_shared.errors import AuthenticityError, EdgewardError, MessageError, PolicyError
 from edgeward_shared.messages.infer import Tensor
+from edgeward_shared.models import onnx_check
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
 
@@ -386,42 +387,100 @@ HOSTILE = pytest.mark.parametrize(
 )
 
 
-@HOSTILE
-async def test_hostile_models_never_reach_a_worker(
-    make_worker: Callable[..., InferenceWorker],
-    model: Callable[[], bytes],
-    reason: str,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    spawned: list[object] = []
-    real_exec = asyncio.create_subprocess_exec
+@pytest.fixture
+def agent_never_parses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The supervisor's process must not parse a model: the checker fails the test if the
+    agent's side calls it (the worker, another process, is unaffected)."""
 
-    async def spy(*args: object, **kwargs: object) -> object:
-        spawned.append(args)
-        return await real_exec(*args, **kwargs)  # type: ignore[arg-type]
+    def refuse(*_args: object) -> None:
+        raise AssertionError("the agent's process parsed the model")
 
-    monkeypatch.setattr(asyncio, "create_subprocess_exec", spy)
-    worker = make_worker()
-    with pytest.raises(EdgewardError) as refused:
-        await worker.load(model(), strict=True)
-    assert refused.value.reason == reason
-    assert spawned == []
+    monkeypatch.setattr(onnx_check, "check_onnx", refuse)
+    monkeypatch.setattr(onnx_check.ModelProto, "ParseFromString", refuse)
 
 
 @HOSTILE
-async def test_the_worker_checks_models_itself(
-    make_worker: Callable[..., InferenceWorker],
-    model: Callable[[], bytes],
-    reason: str,
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+@pytest.mark.usefixtures("agent_never_parses")
+async def test_hostile_models_are_refused_inside_the_worker(
+    model: Callable[[], bytes], reason: str, warm: bool
 ) -> None:
-    """Were the agent's check skipped, the worker refuses the model before onnxruntime."""
-    monkeypatch.setattr(supervisor, "check_onnx", lambda data, caps: None)
-    worker = make_worker()
-    with pytest.raises(EdgewardError) as refused:
-        await worker.load(model(), strict=False)
-    assert refused.value.reason == reason
-    assert worker.pid is None
+    """The worker's check, confined, refuses the model before onnxruntime sees it (its
+    refusal names the checker's reason; onnxruntime's would be ``sandbox.load.failed``),
+    the agent never parses it, and no worker is left running."""
+    policy = SandboxPolicy()
+    pool = supervisor.WarmPool(policy) if warm else None
+    worker = InferenceWorker(policy)
+    try:
+        if pool is not None:
+            await pool.prestart(strict=False)
+            spare = pool.spare_pid(strict=False)
+            assert spare is not None
+        gate_ran = asyncio.Event()
+
+        async def gate() -> None:
+            gate_ran.set()
+
+        with pytest.raises(EdgewardError) as refused:
+            await worker.load(model(), strict=False, pool=pool, gate=asyncio.ensure_future(gate()))
+        assert refused.value.reason == reason
+        assert worker.pid is None
+        if pool is not None:
+            with pytest.raises(ProcessLookupError):
+                os.kill(spare, 0)  # the spare that refused it is gone, not handed out again
+    finally:
+        await worker.close()
+        if pool is not None:
+            await pool.close()
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+async def test_nothing_is_loaded_before_the_gate(warm: bool) -> None:
+    """The worker checks the model while the caller verifies it; the session waits for the
+    caller's verdict. A verdict that fails kills the worker with nothing loaded, and its
+    error is the one raised, even for a model the worker refuses too."""
+    policy = SandboxPolicy()
+    pool = supervisor.WarmPool(policy) if warm else None
+    try:
+        # a verdict that has not come: the load waits (its worker checked and idle)
+        waiting = InferenceWorker(policy)
+        if pool is not None:
+            await pool.prestart(strict=False)
+        verdict: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        load = asyncio.ensure_future(
+            waiting.load(small_model(), strict=False, pool=pool, gate=verdict)
+        )
+        done, _ = await asyncio.wait([load], timeout=2.0)
+        assert not done
+        assert waiting.pid is None  # not serving: no session yet
+        verdict.set_result(None)
+        await load
+        assert waiting.pid is not None
+        summary = waiting.summary
+        assert summary is not None
+        assert [i.name for i in summary.inputs] == ["input"]
+        [output] = await waiting.infer(small_inputs())
+        assert output.shape == [1, 4]
+        await waiting.close()
+
+        # a verdict that fails: the worker is killed before its session
+        for model in (small_model(), custom_domain_model()):  # the worker refuses the second
+            refused = InferenceWorker(policy)
+            if pool is not None:
+                await pool.prestart(strict=False)
+            spare = pool.spare_pid(strict=False) if pool is not None else None
+            forged = asyncio.get_running_loop().create_future()
+            forged.set_exception(AuthenticityError("model.digest.mismatch", "not the signed one"))
+            with pytest.raises(AuthenticityError) as raised:
+                await refused.load(model, strict=False, pool=pool, gate=forged)
+            assert raised.value.reason == "model.digest.mismatch"
+            assert refused.pid is None
+            if spare is not None:
+                with pytest.raises(ProcessLookupError):
+                    os.kill(spare, 0)
+    finally:
+        if pool is not None:
+            await pool.close()
 
 
 async def test_caps_are_the_policy_s(make_worker: Callable[..., InferenceWorker]) -> None:

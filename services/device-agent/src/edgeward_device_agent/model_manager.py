@@ -10,11 +10,13 @@ assigns it, trusting nothing on the way::
     key         for encrypted tiers: the data key, HPKE-wrapped to the session key of this
                 device's current attestation result (tier high needs one that affirms)
     verify      decrypt in memory, digest, provenance, signer certificate, model-signing
-                bundle, ONNX structure, allowed runtime
+                bundle, allowed runtime
     measure     extend the model PCR with the model's digest before it is loaded, so the
                 next quote shows which model runs
-    load        ``onnxruntime.InferenceSession(bytes)``; then swap it in, raise the
-                high-water mark (fsynced) and report the activation
+    load        the loader's ONNX structure checks, then
+                ``onnxruntime.InferenceSession(bytes)``: in the sandboxed worker, both
+                confined (the agent never parses the model), or in process (development);
+                then swap it in, raise the high-water mark (fsynced), report the activation
 
 A failure at any step leaves the previous version serving and is counted and reported with
 its reason id. Plaintext exists only in memory: the blob on disk is ciphertext (tier low,
@@ -63,7 +65,7 @@ from edgeward_shared.messages.model import (
     SyncReply,
     SyncRequest,
 )
-from edgeward_shared.models.onnx_check import OnnxSummary
+from edgeward_shared.models.onnx_check import check_onnx
 from edgeward_shared.models.provenance import Provenance, Tier, decode_provenance, sha256_hex
 from edgeward_shared.models.reasons import ModelReason
 from edgeward_shared.models.release import (
@@ -74,7 +76,7 @@ from edgeward_shared.models.release import (
     open_release,
 )
 from edgeward_shared.models.sealing import ModelRef, ReleaseContext, unwrap_on_device
-from edgeward_shared.models.verify import check_signed_model, open_release_blob
+from edgeward_shared.models.verify import open_release_blob, verify_model_signature
 from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.runtime.core import Outgoing, Runtime
 from edgeward_shared.topics import COHORT_FILTER, Channel, Direction, device_topic
@@ -97,7 +99,10 @@ class ModelTpm(Protocol):
 #: (an onnxruntime session in-process, or a sandboxed worker: :mod:`.sandboxed`).
 #: Its third argument: what the ONNX checks (default caps) found in exactly these bytes, when
 #: the caller ran them, so that a loader which checks too need not again (or None).
-Loader = Callable[[bytes, Tier, OnnxSummary | None], Awaitable[Any]]
+#: ``loader(model, tier, gate)``: a session for ``model``, which the loader checks
+#: (``check_onnx``) before any runtime sees it; ``gate`` is the agent's verification of the
+#: signed model and its measurement, running: nothing may load the bytes before it succeeds.
+Loader = Callable[[bytes, Tier, Awaitable[object]], Awaitable[Any]]
 
 
 def onnx_session(model: bytes) -> Any:
@@ -107,13 +112,20 @@ def onnx_session(model: bytes) -> Any:
     return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-async def in_process_loader(model: bytes, tier: Tier, checked: OnnxSummary | None = None) -> Any:
-    """onnxruntime in the agent's own process: development only, never for tier high
-    (which must run in the strict sandbox: fail closed)."""
-    del checked  # the caller's checks are the only ones on this path
+async def in_process_loader(model: bytes, tier: Tier, gate: Awaitable[object]) -> Any:
+    """onnxruntime in the agent's own process, after the ONNX checks: development only,
+    never for tier high (which must run in the strict sandbox: fail closed). Unconfined, it
+    parses nothing before ``gate`` has verified the signature."""
     if tier is Tier.HIGH:
         raise PolicyError(ModelReason.TIER_POLICY, "tier high runs only in the strict sandbox")
-    return await asyncio.to_thread(onnx_session, model)
+    await gate
+    return await asyncio.to_thread(checked_session, model)
+
+
+def checked_session(model: bytes) -> Any:
+    """``check_onnx`` (the default caps), then :func:`onnx_session`."""
+    check_onnx(model)
+    return onnx_session(model)
 
 
 def check_runtime(spec: str) -> None:
@@ -370,17 +382,14 @@ class ModelManager:
                 await asyncio.to_thread(self.store.keep_blob, release.blob, blob)
         key, result_id = await self._data_key(runtime, release) if encrypted else (None, None)
         model = await asyncio.to_thread(open_release_blob, release, blob, key)
-        provenance, summary = await asyncio.to_thread(self._verify, release, model)
-        digest = bytes.fromhex(provenance.digest)
-        await asyncio.to_thread(
-            self._tpm.extend_pcr, self.policy.model_pcr, {PcrBank.SHA256: digest}
-        )
+        # the signature is verified and the model measured while the loader's worker checks
+        # the bytes, confined; the loader creates no session before this succeeded
+        gate = asyncio.ensure_future(asyncio.to_thread(self._verify_and_measure, release, model))
         try:
-            session = await self._loader(model, release.tier, summary)
-        except EdgewardError:
-            raise
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise PolicyError(ModelReason.LOAD_FAILED, str(exc)[:200]) from exc
+            session = await self._loader(model, release.tier, gate)
+        except Exception as exc:
+            raise await _verdict(gate) or _load_error(exc) from exc
+        provenance = await gate
         del model  # the session (or the sandboxed worker) holds what it needs
         self._accept(release, raw)
         previous = self.loaded.get(release.name)
@@ -413,8 +422,10 @@ class ModelManager:
             self._on_change(release.name)
         await self._report(runtime, release.name, release.version, "active", "model.activated")
 
-    def _verify(self, release: ModelRelease, model: bytes) -> tuple[Provenance, OnnxSummary]:
-        provenance, summary = check_signed_model(
+    def _verify_and_measure(self, release: ModelRelease, model: bytes) -> Provenance:
+        """The signed model's checks, then its digest extended into the model PCR (before
+        it is loaded: the next quote shows which model runs)."""
+        provenance = verify_model_signature(
             model,
             release.provenance,
             release.signature,
@@ -429,7 +440,9 @@ class ModelManager:
         ):
             raise PolicyError(ModelReason.METADATA_MISMATCH, "provenance names another model")
         check_runtime(provenance.runtime)
-        return provenance, summary
+        digest = bytes.fromhex(provenance.digest)
+        self._tpm.extend_pcr(self.policy.model_pcr, {PcrBank.SHA256: digest})
+        return provenance
 
     async def _data_key(self, runtime: Runtime, release: ModelRelease) -> tuple[bytes, str]:
         current = await self._current_attestation(release.tier)
@@ -514,6 +527,20 @@ def _describe(session: Any) -> dict[str, str] | str:
     """How a loaded model is confined (a sandboxed worker tells; in-process says so)."""
     describe = getattr(session, "describe", None)
     return describe() if callable(describe) else "in-process"
+
+
+async def _verdict(gate: asyncio.Future[Provenance]) -> BaseException | None:
+    """The verification's own error, once it is done, if it failed: a model that is not the
+    signed one is refused as such, whatever its loader said."""
+    await asyncio.wait([gate])
+    return None if gate.cancelled() else gate.exception()
+
+
+def _load_error(exc: Exception) -> Exception:
+    if isinstance(exc, EdgewardError):
+        return exc
+    # onnxruntime raises its own exception types
+    return PolicyError(ModelReason.LOAD_FAILED, str(exc)[:200])
 
 
 _retiring: set[asyncio.Task[Any]] = set()

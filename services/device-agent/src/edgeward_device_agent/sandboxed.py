@@ -12,7 +12,7 @@ inference reason ids a gateway sees.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ from edgeward_device_agent.sandbox.supervisor import InferenceWorker, SandboxPol
 from edgeward_shared.errors import EdgewardError, PolicyError
 from edgeward_shared.inference import InferenceReason
 from edgeward_shared.messages.infer import Tensor
-from edgeward_shared.models.onnx_check import OnnxInput, OnnxSummary
+from edgeward_shared.models.onnx_check import OnnxInput
 from edgeward_shared.models.provenance import Tier
 
 
@@ -47,10 +47,10 @@ def sandbox_loader(policy: SandboxPolicy | None = None, pool: WarmPool | None = 
     policy) when it has one ready, so an activation does not wait for an interpreter to
     start and import onnxruntime."""
 
-    async def load(model: bytes, tier: Tier, checked: OnnxSummary | None = None) -> Any:
+    async def load(model: bytes, tier: Tier, gate: Awaitable[object] | None = None) -> Any:
         worker = InferenceWorker(policy)
-        try:  # checks it first (unless ``checked`` says it was, with the same caps)
-            await worker.load(model, strict=tier is Tier.HIGH, pool=pool, checked=checked)
+        try:  # the worker checks the model, confined, while ``gate`` verifies its signature
+            await worker.load(model, strict=tier is Tier.HIGH, pool=pool, gate=gate)
         except BaseException:
             await worker.close()
             raise

@@ -17,7 +17,7 @@ computed at run time (this gate only sees shapes that are constants in the file)
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -27,7 +27,10 @@ from google.protobuf.message import DecodeError  # type: ignore[import-untyped] 
 from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto
 
 from edgeward_shared.errors import MessageError, PolicyError
+from edgeward_shared.models.onnx_summary import Dim, OnnxInput, OnnxSummary
 from edgeward_shared.models.reasons import ModelReason
+
+__all__ = ["DEFAULT_CAPS", "Dim", "OnnxCaps", "OnnxInput", "OnnxSummary", "check_onnx"]
 
 STANDARD_DOMAINS: Final = frozenset({"", "ai.onnx", "ai.onnx.ml"})
 _PICKLE_PROTO: Final = 0x80  # pickle's PROTO opcode, then the protocol number (2 to 5)
@@ -56,33 +59,6 @@ class OnnxCaps:
 
 
 DEFAULT_CAPS: Final = OnnxCaps()
-
-#: A dimension: its fixed size, its symbolic name, or ``None`` when unknown.
-Dim = int | str | None
-
-
-@dataclass(frozen=True, slots=True)
-class OnnxInput:
-    """One input the caller feeds (graph inputs that are initializers are not listed)."""
-
-    name: str
-    elem_type: str  # "FLOAT", "INT64", ...; "" for a non-tensor input (sequence, map, ...)
-    shape: tuple[Dim, ...] | None  # None when the rank is unknown or the input not a tensor
-
-
-@dataclass(frozen=True, slots=True)
-class OnnxSummary:
-    """What an accepted model is, as far as its file says."""
-
-    ir_version: int
-    opsets: Mapping[str, int]  # domain ("" is ai.onnx) -> opset version
-    node_count: int  # every node: nested subgraphs and functions included
-    inputs: tuple[OnnxInput, ...]
-    outputs: tuple[str, ...]
-    producer_name: str
-    producer_version: str
-    initializer_bytes: int  # serialized size of every graph's (sparse) initializers
-    constant_bytes: int  # serialized size of tensors held in attributes (Constant nodes)
 
 
 def check_onnx(data: bytes, caps: OnnxCaps = DEFAULT_CAPS) -> OnnxSummary:

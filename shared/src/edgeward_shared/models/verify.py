@@ -7,7 +7,9 @@ model-signing bundle is that key's signature over exactly this model and this ma
 (:func:`verify_manifest`); and the bytes pass the structural ONNX checks (no pickle, no
 external data, no custom operators, sizes within the caps). The distribution service runs
 the same two halves at publish (the manifest at ``begin``, the bytes at ``commit``): one
-check, not two copies of it.
+check, not two copies of it. A device runs the first part, :func:`verify_model_signature`,
+and leaves the ONNX checks to whatever loads the model: the sandboxed worker runs them
+confined, next to onnxruntime, so that the unconfined agent never parses a model.
 :func:`open_release_blob` first turns a fetched blob into those bytes, in memory.
 """
 
@@ -20,7 +22,7 @@ from edgeward_shared.clock import to_datetime
 from edgeward_shared.crypto.keys import PublicKey
 from edgeward_shared.errors import AuthenticityError, EdgewardError, PolicyError, Reason
 from edgeward_shared.identity import Role
-from edgeward_shared.models.onnx_check import OnnxSummary, check_onnx
+from edgeward_shared.models.onnx_check import check_onnx
 from edgeward_shared.models.provenance import Provenance, decode_provenance, sha256_hex
 from edgeward_shared.models.reasons import ModelReason
 from edgeward_shared.models.release import ModelRelease
@@ -42,12 +44,14 @@ def verify_signed_model(
     *,
     now_ms: int,
 ) -> Provenance:
-    return check_signed_model(
+    provenance = verify_model_signature(
         model, provenance_bytes, signature, signer_cert, trust, now_ms=now_ms
-    )[0]
+    )
+    check_onnx(model)
+    return provenance
 
 
-def check_signed_model(
+def verify_model_signature(
     model: bytes,
     provenance_bytes: bytes,
     signature: bytes,
@@ -55,13 +59,14 @@ def check_signed_model(
     trust: TrustStore,
     *,
     now_ms: int,
-) -> tuple[Provenance, OnnxSummary]:
-    """:func:`verify_signed_model`, with what the ONNX checks (default caps) found: a loader
-    that would run the same checks on the same bytes can take that instead."""
+) -> Provenance:
+    """:func:`verify_signed_model` without the ONNX checks: the bytes are the model the
+    manifest names, and the manifest is current and signed by a valid model signer. The
+    caller runs ``check_onnx`` before any runtime sees the bytes (a device's loader)."""
     provenance = decode_provenance(provenance_bytes)
     check_model_digest(model, provenance)
     verify_manifest(provenance_bytes, signature, signer_cert, trust, now_ms=now_ms)
-    return provenance, check_onnx(model)
+    return provenance
 
 
 def verify_manifest(

@@ -23,6 +23,7 @@ import msgspec
 
 from edgeward_device_agent.sandbox.protections import Protections
 from edgeward_shared.messages.infer import DType
+from edgeward_shared.models.onnx_summary import OnnxSummary
 
 HEADER: Final = struct.Struct(">I")
 DEFAULT_MAX_FRAME: Final = 64 * 1024 * 1024
@@ -67,12 +68,13 @@ class Caps(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Setup(msgspec.Struct, frozen=True, tag="setup", forbid_unknown_fields=True):
-    """Confine yourself, then load the model in the sealed memfd ``model_fd``; with
-    ``model_fd`` -1 (a warm worker, started before there is a model), wait confined and
-    idle for a :class:`Load`."""
+    """Confine yourself, then load the model in the sealed memfd ``model_fd``; ``warm`` (a
+    worker started before there is a model): wait confined and idle for a :class:`Load`,
+    which says when ``model_fd`` (empty until then) holds the model, sealed."""
 
     model_fd: int
     model_size: int
+    warm: bool
     strict: bool
     limits: Limits
     uid: int
@@ -84,9 +86,16 @@ class Setup(msgspec.Struct, frozen=True, tag="setup", forbid_unknown_fields=True
 
 
 class Load(msgspec.Struct, frozen=True, tag="load", forbid_unknown_fields=True):
-    """The model for a warm worker (its own copy: nobody can change it after the check)."""
+    """A warm worker's model is in its memfd now: ``model_size`` bytes, sealed (the worker
+    refuses a memfd that anyone could still write or resize)."""
 
-    model: bytes
+    model_size: int
+
+
+class Commit(msgspec.Struct, frozen=True, tag="commit", forbid_unknown_fields=True):
+    """The model the worker checked is the signed one (the supervisor's caller verified
+    it meanwhile): create its session. Until this arrives, onnxruntime does not see the
+    bytes; a worker told anything else ends."""
 
 
 class Run(msgspec.Struct, frozen=True, tag="run", forbid_unknown_fields=True):
@@ -101,7 +110,7 @@ class Probe(msgspec.Struct, frozen=True, tag="probe", forbid_unknown_fields=True
     write_dir: str | None = None
 
 
-Request = Setup | Load | Run | Probe
+Request = Setup | Load | Commit | Run | Probe
 
 # ---------------------------------------------------------------- worker -> supervisor
 
@@ -112,7 +121,16 @@ class Idle(msgspec.Struct, frozen=True, tag="idle", forbid_unknown_fields=True):
     protections: Protections
 
 
+class Checked(msgspec.Struct, frozen=True, tag="checked", forbid_unknown_fields=True):
+    """The model passed the worker's ONNX checks (``summary``: what they found); the worker
+    waits for :class:`Commit` before it creates the session."""
+
+    summary: OnnxSummary
+
+
 class Ready(msgspec.Struct, frozen=True, tag="ready", forbid_unknown_fields=True):
+    """The session is ready: ``inputs`` and ``outputs`` as onnxruntime names them."""
+
     protections: Protections
     inputs: list[str]
     outputs: list[str]
@@ -139,7 +157,7 @@ class ProbeReport(msgspec.Struct, frozen=True, tag="probe_report", forbid_unknow
     facts: dict[str, str]
 
 
-Reply = Idle | Ready | Outputs | Failed | ProbeReport
+Reply = Idle | Checked | Ready | Outputs | Failed | ProbeReport
 
 _encoder: Final = msgspec.msgpack.Encoder()
 _request_decoder: Final[msgspec.msgpack.Decoder[Request]] = msgspec.msgpack.Decoder(Request)

@@ -3,14 +3,16 @@
 :class:`InferenceWorker` runs one model in one child process
 (``python -I -B -m edgeward_device_agent.sandbox.worker``, see :mod:`.worker`), talks to it
 over its stdin/stdout (:mod:`.protocol`) and hands it the model in a sealed memfd, never a
-path. It owns the child's life: every exchange has a timeout, every read a size bound, and a
+path. The supervisor never parses the model: the worker checks it (``check_onnx``, the
+policy's caps), confined, before onnxruntime sees it, and reports what it found.
+It owns the child's life: every exchange has a timeout, every read a size bound, and a
 child that dies, hangs or talks nonsense is killed and replaced on the next call, with the
 last model reloaded. The agent itself is never at risk: all it does is read bounded frames.
 
 Errors (``EdgewardError``, see ``edgeward_shared.errors``)::
 
-    MessageError / PolicyError   model.*            the model is refused (check_onnx), here
-                                                    or in the worker, before onnxruntime
+    MessageError / PolicyError   model.*            the model is refused (check_onnx) by the
+                                                    worker, before onnxruntime
     PolicyError                  sandbox.protection.unavailable   strict, a layer missing
     MessageError                 sandbox.input.invalid            inconsistent tensors
     SandboxError                 sandbox.load.failed / worker.died / worker.protocol /
@@ -31,7 +33,7 @@ import os
 import signal
 import sys
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, TypeVar
 
@@ -43,6 +45,8 @@ from edgeward_device_agent.sandbox.protocol import (
     PROBE_ENV,
     Array,
     Caps,
+    Checked,
+    Commit,
     Failed,
     FrameError,
     Idle,
@@ -63,11 +67,13 @@ from edgeward_device_agent.sandbox.protocol import (
 from edgeward_device_agent.sandbox.reasons import SandboxError, SandboxReason
 from edgeward_shared.errors import EdgewardError, MessageError, PolicyError
 from edgeward_shared.messages.infer import Tensor
-from edgeward_shared.models.onnx_check import DEFAULT_CAPS, OnnxCaps, OnnxSummary, check_onnx
+from edgeward_shared.models.onnx_check import DEFAULT_CAPS, OnnxCaps
+from edgeward_shared.models.onnx_summary import OnnxSummary
 
 log = logging.getLogger("edgeward.agent.sandbox")
 
-_R = TypeVar("_R", Ready, Outputs, ProbeReport)
+_R = TypeVar("_R", Ready, Outputs, ProbeReport, Checked)
+_L = TypeVar("_L", Checked, Ready)
 
 _ITEMSIZE: Final = {"float32": 4, "float16": 2, "int64": 8, "int32": 4, "uint8": 1, "bool": 1}
 _SEALS: Final = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
@@ -114,11 +120,12 @@ class SandboxPolicy:
         if min(self.request_timeout_s, self.load_timeout_s) <= 0:
             raise ValueError("timeouts must be positive")
 
-    def setup(self, model_fd: int, model_size: int, *, strict: bool) -> Setup:
+    def setup(self, model_fd: int, model_size: int, *, strict: bool, warm: bool = False) -> Setup:
         caps = self.caps
         return Setup(
             model_fd=model_fd,
             model_size=model_size,
+            warm=warm,
             strict=strict,
             limits=Limits(self.memory_bytes, self.cpu_seconds, self.max_fds, self.max_processes),
             uid=self.uid,
@@ -137,10 +144,12 @@ class SandboxPolicy:
 
 
 class _Child:
-    """One running worker process, its pipes and the tail of its stderr."""
+    """One running worker process, its pipes and the tail of its stderr; for a warm one,
+    the supervisor's end of the empty memfd the worker was given for its model."""
 
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, memfd: int | None = None) -> None:
         self.process = process
+        self.memfd = memfd
         self.stderr_tail: deque[bytes] = deque()
         self._tail_bytes = 0
         self.stderr_task = asyncio.create_task(self._drain_stderr())
@@ -184,8 +193,14 @@ class _Child:
         length = frame_length(await stdout.readexactly(HEADER.size), max_frame_bytes)
         return decode_reply(await stdout.readexactly(length))
 
+    def release_memfd(self) -> None:
+        memfd, self.memfd = self.memfd, None
+        if memfd is not None:
+            os.close(memfd)
+
     async def stop(self, *, kill: bool) -> None:
         """Close stdin (a clean exit), or kill; then reap, and finish reading stderr."""
+        self.release_memfd()
         if kill:
             self.kill()
         elif self.alive and self.process.stdin is not None:
@@ -257,28 +272,26 @@ class InferenceWorker:
         *,
         strict: bool,
         pool: WarmPool | None = None,
-        checked: OnnxSummary | None = None,
+        gate: Awaitable[object] | None = None,
     ) -> Protections:
-        """Check ``model``, start a new worker with it (an idle one from ``pool`` if it has
-        one), then retire the previous one.
+        """Start a new worker with ``model`` (an idle one from ``pool`` if it has one), which
+        checks it, confined, before loading it; then retire the previous one.
 
-        ``checked``: what ``check_onnx(model)`` with the default caps returned, if the
-        caller ran it on exactly these bytes (the agent does, verifying the signed model):
-        with a policy of the default caps, the check is not run a second time here. The
-        worker runs it again in any case, confined, before onnxruntime sees the bytes.
+        ``gate``: the caller's verification of these bytes, already running (a task), if it
+        has not finished: the worker checks the model meanwhile, and its session is created
+        only once ``gate`` succeeded. If it raises, the worker is killed with nothing
+        loaded and its error is raised (before any refusal of the worker's).
 
         ``strict`` (tier high): refuse unless every protection is applied. Until the new
         worker is ready the previous one keeps serving; if the new one fails, it still does.
         """
         if not isinstance(model, bytes):
             raise TypeError("the model must be bytes")
-        if checked is not None and self._policy.caps == DEFAULT_CAPS:
-            summary = checked
-        else:
-            summary = await asyncio.to_thread(check_onnx, model, self._policy.caps)
         async with self._lock:
             try:
-                child, protections = await self._spawn(model, strict=strict, pool=pool)
+                child, summary, protections = await self._spawn(
+                    model, strict=strict, pool=pool, gate=gate
+                )
             finally:
                 if pool is not None:
                     pool.refill(strict=strict)
@@ -331,19 +344,32 @@ class InferenceWorker:
         await self._stop(kill=True)
         self._restarts += 1
         log.warning("restarting the inference worker (restart %d)", self._restarts)
-        child, _ = await self._spawn(model, strict=self._strict)
+        child, _summary, _protections = await self._spawn(model, strict=self._strict)
         self._child = child
         return child
 
     async def _spawn(
-        self, model: bytes, *, strict: bool, pool: WarmPool | None = None
-    ) -> tuple[_Child, Protections]:
+        self,
+        model: bytes,
+        *,
+        strict: bool,
+        pool: WarmPool | None = None,
+        gate: Awaitable[object] | None = None,
+    ) -> tuple[_Child, OnnxSummary, Protections]:
         """A new worker with ``model`` loaded, or an error (and no worker left running).
-        From ``pool``, if it has an idle one: already confined, its libraries imported."""
+        From ``pool``, if it has an idle one: already confined, its libraries imported; the
+        model goes into the memfd it holds (one copy, no pipe), sealed, then it is told.
+        The worker checks the model while ``gate`` runs; :class:`Commit` once both passed."""
         policy = self._policy
         spare = pool.take(policy, strict=strict) if pool is not None else None
         if spare is not None:
-            child, setup = spare, encode_frame(Load(model))
+            child, setup = spare, encode_frame(Load(len(model)))
+            try:
+                await asyncio.to_thread(_fill_memfd, _memfd_of(spare), model)
+            except OSError as error:
+                await spare.stop(kill=True)
+                raise SandboxError(SandboxReason.LOAD_FAILED, f"model memfd: {error}") from error
+            spare.release_memfd()  # the worker's own descriptor holds it now
         else:
             fd = await asyncio.to_thread(_sealed_memfd, model)
             try:
@@ -351,21 +377,36 @@ class InferenceWorker:
             finally:
                 os.close(fd)
             setup = encode_frame(policy.setup(fd, len(model), strict=strict))
-        process = child.process
         try:
-            reply = await self._exchange(child, setup, policy.load_timeout_s)
+            checked = await self._load_step(child, setup, Checked)
+        except EdgewardError:
+            if gate is not None:
+                await gate  # its failure first: a model that is not the signed one
+            raise
+        if gate is not None:
+            try:
+                await gate
+            except BaseException:
+                await self._retire(child, kill=True)
+                raise
+        ready = await self._load_step(child, encode_frame(Commit()), Ready)
+        self._protections = ready.protections
+        log.info("inference worker %d ready: %s", child.process.pid, ready.protections.labels())
+        return child, checked.summary, ready.protections
+
+    async def _load_step(self, child: _Child, frame: bytes, expected: type[_L]) -> _L:
+        """One step of a load: the reply, or the worker's refusal raised (it is gone)."""
+        try:
+            reply = await self._exchange(child, frame, self._policy.load_timeout_s)
         except SandboxError as error:
             if error.reason != SandboxReason.WORKER_DIED:
                 raise
             raise SandboxError(SandboxReason.LOAD_FAILED, error.detail) from error
-        if not isinstance(reply, Ready):  # a refusal: the worker is on its way out
+        if not isinstance(reply, expected):  # a refusal: the worker is on its way out
             await self._retire(child, kill=not isinstance(reply, Failed))
             if isinstance(reply, Failed) and reply.protections is not None:
                 self._protections = reply.protections
-        ready = await self._expect(child, reply, Ready)
-        self._protections = ready.protections
-        log.info("inference worker %d ready: %s", process.pid, ready.protections.labels())
-        return child, ready.protections
+        return await self._expect(child, reply, expected)
 
     async def _exchange(self, child: _Child, frame: bytes, limit_s: float) -> Reply:
         """One request, one reply, within ``limit_s``; any failure retires the child."""
@@ -415,7 +456,9 @@ class InferenceWorker:
             await asyncio.gather(*self._background, return_exceptions=True)
 
 
-async def _start_process(policy: SandboxPolicy, fds: tuple[int, ...]) -> _Child:
+async def _start_process(
+    policy: SandboxPolicy, fds: tuple[int, ...], *, memfd: int | None = None
+) -> _Child:
     try:
         process = await asyncio.create_subprocess_exec(
             policy.python,
@@ -434,7 +477,7 @@ async def _start_process(policy: SandboxPolicy, fds: tuple[int, ...]) -> _Child:
     except OSError as error:
         raise SandboxError(SandboxReason.LOAD_FAILED, f"cannot start: {error}") from error
     _widen_pipe(process)
-    return _Child(process)
+    return _Child(process, memfd)
 
 
 #: The worker's stdin pipe holds this much (Linux's default is 64 KiB: a 10 MB model would
@@ -506,13 +549,20 @@ class WarmPool:
         """A spare, once it says it is confined and idle; else none (loads start their
         own worker, and report why)."""
         try:
-            child = await _start_process(self.policy, ())
+            fd = _new_memfd()
+        except OSError as error:
+            log.warning("no warm inference worker: %s", error)
+            return
+        try:
+            child = await _start_process(self.policy, (fd,), memfd=fd)
         except SandboxError as error:
+            os.close(fd)
             log.warning("no warm inference worker: %s", error)
             return
         try:
             async with asyncio.timeout(self.policy.load_timeout_s):
-                await child.send(encode_frame(self.policy.setup(-1, 0, strict=strict)))
+                setup = self.policy.setup(fd, 0, strict=strict, warm=True)
+                await child.send(encode_frame(setup))
                 reply = await child.receive(self.policy.max_frame_bytes)
         except (TimeoutError, OSError, EOFError, asyncio.IncompleteReadError, FrameError) as error:
             log.warning("no warm inference worker: %s", error)
@@ -528,18 +578,35 @@ class WarmPool:
         self._spares[strict] = child
 
 
+def _new_memfd() -> int:
+    """An empty anonymous file that can be sealed (close-on-exec: passed on by name only)."""
+    return os.memfd_create("edgeward-model", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+
+
+def _fill_memfd(fd: int, model: bytes) -> None:
+    """Write ``model`` into the empty memfd ``fd``, then seal it: from then on nobody, the
+    worker included, can write, grow or shrink it."""
+    view = memoryview(model)
+    while view:
+        view = view[os.write(fd, view) :]
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+
+
 def _sealed_memfd(model: bytes) -> int:
-    """An anonymous file holding ``model``, sealed: nobody can write, grow or shrink it."""
-    fd = os.memfd_create("edgeward-model", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    """An anonymous file holding ``model``, sealed."""
+    fd = _new_memfd()
     try:
-        view = memoryview(model)
-        while view:
-            view = view[os.write(fd, view) :]
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+        _fill_memfd(fd, model)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _memfd_of(spare: _Child) -> int:
+    if spare.memfd is None:  # pragma: no cover - every spare is started with one
+        raise RuntimeError("a warm worker without its memfd")
+    return spare.memfd
 
 
 def _worker_env() -> dict[str, str]:

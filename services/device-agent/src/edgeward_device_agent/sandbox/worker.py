@@ -9,11 +9,13 @@ stdout (:mod:`.protocol`), the model in a sealed memfd it inherits. In order:
 3. import numpy, onnx and onnxruntime (while still root: they may be readable by root only);
 4. drop to the unprivileged user, ``no_new_privs``, install the seccomp filter;
 5. refuse to go on, under ``strict``, if any protection is missing;
-6. read the model from the memfd (its seals must forbid writing and resizing), or, for a
-   warm worker (``model_fd`` -1, started before there was a model), wait idle, confined,
-   for a :class:`~.protocol.Load` on stdin; check it with ``check_onnx`` and only then hand
-   it to onnxruntime: the model is parsed and the session's threads are created under the
-   filter;
+6. read the model from the memfd (its seals must forbid writing and resizing); a warm
+   worker (started before there was a model, its memfd empty) first waits idle, confined,
+   for a :class:`~.protocol.Load` on stdin saying the memfd now holds it. Check it with
+   ``check_onnx`` (the model's bytes are parsed only here, under the filter: the
+   supervisor never parses them), answer :class:`~.protocol.Checked`, and hand the bytes
+   to onnxruntime only on :class:`~.protocol.Commit` (the supervisor's caller verifies the
+   signature while the worker checks); the session's threads are created under the filter;
 7. answer :class:`~.protocol.Run` (and, when tests enable it, :class:`~.protocol.Probe`)
    until stdin closes.
 
@@ -34,6 +36,8 @@ from edgeward_device_agent.sandbox.protocol import (
     EXIT_MEMORY,
     EXIT_PROTOCOL,
     PROBE_ENV,
+    Checked,
+    Commit,
     Failed,
     FrameError,
     Idle,
@@ -54,6 +58,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from edgeward_device_agent.sandbox.runtime import Model
+    from edgeward_shared.models.onnx_summary import OnnxSummary
 
     _Send = Callable[[Reply], None]
 
@@ -110,23 +115,34 @@ def _start(setup: Setup, send: _Send, *, probe_enabled: bool) -> Model | None:
         missing = ", ".join(protections.missing)
         send(Failed(SandboxReason.PROTECTION_UNAVAILABLE, missing, "policy", protections))
         return None
-    if setup.model_fd < 0:  # warm: the model comes when there is one
+    size = setup.model_size
+    if setup.warm:  # the model comes when there is one
         _warm_up(setup.threads)
         send(Idle(protections))
-        load = read_request(_STDIN, setup.max_frame_bytes)
+        load = read_request(_STDIN, _SETUP_FRAME_LIMIT)
         if not isinstance(load, Load):
             send(Failed(SandboxReason.REQUEST_UNKNOWN, type(load).__name__))
             return None
-        data = load.model
-    else:
-        try:
-            data = _read_model(setup.model_fd, setup.model_size)
-        except (OSError, ValueError) as error:
-            send(Failed(SandboxReason.LOAD_FAILED, f"model memfd: {error}"))
-            return None
-    refusal = _check(data, setup)
-    if refusal is not None:
-        send(refusal)
+        size = load.model_size
+    return _check_then_load(setup, size, send, protections)
+
+
+def _check_then_load(
+    setup: Setup, size: int, send: _Send, protections: Protections
+) -> Model | None:
+    """Read the model from the memfd and check it; on :class:`Commit`, create its session."""
+    try:
+        data = _read_model(setup.model_fd, size)
+    except (OSError, ValueError) as error:
+        send(Failed(SandboxReason.LOAD_FAILED, f"model memfd: {error}"))
+        return None
+    summary = _check(data, setup)
+    if isinstance(summary, Failed):
+        send(summary)
+        return None
+    send(Checked(summary))
+    commit = read_request(_STDIN, _SETUP_FRAME_LIMIT)
+    if not isinstance(commit, Commit):  # e.g. the signature failed: nothing is loaded
         return None
     model = _load(data, setup.threads)
     if isinstance(model, Failed):
@@ -181,8 +197,9 @@ def _read_model(fd: int, size: int) -> bytes:
         os.close(fd)
 
 
-def _check(data: bytes, setup: Setup) -> Failed | None:
-    """``check_onnx`` again, here: the worker does not trust that the supervisor did."""
+def _check(data: bytes, setup: Setup) -> OnnxSummary | Failed:
+    """``check_onnx`` with the policy's caps, before onnxruntime sees the bytes: the only
+    parse of the model outside onnxruntime on this device, confined as onnxruntime is."""
     from edgeward_shared.errors import MessageError, PolicyError  # noqa: PLC0415
     from edgeward_shared.models.onnx_check import OnnxCaps, check_onnx  # noqa: PLC0415
 
@@ -194,12 +211,11 @@ def _check(data: bytes, setup: Setup) -> Failed | None:
         allowed_domains=frozenset(setup.caps.allowed_domains),
     )
     try:
-        check_onnx(data, caps)
+        return check_onnx(data, caps)
     except MessageError as error:
         return Failed(error.reason, error.detail, "message")
     except PolicyError as error:
         return Failed(error.reason, error.detail, "policy")
-    return None
 
 
 def _load(data: bytes, threads: int) -> Model | Failed:
