@@ -35,7 +35,7 @@ from edgeward_device_agent.model_manager import check_runtime, checked_session, 
 from edgeward_device_agent.sandbox.supervisor import SandboxPolicy, WarmPool
 from edgeward_device_agent.sandboxed import SandboxedModel, sandbox_loader
 from edgeward_shared.models.provenance import Tier
-from edgeward_shared.models.verify import open_release_blob, verify_model_signature
+from edgeward_shared.models.verify import decrypt_release_blob, verify_release_model
 from edgeward_shared.testing import EPOCH_MS, MemoryPki
 
 REPEATS = sized(7, 2)
@@ -56,19 +56,13 @@ def main() -> None:
     document = release_for(release, "dev-0001", chunk=192 * 1024)
 
     def opened() -> bytes:
-        return open_release_blob(document, release.blob, release.data_key)
+        return decrypt_release_blob(document, release.blob, release.data_key)
 
     def verified(plaintext: bytes) -> None:
-        """The agent's gate: provenance, signature, runtime (the loader runs the ONNX
-        checks: in the sandboxed worker, confined, while this runs)."""
-        provenance = verify_model_signature(
-            plaintext,
-            document.provenance,
-            document.signature,
-            document.signer_cert,
-            trust,
-            now_ms=EPOCH_MS,
-        )
+        """The agent's gate: the blob's and the model's digests, provenance, signature,
+        runtime (the loader runs the ONNX checks: in the sandboxed worker, confined, while
+        this runs)."""
+        provenance = verify_release_model(document, release.blob, plaintext, trust, now_ms=EPOCH_MS)
         check_runtime(provenance.runtime)
 
     def activate() -> object:

@@ -394,3 +394,69 @@ def test_a_large_blob_is_hashed_while_it_is_decrypted_and_its_digest_still_decid
         "model.blob.decrypt_failed"
     )
     assert _reason(lambda: open_release_blob(document, release.blob, None)) == ("model.tier.policy")
+
+
+@pytest.mark.parametrize("large", [False, True], ids=["small", "large"])
+def test_a_device_decrypts_first_and_its_gate_checks_both_digests(
+    pki: MemoryPki, signer: Signer, monkeypatch: pytest.MonkeyPatch, large: bool
+) -> None:
+    """The device's split of open_release_blob (a sandboxed worker checks the model while
+    the gate verifies it): decrypt_release_blob authenticates an encrypted blob by its tag
+    alone, and verify_release_model then holds every other check: a release document that
+    names another blob, a model that is not the decrypted one, a tampered blob."""
+    from edgeward_cli import publish
+    from edgeward_shared.models.verify import (
+        PARALLEL_DIGEST_BYTES,
+        decrypt_release_blob,
+        verify_release_model,
+    )
+
+    monkeypatch.setattr(publish, "check_onnx", lambda data: None)  # any bytes will do here
+    payload = bytes(range(256)) * (PARALLEL_DIGEST_BYTES // 128) if large else small_model()
+    release, other = built(payload, signer, version=1), built(payload, signer, version=2)
+    document = release_for(release, "dev-0001")
+    trust = pki.trust_store()
+
+    def gate(doc: object, blob: bytes, model: bytes) -> str:
+        return _reason(
+            lambda: verify_release_model(doc, blob, model, trust, now_ms=EPOCH_MS)  # type: ignore[arg-type]
+        )
+
+    model = decrypt_release_blob(document, release.blob, release.data_key)
+    assert model == payload
+    verified = verify_release_model(document, release.blob, model, trust, now_ms=EPOCH_MS)
+    assert verified.digest == sha256_hex(payload)
+    # a tampered blob does not decrypt, and is reported by its digest
+    tampered = bytearray(release.blob)
+    tampered[len(tampered) // 2] ^= 1
+    for key in (release.data_key, other.data_key):
+        assert _reason(lambda k=key: decrypt_release_blob(document, bytes(tampered), k)) == (
+            "model.blob.digest_mismatch"
+        )
+    assert _reason(lambda: decrypt_release_blob(document, release.blob, other.data_key)) == (
+        "model.blob.decrypt_failed"
+    )
+    # a document naming another blob: the ciphertext authenticates, the gate refuses it
+    lying = msgspec.structs.replace(
+        document, blob=msgspec.structs.replace(document.blob, digest="00" * 32)
+    )
+    assert decrypt_release_blob(lying, release.blob, release.data_key) == payload
+    assert gate(lying, release.blob, model) == "model.blob.digest_mismatch"
+    # bytes that are not the decrypted model, of the same size
+    swapped = bytes(reversed(model))
+    assert gate(document, release.blob, swapped) == "model.digest.mismatch"
+
+
+def test_a_blob_in_the_clear_is_checked_before_it_is_returned(signer: Signer) -> None:
+    """Tier low is not encrypted: nothing authenticates the blob but its digest, which
+    decrypt_release_blob checks before anyone (a worker's checker included) parses it."""
+    from edgeward_shared.models.verify import decrypt_release_blob
+
+    release = built(small_model(), signer, tier=Tier.LOW)
+    document = release_for(release, "dev-0001")
+    assert decrypt_release_blob(document, release.blob, None) == small_model()
+    tampered = bytearray(release.blob)
+    tampered[-1] ^= 1
+    assert _reason(lambda: decrypt_release_blob(document, bytes(tampered), None)) == (
+        "model.blob.digest_mismatch"
+    )

@@ -76,7 +76,7 @@ from edgeward_shared.models.release import (
     open_release,
 )
 from edgeward_shared.models.sealing import ModelRef, ReleaseContext, unwrap_on_device
-from edgeward_shared.models.verify import open_release_blob, verify_model_signature
+from edgeward_shared.models.verify import decrypt_release_blob, verify_release_model
 from edgeward_shared.pki.trust import TrustStore
 from edgeward_shared.runtime.core import Outgoing, Runtime
 from edgeward_shared.topics import COHORT_FILTER, Channel, Direction, device_topic
@@ -381,10 +381,12 @@ class ModelManager:
             if encrypted:  # written and fsynced off the event loop (megabytes)
                 await asyncio.to_thread(self.store.keep_blob, release.blob, blob)
         key, result_id = await self._data_key(runtime, release) if encrypted else (None, None)
-        model = await asyncio.to_thread(open_release_blob, release, blob, key)
-        # the signature is verified and the model measured while the loader's worker checks
-        # the bytes, confined; the loader creates no session before this succeeded
-        gate = asyncio.ensure_future(asyncio.to_thread(self._verify_and_measure, release, model))
+        model = await asyncio.to_thread(decrypt_release_blob, release, blob, key)
+        # the digests and the signature are verified and the model measured while the
+        # loader's worker checks the bytes, confined; no session is created before that
+        gate = asyncio.ensure_future(
+            asyncio.to_thread(self._verify_and_measure, release, blob, model)
+        )
         try:
             session = await self._loader(model, release.tier, gate)
         except Exception as exc:
@@ -422,16 +424,11 @@ class ModelManager:
             self._on_change(release.name)
         await self._report(runtime, release.name, release.version, "active", "model.activated")
 
-    def _verify_and_measure(self, release: ModelRelease, model: bytes) -> Provenance:
-        """The signed model's checks, then its digest extended into the model PCR (before
-        it is loaded: the next quote shows which model runs)."""
-        provenance = verify_model_signature(
-            model,
-            release.provenance,
-            release.signature,
-            release.signer_cert,
-            self._trust(),
-            now_ms=self._clock.now_ms(),
+    def _verify_and_measure(self, release: ModelRelease, blob: bytes, model: bytes) -> Provenance:
+        """The blob's and the signed model's checks, then the model's digest extended into
+        the model PCR (before it is loaded: the next quote shows which model runs)."""
+        provenance = verify_release_model(
+            release, blob, model, self._trust(), now_ms=self._clock.now_ms()
         )
         if (provenance.name, provenance.version, provenance.tier) != (
             release.name,

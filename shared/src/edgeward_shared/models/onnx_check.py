@@ -133,6 +133,9 @@ class _Contents:
     graphs: list[GraphProto] = field(default_factory=list)
     nodes: list[NodeProto] = field(default_factory=list)
     attributes: list[AttributeProto] = field(default_factory=list)
+    #: the tensors every attribute holds, whatever its declared type says (found once)
+    attribute_tensors: list[TensorProto] = field(default_factory=list)
+    attribute_sparse: list[onnx.SparseTensorProto] = field(default_factory=list)
 
     @classmethod
     def of(cls, model: ModelProto, caps: OnnxCaps) -> _Contents:
@@ -155,17 +158,23 @@ class _Contents:
             for attribute in attributes:
                 found.attributes.append(attribute)
                 graphs.extend(_subgraphs(attribute))
+                found._add_tensors(attribute)
             attributes = []
         return found
+
+    def _add_tensors(self, attribute: AttributeProto) -> None:
+        if attribute.HasField("t"):
+            self.attribute_tensors.append(attribute.t)
+        self.attribute_tensors.extend(attribute.tensors)
+        if attribute.HasField("sparse_tensor"):
+            self.attribute_sparse.append(attribute.sparse_tensor)
+        self.attribute_sparse.extend(attribute.sparse_tensors)
 
     def tensors(self) -> Iterator[TensorProto]:
         """Every dense tensor: initializers, attribute values, and sparse tensors' parts."""
         for graph in self.graphs:
             yield from graph.initializer
-        for attribute in self.attributes:
-            if attribute.HasField("t"):
-                yield attribute.t
-            yield from attribute.tensors
+        yield from self.attribute_tensors
         for sparse in self.sparse_tensors():
             yield sparse.values
             yield sparse.indices
@@ -173,10 +182,7 @@ class _Contents:
     def sparse_tensors(self) -> Iterator[onnx.SparseTensorProto]:
         for graph in self.graphs:
             yield from graph.sparse_initializer
-        for attribute in self.attributes:
-            if attribute.HasField("sparse_tensor"):
-                yield attribute.sparse_tensor
-            yield from attribute.sparse_tensors
+        yield from self.attribute_sparse
 
 
 def _training_graphs(model: ModelProto) -> Iterator[GraphProto]:
@@ -339,21 +345,9 @@ def _summarize(model: ModelProto, contents: _Contents) -> OnnxSummary:
             for g in contents.graphs
             for tensor in (*g.initializer, *g.sparse_initializer)
         ),
-        constant_bytes=sum(
-            tensor.ByteSize()
-            for attribute in contents.attributes
-            for tensor in _attribute_tensors(attribute)
-        ),
+        constant_bytes=sum(tensor.ByteSize() for tensor in contents.attribute_tensors)
+        + sum(sparse.ByteSize() for sparse in contents.attribute_sparse),
     )
-
-
-def _attribute_tensors(attribute: AttributeProto) -> Iterator[TensorProto | onnx.SparseTensorProto]:
-    if attribute.HasField("t"):
-        yield attribute.t
-    yield from attribute.tensors
-    if attribute.HasField("sparse_tensor"):
-        yield attribute.sparse_tensor
-    yield from attribute.sparse_tensors
 
 
 def _input(value: ValueInfoProto) -> OnnxInput:

@@ -10,7 +10,10 @@ the same two halves at publish (the manifest at ``begin``, the bytes at ``commit
 check, not two copies of it. A device runs the first part, :func:`verify_model_signature`,
 and leaves the ONNX checks to whatever loads the model: the sandboxed worker runs them
 confined, next to onnxruntime, so that the unconfined agent never parses a model.
-:func:`open_release_blob` first turns a fetched blob into those bytes, in memory.
+:func:`open_release_blob` first turns a fetched blob into those bytes, in memory. A device
+splits that work so that a sandboxed worker can check the model while the signature is
+verified: :func:`decrypt_release_blob` (AES-GCM authenticates an encrypted blob), then
+:func:`verify_release_model` (the blob's digest, then :func:`verify_model_signature`'s).
 """
 
 from __future__ import annotations
@@ -66,6 +69,31 @@ def verify_model_signature(
     provenance = decode_provenance(provenance_bytes)
     check_model_digest(model, provenance)
     verify_manifest(provenance_bytes, signature, signer_cert, trust, now_ms=now_ms)
+    return provenance
+
+
+def verify_release_model(
+    release: ModelRelease, blob: bytes, model: bytes, trust: TrustStore, *, now_ms: int
+) -> Provenance:
+    """What :func:`decrypt_release_blob` left to check of ``model``, decrypted from ``blob``:
+    the blob is the one released (an encrypted tier's; one in the clear was checked before
+    it was returned), then :func:`verify_model_signature`. A large blob is hashed on a
+    helper thread while the model is hashed here (``hashlib`` releases the GIL)."""
+    provenance = decode_provenance(release.provenance)
+    if release.tier.encrypted and len(blob) >= PARALLEL_DIGEST_BYTES:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-digest") as pool:
+            blob_digest = pool.submit(sha256_hex, blob)
+            model_digest = sha256_hex(model)
+            _check_blob_digest(blob_digest.result(), release)
+    else:
+        if release.tier.encrypted:
+            _check_blob_digest(sha256_hex(blob), release)
+        model_digest = sha256_hex(model)
+    if len(model) != provenance.size or model_digest != provenance.digest:
+        raise AuthenticityError(ModelReason.DIGEST_MISMATCH, "the model is not the one signed")
+    verify_manifest(
+        release.provenance, release.signature, release.signer_cert, trust, now_ms=now_ms
+    )
     return provenance
 
 
@@ -137,6 +165,24 @@ def open_release_blob(release: ModelRelease, blob: bytes, data_key: bytes | None
             raise
         _check_blob_digest(digest.result(), release)
     return plaintext
+
+
+def decrypt_release_blob(release: ModelRelease, blob: bytes, data_key: bytes | None) -> bytes:
+    """The ONNX bytes of a release's blob, its digest checked later
+    (:func:`verify_release_model`) if the tier is encrypted: AES-GCM under the data key
+    authenticated them, the associated data binding name, version and the provenance's
+    digest. A blob in the clear is checked here, before anyone parses it. A blob that
+    does not decrypt is reported by its digest if that is wrong too."""
+    if len(blob) != release.blob.size:
+        raise AuthenticityError(ModelReason.BLOB_DIGEST, "the blob is not the one released")
+    if not release.tier.encrypted:
+        _check_blob_digest(sha256_hex(blob), release)
+        return blob
+    try:
+        return _decrypt_blob(release, blob, data_key)
+    except EdgewardError:
+        _check_blob_digest(sha256_hex(blob), release)  # the blob's own failure first
+        raise
 
 
 def _check_blob_digest(digest: str, release: ModelRelease) -> None:
