@@ -177,9 +177,10 @@ class TimedStore(ModelStore):
         if len(self.staged) == len(info.chunks):
             self.received_at = time.perf_counter()
 
-    def keep_blob(self, info: BlobInfo, data: bytes) -> None:
-        super().keep_blob(info, data)
+    def keep_staged(self, info: BlobInfo) -> bytes:
+        data = super().keep_staged(info)
         self.kept_at = time.perf_counter()
+        return data
 
 
 class Device:

@@ -14,7 +14,7 @@ import pytest
 from edgeward_device_agent.model_fetch import ChunkFetcher, FetchPolicy
 from edgeward_device_agent.model_store import ModelStore
 from edgeward_shared.bus.base import Delivery
-from edgeward_shared.errors import EdgewardError
+from edgeward_shared.errors import AuthenticityError, EdgewardError
 from edgeward_shared.messages.model import ChunkRequest, ChunksSent
 from edgeward_shared.models.frames import FrameHeader, encode_frame
 from edgeward_shared.models.provenance import Tier
@@ -101,8 +101,33 @@ async def test_a_restart_resumes_from_the_staged_chunks(tmp_path: Path) -> None:
     service = FakeService(fetcher, blob)
     assert await fetcher.fetch(service, release, persist=True) == blob  # type: ignore[arg-type]
     assert service.asked == [[3, 4, 5, 6, 7]]
-    after.keep_blob(release.blob, blob)
+    # kept as fetched: the staging file became the blob, the damaged chunk rewritten
     assert after.blob(release.blob) == blob
+    assert list((tmp_path / "models" / "staging").iterdir()) == []
+
+
+@pytest.mark.asyncio
+async def test_a_staging_file_grown_at_rest_is_refused_and_fetched_again(tmp_path: Path) -> None:
+    """Bytes appended to the staging file while the chunks arrive: the blob is not kept,
+    the refusal is the blob's, and the damaged file is gone (the next attempt fetches)."""
+    blob = os.urandom(4 * CHUNK)
+    release = _release(blob)
+    store = ModelStore(tmp_path)
+    store.prepare()
+    fetcher = ChunkFetcher(DEVICE, store, FetchPolicy(window=16))
+
+    class Appending(FakeService):
+        async def request(self, topic: str, message: Any, *, timeout_s: float, mid: str) -> Any:
+            reply = await super().request(topic, message, timeout_s=timeout_s, mid=mid)
+            part = next((tmp_path / "models" / "staging").iterdir())
+            with part.open("ab") as handle:
+                handle.write(b"tail")
+            return reply
+
+    with pytest.raises(AuthenticityError) as refused:
+        await fetcher.fetch(Appending(fetcher, blob), release, persist=True)  # type: ignore[arg-type]
+    assert refused.value.reason == "model.blob.digest_mismatch"
+    assert store.blob(release.blob) is None
     assert list((tmp_path / "models" / "staging").iterdir()) == []
 
 

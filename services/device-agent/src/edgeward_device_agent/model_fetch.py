@@ -186,7 +186,9 @@ class ChunkFetcher:
 
     # ------------------------------------------------------------------ fetching
     async def fetch(self, runtime: Runtime, release: ModelRelease, *, persist: bool) -> bytes:
-        """The whole blob of ``release``, every chunk checked against the signed digests."""
+        """The whole blob of ``release``, every chunk checked against the signed digests;
+        ``persist``: each chunk staged as it arrives, and the whole blob kept in the store
+        (``keep_staged``: written once, fsynced, off the event loop)."""
         info = release.blob
         chunks = self.store.staged_chunks(info) if persist else {}
         if persist:
@@ -219,7 +221,12 @@ class ChunkFetcher:
             self._persist.discard(info.digest)
             self._blobs.pop(info.digest, None)
         # every chunk matched its signed digest; the whole blob's digest is checked once,
-        # by open_release_blob, before anything is decrypted
+        # when it is verified (verify_release_model), before any byte of it is used
+        if persist:  # every chunk is in the staging file, at its offset
+            try:
+                return await asyncio.to_thread(self.store.keep_staged, info)
+            except ValueError as exc:
+                raise AuthenticityError(ModelReason.BLOB_DIGEST, str(exc)) from exc
         return b"".join(chunks[i] for i in range(len(info.chunks)))
 
     async def _window(

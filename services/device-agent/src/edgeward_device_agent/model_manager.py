@@ -377,9 +377,8 @@ class ModelManager:
         # serving inference, heartbeats and the broker's keepalives meanwhile
         blob = await asyncio.to_thread(self.store.blob, release.blob) if encrypted else None
         if blob is None:
+            # an encrypted blob is kept as it comes (written and fsynced off the event loop)
             blob = await self._fetcher.fetch(runtime, release, persist=encrypted)
-            if encrypted:  # written and fsynced off the event loop (megabytes)
-                await asyncio.to_thread(self.store.keep_blob, release.blob, blob)
         key, result_id = await self._data_key(runtime, release) if encrypted else (None, None)
         model = await asyncio.to_thread(decrypt_release_blob, release, blob, key)
         # the digests and the signature are verified and the model measured while the

@@ -36,11 +36,26 @@ def _write_private(path: Path, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     tmp.replace(path)
-    directory = os.open(path.parent, os.O_RDONLY)
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(path: Path) -> None:
+    directory = os.open(path, os.O_RDONLY)
     try:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def _read_at(fd: int, size: int) -> bytes:
+    """``size`` bytes from the start of ``fd`` (one read for a regular file)."""
+    data = os.pread(fd, size, 0)
+    while len(data) < size:
+        more = os.pread(fd, size - len(data), len(data))
+        if not more:
+            raise ValueError(f"the file ended at {len(data)} of {size} bytes")
+        data += more
+    return data
 
 
 class ModelStore:
@@ -118,6 +133,27 @@ class ModelStore:
         _write_private(self._blobs / _checked_digest(info.digest), data)
         self._close_part(info.digest)
         self._part(info).unlink(missing_ok=True)
+
+    def keep_staged(self, info: BlobInfo) -> bytes:
+        """Keep the blob whose every chunk is staged (each checked, at its offset): its
+        staging file, fsynced, becomes the kept blob, so megabytes are not written twice.
+        Returns its bytes, read back; whoever uses them checks the blob's digest first
+        (the release's), so bytes changed at rest in between are refused, not used."""
+        part = self._part(info)
+        fd = self._open_parts.pop(info.digest, None)
+        if fd is None:
+            fd = os.open(part, os.O_RDONLY)
+        try:
+            if (size := os.fstat(fd).st_size) != info.size:
+                part.unlink(missing_ok=True)  # damaged at rest: fetched again next time
+                raise ValueError(f"the staged blob holds {size} bytes, not {info.size}")
+            os.fsync(fd)
+            data = _read_at(fd, info.size)
+        finally:
+            os.close(fd)
+        part.replace(self._blobs / _checked_digest(info.digest))
+        _fsync_directory(self._blobs)
+        return data
 
     def drop_blobs_except(self, keep: set[str]) -> None:
         for path in self._blobs.iterdir():
