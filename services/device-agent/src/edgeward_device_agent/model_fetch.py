@@ -44,6 +44,9 @@ from edgeward_shared.models.release import BlobInfo, ModelRelease
 from edgeward_shared.runtime.core import Runtime
 from edgeward_shared.topics import Channel, Direction, cohort_topic, device_topic
 
+#: A chunk's bytes: a view into the frame that carried it (no copy), or read from staging.
+Chunk = bytes | memoryview
+
 
 @dataclass(frozen=True, slots=True)
 class FetchPolicy:
@@ -62,10 +65,10 @@ class FetchPolicy:
 class _Open:
     info: BlobInfo
     missing: set[int]
-    got: dict[int, bytes] = field(default_factory=dict)
+    got: dict[int, Chunk] = field(default_factory=dict)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def take(self, index: int, data: bytes) -> None:
+    def take(self, index: int, data: Chunk) -> None:
         self.missing.discard(index)
         self.got[index] = data
         if not self.missing:
@@ -80,7 +83,7 @@ class _Blob:
     topic: str  # the version's cohort topic
     info: BlobInfo
     pending: set[int]
-    early: dict[int, bytes] = field(default_factory=dict)
+    early: dict[int, Chunk] = field(default_factory=dict)
 
 
 class ChunkFetcher:
@@ -102,7 +105,7 @@ class ChunkFetcher:
         self._blobs: dict[str, _Blob] = {}
         self._persist: set[str] = set()
         #: (topic, blob, index) -> bytes: cohort frames before their fetch began, unchecked
-        self._held: OrderedDict[tuple[str, str, int], bytes] = OrderedDict()
+        self._held: OrderedDict[tuple[str, str, int], Chunk] = OrderedDict()
         self._held_bytes = 0
 
     # ------------------------------------------------------------------ frames in
@@ -151,7 +154,7 @@ class ChunkFetcher:
         else:
             blob.early[header.index] = data
 
-    def _hold(self, key: tuple[str, str, int], data: bytes) -> None:
+    def _hold(self, key: tuple[str, str, int], data: Chunk) -> None:
         if key in self._held or len(data) > self.policy.early_bytes:
             return
         self._held[key] = data
@@ -176,7 +179,7 @@ class ChunkFetcher:
             blob.pending.discard(index)
             blob.early[index] = data
 
-    def _check(self, info: BlobInfo, index: int, data: bytes) -> None:
+    def _check(self, info: BlobInfo, index: int, data: Chunk) -> None:
         if len(data) != info.chunk_length(index) or (
             hashlib.sha256(data).hexdigest() != info.chunks[index]
         ):
@@ -190,7 +193,7 @@ class ChunkFetcher:
         ``persist``: each chunk staged as it arrives, and the whole blob kept in the store
         (``keep_staged``: written once, fsynced, off the event loop)."""
         info = release.blob
-        chunks = self.store.staged_chunks(info) if persist else {}
+        chunks: dict[int, Chunk] = dict(self.store.staged_chunks(info)) if persist else {}
         if persist:
             self._persist.add(info.digest)
         missing = [i for i in range(len(info.chunks)) if i not in chunks]
@@ -231,8 +234,8 @@ class ChunkFetcher:
 
     async def _window(
         self, runtime: Runtime, release: ModelRelease, indices: list[int]
-    ) -> dict[int, bytes]:
-        got: dict[int, bytes] = {}
+    ) -> dict[int, Chunk]:
+        got: dict[int, Chunk] = {}
         wanted = set(indices)
         for _ in range(self.policy.attempts):
             mid = self._message_ids()

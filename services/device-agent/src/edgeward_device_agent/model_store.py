@@ -175,7 +175,7 @@ class ModelStore:
                 found[index] = chunk
         return found
 
-    def stage_chunk(self, info: BlobInfo, index: int, data: bytes) -> None:
+    def stage_chunk(self, info: BlobInfo, index: int, data: bytes | memoryview) -> None:
         """Write one verified chunk at its offset in ``staging/<digest>.part`` (0600). No
         fsync: staged chunks are checked against their digests again on resume."""
         fd = self._open_parts.get(info.digest)

@@ -48,6 +48,7 @@ def encode_frame(header: FrameHeader, data: bytes) -> bytes:
     return _codec.encode(header, data)
 
 
-def decode_frame(raw: bytes) -> tuple[FrameHeader, bytes]:
-    header, data = _codec.decode(raw)
-    return header, bytes(data)
+def decode_frame(raw: bytes) -> tuple[FrameHeader, memoryview]:
+    """The header and a view of the chunk's bytes in ``raw`` (no copy of the chunk: a
+    device receives megabytes of these; hashing, staging and joining take views)."""
+    return _codec.decode(raw)
