@@ -6,7 +6,8 @@ Layout under ``<state>/models`` (directories 0700, files 0600)::
     releases/<name>           the last accepted release document (a signed envelope)
     blobs/<digest>            complete encrypted blobs (ciphertext only; tier low is never kept)
     staging/<digest>.part     verified chunks of a blob still being fetched, each at its
-                              offset (resume: checked against the digests again)
+                              offset (resume: checked against the digests again); once
+                              complete, fsynced and renamed into blobs/ (written once)
 
 The high-water file is written atomically and fsynced before a model is used, so neither a
 restart nor a crash can make the agent accept an older version or older metadata again.
