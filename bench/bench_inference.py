@@ -95,6 +95,10 @@ BINARY_RUNS = {
     "ppocr-rec": sized((3, 30), (1, 2)),
     "ppocr-det": sized((3, 20), (1, 2)),
 }
+#: a pause between the two sides of each interleaved pair: onnxruntime's pool threads spin
+#: for a while after a run (the worker's and the bare session's alike), and on two cores
+#: that spinning would slow whichever side runs next
+SETTLE_S = 0.01
 
 
 async def measure(
@@ -111,9 +115,11 @@ async def measure(
         elapsed = time.perf_counter() - started
         if not answer.accepted:
             raise RuntimeError(f"not accepted: {answer.reason}")
+        await asyncio.sleep(SETTLE_S)
         started = time.perf_counter()
         bare.run(None, feed)
         direct = time.perf_counter() - started
+        await asyncio.sleep(SETTLE_S)
         if i >= WARMUP:
             ours.append(elapsed)
             base.append(direct)
@@ -223,9 +229,11 @@ async def measure_binary(
         elapsed = time.perf_counter() - started
         if not answer.answer.accepted:
             raise RuntimeError(f"not accepted: {answer.answer.reason}")
+        await asyncio.sleep(SETTLE_S)
         started = time.perf_counter()
         bare.run(None, feed)
         direct = time.perf_counter() - started
+        await asyncio.sleep(SETTLE_S)
         if i >= warmup:
             ours.append(elapsed)
             base.append(direct)
@@ -285,9 +293,11 @@ def measure_triton(  # noqa: PLR0917 - the bench's parts
                 parameters={"edgeward_device": DEVICE.name},
             )
             elapsed = time.perf_counter() - started
+            time.sleep(SETTLE_S)  # this runs in its own thread
             started = time.perf_counter()
             bare.run(None, feed)
             direct = time.perf_counter() - started
+            time.sleep(SETTLE_S)
             if i >= warmup:
                 ours.append(elapsed)
                 base.append(direct)
