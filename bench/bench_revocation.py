@@ -50,11 +50,14 @@ from edgeward_shared.testing.nodes import local_pki, node_config
 
 #: EDGEWARD_BENCH_DEVICES overrides: the devices this process connects and revokes (paho's
 #: select() limits one process to ~340 clients)
-DEVICES = int(os.environ.get("EDGEWARD_BENCH_DEVICES", sized(200, 8)))
+DEVICES = int(os.environ.get("EDGEWARD_BENCH_DEVICES", sized(200, 10)))
 #: EDGEWARD_BENCH_IDLE_DEVICES: more connected devices, held by child processes, so that the
 #: broker carries a larger fleet while the revocations are timed (docs/scaling.md: 1,000)
 IDLE = int(os.environ.get("EDGEWARD_BENCH_IDLE_DEVICES", "0"))
 REVOCATIONS = sized(30, 3)
+#: revoked at once, after the timed one-by-one revocations: what one turn of the worker
+#: carries together (one CRL, one checked reload, one list; docs/adr/0036)
+BURST = sized(50, 2)
 KICKS = sized(15, 3)
 ALICE = Identity.operator("alice")
 ADMIN = Identity(Role.BROKER_ADMIN, "broker")
@@ -129,8 +132,10 @@ def bare_kicks(store: PkiStore, port: int, devices: list[Device]) -> list[float]
 
 
 async def revocations(
-    store: PkiStore, broker: MosquittoBroker, db: Path, devices: list[Device]
-) -> list[float]:
+    store: PkiStore, broker: MosquittoBroker, db: Path, devices: list[Device], burst: list[Device]
+) -> tuple[list[float], float]:
+    """Each of ``devices`` revoked in turn (request to disconnect, one sample each), then
+    every device of ``burst`` at once: seconds from the first request to the last cut."""
     address = BrokerAddress("127.0.0.1", broker.port)
     database = await SqliteDatabase.open(db)
     runtime, connect = build_runtime(node_config(store, REVOKER, address))
@@ -163,6 +168,20 @@ async def revocations(
                 if not await asyncio.to_thread(device.gone.wait, 10):
                     raise RuntimeError(f"{name} was not disconnected")
                 samples.append(device.gone_at - started)
+            started = time.perf_counter()
+            await asyncio.gather(
+                *(
+                    session.ask(
+                        Revoke(kind="device", subject=device.name, reason="bench burst"),
+                        RevocationJob,
+                    )
+                    for device in burst
+                )
+            )
+            for device in burst:
+                if not await asyncio.to_thread(device.gone.wait, 30):
+                    raise RuntimeError(f"{device.name} was not disconnected")
+            burst_s = max(device.gone_at for device in burst) - started
             for _ in range(200):  # let the last job confirm its remaining kick (enroll.<id>)
                 if not await rev_store.pending():
                     break
@@ -171,7 +190,7 @@ async def revocations(
         stop.set()
         await asyncio.gather(*tasks)
         await database.close()
-    return samples
+    return samples, burst_s
 
 
 def handshake_refused(store: PkiStore, port: int, name: str) -> bool:
@@ -240,8 +259,12 @@ def main() -> None:
             connect_s = time.perf_counter() - started
             base = bare_kicks(store, broker.port, devices[:KICKS])
             victims = devices[KICKS : KICKS + REVOCATIONS]
-            ours = asyncio.run(revocations(store, broker, Path(tmp) / "rev.db", victims))
-            still = sum(1 for d in devices[KICKS + REVOCATIONS :] if not d.gone.is_set())
+            burst = devices[KICKS + REVOCATIONS : KICKS + REVOCATIONS + BURST]
+            ours, burst_s = asyncio.run(
+                revocations(store, broker, Path(tmp) / "rev.db", victims, burst)
+            )
+            untouched = devices[KICKS + REVOCATIONS + BURST :]
+            still = sum(1 for d in untouched if not d.gone.is_set())
             refused = handshake_refused(store, broker.port, victims[-1].name)
             for device in devices:
                 device.close()
@@ -253,6 +276,14 @@ def main() -> None:
     report.add("revoke_to_disconnect_p50_ms", median(ours) * 1000, "ms")
     report.add("revoke_to_disconnect_p99_ms", percentile(ours, 99) * 1000, "ms", "<= 1000 ms")
     report.add("ratio_revoke_vs_bare_kick_p50", median(ours) / median(base), "x")
+    report.add("burst_revocations", BURST, "revocations")
+    report.add("burst_all_cut_s", burst_s, "s")
+    report.add(
+        "ratio_burst_per_revocation_vs_one_p50",
+        burst_s / BURST / median(ours),
+        "x",
+        "<= 0.5 (one CRL, reload and list per turn, not per revocation)",
+    )
     report.add("untouched_devices_still_connected", still, "devices")
     report.add("revoked_reconnect_refused_at_handshake", 1 if refused else 0, "bool")
     report.write()

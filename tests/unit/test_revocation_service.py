@@ -5,6 +5,7 @@ resumed by a new process over the same database, never half applied."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -424,5 +425,118 @@ async def test_renewals_share_a_list_at_most_once_per_interval(
         done = await process.store.job(device.job_id)
         assert done is not None
         assert done.step == "done"
+    finally:
+        await db.close()
+
+
+class CountingCrl(PkiCrl):
+    """The real CRL writes, counted."""
+
+    def __init__(self, store: PkiStore) -> None:
+        super().__init__(store)
+        self.writes = 0
+
+    def revoke_each(self, revocations: Sequence[tuple[int, str]], now: datetime) -> None:
+        self.writes += 1
+        super().revoke_each(revocations, now)
+
+
+@pytest.mark.asyncio
+async def test_revocations_found_in_one_turn_share_one_crl_one_reload_and_one_list(
+    database_url: str, pki: PkiStore, tmp_path: Path
+) -> None:
+    """ADR 0036: a fleet renewing must not cost a CRL, a checked reload and a list per
+    certificate; what one turn finds goes through each step together, each job still
+    marked step by step, each serial with its own reason."""
+    now = datetime.now(UTC)
+    devices = [Identity.device(f"dev-{i}") for i in range(10, 22)]
+    for who in devices:
+        pki.issue(who, now, DAY)
+    broker = FakeBroker()
+    db = await open_database(database_url, scope="revocation")
+    try:
+        process = Process(db, pki, broker)
+        crl = CountingCrl(pki)
+        process.worker.crl = crl
+        await process.store.migrate()
+        assert await process.worker.work_once()  # the first list, at start
+        jobs = [
+            await process.service.revoke(ALICE, "device", who.common_name, f"lost {i}")
+            for i, who in enumerate(devices)
+        ]
+        jobs.append(await process.service.revoke(ALICE, "model", "ocr@2", "bad weights"))
+        assert await process.worker.work_once()
+        assert (crl.writes, broker.reloads, len(broker.published)) == (1, 1, 2)
+        listed = load_crl(pki.crl_path, [pki.issuer().cert], now=datetime.now(UTC))
+        assert {_serial(pki, who) for who in devices} <= listed
+        assert set(broker.published[-1].devices) == {who.common_name for who in devices}
+        assert broker.published[-1].models[0].name == "ocr"
+        for job in jobs:
+            done = await process.store.job(job.job_id)
+            assert done is not None
+            assert (done.step, done.list_version) == ("done", broker.published[-1].version)
+        assert len(broker.kicked) == 2 * len(devices)  # each device and its enrolment name
+    finally:
+        await db.close()
+
+
+@pytest.mark.asyncio
+async def test_a_job_whose_serials_cannot_be_written_holds_back_no_other(
+    database_url: str, pki: PkiStore, tmp_path: Path
+) -> None:
+    """A job the CRL refuses (here a serial this CA never issued, put in the database
+    behind the service's back) fails alone: the batch falls back to one job at a time."""
+    broker = FakeBroker()
+    db = await open_database(database_url, scope="revocation")
+    try:
+        process = Process(db, pki, broker)
+        await process.store.migrate()
+        poison = await process.store.record(
+            Entry("cert", "abcdef0123"),
+            reason="x",
+            actor="op.alice",
+            serials=(0xABCDEF0123,),
+            kick=(),
+            now_ms=process.clock.now_ms(),
+        )
+        good = await process.service.revoke(ALICE, "device", "dev-2", "stolen")
+        assert not await process.worker.work_once()
+        stuck = await process.store.job(poison.job_id)
+        assert stuck is not None
+        assert (stuck.step, stuck.last_error) == ("recorded", "config.pki.unknown_serial")
+        done = await process.store.job(good.job_id)
+        assert done is not None
+        assert done.step == "done"
+        listed = load_crl(pki.crl_path, [pki.issuer().cert], now=datetime.now(UTC))
+        assert _serial(pki, Identity.device("dev-2")) in listed
+    finally:
+        await db.close()
+
+
+@pytest.mark.asyncio
+async def test_a_kick_that_fails_holds_back_only_its_own_job(
+    database_url: str, pki: PkiStore, tmp_path: Path
+) -> None:
+    class PickyBroker(FakeBroker):
+        async def kick(self, username: str) -> None:
+            if username == "op.alice":
+                raise TransportError("revocation.kick.unconfirmed", username)
+            await super().kick(username)
+
+    broker = PickyBroker()
+    db = await open_database(database_url, scope="revocation")
+    try:
+        process = Process(db, pki, broker)
+        await process.store.migrate()
+        operator = await process.service.revoke(ALICE, "operator", "alice", "left")
+        device = await process.service.revoke(ALICE, "device", "dev-2", "stolen")
+        assert not await process.worker.work_once()
+        stuck = await process.store.job(operator.job_id)
+        done = await process.store.job(device.job_id)
+        assert stuck is not None
+        assert done is not None
+        assert (stuck.step, stuck.last_error) == ("list_published", "revocation.kick.unconfirmed")
+        assert done.step == "done"
+        assert broker.kicked == ["dev-2", "enroll.dev-2"]
     finally:
         await db.close()

@@ -3,9 +3,9 @@ the broker's dynamic-security kick. Each either confirms what it did or raises
 ``TransportError``/``ConfigError``; the worker retries until it confirms.
 
 * :class:`PkiCrl` revokes serials in the PKI store and checks the CRL on disk lists them.
-  Each revocation (all the serials of one job) is one transaction of the store on
-  ``issuing/ca.db``, serialized with the identity service's issuances and the CLI by
-  SQLite's write lock (docs/adr/0025).
+  The revocations a worker's turn found (all the serials of every job in it) are one
+  transaction of the store on ``issuing/ca.db`` and one CRL, serialized with the identity
+  service's issuances and the CLI by SQLite's write lock (docs/adr/0025).
 * :class:`CheckedReloader` reloads the broker ``edgeward broker run`` (or the launcher)
   started, through :class:`edgeward_shared.broker.reload.BrokerReloader`: the CRL is checked
   before the broker sees it, the ACL re-rendered from the PKI, and after the SIGHUP the
@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Final, Protocol
@@ -71,12 +72,16 @@ class PkiCrl:
         return next((r.common_name for r in self.store.issued() if r.serial == serial), None)
 
     def revoke(self, serials: tuple[int, ...], reason: str, now: datetime) -> None:
-        self.store.revoke_many(serials, now, reason[:64])
+        self.revoke_each([(serial, reason) for serial in serials], now)
+
+    def revoke_each(self, revocations: Sequence[tuple[int, str]], now: datetime) -> None:
+        """Every serial with its own reason, in one transaction and one CRL."""
+        self.store.revoke_each(((serial, reason[:64]) for serial, reason in revocations), now)
         # the same check the broker's reload makes: parses, signed, fresh, every serial listed
         check_crl(
             self.store.crl_path.read_bytes(),
             self.store.issuer().cert,
-            {*self.store.revoked_serials(), *serials},
+            {*self.store.revoked_serials(), *(serial for serial, _ in revocations)},
             now,
         )
 

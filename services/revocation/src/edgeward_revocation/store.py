@@ -14,7 +14,7 @@ after a crash between "done" and "marked" is harmless.
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Final, cast
@@ -234,23 +234,44 @@ class RevocationStore:
         self, job: Job, step: Step, now_ms: int, list_version: int | None = None
     ) -> Job:
         """Mark ``step`` confirmed for ``job`` (only from the step it was at)."""
-        async with self.db.transaction() as tx:
-            await tx.execute(
-                "UPDATE rev_jobs SET step = :step, updated_at = :at, last_error = NULL,"
-                " list_version = coalesce(:v, list_version) WHERE job_id = :j AND step = :was",
-                {"step": step, "at": now_ms, "v": list_version, "j": job.job_id, "was": job.step},
-            )
-            row = await tx.fetch_one("SELECT * FROM rev_jobs WHERE job_id = :j", {"j": job.job_id})
-        assert row is not None  # noqa: S101 - jobs are never deleted
-        return Job.from_row(row)
+        return (await self.advance_many([job], step, now_ms, list_version))[0]
 
-    async def failed(self, job: Job, reason: str, now_ms: int) -> None:
+    async def advance_many(
+        self, jobs: Sequence[Job], step: Step, now_ms: int, list_version: int | None = None
+    ) -> list[Job]:
+        """Mark ``step`` confirmed for every job of ``jobs`` (each only from the step it was
+        at: another instance may have marked it first), in one transaction; the jobs as
+        they now stand, in the same order."""
         async with self.db.transaction() as tx:
-            await tx.execute(
-                "UPDATE rev_jobs SET attempts = attempts + 1, last_error = :e, updated_at = :at"
-                " WHERE job_id = :j",
-                {"e": reason, "at": now_ms, "j": job.job_id},
-            )
+            for job in jobs:
+                await tx.execute(
+                    "UPDATE rev_jobs SET step = :step, updated_at = :at, last_error = NULL,"
+                    " list_version = coalesce(:v, list_version)"
+                    " WHERE job_id = :j AND step = :was",
+                    {
+                        "step": step,
+                        "at": now_ms,
+                        "v": list_version,
+                        "j": job.job_id,
+                        "was": job.step,
+                    },
+                )
+            rows = [
+                await tx.fetch_one("SELECT * FROM rev_jobs WHERE job_id = :j", {"j": job.job_id})
+                for job in jobs
+            ]
+        assert all(row is not None for row in rows)  # noqa: S101 - jobs are never deleted
+        return [Job.from_row(row) for row in rows if row is not None]
+
+    async def failed(self, jobs: Sequence[Job], reason: str, now_ms: int) -> None:
+        """Count a failed attempt at the next step of every job of ``jobs``."""
+        async with self.db.transaction() as tx:
+            for job in jobs:
+                await tx.execute(
+                    "UPDATE rev_jobs SET attempts = attempts + 1, last_error = :e,"
+                    " updated_at = :at WHERE job_id = :j",
+                    {"e": reason, "at": now_ms, "j": job.job_id},
+                )
 
     async def entries(self) -> tuple[list[Entry], list[int]]:
         async with self.db.transaction() as tx:

@@ -7,7 +7,9 @@ reload, and the revoked canary was refused by a real handshake; docs/adr/0012),
 ``list_published`` (a new list version was acknowledged by the broker, retained), ``done``
 (the plugin confirmed the kick of every name). A failed step is recorded with its reason,
 counted, and retried with jittered backoff; the job never goes back and never skips. A
-restarted worker picks every unfinished job up where the database says it is.
+restarted worker picks every unfinished job up where the database says it is. The jobs a
+turn finds take each step together: one CRL, one checked reload, one list for them all,
+the kicks each job's own (docs/adr/0036).
 
 Every list goes to every device and service. A renewal retires the device's previous
 certificate through a revocation (docs/adr/0015), so a fleet of N devices renewing would
@@ -35,7 +37,7 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from edgeward_revocation.core import Step, build_list, next_step, refresh_due
+from edgeward_revocation.core import STEPS, Step, build_list, next_step, refresh_due
 from edgeward_revocation.effects import ALARM_PREFIXES, Kicker, PkiCrl, Reloader
 from edgeward_revocation.store import Job, RevocationStore
 from edgeward_shared.clock import Clock, to_datetime
@@ -134,51 +136,110 @@ class RevocationWorker:
 
     async def work_once(self) -> bool:
         """Advance every unfinished job, then keep the list and CRL fresh; False if any
-        step failed (the caller backs off)."""
+        step failed (the caller backs off).
+
+        The jobs go through the steps together (docs/adr/0036): every job due to have its
+        serials in the CRL gets them in one CRL, every job due a broker reload shares one,
+        every job due a list shares one. A fleet renewing at a few certificates a second
+        then costs a reload per turn, not a reload per certificate, and revocations
+        recorded during a reload are carried by the next, not queued one behind another."""
         healthy, self._waiting = True, False
-        for job in await self.store.pending():
-            healthy = await self.advance(job) and healthy
+        jobs = {job.job_id: job for job in await self.store.pending()}
+        for step in STEPS[1:]:
+            due = [job for job in jobs.values() if next_step(job.kind, job.step) == step]
+            if step == "list_published":
+                waiting = {job.job_id for job in due if self._waits_for_list(job)}
+                self._waiting = bool(waiting)
+                due = [job for job in due if job.job_id not in waiting]
+                for job_id in waiting:  # at a later turn, with the others
+                    del jobs[job_id]
+            if not due:
+                continue
+            taken, ok = await self._take(step, due)
+            healthy = ok and healthy
+            for job in due:
+                del jobs[job.job_id]  # back below if it took the step
+            for job in taken:
+                jobs[job.job_id] = job
+        for job in jobs.values():
+            if job.step == "done":
+                self.metrics.completion.observe(max(0, job.updated_at - job.created_at) / 1000)
+                log.info("revocation.done", extra=fields(job=job.job_id, subject=job.subject))
         return await self.maintain() and healthy
 
-    async def advance(self, job: Job) -> bool:
-        """Take ``job`` through its remaining steps; False at the first failed one."""
-        while (step := next_step(job.kind, job.step)) is not None:
-            if step == "list_published" and self._waits_for_list(job):
-                self._waiting = True
-                return True  # at a later turn, with the others
-            try:
-                version = await self._do(step, job)
-            except EdgewardError as exc:
-                self.metrics.steps.labels(step, exc.reason).inc()
-                log.warning(
-                    "revocation.step_failed",
-                    extra=fields(job=job.job_id, step=step, reason=exc.reason, detail=exc.detail),
-                )
-                self._alarm(exc)
-                await self.store.failed(job, exc.reason, self.clock.now_ms())
-                return False
-            self.metrics.steps.labels(step, "ok").inc()
-            job = await self.store.advance(job, step, self.clock.now_ms(), version)
-        self.metrics.completion.observe(max(0, job.updated_at - job.created_at) / 1000)
-        log.info("revocation.done", extra=fields(job=job.job_id, subject=job.subject))
-        return True
+    async def _take(self, step: Step, due: list[Job]) -> tuple[list[Job], bool]:
+        """Do ``step`` once for every job of ``due``; the jobs that took it (marked), and
+        whether none failed."""
+        if step == "done":  # kicks are each job's own: one failing holds back only its job
+            return await self._kick(due)
+        try:
+            version = await self._do(step, due)
+        except EdgewardError as exc:
+            if step == "crl_written" and len(due) > 1:
+                return await self._one_by_one(step, due)  # find the job that cannot go
+            await self._failed(step, due, exc)
+            return [], False
+        return await self._mark(step, due, version), True
 
-    async def _do(self, step: Step, job: Job) -> int | None:
+    async def _do(self, step: Step, due: list[Job]) -> int | None:
         match step:
             case "crl_written":
                 now = to_datetime(self.clock.now_ms())
-                await asyncio.to_thread(self.crl.revoke, job.serials, job.reason, now)
+                revocations = [(serial, job.reason) for job in due for serial in job.serials]
+                await asyncio.to_thread(self.crl.revoke_each, revocations, now)
                 if self.trust is not None:  # our own next check refuses them too
-                    self.trust.set_revoked({*self._trusted_revoked(), *job.serials})
+                    self.trust.set_revoked(
+                        {*self._trusted_revoked(), *(serial for serial, _ in revocations)}
+                    )
             case "broker_reloaded":
                 await self.reloader.reload()
             case "list_published":
-                listed = self._listed_in(job)
-                return listed if listed is not None else await self.publish_list()
-            case "done":
+                # one list, published after every job of ``due`` was recorded, holds them all
+                if any(self._listed_in(job) is None for job in due):
+                    return await self.publish_list()
+                return self._listed_in(due[0])
+        return None
+
+    async def _one_by_one(self, step: Step, due: list[Job]) -> tuple[list[Job], bool]:
+        taken, healthy = [], True
+        for job in due:
+            marked, ok = await self._take(step, [job])
+            taken += marked
+            healthy = ok and healthy
+        return taken, healthy
+
+    async def _kick(self, due: list[Job]) -> tuple[list[Job], bool]:
+        kicked, healthy = [], True
+        for job in due:
+            try:
                 for name in job.kick:
                     await self.kicker.kick(name)
-        return None
+            except EdgewardError as exc:
+                await self._failed("done", [job], exc)
+                healthy = False
+                continue
+            kicked.append(job)
+        return await self._mark("done", kicked), healthy
+
+    async def _mark(self, step: Step, jobs: list[Job], version: int | None = None) -> list[Job]:
+        if not jobs:
+            return []
+        self.metrics.steps.labels(step, "ok").inc(len(jobs))
+        return await self.store.advance_many(jobs, step, self.clock.now_ms(), version)
+
+    async def _failed(self, step: Step, jobs: list[Job], exc: EdgewardError) -> None:
+        self.metrics.steps.labels(step, exc.reason).inc(len(jobs))
+        log.warning(
+            "revocation.step_failed",
+            extra=fields(
+                jobs=[job.job_id for job in jobs],
+                step=step,
+                reason=exc.reason,
+                detail=exc.detail,
+            ),
+        )
+        self._alarm(exc)
+        await self.store.failed(jobs, exc.reason, self.clock.now_ms())
 
     def _listed_in(self, job: Job) -> int | None:
         """The version of the list this worker last published if it holds ``job``'s serials

@@ -418,10 +418,15 @@ class PkiStore:
         """Revoke every serial not yet revoked and reissue the CRL, in one transaction;
         how many were newly revoked. A serial this CA never issued refuses them all
         (``config.pki.unknown_serial``)."""
+        return self.revoke_each(((serial, reason) for serial in serials), now)
+
+    def revoke_each(self, revocations: Iterable[tuple[int, str]], now: datetime) -> int:
+        """:meth:`revoke_many` for serials with reasons of their own: one transaction and
+        one CRL for them all (a batch of revocations costs one signature, not one each)."""
         self.require()
         with self._tx() as tx:
             fresh = 0
-            for serial in serials:
+            for serial, reason in revocations:
                 if _is_revoked(tx, serial):
                     continue
                 if (
