@@ -13,6 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from edgeward_revocation.core import (
+    EXPIRED_KEPT_MS,
     STEPS,
     Entry,
     authorize_revoker,
@@ -125,6 +126,24 @@ def test_the_list_is_sorted_and_complete() -> None:
     view = RevocationView.empty().accept(revocations)
     assert view.model_revoked("ocr", 2)
     assert view.expires_at_ms == 110
+
+
+def test_the_list_leaves_out_certificates_expired_past_the_clock_skew() -> None:
+    """A fleet renewing for months retires a certificate per device per lifetime: the
+    list keeps only those not expired (plus the skew receivers allow), so it stays the
+    size of the fleet instead of growing past the envelope's limit."""
+    now = 10_000_000
+    edge = now - EXPIRED_KEPT_MS
+    revocations = build_list(
+        [Entry("cert", "1f"), Entry("device", "dev-a")],
+        [0x20, 0x21, 0x22],
+        version=2,
+        now_ms=now,
+        lifetime_ms=100,
+        not_after_ms={0x1F: edge - 1, 0x20: edge, 0x21: now + 1, 0x40: 0},
+    )
+    assert revocations.serials == ["20", "21", "22"]  # 0x22: not this CA's, kept
+    assert revocations.devices == ["dev-a"]  # device ids are never left out
 
 
 # ------------------------------------------------------------------ worker
@@ -538,5 +557,28 @@ async def test_a_kick_that_fails_holds_back_only_its_own_job(
         assert (stuck.step, stuck.last_error) == ("list_published", "revocation.kick.unconfirmed")
         assert done.step == "done"
         assert broker.kicked == ["dev-2", "enroll.dev-2"]
+    finally:
+        await db.close()
+
+
+@pytest.mark.asyncio
+async def test_a_revoked_certificate_leaves_the_list_once_expired_and_stays_in_the_crl(
+    database_url: str, pki: PkiStore, tmp_path: Path
+) -> None:
+    broker = FakeBroker()
+    db = await open_database(database_url, scope="revocation")
+    try:
+        process = Process(db, pki, broker)
+        await process.store.migrate()
+        await process.service.revoke(ALICE, "device", "dev-1", "stolen")
+        assert await process.worker.work_once()
+        serials = {_serial(pki, Identity.device("dev-1")), _serial(pki, Identity.enrollee("dev-1"))}
+        assert {f"{s:x}" for s in serials} <= set(broker.published[-1].serials)
+        process.clock.advance(int(DAY.total_seconds() * 1000) + EXPIRED_KEPT_MS + 60_000)
+        assert await process.worker.work_once()  # past the list's half-life: a new list
+        latest = broker.published[-1]
+        assert not {f"{s:x}" for s in serials} & set(latest.serials)
+        assert latest.devices == ["dev-1"]
+        assert serials <= set(pki.revoked_serials())
     finally:
         await db.close()

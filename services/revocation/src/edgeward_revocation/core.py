@@ -8,7 +8,7 @@ time as ``now_ms``.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -129,6 +129,11 @@ class Entry:
     subject: str
 
 
+#: How long after its notAfter a revoked certificate stays in the list: the clock skew the
+#: receivers' other checks allow (a CRL's thisUpdate, edgeward_shared.pki.crl_check).
+EXPIRED_KEPT_MS: Final = 5 * 60_000
+
+
 def build_list(
     entries: Iterable[Entry],
     serials: Iterable[int],
@@ -136,14 +141,23 @@ def build_list(
     version: int,
     now_ms: int,
     lifetime_ms: int,
+    not_after_ms: Mapping[int, int] | None = None,
 ) -> RevocationList:
-    """The list of everything revoked, sorted (same inputs, same bytes)."""
+    """The list of everything revoked, sorted (same inputs, same bytes).
+
+    A revoked certificate whose ``not_after_ms`` passed more than :data:`EXPIRED_KEPT_MS`
+    ago is left out: every receiver refuses it as expired, and a fleet renewing for months
+    would otherwise carry every certificate it ever retired in every list (past the
+    envelope's 256 KiB within months). The CRL keeps every serial."""
     by_kind: dict[str, set[str]] = {
         k: set() for k in ("device", "cert", "model", "operator", "key")
     }
     for entry in entries:
         by_kind[entry.kind].add(entry.subject)
     all_serials = {int(s, 16) for s in by_kind["cert"]} | set(serials)
+    if not_after_ms:
+        oldest = now_ms - EXPIRED_KEPT_MS
+        all_serials = {s for s in all_serials if not_after_ms.get(s, oldest) >= oldest}
     models = sorted(_model(subject) for subject in by_kind["model"])
     return RevocationList(
         version=version,

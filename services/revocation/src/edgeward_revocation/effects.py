@@ -85,6 +85,10 @@ class PkiCrl:
             now,
         )
 
+    def not_after_ms(self) -> dict[int, int]:
+        """Every certificate this CA issued: its serial, and when it expires (ms)."""
+        return {r.serial: from_datetime(r.not_after) for r in self.store.issued()}
+
     def refresh(self, now: datetime) -> None:
         self.store.write_crl(now)
 

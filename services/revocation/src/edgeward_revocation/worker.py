@@ -277,6 +277,7 @@ class RevocationWorker:
 
     async def publish_list(self) -> int:
         now = self.clock.now_ms()
+        not_after_ms = await asyncio.to_thread(self.crl.not_after_ms)
         for _ in range(LIST_CLAIM_ATTEMPTS):  # another worker may claim the version first
             entries, serials = await self.store.entries()
             version = await self.store.next_version()
@@ -286,6 +287,7 @@ class RevocationWorker:
                 version=version,
                 now_ms=now,
                 lifetime_ms=self.settings.list_lifetime_ms,
+                not_after_ms=not_after_ms,
             )
             if await self.store.save_list(
                 version,
