@@ -108,8 +108,9 @@ class SoakConfig:
     start_rate_per_s: float | None = None
     #: threads starting swtpm processes (each: spawn, wait for its ports, measure the boot)
     tpm_workers: int = 8
-    #: renewals' revocations share one signed list at most this often (the revocation
-    #: service's --renewal-list-interval; 0: a list each, which a large fleet cannot take)
+    #: renewals' revocations share a CRL, a broker reload and a signed list at most this
+    #: often (the revocation service's --renewal-list-interval; 0: each its own, which a
+    #: large fleet cannot take)
     renewal_list_interval_s: int = 0
     #: the p99 (ms) each timed flow must stay within: attest, renew, call, accept (README);
     #: a flow not named is reported, not checked

@@ -405,9 +405,10 @@ async def test_revoking_an_operator_revokes_and_kicks_every_session_of_it(
 async def test_renewals_share_a_list_at_most_once_per_interval(
     database_url: str, pki: PkiStore, tmp_path: Path
 ) -> None:
-    """A fleet renewing must not receive one list per device (N² deliveries): the
-    revocations of renewed certificates wait for the next list, at most one per interval;
-    their CRL and broker steps do not wait, and a device revocation publishes at once."""
+    """A fleet renewing must not receive one list per device (N² deliveries), nor make the
+    broker reload its CRL once per device: the revocations of renewed certificates wait
+    for the next batch at each step, at most one CRL, reload and list per interval; any
+    other revocation goes at once, and takes the waiting renewals with it."""
     broker = FakeBroker()
     db = await open_database(database_url, scope="revocation")
     try:
@@ -429,6 +430,10 @@ async def test_renewals_share_a_list_at_most_once_per_interval(
         two = await process.service.revoke(identity, "cert", second, "superseded by 3")
         assert await process.worker.work_once()
         assert len(broker.published) == 1
+        held = await process.store.job(two.job_id)
+        assert held is not None
+        assert held.step == "recorded"  # the last CRL was written within the interval
+        assert broker.reloads == 1
         process.clock.advance(10_000)
         assert await process.worker.work_once()
         assert len(broker.published) == 2  # one list for both
@@ -580,5 +585,38 @@ async def test_a_revoked_certificate_leaves_the_list_once_expired_and_stays_in_t
         assert not {f"{s:x}" for s in serials} & set(latest.serials)
         assert latest.devices == ["dev-1"]
         assert serials <= set(pki.revoked_serials())
+    finally:
+        await db.close()
+
+
+@pytest.mark.asyncio
+async def test_held_renewals_go_with_any_other_revocation(
+    database_url: str, pki: PkiStore, tmp_path: Path
+) -> None:
+    broker = FakeBroker()
+    db = await open_database(database_url, scope="revocation")
+    try:
+        process = Process(db, pki, broker)
+        process.worker.settings = WorkerSettings(
+            list_lifetime_ms=3600_000, renewal_list_interval_ms=10_000
+        )
+        await process.store.migrate()
+        identity = Identity.service(ServiceName.IDENTITY)
+        assert await process.worker.work_once()  # the first list, at start
+        first = f"{_serial(pki, Identity.device('dev-1')):x}"
+        second = f"{_serial(pki, Identity.device('dev-2')):x}"
+        one = await process.service.revoke(identity, "cert", first, "superseded by 2")
+        assert await process.worker.work_once()  # CRL and reload; the list waits
+        two = await process.service.revoke(identity, "cert", second, "superseded by 3")
+        assert await process.worker.work_once()  # waits at its CRL
+        device = await process.service.revoke(ALICE, "device", "dev-1", "stolen")
+        assert await process.worker.work_once()  # no clock moved: the device goes at once
+        assert broker.reloads == 2
+        assert len(broker.published) == 2
+        assert {first, second} <= set(broker.published[-1].serials)
+        for job in (one, two, device):
+            done = await process.store.job(job.job_id)
+            assert done is not None
+            assert done.step == "done"
     finally:
         await db.close()

@@ -85,10 +85,10 @@ option = EnvOptions("REVOCATION")
     type=DurationParam(timedelta(0), timedelta(hours=1)),
     default="0s",
     help="Revocations of renewed devices' previous certificates (asked by the identity"
-    " service) share one signed list published at most this often, instead of one list"
-    " each (every list goes to every device: a fleet renewing together would otherwise"
-    " receive one per device). Their CRL and broker reload are not delayed; every other"
-    " revocation publishes at once. 0s: one list each.",
+    " service) share one CRL, one broker reload and one signed list, at most one of each"
+    " this often (every list goes to every device, and every reload stops the broker for a"
+    " moment: a fleet renewing together would otherwise cause one of each per device)."
+    " They go at once with any other revocation, which never waits. 0s: at once.",
 )
 @option(
     "--auto-revoke/--no-auto-revoke",

@@ -13,11 +13,12 @@ the kicks each job's own (docs/adr/0036).
 
 Every list goes to every device and service. A renewal retires the device's previous
 certificate through a revocation (docs/adr/0015), so a fleet of N devices renewing would
-receive N lists, each as long as everything revoked so far: N² deliveries. With
+receive N lists, each as long as everything revoked so far: N² deliveries, and mosquitto
+N reloads of its CRL (each stops its traffic for ~0.1 s with a thousand entries). With
 ``renewal_list_interval_ms`` set, these revocations (kind ``cert``, asked by the identity
-service) wait at ``list_published`` for the next list this worker publishes, at most one
-list per interval for them all, unless a list already published holds their serials (their
-CRL and broker steps are not delayed). Every other revocation publishes at once.
+service) wait for the next batch at each shared step: at most one CRL, one reload and one
+list per interval for them all, unless another revocation takes the step now (they go with
+it) or a list already published holds their serials. Every other revocation goes at once.
 
 Every instance may run a worker (docs/adr/0034): a step is marked only from the step it
 was at, the steps are idempotent (the CRL's serials, a checked reload, a kick), a list
@@ -65,7 +66,7 @@ class WorkerSettings:
     list_lifetime_ms: int = 3600_000  # reissued at half-life: devices alarm within the hour
     crl_lifetime_ms: int = int(CRL_LIFETIME.total_seconds() * 1000)  # reissued at half-life
     tick_s: float = 5.0
-    #: renewals' revocations share a list published at most this often (0: one list each)
+    #: renewals' revocations share a CRL, a reload and a list at most this often (0: at once)
     renewal_list_interval_ms: int = 0
 
 
@@ -115,8 +116,8 @@ class RevocationWorker:
         self.wake = asyncio.Event()
         self._published = False
         self._last_list: RevocationList | None = None  # the newest this worker published
-        self._last_list_ms = 0
-        self._waiting = False  # a renewal's revocation waits for the next list
+        self._last_ms: dict[Step, int] = {}  # when this worker last took each shared step
+        self._due_ms: int | None = None  # when renewals held back may take their next step
 
     async def run(self, stop: asyncio.Event) -> None:
         delays = jittered_backoff()
@@ -126,9 +127,8 @@ class RevocationWorker:
             if healthy:
                 delays = jittered_backoff()
             pause = self.settings.tick_s if healthy else next(delays)
-            if healthy and self._waiting:  # come back when the next list may go out
-                due_ms = self._last_list_ms + self.settings.renewal_list_interval_ms
-                pause = min(pause, max(0.05, (due_ms - self.clock.now_ms()) / 1000))
+            if healthy and self._due_ms is not None:  # back when held renewals may go
+                pause = min(pause, max(0.05, (self._due_ms - self.clock.now_ms()) / 1000))
             waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(self.wake.wait())]
             await asyncio.wait(waiters, timeout=pause, return_when=asyncio.FIRST_COMPLETED)
             for waiter in waiters:
@@ -143,16 +143,14 @@ class RevocationWorker:
         every job due a list shares one. A fleet renewing at a few certificates a second
         then costs a reload per turn, not a reload per certificate, and revocations
         recorded during a reload are carried by the next, not queued one behind another."""
-        healthy, self._waiting = True, False
+        healthy, self._due_ms = True, None
         jobs = {job.job_id: job for job in await self.store.pending()}
         for step in STEPS[1:]:
             due = [job for job in jobs.values() if next_step(job.kind, job.step) == step]
-            if step == "list_published":
-                waiting = {job.job_id for job in due if self._waits_for_list(job)}
-                self._waiting = bool(waiting)
-                due = [job for job in due if job.job_id not in waiting]
-                for job_id in waiting:  # at a later turn, with the others
-                    del jobs[job_id]
+            held = self._held(step, due)
+            due = [job for job in due if job.job_id not in held]
+            for job_id in held:  # at a later turn, with the others
+                del jobs[job_id]
             if not due:
                 continue
             taken, ok = await self._take(step, due)
@@ -174,6 +172,8 @@ class RevocationWorker:
             return await self._kick(due)
         try:
             version = await self._do(step, due)
+            if step != "list_published":  # a list's time is kept when it is published
+                self._last_ms[step] = self.clock.now_ms()
         except EdgewardError as exc:
             if step == "crl_written" and len(due) > 1:
                 return await self._one_by_one(step, due)  # find the job that cannot go
@@ -257,12 +257,25 @@ class RevocationWorker:
             and (job.actor == RENEWALS or job.actor.startswith(f"{RENEWALS}."))  # any instance
         )
 
-    def _waits_for_list(self, job: Job) -> bool:
-        """A renewal's revocation not in a published list, the last list too recent."""
-        if not self._batched(job) or self._listed_in(job) is not None:
-            return False
-        since = self.clock.now_ms() - self._last_list_ms
-        return self._last_list is not None and since < self.settings.renewal_list_interval_ms
+    def _held(self, step: Step, due: list[Job]) -> set[str]:
+        """The renewals' revocations of ``due`` that wait for the next batch at ``step``:
+        this worker took the step less than the interval ago, and no other revocation takes
+        it now (then they go with it, at no cost). Their jobs' ids."""
+        interval = self.settings.renewal_list_interval_ms
+        if step == "done" or interval <= 0:
+            return set()
+        waiting = [
+            job
+            for job in due
+            if self._batched(job) and (step != "list_published" or self._listed_in(job) is None)
+        ]
+        urgent = any(not self._batched(job) for job in due)
+        last = self._last_ms.get(step)
+        if not waiting or urgent or last is None or self.clock.now_ms() - last >= interval:
+            return set()
+        due_ms = last + interval
+        self._due_ms = due_ms if self._due_ms is None else min(self._due_ms, due_ms)
+        return {job.job_id for job in waiting}
 
     def _trusted_revoked(self) -> set[int]:
         with contextlib.suppress(EdgewardError):
@@ -324,7 +337,8 @@ class RevocationWorker:
                 raise TransportError(StorageReason.BUSY, "no revocation list saved")
             revocations = decode_message(newest.body, RevocationList)
             await self._publish(revocations)
-        self._last_list, self._last_list_ms = revocations, self.clock.now_ms()
+        self._last_list = revocations
+        self._last_ms["list_published"] = self.clock.now_ms()
         return newest.version
 
     async def maintain(self) -> bool:
