@@ -238,6 +238,9 @@ class Gap:
     end_ms: int  # the first sample serving again (or the window's end)
     renewal: bool  # the certificate changed within it (with RENEWAL_SLACK_S)
     closed: bool  # the device served again before the window ended
+    #: what the first sample of the gap lacked (not connected, no EAR, model not loaded),
+    #: and the agent's last error then
+    cause: str = ""
 
     @property
     def seconds(self) -> float:
@@ -300,6 +303,21 @@ def _certificate_changes(points: Sequence[tuple[int, Mapping[str, Any]]]) -> lis
     return changes
 
 
+def lacking(item: Mapping[str, Any], model: str | None = None) -> str:
+    """What keeps ``item`` from :func:`serving`, in words, with the agent's last error."""
+    missing = [
+        what
+        for what, ok in (
+            ("not connected", item.get("connected")),
+            ("no EAR", item.get("attested")),
+            ("model not loaded", model is None or model in item.get("loaded", ())),
+        )
+        if not ok
+    ]
+    error = item.get("last_error")
+    return ", ".join(missing) + (f" (last error {error})" if error else "")
+
+
 def _gaps(
     device: str,
     points: Sequence[tuple[int, Mapping[str, Any]]],
@@ -307,17 +325,18 @@ def _gaps(
     last_ms: int,
     model: str | None,
 ) -> list[Gap]:
-    gaps, opened = [], None
+    gaps, opened, cause = [], None, ""
     slack = int(RENEWAL_SLACK_S * 1000)
 
     def close(stop: int, closed: bool) -> Gap:
         assert opened is not None
         renewal = any(opened - slack <= t <= stop + slack for t in changes)
-        return Gap(device, opened, stop, renewal, closed)
+        return Gap(device, opened, stop, renewal, closed, cause)
 
     for t_ms, item in points:
         if not serving(item, model):
-            opened = t_ms if opened is None else opened
+            if opened is None:
+                opened, cause = t_ms, lacking(item, model)
         elif opened is not None:
             gaps.append(close(t_ms, closed=True))
             opened = None
@@ -340,14 +359,19 @@ def lost_devices(history: DeviceHistory, max_gap_s: float) -> list[Violation]:
     for gap in history.gaps:
         if not gap.closed:
             found.append(
-                Violation("device.lost", gap.device_id, f"not serving from {gap.start_ms} on")
+                Violation(
+                    "device.lost",
+                    gap.device_id,
+                    f"not serving from {gap.start_ms} on: {gap.cause}",
+                )
             )
         elif not gap.renewal:
             found.append(
                 Violation(
                     "device.gap.unexplained",
                     gap.device_id,
-                    f"{gap.seconds:.1f} s without serving at {gap.start_ms}, no renewal in it",
+                    f"{gap.seconds:.1f} s without serving at {gap.start_ms}, no renewal in it:"
+                    f" {gap.cause}",
                 )
             )
         elif gap.seconds > max_gap_s:

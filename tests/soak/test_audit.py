@@ -342,3 +342,18 @@ def test_a_flow_over_its_bound_or_never_seen_is_reported() -> None:
         "attest": 50.0, "renew": 5_000.0, "call": 2_000.0,
     })}  # fmt: skip
     assert kinds == {("flow.slow", "attest"), ("flow.slow", "renew"), ("flow.unseen", "call")}
+
+
+def test_a_gap_says_what_the_device_lacked_when_it_began() -> None:
+    samples = timeline((0, True, 1), (10, False, 1), (12, False, 1), (20, True, 1), (99, True, 1))
+    samples[1]["devices"][DEVICE].update(connected=False, last_error="transport.closed")
+    history = audit.serving_gaps(samples, [DEVICE], 0, 99_000, model="m")
+    assert [g.cause for g in history.gaps] == [
+        "not connected, no EAR (last error transport.closed)"
+    ]
+    [violation] = audit.lost_devices(history, 15.0)
+    assert violation.kind == "device.gap.unexplained"
+    assert "not connected, no EAR" in violation.detail
+    assert audit.lacking({"connected": True, "attested": True, "loaded": []}, "m") == (
+        "model not loaded"
+    )
