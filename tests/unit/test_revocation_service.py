@@ -401,6 +401,19 @@ async def test_revoking_an_operator_revokes_and_kicks_every_session_of_it(
         await db.close()
 
 
+async def _renewing(process: Process, pki: PkiStore) -> tuple[Identity, str, str]:
+    """``process`` batching renewals every 10 s, its first list out; the renewer and the
+    serials of dev-1's and dev-2's certificates (hex)."""
+    process.worker.settings = WorkerSettings(
+        list_lifetime_ms=3600_000, renewal_list_interval_ms=10_000
+    )
+    await process.store.migrate()
+    assert await process.worker.work_once()  # the first list, at start
+    first = f"{_serial(pki, Identity.device('dev-1')):x}"
+    second = f"{_serial(pki, Identity.device('dev-2')):x}"
+    return Identity.service(ServiceName.IDENTITY), first, second
+
+
 @pytest.mark.asyncio
 async def test_renewals_share_a_list_at_most_once_per_interval(
     database_url: str, pki: PkiStore, tmp_path: Path
@@ -413,14 +426,7 @@ async def test_renewals_share_a_list_at_most_once_per_interval(
     db = await open_database(database_url, scope="revocation")
     try:
         process = Process(db, pki, broker)
-        process.worker.settings = WorkerSettings(
-            list_lifetime_ms=3600_000, renewal_list_interval_ms=10_000
-        )
-        await process.store.migrate()
-        identity = Identity.service(ServiceName.IDENTITY)
-        assert await process.worker.work_once()  # the first list, at start
-        first = f"{_serial(pki, Identity.device('dev-1')):x}"
-        second = f"{_serial(pki, Identity.device('dev-2')):x}"
+        identity, first, second = await _renewing(process, pki)
         one = await process.service.revoke(identity, "cert", first, "superseded by 2")
         assert await process.worker.work_once()  # within the interval of the first list
         waiting = await process.store.job(one.job_id)
@@ -597,14 +603,7 @@ async def test_held_renewals_go_with_any_other_revocation(
     db = await open_database(database_url, scope="revocation")
     try:
         process = Process(db, pki, broker)
-        process.worker.settings = WorkerSettings(
-            list_lifetime_ms=3600_000, renewal_list_interval_ms=10_000
-        )
-        await process.store.migrate()
-        identity = Identity.service(ServiceName.IDENTITY)
-        assert await process.worker.work_once()  # the first list, at start
-        first = f"{_serial(pki, Identity.device('dev-1')):x}"
-        second = f"{_serial(pki, Identity.device('dev-2')):x}"
+        identity, first, second = await _renewing(process, pki)
         one = await process.service.revoke(identity, "cert", first, "superseded by 2")
         assert await process.worker.work_once()  # CRL and reload; the list waits
         two = await process.service.revoke(identity, "cert", second, "superseded by 3")

@@ -71,9 +71,6 @@ class PkiCrl:
         """The CN a serial was issued to, or None if this CA never issued it."""
         return next((r.common_name for r in self.store.issued() if r.serial == serial), None)
 
-    def revoke(self, serials: tuple[int, ...], reason: str, now: datetime) -> None:
-        self.revoke_each([(serial, reason) for serial in serials], now)
-
     def revoke_each(self, revocations: Sequence[tuple[int, str]], now: datetime) -> None:
         """Every serial with its own reason, in one transaction and one CRL."""
         self.store.revoke_each(((serial, reason[:64]) for serial, reason in revocations), now)
