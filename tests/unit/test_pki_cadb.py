@@ -39,7 +39,7 @@ from edgeward_shared.identity import Identity
 from edgeward_shared.messages.common import Rejected
 from edgeward_shared.messages.identity import CertificateIssued, IssueDeviceCertificate
 from edgeward_shared.pki.ca_db import CA_DB
-from edgeward_shared.pki.crl_check import check_crl
+from edgeward_shared.pki.crl_check import CrlError, check_crl
 from edgeward_shared.pki.store import PkiStore, ReissueCap, read_certificate
 from edgeward_shared.testing import FixedClock
 
@@ -179,6 +179,41 @@ async def test_the_identity_cap_leaves_room_for_half_life_renewals(pki: PkiStore
         await authority.issue_device_certificate("dev-short", _key(), now, lifetime)
     assert caught.value.reason == IdentityReason.REISSUE_CAPPED == "identity.reissue.capped"
     assert len([r for r in pki.issued() if r.common_name == "dev-short"]) == 50
+
+
+# ------------------------------------------------------------------------ expired entries
+def _listed(pki: PkiStore) -> set[int]:
+    return {entry.serial_number for entry in _file_crl(pki)}
+
+
+def test_a_revoked_certificate_leaves_the_crl_once_expired_past_the_skew(pki: PkiStore) -> None:
+    """A fleet renewing daily would otherwise grow its CRL by its own size every day."""
+    retired = read_certificate(pki.issue(Identity.device("dev-old"), NOW, HOUR).cert)
+    live = read_certificate(pki.issue(Identity.device("dev-live"), NOW, 30 * HOUR).cert)
+    pki.revoke_many((retired.serial_number, live.serial_number), NOW, "superseded")
+    assert _listed(pki) >= {retired.serial_number, live.serial_number}
+
+    edge = retired.not_valid_after_utc + store_module.CRL_EXPIRED_KEPT
+    pki.write_crl(edge)  # expired, but within the skew receivers allow: still listed
+    assert retired.serial_number in _listed(pki)
+    later = edge + timedelta(seconds=1)
+    pki.write_crl(later)
+    assert retired.serial_number not in _listed(pki)
+    assert live.serial_number in _listed(pki)  # unexpired: listed as long as it lives
+
+    # the database keeps every revocation; what the CRL must list is asked with a time
+    assert retired.serial_number in pki.revoked_serials()
+    assert retired.serial_number not in pki.revoked_serials(later)
+    # the check a broker reload makes at that moment accepts the shorter CRL, and still
+    # refuses one that lost a live serial (the pruning is by expiry, nothing else)
+    check_crl(pki.crl_path.read_bytes(), pki.issuer().cert, pki.revoked_serials(later), later)
+    with pytest.raises(CrlError, match="not listed"):
+        check_crl(
+            pki.crl_path.read_bytes(),
+            pki.issuer().cert,
+            {*pki.revoked_serials(later), retired.serial_number},
+            later,
+        )
 
 
 # ------------------------------------------------------------------------ two processes

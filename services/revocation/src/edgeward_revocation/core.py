@@ -16,6 +16,7 @@ from edgeward_revocation.reasons import RevokeReason
 from edgeward_shared.errors import PolicyError
 from edgeward_shared.identity import DEVICE_ID_RE, NAME_RE, Identity, Role, ServiceName
 from edgeward_shared.messages.revocation import Kind, RevocationList, RevokedModel
+from edgeward_shared.pki.store import CRL_EXPIRED_KEPT
 
 Step = Literal["recorded", "crl_written", "broker_reloaded", "list_published", "done"]
 #: Every step, in order. A revocation touching certificates goes through all of them; a
@@ -129,9 +130,9 @@ class Entry:
     subject: str
 
 
-#: How long after its notAfter a revoked certificate stays in the list: the clock skew the
-#: receivers' other checks allow (a CRL's thisUpdate, edgeward_shared.pki.crl_check).
-EXPIRED_KEPT_MS: Final = 5 * 60_000
+#: How long after its notAfter a revoked certificate stays in the list: as long as it stays
+#: on the CRL (the clock skew the receivers' other checks allow).
+EXPIRED_KEPT_MS: Final = int(CRL_EXPIRED_KEPT.total_seconds() * 1000)
 
 
 def build_list(

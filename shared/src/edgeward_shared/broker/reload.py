@@ -201,7 +201,7 @@ def checked_crl(store: PkiStore, now: datetime) -> bytes:
     except OSError as exc:
         raise CrlError("pki.crl.unparseable", f"{store.crl_path}: {exc}") from exc
     # one CRL per trusted issuing CA (two during an issuing-CA overlap, docs/adr/0017)
-    check_crl_file(pem, store.trusted_issuing_cas(), store.revoked_serials(), now)
+    check_crl_file(pem, store.trusted_issuing_cas(), store.revoked_serials(now), now)
     return pem
 
 
@@ -317,7 +317,7 @@ class BrokerReloader:
         try:
             good = self.files.crl.read_bytes()
             issuers = self.store.trusted_issuing_cas()
-            check_crl_file(good, issuers, self.store.revoked_serials(), now)
+            check_crl_file(good, issuers, self.store.revoked_serials(now), now)
         except (OSError, EdgewardError) as exc:
             problem = str(exc)
         if problem:

@@ -73,6 +73,12 @@ from edgeward_shared.pki.crl_file import write_atomically
 ROOT_LIFETIME = timedelta(days=3650)
 ISSUING_LIFETIME = timedelta(days=730)
 CRL_LIFETIME = timedelta(days=7)
+#: A revoked certificate leaves the CRL this long after its notAfter (RFC 5280 3.3 allows
+#: removing an entry once the certificate has expired; every verifier refuses an expired
+#: certificate anyway, and this covers the clock skew they allow). Without it, a fleet that
+#: renews daily would add its whole size to the CRL every day, and every broker reload and
+#: service start would parse all of it. The database keeps every revocation.
+CRL_EXPIRED_KEPT: Final = timedelta(minutes=5)
 
 
 def write_private_key(path: Path, key: PrivateKey, passphrase: bytes | None = None) -> None:
@@ -444,10 +450,13 @@ class PkiStore:
             self._publish()
         return fresh
 
-    def revoked_serials(self) -> frozenset[int]:
+    def revoked_serials(self, now: datetime | None = None) -> frozenset[int]:
+        """Every serial ever revoked; with ``now``, those a CRL signed at ``now`` lists (not
+        expired more than :data:`CRL_EXPIRED_KEPT` before it). A CRL signed earlier lists
+        all of those too, so this is what a check of the CRL file may demand at ``now``."""
         self.require()
         with self._tx() as tx:
-            return frozenset(serial for serial, _ in _revoked(tx))
+            return frozenset(serial for serial, _ in _revoked(tx, now))
 
     def write_crl(self, now: datetime, lifetime: timedelta = CRL_LIFETIME) -> int:
         """Reissue the CRL with a higher number; returns that number."""
@@ -462,7 +471,7 @@ class PkiStore:
         0012), stored as the next ``crl.pem``; returns its number."""
         last = tx.one("SELECT coalesce(max(number), 0) AS n FROM pki_crls")
         number = int(str(last["n"] if last else 0)) + 1
-        revoked = _revoked(tx)
+        revoked = _revoked(tx, now)
         entries = [RevokedEntry(serial, at) for serial, at in revoked]
         pems = []
         # the issuing CA's CRL first, then each previous CA's, same number and entries
@@ -728,8 +737,18 @@ def _insert_revoked(tx: Tx, serial: int, now: datetime, reason: str) -> None:
     )
 
 
-def _revoked(tx: Tx) -> list[tuple[int, datetime]]:
-    rows = tx.rows("SELECT serial, revoked_at_ms FROM pki_revoked ORDER BY rowid")
+def _revoked(tx: Tx, now: datetime | None = None) -> list[tuple[int, datetime]]:
+    """Revoked serials and when, in order; with ``now``, only those the CRL keeps at
+    ``now`` (a serial this database holds no certificate for is kept)."""
+    if now is None:
+        rows = tx.rows("SELECT serial, revoked_at_ms FROM pki_revoked ORDER BY rowid")
+    else:
+        rows = tx.rows(
+            "SELECT r.serial AS serial, r.revoked_at_ms AS revoked_at_ms FROM pki_revoked r"
+            " LEFT JOIN pki_issued i ON i.serial = r.serial"
+            " WHERE i.not_after_ms IS NULL OR i.not_after_ms >= :oldest ORDER BY r.rowid",
+            {"oldest": from_datetime(now - CRL_EXPIRED_KEPT)},
+        )
     return [(int(str(r["serial"]), 16), to_datetime(int(str(r["revoked_at_ms"])))) for r in rows]
 
 
