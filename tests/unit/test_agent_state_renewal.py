@@ -75,6 +75,19 @@ def test_a_renewal_switches_key_and_certificate_together(
     assert again.device_key().public_key() == key.public_key()
 
 
+def test_a_retried_renewal_asks_for_the_same_key_until_one_is_adopted(
+    enrolled: tuple[AgentState, MemoryPki],
+) -> None:
+    """A request that timed out is asked again for the same key, so the identity service
+    can answer it with the certificate it may already have issued for it."""
+    state, pki = enrolled
+    first = state.renewal_key()
+    assert state.renewal_key() == first
+    state.adopt_renewal([_leaf(pki, first), pki.issuing.cert])
+    following = state.renewal_key()  # the next renewal: a key of its own
+    assert following.public_key() != first.public_key()
+
+
 def test_a_certificate_for_another_key_or_device_is_not_adopted(
     enrolled: tuple[AgentState, MemoryPki],
 ) -> None:

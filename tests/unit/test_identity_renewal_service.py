@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgeward_identity.app import IdentityConfig, identity_node
 from edgeward_identity.reasons import IdentityReason
+from edgeward_identity.service import REPEAT_WINDOW_MS
 from edgeward_identity.testing import device_csr
 from edgeward_shared.bindings import renewal_digest, sign_renewal
 from edgeward_shared.bus.memory import MemoryBroker
@@ -279,6 +280,42 @@ async def test_a_device_renews_and_its_old_certificate_is_retired_once_the_new_i
             not_after_ms=from_datetime(leaf.not_valid_after_utc),
         )
     ]
+
+
+@pytest.mark.asyncio
+async def test_a_retry_for_the_same_key_gets_the_same_certificate(world: World) -> None:
+    """The device's request timed out (the answer came too late, or was lost) and it asks
+    again for the same key: it gets the certificate already issued, not one more to
+    retire. Another key, or the same one once the window passed, gets a new one."""
+    device = Device(world)
+    key = ec.generate_private_key(ec.SECP256R1())
+
+    async def renew(for_key: ec.EllipticCurvePrivateKey) -> CertificateIssued:
+        mid = secrets.token_hex(16)
+        _key, csr = device_csr(DEVICE, for_key)
+        at = world.clock.now_ms()
+        binding = sign_renewal(device.session, renewal_digest(DEVICE, csr, mid, at))
+        request = RenewCertificate(csr=csr, ear=device.ear(), at_ms=at, binding=binding)
+        reply = await device.runtime.request(UP, request, mid=mid, timeout_s=WAIT)
+        assert isinstance(reply.message, CertificateIssued), reply.message
+        return reply.message
+
+    def issued_to_device() -> int:
+        return len([r for r in world.pki.issued() if r.common_name == DEVICE])
+
+    async with world.services(), world.serving(device.runtime):
+        first = await renew(key)
+        world.clock.advance(30_000)  # the device's request timeout, then its retry
+        again = await renew(key)
+        assert again.serial == first.serial
+        assert again.certificate_chain == first.certificate_chain
+        assert issued_to_device() == 2  # the device's own and one renewal
+        other = await renew(ec.generate_private_key(ec.SECP256R1()))
+        assert other.serial != first.serial
+        world.clock.advance(REPEAT_WINDOW_MS)
+        late = await renew(key)  # too long after: issued afresh
+        assert late.serial not in {first.serial, other.serial}
+    assert issued_to_device() == 4
 
 
 @pytest.mark.asyncio

@@ -11,8 +11,9 @@ Over the runtime connected as the device, on ``ew/v1/dev/<id>/up/cert`` and ``..
 :class:`Renewer` makes one renewal (:meth:`Renewer.renew`): it needs a current *affirming*
 attestation (its EAR goes with the request, and its session key signs the binding of
 device id, CSR, request mid and time: :func:`edgeward_shared.bindings.renewal_digest`); the
-new key comes from :meth:`AgentState.new_renewal_key` and the accepted chain goes to
-:meth:`AgentState.adopt_renewal`, so key storage stays :mod:`.state`'s. :meth:`Renewer.due_at_ms`
+new key comes from :meth:`AgentState.renewal_key` (a retry asks again for the key of the
+attempt before it) and the accepted chain goes to :meth:`AgentState.adopt_renewal`, so key
+storage stays :mod:`.state`'s. :meth:`Renewer.due_at_ms`
 is the schedule: ``renew_fraction`` of the certificate's lifetime. When to renew, and the
 switch-over, are :mod:`.agent`'s.
 
@@ -121,7 +122,8 @@ class Renewer:
         current = self.attestation()
         if current is None or current.status != "affirming":
             raise RenewalError(RenewReason.NOT_ATTESTED, "no affirming attestation to bind to")
-        key = await asyncio.to_thread(self.state.new_renewal_key)  # sealed by the TPM
+        # sealed by the TPM; the same key as this run's earlier attempt, if it made one
+        key = await asyncio.to_thread(self.state.renewal_key)
         csr = make_csr(key, self.device_id)
         mid, at_ms = self.message_ids(), self.clock.now_ms()
         binding = sign_renewal(current.session_key, renewal_digest(self.device_id, csr, mid, at_ms))

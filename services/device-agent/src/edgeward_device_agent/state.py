@@ -238,6 +238,16 @@ class AgentState:
         self._renewal_keys = store
         return key
 
+    def renewal_key(self) -> PrivateKey:
+        """The key of the renewal this run already asked a certificate for, if it has one
+        (a retry asks for the same key again, so the identity service can answer it with
+        the certificate it may already have issued: docs/adr/0015), else
+        :meth:`new_renewal_key`. Blocking (TPM) when it makes one."""
+        store = self._renewal_keys
+        if store is not None and store.cached is not None:
+            return store.cached
+        return self.new_renewal_key()
+
     def adopt_renewal(self, chain: Sequence[x509.Certificate]) -> None:
         """Switch the device to the renewed ``chain`` (leaf first), which must be for the
         key of :meth:`new_renewal_key`: all of it or, after a crash, all of it at the next

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Final
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import NameOID
 
 from edgeward_identity.reasons import IdentityReason
@@ -138,6 +139,17 @@ class IssuingAuthority:
         Refused (``identity.reissue.capped``) past the device's re-issue cap."""
         identity = Identity.device(device_id)
         return await asyncio.to_thread(self._issue, identity, public_key, now, lifetime, renewal)
+
+    async def reissued(self, certificate: x509.Certificate) -> IssuedCertificate | None:
+        """``certificate`` (one this CA issued before) with the issuing CA that signed it,
+        if that CA is still trusted; None otherwise (rotated out: issue a new one)."""
+        for issuer in await asyncio.to_thread(self._store.trusted_issuing_cas):
+            try:
+                certificate.verify_directly_issued_by(issuer)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            return IssuedCertificate(certificate, issuer)
+        return None
 
     def _issue(
         self,

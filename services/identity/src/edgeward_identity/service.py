@@ -40,6 +40,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Final
 
+from cryptography import x509
+
 from edgeward_identity.ca import IssuedCertificate, IssuingAuthority
 from edgeward_identity.core import (
     DEFAULT_MAX_LIFETIME,
@@ -59,13 +61,14 @@ from edgeward_identity.store import (
     CertificateRecord,
     RequestClaim,
     claim_request,
+    pending_renewals,
     record_certificate,
     record_renewal,
     renewal_of,
     settle_renewal,
 )
 from edgeward_shared.clock import Clock, from_datetime, to_datetime
-from edgeward_shared.crypto.keys import PublicKey
+from edgeward_shared.crypto.keys import PublicKey, public_key_der
 from edgeward_shared.envelope import Opened
 from edgeward_shared.errors import MessageError, PolicyError, Reason, TransportError
 from edgeward_shared.identity import ServiceName
@@ -84,6 +87,7 @@ from edgeward_shared.runtime.core import Outgoing, Runtime
 from edgeward_shared.runtime.health import PingResponder
 from edgeward_shared.runtime.revocations import RevocationFollower
 from edgeward_shared.storage import Database
+from edgeward_shared.storage.base import Transaction
 from edgeward_shared.topics import ROOT, reply_topic, service_event_topic, shared_subscription
 
 log = logging.getLogger("edgeward.identity")
@@ -96,6 +100,10 @@ REQUESTS: Final = shared_subscription(
 DEVICE_REQUESTS: Final = shared_subscription(str(ServiceName.IDENTITY), f"{ROOT}/dev/+/up/cert")
 #: Where a settled renewal is announced (the attestation service follows it).
 RENEWED_EVENTS: Final = service_event_topic(ServiceName.IDENTITY, "renewed")
+#: A renewal for the key of a certificate issued less than this ago, and not yet in use, gets
+#: that certificate again (the device's request timed out, docs/adr/0015): the device's
+#: request timeout (30 s) with room for its retries' back-off.
+REPEAT_WINDOW_MS: Final = 5 * 60_000
 #: Asks the revocation service to revoke a certificate serial; returns the job id.
 RevokeCertificate = Callable[[str, str], Awaitable[str]]
 #: The lifetime bounds of the wire message (``lifetime_s``, 60 s to 7 days).
@@ -296,6 +304,10 @@ class IdentityService:
         async with self._db.transaction() as tx:
             if not await claim_request(tx, claim):
                 raise PolicyError(replayed, f"request {opened.mid} was served before")
+            if previous is not None:
+                repeated = await self._repeated(tx, device_id, previous, public_key, now_ms)
+                if repeated is not None:
+                    return repeated
             issued = await self._authority.issue_device_certificate(
                 device_id, public_key, to_datetime(now_ms), lifetime, renewal=previous is not None
             )
@@ -303,6 +315,29 @@ class IdentityService:
             if previous is not None:
                 await record_renewal(tx, issued.serial_hex, device_id, previous)
         return issued, seq
+
+    async def _repeated(
+        self, tx: Transaction, device_id: str, previous: str, public_key: PublicKey, now_ms: int
+    ) -> tuple[IssuedCertificate, int] | None:
+        """The certificate a renewal of ``previous`` for the same key got less than
+        :data:`REPEAT_WINDOW_MS` ago and has not used yet: the device retried because the
+        answer came too late or was lost, and gets the same certificate again instead of
+        another (each would be one more certificate to retire)."""
+        wanted = public_key_der(public_key)
+        for pending in await pending_renewals(tx, device_id, previous):
+            if now_ms - pending.issued_at_ms >= REPEAT_WINDOW_MS:
+                break  # newest first: the rest are older still
+            certificate = x509.load_der_x509_certificate(pending.certificate)
+            if public_key_der(certificate.public_key()) != wanted:
+                continue
+            issued = await self._authority.reissued(certificate)
+            if issued is not None:
+                log.info(
+                    "certificate.renewal_repeated",
+                    extra=fields(device_id=device_id, serial=pending.serial, previous=previous),
+                )
+                return issued, pending.seq
+        return None
 
 
 def _record(claim: RequestClaim, enrollment: str, issued: IssuedCertificate) -> CertificateRecord:

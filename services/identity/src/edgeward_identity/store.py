@@ -145,6 +145,14 @@ _RENEWAL_OF: Final = """
 SELECT serial, device_id, previous_serial, settled_at_ms, revocation_job
 FROM identity_renewals WHERE serial = :serial
 """
+_PENDING: Final = """
+SELECT c.serial AS serial, c.certificate AS certificate, c.issued_at_ms AS issued_at_ms,
+       c.seq AS seq
+FROM identity_renewals r JOIN identity_certificates c ON c.serial = r.serial
+WHERE r.device_id = :device_id AND r.previous_serial = :previous
+  AND r.settled_at_ms IS NULL
+ORDER BY c.seq DESC
+"""
 _SETTLE: Final = """
 UPDATE identity_renewals SET settled_at_ms = :at_ms, revocation_job = :job
 WHERE serial = :serial AND settled_at_ms IS NULL
@@ -201,6 +209,22 @@ async def record_renewal(tx: Transaction, serial: str, device_id: str, previous:
     await tx.execute(
         _RENEWAL, {"serial": serial, "device_id": device_id, "previous_serial": previous}
     )
+
+
+class PendingRenewal(msgspec.Struct, frozen=True, kw_only=True):
+    """A renewal certificate issued and not yet in use (no ``CertificateInUse`` yet)."""
+
+    serial: str
+    certificate: bytes  # DER
+    issued_at_ms: int
+    seq: int
+
+
+async def pending_renewals(tx: Transaction, device_id: str, previous: str) -> list[PendingRenewal]:
+    """The certificates issued to renew ``previous`` that the device has not used yet,
+    newest first (a retry whose answer was lost may ask for the same key again)."""
+    rows = await tx.fetch_all(_PENDING, {"device_id": device_id, "previous": previous})
+    return [msgspec.convert(dict(row), PendingRenewal) for row in rows]
 
 
 async def renewal_of(db: Database, serial: str) -> RenewalRow | None:
