@@ -290,6 +290,45 @@ async def test_handlers_awaiting_replies_do_not_starve_their_replies(
 
 
 @pytest.mark.asyncio
+async def test_a_request_that_waited_too_long_for_a_handler_is_refused_before_any_work(
+    memory_pki: MemoryPki, clock: FixedClock
+) -> None:
+    """Admission by age (docs/adr/0037): with one handler slot busy, the requests queued
+    behind it past the route's max_wait_s are refused with runtime.overloaded, answered so
+    their callers can back off, and never reach the handler."""
+    broker = MemoryBroker()
+    alice = Identity.operator("alice")
+    service = Runtime(
+        signing_key=memory_pki.signing_key(TELEMETRY),
+        verifier=memory_pki.verifier(),
+        clock=clock,
+        max_in_flight=1,
+    )
+    handled: list[str] = []
+
+    async def slow(opened: Opened[Any]) -> Sequence[Outgoing]:
+        handled.append(opened.mid)
+        await asyncio.sleep(0.3)
+        return ()
+
+    topic = service_request_topic(ServiceName.TELEMETRY, alice)
+    service.route(topic, [Ping], slow, max_wait_s=0.1)
+    caller = _runtime(memory_pki, alice, clock)
+    answers = service_response_topic(ServiceName.TELEMETRY, alice)
+    caller.expect_replies(answers, [Pong])
+    async with _serving(service, broker), _serving(caller, broker):
+        first = asyncio.create_task(caller.request(topic, Ping(nonce=NONCE), timeout_s=2))
+        await asyncio.sleep(0.05)  # the first one holds the only slot
+        queued = [caller.request(topic, Ping(nonce=NONCE), timeout_s=2) for _ in range(3)]
+        refusals = await asyncio.gather(*queued)
+        with pytest.raises(TransportError):  # the handler answers nothing: it times out
+            await first
+    assert [r.message.reason for r in refusals] == ["runtime.overloaded"] * 3
+    assert len(handled) == 1
+    assert _rejections(service, "runtime.overloaded") == 3
+
+
+@pytest.mark.asyncio
 async def test_a_planned_reconnect_opens_the_new_connection_before_closing_the_old(
     memory_pki: MemoryPki, clock: FixedClock
 ) -> None:

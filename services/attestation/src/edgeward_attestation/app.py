@@ -42,6 +42,10 @@ from edgeward_shared.topics import (
 
 log = logging.getLogger("edgeward.attestation")
 GROUP = "attestation"
+#: A device's request or evidence that waited longer than this for a handler is refused
+#: (``runtime.overloaded``) before its quote is verified: a third of a challenge's 30 s, the
+#: time the device still has to use what it would be answered (docs/adr/0037)
+DEVICE_MAX_WAIT_S = 10.0
 IDENTITY_TIMEOUT_S = 10.0
 
 
@@ -90,6 +94,7 @@ def wire(
         [AttestationRequest, AttestationEvidence, Rejected],
         service.on_attestation,
         name="attest",
+        max_wait_s=DEVICE_MAX_WAIT_S,
     )
     runtime.route(
         shared_subscription(GROUP, service_event_topic(ServiceName.IDENTITY, "renewed")),

@@ -98,6 +98,10 @@ REQUESTS: Final = shared_subscription(
 )
 #: Every device's renewal topic, shared by the instances of the service.
 DEVICE_REQUESTS: Final = shared_subscription(str(ServiceName.IDENTITY), f"{ROOT}/dev/+/up/cert")
+#: A renewal that waited longer than this for a handler is refused (``runtime.overloaded``)
+#: before a certificate is made for it: a third of the agent's 30 s request timeout
+#: (docs/adr/0037)
+DEVICE_MAX_WAIT_S: Final = 10.0
 #: Where a settled renewal is announced (the attestation service follows it).
 RENEWED_EVENTS: Final = service_event_topic(ServiceName.IDENTITY, "renewed")
 #: A renewal for the key of a certificate issued less than this ago, and not yet in use, gets
@@ -146,7 +150,11 @@ class IdentityService:
         """Route the service's requests on ``runtime`` (one route per subscription)."""
         runtime.route(REQUESTS, [IssueDeviceCertificate, Ping], self.handle, name="identity")
         runtime.route(
-            DEVICE_REQUESTS, [RenewCertificate, CertificateInUse], self.handle, name="renewal"
+            DEVICE_REQUESTS,
+            [RenewCertificate, CertificateInUse],
+            self.handle,
+            name="renewal",
+            max_wait_s=DEVICE_MAX_WAIT_S,
         )
         self._trust = lambda: runtime.verifier.trust
 

@@ -64,6 +64,8 @@ from edgeward_shared.topics import reply_topic
 log = logging.getLogger("edgeward.runtime")
 
 OPAQUE_REJECTION = "envelope.rejected"
+#: A delivery that waited for a handler longer than its route allows (``Route.max_wait_s``).
+OVERLOADED = "runtime.overloaded"
 #: Rejections not worth a reply: a late or unsolicited answer, or the bus itself failing.
 _UNANSWERED = frozenset({"message.reply.unexpected"})
 #: How long a planned reconnect waits for PUBACKs, and a publish for the new connection.
@@ -122,6 +124,11 @@ class Route:
     verifier: EnvelopeVerifier | None = None
     #: its decisions go to the audit log when the runtime has one (not replies: docs/adr/0023)
     audited: bool = True
+    #: admission by age: a delivery that waited longer than this for a handler slot is
+    #: refused (``runtime.overloaded``, answered on a request topic) before any work on it.
+    #: Under overload a service then spends its time on requests it can still answer in
+    #: time, instead of on a backlog its callers have given up on (docs/adr/0037)
+    max_wait_s: float | None = None
 
 
 class Runtime:
@@ -226,11 +233,13 @@ class Runtime:
         inline: bool = False,
         verifier: EnvelopeVerifier | None = None,
         audited: bool = True,
+        max_wait_s: float | None = None,
     ) -> None:
         """Deliver messages of ``types`` arriving on ``topic_filter`` to ``handler``.
 
         Routes whose filters match the same topic are told apart by message type (the
-        first matching route's ``verifier``, if any, checks the delivery).
+        first matching route's ``verifier``, if any, checks the delivery; the first one's
+        ``max_wait_s``, if any, bounds how long a delivery may wait for a slot).
         """
         self._routes.append(
             Route(
@@ -241,6 +250,7 @@ class Runtime:
                 inline=inline,
                 verifier=verifier,
                 audited=audited,
+                max_wait_s=max_wait_s,
             )
         )
 
@@ -485,18 +495,33 @@ class Runtime:
             self._taken += 1
             self._idle.clear()
             delivery.ack()
-            group.create_task(self._handle_in_slot(delivery))
+            group.create_task(self._handle_in_slot(delivery, time.monotonic()))
         raise TransportError("transport.lost", "the bus closed the connection")
 
-    async def _handle_in_slot(self, delivery: Delivery) -> None:
+    async def _handle_in_slot(self, delivery: Delivery, taken_at: float) -> None:
         try:
             async with self._slots:
-                await self.handle(delivery)
+                if not await self._too_old(delivery, time.monotonic() - taken_at):
+                    await self.handle(delivery)
         finally:
             self._backlog.release()
             self._taken -= 1
             if self._taken == 0:
                 self._idle.set()
+
+    async def _too_old(self, delivery: Delivery, waited_s: float) -> bool:
+        """Refuse (and answer) a delivery that waited for its slot longer than its route
+        allows (:attr:`Route.max_wait_s`); whether it did."""
+        topic = delivery.topic
+        route = next((r for r in self._routes if topic_matches(r.topic_filter, topic)), None)
+        if route is None or route.max_wait_s is None or waited_s <= route.max_wait_s:
+            return False
+        self.metrics.received.labels(route.name).inc()
+        detail = f"waited {waited_s:.1f} s for a handler, over {route.max_wait_s} s"
+        exc = EdgewardError(OVERLOADED, detail)
+        self._reject(delivery, exc)
+        await self._answer_rejection(delivery, exc)
+        return True
 
     def _is_inline(self, topic: str) -> bool:
         return any(r.inline and topic_matches(r.topic_filter, topic) for r in self._routes)
