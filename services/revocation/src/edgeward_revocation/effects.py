@@ -75,7 +75,7 @@ class PkiCrl:
         """Every serial with its own reason, in one transaction and one CRL."""
         self.store.revoke_each(((serial, reason[:64]) for serial, reason in revocations), now)
         # the same check the broker's reload makes: parses, signed, fresh, every serial listed
-        # (but those expired long enough to have left it, docs/adr/0037)
+        # (but those expired long enough to have left it, docs/adr/0012)
         check_crl(
             self.store.crl_path.read_bytes(),
             self.store.issuer().cert,
