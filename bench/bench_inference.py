@@ -152,17 +152,26 @@ DOWN = device_topic(DEVICE.name, Direction.DOWN, Channel.INFER)
 UP = device_topic(DEVICE.name, Direction.UP, Channel.INFER)
 
 
+async def _four_hops(
+    stack: contextlib.AsyncExitStack, pki: Any, broker: BrokerAddress
+) -> tuple[Any, Any, Any]:
+    """The caller, gateway and device connections of a call, each subscribed to what it
+    reads (closed with ``stack``)."""
+    caller = await stack.enter_async_context(connect_mqtt(_settings(pki, broker, MODELS)))
+    gateway = await stack.enter_async_context(connect_mqtt(_settings(pki, broker, GATEWAY)))
+    device = await stack.enter_async_context(connect_mqtt(_settings(pki, broker, DEVICE)))
+    await caller.subscribe(ANSWER)
+    await gateway.subscribe(REQUEST)
+    await gateway.subscribe(UP)
+    await device.subscribe(DOWN)
+    return caller, gateway, device
+
+
 async def transport_floor(pki: Any, broker: BrokerAddress, size: int) -> list[float]:
     """Latencies (s) of the call's four broker hops, bare (see the module docstring); the
     caller is a service (it may write req/<cn> and read rsp/<cn>)."""
     async with contextlib.AsyncExitStack() as stack:
-        caller = await stack.enter_async_context(connect_mqtt(_settings(pki, broker, MODELS)))
-        gateway = await stack.enter_async_context(connect_mqtt(_settings(pki, broker, GATEWAY)))
-        device = await stack.enter_async_context(connect_mqtt(_settings(pki, broker, DEVICE)))
-        await caller.subscribe(ANSWER)
-        await gateway.subscribe(REQUEST)
-        await gateway.subscribe(UP)
-        await device.subscribe(DOWN)
+        caller, gateway, device = await _four_hops(stack, pki, broker)
         relays = [
             asyncio.create_task(_relay(gateway, {REQUEST: DOWN, UP: ANSWER})),
             asyncio.create_task(_relay(device, {DOWN: UP})),
@@ -240,13 +249,7 @@ async def tensor_floor(
 
     latencies = []
     async with contextlib.AsyncExitStack() as stack:
-        caller = await stack.enter_async_context(connect_mqtt(_settings(pki, broker, MODELS)))
-        gateway = await stack.enter_async_context(connect_mqtt(_settings(pki, broker, GATEWAY)))
-        device = await stack.enter_async_context(connect_mqtt(_settings(pki, broker, DEVICE)))
-        await caller.subscribe(ANSWER)
-        await gateway.subscribe(REQUEST)
-        await gateway.subscribe(UP)
-        await device.subscribe(DOWN)
+        caller, gateway, device = await _four_hops(stack, pki, broker)
         tasks = [
             asyncio.create_task(_relay(gateway, {REQUEST: DOWN, UP: ANSWER})),
             asyncio.create_task(device_side(device)),

@@ -35,8 +35,15 @@ UP = device_topic("dev-a", Direction.UP, Channel.HEALTH)
 TELEMETRY = Identity.service(ServiceName.TELEMETRY)
 
 
-def _runtime(pki: MemoryPki, identity: Identity, clock: FixedClock) -> Runtime:
-    return Runtime(signing_key=pki.signing_key(identity), verifier=pki.verifier(), clock=clock)
+def _runtime(
+    pki: MemoryPki, identity: Identity, clock: FixedClock, max_in_flight: int = 64
+) -> Runtime:
+    return Runtime(
+        signing_key=pki.signing_key(identity),
+        verifier=pki.verifier(),
+        clock=clock,
+        max_in_flight=max_in_flight,
+    )
 
 
 def _no_delay() -> Iterator[float]:
@@ -260,12 +267,7 @@ async def test_handlers_awaiting_replies_do_not_starve_their_replies(
     resolved in the receive loop, so every handler completes (no deadlock until timeout)."""
     broker = MemoryBroker()
     alice = Identity.operator("alice")
-    frontend = Runtime(
-        signing_key=memory_pki.signing_key(TELEMETRY),
-        verifier=memory_pki.verifier(),
-        clock=clock,
-        max_in_flight=2,
-    )
+    frontend = _runtime(memory_pki, TELEMETRY, clock, max_in_flight=2)
     backend = _runtime(memory_pki, Identity.device("dev-a"), clock)
     answer_pings(backend, DOWN)
     frontend.expect_replies(UP, [Pong])
@@ -298,12 +300,7 @@ async def test_a_request_that_waited_too_long_for_a_handler_is_refused_before_an
     their callers can back off, and never reach the handler."""
     broker = MemoryBroker()
     alice = Identity.operator("alice")
-    service = Runtime(
-        signing_key=memory_pki.signing_key(TELEMETRY),
-        verifier=memory_pki.verifier(),
-        clock=clock,
-        max_in_flight=1,
-    )
+    service = _runtime(memory_pki, TELEMETRY, clock, max_in_flight=1)
     handled: list[str] = []
 
     async def slow(opened: Opened[Any]) -> Sequence[Outgoing]:

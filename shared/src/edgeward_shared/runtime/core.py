@@ -147,6 +147,7 @@ class Runtime:
         self.clock = clock
         self.metrics = metrics or RuntimeMetrics()
         self._routes: list[Route] = []
+        self._wait_bounded = False  # a route has max_wait_s (Runtime._too_old)
         self._slots = asyncio.Semaphore(max_in_flight)
         self._backlog = asyncio.Semaphore(max_backlog)
         self._bus: Bus | None = None
@@ -253,6 +254,7 @@ class Runtime:
                 max_wait_s=max_wait_s,
             )
         )
+        self._wait_bounded = self._wait_bounded or max_wait_s is not None
 
     def route_frames(
         self,
@@ -512,6 +514,8 @@ class Runtime:
     async def _too_old(self, delivery: Delivery, waited_s: float) -> bool:
         """Refuse (and answer) a delivery that waited for its slot longer than its route
         allows (:attr:`Route.max_wait_s`); whether it did."""
+        if not self._wait_bounded:  # most runtimes: nothing to look up per delivery
+            return False
         topic = delivery.topic
         route = next((r for r in self._routes if topic_matches(r.topic_filter, topic)), None)
         if route is None or route.max_wait_s is None or waited_s <= route.max_wait_s:
