@@ -32,6 +32,9 @@ import pytest
 from tests.soak.harness import SoakConfig, run_soak
 from tests.soak.report import judge, text, write
 
+from edgeward_device_agent.agent import CERT_RENEW_SPREAD
+from edgeward_device_agent.config import AgentPolicy
+
 #: Device certificates' lifetime: two minutes, renewed at half-life (docs/adr/0015). Set
 #: EDGEWARD_SOAK_CERT_S to try another (the identity service's --max-lifetime: 60 s to 7 d).
 CERT_LIFETIME_S = int(os.environ.get("EDGEWARD_SOAK_CERT_S", "120"))
@@ -100,8 +103,8 @@ def test_soak_ten_minutes(tmp_path: Path) -> None:
     soak(replace(TEN_MINUTES, duration_s=max(600.0, minutes * 60)), tmp_path)
 
 
-#: the earliest fraction of its lifetime at which a soak device renews (0.4 to 0.5)
-RENEW_EARLIEST = 0.4
+#: the earliest fraction of its lifetime at which a device renews (the agent's schedule)
+RENEW_EARLIEST = AgentPolicy().cert_renew_fraction * (1.0 - CERT_RENEW_SPREAD)
 
 
 def thousand_from_environment(environ: dict[str, str]) -> SoakConfig:
