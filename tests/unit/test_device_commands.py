@@ -372,6 +372,44 @@ async def test_a_replayed_command_is_refused_even_after_a_restart(fleet: Fleet) 
         assert restarted.rejected(CommandReason.REPLAY) == 1
 
 
+@pytest.mark.asyncio
+async def test_a_stop_is_one_ledger_write_holding_its_replay_record(fleet: Fleet) -> None:
+    """Group commit on the device: the replay record waits for the stop's own write (one
+    write, not two); the file then holds both, so the same command after a restart is
+    refused and the device is still stopped."""
+    await fleet.publish_list(revocations(fleet.clock))
+    raw = fleet.seal(stop())
+    async with fleet.device() as device, operator(fleet) as bus:
+        writes: list[bytes] = []
+        save = device.ledger._save
+
+        def counted() -> None:
+            save()
+            writes.append(device.ledger.path.read_bytes())
+
+        device.ledger._save = counted  # type: ignore[method-assign]
+        assert (await answer(bus, raw, fleet)).message.outcome == "done"
+        assert len(writes) == 1
+    on_disk = DeviceLedger(fleet.state / "ledger.json")
+    assert on_disk.stopped
+    async with fleet.device() as restarted, operator(fleet) as bus:
+        assert isinstance((await answer(bus, raw, fleet)).message, Rejected)
+        assert restarted.rejected(CommandReason.REPLAY) == 1
+
+
+@pytest.mark.asyncio
+async def test_a_refused_commands_replay_record_is_written_before_its_receipt(
+    fleet: Fleet,
+) -> None:
+    raw = fleet.seal(ResumeCommand(device_id=DEVICE, reason="r"))  # no list yet: refused
+    async with fleet.device(), operator(fleet) as bus:
+        opened = await answer(bus, raw, fleet)
+        assert opened.message.reason == CommandReason.REVOCATIONS_STALE
+    async with fleet.device() as restarted, operator(fleet) as bus:  # a new process
+        assert isinstance((await answer(bus, raw, fleet)).message, Rejected)
+        assert restarted.rejected(CommandReason.REPLAY) == 1
+
+
 # ------------------------------------------------------------------ refused with a receipt
 @pytest.mark.asyncio
 async def test_a_command_for_another_device_is_refused(fleet: Fleet) -> None:

@@ -123,8 +123,13 @@ class CommandHandler:
         try:
             self._admit(opened, command)
         except PolicyError as refused:
+            self._ledger.flush()  # the replay record, before the receipt
             return self._answer(opened, verb, "rejected", refused.reason)
+        if not isinstance(command, StopCommand | ResumeCommand):
+            self._ledger.flush()  # on disk before anything is done
+        # stop / resume: one write carries the replay record and the new state
         outcome, reason, extra, serial = await self._act(opened, command)
+        self._ledger.flush()  # nothing left, but never answer with a record unwritten
         return [*self._answer(opened, verb, outcome, reason, serial), *extra]
 
     def _admit(self, opened: Opened[Any], command: Command) -> None:
@@ -147,8 +152,9 @@ class CommandHandler:
             raise PolicyError(admission.refusal.reason, admission.refusal.detail)
 
     def _record(self, record: ReplayRecord, command: Command, now_ms: int) -> None:
-        try:  # persisted before anything is done: a replay after a restart is refused too
-            self._ledger.record_command(record.key, record.forget_after_ms, now_ms)
+        try:  # persisted before anything is done (``handle`` flushes): a replay after a
+            # restart is refused too
+            self._ledger.record_command(record.key, record.forget_after_ms, now_ms, flush=False)
         except Exception:
             self.counted.labels(command.TYPE.split(".")[2], "refused", CommandReason.REPLAY).inc()
             raise

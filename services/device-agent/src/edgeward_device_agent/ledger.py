@@ -9,7 +9,10 @@
   be fresh, so a command cannot be replayed after a restart either.
 
 Every change is written before it takes effect outside (a receipt says "stopped" only once
-"stopped" is on disk): temporary file, fsync, rename, fsync of the directory. The file is
+"stopped" is on disk): temporary file, fsync, rename, fsync of the directory. A command's
+replay record may wait for the write of its own action (``record_command(...,
+flush=False)``, then :meth:`DeviceLedger.flush` or the next change): a ``stop`` costs one
+write, not two, and the file holds both or neither. The file is
 0600 in the 0700 state directory. A file that does not decode stops the agent
 (``ConfigError``): guessing "not stopped, version 0" would be failing open.
 """
@@ -43,6 +46,7 @@ class DeviceLedger:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._state = self._load()
+        self._unsaved = False  # a change held for the next write (record_command)
 
     def _load(self) -> LedgerState:
         try:
@@ -52,7 +56,13 @@ class DeviceLedger:
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise ConfigError("config.ledger.corrupt", f"{self.path}: {exc}") from exc
 
+    def flush(self) -> None:
+        """Write what a change held back (nothing to do if none)."""
+        if self._unsaved:
+            self._save()
+
     def _save(self) -> None:
+        self._unsaved = False  # held back no longer: this write carries it
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -102,8 +112,12 @@ class DeviceLedger:
         self._save()
 
     # ------------------------------------------------------------------ command replay
-    def record_command(self, key: str, forget_after_ms: int, now_ms: int) -> None:
-        """Remember ``key`` (persisted) or raise ``AuthenticityError(command.replay)``."""
+    def record_command(
+        self, key: str, forget_after_ms: int, now_ms: int, *, flush: bool = True
+    ) -> None:
+        """Remember ``key`` or raise ``AuthenticityError(command.replay)``; written now, or
+        (``flush=False``) with the next change or :meth:`flush`, which the caller must
+        make before it acts on the command or answers it."""
         seen = self._state.seen
         for old in [k for k, until in seen.items() if until < now_ms]:
             del seen[old]
@@ -112,4 +126,6 @@ class DeviceLedger:
         if len(seen) >= MAX_SEEN:  # fail closed rather than forget an id still fresh
             raise AuthenticityError("envelope.replay.cache_full", "command ledger is full")
         seen[key] = forget_after_ms
-        self._save()
+        self._unsaved = True
+        if flush:
+            self._save()
