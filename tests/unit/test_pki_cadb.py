@@ -96,6 +96,38 @@ def test_a_database_readable_by_others_is_refused(pki: PkiStore) -> None:
         PkiStore(pki.dir).issued()
 
 
+def test_an_open_store_checks_the_file_before_every_transaction(pki: PkiStore) -> None:
+    """The connection is kept between transactions (no WAL checkpoint at every close);
+    the file's checks are not: a store already open refuses a file made readable."""
+    pki.issue(Identity.device("dev-a"), NOW, HOUR)
+    (pki.dir / CA_DB).chmod(0o644)
+    with pytest.raises(ConfigError, match="0600"):
+        pki.issued()
+    (pki.dir / CA_DB).chmod(0o600)
+    assert [r.common_name for r in pki.issued()].count("dev-a") == 1
+
+
+def test_transactions_from_many_threads_take_turns_on_the_kept_connection(
+    pki: PkiStore,
+) -> None:
+    """The identity and revocation services reach the CA from worker threads: one
+    transaction at a time on the one connection, every write kept."""
+    import concurrent.futures
+
+    def write(n: int) -> None:
+        with pki.db.transaction() as tx:
+            tx.execute(
+                "INSERT INTO pki_meta (name, value) VALUES (:n, :v)", {"n": f"t{n}", "v": "x"}
+            )
+            time.sleep(0.001)  # inside the transaction: another thread must wait its turn
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(write, range(40)))
+    with pki.db.transaction() as tx:
+        rows = tx.rows("SELECT name FROM pki_meta WHERE name LIKE 't%'")
+    assert sorted(str(r["name"]) for r in rows) == sorted(f"t{n}" for n in range(40))
+
+
 # ------------------------------------------------------------------------ migration
 def test_the_old_files_are_imported_once_then_renamed(pki: PkiStore) -> None:
     device = Identity.device("dev-a")

@@ -16,6 +16,13 @@ revocation, CRL, rotation) runs alone, across threads and processes, in some ser
 and waits at most ``busy_timeout`` for its turn (``storage.busy``). The async engine could
 open the same file and would find the same schema.
 
+One connection per :class:`CaDatabase`, kept between transactions and shared by its
+threads one transaction at a time (a lock, waited for at most ``busy_timeout`` too). A
+connection per transaction cost 2.8 ms against 0.5 ms here: closing the last connection
+to a WAL database checkpoints the log into the file, fsyncs included, every time. Before
+each transaction the file is checked again (0600, regular) and, if it was replaced or
+removed meanwhile, opened anew.
+
 Tables (serials are lowercase hex, as on the wire: 159 random bits do not fit a BIGINT;
 times are Unix milliseconds, UTC)::
 
@@ -35,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -44,7 +52,7 @@ from typing import Final
 import msgspec
 
 from edgeward_shared.clock import SystemClock, from_datetime
-from edgeward_shared.errors import ConfigError
+from edgeward_shared.errors import ConfigError, TransportError
 from edgeward_shared.storage.base import StorageReason
 from edgeward_shared.storage.migrations import (
     Migration,
@@ -160,14 +168,27 @@ class Tx:
 
 
 class CaDatabase:
-    """``issuing/ca.db`` of one PKI directory. Each :meth:`transaction` opens its own
-    connection (safe from any thread or process) and closes it when it ends."""
+    """``issuing/ca.db`` of one PKI directory: one connection, kept, used by one
+    :meth:`transaction` at a time from any thread (see the module docstring)."""
 
     def __init__(self, pki_dir: Path, busy_timeout: float = 10.0) -> None:
         self.pki_dir = pki_dir
         self.path = pki_dir / CA_DB
         self.busy_timeout = busy_timeout
         self._ready = False
+        self._lock = threading.Lock()
+        self._connection: sqlite3.Connection | None = None
+        self._file: tuple[int, int] | None = None  # (device, inode) it was opened on
+
+    def close(self) -> None:
+        """Close the kept connection (the next transaction opens one again)."""
+        with self._lock:
+            self._drop()
+
+    def _drop(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+        self._connection, self._file = None, None
 
     @contextmanager
     def transaction(self) -> Iterator[Tx]:
@@ -181,32 +202,51 @@ class CaDatabase:
 
     @contextmanager
     def _begin(self) -> Iterator[Tx]:
-        connection = self._connect()
+        if not self._lock.acquire(timeout=self.busy_timeout):
+            raise TransportError(
+                StorageReason.BUSY,
+                f"{self.path}: another transaction of this process held it {self.busy_timeout} s",
+            )
         try:
-            try:
-                connection.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise _translate(exc) from exc
-            try:
-                yield Tx(connection)
-            except BaseException:
-                if connection.in_transaction:  # SQLite may have rolled back already
-                    with contextlib.suppress(sqlite3.Error):
-                        connection.execute("ROLLBACK")
-                raise
-            try:
-                connection.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise _translate(exc) from exc
+            with self._in_transaction(self._connection_now()) as tx:
+                yield tx
         finally:
-            connection.close()
+            self._lock.release()
+
+    def _connection_now(self) -> sqlite3.Connection:
+        """The kept connection, after the file's checks; a new one if the file changed."""
+        _prepare_file(self.path)
+        info = self.path.stat()
+        if self._connection is None or self._file != (info.st_dev, info.st_ino):
+            self._drop()
+            self._connection = self._connect()
+            self._file = (info.st_dev, info.st_ino)
+        return self._connection
+
+    @contextmanager
+    def _in_transaction(self, connection: sqlite3.Connection) -> Iterator[Tx]:
+        try:
+            if connection.in_transaction:  # a rollback that failed earlier: never commit it
+                connection.execute("ROLLBACK")
+            connection.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise _translate(exc) from exc
+        try:
+            yield Tx(connection)
+            connection.execute("COMMIT")
+        except BaseException as exc:
+            if connection.in_transaction:  # SQLite may have rolled back already
+                with contextlib.suppress(sqlite3.Error):
+                    connection.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise _translate(exc) from exc
+            raise
 
     def _connect(self) -> sqlite3.Connection:
         if sqlite3.sqlite_version_info < MIN_SQLITE_VERSION:
             raise ConfigError(StorageReason.ENGINE_UNSUITABLE, f"SQLite {sqlite3.sqlite_version}")
-        _prepare_file(self.path)
-        connection = sqlite3.connect(
-            self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=True
+        connection = sqlite3.connect(  # one thread at a time (the lock), any thread
+            self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
         )
         try:
             _configure(connection, wal=True)
