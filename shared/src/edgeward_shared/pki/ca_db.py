@@ -180,11 +180,6 @@ class CaDatabase:
         self._connection: sqlite3.Connection | None = None
         self._file: tuple[int, int] | None = None  # (device, inode) it was opened on
 
-    def close(self) -> None:
-        """Close the kept connection (the next transaction opens one again)."""
-        with self._lock:
-            self._drop()
-
     def _drop(self) -> None:
         if self._connection is not None:
             self._connection.close()
