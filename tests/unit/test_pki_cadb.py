@@ -107,6 +107,19 @@ def test_an_open_store_checks_the_file_before_every_transaction(pki: PkiStore) -
     assert [r.common_name for r in pki.issued()].count("dev-a") == 1
 
 
+def test_a_store_pickles_as_its_directory_and_opens_its_own_connection(pki: PkiStore) -> None:
+    """A PkiStore travels to other processes and into records (the soak's) as a
+    directory: the kept connection and its lock are not part of it."""
+    import pickle
+
+    pki.issue(Identity.device("dev-a"), NOW, HOUR)
+    copy = pickle.loads(pickle.dumps(pki))  # noqa: S301 - our own bytes, just made
+    assert copy.dir == pki.dir
+    copy.issue(Identity.device("dev-b"), NOW, HOUR)
+    names = [r.common_name for r in pki.issued()]
+    assert {"dev-a", "dev-b"} <= set(names)  # both connections, one database
+
+
 def test_transactions_from_many_threads_take_turns_on_the_kept_connection(
     pki: PkiStore,
 ) -> None:

@@ -173,12 +173,26 @@ class CaDatabase:
 
     def __init__(self, pki_dir: Path, busy_timeout: float = 10.0) -> None:
         self.pki_dir = pki_dir
-        self.path = pki_dir / CA_DB
         self.busy_timeout = busy_timeout
+        self._unopened()
+
+    def _unopened(self) -> None:
+        self.path = self.pki_dir / CA_DB
         self._ready = False
         self._lock = threading.Lock()
         self._connection: sqlite3.Connection | None = None
         self._file: tuple[int, int] | None = None  # (device, inode) it was opened on
+
+    def __getstate__(self) -> dict[str, object]:
+        """Pickled as its directory and timeout: the connection and lock stay here."""
+        return {"pki_dir": self.pki_dir, "busy_timeout": self.busy_timeout}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        pki_dir, busy_timeout = state["pki_dir"], state["busy_timeout"]
+        if not isinstance(pki_dir, Path) or not isinstance(busy_timeout, int | float):
+            raise TypeError("a pickled CaDatabase holds a directory and a timeout")
+        self.pki_dir, self.busy_timeout = pki_dir, float(busy_timeout)
+        self._unopened()
 
     def _drop(self) -> None:
         if self._connection is not None:
