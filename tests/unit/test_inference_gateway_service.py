@@ -7,7 +7,6 @@ replays, refusals, timeouts, a restart."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -312,89 +311,6 @@ async def test_another_device_naming_a_call_does_not_disturb_it(fleet: Fleet) ->
         assert isinstance(answer, InferAnswer)
         assert (answer.accepted, answer.reason) == (True, GatewayReason.ACCEPTED)
         assert gateway._local == {}
-
-
-async def _held_call(world: Running) -> tuple[asyncio.Task[Any], str]:
-    """A call to dev-a that this (only) instance holds, its device not yet answering."""
-    gateway = world.gateways[0]
-    pending = asyncio.create_task(world.call("dev-a"))
-    await until(lambda: len(gateway._local) == 1)
-    (mid,) = gateway._local
-    return pending, mid
-
-
-async def test_an_answer_to_this_instances_call_goes_out_before_the_results_commit(
-    fleet: Fleet,
-) -> None:
-    """The result's durable commit (its fsync) is off the answer's path: the caller has
-    the device's signed answer while the commit still waits; the result is stored and its
-    event published once the commit is done."""
-    async with running(fleet, instances=1, answering=False) as world:
-        gateway = world.gateways[0]
-        store = gateway.store
-        release = asyncio.Event()
-        commit = store.commit
-
-        async def held(items: Any) -> Any:
-            await release.wait()
-            return await commit(items)
-
-        store.commit = held  # type: ignore[method-assign]
-        pending, mid = await _held_call(world)
-        device, _ = world.devices["dev-a"]
-        body = device.body(sample_inputs(), request=mid)
-        await world.send("dev-a", device.sign(body, in_reply_to=mid))
-        answer = await asyncio.wait_for(pending, WAIT_S)
-        assert isinstance(answer, InferAnswer)
-        assert (answer.accepted, answer.reason) == (True, GatewayReason.ACCEPTED)
-        assert world.accepted("dev-a") == []  # the event follows the commit
-        assert await store.results("dev-a") == []
-        release.set()
-        await until(lambda: len(world.accepted("dev-a")) == 1)
-        assert [r.seq for r in await store.results("dev-a")] == [body.seq]
-
-
-async def test_an_answer_first_is_still_given_once_against_the_sweep(fleet: Fleet) -> None:
-    """The call's row decides who answers: once another instance's sweep (here: its
-    claim, made directly) took it, the device's late answer is stored and published but
-    not answered a second time."""
-    async with running(fleet, instances=1, answering=False) as world:
-        gateway = world.gateways[0]
-        pending, mid = await _held_call(world)
-        assert await gateway.store.claim(mid)  # the sweep's (it answers unreachable)
-        assert not await gateway.store.claim(mid)  # only once
-        device, _ = world.devices["dev-a"]
-        await world.send("dev-a", device.sign(device.body(request=mid), in_reply_to=mid))
-        await until(lambda: len(world.accepted("dev-a")) == 1)
-        await asyncio.sleep(0.05)
-        assert not pending.done()  # no answer from here: the sweep's was the one
-        answers = gateway.metrics.sample(
-            "edgeward_gateway_answers_total", {"reason": GatewayReason.ACCEPTED}
-        )
-        assert answers == 0
-        pending.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await pending
-
-
-async def test_an_answered_result_below_the_sequence_mark_is_not_stored(fleet: Fleet) -> None:
-    """A result bound to a fresh call cannot be a replay, so its caller is answered; a
-    sequence number not above the device's mark (the device's counter went back) is
-    still refused for the record: not stored, published as rejected."""
-    async with running(fleet, instances=1, answering=False) as world:
-        device, _ = world.devices["dev-a"]
-        await world.send("dev-a", device.stream_result())
-        await world.send("dev-a", device.stream_result())
-        await until(lambda: len(world.accepted("dev-a")) == 2)
-        pending, mid = await _held_call(world)
-        body = device.body(sample_inputs(), request=mid, seq=1)
-        await world.send("dev-a", device.sign(body, in_reply_to=mid))
-        answer = await asyncio.wait_for(pending, WAIT_S)
-        assert isinstance(answer, InferAnswer)
-        assert answer.accepted
-        await until(lambda: len(world.rejected("dev-a")) == 1)
-        assert world.rejected("dev-a")[0].reason == R.SEQ_REPLAYED
-        assert sorted(r.seq for r in await world.gateways[0].store.results("dev-a")) == [1, 2]
 
 
 def refusing(device: SimulatedDevice) -> Answerer:

@@ -107,7 +107,6 @@ def wire(
     )
     revocations.attach(runtime)
     service.https_caller = https_caller(runtime)
-    service.answer_now = runtime.publish
     runtime.route(CALLS, [InferCall, InferCallV2], service.on_call, name="infer-calls")
     runtime.route(RESULTS, [InferResult, Rejected], service.on_device, name="infer-results")
 

@@ -9,11 +9,7 @@
   device's ``Rejected``. Each delivery reaches exactly one instance, which validates it
   once (:mod:`.core`), stores it once (:mod:`.store`, group commit), publishes
   ``evt/result`` or ``evt/rejected``, and answers the waiting caller, if any, with an
-  :class:`InferAnswer` carrying the device's body and signature unchanged. An answer to
-  a call this instance forwarded goes out before the result's durable commit (claimed
-  first, without an fsync): its binding to that fresh request is its replay defence, so
-  the caller does not wait for the fsync that guards the stream's sequence marks
-  (docs/adr/0024, decision 4).
+  :class:`InferAnswer` carrying the device's body and signature unchanged.
 * :meth:`GatewayService.sweep` (every instance, periodically): answers calls whose device
   did not answer in time (``infer.device.unreachable``) and stores the rejection counts.
 
@@ -34,7 +30,7 @@ import re
 import secrets
 import weakref
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -185,12 +181,8 @@ class GatewayService:
         self.https_caller: Any = None
         self.https_port: int | None = None
         #: this instance's own waiting calls, by request mid (a cache of ``gw_pending``:
-        #: the row, claimed before the answer or in the result's commit, still decides
-        #: who answers)
+        #: the row, claimed in the result's commit, still decides who answers)
         self._local: dict[str, Pending] = {}
-        #: publishes at once (set by ``app.wire``): an answer to one of this instance's
-        #: calls goes out before the result's commit; None: after it, with the event
-        self.answer_now: Callable[[Outgoing], Awaitable[None]] | None = None
 
     @property
     def view(self) -> RevocationView:
@@ -326,7 +318,7 @@ class GatewayService:
 
     async def _refused_by_device(self, device_id: str, refusal: Rejected) -> Sequence[Outgoing]:
         """The device would not run a call: pass its reason to the caller."""
-        pending, _ = await self._pending(refusal.in_reply_to, device_id)
+        pending = await self._pending(refusal.in_reply_to, device_id)
         if pending is None or pending.device_id != device_id:
             return ()
         done = await self.writer.submit(Commit(None, claim=pending.request_mid))
@@ -338,10 +330,9 @@ class GatewayService:
     async def _result(self, device_id: str, result: InferResult) -> Sequence[Outgoing]:
         now = self.clock.now_ms()
         pending: Pending | None = None
-        local = False
         try:
             if result.in_reply_to is not None:
-                pending, local = await self._pending(result.in_reply_to, device_id)
+                pending = await self._pending(result.in_reply_to, device_id)
                 if pending is None or pending.device_id != device_id:
                     pending = None
                     raise PolicyError(GatewayReason.REQUEST_UNKNOWN, "no such call waiting")
@@ -359,63 +350,13 @@ class GatewayService:
         except EdgewardError as exc:
             return await self._reject(device_id, result, exc, pending, now)
         record = _record(verified, result, now)
-        send = self.answer_now
-        if local and pending is not None and send is not None:
-            return await self._answer_first(send, device_id, result, record, pending, now)
         claim = pending.request_mid if pending is not None else None
         done = await self.writer.submit(Commit(record, claim=claim))
         if not done.stored:
             replayed = PolicyError(R.SEQ_REPLAYED, f"seq {record.seq} is not above the mark")
             claimed = pending if done.claimed else None
             return self._rejected(device_id, result, replayed, claimed, now)
-        return self._accepted(device_id, result, pending if done.claimed else None, now)
-
-    async def _answer_first(  # noqa: PLR0917 - the result's parts, each needed
-        self,
-        send: Callable[[Outgoing], Awaitable[None]],
-        device_id: str,
-        result: InferResult,
-        record: ResultRecord,
-        pending: Pending,
-        now: int,
-    ) -> Sequence[Outgoing]:
-        """Answer one of this instance's calls, then store the result (group commit, its
-        fsync off the answer's path), then publish the event.
-
-        The claim (a light transaction) still makes the answer exactly-once against the
-        sweep and other instances. The sequence check still runs in the commit; a result
-        bound to this fresh request cannot be a replayed one, so a number not above the
-        mark there is the device's own regression: counted, logged, published as
-        ``evt/rejected`` (the caller was answered with the device's signed bytes)."""
-        answered = await self.store.claim(pending.request_mid)
-        if answered:
-            self.metrics.answers.labels(GatewayReason.ACCEPTED).inc()
-            try:
-                await send(Outgoing(pending.answer_topic, _answer(pending, result, None)))
-            except EdgewardError as exc:  # the caller times out; the result is still stored
-                log.warning("answer.unsent", extra=fields(device=device_id, reason=exc.reason))
-        done = await self.writer.submit(Commit(record))
-        if not done.stored:
-            log.warning(
-                "result.seq_not_above_mark_after_answer",
-                extra=fields(device=device_id, seq=record.seq),
-            )
-            replayed = PolicyError(R.SEQ_REPLAYED, f"seq {record.seq} is not above the mark")
-            return self._rejected(device_id, result, replayed, None, now)
-        return self._accepted(device_id, result, None, now, answered=answered)
-
-    def _accepted(
-        self,
-        device_id: str,
-        result: InferResult,
-        answer: Pending | None,
-        now: int,
-        *,
-        answered: bool = False,
-    ) -> Sequence[Outgoing]:
-        """The accepted result's event, and the answer to ``answer`` (its claimer)."""
-        answered = answered or answer is not None
-        self._decided(Decision(device_id, GatewayReason.ACCEPTED, True, answered))
+        self._decided(Decision(device_id, GatewayReason.ACCEPTED, True, done.claimed))
         self.metrics.results.labels("accepted", GatewayReason.ACCEPTED).inc()
         event = AcceptedResult(
             device=device_id,
@@ -425,21 +366,21 @@ class GatewayService:
             accepted_at_ms=now,
         )
         out = [Outgoing(ACCEPTED_TOPIC, event)]
-        if answer is not None:
+        if done.claimed and pending is not None:
             self.metrics.answers.labels(GatewayReason.ACCEPTED).inc()
-            out.append(Outgoing(answer.answer_topic, _answer(answer, result, None)))
+            out.append(Outgoing(pending.answer_topic, _answer(pending, result, None)))
         return out
 
-    async def _pending(self, request_mid: str, device_id: str) -> tuple[Pending | None, bool]:
-        """The waiting call ``request_mid`` answers, and whether it is this instance's own
-        from memory, taken out once its device answers (the claim still decides who
-        replies; a second answer reads the database, where the claimed row is gone), else
-        the database's. Another device naming the call leaves it in place."""
+    async def _pending(self, request_mid: str, device_id: str) -> Pending | None:
+        """The waiting call ``request_mid`` answers: this instance's own from memory, taken
+        out once its device answers (the claim in the commit still decides who replies;
+        a second answer reads the database, where the claimed row is gone), else the
+        database's. Another device naming the call leaves it in place."""
         local = self._local.get(request_mid)
         if local is not None and local.device_id == device_id:
             del self._local[request_mid]
-            return local, True
-        return await self.store.pending(request_mid), False
+            return local
+        return await self.store.pending(request_mid)
 
     def _verify(self, device_id: str, result: InferResult, now: int) -> core.Verified:
         hits = self.ears.hits

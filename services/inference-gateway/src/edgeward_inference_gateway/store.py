@@ -188,14 +188,6 @@ class GatewayStore:
             )
         return Pending.from_row(row) if row is not None else None
 
-    async def claim(self, request_mid: str) -> bool:
-        """Delete the waiting call ``request_mid``; whether this call deleted it (and so
-        answers it). Without an fsync, as the row was written: a power cut that undoes the
-        claim also took every caller's connection."""
-        async with self.db.transaction(durable=False) as tx:
-            rows = await _claimed(tx, [request_mid])
-        return bool(rows)
-
     async def claim_expired(self, now_ms: int) -> list[Pending]:
         """Delete and return every call whose deadline has passed (the caller answers them)."""
         async with self.db.transaction() as tx:
@@ -350,10 +342,7 @@ def _placeholders(count: int, width: int) -> tuple[str, list[str]]:
 async def _claim_all(tx: Transaction, request_mids: Sequence[str]) -> set[str]:
     if not request_mids:
         return set()
-    return await _claimed(tx, list(dict.fromkeys(request_mids)))
-
-
-async def _claimed(tx: Transaction, unique: Sequence[str]) -> set[str]:
+    unique = list(dict.fromkeys(request_mids))
     names = [f"r{i}" for i in range(len(unique))]
     rows = await tx.fetch_all(
         "DELETE FROM gw_pending WHERE request_mid IN ("  # noqa: S608 - placeholders only
